@@ -1,0 +1,106 @@
+"""The ``distmlip`` command.  Each subcommand lives in the package folder of its pipeline
+stage and exposes ``add_arguments(parser)`` and ``run(args) -> int``; they are imported lazily
+so ``distmlip convert`` does not pay for importing the GPR or training code.
+
+Errors derived from DistmlipError are printed as one clear line (file, structure, field) and the
+process exits with status 2.  Under MPI, an error on one rank aborts the whole job so that no
+rank waits forever for a peer that is gone.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+from . import __version__
+from .errors import DistmlipError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "convert": ("distmlip.data.convert", "convert DFT data (XSF, extxyz, ASE formats) into a distmlip HDF5 data set"),
+    "info": ("distmlip.data.info", "print a summary of an HDF5 data set"),
+    "featurize": ("distmlip.descriptors.featurize", "precompute descriptors into a companion cache file"),
+    "augment": ("distmlip.gpr.augment", "GPR-ANN data augmentation: label displaced copies with local GPRs"),
+    "train": ("distmlip.training.cli", "train a potential (energy or force mode, committees, MPI data parallel)"),
+    "evaluate": ("distmlip.evaluation.evaluate", "metrics, per-structure CSV and parity plots of a model on a data set"),
+    "export": ("distmlip.evaluation.export", "export a model to aenet .nn files or TorchScript"),
+    "md-check": ("distmlip.evaluation.mdcheck", "MD stability check of a potential (min distances, failure ratio, PDF)"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distmlip",
+        description="Distributed training of Behler-Parrinello potentials on aenet Chebyshev "
+        "descriptors, with GPR-ANN data augmentation. Launch parallel stages with mpirun/srun.",
+    )
+    parser.add_argument("--version", action="version", version=f"distmlip {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (modname, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if only is not None and name != only:
+            continue
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("distmlip"):
+                p.set_defaults(_missing=name)
+                continue
+            raise
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def _abort_world(code: int) -> None:
+    """Bring down all MPI ranks when one fails (no-op outside MPI)."""
+    if "mpi4py.MPI" in sys.modules:
+        MPI = sys.modules["mpi4py.MPI"]
+        try:
+            if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                MPI.COMM_WORLD.Abort(code)
+        except Exception:  # pragma: no cover - best effort
+            pass
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=cmd if cmd in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 1
+    if getattr(args, "_missing", None):
+        print(f"distmlip {args.command}: not available in this build", file=sys.stderr)
+        return 2
+    try:
+        rc = args._run(args)
+        return int(rc or 0)
+    except DistmlipError as exc:
+        from .utils.log import rank_and_size
+
+        rank, size = rank_and_size()
+        where = f" (rank {rank})" if size > 1 else ""
+        print(f"distmlip {args.command}: error{where}: {exc}", file=sys.stderr, flush=True)
+        if args.traceback:
+            traceback.print_exc()
+        _abort_world(2)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distmlip {args.command}: interrupted", file=sys.stderr)
+        _abort_world(130)
+        return 130
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        _abort_world(1)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Typed YAML configuration.
+
+Each stage declares its settings as (nested) dataclasses; ``load_config`` reads a YAML file
+into them.  Unknown keys are an error that names the file and section and lists the valid keys
+(with a "did you mean" suggestion), wrong types are an error naming the key, and every default
+is visible in one place: the dataclass.  ``config_to_dict`` gives the resolved configuration
+back (it is stored with models and checkpoints).
+
+Example::
+
+    @dataclass
+    class Optim:
+        lr: float = 1e-3
+
+    @dataclass
+    class Train:
+        epochs: int = 10
+        optim: Optim = field(default_factory=Optim)
+
+    cfg = load_config("train.yaml", Train)
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+from .errors import ConfigError
+
+_NONE = type(None)
+
+
+def _where(source, path):
+    loc = f" in section '{path}'" if path else ""
+    src = f" of {source}" if source else ""
+    return loc + src
+
+
+def _coerce(value, tp, key, source, path):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    full = f"{path}.{key}" if path else key
+    if tp is Any:
+        return value
+    if origin is Union or (origin is not None and str(origin) == "types.UnionType"):
+        if value is None and _NONE in args:
+            return None
+        errors = []
+        for a in args:
+            if a is _NONE:
+                continue
+            try:
+                return _coerce(value, a, key, source, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"'{full}'{_where(source, '')}: {value!r} does not fit {tp}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(
+                f"'{full}'{_where(source, '')}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{full}'{_where(source, '')}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"'{full}'{_where(source, '')}: expected {len(args)} items")
+            return tuple(_coerce(v, a, key, source, path) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, key, source, path) for v in value]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{full}'{_where(source, '')}: expected a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(k, kt, key, source, path): _coerce(v, vt, key, source, full)
+                for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source=source, path=full)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{full}'{_where(source, '')}: expected true or false, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{full}'{_where(source, '')}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{full}'{_where(source, '')}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{full}'{_where(source, '')}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data, *, source=None, path: str = ""):
+    """Build dataclass ``cls`` from a mapping, validating keys and types recursively."""
+    if data is None:
+        data = {}
+    if dataclasses.is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"section '{path or '<top>'}'{_where(source, '')} must be a mapping, "
+                          f"got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        msgs = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            msgs.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(msgs)}{_where(source, path)}; "
+            f"valid keys are: {', '.join(sorted(fields))}")
+    kwargs = {k: _coerce(v, hints[k], k, source, path) for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"section '{path or '<top>'}'{_where(source, '')}: {exc}") from None
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check()
+    return obj
+
+
+def load_yaml(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return data or {}
+
+
+def load_config(path, cls, overrides: dict | None = None):
+    """Read YAML file ``path`` into dataclass ``cls``; ``overrides`` (dotted keys) win."""
+    data = load_yaml(path) if path is not None else {}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return from_dict(cls, data, source=str(path) if path is not None else None)
+
+
+def config_to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def parse_override(text: str):
+    """Parse a ``--set key.sub=value`` command-line override (value parsed as YAML)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.subkey=value")
+    key, val = text.split("=", 1)
+    return key.strip(), yaml.safe_load(val)

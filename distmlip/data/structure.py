@@ -1,0 +1,51 @@
+"""The in-memory record of one structure, shared by every pipeline stage."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Structure:
+    """One atomic structure with its labels.  Units: eV, Angstrom, eV/Angstrom.
+
+    ``forces`` is None (or ``has_forces`` False) when the source had no forces.
+    ``index`` is the structure's position in its data set (-1 when not from one)."""
+
+    numbers: np.ndarray                 # [n] int, atomic numbers
+    positions: np.ndarray               # [n, 3] float64
+    cell: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)))  # [3, 3], rows are lattice vectors
+    pbc: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=bool))
+    energy: float = float("nan")        # total energy, float64
+    forces: np.ndarray | None = None    # [n, 3] float64
+    subset: int = -1
+    synthetic: bool = False
+    parent: int = -1                    # data-set index of the source structure of a synthetic one
+    uncertainty: float = 0.0            # GPR standard deviation of a synthetic energy (eV); 0 for reference data
+    weight: float = 1.0
+    source: str = ""                    # file name the structure came from
+    source_index: int = 0               # frame index inside that file
+    index: int = -1
+
+    @property
+    def natoms(self) -> int:
+        return int(len(self.numbers))
+
+    @property
+    def has_forces(self) -> bool:
+        return self.forces is not None
+
+    def to_ase(self):
+        from ase import Atoms
+        from ase.calculators.singlepoint import SinglePointCalculator
+
+        atoms = Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
+        kw = {}
+        if np.isfinite(self.energy):
+            kw["energy"] = float(self.energy)
+        if self.forces is not None:
+            kw["forces"] = np.asarray(self.forces)
+        if kw:
+            atoms.calc = SinglePointCalculator(atoms, **kw)
+        return atoms

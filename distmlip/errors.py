@@ -1,0 +1,18 @@
+"""Exception types.  Every error a user can cause derives from DistmlipError; the CLI prints
+its message (which names the file, structure and field) and exits non-zero without a traceback."""
+
+
+class DistmlipError(Exception):
+    """Base class for errors caused by input, configuration or environment."""
+
+
+class ConfigError(DistmlipError):
+    """Invalid configuration file or option (unknown key, wrong type, bad value)."""
+
+
+class InputError(DistmlipError):
+    """Invalid input data: malformed file, non-finite value, overlapping atoms, ..."""
+
+
+class DataFormatError(DistmlipError):
+    """An HDF5 data set, model or checkpoint that is corrupt, truncated or of a wrong version."""

@@ -1,0 +1,59 @@
+"""Shared test helpers: real mpirun jobs, paths of the shared DFT data."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("DISTMLIP_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def require_shared(sub: str) -> Path:
+    p = shared_data_dir() / sub
+    if not p.exists():
+        pytest.skip(f"shared data {p} not available (set DISTMLIP_SHARED_DATA)")
+    return p
+
+
+def mpirun_exe() -> str:
+    exe = shutil.which("mpirun", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        pytest.skip("mpirun not found")
+    return exe
+
+
+def mpirun(n: int, args: list[str], *, timeout: float = 300, env: dict | None = None,
+           check: bool = True, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``mpirun -n N python -m <args>`` (args[0] may be '-m' or a script) and return the result."""
+    cmd = [mpirun_exe(), "-n", str(n), "--oversubscribe"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    cmd += ["-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", sys.executable] + list(args)
+    e = dict(os.environ)
+    e.setdefault("OMP_NUM_THREADS", "1")
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    if env:
+        e.update(env)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=cwd)
+    if check and res.returncode != 0:
+        raise AssertionError(f"mpirun failed ({res.returncode}):\nSTDOUT:\n{res.stdout[-4000:]}\nSTDERR:\n{res.stderr[-4000:]}")
+    return res
+
+
+def distmlip_cli(args: list[str], *, check: bool = True, timeout: float = 300, cwd=None):
+    """Run the distmlip CLI in a fresh process."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", "distmlip"] + list(args), capture_output=True,
+                         text=True, timeout=timeout, env=e, cwd=cwd)
+    if check and res.returncode != 0:
+        raise AssertionError(f"distmlip {args} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res

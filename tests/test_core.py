@@ -1,0 +1,80 @@
+"""Shared infrastructure: config validation, atomic writes, CLI, compiled extension."""
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import numpy as np
+import pytest
+import torch
+
+from distmlip.config import ConfigError, load_config
+from distmlip.utils.io import atomic_path, atomic_write_text
+from helpers import distmlip_cli
+
+
+@dataclass
+class _Optim:
+    lr: float = 1e-3
+    kind: Literal["adamw", "adam"] = "adamw"
+
+
+@dataclass
+class _Cfg:
+    epochs: int = 10
+    name: Optional[str] = None
+    hidden: list[int] = field(default_factory=lambda: [10, 10])
+    optim: _Optim = field(default_factory=_Optim)
+
+
+def test_config_loads_and_coerces(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("epochs: 3\nhidden: [5, 5]\noptim:\n  lr: 1\n")
+    cfg = load_config(p, _Cfg)
+    assert cfg.epochs == 3 and cfg.hidden == [5, 5] and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+
+
+def test_config_unknown_key_lists_valid_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lerning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, _Cfg)
+    msg = str(exc.value)
+    assert "lerning_rate" in msg and "optim" in msg and "valid keys are: kind, lr" in msg and str(p) in msg
+
+
+def test_config_type_errors(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("epochs: ten\n")
+    with pytest.raises(ConfigError, match="epochs.*integer"):
+        load_config(p, _Cfg)
+    p.write_text("optim: {kind: sgd}\n")
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(p, _Cfg)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    f = tmp_path / "out.txt"
+    atomic_write_text(f, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(f) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert f.read_text() == "old"
+    assert [x.name for x in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_extension_segment_sum_matches_index_add():
+    from distmlip._ext import load_extension
+
+    assert load_extension(), "compiled extension distmlip._C did not load"
+    v = torch.randn(100, dtype=torch.float32)
+    s = torch.randint(0, 7, (100,))
+    ref = torch.zeros(7, dtype=torch.float64).index_add_(0, s, v.double())
+    out = torch.ops.distmlip.segment_sum(v, s, 7)
+    assert out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-12)
+
+
+def test_cli_help_lists_subcommands():
+    out = distmlip_cli(["--help"]).stdout
+    for cmd in ("convert", "info", "augment", "train", "evaluate", "export"):
+        assert cmd in out
