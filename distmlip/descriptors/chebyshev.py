@@ -1,0 +1,251 @@
+"""aenet's Chebyshev (AUC) descriptor (Artrith, Urban, Ceder, PRB 96, 014112 (2017)).
+
+Pure-PyTorch reference, differentiable to any order by autograd; the fused kernels
+(``backend="fused"``, ``distmlip/descriptors/fused.py``) are tested against it.
+
+Per atom i, with the same parameters for every species::
+
+    fc(r)      = 0.5 (cos(pi r / Rc) + 1)                      r < Rc, else 0
+    radial_n   = sum_j        T_n(2 r_ij / Rc_r - 1) fc_r(r_ij)                     n = 0..N_r
+    angular_n  = sum_{j<k}    T_n(cos theta_ijk)   fc_a(r_ij) fc_a(r_ik)             n = 0..N_a
+
+the sums running over the neighbours j (periodic images included) of i, the angular one over
+unordered neighbour pairs {j, k} (each pair once) with both r_ij, r_ik < Rc_a.  With more than
+one species a weighted copy follows, radial terms times s_{t_j}, angular terms times
+s_{t_j} s_{t_k}; the layout is [radial, angular, radial weighted, angular weighted].
+
+Conventions matched to aenet's Fortran source (src/ext/sfbasis.f90, src/ext/chebyshev.f90):
+  * typespin: s = -T/2 (integer division towards zero), then for each species in list order
+    skip 0 when T is even, assign s, s += 1.  T=2 -> [-1, 1], T=3 -> [-1, 0, 1],
+    T=4 -> [-2, -1, 1, 2], T=5 -> [-2..2].  With one species there is no weighted copy.
+  * angular pairs: aenet loops ``k = j+1 .. nat`` over the neighbour list, i.e. unordered
+    pairs counted once (no factor 2, no 1/2); no normalisation of any term.
+  * radial argument: ``chebyshev_polynomial(r, 0, Rc, n)`` maps [0, Rc] onto [-1, 1], i.e.
+    x = 2 r / Rc - 1; angular argument cos(theta) directly (interval [-1, 1]).
+  * fc is applied as 0 for r >= Rc.  aenet's Fortran uses PI = 3.14159265358979 (truncated,
+    relative difference 1e-15 from math.pi); we use math.pi, a difference far below float64
+    round-off of the sums.
+  * aenet skips neighbours closer than 1e-12 A; the neighbour list here never returns an atom
+    paired with itself at zero shift, and overlapping distinct atoms are invalid input.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from .batch import species_symbols
+
+__all__ = ["ChebyshevDescriptor", "typespin", "descriptor_dim", "build_triplets", "chebyshev_reference"]
+
+
+def typespin(n_species: int) -> list[float]:
+    """aenet's typespin values for ``n_species`` species, in species-list order."""
+    T = int(n_species)
+    if T < 1:
+        raise ValueError("typespin: at least one species required")
+    s = -(T // 2)            # Fortran -T/2 truncates towards zero; T > 0 so this is the same
+    out = []
+    for _ in range(T):
+        if s == 0 and T % 2 == 0:
+            s += 1
+        out.append(float(s))
+        s += 1
+    return out
+
+
+def descriptor_dim(n_species: int, n_radial: int, n_angular: int) -> int:
+    base = (int(n_radial) + 1) + (int(n_angular) + 1)
+    return 2 * base if int(n_species) > 1 else base
+
+
+def _chebyshev_stack(x: torch.Tensor, order: int) -> torch.Tensor:
+    """[..., order + 1] values T_0(x) .. T_order(x) (recurrence, differentiable)."""
+    T = [torch.ones_like(x)]
+    if order >= 1:
+        T.append(x)
+    for _ in range(2, order + 1):
+        T.append(2.0 * x * T[-1] - T[-2])
+    return torch.stack(T, dim=-1)
+
+
+def _cutoff_fn(r: torch.Tensor, rc: float) -> torch.Tensor:
+    # callers pass only r < rc
+    return 0.5 * (torch.cos(r * (math.pi / rc)) + 1.0)
+
+
+def build_triplets(pair_i: torch.Tensor, r: torch.Tensor, rc_angular: float):
+    """Angular triplets from a pair list.
+
+    For every centre i, all unordered pairs {p, q} of its pairs (p before q in pair order,
+    i.e. j<k in aenet's sense) with r[p] < rc_angular and r[q] < rc_angular.  Returns two long
+    tensors ``(tp, tq)`` [T] of indices into the pair list (sorted by tp, then tq).  The pair
+    list need not be sorted by centre (it is stably sorted here; the order of pairs with the
+    same centre is kept).  No gradient flows through this function."""
+    device = pair_i.device
+    with torch.no_grad():
+        sel = torch.nonzero(r < rc_angular, as_tuple=False).reshape(-1)
+        if sel.numel() == 0:
+            z = torch.zeros(0, dtype=torch.long, device=device)
+            return z, z.clone()
+        ci = pair_i[sel]
+        if ci.numel() > 1 and bool((ci[1:] < ci[:-1]).any()):
+            o = torch.sort(ci, stable=True).indices
+            sel, ci = sel[o], ci[o]
+        # groups of equal centre are now contiguous: local index within the group
+        n_sel = sel.numel()
+        new_group = torch.ones(n_sel, dtype=torch.bool, device=device)
+        new_group[1:] = ci[1:] != ci[:-1]
+        group_start = torch.nonzero(new_group, as_tuple=False).reshape(-1)
+        group_len = torch.diff(torch.cat([group_start, torch.tensor([n_sel], device=device)]))
+        start_of = torch.repeat_interleave(group_start, group_len)
+        local = torch.arange(n_sel, device=device) - start_of
+        len_of = torch.repeat_interleave(group_len, group_len)
+        n_partner = len_of - local - 1                        # partners after me in my group
+        total = int(n_partner.sum())
+        if total == 0:
+            z = torch.zeros(0, dtype=torch.long, device=device)
+            return z, z.clone()
+        a = torch.repeat_interleave(torch.arange(n_sel, device=device), n_partner)
+        first = torch.cumsum(n_partner, 0) - n_partner
+        step = torch.arange(total, device=device) - torch.repeat_interleave(first, n_partner)
+        b = a + 1 + step
+        tp, tq = sel[a], sel[b]
+        # pair order within a centre: make tp < tq (holds already when sel is increasing)
+        swap = tp > tq
+        if bool(swap.any()):
+            tp, tq = torch.where(swap, tq, tp), torch.where(swap, tp, tq)
+        return tp, tq
+
+
+def chebyshev_reference(positions, species_idx, pair_i, pair_j, pair_shift, typespin_t,
+                        rc_radial: float, n_radial: int, rc_angular: float, n_angular: int):
+    """Functional form of the reference descriptor: G [N, dim] in the dtype of ``positions``."""
+    N = positions.shape[0]
+    dtype, device = positions.dtype, positions.device
+    multi = typespin_t.numel() > 1
+    nr, na = int(n_radial) + 1, int(n_angular) + 1
+    pair_shift = pair_shift.to(dtype)
+    # pair vectors only for pairs inside the larger of the two cutoffs
+    rmax = max(rc_radial, rc_angular)
+    with torch.no_grad():
+        d0 = positions[pair_j] - positions[pair_i] + pair_shift
+        inside = torch.nonzero((d0 * d0).sum(-1) < rmax * rmax, as_tuple=False).reshape(-1)
+    pi, pj = pair_i[inside], pair_j[inside]
+    vec = positions[pj] - positions[pi] + pair_shift[inside]
+    r = torch.linalg.vector_norm(vec, dim=-1)
+    spin = typespin_t.to(dtype=dtype, device=device)
+    s_j = spin[species_idx[pj]] if multi else None
+
+    # radial
+    with torch.no_grad():
+        rsel = torch.nonzero(r < rc_radial, as_tuple=False).reshape(-1)
+    rr = r[rsel]
+    g_r = _chebyshev_stack(2.0 * rr / rc_radial - 1.0, int(n_radial)) * _cutoff_fn(rr, rc_radial).unsqueeze(-1)
+    rad = torch.zeros(N, nr, dtype=dtype, device=device).index_add(0, pi[rsel], g_r)
+
+    # angular
+    tp, tq = build_triplets(pi, r, rc_angular)
+    rp, rq = r[tp], r[tq]
+    cos = (vec[tp] * vec[tq]).sum(-1) / (rp * rq)
+    g_a = _chebyshev_stack(cos, int(n_angular)) * (_cutoff_fn(rp, rc_angular) * _cutoff_fn(rq, rc_angular)).unsqueeze(-1)
+    ang = torch.zeros(N, na, dtype=dtype, device=device).index_add(0, pi[tp], g_a)
+
+    if not multi:
+        return torch.cat([rad, ang], dim=1)
+    rad_w = torch.zeros(N, nr, dtype=dtype, device=device).index_add(0, pi[rsel], g_r * s_j[rsel].unsqueeze(-1))
+    ang_w = torch.zeros(N, na, dtype=dtype, device=device).index_add(
+        0, pi[tp], g_a * (s_j[tp] * s_j[tq]).unsqueeze(-1))
+    return torch.cat([rad, ang, rad_w, ang_w], dim=1)
+
+
+_FUSED_WARNED = {"done": False}
+
+
+class ChebyshevDescriptor(torch.nn.Module):
+    """aenet Chebyshev descriptor (see module docstring).
+
+    ``desc(positions, species_idx, pair_i, pair_j, pair_shift) -> G [N, dim]`` with
+    ``r_ij = positions[pair_j] - positions[pair_i] + pair_shift``; ``species_idx`` indexes
+    ``species``.  The pair list must contain every neighbour within max(rc_radial, rc_angular)
+    in both directions (``collate`` builds it); pairs beyond a cutoff are ignored."""
+
+    def __init__(self, species, rc_radial: float, n_radial: int, rc_angular: float, n_angular: int,
+                 backend: str = "reference"):
+        super().__init__()
+        symbols = species_symbols(species)
+        rc_radial, rc_angular = float(rc_radial), float(rc_angular)
+        n_radial, n_angular = int(n_radial), int(n_angular)
+        if not (rc_radial > 0 and rc_angular > 0 and math.isfinite(rc_radial) and math.isfinite(rc_angular)):
+            raise ValueError(f"ChebyshevDescriptor: cutoffs must be positive, got {rc_radial}, {rc_angular}")
+        if n_radial < 0 or n_angular < 0:
+            raise ValueError(f"ChebyshevDescriptor: orders must be >= 0, got {n_radial}, {n_angular}")
+        if backend not in ("reference", "fused"):
+            raise ValueError(f"ChebyshevDescriptor: backend must be 'reference' or 'fused', got {backend!r}")
+        self.params = {"species": symbols, "rc_radial": rc_radial, "n_radial": n_radial,
+                       "rc_angular": rc_angular, "n_angular": n_angular, "backend": backend}
+        self.species = symbols
+        self.rc_radial, self.n_radial = rc_radial, n_radial
+        self.rc_angular, self.n_angular = rc_angular, n_angular
+        self.backend = backend
+        self.register_buffer("typespin", torch.tensor(typespin(len(symbols)), dtype=torch.float64),
+                             persistent=False)
+        self._fused = None
+
+    @property
+    def dim(self) -> int:
+        return descriptor_dim(len(self.species), self.n_radial, self.n_angular)
+
+    @property
+    def cutoff(self) -> float:
+        """Neighbour-list cutoff needed by this descriptor."""
+        return max(self.rc_radial, self.rc_angular)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.params.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict, backend: str | None = None) -> "ChebyshevDescriptor":
+        kw = dict(d)
+        if backend is not None:
+            kw["backend"] = backend
+        return cls(**kw)
+
+    def extra_repr(self) -> str:
+        p = self.params
+        return (f"species={p['species']}, rc_radial={p['rc_radial']}, n_radial={p['n_radial']}, "
+                f"rc_angular={p['rc_angular']}, n_angular={p['n_angular']}, backend={p['backend']}, dim={self.dim}")
+
+    def _fused_module(self):
+        if self._fused is None:
+            try:
+                from . import fused  # noqa: F401
+
+                if not hasattr(fused, "chebyshev"):
+                    raise ImportError("distmlip.descriptors.fused has no 'chebyshev'")
+                self._fused = fused
+            except Exception as exc:  # ImportError, missing extension, ...
+                self._fused = False
+                if not _FUSED_WARNED["done"]:
+                    _FUSED_WARNED["done"] = True
+                    msg = (f"fused Chebyshev descriptor unavailable ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); using the pure-PyTorch reference")
+                    try:
+                        from ..utils.log import warn
+
+                        warn(msg)
+                    except Exception:
+                        warnings.warn(msg)
+        return self._fused or None
+
+    def forward(self, positions, species_idx, pair_i, pair_j, pair_shift):
+        if self.backend == "fused":
+            fused = self._fused_module()
+            if fused is not None:
+                return fused.chebyshev(positions, species_idx, pair_i, pair_j, pair_shift,
+                                       typespin=self.typespin, rc_radial=self.rc_radial,
+                                       n_radial=self.n_radial, rc_angular=self.rc_angular,
+                                       n_angular=self.n_angular)
+        return chebyshev_reference(positions, species_idx, pair_i, pair_j, pair_shift, self.typespin,
+                                   self.rc_radial, self.n_radial, self.rc_angular, self.n_angular)
