@@ -1,1 +1,2 @@
-"""distmlip.models"""
+"""distmlip.models: per-element networks (BPNN), normalisation, save/load."""
+from .bpnn import BPNN, FORMAT, VERSION  # noqa: F401

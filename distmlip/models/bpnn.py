@@ -1,0 +1,306 @@
+"""Behler-Parrinello potential: one MLP per element on aenet Chebyshev descriptors.
+
+    E_struct = sum_i  e_ref[t_i] + shift[t_i] + scale * net_{t_i}( (G_i - mean[t_i]) / std[t_i] )
+
+The descriptor, its per-species normalisation, the energy shift/scale and the reference atomic
+energies are buffers of the module and are saved with it, so a saved model predicts from raw
+positions alone.  Descriptors, atomic-energy scaling and all sums are float64; the networks may run
+in float32 (``dtype="float32"``): their per-atom outputs are small numbers (order 1) and are cast
+to float64 before scaling and summation, so total energies of 1e4 eV keep meV resolution.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError, DataFormatError
+
+FORMAT = "distmlip-bpnn"
+VERSION = 1
+
+ACTIVATIONS = {
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "linear": nn.Identity,
+    "softplus": nn.Softplus,
+    "silu": nn.SiLU,
+}
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+DESCRIPTOR_KEYS = ("rc_radial", "n_radial", "rc_angular", "n_angular", "backend")
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'fused' when the compiled kernels are usable, else 'reference'."""
+    if backend in ("reference", "fused"):
+        return backend
+    if backend != "auto":
+        raise ConfigError(f"descriptor.backend: {backend!r} is not one of 'auto', 'reference', 'fused'")
+    try:
+        from .._ext import load_extension
+
+        if load_extension(warn_if_missing=False):
+            import importlib
+
+            importlib.import_module("distmlip.descriptors.fused")
+            return "fused"
+    except Exception:  # fused wrapper not available in this build
+        pass
+    return "reference"
+
+
+def make_descriptor(species, params: dict):
+    from ..descriptors.chebyshev import ChebyshevDescriptor
+
+    p = dict(params)
+    p["backend"] = resolve_backend(p.get("backend", "auto"))
+    try:
+        return ChebyshevDescriptor(list(species), float(p["rc_radial"]), int(p["n_radial"]),
+                                   float(p["rc_angular"]), int(p["n_angular"]), backend=p["backend"])
+    except ValueError as exc:
+        raise ConfigError(f"descriptor: {exc}") from None
+
+
+def _activation_list(activation, n_hidden: int) -> list[str]:
+    acts = [activation] * n_hidden if isinstance(activation, str) else list(activation)
+    if len(acts) != n_hidden:
+        raise ConfigError(f"model.activation: {len(acts)} activations given for {n_hidden} hidden layers")
+    for a in acts:
+        if a not in ACTIVATIONS:
+            raise ConfigError(f"model.activation: {a!r} is not one of {', '.join(ACTIVATIONS)}")
+    return acts
+
+
+def make_mlp(n_in: int, hidden: Sequence[int], activations: Sequence[str], dtype) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    prev = n_in
+    for width, act in zip(hidden, activations):
+        layers.append(nn.Linear(prev, int(width), dtype=dtype))
+        layers.append(ACTIVATIONS[act]())
+        prev = int(width)
+    layers.append(nn.Linear(prev, 1, dtype=dtype))
+    return nn.Sequential(*layers)
+
+
+class BPNN(nn.Module):
+    """Per-element atomic neural networks on the Chebyshev descriptor."""
+
+    def __init__(self, species: Sequence[str], descriptor: dict, hidden: Sequence[int] = (10, 10),
+                 activation="tanh", dtype: str = "float64",
+                 reference_energies: dict | None = None):
+        super().__init__()
+        if not species:
+            raise ConfigError("model: the species list is empty")
+        if dtype not in DTYPES:
+            raise ConfigError(f"model.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+        missing = [k for k in DESCRIPTOR_KEYS[:4] if k not in descriptor]
+        if missing:
+            raise ConfigError(f"descriptor: missing {', '.join(missing)}")
+        self.species = list(species)
+        self.hidden = [int(h) for h in hidden]
+        self.activations = _activation_list(activation, len(self.hidden))
+        self.dtype_name = dtype
+        self.descriptor = make_descriptor(self.species, descriptor)
+        self.descriptor_params = {k: descriptor.get(k, "auto") for k in DESCRIPTOR_KEYS}
+        self.descriptor_params["backend"] = self.descriptor.backend if hasattr(self.descriptor, "backend") \
+            else resolve_backend(descriptor.get("backend", "auto"))
+        self.cutoff = max(float(descriptor["rc_radial"]), float(descriptor["rc_angular"]))
+        T, D = len(self.species), int(self.descriptor.dim)
+        self.dim = D
+        net_dtype = DTYPES[dtype]
+        self.nets = nn.ModuleList([make_mlp(D, self.hidden, self.activations, net_dtype) for _ in range(T)])
+        f64 = torch.float64
+        self.register_buffer("feature_mean", torch.zeros(T, D, dtype=f64))
+        self.register_buffer("feature_std", torch.ones(T, D, dtype=f64))
+        self.register_buffer("energy_shift", torch.zeros(T, dtype=f64))
+        self.register_buffer("energy_scale", torch.ones((), dtype=f64))
+        ref = torch.zeros(T, dtype=f64)
+        for sym, e in (reference_energies or {}).items():
+            if sym not in self.species:
+                raise ConfigError(f"model.reference_energies: {sym!r} is not one of the species {self.species}")
+            ref[self.species.index(sym)] = float(e)
+        self.register_buffer("reference_energy", ref)
+
+    # ------------------------------------------------------------------ configuration / io
+    def config(self) -> dict:
+        ref = {s: float(e) for s, e in zip(self.species, self.reference_energy.tolist()) if e != 0.0}
+        return {"species": list(self.species), "descriptor": dict(self.descriptor_params),
+                "hidden": list(self.hidden), "activation": list(self.activations),
+                "dtype": self.dtype_name, "reference_energies": ref}
+
+    @classmethod
+    def from_config(cls, cfg: dict, backend: str | None = None) -> "BPNN":
+        desc = dict(cfg["descriptor"])
+        if backend is not None:
+            desc["backend"] = backend
+        return cls(cfg["species"], desc, cfg["hidden"], cfg["activation"], cfg["dtype"],
+                   cfg.get("reference_energies") or None)
+
+    def save(self, path, metadata: dict | None = None) -> None:
+        """Write the model (config + weights + normalisation) atomically to ``path``."""
+        from ..utils.io import atomic_torch_save
+
+        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+        atomic_torch_save({"format": FORMAT, "version": VERSION, "config": self.config(),
+                           "state_dict": state, "metadata": dict(metadata or {})}, path)
+
+    def payload(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "config": self.config(),
+                "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}}
+
+    @classmethod
+    def from_payload(cls, obj, source: str = "<memory>", backend: str | None = None,
+                     device="cpu") -> "BPNN":
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            fmt = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+            raise DataFormatError(f"{source}: not a distmlip model file (format {fmt!r}, expected {FORMAT!r})")
+        if obj.get("version") != VERSION:
+            raise DataFormatError(f"{source}: model format version {obj.get('version')!r} is not supported "
+                                  f"(this distmlip reads version {VERSION})")
+        try:
+            model = cls.from_config(obj["config"], backend=backend)
+            model.load_state_dict(obj["state_dict"])
+        except (KeyError, RuntimeError, TypeError) as exc:
+            raise DataFormatError(f"{source}: model file is inconsistent: {exc}") from None
+        model.metadata = dict(obj.get("metadata") or {})
+        return model.to(device)
+
+    @classmethod
+    def load(cls, path, device="cpu", backend: str | None = None) -> "BPNN":
+        """Load a model written by :meth:`save`; ``backend`` overrides the descriptor backend."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataFormatError(f"model file {path} does not exist")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DataFormatError(f"{path}: cannot read model file ({type(exc).__name__}: {exc})") from None
+        return cls.from_payload(obj, source=str(path), backend=backend, device=device)
+
+    # ------------------------------------------------------------------ evaluation
+    @property
+    def net_dtype(self):
+        return DTYPES[self.dtype_name]
+
+    def species_indices(self, batch_species: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.nonzero(batch_species == t, as_tuple=True)[0] for t in range(len(self.species))]
+
+    def descriptors(self, batch) -> torch.Tensor:
+        return self.descriptor(batch.positions, batch.species, batch.pair_i, batch.pair_j, batch.pair_shift)
+
+    def atomic_energies_from_features(self, G: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """Per-atom energies [N] float64 from raw descriptors G [N, D] (float64)."""
+        G = G.to(torch.float64)
+        out = torch.zeros(G.shape[0], dtype=torch.float64, device=G.device)
+        for t, idx in enumerate(self.species_indices(species)):
+            if idx.numel() == 0:
+                continue
+            x = (G.index_select(0, idx) - self.feature_mean[t]) / self.feature_std[t]
+            y = self.nets[t](x.to(self.net_dtype)).squeeze(-1).to(torch.float64)
+            e = self.reference_energy[t] + self.energy_shift[t] + self.energy_scale * y
+            out = out.index_put((idx,), e)
+        return out
+
+    def atomic_energies(self, batch) -> torch.Tensor:
+        return self.atomic_energies_from_features(self.descriptors(batch), batch.species)
+
+    def forward(self, batch) -> torch.Tensor:
+        """Total energies [B] float64."""
+        e = self.atomic_energies(batch)
+        E = torch.zeros(batch.n_structures, dtype=torch.float64, device=e.device)
+        return E.index_add(0, batch.structure, e)
+
+    def energy_and_forces(self, batch, create_graph: bool = False):
+        """(E [B] float64, F [N, 3] = -dE/dR).  Sets ``requires_grad`` on batch.positions if needed."""
+        pos = batch.positions
+        if not pos.requires_grad:
+            pos.requires_grad_(True)
+        E = self(batch)
+        (g,) = torch.autograd.grad(E.sum(), pos, create_graph=create_graph)
+        return (E if create_graph else E.detach()), -g
+
+    # ------------------------------------------------------------------ normalisation
+    @torch.no_grad()
+    def fit_normalization(self, batches: Iterable, ctx=None, descriptor: bool = True,
+                          energy: str = "lstsq", scale: bool = True) -> dict:
+        """Fit descriptor mean/std per species and feature, and the per-atom energy shift/scale.
+
+        ``batches`` yields collated batches of the training set (a rank's share under MPI:
+        the sums are all-reduced over ``ctx`` so every rank gets identical buffers).
+        ``energy``: 'lstsq' (least-squares per-species shift), 'mean' (mean energy per atom, the
+        same for all species) or 'none'.  Returns a summary dict."""
+        T, D = len(self.species), self.dim
+        dev = self.feature_mean.device
+        f64 = torch.float64
+        cnt = torch.zeros(T, dtype=f64, device=dev)
+        s1 = torch.zeros(T, D, dtype=f64, device=dev)
+        s2 = torch.zeros(T, D, dtype=f64, device=dev)
+        AtA = torch.zeros(T, T, dtype=f64, device=dev)
+        AtE = torch.zeros(T, dtype=f64, device=dev)
+        stats = torch.zeros(4, dtype=f64, device=dev)  # n_struct, n_atoms, sum E, sum (E/n)^2
+        comps, energies, natoms = [], [], []
+        for batch in batches:
+            if batch is None or batch.n_structures == 0:
+                continue
+            batch = batch.to(dev)
+            spec = batch.species
+            if descriptor:
+                G = self.descriptors(batch).to(f64)
+                cnt += torch.bincount(spec, minlength=T).to(f64)
+                s1.index_add_(0, spec, G)
+                s2.index_add_(0, spec, G * G)
+            comp = torch.zeros(batch.n_structures, T, dtype=f64, device=dev)
+            comp.index_put_((batch.structure, spec), torch.ones_like(spec, dtype=f64), accumulate=True)
+            E = batch.energy.to(f64) - comp @ self.reference_energy
+            AtA += comp.T @ comp
+            AtE += comp.T @ E
+            stats += torch.stack([torch.tensor(float(batch.n_structures), dtype=f64, device=dev),
+                                  comp.sum(), E.sum(), torch.zeros((), dtype=f64, device=dev)])
+            comps.append(comp)
+            energies.append(E)
+        if ctx is not None:
+            for t in (cnt, s1, s2, AtA, AtE, stats):
+                ctx.all_reduce_sum(t)
+        summary = {"n_structures": int(stats[0].item()), "n_atoms": int(stats[1].item())}
+        if stats[0].item() == 0:
+            raise ConfigError("cannot fit the normalisation: the training set is empty")
+        if descriptor:
+            n = cnt.clamp(min=1.0)[:, None]
+            mean = s1 / n
+            var = (s2 / n - mean * mean).clamp(min=0.0)
+            std = var.sqrt()
+            # guard constant features (zero std) and species absent from the training set
+            std = torch.where(std > 1e-8 * (1.0 + mean.abs()), std, torch.ones_like(std))
+            self.feature_mean.copy_(mean)
+            self.feature_std.copy_(std)
+            summary["species_atoms"] = {s: int(c) for s, c in zip(self.species, cnt.tolist())}
+        if energy == "lstsq":
+            shift = torch.from_numpy(np.linalg.lstsq(AtA.cpu().numpy(), AtE.cpu().numpy(), rcond=None)[0])
+            self.energy_shift.copy_(shift.to(dev, f64))
+        elif energy == "mean":
+            self.energy_shift.fill_(float(stats[2] / stats[1]))
+        elif energy != "none":
+            raise ConfigError(f"model.energy_shift: {energy!r} is not one of 'lstsq', 'mean', 'none'")
+        if scale:
+            # RMS per-atom residual energy after the shift, over all structures (global)
+            ss = torch.zeros(2, dtype=f64, device=dev)
+            for comp, E in zip(comps, energies):
+                r = (E - comp @ self.energy_shift) / comp.sum(1)
+                ss += torch.stack([(r * r).sum(), torch.tensor(float(len(r)), dtype=f64, device=dev)])
+            if ctx is not None:
+                ctx.all_reduce_sum(ss)
+            rms = math.sqrt(float(ss[0] / ss[1])) if ss[1] > 0 else 1.0
+            self.energy_scale.fill_(rms if rms > 1e-6 else 1.0)
+        summary["energy_shift"] = {s: float(v) for s, v in zip(self.species, self.energy_shift.tolist())}
+        summary["energy_scale"] = float(self.energy_scale)
+        return summary
+
+    def extra_repr(self) -> str:
+        return (f"species={self.species}, dim={self.dim}, hidden={self.hidden}, "
+                f"activation={self.activations}, dtype={self.dtype_name}")

@@ -1,0 +1,47 @@
+"""``distmlip train config.yaml [--resume CKPT|auto] [--set key=value ...]``.
+
+Runs single-process or under ``mpirun``/``srun`` (every rank runs this same command).  SIGTERM
+and SIGUSR1 make every rank stop at the next step boundary; a checkpoint is written and the
+command exits 0 with the resume command printed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", help="YAML training configuration (see docs/training.md)")
+    p.add_argument("--resume", metavar="CKPT",
+                   help="continue from a checkpoint; 'auto' uses OUTPUT/checkpoint.pt when it exists")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a configuration value, e.g. --set training.epochs=50 (repeatable)")
+    p.add_argument("--output", "-o", help="output folder (same as --set training.output=DIR)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (same as --set training.device=...)")
+
+
+def run(args) -> int:
+    from ..config import parse_override
+    from ..distributed import init_distributed, install_stop_handlers, shutdown
+    from ..utils.log import log
+    from .config import load_train_config
+    from .trainer import Trainer
+
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if args.output:
+        overrides["training.output"] = args.output
+    if args.device:
+        overrides["training.device"] = args.device
+    cfg = load_train_config(args.config, overrides)
+    resume = args.resume
+    if resume == "auto":
+        cand = Path(cfg.training.output) / "checkpoint.pt"
+        resume = str(cand) if cand.is_file() else None
+        if resume is None:
+            log(f"--resume auto: no checkpoint in {cfg.training.output}, starting a new run")
+    install_stop_handlers()
+    ctx = init_distributed(cfg.training.device)
+    try:
+        status = Trainer(cfg, ctx, resume=resume).fit()
+        log(f"training finished: {status}")
+        return 0
+    finally:
+        shutdown()

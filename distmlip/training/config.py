@@ -1,0 +1,131 @@
+"""Configuration of ``distmlip train`` (YAML -> dataclasses; every default is here).
+
+Example (see docs/training.md)::
+
+    data:
+      train: [train.h5]            # one or more HDF5 data sets (shards)
+      validation: null             # explicit validation files, else split from `train`
+      split_seed: 0
+      fractions: [0.9, 0.1, 0.0]   # train / validation / test shares of `train`
+    descriptor: {rc_radial: 6.5, n_radial: 12, rc_angular: 4.0, n_angular: 4, backend: auto}
+    model: {hidden: [10, 10], activation: tanh, dtype: float64}
+    training: {mode: energy, epochs: 100, batch_atoms: 2000, lr: 1.0e-3, output: run}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from ..errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    validation: Optional[list[str]] = None
+    split_seed: int = 0
+    fractions: list[float] = field(default_factory=lambda: [0.9, 0.1, 0.0])
+    by_subset: bool = True             # stratify the split per subset (exact shares in every subset)
+    use_stored_split: bool = True      # use the split stored in the data set (convert --split) if any
+    split_patterns: Optional[str] = None  # e.g. "train=train/,val=val/,test=test/" on source paths
+    subsets: Optional[list[str]] = None  # train only on these subsets (names); null = all
+    prefetch: bool = True
+
+    def validate(self):
+        if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or sum(self.fractions) <= 0:
+            raise ConfigError(f"data.fractions: expected three non-negative shares (train, validation, "
+                              f"test), got {self.fractions}")
+
+
+@dataclass
+class DescriptorConfig:
+    rc_radial: float = 6.5
+    n_radial: int = 12
+    rc_angular: float = 4.0
+    n_angular: int = 4
+    backend: Literal["auto", "reference", "fused"] = "auto"
+
+    def validate(self):
+        if self.rc_radial <= 0 or self.rc_angular < 0:
+            raise ConfigError("descriptor: cutoffs must be positive")
+        if self.n_radial < 0 or self.n_angular < 0:
+            raise ConfigError("descriptor: orders must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    species: Optional[list[str]] = None   # default: the species of the training data
+    hidden: list[int] = field(default_factory=lambda: [10, 10])
+    activation: Union[str, list[str]] = "tanh"
+    dtype: Literal["float64", "float32"] = "float64"
+    reference_energies: Optional[dict[str, float]] = None  # eV per free atom (cohesive-energy training)
+    energy_shift: Literal["lstsq", "mean", "none"] = "lstsq"
+    energy_scale: bool = True
+    normalize_descriptor: bool = True
+
+
+@dataclass
+class TrainingConfig:
+    mode: Literal["energy", "force"] = "energy"
+    alpha: float = 0.1                  # force weight in (1 - alpha) L_E + alpha L_F
+    force_fraction: float = 1.0         # share of structures carrying force loss (by seed, per structure)
+    energy_loss: Literal["per_atom", "per_structure"] = "per_atom"
+    epochs: int = 100
+    max_steps: int = 0                  # stop after this many optimizer steps in total (0: no limit)
+    batch_atoms: int = 2000
+    batch_structures: int = 0           # 0: no limit on structures per batch
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    scheduler: Literal["plateau", "cosine", "none"] = "plateau"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 10
+    min_lr: float = 1.0e-6
+    early_stopping: int = 0             # epochs without validation improvement before stopping (0: off)
+    grad_clip: float = 0.0              # max gradient norm (0: off)
+    seed: int = 0
+    checkpoint_every: int = 1           # epochs
+    output: str = "run"
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    warm_start: Optional[str] = None    # model file to fine-tune from
+    refit_normalization: bool = False   # with warm_start: refit descriptor/energy normalisation
+    validate_every: int = 1
+    progress_bar: Literal["auto", "on", "off"] = "auto"
+
+    def validate(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"training.alpha: {self.alpha} is not in [0, 1]")
+        if not 0.0 <= self.force_fraction <= 1.0:
+            raise ConfigError(f"training.force_fraction: {self.force_fraction} is not in [0, 1]")
+        if self.batch_atoms <= 0:
+            raise ConfigError("training.batch_atoms must be positive")
+        if self.epochs < 0 or self.lr <= 0:
+            raise ConfigError("training: epochs must be >= 0 and lr > 0")
+
+
+@dataclass
+class CommitteeConfig:
+    K: int = 1
+
+    def validate(self):
+        if self.K != 1:
+            raise ConfigError("committee.K: only K = 1 is supported in this version")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    committee: CommitteeConfig = field(default_factory=CommitteeConfig)
+
+    def validate(self):
+        if not self.data.train:
+            raise ConfigError("data.train: no training data files given")
+
+
+def load_train_config(path, overrides: dict | None = None) -> TrainConfig:
+    from ..config import load_config
+
+    return load_config(path, TrainConfig, overrides)

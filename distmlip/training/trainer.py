@@ -1,0 +1,543 @@
+"""The training loop (energy and direct-force modes), written data-parallel from the start.
+
+Every rank streams its own atom-balanced partition of the training set (PartitionedStream) and
+computes the loss of its share with GLOBAL denominators (structure weights and force components
+all-reduced over the ranks), so that the sum of the per-rank losses is the loss of the global
+batch; the gradients are then summed with one flat all-reduce (``allreduce_gradients``).  With one
+process every collective is a no-op.  Validation metrics are sums of squared/absolute errors and
+counts over each rank's disjoint share of the validation set, all-reduced once per evaluation.
+
+Rank 0 alone writes the CSV log, checkpoints and model files.  At every step boundary the loop
+asks ``ctx.stop_requested()`` (SIGTERM/SIGUSR1 on any rank); when set, a checkpoint with the
+epoch and step position is written and :meth:`Trainer.fit` returns ``"stopped"``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import config_to_dict
+from ..errors import ConfigError, InputError
+from ..models.bpnn import BPNN
+from ..utils.io import atomic_write_text
+from ..utils.log import log, warn
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .losses import energy_errors, force_atom_mask, force_selection, local_counts
+
+# layout of the float64 metric accumulator
+_M = ["loss", "e_sse", "e_sae", "n_struct", "es_sse", "es_sae", "f_sse", "f_sae", "n_comp", "n_steps"]
+_IDX = {k: i for i, k in enumerate(_M)}
+
+CSV_FIELDS = ["epoch", "steps", "lr", "train_loss", "train_E_rmse_meV_atom", "train_E_mae_meV_atom",
+              "train_F_rmse", "train_F_mae", "val_loss", "val_E_rmse_meV_atom", "val_E_mae_meV_atom",
+              "val_F_rmse", "val_F_mae", "time_s"]
+
+
+def _fmt(x, nd=3):
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def metrics_from_sums(acc: torch.Tensor) -> dict:
+    a = acc.tolist()
+    g = dict(zip(_M, a))
+    n, c = g["n_struct"], g["n_comp"]
+    out = {"loss": g["loss"] / g["n_steps"] if g["n_steps"] > 0 else g["loss"],
+           "E_rmse_meV_atom": 1e3 * math.sqrt(g["e_sse"] / n) if n else float("nan"),
+           "E_mae_meV_atom": 1e3 * g["e_sae"] / n if n else float("nan"),
+           "E_rmse_meV_struct": 1e3 * math.sqrt(g["es_sse"] / n) if n else float("nan"),
+           "F_rmse": math.sqrt(g["f_sse"] / c) if c else float("nan"),
+           "F_mae": g["f_sae"] / c if c else float("nan"),
+           "n_structures": int(n), "n_force_components": int(c)}
+    return out
+
+
+class Trainer:
+    """Single- or multi-rank trainer of one BPNN (committees: K = 1 for now)."""
+
+    def __init__(self, cfg: TrainConfig, ctx=None, resume: str | None = None, quiet: bool = False):
+        from ..distributed import init_distributed
+
+        self.cfg = cfg
+        self.ctx = ctx if ctx is not None else init_distributed(cfg.training.device)
+        self.device = self.ctx.device
+        self.rank0 = self.ctx.rank == 0
+        self.quiet = quiet
+        tc = cfg.training
+        self.out = Path(tc.output)
+        self.force_mode = tc.mode == "force"
+        self.per_atom = tc.energy_loss == "per_atom"
+        self._resume_state = None
+        if resume is not None:
+            self._resume_state = ckpt.load_checkpoint(resume)
+            self._resume_path = resume
+        self._setup_data()
+        self._setup_model()
+        self._setup_optim()
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best = float("inf")
+        self.bad_epochs = 0
+        self.partial = None  # accumulator of an interrupted epoch
+        if self._resume_state is not None:
+            self._restore(self._resume_state)
+
+    # ------------------------------------------------------------------ set-up
+    def _log(self, msg):
+        if not self.quiet:
+            log(msg)
+
+    def _setup_data(self):
+        from ..data.h5store import H5Dataset
+        from ..data.stream import PartitionedStream
+
+        dc, tc = self.cfg.data, self.cfg.training
+        self.ds = H5Dataset(dc.train)
+        S = self.ds.n_structures
+        if dc.validation:
+            self.val_ds = H5Dataset(dc.validation)
+            train_idx = np.arange(S, dtype=np.int64)
+            val_idx = np.arange(self.val_ds.n_structures, dtype=np.int64)
+        else:
+            from ..data import split as splitmod
+
+            if dc.split_patterns:
+                split = splitmod.split_from_patterns(self.ds.column("source"),
+                                                     splitmod.parse_split_patterns(dc.split_patterns))
+            else:
+                split = splitmod.get_split(self.ds, dc.split_seed, tuple(dc.fractions), per_subset=dc.by_subset,
+                                           use_stored=dc.use_stored_split)
+            split = np.asarray(split)
+            train_idx = np.nonzero(split == 0)[0].astype(np.int64)
+            val_idx = np.nonzero(split == 1)[0].astype(np.int64)
+            self.val_ds = self.ds
+        if dc.subsets:
+            names = [t["name"] for t in self.ds.subsets]
+            unknown = [s for s in dc.subsets if s not in names]
+            if unknown:
+                raise ConfigError(f"data.subsets: {unknown} not in the data set {dc.train} "
+                                  f"(subsets: {sorted(set(names))})")
+            keep = np.array([names[k] in dc.subsets for k in range(len(names))], dtype=bool)
+            train_idx = train_idx[keep[self.ds.subset_ids[train_idx]]]
+            if self.val_ds is self.ds:
+                val_idx = val_idx[keep[self.ds.subset_ids[val_idx]]]
+        if len(train_idx) == 0:
+            raise InputError(f"{dc.train}: no training structures (check data.fractions / data.subsets)")
+        self.train_idx, self.val_idx = train_idx, val_idx
+        r, w = self.ctx.rank, self.ctx.world_size
+        bs = tc.batch_structures if tc.batch_structures > 0 else 1 << 30
+        self.stream = PartitionedStream(self.ds, train_idx, r, w, tc.batch_atoms, bs, tc.seed,
+                                        shuffle=True, prefetch=dc.prefetch)
+        self.val_stream = (PartitionedStream(self.val_ds, val_idx, r, w, tc.batch_atoms, bs, tc.seed,
+                                             shuffle=False, prefetch=dc.prefetch) if len(val_idx) else None)
+        self._log(f"data: {len(train_idx)} training, {len(val_idx)} validation structures; "
+                  f"{self.stream.steps(0)} steps per epoch on {w} rank(s)")
+
+    def _norm_batches(self):
+        tc = self.cfg.training
+        bs = tc.batch_structures if tc.batch_structures > 0 else 1 << 30
+        from ..data.stream import PartitionedStream
+
+        st = PartitionedStream(self.ds, self.train_idx, self.ctx.rank, self.ctx.world_size,
+                               tc.batch_atoms, bs, tc.seed, shuffle=False, prefetch=False)
+        for structures in st.epoch(0):
+            if structures:
+                yield self.collate(structures)
+
+    def _setup_model(self):
+        mc, dc, tc = self.cfg.model, self.cfg.descriptor, self.cfg.training
+        torch.manual_seed(tc.seed)
+        np.random.seed(tc.seed % (2 ** 32))
+        import random
+
+        random.seed(tc.seed)
+        fit = True
+        if self._resume_state is not None:
+            self.model = BPNN.from_payload(self._resume_state["model"], source=str(self._resume_path),
+                                           backend=dc.backend if dc.backend != "auto" else None)
+            fit = False
+        elif tc.warm_start:
+            self.model = BPNN.load(tc.warm_start, backend=dc.backend if dc.backend != "auto" else None)
+            missing = [s for s in self.ds.species if s not in self.model.species]
+            if missing:
+                raise ConfigError(f"training.warm_start: model {tc.warm_start} has no network for "
+                                  f"{missing} present in {self.cfg.data.train}")
+            fit = tc.refit_normalization
+            self._log(f"warm start from {tc.warm_start}" + (" (refitting normalisation)" if fit else ""))
+        else:
+            species = mc.species or list(self.ds.species)
+            missing = [s for s in self.ds.species if s not in species]
+            if missing:
+                raise ConfigError(f"model.species: {missing} occur in {self.cfg.data.train} but are not listed")
+            ref = mc.reference_energies
+            if ref is None and getattr(self.ds, "reference_energies", None):
+                ref = dict(self.ds.reference_energies) or None
+            self.model = BPNN(species, {"rc_radial": dc.rc_radial, "n_radial": dc.n_radial,
+                                        "rc_angular": dc.rc_angular, "n_angular": dc.n_angular,
+                                        "backend": dc.backend},
+                              mc.hidden, mc.activation, mc.dtype, ref)
+        self.model.to(self.device)
+        if fit:
+            t0 = time.time()
+            summary = self.model.fit_normalization(self._norm_batches(), ctx=self.ctx,
+                                                   descriptor=mc.normalize_descriptor,
+                                                   energy=mc.energy_shift, scale=mc.energy_scale)
+            self._log(f"normalisation fitted on {summary['n_structures']} structures in {time.time() - t0:.1f} s: "
+                      f"shift {', '.join(f'{k} {v:.4f}' for k, v in summary['energy_shift'].items())} eV/atom, "
+                      f"scale {summary['energy_scale']:.4g} eV/atom")
+        self._log(f"model: {self.model.extra_repr()}, backend {self.model.descriptor_params['backend']}, "
+                  f"{sum(p.numel() for p in self.model.parameters())} parameters")
+
+    def _setup_optim(self):
+        tc = self.cfg.training
+        params = list(self.model.parameters())
+        if tc.optimizer == "adamw":
+            self.opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        elif tc.optimizer == "adam":
+            self.opt = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        else:
+            self.opt = torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        if tc.scheduler == "plateau":
+            self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.opt, factor=tc.plateau_factor, patience=tc.plateau_patience, min_lr=tc.min_lr)
+        elif tc.scheduler == "cosine":
+            self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(tc.epochs, 1),
+                                                                    eta_min=tc.min_lr)
+        else:
+            self.sched = None
+
+    def _restore(self, st):
+        self.opt.load_state_dict(st["optimizer"])
+        if self.sched is not None and st.get("scheduler") is not None:
+            if st.get("scheduler_kind") == self.cfg.training.scheduler:
+                self.sched.load_state_dict(st["scheduler"])
+            else:
+                warn("scheduler changed since the checkpoint: starting it afresh")
+        self.epoch, self.step_in_epoch = int(st["epoch"]), int(st["step"])
+        self.global_step = int(st["global_step"])
+        self.best, self.bad_epochs = float(st["best"]), int(st["bad_epochs"])
+        self.partial = st.get("partial")
+        ckpt.set_rng_state(st["rng"])
+        self._log(f"resumed from {self._resume_path}: epoch {self.epoch + 1}, step {self.step_in_epoch}")
+
+    # ------------------------------------------------------------------ batches and steps
+    def collate(self, structures):
+        from ..descriptors.batch import collate
+
+        return collate(structures, species=self.model.species, cutoff=self.model.cutoff,
+                       dtype=torch.float64, device=self.device)
+
+    def _selected(self, batch):
+        tc = self.cfg.training
+        sel = force_selection(batch.index.cpu().numpy(), tc.seed, tc.force_fraction)
+        return torch.as_tensor(sel, device=batch.index.device)
+
+    def batch_loss(self, batch, counts: torch.Tensor, acc: torch.Tensor | None = None,
+                   selected=None, create_graph=True):
+        """Local contribution to the global loss of one step, given the GLOBAL counts
+        (sum of weights, weighted force components)."""
+        tc = self.cfg.training
+        w = batch.weight.to(torch.float64)
+        if self.force_mode:
+            E, F = self.model.energy_and_forces(batch, create_graph=create_graph)
+        else:
+            E, F = self.model(batch), None
+        err = energy_errors(E, batch, self.per_atom)
+        L_E = (w * err * err).sum() / counts[0]
+        loss = L_E
+        if self.force_mode:
+            mask = force_atom_mask(batch, selected).to(torch.float64)
+            dF = F - batch.forces
+            wa = w[batch.structure] * mask
+            L_F = (wa[:, None] * dF * dF).sum() / counts[1] if counts[1] > 0 else dF.sum() * 0.0
+            loss = (1.0 - tc.alpha) * L_E + tc.alpha * L_F
+        if acc is not None:
+            with torch.no_grad():
+                ea = (E.detach() - batch.energy) / batch.natoms.to(torch.float64)
+                es = E.detach() - batch.energy
+                acc[_IDX["e_sse"]] += (ea * ea).sum()
+                acc[_IDX["e_sae"]] += ea.abs().sum()
+                acc[_IDX["es_sse"]] += (es * es).sum()
+                acc[_IDX["es_sae"]] += es.abs().sum()
+                acc[_IDX["n_struct"]] += float(batch.n_structures)
+                if F is not None:
+                    m = force_atom_mask(batch, None)
+                    d = (F.detach() - batch.forces)[m]
+                    acc[_IDX["f_sse"]] += (d * d).sum()
+                    acc[_IDX["f_sae"]] += d.abs().sum()
+                    acc[_IDX["n_comp"]] += float(d.numel())
+        return loss
+
+    def train_step(self, structures, acc: torch.Tensor) -> None:
+        """One synchronous optimizer step on this rank's share of the global batch."""
+        from ..distributed import allreduce_gradients
+
+        tc = self.cfg.training
+        batch = self.collate(structures) if structures else None
+        selected = None
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if batch is not None:
+            selected = self._selected(batch) if self.force_mode else None
+            counts = local_counts(batch, selected, self.force_mode)
+        self.ctx.all_reduce_sum(counts)
+        self.opt.zero_grad(set_to_none=False)
+        params = list(self.model.parameters())
+        if batch is not None and counts[0] > 0:
+            loss = self.batch_loss(batch, counts, acc, selected)
+            loss.backward()
+            acc[_IDX["loss"]] += loss.detach()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        allreduce_gradients(params, self.ctx)
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        self.opt.step()
+        acc[_IDX["n_steps"]] += 1.0 / self.ctx.world_size  # reduced: one per global step
+
+    def evaluate_stream(self, stream) -> dict:
+        """Global metrics over a whole (partitioned) stream, each structure counted once: local
+        sums of (weighted) squared and absolute errors and counts, all-reduced once."""
+        acc = torch.zeros(len(_M), dtype=torch.float64, device=self.device)
+        wl = torch.zeros(4, dtype=torch.float64, device=self.device)  # w*err^2, sum w, w*dF^2, sum w*comp
+        for structures in stream.epoch(0):
+            if not structures:
+                continue
+            batch = self.collate(structures)
+            if self.force_mode:
+                with torch.enable_grad():
+                    E, F = self.model.energy_and_forces(batch)
+            else:
+                with torch.no_grad():
+                    E, F = self.model(batch), None
+            E = E.detach()
+            ea = (E - batch.energy) / batch.natoms.to(torch.float64)
+            es = E - batch.energy
+            err = ea if self.per_atom else es
+            w = batch.weight.to(torch.float64)
+            wl[0] += (w * err * err).sum()
+            wl[1] += w.sum()
+            acc[_IDX["e_sse"]] += (ea * ea).sum()
+            acc[_IDX["e_sae"]] += ea.abs().sum()
+            acc[_IDX["es_sse"]] += (es * es).sum()
+            acc[_IDX["es_sae"]] += es.abs().sum()
+            acc[_IDX["n_struct"]] += float(batch.n_structures)
+            if F is not None:
+                m = force_atom_mask(batch, None)
+                d = (F.detach() - batch.forces)[m]
+                wa = w[batch.structure][m]
+                acc[_IDX["f_sse"]] += (d * d).sum()
+                acc[_IDX["f_sae"]] += d.abs().sum()
+                acc[_IDX["n_comp"]] += float(d.numel())
+                wl[2] += (wa[:, None] * d * d).sum()
+                wl[3] += 3.0 * wa.sum()
+        both = torch.cat([acc, wl])
+        self.ctx.all_reduce_sum(both)
+        acc, wl = both[:len(_M)], both[len(_M):]
+        loss = float(wl[0] / wl[1]) if wl[1] > 0 else float("nan")
+        if self.force_mode:
+            L_F = float(wl[2] / wl[3]) if wl[3] > 0 else 0.0
+            loss = (1 - self.cfg.training.alpha) * loss + self.cfg.training.alpha * L_F
+        m = metrics_from_sums(acc)
+        m["loss"] = loss
+        return m
+
+    # ------------------------------------------------------------------ checkpoints and logs
+    def _payload(self, epoch, step, partial):
+        return dict(model=self.model.payload(), optimizer=self.opt.state_dict(),
+                    scheduler=self.sched.state_dict() if self.sched is not None else None,
+                    scheduler_kind=self.cfg.training.scheduler,
+                    epoch=epoch, step=step, global_step=self.global_step, best=self.best,
+                    bad_epochs=self.bad_epochs, partial=partial, config=config_to_dict(self.cfg),
+                    world_size=self.ctx.world_size)
+
+    def save_checkpoint(self, epoch, step, partial=None, path=None):
+        if self.rank0:
+            ckpt.save_checkpoint(path or (self.out / "checkpoint.pt"), **self._payload(epoch, step, partial))
+
+    def _write_csv_row(self, row: dict):
+        if not self.rank0:
+            return
+        path = self.out / "log.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as fh:
+            wr = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+            if new:
+                wr.writeheader()
+            wr.writerow(row)
+
+    def _prepare_output(self):
+        if not self.rank0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        path = self.out / "log.csv"
+        if self._resume_state is None:
+            if path.exists():
+                path.unlink()
+        elif path.exists():
+            # drop rows of epochs after the checkpoint (a run killed after its last checkpoint)
+            rows = list(csv.DictReader(io.StringIO(path.read_text())))
+            keep = [r for r in rows if r.get("epoch") and int(r["epoch"]) <= self.epoch]
+            buf = io.StringIO()
+            wr = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+            wr.writeheader()
+            for r in keep:
+                wr.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+            atomic_write_text(path, buf.getvalue())
+
+    def _progress(self, total, initial):
+        tc = self.cfg.training
+        show = {"on": True, "off": False}.get(tc.progress_bar, sys.stderr.isatty() and total >= 20)
+        if not (show and self.rank0 and not self.quiet):
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=total, initial=initial, leave=False, unit="step", dynamic_ncols=True)
+
+    # ------------------------------------------------------------------ main loop
+    def fit(self, step_callback=None) -> str:
+        """Train; returns 'done', 'early_stopped', 'max_steps' or 'stopped' (signal / callback).
+
+        ``step_callback(trainer)`` is called after every step; a True return requests a stop
+        exactly like a signal (used by tests)."""
+        tc = self.cfg.training
+        self._prepare_output()
+        status = "done"
+        while self.epoch < tc.epochs:
+            epoch = self.epoch
+            t0 = time.time()
+            acc = torch.zeros(len(_M), dtype=torch.float64, device=self.device)
+            if self.partial is not None and self.step_in_epoch > 0:
+                acc += self.partial.to(acc)
+            self.partial = None
+            steps = self.stream.steps(epoch)
+            it = iter(self.stream.epoch(epoch, start_step=self.step_in_epoch))
+            bar = self._progress(steps, self.step_in_epoch)
+            stop = False
+            while self.step_in_epoch < steps:
+                if self.ctx.stop_requested():
+                    stop = True
+                    break
+                structures = next(it)
+                self.train_step(structures, acc)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                if bar is not None:
+                    bar.update(1)
+                if tc.max_steps and self.global_step >= tc.max_steps:
+                    status = "max_steps"
+                    break
+                if step_callback is not None and step_callback(self):
+                    stop = True
+                    # still at a step boundary: fall through to the check below
+                    if self.step_in_epoch < steps:
+                        break
+            if bar is not None:
+                bar.close()
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+            if stop or status == "max_steps":
+                if self.step_in_epoch < steps:
+                    self.save_checkpoint(epoch, self.step_in_epoch, partial=acc.cpu())
+                    if stop:
+                        self._log(f"stop requested: checkpoint written to {self.out / 'checkpoint.pt'} at epoch "
+                                  f"{epoch + 1}, step {self.step_in_epoch}/{steps}; resume with "
+                                  f"'distmlip train CONFIG --resume {self.out / 'checkpoint.pt'}'")
+                        return "stopped"
+                    self._write_models()
+                    return status
+            self._end_epoch(epoch, acc, time.time() - t0)
+            if stop:
+                self._log(f"stop requested: checkpoint written to {self.out / 'checkpoint.pt'} after epoch "
+                          f"{epoch + 1}; resume with 'distmlip train CONFIG --resume {self.out / 'checkpoint.pt'}'")
+                self.save_checkpoint(self.epoch, 0)
+                return "stopped"
+            if status == "max_steps" or self._early_stop:
+                status = "early_stopped" if self._early_stop else status
+                self.save_checkpoint(self.epoch, 0)
+                break
+        self._write_models()
+        return status
+
+    _early_stop = False
+
+    def _end_epoch(self, epoch, acc, dt):
+        tc = self.cfg.training
+        self.ctx.all_reduce_sum(acc)
+        tr = metrics_from_sums(acc)
+        val = None
+        if self.val_stream is not None and ((epoch + 1) % max(tc.validate_every, 1) == 0
+                                            or epoch + 1 == tc.epochs):
+            val = self.evaluate_stream(self.val_stream)
+        metric = val["loss"] if val is not None else tr["loss"]
+        lr = self.opt.param_groups[0]["lr"]
+        improved = metric < self.best
+        if improved:
+            self.best = metric
+            self.bad_epochs = 0
+            if self.rank0:
+                self.model.save(self.out / "best_model.pt", metadata={"epoch": epoch + 1, "val_loss": metric})
+        else:
+            self.bad_epochs += 1
+        if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.sched.step(metric)
+        elif self.sched is not None:
+            self.sched.step()
+        dt_total = dt + 0.0
+        row = {"epoch": epoch + 1, "steps": self.global_step, "lr": f"{lr:.6g}",
+               "train_loss": f"{tr['loss']:.8g}", "train_E_rmse_meV_atom": _fmt(tr["E_rmse_meV_atom"]),
+               "train_E_mae_meV_atom": _fmt(tr["E_mae_meV_atom"]),
+               "train_F_rmse": _fmt(tr["F_rmse"], 5), "train_F_mae": _fmt(tr["F_mae"], 5),
+               "val_loss": f"{val['loss']:.8g}" if val else "",
+               "val_E_rmse_meV_atom": _fmt(val["E_rmse_meV_atom"]) if val else "",
+               "val_E_mae_meV_atom": _fmt(val["E_mae_meV_atom"]) if val else "",
+               "val_F_rmse": _fmt(val["F_rmse"], 5) if val else "", "val_F_mae": _fmt(val["F_mae"], 5) if val else "",
+               "time_s": f"{dt_total:.2f}"}
+        self._write_csv_row(row)
+        line = f"epoch {epoch + 1:4d}/{tc.epochs}  train E_rmse {tr['E_rmse_meV_atom']:9.3f} meV/atom"
+        if self.force_mode:
+            line += f"  F_rmse {tr['F_rmse']:.4f} F_mae {tr['F_mae']:.4f} eV/A"
+        if val is not None:
+            line += f"  | val E_rmse {val['E_rmse_meV_atom']:9.3f} meV/atom"
+            if self.force_mode:
+                line += f"  F_rmse {val['F_rmse']:.4f} F_mae {val['F_mae']:.4f} eV/A"
+        line += f"  lr {lr:.3g}  {dt_total:.1f} s" + ("  *" if improved else "")
+        self._log(line)
+        self.epoch = epoch + 1
+        self.step_in_epoch = 0
+        if tc.checkpoint_every > 0 and (self.epoch % tc.checkpoint_every == 0 or self.epoch == tc.epochs):
+            self.save_checkpoint(self.epoch, 0)
+        if tc.early_stopping > 0 and self.bad_epochs >= tc.early_stopping:
+            self._log(f"early stopping: no validation improvement for {self.bad_epochs} epochs")
+            self._early_stop = True
+
+    def _write_models(self):
+        if not self.rank0:
+            return
+        self.model.save(self.out / "last_model.pt", metadata={"epoch": self.epoch, "step": self.global_step})
+        best = self.out / "best_model.pt"
+        if best.exists() and self.val_stream is not None:
+            import shutil
+
+            from ..utils.io import atomic_path
+
+            with atomic_path(self.out / "model.pt") as tmp:
+                shutil.copyfile(best, tmp)
+        else:
+            self.model.save(self.out / "model.pt", metadata={"epoch": self.epoch, "step": self.global_step})
+        self._log(f"model written to {self.out / 'model.pt'}"
+                  + (" (best on validation)" if best.exists() and self.val_stream is not None else ""))
