@@ -1,0 +1,366 @@
+"""``distmlip convert``: DFT data (aenet XSF, extended XYZ, ASE db, any ASE format) -> HDF5.
+
+Under MPI (``mpirun -n K distmlip convert ...``) the input files are cut into K contiguous
+blocks balanced by file size; every rank parses, validates and writes a shard; rank 0 merges
+the shards in input order into the final file (atomically), so the data are identical for any K.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..config import load_config
+from ..errors import ConfigError, DistmlipError, InputError
+from ..utils.io import atomic_write_text
+from ..utils.log import log, rank_and_size
+from . import h5store
+from .readers import expand_inputs, read_file
+from .split import parse_split_patterns, split_from_patterns
+from .subsets import SUBSET_MODES, SubsetBuilder
+from .validate import DEFAULT_MIN_DISTANCE, check_structure
+
+
+@dataclass
+class ConvertConfig:
+    """Settings of ``distmlip convert`` (also accepted as a YAML file via --config)."""
+    inputs: list[str] = field(default_factory=list)
+    output: str = ""
+    format: Optional[str] = None
+    reference_energies: dict[str, float] = field(default_factory=dict)
+    min_distance: float = DEFAULT_MIN_DISTANCE
+    skip_invalid: bool = False
+    subset_by: str = "auto"
+    subset_pattern: Optional[str] = None
+    split_by_pattern: dict[str, str] = field(default_factory=dict)
+    compression: Optional[str] = "lzf"
+
+    def validate(self):
+        if self.subset_by not in SUBSET_MODES:
+            raise ConfigError(f"subset_by must be one of {', '.join(SUBSET_MODES)}, got {self.subset_by!r}")
+        if self.min_distance < 0:
+            raise ConfigError(f"min_distance must be >= 0, got {self.min_distance}")
+        if self.compression not in (None, "lzf", "gzip"):
+            raise ConfigError(f"compression must be lzf, gzip or null, got {self.compression!r}")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("inputs", nargs="*", help="input files, directories (searched recursively) or glob patterns")
+    p.add_argument("-o", "--output", help="output HDF5 file (written atomically)")
+    p.add_argument("--config", help="YAML file with the same settings (keys: inputs, output, format, "
+                   "reference_energies, min_distance, skip_invalid, subset_by, subset_pattern, split_by_pattern, "
+                   "compression); command-line options win")
+    p.add_argument("--format", help="ASE format name for non-XSF inputs (default: from the file name); "
+                   "'xsf' forces the aenet XSF reader")
+    p.add_argument("--reference-energies", metavar="SPEC",
+                   help="reference atomic energies in eV: 'H=-13.6,O=-432.1' or a YAML file {H: -13.6, ...}")
+    p.add_argument("--min-distance", type=float, help=f"reject atoms closer than this (A, default {DEFAULT_MIN_DISTANCE})")
+    p.add_argument("--skip-invalid", action="store_true", default=None,
+                   help="drop invalid structures and write a report OUTPUT.rejected.{txt,json} instead of stopping")
+    p.add_argument("--subset-by", choices=SUBSET_MODES,
+                   help="subset grouping: auto (composition + atom order, default), directory, pattern")
+    p.add_argument("--subset-pattern", metavar="REGEX", help="with --subset-by pattern: regex on the source "
+                   "path; its first group (or whole match) names the subset")
+    p.add_argument("--split-by-pattern", metavar="SPEC", help="store a train/val/test split from source paths, "
+                   "e.g. 'train=train/,test=test/' (regexes)")
+    p.add_argument("--compression", choices=["lzf", "gzip", "none"], help="HDF5 compression (default lzf)")
+
+
+def parse_reference_energies(spec) -> dict[str, float]:
+    from ase.data import atomic_numbers
+
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, dict):
+        data = spec
+    elif os.path.isfile(spec):
+        from ..config import load_yaml
+
+        data = load_yaml(spec)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{spec}: reference energies must be a mapping element -> eV")
+    else:
+        data = {}
+        for part in str(spec).split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise ConfigError(f"reference energy {part!r} must look like SYMBOL=ENERGY (or give a YAML file)")
+            k, v = part.split("=", 1)
+            data[k.strip()] = v.strip()
+    out = {}
+    for k, v in data.items():
+        if k not in atomic_numbers or atomic_numbers[k] == 0:
+            raise ConfigError(f"reference energies: unknown element symbol {k!r}")
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"reference energies: value of {k} is not a number: {v!r}") from None
+        if not np.isfinite(out[k]):
+            raise ConfigError(f"reference energies: value of {k} is not finite")
+    return out
+
+
+def config_from_args(args) -> ConvertConfig:
+    overrides = {}
+    if args.inputs:
+        overrides["inputs"] = list(args.inputs)
+    for name in ("output", "format", "min_distance", "skip_invalid", "subset_by", "subset_pattern"):
+        v = getattr(args, name, None)
+        if v is not None:
+            overrides[name] = v
+    if args.compression is not None:
+        overrides["compression"] = None if args.compression == "none" else args.compression
+    cfg = load_config(args.config, ConvertConfig, overrides)
+    if args.reference_energies is not None:
+        cfg.reference_energies = parse_reference_energies(args.reference_energies)
+    else:
+        cfg.reference_energies = parse_reference_energies(cfg.reference_energies)
+    if args.split_by_pattern is not None:
+        cfg.split_by_pattern = parse_split_patterns(args.split_by_pattern)
+    elif cfg.split_by_pattern:
+        cfg.split_by_pattern = parse_split_patterns(cfg.split_by_pattern)
+    if not cfg.inputs:
+        raise ConfigError("no input files given (positional INPUTS or 'inputs' in --config)")
+    if not cfg.output:
+        raise ConfigError("no output file given (-o OUTPUT.h5 or 'output' in --config)")
+    if cfg.subset_by == "pattern" and not cfg.subset_pattern:
+        raise ConfigError("--subset-by pattern needs --subset-pattern REGEX")
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+class _Comm:
+    """mpi4py COMM_WORLD when launched under MPI with more than one rank, else a stand-in."""
+
+    def __init__(self):
+        rank, size = rank_and_size()
+        self.comm = None
+        self.rank, self.size = 0, 1
+        if size > 1:
+            from mpi4py import MPI
+
+            self.comm = MPI.COMM_WORLD
+            self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+
+    def allgather(self, x):
+        return self.comm.allgather(x) if self.comm is not None else [x]
+
+    def bcast(self, x):
+        return self.comm.bcast(x, root=0) if self.comm is not None else x
+
+
+def _raise_first(errors: list) -> None:
+    """errors: per-rank None or (message, is_user_error).  Raise on every rank if any failed."""
+    for r, e in enumerate(errors):
+        if e is not None:
+            raise DistmlipError(e[0])
+
+
+def split_files(files: list[str], size: int) -> list[list[str]]:
+    """Contiguous blocks of ``files`` balanced by file size (deterministic)."""
+    if size == 1:
+        return [list(files)]
+    w = np.array([max(os.path.getsize(f), 1) if os.path.exists(f) else 1 for f in files], dtype=np.float64)
+    csum = np.cumsum(w)
+    total = csum[-1] if len(csum) else 0.0
+    cuts = [0]
+    for k in range(1, size):
+        c = int(np.searchsorted(csum, total * k / size))
+        cuts.append(max(cuts[-1], min(c, len(files))))
+    cuts.append(len(files))
+    return [files[cuts[k]:cuts[k + 1]] for k in range(size)]
+
+
+class _RankResult:
+    def __init__(self):
+        self.n_structures = 0
+        self.n_atoms = 0
+        self.rejected: list[dict] = []
+        self.z: set[int] = set()
+
+
+def _process_files(files, cfg: ConvertConfig, writer, builder: SubsetBuilder, res: _RankResult,
+                   progress: bool, n_total_files: int):
+    t0 = time.time()
+    last = t0
+    for n, f in enumerate(files):
+        structs = read_file(f, cfg.format)
+        good = []
+        for s in structs:
+            probs = check_structure(s, cfg.min_distance)
+            if probs:
+                if not cfg.skip_invalid:
+                    fld, why = probs[0]
+                    raise InputError(f"{s.source}: structure {s.source_index}: field '{fld}': {why}; "
+                                     "use --skip-invalid to drop invalid structures")
+                res.rejected.append({"source": s.source, "structure": s.source_index,
+                                     "problems": [{"field": a, "reason": b} for a, b in probs]})
+                continue
+            k = builder.add(s)
+            s.subset = builder.ids[k]
+            good.append(s)
+        if good:
+            split = None
+            if cfg.split_by_pattern:
+                split = split_from_patterns([s.source for s in good], cfg.split_by_pattern,
+                                            [s.source_index for s in good])
+            writer.append(good, split=split)
+            res.n_structures += len(good)
+            res.n_atoms += sum(len(s.numbers) for s in good)
+            for s in good:
+                res.z.update(int(z) for z in np.unique(s.numbers))
+        now = time.time()
+        if progress and (now - last > 2.0 or n + 1 == len(files)):
+            last = now
+            log(f"  read {n + 1}/{len(files)} files on rank 0 ({n_total_files} in total), "
+                f"{res.n_structures} structures, {now - t0:.1f} s")
+
+
+def _check_reference(cfg, zs):
+    from ase.data import chemical_symbols
+
+    if cfg.reference_energies:
+        missing = [chemical_symbols[z] for z in sorted(zs) if chemical_symbols[z] not in cfg.reference_energies]
+        if missing:
+            raise ConfigError(f"reference energies given but missing for element(s) {', '.join(missing)}")
+
+
+def _write_report(out: Path, rejected: list[dict], n_ok: int) -> None:
+    base = str(out) + ".rejected"
+    if not rejected:
+        for ext in (".json", ".txt"):
+            if os.path.exists(base + ext):
+                os.unlink(base + ext)
+        return
+    atomic_write_text(base + ".json", json.dumps({"output": str(out), "accepted": n_ok,
+                                                  "rejected": rejected}, indent=1) + "\n")
+    lines = [f"# {len(rejected)} structure(s) rejected while converting to {out} ({n_ok} accepted)"]
+    for r in rejected:
+        for p in r["problems"]:
+            lines.append(f"{r['source']}: structure {r['structure']}: field '{p['field']}': {p['reason']}")
+    atomic_write_text(base + ".txt", "\n".join(lines) + "\n")
+
+
+def convert(cfg: ConvertConfig) -> dict:
+    """Run a conversion (MPI aware).  Returns a summary dict (on every rank)."""
+    comm = _Comm()
+    rank, size = comm.rank, comm.size
+    out = Path(cfg.output)
+    t0 = time.time()
+
+    # 1. input list (rank 0), broadcast with any error so no rank waits forever
+    files, err = None, None
+    if rank == 0:
+        try:
+            files = expand_inputs(cfg.inputs, cfg.format)
+        except DistmlipError as exc:
+            err = str(exc)
+    files, err = comm.bcast((files, err))
+    if err:
+        raise InputError(err)
+    log(f"distmlip convert: {len(files)} input file(s) on {size} rank(s) -> {out}")
+    blocks = split_files(files, size)
+    mine = blocks[rank]
+
+    prov = h5store.provenance({"inputs": list(cfg.inputs), "n_input_files": len(files),
+                               "min_distance": cfg.min_distance, "subset_by": cfg.subset_by})
+    common = dict(reference_energies=cfg.reference_energies or None, provenance_info=prov,
+                  compression=cfg.compression, store_split=bool(cfg.split_by_pattern))
+    builder = SubsetBuilder(cfg.subset_by, cfg.subset_pattern)
+    res = _RankResult()
+
+    if size == 1:
+        with h5store.H5Writer(out, subsets=[], **common) as w:
+            _process_files(mine, cfg, w, builder, res, True, len(files))
+            if res.n_structures == 0:
+                raise InputError(f"no valid structures in the {len(files)} input file(s)")
+            _check_reference(cfg, res.z)
+            table, _ = builder.finalize()
+            w.set_subsets(table)
+        if rank == 0:
+            _write_report(out, res.rejected, res.n_structures)
+        n_sub = len(builder.info)
+    else:
+        shard_dir = None
+        if rank == 0:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shard_dir = tempfile.mkdtemp(prefix=f".{out.name}.shards.", dir=str(out.parent))
+        shard_dir = comm.bcast(shard_dir)
+        shard = os.path.join(shard_dir, f"shard{rank:05d}.h5")
+        err = None
+        try:
+            try:
+                with h5store.H5Writer(shard, subsets=[], atomic=False, **common) as w:
+                    _process_files(mine, cfg, w, builder, res, rank == 0, len(files))
+                    w.set_subsets(builder.finalize()[0])
+            except DistmlipError as exc:
+                err = (str(exc), True)
+            except Exception as exc:  # a bug: show it here, stop everyone
+                traceback.print_exc()
+                err = (f"rank {rank}: internal error {type(exc).__name__}: {exc}", False)
+            errors = comm.allgather(err)
+            _raise_first(errors)
+            gathered = comm.allgather((builder.state(), res.n_structures, res.n_atoms, res.rejected, res.z))
+            total = sum(g[1] for g in gathered)
+            if total == 0:
+                raise InputError(f"no valid structures in the {len(files)} input file(s)")
+            zs = set().union(*[g[4] for g in gathered])
+            _check_reference(cfg, zs)
+            glob_builder = SubsetBuilder(cfg.subset_by, cfg.subset_pattern)
+            for g in gathered:
+                glob_builder.merge(g[0])
+            table, gids = glob_builder.finalize()
+            n_sub = len(table)
+            merge_err = None
+            if rank == 0:
+                try:
+                    log(f"  merging {size} shards")
+                    with h5store.H5Writer(out, subsets=table, **common) as w:
+                        for r in range(size):
+                            info = gathered[r][0]
+                            m = np.array([gids[k] for k in info], dtype=np.int64)
+                            if gathered[r][1]:
+                                h5store.copy_dataset_arrays(os.path.join(shard_dir, f"shard{r:05d}.h5"), w,
+                                                            subset_map=m)
+                    rejected = [x for g in gathered for x in g[3]]
+                    _write_report(out, rejected, total)
+                except DistmlipError as exc:
+                    merge_err = (str(exc), True)
+                except Exception as exc:
+                    traceback.print_exc()
+                    merge_err = (f"rank 0: merge failed: {type(exc).__name__}: {exc}", False)
+            merge_err = comm.bcast(merge_err)
+            _raise_first([merge_err])
+            res.n_structures, res.n_atoms = total, sum(g[2] for g in gathered)
+            res.rejected = [x for g in gathered for x in g[3]]
+        finally:
+            if os.path.exists(shard):
+                os.unlink(shard)
+            if rank == 0:
+                # every rank has passed the allgather above (or failed before writing)
+                shutil.rmtree(shard_dir, ignore_errors=True)
+    dt = time.time() - t0
+    summary = {"files": len(files), "structures": res.n_structures, "atoms": res.n_atoms,
+               "subsets": n_sub, "rejected": len(res.rejected), "seconds": dt, "ranks": size}
+    log(f"wrote {out}: {res.n_structures} structures, {res.n_atoms} atoms, {n_sub} subsets, "
+        f"{len(res.rejected)} rejected, {dt:.2f} s on {size} rank(s)")
+    if res.rejected:
+        log(f"rejected structures listed in {out}.rejected.txt and {out}.rejected.json")
+    return summary
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    convert(cfg)
+    return 0

@@ -1,0 +1,636 @@
+"""HDF5 data set: writer (atomic: temporary file, rename on success) and lazy reader.
+
+Layout (see docs/data_format.md)::
+
+    /                  attrs: format, version, units, species, provenance, reference_energies,
+                              n_structures, n_atoms
+    /atoms/numbers     [N]       uint8
+    /atoms/positions   [N, 3]    float64  Angstrom
+    /atoms/forces      [N, 3]    float64  eV/Angstrom (zeros where has_forces is False)
+    /structures/atom_offset [S] int64, natoms [S] int32, energy [S] float64, cell [S,3,3] float64,
+               pbc [S,3] bool, subset [S] int32, has_forces [S] bool, synthetic [S] bool,
+               parent [S] int64, uncertainty [S] float64, weight [S] float64,
+               source_file [S] int32, source_index [S] int64, (optional) split [S] int8
+    /sources/files     [F]       str       file names referenced by structures/source_file
+    /subsets/name, composition [K] str; natoms, count [K]; order_offset [K] int64,
+             order_length [K] int32, order_numbers [*] uint8 (atom order of homogeneous subsets)
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataFormatError
+from .structure import Structure
+
+FORMAT_NAME = "distmlip-dataset"
+FORMAT_VERSION = 1
+UNITS = {"energy": "eV", "length": "Angstrom", "force": "eV/Angstrom"}
+ATOM_CHUNK = 8192        # atoms per chunk of the per-atom arrays (192 KiB of positions)
+STRUCT_CHUNK = 4096      # structures per chunk of the per-structure arrays
+FLUSH_ATOMS = 1 << 18    # writer buffer
+
+STRUCT_FIELDS = {  # name: (dtype, trailing shape, fill for new rows)
+    "atom_offset": (np.int64, ()),
+    "natoms": (np.int32, ()),
+    "energy": (np.float64, ()),
+    "cell": (np.float64, (3, 3)),
+    "pbc": (np.bool_, (3,)),
+    "subset": (np.int32, ()),
+    "has_forces": (np.bool_, ()),
+    "synthetic": (np.bool_, ()),
+    "parent": (np.int64, ()),
+    "uncertainty": (np.float64, ()),
+    "weight": (np.float64, ()),
+    "source_file": (np.int32, ()),
+    "source_index": (np.int64, ()),
+}
+ATOM_FIELDS = {"numbers": (np.uint8, ()), "positions": (np.float64, (3,)), "forces": (np.float64, (3,))}
+
+
+def provenance(extra: dict | None = None) -> dict:
+    from .. import __version__
+
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    if prog in ("__main__.py", "cli.py"):
+        prog = "distmlip"
+    p = {"command": " ".join([prog] + sys.argv[1:]),
+         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+         "distmlip_version": __version__}
+    if extra:
+        p.update(extra)
+    return p
+
+
+def _symbols(zs) -> list[str]:
+    from ase.data import chemical_symbols
+
+    return [chemical_symbols[int(z)] for z in zs]
+
+
+def _numbers(symbols) -> list[int]:
+    from ase.data import atomic_numbers
+
+    return [atomic_numbers[s] for s in symbols]
+
+
+def structures_to_arrays(structures: list[Structure]) -> tuple[dict, dict, list[str]]:
+    """Structures -> (per-atom arrays, per-structure arrays, source table).  atom_offset is
+    local (starting at 0); source_file indexes the returned source table."""
+    n = np.array([len(s.numbers) for s in structures], dtype=np.int64)
+    total = int(n.sum())
+    atoms = {"numbers": np.empty(total, np.uint8), "positions": np.empty((total, 3)),
+             "forces": np.zeros((total, 3))}
+    S = len(structures)
+    st = {k: np.zeros((S,) + shp, dtype=dt) for k, (dt, shp) in STRUCT_FIELDS.items()}
+    sources: list[str] = []
+    src_id: dict[str, int] = {}
+    off = 0
+    for k, s in enumerate(structures):
+        m = int(n[k])
+        atoms["numbers"][off:off + m] = s.numbers
+        atoms["positions"][off:off + m] = s.positions
+        if s.forces is not None:
+            atoms["forces"][off:off + m] = s.forces
+        st["atom_offset"][k] = off
+        st["natoms"][k] = m
+        st["energy"][k] = s.energy
+        st["cell"][k] = s.cell
+        st["pbc"][k] = s.pbc
+        st["subset"][k] = s.subset
+        st["has_forces"][k] = s.forces is not None
+        st["synthetic"][k] = s.synthetic
+        st["parent"][k] = s.parent
+        st["uncertainty"][k] = s.uncertainty
+        st["weight"][k] = s.weight
+        if s.source not in src_id:
+            src_id[s.source] = len(sources)
+            sources.append(s.source)
+        st["source_file"][k] = src_id[s.source]
+        st["source_index"][k] = s.source_index
+        off += m
+    return atoms, st, sources
+
+
+class H5Writer:
+    """Write a data set.  Use as a context manager; the file appears under ``path`` only when
+    the block completes without an exception (temporary file + rename).
+
+    subsets: None -> automatic (one subset per atom sequence, in order of first appearance;
+    ``Structure.subset`` is ignored), or a list of dicts (name, composition, natoms[, order])
+    whose indices ``Structure.subset`` refers to (e.g. ``H5Dataset.subsets`` of the parent data
+    set when writing synthetic structures).
+    species: list of symbols; None -> the elements present.
+    reference_energies: {symbol: eV} stored as a root attribute (energies stay total energies).
+    store_split: write the optional ``structures/split`` dataset (``append(..., split=...)``).
+    """
+
+    def __init__(self, path, species=None, subsets=None, reference_energies=None, provenance_info=None,
+                 compression: str | None = "lzf", store_split: bool = False, atomic: bool = True):
+        self.path = Path(path)
+        self.species = list(species) if species is not None else None
+        self.subsets_given = subsets is not None
+        self.subsets = [dict(t) for t in subsets] if subsets is not None else []
+        self._auto_ids: dict[bytes, int] = {}
+        self.reference_energies = dict(reference_energies) if reference_energies else None
+        self.provenance = provenance_info if provenance_info is not None else provenance()
+        self.compression = compression
+        self.store_split = store_split
+        self.atomic = atomic
+        self._stack = contextlib.ExitStack()
+        self._h5 = None
+        self._sources: list[str] = []
+        self._source_id: dict[str, int] = {}
+        self._seen_z: set[int] = set()
+        self._buf: list[tuple[dict, dict]] = []
+        self._buf_atoms = 0
+        self.n_structures = 0
+        self.n_atoms = 0
+        self._closed = False
+
+    # -- context management -------------------------------------------------------------
+    def __enter__(self):
+        import h5py
+
+        if self.atomic:
+            from ..utils.io import atomic_path
+
+            tmp = self._stack.enter_context(atomic_path(self.path))
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path
+        self._h5 = self._stack.enter_context(h5py.File(tmp, "w", libver=("earliest", "v110")))
+        kw = {}
+        if self.compression:
+            kw = dict(compression=self.compression, shuffle=True, fletcher32=True)
+        g = self._h5.create_group("atoms")
+        for k, (dt, shp) in ATOM_FIELDS.items():
+            g.create_dataset(k, shape=(0,) + shp, maxshape=(None,) + shp, dtype=dt,
+                             chunks=(ATOM_CHUNK,) + shp, **kw)
+        g = self._h5.create_group("structures")
+        fields = dict(STRUCT_FIELDS)
+        if self.store_split:
+            fields["split"] = (np.int8, ())
+        for k, (dt, shp) in fields.items():
+            g.create_dataset(k, shape=(0,) + shp, maxshape=(None,) + shp, dtype=dt,
+                             chunks=(STRUCT_CHUNK,) + shp, **kw)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self._stack.__exit__(exc_type, exc, tb)
+            return False
+        try:
+            self._finish()
+        except BaseException:
+            if not self._stack.__exit__(*sys.exc_info()):
+                raise
+            return False
+        self._stack.close()
+        return False
+
+    def set_subsets(self, table: list[dict]) -> None:
+        """Replace the (explicit) subset table; may be called until the writer closes."""
+        self.subsets_given = True
+        self.subsets = [dict(t) for t in table]
+
+    # -- appending -----------------------------------------------------------------------
+    def append(self, structures: list[Structure], split=None) -> None:
+        if not structures:
+            return
+        atoms, st, sources = structures_to_arrays(list(structures))
+        if not self.subsets_given:
+            st["subset"] = self._auto_subsets(atoms, st)
+        self.append_arrays(atoms, st, sources, split=split)
+
+    def _auto_subsets(self, atoms, st) -> np.ndarray:
+        ids = np.empty(len(st["natoms"]), dtype=np.int32)
+        for k in range(len(ids)):
+            o, m = int(st["atom_offset"][k]), int(st["natoms"][k])
+            key = atoms["numbers"][o:o + m].tobytes()
+            if key not in self._auto_ids:
+                from .subsets import composition_of
+
+                order = np.frombuffer(key, dtype=np.uint8).astype(np.int64)
+                comp = composition_of(order)
+                n = sum(1 for t in self.subsets if t["composition"] == comp)
+                self.subsets.append({"name": f"{comp}_{n}", "composition": comp, "natoms": m, "order": order})
+                self._auto_ids[key] = len(self.subsets) - 1
+            ids[k] = self._auto_ids[key]
+        return ids
+
+    def append_arrays(self, atoms: dict, st: dict, sources: list[str], split=None) -> None:
+        """Low-level append: per-atom arrays, per-structure arrays (atom_offset local, starting
+        at 0; source_file indexing ``sources``), as produced by ``structures_to_arrays``."""
+        S = len(st["natoms"])
+        if S == 0:
+            return
+        remap = np.array([self._add_source(s) for s in sources], dtype=np.int32)
+        st = dict(st)
+        st["source_file"] = remap[np.asarray(st["source_file"])]
+        st["atom_offset"] = np.asarray(st["atom_offset"], dtype=np.int64) - int(st["atom_offset"][0])
+        if self.store_split:
+            if split is None:
+                raise ValueError("store_split=True needs split= on every append")
+            st["split"] = np.asarray(split, dtype=np.int8)
+        if self.subsets_given and np.min(st["subset"]) < 0:
+            raise ValueError("negative structure subset id with an explicit subset table")
+        zs = np.unique(atoms["numbers"])
+        self._seen_z.update(int(z) for z in zs)
+        if self.species is not None:
+            unknown = set(int(z) for z in zs) - set(_numbers(self.species))
+            if unknown:
+                raise ValueError(f"elements {_symbols(sorted(unknown))} not in species {self.species}")
+        self._buf.append((atoms, st))
+        self._buf_atoms += len(atoms["numbers"])
+        if self._buf_atoms >= FLUSH_ATOMS:
+            self._flush()
+
+    def _add_source(self, name: str) -> int:
+        if name not in self._source_id:
+            self._source_id[name] = len(self._sources)
+            self._sources.append(name)
+        return self._source_id[name]
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        atoms = {k: np.concatenate([b[0][k] for b in self._buf]) for k in ATOM_FIELDS}
+        st = {}
+        base = 0
+        offs = []
+        for a, s in self._buf:
+            offs.append(np.asarray(s["atom_offset"], dtype=np.int64) + base + self.n_atoms)
+            base += len(a["numbers"])
+        st["atom_offset"] = np.concatenate(offs)
+        for k in self._h5["structures"]:
+            if k != "atom_offset":
+                st[k] = np.concatenate([b[1][k] for b in self._buf])
+        self._buf = []
+        self._buf_atoms = 0
+        na, ns = len(atoms["numbers"]), len(st["natoms"])
+        for k, arr in atoms.items():
+            d = self._h5["atoms"][k]
+            d.resize(self.n_atoms + na, axis=0)
+            d[self.n_atoms:] = arr
+        for k, arr in st.items():
+            d = self._h5["structures"][k]
+            d.resize(self.n_structures + ns, axis=0)
+            d[self.n_structures:] = arr
+        self.n_atoms += na
+        self.n_structures += ns
+
+    def _finish(self) -> None:
+        import h5py
+
+        self._flush()
+        f = self._h5
+        strt = h5py.string_dtype()
+        f.create_group("sources").create_dataset("files", data=np.array(self._sources, dtype=object),
+                                                 dtype=strt)
+        if self.species is None:
+            self.species = _symbols(sorted(self._seen_z))
+        subset_ids = f["structures/subset"][...] if self.n_structures else np.zeros(0, np.int32)
+        if len(subset_ids) and int(subset_ids.max()) >= len(self.subsets):
+            raise ValueError(f"structure subset id {int(subset_ids.max())} outside the subset table "
+                             f"({len(self.subsets)} entries)")
+        counts = np.bincount(subset_ids, minlength=len(self.subsets)) if len(subset_ids) else np.zeros(len(self.subsets), np.int64)
+        g = f.create_group("subsets")
+        g.create_dataset("name", data=np.array([t["name"] for t in self.subsets], dtype=object), dtype=strt)
+        g.create_dataset("composition", data=np.array([t.get("composition", "") for t in self.subsets], dtype=object),
+                         dtype=strt)
+        g.create_dataset("natoms", data=np.array([t.get("natoms", -1) for t in self.subsets], dtype=np.int32))
+        g.create_dataset("count", data=np.asarray(counts, dtype=np.int64))
+        orders = [np.asarray(t["order"] if t.get("order") is not None else [], dtype=np.uint8) for t in self.subsets]
+        lens = np.array([len(o) for o in orders], dtype=np.int32)
+        g.create_dataset("order_length", data=lens)
+        g.create_dataset("order_offset", data=(np.cumsum(lens) - lens).astype(np.int64))
+        g.create_dataset("order_numbers", data=np.concatenate(orders) if orders else np.zeros(0, np.uint8),
+                         dtype=np.uint8)
+        a = f.attrs
+        a["format"] = FORMAT_NAME
+        a["version"] = FORMAT_VERSION
+        a["units"] = json.dumps(UNITS)
+        a["species"] = json.dumps(list(self.species))
+        a["provenance"] = json.dumps(self.provenance)
+        a["reference_energies"] = json.dumps(self.reference_energies or {})
+        a["n_structures"] = self.n_structures
+        a["n_atoms"] = self.n_atoms
+        a["complete"] = True
+
+
+def write_dataset(path, structures: list[Structure], **kwargs) -> Path:
+    """Write ``structures`` to a new data set at ``path`` (atomically).  kwargs: see H5Writer;
+    ``split=array`` stores an explicit split."""
+    split = kwargs.pop("split", None)
+    if split is not None:
+        kwargs["store_split"] = True
+    with H5Writer(path, **kwargs) as w:
+        w.append(list(structures), split=split)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+class _Shard:
+    def __init__(self, path: str):
+        import h5py
+
+        self.path = path
+        if not os.path.isfile(path):
+            raise DataFormatError(f"{path}: data set file does not exist")
+        try:
+            with h5py.File(path, "r") as f:
+                a = f.attrs
+                if a.get("format") != FORMAT_NAME:
+                    raise DataFormatError(f"{path}: not a distmlip data set (format attribute "
+                                          f"{a.get('format')!r}, expected {FORMAT_NAME!r})")
+                ver = int(a.get("version", -1))
+                if ver != FORMAT_VERSION:
+                    raise DataFormatError(f"{path}: data set format version {ver} is not supported "
+                                          f"(this distmlip reads version {FORMAT_VERSION}); re-run "
+                                          "distmlip convert")
+                if not a.get("complete", False):
+                    raise DataFormatError(f"{path}: incomplete data set (writer did not finish)")
+                self.species = json.loads(a["species"])
+                self.reference_energies = json.loads(a.get("reference_energies", "{}"))
+                self.provenance = json.loads(a.get("provenance", "{}"))
+                self.units = json.loads(a.get("units", "{}"))
+                s = f["structures"]
+                self.natoms = s["natoms"][...].astype(np.int64)
+                self.atom_offset = s["atom_offset"][...]
+                self.subset = s["subset"][...].astype(np.int64)
+                self.has_split = "split" in s
+                S = int(a["n_structures"])
+                N = int(a["n_atoms"])
+                if len(self.natoms) != S or len(self.atom_offset) != S:
+                    raise DataFormatError(f"{path}: field 'structures/natoms': {len(self.natoms)} "
+                                          f"entries, attribute n_structures says {S} (truncated?)")
+                if S and (int(self.atom_offset[-1] + self.natoms[-1]) != N
+                          or np.any(self.atom_offset != np.cumsum(self.natoms) - self.natoms)):
+                    raise DataFormatError(f"{path}: field 'structures/atom_offset' inconsistent with natoms")
+                for k in ATOM_FIELDS:
+                    if f["atoms"][k].shape[0] != N:
+                        raise DataFormatError(f"{path}: field 'atoms/{k}' has {f['atoms'][k].shape[0]} rows, "
+                                              f"expected {N} (truncated?)")
+                for k in STRUCT_FIELDS:
+                    if s[k].shape[0] != S:
+                        raise DataFormatError(f"{path}: field 'structures/{k}' has {s[k].shape[0]} rows, "
+                                              f"expected {S} (truncated?)")
+                self.sources = [x.decode() if isinstance(x, bytes) else str(x) for x in f["sources/files"][...]]
+                g = f["subsets"]
+                names = [x.decode() if isinstance(x, bytes) else str(x) for x in g["name"][...]]
+                comps = [x.decode() if isinstance(x, bytes) else str(x) for x in g["composition"][...]]
+                nat = g["natoms"][...]
+                cnt = g["count"][...]
+                olen, ooff, onum = g["order_length"][...], g["order_offset"][...], g["order_numbers"][...]
+                self.subsets = [{"name": names[k], "composition": comps[k], "natoms": int(nat[k]),
+                                 "count": int(cnt[k]),
+                                 "order": (onum[ooff[k]:ooff[k] + olen[k]].astype(np.int64) if olen[k] else None)}
+                                for k in range(len(names))]
+        except DataFormatError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise DataFormatError(f"{path}: corrupt or truncated data set ({type(exc).__name__}: {exc})") from None
+        self.n = S
+        self.n_atoms = N
+
+
+class H5Dataset:
+    """Read-only view of one data set file or a list of shard files read as one data set.
+
+    Small per-structure index arrays (natoms, subset ids) are loaded at construction; all
+    other data are read on demand, only the slabs needed.  File handles are opened lazily in
+    each process (safe after fork; the object is picklable)."""
+
+    CACHE_BYTES = 32 << 20
+
+    def __init__(self, paths):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.paths = [str(p) for p in paths]
+        if not self.paths:
+            raise DataFormatError("no data set files given")
+        self._shards = [_Shard(p) for p in self.paths]
+        # global subset table merged by (name, composition, natoms)
+        table: list[dict] = []
+        keymap: dict = {}
+        self._subset_maps = []
+        for sh in self._shards:
+            m = np.empty(len(sh.subsets), dtype=np.int64)
+            for k, t in enumerate(sh.subsets):
+                key = (t["name"], t["composition"], t["natoms"])
+                if key not in keymap:
+                    keymap[key] = len(table)
+                    table.append({"name": t["name"], "composition": t["composition"], "natoms": t["natoms"],
+                                  "order": t["order"], "count": 0})
+                m[k] = keymap[key]
+                table[m[k]]["count"] += t["count"]
+            self._subset_maps.append(m)
+        self.subsets = table
+        zs = sorted(set(z for sh in self._shards for z in _numbers(sh.species)))
+        self.species = _symbols(zs)
+        self.reference_energies = {}
+        for sh in self._shards:
+            for k, v in sh.reference_energies.items():
+                if k in self.reference_energies and self.reference_energies[k] != v:
+                    raise DataFormatError(f"{sh.path}: reference energy of {k} ({v}) differs from "
+                                          f"another shard ({self.reference_energies[k]})")
+                self.reference_energies[k] = v
+        self.provenance = [sh.provenance for sh in self._shards]
+        self.starts = np.cumsum([0] + [sh.n for sh in self._shards]).astype(np.int64)
+        self.natoms = np.concatenate([sh.natoms for sh in self._shards]) if self._shards else np.zeros(0, np.int64)
+        self.subset_ids = np.concatenate([self._subset_maps[k][sh.subset] if sh.n else np.zeros(0, np.int64)
+                                          for k, sh in enumerate(self._shards)])
+        self.n_structures = int(self.starts[-1])
+        self.n_atoms = int(self.natoms.sum())
+        self._pid = None
+        self._files: dict = {}
+        self._columns: dict = {}
+
+    # -- pickling / per-process handles --------------------------------------------------------
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_files"] = {}
+        d["_pid"] = None
+        return d
+
+    def _file(self, k: int):
+        import h5py
+
+        if self._pid != os.getpid():
+            self._files = {}
+            self._pid = os.getpid()
+        f = self._files.get(k)
+        if f is None:
+            path = self.paths[k]
+            try:
+                f = h5py.File(path, "r", rdcc_nbytes=self.CACHE_BYTES, rdcc_nslots=10007)
+            except OSError as exc:
+                raise DataFormatError(f"{path}: cannot open data set ({exc})") from None
+            self._files[k] = f
+        return f
+
+    def close(self) -> None:
+        for f in self._files.values():
+            try:
+                f.close()
+            except Exception:
+                pass
+        self._files = {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- sizes ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.n_structures
+
+    def __getitem__(self, i) -> Structure:
+        i = int(i)
+        if i < 0:
+            i += self.n_structures
+        if not 0 <= i < self.n_structures:
+            raise IndexError(f"structure index {i} out of range (data set has {self.n_structures})")
+        return self.read([i])[0]
+
+    @property
+    def sources(self) -> list[str]:
+        return [s for sh in self._shards for s in sh.sources]
+
+    @property
+    def has_stored_split(self) -> bool:
+        return all(sh.has_split for sh in self._shards)
+
+    def column(self, name: str) -> np.ndarray:
+        """Whole per-structure column (e.g. 'energy', 'has_forces', 'synthetic', 'split');
+        'source' gives the source file name of every structure, 'subset' global subset ids."""
+        if name in self._columns:
+            return self._columns[name]
+        if name == "subset":
+            return self.subset_ids
+        if name == "natoms":
+            return self.natoms
+        parts = []
+        for k, sh in enumerate(self._shards):
+            try:
+                if name == "source":
+                    idx = self._read_col(k, "source_file", 0, sh.n)
+                    arr = np.array(sh.sources, dtype=object)[idx] if sh.n else np.zeros(0, dtype=object)
+                else:
+                    arr = self._read_col(k, name, 0, sh.n)
+            except KeyError:
+                raise DataFormatError(f"{sh.path}: data set has no field 'structures/{name}'") from None
+            parts.append(arr)
+        out = np.concatenate(parts) if parts else np.zeros(0)
+        self._columns[name] = out
+        return out
+
+    def _read_col(self, k, name, a, b):
+        try:
+            return self._file(k)["structures"][name][a:b]
+        except KeyError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise DataFormatError(f"{self.paths[k]}: field 'structures/{name}' rows {a}:{b} unreadable "
+                                  f"(corrupt file? {exc})") from None
+
+    def _read_atoms(self, k, name, a, b):
+        try:
+            return self._file(k)["atoms"][name][a:b]
+        except (OSError, ValueError) as exc:
+            raise DataFormatError(f"{self.paths[k]}: field 'atoms/{name}' rows {a}:{b} unreadable "
+                                  f"(corrupt file? {exc})") from None
+
+    # -- reading ----------------------------------------------------------------------------------
+    def read(self, indices) -> list[Structure]:
+        """Structures at the given global indices (any order, repeats allowed).  Contiguous
+        index ranges are read as one slab per dataset."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) == 0:
+            return []
+        if idx.min() < 0 or idx.max() >= self.n_structures:
+            raise IndexError(f"structure index out of range 0..{self.n_structures - 1}")
+        uniq = np.unique(idx)
+        shard_of = np.searchsorted(self.starts, uniq, side="right") - 1
+        out: dict[int, Structure] = {}
+        for k in np.unique(shard_of):
+            sh = self._shards[k]
+            local = uniq[shard_of == k] - self.starts[k]
+            # runs of consecutive indices
+            brk = np.flatnonzero(np.diff(local) != 1) + 1
+            starts = np.concatenate([[0], brk])
+            ends = np.concatenate([brk, [len(local)]])
+            for s0, e0 in zip(starts, ends):
+                a, b = int(local[s0]), int(local[e0 - 1]) + 1
+                cols = {name: self._read_col(k, name, a, b) for name in STRUCT_FIELDS
+                        if name not in ("atom_offset", "natoms")}
+                A = int(sh.atom_offset[a])
+                B = int(sh.atom_offset[b - 1] + sh.natoms[b - 1])
+                at = {name: self._read_atoms(k, name, A, B) for name in ATOM_FIELDS}
+                for r in range(b - a):
+                    li = a + r
+                    o = int(sh.atom_offset[li]) - A
+                    m = int(sh.natoms[li])
+                    hf = bool(cols["has_forces"][r])
+                    sf = int(cols["source_file"][r])
+                    gi = int(self.starts[k] + li)
+                    out[gi] = Structure(
+                        numbers=at["numbers"][o:o + m].astype(np.int64),
+                        positions=np.array(at["positions"][o:o + m], dtype=np.float64),
+                        cell=np.array(cols["cell"][r], dtype=np.float64),
+                        pbc=np.array(cols["pbc"][r], dtype=bool),
+                        energy=float(cols["energy"][r]),
+                        forces=np.array(at["forces"][o:o + m], dtype=np.float64) if hf else None,
+                        subset=int(self._subset_maps[k][cols["subset"][r]]),
+                        synthetic=bool(cols["synthetic"][r]),
+                        parent=int(cols["parent"][r]),
+                        uncertainty=float(cols["uncertainty"][r]),
+                        weight=float(cols["weight"][r]),
+                        source=sh.sources[sf] if 0 <= sf < len(sh.sources) else "",
+                        source_index=int(cols["source_index"][r]),
+                        index=gi)
+        return [out[int(i)] for i in idx]
+
+    def __iter__(self):
+        step = 1024
+        for a in range(0, self.n_structures, step):
+            yield from self.read(np.arange(a, min(a + step, self.n_structures)))
+
+    def iter_atom_blocks(self, name: str, block: int = 1 << 20):
+        """Yield (shard index, atom start, array) blocks of a per-atom field (for statistics)."""
+        for k, sh in enumerate(self._shards):
+            for a in range(0, sh.n_atoms, block):
+                yield k, a, self._read_atoms(k, name, a, min(a + block, sh.n_atoms))
+
+
+def copy_dataset_arrays(src_path: str, writer: H5Writer, block_structures: int = 65536,
+                        subset_map=None) -> None:
+    """Append every structure of an existing (shard) file to ``writer`` without building
+    Structure objects (used to merge MPI shards).  Subset ids are mapped through
+    ``subset_map`` (array: shard id -> writer id) or copied as stored."""
+    import h5py
+
+    with h5py.File(src_path, "r") as f:
+        S = int(f.attrs["n_structures"])
+        sources = [x.decode() if isinstance(x, bytes) else str(x) for x in f["sources/files"][...]]
+        st_g, at_g = f["structures"], f["atoms"]
+        has_split = "split" in st_g
+        for a in range(0, S, block_structures):
+            b = min(a + block_structures, S)
+            st = {k: st_g[k][a:b] for k in STRUCT_FIELDS}
+            A = int(st["atom_offset"][0])
+            B = int(st["atom_offset"][-1] + st["natoms"][-1])
+            atoms = {k: at_g[k][A:B] for k in ATOM_FIELDS}
+            split = st_g["split"][a:b] if has_split else None
+            if subset_map is not None:
+                st["subset"] = np.asarray(subset_map, dtype=np.int32)[st["subset"]]
+            writer.append_arrays(atoms, st, sources, split=split)

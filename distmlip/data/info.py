@@ -1,0 +1,107 @@
+"""``distmlip info DATA.h5``: summary of a data set (sizes, subsets, species, energies, forces)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .h5store import H5Dataset
+
+
+def add_arguments(p) -> None:
+    p.add_argument("data", nargs="+", help="data set file(s); several files are read as shards of one set")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--max-subsets", type=int, default=50, help="rows of the subset table to print (default 50)")
+
+
+def summarize(ds: H5Dataset) -> dict:
+    S = ds.n_structures
+    energy = np.asarray(ds.column("energy"), dtype=np.float64)
+    natoms = ds.natoms.astype(np.float64)
+    epa = energy / np.maximum(natoms, 1)
+    has_f = np.asarray(ds.column("has_forces"), dtype=bool)
+    synth = np.asarray(ds.column("synthetic"), dtype=bool)
+    # force statistics over atoms of structures with forces (streamed in blocks)
+    atom_has_f = np.repeat(has_f, ds.natoms)
+    fsum = 0.0
+    fmax = 0.0
+    nf = 0
+    start = 0
+    for k, a, blk in ds.iter_atom_blocks("forces"):
+        g = int(ds.starts[k])
+        base = int(sum(sh.n_atoms for sh in ds._shards[:k]))
+        mask = atom_has_f[base + a: base + a + len(blk)]
+        if mask.any():
+            mag = np.linalg.norm(blk[mask], axis=1)
+            fsum += float(mag.sum())
+            fmax = max(fmax, float(mag.max()))
+            nf += int(mask.sum())
+    counts = np.bincount(ds.subset_ids, minlength=len(ds.subsets)) if S else np.zeros(len(ds.subsets), int)
+    out = {
+        "files": ds.paths, "structures": S, "atoms": ds.n_atoms, "species": ds.species,
+        "subsets": [{"name": t["name"], "composition": t["composition"], "natoms": t["natoms"],
+                     "count": int(counts[k])} for k, t in enumerate(ds.subsets)],
+        "natoms_range": [int(ds.natoms.min()), int(ds.natoms.max())] if S else [0, 0],
+        "energy_per_atom_eV": {"min": float(epa.min()), "max": float(epa.max()), "mean": float(epa.mean())}
+        if S else None,
+        "forces": {"atoms_with_forces": nf, "mean_abs_eV_per_A": fsum / nf if nf else None,
+                   "max_abs_eV_per_A": fmax if nf else None},
+        "has_forces_fraction": float(has_f.mean()) if S else 0.0,
+        "synthetic_fraction": float(synth.mean()) if S else 0.0,
+        "reference_energies": ds.reference_energies,
+        "stored_split": None,
+        "provenance": ds.provenance,
+    }
+    if ds.has_stored_split and S:
+        sp = np.asarray(ds.column("split"))
+        out["stored_split"] = {"train": int((sp == 0).sum()), "val": int((sp == 1).sum()), "test": int((sp == 2).sum())}
+    return out
+
+
+def format_summary(d: dict, max_subsets: int = 50) -> str:
+    L = []
+    L.append(f"data set      : {', '.join(d['files'])}")
+    L.append(f"structures    : {d['structures']}")
+    L.append(f"atoms         : {d['atoms']}  (per structure {d['natoms_range'][0]}..{d['natoms_range'][1]})")
+    L.append(f"species       : {' '.join(d['species'])}")
+    e = d["energy_per_atom_eV"]
+    if e:
+        L.append(f"energy / atom : {e['min']:.6f} .. {e['max']:.6f} eV (mean {e['mean']:.6f})")
+    f = d["forces"]
+    if f["atoms_with_forces"]:
+        L.append(f"forces        : mean |F| {f['mean_abs_eV_per_A']:.4f} eV/A, max |F| {f['max_abs_eV_per_A']:.4f} eV/A "
+                 f"({f['atoms_with_forces']} atoms)")
+    else:
+        L.append("forces        : none")
+    L.append(f"with forces   : {100 * d['has_forces_fraction']:.1f} % of structures")
+    L.append(f"synthetic     : {100 * d['synthetic_fraction']:.1f} % of structures")
+    if d["reference_energies"]:
+        L.append("ref. energies : " + ", ".join(f"{k}={v}" for k, v in d["reference_energies"].items()))
+    if d["stored_split"]:
+        s = d["stored_split"]
+        L.append(f"stored split  : train {s['train']}, val {s['val']}, test {s['test']}")
+    subs = d["subsets"]
+    L.append(f"subsets       : {len(subs)}")
+    w = max([len("name")] + [len(t["name"]) for t in subs[:max_subsets]])
+    wc = max([len("composition")] + [len(t["composition"]) for t in subs[:max_subsets]])
+    L.append(f"  {'name':<{w}}  {'composition':<{wc}}  {'natoms':>6}  {'count':>8}")
+    for t in subs[:max_subsets]:
+        nat = str(t["natoms"]) if t["natoms"] >= 0 else "mixed"
+        L.append(f"  {t['name']:<{w}}  {t['composition']:<{wc}}  {nat:>6}  {t['count']:>8}")
+    if len(subs) > max_subsets:
+        L.append(f"  ... {len(subs) - max_subsets} more (use --max-subsets)")
+    prov = d["provenance"][0] if d["provenance"] else {}
+    if prov:
+        L.append(f"provenance    : {prov.get('command', '?')} ({prov.get('time', '?')}, "
+                 f"distmlip {prov.get('distmlip_version', '?')})")
+    return "\n".join(L)
+
+
+def run(args) -> int:
+    ds = H5Dataset(args.data)
+    d = summarize(ds)
+    if args.json:
+        print(json.dumps(d, indent=1, default=str))
+    else:
+        print(format_summary(d, args.max_subsets))
+    return 0

@@ -1,0 +1,321 @@
+"""Readers of DFT reference data: aenet XSF (own parser), extended XYZ, ASE databases and every
+other format ASE reads.  Inputs may be files, directories (searched recursively) and glob
+patterns; every record carries its source file and frame index.
+
+aenet XSF::
+
+    # total energy = -18642.17 eV
+    ATOMS                          (free molecule)
+    O  x y z  fx fy fz             (forces optional: 4 or 7 columns)
+
+    CRYSTAL / SLAB / POLYMER       (periodic in 3 / 2 / 1 directions)
+    PRIMVEC
+      a1x a1y a1z
+      ...
+    PRIMCOORD
+      N 1
+      O  x y z  [fx fy fz]
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ..errors import InputError
+from .structure import Structure
+
+# File name suffixes collected when a directory is given (without --format).
+KNOWN_SUFFIXES = {".xsf", ".xyz", ".extxyz", ".db", ".traj", ".cif", ".vasp", ".poscar", ".json"}
+KNOWN_NAMES = ("OUTCAR", "vasprun", "POSCAR", "CONTCAR")
+XSF_FORMATS = {"xsf", "aenet-xsf", "aenet"}
+
+_PBC_KEYWORDS = {"CRYSTAL": (True, True, True), "SLAB": (True, True, False),
+                 "POLYMER": (True, False, False), "MOLECULE": (False, False, False)}
+
+
+def _symbol_to_number(tok: str, path, lineno: int) -> int:
+    from ase.data import atomic_numbers
+
+    if tok.lstrip("-").isdigit():
+        z = int(tok)
+        if 1 <= z <= 118:
+            return z
+        raise InputError(f"{path}:{lineno}: field 'species': invalid atomic number {tok!r}")
+    sym = tok[:1].upper() + tok[1:].lower()
+    z = atomic_numbers.get(sym, 0)
+    if z <= 0:
+        raise InputError(f"{path}:{lineno}: field 'species': unknown element symbol {tok!r}")
+    return z
+
+
+def _floats(parts, path, lineno, what):
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise InputError(f"{path}:{lineno}: field '{what}': cannot parse numbers in {' '.join(parts)!r}") from None
+
+
+def read_xsf(path, text: str | None = None) -> list[Structure]:
+    """Parse one aenet XSF file (one structure).  Energy is NaN when the file has no
+    ``# total energy`` line (validation reports it); forces are None when absent."""
+    path = str(path)
+    if text is None:
+        try:
+            with open(path, "r", encoding="utf-8", errors="strict") as fh:
+                text = fh.read()
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not a text file (malformed XSF)") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    lines = text.splitlines()
+    if not any(ln.strip() for ln in lines):
+        raise InputError(f"{path}: empty file")
+    energy = float("nan")
+    mode = None
+    pbc = (False, False, False)
+    cell = np.zeros((3, 3))
+    atom_lines: list[tuple[int, list[str]]] = []
+    i = 0
+    n = len(lines)
+    while i < n:
+        raw = lines[i].strip()
+        lineno = i + 1
+        i += 1
+        if not raw:
+            continue
+        if raw.startswith("#"):
+            low = raw.lower()
+            if "total energy" in low:
+                try:
+                    rhs = raw.split("=", 1)[1].split()
+                    energy = float(rhs[0])
+                except (IndexError, ValueError):
+                    raise InputError(f"{path}:{lineno}: field 'energy': cannot parse {raw!r}") from None
+                if len(rhs) > 1 and rhs[1].lower() not in ("ev",):
+                    raise InputError(f"{path}:{lineno}: field 'energy': unit {rhs[1]!r} is not eV")
+            continue
+        key = raw.split()[0].upper()
+        if key == "ANIMSTEPS":
+            raise InputError(f"{path}:{lineno}: animated XSF (ANIMSTEPS) is not supported; "
+                             "convert it to extended XYZ")
+        if key in _PBC_KEYWORDS:
+            pbc = _PBC_KEYWORDS[key]
+            mode = "periodic" if any(pbc) else None
+            continue
+        if key == "ATOMS":
+            mode = "atoms"
+            while i < n:
+                s = lines[i].strip()
+                if not s or s.startswith("#"):
+                    i += 1
+                    continue
+                first = s.split()[0].upper()
+                if first in _PBC_KEYWORDS or first in ("PRIMVEC", "PRIMCOORD", "CONVVEC", "ATOMS"):
+                    break
+                atom_lines.append((i + 1, s.split()))
+                i += 1
+            continue
+        if key in ("PRIMVEC", "CONVVEC"):
+            vecs = []
+            while len(vecs) < 3:
+                if i >= n:
+                    raise InputError(f"{path}:{i}: field 'cell': {key} block ends early")
+                s = lines[i].strip()
+                i += 1
+                if not s or s.startswith("#"):
+                    continue
+                parts = s.split()
+                if len(parts) != 3:
+                    raise InputError(f"{path}:{i}: field 'cell': expected 3 numbers, got {s!r}")
+                vecs.append(_floats(parts, path, i, "cell"))
+            if key == "PRIMVEC":
+                cell = np.array(vecs, dtype=np.float64)
+            continue
+        if key == "PRIMCOORD":
+            mode = "periodic" if mode is None and not any(pbc) else mode
+            while i < n and (not lines[i].strip() or lines[i].strip().startswith("#")):
+                i += 1
+            if i >= n:
+                raise InputError(f"{path}:{i}: field 'natoms': PRIMCOORD without atom count")
+            head = lines[i].split()
+            i += 1
+            try:
+                nat = int(head[0])
+            except (IndexError, ValueError):
+                raise InputError(f"{path}:{i}: field 'natoms': expected 'N 1' after PRIMCOORD, got "
+                                 f"{' '.join(head)!r}") from None
+            while len(atom_lines) < nat:
+                if i >= n:
+                    raise InputError(f"{path}:{i}: field 'positions': PRIMCOORD announces {nat} atoms, "
+                                     f"file has {len(atom_lines)}")
+                s = lines[i].strip()
+                i += 1
+                if not s or s.startswith("#"):
+                    continue
+                atom_lines.append((i, s.split()))
+            continue
+        raise InputError(f"{path}:{lineno}: unexpected line {raw!r} (malformed XSF)")
+    if not atom_lines:
+        raise InputError(f"{path}: field 'positions': no atoms (malformed XSF)")
+    ncol = len(atom_lines[0][1])
+    numbers = np.empty(len(atom_lines), dtype=np.int64)
+    pos = np.empty((len(atom_lines), 3))
+    frc = np.empty((len(atom_lines), 3)) if ncol == 7 else None
+    for k, (ln, parts) in enumerate(atom_lines):
+        if len(parts) != ncol or ncol not in (4, 7):
+            raise InputError(f"{path}:{ln}: field 'positions': expected 4 or 7 columns "
+                             f"(symbol x y z [fx fy fz]) consistently, got {len(parts)}")
+        numbers[k] = _symbol_to_number(parts[0], path, ln)
+        vals = _floats(parts[1:], path, ln, "positions" if ncol == 4 else "positions/forces")
+        pos[k] = vals[:3]
+        if frc is not None:
+            frc[k] = vals[3:6]
+    if any(pbc) and not np.any(cell):
+        raise InputError(f"{path}: field 'cell': periodic structure without PRIMVEC")
+    if not any(pbc):
+        cell = np.zeros((3, 3)) if mode == "atoms" else cell
+    return [Structure(numbers=numbers, positions=pos, cell=cell, pbc=np.array(pbc, dtype=bool),
+                      energy=energy, forces=frc, source=path, source_index=0)]
+
+
+def write_xsf(path, structure: Structure, precision: int = 16) -> None:
+    """Write one structure as aenet XSF (energy comment, forces in columns 5-7 if present)."""
+    s = structure
+    fmt = f"{{:.{precision}f}}"
+    out = []
+    if np.isfinite(s.energy):
+        out.append(f"# total energy = {fmt.format(s.energy)} eV")
+        out.append("")
+    pbc = tuple(bool(p) for p in np.asarray(s.pbc))
+    from ase.data import chemical_symbols
+
+    def atom_line(k):
+        row = [chemical_symbols[int(s.numbers[k])]] + [fmt.format(v) for v in s.positions[k]]
+        if s.forces is not None:
+            row += [fmt.format(v) for v in s.forces[k]]
+        return "    ".join(row)
+
+    if any(pbc):
+        key = {(True, True, True): "CRYSTAL", (True, True, False): "SLAB",
+               (True, False, False): "POLYMER"}.get(pbc)
+        if key is None:
+            raise ValueError(f"XSF cannot express pbc={pbc}")
+        out.append(key)
+        out.append("PRIMVEC")
+        for v in np.asarray(s.cell):
+            out.append("    ".join(fmt.format(x) for x in v))
+        out.append("PRIMCOORD")
+        out.append(f"{len(s.numbers)} 1")
+    else:
+        out.append("ATOMS")
+    out.extend(atom_line(k) for k in range(len(s.numbers)))
+    Path(path).write_text("\n".join(out) + "\n")
+
+
+def _from_ase(atoms, path, k) -> Structure:
+    energy = float("nan")
+    forces = None
+    calc = atoms.calc
+    results = getattr(calc, "results", {}) if calc is not None else {}
+    if "energy" in results:
+        energy = float(results["energy"])
+    elif "free_energy" in results:
+        energy = float(results["free_energy"])
+    elif "energy" in atoms.info:
+        energy = float(atoms.info["energy"])
+    if results.get("forces") is not None:
+        forces = np.array(results["forces"], dtype=np.float64)
+    elif "forces" in atoms.arrays:
+        forces = np.array(atoms.arrays["forces"], dtype=np.float64)
+    return Structure(numbers=np.array(atoms.numbers, dtype=np.int64),
+                     positions=np.array(atoms.positions, dtype=np.float64),
+                     cell=np.array(atoms.cell.array, dtype=np.float64),
+                     pbc=np.array(atoms.pbc, dtype=bool), energy=energy, forces=forces,
+                     source=str(path), source_index=k)
+
+
+def read_ase(path, format: str | None = None) -> list[Structure]:
+    """Read all frames of any ASE-readable file (extxyz, ASE db, traj, OUTCAR, ...)."""
+    import ase.io
+
+    path = str(path)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise InputError(f"{path}: empty file")
+    try:
+        frames = ase.io.read(path, index=":", format=format)
+    except InputError:
+        raise
+    except Exception as exc:  # ASE raises many types for malformed input
+        raise InputError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(frames, list):
+        frames = [frames]
+    if not frames:
+        raise InputError(f"{path}: no structures in file")
+    return [_from_ase(a, path, k) for k, a in enumerate(frames)]
+
+
+def read_file(path, format: str | None = None) -> list[Structure]:
+    """Read every structure of one file; aenet XSF by our parser, everything else by ASE."""
+    p = str(path)
+    if (format or "").lower() in XSF_FORMATS or (format is None and p.lower().endswith(".xsf")):
+        return read_xsf(p)
+    return read_ase(p, format=format)
+
+
+def _wanted(path: Path, format: str | None) -> bool:
+    if path.name.startswith("."):
+        return False
+    if format is not None:
+        return True
+    return path.suffix.lower() in KNOWN_SUFFIXES or path.name.startswith(KNOWN_NAMES)
+
+
+def expand_inputs(inputs: Iterable[str], format: str | None = None) -> list[str]:
+    """Files, directories (recursive) and glob patterns -> ordered list of file paths.
+
+    Order: inputs in the order given; a directory's or a glob's files sorted by path.
+    Duplicates are dropped (first occurrence kept)."""
+    out: list[str] = []
+    seen = set()
+
+    def add(p):
+        key = os.path.normpath(os.path.abspath(p))
+        if key not in seen:
+            seen.add(key)
+            out.append(os.path.normpath(p))
+
+    for item in inputs:
+        item = str(item)
+        if os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and _wanted(p, format))
+            if not found:
+                raise InputError(f"{item}: directory contains no readable data files")
+            for f in found:
+                add(f)
+        elif os.path.isfile(item):
+            add(item)
+        elif glob.has_magic(item):
+            found = sorted(glob.glob(item, recursive=True))
+            files = []
+            for f in found:
+                if os.path.isdir(f):
+                    files += sorted(str(p) for p in Path(f).rglob("*") if p.is_file() and _wanted(p, format))
+                else:
+                    files.append(f)
+            if not files:
+                raise InputError(f"{item}: pattern matches no files")
+            for f in files:
+                add(f)
+        else:
+            raise InputError(f"{item}: no such file or directory")
+    return out
+
+
+def iter_structures(inputs: Iterable[str], format: str | None = None) -> Iterator[Structure]:
+    """Yield every structure of every input (files, directories, globs) in input order."""
+    for f in expand_inputs(inputs, format):
+        yield from read_file(f, format)

@@ -1,0 +1,134 @@
+"""Train / validation / test splits: 0 = train, 1 = validation, 2 = test.
+
+``assign_split`` is stable: a structure's split depends only on the seed and its identity
+(last directory + file name of its source, and its frame index), hashed with blake2b, so it is
+the same on every machine, for every MPI layout and when the data set is rebuilt from the same
+files in another folder.  Synthetic structures that keep their parent's source and frame index
+therefore land in their parent's split.
+
+``per_subset=True`` stratifies: inside each subset the structures are ordered by their hash
+and the fractions are applied exactly (rounded), so every subset is represented in each split.
+
+A split can also be stored in the data set (optional ``structures/split``, written by
+``distmlip convert --split-by-pattern train=train/,test=test/``); ``get_split`` prefers it."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import numpy as np
+
+from ..errors import ConfigError, InputError
+
+TRAIN, VAL, TEST = 0, 1, 2
+SPLIT_NAMES = {"train": TRAIN, "val": VAL, "validation": VAL, "valid": VAL, "test": TEST}
+
+
+def structure_identity(source: str, source_index: int) -> str:
+    p = os.path.normpath(str(source))
+    parent = os.path.basename(os.path.dirname(p))
+    return f"{parent}/{os.path.basename(p)}#{int(source_index)}"
+
+
+def hash_uniform(seed: int, identities) -> np.ndarray:
+    """Uniform numbers in [0, 1) from blake2b(seed, identity); machine independent."""
+    out = np.empty(len(identities), dtype=np.float64)
+    key = str(int(seed)).encode()
+    for k, ident in enumerate(identities):
+        h = hashlib.blake2b(ident.encode(), digest_size=8, key=key).digest()
+        out[k] = (int.from_bytes(h, "little") >> 11) / float(1 << 53)
+    return out
+
+
+def _check_fractions(fractions) -> tuple[float, float, float]:
+    f = tuple(float(x) for x in fractions)
+    if len(f) == 2:
+        f = (f[0], 0.0, f[1])
+    if len(f) != 3 or any(x < 0 for x in f) or abs(sum(f) - 1.0) > 1e-6:
+        raise ConfigError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+    return f
+
+
+def assign_split_arrays(sources, source_index, subset_ids, seed: int, fractions=(0.8, 0.1, 0.1),
+                        per_subset: bool = True) -> np.ndarray:
+    f = _check_fractions(fractions)
+    ids = [structure_identity(s, i) for s, i in zip(sources, source_index)]
+    u = hash_uniform(seed, ids)
+    out = np.empty(len(u), dtype=np.int8)
+    if not per_subset:
+        out[:] = np.where(u < f[0], TRAIN, np.where(u < f[0] + f[1], VAL, TEST))
+        return out
+    subset_ids = np.asarray(subset_ids)
+    for sid in np.unique(subset_ids):
+        members = np.flatnonzero(subset_ids == sid)
+        order = members[np.argsort(u[members], kind="stable")]
+        n = len(order)
+        n_train = int(round(f[0] * n))
+        n_val = int(round((f[0] + f[1]) * n)) - n_train
+        out[order[:n_train]] = TRAIN
+        out[order[n_train:n_train + n_val]] = VAL
+        out[order[n_train + n_val:]] = TEST
+    return out
+
+
+def assign_split(ds, seed: int, fractions=(0.8, 0.1, 0.1), per_subset: bool = True,
+                 by_subset: bool | None = None) -> np.ndarray:
+    """Split of every structure of H5Dataset ``ds`` -> int8 array of 0/1/2 (train/val/test).
+    ``by_subset`` is an alias of ``per_subset``."""
+    if by_subset is not None:
+        per_subset = by_subset
+    return assign_split_arrays(ds.column("source"), ds.column("source_index"), ds.subset_ids, seed,
+                               fractions, per_subset)
+
+
+def get_split(ds, seed: int, fractions=(0.8, 0.1, 0.1), per_subset: bool = True,
+              use_stored: bool = True) -> np.ndarray:
+    """The data set's stored split if it has one (and ``use_stored``), else ``assign_split``."""
+    if use_stored and ds.has_stored_split:
+        return np.asarray(ds.column("split"), dtype=np.int8)
+    return assign_split(ds, seed, fractions, per_subset)
+
+
+def parse_split_patterns(text) -> dict[str, str]:
+    """'train=train/,test=test/' (or a dict) -> {'train': 'train/', 'test': 'test/'}."""
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        items = []
+        for part in str(text).split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise ConfigError(f"split pattern {part!r} must look like NAME=REGEX (NAME: train, val, test)")
+            k, v = part.split("=", 1)
+            items.append((k.strip(), v.strip()))
+    out = {}
+    for k, v in items:
+        if k.lower() not in SPLIT_NAMES:
+            raise ConfigError(f"split name {k!r} must be one of train, val, test")
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ConfigError(f"split pattern {v!r} is not a valid regular expression: {exc}") from None
+        out[k.lower()] = v
+    if not out:
+        raise ConfigError("empty split pattern")
+    return out
+
+
+def split_from_patterns(sources, patterns: dict[str, str], source_index=None) -> np.ndarray:
+    """Split by regular expressions searched in each source path; the first matching pattern
+    (in the order given) wins; a path matching none is an InputError."""
+    rx = [(SPLIT_NAMES[k], re.compile(v)) for k, v in patterns.items()]
+    out = np.empty(len(sources), dtype=np.int8)
+    for n, s in enumerate(sources):
+        for val, r in rx:
+            if r.search(str(s)):
+                out[n] = val
+                break
+        else:
+            where = f" structure {source_index[n]}" if source_index is not None else ""
+            raise InputError(f"{s}:{where} field 'split': source path matches none of the split patterns "
+                             f"{patterns}")
+    return out

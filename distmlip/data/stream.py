@@ -1,0 +1,203 @@
+"""Rank-partitioned streaming of a data set.
+
+``partition_by_atoms`` cuts the (sorted) structure indices into ``world_size`` contiguous
+pieces at the prefix-sum positions of the atom counts closest to k * total / world_size: the
+pieces are disjoint, cover every index, are balanced by atoms (imbalance at most about one
+structure) and keep file order, so each rank reads long contiguous slabs.
+
+``PartitionedStream`` gives one rank its batches: every epoch the rank's partition is
+shuffled with numpy ``Generator(PCG64)`` seeded by (seed, epoch, rank) -- identical on every
+machine -- and cut greedily into batches bounded by ``batch_atoms`` and ``batch_structures``.
+The shuffle permutes blocks of ``shuffle_block`` consecutive structures and then the
+structures inside windows of ``shuffle_window`` blocks: a batch then touches few file regions
+(fast reads), while every structure can still meet any other across epochs.  ``shuffle_block
+=1`` is a full permutation.  ``steps(epoch)`` is computed from all partitions (no
+communication) and is the same on every rank; ranks with fewer batches yield empty lists at the
+end.  A background thread reads the next batch while the current one is used."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+
+from .structure import Structure
+
+
+def partition_by_atoms(natoms, indices, world_size: int) -> list[np.ndarray]:
+    """Split ``indices`` (structure indices into ``natoms``) into ``world_size`` disjoint,
+    covering, atom-balanced, contiguous (in sorted order) index arrays.  Deterministic."""
+    natoms = np.asarray(natoms, dtype=np.int64)
+    idx = np.sort(np.unique(np.asarray(indices, dtype=np.int64))) if indices is not None \
+        else np.arange(len(natoms), dtype=np.int64)
+    if world_size < 1:
+        raise ValueError("world_size must be >= 1")
+    w = natoms[idx]
+    csum = np.cumsum(w)
+    total = int(csum[-1]) if len(csum) else 0
+    cuts = [0]
+    for k in range(1, world_size):
+        target = total * k / world_size
+        c = int(np.searchsorted(csum, target))          # first position with csum >= target
+        # choose between c and c+1 elements in the prefix, whichever is closer to target
+        lo = csum[c - 1] if c >= 1 else 0
+        hi = csum[c] if c < len(csum) else total
+        pos = c if abs(lo - target) <= abs(hi - target) else c + 1
+        cuts.append(min(max(pos, cuts[-1]), len(idx)))
+    cuts.append(len(idx))
+    return [idx[cuts[k]:cuts[k + 1]] for k in range(world_size)]
+
+
+def make_batches(order, natoms, batch_atoms: int, batch_structures: int) -> list[np.ndarray]:
+    """Greedy cut of ``order`` into batches of at most ``batch_atoms`` atoms and
+    ``batch_structures`` structures (a structure larger than ``batch_atoms`` is a batch alone)."""
+    order = np.asarray(order, dtype=np.int64)
+    n = np.asarray(natoms, dtype=np.int64)[order]
+    bounds = [0]
+    cur_a = 0
+    cur_s = 0
+    for k in range(len(order)):
+        m = int(n[k])
+        if cur_s and (cur_a + m > batch_atoms or cur_s >= batch_structures):
+            bounds.append(k)
+            cur_a, cur_s = 0, 0
+        cur_a += m
+        cur_s += 1
+    if len(order):
+        bounds.append(len(order))
+    return [order[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+
+
+_END = object()
+
+
+class PartitionedStream:
+    def __init__(self, ds, indices=None, rank: int = 0, world_size: int = 1, batch_atoms: int = 4096,
+                 batch_structures: int = 64, seed: int = 0, shuffle: bool = True, prefetch: bool = True,
+                 shuffle_block: int = 8, shuffle_window: int = 16):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
+        if batch_atoms < 1 or batch_structures < 1:
+            raise ValueError("batch_atoms and batch_structures must be >= 1")
+        self.ds = ds
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_atoms = int(batch_atoms)
+        self.batch_structures = int(batch_structures)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.prefetch = prefetch
+        self.shuffle_block = max(1, int(shuffle_block))
+        self.shuffle_window = max(1, int(shuffle_window))
+        self.natoms = np.asarray(ds.natoms, dtype=np.int64)
+        self.parts = partition_by_atoms(self.natoms, indices, world_size)
+        self._current_epoch = 0
+        self._cache: dict = {}
+
+    # -- deterministic plan -------------------------------------------------------------------
+    def partition(self, rank: int | None = None) -> np.ndarray:
+        return self.parts[self.rank if rank is None else rank]
+
+    def order(self, epoch: int, rank: int | None = None) -> np.ndarray:
+        """Structure order of ``rank`` (default: own) in ``epoch``."""
+        r = self.rank if rank is None else rank
+        part = self.parts[r]
+        if not self.shuffle or len(part) == 0:
+            return part.copy()
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch), r])))
+        B = self.shuffle_block
+        if B == 1:
+            return part[rng.permutation(len(part))]
+        nblk = (len(part) + B - 1) // B
+        blocks = rng.permutation(nblk)
+        pos = (blocks[:, None] * B + np.arange(B)[None, :]).reshape(-1)
+        pos = pos[pos < len(part)]
+        W = B * self.shuffle_window
+        for a in range(0, len(pos), W):
+            seg = pos[a:a + W]
+            pos[a:a + W] = seg[rng.permutation(len(seg))]
+        return part[pos]
+
+    def batches(self, epoch: int, rank: int | None = None) -> list[np.ndarray]:
+        r = self.rank if rank is None else rank
+        key = (int(epoch), r)
+        if key not in self._cache:
+            if len(self._cache) > 4 * self.world_size + 8:
+                self._cache.clear()
+            self._cache[key] = make_batches(self.order(epoch, r), self.natoms, self.batch_atoms,
+                                            self.batch_structures)
+        return self._cache[key]
+
+    def steps(self, epoch: int) -> int:
+        """Steps of ``epoch``: the largest batch count over all ranks (same on every rank)."""
+        return max(len(self.batches(epoch, r)) for r in range(self.world_size))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of the current epoch (the last one started with ``epoch()``, initially 0)."""
+        return self.steps(self._current_epoch)
+
+    # -- iteration -----------------------------------------------------------------------------
+    def epoch(self, epoch: int, start_step: int = 0):
+        """Yield ``steps(epoch) - start_step`` lists of Structure (empty lists pad short ranks).
+        ``start_step`` resumes an interrupted epoch at that step."""
+        self._current_epoch = int(epoch)
+        mine = self.batches(epoch)
+        n = self.steps(epoch)
+        plan = [mine[s] if s < len(mine) else np.zeros(0, np.int64) for s in range(int(start_step), n)]
+        if not self.prefetch:
+            for idx in plan:
+                yield self.ds.read(idx) if len(idx) else []
+            return
+        yield from self._prefetched(plan)
+
+    def __iter__(self):
+        return self.epoch(self._current_epoch)
+
+    def _prefetched(self, plan):
+        q: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def put(item):
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def worker():
+            try:
+                for idx in plan:
+                    if stop.is_set():
+                        return
+                    batch = self.ds.read(idx) if len(idx) else []
+                    if not put(("ok", batch)):
+                        return
+                put(("end", None))
+            except BaseException as exc:  # propagate to the consumer
+                put(("error", exc))
+
+        t = threading.Thread(target=worker, name=f"distmlip-prefetch-r{self.rank}", daemon=True)
+        t.start()
+        try:
+            while True:
+                kind, val = q.get()
+                if kind == "ok":
+                    yield val
+                elif kind == "end":
+                    return
+                else:
+                    raise val
+        finally:
+            stop.set()
+            t.join(timeout=10)
+
+
+def partition_atoms(parts, natoms) -> list[int]:
+    natoms = np.asarray(natoms)
+    return [int(natoms[p].sum()) for p in parts]
+
+
+__all__ = ["partition_by_atoms", "make_batches", "PartitionedStream", "partition_atoms", "Structure"]
