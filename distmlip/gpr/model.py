@@ -1,0 +1,517 @@
+"""Gaussian-process regression on energies and forces (float64, any torch device).
+
+:class:`GPR` fits one GP to the energies and position derivatives of a set of structures that
+share a fingerprint (same atom count and order); :class:`LocalGPR` splits a set that is too large
+for one kernel matrix into bounded clusters in fingerprint space and fits one GPR per cluster.
+
+Standardisation: energies ``y_E = (E - mu) / s`` with ``mu`` the mean training energy and ``s``
+their standard deviation (the force RMS times 1 A when all energies are equal); derivatives
+``y_g = dE/dR / s = -F / s``, so that values and derivatives stay consistent.  Hyperparameters
+are kept in these units:
+
+* ``weight`` w: prior standard deviation of the energy in units of ``s`` (w s eV);
+* ``length_scale`` l: in fingerprint units (A for the Cartesian fingerprint);
+* ``noise_energy``: energy noise standard deviation relative to ``s`` (noise_energy s eV);
+* ``noise_force``: force noise relative to the force RMS ``f`` (noise_force f eV/A).
+
+The kernel matrix is factorised once (Cholesky, jitter added to the diagonal in decades until it
+succeeds; the jitter used is reported); predictions use ``alpha = K^-1 y`` and, for the variance,
+one triangular solve per test energy: ``var = w^2 - |L^-1 k_*|^2`` (the diagonal only, clamped at
+zero).  Hyperparameters not given are fitted by maximising the log marginal likelihood with
+L-BFGS on their logarithms (torch autograd through the Cholesky factorisation); when the subset
+is large the fit runs on a seeded random sub-sample of structures (at most ``fit_max_obs``
+observations) and the full kernel is factorised once with the fitted values.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, InputError
+from .kernels import assemble, cov_block
+
+__all__ = ["GPR", "LocalGPR", "Hyper", "cholesky_with_jitter", "available_memory",
+           "max_kernel_obs", "bounded_kmeans"]
+
+LOG2PI = math.log(2.0 * math.pi)
+
+
+@dataclass
+class Hyper:
+    weight: float
+    length_scale: float
+    noise_energy: float
+    noise_force: float
+
+
+# ------------------------------------------------------------------------------------------
+# memory
+# ------------------------------------------------------------------------------------------
+
+def available_memory(device="cpu") -> int:
+    """Bytes available for the kernel: MemAvailable (CPU) or free GPU memory."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2 ** 30
+
+
+def max_kernel_obs(device="cpu", memory_fraction: float = 0.5, factor: float = 2.5) -> int:
+    """Largest kernel size n (observations) with ``factor * n^2 * 8`` bytes within
+    ``memory_fraction`` of the available memory (K, its Cholesky factor and the blocks)."""
+    avail = available_memory(device) * float(memory_fraction)
+    return int(math.sqrt(max(avail, 0.0) / (8.0 * factor)))
+
+
+# ------------------------------------------------------------------------------------------
+# Cholesky with jitter escalation
+# ------------------------------------------------------------------------------------------
+
+def cholesky_with_jitter(K, jitter_start=1e-10, jitter_max=1e-2, inplace=False):
+    """Cholesky factor of K; on failure add ``j * mean(diag K)`` to the diagonal for
+    j = 0, jitter_start, 10 jitter_start, ... up to jitter_max.  Returns (L, jitter_abs,
+    jitter_rel).  ``inplace`` adds the jitter to K's diagonal in place (no autograd)."""
+    L, info = torch.linalg.cholesky_ex(K)
+    if int(info) == 0:
+        return L, 0.0, 0.0
+    scale = float(K.diagonal().mean().detach())
+    rel = jitter_start
+    added = 0.0
+    while rel <= jitter_max * (1 + 1e-9):
+        j = rel * scale
+        if inplace:
+            with torch.no_grad():
+                K.diagonal().add_(j - added)
+            added = j
+            L, info = torch.linalg.cholesky_ex(K)
+        else:
+            eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+            L, info = torch.linalg.cholesky_ex(K + j * eye)
+        if int(info) == 0:
+            return L, j, rel
+        rel *= 10.0
+    raise InputError(
+        f"GPR: kernel matrix is not positive definite even with jitter {jitter_max:g} x mean "
+        f"diagonal (duplicate structures with different labels, or a length scale far too large?)")
+
+
+# ------------------------------------------------------------------------------------------
+# clustering for local GPRs
+# ------------------------------------------------------------------------------------------
+
+def bounded_kmeans(X: np.ndarray, max_size: int, seed: int = 0, iterations: int = 30):
+    """Seeded k-means in fingerprint space with at most ``max_size`` members per cluster.
+
+    k = ceil(N / max_size) clusters (k-means++ start); each Lloyd step assigns points greedily
+    to the nearest centre with room left (pairs sorted by distance), so every cluster respects
+    the bound.  Returns (labels [N], centres [k, D])."""
+    X = np.asarray(X, dtype=np.float64)
+    N = X.shape[0]
+    k = int(math.ceil(N / max_size))
+    if k <= 1:
+        return np.zeros(N, dtype=np.int64), X.mean(0, keepdims=True)
+    rng = np.random.default_rng(seed)
+    centres = [X[rng.integers(N)]]
+    for _ in range(1, k):
+        d2 = np.min(((X[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1), axis=1)
+        p = d2 / d2.sum() if d2.sum() > 0 else None
+        centres.append(X[rng.choice(N, p=p)])
+    C = np.asarray(centres)
+    labels = np.full(N, -1, dtype=np.int64)
+    for _ in range(iterations):
+        d2 = ((X[:, None, :] - C[None]) ** 2).sum(-1)          # [N, k]
+        order = np.argsort(d2, axis=None, kind="stable")
+        new = np.full(N, -1, dtype=np.int64)
+        room = np.full(k, max_size)
+        left = N
+        for flat in order:
+            i, c = divmod(int(flat), k)
+            if new[i] >= 0 or room[c] == 0:
+                continue
+            new[i] = c
+            room[c] -= 1
+            left -= 1
+            if left == 0:
+                break
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        for c in range(k):
+            m = labels == c
+            if m.any():
+                C[c] = X[m].mean(0)
+    return labels, C
+
+
+# ------------------------------------------------------------------------------------------
+# the GP
+# ------------------------------------------------------------------------------------------
+
+def standardisation(E, G=None):
+    """(mu, s, f): mean energy, energy scale (std, or force RMS x 1 A, or 1) and force RMS."""
+    E = torch.as_tensor(E, dtype=torch.float64).reshape(-1)
+    mu = float(E.mean())
+    sE = float(E.std(unbiased=False)) if E.numel() > 1 else 0.0
+    fr = float(torch.sqrt((torch.as_tensor(G, dtype=torch.float64) ** 2).mean())) if G is not None else 0.0
+    s = sE if sE > 1e-12 else (fr if fr > 1e-12 else 1.0)
+    f = fr if fr > 1e-12 else s
+    return mu, s, f
+
+
+def _as_t(a, device):
+    if a is None:
+        return None
+    if isinstance(a, torch.Tensor):
+        return a.to(device=device, dtype=torch.float64)
+    return torch.as_tensor(np.asarray(a, dtype=np.float64), device=device)
+
+
+class GPR:
+    """Full GPR on energies and forces (or energies only with ``use_forces=False``).
+
+    Hyperparameters left as None are fitted (log marginal likelihood, L-BFGS in log space)."""
+
+    def __init__(self, weight=None, length_scale=None, noise_energy=None, noise_force=None, *,
+                 use_forces=True, device="cpu", fit_max_obs=3000, fit_iterations=60, seed=0,
+                 jitter_start=1e-10, jitter_max=1e-2, noise_floor=1e-6,
+                 init_noise_energy=1e-3, init_noise_force=3e-2, max_block_bytes=256 * 2 ** 20,
+                 scales=None):
+        self.given = dict(weight=weight, length_scale=length_scale, noise_energy=noise_energy,
+                          noise_force=noise_force)
+        for k, v in self.given.items():
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"GPR hyperparameter '{k}' must be positive, got {v}")
+        self.use_forces = bool(use_forces)
+        self.device = torch.device(device)
+        self.fit_max_obs = int(fit_max_obs)
+        self.fit_iterations = int(fit_iterations)
+        self.seed = int(seed)
+        self.jitter_start = jitter_start
+        self.jitter_max = jitter_max
+        self.noise_floor = noise_floor
+        self.init_noise_energy = init_noise_energy
+        self.init_noise_force = init_noise_force
+        self.max_block_bytes = max_block_bytes
+        self.scales = scales      # (mu, s, f) to impose a standardisation (local GPRs)
+        self.info: dict = {}
+
+    # ---------------------------------------------------------------- helpers
+    def _targets(self, E, G):
+        parts = [(E - self.mu) / self.s]
+        if self.use_forces:
+            parts.append((G / self.s).reshape(-1))
+        return torch.cat(parts)
+
+    def _noise_diag(self, N, P, ne, nf_std):
+        d = [torch.full((N,), 1.0, dtype=torch.float64, device=self.device) * ne ** 2]
+        if self.use_forces:
+            d.append(torch.full((N * P,), 1.0, dtype=torch.float64, device=self.device) * nf_std ** 2)
+        return torch.cat(d)
+
+    def _lml(self, X, J, y, theta, names, fixed):
+        p = dict(fixed)
+        for i, nm in enumerate(names):
+            p[nm] = torch.exp(theta[i])
+        ne = p["noise_energy"] + self.noise_floor
+        nf = (p["noise_force"] + self.noise_floor) * self.f / self.s
+        K = cov_block(X, J, X, J, p["weight"], p["length_scale"], self.use_forces, self.use_forces)
+        K = K + torch.diag(self._noise_diag(X.shape[0], self.P, ne, nf))
+        L, _, _ = cholesky_with_jitter(K, self.jitter_start, self.jitter_max)
+        a = torch.cholesky_solve(y[:, None], L)[:, 0]
+        n = y.shape[0]
+        return -0.5 * (y @ a) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI
+
+    # ---------------------------------------------------------------- fit
+    def fit(self, X, J, E, F=None):
+        """X [N, D] fingerprints, J [N, D, P] Jacobians (None: Cartesian, J = I),
+        E [N] energies (eV), F [N, P] or [N, natoms, 3] forces (eV/A)."""
+        t0 = time.perf_counter()
+        X = _as_t(X, self.device)
+        J = _as_t(J, self.device)
+        E = _as_t(E, self.device).reshape(-1)
+        N, D = X.shape
+        self.P = D if J is None else J.shape[2]
+        if self.use_forces:
+            if F is None:
+                raise InputError("GPR.fit: forces are required (use_forces=True)")
+            G = -_as_t(F, self.device).reshape(N, self.P)
+        else:
+            G = torch.zeros(N, self.P, dtype=torch.float64, device=self.device)
+        if not (torch.isfinite(E).all() and torch.isfinite(G).all() and torch.isfinite(X).all()):
+            raise InputError("GPR.fit: non-finite energies, forces or fingerprints")
+        if self.scales is not None:
+            self.mu, self.s, self.f = (float(v) for v in self.scales)
+        else:
+            self.mu, self.s, self.f = standardisation(E, G if self.use_forces else None)
+        self.X, self.J = X, J
+        y = self._targets(E, G)
+
+        # --- hyperparameters
+        h = self._fit_hyper(X, J, E, G) if any(v is None for v in self.given.values()) else None
+        if h is None:
+            h = Hyper(**self.given)
+        self.hyper = h
+        t_hyper = time.perf_counter() - t0
+
+        # --- full factorisation
+        t1 = time.perf_counter()
+        K = assemble(X, J, X, J, h.weight, h.length_scale, self.use_forces, self.use_forces,
+                     max_block_bytes=self.max_block_bytes)
+        nf = (h.noise_force + self.noise_floor) * self.f / self.s
+        K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf))
+        L, jit, jrel = cholesky_with_jitter(K, self.jitter_start, self.jitter_max, inplace=True)
+        del K
+        self.L = L
+        self.alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
+        n = y.shape[0]
+        lml = float(-0.5 * (y @ self.alpha) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI)
+        t_fact = time.perf_counter() - t1
+        self.info.update(
+            n_structures=N, n_obs=n, use_forces=self.use_forces,
+            energy_mean_eV=self.mu, energy_scale_eV=self.s, force_scale_eVA=self.f,
+            weight=h.weight, length_scale=h.length_scale, noise_energy=h.noise_energy,
+            noise_force=h.noise_force, weight_eV=h.weight * self.s,
+            noise_energy_eV=(h.noise_energy + self.noise_floor) * self.s,
+            noise_force_eVA=(h.noise_force + self.noise_floor) * self.f,
+            jitter=jit, jitter_rel=jrel, lml=lml, time_hyper_s=t_hyper, time_factor_s=t_fact)
+        return self
+
+    def _fit_hyper(self, X, J, E, G):
+        N = X.shape[0]
+        per = 1 + (self.P if self.use_forces else 0)
+        nsub = max(2, min(N, self.fit_max_obs // per))
+        if nsub < N:
+            rng = np.random.default_rng(self.seed)
+            idx = torch.as_tensor(np.sort(rng.choice(N, nsub, replace=False)), device=self.device)
+            Xs, Js, Es, Gs = X[idx], (None if J is None else J[idx]), E[idx], G[idx]
+        else:
+            Xs, Js, Es, Gs = X, J, E, G
+        y = self._targets(Es, Gs)
+        # initial values; length scale from the fingerprint distance distribution
+        with torch.no_grad():
+            d = torch.cdist(Xs, Xs)
+            med = float(d[d > 0].median()) if (d > 0).any() else 1.0
+        names = [k for k, v in self.given.items() if v is None]
+        fixed = {k: torch.tensor(float(v), dtype=torch.float64, device=self.device)
+                 for k, v in self.given.items() if v is not None}
+        init = dict(weight=1.0, length_scale=med, noise_energy=self.init_noise_energy,
+                    noise_force=self.init_noise_force)
+        # coarse multi-start over the length scale (one factorisation each), then L-BFGS
+        starts = [0.25, 0.5, 1.0, 2.0] if "length_scale" in names else [1.0]
+        best = None
+        for f in starts:
+            th = torch.tensor([math.log(init[k] * (f if k == "length_scale" else 1.0)) for k in names],
+                              dtype=torch.float64, device=self.device)
+            with torch.no_grad():
+                try:
+                    v = float(self._lml(Xs, Js, y, th, names, fixed))
+                except InputError:
+                    continue
+            if best is None or v > best[0]:
+                best = (v, th)
+        if best is None:
+            raise InputError("GPR: no initial hyperparameters gave a positive-definite kernel")
+        lml0 = best[0]
+        theta = best[1].clone().requires_grad_(True)
+        lo, hi = math.log(1e-8), math.log(1e4)
+        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=self.fit_iterations,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-7,
+                                tolerance_change=1e-10)
+        nobs = y.shape[0]
+        state = {"evals": 0}
+
+        def closure():
+            opt.zero_grad()
+            state["evals"] += 1
+            th = theta.clamp(lo, hi)
+            try:
+                loss = -self._lml(Xs, Js, y, th, names, fixed) / nobs
+            except InputError:
+                loss = (theta * 0).sum() + 1e3
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            th = theta.clamp(lo, hi)
+            lml1 = float(self._lml(Xs, Js, y, th, names, fixed))
+        if not math.isfinite(lml1) or lml1 < lml0:   # keep the better of start and optimum
+            th, lml1 = best[1], lml0
+        vals = {k: float(v) for k, v in self.given.items() if v is not None}
+        vals.update({nm: float(torch.exp(th[i])) for i, nm in enumerate(names)})
+        self.info.update(fit_structures=int(Xs.shape[0]), fit_obs=int(nobs), fitted=names,
+                         lml_fit_start=lml0, lml_fit_end=lml1, fit_evals=state["evals"])
+        return Hyper(**vals)
+
+    def log_marginal_likelihood(self, X, J, E, F, hyper: Hyper) -> float:
+        """LML (standardised units) of data (X, J, E, F) under ``hyper`` (uses this GPR's
+        standardisation: call after fit)."""
+        X = _as_t(X, self.device)
+        J = _as_t(J, self.device)
+        E = _as_t(E, self.device).reshape(-1)
+        G = -_as_t(F, self.device).reshape(X.shape[0], -1) if self.use_forces else \
+            torch.zeros(X.shape[0], self.P, dtype=torch.float64, device=self.device)
+        y = self._targets(E, G)
+        names = ["weight", "length_scale", "noise_energy", "noise_force"]
+        th = torch.log(torch.tensor([getattr(hyper, n) for n in names], dtype=torch.float64,
+                                    device=self.device))
+        with torch.no_grad():
+            return float(self._lml(X, J, y, th, names, {}))
+
+    # ---------------------------------------------------------------- predict
+    def predict(self, X, J=None, forces=True, variance=True, chunk=None):
+        """Energies [M] (eV), forces [M, P] (eV/A, or None) and energy standard deviation [M]
+        (eV, or None).  Variance from the diagonal only: var = w^2 - |L^-1 k_*|^2, clamped >= 0."""
+        t0 = time.perf_counter()
+        X = _as_t(X, self.device)
+        J = _as_t(J, self.device)
+        M = X.shape[0]
+        P = X.shape[1] if J is None else J.shape[2]
+        h = self.hyper
+        n = self.alpha.shape[0]
+        if chunk is None:
+            chunk = max(1, int(self.max_block_bytes // (8 * 4 * n * (1 + (P if forces else 0)))))
+        E = torch.empty(M, dtype=torch.float64, device=self.device)
+        Fo = torch.empty(M, P, dtype=torch.float64, device=self.device) if forces else None
+        S = torch.empty(M, dtype=torch.float64, device=self.device) if variance else None
+        with torch.no_grad():
+            for s in range(0, M, chunk):
+                e = min(M, s + chunk)
+                m = e - s
+                Ks = cov_block(self.X, self.J, X[s:e], None if J is None else J[s:e],
+                               h.weight, h.length_scale, self.use_forces, forces)   # [n, m(1+P)]
+                mean = Ks.T @ self.alpha
+                E[s:e] = self.mu + self.s * mean[:m]
+                if forces:
+                    Fo[s:e] = -self.s * mean[m:].reshape(m, P)
+                if variance:
+                    v = torch.linalg.solve_triangular(self.L, Ks[:, :m], upper=False)
+                    var = (h.weight ** 2 - (v * v).sum(0)).clamp_min(0.0)
+                    S[s:e] = self.s * torch.sqrt(var)
+                del Ks
+        self.info["time_predict_s"] = self.info.get("time_predict_s", 0.0) + time.perf_counter() - t0
+        return E, Fo, S
+
+
+def _take(a, idx):
+    if isinstance(a, torch.Tensor):
+        return a[torch.as_tensor(idx, device=a.device)]
+    return np.asarray(a)[idx]
+
+
+class LocalGPR:
+    """One GPR, or local GPRs on bounded clusters in fingerprint space when the kernel of all
+    structures would exceed ``max_obs`` observations.  Hyperparameters are fitted once on the
+    whole set's sub-sample (first cluster model) and shared by all clusters."""
+
+    def __init__(self, max_obs=None, memory_fraction=0.5, seed=0, **gpr_kwargs):
+        self.gpr_kwargs = gpr_kwargs
+        self.seed = seed
+        self.device = gpr_kwargs.get("device", "cpu")
+        self.max_obs_user = max_obs
+        self.memory_fraction = memory_fraction
+        self.info: dict = {}
+
+    def fit(self, X, J, E, F=None):
+        Xn = np.asarray(X.cpu() if isinstance(X, torch.Tensor) else X, dtype=np.float64)
+        N, D = Xn.shape
+        P = D if J is None else (J.shape[2])
+        use_forces = self.gpr_kwargs.get("use_forces", True)
+        per = 1 + (P if use_forces else 0)
+        cap = max_kernel_obs(self.device, self.memory_fraction)
+        max_obs = cap if self.max_obs_user is None else min(cap, int(self.max_obs_user))
+        if per > max_obs:
+            raise InputError(
+                f"GPR: a single structure needs {per} kernel rows but only {max_obs} fit in memory "
+                f"({available_memory(self.device) / 2**30:.1f} GiB available on {self.device}); "
+                f"use fewer atoms per subset or a machine with more memory")
+        max_struct = max(1, max_obs // per)
+        labels, centres = bounded_kmeans(Xn, max_struct, seed=self.seed)
+        self.centres = centres
+        k = int(labels.max()) + 1
+        self.labels = labels
+        self.models = []
+        t0 = time.perf_counter()
+        Et = _as_t(E, "cpu").reshape(-1)
+        Gt = -_as_t(F, "cpu").reshape(N, -1) if (use_forces and F is not None) else None
+        scales = standardisation(Et, Gt)
+        hyper_given = None
+        fit_info = {}
+        if k > 1:
+            # hyperparameters from a random sub-sample of the whole set (fit_max_obs rows), shared
+            kw = dict(self.gpr_kwargs)
+            fm = int(kw.get("fit_max_obs", 3000))
+            rng = np.random.default_rng(self.seed)
+            sub = np.sort(rng.choice(N, min(N, max(2, fm // per)), replace=False))
+            g0 = GPR(seed=self.seed, scales=scales, **kw).fit(
+                _take(X, sub), None if J is None else _take(J, sub), _take(E, sub),
+                None if F is None else _take(F, sub))
+            hyper_given = asdict(g0.hyper)
+            fit_info = {k_: v for k_, v in g0.info.items()
+                        if k_.startswith("fit") or k_.startswith("lml_fit") or k_ == "time_hyper_s"}
+        for c in range(k):
+            idx = np.nonzero(labels == c)[0]
+            kw = dict(self.gpr_kwargs)
+            if hyper_given is not None:
+                kw.update(hyper_given)
+            g = GPR(seed=self.seed, scales=scales, **kw)
+            g.fit(_take(X, idx), None if J is None else _take(J, idx), _take(E, idx),
+                  None if F is None else _take(F, idx))
+            if hyper_given is None:
+                hyper_given = asdict(g.hyper)
+            self.models.append(g)
+        self.info = dict(self.models[0].info)
+        self.info.update(fit_info)
+        self.info.update(n_structures=N, n_obs=N * per, max_kernel_obs=max_obs,
+                         memory_cap_obs=cap, n_local=k,
+                         local_sizes=[int((labels == c).sum()) for c in range(k)],
+                         jitter=max(m.info["jitter"] for m in self.models),
+                         jitter_rel=max(m.info["jitter_rel"] for m in self.models),
+                         time_fit_s=time.perf_counter() - t0)
+        if k > 1:
+            self.info["lml"] = [m.info["lml"] for m in self.models]
+        return self
+
+    def assign(self, X):
+        Xn = np.asarray(X.cpu() if isinstance(X, torch.Tensor) else X, dtype=np.float64)
+        return np.argmin(((Xn[:, None, :] - self.centres[None]) ** 2).sum(-1), axis=1)
+
+    def predict(self, X, J=None, forces=True, variance=True, clusters=None):
+        t0 = time.perf_counter()
+        M = X.shape[0]
+        if len(self.models) == 1:
+            out = self.models[0].predict(X, J, forces, variance)
+        else:
+            cl = self.assign(X) if clusters is None else np.asarray(clusters)
+            E = torch.empty(M, dtype=torch.float64)
+            P = X.shape[1] if J is None else J.shape[2]
+            Fo = torch.empty(M, P, dtype=torch.float64) if forces else None
+            S = torch.empty(M, dtype=torch.float64) if variance else None
+            for c, m in enumerate(self.models):
+                idx = np.nonzero(cl == c)[0]
+                if len(idx) == 0:
+                    continue
+                sel = torch.as_tensor(idx)
+                Xc = X[sel] if isinstance(X, torch.Tensor) else np.asarray(X)[idx]
+                Jc = None if J is None else (J[sel] if isinstance(J, torch.Tensor) else np.asarray(J)[idx])
+                e, f, s = m.predict(Xc, Jc, forces, variance)
+                E[sel] = e.cpu()
+                if forces:
+                    Fo[sel] = f.cpu()
+                if variance:
+                    S[sel] = s.cpu()
+            out = (E, Fo, S)
+        self.info["time_predict_s"] = self.info.get("time_predict_s", 0.0) + time.perf_counter() - t0
+        return tuple(None if o is None else o.cpu() for o in out)

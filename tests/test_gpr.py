@@ -1,0 +1,210 @@
+"""GPR core: covariance blocks against finite differences, predictions against analytic
+potentials and a brute-force full-covariance computation, jitter, hyperparameter fit."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distmlip.gpr.kernels import cov_block, assemble
+from distmlip.gpr.model import GPR, LocalGPR, cholesky_with_jitter, bounded_kmeans
+
+torch.set_default_dtype(torch.float64)
+
+
+# ------------------------------------------------------------------ helpers
+def _lj(pos, eps=1.0, sig=1.0):
+    """Energy and forces of a free LJ cluster (ASE as the independent reference)."""
+    from ase import Atoms
+    from ase.calculators.lj import LennardJones
+
+    a = Atoms("H" * len(pos), positions=pos)
+    a.calc = LennardJones(epsilon=eps, sigma=sig, rc=10.0, smooth=False)
+    return a.get_potential_energy(), a.get_forces()
+
+
+def _fd_blocks(fp, XR, w, l, h=1e-5):
+    """Check blocks of cov_block(fp) against central differences of the block below.
+
+    fp(R) -> (x [D], J [D, P] or None); XR: list of two position arrays [P]."""
+    Ra, Rb = XR
+    P = Ra.size
+
+    def obs(R):
+        x, J = fp(R)
+        return x[None], (None if J is None else J[None])
+
+    xa, Ja = obs(Ra)
+    xb, Jb = obs(Rb)
+    K = cov_block(xa, Ja, xb, Jb, w, l)           # [(1+P), (1+P)]
+    kee = lambda A, B: float(cov_block(*obs(A), *obs(B), w, l, False, False)[0, 0])
+    keg = lambda A, B: cov_block(*obs(A), *obs(B), w, l, False, True)[0, 1:]
+    # value-derivative: d k(a, b) / d R_b
+    fd_eg = np.array([(kee(Ra, Rb + h * e) - kee(Ra, Rb - h * e)) / (2 * h) for e in np.eye(P)])
+    np.testing.assert_allclose(K[0, 1:].numpy(), fd_eg, rtol=1e-6, atol=1e-8)
+    # derivative-value: d k(a, b) / d R_a
+    fd_ge = np.array([(kee(Ra + h * e, Rb) - kee(Ra - h * e, Rb)) / (2 * h) for e in np.eye(P)])
+    np.testing.assert_allclose(K[1:, 0].numpy(), fd_ge, rtol=1e-6, atol=1e-8)
+    # derivative-derivative: d/dR_a of the value-derivative block
+    fd_gg = np.stack([(keg(Ra + h * e, Rb) - keg(Ra - h * e, Rb)).numpy() / (2 * h) for e in np.eye(P)])
+    np.testing.assert_allclose(K[1:, 1:].numpy(), fd_gg, rtol=1e-5, atol=1e-7)
+    return K
+
+
+def test_cartesian_blocks_match_finite_differences():
+    rng = np.random.default_rng(0)
+    Ra = rng.normal(size=9)
+    Rb = Ra + 0.4 * rng.normal(size=9)
+    cart = lambda R: (torch.as_tensor(R), None)
+    K = _fd_blocks(cart, [Ra, Rb], w=1.3, l=0.9)
+    assert float(K[1:, 1:].abs().max()) > 1e-3      # not a trivial all-zero block
+
+
+def test_generic_jacobian_blocks_match_finite_differences():
+    """A nonlinear invariant fingerprint (inverse pair distances) with an explicit Jacobian."""
+    def fp(R):
+        Rt = torch.as_tensor(R).reshape(-1, 3)
+        def f(r):
+            r = r.reshape(-1, 3)
+            i, j = torch.triu_indices(r.shape[0], r.shape[0], 1)
+            return 1.0 / (r[i] - r[j]).norm(dim=1)
+        x = f(Rt.reshape(-1))
+        J = torch.autograd.functional.jacobian(f, Rt.reshape(-1))
+        return x, J
+    rng = np.random.default_rng(1)
+    Ra = np.array([[0, 0, 0], [1.1, 0, 0], [0, 1.2, 0.1], [0.5, 0.4, 1.0]], float).ravel()
+    Rb = Ra + 0.1 * rng.normal(size=Ra.size)
+    _fd_blocks(fp, [Ra, Rb], w=0.7, l=0.3)
+
+
+def test_assemble_matches_single_block_and_is_symmetric():
+    rng = np.random.default_rng(2)
+    X = torch.as_tensor(rng.normal(size=(7, 6)))
+    J = torch.as_tensor(rng.normal(size=(7, 5, 6)))   # D=5 fingerprint from P=6 coordinates
+    Xd = X[:, :5].contiguous()
+    full = cov_block(Xd, J, Xd, J, 1.1, 1.7)
+    blocked = assemble(Xd, J, Xd, J, 1.1, 1.7, max_block_bytes=1)   # one row per chunk
+    torch.testing.assert_close(blocked, full)
+    torch.testing.assert_close(full, full.T)
+    fullc = cov_block(X, None, X, None, 1.1, 1.7)
+    torch.testing.assert_close(assemble(X, None, X, None, 1.1, 1.7, max_block_bytes=1), fullc)
+    torch.testing.assert_close(fullc, fullc.T)
+    assert torch.linalg.eigvalsh(fullc).min() > -1e-10
+
+
+def _lj_trimer_data(n, rng, base=None, amp=0.02):
+    base = np.array([[0, 0, 0], [1.12, 0, 0], [0.56, 0.97, 0]]) if base is None else base
+    R, E, F = [], [], []
+    for _ in range(n):
+        p = base + amp * rng.normal(size=base.shape)
+        e, f = _lj(p)
+        R.append(p.ravel()); E.append(e); F.append(f.ravel())
+    return np.array(R), np.array(E), np.array(F)
+
+
+def test_gpr_reproduces_lj_trimer_better_than_energy_only():
+    rng = np.random.default_rng(3)
+    Rtr, Etr, Ftr = _lj_trimer_data(20, rng)
+    Rte, Ete, Fte = _lj_trimer_data(40, rng)
+    g = GPR(use_forces=True).fit(Rtr, None, Etr, Ftr)
+    e, f, s = g.predict(Rte)
+    mae_e = np.abs(e.numpy() - Ete).mean()
+    mae_f = np.abs(f.numpy() - Fte).mean()
+    g0 = GPR(use_forces=False).fit(Rtr, None, Etr)
+    e0, f0, _ = g0.predict(Rte)
+    mae_e0 = np.abs(e0.numpy() - Ete).mean()
+    mae_f0 = np.abs(f0.numpy() - Fte).mean()
+    print("forces+energies", mae_e, mae_f, "energy only", mae_e0, mae_f0)
+    assert mae_e < 0.5 * mae_e0
+    assert mae_f < 0.5 * mae_f0
+    assert mae_e < 0.1 * np.std(Ete)
+    # closer at the training data than away from it, and less uncertain there
+    etr, ftr, str_ = g.predict(Rtr)
+    assert np.abs(etr.numpy() - Etr).mean() < mae_e
+    assert float(str_.mean()) < float(s.mean())
+    assert (s.numpy() >= 0).all()
+
+
+def test_gpr_smooth_analytic_function_and_gradient():
+    rng = np.random.default_rng(7)
+
+    def f(R):
+        e = np.sin(R).sum(1) + 0.5 * R[:, 0] * R[:, 1]
+        g = np.cos(R) + 0.5 * np.stack([R[:, 1], R[:, 0], 0 * R[:, 0]], 1)
+        return e, -g
+    R = rng.uniform(-1, 1, (15, 3)); E, F = f(R)
+    Rt = rng.uniform(-1, 1, (50, 3)); Et, Ft = f(Rt)
+    e, fo, s = GPR().fit(R, None, E, F).predict(Rt)
+    assert np.abs(e.numpy() - Et).mean() < 3e-3
+    assert np.abs(fo.numpy() - Ft).mean() < 1e-2
+    e0, f0, _ = GPR(use_forces=False).fit(R, None, E).predict(Rt)
+    assert np.abs(e0.numpy() - Et).mean() > 5 * np.abs(e.numpy() - Et).mean()
+
+
+def test_variance_matches_brute_force_full_covariance():
+    rng = np.random.default_rng(4)
+    X = torch.as_tensor(rng.normal(size=(5, 4)))
+    E = torch.as_tensor(rng.normal(size=5))
+    F = torch.as_tensor(rng.normal(size=(5, 4)))
+    Xs = torch.as_tensor(rng.normal(size=(6, 4)))
+    g = GPR(weight=0.8, length_scale=1.4, noise_energy=1e-2, noise_force=5e-2).fit(X, None, E, F)
+    e, f, s = g.predict(Xs)
+    # brute force: posterior covariance of the test energies from the joint Gaussian, numpy
+    Kxx = cov_block(X, None, X, None, 0.8, 1.4).numpy()
+    n = E.numel()
+    noise = np.r_[np.full(n, (1e-2 + g.noise_floor) ** 2),
+                  np.full(F.numel(), ((5e-2 + g.noise_floor) * g.f / g.s) ** 2)]
+    Kxx = Kxx + np.diag(noise)
+    Ksx = cov_block(Xs, None, X, None, 0.8, 1.4, rows_grad=False).numpy()
+    Kss = cov_block(Xs, None, Xs, None, 0.8, 1.4, False, False).numpy()
+    cov = Kss - Ksx @ np.linalg.inv(Kxx) @ Ksx.T
+    y = np.r_[(E.numpy() - g.mu) / g.s, -F.numpy().ravel() / g.s]
+    mean = g.mu + g.s * (Ksx @ np.linalg.solve(Kxx, y))
+    np.testing.assert_allclose(s.numpy(), g.s * np.sqrt(np.clip(np.diag(cov), 0, None)), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(e.numpy(), mean, rtol=1e-9, atol=1e-9)
+
+
+def test_jitter_escalation_on_duplicate_structures():
+    X = torch.zeros(3, 3)
+    X[1] = 1.0
+    X = torch.cat([X, X[:1]])                     # a duplicate structure -> singular kernel
+    K = cov_block(X, None, X, None, 1.0, 1.0)
+    L, j, rel = cholesky_with_jitter(K.clone(), 1e-12, 1e-2)
+    assert j > 0 and rel >= 1e-12
+    torch.testing.assert_close(L @ L.T, K + j * torch.eye(K.shape[0]), atol=1e-9, rtol=1e-9)
+    L0, j0, _ = cholesky_with_jitter(K + torch.eye(K.shape[0]))
+    assert j0 == 0.0
+    # the GPR reports the jitter it needed (no noise at all: tiny floor only)
+    E = torch.tensor([0.0, 1.0, 2.0, 0.0]); F = torch.zeros(4, 3)
+    g = GPR(weight=1.0, length_scale=1.0, noise_energy=1e-300, noise_force=1e-300,
+            noise_floor=0.0, jitter_start=1e-14).fit(X, None, E, F)
+    assert g.info["jitter"] > 0
+
+
+def test_hyperparameter_fit_increases_lml():
+    rng = np.random.default_rng(5)
+    Rtr, Etr, Ftr = _lj_trimer_data(10, rng)
+    g = GPR().fit(Rtr, None, Etr, Ftr)
+    assert g.info["lml_fit_end"] >= g.info["lml_fit_start"]
+    start = GPR(weight=1.0, length_scale=5.0, noise_energy=1e-1, noise_force=1e-1).fit(Rtr, None, Etr, Ftr)
+    assert g.info["lml"] > start.info["lml"] + 1.0
+    for k in ("weight", "length_scale", "noise_energy", "noise_force"):
+        assert g.info[k] > 0
+
+
+def test_local_gpr_split_is_bounded_and_accurate():
+    rng = np.random.default_rng(6)
+    b1 = np.array([[0, 0, 0], [1.12, 0, 0], [0.56, 0.97, 0]])
+    R1, E1, F1 = _lj_trimer_data(8, rng, b1)
+    R2, E2, F2 = _lj_trimer_data(8, rng, b1 + np.array([[0, 0, 0], [0.3, 0, 0], [0, 0.3, 0]]))
+    R, E, F = np.r_[R1, R2], np.r_[E1, E2], np.r_[F1, F2]
+    lg = LocalGPR(max_obs=10 * 10, weight=1.0, length_scale=0.5, noise_energy=1e-3,
+                  noise_force=1e-2).fit(R, None, E, F)
+    assert lg.info["n_local"] == 2 and max(lg.info["local_sizes"]) <= 10
+    Rt, Et, Ft = _lj_trimer_data(10, rng, b1)
+    e, f, s = lg.predict(Rt)
+    assert np.abs(e.numpy() - Et).mean() < 0.05 * np.std(E)
+    labels, _ = bounded_kmeans(rng.normal(size=(50, 3)), 7, seed=0)
+    assert np.bincount(labels).max() <= 7 and len(np.unique(labels)) == 8
