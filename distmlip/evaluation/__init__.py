@@ -1,1 +1,1 @@
-"""distmlip.evaluation"""
+"""distmlip.evaluation: metrics, ``evaluate``, parity plots, ASE calculator."""

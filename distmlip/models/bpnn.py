@@ -281,8 +281,13 @@ class BPNN(nn.Module):
             self.feature_std.copy_(std)
             summary["species_atoms"] = {s: int(c) for s, c in zip(self.species, cnt.tolist())}
         if energy == "lstsq":
-            shift = torch.from_numpy(np.linalg.lstsq(AtA.cpu().numpy(), AtE.cpu().numpy(), rcond=None)[0])
-            self.energy_shift.copy_(shift.to(dev, f64))
+            # shift = mu + delta: mu the mean energy per atom, delta the minimum-norm least-squares
+            # correction (so species whose share cannot be resolved, e.g. a single composition,
+            # all get the mean energy per atom)
+            mu = float(stats[2] / stats[1])
+            A, b = AtA.cpu().numpy(), (AtE - mu * AtA.sum(1)).cpu().numpy()
+            delta = np.linalg.lstsq(A, b, rcond=None)[0]
+            self.energy_shift.copy_(torch.from_numpy(mu + delta).to(dev, f64))
         elif energy == "mean":
             self.energy_shift.fill_(float(stats[2] / stats[1]))
         elif energy != "none":

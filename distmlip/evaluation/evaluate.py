@@ -1,0 +1,157 @@
+"""``distmlip evaluate MODEL DATA.h5 [...] [--split test|val|train|all] [-o DIR]``.
+
+Energy MAE/RMSE (meV/atom and meV/structure), force component MAE/RMSE, force magnitude MAE and
+mean force direction error (degrees), per subset and overall: a table on stdout, ``metrics.json``,
+a per-structure ``structures.csv`` and parity plots ``parity_energy.png`` / ``parity_forces.png``.
+Several models (``--model`` repeated or comma-separated) are evaluated as a committee (mean)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = {"train": 0, "val": 1, "validation": 1, "test": 2}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="model file written by 'distmlip train' (model.pt); a comma-separated "
+                                 "list is evaluated as a committee")
+    p.add_argument("data", nargs="+", help="HDF5 data set(s) (shards are read as one data set)")
+    p.add_argument("--split", default="all", choices=["all", "train", "val", "validation", "test"],
+                   help="evaluate only this split: the split stored in the data set, else the hash split "
+                        "with --split-seed/--fractions (same rule as training); default all")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--fractions", type=float, nargs=3, default=[0.9, 0.1, 0.0], metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("-o", "--output", default=None, help="output folder (default: eval_<model name>)")
+    p.add_argument("--batch-atoms", type=int, default=4096)
+    p.add_argument("--no-forces", action="store_true", help="skip forces (energies only)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=["reference", "fused"], default=None,
+                   help="descriptor backend (default: the one stored with the model)")
+
+
+def load_models(spec, device="cpu", backend=None):
+    from ..models.bpnn import BPNN
+
+    paths = [s for s in str(spec).split(",") if s]
+    return [BPNN.load(p, device=device, backend=backend).eval() for p in paths]
+
+
+def select_indices(ds, split: str, seed: int, fractions) -> np.ndarray:
+    if split == "all":
+        return np.arange(ds.n_structures, dtype=np.int64)
+    from ..data.split import get_split
+
+    sp = np.asarray(get_split(ds, seed, tuple(fractions)))
+    return np.nonzero(sp == SPLITS[split])[0].astype(np.int64)
+
+
+def format_table(results: dict) -> str:
+    cols = [("n_structures", "N", "{:d}"), ("E_mae_meV_atom", "E MAE meV/at", "{:.3f}"),
+            ("E_rmse_meV_atom", "E RMSE meV/at", "{:.3f}"), ("E_mae_meV_struct", "E MAE meV/str", "{:.2f}"),
+            ("E_rmse_meV_struct", "E RMSE meV/str", "{:.2f}"), ("F_mae", "F MAE eV/A", "{:.4f}"),
+            ("F_rmse", "F RMSE eV/A", "{:.4f}"), ("F_magnitude_mae", "|F| MAE eV/A", "{:.4f}"),
+            ("F_direction_deg", "F angle deg", "{:.2f}")]
+    cols = [c for c in cols if any(c[0] in r for r in results.values())]
+    names = list(results)
+    w0 = max(12, max(len(n) for n in names))
+    head = f"{'subset':<{w0}}" + "".join(f"{c[1]:>16}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for n in names:
+        r = results[n]
+        cells = []
+        for key, _, fmt in cols:
+            v = r.get(key)
+            cells.append(f"{(fmt.format(v) if v is not None and v == v else '-'):>16}")
+        lines.append(f"{n:<{w0}}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def write_structures_csv(path, pred, sources=None, subset_names=None) -> None:
+    from ..utils.io import atomic_write_text
+
+    buf = io.StringIO()
+    wr = csv.writer(buf)
+    hdr = ["index", "subset", "natoms", "E_ref_eV", "E_pred_eV", "E_err_meV_atom", "F_rmse_eV_A"]
+    if pred.K > 1:
+        hdr.append("E_std_meV_atom")
+    if sources is not None:
+        hdr.append("source")
+    wr.writerow(hdr)
+    Em = pred.energy
+    for s in range(len(pred.natoms)):
+        a, b = pred.atom_offset[s], pred.atom_offset[s + 1]
+        frmse = ""
+        if pred.forces is not None and pred.has_forces[s]:
+            d = pred.force[a:b] - pred.forces_ref[a:b]
+            frmse = f"{np.sqrt(np.mean(d * d)):.6f}"
+        sub = pred.subset[s]
+        row = [int(pred.index[s]), subset_names[sub] if subset_names and 0 <= sub < len(subset_names) else int(sub),
+               int(pred.natoms[s]), f"{pred.energy_ref[s]:.10f}", f"{Em[s]:.10f}",
+               f"{1e3 * (Em[s] - pred.energy_ref[s]) / pred.natoms[s]:.6f}", frmse]
+        if pred.K > 1:
+            row.append(f"{1e3 * pred.energies[:, s].std(ddof=1) / pred.natoms[s]:.6f}")
+        if sources is not None:
+            row.append(sources[s])
+        wr.writerow(row)
+    atomic_write_text(path, buf.getvalue())
+
+
+def evaluate(models, ds, indices=None, output=None, forces=True, plots=True, batch_atoms=4096,
+             device="cpu", sources=None, label="") -> dict:
+    """Evaluate; write metrics.json, structures.csv and PNGs into ``output`` (if given)."""
+    from ..utils.io import atomic_write_text
+    from .metrics import metrics_by_subset, predict
+
+    pred = predict(models, ds, indices, batch_atoms=batch_atoms, forces=forces, device=device)
+    names = None
+    if hasattr(ds, "subsets"):
+        names = [t["name"] for t in ds.subsets]
+    results = metrics_by_subset(pred, names)
+    if output is not None:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "metrics.json", json.dumps({"label": label, "K": pred.K, "metrics": results},
+                                                           indent=2))
+        write_structures_csv(out / "structures.csv", pred, sources, names)
+        if plots:
+            from .plots import parity_plot
+
+            ov = results["overall"]
+            parity_plot(pred.energy_ref / pred.natoms, pred.energy / pred.natoms, out / "parity_energy.png",
+                        "reference energy (eV/atom)", "predicted energy (eV/atom)", title=label,
+                        text=f"MAE {ov['E_mae_meV_atom']:.2f} meV/atom\nRMSE {ov['E_rmse_meV_atom']:.2f} meV/atom",
+                        groups=pred.subset if names and len(names) > 1 else None, group_names=names)
+            if pred.forces is not None and pred.has_forces.any():
+                am = pred.has_forces[pred.atom_structure()]
+                parity_plot(pred.forces_ref[am], pred.force[am], out / "parity_forces.png",
+                            "reference force component (eV/A)", "predicted force component (eV/A)",
+                            title=label, text=f"MAE {ov['F_mae']:.3f} eV/A\nRMSE {ov['F_rmse']:.3f} eV/A")
+    return {"metrics": results, "predictions": pred}
+
+
+def run(args) -> int:
+    from ..data.h5store import H5Dataset
+    from ..errors import InputError
+
+    models = load_models(args.model, args.device, args.backend)
+    ds = H5Dataset(args.data)
+    idx = select_indices(ds, args.split, args.split_seed, args.fractions)
+    if len(idx) == 0:
+        raise InputError(f"{args.data}: split '{args.split}' is empty")
+    out = Path(args.output) if args.output else Path(f"eval_{Path(args.model.split(',')[0]).stem}")
+    try:
+        src = ds.column("source")[idx]
+    except Exception:
+        src = None
+    res = evaluate(models, ds, idx, output=out, forces=not args.no_forces, plots=not args.no_plots,
+                   batch_atoms=args.batch_atoms, device=args.device, sources=src,
+                   label=f"{Path(args.model.split(',')[0]).name} on {args.split}")
+    print(f"model {args.model} on {', '.join(args.data)} (split {args.split}, {len(idx)} structures)")
+    print(format_table(res["metrics"]))
+    print(f"wrote {out / 'metrics.json'}, {out / 'structures.csv'}" + ("" if args.no_plots else ", parity plots"))
+    return 0
