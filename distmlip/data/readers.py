@@ -182,10 +182,18 @@ def read_xsf(path, text: str | None = None) -> list[Structure]:
                       energy=energy, forces=frc, source=path, source_index=0)]
 
 
-def write_xsf(path, structure: Structure, precision: int = 16) -> None:
-    """Write one structure as aenet XSF (energy comment, forces in columns 5-7 if present)."""
+class _ReprFmt:
+    @staticmethod
+    def format(v) -> str:
+        return repr(float(v))
+
+
+def write_xsf(path, structure: Structure, precision: int | None = None) -> None:
+    """Write one structure as aenet XSF (energy comment, forces in columns 5-7 if present).
+    Numbers are written exactly (shortest round-trip repr) unless ``precision`` (fixed
+    decimals) is given."""
     s = structure
-    fmt = f"{{:.{precision}f}}"
+    fmt = f"{{:.{precision}f}}" if precision is not None else _ReprFmt
     out = []
     if np.isfinite(s.energy):
         out.append(f"# total energy = {fmt.format(s.energy)} eV")

@@ -1,0 +1,259 @@
+"""distmlip convert / info: readers, validation, subsets, MPI, atomic output."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from helpers import distmlip_cli, mpirun, require_shared
+from distmlip.data.convert import ConvertConfig, convert
+from distmlip.data.examples import emt_structures
+from distmlip.data.h5store import H5Dataset
+from distmlip.data.readers import read_xsf, write_xsf
+from distmlip.errors import ConfigError, InputError
+
+
+def _cfg(inputs, out, **kw):
+    return ConvertConfig(inputs=[str(i) for i in inputs], output=str(out), **kw)
+
+
+@pytest.fixture(scope="module")
+def emt():
+    return emt_structures(16, seed=11)
+
+
+@pytest.fixture(scope="module")
+def xsf_dir(tmp_path_factory, emt):
+    d = tmp_path_factory.mktemp("xsf")
+    for k, s in enumerate(emt):
+        sub = d / ("train" if k % 4 else "test")
+        sub.mkdir(exist_ok=True)
+        write_xsf(sub / f"s{k:03d}.xsf", s)
+    return d
+
+
+def test_xsf_writer_reader_exact(tmp_path, emt):
+    for k, s in enumerate(emt[:8]):
+        p = tmp_path / f"{k}.xsf"
+        write_xsf(p, s)
+        r = read_xsf(p)[0]
+        assert r.energy == s.energy  # shortest repr: exact round trip of float64
+        assert np.array_equal(r.forces, s.forces)
+        assert np.array_equal(r.positions, s.positions)
+        assert np.array_equal(r.pbc, s.pbc) and np.array_equal(r.numbers, s.numbers)
+        if s.pbc.any():
+            np.testing.assert_allclose(r.cell, s.cell, atol=1e-14)
+    # forces absent, free molecule
+    p = tmp_path / "m.xsf"
+    p.write_text("# total energy = -1.25 eV\n\nATOMS\nH 0 0 0\nH 0 0 0.74\n")
+    r = read_xsf(p)[0]
+    assert r.energy == -1.25 and r.forces is None and not r.pbc.any() and r.natoms == 2
+
+
+def test_convert_round_trip_values_equal_files(tmp_path, xsf_dir, emt):
+    out = tmp_path / "d.h5"
+    convert(_cfg([xsf_dir], out, reference_energies={"Cu": -0.1, "Al": -0.2, "Ni": -0.3, "Pd": -0.4,
+                                                      "Ag": -0.5, "Pt": -0.6, "Au": -0.7}))
+    ds = H5Dataset(out)
+    assert len(ds) == len(emt)
+    by_name = {os.path.basename(s.source): s for s in ds.read(range(len(ds)))}
+    for k, s in enumerate(emt):
+        g = by_name[f"s{k:03d}.xsf"]
+        parsed = read_xsf(g.source)[0]  # independent read of the file
+        assert g.energy == parsed.energy
+        assert np.array_equal(g.forces, parsed.forces)
+        assert np.array_equal(g.positions, parsed.positions)
+        np.testing.assert_allclose(g.forces, s.forces, atol=1e-15)
+        assert g.energy == pytest.approx(s.energy, abs=1e-14)
+        assert g.has_forces and not g.synthetic and g.weight == 1.0 and g.parent == -1
+    assert ds.reference_energies["Cu"] == -0.1
+    info = distmlip_cli(["info", str(out)]).stdout
+    assert f"structures    : {len(emt)}" in info and "mean |F|" in info and "subsets" in info
+
+
+def test_extxyz_and_db_inputs(tmp_path, emt):
+    import ase.io
+    from ase.db import connect
+
+    atoms = [s.to_ase() for s in emt[:6]]
+    ase.io.write(tmp_path / "a.extxyz", atoms, format="extxyz")
+    with connect(tmp_path / "b.db") as db:
+        for a in atoms:
+            db.write(a)
+    out = tmp_path / "d.h5"
+    convert(_cfg([tmp_path / "a.extxyz", tmp_path / "b.db"], out))
+    ds = H5Dataset(out)
+    assert len(ds) == 12
+    got = ds.read(range(12))
+    for k in range(12):
+        s = emt[k % 6]
+        assert got[k].source_index == k % 6
+        assert got[k].energy == pytest.approx(s.energy, rel=1e-9, abs=1e-9)  # extxyz text precision
+        np.testing.assert_allclose(got[k].forces, s.forces, atol=1e-7)
+        np.testing.assert_allclose(got[k].positions, s.positions, atol=1e-7)
+
+
+def test_subsets_auto_directory_pattern(tmp_path, xsf_dir, emt):
+    out = tmp_path / "a.h5"
+    convert(_cfg([xsf_dir], out))
+    ds = H5Dataset(out)
+    keys = {tuple(s.numbers) for s in emt}
+    assert len(ds.subsets) == len(keys)
+    for i, s in enumerate(ds.read(range(len(ds)))):
+        assert tuple(ds.subsets[ds.subset_ids[i]]["order"]) == tuple(s.numbers)
+    convert(_cfg([xsf_dir], out, subset_by="directory"))
+    assert sorted(t["name"] for t in H5Dataset(out).subsets) == ["test", "train"]
+    convert(_cfg([xsf_dir], out, subset_by="pattern", subset_pattern=r"s0*(\d)\d\.xsf"))
+    names = {t["name"] for t in H5Dataset(out).subsets}
+    assert names == {"0", "1"}
+    # explicit split from the directory layout is stored
+    convert(_cfg([xsf_dir], out, split_by_pattern={"train": "train/", "test": "test/"}))
+    ds = H5Dataset(out)
+    sp = ds.column("split")
+    src = ds.column("source")
+    assert all((v == 0) == ("/train/" in s) for v, s in zip(sp, src)) and (sp == 2).sum() == 4
+
+
+BAD = {
+    "nan_energy": ("# total energy = nan eV\n\nATOMS\nH 0 0 0 0 0 0\nH 0 0 1 0 0 0\n", "energy"),
+    "missing_energy": ("ATOMS\nH 0 0 0\nH 0 0 1\n", "energy"),
+    "inf_force": ("# total energy = -1 eV\nATOMS\nH 0 0 0 inf 0 0\nH 0 0 1 0 0 0\n", "forces"),
+    "nan_position": ("# total energy = -1 eV\nATOMS\nH 0 nan 0\nH 0 0 1\n", "positions"),
+    "close_atoms": ("# total energy = -1 eV\nATOMS\nH 0 0 0\nH 0 0 0.3\n", "closer than"),
+    "close_image": ("# total energy = -1 eV\nCRYSTAL\nPRIMVEC\n0.4 0 0\n0 5 0\n0 0 5\nPRIMCOORD\n1 1\nH 0 0 0\n",
+                    "periodic image"),
+    "zero_volume": ("# total energy = -1 eV\nCRYSTAL\nPRIMVEC\n1 0 0\n2 0 0\n0 0 5\nPRIMCOORD\n1 1\nH 0 0 0\n",
+                    "zero volume"),
+    "unknown_element": ("# total energy = -1 eV\nATOMS\nXx 0 0 0\n", "unknown element"),
+    "empty": ("", "empty file"),
+    "malformed": ("# total energy = -1 eV\nATOMS\nH 0 0\n", "columns"),
+    "bad_number": ("# total energy = -1 eV\nATOMS\nH 0 0 zero\n", "cannot parse"),
+    "short_primcoord": ("# total energy = -1 eV\nCRYSTAL\nPRIMVEC\n5 0 0\n0 5 0\n0 0 5\nPRIMCOORD\n3 1\nH 0 0 0\n",
+                        "announces 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_errors(tmp_path, case, xsf_dir):
+    text, needle = BAD[case]
+    bad = tmp_path / f"{case}.xsf"
+    bad.write_text(text)
+    out = tmp_path / "d.h5"
+    with pytest.raises(InputError) as ei:
+        convert(_cfg([xsf_dir / "train", bad], out))
+    msg = str(ei.value)
+    assert f"{case}.xsf" in msg and needle in msg, msg
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_missing_forces_allowed(tmp_path):
+    p = tmp_path / "m.xsf"
+    p.write_text("# total energy = -1.5 eV\nATOMS\nH 0 0 0\nH 0 0 0.74\n")
+    convert(_cfg([p], tmp_path / "d.h5"))
+    s = H5Dataset(tmp_path / "d.h5")[0]
+    assert s.forces is None and s.energy == -1.5
+
+
+def test_skip_invalid_report_and_cli(tmp_path, xsf_dir):
+    for case in ("nan_energy", "close_atoms", "zero_volume"):
+        (tmp_path / f"{case}.xsf").write_text(BAD[case][0])
+    out = tmp_path / "o" / "d.h5"
+    res = distmlip_cli(["convert", str(xsf_dir / "train"), str(tmp_path / "*.xsf"), "-o", str(out), "--skip-invalid"])
+    assert "3 rejected" in res.stdout
+    ds = H5Dataset(out)
+    assert len(ds) == len(os.listdir(xsf_dir / "train"))
+    rep = json.loads((tmp_path / "o" / "d.h5.rejected.json").read_text())
+    assert sorted(os.path.basename(r["source"]) for r in rep["rejected"]) == \
+        ["close_atoms.xsf", "nan_energy.xsf", "zero_volume.xsf"]
+    txt = (tmp_path / "o" / "d.h5.rejected.txt").read_text()
+    assert "field 'energy'" in txt and "field 'cell'" in txt
+    # without --skip-invalid the CLI stops with a one-line error naming file, structure, field
+    res = distmlip_cli(["convert", str(tmp_path / "*.xsf"), "-o", str(tmp_path / "e.h5")], check=False)
+    assert res.returncode == 2 and "structure 0" in res.stderr and "field '" in res.stderr
+    assert not (tmp_path / "e.h5").exists()
+
+
+def test_failed_conversion_keeps_existing_output(tmp_path, xsf_dir):
+    out = tmp_path / "d.h5"
+    convert(_cfg([xsf_dir / "test"], out))
+    before = out.read_bytes()
+    (tmp_path / "bad.xsf").write_text(BAD["nan_position"][0])
+    with pytest.raises(InputError):
+        convert(_cfg([xsf_dir / "train", tmp_path / "bad.xsf"], out))
+    assert out.read_bytes() == before
+
+
+def test_config_file_and_errors(tmp_path, xsf_dir, capsys):
+    from distmlip.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    out = tmp_path / "d.h5"
+    cfg.write_text(f"inputs: ['{xsf_dir}']\noutput: {out}\nmin_distance: 0.4\nsubset_by: directory\n"
+                   "reference_energies: {Cu: -1.0, Al: -1, Ni: -1, Pd: -1, Ag: -1, Pt: -1, Au: -1}\n")
+    assert main(["convert", "--config", str(cfg)]) == 0
+    ds = H5Dataset(out)
+    assert len(ds.subsets) == 2 and ds.reference_energies["Cu"] == -1.0
+    cfg.write_text(f"inputs: ['{xsf_dir}']\noutput: {out}\nmin_distanse: 0.4\n")
+    capsys.readouterr()
+    assert main(["convert", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "min_distanse" in err and "min_distance" in err
+    assert main(["convert", str(xsf_dir), "-o", str(out), "--reference-energies", "Cu=-1"]) == 2
+    assert "missing for element" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "nothing*.xsf"), "-o", str(out)]) == 2
+    assert "matches no files" in capsys.readouterr().err
+    assert main(["convert", str(xsf_dir), "-o", str(out), "--reference-energies", "Qq=-1"]) == 2
+    assert "unknown element symbol 'Qq'" in capsys.readouterr().err
+
+
+def _arrays(path):
+    out = {}
+    with h5py.File(path) as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                v = obj[...]
+                out[name] = list(v) if v.dtype == object else (v.dtype.str, v.shape, v.tobytes())
+        f.visititems(visit)
+        attrs = {k: f.attrs[k] for k in ("species", "units", "reference_energies", "n_atoms", "n_structures")}
+    return out, attrs
+
+
+def test_mpi_two_ranks_identical(tmp_path, xsf_dir):
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    args = [str(xsf_dir), "--split-by-pattern", "train=train/,test=test/", "--subset-by", "auto"]
+    distmlip_cli(["convert"] + args + ["-o", str(one)])
+    res = mpirun(2, ["-m", "distmlip", "convert"] + args + ["-o", str(two)])
+    assert "on 2 rank(s)" in res.stdout
+    assert _arrays(one) == _arrays(two)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "shards left behind"
+
+
+def test_mpi_error_on_one_rank_ends_job(tmp_path, xsf_dir):
+    bad = tmp_path / "zz_bad.xsf"   # sorts last: only the last rank sees it
+    bad.write_text(BAD["nan_energy"][0])
+    out = tmp_path / "d.h5"
+    res = mpirun(2, ["-m", "distmlip", "convert", str(xsf_dir / "train"), str(bad), "-o", str(out)],
+                 check=False, timeout=120)
+    assert res.returncode != 0
+    assert "zz_bad.xsf" in res.stderr and "field 'energy'" in res.stderr
+    assert not out.exists()
+
+
+def test_ec_dimer_files(tmp_path):
+    d = require_shared("ec_dimer")
+    files = sorted((d / "train").glob("*.xsf"))[:5] + sorted((d / "test").glob("*.xsf"))[:5]
+    out = tmp_path / "ec.h5"
+    convert(_cfg(files, out, split_by_pattern={"train": "train/", "test": "test/"}))
+    ds = H5Dataset(out)
+    assert len(ds) == 10 and ds.species == ["H", "C", "O"]
+    for s in ds.read(range(10)):
+        lines = open(s.source).read().splitlines()
+        assert s.energy == float(lines[0].split("=")[1].split()[0])
+        rows = [ln.split() for ln in lines if len(ln.split()) == 7]
+        assert np.array_equal(s.forces, np.array([[float(x) for x in r[4:7]] for r in rows]))
+        assert np.array_equal(s.positions, np.array([[float(x) for x in r[1:4]] for r in rows]))
+    assert list(ds.column("split")) == [0] * 5 + [2] * 5

