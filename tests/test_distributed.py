@@ -1,0 +1,146 @@
+"""Distributed runtime in one process: no MPI initialised, collectives are no-ops, stop flags,
+launcher detection and partition helpers (the multi-rank tests are in test_mpi_distributed.py)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO
+from distmlip.distributed import bootstrap as B
+
+SCRIPT = REPO / "tests" / "mpi_scripts" / "dist_check.py"
+_LAUNCH_VARS = [k for k in os.environ if k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_", "MV2_"))] + \
+    ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def results(text):
+    return sorted((json.loads(l[7:]) for l in text.splitlines() if l.startswith("RESULT ")),
+                  key=lambda r: r["rank"])
+
+
+def test_single_process_without_mpirun():
+    res = subprocess.run([sys.executable, str(SCRIPT), "info"], capture_output=True, text=True,
+                         env=clean_env(), timeout=120)
+    assert res.returncode == 0, res.stderr
+    (r,) = results(res.stdout)
+    assert (r["rank"], r["world"], r["local_rank"], r["is_distributed"]) == (0, 1, 0, False)
+    assert r["backend"] is None and r["launcher"] == "none"
+    assert r["mpi_loaded"] is False          # a plain process never initialises MPI
+    assert r["sum_exact"] and r["max"] == [-1.0, -0.0]
+    assert r["bcast"] == {"from": 0, "arr": [1, 2, 3]} and r["gathered"] == [0]
+    assert r["stop"] is False
+
+
+def test_single_process_second_sigterm_exits_at_once(tmp_path):
+    res = subprocess.run([sys.executable, str(SCRIPT), "stop", str(tmp_path), "2", "twice"],
+                         capture_output=True, text=True, env=clean_env(), timeout=120)
+    assert res.returncode == -signal.SIGTERM, (res.returncode, res.stdout, res.stderr)
+    assert "RESULT" not in res.stdout
+    assert "second SIGTERM" in res.stderr
+
+
+def test_detect_launcher():
+    assert B.detect_launcher({}) == "none"
+    assert B.detect_launcher({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) == "none"  # batch script
+    assert B.detect_launcher({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1"}) == "mpi"  # srun
+    assert B.detect_launcher({"OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"
+    assert B.detect_launcher({"PMI_SIZE": "2", "PMI_RANK": "1"}) == "mpi"
+    assert B.detect_launcher({"PMIX_RANK": "0"}) == "mpi"
+    assert B.detect_launcher({"RANK": "0", "WORLD_SIZE": "2"}) == "torchrun"
+
+
+def test_first_host_of_slurm_nodelist():
+    assert B._expand_first_host("cn[012-015,020],gpu7") == "cn012"
+    assert B._expand_first_host("gpu7,cn[1-2]") == "gpu7"
+    assert B._expand_first_host("node-a[3,5]") == "node-a3"
+
+
+def test_timeout_from_environment(monkeypatch):
+    monkeypatch.setenv("DISTMLIP_DIST_TIMEOUT", "42")
+    assert B.timeout_seconds() == 42.0
+    monkeypatch.setenv("DISTMLIP_DIST_TIMEOUT", "soon")
+    with pytest.raises(B.DistributedError, match="DISTMLIP_DIST_TIMEOUT"):
+        B.timeout_seconds()
+    monkeypatch.delenv("DISTMLIP_DIST_TIMEOUT")
+    assert B.timeout_seconds() == B.DEFAULT_TIMEOUT_S
+
+
+def test_split_range_covers_everything_once():
+    for n in (0, 1, 7, 10, 101):
+        for w in (1, 2, 3, 8):
+            parts = [B.split_range(n, r, w) for r in range(w)]
+            flat = [i for a, b in parts for i in range(a, b)]
+            assert flat == list(range(n))
+            sizes = [b - a for a, b in parts]
+            assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError):
+        B.split_range(5, 2, 2)
+
+
+def test_balanced_partition_by_atoms():
+    costs = [1, 50, 3, 3, 40, 12, 7, 7, 30, 2, 9, 22]
+    parts = B.balanced_partition(costs, 3)
+    assert sorted(i for p in parts for i in p) == list(range(len(costs)))
+    loads = [sum(costs[i] for i in p) for p in parts]
+    assert max(loads) - min(loads) <= max(costs) and max(loads) <= sum(costs) / 3 + 12
+    assert parts == B.balanced_partition(list(costs), 3)  # deterministic
+
+
+def test_allreduce_gradients_single_process_is_identity_and_scales():
+    ctx = B.DistContext()  # world of one
+    lin = torch.nn.Linear(3, 2).double()
+    lin(torch.ones(4, 3, dtype=torch.float64)).sum().backward()
+    g = lin.weight.grad.clone()
+    B.allreduce_gradients(lin.parameters(), ctx)
+    assert torch.equal(lin.weight.grad, g)
+    B.allreduce_gradients(lin.parameters(), ctx, scale=0.25)
+    assert torch.equal(lin.weight.grad, g * 0.25)
+
+
+def test_stop_flag_from_signal_in_one_process():
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    ctx = B.DistContext()
+    try:
+        B.reset_stop_flag()
+        B.install_stop_handlers()
+        assert ctx.stop_requested() is False
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert ctx.stop_requested() is True
+        assert ctx.stop_reason() == "SIGUSR1 on rank 0"
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        B.reset_stop_flag()
+
+
+def test_stop_file(tmp_path, monkeypatch):
+    ctx = B.DistContext()
+    B.reset_stop_flag()
+    stop = tmp_path / "STOP"
+    monkeypatch.setenv("DISTMLIP_STOP_FILE", str(stop))
+    try:
+        assert ctx.stop_requested() is False
+        stop.write_text("")
+        assert ctx.stop_requested() is True
+        assert str(stop) in ctx.stop_reason()
+    finally:
+        B.reset_stop_flag()
+
+
+def test_gpu_request_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(B.DistributedError, match="CUDA is not available"):
+        B._choose_device("cuda", 0, 1, None)

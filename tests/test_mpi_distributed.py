@@ -1,0 +1,126 @@
+"""Distributed runtime under real `mpirun -n 2`: bootstrap, exact float64 reductions, the flat
+gradient all-reduce, stop signals reaching every rank, and fail-fast when a rank raises or dies."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from helpers import REPO, mpirun
+
+SCRIPT = str(REPO / "tests" / "mpi_scripts" / "dist_check.py")
+
+
+def results(text, n=2, kind=None):
+    rows = [json.loads(l[7:]) for l in text.splitlines() if l.startswith("RESULT ")]
+    rows = sorted((r for r in rows if kind is None or r["kind"] == kind), key=lambda r: r["rank"])
+    assert [r["rank"] for r in rows] == list(range(n)), text
+    return rows
+
+
+def check_info(rows, launcher):
+    for r in rows:
+        assert r["world"] == 2 and r["is_distributed"] and r["backend"] == "gloo"
+        assert r["launcher"] == launcher
+        assert r["local_world"] == 2 and r["n_nodes"] == 1
+        assert r["local_rank"] == r["rank"]          # one node: local rank = rank
+        assert r["sum_exact"], r["sum_maxdiff"]      # float64 sum bit-identical to numpy's a+b
+        assert r["max"] == [2.5, -0.0]
+        assert r["bcast"] == {"from": 0, "arr": [1, 2, 3]}
+        assert r["gathered"] == [0, 10]
+        assert r["stop"] is False
+
+
+def test_bootstrap_collectives_and_gradients_mpi4py():
+    out = mpirun(2, [SCRIPT, "info", "grads"], timeout=120).stdout
+    rows = results(out, kind="mode_info")
+    check_info(rows, "mpi")
+    for r in rows:
+        assert r["mpi_loaded"]
+        assert int(r["env_local_rank"]) == r["local_rank"]  # node communicator agrees with mpirun
+    assert rows[0]["pid"] != rows[1]["pid"]
+
+
+def test_bootstrap_from_environment_without_mpi4py():
+    rows = results(mpirun(2, [SCRIPT, "info"], env={"DISTMLIP_USE_MPI4PY": "0"}, timeout=120).stdout)
+    check_info(rows, "mpi-env")
+    assert not any(r["mpi_loaded"] for r in rows)
+
+
+def test_bootstrap_torchrun_style_environment():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_"))}
+    base.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port), WORLD_SIZE="2", DISTMLIP_DIST_TIMEOUT="60")
+    procs = [subprocess.Popen([sys.executable, SCRIPT, "info"], env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    check_info(results(outs[0][0] + "\n" + outs[1][0]), "torchrun")
+
+
+def test_allreduce_gradients_equals_sum_of_rank_gradients():
+    rows = results(mpirun(2, [SCRIPT, "grads"], timeout=120).stdout)
+    for r in rows:
+        assert all(d is not None and d <= 1e-12 for d in r["diffs"]), r["diffs"]
+        assert r["extra_has_grad"]      # grad None on rank 0, present on rank 1 -> summed everywhere
+        assert r["unused_grad_none"]    # no grad on any rank -> stays None
+    assert rows[0]["checksum"] == rows[1]["checksum"]  # bit-identical on both ranks
+
+
+def test_sigterm_on_one_rank_stops_both_at_the_same_step(tmp_path):
+    res = mpirun(2, [SCRIPT, "stop", str(tmp_path), "5"], timeout=120)
+    rows = results(res.stdout)
+    assert [r["stopped_at"] for r in rows] == [5, 5]
+    assert all(r["reason"] == "SIGTERM on rank 1" for r in rows)
+
+
+def test_external_sigusr1_to_rank0_stops_both(tmp_path):
+    box = {}
+    th = threading.Thread(target=lambda: box.setdefault(
+        "res", mpirun(2, [SCRIPT, "stop", str(tmp_path), "-1"], timeout=120, check=False)))
+    th.start()
+    pidfile = tmp_path / "pid.0"
+    deadline = time.time() + 90
+    while not (pidfile.exists() and (tmp_path / "pid.1").exists()) and time.time() < deadline and th.is_alive():
+        time.sleep(0.05)
+    assert pidfile.exists(), "ranks did not start"
+    time.sleep(0.3)
+    os.kill(int(pidfile.read_text()), signal.SIGUSR1)   # like a walltime warning
+    th.join(120)
+    res = box["res"]
+    assert res.returncode == 0, res.stderr
+    rows = results(res.stdout)
+    assert rows[0]["stopped_at"] is not None and rows[0]["stopped_at"] == rows[1]["stopped_at"]
+    assert all(r["reason"] == "SIGUSR1 on rank 0" for r in rows)
+
+
+def _assert_fails_fast(args, message, env=None):
+    t0 = time.time()
+    res = mpirun(2, args, timeout=120, check=False, env=env)
+    elapsed = time.time() - t0
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out
+    assert elapsed < 60, f"job took {elapsed:.1f} s to end"
+    assert message in out, out
+    return out
+
+
+def test_rank_raising_in_step_k_ends_the_job():
+    out = _assert_fails_fast([SCRIPT, "fail", "3"], "injected failure at step 3")
+    assert "error on rank 1" in out
+
+
+def test_uncaught_exception_ends_the_job_without_run_guarded():
+    out = _assert_fails_fast([SCRIPT, "fail", "2", "uncaught"], "injected failure at step 2")
+    assert "error on rank 1" in out
+
+
+def test_rank_dying_ends_the_job():
+    _assert_fails_fast([SCRIPT, "die", "3"], "rank 1 dies at step 3")
