@@ -32,8 +32,8 @@ from .structure import Structure
 FORMAT_NAME = "distmlip-dataset"
 FORMAT_VERSION = 1
 UNITS = {"energy": "eV", "length": "Angstrom", "force": "eV/Angstrom"}
-ATOM_CHUNK = 8192        # atoms per chunk of the per-atom arrays (192 KiB of positions)
-STRUCT_CHUNK = 4096      # structures per chunk of the per-structure arrays
+ATOM_CHUNK = 4096        # atoms per chunk of the per-atom arrays (96 KiB of positions)
+STRUCT_CHUNK = 1024      # structures per chunk of the per-structure arrays
 FLUSH_ATOMS = 1 << 18    # writer buffer
 
 STRUCT_FIELDS = {  # name: (dtype, trailing shape, fill for new rows)
@@ -408,7 +408,7 @@ class H5Dataset:
     other data are read on demand, only the slabs needed.  File handles are opened lazily in
     each process (safe after fork; the object is picklable)."""
 
-    CACHE_BYTES = 32 << 20
+    CACHE_BYTES = 4 << 20   # HDF5 chunk cache per open dataset
 
     def __init__(self, paths):
         if isinstance(paths, (str, os.PathLike)):
@@ -451,12 +451,14 @@ class H5Dataset:
         self.n_atoms = int(self.natoms.sum())
         self._pid = None
         self._files: dict = {}
+        self._dsets: dict = {}
         self._columns: dict = {}
 
     # -- pickling / per-process handles --------------------------------------------------------
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_files"] = {}
+        d["_dsets"] = {}
         d["_pid"] = None
         return d
 
@@ -465,9 +467,11 @@ class H5Dataset:
 
         if self._pid != os.getpid():
             self._files = {}
+            self._dsets = {}
             self._pid = os.getpid()
         f = self._files.get(k)
         if f is None:
+            self._dsets = {key: v for key, v in getattr(self, "_dsets", {}).items() if key[0] != k}
             path = self.paths[k]
             try:
                 f = h5py.File(path, "r", rdcc_nbytes=self.CACHE_BYTES, rdcc_nslots=10007)
@@ -477,6 +481,7 @@ class H5Dataset:
         return f
 
     def close(self) -> None:
+        self._dsets = {}
         for f in self._files.values():
             try:
                 f.close()
@@ -534,9 +539,18 @@ class H5Dataset:
         self._columns[name] = out
         return out
 
+    def _dset(self, k, group, name):
+        f = self._file(k)   # resets the handles after a fork
+        key = (k, group, name)
+        d = self._dsets.get(key)
+        if d is None:
+            d = f[group][name]   # kept open: HDF5 chunk caches live with the open dataset
+            self._dsets[key] = d
+        return d
+
     def _read_col(self, k, name, a, b):
         try:
-            return self._file(k)["structures"][name][a:b]
+            return self._dset(k, "structures", name)[a:b]
         except KeyError:
             raise
         except (OSError, ValueError) as exc:
@@ -545,7 +559,7 @@ class H5Dataset:
 
     def _read_atoms(self, k, name, a, b):
         try:
-            return self._file(k)["atoms"][name][a:b]
+            return self._dset(k, "atoms", name)[a:b]
         except (OSError, ValueError) as exc:
             raise DataFormatError(f"{self.paths[k]}: field 'atoms/{name}' rows {a}:{b} unreadable "
                                   f"(corrupt file? {exc})") from None

@@ -74,7 +74,7 @@ _END = object()
 class PartitionedStream:
     def __init__(self, ds, indices=None, rank: int = 0, world_size: int = 1, batch_atoms: int = 4096,
                  batch_structures: int = 64, seed: int = 0, shuffle: bool = True, prefetch: bool = True,
-                 shuffle_block: int = 8, shuffle_window: int = 16):
+                 shuffle_block: int = 64, shuffle_window: int = 16):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
         if batch_atoms < 1 or batch_structures < 1:
@@ -145,17 +145,43 @@ class PartitionedStream:
         mine = self.batches(epoch)
         n = self.steps(epoch)
         plan = [mine[s] if s < len(mine) else np.zeros(0, np.int64) for s in range(int(start_step), n)]
+        gen = self._produce(plan)
         if not self.prefetch:
-            for idx in plan:
-                yield self.ds.read(idx) if len(idx) else []
+            yield from gen
             return
-        yield from self._prefetched(plan)
+        yield from self._prefetched(gen)
 
     def __iter__(self):
         return self.epoch(self._current_epoch)
 
-    def _prefetched(self, plan):
-        q: queue.Queue = queue.Queue(maxsize=1)
+    def _produce(self, plan):
+        """Read the planned batches window by window: the structures of one shuffle window
+        (``shuffle_block * shuffle_window`` consecutive entries of the epoch order) are read
+        together, so a window costs at most ``shuffle_window`` contiguous slab reads."""
+        if not plan:
+            return
+        W = self.shuffle_block * self.shuffle_window
+        flat = np.concatenate([p for p in plan if len(p)]) if any(len(p) for p in plan) else np.zeros(0, np.int64)
+        cache: dict[int, Structure] = {}
+        pos = 0
+        for idx in plan:
+            if len(idx) == 0:
+                yield []
+                continue
+            missing = [int(i) for i in idx if int(i) not in cache]
+            if missing:
+                # read the rest of the current window (from this batch on) in one go
+                end = min(len(flat), (pos // W + 1) * W)
+                end = max(end, pos + len(idx))
+                want = flat[pos:end]
+                cache = {i: cache[i] for i in idx if int(i) in cache}
+                for st in self.ds.read(want):
+                    cache[st.index] = st
+            yield [cache.pop(int(i)) for i in idx]
+            pos += len(idx)
+
+    def _prefetched(self, gen):
+        q: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
 
         def put(item):
@@ -169,11 +195,8 @@ class PartitionedStream:
 
         def worker():
             try:
-                for idx in plan:
-                    if stop.is_set():
-                        return
-                    batch = self.ds.read(idx) if len(idx) else []
-                    if not put(("ok", batch)):
+                for batch in gen:
+                    if stop.is_set() or not put(("ok", batch)):
                         return
                 put(("end", None))
             except BaseException as exc:  # propagate to the consumer
