@@ -1,0 +1,625 @@
+// aenet Chebyshev (AUC) descriptor: per-centre math shared by the CPU operators
+// (chebyshev_cpu.cpp) and the CUDA kernels (chebyshev_cuda.cu).
+//
+// Everything here is plain C++17 with host-device inline functions: no torch headers, so that
+// the .cu file compiles with a bare `nvcc -c -std=c++17`.
+//
+// Definitions (all species share the parameters; s_t = typespin of species t):
+//   fc(r)      = 0.5 (cos(pi r / Rc) + 1)  for r < Rc, else 0
+//   radial_n   = sum_j T_n(2 r_ij / Rc_r - 1) fc_r(r_ij)                          n = 0..N_r
+//   angular_n  = sum_{j<k} T_n(cos theta_ijk) fc_a(r_ij) fc_a(r_ik)               n = 0..N_a
+//   weighted copies (only with more than one species): radial by s_j, angular by s_j s_k.
+//   Row layout: [radial, angular, radial_w, angular_w].
+// "j<k" runs over unordered pairs of entries of the centre's neighbour list (a periodic image
+// is its own entry), restricted to entries with r < Rc_a.
+//
+// The neighbour list is CSR: pairs p in [ptr[i], ptr[i+1]) have centre i, neighbour pj[p] and
+// Cartesian shift shift[p] so that r_ij = pos[j] - pos[i] + shift[p].
+//
+// Three per-centre routines, each touching only the centre's own pairs and triplets:
+//   centre_forward : G_i (accumulated in double);
+//   centre_vjp     : for dE/dG_i = g, the gradient of g.G_i w.r.t. every pair vector r_p of i
+//                    (written to gp[p]) and the centre's own term dE/dR_i = -sum_p gp[p];
+//                    the caller then scatters dE/dR_j += gp[p] (no dG/dR is stored);
+//   centre_jvp_hvp : for a position tangent v, J v = dG_i/dR . v (the double-backward product
+//                    with respect to dE/dG), and optionally the Hessian-vector product of g.G_i
+//                    (the double-backward term with respect to positions), per pair like vjp.
+// All arithmetic is in double whatever the storage type.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DM_HD __host__ __device__ inline
+#else
+#define DM_HD inline
+#endif
+
+namespace distmlip {
+namespace cheb {
+
+constexpr int kMaxOrder = 32;  // largest N_r / N_a supported (local arrays of kMaxOrder + 1)
+constexpr double kPi = 3.14159265358979323846;
+
+// Per-centre scratch ("slot") holds, for the neighbours with r < Rc_a, these fields in
+// structure-of-arrays layout: slot[field * cap + m].
+enum SlotField : int {
+  fUX = 0, fUY, fUZ, fR, fF, fDF, fD2F, fS, fPIDX, fGX, fGY, fGZ, fDRX, fDRY, fDRZ, fDP,
+  kSlotFields
+};
+
+template <typename scalar_t>
+struct Problem {
+  const scalar_t* pos;      // [N, 3]
+  const int64_t* species;   // [N]  index into typespin
+  const int64_t* ptr;       // [N + 1]
+  const int64_t* pj;        // [P]
+  const scalar_t* shift;    // [P, 3]
+  const double* typespin;   // [T]
+  int64_t n_atoms;
+  int64_t n_pairs;
+  double rc_r;
+  double rc_a;
+  int n_r;
+  int n_a;
+  int weighted;             // 1 when T > 1: weighted copies present
+
+  DM_HD int off_a() const { return n_r + 1; }
+  DM_HD int off_wr() const { return n_r + n_a + 2; }
+  DM_HD int off_wa() const { return 2 * n_r + n_a + 3; }
+  DM_HD int dim() const { return (n_r + n_a + 2) * (weighted ? 2 : 1); }
+};
+
+DM_HD int descriptor_dim(int n_r, int n_a, bool weighted) {
+  return (n_r + n_a + 2) * (weighted ? 2 : 1);
+}
+
+// Cutoff function and its first two derivatives (zero beyond rc).
+struct Cutoff {
+  double f, df, d2f;
+};
+
+DM_HD Cutoff cutoff_fn(double r, double rc) {
+  Cutoff c{0.0, 0.0, 0.0};
+  if (r < rc) {
+    const double a = kPi / rc;
+    const double cs = cos(a * r);
+    const double sn = sin(a * r);
+    c.f = 0.5 * (cs + 1.0);
+    c.df = -0.5 * a * sn;
+    c.d2f = -0.5 * a * a * cs;
+  }
+  return c;
+}
+
+DM_HD double cutoff_value(double r, double rc) {
+  return r < rc ? 0.5 * (cos(kPi * r / rc) + 1.0) : 0.0;
+}
+
+// r_ij vector of pair p (centre i) in double; returns |r_ij|.
+template <typename scalar_t>
+DM_HD double pair_vector(const Problem<scalar_t>& P, int64_t i, int64_t p, double* d) {
+  const int64_t j = P.pj[p];
+  d[0] = double(P.pos[3 * j + 0]) - double(P.pos[3 * i + 0]) + double(P.shift[3 * p + 0]);
+  d[1] = double(P.pos[3 * j + 1]) - double(P.pos[3 * i + 1]) + double(P.shift[3 * p + 1]);
+  d[2] = double(P.pos[3 * j + 2]) - double(P.pos[3 * i + 2]) + double(P.shift[3 * p + 2]);
+  return sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]);
+}
+
+template <typename scalar_t>
+DM_HD double neighbour_spin(const Problem<scalar_t>& P, int64_t p) {
+  return P.weighted ? P.typespin[P.species[P.pj[p]]] : 0.0;
+}
+
+// Order of the angular sums: compile-time when NAC >= 0 (lets the compiler keep the
+// accumulators in registers), else the runtime value.
+template <int NAC, typename scalar_t>
+DM_HD int angular_order(const Problem<scalar_t>& P) {
+  return NAC >= 0 ? NAC : P.n_a;
+}
+
+// ------------------------------------------------------------------------------------------
+// forward
+// ------------------------------------------------------------------------------------------
+
+// acc: [dim] doubles, zeroed by the caller.  slot: kSlotFields * cap doubles, cap >= number of
+// pairs of centre i.
+template <int NAC, typename scalar_t>
+DM_HD void centre_forward(const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap,
+                          double* acc) {
+  const int nr = P.n_r;
+  const int na = angular_order<NAC>(P);
+  const bool w = P.weighted != 0;
+  const int oa = P.off_a(), owr = P.off_wr(), owa = P.off_wa();
+  double* ux = slot + fUX * cap;
+  double* uy = slot + fUY * cap;
+  double* uz = slot + fUZ * cap;
+  double* ff = slot + fF * cap;
+  double* ss = slot + fS * cap;
+  int64_t m = 0;
+  for (int64_t p = P.ptr[i]; p < P.ptr[i + 1]; ++p) {
+    double d[3];
+    const double r = pair_vector(P, i, p, d);
+    const double s = neighbour_spin(P, p);
+    if (r < P.rc_r) {
+      const double fc = cutoff_value(r, P.rc_r);
+      const double x = 2.0 * r / P.rc_r - 1.0;
+      double tm = 1.0, t = x;
+      acc[0] += fc;
+      if (w) acc[owr] += s * fc;
+      if (nr >= 1) {
+        acc[1] += x * fc;
+        if (w) acc[owr + 1] += s * x * fc;
+      }
+      for (int n = 2; n <= nr; ++n) {
+        const double tn = 2.0 * x * t - tm;
+        tm = t;
+        t = tn;
+        acc[n] += tn * fc;
+        if (w) acc[owr + n] += s * tn * fc;
+      }
+    }
+    if (r < P.rc_a) {
+      const double inv = 1.0 / r;
+      ux[m] = d[0] * inv;
+      uy[m] = d[1] * inv;
+      uz[m] = d[2] * inv;
+      ff[m] = cutoff_value(r, P.rc_a);
+      ss[m] = s;
+      ++m;
+    }
+  }
+  double A[kMaxOrder + 1];
+  double W[kMaxOrder + 1];
+  for (int n = 0; n <= na; ++n) A[n] = W[n] = 0.0;
+  for (int64_t a = 0; a + 1 < m; ++a) {
+    const double xa = ux[a], ya = uy[a], za = uz[a], fa = ff[a], sa = ss[a];
+    double La[kMaxOrder + 1];  // sum over b of T_n(c) f_a f_b (and weighted)
+    double Lw[kMaxOrder + 1];
+    for (int n = 0; n <= na; ++n) La[n] = Lw[n] = 0.0;
+    for (int64_t b = a + 1; b < m; ++b) {
+      const double c = xa * ux[b] + ya * uy[b] + za * uz[b];
+      const double wt = ff[b];
+      const double wsb = wt * ss[b];
+      double tm = 1.0, t = c;
+      La[0] += wt;
+      Lw[0] += wsb;
+      if (na >= 1) {
+        La[1] += c * wt;
+        Lw[1] += c * wsb;
+      }
+      for (int n = 2; n <= na; ++n) {
+        const double tn = 2.0 * c * t - tm;
+        tm = t;
+        t = tn;
+        La[n] += tn * wt;
+        Lw[n] += tn * wsb;
+      }
+    }
+    for (int n = 0; n <= na; ++n) {
+      A[n] += fa * La[n];
+      W[n] += fa * sa * Lw[n];
+    }
+  }
+  for (int n = 0; n <= na; ++n) {
+    acc[oa + n] += A[n];
+    if (w) acc[owa + n] += W[n];
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// backward (vector-Jacobian product)
+// ------------------------------------------------------------------------------------------
+
+// g_row: dE/dG_i [dim].  Writes gp[3p..3p+2] = d(g.G_i)/d r_p for every pair p of i (zero for
+// pairs beyond both cutoffs) and dRi[0..2] = -sum_p gp[p] (the centre's own term).
+template <int NAC, typename scalar_t, typename gscalar_t>
+DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
+                      double* slot, int64_t cap, double* gp, double* dRi) {
+  const int nr = P.n_r;
+  const int na = angular_order<NAC>(P);
+  const bool w = P.weighted != 0;
+  const int oa = P.off_a(), owr = P.off_wr(), owa = P.off_wa();
+  double gr[kMaxOrder + 1], gwr[kMaxOrder + 1], ga[kMaxOrder + 1], gwa[kMaxOrder + 1];
+  for (int n = 0; n <= nr; ++n) {
+    gr[n] = double(g_row[n]);
+    gwr[n] = w ? double(g_row[owr + n]) : 0.0;
+  }
+  for (int n = 0; n <= na; ++n) {
+    ga[n] = double(g_row[oa + n]);
+    gwa[n] = w ? double(g_row[owa + n]) : 0.0;
+  }
+  double* ux = slot + fUX * cap;
+  double* uy = slot + fUY * cap;
+  double* uz = slot + fUZ * cap;
+  double* rr = slot + fR * cap;
+  double* ff = slot + fF * cap;
+  double* dff = slot + fDF * cap;
+  double* ss = slot + fS * cap;
+  double* pid = slot + fPIDX * cap;
+  double* gx = slot + fGX * cap;
+  double* gy = slot + fGY * cap;
+  double* gz = slot + fGZ * cap;
+  int64_t m = 0;
+  const double kr = 2.0 / P.rc_r;
+  for (int64_t p = P.ptr[i]; p < P.ptr[i + 1]; ++p) {
+    double d[3];
+    const double r = pair_vector(P, i, p, d);
+    const double s = neighbour_spin(P, p);
+    const double inv = 1.0 / r;
+    double a = 0.0;  // d(g.radial)/dr
+    if (r < P.rc_r) {
+      const Cutoff c = cutoff_fn(r, P.rc_r);
+      const double x = kr * r - 1.0;
+      // T_n, T_n'
+      double tm = 1.0, t = x, dtm = 0.0, dt = 1.0;
+      a += (gr[0] + s * gwr[0]) * c.df;
+      if (nr >= 1) a += (gr[1] + s * gwr[1]) * (kr * c.f + x * c.df);
+      for (int n = 2; n <= nr; ++n) {
+        const double tn = 2.0 * x * t - tm;
+        const double dtn = 2.0 * t + 2.0 * x * dt - dtm;
+        tm = t;
+        t = tn;
+        dtm = dt;
+        dt = dtn;
+        a += (gr[n] + s * gwr[n]) * (kr * dtn * c.f + tn * c.df);
+      }
+    }
+    gp[3 * p + 0] = a * d[0] * inv;
+    gp[3 * p + 1] = a * d[1] * inv;
+    gp[3 * p + 2] = a * d[2] * inv;
+    if (r < P.rc_a) {
+      const Cutoff c = cutoff_fn(r, P.rc_a);
+      ux[m] = d[0] * inv;
+      uy[m] = d[1] * inv;
+      uz[m] = d[2] * inv;
+      rr[m] = r;
+      ff[m] = c.f;
+      dff[m] = c.df;
+      ss[m] = s;
+      pid[m] = double(p);
+      gx[m] = gy[m] = gz[m] = 0.0;
+      ++m;
+    }
+  }
+  for (int64_t a = 0; a + 1 < m; ++a) {
+    const double xa = ux[a], ya = uy[a], za = uz[a], fa = ff[a], dfa = dff[a], sa = ss[a];
+    const double ira = 1.0 / rr[a];
+    double hx = 0.0, hy = 0.0, hz = 0.0;
+    for (int64_t b = a + 1; b < m; ++b) {
+      const double xb = ux[b], yb = uy[b], zb = uz[b], fb = ff[b];
+      const double c = xa * xb + ya * yb + za * zb;
+      const double sab = sa * ss[b];
+      // S = sum_n w_n T_n(c), S1 = sum_n w_n T_n'(c), w_n = ga_n + s_a s_b gwa_n
+      double S = ga[0] + sab * gwa[0];
+      double S1 = 0.0;
+      if (na >= 1) {
+        const double w1 = ga[1] + sab * gwa[1];
+        S += w1 * c;
+        S1 += w1;
+      }
+      double tm = 1.0, t = c, dtm = 0.0, dt = 1.0;
+      for (int n = 2; n <= na; ++n) {
+        const double tn = 2.0 * c * t - tm;
+        const double dtn = 2.0 * t + 2.0 * c * dt - dtm;
+        tm = t;
+        t = tn;
+        dtm = dt;
+        dt = dtn;
+        const double wn = ga[n] + sab * gwa[n];
+        S += wn * tn;
+        S1 += wn * dtn;
+      }
+      const double fab = fa * fb;
+      const double A1 = S1 * fab;
+      const double irb = 1.0 / rr[b];
+      // grad_a = A1 (u_b - c u_a)/r_a + S f_a' f_b u_a
+      const double ca = S * dfa * fb - A1 * c * ira;
+      const double cb = A1 * ira;
+      hx += ca * xa + cb * xb;
+      hy += ca * ya + cb * yb;
+      hz += ca * za + cb * zb;
+      // grad_b = A1 (u_a - c u_b)/r_b + S f_a f_b' u_b
+      const double db = S * fa * dff[b] - A1 * c * irb;
+      const double da = A1 * irb;
+      gx[b] += db * xb + da * xa;
+      gy[b] += db * yb + da * ya;
+      gz[b] += db * zb + da * za;
+    }
+    gx[a] += hx;
+    gy[a] += hy;
+    gz[a] += hz;
+  }
+  for (int64_t a = 0; a < m; ++a) {
+    const int64_t p = int64_t(pid[a]);
+    gp[3 * p + 0] += gx[a];
+    gp[3 * p + 1] += gy[a];
+    gp[3 * p + 2] += gz[a];
+  }
+  double sx = 0.0, sy = 0.0, sz = 0.0;
+  for (int64_t p = P.ptr[i]; p < P.ptr[i + 1]; ++p) {
+    sx += gp[3 * p + 0];
+    sy += gp[3 * p + 1];
+    sz += gp[3 * p + 2];
+  }
+  dRi[0] = -sx;
+  dRi[1] = -sy;
+  dRi[2] = -sz;
+}
+
+// ------------------------------------------------------------------------------------------
+// double backward: Jacobian-vector product and (optional) Hessian-vector product
+// ------------------------------------------------------------------------------------------
+
+// v: [N, 3] position tangent (the gradient flowing into the dE/dR output).
+// JVP: jv [dim] (zeroed by the caller) += dG_i/dR . v.
+// HVP: hp[3p..] = sum_q d^2(g.G_i)/(dr_p dr_q) . dr_q for every pair p of i, dHi = -sum_p hp[p];
+//      the caller scatters hv_j += hp[p].  g_row is only read when HVP is set.
+template <int NAC, bool JVP, bool HVP, typename scalar_t, typename gscalar_t>
+DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
+                          const scalar_t* v, double* slot, int64_t cap, double* jv, double* hp,
+                          double* dHi) {
+  const int nr = P.n_r;
+  const int na = angular_order<NAC>(P);
+  const bool w = P.weighted != 0;
+  const int oa = P.off_a(), owr = P.off_wr(), owa = P.off_wa();
+  double gr[kMaxOrder + 1], gwr[kMaxOrder + 1], ga[kMaxOrder + 1], gwa[kMaxOrder + 1];
+  if (HVP) {
+    for (int n = 0; n <= nr; ++n) {
+      gr[n] = double(g_row[n]);
+      gwr[n] = w ? double(g_row[owr + n]) : 0.0;
+    }
+    for (int n = 0; n <= na; ++n) {
+      ga[n] = double(g_row[oa + n]);
+      gwa[n] = w ? double(g_row[owa + n]) : 0.0;
+    }
+  }
+  double* ux = slot + fUX * cap;
+  double* uy = slot + fUY * cap;
+  double* uz = slot + fUZ * cap;
+  double* rr = slot + fR * cap;
+  double* ff = slot + fF * cap;
+  double* dff = slot + fDF * cap;
+  double* d2ff = slot + fD2F * cap;
+  double* ss = slot + fS * cap;
+  double* pid = slot + fPIDX * cap;
+  double* gx = slot + fGX * cap;
+  double* gy = slot + fGY * cap;
+  double* gz = slot + fGZ * cap;
+  double* vx = slot + fDRX * cap;
+  double* vy = slot + fDRY * cap;
+  double* vz = slot + fDRZ * cap;
+  double* vp = slot + fDP * cap;
+  const double kr = 2.0 / P.rc_r;
+  const double vix = double(v[3 * i + 0]), viy = double(v[3 * i + 1]), viz = double(v[3 * i + 2]);
+  int64_t m = 0;
+  for (int64_t p = P.ptr[i]; p < P.ptr[i + 1]; ++p) {
+    double d[3];
+    const double r = pair_vector(P, i, p, d);
+    const double s = neighbour_spin(P, p);
+    const double inv = 1.0 / r;
+    const double u0 = d[0] * inv, u1 = d[1] * inv, u2 = d[2] * inv;
+    const int64_t j = P.pj[p];
+    const double dx = double(v[3 * j + 0]) - vix;
+    const double dy = double(v[3 * j + 1]) - viy;
+    const double dz = double(v[3 * j + 2]) - viz;
+    const double dp = u0 * dx + u1 * dy + u2 * dz;
+    double a = 0.0, a2 = 0.0;  // d(g.radial)/dr and d2(g.radial)/dr2
+    if (r < P.rc_r) {
+      const Cutoff c = cutoff_fn(r, P.rc_r);
+      const double x = kr * r - 1.0;
+      double tm = 1.0, t = x, dtm = 0.0, dt = 1.0, d2tm = 0.0, d2t = 0.0;
+      for (int n = 0; n <= nr; ++n) {
+        double tn, dtn, d2tn;
+        if (n == 0) {
+          tn = 1.0; dtn = 0.0; d2tn = 0.0;
+        } else if (n == 1) {
+          tn = x; dtn = 1.0; d2tn = 0.0;
+        } else {
+          tn = 2.0 * x * t - tm;
+          dtn = 2.0 * t + 2.0 * x * dt - dtm;
+          d2tn = 4.0 * dt + 2.0 * x * d2t - d2tm;
+          tm = t; t = tn;
+          dtm = dt; dt = dtn;
+          d2tm = d2t; d2t = d2tn;
+        }
+        const double f1 = kr * dtn * c.f + tn * c.df;  // d/dr [T_n(x) fc]
+        if (JVP) {
+          jv[n] += f1 * dp;
+          if (w) jv[owr + n] += s * f1 * dp;
+        }
+        if (HVP) {
+          const double wn = gr[n] + s * gwr[n];
+          a += wn * f1;
+          a2 += wn * (kr * kr * d2tn * c.f + 2.0 * kr * dtn * c.df + tn * c.d2f);
+        }
+      }
+    }
+    if (HVP) {
+      // d(a u) = a' dp u + a (dr - dp u) / r
+      const double cu = a2 * dp - a * dp * inv;
+      const double cd = a * inv;
+      hp[3 * p + 0] = cu * u0 + cd * dx;
+      hp[3 * p + 1] = cu * u1 + cd * dy;
+      hp[3 * p + 2] = cu * u2 + cd * dz;
+    }
+    if (r < P.rc_a) {
+      const Cutoff c = cutoff_fn(r, P.rc_a);
+      ux[m] = u0;
+      uy[m] = u1;
+      uz[m] = u2;
+      rr[m] = r;
+      ff[m] = c.f;
+      dff[m] = c.df;
+      d2ff[m] = c.d2f;
+      ss[m] = s;
+      pid[m] = double(p);
+      vx[m] = dx;
+      vy[m] = dy;
+      vz[m] = dz;
+      vp[m] = dp;
+      gx[m] = gy[m] = gz[m] = 0.0;
+      ++m;
+    }
+  }
+  double JA[kMaxOrder + 1], JW[kMaxOrder + 1];
+  if (JVP) {
+    for (int n = 0; n <= na; ++n) JA[n] = JW[n] = 0.0;
+  }
+  for (int64_t a = 0; a + 1 < m; ++a) {
+    const double xa = ux[a], ya = uy[a], za = uz[a];
+    const double ra = rr[a], ira = 1.0 / ra;
+    const double fa = ff[a], dfa = dff[a], d2fa = d2ff[a], sa = ss[a];
+    const double dxa = vx[a], dya = vy[a], dza = vz[a], dpa = vp[a];
+    double hx = 0.0, hy = 0.0, hz = 0.0;
+    for (int64_t b = a + 1; b < m; ++b) {
+      const double xb = ux[b], yb = uy[b], zb = uz[b];
+      const double irb = 1.0 / rr[b];
+      const double fb = ff[b], dfb = dff[b];
+      const double dxb = vx[b], dyb = vy[b], dzb = vz[b], dpb = vp[b];
+      const double c = xa * xb + ya * yb + za * zb;
+      const double qab = xb * dxa + yb * dya + zb * dza;  // u_b . dr_a
+      const double qba = xa * dxb + ya * dyb + za * dzb;  // u_a . dr_b
+      const double dc = (qab - c * dpa) * ira + (qba - c * dpb) * irb;
+      const double fab = fa * fb;
+      const double dw = dfa * dpa * fb + fa * dfb * dpb;  // d(f_a f_b)
+      const double sab = sa * ss[b];
+      double S = 0.0, S1 = 0.0, S2 = 0.0;
+      double tm = 1.0, t = c, dtm = 0.0, dt = 1.0, d2tm = 0.0, d2t = 0.0;
+      for (int n = 0; n <= na; ++n) {
+        double tn, dtn, d2tn;
+        if (n == 0) {
+          tn = 1.0; dtn = 0.0; d2tn = 0.0;
+        } else if (n == 1) {
+          tn = c; dtn = 1.0; d2tn = 0.0;
+        } else {
+          tn = 2.0 * c * t - tm;
+          dtn = 2.0 * t + 2.0 * c * dt - dtm;
+          d2tn = 4.0 * dt + 2.0 * c * d2t - d2tm;
+          tm = t; t = tn;
+          dtm = dt; dt = dtn;
+          d2tm = d2t; d2t = d2tn;
+        }
+        if (JVP) {
+          const double jn = dtn * dc * fab + tn * dw;
+          JA[n] += jn;
+          JW[n] += sab * jn;
+        }
+        if (HVP) {
+          const double wn = ga[n] + sab * gwa[n];
+          S += wn * tn;
+          S1 += wn * dtn;
+          S2 += wn * d2tn;
+        }
+      }
+      if (HVP) {
+        const double dfa_fb = dfa * fb, fa_dfb = fa * dfb;
+        // e_a = (u_b - c u_a)/r_a, e_b = (u_a - c u_b)/r_b
+        const double eax = (xb - c * xa) * ira, eay = (yb - c * ya) * ira, eaz = (zb - c * za) * ira;
+        const double ebx = (xa - c * xb) * irb, eby = (ya - c * yb) * irb, ebz = (za - c * zb) * irb;
+        // du_a = (dr_a - u_a dp_a)/r_a
+        const double duax = (dxa - xa * dpa) * ira, duay = (dya - ya * dpa) * ira, duaz = (dza - za * dpa) * ira;
+        const double dubx = (dxb - xb * dpb) * irb, duby = (dyb - yb * dpb) * irb, dubz = (dzb - zb * dpb) * irb;
+        // de_a = (du_b - dc u_a - c du_a - e_a dp_a)/r_a
+        const double deax = (dubx - dc * xa - c * duax - eax * dpa) * ira;
+        const double deay = (duby - dc * ya - c * duay - eay * dpa) * ira;
+        const double deaz = (dubz - dc * za - c * duaz - eaz * dpa) * ira;
+        const double debx = (duax - dc * xb - c * dubx - ebx * dpb) * irb;
+        const double deby = (duay - dc * yb - c * duby - eby * dpb) * irb;
+        const double debz = (duaz - dc * zb - c * dubz - ebz * dpb) * irb;
+        const double kA = S2 * dc * fab + S1 * dw;  // times e
+        const double kB = S1 * fab;                 // times de
+        const double kCa = S1 * dc * dfa_fb + S * (d2fa * dpa * fb + dfa * dfb * dpb);
+        const double kDa = S * dfa_fb;
+        const double kCb = S1 * dc * fa_dfb + S * (dfa * dpa * dfb + fa * d2ff[b] * dpb);
+        const double kDb = S * fa_dfb;
+        hx += kA * eax + kB * deax + kCa * xa + kDa * duax;
+        hy += kA * eay + kB * deay + kCa * ya + kDa * duay;
+        hz += kA * eaz + kB * deaz + kCa * za + kDa * duaz;
+        gx[b] += kA * ebx + kB * debx + kCb * xb + kDb * dubx;
+        gy[b] += kA * eby + kB * deby + kCb * yb + kDb * duby;
+        gz[b] += kA * ebz + kB * debz + kCb * zb + kDb * dubz;
+      }
+    }
+    if (HVP) {
+      gx[a] += hx;
+      gy[a] += hy;
+      gz[a] += hz;
+    }
+  }
+  if (JVP) {
+    for (int n = 0; n <= na; ++n) {
+      jv[oa + n] += JA[n];
+      if (w) jv[owa + n] += JW[n];
+    }
+  }
+  if (HVP) {
+    for (int64_t a = 0; a < m; ++a) {
+      const int64_t p = int64_t(pid[a]);
+      hp[3 * p + 0] += gx[a];
+      hp[3 * p + 1] += gy[a];
+      hp[3 * p + 2] += gz[a];
+    }
+    double sx = 0.0, sy = 0.0, sz = 0.0;
+    for (int64_t p = P.ptr[i]; p < P.ptr[i + 1]; ++p) {
+      sx += hp[3 * p + 0];
+      sy += hp[3 * p + 1];
+      sz += hp[3 * p + 2];
+    }
+    dHi[0] = -sx;
+    dHi[1] = -sy;
+    dHi[2] = -sz;
+  }
+}
+
+// Dispatch on the angular order: orders 0..8 get compile-time specialisations.
+#define DISTMLIP_DISPATCH_NA(na_value, NAC, ...)          \
+  switch (na_value) {                                     \
+    case 0: { constexpr int NAC = 0; __VA_ARGS__; } break; \
+    case 1: { constexpr int NAC = 1; __VA_ARGS__; } break; \
+    case 2: { constexpr int NAC = 2; __VA_ARGS__; } break; \
+    case 3: { constexpr int NAC = 3; __VA_ARGS__; } break; \
+    case 4: { constexpr int NAC = 4; __VA_ARGS__; } break; \
+    case 5: { constexpr int NAC = 5; __VA_ARGS__; } break; \
+    case 6: { constexpr int NAC = 6; __VA_ARGS__; } break; \
+    case 7: { constexpr int NAC = 7; __VA_ARGS__; } break; \
+    case 8: { constexpr int NAC = 8; __VA_ARGS__; } break; \
+    default: { constexpr int NAC = -1; __VA_ARGS__; } break; \
+  }
+
+}  // namespace cheb
+}  // namespace distmlip
+
+// ------------------------------------------------------------------------------------------
+// CUDA launchers (defined in chebyshev_cuda.cu, called by chebyshev_cuda_glue.cpp).  All take
+// device pointers and a stream; none synchronises the host.  Return the launch status.
+// ------------------------------------------------------------------------------------------
+#if defined(__CUDACC__) || defined(DISTMLIP_WITH_CUDA)
+#include <cuda_runtime_api.h>
+
+namespace distmlip {
+namespace cheb {
+namespace cuda {
+
+// scratch: kSlotFields * n_pairs doubles.  G: [N, dim] in scalar_t.
+template <typename scalar_t>
+cudaError_t launch_forward(const Problem<scalar_t>& P, double* scratch, scalar_t* G,
+                           cudaStream_t stream);
+
+// gp: [P, 3] doubles (scratch); dR: [N, 3] doubles, written (no need to zero).
+template <typename scalar_t>
+cudaError_t launch_vjp(const Problem<scalar_t>& P, const scalar_t* g, double* scratch, double* gp,
+                       double* dR, cudaStream_t stream);
+
+// jv: [N, dim] scalar_t (written when need_jvp); hv: [N, 3] doubles (written when need_hvp);
+// hp: [P, 3] doubles scratch (used when need_hvp).
+template <typename scalar_t>
+cudaError_t launch_jvp_hvp(const Problem<scalar_t>& P, const scalar_t* g, const scalar_t* v,
+                           double* scratch, scalar_t* jv, double* hp, double* hv, bool need_jvp,
+                           bool need_hvp, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace cheb
+}  // namespace distmlip
+#endif
