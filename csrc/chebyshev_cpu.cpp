@@ -1,0 +1,304 @@
+// CPU operators of the fused aenet Chebyshev descriptor and their schema (the CUDA versions are
+// registered by chebyshev_cuda_glue.cpp under the same names).
+//
+//   distmlip::chebyshev_forward(positions, species, pair_ptr, pair_j, pair_shift, typespin,
+//                               rc_radial, n_radial, rc_angular, n_angular) -> G [N, D]
+//   distmlip::chebyshev_backward(grad_G, <same inputs>) -> dE/dR [N, 3]
+//   distmlip::chebyshev_double_backward(grad_G, v, <same inputs>, need_jvp, need_hvp)
+//       -> (J v [N, D], H v [N, 3])     (undefined-size-0 tensors for the parts not requested)
+//
+// Parallel over centre atoms (OpenMP, dynamic schedule, torch's thread count).  Each centre
+// writes only its own output row and its own pairs' gradient slots, so no atomics are needed; the
+// neighbour side of the pair gradients is added by one serial O(P) pass afterwards, which keeps
+// the result bitwise deterministic for any thread count.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "chebyshev.h"
+
+namespace distmlip {
+namespace {
+
+using cheb::Problem;
+
+void check_common(const torch::Tensor& positions, const torch::Tensor& species,
+                  const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
+                  const torch::Tensor& pair_shift, const torch::Tensor& typespin, double rc_r,
+                  int64_t n_r, double rc_a, int64_t n_a) {
+  TORCH_CHECK(positions.dim() == 2 && positions.size(1) == 3,
+              "chebyshev: positions must be [N, 3], got ", positions.sizes());
+  TORCH_CHECK(positions.scalar_type() == torch::kFloat || positions.scalar_type() == torch::kDouble,
+              "chebyshev: positions must be float32 or float64");
+  const int64_t N = positions.size(0);
+  TORCH_CHECK(species.dim() == 1 && species.size(0) == N && species.scalar_type() == torch::kLong,
+              "chebyshev: species must be int64 [N]");
+  TORCH_CHECK(pair_ptr.dim() == 1 && pair_ptr.size(0) == N + 1 &&
+                  pair_ptr.scalar_type() == torch::kLong,
+              "chebyshev: pair_ptr must be int64 [N + 1]");
+  TORCH_CHECK(pair_j.dim() == 1 && pair_j.scalar_type() == torch::kLong,
+              "chebyshev: pair_j must be int64 [P]");
+  const int64_t P = pair_j.size(0);
+  TORCH_CHECK(pair_shift.dim() == 2 && pair_shift.size(0) == P && pair_shift.size(1) == 3 &&
+                  pair_shift.scalar_type() == positions.scalar_type(),
+              "chebyshev: pair_shift must be [P, 3] with the dtype of positions");
+  TORCH_CHECK(typespin.dim() == 1 && typespin.size(0) >= 1 &&
+                  typespin.scalar_type() == torch::kDouble,
+              "chebyshev: typespin must be float64 [T], T >= 1");
+  TORCH_CHECK(n_r >= 0 && n_r <= cheb::kMaxOrder && n_a >= 0 && n_a <= cheb::kMaxOrder,
+              "chebyshev: orders must be in [0, ", cheb::kMaxOrder, "], got ", n_r, " and ", n_a);
+  TORCH_CHECK(rc_r > 0 && rc_a > 0, "chebyshev: cutoffs must be positive");
+  for (const auto* t : {&positions, &species, &pair_ptr, &pair_j, &pair_shift, &typespin}) {
+    TORCH_CHECK(t->is_contiguous(), "chebyshev: inputs must be contiguous");
+    TORCH_CHECK(t->device() == positions.device(), "chebyshev: all inputs must be on one device");
+  }
+}
+
+// Value checks: only on CPU (on CUDA they would need a host synchronisation).
+void check_values_cpu(const torch::Tensor& species, const torch::Tensor& pair_ptr,
+                      const torch::Tensor& pair_j, const torch::Tensor& typespin) {
+  const int64_t N = species.size(0);
+  const int64_t P = pair_j.size(0);
+  const int64_t T = typespin.size(0);
+  const int64_t* sp = species.data_ptr<int64_t>();
+  const int64_t* ptr = pair_ptr.data_ptr<int64_t>();
+  const int64_t* pj = pair_j.data_ptr<int64_t>();
+  TORCH_CHECK(ptr[0] == 0 && ptr[N] == P, "chebyshev: pair_ptr must start at 0 and end at P = ", P,
+              " (got ", ptr[0], " and ", ptr[N], ")");
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(ptr[i + 1] >= ptr[i], "chebyshev: pair_ptr must be non-decreasing (atom ", i, ")");
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < T, "chebyshev: species index ", sp[i], " of atom ", i,
+                " out of range [0, ", T, ")");
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(pj[p] >= 0 && pj[p] < N, "chebyshev: pair_j[", p, "] = ", pj[p],
+                " out of range [0, ", N, ")");
+  }
+}
+
+template <typename scalar_t>
+Problem<scalar_t> make_problem(const torch::Tensor& positions, const torch::Tensor& species,
+                               const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
+                               const torch::Tensor& pair_shift, const torch::Tensor& typespin,
+                               double rc_r, int64_t n_r, double rc_a, int64_t n_a) {
+  Problem<scalar_t> P;
+  P.pos = positions.data_ptr<scalar_t>();
+  P.species = species.data_ptr<int64_t>();
+  P.ptr = pair_ptr.data_ptr<int64_t>();
+  P.pj = pair_j.data_ptr<int64_t>();
+  P.shift = pair_shift.data_ptr<scalar_t>();
+  P.typespin = typespin.data_ptr<double>();
+  P.n_atoms = positions.size(0);
+  P.n_pairs = pair_j.size(0);
+  P.rc_r = rc_r;
+  P.rc_a = rc_a;
+  P.n_r = int(n_r);
+  P.n_a = int(n_a);
+  P.weighted = typespin.size(0) > 1 ? 1 : 0;
+  return P;
+}
+
+int64_t max_neighbours(const int64_t* ptr, int64_t N) {
+  int64_t m = 1;
+  for (int64_t i = 0; i < N; ++i) m = std::max(m, ptr[i + 1] - ptr[i]);
+  return m;
+}
+
+int num_threads() {
+  return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+}
+
+
+// ---- kernels (outside the dispatch macros: OpenMP pragmas cannot sit in macro arguments) ----
+
+template <typename scalar_t>
+void forward_impl(const Problem<scalar_t>& P, scalar_t* out) {
+  const int64_t N = P.n_atoms;
+  const int D = P.dim();
+  const int64_t cap = max_neighbours(P.ptr, N);
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<double> slot(size_t(cheb::kSlotFields) * size_t(cap));
+    std::vector<double> acc(D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < N; ++i) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      DISTMLIP_DISPATCH_NA(P.n_a, NAC,
+                           cheb::centre_forward<NAC>(P, i, slot.data(), cap, acc.data()));
+      for (int d = 0; d < D; ++d) out[i * D + d] = static_cast<scalar_t>(acc[d]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void vjp_impl(const Problem<scalar_t>& P, const scalar_t* pg, double* pgp, double* pdR) {
+  const int64_t N = P.n_atoms;
+  const int D = P.dim();
+  const int64_t cap = max_neighbours(P.ptr, N);
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<double> slot(size_t(cheb::kSlotFields) * size_t(cap));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < N; ++i) {
+      DISTMLIP_DISPATCH_NA(P.n_a, NAC,
+                           cheb::centre_vjp<NAC>(P, i, pg + i * D, slot.data(), cap, pgp,
+                                                 pdR + 3 * i));
+    }
+  }
+  // neighbour side: dE/dR_j += gp[p]  (serial, deterministic)
+  for (int64_t p = 0; p < P.n_pairs; ++p) {
+    const int64_t j = P.pj[p];
+    pdR[3 * j + 0] += pgp[3 * p + 0];
+    pdR[3 * j + 1] += pgp[3 * p + 1];
+    pdR[3 * j + 2] += pgp[3 * p + 2];
+  }
+}
+
+template <typename scalar_t>
+void jvp_hvp_impl(const Problem<scalar_t>& P, const scalar_t* pg, const scalar_t* pv,
+                  scalar_t* pjv, double* php, double* phv) {
+  const int64_t N = P.n_atoms;
+  const int D = P.dim();
+  const int64_t cap = max_neighbours(P.ptr, N);
+  const bool need_jvp = pjv != nullptr;
+  const bool need_hvp = php != nullptr;
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<double> slot(size_t(cheb::kSlotFields) * size_t(cap));
+    std::vector<double> acc(D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < N; ++i) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      double* hvi = need_hvp ? phv + 3 * i : nullptr;
+      if (need_jvp && need_hvp) {
+        DISTMLIP_DISPATCH_NA(P.n_a, NAC,
+                             (cheb::centre_jvp_hvp<NAC, true, true>(
+                                 P, i, pg + i * D, pv, slot.data(), cap, acc.data(), php, hvi)));
+      } else if (need_jvp) {
+        DISTMLIP_DISPATCH_NA(P.n_a, NAC,
+                             (cheb::centre_jvp_hvp<NAC, true, false>(
+                                 P, i, pg + i * D, pv, slot.data(), cap, acc.data(), php, hvi)));
+      } else {
+        DISTMLIP_DISPATCH_NA(P.n_a, NAC,
+                             (cheb::centre_jvp_hvp<NAC, false, true>(
+                                 P, i, pg + i * D, pv, slot.data(), cap, acc.data(), php, hvi)));
+      }
+      if (need_jvp) {
+        for (int d = 0; d < D; ++d) pjv[i * D + d] = static_cast<scalar_t>(acc[d]);
+      }
+    }
+  }
+  if (need_hvp) {
+    for (int64_t p = 0; p < P.n_pairs; ++p) {
+      const int64_t j = P.pj[p];
+      phv[3 * j + 0] += php[3 * p + 0];
+      phv[3 * j + 1] += php[3 * p + 1];
+      phv[3 * j + 2] += php[3 * p + 2];
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor chebyshev_forward_cpu(const torch::Tensor& positions, const torch::Tensor& species,
+                                    const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
+                                    const torch::Tensor& pair_shift, const torch::Tensor& typespin,
+                                    double rc_r, int64_t n_r, double rc_a, int64_t n_a) {
+  check_common(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
+  check_values_cpu(species, pair_ptr, pair_j, typespin);
+  const int64_t N = positions.size(0);
+  const int D = cheb::descriptor_dim(int(n_r), int(n_a), typespin.size(0) > 1);
+  auto G = torch::empty({N, D}, positions.options());
+  AT_DISPATCH_FLOATING_TYPES(positions.scalar_type(), "chebyshev_forward_cpu", [&] {
+    const auto P = make_problem<scalar_t>(positions, species, pair_ptr, pair_j, pair_shift,
+                                          typespin, rc_r, n_r, rc_a, n_a);
+    forward_impl<scalar_t>(P, G.data_ptr<scalar_t>());
+  });
+  return G;
+}
+
+torch::Tensor chebyshev_backward_cpu(const torch::Tensor& grad_G, const torch::Tensor& positions,
+                                     const torch::Tensor& species, const torch::Tensor& pair_ptr,
+                                     const torch::Tensor& pair_j, const torch::Tensor& pair_shift,
+                                     const torch::Tensor& typespin, double rc_r, int64_t n_r,
+                                     double rc_a, int64_t n_a) {
+  check_common(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
+  check_values_cpu(species, pair_ptr, pair_j, typespin);
+  const int64_t N = positions.size(0);
+  const int D = cheb::descriptor_dim(int(n_r), int(n_a), typespin.size(0) > 1);
+  TORCH_CHECK(grad_G.dim() == 2 && grad_G.size(0) == N && grad_G.size(1) == D,
+              "chebyshev_backward: grad_G must be [N, ", D, "], got ", grad_G.sizes());
+  auto g = grad_G.to(positions.scalar_type()).contiguous();
+  const int64_t Pn = pair_j.size(0);
+  auto dR = torch::empty({N, 3}, positions.options().dtype(torch::kDouble));
+  auto gp = torch::empty({Pn, 3}, positions.options().dtype(torch::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(positions.scalar_type(), "chebyshev_backward_cpu", [&] {
+    const auto P = make_problem<scalar_t>(positions, species, pair_ptr, pair_j, pair_shift,
+                                          typespin, rc_r, n_r, rc_a, n_a);
+    vjp_impl<scalar_t>(P, g.data_ptr<scalar_t>(), gp.data_ptr<double>(), dR.data_ptr<double>());
+  });
+  return dR.to(positions.scalar_type());
+}
+
+std::tuple<torch::Tensor, torch::Tensor> chebyshev_double_backward_cpu(
+    const torch::Tensor& grad_G, const torch::Tensor& v, const torch::Tensor& positions,
+    const torch::Tensor& species, const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
+    const torch::Tensor& pair_shift, const torch::Tensor& typespin, double rc_r, int64_t n_r,
+    double rc_a, int64_t n_a, bool need_jvp, bool need_hvp) {
+  check_common(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
+  check_values_cpu(species, pair_ptr, pair_j, typespin);
+  const int64_t N = positions.size(0);
+  const int D = cheb::descriptor_dim(int(n_r), int(n_a), typespin.size(0) > 1);
+  TORCH_CHECK(grad_G.dim() == 2 && grad_G.size(0) == N && grad_G.size(1) == D,
+              "chebyshev_double_backward: grad_G must be [N, ", D, "], got ", grad_G.sizes());
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == N && v.size(1) == 3,
+              "chebyshev_double_backward: v must be [N, 3], got ", v.sizes());
+  auto g = grad_G.to(positions.scalar_type()).contiguous();
+  auto vv = v.to(positions.scalar_type()).contiguous();
+  const int64_t Pn = pair_j.size(0);
+  torch::Tensor jv = need_jvp ? torch::empty({N, D}, positions.options())
+                              : torch::empty({0}, positions.options());
+  auto dopt = positions.options().dtype(torch::kDouble);
+  torch::Tensor hv = need_hvp ? torch::empty({N, 3}, dopt) : torch::empty({0}, dopt);
+  torch::Tensor hp = need_hvp ? torch::empty({Pn, 3}, dopt) : torch::empty({0}, dopt);
+  if (!need_jvp && !need_hvp) return {jv, hv.to(positions.scalar_type())};
+  AT_DISPATCH_FLOATING_TYPES(positions.scalar_type(), "chebyshev_double_backward_cpu", [&] {
+    const auto P = make_problem<scalar_t>(positions, species, pair_ptr, pair_j, pair_shift,
+                                          typespin, rc_r, n_r, rc_a, n_a);
+    jvp_hvp_impl<scalar_t>(P, g.data_ptr<scalar_t>(), vv.data_ptr<scalar_t>(),
+                           need_jvp ? jv.data_ptr<scalar_t>() : nullptr,
+                           need_hvp ? hp.data_ptr<double>() : nullptr,
+                           need_hvp ? hv.data_ptr<double>() : nullptr);
+  });
+  return {jv, hv.to(positions.scalar_type())};
+}
+
+}  // namespace distmlip
+
+TORCH_LIBRARY_FRAGMENT(distmlip, m) {
+  m.def(
+      "chebyshev_forward(Tensor positions, Tensor species, Tensor pair_ptr, Tensor pair_j, "
+      "Tensor pair_shift, Tensor typespin, float rc_radial, int n_radial, float rc_angular, "
+      "int n_angular) -> Tensor");
+  m.def(
+      "chebyshev_backward(Tensor grad_G, Tensor positions, Tensor species, Tensor pair_ptr, "
+      "Tensor pair_j, Tensor pair_shift, Tensor typespin, float rc_radial, int n_radial, "
+      "float rc_angular, int n_angular) -> Tensor");
+  m.def(
+      "chebyshev_double_backward(Tensor grad_G, Tensor v, Tensor positions, Tensor species, "
+      "Tensor pair_ptr, Tensor pair_j, Tensor pair_shift, Tensor typespin, float rc_radial, "
+      "int n_radial, float rc_angular, int n_angular, bool need_jvp, bool need_hvp) "
+      "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(distmlip, CPU, m) {
+  m.impl("chebyshev_forward", &distmlip::chebyshev_forward_cpu);
+  m.impl("chebyshev_backward", &distmlip::chebyshev_backward_cpu);
+  m.impl("chebyshev_double_backward", &distmlip::chebyshev_double_backward_cpu);
+}
