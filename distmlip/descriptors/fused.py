@@ -1,0 +1,241 @@
+"""Fused C++/CUDA kernels of the aenet Chebyshev descriptor, with autograd to second order.
+
+``chebyshev(positions, species_idx, pair_i, pair_j, pair_shift, *, typespin, rc_radial, n_radial,
+rc_angular, n_angular, pair_ptr=None) -> G [N, dim]`` computes the same function as
+:func:`distmlip.descriptors.chebyshev.chebyshev_reference` (see that module for the definition)
+with the operators ``torch.ops.distmlip.chebyshev_{forward,backward,double_backward}`` of the
+compiled extension (csrc/chebyshev*.{h,cpp,cu}).
+
+Autograd
+  * backward (VJP): dE/dG -> dE/dR by the ``chebyshev_backward`` kernel, which recomputes every
+    pair and triplet term; dG/dR is never stored and the forward saves no intermediates (only
+    references to its inputs).
+  * double backward: the VJP is itself a differentiable function (``_ChebyshevVJP``) of dE/dG
+    and of the positions.  Its derivative with respect to dE/dG is the Jacobian-vector product
+    J v (``need_jvp``); its derivative with respect to the positions is the Hessian-vector
+    product of g.G (``need_hvp``).  So ``F = -autograd.grad(E, R, create_graph=True)`` followed
+    by ``loss(F).backward()`` gives exact weight gradients for a force loss, and by default also
+    the exact ``positions.grad`` (both second-derivative terms).
+  * ``position_hessian(False)`` (context manager) or ``set_position_hessian(False)`` skips the
+    R-R (Hessian) term: ``positions.grad`` after a force-loss backward then lacks the part that
+    flows through the second derivative of the descriptor, while every weight gradient stays
+    exact.  A force-training loop that never reads ``positions.grad`` can use it to save the
+    Hessian work (about a third of the double-backward kernel time).
+  * Third derivatives are not supported (``once_differentiable``: a clear error).
+  * Gradients with respect to ``pair_shift`` (cell / stress) are not supported: an error is
+    raised when ``pair_shift.requires_grad``.
+
+Precision: float32 and float64 inputs; every sum and derivative is accumulated in float64
+inside the kernels and rounded once to the input dtype.
+
+The pair list must hold both directions of every pair within max(rc_radial, rc_angular), as
+``collate`` builds it.  It is used in CSR form (sorted by centre ``pair_i``); when ``pair_ptr``
+is not given it is computed here (and the pairs stably sorted by centre if they are not).
+
+Importing this module raises ImportError when the compiled extension is missing or lacks the
+operators; :class:`~distmlip.descriptors.chebyshev.ChebyshevDescriptor` then warns once and
+uses the pure-PyTorch reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+from .._ext import extension_error, load_extension
+
+if not load_extension(warn_if_missing=False):
+    raise ImportError(
+        "distmlip.descriptors.fused needs the compiled extension distmlip._C "
+        f"({(extension_error() or 'unknown error').splitlines()[0]}); build it with "
+        "`python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`")
+if not hasattr(torch.ops.distmlip, "chebyshev_forward"):
+    raise ImportError("distmlip._C was built without the Chebyshev kernels (csrc/chebyshev_cpu.cpp); "
+                      "rebuild it with `python setup.py build_ext --inplace`")
+
+_ops = torch.ops.distmlip
+
+__all__ = ["available", "chebyshev", "pair_pointers", "position_hessian", "set_position_hessian",
+           "MAX_ORDER"]
+
+MAX_ORDER = 32  # csrc/chebyshev.h kMaxOrder
+
+_STATE = threading.local()
+
+
+def _hessian_enabled() -> bool:
+    return getattr(_STATE, "hessian", True)
+
+
+def set_position_hessian(enabled: bool) -> None:
+    """Compute (True, default) or skip (False) the R-R second-derivative term in double
+    backward, for the calling thread."""
+    _STATE.hessian = bool(enabled)
+
+
+@contextlib.contextmanager
+def position_hessian(enabled: bool):
+    """Context manager form of :func:`set_position_hessian`."""
+    old = _hessian_enabled()
+    set_position_hessian(enabled)
+    try:
+        yield
+    finally:
+        set_position_hessian(old)
+
+
+def available(device: str | torch.device | None = None) -> bool:
+    """True when the fused operators can run on ``device`` (default CPU)."""
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cpu":
+        return True
+    if dev.type == "cuda":
+        from .. import _C
+
+        return bool(_C.with_cuda()) and torch.cuda.is_available()
+    return False
+
+
+def pair_pointers(pair_i: torch.Tensor, n_atoms: int) -> torch.Tensor:
+    """CSR offsets [n_atoms + 1] of a pair list sorted by centre (no host synchronisation)."""
+    return torch.searchsorted(pair_i.contiguous(),
+                              torch.arange(n_atoms + 1, device=pair_i.device, dtype=pair_i.dtype))
+
+
+_TS_CACHE: dict = {}
+
+
+def _typespin_tensor(typespin, device) -> torch.Tensor:
+    if isinstance(typespin, torch.Tensor):
+        return typespin.detach().to(device=device, dtype=torch.float64).contiguous()
+    key = (tuple(float(s) for s in typespin), str(device))
+    t = _TS_CACHE.get(key)
+    if t is None:
+        t = torch.tensor(key[0], dtype=torch.float64, device=device)
+        if len(_TS_CACHE) < 64:
+            _TS_CACHE[key] = t
+    return t
+
+
+class _ChebyshevVJP(torch.autograd.Function):
+    """(dE/dG, R) -> dE/dR; differentiable once more (JVP in dE/dG, HVP in R)."""
+
+    @staticmethod
+    def forward(ctx, grad_G, positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a):
+        ctx.save_for_backward(grad_G, positions, species, ptr, pj, shift, ts)
+        ctx.params = (rc_r, n_r, rc_a, n_a)
+        ctx.hessian = _hessian_enabled()
+        return _ops.chebyshev_backward(grad_G, positions, species, ptr, pj, shift, ts,
+                                       rc_r, n_r, rc_a, n_a)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, v):
+        grad_G, positions, species, ptr, pj, shift, ts = ctx.saved_tensors
+        need_jvp = bool(ctx.needs_input_grad[0])
+        need_hvp = bool(ctx.needs_input_grad[1]) and ctx.hessian
+        jv = hv = None
+        if need_jvp or need_hvp:
+            jv, hv = _ops.chebyshev_double_backward(grad_G, v.contiguous(), positions, species, ptr,
+                                                    pj, shift, ts, *ctx.params, need_jvp, need_hvp)
+        return ((jv if need_jvp else None), (hv if need_hvp else None),
+                None, None, None, None, None, None, None, None, None)
+
+
+class _ChebyshevG(torch.autograd.Function):
+    """R -> G; backward through :class:`_ChebyshevVJP` so that it is differentiable."""
+
+    @staticmethod
+    def forward(ctx, positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a):
+        ctx.save_for_backward(positions, species, ptr, pj, shift, ts)
+        ctx.params = (rc_r, n_r, rc_a, n_a)
+        return _ops.chebyshev_forward(positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a)
+
+    @staticmethod
+    def backward(ctx, grad_G):
+        positions, species, ptr, pj, shift, ts = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 10
+        gR = _ChebyshevVJP.apply(grad_G.contiguous(), positions, species, ptr, pj, shift, ts,
+                                 *ctx.params)
+        return (gR,) + (None,) * 9
+
+
+def chebyshev(positions, species_idx, pair_i, pair_j, pair_shift, *, typespin, rc_radial,
+              n_radial, rc_angular, n_angular, pair_ptr=None):
+    """aenet Chebyshev descriptor G [N, dim] with the fused kernels (see module docstring).
+
+    positions [N, 3] float32/float64; species_idx [N] long (index into ``typespin``);
+    pair_i, pair_j [P] long; pair_shift [P, 3] Cartesian (r_ij = R[j] - R[i] + shift);
+    typespin: sequence or tensor [T] (T = 1: no weighted copy); pair_ptr: optional CSR offsets
+    [N + 1] of pairs sorted by centre (then pair_i is not read)."""
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[1] != 3:
+        raise ValueError("fused.chebyshev: positions must be a [N, 3] tensor")
+    if positions.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"fused.chebyshev: positions must be float32 or float64, got {positions.dtype}")
+    n_radial, n_angular = int(n_radial), int(n_angular)
+    rc_radial, rc_angular = float(rc_radial), float(rc_angular)
+    if not (0 <= n_radial <= MAX_ORDER and 0 <= n_angular <= MAX_ORDER):
+        raise ValueError(f"fused.chebyshev: orders must be in [0, {MAX_ORDER}], got {n_radial}, {n_angular}")
+    if isinstance(pair_shift, torch.Tensor) and pair_shift.requires_grad:
+        raise NotImplementedError("fused.chebyshev: gradients with respect to pair_shift (cell, stress) "
+                                  "are not supported; detach pair_shift or use backend='reference'")
+    device = positions.device
+    N = positions.shape[0]
+    species_idx = species_idx.to(device=device, dtype=torch.long).contiguous()
+    pair_j = pair_j.to(device=device, dtype=torch.long)
+    pair_shift = pair_shift.detach().to(device=device, dtype=positions.dtype)
+    ts = _typespin_tensor(typespin, device)
+    if pair_ptr is None:
+        pair_i = pair_i.to(device=device, dtype=torch.long)
+        if pair_i.numel() > 1:
+            if device.type == "cpu":
+                unsorted = bool((pair_i[1:] < pair_i[:-1]).any())
+            else:
+                unsorted = True  # sorting on the GPU is cheaper than a host synchronisation
+            if unsorted:
+                order = torch.sort(pair_i, stable=True).indices
+                pair_i, pair_j, pair_shift = pair_i[order], pair_j[order], pair_shift[order]
+        pair_ptr = pair_pointers(pair_i, N)
+    else:
+        pair_ptr = pair_ptr.to(device=device, dtype=torch.long)
+    pair_j = pair_j.contiguous()
+    pair_shift = pair_shift.contiguous()
+    pair_ptr = pair_ptr.contiguous()
+    pos = positions.contiguous()
+    args = (species_idx, pair_ptr, pair_j, pair_shift, ts, rc_radial, n_radial, rc_angular, n_angular)
+    if torch.is_grad_enabled() and pos.requires_grad:
+        return _ChebyshevG.apply(pos, *args)
+    return _ops.chebyshev_forward(pos, *args)
+
+
+def _register_fake():
+    """Shape functions so that the operators trace under torch.compile / FakeTensor."""
+    try:
+        lib = torch.library
+        if not hasattr(lib, "register_fake"):
+            return
+
+        def _dim(ts, n_r, n_a):
+            return (n_r + n_a + 2) * (2 if ts.shape[0] > 1 else 1)
+
+        @lib.register_fake("distmlip::chebyshev_forward")
+        def _(positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a):
+            return positions.new_empty((positions.shape[0], _dim(ts, n_r, n_a)))
+
+        @lib.register_fake("distmlip::chebyshev_backward")
+        def _(grad_G, positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a):
+            return positions.new_empty((positions.shape[0], 3))
+
+        @lib.register_fake("distmlip::chebyshev_double_backward")
+        def _(grad_G, v, positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a, need_jvp, need_hvp):
+            n = positions.shape[0]
+            jv = positions.new_empty((n, _dim(ts, n_r, n_a)) if need_jvp else (0,))
+            hv = positions.new_empty((n, 3) if need_hvp else (0,))
+            return jv, hv
+    except Exception:  # fake registration is optional (older torch, re-import)
+        pass
+
+
+_register_fake()
