@@ -25,7 +25,15 @@ def run(args) -> int:
     from .config import load_train_config
     from .trainer import Trainer
 
-    overrides = dict(parse_override(o) for o in args.overrides)
+    overrides = {}
+    for o in args.overrides:
+        k, v = parse_override(o)
+        if isinstance(v, str):  # YAML 1.1 reads '1e-4' (no dot) as a string: accept it as a number
+            try:
+                v = float(v) if any(c in v for c in ".eE") else int(v)
+            except ValueError:
+                pass
+        overrides[k] = v
     if args.output:
         overrides["training.output"] = args.output
     if args.device:

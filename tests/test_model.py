@@ -1,0 +1,153 @@
+"""BPNN: save/load round trip, forces = -dE/dR (finite differences), float64 energy sums,
+normalisation fit, format checks."""
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk, molecule
+
+from distmlip.data.structure import Structure
+from distmlip.descriptors.batch import collate
+from distmlip.errors import ConfigError, DataFormatError
+from distmlip.models.bpnn import BPNN
+
+DESC = {"rc_radial": 4.0, "n_radial": 5, "rc_angular": 3.0, "n_angular": 3, "backend": "reference"}
+
+
+def _structures(seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    a = bulk("Cu", "fcc", a=3.61, cubic=True)
+    a.symbols[1] = "Au"
+    a.positions += rng.normal(0, 0.1, a.positions.shape)
+    out.append(Structure(a.numbers.copy(), a.positions.copy(), np.array(a.cell), a.pbc.copy(), energy=-1.0))
+    m = molecule("CH4")
+    m.set_chemical_symbols(["Au", "Cu", "Cu", "Au", "Cu"])
+    m.positions *= 1.6
+    m.positions += rng.normal(0, 0.05, m.positions.shape)
+    out.append(Structure(m.numbers.copy(), m.positions.copy(), np.zeros((3, 3)), np.zeros(3, bool), energy=-2.0))
+    return out
+
+
+def _model(dtype="float64", act="tanh", seed=0):
+    torch.manual_seed(seed)
+    m = BPNN(["Cu", "Au", "H"], DESC, hidden=[6, 5], activation=act, dtype=dtype)
+    with torch.no_grad():  # non-trivial normalisation buffers
+        m.feature_mean.uniform_(-0.5, 0.5)
+        m.feature_std.uniform_(0.5, 2.0)
+        m.energy_shift.copy_(torch.tensor([-3.5, -2.1, -1.0], dtype=torch.float64))
+        m.energy_scale.fill_(0.3)
+    return m
+
+
+def _batch(m, structs):
+    return collate(structs, species=m.species, cutoff=m.cutoff)
+
+
+def test_save_load_round_trip(tmp_path):
+    m = _model(act=["softplus", "silu"], dtype="float32")
+    m.reference_energy[1] = -0.25
+    p = tmp_path / "m.pt"
+    m.save(p, metadata={"note": "x"})
+    m2 = BPNN.load(p)
+    s = _structures()
+    e1, f1 = m.energy_and_forces(_batch(m, s))
+    e2, f2 = m2.energy_and_forces(_batch(m2, s))
+    assert torch.equal(e1, e2) and torch.equal(f1, f2)
+    assert m2.config() == m.config() and m2.metadata["note"] == "x"
+    assert e1.dtype == torch.float64
+
+
+def test_load_refuses_other_files(tmp_path):
+    p = tmp_path / "x.pt"
+    torch.save({"format": "something-else", "version": 1}, p)
+    with pytest.raises(DataFormatError, match="not a distmlip model"):
+        BPNN.load(p)
+    m = _model()
+    pay = m.payload()
+    pay["version"] = 99
+    torch.save(pay, p)
+    with pytest.raises(DataFormatError, match="version 99"):
+        BPNN.load(p)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(DataFormatError, match="junk.pt"):
+        BPNN.load(tmp_path / "junk.pt")
+
+
+def test_bad_config_errors():
+    with pytest.raises(ConfigError, match="activation"):
+        BPNN(["Cu"], DESC, hidden=[4], activation="relu6")
+    with pytest.raises(ConfigError, match="dtype"):
+        BPNN(["Cu"], DESC, dtype="float16")
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "softplus", "silu", "linear"])
+def test_forces_are_minus_gradient_finite_differences(act):
+    m = _model(act=act)
+    s = _structures(1)
+    b = _batch(m, s)
+    E, F = m.energy_and_forces(b)
+    pos0 = b.positions.detach().clone()
+    h = 1e-5
+    rng = np.random.default_rng(0)
+    for a in rng.choice(len(pos0), 4, replace=False):
+        for c in range(3):
+            vals = []
+            for sgn in (1, -1):
+                p = pos0.clone()
+                p[a, c] += sgn * h
+                b.positions = p
+                with torch.no_grad():
+                    vals.append(m(b).sum().item())
+            fd = -(vals[0] - vals[1]) / (2 * h)
+            assert abs(fd - F[a, c].item()) < 1e-7 * max(1.0, abs(fd)), (a, c, fd, F[a, c].item())
+
+
+def test_energy_sum_float64_with_large_shift():
+    """Total energies ~1e4 eV: meV differences between structures survive, also with a float32 net."""
+    for dtype in ("float64", "float32"):
+        m = _model(dtype=dtype)
+        s = _structures(2)
+        b = _batch(m, s)
+        with torch.no_grad():
+            e0 = m(b)
+            m.energy_shift += 1e4 / 4.0  # ~ +1e4 eV per 4-atom structure
+            e1 = m(b)
+        n = b.natoms.to(torch.float64)
+        shift = 1e4 / 4.0 * n
+        assert e1.dtype == torch.float64
+        # the shift is exact up to float64 round-off (~1e-12 relative), far below 1 meV
+        assert torch.allclose(e1 - shift, e0, atol=1e-9, rtol=0)
+        d0 = (e0[0] - e0[1]).item()
+        d1 = (e1[0] - e1[1] - (shift[0] - shift[1])).item()
+        assert abs(d0 - d1) < 1e-9
+
+
+def test_float32_network_matches_float64_at_mev_level():
+    m64 = _model("float64")
+    m32 = _model("float32")
+    m32.load_state_dict({k: v.to(m32.state_dict()[k].dtype) for k, v in m64.state_dict().items()})
+    s = _structures(3)
+    with torch.no_grad():
+        e64, e32 = m64(_batch(m64, s)), m32(_batch(m32, s))
+    assert e32.dtype == torch.float64
+    assert (e64 - e32).abs().max().item() < 1e-4  # eV
+
+
+def test_fit_normalization_guards_and_shift():
+    m = BPNN(["Cu", "Au", "H"], DESC, hidden=[4])
+    s = _structures(4)
+    # per-atom energies known: Cu -3, Au -2 per atom, then energies consistent with that
+    for st in s:
+        nCu = int((st.numbers == 29).sum())
+        nAu = int((st.numbers == 79).sum())
+        st.energy = -3.0 * nCu - 2.0 * nAu
+    summary = m.fit_normalization([_batch(m, s)])
+    assert summary["n_structures"] == 2
+    assert torch.allclose(m.energy_shift[:2], torch.tensor([-3.0, -2.0], dtype=torch.float64), atol=1e-9)
+    # H absent: mean/std untouched, std guarded (no zeros anywhere)
+    assert (m.feature_std > 0).all() and torch.isfinite(m.feature_std).all()
+    assert torch.all(m.feature_std[2] == 1.0) and torch.all(m.feature_mean[2] == 0.0)
+    assert float(m.energy_scale) == 1.0  # residual zero -> guarded scale
+    G = m.descriptors(_batch(m, s))
+    cu = _batch(m, s).species == 0
+    assert torch.allclose(m.feature_mean[0], G[cu].mean(0), atol=1e-12)
