@@ -130,11 +130,13 @@ def test_stop_file(tmp_path, monkeypatch):
     B.reset_stop_flag()
     stop = tmp_path / "STOP"
     monkeypatch.setenv("DISTMLIP_STOP_FILE", str(stop))
+    monkeypatch.setattr(B, "_STOP_FILE_PERIOD_S", 0.0)
     try:
         assert ctx.stop_requested() is False
         stop.write_text("")
         assert ctx.stop_requested() is True
         assert str(stop) in ctx.stop_reason()
+        assert B.DistContext(rank=1)._stop_reason is None
     finally:
         B.reset_stop_flag()
 

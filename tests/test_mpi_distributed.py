@@ -124,3 +124,14 @@ def test_uncaught_exception_ends_the_job_without_run_guarded():
 
 def test_rank_dying_ends_the_job():
     _assert_fails_fast([SCRIPT, "die", "3"], "rank 1 dies at step 3")
+
+
+def test_local_wrapper_sets_threads_and_runs_ranks():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    res = subprocess.run(["bash", str(REPO / "launch" / "mpirun_local.sh"), "-n", "2", "python", SCRIPT, "info"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = results(res.stdout)
+    check_info(rows, "mpi")
+    want = str(max(1, len(os.sched_getaffinity(0)) // 2))  # what nproc reports
+    assert all(r["omp"] == want for r in rows), (rows, want)

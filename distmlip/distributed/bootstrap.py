@@ -292,12 +292,22 @@ def _max_op():
 
 
 # encoding of the stop flag: 1000 * (rank + 1) + signal number, max over ranks is one of them
+_STOP_FILE_PERIOD_S = 5.0
+_last_stop_file_check = [float("-inf")]
+
+
 def _local_stop_code(rank: int) -> int:
-    if not _STOP["flag"]:
-        stop_file = os.environ.get("DISTMLIP_STOP_FILE")
-        if stop_file and os.path.exists(stop_file):
-            _STOP["flag"] = True
-            _STOP["signal"] = 999
+    stop_file = os.environ.get("DISTMLIP_STOP_FILE")
+    # only rank 0 looks, at most every few seconds: no metadata storm on a parallel file system
+    if not _STOP["flag"] and stop_file and rank == 0:
+        import time
+
+        now = time.monotonic()
+        if now - _last_stop_file_check[0] >= _STOP_FILE_PERIOD_S:
+            _last_stop_file_check[0] = now
+            if os.path.exists(stop_file):
+                _STOP["flag"] = True
+                _STOP["signal"] = 999
     if not _STOP["flag"]:
         return 0
     return 1000 * (rank + 1) + int(_STOP["signal"] or 0) % 1000
@@ -336,6 +346,10 @@ def _choose_device(device: str, local_rank: int, local_size: int, comm_local) ->
     # Ranks on this node that see the same set of GPUs share them; a launcher that binds one GPU
     # per task (srun --gpus-per-task=1 / --gpu-bind) gives each task its own visible set.
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<all>")
+    try:  # the GPUs' UUIDs identify the hardware even when every task sees its GPU as "0"
+        visible = "|".join(str(torch.cuda.get_device_properties(i).uuid) for i in range(n_gpu))
+    except Exception:
+        pass
     if comm_local is not None:
         sets = comm_local.allgather(visible)
         same = [r for r, s in enumerate(sets) if s == visible]
@@ -346,7 +360,7 @@ def _choose_device(device: str, local_rank: int, local_size: int, comm_local) ->
         if os.environ.get("DISTMLIP_ALLOW_GPU_SHARING", "0") not in ("1", "true", "yes"):
             raise DistributedError(
                 f"{sharing} ranks on node {socket.gethostname()} share {n_gpu} visible GPU(s) "
-                f"(CUDA_VISIBLE_DEVICES={visible!r}): start one rank per GPU (e.g. srun "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): start one rank per GPU (e.g. srun "
                 f"--ntasks-per-node=<GPUs> --gpus-per-task=1, mpirun -n <GPUs> per node), use "
                 f"--device cpu, or set DISTMLIP_ALLOW_GPU_SHARING=1 to place several ranks on one GPU")
         index = index % n_gpu
@@ -652,6 +666,7 @@ def install_stop_handlers(signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
 def reset_stop_flag() -> None:
     """Forget a previous stop request (tests, or a driver that trains several models)."""
     _STOP.update(flag=False, signal=0, count=0)
+    _last_stop_file_check[0] = float("-inf")
     if _CTX is not None:
         _CTX._stop_reason = None
 

@@ -50,6 +50,7 @@ def mode_info(ctx):
         n_nodes=ctx.n_nodes, backend=ctx.backend, launcher=ctx.launcher,
         is_distributed=ctx.is_distributed, mpi_loaded=mpi_loaded,
         env_local_rank=os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK"),
+        omp=os.environ.get("OMP_NUM_THREADS"),
         sum_exact=bool(np.array_equal(t.numpy(), expect)),
         sum_maxdiff=float(np.max(np.abs(t.numpy() - expect))),
         max=m.tolist(), bcast=obj, gathered=gathered, stop=ctx.stop_requested(),
