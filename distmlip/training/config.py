@@ -90,6 +90,7 @@ class TrainingConfig:
     warm_start: Optional[str] = None    # model file to fine-tune from
     refit_normalization: bool = False   # with warm_start: refit descriptor/energy normalisation
     validate_every: int = 1
+    log_every: int = 1                  # epochs between progress lines (the CSV log has every epoch)
     progress_bar: Literal["auto", "on", "off"] = "auto"
 
     def validate(self):

@@ -460,7 +460,7 @@ class Trainer:
                         return "stopped"
                     self._write_models()
                     return status
-            self._end_epoch(epoch, acc, time.time() - t0)
+            self._end_epoch(epoch, acc, t0)
             if stop:
                 self._log(f"stop requested: checkpoint written to {self.out / 'checkpoint.pt'} after epoch "
                           f"{epoch + 1}; resume with 'distmlip train CONFIG --resume {self.out / 'checkpoint.pt'}'")
@@ -475,7 +475,7 @@ class Trainer:
 
     _early_stop = False
 
-    def _end_epoch(self, epoch, acc, dt):
+    def _end_epoch(self, epoch, acc, t0):
         tc = self.cfg.training
         self.ctx.all_reduce_sum(acc)
         tr = metrics_from_sums(acc)
@@ -497,7 +497,7 @@ class Trainer:
             self.sched.step(metric)
         elif self.sched is not None:
             self.sched.step()
-        dt_total = dt + 0.0
+        dt_total = time.time() - t0  # training + validation of this epoch
         row = {"epoch": epoch + 1, "steps": self.global_step, "lr": f"{lr:.6g}",
                "train_loss": f"{tr['loss']:.8g}", "train_E_rmse_meV_atom": _fmt(tr["E_rmse_meV_atom"]),
                "train_E_mae_meV_atom": _fmt(tr["E_mae_meV_atom"]),
@@ -516,7 +516,8 @@ class Trainer:
             if self.force_mode:
                 line += f"  F_rmse {val['F_rmse']:.4f} F_mae {val['F_mae']:.4f} eV/A"
         line += f"  lr {lr:.3g}  {dt_total:.1f} s" + ("  *" if improved else "")
-        self._log(line)
+        if (epoch + 1) % max(tc.log_every, 1) == 0 or epoch + 1 == tc.epochs or epoch == 0:
+            self._log(line)
         self.epoch = epoch + 1
         self.step_in_epoch = 0
         if tc.checkpoint_every > 0 and (self.epoch % tc.checkpoint_every == 0 or self.epoch == tc.epochs):
