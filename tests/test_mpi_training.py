@@ -1,0 +1,117 @@
+"""Data-parallel training under real `mpirun -n 2`: 1 rank == 2 ranks on the same global batches
+(energy and force mode), SIGTERM mid-epoch + resume == uninterrupted run, a 2-rank checkpoint
+resumed on 1 rank, and a rank raising inside `distmlip train` ending the job."""
+import shutil
+import time
+
+import pytest
+import torch
+
+from distmlip.data.h5store import write_dataset
+from helpers import REPO, mpirun
+from test_train import emt_structures
+
+EQUIV = str(REPO / "tests" / "mpi_scripts" / "train_equiv.py")
+CLI = str(REPO / "tests" / "mpi_scripts" / "train_cli.py")
+
+
+@pytest.fixture(scope="module")
+def emt_h5(tmp_path_factory):
+    p = tmp_path_factory.mktemp("emt_mpi") / "emt.h5"
+    write_dataset(p, emt_structures(24))
+    return p
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
+
+
+def test_one_rank_equals_two_ranks_on_the_same_global_batches(tmp_path, emt_h5):
+    import subprocess
+    import sys
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for k in [k for k in env if k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_"))]:
+        del env[k]
+    res = subprocess.run([sys.executable, EQUIV, str(emt_h5), str(tmp_path), "energy", "force"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    mpirun(2, [EQUIV, str(emt_h5), str(tmp_path), "energy", "force"], timeout=300)
+    for mode in ("energy", "force"):
+        w1 = torch.load(tmp_path / f"{mode}_w1.pt", weights_only=True)
+        w2 = torch.load(tmp_path / f"{mode}_w2.pt", weights_only=True)
+        init = torch.load(tmp_path / f"{mode}_w1_init.pt", weights_only=True)
+        moved = max_diff(w1, init)
+        assert moved > 1e-3, f"{mode}: the 20 steps hardly changed the weights ({moved})"
+        assert max_diff(init, torch.load(tmp_path / f"{mode}_w2_init.pt", weights_only=True)) < 1e-12
+        d = max_diff(w1, w2)
+        assert d < 1e-10, f"{mode}: 1 rank vs 2 ranks differ by {d}"
+
+
+def write_cfg(path, h5, out, epochs=3):
+    path.write_text(f"""
+data: {{train: [{h5}], fractions: [0.75, 0.25, 0.0]}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
+model: {{hidden: [6, 6]}}
+training: {{mode: force, alpha: 0.2, epochs: {epochs}, batch_atoms: 16, lr: 0.01, output: {out},
+           progress_bar: 'off', scheduler: none}}
+""")
+    return path
+
+
+def test_sigterm_mid_epoch_then_resume(tmp_path, emt_h5):
+    from distmlip.training.config import load_train_config
+    from distmlip.training.trainer import Trainer
+
+    ref_out, run_out = tmp_path / "ref", tmp_path / "run"
+    ref_cfg = write_cfg(tmp_path / "ref.yaml", emt_h5, ref_out)
+    run_cfg = write_cfg(tmp_path / "run.yaml", emt_h5, run_out)
+    mpirun(2, [CLI, "train", str(ref_cfg)], timeout=300)
+    # 3 steps per epoch on 2 ranks: SIGTERM to rank 1 in global step 4 -> stop after step 5,
+    # i.e. in the middle of epoch 2
+    res = mpirun(2, [CLI, "train", str(run_cfg)], env={"DISTMLIP_TEST_SIGNAL": "1:4:SIGTERM"}, timeout=300)
+    assert "stop requested" in res.stdout and "--resume" in res.stdout, res.stdout
+    assert not (run_out / "last_model.pt").exists()
+    ck = torch.load(run_out / "checkpoint.pt", weights_only=True)
+    assert (ck["epoch"], ck["step"], ck["global_step"]) == (1, 2, 5), (ck["epoch"], ck["step"], ck["global_step"])
+    saved = tmp_path / "stopped_checkpoint.pt"
+    shutil.copyfile(run_out / "checkpoint.pt", saved)
+
+    mpirun(2, [CLI, "train", str(run_cfg), "--resume", "auto"], timeout=300)
+    ref = torch.load(ref_out / "last_model.pt", weights_only=True)
+    got = torch.load(run_out / "last_model.pt", weights_only=True)
+    ref_sd, got_sd = ref.get("state_dict", ref), got.get("state_dict", got)
+    tensors = {k: v for k, v in ref_sd.items() if torch.is_tensor(v)}
+    assert tensors, list(ref_sd)
+    d = max_diff(tensors, {k: got_sd[k] for k in tensors})
+    assert d == 0.0, f"resumed 2-rank run differs from the uninterrupted one by {d}"
+
+    # the 2-rank checkpoint on ONE rank: exactly its weights and optimizer state, then trains on
+    one_cfg = load_train_config(write_cfg(tmp_path / "one.yaml", emt_h5, tmp_path / "one"))
+    tr = Trainer(one_cfg, resume=str(saved), quiet=True)
+    from distmlip.models.bpnn import BPNN
+
+    ck_model = BPNN.from_payload(ck["model"])
+    assert max_diff(tr.model.state_dict(), ck_model.state_dict()) == 0.0
+    opt = tr.opt.state_dict()
+    assert opt["param_groups"] == ck["optimizer"]["param_groups"]
+    for k, st in ck["optimizer"]["state"].items():
+        for name, v in st.items():
+            assert torch.equal(torch.as_tensor(opt["state"][k][name]), torch.as_tensor(v)), (k, name)
+    assert (tr.epoch, tr.step_in_epoch, tr.global_step) == (1, 2, 5)
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    assert tr.fit() == "done"
+    assert tr.global_step > 5 and max_diff(before, tr.model.state_dict()) > 0
+
+
+def test_rank_raising_in_train_step_ends_the_job(tmp_path, emt_h5):
+    cfg = write_cfg(tmp_path / "c.yaml", emt_h5, tmp_path / "out", epochs=50)
+    t0 = time.time()
+    res = mpirun(2, [CLI, "train", str(cfg)], env={"DISTMLIP_TEST_RAISE": "1:3"}, timeout=120, check=False)
+    elapsed = time.time() - t0
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out
+    assert elapsed < 60, elapsed
+    assert "injected failure in step 3 on rank 1" in out, out
