@@ -208,3 +208,20 @@ def test_local_gpr_split_is_bounded_and_accurate():
     assert np.abs(e.numpy() - Et).mean() < 0.05 * np.std(E)
     labels, _ = bounded_kmeans(rng.normal(size=(50, 3)), 7, seed=0)
     assert np.bincount(labels).max() <= 7 and len(np.unique(labels)) == 8
+
+
+def test_chebyshev_fingerprint_blocks_match_finite_differences():
+    from distmlip.gpr.fingerprints import ChebyshevFingerprint
+
+    for mode in ("concat", "sum"):
+        fpo = ChebyshevFingerprint(["Cu", "Ni"], rc_radial=4.0, n_radial=4, rc_angular=3.5,
+                                   n_angular=2, mode=mode)
+        numbers = np.array([29, 28, 29, 28])
+        base = np.array([[0, 0, 0], [2.4, 0.1, 0], [0.2, 2.3, 0.3], [1.3, 1.2, 1.9]], float)
+        fp = lambda R: fpo._one(numbers, np.asarray(R).reshape(-1, 3), np.zeros((3, 3)), np.zeros(3, bool), True)
+        rng = np.random.default_rng(8)
+        Ra = base.ravel()
+        Rb = Ra + 0.15 * rng.normal(size=Ra.size)
+        x, J = fp(Ra)
+        assert J.shape == (x.numel(), 12)
+        _fd_blocks(fp, [Ra, Rb], w=1.0, l=float(torch.linalg.norm(fp(Ra)[0] - fp(Rb)[0])) + 0.5, h=1e-5)

@@ -308,19 +308,27 @@ class GPR:
                  for k, v in self.given.items() if v is not None}
         init = dict(weight=1.0, length_scale=med, noise_energy=self.init_noise_energy,
                     noise_force=self.init_noise_force)
-        # coarse multi-start over the length scale (one factorisation each), then L-BFGS
-        starts = [0.25, 0.5, 1.0, 2.0] if "length_scale" in names else [1.0]
+        # coarse multi-start (one factorisation each), then L-BFGS from the best start.  The
+        # LML is often flat along the ridge w ~ l (energies fix w, forces fix w / l), so starts
+        # lie both at w = 1 and on the force-matched line w = f l / s.
+        lfac = [0.25, 0.5, 1.0, 2.0] if "length_scale" in names else [1.0]
         best = None
-        for f in starts:
-            th = torch.tensor([math.log(init[k] * (f if k == "length_scale" else 1.0)) for k in names],
-                              dtype=torch.float64, device=self.device)
-            with torch.no_grad():
-                try:
-                    v = float(self._lml(Xs, Js, y, th, names, fixed))
-                except InputError:
-                    continue
-            if best is None or v > best[0]:
-                best = (v, th)
+        for fl in lfac:
+            l0 = init["length_scale"] * fl if "length_scale" in names else float(fixed["length_scale"])
+            wst = [1.0]
+            if "weight" in names and self.use_forces:
+                wst.append(max(1e-3, self.f * l0 / self.s))
+            for w0 in wst:
+                start = dict(init, length_scale=l0, weight=w0)
+                th = torch.tensor([math.log(start[k]) for k in names], dtype=torch.float64,
+                                  device=self.device)
+                with torch.no_grad():
+                    try:
+                        v = float(self._lml(Xs, Js, y, th, names, fixed))
+                    except InputError:
+                        continue
+                if math.isfinite(v) and (best is None or v > best[0]):
+                    best = (v, th)
         if best is None:
             raise InputError("GPR: no initial hyperparameters gave a positive-definite kernel")
         lml0 = best[0]

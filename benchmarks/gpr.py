@@ -1,0 +1,152 @@
+"""GPR acceptance benchmarks (prints the numbers; no assertions).
+
+    python benchmarks/gpr.py ec  [--weight W --length-scale L ...] [--fit-max-obs N] [--device cpu]
+    python benchmarks/gpr.py h2
+
+ec: EC dimers (250 train / 750 test, Cartesian fingerprint, energies + forces): test energy MAE,
+per-component force MAE, fit and prediction times, peak memory (max RSS), calibration (fraction of
+test errors inside 1 and 2 predicted sigma; latent sigma and sigma including the fitted energy
+noise).  Targets: energy MAE <= 0.0175 eV, force MAE <= 0.15 eV/A (aenet-gpr 3.7.9 on a
+2-core machine: 0.022 eV, 0.150 eV/A, 115 s).
+
+h2: H2 Lennard-Jones (7 training points): M = 20 copies per point with delta = 0.05 A, labelled by
+the GPR; MAE of the labels against the exact LJ energy (ASE LennardJones, epsilon = sigma = 1,
+rc = 3, which reproduces the data files), target <= 0.03 eV; the Taylor labels for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distmlip.data.readers import read_xsf  # noqa: E402
+from distmlip.gpr.model import GPR, LocalGPR  # noqa: E402
+from distmlip.gpr.sampling import displace, subset_rng, taylor_energy  # noqa: E402
+
+SHARED = Path(os.environ.get("DISTMLIP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def load(folder):
+    files = sorted(glob.glob(str(folder / "*.xsf")))
+    S = [read_xsf(f)[0] for f in files]
+    R = np.array([s.positions.ravel() for s in S])
+    E = np.array([s.energy for s in S])
+    F = np.array([s.forces.ravel() for s in S])
+    return S, R, E, F
+
+
+def peak_rss_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def ec(args):
+    d = SHARED / "ec_dimer"
+    _, Rtr, Etr, Ftr = load(d / "train")
+    _, Rte, Ete, Fte = load(d / "test")
+    print(f"EC dimers: {len(Etr)} train, {len(Ete)} test, {Rtr.shape[1] // 3} atoms, "
+          f"kernel n = {len(Etr) * (1 + Rtr.shape[1])}, threads {torch.get_num_threads()}", flush=True)
+    kw = dict(weight=args.weight, length_scale=args.length_scale, noise_energy=args.noise_energy,
+              noise_force=args.noise_force, device=args.device, fit_max_obs=args.fit_max_obs,
+              fit_iterations=args.fit_iterations, seed=0)
+    t0 = time.perf_counter()
+    g = LocalGPR(max_obs=args.max_obs, **kw).fit(Rtr, None, Etr, Ftr)
+    t_fit = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    e, f, s = g.predict(Rte)
+    t_pred = time.perf_counter() - t1
+    e, f, s = e.numpy(), f.numpy(), s.numpy()
+    err = np.abs(e - Ete)
+    ferr = np.abs(f - Fte)
+    noise_e = g.info["noise_energy_eV"]
+    s_obs = np.sqrt(s ** 2 + noise_e ** 2)
+    res = {
+        "energy_mae_eV": float(err.mean()), "energy_rmse_eV": float(np.sqrt((err ** 2).mean())),
+        "force_mae_eVA": float(ferr.mean()), "force_rmse_eVA": float(np.sqrt((ferr ** 2).mean())),
+        "fit_s": t_fit, "predict_s": t_pred, "peak_rss_GiB": peak_rss_gib(),
+        "within_1sigma": float((err <= s).mean()), "within_2sigma": float((err <= 2 * s).mean()),
+        "within_1sigma_with_noise": float((err <= s_obs).mean()),
+        "within_2sigma_with_noise": float((err <= 2 * s_obs).mean()),
+        "mean_sigma_eV": float(s.mean()),
+        "hyper": {k: g.info.get(k) for k in ("weight", "length_scale", "noise_energy", "noise_force",
+                                             "weight_eV", "noise_energy_eV", "noise_force_eVA",
+                                             "energy_scale_eV", "force_scale_eVA", "jitter",
+                                             "jitter_rel", "lml", "fit_structures", "fit_obs",
+                                             "lml_fit_start", "lml_fit_end", "time_hyper_s",
+                                             "time_factor_s", "n_local", "n_obs")},
+    }
+    print(f"energy MAE {res['energy_mae_eV']:.4f} eV (target <= 0.0175; aenet-gpr 0.022)")
+    print(f"force MAE  {res['force_mae_eVA']:.4f} eV/A (target <= 0.15; aenet-gpr 0.150)")
+    print(f"fit {t_fit:.1f} s (hyperparameters {g.info.get('time_hyper_s', 0):.1f} s, factorisation "
+          f"{g.info.get('time_factor_s', 0):.1f} s), predict {t_pred:.1f} s for {len(Ete)} structures, "
+          f"peak RSS {res['peak_rss_GiB']:.2f} GiB")
+    print(f"calibration: {100 * res['within_1sigma']:.1f}% within 1 sigma, {100 * res['within_2sigma']:.1f}% "
+          f"within 2 sigma (latent); with energy noise {100 * res['within_1sigma_with_noise']:.1f}% / "
+          f"{100 * res['within_2sigma_with_noise']:.1f}%")
+    print(json.dumps(res, indent=1, default=float), flush=True)
+    return res
+
+
+def h2(args):
+    from ase import Atoms
+    from ase.calculators.lj import LennardJones
+
+    S, R, E, F = load(SHARED / "h2_lj" / "train")
+    g = GPR(weight=args.weight, length_scale=args.length_scale, noise_energy=args.noise_energy,
+            noise_force=args.noise_force, seed=0).fit(R, None, E, F)
+    rng = subset_rng(0, "h2")
+    calc = LennardJones(epsilon=1.0, sigma=1.0)
+    pos, exact, taylor = [], [], []
+    for s, e0, f0 in zip(S, E, F):
+        dis = displace(s.positions, 20, 0.05, rng, min_dist=0.5)
+        taylor.append(taylor_energy(e0, f0, dis))
+        for d in dis:
+            a = Atoms(numbers=s.numbers, positions=s.positions + d)
+            a.calc = calc
+            exact.append(a.get_potential_energy())
+            pos.append((s.positions + d).ravel())
+    # the LJ model reproduces the reference files
+    a = Atoms(numbers=S[0].numbers, positions=S[0].positions); a.calc = calc
+    assert abs(a.get_potential_energy() - E[0]) < 1e-9
+    e, _, sd = g.predict(np.array(pos), forces=False)
+    exact = np.array(exact)
+    taylor = np.concatenate(taylor)
+    mae = float(np.abs(e.numpy() - exact).mean())
+    print(f"H2 LJ: {len(exact)} copies (M = 20, delta = 0.05 A): GPR label MAE {mae:.4f} eV "
+          f"(target <= 0.03), max {np.abs(e.numpy() - exact).max():.4f} eV, mean sigma "
+          f"{float(sd.mean()):.4f} eV; Taylor label MAE {np.abs(taylor - exact).mean():.4f} eV")
+    print("hyperparameters:", {k: g.info[k] for k in ("weight", "length_scale", "noise_energy",
+                                                       "noise_force", "weight_eV", "jitter", "lml")})
+    return mae
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("which", choices=["ec", "h2", "all"])
+    ap.add_argument("--weight", type=float)
+    ap.add_argument("--length-scale", type=float)
+    ap.add_argument("--noise-energy", type=float)
+    ap.add_argument("--noise-force", type=float)
+    ap.add_argument("--fit-max-obs", type=int, default=3000)
+    ap.add_argument("--fit-iterations", type=int, default=60)
+    ap.add_argument("--max-obs", type=int, default=None, help="split into local GPRs above this")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.set_default_dtype(torch.float64)
+    if args.which in ("h2", "all"):
+        h2(args)
+    if args.which in ("ec", "all"):
+        ec(args)
+
+
+if __name__ == "__main__":
+    main()

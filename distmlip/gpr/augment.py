@@ -1,0 +1,526 @@
+"""``distmlip augment config.yaml``: GPR-ANN data augmentation (and the Taylor baseline).
+
+For every subset of the input data set, a GPR is fitted to the energies and forces of its
+reference structures (``distmlip.gpr.model``); ``copies`` randomly displaced copies of every
+reference structure (``distmlip.gpr.sampling``) are labelled with the GPR energy and its standard
+deviation (``method: gpr``) or with the first-order Taylor expansion ``E - F . d``
+(``method: taylor``).  Copies whose uncertainty exceeds ``max_uncertainty`` are not used for
+training; they go to an extended-XYZ file of active-learning candidates.  The output is a new
+HDF5 data set: the input structures unchanged, then the synthetic copies subset by subset
+(flags ``synthetic``, ``parent`` = index of the source structure, ``uncertainty`` in eV,
+``weight`` = ``synthetic_weight``); copies inherit the parent's source, source index and stored
+split, so a split by source never separates a copy from its parent.
+
+Under ``mpirun -n K`` subsets are assigned to ranks by estimated cost n^3 (n = N (1 + 3 natoms)
+kernel rows), largest first onto the least-loaded rank; each rank writes one shard per subset
+(``<workdir>/subset_XXXXX.npz``, atomic) and rank 0 merges the shards in subset order.  The random
+displacements of a subset are seeded by (seed, subset name), so the output does not depend on K.
+A rerun skips subsets whose shard exists with the same settings (crash recovery); ``--fresh``
+recomputes everything.
+
+Example config::
+
+    input: data/train.h5
+    output: data/train_gpr.h5
+    method: gpr            # or taylor
+    copies: 20
+    delta: 0.03            # A, std of the Gaussian displacement of every component
+    seed: 0
+    max_uncertainty: 0.05  # eV; copies above go to <output>.candidates.xyz
+    gpr:
+      fingerprint: cartesian   # or chebyshev
+      device: cpu
+    subsets:
+      Li12C3H4O3_0: {copies: 36, delta: 0.034, fixed_atoms: [0, 1, 2]}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+
+from ..config import load_config, parse_override
+from ..errors import ConfigError, InputError
+from ..utils.io import atomic_path, atomic_write_text
+from ..utils.log import log, rank_and_size, warn
+
+__all__ = ["AugmentConfig", "GPRSettings", "SubsetSettings", "augment", "add_arguments", "run"]
+
+
+# ------------------------------------------------------------------------------------------
+# configuration
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class ChebyshevSettings:
+    rc_radial: float = 4.0
+    n_radial: int = 8
+    rc_angular: float = 3.0
+    n_angular: int = 4
+    mode: Literal["concat", "sum"] = "concat"
+
+
+@dataclass
+class GPRSettings:
+    fingerprint: Literal["cartesian", "chebyshev"] = "cartesian"
+    chebyshev: ChebyshevSettings = field(default_factory=ChebyshevSettings)
+    # hyperparameters (see distmlip.gpr.model for units); None -> fitted by maximum LML
+    weight: Optional[float] = None
+    length_scale: Optional[float] = None
+    noise_energy: Optional[float] = None
+    noise_force: Optional[float] = None
+    fit_max_obs: int = 3000          # LML fit on a random sub-sample of at most this many rows
+    fit_iterations: int = 60
+    max_kernel_obs: Optional[int] = None   # split into local GPRs above this (None: from memory)
+    memory_fraction: float = 0.5
+    device: str = "cpu"
+
+    def validate(self):
+        if self.fit_max_obs < 2:
+            raise ConfigError("gpr.fit_max_obs must be >= 2")
+        if not 0 < self.memory_fraction <= 1:
+            raise ConfigError("gpr.memory_fraction must be in (0, 1]")
+        for k in ("weight", "length_scale", "noise_energy", "noise_force"):
+            v = getattr(self, k)
+            if v is not None and not v > 0:
+                raise ConfigError(f"gpr.{k} must be positive (or omitted to fit it), got {v}")
+
+
+@dataclass
+class SubsetSettings:
+    copies: Optional[int] = None
+    delta: Optional[float] = None
+    fixed_atoms: list[int] = field(default_factory=list)
+    max_uncertainty: Optional[float] = None
+    skip: bool = False
+
+
+@dataclass
+class AugmentConfig:
+    input: str = ""
+    output: str = ""
+    method: Literal["gpr", "taylor"] = "gpr"
+    copies: int = 20
+    delta: float = 0.03
+    seed: int = 0
+    min_distance: float = 0.5
+    max_uncertainty: Optional[float] = None
+    synthetic_weight: float = 1.0
+    candidates: Optional[str] = None      # default <output stem>.candidates.xyz
+    report: Optional[str] = None          # default <output stem>.report.json (+ .txt)
+    workdir: Optional[str] = None         # default <output>.shards
+    subsets: dict[str, SubsetSettings] = field(default_factory=dict)
+    gpr: GPRSettings = field(default_factory=GPRSettings)
+
+    def validate(self):
+        if not self.input:
+            raise ConfigError("augment: 'input' (HDF5 data set) is required")
+        if not self.output:
+            raise ConfigError("augment: 'output' (new HDF5 data set) is required")
+        if self.copies < 0:
+            raise ConfigError(f"augment: 'copies' must be >= 0, got {self.copies}")
+        if not self.delta >= 0:
+            raise ConfigError(f"augment: 'delta' must be >= 0, got {self.delta}")
+        if self.max_uncertainty is not None and not self.max_uncertainty > 0:
+            raise ConfigError("augment: 'max_uncertainty' must be positive")
+        if not self.synthetic_weight >= 0:
+            raise ConfigError("augment: 'synthetic_weight' must be >= 0")
+        for name, s in self.subsets.items():
+            if s.copies is not None and s.copies < 0:
+                raise ConfigError(f"augment: subsets.{name}.copies must be >= 0")
+            if s.delta is not None and not s.delta >= 0:
+                raise ConfigError(f"augment: subsets.{name}.delta must be >= 0")
+
+    # derived paths
+    def out_stem(self) -> Path:
+        p = Path(self.output)
+        return p.with_suffix("") if p.suffix in (".h5", ".hdf5") else p
+
+    def workdir_path(self) -> Path:
+        return Path(self.workdir) if self.workdir else Path(str(self.output) + ".shards")
+
+    def candidates_path(self) -> Path:
+        return Path(self.candidates) if self.candidates else Path(str(self.out_stem()) + ".candidates.xyz")
+
+    def report_path(self) -> Path:
+        return Path(self.report) if self.report else Path(str(self.out_stem()) + ".report.json")
+
+    def for_subset(self, name: str) -> dict:
+        s = self.subsets.get(name, SubsetSettings())
+        return dict(copies=self.copies if s.copies is None else s.copies,
+                    delta=self.delta if s.delta is None else s.delta,
+                    fixed_atoms=list(s.fixed_atoms),
+                    max_uncertainty=self.max_uncertainty if s.max_uncertainty is None else s.max_uncertainty,
+                    skip=s.skip)
+
+
+# ------------------------------------------------------------------------------------------
+# one subset
+# ------------------------------------------------------------------------------------------
+
+def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray) -> str:
+    """Digest of everything a subset's shard depends on (rerun validity)."""
+    d = {"method": cfg.method, "seed": cfg.seed, "min_distance": cfg.min_distance,
+         "sub": cfg.for_subset(name), "gpr": asdict(cfg.gpr) if cfg.method == "gpr" else None,
+         "name": name, "n_in": n_in, "idx": hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest(),
+         "input": os.path.abspath(cfg.input)}
+    d["gpr"] and d["gpr"].pop("device", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _parents_of(ds, sid: int) -> tuple[np.ndarray, int]:
+    """Reference structures of a subset: not synthetic, with forces.  Returns (indices, n_without_forces)."""
+    ids = np.flatnonzero(ds.subset_ids == sid)
+    synth = ds.column("synthetic")[ids].astype(bool)
+    hf = ds.column("has_forces")[ids].astype(bool)
+    return ids[~synth & hf], int((~synth & ~hf).sum())
+
+
+def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
+    """Augment one subset; returns arrays (parent, copy, positions, energy, uncertainty, kept)
+    and the report entry."""
+    import torch
+
+    from .fingerprints import make_fingerprint
+    from .model import LocalGPR
+    from .sampling import displace, subset_rng, taylor_energy
+
+    t0 = time.perf_counter()
+    name = ds.subsets[sid]["name"]
+    sub = cfg.for_subset(name)
+    idx, n_noforce = _parents_of(ds, sid)
+    M, delta = int(sub["copies"]), float(sub["delta"])
+    rep = {"subset": name, "subset_id": int(sid), "method": cfg.method, "rank": rank,
+           "n_reference": int(len(idx)), "n_without_forces": n_noforce, "copies_per_structure": M,
+           "delta_A": delta, "fixed_atoms": sub["fixed_atoms"], "max_uncertainty_eV": sub["max_uncertainty"]}
+    empty = dict(parent=np.zeros(0, np.int64), copy=np.zeros(0, np.int64), positions=np.zeros((0, 0, 3)),
+                 energy=np.zeros(0), uncertainty=np.zeros(0), kept=np.zeros(0, bool))
+    if sub["skip"] or len(idx) == 0 or M == 0:
+        rep.update(n_copies=0, n_kept=0, n_candidates=0, skipped=True,
+                   reason="skip" if sub["skip"] else ("no structures with forces" if len(idx) == 0 else "copies = 0"))
+        return {**empty, "report": rep}
+    structs = ds.read(idx)
+    ref = structs[0]
+    for s in structs:
+        if s.natoms != ref.natoms or not np.array_equal(s.numbers, ref.numbers):
+            raise InputError(f"{cfg.input}: structure {s.index}, field 'numbers': subset '{name}' is not "
+                             f"homogeneous (atom sequence differs from structure {ref.index}); the GPR "
+                             f"fingerprints need one atom order per subset")
+    rng = subset_rng(cfg.seed, name)
+    nat = ref.natoms
+    disp = np.stack([displace(s.positions, M, delta, rng, fixed=sub["fixed_atoms"], cell=s.cell,
+                              pbc=s.pbc, min_dist=cfg.min_distance,
+                              where=f"{cfg.input}: structure {s.index} (subset '{name}')")
+                     for s in structs])                                  # [N, M, nat, 3]
+    pos = np.stack([s.positions for s in structs])[:, None] + disp       # [N, M, nat, 3]
+    E0 = np.array([s.energy for s in structs])
+    F0 = np.stack([s.forces for s in structs])
+    t_sample = time.perf_counter() - t0
+    if cfg.method == "taylor":
+        energy = np.concatenate([taylor_energy(E0[k], F0[k], disp[k]) for k in range(len(structs))])
+        unc = np.zeros(len(energy))
+    else:
+        g = cfg.gpr
+        if g.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"gpr.device is {g.device!r} but torch has no CUDA device here")
+        fp = make_fingerprint(g.fingerprint, species=ds.species,
+                              **(asdict(g.chebyshev) if g.fingerprint == "chebyshev" else {}))
+        X, J = fp.compute([s.positions for s in structs], ref)
+        X, J = fp.fit_scale(X, J)
+        model = LocalGPR(max_obs=g.max_kernel_obs, memory_fraction=g.memory_fraction,
+                         seed=cfg.seed, weight=g.weight, length_scale=g.length_scale,
+                         noise_energy=g.noise_energy, noise_force=g.noise_force, device=g.device,
+                         fit_max_obs=g.fit_max_obs, fit_iterations=g.fit_iterations)
+        model.fit(X, J, E0, F0.reshape(len(structs), -1))
+        Xs, _ = fp.compute(list(pos.reshape(-1, nat, 3)), ref, with_jacobian=False)
+        clusters = np.repeat(model.labels, M)
+        e, _, s = model.predict(Xs, None, forces=False, variance=True, clusters=clusters)
+        energy, unc = e.numpy().astype(np.float64), s.numpy().astype(np.float64)
+        info = model.info
+        rep["fingerprint"] = fp.state()
+        rep["gpr"] = {k: info.get(k) for k in (
+            "weight", "length_scale", "noise_energy", "noise_force", "weight_eV", "noise_energy_eV",
+            "noise_force_eVA", "energy_mean_eV", "energy_scale_eV", "force_scale_eVA", "jitter",
+            "jitter_rel", "lml", "fitted", "fit_structures", "fit_obs", "lml_fit_start", "lml_fit_end",
+            "n_obs", "max_kernel_obs", "memory_cap_obs", "n_local", "local_sizes", "time_hyper_s",
+            "time_fit_s", "time_predict_s") if k in info}
+    thr = sub["max_uncertainty"]
+    kept = np.ones(len(energy), bool) if thr is None else unc <= thr
+    N = len(structs)
+    rep.update(
+        n_copies=int(len(energy)), n_kept=int(kept.sum()), n_candidates=int((~kept).sum()),
+        uncertainty_eV={"mean": float(unc.mean()), "median": float(np.median(unc)),
+                        "p95": float(np.percentile(unc, 95)), "max": float(unc.max())},
+        label_minus_parent_eV={"mean": float((energy - np.repeat(E0, M)).mean()),
+                               "std": float((energy - np.repeat(E0, M)).std())},
+        time_sample_s=t_sample, time_total_s=time.perf_counter() - t0)
+    return dict(parent=np.repeat(idx, M).astype(np.int64), copy=np.tile(np.arange(M), N).astype(np.int64),
+                positions=pos.reshape(-1, nat, 3), energy=energy, uncertainty=unc, kept=kept, report=rep)
+
+
+# ------------------------------------------------------------------------------------------
+# shards
+# ------------------------------------------------------------------------------------------
+
+def _shard_path(workdir: Path, sid: int) -> Path:
+    return workdir / f"subset_{sid:05d}.npz"
+
+
+def write_shard(path: Path, res: dict, key: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, key=np.array(key), report=np.array(json.dumps(res["report"], default=float)),
+                     **{k: res[k] for k in ("parent", "copy", "positions", "energy", "uncertainty", "kept")})
+
+
+def read_shard(path: Path) -> dict | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as exc:
+        warn(f"{path}: unreadable shard ({exc}); recomputing")
+        return None
+    d["key"] = str(d["key"])
+    d["report"] = json.loads(str(d["report"]))
+    return d
+
+
+def shard_is_done(path: Path, key: str) -> bool:
+    if not path.is_file():
+        return False
+    d = read_shard(path)
+    return d is not None and d["key"] == key
+
+
+# ------------------------------------------------------------------------------------------
+# distribution
+# ------------------------------------------------------------------------------------------
+
+def assign_subsets(costs: dict[int, float], world: int) -> dict[int, int]:
+    """Largest-first greedy assignment of subsets to the least-loaded rank (ties: lowest rank,
+    lower subset id first); identical on every rank."""
+    load = [0.0] * world
+    out = {}
+    for sid in sorted(costs, key=lambda s: (-costs[s], s)):
+        r = min(range(world), key=lambda k: (load[k], k))
+        out[sid] = r
+        load[r] += costs[sid]
+    return out
+
+
+def _estimated_cost(cfg, ds, sid, n_ref) -> float:
+    nat = int(ds.subsets[sid].get("natoms", -1))
+    if nat <= 0:
+        nat = int(np.max(ds.natoms[ds.subset_ids == sid])) if n_ref else 1
+    sub = cfg.for_subset(ds.subsets[sid]["name"])
+    if sub["skip"] or n_ref == 0:
+        return 0.0
+    if cfg.method == "taylor":
+        return float(n_ref * max(sub["copies"], 1) * nat)
+    n = n_ref * (1 + 3 * nat)
+    cap = cfg.gpr.max_kernel_obs
+    if cap and n > cap:      # local GPRs: (n / cap) blocks of cap^3
+        return float(n / cap * cap ** 3)
+    return float(n) ** 3
+
+
+def _comm():
+    rank, size = rank_and_size()
+    if size <= 1:
+        return None, 0, 1
+    from mpi4py import MPI
+
+    c = MPI.COMM_WORLD
+    return c, c.Get_rank(), c.Get_size()
+
+
+def augment(cfg: AugmentConfig, fresh: bool = False) -> dict | None:
+    """Run the augmentation (all ranks); rank 0 returns the report, other ranks None."""
+    from ..data.h5store import H5Dataset
+
+    comm, rank, world = _comm()
+    if not Path(cfg.input).is_file():
+        raise InputError(f"augment: input data set {cfg.input} does not exist")
+    if os.path.abspath(cfg.input) == os.path.abspath(cfg.output):
+        raise ConfigError("augment: 'output' must differ from 'input' (a NEW data set is written)")
+    ds = H5Dataset(cfg.input)
+    names = [t["name"] for t in ds.subsets]
+    unknown = sorted(set(cfg.subsets) - set(names))
+    if unknown:
+        raise ConfigError(f"augment: subsets {unknown} in the config are not in {cfg.input}; "
+                          f"its subsets are: {', '.join(names)}")
+    workdir = cfg.workdir_path()
+    if rank == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+    if comm is not None:
+        comm.Barrier()
+    parents = {sid: _parents_of(ds, sid)[0] for sid in range(len(names))}
+    keys = {sid: _subset_key(cfg, names[sid], ds.n_structures, parents[sid]) for sid in parents}
+    costs = {sid: _estimated_cost(cfg, ds, sid, len(parents[sid])) for sid in parents}
+    owner = assign_subsets(costs, world)
+    mine = [sid for sid in sorted(costs, key=lambda s: (-costs[s], s)) if owner[sid] == rank]
+    log(f"augment: {cfg.method}, {len(names)} subsets, {sum(len(p) for p in parents.values())} reference "
+        f"structures, {world} rank(s); shards in {workdir}")
+    t0 = time.perf_counter()
+    for k, sid in enumerate(mine):
+        path = _shard_path(workdir, sid)
+        pre = f"[rank {rank}] " if world > 1 else ""
+        if not fresh and shard_is_done(path, keys[sid]):
+            print(f"{pre}subset {names[sid]}: finished earlier, skipped ({path.name})", flush=True)
+            continue
+        res = process_subset(ds, sid, cfg, rank)
+        write_shard(path, res, keys[sid])
+        r = res["report"]
+        extra = ""
+        if "gpr" in r:
+            gi = r["gpr"]
+            extra = (f", w {gi['weight_eV']:.3g} eV, l {gi['length_scale']:.3g}, jitter {gi['jitter']:.1e}"
+                     f", local GPRs {gi.get('n_local', 1)}")
+        unc = r.get("uncertainty_eV", {})
+        print(f"{pre}subset {names[sid]} ({k + 1}/{len(mine)}): {r['n_reference']} reference, "
+              f"{r['n_kept']}/{r['n_copies']} copies kept, sigma mean {unc.get('mean', 0):.4f} eV"
+              f"{extra}, {r['time_total_s']:.1f} s", flush=True)
+    if comm is not None:
+        comm.Barrier()
+    report = None
+    if rank == 0:
+        report = merge(cfg, ds, keys, workdir)
+        report["time_s"] = time.perf_counter() - t0
+        report["ranks"] = world
+        write_report(cfg, report)
+        log(format_table(report))
+        log(f"augment: wrote {cfg.output} ({report['n_output']} structures, {report['n_synthetic']} "
+            f"synthetic), report {cfg.report_path()}")
+    if comm is not None:
+        comm.Barrier()
+    return report
+
+
+# ------------------------------------------------------------------------------------------
+# merge (rank 0)
+# ------------------------------------------------------------------------------------------
+
+def merge(cfg: AugmentConfig, ds, keys: dict, workdir: Path) -> dict:
+    from ..data.h5store import H5Writer
+    from ..data.structure import Structure
+
+    shards = {}
+    for sid in sorted(keys):
+        d = read_shard(_shard_path(workdir, sid))
+        if d is None or d["key"] != keys[sid]:
+            raise InputError(f"augment: shard {_shard_path(workdir, sid)} of subset "
+                             f"'{ds.subsets[sid]['name']}' is missing or stale")
+        shards[sid] = d
+    split = ds.column("split") if ds.has_stored_split else None
+    subsets = [{k: v for k, v in t.items() if k != "count"} for t in ds.subsets]
+    cand_atoms = []
+    n_syn = 0
+    with H5Writer(cfg.output, species=ds.species, subsets=subsets,
+                  reference_energies=ds.reference_energies or None,
+                  store_split=split is not None) as w:
+        step = 4096
+        for a in range(0, ds.n_structures, step):
+            b = min(ds.n_structures, a + step)
+            w.append(ds.read(np.arange(a, b)), split=None if split is None else split[a:b])
+        for sid in sorted(shards):
+            d = shards[sid]
+            if len(d["energy"]) == 0:
+                continue
+            par = d["parent"]
+            uniq = np.unique(par)
+            pmap = {int(p): s for p, s in zip(uniq, ds.read(uniq))}
+            out, sp = [], []
+            for k in range(len(par)):
+                p = pmap[int(par[k])]
+                st = Structure(numbers=p.numbers, positions=d["positions"][k], cell=p.cell, pbc=p.pbc,
+                               energy=float(d["energy"][k]), forces=None, subset=int(sid), synthetic=True,
+                               parent=int(par[k]), uncertainty=float(d["uncertainty"][k]),
+                               weight=float(cfg.synthetic_weight), source=p.source,
+                               source_index=p.source_index)
+                if d["kept"][k]:
+                    out.append(st)
+                    if split is not None:
+                        sp.append(split[int(par[k])])
+                else:
+                    cand_atoms.append((st, int(d["copy"][k])))
+            w.append(out, split=None if split is None else np.asarray(sp))
+            n_syn += len(out)
+    # active-learning candidates
+    if cfg.max_uncertainty is not None or any(s.max_uncertainty is not None for s in cfg.subsets.values()) \
+            or cand_atoms:
+        write_candidates(cfg.candidates_path(), cand_atoms, ds)
+    subs = [shards[sid]["report"] for sid in sorted(shards)]
+    return {"input": cfg.input, "output": cfg.output, "method": cfg.method, "seed": cfg.seed,
+            "n_input": ds.n_structures, "n_synthetic": n_syn, "n_output": ds.n_structures + n_syn,
+            "n_candidates": len(cand_atoms),
+            "candidates": str(cfg.candidates_path()) if cand_atoms else None, "subsets": subs}
+
+
+def write_candidates(path: Path, cands, ds) -> None:
+    """Extended XYZ of the rejected copies (GPR energy and sigma in the comment line)."""
+    import io
+
+    from ase.io import write
+
+    buf = io.StringIO()
+    frames = []
+    for st, c in cands:
+        a = st.to_ase()
+        a.calc = None
+        a.info.update(subset=ds.subsets[st.subset]["name"], parent=st.parent, copy=c,
+                      gpr_energy=st.energy, gpr_sigma=st.uncertainty, source=st.source)
+        frames.append(a)
+    if frames:
+        write(buf, frames, format="extxyz")
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_report(cfg: AugmentConfig, report: dict) -> None:
+    p = cfg.report_path()
+    atomic_write_text(p, json.dumps(report, indent=1, default=float) + "\n")
+    atomic_write_text(p.with_suffix(".txt"), format_table(report) + "\n")
+
+
+def format_table(report: dict) -> str:
+    hdr = (f"{'subset':<24} {'ref':>5} {'copies':>7} {'kept':>7} {'cand':>5} {'sig mean':>9} {'sig max':>9} "
+           f"{'w (eV)':>8} {'l':>7} {'n_E':>8} {'n_F':>8} {'jitter':>8} {'local':>5} {'time s':>7}")
+    lines = [hdr, "-" * len(hdr)]
+    for r in report["subsets"]:
+        u = r.get("uncertainty_eV", {})
+        g = r.get("gpr", {})
+        f = lambda v, fmt: (format(v, fmt) if isinstance(v, (int, float)) and v is not None else "-")
+        lines.append(
+            f"{r['subset'][:24]:<24} {r['n_reference']:>5} {r.get('n_copies', 0):>7} {r.get('n_kept', 0):>7} "
+            f"{r.get('n_candidates', 0):>5} {f(u.get('mean'), '9.4f'):>9} {f(u.get('max'), '9.4f'):>9} "
+            f"{f(g.get('weight_eV'), '8.3g'):>8} {f(g.get('length_scale'), '7.3g'):>7} "
+            f"{f(g.get('noise_energy_eV'), '8.2e'):>8} {f(g.get('noise_force_eVA'), '8.2e'):>8} "
+            f"{f(g.get('jitter'), '8.1e'):>8} {g.get('n_local', '-') if g else '-':>5} "
+            f"{f(r.get('time_total_s'), '7.1f'):>7}")
+    lines.append(f"input {report['n_input']} + synthetic {report['n_synthetic']} = {report['n_output']} "
+                 f"structures; {report['n_candidates']} active-learning candidates")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="YAML configuration (see distmlip/gpr/augment.py or docs/gpr.md)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set copies=10 --set gpr.device=cuda")
+    parser.add_argument("--fresh", action="store_true", help="recompute every subset (ignore finished shards)")
+
+
+def run(args) -> int:
+    overrides = dict(parse_override(s) for s in args.set)
+    cfg = load_config(args.config, AugmentConfig, overrides)
+    augment(cfg, fresh=args.fresh)
+    return 0

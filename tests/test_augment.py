@@ -1,0 +1,192 @@
+"""distmlip augment: sampler, Taylor labels, GPR labels vs EMT, output data set, 1 vs 2 MPI ranks,
+rerun after a crash, config errors.  Real HDF5 files and real mpirun."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import distmlip_cli, mpirun
+
+from distmlip.data.h5store import H5Dataset, write_dataset
+from distmlip.data.structure import Structure
+from distmlip.gpr.sampling import displace, min_distance, subset_rng, taylor_energy
+
+
+def _emt_dataset(path):
+    from ase import Atoms
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    out = []
+
+    def lab(a, src, k):
+        a.calc = EMT()
+        return Structure(numbers=a.numbers.copy(), positions=a.positions.copy(), cell=a.cell.array.copy(),
+                         pbc=a.pbc.copy(), energy=a.get_potential_energy(), forces=a.get_forces(),
+                         source=src, source_index=k)
+    for k in range(6):
+        a = bulk("Cu", "fcc", a=3.6, cubic=True)
+        a.rattle(0.05, seed=k)
+        out.append(lab(a, "cu_bulk", k))
+    for k in range(5):
+        a = Atoms("Cu3Ni", positions=[[0, 0, 0], [2.5, 0, 0], [1.25, 2.1, 0], [1.25, 0.7, 2.0]])
+        a.rattle(0.08, seed=10 + k)
+        out.append(lab(a, "cluster", k))
+    for k in range(4):
+        a = bulk("Al", "fcc", a=4.05).repeat((2, 1, 1))
+        a.rattle(0.05, seed=20 + k)
+        out.append(lab(a, "al", k))
+    write_dataset(path, out)
+    return out
+
+
+def _cfg(tmp_path, name, **extra):
+    import yaml
+
+    d = {"input": str(tmp_path / "in.h5"), "output": str(tmp_path / f"{name}.h5"), "copies": 4,
+         "delta": 0.03, "seed": 3, "gpr": {"fit_max_obs": 120, "fit_iterations": 15}}
+    d.update(extra)
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def _arrays(path):
+    ds = H5Dataset(path)
+    S = ds.read(np.arange(ds.n_structures))
+    return ds, S
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("aug")
+    _emt_dataset(tmp / "in.h5")
+    return tmp
+
+
+# ------------------------------------------------------------------------------ sampler
+def test_displacements_seeded_no_translation_min_distance():
+    pos = np.array([[0, 0, 0], [1.0, 0, 0], [0, 1.2, 0], [0.4, 0.4, 1.1]])
+    a = displace(pos, 50, 0.1, subset_rng(7, "X"), min_dist=0.8)
+    b = displace(pos, 50, 0.1, subset_rng(7, "X"), min_dist=0.8)
+    c = displace(pos, 50, 0.1, subset_rng(7, "Y"), min_dist=0.8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    np.testing.assert_allclose(a.mean(1), 0.0, atol=1e-14)            # no net translation
+    assert all(min_distance(pos + d) >= 0.8 for d in a)                 # guard held
+    # the guard really resamples: without it some draws would violate the bound
+    free = subset_rng(7, "X").normal(0, 0.1, size=(50, 4, 3))
+    free -= free.mean(1, keepdims=True)
+    assert any(min_distance(pos + d) < 0.8 for d in free)
+    assert 0.07 < a.std() < 0.13
+    # fixed atoms stay put
+    f = displace(pos, 5, 0.1, subset_rng(1, "X"), fixed=[0, 2], min_dist=0.5)
+    assert np.all(f[:, [0, 2]] == 0) and np.all(f[:, [1, 3]] != 0)
+    from distmlip.errors import InputError
+    with pytest.raises(InputError, match="min_distance"):
+        displace(pos, 1, 0.1, subset_rng(1, "X"), min_dist=1.05)
+    with pytest.raises(InputError, match="no displaced copy"):
+        displace(pos, 20, 1e-3, subset_rng(1, "X"), min_dist=1.0, max_tries=3)
+
+
+def test_taylor_energy_formula():
+    rng = np.random.default_rng(0)
+    F = rng.normal(size=(3, 3))
+    d = rng.normal(size=(4, 3, 3))
+    np.testing.assert_allclose(taylor_energy(-2.0, F, d), [-2.0 - np.sum(F * x) for x in d], rtol=0, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------ CLI, 1 rank
+def test_augment_gpr_output_labels_and_report(data):
+    cfg = _cfg(data, "gpr1", max_uncertainty=0.02, subsets={"Al2_0": {"copies": 3, "delta": 0.02}})
+    res = distmlip_cli(["augment", str(cfg)])
+    assert "Cu4_0" in res.stdout and "copies kept" in res.stdout
+    ds_in, S_in = _arrays(data / "in.h5")
+    ds, S = _arrays(data / "gpr1.h5")
+    rep = json.loads((data / "gpr1.report.json").read_text())
+    n_syn = sum(r["n_kept"] for r in rep["subsets"])
+    n_all = sum(r["n_copies"] for r in rep["subsets"])
+    assert n_all == 6 * 4 + 5 * 4 + 4 * 3
+    assert ds.n_structures == ds_in.n_structures + n_syn == rep["n_output"]
+    syn = np.array([s.synthetic for s in S])
+    assert not syn[:ds_in.n_structures].any() and syn[ds_in.n_structures:].all()
+    # originals unchanged, copies carry parent, uncertainty <= threshold, weight, subset
+    for a, b in zip(S_in, S[:ds_in.n_structures]):
+        np.testing.assert_array_equal(a.positions, b.positions)
+        assert a.energy == b.energy
+    from ase.calculators.emt import EMT
+    errs, base = [], []
+    for s in S[ds_in.n_structures:]:
+        p = S[s.parent]
+        assert s.subset == p.subset and np.array_equal(s.numbers, p.numbers)
+        assert 0 <= s.uncertainty <= 0.02 and not s.has_forces and s.source == p.source
+        a = s.to_ase(); a.calc = EMT()
+        errs.append(abs(a.get_potential_energy() - s.energy))
+        base.append(abs(a.get_potential_energy() - p.energy))
+    # GPR labels much closer to the exact EMT energies of the copies than the parent energies
+    assert np.mean(errs) < 0.6 * np.mean(base), (np.mean(errs), np.mean(base))
+    for r in rep["subsets"]:
+        g = r["gpr"]
+        assert g["weight"] > 0 and g["length_scale"] > 0 and g["jitter"] >= 0 and "time_fit_s" in g
+    # rejected copies are in the candidates file
+    from ase.io import read
+    n_c = rep["n_candidates"]
+    if n_c:
+        frames = read(str(data / "gpr1.candidates.xyz"), index=":")
+        assert len(frames) == n_c and all(f.info["gpr_sigma"] > 0.02 for f in frames)
+    assert (data / "gpr1.report.txt").read_text().startswith("subset")
+
+
+def test_augment_taylor_labels_exact(data):
+    cfg = _cfg(data, "taylor", method="taylor", copies=3, delta=0.01, synthetic_weight=0.5)
+    distmlip_cli(["augment", str(cfg)])
+    ds_in, _ = _arrays(data / "in.h5")
+    ds, S = _arrays(data / "taylor.h5")
+    assert ds.n_structures == ds_in.n_structures * 4
+    for s in S[ds_in.n_structures:]:
+        p = S[s.parent]
+        d = s.positions - p.positions
+        assert s.energy == pytest.approx(p.energy - np.sum(p.forces * d), abs=1e-12)
+        assert s.weight == 0.5 and s.uncertainty == 0.0
+
+
+# ------------------------------------------------------------------------------ MPI, rerun
+def test_two_ranks_identical_to_one_and_rerun_skips(data):
+    cfg1 = _cfg(data, "r1")
+    cfg2 = _cfg(data, "r2")
+    distmlip_cli(["augment", str(cfg1)])
+    res = mpirun(2, ["-m", "distmlip", "augment", str(cfg2)])
+    assert "[rank 1]" in res.stdout and "[rank 0]" in res.stdout
+    _, A = _arrays(data / "r1.h5")
+    _, B = _arrays(data / "r2.h5")
+    assert len(A) == len(B)
+    for a, b in zip(A, B):
+        np.testing.assert_array_equal(a.positions, b.positions)
+        assert (a.energy, a.parent, a.uncertainty, a.subset, a.synthetic) == \
+               (b.energy, b.parent, b.uncertainty, b.subset, b.synthetic)
+    # crash recovery: remove one shard and the output; rerun recomputes only that subset
+    shard = data / "r1.h5.shards" / "subset_00001.npz"
+    shard.unlink()
+    (data / "r1.h5").unlink()
+    res = distmlip_cli(["augment", str(cfg1)])
+    assert res.stdout.count("finished earlier, skipped") == 2
+    assert "subset Cu3Ni_0 (" in res.stdout
+    _, C = _arrays(data / "r1.h5")
+    assert [c.energy for c in C] == [a.energy for a in A]
+
+
+def test_bad_config_errors(data):
+    cfg = _cfg(data, "bad", copiez=3)
+    res = distmlip_cli(["augment", str(cfg)], check=False)
+    assert res.returncode == 2 and "copiez" in res.stderr and "did you mean 'copies'" in res.stderr
+    cfg = _cfg(data, "bad2", subsets={"NoSuch": {"copies": 1}})
+    res = distmlip_cli(["augment", str(cfg)], check=False)
+    assert res.returncode == 2 and "NoSuch" in res.stderr and "Cu4_0" in res.stderr
+    cfg = _cfg(data, "bad3", gpr={"lenght_scale": 1.0})
+    res = distmlip_cli(["augment", str(cfg)], check=False)
+    assert res.returncode == 2 and "lenght_scale" in res.stderr
+    res = distmlip_cli(["augment", str(_cfg(data, "bad4")), "--set", "method=newton"], check=False)
+    assert res.returncode == 2 and "newton" in res.stderr
+    assert not (data / "bad.h5").exists()
