@@ -126,6 +126,16 @@ def h2(args):
           f"{float(sd.mean()):.4f} eV; Taylor label MAE {np.abs(taylor - exact).mean():.4f} eV")
     print("hyperparameters:", {k: g.info[k] for k in ("weight", "length_scale", "noise_energy",
                                                        "noise_force", "weight_eV", "jitter", "lml")})
+    err = np.abs(e.numpy() - exact)
+    sd = sd.numpy()
+    for thr in (0.05, 0.1):
+        k = sd <= thr
+        print(f"  copies with sigma <= {thr} eV: {k.sum()}/{len(k)} kept, label MAE {err[k].mean():.4f} eV; "
+              f"rejected MAE {err[~k].mean() if (~k).any() else float('nan'):.4f} eV")
+    bonds = np.array([np.linalg.norm(p.reshape(2, 3)[1] - p.reshape(2, 3)[0]) for p in pos])
+    par = np.repeat(np.arange(len(S)), 20)
+    print("  label MAE per parent:", " ".join(f"{err[par == i].mean():.3f}" for i in range(len(S))),
+          f"(bond lengths of copies {bonds.min():.3f}..{bonds.max():.3f} A)")
     return mae
 
 

@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from helpers import distmlip_cli, mpirun
+from helpers import mpirun
+
+from distmlip.cli import main as cli_main
 
 from distmlip.data.h5store import H5Dataset, write_dataset
 from distmlip.data.structure import Structure
@@ -51,6 +53,21 @@ def _cfg(tmp_path, name, **extra):
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(d))
     return p
+
+
+class _Res:
+    def __init__(self, rc, out, err):
+        self.returncode, self.stdout, self.stderr = rc, out, err
+
+
+def run_cli(capsys, args, check=True):
+    """The distmlip CLI in this process (no torch import per call)."""
+    capsys.readouterr()
+    rc = cli_main(list(args))
+    out, err = capsys.readouterr()
+    if check:
+        assert rc == 0, err
+    return _Res(rc, out, err)
 
 
 def _arrays(path):
@@ -99,9 +116,9 @@ def test_taylor_energy_formula():
 
 
 # ------------------------------------------------------------------------------ CLI, 1 rank
-def test_augment_gpr_output_labels_and_report(data):
+def test_augment_gpr_output_labels_and_report(data, capsys):
     cfg = _cfg(data, "gpr1", max_uncertainty=0.02, subsets={"Al2_0": {"copies": 3, "delta": 0.02}})
-    res = distmlip_cli(["augment", str(cfg)])
+    res = run_cli(capsys, ["augment", str(cfg)])
     assert "Cu4_0" in res.stdout and "copies kept" in res.stdout
     ds_in, S_in = _arrays(data / "in.h5")
     ds, S = _arrays(data / "gpr1.h5")
@@ -139,9 +156,9 @@ def test_augment_gpr_output_labels_and_report(data):
     assert (data / "gpr1.report.txt").read_text().startswith("subset")
 
 
-def test_augment_taylor_labels_exact(data):
+def test_augment_taylor_labels_exact(data, capsys):
     cfg = _cfg(data, "taylor", method="taylor", copies=3, delta=0.01, synthetic_weight=0.5)
-    distmlip_cli(["augment", str(cfg)])
+    run_cli(capsys, ["augment", str(cfg)])
     ds_in, _ = _arrays(data / "in.h5")
     ds, S = _arrays(data / "taylor.h5")
     assert ds.n_structures == ds_in.n_structures * 4
@@ -153,10 +170,10 @@ def test_augment_taylor_labels_exact(data):
 
 
 # ------------------------------------------------------------------------------ MPI, rerun
-def test_two_ranks_identical_to_one_and_rerun_skips(data):
+def test_two_ranks_identical_to_one_and_rerun_skips(data, capsys):
     cfg1 = _cfg(data, "r1")
     cfg2 = _cfg(data, "r2")
-    distmlip_cli(["augment", str(cfg1)])
+    run_cli(capsys, ["augment", str(cfg1)])
     res = mpirun(2, ["-m", "distmlip", "augment", str(cfg2)])
     assert "[rank 1]" in res.stdout and "[rank 0]" in res.stdout
     _, A = _arrays(data / "r1.h5")
@@ -170,23 +187,23 @@ def test_two_ranks_identical_to_one_and_rerun_skips(data):
     shard = data / "r1.h5.shards" / "subset_00001.npz"
     shard.unlink()
     (data / "r1.h5").unlink()
-    res = distmlip_cli(["augment", str(cfg1)])
+    res = run_cli(capsys, ["augment", str(cfg1)])
     assert res.stdout.count("finished earlier, skipped") == 2
     assert "subset Cu3Ni_0 (" in res.stdout
     _, C = _arrays(data / "r1.h5")
     assert [c.energy for c in C] == [a.energy for a in A]
 
 
-def test_bad_config_errors(data):
+def test_bad_config_errors(data, capsys):
     cfg = _cfg(data, "bad", copiez=3)
-    res = distmlip_cli(["augment", str(cfg)], check=False)
+    res = run_cli(capsys, ["augment", str(cfg)], check=False)
     assert res.returncode == 2 and "copiez" in res.stderr and "did you mean 'copies'" in res.stderr
     cfg = _cfg(data, "bad2", subsets={"NoSuch": {"copies": 1}})
-    res = distmlip_cli(["augment", str(cfg)], check=False)
+    res = run_cli(capsys, ["augment", str(cfg)], check=False)
     assert res.returncode == 2 and "NoSuch" in res.stderr and "Cu4_0" in res.stderr
     cfg = _cfg(data, "bad3", gpr={"lenght_scale": 1.0})
-    res = distmlip_cli(["augment", str(cfg)], check=False)
+    res = run_cli(capsys, ["augment", str(cfg)], check=False)
     assert res.returncode == 2 and "lenght_scale" in res.stderr
-    res = distmlip_cli(["augment", str(_cfg(data, "bad4")), "--set", "method=newton"], check=False)
+    res = run_cli(capsys, ["augment", str(_cfg(data, "bad4")), "--set", "method=newton"], check=False)
     assert res.returncode == 2 and "newton" in res.stderr
     assert not (data / "bad.h5").exists()

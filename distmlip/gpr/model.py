@@ -187,7 +187,7 @@ class GPR:
                  use_forces=True, device="cpu", fit_max_obs=3000, fit_iterations=60, seed=0,
                  jitter_start=1e-10, jitter_max=1e-2, noise_floor=1e-6,
                  init_noise_energy=1e-3, init_noise_force=3e-2, max_block_bytes=256 * 2 ** 20,
-                 scales=None):
+                 scales=None, noise_max=0.1):
         self.given = dict(weight=weight, length_scale=length_scale, noise_energy=noise_energy,
                           noise_force=noise_force)
         for k, v in self.given.items():
@@ -204,6 +204,7 @@ class GPR:
         self.init_noise_energy = init_noise_energy
         self.init_noise_force = init_noise_force
         self.max_block_bytes = max_block_bytes
+        self.noise_max = float(noise_max)   # upper bound of fitted relative noise levels
         self.scales = scales      # (mu, s, f) to impose a standardisation (local GPRs)
         self.info: dict = {}
 
@@ -333,7 +334,10 @@ class GPR:
             raise InputError("GPR: no initial hyperparameters gave a positive-definite kernel")
         lml0 = best[0]
         theta = best[1].clone().requires_grad_(True)
-        lo, hi = math.log(1e-8), math.log(1e4)
+        lo = torch.full((len(names),), math.log(1e-8), dtype=torch.float64, device=self.device)
+        hi = torch.tensor([math.log(self.noise_max) if k.startswith("noise") else math.log(1e4)
+                           for k in names], dtype=torch.float64, device=self.device)
+        best = (best[0], torch.minimum(torch.maximum(best[1], lo), hi))
         opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=self.fit_iterations,
                                 line_search_fn="strong_wolfe", tolerance_grad=1e-7,
                                 tolerance_change=1e-10)
@@ -343,7 +347,7 @@ class GPR:
         def closure():
             opt.zero_grad()
             state["evals"] += 1
-            th = theta.clamp(lo, hi)
+            th = torch.minimum(torch.maximum(theta, lo), hi)
             try:
                 loss = -self._lml(Xs, Js, y, th, names, fixed) / nobs
             except InputError:
@@ -353,7 +357,7 @@ class GPR:
 
         opt.step(closure)
         with torch.no_grad():
-            th = theta.clamp(lo, hi)
+            th = torch.minimum(torch.maximum(theta, lo), hi)
             lml1 = float(self._lml(Xs, Js, y, th, names, fixed))
         if not math.isfinite(lml1) or lml1 < lml0:   # keep the better of start and optimum
             th, lml1 = best[1], lml0
