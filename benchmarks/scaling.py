@@ -1,0 +1,230 @@
+"""Data-parallel scaling of `distmlip train`: throughput (atoms/s) and parallel efficiency.
+
+Writes an EMT data set (Cu/Au fcc supercells with rattled positions, energies and forces, via
+the real H5Writer), then for every training mode and rank count starts a real
+``mpirun -n R python benchmarks/scaling.py --worker ...`` job.  Each rank builds the real Trainer
+and runs synchronous steps on its own stream partition (batch_atoms per rank: weak scaling, the
+usual regime of data parallelism); after warm-up steps, the timed steps are bracketed by barriers
+and the atoms of all ranks are summed:
+
+    throughput(R) = global atoms trained / wall time        efficiency(R) = throughput(R) / (R * throughput(1))
+
+For R > 1 it also runs R single-process copies at the same time (no communication): their
+summed throughput is what the cores deliver to R workers, so MPI / independent separates the cost
+of communication from core contention (on a shared or hyper-threaded machine).
+
+    python benchmarks/scaling.py [--ranks 1 2] [--modes energy force] [--steps 50] [--warmup 3]
+                                 [--batch-atoms 256] [--threads 1] [--backend auto] [--json out.json]
+
+Ranks x threads should not exceed the cores; on a shared machine the figures include the
+load of other users (the load average is printed with the table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_data(path: Path, n: int, seed: int = 0) -> None:
+    import numpy as np
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from distmlip.data.h5store import write_dataset
+    from distmlip.data.structure import Structure
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))  # 32 atoms
+        swap = rng.choice(len(a), size=int(rng.integers(0, 9)), replace=False)
+        for i in swap:
+            a.symbols[i] = "Au"
+        a.set_cell(a.cell[:] * (1 + rng.normal(0, 0.01)), scale_atoms=True)
+        a.positions += rng.normal(0, 0.08, a.positions.shape)
+        a.calc = EMT()
+        out.append(Structure(a.numbers.copy(), a.positions.copy(), np.array(a.cell), a.pbc.copy(),
+                             energy=a.get_potential_energy(), forces=a.get_forces().copy(),
+                             source="scaling-emt", source_index=k))
+    write_dataset(path, out)
+
+
+def worker(args) -> int:
+    import torch
+
+    from distmlip.distributed import init_distributed, run_guarded, shutdown
+    from distmlip.training.config import load_train_config
+    from distmlip.training.trainer import Trainer
+
+    def main():
+        ctx = init_distributed("cpu")
+        cfg_path = Path(args.work) / f"cfg_{args.mode}_{ctx.world_size}_{ctx.rank}.yaml"
+        cfg_path.write_text(f"""
+data: {{train: [{args.data}], fractions: [1.0, 0.0, 0.0], prefetch: true}}
+descriptor: {{rc_radial: 6.0, n_radial: 10, rc_angular: 4.0, n_angular: 4, backend: {args.backend}}}
+model: {{hidden: [16, 16]}}
+training: {{mode: {args.mode}, epochs: 1000, batch_atoms: {args.batch_atoms}, lr: 0.001,
+           output: {Path(args.work) / f'out_{args.mode}_{ctx.world_size}'}, progress_bar: 'off'}}
+""")
+        tr = Trainer(load_train_config(cfg_path), ctx, quiet=True)
+        acc = torch.zeros(16, dtype=torch.float64)
+        atoms = torch.zeros(1, dtype=torch.float64)
+        epoch, timed, t0 = 0, 0, None
+        total = args.warmup + args.steps
+        done = 0
+        while done < total:
+            for structures in tr.stream.epoch(epoch):
+                if done == args.warmup:
+                    ctx.barrier()
+                    t0 = time.perf_counter()
+                tr.train_step(structures, acc)
+                if done >= args.warmup:
+                    atoms += sum(len(s.numbers) for s in structures)
+                    timed += 1
+                done += 1
+                if done >= total:
+                    break
+            epoch += 1
+        ctx.barrier()
+        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        ctx.all_reduce_max(dt)
+        ctx.all_reduce_sum(atoms)
+        if ctx.rank == 0:
+            print("SCALING " + json.dumps({"mode": args.mode, "ranks": ctx.world_size, "steps": timed,
+                                           "atoms": float(atoms), "seconds": float(dt),
+                                           "backend": tr.model.descriptor_params["backend"]}), flush=True)
+        shutdown()
+
+    run_guarded(main)
+    return 0
+
+
+def run_case(mode, ranks, args, data, work) -> dict:
+    mpirun = Path(sys.executable).parent / "mpirun"
+    cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    cmd += ["-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable, __file__, "--worker",
+            "--mode", mode, "--data", str(data), "--work", str(work), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--batch-atoms", str(args.batch_atoms), "--backend", args.backend]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.time_limit)
+    if res.returncode != 0:
+        raise SystemExit(f"scaling case {mode}/{ranks} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    line = next(l for l in res.stdout.splitlines() if l.startswith("SCALING "))
+    return json.loads(line[8:])
+
+
+def run_independent(mode, copies, args, data, work) -> float:
+    """Aggregate atoms/s of ``copies`` single-process runs at the same time (no communication):
+    what the machine's cores give R ranks' worth of compute; MPI throughput / this = the share
+    lost to communication and synchronisation rather than to core contention."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in [k for k in env if k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_"))]:
+        del env[k]
+    procs = []
+    for c in range(copies):
+        w = Path(work) / f"indep_{mode}_{c}"
+        w.mkdir(exist_ok=True)
+        procs.append(subprocess.Popen(
+            [sys.executable, __file__, "--worker", "--mode", mode, "--data", str(data), "--work", str(w),
+             "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-atoms",
+             str(args.batch_atoms), "--backend", args.backend],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    total = 0.0
+    for p in procs:
+        out, err = p.communicate(timeout=args.time_limit)
+        if p.returncode != 0:
+            raise SystemExit(f"independent run failed:\n{err[-3000:]}")
+        res = json.loads(next(l for l in out.splitlines() if l.startswith("SCALING "))[8:])
+        total += res["atoms"] / res["seconds"]
+    return total
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--modes", nargs="+", default=["energy", "force"], choices=["energy", "force"])
+    ap.add_argument("--steps", type=int, default=50, help="timed steps per case")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch-atoms", type=int, default=256, help="atoms per rank and step")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
+    ap.add_argument("--structures", type=int, default=192, help="structures of 32 atoms in the data set")
+    ap.add_argument("--backend", default="auto", choices=["auto", "reference", "fused"])
+    ap.add_argument("--time-limit", type=float, default=900, help="seconds per case")
+    ap.add_argument("--no-independent", action="store_true",
+                    help="skip the baseline of R concurrent single-process runs (core contention check)")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--keep", help="work in this folder (kept) instead of a temporary one")
+    # worker mode (started by mpirun)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="distmlip-scaling-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "emt_scaling.h5"
+    if not data.exists():
+        t0 = time.time()
+        make_data(data, args.structures)
+        print(f"data set: {args.structures} structures x 32 atoms written in {time.time() - t0:.1f} s", flush=True)
+    rows = []
+    for mode in args.modes:
+        base = None
+        for r in args.ranks:
+            res = run_case(mode, r, args, data, work)
+            thr = res["atoms"] / res["seconds"]
+            if r == min(args.ranks):
+                base = thr / r
+            res.update(atoms_per_s=thr, efficiency=thr / (r * base), step_ms=1e3 * res["seconds"] / res["steps"])
+            res["independent_atoms_per_s"] = (run_independent(mode, r, args, data, work)
+                                              if r > 1 and not args.no_independent else None)
+            rows.append(res)
+            print(f"  {mode:6s} {r} rank(s): {thr:10.1f} atoms/s", flush=True)
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (float("nan"),) * 3
+    print()
+    print(f"weak scaling, {args.batch_atoms} atoms per rank and step, OMP_NUM_THREADS={args.threads}, "
+          f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} core(s), "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("| mode   | ranks | backend   | steps | atoms/step | ms/step | atoms/s    | efficiency "
+          "| R independent runs, atoms/s | MPI / independent |")
+    print("|--------|-------|-----------|-------|------------|---------|------------|------------"
+          "|-----------------------------|-------------------|")
+    for r in rows:
+        ind = r.get("independent_atoms_per_s")
+        ind_s = f"{ind:27.1f}" if ind else f"{'-':>27s}"
+        rel = f"{100 * r['atoms_per_s'] / ind:16.1f}%" if ind else f"{'-':>17s}"
+        print(f"| {r['mode']:6s} | {r['ranks']:5d} | {r['backend']:9s} | {r['steps']:5d} | "
+              f"{r['atoms'] / r['steps']:10.1f} | {r['step_ms']:7.1f} | {r['atoms_per_s']:10.1f} | "
+              f"{100 * r['efficiency']:9.1f}% | {ind_s} | {rel} |")
+    print("efficiency = atoms/s(R) / (R x atoms/s(1)); 'R independent runs' = R single-process copies at "
+          "once\n(no communication): if they are slow too, the cores, not the all-reduce, are the limit.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
