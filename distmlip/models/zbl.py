@@ -59,6 +59,13 @@ class ZBL(nn.Module):
         r_in = torch.zeros(T, T, dtype=torch.float64)
         r_out = torch.zeros(T, T, dtype=torch.float64)
         radii = dict(radii or {})
+        for k, v in radii.items():
+            parts = str(k).split("-")
+            if len(parts) != 2 or any(x not in self.species for x in parts):
+                raise ValueError(f"ZBL radii key {k!r} is not an element pair 'A-B' of the species "
+                                 f"{self.species}")
+            if len(tuple(v)) != 2:
+                raise ValueError(f"ZBL radii for {k!r} must be [inner, outer], got {v!r}")
         for a in range(T):
             for b in range(T):
                 key = None
@@ -96,12 +103,22 @@ class ZBL(nn.Module):
         e = zbl_pair_energy(rr, self.z[ti], self.z[tj]) * smoothstep((rr - lo) / (hi - lo))
         return torch.where(inside, e, torch.zeros_like(e))
 
-    def forward(self, positions, species_idx, pair_i, pair_j, pair_shift, structure, n_structures):
-        """Per-structure ZBL energies [B] (float64)."""
+    def _pair_list_energies(self, positions, species_idx, pair_i, pair_j, pair_shift):
         pos = positions.to(torch.float64)
         rij = pos[pair_j] - pos[pair_i] + pair_shift.to(torch.float64)
         r = torch.linalg.norm(rij, dim=1)
-        e = self.pair_energies(r, species_idx[pair_i], species_idx[pair_j])
+        return self.pair_energies(r, species_idx[pair_i], species_idx[pair_j])
+
+    def atomic_energies(self, positions, species_idx, pair_i, pair_j, pair_shift):
+        """Per-atom ZBL energies [N] (float64): half of each pair energy on its centre atom (the
+        pair list holds both directions, so each atom of a pair gets half)."""
+        e = self._pair_list_energies(positions, species_idx, pair_i, pair_j, pair_shift)
+        out = torch.zeros(positions.shape[0], dtype=torch.float64, device=positions.device)
+        return 0.5 * out.index_add(0, pair_i, e)
+
+    def forward(self, positions, species_idx, pair_i, pair_j, pair_shift, structure, n_structures):
+        """Per-structure ZBL energies [B] (float64)."""
+        e = self._pair_list_energies(positions, species_idx, pair_i, pair_j, pair_shift)
         out = torch.zeros(n_structures, dtype=torch.float64, device=positions.device)
         return 0.5 * out.index_add(0, structure[pair_i], e)
 
