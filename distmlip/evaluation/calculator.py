@@ -1,8 +1,14 @@
-"""ASE calculator on a saved distmlip model: energy and forces (autograd), molecules and
-periodic systems of any cell shape.
+"""ASE calculator on a saved distmlip model or committee: energy and forces (autograd),
+molecules and periodic systems of any cell shape.
 
     from distmlip.calculator import DistmlipCalculator
-    atoms.calc = DistmlipCalculator("run/model.pt")
+    atoms.calc = DistmlipCalculator("run/model.pt")          # one model
+    atoms.calc = DistmlipCalculator("run/committee.pt")      # committee of K models
+
+With a committee, ``energy``/``forces``/``energies`` are the committee means and ``results`` also
+holds ``energy_std`` (eV, ddof=1), ``forces_std`` [N, 3] (per atom and component, eV/A),
+``forces_std_norm`` [N] (sqrt of the summed component variances per atom), ``energies_all``
+[K] and ``forces_all`` [K, N, 3].  One model: the std entries are zeros.
 """
 from __future__ import annotations
 
@@ -12,21 +18,30 @@ from ase.calculators.calculator import Calculator, all_changes
 
 
 class DistmlipCalculator(Calculator):
-    implemented_properties = ["energy", "free_energy", "forces", "energies"]
+    implemented_properties = ["energy", "free_energy", "forces", "energies", "energy_std", "forces_std"]
 
     def __init__(self, model, device="cpu", backend=None, **kwargs):
-        """``model``: a model file path or a BPNN instance; ``backend``: descriptor backend override."""
+        """``model``: a model or committee file path, a BPNN, or a list of BPNN (committee);
+        ``backend``: descriptor backend override."""
         super().__init__(**kwargs)
-        from ..models.bpnn import BPNN
+        from ..models.bpnn import BPNN, load_models
 
         self.device = torch.device(device)
         if isinstance(model, BPNN):
-            self.model = model.to(self.device)
+            models = [model]
+        elif isinstance(model, (list, tuple)):
+            models = list(model)
         else:
-            self.model = BPNN.load(model, device=self.device, backend=backend)
-        self.model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+            models = load_models(model, device=self.device, backend=backend)
+        self.models = [m.to(self.device).eval() for m in models]
+        for m in self.models:
+            for p in m.parameters():
+                p.requires_grad_(False)
+        self.model = self.models[0]
+
+    @property
+    def K(self) -> int:
+        return len(self.models)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -37,15 +52,31 @@ class DistmlipCalculator(Calculator):
         cell = np.array(a.cell[:], dtype=np.float64)
         s = Structure(numbers=np.asarray(a.numbers), positions=np.asarray(a.positions, dtype=np.float64),
                       cell=cell, pbc=np.asarray(a.pbc, dtype=bool))
-        m = self.model
-        batch = collate([s], species=m.species, cutoff=m.cutoff, dtype=torch.float64, device=self.device)
-        batch.positions.requires_grad_(True)
-        with torch.enable_grad():
-            e_at = m.atomic_energies(batch)
-            E = e_at.sum()
-            (g,) = torch.autograd.grad(E, batch.positions)
-        energy = float(E.detach().cpu())
+        Es, Fs, eas = [], [], []
+        batch = None
+        for m in self.models:
+            if batch is None or m.cutoff != cutoff or m.species != species:
+                species, cutoff = m.species, m.cutoff
+                batch = collate([s], species=m.species, cutoff=m.cutoff, dtype=torch.float64, device=self.device)
+            pos = batch.positions.detach().requires_grad_(True)
+            batch.positions = pos
+            with torch.enable_grad():
+                e_at = m.atomic_energies(batch)
+                E = e_at.sum()
+                (g,) = torch.autograd.grad(E, pos)
+            Es.append(float(E.detach().cpu()))
+            Fs.append(-g.detach().cpu().numpy())
+            eas.append(e_at.detach().cpu().numpy())
+        Es, Fs, eas = np.array(Es), np.stack(Fs), np.stack(eas)
+        energy = float(Es.mean())
         self.results["energy"] = energy
         self.results["free_energy"] = energy
-        self.results["energies"] = e_at.detach().cpu().numpy()
-        self.results["forces"] = -g.detach().cpu().numpy()
+        self.results["energies"] = eas.mean(0)
+        self.results["forces"] = Fs.mean(0)
+        K = len(Es)
+        self.results["energy_std"] = float(Es.std(ddof=1)) if K > 1 else 0.0
+        fstd = Fs.std(0, ddof=1) if K > 1 else np.zeros_like(Fs[0])
+        self.results["forces_std"] = fstd
+        self.results["forces_std_norm"] = np.sqrt((fstd * fstd).sum(1))
+        self.results["energies_all"] = Es
+        self.results["forces_all"] = Fs

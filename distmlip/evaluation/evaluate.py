@@ -17,8 +17,8 @@ SPLITS = {"train": 0, "val": 1, "validation": 1, "test": 2}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("model", help="model file written by 'distmlip train' (model.pt); a comma-separated "
-                                 "list is evaluated as a committee")
+    p.add_argument("model", help="model file written by 'distmlip train' (model.pt) or a committee file "
+                                 "(committee.pt); a comma-separated list is evaluated as one committee")
     p.add_argument("data", nargs="+", help="HDF5 data set(s) (shards are read as one data set)")
     p.add_argument("--split", default="all", choices=["all", "train", "val", "validation", "test"],
                    help="evaluate only this split: the split stored in the data set, else the hash split "
@@ -35,10 +35,11 @@ def add_arguments(p) -> None:
 
 
 def load_models(spec, device="cpu", backend=None):
-    from ..models.bpnn import BPNN
+    """Models of a comma-separated list of model files and/or committee files (flattened)."""
+    from ..models.bpnn import load_models as load_file
 
     paths = [s for s in str(spec).split(",") if s]
-    return [BPNN.load(p, device=device, backend=backend).eval() for p in paths]
+    return [m.eval() for p in paths for m in load_file(p, device=device, backend=backend)]
 
 
 def select_indices(ds, split: str, seed: int, fractions) -> np.ndarray:
@@ -55,7 +56,10 @@ def format_table(results: dict) -> str:
             ("E_rmse_meV_atom", "E RMSE meV/at", "{:.3f}"), ("E_mae_meV_struct", "E MAE meV/str", "{:.2f}"),
             ("E_rmse_meV_struct", "E RMSE meV/str", "{:.2f}"), ("F_mae", "F MAE eV/A", "{:.4f}"),
             ("F_rmse", "F RMSE eV/A", "{:.4f}"), ("F_magnitude_mae", "|F| MAE eV/A", "{:.4f}"),
-            ("F_direction_deg", "F angle deg", "{:.2f}")]
+            ("F_direction_deg", "F angle deg", "{:.2f}"),
+            # committee spread (K > 1): mean standard deviation over the test points
+            ("E_msd_meV_atom", "E MSD meV/at", "{:.3f}"), ("E_msd_meV_struct", "E MSD meV/str", "{:.2f}"),
+            ("F_magnitude_msd", "|F| MSD eV/A", "{:.4f}"), ("F_direction_msd_deg", "angle MSD deg", "{:.2f}")]
     cols = [c for c in cols if any(c[0] in r for r in results.values())]
     names = list(results)
     w0 = max(12, max(len(n) for n in names))
@@ -78,7 +82,7 @@ def write_structures_csv(path, pred, sources=None, subset_names=None) -> None:
     wr = csv.writer(buf)
     hdr = ["index", "subset", "natoms", "E_ref_eV", "E_pred_eV", "E_err_meV_atom", "F_rmse_eV_A"]
     if pred.K > 1:
-        hdr.append("E_std_meV_atom")
+        hdr += ["E_std_meV_atom", "E_std_meV_struct"]
     if sources is not None:
         hdr.append("source")
     wr.writerow(hdr)
@@ -94,7 +98,8 @@ def write_structures_csv(path, pred, sources=None, subset_names=None) -> None:
                int(pred.natoms[s]), f"{pred.energy_ref[s]:.10f}", f"{Em[s]:.10f}",
                f"{1e3 * (Em[s] - pred.energy_ref[s]) / pred.natoms[s]:.6f}", frmse]
         if pred.K > 1:
-            row.append(f"{1e3 * pred.energies[:, s].std(ddof=1) / pred.natoms[s]:.6f}")
+            sd = pred.energies[:, s].std(ddof=1)
+            row += [f"{1e3 * sd / pred.natoms[s]:.6f}", f"{1e3 * sd:.6f}"]
         if sources is not None:
             row.append(sources[s])
         wr.writerow(row)
@@ -151,7 +156,8 @@ def run(args) -> int:
     res = evaluate(models, ds, idx, output=out, forces=not args.no_forces, plots=not args.no_plots,
                    batch_atoms=args.batch_atoms, device=args.device, sources=src,
                    label=f"{Path(args.model.split(',')[0]).name} on {args.split}")
-    print(f"model {args.model} on {', '.join(args.data)} (split {args.split}, {len(idx)} structures)")
+    print(f"model {args.model} ({len(models)} member(s)) on {', '.join(args.data)} (split {args.split}, "
+          f"{len(idx)} structures)")
     print(format_table(res["metrics"]))
     print(f"wrote {out / 'metrics.json'}, {out / 'structures.csv'}" + ("" if args.no_plots else ", parity plots"))
     return 0

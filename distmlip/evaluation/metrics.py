@@ -143,16 +143,59 @@ def force_metrics(f_pred, f_ref) -> dict:
             "F_direction_deg": float(np.mean(ang)) if len(ang) else float("nan")}
 
 
+def _angles_deg(a, b):
+    """Angle (degrees) between the rows of a [..., M, 3] and b [M, 3]; NaN where either is ~0."""
+    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    ok = (na > 1e-8) & (nb > 1e-8)
+    cos = np.sum(a * b, axis=-1) / np.where(ok, na * nb, 1.0)
+    return np.where(ok, np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))), np.nan)
+
+
+def committee_metrics(energies, natoms, forces=None, forces_ref=None) -> dict:
+    """The paper's committee spread: MSD = mean over test points of the committee standard
+    deviation (ddof=1, K >= 2).  energies [K, S]; forces [K, M, 3] and forces_ref [M, 3] over the
+    atoms that have reference forces.
+
+    E_msd_meV_struct / _atom: mean_s std_k E_ks (per atom: / n_s);
+    F_msd: mean over atoms and components of std_k F_kic;
+    F_magnitude_msd: mean_i std_k |F_ki|;
+    F_direction_msd_deg: mean_i std_k angle(F_ki, F_ref_i), over atoms with |F| > 1e-8 for the
+    reference and every member."""
+    E = np.asarray(energies, float)
+    out = {}
+    if E.shape[0] < 2 or E.shape[1] == 0:
+        return out
+    sd = E.std(0, ddof=1)
+    n = np.asarray(natoms, float)
+    out["E_msd_meV_struct"] = float(1e3 * sd.mean())
+    out["E_msd_meV_atom"] = float(1e3 * (sd / n).mean())
+    if forces is not None and forces_ref is not None and len(forces_ref):
+        F = np.asarray(forces, float).reshape(E.shape[0], -1, 3)
+        out["F_msd"] = float(F.std(0, ddof=1).mean())
+        out["F_magnitude_msd"] = float(np.linalg.norm(F, axis=-1).std(0, ddof=1).mean())
+        ang = _angles_deg(F, np.asarray(forces_ref, float).reshape(-1, 3)[None])
+        ok = np.all(np.isfinite(ang), axis=0)
+        out["F_direction_msd_deg"] = float(ang[:, ok].std(0, ddof=1).mean()) if ok.any() else float("nan")
+    return out
+
+
 def metrics(pred: Predictions, mask_structures=None) -> dict:
-    """Metrics of the committee mean over the structures selected by ``mask_structures``."""
+    """Metrics of the committee mean over the structures selected by ``mask_structures``; for
+    K > 1 also the committee spread (:func:`committee_metrics`: MSD of energy, force
+    components, force magnitude and force direction)."""
     sel = np.ones(len(pred.natoms), dtype=bool) if mask_structures is None else np.asarray(mask_structures)
     out = energy_metrics(pred.energy[sel], pred.energy_ref[sel], pred.natoms[sel])
-    if pred.K > 1:
-        std = pred.energies[:, sel].std(0, ddof=1) / pred.natoms[sel]
-        out["E_committee_std_meV_atom"] = float(1e3 * np.mean(std)) if sel.any() else float("nan")
+    amask = None
     if pred.forces is not None:
         amask = (sel & pred.has_forces)[pred.atom_structure()]
         out.update(force_metrics(pred.force[amask], pred.forces_ref[amask]))
+    if pred.K > 1:
+        std = pred.energies[:, sel].std(0, ddof=1) / pred.natoms[sel]
+        out["E_committee_std_meV_atom"] = float(1e3 * np.mean(std)) if sel.any() else float("nan")
+        out["K"] = pred.K
+        out.update(committee_metrics(pred.energies[:, sel], pred.natoms[sel],
+                                     None if amask is None else pred.forces[:, amask],
+                                     None if amask is None else pred.forces_ref[amask]))
     return out
 
 

@@ -39,6 +39,8 @@ def run(args) -> int:
     if args.device:
         overrides["training.device"] = args.device
     cfg = load_train_config(args.config, overrides)
+    if cfg.committee.K > 1:
+        return _run_committee(cfg, args.resume)
     resume = args.resume
     if resume == "auto":
         cand = Path(cfg.training.output) / "checkpoint.pt"
@@ -49,6 +51,30 @@ def run(args) -> int:
     ctx = init_distributed(cfg.training.device)
     try:
         status = Trainer(cfg, ctx, resume=resume).fit()
+        log(f"training finished: {status}")
+        return 0
+    finally:
+        shutdown()
+
+
+def _run_committee(cfg, resume) -> int:
+    """K > 1: one job trains all members (training/committee.py); --resume auto|OUTPUT continues."""
+    from ..distributed import init_distributed, install_stop_handlers, shutdown
+    from ..errors import ConfigError
+    from ..utils.log import log
+    from .committee import train_committee
+
+    if resume not in (None, "auto"):
+        p = Path(resume)
+        if p.is_file():
+            p = p.parent.parent if p.parent.name.startswith("member_") else p.parent
+        if not p.is_dir():
+            raise ConfigError(f"--resume {resume}: for a committee give 'auto' or the committee output folder")
+        cfg.training.output = str(p)
+    install_stop_handlers()
+    ctx = init_distributed(cfg.training.device)
+    try:
+        status = train_committee(cfg, ctx, resume=resume is not None)
         log(f"training finished: {status}")
         return 0
     finally:

@@ -1,0 +1,280 @@
+"""Committees: K models that differ by seed, trained by groups of ranks in one job.
+
+Member k uses ``training.seed + k`` (initial weights, data order, and the bootstrap resample when
+``committee.bootstrap``), so member 0 is the model a plain run with the same seed trains.
+
+Rank groups.  With world size W and K members, G = ``committee.groups`` or, when 0, the largest
+divisor of W that is <= K (G = min(K, W) whenever W is a multiple of it; e.g. W = 4, K = 3 gives
+G = 2 groups of 2 ranks; W = 3, K = 2 gives G = 1 group of 3).  Group g holds the ranks g, g+G,
+g+2G, ... (``torch.distributed.new_group``) and trains members g, g+G, ... one after the other,
+data parallel inside the group: the :class:`GroupContext` below gives the Trainer a DistContext-like
+view (rank and size in the group, collectives on the group only), so gradients are all-reduced
+within the group and groups never wait for each other until the end.
+
+Output: ``OUTPUT/member_XX/`` (log.csv, checkpoint.pt, model.pt, ... of member XX, written by the
+group's first rank), ``OUTPUT/committee.pt`` (all members' model payloads: ``load_models``) and
+``OUTPUT/committee.json`` (seeds, groups, status).  Resume (``--resume auto`` or ``--resume
+OUTPUT``): members marked done are kept, a member with ``checkpoint.pt`` continues from it (bit for
+bit), the others start afresh.  SIGTERM/SIGUSR1 stop a group at its next step boundary (the
+check is collective within the group only); the committee file is then not written and the job
+exits 0 saying how to resume.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from ..utils.io import atomic_write_text
+from ..utils.log import log
+
+
+def n_groups(K: int, world_size: int, requested: int = 0) -> int:
+    if requested:
+        if world_size % requested != 0 or requested > K:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"committee.groups: {requested} must divide the number of ranks ({world_size}) "
+                              f"and not exceed K ({K})")
+        return requested
+    return max(g for g in range(1, min(K, world_size) + 1) if world_size % g == 0)
+
+
+def member_seed(cfg, k: int) -> int:
+    return int(cfg.training.seed) + int(k)
+
+
+def member_dir(out, k: int) -> Path:
+    return Path(out) / f"member_{k:02d}"
+
+
+class GroupContext:
+    """The DistContext interface restricted to one process group of ranks."""
+
+    def __init__(self, parent, ranks: list[int], group, cpu_group=None):
+        self.parent = parent
+        self.ranks = list(ranks)
+        self.group = group
+        self.cpu_group = cpu_group if cpu_group is not None else group
+        self.rank = self.ranks.index(parent.rank)
+        self.world_size = len(self.ranks)
+        self.device = parent.device
+        self.local_rank = parent.local_rank
+        self.backend = parent.backend
+        self.is_distributed = self.world_size > 1
+        self._stop_reason = None
+
+    def _reduce(self, t, op):
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+
+        if self.backend == "nccl" and t.device.type != "cuda":
+            dist.all_reduce(t, op=op, group=self.cpu_group)
+            return t
+        if t.dtype == torch.bool:
+            tmp = t.to(torch.int32)
+            dist.all_reduce(tmp, op=op, group=self.group)
+            t.copy_(tmp.bool())
+            return t
+        dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+    def all_reduce_sum(self, t):
+        import torch.distributed as dist
+
+        return self._reduce(t, dist.ReduceOp.SUM)
+
+    def all_reduce_max(self, t):
+        import torch.distributed as dist
+
+        return self._reduce(t, dist.ReduceOp.MAX)
+
+    def all_reduce_min(self, t):
+        import torch.distributed as dist
+
+        return self._reduce(t, dist.ReduceOp.MIN)
+
+    def broadcast_object(self, obj, src: int = 0):
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        lst = [obj]
+        dist.broadcast_object_list(lst, src=self.ranks[src], group=self.cpu_group)
+        return lst[0]
+
+    def all_gather_object(self, obj):
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.cpu_group)
+        return out
+
+    def barrier(self):
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.cpu_group)
+
+    def stop_requested(self) -> bool:
+        from ..distributed import bootstrap
+
+        local = bootstrap._local_stop_code(self.parent.rank)
+        t = torch.tensor([local], dtype=torch.int64)
+        self.all_reduce_max(t)
+        code = int(t.item())
+        if code and self._stop_reason is None:
+            self._stop_reason = bootstrap._describe_stop(code)
+        return bool(code)
+
+    def stop_reason(self):
+        return self._stop_reason
+
+    def abort(self, code: int = 1):
+        self.parent.abort(code)
+
+    def is_main(self):
+        return self.rank == 0
+
+
+def make_groups(ctx, G: int):
+    """(group index of this rank, GroupContext); collective over all ranks."""
+    W = ctx.world_size
+    members = [list(range(g, W, G)) for g in range(G)]
+    mine = ctx.rank % G
+    if W == 1:
+        return 0, GroupContext(ctx, [0], None)
+    import torch.distributed as dist
+
+    handles, cpu_handles = [], []
+    for ranks in members:   # every rank creates every group, in the same order
+        handles.append(dist.new_group(ranks))
+        cpu_handles.append(dist.new_group(ranks, backend="gloo") if ctx.backend == "nccl" else None)
+    return mine, GroupContext(ctx, members[mine], handles[mine], cpu_handles[mine])
+
+
+def _member_cfg(cfg, k: int, out: Path):
+    c = copy.deepcopy(cfg)
+    c.training.seed = member_seed(cfg, k)
+    c.training.output = str(member_dir(out, k))
+    return c
+
+
+def _done_info(k_dir: Path):
+    p = k_dir / "done.json"
+    if p.is_file():
+        try:
+            return json.loads(p.read_text())
+        except ValueError:
+            return None
+    return None
+
+
+def train_committee(cfg, ctx, resume: bool = False, quiet: bool = False, step_callback=None) -> str:
+    """Train the K members of ``cfg.committee`` over the ranks of ``ctx``; returns 'done' or
+    'stopped'.  ``step_callback(trainer, k)`` (tests): True requests a stop like a signal."""
+    from ..models.bpnn import save_committee
+    from .trainer import Trainer
+
+    K = int(cfg.committee.K)
+    out = Path(cfg.training.output)
+    G = n_groups(K, ctx.world_size, cfg.committee.groups)
+    g, gctx = make_groups(ctx, G)
+    if ctx.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        from ..config import config_to_dict
+
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if not quiet:
+        log(f"committee: K = {K} members on {ctx.world_size} rank(s) in {G} group(s) of "
+            f"{ctx.world_size // G} rank(s); seeds {member_seed(cfg, 0)}..{member_seed(cfg, K - 1)}"
+            + (", bootstrap" if cfg.committee.bootstrap else ""))
+    _shared_cache(cfg, ctx, quiet)
+    ctx.barrier()
+    status = "done"
+    my_members = list(range(g, K, G))
+    statuses = {}
+    for k in my_members:
+        kd = member_dir(out, k)
+        mcfg = _member_cfg(cfg, k, out)
+        info = _done_info(kd) if resume else None
+        if info is not None and (info.get("status") == "early_stopped" or info.get("epochs", 0) >= cfg.training.epochs
+                                 or info.get("status") == "max_steps"):
+            statuses[k] = info.get("status", "done")
+            continue
+        ck = kd / "checkpoint.pt"
+        res = str(ck) if resume and ck.is_file() else None
+        prefix = f"[member {k:02d}] " if K > 1 else ""
+        tr = Trainer(mcfg, gctx, resume=res, quiet=quiet, log_prefix=prefix)
+        cb = None if step_callback is None else (lambda t, k=k: step_callback(t, k))
+        st = tr.fit(step_callback=cb)
+        statuses[k] = st
+        if st == "stopped":
+            status = "stopped"
+            break
+        if gctx.rank == 0:
+            atomic_write_text(kd / "done.json", json.dumps({"status": st, "epochs": tr.epoch,
+                                                            "seed": mcfg.training.seed}))
+    # all groups meet here (MPI barrier: no collective timeout while groups finish at different times)
+    everything = ctx.all_gather_object({"rank": ctx.rank, "status": status, "members": statuses})
+    stopped = any(e["status"] == "stopped" for e in everything)
+    if ctx.rank == 0:
+        allst = {}
+        for e in everything:
+            allst.update({int(k): v for k, v in e["members"].items()})
+        meta = {"K": K, "groups": G, "world_size": ctx.world_size, "bootstrap": bool(cfg.committee.bootstrap),
+                "seeds": [member_seed(cfg, k) for k in range(K)],
+                "status": {f"member_{k:02d}": allst.get(k, "not started") for k in range(K)}}
+        if not stopped:
+            payloads = []
+            for k in range(K):
+                obj = torch.load(member_dir(out, k) / "model.pt", map_location="cpu", weights_only=True)
+                payloads.append(obj)
+            save_committee(out / "committee.pt", payloads, metadata=meta)
+            if not quiet:
+                log(f"committee of {K} written to {out / 'committee.pt'}")
+        else:
+            if not quiet:
+                log(f"stop requested: committee incomplete ({meta['status']}); resume with "
+                    f"'distmlip train CONFIG --resume auto'")
+        atomic_write_text(out / "committee.json", json.dumps(meta, indent=2))
+    ctx.barrier()
+    return "stopped" if stopped else status
+
+
+def _shared_cache(cfg, ctx, quiet):
+    """Build/validate the descriptor cache once with ALL ranks before the groups start (so that
+    groups do not race on the file)."""
+    dc = cfg.descriptor
+    if getattr(dc, "cache", "off") == "off" or cfg.training.mode != "energy":
+        return
+    if getattr(getattr(cfg, "zbl", None), "enabled", False):
+        return
+    from ..data.h5store import H5Dataset
+    from ..descriptors.featurize import open_or_build
+    from ..utils.log import warn
+
+    ds = H5Dataset(cfg.data.train)
+    species = cfg.model.species or list(ds.species)
+    params = {"rc_radial": dc.rc_radial, "n_radial": dc.n_radial, "rc_angular": dc.rc_angular,
+              "n_angular": dc.n_angular, "backend": dc.backend}
+    c = open_or_build(ds, species, params, dc.cache_file, dc.cache, ctx, log_fn=None if quiet else log,
+                      warn_fn=warn)
+    if c is not None:
+        c.close()
+    if cfg.data.validation:
+        vds = H5Dataset(cfg.data.validation)
+        vpath = None if not dc.cache_file else str(dc.cache_file) + ".val.h5"
+        c = open_or_build(vds, species, params, vpath, dc.cache, ctx, log_fn=None if quiet else log, warn_fn=warn)
+        if c is not None:
+            c.close()
+
+
+__all__ = ["GroupContext", "make_groups", "n_groups", "train_committee", "member_seed", "member_dir"]
