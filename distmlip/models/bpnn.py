@@ -93,7 +93,7 @@ class BPNN(nn.Module):
 
     def __init__(self, species: Sequence[str], descriptor: dict, hidden: Sequence[int] = (10, 10),
                  activation="tanh", dtype: str = "float64",
-                 reference_energies: dict | None = None):
+                 reference_energies: dict | None = None, zbl: dict | None = None):
         super().__init__()
         if not species:
             raise ConfigError("model: the species list is empty")
@@ -111,6 +111,18 @@ class BPNN(nn.Module):
         self.descriptor_params["backend"] = self.descriptor.backend if hasattr(self.descriptor, "backend") \
             else resolve_backend(descriptor.get("backend", "auto"))
         self.cutoff = max(float(descriptor["rc_radial"]), float(descriptor["rc_angular"]))
+        # optional ZBL short-range repulsion, E = E_ZBL + E_ANN (``zbl``: {"radii": {"A-B": [in, out]}}
+        # or {} for the covalent-radius defaults; None: no ZBL).  The pair list must cover its
+        # outer radius too.
+        self.zbl = None
+        if zbl is not None:
+            from .zbl import ZBL
+
+            try:
+                self.zbl = ZBL(self.species, (zbl or {}).get("radii"))
+            except (ValueError, KeyError) as exc:
+                raise ConfigError(f"zbl: {exc}") from None
+            self.cutoff = max(self.cutoff, self.zbl.cutoff)
         T, D = len(self.species), int(self.descriptor.dim)
         self.dim = D
         net_dtype = DTYPES[dtype]
@@ -132,7 +144,9 @@ class BPNN(nn.Module):
         ref = {s: float(e) for s, e in zip(self.species, self.reference_energy.tolist()) if e != 0.0}
         return {"species": list(self.species), "descriptor": dict(self.descriptor_params),
                 "hidden": list(self.hidden), "activation": list(self.activations),
-                "dtype": self.dtype_name, "reference_energies": ref}
+                "dtype": self.dtype_name, "reference_energies": ref,
+                "zbl": ({"radii": {k: list(v) for k, v in self.zbl.to_dict()["radii"].items()}}
+                        if self.zbl is not None else None)}
 
     @classmethod
     def from_config(cls, cfg: dict, backend: str | None = None) -> "BPNN":
@@ -140,7 +154,7 @@ class BPNN(nn.Module):
         if backend is not None:
             desc["backend"] = backend
         return cls(cfg["species"], desc, cfg["hidden"], cfg["activation"], cfg["dtype"],
-                   cfg.get("reference_energies") or None)
+                   cfg.get("reference_energies") or None, zbl=cfg.get("zbl"))
 
     def save(self, path, metadata: dict | None = None) -> None:
         """Write the model (config + weights + normalisation) atomically to ``path``."""
@@ -207,8 +221,25 @@ class BPNN(nn.Module):
             out = out.index_put((idx,), e)
         return out
 
+    def zbl_atomic_energies(self, batch) -> torch.Tensor | None:
+        """Per-atom ZBL energies [N] float64 (half of every pair on each atom), None without ZBL."""
+        if self.zbl is None:
+            return None
+        pre = getattr(batch, "zbl_atomic", None)   # precomputed by a descriptor cache, if any
+        if pre is not None:
+            return pre.to(torch.float64)
+        if getattr(batch, "positions", None) is None or getattr(batch, "pair_i", None) is None:
+            raise ConfigError("the model has a ZBL term, which needs positions and the pair list: this "
+                              "batch holds cached descriptors only (set descriptor.cache: off with zbl)")
+        return self.zbl.atomic_energies(batch.positions, batch.species, batch.pair_i, batch.pair_j,
+                                        batch.pair_shift)
+
     def atomic_energies(self, batch) -> torch.Tensor:
-        return self.atomic_energies_from_features(self.descriptors(batch), batch.species)
+        """Per-atom energies [N] float64: ANN (+ ZBL when the model has it)."""
+        e = self.atomic_energies_from_features(self.descriptors(batch), batch.species)
+        if self.zbl is not None:
+            e = e + self.zbl_atomic_energies(batch)
+        return e
 
     def forward(self, batch) -> torch.Tensor:
         """Total energies [B] float64."""
@@ -258,6 +289,10 @@ class BPNN(nn.Module):
             comp = torch.zeros(batch.n_structures, T, dtype=f64, device=dev)
             comp.index_put_((batch.structure, spec), torch.ones_like(spec, dtype=f64), accumulate=True)
             E = batch.energy.to(f64) - comp @ self.reference_energy
+            if self.zbl is not None:
+                # the ANN is fitted to the residual E_ref - E_ZBL: shift/scale from the residual
+                E = E - torch.zeros(batch.n_structures, dtype=f64, device=dev).index_add(
+                    0, batch.structure, self.zbl_atomic_energies(batch).to(f64))
             AtA += comp.T @ comp
             AtE += comp.T @ E
             stats += torch.stack([torch.tensor(float(batch.n_structures), dtype=f64, device=dev),
@@ -308,4 +343,4 @@ class BPNN(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"species={self.species}, dim={self.dim}, hidden={self.hidden}, "
-                f"activation={self.activations}, dtype={self.dtype_name}")
+                f"activation={self.activations}, dtype={self.dtype_name}, zbl={self.zbl is not None}")

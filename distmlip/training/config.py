@@ -114,12 +114,28 @@ class CommitteeConfig:
 
 
 @dataclass
+class ZBLConfig:
+    """Optional ZBL short-range repulsion added to the ANN: E = E_ZBL + E_ANN (docs/robustness.md).
+    ``radii``: per element pair "A-B": [inner, outer] in Angstrom (default 0.5 and 0.75 times the
+    sum of the covalent radii)."""
+    enabled: bool = False
+    radii: Optional[dict[str, list[float]]] = None
+
+    def validate(self):
+        for k, v in (self.radii or {}).items():
+            if len(k.split("-")) != 2 or len(v) != 2 or not (0.0 < v[0] < v[1]):
+                raise ConfigError(f"zbl.radii: {k!r}: expected 'A-B': [inner, outer] with "
+                                  f"0 < inner < outer, got {v!r}")
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     committee: CommitteeConfig = field(default_factory=CommitteeConfig)
+    zbl: ZBLConfig = field(default_factory=ZBLConfig)
 
     def validate(self):
         if not self.data.train:

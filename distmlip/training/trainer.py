@@ -183,7 +183,8 @@ class Trainer:
             self.model = BPNN(species, {"rc_radial": dc.rc_radial, "n_radial": dc.n_radial,
                                         "rc_angular": dc.rc_angular, "n_angular": dc.n_angular,
                                         "backend": dc.backend},
-                              mc.hidden, mc.activation, mc.dtype, ref)
+                              mc.hidden, mc.activation, mc.dtype, ref,
+                              zbl=({"radii": self.cfg.zbl.radii} if self.cfg.zbl.enabled else None))
         self.model.to(self.device)
         if fit:
             t0 = time.time()
