@@ -32,9 +32,31 @@
 
 #if defined(__CUDACC__)
 #define DM_HD __host__ __device__ inline
+#elif defined(__GNUC__)
+// always inlined on the host so that the CPU file can compile the per-centre routines once per
+// instruction set (generic x86-64 and AVX2+FMA, chosen at run time)
+#define DM_HD inline __attribute__((always_inline))
 #else
 #define DM_HD inline
 #endif
+#define DM_RESTRICT __restrict__
+
+// "#pragma omp simd" on the host when OpenMP is enabled (the CPU build uses -fopenmp): lets the
+// compiler vectorise the inner triplet loops with reductions (reassociated sums).
+#if defined(_OPENMP) && !defined(__CUDACC__)
+#define DM_PRAGMA(x) _Pragma(#x)
+#else
+#define DM_PRAGMA(x)
+#endif
+#define DM_SIMD(clauses) DM_PRAGMA(omp simd clauses)
+
+// Nine named accumulators X0..X8 (angular orders up to kMaxSpecialised = 8): named scalars,
+// unlike array elements, are kept in registers and reduced by "omp simd".
+#define DM_APPLY9(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
+#define DM_LIST9(P) P##0, P##1, P##2, P##3, P##4, P##5, P##6, P##7, P##8
+#define DM_DECLARE_ACC9(P) \
+  double P##0 = 0.0, P##1 = 0.0, P##2 = 0.0, P##3 = 0.0, P##4 = 0.0, P##5 = 0.0, P##6 = 0.0, \
+         P##7 = 0.0, P##8 = 0.0
 
 namespace distmlip {
 namespace cheb {
@@ -45,7 +67,7 @@ constexpr double kPi = 3.14159265358979323846;
 // Per-centre scratch ("slot") holds, for the neighbours with r < Rc_a, these fields in
 // structure-of-arrays layout: slot[field * cap + m].
 enum SlotField : int {
-  fUX = 0, fUY, fUZ, fR, fF, fDF, fD2F, fS, fPIDX, fGX, fGY, fGZ, fDRX, fDRY, fDRZ, fDP,
+  fUX = 0, fUY, fUZ, fIR, fF, fDF, fD2F, fS, fPIDX, fGX, fGY, fGZ, fDRX, fDRY, fDRZ, fDP,
   kSlotFields
 };
 
@@ -120,6 +142,95 @@ DM_HD int angular_order(const Problem<scalar_t>& P) {
 }
 
 // ------------------------------------------------------------------------------------------
+// helpers for the angular sums
+// ------------------------------------------------------------------------------------------
+
+// Monomial coefficients of T_0..T_na: T_n(c) = sum_k tc[n * (na + 1) + k] c^k.  Used only for
+// na <= kMaxSpecialised (coefficients up to 2^(na-1); conditioning is harmless there).
+constexpr int kMaxSpecialised = 8;
+
+DM_HD void cheb_monomial(int na, double* tc) {
+  const int K = na + 1;
+  for (int q = 0; q < K * K; ++q) tc[q] = 0.0;
+  tc[0] = 1.0;
+  if (na >= 1) tc[K + 1] = 1.0;
+  for (int n = 2; n <= na; ++n)
+    for (int k = 0; k <= n; ++k)
+      tc[n * K + k] = (k >= 1 ? 2.0 * tc[(n - 1) * K + k - 1] : 0.0) - tc[(n - 2) * K + k];
+}
+
+// S(c) = sum_n w_n T_n(c) and derivatives, w_n = ga_n + sab * gwa_n.
+// NAC >= 0: Horner on monomial coefficients al (from ga) and be (from gwa), [NAC + 1] each.
+// NAC < 0: Chebyshev recurrences on ga, gwa directly (any order).
+template <int NAC, int DERIV>
+DM_HD void angular_poly(double c, double sab, int na, const double* al, const double* be,
+                        double& S, double& S1, double& S2) {
+  if (NAC >= 0) {
+    const int N = NAC >= 0 ? NAC : 0;
+    double s0 = al[N] + sab * be[N];
+    double s1 = 0.0, s2 = 0.0;
+    for (int k = N - 1; k >= 0; --k) {
+      if (DERIV >= 2) s2 = s2 * c + 2.0 * s1;
+      if (DERIV >= 1) s1 = s1 * c + s0;
+      s0 = s0 * c + (al[k] + sab * be[k]);
+    }
+    S = s0;
+    S1 = s1;
+    S2 = s2;
+  } else {
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+    double tm = 1.0, t = c, dtm = 0.0, dt = 1.0, d2tm = 0.0, d2t = 0.0;
+    for (int n = 0; n <= na; ++n) {
+      double tn, dtn, d2tn;
+      if (n == 0) {
+        tn = 1.0; dtn = 0.0; d2tn = 0.0;
+      } else if (n == 1) {
+        tn = c; dtn = 1.0; d2tn = 0.0;
+      } else {
+        tn = 2.0 * c * t - tm;
+        dtn = 2.0 * t + 2.0 * c * dt - dtm;
+        d2tn = 4.0 * dt + 2.0 * c * d2t - d2tm;
+        tm = t; t = tn;
+        dtm = dt; dt = dtn;
+        d2tm = d2t; d2t = d2tn;
+      }
+      const double wn = al[n] + sab * be[n];
+      s0 += wn * tn;
+      if (DERIV >= 1) s1 += wn * dtn;
+      if (DERIV >= 2) s2 += wn * d2tn;
+    }
+    S = s0;
+    S1 = s1;
+    S2 = s2;
+  }
+}
+
+// Coefficients used by angular_poly: monomial (NAC >= 0) or the Chebyshev ones (NAC < 0).
+template <int NAC>
+DM_HD void angular_coefficients(int na, const double* ga, const double* gwa, double* al,
+                                double* be) {
+  if (NAC >= 0) {
+    double tc[(kMaxSpecialised + 1) * (kMaxSpecialised + 1)];
+    cheb_monomial(na, tc);
+    const int K = na + 1;
+    for (int k = 0; k <= na; ++k) {
+      double x = 0.0, y = 0.0;
+      for (int n = k; n <= na; ++n) {
+        x += ga[n] * tc[n * K + k];
+        y += gwa[n] * tc[n * K + k];
+      }
+      al[k] = x;
+      be[k] = y;
+    }
+  } else {
+    for (int n = 0; n <= na; ++n) {
+      al[n] = ga[n];
+      be[n] = gwa[n];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
 // forward
 // ------------------------------------------------------------------------------------------
 
@@ -128,15 +239,16 @@ DM_HD int angular_order(const Problem<scalar_t>& P) {
 template <int NAC, typename scalar_t>
 DM_HD void centre_forward(const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap,
                           double* acc) {
+  constexpr int NA1 = NAC >= 0 ? NAC + 1 : kMaxOrder + 1;
   const int nr = P.n_r;
   const int na = angular_order<NAC>(P);
   const bool w = P.weighted != 0;
   const int oa = P.off_a(), owr = P.off_wr(), owa = P.off_wa();
-  double* ux = slot + fUX * cap;
-  double* uy = slot + fUY * cap;
-  double* uz = slot + fUZ * cap;
-  double* ff = slot + fF * cap;
-  double* ss = slot + fS * cap;
+  double* DM_RESTRICT ux = slot + fUX * cap;
+  double* DM_RESTRICT uy = slot + fUY * cap;
+  double* DM_RESTRICT uz = slot + fUZ * cap;
+  double* DM_RESTRICT ff = slot + fF * cap;
+  double* DM_RESTRICT ss = slot + fS * cap;
   int64_t m = 0;
   for (int64_t p = P.ptr[i]; p < P.ptr[i + 1]; ++p) {
     double d[3];
@@ -170,36 +282,65 @@ DM_HD void centre_forward(const Problem<scalar_t>& P, int64_t i, double* slot, i
       ++m;
     }
   }
-  double A[kMaxOrder + 1];
-  double W[kMaxOrder + 1];
+  double A[NA1];
+  double W[NA1];
   for (int n = 0; n <= na; ++n) A[n] = W[n] = 0.0;
   for (int64_t a = 0; a + 1 < m; ++a) {
     const double xa = ux[a], ya = uy[a], za = uz[a], fa = ff[a], sa = ss[a];
-    double La[kMaxOrder + 1];  // sum over b of T_n(c) f_a f_b (and weighted)
-    double Lw[kMaxOrder + 1];
-    for (int n = 0; n <= na; ++n) La[n] = Lw[n] = 0.0;
-    for (int64_t b = a + 1; b < m; ++b) {
-      const double c = xa * ux[b] + ya * uy[b] + za * uz[b];
-      const double wt = ff[b];
-      const double wsb = wt * ss[b];
-      double tm = 1.0, t = c;
-      La[0] += wt;
-      Lw[0] += wsb;
-      if (na >= 1) {
-        La[1] += c * wt;
-        Lw[1] += c * wsb;
+    if (NAC >= 0) {
+      // sum over b of T_n(c) f_b and T_n(c) f_b s_b, in named scalars (SIMD reductions)
+      DM_DECLARE_ACC9(L);
+      DM_DECLARE_ACC9(M);
+      DM_SIMD(reduction(+ : DM_LIST9(L), DM_LIST9(M)))
+      for (int64_t b = a + 1; b < m; ++b) {
+        const double c = xa * ux[b] + ya * uy[b] + za * uz[b];
+        const double wt = ff[b];
+        const double wsb = wt * ss[b];
+        double t[NA1 > 2 ? NA1 : 2];
+        t[0] = 1.0;
+        t[1] = c;
+        for (int n = 2; n < NA1; ++n) t[n] = 2.0 * c * t[n - 1] - t[n - 2];
+#define DM_ACC(k)                      \
+  if constexpr (NA1 > k) {             \
+    L##k += t[k] * wt;                 \
+    M##k += t[k] * wsb;                \
+  }
+        DM_APPLY9(DM_ACC)
+#undef DM_ACC
       }
-      for (int n = 2; n <= na; ++n) {
-        const double tn = 2.0 * c * t - tm;
-        tm = t;
-        t = tn;
-        La[n] += tn * wt;
-        Lw[n] += tn * wsb;
+      const double Ls[9] = {DM_LIST9(L)};
+      const double Ms[9] = {DM_LIST9(M)};
+      for (int n = 0; n < NA1 && n < 9; ++n) {
+        A[n] += fa * Ls[n];
+        W[n] += fa * sa * Ms[n];
       }
-    }
-    for (int n = 0; n <= na; ++n) {
-      A[n] += fa * La[n];
-      W[n] += fa * sa * Lw[n];
+    } else {
+      double La[NA1];  // sum over b of T_n(c) f_b (and weighted by s_b)
+      double Lw[NA1];
+      for (int n = 0; n <= na; ++n) La[n] = Lw[n] = 0.0;
+      for (int64_t b = a + 1; b < m; ++b) {
+        const double c = xa * ux[b] + ya * uy[b] + za * uz[b];
+        const double wt = ff[b];
+        const double wsb = wt * ss[b];
+        double tm = 1.0, t = c;
+        La[0] += wt;
+        Lw[0] += wsb;
+        if (na >= 1) {
+          La[1] += c * wt;
+          Lw[1] += c * wsb;
+        }
+        for (int n = 2; n <= na; ++n) {
+          const double tn = 2.0 * c * t - tm;
+          tm = t;
+          t = tn;
+          La[n] += tn * wt;
+          Lw[n] += tn * wsb;
+        }
+      }
+      for (int n = 0; n <= na; ++n) {
+        A[n] += fa * La[n];
+        W[n] += fa * sa * Lw[n];
+      }
     }
   }
   for (int n = 0; n <= na; ++n) {
@@ -217,11 +358,12 @@ DM_HD void centre_forward(const Problem<scalar_t>& P, int64_t i, double* slot, i
 template <int NAC, typename scalar_t, typename gscalar_t>
 DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
                       double* slot, int64_t cap, double* gp, double* dRi) {
+  constexpr int NA1 = NAC >= 0 ? NAC + 1 : kMaxOrder + 1;
   const int nr = P.n_r;
   const int na = angular_order<NAC>(P);
   const bool w = P.weighted != 0;
   const int oa = P.off_a(), owr = P.off_wr(), owa = P.off_wa();
-  double gr[kMaxOrder + 1], gwr[kMaxOrder + 1], ga[kMaxOrder + 1], gwa[kMaxOrder + 1];
+  double gr[kMaxOrder + 1], gwr[kMaxOrder + 1], ga[NA1], gwa[NA1], al[NA1], be[NA1];
   for (int n = 0; n <= nr; ++n) {
     gr[n] = double(g_row[n]);
     gwr[n] = w ? double(g_row[owr + n]) : 0.0;
@@ -230,17 +372,18 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
     ga[n] = double(g_row[oa + n]);
     gwa[n] = w ? double(g_row[owa + n]) : 0.0;
   }
-  double* ux = slot + fUX * cap;
-  double* uy = slot + fUY * cap;
-  double* uz = slot + fUZ * cap;
-  double* rr = slot + fR * cap;
-  double* ff = slot + fF * cap;
-  double* dff = slot + fDF * cap;
-  double* ss = slot + fS * cap;
-  double* pid = slot + fPIDX * cap;
-  double* gx = slot + fGX * cap;
-  double* gy = slot + fGY * cap;
-  double* gz = slot + fGZ * cap;
+  angular_coefficients<NAC>(na, ga, gwa, al, be);
+  double* DM_RESTRICT ux = slot + fUX * cap;
+  double* DM_RESTRICT uy = slot + fUY * cap;
+  double* DM_RESTRICT uz = slot + fUZ * cap;
+  double* DM_RESTRICT ir = slot + fIR * cap;
+  double* DM_RESTRICT ff = slot + fF * cap;
+  double* DM_RESTRICT dff = slot + fDF * cap;
+  double* DM_RESTRICT ss = slot + fS * cap;
+  double* DM_RESTRICT pid = slot + fPIDX * cap;
+  double* DM_RESTRICT gx = slot + fGX * cap;
+  double* DM_RESTRICT gy = slot + fGY * cap;
+  double* DM_RESTRICT gz = slot + fGZ * cap;
   int64_t m = 0;
   const double kr = 2.0 / P.rc_r;
   for (int64_t p = P.ptr[i]; p < P.ptr[i + 1]; ++p) {
@@ -252,7 +395,6 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
     if (r < P.rc_r) {
       const Cutoff c = cutoff_fn(r, P.rc_r);
       const double x = kr * r - 1.0;
-      // T_n, T_n'
       double tm = 1.0, t = x, dtm = 0.0, dt = 1.0;
       a += (gr[0] + s * gwr[0]) * c.df;
       if (nr >= 1) a += (gr[1] + s * gwr[1]) * (kr * c.f + x * c.df);
@@ -274,7 +416,7 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
       ux[m] = d[0] * inv;
       uy[m] = d[1] * inv;
       uz[m] = d[2] * inv;
-      rr[m] = r;
+      ir[m] = inv;
       ff[m] = c.f;
       dff[m] = c.df;
       ss[m] = s;
@@ -283,53 +425,35 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
       ++m;
     }
   }
+  // Angular: for a < b, with S = sum_n w_n T_n(c), S1 = dS/dc, A1 = S1 f_a f_b,
+  //   grad_a = A1 (u_b - c u_a)/r_a + S f_a' f_b u_a,  grad_b = A1 (u_a - c u_b)/r_b + S f_a f_b' u_b.
+  // grad_a is accumulated as ira * sum_b A1 u_b + (dfa sum_b S f_b - ira sum_b A1 c) u_a.
   for (int64_t a = 0; a + 1 < m; ++a) {
-    const double xa = ux[a], ya = uy[a], za = uz[a], fa = ff[a], dfa = dff[a], sa = ss[a];
-    const double ira = 1.0 / rr[a];
-    double hx = 0.0, hy = 0.0, hz = 0.0;
+    const double xa = ux[a], ya = uy[a], za = uz[a], fa = ff[a], sa = ss[a];
+    const double ira = ir[a];
+    double vx = 0.0, vy = 0.0, vz = 0.0, ks = 0.0, kc = 0.0;
+    DM_SIMD(reduction(+ : vx, vy, vz, ks, kc))
     for (int64_t b = a + 1; b < m; ++b) {
       const double xb = ux[b], yb = uy[b], zb = uz[b], fb = ff[b];
       const double c = xa * xb + ya * yb + za * zb;
-      const double sab = sa * ss[b];
-      // S = sum_n w_n T_n(c), S1 = sum_n w_n T_n'(c), w_n = ga_n + s_a s_b gwa_n
-      double S = ga[0] + sab * gwa[0];
-      double S1 = 0.0;
-      if (na >= 1) {
-        const double w1 = ga[1] + sab * gwa[1];
-        S += w1 * c;
-        S1 += w1;
-      }
-      double tm = 1.0, t = c, dtm = 0.0, dt = 1.0;
-      for (int n = 2; n <= na; ++n) {
-        const double tn = 2.0 * c * t - tm;
-        const double dtn = 2.0 * t + 2.0 * c * dt - dtm;
-        tm = t;
-        t = tn;
-        dtm = dt;
-        dt = dtn;
-        const double wn = ga[n] + sab * gwa[n];
-        S += wn * tn;
-        S1 += wn * dtn;
-      }
-      const double fab = fa * fb;
-      const double A1 = S1 * fab;
-      const double irb = 1.0 / rr[b];
-      // grad_a = A1 (u_b - c u_a)/r_a + S f_a' f_b u_a
-      const double ca = S * dfa * fb - A1 * c * ira;
-      const double cb = A1 * ira;
-      hx += ca * xa + cb * xb;
-      hy += ca * ya + cb * yb;
-      hz += ca * za + cb * zb;
-      // grad_b = A1 (u_a - c u_b)/r_b + S f_a f_b' u_b
-      const double db = S * fa * dff[b] - A1 * c * irb;
-      const double da = A1 * irb;
-      gx[b] += db * xb + da * xa;
-      gy[b] += db * yb + da * ya;
-      gz[b] += db * zb + da * za;
+      double S, S1, S2;
+      angular_poly<NAC, 1>(c, sa * ss[b], na, al, be, S, S1, S2);
+      const double A1 = S1 * fa * fb;
+      vx += A1 * xb;
+      vy += A1 * yb;
+      vz += A1 * zb;
+      ks += S * fb;
+      kc += A1 * c;
+      const double cu = S * fa * dff[b] - A1 * c * ir[b];
+      const double cv = A1 * ir[b];
+      gx[b] += cu * xb + cv * xa;
+      gy[b] += cu * yb + cv * ya;
+      gz[b] += cu * zb + cv * za;
     }
-    gx[a] += hx;
-    gy[a] += hy;
-    gz[a] += hz;
+    const double cua = dff[a] * ks - ira * kc;
+    gx[a] += ira * vx + cua * xa;
+    gy[a] += ira * vy + cua * ya;
+    gz[a] += ira * vz + cua * za;
   }
   for (int64_t a = 0; a < m; ++a) {
     const int64_t p = int64_t(pid[a]);
@@ -356,15 +480,26 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
 // JVP: jv [dim] (zeroed by the caller) += dG_i/dR . v.
 // HVP: hp[3p..] = sum_q d^2(g.G_i)/(dr_p dr_q) . dr_q for every pair p of i, dHi = -sum_p hp[p];
 //      the caller scatters hv_j += hp[p].  g_row is only read when HVP is set.
+//
+// Angular JVP for a < b:  d/dv [T_n(c) f_a f_b] = T_n'(c) dc f_a f_b + T_n(c) dw with
+//   dc = (u_b.dr_a - c dp_a)/r_a + (u_a.dr_b - c dp_b)/r_b, dp = u.dr, dw = d(f_a f_b).
+// For NAC >= 0 the sums are accumulated in the monomial basis, Q_k = sum (c^k dw + k c^(k-1) X)
+// with X = dc f_a f_b, and converted to Chebyshev once per centre.
+// Angular HVP: derivative along v of grad_a = S1 f_a f_b e_a + S f_a' f_b u_a (e_a = (u_b - c u_a)/r_a):
+//   h_a = (S2 dc fab + S1 dw) e_a + S1 fab de_a + (S1 dc f_a' f_b + S (f_a'' dp_a f_b + f_a' f_b' dp_b)) u_a
+//         + S f_a' f_b du_a,
+//   du_a = (dr_a - dp_a u_a)/r_a, de_a = (du_b - dc u_a - c du_a - e_a dp_a)/r_a,
+// written below in the basis {u_a, u_b, dr_a, dr_b}.
 template <int NAC, bool JVP, bool HVP, typename scalar_t, typename gscalar_t>
 DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
                           const scalar_t* v, double* slot, int64_t cap, double* jv, double* hp,
                           double* dHi) {
+  constexpr int NA1 = NAC >= 0 ? NAC + 1 : kMaxOrder + 1;
   const int nr = P.n_r;
   const int na = angular_order<NAC>(P);
   const bool w = P.weighted != 0;
   const int oa = P.off_a(), owr = P.off_wr(), owa = P.off_wa();
-  double gr[kMaxOrder + 1], gwr[kMaxOrder + 1], ga[kMaxOrder + 1], gwa[kMaxOrder + 1];
+  double gr[kMaxOrder + 1], gwr[kMaxOrder + 1], ga[NA1], gwa[NA1], al[NA1], be[NA1];
   if (HVP) {
     for (int n = 0; n <= nr; ++n) {
       gr[n] = double(g_row[n]);
@@ -374,23 +509,24 @@ DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t
       ga[n] = double(g_row[oa + n]);
       gwa[n] = w ? double(g_row[owa + n]) : 0.0;
     }
+    angular_coefficients<NAC>(na, ga, gwa, al, be);
   }
-  double* ux = slot + fUX * cap;
-  double* uy = slot + fUY * cap;
-  double* uz = slot + fUZ * cap;
-  double* rr = slot + fR * cap;
-  double* ff = slot + fF * cap;
-  double* dff = slot + fDF * cap;
-  double* d2ff = slot + fD2F * cap;
-  double* ss = slot + fS * cap;
-  double* pid = slot + fPIDX * cap;
-  double* gx = slot + fGX * cap;
-  double* gy = slot + fGY * cap;
-  double* gz = slot + fGZ * cap;
-  double* vx = slot + fDRX * cap;
-  double* vy = slot + fDRY * cap;
-  double* vz = slot + fDRZ * cap;
-  double* vp = slot + fDP * cap;
+  double* DM_RESTRICT ux = slot + fUX * cap;
+  double* DM_RESTRICT uy = slot + fUY * cap;
+  double* DM_RESTRICT uz = slot + fUZ * cap;
+  double* DM_RESTRICT ir = slot + fIR * cap;
+  double* DM_RESTRICT ff = slot + fF * cap;
+  double* DM_RESTRICT dff = slot + fDF * cap;
+  double* DM_RESTRICT d2ff = slot + fD2F * cap;
+  double* DM_RESTRICT ss = slot + fS * cap;
+  double* DM_RESTRICT pid = slot + fPIDX * cap;
+  double* DM_RESTRICT gx = slot + fGX * cap;
+  double* DM_RESTRICT gy = slot + fGY * cap;
+  double* DM_RESTRICT gz = slot + fGZ * cap;
+  double* DM_RESTRICT vx = slot + fDRX * cap;
+  double* DM_RESTRICT vy = slot + fDRY * cap;
+  double* DM_RESTRICT vz = slot + fDRZ * cap;
+  double* DM_RESTRICT vp = slot + fDP * cap;
   const double kr = 2.0 / P.rc_r;
   const double vix = double(v[3 * i + 0]), viy = double(v[3 * i + 1]), viz = double(v[3 * i + 2]);
   int64_t m = 0;
@@ -449,7 +585,7 @@ DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t
       ux[m] = u0;
       uy[m] = u1;
       uz[m] = u2;
-      rr[m] = r;
+      ir[m] = inv;
       ff[m] = c.f;
       dff[m] = c.df;
       d2ff[m] = c.d2f;
@@ -463,19 +599,29 @@ DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t
       ++m;
     }
   }
-  double JA[kMaxOrder + 1], JW[kMaxOrder + 1];
+  double QA[NA1], QW[NA1];  // JVP sums (monomial moments for NAC >= 0, Chebyshev otherwise)
   if (JVP) {
-    for (int n = 0; n <= na; ++n) JA[n] = JW[n] = 0.0;
+    for (int n = 0; n <= na; ++n) QA[n] = QW[n] = 0.0;
   }
   for (int64_t a = 0; a + 1 < m; ++a) {
     const double xa = ux[a], ya = uy[a], za = uz[a];
-    const double ra = rr[a], ira = 1.0 / ra;
+    const double ira = ir[a];
     const double fa = ff[a], dfa = dff[a], d2fa = d2ff[a], sa = ss[a];
     const double dxa = vx[a], dya = vy[a], dza = vz[a], dpa = vp[a];
-    double hx = 0.0, hy = 0.0, hz = 0.0;
+    const double dfa_dpa = dfa * dpa;
+    double hx = 0.0, hy = 0.0, hz = 0.0;  // HVP: sum_b of the u_b and dr_b parts of h_a
+    double hua = 0.0, hda = 0.0;          // HVP: coefficients of u_a and dr_a in h_a
+    // JVP sums over b: named scalars (specialised orders) or arrays (generic order)
+    DM_DECLARE_ACC9(L);
+    DM_DECLARE_ACC9(M);
+    double La[NA1], Lw[NA1];
+    if (JVP && NAC < 0) {
+      for (int n = 0; n <= na; ++n) La[n] = Lw[n] = 0.0;
+    }
+    DM_SIMD(reduction(+ : DM_LIST9(L), DM_LIST9(M), hx, hy, hz, hua, hda))
     for (int64_t b = a + 1; b < m; ++b) {
       const double xb = ux[b], yb = uy[b], zb = uz[b];
-      const double irb = 1.0 / rr[b];
+      const double irb = ir[b];
       const double fb = ff[b], dfb = dff[b];
       const double dxb = vx[b], dyb = vy[b], dzb = vz[b], dpb = vp[b];
       const double c = xa * xb + ya * yb + za * zb;
@@ -483,75 +629,115 @@ DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t
       const double qba = xa * dxb + ya * dyb + za * dzb;  // u_a . dr_b
       const double dc = (qab - c * dpa) * ira + (qba - c * dpb) * irb;
       const double fab = fa * fb;
-      const double dw = dfa * dpa * fb + fa * dfb * dpb;  // d(f_a f_b)
-      const double sab = sa * ss[b];
-      double S = 0.0, S1 = 0.0, S2 = 0.0;
-      double tm = 1.0, t = c, dtm = 0.0, dt = 1.0, d2tm = 0.0, d2t = 0.0;
-      for (int n = 0; n <= na; ++n) {
-        double tn, dtn, d2tn;
-        if (n == 0) {
-          tn = 1.0; dtn = 0.0; d2tn = 0.0;
-        } else if (n == 1) {
-          tn = c; dtn = 1.0; d2tn = 0.0;
+      const double dw = dfa_dpa * fb + fa * dfb * dpb;  // d(f_a f_b)
+      const double sb = ss[b];
+      if (JVP) {
+        if (NAC >= 0) {
+          // monomial moments Q_k = c^k dw + k c^(k-1) X
+          const double X = dc * fab;
+          double q[NA1];
+          q[0] = dw;
+          double pk = 1.0;
+          for (int k = 1; k < NA1; ++k) {
+            q[k] = pk * (c * dw + double(k) * X);
+            pk *= c;
+          }
+#define DM_ACC(k)                      \
+  if constexpr (NA1 > k) {             \
+    L##k += q[k];                      \
+    M##k += sb * q[k];                 \
+  }
+          DM_APPLY9(DM_ACC)
+#undef DM_ACC
         } else {
-          tn = 2.0 * c * t - tm;
-          dtn = 2.0 * t + 2.0 * c * dt - dtm;
-          d2tn = 4.0 * dt + 2.0 * c * d2t - d2tm;
-          tm = t; t = tn;
-          dtm = dt; dt = dtn;
-          d2tm = d2t; d2t = d2tn;
-        }
-        if (JVP) {
-          const double jn = dtn * dc * fab + tn * dw;
-          JA[n] += jn;
-          JW[n] += sab * jn;
-        }
-        if (HVP) {
-          const double wn = ga[n] + sab * gwa[n];
-          S += wn * tn;
-          S1 += wn * dtn;
-          S2 += wn * d2tn;
+          double tm = 1.0, t = c, dtm = 0.0, dt = 1.0;
+          for (int n = 0; n <= na; ++n) {
+            double tn, dtn;
+            if (n == 0) {
+              tn = 1.0; dtn = 0.0;
+            } else if (n == 1) {
+              tn = c; dtn = 1.0;
+            } else {
+              tn = 2.0 * c * t - tm;
+              dtn = 2.0 * t + 2.0 * c * dt - dtm;
+              tm = t; t = tn;
+              dtm = dt; dt = dtn;
+            }
+            const double jn = dtn * dc * fab + tn * dw;
+            La[n] += jn;
+            Lw[n] += sb * jn;
+          }
         }
       }
       if (HVP) {
-        const double dfa_fb = dfa * fb, fa_dfb = fa * dfb;
-        // e_a = (u_b - c u_a)/r_a, e_b = (u_a - c u_b)/r_b
-        const double eax = (xb - c * xa) * ira, eay = (yb - c * ya) * ira, eaz = (zb - c * za) * ira;
-        const double ebx = (xa - c * xb) * irb, eby = (ya - c * yb) * irb, ebz = (za - c * zb) * irb;
-        // du_a = (dr_a - u_a dp_a)/r_a
-        const double duax = (dxa - xa * dpa) * ira, duay = (dya - ya * dpa) * ira, duaz = (dza - za * dpa) * ira;
-        const double dubx = (dxb - xb * dpb) * irb, duby = (dyb - yb * dpb) * irb, dubz = (dzb - zb * dpb) * irb;
-        // de_a = (du_b - dc u_a - c du_a - e_a dp_a)/r_a
-        const double deax = (dubx - dc * xa - c * duax - eax * dpa) * ira;
-        const double deay = (duby - dc * ya - c * duay - eay * dpa) * ira;
-        const double deaz = (dubz - dc * za - c * duaz - eaz * dpa) * ira;
-        const double debx = (duax - dc * xb - c * dubx - ebx * dpb) * irb;
-        const double deby = (duay - dc * yb - c * duby - eby * dpb) * irb;
-        const double debz = (duaz - dc * zb - c * dubz - ebz * dpb) * irb;
+        double S, S1, S2;
+        angular_poly<NAC, 2>(c, sa * sb, na, al, be, S, S1, S2);
         const double kA = S2 * dc * fab + S1 * dw;  // times e
         const double kB = S1 * fab;                 // times de
-        const double kCa = S1 * dc * dfa_fb + S * (d2fa * dpa * fb + dfa * dfb * dpb);
-        const double kDa = S * dfa_fb;
-        const double kCb = S1 * dc * fa_dfb + S * (dfa * dpa * dfb + fa * d2ff[b] * dpb);
-        const double kDb = S * fa_dfb;
-        hx += kA * eax + kB * deax + kCa * xa + kDa * duax;
-        hy += kA * eay + kB * deay + kCa * ya + kDa * duay;
-        hz += kA * eaz + kB * deaz + kCa * za + kDa * duaz;
-        gx[b] += kA * ebx + kB * debx + kCb * xb + kDb * dubx;
-        gy[b] += kA * eby + kB * deby + kCb * yb + kDb * duby;
-        gz[b] += kA * ebz + kB * debz + kCb * zb + kDb * dubz;
+        const double kCa = S1 * dc * dfa * fb + S * (d2fa * dpa * fb + dfa * dfb * dpb);
+        const double kDa = S * dfa * fb;
+        const double kCb = S1 * dc * fa * dfb + S * (dfa_dpa * dfb + fa * d2ff[b] * dpb);
+        const double kDb = S * fa * dfb;
+        const double iab = ira * irb;
+        // h_a in the basis {u_a, u_b, dr_a, dr_b}
+        const double a_ub = kA * ira - kB * (iab * dpb + ira * ira * dpa);
+        const double a_ua = -kA * c * ira + kB * (2.0 * c * ira * ira * dpa - ira * dc) + kCa - kDa * ira * dpa;
+        const double a_da = kDa * ira - kB * c * ira * ira;
+        const double a_db = kB * iab;
+        // h_b: the same with a and b exchanged
+        const double b_ua = kA * irb - kB * (iab * dpa + irb * irb * dpb);
+        const double b_ub = -kA * c * irb + kB * (2.0 * c * irb * irb * dpb - irb * dc) + kCb - kDb * irb * dpb;
+        const double b_db = kDb * irb - kB * c * irb * irb;
+        const double b_da = kB * iab;
+        hua += a_ua;
+        hda += a_da;
+        hx += a_ub * xb + a_db * dxb;
+        hy += a_ub * yb + a_db * dyb;
+        hz += a_ub * zb + a_db * dzb;
+        gx[b] += b_ub * xb + b_db * dxb + b_ua * xa + b_da * dxa;
+        gy[b] += b_ub * yb + b_db * dyb + b_ua * ya + b_da * dya;
+        gz[b] += b_ub * zb + b_db * dzb + b_ua * za + b_da * dza;
+      }
+    }
+    if (JVP) {
+      if (NAC >= 0) {
+        const double Ls[9] = {DM_LIST9(L)};
+        const double Ms[9] = {DM_LIST9(M)};
+        for (int n = 0; n < NA1 && n < 9; ++n) {
+          QA[n] += Ls[n];
+          QW[n] += sa * Ms[n];
+        }
+      } else {
+        for (int n = 0; n <= na; ++n) {
+          QA[n] += La[n];
+          QW[n] += sa * Lw[n];
+        }
       }
     }
     if (HVP) {
-      gx[a] += hx;
-      gy[a] += hy;
-      gz[a] += hz;
+      gx[a] += hx + hua * xa + hda * dxa;
+      gy[a] += hy + hua * ya + hda * dya;
+      gz[a] += hz + hua * za + hda * dza;
     }
   }
   if (JVP) {
-    for (int n = 0; n <= na; ++n) {
-      jv[oa + n] += JA[n];
-      if (w) jv[owa + n] += JW[n];
+    if (NAC >= 0) {
+      double tc[(kMaxSpecialised + 1) * (kMaxSpecialised + 1)];
+      cheb_monomial(na, tc);
+      for (int n = 0; n <= na; ++n) {
+        double x = 0.0, y = 0.0;
+        for (int k = 0; k <= n; ++k) {
+          x += tc[n * (na + 1) + k] * QA[k];
+          y += tc[n * (na + 1) + k] * QW[k];
+        }
+        jv[oa + n] += x;
+        if (w) jv[owa + n] += y;
+      }
+    } else {
+      for (int n = 0; n <= na; ++n) {
+        jv[oa + n] += QA[n];
+        if (w) jv[owa + n] += QW[n];
+      }
     }
   }
   if (HVP) {

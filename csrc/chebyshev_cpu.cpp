@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #ifdef _OPENMP
@@ -115,6 +117,86 @@ int num_threads() {
 }
 
 
+// ---- per-centre row functions, compiled twice: generic x86-64 / any CPU, and AVX2 + FMA ----
+// (the header's routines are always_inline, so each copy is generated for its instruction set)
+
+#define DISTMLIP_DEFINE_ROWS(SUFFIX, ATTR)                                                       \
+  template <typename scalar_t>                                                                  \
+  ATTR void forward_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, double* slot,          \
+                                 int64_t cap, double* acc) {                                    \
+    DISTMLIP_DISPATCH_NA(P.n_a, NAC, cheb::centre_forward<NAC>(P, i, slot, cap, acc));          \
+  }                                                                                             \
+  template <typename scalar_t>                                                                  \
+  ATTR void vjp_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, const scalar_t* g,         \
+                             double* slot, int64_t cap, double* gp, double* dRi) {              \
+    DISTMLIP_DISPATCH_NA(P.n_a, NAC, cheb::centre_vjp<NAC>(P, i, g, slot, cap, gp, dRi));       \
+  }                                                                                             \
+  template <typename scalar_t>                                                                  \
+  ATTR void jvp_hvp_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, const scalar_t* g,     \
+                                 const scalar_t* v, double* slot, int64_t cap, double* jv,      \
+                                 double* hp, double* dHi, bool need_jvp, bool need_hvp) {       \
+    if (need_jvp && need_hvp) {                                                                 \
+      DISTMLIP_DISPATCH_NA(P.n_a, NAC, (cheb::centre_jvp_hvp<NAC, true, true>(                  \
+                                           P, i, g, v, slot, cap, jv, hp, dHi)));               \
+    } else if (need_jvp) {                                                                      \
+      DISTMLIP_DISPATCH_NA(P.n_a, NAC, (cheb::centre_jvp_hvp<NAC, true, false>(                 \
+                                           P, i, g, v, slot, cap, jv, hp, dHi)));               \
+    } else {                                                                                    \
+      DISTMLIP_DISPATCH_NA(P.n_a, NAC, (cheb::centre_jvp_hvp<NAC, false, true>(                 \
+                                           P, i, g, v, slot, cap, jv, hp, dHi)));               \
+    }                                                                                           \
+  }
+
+DISTMLIP_DEFINE_ROWS(generic, )
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DISTMLIP_HAVE_AVX2 1
+DISTMLIP_DEFINE_ROWS(avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+// Instruction set used by the CPU kernels: 2 = AVX2 + FMA, 0 = generic.  The environment variable
+// DISTMLIP_CPU_ISA=generic forces the generic code (read at every call; used by the tests).
+int64_t cpu_isa() {
+#ifdef DISTMLIP_HAVE_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* env = std::getenv("DISTMLIP_CPU_ISA");
+  if (env != nullptr && std::string(env) == "generic") return 0;
+  return has ? 2 : 0;
+#else
+  return 0;
+#endif
+}
+
+template <typename scalar_t>
+using ForwardRow = void (*)(const Problem<scalar_t>&, int64_t, double*, int64_t, double*);
+template <typename scalar_t>
+using VjpRow = void (*)(const Problem<scalar_t>&, int64_t, const scalar_t*, double*, int64_t,
+                        double*, double*);
+template <typename scalar_t>
+using JvpRow = void (*)(const Problem<scalar_t>&, int64_t, const scalar_t*, const scalar_t*,
+                        double*, int64_t, double*, double*, double*, bool, bool);
+
+template <typename scalar_t>
+ForwardRow<scalar_t> pick_forward() {
+#ifdef DISTMLIP_HAVE_AVX2
+  if (cpu_isa() == 2) return &forward_row_avx2<scalar_t>;
+#endif
+  return &forward_row_generic<scalar_t>;
+}
+template <typename scalar_t>
+VjpRow<scalar_t> pick_vjp() {
+#ifdef DISTMLIP_HAVE_AVX2
+  if (cpu_isa() == 2) return &vjp_row_avx2<scalar_t>;
+#endif
+  return &vjp_row_generic<scalar_t>;
+}
+template <typename scalar_t>
+JvpRow<scalar_t> pick_jvp() {
+#ifdef DISTMLIP_HAVE_AVX2
+  if (cpu_isa() == 2) return &jvp_hvp_row_avx2<scalar_t>;
+#endif
+  return &jvp_hvp_row_generic<scalar_t>;
+}
+
 // ---- kernels (outside the dispatch macros: OpenMP pragmas cannot sit in macro arguments) ----
 
 template <typename scalar_t>
@@ -122,6 +204,7 @@ void forward_impl(const Problem<scalar_t>& P, scalar_t* out) {
   const int64_t N = P.n_atoms;
   const int D = P.dim();
   const int64_t cap = max_neighbours(P.ptr, N);
+  const auto row = pick_forward<scalar_t>();
 #pragma omp parallel num_threads(num_threads())
   {
     std::vector<double> slot(size_t(cheb::kSlotFields) * size_t(cap));
@@ -129,8 +212,7 @@ void forward_impl(const Problem<scalar_t>& P, scalar_t* out) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < N; ++i) {
       std::fill(acc.begin(), acc.end(), 0.0);
-      DISTMLIP_DISPATCH_NA(P.n_a, NAC,
-                           cheb::centre_forward<NAC>(P, i, slot.data(), cap, acc.data()));
+      row(P, i, slot.data(), cap, acc.data());
       for (int d = 0; d < D; ++d) out[i * D + d] = static_cast<scalar_t>(acc[d]);
     }
   }
@@ -141,14 +223,13 @@ void vjp_impl(const Problem<scalar_t>& P, const scalar_t* pg, double* pgp, doubl
   const int64_t N = P.n_atoms;
   const int D = P.dim();
   const int64_t cap = max_neighbours(P.ptr, N);
+  const auto row = pick_vjp<scalar_t>();
 #pragma omp parallel num_threads(num_threads())
   {
     std::vector<double> slot(size_t(cheb::kSlotFields) * size_t(cap));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < N; ++i) {
-      DISTMLIP_DISPATCH_NA(P.n_a, NAC,
-                           cheb::centre_vjp<NAC>(P, i, pg + i * D, slot.data(), cap, pgp,
-                                                 pdR + 3 * i));
+      row(P, i, pg + i * D, slot.data(), cap, pgp, pdR + 3 * i);
     }
   }
   // neighbour side: dE/dR_j += gp[p]  (serial, deterministic)
@@ -168,6 +249,7 @@ void jvp_hvp_impl(const Problem<scalar_t>& P, const scalar_t* pg, const scalar_t
   const int64_t cap = max_neighbours(P.ptr, N);
   const bool need_jvp = pjv != nullptr;
   const bool need_hvp = php != nullptr;
+  const auto row = pick_jvp<scalar_t>();
 #pragma omp parallel num_threads(num_threads())
   {
     std::vector<double> slot(size_t(cheb::kSlotFields) * size_t(cap));
@@ -175,20 +257,8 @@ void jvp_hvp_impl(const Problem<scalar_t>& P, const scalar_t* pg, const scalar_t
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < N; ++i) {
       std::fill(acc.begin(), acc.end(), 0.0);
-      double* hvi = need_hvp ? phv + 3 * i : nullptr;
-      if (need_jvp && need_hvp) {
-        DISTMLIP_DISPATCH_NA(P.n_a, NAC,
-                             (cheb::centre_jvp_hvp<NAC, true, true>(
-                                 P, i, pg + i * D, pv, slot.data(), cap, acc.data(), php, hvi)));
-      } else if (need_jvp) {
-        DISTMLIP_DISPATCH_NA(P.n_a, NAC,
-                             (cheb::centre_jvp_hvp<NAC, true, false>(
-                                 P, i, pg + i * D, pv, slot.data(), cap, acc.data(), php, hvi)));
-      } else {
-        DISTMLIP_DISPATCH_NA(P.n_a, NAC,
-                             (cheb::centre_jvp_hvp<NAC, false, true>(
-                                 P, i, pg + i * D, pv, slot.data(), cap, acc.data(), php, hvi)));
-      }
+      row(P, i, pg + i * D, pv, slot.data(), cap, acc.data(), php,
+          need_hvp ? phv + 3 * i : nullptr, need_jvp, need_hvp);
       if (need_jvp) {
         for (int d = 0; d < D; ++d) pjv[i * D + d] = static_cast<scalar_t>(acc[d]);
       }
@@ -295,6 +365,8 @@ TORCH_LIBRARY_FRAGMENT(distmlip, m) {
       "Tensor pair_ptr, Tensor pair_j, Tensor pair_shift, Tensor typespin, float rc_radial, "
       "int n_radial, float rc_angular, int n_angular, bool need_jvp, bool need_hvp) "
       "-> (Tensor, Tensor)");
+  // 2 when the CPU kernels use the AVX2 + FMA code, 0 for the generic code
+  m.def("chebyshev_cpu_isa() -> int", &distmlip::cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(distmlip, CPU, m) {
