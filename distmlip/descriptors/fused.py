@@ -14,14 +14,18 @@ Autograd
     and of the positions.  Its derivative with respect to dE/dG is the Jacobian-vector product
     J v (``need_jvp``); its derivative with respect to the positions is the Hessian-vector
     product of g.G (``need_hvp``).  So ``F = -autograd.grad(E, R, create_graph=True)`` followed
-    by ``loss(F).backward()`` gives exact weight gradients for a force loss, and by default also
-    the exact ``positions.grad`` (both second-derivative terms).
+    by ``loss(F).backward()`` gives exact weight gradients for a force loss, and also the exact
+    ``positions.grad`` (both second-derivative terms: the R-R Hessian term is implemented).
+  * The Hessian term costs about as much as the JVP.  It is computed only when the backward pass
+    will actually deliver a gradient to the positions: ``loss.backward(inputs=params)`` or
+    ``torch.autograd.grad(loss, params)`` skip it automatically (and also skip the first-order
+    descriptor backward towards the positions), which is what a force-training step should use.
   * ``position_hessian(False)`` (context manager) or ``set_position_hessian(False)`` skips the
-    R-R (Hessian) term: ``positions.grad`` after a force-loss backward then lacks the part that
+    R-R term even under a plain ``loss.backward()``: ``positions.grad`` then lacks the part that
     flows through the second derivative of the descriptor, while every weight gradient stays
-    exact.  A force-training loop that never reads ``positions.grad`` can use it to save the
-    Hessian work (about a third of the double-backward kernel time).
-  * Third derivatives are not supported (``once_differentiable``: a clear error).
+    exact.
+  * Third derivatives are not supported: differentiating the double backward raises a clear
+    RuntimeError.
   * Gradients with respect to ``pair_shift`` (cell / stress) are not supported: an error is
     raised when ``pair_shift.requires_grad``.
 
@@ -118,6 +122,17 @@ def _typespin_tensor(typespin, device) -> torch.Tensor:
     return t
 
 
+def _will_reach(t: torch.Tensor) -> bool:
+    """Whether the running backward pass will use a gradient for ``t`` (False e.g. under
+    ``loss.backward(inputs=params)`` or ``autograd.grad(loss, params)``).  Uses the engine query
+    behind ``torch.autograd.graph.register_multi_grad_hook``; if that is unavailable, True."""
+    try:
+        edge = torch.autograd.graph.get_gradient_edge(t)
+        return bool(torch._C._will_engine_execute_node(edge.node))
+    except Exception:
+        return True
+
+
 class _ChebyshevVJP(torch.autograd.Function):
     """(dE/dG, R) -> dE/dR; differentiable once more (JVP in dE/dG, HVP in R)."""
 
@@ -130,17 +145,33 @@ class _ChebyshevVJP(torch.autograd.Function):
                                        rc_r, n_r, rc_a, n_a)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, v):
         grad_G, positions, species, ptr, pj, shift, ts = ctx.saved_tensors
         need_jvp = bool(ctx.needs_input_grad[0])
-        need_hvp = bool(ctx.needs_input_grad[1]) and ctx.hessian
+        need_hvp = bool(ctx.needs_input_grad[1]) and ctx.hessian and _will_reach(positions)
         jv = hv = None
         if need_jvp or need_hvp:
-            jv, hv = _ops.chebyshev_double_backward(grad_G, v.contiguous(), positions, species, ptr,
-                                                    pj, shift, ts, *ctx.params, need_jvp, need_hvp)
+            jv, hv = _ChebyshevSecond.apply(grad_G, v.contiguous(), positions, species, ptr, pj, shift,
+                                            ts, *ctx.params, need_jvp, need_hvp)
         return ((jv if need_jvp else None), (hv if need_hvp else None),
                 None, None, None, None, None, None, None, None, None)
+
+
+class _ChebyshevSecond(torch.autograd.Function):
+    """Double-backward products (J v, H v).  Not differentiable: its backward raises, so that a
+    third derivative fails loudly instead of silently missing terms."""
+
+    @staticmethod
+    def forward(ctx, grad_G, v, positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a,
+                need_jvp, need_hvp):
+        return _ops.chebyshev_double_backward(grad_G, v, positions, species, ptr, pj, shift, ts,
+                                              rc_r, n_r, rc_a, n_a, need_jvp, need_hvp)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("fused Chebyshev descriptor: third derivatives are not supported (the "
+                           "double-backward kernels are not differentiable); use "
+                           "ChebyshevDescriptor(backend='reference') for higher orders")
 
 
 class _ChebyshevG(torch.autograd.Function):
