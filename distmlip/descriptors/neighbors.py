@@ -11,9 +11,13 @@ Any cell shape is handled, including cells thinner than the cutoff (several imag
 and free molecules (``pbc`` False in every direction; the cell may then be zero).  Mixed
 boundaries (slabs, wires) work too.
 
+The default was chosen by measurement (benchmarks/neighbors.py): vesin (C++ cell list) is the
+fastest on dense bulk, 2x matscipy and 5-15x the numpy cell list; the numpy cell list is the
+fallback when vesin is not installed.
+
 Backends (``backend=`` argument or the ``DISTMLIP_NEIGHBORS`` environment variable):
 ``"auto"`` (default: vesin when installed, else the numpy cell list), ``"vesin"``,
-``"numpy"`` (cell list written here, linear scaling, no dependency), ``"ase"``
+``"matscipy"``, ``"numpy"`` (cell list written here, linear scaling, no dependency), ``"ase"``
 (``ase.neighborlist.primitive_neighbor_list``) and ``"brute"`` (O(N^2 x images) reference, for
 tests).  Whatever the backend, the output is post-processed into the same canonical order.
 """
@@ -26,7 +30,8 @@ import numpy as np
 
 __all__ = ["neighbor_list", "pair_offsets", "available_backends", "default_backend"]
 
-_BACKENDS = ("auto", "vesin", "numpy", "ase", "brute")
+MAX_PAIRS = 1e8          # refuse inputs that would need more pairs than this (memory guard)
+_BACKENDS = ("auto", "vesin", "matscipy", "numpy", "ase", "brute")
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,8 +50,20 @@ def _prepare(positions, cell, pbc, cutoff):
     for d in range(3):
         if pbc[d] and np.linalg.norm(cell[d]) < 1e-12:
             raise ValueError(f"neighbor_list: periodic direction {d} has a zero cell vector")
-    if pbc.any() and abs(np.linalg.det(_complete_cell(cell, pbc))) < 1e-12:
-        raise ValueError("neighbor_list: the periodic cell vectors are linearly dependent")
+    if pbc.any():
+        full = _complete_cell(cell, pbc)
+        if abs(np.linalg.det(full)) < 1e-12:
+            raise ValueError("neighbor_list: the periodic cell vectors are linearly dependent")
+        face = _face_distances(full)
+        n = len(pos)
+        if pbc.all():
+            est = n * n / abs(np.linalg.det(full)) * 4.0 / 3.0 * math.pi * cutoff ** 3
+        else:
+            est = n * n * float(np.prod(np.where(pbc, 2.0 * cutoff / face + 1.0, 1.0))) * math.pi / 6.0
+        if est > MAX_PAIRS:
+            raise ValueError(f"neighbor_list: about {est:.3g} pairs expected (limit {MAX_PAIRS:.0e}): "
+                             f"the cell (face distances {np.round(face, 3).tolist()} A) is far too small "
+                             f"for the cutoff {cutoff} A with {n} atoms")
     return pos, cell, pbc, cutoff
 
 
@@ -89,15 +106,26 @@ def _face_distances(full):
     return 1.0 / np.linalg.norm(inv, axis=0)
 
 
-def _canonical(i, j, S):
-    """Sort pairs by (i, j, shift) and return contiguous int64 arrays."""
-    i = np.asarray(i, dtype=np.int64)
-    j = np.asarray(j, dtype=np.int64)
-    S = np.asarray(S, dtype=np.int64).reshape(-1, 3)
+def _canonical(i, j, S, n_atoms=None):
+    """Sort pairs by (i, j, shift) and return contiguous int64 arrays.
+
+    The order is a pure function of the pair set, so every backend gives identical output
+    (and the descriptor sums in the same order, bit for bit)."""
+    i = np.ascontiguousarray(i, dtype=np.int64)
+    j = np.ascontiguousarray(j, dtype=np.int64)
+    S = np.ascontiguousarray(S, dtype=np.int64).reshape(-1, 3)
     if len(i) > 1:
-        order = np.lexsort((S[:, 2], S[:, 1], S[:, 0], j, i))
+        n = int(n_atoms) if n_atoms is not None else int(max(i.max(), j.max())) + 1
+        smin = S.min(axis=0)
+        span = S.max(axis=0) - smin + 1
+        if float(n) * n * float(np.prod(span)) < 2.0 ** 62:
+            s = S - smin
+            key = (((i * n + j) * span[0] + s[:, 0]) * span[1] + s[:, 1]) * span[2] + s[:, 2]
+            order = np.argsort(key, kind="stable")
+        else:
+            order = np.lexsort((S[:, 2], S[:, 1], S[:, 0], j, i))
         i, j, S = i[order], j[order], S[order]
-    return np.ascontiguousarray(i), np.ascontiguousarray(j), np.ascontiguousarray(S)
+    return i, j, S
 
 
 def pair_offsets(pair_i, n_atoms: int) -> np.ndarray:
@@ -122,20 +150,20 @@ def _ragged_arange(counts):
 # numpy cell list
 # --------------------------------------------------------------------------------------------
 
-def _numpy_cell_list(pos, cell, pbc, cutoff, bin_factor=1.0):
+def _numpy_cell_list(pos, cell, pbc, cutoff, bin_factor=0.5, chunk_candidates=1 << 18):
     """Linear-scaling cell list in the (possibly triclinic) frame of the cell.
 
-    Atoms are binned in fractional coordinates; a bin is at least ``cutoff * bin_factor`` wide
-    (face to face).  For each bin offset d in [-m, m]^3 (m = ceil(1 / bin_factor) or more when
-    the cell is thinner than the cutoff, i.e. several periodic images) all atom pairs between a
-    bin and its offset bin are distance-checked at once with numpy."""
+    Atoms are binned in fractional coordinates, each bin at least ``cutoff * bin_factor`` wide
+    (face to face).  For every atom and every bin offset d in [-m, m]^3 (m bins cover the
+    cutoff; m > 1 when the cell is thinner than the cutoff, i.e. several periodic images) the
+    atoms of the offset bin are candidates; candidates are generated and distance-checked with
+    vectorised numpy in chunks of about ``chunk_candidates``."""
     n = len(pos)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.int64))
     if n == 0:
         return empty
     full = _complete_cell(cell, pbc)
-    inv = np.linalg.inv(full)
-    frac = pos @ inv
+    frac = pos @ np.linalg.inv(full)
     wrap = np.zeros((n, 3), dtype=np.int64)
     if pbc.any():
         wrap[:, pbc] = np.floor(frac[:, pbc]).astype(np.int64)
@@ -146,60 +174,48 @@ def _numpy_cell_list(pos, cell, pbc, cutoff, bin_factor=1.0):
     face = _face_distances(full)
     extent = (hi - lo) * face                       # physical face-to-face extent per direction
     width = cutoff * bin_factor
-    nbins = np.maximum(1, np.floor(extent / width)).astype(np.int64)
-    nbins = np.where(pbc, nbins, np.maximum(1, np.floor(extent / width) + 1).astype(np.int64))
-    bin_w = np.where(pbc, extent / nbins, width)     # physical width of a bin
-    # bin index of every atom
-    rel = (frac - lo) * face / np.where(bin_w > 0, bin_w, 1.0)
-    b3 = np.minimum(np.floor(rel).astype(np.int64), nbins - 1)
-    b3 = np.maximum(b3, 0)
-    # reach in bins: enough bins to cover the cutoff
-    reach = np.ceil(cutoff / np.where(bin_w > 0, bin_w, np.inf)).astype(np.int64)
+    nbins = np.where(pbc, np.maximum(1, np.floor(extent / width)),
+                     np.floor(extent / width) + 1).astype(np.int64)
+    nbins = np.minimum(nbins, max(1, int(round(n ** (1.0 / 3.0))) * 2))   # no more bins than atoms need
+    bin_w = np.where(pbc, extent / nbins, np.maximum(width, extent / nbins))
+    b3 = np.floor((frac - lo) * face / bin_w).astype(np.int64)
+    b3 = np.clip(b3, 0, nbins - 1)
+    # bins to reach in each direction: (|db| - 1) * bin_w < cutoff
+    reach = np.ceil(cutoff / bin_w).astype(np.int64)
     reach = np.where(pbc, reach, np.minimum(reach, nbins - 1))
     flat = (b3[:, 0] * nbins[1] + b3[:, 1]) * nbins[2] + b3[:, 2]
     order = np.argsort(flat, kind="stable")
-    nb_total = int(np.prod(nbins))
-    counts = np.bincount(flat, minlength=nb_total)
+    counts = np.bincount(flat, minlength=int(np.prod(nbins)))
     start = np.cumsum(counts) - counts
-    fpos = frac @ full                                 # wrapped Cartesian positions
-    sorted_atoms = order
-    atom_bin = b3[order]                               # bins in sorted order
+    fpos = frac @ full                              # wrapped Cartesian positions
+    grids = np.meshgrid(*[np.arange(-reach[d], reach[d] + 1) for d in range(3)], indexing="ij")
+    D = np.stack([g.ravel() for g in grids], axis=1)           # [K, 3] bin offsets
+    K = len(D)
     cut2 = cutoff * cutoff
+    mean_cnt = n / max(1, int((counts > 0).sum()))
+    chunk = max(1, int(chunk_candidates // max(1.0, K * mean_cnt)))
     out_i, out_j, out_s = [], [], []
-    rng = [np.arange(-reach[d], reach[d] + 1) for d in range(3)]
-    for dx in rng[0]:
-        for dy in rng[1]:
-            for dz in rng[2]:
-                d = np.array([dx, dy, dz], dtype=np.int64)
-                tgt = atom_bin + d                     # [n, 3] target bin (unwrapped)
-                shift = np.floor_divide(tgt, nbins)    # image index of the target bin
-                tgt = tgt - shift * nbins
-                ok = np.ones(n, dtype=bool)
-                for a in range(3):
-                    if not pbc[a]:
-                        ok &= shift[:, a] == 0
-                if not ok.any():
-                    continue
-                src = np.nonzero(ok)[0]
-                tflat = (tgt[src, 0] * nbins[1] + tgt[src, 1]) * nbins[2] + tgt[src, 2]
-                cnt = counts[tflat]
-                if cnt.sum() == 0:
-                    continue
-                ii = np.repeat(sorted_atoms[src], cnt)
-                jj = sorted_atoms[np.repeat(start[tflat], cnt) + _ragged_arange(cnt)]
-                ss = np.repeat(shift[src], cnt, axis=0)
-                vec = fpos[jj] - fpos[ii] + (ss @ full)
-                dist2 = np.einsum("ij,ij->i", vec, vec)
-                keep = dist2 < cut2
-                if not keep.any():
-                    continue
-                ii, jj, ss = ii[keep], jj[keep], ss[keep]
-                self_ = (ii == jj) & ~ss.any(axis=1)
-                if self_.any():
-                    ii, jj, ss = ii[~self_], jj[~self_], ss[~self_]
-                out_i.append(ii)
-                out_j.append(jj)
-                out_s.append(ss)
+    for c0 in range(0, n, chunk):
+        atoms = np.arange(c0, min(n, c0 + chunk))
+        tgt = b3[atoms][:, None, :] + D[None, :, :]            # [a, K, 3]
+        shift = np.floor_divide(tgt, nbins)
+        tgt -= shift * nbins
+        ok = np.all((shift == 0) | pbc, axis=2)                 # [a, K]
+        src_atom = np.broadcast_to(atoms[:, None], ok.shape)[ok]
+        tgt, shift = tgt[ok], shift[ok]
+        tflat = (tgt[:, 0] * nbins[1] + tgt[:, 1]) * nbins[2] + tgt[:, 2]
+        cnt = counts[tflat]
+        if cnt.sum() == 0:
+            continue
+        ii = np.repeat(src_atom, cnt)
+        jj = order[np.repeat(start[tflat], cnt) + _ragged_arange(cnt)]
+        ss = np.repeat(shift, cnt, axis=0)
+        vec = fpos[jj] - fpos[ii] + ss @ full
+        keep = np.einsum("ij,ij->i", vec, vec) < cut2
+        keep &= (ii != jj) | ss.any(axis=1)
+        out_i.append(ii[keep])
+        out_j.append(jj[keep])
+        out_s.append(ss[keep])
     if not out_i:
         return empty
     i = np.concatenate(out_i)
@@ -255,16 +271,17 @@ def _have_vesin() -> bool:
 def _vesin(pos, cell, pbc, cutoff):
     import vesin
 
-    if not pbc.any():
-        box = np.zeros((3, 3))
-        periodic = False
-    elif pbc.all():
-        box = cell
-        periodic = True
-    else:
-        raise NotImplementedError("mixed pbc")
+    box = cell if pbc.all() else _complete_cell(cell, pbc)
     nl = vesin.NeighborList(cutoff=cutoff, full_list=True)
-    i, j, S = nl.compute(points=pos, box=box, periodic=periodic, quantities="ijS", copy=True)
+    i, j, S = nl.compute(points=pos, box=box, periodic=[bool(x) for x in pbc], quantities="ijS", copy=True)
+    return i, j, S
+
+
+def _matscipy(pos, cell, pbc, cutoff):
+    from matscipy.neighbours import neighbour_list
+
+    full = cell if pbc.all() else _complete_cell(cell, pbc)
+    i, j, S = neighbour_list("ijS", positions=pos, cell=full, pbc=pbc, cutoff=cutoff)
     return i, j, S
 
 
@@ -300,16 +317,15 @@ def neighbor_list(positions, cell, pbc, cutoff, backend: str | None = None):
     if backend not in _BACKENDS:
         raise ValueError(f"neighbor_list: unknown backend {backend!r}; valid: {', '.join(_BACKENDS)}")
     if backend == "auto":
-        backend = "vesin" if (_have_vesin() and (pbc.all() or not pbc.any())) else "numpy"
+        backend = "vesin" if _have_vesin() else "numpy"
     if backend == "vesin":
-        if pbc.any() and not pbc.all():
-            i, j, S = _numpy_cell_list(pos, cell, pbc, cutoff)   # vesin: all-or-nothing pbc
-        else:
-            i, j, S = _vesin(pos, cell, pbc, cutoff)
+        i, j, S = _vesin(pos, cell, pbc, cutoff)
+    elif backend == "matscipy":
+        i, j, S = _matscipy(pos, cell, pbc, cutoff)
     elif backend == "numpy":
         i, j, S = _numpy_cell_list(pos, cell, pbc, cutoff)
     elif backend == "ase":
         i, j, S = _ase(pos, cell, pbc, cutoff)
     else:
         i, j, S = _brute(pos, cell, pbc, cutoff)
-    return _canonical(i, j, S)
+    return _canonical(i, j, S, len(pos))
