@@ -42,12 +42,28 @@ def test_bootstrap_collectives_and_gradients_mpi4py():
         assert r["mpi_loaded"]
         assert int(r["env_local_rank"]) == r["local_rank"]  # node communicator agrees with mpirun
     assert rows[0]["pid"] != rows[1]["pid"]
+    # allreduce_gradients equals the sum of every rank's own gradients (computed independently)
+    rows = results(out, kind="mode_grads")
+    for r in rows:
+        assert all(d is not None and d <= 1e-12 for d in r["diffs"]), r["diffs"]
+        assert r["extra_has_grad"]      # grad None on rank 0, present on rank 1 -> summed everywhere
+        assert r["unused_grad_none"]    # no grad on any rank -> stays None
+    assert rows[0]["checksum"] == rows[1]["checksum"]  # bit-identical on both ranks
 
 
-def test_bootstrap_from_environment_without_mpi4py():
-    rows = results(mpirun(2, [SCRIPT, "info"], env={"DISTMLIP_USE_MPI4PY": "0"}, timeout=120).stdout)
+def test_local_wrapper_and_bootstrap_from_environment_without_mpi4py():
+    """launch/mpirun_local.sh: ranks started, OMP_NUM_THREADS = cores / ranks; with
+    DISTMLIP_USE_MPI4PY=0 rank/size/local rank come from the launcher's variables."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["DISTMLIP_USE_MPI4PY"] = "0"
+    res = subprocess.run(["bash", str(REPO / "launch" / "mpirun_local.sh"), "-n", "2", "python", SCRIPT, "info"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = results(res.stdout)
     check_info(rows, "mpi-env")
     assert not any(r["mpi_loaded"] for r in rows)
+    want = str(max(1, len(os.sched_getaffinity(0)) // 2))  # what nproc reports
+    assert all(r["omp"] == want for r in rows), (rows, want)
 
 
 def test_bootstrap_torchrun_style_environment():
@@ -63,15 +79,6 @@ def test_bootstrap_torchrun_style_environment():
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     check_info(results(outs[0][0] + "\n" + outs[1][0]), "torchrun")
-
-
-def test_allreduce_gradients_equals_sum_of_rank_gradients():
-    rows = results(mpirun(2, [SCRIPT, "grads"], timeout=120).stdout)
-    for r in rows:
-        assert all(d is not None and d <= 1e-12 for d in r["diffs"]), r["diffs"]
-        assert r["extra_has_grad"]      # grad None on rank 0, present on rank 1 -> summed everywhere
-        assert r["unused_grad_none"]    # no grad on any rank -> stays None
-    assert rows[0]["checksum"] == rows[1]["checksum"]  # bit-identical on both ranks
 
 
 def test_sigterm_on_one_rank_stops_both_at_the_same_step(tmp_path):
@@ -126,12 +133,12 @@ def test_rank_dying_ends_the_job():
     _assert_fails_fast([SCRIPT, "die", "3"], "rank 1 dies at step 3")
 
 
-def test_local_wrapper_sets_threads_and_runs_ranks():
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    res = subprocess.run(["bash", str(REPO / "launch" / "mpirun_local.sh"), "-n", "2", "python", SCRIPT, "info"],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert res.returncode == 0, res.stderr
-    rows = results(res.stdout)
-    check_info(rows, "mpi")
-    want = str(max(1, len(os.sched_getaffinity(0)) // 2))  # what nproc reports
-    assert all(r["omp"] == want for r in rows), (rows, want)
+def test_bad_device_is_a_clear_error_on_every_rank():
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("CUDA present")
+    out = _assert_fails_fast([SCRIPT, "info"], "CUDA is not available", env={"DIST_CHECK_DEVICE": "cuda"})
+    assert "RESULT" not in out

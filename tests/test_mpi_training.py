@@ -1,5 +1,5 @@
 """Data-parallel training under real `mpirun -n 2`: 1 rank == 2 ranks on the same global batches
-(energy and force mode), SIGTERM mid-epoch + resume == uninterrupted run, a 2-rank checkpoint
+(energy and force mode; plain SGD, so an error in the gradient scale would show), SIGTERM mid-epoch + resume == uninterrupted run, a 2-rank checkpoint
 resumed on 1 rank, and a rank raising inside `distmlip train` ending the job."""
 import shutil
 import time
@@ -44,7 +44,7 @@ def test_one_rank_equals_two_ranks_on_the_same_global_batches(tmp_path, emt_h5):
         w2 = torch.load(tmp_path / f"{mode}_w2.pt", weights_only=True)
         init = torch.load(tmp_path / f"{mode}_w1_init.pt", weights_only=True)
         moved = max_diff(w1, init)
-        assert moved > 1e-3, f"{mode}: the 20 steps hardly changed the weights ({moved})"
+        assert moved > 1e-4, f"{mode}: the 20 steps hardly changed the weights ({moved})"
         assert max_diff(init, torch.load(tmp_path / f"{mode}_w2_init.pt", weights_only=True)) < 1e-12
         d = max_diff(w1, w2)
         assert d < 1e-10, f"{mode}: 1 rank vs 2 ranks differ by {d}"

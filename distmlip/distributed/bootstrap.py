@@ -328,41 +328,67 @@ def _describe_stop(code: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- bootstrap
-def _choose_device(device: str, local_rank: int, local_size: int, comm_local) -> torch.device:
+def _wanted_device(device: str) -> str:
+    """'cpu', 'cuda' or 'cuda:N' from the user's choice; raises if CUDA is asked for but absent."""
     want = (device or "auto").lower()
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cpu"):
-        return torch.device("cpu")
+        return "cpu"
     if not want.startswith("cuda"):
-        raise DistributedError(f"device {device!r}: expected 'auto', 'cpu' or 'cuda'")
+        raise DistributedError(f"device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if not torch.cuda.is_available():
-        raise DistributedError(f"device {device!r} requested but CUDA is not available "
-                               f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+        raise DistributedError(f"device {device!r} requested but CUDA is not available on "
+                               f"{socket.gethostname()} (torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
                                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
-    if ":" in want:  # explicit index: the user knows best
-        return torch.device(want)
-    n_gpu = torch.cuda.device_count()
-    # Ranks on this node that see the same set of GPUs share them; a launcher that binds one GPU
-    # per task (srun --gpus-per-task=1 / --gpu-bind) gives each task its own visible set.
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<all>")
-    try:  # the GPUs' UUIDs identify the hardware even when every task sees its GPU as "0"
-        visible = "|".join(str(torch.cuda.get_device_properties(i).uuid) for i in range(n_gpu))
+    return want
+
+
+def _visible_gpus_key(n_gpu: int) -> str:
+    """Identity of the GPU set this process sees: UUIDs (right even when every task sees its own
+    GPU as "0"), else CUDA_VISIBLE_DEVICES."""
+    try:
+        return "|".join(str(torch.cuda.get_device_properties(i).uuid) for i in range(n_gpu))
     except Exception:
-        pass
-    if comm_local is not None:
-        sets = comm_local.allgather(visible)
-        same = [r for r, s in enumerate(sets) if s == visible]
+        return os.environ.get("CUDA_VISIBLE_DEVICES", "<all>")
+
+
+def _choose_device(device: str, local_rank: int, local_size: int, comm_local) -> torch.device:
+    """The device of this rank.  With ``comm_local`` (node-local communicator) every local rank
+    takes part in one allgather whatever happens, so an error on one rank cannot leave the
+    others waiting."""
+    err, want, key, n_gpu = None, "cpu", None, 0
+    try:
+        want = _wanted_device(device)
+        if want == "cuda":
+            n_gpu = torch.cuda.device_count()
+            key = _visible_gpus_key(n_gpu)
+    except DistributedError as exc:
+        err = exc
+    keys = comm_local.allgather(key) if comm_local is not None else None
+    if err is not None:
+        raise err
+    if want == "cpu":
+        return torch.device("cpu")
+    if want != "cuda":  # explicit cuda:N: the user knows best
+        dev = torch.device(want)
+        torch.cuda.set_device(dev)
+        return dev
+    # Ranks on this node that see the same set of GPUs share them; a launcher that binds one GPU
+    # per task (srun --gpus-per-task=1 / --gpu-bind) gives each task its own set.
+    if keys is not None:
+        same = [r for r, k in enumerate(keys) if k == key]
         index, sharing = same.index(comm_local.Get_rank()), len(same)
     else:
         index, sharing = local_rank, local_size
     if sharing > n_gpu:
-        if os.environ.get("DISTMLIP_ALLOW_GPU_SHARING", "0") not in ("1", "true", "yes"):
+        if os.environ.get("DISTMLIP_ALLOW_GPU_SHARING", "0").lower() not in ("1", "true", "yes"):
             raise DistributedError(
                 f"{sharing} ranks on node {socket.gethostname()} share {n_gpu} visible GPU(s) "
-                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): start one rank per GPU (e.g. srun "
-                f"--ntasks-per-node=<GPUs> --gpus-per-task=1, mpirun -n <GPUs> per node), use "
-                f"--device cpu, or set DISTMLIP_ALLOW_GPU_SHARING=1 to place several ranks on one GPU")
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): start one rank "
+                f"per GPU (e.g. srun --ntasks-per-node=<GPUs> --gpus-per-task=1, or mpirun with "
+                f"<GPUs> ranks per node), use --device cpu, or set DISTMLIP_ALLOW_GPU_SHARING=1 to "
+                f"place several ranks on one GPU")
         index = index % n_gpu
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
@@ -413,9 +439,14 @@ def _bootstrap_mpi(device: str) -> DistContext:
     except DistmlipError as exc:
         err = f"rank {rank} ({ctx.hostname}): {exc}"
     local.Free()
-    errs = [e for e in comm.allgather(err) if e]
+    gathered = comm.allgather((err, str(ctx.device.type)))
+    errs = [e for e, _ in gathered if e]
     if errs:
-        raise DistributedError(errs[0] if err is None else err)
+        raise DistributedError(err if err is not None else errs[0])
+    kinds = sorted({k for _, k in gathered})
+    if len(kinds) > 1:
+        raise DistributedError(f"ranks disagree on the device type ({', '.join(kinds)}): some nodes "
+                               f"have no usable GPU; choose --device cpu or cuda explicitly")
     ctx.is_distributed = size > 1
     if size == 1:
         return ctx

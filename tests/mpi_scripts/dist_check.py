@@ -140,7 +140,7 @@ def mode_die(ctx, step_die):
 
 def main():
     mode = sys.argv[1]
-    ctx = init_distributed(device="cpu")
+    ctx = init_distributed(device=os.environ.get("DIST_CHECK_DEVICE", "cpu"))
     if mode == "info":
         mode_info(ctx)
         if "grads" in sys.argv[2:]:

@@ -35,7 +35,7 @@ def run_mode(ctx, h5, work, mode):
 data: {{train: [{h5}], fractions: [0.8, 0.2, 0.0], prefetch: false}}
 descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
 model: {{hidden: [6, 6]}}
-training: {{mode: {mode}, alpha: 0.3, epochs: 1, batch_atoms: 16, lr: 0.01, optimizer: adam,
+training: {{mode: {mode}, alpha: 0.3, epochs: 1, batch_atoms: 16, lr: 0.05, optimizer: sgd,
            output: {out}, progress_bar: 'off', seed: 3}}
 """)
     cfg = load_train_config(yaml)
