@@ -206,6 +206,11 @@ class BPNN(nn.Module):
         return [torch.nonzero(batch_species == t, as_tuple=True)[0] for t in range(len(self.species))]
 
     def descriptors(self, batch) -> torch.Tensor:
+        """Raw descriptors [N, D] of the batch; a batch carrying precomputed ``features`` (the
+        descriptor cache of energy-mode training, ``distmlip.descriptors.featurize``) uses them."""
+        G = getattr(batch, "features", None)
+        if G is not None:
+            return G
         return self.descriptor(batch.positions, batch.species, batch.pair_i, batch.pair_j, batch.pair_shift)
 
     def atomic_energies_from_features(self, G: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
@@ -250,6 +255,8 @@ class BPNN(nn.Module):
     def energy_and_forces(self, batch, create_graph: bool = False):
         """(E [B] float64, F [N, 3] = -dE/dR).  Sets ``requires_grad`` on batch.positions if needed."""
         pos = batch.positions
+        if getattr(batch, "features", None) is not None or pos is None:
+            raise ConfigError("forces need positions: a batch of cached descriptors supports energies only")
         if not pos.requires_grad:
             pos.requires_grad_(True)
         E = self(batch)
@@ -344,3 +351,43 @@ class BPNN(nn.Module):
     def extra_repr(self) -> str:
         return (f"species={self.species}, dim={self.dim}, hidden={self.hidden}, "
                 f"activation={self.activations}, dtype={self.dtype_name}, zbl={self.zbl is not None}")
+
+
+# ---------------------------------------------------------------------------------- committees
+COMMITTEE_FORMAT = "distmlip-committee"
+COMMITTEE_VERSION = 1
+
+
+def save_committee(path, payloads: Sequence[dict], metadata: dict | None = None) -> None:
+    """Write K model payloads (``BPNN.payload()`` or the dicts of saved model files) as ONE
+    committee file, atomically: ``{format: distmlip-committee, version, members: [...], metadata}``."""
+    from ..utils.io import atomic_torch_save
+
+    members = []
+    for k, p in enumerate(payloads):
+        if not isinstance(p, dict) or p.get("format") != FORMAT:
+            raise DataFormatError(f"committee member {k}: not a distmlip model payload")
+        members.append({key: p[key] for key in ("format", "version", "config", "state_dict", "metadata") if key in p})
+    atomic_torch_save({"format": COMMITTEE_FORMAT, "version": COMMITTEE_VERSION, "K": len(members),
+                       "members": members, "metadata": dict(metadata or {})}, path)
+
+
+def load_models(path, device="cpu", backend: str | None = None) -> list:
+    """``list[BPNN]`` from a single model file (one member) or a committee file (K members)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"model file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataFormatError(f"{path}: cannot read model file ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, dict) and obj.get("format") == COMMITTEE_FORMAT:
+        if obj.get("version") != COMMITTEE_VERSION:
+            raise DataFormatError(f"{path}: committee format version {obj.get('version')!r} is not supported "
+                                  f"(this distmlip reads version {COMMITTEE_VERSION})")
+        members = obj.get("members") or []
+        if not members:
+            raise DataFormatError(f"{path}: committee file has no members")
+        return [BPNN.from_payload(m, source=f"{path} (member {k})", backend=backend, device=device)
+                for k, m in enumerate(members)]
+    return [BPNN.from_payload(obj, source=str(path), backend=backend, device=device)]

@@ -44,8 +44,16 @@ class DescriptorConfig:
     rc_angular: float = 4.0
     n_angular: int = 4
     backend: Literal["auto", "reference", "fused"] = "auto"
+    # descriptor cache for energy-mode training (``distmlip featurize``, docs/training.md):
+    # auto: use DATA.h5.desc.h5 when it exists and matches, else build it at start-up (all ranks)
+    # when its folder is writable; on: build/refresh it if needed (error if impossible); off: never
+    # (YAML reads bare on/off as booleans: true/false are accepted for on/off)
+    cache: Union[Literal["auto", "on", "off"], bool] = "auto"
+    cache_file: Optional[str] = None   # default: <first training file>.desc.h5
 
     def validate(self):
+        if isinstance(self.cache, bool):
+            self.cache = "on" if self.cache else "off"
         if self.rc_radial <= 0 or self.rc_angular < 0:
             raise ConfigError("descriptor: cutoffs must be positive")
         if self.n_radial < 0 or self.n_angular < 0:
@@ -106,11 +114,20 @@ class TrainingConfig:
 
 @dataclass
 class CommitteeConfig:
+    """K models differing by seed (member k: training.seed + k, i.e. initial weights and data
+    order), optionally trained on bootstrap resamples of the training set.  The ranks are split
+    into ``groups`` (0: automatic = the largest divisor of the world size not above K); group g
+    holds ranks g, g+G, g+2G, ... and trains members g, g+G, ... one after the other, data
+    parallel inside the group.  See docs/committees.md."""
     K: int = 1
+    bootstrap: bool = False
+    groups: int = 0
 
     def validate(self):
-        if self.K != 1:
-            raise ConfigError("committee.K: only K = 1 is supported in this version")
+        if self.K < 1:
+            raise ConfigError(f"committee.K: {self.K} must be >= 1")
+        if self.groups < 0:
+            raise ConfigError(f"committee.groups: {self.groups} must be >= 0 (0: automatic)")
 
 
 @dataclass

@@ -62,10 +62,18 @@ def metrics_from_sums(acc: torch.Tensor) -> dict:
 class Trainer:
     """Single- or multi-rank trainer of one BPNN (committees: K = 1 for now)."""
 
-    def __init__(self, cfg: TrainConfig, ctx=None, resume: str | None = None, quiet: bool = False):
+    def __init__(self, cfg: TrainConfig, ctx=None, resume: str | None = None, quiet: bool = False,
+                 log_prefix: str | None = None):
+        """``ctx``: a DistContext, or a group context of a committee (training/committee.py);
+        ``log_prefix``: print progress with this prefix on the context's rank 0 (committee
+        groups), instead of on the global rank 0."""
         from ..distributed import init_distributed
 
         self.cfg = cfg
+        self.log_prefix = log_prefix
+        self.cache = None        # descriptor cache of the training data (energy mode)
+        self.val_cache = None
+        self.sample_multiplier = None  # bootstrap counts per data-set index (committee.bootstrap)
         self.ctx = ctx if ctx is not None else init_distributed(cfg.training.device)
         self.device = self.ctx.device
         self.rank0 = self.ctx.rank == 0
@@ -92,7 +100,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def _log(self, msg):
-        if not self.quiet:
+        if self.quiet:
+            return
+        if self.log_prefix is not None:
+            if self.rank0:
+                print(self.log_prefix + msg, flush=True)
+        else:
             log(msg)
 
     def _setup_data(self):
@@ -131,6 +144,16 @@ class Trainer:
                 val_idx = val_idx[keep[self.ds.subset_ids[val_idx]]]
         if len(train_idx) == 0:
             raise InputError(f"{dc.train}: no training structures (check data.fractions / data.subsets)")
+        if getattr(self.cfg.committee, "bootstrap", False):
+            # bootstrap resample (seeded by training.seed): a structure drawn c times enters the
+            # losses with weight c (identical to c copies), undrawn ones are left out
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(tc.seed), 0xB007])))
+            counts = rng.multinomial(len(train_idx), np.full(len(train_idx), 1.0 / len(train_idx)))
+            mult = np.ones(S, dtype=np.float64)
+            mult[train_idx] = counts
+            self.sample_multiplier = mult
+            train_idx = train_idx[counts > 0]
+            self._log(f"bootstrap: {len(train_idx)} distinct training structures drawn (seed {tc.seed})")
         self.train_idx, self.val_idx = train_idx, val_idx
         r, w = self.ctx.rank, self.ctx.world_size
         bs = tc.batch_structures if tc.batch_structures > 0 else 1 << 30
@@ -150,7 +173,7 @@ class Trainer:
                                tc.batch_atoms, bs, tc.seed, shuffle=False, prefetch=False)
         for structures in st.epoch(0):
             if structures:
-                yield self.collate(structures)
+                yield self.collate(structures, self.ds)
 
     def _setup_model(self):
         mc, dc, tc = self.cfg.model, self.cfg.descriptor, self.cfg.training
@@ -186,6 +209,7 @@ class Trainer:
                               mc.hidden, mc.activation, mc.dtype, ref,
                               zbl=({"radii": self.cfg.zbl.radii} if self.cfg.zbl.enabled else None))
         self.model.to(self.device)
+        self._setup_cache()
         if fit:
             t0 = time.time()
             summary = self.model.fit_normalization(self._norm_batches(), ctx=self.ctx,
@@ -196,6 +220,37 @@ class Trainer:
                       f"scale {summary['energy_scale']:.4g} eV/atom")
         self._log(f"model: {self.model.extra_repr()}, backend {self.model.descriptor_params['backend']}, "
                   f"{sum(p.numel() for p in self.model.parameters())} parameters")
+
+    def _setup_cache(self):
+        """Descriptor cache (energy mode, no ZBL): stream cached descriptors instead of
+        recomputing them (``descriptor.cache``; docs/training.md)."""
+        dc = self.cfg.descriptor
+        mode = getattr(dc, "cache", "off")
+        if mode == "off" or self.force_mode or getattr(self.model, "zbl", None) is not None:
+            if mode == "on" and (self.force_mode or getattr(self.model, "zbl", None) is not None):
+                warn("descriptor.cache: on is ignored in force mode and with ZBL (positions needed)")
+            return
+        from ..descriptors.featurize import open_or_build
+
+        params = {k: self.model.descriptor_params[k] for k in ("rc_radial", "n_radial", "rc_angular", "n_angular")}
+        params["backend"] = self.model.descriptor_params.get("backend", "auto")
+        t0 = time.time()
+        self.cache = open_or_build(self.ds, self.model.species, params, dc.cache_file, mode, self.ctx,
+                                   log_fn=self._log, warn_fn=warn)
+        if self.val_ds is self.ds:
+            self.val_cache = self.cache
+        elif self.val_stream is not None:
+            vpath = None if not dc.cache_file else str(dc.cache_file) + ".val.h5"
+            self.val_cache = open_or_build(self.val_ds, self.model.species, params, vpath, mode, self.ctx,
+                                           log_fn=self._log, warn_fn=warn)
+        if self.cache is not None:
+            mine = self.stream.partition()
+            if self.val_stream is not None and self.val_cache is self.cache:
+                mine = np.concatenate([mine, self.val_stream.partition()])
+            self.cache.preload(mine)
+            if self.val_cache is not None and self.val_cache is not self.cache and self.val_stream is not None:
+                self.val_cache.preload(self.val_stream.partition())
+            self._log(f"descriptor cache: {self.cache.path} ({time.time() - t0:.1f} s)")
 
     def _setup_optim(self):
         tc = self.cfg.training
@@ -230,11 +285,25 @@ class Trainer:
         self._log(f"resumed from {self._resume_path}: epoch {self.epoch + 1}, step {self.step_in_epoch}")
 
     # ------------------------------------------------------------------ batches and steps
-    def collate(self, structures):
+    def collate(self, structures, ds=None):
+        """Batch of ``structures`` of data set ``ds`` (default: the training set): cached
+        descriptors when a cache of that data set is active, else a full ``collate``; bootstrap
+        multiplicities are applied to the weights of training structures."""
         from ..descriptors.batch import collate
 
-        return collate(structures, species=self.model.species, cutoff=self.model.cutoff,
-                       dtype=torch.float64, device=self.device)
+        ds = self.ds if ds is None else ds
+        cache = self.cache if ds is self.ds else (self.val_cache if ds is self.val_ds else None)
+        if cache is not None:
+            from ..descriptors.featurize import feature_batch
+
+            batch = feature_batch(structures, cache, self.model.species, self.device)
+        else:
+            batch = collate(structures, species=self.model.species, cutoff=self.model.cutoff,
+                            dtype=torch.float64, device=self.device)
+        if self.sample_multiplier is not None and ds is self.ds:
+            m = self.sample_multiplier[batch.index.cpu().numpy()]
+            batch.weight = batch.weight * torch.as_tensor(m, dtype=torch.float64, device=batch.weight.device)
+        return batch
 
     def _selected(self, batch):
         tc = self.cfg.training
@@ -282,7 +351,7 @@ class Trainer:
         from ..distributed import allreduce_gradients
 
         tc = self.cfg.training
-        batch = self.collate(structures) if structures else None
+        batch = self.collate(structures, self.ds) if structures else None
         selected = None
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
         if batch is not None:
@@ -312,7 +381,7 @@ class Trainer:
         for structures in stream.epoch(0):
             if not structures:
                 continue
-            batch = self.collate(structures)
+            batch = self.collate(structures, stream.ds)
             if self.force_mode:
                 with torch.enable_grad():
                     E, F = self.model.energy_and_forces(batch)

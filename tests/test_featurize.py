@@ -1,0 +1,119 @@
+"""Descriptor cache: training with the cache == without (float64), the cache equals descriptors
+computed directly, stale caches (data changed, other parameters, other species) are detected and
+rebuilt, `distmlip featurize` under mpirun -n 2 writes the same file as 1 rank, force mode and
+`cache: off` never touch it."""
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from distmlip.data.h5store import H5Dataset, write_dataset
+from distmlip.descriptors.batch import collate
+from distmlip.descriptors.featurize import FeatureCache, StaleCacheError, featurize
+from distmlip.models.bpnn import make_descriptor
+from distmlip.training.config import load_train_config
+from distmlip.training.trainer import Trainer
+from helpers import distmlip_cli, mpirun
+from test_train import emt_structures
+
+PARAMS = {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2, "backend": "reference"}
+
+
+@pytest.fixture()
+def emt_h5(tmp_path):
+    p = tmp_path / "data" / "emt.h5"
+    p.parent.mkdir()
+    write_dataset(p, emt_structures(20))
+    return p
+
+
+def make_cfg(tmp_path, h5, cache, mode="energy", name="run"):
+    y = tmp_path / f"{name}.yaml"
+    y.write_text(f"""
+data: {{train: [{h5}], fractions: [0.75, 0.25, 0.0]}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference, cache: {cache}}}
+model: {{hidden: [6, 6]}}
+training: {{mode: {mode}, epochs: 3, batch_atoms: 16, lr: 0.01, output: {tmp_path / name}, progress_bar: 'off'}}
+""")
+    return load_train_config(y)
+
+
+def test_cache_matches_direct_descriptors(tmp_path, emt_h5):
+    ds = H5Dataset(emt_h5)
+    out = featurize(ds, ds.species, PARAMS, tmp_path / "c.h5")
+    c = FeatureCache(out, ds, ds.species, PARAMS)
+    desc = make_descriptor(ds.species, PARAMS)
+    idx = [7, 2, 2, 13]
+    b = collate(ds.read(idx), ds.species, cutoff=4.0)
+    G = desc(b.positions, b.species, b.pair_i, b.pair_j, b.pair_shift).detach().numpy()
+    np.testing.assert_allclose(c.features(idx), G, rtol=0, atol=1e-13)
+    c.preload(range(ds.n_structures))
+    np.testing.assert_array_equal(c.features(idx), c.features(np.array(idx)))
+
+
+def test_training_with_cache_equals_without(tmp_path, emt_h5):
+    t_off = Trainer(make_cfg(tmp_path, emt_h5, "off", name="off"), quiet=True)
+    t_off.fit()
+    assert t_off.cache is None and not (emt_h5.parent / "emt.h5.desc.h5").exists()
+    t_on = Trainer(make_cfg(tmp_path, emt_h5, "on", name="on"), quiet=True)
+    assert t_on.cache is not None and (emt_h5.parent / "emt.h5.desc.h5").exists()
+    t_on.fit()
+    a, b = t_off.model.state_dict(), t_on.model.state_dict()
+    d = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert d < 1e-12, d
+    la = (tmp_path / "off" / "log.csv").read_text().splitlines()
+    lb = (tmp_path / "on" / "log.csv").read_text().splitlines()
+    col = lambda lines, name: [r.split(",")[lines[0].split(",").index(name)] for r in lines[1:]]  # noqa: E731
+    assert col(la, "train_loss") == col(lb, "train_loss") and col(la, "val_loss") == col(lb, "val_loss")
+    # force mode never uses it
+    t_f = Trainer(make_cfg(tmp_path, emt_h5, "on", mode="force", name="force"), quiet=True)
+    assert t_f.cache is None
+
+
+def test_stale_cache_detected_and_rebuilt(tmp_path, emt_h5, capsys):
+    ds = H5Dataset(emt_h5)
+    path = featurize(ds, ds.species, PARAMS, emt_h5.parent / "emt.h5.desc.h5")
+    with pytest.raises(StaleCacheError, match="n_radial"):
+        FeatureCache(path, ds, ds.species, {**PARAMS, "n_radial": 5})
+    with pytest.raises(StaleCacheError, match="species"):
+        FeatureCache(path, ds, ["Au", "Cu"], PARAMS)
+    # same sizes, moved atoms: a different data file content
+    st = emt_structures(20)
+    st[3].positions[0, 0] += 0.01
+    write_dataset(emt_h5, st)
+    ds2 = H5Dataset(emt_h5)
+    with pytest.raises(StaleCacheError, match="changed since the cache was built"):
+        FeatureCache(path, ds2, ds2.species, PARAMS)
+    res = distmlip_cli(["featurize", str(emt_h5), "--rc-radial", "4", "--n-radial", "4", "--rc-angular", "3",
+                        "--n-angular", "2", "--check"], check=False)
+    assert res.returncode == 1 and "stale" in res.stdout
+    # a copy (new mtime, same content) is still valid: content hash
+    os.utime(emt_h5, ns=(1, 1))
+    featurize(ds2, ds2.species, PARAMS, path)
+    os.utime(emt_h5, ns=(2, 2))
+    FeatureCache(path, ds2, ds2.species, PARAMS)
+    # training with cache: auto rebuilds a stale cache (with a warning) and trains as without
+    st[5].positions[1, 1] += 0.02
+    write_dataset(emt_h5, st)
+    tr = Trainer(make_cfg(tmp_path, emt_h5, "auto", name="auto"), quiet=True)
+    assert "rebuilding" in capsys.readouterr().err
+    tr.fit()
+    ref = Trainer(make_cfg(tmp_path, emt_h5, "off", name="ref"), quiet=True)
+    ref.fit()
+    a, b = tr.model.state_dict(), ref.model.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-12
+
+
+def test_featurize_one_vs_two_ranks(tmp_path, emt_h5):
+    args = ["-m", "distmlip", "featurize", str(emt_h5), "--rc-radial", "4", "--n-radial", "4",
+            "--rc-angular", "3", "--n-angular", "2", "--backend", "fused"]
+    distmlip_cli(args[2:] + ["-o", str(tmp_path / "one.h5")])
+    mpirun(2, args + ["-o", str(tmp_path / "two.h5")], timeout=300)
+    with h5py.File(tmp_path / "one.h5") as f1, h5py.File(tmp_path / "two.h5") as f2:
+        G1, G2 = f1["features"][...], f2["features"][...]
+        assert G1.shape == (H5Dataset(emt_h5).n_atoms, 16) and np.abs(G1).max() > 0
+        assert np.array_equal(G1, G2)
+        assert f1.attrs["key"] == f2.attrs["key"] and bool(f2.attrs["complete"])
+    assert not list(tmp_path.glob(".*.tmp"))
