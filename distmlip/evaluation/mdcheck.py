@@ -213,7 +213,7 @@ def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float
     MaxwellBoltzmannDistribution(atoms, temperature_K=T, rng=rng)
     Stationary(atoms)
     dyn = Langevin(atoms, timestep * units.fs, temperature_K=T, friction=friction / units.fs,
-                   rng=np.random.default_rng(seed + 1))
+                   fixcm=False, rng=np.random.default_rng(seed + 1))
     thr_max = max(thresholds.values())
     rmax = max(rdf_rmax, thr_max)
     pdf = PDFAccumulator(atoms.numbers, rdf_rmax)

@@ -1,0 +1,102 @@
+"""ZBL inside the full model: forces = -dE/dR by finite differences through the ASE calculator,
+E_model - E_model(no ZBL) equals the independent ZBL loop, a dimer's energy rises steeply at short
+distance, the term survives save/load, and the normalisation is fitted on E_ref - E_ZBL."""
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+
+from distmlip.errors import ConfigError
+from distmlip.evaluation.calculator import DistmlipCalculator
+from distmlip.models.bpnn import BPNN
+from distmlip.models.zbl import zbl_energy_reference
+
+DESC = {"rc_radial": 3.5, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2, "backend": "reference"}
+
+
+def _pair(zbl, seed=0):
+    torch.manual_seed(seed)
+    m = BPNN(["Cu", "Au"], DESC, [6], "tanh", zbl=zbl)
+    for p in m.parameters():
+        p.data.normal_(0.0, 0.3)
+    return m
+
+
+def test_model_with_zbl_energy_and_fd_forces(tmp_path):
+    m0, m1 = _pair(None), _pair({"radii": {"Cu-Au": [0.9, 1.9]}})
+    m1.load_state_dict({**m0.state_dict(), **{k: v for k, v in m1.state_dict().items() if k.startswith("zbl.")}})
+    path = tmp_path / "m.pt"
+    m1.save(path)
+    m1 = BPNN.load(path)                       # the ZBL term and its radii survive save/load
+    assert m1.zbl is not None and float(m1.zbl.r_out[0, 1]) == 1.9 and m1.cutoff >= 3.5
+    rng = np.random.default_rng(2)
+    atoms = Atoms("Cu3Au2", positions=rng.uniform(0, 2.2, (5, 3)))
+    e = {}
+    for name, m in (("ann", m0), ("hyb", m1)):
+        a = atoms.copy()
+        a.calc = DistmlipCalculator(m)
+        e[name] = a.get_potential_energy()
+    def radii(zi, zj):
+        return (0.9, 1.9) if {zi, zj} == {29, 79} else _default(zi, zj)
+
+    ref = zbl_energy_reference(atoms.positions.tolist(), atoms.numbers, radii=radii)
+    assert ref > 1.0
+    np.testing.assert_allclose(e["hyb"] - e["ann"], ref, rtol=1e-10)
+    # forces of the hybrid = -dE/dR by central differences through the calculator
+    a = atoms.copy()
+    a.calc = DistmlipCalculator(m1)
+    F = a.get_forces()
+    h = 1e-5
+    fd = np.zeros_like(F)
+    for i in range(len(a)):
+        for k in range(3):
+            for sgn in (1, -1):
+                b = atoms.copy()
+                b.positions[i, k] += sgn * h
+                b.calc = DistmlipCalculator(m1)
+                fd[i, k] -= sgn * b.get_potential_energy() / (2 * h)
+    np.testing.assert_allclose(F, fd, rtol=1e-6, atol=1e-6 * np.abs(fd).max())
+
+
+def _default(zi, zj):
+    from distmlip.models.zbl import default_radii
+
+    return default_radii(zi, zj)
+
+
+def test_dimer_energy_rises_steeply_with_zbl():
+    m0, m1 = _pair(None, 1), _pair({}, 1)
+    m1.load_state_dict({**m0.state_dict(), **{k: v for k, v in m1.state_dict().items() if k.startswith("zbl.")}})
+    rs = [0.4, 0.6, 0.8, 1.0, 1.2]
+    E = {}
+    for name, m in (("ann", m0), ("hyb", m1)):
+        calc = DistmlipCalculator(m)
+        E[name] = []
+        for r in rs:
+            a = Atoms("Cu2", positions=[[0, 0, 0], [r, 0, 0]])
+            a.calc = calc
+            E[name].append(a.get_potential_energy())
+    hyb = np.array(E["hyb"])
+    assert np.all(np.diff(hyb) < 0)                  # monotonically repulsive inwards
+    assert hyb[0] - hyb[-1] > 100.0                  # hundreds of eV between 1.2 A and 0.4 A (Z = 29)
+    assert abs(np.ptp(E["ann"])) < 10.0              # the bare network has no such wall
+
+
+def test_zbl_config_errors_and_residual_fit():
+    with pytest.raises(ConfigError, match="zbl"):
+        BPNN(["Cu"], DESC, [4], zbl={"radii": {"Cu-Xx": [0.5, 1.0]}})
+    with pytest.raises(ConfigError, match="inner < outer"):
+        BPNN(["Cu"], DESC, [4], zbl={"radii": {"Cu-Cu": [1.0, 0.5]}})
+    # normalisation: the energy shift is fitted on E_ref - E_ZBL
+    from distmlip.data.structure import Structure
+    from distmlip.descriptors.batch import collate
+
+    structs = []
+    for r in (0.7, 0.8, 0.9):
+        pos = np.array([[0.0, 0, 0], [r, 0, 0]])
+        e_zbl = zbl_energy_reference(pos.tolist(), [29, 29])
+        structs.append(Structure(numbers=np.array([29, 29]), positions=pos, cell=np.zeros((3, 3)),
+                                 pbc=np.zeros(3, bool), energy=e_zbl - 4.0))   # residual: -2 eV/atom
+    m = BPNN(["Cu"], DESC, [4], zbl={})
+    m.fit_normalization([collate(structs, m.species, m.cutoff)], descriptor=True, energy="mean", scale=False)
+    np.testing.assert_allclose(float(m.energy_shift[0]), -2.0, atol=1e-10)
