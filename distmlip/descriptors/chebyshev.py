@@ -239,13 +239,16 @@ class ChebyshevDescriptor(torch.nn.Module):
                         warnings.warn(msg)
         return self._fused or None
 
-    def forward(self, positions, species_idx, pair_i, pair_j, pair_shift):
+    def forward(self, positions, species_idx, pair_i, pair_j, pair_shift, pair_ptr=None):
+        """G [N, dim].  ``pair_ptr`` (optional, ``batch.pair_ptr``): CSR offsets of a pair list
+        sorted by centre, passed on to the fused kernels (the reference does not need it)."""
         if self.backend == "fused":
             fused = self._fused_module()
             if fused is not None:
+                kw = {} if pair_ptr is None else {"pair_ptr": pair_ptr}
                 return fused.chebyshev(positions, species_idx, pair_i, pair_j, pair_shift,
                                        typespin=self.typespin, rc_radial=self.rc_radial,
                                        n_radial=self.n_radial, rc_angular=self.rc_angular,
-                                       n_angular=self.n_angular)
+                                       n_angular=self.n_angular, **kw)
         return chebyshev_reference(positions, species_idx, pair_i, pair_j, pair_shift, self.typespin,
                                    self.rc_radial, self.n_radial, self.rc_angular, self.n_angular)

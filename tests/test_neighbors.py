@@ -1,0 +1,145 @@
+"""Neighbour lists against an independent brute-force O(N^2 x images) enumeration written here."""
+from __future__ import annotations
+
+import itertools
+import math
+import zlib
+
+import numpy as np
+import pytest
+
+from distmlip.descriptors import neighbors as nl
+from distmlip.descriptors.neighbors import neighbor_list, pair_offsets
+
+def _have(backend):
+    if backend == "matscipy":
+        try:
+            import matscipy.neighbours  # noqa: F401
+            return True
+        except Exception:
+            return False
+    return backend in nl.available_backends()
+
+
+def brute_pairs(pos, cell, pbc, rc):
+    """Set of (i, j, s0, s1, s2) by enumerating every image translation that can matter."""
+    pos = np.asarray(pos, float)
+    cell = np.asarray(cell, float)
+    rng = []
+    for d in range(3):
+        if not pbc[d]:
+            rng.append([0])
+            continue
+        # distance between lattice planes spanned by the two other vectors
+        a, b = cell[(d + 1) % 3], cell[(d + 2) % 3]
+        nrm = np.cross(a, b)
+        h = abs(np.dot(cell[d], nrm)) / np.linalg.norm(nrm)
+        # positions may lie outside the cell: add the spread of their projections
+        proj = pos @ nrm / np.linalg.norm(nrm)
+        k = int(math.ceil((rc + proj.max() - proj.min()) / h)) + 1
+        rng.append(range(-k, k + 1))
+    out = set()
+    n = len(pos)
+    for s in itertools.product(*rng):
+        t = np.asarray(s, float) @ cell
+        d = np.linalg.norm(pos[None, :, :] + t - pos[:, None, :], axis=-1)   # d[i, j]
+        if not any(s):
+            d[np.arange(n), np.arange(n)] = np.inf
+        for i, j in zip(*np.nonzero(d < rc)):
+            out.add((int(i), int(j)) + tuple(int(x) for x in s))
+    return out
+
+
+def random_case(rng, kind):
+    n = int(rng.integers(1, 9))
+    if kind == "molecule":
+        pos = rng.normal(size=(n, 3)) * 2.0
+        return pos, np.zeros((3, 3)), np.zeros(3, bool), float(rng.uniform(1.5, 5.0))
+    while True:
+        cell = rng.normal(size=(3, 3)) * rng.uniform(0.3, 2.5) + np.eye(3) * rng.uniform(1.5, 6.0)
+        h = np.abs(np.linalg.det(cell)) / np.array(
+            [np.linalg.norm(np.cross(cell[(d + 1) % 3], cell[(d + 2) % 3])) for d in range(3)])
+        if h.min() > 1.0:
+            break
+    if kind == "small":          # cell smaller than the cutoff: several images, self images
+        rc = float(h.max() * rng.uniform(1.2, 2.2))
+    else:
+        rc = float(rng.uniform(1.0, 4.0))
+    pbc = np.ones(3, bool) if kind != "mixed" else rng.random(3) < 0.5
+    frac = rng.random((n, 3)) + rng.integers(-1, 2, size=(n, 3)) * (rng.random((n, 3)) < 0.2)
+    pos = frac @ cell            # some atoms outside the cell on purpose
+    return pos, cell, pbc, rc
+
+
+@pytest.mark.parametrize("backend", ["numpy", "vesin", "matscipy", "ase"])
+@pytest.mark.parametrize("kind", ["triclinic", "small", "mixed", "molecule"])
+def test_against_brute_force(backend, kind):
+    if not _have(backend):
+        pytest.skip(f"{backend} not installed")
+    rng = np.random.default_rng(zlib.crc32(f"{backend}-{kind}".encode()))
+    for _ in range(6):
+        pos, cell, pbc, rc = random_case(rng, kind)
+        i, j, S = neighbor_list(pos, cell, pbc, rc, backend=backend)
+        got = set(zip(i.tolist(), j.tolist(), *S.T.tolist()))
+        assert len(got) == len(i), "duplicate pairs"
+        assert got == brute_pairs(pos, cell, pbc, rc), (backend, kind, pbc, rc)
+
+
+def test_output_conventions_default_backend():
+    rng = np.random.default_rng(3)
+    pos, cell, pbc, rc = random_case(rng, "small")
+    i, j, S = neighbor_list(pos, cell, pbc, rc)
+    assert i.dtype == np.int64 and j.dtype == np.int64 and S.dtype == np.int64 and S.shape == (len(i), 3)
+    # sorted by (i, j, shift)
+    keys = list(zip(i.tolist(), j.tolist(), *S.T.tolist()))
+    assert keys == sorted(keys)
+    # both directions
+    assert set(keys) == {(b, a, -x, -y, -z) for a, b, x, y, z in keys}
+    # no atom paired with itself at zero shift; an atom can neighbour its own images here
+    assert not np.any((i == j) & ~S.any(axis=1))
+    assert np.any(i == j)
+    d = np.linalg.norm(pos[j] - pos[i] + S @ cell, axis=1)
+    assert np.all(d < rc)
+    ptr = pair_offsets(i, len(pos))
+    assert ptr[0] == 0 and ptr[-1] == len(i)
+    for a in range(len(pos)):
+        assert np.all(i[ptr[a]:ptr[a + 1]] == a)
+
+
+def test_backends_identical_output():
+    rng = np.random.default_rng(5)
+    pos, cell, pbc, rc = random_case(rng, "triclinic")
+    ref = np.column_stack(neighbor_list(pos, cell, pbc, rc, backend="numpy"))
+    for b in ("vesin", "matscipy", "ase", "brute"):
+        if _have(b) or b == "brute":
+            got = np.column_stack(neighbor_list(pos, cell, pbc, rc, backend=b))
+            np.testing.assert_array_equal(got, ref)
+
+
+def test_larger_bulk_numpy_vs_default():
+    from ase.build import bulk
+
+    at = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 3))
+    at.rattle(0.1, seed=0)
+    a = np.column_stack(neighbor_list(at.positions, at.cell[:], at.pbc, 5.0, backend="numpy"))
+    b = np.column_stack(neighbor_list(at.positions, at.cell[:], at.pbc, 5.0, backend="ase"))
+    np.testing.assert_array_equal(a, b)
+    assert len(a) > 108 * 40
+
+
+def test_empty_and_isolated():
+    i, j, S = neighbor_list(np.zeros((0, 3)), np.zeros((3, 3)), False, 5.0)
+    assert len(i) == 0 and S.shape == (0, 3)
+    i, j, S = neighbor_list(np.array([[0.0, 0, 0], [10.0, 0, 0]]), np.zeros((3, 3)), False, 5.0)
+    assert len(i) == 0
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="zero cell vector"):
+        neighbor_list(np.zeros((2, 3)), np.zeros((3, 3)), True, 3.0)
+    with pytest.raises(ValueError, match="cutoff"):
+        neighbor_list(np.zeros((2, 3)), np.eye(3), False, -1.0)
+    with pytest.raises(ValueError, match="far too small"):
+        neighbor_list(np.random.default_rng(0).random((50, 3)) * 0.02, np.eye(3) * 0.02, True, 6.0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        neighbor_list(np.zeros((2, 3)), np.eye(3), False, 3.0, backend="nope")
