@@ -344,3 +344,17 @@ def test_fused_backend_falls_back_or_matches():
     b = collate([_random_periodic(rng), _random_molecule(rng)], ref.species, ref.cutoff)
     args = (b.positions, b.species, b.pair_i, b.pair_j, b.pair_shift)
     torch.testing.assert_close(fus(*args, pair_ptr=b.pair_ptr), ref(*args), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(15)
+    desc = ChebyshevDescriptor(["H", "C", "O"], 4.2, 6, 3.3, 4)
+    b = collate([_random_periodic(rng), _random_molecule(rng)], desc.species, desc.cutoff)
+    G = desc(b.positions, b.species, b.pair_i, b.pair_j, b.pair_shift)
+    g = b.to("cuda")
+    x = g.positions.requires_grad_()
+    Gc = desc.to("cuda")(x, g.species, g.pair_i, g.pair_j, g.pair_shift)
+    torch.testing.assert_close(Gc.cpu(), G, rtol=1e-12, atol=1e-12)
+    Gc.sum().backward()
+    assert x.grad is not None and x.grad.is_cuda

@@ -143,3 +143,15 @@ def test_errors():
         neighbor_list(np.random.default_rng(0).random((50, 3)) * 0.02, np.eye(3) * 0.02, True, 6.0)
     with pytest.raises(ValueError, match="unknown backend"):
         neighbor_list(np.zeros((2, 3)), np.eye(3), False, 3.0, backend="nope")
+
+
+def test_auto_falls_back_to_numpy_without_vesin(monkeypatch):
+    rng = np.random.default_rng(21)
+    pos, cell, pbc, rc = random_case(rng, "small")
+    monkeypatch.setattr(nl, "_have_vesin", lambda: False)
+    assert "vesin" not in nl.available_backends()
+    i, j, S = neighbor_list(pos, cell, pbc, rc)
+    assert set(zip(i.tolist(), j.tolist(), *S.T.tolist())) == brute_pairs(pos, cell, pbc, rc)
+    monkeypatch.setenv("DISTMLIP_NEIGHBORS", "bogus")
+    with pytest.raises(ValueError, match="DISTMLIP_NEIGHBORS"):
+        neighbor_list(pos, cell, pbc, rc)
