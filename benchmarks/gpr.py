@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distmlip.data.readers import read_xsf  # noqa: E402
+from distmlip.gpr.fingerprints import make_fingerprint, resolve_fingerprint  # noqa: E402
 from distmlip.gpr.model import GPR, LocalGPR  # noqa: E402
 from distmlip.gpr.sampling import displace, subset_rng, taylor_energy  # noqa: E402
 
@@ -49,20 +50,34 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
+def _fp(args, S):
+    kind = resolve_fingerprint(args.fingerprint, len(S[0].numbers), S[0].pbc)
+    return kind, make_fingerprint(kind)
+
+
+def _gpr_kw(args):
+    return dict(weight=args.weight, length_scale=args.length_scale, noise_energy=args.noise_energy,
+                noise_force=args.noise_force, fit_max_obs=args.fit_max_obs,
+                fit_iterations=args.fit_iterations, fit_restarts=args.fit_restarts,
+                select=args.select, seed=0)
+
+
 def ec(args):
     d = SHARED / "ec_dimer"
-    _, Rtr, Etr, Ftr = load(d / "train")
-    _, Rte, Ete, Fte = load(d / "test")
+    Str, Rtr, Etr, Ftr = load(d / "train")
+    Ste, Rte, Ete, Fte = load(d / "test")
+    kind, fp = _fp(args, Str)
     print(f"EC dimers: {len(Etr)} train, {len(Ete)} test, {Rtr.shape[1] // 3} atoms, "
-          f"kernel n = {len(Etr) * (1 + Rtr.shape[1])}, threads {torch.get_num_threads()}", flush=True)
-    kw = dict(weight=args.weight, length_scale=args.length_scale, noise_energy=args.noise_energy,
-              noise_force=args.noise_force, device=args.device, fit_max_obs=args.fit_max_obs,
-              fit_iterations=args.fit_iterations, seed=0)
+          f"kernel n = {len(Etr) * (1 + Rtr.shape[1])}, threads {torch.get_num_threads()}, "
+          f"fingerprint {kind}, select {args.select}", flush=True)
+    kw = dict(_gpr_kw(args), device=args.device)
     t0 = time.perf_counter()
-    g = LocalGPR(max_obs=args.max_obs, **kw).fit(Rtr, None, Etr, Ftr)
+    Xtr, Jtr = fp.compute([s.positions for s in Str], Str[0])
+    g = LocalGPR(max_obs=args.max_obs, **kw).fit(Xtr, Jtr, Etr, Ftr)
     t_fit = time.perf_counter() - t0
     t1 = time.perf_counter()
-    e, f, s = g.predict(Rte)
+    Xte, Jte = fp.compute([s.positions for s in Ste], Ste[0])
+    e, f, s = g.predict(Xte, Jte)
     t_pred = time.perf_counter() - t1
     e, f, s = e.numpy(), f.numpy(), s.numpy()
     err = np.abs(e - Ete)
@@ -82,7 +97,8 @@ def ec(args):
                                              "energy_scale_eV", "force_scale_eVA", "jitter",
                                              "jitter_rel", "lml", "fit_structures", "fit_obs",
                                              "lml_fit_start", "lml_fit_end", "time_hyper_s",
-                                             "time_factor_s", "n_local", "n_obs")},
+                                             "time_factor_s", "n_local", "n_obs", "nn_distance",
+                                             "loo_energy_mae_eV", "fit_evals", "fit_candidates")},
     }
     print(f"energy MAE {res['energy_mae_eV']:.4f} eV (target <= 0.0175; aenet-gpr 0.022)")
     print(f"force MAE  {res['force_mae_eVA']:.4f} eV/A (target <= 0.15; aenet-gpr 0.150)")
@@ -101,8 +117,9 @@ def h2(args):
     from ase.calculators.lj import LennardJones
 
     S, R, E, F = load(SHARED / "h2_lj" / "train")
-    g = GPR(weight=args.weight, length_scale=args.length_scale, noise_energy=args.noise_energy,
-            noise_force=args.noise_force, seed=0).fit(R, None, E, F)
+    kind, fp = _fp(args, S)
+    X, J = fp.compute([s.positions for s in S], S[0])
+    g = GPR(**_gpr_kw(args)).fit(X, J, E, F)
     rng = subset_rng(0, "h2")
     calc = LennardJones(epsilon=1.0, sigma=1.0)
     pos, exact, taylor = [], [], []
@@ -117,15 +134,17 @@ def h2(args):
     # the LJ model reproduces the reference files
     a = Atoms(numbers=S[0].numbers, positions=S[0].positions); a.calc = calc
     assert abs(a.get_potential_energy() - E[0]) < 1e-9
-    e, _, sd = g.predict(np.array(pos), forces=False)
+    Xs, _ = fp.compute([p.reshape(-1, 3) for p in pos], S[0], with_jacobian=False)
+    e, _, sd = g.predict(Xs, forces=False)
     exact = np.array(exact)
     taylor = np.concatenate(taylor)
     mae = float(np.abs(e.numpy() - exact).mean())
-    print(f"H2 LJ: {len(exact)} copies (M = 20, delta = 0.05 A): GPR label MAE {mae:.4f} eV "
+    print(f"H2 LJ (fingerprint {kind}, select {args.select}): {len(exact)} copies (M = 20, delta = 0.05 A): GPR label MAE {mae:.4f} eV "
           f"(target <= 0.03), max {np.abs(e.numpy() - exact).max():.4f} eV, mean sigma "
           f"{float(sd.mean()):.4f} eV; Taylor label MAE {np.abs(taylor - exact).mean():.4f} eV")
     print("hyperparameters:", {k: g.info[k] for k in ("weight", "length_scale", "noise_energy",
-                                                       "noise_force", "weight_eV", "jitter", "lml")})
+                                                       "noise_force", "weight_eV", "jitter", "lml",
+                                                       "nn_distance", "loo_energy_mae_eV")})
     err = np.abs(e.numpy() - exact)
     sd = sd.numpy()
     for thr in (0.05, 0.1):
@@ -148,6 +167,10 @@ def main():
     ap.add_argument("--noise-force", type=float)
     ap.add_argument("--fit-max-obs", type=int, default=3000)
     ap.add_argument("--fit-iterations", type=int, default=60)
+    ap.add_argument("--fit-restarts", type=int, default=3)
+    ap.add_argument("--select", choices=["lml", "loo"], default="lml")
+    ap.add_argument("--fingerprint", choices=["auto", "cartesian", "inverse"], default="cartesian",
+                    help="EC acceptance is defined with the Cartesian fingerprint")
     ap.add_argument("--max-obs", type=int, default=None, help="split into local GPRs above this")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()

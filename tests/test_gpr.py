@@ -225,3 +225,110 @@ def test_chebyshev_fingerprint_blocks_match_finite_differences():
         x, J = fp(Ra)
         assert J.shape == (x.numel(), 12)
         _fd_blocks(fp, [Ra, Rb], w=1.0, l=float(torch.linalg.norm(fp(Ra)[0] - fp(Rb)[0])) + 0.5, h=1e-5)
+
+
+# ------------------------------------------------------------------ inverse-distance fingerprint
+def test_inverse_distance_fingerprint_blocks_and_jacobian_match_finite_differences():
+    from distmlip.gpr.fingerprints import InverseDistanceFingerprint
+
+    fpo = InverseDistanceFingerprint()
+    base = np.array([[0, 0, 0], [1.1, 0, 0], [0, 1.2, 0.1], [0.5, 0.4, 1.0]], float)
+    fp = lambda R: tuple(t if t is None else t[0] for t in fpo.compute([np.asarray(R).reshape(-1, 3)]))
+    x, J = fp(base.ravel())
+    assert x.shape == (6,) and J.shape == (6, 12)
+    # values against an independent formula, Jacobian against central differences
+    d = base[None] - base[:, None]
+    r = np.sqrt((d ** 2).sum(-1))[np.triu_indices(4, 1)]
+    np.testing.assert_allclose(x.numpy(), 1 / r, rtol=1e-14)
+    h = 1e-6
+    fdJ = np.stack([(fp(base.ravel() + h * e)[0] - fp(base.ravel() - h * e)[0]).numpy() / (2 * h)
+                    for e in np.eye(12)], 1)
+    np.testing.assert_allclose(J.numpy(), fdJ, rtol=1e-6, atol=1e-8)
+    rng = np.random.default_rng(11)
+    Rb = base.ravel() + 0.1 * rng.normal(size=12)
+    _fd_blocks(fp, [base.ravel(), Rb], w=0.7, l=0.3)
+
+
+def test_inverse_distance_minimum_image_under_pbc():
+    from distmlip.gpr.fingerprints import InverseDistanceFingerprint
+    from distmlip.data.structure import Structure
+
+    cell = np.array([[4.0, 0, 0], [1.5, 4.0, 0], [0, 0, 5.0]])          # skewed
+    pos = np.array([[0.1, 0.1, 0.1], [3.9, 3.8, 4.9], [2.0, 2.0, 2.5]])
+    tmpl = Structure(numbers=np.array([1, 1, 1]), positions=pos, cell=cell, pbc=np.array([True] * 3),
+                     energy=0.0)
+    X, J = InverseDistanceFingerprint().compute([pos], tmpl)
+    # brute force over images
+    i, j = np.triu_indices(3, 1)
+    imgs = np.array([[a, b, c] for a in range(-2, 3) for b in range(-2, 3) for c in range(-2, 3)]) @ cell
+    rmin = [np.min(np.linalg.norm(pos[jj] - pos[ii] + imgs, axis=1)) for ii, jj in zip(i, j)]
+    np.testing.assert_allclose(X[0].numpy(), 1 / np.array(rmin), rtol=1e-12)
+    h = 1e-6
+    fd = np.stack([(InverseDistanceFingerprint().compute([pos + h * e.reshape(3, 3)], tmpl, False)[0][0]
+                    - InverseDistanceFingerprint().compute([pos - h * e.reshape(3, 3)], tmpl, False)[0][0]).numpy()
+                   / (2 * h) for e in np.eye(9)], 1)
+    np.testing.assert_allclose(J[0].numpy(), fd, rtol=1e-6, atol=1e-8)
+
+
+def test_fingerprint_auto_choice():
+    from distmlip.gpr.fingerprints import resolve_fingerprint
+
+    assert resolve_fingerprint("auto", 20, np.zeros(3, bool)) == "inverse"
+    assert resolve_fingerprint("auto", 20, np.array([True, True, False])) == "cartesian"
+    assert resolve_fingerprint("auto", 500, np.zeros(3, bool)) == "cartesian"
+    assert resolve_fingerprint("chebyshev", 20, np.zeros(3, bool)) == "chebyshev"
+
+
+# ------------------------------------------------------------------ analytic LML gradient, LOO
+def _small_problem(use_J):
+    rng = np.random.default_rng(12)
+    Rtr, Etr, Ftr = _lj_trimer_data(6, rng, amp=0.05)
+    if not use_J:
+        return torch.as_tensor(Rtr), None, Etr, Ftr
+    from distmlip.gpr.fingerprints import InverseDistanceFingerprint
+    X, J = InverseDistanceFingerprint().compute([r.reshape(3, 3) for r in Rtr])
+    return X, J, Etr, Ftr
+
+
+@pytest.mark.parametrize("use_J", [False, True])
+def test_analytic_lml_gradient_matches_finite_differences(use_J):
+    X, J, E, F = _small_problem(use_J)
+    g = GPR(weight=1.0, length_scale=1.0, noise_energy=1e-2, noise_force=1e-2).fit(X, J, E, F)
+    y = g._targets(torch.as_tensor(E), -torch.as_tensor(F).reshape(len(E), -1))
+    names = ["weight", "length_scale", "noise_energy", "noise_force"]
+    p = dict(weight=1.3, length_scale=0.4 if use_J else 0.15, noise_energy=3e-2, noise_force=5e-2)
+    lml, grad, _ = g.lml_and_grad(g.X, g.J, y, p, names)
+    # the autograd LML agrees on the value
+    th = torch.log(torch.tensor([p[k] for k in names]))
+    assert lml == pytest.approx(float(g._lml(g.X, g.J, y, th, names, {})), rel=1e-10)
+    h = 1e-5
+    for k, nm in enumerate(names):
+        up, dn = dict(p), dict(p)
+        up[nm] *= math.exp(h)
+        dn[nm] *= math.exp(-h)
+        fd = (g.lml_and_grad(g.X, g.J, y, up)[0] - g.lml_and_grad(g.X, g.J, y, dn)[0]) / (2 * h)
+        assert grad[k] == pytest.approx(fd, rel=1e-5, abs=1e-6), nm
+    assert np.abs(grad).max() > 1e-2
+
+
+def test_loo_residuals_match_explicit_refits():
+    X, J, E, F = _small_problem(True)
+    hp = dict(weight=1.1, length_scale=0.5, noise_energy=1e-2, noise_force=2e-2)
+    g = GPR(**hp).fit(X, J, E, F)
+    y = g._targets(torch.as_tensor(E), -torch.as_tensor(F).reshape(len(E), -1))
+    _, _, loo = g.lml_and_grad(g.X, g.J, y, hp, (), loo=True)
+    for b in range(len(E)):
+        keep = np.array([i for i in range(len(E)) if i != b])
+        gb = GPR(**hp, scales=(g.mu, g.s, g.f)).fit(X[keep], J[keep], E[keep], F[keep])
+        e, _, _ = gb.predict(X[b:b + 1], J[b:b + 1], forces=False, variance=False)
+        assert float(loo[b]) * g.s == pytest.approx(E[b] - float(e[0]), rel=1e-6, abs=1e-10)
+
+
+def test_fit_respects_length_scale_bound_and_reports_candidates():
+    X, J, E, F = _small_problem(False)
+    g = GPR(fit_restarts=2).fit(X, J, E, F)
+    assert g.info["length_scale"] >= g.info["nn_distance"] * (1 - 1e-9)
+    assert len(g.info["fit_candidates"]) == 2
+    assert g.info["lml_fit_end"] == max(c["lml"] for c in g.info["fit_candidates"])
+    gl = GPR(fit_restarts=2, select="loo").fit(X, J, E, F)
+    assert gl.info["loo_energy_mae_eV"] == min(c["loo_mae_eV"] for c in gl.info["fit_candidates"])

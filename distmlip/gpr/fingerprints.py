@@ -22,6 +22,17 @@
 
   Jacobians come from torch.autograd.functional.jacobian of the descriptor with respect to the
   positions (neighbour list built once per structure), one structure at a time.
+
+* ``inverse``: all pairwise inverse distances ``1 / r_ij`` (i < j, the subset's fixed atom
+  order; minimum image in periodic directions), D = natoms (natoms - 1) / 2, in 1/A, with the
+  closed-form Jacobian ``d(1/r)/dR_j = -(R_j - R_i) / r^3 = -d(1/r)/dR_i``.  Rotation, translation
+  invariant; a repulsive wall (r -> 0) is stretched over a long fingerprint interval while distant
+  pairs (which hardly matter) are compressed, which suits molecules and clusters.  Under periodic
+  boundaries the minimum image switches where a pair crosses half a cell (kink in x): use it for
+  molecules; ``auto`` takes it only for non-periodic subsets.
+
+* ``auto`` (:func:`resolve_fingerprint`): ``inverse`` for non-periodic subsets of at most
+  ``AUTO_INVERSE_MAX_ATOMS`` atoms (D grows as natoms^2), ``cartesian`` otherwise.
 """
 from __future__ import annotations
 
@@ -32,7 +43,10 @@ import torch
 
 from ..errors import ConfigError, InputError
 
-__all__ = ["CartesianFingerprint", "ChebyshevFingerprint", "make_fingerprint"]
+__all__ = ["CartesianFingerprint", "ChebyshevFingerprint", "InverseDistanceFingerprint",
+           "make_fingerprint", "resolve_fingerprint", "AUTO_INVERSE_MAX_ATOMS"]
+
+AUTO_INVERSE_MAX_ATOMS = 64
 
 
 class CartesianFingerprint:
@@ -47,6 +61,64 @@ class CartesianFingerprint:
 
     def state(self) -> dict:
         return {"kind": "cartesian"}
+
+
+class InverseDistanceFingerprint:
+    """x = [1 / r_ij for i < j] (minimum image in periodic directions), closed-form Jacobian."""
+    name = "inverse"
+
+    def __init__(self, min_distance: float = 1e-6):
+        self.min_distance = float(min_distance)
+
+    @staticmethod
+    def _min_image(d, cell, pbc):
+        """Shortest periodic image of the difference vectors d [..., 3]."""
+        pbc = np.asarray(pbc, bool)
+        if not pbc.any():
+            return d
+        cell = np.asarray(cell, dtype=np.float64)
+        if abs(np.linalg.det(cell)) < 1e-12:
+            raise InputError("inverse-distance fingerprint: periodic structure with a singular cell")
+        frac = d @ np.linalg.inv(cell)
+        frac[..., pbc] -= np.round(frac[..., pbc])
+        d = frac @ cell
+        # skewed cells: the rounded image need not be the shortest; try the neighbouring images
+        rng = [(-1, 0, 1) if p else (0,) for p in pbc]
+        shifts = np.array([[a, b, c] for a in rng[0] for b in rng[1] for c in rng[2]], float) @ cell
+        cand = d[..., None, :] + shifts                                  # [..., S, 3]
+        best = np.argmin((cand * cand).sum(-1), axis=-1)
+        return np.take_along_axis(cand, best[..., None, None], axis=-2)[..., 0, :]
+
+    def compute(self, positions_list, template=None, with_jacobian=True):
+        R = np.stack([np.asarray(p, dtype=np.float64).reshape(-1, 3) for p in positions_list])
+        B, n = R.shape[:2]
+        if n < 2:
+            raise InputError("inverse-distance fingerprint needs at least 2 atoms per structure")
+        i, j = np.triu_indices(n, 1)
+        d = R[:, j] - R[:, i]                                            # [B, D, 3]
+        if template is not None and getattr(template, "pbc", None) is not None:
+            d = self._min_image(d, template.cell, template.pbc)
+        r = np.sqrt((d * d).sum(-1))
+        if (r < self.min_distance).any():
+            b, p = np.argwhere(r < self.min_distance)[0]
+            raise InputError(f"inverse-distance fingerprint: structure {b} of the subset has atoms "
+                             f"{i[p]} and {j[p]} at distance {r[b, p]:.3g} A")
+        X = torch.as_tensor(1.0 / r)
+        if not with_jacobian:
+            return X, None
+        g = -d / r[..., None] ** 3                                       # d(1/r)/dR_j
+        D = len(i)
+        J = np.zeros((B, D, n, 3))
+        ar = np.arange(D)
+        J[:, ar, j] = g
+        J[:, ar, i] = -g
+        return X, torch.as_tensor(J.reshape(B, D, 3 * n))
+
+    def fit_scale(self, X, J):
+        return X, J
+
+    def state(self) -> dict:
+        return {"kind": "inverse"}
 
 
 @dataclass
@@ -122,11 +194,22 @@ class ChebyshevFingerprint:
                                                            if k != "backend"}}
 
 
+def resolve_fingerprint(kind: str, natoms: int, pbc) -> str:
+    """The concrete fingerprint for ``kind`` ('auto': inverse for a non-periodic subset of at
+    most AUTO_INVERSE_MAX_ATOMS atoms, else cartesian)."""
+    if kind != "auto":
+        return kind
+    periodic = bool(np.asarray(pbc, bool).any()) if pbc is not None else False
+    return "inverse" if (not periodic and 2 <= natoms <= AUTO_INVERSE_MAX_ATOMS) else "cartesian"
+
+
 def make_fingerprint(kind: str, species=None, **params):
+    if kind == "inverse":
+        return InverseDistanceFingerprint()
     if kind == "cartesian":
         return CartesianFingerprint()
     if kind == "chebyshev":
         if species is None:
             raise ConfigError("chebyshev fingerprint needs the species list")
         return ChebyshevFingerprint(species, **params)
-    raise ConfigError(f"unknown fingerprint {kind!r} (cartesian or chebyshev)")
+    raise ConfigError(f"unknown fingerprint {kind!r} (cartesian, inverse, chebyshev or auto)")

@@ -18,8 +18,12 @@ observations of two structure sets (optionally without the derivative rows or co
 :func:`assemble` fills a large matrix in row chunks so that no intermediate exceeds a memory cap
 (no [B, B, P, P]-sized temporaries beyond the chunk being written).
 
-All functions are differentiable in ``w`` and ``l`` (torch autograd; used by the hyperparameter
-fit) and run on any torch device; float64 is expected.
+Hyperparameter derivatives in closed form (used by the analytic LML gradient): every block is
+w^2 times a function of l, so ``dK/dlog w = 2 K``; with ``u = |r|^2 / l^2``,
+``d/dlog l`` multiplies the ``k`` terms by ``u``, the ``k / l^2`` terms by ``(u - 2)`` and the
+``k / l^4`` term by ``(u - 4)`` (``deriv="log_length"`` in :func:`cov_block` / :func:`assemble`).
+The functions are also differentiable by torch autograd and run on any torch device; float64 is
+expected.
 """
 from __future__ import annotations
 
@@ -52,31 +56,37 @@ def _geometry(XA, JA, XB, JB, rows_grad, cols_grad):
     return d2, JAr, JBr
 
 
-def cov_block(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True):
+def cov_block(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, deriv=None):
     """Covariance between the observations of structure sets A (rows) and B (columns).
 
     XA [A, D], JA [A, D, Pa] or None (Cartesian: identity, then Pa = D), same for B.
     ``w``, ``l``: python floats or 0-d tensors (autograd flows through them).
+    ``deriv="log_length"`` returns the derivative of the block with respect to log l instead.
     Returns a tensor [A (1 + Pa if rows_grad), B (1 + Pb if cols_grad)] in the layout above."""
+    if deriv not in (None, "log_length"):
+        raise ValueError(f"cov_block: unknown deriv {deriv!r}")
     A, B = XA.shape[0], XB.shape[0]
     Pa = (XA.shape[1] if JA is None else JA.shape[2]) if rows_grad else 0
     Pb = (XB.shape[1] if JB is None else JB.shape[2]) if cols_grad else 0
     d2, JAr, JBr = _geometry(XA, JA, XB, JB, rows_grad, cols_grad)
     il2 = 1.0 / (l * l)
-    k = (w * w) * torch.exp(-0.5 * d2 * il2)                # [A, B]
+    k0 = (w * w) * torch.exp(-0.5 * d2 * il2)               # [A, B]
+    if deriv is None:
+        k, kl2, kl4 = k0, k0 * il2, k0 * il2 * il2
+    else:                                                  # d/dlog l of k, k/l^2, k/l^4
+        u = d2 * il2
+        k, kl2, kl4 = k0 * u, k0 * il2 * (u - 2.0), k0 * il2 * il2 * (u - 4.0)
     parts_top = [k]
     if cols_grad:
-        eg = (k * il2)[:, :, None] * JBr                   # [A, B, Pb]
+        eg = kl2[:, :, None] * JBr                         # [A, B, Pb]
         parts_top.append(eg.reshape(A, B * Pb))
     top = torch.cat(parts_top, dim=1) if len(parts_top) > 1 else k
     if not rows_grad:
         return top
-    ge = -(k * il2)[:, :, None] * JAr                      # [A, B, Pa]
+    ge = -kl2[:, :, None] * JAr                            # [A, B, Pa]
     ge = ge.permute(0, 2, 1).reshape(A * Pa, B)
     if not cols_grad:
         return torch.cat([top, ge], dim=0)
-    kl2 = k * il2
-    kl4 = kl2 * il2
     # - (k / l^4) (J_a^T r)(J_b^T r)^T  -> [A, Pa, B, Pb]
     gg = -(kl4[:, None, :, None] * JAr.permute(0, 2, 1)[:, :, :, None] * JBr[:, None, :, :])
     if JA is None and JB is None:
@@ -102,7 +112,7 @@ def _chunk_rows(A, bytes_per_row, max_bytes):
 
 
 def assemble(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, out=None,
-             max_block_bytes: int = 256 * 2 ** 20):
+             max_block_bytes: int = 256 * 2 ** 20, deriv=None):
     """Fill the full covariance matrix between sets A and B chunk by chunk (no autograd).
 
     Rows of A are processed in chunks whose largest temporary ([c, Pa, B, Pb] doubles, a few of
@@ -121,7 +131,8 @@ def assemble(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, out=None,
     with torch.no_grad():
         for s in range(0, A, c):
             e = min(A, s + c)
-            blk = cov_block(XA[s:e], None if JA is None else JA[s:e], XB, JB, w, l, rows_grad, cols_grad)
+            blk = cov_block(XA[s:e], None if JA is None else JA[s:e], XB, JB, w, l, rows_grad,
+                            cols_grad, deriv=deriv)
             m = e - s
             out[s:e] = blk[:m]
             if rows_grad:

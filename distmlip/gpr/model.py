@@ -187,7 +187,8 @@ class GPR:
                  use_forces=True, device="cpu", fit_max_obs=3000, fit_iterations=60, seed=0,
                  jitter_start=1e-10, jitter_max=1e-2, noise_floor=1e-6,
                  init_noise_energy=1e-3, init_noise_force=3e-2, max_block_bytes=256 * 2 ** 20,
-                 scales=None, noise_max=0.1):
+                 scales=None, noise_max=0.1, noise_min=1e-5, l_min_nn=1.0, fit_restarts=3,
+                 select="lml"):
         self.given = dict(weight=weight, length_scale=length_scale, noise_energy=noise_energy,
                           noise_force=noise_force)
         for k, v in self.given.items():
@@ -205,6 +206,12 @@ class GPR:
         self.init_noise_force = init_noise_force
         self.max_block_bytes = max_block_bytes
         self.noise_max = float(noise_max)   # upper bound of fitted relative noise levels
+        self.noise_min = float(noise_min)   # lower bound of fitted relative noise levels
+        self.l_min_nn = float(l_min_nn)     # l >= l_min_nn x median nearest-neighbour distance
+        self.fit_restarts = int(fit_restarts)
+        if select not in ("lml", "loo"):
+            raise ConfigError(f"GPR select must be 'lml' or 'loo', got {select!r}")
+        self.select = select
         self.scales = scales      # (mu, s, f) to impose a standardisation (local GPRs)
         self.info: dict = {}
 
@@ -289,7 +296,90 @@ class GPR:
             jitter=jit, jitter_rel=jrel, lml=lml, time_hyper_s=t_hyper, time_factor_s=t_fact)
         return self
 
+    # ---------------------------------------------------------------- analytic LML
+    def _eff_noise(self, p):
+        ne = p["noise_energy"] + self.noise_floor
+        nf = (p["noise_force"] + self.noise_floor) * self.f / self.s
+        return ne, nf
+
+    def lml_and_grad(self, X, J, y, p: dict, names=(), loo=False):
+        """Log marginal likelihood at hyperparameters ``p`` (dict of floats), its gradient with
+        respect to the logarithms of ``names`` (closed form:
+        ``dLML/dtheta = 0.5 tr((alpha alpha^T - K^-1) dK/dtheta)``, with ``dK/dlog l`` from
+        ``assemble(deriv="log_length")``, ``dK/dlog w = 2 K_signal`` and diagonal noise terms)
+        and, with ``loo=True``, the closed-form leave-one-structure-out energy residuals
+        ``r_b = [(K^-1)_bb]^-1 (K^-1 y)_b`` (block b = structure b's energy and derivatives;
+        first component; standardised units).  Returns (lml, grad [len(names)], loo or None)."""
+        N = X.shape[0]
+        uf = self.use_forces
+        K = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
+                     max_block_bytes=self.max_block_bytes)
+        ne, nf = self._eff_noise(p)
+        nd = self._noise_diag(N, self.P, ne, nf)
+        K.diagonal().add_(nd)
+        L, jit, _ = cholesky_with_jitter(K, self.jitter_start, self.jitter_max)
+        alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
+        n = y.shape[0]
+        lml = float(-0.5 * (y @ alpha) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI)
+        if not names and not loo:
+            return lml, None, None
+        W = torch.cholesky_inverse(L)
+        del L
+        W.neg_().addr_(alpha, alpha)                          # W = alpha alpha^T - K^-1
+        Wd = W.diagonal()
+        grad = []
+        for nm in names:
+            if nm == "weight":      # dK/dlog w = 2 (K - noise - jitter)
+                g = torch.dot(W.reshape(-1), K.reshape(-1)) - (Wd * (nd + jit)).sum()
+            elif nm == "length_scale":
+                dK = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
+                              max_block_bytes=self.max_block_bytes, deriv="log_length")
+                g = 0.5 * torch.dot(W.reshape(-1), dK.reshape(-1))
+                del dK
+            elif nm == "noise_energy":
+                g = Wd[:N].sum() * ne * p["noise_energy"]
+            elif nm == "noise_force":
+                g = Wd[N:].sum() * nf * p["noise_force"] * (self.f / self.s)
+            else:
+                raise ValueError(nm)
+            grad.append(float(g))
+        res = None
+        if loo:
+            P = self.P if uf else 0
+            idx = torch.arange(N, device=X.device)[:, None]
+            if P:
+                idx = torch.cat([idx, N + idx * P + torch.arange(P, device=X.device)[None]], 1)
+            a_b = alpha[idx]                                       # [N, 1+P]
+            Kinv_bb = a_b[:, :, None] * a_b[:, None, :] - W[idx[:, :, None], idx[:, None, :]]
+            res = torch.linalg.solve(Kinv_bb, a_b[:, :, None])[:, 0, 0]
+        return lml, np.asarray(grad), res
+
+    # ---------------------------------------------------------------- hyperparameter fit
+    def _nn_distance(self, X):
+        """Median nearest-neighbour fingerprint distance between training structures."""
+        N = X.shape[0]
+        if N < 2:
+            return 1.0
+        nn = torch.empty(N, dtype=X.dtype, device=X.device)
+        c = max(1, int(2 ** 24 // max(1, N)))
+        for s in range(0, N, c):
+            d = torch.cdist(X[s:s + c], X)
+            d[torch.arange(d.shape[0]), torch.arange(s, s + d.shape[0])] = float("inf")
+            nn[s:s + c] = d.min(1).values
+        nn = nn[torch.isfinite(nn) & (nn > 0)]
+        return float(nn.median()) if nn.numel() else 1.0
+
     def _fit_hyper(self, X, J, E, G):
+        """Maximum LML over the hyperparameters not given, L-BFGS-B in log space with the closed-
+        form gradient, bounded: ``l >= l_min_nn x`` the median nearest-neighbour fingerprint
+        distance between training structures (a GP with l below the data spacing interpolates
+        nothing: every copy would fall back to the prior), relative noises in
+        [noise_min, noise_max].  Several starts (l on a grid relative to that distance, w = 1 and
+        the force-matched w = f l / s) are screened by LML, the best ``fit_restarts`` optimised;
+        among the optima the one with the largest LML is taken (``select: lml``) or the one with
+        the smallest closed-form leave-one-structure-out energy MAE (``select: loo``)."""
+        from scipy.optimize import minimize
+
         N = X.shape[0]
         per = 1 + (self.P if self.use_forces else 0)
         nsub = max(2, min(N, self.fit_max_obs // per))
@@ -300,71 +390,79 @@ class GPR:
         else:
             Xs, Js, Es, Gs = X, J, E, G
         y = self._targets(Es, Gs)
-        # initial values; length scale from the fingerprint distance distribution
-        with torch.no_grad():
-            d = torch.cdist(Xs, Xs)
-            med = float(d[d > 0].median()) if (d > 0).any() else 1.0
+        dnn = self._nn_distance(X)
         names = [k for k, v in self.given.items() if v is None]
-        fixed = {k: torch.tensor(float(v), dtype=torch.float64, device=self.device)
-                 for k, v in self.given.items() if v is not None}
-        init = dict(weight=1.0, length_scale=med, noise_energy=self.init_noise_energy,
-                    noise_force=self.init_noise_force)
-        # coarse multi-start (one factorisation each), then L-BFGS from the best start.  The
-        # LML is often flat along the ridge w ~ l (energies fix w, forces fix w / l), so starts
-        # lie both at w = 1 and on the force-matched line w = f l / s.
-        lfac = [0.25, 0.5, 1.0, 2.0] if "length_scale" in names else [1.0]
-        best = None
-        for fl in lfac:
-            l0 = init["length_scale"] * fl if "length_scale" in names else float(fixed["length_scale"])
+        fixed = {k: float(v) for k, v in self.given.items() if v is not None}
+        bounds = {"weight": (1e-2, 1e4),
+                  "length_scale": (self.l_min_nn * dnn, max(1e3 * dnn, 10.0 * self.l_min_nn * dnn)),
+                  "noise_energy": (self.noise_min, self.noise_max),
+                  "noise_force": (self.noise_min, self.noise_max)}
+        lb = np.log([bounds[k][0] for k in names])
+        ub = np.log([bounds[k][1] for k in names])
+        init = dict(weight=1.0, noise_energy=self.init_noise_energy, noise_force=self.init_noise_force)
+        lgrid = [dnn * f for f in (1.0, 2.0, 4.0, 8.0, 16.0)] if "length_scale" in names \
+            else [fixed["length_scale"]]
+        starts = []
+        for l0 in lgrid:
             wst = [1.0]
             if "weight" in names and self.use_forces:
-                wst.append(max(1e-3, self.f * l0 / self.s))
-            for w0 in wst:
-                start = dict(init, length_scale=l0, weight=w0)
-                th = torch.tensor([math.log(start[k]) for k in names], dtype=torch.float64,
-                                  device=self.device)
-                with torch.no_grad():
-                    try:
-                        v = float(self._lml(Xs, Js, y, th, names, fixed))
-                    except InputError:
-                        continue
-                if math.isfinite(v) and (best is None or v > best[0]):
-                    best = (v, th)
-        if best is None:
-            raise InputError("GPR: no initial hyperparameters gave a positive-definite kernel")
-        lml0 = best[0]
-        theta = best[1].clone().requires_grad_(True)
-        lo = torch.full((len(names),), math.log(1e-8), dtype=torch.float64, device=self.device)
-        hi = torch.tensor([math.log(self.noise_max) if k.startswith("noise") else math.log(1e4)
-                           for k in names], dtype=torch.float64, device=self.device)
-        best = (best[0], torch.minimum(torch.maximum(best[1], lo), hi))
-        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=self.fit_iterations,
-                                line_search_fn="strong_wolfe", tolerance_grad=1e-7,
-                                tolerance_change=1e-10)
-        nobs = y.shape[0]
+                wst.append(max(1e-2, self.f * l0 / self.s))
+            for w0 in (wst if "weight" in names else [fixed["weight"]]):
+                p = dict(init, **fixed)
+                p.update(length_scale=l0, weight=w0)
+                th = np.clip(np.log([p[k] for k in names]), lb, ub)
+                starts.append(th)
         state = {"evals": 0}
 
-        def closure():
-            opt.zero_grad()
-            state["evals"] += 1
-            th = torch.minimum(torch.maximum(theta, lo), hi)
-            try:
-                loss = -self._lml(Xs, Js, y, th, names, fixed) / nobs
-            except InputError:
-                loss = (theta * 0).sum() + 1e3
-            loss.backward()
-            return loss
+        def unpack(th):
+            p = dict(fixed)
+            p.update({k: float(math.exp(v)) for k, v in zip(names, th)})
+            return p
 
-        opt.step(closure)
-        with torch.no_grad():
-            th = torch.minimum(torch.maximum(theta, lo), hi)
-            lml1 = float(self._lml(Xs, Js, y, th, names, fixed))
-        if not math.isfinite(lml1) or lml1 < lml0:   # keep the better of start and optimum
-            th, lml1 = best[1], lml0
-        vals = {k: float(v) for k, v in self.given.items() if v is not None}
-        vals.update({nm: float(torch.exp(th[i])) for i, nm in enumerate(names)})
-        self.info.update(fit_structures=int(Xs.shape[0]), fit_obs=int(nobs), fitted=names,
-                         lml_fit_start=lml0, lml_fit_end=lml1, fit_evals=state["evals"])
+        def f(th):
+            state["evals"] += 1
+            try:
+                lml, g, _ = self.lml_and_grad(Xs, Js, y, unpack(th), names)
+            except InputError:
+                return 1e10, np.zeros(len(names))
+            return -lml / len(y), -g / len(y)
+
+        screened = []
+        for th in starts:
+            try:
+                v = self.lml_and_grad(Xs, Js, y, unpack(th), ())[0]
+            except InputError:
+                continue
+            if math.isfinite(v):
+                screened.append((v, th))
+        if not screened:
+            raise InputError("GPR: no initial hyperparameters gave a positive-definite kernel")
+        screened.sort(key=lambda t: -t[0])
+        lml0 = screened[0][0]
+        cands = []
+        for v0, th0 in screened[:max(1, self.fit_restarts)]:
+            r = minimize(f, th0, jac=True, method="L-BFGS-B", bounds=list(zip(lb, ub)),
+                         options=dict(maxiter=self.fit_iterations, ftol=1e-10, gtol=1e-6))
+            th = np.clip(r.x, lb, ub)
+            try:
+                lml1, _, loo = self.lml_and_grad(Xs, Js, y, unpack(th), (), loo=True)
+            except InputError:
+                continue
+            if not math.isfinite(lml1) or lml1 < v0:
+                th, lml1 = th0, v0
+                lml1, _, loo = self.lml_and_grad(Xs, Js, y, unpack(th), (), loo=True)
+            cands.append(dict(theta=th, lml=lml1, loo_mae_eV=float(loo.abs().mean()) * self.s,
+                              **{k: float(math.exp(v)) for k, v in zip(names, th)}))
+        if not cands:
+            raise InputError("GPR: hyperparameter optimisation failed (kernel not positive definite)")
+        key = (lambda c: -c["lml"]) if self.select == "lml" else (lambda c: c["loo_mae_eV"])
+        best = min(cands, key=key)
+        vals = dict(fixed)
+        vals.update(unpack(best["theta"]))
+        self.info.update(fit_structures=int(Xs.shape[0]), fit_obs=int(len(y)), fitted=names,
+                         lml_fit_start=lml0, lml_fit_end=best["lml"], fit_evals=state["evals"],
+                         fit_select=self.select, nn_distance=dnn, loo_energy_mae_eV=best["loo_mae_eV"],
+                         fit_candidates=[{k: v for k, v in c.items() if k != "theta"} for c in cands])
         return Hyper(**vals)
 
     def log_marginal_likelihood(self, X, J, E, F, hyper: Hyper) -> float:
@@ -395,24 +493,34 @@ class GPR:
         n = self.alpha.shape[0]
         if chunk is None:
             chunk = max(1, int(self.max_block_bytes // (8 * 4 * n * (1 + (P if forces else 0)))))
+        # the variance needs one triangular solve with the energy columns of the cross-covariance;
+        # they are collected over a group of test structures and solved together (one pass over
+        # L per group instead of one per chunk)
+        group = max(chunk, int(self.max_block_bytes // (8 * n)))
         E = torch.empty(M, dtype=torch.float64, device=self.device)
         Fo = torch.empty(M, P, dtype=torch.float64, device=self.device) if forces else None
         S = torch.empty(M, dtype=torch.float64, device=self.device) if variance else None
         with torch.no_grad():
-            for s in range(0, M, chunk):
-                e = min(M, s + chunk)
-                m = e - s
-                Ks = cov_block(self.X, self.J, X[s:e], None if J is None else J[s:e],
-                               h.weight, h.length_scale, self.use_forces, forces)   # [n, m(1+P)]
-                mean = Ks.T @ self.alpha
-                E[s:e] = self.mu + self.s * mean[:m]
-                if forces:
-                    Fo[s:e] = -self.s * mean[m:].reshape(m, P)
+            for g0 in range(0, M, group):
+                g1 = min(M, g0 + group)
+                Ke = torch.empty(n, g1 - g0, dtype=torch.float64, device=self.device) if variance else None
+                for s in range(g0, g1, chunk):
+                    e = min(g1, s + chunk)
+                    m = e - s
+                    Ks = cov_block(self.X, self.J, X[s:e], None if J is None else J[s:e],
+                                   h.weight, h.length_scale, self.use_forces, forces)  # [n, m(1+P)]
+                    mean = Ks.T @ self.alpha
+                    E[s:e] = self.mu + self.s * mean[:m]
+                    if forces:
+                        Fo[s:e] = -self.s * mean[m:].reshape(m, P)
+                    if variance:
+                        Ke[:, s - g0:e - g0] = Ks[:, :m]
+                    del Ks
                 if variance:
-                    v = torch.linalg.solve_triangular(self.L, Ks[:, :m], upper=False)
+                    v = torch.linalg.solve_triangular(self.L, Ke, upper=False)
                     var = (h.weight ** 2 - (v * v).sum(0)).clamp_min(0.0)
-                    S[s:e] = self.s * torch.sqrt(var)
-                del Ks
+                    S[g0:g1] = self.s * torch.sqrt(var)
+                    del v, Ke
         self.info["time_predict_s"] = self.info.get("time_predict_s", 0.0) + time.perf_counter() - t0
         return E, Fo, S
 
