@@ -358,3 +358,35 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(Gc.cpu(), G, rtol=1e-12, atol=1e-12)
     Gc.sum().backward()
     assert x.grad is not None and x.grad.is_cuda
+
+
+def test_empty_and_isolated_atom():
+    d = ChebyshevDescriptor(["H", "O"], 4.0, 3, 3.0, 2)
+    _, G0 = describe(d, [])
+    assert G0.shape == (0, d.dim)
+    b = collate([mol([1], [[0.0, 0.0, 0.0]])], d.species, d.cutoff)
+    x = b.positions.requires_grad_()
+    G = d(x, b.species, b.pair_i, b.pair_j, b.pair_shift)
+    assert G.shape == (1, d.dim) and torch.all(G == 0)
+    g, = torch.autograd.grad(G.sum(), x, allow_unused=True)
+    assert g is None or torch.all(g == 0)
+
+
+def test_fused_missing_warns_once_and_uses_reference(monkeypatch, capsys):
+    import sys
+
+    from distmlip.descriptors import chebyshev as ch
+
+    monkeypatch.setitem(sys.modules, "distmlip.descriptors.fused", None)   # import fails
+    monkeypatch.setitem(ch._FUSED_WARNED, "done", False)
+    rng = np.random.default_rng(16)
+    ref = ChebyshevDescriptor(["H", "C", "O"], 4.2, 6, 3.3, 4)
+    fus = ChebyshevDescriptor(["H", "C", "O"], 4.2, 6, 3.3, 4, backend="fused")
+    b = collate([_random_molecule(rng)], ref.species, ref.cutoff)
+    args = (b.positions, b.species, b.pair_i, b.pair_j, b.pair_shift)
+    G1 = fus(*args)
+    G2 = fus(*args)
+    torch.testing.assert_close(G1, ref(*args), rtol=0, atol=0)
+    torch.testing.assert_close(G2, G1, rtol=0, atol=0)
+    err = capsys.readouterr().err
+    assert err.count("fused Chebyshev descriptor unavailable") == 1

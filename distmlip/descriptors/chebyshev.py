@@ -220,8 +220,9 @@ class ChebyshevDescriptor(torch.nn.Module):
     def _fused_module(self):
         if self._fused is None:
             try:
-                from . import fused  # noqa: F401
+                import importlib
 
+                fused = importlib.import_module(__package__ + ".fused")
                 if not hasattr(fused, "chebyshev"):
                     raise ImportError("distmlip.descriptors.fused has no 'chebyshev'")
                 self._fused = fused
