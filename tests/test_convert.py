@@ -232,6 +232,20 @@ def test_mpi_two_ranks_identical(tmp_path, xsf_dir):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "shards left behind"
 
 
+def test_mpi_two_ranks_ase_formats(tmp_path, emt):
+    """ASE-read inputs (extxyz) split over ranks: each rank reads its own files (ASE's default
+    parallel reading would broadcast from rank 0 and deadlock)."""
+    import ase.io
+
+    for k in range(3):
+        ase.io.write(tmp_path / f"f{k}.extxyz", [s.to_ase() for s in emt[4 * k:4 * k + 4]], format="extxyz")
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    distmlip_cli(["convert", str(tmp_path / "*.extxyz"), "-o", str(one)])
+    mpirun(2, ["-m", "distmlip", "convert", str(tmp_path / "*.extxyz"), "-o", str(two)], timeout=120)
+    assert _arrays(one) == _arrays(two)
+    assert len(H5Dataset(two)) == 12
+
+
 def test_mpi_error_on_one_rank_ends_job(tmp_path, xsf_dir):
     bad = tmp_path / "zz_bad.xsf"   # sorts last: only the last rank sees it
     bad.write_text(BAD["nan_energy"][0])

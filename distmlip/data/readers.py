@@ -254,7 +254,9 @@ def read_ase(path, format: str | None = None) -> list[Structure]:
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise InputError(f"{path}: empty file")
     try:
-        frames = ase.io.read(path, index=":", format=format)
+        # parallel=False: each rank reads its own files; ASE's default would broadcast from
+        # rank 0 under MPI and deadlock when ranks read different files
+        frames = ase.io.read(path, index=":", format=format, parallel=False)
     except InputError:
         raise
     except Exception as exc:  # ASE raises many types for malformed input
