@@ -104,3 +104,22 @@ def test_bad_cell_and_species():
 def test_empty_batch():
     b = collate([], ["H"], 3.0)
     assert b.n_structures == 0 and b.n_atoms == 0 and b.pair_ptr.tolist() == [0]
+
+
+def test_ec_dimer_shared_data():
+    from ase.io import read
+
+    from distmlip.descriptors.chebyshev import ChebyshevDescriptor
+    from distmlip.descriptors.neighbors import neighbor_list
+    from helpers import require_shared
+
+    files = sorted((require_shared("ec_dimer") / "train").glob("*.xsf"))[:4]
+    structs = [from_ase(read(f), index=k) for k, f in enumerate(files)]
+    desc = ChebyshevDescriptor(["C", "H", "O"], 6.5, 12, 4.0, 4)
+    b = collate(structs, desc.species, desc.cutoff)
+    G = desc(b.positions, b.species, b.pair_i, b.pair_j, b.pair_shift)
+    assert G.shape == (b.n_atoms, 36) and torch.isfinite(G).all()
+    s = structs[0]
+    for be in ("numpy", "ase"):
+        np.testing.assert_array_equal(np.column_stack(neighbor_list(s.positions, s.cell, s.pbc, 6.5, backend=be)),
+                                      np.column_stack(neighbor_list(s.positions, s.cell, s.pbc, 6.5)))
