@@ -46,6 +46,11 @@ def load(folder):
     return S, R, E, F
 
 
+def cpu_s():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
@@ -71,14 +76,14 @@ def ec(args):
           f"kernel n = {len(Etr) * (1 + Rtr.shape[1])}, threads {torch.get_num_threads()}, "
           f"fingerprint {kind}, select {args.select}", flush=True)
     kw = dict(_gpr_kw(args), device=args.device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_s()
     Xtr, Jtr = fp.compute([s.positions for s in Str], Str[0])
     g = LocalGPR(max_obs=args.max_obs, **kw).fit(Xtr, Jtr, Etr, Ftr)
-    t_fit = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    t_fit, c_fit = time.perf_counter() - t0, cpu_s() - c0
+    t1, c1 = time.perf_counter(), cpu_s()
     Xte, Jte = fp.compute([s.positions for s in Ste], Ste[0])
     e, f, s = g.predict(Xte, Jte)
-    t_pred = time.perf_counter() - t1
+    t_pred, c_pred = time.perf_counter() - t1, cpu_s() - c1
     e, f, s = e.numpy(), f.numpy(), s.numpy()
     err = np.abs(e - Ete)
     ferr = np.abs(f - Fte)
@@ -87,7 +92,7 @@ def ec(args):
     res = {
         "energy_mae_eV": float(err.mean()), "energy_rmse_eV": float(np.sqrt((err ** 2).mean())),
         "force_mae_eVA": float(ferr.mean()), "force_rmse_eVA": float(np.sqrt((ferr ** 2).mean())),
-        "fit_s": t_fit, "predict_s": t_pred, "peak_rss_GiB": peak_rss_gib(),
+        "fit_s": t_fit, "predict_s": t_pred, "fit_cpu_s": c_fit, "predict_cpu_s": c_pred, "peak_rss_GiB": peak_rss_gib(),
         "within_1sigma": float((err <= s).mean()), "within_2sigma": float((err <= 2 * s).mean()),
         "within_1sigma_with_noise": float((err <= s_obs).mean()),
         "within_2sigma_with_noise": float((err <= 2 * s_obs).mean()),
@@ -104,7 +109,8 @@ def ec(args):
     print(f"force MAE  {res['force_mae_eVA']:.4f} eV/A (target <= 0.15; aenet-gpr 0.150)")
     print(f"fit {t_fit:.1f} s (hyperparameters {g.info.get('time_hyper_s', 0):.1f} s, factorisation "
           f"{g.info.get('time_factor_s', 0):.1f} s), predict {t_pred:.1f} s for {len(Ete)} structures, "
-          f"peak RSS {res['peak_rss_GiB']:.2f} GiB")
+          f"peak RSS {res['peak_rss_GiB']:.2f} GiB; process CPU time fit {c_fit:.1f} s, predict "
+          f"{c_pred:.1f} s (wall >> CPU/threads means the machine was shared)")
     print(f"calibration: {100 * res['within_1sigma']:.1f}% within 1 sigma, {100 * res['within_2sigma']:.1f}% "
           f"within 2 sigma (latent); with energy noise {100 * res['within_1sigma_with_noise']:.1f}% / "
           f"{100 * res['within_2sigma_with_noise']:.1f}%")

@@ -28,7 +28,7 @@ Example config::
     seed: 0
     max_uncertainty: 0.05  # eV; copies above go to <output>.candidates.xyz
     gpr:
-      fingerprint: cartesian   # or chebyshev
+      fingerprint: auto        # inverse (non-periodic) / cartesian; or chebyshev
       device: cpu
     subsets:
       Li12C3H4O3_0: {copies: 36, delta: 0.034, fixed_atoms: [0, 1, 2]}
@@ -69,7 +69,8 @@ class ChebyshevSettings:
 
 @dataclass
 class GPRSettings:
-    fingerprint: Literal["cartesian", "chebyshev"] = "cartesian"
+    # auto: inverse distances for non-periodic subsets (<= 64 atoms), else cartesian
+    fingerprint: Literal["auto", "cartesian", "inverse", "chebyshev"] = "auto"
     chebyshev: ChebyshevSettings = field(default_factory=ChebyshevSettings)
     # hyperparameters (see distmlip.gpr.model for units); None -> fitted by maximum LML
     weight: Optional[float] = None
@@ -78,11 +79,15 @@ class GPRSettings:
     noise_force: Optional[float] = None
     fit_max_obs: int = 3000          # LML fit on a random sub-sample of at most this many rows
     fit_iterations: int = 60
+    fit_restarts: int = 3            # L-BFGS-B runs from the best-screened starting points
+    select: Literal["lml", "loo"] = "lml"   # among the optima: max LML or min LOO energy MAE
     max_kernel_obs: Optional[int] = None   # split into local GPRs above this (None: from memory)
     memory_fraction: float = 0.5
     device: str = "cpu"
 
     def validate(self):
+        if self.fit_restarts < 1:
+            raise ConfigError("gpr.fit_restarts must be >= 1")
         if self.fit_max_obs < 2:
             raise ConfigError("gpr.fit_max_obs must be >= 2")
         if not 0 < self.memory_fraction <= 1:
@@ -188,7 +193,7 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
     and the report entry."""
     import torch
 
-    from .fingerprints import make_fingerprint
+    from .fingerprints import make_fingerprint, resolve_fingerprint
     from .model import LocalGPR
     from .sampling import displace, subset_rng, taylor_energy
 
@@ -230,14 +235,19 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
         g = cfg.gpr
         if g.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"gpr.device is {g.device!r} but torch has no CUDA device here")
-        fp = make_fingerprint(g.fingerprint, species=ds.species,
-                              **(asdict(g.chebyshev) if g.fingerprint == "chebyshev" else {}))
-        X, J = fp.compute([s.positions for s in structs], ref)
+        kind = resolve_fingerprint(g.fingerprint, nat, ref.pbc)
+        fp = make_fingerprint(kind, species=ds.species,
+                              **(asdict(g.chebyshev) if kind == "chebyshev" else {}))
+        try:
+            X, J = fp.compute([s.positions for s in structs], ref)
+        except InputError as exc:
+            raise InputError(f"{cfg.input}: subset '{name}': {exc}") from None
         X, J = fp.fit_scale(X, J)
         model = LocalGPR(max_obs=g.max_kernel_obs, memory_fraction=g.memory_fraction,
                          seed=cfg.seed, weight=g.weight, length_scale=g.length_scale,
                          noise_energy=g.noise_energy, noise_force=g.noise_force, device=g.device,
-                         fit_max_obs=g.fit_max_obs, fit_iterations=g.fit_iterations)
+                         fit_max_obs=g.fit_max_obs, fit_iterations=g.fit_iterations,
+                         fit_restarts=g.fit_restarts, select=g.select)
         model.fit(X, J, E0, F0.reshape(len(structs), -1))
         Xs, _ = fp.compute(list(pos.reshape(-1, nat, 3)), ref, with_jacobian=False)
         clusters = np.repeat(model.labels, M)
@@ -249,6 +259,7 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
             "weight", "length_scale", "noise_energy", "noise_force", "weight_eV", "noise_energy_eV",
             "noise_force_eVA", "energy_mean_eV", "energy_scale_eV", "force_scale_eVA", "jitter",
             "jitter_rel", "lml", "fitted", "fit_structures", "fit_obs", "lml_fit_start", "lml_fit_end",
+            "fit_select", "nn_distance", "loo_energy_mae_eV", "fit_candidates",
             "n_obs", "max_kernel_obs", "memory_cap_obs", "n_local", "local_sizes", "time_hyper_s",
             "time_fit_s", "time_predict_s") if k in info}
     thr = sub["max_uncertainty"]
@@ -478,7 +489,7 @@ def write_candidates(path: Path, cands, ds) -> None:
                       gpr_energy=st.energy, gpr_sigma=st.uncertainty, source=st.source)
         frames.append(a)
     if frames:
-        write(buf, frames, format="extxyz")
+        write(buf, frames, format="extxyz", parallel=False)
     atomic_write_text(path, buf.getvalue())
 
 

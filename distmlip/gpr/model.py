@@ -18,9 +18,11 @@ The kernel matrix is factorised once (Cholesky, jitter added to the diagonal in 
 succeeds; the jitter used is reported); predictions use ``alpha = K^-1 y`` and, for the variance,
 one triangular solve per test energy: ``var = w^2 - |L^-1 k_*|^2`` (the diagonal only, clamped at
 zero).  Hyperparameters not given are fitted by maximising the log marginal likelihood with
-L-BFGS on their logarithms (torch autograd through the Cholesky factorisation); when the subset
-is large the fit runs on a seeded random sub-sample of structures (at most ``fit_max_obs``
-observations) and the full kernel is factorised once with the fitted values.
+L-BFGS-B on their logarithms and the closed-form gradient ``0.5 tr((alpha alpha^T - K^-1) dK)``
+(bounded: l at least the median nearest-neighbour fingerprint distance of the training
+structures, relative noises in [noise_min, noise_max]; several starts); when the subset is large
+the fit runs on a seeded random sub-sample of structures (at most ``fit_max_obs`` observations)
+and the full kernel is factorised once with the fitted values.
 """
 from __future__ import annotations
 
@@ -105,6 +107,23 @@ def cholesky_with_jitter(K, jitter_start=1e-10, jitter_max=1e-2, inplace=False):
     raise InputError(
         f"GPR: kernel matrix is not positive definite even with jitter {jitter_max:g} x mean "
         f"diagonal (duplicate structures with different labels, or a length scale far too large?)")
+
+
+def _cholesky_inverse(L):
+    """K^-1 from its lower Cholesky factor (full symmetric matrix).  On the CPU LAPACK dpotri
+    through scipy (measured 2-3x faster than torch.cholesky_inverse here), else torch."""
+    if L.device.type != "cpu":
+        return torch.cholesky_inverse(L)
+    from scipy.linalg import lapack
+
+    Wi, info = lapack.dpotri(L.numpy(), lower=1)
+    if info != 0:
+        return torch.cholesky_inverse(L)
+    Wl = torch.from_numpy(Wi).tril_()          # dpotri fills the lower triangle only
+    del Wi
+    W = Wl + Wl.T
+    W.diagonal().sub_(Wl.diagonal())
+    return W.contiguous()
 
 
 # ------------------------------------------------------------------------------------------
@@ -323,7 +342,7 @@ class GPR:
         lml = float(-0.5 * (y @ alpha) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI)
         if not names and not loo:
             return lml, None, None
-        W = torch.cholesky_inverse(L)
+        W = _cholesky_inverse(L)
         del L
         W.neg_().addr_(alpha, alpha)                          # W = alpha alpha^T - K^-1
         Wd = W.diagonal()
@@ -442,7 +461,7 @@ class GPR:
         cands = []
         for v0, th0 in screened[:max(1, self.fit_restarts)]:
             r = minimize(f, th0, jac=True, method="L-BFGS-B", bounds=list(zip(lb, ub)),
-                         options=dict(maxiter=self.fit_iterations, ftol=1e-10, gtol=1e-6))
+                         options=dict(maxiter=self.fit_iterations, ftol=1e-9, gtol=1e-5))
             th = np.clip(r.x, lb, ub)
             try:
                 lml1, _, loo = self.lml_and_grad(Xs, Js, y, unpack(th), (), loo=True)
