@@ -147,6 +147,9 @@ def test_augment_gpr_output_labels_and_report(data, capsys):
     for r in rep["subsets"]:
         g = r["gpr"]
         assert g["weight"] > 0 and g["length_scale"] > 0 and g["jitter"] >= 0 and "time_fit_s" in g
+        # fingerprint auto: inverse distances for the free cluster, Cartesian for periodic cells
+        assert r["fingerprint"]["kind"] == ("inverse" if r["subset"] == "Cu3Ni_0" else "cartesian")
+        assert g["length_scale"] >= g["nn_distance"] * (1 - 1e-9) and g["fit_candidates"]
     # rejected copies are in the candidates file
     from ase.io import read
     n_c = rep["n_candidates"]
