@@ -26,11 +26,9 @@
 #include "chebyshev.h"
 
 namespace distmlip {
-namespace {
 
-using cheb::Problem;
-
-void check_common(const torch::Tensor& positions, const torch::Tensor& species,
+// Shape / dtype / device checks shared with the CUDA glue (chebyshev_cuda_glue.cpp).
+void chebyshev_check_inputs(const torch::Tensor& positions, const torch::Tensor& species,
                   const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
                   const torch::Tensor& pair_shift, const torch::Tensor& typespin, double rc_r,
                   int64_t n_r, double rc_a, int64_t n_a) {
@@ -61,6 +59,10 @@ void check_common(const torch::Tensor& positions, const torch::Tensor& species,
     TORCH_CHECK(t->device() == positions.device(), "chebyshev: all inputs must be on one device");
   }
 }
+
+namespace {
+
+using cheb::Problem;
 
 // Value checks: only on CPU (on CUDA they would need a host synchronisation).
 void check_values_cpu(const torch::Tensor& species, const torch::Tensor& pair_ptr,
@@ -280,7 +282,7 @@ torch::Tensor chebyshev_forward_cpu(const torch::Tensor& positions, const torch:
                                     const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
                                     const torch::Tensor& pair_shift, const torch::Tensor& typespin,
                                     double rc_r, int64_t n_r, double rc_a, int64_t n_a) {
-  check_common(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
+  chebyshev_check_inputs(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
   check_values_cpu(species, pair_ptr, pair_j, typespin);
   const int64_t N = positions.size(0);
   const int D = cheb::descriptor_dim(int(n_r), int(n_a), typespin.size(0) > 1);
@@ -298,7 +300,7 @@ torch::Tensor chebyshev_backward_cpu(const torch::Tensor& grad_G, const torch::T
                                      const torch::Tensor& pair_j, const torch::Tensor& pair_shift,
                                      const torch::Tensor& typespin, double rc_r, int64_t n_r,
                                      double rc_a, int64_t n_a) {
-  check_common(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
+  chebyshev_check_inputs(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
   check_values_cpu(species, pair_ptr, pair_j, typespin);
   const int64_t N = positions.size(0);
   const int D = cheb::descriptor_dim(int(n_r), int(n_a), typespin.size(0) > 1);
@@ -321,7 +323,7 @@ std::tuple<torch::Tensor, torch::Tensor> chebyshev_double_backward_cpu(
     const torch::Tensor& species, const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
     const torch::Tensor& pair_shift, const torch::Tensor& typespin, double rc_r, int64_t n_r,
     double rc_a, int64_t n_a, bool need_jvp, bool need_hvp) {
-  check_common(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
+  chebyshev_check_inputs(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
   check_values_cpu(species, pair_ptr, pair_j, typespin);
   const int64_t N = positions.size(0);
   const int D = cheb::descriptor_dim(int(n_r), int(n_a), typespin.size(0) > 1);
