@@ -95,7 +95,13 @@ def main(argv=None) -> int:
         print(f"distmlip {args.command}: interrupted", file=sys.stderr)
         _abort_world(130)
         return 130
-    except BaseException:
+    except BaseException as exc:
+        if "mpi4py.MPI" in sys.modules:  # label the traceback with the rank before aborting the job
+            from .utils.log import rank_and_size
+
+            rank, size = rank_and_size()
+            if size > 1:
+                print(f"distmlip {args.command}: internal error on rank {rank}:", file=sys.stderr)
         traceback.print_exc()
         sys.stderr.flush()
         _abort_world(1)

@@ -732,6 +732,11 @@ def _abort(ctx: Optional[DistContext], code: int) -> None:
     os._exit(code)
 
 
+# public names for group-aware contexts (committee rank groups) that run their own stop check
+local_stop_code = _local_stop_code
+describe_stop = _describe_stop
+
+
 def report_error(exc: BaseException, ctx: Optional[DistContext] = None) -> str:
     """Format an exception with the rank and host, print it to stderr and return the text."""
     ctx = ctx or _CTX

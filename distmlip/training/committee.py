@@ -124,12 +124,12 @@ class GroupContext:
     def stop_requested(self) -> bool:
         from ..distributed import bootstrap
 
-        local = bootstrap._local_stop_code(self.parent.rank)
+        local = bootstrap.local_stop_code(self.parent.rank)
         t = torch.tensor([local], dtype=torch.int64)
         self.all_reduce_max(t)
         code = int(t.item())
         if code and self._stop_reason is None:
-            self._stop_reason = bootstrap._describe_stop(code)
+            self._stop_reason = bootstrap.describe_stop(code)
         return bool(code)
 
     def stop_reason(self):
