@@ -307,7 +307,7 @@ def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float
 
         fail_path = out / f"failed_{tag}.extxyz"
         with atomic_path(fail_path, suffix=".extxyz") as tmp:
-            write(str(tmp), failed_frames, format="extxyz")
+            write(str(tmp), failed_frames, format="extxyz", parallel=False)
     pdf_path = out / f"pdf_{tag}.png"
     if pdf.nframes:
         pdf.plot(pdf_path, f"{label}T = {T:g} K, {pdf.nframes} frames")
@@ -352,7 +352,7 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
         if not spath.is_file():
             raise InputError(f"md-check: structure file {spath} does not exist")
         try:
-            atoms = read(str(spath))
+            atoms = read(str(spath), parallel=False)
         except Exception as exc:
             raise InputError(f"md-check: cannot read structure {spath}: {type(exc).__name__}: {exc}") from None
     else:
