@@ -1,7 +1,7 @@
 """Reproduce the H2 Lennard-Jones comparison of the GPR-ANN paper (Yeu et al., npj Comput. Mater.
 2025, Fig. 2) with the distmlip command-line stages, exactly as a user would run them:
 
-    python examples/paper_h2/run.py [--data DIR] [--out DIR] [--np 2] [--epochs N] [--deltas ...]
+    python examples/paper_h2/run.py [--data DIR] [--out DIR] [--np 2] [--epochs N] [--gpr-deltas ...] [--taylor-deltas ...]
 
 Stages (parallel ones under ``mpirun -n NP``):
   1. data:     DIR/{train,test}/*.xsf (default ../shared/data/h2_lj when present), else generated
@@ -130,13 +130,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "out")
     ap.add_argument("--np", type=int, default=2, help="MPI ranks for every parallel stage")
     ap.add_argument("--K", type=int, default=10, help="committee size")
-    ap.add_argument("--epochs", type=int, default=3000)
-    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--epochs", type=int, default=500)
+    ap.add_argument("--lr", type=float, default=2e-2)
     ap.add_argument("--weight-decay", type=float, default=1e-3)
     ap.add_argument("--scheduler", default="cosine")
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--copies", type=int, default=2, help="M synthetic copies per structure (paper: 14 = 7 x 2)")
-    ap.add_argument("--deltas", type=float, nargs="+", default=[0.008, 0.02, 0.034, 0.055])
+    ap.add_argument("--gpr-deltas", type=float, nargs="*", default=[0.008, 0.02, 0.034, 0.055])
+    ap.add_argument("--taylor-deltas", type=float, nargs="*", default=[0.008, 0.034])
     ap.add_argument("--methods", nargs="+", default=["energy", "force", "taylor", "gpr"])
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -179,10 +180,10 @@ def main(argv=None) -> int:
         runs["energy-only"] = (out / "train.h5", "energy", None)
     if "force" in args.methods:
         runs["direct force"] = (out / "train.h5", "force", None)
-    for method, label in (("taylor", "Taylor-ANN"), ("gpr", "GPR-ANN")):
+    for method, label, deltas in (("taylor", "Taylor-ANN", args.taylor_deltas), ("gpr", "GPR-ANN", args.gpr_deltas)):
         if method not in args.methods:
             continue
-        for d in args.deltas:
+        for d in deltas:
             tag = f"{method}_d{d:g}"
             aug = out / f"train_{tag}.h5"
             cfg = out / f"augment_{tag}.yaml"
