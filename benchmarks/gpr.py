@@ -64,7 +64,7 @@ def _gpr_kw(args):
     return dict(weight=args.weight, length_scale=args.length_scale, noise_energy=args.noise_energy,
                 noise_force=args.noise_force, fit_max_obs=args.fit_max_obs,
                 fit_iterations=args.fit_iterations, fit_restarts=args.fit_restarts,
-                select=args.select, seed=0)
+                select=args.select, fit_subsample=args.fit_subsample, seed=0)
 
 
 def ec(args):
@@ -74,7 +74,7 @@ def ec(args):
     kind, fp = _fp(args, Str)
     print(f"EC dimers: {len(Etr)} train, {len(Ete)} test, {Rtr.shape[1] // 3} atoms, "
           f"kernel n = {len(Etr) * (1 + Rtr.shape[1])}, threads {torch.get_num_threads()}, "
-          f"fingerprint {kind}, select {args.select}", flush=True)
+          f"fingerprint {kind}, select {args.select}, fit sub-sample {args.fit_subsample}", flush=True)
     kw = dict(_gpr_kw(args), device=args.device)
     t0, c0 = time.perf_counter(), cpu_s()
     Xtr, Jtr = fp.compute([s.positions for s in Str], Str[0])
@@ -103,7 +103,8 @@ def ec(args):
                                              "jitter_rel", "lml", "fit_structures", "fit_obs",
                                              "lml_fit_start", "lml_fit_end", "time_hyper_s",
                                              "time_factor_s", "n_local", "n_obs", "nn_distance",
-                                             "loo_energy_mae_eV", "fit_evals", "fit_candidates")},
+                                             "loo_energy_mae_eV", "fit_evals", "fit_candidates",
+                                             "fit_subsample", "fit_nn_distance")},
     }
     print(f"energy MAE {res['energy_mae_eV']:.4f} eV (target <= 0.0175; aenet-gpr 0.022)")
     print(f"force MAE  {res['force_mae_eVA']:.4f} eV/A (target <= 0.15; aenet-gpr 0.150)")
@@ -174,6 +175,7 @@ def main():
     ap.add_argument("--fit-max-obs", type=int, default=3000)
     ap.add_argument("--fit-iterations", type=int, default=60)
     ap.add_argument("--fit-restarts", type=int, default=3)
+    ap.add_argument("--fit-subsample", choices=["random", "local"], default="random")
     ap.add_argument("--select", choices=["lml", "loo"], default="lml")
     ap.add_argument("--fingerprint", choices=["auto", "cartesian", "inverse"], default="cartesian",
                     help="EC acceptance is defined with the Cartesian fingerprint")

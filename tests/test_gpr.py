@@ -332,3 +332,17 @@ def test_fit_respects_length_scale_bound_and_reports_candidates():
     assert g.info["lml_fit_end"] == max(c["lml"] for c in g.info["fit_candidates"])
     gl = GPR(fit_restarts=2, select="loo").fit(X, J, E, F)
     assert gl.info["loo_energy_mae_eV"] == min(c["loo_mae_eV"] for c in gl.info["fit_candidates"])
+
+
+def test_local_fit_subsample_is_a_nearest_neighbour_ball():
+    rng = np.random.default_rng(13)
+    R, E, F = _lj_trimer_data(30, rng, amp=0.08)
+    per = 1 + R.shape[1]
+    g = GPR(fit_max_obs=8 * per, fit_subsample="local", fit_restarts=1, fit_iterations=5).fit(R, None, E, F)
+    sel = g.fit_index
+    assert len(sel) == 8
+    d = np.linalg.norm(R[:, None] - R[None], axis=-1)
+    # some member c of the sub-sample has exactly the sub-sample as its 8 nearest structures
+    assert any(set(np.argsort(d[c])[:8]) == set(sel) for c in sel)
+    gr = GPR(fit_max_obs=8 * per, fit_restarts=1, fit_iterations=5).fit(R, None, E, F)
+    assert len(gr.fit_index) == 8 and g.info["fit_nn_distance"] < gr.info["fit_nn_distance"]

@@ -81,6 +81,7 @@ class GPRSettings:
     fit_iterations: int = 60
     fit_restarts: int = 3            # L-BFGS-B runs from the best-screened starting points
     select: Literal["lml", "loo"] = "lml"   # among the optima: max LML or min LOO energy MAE
+    fit_subsample: Literal["random", "local"] = "random"   # which structures the LML fit sees
     max_kernel_obs: Optional[int] = None   # split into local GPRs above this (None: from memory)
     memory_fraction: float = 0.5
     device: str = "cpu"
@@ -247,7 +248,8 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
                          seed=cfg.seed, weight=g.weight, length_scale=g.length_scale,
                          noise_energy=g.noise_energy, noise_force=g.noise_force, device=g.device,
                          fit_max_obs=g.fit_max_obs, fit_iterations=g.fit_iterations,
-                         fit_restarts=g.fit_restarts, select=g.select)
+                         fit_restarts=g.fit_restarts, select=g.select,
+                         fit_subsample=g.fit_subsample)
         model.fit(X, J, E0, F0.reshape(len(structs), -1))
         Xs, _ = fp.compute(list(pos.reshape(-1, nat, 3)), ref, with_jacobian=False)
         clusters = np.repeat(model.labels, M)
@@ -259,7 +261,7 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
             "weight", "length_scale", "noise_energy", "noise_force", "weight_eV", "noise_energy_eV",
             "noise_force_eVA", "energy_mean_eV", "energy_scale_eV", "force_scale_eVA", "jitter",
             "jitter_rel", "lml", "fitted", "fit_structures", "fit_obs", "lml_fit_start", "lml_fit_end",
-            "fit_select", "nn_distance", "loo_energy_mae_eV", "fit_candidates",
+            "fit_select", "fit_subsample", "fit_nn_distance", "nn_distance", "loo_energy_mae_eV", "fit_candidates",
             "n_obs", "max_kernel_obs", "memory_cap_obs", "n_local", "local_sizes", "time_hyper_s",
             "time_fit_s", "time_predict_s") if k in info}
     thr = sub["max_uncertainty"]

@@ -207,7 +207,7 @@ class GPR:
                  jitter_start=1e-10, jitter_max=1e-2, noise_floor=1e-6,
                  init_noise_energy=1e-3, init_noise_force=3e-2, max_block_bytes=256 * 2 ** 20,
                  scales=None, noise_max=0.1, noise_min=1e-5, l_min_nn=1.0, fit_restarts=3,
-                 select="lml"):
+                 select="lml", fit_subsample="random"):
         self.given = dict(weight=weight, length_scale=length_scale, noise_energy=noise_energy,
                           noise_force=noise_force)
         for k, v in self.given.items():
@@ -231,6 +231,9 @@ class GPR:
         if select not in ("lml", "loo"):
             raise ConfigError(f"GPR select must be 'lml' or 'loo', got {select!r}")
         self.select = select
+        if fit_subsample not in ("random", "local"):
+            raise ConfigError(f"GPR fit_subsample must be 'random' or 'local', got {fit_subsample!r}")
+        self.fit_subsample = fit_subsample
         self.scales = scales      # (mu, s, f) to impose a standardisation (local GPRs)
         self.info: dict = {}
 
@@ -404,10 +407,20 @@ class GPR:
         nsub = max(2, min(N, self.fit_max_obs // per))
         if nsub < N:
             rng = np.random.default_rng(self.seed)
-            idx = torch.as_tensor(np.sort(rng.choice(N, nsub, replace=False)), device=self.device)
+            if self.fit_subsample == "local":
+                # the nsub structures nearest (fingerprint distance) to a seeded random centre:
+                # the sub-sample keeps the data's local spacing (a random sub-sample of 1/k of the
+                # structures is k^(1/d) times sparser, which biases l and the noise upwards)
+                c = int(rng.integers(N))
+                sel = torch.argsort(torch.cdist(X[c:c + 1], X)[0])[:nsub].cpu().numpy()
+            else:
+                sel = rng.choice(N, nsub, replace=False)
+            idx = torch.as_tensor(np.sort(sel), device=self.device)
+            self.fit_index = np.sort(sel)
             Xs, Js, Es, Gs = X[idx], (None if J is None else J[idx]), E[idx], G[idx]
         else:
             Xs, Js, Es, Gs = X, J, E, G
+            self.fit_index = np.arange(N)
         y = self._targets(Es, Gs)
         dnn = self._nn_distance(X)
         names = [k for k, v in self.given.items() if v is None]
@@ -478,7 +491,8 @@ class GPR:
         best = min(cands, key=key)
         vals = dict(fixed)
         vals.update(unpack(best["theta"]))
-        self.info.update(fit_structures=int(Xs.shape[0]), fit_obs=int(len(y)), fitted=names,
+        self.info.update(fit_subsample=self.fit_subsample, fit_nn_distance=self._nn_distance(Xs),
+                         fit_structures=int(Xs.shape[0]), fit_obs=int(len(y)), fitted=names,
                          lml_fit_start=lml0, lml_fit_end=best["lml"], fit_evals=state["evals"],
                          fit_select=self.select, nn_distance=dnn, loo_energy_mae_eV=best["loo_mae_eV"],
                          fit_candidates=[{k: v for k, v in c.items() if k != "theta"} for c in cands])
