@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         stage(f"evaluate_{tag}", DM + ["evaluate", str(run_dir / "committee.pt"), str(out / "test.h5"), "-o", str(ev),
                                       "--device", "cpu"], ev / "metrics.json")
         m = json.loads((ev / "metrics.json").read_text())
-        ov = m.get("overall", m)
+        ov = m.get("metrics", m).get("overall", m)
         row = {k: ov.get(k) for k in ("E_mae_meV_atom", "E_msd_meV_atom", "E_mae_meV_struct", "E_msd_meV_struct",
                                       "F_magnitude_mae", "F_magnitude_msd", "F_direction_deg", "F_direction_msd_deg",
                                       "F_mae", "F_rmse")}

@@ -79,7 +79,7 @@ def mpi_cmd(np_: int) -> list[str]:
     cmd = [exe, "-n", str(np_), "--oversubscribe"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
-    return cmd + ["-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable, "-m", "distmlip"]
+    return cmd + ["--mca", "mpi_yield_when_idle", "1", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable, "-m", "distmlip"]
 
 
 def sh(cmd: list[str], log: Path) -> float:
@@ -237,7 +237,7 @@ def analyse(out: Path, runs: dict, args) -> dict:
         Fb = np.stack([[bond_quantities(s.positions, F[k, j])[1] for j, s in enumerate(ts)]
                        for k in range(len(models))])[:, order]    # [K, S] bond-axis force on atom 2
         m = json.loads((out / f"eval_{tag}" / "metrics.json").read_text())
-        ov = m.get("overall", m)
+        ov = m.get("metrics", m).get("overall", m)
         row = dict(
             E_mae=1e3 * float(np.abs(E.mean(0) - e_ref).mean()),
             E_msd=1e3 * float(E.std(0, ddof=1).mean()),
