@@ -353,11 +353,13 @@ DM_HD void centre_forward(const Problem<scalar_t>& P, int64_t i, double* slot, i
 // backward (vector-Jacobian product)
 // ------------------------------------------------------------------------------------------
 
-// g_row: dE/dG_i [dim].  Writes gp[3p..3p+2] = d(g.G_i)/d r_p for every pair p of i (zero for
-// pairs beyond both cutoffs) and dRi[0..2] = -sum_p gp[p] (the centre's own term).
+// g_row: dE/dG_i [dim].  Writes gp[3(p - p_base)..+2] = d(g.G_i)/d r_p for every pair p of i
+// (zero for pairs beyond both cutoffs; p_base lets the caller pass a buffer that holds only a
+// chunk of the pairs) and dRi[0..2] = -sum_p gp[p] (the centre's own term).
 template <int NAC, typename scalar_t, typename gscalar_t>
 DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
-                      double* slot, int64_t cap, double* gp, double* dRi) {
+                      double* slot, int64_t cap, double* gp, int64_t p_base,
+                      double* dRi) {
   constexpr int NA1 = NAC >= 0 ? NAC + 1 : kMaxOrder + 1;
   const int nr = P.n_r;
   const int na = angular_order<NAC>(P);
@@ -408,9 +410,9 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
         a += (gr[n] + s * gwr[n]) * (kr * dtn * c.f + tn * c.df);
       }
     }
-    gp[3 * p + 0] = a * d[0] * inv;
-    gp[3 * p + 1] = a * d[1] * inv;
-    gp[3 * p + 2] = a * d[2] * inv;
+    gp[3 * (p - p_base) + 0] = a * d[0] * inv;
+    gp[3 * (p - p_base) + 1] = a * d[1] * inv;
+    gp[3 * (p - p_base) + 2] = a * d[2] * inv;
     if (r < P.rc_a) {
       const Cutoff c = cutoff_fn(r, P.rc_a);
       ux[m] = d[0] * inv;
@@ -457,15 +459,15 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
   }
   for (int64_t a = 0; a < m; ++a) {
     const int64_t p = int64_t(pid[a]);
-    gp[3 * p + 0] += gx[a];
-    gp[3 * p + 1] += gy[a];
-    gp[3 * p + 2] += gz[a];
+    gp[3 * (p - p_base) + 0] += gx[a];
+    gp[3 * (p - p_base) + 1] += gy[a];
+    gp[3 * (p - p_base) + 2] += gz[a];
   }
   double sx = 0.0, sy = 0.0, sz = 0.0;
   for (int64_t p = P.ptr[i]; p < P.ptr[i + 1]; ++p) {
-    sx += gp[3 * p + 0];
-    sy += gp[3 * p + 1];
-    sz += gp[3 * p + 2];
+    sx += gp[3 * (p - p_base) + 0];
+    sy += gp[3 * (p - p_base) + 1];
+    sz += gp[3 * (p - p_base) + 2];
   }
   dRi[0] = -sx;
   dRi[1] = -sy;
@@ -478,7 +480,8 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
 
 // v: [N, 3] position tangent (the gradient flowing into the dE/dR output).
 // JVP: jv [dim] (zeroed by the caller) += dG_i/dR . v.
-// HVP: hp[3p..] = sum_q d^2(g.G_i)/(dr_p dr_q) . dr_q for every pair p of i, dHi = -sum_p hp[p];
+// HVP: hp[3(p - p_base)..] = sum_q d^2(g.G_i)/(dr_p dr_q) . dr_q for every pair p of i,
+//      dHi = -sum_p hp[p];
 //      the caller scatters hv_j += hp[p].  g_row is only read when HVP is set.
 //
 // Angular JVP for a < b:  d/dv [T_n(c) f_a f_b] = T_n'(c) dc f_a f_b + T_n(c) dw with
@@ -493,7 +496,7 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
 template <int NAC, bool JVP, bool HVP, typename scalar_t, typename gscalar_t>
 DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
                           const scalar_t* v, double* slot, int64_t cap, double* jv, double* hp,
-                          double* dHi) {
+                          int64_t p_base, double* dHi) {
   constexpr int NA1 = NAC >= 0 ? NAC + 1 : kMaxOrder + 1;
   const int nr = P.n_r;
   const int na = angular_order<NAC>(P);
@@ -576,9 +579,9 @@ DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t
       // d(a u) = a' dp u + a (dr - dp u) / r
       const double cu = a2 * dp - a * dp * inv;
       const double cd = a * inv;
-      hp[3 * p + 0] = cu * u0 + cd * dx;
-      hp[3 * p + 1] = cu * u1 + cd * dy;
-      hp[3 * p + 2] = cu * u2 + cd * dz;
+      hp[3 * (p - p_base) + 0] = cu * u0 + cd * dx;
+      hp[3 * (p - p_base) + 1] = cu * u1 + cd * dy;
+      hp[3 * (p - p_base) + 2] = cu * u2 + cd * dz;
     }
     if (r < P.rc_a) {
       const Cutoff c = cutoff_fn(r, P.rc_a);
@@ -743,15 +746,15 @@ DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t
   if (HVP) {
     for (int64_t a = 0; a < m; ++a) {
       const int64_t p = int64_t(pid[a]);
-      hp[3 * p + 0] += gx[a];
-      hp[3 * p + 1] += gy[a];
-      hp[3 * p + 2] += gz[a];
+      hp[3 * (p - p_base) + 0] += gx[a];
+      hp[3 * (p - p_base) + 1] += gy[a];
+      hp[3 * (p - p_base) + 2] += gz[a];
     }
     double sx = 0.0, sy = 0.0, sz = 0.0;
     for (int64_t p = P.ptr[i]; p < P.ptr[i + 1]; ++p) {
-      sx += hp[3 * p + 0];
-      sy += hp[3 * p + 1];
-      sz += hp[3 * p + 2];
+      sx += hp[3 * (p - p_base) + 0];
+      sy += hp[3 * (p - p_base) + 1];
+      sz += hp[3 * (p - p_base) + 2];
     }
     dHi[0] = -sx;
     dHi[1] = -sy;

@@ -46,7 +46,7 @@ __global__ void vjp_kernel(Problem<scalar_t> P, const scalar_t* g, double* scrat
   const int D = P.dim();
   const int64_t p0 = P.ptr[i];
   const int64_t cap = P.ptr[i + 1] - p0;
-  centre_vjp<NAC>(P, i, g + i * D, scratch + p0 * kSlotFields, cap, gp, dR + 3 * i);
+  centre_vjp<NAC>(P, i, g + i * D, scratch + p0 * kSlotFields, cap, gp, 0, dR + 3 * i);
 }
 
 template <int NAC, bool JVP, bool HVP, typename scalar_t>
@@ -59,7 +59,7 @@ __global__ void jvp_hvp_kernel(Problem<scalar_t> P, const scalar_t* g, const sca
   for (int d = 0; d < D; ++d) acc[d] = 0.0;
   const int64_t p0 = P.ptr[i];
   const int64_t cap = P.ptr[i + 1] - p0;
-  centre_jvp_hvp<NAC, JVP, HVP>(P, i, g + i * D, v, scratch + p0 * kSlotFields, cap, acc, hp,
+  centre_jvp_hvp<NAC, JVP, HVP>(P, i, g + i * D, v, scratch + p0 * kSlotFields, cap, acc, hp, 0,
                                 HVP ? hv + 3 * i : nullptr);
   if (JVP) {
     for (int d = 0; d < D; ++d) jv[i * D + d] = static_cast<scalar_t>(acc[d]);
