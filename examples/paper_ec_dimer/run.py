@@ -49,7 +49,7 @@ ROOT = HERE.parents[1]
 PRESETS = {
     "quick": dict(K=10, copies=16, gpr_deltas=[0.008, 0.021, 0.044], taylor_deltas=[0.003],
                   lr=5e-3, weight_decay=1e-3,
-                  epochs_energy=200, epochs_force=40, epochs_aug=30,
+                  epochs_energy=200, epochs_force=60, epochs_aug=30,
                   batch_energy=64, batch_force=32, batch_aug=512),
     "full": dict(K=10, copies=64, gpr_deltas=[0.003, 0.005, 0.008, 0.013, 0.021, 0.034, 0.044],
                  taylor_deltas=[0.003, 0.005, 0.008, 0.013, 0.021, 0.034, 0.044],
@@ -66,6 +66,7 @@ training:
   mode: {mode}
   alpha: {alpha}
   force_fraction: {force_fraction}
+  energy_loss: {energy_loss}
   epochs: {epochs}
   batch_atoms: 100000000
   batch_structures: {batch}
@@ -222,6 +223,7 @@ def main(argv=None) -> int:
         run_dir = out / f"run_{tag}"
         cfg = out / f"train_{tag}.yaml"
         cfg.write_text(TRAIN_YAML.format(train=train, mode=mode, alpha=args.alpha, force_fraction=ff, epochs=epochs,
+                                         energy_loss="per_structure" if mode == "force" else "per_atom",
                                          batch=batch, lr=P["lr"], wd=P["weight_decay"], scheduler=args.scheduler,
                                          ckpt=max(epochs // 5, 1), log_every=max(epochs // 10, 1),
                                          output=run_dir, K=P["K"]))
