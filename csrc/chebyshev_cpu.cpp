@@ -247,7 +247,13 @@ void forward_impl(const Problem<scalar_t>& P, scalar_t* out) {
 // the system.  Result per atom k: sum of the neighbour-side pair terms in increasing pair order
 // (serial pass after every chunk), plus the centre's own term at the end: the summation order is
 // the same for every chunk size and thread count, so results are bitwise reproducible.
+// DISTMLIP_CHEB_CHUNK_PAIRS overrides the chunk size (tests use it to force many chunks).
 int64_t chunk_pairs(int64_t cap) {
+  const char* env = std::getenv("DISTMLIP_CHEB_CHUNK_PAIRS");
+  if (env != nullptr) {
+    const long long v = std::atoll(env);
+    if (v > 0) return int64_t(v);
+  }
   return std::max<int64_t>(int64_t(1) << 15, int64_t(8) * num_threads() * cap);
 }
 
