@@ -50,6 +50,7 @@ model: {{hidden: [5, 5], activation: tanh, dtype: float64}}
 training:
   mode: {mode}
   alpha: {alpha}
+  energy_loss: {energy_loss}
   epochs: {epochs}
   batch_atoms: 1000
   optimizer: adamw
@@ -135,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-decay", type=float, default=1e-3)
     ap.add_argument("--scheduler", default="cosine")
     ap.add_argument("--alpha", type=float, default=0.3)
+    ap.add_argument("--force-energy-loss", default="per_structure", choices=["per_structure", "per_atom"],
+                    help="energy term of the direct force loss (paper Eq. 2: total energies, per_structure)")
     ap.add_argument("--copies", type=int, default=2, help="M synthetic copies per structure (paper: 14 = 7 x 2)")
     ap.add_argument("--gpr-deltas", type=float, nargs="*", default=[0.008, 0.02, 0.034, 0.055])
     ap.add_argument("--taylor-deltas", type=float, nargs="*", default=[0.008, 0.034])
@@ -197,6 +200,7 @@ def main(argv=None) -> int:
         tag = name.replace(" ", "_").replace("=", "").replace("-", "")
         cfg = out / f"train_{tag}.yaml"
         cfg.write_text(TRAIN_YAML.format(train=train, mode=mode, alpha=args.alpha, epochs=args.epochs,
+                                         energy_loss=args.force_energy_loss if mode == "force" else "per_atom",
                                          lr=args.lr, wd=args.weight_decay, scheduler=args.scheduler,
                                          log_every=max(args.epochs // 10, 1), output=out / f"run_{tag}",
                                          K=args.K))
