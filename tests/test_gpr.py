@@ -332,6 +332,7 @@ def test_fit_respects_length_scale_bound_and_reports_candidates():
     assert g.info["lml_fit_end"] == max(c["lml"] for c in g.info["fit_candidates"])
     gl = GPR(fit_restarts=2, select="loo").fit(X, J, E, F)
     assert gl.info["loo_energy_mae_eV"] == min(c["loo_mae_eV"] for c in gl.info["fit_candidates"])
+    assert g.info["loo_energy_mae_eV"] > 0
 
 
 def test_local_fit_subsample_is_a_nearest_neighbour_ball():

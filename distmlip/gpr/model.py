@@ -207,7 +207,7 @@ class GPR:
                  jitter_start=1e-10, jitter_max=1e-2, noise_floor=1e-6,
                  init_noise_energy=1e-3, init_noise_force=3e-2, max_block_bytes=256 * 2 ** 20,
                  scales=None, noise_max=0.1, noise_min=1e-5, l_min_nn=1.0, fit_restarts=3,
-                 select="lml", fit_subsample="random"):
+                 select="lml", fit_subsample="random", short_iterations=8):
         self.given = dict(weight=weight, length_scale=length_scale, noise_energy=noise_energy,
                           noise_force=noise_force)
         for k, v in self.given.items():
@@ -228,6 +228,7 @@ class GPR:
         self.noise_min = float(noise_min)   # lower bound of fitted relative noise levels
         self.l_min_nn = float(l_min_nn)     # l >= l_min_nn x median nearest-neighbour distance
         self.fit_restarts = int(fit_restarts)
+        self.short_iterations = int(short_iterations)
         if select not in ("lml", "loo"):
             raise ConfigError(f"GPR select must be 'lml' or 'loo', got {select!r}")
         self.select = select
@@ -398,8 +399,9 @@ class GPR:
         nothing: every copy would fall back to the prior), relative noises in
         [noise_min, noise_max].  Several starts (l on a grid relative to that distance, w = 1 and
         the force-matched w = f l / s) are screened by LML, the best ``fit_restarts`` optimised;
-        among the optima the one with the largest LML is taken (``select: lml``) or the one with
-        the smallest closed-form leave-one-structure-out energy MAE (``select: loo``)."""
+        each for ``short_iterations``; with ``select: lml`` the one with the largest LML is then
+        continued to convergence, with ``select: loo`` all are, and the optimum with the smallest
+        closed-form leave-one-structure-out energy MAE is taken."""
         from scipy.optimize import minimize
 
         N = X.shape[0]
@@ -471,24 +473,38 @@ class GPR:
             raise InputError("GPR: no initial hyperparameters gave a positive-definite kernel")
         screened.sort(key=lambda t: -t[0])
         lml0 = screened[0][0]
-        cands = []
-        for v0, th0 in screened[:max(1, self.fit_restarts)]:
-            r = minimize(f, th0, jac=True, method="L-BFGS-B", bounds=list(zip(lb, ub)),
-                         options=dict(maxiter=self.fit_iterations, ftol=1e-9, gtol=1e-5))
+        bnds = list(zip(lb, ub))
+
+        def run(th0, iters):
+            r = minimize(f, th0, jac=True, method="L-BFGS-B", bounds=bnds,
+                         options=dict(maxiter=iters, ftol=1e-9, gtol=1e-5))
             th = np.clip(r.x, lb, ub)
-            try:
-                lml1, _, loo = self.lml_and_grad(Xs, Js, y, unpack(th), (), loo=True)
-            except InputError:
-                continue
+            return th, (-float(r.fun) * len(y) if np.isfinite(r.fun) and r.fun < 1e9 else -math.inf)
+
+        # phase 1: every restart for a few iterations; phase 2: continue to convergence the best
+        # by LML (select lml) or all of them (select loo: LOO is compared between optima)
+        short = min(self.fit_iterations, self.short_iterations)
+        runs = [run(th0, short) + (v0, th0) for v0, th0 in screened[:max(1, self.fit_restarts)]]
+        if self.select == "lml":
+            runs.sort(key=lambda t: -t[1])
+            runs[0] = run(runs[0][0], self.fit_iterations) + runs[0][2:]
+        else:
+            runs = [run(t[0], self.fit_iterations) + t[2:] for t in runs]
+        cands = []
+        for th, lml1, v0, th0 in runs:
             if not math.isfinite(lml1) or lml1 < v0:
                 th, lml1 = th0, v0
-                lml1, _, loo = self.lml_and_grad(Xs, Js, y, unpack(th), (), loo=True)
-            cands.append(dict(theta=th, lml=lml1, loo_mae_eV=float(loo.abs().mean()) * self.s,
+            cands.append(dict(theta=th, lml=lml1, loo_mae_eV=None,
                               **{k: float(math.exp(v)) for k, v in zip(names, th)}))
-        if not cands:
-            raise InputError("GPR: hyperparameter optimisation failed (kernel not positive definite)")
+        if self.select == "loo":
+            for c in cands:
+                _, _, loo = self.lml_and_grad(Xs, Js, y, unpack(c["theta"]), (), loo=True)
+                c["loo_mae_eV"] = float(loo.abs().mean()) * self.s
         key = (lambda c: -c["lml"]) if self.select == "lml" else (lambda c: c["loo_mae_eV"])
         best = min(cands, key=key)
+        if best["loo_mae_eV"] is None:
+            _, _, loo = self.lml_and_grad(Xs, Js, y, unpack(best["theta"]), (), loo=True)
+            best["loo_mae_eV"] = float(loo.abs().mean()) * self.s
         vals = dict(fixed)
         vals.update(unpack(best["theta"]))
         self.info.update(fit_subsample=self.fit_subsample, fit_nn_distance=self._nn_distance(Xs),
