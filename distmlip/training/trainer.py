@@ -362,7 +362,10 @@ class Trainer:
         params = list(self.model.parameters())
         if batch is not None and counts[0] > 0:
             loss = self.batch_loss(batch, counts, acc, selected)
-            loss.backward()
+            # inputs=params: only weight gradients are needed; in force mode this skips the
+            # position-position second derivative of the descriptor and the backward pass
+            # towards the positions
+            loss.backward(inputs=[p for p in params if p.requires_grad])
             acc[_IDX["loss"]] += loss.detach()
         for p in params:
             if p.grad is None:
