@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataFormatError
+from ..utils.io import load_torch_file
 
 FORMAT = "distmlip-bpnn"
 VERSION = 1
@@ -189,12 +190,7 @@ class BPNN(nn.Module):
     def load(cls, path, device="cpu", backend: str | None = None) -> "BPNN":
         """Load a model written by :meth:`save`; ``backend`` overrides the descriptor backend."""
         path = Path(path)
-        if not path.is_file():
-            raise DataFormatError(f"model file {path} does not exist")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise DataFormatError(f"{path}: cannot read model file ({type(exc).__name__}: {exc})") from None
+        obj = load_torch_file(path, "model file")
         return cls.from_payload(obj, source=str(path), backend=backend, device=device)
 
     # ------------------------------------------------------------------ evaluation
@@ -375,12 +371,7 @@ def save_committee(path, payloads: Sequence[dict], metadata: dict | None = None)
 def load_models(path, device="cpu", backend: str | None = None) -> list:
     """``list[BPNN]`` from a single model file (one member) or a committee file (K members)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"model file {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataFormatError(f"{path}: cannot read model file ({type(exc).__name__}: {exc})") from None
+    obj = load_torch_file(path, "model file")
     if isinstance(obj, dict) and obj.get("format") == COMMITTEE_FORMAT:
         if obj.get("version") != COMMITTEE_VERSION:
             raise DataFormatError(f"{path}: committee format version {obj.get('version')!r} is not supported "

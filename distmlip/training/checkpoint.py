@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import DataFormatError
-from ..utils.io import atomic_torch_save
+from ..utils.io import atomic_torch_save, load_torch_file
 
 FORMAT = "distmlip-checkpoint"
 VERSION = 1
@@ -51,12 +51,7 @@ def save_checkpoint(path, **content) -> None:
 
 def load_checkpoint(path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataFormatError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    obj = load_torch_file(path, "checkpoint")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise DataFormatError(f"{path}: not a distmlip training checkpoint")
     if obj.get("version") != VERSION:

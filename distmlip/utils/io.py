@@ -43,3 +43,19 @@ def atomic_torch_save(obj, final) -> None:
 
     with atomic_path(final) as tmp:
         torch.save(obj, tmp)
+
+
+def load_torch_file(path, what: str = "file"):
+    """torch.load (weights only, to CPU) with a clear DataFormatError for a missing, truncated or
+    foreign file: ``what`` names the kind of file in the message (model file, checkpoint, ...)."""
+    import torch
+
+    from ..errors import DataFormatError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataFormatError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
