@@ -7,7 +7,7 @@ rows = []
 for arg in sys.argv[1:]:
     name, d = arg.split("=", 1)
     m = json.loads((Path(d) / "metrics.json").read_text())
-    o = m.get("overall", m)
+    o = m.get("metrics", m).get("overall", m)
     rows.append((name, o))
 cols = [("E_mae_meV_atom", "E MAE meV/atom"), ("E_rmse_meV_atom", "E RMSE meV/atom"),
         ("F_mae", "F MAE eV/A"), ("F_magnitude_mae", "|F| MAE eV/A"), ("F_direction_deg", "F angle deg")]
