@@ -210,3 +210,22 @@ def test_bad_config_errors(data, capsys):
     res = run_cli(capsys, ["augment", str(_cfg(data, "bad4")), "--set", "method=newton"], check=False)
     assert res.returncode == 2 and "newton" in res.stderr
     assert not (data / "bad.h5").exists()
+
+
+def test_stored_split_keeps_test_structures_out_of_the_gpr(tmp_path, capsys):
+    """With a stored split only training structures are GPR data and parents; validation/test
+    structures pass through unchanged with their split."""
+    structs = _emt_dataset(tmp_path / "all.h5")
+    split = np.zeros(len(structs), dtype=np.int8)
+    split[[1, 4, 8]] = 2          # test
+    split[[7]] = 1                # validation
+    write_dataset(tmp_path / "in.h5", structs, split=split)
+    cfg = _cfg(tmp_path, "split", method="taylor")
+    run_cli(capsys, ["augment", str(cfg)])
+    ds, S = _arrays(tmp_path / "split.h5")
+    synth = ds.column("synthetic").astype(bool)
+    parents = set(ds.column("parent")[synth].tolist())
+    assert parents == set(np.flatnonzero(split == 0).tolist())
+    out_split = np.asarray(ds.column("split"))
+    np.testing.assert_array_equal(out_split[~synth], split)       # originals keep their split
+    assert (out_split[synth] == 0).all()                           # copies of training structures

@@ -182,11 +182,26 @@ def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray) -> st
 
 
 def _parents_of(ds, sid: int) -> tuple[np.ndarray, int]:
-    """Reference structures of a subset: not synthetic, with forces.  Returns (indices, n_without_forces)."""
+    """Reference structures of a subset: not synthetic, with forces and, when the data set stores
+    a train/validation/test split, in the training split (validation and test structures must not
+    inform the GPR labels).  Returns (indices, n_without_forces)."""
     ids = np.flatnonzero(ds.subset_ids == sid)
     synth = ds.column("synthetic")[ids].astype(bool)
     hf = ds.column("has_forces")[ids].astype(bool)
-    return ids[~synth & hf], int((~synth & ~hf).sum())
+    train = np.ones(len(ids), dtype=bool)
+    if ds.has_stored_split:
+        train = np.asarray(ds.column("split"))[ids] == 0
+    return ids[~synth & hf & train], int((~synth & ~hf & train).sum())
+
+
+def _barrier(comm) -> None:
+    """Barrier that sleeps while it waits: ranks that finished their subsets do not spin a core
+    (a blocking MPI barrier busy-polls) while another rank is still fitting."""
+    if comm is None:
+        return
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(0.05)
 
 
 def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
@@ -372,8 +387,7 @@ def augment(cfg: AugmentConfig, fresh: bool = False) -> dict | None:
     workdir = cfg.workdir_path()
     if rank == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-    if comm is not None:
-        comm.Barrier()
+    _barrier(comm)
     parents = {sid: _parents_of(ds, sid)[0] for sid in range(len(names))}
     keys = {sid: _subset_key(cfg, names[sid], ds.n_structures, parents[sid]) for sid in parents}
     costs = {sid: _estimated_cost(cfg, ds, sid, len(parents[sid])) for sid in parents}
@@ -388,6 +402,8 @@ def augment(cfg: AugmentConfig, fresh: bool = False) -> dict | None:
         if not fresh and shard_is_done(path, keys[sid]):
             print(f"{pre}subset {names[sid]}: finished earlier, skipped ({path.name})", flush=True)
             continue
+        print(f"{pre}subset {names[sid]} ({k + 1}/{len(mine)}): {cfg.method} on {len(parents[sid])} reference "
+              f"structures of {int(ds.natoms[parents[sid][0]]) if len(parents[sid]) else 0} atoms ...", flush=True)
         res = process_subset(ds, sid, cfg, rank)
         write_shard(path, res, keys[sid])
         r = res["report"]
@@ -400,8 +416,7 @@ def augment(cfg: AugmentConfig, fresh: bool = False) -> dict | None:
         print(f"{pre}subset {names[sid]} ({k + 1}/{len(mine)}): {r['n_reference']} reference, "
               f"{r['n_kept']}/{r['n_copies']} copies kept, sigma mean {unc.get('mean', 0):.4f} eV"
               f"{extra}, {r['time_total_s']:.1f} s", flush=True)
-    if comm is not None:
-        comm.Barrier()
+    _barrier(comm)
     report = None
     if rank == 0:
         report = merge(cfg, ds, keys, workdir)
@@ -411,8 +426,7 @@ def augment(cfg: AugmentConfig, fresh: bool = False) -> dict | None:
         log(format_table(report))
         log(f"augment: wrote {cfg.output} ({report['n_output']} structures, {report['n_synthetic']} "
             f"synthetic), report {cfg.report_path()}")
-    if comm is not None:
-        comm.Barrier()
+    _barrier(comm)
     return report
 
 
