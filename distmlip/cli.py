@@ -79,8 +79,7 @@ def main(argv=None) -> int:
         print(f"distmlip {args.command}: not available in this build", file=sys.stderr)
         return 2
     try:
-        rc = args._run(args)
-        return int(rc or 0)
+        rc = int(args._run(args) or 0)
     except DistmlipError as exc:
         from .utils.log import rank_and_size
 
@@ -106,6 +105,9 @@ def main(argv=None) -> int:
         sys.stderr.flush()
         _abort_world(1)
         raise
+    if "distmlip.distributed.bootstrap" in sys.modules:
+        sys.modules["distmlip.distributed.bootstrap"].exit_process(rc)
+    return rc
 
 
 if __name__ == "__main__":

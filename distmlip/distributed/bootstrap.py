@@ -394,6 +394,31 @@ def _choose_device(device: str, local_rank: int, local_size: int, comm_local) ->
     return torch.device("cuda", index)
 
 
+# set once a torch process group existed in this process (see exit_process)
+_PROCESS_GROUP_USED = [False]
+
+
+def exit_process(code: int) -> None:
+    """End a process that ran a torch process group: flush, finalise MPI, and leave without the
+    interpreter's finalisation.  Gloo's worker threads can still release tensors while Python
+    shuts down, which aborts the process (SIGABRT) after all work is done; skipping finalisation
+    avoids that race.  Returns normally when no process group was used."""
+    if not _PROCESS_GROUP_USED[0]:
+        return
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "mpi4py.MPI" in sys.modules:
+        MPI = sys.modules["mpi4py.MPI"]
+        try:
+            if MPI.Is_initialized() and not MPI.Is_finalized():
+                MPI.Finalize()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
+    os._exit(code)
+
+
 def _init_process_group(ctx: DistContext, store) -> None:
     import torch.distributed as dist
 
@@ -404,6 +429,7 @@ def _init_process_group(ctx: DistContext, store) -> None:
     dist.init_process_group(backend=backend, store=store, rank=ctx.rank,
                             world_size=ctx.world_size, timeout=timeout)
     ctx.backend = backend
+    _PROCESS_GROUP_USED[0] = _PROCESS_GROUP_USED[0] or ctx.world_size > 1
     if backend == "nccl" and ctx._comm is None and dist.is_gloo_available():
         # CPU-side coordination (stop flags, objects) without MPI: a gloo group beside NCCL
         ctx._cpu_group = dist.new_group(backend="gloo", timeout=timeout)
