@@ -6,6 +6,7 @@ the shards in input order into the final file (atomically), so the data are iden
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -345,7 +346,8 @@ def convert(cfg: ConvertConfig) -> dict:
             res.n_structures, res.n_atoms = total, sum(g[2] for g in gathered)
             res.rejected = [x for g in gathered for x in g[3]]
         finally:
-            if os.path.exists(shard):
+            # rank 0 may already be removing the whole shard folder
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(shard)
             if rank == 0:
                 # every rank has passed the allgather above (or failed before writing)
