@@ -59,6 +59,26 @@ def metrics_from_sums(acc: torch.Tensor) -> dict:
     return out
 
 
+def _accumulate_errors(acc, batch, E, F):
+    """Add a batch's energy (per atom and per structure) and force error sums to ``acc``.
+    Returns (per-atom errors, per-structure errors, force component errors, force atom mask)."""
+    ea = (E - batch.energy) / batch.natoms.to(torch.float64)
+    es = E - batch.energy
+    acc[_IDX["e_sse"]] += (ea * ea).sum()
+    acc[_IDX["e_sae"]] += ea.abs().sum()
+    acc[_IDX["es_sse"]] += (es * es).sum()
+    acc[_IDX["es_sae"]] += es.abs().sum()
+    acc[_IDX["n_struct"]] += float(batch.n_structures)
+    d = m = None
+    if F is not None:
+        m = force_atom_mask(batch, None)
+        d = (F - batch.forces)[m]
+        acc[_IDX["f_sse"]] += (d * d).sum()
+        acc[_IDX["f_sae"]] += d.abs().sum()
+        acc[_IDX["n_comp"]] += float(d.numel())
+    return ea, es, d, m
+
+
 class Trainer:
     """Single- or multi-rank trainer of one BPNN (committees: K = 1 for now)."""
 
@@ -331,19 +351,7 @@ class Trainer:
             loss = (1.0 - tc.alpha) * L_E + tc.alpha * L_F
         if acc is not None:
             with torch.no_grad():
-                ea = (E.detach() - batch.energy) / batch.natoms.to(torch.float64)
-                es = E.detach() - batch.energy
-                acc[_IDX["e_sse"]] += (ea * ea).sum()
-                acc[_IDX["e_sae"]] += ea.abs().sum()
-                acc[_IDX["es_sse"]] += (es * es).sum()
-                acc[_IDX["es_sae"]] += es.abs().sum()
-                acc[_IDX["n_struct"]] += float(batch.n_structures)
-                if F is not None:
-                    m = force_atom_mask(batch, None)
-                    d = (F.detach() - batch.forces)[m]
-                    acc[_IDX["f_sse"]] += (d * d).sum()
-                    acc[_IDX["f_sae"]] += d.abs().sum()
-                    acc[_IDX["n_comp"]] += float(d.numel())
+                _accumulate_errors(acc, batch, E.detach(), None if F is None else F.detach())
         return loss
 
     def train_step(self, structures, acc: torch.Tensor) -> None:
@@ -392,24 +400,14 @@ class Trainer:
                 with torch.no_grad():
                     E, F = self.model(batch), None
             E = E.detach()
-            ea = (E - batch.energy) / batch.natoms.to(torch.float64)
-            es = E - batch.energy
+            F = None if F is None else F.detach()
+            ea, es, d, m = _accumulate_errors(acc, batch, E, F)
             err = ea if self.per_atom else es
             w = batch.weight.to(torch.float64)
             wl[0] += (w * err * err).sum()
             wl[1] += w.sum()
-            acc[_IDX["e_sse"]] += (ea * ea).sum()
-            acc[_IDX["e_sae"]] += ea.abs().sum()
-            acc[_IDX["es_sse"]] += (es * es).sum()
-            acc[_IDX["es_sae"]] += es.abs().sum()
-            acc[_IDX["n_struct"]] += float(batch.n_structures)
             if F is not None:
-                m = force_atom_mask(batch, None)
-                d = (F.detach() - batch.forces)[m]
                 wa = w[batch.structure][m]
-                acc[_IDX["f_sse"]] += (d * d).sum()
-                acc[_IDX["f_sae"]] += d.abs().sum()
-                acc[_IDX["n_comp"]] += float(d.numel())
                 wl[2] += (wa[:, None] * d * d).sum()
                 wl[3] += 3.0 * wa.sum()
         both = torch.cat([acc, wl])
