@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,37 +80,8 @@ training:
 committee: {{K: {K}}}
 """
 
-AUG_YAML = """\
-input: {input}
-output: {output}
-method: {method}
-copies: {copies}
-delta: {delta}
-seed: 0
-"""
-
-# Paper values are only given as Fig. 3 plots (no numbers in the text); see docs/results.md.
-
-
-def mpi_cmd(np_: int) -> list[str]:
-    exe = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
-    cmd = [exe, "-n", str(np_), "--oversubscribe"]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
-    return cmd + ["--mca", "mpi_yield_when_idle", "1", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable, "-m", "distmlip"]
-
-
-def sh(cmd: list[str], log: Path) -> float:
-    t0 = time.time()
-    with open(log, "w") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        p = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    dt = time.time() - t0
-    if p.returncode:
-        print(open(log).read()[-4000:])
-        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}  (log {log})")
-    return dt
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import AUG_YAML, mpi_cmd, sh  # noqa: E402  (examples/common.py)
 
 
 def main(argv=None) -> int:
