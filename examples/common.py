@@ -39,3 +39,19 @@ def sh(cmd: list[str], log: Path) -> float:
         print(open(log).read()[-4000:])
         raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}  (log {log})")
     return dt
+
+
+def prepare_run(out: Path, root: Path):
+    """Environment and output folders of an example run: returns (out, logs, timings file, timings
+    recorded by an earlier run).  Child processes import distmlip from ``root`` on one thread each."""
+    import json
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["PYTHONPATH"] = str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    tfile = out / "timings.json"
+    timings = json.loads(tfile.read_text()) if tfile.exists() else {}
+    return out, logs, tfile, timings

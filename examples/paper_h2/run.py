@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -64,7 +63,7 @@ committee: {{K: {K}}}
 """
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import AUG_YAML, mpi_cmd, sh  # noqa: E402  (examples/common.py)
+from common import AUG_YAML, mpi_cmd, prepare_run, sh  # noqa: E402  (examples/common.py)
 
 
 def write_generated(raw: Path) -> None:
@@ -114,14 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--taylor-deltas", type=float, nargs="*", default=[0.008, 0.034])
     ap.add_argument("--methods", nargs="+", default=["energy", "force", "taylor", "gpr"])
     args = ap.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    tfile = out / "timings.json"
-    timings = json.loads(tfile.read_text()) if tfile.exists() else {}
+    out, logs, tfile, timings = prepare_run(args.out, ROOT)
     MPI = mpi_cmd(args.np)
     DM = [sys.executable, "-m", "distmlip"]
     T0 = time.time()
