@@ -74,8 +74,13 @@ def ec(args):
     kind, fp = _fp(args, Str)
     print(f"EC dimers: {len(Etr)} train, {len(Ete)} test, {Rtr.shape[1] // 3} atoms, "
           f"kernel n = {len(Etr) * (1 + Rtr.shape[1])}, threads {torch.get_num_threads()}, "
-          f"fingerprint {kind}, select {args.select}, fit sub-sample {args.fit_subsample}", flush=True)
+          f"fingerprint {kind}, select {args.select}, fit sub-sample {args.fit_subsample}, "
+          f"length scales {args.length_scales if kind == 'cartesian' else 'shared'}", flush=True)
     kw = dict(_gpr_kw(args), device=args.device)
+    if kind == "cartesian" and args.length_scales == "element":
+        kw["groups"] = np.repeat(Str[0].numbers, 3)      # one length scale per element
+    elif kind == "cartesian" and args.length_scales == "atom":
+        kw["groups"] = np.repeat(np.arange(len(Str[0].numbers)), 3)   # one per atom
     t0, c0 = time.perf_counter(), cpu_s()
     Xtr, Jtr = fp.compute([s.positions for s in Str], Str[0])
     g = LocalGPR(max_obs=args.max_obs, **kw).fit(Xtr, Jtr, Etr, Ftr)
@@ -104,7 +109,8 @@ def ec(args):
                                              "lml_fit_start", "lml_fit_end", "time_hyper_s",
                                              "time_factor_s", "n_local", "n_obs", "nn_distance",
                                              "loo_energy_mae_eV", "fit_evals", "fit_candidates",
-                                             "fit_subsample", "fit_nn_distance")},
+                                             "fit_subsample", "fit_nn_distance",
+                                             "length_scale_by_group")},
     }
     print(f"energy MAE {res['energy_mae_eV']:.4f} eV (target <= 0.0175; aenet-gpr 0.022)")
     print(f"force MAE  {res['force_mae_eVA']:.4f} eV/A (target <= 0.15; aenet-gpr 0.150)")
@@ -179,6 +185,8 @@ def main():
     ap.add_argument("--select", choices=["lml", "loo"], default="lml")
     ap.add_argument("--fingerprint", choices=["auto", "cartesian", "inverse"], default="cartesian",
                     help="EC acceptance is defined with the Cartesian fingerprint")
+    ap.add_argument("--length-scales", choices=["element", "atom", "shared"], default="element",
+                    help="Cartesian fingerprint: one length scale per element (fitted) or one for all")
     ap.add_argument("--max-obs", type=int, default=None, help="split into local GPRs above this")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()

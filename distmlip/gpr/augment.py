@@ -77,6 +77,9 @@ class GPRSettings:
     length_scale: Optional[float] = None
     noise_energy: Optional[float] = None
     noise_force: Optional[float] = None
+    # cartesian fingerprint: one length scale per element (ratios to the first element fitted by
+    # maximum LML with the others; used when length_scale is not given) or one shared by all
+    length_scales: Literal["element", "shared"] = "element"
     fit_max_obs: int = 3000          # LML fit on a random sub-sample of at most this many rows
     fit_iterations: int = 60
     fit_restarts: int = 3            # L-BFGS-B runs from the best-screened starting points
@@ -259,12 +262,16 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
         except InputError as exc:
             raise InputError(f"{cfg.input}: subset '{name}': {exc}") from None
         X, J = fp.fit_scale(X, J)
+        groups = None
+        if kind == "cartesian" and g.length_scales == "element" and g.length_scale is None:
+            from ase.data import chemical_symbols
+            groups = np.repeat([chemical_symbols[int(z)] for z in ref.numbers], 3)
         model = LocalGPR(max_obs=g.max_kernel_obs, memory_fraction=g.memory_fraction,
                          seed=cfg.seed, weight=g.weight, length_scale=g.length_scale,
                          noise_energy=g.noise_energy, noise_force=g.noise_force, device=g.device,
                          fit_max_obs=g.fit_max_obs, fit_iterations=g.fit_iterations,
                          fit_restarts=g.fit_restarts, select=g.select,
-                         fit_subsample=g.fit_subsample)
+                         fit_subsample=g.fit_subsample, groups=groups)
         model.fit(X, J, E0, F0.reshape(len(structs), -1))
         Xs, _ = fp.compute(list(pos.reshape(-1, nat, 3)), ref, with_jacobian=False)
         clusters = np.repeat(model.labels, M)
@@ -274,7 +281,7 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
         rep["fingerprint"] = fp.state()
         rep["gpr"] = {k: info.get(k) for k in (
             "weight", "length_scale", "noise_energy", "noise_force", "weight_eV", "noise_energy_eV",
-            "noise_force_eVA", "energy_mean_eV", "energy_scale_eV", "force_scale_eVA", "jitter",
+            "noise_force_eVA", "length_scale_by_group", "energy_mean_eV", "energy_scale_eV", "force_scale_eVA", "jitter",
             "jitter_rel", "lml", "fitted", "fit_structures", "fit_obs", "lml_fit_start", "lml_fit_end",
             "fit_select", "fit_subsample", "fit_nn_distance", "nn_distance", "loo_energy_mae_eV", "fit_candidates",
             "n_obs", "max_kernel_obs", "memory_cap_obs", "n_local", "local_sizes", "time_hyper_s",

@@ -48,6 +48,8 @@ class Hyper:
     length_scale: float
     noise_energy: float
     noise_force: float
+    # per-group length-scale ratios l_g / l for groups 1.. (group 0 has ratio 1); () = one shared l
+    length_ratios: tuple = ()
 
 
 # ------------------------------------------------------------------------------------------
@@ -207,9 +209,21 @@ class GPR:
                  jitter_start=1e-10, jitter_max=1e-2, noise_floor=1e-6,
                  init_noise_energy=1e-3, init_noise_force=3e-2, max_block_bytes=256 * 2 ** 20,
                  scales=None, noise_max=0.1, noise_min=1e-5, l_min_nn=1.0, fit_restarts=3,
-                 select="lml", fit_subsample="random", short_iterations=8):
+                 select="lml", fit_subsample="random", short_iterations=8, groups=None,
+                 length_ratios=None, ratio_min=0.1):
         self.given = dict(weight=weight, length_scale=length_scale, noise_energy=noise_energy,
                           noise_force=noise_force)
+        # groups: one label per Cartesian component (e.g. the element of its atom): each group
+        # gets its own length scale l_g = l r_g (r of the first label in sorted order = 1);
+        # length_ratios: the ratios r_g of the other groups, fitted when None
+        self.groups = None if groups is None else np.asarray(groups).reshape(-1)
+        self.given_ratios = None if length_ratios is None else tuple(float(v) for v in length_ratios)
+        if self.given_ratios is not None and not all(v > 0 and math.isfinite(v) for v in self.given_ratios):
+            raise ConfigError(f"GPR length_ratios must be positive, got {self.given_ratios}")
+        self.ratio_min = float(ratio_min)   # fitted length ratios in [ratio_min, 1 / ratio_min]
+        self.r = None
+        self.group_names: list = []
+        self.gidx = None
         for k, v in self.given.items():
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise ConfigError(f"GPR hyperparameter '{k}' must be positive, got {v}")
@@ -245,24 +259,59 @@ class GPR:
             parts.append((G / self.s).reshape(-1))
         return torch.cat(parts)
 
-    def _noise_diag(self, N, P, ne, nf_std):
+    def _noise_diag(self, N, P, ne, nf_std, r=None):
         d = [torch.full((N,), 1.0, dtype=torch.float64, device=self.device) * ne ** 2]
         if self.use_forces:
-            d.append(torch.full((N * P,), 1.0, dtype=torch.float64, device=self.device) * nf_std ** 2)
+            if r is None:
+                d.append(torch.full((N * P,), 1.0, dtype=torch.float64, device=self.device) * nf_std ** 2)
+            else:       # derivative rows in scaled coordinates: noise times r
+                d.append(((nf_std * r) ** 2).repeat(N))
         return torch.cat(d)
 
-    def _lml(self, X, J, y, theta, names, fixed):
-        p = dict(fixed)
-        for i, nm in enumerate(names):
-            p[nm] = torch.exp(theta[i])
-        ne = p["noise_energy"] + self.noise_floor
-        nf = (p["noise_force"] + self.noise_floor) * self.f / self.s
-        K = cov_block(X, J, X, J, p["weight"], p["length_scale"], self.use_forces, self.use_forces)
-        K = K + torch.diag(self._noise_diag(X.shape[0], self.P, ne, nf))
-        L, _, _ = cholesky_with_jitter(K, self.jitter_start, self.jitter_max)
-        a = torch.cholesky_solve(y[:, None], L)[:, 0]
-        n = y.shape[0]
-        return -0.5 * (y @ a) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI
+    # ---------------------------------------------------------------- per-group length scales
+    # A length scale per group of Cartesian components is an isotropic kernel in the scaled
+    # coordinates x / r (r = l_g / l per component): derivative observations become r dE/dx,
+    # their noise r sigma_F, and the likelihood of the original data is that of the scaled data
+    # plus N sum_k log r_k (the Jacobian of y -> r y).
+    def _group_setup(self, P, J):
+        self.group_names, self.gidx = [], None
+        if self.groups is None:
+            return
+        if self.groups.shape[0] != P:
+            raise ConfigError(f"GPR groups: one label per Cartesian component expected ({P}), "
+                              f"got {self.groups.shape[0]}")
+        names, inv = np.unique(self.groups, return_inverse=True)
+        if len(names) < 2:
+            return
+        if J is not None:
+            raise ConfigError("GPR: per-group length scales need the Cartesian fingerprint")
+        self.group_names = [str(x) for x in names]
+        self.gidx = torch.as_tensor(inv.reshape(-1), device=self.device)
+        if self.given_ratios is not None and len(self.given_ratios) != len(names) - 1:
+            raise ConfigError(f"GPR length_ratios: {len(names) - 1} values expected (groups "
+                              f"{self.group_names[1:]}), got {len(self.given_ratios)}")
+
+    def _ratio_names(self):
+        return [f"ratio_{k}" for k in range(1, len(self.group_names))]
+
+    def _rvec(self, p):
+        if self.gidx is None:
+            return None
+        r = torch.ones(len(self.group_names), dtype=torch.float64, device=self.device)
+        for k in range(1, len(self.group_names)):
+            r[k] = float(p[f"ratio_{k}"])
+        return r[self.gidx]
+
+    def _scaled(self, X, y, r):
+        if r is None:
+            return X, y
+        N = X.shape[0]
+        if y is not None and self.use_forces:
+            y = torch.cat([y[:N], (y[N:].reshape(N, -1) * r).reshape(-1)])
+        return X / r, y
+
+    def _log_jacobian(self, N, r):
+        return 0.0 if (r is None or not self.use_forces) else float(N * torch.log(r).sum())
 
     # ---------------------------------------------------------------- fit
     def fit(self, X, J, E, F=None):
@@ -286,29 +335,41 @@ class GPR:
             self.mu, self.s, self.f = (float(v) for v in self.scales)
         else:
             self.mu, self.s, self.f = standardisation(E, G if self.use_forces else None)
-        self.X, self.J = X, J
+        self._group_setup(self.P, J)
+        self.J = J
         y = self._targets(E, G)
 
         # --- hyperparameters
-        h = self._fit_hyper(X, J, E, G) if any(v is None for v in self.given.values()) else None
+        need = any(v is None for v in self.given.values()) or \
+            (self.gidx is not None and self.given_ratios is None)
+        h = self._fit_hyper(X, J, E, G) if need else None
         if h is None:
-            h = Hyper(**self.given)
+            h = Hyper(**self.given, length_ratios=self.given_ratios if self.gidx is not None else ())
         self.hyper = h
         t_hyper = time.perf_counter() - t0
 
-        # --- full factorisation
+        # --- full factorisation (in the scaled coordinates when lengths differ by group)
         t1 = time.perf_counter()
+        self.r = self._rvec({f"ratio_{k + 1}": v for k, v in enumerate(h.length_ratios)})
+        X, y = self._scaled(X, y, self.r)
+        self.X = X
         K = assemble(X, J, X, J, h.weight, h.length_scale, self.use_forces, self.use_forces,
                      max_block_bytes=self.max_block_bytes)
         nf = (h.noise_force + self.noise_floor) * self.f / self.s
-        K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf))
+        K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf, self.r))
         L, jit, jrel = cholesky_with_jitter(K, self.jitter_start, self.jitter_max, inplace=True)
         del K
         self.L = L
         self.alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
         n = y.shape[0]
-        lml = float(-0.5 * (y @ self.alpha) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI)
+        lml = float(-0.5 * (y @ self.alpha) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI) \
+            + self._log_jacobian(N, self.r)
         t_fact = time.perf_counter() - t1
+        if self.gidx is not None:
+            ratios = (1.0,) + tuple(h.length_ratios)
+            self.info.update(length_groups=self.group_names, length_ratios=list(h.length_ratios),
+                             length_scale_by_group={g: h.length_scale * q
+                                                    for g, q in zip(self.group_names, ratios)})
         self.info.update(
             n_structures=N, n_obs=n, use_forces=self.use_forces,
             energy_mean_eV=self.mu, energy_scale_eV=self.s, force_scale_eVA=self.f,
@@ -335,17 +396,30 @@ class GPR:
         first component; standardised units).  Returns (lml, grad [len(names)], loo or None)."""
         N = X.shape[0]
         uf = self.use_forces
+        X0, y0 = X, y
+        r = self._rvec(p)
+        X, y = self._scaled(X, y, r)
         K = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
                      max_block_bytes=self.max_block_bytes)
         ne, nf = self._eff_noise(p)
-        nd = self._noise_diag(N, self.P, ne, nf)
+        nd = self._noise_diag(N, self.P, ne, nf, r)
         K.diagonal().add_(nd)
         L, jit, _ = cholesky_with_jitter(K, self.jitter_start, self.jitter_max)
         alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
         n = y.shape[0]
-        lml = float(-0.5 * (y @ alpha) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI)
+        lml = float(-0.5 * (y @ alpha) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI) \
+            + self._log_jacobian(N, r)
         if not names and not loo:
             return lml, None, None
+        # length ratios: forward differences in log space (one extra factorisation each, done
+        # before the inverse below so that at most two n x n matrices are held)
+        fd = {}
+        for nm in names:
+            if nm.startswith("ratio_"):
+                h = 1e-5
+                p2 = dict(p)
+                p2[nm] = p[nm] * math.exp(h)
+                fd[nm] = (self.lml_and_grad(X0, J, y0, p2, ())[0] - lml) / h
         W = _cholesky_inverse(L)
         del L
         W.neg_().addr_(alpha, alpha)                          # W = alpha alpha^T - K^-1
@@ -362,7 +436,9 @@ class GPR:
             elif nm == "noise_energy":
                 g = Wd[:N].sum() * ne * p["noise_energy"]
             elif nm == "noise_force":
-                g = Wd[N:].sum() * nf * p["noise_force"] * (self.f / self.s)
+                g = (Wd[N:] * nd[N:]).sum() * p["noise_force"] / (p["noise_force"] + self.noise_floor)
+            elif nm in fd:
+                g = fd[nm]
             else:
                 raise ValueError(nm)
             grad.append(float(g))
@@ -427,13 +503,20 @@ class GPR:
         dnn = self._nn_distance(X)
         names = [k for k, v in self.given.items() if v is None]
         fixed = {k: float(v) for k, v in self.given.items() if v is not None}
+        if self.gidx is not None:
+            if self.given_ratios is None:
+                names += self._ratio_names()
+            else:
+                fixed.update({f"ratio_{k + 1}": v for k, v in enumerate(self.given_ratios)})
         bounds = {"weight": (1e-2, 1e4),
                   "length_scale": (self.l_min_nn * dnn, max(1e3 * dnn, 10.0 * self.l_min_nn * dnn)),
                   "noise_energy": (self.noise_min, self.noise_max),
                   "noise_force": (self.noise_min, self.noise_max)}
+        bounds.update({k: (self.ratio_min, 1.0 / self.ratio_min) for k in self._ratio_names()})
         lb = np.log([bounds[k][0] for k in names])
         ub = np.log([bounds[k][1] for k in names])
         init = dict(weight=1.0, noise_energy=self.init_noise_energy, noise_force=self.init_noise_force)
+        init.update({k: 1.0 for k in self._ratio_names()})
         lgrid = [dnn * f for f in (1.0, 2.0, 4.0, 8.0, 16.0)] if "length_scale" in names \
             else [fixed["length_scale"]]
         starts = []
@@ -507,6 +590,7 @@ class GPR:
             best["loo_mae_eV"] = float(loo.abs().mean()) * self.s
         vals = dict(fixed)
         vals.update(unpack(best["theta"]))
+        vals["length_ratios"] = tuple(vals.pop(k) for k in self._ratio_names())
         self.info.update(fit_subsample=self.fit_subsample, fit_nn_distance=self._nn_distance(Xs),
                          fit_structures=int(Xs.shape[0]), fit_obs=int(len(y)), fitted=names,
                          lml_fit_start=lml0, lml_fit_end=best["lml"], fit_evals=state["evals"],
@@ -523,11 +607,10 @@ class GPR:
         G = -_as_t(F, self.device).reshape(X.shape[0], -1) if self.use_forces else \
             torch.zeros(X.shape[0], self.P, dtype=torch.float64, device=self.device)
         y = self._targets(E, G)
-        names = ["weight", "length_scale", "noise_energy", "noise_force"]
-        th = torch.log(torch.tensor([getattr(hyper, n) for n in names], dtype=torch.float64,
-                                    device=self.device))
+        p = {k: getattr(hyper, k) for k in ("weight", "length_scale", "noise_energy", "noise_force")}
+        p.update({f"ratio_{k + 1}": v for k, v in enumerate(hyper.length_ratios)})
         with torch.no_grad():
-            return float(self._lml(X, J, y, th, names, {}))
+            return self.lml_and_grad(X, J, y, p)[0]
 
     # ---------------------------------------------------------------- predict
     def predict(self, X, J=None, forces=True, variance=True, chunk=None):
@@ -539,6 +622,8 @@ class GPR:
         M = X.shape[0]
         P = X.shape[1] if J is None else J.shape[2]
         h = self.hyper
+        if self.r is not None:
+            X = X / self.r
         n = self.alpha.shape[0]
         if chunk is None:
             chunk = max(1, int(self.max_block_bytes // (8 * 4 * n * (1 + (P if forces else 0)))))
@@ -562,6 +647,8 @@ class GPR:
                     E[s:e] = self.mu + self.s * mean[:m]
                     if forces:
                         Fo[s:e] = -self.s * mean[m:].reshape(m, P)
+                        if self.r is not None:      # d/dx = (1 / r) d/d(x / r)
+                            Fo[s:e] /= self.r
                     if variance:
                         Ke[:, s - g0:e - g0] = Ks[:, :m]
                     del Ks
