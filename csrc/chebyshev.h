@@ -86,6 +86,9 @@ struct Problem {
   int n_r;
   int n_a;
   int weighted;             // 1 when T > 1: weighted copies present
+  // angular sums in moment form for centres with at least this many neighbours within rc_a
+  // (host code only; see angular_forward_moments)
+  int64_t moments_min = int64_t(1) << 40;
 
   DM_HD int off_a() const { return n_r + 1; }
   DM_HD int off_wr() const { return n_r + n_a + 2; }
@@ -102,12 +105,53 @@ struct Cutoff {
   double f, df, d2f;
 };
 
+// sin and cos of y in [-pi/2, pi/2] by their Taylor series to degree 21 / 22 (truncation below
+// 1.3e-18; a few ulp of rounding): branch-free and inlinable, unlike libm's cos / sin calls,
+// which dominated the per-pair cost of the kernels.
+DM_HD void sincos_half_pi(double y, double& sn, double& cs) {
+  const double y2 = y * y;
+  double ps = 1.9572941063391263e-20;
+  ps = ps * y2 - 8.22063524662433e-18;
+  ps = ps * y2 + 2.8114572543455206e-15;
+  ps = ps * y2 - 7.647163731819816e-13;
+  ps = ps * y2 + 1.6059043836821613e-10;
+  ps = ps * y2 - 2.505210838544172e-08;
+  ps = ps * y2 + 2.7557319223985893e-06;
+  ps = ps * y2 - 0.0001984126984126984;
+  ps = ps * y2 + 0.008333333333333333;
+  ps = ps * y2 - 0.16666666666666666;
+  ps = ps * y2 + 1.0;
+  double pc = -8.896791392450574e-22;
+  pc = pc * y2 + 4.110317623312165e-19;
+  pc = pc * y2 - 1.5619206968586225e-16;
+  pc = pc * y2 + 4.779477332387385e-14;
+  pc = pc * y2 - 1.1470745597729725e-11;
+  pc = pc * y2 + 2.08767569878681e-09;
+  pc = pc * y2 - 2.755731922398589e-07;
+  pc = pc * y2 + 2.48015873015873e-05;
+  pc = pc * y2 - 0.001388888888888889;
+  pc = pc * y2 + 0.041666666666666664;
+  pc = pc * y2 - 0.5;
+  pc = pc * y2 + 1.0;
+  sn = ps * y;
+  cs = pc;
+}
+
+// cos(pi r / rc) and sin(pi r / rc) for 0 <= r <= rc: with y = pi (r / rc - 1/2),
+// cos(pi r / rc) = -sin(y), sin(pi r / rc) = cos(y).
+DM_HD void cutoff_trig(double r, double rc, double& cs, double& sn) {
+  double s_y, c_y;
+  sincos_half_pi(kPi * (r / rc - 0.5), s_y, c_y);
+  cs = -s_y;
+  sn = c_y;
+}
+
 DM_HD Cutoff cutoff_fn(double r, double rc) {
   Cutoff c{0.0, 0.0, 0.0};
   if (r < rc) {
     const double a = kPi / rc;
-    const double cs = cos(a * r);
-    const double sn = sin(a * r);
+    double cs, sn;
+    cutoff_trig(r, rc, cs, sn);
     c.f = 0.5 * (cs + 1.0);
     c.df = -0.5 * a * sn;
     c.d2f = -0.5 * a * a * cs;
@@ -116,7 +160,10 @@ DM_HD Cutoff cutoff_fn(double r, double rc) {
 }
 
 DM_HD double cutoff_value(double r, double rc) {
-  return r < rc ? 0.5 * (cos(kPi * r / rc) + 1.0) : 0.0;
+  if (!(r < rc)) return 0.0;
+  double cs, sn;
+  cutoff_trig(r, rc, cs, sn);
+  return 0.5 * (cs + 1.0);
 }
 
 // r_ij vector of pair p (centre i) in double; returns |r_ij|.
@@ -230,6 +277,249 @@ DM_HD void angular_coefficients(int na, const double* ga, const double* gwa, dou
   }
 }
 
+
+// ------------------------------------------------------------------------------------------
+// angular sums in moment form (host only): linear in the number of neighbours
+// ------------------------------------------------------------------------------------------
+// With T_n(c) = sum_k t_nk c^k and c_ab = u_a . u_b (unit vectors, c_aa = 1):
+//   sum_{a<b} c_ab^k f_a f_b = 0.5 (sum_{a,b} (u_a . u_b)^k f_a f_b - sum_a f_a^2)
+//                            = 0.5 (sum_{|q| = k} mult_q M_q^2 - sum_a f_a^2),
+//   M_q = sum_a f_a u_a^q  over the monomials u^q = ux^i uy^j uz^l of degree i + j + l = k,
+//   mult_q = k! / (i! j! l!).
+// (the weighted copy uses f_a s_a).  One pass over the neighbours builds the C(na + 3, 3)
+// moments (35 for na = 4) instead of the m (m - 1) / 2 triplets; the VJP needs a second pass
+// (value and gradient of a polynomial in u per neighbour), the JVP one pass (moments and their
+// directional derivatives together).  Chosen per centre when the neighbour count within the
+// angular cutoff is at least Problem::moments_min; the triplet form is kept for the position
+// Hessian and for orders above kMaxSpecialised, and on the GPU.
+#if !defined(__CUDACC__)
+
+constexpr int mono_count(int na) { return (na + 1) * (na + 2) * (na + 3) / 6; }
+
+template <int NA>
+struct MonoTable {
+  static constexpr int N = mono_count(NA);
+  static constexpr int NG = NA >= 1 ? mono_count(NA - 1) : 1;  // monomials of degree < NA
+  int ex[N], ey[N], ez[N], deg[N];
+  int dx[N], dy[N], dz[N];  // index of the monomial with one power of x / y / z less (or 0)
+  double mult[N];
+  constexpr int find(int a, int b, int c) const {
+    for (int q = 0; q < N; ++q)
+      if (ex[q] == a && ey[q] == b && ez[q] == c) return q;
+    return 0;
+  }
+  constexpr MonoTable() : ex(), ey(), ez(), deg(), dx(), dy(), dz(), mult() {
+    double fact[NA + 1] = {};
+    fact[0] = 1.0;
+    for (int t = 1; t <= NA; ++t) fact[t] = fact[t - 1] * t;
+    int q = 0;
+    for (int k = 0; k <= NA; ++k)
+      for (int a = k; a >= 0; --a)
+        for (int b = k - a; b >= 0; --b) {
+          ex[q] = a;
+          ey[q] = b;
+          ez[q] = k - a - b;
+          deg[q] = k;
+          mult[q] = fact[k] / (fact[a] * fact[b] * fact[k - a - b]);
+          ++q;
+        }
+    for (int r = 0; r < N; ++r) {
+      dx[r] = ex[r] > 0 ? find(ex[r] - 1, ey[r], ez[r]) : 0;
+      dy[r] = ey[r] > 0 ? find(ex[r], ey[r] - 1, ez[r]) : 0;
+      dz[r] = ez[r] > 0 ? find(ex[r], ey[r], ez[r] - 1) : 0;
+    }
+  }
+};
+
+template <int NA>
+inline constexpr MonoTable<NA> kMono{};
+
+template <int NA>
+DM_HD void monomials(double x, double y, double z, double* mono) {
+  constexpr const MonoTable<NA>& T = kMono<NA>;
+  double px[NA + 1], py[NA + 1], pz[NA + 1];
+  px[0] = py[0] = pz[0] = 1.0;
+  for (int k = 1; k <= NA; ++k) {
+    px[k] = px[k - 1] * x;
+    py[k] = py[k - 1] * y;
+    pz[k] = pz[k - 1] * z;
+  }
+  for (int q = 0; q < T.N; ++q) mono[q] = px[T.ex[q]] * py[T.ey[q]] * pz[T.ez[q]];
+}
+
+// Q_k (monomial angular sums) -> Chebyshev orders n: out[n] = sum_k t_nk Q_k
+template <int NA>
+DM_HD void monomial_to_chebyshev(const double* Q, double* out) {
+  double tc[(NA + 1) * (NA + 1)];
+  cheb_monomial(NA, tc);
+  for (int n = 0; n <= NA; ++n) {
+    double x = 0.0;
+    for (int k = 0; k <= n; ++k) x += tc[n * (NA + 1) + k] * Q[k];
+    out[n] = x;
+  }
+}
+
+// Forward: A[n] = sum_{a<b} T_n(c_ab) f_a f_b, W[n] the same weighted by s_a s_b.
+template <int NA>
+DM_HD void angular_forward_moments(int64_t m, const double* ux, const double* uy,
+                                   const double* uz, const double* ff, const double* ss,
+                                   double* A, double* W) {
+  constexpr const MonoTable<NA>& T = kMono<NA>;
+  constexpr int NM = MonoTable<NA>::N;
+  double M[NM], MW[NM];
+  for (int q = 0; q < NM; ++q) M[q] = MW[q] = 0.0;
+  double d0 = 0.0, d0w = 0.0;
+  for (int64_t a = 0; a < m; ++a) {
+    double mono[NM];
+    monomials<NA>(ux[a], uy[a], uz[a], mono);
+    const double f = ff[a], fs = f * ss[a];
+    for (int q = 0; q < NM; ++q) {
+      M[q] += f * mono[q];
+      MW[q] += fs * mono[q];
+    }
+    d0 += f * f;
+    d0w += fs * fs;
+  }
+  double Q[NA + 1], QW[NA + 1];
+  for (int k = 0; k <= NA; ++k) Q[k] = QW[k] = 0.0;
+  for (int q = 0; q < NM; ++q) {
+    Q[T.deg[q]] += T.mult[q] * M[q] * M[q];
+    QW[T.deg[q]] += T.mult[q] * MW[q] * MW[q];
+  }
+  for (int k = 0; k <= NA; ++k) {
+    Q[k] = 0.5 * (Q[k] - d0);
+    QW[k] = 0.5 * (QW[k] - d0w);
+  }
+  monomial_to_chebyshev<NA>(Q, A);
+  monomial_to_chebyshev<NA>(QW, W);
+}
+
+// VJP: for E = sum_k al_k Q_k + be_k QW_k (al, be: monomial coefficients of dE/dG), adds
+// dE/d r_a (pair vector of neighbour a) to (gx, gy, gz)[a].
+template <int NA>
+DM_HD void angular_vjp_moments(int64_t m, const double* ux, const double* uy, const double* uz,
+                               const double* ir, const double* ff, const double* dff,
+                               const double* ss, const double* al, const double* be, double* gx,
+                               double* gy, double* gz) {
+  constexpr const MonoTable<NA>& T = kMono<NA>;
+  constexpr int NM = MonoTable<NA>::N;
+  constexpr int NG = MonoTable<NA>::NG;
+  double M[NM], MW[NM];
+  for (int q = 0; q < NM; ++q) M[q] = MW[q] = 0.0;
+  for (int64_t a = 0; a < m; ++a) {
+    double mono[NM];
+    monomials<NA>(ux[a], uy[a], uz[a], mono);
+    const double f = ff[a], fs = f * ss[a];
+    for (int q = 0; q < NM; ++q) {
+      M[q] += f * mono[q];
+      MW[q] += fs * mono[q];
+    }
+  }
+  // dE/dM_q and the coefficients of its gradient polynomials (degree < NA)
+  double bV[NM], bW[NM], cx[NG], cy[NG], cz[NG], cxw[NG], cyw[NG], czw[NG];
+  for (int q = 0; q < NG; ++q) cx[q] = cy[q] = cz[q] = cxw[q] = cyw[q] = czw[q] = 0.0;
+  double sal = 0.0, sbe = 0.0;
+  for (int k = 0; k <= NA; ++k) {
+    sal += al[k];
+    sbe += be[k];
+  }
+  for (int q = 0; q < NM; ++q) {
+    bV[q] = al[T.deg[q]] * T.mult[q] * M[q];
+    bW[q] = be[T.deg[q]] * T.mult[q] * MW[q];
+    if (T.ex[q] > 0) {
+      cx[T.dx[q]] += T.ex[q] * bV[q];
+      cxw[T.dx[q]] += T.ex[q] * bW[q];
+    }
+    if (T.ey[q] > 0) {
+      cy[T.dy[q]] += T.ey[q] * bV[q];
+      cyw[T.dy[q]] += T.ey[q] * bW[q];
+    }
+    if (T.ez[q] > 0) {
+      cz[T.dz[q]] += T.ez[q] * bV[q];
+      czw[T.dz[q]] += T.ez[q] * bW[q];
+    }
+  }
+  for (int64_t a = 0; a < m; ++a) {
+    const double xa = ux[a], ya = uy[a], za = uz[a];
+    double mono[NM];
+    monomials<NA>(xa, ya, za, mono);
+    double V = 0.0, Vw = 0.0, Gx = 0.0, Gy = 0.0, Gz = 0.0, Gxw = 0.0, Gyw = 0.0, Gzw = 0.0;
+    for (int q = 0; q < NM; ++q) {
+      V += bV[q] * mono[q];
+      Vw += bW[q] * mono[q];
+    }
+    if (NA >= 1) {
+      for (int q = 0; q < NG; ++q) {
+        Gx += cx[q] * mono[q];
+        Gy += cy[q] * mono[q];
+        Gz += cz[q] * mono[q];
+        Gxw += cxw[q] * mono[q];
+        Gyw += cyw[q] * mono[q];
+        Gzw += czw[q] * mono[q];
+      }
+    }
+    const double s = ss[a], f = ff[a];
+    const double dEdf = V + s * Vw - f * (sal + s * s * sbe);
+    const double gux = f * (Gx + s * Gxw), guy = f * (Gy + s * Gyw), guz = f * (Gz + s * Gzw);
+    const double dt = xa * gux + ya * guy + za * guz;
+    const double cu = dEdf * dff[a] - dt * ir[a];
+    gx[a] += gux * ir[a] + cu * xa;
+    gy[a] += guy * ir[a] + cu * ya;
+    gz[a] += guz * ir[a] + cu * za;
+  }
+}
+
+// JVP: for position tangents (vx, vy, vz)[a] = v_j - v_i and vp[a] = u_a . (that),
+// adds d A_n and d W_n (Chebyshev orders) to jA[n], jW[n].
+template <int NA>
+DM_HD void angular_jvp_moments(int64_t m, const double* ux, const double* uy, const double* uz,
+                               const double* ir, const double* ff, const double* dff,
+                               const double* ss, const double* vx, const double* vy,
+                               const double* vz, const double* vp, double* jA, double* jW) {
+  constexpr const MonoTable<NA>& T = kMono<NA>;
+  constexpr int NM = MonoTable<NA>::N;
+  double M[NM], MW[NM], dM[NM], dMW[NM];
+  for (int q = 0; q < NM; ++q) M[q] = MW[q] = dM[q] = dMW[q] = 0.0;
+  double dd0 = 0.0, dd0w = 0.0;
+  for (int64_t a = 0; a < m; ++a) {
+    const double xa = ux[a], ya = uy[a], za = uz[a];
+    double mono[NM];
+    monomials<NA>(xa, ya, za, mono);
+    const double p = vp[a], r1 = ir[a];
+    const double dux = (vx[a] - p * xa) * r1, duy = (vy[a] - p * ya) * r1, duz = (vz[a] - p * za) * r1;
+    const double f = ff[a], s = ss[a], df = dff[a] * p;
+    for (int q = 0; q < NM; ++q) {
+      const double dmono = T.ex[q] * mono[T.dx[q]] * dux + T.ey[q] * mono[T.dy[q]] * duy +
+                           T.ez[q] * mono[T.dz[q]] * duz;
+      const double t = df * mono[q] + f * dmono;
+      M[q] += f * mono[q];
+      MW[q] += f * s * mono[q];
+      dM[q] += t;
+      dMW[q] += s * t;
+    }
+    dd0 += f * df;
+    dd0w += f * df * s * s;
+  }
+  double Q[NA + 1], QW[NA + 1];
+  for (int k = 0; k <= NA; ++k) {
+    Q[k] = -dd0;
+    QW[k] = -dd0w;
+  }
+  for (int q = 0; q < NM; ++q) {
+    Q[T.deg[q]] += T.mult[q] * M[q] * dM[q];
+    QW[T.deg[q]] += T.mult[q] * MW[q] * dMW[q];
+  }
+  double oA[NA + 1], oW[NA + 1];
+  monomial_to_chebyshev<NA>(Q, oA);
+  monomial_to_chebyshev<NA>(QW, oW);
+  for (int n = 0; n <= NA; ++n) {
+    jA[n] += oA[n];
+    jW[n] += oW[n];
+  }
+}
+
+#endif  // !__CUDACC__
+
 // ------------------------------------------------------------------------------------------
 // forward
 // ------------------------------------------------------------------------------------------
@@ -285,7 +575,16 @@ DM_HD void centre_forward(const Problem<scalar_t>& P, int64_t i, double* slot, i
   double A[NA1];
   double W[NA1];
   for (int n = 0; n <= na; ++n) A[n] = W[n] = 0.0;
-  for (int64_t a = 0; a + 1 < m; ++a) {
+  bool done = false;
+#if !defined(__CUDACC__)
+  if constexpr (NAC >= 0) {
+    if (m >= P.moments_min) {
+      angular_forward_moments<NAC>(m, ux, uy, uz, ff, ss, A, W);
+      done = true;
+    }
+  }
+#endif
+  for (int64_t a = 0; !done && a + 1 < m; ++a) {
     const double xa = ux[a], ya = uy[a], za = uz[a], fa = ff[a], sa = ss[a];
     if (NAC >= 0) {
       // sum over b of T_n(c) f_b and T_n(c) f_b s_b, in named scalars (SIMD reductions)
@@ -430,7 +729,16 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
   // Angular: for a < b, with S = sum_n w_n T_n(c), S1 = dS/dc, A1 = S1 f_a f_b,
   //   grad_a = A1 (u_b - c u_a)/r_a + S f_a' f_b u_a,  grad_b = A1 (u_a - c u_b)/r_b + S f_a f_b' u_b.
   // grad_a is accumulated as ira * sum_b A1 u_b + (dfa sum_b S f_b - ira sum_b A1 c) u_a.
-  for (int64_t a = 0; a + 1 < m; ++a) {
+  bool done = false;
+#if !defined(__CUDACC__)
+  if constexpr (NAC >= 0) {
+    if (m >= P.moments_min) {
+      angular_vjp_moments<NAC>(m, ux, uy, uz, ir, ff, dff, ss, al, be, gx, gy, gz);
+      done = true;
+    }
+  }
+#endif
+  for (int64_t a = 0; !done && a + 1 < m; ++a) {
     const double xa = ux[a], ya = uy[a], za = uz[a], fa = ff[a], sa = ss[a];
     const double ira = ir[a];
     double vx = 0.0, vy = 0.0, vz = 0.0, ks = 0.0, kc = 0.0;
@@ -606,7 +914,22 @@ DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t
   if (JVP) {
     for (int n = 0; n <= na; ++n) QA[n] = QW[n] = 0.0;
   }
-  for (int64_t a = 0; a + 1 < m; ++a) {
+  bool done = false;
+#if !defined(__CUDACC__)
+  if constexpr (NAC >= 0 && JVP && !HVP) {
+    if (m >= P.moments_min) {
+      double jA[NA1], jW[NA1];
+      for (int n = 0; n <= na; ++n) jA[n] = jW[n] = 0.0;
+      angular_jvp_moments<NAC>(m, ux, uy, uz, ir, ff, dff, ss, vx, vy, vz, vp, jA, jW);
+      for (int n = 0; n <= na; ++n) {
+        jv[oa + n] += jA[n];
+        if (w) jv[owa + n] += jW[n];
+      }
+      done = true;
+    }
+  }
+#endif
+  for (int64_t a = 0; !done && a + 1 < m; ++a) {
     const double xa = ux[a], ya = uy[a], za = uz[a];
     const double ira = ir[a];
     const double fa = ff[a], dfa = dff[a], d2fa = d2ff[a], sa = ss[a];

@@ -86,6 +86,17 @@ void check_values_cpu(const torch::Tensor& species, const torch::Tensor& pair_pt
   }
 }
 
+// Neighbour count (within rc_a) from which a centre's angular sums use the moment form
+// (linear in the neighbours) instead of the triplet loop (quadratic); measured crossover with
+// benchmarks/descriptor.py.  DISTMLIP_CHEB_ANGULAR=triplets | moments forces one form (tests).
+constexpr int64_t kMomentsMinDefault = 128;
+int64_t angular_moments_min() {
+  const char* env = std::getenv("DISTMLIP_CHEB_ANGULAR");
+  if (env != nullptr && std::string(env) == "triplets") return int64_t(1) << 40;
+  if (env != nullptr && std::string(env) == "moments") return 0;
+  return kMomentsMinDefault;
+}
+
 template <typename scalar_t>
 Problem<scalar_t> make_problem(const torch::Tensor& positions, const torch::Tensor& species,
                                const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
@@ -105,6 +116,7 @@ Problem<scalar_t> make_problem(const torch::Tensor& positions, const torch::Tens
   P.n_r = int(n_r);
   P.n_a = int(n_a);
   P.weighted = typespin.size(0) > 1 ? 1 : 0;
+  P.moments_min = angular_moments_min();
   return P;
 }
 

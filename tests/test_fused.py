@@ -424,3 +424,55 @@ def test_bad_inputs_give_clear_errors():
 def test_available():
     assert fused.available() and fused.available("cpu")
     assert isinstance(fused.available("cuda"), bool)
+
+
+# ------------------------------------------------------------------------------------------
+# angular sums: triplet loop and moment form (linear in the neighbours)
+# ------------------------------------------------------------------------------------------
+
+def _dense_alloy():
+    a = bulk("Cu", "fcc", a=3.6, cubic=True)            # 4 atoms, ~150 neighbours within 7.5 A
+    a.numbers[[1, 3]] = Atoms("Au").numbers[0]
+    a.positions += np.random.default_rng(8).normal(0, 0.06, a.positions.shape)
+    return a
+
+
+CASES_ANGULAR = {
+    "periodic3": CASES["periodic3"],
+    "four_species": CASES["four_species"],
+    "single_species": CASES["single_species"],
+    "order_zero": CASES["order_zero"],
+    "angular_order_8": ([_periodic_random(9, n=7)], ["C", "H", "O"], 4.0, 4, 3.9, 8),
+    # dense enough (>= 128 neighbours within rc_a) for the default choice to use moments
+    "dense_alloy": ([_dense_alloy()], ["Cu", "Au"], 7.5, 6, 7.5, 4),
+}
+
+
+@pytest.mark.parametrize("mode", ["moments", "triplets", "auto"])
+@pytest.mark.parametrize("name", list(CASES_ANGULAR))
+def test_angular_moment_form_matches_reference(monkeypatch, name, mode):
+    if mode == "auto" and name != "dense_alloy":
+        pytest.skip("auto = triplets on sparse structures")
+    monkeypatch.setenv("DISTMLIP_CHEB_ANGULAR", mode)
+    structs, species, rc_r, n_r, rc_a, n_a = CASES_ANGULAR[name]
+    b = _batch(structs, species, max(rc_r, rc_a))
+    ts = torch.tensor(typespin(len(species)), dtype=torch.float64)
+    params = dict(rc_radial=rc_r, n_radial=n_r, rc_angular=rc_a, n_angular=n_a)
+    if name == "dense_alloy":
+        per_atom = torch.bincount(b.pair_i, minlength=b.n_atoms)
+        assert int(per_atom.min()) >= 128
+    _close(_fused(b, ts, params), _ref(b, ts, params), 1e-10, "G")
+    mlp = _ElementMLP(len(species), _ref(b, ts, params).shape[1], torch.float64)
+    target = torch.randn(b.n_atoms, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    p1 = b.positions.clone().requires_grad_()
+    p2 = b.positions.clone().requires_grad_()
+    params_list = list(mlp.parameters())
+    # backward(inputs=weights): the training case, where the JVP runs without the Hessian term
+    E1, F1, g1, _ = _force_training_grads(lambda x: _ref(b, ts, params, x), b, mlp, p1, target,
+                                          inputs=params_list)
+    E2, F2, g2, _ = _force_training_grads(lambda x: _fused(b, ts, params, x), b, mlp, p2, target,
+                                          inputs=params_list)
+    _close(E2, E1, 1e-10, "E")
+    _close(F2, F1, 1e-10, "forces")
+    for n in g1:
+        _close(g2[n], g1[n], 1e-10, f"weight grad {n}")
