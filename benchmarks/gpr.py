@@ -64,7 +64,7 @@ def _gpr_kw(args):
     return dict(weight=args.weight, length_scale=args.length_scale, noise_energy=args.noise_energy,
                 noise_force=args.noise_force, fit_max_obs=args.fit_max_obs,
                 fit_iterations=args.fit_iterations, fit_restarts=args.fit_restarts,
-                select=args.select, fit_subsample=args.fit_subsample, seed=0)
+                select=args.select, fit_subsample=args.fit_subsample, seed=args.seed)
 
 
 def ec(args):
@@ -110,7 +110,9 @@ def ec(args):
                                              "time_factor_s", "n_local", "n_obs", "nn_distance",
                                              "loo_energy_mae_eV", "fit_evals", "fit_candidates",
                                              "fit_subsample", "fit_nn_distance",
-                                             "length_scale_by_group")},
+                                             "length_scale_by_group", "fit_refine_blocks",
+                                             "fit_refine_evals", "lml_blocks_start", "lml_blocks_end",
+                                             "time_refine_s")},
     }
     print(f"energy MAE {res['energy_mae_eV']:.4f} eV (target <= 0.0175; aenet-gpr 0.022)")
     print(f"force MAE  {res['force_mae_eVA']:.4f} eV/A (target <= 0.15; aenet-gpr 0.150)")
@@ -181,10 +183,11 @@ def main():
     ap.add_argument("--fit-max-obs", type=int, default=3000)
     ap.add_argument("--fit-iterations", type=int, default=60)
     ap.add_argument("--fit-restarts", type=int, default=3)
-    ap.add_argument("--fit-subsample", choices=["random", "local"], default="random")
+    ap.add_argument("--fit-subsample", choices=["random", "local"], default="local")
     ap.add_argument("--select", choices=["lml", "loo"], default="lml")
     ap.add_argument("--fingerprint", choices=["auto", "cartesian", "inverse"], default="cartesian",
                     help="EC acceptance is defined with the Cartesian fingerprint")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the hyperparameter-fit sub-sample")
     ap.add_argument("--length-scales", choices=["element", "atom", "shared"], default="element",
                     help="Cartesian fingerprint: one length scale per element (fitted) or one for all")
     ap.add_argument("--max-obs", type=int, default=None, help="split into local GPRs above this")

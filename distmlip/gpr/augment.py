@@ -84,7 +84,7 @@ class GPRSettings:
     fit_iterations: int = 60
     fit_restarts: int = 3            # L-BFGS-B runs from the best-screened starting points
     select: Literal["lml", "loo"] = "lml"   # among the optima: max LML or min LOO energy MAE
-    fit_subsample: Literal["random", "local"] = "random"   # which structures the LML fit sees
+    fit_subsample: Literal["random", "local"] = "local"   # which structures the LML fit sees
     max_kernel_obs: Optional[int] = None   # split into local GPRs above this (None: from memory)
     memory_fraction: float = 0.5
     device: str = "cpu"

@@ -61,8 +61,18 @@ def cov_block(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, deriv=None):
 
     XA [A, D], JA [A, D, Pa] or None (Cartesian: identity, then Pa = D), same for B.
     ``w``, ``l``: python floats or 0-d tensors (autograd flows through them).
-    ``deriv="log_length"`` returns the derivative of the block with respect to log l instead.
+    ``deriv="log_length"`` returns the derivative of the block with respect to log l instead;
+    ``deriv=mask`` (bool tensor [D], Cartesian fingerprints only) the derivative with respect
+    to log s of a common scale s of the coordinates selected by mask, x_m -> x_m / s (used for
+    per-group length scales: with q = |r_mask|^2 / l^2, the k terms are multiplied by q, the
+    value-derivative terms by q - mask_j, the derivative-derivative terms by q, plus
+    (k / l^4) r_i r_j (mask_i + mask_j)).
     Returns a tensor [A (1 + Pa if rows_grad), B (1 + Pb if cols_grad)] in the layout above."""
+    if isinstance(deriv, torch.Tensor):
+        if JA is not None or JB is not None or rows_grad != cols_grad:
+            raise ValueError("cov_block: the coordinate-scale derivative needs the Cartesian "
+                             "fingerprint, with both or neither of derivative rows and columns")
+        return _cov_block_dscale(XA, XB, w, l, deriv, rows_grad)
     if deriv not in (None, "log_length"):
         raise ValueError(f"cov_block: unknown deriv {deriv!r}")
     A, B = XA.shape[0], XB.shape[0]
@@ -105,6 +115,28 @@ def cov_block(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, deriv=None):
     gg = gg.reshape(A * Pa, B * Pb)
     bottom = torch.cat([ge, gg], dim=1)
     return torch.cat([top, bottom], dim=0)
+
+
+def _cov_block_dscale(XA, XB, w, l, mask, with_grad=True):
+    """d cov_block / d log s for x_m -> x_m / s on the components in mask (Cartesian)."""
+    A, B, P = XA.shape[0], XB.shape[0], XA.shape[1]
+    diff = XA[:, None, :] - XB[None, :, :]
+    d2 = (diff * diff).sum(-1)
+    il2 = 1.0 / (l * l)
+    mk = mask.to(XA.dtype)
+    k = (w * w) * torch.exp(-0.5 * d2 * il2)
+    q = ((diff * diff) * mk).sum(-1) * il2                       # [A, B]
+    if not with_grad:
+        return k * q
+    kl2, kl4 = k * il2, k * il2 * il2
+    top = torch.cat([k * q, (kl2[:, :, None] * diff * (q[:, :, None] - mk)).reshape(A, B * P)], 1)
+    ge = (-kl2[:, :, None] * diff * (q[:, :, None] - mk)).permute(0, 2, 1).reshape(A * P, B)
+    rr = diff.permute(0, 2, 1)[:, :, :, None] * diff[:, None, :, :]        # [A, P, B, P]
+    gg = -(kl4 * q)[:, None, :, None] * rr \
+        + kl4[:, None, :, None] * rr * (mk[None, :, None, None] + mk[None, None, None, :])
+    eye = torch.eye(P, dtype=XA.dtype, device=XA.device)
+    gg = gg + (kl2 * q)[:, None, :, None] * eye[None, :, None, :]
+    return torch.cat([top, torch.cat([ge, gg.reshape(A * P, B * P)], 1)], 0)
 
 
 def _chunk_rows(A, bytes_per_row, max_bytes):

@@ -21,8 +21,11 @@ zero).  Hyperparameters not given are fitted by maximising the log marginal like
 L-BFGS-B on their logarithms and the closed-form gradient ``0.5 tr((alpha alpha^T - K^-1) dK)``
 (bounded: l at least the median nearest-neighbour fingerprint distance of the training
 structures, relative noises in [noise_min, noise_max]; several starts); when the subset is large
-the fit runs on a seeded random sub-sample of structures (at most ``fit_max_obs`` observations)
-and the full kernel is factorised once with the fitted values.
+the fit runs on a seeded sub-sample of structures (at most ``fit_max_obs`` observations; by
+default the structures nearest to a random one, which keeps the data's spacing), is then refined
+on the sum of the LMLs of blocks that cover all structures, and the full kernel is factorised once
+with the fitted values.  For the Cartesian fingerprint each group of components (e.g. element)
+may get its own length scale (``groups``), fitted the same way.
 """
 from __future__ import annotations
 
@@ -209,7 +212,8 @@ class GPR:
                  jitter_start=1e-10, jitter_max=1e-2, noise_floor=1e-6,
                  init_noise_energy=1e-3, init_noise_force=3e-2, max_block_bytes=256 * 2 ** 20,
                  scales=None, noise_max=0.1, noise_min=1e-5, l_min_nn=1.0, fit_restarts=3,
-                 select="lml", fit_subsample="random", short_iterations=8, groups=None,
+                 select="lml", fit_subsample="local", short_iterations=8, groups=None,
+                 refine_iterations=10,
                  length_ratios=None, ratio_min=0.1):
         self.given = dict(weight=weight, length_scale=length_scale, noise_energy=noise_energy,
                           noise_force=noise_force)
@@ -243,6 +247,7 @@ class GPR:
         self.l_min_nn = float(l_min_nn)     # l >= l_min_nn x median nearest-neighbour distance
         self.fit_restarts = int(fit_restarts)
         self.short_iterations = int(short_iterations)
+        self.refine_iterations = int(refine_iterations)
         if select not in ("lml", "loo"):
             raise ConfigError(f"GPR select must be 'lml' or 'loo', got {select!r}")
         self.select = select
@@ -314,9 +319,10 @@ class GPR:
         return 0.0 if (r is None or not self.use_forces) else float(N * torch.log(r).sum())
 
     # ---------------------------------------------------------------- fit
-    def fit(self, X, J, E, F=None):
+    def fit(self, X, J, E, F=None, hyper_only=False):
         """X [N, D] fingerprints, J [N, D, P] Jacobians (None: Cartesian, J = I),
-        E [N] energies (eV), F [N, P] or [N, natoms, 3] forces (eV/A)."""
+        E [N] energies (eV), F [N, P] or [N, natoms, 3] forces (eV/A).  ``hyper_only``: stop
+        after the hyperparameter fit (``self.hyper``), without factorising the full kernel."""
         t0 = time.perf_counter()
         X = _as_t(X, self.device)
         J = _as_t(J, self.device)
@@ -347,6 +353,9 @@ class GPR:
             h = Hyper(**self.given, length_ratios=self.given_ratios if self.gidx is not None else ())
         self.hyper = h
         t_hyper = time.perf_counter() - t0
+        if hyper_only:
+            self.info.update(time_hyper_s=t_hyper)
+            return self
 
         # --- full factorisation (in the scaled coordinates when lengths differ by group)
         t1 = time.perf_counter()
@@ -396,7 +405,6 @@ class GPR:
         first component; standardised units).  Returns (lml, grad [len(names)], loo or None)."""
         N = X.shape[0]
         uf = self.use_forces
-        X0, y0 = X, y
         r = self._rvec(p)
         X, y = self._scaled(X, y, r)
         K = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
@@ -411,15 +419,6 @@ class GPR:
             + self._log_jacobian(N, r)
         if not names and not loo:
             return lml, None, None
-        # length ratios: forward differences in log space (one extra factorisation each, done
-        # before the inverse below so that at most two n x n matrices are held)
-        fd = {}
-        for nm in names:
-            if nm.startswith("ratio_"):
-                h = 1e-5
-                p2 = dict(p)
-                p2[nm] = p[nm] * math.exp(h)
-                fd[nm] = (self.lml_and_grad(X0, J, y0, p2, ())[0] - lml) / h
         W = _cholesky_inverse(L)
         del L
         W.neg_().addr_(alpha, alpha)                          # W = alpha alpha^T - K^-1
@@ -437,8 +436,19 @@ class GPR:
                 g = Wd[:N].sum() * ne * p["noise_energy"]
             elif nm == "noise_force":
                 g = (Wd[N:] * nd[N:]).sum() * p["noise_force"] / (p["noise_force"] + self.noise_floor)
-            elif nm in fd:
-                g = fd[nm]
+            elif nm.startswith("ratio_"):
+                # K = S^-1 K_iso(x / r) S^-1 + noise in the original units (S = 1 on energy
+                # rows, r on derivative rows); in the scaled quantities used here
+                # dLML/dlog r_g = 0.5 tr(W dK_iso/dlog r_g) - tr(W D_g K_signal),
+                # D_g selecting the derivative rows of group g
+                mask = self.gidx == int(nm.split("_")[1])
+                dK = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
+                              max_block_bytes=self.max_block_bytes, deriv=mask)
+                g = 0.5 * torch.dot(W.reshape(-1), dK.reshape(-1))
+                del dK
+                if uf:
+                    rows = N + torch.nonzero(mask.repeat(N)).reshape(-1)
+                    g = g - ((W[rows] * K[rows]).sum() - (Wd[rows] * (nd[rows] + jit)).sum())
             else:
                 raise ValueError(nm)
             grad.append(float(g))
@@ -588,15 +598,67 @@ class GPR:
         if best["loo_mae_eV"] is None:
             _, _, loo = self.lml_and_grad(Xs, Js, y, unpack(best["theta"]), (), loo=True)
             best["loo_mae_eV"] = float(loo.abs().mean()) * self.s
+        refine = {}
+        if nsub < N and self.refine_iterations > 0:
+            best["theta"], refine = self._refine_on_all(X, J, E, G, nsub, names, unpack, best["theta"],
+                                                        bnds, lb, ub)
         vals = dict(fixed)
         vals.update(unpack(best["theta"]))
         vals["length_ratios"] = tuple(vals.pop(k) for k in self._ratio_names())
+        self.info.update(refine)
         self.info.update(fit_subsample=self.fit_subsample, fit_nn_distance=self._nn_distance(Xs),
                          fit_structures=int(Xs.shape[0]), fit_obs=int(len(y)), fitted=names,
                          lml_fit_start=lml0, lml_fit_end=best["lml"], fit_evals=state["evals"],
                          fit_select=self.select, nn_distance=dnn, loo_energy_mae_eV=best["loo_mae_eV"],
                          fit_candidates=[{k: v for k, v in c.items() if k != "theta"} for c in cands])
         return Hyper(**vals)
+
+    def _refine_on_all(self, X, J, E, G, nsub, names, unpack, th0, bnds, lb, ub):
+        """Continue the fit on all structures: L-BFGS-B on the sum of the LMLs of disjoint
+        blocks of at most nsub structures that cover the set (random blocks, or k-means clusters
+        with fit_subsample "local"; a composite likelihood:
+        every structure counts, each evaluation costs (N / nsub) sub-sample factorisations, not
+        one of the whole set).  The sub-sample optimum is the start; returned only if the
+        block sum improves."""
+        from scipy.optimize import minimize
+
+        t0 = time.perf_counter()
+        N = X.shape[0]
+        if self.fit_subsample == "local":
+            # local blocks (bounded k-means in fingerprint space): each keeps the data's spacing
+            labels, _ = bounded_kmeans(X.cpu().numpy(), nsub, seed=self.seed)
+            blocks = [np.nonzero(labels == c)[0] for c in range(int(labels.max()) + 1)]
+        else:
+            rng = np.random.default_rng(self.seed + 1)
+            blocks = np.array_split(rng.permutation(N), int(math.ceil(N / nsub)))
+        data = []
+        for b in blocks:
+            idx = torch.as_tensor(np.sort(b), device=self.device)
+            data.append((X[idx], None if J is None else J[idx], self._targets(E[idx], G[idx])))
+        n_tot = sum(len(d[2]) for d in data)
+        evals = [0]
+
+        def f(th):
+            evals[0] += 1
+            tot, grad = 0.0, np.zeros(len(names))
+            try:
+                for Xb, Jb, yb in data:
+                    v, g, _ = self.lml_and_grad(Xb, Jb, yb, unpack(th), names)
+                    tot += v
+                    grad += g
+            except InputError:
+                return 1e10, np.zeros(len(names))
+            return -tot / n_tot, -grad / n_tot
+
+        f0 = f(th0)[0]
+        r = minimize(f, th0, jac=True, method="L-BFGS-B", bounds=bnds,
+                     options=dict(maxiter=self.refine_iterations, ftol=1e-9, gtol=1e-5))
+        th = np.clip(r.x, lb, ub)
+        ok = np.isfinite(r.fun) and r.fun < f0
+        info = dict(fit_refine_blocks=len(blocks), fit_refine_evals=evals[0],
+                    lml_blocks_start=-f0 * n_tot, lml_blocks_end=-float(min(r.fun, f0)) * n_tot,
+                    time_refine_s=time.perf_counter() - t0)
+        return (th if ok else th0), info
 
     def log_marginal_likelihood(self, X, J, E, F, hyper: Hyper) -> float:
         """LML (standardised units) of data (X, J, E, F) under ``hyper`` (uses this GPR's
@@ -706,14 +768,10 @@ class LocalGPR:
         hyper_given = None
         fit_info = {}
         if k > 1:
-            # hyperparameters from a random sub-sample of the whole set (fit_max_obs rows), shared
+            # hyperparameters fitted once on the whole set (sub-sample of fit_max_obs rows, then
+            # refined on blocks covering the set), shared by the local GPRs
             kw = dict(self.gpr_kwargs)
-            fm = int(kw.get("fit_max_obs", 3000))
-            rng = np.random.default_rng(self.seed)
-            sub = np.sort(rng.choice(N, min(N, max(2, fm // per)), replace=False))
-            g0 = GPR(seed=self.seed, scales=scales, **kw).fit(
-                _take(X, sub), None if J is None else _take(J, sub), _take(E, sub),
-                None if F is None else _take(F, sub))
+            g0 = GPR(seed=self.seed, scales=scales, **kw).fit(X, J, E, F, hyper_only=True)
             hyper_given = asdict(g0.hyper)
             fit_info = {k_: v for k_, v in g0.info.items()
                         if k_.startswith("fit") or k_.startswith("lml_fit") or k_ == "time_hyper_s"}
