@@ -55,8 +55,8 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def _fp(args, S):
-    kind = resolve_fingerprint(args.fingerprint, len(S[0].numbers), S[0].pbc)
+def _fp(args, S, default):
+    kind = resolve_fingerprint(args.fingerprint or default, len(S[0].numbers), S[0].pbc)
     return kind, make_fingerprint(kind)
 
 
@@ -71,7 +71,7 @@ def ec(args):
     d = SHARED / "ec_dimer"
     Str, Rtr, Etr, Ftr = load(d / "train")
     Ste, Rte, Ete, Fte = load(d / "test")
-    kind, fp = _fp(args, Str)
+    kind, fp = _fp(args, Str, "cartesian")      # the acceptance is defined on Cartesian coordinates
     print(f"EC dimers: {len(Etr)} train, {len(Ete)} test, {Rtr.shape[1] // 3} atoms, "
           f"kernel n = {len(Etr) * (1 + Rtr.shape[1])}, threads {torch.get_num_threads()}, "
           f"fingerprint {kind}, select {args.select}, fit sub-sample {args.fit_subsample}, "
@@ -132,7 +132,7 @@ def h2(args):
     from ase.calculators.lj import LennardJones
 
     S, R, E, F = load(SHARED / "h2_lj" / "train")
-    kind, fp = _fp(args, S)
+    kind, fp = _fp(args, S, "auto")             # the library default: inverse distances
     X, J = fp.compute([s.positions for s in S], S[0])
     g = GPR(**_gpr_kw(args)).fit(X, J, E, F)
     rng = subset_rng(0, "h2")
@@ -185,8 +185,9 @@ def main():
     ap.add_argument("--fit-restarts", type=int, default=3)
     ap.add_argument("--fit-subsample", choices=["random", "local"], default="local")
     ap.add_argument("--select", choices=["lml", "loo"], default="lml")
-    ap.add_argument("--fingerprint", choices=["auto", "cartesian", "inverse"], default="cartesian",
-                    help="EC acceptance is defined with the Cartesian fingerprint")
+    ap.add_argument("--fingerprint", choices=["auto", "cartesian", "inverse"], default=None,
+                    help="default: cartesian for ec (its acceptance is defined on Cartesian "
+                         "coordinates), auto (= inverse distances) for h2")
     ap.add_argument("--seed", type=int, default=0, help="seed of the hyperparameter-fit sub-sample")
     ap.add_argument("--length-scales", choices=["element", "atom", "shared"], default="element",
                     help="Cartesian fingerprint: one length scale per element (fitted) or one for all")
