@@ -108,33 +108,26 @@ struct Cutoff {
 // sin and cos of y in [-pi/2, pi/2] by their Taylor series to degree 21 / 22 (truncation below
 // 1.3e-18; a few ulp of rounding): branch-free and inlinable, unlike libm's cos / sin calls,
 // which dominated the per-pair cost of the kernels.
+template <int N>
+DM_HD double horner(const double (&c)[N], double x) {  // c[0] x^(N-1) + ... + c[N-1]
+  double p = c[0];
+  for (int k = 1; k < N; ++k) p = p * x + c[k];
+  return p;
+}
+
 DM_HD void sincos_half_pi(double y, double& sn, double& cs) {
+  // (-1)^k / (2k+1)! and (-1)^k / (2k)!, highest degree first
+  const double ks[11] = {1.9572941063391263e-20, -8.22063524662433e-18, 2.8114572543455206e-15,
+                         -7.647163731819816e-13, 1.6059043836821613e-10, -2.505210838544172e-08,
+                         2.7557319223985893e-06, -0.0001984126984126984, 0.008333333333333333,
+                         -0.16666666666666666, 1.0};
+  const double kc[12] = {-8.896791392450574e-22, 4.110317623312165e-19, -1.5619206968586225e-16,
+                         4.779477332387385e-14, -1.1470745597729725e-11, 2.08767569878681e-09,
+                         -2.755731922398589e-07, 2.48015873015873e-05, -0.001388888888888889,
+                         0.041666666666666664, -0.5, 1.0};
   const double y2 = y * y;
-  double ps = 1.9572941063391263e-20;
-  ps = ps * y2 - 8.22063524662433e-18;
-  ps = ps * y2 + 2.8114572543455206e-15;
-  ps = ps * y2 - 7.647163731819816e-13;
-  ps = ps * y2 + 1.6059043836821613e-10;
-  ps = ps * y2 - 2.505210838544172e-08;
-  ps = ps * y2 + 2.7557319223985893e-06;
-  ps = ps * y2 - 0.0001984126984126984;
-  ps = ps * y2 + 0.008333333333333333;
-  ps = ps * y2 - 0.16666666666666666;
-  ps = ps * y2 + 1.0;
-  double pc = -8.896791392450574e-22;
-  pc = pc * y2 + 4.110317623312165e-19;
-  pc = pc * y2 - 1.5619206968586225e-16;
-  pc = pc * y2 + 4.779477332387385e-14;
-  pc = pc * y2 - 1.1470745597729725e-11;
-  pc = pc * y2 + 2.08767569878681e-09;
-  pc = pc * y2 - 2.755731922398589e-07;
-  pc = pc * y2 + 2.48015873015873e-05;
-  pc = pc * y2 - 0.001388888888888889;
-  pc = pc * y2 + 0.041666666666666664;
-  pc = pc * y2 - 0.5;
-  pc = pc * y2 + 1.0;
-  sn = ps * y;
-  cs = pc;
+  sn = horner(ks, y2) * y;
+  cs = horner(kc, y2);
 }
 
 // cos(pi r / rc) and sin(pi r / rc) for 0 <= r <= rc: with y = pi (r / rc - 1/2),
