@@ -352,16 +352,15 @@ DM_HD void monomial_to_chebyshev(const double* Q, double* out) {
   }
 }
 
-// Forward: A[n] = sum_{a<b} T_n(c_ab) f_a f_b, W[n] the same weighted by s_a s_b.
+// Moments M_q = sum_a f_a u_a^q and MW_q = sum_a f_a s_a u_a^q; returns sum_a f_a^2 and
+// sum_a (f_a s_a)^2 in d0, d0w.
 template <int NA>
-DM_HD void angular_forward_moments(int64_t m, const double* ux, const double* uy,
-                                   const double* uz, const double* ff, const double* ss,
-                                   double* A, double* W) {
-  constexpr const MonoTable<NA>& T = kMono<NA>;
+DM_HD void angular_moments(int64_t m, const double* ux, const double* uy, const double* uz,
+                           const double* ff, const double* ss, double* M, double* MW, double& d0,
+                           double& d0w) {
   constexpr int NM = MonoTable<NA>::N;
-  double M[NM], MW[NM];
   for (int q = 0; q < NM; ++q) M[q] = MW[q] = 0.0;
-  double d0 = 0.0, d0w = 0.0;
+  d0 = d0w = 0.0;
   for (int64_t a = 0; a < m; ++a) {
     double mono[NM];
     monomials<NA>(ux[a], uy[a], uz[a], mono);
@@ -373,6 +372,17 @@ DM_HD void angular_forward_moments(int64_t m, const double* ux, const double* uy
     d0 += f * f;
     d0w += fs * fs;
   }
+}
+
+// Forward: A[n] = sum_{a<b} T_n(c_ab) f_a f_b, W[n] the same weighted by s_a s_b.
+template <int NA>
+DM_HD void angular_forward_moments(int64_t m, const double* ux, const double* uy,
+                                   const double* uz, const double* ff, const double* ss,
+                                   double* A, double* W) {
+  constexpr const MonoTable<NA>& T = kMono<NA>;
+  constexpr int NM = MonoTable<NA>::N;
+  double M[NM], MW[NM], d0, d0w;
+  angular_moments<NA>(m, ux, uy, uz, ff, ss, M, MW, d0, d0w);
   double Q[NA + 1], QW[NA + 1];
   for (int k = 0; k <= NA; ++k) Q[k] = QW[k] = 0.0;
   for (int q = 0; q < NM; ++q) {
@@ -397,17 +407,8 @@ DM_HD void angular_vjp_moments(int64_t m, const double* ux, const double* uy, co
   constexpr const MonoTable<NA>& T = kMono<NA>;
   constexpr int NM = MonoTable<NA>::N;
   constexpr int NG = MonoTable<NA>::NG;
-  double M[NM], MW[NM];
-  for (int q = 0; q < NM; ++q) M[q] = MW[q] = 0.0;
-  for (int64_t a = 0; a < m; ++a) {
-    double mono[NM];
-    monomials<NA>(ux[a], uy[a], uz[a], mono);
-    const double f = ff[a], fs = f * ss[a];
-    for (int q = 0; q < NM; ++q) {
-      M[q] += f * mono[q];
-      MW[q] += fs * mono[q];
-    }
-  }
+  double M[NM], MW[NM], d0, d0w;
+  angular_moments<NA>(m, ux, uy, uz, ff, ss, M, MW, d0, d0w);
   // dE/dM_q and the coefficients of its gradient polynomials (degree < NA)
   double bV[NM], bW[NM], cx[NG], cy[NG], cz[NG], cxw[NG], cyw[NG], czw[NG];
   for (int q = 0; q < NG; ++q) cx[q] = cy[q] = cz[q] = cxw[q] = cyw[q] = czw[q] = 0.0;
