@@ -229,3 +229,15 @@ def test_stored_split_keeps_test_structures_out_of_the_gpr(tmp_path, capsys):
     out_split = np.asarray(ds.column("split"))
     np.testing.assert_array_equal(out_split[~synth], split)       # originals keep their split
     assert (out_split[synth] == 0).all()                           # copies of training structures
+
+
+def test_report_table_lists_per_element_length_scales():
+    from distmlip.gpr.augment import format_table
+    g = {"weight_eV": 1.0, "length_scale": 0.5, "length_scale_by_group": {"Au": 0.5, "Cu": 0.75},
+         "noise_energy_eV": 1e-3, "noise_force_eVA": 1e-2, "jitter": 0.0, "n_local": 1}
+    rep = {"subsets": [{"subset": "AuCu3_0", "n_reference": 2, "n_copies": 4, "n_kept": 4,
+                        "uncertainty_eV": {"mean": 0.01, "max": 0.02}, "gpr": g, "time_total_s": 1.0},
+                       {"subset": "Cu4_0", "n_reference": 2, "gpr": dict(g, length_scale_by_group=None)}],
+           "n_input": 4, "n_synthetic": 4, "n_output": 8, "n_candidates": 0}
+    rows = format_table(rep).splitlines()
+    assert rows[2].endswith("Au 0.5 Cu 0.75") and rows[3].endswith("0.5")

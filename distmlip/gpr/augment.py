@@ -417,7 +417,7 @@ def augment(cfg: AugmentConfig, fresh: bool = False) -> dict | None:
         extra = ""
         if "gpr" in r:
             gi = r["gpr"]
-            extra = (f", w {gi['weight_eV']:.3g} eV, l {gi['length_scale']:.3g}, jitter {gi['jitter']:.1e}"
+            extra = (f", w {gi['weight_eV']:.3g} eV, l {_lengths(gi)}, jitter {gi['jitter']:.1e}"
                      f", local GPRs {gi.get('n_local', 1)}")
         unc = r.get("uncertainty_eV", {})
         print(f"{pre}subset {names[sid]} ({k + 1}/{len(mine)}): {r['n_reference']} reference, "
@@ -522,9 +522,18 @@ def write_report(cfg: AugmentConfig, report: dict) -> None:
     atomic_write_text(p.with_suffix(".txt"), format_table(report) + "\n")
 
 
+def _lengths(g: dict) -> str:
+    """The length scale, or one per element ("Au 2.02 Cu 1.07") when they were fitted per element."""
+    by = g.get("length_scale_by_group")
+    if by:
+        return " ".join(f"{k} {v:.3g}" for k, v in by.items())
+    v = g.get("length_scale")
+    return "-" if v is None else format(v, ".3g")
+
+
 def format_table(report: dict) -> str:
     hdr = (f"{'subset':<24} {'ref':>5} {'copies':>7} {'kept':>7} {'cand':>5} {'sig mean':>9} {'sig max':>9} "
-           f"{'w (eV)':>8} {'l':>7} {'n_E':>8} {'n_F':>8} {'jitter':>8} {'local':>5} {'time s':>7}")
+           f"{'w (eV)':>8} {'n_E':>8} {'n_F':>8} {'jitter':>8} {'local':>5} {'time s':>7}  l")
     lines = [hdr, "-" * len(hdr)]
     for r in report["subsets"]:
         u = r.get("uncertainty_eV", {})
@@ -533,10 +542,10 @@ def format_table(report: dict) -> str:
         lines.append(
             f"{r['subset'][:24]:<24} {r['n_reference']:>5} {r.get('n_copies', 0):>7} {r.get('n_kept', 0):>7} "
             f"{r.get('n_candidates', 0):>5} {f(u.get('mean'), '9.4f'):>9} {f(u.get('max'), '9.4f'):>9} "
-            f"{f(g.get('weight_eV'), '8.3g'):>8} {f(g.get('length_scale'), '7.3g'):>7} "
+            f"{f(g.get('weight_eV'), '8.3g'):>8} "
             f"{f(g.get('noise_energy_eV'), '8.2e'):>8} {f(g.get('noise_force_eVA'), '8.2e'):>8} "
             f"{f(g.get('jitter'), '8.1e'):>8} {g.get('n_local', '-') if g else '-':>5} "
-            f"{f(r.get('time_total_s'), '7.1f'):>7}")
+            f"{f(r.get('time_total_s'), '7.1f'):>7}  {_lengths(g) if g else '-'}")
     lines.append(f"input {report['n_input']} + synthetic {report['n_synthetic']} = {report['n_output']} "
                  f"structures; {report['n_candidates']} active-learning candidates")
     return "\n".join(lines)
