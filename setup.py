@@ -24,7 +24,7 @@ try:
         and cpp_extension.CUDA_HOME is not None
         and os.environ.get("DISTMLIP_NO_CUDA", "0") != "1"
     )
-    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]}
     define_macros = []
     if with_cuda:
         extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]

@@ -111,6 +111,11 @@ struct Cutoff {
 template <int N>
 DM_HD double horner(const double (&c)[N], double x) {  // c[0] x^(N-1) + ... + c[N-1]
   double p = c[0];
+#if defined(__CUDACC__)
+#pragma unroll
+#elif defined(__GNUC__)
+#pragma GCC unroll 32  // fully unrolled: no inner loop, so callers' "omp simd" loops vectorise
+#endif
   for (int k = 1; k < N; ++k) p = p * x + c[k];
   return p;
 }
@@ -337,6 +342,9 @@ DM_HD void monomials(double x, double y, double z, double* mono) {
     py[k] = py[k - 1] * y;
     pz[k] = pz[k - 1] * z;
   }
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#pragma GCC unroll 256  // table indices become constants
+#endif
   for (int q = 0; q < T.N; ++q) mono[q] = px[T.ex[q]] * py[T.ey[q]] * pz[T.ez[q]];
 }
 
@@ -482,6 +490,9 @@ DM_HD void angular_jvp_moments(int64_t m, const double* ux, const double* uy, co
     const double p = vp[a], r1 = ir[a];
     const double dux = (vx[a] - p * xa) * r1, duy = (vy[a] - p * ya) * r1, duz = (vz[a] - p * za) * r1;
     const double f = ff[a], s = ss[a], df = dff[a] * p;
+#if defined(__GNUC__)
+#pragma GCC unroll 256
+#endif
     for (int q = 0; q < NM; ++q) {
       const double dmono = T.ex[q] * mono[T.dx[q]] * dux + T.ey[q] * mono[T.dy[q]] * duy +
                            T.ez[q] * mono[T.dz[q]] * duz;
@@ -515,6 +526,361 @@ DM_HD void angular_jvp_moments(int64_t m, const double* ux, const double* uy, co
 #endif  // !__CUDACC__
 
 // ------------------------------------------------------------------------------------------
+// host: pair terms vectorised across the pairs of one centre
+// ------------------------------------------------------------------------------------------
+// On the CPU the per-pair loop runs in three passes over structure-of-arrays fields placed
+// after the shared slot fields (the CPU driver allocates kHostSlotFields * cap doubles, cap a
+// multiple of kLanes):
+//   1. host_pair_pass: one "omp simd" loop over the centre's pairs computes r, u, the species
+//      weight, both cutoffs and their derivatives (branch-free), then a scalar pass compacts the
+//      entries within rc_a into the angular fields;
+//   2. radial sums over blocks of kLanes pairs, the Chebyshev order outermost: the recurrences of
+//      kLanes pairs advance together in vector registers (the per-pair form is a dependent chain
+//      of 2 N_r multiply-adds and was latency-bound);
+//   3. the angular sums (triplet or moment form, unchanged).
+// The CUDA kernels keep the per-pair loop (one thread per centre).
+#if !defined(__CUDACC__)
+
+constexpr int kLanes = 8;
+enum HostField : int {
+  hUX = kSlotFields, hUY, hUZ, hR, hIR, hX, hFC, hDFC, hS, hFA, hDFA, hD2FA, hA, hVX, hVY, hVZ,
+  hDP, kHostSlotFields
+};
+
+DM_HD int64_t host_cap(int64_t cap) { return (cap + kLanes - 1) / kLanes * kLanes; }
+
+// MODE 0: forward, 1: VJP, 2: JVP (v: position tangent).  Returns the number m of angular
+// entries written to the slot fields (ux, uy, uz, ff, ss and, for MODE >= 1, ir, dff, d2ff, pid,
+// gx = gy = gz = 0; for MODE 2 also vx, vy, vz, vp).  The per-pair fields (hUX..hDP) hold every
+// pair of the centre; the radial ones are zero-padded to a multiple of kLanes.
+template <int MODE, typename scalar_t>
+DM_HD int64_t host_pair_pass(const Problem<scalar_t>& P, int64_t i, const scalar_t* v,
+                             double* slot, int64_t cap) {
+  const int64_t p0 = P.ptr[i];
+  const int64_t np = P.ptr[i + 1] - p0;
+  double* DM_RESTRICT UX = slot + hUX * cap;
+  double* DM_RESTRICT UY = slot + hUY * cap;
+  double* DM_RESTRICT UZ = slot + hUZ * cap;
+  double* DM_RESTRICT R = slot + hR * cap;
+  double* DM_RESTRICT IR = slot + hIR * cap;
+  double* DM_RESTRICT X = slot + hX * cap;
+  double* DM_RESTRICT FC = slot + hFC * cap;
+  double* DM_RESTRICT DFC = slot + hDFC * cap;
+  double* DM_RESTRICT S = slot + hS * cap;
+  double* DM_RESTRICT FA = slot + hFA * cap;
+  double* DM_RESTRICT DFA = slot + hDFA * cap;
+  double* DM_RESTRICT D2FA = slot + hD2FA * cap;
+  double* DM_RESTRICT VX = slot + hVX * cap;
+  double* DM_RESTRICT VY = slot + hVY * cap;
+  double* DM_RESTRICT VZ = slot + hVZ * cap;
+  double* DM_RESTRICT VP = slot + hDP * cap;  // the JVP's u . (v_j - v_i)
+  const double xi = double(P.pos[3 * i + 0]), yi = double(P.pos[3 * i + 1]),
+               zi = double(P.pos[3 * i + 2]);
+  const double rcr = P.rc_r, rca = P.rc_a, kr = 2.0 / P.rc_r;
+  const double ar = kPi / rcr, aa = kPi / rca;
+  const bool w = P.weighted != 0;
+  double vix = 0.0, viy = 0.0, viz = 0.0;
+  if (MODE == 2) {
+    vix = double(v[3 * i + 0]);
+    viy = double(v[3 * i + 1]);
+    viz = double(v[3 * i + 2]);
+  }
+  const int64_t* DM_RESTRICT pj = P.pj + p0;
+  const scalar_t* DM_RESTRICT sh = P.shift + 3 * p0;
+  DM_SIMD()
+  for (int64_t q = 0; q < np; ++q) {
+    const int64_t j = pj[q];
+    const double dx = double(P.pos[3 * j + 0]) - xi + double(sh[3 * q + 0]);
+    const double dy = double(P.pos[3 * j + 1]) - yi + double(sh[3 * q + 1]);
+    const double dz = double(P.pos[3 * j + 2]) - zi + double(sh[3 * q + 2]);
+    const double r = sqrt(dx * dx + dy * dy + dz * dz);
+    const double inv = 1.0 / r;
+    const double ux = dx * inv, uy = dy * inv, uz = dz * inv;
+    UX[q] = ux;
+    UY[q] = uy;
+    UZ[q] = uz;
+    R[q] = r;
+    IR[q] = inv;
+    const double spin = P.typespin[P.species[j]];  // valid index whatever w (unconditional load)
+    S[q] = w ? spin : 0.0;
+    if (MODE == 2) {
+      const double ex = double(v[3 * j + 0]) - vix;
+      const double ey = double(v[3 * j + 1]) - viy;
+      const double ez = double(v[3 * j + 2]) - viz;
+      VX[q] = ex;
+      VY[q] = ey;
+      VZ[q] = ez;
+      VP[q] = ux * ex + uy * ey + uz * ez;
+    }
+  }
+  // cutoffs, evaluated at min(r, rc) and masked (arithmetic masks, no branch: vectorises)
+  DM_SIMD()
+  for (int64_t q = 0; q < np; ++q) {
+    const double r = R[q];
+    const double mr = r < rcr ? 1.0 : 0.0;
+    double cs, sn;
+    cutoff_trig(r < rcr ? r : rcr, rcr, cs, sn);
+    X[q] = mr * (kr * r - 1.0) + (1.0 - mr);
+    FC[q] = mr * 0.5 * (cs + 1.0);
+    DFC[q] = -mr * 0.5 * ar * sn;
+    const double ma = r < rca ? 1.0 : 0.0;
+    cutoff_trig(r < rca ? r : rca, rca, cs, sn);
+    FA[q] = ma * 0.5 * (cs + 1.0);
+    DFA[q] = -ma * 0.5 * aa * sn;
+    D2FA[q] = -ma * 0.5 * aa * aa * cs;
+  }
+  for (int64_t q = np; q < host_cap(np); ++q) {  // padding: zero weight, bounded recurrence
+    X[q] = FC[q] = DFC[q] = S[q] = 0.0;
+    if (MODE == 2) VP[q] = 0.0;
+  }
+  // compaction of the entries within rc_a (in pair order, as the per-pair loop does)
+  double* DM_RESTRICT ux = slot + fUX * cap;
+  double* DM_RESTRICT uy = slot + fUY * cap;
+  double* DM_RESTRICT uz = slot + fUZ * cap;
+  double* DM_RESTRICT ir = slot + fIR * cap;
+  double* DM_RESTRICT ff = slot + fF * cap;
+  double* DM_RESTRICT dff = slot + fDF * cap;
+  double* DM_RESTRICT d2ff = slot + fD2F * cap;
+  double* DM_RESTRICT ss = slot + fS * cap;
+  double* DM_RESTRICT pid = slot + fPIDX * cap;
+  double* DM_RESTRICT gx = slot + fGX * cap;
+  double* DM_RESTRICT gy = slot + fGY * cap;
+  double* DM_RESTRICT gz = slot + fGZ * cap;
+  double* DM_RESTRICT vx = slot + fDRX * cap;
+  double* DM_RESTRICT vy = slot + fDRY * cap;
+  double* DM_RESTRICT vz = slot + fDRZ * cap;
+  double* DM_RESTRICT vp = slot + fDP * cap;
+  int64_t m = 0;
+  for (int64_t q = 0; q < np; ++q) {
+    if (!(R[q] < rca)) continue;
+    ux[m] = UX[q];
+    uy[m] = UY[q];
+    uz[m] = UZ[q];
+    ff[m] = FA[q];
+    ss[m] = S[q];
+    if (MODE >= 1) {
+      ir[m] = IR[q];
+      dff[m] = DFA[q];
+      d2ff[m] = D2FA[q];
+      pid[m] = double(p0 + q);
+      gx[m] = gy[m] = gz[m] = 0.0;
+    }
+    if (MODE == 2) {
+      vx[m] = VX[q];
+      vy[m] = VY[q];
+      vz[m] = VZ[q];
+      vp[m] = VP[q];
+    }
+    ++m;
+  }
+  return m;
+}
+
+// Lane accumulators: acc[n * kLanes + k] for order n and lane k.
+template <bool W>
+DM_HD void radial_forward_lanes(int64_t np, int nr, const double* X, const double* FC,
+                                const double* S, double* out, double* outw) {
+  double la[(kMaxOrder + 1) * kLanes], lw[(kMaxOrder + 1) * kLanes];
+  for (int q = 0; q < (nr + 1) * kLanes; ++q) la[q] = lw[q] = 0.0;
+  for (int64_t q0 = 0; q0 < np; q0 += kLanes) {
+    double x[kLanes], f[kLanes], fs[kLanes], t[kLanes], tm[kLanes];
+    for (int k = 0; k < kLanes; ++k) {
+      x[k] = X[q0 + k];
+      f[k] = FC[q0 + k];
+      fs[k] = W ? f[k] * S[q0 + k] : 0.0;
+      tm[k] = 1.0;
+      t[k] = x[k];
+      la[k] += f[k];
+      if (W) lw[k] += fs[k];
+    }
+    if (nr >= 1) {
+      for (int k = 0; k < kLanes; ++k) {
+        la[kLanes + k] += x[k] * f[k];
+        if (W) lw[kLanes + k] += x[k] * fs[k];
+      }
+    }
+    for (int n = 2; n <= nr; ++n) {
+      for (int k = 0; k < kLanes; ++k) {
+        const double tn = 2.0 * x[k] * t[k] - tm[k];
+        tm[k] = t[k];
+        t[k] = tn;
+        la[n * kLanes + k] += tn * f[k];
+        if (W) lw[n * kLanes + k] += tn * fs[k];
+      }
+    }
+  }
+  for (int n = 0; n <= nr; ++n) {
+    double a = 0.0, b = 0.0;
+    for (int k = 0; k < kLanes; ++k) {
+      a += la[n * kLanes + k];
+      b += lw[n * kLanes + k];
+    }
+    out[n] += a;
+    if (W) outw[n] += b;
+  }
+}
+
+// A[q] = d(g . radial)/dr of pair q, g_n = gr[n] + s_q gwr[n].
+template <bool W>
+DM_HD void radial_vjp_lanes(int64_t np, int nr, double kr, const double* X, const double* FC,
+                            const double* DFC, const double* S, const double* gr,
+                            const double* gwr, double* A) {
+  for (int64_t q0 = 0; q0 < np; q0 += kLanes) {
+    double x[kLanes], f[kLanes], df[kLanes], s[kLanes], t[kLanes], tm[kLanes], dt[kLanes],
+        dtm[kLanes], a[kLanes];
+    for (int k = 0; k < kLanes; ++k) {
+      x[k] = X[q0 + k];
+      f[k] = FC[q0 + k];
+      df[k] = DFC[q0 + k];
+      s[k] = W ? S[q0 + k] : 0.0;
+      tm[k] = 1.0;
+      t[k] = x[k];
+      dtm[k] = 0.0;
+      dt[k] = 1.0;
+      a[k] = (W ? gr[0] + s[k] * gwr[0] : gr[0]) * df[k];
+      if (nr >= 1) a[k] += (W ? gr[1] + s[k] * gwr[1] : gr[1]) * (kr * f[k] + x[k] * df[k]);
+    }
+    for (int n = 2; n <= nr; ++n) {
+      const double g0 = gr[n], g1 = W ? gwr[n] : 0.0;
+      for (int k = 0; k < kLanes; ++k) {
+        const double tn = 2.0 * x[k] * t[k] - tm[k];
+        const double dtn = 2.0 * t[k] + 2.0 * x[k] * dt[k] - dtm[k];
+        tm[k] = t[k];
+        t[k] = tn;
+        dtm[k] = dt[k];
+        dt[k] = dtn;
+        a[k] += (W ? g0 + s[k] * g1 : g0) * (kr * dtn * f[k] + tn * df[k]);
+      }
+    }
+    for (int k = 0; k < kLanes; ++k) A[q0 + k] = a[k];
+  }
+}
+
+// out[n] += sum_q dp_q d/dr[T_n fc](r_q), outw the same weighted by s_q.
+template <bool W>
+DM_HD void radial_jvp_lanes(int64_t np, int nr, double kr, const double* X, const double* FC,
+                            const double* DFC, const double* S, const double* DP, double* out,
+                            double* outw) {
+  double la[(kMaxOrder + 1) * kLanes], lw[(kMaxOrder + 1) * kLanes];
+  for (int q = 0; q < (nr + 1) * kLanes; ++q) la[q] = lw[q] = 0.0;
+  for (int64_t q0 = 0; q0 < np; q0 += kLanes) {
+    double x[kLanes], f[kLanes], df[kLanes], s[kLanes], t[kLanes], tm[kLanes], dt[kLanes],
+        dtm[kLanes];
+    for (int k = 0; k < kLanes; ++k) {
+      x[k] = X[q0 + k];
+      const double dp = DP[q0 + k];
+      f[k] = FC[q0 + k] * dp;  // dp folded into the weights
+      df[k] = DFC[q0 + k] * dp;
+      s[k] = W ? S[q0 + k] : 0.0;
+      tm[k] = 1.0;
+      t[k] = x[k];
+      dtm[k] = 0.0;
+      dt[k] = 1.0;
+      la[k] += df[k];
+      if (W) lw[k] += s[k] * df[k];
+    }
+    if (nr >= 1) {
+      for (int k = 0; k < kLanes; ++k) {
+        const double c = kr * f[k] + x[k] * df[k];
+        la[kLanes + k] += c;
+        if (W) lw[kLanes + k] += s[k] * c;
+      }
+    }
+    for (int n = 2; n <= nr; ++n) {
+      for (int k = 0; k < kLanes; ++k) {
+        const double tn = 2.0 * x[k] * t[k] - tm[k];
+        const double dtn = 2.0 * t[k] + 2.0 * x[k] * dt[k] - dtm[k];
+        tm[k] = t[k];
+        t[k] = tn;
+        dtm[k] = dt[k];
+        dt[k] = dtn;
+        const double c = kr * dtn * f[k] + tn * df[k];
+        la[n * kLanes + k] += c;
+        if (W) lw[n * kLanes + k] += s[k] * c;
+      }
+    }
+  }
+  for (int n = 0; n <= nr; ++n) {
+    double a = 0.0, b = 0.0;
+    for (int k = 0; k < kLanes; ++k) {
+      a += la[n * kLanes + k];
+      b += lw[n * kLanes + k];
+    }
+    out[n] += a;
+    if (W) outw[n] += b;
+  }
+}
+
+
+// The three per-centre pair passes (the CPU row functions call them from separate non-inlined
+// functions, then the centre routine with m_ready = the returned angular count: kept apart so
+// that the compiler vectorises each loop nest on its own).
+template <typename scalar_t>
+DM_HD int64_t host_forward_pairs(const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap,
+                                 double* acc) {
+  const int64_t m = host_pair_pass<0>(P, i, static_cast<const scalar_t*>(nullptr), slot, cap);
+  const int64_t np = P.ptr[i + 1] - P.ptr[i];
+  if (P.weighted)
+    radial_forward_lanes<true>(np, P.n_r, slot + hX * cap, slot + hFC * cap, slot + hS * cap, acc,
+                               acc + P.off_wr());
+  else
+    radial_forward_lanes<false>(np, P.n_r, slot + hX * cap, slot + hFC * cap, slot + hS * cap,
+                                acc, nullptr);
+  return m;
+}
+
+// Writes gp[3(p - p_base)..] = radial part of d(g.G_i)/d r_p for every pair p of i.
+template <typename scalar_t, typename gscalar_t>
+DM_HD int64_t host_vjp_pairs(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
+                             double* slot, int64_t cap, double* gp, int64_t p_base) {
+  const int nr = P.n_r;
+  const bool w = P.weighted != 0;
+  double gr[kMaxOrder + 1], gwr[kMaxOrder + 1];
+  for (int n = 0; n <= nr; ++n) {
+    gr[n] = double(g_row[n]);
+    gwr[n] = w ? double(g_row[P.off_wr() + n]) : 0.0;
+  }
+  const int64_t m = host_pair_pass<1>(P, i, static_cast<const scalar_t*>(nullptr), slot, cap);
+  const int64_t np = P.ptr[i + 1] - P.ptr[i];
+  const double kr = 2.0 / P.rc_r;
+  double* DM_RESTRICT A = slot + hA * cap;
+  if (w)
+    radial_vjp_lanes<true>(np, nr, kr, slot + hX * cap, slot + hFC * cap, slot + hDFC * cap,
+                           slot + hS * cap, gr, gwr, A);
+  else
+    radial_vjp_lanes<false>(np, nr, kr, slot + hX * cap, slot + hFC * cap, slot + hDFC * cap,
+                            slot + hS * cap, gr, gwr, A);
+  const double* DM_RESTRICT UX = slot + hUX * cap;
+  const double* DM_RESTRICT UY = slot + hUY * cap;
+  const double* DM_RESTRICT UZ = slot + hUZ * cap;
+  double* DM_RESTRICT out = gp + 3 * (P.ptr[i] - p_base);
+  for (int64_t q = 0; q < np; ++q) {
+    out[3 * q + 0] = A[q] * UX[q];
+    out[3 * q + 1] = A[q] * UY[q];
+    out[3 * q + 2] = A[q] * UZ[q];
+  }
+  return m;
+}
+
+// Adds the radial part of J v to jv (zeroed by the caller).
+template <typename scalar_t>
+DM_HD int64_t host_jvp_pairs(const Problem<scalar_t>& P, int64_t i, const scalar_t* v,
+                             double* slot, int64_t cap, double* jv) {
+  const int64_t m = host_pair_pass<2>(P, i, v, slot, cap);
+  const int64_t np = P.ptr[i + 1] - P.ptr[i];
+  const double kr = 2.0 / P.rc_r;
+  if (P.weighted)
+    radial_jvp_lanes<true>(np, P.n_r, kr, slot + hX * cap, slot + hFC * cap, slot + hDFC * cap,
+                           slot + hS * cap, slot + hDP * cap, jv, jv + P.off_wr());
+  else
+    radial_jvp_lanes<false>(np, P.n_r, kr, slot + hX * cap, slot + hFC * cap, slot + hDFC * cap,
+                            slot + hS * cap, slot + hDP * cap, jv, nullptr);
+  return m;
+}
+
+#endif  // !__CUDACC__
+
+// ------------------------------------------------------------------------------------------
 // forward
 // ------------------------------------------------------------------------------------------
 
@@ -522,7 +888,7 @@ DM_HD void angular_jvp_moments(int64_t m, const double* ux, const double* uy, co
 // pairs of centre i.
 template <int NAC, typename scalar_t>
 DM_HD void centre_forward(const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap,
-                          double* acc) {
+                          double* acc, int64_t m_ready = -1) {
   constexpr int NA1 = NAC >= 0 ? NAC + 1 : kMaxOrder + 1;
   const int nr = P.n_r;
   const int na = angular_order<NAC>(P);
@@ -533,8 +899,8 @@ DM_HD void centre_forward(const Problem<scalar_t>& P, int64_t i, double* slot, i
   double* DM_RESTRICT uz = slot + fUZ * cap;
   double* DM_RESTRICT ff = slot + fF * cap;
   double* DM_RESTRICT ss = slot + fS * cap;
-  int64_t m = 0;
-  for (int64_t p = P.ptr[i]; p < P.ptr[i + 1]; ++p) {
+  int64_t m = m_ready >= 0 ? m_ready : 0;  // m_ready >= 0: pair terms done by the caller
+  for (int64_t p = P.ptr[i]; m_ready < 0 && p < P.ptr[i + 1]; ++p) {
     double d[3];
     const double r = pair_vector(P, i, p, d);
     const double s = neighbour_spin(P, p);
@@ -652,7 +1018,7 @@ DM_HD void centre_forward(const Problem<scalar_t>& P, int64_t i, double* slot, i
 template <int NAC, typename scalar_t, typename gscalar_t>
 DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
                       double* slot, int64_t cap, double* gp, int64_t p_base,
-                      double* dRi) {
+                      double* dRi, int64_t m_ready = -1) {
   constexpr int NA1 = NAC >= 0 ? NAC + 1 : kMaxOrder + 1;
   const int nr = P.n_r;
   const int na = angular_order<NAC>(P);
@@ -679,9 +1045,9 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
   double* DM_RESTRICT gx = slot + fGX * cap;
   double* DM_RESTRICT gy = slot + fGY * cap;
   double* DM_RESTRICT gz = slot + fGZ * cap;
-  int64_t m = 0;
+  int64_t m = m_ready >= 0 ? m_ready : 0;  // m_ready >= 0: pair terms done by the caller
   const double kr = 2.0 / P.rc_r;
-  for (int64_t p = P.ptr[i]; p < P.ptr[i + 1]; ++p) {
+  for (int64_t p = P.ptr[i]; m_ready < 0 && p < P.ptr[i + 1]; ++p) {
     double d[3];
     const double r = pair_vector(P, i, p, d);
     const double s = neighbour_spin(P, p);
@@ -798,7 +1164,7 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
 template <int NAC, bool JVP, bool HVP, typename scalar_t, typename gscalar_t>
 DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
                           const scalar_t* v, double* slot, int64_t cap, double* jv, double* hp,
-                          int64_t p_base, double* dHi) {
+                          int64_t p_base, double* dHi, int64_t m_ready = -1) {
   constexpr int NA1 = NAC >= 0 ? NAC + 1 : kMaxOrder + 1;
   const int nr = P.n_r;
   const int na = angular_order<NAC>(P);
@@ -834,8 +1200,8 @@ DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t
   double* DM_RESTRICT vp = slot + fDP * cap;
   const double kr = 2.0 / P.rc_r;
   const double vix = double(v[3 * i + 0]), viy = double(v[3 * i + 1]), viz = double(v[3 * i + 2]);
-  int64_t m = 0;
-  for (int64_t p = P.ptr[i]; p < P.ptr[i + 1]; ++p) {
+  int64_t m = m_ready >= 0 ? m_ready : 0;  // m_ready >= 0: pair terms done by the caller
+  for (int64_t p = P.ptr[i]; m_ready < 0 && p < P.ptr[i + 1]; ++p) {
     double d[3];
     const double r = pair_vector(P, i, p, d);
     const double s = neighbour_spin(P, p);

@@ -138,10 +138,28 @@ int num_threads() {
 // inlined into it (one routine per function keeps the optimiser's budget per function small:
 // inlining all orders into one function was measured to be up to 2x slower), plus a dispatcher.
 #define DISTMLIP_DEFINE_ROWS(SUFFIX, ATTR)                                                       \
+  template <typename scalar_t>                                                                  \
+  ATTR __attribute__((noinline)) int64_t forward_pairs_##SUFFIX(                                \
+      const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap, double* acc) {          \
+    return cheb::host_forward_pairs(P, i, slot, cap, acc);                                      \
+  }                                                                                             \
+  template <typename scalar_t>                                                                  \
+  ATTR __attribute__((noinline)) int64_t vjp_pairs_##SUFFIX(                                    \
+      const Problem<scalar_t>& P, int64_t i, const scalar_t* g, double* slot, int64_t cap,      \
+      double* gp, int64_t p_base) {                                                             \
+    return cheb::host_vjp_pairs(P, i, g, slot, cap, gp, p_base);                                \
+  }                                                                                             \
+  template <typename scalar_t>                                                                  \
+  ATTR __attribute__((noinline)) int64_t jvp_pairs_##SUFFIX(                                    \
+      const Problem<scalar_t>& P, int64_t i, const scalar_t* v, double* slot, int64_t cap,      \
+      double* jv) {                                                                             \
+    return cheb::host_jvp_pairs(P, i, v, slot, cap, jv);                                        \
+  }                                                                                             \
   template <int NAC, typename scalar_t>                                                         \
   ATTR __attribute__((noinline)) void forward_nac_##SUFFIX(                                     \
       const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap, double* acc) {          \
-    cheb::centre_forward<NAC>(P, i, slot, cap, acc);                                            \
+    const int64_t m = forward_pairs_##SUFFIX(P, i, slot, cap, acc);                             \
+    cheb::centre_forward<NAC>(P, i, slot, cap, acc, m);                                         \
   }                                                                                             \
   template <typename scalar_t>                                                                  \
   void forward_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap,   \
@@ -152,7 +170,8 @@ int num_threads() {
   ATTR __attribute__((noinline)) void vjp_nac_##SUFFIX(                                         \
       const Problem<scalar_t>& P, int64_t i, const scalar_t* g, double* slot, int64_t cap,      \
       double* gp, int64_t p_base, double* dRi) {                                                \
-    cheb::centre_vjp<NAC>(P, i, g, slot, cap, gp, p_base, dRi);                                 \
+    const int64_t m = vjp_pairs_##SUFFIX(P, i, g, slot, cap, gp, p_base);                       \
+    cheb::centre_vjp<NAC>(P, i, g, slot, cap, gp, p_base, dRi, m);                              \
   }                                                                                             \
   template <typename scalar_t>                                                                  \
   void vjp_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, const scalar_t* g, double* slot, \
@@ -164,7 +183,8 @@ int num_threads() {
   ATTR __attribute__((noinline)) void jvp_hvp_nac_##SUFFIX(                                     \
       const Problem<scalar_t>& P, int64_t i, const scalar_t* g, const scalar_t* v,              \
       double* slot, int64_t cap, double* jv, double* hp, int64_t p_base, double* dHi) {         \
-    cheb::centre_jvp_hvp<NAC, JVP, HVP>(P, i, g, v, slot, cap, jv, hp, p_base, dHi);            \
+    const int64_t m = (JVP && !HVP) ? jvp_pairs_##SUFFIX(P, i, v, slot, cap, jv) : int64_t(-1);  \
+    cheb::centre_jvp_hvp<NAC, JVP, HVP>(P, i, g, v, slot, cap, jv, hp, p_base, dHi, m);         \
   }                                                                                             \
   template <typename scalar_t>                                                                  \
   void jvp_hvp_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, const scalar_t* g,          \
@@ -239,11 +259,11 @@ template <typename scalar_t>
 void forward_impl(const Problem<scalar_t>& P, scalar_t* out) {
   const int64_t N = P.n_atoms;
   const int D = P.dim();
-  const int64_t cap = max_neighbours(P.ptr, N);
+  const int64_t cap = cheb::host_cap(max_neighbours(P.ptr, N));
   const auto row = pick_forward<scalar_t>();
 #pragma omp parallel num_threads(num_threads())
   {
-    std::vector<double> slot(size_t(cheb::kSlotFields) * size_t(cap));
+    std::vector<double> slot(size_t(cheb::kHostSlotFields) * size_t(cap));
     std::vector<double> acc(D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < N; ++i) {
@@ -280,7 +300,7 @@ template <typename scalar_t>
 void vjp_impl(const Problem<scalar_t>& P, const scalar_t* pg, double* pdR) {
   const int64_t N = P.n_atoms;
   const int D = P.dim();
-  const int64_t cap = max_neighbours(P.ptr, N);
+  const int64_t cap = cheb::host_cap(max_neighbours(P.ptr, N));
   const int64_t limit = chunk_pairs(cap);
   const auto row = pick_vjp<scalar_t>();
   std::vector<double> own(size_t(3 * N));
@@ -292,7 +312,7 @@ void vjp_impl(const Problem<scalar_t>& P, const scalar_t* pg, double* pdR) {
     const int64_t p0 = P.ptr[i0], p1 = P.ptr[i1];
 #pragma omp parallel num_threads(num_threads())
     {
-      std::vector<double> slot(size_t(cheb::kSlotFields) * size_t(cap));
+      std::vector<double> slot(size_t(cheb::kHostSlotFields) * size_t(cap));
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = i0; i < i1; ++i) {
         row(P, i, pg + i * D, slot.data(), cap, gp.data(), p0, own.data() + 3 * i);
@@ -315,7 +335,7 @@ void jvp_hvp_impl(const Problem<scalar_t>& P, const scalar_t* pg, const scalar_t
                   scalar_t* pjv, double* phv) {
   const int64_t N = P.n_atoms;
   const int D = P.dim();
-  const int64_t cap = max_neighbours(P.ptr, N);
+  const int64_t cap = cheb::host_cap(max_neighbours(P.ptr, N));
   const bool need_jvp = pjv != nullptr;
   const bool need_hvp = phv != nullptr;
   const int64_t limit = need_hvp ? chunk_pairs(cap) : std::max<int64_t>(P.n_pairs, 1);
@@ -330,7 +350,7 @@ void jvp_hvp_impl(const Problem<scalar_t>& P, const scalar_t* pg, const scalar_t
     const int64_t p0 = P.ptr[i0], p1 = P.ptr[i1];
 #pragma omp parallel num_threads(num_threads())
     {
-      std::vector<double> slot(size_t(cheb::kSlotFields) * size_t(cap));
+      std::vector<double> slot(size_t(cheb::kHostSlotFields) * size_t(cap));
       std::vector<double> acc(D);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = i0; i < i1; ++i) {
