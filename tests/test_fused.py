@@ -88,6 +88,8 @@ CASES = {
     "single_species": ([_single_species()], ["Cu"], 5.0, 6, 4.0, 4),
     "high_angular_order": ([_periodic_random(4, n=6)], ["C", "H", "O"], 4.0, 12, 3.8, 11),
     "order_zero": ([_periodic_random(6, n=6)], ["C", "H", "O"], 3.8, 0, 3.2, 0),
+    # angular cutoff beyond the radial one (pairs with only angular terms), radial order 1
+    "angular_beyond_radial": ([_periodic_random(8, n=8)], ["C", "H", "O"], 3.0, 1, 4.5, 3),
 }
 
 
