@@ -4,7 +4,8 @@ Side by side, in one run, on the same structures and cutoffs (radial/angular ord
 per-element network 36-10-10-1 tanh, float64):
 
   * atoms/s of the forward descriptor, of forward + forces (-dE/dR), and of a full force-training
-    step (forces with create_graph, loss (1-a) L_E + a L_F, backward to the weights, Adam step);
+    step (forces with create_graph, loss (1-a) L_E + a L_F, backward to the weights, Adam step,
+    fused Adam where torch has it, as the trainer uses);
   * the same for an energy-only training step (descriptor computed inside the step, no cache);
   * peak memory of the energy-only and force-training steps.
 
@@ -169,7 +170,10 @@ class Setup:
         self.n_structures = copies
         self.desc = ChebyshevDescriptor(SPECIES, rc_r, N_RADIAL, rc_a, N_ANGULAR, backend=backend)
         self.model = ElementNet(len(SPECIES), self.desc.dim)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        from distmlip.training.trainer import fused_adam_kwargs
+
+        params = list(self.model.parameters())     # the optimiser as the trainer builds it
+        self.opt = torch.optim.Adam(params, lr=1e-4, **fused_adam_kwargs(params))
         self.params = list(self.model.parameters())
         g = torch.Generator().manual_seed(1)
         self.F_ref = torch.randn(self.batch.n_atoms, 3, dtype=torch.float64, generator=g)
