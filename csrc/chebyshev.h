@@ -71,6 +71,25 @@ enum SlotField : int {
   kSlotFields
 };
 
+// Pointers to every per-centre slot field, named as in the routines below (ux .. vp).
+#define DM_SLOT_POINTERS(slot, cap)                      \
+  double* DM_RESTRICT ux = (slot) + fUX * (cap);         \
+  double* DM_RESTRICT uy = (slot) + fUY * (cap);         \
+  double* DM_RESTRICT uz = (slot) + fUZ * (cap);         \
+  double* DM_RESTRICT ir = (slot) + fIR * (cap);         \
+  double* DM_RESTRICT ff = (slot) + fF * (cap);          \
+  double* DM_RESTRICT dff = (slot) + fDF * (cap);        \
+  double* DM_RESTRICT d2ff = (slot) + fD2F * (cap);      \
+  double* DM_RESTRICT ss = (slot) + fS * (cap);          \
+  double* DM_RESTRICT pid = (slot) + fPIDX * (cap);      \
+  double* DM_RESTRICT gx = (slot) + fGX * (cap);         \
+  double* DM_RESTRICT gy = (slot) + fGY * (cap);         \
+  double* DM_RESTRICT gz = (slot) + fGZ * (cap);         \
+  double* DM_RESTRICT vx = (slot) + fDRX * (cap);        \
+  double* DM_RESTRICT vy = (slot) + fDRY * (cap);        \
+  double* DM_RESTRICT vz = (slot) + fDRZ * (cap);        \
+  double* DM_RESTRICT vp = (slot) + fDP * (cap)
+
 template <typename scalar_t>
 struct Problem {
   const scalar_t* pos;      // [N, 3]
@@ -634,22 +653,7 @@ DM_HD int64_t host_pair_pass(const Problem<scalar_t>& P, int64_t i, const scalar
     if (MODE == 2) VP[q] = 0.0;
   }
   // compaction of the entries within rc_a (in pair order, as the per-pair loop does)
-  double* DM_RESTRICT ux = slot + fUX * cap;
-  double* DM_RESTRICT uy = slot + fUY * cap;
-  double* DM_RESTRICT uz = slot + fUZ * cap;
-  double* DM_RESTRICT ir = slot + fIR * cap;
-  double* DM_RESTRICT ff = slot + fF * cap;
-  double* DM_RESTRICT dff = slot + fDF * cap;
-  double* DM_RESTRICT d2ff = slot + fD2F * cap;
-  double* DM_RESTRICT ss = slot + fS * cap;
-  double* DM_RESTRICT pid = slot + fPIDX * cap;
-  double* DM_RESTRICT gx = slot + fGX * cap;
-  double* DM_RESTRICT gy = slot + fGY * cap;
-  double* DM_RESTRICT gz = slot + fGZ * cap;
-  double* DM_RESTRICT vx = slot + fDRX * cap;
-  double* DM_RESTRICT vy = slot + fDRY * cap;
-  double* DM_RESTRICT vz = slot + fDRZ * cap;
-  double* DM_RESTRICT vp = slot + fDP * cap;
+  DM_SLOT_POINTERS(slot, cap);
   int64_t m = 0;
   for (int64_t q = 0; q < np; ++q) {
     if (!(R[q] < rca)) continue;
@@ -1182,22 +1186,7 @@ DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t
     }
     angular_coefficients<NAC>(na, ga, gwa, al, be);
   }
-  double* DM_RESTRICT ux = slot + fUX * cap;
-  double* DM_RESTRICT uy = slot + fUY * cap;
-  double* DM_RESTRICT uz = slot + fUZ * cap;
-  double* DM_RESTRICT ir = slot + fIR * cap;
-  double* DM_RESTRICT ff = slot + fF * cap;
-  double* DM_RESTRICT dff = slot + fDF * cap;
-  double* DM_RESTRICT d2ff = slot + fD2F * cap;
-  double* DM_RESTRICT ss = slot + fS * cap;
-  double* DM_RESTRICT pid = slot + fPIDX * cap;
-  double* DM_RESTRICT gx = slot + fGX * cap;
-  double* DM_RESTRICT gy = slot + fGY * cap;
-  double* DM_RESTRICT gz = slot + fGZ * cap;
-  double* DM_RESTRICT vx = slot + fDRX * cap;
-  double* DM_RESTRICT vy = slot + fDRY * cap;
-  double* DM_RESTRICT vz = slot + fDRZ * cap;
-  double* DM_RESTRICT vp = slot + fDP * cap;
+  DM_SLOT_POINTERS(slot, cap);
   const double kr = 2.0 / P.rc_r;
   const double vix = double(v[3 * i + 0]), viy = double(v[3 * i + 1]), viz = double(v[3 * i + 2]);
   int64_t m = m_ready >= 0 ? m_ready : 0;  // m_ready >= 0: pair terms done by the caller
