@@ -311,6 +311,27 @@ DM_HD void angular_coefficients(int na, const double* ga, const double* gwa, dou
 // Hessian and for orders above kMaxSpecialised, and on the GPU.
 #if !defined(__CUDACC__)
 
+// Four doubles in one vector register (GCC/Clang vector extension; lowered to AVX2 in the AVX2
+// build and to SSE2 pairs in the generic one).  The radial sums below are written with it: the
+// plain loops over the lanes of a block, with accumulators indexed by the order, were not
+// vectorised by gcc (scalar code, each accumulator through memory).  The moment-form angular
+// sums run over four neighbours at a time the same way.
+typedef double hv4 __attribute__((vector_size(32)));
+typedef double hv4u __attribute__((vector_size(32), aligned(8), may_alias));
+DM_HD hv4 hv_load(const double* p) { return *reinterpret_cast<const hv4u*>(p); }
+DM_HD hv4 hv_splat(double s) { return hv4{s, s, s, s}; }
+DM_HD double hv_sum(hv4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+
+// the first n (>= 1) of four doubles, the rest zero
+DM_HD hv4 hv_load_n(const double* p, int64_t n) {
+  if (n >= 4) return hv_load(p);
+  hv4 v = hv_splat(0.0);
+  for (int64_t l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+}
+DM_HD void set_all(double& v, double s) { v = s; }
+DM_HD void set_all(hv4& v, double s) { v = hv_splat(s); }
+
 constexpr int mono_count(int na) { return (na + 1) * (na + 2) * (na + 3) / 6; }
 
 template <int NA>
@@ -351,11 +372,12 @@ struct MonoTable {
 template <int NA>
 inline constexpr MonoTable<NA> kMono{};
 
-template <int NA>
-DM_HD void monomials(double x, double y, double z, double* mono) {
+template <int NA, typename V>
+DM_HD void monomials(V x, V y, V z, V* mono) {
   constexpr const MonoTable<NA>& T = kMono<NA>;
-  double px[NA + 1], py[NA + 1], pz[NA + 1];
-  px[0] = py[0] = pz[0] = 1.0;
+  V px[NA + 1], py[NA + 1], pz[NA + 1];
+  set_all(px[0], 1.0);
+  py[0] = pz[0] = px[0];
   for (int k = 1; k <= NA; ++k) {
     px[k] = px[k - 1] * x;
     py[k] = py[k - 1] * y;
@@ -380,25 +402,38 @@ DM_HD void monomial_to_chebyshev(const double* Q, double* out) {
 }
 
 // Moments M_q = sum_a f_a u_a^q and MW_q = sum_a f_a s_a u_a^q; returns sum_a f_a^2 and
-// sum_a (f_a s_a)^2 in d0, d0w.
+// sum_a (f_a s_a)^2 in d0, d0w.  Four neighbours per step (hv4 lanes; a short last block is
+// zero-filled: f = 0 adds nothing).
 template <int NA>
 DM_HD void angular_moments(int64_t m, const double* ux, const double* uy, const double* uz,
                            const double* ff, const double* ss, double* M, double* MW, double& d0,
                            double& d0w) {
   constexpr int NM = MonoTable<NA>::N;
-  for (int q = 0; q < NM; ++q) M[q] = MW[q] = 0.0;
-  d0 = d0w = 0.0;
-  for (int64_t a = 0; a < m; ++a) {
-    double mono[NM];
-    monomials<NA>(ux[a], uy[a], uz[a], mono);
-    const double f = ff[a], fs = f * ss[a];
+  hv4 vM[NM], vW[NM];
+  const hv4 zero = hv_splat(0.0);
+  for (int q = 0; q < NM; ++q) vM[q] = vW[q] = zero;
+  hv4 v0 = zero, v0w = zero;
+  for (int64_t a = 0; a < m; a += 4) {
+    const int64_t n = m - a;
+    hv4 mono[NM];
+    monomials<NA>(hv_load_n(ux + a, n), hv_load_n(uy + a, n), hv_load_n(uz + a, n), mono);
+    const hv4 f = hv_load_n(ff + a, n), fs = f * hv_load_n(ss + a, n);
+#if defined(__GNUC__)
+#pragma GCC unroll 256
+#endif
     for (int q = 0; q < NM; ++q) {
-      M[q] += f * mono[q];
-      MW[q] += fs * mono[q];
+      vM[q] += f * mono[q];
+      vW[q] += fs * mono[q];
     }
-    d0 += f * f;
-    d0w += fs * fs;
+    v0 += f * f;
+    v0w += fs * fs;
   }
+  for (int q = 0; q < NM; ++q) {
+    M[q] = hv_sum(vM[q]);
+    MW[q] = hv_sum(vW[q]);
+  }
+  d0 = hv_sum(v0);
+  d0w = hv_sum(v0w);
 }
 
 // Forward: A[n] = sum_{a<b} T_n(c_ab) f_a f_b, W[n] the same weighted by s_a s_b.
@@ -460,16 +495,24 @@ DM_HD void angular_vjp_moments(int64_t m, const double* ux, const double* uy, co
       czw[T.dz[q]] += T.ez[q] * bW[q];
     }
   }
-  for (int64_t a = 0; a < m; ++a) {
-    const double xa = ux[a], ya = uy[a], za = uz[a];
-    double mono[NM];
+  for (int64_t a = 0; a < m; a += 4) {
+    const int64_t n = m - a;
+    const hv4 xa = hv_load_n(ux + a, n), ya = hv_load_n(uy + a, n), za = hv_load_n(uz + a, n);
+    hv4 mono[NM];
     monomials<NA>(xa, ya, za, mono);
-    double V = 0.0, Vw = 0.0, Gx = 0.0, Gy = 0.0, Gz = 0.0, Gxw = 0.0, Gyw = 0.0, Gzw = 0.0;
+    const hv4 zero = hv_splat(0.0);
+    hv4 V = zero, Vw = zero, Gx = zero, Gy = zero, Gz = zero, Gxw = zero, Gyw = zero, Gzw = zero;
+#if defined(__GNUC__)
+#pragma GCC unroll 256
+#endif
     for (int q = 0; q < NM; ++q) {
       V += bV[q] * mono[q];
       Vw += bW[q] * mono[q];
     }
     if (NA >= 1) {
+#if defined(__GNUC__)
+#pragma GCC unroll 256
+#endif
       for (int q = 0; q < NG; ++q) {
         Gx += cx[q] * mono[q];
         Gy += cy[q] * mono[q];
@@ -479,14 +522,17 @@ DM_HD void angular_vjp_moments(int64_t m, const double* ux, const double* uy, co
         Gzw += czw[q] * mono[q];
       }
     }
-    const double s = ss[a], f = ff[a];
-    const double dEdf = V + s * Vw - f * (sal + s * s * sbe);
-    const double gux = f * (Gx + s * Gxw), guy = f * (Gy + s * Gyw), guz = f * (Gz + s * Gzw);
-    const double dt = xa * gux + ya * guy + za * guz;
-    const double cu = dEdf * dff[a] - dt * ir[a];
-    gx[a] += gux * ir[a] + cu * xa;
-    gy[a] += guy * ir[a] + cu * ya;
-    gz[a] += guz * ir[a] + cu * za;
+    const hv4 s = hv_load_n(ss + a, n), f = hv_load_n(ff + a, n), r1 = hv_load_n(ir + a, n);
+    const hv4 dEdf = V + s * Vw - f * (sal + s * s * sbe);
+    const hv4 gux = f * (Gx + s * Gxw), guy = f * (Gy + s * Gyw), guz = f * (Gz + s * Gzw);
+    const hv4 dt = xa * gux + ya * guy + za * guz;
+    const hv4 cu = dEdf * hv_load_n(dff + a, n) - dt * r1;
+    const hv4 ox = gux * r1 + cu * xa, oy = guy * r1 + cu * ya, oz = guz * r1 + cu * za;
+    for (int64_t l = 0; l < 4 && l < n; ++l) {
+      gx[a + l] += ox[l];
+      gy[a + l] += oy[l];
+      gz[a + l] += oz[l];
+    }
   }
 }
 
@@ -499,31 +545,45 @@ DM_HD void angular_jvp_moments(int64_t m, const double* ux, const double* uy, co
                                const double* vz, const double* vp, double* jA, double* jW) {
   constexpr const MonoTable<NA>& T = kMono<NA>;
   constexpr int NM = MonoTable<NA>::N;
-  double M[NM], MW[NM], dM[NM], dMW[NM];
-  for (int q = 0; q < NM; ++q) M[q] = MW[q] = dM[q] = dMW[q] = 0.0;
-  double dd0 = 0.0, dd0w = 0.0;
-  for (int64_t a = 0; a < m; ++a) {
-    const double xa = ux[a], ya = uy[a], za = uz[a];
-    double mono[NM];
+  const hv4 zero = hv_splat(0.0);
+  hv4 vM[NM], vMW[NM], vdM[NM], vdMW[NM];
+  for (int q = 0; q < NM; ++q) vM[q] = vMW[q] = vdM[q] = vdMW[q] = zero;
+  hv4 vd0 = zero, vd0w = zero;
+  for (int64_t a = 0; a < m; a += 4) {
+    const int64_t n = m - a;
+    const hv4 xa = hv_load_n(ux + a, n), ya = hv_load_n(uy + a, n), za = hv_load_n(uz + a, n);
+    hv4 mono[NM];
     monomials<NA>(xa, ya, za, mono);
-    const double p = vp[a], r1 = ir[a];
-    const double dux = (vx[a] - p * xa) * r1, duy = (vy[a] - p * ya) * r1, duz = (vz[a] - p * za) * r1;
-    const double f = ff[a], s = ss[a], df = dff[a] * p;
+    const hv4 p = hv_load_n(vp + a, n), r1 = hv_load_n(ir + a, n);
+    const hv4 dux = (hv_load_n(vx + a, n) - p * xa) * r1, duy = (hv_load_n(vy + a, n) - p * ya) * r1,
+              duz = (hv_load_n(vz + a, n) - p * za) * r1;
+    const hv4 f = hv_load_n(ff + a, n), s = hv_load_n(ss + a, n), df = hv_load_n(dff + a, n) * p;
+    const hv4 fs = f * s;
 #if defined(__GNUC__)
 #pragma GCC unroll 256
 #endif
     for (int q = 0; q < NM; ++q) {
-      const double dmono = T.ex[q] * mono[T.dx[q]] * dux + T.ey[q] * mono[T.dy[q]] * duy +
-                           T.ez[q] * mono[T.dz[q]] * duz;
-      const double t = df * mono[q] + f * dmono;
-      M[q] += f * mono[q];
-      MW[q] += f * s * mono[q];
-      dM[q] += t;
-      dMW[q] += s * t;
+      hv4 dmono = zero;  // terms with a zero exponent vanish at compile time
+      if (T.ex[q] > 0) dmono += double(T.ex[q]) * mono[T.dx[q]] * dux;
+      if (T.ey[q] > 0) dmono += double(T.ey[q]) * mono[T.dy[q]] * duy;
+      if (T.ez[q] > 0) dmono += double(T.ez[q]) * mono[T.dz[q]] * duz;
+      const hv4 t = df * mono[q] + f * dmono;
+      vM[q] += f * mono[q];
+      vMW[q] += fs * mono[q];
+      vdM[q] += t;
+      vdMW[q] += s * t;
     }
-    dd0 += f * df;
-    dd0w += f * df * s * s;
+    vd0 += f * df;
+    vd0w += f * df * s * s;
   }
+  double M[NM], MW[NM], dM[NM], dMW[NM];
+  for (int q = 0; q < NM; ++q) {
+    M[q] = hv_sum(vM[q]);
+    MW[q] = hv_sum(vMW[q]);
+    dM[q] = hv_sum(vdM[q]);
+    dMW[q] = hv_sum(vdMW[q]);
+  }
+  const double dd0 = hv_sum(vd0), dd0w = hv_sum(vd0w);
   double Q[NA + 1], QW[NA + 1];
   for (int k = 0; k <= NA; ++k) {
     Q[k] = -dd0;
@@ -680,47 +740,56 @@ DM_HD int64_t host_pair_pass(const Problem<scalar_t>& P, int64_t i, const scalar
   return m;
 }
 
-// Lane accumulators: acc[n * kLanes + k] for order n and lane k.
+// out[n] += sum_q T_n(x_q) fc_q, outw[n] += sum_q s_q T_n(x_q) fc_q over the (zero-padded) pairs;
+// blocks of kLanes = 2 x 4 pairs, two independent recurrence chains.
 template <bool W>
 DM_HD void radial_forward_lanes(int64_t np, int nr, const double* X, const double* FC,
                                 const double* S, double* out, double* outw) {
-  double la[(kMaxOrder + 1) * kLanes], lw[(kMaxOrder + 1) * kLanes];
-  for (int q = 0; q < (nr + 1) * kLanes; ++q) la[q] = lw[q] = 0.0;
+  static_assert(kLanes == 8, "two vectors of four lanes");
+  hv4 la[2 * (kMaxOrder + 1)], lw[2 * (kMaxOrder + 1)];
+  const hv4 zero = hv_splat(0.0), one = hv_splat(1.0);
+  for (int q = 0; q < 2 * (nr + 1); ++q) la[q] = lw[q] = zero;
   for (int64_t q0 = 0; q0 < np; q0 += kLanes) {
-    double x[kLanes], f[kLanes], fs[kLanes], t[kLanes], tm[kLanes];
-    for (int k = 0; k < kLanes; ++k) {
-      x[k] = X[q0 + k];
-      f[k] = FC[q0 + k];
-      fs[k] = W ? f[k] * S[q0 + k] : 0.0;
-      tm[k] = 1.0;
-      t[k] = x[k];
-      la[k] += f[k];
-      if (W) lw[k] += fs[k];
+    const hv4 xa = hv_load(X + q0), xb = hv_load(X + q0 + 4);
+    const hv4 fa = hv_load(FC + q0), fb = hv_load(FC + q0 + 4);
+    hv4 sa = zero, sb = zero;
+    if (W) {
+      sa = fa * hv_load(S + q0);
+      sb = fb * hv_load(S + q0 + 4);
+    }
+    la[0] += fa;
+    la[1] += fb;
+    if (W) {
+      lw[0] += sa;
+      lw[1] += sb;
     }
     if (nr >= 1) {
-      for (int k = 0; k < kLanes; ++k) {
-        la[kLanes + k] += x[k] * f[k];
-        if (W) lw[kLanes + k] += x[k] * fs[k];
+      la[2] += xa * fa;
+      la[3] += xb * fb;
+      if (W) {
+        lw[2] += xa * sa;
+        lw[3] += xb * sb;
       }
     }
+    const hv4 x2a = xa + xa, x2b = xb + xb;
+    hv4 ta = xa, tb = xb, tma = one, tmb = one;
     for (int n = 2; n <= nr; ++n) {
-      for (int k = 0; k < kLanes; ++k) {
-        const double tn = 2.0 * x[k] * t[k] - tm[k];
-        tm[k] = t[k];
-        t[k] = tn;
-        la[n * kLanes + k] += tn * f[k];
-        if (W) lw[n * kLanes + k] += tn * fs[k];
+      const hv4 na = x2a * ta - tma, nb = x2b * tb - tmb;
+      tma = ta;
+      tmb = tb;
+      ta = na;
+      tb = nb;
+      la[2 * n] += na * fa;
+      la[2 * n + 1] += nb * fb;
+      if (W) {
+        lw[2 * n] += na * sa;
+        lw[2 * n + 1] += nb * sb;
       }
     }
   }
   for (int n = 0; n <= nr; ++n) {
-    double a = 0.0, b = 0.0;
-    for (int k = 0; k < kLanes; ++k) {
-      a += la[n * kLanes + k];
-      b += lw[n * kLanes + k];
-    }
-    out[n] += a;
-    if (W) outw[n] += b;
+    out[n] += hv_sum(la[2 * n] + la[2 * n + 1]);
+    if (W) outw[n] += hv_sum(lw[2 * n] + lw[2 * n + 1]);
   }
 }
 
@@ -729,34 +798,36 @@ template <bool W>
 DM_HD void radial_vjp_lanes(int64_t np, int nr, double kr, const double* X, const double* FC,
                             const double* DFC, const double* S, const double* gr,
                             const double* gwr, double* A) {
+  const hv4 zero = hv_splat(0.0), one = hv_splat(1.0), two = hv_splat(2.0), k = hv_splat(kr);
   for (int64_t q0 = 0; q0 < np; q0 += kLanes) {
-    double x[kLanes], f[kLanes], df[kLanes], s[kLanes], t[kLanes], tm[kLanes], dt[kLanes],
-        dtm[kLanes], a[kLanes];
-    for (int k = 0; k < kLanes; ++k) {
-      x[k] = X[q0 + k];
-      f[k] = FC[q0 + k];
-      df[k] = DFC[q0 + k];
-      s[k] = W ? S[q0 + k] : 0.0;
-      tm[k] = 1.0;
-      t[k] = x[k];
-      dtm[k] = 0.0;
-      dt[k] = 1.0;
-      a[k] = (W ? gr[0] + s[k] * gwr[0] : gr[0]) * df[k];
-      if (nr >= 1) a[k] += (W ? gr[1] + s[k] * gwr[1] : gr[1]) * (kr * f[k] + x[k] * df[k]);
+    hv4 x[2], f[2], df[2], s[2], t[2], tm[2], dt[2], dtm[2], a[2];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t q = q0 + 4 * h;
+      x[h] = hv_load(X + q);
+      f[h] = hv_load(FC + q);
+      df[h] = hv_load(DFC + q);
+      s[h] = W ? hv_load(S + q) : zero;
+      tm[h] = one;
+      t[h] = x[h];
+      dtm[h] = zero;
+      dt[h] = one;
+      a[h] = (W ? gr[0] + s[h] * gwr[0] : hv_splat(gr[0])) * df[h];
+      if (nr >= 1) a[h] += (W ? gr[1] + s[h] * gwr[1] : hv_splat(gr[1])) * (k * f[h] + x[h] * df[h]);
     }
     for (int n = 2; n <= nr; ++n) {
       const double g0 = gr[n], g1 = W ? gwr[n] : 0.0;
-      for (int k = 0; k < kLanes; ++k) {
-        const double tn = 2.0 * x[k] * t[k] - tm[k];
-        const double dtn = 2.0 * t[k] + 2.0 * x[k] * dt[k] - dtm[k];
-        tm[k] = t[k];
-        t[k] = tn;
-        dtm[k] = dt[k];
-        dt[k] = dtn;
-        a[k] += (W ? g0 + s[k] * g1 : g0) * (kr * dtn * f[k] + tn * df[k]);
+      for (int h = 0; h < 2; ++h) {
+        const hv4 tn = two * x[h] * t[h] - tm[h];
+        const hv4 dtn = two * t[h] + two * x[h] * dt[h] - dtm[h];
+        tm[h] = t[h];
+        t[h] = tn;
+        dtm[h] = dt[h];
+        dt[h] = dtn;
+        a[h] += (W ? g0 + s[h] * g1 : hv_splat(g0)) * (k * dtn * f[h] + tn * df[h]);
       }
     }
-    for (int k = 0; k < kLanes; ++k) A[q0 + k] = a[k];
+    for (int h = 0; h < 2; ++h)
+      for (int l = 0; l < 4; ++l) A[q0 + 4 * h + l] = a[h][l];
   }
 }
 
@@ -765,53 +836,47 @@ template <bool W>
 DM_HD void radial_jvp_lanes(int64_t np, int nr, double kr, const double* X, const double* FC,
                             const double* DFC, const double* S, const double* DP, double* out,
                             double* outw) {
-  double la[(kMaxOrder + 1) * kLanes], lw[(kMaxOrder + 1) * kLanes];
-  for (int q = 0; q < (nr + 1) * kLanes; ++q) la[q] = lw[q] = 0.0;
+  hv4 la[2 * (kMaxOrder + 1)], lw[2 * (kMaxOrder + 1)];
+  const hv4 zero = hv_splat(0.0), one = hv_splat(1.0), two = hv_splat(2.0), k = hv_splat(kr);
+  for (int q = 0; q < 2 * (nr + 1); ++q) la[q] = lw[q] = zero;
   for (int64_t q0 = 0; q0 < np; q0 += kLanes) {
-    double x[kLanes], f[kLanes], df[kLanes], s[kLanes], t[kLanes], tm[kLanes], dt[kLanes],
-        dtm[kLanes];
-    for (int k = 0; k < kLanes; ++k) {
-      x[k] = X[q0 + k];
-      const double dp = DP[q0 + k];
-      f[k] = FC[q0 + k] * dp;  // dp folded into the weights
-      df[k] = DFC[q0 + k] * dp;
-      s[k] = W ? S[q0 + k] : 0.0;
-      tm[k] = 1.0;
-      t[k] = x[k];
-      dtm[k] = 0.0;
-      dt[k] = 1.0;
-      la[k] += df[k];
-      if (W) lw[k] += s[k] * df[k];
-    }
-    if (nr >= 1) {
-      for (int k = 0; k < kLanes; ++k) {
-        const double c = kr * f[k] + x[k] * df[k];
-        la[kLanes + k] += c;
-        if (W) lw[kLanes + k] += s[k] * c;
+    hv4 x[2], f[2], df[2], s[2], t[2], tm[2], dt[2], dtm[2];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t q = q0 + 4 * h;
+      x[h] = hv_load(X + q);
+      const hv4 dp = hv_load(DP + q);
+      f[h] = hv_load(FC + q) * dp;  // dp folded into the weights
+      df[h] = hv_load(DFC + q) * dp;
+      s[h] = W ? hv_load(S + q) : zero;
+      tm[h] = one;
+      t[h] = x[h];
+      dtm[h] = zero;
+      dt[h] = one;
+      la[h] += df[h];
+      if (W) lw[h] += s[h] * df[h];
+      if (nr >= 1) {
+        const hv4 c = k * f[h] + x[h] * df[h];
+        la[2 + h] += c;
+        if (W) lw[2 + h] += s[h] * c;
       }
     }
     for (int n = 2; n <= nr; ++n) {
-      for (int k = 0; k < kLanes; ++k) {
-        const double tn = 2.0 * x[k] * t[k] - tm[k];
-        const double dtn = 2.0 * t[k] + 2.0 * x[k] * dt[k] - dtm[k];
-        tm[k] = t[k];
-        t[k] = tn;
-        dtm[k] = dt[k];
-        dt[k] = dtn;
-        const double c = kr * dtn * f[k] + tn * df[k];
-        la[n * kLanes + k] += c;
-        if (W) lw[n * kLanes + k] += s[k] * c;
+      for (int h = 0; h < 2; ++h) {
+        const hv4 tn = two * x[h] * t[h] - tm[h];
+        const hv4 dtn = two * t[h] + two * x[h] * dt[h] - dtm[h];
+        tm[h] = t[h];
+        t[h] = tn;
+        dtm[h] = dt[h];
+        dt[h] = dtn;
+        const hv4 c = k * dtn * f[h] + tn * df[h];
+        la[2 * n + h] += c;
+        if (W) lw[2 * n + h] += s[h] * c;
       }
     }
   }
   for (int n = 0; n <= nr; ++n) {
-    double a = 0.0, b = 0.0;
-    for (int k = 0; k < kLanes; ++k) {
-      a += la[n * kLanes + k];
-      b += lw[n * kLanes + k];
-    }
-    out[n] += a;
-    if (W) outw[n] += b;
+    out[n] += hv_sum(la[2 * n] + la[2 * n + 1]);
+    if (W) outw[n] += hv_sum(lw[2 * n] + lw[2 * n + 1]);
   }
 }
 

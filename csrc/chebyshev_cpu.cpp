@@ -87,21 +87,25 @@ void check_values_cpu(const torch::Tensor& species, const torch::Tensor& pair_pt
 }
 
 // Neighbour count (within rc_a) from which a centre's angular sums use the moment form
-// (linear in the neighbours) instead of the triplet loop (quadratic); measured crossover with
-// benchmarks/descriptor.py.  DISTMLIP_CHEB_ANGULAR=triplets | moments forces one form (tests).
-constexpr int64_t kMomentsMinDefault = 128;
-int64_t angular_moments_min() {
+// (linear in the neighbours, four neighbours per vector step) instead of the triplet loop
+// (quadratic), per kernel: crossovers measured on the benchmark structures (EC dimer, Li slab,
+// dense bulk; 9-180 neighbours, angular order 4): the forward and the JVP break even at about
+// 15 neighbours, the VJP (two passes over the neighbours) at about 22.
+// DISTMLIP_CHEB_ANGULAR=triplets | moments forces one form (tests).
+enum class Kernel { forward, vjp, jvp };
+int64_t angular_moments_min(Kernel k) {
   const char* env = std::getenv("DISTMLIP_CHEB_ANGULAR");
   if (env != nullptr && std::string(env) == "triplets") return int64_t(1) << 40;
   if (env != nullptr && std::string(env) == "moments") return 0;
-  return kMomentsMinDefault;
+  return k == Kernel::vjp ? 22 : 15;
 }
 
 template <typename scalar_t>
 Problem<scalar_t> make_problem(const torch::Tensor& positions, const torch::Tensor& species,
                                const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
                                const torch::Tensor& pair_shift, const torch::Tensor& typespin,
-                               double rc_r, int64_t n_r, double rc_a, int64_t n_a) {
+                               double rc_r, int64_t n_r, double rc_a, int64_t n_a,
+                               Kernel kernel) {
   Problem<scalar_t> P;
   P.pos = positions.data_ptr<scalar_t>();
   P.species = species.data_ptr<int64_t>();
@@ -116,7 +120,7 @@ Problem<scalar_t> make_problem(const torch::Tensor& positions, const torch::Tens
   P.n_r = int(n_r);
   P.n_a = int(n_a);
   P.weighted = typespin.size(0) > 1 ? 1 : 0;
-  P.moments_min = angular_moments_min();
+  P.moments_min = angular_moments_min(kernel);
   return P;
 }
 
@@ -390,7 +394,7 @@ torch::Tensor chebyshev_forward_cpu(const torch::Tensor& positions, const torch:
   auto G = torch::empty({N, D}, positions.options());
   AT_DISPATCH_FLOATING_TYPES(positions.scalar_type(), "chebyshev_forward_cpu", [&] {
     const auto P = make_problem<scalar_t>(positions, species, pair_ptr, pair_j, pair_shift,
-                                          typespin, rc_r, n_r, rc_a, n_a);
+                                          typespin, rc_r, n_r, rc_a, n_a, Kernel::forward);
     forward_impl<scalar_t>(P, G.data_ptr<scalar_t>());
   });
   return G;
@@ -411,7 +415,7 @@ torch::Tensor chebyshev_backward_cpu(const torch::Tensor& grad_G, const torch::T
   auto dR = torch::empty({N, 3}, positions.options().dtype(torch::kDouble));
   AT_DISPATCH_FLOATING_TYPES(positions.scalar_type(), "chebyshev_backward_cpu", [&] {
     const auto P = make_problem<scalar_t>(positions, species, pair_ptr, pair_j, pair_shift,
-                                          typespin, rc_r, n_r, rc_a, n_a);
+                                          typespin, rc_r, n_r, rc_a, n_a, Kernel::vjp);
     vjp_impl<scalar_t>(P, g.data_ptr<scalar_t>(), dR.data_ptr<double>());
   });
   return dR.to(positions.scalar_type());
@@ -439,7 +443,7 @@ std::tuple<torch::Tensor, torch::Tensor> chebyshev_double_backward_cpu(
   if (!need_jvp && !need_hvp) return {jv, hv.to(positions.scalar_type())};
   AT_DISPATCH_FLOATING_TYPES(positions.scalar_type(), "chebyshev_double_backward_cpu", [&] {
     const auto P = make_problem<scalar_t>(positions, species, pair_ptr, pair_j, pair_shift,
-                                          typespin, rc_r, n_r, rc_a, n_a);
+                                          typespin, rc_r, n_r, rc_a, n_a, Kernel::jvp);
     jvp_hvp_impl<scalar_t>(P, g.data_ptr<scalar_t>(), vv.data_ptr<scalar_t>(),
                            need_jvp ? jv.data_ptr<scalar_t>() : nullptr,
                            need_hvp ? hv.data_ptr<double>() : nullptr);

@@ -327,7 +327,9 @@ def test_third_derivative_raises_clearly():
         torch.autograd.grad((g2 * w).sum(), x)
 
 
-def test_generic_and_avx2_code_agree(monkeypatch):
+@pytest.mark.parametrize("angular", ["triplets", "moments"])
+def test_generic_and_avx2_code_agree(monkeypatch, angular):
+    monkeypatch.setenv("DISTMLIP_CHEB_ANGULAR", angular)
     b, ts, params, T = _inputs("four_species")
     results = {}
     for isa in ("generic", "auto"):
