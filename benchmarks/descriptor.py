@@ -1,7 +1,7 @@
 """Benchmark of the aenet Chebyshev descriptor: pure-PyTorch reference versus fused C++ kernels.
 
 Side by side, in one run, on the same structures and cutoffs (radial/angular orders 12/4,
-per-element network 36-10-10-1 tanh, float64):
+the distmlip model: one 10-10 tanh network per element, float64):
 
   * atoms/s of the forward descriptor, of forward + forces (-dE/dR), and of a full force-training
     step (forces with create_graph, loss (1-a) L_E + a L_F, backward to the weights, Adam step,
@@ -132,32 +132,16 @@ COPIES = {"ec_dimer": 12, "li_slab_ec": 6, "bulk256": 1}
 # model and steps
 # ------------------------------------------------------------------------------------------
 
-class ElementNet(torch.nn.Module):
-    """One 36-10-10-1 tanh network per element, atomic energies summed per structure."""
-
-    def __init__(self, n_species, dim, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.nets = torch.nn.ModuleList(
-            torch.nn.Sequential(torch.nn.Linear(dim, 10), torch.nn.Tanh(), torch.nn.Linear(10, 10),
-                                torch.nn.Tanh(), torch.nn.Linear(10, 1)).double()
-            for _ in range(n_species))
-
-    def forward(self, G, species, structure=None, n_structures=1):
-        e = G.new_zeros(G.shape[0])
-        for t, net in enumerate(self.nets):
-            idx = torch.nonzero(species == t).reshape(-1)
-            if idx.numel():
-                e = e.index_copy(0, idx, net(G[idx]).reshape(-1))
-        if structure is None:
-            return e.sum()
-        return e.new_zeros(n_structures).index_add(0, structure, e)
-
-
 class Setup:
+    """One batch and the distmlip model (BPNN, one 10-10 tanh network per element, float64) with
+    the given descriptor backend; the steps are those of distmlip.training.trainer."""
+
     def __init__(self, name, rc_r, rc_a, backend, copies=1):
+        import dataclasses
+
         from distmlip.descriptors.batch import collate
-        from distmlip.descriptors.chebyshev import ChebyshevDescriptor
+        from distmlip.models.bpnn import BPNN
+        from distmlip.training.trainer import fused_adam_kwargs
 
         atoms, self.label = STRUCTURES[name]()
         rng = np.random.default_rng(3)
@@ -167,50 +151,43 @@ class Setup:
             a.positions += rng.normal(0, 0.02, a.positions.shape)
             structs.append(a)
         self.batch = collate(structs, SPECIES, cutoff=max(rc_r, rc_a), dtype=torch.float64)
+        # separate batch objects for the energy step (positions without gradient) and the
+        # force steps (positions a leaf requiring gradient, as the trainer sets them)
+        self.ebatch = dataclasses.replace(self.batch, positions=self.batch.positions.detach().clone())
+        self.fbatch = dataclasses.replace(self.batch,
+                                          positions=self.batch.positions.detach().clone().requires_grad_())
         self.n_structures = copies
-        self.desc = ChebyshevDescriptor(SPECIES, rc_r, N_RADIAL, rc_a, N_ANGULAR, backend=backend)
-        self.model = ElementNet(len(SPECIES), self.desc.dim)
-        from distmlip.training.trainer import fused_adam_kwargs
-
+        torch.manual_seed(0)
+        desc = {"rc_radial": rc_r, "n_radial": N_RADIAL, "rc_angular": rc_a, "n_angular": N_ANGULAR,
+                "backend": backend}
+        self.model = BPNN(SPECIES, desc, hidden=[10, 10], activation="tanh", dtype="float64")
+        self.desc = self.model.descriptor
         params = list(self.model.parameters())     # the optimiser as the trainer builds it
         self.opt = torch.optim.Adam(params, lr=1e-4, **fused_adam_kwargs(params))
-        self.params = list(self.model.parameters())
+        self.params = params
         g = torch.Generator().manual_seed(1)
         self.F_ref = torch.randn(self.batch.n_atoms, 3, dtype=torch.float64, generator=g)
         self.E_ref = torch.full((copies,), 0.1, dtype=torch.float64)
         self.n_atoms = self.batch.n_atoms
         self.natoms = self.batch.natoms.double()
 
-    def G(self, positions):
-        b = self.batch
-        return self.desc(positions, b.species, b.pair_i, b.pair_j, b.pair_shift)
-
     def forward(self):
         with torch.no_grad():
-            return self.G(self.batch.positions)
+            return self.model.descriptors(self.ebatch)
 
     def forces(self):
-        x = self.batch.positions.detach().requires_grad_()
-        E = self.model(self.G(x), self.batch.species)
-        (g,) = torch.autograd.grad(E, x)
-        return -g
-
-    def _energies(self, x):
-        return self.model(self.G(x), self.batch.species, self.batch.structure, self.n_structures)
+        return self.model.energy_and_forces(self.fbatch)[1]
 
     def energy_step(self):
         self.opt.zero_grad(set_to_none=True)
-        E = self._energies(self.batch.positions.detach())
+        E = self.model(self.ebatch)
         loss = (((E - self.E_ref) / self.natoms) ** 2).mean()
         loss.backward()
         self.opt.step()
 
     def force_step(self):
         self.opt.zero_grad(set_to_none=True)
-        x = self.batch.positions.detach().requires_grad_()
-        E = self._energies(x)
-        (g,) = torch.autograd.grad(E.sum(), x, create_graph=True)
-        F = -g
+        E, F = self.model.energy_and_forces(self.fbatch, create_graph=True)
         loss = ((1 - ALPHA) * (((E - self.E_ref) / self.natoms) ** 2).mean()
                 + ALPHA * ((F - self.F_ref) ** 2).mean())
         loss.backward(inputs=self.params)
@@ -320,7 +297,7 @@ def main(argv=None):
     cutoffs = CUTOFFS[:2] if args.quick else CUTOFFS
     backends = ["fused"] if args.no_reference else ["fused", "reference"]
     isa = {2: "AVX2+FMA", 0: "generic"}.get(int(torch.ops.distmlip.chebyshev_cpu_isa()), "?")
-    print(f"# descriptor benchmark: orders {N_RADIAL}/{N_ANGULAR}, species {SPECIES}, network 36-10-10-1 tanh, "
+    print(f"# descriptor benchmark: orders {N_RADIAL}/{N_ANGULAR}, species {SPECIES}, BPNN 10-10 tanh per element, "
           f"float64, {args.threads} thread(s), CPU kernels {isa}, torch {torch.__version__}")
     print(f"# timing: {CLOCK['name']}, min over repetitions (<= {budget:.1f} s each); memory: child process, "
           "peak RSS (VmHWM after clear_refs) during one step, MB")

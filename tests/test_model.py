@@ -151,3 +151,62 @@ def test_fit_normalization_guards_and_shift():
     G = m.descriptors(_batch(m, s))
     cu = _batch(m, s).species == 0
     assert torch.allclose(m.feature_mean[0], G[cu].mean(0), atol=1e-12)
+
+
+def _per_species_energies(m, G, species):
+    """Independent reference of the network part: one network call per species."""
+    out = torch.zeros(G.shape[0], dtype=torch.float64)
+    for t in range(len(m.species)):
+        idx = torch.nonzero(species == t).reshape(-1)
+        if idx.numel() == 0:
+            continue
+        x = (G[idx] - m.feature_mean[t]) / m.feature_std[t]
+        y = m.nets[t](x.to(m.net_dtype)).reshape(-1).to(torch.float64)
+        out = out.index_put((idx,), m.reference_energy[t] + m.energy_shift[t] + m.energy_scale * y)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("which", ["both", "cu_only"])
+def test_stacked_networks_match_per_species_loop(dtype, which):
+    """All species in one batched product per layer (padded layout) = one call per species:
+    energies, forces and the weight gradients of a force loss (double backward), with the
+    species H absent from the batch and, in 'cu_only', only one species present."""
+    m = _model(dtype=dtype, act=["tanh", "softplus"])
+    m.reference_energy[0] = -0.7
+    structs = _structures()
+    if which == "cu_only":
+        for s in structs:
+            s.numbers[:] = 29
+    b = _batch(m, structs)
+    results = []
+    for mode in ("stacked", "loop"):
+        x = b.positions.detach().clone().requires_grad_()
+        G = m.descriptor(x, b.species, b.pair_i, b.pair_j, b.pair_shift)
+        e = (m.atomic_energies_from_features(G, b.species) if mode == "stacked"
+             else _per_species_energies(m, G, b.species))
+        E = torch.zeros(b.n_structures, dtype=torch.float64).index_add(0, b.structure, e)
+        (g,) = torch.autograd.grad(E.sum(), x, create_graph=True)
+        target = torch.linspace(-1, 1, g.numel(), dtype=torch.float64).reshape(g.shape)
+        loss = (E ** 2).sum() * 1e-3 + ((-g - target) ** 2).sum()
+        params = list(m.parameters())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if d is None else d for p, d in zip(params, grads)]
+        results.append((e.detach(), g.detach(), grads))
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    (e1, g1, w1), (e2, g2, w2) = results
+    assert torch.allclose(e1, e2, rtol=0, atol=tol * 10)
+    assert torch.allclose(g1, g2, rtol=0, atol=tol)
+    for a, c in zip(w1, w2):
+        assert torch.allclose(a, c, rtol=tol * 10, atol=tol), (a - c).abs().max()
+
+
+def test_species_layout_slots():
+    from distmlip.models.bpnn import species_layout
+
+    sp = torch.tensor([2, 0, 2, 2, 1, 0])
+    slot, src, rows = species_layout(sp, 4)
+    assert rows == 3
+    # species 0 -> rows 0.., species 1 -> rows 3.., species 2 -> rows 6.., in atom order
+    assert slot.tolist() == [6, 0, 7, 8, 3, 1]
+    assert src.tolist() == [1, 5, 6, 4, 6, 6, 0, 2, 3, 6, 6, 6]   # 6 = N: padding row

@@ -155,7 +155,7 @@ class ChebyshevFingerprint:
         n = b.positions.shape[0]
 
         def f(p):
-            G = self.desc(p.reshape(n, 3), b.species, b.pair_i, b.pair_j, b.pair_shift)
+            G = self.desc(p.reshape(n, 3), b.species, b.pair_i, b.pair_j, b.pair_shift, pair_ptr=b.pair_ptr)
             return G.reshape(-1) if self.mode == "concat" else G.sum(0)
 
         pos = b.positions.detach().reshape(-1).clone()

@@ -89,6 +89,50 @@ def make_mlp(n_in: int, hidden: Sequence[int], activations: Sequence[str], dtype
     return nn.Sequential(*layers)
 
 
+def species_layout(species: torch.Tensor, n_species: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Padded per-species layout of a batch's atoms: (slot [N], src [n_species * rows], rows).
+    Atom a goes to row ``slot[a]`` of a [n_species * rows] table in which the atoms of species t
+    fill rows t * rows ... t * rows + count_t - 1 (rows = the largest count); ``src`` is the
+    inverse map (the atom of each row, N for padding rows).  One host synchronisation (the
+    largest count): cache the result per batch (:meth:`BPNN.batch_layout`)."""
+    n = species.shape[0]
+    counts = torch.bincount(species, minlength=n_species)
+    rows = max(int(counts.max()), 1) if n else 1
+    start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(species, stable=True)
+    sp = species[order]
+    slot = torch.empty_like(species)
+    slot[order] = sp * rows + torch.arange(n, device=species.device) - start[sp]
+    src = torch.full((n_species * rows,), n, dtype=species.dtype, device=species.device)
+    src[slot] = torch.arange(n, dtype=species.dtype, device=species.device)
+    return slot, src, rows
+
+
+def stacked_mlp(x: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor, int],
+                nets: Sequence[nn.Sequential]) -> torch.Tensor:
+    """Outputs [N] of the per-species networks ``nets`` (same architecture: Linear and activation
+    layers) for the rows of x [N, D], atom a evaluated by the network of its species.
+
+    All species at once: the atoms are gathered into a padded [T, rows, D] table (``layout``
+    from :func:`species_layout`; padding rows are zero) and each layer is one batched matrix
+    product with the stacked weights of the T networks.  Same values as a loop over species,
+    with a few autograd nodes per layer instead of a few per layer and species: the training
+    step of small networks is dominated by per-operation overhead, above all in the double
+    backward of force training."""
+    slot, src, rows = layout
+    T = len(nets)
+    D = x.shape[1]
+    h = torch.cat([x, x.new_zeros(1, D)]).index_select(0, src).view(T, rows, D)
+    for k, layer in enumerate(nets[0]):
+        if isinstance(layer, nn.Linear):
+            W = torch.stack([net[k].weight for net in nets])          # [T, out, in]
+            b = torch.stack([net[k].bias for net in nets]).unsqueeze(1)  # [T, 1, out]
+            h = torch.baddbmm(b, h, W.transpose(1, 2))
+        else:
+            h = layer(h)
+    return h.reshape(T * rows, -1)[:, 0].index_select(0, slot)
+
+
 class BPNN(nn.Module):
     """Per-element atomic neural networks on the Chebyshev descriptor."""
 
@@ -207,20 +251,35 @@ class BPNN(nn.Module):
         G = getattr(batch, "features", None)
         if G is not None:
             return G
-        return self.descriptor(batch.positions, batch.species, batch.pair_i, batch.pair_j, batch.pair_shift)
+        return self.descriptor(batch.positions, batch.species, batch.pair_i, batch.pair_j, batch.pair_shift,
+                               pair_ptr=getattr(batch, "pair_ptr", None))
 
-    def atomic_energies_from_features(self, G: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
-        """Per-atom energies [N] float64 from raw descriptors G [N, D] (float64)."""
+    def atomic_energies_from_features(self, G: torch.Tensor, species: torch.Tensor,
+                                      layout: tuple | None = None) -> torch.Tensor:
+        """Per-atom energies [N] float64 from raw descriptors G [N, D] (float64).  ``layout``:
+        :func:`species_layout` of ``species`` if already known."""
         G = G.to(torch.float64)
-        out = torch.zeros(G.shape[0], dtype=torch.float64, device=G.device)
-        for t, idx in enumerate(self.species_indices(species)):
-            if idx.numel() == 0:
-                continue
-            x = (G.index_select(0, idx) - self.feature_mean[t]) / self.feature_std[t]
-            y = self.nets[t](x.to(self.net_dtype)).squeeze(-1).to(torch.float64)
-            e = self.reference_energy[t] + self.energy_shift[t] + self.energy_scale * y
-            out = out.index_put((idx,), e)
-        return out
+        if G.shape[0] == 0:
+            return G.new_zeros(0)
+        if layout is None:
+            layout = species_layout(species, len(self.species))
+        x = (G - self.feature_mean.index_select(0, species)) / self.feature_std.index_select(0, species)
+        y = stacked_mlp(x.to(self.net_dtype), layout, self.nets).to(torch.float64)
+        base = (self.reference_energy + self.energy_shift).index_select(0, species)
+        return base + self.energy_scale * y
+
+    @staticmethod
+    def batch_layout(batch, n_species: int) -> tuple:
+        """:func:`species_layout` of ``batch.species``, cached on the batch object."""
+        cached = getattr(batch, "_species_layout", None)
+        if cached is not None and cached[0] is batch.species and cached[1] == n_species:
+            return cached[2]
+        layout = species_layout(batch.species, n_species)
+        try:
+            object.__setattr__(batch, "_species_layout", (batch.species, n_species, layout))
+        except (AttributeError, TypeError):  # a batch type without instance attributes
+            pass
+        return layout
 
     def zbl_atomic_energies(self, batch) -> torch.Tensor | None:
         """Per-atom ZBL energies [N] float64 (half of every pair on each atom), None without ZBL."""
@@ -237,7 +296,8 @@ class BPNN(nn.Module):
 
     def atomic_energies(self, batch) -> torch.Tensor:
         """Per-atom energies [N] float64: ANN (+ ZBL when the model has it)."""
-        e = self.atomic_energies_from_features(self.descriptors(batch), batch.species)
+        e = self.atomic_energies_from_features(self.descriptors(batch), batch.species,
+                                               self.batch_layout(batch, len(self.species)))
         if self.zbl is not None:
             e = e + self.zbl_atomic_energies(batch)
         return e
