@@ -622,14 +622,14 @@ DM_HD void angular_jvp_moments(int64_t m, const double* ux, const double* uy, co
 
 constexpr int kLanes = 8;
 enum HostField : int {
-  hUX = kSlotFields, hUY, hUZ, hR, hIR, hX, hFC, hDFC, hS, hFA, hDFA, hD2FA, hA, hVX, hVY, hVZ,
+  hUX = kSlotFields, hUY, hUZ, hR, hIR, hX, hFC, hDFC, hS, hFA, hDFA, hA, hVX, hVY, hVZ,
   hDP, kHostSlotFields
 };
 
 DM_HD int64_t host_cap(int64_t cap) { return (cap + kLanes - 1) / kLanes * kLanes; }
 
 // MODE 0: forward, 1: VJP, 2: JVP (v: position tangent).  Returns the number m of angular
-// entries written to the slot fields (ux, uy, uz, ff, ss and, for MODE >= 1, ir, dff, d2ff, pid,
+// entries written to the slot fields (ux, uy, uz, ff, ss and, for MODE >= 1, ir, dff, pid,
 // gx = gy = gz = 0; for MODE 2 also vx, vy, vz, vp).  The per-pair fields (hUX..hDP) hold every
 // pair of the centre; the radial ones are zero-padded to a multiple of kLanes.
 template <int MODE, typename scalar_t>
@@ -648,7 +648,6 @@ DM_HD int64_t host_pair_pass(const Problem<scalar_t>& P, int64_t i, const scalar
   double* DM_RESTRICT S = slot + hS * cap;
   double* DM_RESTRICT FA = slot + hFA * cap;
   double* DM_RESTRICT DFA = slot + hDFA * cap;
-  double* DM_RESTRICT D2FA = slot + hD2FA * cap;
   double* DM_RESTRICT VX = slot + hVX * cap;
   double* DM_RESTRICT VY = slot + hVY * cap;
   double* DM_RESTRICT VZ = slot + hVZ * cap;
@@ -701,22 +700,27 @@ DM_HD int64_t host_pair_pass(const Problem<scalar_t>& P, int64_t i, const scalar
     cutoff_trig(r < rcr ? r : rcr, rcr, cs, sn);
     X[q] = mr * (kr * r - 1.0) + (1.0 - mr);
     FC[q] = mr * 0.5 * (cs + 1.0);
-    DFC[q] = -mr * 0.5 * ar * sn;
-    const double ma = r < rca ? 1.0 : 0.0;
+    if (MODE >= 1) DFC[q] = -mr * 0.5 * ar * sn;  // the forward needs no derivatives (the sine
+    const double ma = r < rca ? 1.0 : 0.0;          // polynomials are then dead code)
     cutoff_trig(r < rca ? r : rca, rca, cs, sn);
     FA[q] = ma * 0.5 * (cs + 1.0);
-    DFA[q] = -ma * 0.5 * aa * sn;
-    D2FA[q] = -ma * 0.5 * aa * aa * cs;
+    if (MODE >= 1) DFA[q] = -ma * 0.5 * aa * sn;
   }
   for (int64_t q = np; q < host_cap(np); ++q) {  // padding: zero weight, bounded recurrence
-    X[q] = FC[q] = DFC[q] = S[q] = 0.0;
+    X[q] = FC[q] = S[q] = 0.0;
+    if (MODE >= 1) DFC[q] = 0.0;
     if (MODE == 2) VP[q] = 0.0;
   }
-  // compaction of the entries within rc_a (in pair order, as the per-pair loop does)
+  // compaction of the entries within rc_a (in pair order, as the per-pair loop does).  The
+  // forward's is branch free (every pair written at position m, which advances only for the
+  // kept ones: pairs within and beyond rc_a are mixed, and a branch mispredicts often); the VJP
+  // and JVP write three times as many fields, and there the branch measured faster.
+  // d2ff (the position Hessian's) is not written: the host passes never run with the Hessian.
   DM_SLOT_POINTERS(slot, cap);
+  (void)d2ff;
   int64_t m = 0;
   for (int64_t q = 0; q < np; ++q) {
-    if (!(R[q] < rca)) continue;
+    if (MODE >= 1 && !(R[q] < rca)) continue;
     ux[m] = UX[q];
     uy[m] = UY[q];
     uz[m] = UZ[q];
@@ -725,7 +729,6 @@ DM_HD int64_t host_pair_pass(const Problem<scalar_t>& P, int64_t i, const scalar
     if (MODE >= 1) {
       ir[m] = IR[q];
       dff[m] = DFA[q];
-      d2ff[m] = D2FA[q];
       pid[m] = double(p0 + q);
       gx[m] = gy[m] = gz[m] = 0.0;
     }
@@ -735,7 +738,7 @@ DM_HD int64_t host_pair_pass(const Problem<scalar_t>& P, int64_t i, const scalar
       vz[m] = VZ[q];
       vp[m] = VP[q];
     }
-    ++m;
+    m += (MODE >= 1 || R[q] < rca) ? 1 : 0;
   }
   return m;
 }
@@ -793,82 +796,109 @@ DM_HD void radial_forward_lanes(int64_t np, int nr, const double* X, const doubl
   }
 }
 
-// A[q] = d(g . radial)/dr of pair q, g_n = gr[n] + s_q gwr[n].
+// A[q] = d(g . radial)/dr of pair q, g_n = gr[n] + s_q gwr[n]:
+//   A = kr fc sum_n g_n T_n'(x) + fc' sum_n g_n T_n(x),  T_n' = n U_{n-1}
+// (Chebyshev polynomials of the second kind U): two sums per weight, each one multiply-add per
+// order, and the two three-term recurrences.
 template <bool W>
 DM_HD void radial_vjp_lanes(int64_t np, int nr, double kr, const double* X, const double* FC,
                             const double* DFC, const double* S, const double* gr,
                             const double* gwr, double* A) {
-  const hv4 zero = hv_splat(0.0), one = hv_splat(1.0), two = hv_splat(2.0), k = hv_splat(kr);
+  double ngr[kMaxOrder + 1], ngw[kMaxOrder + 1];  // n g_n
+  for (int n = 0; n <= nr; ++n) {
+    ngr[n] = n * gr[n];
+    ngw[n] = W ? n * gwr[n] : 0.0;
+  }
+  const hv4 zero = hv_splat(0.0), one = hv_splat(1.0);
   for (int64_t q0 = 0; q0 < np; q0 += kLanes) {
-    hv4 x[2], f[2], df[2], s[2], t[2], tm[2], dt[2], dtm[2], a[2];
+    hv4 x[2], x2[2], t[2], tm[2], u[2], um[2], sa[2], sw[2], da[2], dw[2];
     for (int h = 0; h < 2; ++h) {
-      const int64_t q = q0 + 4 * h;
-      x[h] = hv_load(X + q);
-      f[h] = hv_load(FC + q);
-      df[h] = hv_load(DFC + q);
-      s[h] = W ? hv_load(S + q) : zero;
-      tm[h] = one;
-      t[h] = x[h];
-      dtm[h] = zero;
-      dt[h] = one;
-      a[h] = (W ? gr[0] + s[h] * gwr[0] : hv_splat(gr[0])) * df[h];
-      if (nr >= 1) a[h] += (W ? gr[1] + s[h] * gwr[1] : hv_splat(gr[1])) * (k * f[h] + x[h] * df[h]);
-    }
-    for (int n = 2; n <= nr; ++n) {
-      const double g0 = gr[n], g1 = W ? gwr[n] : 0.0;
-      for (int h = 0; h < 2; ++h) {
-        const hv4 tn = two * x[h] * t[h] - tm[h];
-        const hv4 dtn = two * t[h] + two * x[h] * dt[h] - dtm[h];
-        tm[h] = t[h];
-        t[h] = tn;
-        dtm[h] = dt[h];
-        dt[h] = dtn;
-        a[h] += (W ? g0 + s[h] * g1 : hv_splat(g0)) * (k * dtn * f[h] + tn * df[h]);
+      x[h] = hv_load(X + q0 + 4 * h);
+      x2[h] = x[h] + x[h];
+      tm[h] = one;   // T_0
+      t[h] = x[h];   // T_1
+      um[h] = zero;  // U_{-1}
+      u[h] = one;    // U_0
+      sa[h] = gr[0] + (nr >= 1 ? gr[1] * x[h] : zero);          // sum g_n T_n
+      da[h] = hv_splat(nr >= 1 ? gr[1] : 0.0);                  // sum g_n T_n' (T_1' = 1)
+      if (W) {
+        sw[h] = gwr[0] + (nr >= 1 ? gwr[1] * x[h] : zero);
+        dw[h] = hv_splat(nr >= 1 ? gwr[1] : 0.0);
       }
     }
-    for (int h = 0; h < 2; ++h)
-      for (int l = 0; l < 4; ++l) A[q0 + 4 * h + l] = a[h][l];
+    for (int n = 2; n <= nr; ++n) {
+      const double g0 = gr[n], g1 = W ? gwr[n] : 0.0, n0 = ngr[n], n1 = ngw[n];
+      for (int h = 0; h < 2; ++h) {
+        const hv4 tn = x2[h] * t[h] - tm[h];   // T_n
+        const hv4 un = x2[h] * u[h] - um[h];   // U_{n-1}
+        tm[h] = t[h];
+        t[h] = tn;
+        um[h] = u[h];
+        u[h] = un;
+        sa[h] += g0 * tn;
+        da[h] += n0 * un;
+        if (W) {
+          sw[h] += g1 * tn;
+          dw[h] += n1 * un;
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t q = q0 + 4 * h;
+      const hv4 f = hv_load(FC + q), df = hv_load(DFC + q);
+      hv4 a;
+      if (W) {
+        const hv4 sq = hv_load(S + q);
+        a = kr * f * (da[h] + sq * dw[h]) + df * (sa[h] + sq * sw[h]);
+      } else {
+        a = kr * f * da[h] + df * sa[h];
+      }
+      for (int l = 0; l < 4; ++l) A[q + l] = a[l];
+    }
   }
 }
 
-// out[n] += sum_q dp_q d/dr[T_n fc](r_q), outw the same weighted by s_q.
+// out[n] += sum_q dp_q d/dr[T_n fc](r_q) = sum_q (kr fc T_n' + fc' T_n) dp_q, outw the same
+// weighted by s_q (T_n' = n U_{n-1}, see radial_vjp_lanes).
 template <bool W>
 DM_HD void radial_jvp_lanes(int64_t np, int nr, double kr, const double* X, const double* FC,
                             const double* DFC, const double* S, const double* DP, double* out,
                             double* outw) {
   hv4 la[2 * (kMaxOrder + 1)], lw[2 * (kMaxOrder + 1)];
-  const hv4 zero = hv_splat(0.0), one = hv_splat(1.0), two = hv_splat(2.0), k = hv_splat(kr);
+  const hv4 zero = hv_splat(0.0), one = hv_splat(1.0);
   for (int q = 0; q < 2 * (nr + 1); ++q) la[q] = lw[q] = zero;
   for (int64_t q0 = 0; q0 < np; q0 += kLanes) {
-    hv4 x[2], f[2], df[2], s[2], t[2], tm[2], dt[2], dtm[2];
+    hv4 x2[2], kf[2], df[2], s[2], t[2], tm[2], u[2], um[2];
     for (int h = 0; h < 2; ++h) {
       const int64_t q = q0 + 4 * h;
-      x[h] = hv_load(X + q);
+      const hv4 x = hv_load(X + q);
       const hv4 dp = hv_load(DP + q);
-      f[h] = hv_load(FC + q) * dp;  // dp folded into the weights
+      kf[h] = kr * hv_load(FC + q) * dp;  // dp folded into the weights
       df[h] = hv_load(DFC + q) * dp;
       s[h] = W ? hv_load(S + q) : zero;
+      x2[h] = x + x;
       tm[h] = one;
-      t[h] = x[h];
-      dtm[h] = zero;
-      dt[h] = one;
+      t[h] = x;
+      um[h] = zero;
+      u[h] = one;
       la[h] += df[h];
       if (W) lw[h] += s[h] * df[h];
       if (nr >= 1) {
-        const hv4 c = k * f[h] + x[h] * df[h];
+        const hv4 c = kf[h] + x * df[h];
         la[2 + h] += c;
         if (W) lw[2 + h] += s[h] * c;
       }
     }
     for (int n = 2; n <= nr; ++n) {
+      const double dn = double(n);
       for (int h = 0; h < 2; ++h) {
-        const hv4 tn = two * x[h] * t[h] - tm[h];
-        const hv4 dtn = two * t[h] + two * x[h] * dt[h] - dtm[h];
+        const hv4 tn = x2[h] * t[h] - tm[h];
+        const hv4 un = x2[h] * u[h] - um[h];  // U_{n-1}
         tm[h] = t[h];
         t[h] = tn;
-        dtm[h] = dt[h];
-        dt[h] = dtn;
-        const hv4 c = k * dtn * f[h] + tn * df[h];
+        um[h] = u[h];
+        u[h] = un;
+        const hv4 c = (dn * kf[h]) * un + tn * df[h];
         la[2 * n + h] += c;
         if (W) lw[2 * n + h] += s[h] * c;
       }
