@@ -210,3 +210,46 @@ def test_species_layout_slots():
     # species 0 -> rows 0.., species 1 -> rows 3.., species 2 -> rows 6.., in atom order
     assert slot.tolist() == [6, 0, 7, 8, 3, 1]
     assert src.tolist() == [1, 5, 6, 4, 6, 6, 0, 2, 3, 6, 6, 6]   # 6 = N: padding row
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("dtype,act", [("float64", "tanh"), ("float64", ["sigmoid", "softplus"]),
+                                       ("float64", ["silu", "linear"]), ("float32", "tanh"),
+                                       ("float64", ["tanh", "silu", "softplus"])])
+def test_closed_form_force_gradient_matches_autograd(backend, dtype, act):
+    """Force training with the networks' gradient in closed form (forcenet) = autograd through
+    the networks: energies, forces, weight gradients of a force + energy loss and (plain
+    backward) the positions' gradient, with ZBL, an absent species and non-trivial
+    normalisation."""
+    if backend == "fused":
+        pytest.importorskip("distmlip.descriptors.fused", reason="compiled extension missing")
+    torch.manual_seed(3)
+    hidden = [6, 5, 4] if isinstance(act, list) and len(act) == 3 else [6, 5]
+    desc = dict(DESC, backend=backend)
+    m = BPNN(["Cu", "Au", "H"], desc, hidden=hidden, activation=act, dtype=dtype, zbl={})
+    with torch.no_grad():
+        m.feature_mean.uniform_(-0.5, 0.5)
+        m.feature_std.uniform_(0.5, 2.0)
+        m.energy_shift.copy_(torch.tensor([-3.5, -2.1, -1.0], dtype=torch.float64))
+        m.energy_scale.fill_(0.3)
+        for p in m.parameters():   # large enough weights to reach the curved parts (and softplus' linear branch)
+            p.mul_(4.0)
+    structs = _structures(seed=5)
+    out = {}
+    for closed in (True, False):
+        m.closed_form_force_gradient = closed
+        b = _batch(m, structs)
+        E, F = m.energy_and_forces(b, create_graph=True)
+        target = torch.linspace(-1, 1, F.numel(), dtype=torch.float64).reshape(F.shape)
+        loss = (E ** 2).sum() * 1e-2 + ((F - target) ** 2).sum()
+        m.zero_grad(set_to_none=True)
+        loss.backward()
+        w = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in m.parameters()]
+        out[closed] = (E.detach(), F.detach(), w, b.positions.grad.clone())
+    tol = 1e-11 if dtype == "float64" else 2e-4
+    (E1, F1, w1, x1), (E2, F2, w2, x2) = out[True], out[False]
+    assert torch.allclose(E1, E2, rtol=0, atol=tol), (E1 - E2).abs().max()
+    assert torch.allclose(F1, F2, rtol=0, atol=tol), (F1 - F2).abs().max()
+    for a, c in zip(w1, w2):
+        assert torch.allclose(a, c, rtol=tol, atol=tol * max(1.0, float(c.abs().max()))), (a - c).abs().max()
+    assert torch.allclose(x1, x2, rtol=tol, atol=tol * max(1.0, float(x2.abs().max()))), (x1 - x2).abs().max()

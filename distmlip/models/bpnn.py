@@ -308,16 +308,51 @@ class BPNN(nn.Module):
         E = torch.zeros(batch.n_structures, dtype=torch.float64, device=e.device)
         return E.index_add(0, batch.structure, e)
 
+    # closed-form network gradient for force training (distmlip/models/forcenet.py); False:
+    # autograd through the networks (the reference the tests compare against)
+    closed_form_force_gradient = True
+
     def energy_and_forces(self, batch, create_graph: bool = False):
-        """(E [B] float64, F [N, 3] = -dE/dR).  Sets ``requires_grad`` on batch.positions if needed."""
+        """(E [B] float64, F [N, 3] = -dE/dR).  Sets ``requires_grad`` on batch.positions if needed.
+
+        With ``create_graph`` (force training) the networks' gradient dy/dx comes in closed form
+        from one custom autograd function (:mod:`distmlip.models.forcenet`) instead of an autograd
+        graph of the networks' backward; F is the descriptor VJP of dE/dG, differentiable in the
+        weights.  Same values and weight gradients (tested against the autograd path)."""
         pos = batch.positions
         if getattr(batch, "features", None) is not None or pos is None:
             raise ConfigError("forces need positions: a batch of cached descriptors supports energies only")
         if not pos.requires_grad:
             pos.requires_grad_(True)
+        if create_graph and self.closed_form_force_gradient and pos.shape[0] > 0:
+            from .forcenet import supported
+
+            if supported(self.nets, self.activations):
+                return self._energy_and_forces_closed_form(batch)
         E = self(batch)
         (g,) = torch.autograd.grad(E.sum(), pos, create_graph=create_graph)
         return (E if create_graph else E.detach()), -g
+
+    def _energy_and_forces_closed_form(self, batch):
+        from .forcenet import nets_with_gradient
+
+        pos, sp = batch.positions, batch.species
+        G = self.descriptors(batch).to(torch.float64)
+        std = self.feature_std.index_select(0, sp)
+        x = (G - self.feature_mean.index_select(0, sp)) / std
+        layout = self.batch_layout(batch, len(self.species))
+        y, dydx = nets_with_gradient(x.to(self.net_dtype), layout, self.nets, self.activations)
+        e = (self.reference_energy + self.energy_shift).index_select(0, sp) + self.energy_scale * y.to(torch.float64)
+        outputs = [G]
+        grads = [self.energy_scale * dydx.to(torch.float64) / std]          # dE/dG
+        if self.zbl is not None:
+            ez = self.zbl_atomic_energies(batch)
+            e = e + ez
+            outputs.append(ez)
+            grads.append(torch.ones_like(ez))
+        E = torch.zeros(batch.n_structures, dtype=torch.float64, device=e.device).index_add(0, batch.structure, e)
+        (g,) = torch.autograd.grad(outputs, pos, grads, create_graph=True)
+        return E, -g
 
     # ------------------------------------------------------------------ normalisation
     @torch.no_grad()

@@ -1,0 +1,168 @@
+"""Per-species networks with their input gradient in closed form, for direct force training.
+
+Force training needs, for every atom, the network output y(x) and its gradient dy/dx with
+respect to the (normalised) descriptor x, and then the weight gradients of a loss on both.
+Letting autograd build dy/dx (``autograd.grad(..., create_graph=True)``) records the backward of
+every layer as a graph and differentiates that graph once more: for the small networks of a
+Behler-Parrinello potential this is hundreds of tiny operations per step, and it dominated the
+force-training step of small molecules.  :class:`NetsWithGradient` computes y and dy/dx in one
+forward and, in one backward, the weight (and input) gradients of any loss on (y, dy/dx), from
+the analytic first and second derivatives of the activations.
+
+Networks: ``Linear -> act -> ... -> Linear(., 1)`` with the activations of
+``distmlip.models.bpnn.ACTIVATIONS``, the same architecture for every species, evaluated for all
+species at once on the padded per-species layout of :func:`distmlip.models.bpnn.species_layout`.
+
+Notation, per atom (row vectors): h_0 = x, a_k = h_{k-1} W_k^T + b_k, h_k = s_k(a_k) for the
+hidden layers k = 1..L-1, y = h_{L-1} W_L^T + b_L.  Gradient: g_{L-1} = W_L,
+d_k = g_k * s_k'(a_k), g_{k-1} = d_k W_k, dy/dx = g_0.  The backward with cotangents (ybar, ubar
+on g_0) runs the g-chain upwards (W_k gets d_k^T ubar_{k-1}; ubar_k = (ubar_{k-1} W_k^T) * s_k';
+a_k gets (ubar_{k-1} W_k^T) * g_k * s_k''), then the usual backward of y downwards, adding the
+a_k terms.  Padding rows have zero cotangents, so they add nothing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _act_derivatives(kind: str, a: torch.Tensor):
+    """(s(a), s'(a), s''(a)) of the activation ``kind`` (matching torch's modules, including
+    nn.Softplus' linear branch above its threshold of 20)."""
+    if kind == "tanh":
+        h = torch.tanh(a)
+        d1 = 1.0 - h * h
+        return h, d1, -2.0 * h * d1
+    if kind == "sigmoid":
+        h = torch.sigmoid(a)
+        d1 = h * (1.0 - h)
+        return h, d1, d1 * (1.0 - 2.0 * h)
+    if kind == "linear":
+        return a, torch.ones_like(a), torch.zeros_like(a)
+    if kind == "softplus":
+        s = torch.sigmoid(a)
+        lin = a > 20.0
+        h = F.softplus(a)
+        d1 = torch.where(lin, torch.ones_like(a), s)
+        d2 = torch.where(lin, torch.zeros_like(a), s * (1.0 - s))
+        return h, d1, d2
+    if kind == "silu":
+        s = torch.sigmoid(a)
+        h = a * s
+        d1 = s * (1.0 + a * (1.0 - s))
+        d2 = s * (1.0 - s) * (2.0 + a * (1.0 - 2.0 * s))
+        return h, d1, d2
+    raise ValueError(f"no closed-form derivatives for activation {kind!r}")
+
+
+SUPPORTED = ("tanh", "sigmoid", "linear", "softplus", "silu")
+
+
+def supported(nets, activations) -> bool:
+    """Whether :class:`NetsWithGradient` handles these networks (else use autograd)."""
+    if not all(a in SUPPORTED for a in activations):
+        return False
+    layers = list(nets[0])
+    lin = [m for m in layers if isinstance(m, nn.Linear)]
+    return (len(lin) == len(activations) + 1 and all(m.bias is not None for m in lin)
+            and lin[-1].out_features == 1
+            and all(isinstance(m, (nn.Linear, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Softplus, nn.SiLU))
+                    for m in layers)
+            and all(getattr(m, "beta", 1.0) == 1.0 and getattr(m, "threshold", 20.0) == 20.0
+                    for m in layers if isinstance(m, nn.Softplus)))
+
+
+class NetsWithGradient(torch.autograd.Function):
+    """(x [N, D], layout, activations, *params) -> (y [N], dy/dx [N, D]).
+
+    ``params``: W_1^t, b_1^t, ..., W_L^t, b_L^t of species t = 0..T-1, in the order
+    ``[p for net in nets for p in net.parameters()]``."""
+
+    @staticmethod
+    def forward(ctx, x, slot, src, rows, activations, *params):
+        T = len(params) // (2 * (len(activations) + 1))
+        L = len(activations) + 1
+        D = x.shape[1]
+        W = [torch.stack([params[t * 2 * L + 2 * k] for t in range(T)]) for k in range(L)]
+        b = [torch.stack([params[t * 2 * L + 2 * k + 1] for t in range(T)]).unsqueeze(1) for k in range(L)]
+        h = torch.cat([x, x.new_zeros(1, D)]).index_select(0, src).view(T, rows, D)
+        hs, d1s, d2s = [h], [], []
+        for k in range(L - 1):
+            a = torch.baddbmm(b[k], h, W[k].transpose(1, 2))
+            h, d1, d2 = _act_derivatives(activations[k], a)
+            hs.append(h)
+            d1s.append(d1)
+            d2s.append(d2)
+        y = torch.baddbmm(b[L - 1], h, W[L - 1].transpose(1, 2))      # [T, R, 1]
+        g = W[L - 1].expand(T, rows, W[L - 1].shape[2])                # g_{L-1}: [T, R, H]
+        gs = [None] * L
+        gs[L - 1] = g
+        for k in range(L - 2, -1, -1):
+            d = g * d1s[k]
+            g = torch.bmm(d, W[k])                                     # g_k of layer k (0-based)
+            gs[k] = g
+        ctx.save_for_backward(slot, *W, *hs, *d1s, *d2s, *gs[1:])
+        ctx.meta = (T, L, rows, D)
+        y = y.reshape(T * rows).index_select(0, slot)
+        dydx = g.reshape(T * rows, D).index_select(0, slot)
+        return y, dydx
+
+    @staticmethod
+    def backward(ctx, ybar, ubar):
+        T, L, rows, D = ctx.meta
+        saved = ctx.saved_tensors
+        slot = saved[0]
+        W = list(saved[1:1 + L])
+        hs = list(saved[1 + L:1 + 2 * L])                   # h_0 .. h_{L-1}: L tensors
+        o = 1 + L + L
+        d1s = list(saved[o:o + L - 1])
+        d2s = list(saved[o + L - 1:o + 2 * (L - 1)])
+        gs = list(saved[o + 2 * (L - 1):])                  # g_1 .. g_{L-1} (g_0 is dy/dx)
+        n = slot.shape[0]
+        dev, dt = hs[0].device, hs[0].dtype
+        Wbar = [torch.zeros_like(w) for w in W]
+        bbar = [torch.zeros(T, w.shape[1], dtype=dt, device=dev) for w in W]
+        abar_g = [None] * (L - 1)
+        if ubar is not None:
+            u = hs[0].new_zeros(T * rows, D).index_copy(0, slot, ubar.to(dt)).view(T, rows, D)
+            for k in range(L - 1):                          # up the g-chain: g_k = d_{k+1} W_{k+1}
+                gk1 = gs[k]                                  # g_{k+1} in 1-based terms
+                d = gk1 * d1s[k]
+                Wbar[k] += torch.bmm(d.transpose(1, 2), u)
+                dbar = torch.bmm(u, W[k].transpose(1, 2))
+                abar_g[k] = dbar * gk1 * d2s[k]
+                u = dbar * d1s[k]
+            Wbar[L - 1] += u.sum(1, keepdim=True)           # g_{L-1} = W_L for every row
+        if ybar is not None:
+            yb = hs[0].new_zeros(T * rows).index_copy(0, slot, ybar.to(dt)).view(T, rows, 1)
+            Wbar[L - 1] += torch.bmm(yb.transpose(1, 2), hs[L - 1])
+            bbar[L - 1] += yb.sum(1)
+            hbar = torch.bmm(yb, W[L - 1])
+        else:
+            hbar = None
+        for k in range(L - 2, -1, -1):
+            abar = hbar * d1s[k] if hbar is not None else None
+            if abar_g[k] is not None:
+                abar = abar_g[k] if abar is None else abar + abar_g[k]
+            if abar is None:
+                hbar = None
+                continue
+            Wbar[k] += torch.bmm(abar.transpose(1, 2), hs[k])
+            bbar[k] += abar.sum(1)
+            hbar = torch.bmm(abar, W[k])
+        xbar = None
+        if ctx.needs_input_grad[0] and hbar is not None:
+            xbar = hbar.reshape(T * rows, D).index_select(0, slot)
+        grads = []
+        for t in range(T):
+            for k in range(L):
+                grads += [Wbar[k][t], bbar[k][t]]
+        return (xbar, None, None, None, None, *grads)
+
+
+def nets_with_gradient(x, layout, nets, activations):
+    """y [N] and dy/dx [N, D] of the per-species ``nets`` (see :class:`NetsWithGradient`)."""
+    slot, src, rows = layout
+    params = [p for net in nets for p in net.parameters()]
+    return NetsWithGradient.apply(x, slot, src, rows, tuple(activations), *params)
