@@ -89,6 +89,14 @@ def make_mlp(n_in: int, hidden: Sequence[int], activations: Sequence[str], dtype
     return nn.Sequential(*layers)
 
 
+# Energies (without dy/dx) use the compiled network operators below this many atoms: measured
+# on one core (4 species, 36 inputs, 10-10 tanh), forward + backward 0.38 vs 0.46 ms at 240 atoms
+# and 0.57 vs 0.63 ms at 600, even at 1000, and slower above (1.43 vs 1.28 ms at 2400), where
+# torch's batched products win.  The force-training path (y and dy/dx) is faster with the
+# compiled operators at every size measured (0.48 vs 0.69 ms at 240 atoms, 2.0 vs 2.4 ms at 2400).
+COMPILED_ENERGY_MAX_ATOMS = 1000
+
+
 def species_layout(species: torch.Tensor, n_species: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Padded per-species layout of a batch's atoms: (slot [N], src [n_species * rows], rows).
     Atom a goes to row ``slot[a]`` of a [n_species * rows] table in which the atoms of species t
@@ -261,10 +269,16 @@ class BPNN(nn.Module):
         G = G.to(torch.float64)
         if G.shape[0] == 0:
             return G.new_zeros(0)
-        if layout is None:
-            layout = species_layout(species, len(self.species))
         x = (G - self.feature_mean.index_select(0, species)) / self.feature_std.index_select(0, species)
-        y = stacked_mlp(x.to(self.net_dtype), layout, self.nets).to(torch.float64)
+        x = x.to(self.net_dtype)
+        from .forcenet import network_energies, use_compiled
+
+        if x.shape[0] < COMPILED_ENERGY_MAX_ATOMS and use_compiled(x, self.nets, self.activations):
+            y = network_energies(x, species, self.nets, self.activations).to(torch.float64)
+        else:
+            if layout is None:
+                layout = species_layout(species, len(self.species))
+            y = stacked_mlp(x, layout, self.nets).to(torch.float64)
         base = (self.reference_energy + self.energy_shift).index_select(0, species)
         return base + self.energy_scale * y
 
@@ -329,7 +343,12 @@ class BPNN(nn.Module):
 
             if supported(self.nets, self.activations):
                 return self._energy_and_forces_closed_form(batch)
-        E = self(batch)
+        from .forcenet import compiled_networks
+
+        # differentiated twice through autograd: the compiled networks' backward is not
+        # differentiable, so the torch-operator networks run here
+        with compiled_networks(not create_graph):
+            E = self(batch)
         (g,) = torch.autograd.grad(E.sum(), pos, create_graph=create_graph)
         return (E if create_graph else E.detach()), -g
 
@@ -341,7 +360,7 @@ class BPNN(nn.Module):
         std = self.feature_std.index_select(0, sp)
         x = (G - self.feature_mean.index_select(0, sp)) / std
         layout = self.batch_layout(batch, len(self.species))
-        y, dydx = nets_with_gradient(x.to(self.net_dtype), layout, self.nets, self.activations)
+        y, dydx = nets_with_gradient(x.to(self.net_dtype), layout, self.nets, self.activations, species=sp)
         e = (self.reference_energy + self.energy_shift).index_select(0, sp) + self.energy_scale * y.to(torch.float64)
         outputs = [G]
         grads = [self.energy_scale * dydx.to(torch.float64) / std]          # dE/dG

@@ -22,6 +22,9 @@ a_k terms.  Padding rows have zero cotangents, so they add nothing.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,8 +164,133 @@ class NetsWithGradient(torch.autograd.Function):
         return (xbar, None, None, None, None, *grads)
 
 
-def nets_with_gradient(x, layout, nets, activations):
-    """y [N] and dy/dx [N, D] of the per-species ``nets`` (see :class:`NetsWithGradient`)."""
-    slot, src, rows = layout
+# ------------------------------------------------------------------------------------------
+# compiled CPU operators (csrc/nets_cpu.cpp)
+# ------------------------------------------------------------------------------------------
+
+ACTIVATION_CODES = {"tanh": 0, "sigmoid": 1, "linear": 2, "softplus": 3, "silu": 4}
+
+_STATE = threading.local()
+_OPS: dict = {}
+
+
+def _ops_available() -> bool:
+    ok = _OPS.get("available")
+    if ok is None:
+        try:
+            from .._ext import load_extension
+
+            ok = bool(load_extension(warn_if_missing=False)) and hasattr(torch.ops.distmlip, "bpnn_nets_forward")
+        except Exception:  # noqa: BLE001  (any failure: use the torch-operator path)
+            ok = False
+        _OPS["available"] = ok
+    return ok
+
+
+def compiled_enabled() -> bool:
+    return getattr(_STATE, "compiled", True)
+
+
+@contextlib.contextmanager
+def compiled_networks(enabled: bool):
+    """Use (True, default) or not (False) the compiled CPU network operators in this thread.
+    Their backward is not differentiable again, so code that differentiates the networks twice
+    through autograd (the autograd reference of force training) switches them off."""
+    old = compiled_enabled()
+    _STATE.compiled = bool(enabled)
+    try:
+        yield
+    finally:
+        _STATE.compiled = old
+
+
+def use_compiled(x: torch.Tensor, nets, activations) -> bool:
+    """Whether the compiled operators evaluate these networks on x (CPU tensors, supported
+    networks, extension present, not switched off)."""
+    return (x.device.type == "cpu" and compiled_enabled() and _ops_available()
+            and all(p.device.type == "cpu" for p in nets[0].parameters()) and supported(nets, activations))
+
+
+def _will_reach(t: torch.Tensor) -> bool:
+    """Whether the running backward pass will deliver a gradient to ``t`` (False under
+    ``loss.backward(inputs=params)``: the networks' input cotangent is then not computed)."""
+    try:
+        edge = torch.autograd.graph.get_gradient_edge(t)
+        return bool(torch._C._will_engine_execute_node(edge.node))
+    except Exception:  # noqa: BLE001  (leaf tensors, older torch: assume it is needed)
+        return True
+
+
+_ACT_FUNCTIONS = {0: torch.tanh, 1: torch.sigmoid, 2: (lambda a: a), 3: F.softplus, 4: F.silu}
+
+
+def _torch_network_energies(x, species, codes, params):
+    """y [N] of the networks with torch operators (differentiable to any order), for
+    :class:`CompiledNets`' backward under ``create_graph``."""
+    from .bpnn import species_layout
+
+    L = len(codes) + 1
+    T = len(params) // (2 * L)
+    slot, src, rows = species_layout(species, T)
+    D = x.shape[1]
+    h = torch.cat([x, x.new_zeros(1, D)]).index_select(0, src).view(T, rows, D)
+    for k in range(L):
+        W = torch.stack([params[t * 2 * L + 2 * k] for t in range(T)])
+        b = torch.stack([params[t * 2 * L + 2 * k + 1] for t in range(T)]).unsqueeze(1)
+        h = torch.baddbmm(b, h, W.transpose(1, 2))
+        if k < L - 1:
+            h = _ACT_FUNCTIONS[codes[k]](h)
+    return h.reshape(T * rows).index_select(0, slot)
+
+
+class CompiledNets(torch.autograd.Function):
+    """(x [N, D], species [N], codes, with_grad, *params) -> y [N], or (y, dy/dx [N, D]) with
+    ``with_grad``: the networks of ``species[a]`` for every atom, forward and backward in one
+    compiled operator each (``torch.ops.distmlip.bpnn_nets_{forward,backward}``, CPU).  Same
+    values and gradients as :class:`NetsWithGradient` and the autograd path (tested).  A backward
+    under ``create_graph`` (a second derivative through autograd) recomputes y with torch
+    operators and differentiates that, for y; for (y, dy/dx) it raises."""
+
+    @staticmethod
+    def forward(ctx, x, species, codes, with_grad, *params):
+        y, dydx = torch.ops.distmlip.bpnn_nets_forward(x, species, list(params), list(codes), with_grad)
+        ctx.save_for_backward(x, species, *params)
+        ctx.codes = codes
+        ctx.with_grad = with_grad
+        return (y, dydx) if with_grad else y
+
+    @staticmethod
+    def backward(ctx, ybar, ubar=None):
+        x, species, *params = ctx.saved_tensors
+        if torch.is_grad_enabled():           # create_graph: a differentiable backward
+            if ctx.with_grad:
+                raise RuntimeError("compiled networks: the backward of (y, dy/dx) is not differentiable "
+                                   "(no derivatives of dy/dx beyond the first); switch the compiled "
+                                   "operators off with forcenet.compiled_networks(False)")
+            with torch.enable_grad():
+                y = _torch_network_energies(x, species, ctx.codes, params)
+                need = [x] + list(params)
+                grads = torch.autograd.grad(y, need, ybar, create_graph=True, allow_unused=True)
+            return (grads[0], None, None, None, *grads[1:])
+        need_x = bool(ctx.needs_input_grad[0]) and (x.grad_fn is None or _will_reach(x))
+        out = torch.ops.distmlip.bpnn_nets_backward(x, species, params, list(ctx.codes), ybar, ubar, need_x)
+        return (out[-1] if need_x else None, None, None, None, *out[:-1])
+
+
+def network_energies(x, species, nets, activations):
+    """Outputs y [N] of the per-species networks with the compiled operator (see
+    :func:`use_compiled`)."""
     params = [p for net in nets for p in net.parameters()]
+    codes = tuple(ACTIVATION_CODES[a] for a in activations)
+    return CompiledNets.apply(x, species, codes, False, *params)
+
+
+def nets_with_gradient(x, layout, nets, activations, species=None):
+    """y [N] and dy/dx [N, D] of the per-species ``nets``: the compiled CPU operators when
+    ``species`` is given and :func:`use_compiled` allows, else :class:`NetsWithGradient`."""
+    params = [p for net in nets for p in net.parameters()]
+    if species is not None and use_compiled(x, nets, activations):
+        codes = tuple(ACTIVATION_CODES[a] for a in activations)
+        return CompiledNets.apply(x, species, codes, True, *params)
+    slot, src, rows = layout
     return NetsWithGradient.apply(x, slot, src, rows, tuple(activations), *params)
