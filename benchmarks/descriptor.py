@@ -32,7 +32,11 @@ The force-training step calls ``loss.backward(inputs=parameters)`` (the gradient
 the positions is not needed for training; with the fused kernels this also skips the
 position-Hessian term, see distmlip/descriptors/fused.py).
 
-Usage: python benchmarks/descriptor.py [--quick] [--threads N] [--budget SECONDS] [--json out.json]
+--batch-atoms N sets the batch to about N atoms instead (2000: the trainer's default
+training.batch_atoms); --structures picks a subset.
+
+Usage: python benchmarks/descriptor.py [--quick] [--threads N] [--budget SECONDS] [--batch-atoms N]
+       [--structures ec_dimer,li_slab_ec,bulk256] [--no-memory] [--no-reference] [--json out.json]
 """
 from __future__ import annotations
 
@@ -276,6 +280,11 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement")
     ap.add_argument("--copies", type=int, default=None,
                     help="copies of each structure per batch (default: about 250 atoms per batch)")
+    ap.add_argument("--batch-atoms", type=int, default=None,
+                    help="about this many atoms per batch (copies = atoms // structure size, at least 1; "
+                         "2000 is the trainer's default training.batch_atoms)")
+    ap.add_argument("--structures", default=None,
+                    help=f"comma-separated subset of {','.join(STRUCTURES)}")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--json", default=None)
@@ -294,6 +303,19 @@ def main(argv=None):
 
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.0)
     names = ["ec_dimer", "li_slab_ec"] if args.quick else list(STRUCTURES)
+    if args.structures:
+        names = [n.strip() for n in args.structures.split(",") if n.strip()]
+        unknown = [n for n in names if n not in STRUCTURES]
+        if unknown:
+            ap.error(f"--structures: unknown {', '.join(unknown)} (choose from {', '.join(STRUCTURES)})")
+
+    def n_copies(name):
+        if args.copies is not None:
+            return args.copies
+        if args.batch_atoms is not None:
+            return max(1, args.batch_atoms // len(STRUCTURES[name]()[0]))
+        return COPIES[name]
+
     cutoffs = CUTOFFS[:2] if args.quick else CUTOFFS
     backends = ["fused"] if args.no_reference else ["fused", "reference"]
     isa = {2: "AVX2+FMA", 0: "generic"}.get(int(torch.ops.distmlip.chebyshev_cpu_isa()), "?")
@@ -302,14 +324,14 @@ def main(argv=None):
     print(f"# timing: {CLOCK['name']}, min over repetitions (<= {budget:.1f} s each); memory: child process, "
           "peak RSS (VmHWM after clear_refs) during one step, MB")
     for name in names:
-        copies = args.copies if args.copies is not None else COPIES[name]
+        copies = n_copies(name)
         print(f"# {name}: {STRUCTURES[name]()[1]} x {copies} per batch")
     rows = []
     t_start = time.perf_counter()
     for name in names:
         for rc_r, rc_a in cutoffs:
             row = {"structure": name, "rc": f"{rc_r}/{rc_a}"}
-            copies = args.copies if args.copies is not None else COPIES[name]
+            copies = n_copies(name)
             for backend in backends:
                 s = Setup(name, rc_r, rc_a, backend, copies)
                 row["label"] = s.label
