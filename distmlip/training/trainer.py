@@ -14,6 +14,7 @@ epoch and step position is written and :meth:`Trainer.fit` returns ``"stopped"``
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import math
 import sys
@@ -501,6 +502,13 @@ class Trainer:
         exactly like a signal (used by tests)."""
         tc = self.cfg.training
         self._prepare_output()
+        # Every step allocates a few hundred short-lived Python objects (autograd contexts,
+        # tuples), which trigger the cyclic garbage collector; its full collections walked every
+        # object made during set-up (torch, ase, the data).  Freezing those objects keeps them
+        # out of the collections: mean force-step time on 240-atom EC-dimer batches 1.90 ->
+        # 1.72 ms, Li slab + EC at 8.5/6.0 3.85 -> 3.15 ms (one thread).
+        gc.collect()
+        gc.freeze()
         status = "done"
         while self.epoch < tc.epochs:
             epoch = self.epoch
