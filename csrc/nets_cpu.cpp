@@ -154,11 +154,62 @@ Nets pack_nets(const std::vector<torch::Tensor>& params, const std::vector<int64
   return nets;
 }
 
+// ---- 4-double vectors (GCC/Clang vector extension: AVX2 in the AVX2 clone, SSE2 pairs else) ----
+typedef double v4 __attribute__((vector_size(32)));
+typedef double v4u __attribute__((vector_size(32), aligned(8), may_alias));
+typedef long long v4i __attribute__((vector_size(32)));
+#define DM_INLINE inline __attribute__((always_inline))
+DM_INLINE v4 ld4(const double* p) { return *reinterpret_cast<const v4u*>(p); }
+DM_INLINE void st4(double* p, v4 v) { *reinterpret_cast<v4u*>(p) = v; }
+DM_INLINE v4 splat4(double s) { return v4{s, s, s, s}; }
+
+// tanh of four doubles, branch-free, accurate to a few ulp (tested against torch.tanh):
+// tanh|x| = q / (q + 2) with q = expm1(2|x|); q by its Taylor series below 0.3466 (degree 14,
+// truncation < 1e-18 relative), above as exp(y) - 1 with exp(y) = 2^k exp(r), k = round(y / ln 2),
+// |r| <= ln(2) / 2 by Taylor to degree 13 (truncation 4e-18); 2 |x| is clamped at 44, where
+// tanh rounds to 1.  (torch's tanh on this machine goes through MKL's generic VML path and was
+// a third of the networks' time.)
+DM_INLINE v4 tanh4(v4 x) {
+  const v4 ax = x < 0.0 ? -x : x;
+  v4 y = 2.0 * ax;
+  y = y > 44.0 ? splat4(44.0) : y;  // (NaN stays NaN)
+  // small arguments: expm1(y) = y (1 + y/2 + y^2/6 + ...)
+  v4 ps = splat4(1.0 / 87178291200.0);  // 1/14!
+  const double inv_fact[14] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                               1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0,
+                               1.0 / 24.0, 1.0 / 6.0, 1.0 / 2.0, 1.0, 0.0};
+  for (int i = 0; i < 13; ++i) ps = ps * y + inv_fact[i];  // ... + 1/1!
+  const v4 q_small = ps * y;
+  // larger arguments: exp(y) - 1
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
+  const v4 t = y * 1.4426950408889634 + magic;
+  const v4 kd = t - magic;
+  const v4 r = (y - kd * 6.93147180369123816490e-01) - kd * 1.90821492927058770002e-10;
+  v4 pe = splat4(1.0 / 6227020800.0);  // 1/13!
+  const double inv_fact_e[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
+                                 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
+                                 1.0 / 6.0, 1.0 / 2.0, 1.0, 1.0};
+  for (int i = 0; i < 13; ++i) pe = pe * r + inv_fact_e[i];
+  v4i ti;
+  __builtin_memcpy(&ti, &t, sizeof(ti));
+  v4i mi;
+  __builtin_memcpy(&mi, &magic, sizeof(double));
+  const v4i ki = ti - v4i{mi[0], mi[0], mi[0], mi[0]};
+  const v4i bits = (ki + 1023) << 52;
+  v4 two_k;
+  __builtin_memcpy(&two_k, &bits, sizeof(two_k));
+  const v4 q_large = pe * two_k - 1.0;
+  const v4 q = y < 0.3466 ? q_small : q_large;
+  const v4 th = q / (q + 2.0);
+  return x < 0.0 ? -th : th;
+}
+
 // ---- activations of a whole block of atoms at once ----
-// The transcendental functions go through torch's own vectorised CPU kernels (at::tanh_out,
-// at::sigmoid_out, at::softplus_out on the block's contiguous pre-activations): a scalar libm
-// call per neuron and atom costs more than all the products of the network.  The derivatives
+// tanh runs on 4-double vectors (tanh4); the other activations go through torch's vectorised
+// CPU kernels (at::sigmoid_out, at::softplus_out on the block's contiguous pre-activations): a
+// scalar libm call per neuron and atom costs more than all the products of the network.  The derivatives
 // follow from the values in plain loops.
+DM_NETS_CLONES
 void block_activation(int64_t kind, const double* a, double* h, double* d1, double* d2, int64_t n) {
   if (n == 0) return;
   const auto opts = torch::TensorOptions().dtype(torch::kDouble);
@@ -166,7 +217,14 @@ void block_activation(int64_t kind, const double* a, double* h, double* d1, doub
   auto H = torch::from_blob(h, {n}, opts);
   switch (kind) {
     case kTanh: {
-      at::tanh_out(H, A);
+      int64_t i = 0;
+      for (; i + 4 <= n; i += 4) st4(h + i, tanh4(ld4(a + i)));
+      if (i < n) {
+        double tmp[4] = {0.0, 0.0, 0.0, 0.0};
+        for (int64_t q = i; q < n; ++q) tmp[q - i] = a[q];
+        const v4 th = tanh4(ld4(tmp));
+        for (int64_t q = i; q < n; ++q) h[q] = th[q - i];
+      }
       for (int64_t i = 0; i < n; ++i) d1[i] = 1.0 - h[i] * h[i];
       if (d2)
         for (int64_t i = 0; i < n; ++i) d2[i] = -2.0 * h[i] * d1[i];
@@ -214,11 +272,6 @@ void block_activation(int64_t kind, const double* a, double* h, double* d1, doub
 }
 
 // ---- small matrix products on 4-double vectors ----
-typedef double v4 __attribute__((vector_size(32)));
-typedef double v4u __attribute__((vector_size(32), aligned(8), may_alias));
-#define DM_INLINE inline __attribute__((always_inline))
-DM_INLINE v4 ld4(const double* p) { return *reinterpret_cast<const v4u*>(p); }
-DM_INLINE void st4(double* p, v4 v) { *reinterpret_cast<v4u*>(p) = v; }
 
 // C[m, 4 NV] (+)= op(A)[m, kk] B[kk, 4 NV]; op(A)(i, l) = TA ? A[l lda + i] : A[i lda + l].
 // Tiles of 4 rows x NV vectors stay in registers across the kk loop.

@@ -133,3 +133,30 @@ def test_higher_derivatives_and_bad_species_raise():
     params = [p for n in nets for p in n.parameters()]
     with pytest.raises(RuntimeError, match="species index 3"):
         torch.ops.distmlip.bpnn_nets_forward(x.detach(), torch.tensor([0, 1, 3, 0]), params, [0, 0], True)
+
+
+def test_vectorised_tanh_accuracy():
+    """The operators' own tanh (csrc/nets_cpu.cpp tanh4) against torch.tanh: at most 4 ulp
+    relative over [-30, 30] and tiny arguments, exact +-1 far out, NaN propagates.  Read off a
+    1-1-1 network with unit weights: y = tanh(x), dy/dx = 1 - tanh(x)^2."""
+    net = make_mlp(1, [1], ["tanh"], torch.float64)
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.zero_()
+        net[2].weight.fill_(1.0)
+        net[2].bias.zero_()
+    params = [p.detach() for p in net.parameters()]
+    x = torch.cat([torch.linspace(-30, 30, 200001, dtype=torch.float64),
+                   torch.logspace(-300, 1.5, 20001, dtype=torch.float64),
+                   -torch.logspace(-20, 1.5, 2001, dtype=torch.float64),
+                   torch.tensor([0.0, 0.1733, 0.17331, 22.0, 100.0, -1e300], dtype=torch.float64)])
+    y, g = torch.ops.distmlip.bpnn_nets_forward(x[:, None], torch.zeros(len(x), dtype=torch.long), params,
+                                                [fn.ACTIVATION_CODES["tanh"]], True)
+    ref = torch.tanh(x)
+    ulp = (y - ref).abs() / ref.abs().clamp_min(1e-300) / 2.0 ** -52
+    assert float(ulp.max()) <= 4.0, float(x[ulp.argmax()])
+    assert torch.allclose(g[:, 0], 1 - ref * ref, rtol=0, atol=4e-16)
+    assert y[-2] == 1.0 and y[-1] == -1.0
+    yn, _ = torch.ops.distmlip.bpnn_nets_forward(torch.tensor([[float("nan")]], dtype=torch.float64),
+                                                 torch.zeros(1, dtype=torch.long), params, [0], True)
+    assert torch.isnan(yn).all()

@@ -89,14 +89,6 @@ def make_mlp(n_in: int, hidden: Sequence[int], activations: Sequence[str], dtype
     return nn.Sequential(*layers)
 
 
-# Energies (without dy/dx) use the compiled network operators below this many atoms: measured
-# on one core (4 species, 36 inputs, 10-10 tanh), forward + backward 0.38 vs 0.46 ms at 240 atoms
-# and 0.57 vs 0.63 ms at 600, even at 1000, and slower above (1.43 vs 1.28 ms at 2400), where
-# torch's batched products win.  The force-training path (y and dy/dx) is faster with the
-# compiled operators at every size measured (0.48 vs 0.69 ms at 240 atoms, 2.0 vs 2.4 ms at 2400).
-COMPILED_ENERGY_MAX_ATOMS = 1000
-
-
 def species_layout(species: torch.Tensor, n_species: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Padded per-species layout of a batch's atoms: (slot [N], src [n_species * rows], rows).
     Atom a goes to row ``slot[a]`` of a [n_species * rows] table in which the atoms of species t
@@ -273,7 +265,7 @@ class BPNN(nn.Module):
         x = x.to(self.net_dtype)
         from .forcenet import network_energies, use_compiled
 
-        if x.shape[0] < COMPILED_ENERGY_MAX_ATOMS and use_compiled(x, self.nets, self.activations):
+        if use_compiled(x, self.nets, self.activations):
             y = network_energies(x, species, self.nets, self.activations).to(torch.float64)
         else:
             if layout is None:
