@@ -331,9 +331,9 @@ class BPNN(nn.Module):
         if not pos.requires_grad:
             pos.requires_grad_(True)
         if create_graph and self.closed_form_force_gradient and pos.shape[0] > 0:
-            from .forcenet import supported
+            from .forcenet import _supported_cached
 
-            if supported(self.nets, self.activations):
+            if _supported_cached(self.nets, self.activations):
                 return self._energy_and_forces_closed_form(batch)
         from .forcenet import compiled_networks
 

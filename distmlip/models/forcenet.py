@@ -204,11 +204,29 @@ def compiled_networks(enabled: bool):
         _STATE.compiled = old
 
 
+def net_parameters(nets) -> list:
+    """W_1, b_1, ..., W_L, b_L of every network in ``nets``, in ``net.parameters()`` order, read
+    straight off the Linear layers (``Module.parameters()`` walks the module tree, which cost
+    more per training step than the networks' arithmetic on small batches)."""
+    return [t for net in nets for m in net if isinstance(m, nn.Linear) for t in (m.weight, m.bias)]
+
+
+def _supported_cached(nets, activations) -> bool:
+    key = tuple(activations)
+    if not isinstance(nets, nn.Module):      # a plain list: nothing to cache on
+        return supported(nets, activations)
+    cache = nets.__dict__.setdefault("_distmlip_supported", {})
+    ok = cache.get(key)
+    if ok is None:
+        ok = cache[key] = supported(nets, activations)
+    return ok
+
+
 def use_compiled(x: torch.Tensor, nets, activations) -> bool:
     """Whether the compiled operators evaluate these networks on x (CPU tensors, supported
     networks, extension present, not switched off)."""
     return (x.device.type == "cpu" and compiled_enabled() and _ops_available()
-            and all(p.device.type == "cpu" for p in nets[0].parameters()) and supported(nets, activations))
+            and _supported_cached(nets, activations) and nets[0][0].weight.device.type == "cpu")
 
 
 def _will_reach(t: torch.Tensor) -> bool:
@@ -280,15 +298,14 @@ class CompiledNets(torch.autograd.Function):
 def network_energies(x, species, nets, activations):
     """Outputs y [N] of the per-species networks with the compiled operator (see
     :func:`use_compiled`)."""
-    params = [p for net in nets for p in net.parameters()]
     codes = tuple(ACTIVATION_CODES[a] for a in activations)
-    return CompiledNets.apply(x, species, codes, False, *params)
+    return CompiledNets.apply(x, species, codes, False, *net_parameters(nets))
 
 
 def nets_with_gradient(x, layout, nets, activations, species=None):
     """y [N] and dy/dx [N, D] of the per-species ``nets``: the compiled CPU operators when
     ``species`` is given and :func:`use_compiled` allows, else :class:`NetsWithGradient`."""
-    params = [p for net in nets for p in net.parameters()]
+    params = net_parameters(nets)
     if species is not None and use_compiled(x, nets, activations):
         codes = tuple(ACTIVATION_CODES[a] for a in activations)
         return CompiledNets.apply(x, species, codes, True, *params)
