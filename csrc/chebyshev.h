@@ -213,6 +213,13 @@ DM_HD int angular_order(const Problem<scalar_t>& P) {
 // na <= kMaxSpecialised (coefficients up to 2^(na-1); conditioning is harmless there).
 constexpr int kMaxSpecialised = 8;
 
+// Doubles per atom of the forward's moments row (host moment form, orders up to
+// kMaxSpecialised; 0 otherwise): [flag, d0, d0w, M (C(na + 3, 3)), MW (C(na + 3, 3))], flag 1 when
+// the centre's angular sums used the moment form (see angular_forward_moments).
+DM_HD int moments_row_size(int na) {
+  return na <= kMaxSpecialised ? 3 + (na + 1) * (na + 2) * (na + 3) / 3 : 0;
+}
+
 DM_HD void cheb_monomial(int na, double* tc) {
   const int K = na + 1;
   for (int q = 0; q < K * K; ++q) tc[q] = 0.0;
@@ -437,14 +444,25 @@ DM_HD void angular_moments(int64_t m, const double* ux, const double* uy, const 
 }
 
 // Forward: A[n] = sum_{a<b} T_n(c_ab) f_a f_b, W[n] the same weighted by s_a s_b.
+// mom (optional): the centre's moments row [1, d0, d0w, M (NM), MW (NM)] (moments_row_size),
+// kept by the force-training forward so that the VJP and JVP need not rebuild the moments.
 template <int NA>
 DM_HD void angular_forward_moments(int64_t m, const double* ux, const double* uy,
                                    const double* uz, const double* ff, const double* ss,
-                                   double* A, double* W) {
+                                   double* A, double* W, double* mom = nullptr) {
   constexpr const MonoTable<NA>& T = kMono<NA>;
   constexpr int NM = MonoTable<NA>::N;
   double M[NM], MW[NM], d0, d0w;
   angular_moments<NA>(m, ux, uy, uz, ff, ss, M, MW, d0, d0w);
+  if (mom != nullptr) {
+    mom[0] = 1.0;
+    mom[1] = d0;
+    mom[2] = d0w;
+    for (int q = 0; q < NM; ++q) {
+      mom[3 + q] = M[q];
+      mom[3 + NM + q] = MW[q];
+    }
+  }
   double Q[NA + 1], QW[NA + 1];
   for (int k = 0; k <= NA; ++k) Q[k] = QW[k] = 0.0;
   for (int q = 0; q < NM; ++q) {
@@ -465,12 +483,19 @@ template <int NA>
 DM_HD void angular_vjp_moments(int64_t m, const double* ux, const double* uy, const double* uz,
                                const double* ir, const double* ff, const double* dff,
                                const double* ss, const double* al, const double* be, double* gx,
-                               double* gy, double* gz) {
+                               double* gy, double* gz, const double* mom = nullptr) {
   constexpr const MonoTable<NA>& T = kMono<NA>;
   constexpr int NM = MonoTable<NA>::N;
   constexpr int NG = MonoTable<NA>::NG;
   double M[NM], MW[NM], d0, d0w;
-  angular_moments<NA>(m, ux, uy, uz, ff, ss, M, MW, d0, d0w);
+  if (mom != nullptr) {  // moments kept by the forward: one pass over the neighbours, not two
+    for (int q = 0; q < NM; ++q) {
+      M[q] = mom[3 + q];
+      MW[q] = mom[3 + NM + q];
+    }
+  } else {
+    angular_moments<NA>(m, ux, uy, uz, ff, ss, M, MW, d0, d0w);
+  }
   // dE/dM_q and the coefficients of its gradient polynomials (degree < NA)
   double bV[NM], bW[NM], cx[NG], cy[NG], cz[NG], cxw[NG], cyw[NG], czw[NG];
   for (int q = 0; q < NG; ++q) cx[q] = cy[q] = cz[q] = cxw[q] = cyw[q] = czw[q] = 0.0;
@@ -538,11 +563,13 @@ DM_HD void angular_vjp_moments(int64_t m, const double* ux, const double* uy, co
 
 // JVP: for position tangents (vx, vy, vz)[a] = v_j - v_i and vp[a] = u_a . (that),
 // adds d A_n and d W_n (Chebyshev orders) to jA[n], jW[n].
-template <int NA>
+// STORED: M and MW are read from the forward's moments row mom instead of being accumulated.
+template <int NA, bool STORED = false>
 DM_HD void angular_jvp_moments(int64_t m, const double* ux, const double* uy, const double* uz,
                                const double* ir, const double* ff, const double* dff,
                                const double* ss, const double* vx, const double* vy,
-                               const double* vz, const double* vp, double* jA, double* jW) {
+                               const double* vz, const double* vp, double* jA, double* jW,
+                               const double* mom = nullptr) {
   constexpr const MonoTable<NA>& T = kMono<NA>;
   constexpr int NM = MonoTable<NA>::N;
   const hv4 zero = hv_splat(0.0);
@@ -568,8 +595,10 @@ DM_HD void angular_jvp_moments(int64_t m, const double* ux, const double* uy, co
       if (T.ey[q] > 0) dmono += double(T.ey[q]) * mono[T.dy[q]] * duy;
       if (T.ez[q] > 0) dmono += double(T.ez[q]) * mono[T.dz[q]] * duz;
       const hv4 t = df * mono[q] + f * dmono;
-      vM[q] += f * mono[q];
-      vMW[q] += fs * mono[q];
+      if (!STORED) {
+        vM[q] += f * mono[q];
+        vMW[q] += fs * mono[q];
+      }
       vdM[q] += t;
       vdMW[q] += s * t;
     }
@@ -578,8 +607,8 @@ DM_HD void angular_jvp_moments(int64_t m, const double* ux, const double* uy, co
   }
   double M[NM], MW[NM], dM[NM], dMW[NM];
   for (int q = 0; q < NM; ++q) {
-    M[q] = hv_sum(vM[q]);
-    MW[q] = hv_sum(vMW[q]);
+    M[q] = STORED ? mom[3 + q] : hv_sum(vM[q]);
+    MW[q] = STORED ? mom[3 + NM + q] : hv_sum(vMW[q]);
     dM[q] = hv_sum(vdM[q]);
     dMW[q] = hv_sum(vdMW[q]);
   }
@@ -987,7 +1016,7 @@ DM_HD int64_t host_jvp_pairs(const Problem<scalar_t>& P, int64_t i, const scalar
 // pairs of centre i.
 template <int NAC, typename scalar_t>
 DM_HD void centre_forward(const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap,
-                          double* acc, int64_t m_ready = -1) {
+                          double* acc, int64_t m_ready = -1, double* mom = nullptr) {
   constexpr int NA1 = NAC >= 0 ? NAC + 1 : kMaxOrder + 1;
   const int nr = P.n_r;
   const int na = angular_order<NAC>(P);
@@ -1036,9 +1065,10 @@ DM_HD void centre_forward(const Problem<scalar_t>& P, int64_t i, double* slot, i
   for (int n = 0; n <= na; ++n) A[n] = W[n] = 0.0;
   bool done = false;
 #if !defined(__CUDACC__)
+  if (mom != nullptr) mom[0] = 0.0;  // no moments row (triplet form)
   if constexpr (NAC >= 0) {
     if (m >= P.moments_min) {
-      angular_forward_moments<NAC>(m, ux, uy, uz, ff, ss, A, W);
+      angular_forward_moments<NAC>(m, ux, uy, uz, ff, ss, A, W, mom);
       done = true;
     }
   }
@@ -1117,7 +1147,7 @@ DM_HD void centre_forward(const Problem<scalar_t>& P, int64_t i, double* slot, i
 template <int NAC, typename scalar_t, typename gscalar_t>
 DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
                       double* slot, int64_t cap, double* gp, int64_t p_base,
-                      double* dRi, int64_t m_ready = -1) {
+                      double* dRi, int64_t m_ready = -1, const double* mom = nullptr) {
   constexpr int NA1 = NAC >= 0 ? NAC + 1 : kMaxOrder + 1;
   const int nr = P.n_r;
   const int na = angular_order<NAC>(P);
@@ -1191,7 +1221,11 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
   bool done = false;
 #if !defined(__CUDACC__)
   if constexpr (NAC >= 0) {
-    if (m >= P.moments_min) {
+    // mom: the forward's moments row (flag mom[0] = 1 when the forward used the moment form)
+    if (mom != nullptr && mom[0] == 1.0) {
+      angular_vjp_moments<NAC>(m, ux, uy, uz, ir, ff, dff, ss, al, be, gx, gy, gz, mom);
+      done = true;
+    } else if (m >= P.moments_min) {
       angular_vjp_moments<NAC>(m, ux, uy, uz, ir, ff, dff, ss, al, be, gx, gy, gz);
       done = true;
     }
@@ -1263,7 +1297,8 @@ DM_HD void centre_vjp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_
 template <int NAC, bool JVP, bool HVP, typename scalar_t, typename gscalar_t>
 DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
                           const scalar_t* v, double* slot, int64_t cap, double* jv, double* hp,
-                          int64_t p_base, double* dHi, int64_t m_ready = -1) {
+                          int64_t p_base, double* dHi, int64_t m_ready = -1,
+                          const double* mom = nullptr) {
   constexpr int NA1 = NAC >= 0 ? NAC + 1 : kMaxOrder + 1;
   const int nr = P.n_r;
   const int na = angular_order<NAC>(P);
@@ -1361,10 +1396,15 @@ DM_HD void centre_jvp_hvp(const Problem<scalar_t>& P, int64_t i, const gscalar_t
   bool done = false;
 #if !defined(__CUDACC__)
   if constexpr (NAC >= 0 && JVP && !HVP) {
-    if (m >= P.moments_min) {
+    const bool stored = mom != nullptr && mom[0] == 1.0;  // the forward's moments row
+    if (stored || m >= P.moments_min) {
       double jA[NA1], jW[NA1];
       for (int n = 0; n <= na; ++n) jA[n] = jW[n] = 0.0;
-      angular_jvp_moments<NAC>(m, ux, uy, uz, ir, ff, dff, ss, vx, vy, vz, vp, jA, jW);
+      if (stored)
+        angular_jvp_moments<NAC, true>(m, ux, uy, uz, ir, ff, dff, ss, vx, vy, vz, vp, jA, jW,
+                                       mom);
+      else
+        angular_jvp_moments<NAC>(m, ux, uy, uz, ir, ff, dff, ss, vx, vy, vz, vp, jA, jW);
       for (int n = 0; n <= na; ++n) {
         jv[oa + n] += jA[n];
         if (w) jv[owa + n] += jW[n];

@@ -3,9 +3,13 @@
 //
 //   distmlip::chebyshev_forward(positions, species, pair_ptr, pair_j, pair_shift, typespin,
 //                               rc_radial, n_radial, rc_angular, n_angular) -> G [N, D]
-//   distmlip::chebyshev_backward(grad_G, <same inputs>) -> dE/dR [N, 3]
-//   distmlip::chebyshev_double_backward(grad_G, v, <same inputs>, need_jvp, need_hvp)
+//   distmlip::chebyshev_forward_moments(<same inputs>) -> (G [N, D], moments [N, K])  (CPU only)
+//   distmlip::chebyshev_backward(grad_G, <same inputs>, moments=None) -> dE/dR [N, 3]
+//   distmlip::chebyshev_double_backward(grad_G, v, <same inputs>, need_jvp, need_hvp,
+//                                       moments=None)
 //       -> (J v [N, D], H v [N, 3])     (undefined-size-0 tensors for the parts not requested)
+// moments: optional per-atom angular moments kept from chebyshev_forward_moments (force
+// training): the VJP and JVP then skip rebuilding them (same results to rounding).
 //
 // Parallel over centre atoms (OpenMP, dynamic schedule, torch's thread count).  Each centre
 // writes only its own output row and its own pairs' gradient slots, so no atomics are needed; the
@@ -16,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -161,49 +166,52 @@ int num_threads() {
   }                                                                                             \
   template <int NAC, typename scalar_t>                                                         \
   ATTR __attribute__((noinline)) void forward_nac_##SUFFIX(                                     \
-      const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap, double* acc) {          \
+      const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap, double* acc,            \
+      double* mom) {                                                                            \
     const int64_t m = forward_pairs_##SUFFIX(P, i, slot, cap, acc);                             \
-    cheb::centre_forward<NAC>(P, i, slot, cap, acc, m);                                         \
+    cheb::centre_forward<NAC>(P, i, slot, cap, acc, m, mom);                                    \
   }                                                                                             \
   template <typename scalar_t>                                                                  \
   void forward_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap,   \
-                            double* acc) {                                                      \
-    DISTMLIP_DISPATCH_NA(P.n_a, NAC, forward_nac_##SUFFIX<NAC>(P, i, slot, cap, acc));          \
+                            double* acc, double* mom) {                                         \
+    DISTMLIP_DISPATCH_NA(P.n_a, NAC, forward_nac_##SUFFIX<NAC>(P, i, slot, cap, acc, mom));     \
   }                                                                                             \
   template <int NAC, typename scalar_t>                                                         \
   ATTR __attribute__((noinline)) void vjp_nac_##SUFFIX(                                         \
       const Problem<scalar_t>& P, int64_t i, const scalar_t* g, double* slot, int64_t cap,      \
-      double* gp, int64_t p_base, double* dRi) {                                                \
+      double* gp, int64_t p_base, double* dRi, const double* mom) {                             \
     const int64_t m = vjp_pairs_##SUFFIX(P, i, g, slot, cap, gp, p_base);                       \
-    cheb::centre_vjp<NAC>(P, i, g, slot, cap, gp, p_base, dRi, m);                              \
+    cheb::centre_vjp<NAC>(P, i, g, slot, cap, gp, p_base, dRi, m, mom);                         \
   }                                                                                             \
   template <typename scalar_t>                                                                  \
   void vjp_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, const scalar_t* g, double* slot, \
-                        int64_t cap, double* gp, int64_t p_base, double* dRi) {                 \
+                        int64_t cap, double* gp, int64_t p_base, double* dRi,                   \
+                        const double* mom) {                                                    \
     DISTMLIP_DISPATCH_NA(P.n_a, NAC,                                                            \
-                         vjp_nac_##SUFFIX<NAC>(P, i, g, slot, cap, gp, p_base, dRi));           \
+                         vjp_nac_##SUFFIX<NAC>(P, i, g, slot, cap, gp, p_base, dRi, mom));      \
   }                                                                                             \
   template <int NAC, bool JVP, bool HVP, typename scalar_t>                                     \
   ATTR __attribute__((noinline)) void jvp_hvp_nac_##SUFFIX(                                     \
       const Problem<scalar_t>& P, int64_t i, const scalar_t* g, const scalar_t* v,              \
-      double* slot, int64_t cap, double* jv, double* hp, int64_t p_base, double* dHi) {         \
+      double* slot, int64_t cap, double* jv, double* hp, int64_t p_base, double* dHi,           \
+      const double* mom) {                                                                      \
     const int64_t m = (JVP && !HVP) ? jvp_pairs_##SUFFIX(P, i, v, slot, cap, jv) : int64_t(-1);  \
-    cheb::centre_jvp_hvp<NAC, JVP, HVP>(P, i, g, v, slot, cap, jv, hp, p_base, dHi, m);         \
+    cheb::centre_jvp_hvp<NAC, JVP, HVP>(P, i, g, v, slot, cap, jv, hp, p_base, dHi, m, mom);    \
   }                                                                                             \
   template <typename scalar_t>                                                                  \
   void jvp_hvp_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, const scalar_t* g,          \
                             const scalar_t* v, double* slot, int64_t cap, double* jv,           \
                             double* hp, int64_t p_base, double* dHi, bool need_jvp,             \
-                            bool need_hvp) {                                                    \
+                            bool need_hvp, const double* mom) {                                 \
     if (need_jvp && need_hvp) {                                                                 \
       DISTMLIP_DISPATCH_NA(P.n_a, NAC, (jvp_hvp_nac_##SUFFIX<NAC, true, true>(                  \
-                                           P, i, g, v, slot, cap, jv, hp, p_base, dHi)));       \
+                                           P, i, g, v, slot, cap, jv, hp, p_base, dHi, mom)));  \
     } else if (need_jvp) {                                                                      \
       DISTMLIP_DISPATCH_NA(P.n_a, NAC, (jvp_hvp_nac_##SUFFIX<NAC, true, false>(                 \
-                                           P, i, g, v, slot, cap, jv, hp, p_base, dHi)));       \
+                                           P, i, g, v, slot, cap, jv, hp, p_base, dHi, mom)));  \
     } else {                                                                                    \
       DISTMLIP_DISPATCH_NA(P.n_a, NAC, (jvp_hvp_nac_##SUFFIX<NAC, false, true>(                 \
-                                           P, i, g, v, slot, cap, jv, hp, p_base, dHi)));       \
+                                           P, i, g, v, slot, cap, jv, hp, p_base, dHi, mom)));  \
     }                                                                                           \
   }
 
@@ -227,13 +235,15 @@ int64_t cpu_isa() {
 }
 
 template <typename scalar_t>
-using ForwardRow = void (*)(const Problem<scalar_t>&, int64_t, double*, int64_t, double*);
+using ForwardRow = void (*)(const Problem<scalar_t>&, int64_t, double*, int64_t, double*,
+                            double*);
 template <typename scalar_t>
 using VjpRow = void (*)(const Problem<scalar_t>&, int64_t, const scalar_t*, double*, int64_t,
-                        double*, int64_t, double*);
+                        double*, int64_t, double*, const double*);
 template <typename scalar_t>
 using JvpRow = void (*)(const Problem<scalar_t>&, int64_t, const scalar_t*, const scalar_t*,
-                        double*, int64_t, double*, double*, int64_t, double*, bool, bool);
+                        double*, int64_t, double*, double*, int64_t, double*, bool, bool,
+                        const double*);
 
 template <typename scalar_t>
 ForwardRow<scalar_t> pick_forward() {
@@ -259,8 +269,10 @@ JvpRow<scalar_t> pick_jvp() {
 
 // ---- kernels (outside the dispatch macros: OpenMP pragmas cannot sit in macro arguments) ----
 
+// mom (optional): [N, moments_row_size(n_a)] rows of the angular moments (force training)
 template <typename scalar_t>
-void forward_impl(const Problem<scalar_t>& P, scalar_t* out) {
+void forward_impl(const Problem<scalar_t>& P, scalar_t* out, double* mom = nullptr) {
+  const int K = cheb::moments_row_size(P.n_a);
   const int64_t N = P.n_atoms;
   const int D = P.dim();
   const int64_t cap = cheb::host_cap(max_neighbours(P.ptr, N));
@@ -272,7 +284,7 @@ void forward_impl(const Problem<scalar_t>& P, scalar_t* out) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < N; ++i) {
       std::fill(acc.begin(), acc.end(), 0.0);
-      row(P, i, slot.data(), cap, acc.data());
+      row(P, i, slot.data(), cap, acc.data(), mom != nullptr ? mom + i * K : nullptr);
       for (int d = 0; d < D; ++d) out[i * D + d] = static_cast<scalar_t>(acc[d]);
     }
   }
@@ -301,7 +313,9 @@ int64_t chunk_end(const int64_t* ptr, int64_t N, int64_t i0, int64_t limit) {
 }
 
 template <typename scalar_t>
-void vjp_impl(const Problem<scalar_t>& P, const scalar_t* pg, double* pdR) {
+void vjp_impl(const Problem<scalar_t>& P, const scalar_t* pg, double* pdR,
+              const double* mom = nullptr) {
+  const int K = cheb::moments_row_size(P.n_a);
   const int64_t N = P.n_atoms;
   const int D = P.dim();
   const int64_t cap = cheb::host_cap(max_neighbours(P.ptr, N));
@@ -319,7 +333,8 @@ void vjp_impl(const Problem<scalar_t>& P, const scalar_t* pg, double* pdR) {
       std::vector<double> slot(size_t(cheb::kHostSlotFields) * size_t(cap));
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = i0; i < i1; ++i) {
-        row(P, i, pg + i * D, slot.data(), cap, gp.data(), p0, own.data() + 3 * i);
+        row(P, i, pg + i * D, slot.data(), cap, gp.data(), p0, own.data() + 3 * i,
+            mom != nullptr ? mom + i * K : nullptr);
       }
     }
     // neighbour side: dE/dR_j += gp[p]  (serial, in pair order)
@@ -336,7 +351,8 @@ void vjp_impl(const Problem<scalar_t>& P, const scalar_t* pg, double* pdR) {
 
 template <typename scalar_t>
 void jvp_hvp_impl(const Problem<scalar_t>& P, const scalar_t* pg, const scalar_t* pv,
-                  scalar_t* pjv, double* phv) {
+                  scalar_t* pjv, double* phv, const double* mom = nullptr) {
+  const int K = cheb::moments_row_size(P.n_a);
   const int64_t N = P.n_atoms;
   const int D = P.dim();
   const int64_t cap = cheb::host_cap(max_neighbours(P.ptr, N));
@@ -360,7 +376,8 @@ void jvp_hvp_impl(const Problem<scalar_t>& P, const scalar_t* pg, const scalar_t
       for (int64_t i = i0; i < i1; ++i) {
         std::fill(acc.begin(), acc.end(), 0.0);
         row(P, i, pg + i * D, pv, slot.data(), cap, acc.data(), need_hvp ? hp.data() : nullptr, p0,
-            need_hvp ? own.data() + 3 * i : nullptr, need_jvp, need_hvp);
+            need_hvp ? own.data() + 3 * i : nullptr, need_jvp, need_hvp,
+            mom != nullptr ? mom + i * K : nullptr);
         if (need_jvp) {
           for (int d = 0; d < D; ++d) pjv[i * D + d] = static_cast<scalar_t>(acc[d]);
         }
@@ -400,11 +417,50 @@ torch::Tensor chebyshev_forward_cpu(const torch::Tensor& positions, const torch:
   return G;
 }
 
+// Forward that also returns the per-atom angular moments ([N, moments_row_size(n_a)] float64;
+// [N, 0] for orders above kMaxSpecialised) for chebyshev_backward / chebyshev_double_backward:
+// per-atom data only (independent of the number of neighbours), kept by the autograd wrapper for
+// force training so that the VJP and JVP skip rebuilding the moments.
+std::tuple<torch::Tensor, torch::Tensor> chebyshev_forward_moments_cpu(
+    const torch::Tensor& positions, const torch::Tensor& species, const torch::Tensor& pair_ptr,
+    const torch::Tensor& pair_j, const torch::Tensor& pair_shift, const torch::Tensor& typespin,
+    double rc_r, int64_t n_r, double rc_a, int64_t n_a) {
+  chebyshev_check_inputs(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
+  check_values_cpu(species, pair_ptr, pair_j, typespin);
+  const int64_t N = positions.size(0);
+  const int D = cheb::descriptor_dim(int(n_r), int(n_a), typespin.size(0) > 1);
+  const int K = cheb::moments_row_size(int(n_a));
+  auto G = torch::empty({N, D}, positions.options());
+  auto mom = torch::empty({N, K}, positions.options().dtype(torch::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(positions.scalar_type(), "chebyshev_forward_moments_cpu", [&] {
+    const auto P = make_problem<scalar_t>(positions, species, pair_ptr, pair_j, pair_shift,
+                                          typespin, rc_r, n_r, rc_a, n_a, Kernel::forward);
+    forward_impl<scalar_t>(P, G.data_ptr<scalar_t>(), K > 0 ? mom.data_ptr<double>() : nullptr);
+  });
+  return {G, mom};
+}
+
+namespace {
+// the moments row pointer when `moments` holds usable rows (else nullptr: rebuilt per centre)
+const double* moments_rows(const std::optional<torch::Tensor>& moments, int64_t N, int64_t n_a) {
+  if (!moments.has_value() || !moments->defined()) return nullptr;
+  const int64_t K = cheb::moments_row_size(int(n_a));
+  if (K == 0) return nullptr;
+  const auto& m = *moments;
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == N && m.size(1) == K &&
+                  m.scalar_type() == torch::kDouble && m.is_contiguous() && m.device().is_cpu(),
+              "chebyshev: moments must be the contiguous float64 [N, ", K,
+              "] tensor of chebyshev_forward_moments, got ", m.sizes());
+  return m.data_ptr<double>();
+}
+}  // namespace
+
 torch::Tensor chebyshev_backward_cpu(const torch::Tensor& grad_G, const torch::Tensor& positions,
                                      const torch::Tensor& species, const torch::Tensor& pair_ptr,
                                      const torch::Tensor& pair_j, const torch::Tensor& pair_shift,
                                      const torch::Tensor& typespin, double rc_r, int64_t n_r,
-                                     double rc_a, int64_t n_a) {
+                                     double rc_a, int64_t n_a,
+                                     const std::optional<torch::Tensor>& moments) {
   chebyshev_check_inputs(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
   check_values_cpu(species, pair_ptr, pair_j, typespin);
   const int64_t N = positions.size(0);
@@ -413,10 +469,11 @@ torch::Tensor chebyshev_backward_cpu(const torch::Tensor& grad_G, const torch::T
               "chebyshev_backward: grad_G must be [N, ", D, "], got ", grad_G.sizes());
   auto g = grad_G.to(positions.scalar_type()).contiguous();
   auto dR = torch::empty({N, 3}, positions.options().dtype(torch::kDouble));
+  const double* mom = moments_rows(moments, N, n_a);
   AT_DISPATCH_FLOATING_TYPES(positions.scalar_type(), "chebyshev_backward_cpu", [&] {
     const auto P = make_problem<scalar_t>(positions, species, pair_ptr, pair_j, pair_shift,
                                           typespin, rc_r, n_r, rc_a, n_a, Kernel::vjp);
-    vjp_impl<scalar_t>(P, g.data_ptr<scalar_t>(), dR.data_ptr<double>());
+    vjp_impl<scalar_t>(P, g.data_ptr<scalar_t>(), dR.data_ptr<double>(), mom);
   });
   return dR.to(positions.scalar_type());
 }
@@ -425,7 +482,8 @@ std::tuple<torch::Tensor, torch::Tensor> chebyshev_double_backward_cpu(
     const torch::Tensor& grad_G, const torch::Tensor& v, const torch::Tensor& positions,
     const torch::Tensor& species, const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
     const torch::Tensor& pair_shift, const torch::Tensor& typespin, double rc_r, int64_t n_r,
-    double rc_a, int64_t n_a, bool need_jvp, bool need_hvp) {
+    double rc_a, int64_t n_a, bool need_jvp, bool need_hvp,
+    const std::optional<torch::Tensor>& moments) {
   chebyshev_check_inputs(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
   check_values_cpu(species, pair_ptr, pair_j, typespin);
   const int64_t N = positions.size(0);
@@ -441,12 +499,13 @@ std::tuple<torch::Tensor, torch::Tensor> chebyshev_double_backward_cpu(
   auto dopt = positions.options().dtype(torch::kDouble);
   torch::Tensor hv = need_hvp ? torch::empty({N, 3}, dopt) : torch::empty({0}, dopt);
   if (!need_jvp && !need_hvp) return {jv, hv.to(positions.scalar_type())};
+  const double* mom = moments_rows(moments, N, n_a);
   AT_DISPATCH_FLOATING_TYPES(positions.scalar_type(), "chebyshev_double_backward_cpu", [&] {
     const auto P = make_problem<scalar_t>(positions, species, pair_ptr, pair_j, pair_shift,
                                           typespin, rc_r, n_r, rc_a, n_a, Kernel::jvp);
     jvp_hvp_impl<scalar_t>(P, g.data_ptr<scalar_t>(), vv.data_ptr<scalar_t>(),
                            need_jvp ? jv.data_ptr<scalar_t>() : nullptr,
-                           need_hvp ? hv.data_ptr<double>() : nullptr);
+                           need_hvp ? hv.data_ptr<double>() : nullptr, mom);
   });
   return {jv, hv.to(positions.scalar_type())};
 }
@@ -458,21 +517,27 @@ TORCH_LIBRARY_FRAGMENT(distmlip, m) {
       "chebyshev_forward(Tensor positions, Tensor species, Tensor pair_ptr, Tensor pair_j, "
       "Tensor pair_shift, Tensor typespin, float rc_radial, int n_radial, float rc_angular, "
       "int n_angular) -> Tensor");
+  // CPU only: the forward plus the per-atom angular moments that the two below accept
+  m.def(
+      "chebyshev_forward_moments(Tensor positions, Tensor species, Tensor pair_ptr, "
+      "Tensor pair_j, Tensor pair_shift, Tensor typespin, float rc_radial, int n_radial, "
+      "float rc_angular, int n_angular) -> (Tensor, Tensor)");
   m.def(
       "chebyshev_backward(Tensor grad_G, Tensor positions, Tensor species, Tensor pair_ptr, "
       "Tensor pair_j, Tensor pair_shift, Tensor typespin, float rc_radial, int n_radial, "
-      "float rc_angular, int n_angular) -> Tensor");
+      "float rc_angular, int n_angular, Tensor? moments=None) -> Tensor");
   m.def(
       "chebyshev_double_backward(Tensor grad_G, Tensor v, Tensor positions, Tensor species, "
       "Tensor pair_ptr, Tensor pair_j, Tensor pair_shift, Tensor typespin, float rc_radial, "
-      "int n_radial, float rc_angular, int n_angular, bool need_jvp, bool need_hvp) "
-      "-> (Tensor, Tensor)");
+      "int n_radial, float rc_angular, int n_angular, bool need_jvp, bool need_hvp, "
+      "Tensor? moments=None) -> (Tensor, Tensor)");
   // 2 when the CPU kernels use the AVX2 + FMA code, 0 for the generic code
   m.def("chebyshev_cpu_isa() -> int", &distmlip::cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(distmlip, CPU, m) {
   m.impl("chebyshev_forward", &distmlip::chebyshev_forward_cpu);
+  m.impl("chebyshev_forward_moments", &distmlip::chebyshev_forward_moments_cpu);
   m.impl("chebyshev_backward", &distmlip::chebyshev_backward_cpu);
   m.impl("chebyshev_double_backward", &distmlip::chebyshev_double_backward_cpu);
 }

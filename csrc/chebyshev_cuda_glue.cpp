@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <optional>
 #include <tuple>
 
 #include "chebyshev.h"
@@ -85,7 +86,9 @@ torch::Tensor chebyshev_backward_cuda(const torch::Tensor& grad_G, const torch::
                                       const torch::Tensor& species, const torch::Tensor& pair_ptr,
                                       const torch::Tensor& pair_j, const torch::Tensor& pair_shift,
                                       const torch::Tensor& typespin, double rc_r, int64_t n_r,
-                                      double rc_a, int64_t n_a) {
+                                      double rc_a, int64_t n_a,
+                                      const std::optional<torch::Tensor>& /*moments*/) {
+  // moments (the CPU forward's angular moments) are not used by the CUDA kernels
   chebyshev_check_inputs(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r,
                          rc_a, n_a);
   const c10::cuda::OptionalCUDAGuard guard(positions.device());
@@ -115,7 +118,8 @@ std::tuple<torch::Tensor, torch::Tensor> chebyshev_double_backward_cuda(
     const torch::Tensor& grad_G, const torch::Tensor& v, const torch::Tensor& positions,
     const torch::Tensor& species, const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
     const torch::Tensor& pair_shift, const torch::Tensor& typespin, double rc_r, int64_t n_r,
-    double rc_a, int64_t n_a, bool need_jvp, bool need_hvp) {
+    double rc_a, int64_t n_a, bool need_jvp, bool need_hvp,
+    const std::optional<torch::Tensor>& /*moments*/) {
   chebyshev_check_inputs(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r,
                          rc_a, n_a);
   const c10::cuda::OptionalCUDAGuard guard(positions.device());

@@ -8,8 +8,10 @@ compiled extension (csrc/chebyshev*.{h,cpp,cu}).
 
 Autograd
   * backward (VJP): dE/dG -> dE/dR by the ``chebyshev_backward`` kernel, which recomputes every
-    pair and triplet term; dG/dR is never stored and the forward saves no intermediates (only
-    references to its inputs).
+    pair and triplet term; dG/dR is never stored.  The forward saves references to its inputs
+    and, on the CPU, the per-atom angular moments of its centres (a few dozen doubles per atom,
+    independent of the number of neighbours), which the VJP and JVP kernels would otherwise
+    rebuild with one more pass over each centre's neighbours.
   * double backward: the VJP is itself a differentiable function (``_ChebyshevVJP``) of dE/dG
     and of the positions.  Its derivative with respect to dE/dG is the Jacobian-vector product
     J v (``need_jvp``); its derivative with respect to the positions is the Hessian-vector
@@ -134,15 +136,21 @@ def _will_reach(t: torch.Tensor) -> bool:
 
 
 class _ChebyshevVJP(torch.autograd.Function):
-    """(dE/dG, R) -> dE/dR; differentiable once more (JVP in dE/dG, HVP in R)."""
+    """(dE/dG, R) -> dE/dR; differentiable once more (JVP in dE/dG, HVP in R).
+
+    ``moments`` (optional, not differentiated): the per-atom angular moments of the forward at the
+    same positions (``chebyshev_forward_moments``); the VJP and JVP kernels then skip rebuilding
+    them."""
 
     @staticmethod
-    def forward(ctx, grad_G, positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a):
+    def forward(ctx, grad_G, positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a,
+                moments=None):
         ctx.save_for_backward(grad_G, positions, species, ptr, pj, shift, ts)
         ctx.params = (rc_r, n_r, rc_a, n_a)
         ctx.hessian = _hessian_enabled()
+        ctx.moments = moments
         return _ops.chebyshev_backward(grad_G, positions, species, ptr, pj, shift, ts,
-                                       rc_r, n_r, rc_a, n_a)
+                                       rc_r, n_r, rc_a, n_a, moments)
 
     @staticmethod
     def backward(ctx, v):
@@ -152,9 +160,9 @@ class _ChebyshevVJP(torch.autograd.Function):
         jv = hv = None
         if need_jvp or need_hvp:
             jv, hv = _ChebyshevSecond.apply(grad_G, v.contiguous(), positions, species, ptr, pj, shift,
-                                            ts, *ctx.params, need_jvp, need_hvp)
+                                            ts, *ctx.params, need_jvp, need_hvp, ctx.moments)
         return ((jv if need_jvp else None), (hv if need_hvp else None),
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 class _ChebyshevSecond(torch.autograd.Function):
@@ -163,9 +171,9 @@ class _ChebyshevSecond(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad_G, v, positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a,
-                need_jvp, need_hvp):
+                need_jvp, need_hvp, moments=None):
         return _ops.chebyshev_double_backward(grad_G, v, positions, species, ptr, pj, shift, ts,
-                                              rc_r, n_r, rc_a, n_a, need_jvp, need_hvp)
+                                              rc_r, n_r, rc_a, n_a, need_jvp, need_hvp, moments)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -175,12 +183,23 @@ class _ChebyshevSecond(torch.autograd.Function):
 
 
 class _ChebyshevG(torch.autograd.Function):
-    """R -> G; backward through :class:`_ChebyshevVJP` so that it is differentiable."""
+    """R -> G; backward through :class:`_ChebyshevVJP` so that it is differentiable.
+
+    On the CPU the forward also keeps the per-atom angular moments (``chebyshev_forward_moments``:
+    per-atom rows, 73 doubles for n_angular = 4, nothing per pair or triplet) for the VJP and the
+    JVP of a force-training step."""
 
     @staticmethod
     def forward(ctx, positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a):
         ctx.save_for_backward(positions, species, ptr, pj, shift, ts)
         ctx.params = (rc_r, n_r, rc_a, n_a)
+        ctx.moments = None
+        if positions.device.type == "cpu" and hasattr(_ops, "chebyshev_forward_moments"):
+            G, moments = _ops.chebyshev_forward_moments(positions, species, ptr, pj, shift, ts,
+                                                        rc_r, n_r, rc_a, n_a)
+            if moments.shape[1] > 0:
+                ctx.moments = moments
+            return G
         return _ops.chebyshev_forward(positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a)
 
     @staticmethod
@@ -189,7 +208,7 @@ class _ChebyshevG(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 10
         gR = _ChebyshevVJP.apply(grad_G.contiguous(), positions, species, ptr, pj, shift, ts,
-                                 *ctx.params)
+                                 *ctx.params, ctx.moments)
         return (gR,) + (None,) * 9
 
 
@@ -255,12 +274,19 @@ def _register_fake():
         def _(positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a):
             return positions.new_empty((positions.shape[0], _dim(ts, n_r, n_a)))
 
+        @lib.register_fake("distmlip::chebyshev_forward_moments")
+        def _(positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a):
+            k = 3 + (n_a + 1) * (n_a + 2) * (n_a + 3) // 3 if n_a <= 8 else 0
+            return (positions.new_empty((positions.shape[0], _dim(ts, n_r, n_a))),
+                    positions.new_empty((positions.shape[0], k), dtype=torch.float64))
+
         @lib.register_fake("distmlip::chebyshev_backward")
-        def _(grad_G, positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a):
+        def _(grad_G, positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a, moments=None):
             return positions.new_empty((positions.shape[0], 3))
 
         @lib.register_fake("distmlip::chebyshev_double_backward")
-        def _(grad_G, v, positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a, need_jvp, need_hvp):
+        def _(grad_G, v, positions, species, ptr, pj, shift, ts, rc_r, n_r, rc_a, n_a, need_jvp, need_hvp,
+              moments=None):
             n = positions.shape[0]
             jv = positions.new_empty((n, _dim(ts, n_r, n_a)) if need_jvp else (0,))
             hv = positions.new_empty((n, 3) if need_hvp else (0,))
