@@ -163,6 +163,14 @@ DM_HD void cutoff_trig(double r, double rc, double& cs, double& sn) {
   sn = c_y;
 }
 
+// the same with a = pi / rc given (no division: the host pair passes, vectorised)
+DM_HD void cutoff_trig_a(double r, double a, double& cs, double& sn) {
+  double s_y, c_y;
+  sincos_half_pi(a * r - 0.5 * kPi, s_y, c_y);
+  cs = -s_y;
+  sn = c_y;
+}
+
 DM_HD Cutoff cutoff_fn(double r, double rc) {
   Cutoff c{0.0, 0.0, 0.0};
   if (r < rc) {
@@ -658,8 +666,8 @@ enum HostField : int {
 DM_HD int64_t host_cap(int64_t cap) { return (cap + kLanes - 1) / kLanes * kLanes; }
 
 // MODE 0: forward, 1: VJP, 2: JVP (v: position tangent).  Returns the number m of angular
-// entries written to the slot fields (ux, uy, uz, ff, ss and, for MODE >= 1, ir, dff, pid,
-// gx = gy = gz = 0; for MODE 2 also vx, vy, vz, vp).  The per-pair fields (hUX..hDP) hold every
+// entries written to the slot fields (ux, uy, uz, ff, ss and, for MODE >= 1, ir, dff; for MODE 1
+// pid and gx = gy = gz = 0; for MODE 2 vx, vy, vz, vp).  The per-pair fields (hUX..hDP) hold every
 // pair of the centre; the radial ones are zero-padded to a multiple of kLanes.
 template <int MODE, typename scalar_t>
 DM_HD int64_t host_pair_pass(const Problem<scalar_t>& P, int64_t i, const scalar_t* v,
@@ -726,12 +734,12 @@ DM_HD int64_t host_pair_pass(const Problem<scalar_t>& P, int64_t i, const scalar
     const double r = R[q];
     const double mr = r < rcr ? 1.0 : 0.0;
     double cs, sn;
-    cutoff_trig(r < rcr ? r : rcr, rcr, cs, sn);
+    cutoff_trig_a(r < rcr ? r : rcr, ar, cs, sn);
     X[q] = mr * (kr * r - 1.0) + (1.0 - mr);
     FC[q] = mr * 0.5 * (cs + 1.0);
     if (MODE >= 1) DFC[q] = -mr * 0.5 * ar * sn;  // the forward needs no derivatives (the sine
     const double ma = r < rca ? 1.0 : 0.0;          // polynomials are then dead code)
-    cutoff_trig(r < rca ? r : rca, rca, cs, sn);
+    cutoff_trig_a(r < rca ? r : rca, aa, cs, sn);
     FA[q] = ma * 0.5 * (cs + 1.0);
     if (MODE >= 1) DFA[q] = -ma * 0.5 * aa * sn;
   }
@@ -758,9 +766,8 @@ DM_HD int64_t host_pair_pass(const Problem<scalar_t>& P, int64_t i, const scalar
     if (MODE >= 1) {
       ir[m] = IR[q];
       dff[m] = DFA[q];
-      pid[m] = double(p0 + q);
-      gx[m] = gy[m] = gz[m] = 0.0;
     }
+    if (MODE == 1) pid[m] = double(p0 + q);  // the JVP (without the Hessian) needs no pair index
     if (MODE == 2) {
       vx[m] = VX[q];
       vy[m] = VY[q];
@@ -768,6 +775,9 @@ DM_HD int64_t host_pair_pass(const Problem<scalar_t>& P, int64_t i, const scalar
       vp[m] = VP[q];
     }
     m += (MODE >= 1 || R[q] < rca) ? 1 : 0;
+  }
+  if (MODE == 1) {
+    for (int64_t k = 0; k < m; ++k) gx[k] = gy[k] = gz[k] = 0.0;
   }
   return m;
 }
@@ -825,50 +835,56 @@ DM_HD void radial_forward_lanes(int64_t np, int nr, const double* X, const doubl
   }
 }
 
+// Derivative of a Chebyshev series in the Chebyshev basis: sum_n g_n T_n'(x) = sum_m d_m T_m(x)
+// (d_{m-1} = d_{m+1} + 2 m g_m, d_0 halved), so that the VJP and JVP need only the T_n
+// recurrence, not the second-kind U_n one as well.
+DM_HD void chebyshev_derivative(int nr, const double* g, double* d) {
+  double d1 = 0.0, d2 = 0.0;  // d_{m}, d_{m+1}
+  for (int m = nr; m >= 1; --m) {
+    const double dm1 = d2 + 2.0 * m * g[m];  // d_{m-1}
+    d[m] = d1;
+    d2 = d1;
+    d1 = dm1;
+  }
+  d[0] = 0.5 * d1;
+}
+
 // A[q] = d(g . radial)/dr of pair q, g_n = gr[n] + s_q gwr[n]:
-//   A = kr fc sum_n g_n T_n'(x) + fc' sum_n g_n T_n(x),  T_n' = n U_{n-1}
-// (Chebyshev polynomials of the second kind U): two sums per weight, each one multiply-add per
-// order, and the two three-term recurrences.
+//   A = kr fc sum_n g_n T_n'(x) + fc' sum_n g_n T_n(x) = sum_n T_n(x) (kr fc d_n + fc' g_n)
+// (d: chebyshev_derivative of g): one three-term recurrence, four multiply-adds per order.
 template <bool W>
 DM_HD void radial_vjp_lanes(int64_t np, int nr, double kr, const double* X, const double* FC,
                             const double* DFC, const double* S, const double* gr,
                             const double* gwr, double* A) {
-  double ngr[kMaxOrder + 1], ngw[kMaxOrder + 1];  // n g_n
-  for (int n = 0; n <= nr; ++n) {
-    ngr[n] = n * gr[n];
-    ngw[n] = W ? n * gwr[n] : 0.0;
-  }
-  const hv4 zero = hv_splat(0.0), one = hv_splat(1.0);
+  double dr[kMaxOrder + 1], dw[kMaxOrder + 1];
+  chebyshev_derivative(nr, gr, dr);
+  if (W) chebyshev_derivative(nr, gwr, dw);
+  const hv4 one = hv_splat(1.0);
   for (int64_t q0 = 0; q0 < np; q0 += kLanes) {
-    hv4 x[2], x2[2], t[2], tm[2], u[2], um[2], sa[2], sw[2], da[2], dw[2];
+    hv4 x2[2], t[2], tm[2], sa[2], sw[2], da[2], dd[2];
     for (int h = 0; h < 2; ++h) {
-      x[h] = hv_load(X + q0 + 4 * h);
-      x2[h] = x[h] + x[h];
-      tm[h] = one;   // T_0
-      t[h] = x[h];   // T_1
-      um[h] = zero;  // U_{-1}
-      u[h] = one;    // U_0
-      sa[h] = gr[0] + (nr >= 1 ? gr[1] * x[h] : zero);          // sum g_n T_n
-      da[h] = hv_splat(nr >= 1 ? gr[1] : 0.0);                  // sum g_n T_n' (T_1' = 1)
+      const hv4 x = hv_load(X + q0 + 4 * h);
+      x2[h] = x + x;
+      tm[h] = one;  // T_0
+      t[h] = x;     // T_1
+      sa[h] = gr[0] + (nr >= 1 ? gr[1] * x : hv_splat(0.0));  // sum g_n T_n
+      da[h] = dr[0] + (nr >= 1 ? dr[1] * x : hv_splat(0.0));  // sum d_n T_n
       if (W) {
-        sw[h] = gwr[0] + (nr >= 1 ? gwr[1] * x[h] : zero);
-        dw[h] = hv_splat(nr >= 1 ? gwr[1] : 0.0);
+        sw[h] = gwr[0] + (nr >= 1 ? gwr[1] * x : hv_splat(0.0));
+        dd[h] = dw[0] + (nr >= 1 ? dw[1] * x : hv_splat(0.0));
       }
     }
     for (int n = 2; n <= nr; ++n) {
-      const double g0 = gr[n], g1 = W ? gwr[n] : 0.0, n0 = ngr[n], n1 = ngw[n];
+      const double g0 = gr[n], d0 = dr[n], g1 = W ? gwr[n] : 0.0, d1 = W ? dw[n] : 0.0;
       for (int h = 0; h < 2; ++h) {
-        const hv4 tn = x2[h] * t[h] - tm[h];   // T_n
-        const hv4 un = x2[h] * u[h] - um[h];   // U_{n-1}
+        const hv4 tn = x2[h] * t[h] - tm[h];  // T_n
         tm[h] = t[h];
         t[h] = tn;
-        um[h] = u[h];
-        u[h] = un;
         sa[h] += g0 * tn;
-        da[h] += n0 * un;
+        da[h] += d0 * tn;
         if (W) {
           sw[h] += g1 * tn;
-          dw[h] += n1 * un;
+          dd[h] += d1 * tn;
         }
       }
     }
@@ -878,7 +894,7 @@ DM_HD void radial_vjp_lanes(int64_t np, int nr, double kr, const double* X, cons
       hv4 a;
       if (W) {
         const hv4 sq = hv_load(S + q);
-        a = kr * f * (da[h] + sq * dw[h]) + df * (sa[h] + sq * sw[h]);
+        a = kr * f * (da[h] + sq * dd[h]) + df * (sa[h] + sq * sw[h]);
       } else {
         a = kr * f * da[h] + df * sa[h];
       }
