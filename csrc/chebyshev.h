@@ -319,9 +319,12 @@ DM_HD void angular_coefficients(int na, const double* ga, const double* gwa, dou
 //   M_q = sum_a f_a u_a^q  over the monomials u^q = ux^i uy^j uz^l of degree i + j + l = k,
 //   mult_q = k! / (i! j! l!).
 // (the weighted copy uses f_a s_a).  One pass over the neighbours builds the C(na + 3, 3)
-// moments (35 for na = 4) instead of the m (m - 1) / 2 triplets; the VJP needs a second pass
-// (value and gradient of a polynomial in u per neighbour), the JVP one pass (moments and their
-// directional derivatives together).  Chosen per centre when the neighbour count within the
+// moments (35 for na = 4; only the 25 of degree na - 1 and na are accumulated, the others follow
+// from |u| = 1, see MonoTable::NLOW) instead of the m (m - 1) / 2 triplets; the VJP needs a second
+// pass (value and gradient of a polynomial in u per neighbour), the JVP one pass (moments and
+// their directional derivatives together).  When the forward kept its moments (force training,
+// chebyshev_forward_moments) the VJP runs only its second pass and the JVP accumulates only the
+// derivatives.  Chosen per centre when the neighbour count within the
 // angular cutoff is at least Problem::moments_min; the triplet form is kept for the position
 // Hessian and for orders above kMaxSpecialised, and on the GPU.
 #if !defined(__CUDACC__)
@@ -353,15 +356,23 @@ template <int NA>
 struct MonoTable {
   static constexpr int N = mono_count(NA);
   static constexpr int NG = NA >= 1 ? mono_count(NA - 1) : 1;  // monomials of degree < NA
+  // Monomials of degree < NA - 1 (the first NLOW) are never accumulated over the neighbours: on
+  // the unit sphere u^q = u^q (ux^2 + uy^2 + uz^2), so their moments are sums of three moments
+  // of degree two more, and in the end of those of degree NA - 1 and NA (25 accumulated moments
+  // instead of 35 for NA = 4).  NG0: first monomial of degree NA - 2 (gradient polynomials).
+  static constexpr int NLOW = NA >= 2 ? mono_count(NA - 2) : 0;
+  static constexpr int NG0 = NA >= 3 ? mono_count(NA - 3) : 0;
   int ex[N], ey[N], ez[N], deg[N];
   int dx[N], dy[N], dz[N];  // index of the monomial with one power of x / y / z less (or 0)
+  int ux2[N], uy2[N], uz2[N];  // index of the monomial with two more powers of x / y / z (or 0)
   double mult[N];
   constexpr int find(int a, int b, int c) const {
     for (int q = 0; q < N; ++q)
       if (ex[q] == a && ey[q] == b && ez[q] == c) return q;
     return 0;
   }
-  constexpr MonoTable() : ex(), ey(), ez(), deg(), dx(), dy(), dz(), mult() {
+  constexpr MonoTable()
+      : ex(), ey(), ez(), deg(), dx(), dy(), dz(), ux2(), uy2(), uz2(), mult() {
     double fact[NA + 1] = {};
     fact[0] = 1.0;
     for (int t = 1; t <= NA; ++t) fact[t] = fact[t - 1] * t;
@@ -380,12 +391,35 @@ struct MonoTable {
       dx[r] = ex[r] > 0 ? find(ex[r] - 1, ey[r], ez[r]) : 0;
       dy[r] = ey[r] > 0 ? find(ex[r], ey[r] - 1, ez[r]) : 0;
       dz[r] = ez[r] > 0 ? find(ex[r], ey[r], ez[r] - 1) : 0;
+      ux2[r] = deg[r] + 2 <= NA ? find(ex[r] + 2, ey[r], ez[r]) : 0;
+      uy2[r] = deg[r] + 2 <= NA ? find(ex[r], ey[r] + 2, ez[r]) : 0;
+      uz2[r] = deg[r] + 2 <= NA ? find(ex[r], ey[r], ez[r] + 2) : 0;
     }
   }
 };
 
 template <int NA>
 inline constexpr MonoTable<NA> kMono{};
+
+// moments of degree < NA - 1 from the accumulated ones (see MonoTable::NLOW); highest first
+template <int NA>
+DM_HD void moments_contract(double* M) {
+  constexpr const MonoTable<NA>& T = kMono<NA>;
+  for (int q = T.NLOW - 1; q >= 0; --q) M[q] = M[T.ux2[q]] + M[T.uy2[q]] + M[T.uz2[q]];
+}
+
+// the adjoint: coefficients b of the moments of degree < NA - 1 moved onto the accumulated ones
+// (the polynomial sum_q b_q u^q keeps its values on the unit sphere); lowest first
+template <int NA>
+DM_HD void moments_contract_adjoint(double* b) {
+  constexpr const MonoTable<NA>& T = kMono<NA>;
+  for (int q = 0; q < T.NLOW; ++q) {
+    b[T.ux2[q]] += b[q];
+    b[T.uy2[q]] += b[q];
+    b[T.uz2[q]] += b[q];
+    b[q] = 0.0;
+  }
+}
 
 template <int NA, typename V>
 DM_HD void monomials(V x, V y, V z, V* mono) {
@@ -424,9 +458,10 @@ DM_HD void angular_moments(int64_t m, const double* ux, const double* uy, const 
                            const double* ff, const double* ss, double* M, double* MW, double& d0,
                            double& d0w) {
   constexpr int NM = MonoTable<NA>::N;
+  constexpr int NL = MonoTable<NA>::NLOW;
   hv4 vM[NM], vW[NM];
   const hv4 zero = hv_splat(0.0);
-  for (int q = 0; q < NM; ++q) vM[q] = vW[q] = zero;
+  for (int q = NL; q < NM; ++q) vM[q] = vW[q] = zero;
   hv4 v0 = zero, v0w = zero;
   for (int64_t a = 0; a < m; a += 4) {
     const int64_t n = m - a;
@@ -436,17 +471,19 @@ DM_HD void angular_moments(int64_t m, const double* ux, const double* uy, const 
 #if defined(__GNUC__)
 #pragma GCC unroll 256
 #endif
-    for (int q = 0; q < NM; ++q) {
+    for (int q = NL; q < NM; ++q) {
       vM[q] += f * mono[q];
       vW[q] += fs * mono[q];
     }
     v0 += f * f;
     v0w += fs * fs;
   }
-  for (int q = 0; q < NM; ++q) {
+  for (int q = NL; q < NM; ++q) {
     M[q] = hv_sum(vM[q]);
     MW[q] = hv_sum(vW[q]);
   }
+  moments_contract<NA>(M);
+  moments_contract<NA>(MW);
   d0 = hv_sum(v0);
   d0w = hv_sum(v0w);
 }
@@ -515,6 +552,10 @@ DM_HD void angular_vjp_moments(int64_t m, const double* ux, const double* uy, co
   for (int q = 0; q < NM; ++q) {
     bV[q] = al[T.deg[q]] * T.mult[q] * M[q];
     bW[q] = be[T.deg[q]] * T.mult[q] * MW[q];
+  }
+  moments_contract_adjoint<NA>(bV);
+  moments_contract_adjoint<NA>(bW);
+  for (int q = T.NLOW; q < NM; ++q) {
     if (T.ex[q] > 0) {
       cx[T.dx[q]] += T.ex[q] * bV[q];
       cxw[T.dx[q]] += T.ex[q] * bW[q];
@@ -538,7 +579,7 @@ DM_HD void angular_vjp_moments(int64_t m, const double* ux, const double* uy, co
 #if defined(__GNUC__)
 #pragma GCC unroll 256
 #endif
-    for (int q = 0; q < NM; ++q) {
+    for (int q = T.NLOW; q < NM; ++q) {
       V += bV[q] * mono[q];
       Vw += bW[q] * mono[q];
     }
@@ -546,7 +587,7 @@ DM_HD void angular_vjp_moments(int64_t m, const double* ux, const double* uy, co
 #if defined(__GNUC__)
 #pragma GCC unroll 256
 #endif
-      for (int q = 0; q < NG; ++q) {
+      for (int q = T.NG0; q < NG; ++q) {
         Gx += cx[q] * mono[q];
         Gy += cy[q] * mono[q];
         Gz += cz[q] * mono[q];
@@ -581,8 +622,9 @@ DM_HD void angular_jvp_moments(int64_t m, const double* ux, const double* uy, co
   constexpr const MonoTable<NA>& T = kMono<NA>;
   constexpr int NM = MonoTable<NA>::N;
   const hv4 zero = hv_splat(0.0);
+  constexpr int NL = MonoTable<NA>::NLOW;
   hv4 vM[NM], vMW[NM], vdM[NM], vdMW[NM];
-  for (int q = 0; q < NM; ++q) vM[q] = vMW[q] = vdM[q] = vdMW[q] = zero;
+  for (int q = NL; q < NM; ++q) vM[q] = vMW[q] = vdM[q] = vdMW[q] = zero;
   hv4 vd0 = zero, vd0w = zero;
   for (int64_t a = 0; a < m; a += 4) {
     const int64_t n = m - a;
@@ -597,7 +639,7 @@ DM_HD void angular_jvp_moments(int64_t m, const double* ux, const double* uy, co
 #if defined(__GNUC__)
 #pragma GCC unroll 256
 #endif
-    for (int q = 0; q < NM; ++q) {
+    for (int q = NL; q < NM; ++q) {
       hv4 dmono = zero;  // terms with a zero exponent vanish at compile time
       if (T.ex[q] > 0) dmono += double(T.ex[q]) * mono[T.dx[q]] * dux;
       if (T.ey[q] > 0) dmono += double(T.ey[q]) * mono[T.dy[q]] * duy;
@@ -614,12 +656,24 @@ DM_HD void angular_jvp_moments(int64_t m, const double* ux, const double* uy, co
     vd0w += f * df * s * s;
   }
   double M[NM], MW[NM], dM[NM], dMW[NM];
-  for (int q = 0; q < NM; ++q) {
+  // (the derivatives of the contracted moments are the contracted derivatives: du is tangent)
+  for (int q = NL; q < NM; ++q) {
     M[q] = STORED ? mom[3 + q] : hv_sum(vM[q]);
     MW[q] = STORED ? mom[3 + NM + q] : hv_sum(vMW[q]);
     dM[q] = hv_sum(vdM[q]);
     dMW[q] = hv_sum(vdMW[q]);
   }
+  if (STORED) {
+    for (int q = 0; q < NL; ++q) {
+      M[q] = mom[3 + q];
+      MW[q] = mom[3 + NM + q];
+    }
+  } else {
+    moments_contract<NA>(M);
+    moments_contract<NA>(MW);
+  }
+  moments_contract<NA>(dM);
+  moments_contract<NA>(dMW);
   const double dd0 = hv_sum(vd0), dd0w = hv_sum(vd0w);
   double Q[NA + 1], QW[NA + 1];
   for (int k = 0; k <= NA; ++k) {

@@ -95,7 +95,8 @@ void check_values_cpu(const torch::Tensor& species, const torch::Tensor& pair_pt
 // (linear in the neighbours, four neighbours per vector step) instead of the triplet loop
 // (quadratic), per kernel: crossovers measured on the benchmark structures (EC dimer, Li slab,
 // dense bulk; 9-180 neighbours, angular order 4): the forward and the JVP break even at about
-// 15 neighbours, the VJP (two passes over the neighbours) at about 22.
+// 15 neighbours, the VJP (two passes over the neighbours) at about 22.  With the forward's
+// moments row the VJP and JVP follow the forward's choice (their moment form is then cheaper).
 // DISTMLIP_CHEB_ANGULAR=triplets | moments forces one form (tests).
 enum class Kernel { forward, vjp, jvp };
 int64_t angular_moments_min(Kernel k) {
