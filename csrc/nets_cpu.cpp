@@ -596,27 +596,44 @@ void check_species(const int64_t* sp, int64_t N, int T) {
                 ", the model has ", T, " networks");
 }
 
+// The checked, packed inputs of both operators.  All arithmetic is in double: a float32 network
+// is converted on the way in and out.
+struct Inputs {
+  torch::Tensor x, xd, species;
+  Nets nets;
+  int64_t N = 0, D = 0;
+  const int64_t* sp = nullptr;
+};
+
+Inputs prepare(const torch::Tensor& x_in, const torch::Tensor& species_in,
+               const std::vector<torch::Tensor>& params, const std::vector<int64_t>& activations) {
+  check_common(x_in, species_in);
+  Inputs in;
+  in.x = x_in.contiguous();
+  in.species = species_in.contiguous();
+  in.N = in.x.size(0);
+  in.D = in.x.size(1);
+  in.nets = pack_nets(params, activations, in.D, in.x.scalar_type());
+  in.sp = in.species.data_ptr<int64_t>();
+  check_species(in.sp, in.N, in.nets.T);
+  in.xd = in.x.to(torch::kDouble).contiguous();
+  return in;
+}
+
 std::tuple<torch::Tensor, torch::Tensor> nets_forward_cpu(const torch::Tensor& x_in,
                                                           const torch::Tensor& species_in,
                                                           std::vector<torch::Tensor> params,
                                                           std::vector<int64_t> activations,
                                                           bool with_grad) {
-  check_common(x_in, species_in);
-  const auto x = x_in.contiguous();
-  const auto species = species_in.contiguous();
-  const int64_t N = x.size(0), D = x.size(1);
-  const Nets nets = pack_nets(params, activations, D, x.scalar_type());
-  const int64_t* sp = species.data_ptr<int64_t>();
-  check_species(sp, N, nets.T);
-  // all arithmetic in double: a float32 network is converted on the way in and out
-  const auto xd = x.to(torch::kDouble).contiguous();
-  const auto dopt = x.options().dtype(torch::kDouble);
+  const Inputs in = prepare(x_in, species_in, params, activations);
+  const int64_t N = in.N, D = in.D;
+  const auto dopt = in.xd.options();
   auto y = torch::empty({N}, dopt);
   auto dydx = with_grad ? torch::empty({N, D}, dopt) : torch::empty({0}, dopt);
-  forward_impl(nets, xd.data_ptr<double>(), sp, N, D, y.data_ptr<double>(),
+  forward_impl(in.nets, in.xd.data_ptr<double>(), in.sp, N, D, y.data_ptr<double>(),
                with_grad ? dydx.data_ptr<double>() : nullptr);
-  y = y.to(x.scalar_type());
-  dydx = dydx.to(x.scalar_type());
+  y = y.to(in.x.scalar_type());
+  dydx = dydx.to(in.x.scalar_type());
   return {y, dydx};
 }
 
@@ -625,13 +642,10 @@ std::vector<torch::Tensor> nets_backward_cpu(const torch::Tensor& x_in, const to
                                              std::vector<int64_t> activations,
                                              const c10::optional<torch::Tensor>& ybar_in,
                                              const c10::optional<torch::Tensor>& ubar_in, bool need_x) {
-  check_common(x_in, species_in);
-  const auto x = x_in.contiguous();
-  const auto species = species_in.contiguous();
-  const int64_t N = x.size(0), D = x.size(1);
-  const Nets nets = pack_nets(params, activations, D, x.scalar_type());
-  const int64_t* sp = species.data_ptr<int64_t>();
-  check_species(sp, N, nets.T);
+  const Inputs in = prepare(x_in, species_in, params, activations);
+  const torch::Tensor& x = in.x;
+  const Nets& nets = in.nets;
+  const int64_t N = in.N, D = in.D;
   const bool has_y = ybar_in.has_value() && ybar_in->defined();
   const bool has_u = ubar_in.has_value() && ubar_in->defined();
   torch::Tensor ybar, ubar;
@@ -644,14 +658,13 @@ std::vector<torch::Tensor> nets_backward_cpu(const torch::Tensor& x_in, const to
                 "bpnn_nets_backward: ubar must be [N, D]");
     ubar = ubar_in->to(torch::kDouble).contiguous();
   }
-  const auto xd = x.to(torch::kDouble).contiguous();
-  auto xbar = need_x ? torch::empty({N, D}, xd.options()) : torch::empty({0}, x.options());
+  auto xbar = need_x ? torch::empty({N, D}, in.xd.options()) : torch::empty({0}, x.options());
   const int64_t G = nets.grad_per_species, T = nets.T;
   const int64_t block = block_size(N);
   const int64_t n_blocks = std::max<int64_t>(1, (N + block - 1) / block);
   std::vector<double> partial(size_t(n_blocks) * size_t(T * G), 0.0);
   std::vector<double> total(size_t(T * G), 0.0);
-  backward_impl(nets, xd.data_ptr<double>(), sp, N, D, has_y ? ybar.data_ptr<double>() : nullptr,
+  backward_impl(nets, in.xd.data_ptr<double>(), in.sp, N, D, has_y ? ybar.data_ptr<double>() : nullptr,
                 has_u ? ubar.data_ptr<double>() : nullptr, need_x ? xbar.data_ptr<double>() : nullptr,
                 block, n_blocks, partial.data(), total.data());
   if (need_x) xbar = xbar.to(x.scalar_type());
