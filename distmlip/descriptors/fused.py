@@ -50,6 +50,7 @@ import threading
 import torch
 
 from .._ext import extension_error, load_extension
+from ..utils.autograd import will_reach
 
 if not load_extension(warn_if_missing=False):
     raise ImportError(
@@ -124,17 +125,6 @@ def _typespin_tensor(typespin, device) -> torch.Tensor:
     return t
 
 
-def _will_reach(t: torch.Tensor) -> bool:
-    """Whether the running backward pass will use a gradient for ``t`` (False e.g. under
-    ``loss.backward(inputs=params)`` or ``autograd.grad(loss, params)``).  Uses the engine query
-    behind ``torch.autograd.graph.register_multi_grad_hook``; if that is unavailable, True."""
-    try:
-        edge = torch.autograd.graph.get_gradient_edge(t)
-        return bool(torch._C._will_engine_execute_node(edge.node))
-    except Exception:
-        return True
-
-
 class _ChebyshevVJP(torch.autograd.Function):
     """(dE/dG, R) -> dE/dR; differentiable once more (JVP in dE/dG, HVP in R).
 
@@ -156,7 +146,7 @@ class _ChebyshevVJP(torch.autograd.Function):
     def backward(ctx, v):
         grad_G, positions, species, ptr, pj, shift, ts = ctx.saved_tensors
         need_jvp = bool(ctx.needs_input_grad[0])
-        need_hvp = bool(ctx.needs_input_grad[1]) and ctx.hessian and _will_reach(positions)
+        need_hvp = bool(ctx.needs_input_grad[1]) and ctx.hessian and will_reach(positions)
         jv = hv = None
         if need_jvp or need_hvp:
             jv, hv = _ChebyshevSecond.apply(grad_G, v.contiguous(), positions, species, ptr, pj, shift,

@@ -108,10 +108,12 @@ def species_layout(species: torch.Tensor, n_species: int) -> tuple[torch.Tensor,
     return slot, src, rows
 
 
-def stacked_mlp(x: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor, int],
-                nets: Sequence[nn.Sequential]) -> torch.Tensor:
-    """Outputs [N] of the per-species networks ``nets`` (same architecture: Linear and activation
-    layers) for the rows of x [N, D], atom a evaluated by the network of its species.
+def stacked_forward(x: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor, int], weights,
+                    activations) -> torch.Tensor:
+    """Outputs [N] of T per-species networks of one architecture for the rows of x [N, D], atom a
+    evaluated by the network of its species.  ``weights``: per Linear layer k, the pair
+    (``[W_k of species 0..T-1]``, ``[b_k of species 0..T-1]``); ``activations``: one callable
+    per hidden layer.
 
     All species at once: the atoms are gathered into a padded [T, rows, D] table (``layout``
     from :func:`species_layout`; padding rows are zero) and each layer is one batched matrix
@@ -120,17 +122,26 @@ def stacked_mlp(x: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor, int],
     step of small networks is dominated by per-operation overhead, above all in the double
     backward of force training."""
     slot, src, rows = layout
-    T = len(nets)
+    T = len(weights[0][0])
     D = x.shape[1]
     h = torch.cat([x, x.new_zeros(1, D)]).index_select(0, src).view(T, rows, D)
-    for k, layer in enumerate(nets[0]):
-        if isinstance(layer, nn.Linear):
-            W = torch.stack([net[k].weight for net in nets])          # [T, out, in]
-            b = torch.stack([net[k].bias for net in nets]).unsqueeze(1)  # [T, 1, out]
-            h = torch.baddbmm(b, h, W.transpose(1, 2))
-        else:
-            h = layer(h)
+    for k, (Ws, bs) in enumerate(weights):
+        h = torch.baddbmm(torch.stack(bs).unsqueeze(1), h, torch.stack(Ws).transpose(1, 2))
+        if k < len(activations):
+            h = activations[k](h)
     return h.reshape(T * rows, -1)[:, 0].index_select(0, slot)
+
+
+def stacked_mlp(x: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor, int],
+                nets: Sequence[nn.Sequential]) -> torch.Tensor:
+    """Outputs [N] of the per-species networks ``nets`` (same architecture: Linear and activation
+    layers) for the rows of x [N, D] (:func:`stacked_forward` with the modules' weights and
+    activation layers)."""
+    layers = list(nets[0])
+    lin = [k for k, m in enumerate(layers) if isinstance(m, nn.Linear)]
+    weights = [([net[k].weight for net in nets], [net[k].bias for net in nets]) for k in lin]
+    acts = [nn.Sequential(*layers[k + 1:k2]) for k, k2 in zip(lin, lin[1:])]
+    return stacked_forward(x, layout, weights, acts)
 
 
 class BPNN(nn.Module):
@@ -257,7 +268,8 @@ class BPNN(nn.Module):
     def atomic_energies_from_features(self, G: torch.Tensor, species: torch.Tensor,
                                       layout: tuple | None = None) -> torch.Tensor:
         """Per-atom energies [N] float64 from raw descriptors G [N, D] (float64).  ``layout``:
-        :func:`species_layout` of ``species`` if already known."""
+        :func:`species_layout` of ``species`` if already known, or a function returning it (the
+        compiled CPU networks do not need it)."""
         G = G.to(torch.float64)
         if G.shape[0] == 0:
             return G.new_zeros(0)
@@ -270,6 +282,8 @@ class BPNN(nn.Module):
         else:
             if layout is None:
                 layout = species_layout(species, len(self.species))
+            elif callable(layout):
+                layout = layout()
             y = stacked_mlp(x, layout, self.nets).to(torch.float64)
         base = (self.reference_energy + self.energy_shift).index_select(0, species)
         return base + self.energy_scale * y
@@ -303,7 +317,7 @@ class BPNN(nn.Module):
     def atomic_energies(self, batch) -> torch.Tensor:
         """Per-atom energies [N] float64: ANN (+ ZBL when the model has it)."""
         e = self.atomic_energies_from_features(self.descriptors(batch), batch.species,
-                                               self.batch_layout(batch, len(self.species)))
+                                               lambda: self.batch_layout(batch, len(self.species)))
         if self.zbl is not None:
             e = e + self.zbl_atomic_energies(batch)
         return e
@@ -331,9 +345,9 @@ class BPNN(nn.Module):
         if not pos.requires_grad:
             pos.requires_grad_(True)
         if create_graph and self.closed_form_force_gradient and pos.shape[0] > 0:
-            from .forcenet import _supported_cached
+            from .forcenet import supported_cached
 
-            if _supported_cached(self.nets, self.activations):
+            if supported_cached(self.nets, self.activations):
                 return self._energy_and_forces_closed_form(batch)
         from .forcenet import compiled_networks
 
@@ -351,8 +365,8 @@ class BPNN(nn.Module):
         G = self.descriptors(batch).to(torch.float64)
         std = self.feature_std.index_select(0, sp)
         x = (G - self.feature_mean.index_select(0, sp)) / std
-        layout = self.batch_layout(batch, len(self.species))
-        y, dydx = nets_with_gradient(x.to(self.net_dtype), layout, self.nets, self.activations, species=sp)
+        y, dydx = nets_with_gradient(x.to(self.net_dtype), lambda: self.batch_layout(batch, len(self.species)),
+                                     self.nets, self.activations, species=sp)
         e = (self.reference_energy + self.energy_shift).index_select(0, sp) + self.energy_scale * y.to(torch.float64)
         outputs = [G]
         grads = [self.energy_scale * dydx.to(torch.float64) / std]          # dE/dG

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.autograd import will_reach
+
 
 def _act_derivatives(kind: str, a: torch.Tensor):
     """(s(a), s'(a), s''(a)) of the activation ``kind`` (matching torch's modules, including
@@ -211,7 +213,7 @@ def net_parameters(nets) -> list:
     return [t for net in nets for m in net if isinstance(m, nn.Linear) for t in (m.weight, m.bias)]
 
 
-def _supported_cached(nets, activations) -> bool:
+def supported_cached(nets, activations) -> bool:
     key = tuple(activations)
     if not isinstance(nets, nn.Module):      # a plain list: nothing to cache on
         return supported(nets, activations)
@@ -226,17 +228,7 @@ def use_compiled(x: torch.Tensor, nets, activations) -> bool:
     """Whether the compiled operators evaluate these networks on x (CPU tensors, supported
     networks, extension present, not switched off)."""
     return (x.device.type == "cpu" and compiled_enabled() and _ops_available()
-            and _supported_cached(nets, activations) and nets[0][0].weight.device.type == "cpu")
-
-
-def _will_reach(t: torch.Tensor) -> bool:
-    """Whether the running backward pass will deliver a gradient to ``t`` (False under
-    ``loss.backward(inputs=params)``: the networks' input cotangent is then not computed)."""
-    try:
-        edge = torch.autograd.graph.get_gradient_edge(t)
-        return bool(torch._C._will_engine_execute_node(edge.node))
-    except Exception:  # noqa: BLE001  (leaf tensors, older torch: assume it is needed)
-        return True
+            and supported_cached(nets, activations) and nets[0][0].weight.device.type == "cpu")
 
 
 _ACT_FUNCTIONS = {0: torch.tanh, 1: torch.sigmoid, 2: (lambda a: a), 3: F.softplus, 4: F.silu}
@@ -245,20 +237,13 @@ _ACT_FUNCTIONS = {0: torch.tanh, 1: torch.sigmoid, 2: (lambda a: a), 3: F.softpl
 def _torch_network_energies(x, species, codes, params):
     """y [N] of the networks with torch operators (differentiable to any order), for
     :class:`CompiledNets`' backward under ``create_graph``."""
-    from .bpnn import species_layout
+    from .bpnn import species_layout, stacked_forward
 
     L = len(codes) + 1
     T = len(params) // (2 * L)
-    slot, src, rows = species_layout(species, T)
-    D = x.shape[1]
-    h = torch.cat([x, x.new_zeros(1, D)]).index_select(0, src).view(T, rows, D)
-    for k in range(L):
-        W = torch.stack([params[t * 2 * L + 2 * k] for t in range(T)])
-        b = torch.stack([params[t * 2 * L + 2 * k + 1] for t in range(T)]).unsqueeze(1)
-        h = torch.baddbmm(b, h, W.transpose(1, 2))
-        if k < L - 1:
-            h = _ACT_FUNCTIONS[codes[k]](h)
-    return h.reshape(T * rows).index_select(0, slot)
+    weights = [([params[t * 2 * L + 2 * k] for t in range(T)], [params[t * 2 * L + 2 * k + 1] for t in range(T)])
+               for k in range(L)]
+    return stacked_forward(x, species_layout(species, T), weights, [_ACT_FUNCTIONS[c] for c in codes])
 
 
 class CompiledNets(torch.autograd.Function):
@@ -290,7 +275,7 @@ class CompiledNets(torch.autograd.Function):
                 need = [x] + list(params)
                 grads = torch.autograd.grad(y, need, ybar, create_graph=True, allow_unused=True)
             return (grads[0], None, None, None, *grads[1:])
-        need_x = bool(ctx.needs_input_grad[0]) and (x.grad_fn is None or _will_reach(x))
+        need_x = bool(ctx.needs_input_grad[0]) and (x.grad_fn is None or will_reach(x))
         out = torch.ops.distmlip.bpnn_nets_backward(x, species, params, list(ctx.codes), ybar, ubar, need_x)
         return (out[-1] if need_x else None, None, None, None, *out[:-1])
 
@@ -304,10 +289,12 @@ def network_energies(x, species, nets, activations):
 
 def nets_with_gradient(x, layout, nets, activations, species=None):
     """y [N] and dy/dx [N, D] of the per-species ``nets``: the compiled CPU operators when
-    ``species`` is given and :func:`use_compiled` allows, else :class:`NetsWithGradient`."""
+    ``species`` is given and :func:`use_compiled` allows, else :class:`NetsWithGradient`.
+    ``layout``: :func:`distmlip.models.bpnn.species_layout` of the atoms, or a function returning
+    it (called only when the torch-operator path needs it)."""
     params = net_parameters(nets)
     if species is not None and use_compiled(x, nets, activations):
         codes = tuple(ACTIVATION_CODES[a] for a in activations)
         return CompiledNets.apply(x, species, codes, True, *params)
-    slot, src, rows = layout
+    slot, src, rows = layout() if callable(layout) else layout
     return NetsWithGradient.apply(x, slot, src, rows, tuple(activations), *params)
