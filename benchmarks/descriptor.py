@@ -145,6 +145,7 @@ class Setup:
 
         from distmlip.descriptors.batch import collate
         from distmlip.models.bpnn import BPNN
+        from distmlip.training.flat import FlatParameters
         from distmlip.training.trainer import fused_adam_kwargs
 
         atoms, self.label = STRUCTURES[name]()
@@ -166,9 +167,11 @@ class Setup:
                 "backend": backend}
         self.model = BPNN(SPECIES, desc, hidden=[10, 10], activation="tanh", dtype="float64")
         self.desc = self.model.descriptor
-        params = list(self.model.parameters())     # the optimiser as the trainer builds it
+        # the optimiser as the trainer builds it: on the flat tensor whose views the parameters are
+        self.flat = FlatParameters(self.model)
+        params = self.flat.tensors
         self.opt = torch.optim.Adam(params, lr=1e-4, **fused_adam_kwargs(params))
-        self.params = params
+        self.params = self.flat.grad_inputs
         g = torch.Generator().manual_seed(1)
         self.F_ref = torch.randn(self.batch.n_atoms, 3, dtype=torch.float64, generator=g)
         self.E_ref = torch.full((copies,), 0.1, dtype=torch.float64)
@@ -183,18 +186,20 @@ class Setup:
         return self.model.energy_and_forces(self.fbatch)[1]
 
     def energy_step(self):
-        self.opt.zero_grad(set_to_none=True)
+        self.flat.zero_grad()
         E = self.model(self.ebatch)
         loss = (((E - self.E_ref) / self.natoms) ** 2).mean()
         loss.backward()
+        self.flat.sync()
         self.opt.step()
 
     def force_step(self):
-        self.opt.zero_grad(set_to_none=True)
+        self.flat.zero_grad()
         E, F = self.model.energy_and_forces(self.fbatch, create_graph=True)
         loss = ((1 - ALPHA) * (((E - self.E_ref) / self.natoms) ** 2).mean()
                 + ALPHA * ((F - self.F_ref) ** 2).mean())
         loss.backward(inputs=self.params)
+        self.flat.sync()
         self.opt.step()
 
 

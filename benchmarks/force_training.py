@@ -213,7 +213,7 @@ def breakdown(tr, structures):
     from distmlip.training.losses import local_counts
 
     model, opt = tr.model, tr.opt
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = tr.flat.grad_inputs      # the flat tensor and its views (distmlip/training/flat.py)
     out = {}
     out["collate"] = _tmin(lambda: tr.collate(structures))
     b = tr.collate(structures)
@@ -242,7 +242,7 @@ def breakdown(tr, structures):
     out["E:forward"] = _tmin(lambda: tr.batch_loss(b, counts, None, sel))
 
     def e_all():
-        opt.zero_grad(set_to_none=False)
+        tr.flat.zero_grad()
         tr.batch_loss(b, counts, None, sel).backward(inputs=params)
 
     out["E:forward+backward"] = _tmin(e_all)
@@ -257,7 +257,7 @@ def breakdown(tr, structures):
         return tr.batch_loss(b, counts, None, sel)
 
     def f_all():
-        opt.zero_grad(set_to_none=False)
+        tr.flat.zero_grad()
         b.positions = pos.clone()
         tr.batch_loss(b, counts, None, sel).backward(inputs=params)
 

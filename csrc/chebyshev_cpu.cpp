@@ -29,6 +29,7 @@
 #endif
 
 #include "chebyshev.h"
+#include "cpu_ops.h"
 
 namespace distmlip {
 

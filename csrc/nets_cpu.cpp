@@ -30,6 +30,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "cpu_ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -695,6 +697,24 @@ std::vector<torch::Tensor> nets_backward_cpu(const torch::Tensor& x_in, const to
 }
 
 }  // namespace
+
+// entry points for the other CPU operators (cpu_ops.h)
+std::tuple<torch::Tensor, torch::Tensor> bpnn_nets_forward_cpu(const torch::Tensor& x,
+                                                               const torch::Tensor& species,
+                                                               std::vector<torch::Tensor> params,
+                                                               std::vector<int64_t> activations,
+                                                               bool with_grad) {
+  return nets_forward_cpu(x, species, std::move(params), std::move(activations), with_grad);
+}
+
+std::vector<torch::Tensor> bpnn_nets_backward_cpu(const torch::Tensor& x, const torch::Tensor& species,
+                                                  std::vector<torch::Tensor> params,
+                                                  std::vector<int64_t> activations,
+                                                  const std::optional<torch::Tensor>& ybar,
+                                                  const std::optional<torch::Tensor>& ubar, bool need_x) {
+  return nets_backward_cpu(x, species, std::move(params), std::move(activations), ybar, ubar, need_x);
+}
+
 }  // namespace distmlip
 
 TORCH_LIBRARY_FRAGMENT(distmlip, m) {

@@ -63,7 +63,7 @@ if not hasattr(torch.ops.distmlip, "chebyshev_forward"):
 
 _ops = torch.ops.distmlip
 
-__all__ = ["available", "chebyshev", "pair_pointers", "position_hessian", "set_position_hessian",
+__all__ = ["available", "chebyshev", "pair_pointers", "prepare_arguments", "position_hessian", "set_position_hessian",
            "MAX_ORDER"]
 
 MAX_ORDER = 32  # csrc/chebyshev.h kMaxOrder
@@ -202,22 +202,15 @@ class _ChebyshevG(torch.autograd.Function):
         return (gR,) + (None,) * 9
 
 
-def chebyshev(positions, species_idx, pair_i, pair_j, pair_shift, *, typespin, rc_radial,
-              n_radial, rc_angular, n_angular, pair_ptr=None):
-    """aenet Chebyshev descriptor G [N, dim] with the fused kernels (see module docstring).
-
-    positions [N, 3] float32/float64; species_idx [N] long (index into ``typespin``);
-    pair_i, pair_j [P] long; pair_shift [P, 3] Cartesian (r_ij = R[j] - R[i] + shift);
-    typespin: sequence or tensor [T] (T = 1: no weighted copy); pair_ptr: optional CSR offsets
-    [N + 1] of pairs sorted by centre (then pair_i is not read)."""
+def prepare_arguments(positions, species_idx, pair_i, pair_j, pair_shift, *, typespin, pair_ptr=None):
+    """The operators' tensor arguments (positions, species, pair_ptr, pair_j, pair_shift,
+    typespin) from a batch's tensors: contiguous, on the positions' device, pairs sorted by centre
+    (stably, only if they are not) with their CSR offsets.  Positions keep their autograd
+    history."""
     if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[1] != 3:
         raise ValueError("fused.chebyshev: positions must be a [N, 3] tensor")
     if positions.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"fused.chebyshev: positions must be float32 or float64, got {positions.dtype}")
-    n_radial, n_angular = int(n_radial), int(n_angular)
-    rc_radial, rc_angular = float(rc_radial), float(rc_angular)
-    if not (0 <= n_radial <= MAX_ORDER and 0 <= n_angular <= MAX_ORDER):
-        raise ValueError(f"fused.chebyshev: orders must be in [0, {MAX_ORDER}], got {n_radial}, {n_angular}")
     if isinstance(pair_shift, torch.Tensor) and pair_shift.requires_grad:
         raise NotImplementedError("fused.chebyshev: gradients with respect to pair_shift (cell, stress) "
                                   "are not supported; detach pair_shift or use backend='reference'")
@@ -240,11 +233,25 @@ def chebyshev(positions, species_idx, pair_i, pair_j, pair_shift, *, typespin, r
         pair_ptr = pair_pointers(pair_i, N)
     else:
         pair_ptr = pair_ptr.to(device=device, dtype=torch.long)
-    pair_j = pair_j.contiguous()
-    pair_shift = pair_shift.contiguous()
-    pair_ptr = pair_ptr.contiguous()
-    pos = positions.contiguous()
-    args = (species_idx, pair_ptr, pair_j, pair_shift, ts, rc_radial, n_radial, rc_angular, n_angular)
+    return (positions.contiguous(), species_idx, pair_ptr.contiguous(), pair_j.contiguous(),
+            pair_shift.contiguous(), ts)
+
+
+def chebyshev(positions, species_idx, pair_i, pair_j, pair_shift, *, typespin, rc_radial,
+              n_radial, rc_angular, n_angular, pair_ptr=None):
+    """aenet Chebyshev descriptor G [N, dim] with the fused kernels (see module docstring).
+
+    positions [N, 3] float32/float64; species_idx [N] long (index into ``typespin``);
+    pair_i, pair_j [P] long; pair_shift [P, 3] Cartesian (r_ij = R[j] - R[i] + shift);
+    typespin: sequence or tensor [T] (T = 1: no weighted copy); pair_ptr: optional CSR offsets
+    [N + 1] of pairs sorted by centre (then pair_i is not read)."""
+    n_radial, n_angular = int(n_radial), int(n_angular)
+    rc_radial, rc_angular = float(rc_radial), float(rc_angular)
+    if not (0 <= n_radial <= MAX_ORDER and 0 <= n_angular <= MAX_ORDER):
+        raise ValueError(f"fused.chebyshev: orders must be in [0, {MAX_ORDER}], got {n_radial}, {n_angular}")
+    pos, *tensors = prepare_arguments(positions, species_idx, pair_i, pair_j, pair_shift,
+                                      typespin=typespin, pair_ptr=pair_ptr)
+    args = (*tensors, rc_radial, n_radial, rc_angular, n_angular)
     if torch.is_grad_enabled() and pos.requires_grad:
         return _ChebyshevG.apply(pos, *args)
     return _ops.chebyshev_forward(pos, *args)

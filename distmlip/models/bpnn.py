@@ -331,6 +331,9 @@ class BPNN(nn.Module):
     # closed-form network gradient for force training (distmlip/models/forcenet.py); False:
     # autograd through the networks (the reference the tests compare against)
     closed_form_force_gradient = True
+    # energies and forces as one autograd node on the CPU with the fused kernels and compiled
+    # networks (distmlip/models/fused_forces.py); False: the general path
+    one_node_forces = True
 
     def energy_and_forces(self, batch, create_graph: bool = False):
         """(E [B] float64, F [N, 3] = -dE/dR).  Sets ``requires_grad`` on batch.positions if needed.
@@ -344,6 +347,22 @@ class BPNN(nn.Module):
             raise ConfigError("forces need positions: a batch of cached descriptors supports energies only")
         if not pos.requires_grad:
             pos.requires_grad_(True)
+        if pos.shape[0] > 0 and self.one_node_forces:
+            from . import fused_forces
+
+            if fused_forces.usable(self, batch):
+                # CPU, fused kernels and compiled networks: one autograd node for E and F
+                if create_graph:
+                    E, F = fused_forces.energy_and_forces(self, batch)
+                else:
+                    with torch.no_grad():
+                        E, F = fused_forces.energy_and_forces(self, batch)
+                if self.zbl is not None:
+                    ez = self.zbl_atomic_energies(batch)
+                    (gz,) = torch.autograd.grad(ez.sum(), pos, create_graph=create_graph)
+                    Ez = torch.zeros_like(E).index_add(0, batch.structure, ez)
+                    E, F = E + (Ez if create_graph else Ez.detach()), F - gz
+                return E, F
         if create_graph and self.closed_form_force_gradient and pos.shape[0] > 0:
             from .forcenet import supported_cached
 

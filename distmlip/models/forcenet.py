@@ -209,8 +209,25 @@ def compiled_networks(enabled: bool):
 def net_parameters(nets) -> list:
     """W_1, b_1, ..., W_L, b_L of every network in ``nets``, in ``net.parameters()`` order, read
     straight off the Linear layers (``Module.parameters()`` walks the module tree, which cost
-    more per training step than the networks' arithmetic on small batches)."""
-    return [t for net in nets for m in net if isinstance(m, nn.Linear) for t in (m.weight, m.bias)]
+    more per training step than the networks' arithmetic on small batches).  The list is cached
+    on ``nets`` and checked on every call against the current networks, layers and parameters
+    (identity of each entry of their dictionaries: a few microseconds), so that replacing,
+    adding or removing a layer or a parameter is seen."""
+    cache = nets.__dict__.get("_distmlip_params") if isinstance(nets, nn.Module) else None
+    if cache is not None:
+        checks, params = cache
+        if all(len(d) == n and all(d.get(k) is v for k, v in items) for d, n, items in checks):
+            return params
+    params = [t for net in nets for m in net if isinstance(m, nn.Linear) for t in (m.weight, m.bias)]
+    if isinstance(nets, nn.Module) and all(isinstance(net, nn.Module) for net in nets):
+        checks = [(nets._modules, len(nets._modules), list(nets._modules.items()))]
+        for net in nets:
+            checks.append((net._modules, len(net._modules), list(net._modules.items())))
+            for m in net:
+                if isinstance(m, nn.Linear):
+                    checks.append((m._parameters, len(m._parameters), list(m._parameters.items())))
+        nets.__dict__["_distmlip_params"] = (checks, params)
+    return params
 
 
 def supported_cached(nets, activations) -> bool:

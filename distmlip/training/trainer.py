@@ -287,8 +287,13 @@ class Trainer:
             self._log(f"descriptor cache: {self.cache.path} ({time.time() - t0:.1f} s)")
 
     def _setup_optim(self):
+        from .flat import FlatParameters
+
         tc = self.cfg.training
-        params = list(self.model.parameters())
+        # the parameters become views of one flat tensor, which the optimiser updates (one fused
+        # call per step instead of a loop over a few dozen small tensors; see flat.py)
+        self.flat = FlatParameters(self.model)
+        params = self.flat.tensors
         if tc.optimizer == "adamw":
             self.opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
                                          **fused_adam_kwargs(params))
@@ -307,7 +312,7 @@ class Trainer:
             self.sched = None
 
     def _restore(self, st):
-        self.opt.load_state_dict(st["optimizer"])
+        self.opt.load_state_dict(self.flat.optimizer_state(st["optimizer"], self.opt))
         if self.sched is not None and st.get("scheduler") is not None:
             if st.get("scheduler_kind") == self.cfg.training.scheduler:
                 self.sched.load_state_dict(st["scheduler"])
@@ -382,18 +387,17 @@ class Trainer:
             selected = self._selected(batch) if self.force_mode else None
             counts = local_counts(batch, selected, self.force_mode)
         self.ctx.all_reduce_sum(counts)
-        self.opt.zero_grad(set_to_none=False)
-        params = list(self.model.parameters())
+        self.flat.zero_grad()
+        params = self.flat.tensors
         if batch is not None and counts[0] > 0:
             loss = self.batch_loss(batch, counts, acc, selected)
-            # inputs=params: only weight gradients are needed; in force mode this skips the
-            # position-position second derivative of the descriptor and the backward pass
-            # towards the positions
-            loss.backward(inputs=[p for p in params if p.requires_grad])
+            # inputs: only weight gradients are needed (the flat tensor, which the CPU force
+            # operator takes, and the parameters, its views, which the module paths reach); in
+            # force mode this skips the position-position second derivative of the descriptor
+            # and the backward pass towards the positions
+            loss.backward(inputs=self.flat.grad_inputs)
             acc[_IDX["loss"]] += loss.detach()
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        self.flat.sync()
         allreduce_gradients(params, self.ctx)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)

@@ -1,0 +1,121 @@
+"""Energies and forces of a BPNN as ONE autograd node: fused descriptor kernels plus compiled
+networks, for the CPU force-training step.
+
+The general path (:meth:`BPNN._energy_and_forces_closed_form`) builds the forces with a dozen
+autograd nodes (descriptor, normalisation, networks, scaling, the descriptor VJP) and runs the
+autograd engine twice per step (``autograd.grad(..., create_graph=True)`` for the forces, then
+``loss.backward()``).  For the few hundred atoms of a training batch of small molecules the
+kernels themselves take well under half of such a step; the rest is Python and autograd
+bookkeeping.  :class:`BPNNEnergyForces` does the same arithmetic with the same kernels, called
+from two compiled operators (csrc/bpnn_forces_cpu.cpp), one for the forward and one for the
+backward:
+
+forward (positions R, per-element weights w)
+    G, moments = chebyshev_forward_moments(R)            per-atom descriptors, angular moments
+    x = (G - mean[t]) / std[t]                           normalised descriptors
+    y, dy/dx = bpnn_nets_forward(x)                      network outputs and input gradients
+    e = e_ref[t] + shift[t] + scale * y;  E = sum of e per structure
+    g = dE/dG = scale * dy/dx / std[t]
+    F = -J^T g = -chebyshev_backward(g)                  J = dG/dR, never stored
+
+backward (cotangents Ebar [B], Fbar [N, 3])
+    ybar = scale * Ebar[structure of each atom]
+    gbar = J (-Fbar) = chebyshev_double_backward(g, -Fbar)   (the JVP)
+    ubar = scale * gbar / std[t]                         cotangent of dy/dx
+    weight gradients (and xbar) = bpnn_nets_backward(x, ybar, ubar)
+    positions, only when the backward will deliver a gradient to them: J^T (xbar / std[t]) plus
+    the Hessian term of the descriptor (chebyshev_double_backward's HVP with g and -Fbar).
+
+Same values and gradients as the general path (tested to 1e-12 in float64).  The backward is
+not differentiable (third derivatives of the descriptor, and second derivatives of the compiled
+networks, are not provided): differentiating it raises.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..utils.autograd import will_reach
+
+
+class BPNNEnergyForces(torch.autograd.Function):
+    """(positions, descriptor inputs, normalisation, energy constants, network codes, flat_for,
+    *inputs) -> (E [B] float64, F [N, 3] in the positions' dtype); the operators
+    ``torch.ops.distmlip.bpnn_energy_forces{,_backward}`` (csrc/bpnn_forces_cpu.cpp).
+
+    ``flat_for`` None: ``inputs`` are the network parameters, each gets its gradient.
+    ``flat_for`` the tuple of network parameters: ``inputs`` is the one flat tensor whose views
+    they are (:class:`distmlip.training.flat.FlatParameters`), which gets one flat gradient."""
+
+    @staticmethod
+    def forward(ctx, positions, species, ptr, pj, shift, ts, dparams, mean, inv_std, base, scale,
+                structure, n_structures, codes, flat_for, *inputs):
+        params = list(inputs) if flat_for is None else list(flat_for)
+        E, F, x, g, moments = torch.ops.distmlip.bpnn_energy_forces(
+            positions, species, ptr, pj, shift, ts, *dparams, mean, inv_std, base, scale, structure,
+            n_structures, params, list(codes))
+        ctx.save_for_backward(positions, species, ptr, pj, shift, ts, x, g, moments, inv_std, scale,
+                              structure, *params)
+        ctx.dparams = dparams
+        ctx.codes = codes
+        ctx.flat = flat_for is not None
+        return E, F
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, Ebar, Fbar):
+        positions, species, ptr, pj, shift, ts, x, g, moments, inv_std, scale, structure, *params = \
+            ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_pos = bool(need[0]) and will_reach(positions)
+        need_w = any(need[_N_ARGS:])
+        n_in = len(need) - _N_ARGS
+        if not (need_pos or need_w):
+            return (None,) * (_N_ARGS + n_in)
+        out = torch.ops.distmlip.bpnn_energy_forces_backward(
+            Ebar, Fbar, positions, species, ptr, pj, shift, ts, *ctx.dparams, x, g, moments, inv_std,
+            scale, structure, params, list(ctx.codes), need_w, need_pos, ctx.flat)
+        grads = tuple(gr if nd else None for gr, nd in zip(out[:-1], need[_N_ARGS:]))
+        return ((out[-1] if need_pos else None),) + (None,) * (_N_ARGS - 1) + grads
+
+
+_N_ARGS = 15        # BPNNEnergyForces.forward's arguments before the parameters (or flat tensor)
+
+
+def usable(model, batch) -> bool:
+    """Whether :func:`energy_and_forces` applies: CPU tensors, the fused descriptor backend with
+    its moment kernel, compiled networks for this architecture."""
+    from .forcenet import use_compiled
+
+    desc = model.descriptor
+    pos = batch.positions
+    return (pos.device.type == "cpu" and getattr(desc, "backend", None) == "fused"
+            and getattr(batch, "pair_i", None) is not None
+            and desc._fused_module() is not None
+            and hasattr(torch.ops.distmlip, "bpnn_energy_forces")
+            and pos.dtype in (torch.float32, torch.float64)
+            and use_compiled(pos, model.nets, model.activations))
+
+
+def energy_and_forces(model, batch):
+    """(E [B], F [N, 3]) of the networks of ``model`` (a BPNN; its ZBL term is not included, see
+    :meth:`BPNN.energy_and_forces`) as one autograd node, differentiable once (weights, and
+    positions).  When the model's parameters are flattened (FlatParameters), the node takes the
+    flat tensor as its input: one gradient accumulation instead of one per parameter."""
+    from ..descriptors import fused
+    from ..training.flat import FlatParameters
+    from .forcenet import ACTIVATION_CODES, net_parameters
+
+    desc = model.descriptor
+    args = fused.prepare_arguments(batch.positions, batch.species, batch.pair_i, batch.pair_j,
+                                   batch.pair_shift, typespin=desc.typespin,
+                                   pair_ptr=getattr(batch, "pair_ptr", None))
+    dparams = (desc.rc_radial, desc.n_radial, desc.rc_angular, desc.n_angular)
+    codes = tuple(ACTIVATION_CODES[a] for a in model.activations)
+    params = net_parameters(model.nets)
+    fp = FlatParameters.of(model)
+    flat = fp.flat_for(params) if fp is not None else None
+    inputs = (None, *params) if flat is None else (tuple(params), flat)
+    return BPNNEnergyForces.apply(*args, dparams, model.feature_mean, model.feature_std.reciprocal(),
+                                  model.reference_energy + model.energy_shift, model.energy_scale,
+                                  batch.structure, int(batch.n_structures), codes, *inputs)
