@@ -347,7 +347,7 @@ class BPNN(nn.Module):
             raise ConfigError("forces need positions: a batch of cached descriptors supports energies only")
         if not pos.requires_grad:
             pos.requires_grad_(True)
-        if pos.shape[0] > 0 and self.one_node_forces:
+        if pos.shape[0] > 0 and self.one_node_forces and self.closed_form_force_gradient:
             from . import fused_forces
 
             if fused_forces.usable(self, batch):

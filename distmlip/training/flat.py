@@ -134,7 +134,7 @@ class FlatParameters:
                     if isinstance(v, torch.Tensor) and v.dim() > 0:
                         merged[name] = torch.cat([st[name].reshape(-1) for _, st in items])
                     else:
-                        merged[name] = v
+                        merged[name] = v.clone() if isinstance(v, torch.Tensor) else v
                 new_state[k] = merged
         group = {k: v for k, v in groups[0].items() if k != "params"}
         group["params"] = list(range(len(self.tensors)))

@@ -1,0 +1,211 @@
+"""Energies and forces as one autograd node (distmlip/models/fused_forces.py, operators
+bpnn_energy_forces{,_backward}) against the general closed-form path (descriptor VJP through
+autograd), and the flat parameters of the optimiser (distmlip/training/flat.py)."""
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk, molecule
+
+pytest.importorskip("distmlip.descriptors.fused", reason="compiled extension missing")
+
+from distmlip.data.structure import Structure  # noqa: E402
+from distmlip.descriptors.batch import collate  # noqa: E402
+from distmlip.models import fused_forces  # noqa: E402
+from distmlip.models.bpnn import BPNN  # noqa: E402
+from distmlip.training.flat import FlatParameters  # noqa: E402
+
+DESC = {"rc_radial": 4.5, "n_radial": 6, "rc_angular": 3.5, "n_angular": 4, "backend": "fused"}
+
+
+def _structures(seed=0):
+    rng = np.random.default_rng(seed)
+    a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+    a.symbols[1] = "Au"
+    a.symbols[5] = "H"
+    a.positions += rng.normal(0, 0.1, a.positions.shape)
+    m = molecule("CH4")
+    m.set_chemical_symbols(["Au", "Cu", "Cu", "Au", "Cu"])
+    m.positions *= 1.6
+    m.positions += rng.normal(0, 0.05, m.positions.shape)
+    lone = molecule("H2")                 # atoms with no neighbour within the cutoffs
+    lone.positions = [[0, 0, 0], [0, 0, 9.0]]
+    lone.set_chemical_symbols(["Cu", "Au"])
+    out = []
+    for at, e in ((a, -1.0), (m, -2.0), (lone, -0.5)):
+        cell = np.array(at.cell) if at.pbc.any() else np.zeros((3, 3))
+        out.append(Structure(at.numbers.copy(), at.positions.copy(), cell, at.pbc.copy(), energy=e))
+    return out
+
+
+def _model(dtype="float64", act="tanh", zbl=None, seed=0):
+    torch.manual_seed(seed)
+    m = BPNN(["Cu", "Au", "H", "O"], DESC, hidden=[7, 5], activation=act, dtype=dtype, zbl=zbl)
+    with torch.no_grad():
+        m.feature_mean.uniform_(-0.5, 0.5)
+        m.feature_std.uniform_(0.5, 2.0)
+        m.energy_shift.copy_(torch.tensor([-3.5, -2.1, -1.0, -4.0], dtype=torch.float64))
+        m.reference_energy.copy_(torch.tensor([-100.0, -2000.0, -13.6, -430.0], dtype=torch.float64))
+        m.energy_scale.fill_(0.3)
+        for p in m.parameters():
+            p.mul_(3.0)
+    return m
+
+
+def _step(m, structs, one_node, full_backward=False, flat=None):
+    """E, F, parameter gradients (and the positions' gradient with ``full_backward``) of a
+    force + energy loss."""
+    m.one_node_forces = one_node
+    b = collate(structs, species=m.species, cutoff=m.cutoff)
+    assert fused_forces.usable(m, b) or not one_node
+    E, F = m.energy_and_forces(b, create_graph=True)
+    target = torch.linspace(-1, 1, F.numel(), dtype=torch.float64).reshape(F.shape)
+    loss = ((E - torch.arange(len(E), dtype=torch.float64)) ** 2).sum() * 1e-2 + ((F - target) ** 2).sum()
+    if flat is not None:
+        flat.zero_grad()
+    else:
+        for p in m.parameters():
+            p.grad = None
+    if full_backward:
+        loss.backward()
+    else:
+        loss.backward(inputs=(flat.grad_inputs if flat is not None else list(m.parameters())))
+    if flat is not None:
+        flat.sync()
+    grads = [p.grad.clone() for p in m.parameters()]
+    pos_grad = b.positions.grad.clone() if full_backward else None
+    return E.detach(), F.detach(), grads, pos_grad
+
+
+@pytest.mark.parametrize("act", ["tanh", ["sigmoid", "softplus"], ["silu", "linear"]])
+def test_one_node_matches_general_path_float64(act):
+    m = _model(act=act)
+    structs = _structures(1)
+    E1, F1, g1, x1 = _step(m, structs, True, full_backward=True)
+    E2, F2, g2, x2 = _step(m, structs, False, full_backward=True)
+    assert torch.allclose(E1, E2, rtol=0, atol=1e-10), (E1 - E2).abs().max()
+    assert abs(float(E1[0])) > 100       # the reference energies are in
+    assert torch.allclose(F1, F2, rtol=0, atol=1e-11), (F1 - F2).abs().max()
+    for a, c in zip(g1, g2):
+        assert torch.allclose(a, c, rtol=1e-10, atol=1e-10 * max(1.0, float(c.abs().max()))), (a - c).abs().max()
+    # the positions' gradient includes the descriptor's Hessian term and the networks' xbar
+    assert torch.allclose(x1, x2, rtol=1e-10, atol=1e-10 * float(x2.abs().max())), (x1 - x2).abs().max()
+    assert float(x1.abs().max()) > 1e-3
+
+
+def test_one_node_float32_networks():
+    m = _model(dtype="float32")
+    structs = _structures(2)
+    E1, F1, g1, _ = _step(m, structs, True)
+    E2, F2, g2, _ = _step(m, structs, False)
+    assert torch.allclose(E1, E2, rtol=0, atol=1e-3)      # energies ~1e3 eV, networks in float32
+    assert torch.allclose(F1, F2, rtol=0, atol=1e-4), (F1 - F2).abs().max()
+    for a, c in zip(g1, g2):
+        assert torch.allclose(a, c, rtol=1e-4, atol=1e-4 * max(1.0, float(c.abs().max())))
+
+
+def test_one_node_with_zbl_and_without_graph():
+    m = _model(zbl={})
+    structs = _structures(3)
+    E1, F1, g1, _ = _step(m, structs, True)
+    E2, F2, g2, _ = _step(m, structs, False)
+    assert torch.allclose(E1, E2, rtol=0, atol=1e-10)
+    assert torch.allclose(F1, F2, rtol=0, atol=1e-10)
+    for a, c in zip(g1, g2):
+        assert torch.allclose(a, c, rtol=1e-10, atol=1e-10 * max(1.0, float(c.abs().max())))
+    # evaluation (no create_graph): detached, same values
+    m.one_node_forces = True
+    b = collate(structs, species=m.species, cutoff=m.cutoff)
+    E3, F3 = m.energy_and_forces(b)
+    assert not E3.requires_grad and not F3.requires_grad
+    assert torch.allclose(E3, E1, rtol=0, atol=1e-10) and torch.allclose(F3, F1, rtol=0, atol=1e-10)
+
+
+def test_forces_match_finite_differences():
+    m = _model()
+    structs = _structures(4)[:2]
+    b = collate(structs, species=m.species, cutoff=m.cutoff)
+    _, F = m.energy_and_forces(b)
+    pos0 = b.positions.detach().clone()
+    h = 1e-5
+    for atom, comp in [(0, 0), (3, 2), (b.n_atoms - 1, 1)]:
+        vals = []
+        for sgn in (1, -1):
+            p = pos0.clone()
+            p[atom, comp] += sgn * h
+            b.positions = p
+            with torch.no_grad():
+                vals.append(float(m(b).sum()))
+        fd = -(vals[0] - vals[1]) / (2 * h)
+        assert abs(fd - float(F[atom, comp])) < 1e-6 * max(1.0, abs(fd)), (atom, comp, fd, float(F[atom, comp]))
+
+
+def test_flat_parameters_give_the_same_gradients_and_updates():
+    structs = _structures(5)
+    m1, m2 = _model(seed=7), _model(seed=7)
+    flat = FlatParameters(m1)
+    assert len(flat.tensors) == 1 and flat.tensors[0].numel() == sum(p.numel() for p in m1.parameters())
+    E1, F1, g1, _ = _step(m1, structs, True, flat=flat)
+    E2, F2, g2, _ = _step(m2, structs, True)
+    for a, c in zip(g1, g2):
+        assert torch.allclose(a, c, rtol=1e-12, atol=1e-12 * max(1.0, float(c.abs().max())))
+    # the flat gradient is the parameters' gradients, in order
+    assert torch.equal(flat.tensors[0].grad, torch.cat([g.reshape(-1) for g in g1]))
+    # one optimiser step on the flat tensor = one step on the parameters
+    o1 = torch.optim.Adam(flat.tensors, lr=1e-2)
+    o2 = torch.optim.Adam(list(m2.parameters()), lr=1e-2)
+    o1.step()
+    o2.step()
+    for a, c in zip(m1.parameters(), m2.parameters()):
+        assert torch.allclose(a, c, rtol=0, atol=1e-14)
+    # the module path (energy loss through the modules) reaches the flat gradient via the views
+    b = collate(structs, species=m1.species, cutoff=m1.cutoff)
+    flat.zero_grad()
+    m1(b).sum().backward(inputs=flat.grad_inputs)
+    flat.sync()
+    assert float(flat.tensors[0].grad.abs().sum()) > 0
+
+
+def test_flat_parameters_repair_and_refuse():
+    m = _model()
+    flat = FlatParameters(m)
+    p0 = next(m.parameters())
+    p0.grad = None                          # e.g. model.zero_grad()
+    b = collate(_structures(6), species=m.species, cutoff=m.cutoff)
+    m(b).sum().backward()
+    assert p0.grad is not None
+    g = p0.grad.clone()
+    flat.sync()                             # the stray gradient is moved into the flat one
+    assert torch.equal(flat.tensors[0].grad[:p0.numel()], g.reshape(-1))
+    p0.data = p0.data.clone()               # storage replaced after flattening
+    with pytest.raises(RuntimeError, match="storage was replaced"):
+        flat.sync()
+
+
+def test_optimizer_state_of_unflattened_checkpoints_is_converted():
+    structs = _structures(7)
+    m1, m2 = _model(seed=9), _model(seed=9)
+    o2 = torch.optim.Adam(list(m2.parameters()), lr=1e-2)
+    for _ in range(2):
+        _, _, _, _ = _step(m2, structs, True)
+        o2.step()
+    old_state = o2.state_dict()
+    m1.load_state_dict(m2.state_dict())
+    flat = FlatParameters(m1)
+    o1 = torch.optim.Adam(flat.tensors, lr=1e-2)
+    o1.load_state_dict(flat.optimizer_state(old_state, o1))
+    _step(m1, structs, True, flat=flat)
+    _step(m2, structs, True)
+    o1.step()
+    o2.step()
+    for a, c in zip(m1.parameters(), m2.parameters()):
+        assert torch.allclose(a, c, rtol=0, atol=1e-12)
+
+
+def test_backward_of_the_node_is_not_differentiable():
+    m = _model()
+    b = collate(_structures(8), species=m.species, cutoff=m.cutoff)
+    E, F = m.energy_and_forces(b, create_graph=True)
+    w = list(m.parameters())[0]
+    (gw,) = torch.autograd.grad((F ** 2).sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gw.sum().backward()
