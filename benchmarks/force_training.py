@@ -259,7 +259,8 @@ def breakdown(tr, structures):
     def f_all():
         tr.flat.zero_grad()
         b.positions = pos.clone()
-        tr.batch_loss(b, counts, None, sel).backward(inputs=params)
+        with tr.flat.routing():
+            tr.batch_loss(b, counts, None, sel).backward(inputs=params)
 
     out["F:energy forward"] = _tmin(f_energy)
     out["F:forward+forces (create_graph)"] = _tmin(f_forces)

@@ -4,16 +4,16 @@
 //   distmlip::bpnn_energy_forces(positions, species, pair_ptr, pair_j, pair_shift, typespin,
 //       rc_radial, n_radial, rc_angular, n_angular, mean [T, D], inv_std [T, D], base [T],
 //       scale [], structure [N], n_structures, params, activations)
-//     -> (E [B] float64, F [N, 3], x [N, D], g [N, D], moments)
+//     -> (E [B] float64, F [N, 3], x [N, D], g [N, D], moments, nets_saved)
 //
 //       G, moments = chebyshev_forward_moments(positions)
 //       x = (G - mean[t]) * inv_std[t]                     (t = species of the atom)
-//       y, dy/dx = bpnn_nets_forward(x)
+//       y, dy/dx = bpnn_nets_forward(x)                   (its intermediates kept: nets_saved)
 //       E = sum over the atoms of each structure of base[t] + scale * y
 //       g = dE/dG = scale * inv_std[t] * dy/dx
 //       F = -chebyshev_backward(g) = -J^T g                (J = dG/dR)
 //
-//   distmlip::bpnn_energy_forces_backward(Ebar?, Fbar?, positions, ..., x, g, moments, inv_std,
+//   distmlip::bpnn_energy_forces_backward(Ebar?, Fbar?, positions, ..., x, g, moments, nets_saved, inv_std,
 //       scale, structure, params, activations, need_params, need_positions, flat_params)
 //     -> [grad of every parameter (each [0] unless need_params)..., grad of positions or [0]],
 //        or with flat_params [the parameter gradients concatenated (flattened), positions]
@@ -21,7 +21,7 @@
 //       ybar = scale * Ebar[structure]
 //       J (-Fbar), H = chebyshev_double_backward(g, -Fbar)   (the JVP; the HVP for positions)
 //       ubar = scale * inv_std[t] * J (-Fbar)               (cotangent of dy/dx)
-//       parameter grads, xbar = bpnn_nets_backward(x, ybar, ubar)
+//       parameter grads, xbar = bpnn_nets_backward(x, ybar, ubar)   (from nets_saved, no recompute)
 //       positions: J^T (inv_std[t] * xbar) + H
 //
 // The networks run in the dtype of their parameters; the descriptor in that of the positions;
@@ -59,7 +59,48 @@ int64_t n_species(const std::vector<torch::Tensor>& params, const std::vector<in
   return int64_t(params.size()) / per_species;
 }
 
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> energy_forces_cpu(
+// x = (G - mean[t]) * inv_std[t] in the networks' dtype
+torch::Tensor normalise(const torch::Tensor& G, const torch::Tensor& species, const torch::Tensor& mean,
+                        const torch::Tensor& inv_std, c10::ScalarType net_dtype) {
+  const int64_t N = G.size(0), D = G.size(1);
+  if (G.scalar_type() == torch::kDouble && net_dtype == torch::kDouble) {
+    auto x = torch::empty({N, D}, G.options());
+    const double* pg = G.data_ptr<double>();
+    const double* pm = mean.data_ptr<double>();
+    const double* pi = inv_std.data_ptr<double>();
+    const int64_t* sp = species.data_ptr<int64_t>();
+    double* px = x.data_ptr<double>();
+    for (int64_t a = 0; a < N; ++a) {
+      const double* m = pm + sp[a] * D;
+      const double* is = pi + sp[a] * D;
+      for (int64_t d = 0; d < D; ++d) px[a * D + d] = (pg[a * D + d] - m[d]) * is[d];
+    }
+    return x;
+  }
+  return (G.to(torch::kDouble) - mean.index_select(0, species)).mul_(inv_std.index_select(0, species)).to(net_dtype);
+}
+
+// rows of v [N, D] times factor * inv_std[t], in dtype out_dtype
+torch::Tensor scale_rows(const torch::Tensor& v, const torch::Tensor& species, const torch::Tensor& inv_std,
+                         double factor, c10::ScalarType out_dtype) {
+  const int64_t N = v.size(0), D = v.size(1);
+  if (v.scalar_type() == torch::kDouble && out_dtype == torch::kDouble && v.is_contiguous()) {
+    auto out = torch::empty({N, D}, v.options());
+    const double* pv = v.data_ptr<double>();
+    const double* pi = inv_std.data_ptr<double>();
+    const int64_t* sp = species.data_ptr<int64_t>();
+    double* po = out.data_ptr<double>();
+    for (int64_t a = 0; a < N; ++a) {
+      const double* is = pi + sp[a] * D;
+      for (int64_t d = 0; d < D; ++d) po[a * D + d] = pv[a * D + d] * is[d] * factor;
+    }
+    return out;
+  }
+  return v.to(torch::kDouble).mul(inv_std.index_select(0, species)).mul_(factor).to(out_dtype).contiguous();
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>
+energy_forces_cpu(
     const torch::Tensor& positions, const torch::Tensor& species, const torch::Tensor& pair_ptr,
     const torch::Tensor& pair_j, const torch::Tensor& pair_shift, const torch::Tensor& typespin,
     double rc_r, int64_t n_r, double rc_a, int64_t n_a, const torch::Tensor& mean,
@@ -71,24 +112,39 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Te
                                                     typespin, rc_r, n_r, rc_a, n_a);
   const int64_t N = G.size(0), D = G.size(1);
   check_normalisation(mean, inv_std, base, scale, T, D);
-  TORCH_CHECK(structure.dim() == 1 && structure.size(0) == N && structure.scalar_type() == torch::kLong,
-              "bpnn_energy_forces: structure must be int64 [N]");
+  TORCH_CHECK(mean.is_contiguous() && inv_std.is_contiguous() && base.is_contiguous(),
+              "bpnn_energy_forces: mean, inv_std and base must be contiguous");
+  TORCH_CHECK(structure.dim() == 1 && structure.size(0) == N && structure.scalar_type() == torch::kLong &&
+                  structure.is_contiguous(),
+              "bpnn_energy_forces: structure must be contiguous int64 [N]");
   TORCH_CHECK(n_structures >= 0, "bpnn_energy_forces: n_structures must be >= 0");
   const double s = scale.item<double>();
   // the species were range-checked by the descriptor kernel
-  const auto inv_std_sp = inv_std.index_select(0, species);
-  auto x = (G.to(torch::kDouble) - mean.index_select(0, species)).mul_(inv_std_sp);
-  x = x.to(params[0].scalar_type());
-  auto [y, dydx] = bpnn_nets_forward_cpu(x, species, params, activations, true);
-  auto e = base.index_select(0, species).add_(y.to(torch::kDouble), s);
-  auto E = torch::zeros({n_structures}, e.options()).index_add_(0, structure, e);
-  auto g = dydx.to(torch::kDouble).mul_(inv_std_sp).mul_(s).to(positions.scalar_type()).contiguous();
+  const auto x = normalise(G, species, mean, inv_std, params[0].scalar_type());
+  torch::Tensor nets_saved;   // the networks' intermediates, for the backward
+  auto [y, dydx] = bpnn_nets_forward_cpu(x, species, params, activations, true, &nets_saved);
+  // E = sum over each structure's atoms of base[t] + scale * y, in float64, in atom order
+  auto E = torch::zeros({n_structures}, G.options().dtype(torch::kDouble));
+  {
+    const auto yd = y.to(torch::kDouble).contiguous();
+    const double* py = yd.data_ptr<double>();
+    const double* pb = base.data_ptr<double>();
+    const int64_t* sp = species.data_ptr<int64_t>();
+    const int64_t* ps = structure.data_ptr<int64_t>();
+    double* pE = E.data_ptr<double>();
+    for (int64_t a = 0; a < N; ++a) {
+      TORCH_CHECK(ps[a] >= 0 && ps[a] < n_structures, "bpnn_energy_forces: atom ", a, " has structure index ",
+                  ps[a], ", outside [0, ", n_structures, ")");
+      pE[ps[a]] += pb[sp[a]] + s * py[a];
+    }
+  }
+  auto g = scale_rows(dydx, species, inv_std, s, positions.scalar_type());   // dE/dG
   const bool with_moments = moments.size(1) > 0;
   auto F = chebyshev_backward_cpu(g, positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r,
                                   rc_a, n_a, with_moments ? std::optional<torch::Tensor>(moments)
                                                           : std::optional<torch::Tensor>())
                .neg_();
-  return {E, F, x, g, moments};
+  return {E, F, x, g, moments, nets_saved};
 }
 
 std::vector<torch::Tensor> energy_forces_backward_cpu(
@@ -96,16 +152,17 @@ std::vector<torch::Tensor> energy_forces_backward_cpu(
     const torch::Tensor& positions, const torch::Tensor& species, const torch::Tensor& pair_ptr,
     const torch::Tensor& pair_j, const torch::Tensor& pair_shift, const torch::Tensor& typespin,
     double rc_r, int64_t n_r, double rc_a, int64_t n_a, const torch::Tensor& x, const torch::Tensor& g,
-    const torch::Tensor& moments, const torch::Tensor& inv_std, const torch::Tensor& scale,
+    const torch::Tensor& moments, const torch::Tensor& nets_saved, const torch::Tensor& inv_std,
+    const torch::Tensor& scale,
     const torch::Tensor& structure, std::vector<torch::Tensor> params, std::vector<int64_t> activations,
     bool need_params, bool need_positions, bool flat_params) {
   const int64_t N = positions.size(0);
   const int64_t T = n_species(params, activations);
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == N && g.sizes() == x.sizes(),
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == N && g.sizes() == x.sizes() && species.size(0) == N,
               "bpnn_energy_forces_backward: x and g must be the [N, D] outputs of the forward");
   TORCH_CHECK(inv_std.dim() == 2 && inv_std.size(0) == T && inv_std.size(1) == x.size(1) &&
-                  inv_std.scalar_type() == torch::kDouble,
-              "bpnn_energy_forces_backward: inv_std must be float64 [T, D]");
+                  inv_std.scalar_type() == torch::kDouble && inv_std.is_contiguous(),
+              "bpnn_energy_forces_backward: inv_std must be contiguous float64 [T, D]");
   TORCH_CHECK(scale.numel() == 1, "bpnn_energy_forces_backward: scale must have one element");
   const double s = scale.item<double>();
   const bool has_E = Ebar.has_value() && Ebar->defined();
@@ -113,13 +170,23 @@ std::vector<torch::Tensor> energy_forces_backward_cpu(
   const auto net_dtype = x.scalar_type();
   std::optional<torch::Tensor> mom;
   if (moments.dim() == 2 && moments.size(0) == N && moments.size(1) > 0) mom = moments;
-  const torch::Tensor inv_std_sp = inv_std.index_select(0, species);
 
   std::optional<torch::Tensor> ybar, ubar;
   if (has_E) {
-    TORCH_CHECK(structure.dim() == 1 && structure.size(0) == N,
-                "bpnn_energy_forces_backward: structure must be int64 [N]");
-    ybar = Ebar->to(torch::kDouble).index_select(0, structure).mul_(s).to(net_dtype);
+    TORCH_CHECK(structure.dim() == 1 && structure.size(0) == N && structure.scalar_type() == torch::kLong &&
+                    structure.is_contiguous(),
+                "bpnn_energy_forces_backward: structure must be contiguous int64 [N]");
+    const auto eb = Ebar->to(torch::kDouble).contiguous();
+    const int64_t B = eb.numel();
+    auto yb = torch::empty({N}, eb.options());
+    const double* pe = eb.data_ptr<double>();
+    const int64_t* ps = structure.data_ptr<int64_t>();
+    double* py = yb.data_ptr<double>();
+    for (int64_t a = 0; a < N; ++a) {
+      TORCH_CHECK(ps[a] >= 0 && ps[a] < B, "bpnn_energy_forces_backward: structure index out of range");
+      py[a] = pe[ps[a]] * s;
+    }
+    ybar = yb.to(net_dtype);
   }
   torch::Tensor hv;
   if (has_F) {
@@ -129,30 +196,27 @@ std::vector<torch::Tensor> energy_forces_backward_cpu(
     auto [jv, h] = chebyshev_double_backward_cpu(g, v, positions, species, pair_ptr, pair_j, pair_shift,
                                                  typespin, rc_r, n_r, rc_a, n_a, true, need_positions, mom);
     hv = h;
-    ubar = jv.to(torch::kDouble).mul_(inv_std_sp).mul_(s).to(net_dtype);
+    ubar = scale_rows(jv, species, inv_std, s, net_dtype);      // cotangent of dy/dx
   }
-  std::vector<torch::Tensor> out(params.size() + 1);
-  for (size_t k = 0; k < params.size(); ++k) out[k] = torch::zeros({0}, x.options());
   torch::Tensor gpos;
-  if ((need_params || need_positions) && (has_E || has_F)) {
-    auto nb = bpnn_nets_backward_cpu(x, species, params, activations, ybar, ubar, need_positions);
-    if (need_params)
-      for (size_t k = 0; k < params.size(); ++k) out[k] = nb[k];
+  std::vector<torch::Tensor> out;
+  const bool any = (need_params || need_positions) && (has_E || has_F);
+  if (any) {
+    out = bpnn_nets_backward_cpu(x, species, params, activations, ybar, ubar, need_positions, flat_params,
+                                 &nets_saved);
     if (need_positions) {
-      auto Gbar = nb.back().to(torch::kDouble).mul_(inv_std_sp).to(positions.scalar_type()).contiguous();
+      auto Gbar = scale_rows(out.back(), species, inv_std, 1.0, positions.scalar_type());
       gpos = chebyshev_backward_cpu(Gbar, positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r,
                                     n_r, rc_a, n_a, mom);
     }
   }
+  if (!any || !need_params) {   // no parameter gradients: empty placeholders
+    const size_t n_out = flat_params ? 1 : params.size();
+    out.assign(n_out + 1, torch::Tensor());
+    for (size_t k = 0; k < n_out; ++k) out[k] = torch::zeros({0}, x.options());
+  }
   if (need_positions && hv.defined() && hv.numel() > 0) gpos = gpos.defined() ? gpos.add_(hv) : hv;
   out.back() = gpos.defined() ? gpos : torch::zeros({0}, positions.options());
-  if (flat_params) {  // one flat gradient of all parameters, in order (FlatParameters)
-    std::vector<torch::Tensor> parts;
-    parts.reserve(params.size());
-    for (size_t k = 0; k < params.size(); ++k)
-      parts.push_back(need_params ? out[k].reshape({-1}) : torch::zeros({params[k].numel()}, x.options()));
-    return {torch::cat(parts), out.back()};
-  }
   return out;
 }
 
@@ -164,11 +228,11 @@ TORCH_LIBRARY_FRAGMENT(distmlip, m) {
       "bpnn_energy_forces(Tensor positions, Tensor species, Tensor pair_ptr, Tensor pair_j, "
       "Tensor pair_shift, Tensor typespin, float rc_radial, int n_radial, float rc_angular, "
       "int n_angular, Tensor mean, Tensor inv_std, Tensor base, Tensor scale, Tensor structure, "
-      "int n_structures, Tensor[] params, int[] activations) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int n_structures, Tensor[] params, int[] activations) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bpnn_energy_forces_backward(Tensor? Ebar, Tensor? Fbar, Tensor positions, Tensor species, "
       "Tensor pair_ptr, Tensor pair_j, Tensor pair_shift, Tensor typespin, float rc_radial, "
-      "int n_radial, float rc_angular, int n_angular, Tensor x, Tensor g, Tensor moments, "
+      "int n_radial, float rc_angular, int n_angular, Tensor x, Tensor g, Tensor moments, Tensor nets_saved, "
       "Tensor inv_std, Tensor scale, Tensor structure, Tensor[] params, int[] activations, "
       "bool need_params, bool need_positions, bool flat_params) -> Tensor[]");
 }

@@ -35,12 +35,17 @@ std::tuple<torch::Tensor, torch::Tensor> bpnn_nets_forward_cpu(const torch::Tens
                                                                const torch::Tensor& species,
                                                                std::vector<torch::Tensor> params,
                                                                std::vector<int64_t> activations,
-                                                               bool with_grad);
+                                                               bool with_grad, torch::Tensor* saved = nullptr);
 
+// saved (forward): if not null, receives the forward's intermediates [N, k] float64, which the
+// backward takes as `saved` instead of recomputing them (same x, species and parameters)
+// flat: [all parameter gradients concatenated in parameter order, x-bar] instead of one tensor
+// per parameter
 std::vector<torch::Tensor> bpnn_nets_backward_cpu(const torch::Tensor& x, const torch::Tensor& species,
                                                   std::vector<torch::Tensor> params,
                                                   std::vector<int64_t> activations,
                                                   const std::optional<torch::Tensor>& ybar,
-                                                  const std::optional<torch::Tensor>& ubar, bool need_x);
+                                                  const std::optional<torch::Tensor>& ubar, bool need_x,
+                                                  bool flat = false, const torch::Tensor* saved = nullptr);
 
 }  // namespace distmlip

@@ -69,6 +69,9 @@ struct Nets {
   // gradient block of a species (padded layout): Wbar_k [p_k, p_{k-1}], bbar_k [p_k], ..., w_L, b_L
   std::vector<int64_t> gw_off, gb_off;
   int64_t gwl_off = 0, gbl_off = 0, grad_per_species = 0;
+  // doubles per atom of the forward's saved intermediates (h_k, s'_k, s''_k, g_k for the hidden
+  // layers k = 1..L-1, padded widths), which a backward can load instead of recomputing
+  int64_t save_row = 0;
   std::vector<double> data;
 
   const double* species_block(int64_t t) const { return data.data() + t * per_species; }
@@ -115,6 +118,7 @@ Nets pack_nets(const std::vector<torch::Tensor>& params, const std::vector<int64
   nets.gwl_off = goff;
   nets.gbl_off = goff + nets.p[L - 1];
   nets.grad_per_species = (goff + nets.p[L - 1] + 1 + 3) / 4 * 4;
+  for (int k = 1; k < L; ++k) nets.save_row += 4 * int64_t(nets.p[k]);
   nets.data.assign(size_t(nets.T) * size_t(nets.per_species), 0.0);
   for (int t = 0; t < nets.T; ++t) {
     double* blk = nets.data.data() + t * nets.per_species;
@@ -358,7 +362,22 @@ struct BlockIO {            // one block's inputs and outputs (global atom array
   double* dydx;             // [N, D] or null (forward)
   double* xbar;             // [N, D] or null (backward)
   double* grads;            // [T, grad_per_species] of this block (backward) or null
+  double* save = nullptr;        // [N, save_row]: the forward writes its intermediates, or null
+  const double* load = nullptr;  // [N, save_row]: the backward reads them instead of recomputing
 };
+
+// The saved intermediates of the block starting at atom a0 with nb rows: for k = 1..L-1 the
+// arrays h_k, s'_k, s''_k, g_k [nb, p_k] in the block's (species-sorted) row order, one after
+// the other from row a0 * save_row.  Forward and backward cut the atoms into the same blocks.
+template <typename Ptr, typename Fn>
+DM_INLINE void for_saved(const Nets& nets, Ptr base, int64_t a0, int64_t nb, Fn fn) {
+  auto* q = base + a0 * nets.save_row;
+  for (int k = 1; k < nets.L; ++k) {
+    const int64_t n = nb * nets.p[k];
+    fn(k, q, q + n, q + 2 * n, q + 3 * n, n);
+    q += 4 * n;
+  }
+}
 
 // One block of atoms a0 .. a0 + nb - 1: forward (y, dy/dx) or backward (weight gradients into
 // io.grads, x cotangent), with every product a species-wise matrix product on the block.
@@ -378,6 +397,7 @@ void process_block(const Nets& nets, const BlockIO& io, int64_t a0, int64_t nb, 
   }
   const bool with_g = backward ? io.ub != nullptr : io.dydx != nullptr;
   const bool second = backward && io.ub != nullptr;
+  const bool load = backward && io.load != nullptr;
   // h_0: the rows of x, zero-padded
   {
     double* h0 = S.h(0);
@@ -388,8 +408,17 @@ void process_block(const Nets& nets, const BlockIO& io, int64_t a0, int64_t nb, 
       for (int j = D; j < p[0]; ++j) hr[j] = 0.0;
     }
   }
+  if (load) {
+    for_saved(nets, io.load, a0, nb, [&](int k, const double* h, const double* d1, const double* d2,
+                                         const double* g, int64_t n) {
+      std::copy(h, h + n, S.h(k));
+      std::copy(d1, d1 + n, S.d1(k));
+      std::copy(d2, d2 + n, S.d2(k));
+      std::copy(g, g + n, S.g(k));
+    });
+  }
   // hidden layers
-  for (int k = 1; k < L; ++k) {
+  for (int k = 1; k < L && !load; ++k) {
     const int po = p[k], pi = p[k - 1];
     double* a = S.a(k);
     for (int t = 0; t < T; ++t) {
@@ -402,7 +431,7 @@ void process_block(const Nets& nets, const BlockIO& io, int64_t a0, int64_t nb, 
         for (int o = 0; o < po; ++o) at[r * po + o] = bias[o];
       mm<false>(m, po, pi, S.h(k - 1) + r0 * pi, pi, blk + nets.wt_off[k - 1], po, at, po, true);
     }
-    block_activation(nets.act[k - 1], a, S.h(k), S.d1(k), second ? S.d2(k) : nullptr, nb * po);
+    block_activation(nets.act[k - 1], a, S.h(k), S.d1(k), (second || io.save) ? S.d2(k) : nullptr, nb * po);
   }
   const int pl = p[L - 1];
   if (!backward && io.y != nullptr) {
@@ -415,7 +444,7 @@ void process_block(const Nets& nets, const BlockIO& io, int64_t a0, int64_t nb, 
       io.y[a0 + S.perm[r]] = s;
     }
   }
-  if (with_g) {  // g-chain: g_{L-1} = w_L, g_{k-1} = (g_k * s'_k) W_k
+  if (with_g && !load) {  // g-chain: g_{L-1} = w_L, g_{k-1} = (g_k * s'_k) W_k
     double* gl = S.g(L - 1);
     for (int t = 0; t < T; ++t) {
       const double* wl = nets.species_block(t) + nets.wl_off;
@@ -443,7 +472,17 @@ void process_block(const Nets& nets, const BlockIO& io, int64_t a0, int64_t nb, 
       }
     }
   }
-  if (!backward) return;
+  if (!backward) {
+    if (io.save != nullptr && with_g) {
+      for_saved(nets, io.save, a0, nb, [&](int k, double* h, double* d1, double* d2, double* g, int64_t n) {
+        std::copy(S.h(k), S.h(k) + n, h);
+        std::copy(S.d1(k), S.d1(k) + n, d1);
+        std::copy(S.d2(k), S.d2(k) + n, d2);
+        std::copy(S.g(k), S.g(k) + n, g);
+      });
+    }
+    return;
+  }
 
   const int64_t G = nets.grad_per_species;
   if (io.ub != nullptr) {  // up the g-chain
@@ -543,11 +582,11 @@ int64_t block_size(int64_t N) {
 // ---- drivers ----
 
 void forward_impl(const Nets& nets, const double* xp, const int64_t* sp, int64_t N, int64_t D,
-                  double* yp, double* gp) {
+                  double* yp, double* gp, double* save = nullptr) {
   (void)D;
   const int64_t block = block_size(N);
   const int64_t n_blocks = (N + block - 1) / block;
-  const BlockIO io{xp, sp, nullptr, nullptr, yp, gp, nullptr, nullptr};
+  const BlockIO io{xp, sp, nullptr, nullptr, yp, gp, nullptr, nullptr, save, nullptr};
 #pragma omp parallel num_threads(n_blocks > 1 ? nets_threads() : 1)
   {
     Scratch S(nets, std::min(block, N));
@@ -561,7 +600,7 @@ void forward_impl(const Nets& nets, const double* xp, const int64_t* sp, int64_t
 
 void backward_impl(const Nets& nets, const double* xp, const int64_t* sp, int64_t N, int64_t D,
                    const double* yb, const double* ub, double* xb, int64_t block,
-                   int64_t n_blocks, double* partial, double* total) {
+                   int64_t n_blocks, double* partial, double* total, const double* load = nullptr) {
   (void)D;
   const int64_t G = nets.grad_per_species, T = nets.T;
 #pragma omp parallel num_threads(n_blocks > 1 ? nets_threads() : 1)
@@ -569,7 +608,7 @@ void backward_impl(const Nets& nets, const double* xp, const int64_t* sp, int64_
     Scratch S(nets, std::min(block, N));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bi = 0; bi < n_blocks; ++bi) {
-      const BlockIO io{xp, sp, yb, ub, nullptr, nullptr, xb, partial + bi * T * G};
+      const BlockIO io{xp, sp, yb, ub, nullptr, nullptr, xb, partial + bi * T * G, nullptr, load};
       const int64_t a0 = bi * block;
       process_block(nets, io, a0, std::min(N, a0 + block) - a0, true, S);
     }
@@ -626,14 +665,16 @@ std::tuple<torch::Tensor, torch::Tensor> nets_forward_cpu(const torch::Tensor& x
                                                           const torch::Tensor& species_in,
                                                           std::vector<torch::Tensor> params,
                                                           std::vector<int64_t> activations,
-                                                          bool with_grad) {
+                                                          bool with_grad, torch::Tensor* saved = nullptr) {
   const Inputs in = prepare(x_in, species_in, params, activations);
   const int64_t N = in.N, D = in.D;
   const auto dopt = in.xd.options();
   auto y = torch::empty({N}, dopt);
   auto dydx = with_grad ? torch::empty({N, D}, dopt) : torch::empty({0}, dopt);
+  if (saved != nullptr) *saved = torch::empty({with_grad ? N : 0, in.nets.save_row}, dopt);
   forward_impl(in.nets, in.xd.data_ptr<double>(), in.sp, N, D, y.data_ptr<double>(),
-               with_grad ? dydx.data_ptr<double>() : nullptr);
+               with_grad ? dydx.data_ptr<double>() : nullptr,
+               (saved != nullptr && with_grad) ? saved->data_ptr<double>() : nullptr);
   y = y.to(in.x.scalar_type());
   dydx = dydx.to(in.x.scalar_type());
   return {y, dydx};
@@ -643,8 +684,17 @@ std::vector<torch::Tensor> nets_backward_cpu(const torch::Tensor& x_in, const to
                                              std::vector<torch::Tensor> params,
                                              std::vector<int64_t> activations,
                                              const c10::optional<torch::Tensor>& ybar_in,
-                                             const c10::optional<torch::Tensor>& ubar_in, bool need_x) {
+                                             const c10::optional<torch::Tensor>& ubar_in, bool need_x,
+                                             bool flat = false, const torch::Tensor* saved = nullptr) {
   const Inputs in = prepare(x_in, species_in, params, activations);
+  const double* load = nullptr;
+  if (saved != nullptr && saved->defined() && saved->numel() > 0) {
+    TORCH_CHECK(saved->dim() == 2 && saved->size(0) == in.N && saved->size(1) == in.nets.save_row &&
+                    saved->scalar_type() == torch::kDouble && saved->is_contiguous(),
+                "bpnn_nets_backward: the saved intermediates must be the float64 [N, ", in.nets.save_row,
+                "] tensor of the forward with these networks, got ", saved->sizes());
+    load = saved->data_ptr<double>();
+  }
   const torch::Tensor& x = in.x;
   const Nets& nets = in.nets;
   const int64_t N = in.N, D = in.D;
@@ -668,10 +718,33 @@ std::vector<torch::Tensor> nets_backward_cpu(const torch::Tensor& x_in, const to
   std::vector<double> total(size_t(T * G), 0.0);
   backward_impl(nets, in.xd.data_ptr<double>(), in.sp, N, D, has_y ? ybar.data_ptr<double>() : nullptr,
                 has_u ? ubar.data_ptr<double>() : nullptr, need_x ? xbar.data_ptr<double>() : nullptr,
-                block, n_blocks, partial.data(), total.data());
+                block, n_blocks, partial.data(), total.data(), load);
   if (need_x) xbar = xbar.to(x.scalar_type());
   std::vector<torch::Tensor> out;
   out.reserve(params.size() + 1);
+  if (flat) {  // all parameter gradients in one tensor, in parameter order (FlatParameters)
+    int64_t total_numel = 0;
+    for (const auto& q : params) total_numel += q.numel();
+    auto gf = torch::empty({total_numel}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bpnn_nets_grads_flat", [&] {
+      scalar_t* pf = gf.data_ptr<scalar_t>();
+      for (int64_t t = 0; t < T; ++t) {
+        for (int k = 0; k < nets.L; ++k) {
+          const int64_t no = nets.n[k + 1], ni = nets.n[k];
+          const bool last = k + 1 == nets.L;
+          const int64_t pi = nets.p[k];
+          const double* gwp = total.data() + t * G + (last ? nets.gwl_off : nets.gw_off[k]);
+          const double* gbp = total.data() + t * G + (last ? nets.gbl_off : nets.gb_off[k]);
+          for (int64_t o = 0; o < no; ++o)
+            for (int64_t j = 0; j < ni; ++j) *pf++ = static_cast<scalar_t>(gwp[o * pi + j]);
+          for (int64_t o = 0; o < no; ++o) *pf++ = static_cast<scalar_t>(gbp[o]);
+        }
+      }
+    });
+    out.push_back(gf);
+    out.push_back(xbar);
+    return out;
+  }
   for (int64_t t = 0; t < T; ++t) {
     for (int k = 0; k < nets.L; ++k) {
       const int64_t no = nets.n[k + 1], ni = nets.n[k];
@@ -698,21 +771,38 @@ std::vector<torch::Tensor> nets_backward_cpu(const torch::Tensor& x_in, const to
 
 }  // namespace
 
+// the operators bpnn_nets_forward and bpnn_nets_backward (one gradient tensor per parameter)
+std::tuple<torch::Tensor, torch::Tensor> nets_forward_op(const torch::Tensor& x, const torch::Tensor& species,
+                                                         std::vector<torch::Tensor> params,
+                                                         std::vector<int64_t> activations, bool with_grad) {
+  return nets_forward_cpu(x, species, std::move(params), std::move(activations), with_grad, nullptr);
+}
+
+
+std::vector<torch::Tensor> nets_backward_op(const torch::Tensor& x, const torch::Tensor& species,
+                                            std::vector<torch::Tensor> params, std::vector<int64_t> activations,
+                                            const c10::optional<torch::Tensor>& ybar,
+                                            const c10::optional<torch::Tensor>& ubar, bool need_x) {
+  return nets_backward_cpu(x, species, std::move(params), std::move(activations), ybar, ubar, need_x, false);
+}
+
 // entry points for the other CPU operators (cpu_ops.h)
 std::tuple<torch::Tensor, torch::Tensor> bpnn_nets_forward_cpu(const torch::Tensor& x,
                                                                const torch::Tensor& species,
                                                                std::vector<torch::Tensor> params,
                                                                std::vector<int64_t> activations,
-                                                               bool with_grad) {
-  return nets_forward_cpu(x, species, std::move(params), std::move(activations), with_grad);
+                                                               bool with_grad, torch::Tensor* saved) {
+  return nets_forward_cpu(x, species, std::move(params), std::move(activations), with_grad, saved);
 }
 
 std::vector<torch::Tensor> bpnn_nets_backward_cpu(const torch::Tensor& x, const torch::Tensor& species,
                                                   std::vector<torch::Tensor> params,
                                                   std::vector<int64_t> activations,
                                                   const std::optional<torch::Tensor>& ybar,
-                                                  const std::optional<torch::Tensor>& ubar, bool need_x) {
-  return nets_backward_cpu(x, species, std::move(params), std::move(activations), ybar, ubar, need_x);
+                                                  const std::optional<torch::Tensor>& ubar, bool need_x,
+                                                  bool flat, const torch::Tensor* saved) {
+  return nets_backward_cpu(x, species, std::move(params), std::move(activations), ybar, ubar, need_x, flat,
+                           saved);
 }
 
 }  // namespace distmlip
@@ -725,6 +815,6 @@ TORCH_LIBRARY_FRAGMENT(distmlip, m) {
 }
 
 TORCH_LIBRARY_IMPL(distmlip, CPU, m) {
-  m.impl("bpnn_nets_forward", &distmlip::nets_forward_cpu);
-  m.impl("bpnn_nets_backward", &distmlip::nets_backward_cpu);
+  m.impl("bpnn_nets_forward", &distmlip::nets_forward_op);
+  m.impl("bpnn_nets_backward", &distmlip::nets_backward_op);
 }

@@ -1,6 +1,8 @@
 """Energies and forces as one autograd node (distmlip/models/fused_forces.py, operators
 bpnn_energy_forces{,_backward}) against the general closed-form path (descriptor VJP through
 autograd), and the flat parameters of the optimiser (distmlip/training/flat.py)."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -53,22 +55,24 @@ def _model(dtype="float64", act="tanh", zbl=None, seed=0):
 
 def _step(m, structs, one_node, full_backward=False, flat=None):
     """E, F, parameter gradients (and the positions' gradient with ``full_backward``) of a
-    force + energy loss."""
+    force + energy loss.  With ``flat``: inside its routing context (as the trainer's step), the
+    gradients read off the parameters (views of the flat gradient) after sync."""
     m.one_node_forces = one_node
     b = collate(structs, species=m.species, cutoff=m.cutoff)
     assert fused_forces.usable(m, b) or not one_node
-    E, F = m.energy_and_forces(b, create_graph=True)
-    target = torch.linspace(-1, 1, F.numel(), dtype=torch.float64).reshape(F.shape)
-    loss = ((E - torch.arange(len(E), dtype=torch.float64)) ** 2).sum() * 1e-2 + ((F - target) ** 2).sum()
     if flat is not None:
         flat.zero_grad()
     else:
         for p in m.parameters():
             p.grad = None
-    if full_backward:
-        loss.backward()
-    else:
-        loss.backward(inputs=(flat.grad_inputs if flat is not None else list(m.parameters())))
+    with (flat.routing() if flat is not None else contextlib.nullcontext()):
+        E, F = m.energy_and_forces(b, create_graph=True)
+        target = torch.linspace(-1, 1, F.numel(), dtype=torch.float64).reshape(F.shape)
+        loss = ((E - torch.arange(len(E), dtype=torch.float64)) ** 2).sum() * 1e-2 + ((F - target) ** 2).sum()
+        if full_backward:
+            loss.backward()
+        else:
+            loss.backward(inputs=(flat.grad_inputs if flat is not None else list(m.parameters())))
     if flat is not None:
         flat.sync()
     grads = [p.grad.clone() for p in m.parameters()]
@@ -165,6 +169,19 @@ def test_flat_parameters_give_the_same_gradients_and_updates():
     assert float(flat.tensors[0].grad.abs().sum()) > 0
 
 
+def test_flat_parameters_outside_routing_fill_the_parameters_grads():
+    """Outside the trainer's routing context a flattened model behaves as usual:
+    model.zero_grad(); loss.backward() fills p.grad (the fused operator's gradient goes to the
+    parameters, not to the flat tensor)."""
+    structs = _structures(10)
+    m1, m2 = _model(seed=11), _model(seed=11)
+    FlatParameters(m1)
+    _, _, g1, _ = _step(m1, structs, True)
+    _, _, g2, _ = _step(m2, structs, True)
+    for a, c in zip(g1, g2):
+        assert torch.allclose(a, c, rtol=1e-12, atol=1e-14)
+
+
 def test_flat_parameters_repair_and_refuse():
     m = _model()
     flat = FlatParameters(m)
@@ -209,3 +226,20 @@ def test_backward_of_the_node_is_not_differentiable():
     (gw,) = torch.autograd.grad((F ** 2).sum(), w, create_graph=True)
     with pytest.raises(RuntimeError):
         gw.sum().backward()
+
+
+def test_net_parameters_cache_sees_replaced_layers_and_parameters():
+    from distmlip.models.forcenet import net_parameters
+
+    m = _model()
+    p1 = net_parameters(m.nets)
+    assert len(p1) == 24 and all(a is b for a, b in zip(p1, m.parameters()))
+    assert net_parameters(m.nets) is p1                      # cached
+    old = m.nets[1][0]
+    m.nets[1][0] = torch.nn.Linear(old.in_features, old.out_features, dtype=torch.float64)
+    p2 = net_parameters(m.nets)
+    assert p2[6] is m.nets[1][0].weight and p2[7] is m.nets[1][0].bias
+    m.nets[0][2].bias = torch.nn.Parameter(torch.zeros(m.nets[0][2].out_features, dtype=torch.float64))
+    p3 = net_parameters(m.nets)
+    assert p3[3] is m.nets[0][2].bias
+    assert all(a is b for a, b in zip(p3, m.parameters()))

@@ -23,6 +23,7 @@ a_k terms.  Padding rows have zero cotangents, so they add nothing.
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 
 import torch
@@ -216,16 +217,16 @@ def net_parameters(nets) -> list:
     cache = nets.__dict__.get("_distmlip_params") if isinstance(nets, nn.Module) else None
     if cache is not None:
         checks, params = cache
-        if all(len(d) == n and all(d.get(k) is v for k, v in items) for d, n, items in checks):
+        if all(len(d) == len(vals) and all(map(operator.is_, d.values(), vals)) for d, vals in checks):
             return params
     params = [t for net in nets for m in net if isinstance(m, nn.Linear) for t in (m.weight, m.bias)]
     if isinstance(nets, nn.Module) and all(isinstance(net, nn.Module) for net in nets):
-        checks = [(nets._modules, len(nets._modules), list(nets._modules.items()))]
+        checks = [(nets._modules, tuple(nets._modules.values()))]
         for net in nets:
-            checks.append((net._modules, len(net._modules), list(net._modules.items())))
+            checks.append((net._modules, tuple(net._modules.values())))
             for m in net:
                 if isinstance(m, nn.Linear):
-                    checks.append((m._parameters, len(m._parameters), list(m._parameters.items())))
+                    checks.append((m._parameters, tuple(m._parameters.values())))
         nets.__dict__["_distmlip_params"] = (checks, params)
     return params
 

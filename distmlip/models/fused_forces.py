@@ -51,30 +51,35 @@ class BPNNEnergyForces(torch.autograd.Function):
     def forward(ctx, positions, species, ptr, pj, shift, ts, dparams, mean, inv_std, base, scale,
                 structure, n_structures, codes, flat_for, *inputs):
         params = list(inputs) if flat_for is None else list(flat_for)
-        E, F, x, g, moments = torch.ops.distmlip.bpnn_energy_forces(
+        E, F, x, g, moments, nets_saved = torch.ops.distmlip.bpnn_energy_forces(
             positions, species, ptr, pj, shift, ts, *dparams, mean, inv_std, base, scale, structure,
             n_structures, params, list(codes))
-        ctx.save_for_backward(positions, species, ptr, pj, shift, ts, x, g, moments, inv_std, scale,
-                              structure, *params)
+        # saved (checked for in-place changes before the backward): positions, the weights (or the
+        # flat tensor whose views they are) and the forward's outputs; the batch's index tensors
+        # and the normalisation are kept as they are (unpacking saved tensors costs about a
+        # microsecond each)
+        ctx.save_for_backward(positions, x, g, moments, nets_saved, *inputs)
+        ctx.rest = (species, ptr, pj, shift, ts, inv_std, scale, structure)
+        ctx.params = None if flat_for is None else params
         ctx.dparams = dparams
         ctx.codes = codes
-        ctx.flat = flat_for is not None
         return E, F
 
     @staticmethod
     @once_differentiable
     def backward(ctx, Ebar, Fbar):
-        positions, species, ptr, pj, shift, ts, x, g, moments, inv_std, scale, structure, *params = \
-            ctx.saved_tensors
+        positions, x, g, moments, nets_saved, *inputs = ctx.saved_tensors
+        species, ptr, pj, shift, ts, inv_std, scale, structure = ctx.rest
+        flat = ctx.params is not None
+        params = ctx.params if flat else inputs
         need = ctx.needs_input_grad
         need_pos = bool(need[0]) and will_reach(positions)
         need_w = any(need[_N_ARGS:])
-        n_in = len(need) - _N_ARGS
         if not (need_pos or need_w):
-            return (None,) * (_N_ARGS + n_in)
+            return (None,) * len(need)
         out = torch.ops.distmlip.bpnn_energy_forces_backward(
-            Ebar, Fbar, positions, species, ptr, pj, shift, ts, *ctx.dparams, x, g, moments, inv_std,
-            scale, structure, params, list(ctx.codes), need_w, need_pos, ctx.flat)
+            Ebar, Fbar, positions, species, ptr, pj, shift, ts, *ctx.dparams, x, g, moments, nets_saved, inv_std,
+            scale, structure, params, list(ctx.codes), need_w, need_pos, flat)
         grads = tuple(gr if nd else None for gr, nd in zip(out[:-1], need[_N_ARGS:]))
         return ((out[-1] if need_pos else None),) + (None,) * (_N_ARGS - 1) + grads
 
@@ -84,17 +89,27 @@ _N_ARGS = 15        # BPNNEnergyForces.forward's arguments before the parameters
 
 def usable(model, batch) -> bool:
     """Whether :func:`energy_and_forces` applies: CPU tensors, the fused descriptor backend with
-    its moment kernel, compiled networks for this architecture."""
-    from .forcenet import use_compiled
+    its operators, compiled networks for this architecture (the per-model part of the answer is
+    cached on the model, keyed by the device of its weights)."""
+    from .forcenet import compiled_enabled, net_parameters
 
-    desc = model.descriptor
     pos = batch.positions
-    return (pos.device.type == "cpu" and getattr(desc, "backend", None) == "fused"
-            and getattr(batch, "pair_i", None) is not None
-            and desc._fused_module() is not None
-            and hasattr(torch.ops.distmlip, "bpnn_energy_forces")
-            and pos.dtype in (torch.float32, torch.float64)
-            and use_compiled(pos, model.nets, model.activations))
+    if (pos.device.type != "cpu" or pos.dtype not in (torch.float32, torch.float64)
+            or getattr(batch, "pair_i", None) is None or not compiled_enabled()):
+        return False
+    params = net_parameters(model.nets)
+    key = (params[0].device.type, len(params), tuple(model.activations))
+    cache = model.__dict__.get("_distmlip_one_node")
+    if cache is None or cache[0] != key:
+        from .forcenet import use_compiled
+
+        desc = model.descriptor
+        ok = (key[0] == "cpu" and getattr(desc, "backend", None) == "fused"
+              and desc._fused_module() is not None
+              and hasattr(torch.ops.distmlip, "bpnn_energy_forces")
+              and use_compiled(pos, model.nets, model.activations))
+        cache = model.__dict__["_distmlip_one_node"] = (key, ok)
+    return cache[1]
 
 
 def energy_and_forces(model, batch):

@@ -9,8 +9,10 @@ every ``.grad`` as a view of ``flat.grad``:
 
 * the optimiser updates ``flat`` (one fused Adam call); the modules see the new values;
 * gradients computed per parameter (autograd through the modules) land in ``flat.grad`` through
-  the views; the CPU force-training operator (:mod:`distmlip.models.fused_forces`) takes
-  ``flat`` itself as its input and returns one flat gradient (one accumulation);
+  the views; inside :meth:`routing` (the trainer's step), the CPU force-training operator
+  (:mod:`distmlip.models.fused_forces`) takes ``flat`` itself as its input and returns one flat
+  gradient (one accumulation); outside it, gradients reach the parameters as usual, so code
+  that reads ``p.grad`` after ``model.zero_grad(); loss.backward()`` keeps working;
 * state dicts of the model are unchanged (the parameters keep their names and shapes).
 
 Contract: zero the gradients with :meth:`zero_grad` (not ``optimizer.zero_grad(set_to_none=True)``
@@ -20,6 +22,8 @@ replaced (adding it into the flat gradient), and raises if a parameter's storage
 (``model.to(...)``, ``load_state_dict(assign=True)``): flatten after moving the model.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -67,7 +71,20 @@ class FlatParameters:
         self.grad_inputs = self.tensors + params
         self._single = self.tensors[0] if len(self.tensors) == 1 else None
         self._matched = None
+        self.route = False
         model.__dict__[self.ATTR] = self
+
+    @contextlib.contextmanager
+    def routing(self):
+        """Within this context, operators that can (fused_forces) send their parameter gradient
+        to the flat tensor in one piece: the caller then reads it after :meth:`sync` and names
+        :attr:`grad_inputs` in ``backward(inputs=...)``."""
+        old = self.route
+        self.route = True
+        try:
+            yield self
+        finally:
+            self.route = old
 
     @classmethod
     def of(cls, model) -> "FlatParameters | None":
@@ -75,8 +92,8 @@ class FlatParameters:
 
     def flat_for(self, params) -> torch.Tensor | None:
         """The flat leaf when ``params`` are exactly all of this model's parameters in order (one
-        group), else None."""
-        if self._single is None:
+        group) and within :meth:`routing`, else None."""
+        if self._single is None or not self.route:
             return None
         if params is self._matched:
             return self._single

@@ -58,3 +58,51 @@ def local_counts(batch, selected: torch.Tensor | None, with_forces: bool) -> tor
         m = force_atom_mask(batch, selected)
         out[1] = 3.0 * (w[batch.structure] * m.to(torch.float64)).sum()
     return out
+
+
+class _WeightedSquares(torch.autograd.Function):
+    """a_E sum_s wE_s (E_s - E_s^ref)^2 + a_F sum_i wF_i |F_i - F_i^ref|^2 as one autograd node
+    (the dozen small operations of the loss written out cost more than the loss's arithmetic on
+    the batches of small molecules).  Once differentiable."""
+
+    @staticmethod
+    def forward(ctx, E, E_ref, wE, aE, F, F_ref, wF, aF):
+        dE = E.detach().to(torch.float64) - E_ref
+        loss = aE * (wE * dE * dE).sum()
+        dF = None
+        if F is not None:
+            dF = F.detach().to(torch.float64) - F_ref
+            loss = loss + aF * (wF.unsqueeze(1) * dF * dF).sum()
+        ctx.save_for_backward(dE, wE, dF, wF)
+        ctx.coef = (aE, aF)
+        ctx.dtypes = (E.dtype, None if F is None else F.dtype)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gL):
+        dE, wE, dF, wF = ctx.saved_tensors
+        aE, aF = ctx.coef
+        gE = (dE * wE).mul_(gL * (2.0 * aE)).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        gF = None
+        if dF is not None and ctx.needs_input_grad[4]:
+            gF = (dF * wF.unsqueeze(1)).mul_(gL * (2.0 * aF)).to(ctx.dtypes[1])
+        return gE, None, None, None, gF, None, None, None
+
+
+def energy_force_loss(E, batch, counts, *, per_atom: bool, alpha: float = 0.0, F=None, mask=None):
+    """The training loss (module docstring) of a batch given the GLOBAL ``counts``
+    (:func:`local_counts`, all-reduced), as one autograd node.  ``F`` None: energy mode (L = L_E);
+    else force mode with ``mask`` [N] (:func:`force_atom_mask`)."""
+    w = batch.weight.to(torch.float64)
+    wE = w / counts[0]
+    if per_atom:
+        n = batch.natoms.to(torch.float64)
+        wE = wE / (n * n)
+    E_ref = batch.energy.to(torch.float64)
+    if F is None:
+        return _WeightedSquares.apply(E, E_ref, wE, 1.0, None, None, None, 0.0)
+    wF = w[batch.structure] * mask.to(torch.float64)
+    c1 = float(counts[1])
+    wF = wF / c1 if c1 > 0 else torch.zeros_like(wF)
+    return _WeightedSquares.apply(E, E_ref, wE, 1.0 - alpha, F, batch.forces.to(torch.float64), wF, alpha)

@@ -31,7 +31,7 @@ from ..utils.io import atomic_write_text
 from ..utils.log import log, warn
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .losses import energy_errors, force_atom_mask, force_selection, local_counts
+from .losses import energy_errors, energy_force_loss, force_atom_mask, force_selection, local_counts
 
 # layout of the float64 metric accumulator
 _M = ["loss", "e_sse", "e_sae", "n_struct", "es_sse", "es_sae", "f_sse", "f_sae", "n_comp", "n_steps"]
@@ -356,20 +356,12 @@ class Trainer:
         """Local contribution to the global loss of one step, given the GLOBAL counts
         (sum of weights, weighted force components)."""
         tc = self.cfg.training
-        w = batch.weight.to(torch.float64)
         if self.force_mode:
             E, F = self.model.energy_and_forces(batch, create_graph=create_graph)
         else:
             E, F = self.model(batch), None
-        err = energy_errors(E, batch, self.per_atom)
-        L_E = (w * err * err).sum() / counts[0]
-        loss = L_E
-        if self.force_mode:
-            mask = force_atom_mask(batch, selected).to(torch.float64)
-            dF = F - batch.forces
-            wa = w[batch.structure] * mask
-            L_F = (wa[:, None] * dF * dF).sum() / counts[1] if counts[1] > 0 else dF.sum() * 0.0
-            loss = (1.0 - tc.alpha) * L_E + tc.alpha * L_F
+        mask = force_atom_mask(batch, selected) if self.force_mode else None
+        loss = energy_force_loss(E, batch, counts, per_atom=self.per_atom, alpha=tc.alpha, F=F, mask=mask)
         if acc is not None:
             with torch.no_grad():
                 _accumulate_errors(acc, batch, E.detach(), None if F is None else F.detach())
@@ -390,12 +382,13 @@ class Trainer:
         self.flat.zero_grad()
         params = self.flat.tensors
         if batch is not None and counts[0] > 0:
-            loss = self.batch_loss(batch, counts, acc, selected)
-            # inputs: only weight gradients are needed (the flat tensor, which the CPU force
-            # operator takes, and the parameters, its views, which the module paths reach); in
-            # force mode this skips the position-position second derivative of the descriptor
-            # and the backward pass towards the positions
-            loss.backward(inputs=self.flat.grad_inputs)
+            with self.flat.routing():
+                loss = self.batch_loss(batch, counts, acc, selected)
+                # inputs: only weight gradients are needed (the flat tensor, which the CPU force
+                # operator takes, and the parameters, its views, which the module paths reach);
+                # in force mode this skips the position-position second derivative of the
+                # descriptor and the backward pass towards the positions
+                loss.backward(inputs=self.flat.grad_inputs)
             acc[_IDX["loss"]] += loss.detach()
         self.flat.sync()
         allreduce_gradients(params, self.ctx)
