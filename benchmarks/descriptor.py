@@ -192,6 +192,7 @@ class Setup:
         return self.model.energy_and_forces(self.fbatch)[1]
 
     def energy_step(self):
+        from distmlip.training.flat import optimizer_step
         from distmlip.training.losses import energy_force_loss
 
         self.flat.zero_grad()
@@ -199,9 +200,10 @@ class Setup:
         loss = energy_force_loss(E, self.ebatch, self.counts, per_atom=True)
         loss.backward(inputs=self.params)
         self.flat.sync()
-        self.opt.step()
+        optimizer_step(self.opt)
 
     def force_step(self):
+        from distmlip.training.flat import optimizer_step
         from distmlip.training.losses import energy_force_loss
 
         self.flat.zero_grad()
@@ -210,7 +212,7 @@ class Setup:
             loss = energy_force_loss(E, self.fbatch, self.counts, per_atom=True, alpha=ALPHA, F=F, mask=self.mask)
             loss.backward(inputs=self.params)
         self.flat.sync()
-        self.opt.step()
+        optimizer_step(self.opt)
 
 
 CLOCK = {"fn": time.perf_counter, "name": "wall clock"}

@@ -220,6 +220,73 @@ std::vector<torch::Tensor> energy_forces_backward_cpu(
   return out;
 }
 
+// The training loss (distmlip/training/losses.py) of a batch and its gradients in E and F:
+//   L = a_E sum_s w_s e_s^2 / c_0 + a_F sum_{i, comp} w_{s(i)} m_i (F_ic - F_ic^ref)^2 / c_1,
+//   e_s = (E_s - E_s^ref) / n_s (per_atom) or E_s - E_s^ref, a_E = 1 - alpha, a_F = alpha (forces
+//   given) or a_E = 1; the force term is 0 when c_1 = 0.  Sums in float64, in index order.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> energy_force_loss_cpu(
+    const torch::Tensor& E, const torch::Tensor& E_ref, const torch::Tensor& weight, const torch::Tensor& natoms,
+    bool per_atom, const std::optional<torch::Tensor>& F, const std::optional<torch::Tensor>& F_ref,
+    const std::optional<torch::Tensor>& structure, const std::optional<torch::Tensor>& mask,
+    const torch::Tensor& counts, double alpha) {
+  const int64_t B = E.numel();
+  TORCH_CHECK(E.dim() == 1 && E_ref.numel() == B && weight.numel() == B && natoms.numel() == B,
+              "energy_force_loss: E, E_ref, weight and natoms must have one entry per structure");
+  TORCH_CHECK(counts.numel() == 2, "energy_force_loss: counts must have 2 entries");
+  const auto cd = counts.to(torch::kDouble).contiguous();
+  const double c0 = cd.data_ptr<double>()[0], c1 = cd.data_ptr<double>()[1];
+  const auto e = E.to(torch::kDouble).contiguous(), er = E_ref.to(torch::kDouble).contiguous();
+  const auto w = weight.to(torch::kDouble).contiguous(), n = natoms.to(torch::kDouble).contiguous();
+  const bool forces = F.has_value() && F->defined();
+  const double aE = forces ? 1.0 - alpha : 1.0, aF = forces ? alpha : 0.0;
+  auto gE = torch::empty({B}, e.options());
+  double lossE = 0.0;
+  {
+    const double *pe = e.data_ptr<double>(), *pr = er.data_ptr<double>(), *pw = w.data_ptr<double>(),
+                 *pn = n.data_ptr<double>();
+    double* pg = gE.data_ptr<double>();
+    for (int64_t b = 0; b < B; ++b) {
+      const double d = pe[b] - pr[b];
+      const double we = per_atom ? pw[b] / (c0 * pn[b] * pn[b]) : pw[b] / c0;
+      lossE += we * d * d;
+      pg[b] = 2.0 * aE * we * d;
+    }
+  }
+  double lossF = 0.0;
+  torch::Tensor gF;
+  if (forces) {
+    TORCH_CHECK(F_ref.has_value() && structure.has_value() && mask.has_value(),
+                "energy_force_loss: F needs F_ref, structure and mask");
+    const int64_t N = F->size(0);
+    TORCH_CHECK(F->dim() == 2 && F->size(1) == 3 && F_ref->sizes() == F->sizes() && structure->numel() == N &&
+                    mask->numel() == N,
+                "energy_force_loss: F and F_ref [N, 3], structure and mask [N]");
+    const auto f = F->to(torch::kDouble).contiguous(), fr = F_ref->to(torch::kDouble).contiguous();
+    const auto st = structure->to(torch::kLong).contiguous();
+    const auto mk = mask->to(torch::kBool).contiguous();
+    gF = torch::zeros({N, 3}, f.options());
+    if (c1 > 0) {
+      const double *pf = f.data_ptr<double>(), *pr = fr.data_ptr<double>(), *pw = w.data_ptr<double>();
+      const int64_t* ps = st.data_ptr<int64_t>();
+      const bool* pm = mk.data_ptr<bool>();
+      double* pg = gF.data_ptr<double>();
+      for (int64_t i = 0; i < N; ++i) {
+        if (!pm[i]) continue;
+        TORCH_CHECK(ps[i] >= 0 && ps[i] < B, "energy_force_loss: structure index out of range");
+        const double wi = pw[ps[i]] / c1;
+        for (int c = 0; c < 3; ++c) {
+          const double d = pf[3 * i + c] - pr[3 * i + c];
+          lossF += wi * d * d;
+          pg[3 * i + c] = 2.0 * aF * wi * d;
+        }
+      }
+    }
+    gF = gF.to(F->scalar_type());
+  }
+  auto loss = torch::full({}, aE * lossE + aF * lossF, e.options());
+  return {loss, gE.to(E.scalar_type()), forces ? gF : torch::zeros({0}, e.options())};
+}
+
 }  // namespace
 }  // namespace distmlip
 
@@ -235,9 +302,13 @@ TORCH_LIBRARY_FRAGMENT(distmlip, m) {
       "int n_radial, float rc_angular, int n_angular, Tensor x, Tensor g, Tensor moments, Tensor nets_saved, "
       "Tensor inv_std, Tensor scale, Tensor structure, Tensor[] params, int[] activations, "
       "bool need_params, bool need_positions, bool flat_params) -> Tensor[]");
+  m.def(
+      "energy_force_loss(Tensor E, Tensor E_ref, Tensor weight, Tensor natoms, bool per_atom, Tensor? F, "
+      "Tensor? F_ref, Tensor? structure, Tensor? mask, Tensor counts, float alpha) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(distmlip, CPU, m) {
   m.impl("bpnn_energy_forces", &distmlip::energy_forces_cpu);
   m.impl("bpnn_energy_forces_backward", &distmlip::energy_forces_backward_cpu);
+  m.impl("energy_force_loss", &distmlip::energy_force_loss_cpu);
 }

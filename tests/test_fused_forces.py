@@ -195,7 +195,10 @@ def test_flat_parameters_repair_and_refuse():
     assert torch.equal(flat.tensors[0].grad[:p0.numel()], g.reshape(-1))
     p0.data = p0.data.clone()               # storage replaced after flattening
     with pytest.raises(RuntimeError, match="storage was replaced"):
-        flat.sync()
+        flat.check_storage()
+    with pytest.raises(RuntimeError, match="storage was replaced"):
+        for _ in range(32):                 # sync checks every 32nd call
+            flat.sync()
 
 
 def test_optimizer_state_of_unflattened_checkpoints_is_converted():
@@ -243,3 +246,27 @@ def test_net_parameters_cache_sees_replaced_layers_and_parameters():
     p3 = net_parameters(m.nets)
     assert p3[3] is m.nets[0][2].bias
     assert all(a is b for a, b in zip(p3, m.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_direct_fused_optimizer_step_equals_step(kind):
+    from distmlip.training.flat import optimizer_step
+
+    torch.manual_seed(0)
+    p1 = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    p2 = p1.detach().clone().requires_grad_()
+    cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+    o1 = cls([p1], lr=3e-3, weight_decay=0.01, fused=True)
+    o2 = cls([p2], lr=3e-3, weight_decay=0.01, fused=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(o1, T_max=5)
+    sched2 = torch.optim.lr_scheduler.CosineAnnealingLR(o2, T_max=5)
+    for k in range(6):
+        g = torch.randn(50, dtype=torch.float64)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        optimizer_step(o1)
+        o2.step()
+        sched.step()
+        sched2.step()
+        assert torch.equal(p1, p2), k
+        assert torch.equal(o1.state[p1]["exp_avg_sq"], o2.state[p2]["exp_avg_sq"])
+        assert float(o1.state[p1]["step"]) == k + 1

@@ -206,3 +206,55 @@ training: {{epochs: 1, batch_atoms: 40, output: {tmp_path / 'r1'}}}
     b = weights(tmp_path / "r2" / "model.pt")["state_dict"]
     assert torch.equal(a["feature_mean"], b["feature_mean"])  # normalisation kept
     assert not torch.equal(a["nets.0.0.weight"], b["nets.0.0.weight"])  # and trained on
+
+
+@pytest.mark.parametrize("per_atom", [True, False])
+@pytest.mark.parametrize("force_counts", [True, False])
+def test_energy_force_loss_matches_the_written_out_loss(per_atom, force_counts):
+    """The trainer's loss node (a compiled operator on the CPU, else torch operations) against
+    the loss written out with torch operations: value and gradients in E and F."""
+    from distmlip.descriptors.batch import collate
+    from distmlip.training import losses
+
+    structs = emt_structures(5, seed=3)
+    b = collate(structs, species=["Cu", "Au"], cutoff=4.0)
+    b.weight = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.25], dtype=torch.float64)
+    sel = torch.tensor([True, False, True, True, False])
+    mask = losses.force_atom_mask(b, sel)
+    counts = losses.local_counts(b, sel, True) * 1.7           # as if other ranks had more
+    if not force_counts:
+        counts[1] = 0.0
+    g = torch.Generator().manual_seed(0)
+    E0 = b.energy + torch.randn(5, dtype=torch.float64, generator=g)
+    F0 = b.forces + torch.randn(b.n_atoms, 3, dtype=torch.float64, generator=g)
+    alpha = 0.3
+    results = []
+    for compiled in (True, False):
+        losses._STATE["compiled"] = None if compiled else False
+        E, F = E0.clone().requires_grad_(), F0.clone().requires_grad_()
+        loss = losses.energy_force_loss(E, b, counts, per_atom=per_atom, alpha=alpha, F=F, mask=mask)
+        (loss * 3.0).backward()
+        results.append((loss.detach(), E.grad, F.grad))
+    losses._STATE["compiled"] = None
+    # written out
+    E, F = E0.clone().requires_grad_(), F0.clone().requires_grad_()
+    err = (E - b.energy) / (b.natoms.double() if per_atom else 1.0)
+    L_E = (b.weight * err * err).sum() / counts[0]
+    wa = b.weight[b.structure] * mask.double()
+    L_F = ((wa[:, None] * (F - b.forces) ** 2).sum() / counts[1]) if force_counts else F.sum() * 0.0
+    ref = (1 - alpha) * L_E + alpha * L_F
+    (ref * 3.0).backward()
+    for loss, gE, gF in results:
+        assert torch.allclose(loss, ref.detach(), rtol=1e-13, atol=0)
+        assert torch.allclose(gE, E.grad, rtol=1e-12, atol=1e-16)
+        assert torch.allclose(gF, F.grad, rtol=1e-12, atol=1e-16)
+    # energy mode
+    E = E0.clone().requires_grad_()
+    loss = losses.energy_force_loss(E, b, counts, per_atom=per_atom)
+    loss.backward()
+    E2 = E0.clone().requires_grad_()
+    err = (E2 - b.energy) / (b.natoms.double() if per_atom else 1.0)
+    ref = (b.weight * err * err).sum() / counts[0]
+    ref.backward()
+    assert torch.allclose(loss.detach(), ref.detach(), rtol=1e-13, atol=0)
+    assert torch.allclose(E.grad, E2.grad, rtol=1e-12, atol=1e-16)

@@ -90,10 +90,49 @@ class _WeightedSquares(torch.autograd.Function):
         return gE, None, None, None, gF, None, None, None
 
 
+class _CompiledLoss(torch.autograd.Function):
+    """The loss and its gradients in E and F from one compiled CPU operator
+    (``torch.ops.distmlip.energy_force_loss``, csrc/bpnn_forces_cpu.cpp); the backward scales
+    them by the incoming gradient.  Once differentiable."""
+
+    @staticmethod
+    def forward(ctx, E, F, E_ref, weight, natoms, per_atom, F_ref, structure, mask, counts, alpha):
+        loss, gE, gF = torch.ops.distmlip.energy_force_loss(E, E_ref, weight, natoms, per_atom, F, F_ref,
+                                                            structure, mask, counts, alpha)
+        ctx.save_for_backward(gE, gF)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gL):
+        gE, gF = ctx.saved_tensors
+        return (gE * gL, (gF * gL if ctx.needs_input_grad[1] else None)) + (None,) * 9
+
+
+def _compiled_loss_available(E) -> bool:
+    ok = _STATE.get("compiled")
+    if ok is None:
+        try:
+            from .._ext import load_extension
+
+            ok = bool(load_extension(warn_if_missing=False)) and hasattr(torch.ops.distmlip, "energy_force_loss")
+        except Exception:  # noqa: BLE001
+            ok = False
+        _STATE["compiled"] = ok
+    return ok and E.device.type == "cpu"
+
+
+_STATE: dict = {}
+
+
 def energy_force_loss(E, batch, counts, *, per_atom: bool, alpha: float = 0.0, F=None, mask=None):
     """The training loss (module docstring) of a batch given the GLOBAL ``counts``
-    (:func:`local_counts`, all-reduced), as one autograd node.  ``F`` None: energy mode (L = L_E);
-    else force mode with ``mask`` [N] (:func:`force_atom_mask`)."""
+    (:func:`local_counts`, all-reduced), as one autograd node (one compiled operator on the CPU).
+    ``F`` None: energy mode (L = L_E); else force mode with ``mask`` [N] (:func:`force_atom_mask`)."""
+    if _compiled_loss_available(E):
+        fields = ((batch.forces, batch.structure, mask) if F is not None else (None, None, None))
+        return _CompiledLoss.apply(E, F, batch.energy, batch.weight, batch.natoms, bool(per_atom), *fields,
+                                   counts, float(alpha))
     w = batch.weight.to(torch.float64)
     wE = w / counts[0]
     if per_atom:

@@ -31,6 +31,7 @@ from ..utils.io import atomic_write_text
 from ..utils.log import log, warn
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .flat import FlatParameters, optimizer_step
 from .losses import energy_errors, energy_force_loss, force_atom_mask, force_selection, local_counts
 
 # layout of the float64 metric accumulator
@@ -287,8 +288,6 @@ class Trainer:
             self._log(f"descriptor cache: {self.cache.path} ({time.time() - t0:.1f} s)")
 
     def _setup_optim(self):
-        from .flat import FlatParameters
-
         tc = self.cfg.training
         # the parameters become views of one flat tensor, which the optimiser updates (one fused
         # call per step instead of a loop over a few dozen small tensors; see flat.py)
@@ -394,7 +393,7 @@ class Trainer:
         allreduce_gradients(params, self.ctx)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        self.opt.step()
+        optimizer_step(self.opt)
         acc[_IDX["n_steps"]] += 1.0 / self.ctx.world_size  # reduced: one per global step
 
     def evaluate_stream(self, stream) -> dict:
