@@ -270,3 +270,19 @@ def test_direct_fused_optimizer_step_equals_step(kind):
         assert torch.equal(p1, p2), k
         assert torch.equal(o1.state[p1]["exp_avg_sq"], o2.state[p2]["exp_avg_sq"])
         assert float(o1.state[p1]["step"]) == k + 1
+
+
+def test_cached_normalisation_follows_in_place_changes():
+    """The one-node path caches 1/std and the energy constants per model: an in-place change of a
+    buffer (fit_normalization copies into them) must be seen."""
+    m = _model()
+    structs = _structures(12)
+    E1, F1, _, _ = _step(m, structs, True)
+    with torch.no_grad():
+        m.feature_std.mul_(1.5)
+        m.energy_shift.add_(0.25)
+        m.energy_scale.fill_(0.7)
+    E2, F2, _, _ = _step(m, structs, True)
+    E3, F3, _, _ = _step(m, structs, False)
+    assert not torch.allclose(E1, E2)
+    assert torch.allclose(E2, E3, rtol=0, atol=1e-10) and torch.allclose(F2, F3, rtol=0, atol=1e-11)

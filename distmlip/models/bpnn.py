@@ -350,13 +350,15 @@ class BPNN(nn.Module):
         if pos.shape[0] > 0 and self.one_node_forces and self.closed_form_force_gradient:
             from . import fused_forces
 
-            if fused_forces.usable(self, batch):
-                # CPU, fused kernels and compiled networks: one autograd node for E and F
-                if create_graph:
-                    E, F = fused_forces.energy_and_forces(self, batch)
-                else:
-                    with torch.no_grad():
-                        E, F = fused_forces.energy_and_forces(self, batch)
+            # CPU, fused kernels and compiled networks: one autograd node for E and F (None when
+            # that path does not apply)
+            if create_graph:
+                EF = fused_forces.energy_and_forces(self, batch)
+            else:
+                with torch.no_grad():
+                    EF = fused_forces.energy_and_forces(self, batch)
+            if EF is not None:
+                E, F = EF
                 if self.zbl is not None:
                     ez = self.zbl_atomic_energies(batch)
                     (gz,) = torch.autograd.grad(ez.sum(), pos, create_graph=create_graph)

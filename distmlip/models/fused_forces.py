@@ -112,25 +112,54 @@ def usable(model, batch) -> bool:
     return cache[1]
 
 
+def _model_constants(model, params):
+    """(descriptor parameters, activation codes, feature mean, 1 / feature std, reference +
+    shift energies, energy scale, parameter tuple) of ``model``, cached on the model and rebuilt
+    when a normalisation buffer changed (in place: its version counter; or replaced) or the
+    parameter list did."""
+    bufs = model._buffers
+    mean, std, ref, shift, scale = (bufs["feature_mean"], bufs["feature_std"], bufs["reference_energy"],
+                                    bufs["energy_shift"], bufs["energy_scale"])
+    key = (id(params), mean, mean._version, std, std._version, ref, ref._version, shift, shift._version,
+           scale, scale._version)
+    cache = model.__dict__.get("_distmlip_one_node_constants")
+    if cache is not None and _same(cache[0], key):
+        return cache[1]
+    from .forcenet import ACTIVATION_CODES
+
+    desc = model.descriptor
+    with torch.no_grad():
+        consts = ((desc.rc_radial, desc.n_radial, desc.rc_angular, desc.n_angular),
+                  tuple(ACTIVATION_CODES[a] for a in model.activations),
+                  mean, std.reciprocal(), ref + shift, scale, tuple(params))
+    model.__dict__["_distmlip_one_node_constants"] = (key, consts)
+    return consts
+
+
+def _same(a, b) -> bool:
+    """Entry-wise identity of the tensors and equality of the integers of two cache keys."""
+    return all((x is y) if isinstance(x, torch.Tensor) else (x == y) for x, y in zip(a, b))
+
+
 def energy_and_forces(model, batch):
     """(E [B], F [N, 3]) of the networks of ``model`` (a BPNN; its ZBL term is not included, see
     :meth:`BPNN.energy_and_forces`) as one autograd node, differentiable once (weights, and
-    positions).  When the model's parameters are flattened (FlatParameters), the node takes the
+    positions), or None when the one-node path does not apply (:func:`usable`).  When the model's
+    parameters are flattened (FlatParameters, within its routing context), the node takes the
     flat tensor as its input: one gradient accumulation instead of one per parameter."""
     from ..descriptors import fused
     from ..training.flat import FlatParameters
-    from .forcenet import ACTIVATION_CODES, net_parameters
+    from .forcenet import net_parameters
 
-    desc = model.descriptor
-    args = fused.prepare_arguments(batch.positions, batch.species, batch.pair_i, batch.pair_j,
-                                   batch.pair_shift, typespin=desc.typespin,
-                                   pair_ptr=getattr(batch, "pair_ptr", None))
-    dparams = (desc.rc_radial, desc.n_radial, desc.rc_angular, desc.n_angular)
-    codes = tuple(ACTIVATION_CODES[a] for a in model.activations)
+    if not usable(model, batch):
+        return None
     params = net_parameters(model.nets)
-    fp = FlatParameters.of(model)
+    dparams, codes, mean, inv_std, base, scale, ptuple = _model_constants(model, params)
+    args = fused.prepare_arguments(batch.positions, batch.species, batch.pair_i, batch.pair_j,
+                                   batch.pair_shift, typespin=model.descriptor.typespin,
+                                   pair_ptr=getattr(batch, "pair_ptr", None))
+    fp = model.__dict__.get(FlatParameters.ATTR)
     flat = fp.flat_for(params) if fp is not None else None
-    inputs = (None, *params) if flat is None else (tuple(params), flat)
-    return BPNNEnergyForces.apply(*args, dparams, model.feature_mean, model.feature_std.reciprocal(),
-                                  model.reference_energy + model.energy_shift, model.energy_scale,
-                                  batch.structure, int(batch.n_structures), codes, *inputs)
+    inputs = (None, *params) if flat is None else (ptuple, flat)
+    return BPNNEnergyForces.apply(*args, dparams, mean, inv_std, base, scale, batch.structure,
+                                  int(batch.n_structures), codes, *inputs)
