@@ -39,17 +39,22 @@ from ..utils.autograd import will_reach
 
 
 class BPNNEnergyForces(torch.autograd.Function):
-    """(positions, descriptor inputs, normalisation, energy constants, network codes, flat_for,
-    *inputs) -> (E [B] float64, F [N, 3] in the positions' dtype); the operators
-    ``torch.ops.distmlip.bpnn_energy_forces{,_backward}`` (csrc/bpnn_forces_cpu.cpp).
+    """(positions, batch, constants, flat_for, *inputs) -> (E [B] float64, F [N, 3] in the
+    positions' dtype); the operators ``torch.ops.distmlip.bpnn_energy_forces{,_backward}``
+    (csrc/bpnn_forces_cpu.cpp).
 
+    ``batch``: the tuple (species, pair_ptr, pair_j, pair_shift, typespin, structure,
+    n_structures); ``constants``: (descriptor parameters, activation codes, feature mean,
+    1 / feature std, per-species base energies, energy scale) (:func:`_model_constants`); neither
+    is differentiated (tuples: autograd does not look into them, which keeps ``apply`` cheap).
     ``flat_for`` None: ``inputs`` are the network parameters, each gets its gradient.
     ``flat_for`` the tuple of network parameters: ``inputs`` is the one flat tensor whose views
     they are (:class:`distmlip.training.flat.FlatParameters`), which gets one flat gradient."""
 
     @staticmethod
-    def forward(ctx, positions, species, ptr, pj, shift, ts, dparams, mean, inv_std, base, scale,
-                structure, n_structures, codes, flat_for, *inputs):
+    def forward(ctx, positions, batch, constants, flat_for, *inputs):
+        species, ptr, pj, shift, ts, structure, n_structures = batch
+        dparams, codes, mean, inv_std, base, scale = constants
         params = list(inputs) if flat_for is None else list(flat_for)
         E, F, x, g, moments, nets_saved = torch.ops.distmlip.bpnn_energy_forces(
             positions, species, ptr, pj, shift, ts, *dparams, mean, inv_std, base, scale, structure,
@@ -78,13 +83,13 @@ class BPNNEnergyForces(torch.autograd.Function):
         if not (need_pos or need_w):
             return (None,) * len(need)
         out = torch.ops.distmlip.bpnn_energy_forces_backward(
-            Ebar, Fbar, positions, species, ptr, pj, shift, ts, *ctx.dparams, x, g, moments, nets_saved, inv_std,
-            scale, structure, params, list(ctx.codes), need_w, need_pos, flat)
+            Ebar, Fbar, positions, species, ptr, pj, shift, ts, *ctx.dparams, x, g, moments, nets_saved,
+            inv_std, scale, structure, params, list(ctx.codes), need_w, need_pos, flat)
         grads = tuple(gr if nd else None for gr, nd in zip(out[:-1], need[_N_ARGS:]))
         return ((out[-1] if need_pos else None),) + (None,) * (_N_ARGS - 1) + grads
 
 
-_N_ARGS = 15        # BPNNEnergyForces.forward's arguments before the parameters (or flat tensor)
+_N_ARGS = 4         # BPNNEnergyForces.forward's arguments before the parameters (or flat tensor)
 
 
 def usable(model, batch) -> bool:
@@ -161,5 +166,6 @@ def energy_and_forces(model, batch):
     fp = model.__dict__.get(FlatParameters.ATTR)
     flat = fp.flat_for(params) if fp is not None else None
     inputs = (None, *params) if flat is None else (ptuple, flat)
-    return BPNNEnergyForces.apply(*args, dparams, mean, inv_std, base, scale, batch.structure,
-                                  int(batch.n_structures), codes, *inputs)
+    pos, species, ptr, pj, shift, ts = args
+    return BPNNEnergyForces.apply(pos, (species, ptr, pj, shift, ts, batch.structure, int(batch.n_structures)),
+                                  (dparams, codes, mean, inv_std, base, scale), *inputs)
