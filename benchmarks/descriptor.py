@@ -204,13 +204,13 @@ class Setup:
 
     def force_step(self):
         from distmlip.training.flat import optimizer_step
-        from distmlip.training.losses import energy_force_loss
+        from distmlip.training.trainer import force_loss_and_gradients
 
         self.flat.zero_grad()
-        with self.flat.routing():
-            E, F = self.model.energy_and_forces(self.fbatch, create_graph=True)
-            loss = energy_force_loss(E, self.fbatch, self.counts, per_atom=True, alpha=ALPHA, F=F, mask=self.mask)
-            loss.backward(inputs=self.params)
+        # as Trainer.train_step: on the CPU with the fused kernels, three compiled operators and
+        # no autograd engine; with the reference descriptor, forces with create_graph and backward
+        force_loss_and_gradients(self.model, self.flat, self.fbatch, self.counts, per_atom=True, alpha=ALPHA,
+                                 mask=self.mask)
         self.flat.sync()
         optimizer_step(self.opt)
 

@@ -169,3 +169,36 @@ def energy_and_forces(model, batch):
     pos, species, ptr, pj, shift, ts = args
     return BPNNEnergyForces.apply(pos, (species, ptr, pj, shift, ts, batch.structure, int(batch.n_structures)),
                                   (dparams, codes, mean, inv_std, base, scale), *inputs)
+
+
+def loss_and_flat_gradient(model, batch, counts, *, per_atom: bool, alpha: float, mask, grad_out):
+    """One force-training batch without the autograd engine: the operators for E and F, the
+    loss operator (value and gradients in E and F, ``distmlip.training.losses``) and the
+    backward operator, whose flat parameter gradient is added to ``grad_out`` (the flat gradient
+    of :class:`~distmlip.training.flat.FlatParameters`, parameters in ``net_parameters`` order).
+    Returns (loss, E, F) detached, or None when the one-node path does not apply (the caller
+    then goes through autograd).  Same numbers as ``energy_and_forces`` + ``energy_force_loss``
+    + ``backward`` (tested); no position gradient."""
+    from ..descriptors import fused
+    from .forcenet import net_parameters
+
+    if model.zbl is not None or not usable(model, batch):
+        return None
+    params = net_parameters(model.nets)
+    dparams, codes, mean, inv_std, base, scale, _ = _model_constants(model, params)
+    ops = torch.ops.distmlip
+    with torch.no_grad():
+        pos, species, ptr, pj, shift, ts = fused.prepare_arguments(
+            batch.positions.detach(), batch.species, batch.pair_i, batch.pair_j, batch.pair_shift,
+            typespin=model.descriptor.typespin, pair_ptr=getattr(batch, "pair_ptr", None))
+        codes = list(codes)
+        E, F, x, g, moments, nets_saved = ops.bpnn_energy_forces(
+            pos, species, ptr, pj, shift, ts, *dparams, mean, inv_std, base, scale, batch.structure,
+            int(batch.n_structures), params, codes)
+        loss, gE, gF = ops.energy_force_loss(E, batch.energy, batch.weight, batch.natoms, bool(per_atom), F,
+                                             batch.forces, batch.structure, mask, counts, float(alpha))
+        out = ops.bpnn_energy_forces_backward(gE, gF, pos, species, ptr, pj, shift, ts, *dparams, x, g, moments,
+                                              nets_saved, inv_std, scale, batch.structure, params, codes,
+                                              True, False, True)
+        grad_out.add_(out[0])
+    return loss, E, F

@@ -102,6 +102,17 @@ class FlatParameters:
             return self._single
         return None
 
+    def flat_grad_for(self, params) -> torch.Tensor | None:
+        """The flat gradient buffer when ``params`` are exactly all of this model's parameters in
+        order (one group), else None (for code that adds a flat gradient itself)."""
+        if self._single is None:
+            return None
+        if params is self._matched or (len(params) == len(self.params)
+                                       and all(a is b for a, b in zip(params, self.params))):
+            self._matched = params
+            return self._grads[0]
+        return None
+
     def zero_grad(self) -> None:
         for t, g in zip(self.tensors, self._grads):
             if t.grad is not g:

@@ -94,6 +94,32 @@ def fused_adam_kwargs(params) -> dict:
     ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return {"fused": True} if ok and params else {}
 
+def force_loss_and_gradients(model, flat, batch, counts, *, per_atom: bool, alpha: float, mask):
+    """The loss of one force-training batch (given the GLOBAL counts) with its parameter
+    gradient added to the flat gradient of ``flat`` (:class:`FlatParameters`): on the CPU with
+    the fused kernels and compiled networks, three compiled operators and no autograd engine
+    (:func:`distmlip.models.fused_forces.loss_and_flat_gradient`); otherwise forces with
+    ``create_graph`` and ``loss.backward``.  Returns (loss, E, F), detached."""
+    from ..models import fused_forces
+    from ..models.forcenet import net_parameters
+
+    grad = flat.flat_grad_for(net_parameters(model.nets)) if model.one_node_forces else None
+    if grad is not None and model.closed_form_force_gradient:
+        res = fused_forces.loss_and_flat_gradient(model, batch, counts, per_atom=per_atom, alpha=alpha,
+                                                  mask=mask, grad_out=grad)
+        if res is not None:
+            return res
+    with flat.routing():
+        E, F = model.energy_and_forces(batch, create_graph=True)
+        loss = energy_force_loss(E, batch, counts, per_atom=per_atom, alpha=alpha, F=F, mask=mask)
+        # inputs: only weight gradients are needed (the flat tensor, which the CPU force operator
+        # takes, and the parameters, its views, which the module paths reach); this skips the
+        # position-position second derivative of the descriptor and the backward pass towards
+        # the positions
+        loss.backward(inputs=flat.grad_inputs)
+    return loss.detach(), E.detach(), F.detach()
+
+
 class Trainer:
     """Single- or multi-rank trainer of one BPNN (committees: K = 1 for now)."""
 
@@ -381,13 +407,15 @@ class Trainer:
         self.flat.zero_grad()
         params = self.flat.tensors
         if batch is not None and counts[0] > 0:
-            with self.flat.routing():
-                loss = self.batch_loss(batch, counts, acc, selected)
-                # inputs: only weight gradients are needed (the flat tensor, which the CPU force
-                # operator takes, and the parameters, its views, which the module paths reach);
-                # in force mode this skips the position-position second derivative of the
-                # descriptor and the backward pass towards the positions
-                loss.backward(inputs=self.flat.grad_inputs)
+            if self.force_mode:
+                loss, E, F = force_loss_and_gradients(self.model, self.flat, batch, counts,
+                                                      per_atom=self.per_atom, alpha=tc.alpha,
+                                                      mask=force_atom_mask(batch, selected))
+                _accumulate_errors(acc, batch, E, F)
+            else:
+                with self.flat.routing():
+                    loss = self.batch_loss(batch, counts, acc, selected)
+                    loss.backward(inputs=self.flat.grad_inputs)
             acc[_IDX["loss"]] += loss.detach()
         self.flat.sync()
         allreduce_gradients(params, self.ctx)
