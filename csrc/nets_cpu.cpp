@@ -722,47 +722,33 @@ std::vector<torch::Tensor> nets_backward_cpu(const torch::Tensor& x_in, const to
   if (need_x) xbar = xbar.to(x.scalar_type());
   std::vector<torch::Tensor> out;
   out.reserve(params.size() + 1);
-  if (flat) {  // all parameter gradients in one tensor, in parameter order (FlatParameters)
-    int64_t total_numel = 0;
-    for (const auto& q : params) total_numel += q.numel();
-    auto gf = torch::empty({total_numel}, x.options());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bpnn_nets_grads_flat", [&] {
-      scalar_t* pf = gf.data_ptr<scalar_t>();
-      for (int64_t t = 0; t < T; ++t) {
-        for (int k = 0; k < nets.L; ++k) {
-          const int64_t no = nets.n[k + 1], ni = nets.n[k];
-          const bool last = k + 1 == nets.L;
-          const int64_t pi = nets.p[k];
-          const double* gwp = total.data() + t * G + (last ? nets.gwl_off : nets.gw_off[k]);
-          const double* gbp = total.data() + t * G + (last ? nets.gbl_off : nets.gb_off[k]);
-          for (int64_t o = 0; o < no; ++o)
-            for (int64_t j = 0; j < ni; ++j) *pf++ = static_cast<scalar_t>(gwp[o * pi + j]);
-          for (int64_t o = 0; o < no; ++o) *pf++ = static_cast<scalar_t>(gbp[o]);
-        }
-      }
-    });
-    out.push_back(gf);
-    out.push_back(xbar);
-    return out;
-  }
-  for (int64_t t = 0; t < T; ++t) {
-    for (int k = 0; k < nets.L; ++k) {
-      const int64_t no = nets.n[k + 1], ni = nets.n[k];
-      const bool last = k + 1 == nets.L;
-      const int64_t pi = nets.p[k];
-      const double* gwp = total.data() + t * G + (last ? nets.gwl_off : nets.gw_off[k]);
-      const double* gbp = total.data() + t * G + (last ? nets.gbl_off : nets.gb_off[k]);
-      auto gw = torch::empty({no, ni}, x.options());
-      auto gb = torch::empty({no}, x.options());
-      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bpnn_nets_grads", [&] {
-        scalar_t* pw = gw.data_ptr<scalar_t>();
+  // all parameter gradients in one tensor, in parameter order (the FlatParameters layout);
+  // per parameter, views of it
+  int64_t total_numel = 0;
+  for (const auto& q : params) total_numel += q.numel();
+  auto gf = torch::empty({total_numel}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bpnn_nets_grads", [&] {
+    scalar_t* pf = gf.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      for (int k = 0; k < nets.L; ++k) {
+        const int64_t no = nets.n[k + 1], ni = nets.n[k];
+        const bool last = k + 1 == nets.L;
+        const int64_t pi = nets.p[k];
+        const double* gwp = total.data() + t * G + (last ? nets.gwl_off : nets.gw_off[k]);
+        const double* gbp = total.data() + t * G + (last ? nets.gbl_off : nets.gb_off[k]);
         for (int64_t o = 0; o < no; ++o)
-          for (int64_t j = 0; j < ni; ++j) pw[o * ni + j] = static_cast<scalar_t>(gwp[o * pi + j]);
-        scalar_t* pb = gb.data_ptr<scalar_t>();
-        for (int64_t o = 0; o < no; ++o) pb[o] = static_cast<scalar_t>(gbp[o]);
-      });
-      out.push_back(gw);
-      out.push_back(gb);
+          for (int64_t j = 0; j < ni; ++j) *pf++ = static_cast<scalar_t>(gwp[o * pi + j]);
+        for (int64_t o = 0; o < no; ++o) *pf++ = static_cast<scalar_t>(gbp[o]);
+      }
+    }
+  });
+  if (flat) {
+    out.push_back(gf);
+  } else {
+    int64_t off = 0;
+    for (const auto& q : params) {
+      out.push_back(gf.narrow(0, off, q.numel()).view(q.sizes()));
+      off += q.numel();
     }
   }
   out.push_back(xbar);
