@@ -92,7 +92,7 @@ class BPNNEnergyForces(torch.autograd.Function):
 _N_ARGS = 4         # BPNNEnergyForces.forward's arguments before the parameters (or flat tensor)
 
 
-def usable(model, batch) -> bool:
+def usable(model, batch, params=None) -> bool:
     """Whether :func:`energy_and_forces` applies: CPU tensors, the fused descriptor backend with
     its operators, compiled networks for this architecture (the per-model part of the answer is
     cached on the model, keyed by the device of its weights)."""
@@ -102,7 +102,8 @@ def usable(model, batch) -> bool:
     if (pos.device.type != "cpu" or pos.dtype not in (torch.float32, torch.float64)
             or getattr(batch, "pair_i", None) is None or not compiled_enabled()):
         return False
-    params = net_parameters(model.nets)
+    if params is None:
+        params = net_parameters(model.nets)
     key = (params[0].device.type, len(params), tuple(model.activations))
     cache = model.__dict__.get("_distmlip_one_node")
     if cache is None or cache[0] != key:
@@ -146,23 +147,33 @@ def _same(a, b) -> bool:
     return all((x is y) if isinstance(x, torch.Tensor) else (x == y) for x, y in zip(a, b))
 
 
+def _operator_inputs(model, batch, positions):
+    """(parameters, constants, (positions, species, pair_ptr, pair_j, pair_shift, typespin)) for
+    the operators, or None when the one-node path does not apply (:func:`usable`)."""
+    from ..descriptors import fused
+    from .forcenet import net_parameters
+
+    params = net_parameters(model.nets)
+    if not usable(model, batch, params):
+        return None
+    consts = _model_constants(model, params)
+    args = fused.prepare_arguments(positions, batch.species, batch.pair_i, batch.pair_j, batch.pair_shift,
+                                   typespin=model.descriptor.typespin, pair_ptr=getattr(batch, "pair_ptr", None))
+    return params, consts, args
+
+
 def energy_and_forces(model, batch):
     """(E [B], F [N, 3]) of the networks of ``model`` (a BPNN; its ZBL term is not included, see
     :meth:`BPNN.energy_and_forces`) as one autograd node, differentiable once (weights, and
     positions), or None when the one-node path does not apply (:func:`usable`).  When the model's
     parameters are flattened (FlatParameters, within its routing context), the node takes the
     flat tensor as its input: one gradient accumulation instead of one per parameter."""
-    from ..descriptors import fused
     from ..training.flat import FlatParameters
-    from .forcenet import net_parameters
 
-    if not usable(model, batch):
+    prepared = _operator_inputs(model, batch, batch.positions)
+    if prepared is None:
         return None
-    params = net_parameters(model.nets)
-    dparams, codes, mean, inv_std, base, scale, ptuple = _model_constants(model, params)
-    args = fused.prepare_arguments(batch.positions, batch.species, batch.pair_i, batch.pair_j,
-                                   batch.pair_shift, typespin=model.descriptor.typespin,
-                                   pair_ptr=getattr(batch, "pair_ptr", None))
+    params, (dparams, codes, mean, inv_std, base, scale, ptuple), args = prepared
     fp = model.__dict__.get(FlatParameters.ATTR)
     flat = fp.flat_for(params) if fp is not None else None
     inputs = (None, *params) if flat is None else (ptuple, flat)
@@ -179,19 +190,15 @@ def loss_and_flat_gradient(model, batch, counts, *, per_atom: bool, alpha: float
     Returns (loss, E, F) detached, or None when the one-node path does not apply (the caller
     then goes through autograd).  Same numbers as ``energy_and_forces`` + ``energy_force_loss``
     + ``backward`` (tested); no position gradient."""
-    from ..descriptors import fused
-    from .forcenet import net_parameters
-
-    if model.zbl is not None or not usable(model, batch):
+    if model.zbl is not None:
         return None
-    params = net_parameters(model.nets)
-    dparams, codes, mean, inv_std, base, scale, _ = _model_constants(model, params)
+    prepared = _operator_inputs(model, batch, batch.positions.detach())
+    if prepared is None:
+        return None
+    params, (dparams, codes, mean, inv_std, base, scale, _), (pos, species, ptr, pj, shift, ts) = prepared
     ops = torch.ops.distmlip
+    codes = list(codes)
     with torch.no_grad():
-        pos, species, ptr, pj, shift, ts = fused.prepare_arguments(
-            batch.positions.detach(), batch.species, batch.pair_i, batch.pair_j, batch.pair_shift,
-            typespin=model.descriptor.typespin, pair_ptr=getattr(batch, "pair_ptr", None))
-        codes = list(codes)
         E, F, x, g, moments, nets_saved = ops.bpnn_energy_forces(
             pos, species, ptr, pj, shift, ts, *dparams, mean, inv_std, base, scale, batch.structure,
             int(batch.n_structures), params, codes)

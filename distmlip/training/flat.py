@@ -90,28 +90,26 @@ class FlatParameters:
     def of(cls, model) -> "FlatParameters | None":
         return model.__dict__.get(cls.ATTR)
 
-    def flat_for(self, params) -> torch.Tensor | None:
-        """The flat leaf when ``params`` are exactly all of this model's parameters in order (one
-        group) and within :meth:`routing`, else None."""
-        if self._single is None or not self.route:
-            return None
+    def _covers(self, params) -> bool:
+        """Whether ``params`` are exactly all of this model's parameters, in order, in one group."""
+        if self._single is None:
+            return False
         if params is self._matched:
-            return self._single
+            return True
         if len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params)):
             self._matched = params
-            return self._single
-        return None
+            return True
+        return False
+
+    def flat_for(self, params) -> torch.Tensor | None:
+        """The flat leaf when ``params`` are covered (:meth:`_covers`) and within :meth:`routing`,
+        else None."""
+        return self._single if self.route and self._covers(params) else None
 
     def flat_grad_for(self, params) -> torch.Tensor | None:
-        """The flat gradient buffer when ``params`` are exactly all of this model's parameters in
-        order (one group), else None (for code that adds a flat gradient itself)."""
-        if self._single is None:
-            return None
-        if params is self._matched or (len(params) == len(self.params)
-                                       and all(a is b for a, b in zip(params, self.params))):
-            self._matched = params
-            return self._grads[0]
-        return None
+        """The flat gradient buffer when ``params`` are covered, else None (for code that adds a
+        flat gradient itself)."""
+        return self._grads[0] if self._covers(params) else None
 
     def zero_grad(self) -> None:
         for t, g in zip(self.tensors, self._grads):
