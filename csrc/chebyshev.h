@@ -1013,10 +1013,10 @@ DM_HD void radial_jvp_lanes(int64_t np, int nr, double kr, const double* X, cons
 // The three per-centre pair passes (the CPU row functions call them from separate non-inlined
 // functions, then the centre routine with m_ready = the returned angular count: kept apart so
 // that the compiler vectorises each loop nest on its own).
+// radial sums of centre i from its pair fields (filled by host_pair_pass of any MODE)
 template <typename scalar_t>
-DM_HD int64_t host_forward_pairs(const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap,
-                                 double* acc) {
-  const int64_t m = host_pair_pass<0>(P, i, static_cast<const scalar_t*>(nullptr), slot, cap);
+DM_HD void host_forward_radial(const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap,
+                               double* acc) {
   const int64_t np = P.ptr[i + 1] - P.ptr[i];
   if (P.weighted)
     radial_forward_lanes<true>(np, P.n_r, slot + hX * cap, slot + hFC * cap, slot + hS * cap, acc,
@@ -1024,13 +1024,32 @@ DM_HD int64_t host_forward_pairs(const Problem<scalar_t>& P, int64_t i, double* 
   else
     radial_forward_lanes<false>(np, P.n_r, slot + hX * cap, slot + hFC * cap, slot + hS * cap,
                                 acc, nullptr);
+}
+
+template <typename scalar_t>
+DM_HD int64_t host_forward_pairs(const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap,
+                                 double* acc) {
+  const int64_t m = host_pair_pass<0>(P, i, static_cast<const scalar_t*>(nullptr), slot, cap);
+  host_forward_radial(P, i, slot, cap, acc);
   return m;
 }
 
-// Writes gp[3(p - p_base)..] = radial part of d(g.G_i)/d r_p for every pair p of i.
+// The forward's pair terms from the VJP's pair pass, which fills every field the forward reads
+// (with the same values) plus those the VJP reads: the force operator runs the forward and the
+// VJP of a centre on one pass (chebyshev_cpu.cpp, forward_vjp_impl).  Returns m as the others.
+template <typename scalar_t>
+DM_HD int64_t host_forward_pairs_for_vjp(const Problem<scalar_t>& P, int64_t i, double* slot,
+                                         int64_t cap, double* acc) {
+  const int64_t m = host_pair_pass<1>(P, i, static_cast<const scalar_t*>(nullptr), slot, cap);
+  host_forward_radial(P, i, slot, cap, acc);
+  return m;
+}
+
+// Writes gp[3(p - p_base)..] = radial part of d(g.G_i)/d r_p for every pair p of i, from the
+// pair fields of the VJP's pair pass (host_pair_pass<1>).
 template <typename scalar_t, typename gscalar_t>
-DM_HD int64_t host_vjp_pairs(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
-                             double* slot, int64_t cap, double* gp, int64_t p_base) {
+DM_HD void host_vjp_radial(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
+                           double* slot, int64_t cap, double* gp, int64_t p_base) {
   const int nr = P.n_r;
   const bool w = P.weighted != 0;
   double gr[kMaxOrder + 1], gwr[kMaxOrder + 1];
@@ -1038,7 +1057,6 @@ DM_HD int64_t host_vjp_pairs(const Problem<scalar_t>& P, int64_t i, const gscala
     gr[n] = double(g_row[n]);
     gwr[n] = w ? double(g_row[P.off_wr() + n]) : 0.0;
   }
-  const int64_t m = host_pair_pass<1>(P, i, static_cast<const scalar_t*>(nullptr), slot, cap);
   const int64_t np = P.ptr[i + 1] - P.ptr[i];
   const double kr = 2.0 / P.rc_r;
   double* DM_RESTRICT A = slot + hA * cap;
@@ -1057,6 +1075,13 @@ DM_HD int64_t host_vjp_pairs(const Problem<scalar_t>& P, int64_t i, const gscala
     out[3 * q + 1] = A[q] * UY[q];
     out[3 * q + 2] = A[q] * UZ[q];
   }
+}
+
+template <typename scalar_t, typename gscalar_t>
+DM_HD int64_t host_vjp_pairs(const Problem<scalar_t>& P, int64_t i, const gscalar_t* g_row,
+                             double* slot, int64_t cap, double* gp, int64_t p_base) {
+  const int64_t m = host_pair_pass<1>(P, i, static_cast<const scalar_t*>(nullptr), slot, cap);
+  host_vjp_radial(P, i, g_row, slot, cap, gp, p_base);
   return m;
 }
 

@@ -366,16 +366,20 @@ struct BlockIO {            // one block's inputs and outputs (global atom array
   const double* load = nullptr;  // [N, save_row]: the backward reads them instead of recomputing
 };
 
-// The saved intermediates of the block starting at atom a0 with nb rows: for k = 1..L-1 the
-// arrays h_k, s'_k, s''_k, g_k [nb, p_k] in the block's (species-sorted) row order, one after
-// the other from row a0 * save_row.  Forward and backward cut the atoms into the same blocks.
+// The saved intermediates, one row per atom (row a of [N, save_row]): for k = 1..L-1 the vectors
+// h_k, s'_k, s''_k, g_k [p_k] one after the other.  Per-atom rows let a forward cut the atoms
+// into blocks other than the backward's (the pipelined force operator runs the networks on small
+// blocks).  fn(k, scratch offset of block row r, h, s', s'', g of atom a0 + perm[r], p_k).
 template <typename Ptr, typename Fn>
-DM_INLINE void for_saved(const Nets& nets, Ptr base, int64_t a0, int64_t nb, Fn fn) {
-  auto* q = base + a0 * nets.save_row;
-  for (int k = 1; k < nets.L; ++k) {
-    const int64_t n = nb * nets.p[k];
-    fn(k, q, q + n, q + 2 * n, q + 3 * n, n);
-    q += 4 * n;
+DM_INLINE void for_saved(const Nets& nets, Ptr base, int64_t a0, int64_t nb, const std::vector<int64_t>& perm,
+                         Fn fn) {
+  for (int64_t r = 0; r < nb; ++r) {
+    auto* q = base + (a0 + perm[r]) * nets.save_row;
+    for (int k = 1; k < nets.L; ++k) {
+      const int64_t pk = nets.p[k];
+      fn(k, r * pk, q, q + pk, q + 2 * pk, q + 3 * pk, pk);
+      q += 4 * pk;
+    }
   }
 }
 
@@ -409,12 +413,12 @@ void process_block(const Nets& nets, const BlockIO& io, int64_t a0, int64_t nb, 
     }
   }
   if (load) {
-    for_saved(nets, io.load, a0, nb, [&](int k, const double* h, const double* d1, const double* d2,
-                                         const double* g, int64_t n) {
-      std::copy(h, h + n, S.h(k));
-      std::copy(d1, d1 + n, S.d1(k));
-      std::copy(d2, d2 + n, S.d2(k));
-      std::copy(g, g + n, S.g(k));
+    for_saved(nets, io.load, a0, nb, S.perm, [&](int k, int64_t o, const double* h, const double* d1,
+                                                 const double* d2, const double* g, int64_t n) {
+      std::copy(h, h + n, S.h(k) + o);
+      std::copy(d1, d1 + n, S.d1(k) + o);
+      std::copy(d2, d2 + n, S.d2(k) + o);
+      std::copy(g, g + n, S.g(k) + o);
     });
   }
   // hidden layers
@@ -474,11 +478,12 @@ void process_block(const Nets& nets, const BlockIO& io, int64_t a0, int64_t nb, 
   }
   if (!backward) {
     if (io.save != nullptr && with_g) {
-      for_saved(nets, io.save, a0, nb, [&](int k, double* h, double* d1, double* d2, double* g, int64_t n) {
-        std::copy(S.h(k), S.h(k) + n, h);
-        std::copy(S.d1(k), S.d1(k) + n, d1);
-        std::copy(S.d2(k), S.d2(k) + n, d2);
-        std::copy(S.g(k), S.g(k) + n, g);
+      for_saved(nets, io.save, a0, nb, S.perm, [&](int k, int64_t o, double* h, double* d1, double* d2,
+                                                   double* g, int64_t n) {
+        std::copy(S.h(k) + o, S.h(k) + o + n, h);
+        std::copy(S.d1(k) + o, S.d1(k) + o + n, d1);
+        std::copy(S.d2(k) + o, S.d2(k) + o + n, d2);
+        std::copy(S.g(k) + o, S.g(k) + o + n, g);
       });
     }
     return;
@@ -770,6 +775,25 @@ std::vector<torch::Tensor> nets_backward_op(const torch::Tensor& x, const torch:
                                             const c10::optional<torch::Tensor>& ybar,
                                             const c10::optional<torch::Tensor>& ubar, bool need_x) {
   return nets_backward_cpu(x, species, std::move(params), std::move(activations), ybar, ubar, need_x, false);
+}
+
+// ---- block-by-block forward for the pipelined force operator (cpu_ops.h) ----
+struct NetsForward::Impl {
+  Nets nets;
+};
+
+NetsForward::NetsForward(const std::vector<torch::Tensor>& params, const std::vector<int64_t>& activations,
+                         int64_t D)
+    : impl_(new Impl{pack_nets(params, activations, D, torch::kDouble)}) {}
+NetsForward::~NetsForward() = default;
+int64_t NetsForward::n_species() const { return impl_->nets.T; }
+int64_t NetsForward::save_row() const { return impl_->nets.save_row; }
+
+void NetsForward::run(const double* x, const int64_t* sp, int64_t a0, int64_t nb, double* y, double* dydx,
+                      double* save) const {
+  const BlockIO io{x, sp, nullptr, nullptr, y, dydx, nullptr, nullptr, save, nullptr};
+  Scratch S(impl_->nets, nb);
+  process_block(impl_->nets, io, a0, nb, false, S);
 }
 
 // entry points for the other CPU operators (cpu_ops.h)

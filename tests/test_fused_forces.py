@@ -319,3 +319,103 @@ def test_direct_force_step_equals_autograd_step(per_atom):
     assert torch.allclose(E1, E2, rtol=0, atol=1e-10) and torch.allclose(F1, F2, rtol=0, atol=1e-11)
     assert float(g1.abs().max()) > 0
     assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-12 * float(g2.abs().max())), (g1 - g2).abs().max()
+
+
+def _separate_operators(m, b):
+    """E, F, x, g, moments of bpnn_energy_forces composed from the separate operators (descriptor
+    forward with moments, normalisation, networks, descriptor VJP): the unpipelined order."""
+    ops = torch.ops.distmlip
+    params, (dparams, codes, mean, inv_std, base, scale, _), args = fused_forces._operator_inputs(
+        m, b, b.positions.detach())
+    pos, species, ptr, pj, shift, ts = args
+    G, mom = ops.chebyshev_forward_moments(pos, species, ptr, pj, shift, ts, *dparams)
+    x = (G - mean[species]) * inv_std[species]
+    y, dydx = ops.bpnn_nets_forward(x, species, params, list(codes), True)
+    g = dydx * inv_std[species] * scale
+    F = -ops.chebyshev_backward(g, pos, species, ptr, pj, shift, ts, *dparams, mom)
+    e = base[species] + scale * y
+    E = torch.zeros(int(b.n_structures), dtype=torch.float64).index_add_(0, b.structure, e)
+    return E, F, x, g, mom
+
+
+def _one_operator(m, b):
+    params, (dparams, codes, mean, inv_std, base, scale, _), args = fused_forces._operator_inputs(
+        m, b, b.positions.detach())
+    pos, species, ptr, pj, shift, ts = args
+    return torch.ops.distmlip.bpnn_energy_forces(pos, species, ptr, pj, shift, ts, *dparams, mean, inv_std, base,
+                                                 scale, b.structure, int(b.n_structures), params, list(codes))
+
+
+@pytest.mark.parametrize("act", ["tanh", ["sigmoid", "softplus"]])
+def test_pipelined_forward_equals_the_separate_operators(act, monkeypatch):
+    """The float64 force operator runs descriptor, networks and VJP block of centres by block
+    (one pair pass per centre for forward and VJP): the values of the separate operators (bitwise
+    with tanh), bitwise the same for 1 and 2 threads and when the pair gradients are cut into
+    many chunks (blocks never cross a chunk), on molecules (triplet form of the angular sums), dense bulk (moment form) and
+    isolated atoms."""
+    m = _model(act=act)
+    structs = _structures(2)
+    rng = np.random.default_rng(5)
+    dense = bulk("Cu", "fcc", a=3.0, cubic=True).repeat((2, 2, 2))
+    dense.positions += rng.normal(0, 0.05, dense.positions.shape)
+    dense.numbers = rng.choice([29, 79, 1, 8], len(dense))
+    structs.append(Structure(dense.numbers.copy(), dense.positions.copy(), np.array(dense.cell), dense.pbc.copy(),
+                             energy=-3.0))
+    b = collate(structs, species=m.species, cutoff=m.cutoff)
+    ref = _separate_operators(m, b)
+    n_threads = torch.get_num_threads()
+    first = None
+    try:
+        for threads, chunk in ((1, None), (2, None), (1, "37"), (2, "37"), (2, "1")):
+            torch.set_num_threads(threads)
+            if chunk is None:
+                monkeypatch.delenv("DISTMLIP_CHEB_CHUNK_PAIRS", raising=False)
+            else:
+                monkeypatch.setenv("DISTMLIP_CHEB_CHUNK_PAIRS", chunk)
+            E, F, x, g, mom, saved = _one_operator(m, b)
+            # the same blocks whatever the threads and chunks: bitwise reproducible
+            first = first or (E, F, g, saved)
+            for a, c in zip((E, F, g, saved), first):
+                assert torch.equal(a, c), (threads, chunk)
+            assert torch.equal(x, ref[2]), (threads, chunk)
+            if act == "tanh":
+                assert torch.equal(g, ref[3]), (threads, chunk)
+                assert torch.equal(F, ref[1]), (threads, chunk, (F - ref[1]).abs().max())
+            else:
+                # sigmoid and softplus go through torch's vectorised kernels, whose last bits can
+                # depend on the length of the block they are given (networks on blocks of 8 atoms
+                # here, of 128 in the separate operator)
+                assert torch.allclose(g, ref[3], rtol=1e-14, atol=0), (g - ref[3]).abs().max()
+                assert torch.allclose(F, ref[1], rtol=1e-13, atol=1e-15), (F - ref[1]).abs().max()
+            # moments rows: a flag, then the moments where the flag is 1 (the rest is not read)
+            used = ref[4][:, 0] == 1.0
+            assert torch.equal(mom[:, 0], ref[4][:, 0]) and torch.equal(mom[used], ref[4][used])
+            assert 0 < int(used.sum()) < b.n_atoms         # both forms of the angular sums ran
+            assert torch.allclose(E, ref[0], rtol=0, atol=1e-10), (E - ref[0]).abs().max()
+            assert saved.shape[0] == b.n_atoms and float(F.abs().max()) > 1e-2
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def test_pipelined_saved_intermediates_give_the_recomputed_backward():
+    """The networks' intermediates saved by the pipelined forward (per-atom rows, written block by
+    small block) give the backward of the networks that recomputes them."""
+    m = _model()
+    b = collate(_structures(3), species=m.species, cutoff=m.cutoff)
+    params, consts, args = fused_forces._operator_inputs(m, b, b.positions.detach())
+    E, F, x, g, mom, saved = _one_operator(m, b)
+    species = args[1]
+    codes = list(consts[1])
+    # a force cotangent (not a uniform one: J maps translations to zero)
+    v = torch.randn(F.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = torch.ops.distmlip.bpnn_energy_forces_backward(
+        None, -v, *args, *consts[0], x, g, mom, saved, consts[3], consts[5], b.structure, params,
+        codes, True, False, False)
+    # the force cotangent enters through the JVP: compare the weight gradients of the networks'
+    # backward fed with that JVP (recomputed) against the operator's (loaded)
+    jv, _ = torch.ops.distmlip.chebyshev_double_backward(g, v, *args, *consts[0], True, False, mom)
+    ub = jv * consts[3][species] * consts[5]
+    want = torch.ops.distmlip.bpnn_nets_backward(x, species, params, codes, None, ub, False)
+    for a, c in zip(got[:-1], want[:-1]):
+        assert torch.allclose(a, c, rtol=1e-12, atol=1e-12 * float(c.abs().max())), (a - c).abs().max()
+    assert any(float(c.abs().max()) > 0 for c in want[:-1])
