@@ -13,7 +13,7 @@
 //       g = dE/dG = scale * inv_std[t] * dy/dx
 //       F = -chebyshev_backward(g) = -J^T g                (J = dG/dR)
 //
-//     With float64 positions and networks the lines above run block of 8 centres by block
+//     With float64 positions and networks the lines above run by blocks of 8-64 centres
 //     (chebyshev_forward_vjp_cpu, NetsForward): each centre's pair pass serves both its
 //     descriptor row and, once its network has given g, its VJP, instead of being redone by a
 //     separate VJP pass over all pairs.  Same values, bitwise.

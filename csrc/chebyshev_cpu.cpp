@@ -478,13 +478,20 @@ void jvp_hvp_impl(const Problem<scalar_t>& P, const scalar_t* pg, const scalar_t
 }
 
 // Forward and VJP in one pass over the centres (see chebyshev_forward_vjp_cpu): per chunk of
-// centres (as vjp_impl), blocks of kPipelineCentres centres: each centre's pair pass (the VJP's,
+// centres (as vjp_impl), blocks of B centres: each centre's pair pass (the VJP's,
 // which also serves the forward) fills its own slot, then its G row and moments row; then
 // rows(c0, c1) turns the block's G rows into g rows; then each centre's VJP from its slot.  The
 // blocks' slots stay in the core's cache, so the VJP does not redo the pair pass (gathers, square
 // roots, cutoff polynomials, compaction): about a third of a forward saved at dense cutoffs.
 // Results are bitwise those of forward_impl then vjp_impl (same arithmetic, same order).
-constexpr int64_t kPipelineCentres = 8;
+// B: as many centres as keep the block's slots within about 512 KB (in a core's L2 cache with
+// room to spare), from 8 (dense bulk at 10.5/8.0: about 100 KB per centre) to 64 (small
+// molecules: the networks then run on blocks of 64 atoms, not of a handful per species).  A
+// function of the neighbour lists only, not of the thread count: the blocks, and with them the
+// networks' blocks, are reproducible.
+int64_t pipeline_centres(int64_t slot_size) {
+  return std::clamp<int64_t>((int64_t(1) << 16) / std::max<int64_t>(slot_size, 1), 8, 64);
+}
 
 void forward_vjp_impl(const Problem<double>& P, double* G, double* mom, double* g, double* pdR,
                       const std::function<void(int64_t, int64_t)>& rows) {
@@ -494,29 +501,30 @@ void forward_vjp_impl(const Problem<double>& P, double* G, double* mom, double* 
   const int64_t cap = cheb::host_cap(max_neighbours(P.ptr, N));
   const int64_t slot_size = int64_t(cheb::kHostSlotFields) * cap;
   const int64_t limit = chunk_pairs(cap);
+  const int64_t B = pipeline_centres(slot_size);
   const auto fn = pick_forward_vjp();
   std::vector<double> own(size_t(3 * N));
   Scratch gp(size_t(3 * std::min<int64_t>(std::max<int64_t>(P.n_pairs, 1),
-                                                      std::max(limit, kPipelineCentres * cap))));
+                                                      std::max(limit, B * cap))));
   std::fill(pdR, pdR + 3 * N, 0.0);
   for (int64_t i0 = 0; i0 < N;) {
-    // chunks end on multiples of kPipelineCentres (at least one block), so that the blocks, and
+    // chunks end on multiples of B (at least one block), so that the blocks, and
     // with them the networks' blocks, are the same for every chunk size and thread count
     int64_t i1 = chunk_end(P.ptr, N, i0, limit);
     if (i1 < N) {
-      const int64_t aligned = i1 / kPipelineCentres * kPipelineCentres;
-      i1 = aligned > i0 ? aligned : std::min(N, i0 + kPipelineCentres);
+      const int64_t aligned = i1 / B * B;
+      i1 = aligned > i0 ? aligned : std::min(N, i0 + B);
     }
     const int64_t p0 = P.ptr[i0], p1 = P.ptr[i1];
-    const int64_t n_blocks = (i1 - i0 + kPipelineCentres - 1) / kPipelineCentres;
+    const int64_t n_blocks = (i1 - i0 + B - 1) / B;
 #pragma omp parallel num_threads(num_threads())
     {
-      Scratch slots(size_t(kPipelineCentres * slot_size));
+      Scratch slots(size_t(B * slot_size));
       std::vector<double> acc(D);
-      int64_t ms[kPipelineCentres];
+      std::vector<int64_t> ms(size_t(B), 0);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < n_blocks; ++b) {
-        const int64_t c0 = i0 + b * kPipelineCentres, c1 = std::min(i1, c0 + kPipelineCentres);
+        const int64_t c0 = i0 + b * B, c1 = std::min(i1, c0 + B);
         for (int64_t i = c0; i < c1; ++i) {
           std::fill(acc.begin(), acc.end(), 0.0);
           ms[i - c0] = fn.forward(P, i, slots.data() + (i - c0) * slot_size, cap, acc.data(),

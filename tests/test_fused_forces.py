@@ -383,7 +383,7 @@ def test_pipelined_forward_equals_the_separate_operators(act, monkeypatch):
                 assert torch.equal(F, ref[1]), (threads, chunk, (F - ref[1]).abs().max())
             else:
                 # sigmoid and softplus go through torch's vectorised kernels, whose last bits can
-                # depend on the length of the block they are given (networks on blocks of 8 atoms
+                # depend on the length of the block they are given (networks on blocks of 8-64 atoms
                 # here, of 128 in the separate operator)
                 assert torch.allclose(g, ref[3], rtol=1e-14, atol=0), (g - ref[3]).abs().max()
                 assert torch.allclose(F, ref[1], rtol=1e-13, atol=1e-15), (F - ref[1]).abs().max()
