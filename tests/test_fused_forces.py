@@ -342,8 +342,10 @@ def _one_operator(m, b):
     params, (dparams, codes, mean, inv_std, base, scale, _), args = fused_forces._operator_inputs(
         m, b, b.positions.detach())
     pos, species, ptr, pj, shift, ts = args
-    return torch.ops.distmlip.bpnn_energy_forces(pos, species, ptr, pj, shift, ts, *dparams, mean, inv_std, base,
-                                                 scale, b.structure, int(b.n_structures), params, list(codes))
+    with torch.no_grad():
+        return torch.ops.distmlip.bpnn_energy_forces(pos, species, ptr, pj, shift, ts, *dparams, mean, inv_std,
+                                                     base, scale, b.structure, int(b.n_structures), params,
+                                                     list(codes))
 
 
 @pytest.mark.parametrize("act", ["tanh", ["sigmoid", "softplus"]])
@@ -408,14 +410,15 @@ def test_pipelined_saved_intermediates_give_the_recomputed_backward():
     codes = list(consts[1])
     # a force cotangent (not a uniform one: J maps translations to zero)
     v = torch.randn(F.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    got = torch.ops.distmlip.bpnn_energy_forces_backward(
-        None, -v, *args, *consts[0], x, g, mom, saved, consts[3], consts[5], b.structure, params,
-        codes, True, False, False)
-    # the force cotangent enters through the JVP: compare the weight gradients of the networks'
-    # backward fed with that JVP (recomputed) against the operator's (loaded)
-    jv, _ = torch.ops.distmlip.chebyshev_double_backward(g, v, *args, *consts[0], True, False, mom)
-    ub = jv * consts[3][species] * consts[5]
-    want = torch.ops.distmlip.bpnn_nets_backward(x, species, params, codes, None, ub, False)
+    with torch.no_grad():
+        got = torch.ops.distmlip.bpnn_energy_forces_backward(
+            None, -v, *args, *consts[0], x, g, mom, saved, consts[3], consts[5], b.structure, params,
+            codes, True, False, False)
+        # the force cotangent enters through the JVP: compare the weight gradients of the
+        # networks' backward fed with that JVP (recomputed) against the operator's (loaded)
+        jv, _ = torch.ops.distmlip.chebyshev_double_backward(g, v, *args, *consts[0], True, False, mom)
+        ub = jv * consts[3][species] * consts[5]
+        want = torch.ops.distmlip.bpnn_nets_backward(x, species, params, codes, None, ub, False)
     for a, c in zip(got[:-1], want[:-1]):
         assert torch.allclose(a, c, rtol=1e-12, atol=1e-12 * float(c.abs().max())), (a - c).abs().max()
     assert any(float(c.abs().max()) > 0 for c in want[:-1])
