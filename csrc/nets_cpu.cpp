@@ -210,6 +210,13 @@ DM_INLINE v4 tanh4(v4 x) {
   return x < 0.0 ? -th : th;
 }
 
+// n (a padded width: a multiple of 4) doubles from src to dst in 4-double vectors: the per-atom
+// rows of the saved intermediates are a dozen doubles each, and std::copy made each a libc
+// memmove call
+DM_INLINE void copy4(const double* src, int64_t n, double* dst) {
+  for (int64_t k = 0; k < n; k += 4) st4(dst + k, ld4(src + k));
+}
+
 // ---- activations of a whole block of atoms at once ----
 // tanh runs on 4-double vectors (tanh4); the other activations go through torch's vectorised
 // CPU kernels (at::sigmoid_out, at::softplus_out on the block's contiguous pre-activations): a
@@ -415,10 +422,10 @@ void process_block(const Nets& nets, const BlockIO& io, int64_t a0, int64_t nb, 
   if (load) {
     for_saved(nets, io.load, a0, nb, S.perm, [&](int k, int64_t o, const double* h, const double* d1,
                                                  const double* d2, const double* g, int64_t n) {
-      std::copy(h, h + n, S.h(k) + o);
-      std::copy(d1, d1 + n, S.d1(k) + o);
-      std::copy(d2, d2 + n, S.d2(k) + o);
-      std::copy(g, g + n, S.g(k) + o);
+      copy4(h, n, S.h(k) + o);
+      copy4(d1, n, S.d1(k) + o);
+      copy4(d2, n, S.d2(k) + o);
+      copy4(g, n, S.g(k) + o);
     });
   }
   // hidden layers
@@ -480,10 +487,10 @@ void process_block(const Nets& nets, const BlockIO& io, int64_t a0, int64_t nb, 
     if (io.save != nullptr && with_g) {
       for_saved(nets, io.save, a0, nb, S.perm, [&](int k, int64_t o, double* h, double* d1, double* d2,
                                                    double* g, int64_t n) {
-        std::copy(S.h(k) + o, S.h(k) + o + n, h);
-        std::copy(S.d1(k) + o, S.d1(k) + o + n, d1);
-        std::copy(S.d2(k) + o, S.d2(k) + o + n, d2);
-        std::copy(S.g(k) + o, S.g(k) + o + n, g);
+        copy4(S.h(k) + o, n, h);
+        copy4(S.d1(k) + o, n, d1);
+        copy4(S.d2(k) + o, n, d2);
+        copy4(S.g(k) + o, n, g);
       });
     }
     return;
