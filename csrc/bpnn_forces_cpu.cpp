@@ -65,22 +65,33 @@ int64_t n_species(const std::vector<torch::Tensor>& params, const std::vector<in
   return int64_t(params.size()) / per_species;
 }
 
+// rows a0 .. a1 - 1 of x = (G - mean[t]) * inv_std[t] (float64 [N, D] arrays, t = sp[a])
+void normalise_rows(const double* G, const int64_t* sp, const double* mean, const double* inv_std, int64_t D,
+                    int64_t a0, int64_t a1, double* x) {
+  for (int64_t a = a0; a < a1; ++a) {
+    const double* m = mean + sp[a] * D;
+    const double* is = inv_std + sp[a] * D;
+    for (int64_t d = 0; d < D; ++d) x[a * D + d] = (G[a * D + d] - m[d]) * is[d];
+  }
+}
+
+// rows a0 .. a1 - 1 of out = v * inv_std[t] * factor (float64 [N, D]; out may be v)
+void scale_rows_range(const double* v, const int64_t* sp, const double* inv_std, double factor, int64_t D,
+                      int64_t a0, int64_t a1, double* out) {
+  for (int64_t a = a0; a < a1; ++a) {
+    const double* is = inv_std + sp[a] * D;
+    for (int64_t d = 0; d < D; ++d) out[a * D + d] = v[a * D + d] * is[d] * factor;
+  }
+}
+
 // x = (G - mean[t]) * inv_std[t] in the networks' dtype
 torch::Tensor normalise(const torch::Tensor& G, const torch::Tensor& species, const torch::Tensor& mean,
                         const torch::Tensor& inv_std, c10::ScalarType net_dtype) {
   const int64_t N = G.size(0), D = G.size(1);
   if (G.scalar_type() == torch::kDouble && net_dtype == torch::kDouble) {
     auto x = torch::empty({N, D}, G.options());
-    const double* pg = G.data_ptr<double>();
-    const double* pm = mean.data_ptr<double>();
-    const double* pi = inv_std.data_ptr<double>();
-    const int64_t* sp = species.data_ptr<int64_t>();
-    double* px = x.data_ptr<double>();
-    for (int64_t a = 0; a < N; ++a) {
-      const double* m = pm + sp[a] * D;
-      const double* is = pi + sp[a] * D;
-      for (int64_t d = 0; d < D; ++d) px[a * D + d] = (pg[a * D + d] - m[d]) * is[d];
-    }
+    normalise_rows(G.data_ptr<double>(), species.data_ptr<int64_t>(), mean.data_ptr<double>(),
+                   inv_std.data_ptr<double>(), D, 0, N, x.data_ptr<double>());
     return x;
   }
   return (G.to(torch::kDouble) - mean.index_select(0, species)).mul_(inv_std.index_select(0, species)).to(net_dtype);
@@ -92,14 +103,8 @@ torch::Tensor scale_rows(const torch::Tensor& v, const torch::Tensor& species, c
   const int64_t N = v.size(0), D = v.size(1);
   if (v.scalar_type() == torch::kDouble && out_dtype == torch::kDouble && v.is_contiguous()) {
     auto out = torch::empty({N, D}, v.options());
-    const double* pv = v.data_ptr<double>();
-    const double* pi = inv_std.data_ptr<double>();
-    const int64_t* sp = species.data_ptr<int64_t>();
-    double* po = out.data_ptr<double>();
-    for (int64_t a = 0; a < N; ++a) {
-      const double* is = pi + sp[a] * D;
-      for (int64_t d = 0; d < D; ++d) po[a * D + d] = pv[a * D + d] * is[d] * factor;
-    }
+    scale_rows_range(v.data_ptr<double>(), species.data_ptr<int64_t>(), inv_std.data_ptr<double>(), factor, D, 0,
+                     N, out.data_ptr<double>());
     return out;
   }
   return v.to(torch::kDouble).mul(inv_std.index_select(0, species)).mul_(factor).to(out_dtype).contiguous();
@@ -141,17 +146,15 @@ energy_forces_pipelined(
     double rc_r, int64_t n_r, double rc_a, int64_t n_a, const torch::Tensor& mean,
     const torch::Tensor& inv_std, const torch::Tensor& base, const torch::Tensor& scale,
     const torch::Tensor& structure, int64_t n_structures, const std::vector<torch::Tensor>& params,
-    const std::vector<int64_t>& activations) {
-  const int64_t T = n_species(params, activations);
+    const std::vector<int64_t>& activations, int64_t T) {
+  // the descriptor's input checks first: D below needs valid orders
+  chebyshev_check_inputs(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
   const int64_t N = positions.size(0);
   const int64_t D = cheb::descriptor_dim(int(n_r), int(n_a), typespin.size(0) > 1);
   check_normalisation(mean, inv_std, base, scale, T, D);
   TORCH_CHECK(mean.is_contiguous() && inv_std.is_contiguous() && base.is_contiguous(),
               "bpnn_energy_forces: mean, inv_std and base must be contiguous");
   check_structure(structure, N, n_structures);
-  TORCH_CHECK(species.dim() == 1 && species.size(0) == N && species.scalar_type() == torch::kLong &&
-                  species.is_contiguous(),
-              "bpnn_energy_forces: species must be contiguous int64 [N]");
   const int64_t* sp = species.data_ptr<int64_t>();
   for (int64_t a = 0; a < N; ++a)
     TORCH_CHECK(sp[a] >= 0 && sp[a] < T, "bpnn_energy_forces: atom ", a, " has species index ", sp[a],
@@ -169,16 +172,9 @@ energy_forces_pipelined(
   const double* pi = inv_std.data_ptr<double>();
   // rows c0 .. c1 - 1: x = (G - mean[t]) * inv_std[t]; y, dy/dx (into g); g = s * inv_std[t] * dy/dx
   auto rows = [&](int64_t c0, int64_t c1, const double* G, double* g) {
-    for (int64_t a = c0; a < c1; ++a) {
-      const double* m = pm + sp[a] * D;
-      const double* is = pi + sp[a] * D;
-      for (int64_t d = 0; d < D; ++d) px[a * D + d] = (G[a * D + d] - m[d]) * is[d];
-    }
+    normalise_rows(G, sp, pm, pi, D, c0, c1, px);
     nets.run(px, sp, c0, c1 - c0, py, g, psave);
-    for (int64_t a = c0; a < c1; ++a) {
-      const double* is = pi + sp[a] * D;
-      for (int64_t d = 0; d < D; ++d) g[a * D + d] = g[a * D + d] * is[d] * s;
-    }
+    scale_rows_range(g, sp, pi, s, D, c0, c1, g);
   };
   auto [G, moments, g, dR] = chebyshev_forward_vjp_cpu(positions, species, pair_ptr, pair_j, pair_shift, typespin,
                                                        rc_r, n_r, rc_a, n_a, rows);
@@ -197,7 +193,7 @@ energy_forces_cpu(
   const int64_t T = n_species(params, activations);
   if (positions.scalar_type() == torch::kDouble && params[0].scalar_type() == torch::kDouble)
     return energy_forces_pipelined(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a,
-                                   n_a, mean, inv_std, base, scale, structure, n_structures, params, activations);
+                                   n_a, mean, inv_std, base, scale, structure, n_structures, params, activations, T);
   auto [G, moments] = chebyshev_forward_moments_cpu(positions, species, pair_ptr, pair_j, pair_shift,
                                                     typespin, rc_r, n_r, rc_a, n_a);
   const int64_t N = G.size(0), D = G.size(1);

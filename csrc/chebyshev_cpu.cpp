@@ -190,71 +190,53 @@ int num_threads() {
       double* jv) {                                                                             \
     return cheb::host_jvp_pairs(P, i, v, slot, cap, jv);                                        \
   }                                                                                             \
-  template <int NAC, typename scalar_t>                                                         \
-  ATTR __attribute__((noinline)) void forward_nac_##SUFFIX(                                     \
-      const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap, double* acc,            \
-      double* mom) {                                                                            \
-    const int64_t m = forward_pairs_##SUFFIX(P, i, slot, cap, acc);                             \
-    cheb::centre_forward<NAC>(P, i, slot, cap, acc, m, mom);                                    \
-  }                                                                                             \
-  template <typename scalar_t>                                                                  \
-  void forward_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap,   \
-                            double* acc, double* mom) {                                         \
-    DISTMLIP_DISPATCH_NA(P.n_a, NAC, forward_nac_##SUFFIX<NAC>(P, i, slot, cap, acc, mom));     \
-  }                                                                                             \
-  template <int NAC, typename scalar_t>                                                         \
-  ATTR __attribute__((noinline)) void vjp_nac_##SUFFIX(                                         \
-      const Problem<scalar_t>& P, int64_t i, const scalar_t* g, double* slot, int64_t cap,      \
-      double* gp, int64_t p_base, double* dRi, const double* mom) {                             \
-    const int64_t m = vjp_pairs_##SUFFIX(P, i, g, slot, cap, gp, p_base);                       \
-    cheb::centre_vjp<NAC>(P, i, g, slot, cap, gp, p_base, dRi, m, mom);                         \
-  }                                                                                             \
-  template <typename scalar_t>                                                                  \
-  void vjp_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, const scalar_t* g, double* slot, \
-                        int64_t cap, double* gp, int64_t p_base, double* dRi,                   \
-                        const double* mom) {                                                    \
-    DISTMLIP_DISPATCH_NA(P.n_a, NAC,                                                            \
-                         vjp_nac_##SUFFIX<NAC>(P, i, g, slot, cap, gp, p_base, dRi, mom));      \
-  }                                                                                             \
   template <typename scalar_t>                                                                  \
   ATTR __attribute__((noinline)) int64_t fv_pairs_##SUFFIX(                                     \
       const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap, double* acc) {          \
     return cheb::host_forward_pairs_for_vjp(P, i, slot, cap, acc);                              \
   }                                                                                             \
   template <typename scalar_t>                                                                  \
-  ATTR __attribute__((noinline)) void fv_radial_##SUFFIX(                                       \
+  ATTR __attribute__((noinline)) void vjp_radial_##SUFFIX(                                      \
       const Problem<scalar_t>& P, int64_t i, const scalar_t* g, double* slot, int64_t cap,      \
       double* gp, int64_t p_base) {                                                             \
     cheb::host_vjp_radial(P, i, g, slot, cap, gp, p_base);                                      \
   }                                                                                             \
+  /* vjp_pass: the VJP's pair pass, whose slot the same centre's VJP then reuses (m_ready) */   \
   template <int NAC, typename scalar_t>                                                         \
-  ATTR __attribute__((noinline)) int64_t fv_forward_nac_##SUFFIX(                               \
+  ATTR __attribute__((noinline)) int64_t forward_nac_##SUFFIX(                                  \
       const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap, double* acc,            \
-      double* mom) {                                                                            \
-    const int64_t m = fv_pairs_##SUFFIX(P, i, slot, cap, acc);                                  \
+      double* mom, bool vjp_pass) {                                                             \
+    const int64_t m = vjp_pass ? fv_pairs_##SUFFIX(P, i, slot, cap, acc)                        \
+                               : forward_pairs_##SUFFIX(P, i, slot, cap, acc);                  \
     cheb::centre_forward<NAC>(P, i, slot, cap, acc, m, mom);                                    \
     return m;                                                                                   \
   }                                                                                             \
   template <typename scalar_t>                                                                  \
-  int64_t fv_forward_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, double* slot,          \
-                                  int64_t cap, double* acc, double* mom) {                      \
+  int64_t forward_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap, \
+                               double* acc, double* mom, bool vjp_pass) {                       \
     int64_t m = 0;                                                                              \
-    DISTMLIP_DISPATCH_NA(P.n_a, NAC, m = fv_forward_nac_##SUFFIX<NAC>(P, i, slot, cap, acc, mom)); \
+    DISTMLIP_DISPATCH_NA(P.n_a, NAC,                                                            \
+                         m = forward_nac_##SUFFIX<NAC>(P, i, slot, cap, acc, mom, vjp_pass));   \
     return m;                                                                                   \
   }                                                                                             \
+  /* m_ready >= 0: the slot holds the centre's pair pass (forward_row with vjp_pass) */         \
   template <int NAC, typename scalar_t>                                                         \
-  ATTR __attribute__((noinline)) void fv_vjp_nac_##SUFFIX(                                      \
+  ATTR __attribute__((noinline)) void vjp_nac_##SUFFIX(                                         \
       const Problem<scalar_t>& P, int64_t i, const scalar_t* g, double* slot, int64_t cap,      \
-      double* gp, int64_t p_base, double* dRi, const double* mom, int64_t m) {                  \
-    fv_radial_##SUFFIX(P, i, g, slot, cap, gp, p_base);                                         \
+      double* gp, int64_t p_base, double* dRi, const double* mom, int64_t m_ready) {            \
+    int64_t m = m_ready;                                                                        \
+    if (m_ready >= 0)                                                                           \
+      vjp_radial_##SUFFIX(P, i, g, slot, cap, gp, p_base);                                      \
+    else                                                                                        \
+      m = vjp_pairs_##SUFFIX(P, i, g, slot, cap, gp, p_base);                                   \
     cheb::centre_vjp<NAC>(P, i, g, slot, cap, gp, p_base, dRi, m, mom);                         \
   }                                                                                             \
   template <typename scalar_t>                                                                  \
-  void fv_vjp_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, const scalar_t* g,           \
-                           double* slot, int64_t cap, double* gp, int64_t p_base, double* dRi,  \
-                           const double* mom, int64_t m) {                                      \
+  void vjp_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, const scalar_t* g, double* slot, \
+                        int64_t cap, double* gp, int64_t p_base, double* dRi,                   \
+                        const double* mom, int64_t m_ready) {                                   \
     DISTMLIP_DISPATCH_NA(P.n_a, NAC,                                                            \
-                         fv_vjp_nac_##SUFFIX<NAC>(P, i, g, slot, cap, gp, p_base, dRi, mom, m)); \
+                         vjp_nac_##SUFFIX<NAC>(P, i, g, slot, cap, gp, p_base, dRi, mom, m_ready)); \
   }                                                                                             \
   template <int NAC, bool JVP, bool HVP, typename scalar_t>                                     \
   ATTR __attribute__((noinline)) void jvp_hvp_nac_##SUFFIX(                                     \
@@ -301,11 +283,11 @@ int64_t cpu_isa() {
 }
 
 template <typename scalar_t>
-using ForwardRow = void (*)(const Problem<scalar_t>&, int64_t, double*, int64_t, double*,
-                            double*);
+using ForwardRow = int64_t (*)(const Problem<scalar_t>&, int64_t, double*, int64_t, double*, double*,
+                               bool);
 template <typename scalar_t>
 using VjpRow = void (*)(const Problem<scalar_t>&, int64_t, const scalar_t*, double*, int64_t,
-                        double*, int64_t, double*, const double*);
+                        double*, int64_t, double*, const double*, int64_t);
 template <typename scalar_t>
 using JvpRow = void (*)(const Problem<scalar_t>&, int64_t, const scalar_t*, const scalar_t*,
                         double*, int64_t, double*, double*, int64_t, double*, bool, bool,
@@ -333,19 +315,6 @@ JvpRow<scalar_t> pick_jvp() {
   return &jvp_hvp_row_generic<scalar_t>;
 }
 
-// the row functions of the force operator's pipelined forward + VJP (float64 only)
-struct ForwardVjpRows {
-  int64_t (*forward)(const Problem<double>&, int64_t, double*, int64_t, double*, double*);
-  void (*vjp)(const Problem<double>&, int64_t, const double*, double*, int64_t, double*, int64_t,
-              double*, const double*, int64_t);
-};
-ForwardVjpRows pick_forward_vjp() {
-#ifdef DISTMLIP_HAVE_AVX2
-  if (cpu_isa() == 2) return {&fv_forward_row_avx2<double>, &fv_vjp_row_avx2<double>};
-#endif
-  return {&fv_forward_row_generic<double>, &fv_vjp_row_generic<double>};
-}
-
 // ---- kernels (outside the dispatch macros: OpenMP pragmas cannot sit in macro arguments) ----
 
 // mom (optional): [N, moments_row_size(n_a)] rows of the angular moments (force training)
@@ -363,7 +332,7 @@ void forward_impl(const Problem<scalar_t>& P, scalar_t* out, double* mom = nullp
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < N; ++i) {
       std::fill(acc.begin(), acc.end(), 0.0);
-      row(P, i, slot.data(), cap, acc.data(), mom != nullptr ? mom + i * K : nullptr);
+      row(P, i, slot.data(), cap, acc.data(), mom != nullptr ? mom + i * K : nullptr, false);
       for (int d = 0; d < D; ++d) out[i * D + d] = static_cast<scalar_t>(acc[d]);
     }
   }
@@ -413,7 +382,7 @@ void vjp_impl(const Problem<scalar_t>& P, const scalar_t* pg, double* pdR,
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = i0; i < i1; ++i) {
         row(P, i, pg + i * D, slot.data(), cap, gp.data(), p0, own.data() + 3 * i,
-            mom != nullptr ? mom + i * K : nullptr);
+            mom != nullptr ? mom + i * K : nullptr, -1);
       }
     }
     // neighbour side: dE/dR_j += gp[p]  (serial, in pair order)
@@ -502,7 +471,8 @@ void forward_vjp_impl(const Problem<double>& P, double* G, double* mom, double* 
   const int64_t slot_size = int64_t(cheb::kHostSlotFields) * cap;
   const int64_t limit = chunk_pairs(cap);
   const int64_t B = pipeline_centres(slot_size);
-  const auto fn = pick_forward_vjp();
+  const auto forward_row = pick_forward<double>();
+  const auto vjp_row = pick_vjp<double>();
   std::vector<double> own(size_t(3 * N));
   Scratch gp(size_t(3 * std::min<int64_t>(std::max<int64_t>(P.n_pairs, 1),
                                                       std::max(limit, B * cap))));
@@ -527,13 +497,13 @@ void forward_vjp_impl(const Problem<double>& P, double* G, double* mom, double* 
         const int64_t c0 = i0 + b * B, c1 = std::min(i1, c0 + B);
         for (int64_t i = c0; i < c1; ++i) {
           std::fill(acc.begin(), acc.end(), 0.0);
-          ms[i - c0] = fn.forward(P, i, slots.data() + (i - c0) * slot_size, cap, acc.data(),
-                                  mom != nullptr ? mom + i * K : nullptr);
+          ms[i - c0] = forward_row(P, i, slots.data() + (i - c0) * slot_size, cap, acc.data(),
+                                   mom != nullptr ? mom + i * K : nullptr, true);
           std::copy(acc.begin(), acc.end(), G + i * D);
         }
         rows(c0, c1);
         for (int64_t i = c0; i < c1; ++i) {
-          fn.vjp(P, i, g + i * D, slots.data() + (i - c0) * slot_size, cap, gp.data(), p0,
+          vjp_row(P, i, g + i * D, slots.data() + (i - c0) * slot_size, cap, gp.data(), p0,
                  own.data() + 3 * i, mom != nullptr ? mom + i * K : nullptr, ms[i - c0]);
         }
       }

@@ -14,6 +14,12 @@
 
 namespace distmlip {
 
+// shape, dtype, device and order checks of the descriptor operators' inputs (not the O(P) values)
+void chebyshev_check_inputs(const torch::Tensor& positions, const torch::Tensor& species,
+                            const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
+                            const torch::Tensor& pair_shift, const torch::Tensor& typespin, double rc_r,
+                            int64_t n_r, double rc_a, int64_t n_a);
+
 std::tuple<torch::Tensor, torch::Tensor> chebyshev_forward_moments_cpu(
     const torch::Tensor& positions, const torch::Tensor& species, const torch::Tensor& pair_ptr,
     const torch::Tensor& pair_j, const torch::Tensor& pair_shift, const torch::Tensor& typespin,
