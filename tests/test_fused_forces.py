@@ -422,3 +422,31 @@ def test_pipelined_saved_intermediates_give_the_recomputed_backward():
     for a, c in zip(got[:-1], want[:-1]):
         assert torch.allclose(a, c, rtol=1e-12, atol=1e-12 * float(c.abs().max())), (a - c).abs().max()
     assert any(float(c.abs().max()) > 0 for c in want[:-1])
+
+
+def test_force_operator_names_bad_indices():
+    """Out-of-range species or structure indices and bad descriptor orders are refused with the
+    atom and the value named (float64: the pipelined path; float32 networks: the other one)."""
+    for dtype in ("float64", "float32"):
+        m = _model(dtype=dtype)
+        b = collate(_structures(4), species=m.species, cutoff=m.cutoff)
+        params, (dparams, codes, mean, inv_std, base, scale, _), args = fused_forces._operator_inputs(
+            m, b, b.positions.detach())
+        pos, species, ptr, pj, shift, ts = args
+
+        def call(species=species, structure=b.structure, dparams=dparams):
+            with torch.no_grad():
+                return torch.ops.distmlip.bpnn_energy_forces(pos, species, ptr, pj, shift, ts, *dparams, mean,
+                                                             inv_std, base, scale, structure,
+                                                             int(b.n_structures), params, list(codes))
+
+        bad = species.clone()
+        bad[3] = 7
+        with pytest.raises(RuntimeError, match="species index 7"):
+            call(species=bad)
+        bad = b.structure.clone()
+        bad[5] = int(b.n_structures)
+        with pytest.raises(RuntimeError, match=r"atom 5 has structure index"):
+            call(structure=bad)
+        with pytest.raises(RuntimeError, match="orders must be in"):
+            call(dparams=(dparams[0], 99, dparams[2], dparams[3]))
