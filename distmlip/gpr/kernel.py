@@ -173,10 +173,4 @@ def assemble(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, out=None,
     return out
 
 
-def se_value(XA, XB, w, l):
-    """k(x_a, x_b) only (no derivatives)."""
-    d2 = ((XA[:, None, :] - XB[None, :, :]) ** 2).sum(-1)
-    return (w * w) * torch.exp(-0.5 * d2 / (l * l))
-
-
 LOG2PI = math.log(2.0 * math.pi)
