@@ -51,7 +51,9 @@ namespace {
 #define DM_NETS_CLONES
 #endif
 
-enum ActCode : int64_t { kTanh = 0, kSigmoid = 1, kLinear = 2, kSoftplus = 3, kSilu = 4 };
+// The codes of distmlip/models/activations.py (its kernel_code column; tests/test_activations.py
+// checks that the two agree).
+enum ActCode : int64_t { kTanh = 0, kSigmoid = 1, kLinear = 2, kSoftplus = 3, kSilu = 4, kNumActivations = 5 };
 
 int nets_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
 
@@ -87,7 +89,7 @@ Nets pack_nets(const std::vector<torch::Tensor>& params, const std::vector<int64
               "bpnn_nets: expected 2 x ", nets.L, " parameters per species, got ", params.size());
   nets.T = int(params.size() / (2 * size_t(nets.L)));
   for (int64_t a : act)
-    TORCH_CHECK(a >= kTanh && a <= kSilu, "bpnn_nets: unknown activation code ", a);
+    TORCH_CHECK(a >= 0 && a < kNumActivations, "bpnn_nets: unknown activation code ", a);
   nets.act = act;
   const int L = nets.L;
   nets.n.assign(L + 1, 0);
@@ -270,7 +272,8 @@ void block_activation(int64_t kind, const double* a, double* h, double* d1, doub
       }
       return;
     }
-    default: {  // kSilu: h = a s(a)
+    case kSilu:
+    default: {  // h = a s(a)
       auto S = torch::from_blob(d1, {n}, opts);
       at::sigmoid_out(S, A);
       for (int64_t i = 0; i < n; ++i) {
