@@ -30,3 +30,31 @@ def load_extension(warn_if_missing: bool = True) -> bool:
 
 def extension_error() -> str | None:
     return _STATE["error"]
+
+
+# (operator, device type) -> whether the extension registered a kernel for it.  The one piece of
+# module state about the compiled code: what it provides does not change within a process.
+_KERNELS: dict = {}
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def has_kernel(op: str, device: str = "cpu") -> bool:
+    """Whether ``torch.ops.distmlip.<op>`` exists and has a kernel for ``device`` (a device
+    type).  Asked of the dispatcher, so a CUDA torch running a CPU-only build of the extension
+    gets False for 'cuda' instead of an error at the first call."""
+    key = (op, device)
+    ok = _KERNELS.get(key)
+    if ok is None:
+        ok = False
+        if device in _DISPATCH_KEYS and load_extension(warn_if_missing=False):
+            import torch
+
+            try:
+                ok = bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"distmlip::{op}",
+                                                                          _DISPATCH_KEYS[device]))
+            except RuntimeError:  # operator not defined in this build
+                ok = False
+            if ok and device == "cuda":
+                ok = torch.cuda.is_available()
+        _KERNELS[key] = ok
+    return ok

@@ -109,16 +109,28 @@ def from_dict(cls, data, *, source=None, path: str = ""):
                           f"got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = [k for k in data if k not in fields]
+    # inline fields: a nested dataclass whose keys are written in this section itself (the
+    # descriptor spec inside the ``descriptor:`` section)
+    data = dict(data)
+    inline = {}
+    for f in fields.values():
+        if f.metadata.get("inline"):
+            sub = {sf.name for sf in dataclasses.fields(hints[f.name])}
+            inline[f.name] = from_dict(hints[f.name], {k: data.pop(k) for k in list(data) if k in sub},
+                                       source=source, path=path)
+    valid = [k for k in fields if k not in inline] + [sf.name for name in inline
+                                                      for sf in dataclasses.fields(hints[name])]
+    unknown = [k for k in data if k not in fields or k in inline]
     if unknown:
         msgs = []
         for k in unknown:
-            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            close = difflib.get_close_matches(str(k), valid, n=1)
             msgs.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise ConfigError(
             f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(msgs)}{_where(source, path)}; "
-            f"valid keys are: {', '.join(sorted(fields))}")
+            f"valid keys are: {', '.join(sorted(valid))}")
     kwargs = {k: _coerce(v, hints[k], k, source, path) for k, v in data.items()}
+    kwargs.update(inline)
     try:
         obj = cls(**kwargs)
     except TypeError as exc:
@@ -155,7 +167,21 @@ def load_config(path, cls, overrides: dict | None = None):
 
 
 def config_to_dict(obj) -> dict:
-    return dataclasses.asdict(obj)
+    """The mapping :func:`from_dict` reads back (inline fields written into their section)."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = config_to_dict(getattr(obj, f.name))
+            if f.metadata.get("inline"):
+                out.update(v)
+            else:
+                out[f.name] = v
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(config_to_dict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: config_to_dict(v) for k, v in obj.items()}
+    return obj
 
 
 def parse_override(text: str):

@@ -13,6 +13,7 @@ from ase.optimize import BFGS
 from distmlip.calculator import DistmlipCalculator
 from distmlip.data.h5store import write_dataset
 from distmlip.data.structure import Structure
+from distmlip.descriptors.spec import DescriptorSpec
 from distmlip.training.config import TrainConfig, DataConfig, DescriptorConfig, ModelConfig, TrainingConfig
 from distmlip.training.trainer import Trainer
 
@@ -34,7 +35,8 @@ def emt_model(tmp_path_factory):
     write_dataset(d / "emt.h5", structs)
     cfg = TrainConfig(
         data=DataConfig(train=[str(d / "emt.h5")], fractions=[0.8, 0.2, 0.0]),
-        descriptor=DescriptorConfig(rc_radial=4.5, n_radial=6, rc_angular=3.5, n_angular=3, backend="reference"),
+        descriptor=DescriptorConfig(DescriptorSpec(rc_radial=4.5, n_radial=6, rc_angular=3.5, n_angular=3),
+                                    backend="reference"),
         model=ModelConfig(hidden=[8, 8]),
         training=TrainingConfig(mode="force", alpha=0.5, epochs=8, batch_atoms=40, lr=0.01,
                                 output=str(d / "run"), progress_bar="off"))

@@ -61,16 +61,27 @@ def test_dimension_formula(species):
     assert G.shape == (5, expected)
 
 
-def test_params_roundtrip_and_species_numbers():
+def test_spec_roundtrip_and_species_numbers():
+    from distmlip.descriptors.spec import DescriptorSpec
+    from distmlip.errors import ConfigError
+
     d = ChebyshevDescriptor([6, 1, 8], 6.5, 12, 4.0, 4)
-    assert d.species == ["C", "H", "O"]
-    e = ChebyshevDescriptor.from_dict(d.to_dict())
-    assert e.to_dict() == d.to_dict() and e.dim == 36
-    assert e.cutoff == 6.5
+    assert d.species == ["C", "H", "O"] and d.dim == 36 and d.cutoff == 6.5
+    spec = DescriptorSpec.from_dict(d.spec.to_dict())
+    assert spec == d.spec and hash(spec) == hash(d.spec) and spec.dim(3) == 36
+    assert spec.build(["C", "H", "O"]).dim == 36
+    assert DescriptorSpec.from_dict({"rc_radial": 6.5, "n_radial": 12, "backend": "fused"}) == DescriptorSpec()
+    assert DescriptorSpec(rc_radial=6) != DescriptorSpec(rc_radial=6.5)
     with pytest.raises(ValueError):
         ChebyshevDescriptor(["C"], 6.5, -1, 4.0, 4)
     with pytest.raises(ValueError):
-        ChebyshevDescriptor(["C"], 6.5, 3, 4.0, 4, backend="magic")
+        ChebyshevDescriptor(["C"], 6.5, 3, 4.0, 4, kernels="magic")
+    with pytest.raises(ConfigError, match="rc_radial"):
+        DescriptorSpec(rc_radial=float("nan"))
+    with pytest.raises(ConfigError, match="type"):
+        DescriptorSpec(type="behler")
+    with pytest.raises(ConfigError, match="unknown key"):
+        DescriptorSpec.from_dict({"rc_radiall": 5.0})
 
 
 # ------------------------------------------------------------------------ hand-computed values
@@ -335,29 +346,45 @@ def test_build_triplets_against_loop():
     assert tp3.numel() == 0 and tq3.numel() == 0
 
 
-def test_fused_backend_falls_back_or_matches():
-    """backend='fused' gives the reference values (through the kernels when they are built,
-    or through the reference after a one-time warning when they are not)."""
+def test_fused_kernels_match_reference():
+    """kernels='fused' gives the reference values."""
+    from distmlip._ext import has_kernel
+
+    if not has_kernel("chebyshev_forward", "cpu"):
+        pytest.skip("compiled extension missing")
     rng = np.random.default_rng(14)
     ref = ChebyshevDescriptor(["H", "C", "O"], 4.2, 6, 3.3, 4)
-    fus = ChebyshevDescriptor(["H", "C", "O"], 4.2, 6, 3.3, 4, backend="fused")
+    fus = ChebyshevDescriptor(["H", "C", "O"], 4.2, 6, 3.3, 4, kernels="fused")
     b = collate([_random_periodic(rng), _random_molecule(rng)], ref.species, ref.cutoff)
     args = (b.positions, b.species, b.pair_i, b.pair_j, b.pair_shift)
     torch.testing.assert_close(fus(*args, pair_ptr=b.pair_ptr), ref(*args), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("kernels", ["reference", "fused"])
+def test_cuda_matches_cpu(kernels):
+    """Descriptor, its VJP and the weight-free second derivative of a force-like loss on the GPU
+    equal the CPU reference (float64)."""
+    from distmlip._ext import has_kernel
+
+    if kernels == "fused" and not has_kernel("chebyshev_forward", "cuda"):
+        pytest.skip("extension built without CUDA kernels")
     rng = np.random.default_rng(15)
     desc = ChebyshevDescriptor(["H", "C", "O"], 4.2, 6, 3.3, 4)
     b = collate([_random_periodic(rng), _random_molecule(rng)], desc.species, desc.cutoff)
-    G = desc(b.positions, b.species, b.pair_i, b.pair_j, b.pair_shift)
-    g = b.to("cuda")
-    x = g.positions.requires_grad_()
-    Gc = desc.to("cuda")(x, g.species, g.pair_i, g.pair_j, g.pair_shift)
-    torch.testing.assert_close(Gc.cpu(), G, rtol=1e-12, atol=1e-12)
-    Gc.sum().backward()
-    assert x.grad is not None and x.grad.is_cuda
+    w = torch.linspace(-1.0, 1.0, desc.dim, dtype=torch.float64)
+
+    def run(batch, module, kern):
+        x = batch.positions.detach().clone().requires_grad_()
+        G = module(x, batch.species, batch.pair_i, batch.pair_j, batch.pair_shift, kernels=kern)
+        (g,) = torch.autograd.grad((torch.tanh(G) * w.to(G.device)).sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad((g * g).sum(), x)
+        return G.detach().cpu(), g.detach().cpu(), h.cpu()
+
+    cpu = run(b, desc, "reference")
+    gpu = run(b.to("cuda"), desc.to("cuda"), kernels)
+    for a, c, name in zip(gpu, cpu, ("G", "dE/dR", "second derivative")):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_empty_and_isolated_atom():
@@ -370,23 +397,3 @@ def test_empty_and_isolated_atom():
     assert G.shape == (1, d.dim) and torch.all(G == 0)
     g, = torch.autograd.grad(G.sum(), x, allow_unused=True)
     assert g is None or torch.all(g == 0)
-
-
-def test_fused_missing_warns_once_and_uses_reference(monkeypatch, capsys):
-    import sys
-
-    from distmlip.descriptors import chebyshev as ch
-
-    monkeypatch.setitem(sys.modules, "distmlip.descriptors.fused", None)   # import fails
-    monkeypatch.setitem(ch._FUSED_WARNED, "done", False)
-    rng = np.random.default_rng(16)
-    ref = ChebyshevDescriptor(["H", "C", "O"], 4.2, 6, 3.3, 4)
-    fus = ChebyshevDescriptor(["H", "C", "O"], 4.2, 6, 3.3, 4, backend="fused")
-    b = collate([_random_molecule(rng)], ref.species, ref.cutoff)
-    args = (b.positions, b.species, b.pair_i, b.pair_j, b.pair_shift)
-    G1 = fus(*args)
-    G2 = fus(*args)
-    torch.testing.assert_close(G1, ref(*args), rtol=0, atol=0)
-    torch.testing.assert_close(G2, G1, rtol=0, atol=0)
-    err = capsys.readouterr().err
-    assert err.count("fused Chebyshev descriptor unavailable") == 1

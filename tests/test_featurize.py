@@ -2,6 +2,7 @@
 computed directly, stale caches (data changed, other parameters, other species) are detected and
 rebuilt, `distmlip featurize` under mpirun -n 2 writes the same file as 1 rank, force mode and
 `cache: off` never touch it."""
+import dataclasses
 import os
 
 import h5py
@@ -12,13 +13,13 @@ import torch
 from distmlip.data.h5store import H5Dataset, write_dataset
 from distmlip.descriptors.batch import collate
 from distmlip.descriptors.featurize import FeatureCache, StaleCacheError, featurize
-from distmlip.models.bpnn import make_descriptor
+from distmlip.descriptors.spec import DescriptorSpec
 from distmlip.training.config import load_train_config
 from distmlip.training.trainer import Trainer
 from helpers import distmlip_cli, mpirun
 from test_train import emt_structures
 
-PARAMS = {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2, "backend": "reference"}
+SPEC = DescriptorSpec(rc_radial=4.0, n_radial=4, rc_angular=3.0, n_angular=2)
 
 
 @pytest.fixture()
@@ -42,9 +43,9 @@ training: {{mode: {mode}, epochs: 3, batch_atoms: 16, lr: 0.01, output: {tmp_pat
 
 def test_cache_matches_direct_descriptors(tmp_path, emt_h5):
     ds = H5Dataset(emt_h5)
-    out = featurize(ds, ds.species, PARAMS, tmp_path / "c.h5")
-    c = FeatureCache(out, ds, ds.species, PARAMS)
-    desc = make_descriptor(ds.species, PARAMS)
+    out = featurize(ds, ds.species, SPEC, "reference", tmp_path / "c.h5")
+    c = FeatureCache(out, ds, ds.species, SPEC)
+    desc = SPEC.build(ds.species)
     idx = [7, 2, 2, 13]
     b = collate(ds.read(idx), ds.species, cutoff=4.0)
     G = desc(b.positions, b.species, b.pair_i, b.pair_j, b.pair_shift).detach().numpy()
@@ -74,26 +75,26 @@ def test_training_with_cache_equals_without(tmp_path, emt_h5):
 
 def test_stale_cache_detected_and_rebuilt(tmp_path, emt_h5, capsys):
     ds = H5Dataset(emt_h5)
-    path = featurize(ds, ds.species, PARAMS, emt_h5.parent / "emt.h5.desc.h5")
+    path = featurize(ds, ds.species, SPEC, "reference", emt_h5.parent / "emt.h5.desc.h5")
     with pytest.raises(StaleCacheError, match="n_radial"):
-        FeatureCache(path, ds, ds.species, {**PARAMS, "n_radial": 5})
+        FeatureCache(path, ds, ds.species, dataclasses.replace(SPEC, n_radial=5))
     with pytest.raises(StaleCacheError, match="species"):
-        FeatureCache(path, ds, ["Au", "Cu"], PARAMS)
+        FeatureCache(path, ds, ["Au", "Cu"], SPEC)
     # same sizes, moved atoms: a different data file content
     st = emt_structures(20)
     st[3].positions[0, 0] += 0.01
     write_dataset(emt_h5, st)
     ds2 = H5Dataset(emt_h5)
     with pytest.raises(StaleCacheError, match="changed since the cache was built"):
-        FeatureCache(path, ds2, ds2.species, PARAMS)
+        FeatureCache(path, ds2, ds2.species, SPEC)
     res = distmlip_cli(["featurize", str(emt_h5), "--rc-radial", "4", "--n-radial", "4", "--rc-angular", "3",
                         "--n-angular", "2", "--check"], check=False)
     assert res.returncode == 1 and "stale" in res.stdout
     # a copy (new mtime, same content) is still valid: content hash
     os.utime(emt_h5, ns=(1, 1))
-    featurize(ds2, ds2.species, PARAMS, path)
+    featurize(ds2, ds2.species, SPEC, "reference", path)
     os.utime(emt_h5, ns=(2, 2))
-    FeatureCache(path, ds2, ds2.species, PARAMS)
+    FeatureCache(path, ds2, ds2.species, SPEC)
     # training with cache: auto rebuilds a stale cache (with a warning) and trains as without
     st[5].positions[1, 1] += 0.02
     write_dataset(emt_h5, st)

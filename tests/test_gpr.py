@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distmlip.gpr.kernels import cov_block, assemble
+from distmlip.gpr.kernel import cov_block, assemble
 from distmlip.gpr.model import GPR, LocalGPR, cholesky_with_jitter, bounded_kmeans
 
 torch.set_default_dtype(torch.float64)
@@ -211,11 +211,12 @@ def test_local_gpr_split_is_bounded_and_accurate():
 
 
 def test_chebyshev_fingerprint_blocks_match_finite_differences():
+    from distmlip.descriptors.spec import DescriptorSpec
     from distmlip.gpr.fingerprints import ChebyshevFingerprint
 
     for mode in ("concat", "sum"):
-        fpo = ChebyshevFingerprint(["Cu", "Ni"], rc_radial=4.0, n_radial=4, rc_angular=3.5,
-                                   n_angular=2, mode=mode)
+        fpo = ChebyshevFingerprint(["Cu", "Ni"], DescriptorSpec(rc_radial=4.0, n_radial=4, rc_angular=3.5,
+                                                                n_angular=2), mode=mode)
         numbers = np.array([29, 28, 29, 28])
         base = np.array([[0, 0, 0], [2.4, 0.1, 0], [0.2, 2.3, 0.3], [1.3, 1.2, 1.9]], float)
         fp = lambda R: fpo._one(numbers, np.asarray(R).reshape(-1, 3), np.zeros((3, 3)), np.zeros(3, bool), True)

@@ -1,4 +1,3 @@
-"""distmlip.descriptors: neighbour lists, batch collation, aenet Chebyshev descriptor."""
-from .batch import Batch, collate  # noqa: F401
-from .chebyshev import ChebyshevDescriptor, build_triplets, descriptor_dim, typespin  # noqa: F401
-from .neighbors import neighbor_list, pair_offsets  # noqa: F401
+"""distmlip.descriptors: the descriptor spec and registry (``spec``), neighbour lists, batch
+collation, the aenet Chebyshev descriptor (pure-PyTorch reference and fused kernels) and the
+descriptor cache.  Nothing is imported here, so that importing one module does not load the others."""

@@ -31,7 +31,6 @@ Conventions matched to aenet's Fortran source (src/ext/sfbasis.f90, src/ext/cheb
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -175,7 +174,7 @@ def chebyshev_reference(positions, species_idx, pair_i, pair_j, pair_shift, type
     return torch.cat([rad, ang, rad_w, ang_w], dim=1)
 
 
-_FUSED_WARNED = {"done": False}
+KERNELS = ("reference", "fused")
 
 
 class ChebyshevDescriptor(torch.nn.Module):
@@ -184,29 +183,38 @@ class ChebyshevDescriptor(torch.nn.Module):
     ``desc(positions, species_idx, pair_i, pair_j, pair_shift) -> G [N, dim]`` with
     ``r_ij = positions[pair_j] - positions[pair_i] + pair_shift``; ``species_idx`` indexes
     ``species``.  The pair list must contain every neighbour within max(rc_radial, rc_angular)
-    in both directions (``collate`` builds it); pairs beyond a cutoff are ignored."""
+    in both directions (``collate`` builds it); pairs beyond a cutoff are ignored.
+
+    ``kernels``: 'reference' (pure PyTorch, this module) or 'fused' (the compiled kernels,
+    :mod:`distmlip.descriptors.fused`), the default of calls that do not name one; a model passes
+    its plan's choice on every call (:mod:`distmlip.models.backend`)."""
 
     def __init__(self, species, rc_radial: float, n_radial: int, rc_angular: float, n_angular: int,
-                 backend: str = "reference"):
+                 kernels: str = "reference"):
         super().__init__()
+        from .spec import DescriptorSpec
+
         symbols = species_symbols(species)
-        rc_radial, rc_angular = float(rc_radial), float(rc_angular)
-        n_radial, n_angular = int(n_radial), int(n_angular)
-        if not (rc_radial > 0 and rc_angular > 0 and math.isfinite(rc_radial) and math.isfinite(rc_angular)):
-            raise ValueError(f"ChebyshevDescriptor: cutoffs must be positive, got {rc_radial}, {rc_angular}")
-        if n_radial < 0 or n_angular < 0:
-            raise ValueError(f"ChebyshevDescriptor: orders must be >= 0, got {n_radial}, {n_angular}")
-        if backend not in ("reference", "fused"):
-            raise ValueError(f"ChebyshevDescriptor: backend must be 'reference' or 'fused', got {backend!r}")
-        self.params = {"species": symbols, "rc_radial": rc_radial, "n_radial": n_radial,
-                       "rc_angular": rc_angular, "n_angular": n_angular, "backend": backend}
+        try:
+            self.spec = DescriptorSpec("chebyshev", rc_radial, n_radial, rc_angular, n_angular)
+        except Exception as exc:  # ConfigError: the same message, as the ValueError of a bad argument
+            raise ValueError(f"ChebyshevDescriptor: {exc}") from None
+        if kernels not in KERNELS:
+            raise ValueError(f"ChebyshevDescriptor: kernels must be one of {KERNELS}, got {kernels!r}")
         self.species = symbols
-        self.rc_radial, self.n_radial = rc_radial, n_radial
-        self.rc_angular, self.n_angular = rc_angular, n_angular
-        self.backend = backend
+        self.rc_radial, self.n_radial = self.spec.rc_radial, self.spec.n_radial
+        self.rc_angular, self.n_angular = self.spec.rc_angular, self.spec.n_angular
+        self.kernels = kernels
         self.register_buffer("typespin", torch.tensor(typespin(len(symbols)), dtype=torch.float64),
                              persistent=False)
-        self._fused = None
+
+    @classmethod
+    def from_spec(cls, spec, species, kernels: str = "reference") -> "ChebyshevDescriptor":
+        return cls(species, spec.rc_radial, spec.n_radial, spec.rc_angular, spec.n_angular, kernels=kernels)
+
+    @staticmethod
+    def dimension(spec, n_species: int) -> int:
+        return descriptor_dim(n_species, spec.n_radial, spec.n_angular)
 
     @property
     def dim(self) -> int:
@@ -215,56 +223,21 @@ class ChebyshevDescriptor(torch.nn.Module):
     @property
     def cutoff(self) -> float:
         """Neighbour-list cutoff needed by this descriptor."""
-        return max(self.rc_radial, self.rc_angular)
-
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.params.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict, backend: str | None = None) -> "ChebyshevDescriptor":
-        kw = dict(d)
-        if backend is not None:
-            kw["backend"] = backend
-        return cls(**kw)
+        return self.spec.cutoff
 
     def extra_repr(self) -> str:
-        p = self.params
-        return (f"species={p['species']}, rc_radial={p['rc_radial']}, n_radial={p['n_radial']}, "
-                f"rc_angular={p['rc_angular']}, n_angular={p['n_angular']}, backend={p['backend']}, dim={self.dim}")
+        return (f"species={self.species}, rc_radial={self.rc_radial}, n_radial={self.n_radial}, "
+                f"rc_angular={self.rc_angular}, n_angular={self.n_angular}, dim={self.dim}")
 
-    def _fused_module(self):
-        if self._fused is None:
-            try:
-                import importlib
-
-                fused = importlib.import_module(__package__ + ".fused")
-                if not hasattr(fused, "chebyshev"):
-                    raise ImportError("distmlip.descriptors.fused has no 'chebyshev'")
-                self._fused = fused
-            except Exception as exc:  # ImportError, missing extension, ...
-                self._fused = False
-                if not _FUSED_WARNED["done"]:
-                    _FUSED_WARNED["done"] = True
-                    msg = (f"fused Chebyshev descriptor unavailable ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}); using the pure-PyTorch reference")
-                    try:
-                        from ..utils.log import warn
-
-                        warn(msg)
-                    except Exception:
-                        warnings.warn(msg)
-        return self._fused or None
-
-    def forward(self, positions, species_idx, pair_i, pair_j, pair_shift, pair_ptr=None):
+    def forward(self, positions, species_idx, pair_i, pair_j, pair_shift, pair_ptr=None, kernels=None):
         """G [N, dim].  ``pair_ptr`` (optional, ``batch.pair_ptr``): CSR offsets of a pair list
         sorted by centre, passed on to the fused kernels (the reference does not need it)."""
-        if self.backend == "fused":
-            fused = self._fused_module()
-            if fused is not None:
-                kw = {} if pair_ptr is None else {"pair_ptr": pair_ptr}
-                return fused.chebyshev(positions, species_idx, pair_i, pair_j, pair_shift,
-                                       typespin=self.typespin, rc_radial=self.rc_radial,
-                                       n_radial=self.n_radial, rc_angular=self.rc_angular,
-                                       n_angular=self.n_angular, **kw)
+        if (kernels or self.kernels) == "fused":
+            from . import fused
+
+            return fused.chebyshev(positions, species_idx, pair_i, pair_j, pair_shift,
+                                   typespin=self.typespin, rc_radial=self.rc_radial,
+                                   n_radial=self.n_radial, rc_angular=self.rc_angular,
+                                   n_angular=self.n_angular, pair_ptr=pair_ptr)
         return chebyshev_reference(positions, species_idx, pair_i, pair_j, pair_shift, self.typespin,
                                    self.rc_radial, self.n_radial, self.rc_angular, self.n_angular)

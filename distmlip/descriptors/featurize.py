@@ -6,7 +6,7 @@ them with the fused kernels (fallback: the PyTorch reference), spread over the M
 companion HDF5 file (default ``<first data file>.desc.h5``)::
 
     attrs   format = "distmlip-descriptor-cache", version = 1, complete = True,
-            key (JSON: rc_radial, n_radial, rc_angular, n_angular, species, dim),
+            key (JSON: the descriptor spec's fields, species, dim: DescriptorSpec.key),
             data (JSON: per data file: name, size, mtime_ns, sha256 of the descriptor inputs),
             n_structures, n_atoms, dim
     features      [n_atoms, dim] float64   in data-set atom order (all shards concatenated)
@@ -18,7 +18,7 @@ ranks write their regions one after the other, rank 0 marks it complete and rena
 place (atomic).  Results do not depend on the number of ranks (each atom's descriptor depends
 on its own neighbourhood only; tested bit for bit).
 
-A cache is valid for a data set when the key (descriptor parameters AND species list) matches
+A cache is valid for a data set when the key (descriptor spec AND species list) matches
 and the data fingerprint matches: size + modification time of every data file, or, when those
 differ (a copy), the sha256 over numbers, positions, cells and pbc.  Otherwise
 :class:`StaleCacheError` (a ``DataFormatError``) says what differs; training with
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataFormatError
+from .spec import DescriptorSpec
 
 FORMAT = "distmlip-descriptor-cache"
 VERSION = 1
-KEY_FIELDS = ("rc_radial", "n_radial", "rc_angular", "n_angular")
 
 
 class StaleCacheError(DataFormatError):
@@ -49,16 +49,6 @@ class StaleCacheError(DataFormatError):
 def default_cache_path(data_paths) -> Path:
     paths = [data_paths] if isinstance(data_paths, (str, os.PathLike)) else list(data_paths)
     return Path(str(paths[0]) + ".desc.h5")
-
-
-def cache_key(params: dict, species) -> dict:
-    from .chebyshev import descriptor_dim
-
-    k = {"rc_radial": float(params["rc_radial"]), "n_radial": int(params["n_radial"]),
-         "rc_angular": float(params["rc_angular"]), "n_angular": int(params["n_angular"]),
-         "species": [str(s) for s in species]}
-    k["dim"] = int(descriptor_dim(len(k["species"]), k["n_radial"], k["n_angular"]))
-    return k
 
 
 def _content_hash(path: str) -> str:
@@ -106,7 +96,7 @@ class FeatureCache:
     order of ``indices``; ``preload(indices)`` keeps the rows spanning those structures in memory
     (when at most ``max_bytes``), else rows are read from the file per call."""
 
-    def __init__(self, path, ds, species, params, check: bool = True):
+    def __init__(self, path, ds, species, spec: DescriptorSpec, check: bool = True):
         import h5py
 
         self.path = Path(path)
@@ -129,7 +119,7 @@ class FeatureCache:
             raise
         except (OSError, KeyError, ValueError) as exc:
             raise DataFormatError(f"{self.path}: corrupt descriptor cache ({type(exc).__name__}: {exc})") from None
-        want = cache_key(params, species)
+        want = spec.key(species)
         if check:
             diff = [k for k in want if key.get(k) != want[k]]
             if diff:
@@ -238,29 +228,29 @@ def feature_batch(structures, cache: FeatureCache, species, device="cpu") -> Fea
 
 
 # ------------------------------------------------------------------------------------ writer
-def compute_features(structures, descriptor, cutoff, species, device="cpu") -> np.ndarray:
+def compute_features(structures, descriptor, species, kernels: str, device="cpu") -> np.ndarray:
     from .batch import collate
 
-    batch = collate(structures, species=species, cutoff=cutoff, dtype=torch.float64, device=device)
+    batch = collate(structures, species=species, cutoff=descriptor.cutoff, dtype=torch.float64, device=device)
     with torch.no_grad():
-        G = descriptor(batch.positions, batch.species, batch.pair_i, batch.pair_j, batch.pair_shift)
+        G = descriptor(batch.positions, batch.species, batch.pair_i, batch.pair_j, batch.pair_shift,
+                       pair_ptr=batch.pair_ptr, kernels=kernels)
     return G.detach().to("cpu", torch.float64).numpy()
 
 
-def featurize(ds, species, params: dict, out_path, ctx=None, batch_atoms: int = 4096, device="cpu",
-              log_fn=None) -> Path:
-    """Compute the descriptors of every structure of ``ds`` into ``out_path`` (collective over
-    ``ctx``: every rank must call it).  Returns the path."""
+def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=None, batch_atoms: int = 4096,
+              device="cpu", log_fn=None) -> Path:
+    """Compute the descriptors of ``spec`` for every structure of ``ds`` into ``out_path`` with
+    ``kernels`` ('fused' or 'reference'; collective over ``ctx``: every rank must call it).
+    Returns the path."""
     import h5py
 
     from ..data.stream import make_batches, partition_by_atoms
-    from ..models.bpnn import make_descriptor
 
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     out_path = Path(out_path)
-    key = cache_key(params, species)
-    desc = make_descriptor(species, {**{k: params[k] for k in KEY_FIELDS}, "backend": params.get("backend", "auto")})
-    cutoff = max(key["rc_radial"], key["rc_angular"])
+    key = spec.key(species)
+    desc = spec.build(species).to(device)
     natoms = np.asarray(ds.natoms, dtype=np.int64)
     off = np.zeros(len(natoms) + 1, dtype=np.int64)
     np.cumsum(natoms, out=off[1:])
@@ -268,7 +258,7 @@ def featurize(ds, species, params: dict, out_path, ctx=None, batch_atoms: int = 
     # descriptors of this rank's range, in memory until its turn to write
     parts = []
     for chunk in make_batches(mine, natoms, batch_atoms, 1 << 30):
-        parts.append(compute_features(ds.read(chunk), desc, cutoff, species, device))
+        parts.append(compute_features(ds.read(chunk), desc, species, kernels, device))
     G = np.concatenate(parts) if parts else np.zeros((0, key["dim"]))
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     if rank == 0:
@@ -287,7 +277,7 @@ def featurize(ds, species, params: dict, out_path, ctx=None, batch_atoms: int = 
             f.attrs["n_structures"] = len(natoms)
             f.attrs["n_atoms"] = int(off[-1])
             f.attrs["dim"] = key["dim"]
-            f.attrs["backend"] = getattr(desc, "backend", "reference")
+            f.attrs["backend"] = kernels
     for r in range(world):
         if ctx is not None:
             ctx.barrier()
@@ -303,13 +293,14 @@ def featurize(ds, species, params: dict, out_path, ctx=None, batch_atoms: int = 
         os.replace(tmp, out_path)
         if log_fn is not None:
             log_fn(f"descriptor cache {out_path}: {len(natoms)} structures, {int(off[-1])} atoms x {key['dim']} "
-                   f"features ({getattr(desc, 'backend', 'reference')} kernels, {world} rank(s))")
+                   f"features ({kernels} kernels, {world} rank(s))")
     if ctx is not None:
         ctx.barrier()
     return out_path
 
 
-def open_or_build(ds, species, params, path=None, mode: str = "auto", ctx=None, log_fn=None, warn_fn=None):
+def open_or_build(ds, species, spec: DescriptorSpec, kernels: str, path=None, mode: str = "auto", ctx=None,
+                  log_fn=None, warn_fn=None):
     """The training-side entry (collective): a valid :class:`FeatureCache` or None.
 
     ``mode`` 'off': None.  'auto': use the cache if valid; if missing or stale, build it when its
@@ -322,7 +313,7 @@ def open_or_build(ds, species, params, path=None, mode: str = "auto", ctx=None, 
     status = None
     if rank0:
         try:
-            FeatureCache(path, ds, species, params).close()
+            FeatureCache(path, ds, species, spec).close()
             status = "ok"
         except StaleCacheError as exc:
             status = "missing" if not path.exists() else f"stale: {exc}"
@@ -339,20 +330,27 @@ def open_or_build(ds, species, params, path=None, mode: str = "auto", ctx=None, 
             return None
         if status.startswith("stale") and warn_fn is not None and rank0:
             warn_fn(status[len("stale: "):] + " -- rebuilding it")
-        featurize(ds, species, params, path, ctx, log_fn=log_fn)
-    return FeatureCache(path, ds, species, params, check=False)
+        featurize(ds, species, spec, kernels, path, ctx, log_fn=log_fn)
+    return FeatureCache(path, ds, species, spec, check=False)
 
 
 # ------------------------------------------------------------------------------------ CLI
+def _spec_options():
+    """(flag, field name, type) of every DescriptorSpec field: the CLI's flags follow the spec."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(DescriptorSpec)
+    return [("--" + f.name.replace("_", "-"), f.name, hints[f.name]) for f in dataclasses.fields(DescriptorSpec)]
+
+
 def add_arguments(p) -> None:
     p.add_argument("data", nargs="+", help="HDF5 data set (shards are read as one data set)")
-    p.add_argument("--config", help="training YAML: descriptor parameters, model.species and "
+    p.add_argument("--config", help="training YAML: the descriptor section, model.species and "
                                     "descriptor.cache_file are taken from it")
     p.add_argument("-o", "--output", help="cache file (default: <first data file>.desc.h5)")
-    p.add_argument("--rc-radial", type=float)
-    p.add_argument("--n-radial", type=int)
-    p.add_argument("--rc-angular", type=float)
-    p.add_argument("--n-angular", type=int)
+    for flag, name, tp in _spec_options():
+        p.add_argument(flag, dest=name, type=tp, help=f"descriptor {name} (overrides the config)")
     p.add_argument("--species", help="comma-separated species list (default: the data set's)")
     p.add_argument("--backend", choices=["auto", "fused", "reference"], default=None)
     p.add_argument("--batch-atoms", type=int, default=4096)
@@ -361,28 +359,23 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import dataclasses
+
+    from ..config import from_dict, load_yaml
     from ..data.h5store import H5Dataset
     from ..distributed import init_distributed, shutdown
     from ..utils.log import log
+    from .spec import DescriptorConfig, choose_kernels
 
-    params = {"rc_radial": 6.5, "n_radial": 12, "rc_angular": 4.0, "n_angular": 4, "backend": "auto"}
-    species = None
-    out = args.output
+    dcfg, species = DescriptorConfig(), None
     if args.config:
-        from ..training.config import load_train_config
-
-        cfg = load_train_config(args.config, {"data.train": [str(p) for p in args.data]})
-        d = cfg.descriptor
-        params = {"rc_radial": d.rc_radial, "n_radial": d.n_radial, "rc_angular": d.rc_angular,
-                  "n_angular": d.n_angular, "backend": d.backend}
-        species = cfg.model.species
-        out = out or d.cache_file
-    for k in KEY_FIELDS:
-        v = getattr(args, k)
-        if v is not None:
-            params[k] = v
-    if args.backend:
-        params["backend"] = args.backend
+        data = load_yaml(args.config)
+        dcfg = from_dict(DescriptorConfig, data.get("descriptor"), source=args.config, path="descriptor")
+        species = ((data.get("model") or {}).get("species")) or None
+    out = args.output or dcfg.cache_file
+    over = {name: getattr(args, name) for _, name, _ in _spec_options() if getattr(args, name) is not None}
+    spec = dataclasses.replace(dcfg.spec, **over) if over else dcfg.spec
+    backend = args.backend or dcfg.backend
     if args.species:
         species = [s.strip() for s in args.species.split(",") if s.strip()]
     ds = H5Dataset(args.data)
@@ -393,7 +386,7 @@ def run(args) -> int:
     path = Path(out) if out else default_cache_path(ds.paths)
     if args.check:
         try:
-            FeatureCache(path, ds, species, params)
+            FeatureCache(path, ds, species, spec)
         except StaleCacheError as exc:
             print(str(exc))
             return 1
@@ -404,7 +397,8 @@ def run(args) -> int:
         import time
 
         t0 = time.time()
-        featurize(ds, species, params, path, ctx, batch_atoms=args.batch_atoms, device=ctx.device, log_fn=log)
+        featurize(ds, species, spec, choose_kernels(ctx.device, backend), path, ctx, batch_atoms=args.batch_atoms,
+                  device=ctx.device, log_fn=log)
         log(f"featurize finished in {time.time() - t0:.2f} s")
         return 0
     finally:

@@ -22,10 +22,6 @@ Autograd
     will actually deliver a gradient to the positions: ``loss.backward(inputs=params)`` or
     ``torch.autograd.grad(loss, params)`` skip it automatically (and also skip the first-order
     descriptor backward towards the positions), which is what a force-training step should use.
-  * ``position_hessian(False)`` (context manager) or ``set_position_hessian(False)`` skips the
-    R-R term even under a plain ``loss.backward()``: ``positions.grad`` then lacks the part that
-    flows through the second derivative of the descriptor, while every weight gradient stays
-    exact.
   * Third derivatives are not supported: differentiating the double backward raises a clear
     RuntimeError.
   * Gradients with respect to ``pair_shift`` (cell / stress) are not supported: an error is
@@ -38,9 +34,8 @@ The pair list must hold both directions of every pair within max(rc_radial, rc_a
 ``collate`` builds it.  It is used in CSR form (sorted by centre ``pair_i``); when ``pair_ptr``
 is not given it is computed here (and the pairs stably sorted by centre if they are not).
 
-Importing this module raises ImportError when the compiled extension is missing or lacks the
-operators; :class:`~distmlip.descriptors.chebyshev.ChebyshevDescriptor` then warns once and
-uses the pure-PyTorch reference.
+Whether the operators exist for a device is the plan's question
+(:func:`distmlip._ext.has_kernel`, :mod:`distmlip.models.backend`); this module only calls them.
 """
 from __future__ import annotations
 
@@ -49,59 +44,15 @@ import threading
 
 import torch
 
-from .._ext import extension_error, load_extension
+from .._ext import load_extension
 from ..utils.autograd import will_reach
 
-if not load_extension(warn_if_missing=False):
-    raise ImportError(
-        "distmlip.descriptors.fused needs the compiled extension distmlip._C "
-        f"({(extension_error() or 'unknown error').splitlines()[0]}); build it with "
-        "`python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`")
-if not hasattr(torch.ops.distmlip, "chebyshev_forward"):
-    raise ImportError("distmlip._C was built without the Chebyshev kernels (csrc/chebyshev_cpu.cpp); "
-                      "rebuild it with `python setup.py build_ext --inplace`")
-
+load_extension(warn_if_missing=False)     # registers torch.ops.distmlip where the build has it
 _ops = torch.ops.distmlip
 
-__all__ = ["available", "chebyshev", "pair_pointers", "prepare_arguments", "position_hessian", "set_position_hessian",
-           "MAX_ORDER"]
+__all__ = ["chebyshev", "pair_pointers", "prepare_arguments", "MAX_ORDER"]
 
 MAX_ORDER = 32  # csrc/chebyshev.h kMaxOrder
-
-_STATE = threading.local()
-
-
-def _hessian_enabled() -> bool:
-    return getattr(_STATE, "hessian", True)
-
-
-def set_position_hessian(enabled: bool) -> None:
-    """Compute (True, default) or skip (False) the R-R second-derivative term in double
-    backward, for the calling thread."""
-    _STATE.hessian = bool(enabled)
-
-
-@contextlib.contextmanager
-def position_hessian(enabled: bool):
-    """Context manager form of :func:`set_position_hessian`."""
-    old = _hessian_enabled()
-    set_position_hessian(enabled)
-    try:
-        yield
-    finally:
-        set_position_hessian(old)
-
-
-def available(device: str | torch.device | None = None) -> bool:
-    """True when the fused operators can run on ``device`` (default CPU)."""
-    dev = torch.device(device if device is not None else "cpu")
-    if dev.type == "cpu":
-        return True
-    if dev.type == "cuda":
-        from .. import _C
-
-        return bool(_C.with_cuda()) and torch.cuda.is_available()
-    return False
 
 
 def pair_pointers(pair_i: torch.Tensor, n_atoms: int) -> torch.Tensor:
@@ -110,19 +61,10 @@ def pair_pointers(pair_i: torch.Tensor, n_atoms: int) -> torch.Tensor:
                               torch.arange(n_atoms + 1, device=pair_i.device, dtype=pair_i.dtype))
 
 
-_TS_CACHE: dict = {}
-
-
 def _typespin_tensor(typespin, device) -> torch.Tensor:
     if isinstance(typespin, torch.Tensor):
         return typespin.detach().to(device=device, dtype=torch.float64).contiguous()
-    key = (tuple(float(s) for s in typespin), str(device))
-    t = _TS_CACHE.get(key)
-    if t is None:
-        t = torch.tensor(key[0], dtype=torch.float64, device=device)
-        if len(_TS_CACHE) < 64:
-            _TS_CACHE[key] = t
-    return t
+    return torch.tensor([float(s) for s in typespin], dtype=torch.float64, device=device)
 
 
 class _ChebyshevVJP(torch.autograd.Function):
@@ -137,7 +79,6 @@ class _ChebyshevVJP(torch.autograd.Function):
                 moments=None):
         ctx.save_for_backward(grad_G, positions, species, ptr, pj, shift, ts)
         ctx.params = (rc_r, n_r, rc_a, n_a)
-        ctx.hessian = _hessian_enabled()
         ctx.moments = moments
         return _ops.chebyshev_backward(grad_G, positions, species, ptr, pj, shift, ts,
                                        rc_r, n_r, rc_a, n_a, moments)
@@ -146,7 +87,7 @@ class _ChebyshevVJP(torch.autograd.Function):
     def backward(ctx, v):
         grad_G, positions, species, ptr, pj, shift, ts = ctx.saved_tensors
         need_jvp = bool(ctx.needs_input_grad[0])
-        need_hvp = bool(ctx.needs_input_grad[1]) and ctx.hessian and will_reach(positions)
+        need_hvp = bool(ctx.needs_input_grad[1]) and will_reach(positions)
         jv = hv = None
         if need_jvp or need_hvp:
             jv, hv = _ChebyshevSecond.apply(grad_G, v.contiguous(), positions, species, ptr, pj, shift,

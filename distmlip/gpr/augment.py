@@ -47,6 +47,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from ..config import load_config, parse_override
+from ..descriptors.spec import DescriptorSpec
 from ..errors import ConfigError, InputError
 from ..utils.io import atomic_path, atomic_write_text
 from ..utils.log import log, rank_and_size, warn
@@ -58,12 +59,16 @@ __all__ = ["AugmentConfig", "GPRSettings", "SubsetSettings", "augment", "add_arg
 # configuration
 # ------------------------------------------------------------------------------------------
 
+def _fingerprint_descriptor() -> DescriptorSpec:
+    # a GPR fingerprint sees one structure at a time: shorter cutoffs and orders than a potential
+    return DescriptorSpec(rc_radial=4.0, n_radial=8, rc_angular=3.0, n_angular=4)
+
+
 @dataclass
 class ChebyshevSettings:
-    rc_radial: float = 4.0
-    n_radial: int = 8
-    rc_angular: float = 3.0
-    n_angular: int = 4
+    """The chebyshev fingerprint: a descriptor spec (its keys inline) and how the atoms' rows
+    are combined (concatenated in the subset's atom order, or summed)."""
+    spec: DescriptorSpec = field(default_factory=_fingerprint_descriptor, metadata={"inline": True})
     mode: Literal["concat", "sum"] = "concat"
 
 
@@ -256,7 +261,7 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
             raise ConfigError(f"gpr.device is {g.device!r} but torch has no CUDA device here")
         kind = resolve_fingerprint(g.fingerprint, nat, ref.pbc)
         fp = make_fingerprint(kind, species=ds.species,
-                              **(asdict(g.chebyshev) if kind == "chebyshev" else {}))
+                              **({"spec": g.chebyshev.spec, "mode": g.chebyshev.mode} if kind == "chebyshev" else {}))
         try:
             X, J = fp.compute([s.positions for s in structs], ref)
         except InputError as exc:

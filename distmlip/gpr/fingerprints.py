@@ -132,16 +132,14 @@ class _Tmpl:
 class ChebyshevFingerprint:
     name = "chebyshev"
 
-    def __init__(self, species, rc_radial=4.0, n_radial=8, rc_angular=3.0, n_angular=4,
-                 mode="concat", min_scale_rel=1e-2):
-        from ..descriptors.chebyshev import ChebyshevDescriptor
-
+    def __init__(self, species, spec, mode="concat", min_scale_rel=1e-2):
         if mode not in ("concat", "sum"):
             raise ConfigError(f"chebyshev fingerprint mode must be 'concat' or 'sum', got {mode!r}")
         self.species = list(species)
-        self.desc = ChebyshevDescriptor(self.species, rc_radial, n_radial, rc_angular, n_angular,
-                                        backend="reference")
-        self.cutoff = max(rc_radial, rc_angular)
+        self.spec = spec
+        # the reference kernels: the fingerprint's Jacobian needs autograd to second order
+        self.desc = spec.build(self.species)
+        self.cutoff = spec.cutoff
         self.mode = mode
         self.min_scale_rel = min_scale_rel
         self.scale = None
@@ -190,8 +188,7 @@ class ChebyshevFingerprint:
         return X / self.scale, (None if J is None else J / self.scale[None, :, None])
 
     def state(self) -> dict:
-        return {"kind": "chebyshev", "mode": self.mode, **{k: v for k, v in self.desc.params.items()
-                                                           if k != "backend"}}
+        return {"kind": "chebyshev", "mode": self.mode, "species": self.species, **self.spec.to_dict()}
 
 
 def resolve_fingerprint(kind: str, natoms: int, pbc) -> str:

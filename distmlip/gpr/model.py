@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
-from .kernels import assemble, cov_block
+from .kernel import assemble, cov_block
 
 __all__ = ["GPR", "LocalGPR", "Hyper", "cholesky_with_jitter", "available_memory",
            "max_kernel_obs", "bounded_kmeans"]

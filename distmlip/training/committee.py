@@ -261,18 +261,20 @@ def _shared_cache(cfg, ctx, quiet):
     from ..descriptors.featurize import open_or_build
     from ..utils.log import warn
 
+    from ..descriptors.spec import choose_kernels
+
     ds = H5Dataset(cfg.data.train)
     species = cfg.model.species or list(ds.species)
-    params = {"rc_radial": dc.rc_radial, "n_radial": dc.n_radial, "rc_angular": dc.rc_angular,
-              "n_angular": dc.n_angular, "backend": dc.backend}
-    c = open_or_build(ds, species, params, dc.cache_file, dc.cache, ctx, log_fn=None if quiet else log,
+    kernels = choose_kernels(ctx.device, dc.backend)
+    c = open_or_build(ds, species, dc.spec, kernels, dc.cache_file, dc.cache, ctx, log_fn=None if quiet else log,
                       warn_fn=warn)
     if c is not None:
         c.close()
     if cfg.data.validation:
         vds = H5Dataset(cfg.data.validation)
         vpath = None if not dc.cache_file else str(dc.cache_file) + ".val.h5"
-        c = open_or_build(vds, species, params, vpath, dc.cache, ctx, log_fn=None if quiet else log, warn_fn=warn)
+        c = open_or_build(vds, species, dc.spec, kernels, vpath, dc.cache, ctx, log_fn=None if quiet else log,
+                          warn_fn=warn)
         if c is not None:
             c.close()
 

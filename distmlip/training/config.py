@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from ..descriptors.spec import DescriptorConfig
 from ..errors import ConfigError
 
 
@@ -35,29 +36,6 @@ class DataConfig:
         if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or sum(self.fractions) <= 0:
             raise ConfigError(f"data.fractions: expected three non-negative shares (train, validation, "
                               f"test), got {self.fractions}")
-
-
-@dataclass
-class DescriptorConfig:
-    rc_radial: float = 6.5
-    n_radial: int = 12
-    rc_angular: float = 4.0
-    n_angular: int = 4
-    backend: Literal["auto", "reference", "fused"] = "auto"
-    # descriptor cache for energy-mode training (``distmlip featurize``, docs/training.md):
-    # auto: use DATA.h5.desc.h5 when it exists and matches, else build it at start-up (all ranks)
-    # when its folder is writable; on: build/refresh it if needed (error if impossible); off: never
-    # (YAML reads bare on/off as booleans: true/false are accepted for on/off)
-    cache: Union[Literal["auto", "on", "off"], bool] = "auto"
-    cache_file: Optional[str] = None   # default: <first training file>.desc.h5
-
-    def validate(self):
-        if isinstance(self.cache, bool):
-            self.cache = "on" if self.cache else "off"
-        if self.rc_radial <= 0 or self.rc_angular < 0:
-            raise ConfigError("descriptor: cutoffs must be positive")
-        if self.n_radial < 0 or self.n_angular < 0:
-            raise ConfigError("descriptor: orders must be >= 0")
 
 
 @dataclass
