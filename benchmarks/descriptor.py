@@ -186,7 +186,7 @@ class Setup:
 
     def forward(self):
         with torch.no_grad():
-            return self.model.descriptors(self.ebatch)
+            return self.model.ann.descriptors(self.ebatch, self.model.plan())
 
     def forces(self):
         return self.model.energy_and_forces(self.fbatch)[1]
@@ -197,14 +197,15 @@ class Setup:
 
         self.flat.zero_grad()
         E = self.model(self.ebatch)
-        loss = energy_force_loss(E, self.ebatch, self.counts, per_atom=True)
+        loss = energy_force_loss(E, self.ebatch, self.counts, per_atom=True,
+                                 compiled=self.model.plan().loss == "compiled")
         loss.backward(inputs=self.params)
         self.flat.sync()
         optimizer_step(self.opt)
 
     def force_step(self):
         from distmlip.training.flat import optimizer_step
-        from distmlip.training.trainer import force_loss_and_gradients
+        from distmlip.training.force_step import force_loss_and_gradients
 
         self.flat.zero_grad()
         # as Trainer.train_step: on the CPU with the fused kernels, three compiled operators and

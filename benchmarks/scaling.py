@@ -101,7 +101,7 @@ training: {{mode: {args.mode}, epochs: 1000, batch_atoms: {args.batch_atoms}, lr
         if ctx.rank == 0:
             print("SCALING " + json.dumps({"mode": args.mode, "ranks": ctx.world_size, "steps": timed,
                                            "atoms": float(atoms), "seconds": float(dt),
-                                           "backend": tr.model.descriptor_params["backend"]}), flush=True)
+                                           "backend": tr.model.plan().descriptor}), flush=True)
         shutdown()
 
     run_guarded(main)

@@ -200,10 +200,10 @@ def _random_model(species, activation="tanh", seed=0, dtype="float64"):
     for p in m.parameters():
         p.data.normal_(0.0, 0.4)
     g = torch.Generator().manual_seed(seed)
-    m.feature_mean.copy_(torch.randn(m.feature_mean.shape, generator=g, dtype=torch.float64) * 3.0)
-    m.feature_std.copy_(torch.rand(m.feature_std.shape, generator=g, dtype=torch.float64) * 2.0 + 0.05)
-    m.energy_shift.copy_(torch.randn(m.energy_shift.shape, generator=g, dtype=torch.float64))
-    m.energy_scale.fill_(0.37)
+    m.ann.feature_mean.copy_(torch.randn(m.ann.feature_mean.shape, generator=g, dtype=torch.float64) * 3.0)
+    m.ann.feature_std.copy_(torch.rand(m.ann.feature_std.shape, generator=g, dtype=torch.float64) * 2.0 + 0.05)
+    m.ann.energy_shift.copy_(torch.randn(m.ann.energy_shift.shape, generator=g, dtype=torch.float64))
+    m.ann.energy_scale.fill_(0.37)
     return m
 
 

@@ -40,10 +40,10 @@ def _model(zbl):
     for p in m.parameters():
         p.data.normal_(0.0, 0.3)
     g = torch.Generator().manual_seed(1)
-    m.feature_mean.copy_(torch.randn(m.feature_mean.shape, generator=g, dtype=torch.float64))
-    m.feature_std.copy_(torch.rand(m.feature_std.shape, generator=g, dtype=torch.float64) + 0.3)
-    m.energy_shift.copy_(torch.tensor([0.3, -0.2], dtype=torch.float64))
-    m.energy_scale.fill_(0.5)
+    m.ann.feature_mean.copy_(torch.randn(m.ann.feature_mean.shape, generator=g, dtype=torch.float64))
+    m.ann.feature_std.copy_(torch.rand(m.ann.feature_std.shape, generator=g, dtype=torch.float64) + 0.3)
+    m.ann.energy_shift.copy_(torch.tensor([0.3, -0.2], dtype=torch.float64))
+    m.ann.energy_scale.fill_(0.5)
     return m
 
 

@@ -1,4 +1,4 @@
-"""Energies and forces as one autograd node (distmlip/models/fused_forces.py, operators
+"""Energies and forces as one autograd node (distmlip/models/forces_op.py, operators
 bpnn_energy_forces{,_backward}) against the general closed-form path (descriptor VJP through
 autograd), and the flat parameters of the optimiser (distmlip/training/flat.py)."""
 import contextlib
@@ -8,11 +8,14 @@ import pytest
 import torch
 from ase.build import bulk, molecule
 
-pytest.importorskip("distmlip.descriptors.fused", reason="compiled extension missing")
+from distmlip._ext import has_kernel  # noqa: E402
+
+if not has_kernel("bpnn_energy_forces", "cpu"):
+    pytest.skip("compiled extension missing", allow_module_level=True)
 
 from distmlip.data.structure import Structure  # noqa: E402
 from distmlip.descriptors.batch import collate  # noqa: E402
-from distmlip.models import fused_forces  # noqa: E402
+from distmlip.models import forces_op  # noqa: E402
 from distmlip.models.bpnn import BPNN  # noqa: E402
 from distmlip.training.flat import FlatParameters  # noqa: E402
 
@@ -43,11 +46,11 @@ def _model(dtype="float64", act="tanh", zbl=None, seed=0):
     torch.manual_seed(seed)
     m = BPNN(["Cu", "Au", "H", "O"], DESC, hidden=[7, 5], activation=act, dtype=dtype, zbl=zbl)
     with torch.no_grad():
-        m.feature_mean.uniform_(-0.5, 0.5)
-        m.feature_std.uniform_(0.5, 2.0)
-        m.energy_shift.copy_(torch.tensor([-3.5, -2.1, -1.0, -4.0], dtype=torch.float64))
-        m.reference_energy.copy_(torch.tensor([-100.0, -2000.0, -13.6, -430.0], dtype=torch.float64))
-        m.energy_scale.fill_(0.3)
+        m.ann.feature_mean.uniform_(-0.5, 0.5)
+        m.ann.feature_std.uniform_(0.5, 2.0)
+        m.ann.energy_shift.copy_(torch.tensor([-3.5, -2.1, -1.0, -4.0], dtype=torch.float64))
+        m.ann.reference_energy.copy_(torch.tensor([-100.0, -2000.0, -13.6, -430.0], dtype=torch.float64))
+        m.ann.energy_scale.fill_(0.3)
         for p in m.parameters():
             p.mul_(3.0)
     return m
@@ -57,9 +60,8 @@ def _step(m, structs, one_node, full_backward=False, flat=None):
     """E, F, parameter gradients (and the positions' gradient with ``full_backward``) of a
     force + energy loss.  With ``flat``: inside its routing context (as the trainer's step), the
     gradients read off the parameters (views of the flat gradient) after sync."""
-    m.one_node_forces = one_node
+    m.set_plan(forces="one-node" if one_node else "closed-form")
     b = collate(structs, species=m.species, cutoff=m.cutoff)
-    assert fused_forces.usable(m, b) or not one_node
     if flat is not None:
         flat.zero_grad()
     else:
@@ -117,7 +119,7 @@ def test_one_node_with_zbl_and_without_graph():
     for a, c in zip(g1, g2):
         assert torch.allclose(a, c, rtol=1e-10, atol=1e-10 * max(1.0, float(c.abs().max())))
     # evaluation (no create_graph): detached, same values
-    m.one_node_forces = True
+    m.set_plan(forces="one-node")
     b = collate(structs, species=m.species, cutoff=m.cutoff)
     E3, F3 = m.energy_and_forces(b)
     assert not E3.requires_grad and not F3.requires_grad
@@ -232,19 +234,19 @@ def test_backward_of_the_node_is_not_differentiable():
 
 
 def test_net_parameters_cache_sees_replaced_layers_and_parameters():
-    from distmlip.models.forcenet import net_parameters
+    from distmlip.models.networks import net_parameters
 
     m = _model()
-    p1 = net_parameters(m.nets)
+    p1 = net_parameters(m.ann.nets)
     assert len(p1) == 24 and all(a is b for a, b in zip(p1, m.parameters()))
-    assert net_parameters(m.nets) is p1                      # cached
-    old = m.nets[1][0]
-    m.nets[1][0] = torch.nn.Linear(old.in_features, old.out_features, dtype=torch.float64)
-    p2 = net_parameters(m.nets)
-    assert p2[6] is m.nets[1][0].weight and p2[7] is m.nets[1][0].bias
-    m.nets[0][2].bias = torch.nn.Parameter(torch.zeros(m.nets[0][2].out_features, dtype=torch.float64))
-    p3 = net_parameters(m.nets)
-    assert p3[3] is m.nets[0][2].bias
+    assert net_parameters(m.ann.nets) is p1                      # cached
+    old = m.ann.nets[1][0]
+    m.ann.nets[1][0] = torch.nn.Linear(old.in_features, old.out_features, dtype=torch.float64)
+    p2 = net_parameters(m.ann.nets)
+    assert p2[6] is m.ann.nets[1][0].weight and p2[7] is m.ann.nets[1][0].bias
+    m.ann.nets[0][2].bias = torch.nn.Parameter(torch.zeros(m.ann.nets[0][2].out_features, dtype=torch.float64))
+    p3 = net_parameters(m.ann.nets)
+    assert p3[3] is m.ann.nets[0][2].bias
     assert all(a is b for a, b in zip(p3, m.parameters()))
 
 
@@ -279,9 +281,9 @@ def test_cached_normalisation_follows_in_place_changes():
     structs = _structures(12)
     E1, F1, _, _ = _step(m, structs, True)
     with torch.no_grad():
-        m.feature_std.mul_(1.5)
-        m.energy_shift.add_(0.25)
-        m.energy_scale.fill_(0.7)
+        m.ann.feature_std.mul_(1.5)
+        m.ann.energy_shift.add_(0.25)
+        m.ann.energy_scale.fill_(0.7)
     E2, F2, _, _ = _step(m, structs, True)
     E3, F3, _, _ = _step(m, structs, False)
     assert not torch.allclose(E1, E2)
@@ -293,7 +295,7 @@ def test_direct_force_step_equals_autograd_step(per_atom):
     """The trainer's force step without the autograd engine (three operators, gradient added to
     the flat buffer) = the autograd path through the general closed-form forces."""
     from distmlip.training.losses import force_atom_mask, local_counts
-    from distmlip.training.trainer import force_loss_and_gradients
+    from distmlip.training.force_step import force_loss_and_gradients
 
     structs = _structures(13)
     rng = np.random.default_rng(1)
@@ -302,7 +304,7 @@ def test_direct_force_step_equals_autograd_step(per_atom):
     out = []
     for one_node in (True, False):
         m = _model(seed=21)
-        m.one_node_forces = one_node
+        m.set_plan(forces="one-node" if one_node else "closed-form")
         flat = FlatParameters(m)
         b = collate(structs, species=m.species, cutoff=m.cutoff)
         b.weight = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
@@ -325,8 +327,8 @@ def _separate_operators(m, b):
     """E, F, x, g, moments of bpnn_energy_forces composed from the separate operators (descriptor
     forward with moments, normalisation, networks, descriptor VJP): the unpipelined order."""
     ops = torch.ops.distmlip
-    params, (dparams, codes, mean, inv_std, base, scale, _), args = fused_forces._operator_inputs(
-        m, b, b.positions.detach())
+    params, (dparams, codes, mean, inv_std, base, scale, _), args = forces_op.operator_inputs(
+        m.ann, b, b.positions.detach())
     pos, species, ptr, pj, shift, ts = args
     G, mom = ops.chebyshev_forward_moments(pos, species, ptr, pj, shift, ts, *dparams)
     x = (G - mean[species]) * inv_std[species]
@@ -339,8 +341,8 @@ def _separate_operators(m, b):
 
 
 def _one_operator(m, b):
-    params, (dparams, codes, mean, inv_std, base, scale, _), args = fused_forces._operator_inputs(
-        m, b, b.positions.detach())
+    params, (dparams, codes, mean, inv_std, base, scale, _), args = forces_op.operator_inputs(
+        m.ann, b, b.positions.detach())
     pos, species, ptr, pj, shift, ts = args
     with torch.no_grad():
         return torch.ops.distmlip.bpnn_energy_forces(pos, species, ptr, pj, shift, ts, *dparams, mean, inv_std,
@@ -404,7 +406,7 @@ def test_pipelined_saved_intermediates_give_the_recomputed_backward():
     small block) give the backward of the networks that recomputes them."""
     m = _model()
     b = collate(_structures(3), species=m.species, cutoff=m.cutoff)
-    params, consts, args = fused_forces._operator_inputs(m, b, b.positions.detach())
+    params, consts, args = forces_op.operator_inputs(m.ann, b, b.positions.detach())
     E, F, x, g, mom, saved = _one_operator(m, b)
     species = args[1]
     codes = list(consts[1])
@@ -430,8 +432,8 @@ def test_force_operator_names_bad_indices():
     for dtype in ("float64", "float32"):
         m = _model(dtype=dtype)
         b = collate(_structures(4), species=m.species, cutoff=m.cutoff)
-        params, (dparams, codes, mean, inv_std, base, scale, _), args = fused_forces._operator_inputs(
-            m, b, b.positions.detach())
+        params, (dparams, codes, mean, inv_std, base, scale, _), args = forces_op.operator_inputs(
+            m.ann, b, b.positions.detach())
         pos, species, ptr, pj, shift, ts = args
 
         def call(species=species, structure=b.structure, dparams=dparams):

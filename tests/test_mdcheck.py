@@ -20,7 +20,7 @@ def _models(tmp_path):
         m = BPNN(["Cu"], DESC, [4], "tanh", zbl={})
         for p in m.parameters():
             p.data.normal_(0.0, 0.05)
-        m.energy_scale.fill_(0.05)
+        m.ann.energy_scale.fill_(0.05)
         path = tmp_path / f"m{seed}.pt"
         m.save(path)
         paths.append(str(path))

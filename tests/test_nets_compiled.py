@@ -1,16 +1,16 @@
-"""Compiled CPU operators of the per-species networks (csrc/nets_cpu.cpp, distmlip.models.forcenet
+"""Compiled CPU operators of the per-species networks (csrc/nets_cpu.cpp, distmlip.models.networks
 .CompiledNets) against the torch-operator implementations: values, dy/dx, weight and input
 gradients of losses on both, every activation, absent species, several atom blocks, float32,
 bitwise determinism across thread counts, second derivatives through autograd, gradcheck."""
 import pytest
 import torch
 
-pytest.importorskip("distmlip._C", reason="compiled extension missing")
+from distmlip._ext import has_kernel
+from distmlip.models import activations as act_table
+from distmlip.models import networks as fn
+from distmlip.models.networks import make_mlp, net_parameters, species_layout, torch_network_energies
 
-from distmlip.models import forcenet as fn  # noqa: E402
-from distmlip.models.bpnn import make_mlp, species_layout, stacked_mlp  # noqa: E402
-
-if not fn._ops_available():
+if not has_kernel("bpnn_nets_forward", "cpu"):
     pytest.skip("extension built without the network operators", allow_module_level=True)
 
 ACTS = [["tanh", "tanh"], ["sigmoid", "softplus"], ["silu", "linear"], ["tanh", "silu", "softplus"]]
@@ -30,16 +30,15 @@ def _nets(acts, dtype, D=7, T=3, seed=0, scale=4.0):
 def _loss_and_grads(x, sp, nets, acts, compiled, seed=1, terms=("y", "g")):
     params = [p for n in nets for p in n.parameters()]
     g = torch.Generator().manual_seed(seed)
-    with fn.compiled_networks(compiled):
-        y, dydx = fn.nets_with_gradient(x, species_layout(sp, len(nets)), nets, acts, species=sp)
-        yb = torch.randn(y.shape, dtype=y.dtype, generator=g)
-        ub = torch.randn(dydx.shape, dtype=y.dtype, generator=g)
-        loss = 0.0
-        if "y" in terms:
-            loss = loss + (y * yb).sum()
-        if "g" in terms:
-            loss = loss + (dydx * ub).sum() + 0.5 * (dydx ** 2).sum()
-        grads = torch.autograd.grad(loss, params + [x])
+    y, dydx = fn.nets_with_gradient(x, sp, species_layout(sp, len(nets)), nets, acts, compiled)
+    yb = torch.randn(y.shape, dtype=y.dtype, generator=g)
+    ub = torch.randn(dydx.shape, dtype=y.dtype, generator=g)
+    loss = 0.0
+    if "y" in terms:
+        loss = loss + (y * yb).sum()
+    if "g" in terms:
+        loss = loss + (dydx * ub).sum() + 0.5 * (dydx ** 2).sum()
+    grads = torch.autograd.grad(loss, params + [x])
     return y.detach(), dydx.detach(), grads
 
 
@@ -68,7 +67,7 @@ def test_compiled_matches_torch_networks(dtype, acts, N, terms):
 
 
 def test_energy_path_and_its_second_derivative():
-    """network_energies = stacked_mlp; gradients of y; and a second derivative through autograd
+    """compiled network_energies = the torch operators; gradients of y; and a second derivative through autograd
     (create_graph: the backward recomputes y with torch operators) equals the torch path."""
     acts = ["tanh", "softplus"]
     nets = _nets(acts, torch.float64, scale=2.0)
@@ -77,8 +76,8 @@ def test_energy_path_and_its_second_derivative():
     params = [p for n in nets for p in n.parameters()]
     res = []
     for compiled in (True, False):
-        y = (fn.network_energies(x, sp, nets, acts) if compiled
-             else stacked_mlp(x, species_layout(sp, 3), nets))
+        y = (fn.network_energies(x, sp, nets, acts, True) if compiled
+             else torch_network_energies(x, species_layout(sp, 3), net_parameters(nets), acts))
         (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
         loss = (y ** 2).sum() + (gx ** 2).sum()
         res.append([y.detach(), gx.detach()] + list(torch.autograd.grad(loss, params)))
@@ -92,7 +91,7 @@ def test_gradcheck_compiled_networks():
     params = [p.detach().clone().requires_grad_() for n in nets for p in n.parameters()]
     sp = torch.tensor([0, 2, 1, 0, 2])
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    codes = tuple(fn.ACTIVATION_CODES[a] for a in acts)
+    codes = act_table.kernel_codes(acts)
 
     def f(x, *ps):
         y, g = fn.CompiledNets.apply(x, sp, codes, True, *ps)
@@ -127,7 +126,7 @@ def test_higher_derivatives_and_bad_species_raise():
     nets = _nets(acts, torch.float64, scale=1.0)
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     sp = torch.tensor([0, 1, 2, 0])
-    y, g = fn.nets_with_gradient(x, species_layout(sp, 3), nets, acts, species=sp)
+    y, g = fn.nets_with_gradient(x, sp, species_layout(sp, 3), nets, acts, True)
     with pytest.raises(RuntimeError, match="not differentiable"):
         torch.autograd.grad(g.sum(), x, create_graph=True)
     params = [p for n in nets for p in n.parameters()]
@@ -151,7 +150,7 @@ def test_vectorised_tanh_accuracy():
                    -torch.logspace(-20, 1.5, 2001, dtype=torch.float64),
                    torch.tensor([0.0, 0.1733, 0.17331, 22.0, 100.0, -1e300], dtype=torch.float64)])
     y, g = torch.ops.distmlip.bpnn_nets_forward(x[:, None], torch.zeros(len(x), dtype=torch.long), params,
-                                                [fn.ACTIVATION_CODES["tanh"]], True)
+                                                [act_table.get("tanh").kernel_code], True)
     ref = torch.tanh(x)
     ulp = (y - ref).abs() / ref.abs().clamp_min(1e-300) / 2.0 ** -52
     assert float(ulp.max()) <= 4.0, float(x[ulp.argmax()])

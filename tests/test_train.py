@@ -128,7 +128,7 @@ def test_force_mode_weight_gradient_matches_finite_difference(tmp_path, emt_h5):
 
     tr.model.zero_grad()
     loss().backward()
-    layer = tr.model.nets[0][2]  # second hidden layer of Cu
+    layer = tr.model.ann.nets[0][2]  # second hidden layer of Cu
     g = layer.weight.grad.clone()
     h = 1e-6
     for (r, c) in [(0, 0), (3, 2), (5, 5)]:
@@ -204,15 +204,16 @@ training: {{epochs: 1, batch_atoms: 40, output: {tmp_path / 'r1'}}}
     assert all(torch.equal(a[k], v) for k, v in tr.model.state_dict().items())  # starts from the file
     tr.fit()
     b = weights(tmp_path / "r2" / "model.pt")["state_dict"]
-    assert torch.equal(a["feature_mean"], b["feature_mean"])  # normalisation kept
-    assert not torch.equal(a["nets.0.0.weight"], b["nets.0.0.weight"])  # and trained on
+    assert torch.equal(a["ann.feature_mean"], b["ann.feature_mean"])  # normalisation kept
+    assert not torch.equal(a["ann.nets.0.0.weight"], b["ann.nets.0.0.weight"])  # and trained on
 
 
 @pytest.mark.parametrize("per_atom", [True, False])
 @pytest.mark.parametrize("force_counts", [True, False])
 def test_energy_force_loss_matches_the_written_out_loss(per_atom, force_counts):
-    """The trainer's loss node (a compiled operator on the CPU, else torch operations) against
-    the loss written out with torch operations: value and gradients in E and F."""
+    """The trainer's loss node (the compiled operator and the torch operations) and the
+    validation's sums against the loss written out with torch operations: value and gradients in
+    E and F."""
     from distmlip.descriptors.batch import collate
     from distmlip.training import losses
 
@@ -230,12 +231,11 @@ def test_energy_force_loss_matches_the_written_out_loss(per_atom, force_counts):
     alpha = 0.3
     results = []
     for compiled in (True, False):
-        losses._STATE["compiled"] = None if compiled else False
         E, F = E0.clone().requires_grad_(), F0.clone().requires_grad_()
-        loss = losses.energy_force_loss(E, b, counts, per_atom=per_atom, alpha=alpha, F=F, mask=mask)
+        loss = losses.energy_force_loss(E, b, counts, per_atom=per_atom, alpha=alpha, F=F, mask=mask,
+                                        compiled=compiled)
         (loss * 3.0).backward()
         results.append((loss.detach(), E.grad, F.grad))
-    losses._STATE["compiled"] = None
     # written out
     E, F = E0.clone().requires_grad_(), F0.clone().requires_grad_()
     err = (E - b.energy) / (b.natoms.double() if per_atom else 1.0)
@@ -248,6 +248,12 @@ def test_energy_force_loss_matches_the_written_out_loss(per_atom, force_counts):
         assert torch.allclose(loss, ref.detach(), rtol=1e-13, atol=0)
         assert torch.allclose(gE, E.grad, rtol=1e-12, atol=1e-16)
         assert torch.allclose(gF, F.grad, rtol=1e-12, atol=1e-16)
+    # the validation's form: sums over the batch, combined with the batch's own counts
+    sums = losses.loss_sums(E0, b, per_atom=per_atom, F=F0, mask=mask)
+    own = losses.local_counts(b, sel, True)
+    torch.testing.assert_close(sums[[1, 3]], own, rtol=1e-15, atol=0)
+    whole = losses.energy_force_loss(E0, b, own, per_atom=per_atom, alpha=alpha, F=F0, mask=mask)
+    assert abs(losses.loss_from_sums(sums, alpha=alpha, force_mode=True) - float(whole)) < 1e-13 * float(whole)
     # energy mode
     E = E0.clone().requires_grad_()
     loss = losses.energy_force_loss(E, b, counts, per_atom=per_atom)

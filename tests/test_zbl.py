@@ -1,4 +1,6 @@
 """ZBL repulsion: against an independent loop implementation, finite differences, C2 switching."""
+import types
+
 import numpy as np
 import torch
 
@@ -22,8 +24,10 @@ def _zbl_energy(model, species, numbers, pos):
     sidx = torch.tensor([species.index({1: "H", 6: "C", 8: "O"}[z]) for z in numbers])
     pi, pj = _pairs(len(numbers))
     p = torch.tensor(pos, dtype=torch.float64, requires_grad=True)
-    e = model(p, sidx, pi, pj, torch.zeros(len(pi), 3, dtype=torch.float64),
-              torch.zeros(len(numbers), dtype=torch.long), 1)
+    batch = types.SimpleNamespace(positions=p, species=sidx, pair_i=pi, pair_j=pj,
+                                  pair_shift=torch.zeros(len(pi), 3, dtype=torch.float64),
+                                  structure=torch.zeros(len(numbers), dtype=torch.long), n_structures=1)
+    e = model.atomic_energies(batch).sum()
     return e, p
 
 

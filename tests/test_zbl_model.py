@@ -99,4 +99,4 @@ def test_zbl_config_errors_and_residual_fit():
                                  pbc=np.zeros(3, bool), energy=e_zbl - 4.0))   # residual: -2 eV/atom
     m = BPNN(["Cu"], DESC, [4], zbl={})
     m.fit_normalization([collate(structs, m.species, m.cutoff)], descriptor=True, energy="mean", scale=False)
-    np.testing.assert_allclose(float(m.energy_shift[0]), -2.0, atol=1e-10)
+    np.testing.assert_allclose(float(m.ann.energy_shift[0]), -2.0, atol=1e-10)

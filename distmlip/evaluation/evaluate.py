@@ -30,8 +30,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-forces", action="store_true", help="skip forces (energies only)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", choices=["reference", "fused"], default=None,
-                   help="descriptor backend (default: the one stored with the model)")
+    p.add_argument("--backend", choices=["auto", "reference", "fused"], default=None,
+                   help="descriptor kernels (default auto: the fastest this device has)")
 
 
 def load_models(spec, device="cpu", backend=None):

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..models import activations as act_table
 
-ACT_CODES = {"linear": 0, "tanh": 1, "sigmoid": 2}
 
 
 def _ints(values) -> list[str]:
@@ -67,16 +67,17 @@ def _token(s: str) -> str:
 
 def aenet_network(model, t: int):
     """(layer sizes, activation codes f_a(2:), list of (W [out, in] float64, b [out]))."""
-    acts = list(model.activations)
+    acts = list(model.ann.activations)
     for a in acts:
-        if a not in ACT_CODES:
-            raise InputError(f"aenet export: activation {a!r} has no aenet equivalent (aenet has tanh, "
-                             f"sigmoid, linear); retrain with one of those")
-    lin = [m for m in model.nets[t] if isinstance(m, torch.nn.Linear)]
+        if act_table.get(a).aenet_code is None:
+            known = [x.name for x in act_table.ACTIVATIONS.values() if x.aenet_code is not None]
+            raise InputError(f"aenet export: activation {a!r} has no aenet equivalent (aenet has "
+                             f"{', '.join(known)}); retrain with one of those")
+    lin = [m for m in model.ann.nets[t] if isinstance(m, torch.nn.Linear)]
     layers = [(m.weight.detach().to(torch.float64).cpu().numpy().copy(),
                m.bias.detach().to(torch.float64).cpu().numpy().copy()) for m in lin]
     sizes = [layers[0][0].shape[1]] + [W.shape[0] for W, _ in layers]
-    codes = [ACT_CODES[a] for a in acts] + [0]
+    codes = [act_table.get(a).aenet_code for a in acts] + [act_table.get("linear").aenet_code]
     return sizes, codes, layers
 
 
@@ -93,27 +94,29 @@ def write_aenet(model, out_dir, prefix: str | None = None, description: str = "d
     from ..utils.io import atomic_write_text
 
     _check_exportable(model)
-    dp = model.descriptor_params
+    spec, ann = model.spec, model.ann
+    if spec.type != "chebyshev":
+        raise InputError(f"aenet export: descriptor type {spec.type!r}: aenet files hold Chebyshev descriptors only")
     species = list(model.species)
     T = len(species)
-    rc_r, n_r = float(dp["rc_radial"]), int(dp["n_radial"])
-    rc_a, n_a = float(dp["rc_angular"]), int(dp["n_angular"])
+    rc_r, n_r = spec.rc_radial, spec.n_radial
+    rc_a, n_a = spec.rc_angular, spec.n_angular
     nsf = (n_r + 1 + n_a + 1) * (2 if T > 1 else 1)
     if nsf != model.dim:
         raise InputError(f"aenet export: descriptor size {model.dim} does not match aenet's {nsf}")
-    hid = "-".join(f"{h}{a[0]}" for h, a in zip(model.hidden, model.activations))
+    hid = "-".join(f"{h}{a[0]}" for h, a in zip(ann.hidden, ann.activations))
     prefix = prefix or (hid or "linear")
     meta = getattr(model, "metadata", {}) or {}
     out_dir = Path(out_dir)
     paths = []
-    scale = float(model.energy_scale)
+    scale = float(ann.energy_scale)
     if not (scale > 0 and math.isfinite(scale)):
         raise InputError(f"aenet export: energy scale {scale} must be positive")
-    ref = model.reference_energy.detach().cpu().numpy().astype(np.float64)
+    ref = ann.reference_energy.detach().cpu().numpy().astype(np.float64)
     for t, el in enumerate(species):
         sizes, codes, layers = aenet_network(model, t)
-        mean = model.feature_mean[t].detach().cpu().numpy().astype(np.float64)
-        std = model.feature_std[t].detach().cpu().numpy().astype(np.float64)
+        mean = ann.feature_mean[t].detach().cpu().numpy().astype(np.float64)
+        std = ann.feature_std[t].detach().cpu().numpy().astype(np.float64)
         avg = mean.copy()
         cov = mean * mean + std * std
         s_aenet = np.sqrt(cov - avg * avg)
@@ -148,7 +151,7 @@ def write_aenet(model, out_dir, prefix: str | None = None, description: str = "d
         lines += _reals(mean - std) + _reals(mean + std) + _reals(avg) + _reals(cov)
         # training-set section
         lines += [_token(meta.get("source", "distmlip-model")), " T", f" {1.0 / scale:.17E}",
-                  f" {float(model.energy_shift[t]):.17E}", f" {T}"] + species + _reals(ref)
+                  f" {float(ann.energy_shift[t]):.17E}", f" {T}"] + species + _reals(ref)
         lines += [f" {int(meta.get('n_atoms', 0) or 0)}", f" {int(n_structures or meta.get('n_structures', 0) or 0)}",
                   f" {0.0:.17E} {0.0:.17E} {0.0:.17E}"]
         path = out_dir / f"{el}.{prefix}.nn"

@@ -5,7 +5,10 @@
                                                        # -> [] f64 (eV), [N,3] f64 (eV/A)
 
 In C++: ``torch::jit::load("model.pt").forward({pos, numbers, cell, pbc})`` returns the same
-tuple.  The module holds the species (atomic numbers), the Chebyshev descriptor parameters and
+tuple.  The ZBL term is the package's own :func:`distmlip.models.zbl.switched_pair_energy`, compiled by
+TorchScript; the descriptor and the neighbour list are written again here in a form TorchScript
+compiles (tests/test_export_torchscript.py proves them equal to the package's on random periodic
+and free structures).  The module holds the species (atomic numbers), the Chebyshev descriptor parameters and
 typespins, the per-species networks with their descriptor normalisation, energy shift/scale and
 reference energies, and the ZBL parameters.  Attributes: ``cutoff``, ``species_z``.
 
@@ -24,6 +27,8 @@ from typing import List, Tuple
 
 import torch
 from torch import nn
+
+from ..models.zbl import switched_pair_energy
 
 
 class _Net(nn.Module):
@@ -171,20 +176,9 @@ class ExportedPotential(nn.Module):
         r = torch.linalg.norm(vec, dim=-1)
         ti = zi_idx[pi]
         tj = zi_idx[pj]
-        lo = self.zbl_r_in[ti, tj]
-        hi = self.zbl_r_out[ti, tj]
-        inside = r < hi
-        rr = torch.where(inside, r, hi)
-        zi = self.z_of_index[ti].to(torch.float64)
-        zj = self.z_of_index[tj].to(torch.float64)
-        a = 0.46850 / (torch.pow(zi, 0.23) + torch.pow(zj, 0.23))
-        x = rr / a
-        phi = 0.18175 * torch.exp(-3.19980 * x) + 0.50986 * torch.exp(-0.94229 * x) \
-            + 0.28022 * torch.exp(-0.40290 * x) + 0.02817 * torch.exp(-0.20162 * x)
-        t = torch.clamp((rr - lo) / (hi - lo), 0.0, 1.0)
-        s = 1.0 - t * t * t * (10.0 - 15.0 * t + 6.0 * t * t)
-        e = 14.3996454784 * zi * zj / rr * phi * s
-        return 0.5 * torch.where(inside, e, torch.zeros_like(e)).sum()
+        e = switched_pair_energy(r, self.z_of_index[ti], self.z_of_index[tj], self.zbl_r_in[ti, tj],
+                                 self.zbl_r_out[ti, tj])
+        return 0.5 * e.sum()
 
     # ---------------------------------------------------------------- energy and forces
     def energy(self, positions: torch.Tensor, numbers: torch.Tensor, cell: torch.Tensor,
@@ -222,11 +216,13 @@ class ExportedPotential(nn.Module):
 def build_module(model) -> ExportedPotential:
     from ase.data import atomic_numbers
 
-    dp = model.descriptor_params
+    spec, ann = model.spec, model.ann
+    if spec.type != "chebyshev":
+        raise ValueError(f"TorchScript export: descriptor type {spec.type!r} is not supported")
     nets = []
     for t in range(len(model.species)):
         seq = []
-        for m in model.nets[t]:
+        for m in ann.nets[t]:
             if isinstance(m, nn.Linear):
                 lin = nn.Linear(m.in_features, m.out_features, dtype=m.weight.dtype)
                 lin.weight.data.copy_(m.weight.detach().cpu())
@@ -241,11 +237,10 @@ def build_module(model) -> ExportedPotential:
     r_out = zbl.r_out.detach().cpu() if zbl is not None else 2 * torch.ones(T, T, dtype=torch.float64)
     from ..descriptors.chebyshev import typespin
 
-    return ExportedPotential([atomic_numbers[s] for s in model.species], float(dp["rc_radial"]),
-                             int(dp["n_radial"]), float(dp["rc_angular"]), int(dp["n_angular"]),
-                             typespin(T), nets, model.feature_mean.detach().cpu(),
-                             model.feature_std.detach().cpu(), model.energy_shift.detach().cpu(),
-                             float(model.energy_scale), model.reference_energy.detach().cpu(),
+    return ExportedPotential([atomic_numbers[s] for s in model.species], spec.rc_radial, spec.n_radial,
+                             spec.rc_angular, spec.n_angular, typespin(T), nets, ann.feature_mean.detach().cpu(),
+                             ann.feature_std.detach().cpu(), ann.energy_shift.detach().cpu(),
+                             float(ann.energy_scale), ann.reference_energy.detach().cpu(),
                              zbl is not None, r_in, r_out)
 
 

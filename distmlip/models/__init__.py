@@ -1,2 +1,4 @@
-"""distmlip.models: per-element networks (BPNN), normalisation, save/load."""
-from .bpnn import BPNN, FORMAT, VERSION  # noqa: F401
+"""distmlip.models: the potential as a sum of energy terms (``bpnn.BPNN``: per-element networks in
+``ann``, ZBL in ``zbl``), the networks and their activation table, the one-node force operator, and
+the choice of implementation per device (``backend``).  Nothing is imported here, so that importing
+one module does not load the others."""

@@ -18,10 +18,6 @@ import math
 import torch
 from torch import nn
 
-KE = 14.3996454784  # e^2 / (4 pi eps0) in eV * Angstrom
-A_SCREEN = 0.46850  # 0.8854 * Bohr radius in Angstrom
-PHI_C = (0.18175, 0.50986, 0.28022, 0.02817)
-PHI_D = (3.19980, 0.94229, 0.40290, 0.20162)
 
 
 def default_radii(z_i: int, z_j: int) -> tuple[float, float]:
@@ -37,13 +33,27 @@ def smoothstep(t: torch.Tensor) -> torch.Tensor:
 
 
 def zbl_pair_energy(r: torch.Tensor, zi: torch.Tensor, zj: torch.Tensor) -> torch.Tensor:
-    """Unswitched ZBL energy of pairs at distance r (eV)."""
+    """Unswitched ZBL energy of pairs at distance r (eV).  Written without Python-only
+    constructs (no module constants either) so that the TorchScript export compiles this same
+    function: 0.46850 A = 0.8854 Bohr radii (screening length), 14.3996454784 eV A = e^2 / (4 pi eps0)."""
     zi = zi.to(r.dtype)
     zj = zj.to(r.dtype)
-    a = A_SCREEN / (zi.pow(0.23) + zj.pow(0.23))
+    a = 0.46850 / (torch.pow(zi, 0.23) + torch.pow(zj, 0.23))
     x = r / a
-    phi = sum(c * torch.exp(-d * x) for c, d in zip(PHI_C, PHI_D))
-    return KE * zi * zj / r * phi
+    phi = (0.18175 * torch.exp(-3.19980 * x) + 0.50986 * torch.exp(-0.94229 * x)
+           + 0.28022 * torch.exp(-0.40290 * x) + 0.02817 * torch.exp(-0.20162 * x))
+    return 14.3996454784 * zi * zj / r * phi
+
+
+def switched_pair_energy(r: torch.Tensor, zi: torch.Tensor, zj: torch.Tensor, r_in: torch.Tensor,
+                         r_out: torch.Tensor) -> torch.Tensor:
+    """ZBL pair energies times the switch, zero at and beyond ``r_out`` (the model's and the
+    TorchScript export's one definition)."""
+    inside = r < r_out
+    # evaluate only inside the outer radius (r > 0 guaranteed there by the data checks)
+    rr = torch.where(inside, r, r_out)
+    e = zbl_pair_energy(rr, zi, zj) * smoothstep((rr - r_in) / (r_out - r_in))
+    return torch.where(inside, e, torch.zeros_like(e))
 
 
 class ZBL(nn.Module):
@@ -95,32 +105,31 @@ class ZBL(nn.Module):
         return cls(d["species"], {k: tuple(v) for k, v in d["radii"].items()})
 
     def pair_energies(self, r: torch.Tensor, ti: torch.Tensor, tj: torch.Tensor) -> torch.Tensor:
-        lo = self.r_in[ti, tj].to(r.dtype)
-        hi = self.r_out[ti, tj].to(r.dtype)
-        inside = r < hi
-        # evaluate only inside the outer radius (r > 0 guaranteed there by the data checks)
-        rr = torch.where(inside, r, hi)
-        e = zbl_pair_energy(rr, self.z[ti], self.z[tj]) * smoothstep((rr - lo) / (hi - lo))
-        return torch.where(inside, e, torch.zeros_like(e))
+        return switched_pair_energy(r, self.z[ti], self.z[tj], self.r_in[ti, tj].to(r.dtype),
+                                    self.r_out[ti, tj].to(r.dtype))
 
-    def _pair_list_energies(self, positions, species_idx, pair_i, pair_j, pair_shift):
-        pos = positions.to(torch.float64)
-        rij = pos[pair_j] - pos[pair_i] + pair_shift.to(torch.float64)
-        r = torch.linalg.norm(rij, dim=1)
-        return self.pair_energies(r, species_idx[pair_i], species_idx[pair_j])
-
-    def atomic_energies(self, positions, species_idx, pair_i, pair_j, pair_shift):
-        """Per-atom ZBL energies [N] (float64): half of each pair energy on its centre atom (the
+    # ---- the energy-term interface (distmlip.models.bpnn): batches with positions and pairs
+    def atomic_energies(self, batch, plan=None) -> torch.Tensor:
+        """Per-atom ZBL energies [N] float64: half of each pair energy on its centre atom (the
         pair list holds both directions, so each atom of a pair gets half)."""
-        e = self._pair_list_energies(positions, species_idx, pair_i, pair_j, pair_shift)
-        out = torch.zeros(positions.shape[0], dtype=torch.float64, device=positions.device)
-        return 0.5 * out.index_add(0, pair_i, e)
+        if getattr(batch, "positions", None) is None or getattr(batch, "pair_i", None) is None:
+            from ..errors import ConfigError
 
-    def forward(self, positions, species_idx, pair_i, pair_j, pair_shift, structure, n_structures):
-        """Per-structure ZBL energies [B] (float64)."""
-        e = self._pair_list_energies(positions, species_idx, pair_i, pair_j, pair_shift)
-        out = torch.zeros(n_structures, dtype=torch.float64, device=positions.device)
-        return 0.5 * out.index_add(0, structure[pair_i], e)
+            raise ConfigError("the model has a ZBL term, which needs positions and the pair list: this "
+                              "batch holds cached descriptors only (set descriptor.cache: off with zbl)")
+        pos = batch.positions.to(torch.float64)
+        rij = pos[batch.pair_j] - pos[batch.pair_i] + batch.pair_shift.to(torch.float64)
+        e = self.pair_energies(torch.linalg.norm(rij, dim=1), batch.species[batch.pair_i],
+                               batch.species[batch.pair_j])
+        out = torch.zeros(pos.shape[0], dtype=torch.float64, device=pos.device)
+        return 0.5 * out.index_add(0, batch.pair_i, e)
+
+    def energy_and_forces(self, batch, plan=None, create_graph: bool = False):
+        """(E [B], F [N, 3]) of the ZBL term; ``batch.positions`` must require grad."""
+        e = self.atomic_energies(batch)
+        E = torch.zeros(batch.n_structures, dtype=torch.float64, device=e.device).index_add(0, batch.structure, e)
+        (g,) = torch.autograd.grad(e.sum(), batch.positions, create_graph=create_graph)
+        return (E if create_graph else E.detach()), -g.to(batch.positions.dtype)
 
 
 def zbl_energy_reference(positions, numbers, cell=None, pbc=None, radii=None) -> float:

@@ -2,15 +2,15 @@
 
 A Behler-Parrinello model is a few dozen small tensors (weights and biases of one network per
 element).  Per training step, the optimiser loops over them in Python, and the autograd engine
-runs one gradient-accumulation node per tensor: on one CPU core that cost about 0.2 ms per step,
-a sixth of a force-training step on a small molecule.  :class:`FlatParameters` stores every
+runs one gradient-accumulation node per tensor: a noticeable share of a force-training step on a
+small molecule (docs/results.md).  :class:`FlatParameters` stores every
 parameter as a view of ONE leaf tensor ``flat`` (per dtype and device; a model has one), and
 every ``.grad`` as a view of ``flat.grad``:
 
 * the optimiser updates ``flat`` (one fused Adam call); the modules see the new values;
 * gradients computed per parameter (autograd through the modules) land in ``flat.grad`` through
   the views; inside :meth:`routing` (the trainer's step), the CPU force-training operator
-  (:mod:`distmlip.models.fused_forces`) takes ``flat`` itself as its input and returns one flat
+  (:mod:`distmlip.models.forces_op`) takes ``flat`` itself as its input and returns one flat
   gradient (one accumulation); outside it, gradients reach the parameters as usual, so code
   that reads ``p.grad`` after ``model.zero_grad(); loss.backward()`` keeps working;
 * state dicts of the model are unchanged (the parameters keep their names and shapes).
@@ -27,6 +27,8 @@ import contextlib
 
 import torch
 
+from ..models.forces_op import FLAT_PARAMETERS_ATTR
+
 
 class FlatParameters:
     """Views of the trainable parameters of ``model`` into one flat leaf tensor per (dtype,
@@ -34,7 +36,7 @@ class FlatParameters:
     ``grad_inputs``: what ``loss.backward(inputs=...)`` should name (the leaves and the
     parameters)."""
 
-    ATTR = "_distmlip_flat_parameters"
+    ATTR = FLAT_PARAMETERS_ATTR
 
     def __init__(self, model: torch.nn.Module):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -72,11 +74,13 @@ class FlatParameters:
         self._single = self.tensors[0] if len(self.tensors) == 1 else None
         self._matched = None
         self.route = False
-        model.__dict__[self.ATTR] = self
+        # on every module: the operator that can take the flat tensor finds it on its term
+        for m in model.modules():
+            m.__dict__[self.ATTR] = self
 
     @contextlib.contextmanager
     def routing(self):
-        """Within this context, operators that can (fused_forces) send their parameter gradient
+        """Within this context, operators that can (models.forces_op) send their parameter gradient
         to the flat tensor in one piece: the caller then reads it after :meth:`sync` and names
         :attr:`grad_inputs` in ``backward(inputs=...)``."""
         old = self.route

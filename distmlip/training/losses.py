@@ -1,12 +1,24 @@
-"""Losses normalised by GLOBAL counts, so that summing the per-rank contributions (and the
-gradients, with one all-reduce) gives exactly the loss and gradient of the union batch.
+"""The training loss: its one definition, used by the training steps and by validation.
 
     L = (1 - alpha) L_E + alpha L_F          (force mode; L = L_E in energy mode)
-    L_E = sum_s w_s e_s^2 / sum_s w_s         e_s = (E_s - E_s^ref) / n_s  (per_atom)  or  E_s - E_s^ref
-    L_F = sum_{s in F} w_s sum_{i in s, c} (F_ic - F_ic^ref)^2 / sum_{s in F} 3 n_s w_s
+    L_E = S_E / C_E,  S_E = sum_s w_s e_s^2,  C_E = sum_s w_s
+          e_s = (E_s - E_s^ref) / n_s  (per_atom)  or  E_s - E_s^ref  (per_structure)
+    L_F = S_F / C_F,  S_F = sum_{s in F} w_s sum_{i in s, c} (F_ic - F_ic^ref)^2,
+          C_F = sum_{s in F} 3 n_s w_s
 
 F is the set of structures that carry forces and were selected for the force loss
-(:func:`force_selection`, deterministic per structure and seed)."""
+(:func:`force_selection`, deterministic per structure and seed).
+
+The sums S and the counts C are additive over structures, so the loss of a union of batches
+(the ranks' shares of a global batch, the batches of a validation set) follows from the sums of
+its parts: a training step computes its local S against the GLOBAL counts (all-reduced), so that
+summing the per-rank losses and gradients (one all-reduce) gives exactly the loss and gradient of
+the union batch (:func:`energy_force_loss`); validation all-reduces S and C over the whole set
+(:func:`loss_sums`, :func:`loss_from_sums`).
+
+On the CPU the step's loss and its gradients in E and F come from one compiled operator
+(``torch.ops.distmlip.energy_force_loss``, csrc/bpnn_forces_cpu.cpp; the plan's ``loss``), an
+implementation of the same formula that the tests check against :func:`loss_sums`."""
 from __future__ import annotations
 
 import numpy as np
@@ -38,26 +50,10 @@ def force_selection(index, seed: int, fraction: float) -> np.ndarray:
     return u < fraction
 
 
-def energy_errors(E: torch.Tensor, batch, per_atom: bool = True) -> torch.Tensor:
-    err = E - batch.energy
-    return err / batch.natoms.to(err.dtype) if per_atom else err
-
-
 def force_atom_mask(batch, selected: torch.Tensor | None) -> torch.Tensor:
     """[N] bool: atoms whose force components enter the force loss."""
     s = batch.has_forces if selected is None else (batch.has_forces & selected)
     return s[batch.structure]
-
-
-def local_counts(batch, selected: torch.Tensor | None, with_forces: bool) -> torch.Tensor:
-    """[2] float64: (sum of structure weights, weighted number of force components)."""
-    w = batch.weight.to(torch.float64)
-    out = torch.zeros(2, dtype=torch.float64, device=w.device)
-    out[0] = w.sum()
-    if with_forces:
-        m = force_atom_mask(batch, selected)
-        out[1] = 3.0 * (w[batch.structure] * m.to(torch.float64)).sum()
-    return out
 
 
 class _WeightedSquares(torch.autograd.Function):
@@ -109,39 +105,70 @@ class _CompiledLoss(torch.autograd.Function):
         return (gE * gL, (gF * gL if ctx.needs_input_grad[1] else None)) + (None,) * 9
 
 
-def _compiled_loss_available(E) -> bool:
-    ok = _STATE.get("compiled")
-    if ok is None:
-        try:
-            from .._ext import load_extension
-
-            ok = bool(load_extension(warn_if_missing=False)) and hasattr(torch.ops.distmlip, "energy_force_loss")
-        except Exception:  # noqa: BLE001
-            ok = False
-        _STATE["compiled"] = ok
-    return ok and E.device.type == "cpu"
-
-
-_STATE: dict = {}
+def _weights(batch, per_atom: bool, mask):
+    """(w [B], wE [B], wF [N] or None): the structure weights, the weight of each structure's
+    squared energy error in S_E (w / n^2 per atom) and of each atom's squared force error in S_F
+    (the structure's weight where the mask selects the atom, else 0)."""
+    w = batch.weight.to(torch.float64)
+    wE = w
+    if per_atom:
+        n = batch.natoms.to(torch.float64)
+        wE = w / (n * n)
+    wF = None if mask is None else w[batch.structure] * mask.to(torch.float64)
+    return w, wE, wF
 
 
-def energy_force_loss(E, batch, counts, *, per_atom: bool, alpha: float = 0.0, F=None, mask=None):
-    """The training loss (module docstring) of a batch given the GLOBAL ``counts``
-    (:func:`local_counts`, all-reduced), as one autograd node (one compiled operator on the CPU).
-    ``F`` None: energy mode (L = L_E); else force mode with ``mask`` [N] (:func:`force_atom_mask`)."""
-    if _compiled_loss_available(E):
+def loss_sums(E, batch, *, per_atom: bool, F=None, mask=None) -> torch.Tensor:
+    """[4] float64: (S_E, C_E, S_F, C_F) of a batch (module docstring); ``F`` None: energy
+    mode (S_F = C_F = 0)."""
+    w, wE, wF = _weights(batch, per_atom, mask if F is not None else None)
+    dE = E.to(torch.float64) - batch.energy.to(torch.float64)
+    out = torch.zeros(4, dtype=torch.float64, device=w.device)
+    out[0] = (wE * dE * dE).sum()
+    out[1] = w.sum()
+    if F is not None:
+        dF = F.to(torch.float64) - batch.forces.to(torch.float64)
+        out[2] = (wF[:, None] * dF * dF).sum()
+        out[3] = 3.0 * wF.sum()
+    return out
+
+
+def loss_from_sums(sums: torch.Tensor, *, alpha: float, force_mode: bool) -> float:
+    """The loss of the structures whose :func:`loss_sums` add up to ``sums``."""
+    s = sums.tolist()
+    L_E = s[0] / s[1] if s[1] > 0 else float("nan")
+    if not force_mode:
+        return L_E
+    L_F = s[2] / s[3] if s[3] > 0 else 0.0
+    return (1.0 - alpha) * L_E + alpha * L_F
+
+
+def local_counts(batch, selected: torch.Tensor | None, with_forces: bool) -> torch.Tensor:
+    """[2] float64: this batch's (C_E, C_F) (sum of structure weights, weighted number of force
+    components), to be all-reduced into the global counts of a step."""
+    w, _, wF = _weights(batch, False, force_atom_mask(batch, selected) if with_forces else None)
+    out = torch.zeros(2, dtype=torch.float64, device=w.device)
+    out[0] = w.sum()
+    if with_forces:
+        out[1] = 3.0 * wF.sum()
+    return out
+
+
+def energy_force_loss(E, batch, counts, *, per_atom: bool, alpha: float = 0.0, F=None, mask=None,
+                      compiled: bool = False):
+    """The training loss of a batch (module docstring) given the GLOBAL ``counts`` (C_E, C_F)
+    (:func:`local_counts`, all-reduced), as one autograd node, once differentiable in E and F.
+    ``F`` None: energy mode (L = L_E); else force mode with ``mask`` [N] (:func:`force_atom_mask`).
+    ``compiled``: the compiled CPU operator (the plan's ``loss``), else torch operators."""
+    if compiled:
         fields = ((batch.forces, batch.structure, mask) if F is not None else (None, None, None))
         return _CompiledLoss.apply(E, F, batch.energy, batch.weight, batch.natoms, bool(per_atom), *fields,
                                    counts, float(alpha))
-    w = batch.weight.to(torch.float64)
-    wE = w / counts[0]
-    if per_atom:
-        n = batch.natoms.to(torch.float64)
-        wE = wE / (n * n)
+    _, wE, wF = _weights(batch, per_atom, mask if F is not None else None)
     E_ref = batch.energy.to(torch.float64)
     if F is None:
-        return _WeightedSquares.apply(E, E_ref, wE, 1.0, None, None, None, 0.0)
-    wF = w[batch.structure] * mask.to(torch.float64)
+        return _WeightedSquares.apply(E, E_ref, wE / counts[0], 1.0, None, None, None, 0.0)
     c1 = float(counts[1])
     wF = wF / c1 if c1 > 0 else torch.zeros_like(wF)
-    return _WeightedSquares.apply(E, E_ref, wE, 1.0 - alpha, F, batch.forces.to(torch.float64), wF, alpha)
+    return _WeightedSquares.apply(E, E_ref, wE / counts[0], 1.0 - alpha, F, batch.forces.to(torch.float64), wF,
+                                  alpha)

@@ -32,7 +32,9 @@ from ..utils.log import log, warn
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .flat import FlatParameters, optimizer_step
-from .losses import energy_errors, energy_force_loss, force_atom_mask, force_selection, local_counts
+from .force_step import force_loss_and_gradients
+from .losses import (energy_force_loss, force_atom_mask, force_selection, local_counts, loss_from_sums,
+                     loss_sums)
 
 # layout of the float64 metric accumulator
 _M = ["loss", "e_sse", "e_sae", "n_struct", "es_sse", "es_sae", "f_sse", "f_sae", "n_comp", "n_steps"]
@@ -62,8 +64,7 @@ def metrics_from_sums(acc: torch.Tensor) -> dict:
 
 
 def _accumulate_errors(acc, batch, E, F):
-    """Add a batch's energy (per atom and per structure) and force error sums to ``acc``.
-    Returns (per-atom errors, per-structure errors, force component errors, force atom mask)."""
+    """Add a batch's energy (per atom and per structure) and force error sums to ``acc``."""
     ea = (E - batch.energy) / batch.natoms.to(torch.float64)
     es = E - batch.energy
     acc[_IDX["e_sse"]] += (ea * ea).sum()
@@ -78,47 +79,20 @@ def _accumulate_errors(acc, batch, E, F):
         acc[_IDX["f_sse"]] += (d * d).sum()
         acc[_IDX["f_sae"]] += d.abs().sum()
         acc[_IDX["n_comp"]] += float(d.numel())
-    return ea, es, d, m
 
 
 
 def fused_adam_kwargs(params) -> dict:
     """``{"fused": True}`` when torch has the fused (single-kernel) Adam/AdamW for these
     parameters (CPU or CUDA floating point, torch >= 2.4), else ``{}``.  The per-element
-    networks are many small tensors: the default per-tensor loop costs about 0.5 ms per step on
-    one CPU core, the fused step about 0.15 ms (same update rule)."""
+    networks are many small tensors, and the default per-tensor loop costs several times the fused
+    step (same update rule)."""
     import inspect
 
     if "fused" not in inspect.signature(torch.optim.Adam).parameters:
         return {}
     ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return {"fused": True} if ok and params else {}
-
-def force_loss_and_gradients(model, flat, batch, counts, *, per_atom: bool, alpha: float, mask):
-    """The loss of one force-training batch (given the GLOBAL counts) with its parameter
-    gradient added to the flat gradient of ``flat`` (:class:`FlatParameters`): on the CPU with
-    the fused kernels and compiled networks, three compiled operators and no autograd engine
-    (:func:`distmlip.models.fused_forces.loss_and_flat_gradient`); otherwise forces with
-    ``create_graph`` and ``loss.backward``.  Returns (loss, E, F), detached."""
-    from ..models import fused_forces
-    from ..models.forcenet import net_parameters
-
-    grad = flat.flat_grad_for(net_parameters(model.nets)) if model.one_node_forces else None
-    if grad is not None and model.closed_form_force_gradient:
-        res = fused_forces.loss_and_flat_gradient(model, batch, counts, per_atom=per_atom, alpha=alpha,
-                                                  mask=mask, grad_out=grad)
-        if res is not None:
-            return res
-    with flat.routing():
-        E, F = model.energy_and_forces(batch, create_graph=True)
-        loss = energy_force_loss(E, batch, counts, per_atom=per_atom, alpha=alpha, F=F, mask=mask)
-        # inputs: only weight gradients are needed (the flat tensor, which the CPU force operator
-        # takes, and the parameters, its views, which the module paths reach); this skips the
-        # position-position second derivative of the descriptor and the backward pass towards
-        # the positions
-        loss.backward(inputs=flat.grad_inputs)
-    return loss.detach(), E.detach(), F.detach()
-
 
 class Trainer:
     """Single- or multi-rank trainer of one BPNN (committees: K = 1 for now)."""
@@ -246,10 +220,10 @@ class Trainer:
         fit = True
         if self._resume_state is not None:
             self.model = BPNN.from_payload(self._resume_state["model"], source=str(self._resume_path),
-                                           backend=dc.backend if dc.backend != "auto" else None)
+                                           backend=dc.backend)
             fit = False
         elif tc.warm_start:
-            self.model = BPNN.load(tc.warm_start, backend=dc.backend if dc.backend != "auto" else None)
+            self.model = BPNN.load(tc.warm_start, backend=dc.backend)
             missing = [s for s in self.ds.species if s not in self.model.species]
             if missing:
                 raise ConfigError(f"training.warm_start: model {tc.warm_start} has no network for "
@@ -264,11 +238,9 @@ class Trainer:
             ref = mc.reference_energies
             if ref is None and getattr(self.ds, "reference_energies", None):
                 ref = dict(self.ds.reference_energies) or None
-            self.model = BPNN(species, {"rc_radial": dc.rc_radial, "n_radial": dc.n_radial,
-                                        "rc_angular": dc.rc_angular, "n_angular": dc.n_angular,
-                                        "backend": dc.backend},
-                              mc.hidden, mc.activation, mc.dtype, ref,
-                              zbl=({"radii": self.cfg.zbl.radii} if self.cfg.zbl.enabled else None))
+            self.model = BPNN(species, dc.spec, mc.hidden, mc.activation, mc.dtype, ref,
+                              zbl=({"radii": self.cfg.zbl.radii} if self.cfg.zbl.enabled else None),
+                              backend=dc.backend)
         self.model.to(self.device)
         self._setup_cache()
         if fit:
@@ -279,8 +251,8 @@ class Trainer:
             self._log(f"normalisation fitted on {summary['n_structures']} structures in {time.time() - t0:.1f} s: "
                       f"shift {', '.join(f'{k} {v:.4f}' for k, v in summary['energy_shift'].items())} eV/atom, "
                       f"scale {summary['energy_scale']:.4g} eV/atom")
-        self._log(f"model: {self.model.extra_repr()}, backend {self.model.descriptor_params['backend']}, "
-                  f"{sum(p.numel() for p in self.model.parameters())} parameters")
+        self._log(f"model: {self.model.describe()}, {sum(p.numel() for p in self.model.parameters())} parameters")
+        self._log(f"backend: {self.model.plan().describe()}")
 
     def _setup_cache(self):
         """Descriptor cache (energy mode, no ZBL): stream cached descriptors instead of
@@ -293,16 +265,15 @@ class Trainer:
             return
         from ..descriptors.featurize import open_or_build
 
-        params = {k: self.model.descriptor_params[k] for k in ("rc_radial", "n_radial", "rc_angular", "n_angular")}
-        params["backend"] = self.model.descriptor_params.get("backend", "auto")
+        spec, kernels = self.model.spec, self.model.plan().descriptor
         t0 = time.time()
-        self.cache = open_or_build(self.ds, self.model.species, params, dc.cache_file, mode, self.ctx,
+        self.cache = open_or_build(self.ds, self.model.species, spec, kernels, dc.cache_file, mode, self.ctx,
                                    log_fn=self._log, warn_fn=warn)
         if self.val_ds is self.ds:
             self.val_cache = self.cache
         elif self.val_stream is not None:
             vpath = None if not dc.cache_file else str(dc.cache_file) + ".val.h5"
-            self.val_cache = open_or_build(self.val_ds, self.model.species, params, vpath, mode, self.ctx,
+            self.val_cache = open_or_build(self.val_ds, self.model.species, spec, kernels, vpath, mode, self.ctx,
                                            log_fn=self._log, warn_fn=warn)
         if self.cache is not None:
             mine = self.stream.partition()
@@ -386,7 +357,8 @@ class Trainer:
         else:
             E, F = self.model(batch), None
         mask = force_atom_mask(batch, selected) if self.force_mode else None
-        loss = energy_force_loss(E, batch, counts, per_atom=self.per_atom, alpha=tc.alpha, F=F, mask=mask)
+        loss = energy_force_loss(E, batch, counts, per_atom=self.per_atom, alpha=tc.alpha, F=F, mask=mask,
+                                 compiled=self.model.plan().loss == "compiled")
         if acc is not None:
             with torch.no_grad():
                 _accumulate_errors(acc, batch, E.detach(), None if F is None else F.detach())
@@ -426,9 +398,10 @@ class Trainer:
 
     def evaluate_stream(self, stream) -> dict:
         """Global metrics over a whole (partitioned) stream, each structure counted once: local
-        sums of (weighted) squared and absolute errors and counts, all-reduced once."""
+        sums of errors and counts, all-reduced once.  The loss is the training loss
+        (:mod:`.losses`) of the whole set, force selection included."""
         acc = torch.zeros(len(_M), dtype=torch.float64, device=self.device)
-        wl = torch.zeros(4, dtype=torch.float64, device=self.device)  # w*err^2, sum w, w*dF^2, sum w*comp
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         for structures in stream.epoch(0):
             if not structures:
                 continue
@@ -441,24 +414,14 @@ class Trainer:
                     E, F = self.model(batch), None
             E = E.detach()
             F = None if F is None else F.detach()
-            ea, es, d, m = _accumulate_errors(acc, batch, E, F)
-            err = ea if self.per_atom else es
-            w = batch.weight.to(torch.float64)
-            wl[0] += (w * err * err).sum()
-            wl[1] += w.sum()
-            if F is not None:
-                wa = w[batch.structure][m]
-                wl[2] += (wa[:, None] * d * d).sum()
-                wl[3] += 3.0 * wa.sum()
-        both = torch.cat([acc, wl])
+            _accumulate_errors(acc, batch, E, F)
+            mask = force_atom_mask(batch, self._selected(batch)) if F is not None else None
+            sums += loss_sums(E, batch, per_atom=self.per_atom, F=F, mask=mask)
+        both = torch.cat([acc, sums])
         self.ctx.all_reduce_sum(both)
-        acc, wl = both[:len(_M)], both[len(_M):]
-        loss = float(wl[0] / wl[1]) if wl[1] > 0 else float("nan")
-        if self.force_mode:
-            L_F = float(wl[2] / wl[3]) if wl[3] > 0 else 0.0
-            loss = (1 - self.cfg.training.alpha) * loss + self.cfg.training.alpha * L_F
+        acc, sums = both[:len(_M)], both[len(_M):]
         m = metrics_from_sums(acc)
-        m["loss"] = loss
+        m["loss"] = loss_from_sums(sums, alpha=self.cfg.training.alpha, force_mode=self.force_mode)
         return m
 
     # ------------------------------------------------------------------ checkpoints and logs
@@ -529,8 +492,7 @@ class Trainer:
         # Every step allocates a few hundred short-lived Python objects (autograd contexts,
         # tuples), which trigger the cyclic garbage collector; its full collections walked every
         # object made during set-up (torch, ase, the data).  Freezing those objects keeps them
-        # out of the collections: mean force-step time on 240-atom EC-dimer batches 1.90 ->
-        # 1.72 ms, Li slab + EC at 8.5/6.0 3.85 -> 3.15 ms (one thread).
+        # out of the collections (a tenth to a fifth of a small force step; docs/results.md).
         gc.collect()
         gc.freeze()
         status = "done"

@@ -1,7 +1,7 @@
-"""Energies and forces of a BPNN as ONE autograd node: fused descriptor kernels plus compiled
-networks, for the CPU force-training step.
+"""Energies and forces of the network term as ONE autograd node: fused descriptor kernels plus
+compiled networks, the ``one-node`` forces of the CPU plan (:mod:`.backend`).
 
-The general path (:meth:`BPNN._energy_and_forces_closed_form`) builds the forces with a dozen
+The general path (:meth:`AtomicNetworks._energy_and_forces_closed_form`) builds the forces with a dozen
 autograd nodes (descriptor, normalisation, networks, scaling, the descriptor VJP) and runs the
 autograd engine twice per step (``autograd.grad(..., create_graph=True)`` for the forces, then
 ``loss.backward()``).  For the few hundred atoms of a training batch of small molecules the
@@ -35,7 +35,14 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..descriptors import fused
 from ..utils.autograd import will_reach
+from . import activations as act_table
+from .networks import net_parameters
+
+# the attribute under which the trainer's flat parameters (distmlip.training.flat) hang on the
+# network term: the operator then takes the flat tensor as its input (one gradient accumulation)
+FLAT_PARAMETERS_ATTR = "_distmlip_flat_parameters"
 
 
 class BPNNEnergyForces(torch.autograd.Function):
@@ -92,35 +99,10 @@ class BPNNEnergyForces(torch.autograd.Function):
 _N_ARGS = 4         # BPNNEnergyForces.forward's arguments before the parameters (or flat tensor)
 
 
-def usable(model, batch, params=None) -> bool:
-    """Whether :func:`energy_and_forces` applies: CPU tensors, the fused descriptor backend with
-    its operators, compiled networks for this architecture (the per-model part of the answer is
-    cached on the model, keyed by the device of its weights)."""
-    from .forcenet import compiled_enabled, net_parameters
-
-    pos = batch.positions
-    if (pos.device.type != "cpu" or pos.dtype not in (torch.float32, torch.float64)
-            or getattr(batch, "pair_i", None) is None or not compiled_enabled()):
-        return False
-    if params is None:
-        params = net_parameters(model.nets)
-    key = (params[0].device.type, len(params), tuple(model.activations))
-    cache = model.__dict__.get("_distmlip_one_node")
-    if cache is None or cache[0] != key:
-        from .forcenet import use_compiled
-
-        desc = model.descriptor
-        ok = (key[0] == "cpu" and getattr(desc, "backend", None) == "fused"
-              and desc._fused_module() is not None
-              and hasattr(torch.ops.distmlip, "bpnn_energy_forces")
-              and use_compiled(pos, model.nets, model.activations))
-        cache = model.__dict__["_distmlip_one_node"] = (key, ok)
-    return cache[1]
-
-
-def _model_constants(model, params):
+def model_constants(model, params):
     """(descriptor parameters, activation codes, feature mean, 1 / feature std, reference +
-    shift energies, energy scale, parameter tuple) of ``model``, cached on the model and rebuilt
+    shift energies, energy scale, parameter tuple) of the network term ``model``, cached on it
+    and rebuilt
     when a normalisation buffer changed (in place: its version counter; or replaced) or the
     parameter list did."""
     bufs = model._buffers
@@ -131,12 +113,10 @@ def _model_constants(model, params):
     cache = model.__dict__.get("_distmlip_one_node_constants")
     if cache is not None and _same(cache[0], key):
         return cache[1]
-    from .forcenet import ACTIVATION_CODES
-
-    desc = model.descriptor
+    spec = model.spec
     with torch.no_grad():
-        consts = ((desc.rc_radial, desc.n_radial, desc.rc_angular, desc.n_angular),
-                  tuple(ACTIVATION_CODES[a] for a in model.activations),
+        consts = ((spec.rc_radial, spec.n_radial, spec.rc_angular, spec.n_angular),
+                  act_table.kernel_codes(model.activations),
                   mean, std.reciprocal(), ref + shift, scale, tuple(params))
     model.__dict__["_distmlip_one_node_constants"] = (key, consts)
     return consts
@@ -147,65 +127,25 @@ def _same(a, b) -> bool:
     return all((x is y) if isinstance(x, torch.Tensor) else (x == y) for x, y in zip(a, b))
 
 
-def _operator_inputs(model, batch, positions):
-    """(parameters, constants, (positions, species, pair_ptr, pair_j, pair_shift, typespin)) for
-    the operators, or None when the one-node path does not apply (:func:`usable`)."""
-    from ..descriptors import fused
-    from .forcenet import net_parameters
-
+def operator_inputs(model, batch, positions):
+    """(parameters, constants, (positions, species, pair_ptr, pair_j, pair_shift, typespin)) of
+    the network term ``model`` for the operators."""
     params = net_parameters(model.nets)
-    if not usable(model, batch, params):
-        return None
-    consts = _model_constants(model, params)
+    consts = model_constants(model, params)
     args = fused.prepare_arguments(positions, batch.species, batch.pair_i, batch.pair_j, batch.pair_shift,
                                    typespin=model.descriptor.typespin, pair_ptr=getattr(batch, "pair_ptr", None))
     return params, consts, args
 
 
 def energy_and_forces(model, batch):
-    """(E [B], F [N, 3]) of the networks of ``model`` (a BPNN; its ZBL term is not included, see
-    :meth:`BPNN.energy_and_forces`) as one autograd node, differentiable once (weights, and
-    positions), or None when the one-node path does not apply (:func:`usable`).  When the model's
-    parameters are flattened (FlatParameters, within its routing context), the node takes the
-    flat tensor as its input: one gradient accumulation instead of one per parameter."""
-    from ..training.flat import FlatParameters
-
-    prepared = _operator_inputs(model, batch, batch.positions)
-    if prepared is None:
-        return None
-    params, (dparams, codes, mean, inv_std, base, scale, ptuple), args = prepared
-    fp = model.__dict__.get(FlatParameters.ATTR)
+    """(E [B], F [N, 3]) of the network term ``model`` as one autograd node, differentiable once
+    (weights, and positions).  When the term's parameters are flattened (the trainer's flat
+    parameters, within their routing context), the node takes the flat tensor as its input: one
+    gradient accumulation instead of one per parameter."""
+    params, (dparams, codes, mean, inv_std, base, scale, ptuple), args = operator_inputs(model, batch, batch.positions)
+    fp = model.__dict__.get(FLAT_PARAMETERS_ATTR)
     flat = fp.flat_for(params) if fp is not None else None
     inputs = (None, *params) if flat is None else (ptuple, flat)
     pos, species, ptr, pj, shift, ts = args
     return BPNNEnergyForces.apply(pos, (species, ptr, pj, shift, ts, batch.structure, int(batch.n_structures)),
                                   (dparams, codes, mean, inv_std, base, scale), *inputs)
-
-
-def loss_and_flat_gradient(model, batch, counts, *, per_atom: bool, alpha: float, mask, grad_out):
-    """One force-training batch without the autograd engine: the operators for E and F, the
-    loss operator (value and gradients in E and F, ``distmlip.training.losses``) and the
-    backward operator, whose flat parameter gradient is added to ``grad_out`` (the flat gradient
-    of :class:`~distmlip.training.flat.FlatParameters`, parameters in ``net_parameters`` order).
-    Returns (loss, E, F) detached, or None when the one-node path does not apply (the caller
-    then goes through autograd).  Same numbers as ``energy_and_forces`` + ``energy_force_loss``
-    + ``backward`` (tested); no position gradient."""
-    if model.zbl is not None:
-        return None
-    prepared = _operator_inputs(model, batch, batch.positions.detach())
-    if prepared is None:
-        return None
-    params, (dparams, codes, mean, inv_std, base, scale, _), (pos, species, ptr, pj, shift, ts) = prepared
-    ops = torch.ops.distmlip
-    codes = list(codes)
-    with torch.no_grad():
-        E, F, x, g, moments, nets_saved = ops.bpnn_energy_forces(
-            pos, species, ptr, pj, shift, ts, *dparams, mean, inv_std, base, scale, batch.structure,
-            int(batch.n_structures), params, codes)
-        loss, gE, gF = ops.energy_force_loss(E, batch.energy, batch.weight, batch.natoms, bool(per_atom), F,
-                                             batch.forces, batch.structure, mask, counts, float(alpha))
-        out = ops.bpnn_energy_forces_backward(gE, gF, pos, species, ptr, pj, shift, ts, *dparams, x, g, moments,
-                                              nets_saved, inv_std, scale, batch.structure, params, codes,
-                                              True, False, True)
-        grad_out.add_(out[0])
-    return loss, E, F

@@ -1,17 +1,26 @@
-"""Per-species networks with their input gradient in closed form, for direct force training.
+"""The per-element networks: construction, evaluation for all species at once, and the input
+gradient in closed form for direct force training.
+
+Networks: ``Linear -> act -> ... -> Linear(., 1)`` with the activations of
+:mod:`distmlip.models.activations`, the same architecture for every species.  Two
+implementations of the same arithmetic, chosen by the model's plan (:mod:`.backend`):
+
+* torch operators on a padded per-species table (:func:`species_layout`,
+  :func:`stacked_forward`): each layer is one batched product with the stacked weights of all
+  species, a few autograd nodes per layer instead of a few per layer and species;
+* the compiled CPU operators ``torch.ops.distmlip.bpnn_nets_{forward,backward}``
+  (csrc/nets_cpu.cpp, :class:`CompiledNets`): y and dy/dx in one call, and the weight (and
+  input) gradients of any loss on both in one call; their per-operation overhead is what
+  dominated the small batches of molecules.
 
 Force training needs, for every atom, the network output y(x) and its gradient dy/dx with
 respect to the (normalised) descriptor x, and then the weight gradients of a loss on both.
 Letting autograd build dy/dx (``autograd.grad(..., create_graph=True)``) records the backward of
-every layer as a graph and differentiates that graph once more: for the small networks of a
-Behler-Parrinello potential this is hundreds of tiny operations per step, and it dominated the
-force-training step of small molecules.  :class:`NetsWithGradient` computes y and dy/dx in one
-forward and, in one backward, the weight (and input) gradients of any loss on (y, dy/dx), from
-the analytic first and second derivatives of the activations.
-
-Networks: ``Linear -> act -> ... -> Linear(., 1)`` with the activations of
-``distmlip.models.bpnn.ACTIVATIONS``, the same architecture for every species, evaluated for all
-species at once on the padded per-species layout of :func:`distmlip.models.bpnn.species_layout`.
+every layer as a graph and differentiates that graph once more: hundreds of tiny operations per
+step for the small networks of a Behler-Parrinello potential.  :class:`NetsWithGradient` (torch
+operators) and :class:`CompiledNets` compute y and dy/dx in one forward and, in one backward,
+the weight gradients of a loss on both, from the activations' analytic first and second
+derivatives.
 
 Notation, per atom (row vectors): h_0 = x, a_k = h_{k-1} W_k^T + b_k, h_k = s_k(a_k) for the
 hidden layers k = 1..L-1, y = h_{L-1} W_L^T + b_L.  Gradient: g_{L-1} = W_L,
@@ -22,61 +31,90 @@ a_k terms.  Padding rows have zero cotangents, so they add nothing.
 """
 from __future__ import annotations
 
-import contextlib
 import operator
-import threading
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..utils.autograd import will_reach
+from . import activations as act_table
 
 
-def _act_derivatives(kind: str, a: torch.Tensor):
-    """(s(a), s'(a), s''(a)) of the activation ``kind`` (matching torch's modules, including
-    nn.Softplus' linear branch above its threshold of 20)."""
-    if kind == "tanh":
-        h = torch.tanh(a)
-        d1 = 1.0 - h * h
-        return h, d1, -2.0 * h * d1
-    if kind == "sigmoid":
-        h = torch.sigmoid(a)
-        d1 = h * (1.0 - h)
-        return h, d1, d1 * (1.0 - 2.0 * h)
-    if kind == "linear":
-        return a, torch.ones_like(a), torch.zeros_like(a)
-    if kind == "softplus":
-        s = torch.sigmoid(a)
-        lin = a > 20.0
-        h = F.softplus(a)
-        d1 = torch.where(lin, torch.ones_like(a), s)
-        d2 = torch.where(lin, torch.zeros_like(a), s * (1.0 - s))
-        return h, d1, d2
-    if kind == "silu":
-        s = torch.sigmoid(a)
-        h = a * s
-        d1 = s * (1.0 + a * (1.0 - s))
-        d2 = s * (1.0 - s) * (2.0 + a * (1.0 - 2.0 * s))
-        return h, d1, d2
-    raise ValueError(f"no closed-form derivatives for activation {kind!r}")
+def make_mlp(n_in: int, hidden: Sequence[int], activations: Sequence[str], dtype) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    prev = n_in
+    for width, act in zip(hidden, activations):
+        layers.append(nn.Linear(prev, int(width), dtype=dtype))
+        layers.append(act_table.get(act).module())
+        prev = int(width)
+    layers.append(nn.Linear(prev, 1, dtype=dtype))
+    return nn.Sequential(*layers)
 
 
-SUPPORTED = ("tanh", "sigmoid", "linear", "softplus", "silu")
+def species_layout(species: torch.Tensor, n_species: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Padded per-species layout of a batch's atoms: (slot [N], src [n_species * rows], rows).
+    Atom a goes to row ``slot[a]`` of a [n_species * rows] table in which the atoms of species t
+    fill rows t * rows ... t * rows + count_t - 1 (rows = the largest count); ``src`` is the
+    inverse map (the atom of each row, N for padding rows).  One host synchronisation (the
+    largest count): cache the result per batch (:func:`batch_layout`)."""
+    n = species.shape[0]
+    counts = torch.bincount(species, minlength=n_species)
+    rows = max(int(counts.max()), 1) if n else 1
+    start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(species, stable=True)
+    sp = species[order]
+    slot = torch.empty_like(species)
+    slot[order] = sp * rows + torch.arange(n, device=species.device) - start[sp]
+    src = torch.full((n_species * rows,), n, dtype=species.dtype, device=species.device)
+    src[slot] = torch.arange(n, dtype=species.dtype, device=species.device)
+    return slot, src, rows
 
 
-def supported(nets, activations) -> bool:
-    """Whether :class:`NetsWithGradient` handles these networks (else use autograd)."""
-    if not all(a in SUPPORTED for a in activations):
-        return False
-    layers = list(nets[0])
-    lin = [m for m in layers if isinstance(m, nn.Linear)]
-    return (len(lin) == len(activations) + 1 and all(m.bias is not None for m in lin)
-            and lin[-1].out_features == 1
-            and all(isinstance(m, (nn.Linear, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Softplus, nn.SiLU))
-                    for m in layers)
-            and all(getattr(m, "beta", 1.0) == 1.0 and getattr(m, "threshold", 20.0) == 20.0
-                    for m in layers if isinstance(m, nn.Softplus)))
+def batch_layout(batch, n_species: int) -> tuple:
+    """:func:`species_layout` of ``batch.species``, cached on the batch object."""
+    cached = getattr(batch, "_species_layout", None)
+    if cached is not None and cached[0] is batch.species and cached[1] == n_species:
+        return cached[2]
+    layout = species_layout(batch.species, n_species)
+    try:
+        object.__setattr__(batch, "_species_layout", (batch.species, n_species, layout))
+    except (AttributeError, TypeError):  # a batch type without instance attributes
+        pass
+    return layout
+
+
+def stacked_forward(x: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor, int], weights,
+                    activations) -> torch.Tensor:
+    """Outputs [N] of T per-species networks of one architecture for the rows of x [N, D], atom a
+    evaluated by the network of its species.  ``weights``: per Linear layer k, the pair
+    (``[W_k of species 0..T-1]``, ``[b_k of species 0..T-1]``); ``activations``: one callable
+    per hidden layer.  The atoms are gathered into a padded [T, rows, D] table (``layout`` from
+    :func:`species_layout`; padding rows are zero) and each layer is one batched matrix product
+    with the stacked weights of the T networks."""
+    slot, src, rows = layout
+    T = len(weights[0][0])
+    D = x.shape[1]
+    h = torch.cat([x, x.new_zeros(1, D)]).index_select(0, src).view(T, rows, D)
+    for k, (Ws, bs) in enumerate(weights):
+        h = torch.baddbmm(torch.stack(bs).unsqueeze(1), h, torch.stack(Ws).transpose(1, 2))
+        if k < len(activations):
+            h = activations[k](h)
+    return h.reshape(T * rows, -1)[:, 0].index_select(0, slot)
+
+
+def _layer_weights(params, L: int):
+    """Per Linear layer k, ([W_k of every species], [b_k of every species]) from the flat
+    parameter list of :func:`net_parameters`."""
+    T = len(params) // (2 * L)
+    return [([params[t * 2 * L + 2 * k] for t in range(T)], [params[t * 2 * L + 2 * k + 1] for t in range(T)])
+            for k in range(L)]
+
+
+def torch_network_energies(x, layout, params, activations) -> torch.Tensor:
+    """y [N] of the networks with torch operators (differentiable to any order)."""
+    fns = [act_table.get(a).function for a in activations]
+    return stacked_forward(x, layout, _layer_weights(params, len(activations) + 1), fns)
 
 
 class NetsWithGradient(torch.autograd.Function):
@@ -96,7 +134,7 @@ class NetsWithGradient(torch.autograd.Function):
         hs, d1s, d2s = [h], [], []
         for k in range(L - 1):
             a = torch.baddbmm(b[k], h, W[k].transpose(1, 2))
-            h, d1, d2 = _act_derivatives(activations[k], a)
+            h, d1, d2 = act_table.get(activations[k]).derivatives(a)
             hs.append(h)
             d1s.append(d1)
             d2s.append(d2)
@@ -171,42 +209,6 @@ class NetsWithGradient(torch.autograd.Function):
 # compiled CPU operators (csrc/nets_cpu.cpp)
 # ------------------------------------------------------------------------------------------
 
-ACTIVATION_CODES = {"tanh": 0, "sigmoid": 1, "linear": 2, "softplus": 3, "silu": 4}
-
-_STATE = threading.local()
-_OPS: dict = {}
-
-
-def _ops_available() -> bool:
-    ok = _OPS.get("available")
-    if ok is None:
-        try:
-            from .._ext import load_extension
-
-            ok = bool(load_extension(warn_if_missing=False)) and hasattr(torch.ops.distmlip, "bpnn_nets_forward")
-        except Exception:  # noqa: BLE001  (any failure: use the torch-operator path)
-            ok = False
-        _OPS["available"] = ok
-    return ok
-
-
-def compiled_enabled() -> bool:
-    return getattr(_STATE, "compiled", True)
-
-
-@contextlib.contextmanager
-def compiled_networks(enabled: bool):
-    """Use (True, default) or not (False) the compiled CPU network operators in this thread.
-    Their backward is not differentiable again, so code that differentiates the networks twice
-    through autograd (the autograd reference of force training) switches them off."""
-    old = compiled_enabled()
-    _STATE.compiled = bool(enabled)
-    try:
-        yield
-    finally:
-        _STATE.compiled = old
-
-
 def net_parameters(nets) -> list:
     """W_1, b_1, ..., W_L, b_L of every network in ``nets``, in ``net.parameters()`` order, read
     straight off the Linear layers (``Module.parameters()`` walks the module tree, which cost
@@ -231,39 +233,6 @@ def net_parameters(nets) -> list:
     return params
 
 
-def supported_cached(nets, activations) -> bool:
-    key = tuple(activations)
-    if not isinstance(nets, nn.Module):      # a plain list: nothing to cache on
-        return supported(nets, activations)
-    cache = nets.__dict__.setdefault("_distmlip_supported", {})
-    ok = cache.get(key)
-    if ok is None:
-        ok = cache[key] = supported(nets, activations)
-    return ok
-
-
-def use_compiled(x: torch.Tensor, nets, activations) -> bool:
-    """Whether the compiled operators evaluate these networks on x (CPU tensors, supported
-    networks, extension present, not switched off)."""
-    return (x.device.type == "cpu" and compiled_enabled() and _ops_available()
-            and supported_cached(nets, activations) and nets[0][0].weight.device.type == "cpu")
-
-
-_ACT_FUNCTIONS = {0: torch.tanh, 1: torch.sigmoid, 2: (lambda a: a), 3: F.softplus, 4: F.silu}
-
-
-def _torch_network_energies(x, species, codes, params):
-    """y [N] of the networks with torch operators (differentiable to any order), for
-    :class:`CompiledNets`' backward under ``create_graph``."""
-    from .bpnn import species_layout, stacked_forward
-
-    L = len(codes) + 1
-    T = len(params) // (2 * L)
-    weights = [([params[t * 2 * L + 2 * k] for t in range(T)], [params[t * 2 * L + 2 * k + 1] for t in range(T)])
-               for k in range(L)]
-    return stacked_forward(x, species_layout(species, T), weights, [_ACT_FUNCTIONS[c] for c in codes])
-
-
 class CompiledNets(torch.autograd.Function):
     """(x [N, D], species [N], codes, with_grad, *params) -> y [N], or (y, dy/dx [N, D]) with
     ``with_grad``: the networks of ``species[a]`` for every atom, forward and backward in one
@@ -286,10 +255,12 @@ class CompiledNets(torch.autograd.Function):
         if torch.is_grad_enabled():           # create_graph: a differentiable backward
             if ctx.with_grad:
                 raise RuntimeError("compiled networks: the backward of (y, dy/dx) is not differentiable "
-                                   "(no derivatives of dy/dx beyond the first); switch the compiled "
-                                   "operators off with forcenet.compiled_networks(False)")
+                                   "(no derivatives of dy/dx beyond the first); pin the torch networks "
+                                   "with model.set_plan(networks='torch')")
             with torch.enable_grad():
-                y = _torch_network_energies(x, species, ctx.codes, params)
+                acts = [act_table.by_kernel_code(c).name for c in ctx.codes]
+                y = torch_network_energies(x, species_layout(species, len(params) // (2 * len(acts) + 2)),
+                                           params, acts)
                 need = [x] + list(params)
                 grads = torch.autograd.grad(y, need, ybar, create_graph=True, allow_unused=True)
             return (grads[0], None, None, None, *grads[1:])
@@ -298,21 +269,26 @@ class CompiledNets(torch.autograd.Function):
         return (out[-1] if need_x else None, None, None, None, *out[:-1])
 
 
-def network_energies(x, species, nets, activations):
-    """Outputs y [N] of the per-species networks with the compiled operator (see
-    :func:`use_compiled`)."""
-    codes = tuple(ACTIVATION_CODES[a] for a in activations)
-    return CompiledNets.apply(x, species, codes, False, *net_parameters(nets))
-
-
-def nets_with_gradient(x, layout, nets, activations, species=None):
-    """y [N] and dy/dx [N, D] of the per-species ``nets``: the compiled CPU operators when
-    ``species`` is given and :func:`use_compiled` allows, else :class:`NetsWithGradient`.
-    ``layout``: :func:`distmlip.models.bpnn.species_layout` of the atoms, or a function returning
-    it (called only when the torch-operator path needs it)."""
+def network_energies(x, species, nets, activations, compiled: bool, layout=None):
+    """Outputs y [N] of the per-species networks: the compiled operator when ``compiled`` (the
+    plan's choice), else torch operators on ``layout`` (:func:`species_layout` of ``species``,
+    or a function returning it; made here when None)."""
     params = net_parameters(nets)
-    if species is not None and use_compiled(x, nets, activations):
-        codes = tuple(ACTIVATION_CODES[a] for a in activations)
-        return CompiledNets.apply(x, species, codes, True, *params)
+    if compiled:
+        return CompiledNets.apply(x, species, act_table.kernel_codes(activations), False, *params)
+    if layout is None:
+        layout = species_layout(species, len(nets))
+    elif callable(layout):
+        layout = layout()
+    return torch_network_energies(x, layout, params, activations)
+
+
+def nets_with_gradient(x, species, layout, nets, activations, compiled: bool):
+    """y [N] and dy/dx [N, D] of the per-species ``nets``: the compiled CPU operators when
+    ``compiled``, else :class:`NetsWithGradient` on ``layout`` (:func:`species_layout` of the
+    atoms, or a function returning it)."""
+    params = net_parameters(nets)
+    if compiled:
+        return CompiledNets.apply(x, species, act_table.kernel_codes(activations), True, *params)
     slot, src, rows = layout() if callable(layout) else layout
     return NetsWithGradient.apply(x, slot, src, rows, tuple(activations), *params)

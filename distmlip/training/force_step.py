@@ -1,0 +1,65 @@
+"""One force-training batch: the loss and its parameter gradient, added to the flat gradient.
+
+With the ``one-node`` plan (CPU, fused descriptor, compiled networks) and the compiled loss, the
+step runs three compiled operators and no autograd engine: the network term's energies and forces
+(``bpnn_energy_forces``), the loss with its gradients in E and F (``energy_force_loss``) and the
+backward (``bpnn_energy_forces_backward``), whose flat parameter gradient is added straight into
+the optimiser's flat gradient.  Terms without parameters (ZBL) only add their energies and forces
+before the loss.  Otherwise the forces are built with ``create_graph`` and ``loss.backward``
+gives the weight gradients (same numbers, tested).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models import forces_op
+from ..models.networks import net_parameters
+from .losses import energy_force_loss
+
+
+def _engine_free(model, plan, batch, counts, *, per_atom, alpha, mask, grad_out):
+    """(loss, E, F) detached, with the parameter gradient added to ``grad_out``."""
+    ann = model.ann
+    params, (dparams, codes, mean, inv_std, base, scale, _), (pos, species, ptr, pj, shift, ts) = \
+        forces_op.operator_inputs(ann, batch, batch.positions.detach())
+    ops = torch.ops.distmlip
+    codes = list(codes)
+    with torch.no_grad():
+        E, F, x, g, moments, nets_saved = ops.bpnn_energy_forces(
+            pos, species, ptr, pj, shift, ts, *dparams, mean, inv_std, base, scale, batch.structure,
+            int(batch.n_structures), params, codes)
+    if len(model.terms) > 1:
+        positions = batch.positions
+        if not positions.requires_grad:
+            positions.requires_grad_(True)
+        for term in model.terms[1:]:
+            Et, Ft = term.energy_and_forces(batch, plan, create_graph=False)
+            E, F = E + Et, F + Ft
+    with torch.no_grad():
+        loss, gE, gF = ops.energy_force_loss(E, batch.energy, batch.weight, batch.natoms, bool(per_atom), F,
+                                             batch.forces, batch.structure, mask, counts, float(alpha))
+        out = ops.bpnn_energy_forces_backward(gE, gF, pos, species, ptr, pj, shift, ts, *dparams, x, g, moments,
+                                              nets_saved, inv_std, scale, batch.structure, params, codes,
+                                              True, False, True)
+        grad_out.add_(out[0])
+    return loss, E, F
+
+
+def force_loss_and_gradients(model, flat, batch, counts, *, per_atom: bool, alpha: float, mask):
+    """The loss of one force-training batch (given the GLOBAL counts) with its parameter
+    gradient added to the flat gradient of ``flat`` (:class:`~distmlip.training.flat.FlatParameters`).
+    Returns (loss, E, F), detached."""
+    plan = model.plan()
+    grad = flat.flat_grad_for(net_parameters(model.ann.nets))
+    if grad is not None and plan.forces == "one-node" and plan.loss == "compiled":
+        return _engine_free(model, plan, batch, counts, per_atom=per_atom, alpha=alpha, mask=mask, grad_out=grad)
+    with flat.routing():
+        E, F = model.energy_and_forces(batch, create_graph=True)
+        loss = energy_force_loss(E, batch, counts, per_atom=per_atom, alpha=alpha, F=F, mask=mask,
+                                 compiled=plan.loss == "compiled")
+        # inputs: only weight gradients are needed (the flat tensor, which the CPU force operator
+        # takes, and the parameters, its views, which the module paths reach); this skips the
+        # position-position second derivative of the descriptor and the backward pass towards
+        # the positions
+        loss.backward(inputs=flat.grad_inputs)
+    return loss.detach(), E.detach(), F.detach()

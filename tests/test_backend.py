@@ -1,0 +1,69 @@
+"""The plan: which implementation runs for a model on a device, chosen in one place
+(distmlip.models.backend) from what the extension registered for the device."""
+import pytest
+import torch
+
+from distmlip import _ext
+from distmlip.errors import ConfigError
+from distmlip.models import backend
+from distmlip.models.bpnn import BPNN
+
+DESC = {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2}
+
+
+def test_kernels_are_asked_of_the_dispatcher():
+    assert _ext.has_kernel("no_such_operator", "cpu") is False
+    if _ext.load_extension(warn_if_missing=False):
+        assert _ext.has_kernel("chebyshev_forward", "cpu") is True
+    # a device type the extension cannot have kernels for
+    assert _ext.has_kernel("chebyshev_forward", "mps") is False
+    built_with_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("distmlip::chebyshev_forward", "CUDA") \
+        if _ext.has_kernel("chebyshev_forward", "cpu") else False
+    assert _ext.has_kernel("chebyshev_forward", "cuda") == (built_with_cuda and torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not _ext.has_kernel("bpnn_energy_forces", "cpu"), reason="compiled extension missing")
+def test_cpu_plan_takes_the_fastest_paths_and_reference_takes_pure_torch():
+    p = backend.choose("cpu", ["tanh", "tanh"])
+    assert (p.descriptor, p.networks, p.forces, p.loss) == ("fused", "compiled", "one-node", "compiled")
+    r = backend.choose("cpu", ["tanh"], "reference")
+    assert (r.descriptor, r.networks, r.forces, r.loss) == ("reference", "torch", "closed-form", "torch")
+    assert "descriptor fused" in p.describe() and "(cpu)" in p.describe()
+
+
+def test_cuda_torch_with_cpu_only_extension_falls_back(monkeypatch):
+    """A CUDA device whose kernels the extension lacks: every path falls back to torch instead
+    of failing at dispatch; asking for the fused kernels there is a clear error."""
+    monkeypatch.setattr(_ext, "_KERNELS", {(op, "cuda"): False for op in
+                                           ("chebyshev_forward", "bpnn_nets_forward", "bpnn_energy_forces",
+                                            "energy_force_loss")})
+    p = backend.choose("cuda", ["tanh"])
+    assert (p.descriptor, p.networks, p.forces, p.loss) == ("reference", "torch", "closed-form", "torch")
+    with pytest.raises(ConfigError, match="no cuda kernels"):
+        backend.choose("cuda", ["tanh"], "fused")
+
+
+@pytest.mark.skipif(not _ext.has_kernel("bpnn_nets_forward", "cpu"), reason="compiled extension missing")
+def test_activation_without_kernel_runs_torch_networks(monkeypatch):
+    from distmlip.models import activations as act_table
+
+    silu = act_table.ACTIVATIONS["silu"]
+    monkeypatch.setitem(act_table.ACTIVATIONS, "silu", act_table.Activation(
+        "silu", silu.module, silu.function, silu.derivatives, kernel_code=None, aenet_code=None))
+    p = backend.choose("cpu", ["tanh", "silu"])
+    assert p.networks == "torch" and p.forces == "closed-form"
+    with pytest.raises(ConfigError, match="networks compiled cannot run"):
+        backend.choose("cpu", ["tanh", "silu"], networks="compiled")
+
+
+def test_model_keeps_one_plan_per_device_and_pins_paths():
+    m = BPNN(["Cu"], DESC, hidden=[4])
+    p1 = m.plan()
+    assert m.plan() is p1 and m.plan("cpu") is p1
+    p2 = m.set_plan(forces="autograd", networks="torch")
+    assert p2.forces == "autograd" and p2.networks == "torch" and m.plan() is p2
+    assert m.set_plan(forces=None, networks=None) == p1
+    with pytest.raises(ValueError, match="forces"):
+        m.set_plan(forces="magic")
+    with pytest.raises(ConfigError, match="backend"):
+        BPNN(["Cu"], DESC, hidden=[4], backend="gpu")
