@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import REPO
-from distmlip.distributed import bootstrap as B
+from distmlip.distributed import context as C, launch as L, partition as P, rendezvous as R, signals as S
 
 SCRIPT = REPO / "tests" / "mpi_scripts" / "dist_check.py"
 _LAUNCH_VARS = [k for k in os.environ if k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_", "MV2_"))] + \
@@ -52,69 +52,69 @@ def test_single_process_second_sigterm_exits_at_once(tmp_path):
 
 
 def test_detect_launcher():
-    assert B.detect_launcher({}) == "none"
-    assert B.detect_launcher({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) == "none"  # batch script
-    assert B.detect_launcher({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1"}) == "mpi"  # srun
-    assert B.detect_launcher({"OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"
-    assert B.detect_launcher({"PMI_SIZE": "2", "PMI_RANK": "1"}) == "mpi"
-    assert B.detect_launcher({"PMIX_RANK": "0"}) == "mpi"
-    assert B.detect_launcher({"RANK": "0", "WORLD_SIZE": "2"}) == "torchrun"
+    assert L.detect_launcher({}) == "none"
+    assert L.detect_launcher({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) == "none"  # batch script
+    assert L.detect_launcher({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1"}) == "mpi"  # srun
+    assert L.detect_launcher({"OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"
+    assert L.detect_launcher({"PMI_SIZE": "2", "PMI_RANK": "1"}) == "mpi"
+    assert L.detect_launcher({"PMIX_RANK": "0"}) == "mpi"
+    assert L.detect_launcher({"RANK": "0", "WORLD_SIZE": "2"}) == "torchrun"
 
 
 def test_first_host_of_slurm_nodelist():
-    assert B._expand_first_host("cn[012-015,020],gpu7") == "cn012"
-    assert B._expand_first_host("gpu7,cn[1-2]") == "gpu7"
-    assert B._expand_first_host("node-a[3,5]") == "node-a3"
+    assert R._expand_first_host("cn[012-015,020],gpu7") == "cn012"
+    assert R._expand_first_host("gpu7,cn[1-2]") == "gpu7"
+    assert R._expand_first_host("node-a[3,5]") == "node-a3"
 
 
 def test_timeout_from_environment(monkeypatch):
     monkeypatch.setenv("DISTMLIP_DIST_TIMEOUT", "42")
-    assert B.timeout_seconds() == 42.0
+    assert R.timeout_seconds() == 42.0
     monkeypatch.setenv("DISTMLIP_DIST_TIMEOUT", "soon")
-    with pytest.raises(B.DistributedError, match="DISTMLIP_DIST_TIMEOUT"):
-        B.timeout_seconds()
+    with pytest.raises(L.DistributedError, match="DISTMLIP_DIST_TIMEOUT"):
+        R.timeout_seconds()
     monkeypatch.delenv("DISTMLIP_DIST_TIMEOUT")
-    assert B.timeout_seconds() == B.DEFAULT_TIMEOUT_S
+    assert R.timeout_seconds() == R.DEFAULT_TIMEOUT_S
 
 
 def test_split_range_covers_everything_once():
     for n in (0, 1, 7, 10, 101):
         for w in (1, 2, 3, 8):
-            parts = [B.split_range(n, r, w) for r in range(w)]
+            parts = [P.split_range(n, r, w) for r in range(w)]
             flat = [i for a, b in parts for i in range(a, b)]
             assert flat == list(range(n))
             sizes = [b - a for a, b in parts]
             assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError):
-        B.split_range(5, 2, 2)
+        P.split_range(5, 2, 2)
 
 
 def test_balanced_partition_by_atoms():
     costs = [1, 50, 3, 3, 40, 12, 7, 7, 30, 2, 9, 22]
-    parts = B.balanced_partition(costs, 3)
+    parts = P.balanced_partition(costs, 3)
     assert sorted(i for p in parts for i in p) == list(range(len(costs)))
     loads = [sum(costs[i] for i in p) for p in parts]
     assert max(loads) - min(loads) <= max(costs) and max(loads) <= sum(costs) / 3 + 12
-    assert parts == B.balanced_partition(list(costs), 3)  # deterministic
+    assert parts == P.balanced_partition(list(costs), 3)  # deterministic
 
 
 def test_allreduce_gradients_single_process_is_identity_and_scales():
-    ctx = B.DistContext()  # world of one
+    ctx = C.DistContext()  # world of one
     lin = torch.nn.Linear(3, 2).double()
     lin(torch.ones(4, 3, dtype=torch.float64)).sum().backward()
     g = lin.weight.grad.clone()
-    B.allreduce_gradients(lin.parameters(), ctx)
+    C.allreduce_gradients(lin.parameters(), ctx)
     assert torch.equal(lin.weight.grad, g)
-    B.allreduce_gradients(lin.parameters(), ctx, scale=0.25)
+    C.allreduce_gradients(lin.parameters(), ctx, scale=0.25)
     assert torch.equal(lin.weight.grad, g * 0.25)
 
 
 def test_stop_flag_from_signal_in_one_process():
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    ctx = B.DistContext()
+    ctx = C.DistContext()
     try:
-        B.reset_stop_flag()
-        B.install_stop_handlers()
+        S.reset_stop_flag()
+        S.install_stop_handlers()
         assert ctx.stop_requested() is False
         os.kill(os.getpid(), signal.SIGUSR1)
         assert ctx.stop_requested() is True
@@ -122,27 +122,27 @@ def test_stop_flag_from_signal_in_one_process():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        B.reset_stop_flag()
+        S.reset_stop_flag()
 
 
 def test_stop_file(tmp_path, monkeypatch):
-    ctx = B.DistContext()
-    B.reset_stop_flag()
+    ctx = C.DistContext()
+    S.reset_stop_flag()
     stop = tmp_path / "STOP"
     monkeypatch.setenv("DISTMLIP_STOP_FILE", str(stop))
-    monkeypatch.setattr(B, "_STOP_FILE_PERIOD_S", 0.0)
+    monkeypatch.setattr(S, "_STOP_FILE_PERIOD_S", 0.0)
     try:
         assert ctx.stop_requested() is False
         stop.write_text("")
         assert ctx.stop_requested() is True
         assert str(stop) in ctx.stop_reason()
-        assert B.DistContext(rank=1)._stop_reason is None
+        assert C.DistContext(rank=1).stop_reason() is None
     finally:
-        B.reset_stop_flag()
+        S.reset_stop_flag()
 
 
 def test_gpu_request_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    with pytest.raises(B.DistributedError, match="CUDA is not available"):
-        B._choose_device("cuda", 0, 1, None)
+    with pytest.raises(L.DistributedError, match="CUDA is not available"):
+        R.choose_device("cuda", 0, 1, None)
