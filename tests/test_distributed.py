@@ -13,6 +13,7 @@ from helpers import REPO
 from distmlip.distributed import context as C, launch as L, partition as P, rendezvous as R, signals as S
 
 SCRIPT = REPO / "tests" / "mpi_scripts" / "dist_check.py"
+MPI_ONLY = REPO / "tests" / "mpi_scripts" / "mpi_only_check.py"
 _LAUNCH_VARS = [k for k in os.environ if k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_", "MV2_"))] + \
     ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]
 
@@ -41,6 +42,41 @@ def test_single_process_without_mpirun():
     assert r["sum_exact"] and r["max"] == [-1.0, -0.0]
     assert r["bcast"] == {"from": 0, "arr": [1, 2, 3]} and r["gathered"] == [0]
     assert r["stop"] is False
+
+
+def test_single_process_mpi_only_context_without_mpirun():
+    """convert/augment's context alone: a world of one, every collective a no-op, mpi4py never
+    imported, split(1) a group of one with its own stop check."""
+    res = subprocess.run([sys.executable, str(MPI_ONLY)], capture_output=True, text=True,
+                         env=clean_env(), timeout=120)
+    assert res.returncode == 0, res.stderr
+    (r,) = results(res.stdout)
+    assert (r["rank"], r["world"], r["backend"], r["launcher"], r["pg_initialised"]) == (0, 1, None, "none", False)
+    assert (r["env_launcher"], r["env_rank"], r["env_world"]) == ("none", 0, 1)
+    assert r["mpi_loaded"] is False and r["mpi_loaded_end"] is False
+    assert r["bcast"] == {"from": 0, "list": [0, 0, 0]} and r["gathered"] == [0]
+    assert r["tensor_error"] is None and r["wait_wall"] < 0.5
+    assert (r["group"], r["group_rank"], r["group_world"], r["group_job_ranks"], r["group_gathered"]) == \
+        (0, 0, 1, [0], [0])
+    assert (r["group_stop"], r["group_reason"]) == (True, "SIGUSR1 on rank 0")
+    assert (r["world_stop"], r["world_reason"]) == (True, "SIGUSR1 on rank 0")
+    assert (r["same_object"], r["upgraded_sum"], r["upgraded_backend"]) == (True, 1.0, None)
+    assert [l for l in res.stdout.splitlines() if l.startswith("LOG")] == ["LOG 0"]
+
+
+def test_placement_from_environment():
+    """launch.placement: the one reader of the launchers' variables (logging, error messages)."""
+    assert L.placement({}) == ("none", 0, 1, 0, 1)
+    assert L.placement({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}) == ("none", 0, 1, 0, 1)  # batch script
+    assert L.placement({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3",
+                        "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == ("mpi", 3, 4, 1, 2)
+    assert L.placement({"SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+                        "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}) == ("mpi", 5, 8, 1, 4)
+    assert L.placement({"PMI_SIZE": "3", "PMI_RANK": "2"}) == ("mpi", 2, 3, 0, 3)
+    assert L.placement({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == ("torchrun", 1, 2, 1, 2)
+    assert L.placement({"MPI_LOCALNRANKS": "2"}) == ("mpi", 0, 1, 0, 1)   # marker without a rank
+    with pytest.raises(L.DistributedError, match="rank/size"):
+        L.placement({"MPI_LOCALNRANKS": "2"}, strict=True)
 
 
 def test_single_process_second_sigterm_exits_at_once(tmp_path):
@@ -119,6 +155,8 @@ def test_stop_flag_from_signal_in_one_process():
         os.kill(os.getpid(), signal.SIGUSR1)
         assert ctx.stop_requested() is True
         assert ctx.stop_reason() == "SIGUSR1 on rank 0"
+        S.reset_stop_flag()   # forgets the request and the reason
+        assert ctx.stop_reason() is None and ctx.stop_requested() is False
     finally:
         for s, h in old.items():
             signal.signal(s, h)
