@@ -184,3 +184,39 @@ def test_gpu_request_without_cuda_is_a_clear_error():
         pytest.skip("CUDA present")
     with pytest.raises(L.DistributedError, match="CUDA is not available"):
         R.choose_device("cuda", 0, 1, None)
+
+
+def _distmlip_imports(path):
+    """Every distmlip module a file imports, at module level or inside functions."""
+    import ast
+
+    pkg = list(path.relative_to(REPO).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(pkg[:len(pkg) - node.level + 1] + [node.module or ""]).strip(".") if node.level \
+                else node.module
+            found |= {f"{base}.{a.name}" for a in node.names} if node.module is None else {base}
+    return {m for m in found if m == "distmlip" or m.startswith("distmlip.")}
+
+
+def test_import_layering_of_the_distributed_layer():
+    """distributed is a foundation layer (errors, utils only); utils imports distributed.launch
+    and nothing else of it; launch imports nothing of distmlip but errors (no cycles)."""
+    allowed = ("distmlip.errors", "distmlip.utils", "distmlip.distributed")
+    pkg = REPO / "distmlip"
+    for f in sorted((pkg / "distributed").glob("*.py")):
+        bad = {m for m in _distmlip_imports(f) if not m.startswith(allowed)}
+        assert not bad, (f.name, bad)
+    assert _distmlip_imports(pkg / "distributed" / "launch.py") == {"distmlip.errors"}
+    for f in sorted((pkg / "utils").glob("*.py")):
+        dist = {m for m in _distmlip_imports(f) if m.startswith("distmlip.distributed")}
+        assert dist <= {"distmlip.distributed.launch"}, (f.name, dist)
+    # the rank for logging costs neither torch nor mpi4py
+    code = ("import sys, distmlip.utils.log, distmlip.cli; "
+            "print(sorted(m for m in ('torch', 'mpi4py', 'distmlip.distributed.context') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(),
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", (res.stdout, res.stderr)
