@@ -1,5 +1,6 @@
-"""Distributed runtime in one process: no MPI initialised, collectives are no-ops, stop flags,
-launcher detection and partition helpers (the multi-rank tests are in test_mpi_distributed.py)."""
+"""Distributed runtime in one process: no MPI initialised, collectives are no-ops (also in the
+MPI-only context of convert/augment), stop flags, launcher detection and placement, partition
+helpers, the layer's import layering (the multi-rank tests are in test_mpi_distributed.py)."""
 import json
 import os
 import signal

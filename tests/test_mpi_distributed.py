@@ -91,7 +91,8 @@ def test_start_from_torchrun_style_environment():
             if not k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_"))}
     base.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port), WORLD_SIZE="2", DISTMLIP_DIST_TIMEOUT="60")
-    procs = [subprocess.Popen([sys.executable, SCRIPT, "info", "groups"], env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
+    procs = [subprocess.Popen([sys.executable, SCRIPT, "info", "groups"],
+                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
