@@ -14,6 +14,8 @@ import sys
 import traceback
 
 from . import __version__
+from .distributed.launch import placement
+from .distributed.signals import abort_mpi
 from .errors import DistmlipError
 
 # name -> (module, one-line help)
@@ -54,19 +56,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _abort_world(code: int) -> None:
-    """Bring down all MPI ranks when one fails (no-op outside MPI)."""
-    if "mpi4py.MPI" in sys.modules:
-        MPI = sys.modules["mpi4py.MPI"]
-        try:
-            if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                MPI.COMM_WORLD.Abort(code)
-        except Exception:  # pragma: no cover - best effort
-            pass
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = next((a for a in argv if not a.startswith("-")), None)
@@ -81,32 +70,28 @@ def main(argv=None) -> int:
     try:
         rc = int(args._run(args) or 0)
     except DistmlipError as exc:
-        from .utils.log import rank_and_size
-
-        rank, size = rank_and_size()
-        where = f" (rank {rank})" if size > 1 else ""
-        print(f"distmlip {args.command}: error{where}: {exc}", file=sys.stderr, flush=True)
+        where = placement()
+        at = f" (rank {where.rank})" if where.world_size > 1 else ""
+        print(f"distmlip {args.command}: error{at}: {exc}", file=sys.stderr, flush=True)
         if args.traceback:
             traceback.print_exc()
-        _abort_world(2)
+        abort_mpi(2)
         return 2
     except KeyboardInterrupt:
         print(f"distmlip {args.command}: interrupted", file=sys.stderr)
-        _abort_world(130)
+        abort_mpi(130)
         return 130
-    except BaseException as exc:
+    except BaseException:
         if "mpi4py.MPI" in sys.modules:  # label the traceback with the rank before aborting the job
-            from .utils.log import rank_and_size
-
-            rank, size = rank_and_size()
-            if size > 1:
-                print(f"distmlip {args.command}: internal error on rank {rank}:", file=sys.stderr)
+            where = placement()
+            if where.world_size > 1:
+                print(f"distmlip {args.command}: internal error on rank {where.rank}:", file=sys.stderr)
         traceback.print_exc()
         sys.stderr.flush()
-        _abort_world(1)
+        abort_mpi(1)
         raise
-    if "distmlip.distributed.bootstrap" in sys.modules:
-        sys.modules["distmlip.distributed.bootstrap"].exit_process(rc)
+    if "distmlip.distributed.context" in sys.modules:  # a stage set up a distributed context
+        sys.modules["distmlip.distributed.context"].exit_process(rc)
     return rc
 
 

@@ -1,5 +1,6 @@
-"""Distributed runtime in one process: no MPI initialised, collectives are no-ops, stop flags,
-launcher detection and partition helpers (the multi-rank tests are in test_mpi_distributed.py)."""
+"""Distributed runtime in one process: no MPI initialised, collectives are no-ops (also in the
+MPI-only context of convert/augment), stop flags, launcher detection and placement, partition
+helpers, the layer's import layering (the multi-rank tests are in test_mpi_distributed.py)."""
 import json
 import os
 import signal
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 from helpers import REPO
-from distmlip.distributed import bootstrap as B
+from distmlip.distributed import context as C, launch as L, partition as P, rendezvous as R, signals as S
 
 SCRIPT = REPO / "tests" / "mpi_scripts" / "dist_check.py"
+MPI_ONLY = REPO / "tests" / "mpi_scripts" / "mpi_only_check.py"
 _LAUNCH_VARS = [k for k in os.environ if k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_", "MV2_"))] + \
     ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]
 
@@ -43,6 +45,41 @@ def test_single_process_without_mpirun():
     assert r["stop"] is False
 
 
+def test_single_process_mpi_only_context_without_mpirun():
+    """convert/augment's context alone: a world of one, every collective a no-op, mpi4py never
+    imported, split(1) a group of one with its own stop check."""
+    res = subprocess.run([sys.executable, str(MPI_ONLY)], capture_output=True, text=True,
+                         env=clean_env(), timeout=120)
+    assert res.returncode == 0, res.stderr
+    (r,) = results(res.stdout)
+    assert (r["rank"], r["world"], r["backend"], r["launcher"], r["pg_initialised"]) == (0, 1, None, "none", False)
+    assert (r["env_launcher"], r["env_rank"], r["env_world"]) == ("none", 0, 1)
+    assert r["mpi_loaded"] is False and r["mpi_loaded_end"] is False
+    assert r["bcast"] == {"from": 0, "list": [0, 0, 0]} and r["gathered"] == [0]
+    assert r["tensor_error"] is None and r["wait_wall"] < 0.5
+    assert (r["group"], r["group_rank"], r["group_world"], r["group_job_ranks"], r["group_gathered"]) == \
+        (0, 0, 1, [0], [0])
+    assert (r["group_stop"], r["group_reason"]) == (True, "SIGUSR1 on rank 0")
+    assert (r["world_stop"], r["world_reason"]) == (True, "SIGUSR1 on rank 0")
+    assert (r["same_object"], r["upgraded_sum"], r["upgraded_backend"]) == (True, 1.0, None)
+    assert [l for l in res.stdout.splitlines() if l.startswith("LOG")] == ["LOG 0"]
+
+
+def test_placement_from_environment():
+    """launch.placement: the one reader of the launchers' variables (logging, error messages)."""
+    assert L.placement({}) == ("none", 0, 1, 0, 1)
+    assert L.placement({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}) == ("none", 0, 1, 0, 1)  # batch script
+    assert L.placement({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3",
+                        "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == ("mpi", 3, 4, 1, 2)
+    assert L.placement({"SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+                        "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}) == ("mpi", 5, 8, 1, 4)
+    assert L.placement({"PMI_SIZE": "3", "PMI_RANK": "2"}) == ("mpi", 2, 3, 0, 3)
+    assert L.placement({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == ("torchrun", 1, 2, 1, 2)
+    assert L.placement({"MPI_LOCALNRANKS": "2"}) == ("mpi", 0, 1, 0, 1)   # marker without a rank
+    with pytest.raises(L.DistributedError, match="rank/size"):
+        L.placement({"MPI_LOCALNRANKS": "2"}, strict=True)
+
+
 def test_single_process_second_sigterm_exits_at_once(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), "stop", str(tmp_path), "2", "twice"],
                          capture_output=True, text=True, env=clean_env(), timeout=120)
@@ -52,97 +89,135 @@ def test_single_process_second_sigterm_exits_at_once(tmp_path):
 
 
 def test_detect_launcher():
-    assert B.detect_launcher({}) == "none"
-    assert B.detect_launcher({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) == "none"  # batch script
-    assert B.detect_launcher({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1"}) == "mpi"  # srun
-    assert B.detect_launcher({"OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"
-    assert B.detect_launcher({"PMI_SIZE": "2", "PMI_RANK": "1"}) == "mpi"
-    assert B.detect_launcher({"PMIX_RANK": "0"}) == "mpi"
-    assert B.detect_launcher({"RANK": "0", "WORLD_SIZE": "2"}) == "torchrun"
+    assert L.detect_launcher({}) == "none"
+    assert L.detect_launcher({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) == "none"  # batch script
+    assert L.detect_launcher({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1"}) == "mpi"  # srun
+    assert L.detect_launcher({"OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"
+    assert L.detect_launcher({"PMI_SIZE": "2", "PMI_RANK": "1"}) == "mpi"
+    assert L.detect_launcher({"PMIX_RANK": "0"}) == "mpi"
+    assert L.detect_launcher({"RANK": "0", "WORLD_SIZE": "2"}) == "torchrun"
 
 
 def test_first_host_of_slurm_nodelist():
-    assert B._expand_first_host("cn[012-015,020],gpu7") == "cn012"
-    assert B._expand_first_host("gpu7,cn[1-2]") == "gpu7"
-    assert B._expand_first_host("node-a[3,5]") == "node-a3"
+    assert R._expand_first_host("cn[012-015,020],gpu7") == "cn012"
+    assert R._expand_first_host("gpu7,cn[1-2]") == "gpu7"
+    assert R._expand_first_host("node-a[3,5]") == "node-a3"
 
 
 def test_timeout_from_environment(monkeypatch):
     monkeypatch.setenv("DISTMLIP_DIST_TIMEOUT", "42")
-    assert B.timeout_seconds() == 42.0
+    assert R.timeout_seconds() == 42.0
     monkeypatch.setenv("DISTMLIP_DIST_TIMEOUT", "soon")
-    with pytest.raises(B.DistributedError, match="DISTMLIP_DIST_TIMEOUT"):
-        B.timeout_seconds()
+    with pytest.raises(L.DistributedError, match="DISTMLIP_DIST_TIMEOUT"):
+        R.timeout_seconds()
     monkeypatch.delenv("DISTMLIP_DIST_TIMEOUT")
-    assert B.timeout_seconds() == B.DEFAULT_TIMEOUT_S
+    assert R.timeout_seconds() == R.DEFAULT_TIMEOUT_S
 
 
 def test_split_range_covers_everything_once():
     for n in (0, 1, 7, 10, 101):
         for w in (1, 2, 3, 8):
-            parts = [B.split_range(n, r, w) for r in range(w)]
+            parts = [P.split_range(n, r, w) for r in range(w)]
             flat = [i for a, b in parts for i in range(a, b)]
             assert flat == list(range(n))
             sizes = [b - a for a, b in parts]
             assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError):
-        B.split_range(5, 2, 2)
+        P.split_range(5, 2, 2)
 
 
 def test_balanced_partition_by_atoms():
     costs = [1, 50, 3, 3, 40, 12, 7, 7, 30, 2, 9, 22]
-    parts = B.balanced_partition(costs, 3)
+    parts = P.balanced_partition(costs, 3)
     assert sorted(i for p in parts for i in p) == list(range(len(costs)))
     loads = [sum(costs[i] for i in p) for p in parts]
     assert max(loads) - min(loads) <= max(costs) and max(loads) <= sum(costs) / 3 + 12
-    assert parts == B.balanced_partition(list(costs), 3)  # deterministic
+    assert parts == P.balanced_partition(list(costs), 3)  # deterministic
 
 
 def test_allreduce_gradients_single_process_is_identity_and_scales():
-    ctx = B.DistContext()  # world of one
+    ctx = C.DistContext()  # world of one
     lin = torch.nn.Linear(3, 2).double()
     lin(torch.ones(4, 3, dtype=torch.float64)).sum().backward()
     g = lin.weight.grad.clone()
-    B.allreduce_gradients(lin.parameters(), ctx)
+    C.allreduce_gradients(lin.parameters(), ctx)
     assert torch.equal(lin.weight.grad, g)
-    B.allreduce_gradients(lin.parameters(), ctx, scale=0.25)
+    C.allreduce_gradients(lin.parameters(), ctx, scale=0.25)
     assert torch.equal(lin.weight.grad, g * 0.25)
 
 
 def test_stop_flag_from_signal_in_one_process():
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    ctx = B.DistContext()
+    ctx = C.DistContext()
     try:
-        B.reset_stop_flag()
-        B.install_stop_handlers()
+        S.reset_stop_flag()
+        S.install_stop_handlers()
         assert ctx.stop_requested() is False
         os.kill(os.getpid(), signal.SIGUSR1)
         assert ctx.stop_requested() is True
         assert ctx.stop_reason() == "SIGUSR1 on rank 0"
+        S.reset_stop_flag()   # forgets the request and the reason
+        assert ctx.stop_reason() is None and ctx.stop_requested() is False
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        B.reset_stop_flag()
+        S.reset_stop_flag()
 
 
 def test_stop_file(tmp_path, monkeypatch):
-    ctx = B.DistContext()
-    B.reset_stop_flag()
+    ctx = C.DistContext()
+    S.reset_stop_flag()
     stop = tmp_path / "STOP"
     monkeypatch.setenv("DISTMLIP_STOP_FILE", str(stop))
-    monkeypatch.setattr(B, "_STOP_FILE_PERIOD_S", 0.0)
+    monkeypatch.setattr(S, "_STOP_FILE_PERIOD_S", 0.0)
     try:
         assert ctx.stop_requested() is False
         stop.write_text("")
         assert ctx.stop_requested() is True
         assert str(stop) in ctx.stop_reason()
-        assert B.DistContext(rank=1)._stop_reason is None
+        assert C.DistContext(rank=1).stop_reason() is None
     finally:
-        B.reset_stop_flag()
+        S.reset_stop_flag()
 
 
 def test_gpu_request_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    with pytest.raises(B.DistributedError, match="CUDA is not available"):
-        B._choose_device("cuda", 0, 1, None)
+    with pytest.raises(L.DistributedError, match="CUDA is not available"):
+        R.choose_device("cuda", 0, 1, None)
+
+
+def _distmlip_imports(path):
+    """Every distmlip module a file imports, at module level or inside functions."""
+    import ast
+
+    pkg = list(path.relative_to(REPO).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(pkg[:len(pkg) - node.level + 1] + [node.module or ""]).strip(".") if node.level \
+                else node.module
+            found |= {f"{base}.{a.name}" for a in node.names} if node.module is None else {base}
+    return {m for m in found if m == "distmlip" or m.startswith("distmlip.")}
+
+
+def test_import_layering_of_the_distributed_layer():
+    """distributed is a foundation layer (errors, utils only); utils imports distributed.launch
+    and nothing else of it; launch imports nothing of distmlip but errors (no cycles)."""
+    allowed = ("distmlip.errors", "distmlip.utils", "distmlip.distributed")
+    pkg = REPO / "distmlip"
+    for f in sorted((pkg / "distributed").glob("*.py")):
+        bad = {m for m in _distmlip_imports(f) if not m.startswith(allowed)}
+        assert not bad, (f.name, bad)
+    assert _distmlip_imports(pkg / "distributed" / "launch.py") == {"distmlip.errors"}
+    for f in sorted((pkg / "utils").glob("*.py")):
+        dist = {m for m in _distmlip_imports(f) if m.startswith("distmlip.distributed")}
+        assert dist <= {"distmlip.distributed.launch"}, (f.name, dist)
+    # the rank for logging costs neither torch nor mpi4py
+    code = ("import sys, distmlip.utils.log, distmlip.cli; "
+            "print(sorted(m for m in ('torch', 'mpi4py', 'distmlip.distributed.context') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(),
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", (res.stdout, res.stderr)

@@ -1,5 +1,6 @@
-"""Distributed runtime under real `mpirun -n 2`: bootstrap, exact float64 reductions, the flat
-gradient all-reduce, stop signals reaching every rank, and fail-fast when a rank raises or dies."""
+"""Distributed runtime under real `mpirun -n 2`: start-up (mpi4py, environment, torchrun), exact
+float64 reductions, the flat gradient all-reduce, rank groups, the MPI-only context of convert and
+augment (`mpirun -n 4`), stop signals reaching every rank, and fail-fast when a rank raises or dies."""
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 from helpers import REPO, mpirun
 
 SCRIPT = str(REPO / "tests" / "mpi_scripts" / "dist_check.py")
+MPI_ONLY = str(REPO / "tests" / "mpi_scripts" / "mpi_only_check.py")
 
 
 def results(text, n=2, kind=None):
@@ -32,15 +34,30 @@ def check_info(rows, launcher):
         assert r["bcast"] == {"from": 0, "arr": [1, 2, 3]}
         assert r["gathered"] == [0, 10]
         assert r["stop"] is False
+        # launch.placement() (the environment, read before any set-up) names the same rank
+        assert r["placement"] == [{"torchrun": "torchrun"}.get(launcher, "mpi"), r["rank"], 2]
 
 
-def test_bootstrap_collectives_and_gradients_mpi4py():
-    out = mpirun(2, [SCRIPT, "info", "grads"], timeout=120).stdout
+def check_groups(rows):
+    """dist_check 'groups' on 2 ranks: split(1) is one group of both, split(2) one group per rank."""
+    for r in rows:
+        one, own = r["groups"]["1"], r["groups"]["2"]
+        assert (one["g"], one["rank"], one["world"], one["job_ranks"]) == (0, r["rank"], 2, [0, 1])
+        assert (one["sum"], one["max"], one["gathered"], one["bcast"]) == (3.0, 1.0, [0, 1], 1)
+        assert (own["g"], own["rank"], own["world"], own["job_ranks"]) == (r["rank"], 0, 1, [r["rank"]])
+        assert (own["sum"], own["max"], own["gathered"], own["bcast"]) == \
+            (r["rank"] + 1.0, float(r["rank"]), [r["rank"]], r["rank"])
+        assert one["stop"] is False and own["stop"] is False
+
+
+def test_start_collectives_gradients_and_groups_mpi4py():
+    out = mpirun(2, [SCRIPT, "info", "grads", "groups"], timeout=120).stdout
     rows = results(out, kind="mode_info")
     check_info(rows, "mpi")
     for r in rows:
         assert r["mpi_loaded"]
         assert int(r["env_local_rank"]) == r["local_rank"]  # node communicator agrees with mpirun
+    check_groups(results(out, kind="mode_groups"))
     assert rows[0]["pid"] != rows[1]["pid"]
     # allreduce_gradients equals the sum of every rank's own gradients (computed independently)
     rows = results(out, kind="mode_grads")
@@ -51,7 +68,7 @@ def test_bootstrap_collectives_and_gradients_mpi4py():
     assert rows[0]["checksum"] == rows[1]["checksum"]  # bit-identical on both ranks
 
 
-def test_local_wrapper_and_bootstrap_from_environment_without_mpi4py():
+def test_local_wrapper_and_start_from_environment_without_mpi4py():
     """launch/mpirun_local.sh: ranks started, OMP_NUM_THREADS = cores / ranks; with
     DISTMLIP_USE_MPI4PY=0 rank/size/local rank come from the launcher's variables."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
@@ -66,7 +83,7 @@ def test_local_wrapper_and_bootstrap_from_environment_without_mpi4py():
     assert all(r["omp"] == want for r in rows), (rows, want)
 
 
-def test_bootstrap_torchrun_style_environment():
+def test_start_from_torchrun_style_environment():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -74,11 +91,45 @@ def test_bootstrap_torchrun_style_environment():
             if not k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_"))}
     base.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port), WORLD_SIZE="2", DISTMLIP_DIST_TIMEOUT="60")
-    procs = [subprocess.Popen([sys.executable, SCRIPT, "info"], env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
+    procs = [subprocess.Popen([sys.executable, SCRIPT, "info", "groups"],
+                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    check_info(results(outs[0][0] + "\n" + outs[1][0]), "torchrun")
+    text = outs[0][0] + "\n" + outs[1][0]
+    check_info(results(text, kind="mode_info"), "torchrun")
+    check_groups(results(text, kind="mode_groups"))   # no MPI: objects travel over torch groups
+
+
+def test_mpi_only_context_four_ranks():
+    """The context of convert/augment: no torch process group, object collectives and barriers over
+    MPI, a barrier that sleeps, rank groups with their own stop check, the environment's rank equal
+    to MPI's, logging on rank 0 only; a later init_distributed() adds the torch group."""
+    res = mpirun(4, [MPI_ONLY], timeout=240)
+    rows = results(res.stdout, n=4)
+    for r in rows:
+        rank = r["rank"]
+        assert (r["world"], r["launcher"], r["backend"], r["pg_initialised"], r["mpi_loaded"]) == \
+            (4, "mpi", None, False, True)
+        # launch.placement() before MPI_Init == MPI.COMM_WORLD (rank, size) and the node communicator's size
+        assert (r["env_launcher"], r["env_rank"], r["env_world"], r["env_local_world"]) == \
+            ("mpi", rank, 4, r["local_world"])
+        assert r["bcast"] == {"from": 3, "list": [3, 3, 3]}
+        assert r["gathered"] == [0, 1, 4, 9]
+        assert "torch_group=False" in r["tensor_error"]
+        if rank != 3:   # waited ~1.5 s for rank 3, sleeping: almost no CPU time (a blocking barrier spins)
+            assert r["wait_wall"] > 1.0, r
+            assert r["wait_cpu"] < 0.15 * r["wait_wall"], r
+        g = rank % 2    # split(2): groups {0, 2} and {1, 3}
+        assert (r["group"], r["group_rank"], r["group_world"], r["group_job_rank"]) == (g, rank // 2, 2, rank)
+        assert r["group_job_ranks"] == r["group_gathered"] == [g, g + 2]
+        assert r["group_bcast"] == g + 2
+        # rank 3 raised SIGUSR1: its group stops, the other group does not; the world check sees it
+        assert (r["group_stop"], r["group_reason"]) == ((True, "SIGUSR1 on rank 3") if g == 1 else (False, None))
+        assert (r["world_stop"], r["world_reason"]) == (True, "SIGUSR1 on rank 3")
+        assert (r["same_object"], r["upgraded_sum"], r["upgraded_backend"]) == (True, 10.0, "gloo")
+    assert sorted(r["local_rank"] for r in rows) == [0, 1, 2, 3]   # one node
+    assert [l for l in res.stdout.splitlines() if l.startswith("LOG")] == ["LOG 0"]
 
 
 def test_sigterm_on_one_rank_stops_both_at_the_same_step(tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 from ..config import load_config
 from ..errors import ConfigError, DistmlipError, InputError
 from ..utils.io import atomic_write_text
-from ..utils.log import log, rank_and_size
+from ..utils.log import log
 from . import h5store
 from .readers import expand_inputs, read_file
 from .split import parse_split_patterns, split_from_patterns
@@ -141,26 +141,6 @@ def config_from_args(args) -> ConvertConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-class _Comm:
-    """mpi4py COMM_WORLD when launched under MPI with more than one rank, else a stand-in."""
-
-    def __init__(self):
-        rank, size = rank_and_size()
-        self.comm = None
-        self.rank, self.size = 0, 1
-        if size > 1:
-            from mpi4py import MPI
-
-            self.comm = MPI.COMM_WORLD
-            self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-
-    def allgather(self, x):
-        return self.comm.allgather(x) if self.comm is not None else [x]
-
-    def bcast(self, x):
-        return self.comm.bcast(x, root=0) if self.comm is not None else x
-
-
 def _raise_first(errors: list) -> None:
     """errors: per-rank None or (message, is_user_error).  Raise on every rank if any failed."""
     for r, e in enumerate(errors):
@@ -255,8 +235,10 @@ def _write_report(out: Path, rejected: list[dict], n_ok: int) -> None:
 
 def convert(cfg: ConvertConfig) -> dict:
     """Run a conversion (MPI aware).  Returns a summary dict (on every rank)."""
-    comm = _Comm()
-    rank, size = comm.rank, comm.size
+    from ..distributed import init_distributed
+
+    ctx = init_distributed(device="cpu", torch_group=False)  # objects over MPI; no-op alone
+    rank, size = ctx.rank, ctx.world_size
     out = Path(cfg.output)
     t0 = time.time()
 
@@ -267,7 +249,7 @@ def convert(cfg: ConvertConfig) -> dict:
             files = expand_inputs(cfg.inputs, cfg.format)
         except DistmlipError as exc:
             err = str(exc)
-    files, err = comm.bcast((files, err))
+    files, err = ctx.broadcast_object((files, err))
     if err:
         raise InputError(err)
     log(f"distmlip convert: {len(files)} input file(s) on {size} rank(s) -> {out}")
@@ -297,7 +279,7 @@ def convert(cfg: ConvertConfig) -> dict:
         if rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
             shard_dir = tempfile.mkdtemp(prefix=f".{out.name}.shards.", dir=str(out.parent))
-        shard_dir = comm.bcast(shard_dir)
+        shard_dir = ctx.broadcast_object(shard_dir)
         shard = os.path.join(shard_dir, f"shard{rank:05d}.h5")
         err = None
         try:
@@ -310,9 +292,9 @@ def convert(cfg: ConvertConfig) -> dict:
             except Exception as exc:  # a bug: show it here, stop everyone
                 traceback.print_exc()
                 err = (f"rank {rank}: internal error {type(exc).__name__}: {exc}", False)
-            errors = comm.allgather(err)
+            errors = ctx.all_gather_object(err)
             _raise_first(errors)
-            gathered = comm.allgather((builder.state(), res.n_structures, res.n_atoms, res.rejected, res.z))
+            gathered = ctx.all_gather_object((builder.state(), res.n_structures, res.n_atoms, res.rejected, res.z))
             total = sum(g[1] for g in gathered)
             if total == 0:
                 raise InputError(f"no valid structures in the {len(files)} input file(s)")
@@ -341,7 +323,7 @@ def convert(cfg: ConvertConfig) -> dict:
                 except Exception as exc:
                     traceback.print_exc()
                     merge_err = (f"rank 0: merge failed: {type(exc).__name__}: {exc}", False)
-            merge_err = comm.bcast(merge_err)
+            merge_err = ctx.broadcast_object(merge_err)
             _raise_first([merge_err])
             res.n_structures, res.n_atoms = total, sum(g[2] for g in gathered)
             res.rejected = [x for g in gathered for x in g[3]]

@@ -50,7 +50,7 @@ from ..config import load_config, parse_override
 from ..descriptors.spec import DescriptorSpec
 from ..errors import ConfigError, InputError
 from ..utils.io import atomic_path, atomic_write_text
-from ..utils.log import log, rank_and_size, warn
+from ..utils.log import log, warn
 
 __all__ = ["AugmentConfig", "GPRSettings", "SubsetSettings", "augment", "add_arguments", "run"]
 
@@ -200,16 +200,6 @@ def _parents_of(ds, sid: int) -> tuple[np.ndarray, int]:
     if ds.has_stored_split:
         train = np.asarray(ds.column("split"))[ids] == 0
     return ids[~synth & hf & train], int((~synth & ~hf & train).sum())
-
-
-def _barrier(comm) -> None:
-    """Barrier that sleeps while it waits: ranks that finished their subsets do not spin a core
-    (a blocking MPI barrier busy-polls) while another rank is still fitting."""
-    if comm is None:
-        return
-    req = comm.Ibarrier()
-    while not req.Test():
-        time.sleep(0.05)
 
 
 def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
@@ -371,21 +361,14 @@ def _estimated_cost(cfg, ds, sid, n_ref) -> float:
     return float(n) ** 3
 
 
-def _comm():
-    rank, size = rank_and_size()
-    if size <= 1:
-        return None, 0, 1
-    from mpi4py import MPI
-
-    c = MPI.COMM_WORLD
-    return c, c.Get_rank(), c.Get_size()
-
-
 def augment(cfg: AugmentConfig, fresh: bool = False) -> dict | None:
     """Run the augmentation (all ranks); rank 0 returns the report, other ranks None."""
     from ..data.h5store import H5Dataset
+    from ..distributed import init_distributed
 
-    comm, rank, world = _comm()
+    # MPI only: shards travel through files; ranks that finished wait in a sleeping barrier
+    ctx = init_distributed(device="cpu", torch_group=False)
+    rank, world = ctx.rank, ctx.world_size
     if not Path(cfg.input).is_file():
         raise InputError(f"augment: input data set {cfg.input} does not exist")
     if os.path.abspath(cfg.input) == os.path.abspath(cfg.output):
@@ -399,7 +382,7 @@ def augment(cfg: AugmentConfig, fresh: bool = False) -> dict | None:
     workdir = cfg.workdir_path()
     if rank == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-    _barrier(comm)
+    ctx.barrier(sleep=True)
     parents = {sid: _parents_of(ds, sid)[0] for sid in range(len(names))}
     keys = {sid: _subset_key(cfg, names[sid], ds.n_structures, parents[sid]) for sid in parents}
     costs = {sid: _estimated_cost(cfg, ds, sid, len(parents[sid])) for sid in parents}
@@ -428,7 +411,7 @@ def augment(cfg: AugmentConfig, fresh: bool = False) -> dict | None:
         print(f"{pre}subset {names[sid]} ({k + 1}/{len(mine)}): {r['n_reference']} reference, "
               f"{r['n_kept']}/{r['n_copies']} copies kept, sigma mean {unc.get('mean', 0):.4f} eV"
               f"{extra}, {r['time_total_s']:.1f} s", flush=True)
-    _barrier(comm)
+    ctx.barrier(sleep=True)
     report = None
     if rank == 0:
         report = merge(cfg, ds, keys, workdir)
@@ -438,7 +421,7 @@ def augment(cfg: AugmentConfig, fresh: bool = False) -> dict | None:
         log(format_table(report))
         log(f"augment: wrote {cfg.output} ({report['n_output']} structures, {report['n_synthetic']} "
             f"synthetic), report {cfg.report_path()}")
-    _barrier(comm)
+    ctx.barrier(sleep=True)
     return report
 
 

@@ -6,10 +6,10 @@ Member k uses ``training.seed + k`` (initial weights, data order, and the bootst
 Rank groups.  With world size W and K members, G = ``committee.groups`` or, when 0, the largest
 divisor of W that is <= K (G = min(K, W) whenever W is a multiple of it; e.g. W = 4, K = 3 gives
 G = 2 groups of 2 ranks; W = 3, K = 2 gives G = 1 group of 3).  Group g holds the ranks g, g+G,
-g+2G, ... (``torch.distributed.new_group``) and trains members g, g+G, ... one after the other,
-data parallel inside the group: the :class:`GroupContext` below gives the Trainer a DistContext-like
-view (rank and size in the group, collectives on the group only), so gradients are all-reduced
-within the group and groups never wait for each other until the end.
+g+2G, ... (``ctx.split(G)``, distmlip.distributed) and trains members g, g+G, ... one after the
+other, data parallel inside the group: the group's DistContext gives the Trainer the rank and size
+in the group and collectives on the group only, so gradients are all-reduced within the group and
+groups never wait for each other until the end.
 
 Output: ``OUTPUT/member_XX/`` (log.csv, checkpoint.pt, model.pt, ... of member XX, written by the
 group's first rank), ``OUTPUT/committee.pt`` (all members' model payloads: ``load_models``) and
@@ -50,114 +50,6 @@ def member_dir(out, k: int) -> Path:
     return Path(out) / f"member_{k:02d}"
 
 
-class GroupContext:
-    """The DistContext interface restricted to one process group of ranks."""
-
-    def __init__(self, parent, ranks: list[int], group, cpu_group=None):
-        self.parent = parent
-        self.ranks = list(ranks)
-        self.group = group
-        self.cpu_group = cpu_group if cpu_group is not None else group
-        self.rank = self.ranks.index(parent.rank)
-        self.world_size = len(self.ranks)
-        self.device = parent.device
-        self.local_rank = parent.local_rank
-        self.backend = parent.backend
-        self.is_distributed = self.world_size > 1
-        self._stop_reason = None
-
-    def _reduce(self, t, op):
-        if self.world_size == 1:
-            return t
-        import torch.distributed as dist
-
-        if self.backend == "nccl" and t.device.type != "cuda":
-            dist.all_reduce(t, op=op, group=self.cpu_group)
-            return t
-        if t.dtype == torch.bool:
-            tmp = t.to(torch.int32)
-            dist.all_reduce(tmp, op=op, group=self.group)
-            t.copy_(tmp.bool())
-            return t
-        dist.all_reduce(t, op=op, group=self.group)
-        return t
-
-    def all_reduce_sum(self, t):
-        import torch.distributed as dist
-
-        return self._reduce(t, dist.ReduceOp.SUM)
-
-    def all_reduce_max(self, t):
-        import torch.distributed as dist
-
-        return self._reduce(t, dist.ReduceOp.MAX)
-
-    def all_reduce_min(self, t):
-        import torch.distributed as dist
-
-        return self._reduce(t, dist.ReduceOp.MIN)
-
-    def broadcast_object(self, obj, src: int = 0):
-        if self.world_size == 1:
-            return obj
-        import torch.distributed as dist
-
-        lst = [obj]
-        dist.broadcast_object_list(lst, src=self.ranks[src], group=self.cpu_group)
-        return lst[0]
-
-    def all_gather_object(self, obj):
-        if self.world_size == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.cpu_group)
-        return out
-
-    def barrier(self):
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier(group=self.cpu_group)
-
-    def stop_requested(self) -> bool:
-        from ..distributed import bootstrap
-
-        local = bootstrap.local_stop_code(self.parent.rank)
-        t = torch.tensor([local], dtype=torch.int64)
-        self.all_reduce_max(t)
-        code = int(t.item())
-        if code and self._stop_reason is None:
-            self._stop_reason = bootstrap.describe_stop(code)
-        return bool(code)
-
-    def stop_reason(self):
-        return self._stop_reason
-
-    def abort(self, code: int = 1):
-        self.parent.abort(code)
-
-    def is_main(self):
-        return self.rank == 0
-
-
-def make_groups(ctx, G: int):
-    """(group index of this rank, GroupContext); collective over all ranks."""
-    W = ctx.world_size
-    members = [list(range(g, W, G)) for g in range(G)]
-    mine = ctx.rank % G
-    if W == 1:
-        return 0, GroupContext(ctx, [0], None)
-    import torch.distributed as dist
-
-    handles, cpu_handles = [], []
-    for ranks in members:   # every rank creates every group, in the same order
-        handles.append(dist.new_group(ranks))
-        cpu_handles.append(dist.new_group(ranks, backend="gloo") if ctx.backend == "nccl" else None)
-    return mine, GroupContext(ctx, members[mine], handles[mine], cpu_handles[mine])
-
-
 def _member_cfg(cfg, k: int, out: Path):
     c = copy.deepcopy(cfg)
     c.training.seed = member_seed(cfg, k)
@@ -184,7 +76,7 @@ def train_committee(cfg, ctx, resume: bool = False, quiet: bool = False, step_ca
     K = int(cfg.committee.K)
     out = Path(cfg.training.output)
     G = n_groups(K, ctx.world_size, cfg.committee.groups)
-    g, gctx = make_groups(ctx, G)
+    g, gctx = ctx.split(G)
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         import yaml
@@ -279,4 +171,4 @@ def _shared_cache(cfg, ctx, quiet):
             c.close()
 
 
-__all__ = ["GroupContext", "make_groups", "n_groups", "train_committee", "member_seed", "member_dir"]
+__all__ = ["n_groups", "train_committee", "member_seed", "member_dir"]

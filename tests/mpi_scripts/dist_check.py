@@ -1,8 +1,10 @@
 """Worker script for tests/test_distributed*.py, run under real `mpirun -n 2` (or alone).
 
 usage: python dist_check.py MODE [ARGS...]
-  info [grads]              rank/size/local rank + collectives; prints one RESULT json per rank
-                            (then the 'grads' check too if asked)
+  info [grads] [groups]     rank/size/local rank + collectives; prints one RESULT json per rank
+                            (then the 'grads' and 'groups' checks too if asked)
+  groups                    ctx.split(1) and ctx.split(world): tensor and object collectives and
+                            the stop check inside each rank group
   grads                     allreduce_gradients vs. the sum of every rank's own gradients
   stop DIR SELF_KILL_STEP   loop of steps calling stop_requested(); writes DIR/pid.<rank>;
                             the last rank sends itself SIGTERM at SELF_KILL_STEP (-1: wait for
@@ -20,7 +22,9 @@ import numpy as np
 import torch
 
 from distmlip.distributed import (allreduce_gradients, init_distributed, install_stop_handlers,
-                                  run_guarded, shutdown)
+                                  placement, run_guarded, shutdown)
+
+ENV = placement()  # read from the launcher's environment before any MPI or torch set-up
 
 
 def out(ctx, **kw):
@@ -50,6 +54,7 @@ def mode_info(ctx):
         n_nodes=ctx.n_nodes, backend=ctx.backend, launcher=ctx.launcher,
         is_distributed=ctx.is_distributed, mpi_loaded=mpi_loaded,
         env_local_rank=os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK"),
+        placement=[ENV.launcher, ENV.rank, ENV.world_size],
         omp=os.environ.get("OMP_NUM_THREADS"),
         sum_exact=bool(np.array_equal(t.numpy(), expect)),
         sum_maxdiff=float(np.max(np.abs(t.numpy() - expect))),
@@ -90,6 +95,22 @@ def mode_grads(ctx):
     diffs = [float((a - b).abs().max()) if a is not None else None for a, b in zip(got, ref)]
     out(ctx, diffs=diffs, extra_has_grad=extra.grad is not None, unused_grad_none=unused.grad is None,
         checksum=float(sum(g.double().sum() for g in got if g is not None)))
+
+
+def mode_groups(ctx):
+    res = {}
+    for G in sorted({1, ctx.world_size}):  # one group of every rank, one group per rank
+        g, sub = ctx.split(G)
+        t = torch.tensor([float(ctx.rank + 1)], dtype=torch.float64)
+        sub.all_reduce_sum(t)
+        m = torch.tensor([float(ctx.rank)], dtype=torch.float64)
+        sub.all_reduce_max(m)
+        res[str(G)] = dict(g=g, rank=sub.rank, world=sub.world_size, job_ranks=sub.job_ranks,
+                           sum=float(t.item()), max=float(m.item()), gathered=sub.all_gather_object(ctx.rank),
+                           bcast=sub.broadcast_object(ctx.rank, src=sub.world_size - 1),
+                           stop=sub.stop_requested())
+        sub.barrier()
+    out(ctx, groups=res)
 
 
 def mode_stop(ctx, directory, self_kill_step, twice=False):
@@ -145,8 +166,12 @@ def main():
         mode_info(ctx)
         if "grads" in sys.argv[2:]:
             mode_grads(ctx)
+        if "groups" in sys.argv[2:]:
+            mode_groups(ctx)
     elif mode == "grads":
         mode_grads(ctx)
+    elif mode == "groups":
+        mode_groups(ctx)
     elif mode == "stop":
         return mode_stop(ctx, sys.argv[2], int(sys.argv[3]), twice="twice" in sys.argv[4:])
     elif mode == "fail":

@@ -1,0 +1,359 @@
+"""The one distributed context: where this process stands in the job (or in a rank group of it)
+and the collectives every stage uses.
+
+Why one class: training, committees, ``featurize``, ``convert`` and ``augment`` all need the
+same few things (rank and size, object broadcast/gather, barriers, a collective stop check,
+tensor sums for gradients).  One ``DistContext`` gives them to all, whatever carries them:
+
+- ``init_distributed(device)`` (training): MPI for Python objects and the stop flag when mpi4py is
+  there (cheap and independent of the device), a torch process group (gloo on CPU, NCCL on CUDA)
+  for tensors.
+- ``init_distributed(device="cpu", torch_group=False)`` (convert, augment): MPI only, no torch
+  process group; tensor collectives are then an error, objects, barriers and the stop check work.
+  Without mpi4py (torchrun, ``DISTMLIP_USE_MPI4PY=0``) there is no MPI to carry the objects, so a
+  torch gloo group is started anyway.
+- ``ctx.split(G)`` (committees): G rank groups (ranks g, g+G, ...), each a ``DistContext`` of the
+  same interface restricted to its ranks: an MPI sub-communicator and torch subgroups, its own
+  stop check.  Groups never wait for each other.
+- No launcher (a plain ``python``/``distmlip`` process) or ``mpirun -n 1``: a world of one; every
+  collective returns at once, mpi4py is not imported.
+
+All collectives must be called by every rank of the context in the same order.  The start-up is in
+``rendezvous``, the stop flags and abort in ``signals``, the launcher's environment in ``launch``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+import torch
+
+from . import rendezvous, signals
+from .launch import DistributedError, detect_launcher, use_mpi4py
+
+_CTX: Optional["DistContext"] = None
+_LOCK = threading.Lock()
+_SLEEPING_BARRIER_POLL_S = 0.05
+
+
+@dataclass
+class DistContext:
+    """Where this process stands in the job (or in one rank group of it), and the collectives.
+
+    All collectives must be called by every rank of the context in the same order.  With
+    ``world_size == 1`` they return immediately (the tensors are left unchanged).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    is_distributed: bool = False
+    local_world_size: int = 1
+    n_nodes: int = 1
+    backend: Optional[str] = None          # "gloo" | "nccl" | None (no torch process group)
+    launcher: str = "none"                 # "mpi" | "mpi-env" | "torchrun" | "none"
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+    hostname: str = field(default_factory=socket.gethostname)
+    timeout_s: float = rendezvous.DEFAULT_TIMEOUT_S
+    _comm: Any = field(default=None, repr=False)        # mpi4py communicator of these ranks, or None
+    _group: Any = field(default=None, repr=False)       # torch group of these ranks (None: default)
+    _cpu_group: Any = field(default=None, repr=False)   # gloo group for CPU tensors/objects
+    _job_ranks: Optional[tuple] = field(default=None, repr=False)  # job ranks of a group context
+    _stop_reason: Optional[str] = field(default=None, repr=False)
+    _stop_generation: int = field(default=0, repr=False)
+
+    @property
+    def job_ranks(self) -> list[int]:
+        """Ranks in the whole job of this context's ranks, in context-rank order."""
+        return list(self._job_ranks) if self._job_ranks is not None else list(range(self.world_size))
+
+    @property
+    def job_rank(self) -> int:
+        """This process's rank in the whole job (``rank`` unless this is a group context)."""
+        return self._job_ranks[self.rank] if self._job_ranks is not None else self.rank
+
+    # -- tensors ----------------------------------------------------------------------------
+    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        if self.backend is None:
+            raise DistributedError("tensor collectives need a torch process group; this context was "
+                                   "started with torch_group=False (objects and barriers only)")
+        import torch.distributed as dist
+
+        if self.backend == "nccl" and t.device.type != "cuda":
+            if self._cpu_group is not None:
+                dist.all_reduce(t, op=op, group=self._cpu_group)
+                return t
+            tmp = t.to(self.device)
+            dist.all_reduce(tmp, op=op, group=self._group)
+            t.copy_(tmp)
+            return t
+        if t.dtype == torch.bool:
+            tmp = t.to(torch.int32)
+            dist.all_reduce(tmp, op=op, group=self._group)
+            t.copy_(tmp.bool())
+            return t
+        dist.all_reduce(t, op=op, group=self._group)
+        return t
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns ``t``.  Use float64 for energies and counts."""
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+
+        return self._reduce(t, dist.ReduceOp.SUM)
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Maximum over ranks, in place; returns ``t``."""
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+
+        return self._reduce(t, dist.ReduceOp.MAX)
+
+    # -- python objects ---------------------------------------------------------------------
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s (picklable) object on every rank (``src`` is a rank of this context)."""
+        if self.world_size == 1:
+            return obj
+        if self._comm is not None:
+            return self._comm.bcast(obj, root=src)
+        import torch.distributed as dist
+
+        lst = [obj]
+        dist.broadcast_object_list(lst, src=self.job_ranks[src], group=self._cpu_group)
+        return lst[0]
+
+    def all_gather_object(self, obj: Any) -> list:
+        """List of every rank's object, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        if self._comm is not None:
+            return self._comm.allgather(obj)
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._cpu_group)
+        return out
+
+    def barrier(self, sleep: bool = False) -> None:
+        """Wait until every rank of the context got here.  ``sleep=True``: wait without spinning a
+        core (a blocking MPI barrier busy-polls), for ranks that may wait long while another still
+        works, e.g. augment's ranks that finished their subsets."""
+        if self.world_size == 1:
+            return
+        if self._comm is not None:
+            if sleep:
+                req = self._comm.Ibarrier()
+                while not req.Test():
+                    time.sleep(_SLEEPING_BARRIER_POLL_S)
+            else:
+                self._comm.Barrier()
+            return
+        import torch.distributed as dist
+
+        dist.barrier(group=self._cpu_group)
+
+    # -- stop -------------------------------------------------------------------------------
+    def stop_requested(self) -> bool:
+        """True on every rank if any rank of this context received SIGTERM/SIGUSR1 (or the stop
+        file exists).
+
+        Collective (one tiny all-reduce): call it at the same point on every rank, e.g. at each
+        step boundary.  The reason is available afterwards from ``stop_reason()``.
+        """
+        local = signals.local_stop_code(self.job_rank)
+        code = local
+        if self.world_size > 1:
+            if self._comm is not None:
+                import numpy as np
+                from mpi4py import MPI
+
+                buf = np.array([local], dtype=np.int64)
+                out = np.zeros(1, dtype=np.int64)
+                self._comm.Allreduce(buf, out, op=MPI.MAX)
+                code = int(out[0])
+            else:
+                import torch.distributed as dist
+
+                t = torch.tensor([local], dtype=torch.int64)
+                self._reduce(t, dist.ReduceOp.MAX)
+                code = int(t.item())
+        if code and self.stop_reason() is None:
+            self._stop_reason = signals.describe_stop(code)
+            self._stop_generation = signals.stop_generation()
+        return bool(code)
+
+    def stop_reason(self) -> Optional[str]:
+        """e.g. 'SIGTERM on rank 1' once stop_requested() returned True (until reset_stop_flag())."""
+        if self._stop_reason is not None and self._stop_generation != signals.stop_generation():
+            self._stop_reason = None
+        return self._stop_reason
+
+    # -- rank groups ------------------------------------------------------------------------
+    def split(self, n_groups: int) -> tuple[int, "DistContext"]:
+        """Cut this context into ``n_groups`` rank groups: group g holds the ranks g, g+G, g+2G, ...
+
+        Returns (g, the context of this rank's group): a DistContext whose rank, world size and
+        collectives (tensors, objects, barriers, stop check) are those of the group only.
+        Collective over every rank of this context (each creates every group, in the same order).
+        """
+        G, W = int(n_groups), self.world_size
+        if G < 1 or W % G:
+            raise DistributedError(f"cannot split {W} rank(s) into {G} equal groups")
+        members = [list(range(g, W, G)) for g in range(G)]
+        g = self.rank % G
+        mine = members[g]
+        job = self.job_ranks
+        sub = replace(self, rank=mine.index(self.rank), world_size=len(mine), is_distributed=len(mine) > 1,
+                      _comm=None, _group=None, _cpu_group=None, _job_ranks=tuple(job[r] for r in mine),
+                      _stop_reason=None, _stop_generation=0)
+        if W == 1:
+            return 0, sub
+        if self._comm is not None:
+            sub._comm = self._comm.Split(color=g, key=self.rank)
+        if self.backend is not None:
+            if self._job_ranks is not None:
+                raise DistributedError("a rank group cannot be split again: torch groups are created "
+                                       "by every rank of the job")
+            import torch.distributed as dist
+
+            handles, cpu_handles = [], []
+            for ranks in members:   # every rank creates every group, in the same order
+                handles.append(dist.new_group(ranks))
+                cpu_handles.append(dist.new_group(ranks, backend="gloo") if self.backend == "nccl" else None)
+            sub._group = handles[g]
+            sub._cpu_group = cpu_handles[g] if cpu_handles[g] is not None else handles[g]
+        return g, sub
+
+
+# ------------------------------------------------------------------------------ process state
+def init_distributed(device: str = "auto", torch_group: bool = True) -> DistContext:
+    """Set up (once) and return this process's DistContext.  Idempotent: later calls return the
+    same context whatever ``device`` they pass.  ``device``: 'auto' (CUDA if available), 'cpu',
+    'cuda' or 'cuda:N'.  ``torch_group=False``: MPI only (objects, barriers, stop check), no torch
+    process group; a later call with ``torch_group=True`` starts it on the same context."""
+    global _CTX
+    with _LOCK:
+        if _CTX is not None:
+            if torch_group and _CTX.world_size > 1 and _CTX.backend is None:
+                rendezvous.connect_mpi(_CTX)
+            return _CTX
+        launcher = detect_launcher()
+        ctx = DistContext(timeout_s=rendezvous.timeout_seconds())
+        if launcher == "mpi" and use_mpi4py() and rendezvous.import_mpi4py():
+            rendezvous.init_mpi(ctx, device)
+            if torch_group:
+                rendezvous.connect_mpi(ctx)
+        elif launcher in ("mpi", "torchrun"):
+            rendezvous.init_env(ctx, device)
+        else:
+            ctx.device = rendezvous.choose_device(device, 0, 1, None)
+        _CTX = ctx
+        signals.set_world(ctx)
+        if ctx.world_size > 1:
+            signals.install_excepthook()
+        return ctx
+
+
+def get_context() -> DistContext:
+    """The context of init_distributed() (initialising it with device='auto' if needed)."""
+    return _CTX if _CTX is not None else init_distributed()
+
+
+def shutdown() -> None:
+    """Tear down the process group (collective: call on every rank at the end)."""
+    global _CTX
+    with _LOCK:
+        ctx, _CTX = _CTX, None
+        signals.set_world(None)
+    if ctx is None or ctx.backend is None:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
+
+
+def exit_process(code: int) -> None:
+    """End a process that ran a torch process group: flush, finalise MPI, and leave without the
+    interpreter's finalisation.  Gloo's worker threads can still release tensors while Python
+    shuts down, which aborts the process (SIGABRT) after all work is done; skipping finalisation
+    avoids that race.  Returns normally when no process group was used."""
+    if not rendezvous.process_group_used():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "mpi4py.MPI" in sys.modules:
+        MPI = sys.modules["mpi4py.MPI"]
+        try:
+            if MPI.Is_initialized() and not MPI.Is_finalized():
+                MPI.Finalize()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
+    os._exit(code)
+
+
+# --------------------------------------------------------------------------------- gradients
+def allreduce_gradients(parameters, ctx: Optional[DistContext] = None, *, scale: Optional[float] = None
+                        ) -> None:
+    """Sum the ``.grad`` of ``parameters`` over all ranks with ONE flat all-reduce (SUM).
+
+    Gradients are packed into one buffer (their common dtype, float64 when they differ), together
+    with one presence flag per parameter.  A parameter whose grad is None on some ranks counts as
+    zeros there, and gets the summed grad on every rank; a parameter without grad on every rank
+    keeps ``grad = None`` (as in a single-process run, the optimizer then skips it).
+    ``scale`` (optional) multiplies the sums, e.g. 1/global_count.  No-op for world_size 1 apart
+    from ``scale``.
+    """
+    ctx = ctx or get_context()
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        return
+    if ctx.world_size == 1:
+        if scale is not None:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return
+    dtypes = {p.dtype for p in params}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
+    if not dtype.is_floating_point:
+        dtype = torch.float64
+    dev = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+    sizes = [p.numel() for p in params]
+    n = sum(sizes)
+    buf = torch.zeros(n + len(params), dtype=dtype, device=dev)
+    off = 0
+    for k, (p, sz) in enumerate(zip(params, sizes)):
+        if p.grad is not None:
+            if p.grad.is_sparse:
+                raise DistributedError(f"parameter {k}: sparse gradients are not supported")
+            buf[off:off + sz].copy_(p.grad.detach().reshape(-1))
+            buf[n + k] = 1
+        off += sz
+    ctx.all_reduce_sum(buf)
+    if scale is not None:
+        buf[:n].mul_(scale)
+    present = buf[n:].to("cpu")
+    off = 0
+    for k, (p, sz) in enumerate(zip(params, sizes)):
+        if present[k] > 0:
+            g = buf[off:off + sz].view(p.shape)
+            if p.grad is None:
+                p.grad = g.to(device=p.device, dtype=p.dtype).clone()
+            else:
+                p.grad.copy_(g)
+        off += sz

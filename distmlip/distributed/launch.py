@@ -1,0 +1,107 @@
+"""Which launcher started this process, and where the process stands in the job, from the
+environment alone.
+
+Why a module of its own: the rank is needed long before (and often without) a process group.
+Logging prints on rank 0 only, error messages name the rank, the signal handler says which rank
+got SIGTERM, and a plain single process must never initialise MPI.  All of that is answered here
+from the variables the launchers set, without importing mpi4py or torch, so that
+``distmlip.utils`` can depend on this module (and only on it) without a cycle.  This is the one
+place in the package that reads the launchers' variables; ``rendezvous`` uses the same tables
+when mpi4py is not available.
+
+Under ``mpirun``/``srun`` the rank read here equals ``MPI.COMM_WORLD``'s rank (the launcher sets
+both); under torchrun it is ``RANK``.  Nothing from distmlip is imported apart from
+``distmlip.errors``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping, NamedTuple, Optional
+
+from ..errors import DistmlipError
+
+# Variables set by MPI launchers for every process they start.  SLURM_NTASKS alone is not used:
+# it is also set inside a batch script that runs python without srun.
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE",
+                  "MPI_LOCALNRANKS", "SLURM_STEP_NUM_TASKS")
+_MPI_MARKER_VARS = _MPI_SIZE_VARS + ("PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE",
+              "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
+_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
+                    "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK")
+_LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE",
+                    "MV2_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE", "LOCAL_WORLD_SIZE")
+
+
+class DistributedError(DistmlipError):
+    """The parallel environment is inconsistent (e.g. more local ranks than GPUs).
+
+    Defined in the bottom module of ``distmlip.distributed`` so that every other module of the
+    layer can raise it."""
+
+
+class Placement(NamedTuple):
+    """Where the launcher put this process: its launcher, rank and size in the job and on the node."""
+
+    launcher: str            # "mpi" | "torchrun" | "none"
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def _env_int(names: Iterable[str], default: Optional[int] = None,
+             environ: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    env = os.environ if environ is None else environ
+    for n in names:
+        v = env.get(n)
+        if v is None or v == "":
+            continue
+        try:
+            # SLURM_STEP_TASKS_PER_NODE may read "4(x2)" or "4,3": the first figure is ours or
+            # at least an upper bound; only used when MPI is not available.
+            return int(v.split("(")[0].split(",")[0])
+        except ValueError:
+            continue
+    return default
+
+
+def detect_launcher(environ: Optional[Mapping[str, str]] = None) -> str:
+    """'mpi' when started by an MPI launcher, 'torchrun' for RANK/WORLD_SIZE env, else 'none'."""
+    env = os.environ if environ is None else environ
+    if any(env.get(v) for v in _MPI_MARKER_VARS):
+        return "mpi"
+    if env.get("RANK") is not None and env.get("WORLD_SIZE") is not None:
+        return "torchrun"
+    return "none"
+
+
+def placement(environ: Optional[Mapping[str, str]] = None, *, strict: bool = False) -> Placement:
+    """This process's launcher, rank, world size, local rank and local size, from the environment.
+
+    Without a launcher: rank 0 of 1.  ``strict``: raise DistributedError when an MPI launcher is
+    detected but its rank/size variables are unreadable (the rendezvous without mpi4py needs
+    them); otherwise such a process counts as rank 0 of 1 (good enough for logging)."""
+    env = os.environ if environ is None else environ
+    launcher = detect_launcher(env)
+    if launcher == "torchrun":
+        rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        return Placement(launcher, rank, size, int(env.get("LOCAL_RANK", "0")),
+                         int(env.get("LOCAL_WORLD_SIZE", str(size))))
+    if launcher == "mpi":
+        rank, size = _env_int(_RANK_VARS, environ=env), _env_int(_SIZE_VARS, environ=env)
+        if rank is not None and size is not None:
+            return Placement(launcher, rank, size, _env_int(_LOCAL_RANK_VARS, 0, environ=env),
+                             _env_int(_LOCAL_SIZE_VARS, size, environ=env))
+        if strict:
+            raise DistributedError("started by an MPI launcher but neither mpi4py nor the rank/size "
+                                   "environment variables (OMPI_COMM_WORLD_RANK, PMI_RANK, "
+                                   "SLURM_PROCID, ...) are usable")
+    return Placement(launcher, 0, 1, 0, 1)
+
+
+def use_mpi4py(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """False when DISTMLIP_USE_MPI4PY=0/false/no asks to read the rank from the environment only."""
+    env = os.environ if environ is None else environ
+    return env.get("DISTMLIP_USE_MPI4PY", "1") not in ("0", "false", "no")
