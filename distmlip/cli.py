@@ -14,7 +14,7 @@ import sys
 import traceback
 
 from . import __version__
-from .distributed.launch import placement
+from .utils.launch import placement
 from .distributed.signals import abort_mpi
 from .errors import DistmlipError
 

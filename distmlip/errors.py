@@ -16,3 +16,8 @@ class InputError(DistmlipError):
 
 class DataFormatError(DistmlipError):
     """An HDF5 data set, model or checkpoint that is corrupt, truncated or of a wrong version."""
+
+
+class DistributedError(DistmlipError):
+    """The parallel environment is inconsistent (e.g. more local ranks than GPUs, a launcher
+    whose rank variables cannot be read)."""

@@ -29,8 +29,7 @@ API:
     split_range(n, rank, world) ; balanced_partition(costs, world)
     shutdown()
 
-The names are loaded on first use, so that ``import distmlip.distributed.launch`` (logging) does
-not import torch.
+The names are loaded on first use, so that importing the package does not import torch.
 """
 from __future__ import annotations
 
@@ -43,9 +42,9 @@ _EXPORTS = {
     "init_distributed": "context",
     "shutdown": "context",
     "exit_process": "context",
-    "DistributedError": "launch",
-    "detect_launcher": "launch",
-    "placement": "launch",
+    "DistributedError": "distmlip.errors",
+    "detect_launcher": "distmlip.utils.launch",
+    "placement": "distmlip.utils.launch",
     "balanced_partition": "partition",
     "split_range": "partition",
     "install_stop_handlers": "signals",
@@ -61,7 +60,7 @@ def __getattr__(name: str):
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    value = getattr(importlib.import_module(mod if "." in mod else f"{__name__}.{mod}"), name)
     globals()[name] = value
     return value
 

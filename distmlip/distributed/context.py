@@ -34,7 +34,8 @@ from typing import Any, Optional
 import torch
 
 from . import rendezvous, signals
-from .launch import DistributedError, detect_launcher, use_mpi4py
+from ..errors import DistributedError
+from ..utils.launch import detect_launcher, use_mpi4py
 
 _CTX: Optional["DistContext"] = None
 _LOCK = threading.Lock()

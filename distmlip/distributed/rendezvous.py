@@ -38,7 +38,8 @@ import zlib
 import torch
 
 from ..errors import DistmlipError
-from .launch import DistributedError, placement
+from ..errors import DistributedError
+from ..utils.launch import placement
 
 DEFAULT_TIMEOUT_S = 1800.0
 

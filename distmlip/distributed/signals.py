@@ -28,7 +28,7 @@ import traceback
 from typing import Any, Callable, Optional
 
 from ..errors import DistmlipError
-from .launch import placement
+from ..utils.launch import placement
 
 # local stop state: set by the signal handlers (or a stop file), read by local_stop_code();
 # 'generation' counts reset_stop_flag() calls so that contexts forget an earlier stop reason

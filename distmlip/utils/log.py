@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from ..distributed.launch import placement
+from .launch import placement
 
 
 def log(msg: str, *, all_ranks: bool = False) -> None:

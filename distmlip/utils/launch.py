@@ -4,10 +4,10 @@ environment alone.
 Why a module of its own: the rank is needed long before (and often without) a process group.
 Logging prints on rank 0 only, error messages name the rank, the signal handler says which rank
 got SIGTERM, and a plain single process must never initialise MPI.  All of that is answered here
-from the variables the launchers set, without importing mpi4py or torch, so that
-``distmlip.utils`` can depend on this module (and only on it) without a cycle.  This is the one
-place in the package that reads the launchers' variables; ``rendezvous`` uses the same tables
-when mpi4py is not available.
+from the variables the launchers set, without importing mpi4py or torch.  It lives in the
+foundation layer (``utils``) because logging needs it and every layer logs; the distributed layer
+builds on it.  This is the one place in the package that reads the launchers' variables;
+``distributed.rendezvous`` uses the same tables when mpi4py is not available.
 
 Under ``mpirun``/``srun`` the rank read here equals ``MPI.COMM_WORLD``'s rank (the launcher sets
 both); under torchrun it is ``RANK``.  Nothing from distmlip is imported apart from
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Mapping, NamedTuple, Optional
 
-from ..errors import DistmlipError
+from ..errors import DistributedError
 
 # Variables set by MPI launchers for every process they start.  SLURM_NTASKS alone is not used:
 # it is also set inside a batch script that runs python without srun.
@@ -32,13 +32,6 @@ _LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_
                     "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK")
 _LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE",
                     "MV2_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE", "LOCAL_WORLD_SIZE")
-
-
-class DistributedError(DistmlipError):
-    """The parallel environment is inconsistent (e.g. more local ranks than GPUs).
-
-    Defined in the bottom module of ``distmlip.distributed`` so that every other module of the
-    layer can raise it."""
 
 
 class Placement(NamedTuple):
