@@ -2,7 +2,6 @@
 with a model trained on EMT data, and an ASE optimiser run."""
 import numpy as np
 import pytest
-import torch
 from ase import units
 from ase.build import bulk
 from ase.calculators.emt import EMT

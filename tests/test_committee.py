@@ -6,22 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from distmlip.data.h5store import H5Dataset, write_dataset
+from distmlip.data.h5store import H5Dataset
 from distmlip.distributed import init_distributed
 from distmlip.models.bpnn import BPNN, load_models
 from distmlip.training.committee import n_groups, train_committee
 from distmlip.training.config import load_train_config
 from helpers import REPO, mpirun
-from test_train import emt_structures
 
 RUNS = str(REPO / "tests" / "mpi_scripts" / "committee_runs.py")
 
 
-@pytest.fixture(scope="module")
-def emt_h5(tmp_path_factory):
-    p = tmp_path_factory.mktemp("emt_committee") / "emt.h5"
-    write_dataset(p, emt_structures(24))
-    return p
 
 
 def cfg_for(tmp_path, h5, out, epochs=2, extra="committee: {K: 2}"):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import h5py
 import numpy as np
@@ -14,7 +13,7 @@ from distmlip.data.convert import ConvertConfig, convert
 from distmlip.data.examples import emt_structures
 from distmlip.data.h5store import H5Dataset
 from distmlip.data.readers import read_xsf, write_xsf
-from distmlip.errors import ConfigError, InputError
+from distmlip.errors import InputError
 
 
 def _cfg(inputs, out, **kw):

@@ -2,9 +2,7 @@
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-import numpy as np
 import pytest
-import torch
 
 from distmlip.config import ConfigError, load_config
 from distmlip.utils.io import atomic_path, atomic_write_text
@@ -78,3 +76,15 @@ def test_cli_help_lists_subcommands():
     out = distmlip_cli(["--help"]).stdout
     for cmd in ("convert", "info", "augment", "train", "evaluate", "export"):
         assert cmd in out
+
+
+def test_config_reference_is_current():
+    """docs/config_reference.md is what tools/gen_config_reference.py makes of the dataclasses."""
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("gen_config_reference", REPO / "tools" / "gen_config_reference.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.OUT.read_text() == gen.render(), "run: python tools/gen_config_reference.py"

@@ -8,8 +8,8 @@ import os
 import h5py
 import numpy as np
 import pytest
-import torch
 
+from distmlip.data.examples import rattled_cu_au
 from distmlip.data.h5store import H5Dataset, write_dataset
 from distmlip.descriptors.batch import collate
 from distmlip.descriptors.featurize import FeatureCache, StaleCacheError, featurize
@@ -17,16 +17,15 @@ from distmlip.descriptors.spec import DescriptorSpec
 from distmlip.training.config import load_train_config
 from distmlip.training.trainer import Trainer
 from helpers import distmlip_cli, mpirun
-from test_train import emt_structures
 
 SPEC = DescriptorSpec(rc_radial=4.0, n_radial=4, rc_angular=3.0, n_angular=2)
 
 
 @pytest.fixture()
-def emt_h5(tmp_path):
+def emt_h5(tmp_path):      # per test: the tests here rewrite the data file
     p = tmp_path / "data" / "emt.h5"
     p.parent.mkdir()
-    write_dataset(p, emt_structures(20))
+    write_dataset(p, rattled_cu_au(20))
     return p
 
 
@@ -81,7 +80,7 @@ def test_stale_cache_detected_and_rebuilt(tmp_path, emt_h5, capsys):
     with pytest.raises(StaleCacheError, match="species"):
         FeatureCache(path, ds, ["Au", "Cu"], SPEC)
     # same sizes, moved atoms: a different data file content
-    st = emt_structures(20)
+    st = rattled_cu_au(20)
     st[3].positions[0, 0] += 0.01
     write_dataset(emt_h5, st)
     ds2 = H5Dataset(emt_h5)

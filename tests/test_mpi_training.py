@@ -4,22 +4,14 @@ resumed on 1 rank, and a rank raising inside `distmlip train` ending the job."""
 import shutil
 import time
 
-import pytest
 import torch
 
-from distmlip.data.h5store import write_dataset
 from helpers import REPO, mpirun
-from test_train import emt_structures
 
 EQUIV = str(REPO / "tests" / "mpi_scripts" / "train_equiv.py")
 CLI = str(REPO / "tests" / "mpi_scripts" / "train_cli.py")
 
 
-@pytest.fixture(scope="module")
-def emt_h5(tmp_path_factory):
-    p = tmp_path_factory.mktemp("emt_mpi") / "emt.h5"
-    write_dataset(p, emt_structures(24))
-    return p
 
 
 def max_diff(a, b):

@@ -18,29 +18,21 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", s) if not typing.get_args(tp) else s
 
 
-def _default(f):
-    if f.default is not dataclasses.MISSING:
-        return repr(f.default)
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        v = f.default_factory()  # type: ignore[misc]
-        return "(section)" if dataclasses.is_dataclass(v) else repr(v)
-    return "(required)"
-
-
-def rows(cls, prefix=""):
-    hints = typing.get_type_hints(cls)
+def rows(obj, prefix=""):
+    """(key, type, default) of every setting of the dataclass instance ``obj`` (its defaults);
+    inline fields (the descriptor spec) list their keys in the enclosing section."""
+    hints = typing.get_type_hints(type(obj))
     out = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
-            out += rows(tp, key + ".")
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out += rows(v, prefix if f.metadata.get("inline") else f"{prefix}{f.name}.")
         else:
-            out.append((key, _type_name(tp), _default(f)))
+            out.append((f"{prefix}{f.name}", _type_name(hints[f.name]), repr(v)))
     return out
 
 
-def main():
+def render() -> str:
     import importlib
 
     lines = ["# Configuration reference", "",
@@ -49,11 +41,17 @@ def main():
     for title, mod, name in STAGES:
         cls = getattr(importlib.import_module(mod), name)
         lines += [f"## `{title}`", "", "| key | type | default |", "| --- | --- | --- |"]
-        lines += [f"| `{k}` | `{t}` | `{d}` |" for k, t, d in rows(cls)]
+        lines += [f"| `{k}` | `{t}` | `{d}` |" for k, t, d in rows(cls())]
         lines.append("")
-    out = Path(__file__).resolve().parents[1] / "docs" / "config_reference.md"
-    out.write_text("\n".join(lines))
-    print(f"wrote {out}")
+    return "\n".join(lines)
+
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "config_reference.md"
+
+
+def main():
+    OUT.write_text(render())
+    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":

@@ -58,3 +58,21 @@ def emt_structures(n: int, seed: int = 0, kinds=("bulk", "alloy", "slab", "clust
         size = int(rng.integers(1, max_size + 1))
         out.append(_label(emt_atoms(kind, rng, size, els), source=f"emt_{kind}", index=k))
     return out
+
+
+def rattled_cu_au(n: int = 24, seed: int = 0) -> list[Structure]:
+    """``n`` EMT-labelled 4-atom cubic Cu cells (every second one with an Au atom), strained by
+    about 1 % and rattled by 0.08 A (deterministic for a seed): a small data set that trains in
+    seconds."""
+    from ase.build import bulk
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        a = bulk("Cu", "fcc", a=3.61, cubic=True)
+        if k % 2:
+            a.symbols[0] = "Au"
+        a.set_cell(a.cell[:] * (1 + rng.normal(0, 0.01)), scale_atoms=True)
+        a.positions += rng.normal(0, 0.08, a.positions.shape)
+        out.append(_label(a, source="emt.extxyz", index=k))
+    return out

@@ -26,9 +26,7 @@ def summarize(ds: H5Dataset) -> dict:
     fsum = 0.0
     fmax = 0.0
     nf = 0
-    start = 0
     for k, a, blk in ds.iter_atom_blocks("forces"):
-        g = int(ds.starts[k])
         base = int(sum(sh.n_atoms for sh in ds._shards[:k]))
         mask = atom_has_f[base + a: base + a + len(blk)]
         if mask.any():

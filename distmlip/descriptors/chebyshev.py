@@ -145,7 +145,7 @@ def chebyshev_reference(positions, species_idx, pair_i, pair_j, pair_shift, type
     rad = torch.zeros(N, nr, dtype=dtype, device=device).index_add(0, pi[rsel], g_r)
 
     # angular: per-pair unit vectors and cutoff values, gathered per triplet; one column per
-    # order (no [T, N_a] stack: measured 2-3x faster forward and backward on dense bulk)
+    # order (no [T, N_a] stack, which was slower forward and backward on dense bulk; docs/results.md)
     tp, tq = build_triplets(pi, r, rc_angular)
     centre = pi[tp]
     u = vec / r.unsqueeze(-1)

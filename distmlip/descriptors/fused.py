@@ -39,8 +39,6 @@ Whether the operators exist for a device is the plan's question
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 
 import torch
 

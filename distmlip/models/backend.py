@@ -24,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .._ext import has_kernel
-from ..descriptors.spec import BACKENDS as DESCRIPTOR_CHOICES
+from ..descriptors.spec import BACKENDS as DESCRIPTOR_CHOICES  # noqa: F401  (re-exported)
 from ..descriptors.spec import choose_kernels
 from ..errors import ConfigError
 from . import activations as act_table

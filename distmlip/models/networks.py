@@ -163,7 +163,6 @@ class NetsWithGradient(torch.autograd.Function):
         d1s = list(saved[o:o + L - 1])
         d2s = list(saved[o + L - 1:o + 2 * (L - 1)])
         gs = list(saved[o + 2 * (L - 1):])                  # g_1 .. g_{L-1} (g_0 is dy/dx)
-        n = slot.shape[0]
         dev, dt = hs[0].device, hs[0].dtype
         Wbar = [torch.zeros_like(w) for w in W]
         bbar = [torch.zeros(T, w.shape[1], dtype=dt, device=dev) for w in W]
