@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Any, Union
@@ -86,6 +87,8 @@ def _coerce(value, tp, key, source, path):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{full}'{_where(source, '')}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"'{full}'{_where(source, '')}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -130,6 +133,8 @@ def from_dict(cls, data, *, source=None, path: str = ""):
             f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(msgs)}{_where(source, path)}; "
             f"valid keys are: {', '.join(sorted(valid))}")
     kwargs = {k: _coerce(v, hints[k], k, source, path) for k, v in data.items()}
+    for k, v in kwargs.items():
+        _check_bounds(fields[k], v, f"{path}.{k}" if path else k, source)
     kwargs.update(inline)
     try:
         obj = cls(**kwargs)
@@ -139,6 +144,37 @@ def from_dict(cls, data, *, source=None, path: str = ""):
     if callable(check):
         check()
     return obj
+
+
+# bounds of numeric settings, declared where the setting is: field(default=..., metadata=BOUNDS)
+def bounds(ge=None, gt=None, le=None, lt=None, **extra) -> dict:
+    """Field metadata for numeric limits: ``epochs: int = field(default=100, metadata=bounds(ge=1))``."""
+    return {"bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None},
+            **extra}
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _check_bounds(f, value, full, source) -> None:
+    """The declared limits of field ``f`` (each number of a list too)."""
+    limits = f.metadata.get("bounds") if f.metadata else None
+    if not limits or value is None:
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        for op, lim in limits.items():
+            ok = {"ge": v >= lim, "gt": v > lim, "le": v <= lim, "lt": v < lim}[op]
+            if not ok:
+                raise ConfigError(f"'{full}'{_where(source, '')}: {value!r} must be {_BOUND_TEXT[op]} {lim}")
+
+
+def check_declared_bounds(obj) -> None:
+    """Check the declared limits of a dataclass built in code (the loader checks them itself)."""
+    for f in dataclasses.fields(obj):
+        _check_bounds(f, getattr(obj, f.name), f.name, None)
 
 
 def load_yaml(path) -> dict:

@@ -21,3 +21,16 @@ class DataFormatError(DistmlipError):
 class DistributedError(DistmlipError):
     """The parallel environment is inconsistent (e.g. more local ranks than GPUs, a launcher
     whose rank variables cannot be read)."""
+
+
+class StorageError(DistmlipError):
+    """A file could not be written or read back: disk full, quota, read-only folder, missing
+    permission.  The message names the path and the system's reason."""
+
+
+class NonFiniteError(DistmlipError):
+    """Training produced non-finite values (loss, gradients or parameters)."""
+
+
+class LockedError(DistmlipError):
+    """Another job holds the output folder."""

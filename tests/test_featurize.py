@@ -12,7 +12,7 @@ import pytest
 from distmlip.data.examples import rattled_cu_au
 from distmlip.data.h5store import H5Dataset, write_dataset
 from distmlip.descriptors.batch import collate
-from distmlip.descriptors.featurize import FeatureCache, StaleCacheError, featurize
+from distmlip.descriptors.featurize import FeatureCache, StaleCacheError, default_cache_path, featurize
 from distmlip.descriptors.spec import DescriptorSpec
 from distmlip.training.config import load_train_config
 from distmlip.training.trainer import Trainer
@@ -56,9 +56,10 @@ def test_cache_matches_direct_descriptors(tmp_path, emt_h5):
 def test_training_with_cache_equals_without(tmp_path, emt_h5):
     t_off = Trainer(make_cfg(tmp_path, emt_h5, "off", name="off"), quiet=True)
     t_off.fit()
-    assert t_off.cache is None and not (emt_h5.parent / "emt.h5.desc.h5").exists()
+    default = default_cache_path([str(emt_h5)], SPEC, H5Dataset(emt_h5).species)
+    assert t_off.cache is None and not default.exists()
     t_on = Trainer(make_cfg(tmp_path, emt_h5, "on", name="on"), quiet=True)
-    assert t_on.cache is not None and (emt_h5.parent / "emt.h5.desc.h5").exists()
+    assert t_on.cache is not None and default.exists() and t_on.cache.path == default
     t_on.fit()
     a, b = t_off.model.state_dict(), t_on.model.state_dict()
     d = max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -74,7 +75,7 @@ def test_training_with_cache_equals_without(tmp_path, emt_h5):
 
 def test_stale_cache_detected_and_rebuilt(tmp_path, emt_h5, capsys):
     ds = H5Dataset(emt_h5)
-    path = featurize(ds, ds.species, SPEC, "reference", emt_h5.parent / "emt.h5.desc.h5")
+    path = featurize(ds, ds.species, SPEC, "reference", default_cache_path(ds.paths, SPEC, ds.species))
     with pytest.raises(StaleCacheError, match="n_radial"):
         FeatureCache(path, ds, ds.species, dataclasses.replace(SPEC, n_radial=5))
     with pytest.raises(StaleCacheError, match="species"):
@@ -84,16 +85,23 @@ def test_stale_cache_detected_and_rebuilt(tmp_path, emt_h5, capsys):
     st[3].positions[0, 0] += 0.01
     write_dataset(emt_h5, st)
     ds2 = H5Dataset(emt_h5)
-    with pytest.raises(StaleCacheError, match="changed since the cache was built"):
+    with pytest.raises(StaleCacheError, match="content digest differs"):
         FeatureCache(path, ds2, ds2.species, SPEC)
     res = distmlip_cli(["featurize", str(emt_h5), "--rc-radial", "4", "--n-radial", "4", "--rc-angular", "3",
-                        "--n-angular", "2", "--check"], check=False)
+                        "--n-angular", "2", "--check", "-o", str(path)], check=False)
     assert res.returncode == 1 and "stale" in res.stdout
-    # a copy (new mtime, same content) is still valid: content hash
-    os.utime(emt_h5, ns=(1, 1))
+    # a copy (new mtime, same content) is still valid: content digest, not file times
     featurize(ds2, ds2.species, SPEC, "reference", path)
     os.utime(emt_h5, ns=(2, 2))
     FeatureCache(path, ds2, ds2.species, SPEC)
+    # a replaced file of the same size with its modification time preserved (cp -p, rsync -a)
+    # is seen: the content digest changes
+    st0 = os.stat(emt_h5)
+    st[7].positions[2, 0] += 0.01
+    write_dataset(emt_h5, st)
+    os.utime(emt_h5, ns=(st0.st_atime_ns, st0.st_mtime_ns))
+    with pytest.raises(StaleCacheError, match="content digest differs"):
+        FeatureCache(path, H5Dataset(emt_h5), ds2.species, SPEC)
     # training with cache: auto rebuilds a stale cache (with a warning) and trains as without
     st[5].positions[1, 1] += 0.02
     write_dataset(emt_h5, st)

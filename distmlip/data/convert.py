@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import numpy as np
 
 from ..config import load_config
 from ..errors import ConfigError, DistmlipError, InputError
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write_text, check_writable, clean_stale_temps, temp_path
 from ..utils.log import log
 from . import h5store
 from .readers import expand_inputs, read_file
@@ -241,16 +240,21 @@ def convert(cfg: ConvertConfig) -> dict:
     out = Path(cfg.output)
     t0 = time.time()
 
-    # 1. input list (rank 0), broadcast with any error so no rank waits forever
+    # 1. input list (rank 0), broadcast with any error so no rank waits forever; before reading
+    # anything: the output folder is writable, and leftovers of dead writers there are removed
     files, err = None, None
     if rank == 0:
         try:
+            check_writable(out.parent, "output folder")
+            clean_stale_temps(out.parent)
             files = expand_inputs(cfg.inputs, cfg.format)
         except DistmlipError as exc:
-            err = str(exc)
+            err = (type(exc).__name__, str(exc))
     files, err = ctx.broadcast_object((files, err))
     if err:
-        raise InputError(err)
+        from .. import errors as E
+
+        raise getattr(E, err[0], InputError)(err[1])
     log(f"distmlip convert: {len(files)} input file(s) on {size} rank(s) -> {out}")
     blocks = split_files(files, size)
     mine = blocks[rank]
@@ -277,7 +281,8 @@ def convert(cfg: ConvertConfig) -> dict:
         shard_dir = None
         if rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
-            shard_dir = tempfile.mkdtemp(prefix=f".{out.name}.shards.", dir=str(out.parent))
+            shard_dir = str(temp_path(out, suffix=".shards"))   # host and pid in the name: see clean_stale_temps
+            os.mkdir(shard_dir)
         shard_dir = ctx.broadcast_object(shard_dir)
         shard = os.path.join(shard_dir, f"shard{rank:05d}.h5")
         err = None

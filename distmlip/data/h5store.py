@@ -118,6 +118,64 @@ def structures_to_arrays(structures: list[Structure]) -> tuple[dict, dict, list[
     return atoms, st, sources
 
 
+# ---------------------------------------------------------------------------------------------
+# content identity: a digest of everything a stage computes from, written by the writer into the
+# file's attributes (so checking it later costs nothing) and recomputed from the arrays for files
+# written without it.  One running sha256 per field, so the digest does not depend on how the
+# writer's appends were batched.
+_HASH_SKIP = ("atom_offset",)          # derived from natoms
+
+
+def _canonical(arr, dt) -> bytes:
+    return np.ascontiguousarray(np.asarray(arr), dtype=np.dtype(dt).newbyteorder("<")).tobytes()
+
+
+class _ContentHash:
+    def __init__(self, struct_fields: dict):
+        import hashlib
+
+        self._dtypes = {**{f"atoms/{k}": v[0] for k, v in ATOM_FIELDS.items()},
+                        **{f"structures/{k}": v[0] for k, v in struct_fields.items() if k not in _HASH_SKIP}}
+        self._h = {k: hashlib.sha256() for k in self._dtypes}
+
+    def update(self, group: str, name: str, arr) -> None:
+        key = f"{group}/{name}"
+        if key in self._h:
+            self._h[key].update(_canonical(arr, self._dtypes[key]))
+
+    def digest(self, sources: list, subset_names: list) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for k in sorted(self._h):
+            h.update(k.encode() + b"\0" + self._h[k].digest())
+        h.update(json.dumps([list(map(str, sources)), list(map(str, subset_names))]).encode())
+        return h.hexdigest()
+
+
+def file_content_hash(path) -> str:
+    """The content digest of a data set file, from its attribute or, for files written without
+    one, computed from its arrays (streamed)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        stored = f.attrs.get("content_sha256")
+        if stored:
+            return str(stored)
+        fields = dict(STRUCT_FIELDS)
+        if "split" in f["structures"]:
+            fields["split"] = (np.int8, ())
+        h = _ContentHash(fields)
+        for group, names in (("atoms", ATOM_FIELDS), ("structures", fields)):
+            for name in names:
+                d = f[group][name]
+                step = max(1, (1 << 22) // max(1, int(np.prod(d.shape[1:]) or 1)))
+                for lo in range(0, d.shape[0], step):
+                    h.update(group, name, d[lo:lo + step])
+        dec = lambda xs: [x.decode() if isinstance(x, bytes) else str(x) for x in xs]  # noqa: E731
+        return h.digest(dec(f["sources/files"][...]), dec(f["subsets/name"][...]))
+
+
 class H5Writer:
     """Write a data set.  Use as a context manager; the file appears under ``path`` only when
     the block completes without an exception (temporary file + rename).
@@ -153,6 +211,10 @@ class H5Writer:
         self.n_structures = 0
         self.n_atoms = 0
         self._closed = False
+        fields = dict(STRUCT_FIELDS)
+        if store_split:
+            fields["split"] = (np.int8, ())
+        self._hash = _ContentHash(fields)
 
     # -- context management -------------------------------------------------------------
     def __enter__(self):
@@ -165,6 +227,7 @@ class H5Writer:
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path
+        self._tmp = Path(tmp)
         self._h5 = self._stack.enter_context(h5py.File(tmp, "w", libver=("earliest", "v110")))
         kw = {}
         if self.compression:
@@ -184,16 +247,36 @@ class H5Writer:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
+            self._abandon()
             self._stack.__exit__(exc_type, exc, tb)
+            err = _storage_error(exc, self.path) if isinstance(exc, Exception) else None
+            if err is not None and err is not exc:
+                raise err from None
             return False
         try:
             self._finish()
-        except BaseException:
+        except BaseException as exc2:
+            self._abandon()
+            err = _storage_error(exc2, self.path)
+            if err is not None:
+                self._stack.__exit__(type(err), err, None)
+                raise err from None
             if not self._stack.__exit__(*sys.exc_info()):
                 raise
             return False
         self._stack.close()
         return False
+
+    def _abandon(self) -> None:
+        """Before a failed file is closed: empty it.  HDF5 flushes its caches at close; on a full
+        disk that flush fails again, and h5py's clean-up of the failed handles crashed the process
+        (SIGSEGV).  With the temporary file truncated the flush has room, and the file is removed
+        afterwards anyway (the final name is never touched)."""
+        if self.atomic and getattr(self, "_tmp", None) is not None:
+            try:
+                os.truncate(self._tmp, 0)
+            except OSError:
+                pass
 
     def set_subsets(self, table: list[dict]) -> None:
         """Replace the (explicit) subset table; may be called until the writer closes."""
@@ -261,6 +344,7 @@ class H5Writer:
     def _flush(self) -> None:
         if not self._buf:
             return
+        self._check_space(sum(arr.nbytes for a, st in self._buf for arr in (*a.values(), *st.values())))
         atoms = {k: np.concatenate([b[0][k] for b in self._buf]) for k in ATOM_FIELDS}
         st = {}
         base = 0
@@ -279,12 +363,33 @@ class H5Writer:
             d = self._h5["atoms"][k]
             d.resize(self.n_atoms + na, axis=0)
             d[self.n_atoms:] = arr
+            self._hash.update("atoms", k, arr)
         for k, arr in st.items():
             d = self._h5["structures"][k]
             d.resize(self.n_structures + ns, axis=0)
             d[self.n_structures:] = arr
+            self._hash.update("structures", k, arr)
         self.n_atoms += na
         self.n_structures += ns
+        # HDF5 keeps written chunks in its cache and reports a failed write when it evicts them,
+        # possibly only inside h5py's deallocation (where the error is lost); flushing here makes
+        # a full disk an exception of this call
+        self._h5.flush()
+
+    def _check_space(self, nbytes: int) -> None:
+        """Refuse to start a write the disk cannot take (HDF5 reports a full disk only when it
+        flushes, often at close): the uncompressed size plus room for the metadata."""
+        from ..errors import StorageError
+
+        try:
+            st = os.statvfs(self._tmp.parent)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        need = int(nbytes) + (1 << 20)
+        if free < need:
+            raise StorageError(f"cannot write {self.path}: no space left on the device (disk full): the next "
+                               f"{need / 1e6:.1f} MB do not fit in the {free / 1e6:.1f} MB free in {self._tmp.parent}")
 
     def _finish(self) -> None:
         import h5py
@@ -322,7 +427,20 @@ class H5Writer:
         a["reference_energies"] = json.dumps(self.reference_energies or {})
         a["n_structures"] = self.n_structures
         a["n_atoms"] = self.n_atoms
+        a["content_sha256"] = self._hash.digest(self._sources, [t["name"] for t in self.subsets])
         a["complete"] = True
+        f.flush()
+
+
+def _storage_error(exc, path):
+    from ..utils.io import storage_error
+
+    err = storage_error(exc, path)
+    if err is None and ("errno = 28" in str(exc) or "No space left" in str(exc)):   # HDF5's own wording
+        from ..errors import StorageError
+
+        err = StorageError(f"cannot write {path}: no space left on the device (disk full)")
+    return err
 
 
 def write_dataset(path, structures: list[Structure], **kwargs) -> Path:
@@ -399,6 +517,45 @@ class _Shard:
             raise DataFormatError(f"{path}: corrupt or truncated data set ({type(exc).__name__}: {exc})") from None
         self.n = S
         self.n_atoms = N
+
+
+_FINITE_STRUCT_FIELDS = ("energy", "cell", "weight")
+
+
+def _check_finite(sh, a: int, cols: dict, at: dict) -> None:
+    """Every value a stage computes with is finite (files written by other tools may hold NaN);
+    a DataFormatError names the file, the structure and the field otherwise.  One vectorised
+    test per slab read."""
+    for name in _FINITE_STRUCT_FIELDS:
+        v = np.asarray(cols[name])
+        ok = np.isfinite(v.reshape(len(v), -1)).all(1)
+        if not ok.all():
+            r = int(np.flatnonzero(~ok)[0])
+            raise DataFormatError(f"{sh.path}: structure {a + r} ({_where(sh, cols, r)}): field 'structures/{name}' "
+                                  f"is not finite ({np.asarray(v[r]).tolist()})")
+    w = np.asarray(cols["weight"])
+    if (w < 0).any():
+        r = int(np.flatnonzero(w < 0)[0])
+        raise DataFormatError(f"{sh.path}: structure {a + r} ({_where(sh, cols, r)}): field 'structures/weight' "
+                              f"is negative ({w[r]})")
+    hf = np.repeat(np.asarray(cols["has_forces"], bool), sh.natoms[a:a + len(w)])
+    for name, mask in (("positions", None), ("forces", hf)):
+        v = np.asarray(at[name])
+        ok = np.isfinite(v).all(1)
+        if mask is not None:
+            ok |= ~mask
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            starts = sh.atom_offset[a:a + len(w)] - sh.atom_offset[a]
+            r = int(np.searchsorted(starts, i, side="right") - 1)
+            raise DataFormatError(f"{sh.path}: structure {a + r} ({_where(sh, cols, r)}), atom {i - int(starts[r])}: "
+                                  f"field 'atoms/{name}' is not finite ({v[i].tolist()})")
+
+
+def _where(sh, cols, r: int) -> str:
+    sf = int(cols["source_file"][r])
+    src = sh.sources[sf] if 0 <= sf < len(sh.sources) else "?"
+    return f"source {src}, index {int(cols['source_index'][r])}"
 
 
 class H5Dataset:
@@ -512,6 +669,19 @@ class H5Dataset:
         return [s for sh in self._shards for s in sh.sources]
 
     @property
+    def content_id(self) -> str:
+        """Digest of the data set's content (all shards, in order): what descriptor caches and
+        augment shards are keyed on, so that a reconverted or replaced file is never mistaken
+        for the one they were built from (names, sizes and times are not looked at)."""
+        if getattr(self, "_content_id", None) is None:
+            import hashlib
+
+            digests = [file_content_hash(p) for p in self.paths]
+            self._content_id = digests[0] if len(digests) == 1 else \
+                hashlib.sha256("".join(digests).encode()).hexdigest()
+        return self._content_id
+
+    @property
     def has_stored_split(self) -> bool:
         return all(sh.has_split for sh in self._shards)
 
@@ -590,6 +760,7 @@ class H5Dataset:
                 A = int(sh.atom_offset[a])
                 B = int(sh.atom_offset[b - 1] + sh.natoms[b - 1])
                 at = {name: self._read_atoms(k, name, A, B) for name in ATOM_FIELDS}
+                _check_finite(sh, a, cols, at)
                 for r in range(b - a):
                     li = a + r
                     o = int(sh.atom_offset[li]) - A

@@ -23,17 +23,39 @@ def summarize(ds: H5Dataset) -> dict:
     synth = np.asarray(ds.column("synthetic"), dtype=bool)
     # force statistics over atoms of structures with forces (streamed in blocks)
     atom_has_f = np.repeat(has_f, ds.natoms)
+    atom_struct = np.repeat(np.arange(S), ds.natoms)
     fsum = 0.0
     fmax = 0.0
     nf = 0
+    # non-finite entries per field: (count, first structure index)
+    bad: dict[str, list] = {}
+
+    def note(name, ok, struct_of):
+        if not ok.all():
+            idx = np.flatnonzero(~ok)
+            first = int(struct_of[idx[0]])
+            c = bad.setdefault(name, [0, first])
+            c[0] += int(len(idx))
+
+    for name in ("energy", "cell", "weight"):
+        v = np.asarray(ds.column(name), dtype=np.float64).reshape(S, -1)
+        note(name, np.isfinite(v).all(1), np.arange(S))
     for k, a, blk in ds.iter_atom_blocks("forces"):
         base = int(sum(sh.n_atoms for sh in ds._shards[:k]))
         mask = atom_has_f[base + a: base + a + len(blk)]
+        fin = np.isfinite(blk).all(1)
+        note("forces", fin | ~mask, atom_struct[base + a: base + a + len(blk)])
+        mask = mask & fin
         if mask.any():
             mag = np.linalg.norm(blk[mask], axis=1)
             fsum += float(mag.sum())
             fmax = max(fmax, float(mag.max()))
             nf += int(mask.sum())
+    for k, a, blk in ds.iter_atom_blocks("positions"):
+        base = int(sum(sh.n_atoms for sh in ds._shards[:k]))
+        note("positions", np.isfinite(blk).all(1), atom_struct[base + a: base + a + len(blk)])
+    finite_e = np.isfinite(epa)
+    epa = epa[finite_e] if finite_e.any() else epa
     counts = np.bincount(ds.subset_ids, minlength=len(ds.subsets)) if S else np.zeros(len(ds.subsets), int)
     out = {
         "files": ds.paths, "structures": S, "atoms": ds.n_atoms, "species": ds.species,
@@ -49,6 +71,7 @@ def summarize(ds: H5Dataset) -> dict:
         "reference_energies": ds.reference_energies,
         "stored_split": None,
         "provenance": ds.provenance,
+        "non_finite": {k: {"entries": v[0], "first_structure": v[1]} for k, v in bad.items()},
     }
     if ds.has_stored_split and S:
         sp = np.asarray(ds.column("split"))
@@ -88,6 +111,11 @@ def format_summary(d: dict, max_subsets: int = 50) -> str:
         L.append(f"  {t['name']:<{w}}  {t['composition']:<{wc}}  {nat:>6}  {t['count']:>8}")
     if len(subs) > max_subsets:
         L.append(f"  ... {len(subs) - max_subsets} more (use --max-subsets)")
+    if d["non_finite"]:
+        L.append("NON-FINITE    : " + "; ".join(f"{k}: {v['entries']} entr{'y' if v['entries'] == 1 else 'ies'} "
+                                                  f"(first in structure {v['first_structure']})"
+                                                  for k, v in d["non_finite"].items())
+                 + " -- training and augment refuse this data set")
     prov = d["provenance"][0] if d["provenance"] else {}
     if prov:
         L.append(f"provenance    : {prov.get('command', '?')} ({prov.get('time', '?')}, "
@@ -102,4 +130,4 @@ def run(args) -> int:
         print(json.dumps(d, indent=1, default=str))
     else:
         print(format_summary(d, args.max_subsets))
-    return 0
+    return 1 if d["non_finite"] else 0

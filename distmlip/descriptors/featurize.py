@@ -3,24 +3,26 @@
 Energy-mode training (and training on GPR-augmented data, M = 10-40 times the original set) needs
 the descriptors of fixed structures only, so they can be computed once.  ``featurize`` computes
 them with the fused kernels (fallback: the PyTorch reference), spread over the MPI ranks, into a
-companion HDF5 file (default ``<first data file>.desc.h5``)::
+companion HDF5 file (default ``<first data file>.desc-<digest of spec and species>.h5``, so
+that runs with other descriptor settings never share a file)::
 
-    attrs   format = "distmlip-descriptor-cache", version = 1, complete = True,
+    attrs   format = "distmlip-descriptor-cache", version = 2, complete = True,
             key (JSON: the descriptor spec's fields, species, dim: DescriptorSpec.key),
-            data (JSON: per data file: name, size, mtime_ns, sha256 of the descriptor inputs),
+            data (JSON: content: the data set's content digest, H5Dataset.content_id; files),
             n_structures, n_atoms, dim
     features      [n_atoms, dim] float64   in data-set atom order (all shards concatenated)
     atom_offset   [n_structures + 1] int64
 
 Parallel write: each rank takes a contiguous, atom-balanced range of structures
-(``partition_by_atoms``); rank 0 creates a temporary file with the datasets pre-allocated, the
-ranks write their regions one after the other, rank 0 marks it complete and renames it into
-place (atomic).  Results do not depend on the number of ranks (each atom's descriptor depends
+(``partition_by_atoms``); rank 0 creates a temporary file (a name of its own: host, pid, random)
+with the datasets pre-allocated, the ranks write their regions one after the other, rank 0 marks
+it complete and renames it into place (atomic), and the file is opened again with its key checked,
+so a job never reads another job's descriptors.  Results do not depend on the number of ranks (each atom's descriptor depends
 on its own neighbourhood only; tested bit for bit).
 
-A cache is valid for a data set when the key (descriptor spec AND species list) matches
-and the data fingerprint matches: size + modification time of every data file, or, when those
-differ (a copy), the sha256 over numbers, positions, cells and pbc.  Otherwise
+A cache is valid for a data set when the key (descriptor spec AND species list) matches and the
+data set's content digest (written by convert/augment into the file's attributes; names, sizes
+and modification times are not trusted) is the one it was built from.  Otherwise
 :class:`StaleCacheError` (a ``DataFormatError``) says what differs; training with
 ``descriptor.cache: auto|on`` then rebuilds it.  Force-mode training never uses it.
 """
@@ -38,7 +40,7 @@ from ..errors import ConfigError, DataFormatError
 from .spec import DescriptorSpec
 
 FORMAT = "distmlip-descriptor-cache"
-VERSION = 1
+VERSION = 2
 
 
 class StaleCacheError(DataFormatError):
@@ -46,48 +48,10 @@ class StaleCacheError(DataFormatError):
 
 
 # ------------------------------------------------------------------------------------ keys
-def default_cache_path(data_paths) -> Path:
+def default_cache_path(data_paths, spec: DescriptorSpec, species) -> Path:
     paths = [data_paths] if isinstance(data_paths, (str, os.PathLike)) else list(data_paths)
-    return Path(str(paths[0]) + ".desc.h5")
-
-
-def _content_hash(path: str) -> str:
-    """sha256 of the descriptor inputs of one data file: natoms, numbers, positions, cell, pbc."""
-    import h5py
-
-    h = hashlib.sha256()
-    with h5py.File(path, "r") as f:
-        s, a = f["structures"], f["atoms"]
-        for name, grp in (("natoms", s), ("cell", s), ("pbc", s), ("numbers", a), ("positions", a)):
-            d = grp[name]
-            n = d.shape[0]
-            step = max(1, (1 << 22) // max(1, int(np.prod(d.shape[1:]) or 1)))
-            h.update(name.encode())
-            for lo in range(0, n, step):
-                h.update(np.ascontiguousarray(d[lo:min(n, lo + step)]).astype(d.dtype.newbyteorder("<")).tobytes())
-    return h.hexdigest()
-
-
-def data_fingerprint(paths, content: bool = True) -> list[dict]:
-    out = []
-    for p in paths:
-        st = os.stat(p)
-        out.append({"name": os.path.basename(str(p)), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns),
-                    "sha256": _content_hash(str(p)) if content else None})
-    return out
-
-
-def _fingerprint_matches(stored: list[dict], paths) -> tuple[bool, str]:
-    if len(stored) != len(paths):
-        return False, f"it was built from {len(stored)} data file(s), not {len(paths)}"
-    quick = data_fingerprint(paths, content=False)
-    for s, q, p in zip(stored, quick, paths):
-        if s["size"] == q["size"] and s["mtime_ns"] == q["mtime_ns"]:
-            continue
-        h = _content_hash(str(p))
-        if h != s.get("sha256"):
-            return False, f"data file {p} changed since the cache was built (size/time and content hash differ)"
-    return True, ""
+    tag = hashlib.sha256(json.dumps(spec.key(species), sort_keys=True).encode()).hexdigest()[:10]
+    return Path(f"{paths[0]}.desc-{tag}.h5")
 
 
 # ------------------------------------------------------------------------------------ reader
@@ -132,10 +96,10 @@ class FeatureCache:
                 raise StaleCacheError(f"{self.path}: descriptor cache has {len(self.atom_offset) - 1} structures / "
                                       f"{shape[0]} atoms, the data set {ds.paths} has {ds.n_structures} / "
                                       f"{ds.n_atoms}; rebuild it with 'distmlip featurize'")
-            ok, why = _fingerprint_matches(data, ds.paths)
-            if not ok:
-                raise StaleCacheError(f"{self.path}: stale descriptor cache: {why}; rebuild it with "
-                                      f"'distmlip featurize {' '.join(map(str, ds.paths))} ...'")
+            if data.get("content") != ds.content_id:
+                raise StaleCacheError(f"{self.path}: stale descriptor cache: the data set {', '.join(ds.paths)} "
+                                      "is not the one it was built from (content digest differs); rebuild it "
+                                      f"with 'distmlip featurize {' '.join(map(str, ds.paths))} ...'")
         self._mem = None
         self._mem_start = 0
         self._h5 = None
@@ -260,11 +224,15 @@ def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=Non
     for chunk in make_batches(mine, natoms, batch_atoms, 1 << 30):
         parts.append(compute_features(ds.read(chunk), desc, species, kernels, device))
     G = np.concatenate(parts) if parts else np.zeros((0, key["dim"]))
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    from ..utils.io import clean_stale_temps, temp_path
+
+    tmp = temp_path(out_path) if rank == 0 else None
+    if ctx is not None:
+        tmp = ctx.broadcast_object(tmp)
     if rank == 0:
-        # fingerprint before writing (content hash), pre-allocated datasets
-        fp = data_fingerprint(ds.paths)
+        fp = {"content": ds.content_id, "files": [os.path.basename(str(p)) for p in ds.paths]}
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(out_path.parent)
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", shape=(int(off[-1]), key["dim"]), dtype=np.float64,
                              chunks=(max(1, min(4096, int(off[-1]))), key["dim"]) if off[-1] else None)
@@ -291,6 +259,8 @@ def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=Non
         with h5py.File(tmp, "r+") as f:
             f.attrs["complete"] = True
         os.replace(tmp, out_path)
+        # read back what is now under the name: another job may have renamed its own cache there
+        FeatureCache(out_path, ds, species, spec).close()
         if log_fn is not None:
             log_fn(f"descriptor cache {out_path}: {len(natoms)} structures, {int(off[-1])} atoms x {key['dim']} "
                    f"features ({kernels} kernels, {world} rank(s))")
@@ -308,7 +278,7 @@ def open_or_build(ds, species, spec: DescriptorSpec, kernels: str, path=None, mo
     unwritable folder is an error."""
     if mode == "off":
         return None
-    path = Path(path) if path else default_cache_path(ds.paths)
+    path = Path(path) if path else default_cache_path(ds.paths, spec, species)
     rank0 = ctx is None or ctx.rank == 0
     status = None
     if rank0:
@@ -348,7 +318,7 @@ def add_arguments(p) -> None:
     p.add_argument("data", nargs="+", help="HDF5 data set (shards are read as one data set)")
     p.add_argument("--config", help="training YAML: the descriptor section, model.species and "
                                     "descriptor.cache_file are taken from it")
-    p.add_argument("-o", "--output", help="cache file (default: <first data file>.desc.h5)")
+    p.add_argument("-o", "--output", help="cache file (default: <first data file>.desc-<digest>.h5)")
     for flag, name, tp in _spec_options():
         p.add_argument(flag, dest=name, type=tp, help=f"descriptor {name} (overrides the config)")
     p.add_argument("--species", help="comma-separated species list (default: the data set's)")
@@ -383,7 +353,7 @@ def run(args) -> int:
     missing = [s for s in ds.species if s not in species]
     if missing:
         raise ConfigError(f"species list {species} lacks {missing} present in {args.data}")
-    path = Path(out) if out else default_cache_path(ds.paths)
+    path = Path(out) if out else default_cache_path(ds.paths, spec, species)
     if args.check:
         try:
             FeatureCache(path, ds, species, spec)

@@ -55,10 +55,13 @@ class DescriptorSpec:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"descriptor.{name}: expected a positive cutoff in Angstrom, got {v!r}")
             object.__setattr__(self, name, float(v))
-        for name in ("n_radial", "n_angular"):
+        for name, low in (("n_radial", 1), ("n_angular", 0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"descriptor.{name}: expected an order >= 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"descriptor.{name}: expected an order >= {low}, got {v!r}")
+        if self.rc_angular > self.rc_radial:
+            raise ConfigError(f"descriptor.rc_angular: {self.rc_angular} A is beyond rc_radial {self.rc_radial} A "
+                              "(the angular terms describe the inner shell; swap the two values?)")
 
     @property
     def cutoff(self) -> float:

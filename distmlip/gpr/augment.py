@@ -47,8 +47,8 @@ import numpy as np
 
 from ..config import load_config, parse_override
 from ..descriptors.spec import DescriptorSpec
-from ..errors import ConfigError, InputError
-from ..utils.io import atomic_path, atomic_write_text
+from ..errors import ConfigError, DistmlipError, InputError
+from ..utils.io import OutputLock, atomic_path, atomic_write_text, check_writable, clean_stale_temps
 from ..utils.log import log, warn
 
 __all__ = ["AugmentConfig", "GPRSettings", "SubsetSettings", "augment", "add_arguments", "run"]
@@ -178,12 +178,14 @@ class AugmentConfig:
 # one subset
 # ------------------------------------------------------------------------------------------
 
-def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray) -> str:
-    """Digest of everything a subset's shard depends on (rerun validity)."""
+def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray, content: str) -> str:
+    """Digest of everything a subset's shard depends on (rerun validity): the settings and the
+    input's CONTENT (``H5Dataset.content_id``; a reconverted file under the same name is another
+    input)."""
     d = {"method": cfg.method, "seed": cfg.seed, "min_distance": cfg.min_distance,
          "sub": cfg.for_subset(name), "gpr": asdict(cfg.gpr) if cfg.method == "gpr" else None,
          "name": name, "n_in": n_in, "idx": hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest(),
-         "input": os.path.abspath(cfg.input)}
+         "input": content}
     d["gpr"] and d["gpr"].pop("device", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -360,7 +362,7 @@ def _estimated_cost(cfg, ds, sid, n_ref) -> float:
     return float(n) ** 3
 
 
-def augment(cfg: AugmentConfig, fresh: bool = False) -> dict | None:
+def augment(cfg: AugmentConfig, fresh: bool = False, force: bool = False) -> dict | None:
     """Run the augmentation (all ranks); rank 0 returns the report, other ranks None."""
     from ..data.h5store import H5Dataset
     from ..distributed import init_distributed
@@ -379,11 +381,34 @@ def augment(cfg: AugmentConfig, fresh: bool = False) -> dict | None:
         raise ConfigError(f"augment: subsets {unknown} in the config are not in {cfg.input}; "
                           f"its subsets are: {', '.join(names)}")
     workdir = cfg.workdir_path()
+    lock, err = None, None
     if rank == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-    ctx.barrier(sleep=True)
+        # before any fitting: the output's folder and the shard folder are writable, leftovers of
+        # dead writers are removed, and no other augment job writes the same shards
+        try:
+            check_writable(Path(cfg.output).parent, "output folder")
+            check_writable(workdir, "shard folder")
+            for folder in (workdir, Path(cfg.output).parent):
+                clean_stale_temps(folder)
+            lock = OutputLock(workdir, force=force, what="shard folder", log=log).acquire()
+        except DistmlipError as exc:
+            err = (type(exc).__name__, str(exc))
+    err = ctx.broadcast_object(err)
+    if err is not None:
+        from .. import errors as E
+
+        raise getattr(E, err[0], DistmlipError)(err[1])
+    try:
+        return _augment(cfg, ctx, ds, names, workdir, fresh)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _augment(cfg, ctx, ds, names, workdir, fresh):
+    rank, world = ctx.rank, ctx.world_size
     parents = {sid: _parents_of(ds, sid)[0] for sid in range(len(names))}
-    keys = {sid: _subset_key(cfg, names[sid], ds.n_structures, parents[sid]) for sid in parents}
+    keys = {sid: _subset_key(cfg, names[sid], ds.n_structures, parents[sid], ds.content_id) for sid in parents}
     costs = {sid: _estimated_cost(cfg, ds, sid, len(parents[sid])) for sid in parents}
     owner = assign_subsets(costs, world)
     mine = [sid for sid in sorted(costs, key=lambda s: (-costs[s], s)) if owner[sid] == rank]
@@ -547,10 +572,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set copies=10 --set gpr.device=cuda")
     parser.add_argument("--fresh", action="store_true", help="recompute every subset (ignore finished shards)")
+    parser.add_argument("--force", action="store_true",
+                        help="take over the shard folder from another augment job that holds its lock (when it is gone)")
 
 
 def run(args) -> int:
     overrides = dict(parse_override(s) for s in args.set)
     cfg = load_config(args.config, AugmentConfig, overrides)
-    augment(cfg, fresh=args.fresh)
+    augment(cfg, fresh=args.fresh, force=args.force)
     return 0

@@ -16,6 +16,8 @@ def add_arguments(p) -> None:
                    help="override a configuration value, e.g. --set training.epochs=50 (repeatable)")
     p.add_argument("--output", "-o", help="output folder (same as --set training.output=DIR)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (same as --set training.device=...)")
+    p.add_argument("--force", action="store_true",
+                   help="take over the output folder from another job that holds its lock (when that job is gone)")
 
 
 def run(args) -> int:
@@ -40,7 +42,7 @@ def run(args) -> int:
         overrides["training.device"] = args.device
     cfg = load_train_config(args.config, overrides)
     if cfg.committee.K > 1:
-        return _run_committee(cfg, args.resume)
+        return _run_committee(cfg, args.resume, args.force)
     resume = args.resume
     if resume == "auto":
         cand = Path(cfg.training.output) / "checkpoint.pt"
@@ -50,14 +52,14 @@ def run(args) -> int:
     install_stop_handlers()
     ctx = init_distributed(cfg.training.device)
     try:
-        status = Trainer(cfg, ctx, resume=resume).fit()
+        status = Trainer(cfg, ctx, resume=resume, force=args.force).fit()
         log(f"training finished: {status}")
         return 0
     finally:
         shutdown()
 
 
-def _run_committee(cfg, resume) -> int:
+def _run_committee(cfg, resume, force: bool = False) -> int:
     """K > 1: one job trains all members (training/committee.py); --resume auto|OUTPUT continues."""
     from ..distributed import init_distributed, install_stop_handlers, shutdown
     from ..errors import ConfigError
@@ -74,7 +76,7 @@ def _run_committee(cfg, resume) -> int:
     install_stop_handlers()
     ctx = init_distributed(cfg.training.device)
     try:
-        status = train_committee(cfg, ctx, resume=resume is not None)
+        status = train_committee(cfg, ctx, resume=resume is not None, force=force)
         log(f"training finished: {status}")
         return 0
     finally:

@@ -67,7 +67,8 @@ def _done_info(k_dir: Path):
     return None
 
 
-def train_committee(cfg, ctx, resume: bool = False, quiet: bool = False, step_callback=None) -> str:
+def train_committee(cfg, ctx, resume: bool = False, quiet: bool = False, step_callback=None,
+                    force: bool = False) -> str:
     """Train the K members of ``cfg.committee`` over the ranks of ``ctx``; returns 'done' or
     'stopped'.  ``step_callback(trainer, k)`` (tests): True requests a stop like a signal."""
     from ..models.bpnn import save_committee
@@ -104,7 +105,7 @@ def train_committee(cfg, ctx, resume: bool = False, quiet: bool = False, step_ca
         ck = kd / "checkpoint.pt"
         res = str(ck) if resume and ck.is_file() else None
         prefix = f"[member {k:02d}] " if K > 1 else ""
-        tr = Trainer(mcfg, gctx, resume=res, quiet=quiet, log_prefix=prefix)
+        tr = Trainer(mcfg, gctx, resume=res, quiet=quiet, log_prefix=prefix, force=force)
         cb = None if step_callback is None else (lambda t, k=k: step_callback(t, k))
         st = tr.fit(step_callback=cb)
         statuses[k] = st

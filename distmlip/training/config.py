@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from ..config import bounds
 from ..descriptors.spec import DescriptorConfig
 from ..errors import ConfigError
 
@@ -24,8 +25,8 @@ from ..errors import ConfigError
 class DataConfig:
     train: list[str] = field(default_factory=list)
     validation: Optional[list[str]] = None
-    split_seed: int = 0
-    fractions: list[float] = field(default_factory=lambda: [0.9, 0.1, 0.0])
+    split_seed: int = field(default=0, metadata=bounds(ge=0))
+    fractions: list[float] = field(default_factory=lambda: [0.9, 0.1, 0.0], metadata=bounds(ge=0.0, le=1.0))
     by_subset: bool = True             # stratify the split per subset (exact shares in every subset)
     use_stored_split: bool = True      # use the split stored in the data set (convert --split) if any
     split_patterns: Optional[str] = None  # e.g. "train=train/,val=val/,test=test/" on source paths
@@ -41,7 +42,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     species: Optional[list[str]] = None   # default: the species of the training data
-    hidden: list[int] = field(default_factory=lambda: [10, 10])
+    hidden: list[int] = field(default_factory=lambda: [10, 10], metadata=bounds(ge=1))
     activation: Union[str, list[str]] = "tanh"
     dtype: Literal["float64", "float32"] = "float64"
     reference_energies: Optional[dict[str, float]] = None  # eV per free atom (cohesive-energy training)
@@ -53,41 +54,35 @@ class ModelConfig:
 @dataclass
 class TrainingConfig:
     mode: Literal["energy", "force"] = "energy"
-    alpha: float = 0.1                  # force weight in (1 - alpha) L_E + alpha L_F
-    force_fraction: float = 1.0         # share of structures carrying force loss (by seed, per structure)
+    alpha: float = field(default=0.1, metadata=bounds(ge=0.0, le=1.0))   # force weight in (1 - alpha) L_E + alpha L_F
+    force_fraction: float = field(default=1.0, metadata=bounds(ge=0.0, le=1.0))  # share of structures with force loss
     energy_loss: Literal["per_atom", "per_structure"] = "per_atom"
-    epochs: int = 100
-    max_steps: int = 0                  # stop after this many optimizer steps in total (0: no limit)
-    batch_atoms: int = 2000
-    batch_structures: int = 0           # 0: no limit on structures per batch
+    epochs: int = field(default=100, metadata=bounds(ge=1))
+    max_steps: int = field(default=0, metadata=bounds(ge=0))   # stop after this many optimizer steps (0: no limit)
+    batch_atoms: int = field(default=2000, metadata=bounds(ge=1))
+    batch_structures: int = field(default=0, metadata=bounds(ge=0))   # 0: no limit on structures per batch
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = 1.0e-3
-    weight_decay: float = 0.0
+    lr: float = field(default=1.0e-3, metadata=bounds(gt=0.0, le=10.0))
+    weight_decay: float = field(default=0.0, metadata=bounds(ge=0.0))
     scheduler: Literal["plateau", "cosine", "none"] = "plateau"
-    plateau_factor: float = 0.5
-    plateau_patience: int = 10
-    min_lr: float = 1.0e-6
-    early_stopping: int = 0             # epochs without validation improvement before stopping (0: off)
-    grad_clip: float = 0.0              # max gradient norm (0: off)
-    seed: int = 0
-    checkpoint_every: int = 1           # epochs
+    plateau_factor: float = field(default=0.5, metadata=bounds(gt=0.0, lt=1.0))
+    plateau_patience: int = field(default=10, metadata=bounds(ge=0))
+    min_lr: float = field(default=1.0e-6, metadata=bounds(ge=0.0))
+    early_stopping: int = field(default=0, metadata=bounds(ge=0))   # epochs without improvement before stopping (0: off)
+    grad_clip: float = field(default=0.0, metadata=bounds(ge=0.0))   # max gradient norm (0: off)
+    seed: int = field(default=0, metadata=bounds(ge=0))
+    checkpoint_every: int = field(default=1, metadata=bounds(ge=0))   # epochs (0: only at stop and end)
     output: str = "run"
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     warm_start: Optional[str] = None    # model file to fine-tune from
     refit_normalization: bool = False   # with warm_start: refit descriptor/energy normalisation
-    validate_every: int = 1
-    log_every: int = 1                  # epochs between progress lines (the CSV log has every epoch)
+    validate_every: int = field(default=1, metadata=bounds(ge=1))
+    log_every: int = field(default=1, metadata=bounds(ge=1))   # epochs between progress lines (the CSV has every epoch)
     progress_bar: Literal["auto", "on", "off"] = "auto"
 
     def validate(self):
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"training.alpha: {self.alpha} is not in [0, 1]")
-        if not 0.0 <= self.force_fraction <= 1.0:
-            raise ConfigError(f"training.force_fraction: {self.force_fraction} is not in [0, 1]")
-        if self.batch_atoms <= 0:
-            raise ConfigError("training.batch_atoms must be positive")
-        if self.epochs < 0 or self.lr <= 0:
-            raise ConfigError("training: epochs must be >= 0 and lr > 0")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"training.min_lr: {self.min_lr} is above training.lr {self.lr}")
 
 
 @dataclass
@@ -97,15 +92,10 @@ class CommitteeConfig:
     into ``groups`` (0: automatic = the largest divisor of the world size not above K); group g
     holds ranks g, g+G, g+2G, ... and trains members g, g+G, ... one after the other, data
     parallel inside the group.  See docs/committees.md."""
-    K: int = 1
+    K: int = field(default=1, metadata=bounds(ge=1))
     bootstrap: bool = False
-    groups: int = 0
+    groups: int = field(default=0, metadata=bounds(ge=0))
 
-    def validate(self):
-        if self.K < 1:
-            raise ConfigError(f"committee.K: {self.K} must be >= 1")
-        if self.groups < 0:
-            raise ConfigError(f"committee.groups: {self.groups} must be >= 0 (0: automatic)")
 
 
 @dataclass

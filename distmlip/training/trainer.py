@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from ..config import config_to_dict
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, NonFiniteError
 from ..models.bpnn import BPNN
-from ..utils.io import atomic_write_text
+from ..utils.io import OutputLock, atomic_write_text, check_writable, clean_stale_temps
 from ..utils.log import log, warn
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -82,6 +82,18 @@ def _accumulate_errors(acc, batch, E, F):
 
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1} (lists kept whole)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v) and key != "zbl.radii":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def fused_adam_kwargs(params) -> dict:
     """``{"fused": True}`` when torch has the fused (single-kernel) Adam/AdamW for these
     parameters (CPU or CUDA floating point, torch >= 2.4), else ``{}``.  The per-element
@@ -98,10 +110,11 @@ class Trainer:
     """Single- or multi-rank trainer of one BPNN (committees: K = 1 for now)."""
 
     def __init__(self, cfg: TrainConfig, ctx=None, resume: str | None = None, quiet: bool = False,
-                 log_prefix: str | None = None):
+                 log_prefix: str | None = None, force: bool = False):
         """``ctx``: a DistContext, or a group context of a committee (training/committee.py);
         ``log_prefix``: print progress with this prefix on the context's rank 0 (committee
-        groups), instead of on the global rank 0."""
+        groups), instead of on the global rank 0; ``force``: take over the output folder's lock
+        from another job."""
         from ..distributed import init_distributed
 
         self.cfg = cfg
@@ -118,20 +131,28 @@ class Trainer:
         self.force_mode = tc.mode == "force"
         self.per_atom = tc.energy_loss == "per_atom"
         self._resume_state = None
-        if resume is not None:
-            self._resume_state = ckpt.load_checkpoint(resume)
-            self._resume_path = resume
-        self._setup_data()
-        self._setup_model()
-        self._setup_optim()
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.global_step = 0
-        self.best = float("inf")
-        self.bad_epochs = 0
-        self.partial = None  # accumulator of an interrupted epoch
-        if self._resume_state is not None:
-            self._restore(self._resume_state)
+        self.lock = None
+        self._claim_output(force)
+        try:
+            if resume is not None:
+                self._resume_state = ckpt.load_checkpoint(resume)
+                self._resume_path = resume
+                self._check_resume(self._resume_state)
+            self._setup_data()
+            self._setup_model()
+            self._setup_optim()
+            self.epoch = 0
+            self.step_in_epoch = 0
+            self.global_step = 0
+            self.best = float("inf")
+            self.bad_epochs = 0
+            self.partial = None  # accumulator of an interrupted epoch
+            if self._resume_state is not None:
+                self._restore(self._resume_state)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
 
     # ------------------------------------------------------------------ set-up
     def _log(self, msg):
@@ -142,6 +163,59 @@ class Trainer:
                 print(self.log_prefix + msg, flush=True)
         else:
             log(msg)
+
+    def _claim_output(self, force: bool) -> None:
+        """Before any long work: the output folder is writable, its leftovers of dead writers are
+        gone, and no other job writes there (a lock held until fit() ends).  Decided on rank 0 and
+        broadcast, so every rank fails with the same clear error."""
+        err = None
+        if self.rank0:
+            try:
+                check_writable(self.out)
+                removed = clean_stale_temps(self.out)
+                if removed:
+                    self._log(f"removed {len(removed)} temporary file(s) of dead writers in {self.out}")
+                self.lock = OutputLock(self.out, force=force, log=self._log).acquire()
+            except (ConfigError, InputError, OSError) as exc:   # StorageError, LockedError: DistmlipErrors
+                err = exc
+            except Exception as exc:  # noqa: BLE001  (any failure must reach every rank)
+                err = exc
+        err = self.ctx.broadcast_object(None if err is None else (type(err).__name__, str(err)))
+        if err is not None:
+            from .. import errors as E
+
+            raise getattr(E, err[0], E.DistmlipError)(err[1])
+
+    # settings that define the model, the data or the order of the steps: a resumed run must keep
+    # them (the run would silently be another run); every other setting (schedule, lr, logging,
+    # checkpoints, kernels) is applied from the new configuration and logged
+    _FIXED_ON_RESUME = ("data.train", "data.validation", "data.split_seed", "data.fractions", "data.by_subset",
+                        "data.use_stored_split", "data.split_patterns", "data.subsets", "descriptor.type",
+                        "descriptor.rc_radial", "descriptor.n_radial", "descriptor.rc_angular",
+                        "descriptor.n_angular", "model.", "zbl.", "committee.", "training.mode", "training.seed",
+                        "training.batch_atoms", "training.batch_structures", "training.energy_loss",
+                        "training.force_fraction", "training.optimizer")
+
+    def _check_resume(self, st) -> None:
+        """The checkpoint fits this run: same rank count (the data order and a rank's position in
+        its partition depend on it) and the same model, data and step-order settings."""
+        ws = int(st.get("world_size", 1))
+        if ws != self.ctx.world_size:
+            raise ConfigError(f"{self._resume_path}: the checkpoint was written by a run on {ws} rank(s); resume "
+                              f"it on {ws} rank(s) (e.g. mpirun -n {ws}), not {self.ctx.world_size}: each rank's "
+                              "place in the data order depends on the rank count")
+        old = _flatten(st.get("config") or {})
+        new = _flatten(config_to_dict(self.cfg))
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        fixed = [k for k in changed if any(k == f or (f.endswith(".") and k.startswith(f))
+                                           for f in self._FIXED_ON_RESUME)]
+        if fixed:
+            raise ConfigError(f"{self._resume_path}: the configuration differs from the checkpoint's in settings a "
+                              "resumed run must keep: " + "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                                                                    for k in fixed)
+                              + " (start a new run in another output folder to change them)")
+        self._resume_changes = {k: (old.get(k), new.get(k)) for k in changed
+                                if k not in ("training.output", "training.warm_start")}
 
     def _setup_data(self):
         from ..data.h5store import H5Dataset
@@ -308,18 +382,37 @@ class Trainer:
             self.sched = None
 
     def _restore(self, st):
+        tc = self.cfg.training
         self.opt.load_state_dict(self.flat.optimizer_state(st["optimizer"], self.opt))
         if self.sched is not None and st.get("scheduler") is not None:
-            if st.get("scheduler_kind") == self.cfg.training.scheduler:
+            if st.get("scheduler_kind") == tc.scheduler:
                 self.sched.load_state_dict(st["scheduler"])
             else:
                 warn("scheduler changed since the checkpoint: starting it afresh")
+        changes = getattr(self, "_resume_changes", {})
+        # settings of the new configuration override what the checkpoint's state dicts restored
+        for g in self.opt.param_groups:
+            if "training.lr" in changes:
+                g["lr"] = tc.lr
+            if "training.weight_decay" in changes:
+                g["weight_decay"] = tc.weight_decay
+        if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.sched.factor, self.sched.patience = tc.plateau_factor, tc.plateau_patience
+            self.sched.min_lrs = [tc.min_lr] * len(self.opt.param_groups)
+        elif isinstance(self.sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+            self.sched.T_max, self.sched.eta_min = max(tc.epochs, 1), tc.min_lr
+        if "training.lr" in changes and isinstance(self.sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+            self.sched.base_lrs = [tc.lr] * len(self.opt.param_groups)
         self.epoch, self.step_in_epoch = int(st["epoch"]), int(st["step"])
         self.global_step = int(st["global_step"])
         self.best, self.bad_epochs = float(st["best"]), int(st["bad_epochs"])
-        self.partial = st.get("partial")
+        # the interrupted epoch's error sums of ALL ranks (reduced when the checkpoint was
+        # written); rank 0 alone adds them back, so the epoch's reduction counts them once
+        self.partial = st.get("partial") if self.ctx.rank == 0 else None
         ckpt.set_rng_state(st["rng"])
         self._log(f"resumed from {self._resume_path}: epoch {self.epoch + 1}, step {self.step_in_epoch}")
+        for k, (a, b) in sorted(changes.items()):
+            self._log(f"resume: {k} changed from {a!r} to {b!r} (applied)")
 
     # ------------------------------------------------------------------ batches and steps
     def collate(self, structures, ds=None):
@@ -395,6 +488,33 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         optimizer_step(self.opt)
         acc[_IDX["n_steps"]] += 1.0 / self.ctx.world_size  # reduced: one per global step
+        # one check per step of everything that can go non-finite: this rank's loss, the reduced
+        # gradients and the updated parameters (identical on every rank, so every rank stops)
+        checks = [acc[_IDX["loss"]].reshape(1)] + [t.reshape(-1) for t in params] + \
+                 [t.grad.reshape(-1) for t in params if t.grad is not None]
+        if not bool(torch.isfinite(torch.cat(checks)).all()):
+            self._non_finite(batch, acc)
+
+    def _non_finite(self, batch, acc) -> None:
+        """Stop the run: name what went non-finite, where, and how to continue.  Nothing is
+        written: the last checkpoint and model files are those of the last good epoch."""
+        params = self.flat.tensors
+        what = [name for name, ts in (("loss", [acc[_IDX["loss"]]]), ("gradients", [t.grad for t in params
+                                                                                    if t.grad is not None]),
+                                       ("parameters", params))
+                if any(not bool(torch.isfinite(t).all()) for t in ts)]
+        idx = [] if batch is None else batch.index.tolist()
+        shown = ", ".join(map(str, idx[:20])) + (f", ... ({len(idx)} in all)" if len(idx) > 20 else "")
+        lr = self.opt.param_groups[0]["lr"]
+        ck = self.out / "checkpoint.pt"
+        hint = (f"resume from the last good checkpoint {ck} with a lower learning rate: distmlip train CONFIG "
+                f"--resume {ck} --set training.lr={lr / 10:.3g}" if ck.exists()
+                else f"no checkpoint was written yet; start again with a lower learning rate (now {lr:.3g})")
+        raise NonFiniteError(
+            f"non-finite {' and '.join(what) or 'values'} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} "
+            f"(global step {self.global_step + 1}, learning rate {lr:.3g}); structures of this rank's batch "
+            f"(data-set indices in {self.cfg.data.train}): {shown or 'none'}.  No model file was written for this "
+            f"state; {hint}")
 
     def evaluate_stream(self, stream) -> dict:
         """Global metrics over a whole (partitioned) stream, each structure counted once: local
@@ -486,7 +606,15 @@ class Trainer:
         """Train; returns 'done', 'early_stopped', 'max_steps' or 'stopped' (signal / callback).
 
         ``step_callback(trainer)`` is called after every step; a True return requests a stop
-        exactly like a signal (used by tests)."""
+        exactly like a signal (used by tests).  The output folder's lock is released at the end,
+        whatever happens."""
+        try:
+            return self._fit(step_callback)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self, step_callback=None) -> str:
         tc = self.cfg.training
         self._prepare_output()
         # Every step allocates a few hundred short-lived Python objects (autograd contexts,
@@ -532,7 +660,9 @@ class Trainer:
                 close()
             if stop or status == "max_steps":
                 if self.step_in_epoch < steps:
-                    self.save_checkpoint(epoch, self.step_in_epoch, partial=acc.cpu())
+                    partial = acc.clone()
+                    self.ctx.all_reduce_sum(partial)     # every rank's partial sums, counted once on resume
+                    self.save_checkpoint(epoch, self.step_in_epoch, partial=partial.cpu())
                     if stop:
                         self._log(f"stop requested: checkpoint written to {self.out / 'checkpoint.pt'} at epoch "
                                   f"{epoch + 1}, step {self.step_in_epoch}/{steps}; resume with "

@@ -1,26 +1,112 @@
-"""Atomic writes: write to a temporary file in the destination folder, then rename.
+"""Files that are complete or absent, and folders that one job owns.
 
-A killed process therefore never leaves a half-written file under the final name, and an
-existing file under that name stays intact until the new one is complete."""
+* Atomic writes: write to a temporary file in the destination folder, then rename.  A killed
+  process never leaves a half-written file under the final name, and an existing file under that
+  name stays intact until the new one is complete.  Temporary names carry the host and process id
+  of the writer, so a later run can tell the leftovers of dead writers (:func:`clean_stale_temps`)
+  from those of writers still running.
+* Storage faults (disk full, quota, read-only folder) become one :class:`StorageError` naming the
+  path and the reason, instead of whatever the writing library makes of them.
+* :class:`OutputLock`: one job per output folder (a lock file with host, pid and job id).
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
-import tempfile
+import secrets
+import socket
+import time
 from pathlib import Path
+
+from ..errors import DataFormatError, LockedError, StorageError
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+_HOST = socket.gethostname().split(".")[0].replace(".", "_") or "host"
+
+
+def storage_error(exc: BaseException, path, action: str = "write") -> StorageError | None:
+    """A StorageError for ``exc`` when it is (or wraps) a storage fault, else None."""
+    e = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            reason = {errno.ENOSPC: "no space left on the device (disk full)", errno.EDQUOT: "disk quota exceeded",
+                      errno.EROFS: "read-only file system", errno.EFBIG: "file too large for the file system"}.get(
+                e.errno, os.strerror(e.errno))
+            return StorageError(f"cannot {action} {path}: {reason} [{errno.errorcode.get(e.errno, e.errno)}]")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _disk_full(path) -> bool:
+    try:
+        st = os.statvfs(Path(path).parent if not Path(path).is_dir() else path)
+        return st.f_bavail * st.f_frsize < (1 << 16)
+    except OSError:
+        return False
+
+
+def temp_path(final, suffix: str = ".tmp") -> Path:
+    """A fresh temporary name next to ``final``: ``.NAME.HOST.PID.RANDOM.tmp``."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(folder, older_than_s: float = 0.0) -> list[Path]:
+    """Remove temporary files and folders of dead writers in ``folder`` (names from
+    :func:`temp_path` whose host is this host and whose process no longer exists).  Leftovers of
+    other hosts are kept (their writers may be alive).  Returns what was removed."""
+    import shutil
+
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for p in folder.iterdir():
+        parts = p.name.split(".")
+        # "", NAME..., HOST, PID, RANDOM, "tmp" (or another suffix)
+        if not p.name.startswith(".") or len(parts) < 5:
+            continue
+        host, pid = parts[-4], parts[-3]
+        if host != _HOST or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            if older_than_s and now - p.stat().st_mtime < older_than_s:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_path(final, suffix: str = ".tmp"):
     """Yield a temporary path next to ``final``; rename it onto ``final`` on success.
 
-    On an exception the temporary file is removed and ``final`` is untouched."""
+    On an exception the temporary file is removed and ``final`` is untouched; a storage fault is
+    raised as :class:`StorageError` naming ``final``."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
-    os.close(fd)
-    os.unlink(tmp)  # writers (h5py, torch.save) create the file themselves
-    tmp = Path(tmp)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise (storage_error(exc, final.parent, "create the folder") or exc) from None
+    tmp = temp_path(final, suffix)
     try:
         yield tmp
         if not tmp.exists():
@@ -28,9 +114,23 @@ def atomic_path(final, suffix: str = ".tmp"):
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+    except StorageError:
+        raise
+    except Exception as exc:
+        err = storage_error(exc, final)
+        if err is None and _disk_full(final):
+            # libraries that report a full disk without its errno (torch's zip writer, HDF5)
+            err = StorageError(f"cannot write {final}: no space left on the device (disk full) "
+                               f"[{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}]")
+        if err is not None:
+            raise err from None
+        raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            if tmp.exists():
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 def atomic_write_text(final, text: str) -> None:
@@ -38,19 +138,40 @@ def atomic_write_text(final, text: str) -> None:
         tmp.write_text(text)
 
 
-def atomic_torch_save(obj, final) -> None:
+def atomic_torch_save(obj, final, durable: bool = True) -> None:
+    """torch.save to ``final`` atomically.  The file is written through a Python file object, so
+    that a full disk raises OSError(ENOSPC) here (torch's own writer reports it as an unrelated
+    "unexpected pos")."""
     import torch
 
     with atomic_path(final) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+
+
+def check_writable(folder, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove that a file can be written there (before any long
+    work starts); a StorageError naming the folder otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(folder / "write-probe")
+        with open(probe, "wb") as fh:
+            fh.write(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise (storage_error(exc, folder, f"write to the {what}")
+               or StorageError(f"cannot write to the {what} {folder}: {exc.strerror or exc}")) from None
+    return folder
 
 
 def load_torch_file(path, what: str = "file"):
     """torch.load (weights only, to CPU) with a clear DataFormatError for a missing, truncated or
     foreign file: ``what`` names the kind of file in the message (model file, checkpoint, ...)."""
     import torch
-
-    from ..errors import DataFormatError
 
     path = Path(path)
     if not path.is_file():
@@ -59,3 +180,78 @@ def load_torch_file(path, what: str = "file"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise DataFormatError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
+
+
+def _job_id() -> str:
+    for k in ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID", "OMPI_MCA_ess_base_jobid"):
+        if os.environ.get(k):
+            return f"{k}={os.environ[k]}"
+    return ""
+
+
+class OutputLock:
+    """One job per output folder: ``FOLDER/.distmlip.lock`` holds host, pid, job id and start
+    time of the job that writes there.  A lock of a dead process on this host is taken over with a
+    note; a live one (or one of another host) is an error naming it, unless ``force``."""
+
+    NAME = ".distmlip.lock"
+
+    def __init__(self, folder, force: bool = False, what: str = "output folder", log=None):
+        self.path = Path(folder) / self.NAME
+        self.force = force
+        self.what = what
+        self.log = log
+        self.held = False
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "OutputLock":
+        info = {"host": _HOST, "pid": os.getpid(), "job": _job_id(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        check_writable(self.path.parent, self.what)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                h = self._holder()
+                here = h.get("host") == _HOST and isinstance(h.get("pid"), int)
+                dead = here and not _pid_alive(h["pid"])
+                same = (here and h["pid"] == os.getpid()) or (bool(info["job"]) and h.get("job") == info["job"])
+                if dead or same or self.force:
+                    if self.log is not None and not (here and h["pid"] == os.getpid()):
+                        why = ("its process is gone" if dead else "the same batch job (requeued)" if same
+                               else "--force")
+                        self.log(f"taking over the lock of {self.path.parent} from host {h.get('host')} pid "
+                                 f"{h.get('pid')} {h.get('job', '')} ({why})")
+                    with contextlib.suppress(OSError):
+                        self.path.unlink()
+                    continue
+                raise LockedError(
+                    f"{self.what} {self.path.parent} is in use by another job: host {h.get('host')}, pid "
+                    f"{h.get('pid')}{', ' + h['job'] if h.get('job') else ''}, started {h.get('started')} "
+                    f"(lock file {self.path}); choose another output folder, or pass --force if that job is gone")
+            except OSError as exc:
+                raise (storage_error(exc, self.path) or exc) from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(info, fh)
+            self.held = True
+            return self
+        raise LockedError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(OSError):
+                if self._holder().get("pid") == os.getpid():
+                    self.path.unlink()
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
