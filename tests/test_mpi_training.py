@@ -1,7 +1,7 @@
 """Data-parallel training under real `mpirun -n 2`: 1 rank == 2 ranks on the same global batches
-(energy and force mode; plain SGD, so an error in the gradient scale would show), SIGTERM mid-epoch + resume == uninterrupted run, a 2-rank checkpoint
-resumed on 1 rank, and a rank raising inside `distmlip train` ending the job."""
-import shutil
+(energy and force mode; plain SGD, so an error in the gradient scale would show) and a rank raising
+inside `distmlip train` ending the job.  SIGTERM mid-epoch + resume == uninterrupted run, and the
+refusal of a 2-rank checkpoint on 1 rank, are in tests/faults/."""
 import time
 
 import torch
@@ -51,51 +51,6 @@ training: {{mode: force, alpha: 0.2, epochs: {epochs}, batch_atoms: 16, lr: 0.01
            progress_bar: 'off', scheduler: none}}
 """)
     return path
-
-
-def test_sigterm_mid_epoch_then_resume(tmp_path, emt_h5):
-    from distmlip.training.config import load_train_config
-    from distmlip.training.trainer import Trainer
-
-    ref_out, run_out = tmp_path / "ref", tmp_path / "run"
-    ref_cfg = write_cfg(tmp_path / "ref.yaml", emt_h5, ref_out)
-    run_cfg = write_cfg(tmp_path / "run.yaml", emt_h5, run_out)
-    mpirun(2, [CLI, "train", str(ref_cfg)], timeout=300)
-    # 3 steps per epoch on 2 ranks: SIGTERM to rank 1 in global step 4 -> stop after step 5,
-    # i.e. in the middle of epoch 2
-    res = mpirun(2, [CLI, "train", str(run_cfg)], env={"DISTMLIP_TEST_SIGNAL": "1:4:SIGTERM"}, timeout=300)
-    assert "stop requested" in res.stdout and "--resume" in res.stdout, res.stdout
-    assert not (run_out / "last_model.pt").exists()
-    ck = torch.load(run_out / "checkpoint.pt", weights_only=True)
-    assert (ck["epoch"], ck["step"], ck["global_step"]) == (1, 2, 5), (ck["epoch"], ck["step"], ck["global_step"])
-    saved = tmp_path / "stopped_checkpoint.pt"
-    shutil.copyfile(run_out / "checkpoint.pt", saved)
-
-    mpirun(2, [CLI, "train", str(run_cfg), "--resume", "auto"], timeout=300)
-    ref = torch.load(ref_out / "last_model.pt", weights_only=True)
-    got = torch.load(run_out / "last_model.pt", weights_only=True)
-    ref_sd, got_sd = ref.get("state_dict", ref), got.get("state_dict", got)
-    tensors = {k: v for k, v in ref_sd.items() if torch.is_tensor(v)}
-    assert tensors, list(ref_sd)
-    d = max_diff(tensors, {k: got_sd[k] for k in tensors})
-    assert d == 0.0, f"resumed 2-rank run differs from the uninterrupted one by {d}"
-
-    # the 2-rank checkpoint on ONE rank: exactly its weights and optimizer state, then trains on
-    one_cfg = load_train_config(write_cfg(tmp_path / "one.yaml", emt_h5, tmp_path / "one"))
-    tr = Trainer(one_cfg, resume=str(saved), quiet=True)
-    from distmlip.models.bpnn import BPNN
-
-    ck_model = BPNN.from_payload(ck["model"])
-    assert max_diff(tr.model.state_dict(), ck_model.state_dict()) == 0.0
-    opt = tr.opt.state_dict()
-    assert opt["param_groups"] == ck["optimizer"]["param_groups"]
-    for k, st in ck["optimizer"]["state"].items():
-        for name, v in st.items():
-            assert torch.equal(torch.as_tensor(opt["state"][k][name]), torch.as_tensor(v)), (k, name)
-    assert (tr.epoch, tr.step_in_epoch, tr.global_step) == (1, 2, 5)
-    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
-    assert tr.fit() == "done"
-    assert tr.global_step > 5 and max_diff(before, tr.model.state_dict()) > 0
 
 
 def test_rank_raising_in_train_step_ends_the_job(tmp_path, emt_h5):

@@ -67,6 +67,8 @@ class DistContext:
     _group: Any = field(default=None, repr=False)       # torch group of these ranks (None: default)
     _cpu_group: Any = field(default=None, repr=False)   # gloo group for CPU tensors/objects
     _job_ranks: Optional[tuple] = field(default=None, repr=False)  # job ranks of a group context
+    rendezvous: Optional[str] = None       # how the ranks met: "file:PATH" (one node) or "tcp:..."
+    _rendezvous_dir: Optional[str] = field(default=None, repr=False)
     _stop_reason: Optional[str] = field(default=None, repr=False)
     _stop_generation: int = field(default=0, repr=False)
 
@@ -82,6 +84,15 @@ class DistContext:
 
     # -- tensors ----------------------------------------------------------------------------
     def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        try:
+            return self._reduce_impl(t, op)
+        except RuntimeError as exc:      # gloo/NCCL report a partner that does not come as errors
+            text = str(exc).lower()
+            if "timed out" in text or "timeout" in text or "connection closed" in text or "reset by peer" in text:
+                raise self._timed_out(exc) from None
+            raise
+
+    def _reduce_impl(self, t: torch.Tensor, op) -> torch.Tensor:
         if self.world_size == 1:
             return t
         if self.backend is None:
@@ -104,6 +115,11 @@ class DistContext:
             return t
         dist.all_reduce(t, op=op, group=self._group)
         return t
+
+    def _timed_out(self, exc: BaseException) -> DistributedError:
+        return DistributedError(f"rank {self.job_rank} ({self.hostname}): a collective found no partner within "
+                                f"{self.timeout_s:.0f} s (DISTMLIP_DIST_TIMEOUT): another rank is frozen, dead or "
+                                f"far behind ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns ``t``.  Use float64 for energies and counts."""
@@ -175,7 +191,9 @@ class DistContext:
         local = signals.local_stop_code(self.job_rank)
         code = local
         if self.world_size > 1:
-            if self._comm is not None:
+            # with a torch process group the check goes through it, under its timeout (a frozen
+            # rank must end the job, not hang it); MPI only where there is no torch group
+            if self._comm is not None and self.backend is None:
                 import numpy as np
                 from mpi4py import MPI
 
@@ -286,6 +304,9 @@ def shutdown() -> None:
             dist.destroy_process_group()
         except Exception:  # pragma: no cover - best effort at exit
             pass
+    # no barrier here: shutdown also runs while an exception ends a rank (the others must be
+    # aborted, not waited for); rank 0's rendezvous folder goes at its exit
+    rendezvous.remove_rendezvous_dir(ctx)
 
 
 def exit_process(code: int) -> None:
@@ -295,6 +316,8 @@ def exit_process(code: int) -> None:
     avoids that race.  Returns normally when no process group was used."""
     if not rendezvous.process_group_used():
         return
+    if _CTX is not None:
+        rendezvous.remove_rendezvous_dir(_CTX)
     sys.stdout.flush()
     sys.stderr.flush()
     if "mpi4py.MPI" in sys.modules:

@@ -20,7 +20,8 @@ Order of preference (decided by ``context.init_distributed``):
 
 Every step that can fail on one rank first agrees on success with the others (an allgather of
 the error), so that no rank is left waiting in a collective.  Environment knobs:
-``DISTMLIP_DIST_TIMEOUT`` (seconds, default 1800) for the rendezvous and collectives;
+``DISTMLIP_DIST_TIMEOUT`` (seconds, default 300) for the rendezvous and the collectives of a
+training step (a frozen rank ends the job after that long);
 ``DISTMLIP_MASTER_ADDR``/``DISTMLIP_MASTER_PORT`` to override the rendezvous address;
 ``DISTMLIP_ALLOW_GPU_SHARING=1`` to let several local ranks share a GPU.  See docs/distributed.md.
 
@@ -41,7 +42,7 @@ from ..errors import DistmlipError
 from ..errors import DistributedError
 from ..utils.launch import placement
 
-DEFAULT_TIMEOUT_S = 1800.0
+DEFAULT_TIMEOUT_S = 300.0
 
 # set once a torch process group with more than one rank existed in this process (exit_process)
 _PROCESS_GROUP_USED = [False]
@@ -253,12 +254,81 @@ def init_mpi(ctx, device: str) -> None:
     ctx.is_distributed = size > 1
 
 
+def _private_dir() -> str:
+    """A folder only this user can enter, in node-local memory where there is some; folders left
+    by rank-0 processes of this host that are gone (killed jobs) are removed first."""
+    import glob
+    import shutil
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    for old in glob.glob(os.path.join(base, "distmlip-rendezvous-*")):
+        pid = os.path.basename(old).split("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(old, ignore_errors=True)
+            except PermissionError:
+                pass
+    return tempfile.mkdtemp(prefix=f"distmlip-rendezvous-{os.getpid()}-", dir=base)   # mode 0700
+
+
+def _loopback_interface() -> str | None:
+    try:
+        return next((name for _, name in socket.if_nameindex() if name == "lo" or name.startswith("lo")), None)
+    except OSError:
+        return None
+
+
+def remove_rendezvous_dir(ctx) -> None:
+    d = getattr(ctx, "_rendezvous_dir", None)
+    if d:
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+        ctx._rendezvous_dir = None
+
+
 def connect_mpi(ctx) -> None:
-    """Start the torch process group of a context filled by :func:`init_mpi`: rank 0 opens the
-    TCPStore, its address and port travel over MPI.  Collective; nothing to do for one rank."""
+    """Start the torch process group of a context filled by :func:`init_mpi`.  Collective; nothing
+    to do for one rank.
+
+    One node: the rendezvous is a FileStore in a folder only this user can enter (its path travels
+    over MPI) and gloo's sockets are bound to the loopback interface: nothing of the job listens
+    on the network.  Several nodes: rank 0 opens a TCPStore (torch binds it to every interface),
+    and every key lives under a random per-job prefix broadcast over MPI, so that another host
+    can neither read nor overwrite what the ranks exchange."""
     if ctx.world_size == 1:
         return
     comm, rank, size = ctx._comm, ctx.rank, ctx.world_size
+    import secrets
+
+    import torch.distributed as dist
+
+    if ctx.n_nodes == 1 and not os.environ.get("DISTMLIP_MASTER_ADDR"):
+        info = None
+        if rank == 0:
+            try:
+                info = (os.path.join(_private_dir(), "store"), None)
+            except OSError as exc:
+                info = (None, f"rank 0 could not create the rendezvous folder: {exc}")
+        path, err = comm.bcast(info, root=0)
+        if err:
+            raise DistributedError(err)
+        lo = _loopback_interface()
+        if lo and ctx.device.type == "cpu":
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
+        ctx.master_addr, ctx.master_port, ctx.rendezvous = "localhost", None, f"file:{path}"
+        if rank == 0:
+            # the store serves every later group creation (committees): removed at shutdown
+            import atexit
+
+            ctx._rendezvous_dir = os.path.dirname(path)
+            atexit.register(remove_rendezvous_dir, ctx)
+        _init_process_group(ctx, dist.FileStore(path, size))
+        return
+    secret = comm.bcast(secrets.token_hex(16) if rank == 0 else None, root=0)
     store = port = None
     if rank == 0:
         addr = os.environ.get("DISTMLIP_MASTER_ADDR") or ("127.0.0.1" if ctx.n_nodes == 1 else _routable_ip())
@@ -279,11 +349,10 @@ def connect_mpi(ctx) -> None:
         raise DistributedError(err)
     ctx.master_addr, ctx.master_port = addr, int(port)
     if rank != 0:
-        import torch.distributed as dist
-
         store = dist.TCPStore(addr, int(port), size, False,
                               timeout=datetime.timedelta(seconds=ctx.timeout_s))
-    _init_process_group(ctx, store)
+    ctx.rendezvous = f"tcp:{addr}:{port} (keys under a per-job secret prefix)"
+    _init_process_group(ctx, dist.PrefixStore(f"distmlip/{secret}/", store))
 
 
 # --------------------------------------------------------------------------------- environment

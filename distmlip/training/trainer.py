@@ -199,11 +199,6 @@ class Trainer:
     def _check_resume(self, st) -> None:
         """The checkpoint fits this run: same rank count (the data order and a rank's position in
         its partition depend on it) and the same model, data and step-order settings."""
-        ws = int(st.get("world_size", 1))
-        if ws != self.ctx.world_size:
-            raise ConfigError(f"{self._resume_path}: the checkpoint was written by a run on {ws} rank(s); resume "
-                              f"it on {ws} rank(s) (e.g. mpirun -n {ws}), not {self.ctx.world_size}: each rank's "
-                              "place in the data order depends on the rank count")
         old = _flatten(st.get("config") or {})
         new = _flatten(config_to_dict(self.cfg))
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -214,6 +209,11 @@ class Trainer:
                               "resumed run must keep: " + "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
                                                                     for k in fixed)
                               + " (start a new run in another output folder to change them)")
+        ws = int(st.get("world_size", 1))
+        if ws != self.ctx.world_size:
+            raise ConfigError(f"{self._resume_path}: the checkpoint was written by a run on {ws} rank(s); resume "
+                              f"it on {ws} rank(s) (e.g. mpirun -n {ws}), not {self.ctx.world_size}: each rank's "
+                              "place in the data order depends on the rank count")
         self._resume_changes = {k: (old.get(k), new.get(k)) for k in changed
                                 if k not in ("training.output", "training.warm_start")}
 
@@ -693,6 +693,16 @@ class Trainer:
         if self.val_stream is not None and ((epoch + 1) % max(tc.validate_every, 1) == 0
                                             or epoch + 1 == tc.epochs):
             val = self.evaluate_stream(self.val_stream)
+        if not math.isfinite(tr["loss"]) or (val is not None and not math.isfinite(val["loss"])):
+            # finite parameters whose predictions overflow: as diverged as NaN weights
+            what = "training" if not math.isfinite(tr["loss"]) else "validation"
+            ck = self.out / "checkpoint.pt"
+            raise NonFiniteError(
+                f"the {what} loss of epoch {epoch + 1} is not finite (train {tr['loss']:.3g}, validation "
+                f"{(val or {}).get('loss', float('nan')):.3g}, learning rate {self.opt.param_groups[0]['lr']:.3g}): "
+                "the model diverged.  No checkpoint or model file was written for this epoch; "
+                + (f"resume from {ck} with a lower learning rate (--resume {ck} --set training.lr=...)"
+                   if ck.exists() else "start again with a lower learning rate"))
         metric = val["loss"] if val is not None else tr["loss"]
         lr = self.opt.param_groups[0]["lr"]
         improved = metric < self.best
