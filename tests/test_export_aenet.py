@@ -235,7 +235,7 @@ def test_aenet_files_reproduce_model_energies(tmp_path, species, activation):
     from distmlip.evaluation.export_aenet import write_aenet
 
     m = _random_model(species, activation)
-    paths = write_aenet(m, tmp_path / "nn")
+    paths = write_aenet(m, tmp_path / "nn", ascii=True)
     assert sorted(p.name.split(".")[0] for p in paths) == sorted(species)
     files = {}
     for p in paths:
@@ -275,3 +275,5 @@ def test_aenet_refuses_zbl_committee_and_activation(tmp_path):
     assert main(["export", "--format", "aenet", str(a), str(b), "-o", str(tmp_path / "o")]) == 2
     assert main(["export", "--format", "aenet", str(a), "-o", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "Cu.4t.nn").is_file()
+    assert main(["export", "--format", "aenet", "--ascii", str(a), "-o", str(tmp_path / "o2")]) == 0
+    assert (tmp_path / "o2" / "Cu.4t.nn").read_text().split()[0] == "3"
