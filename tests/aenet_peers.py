@@ -28,31 +28,9 @@ def require_aenet(*programs: str) -> Path:
     return d
 
 
-def write_xsf(path, atoms, energy: float | None = None) -> Path:
-    """XSF as aenet reads it: ATOMS for a molecule, CRYSTAL/PRIMVEC/PRIMCOORD when periodic (all
-    three directions), the total energy in the comment line, forces when the atoms have them."""
-    path = Path(path)
-    L = [f"# total energy = {0.0 if energy is None else energy:.12f} eV", ""]
-    try:
-        forces = atoms.get_forces()
-    except Exception:
-        forces = np.zeros((len(atoms), 3))
-    rows = [f"{s:2s} {p[0]:22.14f} {p[1]:22.14f} {p[2]:22.14f} {f[0]:18.10f} {f[1]:18.10f} {f[2]:18.10f}"
-            for s, p, f in zip(atoms.get_chemical_symbols(), atoms.positions, forces)]
-    if atoms.pbc.all():
-        L += ["CRYSTAL", "PRIMVEC"] + [f"{v[0]:22.14f} {v[1]:22.14f} {v[2]:22.14f}" for v in np.array(atoms.cell)]
-        L += ["PRIMCOORD", f"{len(atoms)} 1"] + rows
-    elif not atoms.pbc.any():
-        L += ["ATOMS"] + rows
-    else:
-        raise ValueError("aenet reads fully periodic or free structures only")
-    path.write_text("\n".join(L) + "\n")
-    return path
-
-
-def run(prog: str, infile: str, cwd, timeout: float = 600) -> str:
+def run(prog: str, infile: str, cwd, timeout: float = 600, extra=()) -> str:
     exe = aenet_bin_dir() / prog
-    res = subprocess.run([str(exe), infile], cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run([str(exe), infile, *extra], cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
     out = res.stdout + res.stderr
     if res.returncode != 0 or "Fortran runtime error" in out:
         raise AssertionError(f"{prog} failed ({res.returncode}):\n{out[-3000:]}")
@@ -98,3 +76,56 @@ def parse_predict(out: str, forces: bool = True):
                 rows.append([float(v) for v in t[4:7]])
             F.append(np.array(rows))
     return np.array(energies), F
+
+
+def write_setup(path, element: str, envtypes, rc_radial, n_radial, rc_angular, n_angular) -> Path:
+    """A generate.x descriptor setup file (Chebyshev basis)."""
+    path = Path(path)
+    path.write_text("\n".join(["DESCR", " distmlip test setup", "END DESCR", "", f"ATOM {element}", "",
+                                f"ENV {len(envtypes)}"] + list(envtypes) + ["", "RMIN 0.5d0", "",
+                                "BASIS type=Chebyshev",
+                                f"radial_Rc = {rc_radial}  radial_N = {n_radial} angular_Rc = {rc_angular}  "
+                                f"angular_N = {n_angular}"]) + "\n")
+    return path
+
+
+def generate(workdir, xsf_files, species, atomic_energies: dict, descriptor: dict, output="train.set") -> Path:
+    """Run generate.x on ``xsf_files`` (one setup per element of ``species``, environment in that
+    order); returns the path of the binary training-set file."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    d = descriptor
+    for el in species:
+        write_setup(workdir / f"{el}.stp", el, species, d["rc_radial"], d["n_radial"], d["rc_angular"], d["n_angular"])
+    L = [f"OUTPUT {output}", "", "TYPES", str(len(species))]
+    L += [f"{el} {float(atomic_energies.get(el, 0.0))!r}" for el in species]
+    L += ["", "SETUPS"] + [f"{el} {el}.stp" for el in species] + ["", "FILES", str(len(xsf_files))]
+    L += [str(Path(f).resolve()) for f in xsf_files]
+    (workdir / "generate.in").write_text("\n".join(L) + "\n")
+    out = run("generate.x", "generate.in", workdir)
+    (workdir / "generate.out").write_text(out)
+    return workdir / output
+
+
+def raw_features(workdir, trainset: Path) -> list:
+    """The unnormalised descriptors generate.x stored, per structure [n_atoms, nsf] in file
+    order (trnset2ASCII.x --raw)."""
+    workdir = Path(workdir)
+    run("trnset2ASCII.x", "--raw", workdir, extra=[str(trainset), "raw.ascii"])
+    tok = (workdir / "raw.ascii").read_text().split()
+    # header: file, normalized, scale, shift, ntypes, names, E_atom(ntypes), natomtot, nstrucs, Emin Emax Eav
+    k = 4
+    ntypes = int(tok[k]); k += 1 + 2 * ntypes
+    k += 1
+    nstrucs = int(tok[k]); k += 1 + 3
+    out = []
+    for _ in range(nstrucs):
+        k += 1                                     # file name
+        nat = int(tok[k]); k += 3                  # natoms, ntypes, energy
+        rows = []
+        for _ in range(nat):
+            k += 1 + 3 + 3                         # type, coordinates, forces
+            nsf = int(tok[k]); k += 1
+            rows.append([float(v) for v in tok[k:k + nsf]]); k += nsf
+        out.append(np.array(rows))
+    return out
