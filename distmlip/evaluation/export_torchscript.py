@@ -1,5 +1,9 @@
 """Export a BPNN (with its ZBL term, if any) as a self-contained TorchScript module.
 
+TorchScript is deprecated in torch 2.x; the format is kept while torch runs it, and the
+successor is ``--format exported-program`` (:mod:`.export_program`, torch.export, traced from the
+package's own descriptor code).
+
     m = torch.jit.load("model.pt")                     # torch only, no distmlip import
     energy, forces = m(positions, numbers, cell, pbc)  # [N,3] f64, [N] long, [3,3] f64, [3] bool
                                                        # -> [] f64 (eV), [N,3] f64 (eV/A)
@@ -23,6 +27,7 @@ enumerated per centre from a padded [N, M, M] neighbour table (M = largest neigh
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, Tuple
 
 import torch
@@ -249,7 +254,12 @@ def write_torchscript(model, path) -> str:
     from ..utils.io import atomic_path
 
     mod = build_module(model).eval()
-    scripted = torch.jit.script(mod)
+    with warnings.catch_warnings():
+        # torch 2.x marks torch.jit.script deprecated (in favour of torch.export: --format
+        # exported-program); the TorchScript file still works, so the warning is not the user's
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        scripted = torch.jit.script(mod)
     with atomic_path(path, suffix=".pt") as tmp:
         scripted.save(str(tmp))
     return str(path)
