@@ -10,6 +10,9 @@ exported-program: a ``torch.export`` program (``.pt2``; ``--aoti`` packages it w
 AOTInductor) computing energy and forces from positions, species, cell and a neighbour list,
 loadable with torch alone (distmlip/evaluation/export_program.py).
 
+metatomic: one metatomic model file OUT (LAMMPS pair_style metatomic, i-PI, ASE through
+metatomic-ase); needs the optional package metatomic-torch (distmlip/evaluation/export_metatomic.py).
+
 torchscript: one self-contained TorchScript file OUT (positions [N,3], numbers [N], cell [3,3],
 pbc [3] -> energy, forces), runnable with torch alone in Python or C++; includes ZBL.
 """
@@ -20,7 +23,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..utils.log import log, warn
 
-FORMATS = ["aenet", "exported-program", "torchscript"]
+FORMATS = ["aenet", "exported-program", "metatomic", "torchscript"]
 
 
 def add_arguments(p) -> None:
@@ -29,7 +32,7 @@ def add_arguments(p) -> None:
     p.add_argument("--format", "-f", required=True, choices=FORMATS, help="export format")
     p.add_argument("--output", "-o", required=True,
                    help="aenet: output folder for the .nn files; other formats: output file "
-                   "(model.pt2 for exported-program, model.pt for torchscript)")
+                   "(model.pt2 for exported-program, model.pt for metatomic and torchscript)")
     p.add_argument("--prefix", help="aenet: middle part of the file names <El>.<prefix>.nn "
                    "(default: the architecture, e.g. 10t-10t)")
     p.add_argument("--ascii", action="store_true", help="aenet: write aenet's ASCII layout instead of the "
@@ -104,6 +107,12 @@ def run(args) -> int:
             log(f"wrote {p}")
         log("exported program: torch.export.load(path).module()(positions, species, cell, pair_i, pair_j, "
             "cell_shifts) -> (energy, forces); see docs/aenet.md (Deployment)")
+    elif args.format == "metatomic":
+        from .export_metatomic import write_metatomic
+
+        write_metatomic(model, args.output)
+        log(f"wrote {args.output} (metatomic model: ASE metatomic_ase.MetatomicCalculator({args.output!r}), "
+            f"LAMMPS pair_style metatomic {args.output}, i-PI)")
     else:
         from .export_torchscript import write_torchscript
 
