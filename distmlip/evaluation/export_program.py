@@ -13,8 +13,9 @@ inputs   positions [N, 3] float64 (Angstrom); numbers [N] int64 (atomic numbers,
          (cell_shifts: the integer image offsets, as ASE's and vesin's neighbour lists give them).
 outputs  energy [] float64 (eV), forces [N, 3] float64 (eV/Angstrom).
 
-N and P are dynamic.  The program's metadata (``ep.constants``-free; read the ``.json`` written
-next to it) gives the cutoff and species.  With ``aoti=True`` the program is also compiled with
+N and P are dynamic.  ``<path>.json``, written next to the program, gives the cutoff, the
+species and the input names.  The atomic numbers must be the model's elements (not checked
+inside the program).  With ``aoti=True`` the program is also compiled with
 AOTInductor into ``<name>.aoti.pt2`` (``torch._inductor.aoti_load_package(path)(...)``: the same
 call, native code, loadable from C++ through ``torch::inductor::AOTIModelPackageLoader``).
 
