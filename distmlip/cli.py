@@ -26,7 +26,8 @@ COMMANDS = {
     "augment": ("distmlip.gpr.augment", "GPR-ANN data augmentation: label displaced copies with local GPRs"),
     "train": ("distmlip.training.cli", "train a potential (energy or force mode, committees, MPI data parallel)"),
     "evaluate": ("distmlip.evaluation.evaluate", "metrics, per-structure CSV and parity plots of a model on a data set"),
-    "export": ("distmlip.evaluation.export", "export a model to aenet .nn files or TorchScript"),
+    "export": ("distmlip.evaluation.export", "export a model to aenet .nn files, a torch.export program or TorchScript"),
+    "import-aenet": ("distmlip.evaluation.import_aenet", "read aenet .nn potential files into a distmlip model (for evaluation or retraining)"),
     "md-check": ("distmlip.evaluation.mdcheck", "MD stability check of a potential (min distances, failure ratio, PDF)"),
 }
 

@@ -5,7 +5,7 @@ import pytest
 from ase import units
 from ase.build import bulk
 from ase.calculators.emt import EMT
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
 
@@ -77,7 +77,7 @@ def test_md_energy_conservation_and_optimiser(emt_model, capsys):
     a.symbols[0] = "Au"
     a.symbols[5] = "Au"
     a.calc = DistmlipCalculator(emt_model)
-    MaxwellBoltzmannDistribution(a, temperature_K=300, rng=np.random.default_rng(0))
+    thermalize_momenta(a, 300, rng=np.random.default_rng(0))
     dyn = VelocityVerlet(a, timestep=1.0 * units.fs)
     etot = [a.get_total_energy()]
     for _ in range(100):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distmlip.errors import InputError
+from distmlip.errors import DataFormatError, InputError
 from distmlip.models.bpnn import BPNN
 
 DESC = {"rc_radial": 4.2, "n_radial": 5, "rc_angular": 3.3, "n_angular": 3, "backend": "reference"}
@@ -235,7 +235,7 @@ def test_aenet_files_reproduce_model_energies(tmp_path, species, activation):
     from distmlip.evaluation.export_aenet import write_aenet
 
     m = _random_model(species, activation)
-    paths = write_aenet(m, tmp_path / "nn")
+    paths = write_aenet(m, tmp_path / "nn", ascii=True)
     assert sorted(p.name.split(".")[0] for p in paths) == sorted(species)
     files = {}
     for p in paths:
@@ -275,3 +275,91 @@ def test_aenet_refuses_zbl_committee_and_activation(tmp_path):
     assert main(["export", "--format", "aenet", str(a), str(b), "-o", str(tmp_path / "o")]) == 2
     assert main(["export", "--format", "aenet", str(a), "-o", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "Cu.4t.nn").is_file()
+    assert main(["export", "--format", "aenet", "--ascii", str(a), "-o", str(tmp_path / "o2")]) == 0
+    assert (tmp_path / "o2" / "Cu.4t.nn").read_text().split()[0] == "3"
+
+
+# ----------------------------------------------------------------- import (no aenet programs needed)
+def _pytorch_layout(pot) -> str:
+    """A potential written in aenet-PyTorch's ASCII layout (its output_nn.py): every array on one
+    line, fixed-point reals, envtypes on one line, sfenv as 2*nsf integers, Python booleans."""
+    net, stp, ts = pot.network, pot.setup, pot.trainset
+    f = lambda v: "".join(f"{x:24.17f} " for x in v)                       # noqa: E731
+    i = lambda v: "".join(f"{int(x):17d} " for x in v)                     # noqa: E731
+    L = [f"{net.nlayers:17d}", f"{max(net.nnodes):17d}", f"{net.wsize:17d}", f"{net.nvalues:17d}",
+         i(net.nnodes), i(net.f_a), i(net.iw), i(net.iv), f(net.W),
+         stp.description, stp.atomtype, f"{len(stp.envtypes):17d}", " ".join(stp.envtypes) + " ",
+         f"{stp.rc_min:24.17f}", f"{stp.rc_max:24.17f}", stp.sftype, f"{stp.nsf:17d}", f"{stp.nsfparam:17d}",
+         i(stp.sf), f(np.asarray(stp.sfparam).reshape(-1)), i([0] * (2 * stp.nsf)), f"{stp.neval:17d}",
+         f(stp.sfval_min), f(stp.sfval_max), f(stp.sfval_avg), f(stp.sfval_cov),
+         ts.file, str(bool(ts.normalized)), repr(ts.scale), repr(ts.shift), str(len(ts.type_names)),
+         " ".join(ts.type_names) + " ", " ".join(repr(float(e)) for e in ts.e_atom) + " ",
+         str(ts.natomtot), str(ts.nstrucs), f"{ts.e_min!r} {ts.e_max!r} {ts.e_avg!r}"]
+    return "\n".join(L) + "\n"
+
+
+def test_import_reads_every_layout_and_reproduces_the_model(tmp_path):
+    from distmlip.evaluation import aenet_nn
+    from distmlip.evaluation.export_aenet import model_to_potentials
+    from distmlip.evaluation.import_aenet import import_aenet
+
+    species = ["Cu", "Au", "Ni"]
+    m = _random_model(species, "tanh", seed=4)
+    m.ann.feature_std.clamp_(min=0.5)        # fixed-point reals of the aenet-PyTorch layout keep 17 decimals
+    pots = model_to_potentials(m, {"e_min": -3.0, "e_max": -2.0, "e_avg": -2.5, "n_structures": 7, "n_atoms": 30})
+    layouts = {"binary": aenet_nn.to_binary, "ascii": aenet_nn.to_ascii, "pytorch": _pytorch_layout}
+    rng = np.random.default_rng(2)
+    structs = _structures(species, rng)
+    e_model = [_model_energy(m, a) for a in structs]
+    for name, write in layouts.items():
+        paths = []
+        for p in pots:
+            path = tmp_path / name / f"{p.element}.nn"
+            path.parent.mkdir(exist_ok=True)
+            data = write(p)
+            path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+            paths.append(path)
+        imp, read = import_aenet(paths[::-1])               # any file order
+        assert imp.species == species and [r.layout for r in read] == ["binary" if name == "binary" else "ascii"] * 3
+        assert imp.metadata["training_set"]["n_structures"] == 7
+        np.testing.assert_allclose(imp.metadata["training_set"]["e_min"], -3.0, rtol=1e-13)
+        for a, e in zip(structs, e_model):
+            assert math.isclose(_model_energy(imp, a), e, rel_tol=1e-11, abs_tol=1e-9 * len(a)), (name, e)
+
+
+def test_import_pads_narrower_networks_and_refuses_what_it_cannot_hold(tmp_path):
+    import dataclasses
+
+    from distmlip.evaluation import aenet_nn
+    from distmlip.evaluation.export_aenet import model_to_potentials
+    from distmlip.evaluation.import_aenet import import_aenet, potentials_to_model
+
+    species = ["Cu", "Au"]
+    wide = model_to_potentials(_random_model(species, "sigmoid", seed=1))
+    narrow = model_to_potentials(_random_model(species, "sigmoid", seed=2).__class__(
+        species, DESC, [4, 3], "sigmoid", reference_energies={"Cu": -0.5, "Au": -1.5}))
+    mixed = [narrow[0], wide[1]]                           # Cu 4-3, Au 7-5
+    m = potentials_to_model(mixed)
+    assert m.ann.hidden == [7, 5]
+    files = {}
+    for p in mixed:
+        text = aenet_nn.to_ascii(p)
+        files[p.element] = read_nn_list_directed(text)
+    for a in _structures(species, np.random.default_rng(3)):
+        assert math.isclose(_model_energy(m, a), aenet_energy(files, a), rel_tol=1e-11, abs_tol=1e-9 * len(a))
+    # refusals with a reason
+    behler = dataclasses.replace(wide[0], setup=dataclasses.replace(wide[0].setup, sftype="Behler2011"))
+    with pytest.raises(InputError, match="symmetry functions"):
+        potentials_to_model([behler, wide[1]])
+    with pytest.raises(InputError, match="no potential file for"):
+        potentials_to_model([wide[0]])
+    deep = model_to_potentials(_random_model(species, "tanh", seed=3).__class__(species, DESC, [4], "tanh"))
+    with pytest.raises(InputError, match="one depth"):
+        potentials_to_model([deep[0], wide[1]])
+    other_order = dataclasses.replace(wide[1], setup=dataclasses.replace(wide[1].setup, envtypes=["Au", "Cu"]))
+    with pytest.raises(InputError, match="species order"):
+        potentials_to_model([wide[0], other_order])
+    bad = tmp_path / "bad.nn"
+    bad.write_bytes(aenet_nn.to_binary(wide[0])[:500])
+    with pytest.raises(DataFormatError, match="bad.nn"):
+        import_aenet([bad])

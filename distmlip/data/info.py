@@ -79,6 +79,43 @@ def summarize(ds: H5Dataset) -> dict:
     return out
 
 
+def energy_statistics(ds: H5Dataset, indices=None, reference_energies: dict | None = None) -> dict:
+    """What aenet keeps about a training set, for the structures ``indices`` (default: all):
+    counts of structures, atoms and atoms per species, and the minimum, maximum and mean over
+    structures of the energy per atom after subtracting ``reference_energies`` (per element,
+    eV; missing elements count 0), i.e. aenet's cohesive energies per atom.  Reads the energy
+    column and the atomic numbers in blocks."""
+    from ase.data import atomic_numbers, chemical_symbols
+
+    S = ds.n_structures
+    sel = np.zeros(S, dtype=bool)
+    if indices is None:
+        sel[:] = True
+    else:
+        sel[np.asarray(indices, dtype=np.int64)] = True
+    ref_z = np.zeros(256, dtype=np.float64)
+    for sym, e in (reference_energies or {}).items():
+        ref_z[atomic_numbers[sym]] = float(e)
+    starts = np.concatenate([[0], np.cumsum(ds.natoms)]).astype(np.int64)
+    shard_atoms = np.concatenate([[0], np.cumsum([sh.n_atoms for sh in ds._shards])]).astype(np.int64)
+    eref = np.zeros(S, dtype=np.float64)
+    counts = np.zeros(256, dtype=np.int64)
+    for k, a, blk in ds.iter_atom_blocks("numbers"):
+        z = np.asarray(blk, dtype=np.int64)
+        g = shard_atoms[k] + a + np.arange(len(z))
+        sid = np.searchsorted(starts, g, side="right") - 1
+        eref += np.bincount(sid, weights=ref_z[z], minlength=S)[:S]
+        counts += np.bincount(z[sel[sid]], minlength=256)[:256]
+    energy = np.asarray(ds.column("energy"), dtype=np.float64)
+    n = ds.natoms.astype(np.float64)
+    epa = ((energy - eref) / np.maximum(n, 1))[sel]
+    return {"n_structures": int(sel.sum()), "n_atoms": int(ds.natoms[sel].sum()),
+            "species_atoms": {chemical_symbols[z]: int(c) for z, c in enumerate(counts) if c},
+            "e_min": float(epa.min()) if epa.size else 0.0, "e_max": float(epa.max()) if epa.size else 0.0,
+            "e_avg": float(epa.mean()) if epa.size else 0.0,
+            "reference_energies": {k: float(v) for k, v in (reference_energies or {}).items()}}
+
+
 def format_summary(d: dict, max_subsets: int = 50) -> str:
     L = []
     L.append(f"data set      : {', '.join(d['files'])}")

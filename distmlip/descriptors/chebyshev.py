@@ -83,39 +83,26 @@ def build_triplets(pair_i: torch.Tensor, r: torch.Tensor, rc_angular: float):
     list need not be sorted by centre (it is stably sorted here; the order of pairs with the
     same centre is kept).  No gradient flows through this function."""
     device = pair_i.device
+    # branch-free (no test of a size or a value): torch.export traces it with the sizes as
+    # unbacked symbols, so the exported program (distmlip/evaluation/export_program.py) runs
+    # this same code
     with torch.no_grad():
         sel = torch.nonzero(r < rc_angular, as_tuple=False).reshape(-1)
-        if sel.numel() == 0:
-            z = torch.zeros(0, dtype=torch.long, device=device)
-            return z, z.clone()
         ci = pair_i[sel]
-        if ci.numel() > 1 and bool((ci[1:] < ci[:-1]).any()):
-            o = torch.sort(ci, stable=True).indices
-            sel, ci = sel[o], ci[o]
-        # groups of equal centre are now contiguous: local index within the group
+        o = torch.sort(ci, stable=True).indices           # stable: a centre's pairs keep their order
+        sel, ci = sel[o], ci[o]
         n_sel = sel.numel()
-        new_group = torch.ones(n_sel, dtype=torch.bool, device=device)
-        new_group[1:] = ci[1:] != ci[:-1]
-        group_start = torch.nonzero(new_group, as_tuple=False).reshape(-1)
-        group_len = torch.diff(torch.cat([group_start, torch.tensor([n_sel], device=device)]))
-        start_of = torch.repeat_interleave(group_start, group_len)
-        local = torch.arange(n_sel, device=device) - start_of
-        len_of = torch.repeat_interleave(group_len, group_len)
-        n_partner = len_of - local - 1                        # partners after me in my group
-        total = int(n_partner.sum())
-        if total == 0:
-            z = torch.zeros(0, dtype=torch.long, device=device)
-            return z, z.clone()
-        a = torch.repeat_interleave(torch.arange(n_sel, device=device), n_partner)
+        first_of = torch.searchsorted(ci, ci, side="left")   # where my centre's group starts
+        end_of = torch.searchsorted(ci, ci, side="right")
+        local = torch.arange(n_sel, device=device) - first_of
+        n_partner = end_of - first_of - local - 1          # partners after me in my group
+        total = n_partner.sum().item()    # (an int; a symbol while torch.export traces)
+        a = torch.repeat_interleave(torch.arange(n_sel, device=device), n_partner, output_size=total)
         first = torch.cumsum(n_partner, 0) - n_partner
-        step = torch.arange(total, device=device) - torch.repeat_interleave(first, n_partner)
+        step = torch.arange(total, device=device) - torch.repeat_interleave(first, n_partner, output_size=total)
         b = a + 1 + step
-        tp, tq = sel[a], sel[b]
-        # pair order within a centre: make tp < tq (holds already when sel is increasing)
-        swap = tp > tq
-        if bool(swap.any()):
-            tp, tq = torch.where(swap, tq, tp), torch.where(swap, tp, tq)
-        return tp, tq
+        # sel is increasing within a centre (nonzero's order, kept by the stable sort): tp < tq
+        return sel[a], sel[b]
 
 
 def chebyshev_reference(positions, species_idx, pair_i, pair_j, pair_shift, typespin_t,

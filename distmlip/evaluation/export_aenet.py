@@ -1,37 +1,39 @@
-"""Export a BPNN to aenet ``.nn`` ASCII potential files (one per element).
+"""Export a BPNN to aenet potential files (one ``<El>.<arch>.nn`` per element).
 
-Layout (aenet's ``save_Network_ASCII`` / ``save_Setup_ASCII`` / ``save_TrnSet_info_ASCII`` and the
-list-directed reader of ``nnASCII2bin.x``), three sections in this order:
+The files are written in aenet's binary layout by default (what predict.x, train.x restarts and
+the aenet LAMMPS interfaces read; :mod:`.aenet_nn` describes the records) and in aenet's ASCII
+layout with ``ascii=True`` (readable as text, convertible by aenet-PyTorch's nnASCII2bin.x).
 
-network     nlayers / nnodes_max / Wsize / nvalues (one per line), then nnodes(1:nlayers),
-            f_a(2:nlayers), iw(1:nlayers), iv(1:nlayers) as '(4(1x,I17))' records and W(1:Wsize) as
-            '(4(1x,ES24.17))' records.  Layer l's block W(iw(l)+1 : iw(l+1)) is the
-            nnodes(l+1) x (nnodes(l)+1) matrix in column-major order, its last column the bias
-            (the bias node value is 1).  f_a: 0 linear, 1 tanh, 2 sigmoid.
-setup       description / atomtype / nenv / envtypes (one per line) / Rc_min / Rc_max / sftype
-            ('Chebyshev') / nsf / nsfparam (4) / sf(nsf) / sfparam(4, nsf) (column 1 = radial Rc,
-            radial order, angular Rc, angular order; the rest 0) / sfenv / neval / sfval_min /
-            sfval_max / sfval_avg / sfval_cov.
-trainset    file / normalized (T) / scale / shift / ntypes / type names (one per line) /
-            E_atom(ntypes) / natomtot / nstrucs / E_min E_max E_avg.
+aenet evaluates, with avg = sfval_avg, cov = sfval_cov (the second moment) of the central atom's
+file and scale/shift/E_atom of its training-set record,
 
-aenet evaluates  E_i = (1/scale) * net((G_i - avg) / sqrt(cov - avg^2)) + shift + E_atom(type_i)
-with avg = sfval_avg, cov = sfval_cov (the second moment) of the central atom's file and
-scale/shift of that file.  distmlip evaluates
-E_i = ref[t] + shift[t] + energy_scale * net_t((G_i - mean[t]) / std[t]).  Mapping (exact up to
-float64 round-off): avg = mean, cov = mean^2 + std^2, and the first-layer weights are multiplied
-column-wise by s_aenet/std with s_aenet = sqrt(cov - avg^2) evaluated as aenet does (so the
-cancellation in cov - avg^2 costs nothing); scale = 1/energy_scale, shift = shift[t] per file,
-E_atom = the model's reference energies.  sfval_min/max are not used by aenet's evaluation and are
-written as mean -/+ std.
+    E_i = (1/scale) * net((G_i - avg) / sqrt(cov - avg^2)) + shift + E_atom(type_i)
 
-The sfenv block: aenet's formatted reader reads nenv*nsf integers, nnASCII2bin's list-directed
-reader 2*nsf.  Both are satisfied by ceil(nenv*nsf/4) records of which the last holds 2*nsf zeros
-separated by blanks and the others are blank (a formatted I17 read of blanks or of '0 0 0' gives 0).
-Strings are written as single tokens (list-directed reads stop at blanks and slashes).
+and distmlip  E_i = ref[t] + shift[t] + energy_scale * net_t((G_i - mean[t]) / std[t]).
+
+Mapping (exact up to float64 round-off):
+
+* descriptor normalisation: avg = mean, cov = mean^2 + std^2; the first-layer weights are
+  multiplied column-wise by s/std with s = sqrt(cov - avg^2) evaluated as aenet does (so the
+  cancellation in cov - avg^2 costs nothing).  A model's mean/std are the statistics of its
+  training descriptors, which are what aenet's generate.x records for the same structures.
+* energy: scale and shift are those train.x derives from a training set (``ts_energy_norm_simple``):
+  scale = 2 / (E_max - E_min), shift = (E_max + E_min) / 2 with E_min/E_max the extreme cohesive
+  energies per atom of the training structures.  The model's own energy_scale and per-element
+  shift are folded into the output layer: W_out' = scale * energy_scale * W_out,
+  b_out' = scale * (energy_scale * b_out + shift[t] - shift).  So a train.x run restarted from the
+  files on a training set of the same structures (and the same atomic energies) starts from the
+  model instead of rescaling it.  E_atom = the model's reference energies.
+* header: description, the training-set file name, structure and atom counts, evaluations per
+  element (atoms of that element in the training set) and E_min/E_max/E_avg in train.x's
+  normalised units (as train.x writes them), taken from the model file's ``training_set``
+  metadata (written by ``distmlip train``) or from a data set given to the export.  Without
+  either, scale = 1/energy_scale and shift = the mean of the per-element shifts, the counts are
+  0 and a warning says that train.x restarts need them.
+* sfval_min/max are not used by aenet's evaluation and are written as mean -/+ std.
 
 Committees (several networks per element) and ZBL (no pair term in aenet) cannot be expressed and
-are refused; so are activations other than tanh, sigmoid and linear.
+are refused; so are activations aenet does not have (softplus, silu).
 """
 from __future__ import annotations
 
@@ -43,78 +45,93 @@ import torch
 
 from ..errors import InputError
 from ..models import activations as act_table
+from . import aenet_nn
+
+# aenet's file-name letters of the activations (train.x's 'tanh','t' / 'sigmoid','s' / ...)
+ARCH_LETTER = {"tanh": "t", "sigmoid": "s", "linear": "l", "mtanh": "m", "twist": "w"}
+RC_MIN = 0.5
 
 
-
-def _ints(values) -> list[str]:
-    vals = [int(v) for v in values]
-    return ["".join(f" {v:17d}" for v in vals[k:k + 4]) for k in range(0, len(vals), 4)] or [""]
-
-
-def _reals(values) -> list[str]:
-    vals = [float(v) for v in values]
-    for v in vals:
-        if not math.isfinite(v) or abs(v) >= 1e99:
-            raise InputError(f"aenet export: value {v} in the model does not fit aenet's ES24.17 fields")
-    vals = [0.0 if abs(v) < 1e-99 else v for v in vals]  # three-digit exponents do not fit either
-    return ["".join(f" {v:24.17E}" for v in vals[k:k + 4]) for k in range(0, len(vals), 4)] or [""]
-
-
-def _token(s: str) -> str:
-    t = "".join(c if (c.isalnum() or c in "._-+") else "_" for c in str(s))
-    return t or "distmlip"
-
-
-def aenet_network(model, t: int):
-    """(layer sizes, activation codes f_a(2:), list of (W [out, in] float64, b [out]))."""
-    acts = list(model.ann.activations)
-    for a in acts:
-        if act_table.get(a).aenet_code is None:
-            known = [x.name for x in act_table.ACTIVATIONS.values() if x.aenet_code is not None]
-            raise InputError(f"aenet export: activation {a!r} has no aenet equivalent (aenet has "
-                             f"{', '.join(known)}); retrain with one of those")
-    lin = [m for m in model.ann.nets[t] if isinstance(m, torch.nn.Linear)]
-    layers = [(m.weight.detach().to(torch.float64).cpu().numpy().copy(),
-               m.bias.detach().to(torch.float64).cpu().numpy().copy()) for m in lin]
-    sizes = [layers[0][0].shape[1]] + [W.shape[0] for W, _ in layers]
-    codes = [act_table.get(a).aenet_code for a in acts] + [act_table.get("linear").aenet_code]
-    return sizes, codes, layers
+def architecture_name(model) -> str:
+    ann = model.ann
+    return "-".join(f"{h}{ARCH_LETTER.get(a, a[0])}" for h, a in zip(ann.hidden, ann.activations)) or "linear"
 
 
 def _check_exportable(model):
     if getattr(model, "zbl", None) is not None:
         raise InputError("aenet export: the model has a ZBL term, which aenet's .nn format cannot hold "
-                         "(aenet has no pair potential); export it with --format torchscript, or train "
-                         "without zbl for aenet")
+                         "(aenet has no pair potential); export it with --format torchscript or "
+                         "exported-program, or train without zbl for aenet")
+    if model.spec.type != "chebyshev":
+        raise InputError(f"aenet export: descriptor type {model.spec.type!r}: aenet files hold Chebyshev "
+                         "descriptors only")
+    for a in model.ann.activations:
+        if act_table.get(a).aenet_code is None:
+            known = [x.name for x in act_table.ACTIVATIONS.values() if x.aenet_code is not None]
+            raise InputError(f"aenet export: activation {a!r} has no aenet equivalent (aenet has "
+                             f"{', '.join(known)}); retrain with one of those")
 
 
-def write_aenet(model, out_dir, prefix: str | None = None, description: str = "distmlip-export",
-                n_structures: int = 0) -> list[Path]:
-    """Write ``<out_dir>/<El>.<prefix>.nn`` for every element; returns the paths."""
-    from ..utils.io import atomic_write_text
+def _layers(model, t: int) -> list:
+    lin = [m for m in model.ann.nets[t] if isinstance(m, torch.nn.Linear)]
+    return [(m.weight.detach().to(torch.float64).cpu().numpy().copy(),
+             m.bias.detach().to(torch.float64).cpu().numpy().copy()) for m in lin]
 
+
+def training_statistics(model, data=None) -> dict | None:
+    """The training-set record for the headers: from data set file(s) ``data`` if given, else
+    the model file's ``training_set`` metadata, else None."""
+    if data:
+        from ..data.h5store import H5Dataset
+        from ..data.info import energy_statistics
+
+        ds = H5Dataset(data)
+        try:
+            missing = [s for s in ds.species if s not in model.species]
+            if missing:
+                raise InputError(f"aenet export: data set {', '.join(map(str, ds.paths))} holds {missing}, "
+                                 f"which the model ({model.species}) has no network for")
+            st = energy_statistics(ds, None, model.ann.reference_energies())
+        finally:
+            ds.close()
+        st["source"] = ",".join(Path(p).name for p in ds.paths)
+        return st
+    st = (getattr(model, "metadata", None) or {}).get("training_set")
+    return dict(st) if st else None
+
+
+def model_to_potentials(model, stats: dict | None = None, description: str = "distmlip-export") -> list:
+    """One :class:`aenet_nn.Potential` per element of ``model`` (see the module docstring)."""
     _check_exportable(model)
     spec, ann = model.spec, model.ann
-    if spec.type != "chebyshev":
-        raise InputError(f"aenet export: descriptor type {spec.type!r}: aenet files hold Chebyshev descriptors only")
     species = list(model.species)
     T = len(species)
-    rc_r, n_r = spec.rc_radial, spec.n_radial
-    rc_a, n_a = spec.rc_angular, spec.n_angular
-    nsf = (n_r + 1 + n_a + 1) * (2 if T > 1 else 1)
+    nsf = (spec.n_radial + 1 + spec.n_angular + 1) * (2 if T > 1 else 1)
     if nsf != model.dim:
         raise InputError(f"aenet export: descriptor size {model.dim} does not match aenet's {nsf}")
-    hid = "-".join(f"{h}{a[0]}" for h, a in zip(ann.hidden, ann.activations))
-    prefix = prefix or (hid or "linear")
-    meta = getattr(model, "metadata", {}) or {}
-    out_dir = Path(out_dir)
-    paths = []
-    scale = float(ann.energy_scale)
-    if not (scale > 0 and math.isfinite(scale)):
-        raise InputError(f"aenet export: energy scale {scale} must be positive")
+    sigma = float(ann.energy_scale)
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise InputError(f"aenet export: energy scale {sigma} must be positive")
+    mu = ann.energy_shift.detach().cpu().numpy().astype(np.float64)
     ref = ann.reference_energy.detach().cpu().numpy().astype(np.float64)
+    if stats and stats.get("e_max", 0.0) > stats.get("e_min", 0.0):
+        e_min, e_max, e_avg = float(stats["e_min"]), float(stats["e_max"]), float(stats["e_avg"])
+        scale = 2.0 / (e_max - e_min)
+        shift = 0.5 * (e_max + e_min)
+    else:   # no training-set record (or one structure): the model's own scale, the mean shift
+        scale = 1.0 / sigma
+        shift = float(mu.mean())
+        e_min, e_max, e_avg = shift - 1.0 / scale, shift + 1.0 / scale, shift
+    stats = stats or {}
+    species_atoms = stats.get("species_atoms") or {}
+    trainset = aenet_nn.TrainsetInfo(
+        file=aenet_nn._token(stats.get("source") or "distmlip-model"), normalized=True, scale=scale, shift=shift,
+        type_names=species, e_atom=ref.copy(), natomtot=int(stats.get("n_atoms", 0) or 0),
+        nstrucs=int(stats.get("n_structures", 0) or 0),
+        e_min=(e_min - shift) * scale, e_max=(e_max - shift) * scale, e_avg=(e_avg - shift) * scale)
+    out = []
     for t, el in enumerate(species):
-        sizes, codes, layers = aenet_network(model, t)
+        layers = _layers(model, t)
         mean = ann.feature_mean[t].detach().cpu().numpy().astype(np.float64)
         std = ann.feature_std[t].detach().cpu().numpy().astype(np.float64)
         avg = mean.copy()
@@ -125,36 +142,33 @@ def write_aenet(model, out_dir, prefix: str | None = None, description: str = "d
                              f"for aenet's normalisation (min {s_aenet.min():.3e})")
         W0, b0 = layers[0]
         layers[0] = (W0 * (s_aenet / std)[None, :], b0)
-        # network section
-        nl = len(sizes)
-        iw, iv = [0], [0]
-        wsize = nvalues = 0
-        for k in range(nl - 1):
-            wsize += (sizes[k] + 1) * sizes[k + 1]
-            iw.append(wsize)
-            nvalues += sizes[k] + 1
-            iv.append(nvalues)
-        nvalues += sizes[-1]
-        W = np.concatenate([np.concatenate([Wl, bl[:, None]], axis=1).flatten(order="F") for Wl, bl in layers])
-        assert W.size == wsize
-        lines = [f" {nl}", f" {max(sizes)}", f" {wsize}", f" {nvalues}"]
-        lines += _ints(sizes) + _ints(codes) + _ints(iw) + _ints(iv) + _reals(W)
-        # setup section
-        sfparam = np.zeros((nsf, 4))
-        sfparam[0] = [rc_r, n_r, rc_a, n_a]
-        n_env_records = max(1, -(-T * nsf // 4))
-        sfenv = [""] * (n_env_records - 1) + [" " + " ".join(["0"] * (2 * nsf))]
-        neval = int((meta.get("species_atoms") or {}).get(el, 1) or 1)
-        lines += [_token(description), el, f" {T}"] + species
-        lines += [f" {0.5:.17E}", f" {max(rc_r, rc_a):.17E}", "Chebyshev", f" {nsf}", " 4"]
-        lines += _ints([0] * nsf) + _reals(sfparam.reshape(-1)) + sfenv + [f" {neval}"]
-        lines += _reals(mean - std) + _reals(mean + std) + _reals(avg) + _reals(cov)
-        # training-set section
-        lines += [_token(meta.get("source", "distmlip-model")), " T", f" {1.0 / scale:.17E}",
-                  f" {float(ann.energy_shift[t]):.17E}", f" {T}"] + species + _reals(ref)
-        lines += [f" {int(meta.get('n_atoms', 0) or 0)}", f" {int(n_structures or meta.get('n_structures', 0) or 0)}",
-                  f" {0.0:.17E} {0.0:.17E} {0.0:.17E}"]
-        path = out_dir / f"{el}.{prefix}.nn"
-        atomic_write_text(path, "\n".join(lines) + "\n")
-        paths.append(path)
-    return paths
+        WL, bL = layers[-1]
+        layers[-1] = (WL * (scale * sigma), scale * (sigma * bL + (mu[t] - shift)))
+        codes = [act_table.get(a).aenet_code for a in ann.activations] + [act_table.get("linear").aenet_code]
+        net = aenet_nn.Network.from_layers(layers, codes)
+        sfparam = np.zeros((nsf, aenet_nn.NSFPARAM))
+        sfparam[0] = [spec.rc_radial, spec.n_radial, spec.rc_angular, spec.n_angular]
+        setup = aenet_nn.Setup(
+            description=description, atomtype=el, envtypes=species, rc_min=RC_MIN,
+            rc_max=max(spec.rc_radial, spec.rc_angular), sftype="Chebyshev",
+            sf=np.zeros(nsf, dtype=np.int64), sfparam=sfparam,
+            sfenv=np.zeros(aenet_nn.NENV_MAX * nsf, dtype=np.int64),
+            neval=int(species_atoms.get(el, 0) or 0) or 1,
+            sfval_min=mean - std, sfval_max=mean + std, sfval_avg=avg, sfval_cov=cov)
+        out.append(aenet_nn.Potential(net, setup, trainset))
+    return out
+
+
+def write_aenet(model, out_dir, prefix: str | None = None, description: str = "distmlip-export",
+                ascii: bool = False, data=None, stats: dict | None = None) -> list[Path]:
+    """Write ``<out_dir>/<El>.<prefix>.nn`` for every element (binary unless ``ascii``); returns
+    the paths.  ``data``: data set file(s) whose statistics fill the headers (default: the model
+    file's ``training_set`` metadata)."""
+    if stats is None:
+        stats = training_statistics(model, data)
+    pots = model_to_potentials(model, stats, description=aenet_nn._token(description))
+    prefix = prefix or architecture_name(model)
+    if "/" in prefix or not prefix:
+        raise InputError(f"aenet export: prefix {prefix!r} must be a non-empty file-name part")
+    out_dir = Path(out_dir)
+    return [aenet_nn.write_potential(p, out_dir / f"{p.element}.{prefix}.nn", ascii=ascii) for p in pots]

@@ -1,5 +1,9 @@
 """Export a BPNN (with its ZBL term, if any) as a self-contained TorchScript module.
 
+TorchScript is deprecated in torch 2.x; the format is kept while torch runs it, and the
+successor is ``--format exported-program`` (:mod:`.export_program`, torch.export, traced from the
+package's own descriptor code).
+
     m = torch.jit.load("model.pt")                     # torch only, no distmlip import
     energy, forces = m(positions, numbers, cell, pbc)  # [N,3] f64, [N] long, [3,3] f64, [3] bool
                                                        # -> [] f64 (eV), [N,3] f64 (eV/A)
@@ -23,6 +27,7 @@ enumerated per centre from a padded [N, M, M] neighbour table (M = largest neigh
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, Tuple
 
 import torch
@@ -121,9 +126,12 @@ class ExportedPotential(nn.Module):
         return torch.stack(T, dim=-1)
 
     def descriptor(self, pos, spec, pi, pj, shift) -> torch.Tensor:
-        N = pos.shape[0]
-        dt = pos.dtype
-        vec = pos[pj] - pos[pi] + shift
+        return self.descriptor_from_vectors(pos.shape[0], pos[pj] - pos[pi] + shift, spec, pi, pj)
+
+    def descriptor_from_vectors(self, N: int, vec: torch.Tensor, spec: torch.Tensor, pi: torch.Tensor,
+                                pj: torch.Tensor) -> torch.Tensor:
+        """G [N, dim] from the pair vectors r_ij = vec (full list, both directions)."""
+        dt = vec.dtype
         r = torch.linalg.norm(vec, dim=-1)
         nr = self.n_radial + 1
         na = self.n_angular + 1
@@ -131,7 +139,7 @@ class ExportedPotential(nn.Module):
         rr = r[sel]
         fc = 0.5 * (torch.cos(rr * (math.pi / self.rc_radial)) + 1.0)
         gr = self._cheb(2.0 * rr / self.rc_radial - 1.0, self.n_radial) * fc[:, None]
-        rad = torch.zeros(N, nr, dtype=dt, device=pos.device).index_add(0, pi[sel], gr)
+        rad = torch.zeros(N, nr, dtype=dt, device=vec.device).index_add(0, pi[sel], gr)
         # angular: padded neighbour table per centre (pairs with r < rc_angular)
         asel = torch.nonzero(r < self.rc_angular).reshape(-1)
         ci = pi[asel]
@@ -140,16 +148,16 @@ class ExportedPotential(nn.Module):
         ci = ci[order]
         counts = torch.bincount(ci, minlength=N)
         M = int(counts.max()) if counts.numel() > 0 else 0
-        ang = torch.zeros(N, na, dtype=dt, device=pos.device)
-        ang_w = torch.zeros(N, na, dtype=dt, device=pos.device)
+        ang = torch.zeros(N, na, dtype=dt, device=vec.device)
+        ang_w = torch.zeros(N, na, dtype=dt, device=vec.device)
         if M > 1:
             start = torch.cumsum(counts, 0) - counts
-            local = torch.arange(asel.numel(), device=pos.device) - start[ci]
-            table = torch.full((N, M), -1, dtype=torch.long, device=pos.device)
+            local = torch.arange(asel.numel(), device=vec.device) - start[ci]
+            table = torch.full((N, M), -1, dtype=torch.long, device=vec.device)
             table[ci, local] = asel
             a = table[:, :, None].expand(N, M, M)
             b = table[:, None, :].expand(N, M, M)
-            upper = torch.triu(torch.ones(M, M, dtype=torch.bool, device=pos.device), diagonal=1)
+            upper = torch.triu(torch.ones(M, M, dtype=torch.bool, device=vec.device), diagonal=1)
             ok = (a >= 0) & (b >= 0) & upper[None, :, :]
             trip = torch.nonzero(ok)
             tp = table[trip[:, 0], trip[:, 1]]
@@ -167,18 +175,43 @@ class ExportedPotential(nn.Module):
         if not self.multi:
             return torch.cat([rad, ang], dim=1)
         sj = self.typespin[spec[pj]]
-        rad_w = torch.zeros(N, nr, dtype=dt, device=pos.device).index_add(0, pi[sel], gr * sj[sel][:, None])
+        rad_w = torch.zeros(N, nr, dtype=dt, device=vec.device).index_add(0, pi[sel], gr * sj[sel][:, None])
         return torch.cat([rad, ang, rad_w, ang_w], dim=1)
 
     # ---------------------------------------------------------------- ZBL
     def zbl_energy(self, pos, zi_idx, pi, pj, shift) -> torch.Tensor:
-        vec = pos[pj] - pos[pi] + shift
+        return 0.5 * self.zbl_pair_energies(pos[pj] - pos[pi] + shift, zi_idx, pi, pj).sum()
+
+    def zbl_pair_energies(self, vec, zi_idx, pi, pj) -> torch.Tensor:
         r = torch.linalg.norm(vec, dim=-1)
         ti = zi_idx[pi]
         tj = zi_idx[pj]
-        e = switched_pair_energy(r, self.z_of_index[ti], self.z_of_index[tj], self.zbl_r_in[ti, tj],
-                                 self.zbl_r_out[ti, tj])
-        return 0.5 * e.sum()
+        return switched_pair_energy(r, self.z_of_index[ti], self.z_of_index[tj], self.zbl_r_in[ti, tj],
+                                    self.zbl_r_out[ti, tj])
+
+    def atomic_energies_from_vectors(self, numbers: torch.Tensor, vec: torch.Tensor, pi: torch.Tensor,
+                                     pj: torch.Tensor) -> torch.Tensor:
+        """Per-atom energies [N] float64 from atomic numbers and the pair vectors of a full
+        neighbour list within ``cutoff`` (each pair in both directions); a ZBL pair energy is
+        shared equally by its two atoms.  (The metatomic export calls this.)"""
+        N = numbers.shape[0]
+        if bool((numbers < 0).any()) or bool((numbers > 118).any()):
+            raise RuntimeError("atomic number out of range")
+        spec = self.z_to_index[numbers]
+        if bool((spec < 0).any()):
+            raise RuntimeError("structure contains an element this potential does not know")
+        vec = vec.to(torch.float64)
+        G = self.descriptor_from_vectors(N, vec, spec, pi, pj)
+        e = torch.zeros(N, dtype=torch.float64, device=vec.device)
+        for t, net in enumerate(self.nets):
+            idx = torch.nonzero(spec == t).reshape(-1)
+            if idx.numel() > 0:
+                x = (G[idx] - self.feature_mean[t]) / self.feature_std[t]
+                y = net(x.to(self.net_dtype)).reshape(-1).to(torch.float64)
+                e = e.index_add(0, idx, self.reference_energy[t] + self.energy_shift[t] + self.energy_scale * y)
+        if self.has_zbl:
+            e = e.index_add(0, pi, 0.5 * self.zbl_pair_energies(vec, spec, pi, pj))
+        return e
 
     # ---------------------------------------------------------------- energy and forces
     def energy(self, positions: torch.Tensor, numbers: torch.Tensor, cell: torch.Tensor,
@@ -249,7 +282,12 @@ def write_torchscript(model, path) -> str:
     from ..utils.io import atomic_path
 
     mod = build_module(model).eval()
-    scripted = torch.jit.script(mod)
+    with warnings.catch_warnings():
+        # torch 2.x marks torch.jit.script deprecated (in favour of torch.export: --format
+        # exported-program); the TorchScript file still works, so the warning is not the user's
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        scripted = torch.jit.script(mod)
     with atomic_path(path, suffix=".pt") as tmp:
         scripted.save(str(tmp))
     return str(path)

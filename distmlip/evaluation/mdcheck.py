@@ -203,14 +203,22 @@ def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float
             label: str = "") -> dict:
     from ase import units
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.velocitydistribution import Stationary
+
+    try:   # ASE >= 3.29 (MaxwellBoltzmannDistribution, the same function, is deprecated there)
+        from ase.md.velocitydistribution import thermalize_momenta
+    except ImportError:
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as _mbd
+
+        def thermalize_momenta(atoms, temperature_K, rng=None):
+            _mbd(atoms, temperature_K=temperature_K, rng=rng)
     from ase.md.verlet import VelocityVerlet
 
     atoms = atoms0.copy()
     atoms.calc = calc
     n = len(atoms)
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=T, rng=rng)
+    thermalize_momenta(atoms, T, rng=rng)
     Stationary(atoms)
     dyn = Langevin(atoms, timestep * units.fs, temperature_K=T, friction=friction / units.fs,
                    fixcm=False, rng=np.random.default_rng(seed + 1))

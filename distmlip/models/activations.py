@@ -59,6 +59,46 @@ def _softplus(a):
             torch.where(lin, torch.zeros_like(a), s * (1.0 - s)))
 
 
+# aenet's scaled tanh (LeCun et al., "Efficient BackProp"; aenet src/ext/feedforward.f90 ff_activate,
+# codes 3 and 4), with aenet's constants as written there (B is 2/3 rounded to 15 digits)
+MTANH_A = 1.7159
+MTANH_B = 0.666666666666667
+TWIST_C = 0.1
+
+
+def _mtanh_fn(a):
+    return MTANH_A * torch.tanh(MTANH_B * a)
+
+
+def _twist_fn(a):
+    return MTANH_A * torch.tanh(MTANH_B * a) + TWIST_C * a
+
+
+def _mtanh(a):
+    h = torch.tanh(MTANH_B * a)
+    s = 1.0 - h * h
+    return MTANH_A * h, (MTANH_A * MTANH_B) * s, (-2.0 * MTANH_A * MTANH_B * MTANH_B) * h * s
+
+
+def _twist(a):
+    y, d1, d2 = _mtanh(a)
+    return y + TWIST_C * a, d1 + TWIST_C, d2
+
+
+class MTanh(nn.Module):
+    """aenet's 'mtanh': 1.7159 tanh(2/3 x)."""
+
+    def forward(self, x):
+        return _mtanh_fn(x)
+
+
+class Twist(nn.Module):
+    """aenet's 'twist': 1.7159 tanh(2/3 x) + 0.1 x."""
+
+    def forward(self, x):
+        return _twist_fn(x)
+
+
 def _silu(a):
     s = torch.sigmoid(a)
     return (a * s, s * (1.0 + a * (1.0 - s)), s * (1.0 - s) * (2.0 + a * (1.0 - 2.0 * s)))
@@ -70,6 +110,8 @@ ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
     Activation("linear", nn.Identity, lambda a: a, _linear, kernel_code=2, aenet_code=0),
     Activation("softplus", nn.Softplus, F.softplus, _softplus, kernel_code=3, aenet_code=None),
     Activation("silu", nn.SiLU, F.silu, _silu, kernel_code=4, aenet_code=None),
+    Activation("mtanh", MTanh, _mtanh_fn, _mtanh, kernel_code=None, aenet_code=3),
+    Activation("twist", Twist, _twist_fn, _twist, kernel_code=None, aenet_code=4),
 )}
 
 

@@ -710,7 +710,8 @@ class Trainer:
             self.best = metric
             self.bad_epochs = 0
             if self.rank0:
-                self.model.save(self.out / "best_model.pt", metadata={"epoch": epoch + 1, "val_loss": metric})
+                self.model.save(self.out / "best_model.pt",
+                                metadata={"epoch": epoch + 1, "val_loss": metric, **self._data_metadata()})
         else:
             self.bad_epochs += 1
         if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -746,10 +747,27 @@ class Trainer:
             self._log(f"early stopping: no validation improvement for {self.bad_epochs} epochs")
             self._early_stop = True
 
+    def _data_metadata(self) -> dict:
+        """What the saved models record about their training data (rank 0; computed once):
+        ``training_set`` (counts and energy range per atom, see distmlip.data.info.energy_statistics),
+        which the aenet export writes into the .nn headers."""
+        if getattr(self, "_training_set_meta", None) is None:
+            from ..data.info import energy_statistics
+
+            try:
+                stats = energy_statistics(self.ds, self.train_idx, self.model.ann.reference_energies())
+                stats["source"] = ",".join(Path(p).name for p in self.ds.paths)
+                self._training_set_meta = {"training_set": stats}
+            except Exception as exc:   # the model is saved all the same, without the statistics
+                warn(f"training-set statistics for the model file: {exc}")
+                self._training_set_meta = {}
+        return self._training_set_meta
+
     def _write_models(self):
         if not self.rank0:
             return
-        self.model.save(self.out / "last_model.pt", metadata={"epoch": self.epoch, "step": self.global_step})
+        meta = {"epoch": self.epoch, "step": self.global_step, **self._data_metadata()}
+        self.model.save(self.out / "last_model.pt", metadata=meta)
         best = self.out / "best_model.pt"
         if best.exists() and self.val_stream is not None:
             import shutil
@@ -759,6 +777,6 @@ class Trainer:
             with atomic_path(self.out / "model.pt") as tmp:
                 shutil.copyfile(best, tmp)
         else:
-            self.model.save(self.out / "model.pt", metadata={"epoch": self.epoch, "step": self.global_step})
+            self.model.save(self.out / "model.pt", metadata=meta)
         self._log(f"model written to {self.out / 'model.pt'}"
                   + (" (best on validation)" if best.exists() and self.val_stream is not None else ""))
