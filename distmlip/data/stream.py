@@ -74,7 +74,10 @@ _END = object()
 class PartitionedStream:
     def __init__(self, ds, indices=None, rank: int = 0, world_size: int = 1, batch_atoms: int = 4096,
                  batch_structures: int = 64, seed: int = 0, shuffle: bool = True, prefetch: bool = True,
-                 shuffle_block: int = 64, shuffle_window: int = 16):
+                 shuffle_block: int = 64, shuffle_window: int = 16, loader=None):
+        """``loader(indices) -> item``: what a batch of data-set indices becomes, computed in the
+        prefetch thread (e.g. the trainer's prepared structures); default: the Structures read
+        from the data set."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
         if batch_atoms < 1 or batch_structures < 1:
@@ -93,6 +96,7 @@ class PartitionedStream:
         self.parts = partition_by_atoms(self.natoms, indices, world_size)
         self._current_epoch = 0
         self._cache: dict = {}
+        self.loader = loader
 
     # -- deterministic plan -------------------------------------------------------------------
     def partition(self, rank: int | None = None) -> np.ndarray:
@@ -159,6 +163,10 @@ class PartitionedStream:
         (``shuffle_block * shuffle_window`` consecutive entries of the epoch order) are read
         together, so a window costs at most ``shuffle_window`` contiguous slab reads."""
         if not plan:
+            return
+        if self.loader is not None:
+            for idx in plan:
+                yield self.loader(idx) if len(idx) else []
             return
         W = self.shuffle_block * self.shuffle_window
         flat = np.concatenate([p for p in plan if len(p)]) if any(len(p) for p in plan) else np.zeros(0, np.int64)

@@ -8,7 +8,7 @@ pair_shift``.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch
 from ..errors import InputError
 from .neighbors import neighbor_list
 
-__all__ = ["Batch", "collate", "species_symbols"]
+__all__ = ["Batch", "Graph", "GraphStore", "collate", "collate_graphs", "prepare", "species_symbols", "species_table"]
 
 
 def species_symbols(species) -> list[str]:
@@ -86,6 +86,137 @@ class Batch:
         return Batch(**kw)
 
 
+class Graph(NamedTuple):
+    """One structure prepared for batching: species indices, positions and its neighbour pairs
+    (local atom indices, sorted as :func:`neighbor_list` sorts them, and integer image shifts in
+    the smallest integer type that holds them).  Computed once per structure (:class:`GraphStore`)
+    and concatenated into batches by :func:`collate_graphs`: training data never move, so their
+    neighbour lists need not be rebuilt every epoch."""
+    species: np.ndarray        # [n] int8/int16 index into the species list
+    positions: np.ndarray      # [n, 3] float64
+    forces: np.ndarray | None  # [n, 3] float64
+    cell: np.ndarray           # [3, 3] float64
+    pbc: np.ndarray            # [3] bool
+    pair_i: np.ndarray         # [P] int32
+    pair_j: np.ndarray         # [P] int32
+    shift: np.ndarray | None   # [P, 3] small integer image shifts; None when all are zero
+    energy: float
+    weight: float
+    index: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.species, self.positions, self.forces, self.cell, self.pbc,
+                                       self.pair_i, self.pair_j, self.shift) if a is not None) + 200
+
+
+def species_table(species):
+    """(symbols, Z -> species index) of a species list, for :func:`prepare`."""
+    from ase.data import atomic_numbers
+
+    symbols = species_symbols(species)
+    z_to_idx = np.full(119, -1, dtype=np.int64)
+    for k, s in enumerate(symbols):
+        z_to_idx[atomic_numbers[s]] = k
+    return symbols, z_to_idx
+
+
+def prepare(s, table, cutoff: float, where: str = "structure", neighbor_backend: str | None = None) -> Graph:
+    """A :class:`Graph` of one structure (``Structure`` or any object with ``numbers, positions,
+    cell, pbc`` and optionally ``energy, forces, weight, index``).  ``table``: :func:`species_table`."""
+    symbols, z_to_idx = table
+    numbers = np.asarray(s.numbers, dtype=np.int64).reshape(-1)
+    n = len(numbers)
+    pos = np.asarray(s.positions, dtype=np.float64).reshape(n, 3)
+    cell = np.asarray(s.cell, dtype=np.float64).reshape(3, 3)
+    pbc = np.broadcast_to(np.asarray(s.pbc, dtype=bool), (3,)).copy()
+    bad = (numbers <= 0) | (numbers >= len(z_to_idx))
+    idx = np.where(bad, -1, z_to_idx[np.clip(numbers, 0, len(z_to_idx) - 1)])
+    if (idx < 0).any():
+        from ase.data import chemical_symbols
+
+        z = int(numbers[np.nonzero(idx < 0)[0][0]])
+        name = chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
+        raise InputError(f"{where}: field 'numbers': element {name} is not in the species list {symbols}")
+    if not np.all(np.isfinite(pos)):
+        raise InputError(f"{where}: field 'positions' contains non-finite values")
+    try:
+        i, j, S = neighbor_list(pos, cell, pbc, cutoff, backend=neighbor_backend)
+    except ValueError as exc:
+        raise InputError(f"{where}: field 'cell'/'pbc': {exc}") from None
+    shift = None
+    if len(S) and S.any():
+        m = int(np.abs(S).max())
+        shift = S.astype(np.int8 if m < 128 else np.int16 if m < 32768 else np.int32)
+    f = getattr(s, "forces", None)
+    sidx = getattr(s, "index", -1)
+    return Graph(species=idx.astype(np.int8 if len(symbols) < 128 else np.int16),
+                 positions=pos, forces=None if f is None else np.asarray(f, dtype=np.float64).reshape(n, 3),
+                 cell=cell, pbc=pbc, pair_i=i.astype(np.int32), pair_j=j.astype(np.int32), shift=shift,
+                 energy=float(getattr(s, "energy", np.nan)), weight=float(getattr(s, "weight", 1.0)),
+                 index=int(sidx if sidx is not None else -1))
+
+
+def _where(s, b: int) -> str:
+    src = getattr(s, "source", "") or ""
+    sidx = getattr(s, "index", -1)
+    return f"structure {b} of the batch" + (f" (data-set index {sidx})" if sidx is not None and sidx >= 0 else "") \
+        + (f" from {src}" if src else "")
+
+
+def collate_graphs(graphs: Sequence[Graph], dtype: torch.dtype = torch.float64, device="cpu") -> Batch:
+    """Concatenate prepared structures into one :class:`Batch` (atom and pair indices offset,
+    pairs stay sorted by centre)."""
+    B = len(graphs)
+    natoms = np.fromiter((len(g.species) for g in graphs), dtype=np.int64, count=B)
+    npairs = np.fromiter((len(g.pair_i) for g in graphs), dtype=np.int64, count=B)
+    N, P = int(natoms.sum()), int(npairs.sum())
+    aoff = np.zeros(B, dtype=np.int64)
+    if B:
+        np.cumsum(natoms[:-1], out=aoff[1:])
+    pair_off = np.repeat(aoff, npairs)
+    if P:
+        pair_i = np.concatenate([g.pair_i for g in graphs]).astype(np.int64) + pair_off
+        pair_j = np.concatenate([g.pair_j for g in graphs]).astype(np.int64) + pair_off
+    else:
+        pair_i = pair_j = np.zeros(0, np.int64)
+    cells = np.stack([g.cell for g in graphs]) if B else np.zeros((0, 3, 3))
+    shifts = np.zeros((P, 3))
+    if any(g.shift is not None for g in graphs):
+        poff = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(npairs, out=poff[1:])
+        for b, g in enumerate(graphs):
+            if g.shift is not None:
+                shifts[poff[b]:poff[b + 1]] = g.shift.astype(np.float64) @ g.cell
+    counts = np.bincount(pair_i, minlength=N)
+    ptr = np.zeros(N + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    has_forces = np.fromiter((g.forces is not None for g in graphs), dtype=bool, count=B)
+    forces = np.concatenate([g.forces if g.forces is not None else np.zeros((len(g.species), 3))
+                             for g in graphs]) if B else np.zeros((0, 3))
+    dev = torch.device(device)
+    t = lambda a, dt: torch.as_tensor(a, dtype=dt).to(dev)  # noqa: E731
+    return Batch(
+        positions=t(np.concatenate([g.positions for g in graphs]) if B else np.zeros((0, 3)), dtype),
+        species=t(np.concatenate([g.species for g in graphs]).astype(np.int64) if B else np.zeros(0, np.int64),
+                  torch.long),
+        structure=t(np.repeat(np.arange(B, dtype=np.int64), natoms), torch.long),
+        n_structures=B,
+        natoms=t(natoms, torch.long),
+        cell=t(cells, dtype),
+        pbc=t(np.stack([g.pbc for g in graphs]) if B else np.zeros((0, 3), bool), torch.bool),
+        pair_i=t(pair_i, torch.long),
+        pair_j=t(pair_j, torch.long),
+        pair_shift=t(shifts, dtype),
+        pair_ptr=t(ptr, torch.long),
+        energy=t(np.fromiter((g.energy for g in graphs), dtype=np.float64, count=B), torch.float64),
+        forces=t(forces, torch.float64),
+        has_forces=t(has_forces, torch.bool),
+        weight=t(np.fromiter((g.weight for g in graphs), dtype=np.float64, count=B), torch.float64),
+        index=t(np.fromiter((g.index for g in graphs), dtype=np.int64, count=B), torch.long),
+    )
+
+
 def collate(structures: Sequence, species, cutoff: float, dtype: torch.dtype = torch.float64,
             device="cpu", neighbor_backend: str | None = None) -> Batch:
     """Build a :class:`Batch` from a list of ``distmlip.data.structure.Structure`` (or any object
@@ -93,95 +224,44 @@ def collate(structures: Sequence, species, cutoff: float, dtype: torch.dtype = t
 
     ``species``: the model's element list (symbols or atomic numbers); ``batch.species`` indexes
     it.  ``cutoff``: neighbour cutoff (the largest descriptor cutoff).  An element that is not in
-    ``species`` raises :class:`InputError` naming the structure."""
-    symbols = species_symbols(species)
-    from ase.data import atomic_numbers
+    ``species`` raises :class:`InputError` naming the structure.  The same code path as the
+    training batches (:func:`prepare`, :func:`collate_graphs`)."""
+    table = species_table(species)
+    graphs = [prepare(s, table, cutoff, _where(s, b), neighbor_backend) for b, s in enumerate(structures)]
+    return collate_graphs(graphs, dtype, device)
 
-    z_to_idx = np.full(119, -1, dtype=np.int64)
-    for k, s in enumerate(symbols):
-        z_to_idx[atomic_numbers[s]] = k
 
-    B = len(structures)
-    pos_l, spec_l, struct_l, forces_l = [], [], [], []
-    pi_l, pj_l, ps_l = [], [], []
-    natoms = np.zeros(B, dtype=np.int64)
-    cells = np.zeros((B, 3, 3))
-    pbcs = np.zeros((B, 3), dtype=bool)
-    energy = np.full(B, np.nan)
-    has_forces = np.zeros(B, dtype=bool)
-    weight = np.ones(B)
-    index = np.full(B, -1, dtype=np.int64)
-    offset = 0
-    for b, s in enumerate(structures):
-        src = getattr(s, "source", "") or ""
-        sidx = getattr(s, "index", -1)
-        where = f"structure {b} of the batch" + (f" (data-set index {sidx})" if sidx is not None and sidx >= 0 else "") \
-            + (f" from {src}" if src else "")
-        numbers = np.asarray(s.numbers, dtype=np.int64).reshape(-1)
-        n = len(numbers)
-        pos = np.asarray(s.positions, dtype=np.float64).reshape(n, 3)
-        cell = np.asarray(s.cell, dtype=np.float64).reshape(3, 3)
-        pbc = np.broadcast_to(np.asarray(s.pbc, dtype=bool), (3,))
-        bad = (numbers <= 0) | (numbers >= len(z_to_idx))
-        idx = np.where(bad, -1, z_to_idx[np.clip(numbers, 0, len(z_to_idx) - 1)])
-        if (idx < 0).any():
-            from ase.data import chemical_symbols
+class GraphStore:
+    """The prepared structures of a data set, each computed once and kept while they fit in
+    ``max_bytes`` (beyond that, structures are prepared again whenever used, so memory stays
+    bounded by the budget, not by the data set).  One writer thread (the stream's prefetch) and
+    readers of the returned lists."""
 
-            z = int(numbers[np.nonzero(idx < 0)[0][0]])
-            name = chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
-            raise InputError(f"{where}: field 'numbers': element {name} is not in the species list "
-                             f"{symbols}")
-        if not np.all(np.isfinite(pos)):
-            raise InputError(f"{where}: field 'positions' contains non-finite values")
-        try:
-            i, j, S = neighbor_list(pos, cell, pbc, cutoff, backend=neighbor_backend)
-        except ValueError as exc:
-            raise InputError(f"{where}: field 'cell'/'pbc': {exc}") from None
-        pos_l.append(pos)
-        spec_l.append(idx)
-        struct_l.append(np.full(n, b, dtype=np.int64))
-        f = getattr(s, "forces", None)
-        if f is not None:
-            forces_l.append(np.asarray(f, dtype=np.float64).reshape(n, 3))
-            has_forces[b] = True
-        else:
-            forces_l.append(np.zeros((n, 3)))
-        pi_l.append(i + offset)
-        pj_l.append(j + offset)
-        ps_l.append(S.astype(np.float64) @ cell)
-        natoms[b] = n
-        cells[b] = cell
-        pbcs[b] = pbc
-        energy[b] = float(getattr(s, "energy", np.nan))
-        weight[b] = float(getattr(s, "weight", 1.0))
-        index[b] = int(sidx if sidx is not None else -1)
-        offset += n
+    def __init__(self, ds, species, cutoff: float, max_bytes: int = 2 << 30):
+        self.ds = ds
+        self.table = species_table(species)
+        self.cutoff = float(cutoff)
+        self.max_bytes = int(max_bytes)
+        self._g: dict[int, Graph] = {}
+        self.nbytes = 0
+        self.full = False
 
-    def cat(lst, shape, dt):
-        return np.concatenate(lst) if lst else np.zeros(shape, dtype=dt)
+    def __len__(self) -> int:
+        return len(self._g)
 
-    N = offset
-    pair_i = cat(pi_l, (0,), np.int64)
-    counts = np.bincount(pair_i, minlength=N)
-    ptr = np.zeros(N + 1, dtype=np.int64)
-    np.cumsum(counts, out=ptr[1:])
-    dev = torch.device(device)
-    t = lambda a, dt: torch.as_tensor(a, dtype=dt).to(dev)  # noqa: E731
-    return Batch(
-        positions=t(cat(pos_l, (0, 3), np.float64), dtype),
-        species=t(cat(spec_l, (0,), np.int64), torch.long),
-        structure=t(cat(struct_l, (0,), np.int64), torch.long),
-        n_structures=B,
-        natoms=t(natoms, torch.long),
-        cell=t(cells, dtype),
-        pbc=t(pbcs, torch.bool),
-        pair_i=t(pair_i, torch.long),
-        pair_j=t(cat(pj_l, (0,), np.int64), torch.long),
-        pair_shift=t(cat(ps_l, (0, 3), np.float64), dtype),
-        pair_ptr=t(ptr, torch.long),
-        energy=t(energy, torch.float64),
-        forces=t(cat(forces_l, (0, 3), np.float64), torch.float64),
-        has_forces=t(has_forces, torch.bool),
-        weight=t(weight, torch.float64),
-        index=t(index, torch.long),
-    )
+    def graphs(self, indices) -> list[Graph]:
+        """Prepared structures at the data-set ``indices`` (read and prepared where missing)."""
+        idx = [int(i) for i in indices]
+        missing = sorted({i for i in idx if i not in self._g})
+        fresh: dict[int, Graph] = {}
+        if missing:
+            for b, s in enumerate(self.ds.read(missing)):
+                g = prepare(s, self.table, self.cutoff, _where(s, b))
+                fresh[g.index] = g
+                if not self.full:
+                    if self.nbytes + g.nbytes <= self.max_bytes:
+                        self._g[g.index] = g
+                        self.nbytes += g.nbytes
+                    else:
+                        self.full = True
+        return [self._g.get(i) or fresh[i] for i in idx]

@@ -331,27 +331,29 @@ def exit_process(code: int) -> None:
 
 
 # --------------------------------------------------------------------------------- gradients
-def allreduce_gradients(parameters, ctx: Optional[DistContext] = None, *, scale: Optional[float] = None
-                        ) -> None:
+def allreduce_gradients(parameters, ctx: Optional[DistContext] = None, *, scale: Optional[float] = None,
+                        extra: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Sum the ``.grad`` of ``parameters`` over all ranks with ONE flat all-reduce (SUM).
 
     Gradients are packed into one buffer (their common dtype, float64 when they differ), together
     with one presence flag per parameter.  A parameter whose grad is None on some ranks counts as
     zeros there, and gets the summed grad on every rank; a parameter without grad on every rank
     keeps ``grad = None`` (as in a single-process run, the optimizer then skips it).
-    ``scale`` (optional) multiplies the sums, e.g. 1/global_count.  No-op for world_size 1 apart
+    ``scale`` (optional) multiplies the sums, e.g. 1/global_count.  ``extra`` (optional, a few
+    small numbers: flags, codes, counts) travels in the same buffer and is returned summed over the
+    ranks, so that a training step needs this one collective only.  No-op for world_size 1 apart
     from ``scale``.
     """
     ctx = ctx or get_context()
     params = [p for p in parameters if p.requires_grad]
-    if not params:
-        return
-    if ctx.world_size == 1:
+    if ctx.world_size == 1 or not params:
         if scale is not None:
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-        return
+        if ctx.world_size > 1 and extra is not None:
+            return ctx.all_reduce_sum(extra.to(torch.float64).clone())
+        return None if extra is None else extra.to(torch.float64).clone()
     dtypes = {p.dtype for p in params}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
     if not dtype.is_floating_point:
@@ -359,7 +361,10 @@ def allreduce_gradients(parameters, ctx: Optional[DistContext] = None, *, scale:
     dev = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
     sizes = [p.numel() for p in params]
     n = sum(sizes)
-    buf = torch.zeros(n + len(params), dtype=dtype, device=dev)
+    n_extra = 0 if extra is None else int(extra.numel())
+    buf = torch.zeros(n + len(params) + n_extra, dtype=dtype, device=dev)
+    if n_extra:
+        buf[n + len(params):] = extra.reshape(-1).to(dtype=dtype, device=dev)
     off = 0
     for k, (p, sz) in enumerate(zip(params, sizes)):
         if p.grad is not None:
@@ -371,7 +376,8 @@ def allreduce_gradients(parameters, ctx: Optional[DistContext] = None, *, scale:
     ctx.all_reduce_sum(buf)
     if scale is not None:
         buf[:n].mul_(scale)
-    present = buf[n:].to("cpu")
+    tail = buf[n:].to("cpu")
+    present = tail[:len(params)]
     off = 0
     for k, (p, sz) in enumerate(zip(params, sizes)):
         if present[k] > 0:
@@ -381,3 +387,4 @@ def allreduce_gradients(parameters, ctx: Optional[DistContext] = None, *, scale:
             else:
                 p.grad.copy_(g)
         off += sz
+    return tail[len(params):].to(torch.float64) if n_extra else None

@@ -32,6 +32,8 @@ class DataConfig:
     split_patterns: Optional[str] = None  # e.g. "train=train/,val=val/,test=test/" on source paths
     subsets: Optional[list[str]] = None  # train only on these subsets (names); null = all
     prefetch: bool = True
+    # prepared structures (neighbour lists) kept per rank, MB; 0: prepare every batch anew
+    neighbor_cache_mb: int = field(default=2048, metadata=bounds(ge=0))
 
     def validate(self):
         if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or sum(self.fractions) <= 0:
@@ -55,6 +57,9 @@ class ModelConfig:
 class TrainingConfig:
     mode: Literal["energy", "force"] = "energy"
     alpha: float = field(default=0.1, metadata=bounds(ge=0.0, le=1.0))   # force weight in (1 - alpha) L_E + alpha L_F
+    # the form of L_E and L_F (distmlip/training/losses.py): mse (mean squares), rmse (root mean
+    # squares, aenet-PyTorch's form) or normalized (mean squares over the data's reference spreads)
+    loss: Literal["mse", "rmse", "normalized"] = "mse"
     force_fraction: float = field(default=1.0, metadata=bounds(ge=0.0, le=1.0))  # share of structures with force loss
     energy_loss: Literal["per_atom", "per_structure"] = "per_atom"
     epochs: int = field(default=100, metadata=bounds(ge=1))
@@ -71,7 +76,10 @@ class TrainingConfig:
     early_stopping: int = field(default=0, metadata=bounds(ge=0))   # epochs without improvement before stopping (0: off)
     grad_clip: float = field(default=0.0, metadata=bounds(ge=0.0))   # max gradient norm (0: off)
     seed: int = field(default=0, metadata=bounds(ge=0))
-    checkpoint_every: int = field(default=1, metadata=bounds(ge=0))   # epochs (0: only at stop and end)
+    # checkpoints (and the best model so far) are written every checkpoint_minutes of wall time,
+    # every checkpoint_every epochs (0: off) and always at the end, a stop and early stopping
+    checkpoint_every: int = field(default=0, metadata=bounds(ge=0))
+    checkpoint_minutes: float = field(default=10.0, metadata=bounds(ge=0.0))
     output: str = "run"
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     warm_start: Optional[str] = None    # model file to fine-tune from

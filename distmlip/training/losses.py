@@ -21,6 +21,8 @@ On the CPU the step's loss and its gradients in E and F come from one compiled o
 implementation of the same formula that the tests check against :func:`loss_sums`."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -133,14 +135,42 @@ def loss_sums(E, batch, *, per_atom: bool, F=None, mask=None) -> torch.Tensor:
     return out
 
 
-def loss_from_sums(sums: torch.Tensor, *, alpha: float, force_mode: bool) -> float:
-    """The loss of the structures whose :func:`loss_sums` add up to ``sums``."""
+LOSS_FORMS = ("mse", "rmse", "normalized")
+
+
+def loss_from_sums(sums: torch.Tensor, *, alpha: float, force_mode: bool, form: str = "mse",
+                   spread=(1.0, 1.0)) -> float:
+    """The loss of the structures whose :func:`loss_sums` add up to ``sums``, in ``form``:
+    'mse' (1-a) MSE_E + a MSE_F; 'rmse' (1-a) RMSE_E + a RMSE_F (aenet-PyTorch's form);
+    'normalized' (1-a) MSE_E / s_E^2 + a MSE_F / s_F^2 with the reference spreads ``spread``."""
     s = sums.tolist()
-    L_E = s[0] / s[1] if s[1] > 0 else float("nan")
-    if not force_mode:
-        return L_E
-    L_F = s[2] / s[3] if s[3] > 0 else 0.0
-    return (1.0 - alpha) * L_E + alpha * L_F
+    mse_e = s[0] / s[1] if s[1] > 0 else float("nan")
+    mse_f = s[2] / s[3] if s[3] > 0 else 0.0
+    if form == "rmse":
+        e, f = math.sqrt(mse_e) if mse_e == mse_e else mse_e, math.sqrt(mse_f)
+    elif form == "normalized":
+        e, f = mse_e / spread[0] ** 2, mse_f / spread[1] ** 2
+    else:
+        e, f = mse_e, mse_f
+    return e if not force_mode else (1.0 - alpha) * e + alpha * f
+
+
+def term_weights(form: str, alpha: float, force_mode: bool, spread, previous=None) -> tuple[float, float]:
+    """(c_E, c_F): the weights of the step's mean squares MSE_E = S_E/C_E and MSE_F = S_F/C_F whose
+    gradient is that of the loss ``form`` (see :func:`loss_from_sums`).
+
+    mse: (1-a, a).  normalized: ((1-a)/s_E^2, a/s_F^2).  rmse: the chain rule of
+    d sqrt(MSE) = d MSE / (2 RMSE), with the RMSEs of the PREVIOUS step's global batch
+    (``previous``; the reference spreads before the first step): the current step's global RMSEs
+    would need a collective before the backward pass, and one step of lag changes the weights
+    by the change of the error over one step."""
+    aE, aF = (1.0 - alpha, alpha) if force_mode else (1.0, 0.0)
+    if form == "mse":
+        return aE, aF
+    if form == "normalized":
+        return aE / spread[0] ** 2, aF / spread[1] ** 2
+    rE, rF = previous if previous is not None else spread
+    return aE / (2.0 * max(rE, 1e-12)), aF / (2.0 * max(rF, 1e-12))
 
 
 def local_counts(batch, selected: torch.Tensor | None, with_forces: bool) -> torch.Tensor:

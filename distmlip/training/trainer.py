@@ -33,8 +33,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .flat import FlatParameters, optimizer_step
 from .force_step import force_loss_and_gradients
-from .losses import (energy_force_loss, force_atom_mask, force_selection, local_counts, loss_from_sums,
-                     loss_sums)
+from .losses import energy_force_loss, force_atom_mask, force_selection, loss_from_sums, loss_sums, term_weights
 
 # layout of the float64 metric accumulator
 _M = ["loss", "e_sse", "e_sae", "n_struct", "es_sse", "es_sae", "f_sse", "f_sae", "n_comp", "n_steps"]
@@ -279,7 +278,8 @@ class Trainer:
         from ..data.stream import PartitionedStream
 
         st = PartitionedStream(self.ds, self.train_idx, self.ctx.rank, self.ctx.world_size,
-                               tc.batch_atoms, bs, tc.seed, shuffle=False, prefetch=False)
+                               tc.batch_atoms, bs, tc.seed, shuffle=False, prefetch=False,
+                               loader=self.stream.loader)
         for structures in st.epoch(0):
             if structures:
                 yield self.collate(structures, self.ds)
@@ -317,6 +317,7 @@ class Trainer:
                               backend=dc.backend)
         self.model.to(self.device)
         self._setup_cache()
+        self._setup_graphs()
         if fit:
             t0 = time.time()
             summary = self.model.fit_normalization(self._norm_batches(), ctx=self.ctx,
@@ -357,6 +358,25 @@ class Trainer:
             if self.val_cache is not None and self.val_cache is not self.cache and self.val_stream is not None:
                 self.val_cache.preload(self.val_stream.partition())
             self._log(f"descriptor cache: {self.cache.path} ({time.time() - t0:.1f} s)")
+
+    def _setup_graphs(self):
+        """Prepared structures (species, positions, neighbour pairs) computed once per run for
+        the streams that do not read cached descriptors: the neighbour lists of fixed training
+        structures need not be rebuilt every epoch.  Filled by the first pass (the normalisation
+        fit, else the first epoch) in the prefetch thread; bounded by data.neighbor_cache_mb per
+        rank (beyond it, structures are prepared again when used)."""
+        from ..descriptors.batch import GraphStore
+
+        budget = int(self.cfg.data.neighbor_cache_mb) << 20
+        store = None
+        if self.cache is None:
+            store = GraphStore(self.ds, self.model.species, self.model.cutoff, budget)
+            self.stream.loader = store.graphs
+        if self.val_stream is not None and self.val_cache is None:
+            vstore = store if (self.val_ds is self.ds and store is not None) else \
+                GraphStore(self.val_ds, self.model.species, self.model.cutoff, budget)
+            self.val_stream.loader = vstore.graphs
+        self.graphs = store
 
     def _setup_optim(self):
         tc = self.cfg.training
@@ -406,6 +426,8 @@ class Trainer:
         self.epoch, self.step_in_epoch = int(st["epoch"]), int(st["step"])
         self.global_step = int(st["global_step"])
         self.best, self.bad_epochs = float(st["best"]), int(st["bad_epochs"])
+        if st.get("loss_state") is not None:
+            self._prev_rmse = tuple(float(x) for x in st["loss_state"])
         # the interrupted epoch's error sums of ALL ranks (reduced when the checkpoint was
         # written); rank 0 alone adds them back, so the epoch's reduction counts them once
         self.partial = st.get("partial") if self.ctx.rank == 0 else None
@@ -419,11 +441,13 @@ class Trainer:
         """Batch of ``structures`` of data set ``ds`` (default: the training set): cached
         descriptors when a cache of that data set is active, else a full ``collate``; bootstrap
         multiplicities are applied to the weights of training structures."""
-        from ..descriptors.batch import collate
+        from ..descriptors.batch import Graph, collate, collate_graphs
 
         ds = self.ds if ds is None else ds
         cache = self.cache if ds is self.ds else (self.val_cache if ds is self.val_ds else None)
-        if cache is not None:
+        if structures and isinstance(structures[0], Graph):
+            batch = collate_graphs(structures, dtype=torch.float64, device=self.device)
+        elif cache is not None:
             from ..descriptors.featurize import feature_batch
 
             batch = feature_batch(structures, cache, self.model.species, self.device)
@@ -450,49 +474,141 @@ class Trainer:
         else:
             E, F = self.model(batch), None
         mask = force_atom_mask(batch, selected) if self.force_mode else None
-        loss = energy_force_loss(E, batch, counts, per_atom=self.per_atom, alpha=tc.alpha, F=F, mask=mask,
+        alpha, counts = self._weighted(counts)
+        loss = energy_force_loss(E, batch, counts, per_atom=self.per_atom, alpha=alpha, F=F, mask=mask,
                                  compiled=self.model.plan().loss == "compiled")
         if acc is not None:
             with torch.no_grad():
                 _accumulate_errors(acc, batch, E.detach(), None if F is None else F.detach())
+                if self.cfg.training.loss == "rmse":
+                    self._step_sums = loss_sums(E.detach(), batch, per_atom=self.per_atom,
+                                                F=None if F is None else F.detach(), mask=mask)
         return loss
 
-    def train_step(self, structures, acc: torch.Tensor) -> None:
-        """One synchronous optimizer step on this rank's share of the global batch."""
+    # ---- the loss form (training.loss): weights of the step's mean squares ---------------------
+    _prev_rmse = None          # global (RMSE_E, RMSE_F) of the previous step (loss 'rmse')
+    _step_sums = None          # this rank's loss_sums of the current step (loss 'rmse')
+
+    def _spread(self) -> tuple[float, float]:
+        """Reference spreads of the energy error measure and of the force components of the
+        training data: the scale of the per-atom energies (the model's fitted energy scale, times
+        the mean atom count for per-structure energies) and the RMS force component."""
+        if getattr(self, "_spread_cache", None) is None:
+            sE = float(self.model.ann.energy_scale)
+            if not self.per_atom:
+                sE *= float(np.mean(self.ds.natoms[self.train_idx])) if len(self.train_idx) else 1.0
+            sF = 1.0
+            if self.force_mode:
+                use = np.zeros(self.ds.n_structures, dtype=bool)
+                use[self.train_idx] = True
+                use &= np.asarray(self.ds.column("has_forces"), dtype=bool)
+                atom_ok = np.repeat(use, self.ds.natoms)
+                shard_base = np.cumsum([0] + [sh.n_atoms for sh in self.ds._shards])
+                ss = n = 0.0
+                for k, a, blk in self.ds.iter_atom_blocks("forces"):
+                    m = atom_ok[shard_base[k] + a: shard_base[k] + a + len(blk)]
+                    ss += float((blk[m] ** 2).sum())
+                    n += 3.0 * float(m.sum())
+                sF = math.sqrt(ss / n) if n > 0 and ss > 0 else 1.0
+            self._spread_cache = (max(sE, 1e-6), max(sF, 1e-6))
+        return self._spread_cache
+
+    def _weighted(self, counts: torch.Tensor):
+        """(alpha', counts') such that the loss operator's (1-a') S_E/C_E' + a' S_F/C_F' is
+        c_E MSE_E + c_F MSE_F with the weights of the configured loss form (losses.term_weights)."""
+        tc = self.cfg.training
+        if tc.loss == "mse":
+            return tc.alpha, counts
+        cE, cF = term_weights(tc.loss, tc.alpha, self.force_mode, self._spread(), self._prev_rmse)
+        s = cE + cF
+        return cF / s, counts / s
+
+    def _global_counts(self, epoch: int, step: int) -> torch.Tensor:
+        """(C_E, C_F) of the GLOBAL batch of ``step``: derived from the epoch plan, which every
+        rank knows (the batches of every rank are a function of the seed), so that no
+        collective is needed before the step's compute."""
+        members = [b[step] for b in (self.stream.batches(epoch, r) for r in range(self.ctx.world_size))
+                   if step < len(b)]
+        return self.counts_of(np.concatenate(members) if members else np.zeros(0, np.int64))
+
+    def counts_of(self, indices) -> torch.Tensor:
+        """(C_E, C_F) of the training structures at data-set ``indices`` (losses.local_counts of
+        their batch, from per-structure tables)."""
+        if self._count_tables is None:
+            idx = np.arange(self.ds.n_structures)
+            w = np.asarray(self.ds.column("weight"), dtype=np.float64)
+            if self.sample_multiplier is not None:
+                w = w * self.sample_multiplier
+            fc = np.zeros_like(w)
+            if self.force_mode:
+                tc = self.cfg.training
+                sel = force_selection(idx, tc.seed, tc.force_fraction)
+                hf = np.asarray(self.ds.column("has_forces"), dtype=bool)
+                fc = 3.0 * np.asarray(self.ds.natoms, dtype=np.float64) * w * (hf & sel)
+            self._count_tables = (w, fc)
+        w, fc = self._count_tables
+        idx = np.asarray(indices, dtype=np.int64)
+        return torch.tensor([float(w[idx].sum()), float(fc[idx].sum())], dtype=torch.float64, device=self.device)
+
+    _count_tables = None
+    _stop_after_step = False
+
+    def train_step(self, structures, acc: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        """One synchronous optimizer step on this rank's share of the global batch, with ONE
+        collective: the gradient all-reduce, which also carries this rank's stop request and its
+        non-finite flag.  ``counts``: the global batch's (C_E, C_F); default: from the plan of
+        the current step (:meth:`counts_of` gives them for any global batch)."""
         from ..distributed import allreduce_gradients
+        from ..distributed import signals
 
         tc = self.cfg.training
         batch = self.collate(structures, self.ds) if structures else None
         selected = None
-        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if counts is None:
+            counts = self._global_counts(self.epoch, self.step_in_epoch)
         if batch is not None:
             selected = self._selected(batch) if self.force_mode else None
-            counts = local_counts(batch, selected, self.force_mode)
-        self.ctx.all_reduce_sum(counts)
         self.flat.zero_grad()
         params = self.flat.tensors
         if batch is not None and counts[0] > 0:
             if self.force_mode:
-                loss, E, F = force_loss_and_gradients(self.model, self.flat, batch, counts,
-                                                      per_atom=self.per_atom, alpha=tc.alpha,
-                                                      mask=force_atom_mask(batch, selected))
+                mask = force_atom_mask(batch, selected)
+                alpha, wcounts = self._weighted(counts)
+                loss, E, F = force_loss_and_gradients(self.model, self.flat, batch, wcounts,
+                                                      per_atom=self.per_atom, alpha=alpha, mask=mask)
                 _accumulate_errors(acc, batch, E, F)
+                if tc.loss == "rmse":
+                    self._step_sums = loss_sums(E, batch, per_atom=self.per_atom, F=F, mask=mask)
             else:
                 with self.flat.routing():
                     loss = self.batch_loss(batch, counts, acc, selected)
                     loss.backward(inputs=self.flat.grad_inputs)
             acc[_IDX["loss"]] += loss.detach()
         self.flat.sync()
-        allreduce_gradients(params, self.ctx)
+        stop = signals.local_stop_code(self.ctx.job_rank)
+        bad_loss = 0.0 if bool(torch.isfinite(acc[_IDX["loss"]])) else 1.0
+        sums = self._step_sums if self._step_sums is not None else torch.zeros(4, dtype=torch.float64)
+        self._step_sums = None
+        extra = torch.cat([torch.tensor([float(stop), 1.0 if stop else 0.0, bad_loss], dtype=torch.float64),
+                           sums.to("cpu", torch.float64)])
+        extra = allreduce_gradients(params, self.ctx, extra=extra)
+        if tc.loss == "rmse":       # this step's global RMSEs weigh the next step's terms
+            g = extra[3:7].tolist()
+            if g[1] > 0:
+                self._prev_rmse = (math.sqrt(g[0] / g[1]), math.sqrt(g[2] / g[3]) if g[3] > 0 else 1.0)
+        if extra[1] > 0:           # some rank asked to stop: every rank stops after this step
+            self._stop_after_step = True
+            n = int(extra[1])
+            self._stop_reason = signals.describe_stop(int(extra[0])) if n == 1 else f"stop requested on {n} ranks"
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         optimizer_step(self.opt)
         acc[_IDX["n_steps"]] += 1.0 / self.ctx.world_size  # reduced: one per global step
-        # one check per step of everything that can go non-finite: this rank's loss, the reduced
-        # gradients and the updated parameters (identical on every rank, so every rank stops)
-        checks = [acc[_IDX["loss"]].reshape(1)] + [t.reshape(-1) for t in params] + \
-                 [t.grad.reshape(-1) for t in params if t.grad is not None]
-        if not bool(torch.isfinite(torch.cat(checks)).all()):
+        # one check per step of everything that can go non-finite: every rank's loss (the flag
+        # above), the reduced gradients and the updated parameters (identical on every rank, so
+        # every rank stops together)
+        checks = [t.reshape(-1) for t in params] + [t.grad.reshape(-1) for t in params if t.grad is not None]
+        if extra[2] > 0 or not bool(torch.isfinite(torch.cat(checks)).all()):
             self._non_finite(batch, acc)
 
     def _non_finite(self, batch, acc) -> None:
@@ -506,6 +622,7 @@ class Trainer:
         idx = [] if batch is None else batch.index.tolist()
         shown = ", ".join(map(str, idx[:20])) + (f", ... ({len(idx)} in all)" if len(idx) > 20 else "")
         lr = self.opt.param_groups[0]["lr"]
+        self._flush_best()          # the best model so far is good: keep it
         ck = self.out / "checkpoint.pt"
         hint = (f"resume from the last good checkpoint {ck} with a lower learning rate: distmlip train CONFIG "
                 f"--resume {ck} --set training.lr={lr / 10:.3g}" if ck.exists()
@@ -514,7 +631,7 @@ class Trainer:
             f"non-finite {' and '.join(what) or 'values'} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} "
             f"(global step {self.global_step + 1}, learning rate {lr:.3g}); structures of this rank's batch "
             f"(data-set indices in {self.cfg.data.train}): {shown or 'none'}.  No model file was written for this "
-            f"state; {hint}")
+            f"state (best_model.pt is the best model so far); {hint}")
 
     def evaluate_stream(self, stream) -> dict:
         """Global metrics over a whole (partitioned) stream, each structure counted once: local
@@ -541,7 +658,8 @@ class Trainer:
         self.ctx.all_reduce_sum(both)
         acc, sums = both[:len(_M)], both[len(_M):]
         m = metrics_from_sums(acc)
-        m["loss"] = loss_from_sums(sums, alpha=self.cfg.training.alpha, force_mode=self.force_mode)
+        m["loss"] = loss_from_sums(sums, alpha=self.cfg.training.alpha, force_mode=self.force_mode,
+                                   form=self.cfg.training.loss, spread=self._spread())
         return m
 
     # ------------------------------------------------------------------ checkpoints and logs
@@ -551,11 +669,27 @@ class Trainer:
                     scheduler_kind=self.cfg.training.scheduler,
                     epoch=epoch, step=step, global_step=self.global_step, best=self.best,
                     bad_epochs=self.bad_epochs, partial=partial, config=config_to_dict(self.cfg),
+                    loss_state=list(self._prev_rmse) if self._prev_rmse is not None else None,
                     world_size=self.ctx.world_size)
 
+    _best = None               # (payload, metadata) of the best model not yet written (rank 0)
+    _last_checkpoint = 0.0     # time.monotonic() of the last checkpoint written (rank 0)
+
     def save_checkpoint(self, epoch, step, partial=None, path=None):
+        """The checkpoint (durable: fsync, it is what a resume starts from) and the best model
+        kept in memory since the last one."""
         if self.rank0:
             ckpt.save_checkpoint(path or (self.out / "checkpoint.pt"), **self._payload(epoch, step, partial))
+            self._flush_best()
+            self._last_checkpoint = time.monotonic()
+
+    def _flush_best(self) -> None:
+        if self.rank0 and self._best is not None:
+            from ..utils.io import atomic_torch_save
+
+            payload, meta = self._best
+            atomic_torch_save({**payload, "metadata": {**meta, **self._data_metadata()}}, self.out / "best_model.pt")
+            self._best = None
 
     def _write_csv_row(self, row: dict):
         if not self.rank0:
@@ -616,6 +750,7 @@ class Trainer:
 
     def _fit(self, step_callback=None) -> str:
         tc = self.cfg.training
+        self._last_checkpoint = time.monotonic()
         self._prepare_output()
         # Every step allocates a few hundred short-lived Python objects (autograd contexts,
         # tuples), which trigger the cyclic garbage collector; its full collections walked every
@@ -636,15 +771,16 @@ class Trainer:
             bar = self._progress(steps, self.step_in_epoch)
             stop = False
             while self.step_in_epoch < steps:
-                if self.ctx.stop_requested():
-                    stop = True
-                    break
                 structures = next(it)
                 self.train_step(structures, acc)
                 self.step_in_epoch += 1
                 self.global_step += 1
                 if bar is not None:
                     bar.update(1)
+                if self._stop_after_step:     # a stop request travelled with this step's gradients
+                    stop = True
+                    if self.step_in_epoch < steps:
+                        break
                 if tc.max_steps and self.global_step >= tc.max_steps:
                     status = "max_steps"
                     break
@@ -664,7 +800,8 @@ class Trainer:
                     self.ctx.all_reduce_sum(partial)     # every rank's partial sums, counted once on resume
                     self.save_checkpoint(epoch, self.step_in_epoch, partial=partial.cpu())
                     if stop:
-                        self._log(f"stop requested: checkpoint written to {self.out / 'checkpoint.pt'} at epoch "
+                        self._log(f"stop requested ({getattr(self, '_stop_reason', None) or 'callback'}): "
+                                  f"checkpoint written to {self.out / 'checkpoint.pt'} at epoch "
                                   f"{epoch + 1}, step {self.step_in_epoch}/{steps}; resume with "
                                   f"'distmlip train CONFIG --resume {self.out / 'checkpoint.pt'}'")
                         return "stopped"
@@ -672,7 +809,8 @@ class Trainer:
                     return status
             self._end_epoch(epoch, acc, t0)
             if stop:
-                self._log(f"stop requested: checkpoint written to {self.out / 'checkpoint.pt'} after epoch "
+                self._log(f"stop requested ({getattr(self, '_stop_reason', None) or 'callback'}): "
+                          f"checkpoint written to {self.out / 'checkpoint.pt'} after epoch "
                           f"{epoch + 1}; resume with 'distmlip train CONFIG --resume {self.out / 'checkpoint.pt'}'")
                 self.save_checkpoint(self.epoch, 0)
                 return "stopped"
@@ -696,6 +834,7 @@ class Trainer:
         if not math.isfinite(tr["loss"]) or (val is not None and not math.isfinite(val["loss"])):
             # finite parameters whose predictions overflow: as diverged as NaN weights
             what = "training" if not math.isfinite(tr["loss"]) else "validation"
+            self._flush_best()
             ck = self.out / "checkpoint.pt"
             raise NonFiniteError(
                 f"the {what} loss of epoch {epoch + 1} is not finite (train {tr['loss']:.3g}, validation "
@@ -709,9 +848,8 @@ class Trainer:
         if improved:
             self.best = metric
             self.bad_epochs = 0
-            if self.rank0:
-                self.model.save(self.out / "best_model.pt",
-                                metadata={"epoch": epoch + 1, "val_loss": metric, **self._data_metadata()})
+            if self.rank0:     # kept in memory; written with the next checkpoint and at the end
+                self._best = (self.model.payload(), {"epoch": epoch + 1, "val_loss": metric})
         else:
             self.bad_epochs += 1
         if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -741,7 +879,12 @@ class Trainer:
             self._log(line)
         self.epoch = epoch + 1
         self.step_in_epoch = 0
-        if tc.checkpoint_every > 0 and (self.epoch % tc.checkpoint_every == 0 or self.epoch == tc.epochs):
+        # checkpoints by wall time (rank 0's clock: only rank 0 writes, nothing to agree on) and
+        # by epoch count; always at the end, at a stop and at early stopping (see _fit)
+        if self.rank0 and (self.epoch == tc.epochs
+                           or (tc.checkpoint_every > 0 and self.epoch % tc.checkpoint_every == 0)
+                           or (tc.checkpoint_minutes > 0
+                               and time.monotonic() - self._last_checkpoint >= 60.0 * tc.checkpoint_minutes)):
             self.save_checkpoint(self.epoch, 0)
         if tc.early_stopping > 0 and self.bad_epochs >= tc.early_stopping:
             self._log(f"early stopping: no validation improvement for {self.bad_epochs} epochs")
@@ -766,6 +909,7 @@ class Trainer:
     def _write_models(self):
         if not self.rank0:
             return
+        self._flush_best()
         meta = {"epoch": self.epoch, "step": self.global_step, **self._data_metadata()}
         self.model.save(self.out / "last_model.pt", metadata=meta)
         best = self.out / "best_model.pt"

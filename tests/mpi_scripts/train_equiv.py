@@ -48,7 +48,7 @@ training: {{mode: {mode}, alpha: 0.3, epochs: 1, batch_atoms: 16, lr: 0.05, opti
         parts = balanced_partition(tr.ds.natoms[gb], ctx.world_size)
         mine = gb[parts[ctx.rank]]
         structures = tr.ds.read(mine.tolist()) if len(mine) else []
-        tr.train_step(structures, acc)
+        tr.train_step(structures, acc, counts=tr.counts_of(gb))
     if ctx.rank == 0:
         state = {k: v.detach().cpu().clone() for k, v in tr.model.state_dict().items()}
         torch.save(state, Path(work) / f"{mode}_w{ctx.world_size}.pt")
