@@ -139,14 +139,15 @@ class AtomicNetworks(nn.Module):
     @torch.no_grad()
     def fit_normalization(self, batches: Iterable, plan, ctx=None, descriptor: bool = True,
                           energy: str = "lstsq", scale: bool = True,
-                          fixed_energy: Callable | None = None) -> dict:
+                          fixed_energy: Callable | None = None, min_scale: float | None = None) -> dict:
         """Fit descriptor mean/std per species and feature, and the per-atom energy shift/scale.
 
         ``batches`` yields collated batches of the training set (a rank's share under MPI: the
         sums are all-reduced over ``ctx`` so every rank gets identical buffers).  ``energy``:
         'lstsq' (least-squares per-species shift), 'mean' (mean energy per atom, the same for all
         species) or 'none'.  ``fixed_energy(batch) -> [B]``: the energy of the model's other
-        terms, which this term is fitted to the residual of.  Returns a summary dict."""
+        terms, which this term is fitted to the residual of.  ``min_scale``: a lower bound of the
+        output scale (force training: the scale the forces imply).  Returns a summary dict."""
         T, D = len(self.species), self.dim
         dev = self.feature_mean.device
         f64 = torch.float64
@@ -215,7 +216,11 @@ class AtomicNetworks(nn.Module):
             if ctx is not None:
                 ctx.all_reduce_sum(ss)
             rms = math.sqrt(float(ss[0] / ss[1])) if ss[1] > 0 else 1.0
-            self.energy_scale.fill_(rms if rms > 1e-6 else 1.0)
+            summary["energy_residual_rms"] = rms
+            scale_value = rms if rms > 1e-6 else 1.0
+            if min_scale is not None and min_scale > scale_value:
+                scale_value = float(min_scale)
+            self.energy_scale.fill_(scale_value)
         summary["energy_shift"] = {s: float(v) for s, v in zip(self.species, self.energy_shift.tolist())}
         summary["energy_scale"] = float(self.energy_scale)
         return summary

@@ -209,11 +209,12 @@ class BPNN(nn.Module):
 
     @torch.no_grad()
     def fit_normalization(self, batches: Iterable, ctx=None, descriptor: bool = True,
-                          energy: str = "lstsq", scale: bool = True) -> dict:
+                          energy: str = "lstsq", scale: bool = True, min_scale: float | None = None) -> dict:
         """Fit the network term's normalisation on the training batches (see
         :meth:`AtomicNetworks.fit_normalization`), to the residual of the other terms."""
         return self.ann.fit_normalization(batches, self.plan(), ctx, descriptor, energy, scale,
-                                          fixed_energy=self.other_terms_energy if self.zbl is not None else None)
+                                          fixed_energy=self.other_terms_energy if self.zbl is not None else None,
+                                          min_scale=min_scale)
 
     def extra_repr(self) -> str:
         return f"zbl={self.zbl is not None}, backend={self.backend}"

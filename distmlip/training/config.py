@@ -49,8 +49,16 @@ class ModelConfig:
     dtype: Literal["float64", "float32"] = "float64"
     reference_energies: Optional[dict[str, float]] = None  # eV per free atom (cohesive-energy training)
     energy_shift: Literal["lstsq", "mean", "none"] = "lstsq"
-    energy_scale: bool = True
+    # scale of the networks' output (eV/atom): auto = the RMS per-atom energy residual, and in
+    # force mode at least the RMS force component times 1 A (the networks must express forces
+    # too: an output scale set by the energies alone made force training converge slowly);
+    # energy = the residual RMS only; false = 1 eV (true reads as auto)
+    energy_scale: Union[Literal["auto", "energy"], bool] = "auto"
     normalize_descriptor: bool = True
+
+    def validate(self):
+        if self.energy_scale is True:
+            self.energy_scale = "auto"
 
 
 @dataclass

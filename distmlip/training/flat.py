@@ -204,6 +204,15 @@ def optimizer_step(opt: torch.optim.Optimizer) -> None:
     params, grads, m, v, steps = [], [], [], [], []
     for p in g["params"]:
         st = opt.state.get(p)
+        if not st and p.grad is not None and p.device.type == "cpu" and not p.grad.is_sparse:
+            # torch's lazy state initialisation of a fused Adam (adam.py _init_group), done here
+            # so that the first step takes this path too (opt.step() imports TorchDynamo)
+            from torch.optim.optimizer import _get_scalar_dtype
+
+            st = opt.state[p]
+            st["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if p.grad is None or not st or "step" not in st or p.grad.is_sparse or p.device.type != "cpu":
             opt.step()
             return
@@ -212,9 +221,31 @@ def optimizer_step(opt: torch.optim.Optimizer) -> None:
         m.append(st["exp_avg"])
         v.append(st["exp_avg_sq"])
         steps.append(st["step"])
+    # what torch's step wrapper records (lr schedulers check it to warn about a wrong call order)
+    opt._opt_called = True
     decoupled = g.get("decoupled_weight_decay", type(opt) is AdamW)
     beta1, beta2 = g["betas"]
     torch._foreach_add_(steps, 1)
     fn = torch._fused_adamw_ if decoupled else torch._fused_adam_
     fn(params, grads, m, v, [], steps, amsgrad=False, lr=lr, beta1=float(beta1), beta2=float(beta2),
        weight_decay=g["weight_decay"], eps=g["eps"], maximize=False, grad_scale=None, found_inf=None)
+
+
+def avoid_dynamo_import() -> None:
+    """torch's optimizers wrap add_param_group, state_dict, load_state_dict and zero_grad so that
+    TorchDynamo does not trace them; the wrapper imports torch._dynamo on its first call, which
+    takes seconds of start-up per process (a third of a short training run's wall time on two
+    cores).  distmlip never compiles the optimizer, so the plain functions are registered as
+    their own "disabled" versions, which the wrapper then calls directly.  Nothing changes where
+    torch._dynamo is already imported or where torch's wrapper differs from the one expected."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        return
+    for name in ("add_param_group", "state_dict", "load_state_dict", "zero_grad"):
+        fn = getattr(getattr(torch.optim.Optimizer, name, None), "__wrapped__", None)
+        if fn is not None and getattr(fn, "__dynamo_disable", None) is None:
+            try:
+                fn.__dynamo_disable = fn
+            except (AttributeError, TypeError):
+                pass

@@ -31,7 +31,7 @@ from ..utils.io import OutputLock, atomic_write_text, check_writable, clean_stal
 from ..utils.log import log, warn
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .flat import FlatParameters, optimizer_step
+from .flat import FlatParameters, avoid_dynamo_import, optimizer_step
 from .force_step import force_loss_and_gradients
 from .losses import energy_force_loss, force_atom_mask, force_selection, loss_from_sums, loss_sums, term_weights
 
@@ -322,10 +322,16 @@ class Trainer:
             t0 = time.time()
             summary = self.model.fit_normalization(self._norm_batches(), ctx=self.ctx,
                                                    descriptor=mc.normalize_descriptor,
-                                                   energy=mc.energy_shift, scale=mc.energy_scale)
+                                                   energy=mc.energy_shift, scale=mc.energy_scale is not False,
+                                                   min_scale=(self._force_rms() * 1.0 if self.force_mode
+                                                              and mc.energy_scale == "auto" else None))
+            self._energy_rms = summary.get("energy_residual_rms")
             self._log(f"normalisation fitted on {summary['n_structures']} structures in {time.time() - t0:.1f} s: "
                       f"shift {', '.join(f'{k} {v:.4f}' for k, v in summary['energy_shift'].items())} eV/atom, "
-                      f"scale {summary['energy_scale']:.4g} eV/atom")
+                      f"scale {summary['energy_scale']:.4g} eV/atom"
+                      + (f" (energy residual RMS {summary['energy_residual_rms']:.4g}; RMS force "
+                         f"{self._force_rms():.4g} eV/A x 1 A sets the floor in force mode)"
+                         if self.force_mode and "energy_residual_rms" in summary else ""))
         self._log(f"model: {self.model.describe()}, {sum(p.numel() for p in self.model.parameters())} parameters")
         self._log(f"backend: {self.model.plan().describe()}")
 
@@ -384,6 +390,7 @@ class Trainer:
         # call per step instead of a loop over a few dozen small tensors; see flat.py)
         self.flat = FlatParameters(self.model)
         params = self.flat.tensors
+        avoid_dynamo_import()
         if tc.optimizer == "adamw":
             self.opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
                                          **fused_adam_kwargs(params))
@@ -428,6 +435,8 @@ class Trainer:
         self.best, self.bad_epochs = float(st["best"]), int(st["bad_epochs"])
         if st.get("loss_state") is not None:
             self._prev_rmse = tuple(float(x) for x in st["loss_state"])
+        if st.get("loss_spread") is not None:
+            self._spread_cache = tuple(float(x) for x in st["loss_spread"])
         # the interrupted epoch's error sums of ALL ranks (reduced when the checkpoint was
         # written); rank 0 alone adds them back, so the epoch's reduction counts them once
         self.partial = st.get("partial") if self.ctx.rank == 0 else None
@@ -494,24 +503,29 @@ class Trainer:
         training data: the scale of the per-atom energies (the model's fitted energy scale, times
         the mean atom count for per-structure energies) and the RMS force component."""
         if getattr(self, "_spread_cache", None) is None:
-            sE = float(self.model.ann.energy_scale)
+            sE = getattr(self, "_energy_rms", None) or float(self.model.ann.energy_scale)
             if not self.per_atom:
                 sE *= float(np.mean(self.ds.natoms[self.train_idx])) if len(self.train_idx) else 1.0
-            sF = 1.0
-            if self.force_mode:
-                use = np.zeros(self.ds.n_structures, dtype=bool)
-                use[self.train_idx] = True
-                use &= np.asarray(self.ds.column("has_forces"), dtype=bool)
-                atom_ok = np.repeat(use, self.ds.natoms)
-                shard_base = np.cumsum([0] + [sh.n_atoms for sh in self.ds._shards])
-                ss = n = 0.0
-                for k, a, blk in self.ds.iter_atom_blocks("forces"):
-                    m = atom_ok[shard_base[k] + a: shard_base[k] + a + len(blk)]
-                    ss += float((blk[m] ** 2).sum())
-                    n += 3.0 * float(m.sum())
-                sF = math.sqrt(ss / n) if n > 0 and ss > 0 else 1.0
+            sF = self._force_rms() if self.force_mode else 1.0
             self._spread_cache = (max(sE, 1e-6), max(sF, 1e-6))
         return self._spread_cache
+
+    def _force_rms(self) -> float:
+        """RMS force component (eV/A) of the training structures with forces (the same on every
+        rank: read from the data set, not from a rank's share)."""
+        if getattr(self, "_force_rms_cache", None) is None:
+            use = np.zeros(self.ds.n_structures, dtype=bool)
+            use[self.train_idx] = True
+            use &= np.asarray(self.ds.column("has_forces"), dtype=bool)
+            atom_ok = np.repeat(use, self.ds.natoms)
+            shard_base = np.cumsum([0] + [sh.n_atoms for sh in self.ds._shards])
+            ss = n = 0.0
+            for k, a, blk in self.ds.iter_atom_blocks("forces"):
+                m = atom_ok[shard_base[k] + a: shard_base[k] + a + len(blk)]
+                ss += float((blk[m] ** 2).sum())
+                n += 3.0 * float(m.sum())
+            self._force_rms_cache = math.sqrt(ss / n) if n > 0 and ss > 0 else 1.0
+        return self._force_rms_cache
 
     def _weighted(self, counts: torch.Tensor):
         """(alpha', counts') such that the loss operator's (1-a') S_E/C_E' + a' S_F/C_F' is
@@ -670,6 +684,7 @@ class Trainer:
                     epoch=epoch, step=step, global_step=self.global_step, best=self.best,
                     bad_epochs=self.bad_epochs, partial=partial, config=config_to_dict(self.cfg),
                     loss_state=list(self._prev_rmse) if self._prev_rmse is not None else None,
+                    loss_spread=list(self._spread()),
                     world_size=self.ctx.world_size)
 
     _best = None               # (payload, metadata) of the best model not yet written (rank 0)
