@@ -150,7 +150,10 @@ class PartitionedStream:
         n = self.steps(epoch)
         plan = [mine[s] if s < len(mine) else np.zeros(0, np.int64) for s in range(int(start_step), n)]
         gen = self._produce(plan)
-        if not self.prefetch:
+        # a background thread pays off while batches must be read or prepared; once a loader has
+        # everything of the epoch at hand it would only add thread switches to every step
+        cheap = getattr(self.loader, "cheap", None)
+        if not self.prefetch or (cheap is not None and all(cheap(p) for p in plan if len(p))):
             yield from gen
             return
         yield from self._prefetched(gen)

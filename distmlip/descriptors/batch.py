@@ -195,7 +195,13 @@ def collate_graphs(graphs: Sequence[Graph], dtype: torch.dtype = torch.float64, 
     forces = np.concatenate([g.forces if g.forces is not None else np.zeros((len(g.species), 3))
                              for g in graphs]) if B else np.zeros((0, 3))
     dev = torch.device(device)
-    t = lambda a, dt: torch.as_tensor(a, dtype=dt).to(dev)  # noqa: E731
+    if dev.type == "cpu":
+        def t(a, dt):
+            x = torch.from_numpy(np.ascontiguousarray(a))
+            return x if x.dtype == dt else x.to(dt)
+    else:
+        def t(a, dt):
+            return torch.as_tensor(a, dtype=dt).to(dev)
     return Batch(
         positions=t(np.concatenate([g.positions for g in graphs]) if B else np.zeros((0, 3)), dtype),
         species=t(np.concatenate([g.species for g in graphs]).astype(np.int64) if B else np.zeros(0, np.int64),
@@ -248,6 +254,15 @@ class GraphStore:
 
     def __len__(self) -> int:
         return len(self._g)
+
+    def cheap(self, indices) -> bool:
+        """Whether every structure at ``indices`` is prepared already (then a batch is a
+        concatenation: no reading, no neighbour lists, nothing to do in a background thread)."""
+        g = self._g
+        return all(int(i) in g for i in indices)
+
+    def __call__(self, indices) -> list[Graph]:
+        return self.graphs(indices)
 
     def graphs(self, indices) -> list[Graph]:
         """Prepared structures at the data-set ``indices`` (read and prepared where missing)."""

@@ -373,3 +373,44 @@ def run(args) -> int:
         return 0
     finally:
         shutdown()
+
+
+class FeatureBatchLoader:
+    """Batches of cached descriptors built from per-structure columns held in memory (species of
+    every atom, energies, weights, ...): no read of the data set per batch.  A loader of the
+    training stream (``PartitionedStream(loader=...)``); memory: one byte per atom plus a few
+    numbers per structure beyond the cache itself."""
+
+    def __init__(self, cache: FeatureCache, ds, species):
+        from ..errors import InputError
+        from .batch import species_table
+
+        _, z_to_idx = species_table(species)
+        numbers = np.concatenate([blk for _, _, blk in ds.iter_atom_blocks("numbers")]) if ds.n_atoms \
+            else np.zeros(0, np.uint8)
+        spec = z_to_idx[np.clip(numbers.astype(np.int64), 0, len(z_to_idx) - 1)]
+        if (spec < 0).any():
+            raise InputError(f"{', '.join(ds.paths)}: element Z={int(numbers[np.nonzero(spec < 0)[0][0]])} is not in "
+                             f"the species list {list(species)}")
+        self.cache = cache
+        self.species = spec.astype(np.int8 if len(species) < 128 else np.int16)
+        self.natoms = np.asarray(ds.natoms, dtype=np.int64)
+        self.offset = np.concatenate([[0], np.cumsum(self.natoms)])
+        self.energy = np.asarray(ds.column("energy"), dtype=np.float64)
+        self.weight = np.asarray(ds.column("weight"), dtype=np.float64)
+        self.has_forces = np.asarray(ds.column("has_forces"), dtype=bool)
+
+    def cheap(self, indices) -> bool:
+        return True
+
+    def __call__(self, indices) -> FeatureBatch:
+        idx = np.asarray(indices, dtype=np.int64)
+        n = self.natoms[idx]
+        spec = np.concatenate([self.species[self.offset[i]:self.offset[i + 1]] for i in idx]) if len(idx) \
+            else np.zeros(0, np.int64)
+        t = torch.as_tensor
+        return FeatureBatch(
+            features=t(self.cache.features(idx), dtype=torch.float64), species=t(spec.astype(np.int64)),
+            structure=t(np.repeat(np.arange(len(idx)), n)), n_structures=len(idx), natoms=t(n),
+            energy=t(self.energy[idx]), has_forces=t(self.has_forces[idx]), weight=t(self.weight[idx]),
+            index=t(idx))

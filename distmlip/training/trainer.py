@@ -63,22 +63,34 @@ def metrics_from_sums(acc: torch.Tensor) -> dict:
 
 
 def _accumulate_errors(acc, batch, E, F):
-    """Add a batch's energy (per atom and per structure) and force error sums to ``acc``."""
+    """Add a batch's energy (per atom and per structure) and force error sums to ``acc`` (one
+    update of the accumulator; on the CPU the sums are taken in numpy, whose per-call cost on
+    arrays of a batch's size is a fraction of torch's)."""
+    if E.device.type == "cpu":
+        es = E.detach().numpy() - batch.energy.numpy()
+        ea = es / batch.natoms.numpy()
+        v = np.zeros(len(_M))
+        v[_IDX["e_sse"]], v[_IDX["e_sae"]] = float(ea @ ea), float(np.abs(ea).sum())
+        v[_IDX["es_sse"]], v[_IDX["es_sae"]] = float(es @ es), float(np.abs(es).sum())
+        v[_IDX["n_struct"]] = float(batch.n_structures)
+        if F is not None:
+            m = batch.has_forces.numpy()[batch.structure.numpy()]
+            d = (F.detach().numpy() - batch.forces.numpy())[m].ravel()
+            v[_IDX["f_sse"]], v[_IDX["f_sae"]], v[_IDX["n_comp"]] = float(d @ d), float(np.abs(d).sum()), float(d.size)
+        acc[:len(_M)] += torch.from_numpy(v)
+        return
     ea = (E - batch.energy) / batch.natoms.to(torch.float64)
     es = E - batch.energy
-    acc[_IDX["e_sse"]] += (ea * ea).sum()
-    acc[_IDX["e_sae"]] += ea.abs().sum()
-    acc[_IDX["es_sse"]] += (es * es).sum()
-    acc[_IDX["es_sae"]] += es.abs().sum()
-    acc[_IDX["n_struct"]] += float(batch.n_structures)
-    d = m = None
+    parts = [torch.zeros((), dtype=torch.float64, device=E.device)] * len(_M)
+    parts[_IDX["e_sse"]], parts[_IDX["e_sae"]] = (ea * ea).sum(), ea.abs().sum()
+    parts[_IDX["es_sse"]], parts[_IDX["es_sae"]] = (es * es).sum(), es.abs().sum()
+    parts[_IDX["n_struct"]] = torch.tensor(float(batch.n_structures), dtype=torch.float64, device=E.device)
     if F is not None:
         m = force_atom_mask(batch, None)
         d = (F - batch.forces)[m]
-        acc[_IDX["f_sse"]] += (d * d).sum()
-        acc[_IDX["f_sae"]] += d.abs().sum()
-        acc[_IDX["n_comp"]] += float(d.numel())
-
+        parts[_IDX["f_sse"]], parts[_IDX["f_sae"]] = (d * d).sum(), d.abs().sum()
+        parts[_IDX["n_comp"]] = torch.tensor(float(d.numel()), dtype=torch.float64, device=E.device)
+    acc[:len(_M)] += torch.stack(parts)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -373,15 +385,23 @@ class Trainer:
         rank (beyond it, structures are prepared again when used)."""
         from ..descriptors.batch import GraphStore
 
+        from ..descriptors.featurize import FeatureBatchLoader
+
         budget = int(self.cfg.data.neighbor_cache_mb) << 20
         store = None
         if self.cache is None:
             store = GraphStore(self.ds, self.model.species, self.model.cutoff, budget)
-            self.stream.loader = store.graphs
-        if self.val_stream is not None and self.val_cache is None:
-            vstore = store if (self.val_ds is self.ds and store is not None) else \
-                GraphStore(self.val_ds, self.model.species, self.model.cutoff, budget)
-            self.val_stream.loader = vstore.graphs
+            self.stream.loader = store
+        else:       # cached descriptors: batches from in-memory columns, no read per batch
+            self.stream.loader = FeatureBatchLoader(self.cache, self.ds, self.model.species)
+        if self.val_stream is not None:
+            if self.val_cache is not None:
+                self.val_stream.loader = (self.stream.loader if self.val_cache is self.cache
+                                          else FeatureBatchLoader(self.val_cache, self.val_ds, self.model.species))
+            else:
+                self.val_stream.loader = store if (self.val_ds is self.ds and store is not None) else \
+                    GraphStore(self.val_ds, self.model.species, self.model.cutoff, budget)
+            self.val_stream.prefetch = False       # a few batches once per epoch: no thread
         self.graphs = store
 
     def _setup_optim(self):
@@ -451,10 +471,13 @@ class Trainer:
         descriptors when a cache of that data set is active, else a full ``collate``; bootstrap
         multiplicities are applied to the weights of training structures."""
         from ..descriptors.batch import Graph, collate, collate_graphs
+        from ..descriptors.featurize import FeatureBatch
 
         ds = self.ds if ds is None else ds
         cache = self.cache if ds is self.ds else (self.val_cache if ds is self.val_ds else None)
-        if structures and isinstance(structures[0], Graph):
+        if isinstance(structures, FeatureBatch):
+            batch = structures.to(self.device) if self.device.type != "cpu" else structures
+        elif structures and isinstance(structures[0], Graph):
             batch = collate_graphs(structures, dtype=torch.float64, device=self.device)
         elif cache is not None:
             from ..descriptors.featurize import feature_batch
@@ -567,6 +590,17 @@ class Trainer:
     _count_tables = None
     _stop_after_step = False
 
+    @property
+    def timers(self) -> dict:
+        """Wall seconds spent, on this rank, in: collate (batch assembly), compute (loss,
+        gradients, optimizer update), reduce (the step's all-reduce, waiting for the other ranks
+        included), epoch (whole epochs, validation and end-of-epoch work included); steps."""
+        t = self.__dict__.get("_timers")
+        if t is None:
+            t = self.__dict__["_timers"] = dict.fromkeys(("collate", "compute", "reduce", "epoch", "validation"), 0.0)
+            t["steps"] = 0
+        return t
+
     def train_step(self, structures, acc: torch.Tensor, counts: torch.Tensor | None = None) -> None:
         """One synchronous optimizer step on this rank's share of the global batch, with ONE
         collective: the gradient all-reduce, which also carries this rank's stop request and its
@@ -576,7 +610,11 @@ class Trainer:
         from ..distributed import signals
 
         tc = self.cfg.training
+        tm = self.timers
+        t0 = time.perf_counter()
         batch = self.collate(structures, self.ds) if structures else None
+        t1 = time.perf_counter()
+        tm["collate"] += t1 - t0
         selected = None
         if counts is None:
             counts = self._global_counts(self.epoch, self.step_in_epoch)
@@ -605,7 +643,11 @@ class Trainer:
         self._step_sums = None
         extra = torch.cat([torch.tensor([float(stop), 1.0 if stop else 0.0, bad_loss], dtype=torch.float64),
                            sums.to("cpu", torch.float64)])
+        t2 = time.perf_counter()
         extra = allreduce_gradients(params, self.ctx, extra=extra)
+        t3 = time.perf_counter()
+        tm["compute"] += t2 - t1
+        tm["reduce"] += t3 - t2
         if tc.loss == "rmse":       # this step's global RMSEs weigh the next step's terms
             g = extra[3:7].tolist()
             if g[1] > 0:
@@ -617,6 +659,8 @@ class Trainer:
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         optimizer_step(self.opt)
+        tm["compute"] += time.perf_counter() - t3
+        tm["steps"] += 1
         acc[_IDX["n_steps"]] += 1.0 / self.ctx.world_size  # reduced: one per global step
         # one check per step of everything that can go non-finite: every rank's loss (the flag
         # above), the reduced gradients and the updated parameters (identical on every rank, so
@@ -823,6 +867,7 @@ class Trainer:
                     self._write_models()
                     return status
             self._end_epoch(epoch, acc, t0)
+            self.timers["epoch"] += time.time() - t0
             if stop:
                 self._log(f"stop requested ({getattr(self, '_stop_reason', None) or 'callback'}): "
                           f"checkpoint written to {self.out / 'checkpoint.pt'} after epoch "
@@ -845,7 +890,9 @@ class Trainer:
         val = None
         if self.val_stream is not None and ((epoch + 1) % max(tc.validate_every, 1) == 0
                                             or epoch + 1 == tc.epochs):
+            tv = time.perf_counter()
             val = self.evaluate_stream(self.val_stream)
+            self.timers["validation"] += time.perf_counter() - tv
         if not math.isfinite(tr["loss"]) or (val is not None and not math.isfinite(val["loss"])):
             # finite parameters whose predictions overflow: as diverged as NaN weights
             what = "training" if not math.isfinite(tr["loss"]) else "validation"
