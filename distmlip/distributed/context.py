@@ -304,8 +304,16 @@ def shutdown() -> None:
             dist.destroy_process_group()
         except Exception:  # pragma: no cover - best effort at exit
             pass
-    # no barrier here: shutdown also runs while an exception ends a rank (the others must be
-    # aborted, not waited for); rank 0's rendezvous folder goes at its exit
+    # Rank 0 removes the one-node rendezvous folder.  On a normal end it first waits for every
+    # rank to have released the FileStore: a store whose file vanishes while a peer's destructor
+    # is about to update it makes that peer retry the open for the whole store timeout (a
+    # two-rank run hung at exit after finishing its work).  While an exception ends this rank
+    # there is no barrier: the others are being aborted, not waited for.
+    if sys.exc_info()[0] is None and ctx._comm is not None and ctx.world_size > 1:
+        try:
+            ctx._comm.Barrier()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
     rendezvous.remove_rendezvous_dir(ctx)
 
 
