@@ -270,3 +270,87 @@ def test_ec_dimer_files(tmp_path):
         assert np.array_equal(s.forces, np.array([[float(x) for x in r[4:7]] for r in rows]))
         assert np.array_equal(s.positions, np.array([[float(x) for x in r[1:4]] for r in rows]))
     assert list(ds.column("split")) == [0] * 5 + [2] * 5
+
+
+def _mixed_extxyz(path, n=30, bad_frame=17):
+    """One multi-frame extxyz: bulk cells, alloys, slabs and free clusters (several
+    compositions, atom counts and orders), with a frame of two atoms 0.1 A apart at
+    ``bad_frame`` (rejected under --skip-invalid)."""
+    import ase.io
+
+    structs = emt_structures(n, seed=5)
+    atoms = [s.to_ase() for s in structs]
+    bad = atoms[bad_frame].copy()
+    bad.calc = atoms[bad_frame].calc
+    bad.positions[1] = bad.positions[0] + [0.1, 0, 0]
+    atoms[bad_frame] = bad
+    ase.io.write(path, atoms, format="extxyz")
+    return structs
+
+
+def _fields(path):
+    ds = H5Dataset(path)
+    cols = {k: ds.column(k) for k in ("energy", "natoms", "subset", "source_index", "has_forces", "weight",
+                                      "cell", "pbc")}
+    at = {k: np.concatenate([b for _, _, b in ds.iter_atom_blocks(k)]) for k in ("numbers", "positions", "forces")}
+    return ds, cols, at
+
+
+def test_one_file_split_over_1_2_3_ranks_identical(tmp_path):
+    """The frames of ONE extxyz file are shared out over the ranks (each parses its own byte
+    range); the data set, its subsets and the reject report equal the 1-rank conversion."""
+    src = tmp_path / "all.extxyz"
+    structs = _mixed_extxyz(src)
+    outs = {}
+    convert(_cfg([src], tmp_path / "r1.h5", skip_invalid=True))
+    outs[1] = tmp_path / "r1.h5"
+    for n in (2, 3):
+        outs[n] = tmp_path / f"r{n}.h5"
+        res = mpirun(n, ["-m", "distmlip", "convert", str(src), "-o", str(outs[n]), "--skip-invalid"], timeout=300)
+        # rank 0 parsed only its share of the one file
+        share = int(res.stdout.split("rank 0: read ")[-1].split("/")[1].split()[0])
+        assert 0 < share < 30, res.stdout
+        assert f"on {n} rank(s)" in res.stdout and "1 rejected" in res.stdout
+    ds1, cols1, at1 = _fields(outs[1])
+    assert len(ds1) == 29 and 17 not in set(cols1["source_index"])
+    assert list(cols1["source_index"]) == [k for k in range(30) if k != 17]
+    # values are those of the input frames (extxyz text precision)
+    for k, s in zip(cols1["source_index"], ds1.read(range(len(ds1)))):
+        np.testing.assert_allclose(s.positions, structs[k].positions, atol=1e-7)
+        assert s.energy == pytest.approx(structs[k].energy, abs=1e-7)
+    assert len(ds1.subsets) > 5
+    rep1 = json.loads((tmp_path / "r1.h5.rejected.json").read_text())["rejected"]
+    assert [r["structure"] for r in rep1] == [17]
+    for n in (2, 3):
+        ds, cols, at = _fields(outs[n])
+        assert ds.content_id == ds1.content_id
+        for k in cols1:
+            assert np.array_equal(cols[k], cols1[k]), (n, k)
+        for k in at1:
+            assert np.array_equal(at[k], at1[k]), (n, k)
+        assert [(t["name"], t["natoms"]) for t in ds.subsets] == [(t["name"], t["natoms"]) for t in ds1.subsets]
+        assert _arrays(outs[n])[0] == _arrays(outs[1])[0]
+        assert json.loads((tmp_path / f"r{n}.h5.rejected.json").read_text())["rejected"] == rep1
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "shards left behind"
+
+
+def test_bad_frame_in_large_file_named(tmp_path):
+    """A malformed frame deep inside one file: the error names the file and the frame."""
+    src = tmp_path / "all.extxyz"
+    _mixed_extxyz(src, n=12, bad_frame=3)
+    lines = src.read_text().splitlines(keepends=True)
+    # frame 9: corrupt the x coordinate of its first atom
+    from distmlip.data.frames import scan_extxyz
+
+    offs = scan_extxyz(src)
+    text = src.read_bytes()
+    head_end = text.index(b"\n", text.index(b"\n", offs[9]) + 1)
+    row_end = text.index(b"\n", head_end + 1)
+    row = text[head_end + 1:row_end].split()
+    row[1] = b"zz"
+    src.write_bytes(text[:head_end + 1] + b" ".join(row) + text[row_end:])
+    del lines
+    with pytest.raises(InputError) as ei:
+        convert(_cfg([src], tmp_path / "d.h5", skip_invalid=True))
+    assert "all.extxyz: frame 9: cannot read" in str(ei.value)
+    assert not (tmp_path / "d.h5").exists()

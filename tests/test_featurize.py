@@ -53,6 +53,39 @@ def test_cache_matches_direct_descriptors(tmp_path, emt_h5):
     np.testing.assert_array_equal(c.features(idx), c.features(np.array(idx)))
 
 
+def test_cache_memory_bounded_by_budget(tmp_path, emt_h5, monkeypatch):
+    """Rows are kept in chunks under a byte budget: a small budget reads on demand and never
+    holds more than the budget (plus the chunks of the current call), with the same values."""
+    ds = H5Dataset(emt_h5)
+    out = featurize(ds, ds.species, SPEC, "reference", tmp_path / "c.h5")
+    full = FeatureCache(out, ds, ds.species, SPEC)
+    assert full.preload(range(ds.n_structures)) and full.reads == 1
+    ref = full.features(range(ds.n_structures))
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(ref, f["features"][...])
+    monkeypatch.setattr(FeatureCache, "CHUNK_ROWS", 8)          # 2 structures per chunk
+    chunk = 8 * full.dim * 8
+    monkeypatch.setenv("DISTMLIP_FEATURE_CACHE_MB", str(3 * chunk / (1 << 20)))
+    small = FeatureCache(out, ds, ds.species, SPEC)
+    assert small.max_chunks == 3
+    assert not small.preload(range(ds.n_structures)) and small.reads == 0
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        idx = rng.choice(ds.n_structures, size=int(rng.integers(1, 4)))
+        got = small.features(idx)
+        np.testing.assert_array_equal(got, np.concatenate([ref[4 * i:4 * i + 4] for i in idx]))
+        assert small.cached_bytes <= 3 * chunk
+    reads = small.reads
+    small.features([0, 1])          # most recently used: no read
+    small.features([0, 1])
+    assert small.reads <= reads + 1
+    # a share that fits the budget is read once and then served from memory
+    assert small.preload([4, 5, 6]) and small.features([6, 4]).shape == (8, full.dim)
+    r = small.reads
+    small.features([5, 4, 6])
+    assert small.reads == r
+
+
 def test_training_with_cache_equals_without(tmp_path, emt_h5):
     t_off = Trainer(make_cfg(tmp_path, emt_h5, "off", name="off"), quiet=True)
     t_off.fit()
@@ -118,7 +151,8 @@ def test_featurize_one_vs_two_ranks(tmp_path, emt_h5):
     args = ["-m", "distmlip", "featurize", str(emt_h5), "--rc-radial", "4", "--n-radial", "4",
             "--rc-angular", "3", "--n-angular", "2", "--backend", "fused"]
     distmlip_cli(args[2:] + ["-o", str(tmp_path / "one.h5")])
-    mpirun(2, args + ["-o", str(tmp_path / "two.h5")], timeout=300)
+    # tiny blocks: each rank computes and writes its range in several rounds
+    mpirun(2, args + ["-o", str(tmp_path / "two.h5"), "--batch-atoms", "8", "--block-mb", "1e-5"], timeout=300)
     with h5py.File(tmp_path / "one.h5") as f1, h5py.File(tmp_path / "two.h5") as f2:
         G1, G2 = f1["features"][...], f2["features"][...]
         assert G1.shape == (H5Dataset(emt_h5).n_atoms, 16) and np.abs(G1).max() > 0

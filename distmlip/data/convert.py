@@ -1,8 +1,11 @@
 """``distmlip convert``: DFT data (aenet XSF, extended XYZ, ASE db, any ASE format) -> HDF5.
 
-Under MPI (``mpirun -n K distmlip convert ...``) the input files are cut into K contiguous
-blocks balanced by file size; every rank parses, validates and writes a shard; rank 0 merges
-the shards in input order into the final file (atomically), so the data are identical for any K.
+Under MPI (``mpirun -n K distmlip convert ...``) the FRAMES of all input files (not just the
+files: one big extended-XYZ file is split too) are cut into K contiguous ranges balanced by
+bytes (``frames.split_frames``, from a small per-frame index built first, in parallel over the
+files); every rank streams its range in bounded chunks (``frames.iter_frames``), validates and
+writes a shard; rank 0 merges the shards in input order into the final file (atomically), so
+the data are identical for any K and no rank holds more than a chunk of frames.
 """
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ import numpy as np
 from ..config import load_config
 from ..errors import ConfigError, DistmlipError, InputError
 from ..utils.io import atomic_write_text, check_writable, clean_stale_temps, temp_path
+from ..utils.launch import placement
 from ..utils.log import log
 from . import h5store
-from .readers import expand_inputs, read_file
+from .frames import FileFrames, index_file, iter_frames, split_frames
+from .readers import expand_inputs
 from .split import parse_split_patterns, split_from_patterns
 from .subsets import SUBSET_MODES, SubsetBuilder
 from .validate import DEFAULT_MIN_DISTANCE, check_structure
@@ -169,41 +174,99 @@ class _RankResult:
         self.z: set[int] = set()
 
 
-def _process_files(files, cfg: ConvertConfig, writer, builder: SubsetBuilder, res: _RankResult,
-                   progress: bool, n_total_files: int):
-    t0 = time.time()
-    last = t0
-    for n, f in enumerate(files):
-        structs = read_file(f, cfg.format)
-        good = []
-        for s in structs:
-            probs = check_structure(s, cfg.min_distance)
-            if probs:
-                if not cfg.skip_invalid:
-                    fld, why = probs[0]
-                    raise InputError(f"{s.source}: structure {s.source_index}: field '{fld}': {why}; "
-                                     "use --skip-invalid to drop invalid structures")
-                res.rejected.append({"source": s.source, "structure": s.source_index,
-                                     "problems": [{"field": a, "reason": b} for a, b in probs]})
-                continue
-            k = builder.add(s)
-            s.subset = builder.ids[k]
-            good.append(s)
-        if good:
-            split = None
-            if cfg.split_by_pattern:
-                split = split_from_patterns([s.source for s in good], cfg.split_by_pattern,
-                                            [s.source_index for s in good])
-            writer.append(good, split=split)
-            res.n_structures += len(good)
-            res.n_atoms += sum(len(s.numbers) for s in good)
-            for s in good:
-                res.z.update(int(z) for z in np.unique(s.numbers))
+def _index_inputs(files: list[str], cfg: ConvertConfig, ctx) -> list[FileFrames]:
+    """Frame index of every input file (collective).  The files are shared out by size for
+    indexing; every rank ends with all indexes (a few bytes per frame), or every rank raises the
+    first failing rank's error."""
+    if ctx.world_size == 1:
+        return [index_file(f, cfg.format) for f in files]
+    mine = split_files(files, ctx.world_size)[ctx.rank]
+    out, err = [], None
+    try:
+        out = [index_file(f, cfg.format) for f in mine]
+    except DistmlipError as exc:
+        err = (type(exc).__name__, str(exc))
+    except Exception as exc:  # a bug: show it here, stop everyone
+        traceback.print_exc()
+        err = ("DistmlipError", f"rank {ctx.rank}: internal error {type(exc).__name__}: {exc}")
+    gathered = ctx.all_gather_object((out, err))
+    for _, e in gathered:
+        if e is not None:
+            from .. import errors as E
+
+            raise getattr(E, e[0], DistmlipError)(e[1])
+    return [ff for g in gathered for ff in g[0]]
+
+
+class _Progress:
+    """Progress of rank 0's share (ranks get equal shares of bytes, so its ETA is the job's)."""
+
+    def __init__(self, enabled: bool, n_frames: int, total_bytes: float):
+        self.enabled, self.n_frames, self.total = enabled, n_frames, max(total_bytes, 1.0)
+        self.t0 = self.last = time.time()
+        self.frames = 0
+        self.bytes = 0.0
+
+    def update(self, frames: int, nbytes: float, res: _RankResult, final: bool = False) -> None:
+        self.frames += frames
+        self.bytes += nbytes
         now = time.time()
-        if progress and (now - last > 2.0 or n + 1 == len(files)):
-            last = now
-            log(f"  read {n + 1}/{len(files)} files on rank 0 ({n_total_files} in total), "
-                f"{res.n_structures} structures, {now - t0:.1f} s")
+        el = now - self.t0
+        # every 2 s at first, then every tenth of the elapsed time (at most 30 s): long
+        # conversions do not flood the log
+        if not self.enabled or not (final or now - self.last > min(30.0, max(2.0, 0.1 * el))):
+            self.pending = True
+            return
+        if final and not getattr(self, "pending", True):
+            return      # the last chunk's line was just printed
+        self.pending = False
+        self.last = now
+        frac = min(self.bytes / self.total, 1.0)
+        eta = f", ETA {el * (1 - frac) / frac:.0f} s" if 0 < frac < 1 else ""
+        who = "rank 0: " if placement().world_size > 1 else ""
+        log(f"  {who}read {self.frames}/{self.n_frames} frames{' of its share' if who else ''} "
+            f"({100 * frac:.0f} %), {res.n_structures} structures, {el:.1f} s{eta}")
+
+
+def _accept(structs, cfg: ConvertConfig, builder: SubsetBuilder, res: _RankResult) -> list:
+    good = []
+    for s in structs:
+        probs = check_structure(s, cfg.min_distance)
+        if probs:
+            if not cfg.skip_invalid:
+                fld, why = probs[0]
+                raise InputError(f"{s.source}: structure {s.source_index}: field '{fld}': {why}; "
+                                 "use --skip-invalid to drop invalid structures")
+            res.rejected.append({"source": s.source, "structure": s.source_index,
+                                 "problems": [{"field": a, "reason": b} for a, b in probs]})
+            continue
+        k = builder.add(s)
+        s.subset = builder.ids[k]
+        good.append(s)
+    return good
+
+
+def _process_frames(segments, indexes: list[FileFrames], cfg: ConvertConfig, writer, builder: SubsetBuilder,
+                    res: _RankResult, progress: bool):
+    """Stream this rank's frame ranges [(file, lo, hi)] chunk by chunk into ``writer``."""
+    n_frames = sum(hi - lo for _, lo, hi in segments)
+    total = sum(float(indexes[f].weights()[lo:hi].sum()) for f, lo, hi in segments)
+    prog = _Progress(progress, n_frames, total)
+    for f, lo, hi in segments:
+        for structs, nbytes in iter_frames(indexes[f], lo, hi):
+            good = _accept(structs, cfg, builder, res)
+            if good:
+                split = None
+                if cfg.split_by_pattern:
+                    split = split_from_patterns([s.source for s in good], cfg.split_by_pattern,
+                                                [s.source_index for s in good])
+                writer.append(good, split=split)
+                res.n_structures += len(good)
+                res.n_atoms += sum(len(s.numbers) for s in good)
+                for s in good:
+                    res.z.update(int(z) for z in np.unique(s.numbers))
+            prog.update(len(structs), nbytes, res)
+    prog.update(0, 0, res, final=True)
 
 
 def _check_reference(cfg, zs):
@@ -255,9 +318,12 @@ def convert(cfg: ConvertConfig) -> dict:
         from .. import errors as E
 
         raise getattr(E, err[0], InputError)(err[1])
-    log(f"distmlip convert: {len(files)} input file(s) on {size} rank(s) -> {out}")
-    blocks = split_files(files, size)
-    mine = blocks[rank]
+    t_index = time.time()
+    indexes = _index_inputs(files, cfg, ctx)
+    n_frames = sum(ff.n for ff in indexes)
+    mine = split_frames(indexes, size)[rank]
+    log(f"distmlip convert: {len(files)} input file(s), {n_frames} frame(s) (indexed in "
+        f"{time.time() - t_index:.1f} s) on {size} rank(s) -> {out}")
 
     prov = h5store.provenance({"inputs": list(cfg.inputs), "n_input_files": len(files),
                                "min_distance": cfg.min_distance, "subset_by": cfg.subset_by})
@@ -268,7 +334,7 @@ def convert(cfg: ConvertConfig) -> dict:
 
     if size == 1:
         with h5store.H5Writer(out, subsets=[], **common) as w:
-            _process_files(mine, cfg, w, builder, res, True, len(files))
+            _process_frames(mine, indexes, cfg, w, builder, res, True)
             if res.n_structures == 0:
                 raise InputError(f"no valid structures in the {len(files)} input file(s)")
             _check_reference(cfg, res.z)
@@ -289,7 +355,7 @@ def convert(cfg: ConvertConfig) -> dict:
         try:
             try:
                 with h5store.H5Writer(shard, subsets=[], atomic=False, **common) as w:
-                    _process_files(mine, cfg, w, builder, res, rank == 0, len(files))
+                    _process_frames(mine, indexes, cfg, w, builder, res, rank == 0)
                     w.set_subsets(builder.finalize()[0])
             except DistmlipError as exc:
                 err = (str(exc), True)

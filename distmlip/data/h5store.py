@@ -798,10 +798,12 @@ class H5Dataset:
 
 
 def copy_dataset_arrays(src_path: str, writer: H5Writer, block_structures: int = 65536,
-                        subset_map=None) -> None:
+                        subset_map=None, block_atoms: int = FLUSH_ATOMS) -> None:
     """Append every structure of an existing (shard) file to ``writer`` without building
     Structure objects (used to merge MPI shards).  Subset ids are mapped through
-    ``subset_map`` (array: shard id -> writer id) or copied as stored."""
+    ``subset_map`` (array: shard id -> writer id) or copied as stored.  Blocks hold at most
+    ``block_structures`` structures and (beyond one structure) ``block_atoms`` atoms, so the
+    memory of a merge does not grow with the shard."""
     import h5py
 
     with h5py.File(src_path, "r") as f:
@@ -809,8 +811,12 @@ def copy_dataset_arrays(src_path: str, writer: H5Writer, block_structures: int =
         sources = [x.decode() if isinstance(x, bytes) else str(x) for x in f["sources/files"][...]]
         st_g, at_g = f["structures"], f["atoms"]
         has_split = "split" in st_g
-        for a in range(0, S, block_structures):
-            b = min(a + block_structures, S)
+        ends = np.cumsum(st_g["natoms"][...].astype(np.int64))
+        a = 0
+        while a < S:
+            first = int(ends[a - 1]) if a else 0
+            b = int(np.searchsorted(ends, first + block_atoms, side="right"))
+            b = min(max(b, a + 1), a + block_structures, S)
             st = {k: st_g[k][a:b] for k in STRUCT_FIELDS}
             A = int(st["atom_offset"][0])
             B = int(st["atom_offset"][-1] + st["natoms"][-1])
@@ -819,3 +825,4 @@ def copy_dataset_arrays(src_path: str, writer: H5Writer, block_structures: int =
             if subset_map is not None:
                 st["subset"] = np.asarray(subset_map, dtype=np.int32)[st["subset"]]
             writer.append_arrays(atoms, st, sources, split=split)
+            a = b

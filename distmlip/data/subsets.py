@@ -44,6 +44,7 @@ class SubsetBuilder:
         # key -> [composition or None (mixed), natoms or -1 (mixed), order bytes or None (mixed)]
         self.info: dict = {}
         self.ids: dict = {}      # key -> local id (order of first appearance)
+        self._comp: dict = {}    # atom order -> Hill formula
 
     def key(self, s: Structure):
         if self.by == "auto":
@@ -59,7 +60,15 @@ class SubsetBuilder:
     def add(self, s: Structure):
         k = self.key(s)
         order = np.asarray(s.numbers, dtype=np.uint8).tobytes()
-        comp = composition_of(s.numbers)
+        if self.by == "auto" and k in self.info:
+            return k        # the key is the atom order: composition and count are the same
+        comp = self._comp.get(order)
+        if comp is None:
+            # the Hill formula costs more than reading the structure; data sets repeat a few
+            # atom orders, so a small cache (cleared when full: bounded memory) saves most of it
+            if len(self._comp) >= 4096:
+                self._comp.clear()
+            comp = self._comp[order] = composition_of(s.numbers)
         if k not in self.info:
             self.info[k] = [comp, int(len(s.numbers)), order]
             self.ids[k] = len(self.ids)

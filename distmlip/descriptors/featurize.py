@@ -15,10 +15,16 @@ that runs with other descriptor settings never share a file)::
 
 Parallel write: each rank takes a contiguous, atom-balanced range of structures
 (``partition_by_atoms``); rank 0 creates a temporary file (a name of its own: host, pid, random)
-with the datasets pre-allocated, the ranks write their regions one after the other, rank 0 marks
-it complete and renames it into place (atomic), and the file is opened again with its key checked,
-so a job never reads another job's descriptors.  Results do not depend on the number of ranks (each atom's descriptor depends
-on its own neighbourhood only; tested bit for bit).
+with the datasets pre-allocated; in rounds, every rank computes the next block (64 MiB) of its
+range and the ranks write their blocks one after the other (memory per rank bounded by the
+block, not by the data set); rank 0 marks it complete and renames it into place (atomic), and
+the file is opened again with its key checked, so a job never reads another job's descriptors.
+Results do not depend on the number of ranks (each atom's descriptor depends on its own
+neighbourhood only; tested bit for bit).
+
+Reading (``FeatureCache``): rows are kept in chunks of 4096 atoms in a least-recently-used list
+under a byte budget (``DISTMLIP_FEATURE_CACHE_MB``, default 512 MiB per rank): a rank whose
+share fits holds all of it after ``preload``, a larger share is read chunk by chunk on demand.
 
 A cache is valid for a data set when the key (descriptor spec AND species list) matches and the
 data set's content digest (written by convert/augment into the file's attributes; names, sizes
@@ -55,12 +61,35 @@ def default_cache_path(data_paths, spec: DescriptorSpec, species) -> Path:
 
 
 # ------------------------------------------------------------------------------------ reader
+def _default_budget() -> int:
+    """Memory budget of a FeatureCache in bytes: ``DISTMLIP_FEATURE_CACHE_MB`` (default 512 MiB
+    per rank).  Why bounded: with 10-40 GPR copies or millions of structures a rank's share
+    of the cache is many GB, and a node runs dozens of ranks."""
+    v = os.environ.get("DISTMLIP_FEATURE_CACHE_MB")
+    if v is None or not v.strip():
+        return 512 << 20
+    try:
+        mb = float(v)
+    except ValueError:
+        raise ConfigError(f"DISTMLIP_FEATURE_CACHE_MB must be a number of MiB, got {v!r}") from None
+    if mb < 0:
+        raise ConfigError(f"DISTMLIP_FEATURE_CACHE_MB must be >= 0, got {v!r}")
+    return int(mb * (1 << 20))
+
+
 class FeatureCache:
     """Cached descriptors of a data set.  ``features(indices)`` -> float64 [sum natoms, D] in the
-    order of ``indices``; ``preload(indices)`` keeps the rows spanning those structures in memory
-    (when at most ``max_bytes``), else rows are read from the file per call."""
+    order of ``indices``.
 
-    def __init__(self, path, ds, species, spec: DescriptorSpec, check: bool = True):
+    Rows are held in memory in chunks of ``CHUNK_ROWS`` atoms (the file's HDF5 chunk) with a
+    least-recently-used list bounded by ``max_bytes`` (default ``DISTMLIP_FEATURE_CACHE_MB``,
+    512 MiB): a rank whose share fits keeps all of it after ``preload`` (as fast as a whole
+    array in memory), a larger share is read on demand chunk by chunk (consecutive missing
+    chunks in one read), so memory is bounded by the budget, never by the data set."""
+
+    CHUNK_ROWS = 4096
+
+    def __init__(self, path, ds, species, spec: DescriptorSpec, check: bool = True, max_bytes: int | None = None):
         import h5py
 
         self.path = Path(path)
@@ -100,8 +129,16 @@ class FeatureCache:
                 raise StaleCacheError(f"{self.path}: stale descriptor cache: the data set {', '.join(ds.paths)} "
                                       "is not the one it was built from (content digest differs); rebuild it "
                                       f"with 'distmlip featurize {' '.join(map(str, ds.paths))} ...'")
-        self._mem = None
-        self._mem_start = 0
+        self.n_rows = int(self.atom_offset[-1])
+        self.max_bytes = _default_budget() if max_bytes is None else int(max_bytes)
+        chunk_bytes = self.CHUNK_ROWS * max(self.dim, 1) * 8
+        self.max_chunks = max(1, self.max_bytes // chunk_bytes)
+        from collections import OrderedDict
+        import threading
+
+        self._chunks: OrderedDict = OrderedDict()     # chunk id -> rows [CHUNK_ROWS, dim] (last shorter)
+        self._lock = threading.Lock()
+        self.reads = 0                                # HDF5 read calls (for tests and benchmarks)
         self._h5 = None
         self._pid = None
 
@@ -111,30 +148,109 @@ class FeatureCache:
         if self._pid != os.getpid() or self._h5 is None:
             self._h5 = h5py.File(self.path, "r")
             self._pid = os.getpid()
+            self._chunks.clear()
         return self._h5["features"]
 
-    def preload(self, indices, max_bytes: int = 2 << 30) -> bool:
+    @property
+    def cached_bytes(self) -> int:
+        return sum(c.nbytes for c in self._chunks.values())
+
+    def _load(self, ids: np.ndarray, out: dict) -> None:
+        """Read the chunks ``ids`` (sorted, unique, none cached) into ``out``: runs of
+        consecutive ids in one read each."""
+        d = self._dset()
+        R = self.CHUNK_ROWS
+        brk = np.flatnonzero(np.diff(ids) != 1) + 1
+        for run in np.split(ids, brk):
+            a, b = int(run[0]) * R, min((int(run[-1]) + 1) * R, self.n_rows)
+            rows = np.asarray(d[a:b], dtype=np.float64)
+            self.reads += 1
+            for c in run:
+                out[int(c)] = rows[int(c) * R - a:(int(c) + 1) * R - a]
+
+    def _get(self, ids: np.ndarray) -> dict:
+        """Chunks ``ids`` (sorted, unique) from the LRU list, loading the missing ones; the
+        least recently used beyond the budget are dropped (the ones asked for are returned
+        even when they exceed it)."""
+        got = {}
+        missing = []
+        for c in ids:
+            c = int(c)
+            arr = self._chunks.get(c)
+            if arr is None:
+                missing.append(c)
+            else:
+                self._chunks.move_to_end(c)
+                got[c] = arr
+        if missing:
+            new: dict = {}
+            self._load(np.asarray(missing, dtype=np.int64), new)
+            for c, arr in new.items():
+                # own copy: a view would keep the whole read run alive after eviction
+                arr = arr.copy() if len(new) > 1 else arr
+                self._chunks[c] = arr
+                got[c] = arr
+            while len(self._chunks) > self.max_chunks:
+                self._chunks.popitem(last=False)
+        return got
+
+    def preload(self, indices, max_bytes: int | None = None) -> bool:
+        """Read the chunks holding the rows of ``indices`` into memory now, if they fit in the
+        budget (``max_bytes``: lowers the cache's budget for this call).  Returns whether
+        they all fit (else rows are read on demand)."""
         idx = np.asarray(indices, dtype=np.int64)
         if len(idx) == 0:
             return True
-        A, B = int(self.atom_offset[idx.min()]), int(self.atom_offset[idx.max() + 1])
-        if (B - A) * self.dim * 8 > max_bytes:
+        budget = self.max_chunks if max_bytes is None else \
+            min(self.max_chunks, int(max_bytes) // (self.CHUNK_ROWS * max(self.dim, 1) * 8))
+        ids = self._chunk_ids(idx)
+        if len(ids) > budget:
             return False
-        self._mem = np.asarray(self._dset()[A:B], dtype=np.float64)
-        self._mem_start, self._mem_end = A, B
+        with self._lock:
+            self._dset()
+            # in slices of 64 chunks: one read each, no whole-share temporary
+            for a in range(0, len(ids), 64):
+                self._get(ids[a:a + 64])
         return True
 
-    def features(self, indices) -> np.ndarray:
-        idx = np.asarray(indices, dtype=np.int64)
+    def _chunk_ids(self, idx: np.ndarray) -> np.ndarray:
         lo, hi = self.atom_offset[idx], self.atom_offset[idx + 1]
-        if self._mem is not None and len(idx) and lo.min() >= self._mem_start and hi.max() <= self._mem_end:
-            m, s0 = self._mem, self._mem_start
-            return np.concatenate([m[a - s0:b - s0] for a, b in zip(lo, hi)]) if len(idx) \
-                else np.zeros((0, self.dim))
-        d = self._dset()
-        return np.concatenate([d[int(a):int(b)] for a, b in zip(lo, hi)]) if len(idx) else np.zeros((0, self.dim))
+        keep = hi > lo
+        R = self.CHUNK_ROWS
+        a, b = lo[keep] // R, (hi[keep] - 1) // R
+        if not len(a):
+            return np.zeros(0, np.int64)
+        if np.all(a == b):
+            return np.unique(a)
+        n = b - a + 1
+        return np.unique(np.repeat(a - np.cumsum(n) + n, n) + np.arange(int(n.sum())))
+
+    def features(self, indices) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) == 0:
+            return np.zeros((0, self.dim))
+        lo, hi = self.atom_offset[idx], self.atom_offset[idx + 1]
+        n = hi - lo
+        total = int(n.sum())
+        # row of every output atom: structure k's rows lo_k .. hi_k - 1, in the order asked
+        rows = np.arange(total, dtype=np.int64) + np.repeat(lo - (np.cumsum(n) - n), n)
+        R = self.CHUNK_ROWS
+        cid = rows // R
+        with self._lock:
+            self._dset()
+            chunks = self._get(np.unique(cid))
+        out = np.empty((total, self.dim), dtype=np.float64)
+        if len(chunks) == 1:
+            c, arr = next(iter(chunks.items()))
+            out[:] = arr[rows - c * R]
+            return out
+        for c, arr in chunks.items():
+            m = cid == c
+            out[m] = arr[rows[m] - c * R]
+        return out
 
     def close(self):
+        self._chunks.clear()
         if self._h5 is not None:
             try:
                 self._h5.close()
@@ -202,29 +318,36 @@ def compute_features(structures, descriptor, species, kernels: str, device="cpu"
     return G.detach().to("cpu", torch.float64).numpy()
 
 
+WRITE_BLOCK_BYTES = 64 << 20   # descriptors a rank computes before its turn to write
+
+
 def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=None, batch_atoms: int = 4096,
-              device="cpu", log_fn=None) -> Path:
+              device="cpu", log_fn=None, block_bytes: int = WRITE_BLOCK_BYTES) -> Path:
     """Compute the descriptors of ``spec`` for every structure of ``ds`` into ``out_path`` with
     ``kernels`` ('fused' or 'reference'; collective over ``ctx``: every rank must call it).
-    Returns the path."""
+    Returns the path.
+
+    Memory is bounded by ``block_bytes`` per rank, whatever the data set: the work goes in
+    rounds; in each round every rank computes the next block of its range and the ranks write
+    their blocks one after the other (HDF5 files are written by one process at a time)."""
     import h5py
 
     from ..data.stream import make_batches, partition_by_atoms
+    from ..utils.io import clean_stale_temps, temp_path
 
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     out_path = Path(out_path)
     key = spec.key(species)
+    dim = int(key["dim"])
     desc = spec.build(species).to(device)
     natoms = np.asarray(ds.natoms, dtype=np.int64)
     off = np.zeros(len(natoms) + 1, dtype=np.int64)
     np.cumsum(natoms, out=off[1:])
-    mine = partition_by_atoms(natoms, None, world)[rank]
-    # descriptors of this rank's range, in memory until its turn to write
-    parts = []
-    for chunk in make_batches(mine, natoms, batch_atoms, 1 << 30):
-        parts.append(compute_features(ds.read(chunk), desc, species, kernels, device))
-    G = np.concatenate(parts) if parts else np.zeros((0, key["dim"]))
-    from ..utils.io import clean_stale_temps, temp_path
+    parts = partition_by_atoms(natoms, None, world)
+    block_atoms = max(int(batch_atoms), int(block_bytes) // (8 * max(dim, 1)))
+    # every rank knows every rank's block count: the same number of rounds everywhere
+    n_rounds = max(len(make_batches(p, natoms, block_atoms, 1 << 30)) for p in parts)
+    blocks = make_batches(parts[rank], natoms, block_atoms, 1 << 30)
 
     tmp = temp_path(out_path) if rank == 0 else None
     if ctx is not None:
@@ -234,8 +357,8 @@ def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=Non
         out_path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(out_path.parent)
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", shape=(int(off[-1]), key["dim"]), dtype=np.float64,
-                             chunks=(max(1, min(4096, int(off[-1]))), key["dim"]) if off[-1] else None)
+            f.create_dataset("features", shape=(int(off[-1]), dim), dtype=np.float64,
+                             chunks=(max(1, min(FeatureCache.CHUNK_ROWS, int(off[-1]))), dim) if off[-1] else None)
             f.create_dataset("atom_offset", data=off)
             f.attrs["format"] = FORMAT
             f.attrs["version"] = VERSION
@@ -244,15 +367,23 @@ def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=Non
             f.attrs["data"] = json.dumps(fp)
             f.attrs["n_structures"] = len(natoms)
             f.attrs["n_atoms"] = int(off[-1])
-            f.attrs["dim"] = key["dim"]
+            f.attrs["dim"] = dim
             f.attrs["backend"] = kernels
-    for r in range(world):
-        if ctx is not None:
-            ctx.barrier()
-        if r == rank and len(mine):
-            a, b = int(off[mine[0]]), int(off[mine[-1] + 1])
-            with h5py.File(tmp, "r+") as f:
-                f["features"][a:b] = G
+    for k in range(n_rounds):
+        G = None
+        if k < len(blocks):
+            parts_k = [compute_features(ds.read(chunk), desc, species, kernels, device)
+                       for chunk in make_batches(blocks[k], natoms, batch_atoms, 1 << 30)]
+            G = np.concatenate(parts_k) if len(parts_k) > 1 else parts_k[0]
+            del parts_k
+        for r in range(world):
+            if ctx is not None:
+                ctx.barrier()
+            if r == rank and G is not None:
+                a, b = int(off[blocks[k][0]]), int(off[blocks[k][-1] + 1])
+                with h5py.File(tmp, "r+") as f:
+                    f["features"][a:b] = G
+        del G
     if ctx is not None:
         ctx.barrier()
     if rank == 0:
@@ -262,7 +393,7 @@ def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=Non
         # read back what is now under the name: another job may have renamed its own cache there
         FeatureCache(out_path, ds, species, spec).close()
         if log_fn is not None:
-            log_fn(f"descriptor cache {out_path}: {len(natoms)} structures, {int(off[-1])} atoms x {key['dim']} "
+            log_fn(f"descriptor cache {out_path}: {len(natoms)} structures, {int(off[-1])} atoms x {dim} "
                    f"features ({kernels} kernels, {world} rank(s))")
     if ctx is not None:
         ctx.barrier()
@@ -324,6 +455,8 @@ def add_arguments(p) -> None:
     p.add_argument("--species", help="comma-separated species list (default: the data set's)")
     p.add_argument("--backend", choices=["auto", "fused", "reference"], default=None)
     p.add_argument("--batch-atoms", type=int, default=4096)
+    p.add_argument("--block-mb", type=float, default=WRITE_BLOCK_BYTES / (1 << 20),
+                   help="descriptors a rank holds before writing them (MiB; bounds its memory)")
     p.add_argument("--check", action="store_true", help="only check whether the cache is valid (exit 1 if not)")
     p.add_argument("--device", default="cpu")
 
@@ -368,7 +501,7 @@ def run(args) -> int:
 
         t0 = time.time()
         featurize(ds, species, spec, choose_kernels(ctx.device, backend), path, ctx, batch_atoms=args.batch_atoms,
-                  device=ctx.device, log_fn=log)
+                  device=ctx.device, log_fn=log, block_bytes=int(args.block_mb * (1 << 20)))
         log(f"featurize finished in {time.time() - t0:.2f} s")
         return 0
     finally:
