@@ -5,6 +5,11 @@ are compiled only when the installed torch was built with CUDA and a CUDA toolki
 the CPU torch wheel used on CI has no CUDA headers, so there the extension is C++ only.
 Install with ``pip install --no-build-isolation -e .`` so the extension is built against the
 torch that is already installed.
+
+Environment: ``CUDA_HOME`` (the CUDA toolkit; checked to hold the CUDA headers),
+``TORCH_CUDA_ARCH_LIST`` (GPU architectures to compile for, e.g. ``9.0``; needed where no GPU is
+visible), ``DISTMLIP_NO_CUDA=1`` (C++ only), ``DISTMLIP_REQUIRE_CUDA=1`` (fail instead of building
+C++ only; ``make cuda-build-check`` and ``tools/build_cuda_ext.sh`` set it).
 """
 import glob
 import os
@@ -24,6 +29,20 @@ try:
         and cpp_extension.CUDA_HOME is not None
         and os.environ.get("DISTMLIP_NO_CUDA", "0") != "1"
     )
+    if with_cuda and not os.path.isfile(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime_api.h")):
+        # torch guesses CUDA_HOME from where nvcc is found (/usr/local for a wrapper in
+        # /usr/local/bin): the build would then stop at the first CUDA header, far from the cause
+        raise SystemExit(
+            f"setup.py: CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime_api.h; set "
+            "CUDA_HOME to the CUDA toolkit (e.g. CUDA_HOME=/usr/local/cuda), or DISTMLIP_NO_CUDA=1 "
+            "for a CPU-only build")
+    if os.environ.get("DISTMLIP_REQUIRE_CUDA", "0") == "1" and not with_cuda:
+        # the CUDA build check (make cuda-build-check): a CPU-only build is an error, with the reason
+        why = ("torch has no CUDA (torch.version.cuda is None: install a CUDA build of torch)"
+               if torch.version.cuda is None else
+               "no CUDA toolkit found (set CUDA_HOME, e.g. CUDA_HOME=/usr/local/cuda)"
+               if cpp_extension.CUDA_HOME is None else "DISTMLIP_NO_CUDA=1 is set")
+        raise SystemExit(f"setup.py: DISTMLIP_REQUIRE_CUDA=1 but the CUDA kernels would not be built: {why}")
     # -Wno-psabi: the CPU kernels use 4-double vector types in always-inlined helpers; gcc's note
     # that passing them by value would change the ABI without AVX does not apply
     extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]}

@@ -138,9 +138,10 @@ COPIES = {"ec_dimer": 12, "li_slab_ec": 6, "bulk256": 1}
 
 class Setup:
     """One batch and the distmlip model (BPNN, one 10-10 tanh network per element, float64) with
-    the given descriptor backend; the steps are those of distmlip.training.trainer."""
+    the given descriptor backend, on ``device`` (benchmarks/gpu_throughput.py uses 'cuda'); the
+    steps are those of distmlip.training.trainer."""
 
-    def __init__(self, name, rc_r, rc_a, backend, copies=1):
+    def __init__(self, name, rc_r, rc_a, backend, copies=1, device="cpu"):
         import dataclasses
 
         from distmlip.descriptors.batch import collate
@@ -164,6 +165,7 @@ class Setup:
             self.batch, energy=torch.full((copies,), 0.1, dtype=torch.float64),
             forces=torch.randn(self.batch.n_atoms, 3, dtype=torch.float64, generator=g),
             weight=torch.ones(copies, dtype=torch.float64), has_forces=torch.ones(copies, dtype=torch.bool))
+        self.batch = self.batch.to(device)
         # separate batch objects for the energy step (positions without gradient) and the
         # force steps (positions a leaf requiring gradient, as the trainer sets them)
         self.ebatch = dataclasses.replace(self.batch, positions=self.batch.positions.detach().clone())
@@ -173,7 +175,7 @@ class Setup:
         torch.manual_seed(0)
         desc = {"rc_radial": rc_r, "n_radial": N_RADIAL, "rc_angular": rc_a, "n_angular": N_ANGULAR,
                 "backend": backend}
-        self.model = BPNN(SPECIES, desc, hidden=[10, 10], activation="tanh", dtype="float64")
+        self.model = BPNN(SPECIES, desc, hidden=[10, 10], activation="tanh", dtype="float64").to(device)
         self.desc = self.model.descriptor
         # the optimiser as the trainer builds it: on the flat tensor whose views the parameters are
         self.flat = FlatParameters(self.model)
@@ -181,8 +183,8 @@ class Setup:
         self.opt = torch.optim.Adam(params, lr=1e-4, **fused_adam_kwargs(params))
         self.params = self.flat.grad_inputs
         self.n_atoms = self.batch.n_atoms
-        self.counts = torch.tensor([float(copies), 3.0 * self.n_atoms], dtype=torch.float64)
-        self.mask = torch.ones(self.n_atoms, dtype=torch.bool)
+        self.counts = torch.tensor([float(copies), 3.0 * self.n_atoms], dtype=torch.float64, device=device)
+        self.mask = torch.ones(self.n_atoms, dtype=torch.bool, device=device)
 
     def forward(self):
         with torch.no_grad():

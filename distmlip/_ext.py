@@ -32,6 +32,35 @@ def extension_error() -> str | None:
     return _STATE["error"]
 
 
+# Operators of distmlip._C with a CPU kernel and, by design for now, no CUDA kernel, each with what
+# the plan (models/backend.py) runs on a GPU instead.  The plan needs no list: it asks
+# has_kernel(op, "cuda"), which is False for these.  The list is what `make cuda-build-check`
+# (tools/cuda_build_check.py) holds a CUDA build to: every operator with a CPU kernel must have a
+# CUDA kernel or be named here, and none named here may have one (so the list stays true).
+CPU_ONLY_OPS = {
+    "chebyshev_forward_moments": "CPU forward that also keeps the angular moments for the CPU VJP/JVP; "
+                                 "on a GPU the descriptor runs chebyshev_forward",
+    "bpnn_nets_forward": "compiled networks (csrc/nets_cpu.cpp); on a GPU: networks torch",
+    "bpnn_nets_backward": "compiled networks (csrc/nets_cpu.cpp); on a GPU: networks torch",
+    "bpnn_energy_forces": "one-node force operator (csrc/bpnn_forces_cpu.cpp); on a GPU: forces closed-form",
+    "bpnn_energy_forces_backward": "one-node force operator (csrc/bpnn_forces_cpu.cpp); on a GPU: forces "
+                                   "closed-form",
+    "energy_force_loss": "compiled loss (csrc/bpnn_forces_cpu.cpp); on a GPU: loss torch (training/losses.py)",
+}
+
+
+def registered_ops(dispatch_key: str = "CPU") -> list[str]:
+    """Names (without the ``distmlip::`` prefix) of the extension's operators that have a kernel
+    for ``dispatch_key``, as the dispatcher lists them (empty when the extension is not loaded)."""
+    if not load_extension(warn_if_missing=False):
+        return []
+    import torch
+
+    prefix = "distmlip::"
+    return sorted(name[len(prefix):] for name in torch._C._dispatch_get_registrations_for_dispatch_key(dispatch_key)
+                  if name.startswith(prefix))
+
+
 # (operator, device type) -> whether the extension registered a kernel for it.  The one piece of
 # module state about the compiled code: what it provides does not change within a process.
 _KERNELS: dict = {}

@@ -43,6 +43,29 @@ def test_cuda_torch_with_cpu_only_extension_falls_back(monkeypatch):
         backend.choose("cuda", ["tanh"], "fused")
 
 
+def test_gpu_plan_of_a_cuda_build_with_the_declared_cpu_only_operators(monkeypatch):
+    """A CUDA build has CUDA kernels for every operator but those of _ext.CPU_ONLY_OPS (what `make
+    cuda-build-check` verifies): on a GPU the plan then runs the fused CUDA descriptor with the
+    torch networks, closed-form forces and the torch loss."""
+    ops = ("chebyshev_forward", "bpnn_nets_forward", "bpnn_energy_forces", "energy_force_loss")
+    monkeypatch.setattr(_ext, "_KERNELS", {(op, "cuda"): op not in _ext.CPU_ONLY_OPS for op in ops})
+    p = backend.choose("cuda", ["tanh", "tanh"])
+    assert (p.descriptor, p.networks, p.forces, p.loss) == ("fused", "torch", "closed-form", "torch")
+    with pytest.raises(ConfigError, match="forces one-node cannot run on cuda"):
+        backend.choose("cuda", ["tanh"], forces="one-node")
+
+
+@pytest.mark.skipif(not _ext.load_extension(warn_if_missing=False), reason="compiled extension missing")
+def test_declared_cpu_only_operators_exist_in_the_build():
+    """Every operator _ext.CPU_ONLY_OPS names is one the (CPU) build registers, and each with a
+    reason: the list cannot silently keep a renamed or removed operator."""
+    ops = _ext.registered_ops("CPU")
+    assert "chebyshev_forward" in ops
+    assert set(_ext.CPU_ONLY_OPS) <= set(ops), set(_ext.CPU_ONLY_OPS) - set(ops)
+    assert all(isinstance(why, str) and why for why in _ext.CPU_ONLY_OPS.values())
+    assert "chebyshev_forward" not in _ext.CPU_ONLY_OPS   # the descriptor kernels have CUDA kernels
+
+
 @pytest.mark.skipif(not _ext.has_kernel("bpnn_nets_forward", "cpu"), reason="compiled extension missing")
 def test_activation_without_kernel_runs_torch_networks(monkeypatch):
     from distmlip.models import activations as act_table

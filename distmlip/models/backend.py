@@ -14,7 +14,10 @@ all tested against each other:
 :func:`choose` picks, for a device, the fastest that the compiled extension provides there (it
 asks the dispatcher whether each operator has a kernel for the device, so a CUDA torch with a
 CPU-only build of the extension falls back instead of failing at dispatch) and that supports
-the model (activations without a kernel run on torch operators).  A model keeps one
+the model (activations without a kernel run on torch operators).  Which operators have no CUDA
+kernel (so that a GPU runs torch networks, closed-form forces and the torch loss) is declared in
+one place, :data:`distmlip._ext.CPU_ONLY_OPS`, which ``make cuda-build-check`` holds a CUDA build
+to; the plan itself only asks the dispatcher.  A model keeps one
 :class:`Plan` per device type; :meth:`Plan.describe` is the line the stages log.  Tests pin
 paths with ``model.set_plan(networks="torch", forces="autograd")``.
 """

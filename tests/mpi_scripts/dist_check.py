@@ -6,6 +6,8 @@ usage: python dist_check.py MODE [ARGS...]
   groups                    ctx.split(1) and ctx.split(world): tensor and object collectives and
                             the stop check inside each rank group
   grads                     allreduce_gradients vs. the sum of every rank's own gradients
+  device [grads]            tensor collectives on the context's device (DIST_CHECK_DEVICE=cuda:
+                            NCCL, GPU tensors); then the 'grads' check if asked
   stop DIR SELF_KILL_STEP   loop of steps calling stop_requested(); writes DIR/pid.<rank>;
                             the last rank sends itself SIGTERM at SELF_KILL_STEP (-1: wait for
                             the test); with a 4th argument 'twice' it sends two
@@ -60,6 +62,22 @@ def mode_info(ctx):
         sum_maxdiff=float(np.max(np.abs(t.numpy() - expect))),
         max=m.tolist(), bcast=obj, gathered=gathered, stop=ctx.stop_requested(),
         pid=os.getpid())
+
+
+def mode_device(ctx):
+    """Sum and max of tensors on the context's device (NCCL for GPUs, where mode_info's CPU
+    tensors go over the gloo group beside it)."""
+    dev = ctx.device
+    t = torch.tensor(values(ctx.rank), dtype=torch.float64, device=dev)
+    ctx.all_reduce_sum(t)
+    expect = np.zeros(1000)
+    for r in range(ctx.world_size):
+        expect = expect + values(r)
+    m = torch.tensor([float(ctx.rank) * 3.5 - 1.0, -float(ctx.rank)], dtype=torch.float64, device=dev)
+    ctx.all_reduce_max(m)
+    got = t.cpu().numpy()
+    out(ctx, backend=ctx.backend, device=str(t.device), sum_exact=bool(np.array_equal(got, expect)),
+        sum_maxdiff=float(np.max(np.abs(got - expect))), max=m.cpu().tolist())
 
 
 def make_model(seed=0):
@@ -170,6 +188,10 @@ def main():
             mode_groups(ctx)
     elif mode == "grads":
         mode_grads(ctx)
+    elif mode == "device":
+        mode_device(ctx)
+        if "grads" in sys.argv[2:]:
+            mode_grads(ctx)
     elif mode == "groups":
         mode_groups(ctx)
     elif mode == "stop":
