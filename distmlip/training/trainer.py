@@ -325,6 +325,11 @@ class Trainer:
             self._log(f"normalisation fitted on {summary['n_structures']} structures in {time.time() - t0:.1f} s: "
                       f"shift {', '.join(f'{k} {v:.4f}' for k, v in summary['energy_shift'].items())} eV/atom, "
                       f"scale {summary['energy_scale']:.4g} eV/atom")
+        # shortest pair distances and lowest energies of the training data, saved with the model
+        # (md-check and the calculator warn below them; models/data_record.py)
+        from ..models.data_record import dataset_record
+        self.model.training_record = dataset_record(self.ds, self.stream.partition(), self.model.species,
+                                                    self.model.cutoff, self.ctx)
         self._log(f"model: {self.model.describe()}, {sum(p.numel() for p in self.model.parameters())} parameters")
         self._log(f"backend: {self.model.plan().describe()}")
 
