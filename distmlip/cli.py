@@ -27,7 +27,10 @@ COMMANDS = {
     "train": ("distmlip.training.cli", "train a potential (energy or force mode, committees, MPI data parallel)"),
     "evaluate": ("distmlip.evaluation.evaluate", "metrics, per-structure CSV and parity plots of a model on a data set"),
     "export": ("distmlip.evaluation.export", "export a model to aenet .nn files or TorchScript"),
-    "md-check": ("distmlip.evaluation.mdcheck", "MD stability check of a potential (min distances, failure ratio, PDF)"),
+    "md-check": ("distmlip.evaluation.mdcheck", "MD stability check of a potential: a verdict per run (close pairs, "
+                 "temperature, energy, drift, uncertainty); exit 3 when unstable"),
+    "explore": ("distmlip.evaluation.explore", "active learning: MD at rising temperatures, uncertain frames by "
+                "farthest-point sampling, label, retrain, until MD survives"),
 }
 
 
