@@ -29,7 +29,7 @@ COMMANDS = {
     "export": ("distmlip.evaluation.export", "export a model to aenet .nn files or TorchScript"),
     "md-check": ("distmlip.evaluation.mdcheck", "MD stability check of a potential: a verdict per run (close pairs, "
                  "temperature, energy, drift, uncertainty); exit 3 when unstable"),
-    "explore": ("distmlip.evaluation.explore", "active learning: MD at rising temperatures, uncertain frames by "
+    "explore": ("distmlip.active.explore", "active learning: MD at rising temperatures, uncertain frames by "
                 "farthest-point sampling, label, retrain, until MD survives"),
 }
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from ase.io import read, write
 
-from distmlip.evaluation.explore import farthest_point_sampling
+from distmlip.active.explore import farthest_point_sampling
 from helpers import REPO, distmlip_cli, mpirun
 
 TRAIN = """

@@ -251,7 +251,7 @@ def farthest_point_sampling(X: np.ndarray, first: int, n: int, min_distance: flo
 
 
 def _load(path, device="cpu") -> list:
-    from .mdcheck import load_committee
+    from ..evaluation.mdcheck import load_committee
 
     return load_committee([path], device=device)
 
@@ -326,7 +326,7 @@ class Explorer:
         """Per start structure: Atoms -> GPR sigma (kind gpr), else None."""
         if self.kind != "gpr":
             return {}
-        from .gpr_uncertainty import GPRSigma
+        from ..evaluation.gpr_uncertainty import GPRSigma
 
         data = (self.cfg.uncertainty.gpr_data or self.base_data) + list(st["new_data"])
         fns = {}
@@ -336,7 +336,7 @@ class Explorer:
         return fns
 
     def run_md(self, it: int, itdir: Path, st: dict, models: list, rung: list[float]) -> list[dict]:
-        from .mdcheck import CommitteeCalculator, simulate, threshold_matrix
+        from ..evaluation.mdcheck import CommitteeCalculator, simulate, threshold_matrix
 
         md = self.cfg.md
         mddir = itdir / "md"
@@ -391,7 +391,7 @@ class Explorer:
         """Rank 0: the pool, farthest-point sampling, candidates.extxyz; returns selection.json."""
         from ase.io import read, write
 
-        from .mdcheck import frame_distances, threshold_matrix
+        from ..evaluation.mdcheck import frame_distances, threshold_matrix
 
         sel_path = itdir / "selection.json"
         if sel_path.is_file():
@@ -465,7 +465,7 @@ class Explorer:
         if not self.cfg.label_with:
             return None
         frames = read(sel["candidates"], index=":", parallel=False)
-        from .labelling import label as label_frames
+        from ..evaluation.labelling import label as label_frames
 
         mine = list(range(self.ctx.rank, len(frames), self.ctx.world_size))
         err = None
@@ -559,7 +559,7 @@ class Explorer:
         if not self.cfg.test_data or not self.rank0:
             return {}
         from ..data.h5store import H5Dataset
-        from .metrics import metrics, predict
+        from ..evaluation.metrics import metrics, predict
 
         models = _load(model_file, self.cfg.device)
         pred = predict(models, H5Dataset(self.cfg.test_data), forces=True, device=self.cfg.device)
@@ -702,7 +702,7 @@ def run(args) -> int:
     if args.label_with:
         overrides["label_with"] = args.label_with
     if args.label_kwargs:
-        from .labelling import parse_kwargs
+        from ..evaluation.labelling import parse_kwargs
 
         overrides["label_kwargs"] = parse_kwargs(args.label_kwargs)
     if args.iterations:
