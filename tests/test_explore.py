@@ -159,3 +159,34 @@ def test_killed_iteration_resumes(committee):
     pa, pb = _params(a["model"]), _params(b["model"])
     for x, y in zip(pa, pb):
         assert all(np.array_equal(x[k].numpy(), y[k].numpy()) for k in x)
+
+
+def test_gpr_uncertainty_route(committee):
+    """One GPR-ANN-like model: the uncertainty is the GPR energy sigma on the start's atom sequence
+    (a GPR fitted on the training structures of that sequence), higher for hot frames."""
+    from distmlip.data.h5store import H5Dataset
+
+    d = committee
+    write(str(d / "start8.extxyz"), H5Dataset(d / "train.h5")[0].to_ase())
+    (d / "train1.yaml").write_text((d / "train.yaml").read_text().replace("K: 2", "K: 1"))
+    cfg = d / "gpr.yaml"
+    cfg.write_text(f"""
+model: {d / 'run' / 'member_00' / 'model.pt'}
+train_config: {d / 'train1.yaml'}
+structures: [{d / 'start8.extxyz'}]
+output: {d / 'gpr'}
+iterations: 1
+md: {{temperatures: [[100, 1500]], steps: 100, interval: 10, seed: 0}}
+uncertainty: {{kind: gpr, threshold: 0.05, gpr: {{fit_restarts: 1}}}}
+targets: {{flagged_fraction: 1.0, failure_ratio: 1.0}}
+""")
+    res = distmlip_cli(["explore", str(cfg)])
+    assert "uncertainty gpr" in res.stdout and "GPR uncertainty: inverse" not in res.stdout
+    t = [json.loads((d / "gpr" / "iter_001" / "md" / f"task_00{k}.json").read_text()) for k in (0, 1)]
+    assert t[0]["T"] == 100.0 and t[1]["T"] == 1500.0
+    assert 0.0 < t[0]["max_uncertainty"] < t[1]["max_uncertainty"]
+    frames = read(str(d / "gpr" / "iter_001" / "md" / "task_001.extxyz"), index=":")
+    assert frames[0].info["uncertainty_kind"] == "gpr"
+    # targets met (generous): converged at the last rung, nothing selected, model kept
+    st = json.loads((d / "gpr" / "state.json").read_text())
+    assert st["finished"] == "converged" and st["rows"][0]["updated"] is False
