@@ -155,8 +155,6 @@ def _shared_cache(cfg, ctx, quiet):
     dc = cfg.descriptor
     if getattr(dc, "cache", "off") == "off" or cfg.training.mode != "energy":
         return
-    if getattr(getattr(cfg, "zbl", None), "enabled", False):
-        return
     from ..data.h5store import H5Dataset
     from ..descriptors.featurize import open_or_build
     from ..utils.log import warn

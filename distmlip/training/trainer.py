@@ -334,13 +334,14 @@ class Trainer:
         self._log(f"backend: {self.model.plan().describe()}")
 
     def _setup_cache(self):
-        """Descriptor cache (energy mode, no ZBL): stream cached descriptors instead of
-        recomputing them (``descriptor.cache``; docs/training.md)."""
+        """Descriptor cache (energy mode; ZBL energies are constants of each structure there,
+        models/zbl.py): stream cached descriptors instead of recomputing them
+        (``descriptor.cache``; docs/training.md)."""
         dc = self.cfg.descriptor
         mode = getattr(dc, "cache", "off")
-        if mode == "off" or self.force_mode or getattr(self.model, "zbl", None) is not None:
-            if mode == "on" and (self.force_mode or getattr(self.model, "zbl", None) is not None):
-                warn("descriptor.cache: on is ignored in force mode and with ZBL (positions needed)")
+        if mode == "off" or self.force_mode:
+            if mode == "on" and self.force_mode:
+                warn("descriptor.cache: on is ignored in force mode (positions needed)")
             return
         from ..descriptors.featurize import open_or_build
 
