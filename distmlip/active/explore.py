@@ -65,6 +65,7 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 
+from ..config import bounds
 from ..errors import ConfigError, InputError
 from ..gpr.augment import GPRSettings
 from ..utils.io import atomic_path, atomic_write_text
@@ -74,53 +75,53 @@ from ..utils.log import log, warn
 # ------------------------------------------------------------------------------ configuration
 @dataclass
 class ExploreMD:
-    temperatures: list[Union[float, list[float]]] = field(default_factory=lambda: [300.0, 600.0, 1000.0])
-    steps: int = 2000
-    timestep: float = 1.0               # fs
-    friction: float = 0.02              # 1/fs (Langevin)
-    interval: int = 10                  # analyse every N-th step
-    replicas: int = 1                   # trajectories per (structure, temperature), different seeds
-    threshold_factor: float = 0.6       # failed frame: a pair below this x covalent-radius sum
+    temperatures: list[Union[float, list[float]]] = field(default_factory=lambda: [300.0, 600.0, 1000.0],
+                                                           metadata=bounds(ge=0.0))
+    steps: int = field(default=2000, metadata=bounds(ge=1))
+    timestep: float = field(default=1.0, metadata=bounds(gt=0.0))            # fs
+    friction: float = field(default=0.02, metadata=bounds(gt=0.0))           # 1/fs (Langevin)
+    interval: int = field(default=10, metadata=bounds(ge=1))                 # analyse every N-th step
+    replicas: int = field(default=1, metadata=bounds(ge=1))                  # trajectories per (structure, T)
+    threshold_factor: float = field(default=0.6, metadata=bounds(gt=0.0))    # failed: a pair below this x r_cov sum
     stop_on_failure: bool = True        # end a trajectory at its first failed frame
-    seed: int = 0
+    seed: int = field(default=0, metadata=bounds(ge=0))
 
     def validate(self):
         if not self.temperatures:
             raise ConfigError("md.temperatures: give at least one temperature (rung)")
-        if self.steps < 1 or self.interval < 1 or self.timestep <= 0 or self.replicas < 1:
-            raise ConfigError("md: steps, interval, replicas must be >= 1 and timestep > 0")
+        for t in self.temperatures:
+            for x in (t if isinstance(t, list) else [t]):
+                if not x >= 0.0:
+                    raise ConfigError(f"md.temperatures: {x} must be >= 0")
+            if isinstance(t, list) and not t:
+                raise ConfigError("md.temperatures: an empty rung")
 
 
 @dataclass
 class ExploreUncertainty:
     kind: Literal["auto", "committee", "gpr"] = "auto"   # auto: committee for K > 1, else gpr
-    threshold: float = 0.2              # committee: eV/A (max atomic force deviation); gpr: eV (energy sigma)
+    # committee: eV/A (max atomic force deviation); gpr: eV (energy sigma)
+    threshold: float = field(default=0.2, metadata=bounds(gt=0.0))
     gpr_data: Optional[list[str]] = None   # GPR training data (default: train_config's data.train)
-    gpr_max_structures: int = 400       # reference structures per GPR at most (seeded subsample)
+    gpr_max_structures: int = field(default=400, metadata=bounds(ge=2))   # per GPR at most (seeded subsample)
     gpr: GPRSettings = field(default_factory=GPRSettings)
-
-    def validate(self):
-        if not self.threshold > 0:
-            raise ConfigError("uncertainty.threshold must be positive")
 
 
 @dataclass
 class ExploreSelect:
-    max_per_iteration: int = 20
-    min_new: int = 1                    # update the model only with at least this many frames
-    fps_min_distance: float = 0.0       # stop farthest-point sampling below this descriptor distance
-    label_min_factor: float = 0.4       # frames with a pair below this x covalent sum are not labelled
-    pre_failure_frames: int = 3         # frames before each failure always enter the pool
-
-    def validate(self):
-        if self.max_per_iteration < 1 or self.min_new < 0 or self.pre_failure_frames < 0:
-            raise ConfigError("select: max_per_iteration >= 1, min_new and pre_failure_frames >= 0")
+    max_per_iteration: int = field(default=20, metadata=bounds(ge=1))
+    min_new: int = field(default=1, metadata=bounds(ge=1))                   # update only with this many frames
+    fps_min_distance: float = field(default=0.0, metadata=bounds(ge=0.0))    # stop FPS below this distance
+    label_min_factor: float = field(default=0.4, metadata=bounds(ge=0.0))    # unlabelled below this x r_cov sum
+    pre_failure_frames: int = field(default=3, metadata=bounds(ge=0))        # frames before a failure, always
 
 
 @dataclass
 class ExploreTargets:
-    failure_ratio: float = 0.0          # converged when the failure ratio is at most this ...
-    flagged_fraction: float = 0.02      # ... and at most this share of frames is above the threshold
+    # converged when the failure ratio is at most this and at most this share of frames is
+    # above the uncertainty threshold
+    failure_ratio: float = field(default=0.0, metadata=bounds(ge=0.0, le=1.0))
+    flagged_fraction: float = field(default=0.02, metadata=bounds(ge=0.0, le=1.0))
 
 
 @dataclass
@@ -129,7 +130,7 @@ class ExploreConfig:
     train_config: str = ""              # the training configuration of that model (data.train: initial data)
     structures: list[str] = field(default_factory=list)   # starting structures (every frame of each file)
     output: str = "explore"
-    iterations: int = 5
+    iterations: int = field(default=5, metadata=bounds(ge=1))
     label_with: Optional[str] = None    # ase:EMT, package.module:Class; None: stop for external labels
     label_kwargs: dict[str, Any] = field(default_factory=dict)
     retrain: dict[str, Any] = field(default_factory=dict)    # overrides of train_config, e.g. training.epochs: 50
@@ -147,8 +148,6 @@ class ExploreConfig:
             raise ConfigError("explore: 'train_config' (the training configuration) is required")
         if not self.structures:
             raise ConfigError("explore: 'structures' (starting structures for MD) is required")
-        if self.iterations < 1:
-            raise ConfigError("explore: iterations must be >= 1")
 
     def rungs(self) -> list[list[float]]:
         return [[float(t)] if not isinstance(t, list) else [float(x) for x in t] for t in self.md.temperatures]
