@@ -1,8 +1,8 @@
 """``distmlip export --format aenet|torchscript MODEL -o OUT``.
 
 aenet: one ``<El>.<arch>.nn`` ASCII file per element in folder OUT (distmlip/evaluation/export_aenet.py
-describes the layout and the mapping of the normalisations).  Models with ZBL and committees are
-refused (aenet cannot hold them).  Convert to aenet's binary form with ``nnASCII2bin.x``.
+describes the layout and the mapping of the normalisations).  Committees are refused (aenet
+cannot hold them); a ZBL term is left out with a warning (aenet has no pair potential).  Convert to aenet's binary form with ``nnASCII2bin.x``.
 
 torchscript: one self-contained TorchScript file OUT (positions [N,3], numbers [N], cell [3,3],
 pbc [3] -> energy, forces), runnable with torch alone in Python or C++; includes ZBL.

@@ -30,8 +30,9 @@ reader 2*nsf.  Both are satisfied by ceil(nenv*nsf/4) records of which the last 
 separated by blanks and the others are blank (a formatted I17 read of blanks or of '0 0 0' gives 0).
 Strings are written as single tokens (list-directed reads stop at blanks and slashes).
 
-Committees (several networks per element) and ZBL (no pair term in aenet) cannot be expressed and
-are refused; so are activations other than tanh, sigmoid and linear.
+Committees (several networks per element) cannot be expressed and are refused; so are activations
+other than tanh, sigmoid and linear.  A ZBL term (no pair term in aenet) is left out with a warning
+naming the radii below which the files differ from the model.
 """
 from __future__ import annotations
 
@@ -83,9 +84,15 @@ def aenet_network(model, t: int):
 
 def _check_exportable(model):
     if getattr(model, "zbl", None) is not None:
-        raise InputError("aenet export: the model has a ZBL term, which aenet's .nn format cannot hold "
-                         "(aenet has no pair potential); export it with --format torchscript, or train "
-                         "without zbl for aenet")
+        # ZBL is on by default; the networks were fitted to E - E_ZBL, and E_ZBL vanishes beyond
+        # the outer radii, so the networks alone are the model wherever no pair is that close
+        # (every training structure, as a rule): the export writes them and says what is left out
+        from ..utils.log import warn
+
+        radii = ", ".join(f"{k} {v[1]:.2f} A" for k, v in model.zbl.to_dict()["radii"].items())
+        warn("aenet export: aenet has no pair potential, so the .nn files hold the networks without the "
+             f"model's ZBL repulsion: they equal the model only where no pair is closer than {radii} "
+             "(closer pairs get no repulsion in aenet); --format torchscript keeps ZBL")
 
 
 def write_aenet(model, out_dir, prefix: str | None = None, description: str = "distmlip-export",
