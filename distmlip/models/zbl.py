@@ -122,11 +122,21 @@ class ZBL(nn.Module):
             raise ConfigError("the model has a ZBL term, which needs positions and the pair list: this "
                               "batch holds cached descriptors without its structures")
         pos = batch.positions.to(torch.float64)
-        rij = pos[batch.pair_j] - pos[batch.pair_i] + batch.pair_shift.to(torch.float64)
-        e = self.pair_energies(torch.linalg.norm(rij, dim=1), batch.species[batch.pair_i],
-                               batch.species[batch.pair_j])
+        shift = batch.pair_shift.to(torch.float64)
+        pi, pj = batch.pair_i, batch.pair_j
+        # only pairs inside the outer radius have energy (the switch is C2 there); the batch's
+        # pair list reaches the descriptor cutoff, so selecting them first (without autograd)
+        # keeps ZBL from costing a pass over every pair in each step
+        with torch.no_grad():
+            r0 = torch.linalg.norm(pos[pj] - pos[pi] + shift, dim=1)
+            sel = torch.nonzero(r0 < self.r_out.to(r0.dtype)[batch.species[pi], batch.species[pj]]).squeeze(1)
         out = torch.zeros(pos.shape[0], dtype=torch.float64, device=pos.device)
-        return 0.5 * out.index_add(0, batch.pair_i, e)
+        if sel.numel() == 0:
+            return out
+        pi, pj = pi[sel], pj[sel]
+        rij = pos[pj] - pos[pi] + shift[sel]
+        e = self.pair_energies(torch.linalg.norm(rij, dim=1), batch.species[pi], batch.species[pj])
+        return 0.5 * out.index_add(0, pi, e)
 
     def frozen_atomic_energies(self, structures, device="cpu") -> torch.Tensor:
         """Per-atom ZBL energies [N] of fixed structures (no gradient), in the order of
@@ -162,6 +172,8 @@ class ZBL(nn.Module):
         """(E [B], F [N, 3]) of the ZBL term; ``batch.positions`` must require grad."""
         e = self.atomic_energies(batch)
         E = torch.zeros(batch.n_structures, dtype=torch.float64, device=e.device).index_add(0, batch.structure, e)
+        if not e.requires_grad:          # no pair inside the outer radii
+            return E, torch.zeros_like(batch.positions)
         (g,) = torch.autograd.grad(e.sum(), batch.positions, create_graph=create_graph)
         return (E if create_graph else E.detach()), -g.to(batch.positions.dtype)
 
