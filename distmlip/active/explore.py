@@ -112,6 +112,7 @@ class ExploreSelect:
     max_per_iteration: int = field(default=20, metadata=bounds(ge=1))
     min_new: int = field(default=1, metadata=bounds(ge=1))                   # update only with this many frames
     fps_min_distance: float = field(default=0.0, metadata=bounds(ge=0.0))    # stop FPS below this distance
+    include_failed: bool = False        # label failed frames too (those above label_min_factor)
     label_min_factor: float = field(default=0.4, metadata=bounds(ge=0.0))    # unlabelled below this x r_cov sum
     pre_failure_frames: int = field(default=3, metadata=bounds(ge=0))        # frames before a failure, always
 
@@ -134,6 +135,9 @@ class ExploreConfig:
     label_with: Optional[str] = None    # ase:EMT, package.module:Class; None: stop for external labels
     label_kwargs: dict[str, Any] = field(default_factory=dict)
     retrain: dict[str, Any] = field(default_factory=dict)    # overrides of train_config, e.g. training.epochs: 50
+    # before each warm start, refit the normalisation on all data keeping the model's energies
+    # (the old energy scale can cap what the networks reach; models/ann.py)
+    refit_normalization: bool = True
     test_data: Optional[list[str]] = None
     device: str = "cpu"
     md: ExploreMD = field(default_factory=ExploreMD)
@@ -417,6 +421,8 @@ class Explorer:
                     reason.append("before failure")
                 if not reason:
                     continue
+                if failed[k] and not sc.include_failed:    # unphysical: not for DFT (NEP-ZBL's practice)
+                    continue
                 if failed[k]:   # labelled only while physical: no pair below label_min_factor x r_cov sum
                     i, j, d = frame_distances(a, tab)
                     nums = a.numbers
@@ -515,16 +521,17 @@ class Explorer:
         cfg.training.output = str(tdir)
         if cfg.descriptor.cache != "off":    # the data changed: the cache of this iteration lives here
             cfg.descriptor.cache_file = str(tdir / "train.desc.h5")
+        warm = st["members"] if self.K > 1 else st["model"]
+        if self.cfg.refit_normalization:
+            warm = self.refit_warm_starts(itdir, cfg, warm)
         if self.K > 1:
-            cfg.training.warm_start = st["members"] if st["members"] else None
-            if not cfg.training.warm_start:
-                raise ConfigError("explore: internal: no member files to warm-start from")
+            cfg.training.warm_start = warm
             status = train_committee(cfg, self.ctx, resume=True)
             return status, str(tdir / "committee.pt")
         done = tdir / "done.json"
         if done.is_file():
             return json.loads(done.read_text())["status"], str(tdir / "model.pt")
-        cfg.training.warm_start = st["model"]
+        cfg.training.warm_start = warm
         ck = tdir / "checkpoint.pt"
         status = Trainer(cfg, self.ctx, resume=str(ck) if ck.is_file() else None,
                          log_prefix="  [retrain] ").fit()
@@ -532,6 +539,48 @@ class Explorer:
             atomic_write_text(done, json.dumps({"status": status}))
         self.ctx.barrier()
         return status, str(tdir / "model.pt")
+
+    def refit_warm_starts(self, itdir: Path, cfg, warm: str) -> str:
+        """Rank 0: every member (``warm``, a file or a '{k}' template) with its normalisation refit
+        on the new training data, its energies kept (``itdir/warm/``); returns the new file or
+        template."""
+        import torch
+
+        from ..data.h5store import H5Dataset
+        from ..data.split import get_split, parse_split_patterns, split_from_patterns
+        from ..descriptors.batch import collate
+        from ..models.bpnn import BPNN
+
+        wdir = itdir / "warm"
+        names = [f"member_{k:02d}" for k in range(self.K)] if self.K > 1 else ["model"]
+        target = str(wdir / ("member_{k:02d}" if self.K > 1 else "model") / "model.pt")
+        if self.rank0 and not all((wdir / n / "model.pt").is_file() for n in names):
+            ds = H5Dataset(cfg.data.train)
+            if cfg.data.validation:
+                idx = np.arange(ds.n_structures)
+            else:
+                dc = cfg.data
+                split = (split_from_patterns(ds.column("source"), parse_split_patterns(dc.split_patterns))
+                         if dc.split_patterns else
+                         get_split(ds, dc.split_seed, tuple(dc.fractions), per_subset=dc.by_subset,
+                                   use_stored=dc.use_stored_split))
+                idx = np.flatnonzero(np.asarray(split) == 0)
+            structures = ds.read(idx)
+            for k, n in enumerate(names):
+                src = warm.format(k=k) if self.K > 1 else warm
+                m = BPNN.load(src)
+                chunks = [structures[a:a + 64] for a in range(0, len(structures), 64)]
+                batches = (collate(c, species=m.species, cutoff=m.cutoff, dtype=torch.float64) for c in chunks)
+                mc = cfg.model
+                summ = m.refit_normalization_keeping_function(batches, descriptor=mc.normalize_descriptor,
+                                                              energy=mc.energy_shift, scale=mc.energy_scale)
+                (wdir / n).mkdir(parents=True, exist_ok=True)
+                m.save(wdir / n / "model.pt", metadata=dict(getattr(m, "metadata", {}) or {}))
+                if k == 0:
+                    log(f"  normalisation refit on {summ['n_structures']} structures (energies kept): energy "
+                        f"scale {summ['energy_scale']:.4g} eV/atom")
+        self.ctx.barrier()
+        return target
 
     def members_of(self, model_file: str, where: Path) -> str | None:
         """A committee's members as files (the warm start of member k is member k): the template
