@@ -28,7 +28,10 @@ COMMANDS = {
     "evaluate": ("distmlip.evaluation.evaluate", "metrics, per-structure CSV and parity plots of a model on a data set"),
     "export": ("distmlip.evaluation.export", "export a model to aenet .nn files, a torch.export program or TorchScript"),
     "import-aenet": ("distmlip.evaluation.import_aenet", "read aenet .nn potential files into a distmlip model (for evaluation or retraining)"),
-    "md-check": ("distmlip.evaluation.mdcheck", "MD stability check of a potential (min distances, failure ratio, PDF)"),
+    "md-check": ("distmlip.evaluation.mdcheck", "MD stability check of a potential: a verdict per run (close pairs, "
+                 "temperature, energy, drift, uncertainty); exit 3 when unstable"),
+    "explore": ("distmlip.active.explore", "active learning: MD at rising temperatures, uncertain frames by "
+                "farthest-point sampling, label, retrain, until MD survives"),
 }
 
 

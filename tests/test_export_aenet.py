@@ -257,12 +257,26 @@ def test_aenet_files_reproduce_model_energies(tmp_path, species, activation):
         assert math.isclose(e_model, e_aenet, rel_tol=1e-11, abs_tol=1e-10 * len(atoms)), (e_model, e_aenet)
 
 
-def test_aenet_refuses_zbl_committee_and_activation(tmp_path):
+def test_aenet_zbl_left_out_with_warning_refuses_committee_and_activation(tmp_path, capsys):
     from distmlip.evaluation.export_aenet import write_aenet
 
     m = BPNN(["Cu"], DESC, [4], "tanh", zbl={})
-    with pytest.raises(InputError, match="ZBL"):
-        write_aenet(m, tmp_path)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.3)
+    files = {}
+    for p in write_aenet(m, tmp_path / "zbl"):
+        net, stp, ts = read_nn_list_directed(p.read_text())
+        files[stp["atomtype"]] = (net, stp, ts)
+    err = capsys.readouterr().err
+    assert "without the model's ZBL repulsion" in err and "Cu-Cu 1.98 A" in err
+    # the files are the networks term: equal to the model where ZBL is zero, without it below
+    from ase.build import bulk
+
+    a = bulk("Cu", "fcc", a=3.61, cubic=True)
+    assert math.isclose(_model_energy(m, a), aenet_energy(files, a), rel_tol=1e-11, abs_tol=1e-9)
+    a.positions[1] = a.positions[0] + [1.2, 0.0, 0.0]
+    assert _model_energy(m, a) - aenet_energy(files, a) > 1.0
     m = BPNN(["Cu"], DESC, [4], "silu")
     with pytest.raises(InputError, match="activation"):
         write_aenet(m, tmp_path)

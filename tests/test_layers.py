@@ -1,5 +1,5 @@
 """Import layering of the package: data -> descriptors -> models -> training / gpr -> evaluation
--> cli, over a foundation (errors, config, _ext, utils; then distributed).  No module imports a
+-> active -> cli, over a foundation (errors, config, _ext, utils; then distributed).  No module imports a
 higher layer or a sibling of its layer (training <-> gpr), and no import cycle exists between
 modules, function-level imports included (they are how cycles hid before)."""
 import ast
@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1] / "distmlip"
 # layer of a module = layer of its top folder (or file) under distmlip/
 LAYER = {"errors": 0, "config": 0, "utils": 0, "_ext": 0, "distributed": 1, "data": 2,
          "descriptors": 3, "models": 4, "training": 5, "gpr": 5, "evaluation": 6,
+         # active learning trains models (training) from what MD with them shows (evaluation)
+         "active": 6.5,
          "calculator": 7, "cli": 7, "__main__": 7, "__init__": 7}
 
 
@@ -128,3 +130,7 @@ def test_the_check_fails_on_an_upward_import_and_a_cycle():
     text, is_pkg = src["distmlip.gpr.augment"]
     sib["distmlip.gpr.augment"] = (text + "\nfrom ..training.losses import loss_sums\n", is_pkg)
     assert "sibling import: distmlip.gpr.augment -> distmlip.training.losses" in violations(sib)
+    up = dict(src)
+    text, is_pkg = src["distmlip.evaluation.mdcheck"]
+    up["distmlip.evaluation.mdcheck"] = (text + "\n\ndef _g():\n    from ..active.explore import Explorer\n", is_pkg)
+    assert "upward import: distmlip.evaluation.mdcheck -> distmlip.active.explore" in violations(up)

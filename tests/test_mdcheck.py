@@ -1,13 +1,18 @@
-"""distmlip md-check: committee of two models on a small Cu cell; minimum distances against ASE's
-brute-force distances, failure detection against the covalent-radius threshold, outputs."""
+"""distmlip md-check: verdicts from every sign of failure and the exit status.
+
+A committee of two small models on a Cu cell (stable over a few steps; minimum distances against
+ASE's brute-force distances); a model built to collapse (its energy falls as atoms approach);
+EMT itself as the reference (stable); every criterion of ``judge`` on constructed trajectories."""
 import json
 
 import numpy as np
+import pytest
 import torch
 from ase.build import bulk
 from ase.io import read, write
 
 from distmlip.cli import main
+from distmlip.evaluation.mdcheck import EXIT_UNSTABLE, Criteria, judge, summary_line, verdict_of
 from distmlip.models.bpnn import BPNN
 
 DESC = {"rc_radial": 3.0, "n_radial": 3, "rc_angular": 2.8, "n_angular": 2, "backend": "reference"}
@@ -27,37 +32,198 @@ def _models(tmp_path):
     return paths
 
 
-def test_md_check_committee_outputs_and_failures(tmp_path):
-    models = _models(tmp_path)
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+def collapsing_model(path, k=3.0):
+    """E_i = -k sum_j fc(r_ij): every approach lowers the energy, nothing repels (what a potential
+    trained without short-range data can look like), so atoms fall onto each other."""
+    m = BPNN(["Cu"], {**DESC, "backend": "auto"}, [1], "linear")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.ann.nets[0][0].weight[0, 0] = 1.0       # radial T_0 = sum_j fc(r_ij)
+        m.ann.nets[0][-1].weight[0, 0] = -k
+    m.save(path)
+    return str(path)
+
+
+def _start(tmp_path, name="start.extxyz", repeat=1):
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((repeat, repeat, repeat))
     atoms.rattle(0.05, seed=0)
-    s = tmp_path / "start.extxyz"
+    s = tmp_path / name
     write(str(s), atoms)
+    return s
+
+
+def test_md_check_committee_stable_and_columns(tmp_path, capsys):
+    models = _models(tmp_path)
+    s = _start(tmp_path)
     out = tmp_path / "out"
     assert main(["md-check", *models, str(s), "-T", "300", "900", "--steps", "10", "--interval", "5",
                  "--timestep", "1", "--nve-steps", "5", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
     summ = json.loads((out / "summary.json").read_text())
-    assert summ["committee_size"] == 2 and len(summ["runs"]) == 2
+    assert summ["committee_size"] == 2 and len(summ["runs"]) == 2 and summ["all_stable"]
     atoms = read(str(s))    # positions as stored in the file
     d_ref = atoms.get_all_distances(mic=True)[np.triu_indices(len(atoms), 1)].min()
     for r in summ["runs"]:
-        assert r["frames"] == 3 and r["status"] == "ok"
+        assert r["frames"] == 3 and r["verdict"] == "stable" and r["events"] == []
         np.testing.assert_allclose(r["min_dist_first_A"], d_ref, rtol=1e-12)
         assert r["failed_frames"] == 0 and r["failure_ratio"] == 0.0     # 0.6 x 2.64 A = 1.58 A
         assert r["max_force_deviation"] > 0.0                           # two different members
         assert r["nve_drift_eV_atom"] is not None
         assert (out / f"pdf_T{r['temperature_K']:g}.png").stat().st_size > 1000
-    # a threshold above the nearest-neighbour distance: every frame fails and is written out
-    out2 = tmp_path / "out2"
+    assert "max dF (eV/A)" in text                                       # committee: deviation column
+    assert "md-check result: stable (2 runs: 2 stable, 0 unstable, 0 aborted)" in text
+    # one model: no deviation column, no deviation figure
+    out1 = tmp_path / "out1"
     assert main(["md-check", models[0], str(s), "-T", "300", "--steps", "10", "--interval", "5",
-                 "--nve-steps", "0", "--threshold-factor", "1.2", "-o", str(out2)]) == 0
-    r = json.loads((out2 / "summary.json").read_text())["runs"][0]
+                 "--nve-steps", "0", "-o", str(out1)]) == 0
+    text = capsys.readouterr().out
+    assert "max dF" not in text
+    assert json.loads((out1 / "summary.json").read_text())["runs"][0]["max_force_deviation"] is None
+
+
+def test_md_check_every_frame_fails_is_unstable_and_exits_nonzero(tmp_path, capsys):
+    models = _models(tmp_path)
+    s = _start(tmp_path)
+    out = tmp_path / "out2"
+    # a threshold above the nearest-neighbour distance: every frame fails and is written out
+    args = ["md-check", models[0], str(s), "-T", "300", "--steps", "10", "--interval", "5",
+            "--nve-steps", "0", "--threshold-factor", "1.2", "-o", str(out)]
+    assert main(args) == EXIT_UNSTABLE
+    text = capsys.readouterr().out
+    r = json.loads((out / "summary.json").read_text())["runs"][0]
     assert r["failed_frames"] == r["frames"] == 3 and r["failure_ratio"] == 1.0
-    assert r["max_force_deviation"] == 0.0 and r["nve_drift_eV_atom"] is None
+    assert r["verdict"].startswith("unstable: close pairs, first at 0 fs, Cu-Cu ")
+    assert "failure ratio 1.000" in r["verdict"]
+    assert "md-check result: unstable (1 runs: 0 stable, 1 unstable, 0 aborted; first: T=300 K close pairs at 0 fs)" in text
+    # the table line of the run carries the verdict, never "ok"
+    table = text.split("fail ratio")[1].splitlines()[1:4]
+    assert not any(" ok" in line for line in table)
     frames = read(r["failed_frames_file"], index=":")
     assert len(frames) == 3 and frames[0].info["md_step"] == 0
+    # --report-only: the same verdict, exit 0
+    assert main(args + ["--report-only"]) == 0
     # bad input: unknown element, missing file
     au = tmp_path / "au.xyz"
     write(str(au), bulk("Au", "fcc", a=4.08))
     assert main(["md-check", models[0], str(au), "--steps", "1", "-o", str(tmp_path / "x")]) == 2
     assert main(["md-check", models[0], str(tmp_path / "nope.xyz"), "-o", str(tmp_path / "x")]) == 2
+
+
+def test_md_check_collapsing_model_and_emt_reference(tmp_path, capsys):
+    """The model that collapses is unstable (close pairs first, then the temperature runs away) and
+    md-check exits non-zero; EMT on the same start is stable and exits 0."""
+    s = _start(tmp_path, repeat=2)                     # 32 atoms
+    bad = collapsing_model(tmp_path / "collapse.pt")
+    out = tmp_path / "collapse"
+    rc = main(["md-check", bad, str(s), "-T", "300", "--steps", "300", "--interval", "10",
+               "--nve-steps", "50", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert rc == EXIT_UNSTABLE
+    r = json.loads((out / "summary.json").read_text())["runs"][0]
+    crits = [e["criterion"] for e in r["events"]]
+    assert r["verdict"].startswith("unstable: close pairs") and "temperature" in crits, r["verdict"]
+    assert r["failure_ratio"] > 0.3 and r["min_dist_A"] < 0.8 and r["final_T_K"] > 1000
+    assert "md-check result: unstable" in text
+    # EMT, the potential the data would come from: stable, also against an EMT training record
+    from distmlip.data.examples import rattled_cu_au
+    from distmlip.data.h5store import write_dataset
+
+    h5 = tmp_path / "emt.h5"
+    write_dataset(h5, [x for x in rattled_cu_au(12) if 79 not in x.numbers])
+    out = tmp_path / "emt"
+    rc = main(["md-check", "ase:EMT", str(s), "-T", "300", "--steps", "300", "--interval", "10",
+               "--nve-steps", "50", "--training-data", str(h5), "-o", str(out)])
+    text = capsys.readouterr().out
+    r = json.loads((out / "summary.json").read_text())["runs"][0]
+    assert rc == 0 and r["verdict"] == "stable", r["verdict"]
+    assert r["training_epot_min_eV_atom"] is not None and r["min_dist_A"] > 2.0
+    assert "md-check result: stable (1 runs" in text
+
+
+def test_energy_below_training_flags_a_run(tmp_path):
+    """EMT on a record whose lowest energy is 1 eV/atom above EMT's: unstable, 'energy below training'."""
+    from distmlip.data.examples import rattled_cu_au
+    from distmlip.data.h5store import write_dataset
+
+    data = [x for x in rattled_cu_au(6) if 79 not in x.numbers]
+    for x in data:
+        x.energy += 1.0 * len(x.numbers)
+    h5 = tmp_path / "shifted.h5"
+    write_dataset(h5, data)
+    s = _start(tmp_path)
+    out = tmp_path / "e"
+    assert main(["md-check", "ase:EMT", str(s), "-T", "300", "--steps", "20", "--interval", "10",
+                 "--nve-steps", "0", "--training-data", str(h5), "-o", str(out)]) == EXIT_UNSTABLE
+    r = json.loads((out / "summary.json").read_text())["runs"][0]
+    assert r["verdict"].startswith("unstable: energy below training, first at 0 fs"), r["verdict"]
+
+
+def _traj(T=300.0, temps=None, epot=None, fdev=None, n=30, dt=10.0, gpr=None):
+    t = np.arange(n) * dt
+    return {"step": list(range(n)), "t_fs": list(t), "min_dist": [2.5] * n, "failed": [False] * n,
+            "worst": [("Cu-Cu", 2.5, 1.58)] * n, "epot": list(epot if epot is not None else [-3.0] * n),
+            "etot": [-3.0] * n, "temp": list(temps if temps is not None else [T] * n),
+            "fdev": list(fdev if fdev is not None else [0.0] * n), "gpr_sigma": list(gpr or [None] * n),
+            "below": [{}] * n, "n_missing": 0, "steps_done": n - 1, "timestep_fs": 1.0, "aborted": False,
+            "abort_reason": None, "abort_t_fs": None}
+
+
+def test_judge_each_criterion():
+    c = Criteria()
+    # a quiet run: nothing
+    assert judge(_traj(), 300.0, 32, 0.02, c) == []
+    # heating: windowed mean leaves 300 +- 150 K after the warm-up (150 fs) + window (100 fs)
+    temps = [300.0] * 20 + [900.0] * 10
+    ev = judge(_traj(temps=temps), 300.0, 32, 0.02, c)
+    assert [e["criterion"] for e in ev] == ["temperature"] and 200.0 <= ev[0]["t_fs"] <= 290.0
+    # the same excursion in a 4-atom system is within its natural fluctuation (3 sqrt(2/12) = 1.22)
+    assert judge(_traj(temps=[300.0] * 20 + [600.0] * 10), 300.0, 4, 0.02, c) == []
+    # before the warm-up nothing is judged
+    assert judge(_traj(temps=[900.0] * 20, n=20), 300.0, 32, 0.02, c) == []
+    assert judge(_traj(temps=[900.0] * 30), 300.0, 32, 0.02, c) != []
+    assert judge(_traj(temps=[900.0] * 24, n=24), 300.0, 32, 0.002, c) == []   # warm-up 1500 fs
+    # energy below the training minimum by more than the margin
+    ep = [-3.0] * 10 + [-3.2] * 20
+    ev = judge(_traj(epot=ep), 300.0, 32, 0.02, c, emin=-3.05)
+    assert [e["criterion"] for e in ev] == ["energy below training"] and ev[0]["t_fs"] == 100.0
+    assert judge(_traj(epot=ep), 300.0, 32, 0.02, c, emin=-3.15) == []
+    # committee deviation only counts for committees
+    fd = [0.1] * 5 + [0.8] * 25
+    assert judge(_traj(fdev=fd), 300.0, 32, 0.02, c) == []
+    ev = judge(_traj(fdev=fd), 300.0, 32, 0.02, c, committee=True)
+    assert [e["criterion"] for e in ev] == ["committee deviation"] and ev[0]["t_fs"] == 50.0
+    # GPR sigma
+    ev = judge(_traj(gpr=[0.01] * 7 + [0.3] * 23), 300.0, 32, 0.02, c)
+    assert [e["criterion"] for e in ev] == ["GPR sigma"] and ev[0]["t_fs"] == 70.0
+    # NVE drift: time counted from the end of the NVT run
+    nve = np.array([-3.0, -3.0, -2.995, -2.98, -2.97])
+    ev = judge(_traj(), 300.0, 32, 0.02, c, nve=nve)
+    assert [e["criterion"] for e in ev] == ["NVE drift"] and ev[0]["t_fs"] == 29.0 + 3.0
+    assert judge(_traj(), 300.0, 32, 0.02, c, nve=nve[:3]) == []
+    # the verdict names the first event and lists the others; aborted runs say so
+    tr = _traj(temps=temps, epot=ep)
+    ev = judge(tr, 300.0, 32, 0.02, c, emin=-3.05)
+    v = verdict_of(ev, tr)
+    assert v.startswith("unstable: energy below training, first at 100 fs") and v.endswith("(also: temperature)")
+    tr["aborted"], tr["abort_reason"], tr["abort_t_fs"] = True, "non-finite energy", 290.0
+    assert verdict_of(ev, tr).startswith("aborted: non-finite energy at 290 fs (before: energy below training")
+    runs = [{"temperature_K": 300.0, "aborted": False, "stable": True, "events": [], "verdict": "stable"},
+            {"temperature_K": 900.0, "aborted": True, "stable": False, "events": ev, "verdict": verdict_of(ev, tr)}]
+    assert summary_line(runs) == ("md-check result: aborted (2 runs: 1 stable, 0 unstable, 1 aborted; "
+                                  "first: T=900 K aborted: non-finite energy at 290 fs)")
+
+
+@pytest.mark.parametrize("spec,ok", [("ase:EMT", True), ("ase:NoSuchCalc", False),
+                                     ("ase.calculators.lj:LennardJones", True), ("math:nope", False)])
+def test_calculator_names(spec, ok):
+    from distmlip.errors import ConfigError
+    from distmlip.evaluation.labelling import is_calculator_name, make_calculator
+
+    assert is_calculator_name(spec)
+    assert not is_calculator_name("run/model.pt") and not is_calculator_name("model.pt")
+    if ok:
+        assert hasattr(make_calculator(spec), "get_potential_energy")
+    else:
+        with pytest.raises(ConfigError):
+            make_calculator(spec)

@@ -100,3 +100,45 @@ def test_zbl_config_errors_and_residual_fit():
     m = BPNN(["Cu"], DESC, [4], zbl={})
     m.fit_normalization([collate(structs, m.species, m.cutoff)], descriptor=True, energy="mean", scale=False)
     np.testing.assert_allclose(float(m.ann.energy_shift[0]), -2.0, atol=1e-10)
+
+
+def test_energy_training_with_zbl_uses_the_cache_and_equals_without(tmp_path):
+    """ZBL energies are constants of each structure in energy training: with the descriptor cache
+    they come from the structures of the cached batch (once per structure), and training equals
+    training on positions (radii wide enough that ZBL acts on every structure here)."""
+    from distmlip.data.examples import rattled_cu_au
+    from distmlip.data.h5store import H5Dataset, write_dataset
+    from distmlip.descriptors.batch import collate
+    from distmlip.training.config import load_train_config
+    from distmlip.training.trainer import Trainer
+
+    h5 = tmp_path / "d" / "emt.h5"
+    h5.parent.mkdir()
+    write_dataset(h5, rattled_cu_au(16))
+    ds = H5Dataset(h5)
+    m = _pair({"radii": {"Cu-Cu": [1.5, 2.6], "Au-Cu": [1.5, 2.6], "Au-Au": [1.5, 2.6]}})
+    s = ds.read([3, 0, 5])
+    b = collate(s, m.species, cutoff=m.cutoff, dtype=torch.float64)
+    e_pos = m.zbl.atomic_energies(b)
+    assert float(e_pos.abs().sum()) > 0.1
+    torch.testing.assert_close(m.zbl.frozen_atomic_energies(s), e_pos, rtol=0, atol=1e-13)
+    assert len(m.zbl._frozen) == 3
+    m.zbl.frozen_atomic_energies(ds.read([0]))          # seen before: no new entry
+    assert len(m.zbl._frozen) == 3
+    trainers = {}
+    for cache in ("off", "on"):
+        y = tmp_path / f"{cache}.yaml"
+        y.write_text(f"""
+data: {{train: [{h5}], fractions: [0.75, 0.25, 0.0]}}
+descriptor: {{rc_radial: 3.5, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference, cache: {cache}}}
+model: {{hidden: [6]}}
+training: {{mode: energy, epochs: 3, batch_atoms: 16, lr: 0.01, output: {tmp_path / cache}, progress_bar: 'off'}}
+zbl: {{enabled: true, radii: {{Cu-Cu: [1.5, 2.6], Au-Cu: [1.5, 2.6], Au-Au: [1.5, 2.6]}}}}
+""")
+        t = Trainer(load_train_config(y), quiet=True)
+        t.fit()
+        trainers[cache] = t
+    assert trainers["off"].cache is None and trainers["on"].cache is not None
+    a, b = trainers["off"].model.state_dict(), trainers["on"].model.state_dict()
+    d = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert d < 1e-10, d

@@ -10,6 +10,7 @@ STAGES = [
     ("distmlip train CONFIG.yaml", "distmlip.training.config", "TrainConfig"),
     ("distmlip augment CONFIG.yaml", "distmlip.gpr.augment", "AugmentConfig"),
     ("distmlip convert --config CONFIG.yaml", "distmlip.data.convert", "ConvertConfig"),
+    ("distmlip explore CONFIG.yaml", "distmlip.active.explore", "ExploreConfig"),
 ]
 
 

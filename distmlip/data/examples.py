@@ -76,3 +76,49 @@ def rattled_cu_au(n: int = 24, seed: int = 0) -> list[Structure]:
         a.positions += rng.normal(0, 0.08, a.positions.shape)
         out.append(_label(a, source="emt.extxyz", index=k))
     return out
+
+
+def slab_adsorbate_atoms():
+    """Cu(111) slab (3 x 3 x 3, 7 A vacuum each side) with an Au4 tetrahedron on an fcc hollow
+    site: an interface with a cluster adsorbed on a metal surface (31 atoms, periodic in x and y),
+    the EMT stand-in for a molecule on an electrode slab.  EMT keeps it intact at 300-1000 K."""
+    from ase import Atoms
+    from ase.build import add_adsorbate, fcc111
+
+    slab = fcc111("Cu", size=(3, 3, 3), vacuum=7.0)
+    d = 2.75
+    tet = Atoms("Au4", positions=[[0, 0, 0], [d, 0, 0], [d / 2, d * np.sqrt(3) / 2, 0],
+                                  [d / 2, d * np.sqrt(3) / 6, d * np.sqrt(2 / 3)]])
+    add_adsorbate(slab, tet, 2.2, "fcc")
+    slab.info.pop("adsorbate_info", None)
+    return slab
+
+
+def slab_adsorbate_md(n: int, seed: int = 0, temperatures=(300.0, 600.0, 900.0), every_fs: float = 40.0,
+                      equilibrate_fs: float = 100.0) -> list[Structure]:
+    """``n`` EMT-labelled snapshots of Langevin MD (1 fs, friction 0.02/fs) of
+    :func:`slab_adsorbate_atoms` at the given temperatures in turn (``n / len(temperatures)`` each,
+    one every ``every_fs`` after ``equilibrate_fs``): thermal configurations as an ab initio MD
+    data set of an interface would have them (deterministic for a seed)."""
+    from ase import units
+    from ase.calculators.emt import EMT
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import Stationary, thermalize_momenta
+    from ase.parallel import DummyMPI
+
+    out = []
+    per = [n // len(temperatures) + (1 if k < n % len(temperatures) else 0) for k in range(len(temperatures))]
+    for kT, (T, m) in enumerate(zip(temperatures, per)):
+        a = slab_adsorbate_atoms()
+        a.calc = EMT()
+        rng = np.random.default_rng([seed, kT])
+        thermalize_momenta(a, T, comm=DummyMPI(), rng=rng)
+        Stationary(a)
+        dyn = Langevin(a, units.fs, temperature_K=T, friction=0.02 / units.fs, fixcm=False,
+                       rng=np.random.default_rng([seed, kT, 1]), comm=DummyMPI())
+        dyn.run(int(equilibrate_fs))
+        for k in range(m):
+            dyn.run(int(every_fs))
+            s = _label(a.copy(), source=f"emt_slab_au4_T{T:g}", index=len(out))
+            out.append(s)
+    return out

@@ -261,7 +261,8 @@ class FeatureCache:
 
 class FeatureBatch:
     """An energy-only batch carrying cached descriptors (``features``) instead of positions and
-    pairs.  Same fields as ``Batch`` for what energy training and normalisation read."""
+    pairs.  Same fields as ``Batch`` for what energy training and normalisation read, plus
+    ``structures`` (the Structure records, in batch order)."""
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
@@ -304,7 +305,10 @@ def feature_batch(structures, cache: FeatureCache, species, device="cpu") -> Fea
         natoms=t(natoms, torch.long), energy=t([float(s.energy) for s in structures], torch.float64),
         has_forces=t([s.forces is not None for s in structures], torch.bool),
         weight=t([float(getattr(s, "weight", 1.0)) for s in structures], torch.float64),
-        index=t(index, torch.long))
+        index=t(index, torch.long),
+        # the records themselves: position-dependent energy terms without parameters (ZBL) are
+        # constants of each structure in energy training and are computed from them
+        structures=list(structures))
 
 
 # ------------------------------------------------------------------------------------ writer

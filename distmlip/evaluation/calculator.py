@@ -9,6 +9,12 @@ With a committee, ``energy``/``forces``/``energies`` are the committee means and
 holds ``energy_std`` (eV, ddof=1), ``forces_std`` [N, 3] (per atom and component, eV/A),
 ``forces_std_norm`` [N] (sqrt of the summed component variances per atom), ``energies_all``
 [K] and ``forces_all`` [K, N, 3].  One model: the std entries are zeros.
+
+Pairs shorter than the shortest distance of their element pair in the model's training data
+(the record ``distmlip train`` stores in the model file; models/data_record.py) are where the
+potential extrapolates: ``results['below_training_pairs']`` lists them ({pair: distance}) and a
+warning is printed the first time each element pair goes below (and again at each new low
+below 0.9 x the previous warning's distance).
 """
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ class DistmlipCalculator(Calculator):
             for p in m.parameters():
                 p.requires_grad_(False)
         self.model = self.models[0]
+        self.training_record = getattr(self.model, "training_record", None)
+        self._warned: dict = {}
 
     @property
     def K(self) -> int:
@@ -67,6 +75,7 @@ class DistmlipCalculator(Calculator):
             Es.append(float(E.detach().cpu()))
             Fs.append(-g.detach().cpu().numpy())
             eas.append(e_at.detach().cpu().numpy())
+        self.results["below_training_pairs"] = self._check_record(a.numbers, batch)
         Es, Fs, eas = np.array(Es), np.stack(Fs), np.stack(eas)
         energy = float(Es.mean())
         self.results["energy"] = energy
@@ -80,3 +89,25 @@ class DistmlipCalculator(Calculator):
         self.results["forces_std_norm"] = np.sqrt((fstd * fstd).sum(1))
         self.results["energies_all"] = Es
         self.results["forces_all"] = Fs
+
+    def _check_record(self, numbers, batch) -> dict:
+        """{pair: distance} of the pairs below the training data's shortest distances; warns."""
+        if not self.training_record or batch is None or batch.pair_i.numel() == 0:
+            return {}
+        from ..models.data_record import pairs_below
+        from ..utils.log import warn
+
+        with torch.no_grad():
+            pos = batch.positions.detach()
+            d = torch.linalg.norm(pos[batch.pair_j] - pos[batch.pair_i] + batch.pair_shift, dim=1)
+        i, j = batch.pair_i.cpu().numpy(), batch.pair_j.cpu().numpy()
+        below = pairs_below(self.training_record, numbers, i, j, d.cpu().numpy())
+        for k, dist in below.items():
+            last = self._warned.get(k)
+            if last is None or dist < 0.9 * last:
+                self._warned[k] = dist
+                lim = (self.training_record.get("pair_min_distance_A") or {}).get(k)
+                warn(f"calculator: a {k} pair at {dist:.3f} A is shorter than the shortest {k} distance in the "
+                     f"model's training data ({'none within %.2f A' % self.training_record['cutoff_A'] if lim is None else '%.3f A' % lim}): "
+                     f"the potential extrapolates there")
+        return below

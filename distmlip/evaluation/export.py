@@ -3,8 +3,9 @@
 aenet: one ``<El>.<arch>.nn`` file per element in folder OUT, in aenet's binary layout (what
 predict.x, train.x restarts and the aenet LAMMPS interfaces read), or with ``--ascii`` in aenet's
 ASCII layout.  distmlip/evaluation/export_aenet.py describes the mapping; ``--data`` fills the
-headers' training-set record from a data set instead of the model file's.  Models with ZBL and
-committees are refused (aenet cannot hold them).
+headers' training-set record from a data set instead of the model file's.  Committees are
+refused (aenet cannot hold them); a ZBL term is left out with a warning (aenet has no pair
+potential).
 
 exported-program: a ``torch.export`` program (``.pt2``; ``--aoti`` packages it with
 AOTInductor) computing energy and forces from positions, species, cell and a neighbour list,

@@ -32,8 +32,9 @@ Mapping (exact up to float64 round-off):
   0 and a warning says that train.x restarts need them.
 * sfval_min/max are not used by aenet's evaluation and are written as mean -/+ std.
 
-Committees (several networks per element) and ZBL (no pair term in aenet) cannot be expressed and
-are refused; so are activations aenet does not have (softplus, silu).
+Committees (several networks per element) cannot be expressed and are refused; so are activations
+aenet does not have (softplus, silu).  A ZBL term (no pair term in aenet) is left out with a warning
+naming the radii below which the files differ from the model.
 """
 from __future__ import annotations
 
@@ -59,9 +60,15 @@ def architecture_name(model) -> str:
 
 def _check_exportable(model):
     if getattr(model, "zbl", None) is not None:
-        raise InputError("aenet export: the model has a ZBL term, which aenet's .nn format cannot hold "
-                         "(aenet has no pair potential); export it with --format torchscript or "
-                         "exported-program, or train without zbl for aenet")
+        # ZBL is on by default; the networks were fitted to E - E_ZBL, and E_ZBL vanishes beyond
+        # the outer radii, so the networks alone are the model wherever no pair is that close
+        # (every training structure, as a rule): the export writes them and says what is left out
+        from ..utils.log import warn
+
+        radii = ", ".join(f"{k} {v[1]:.2f} A" for k, v in model.zbl.to_dict()["radii"].items())
+        warn("aenet export: aenet has no pair potential, so the .nn files hold the networks without the "
+             f"model's ZBL repulsion: they equal the model only where no pair is closer than {radii} "
+             "(closer pairs get no repulsion in aenet); --format torchscript keeps ZBL")
     if model.spec.type != "chebyshev":
         raise InputError(f"aenet export: descriptor type {model.spec.type!r}: aenet files hold Chebyshev "
                          "descriptors only")

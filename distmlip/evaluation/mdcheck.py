@@ -1,70 +1,117 @@
-"""``distmlip md-check MODEL [MODEL ...] STRUCTURE``: MD stability check of a potential.
+"""``distmlip md-check MODEL [MODEL ...] STRUCTURE``: does MD with the potential survive?
 
-For every temperature an NVT run (ASE Langevin) is driven by the model, or by the mean forces of a
-committee when several model files (or a committee file) are given.  Every ``--interval`` steps
-a frame is analysed:
+For every temperature an NVT run (ASE Langevin) is driven by the model, by the mean forces of a
+committee (several model files or a committee file), or by an ASE calculator named
+``ase:NAME`` / ``module:Class`` (a reference run, e.g. ``ase:EMT``).  Every ``--interval`` steps
+a frame is analysed, and after the NVT run an NVE (velocity Verlet) continuation of
+``--nve-steps`` starts from its final state.  Each run gets a verdict from every sign of failure:
 
-* minimum interatomic distance (minimum image / periodic images included);
-* failure: any pair closer than ``factor * (r_cov(A) + r_cov(B))`` (ASE covalent radii, default
-  factor 0.6); the failure ratio is the fraction of failed frames; failed frames are written to
-  ``DIR/failed_T<T>.extxyz`` (candidates for new reference calculations);
-* committee force deviation: max over atoms of sqrt(mean_k |F_k,i - <F_i>|^2) (0 for one model);
-* pair distribution functions per element pair, accumulated over frames, plotted to
-  ``DIR/pdf_T<T>.png``.
+=====================  ====================================================================
+criterion              a run is unstable when
+=====================  ====================================================================
+close pairs            a pair is closer than ``--threshold-factor`` x (r_cov(A) + r_cov(B))
+                       (ASE covalent radii; 0.6)
+temperature            the mean temperature over ``--temperature-window`` fs leaves
+                       T0 +- tol, tol = T0 max(``--temperature-band``, 3 sqrt(2 / (3 N))),
+                       after a thermostat warm-up of 3 / friction (the second term is three
+                       standard deviations of the instantaneous temperature of N atoms, so
+                       small systems are not flagged for their natural fluctuations)
+energy below training  the potential energy per atom falls more than ``--energy-margin``
+                       below the lowest energy per atom of the training structures of the
+                       same composition (the model file's training-data record, or
+                       ``--training-data``)
+NVE drift              the total energy per atom of the NVE continuation moves more than
+                       ``--max-nve-drift`` from its start
+committee deviation    (committees) max over atoms of sqrt(mean_k |F_k,i - <F_i>|^2) exceeds
+                       ``--max-force-deviation``
+GPR sigma              (``--gpr-data``) the GPR energy standard deviation exceeds
+                       ``--max-gpr-sigma``
+=====================  ====================================================================
 
-Energy drift: Langevin dynamics does not conserve the total energy, so after the NVT run a short
-NVE continuation (velocity Verlet, ``--nve-steps``, same time step) starts from the final state
-and the drift is the change of the total energy per atom over it (``nve_drift_eV_atom``, plus the
-largest excursion ``nve_max_dev_eV_atom``).  A run whose energies or positions become non-finite
-stops early and counts the remaining frames as failed.
+A run whose energies or positions become non-finite stops: verdict ``aborted`` (its remaining
+frames count as failed).  Verdicts: ``stable``, ``unstable: <criterion>, first at <t> fs,
+<detail>`` (the earliest criterion; the others are listed), ``aborted: ...``.
 
-Writes ``DIR/summary.json`` and prints a table.
+Pairs closer than the shortest distance of their element pair in the training data (stored in
+the model file by ``distmlip train``) are reported as a warning: the model extrapolates there.
+
+Outputs: ``DIR/summary.json``, failed frames ``DIR/failed_T<T>.extxyz`` (candidates for new
+reference calculations), pair distribution functions ``DIR/pdf_T<T>.png``, a table, and one
+summary line that batch scripts can grep::
+
+    md-check result: unstable (2 runs: 1 stable, 1 unstable, 0 aborted; first: T=1500 K close pairs at 230 fs)
+
+Exit status: 0 when every run is stable, 3 when any run is unstable or aborted (``--report-only``:
+0), 2 on bad input.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
 from ..errors import InputError
-from ..utils.log import log
+from ..utils.log import log, warn
+
+EXIT_UNSTABLE = 3
 
 
 def add_arguments(p) -> None:
     p.add_argument("paths", nargs="+", metavar="MODEL... STRUCTURE",
-                   help="one or more model files (several = committee; a committee file also works), "
-                        "then the starting structure (any ASE-readable file, e.g. extxyz, xsf, POSCAR)")
+                   help="one or more model files (several = committee; a committee file also works) or one "
+                        "ASE calculator name (ase:EMT, package.module:Class), then the starting structure "
+                        "(any ASE-readable file, e.g. extxyz, xsf, POSCAR)")
     p.add_argument("--temperatures", "-T", nargs="+", type=float, default=[300.0, 1500.0],
                    help="temperatures in K (one run each; default 300 1500)")
     p.add_argument("--steps", type=int, default=2000, help="MD steps per temperature (default 2000)")
     p.add_argument("--timestep", type=float, default=1.0, help="time step in fs (default 1)")
     p.add_argument("--friction", type=float, default=0.02, help="Langevin friction in 1/fs (default 0.02)")
     p.add_argument("--threshold-factor", type=float, default=0.6,
-                   help="failure threshold as a fraction of the covalent-radius sum per element pair (0.6)")
+                   help="close-pair threshold as a fraction of the covalent-radius sum per element pair (0.6)")
     p.add_argument("--interval", type=int, default=10, help="analyse every N-th step (default 10)")
     p.add_argument("--nve-steps", type=int, default=200,
                    help="NVE continuation after each NVT run for the energy drift (0: skip; default 200)")
+    p.add_argument("--temperature-band", type=float, default=0.5,
+                   help="allowed relative deviation of the windowed mean temperature from the target (0.5)")
+    p.add_argument("--temperature-window", type=float, default=100.0,
+                   help="window of the mean temperature in fs (default 100)")
+    p.add_argument("--energy-margin", type=float, default=0.1,
+                   help="eV/atom below the training data's lowest energy per atom that counts as unstable (0.1)")
+    p.add_argument("--max-nve-drift", type=float, default=0.01,
+                   help="largest change of the NVE total energy in eV/atom (default 0.01)")
+    p.add_argument("--max-force-deviation", type=float, default=0.5,
+                   help="largest committee force deviation in eV/A (committees only; default 0.5)")
+    p.add_argument("--training-data", nargs="+", metavar="H5",
+                   help="training data set(s) for the energy and shortest-distance checks when the model "
+                        "file carries no training-data record (models trained before it was stored, ASE calculators)")
+    p.add_argument("--gpr-data", nargs="+", metavar="H5",
+                   help="GPR-ANN: fit a GPR on the reference structures of these data sets with the start's atom "
+                        "sequence and report its energy standard deviation per frame")
+    p.add_argument("--max-gpr-sigma", type=float, default=0.1,
+                   help="largest GPR energy standard deviation in eV (with --gpr-data; default 0.1)")
     p.add_argument("--rdf-rmax", type=float, default=6.0, help="largest distance of the PDFs in A (default 6)")
     p.add_argument("--max-failed-frames", type=int, default=200,
                    help="write at most this many failed frames per run (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial velocities and the thermostat")
     p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
+    p.add_argument("--report-only", action="store_true",
+                   help="exit 0 even when a run is unstable (the verdicts are printed all the same)")
     p.add_argument("--output", "-o", default="md_check", help="output folder (default md_check)")
 
 
 # ------------------------------------------------------------------------------ models
 def load_committee(paths, device="cpu") -> list:
     """List of BPNN from one or more model files (a committee file gives all its members)."""
-    from ..models import bpnn
+    from ..models.bpnn import load_models
 
     models = []
     for p in paths:
-        loader = getattr(bpnn, "load_models", None)
-        models.extend(loader(p, device=device) if loader is not None else [bpnn.BPNN.load(p, device=device)])
+        models.extend(load_models(p, device=device))
     for m in models:
         m.eval()
         for q in m.parameters():
@@ -97,14 +144,17 @@ class CommitteeCalculator(Calculator):
         s = Structure(numbers=np.asarray(a.numbers), positions=np.asarray(a.positions, dtype=np.float64),
                       cell=np.array(a.cell[:], dtype=np.float64), pbc=np.asarray(a.pbc, dtype=bool))
         Es, Fs = [], []
+        batch, species = None, None
         for m in self.models:
-            b = collate([s], species=m.species, cutoff=self.cutoff, dtype=torch.float64, device=self.device)
-            b.positions.requires_grad_(True)
+            if batch is None or m.species != species:   # members of a committee share one pair list
+                species = m.species
+                batch = collate([s], species=m.species, cutoff=self.cutoff, dtype=torch.float64,
+                                device=self.device)
+            batch.positions = batch.positions.detach().requires_grad_(True)
             with torch.enable_grad():
-                E = m.atomic_energies(b).sum()
-                (g,) = torch.autograd.grad(E, b.positions)
-            Es.append(float(E.detach().cpu()))
-            Fs.append(-g.detach().cpu().numpy())
+                E, F = m.energy_and_forces(batch)
+            Es.append(float(E.detach().sum().cpu()))
+            Fs.append(F.detach().cpu().numpy().astype(np.float64))
         F = np.stack(Fs)
         Fm = F.mean(0)
         dev = float(np.sqrt(((F - Fm) ** 2).sum(-1).mean(0)).max()) if len(F) > 1 and len(Fm) else 0.0
@@ -114,13 +164,32 @@ class CommitteeCalculator(Calculator):
         self.results["force_deviation"] = dev
 
 
-# ------------------------------------------------------------------------------ analysis
+# ------------------------------------------------------------------------------ criteria
+@dataclass
+class Criteria:
+    """Thresholds of the verdict (the command's options; see the module docstring)."""
+    threshold_factor: float = 0.6
+    temperature_band: float = 0.5
+    temperature_window_fs: float = 100.0
+    energy_margin: float = 0.1
+    max_nve_drift: float = 0.01
+    max_force_deviation: float = 0.5
+    max_gpr_sigma: float = 0.1
+
+
 def threshold_matrix(numbers, factor: float):
     """{(Za, Zb): factor * (r_cov(a) + r_cov(b))} for the elements present."""
     from ase.data import covalent_radii
 
     zs = sorted(set(int(z) for z in numbers))
     return {(a, b): factor * float(covalent_radii[a] + covalent_radii[b]) for a in zs for b in zs}
+
+
+def _table(thresholds: dict) -> np.ndarray:
+    tab = np.zeros((119, 119))
+    for (a, b), v in thresholds.items():
+        tab[a, b] = v
+    return tab
 
 
 def frame_distances(atoms, rmax: float):
@@ -134,6 +203,12 @@ def frame_distances(atoms, rmax: float):
     if same.any():
         keep |= same
     return i[keep], j[keep], d[keep]
+
+
+def _pair_name(za: int, zb: int) -> str:
+    from ase.data import chemical_symbols
+
+    return "-".join(sorted((chemical_symbols[int(za)], chemical_symbols[int(zb)])))
 
 
 class PDFAccumulator:
@@ -197,117 +272,283 @@ class PDFAccumulator:
         plt.close(fig)
 
 
-# ------------------------------------------------------------------------------ one run
-def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float, thresholds: dict,
-            interval: int, nve_steps: int, rdf_rmax: float, seed: int, out: Path, max_failed: int,
-            label: str = "") -> dict:
+# ------------------------------------------------------------------------------ one trajectory
+def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: float, interval: int, seed: int,
+             thresholds: dict, *, record: dict | None = None, uncertainty=None, pdf: PDFAccumulator | None = None,
+             keep_frames: bool = False, stop_on_failure: bool = False, label: str = "", report: bool = True):
+    """Langevin NVT from Maxwell-Boltzmann velocities (seeded); a frame is analysed every
+    ``interval`` steps.  Returns ``(trajectory, atoms)``: per-frame lists (step, t_fs, min_dist,
+    failed, worst pair, epot/etot per atom, temperature, committee deviation, GPR sigma, pairs
+    below the training record) and the final Atoms (with velocities, for an NVE continuation).
+
+    ``uncertainty``: callable Atoms -> GPR sigma (eV); ``keep_frames``: also return copies of
+    the analysed frames; ``stop_on_failure``: stop after the first frame with a close pair
+    (the frames not run count as failed).  The trajectory depends only on the inputs and
+    ``seed`` (not on the process that runs it)."""
     from ase import units
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import Stationary
+    from ase.parallel import DummyMPI
 
     try:   # ASE >= 3.29 (MaxwellBoltzmannDistribution, the same function, is deprecated there)
         from ase.md.velocitydistribution import thermalize_momenta
     except ImportError:
         from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as _mbd
 
-        def thermalize_momenta(atoms, temperature_K, rng=None):
-            _mbd(atoms, temperature_K=temperature_K, rng=rng)
-    from ase.md.verlet import VelocityVerlet
+        def thermalize_momenta(atoms, temperature_K, comm=None, rng=None):
+            _mbd(atoms, temperature_K=temperature_K, comm=comm, rng=rng)
+
+    from ..models.data_record import pairs_below
 
     atoms = atoms0.copy()
     atoms.calc = calc
     n = len(atoms)
     rng = np.random.default_rng(seed)
-    thermalize_momenta(atoms, T, rng=rng)
+    # ASE would broadcast rank 0's random numbers to every MPI rank (its default communicator);
+    # under explore each rank runs its own trajectory, so every call here is process-local
+    thermalize_momenta(atoms, T, comm=DummyMPI(), rng=rng)
     Stationary(atoms)
     dyn = Langevin(atoms, timestep * units.fs, temperature_K=T, friction=friction / units.fs,
-                   fixcm=False, rng=np.random.default_rng(seed + 1))
-    thr_max = max(thresholds.values())
-    rmax = max(rdf_rmax, thr_max)
-    pdf = PDFAccumulator(atoms.numbers, rdf_rmax)
+                   fixcm=False, rng=np.random.default_rng(seed + 1), comm=DummyMPI())
+    tab = _table(thresholds)
+    # 2.5 x the threshold (1.5 x the covalent-radius sum at the default factor): the minimum
+    # distance of a frame is then known even when no pair is close
+    need = [2.5 * max(thresholds.values())]
+    if pdf is not None:
+        need.append(pdf.rmax)
+    if record:
+        pm = [v for v in (record.get("pair_min_distance_A") or {}).values() if v is not None]
+        need.append(max(pm + [float(record.get("cutoff_A", 0.0))]) + 1e-6)
+    rmax = max(need)
     nums = atoms.numbers
-    rec = {"step": [], "min_dist": [], "failed": [], "epot": [], "etot": [], "temp": [], "fdev": []}
-    failed_frames = []
-    status = "ok"
+    tr = {k: [] for k in ("step", "t_fs", "min_dist", "failed", "worst", "epot", "etot", "temp", "fdev",
+                          "gpr_sigma", "below")}
+    frames = []
     t0 = time.time()
     n_frames_total = steps // interval + 1
     report_every = max(1, n_frames_total // 10)
+    state = {"ok": True, "reason": None}
 
     def analyse(step):
         pos = atoms.positions
         if not np.all(np.isfinite(pos)):
+            state["reason"] = "non-finite positions"
             return False
         i, j, d = frame_distances(atoms, rmax)
-        dmin = float(d.min()) if len(d) else float("inf")
-        thr = np.array([thresholds[(int(nums[a]), int(nums[b]))] for a, b in zip(i, j)]) if len(d) else np.zeros(0)
-        failed = bool((d < thr).any()) if len(d) else False
         epot = float(atoms.get_potential_energy())
         ekin = float(atoms.get_kinetic_energy())
         if not (math.isfinite(epot) and math.isfinite(ekin)):
+            state["reason"] = "non-finite energy"
             return False
-        pdf.add(atoms, i, j, d)
-        rec["step"].append(step)
-        rec["min_dist"].append(dmin)
-        rec["failed"].append(failed)
-        rec["epot"].append(epot / n)
-        rec["etot"].append((epot + ekin) / n)
-        rec["temp"].append(float(atoms.get_temperature()))
-        rec["fdev"].append(float(calc.results.get("force_deviation", 0.0)))
-        if failed and len(failed_frames) < max_failed:
+        dmin = float(d.min()) if len(d) else float("inf")
+        worst = None
+        failed = False
+        if len(d):
+            thr = tab[nums[i], nums[j]]
+            ratio = d / thr
+            k = int(np.argmin(ratio))
+            failed = bool(ratio[k] < 1.0)
+            worst = (_pair_name(nums[i[k]], nums[j[k]]), float(d[k]), float(thr[k]))
+        if pdf is not None:
+            pdf.add(atoms, i, j, d)
+        tr["step"].append(step)
+        tr["t_fs"].append(step * timestep)
+        tr["min_dist"].append(dmin)
+        tr["failed"].append(failed)
+        tr["worst"].append(worst)
+        tr["epot"].append(epot / n)
+        tr["etot"].append((epot + ekin) / n)
+        tr["temp"].append(float(atoms.get_temperature()))
+        tr["fdev"].append(float(calc.results.get("force_deviation", 0.0)))
+        tr["gpr_sigma"].append(float(uncertainty(atoms)) if uncertainty is not None else None)
+        tr["below"].append(pairs_below(record, nums, i, j, d) if record else {})
+        if keep_frames:
             a = atoms.copy()
             a.calc = None
-            a.info.update({"md_step": step, "temperature_K": T, "min_dist": dmin, "model_energy": epot})
-            failed_frames.append(a)
-        k = len(rec["step"]) - 1
-        if k % report_every == 0:
-            log(f"  {label}T={T:.0f} K step {step:6d}/{steps}  T_inst {rec['temp'][-1]:7.1f} K  "
-                f"E_pot {rec['epot'][-1]:10.4f} eV/atom  d_min {dmin:6.3f} A  "
-                f"failed frames {sum(rec['failed'])}/{k + 1}  ({time.time() - t0:.0f} s)")
+            frames.append(a)
+        k = len(tr["step"]) - 1
+        if report and k % report_every == 0:
+            log(f"  {label}T={T:.0f} K step {step:6d}/{steps}  T_inst {tr['temp'][-1]:7.1f} K  "
+                f"E_pot {tr['epot'][-1]:10.4f} eV/atom  d_min {dmin:6.3f} A  "
+                f"close-pair frames {sum(tr['failed'])}/{k + 1}  ({time.time() - t0:.0f} s)")
         return True
 
     ok = analyse(0)
     step = 0
     while ok and step < steps:
+        if stop_on_failure and tr["failed"] and tr["failed"][-1]:
+            break
         nrun = min(interval, steps - step)
         try:
             with np.errstate(all="ignore"):
                 dyn.run(nrun)
         except Exception as exc:  # blown-up configuration (e.g. non-finite positions in the neighbour list)
-            log(f"  T={T:.0f} K: MD stopped at step {step + nrun}: {type(exc).__name__}: {str(exc)[:120]}")
+            state["reason"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            step += nrun
             ok = False
             break
         step += nrun
         ok = analyse(step)
-    n_done = len(rec["step"])
-    if not ok:
-        status = f"aborted at step {step} (non-finite energy/positions)"
-    n_missing = (n_frames_total - n_done) if not ok else 0
-    nfail = int(sum(rec["failed"])) + max(n_missing, 0)
-    n_frames = n_done + max(n_missing, 0)
+    n_done = len(tr["step"])
+    stopped_early = ok and step < steps
+    tr.update(steps=steps, steps_done=step, timestep_fs=timestep, n_frames_total=n_frames_total,
+              aborted=not ok, abort_reason=state["reason"], abort_t_fs=step * timestep if not ok else None,
+              stopped_on_failure=stopped_early, n_missing=n_frames_total - n_done, wall_s=time.time() - t0)
+    if keep_frames:
+        tr["frames"] = frames
+    return tr, atoms
 
-    # NVE continuation for the energy drift
-    drift = maxdev = None
-    if ok and nve_steps > 0:
-        e = []
-        nve = VelocityVerlet(atoms, timestep * units.fs)
 
-        def _rec():
-            e.append((atoms.get_potential_energy() + atoms.get_kinetic_energy()) / n)
+def nve_continuation(atoms, timestep: float, nve_steps: int):
+    """Total energy per atom along an NVE (velocity Verlet) run from ``atoms`` (its velocities);
+    None when it blows up."""
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+    from ase.parallel import DummyMPI
 
-        nve.attach(_rec, interval=1)
-        try:
-            with np.errstate(all="ignore"):
-                nve.run(nve_steps)
-            e = np.asarray(e)
-            if np.all(np.isfinite(e)):
-                drift = float(e[-1] - e[0])
-                maxdev = float(np.abs(e - e[0]).max())
-        except Exception:
-            pass
+    n = len(atoms)
+    e = []
+    nve = VelocityVerlet(atoms, timestep * units.fs, comm=DummyMPI())
+
+    def _rec():
+        e.append((atoms.get_potential_energy() + atoms.get_kinetic_energy()) / n)
+
+    nve.attach(_rec, interval=1)
+    try:
+        with np.errstate(all="ignore"):
+            nve.run(nve_steps)
+    except Exception:
+        return None
+    e = np.asarray(e)
+    return e if np.all(np.isfinite(e)) else None
+
+
+def judge(tr: dict, T: float, n_atoms: int, friction: float, crit: Criteria, emin=None, nve=None,
+          committee: bool = False) -> list[dict]:
+    """Failure events of a trajectory: ``[{criterion, t_fs, detail}]`` sorted by time."""
+    ev = []
+    t = np.asarray(tr["t_fs"], dtype=np.float64)
+    failed = np.asarray(tr["failed"], dtype=bool)
+    n_frames = len(t) + tr["n_missing"]
+    fr = (int(failed.sum()) + tr["n_missing"]) / max(n_frames, 1)
+    if failed.any():
+        k = int(np.argmax(failed))
+        name, d, thr = tr["worst"][k]
+        ev.append({"criterion": "close pairs", "t_fs": float(t[k]),
+                   "detail": f"{name} {d:.3f} A < {thr:.3f} A ({crit.threshold_factor:g} x covalent-radius sum); "
+                             f"failure ratio {fr:.3f}"})
+    temps = np.asarray(tr["temp"], dtype=np.float64)
+    if T > 0 and len(temps) > 1:
+        warm = 3.0 / friction if friction > 0 else 0.0
+        tol = T * max(crit.temperature_band, 3.0 * math.sqrt(2.0 / (3.0 * max(n_atoms, 1))))
+        for k in range(len(t)):
+            if t[k] < warm + crit.temperature_window_fs - 1e-9:
+                continue
+            w = (t > t[k] - crit.temperature_window_fs) & (t <= t[k])
+            m = float(temps[w].mean())
+            if abs(m - T) > tol:
+                ev.append({"criterion": "temperature", "t_fs": float(t[k]),
+                           "detail": f"{crit.temperature_window_fs:g}-fs mean {m:.0f} K outside {T:g} +- {tol:.0f} K"
+                                     f" (final {temps[-1]:.0f} K)"})
+                break
+    if emin is not None and len(t):
+        ep = np.asarray(tr["epot"], dtype=np.float64)
+        low = ep < emin - crit.energy_margin
+        if low.any():
+            k = int(np.argmax(low))
+            ev.append({"criterion": "energy below training", "t_fs": float(t[k]),
+                       "detail": f"E_pot {ep[k]:.4f} eV/atom < training minimum {emin:.4f} - {crit.energy_margin:g}"
+                                 f" eV/atom (lowest in run {ep.min():.4f})"})
+    if committee and len(t):
+        fd = np.asarray(tr["fdev"], dtype=np.float64)
+        hi = fd > crit.max_force_deviation
+        if hi.any():
+            k = int(np.argmax(hi))
+            ev.append({"criterion": "committee deviation", "t_fs": float(t[k]),
+                       "detail": f"max atomic force deviation {fd[k]:.3f} eV/A > {crit.max_force_deviation:g} "
+                                 f"(largest {fd.max():.3f})"})
+    gs = [x for x in tr["gpr_sigma"] if x is not None]
+    if gs:
+        g = np.asarray(tr["gpr_sigma"], dtype=np.float64)
+        hi = g > crit.max_gpr_sigma
+        if hi.any():
+            k = int(np.argmax(hi))
+            ev.append({"criterion": "GPR sigma", "t_fs": float(t[k]),
+                       "detail": f"GPR energy sigma {g[k]:.4f} eV > {crit.max_gpr_sigma:g} (largest {g.max():.4f})"})
+    if nve is not None and len(nve) > 1:
+        dev = np.abs(nve - nve[0])
+        hi = dev > crit.max_nve_drift
+        if hi.any():
+            k = int(np.argmax(hi))
+            ev.append({"criterion": "NVE drift", "t_fs": float(tr["steps_done"] * tr["timestep_fs"] + k * tr["timestep_fs"]),
+                       "detail": f"total energy moved {dev[k]:.4f} eV/atom > {crit.max_nve_drift:g} "
+                                 f"(after {len(nve) - 1} NVE steps: {nve[-1] - nve[0]:+.4f})"})
+    ev.sort(key=lambda e: e["t_fs"])
+    return ev
+
+
+def verdict_of(events: list, tr: dict) -> str:
+    if tr["aborted"]:
+        before = f" (before: {events[0]['criterion']} at {events[0]['t_fs']:g} fs)" if events else ""
+        return f"aborted: {tr['abort_reason']} at {tr['abort_t_fs']:g} fs{before}"
+    if not events:
+        return "stable"
+    e = events[0]
+    others = sorted({x["criterion"] for x in events[1:]} - {e["criterion"]})
+    return (f"unstable: {e['criterion']}, first at {e['t_fs']:g} fs, {e['detail']}"
+            + (f" (also: {', '.join(others)})" if others else ""))
+
+
+# ------------------------------------------------------------------------------ one run
+def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float, thresholds: dict,
+            interval: int, nve_steps: int, rdf_rmax: float, seed: int, out: Path, max_failed: int,
+            label: str = "", crit: Criteria | None = None, record: dict | None = None, uncertainty=None,
+            committee: bool = False) -> dict:
+    """One temperature: NVT, NVE continuation, verdict, output files; returns the run's summary."""
+    from ..models.data_record import lowest_energy_per_atom
+
+    crit = crit or Criteria()
+    pdf = PDFAccumulator(atoms0.numbers, rdf_rmax)
+    tr, atoms = simulate(atoms0, calc, T, steps, timestep, friction, interval, seed, thresholds, record=record,
+                         uncertainty=uncertainty, pdf=pdf, keep_frames=True, label=label)
+    n = len(atoms0)
+    nve = None
+    if not tr["aborted"] and nve_steps > 0:
+        nve = nve_continuation(atoms, timestep, nve_steps)
+        if nve is None:
+            tr["aborted"], tr["abort_reason"] = True, "NVE continuation blew up"
+            tr["abort_t_fs"] = (tr["steps_done"] + nve_steps) * timestep
+    emin = lowest_energy_per_atom(record, atoms0.numbers)
+    events = judge(tr, T, n, friction, crit, emin=emin, nve=nve, committee=committee)
+    verdict = verdict_of(events, tr)
+    n_frames = len(tr["step"]) + tr["n_missing"]
+    nfail = int(sum(tr["failed"])) + tr["n_missing"]
+
+    # pairs below the shortest distances of the training data: a warning, not a verdict
+    below: dict = {}
+    for tk, b in zip(tr["t_fs"], tr["below"]):
+        for k, d in b.items():
+            if k not in below:
+                below[k] = {"first_t_fs": float(tk), "min_A": d, "frames": 0}
+            below[k]["min_A"] = min(below[k]["min_A"], d)
+            below[k]["frames"] += 1
+    if below:
+        pm = record.get("pair_min_distance_A") or {}
+        for k, b in sorted(below.items()):
+            lim = pm.get(k)
+            warn(f"{label}T={T:g} K: {k} pairs down to {b['min_A']:.3f} A (first at {b['first_t_fs']:g} fs, "
+                 f"{b['frames']} frames) are shorter than the shortest {k} distance in the training data "
+                 f"({'none within %.2f A' % record['cutoff_A'] if lim is None else '%.3f A' % lim}): "
+                 f"the model extrapolates there")
 
     tag = f"T{T:g}"
     out.mkdir(parents=True, exist_ok=True)
     fail_path = None
+    failed_frames = []
+    for a, f, s, tk, d in zip(tr["frames"], tr["failed"], tr["step"], tr["t_fs"], tr["min_dist"]):
+        if f and len(failed_frames) < max_failed:
+            a.info.update({"md_step": s, "time_fs": tk, "temperature_K": T, "min_dist": d})
+            failed_frames.append(a)
     if failed_frames:
         from ase.io import write
 
@@ -319,89 +560,181 @@ def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float
     pdf_path = out / f"pdf_{tag}.png"
     if pdf.nframes:
         pdf.plot(pdf_path, f"{label}T = {T:g} K, {pdf.nframes} frames")
-    md = np.asarray(rec["min_dist"]) if rec["min_dist"] else np.asarray([np.nan])
+    md = np.asarray(tr["min_dist"]) if tr["min_dist"] else np.asarray([np.nan])
+    temps = tr["temp"]
+    gs = [x for x in tr["gpr_sigma"] if x is not None]
     return {
-        "temperature_K": T, "steps": steps, "steps_done": step, "timestep_fs": timestep, "status": status,
+        "temperature_K": T, "steps": steps, "steps_done": tr["steps_done"], "timestep_fs": timestep,
+        "verdict": verdict, "stable": verdict == "stable", "aborted": bool(tr["aborted"]), "events": events,
         "frames": n_frames, "failed_frames": nfail, "failure_ratio": nfail / max(n_frames, 1),
         "min_dist_A": float(np.nanmin(md)), "min_dist_first_A": float(md[0]),
-        "min_dist_series": [[s, d] for s, d in zip(rec["step"], rec["min_dist"])],
-        "mean_T_K": float(np.mean(rec["temp"][1:])) if len(rec["temp"]) > 1 else float("nan"),
-        "nve_steps": nve_steps if drift is not None else 0,
-        "nve_drift_eV_atom": drift, "nve_max_dev_eV_atom": maxdev,
-        "max_force_deviation": float(max(rec["fdev"])) if rec["fdev"] else 0.0,
+        "min_dist_series": [[s, d] for s, d in zip(tr["step"], tr["min_dist"])],
+        "mean_T_K": float(np.mean(temps[1:])) if len(temps) > 1 else float("nan"),
+        "final_T_K": float(temps[-1]) if temps else float("nan"),
+        "epot_min_eV_atom": float(min(tr["epot"])) if tr["epot"] else float("nan"),
+        "training_epot_min_eV_atom": emin,
+        "nve_steps": nve_steps if nve is not None else 0,
+        "nve_drift_eV_atom": float(nve[-1] - nve[0]) if nve is not None else None,
+        "nve_max_dev_eV_atom": float(np.abs(nve - nve[0]).max()) if nve is not None else None,
+        "max_force_deviation": float(max(tr["fdev"])) if (committee and tr["fdev"]) else None,
+        "max_gpr_sigma_eV": float(max(gs)) if gs else None,
+        "below_training_pairs": below,
         "failed_frames_file": str(fail_path) if fail_path else None,
         "pdf_png": str(pdf_path) if pdf.nframes else None,
-        "wall_s": time.time() - t0,
+        "wall_s": tr["wall_s"],
     }
 
 
-def format_table(runs: list[dict]) -> str:
+def format_table(runs: list[dict], committee: bool = False, gpr: bool = False) -> str:
     head = (f"{'T (K)':>8} {'frames':>7} {'failed':>7} {'fail ratio':>10} {'d_min (A)':>10} "
-            f"{'NVE drift (eV/atom)':>20} {'max dF (eV/A)':>14}  status")
+            f"{'final T (K)':>11} {'NVE drift (eV/atom)':>20}")
+    if committee:
+        head += f" {'max dF (eV/A)':>14}"
+    if gpr:
+        head += f" {'max GPR sigma (eV)':>19}"
+    head += "  verdict"
     lines = [head, "-" * len(head)]
     for r in runs:
         drift = "n/a" if r["nve_drift_eV_atom"] is None else f"{r['nve_drift_eV_atom']:.2e}"
-        lines.append(f"{r['temperature_K']:8.0f} {r['frames']:7d} {r['failed_frames']:7d} "
-                     f"{r['failure_ratio']:10.3f} {r['min_dist_A']:10.3f} {drift:>20} "
-                     f"{r['max_force_deviation']:14.4f}  {r['status']}")
+        line = (f"{r['temperature_K']:8.0f} {r['frames']:7d} {r['failed_frames']:7d} "
+                f"{r['failure_ratio']:10.3f} {r['min_dist_A']:10.3f} {r['final_T_K']:11.0f} {drift:>20}")
+        if committee:
+            line += f" {r['max_force_deviation']:14.4f}"
+        if gpr:
+            g = r.get("max_gpr_sigma_eV")
+            line += f" {('n/a' if g is None else f'{g:.4f}'):>19}"
+        lines.append(line + "  " + r["verdict"])
     return "\n".join(lines)
 
 
-def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, timestep=1.0, friction=0.02,
-             threshold_factor=0.6, interval=10, nve_steps=200, rdf_rmax=6.0, seed=0, output="md_check",
-             device="cpu", max_failed_frames=200, label="") -> dict:
-    """Python entry point of ``distmlip md-check`` (returns the summary dict)."""
+def summary_line(runs: list[dict]) -> str:
+    """One line for batch scripts: 'md-check result: stable|unstable|aborted (...)'."""
+    n = len(runs)
+    ab = [r for r in runs if r["aborted"]]
+    un = [r for r in runs if not r["aborted"] and not r["stable"]]
+    word = "stable" if not ab and not un else ("aborted" if ab and not un else "unstable")
+    bad = sorted(ab + un, key=lambda r: r["temperature_K"])
+    first = ""
+    if bad:
+        r = bad[0]
+        what = (f"{r['events'][0]['criterion']} at {r['events'][0]['t_fs']:g} fs" if r["events"] and not r["aborted"]
+                else r["verdict"].split(" (before")[0])
+        first = f"; first: T={r['temperature_K']:g} K {what}"
+    return f"md-check result: {word} ({n} runs: {n - len(ab) - len(un)} stable, {len(un)} unstable, {len(ab)} aborted{first})"
+
+
+def _read_structure(structure):
     from ase.io import read
 
-    if steps < 0 or timestep <= 0 or interval <= 0 or threshold_factor <= 0:
-        raise InputError("md-check: --steps must be >= 0, --timestep, --interval and --threshold-factor > 0")
     if isinstance(structure, (str, Path)):
         spath = Path(structure)
         if not spath.is_file():
             raise InputError(f"md-check: structure file {spath} does not exist")
         try:
-            atoms = read(str(spath), parallel=False)
+            return read(str(spath), parallel=False)
         except Exception as exc:
             raise InputError(f"md-check: cannot read structure {spath}: {type(exc).__name__}: {exc}") from None
+    return structure.copy()
+
+
+def record_from_data(paths, species, cutoff: float) -> dict:
+    """Training-data record (models/data_record.py) of whole data sets (``--training-data``)."""
+    from ..data.h5store import H5Dataset
+    from ..models.data_record import dataset_record
+
+    ds = H5Dataset(paths)
+    return dataset_record(ds, np.arange(ds.n_structures), list(species) if species else list(ds.species), cutoff)
+
+
+def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, timestep=1.0, friction=0.02,
+             threshold_factor=0.6, interval=10, nve_steps=200, rdf_rmax=6.0, seed=0, output="md_check",
+             device="cpu", max_failed_frames=200, label="", criteria: Criteria | None = None,
+             training_data=None, gpr_data=None) -> dict:
+    """Python entry point of ``distmlip md-check`` (returns the summary dict)."""
+    from .labelling import is_calculator_name, make_calculator
+
+    crit = criteria or Criteria(threshold_factor=threshold_factor)
+    crit.threshold_factor = threshold_factor
+    if steps < 0 or timestep <= 0 or interval <= 0 or threshold_factor <= 0:
+        raise InputError("md-check: --steps must be >= 0, --timestep, --interval and --threshold-factor > 0")
+    atoms = _read_structure(structure)
+    model_paths = [str(p) for p in model_paths]
+    record = None
+    if len(model_paths) == 1 and is_calculator_name(model_paths[0]):
+        calc = make_calculator(model_paths[0])
+        models, kind = [], model_paths[0]
+        cutoff = 6.0
     else:
-        atoms = structure.copy()
-    models = load_committee(model_paths, device=device)
-    missing = sorted({s for s in atoms.get_chemical_symbols() if any(s not in m.species for m in models)})
-    if missing:
-        raise InputError(f"md-check: structure {structure}: field 'numbers': elements {missing} are not "
-                         f"in the model species {models[0].species}")
-    calc = CommitteeCalculator(models, device=device)
+        models = load_committee(model_paths, device=device)
+        missing = sorted({s for s in atoms.get_chemical_symbols() if any(s not in m.species for m in models)})
+        if missing:
+            raise InputError(f"md-check: structure {structure}: field 'numbers': elements {missing} are not "
+                             f"in the model species {models[0].species}")
+        calc = CommitteeCalculator(models, device=device)
+        kind = f"{len(models)} model(s)"
+        record = getattr(models[0], "training_record", None)
+        cutoff = max(float(m.cutoff) for m in models)
+    if training_data:
+        record = record_from_data(training_data, models[0].species if models else None, cutoff)
+    if record is None and models:
+        warn("md-check: the model file has no training-data record (trained before it was stored): the "
+             "energy-below-training criterion and the shortest-distance warning are off; give --training-data H5")
+    uncertainty = None
+    if gpr_data:
+        from .gpr_uncertainty import GPRSigma
+
+        uncertainty = GPRSigma(gpr_data, atoms, seed=seed).sigma
+    committee = len(models) > 1
     thresholds = threshold_matrix(atoms.numbers, threshold_factor)
     out = Path(output)
-    log(f"md-check: {len(models)} model(s), {len(atoms)} atoms, temperatures {list(temperatures)} K, "
-        f"{steps} steps x {timestep} fs, Langevin friction {friction} 1/fs, failure threshold "
-        f"{threshold_factor} x covalent-radius sum")
+    log(f"md-check: {kind}, {len(atoms)} atoms, temperatures {list(temperatures)} K, "
+        f"{steps} steps x {timestep} fs, Langevin friction {friction} 1/fs; unstable on: close pairs "
+        f"(< {threshold_factor} x covalent-radius sum), temperature outside +-{crit.temperature_band:g} T, "
+        f"E_pot {crit.energy_margin:g} eV/atom below training"
+        + ("" if record else " (no record: off)")
+        + f", NVE drift > {crit.max_nve_drift:g} eV/atom"
+        + (f", committee deviation > {crit.max_force_deviation:g} eV/A" if committee else "")
+        + (f", GPR sigma > {crit.max_gpr_sigma:g} eV" if uncertainty else ""))
     runs = []
     for k, T in enumerate(temperatures):
         runs.append(run_one(atoms, calc, float(T), steps, timestep, friction, thresholds, interval, nve_steps,
-                            rdf_rmax, seed + 1000 * k, out, max_failed_frames, label=label))
+                            rdf_rmax, seed + 1000 * k, out, max_failed_frames, label=label, crit=crit,
+                            record=record, uncertainty=uncertainty, committee=committee))
     from ase.data import chemical_symbols
 
-    summary = {"models": [str(p) for p in model_paths], "structure": str(structure), "n_atoms": len(atoms),
+    summary = {"models": model_paths, "structure": str(structure), "n_atoms": len(atoms),
                "committee_size": len(models), "threshold_factor": threshold_factor,
+               "criteria": asdict(crit),
                "thresholds_A": {f"{chemical_symbols[a]}-{chemical_symbols[b]}": v
                                 for (a, b), v in thresholds.items() if a <= b},
+               "training_record": record,
                "energy_drift": "total energy per atom change over an NVE (velocity Verlet) continuation "
                                "of nve_steps from the final NVT state",
-               "runs": runs}
+               "runs": runs, "result": summary_line(runs),
+               "all_stable": all(r["stable"] for r in runs)}
     from ..utils.io import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    summary["_committee"] = committee
+    summary["_gpr"] = uncertainty is not None
     return summary
 
 
 def run(args) -> int:
     if len(args.paths) < 2:
-        raise InputError("md-check: give at least one MODEL file and a STRUCTURE file")
+        raise InputError("md-check: give at least one MODEL file (or ase:NAME) and a STRUCTURE file")
+    crit = Criteria(threshold_factor=args.threshold_factor, temperature_band=args.temperature_band,
+                    temperature_window_fs=args.temperature_window, energy_margin=args.energy_margin,
+                    max_nve_drift=args.max_nve_drift, max_force_deviation=args.max_force_deviation,
+                    max_gpr_sigma=args.max_gpr_sigma)
     summary = md_check(args.paths[:-1], args.paths[-1], args.temperatures, args.steps, args.timestep,
                        args.friction, args.threshold_factor, args.interval, args.nve_steps, args.rdf_rmax,
-                       args.seed, args.output, args.device, args.max_failed_frames)
-    log(format_table(summary["runs"]))
+                       args.seed, args.output, args.device, args.max_failed_frames, criteria=crit,
+                       training_data=args.training_data, gpr_data=args.gpr_data)
+    log(format_table(summary["runs"], committee=summary["_committee"], gpr=summary["_gpr"]))
     log(f"summary written to {Path(args.output) / 'summary.json'}")
-    return 0
+    log(summary["result"])
+    if summary["all_stable"] or args.report_only:
+        return 0
+    return EXIT_UNSTABLE

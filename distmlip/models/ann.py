@@ -225,6 +225,40 @@ class AtomicNetworks(nn.Module):
         summary["energy_scale"] = float(self.energy_scale)
         return summary
 
+    @torch.no_grad()
+    def refit_normalization_keeping_function(self, batches: Iterable, plan, ctx=None, descriptor: bool = True,
+                                             energy: str = "lstsq", scale: bool = True,
+                                             fixed_energy: Callable | None = None) -> dict:
+        """Refit the normalisation on new data and change the first and last layer of every
+        network so that the term computes the same energies as before (to round-off).
+
+        Why: a warm start keeps the normalisation of the old data, and an energy scale fitted on
+        narrow data (300 K snapshots: a few meV/atom) caps the energies the networks can reach, so
+        new structures far above it (what active learning adds) cannot be fitted without wrecking
+        the rest.  With x = (G - m) / s and E_i = base + scale y: the first layer becomes
+        W' = W diag(s'/s), b' = b + W (m' - m) / s, the last w' = w scale/scale',
+        b' = b scale/scale' + (base - base') / scale'."""
+        f64 = torch.float64
+        old_mean, old_std = self.feature_mean.clone(), self.feature_std.clone()
+        old_base = (self.reference_energy + self.energy_shift).clone()
+        old_scale = float(self.energy_scale)
+        summary = self.fit_normalization(batches, plan, ctx, descriptor, energy, scale, fixed_energy)
+        new_base = self.reference_energy + self.energy_shift
+        k = old_scale / float(self.energy_scale)
+        for t, net in enumerate(self.nets):
+            lin = [m for m in net if isinstance(m, nn.Linear)]
+            first, last = lin[0], lin[-1]
+            W = first.weight.to(f64)
+            r = self.feature_std[t] / old_std[t]
+            d = (self.feature_mean[t] - old_mean[t]) / old_std[t]
+            first.bias.copy_((first.bias.to(f64) + W @ d).to(first.bias.dtype))
+            first.weight.copy_((W * r[None, :]).to(first.weight.dtype))
+            last.weight.copy_((last.weight.to(f64) * k).to(last.weight.dtype))
+            last.bias.copy_((last.bias.to(f64) * k + (old_base[t] - new_base[t]) / float(self.energy_scale))
+                            .to(last.bias.dtype))
+        summary["kept_function"] = True
+        return summary
+
     def extra_repr(self) -> str:
         return (f"species={self.species}, dim={self.dim}, hidden={self.hidden}, "
                 f"activation={self.activations}, dtype={self.dtype_name}")

@@ -61,6 +61,8 @@ class BPNN(nn.Module):
         self.backend = backend
         self._pinned: dict = {}
         self._plans: dict = {}
+        # what the training data covered (models/data_record.py); written into the metadata on save
+        self.training_record: dict | None = None
 
     # ------------------------------------------------------------------ structure
     @property
@@ -134,8 +136,12 @@ class BPNN(nn.Module):
     def save(self, path, metadata: dict | None = None) -> None:
         """Write the model (config + weights + normalisation) atomically to ``path``."""
         from ..utils.io import atomic_torch_save
+        from .data_record import RECORD_KEY
 
-        atomic_torch_save({**self.payload(), "metadata": dict(metadata or {})}, path)
+        meta = dict(metadata or {})
+        if self.training_record and RECORD_KEY not in meta:
+            meta[RECORD_KEY] = self.training_record
+        atomic_torch_save({**self.payload(), "metadata": meta}, path)
 
     @classmethod
     def from_payload(cls, obj, source: str = "<memory>", backend: str | None = None,
@@ -156,6 +162,9 @@ class BPNN(nn.Module):
         except (KeyError, RuntimeError, TypeError) as exc:
             raise DataFormatError(f"{source}: model file is inconsistent: {exc}") from None
         model.metadata = dict(obj.get("metadata") or {})
+        from .data_record import RECORD_KEY
+
+        model.training_record = model.metadata.get(RECORD_KEY) or None
         return model.to(device)
 
     @classmethod
@@ -215,6 +224,16 @@ class BPNN(nn.Module):
         return self.ann.fit_normalization(batches, self.plan(), ctx, descriptor, energy, scale,
                                           fixed_energy=self.other_terms_energy if self.zbl is not None else None,
                                           min_scale=min_scale)
+
+    @torch.no_grad()
+    def refit_normalization_keeping_function(self, batches: Iterable, ctx=None, descriptor: bool = True,
+                                             energy: str = "lstsq", scale: bool = True) -> dict:
+        """:meth:`fit_normalization` on new data with the networks changed so that the model's
+        energies stay the same (a warm start whose data outgrew the old normalisation; see
+        :meth:`AtomicNetworks.refit_normalization_keeping_function`)."""
+        return self.ann.refit_normalization_keeping_function(
+            batches, self.plan(), ctx, descriptor, energy, scale,
+            fixed_energy=self.other_terms_energy if self.zbl is not None else None)
 
     def extra_repr(self) -> str:
         return f"zbl={self.zbl is not None}, backend={self.backend}"

@@ -111,23 +111,69 @@ class ZBL(nn.Module):
     # ---- the energy-term interface (distmlip.models.bpnn): batches with positions and pairs
     def atomic_energies(self, batch, plan=None) -> torch.Tensor:
         """Per-atom ZBL energies [N] float64: half of each pair energy on its centre atom (the
-        pair list holds both directions, so each atom of a pair gets half)."""
+        pair list holds both directions, so each atom of a pair gets half).  A batch of cached
+        descriptors (energy training) carries its structures instead of positions: their ZBL
+        energies are constants, computed once per structure (:meth:`frozen_atomic_energies`)."""
         if getattr(batch, "positions", None) is None or getattr(batch, "pair_i", None) is None:
+            if getattr(batch, "structures", None) is not None:
+                return self.frozen_atomic_energies(batch.structures, batch.features.device)
             from ..errors import ConfigError
 
             raise ConfigError("the model has a ZBL term, which needs positions and the pair list: this "
-                              "batch holds cached descriptors only (set descriptor.cache: off with zbl)")
+                              "batch holds cached descriptors without its structures")
         pos = batch.positions.to(torch.float64)
-        rij = pos[batch.pair_j] - pos[batch.pair_i] + batch.pair_shift.to(torch.float64)
-        e = self.pair_energies(torch.linalg.norm(rij, dim=1), batch.species[batch.pair_i],
-                               batch.species[batch.pair_j])
+        shift = batch.pair_shift.to(torch.float64)
+        pi, pj = batch.pair_i, batch.pair_j
+        # only pairs inside the outer radius have energy (the switch is C2 there); the batch's
+        # pair list reaches the descriptor cutoff, so selecting them first (without autograd)
+        # keeps ZBL from costing a pass over every pair in each step
+        with torch.no_grad():
+            r0 = torch.linalg.norm(pos[pj] - pos[pi] + shift, dim=1)
+            sel = torch.nonzero(r0 < self.r_out.to(r0.dtype)[batch.species[pi], batch.species[pj]]).squeeze(1)
         out = torch.zeros(pos.shape[0], dtype=torch.float64, device=pos.device)
-        return 0.5 * out.index_add(0, batch.pair_i, e)
+        if sel.numel() == 0:
+            return out
+        pi, pj = pi[sel], pj[sel]
+        rij = pos[pj] - pos[pi] + shift[sel]
+        e = self.pair_energies(torch.linalg.norm(rij, dim=1), batch.species[pi], batch.species[pj])
+        return 0.5 * out.index_add(0, pi, e)
+
+    def frozen_atomic_energies(self, structures, device="cpu") -> torch.Tensor:
+        """Per-atom ZBL energies [N] of fixed structures (no gradient), in the order of
+        ``collate``: computed on the structure's own pair list the first time a structure
+        (identified by a digest of numbers, positions, cell and pbc) is seen, then reused, so that
+        energy training with the descriptor cache pays for ZBL once per structure, not per step."""
+        import hashlib
+
+        import numpy as np
+
+        from ..descriptors.batch import collate
+
+        memo = self.__dict__.setdefault("_frozen", {})
+        out = []
+        for s in structures:
+            h = hashlib.blake2b(digest_size=16)
+            for a in (np.asarray(s.numbers, np.int64), np.asarray(s.positions, np.float64),
+                      np.asarray(s.cell, np.float64), np.asarray(s.pbc, bool)):
+                h.update(np.ascontiguousarray(a).tobytes())
+            key = h.digest()
+            e = memo.get(key)
+            if e is None:
+                b = collate([s], species=self.species, cutoff=self.cutoff, dtype=torch.float64)
+                with torch.no_grad():
+                    e = self.atomic_energies(b).cpu()
+                memo[key] = e
+            out.append(e)
+        if not out:
+            return torch.zeros(0, dtype=torch.float64, device=device)
+        return torch.cat(out).to(device)
 
     def energy_and_forces(self, batch, plan=None, create_graph: bool = False):
         """(E [B], F [N, 3]) of the ZBL term; ``batch.positions`` must require grad."""
         e = self.atomic_energies(batch)
         E = torch.zeros(batch.n_structures, dtype=torch.float64, device=e.device).index_add(0, batch.structure, e)
+        if not e.requires_grad:          # no pair inside the outer radii
+            return E, torch.zeros_like(batch.positions)
         (g,) = torch.autograd.grad(e.sum(), batch.positions, create_graph=create_graph)
         return (E if create_graph else E.detach()), -g.to(batch.positions.dtype)
 

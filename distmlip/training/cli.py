@@ -41,6 +41,7 @@ def run(args) -> int:
     if args.device:
         overrides["training.device"] = args.device
     cfg = load_train_config(args.config, overrides)
+    log_short_range(cfg)
     if cfg.committee.K > 1:
         return _run_committee(cfg, args.resume, args.force)
     resume = args.resume
@@ -52,8 +53,10 @@ def run(args) -> int:
     install_stop_handlers()
     ctx = init_distributed(cfg.training.device)
     try:
-        status = Trainer(cfg, ctx, resume=resume, force=args.force).fit()
+        trainer = Trainer(cfg, ctx, resume=resume, force=args.force)
+        status = trainer.fit()
         log(f"training finished: {status}")
+        _log_record(getattr(trainer.model, "training_record", None))
         return 0
     finally:
         shutdown()
@@ -78,6 +81,33 @@ def _run_committee(cfg, resume, force: bool = False) -> int:
     try:
         status = train_committee(cfg, ctx, resume=resume is not None, force=force)
         log(f"training finished: {status}")
+        member0 = Path(cfg.training.output) / "member_00" / "model.pt"
+        if ctx.rank == 0 and member0.is_file():
+            from ..models.bpnn import BPNN
+
+            _log_record(BPNN.load(member0).training_record)
         return 0
     finally:
         shutdown()
+
+
+def log_short_range(cfg) -> None:
+    """Say whether the ZBL short-range repulsion is on (it is by default: docs/robustness.md)."""
+    from ..utils.log import log
+
+    if cfg.zbl.enabled:
+        log("zbl: short-range ZBL repulsion on (the default; radii "
+            + ("from zbl.radii and " if cfg.zbl.radii else "")
+            + "0.5 / 0.75 x the covalent-radius sum per element pair; 'zbl: {enabled: false}' turns it off)")
+    else:
+        log("zbl: off (zbl.enabled: false): nothing keeps atoms apart below the training data's shortest "
+            "distances (docs/robustness.md)")
+
+
+def _log_record(record) -> None:
+    """The shortest distance per element pair and the lowest energies seen in the training data."""
+    from ..models.data_record import describe
+    from ..utils.log import log
+
+    if record:
+        log(describe(record) + "; stored in the model file (md-check and the calculator warn below them)")

@@ -11,6 +11,10 @@ other, data parallel inside the group: the group's DistContext gives the Trainer
 in the group and collectives on the group only, so gradients are all-reduced within the group and
 groups never wait for each other until the end.
 
+Warm start: ``training.warm_start`` containing ``{k}`` (e.g. ``old/member_{k:02d}/model.pt``)
+is formatted per member, so that member k fine-tunes member k of an earlier committee (as
+``distmlip explore`` does); without it every member starts from the same file.
+
 Output: ``OUTPUT/member_XX/`` (log.csv, checkpoint.pt, model.pt, ... of member XX, written by the
 group's first rank), ``OUTPUT/committee.pt`` (all members' model payloads: ``load_models``) and
 ``OUTPUT/committee.json`` (seeds, groups, status).  Resume (``--resume auto`` or ``--resume
@@ -54,6 +58,9 @@ def _member_cfg(cfg, k: int, out: Path):
     c = copy.deepcopy(cfg)
     c.training.seed = member_seed(cfg, k)
     c.training.output = str(member_dir(out, k))
+    ws = c.training.warm_start
+    if ws and "{k" in ws:     # 'prev/member_{k:02d}/model.pt': member k continues member k (explore)
+        c.training.warm_start = ws.format(k=k)
     return c
 
 
@@ -147,8 +154,6 @@ def _shared_cache(cfg, ctx, quiet):
     groups do not race on the file)."""
     dc = cfg.descriptor
     if getattr(dc, "cache", "off") == "off" or cfg.training.mode != "energy":
-        return
-    if getattr(getattr(cfg, "zbl", None), "enabled", False):
         return
     from ..data.h5store import H5Dataset
     from ..descriptors.featurize import open_or_build

@@ -344,17 +344,23 @@ class Trainer:
                       + (f" (energy residual RMS {summary['energy_residual_rms']:.4g}; RMS force "
                          f"{self._force_rms():.4g} eV/A x 1 A sets the floor in force mode)"
                          if self.force_mode and "energy_residual_rms" in summary else ""))
+        # shortest pair distances and lowest energies of the training data, saved with the model
+        # (md-check and the calculator warn below them; models/data_record.py)
+        from ..models.data_record import dataset_record
+        self.model.training_record = dataset_record(self.ds, self.stream.partition(), self.model.species,
+                                                    self.model.cutoff, self.ctx)
         self._log(f"model: {self.model.describe()}, {sum(p.numel() for p in self.model.parameters())} parameters")
         self._log(f"backend: {self.model.plan().describe()}")
 
     def _setup_cache(self):
-        """Descriptor cache (energy mode, no ZBL): stream cached descriptors instead of
-        recomputing them (``descriptor.cache``; docs/training.md)."""
+        """Descriptor cache (energy mode; ZBL energies are constants of each structure there,
+        models/zbl.py): stream cached descriptors instead of recomputing them
+        (``descriptor.cache``; docs/training.md)."""
         dc = self.cfg.descriptor
         mode = getattr(dc, "cache", "off")
-        if mode == "off" or self.force_mode or getattr(self.model, "zbl", None) is not None:
-            if mode == "on" and (self.force_mode or getattr(self.model, "zbl", None) is not None):
-                warn("descriptor.cache: on is ignored in force mode and with ZBL (positions needed)")
+        if mode == "off" or self.force_mode:
+            if mode == "on" and self.force_mode:
+                warn("descriptor.cache: on is ignored in force mode (positions needed)")
             return
         from ..descriptors.featurize import open_or_build
 

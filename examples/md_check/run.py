@@ -114,11 +114,11 @@ def main():
     print(f"MD stability at {args.temperature:g} K, {args.steps} x {args.timestep:g} fs, 32 Cu atoms; failure = any "
           f"pair < 0.6 x (2 r_cov) = {0.6 * 2 * 1.32:.3f} A")
     print(f"{'potential':>16} {'frames':>7} {'failed':>7} {'fail ratio':>10} {'d_min (A)':>10} "
-          f"{'NVE drift eV/atom':>18}  status")
+          f"{'NVE drift eV/atom':>18}  verdict")
     for name, r in results.items():
         drift = "n/a" if r["nve_drift_eV_atom"] is None else f"{r['nve_drift_eV_atom']:.2e}"
         print(f"{name:>16} {r['frames']:7d} {r['failed_frames']:7d} {r['failure_ratio']:10.3f} "
-              f"{r['min_dist_A']:10.3f} {drift:>18}  {r['status']}")
+              f"{r['min_dist_A']:10.3f} {drift:>18}  {r['verdict']}")
     nz, z = results["no_zbl"], results["zbl"]
     print()
     if nz["failure_ratio"] > 0 and z["failure_ratio"] == 0:

@@ -1,0 +1,768 @@
+"""``distmlip explore CONFIG.yaml``: active learning until MD with the potential survives.
+
+One iteration (folder ``OUTPUT/iter_XXX``):
+
+1. **MD** at the current rung of the temperature ladder (``md.temperatures``: a list of rungs,
+   each a temperature or a list of them): one Langevin trajectory per (starting structure,
+   temperature, replica), spread over the ranks of ``mpirun`` (task t on rank t mod size),
+   driven by the current committee (mean forces) or model.  Every analysed frame gets the
+   uncertainty (``committee``: max over atoms of the members' force deviation, eV/A; ``gpr``: the
+   GPR energy standard deviation of the GPR-ANN's GPR on the start's atom sequence, eV) and the
+   geometry check of md-check (a pair < ``md.threshold_factor`` x covalent-radius sum = failed).
+   Each task writes ``md/task_XXX.{json,extxyz,npz}``; its seed depends on (seed, iteration,
+   task) only, so the frames do not depend on the number of ranks.
+2. **Verdict**: failure ratio (failed frames, the frames not run after a failure included, over
+   all frames) and flagged fraction (frames above ``uncertainty.threshold``).  When both are at
+   or below ``targets``, the rung is converged: the next iteration climbs to the next rung, or
+   exploration ends after the last one.
+3. **Selection** (rank 0): the pool is every flagged or failed frame that is still physical (no
+   pair below ``select.label_min_factor`` x covalent-radius sum: DFT cannot label a fused pair)
+   plus the last ``select.pre_failure_frames`` frames before each failure (the way into the
+   unphysical region, which is what the potential must learn to repel); farthest-point sampling
+   on the descriptors (per-element means of the model's normalised descriptor) picks up to
+   ``select.max_per_iteration`` frames, starting from the most uncertain one, and stops early
+   when the farthest remaining frame is closer than ``select.fps_min_distance``.  Written to
+   ``candidates.extxyz`` with their uncertainty, temperature, time and minimum distance: the
+   input of the user's DFT.
+4. **Labels**: ``label_with`` (``ase:EMT`` or any importable ASE calculator, over the ranks)
+   labels the candidates into ``labelled.extxyz``; without it, explore stops and asks for the
+   labelled file (``distmlip explore CONFIG --labelled dft.extxyz`` continues).  When fewer than
+   ``select.min_new`` frames were selected the model is not updated.
+5. **Retrain**: ``distmlip convert`` of the labels into ``new.h5``, appended to the training data
+   of ``train_config``; every member warm-starts from the current one (``training.warm_start``;
+   member k of a committee from member k), with the ``retrain`` overrides, into ``train/``.
+6. **Test** (``test_data``): energy and force MAE of the model that ran this iteration's MD.
+
+Every stage writes its result atomically and is skipped when it exists, so a killed run
+continues where it stopped (``distmlip explore CONFIG`` again; training continues from its
+checkpoint).  The table (``OUTPUT/table.txt``, ``table.json``) has one row per iteration, like
+the exploration tables of Yan, Fan and Zhu (NEP-ZBL, Table S2).
+
+Example (see docs/robustness.md)::
+
+    model: run/committee.pt            # a committee (or one GPR-ANN model with uncertainty.kind: gpr)
+    train_config: train.yaml           # how it was trained: data.train are the initial data
+    structures: [start.extxyz]
+    output: explore
+    iterations: 8
+    label_with: ase:EMT                # omit on a cluster: label candidates.extxyz with DFT
+    md: {temperatures: [300, 600, 1000], steps: 2000, timestep: 1.0, interval: 10}
+    uncertainty: {kind: committee, threshold: 0.2}
+    select: {max_per_iteration: 20, min_new: 1}
+    targets: {failure_ratio: 0.0, flagged_fraction: 0.02}
+    retrain: {training.epochs: 100}
+    test_data: [test.h5]
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+
+from ..config import bounds
+from ..errors import ConfigError, InputError
+from ..gpr.augment import GPRSettings
+from ..utils.io import atomic_path, atomic_write_text
+from ..utils.log import log, warn
+
+
+# ------------------------------------------------------------------------------ configuration
+@dataclass
+class ExploreMD:
+    temperatures: list[Union[float, list[float]]] = field(default_factory=lambda: [300.0, 600.0, 1000.0],
+                                                           metadata=bounds(ge=0.0))
+    steps: int = field(default=2000, metadata=bounds(ge=1))
+    timestep: float = field(default=1.0, metadata=bounds(gt=0.0))            # fs
+    friction: float = field(default=0.02, metadata=bounds(gt=0.0))           # 1/fs (Langevin)
+    interval: int = field(default=10, metadata=bounds(ge=1))                 # analyse every N-th step
+    replicas: int = field(default=1, metadata=bounds(ge=1))                  # trajectories per (structure, T)
+    threshold_factor: float = field(default=0.6, metadata=bounds(gt=0.0))    # failed: a pair below this x r_cov sum
+    stop_on_failure: bool = True        # end a trajectory at its first failed frame
+    seed: int = field(default=0, metadata=bounds(ge=0))
+
+    def validate(self):
+        if not self.temperatures:
+            raise ConfigError("md.temperatures: give at least one temperature (rung)")
+        for t in self.temperatures:
+            for x in (t if isinstance(t, list) else [t]):
+                if not x >= 0.0:
+                    raise ConfigError(f"md.temperatures: {x} must be >= 0")
+            if isinstance(t, list) and not t:
+                raise ConfigError("md.temperatures: an empty rung")
+
+
+@dataclass
+class ExploreUncertainty:
+    kind: Literal["auto", "committee", "gpr"] = "auto"   # auto: committee for K > 1, else gpr
+    # committee: eV/A (max atomic force deviation); gpr: eV (energy sigma)
+    threshold: float = field(default=0.2, metadata=bounds(gt=0.0))
+    gpr_data: Optional[list[str]] = None   # GPR training data (default: train_config's data.train)
+    gpr_max_structures: int = field(default=400, metadata=bounds(ge=2))   # per GPR at most (seeded subsample)
+    gpr: GPRSettings = field(default_factory=GPRSettings)
+
+
+@dataclass
+class ExploreSelect:
+    max_per_iteration: int = field(default=20, metadata=bounds(ge=1))
+    min_new: int = field(default=1, metadata=bounds(ge=1))                   # update only with this many frames
+    fps_min_distance: float = field(default=0.0, metadata=bounds(ge=0.0))    # stop FPS below this distance
+    include_failed: bool = False        # label failed frames too (those above label_min_factor)
+    label_min_factor: float = field(default=0.4, metadata=bounds(ge=0.0))    # unlabelled below this x r_cov sum
+    pre_failure_frames: int = field(default=3, metadata=bounds(ge=0))        # frames before a failure, always
+
+
+@dataclass
+class ExploreTargets:
+    # converged when the failure ratio is at most this and at most this share of frames is
+    # above the uncertainty threshold
+    failure_ratio: float = field(default=0.0, metadata=bounds(ge=0.0, le=1.0))
+    flagged_fraction: float = field(default=0.02, metadata=bounds(ge=0.0, le=1.0))
+
+
+@dataclass
+class ExploreConfig:
+    model: str = ""                     # model or committee file to start from
+    train_config: str = ""              # the training configuration of that model (data.train: initial data)
+    structures: list[str] = field(default_factory=list)   # starting structures (every frame of each file)
+    output: str = "explore"
+    iterations: int = field(default=5, metadata=bounds(ge=1))
+    label_with: Optional[str] = None    # ase:EMT, package.module:Class; None: stop for external labels
+    label_kwargs: dict[str, Any] = field(default_factory=dict)
+    retrain: dict[str, Any] = field(default_factory=dict)    # overrides of train_config, e.g. training.epochs: 50
+    # before each warm start, refit the normalisation on all data keeping the model's energies
+    # (the old energy scale can cap what the networks reach; models/ann.py)
+    refit_normalization: bool = True
+    test_data: Optional[list[str]] = None
+    device: str = "cpu"
+    md: ExploreMD = field(default_factory=ExploreMD)
+    uncertainty: ExploreUncertainty = field(default_factory=ExploreUncertainty)
+    select: ExploreSelect = field(default_factory=ExploreSelect)
+    targets: ExploreTargets = field(default_factory=ExploreTargets)
+
+    def validate(self):
+        if not self.model:
+            raise ConfigError("explore: 'model' (the model or committee file to start from) is required")
+        if not self.train_config:
+            raise ConfigError("explore: 'train_config' (the training configuration) is required")
+        if not self.structures:
+            raise ConfigError("explore: 'structures' (starting structures for MD) is required")
+
+    def rungs(self) -> list[list[float]]:
+        return [[float(t)] if not isinstance(t, list) else [float(x) for x in t] for t in self.md.temperatures]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", help="YAML exploration configuration (see docs/robustness.md)")
+    p.add_argument("--label-with", metavar="CALC", help="label candidates with an ASE calculator: ase:EMT, "
+                                                        "package.module:Class (overrides label_with)")
+    p.add_argument("--label-kwargs", metavar="JSON", help="keyword arguments of the calculator as a JSON object")
+    p.add_argument("--labelled", nargs="+", metavar="FILE",
+                   help="labelled candidates of the iteration waiting for labels (any format 'distmlip convert' "
+                        "reads: extxyz with energies and forces, XSF, VASP outputs, ...)")
+    p.add_argument("--iterations", type=int, help="number of iterations (overrides the configuration)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a configuration value, e.g. --set md.steps=500 (repeatable)")
+
+
+def load_explore_config(path, overrides=None) -> ExploreConfig:
+    from ..config import load_config
+
+    cfg = load_config(path, ExploreConfig, overrides)
+    # relative paths are relative to the working directory, as in every other configuration
+    # (distmlip train's data paths too); the state file keeps them absolute
+    cfg.model = _abs(cfg.model)
+    cfg.train_config = _abs(cfg.train_config)
+    cfg.structures = [_abs(s) for s in cfg.structures]
+    cfg.output = _abs(cfg.output)
+    if cfg.test_data:
+        cfg.test_data = [_abs(s) for s in cfg.test_data]
+    if cfg.uncertainty.gpr_data:
+        cfg.uncertainty.gpr_data = [_abs(s) for s in cfg.uncertainty.gpr_data]
+    return cfg
+
+
+def _abs(p: str) -> str:
+    return str(Path(p).absolute()) if p else p
+
+
+# ------------------------------------------------------------------------------ helpers
+def read_starts(paths) -> list:
+    from ase.io import read
+
+    out = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise InputError(f"explore: starting structure file {p} does not exist")
+        try:
+            frames = read(str(p), index=":", parallel=False)
+        except Exception as exc:
+            raise InputError(f"explore: cannot read {p}: {type(exc).__name__}: {exc}") from None
+        for a in frames:
+            a.calc = None
+            out.append(a)
+    return out
+
+
+def frame_features(model, frames) -> np.ndarray:
+    """[M, T * D] per-element means of the model's normalised descriptor (zeros for an absent
+    element): a fixed-length fingerprint of a frame for farthest-point sampling."""
+    import torch
+
+    from ..data.structure import Structure
+    from ..descriptors.batch import collate
+
+    ann = model.ann
+    T, D = len(model.species), ann.dim
+    out = np.zeros((len(frames), T * D))
+    for k, a in enumerate(frames):
+        s = Structure(numbers=np.asarray(a.numbers), positions=np.asarray(a.positions, dtype=np.float64),
+                      cell=np.array(a.cell[:], dtype=np.float64), pbc=np.asarray(a.pbc, dtype=bool))
+        b = collate([s], species=model.species, cutoff=ann.cutoff, dtype=torch.float64)
+        with torch.no_grad():
+            G = ann.descriptors(b, model.plan()).to(torch.float64)
+            x = ((G - ann.feature_mean.index_select(0, b.species)) / ann.feature_std.index_select(0, b.species))
+        x = x.numpy()
+        sp = b.species.numpy()
+        for t in range(T):
+            m = sp == t
+            if m.any():
+                out[k, t * D:(t + 1) * D] = x[m].mean(0)
+    return out
+
+
+def farthest_point_sampling(X: np.ndarray, first: int, n: int, min_distance: float = 0.0) -> list[int]:
+    """Indices of up to ``n`` rows of ``X``: ``first``, then repeatedly the row farthest (Euclidean)
+    from those chosen (ties: the lowest index); stops when that distance is below
+    ``min_distance``.  Deterministic."""
+    if len(X) == 0 or n <= 0:
+        return []
+    chosen = [int(first)]
+    dist = np.linalg.norm(X - X[first], axis=1)
+    while len(chosen) < min(n, len(X)):
+        k = int(np.argmax(dist))
+        if dist[k] <= 0.0 or dist[k] < min_distance:
+            break
+        chosen.append(k)
+        dist = np.minimum(dist, np.linalg.norm(X - X[k], axis=1))
+    return chosen
+
+
+def _load(path, device="cpu") -> list:
+    from ..evaluation.mdcheck import load_committee
+
+    return load_committee([path], device=device)
+
+
+def _model_file(train_dir: Path) -> Path:
+    c = train_dir / "committee.pt"
+    return c if c.is_file() else train_dir / "model.pt"
+
+
+# ------------------------------------------------------------------------------ explorer
+class Explorer:
+    def __init__(self, cfg: ExploreConfig, ctx, labelled=None):
+        from ..training.config import load_train_config
+
+        self.cfg = cfg
+        self.ctx = ctx
+        self.out = Path(cfg.output)
+        self.labelled = list(labelled or [])
+        self.rank0 = ctx.rank == 0
+        self.starts = read_starts(cfg.structures)
+        self.tcfg0 = load_train_config(cfg.train_config, dict(cfg.retrain))
+        self.base_data = [_abs(p) for p in self.tcfg0.data.train]
+        if self.tcfg0.data.validation:
+            self.tcfg0.data.validation = [_abs(p) for p in self.tcfg0.data.validation]
+        models = _load(cfg.model, cfg.device)
+        self.K = len(models)
+        if self.tcfg0.committee.K != self.K:
+            if self.tcfg0.committee.K == 1 and self.K > 1:
+                self.tcfg0.committee.K = self.K
+            else:
+                raise ConfigError(f"explore: {cfg.model} has {self.K} member(s) but {cfg.train_config} trains "
+                                  f"committee.K = {self.tcfg0.committee.K}")
+        kind = cfg.uncertainty.kind
+        if kind == "auto":
+            kind = "committee" if self.K > 1 else "gpr"
+        if kind == "committee" and self.K < 2:
+            raise ConfigError(f"explore: uncertainty.kind committee needs a committee; {cfg.model} is one model "
+                              f"(train with committee.K > 1, or use uncertainty.kind: gpr)")
+        self.kind = kind
+        for a in self.starts:
+            missing = sorted({s for s in a.get_chemical_symbols() if s not in models[0].species})
+            if missing:
+                raise InputError(f"explore: starting structure has elements {missing} the model lacks "
+                                 f"({models[0].species})")
+
+    # ---------------------------------------------------------------- state
+    def state_path(self) -> Path:
+        return self.out / "state.json"
+
+    def load_state(self) -> dict:
+        p = self.state_path()
+        if p.is_file():
+            return json.loads(p.read_text())
+        return {"iteration": 0, "rung": 0, "model": str(self.cfg.model), "members": None, "new_data": [],
+                "rows": [], "finished": None}
+
+    def save_state(self, st: dict) -> None:
+        if self.rank0:
+            atomic_write_text(self.state_path(), json.dumps(st, indent=1))
+        self.ctx.barrier()
+
+    # ---------------------------------------------------------------- stages
+    def tasks(self, rung: list[float]) -> list[dict]:
+        t = []
+        for s in range(len(self.starts)):
+            for T in rung:
+                for r in range(self.cfg.md.replicas):
+                    t.append({"task": len(t), "structure": s, "T": float(T), "replica": r})
+        return t
+
+    def _uncertainty_fn(self, it: int, st: dict):
+        """Per start structure: Atoms -> GPR sigma (kind gpr), else None."""
+        if self.kind != "gpr":
+            return {}
+        from ..evaluation.gpr_uncertainty import GPRSigma
+
+        data = (self.cfg.uncertainty.gpr_data or self.base_data) + list(st["new_data"])
+        fns = {}
+        for k, a in enumerate(self.starts):
+            fns[k] = GPRSigma(data, a, settings=self.cfg.uncertainty.gpr, seed=self.cfg.md.seed,
+                              max_structures=self.cfg.uncertainty.gpr_max_structures)
+        return fns
+
+    def run_md(self, it: int, itdir: Path, st: dict, models: list, rung: list[float]) -> list[dict]:
+        from ..evaluation.mdcheck import CommitteeCalculator, simulate, threshold_matrix
+
+        md = self.cfg.md
+        mddir = itdir / "md"
+        if self.rank0:
+            mddir.mkdir(parents=True, exist_ok=True)
+        self.ctx.barrier()
+        tasks = self.tasks(rung)
+        mine = [t for t in tasks if t["task"] % self.ctx.world_size == self.ctx.rank]
+        todo = [t for t in mine if not (mddir / f"task_{t['task']:03d}.json").is_file()]
+        gprs = self._uncertainty_fn(it, st) if todo else {}
+        calc = CommitteeCalculator(models, device=self.cfg.device)
+        for t in todo:
+            a0 = self.starts[t["structure"]]
+            seed = int(np.random.SeedSequence([md.seed, it, t["task"]]).generate_state(1)[0])
+            unc = gprs[t["structure"]].sigma if t["structure"] in gprs else None
+            tr, _ = simulate(a0, calc, t["T"], md.steps, md.timestep, md.friction, md.interval, seed,
+                             threshold_matrix(a0.numbers, md.threshold_factor), uncertainty=unc,
+                             keep_frames=True, stop_on_failure=md.stop_on_failure, report=False)
+            u = np.asarray(tr["gpr_sigma"] if self.kind == "gpr" else tr["fdev"], dtype=np.float64)
+            frames = tr["frames"]
+            for k, a in enumerate(frames):
+                a.info.update({"task": t["task"], "structure": t["structure"], "temperature_K": t["T"],
+                               "md_step": tr["step"][k], "time_fs": tr["t_fs"][k], "min_dist": tr["min_dist"][k],
+                               "failed": bool(tr["failed"][k]), "uncertainty": float(u[k]),
+                               "uncertainty_kind": self.kind, "iteration": it})
+            X = frame_features(models[0], frames)
+            n_frames = len(frames) + tr["n_missing"]
+            summary = {**t, "seed": seed, "frames": n_frames, "analysed": len(frames),
+                       "failed": int(sum(tr["failed"])) + tr["n_missing"], "n_missing": tr["n_missing"],
+                       "aborted": tr["aborted"], "stopped_on_failure": tr["stopped_on_failure"],
+                       "flagged": int((u > self.cfg.uncertainty.threshold).sum()),
+                       "max_uncertainty": float(u.max()) if len(u) else 0.0,
+                       "min_dist_A": float(min(tr["min_dist"])) if tr["min_dist"] else float("nan"),
+                       "first_failure_fs": (float(tr["t_fs"][int(np.argmax(tr["failed"]))]) if any(tr["failed"])
+                                            else (tr["abort_t_fs"] if tr["aborted"] else None))}
+            from ase.io import write
+
+            with atomic_path(mddir / f"task_{t['task']:03d}.extxyz", suffix=".extxyz") as tmp:
+                write(str(tmp), frames, format="extxyz", parallel=False)
+            with atomic_path(mddir / f"task_{t['task']:03d}.npz", suffix=".npz") as tmp:
+                np.savez(tmp, features=X, uncertainty=u)
+            # the .json is written last: it marks the task done
+            atomic_write_text(mddir / f"task_{t['task']:03d}.json", json.dumps(summary))
+            log(f"  iteration {it} task {t['task']}: T={t['T']:g} K, structure {t['structure']}, "
+                f"{summary['analysed']} frames, failed {summary['failed']}/{n_frames}, flagged "
+                f"{summary['flagged']}, max {self.kind} uncertainty {summary['max_uncertainty']:.3f}",
+                all_ranks=True)
+        self.ctx.barrier()
+        return [json.loads((mddir / f"task_{t['task']:03d}.json").read_text()) for t in tasks]
+
+    def select(self, itdir: Path, summaries: list[dict]) -> dict:
+        """Rank 0: the pool, farthest-point sampling, candidates.extxyz; returns selection.json."""
+        from ase.io import read, write
+
+        from ..evaluation.mdcheck import frame_distances, threshold_matrix
+
+        sel_path = itdir / "selection.json"
+        if sel_path.is_file():
+            return json.loads(sel_path.read_text())
+        sc = self.cfg.select
+        thr = self.cfg.uncertainty.threshold
+        frames, feats, unc, why = [], [], [], []
+        for s in summaries:
+            t = s["task"]
+            fr = read(str(itdir / "md" / f"task_{t:03d}.extxyz"), index=":", parallel=False)
+            z = np.load(itdir / "md" / f"task_{t:03d}.npz")
+            failed = [bool(a.info.get("failed")) for a in fr]
+            first = failed.index(True) if any(failed) else (len(fr) if s["aborted"] else None)
+            pre = set(range(max(0, first - sc.pre_failure_frames), first)) if first is not None else set()
+            label_thr = threshold_matrix(fr[0].numbers, sc.label_min_factor) if fr else {}
+            tab = max(label_thr.values()) if label_thr else 0.0
+            for k, a in enumerate(fr):
+                reason = []
+                if z["uncertainty"][k] > thr:
+                    reason.append("uncertainty")
+                if failed[k]:
+                    reason.append("failed")
+                if k in pre:
+                    reason.append("before failure")
+                if not reason:
+                    continue
+                if failed[k] and not sc.include_failed:    # unphysical: not for DFT (NEP-ZBL's practice)
+                    continue
+                if failed[k]:   # labelled only while physical: no pair below label_min_factor x r_cov sum
+                    i, j, d = frame_distances(a, tab)
+                    nums = a.numbers
+                    if len(d) and any(d[m] < label_thr[(int(nums[i[m]]), int(nums[j[m]]))] for m in range(len(d))):
+                        continue
+                frames.append(a)
+                feats.append(z["features"][k])
+                unc.append(float(z["uncertainty"][k]))
+                why.append("+".join(reason))
+        n_pool = len(frames)
+        chosen = []
+        if n_pool:
+            X = np.stack(feats)
+            u = np.asarray(unc)
+            # before-failure frames rank first (they matter most when uncertainty misses the collapse),
+            # then the most uncertain
+            score = u + np.array([1e6 if "before failure" in w else 0.0 for w in why])
+            chosen = farthest_point_sampling(X, int(np.argmax(score)), sc.max_per_iteration, sc.fps_min_distance)
+        out_frames = []
+        for k in chosen:
+            a = frames[k]
+            a.info["selected_because"] = why[k]
+            out_frames.append(a)
+        cand = itdir / "candidates.extxyz"
+        if out_frames:
+            with atomic_path(cand, suffix=".extxyz") as tmp:
+                write(str(tmp), out_frames, format="extxyz", parallel=False)
+        sel = {"pool": n_pool, "selected": len(chosen),
+               "candidates": str(cand) if out_frames else None,
+               "chosen": [{"task": int(frames[k].info["task"]), "md_step": int(frames[k].info["md_step"]),
+                           "uncertainty": unc[k], "why": why[k]} for k in chosen]}
+        atomic_write_text(sel_path, json.dumps(sel, indent=1))
+        return sel
+
+    def label(self, itdir: Path, sel: dict) -> Path | None:
+        """``labelled.extxyz`` from the labeller over the ranks, or the user's files; None when
+        labels are missing (explore stops and says how to continue)."""
+        from ase.io import read, write
+
+        out = itdir / "labelled.extxyz"
+        if out.is_file():
+            return out
+        if self.labelled:
+            return None
+        if not self.cfg.label_with:
+            return None
+        frames = read(sel["candidates"], index=":", parallel=False)
+        from ..evaluation.labelling import label as label_frames
+
+        mine = list(range(self.ctx.rank, len(frames), self.ctx.world_size))
+        err = None
+        res = []
+        try:
+            lab = label_frames([frames[k] for k in mine], self.cfg.label_with, self.cfg.label_kwargs)
+            res = [(k, float(a.get_potential_energy()), np.asarray(a.get_forces())) for k, a in zip(mine, lab)]
+        except Exception as exc:   # a labeller error on one rank must not leave the others waiting
+            err = f"rank {self.ctx.rank}: labelling with {self.cfg.label_with} failed: {type(exc).__name__}: {exc}"
+        gathered = self.ctx.all_gather_object((err, res))
+        errs = [e for e, _ in gathered if e]
+        if errs:
+            raise InputError(errs[0])
+        if self.rank0:
+            from ase.calculators.singlepoint import SinglePointCalculator
+
+            byk = {k: (e, f) for _, r in gathered for k, e, f in r}
+            outf = []
+            for k, a in enumerate(frames):
+                e, f = byk[k]
+                b = a.copy()
+                b.info.update(a.info)
+                b.info["labelled_with"] = str(self.cfg.label_with)
+                b.calc = SinglePointCalculator(b, energy=e, forces=f)
+                outf.append(b)
+            with atomic_path(out, suffix=".extxyz") as tmp:
+                write(str(tmp), outf, format="extxyz", parallel=False)
+        self.ctx.barrier()
+        return out
+
+    def convert(self, itdir: Path, inputs) -> Path:
+        from ..data.convert import ConvertConfig, convert
+
+        out = itdir / "new.h5"
+        if not out.is_file():
+            convert(ConvertConfig(inputs=[str(p) for p in inputs], output=str(out)))
+        self.ctx.barrier()
+        return out
+
+    def retrain(self, itdir: Path, st: dict, new_data: list[str]) -> tuple[str, str]:
+        """Warm-started training on the initial plus all new data; returns (status, model file)."""
+        from ..training.committee import train_committee
+        from ..training.trainer import Trainer
+
+        cfg = copy.deepcopy(self.tcfg0)
+        tdir = itdir / "train"
+        cfg.data.train = list(self.base_data) + list(new_data)
+        cfg.training.output = str(tdir)
+        if cfg.descriptor.cache != "off":    # the data changed: the cache of this iteration lives here
+            cfg.descriptor.cache_file = str(tdir / "train.desc.h5")
+        warm = st["members"] if self.K > 1 else st["model"]
+        if self.cfg.refit_normalization:
+            warm = self.refit_warm_starts(itdir, cfg, warm)
+        if self.K > 1:
+            cfg.training.warm_start = warm
+            status = train_committee(cfg, self.ctx, resume=True)
+            return status, str(tdir / "committee.pt")
+        done = tdir / "done.json"
+        if done.is_file():
+            return json.loads(done.read_text())["status"], str(tdir / "model.pt")
+        cfg.training.warm_start = warm
+        ck = tdir / "checkpoint.pt"
+        status = Trainer(cfg, self.ctx, resume=str(ck) if ck.is_file() else None,
+                         log_prefix="  [retrain] ").fit()
+        if status != "stopped" and self.rank0:
+            atomic_write_text(done, json.dumps({"status": status}))
+        self.ctx.barrier()
+        return status, str(tdir / "model.pt")
+
+    def refit_warm_starts(self, itdir: Path, cfg, warm: str) -> str:
+        """Rank 0: every member (``warm``, a file or a '{k}' template) with its normalisation refit
+        on the new training data, its energies kept (``itdir/warm/``); returns the new file or
+        template."""
+        import torch
+
+        from ..data.h5store import H5Dataset
+        from ..data.split import get_split, parse_split_patterns, split_from_patterns
+        from ..descriptors.batch import collate
+        from ..models.bpnn import BPNN
+
+        wdir = itdir / "warm"
+        names = [f"member_{k:02d}" for k in range(self.K)] if self.K > 1 else ["model"]
+        target = str(wdir / ("member_{k:02d}" if self.K > 1 else "model") / "model.pt")
+        if self.rank0 and not all((wdir / n / "model.pt").is_file() for n in names):
+            ds = H5Dataset(cfg.data.train)
+            if cfg.data.validation:
+                idx = np.arange(ds.n_structures)
+            else:
+                dc = cfg.data
+                split = (split_from_patterns(ds.column("source"), parse_split_patterns(dc.split_patterns))
+                         if dc.split_patterns else
+                         get_split(ds, dc.split_seed, tuple(dc.fractions), per_subset=dc.by_subset,
+                                   use_stored=dc.use_stored_split))
+                idx = np.flatnonzero(np.asarray(split) == 0)
+            structures = ds.read(idx)
+            for k, n in enumerate(names):
+                src = warm.format(k=k) if self.K > 1 else warm
+                m = BPNN.load(src)
+                chunks = [structures[a:a + 64] for a in range(0, len(structures), 64)]
+                batches = (collate(c, species=m.species, cutoff=m.cutoff, dtype=torch.float64) for c in chunks)
+                mc = cfg.model
+                summ = m.refit_normalization_keeping_function(batches, descriptor=mc.normalize_descriptor,
+                                                              energy=mc.energy_shift, scale=mc.energy_scale)
+                (wdir / n).mkdir(parents=True, exist_ok=True)
+                m.save(wdir / n / "model.pt", metadata=dict(getattr(m, "metadata", {}) or {}))
+                if k == 0:
+                    log(f"  normalisation refit on {summ['n_structures']} structures (energies kept): energy "
+                        f"scale {summ['energy_scale']:.4g} eV/atom")
+        self.ctx.barrier()
+        return target
+
+    def members_of(self, model_file: str, where: Path) -> str | None:
+        """A committee's members as files (the warm start of member k is member k): the template
+        '.../member_{k:02d}/model.pt' (committee outputs have them; a committee file from elsewhere
+        is unpacked into ``where``)."""
+        if self.K < 2:
+            return None
+        p = Path(model_file)
+        if all((p.parent / f"member_{k:02d}" / "model.pt").is_file() for k in range(self.K)):
+            return str(p.parent / "member_{k:02d}" / "model.pt")
+        if self.rank0:
+            from ..utils.io import atomic_torch_save, load_torch_file
+
+            obj = load_torch_file(p, "model file")
+            for k, m in enumerate(obj["members"]):
+                d = where / f"member_{k:02d}"
+                d.mkdir(parents=True, exist_ok=True)
+                if not (d / "model.pt").is_file():
+                    atomic_torch_save(m, d / "model.pt")
+        self.ctx.barrier()
+        return str(where / "member_{k:02d}" / "model.pt")
+
+    def test(self, model_file: str) -> dict:
+        if not self.cfg.test_data or not self.rank0:
+            return {}
+        from ..data.h5store import H5Dataset
+        from ..evaluation.metrics import metrics, predict
+
+        models = _load(model_file, self.cfg.device)
+        pred = predict(models, H5Dataset(self.cfg.test_data), forces=True, device=self.cfg.device)
+        ov = metrics(pred)
+        return {"test_E_mae_meV_atom": ov["E_mae_meV_atom"], "test_F_mae": ov.get("F_mae")}
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.rank0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.ctx.barrier()
+        st = self.load_state()
+        if st["members"] is None and self.K > 1:
+            st["members"] = self.members_of(st["model"], self.out / "initial")
+        rungs = cfg.rungs()
+        log(f"explore: {self.K} model(s) from {cfg.model}, uncertainty {self.kind} (threshold "
+            f"{cfg.uncertainty.threshold:g} {'eV/A' if self.kind == 'committee' else 'eV'}), "
+            f"{len(self.starts)} starting structure(s), temperature rungs {rungs}, {cfg.md.steps} x "
+            f"{cfg.md.timestep:g} fs, on {self.ctx.world_size} rank(s); labels: "
+            f"{cfg.label_with or ('files given' if self.labelled else 'external (DFT)')}")
+        while st["finished"] is None and st["iteration"] < cfg.iterations:
+            it = st["iteration"] + 1
+            itdir = self.out / f"iter_{it:03d}"
+            rung = rungs[st["rung"]]
+            t0 = time.time()
+            models = _load(st["model"], cfg.device)
+            summaries = self.run_md(it, itdir, st, models, rung)
+            frames = sum(s["frames"] for s in summaries)
+            analysed = sum(s["analysed"] for s in summaries)
+            fr = sum(s["failed"] for s in summaries) / max(frames, 1)
+            flagged = sum(s["flagged"] for s in summaries) / max(analysed, 1)
+            umax = max(s["max_uncertainty"] for s in summaries)
+            row = {"iteration": it, "temperatures_K": rung, "ps": cfg.md.steps * cfg.md.timestep / 1000.0,
+                   "trajectories": len(summaries), "frames": frames, "failure_ratio": fr,
+                   "flagged_fraction": flagged, "max_uncertainty": umax,
+                   "min_dist_A": min(s["min_dist_A"] for s in summaries), "model": st["model"]}
+            row.update(self.test(st["model"]) if self.rank0 else {})
+            converged = fr <= cfg.targets.failure_ratio and flagged <= cfg.targets.flagged_fraction
+            if converged:
+                row.update(pool=0, sampled=0, updated=False,
+                           note=("rung converged: next temperatures" if st["rung"] + 1 < len(rungs)
+                                 else "converged at the last rung"))
+                if st["rung"] + 1 < len(rungs):
+                    st["rung"] += 1
+                else:
+                    st["finished"] = "converged"
+            else:
+                sel = self.select(itdir, summaries) if self.rank0 else None
+                sel = self.ctx.broadcast_object(sel)
+                row.update(pool=sel["pool"], sampled=sel["selected"])
+                if sel["selected"] < max(cfg.select.min_new, 1):
+                    row.update(updated=False, note=f"{sel['selected']} selected < select.min_new: model kept")
+                else:
+                    lab = self.label(itdir, sel)
+                    if lab is None and self.labelled:
+                        lab_inputs = self.labelled
+                        self.labelled = []
+                    elif lab is None:
+                        log(f"explore: iteration {it}: {sel['selected']} candidates for reference calculations in "
+                            f"{sel['candidates']}; label them (energies and forces), then continue with\n"
+                            f"  distmlip explore CONFIG --labelled LABELLED_FILES")
+                        st["waiting"] = sel["candidates"]
+                        self.save_state(st)
+                        return st
+                    else:
+                        lab_inputs = [lab]
+                    new = self.convert(itdir, lab_inputs)
+                    new_data = list(st["new_data"]) + [str(new)]
+                    status, model_file = self.retrain(itdir, st, new_data)
+                    if status == "stopped":
+                        log(f"explore: stop requested during retraining of iteration {it}; continue with "
+                            f"'distmlip explore CONFIG' (training resumes from its checkpoint)")
+                        return st
+                    st["new_data"] = new_data
+                    st["model"] = model_file
+                    if self.K > 1:
+                        st["members"] = str(Path(model_file).parent / "member_{k:02d}" / "model.pt")
+                    row.update(updated=True, note=f"retrained ({status}) on {len(new_data)} new data file(s)")
+            row["wall_s"] = time.time() - t0
+            st["rows"].append(row)
+            st["iteration"] = it
+            st.pop("waiting", None)
+            if self.rank0:
+                atomic_write_text(itdir / "done.json", json.dumps(row, indent=1))
+            self.save_state(st)
+            self.write_table(st)
+            log(format_row(row))
+        if st["finished"] is None:
+            st["finished"] = "iterations exhausted"
+            if st["rows"] and st["rows"][-1].get("updated"):
+                st["final_test"] = self.test(st["model"])
+            self.save_state(st)
+        self.write_table(st)
+        log(format_table(st))
+        log(f"explore: {st['finished']} after {st['iteration']} iteration(s); model {st['model']}")
+        return st
+
+    def write_table(self, st: dict) -> None:
+        if self.rank0:
+            atomic_write_text(self.out / "table.txt", format_table(st) + "\n")
+            atomic_write_text(self.out / "table.json", json.dumps(st["rows"], indent=1))
+
+
+def format_row(r: dict) -> str:
+    t = ",".join(f"{x:g}" for x in r["temperatures_K"])
+    e = r.get("test_E_mae_meV_atom")
+    f = r.get("test_F_mae")
+    test = "" if e is None else f"  {e:9.3f} {('n/a' if f is None else f'{f:.4f}'):>9}"
+    return (f"{r['iteration']:4d} {t:>12} {r['ps']:6.2f} {r['trajectories']:5d} {r['frames']:7d} "
+            f"{100 * r['failure_ratio']:7.1f} {100 * r['flagged_fraction']:8.1f} {r['max_uncertainty']:9.3f} "
+            f"{r['min_dist_A']:7.3f} {r['sampled']:6d} {('yes' if r['updated'] else 'no'):>8}" + test
+            + f"  {r.get('note', '')}")
+
+
+def format_table(st: dict) -> str:
+    rows = st["rows"]
+    has_test = any(r.get("test_E_mae_meV_atom") is not None for r in rows)
+    head = (f"{'iter':>4} {'T (K)':>12} {'t (ps)':>6} {'traj':>5} {'frames':>7} {'FR (%)':>7} {'flag (%)':>8} "
+            f"{'max unc':>9} {'d_min':>7} {'N_samp':>6} {'updated?':>8}"
+            + (f"  {'E MAE':>9} {'F MAE':>9}" if has_test else "") + "  note")
+    lines = [head, "-" * len(head)] + [format_row(r) for r in rows]
+    if st.get("final_test"):
+        ft = st["final_test"]
+        lines.append(f"final model {st['model']}: test E MAE {ft['test_E_mae_meV_atom']:.3f} meV/atom, "
+                     f"F MAE {ft['test_F_mae']:.4f} eV/A (not yet explored)")
+    if has_test:
+        lines.append("E MAE (meV/atom), F MAE (eV/A): test set, of the model that ran the iteration's MD")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from ..config import parse_override
+    from ..distributed import init_distributed, install_stop_handlers, shutdown
+
+    overrides = {}
+    for o in args.overrides:
+        k, v = parse_override(o)
+        overrides[k] = v
+    if args.label_with:
+        overrides["label_with"] = args.label_with
+    if args.label_kwargs:
+        from ..evaluation.labelling import parse_kwargs
+
+        overrides["label_kwargs"] = parse_kwargs(args.label_kwargs)
+    if args.iterations:
+        overrides["iterations"] = args.iterations
+    cfg = load_explore_config(args.config, overrides)
+    install_stop_handlers()
+    ctx = init_distributed(cfg.device)
+    try:
+        Explorer(cfg, ctx, labelled=[_abs(p) for p in (args.labelled or [])]).run()
+        return 0
+    finally:
+        shutdown()
+
+
+__all__ = ["ExploreConfig", "Explorer", "farthest_point_sampling", "frame_features", "add_arguments", "run"]

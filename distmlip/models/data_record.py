@@ -1,0 +1,174 @@
+"""What a potential saw in its training data, stored in the model file: the shortest distance per
+element pair and the lowest energy per atom per composition.
+
+A data-driven potential knows nothing below the shortest distances of its training data and
+nothing below its lowest energies; MD that goes there is extrapolating (docs/robustness.md).
+The trainer computes this record over the training structures (:func:`record_from_structures`
+per rank, :func:`merge_records` over the ranks), :meth:`BPNN.save` writes it into the model
+file's metadata (``metadata["training_data"]``), and ``md-check`` and the ASE calculator compare
+MD frames with it (:func:`pairs_below`, :func:`lowest_energy_per_atom`).
+
+Record layout (JSON-compatible)::
+
+    {"n_structures": 100, "cutoff_A": 5.0,
+     "pair_min_distance_A": {"Au-Cu": 2.31, "Cu-Cu": 2.20, "Au-Au": null},   # null: never within cutoff
+     "energy_per_atom_min": {"AuCu3": -0.051, "Cu": 0.012}}                  # eV/atom, by reduced formula
+
+Pairs are keyed with the elements in alphabetical order; a pair never closer than the cutoff
+(``null``) means the model never saw those two elements interact at all.
+"""
+from __future__ import annotations
+
+import math
+from functools import reduce
+
+import numpy as np
+
+RECORD_KEY = "training_data"
+
+
+def pair_key(a: str, b: str) -> str:
+    return "-".join(sorted((a, b)))
+
+
+def reduced_formula(numbers) -> str:
+    """Hill-like reduced formula with the counts divided by their gcd ('AuCu3', 'C3H4O3', 'Cu')."""
+    from ase.data import chemical_symbols
+
+    z, c = np.unique(np.asarray(numbers, dtype=np.int64), return_counts=True)
+    g = reduce(math.gcd, [int(x) for x in c]) if len(c) else 1
+    parts = sorted((chemical_symbols[int(a)], int(n) // g) for a, n in zip(z, c))
+    return "".join(s + (str(n) if n > 1 else "") for s, n in parts)
+
+
+def structure_pair_minima(numbers, positions, cell, pbc, cutoff: float) -> dict:
+    """{pair key: shortest distance} of one structure, pairs closer than ``cutoff`` only
+    (periodic images included)."""
+    from ase.data import chemical_symbols
+
+    from ..descriptors.neighbors import neighbor_list
+
+    i, j, S = neighbor_list(positions, cell, pbc, cutoff)
+    out: dict = {}
+    if len(i) == 0:
+        return out
+    pos = np.asarray(positions, dtype=np.float64)
+    d = np.linalg.norm(pos[j] - pos[i] + S @ np.asarray(cell, dtype=np.float64).reshape(3, 3), axis=1)
+    z = np.asarray(numbers, dtype=np.int64)
+    zi, zj = np.minimum(z[i], z[j]), np.maximum(z[i], z[j])
+    code = zi * 1000 + zj
+    for c in np.unique(code):
+        a, b = int(c // 1000), int(c % 1000)
+        out[pair_key(chemical_symbols[a], chemical_symbols[b])] = float(d[code == c].min())
+    return out
+
+
+def record_from_structures(structures, species, cutoff: float) -> dict:
+    """Partial record of an iterable of :class:`~distmlip.data.structure.Structure`."""
+    pairs = {pair_key(a, b): None for k, a in enumerate(species) for b in species[k:]}
+    emin: dict = {}
+    n = 0
+    for s in structures:
+        n += 1
+        for k, d in structure_pair_minima(s.numbers, s.positions, s.cell, s.pbc, cutoff).items():
+            if k in pairs and (pairs[k] is None or d < pairs[k]):
+                pairs[k] = d
+        if math.isfinite(float(s.energy)) and len(s.numbers):
+            f = reduced_formula(s.numbers)
+            e = float(s.energy) / len(s.numbers)
+            if f not in emin or e < emin[f]:
+                emin[f] = e
+    return {"n_structures": n, "cutoff_A": float(cutoff), "pair_min_distance_A": pairs,
+            "energy_per_atom_min": emin}
+
+
+def merge_records(records: list) -> dict:
+    """Element-wise minimum of partial records (one per rank)."""
+    records = [r for r in records if r]
+    if not records:
+        return {}
+    out = {"n_structures": sum(int(r.get("n_structures", 0)) for r in records),
+           "cutoff_A": min(float(r["cutoff_A"]) for r in records),
+           "pair_min_distance_A": {}, "energy_per_atom_min": {}}
+    for r in records:
+        for k, v in r["pair_min_distance_A"].items():
+            cur = out["pair_min_distance_A"].get(k)
+            out["pair_min_distance_A"][k] = v if cur is None else (cur if v is None else min(cur, v))
+        for k, v in r["energy_per_atom_min"].items():
+            cur = out["energy_per_atom_min"].get(k)
+            out["energy_per_atom_min"][k] = v if cur is None else min(cur, v)
+    return out
+
+
+def dataset_record(ds, indices, species, cutoff: float, ctx=None, chunk: int = 512) -> dict:
+    """Record of ``ds`` structures ``indices`` (this rank's share), merged over ``ctx``'s ranks."""
+    indices = np.asarray(indices, dtype=np.int64)
+
+    def structures():
+        for a in range(0, len(indices), chunk):
+            yield from ds.read(indices[a:a + chunk])
+
+    part = record_from_structures(structures(), list(species), cutoff)
+    parts = ctx.all_gather_object(part) if ctx is not None and ctx.world_size > 1 else [part]
+    return merge_records(parts)
+
+
+def describe(record: dict) -> str:
+    """One line for the log: shortest distances per pair, lowest energy per atom."""
+    if not record:
+        return "no training-data record"
+    pairs = ", ".join(f"{k} {'>= %.2f' % record['cutoff_A'] if v is None else '%.3f' % v} A"
+                      for k, v in sorted(record["pair_min_distance_A"].items()))
+    em = record.get("energy_per_atom_min") or {}
+    energies = ", ".join(f"{k} {v:.4f}" for k, v in sorted(em.items())[:6]) + (" ..." if len(em) > 6 else "")
+    return (f"training data ({record['n_structures']} structures): shortest distances {pairs}; "
+            f"lowest energy per atom (eV) {energies}")
+
+
+# ---------------------------------------------------------------------------------- checks
+def pair_minima_table(record: dict, species) -> np.ndarray:
+    """[T, T] shortest training distance for the model's species order (``cutoff`` where the
+    pair never came closer than the cutoff, nan without a record)."""
+    T = len(species)
+    tab = np.full((T, T), np.nan)
+    if not record:
+        return tab
+    pm = record.get("pair_min_distance_A") or {}
+    for a in range(T):
+        for b in range(T):
+            k = pair_key(species[a], species[b])
+            if k in pm:
+                tab[a, b] = float(record["cutoff_A"]) if pm[k] is None else float(pm[k])
+    return tab
+
+
+def pairs_below(record: dict, numbers, i, j, d) -> dict:
+    """{pair key: shortest distance} of the pairs (i, j, d) that are shorter than the
+    training data's shortest distance of their element pair (empty without a record)."""
+    from ase.data import chemical_symbols
+
+    if not record or len(d) == 0:
+        return {}
+    pm = record.get("pair_min_distance_A") or {}
+    cut = float(record.get("cutoff_A", 0.0))
+    z = np.asarray(numbers, dtype=np.int64)
+    zi, zj = np.minimum(z[i], z[j]), np.maximum(z[i], z[j])
+    code = zi * 1000 + zj
+    out = {}
+    for c in np.unique(code):
+        k = pair_key(chemical_symbols[int(c // 1000)], chemical_symbols[int(c % 1000)])
+        if k not in pm:
+            continue
+        lim = cut if pm[k] is None else float(pm[k])
+        dm = float(d[code == c].min())
+        if dm < lim:
+            out[k] = dm
+    return out
+
+
+def lowest_energy_per_atom(record: dict, numbers):
+    """The training data's lowest energy per atom of the composition of ``numbers``, or None
+    when the record has no structure of that composition."""
+    if not record:
+        return None
+    return (record.get("energy_per_atom_min") or {}).get(reduced_formula(numbers))

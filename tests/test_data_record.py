@@ -1,0 +1,120 @@
+"""The training-data record (models/data_record.py): shortest distance per element pair and lowest
+energy per atom of the training structures, computed by the trainer, stored in the model file,
+identical on 1 and 2 ranks, and used by the calculator to warn below the shortest distances."""
+import json
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.neighborlist import neighbor_list
+
+from distmlip.calculator import DistmlipCalculator
+from distmlip.data.h5store import H5Dataset
+from distmlip.data.split import get_split
+from distmlip.descriptors.spec import DescriptorSpec
+from distmlip.models.bpnn import BPNN
+from distmlip.models.data_record import merge_records, pairs_below, record_from_structures, reduced_formula
+from distmlip.training.config import DataConfig, DescriptorConfig, ModelConfig, TrainConfig, TrainingConfig
+from distmlip.training.trainer import Trainer
+from helpers import mpirun
+
+SPEC = DescriptorSpec(rc_radial=4.0, n_radial=4, rc_angular=3.0, n_angular=2)
+
+
+def _brute(structures, cutoff):
+    """Shortest distance per pair (ASE's neighbour list) and lowest energy per atom per formula."""
+    pairs, emin = {}, {}
+    for s in structures:
+        a = s.to_ase()
+        i, j, d = neighbor_list("ijd", a, cutoff)
+        sym = a.get_chemical_symbols()
+        for x, y, r in zip(i, j, d):
+            k = "-".join(sorted((sym[x], sym[y])))
+            pairs[k] = min(pairs.get(k, 9.9), r)
+        f = reduced_formula(s.numbers)
+        emin[f] = min(emin.get(f, 1e9), s.energy / len(s.numbers))
+    return pairs, emin
+
+
+def _cfg(h5, out, epochs=1):
+    return TrainConfig(data=DataConfig(train=[str(h5)], fractions=[0.8, 0.2, 0.0]),
+                       descriptor=DescriptorConfig(SPEC, backend="reference"), model=ModelConfig(hidden=[4]),
+                       training=TrainingConfig(mode="energy", epochs=epochs, batch_atoms=40, lr=0.01,
+                                               output=str(out), progress_bar="off"))
+
+
+def test_record_of_training_set_saved_and_loaded(emt_h5, tmp_path):
+    Trainer(_cfg(emt_h5, tmp_path / "run"), quiet=True).fit()
+    m = BPNN.load(tmp_path / "run" / "model.pt")
+    rec = m.training_record
+    ds = H5Dataset(emt_h5)
+    train = np.flatnonzero(np.asarray(get_split(ds, 0, (0.8, 0.2, 0.0), per_subset=True)) == 0)
+    pairs, emin = _brute(ds.read(train), SPEC.cutoff)
+    assert rec["n_structures"] == len(train) < ds.n_structures        # the training split only
+    assert set(rec["pair_min_distance_A"]) == {"Au-Au", "Au-Cu", "Cu-Cu"}
+    for k, v in pairs.items():
+        assert rec["pair_min_distance_A"][k] == pytest.approx(v, abs=1e-12)
+    assert {k for k, v in rec["pair_min_distance_A"].items() if v is None} == {"Au-Au"} - set(pairs)
+    assert rec["energy_per_atom_min"] == pytest.approx(emin, abs=1e-12)
+    # the metadata round trip is plain JSON
+    assert json.loads(json.dumps(m.metadata["training_data"])) == rec
+
+
+def test_merge_and_pairs_below():
+    a = {"n_structures": 2, "cutoff_A": 4.0, "pair_min_distance_A": {"Cu-Cu": 2.3, "Au-Cu": None},
+         "energy_per_atom_min": {"Cu": -3.0}}
+    b = {"n_structures": 1, "cutoff_A": 4.0, "pair_min_distance_A": {"Cu-Cu": 2.5, "Au-Cu": 2.6},
+         "energy_per_atom_min": {"Cu": -3.1, "AuCu3": -2.0}}
+    m = merge_records([a, b])
+    assert m == {"n_structures": 3, "cutoff_A": 4.0, "pair_min_distance_A": {"Cu-Cu": 2.3, "Au-Cu": 2.6},
+                 "energy_per_atom_min": {"Cu": -3.1, "AuCu3": -2.0}}
+    numbers = np.array([29, 29, 79])
+    i, j, d = np.array([0, 0]), np.array([1, 2]), np.array([2.2, 2.7])
+    assert pairs_below(m, numbers, i, j, d) == {"Cu-Cu": 2.2}
+    assert pairs_below(a, numbers, i, j, d) == {"Cu-Cu": 2.2, "Au-Cu": 2.7}   # never seen within 4 A
+    assert reduced_formula([29, 29, 29, 79]) == "AuCu3" and reduced_formula([1, 1, 8]) == "H2O"
+    assert record_from_structures([], ["Cu"], 3.0)["pair_min_distance_A"] == {"Cu-Cu": None}
+
+
+def test_calculator_warns_below_training_distances(emt_h5, tmp_path, capsys):
+    Trainer(_cfg(emt_h5, tmp_path / "run"), quiet=True).fit()
+    calc = DistmlipCalculator(tmp_path / "run" / "model.pt")
+    lim = calc.training_record["pair_min_distance_A"]["Cu-Cu"]
+    a = bulk("Cu", "fcc", a=3.61, cubic=True)
+    a.calc = calc
+    a.get_potential_energy()
+    assert a.calc.results["below_training_pairs"] == {}
+    assert "shorter than the shortest" not in capsys.readouterr().err
+    b = a.copy()
+    b.positions[1] = b.positions[0] + [0.8 * lim, 0.0, 0.0]
+    b.calc = calc
+    b.get_potential_energy()
+    assert b.calc.results["below_training_pairs"]["Cu-Cu"] == pytest.approx(0.8 * lim)
+    err = capsys.readouterr().err
+    assert "a Cu-Cu pair at" in err and "shorter than the shortest Cu-Cu distance" in err
+    b.positions[1, 0] -= 0.01      # a little closer: no second warning
+    b.get_potential_energy()
+    assert "shorter than" not in capsys.readouterr().err
+
+
+def test_record_identical_on_two_ranks(emt_h5, tmp_path):
+    import yaml
+
+    cfgs = {}
+    for n in (1, 2):
+        out = tmp_path / f"run{n}"
+        cfg = {"data": {"train": [str(emt_h5)], "fractions": [0.8, 0.2, 0.0]},
+               "descriptor": {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                              "backend": "reference"},
+               "model": {"hidden": [4]},
+               "training": {"mode": "energy", "epochs": 1, "batch_atoms": 40, "output": str(out),
+                            "progress_bar": "off"}}
+        p = tmp_path / f"t{n}.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        cfgs[n] = (p, out)
+    mpirun(1, ["-m", "distmlip", "train", str(cfgs[1][0])])
+    res = mpirun(2, ["-m", "distmlip", "train", str(cfgs[2][0])])
+    assert "training data (" in res.stdout and "shortest distances" in res.stdout
+    r1 = BPNN.load(cfgs[1][1] / "model.pt").training_record
+    r2 = BPNN.load(cfgs[2][1] / "model.pt").training_record
+    assert r1 == r2 and r1["n_structures"] > 0

@@ -1,0 +1,192 @@
+"""distmlip explore: farthest-point sampling, the selection is the same for a seed and on 1 and 2
+ranks (real mpirun), labels from a file continue a waiting iteration, and a run killed during
+retraining resumes to the same result as an uninterrupted one."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from ase.io import read, write
+
+from distmlip.active.explore import farthest_point_sampling
+from helpers import REPO, distmlip_cli, mpirun
+
+TRAIN = """
+data: {{train: [{data}], fractions: [0.9, 0.1, 0.0]}}
+descriptor: {{rc_radial: 4.0, n_radial: 5, rc_angular: 3.0, n_angular: 2, backend: auto}}
+model: {{hidden: [8, 8], activation: tanh}}
+training: {{mode: force, alpha: 0.3, epochs: {epochs}, lr: 5.0e-3, batch_atoms: 64, output: {out},
+           progress_bar: 'off', log_every: 100}}
+committee: {{K: 2}}
+zbl: {{enabled: false}}
+"""
+
+EXPLORE = """
+model: {model}
+train_config: {train}
+structures: [{start}]
+output: {out}
+iterations: {iterations}
+md: {{temperatures: [[600, 1200]], steps: 200, interval: 10, seed: 0}}
+uncertainty: {{kind: committee, threshold: 0.3}}
+select: {{max_per_iteration: 6}}
+retrain: {{training.epochs: {epochs}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def committee(tmp_path_factory):
+    """A committee of two force-mode models trained on 16 rattled 8-atom EMT Cu cells, no ZBL:
+    at 1200 K its MD collapses (pairs below 0.6 x the covalent-radius sum)."""
+    from ase.build import bulk
+
+    from distmlip.data.examples import _label
+    from distmlip.data.h5store import write_dataset
+
+    d = tmp_path_factory.mktemp("explore")
+    rng = np.random.default_rng(0)
+    data = []
+    for k in range(16):
+        a = bulk("Cu", "fcc", a=3.61 * rng.uniform(0.99, 1.02), cubic=True).repeat((2, 1, 1))
+        a.rattle(0.06, seed=k)
+        data.append(_label(a, source="cu8", index=k))
+    write_dataset(d / "train.h5", data)
+    write(str(d / "start.extxyz"), bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2)))
+    (d / "train.yaml").write_text(TRAIN.format(data=d / "train.h5", epochs=10, out=d / "run"))
+    distmlip_cli(["train", str(d / "train.yaml")])
+    return d
+
+
+def _explore_cfg(d, name, iterations=1, epochs=10):
+    p = d / f"{name}.yaml"
+    p.write_text(EXPLORE.format(model=d / "run" / "committee.pt", train=d / "train.yaml", start=d / "start.extxyz",
+                                out=d / name, iterations=iterations, epochs=epochs))
+    return p
+
+
+def _candidates(d):
+    frames = read(str(d / "iter_001" / "candidates.extxyz"), index=":")
+    return frames, json.loads((d / "iter_001" / "selection.json").read_text())
+
+
+def test_farthest_point_sampling():
+    X = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [0.1, 0.0], [5.0, 5.0]])
+    assert farthest_point_sampling(X, 0, 3) == [0, 4, 2]
+    assert farthest_point_sampling(X, 0, 10) == [0, 4, 2, 1, 3]
+    assert farthest_point_sampling(X, 0, 10, min_distance=0.5) == [0, 4, 2, 1]     # 3 is 0.1 from 0
+    # ties go to the lowest index; duplicates are never chosen twice
+    assert farthest_point_sampling(np.array([[0.0], [1.0], [-1.0], [1.0]]), 0, 4) == [0, 1, 2]
+    assert farthest_point_sampling(np.zeros((0, 2)), 0, 3) == []
+
+
+def test_selection_same_for_a_seed_and_on_one_and_two_ranks(committee):
+    d = committee
+    one = distmlip_cli(["explore", str(_explore_cfg(d, "one"))])
+    assert "candidates for reference calculations" in one.stdout
+    two = mpirun(2, ["-m", "distmlip", "explore", str(_explore_cfg(d, "two"))])
+    assert "on 2 rank(s)" in two.stdout
+    f1, s1 = _candidates(d / "one")
+    f2, s2 = _candidates(d / "two")
+    assert s1["selected"] == len(f1) > 0 and s1["chosen"] == s2["chosen"]
+    for a, b in zip(f1, f2):
+        assert np.array_equal(a.positions, b.positions) and a.info == b.info
+    # the two tasks ran on different ranks in the second run, with the same trajectories
+    t1 = [json.loads((d / "one" / "iter_001" / "md" / f"task_00{k}.json").read_text()) for k in (0, 1)]
+    t2 = [json.loads((d / "two" / "iter_001" / "md" / f"task_00{k}.json").read_text()) for k in (0, 1)]
+    assert t1 == t2 and any(t["failed"] > 0 for t in t1)        # the 1200 K run collapses
+    # another seed: other trajectories, another selection
+    distmlip_cli(["explore", str(_explore_cfg(d, "seed1")), "--set", "md.seed=1"])
+    f3, s3 = _candidates(d / "seed1")
+    assert s3["chosen"] != s1["chosen"]
+    # candidates carry what the DFT user needs to know
+    for key in ("uncertainty", "temperature_K", "time_fs", "min_dist", "selected_because"):
+        assert key in f1[0].info
+    # labels from a file continue the waiting iteration: convert, retrain, next row
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    lab = []
+    for a in f1:
+        b = a.copy()
+        b.calc = EMT()
+        e, f = b.get_potential_energy(), b.get_forces()
+        b.calc = SinglePointCalculator(b, energy=e, forces=f)
+        lab.append(b)
+    write(str(d / "dft.extxyz"), lab)
+    distmlip_cli(["explore", str(_explore_cfg(d, "one")), "--labelled", str(d / "dft.extxyz")])
+    st = json.loads((d / "one" / "state.json").read_text())
+    assert st["iteration"] == 1 and st["rows"][0]["updated"] and st["rows"][0]["sampled"] == len(f1)
+    assert st["model"].endswith("iter_001/train/committee.pt") and os.path.isfile(st["model"])
+    from distmlip.data.h5store import H5Dataset
+
+    assert H5Dataset(d / "one" / "iter_001" / "new.h5").n_structures == len(f1)
+
+
+def _params(path):
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return [m["state_dict"] for m in obj["members"]]
+
+
+def test_killed_iteration_resumes(committee):
+    d = committee
+    ref = _explore_cfg(d, "ref", iterations=2, epochs=12)
+    distmlip_cli(["explore", str(ref), "--label-with", "ase:EMT"])
+    cfg = _explore_cfg(d, "killed", iterations=2, epochs=12)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "distmlip", "explore", str(cfg), "--label-with", "ase:EMT"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = d / "killed" / "iter_001" / "train" / "member_00" / "checkpoint.pt"
+    t0 = time.time()
+    while not ck.is_file() and proc.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL             # killed in the middle of retraining
+    assert not (d / "killed" / "iter_001" / "done.json").exists()
+    res = distmlip_cli(["explore", str(cfg), "--label-with", "ase:EMT"])
+    assert "iter_001/new.h5" not in res.stdout and "iter_002/new.h5" in res.stdout   # iteration 1 reused
+    a = json.loads((d / "ref" / "state.json").read_text())
+    b = json.loads((d / "killed" / "state.json").read_text())
+    strip = [{k: v for k, v in r.items() if k not in ("wall_s", "model", "note")} for r in a["rows"]]
+    assert strip == [{k: v for k, v in r.items() if k not in ("wall_s", "model", "note")} for r in b["rows"]]
+    assert a["iteration"] == b["iteration"] == 2 and all(r["updated"] for r in a["rows"])
+    pa, pb = _params(a["model"]), _params(b["model"])
+    for x, y in zip(pa, pb):
+        assert all(np.array_equal(x[k].numpy(), y[k].numpy()) for k in x)
+
+
+def test_gpr_uncertainty_route(committee):
+    """One GPR-ANN-like model: the uncertainty is the GPR energy sigma on the start's atom sequence
+    (a GPR fitted on the training structures of that sequence), higher for hot frames."""
+    from distmlip.data.h5store import H5Dataset
+
+    d = committee
+    write(str(d / "start8.extxyz"), H5Dataset(d / "train.h5")[0].to_ase())
+    (d / "train1.yaml").write_text((d / "train.yaml").read_text().replace("K: 2", "K: 1"))
+    cfg = d / "gpr.yaml"
+    cfg.write_text(f"""
+model: {d / 'run' / 'member_00' / 'model.pt'}
+train_config: {d / 'train1.yaml'}
+structures: [{d / 'start8.extxyz'}]
+output: {d / 'gpr'}
+iterations: 1
+md: {{temperatures: [[100, 1500]], steps: 100, interval: 10, seed: 0}}
+uncertainty: {{kind: gpr, threshold: 0.05, gpr: {{fit_restarts: 1}}}}
+targets: {{flagged_fraction: 1.0, failure_ratio: 1.0}}
+""")
+    res = distmlip_cli(["explore", str(cfg)])
+    assert "uncertainty gpr" in res.stdout and "GPR uncertainty: inverse" not in res.stdout
+    t = [json.loads((d / "gpr" / "iter_001" / "md" / f"task_00{k}.json").read_text()) for k in (0, 1)]
+    assert t[0]["T"] == 100.0 and t[1]["T"] == 1500.0
+    assert 0.0 < t[0]["max_uncertainty"] < t[1]["max_uncertainty"]
+    frames = read(str(d / "gpr" / "iter_001" / "md" / "task_001.extxyz"), index=":")
+    assert frames[0].info["uncertainty_kind"] == "gpr"
+    # targets met (generous): converged at the last rung, nothing selected, model kept
+    st = json.loads((d / "gpr" / "state.json").read_text())
+    assert st["finished"] == "converged" and st["rows"][0]["updated"] is False
