@@ -265,7 +265,7 @@ def test_aenet_zbl_left_out_with_warning_refuses_committee_and_activation(tmp_pa
         for p in m.parameters():
             p.normal_(0.0, 0.3)
     files = {}
-    for p in write_aenet(m, tmp_path / "zbl"):
+    for p in write_aenet(m, tmp_path / "zbl", ascii=True):
         net, stp, ts = read_nn_list_directed(p.read_text())
         files[stp["atomtype"]] = (net, stp, ts)
     err = capsys.readouterr().err

@@ -518,7 +518,11 @@ class FeatureBatchLoader:
     training stream (``PartitionedStream(loader=...)``); memory: one byte per atom plus a few
     numbers per structure beyond the cache itself."""
 
-    def __init__(self, cache: FeatureCache, ds, species):
+    def __init__(self, cache: FeatureCache, ds, species, frozen_energy=None):
+        """``frozen_energy``: optional callable (list of Structure) -> per-atom energies [N] of
+        the model's terms without trainable parameters (ZBL): constants of fixed structures,
+        computed the first time a structure is batched and kept (8 bytes per atom of this
+        rank's structures); batches then carry them as ``frozen_energy``."""
         from ..errors import InputError
         from .batch import species_table
 
@@ -536,9 +540,24 @@ class FeatureBatchLoader:
         self.energy = np.asarray(ds.column("energy"), dtype=np.float64)
         self.weight = np.asarray(ds.column("weight"), dtype=np.float64)
         self.has_forces = np.asarray(ds.column("has_forces"), dtype=bool)
+        self.ds, self.frozen_fn, self._frozen = ds, frozen_energy, {}
 
     def cheap(self, indices) -> bool:
-        return True
+        # a structure whose frozen energies are not known yet needs a read of the data set
+        return self.frozen_fn is None or all(int(i) in self._frozen for i in indices)
+
+    def _frozen_energy(self, idx) -> np.ndarray:
+        missing = [int(i) for i in idx if int(i) not in self._frozen]
+        if missing:
+            structures = self.ds.read(missing)
+            for i, s, e in zip(missing, structures, self._split(self.frozen_fn(structures), structures)):
+                self._frozen[i] = e
+        return np.concatenate([self._frozen[int(i)] for i in idx]) if len(idx) else np.zeros(0)
+
+    @staticmethod
+    def _split(e, structures):
+        e = np.asarray(e.detach().cpu() if isinstance(e, torch.Tensor) else e, dtype=np.float64)
+        return np.split(e, np.cumsum([len(s.numbers) for s in structures])[:-1])
 
     def __call__(self, indices) -> FeatureBatch:
         idx = np.asarray(indices, dtype=np.int64)
@@ -550,4 +569,4 @@ class FeatureBatchLoader:
             features=t(self.cache.features(idx), dtype=torch.float64), species=t(spec.astype(np.int64)),
             structure=t(np.repeat(np.arange(len(idx)), n)), n_structures=len(idx), natoms=t(n),
             energy=t(self.energy[idx]), has_forces=t(self.has_forces[idx]), weight=t(self.weight[idx]),
-            index=t(idx))
+            index=t(idx), frozen_energy=None if self.frozen_fn is None else t(self._frozen_energy(idx)))

@@ -115,6 +115,8 @@ class ZBL(nn.Module):
         descriptors (energy training) carries its structures instead of positions: their ZBL
         energies are constants, computed once per structure (:meth:`frozen_atomic_energies`)."""
         if getattr(batch, "positions", None) is None or getattr(batch, "pair_i", None) is None:
+            if getattr(batch, "frozen_energy", None) is not None:   # FeatureBatchLoader: computed once
+                return batch.frozen_energy.to(torch.float64)
             if getattr(batch, "structures", None) is not None:
                 return self.frozen_atomic_energies(batch.structures, batch.features.device)
             from ..errors import ConfigError
@@ -138,18 +140,19 @@ class ZBL(nn.Module):
         e = self.pair_energies(torch.linalg.norm(rij, dim=1), batch.species[pi], batch.species[pj])
         return 0.5 * out.index_add(0, pi, e)
 
-    def frozen_atomic_energies(self, structures, device="cpu") -> torch.Tensor:
+    def frozen_atomic_energies(self, structures, device="cpu", memo: bool = True) -> torch.Tensor:
         """Per-atom ZBL energies [N] of fixed structures (no gradient), in the order of
         ``collate``: computed on the structure's own pair list the first time a structure
         (identified by a digest of numbers, positions, cell and pbc) is seen, then reused, so that
-        energy training with the descriptor cache pays for ZBL once per structure, not per step."""
+        energy training with the descriptor cache pays for ZBL once per structure, not per step.
+        ``memo=False``: no memo here (the caller keeps the energies, as FeatureBatchLoader does)."""
         import hashlib
 
         import numpy as np
 
         from ..descriptors.batch import collate
 
-        memo = self.__dict__.setdefault("_frozen", {})
+        memo = self.__dict__.setdefault("_frozen", {}) if memo else {}
         out = []
         for s in structures:
             h = hashlib.blake2b(digest_size=16)

@@ -395,15 +395,18 @@ class Trainer:
 
         budget = int(self.cfg.data.neighbor_cache_mb) << 20
         store = None
+        zbl = getattr(self.model, "zbl", None)
+        frozen = None if zbl is None else (lambda structures: zbl.frozen_atomic_energies(structures, "cpu", memo=False))
         if self.cache is None:
             store = GraphStore(self.ds, self.model.species, self.model.cutoff, budget)
             self.stream.loader = store
         else:       # cached descriptors: batches from in-memory columns, no read per batch
-            self.stream.loader = FeatureBatchLoader(self.cache, self.ds, self.model.species)
+            self.stream.loader = FeatureBatchLoader(self.cache, self.ds, self.model.species, frozen)
         if self.val_stream is not None:
             if self.val_cache is not None:
                 self.val_stream.loader = (self.stream.loader if self.val_cache is self.cache
-                                          else FeatureBatchLoader(self.val_cache, self.val_ds, self.model.species))
+                                          else FeatureBatchLoader(self.val_cache, self.val_ds, self.model.species,
+                                                                  frozen))
             else:
                 self.val_stream.loader = store if (self.val_ds is self.ds and store is not None) else \
                     GraphStore(self.val_ds, self.model.species, self.model.cutoff, budget)
@@ -744,8 +747,10 @@ class Trainer:
         """The checkpoint (durable: fsync, it is what a resume starts from) and the best model
         kept in memory since the last one."""
         if self.rank0:
-            ckpt.save_checkpoint(path or (self.out / "checkpoint.pt"), **self._payload(epoch, step, partial))
+            # the best model first: a checkpoint on disk promises that everything before it is
+            # (a kill between the two writes must not resume without the best model)
             self._flush_best()
+            ckpt.save_checkpoint(path or (self.out / "checkpoint.pt"), **self._payload(epoch, step, partial))
             self._last_checkpoint = time.monotonic()
 
     def _flush_best(self) -> None:
@@ -972,7 +977,10 @@ class Trainer:
             except Exception as exc:   # the model is saved all the same, without the statistics
                 warn(f"training-set statistics for the model file: {exc}")
                 self._training_set_meta = {}
-        return self._training_set_meta
+        from ..models.data_record import RECORD_KEY
+
+        record = getattr(self.model, "training_record", None)
+        return {**self._training_set_meta, **({RECORD_KEY: record} if record else {})}
 
     def _write_models(self):
         if not self.rank0:
