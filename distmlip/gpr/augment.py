@@ -74,7 +74,7 @@ class ChebyshevSettings:
 @dataclass
 class GPRSettings:
     # auto: inverse distances for non-periodic subsets (<= 64 atoms), else cartesian
-    fingerprint: Literal["auto", "cartesian", "inverse", "chebyshev"] = "auto"
+    fingerprint: Literal["auto", "cartesian", "inverse", "chebyshev", "local"] = "auto"
     chebyshev: ChebyshevSettings = field(default_factory=ChebyshevSettings)
     # hyperparameters (see distmlip.gpr.model for units); None -> fitted by maximum LML
     weight: Optional[float] = None
@@ -126,6 +126,13 @@ class AugmentConfig:
     min_distance: float = 0.5
     max_uncertainty: Optional[float] = None
     synthetic_weight: float = 1.0
+    # weight of a synthetic energy in the ANN loss (docs/gpr.md):
+    #   none:     w = synthetic_weight
+    #   variance: w = synthetic_weight * s0^2 / (s0^2 + sigma^2), sigma = the GPR's predicted std
+    #             of the copy's energy, s0 = weight_sigma (eV) or, when not given, the median sigma
+    #             of the subset's kept copies (a copy as certain as the median counts half)
+    weighting: Literal["none", "variance"] = "variance"
+    weight_sigma: Optional[float] = None
     candidates: Optional[str] = None      # default <output stem>.candidates.xyz
     report: Optional[str] = None          # default <output stem>.report.json (+ .txt)
     workdir: Optional[str] = None         # default <output>.shards
@@ -145,6 +152,8 @@ class AugmentConfig:
             raise ConfigError("augment: 'max_uncertainty' must be positive")
         if not self.synthetic_weight >= 0:
             raise ConfigError("augment: 'synthetic_weight' must be >= 0")
+        if self.weight_sigma is not None and not self.weight_sigma > 0:
+            raise ConfigError("augment: 'weight_sigma' must be positive (or omitted: per-subset median sigma)")
         for name, s in self.subsets.items():
             if s.copies is not None and s.copies < 0:
                 raise ConfigError(f"augment: subsets.{name}.copies must be >= 0")
@@ -201,6 +210,21 @@ def _parents_of(ds, sid: int) -> tuple[np.ndarray, int]:
     return ids[~synth & hf & train], int((~synth & ~hf & train).sum())
 
 
+def _progress_printer(name: str, rank: int, every_s: float = 30.0):
+    """A GPR progress callback that prints, at most every ``every_s`` seconds, how far the
+    hyperparameter search of a subset is, with an ETA from the mean time per evaluation."""
+    last = [0.0]
+
+    def cb(done, total, elapsed):
+        if elapsed - last[0] < every_s:
+            return
+        last[0] = elapsed
+        eta = elapsed / max(done, 1) * max(total - done, 0)
+        print(f"[rank {rank}] subset {name}: hyperparameter search {done}/{total} likelihood evaluations, "
+              f"{elapsed:.0f} s, ETA {eta:.0f} s (at most)", flush=True)
+    return cb
+
+
 def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
     """Augment one subset; returns arrays (parent, copy, positions, energy, uncertainty, kept)
     and the report entry."""
@@ -249,10 +273,16 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
         if g.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"gpr.device is {g.device!r} but torch has no CUDA device here")
         kind = resolve_fingerprint(g.fingerprint, nat, ref.pbc)
-        fp = make_fingerprint(kind, species=ds.species,
-                              **({"spec": g.chebyshev.spec, "mode": g.chebyshev.mode} if kind == "chebyshev" else {}))
+        if kind == "local":      # the subset's own elements, in the data set's order
+            from ase.data import chemical_symbols
+            present = {chemical_symbols[int(z)] for z in ref.numbers}
+            fp = make_fingerprint(kind, species=[e for e in ds.species if e in present], spec=g.chebyshev.spec)
+        else:
+            fp = make_fingerprint(kind, species=ds.species,
+                                  **({"spec": g.chebyshev.spec, "mode": g.chebyshev.mode} if kind == "chebyshev" else {}))
         try:
-            X, J = fp.compute([s.positions for s in structs], ref)
+            # each structure with its own cell (strained bulk: the cells differ within a subset)
+            X, J = fp.compute([s.positions for s in structs], list(structs))
         except InputError as exc:
             raise InputError(f"{cfg.input}: subset '{name}': {exc}") from None
         X, J = fp.fit_scale(X, J)
@@ -265,9 +295,12 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
                          noise_energy=g.noise_energy, noise_force=g.noise_force, device=g.device,
                          fit_max_obs=g.fit_max_obs, fit_iterations=g.fit_iterations,
                          fit_restarts=g.fit_restarts, select=g.select,
-                         fit_subsample=g.fit_subsample, groups=groups)
+                         fit_subsample=g.fit_subsample, groups=groups,
+                         kernel=fp.kernel(ref.numbers) if kind == "local" else None)
+        model.progress = _progress_printer(name, rank)
         model.fit(X, J, E0, F0.reshape(len(structs), -1))
-        Xs, _ = fp.compute(list(pos.reshape(-1, nat, 3)), ref, with_jacobian=False)
+        Xs, _ = fp.compute(list(pos.reshape(-1, nat, 3)), [s for s in structs for _ in range(M)],
+                           with_jacobian=False)
         clusters = np.repeat(model.labels, M)
         e, _, s = model.predict(Xs, None, forces=False, variance=True, clusters=clusters)
         energy, unc = e.numpy().astype(np.float64), s.numpy().astype(np.float64)
@@ -455,6 +488,7 @@ def merge(cfg: AugmentConfig, ds, keys: dict, workdir: Path) -> dict:
             if len(d["energy"]) == 0:
                 continue
             par = d["parent"]
+            wts = synthetic_weights(cfg, d["uncertainty"], d["kept"])
             uniq = np.unique(par)
             pmap = {int(p): s for p, s in zip(uniq, ds.read(uniq))}
             out, sp = [], []
@@ -463,7 +497,7 @@ def merge(cfg: AugmentConfig, ds, keys: dict, workdir: Path) -> dict:
                 st = Structure(numbers=p.numbers, positions=d["positions"][k], cell=p.cell, pbc=p.pbc,
                                energy=float(d["energy"][k]), forces=None, subset=int(sid), synthetic=True,
                                parent=int(par[k]), uncertainty=float(d["uncertainty"][k]),
-                               weight=float(cfg.synthetic_weight), source=p.source,
+                               weight=float(wts[k]), source=p.source,
                                source_index=p.source_index)
                 if d["kept"][k]:
                     out.append(st)
@@ -482,6 +516,23 @@ def merge(cfg: AugmentConfig, ds, keys: dict, workdir: Path) -> dict:
             "n_input": ds.n_structures, "n_synthetic": n_syn, "n_output": ds.n_structures + n_syn,
             "n_candidates": len(cand_atoms),
             "candidates": str(cfg.candidates_path()) if cand_atoms else None, "subsets": subs}
+
+
+def synthetic_weights(cfg: AugmentConfig, sigma, kept) -> np.ndarray:
+    """Loss weights of a subset's copies: ``synthetic_weight`` (weighting none) or
+    ``synthetic_weight * s0^2 / (s0^2 + sigma^2)`` (weighting variance; s0 = weight_sigma, or
+    the median sigma of the kept copies), so that labels the GPR is unsure of pull less."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    w = np.full(sigma.shape, float(cfg.synthetic_weight))
+    if cfg.weighting == "none" or sigma.size == 0:
+        return w
+    s0 = cfg.weight_sigma
+    if s0 is None:
+        ref = sigma[np.asarray(kept, bool)] if np.any(kept) else sigma
+        s0 = float(np.median(ref))
+    if not s0 > 0:          # every copy certain (sigma 0): nothing to weigh
+        return w
+    return w * s0 ** 2 / (s0 ** 2 + sigma ** 2)
 
 
 def write_candidates(path: Path, cands, ds) -> None:

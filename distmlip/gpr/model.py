@@ -214,7 +214,7 @@ class GPR:
                  scales=None, noise_max=0.1, noise_min=1e-5, l_min_nn=1.0, fit_restarts=3,
                  select="lml", fit_subsample="local", short_iterations=8, groups=None,
                  refine_iterations=10,
-                 length_ratios=None, ratio_min=0.1):
+                 length_ratios=None, ratio_min=0.1, kernel=None):
         self.given = dict(weight=weight, length_scale=length_scale, noise_energy=noise_energy,
                           noise_force=noise_force)
         # groups: one label per Cartesian component (e.g. the element of its atom): each group
@@ -255,6 +255,12 @@ class GPR:
             raise ConfigError(f"GPR fit_subsample must be 'random' or 'local', got {fit_subsample!r}")
         self.fit_subsample = fit_subsample
         self.scales = scales      # (mu, s, f) to impose a standardisation (local GPRs)
+        # None: the squared-exponential kernel on the whole fingerprint; a kernel.LocalKernel:
+        # a sum of per-atom kernels on the atoms' descriptors (X = the concatenated descriptors)
+        self.kernel = kernel
+        # progress(done, total, elapsed_s): called after each likelihood evaluation of the
+        # hyperparameter search (total = the evaluations at most planned; augment prints an ETA)
+        self.progress = None
         self.info: dict = {}
 
     # ---------------------------------------------------------------- helpers
@@ -363,7 +369,7 @@ class GPR:
         X, y = self._scaled(X, y, self.r)
         self.X = X
         K = assemble(X, J, X, J, h.weight, h.length_scale, self.use_forces, self.use_forces,
-                     max_block_bytes=self.max_block_bytes)
+                     max_block_bytes=self.max_block_bytes, kernel=self.kernel)
         nf = (h.noise_force + self.noise_floor) * self.f / self.s
         K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf, self.r))
         L, jit, jrel = cholesky_with_jitter(K, self.jitter_start, self.jitter_max, inplace=True)
@@ -408,7 +414,7 @@ class GPR:
         r = self._rvec(p)
         X, y = self._scaled(X, y, r)
         K = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
-                     max_block_bytes=self.max_block_bytes)
+                     max_block_bytes=self.max_block_bytes, kernel=self.kernel)
         ne, nf = self._eff_noise(p)
         nd = self._noise_diag(N, self.P, ne, nf, r)
         K.diagonal().add_(nd)
@@ -429,7 +435,7 @@ class GPR:
                 g = torch.dot(W.reshape(-1), K.reshape(-1)) - (Wd * (nd + jit)).sum()
             elif nm == "length_scale":
                 dK = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
-                              max_block_bytes=self.max_block_bytes, deriv="log_length")
+                              max_block_bytes=self.max_block_bytes, deriv="log_length", kernel=self.kernel)
                 g = 0.5 * torch.dot(W.reshape(-1), dK.reshape(-1))
                 del dK
             elif nm == "noise_energy":
@@ -465,7 +471,10 @@ class GPR:
 
     # ---------------------------------------------------------------- hyperparameter fit
     def _nn_distance(self, X):
-        """Median nearest-neighbour fingerprint distance between training structures."""
+        """Median nearest-neighbour fingerprint distance between training structures (local
+        kernel: between the atomic environments of different structures)."""
+        if self.kernel is not None:
+            return self.kernel.nn_distance(X, seed=self.seed)
         N = X.shape[0]
         if N < 2:
             return 1.0
@@ -518,7 +527,7 @@ class GPR:
                 names += self._ratio_names()
             else:
                 fixed.update({f"ratio_{k + 1}": v for k, v in enumerate(self.given_ratios)})
-        bounds = {"weight": (1e-2, 1e4),
+        bounds = {"weight": (1e-3 if self.kernel is not None else 1e-2, 1e4),
                   "length_scale": (self.l_min_nn * dnn, max(1e3 * dnn, 10.0 * self.l_min_nn * dnn)),
                   "noise_energy": (self.noise_min, self.noise_max),
                   "noise_force": (self.noise_min, self.noise_max)}
@@ -532,7 +541,9 @@ class GPR:
         starts = []
         for l0 in lgrid:
             wst = [1.0]
-            if "weight" in names and self.use_forces:
+            if self.kernel is not None:     # E sums n atomic terms: prior std ~ sqrt(n) w .. n w
+                wst.append(1.0 / math.sqrt(self.kernel.n))
+            if "weight" in names and self.use_forces and self.kernel is None:
                 wst.append(max(1e-2, self.f * l0 / self.s))
             for w0 in (wst if "weight" in names else [fixed["weight"]]):
                 p = dict(init, **fixed)
@@ -546,8 +557,19 @@ class GPR:
             p.update({k: float(math.exp(v)) for k, v in zip(names, th)})
             return p
 
-        def f(th):
+        t_start = time.perf_counter()
+        n_short = min(self.fit_iterations, self.short_iterations)
+        # planned evaluations: screening, the short runs, the long run(s), the block refinement
+        planned = len(starts) + max(1, self.fit_restarts) * (n_short + 2) + \
+            (1 if self.select == "lml" else max(1, self.fit_restarts)) * (self.fit_iterations + 2)
+
+        def tick():
             state["evals"] += 1
+            if self.progress is not None:
+                self.progress(state["evals"], max(planned, state["evals"]), time.perf_counter() - t_start)
+
+        def f(th):
+            tick()
             try:
                 lml, g, _ = self.lml_and_grad(Xs, Js, y, unpack(th), names)
             except InputError:
@@ -556,6 +578,7 @@ class GPR:
 
         screened = []
         for th in starts:
+            tick()
             try:
                 v = self.lml_and_grad(Xs, Js, y, unpack(th), ())[0]
             except InputError:
@@ -703,8 +726,9 @@ class GPR:
                 for s in range(g0, g1, chunk):
                     e = min(g1, s + chunk)
                     m = e - s
-                    Ks = cov_block(self.X, self.J, X[s:e], None if J is None else J[s:e],
-                                   h.weight, h.length_scale, self.use_forces, forces)  # [n, m(1+P)]
+                    blk = cov_block if self.kernel is None else self.kernel.cov_block
+                    Ks = blk(self.X, self.J, X[s:e], None if J is None else J[s:e],
+                             h.weight, h.length_scale, self.use_forces, forces)  # [n, m(1+P)]
                     mean = Ks.T @ self.alpha
                     E[s:e] = self.mu + self.s * mean[:m]
                     if forces:
@@ -716,7 +740,9 @@ class GPR:
                     del Ks
                 if variance:
                     v = torch.linalg.solve_triangular(self.L, Ke, upper=False)
-                    var = (h.weight ** 2 - (v * v).sum(0)).clamp_min(0.0)
+                    prior = h.weight ** 2 if self.kernel is None else \
+                        self.kernel.prior_variance(X[g0:g1], h.weight, h.length_scale)
+                    var = (prior - (v * v).sum(0)).clamp_min(0.0)
                     S[g0:g1] = self.s * torch.sqrt(var)
                     del v, Ke
         self.info["time_predict_s"] = self.info.get("time_predict_s", 0.0) + time.perf_counter() - t0
@@ -771,7 +797,9 @@ class LocalGPR:
             # hyperparameters fitted once on the whole set (sub-sample of fit_max_obs rows, then
             # refined on blocks covering the set), shared by the local GPRs
             kw = dict(self.gpr_kwargs)
-            g0 = GPR(seed=self.seed, scales=scales, **kw).fit(X, J, E, F, hyper_only=True)
+            g0 = GPR(seed=self.seed, scales=scales, **kw)
+            g0.progress = getattr(self, "progress", None)
+            g0.fit(X, J, E, F, hyper_only=True)
             hyper_given = asdict(g0.hyper)
             fit_info = {k_: v for k_, v in g0.info.items()
                         if k_.startswith("fit") or k_.startswith("lml_fit") or k_ == "time_hyper_s"}
@@ -781,6 +809,7 @@ class LocalGPR:
             if hyper_given is not None:
                 kw.update(hyper_given)
             g = GPR(seed=self.seed, scales=scales, **kw)
+            g.progress = getattr(self, "progress", None)
             g.fit(_take(X, idx), None if J is None else _take(J, idx), _take(E, idx),
                   None if F is None else _take(F, idx))
             if hyper_given is None:
