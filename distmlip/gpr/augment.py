@@ -71,11 +71,27 @@ class ChebyshevSettings:
     mode: Literal["concat", "sum"] = "concat"
 
 
+def _local_descriptor() -> DescriptorSpec:
+    # the local kernel compares atomic environments: the first two neighbour shells of a metal
+    return DescriptorSpec(rc_radial=5.0, n_radial=8, rc_angular=3.5, n_angular=4)
+
+
+@dataclass
+class LocalSettings:
+    """The local-environment kernel: the per-atom descriptor (keys inline) and the size of the
+    hyperparameter sub-sample (kernel rows)."""
+    spec: DescriptorSpec = field(default_factory=_local_descriptor, metadata={"inline": True})
+    fit_max_obs: int = 800
+
+
 @dataclass
 class GPRSettings:
-    # auto: inverse distances for non-periodic subsets (<= 64 atoms), else cartesian
+    # auto: fit 'local' and the global fingerprint that suits the subset (inverse distances for
+    # non-periodic subsets of <= 64 atoms, else cartesian) and keep the one with the smaller
+    # leave-one-structure-out energy MAE
     fingerprint: Literal["auto", "cartesian", "inverse", "chebyshev", "local"] = "auto"
     chebyshev: ChebyshevSettings = field(default_factory=ChebyshevSettings)
+    local: LocalSettings = field(default_factory=LocalSettings)
     # hyperparameters (see distmlip.gpr.model for units); None -> fitted by maximum LML
     weight: Optional[float] = None
     length_scale: Optional[float] = None
@@ -210,6 +226,58 @@ def _parents_of(ds, sid: int) -> tuple[np.ndarray, int]:
     return ids[~synth & hf & train], int((~synth & ~hf & train).sum())
 
 
+def auto_candidates(natoms: int, pbc) -> list[str]:
+    """Fingerprints that ``auto`` compares on a subset: the local-environment kernel and the
+    global one that suits the subset (inverse distances for a small non-periodic one, else
+    Cartesian)."""
+    from .fingerprints import resolve_fingerprint
+
+    return ["local", resolve_fingerprint("auto", natoms, pbc)]
+
+
+def _fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank):
+    """(fingerprint, fitted LocalGPR) of one subset with fingerprint ``kind``."""
+    from .model import LocalGPR
+    from .fingerprints import make_fingerprint
+
+    g = cfg.gpr
+    ref = structs[0]
+    if kind == "local":      # the subset's own elements, in the data set's order
+        from ase.data import chemical_symbols
+        present = {chemical_symbols[int(z)] for z in ref.numbers}
+        fp = make_fingerprint(kind, species=[e for e in ds.species if e in present], spec=g.local.spec)
+    else:
+        fp = make_fingerprint(kind, species=ds.species,
+                              **({"spec": g.chebyshev.spec, "mode": g.chebyshev.mode} if kind == "chebyshev" else {}))
+    try:
+        # each structure with its own cell (strained bulk: the cells differ within a subset)
+        X, J = fp.compute([s.positions for s in structs], list(structs))
+    except InputError as exc:
+        raise InputError(f"{cfg.input}: subset '{name}': {exc}") from None
+    X, J = fp.fit_scale(X, J)
+    groups = None
+    if kind == "cartesian" and g.length_scales == "element" and g.length_scale is None:
+        from ase.data import chemical_symbols
+        groups = np.repeat([chemical_symbols[int(z)] for z in ref.numbers], 3)
+    extra = {}
+    if kind == "local":
+        # one atomic energy function seen through N n environments: a sub-sample of a few
+        # structures fixes its hyperparameters (each row of this kernel costs n^2 atom pairs)
+        extra = dict(kernel=fp.kernel(ref.numbers), fit_max_obs=min(g.fit_max_obs, g.local.fit_max_obs),
+                     refine_iterations=0)
+    kw = dict(fit_max_obs=g.fit_max_obs)
+    kw.update(extra)
+    model = LocalGPR(max_obs=g.max_kernel_obs, memory_fraction=g.memory_fraction,
+                     seed=cfg.seed, weight=g.weight, length_scale=g.length_scale,
+                     noise_energy=g.noise_energy, noise_force=g.noise_force, device=g.device,
+                     fit_iterations=g.fit_iterations,
+                     fit_restarts=g.fit_restarts, select=g.select,
+                     fit_subsample=g.fit_subsample, groups=groups, **kw)
+    model.progress = _progress_printer(f"{name} ({kind})", rank)
+    model.fit(X, J, E0, F0.reshape(len(structs), -1))
+    return fp, model
+
+
 def _progress_printer(name: str, rank: int, every_s: float = 30.0):
     """A GPR progress callback that prints, at most every ``every_s`` seconds, how far the
     hyperparameter search of a subset is, with an ETA from the mean time per evaluation."""
@@ -230,8 +298,6 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
     and the report entry."""
     import torch
 
-    from .fingerprints import make_fingerprint, resolve_fingerprint
-    from .model import LocalGPR
     from .sampling import displace, subset_rng, taylor_energy
 
     t0 = time.perf_counter()
@@ -272,33 +338,15 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
         g = cfg.gpr
         if g.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"gpr.device is {g.device!r} but torch has no CUDA device here")
-        kind = resolve_fingerprint(g.fingerprint, nat, ref.pbc)
-        if kind == "local":      # the subset's own elements, in the data set's order
-            from ase.data import chemical_symbols
-            present = {chemical_symbols[int(z)] for z in ref.numbers}
-            fp = make_fingerprint(kind, species=[e for e in ds.species if e in present], spec=g.chebyshev.spec)
-        else:
-            fp = make_fingerprint(kind, species=ds.species,
-                                  **({"spec": g.chebyshev.spec, "mode": g.chebyshev.mode} if kind == "chebyshev" else {}))
-        try:
-            # each structure with its own cell (strained bulk: the cells differ within a subset)
-            X, J = fp.compute([s.positions for s in structs], list(structs))
-        except InputError as exc:
-            raise InputError(f"{cfg.input}: subset '{name}': {exc}") from None
-        X, J = fp.fit_scale(X, J)
-        groups = None
-        if kind == "cartesian" and g.length_scales == "element" and g.length_scale is None:
-            from ase.data import chemical_symbols
-            groups = np.repeat([chemical_symbols[int(z)] for z in ref.numbers], 3)
-        model = LocalGPR(max_obs=g.max_kernel_obs, memory_fraction=g.memory_fraction,
-                         seed=cfg.seed, weight=g.weight, length_scale=g.length_scale,
-                         noise_energy=g.noise_energy, noise_force=g.noise_force, device=g.device,
-                         fit_max_obs=g.fit_max_obs, fit_iterations=g.fit_iterations,
-                         fit_restarts=g.fit_restarts, select=g.select,
-                         fit_subsample=g.fit_subsample, groups=groups,
-                         kernel=fp.kernel(ref.numbers) if kind == "local" else None)
-        model.progress = _progress_printer(name, rank)
-        model.fit(X, J, E0, F0.reshape(len(structs), -1))
+        # auto: every candidate fingerprint is fitted and the one with the smallest closed-form
+        # leave-one-structure-out energy MAE on the subset's training structures is kept
+        kinds = auto_candidates(nat, ref.pbc) if g.fingerprint == "auto" else [g.fingerprint]
+        fits = [_fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank) for kind in kinds]
+        loo = [f[1].info.get("loo_energy_mae_eV") for f in fits]
+        best = min(range(len(fits)), key=lambda k: (loo[k] is None, loo[k] if loo[k] is not None else 0.0))
+        kind, (fp, model) = kinds[best], fits[best]
+        if len(kinds) > 1:
+            rep["fingerprint_choice"] = {k: v for k, v in zip(kinds, loo)}
         Xs, _ = fp.compute(list(pos.reshape(-1, nat, 3)), [s for s in structs for _ in range(M)],
                            with_jacobian=False)
         clusters = np.repeat(model.labels, M)
