@@ -161,6 +161,46 @@ def _place(out, blk, rs, re_, cs, ce, A, B, Pa, Pb, skip_rows=0):
             out[A + r0 * Pa:A + re_ * Pa, B + cs * Pb:B + ce * Pb] = blk[dr, k:]
 
 
+def _mirror(out, s, e, A, P):
+    """K symmetric: copy the rows of structures s:e, columns of structures e:A, onto the
+    transposed place (strided copies inside ``out``)."""
+    rows = [(s, e)] + ([(A + s * P, A + e * P)] if P else [])
+    cols = [(e, A)] + ([(A + e * P, A + A * P)] if P else [])
+    for r0, r1 in rows:
+        for c0, c1 in cols:
+            out[c0:c1, r0:r1].copy_(out[r0:r1, c0:c1].T)
+
+
+def _cartesian_into(out, XA, XB, w, l, rows_grad, cols_grad, deriv, s, t0, A, B):
+    """The Cartesian squared-exponential block of rows s:s+m and columns t0:B, written in place."""
+    m, Bc, P = XA.shape[0], XB.shape[0], XA.shape[1]
+    e = s + m
+    diff = XA[:, None, :] - XB[None, :, :]                  # [m, Bc, P]
+    d2 = (diff * diff).sum(-1)
+    il2 = 1.0 / (l * l)
+    k0 = (w * w) * torch.exp(-0.5 * d2 * il2)
+    if deriv is None:
+        k, kl2, kl4 = k0, k0 * il2, k0 * il2 * il2
+    else:
+        u = d2 * il2
+        k, kl2, kl4 = k0 * u, k0 * il2 * (u - 2.0), k0 * il2 * il2 * (u - 4.0)
+    out[s:e, t0:B] = k
+    if cols_grad:
+        torch.mul(kl2[:, :, None], diff, out=out[s:e, B + t0 * P:B + B * P].view(m, Bc, P))
+    if not rows_grad:
+        return
+    ge = out[A + s * P:A + e * P, t0:B].view(m, P, Bc)
+    torch.mul(diff.permute(0, 2, 1), kl2[:, None, :], out=ge)
+    ge.neg_()
+    if not cols_grad:
+        return
+    gg = out[A + s * P:A + e * P, B + t0 * P:B + B * P].view(m, P, Bc, P)
+    # (k / l^2) delta_pq - (k / l^4) r_p r_q
+    torch.mul(diff.permute(0, 2, 1)[:, :, :, None], diff[:, None, :, :], out=gg)
+    gg.mul_(kl4.neg()[:, None, :, None])
+    gg.diagonal(dim1=1, dim2=3).add_(kl2[:, :, None])
+
+
 def assemble(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, out=None,
              max_block_bytes: int = 256 * 2 ** 20, deriv=None, kernel=None):
     """Fill the full covariance matrix between sets A and B chunk by chunk (no autograd).
@@ -184,16 +224,24 @@ def assemble(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, out=None,
     l = float(l)
     # K(X, X): only the blocks on and above the diagonal are computed, the rest mirrored
     sym = XA is XB and JA is JB and rows_grad == cols_grad
+    # the Cartesian squared-exponential blocks are written straight into ``out`` (no temporaries
+    # of the block's size: those were mapped and faulted in afresh for every chunk)
+    direct = kernel is None and JA is None and JB is None and deriv in (None, "log_length")
+    if direct:
+        c = _chunk_rows(A, 8 * 4 * B * XA.shape[1] + 8 * 8 * B, max_block_bytes)
     with torch.no_grad():
         for s in range(0, A, c):
             e = min(A, s + c)
             t0 = s if sym else 0
-            blk = block(XA[s:e], None if JA is None else JA[s:e], XB[t0:],
-                        None if JB is None else JB[t0:], w, l, rows_grad, cols_grad, deriv=deriv)
-            _place(out, blk, s, e, t0, B, A, B, Pa, Pb)
+            if direct:
+                _cartesian_into(out, XA[s:e], XB[t0:], w, l, rows_grad, cols_grad, deriv, s, t0, A, B)
+            else:
+                blk = block(XA[s:e], None if JA is None else JA[s:e], XB[t0:],
+                            None if JB is None else JB[t0:], w, l, rows_grad, cols_grad, deriv=deriv)
+                _place(out, blk, s, e, t0, B, A, B, Pa, Pb)
+                del blk
             if sym and e < B:
-                _place(out, blk.T, t0, B, s, e, A, B, Pa, Pb, skip_rows=e - t0)
-            del blk
+                _mirror(out, s, e, A, Pa)
     return out
 
 

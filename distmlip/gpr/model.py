@@ -132,6 +132,84 @@ def _cholesky_inverse(L):
 
 
 # ------------------------------------------------------------------------------------------
+# in-place dense linear algebra on the CPU (no n x n temporaries)
+# ------------------------------------------------------------------------------------------
+# Every n x n array that a likelihood evaluation allocated afresh (K, its factor, the inverse,
+# dK, and the copies that torch/scipy made of them) was first touched page by page: on the EC
+# dimers more than half of the fit's CPU time was system time (page faults).  The evaluations
+# now reuse buffers and factorise in place through LAPACK on the transposed (Fortran-ordered)
+# view of the row-major tensors: for a symmetric matrix the upper factor of that view is the
+# lower factor of the tensor.
+
+class Workspace:
+    """Flat float64 buffers, grown to the largest n seen and viewed as [n, n]."""
+
+    def __init__(self):
+        self._flat: dict = {}
+
+    def get(self, name: str, n: int, device) -> torch.Tensor:
+        b = self._flat.get(name)
+        if b is None or b.numel() < n * n or b.device != torch.device(device):
+            b = torch.empty(n * n, dtype=torch.float64, device=device)
+            self._flat[name] = b
+        return b[:n * n].view(n, n)
+
+
+def _lapack():
+    from scipy.linalg import lapack
+    return lapack
+
+
+def potrf_inplace(A: torch.Tensor) -> int:
+    """Lower Cholesky factor of the symmetric C-contiguous CPU tensor A, written over A's lower
+    triangle (the strict upper triangle keeps its old values).  Returns LAPACK's info."""
+    a = A.numpy().T                       # Fortran-ordered view: LAPACK works on it in place
+    c, info = _lapack().dpotrf(a, lower=0, clean=0, overwrite_a=1)
+    if not np.shares_memory(c, a):        # scipy copied (should not happen for this layout)
+        A.copy_(torch.from_numpy(np.ascontiguousarray(c.T)))
+    return int(info)
+
+
+def potri_inplace(L: torch.Tensor) -> int:
+    """K^-1 from the lower factor in L, written over L as a full symmetric matrix."""
+    a = L.numpy().T
+    c, info = _lapack().dpotri(a, lower=0, overwrite_c=1)
+    if not np.shares_memory(c, a):
+        L.copy_(torch.from_numpy(np.ascontiguousarray(c.T)))
+    if info == 0:
+        symmetrize_lower_(L)
+    return int(info)
+
+
+def symmetrize_lower_(A: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Copy the lower triangle of A onto its upper triangle, block by block (no n x n copy)."""
+    n = A.shape[0]
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        d = A[s:e, s:e]
+        d.copy_(torch.tril(d) + torch.tril(d, -1).T)
+        if e < n:
+            A[s:e, e:].copy_(A[e:, s:e].T)
+    return A
+
+
+def zero_upper_(A: torch.Tensor, block: int = 512) -> torch.Tensor:
+    n = A.shape[0]
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        A[s:e, s:e].copy_(torch.tril(A[s:e, s:e]))
+        if e < n:
+            A[s:e, e:].zero_()
+    return A
+
+
+def potrs(L: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """K^-1 y from the lower factor in L (only its lower triangle is read)."""
+    x, info = _lapack().dpotrs(L.numpy().T, y.numpy(), lower=0)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+# ------------------------------------------------------------------------------------------
 # clustering for local GPRs
 # ------------------------------------------------------------------------------------------
 
@@ -372,7 +450,26 @@ class GPR:
                      max_block_bytes=self.max_block_bytes, kernel=self.kernel)
         nf = (h.noise_force + self.noise_floor) * self.f / self.s
         K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf, self.r))
-        L, jit, jrel = cholesky_with_jitter(K, self.jitter_start, self.jitter_max, inplace=True)
+        if K.device.type == "cpu":
+            # factorised in place (the factor replaces K: half the memory, no second n x n
+            # array to fault in); a failure re-assembles K with jitter
+            jit = jrel = 0.0
+            rel = self.jitter_start
+            scale = float(K.diagonal().mean())
+            while potrf_inplace(K) != 0:
+                if rel > self.jitter_max * (1 + 1e-9):
+                    raise InputError(
+                        f"GPR: kernel matrix is not positive definite even with jitter {self.jitter_max:g} "
+                        f"x mean diagonal (duplicate structures with different labels?)")
+                assemble(X, J, X, J, h.weight, h.length_scale, self.use_forces, self.use_forces,
+                         max_block_bytes=self.max_block_bytes, kernel=self.kernel, out=K)
+                K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf, self.r))
+                jit, jrel = rel * scale, rel
+                K.diagonal().add_(jit)
+                rel *= 10.0
+            L = zero_upper_(K)
+        else:
+            L, jit, jrel = cholesky_with_jitter(K, self.jitter_start, self.jitter_max, inplace=True)
         del K
         self.L = L
         self.alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
@@ -401,6 +498,30 @@ class GPR:
         nf = (p["noise_force"] + self.noise_floor) * self.f / self.s
         return ne, nf
 
+    def _factor_into(self, L, K) -> float:
+        """Copy K into the buffer L and factorise it there (lower Cholesky, in place), adding
+        jitter * mean(diag K) to the diagonal in decades on failure.  Returns the jitter."""
+        L.copy_(K)
+        if potrf_inplace(L) == 0:
+            return 0.0
+        scale = float(K.diagonal().mean())
+        rel = self.jitter_start
+        while rel <= self.jitter_max * (1 + 1e-9):
+            L.copy_(K)
+            L.diagonal().add_(rel * scale)
+            if potrf_inplace(L) == 0:
+                return rel * scale
+            rel *= 10.0
+        raise InputError(
+            f"GPR: kernel matrix is not positive definite even with jitter {self.jitter_max:g} x mean "
+            f"diagonal (duplicate structures with different labels, or a length scale far too large?)")
+
+    @property
+    def _ws(self) -> Workspace:
+        if getattr(self, "_workspace", None) is None:
+            self._workspace = Workspace()
+        return self._workspace
+
     def lml_and_grad(self, X, J, y, p: dict, names=(), loo=False):
         """Log marginal likelihood at hyperparameters ``p`` (dict of floats), its gradient with
         respect to the logarithms of ``names`` (closed form:
@@ -413,20 +534,33 @@ class GPR:
         uf = self.use_forces
         r = self._rvec(p)
         X, y = self._scaled(X, y, r)
+        n = y.shape[0]
+        cpu = X.device.type == "cpu"
+        ws = self._ws
         K = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
-                     max_block_bytes=self.max_block_bytes, kernel=self.kernel)
+                     max_block_bytes=self.max_block_bytes, kernel=self.kernel,
+                     out=ws.get("K", n, X.device) if cpu else None)
         ne, nf = self._eff_noise(p)
         nd = self._noise_diag(N, self.P, ne, nf, r)
         K.diagonal().add_(nd)
-        L, jit, _ = cholesky_with_jitter(K, self.jitter_start, self.jitter_max)
-        alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
-        n = y.shape[0]
+        if cpu:     # factor and inverse in one reused buffer, in place (no n x n temporaries)
+            L = ws.get("L", n, X.device)
+            jit = self._factor_into(L, K)
+            alpha = potrs(L, y[:, None])[:, 0]
+        else:
+            L, jit, _ = cholesky_with_jitter(K, self.jitter_start, self.jitter_max)
+            alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
         lml = float(-0.5 * (y @ alpha) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI) \
             + self._log_jacobian(N, r)
         if not names and not loo:
             return lml, None, None
-        W = _cholesky_inverse(L)
-        del L
+        if cpu:
+            if potri_inplace(L) != 0:
+                raise InputError("GPR: LAPACK dpotri failed on a factorised kernel")
+            W = L
+        else:
+            W = _cholesky_inverse(L)
+            del L
         W.neg_().addr_(alpha, alpha)                          # W = alpha alpha^T - K^-1
         Wd = W.diagonal()
         grad = []
@@ -435,7 +569,8 @@ class GPR:
                 g = torch.dot(W.reshape(-1), K.reshape(-1)) - (Wd * (nd + jit)).sum()
             elif nm == "length_scale":
                 dK = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
-                              max_block_bytes=self.max_block_bytes, deriv="log_length", kernel=self.kernel)
+                              max_block_bytes=self.max_block_bytes, deriv="log_length", kernel=self.kernel,
+                              out=ws.get("dK", n, X.device) if cpu else None)
                 g = 0.5 * torch.dot(W.reshape(-1), dK.reshape(-1))
                 del dK
             elif nm == "noise_energy":
@@ -449,12 +584,16 @@ class GPR:
                 # D_g selecting the derivative rows of group g
                 mask = self.gidx == int(nm.split("_")[1])
                 dK = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
-                              max_block_bytes=self.max_block_bytes, deriv=mask)
+                              max_block_bytes=self.max_block_bytes, deriv=mask,
+                              out=ws.get("dK", n, X.device) if cpu else None)
                 g = 0.5 * torch.dot(W.reshape(-1), dK.reshape(-1))
                 del dK
                 if uf:
                     rows = N + torch.nonzero(mask.repeat(N)).reshape(-1)
-                    g = g - ((W[rows] * K[rows]).sum() - (Wd[rows] * (nd[rows] + jit)).sum())
+                    # tr(W D_g K) row block by row block (a gather of all rows would be n x n)
+                    wk = sum(float((W[rows[b:b + 256]] * K[rows[b:b + 256]]).sum())
+                             for b in range(0, len(rows), 256))
+                    g = g - (wk - (Wd[rows] * (nd[rows] + jit)).sum())
             else:
                 raise ValueError(nm)
             grad.append(float(g))
