@@ -106,6 +106,8 @@ class GPRSettings:
     select: Literal["lml", "loo"] = "lml"   # among the optima: max LML or min LOO energy MAE
     fit_subsample: Literal["random", "local"] = "local"   # which structures the LML fit sees
     max_kernel_obs: Optional[int] = None   # split into local GPRs above this (None: from memory)
+    save: Optional[str] = None       # directory: write each subset's fitted GPR (<subset>.gpr.pt)
+    load: Optional[str] = None       # directory of saved fits (distmlip gpr fit / gpr.save): reuse them
     memory_fraction: float = 0.5
     device: str = "cpu"
 
@@ -210,6 +212,7 @@ def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray) -> st
          "name": name, "n_in": n_in, "idx": hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest(),
          "input": os.path.abspath(cfg.input)}
     d["gpr"] and d["gpr"].pop("device", None)
+    d["gpr"] and d["gpr"].pop("save", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -224,6 +227,36 @@ def _parents_of(ds, sid: int) -> tuple[np.ndarray, int]:
     if ds.has_stored_split:
         train = np.asarray(ds.column("split"))[ids] == 0
     return ids[~synth & hf & train], int((~synth & ~hf & train).sum())
+
+
+def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0) -> dict:
+    """The GPR of one subset: loaded from ``gpr.load`` (a directory of saved fits) when it holds
+    one for this subset, else fitted; with ``fingerprint: auto`` every candidate fingerprint is
+    fitted and the one with the smallest closed-form leave-one-structure-out energy MAE on the
+    subset's training structures is kept.  Saved to ``gpr.save`` when set.  Returns a dict with
+    fingerprint, model, kind, choice (LOO per candidate) and loaded (path or None)."""
+    from .store import fit_path, load_fit, save_fit
+
+    g = cfg.gpr
+    if g.load:
+        path = fit_path(g.load, name)
+        if path.is_file():
+            fit = load_fit(path, structs[0].numbers)
+            fit["loaded"] = str(path)
+            return fit
+        warn(f"augment: no saved GPR for subset '{name}' in {g.load}; fitting it")
+    E0 = np.array([s.energy for s in structs])
+    F0 = np.stack([s.forces for s in structs])
+    ref = structs[0]
+    kinds = auto_candidates(ref.natoms, ref.pbc) if g.fingerprint == "auto" else [g.fingerprint]
+    fits = [_fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank) for kind in kinds]
+    loo = [f[1].info.get("loo_energy_mae_eV") for f in fits]
+    best = min(range(len(fits)), key=lambda k: (loo[k] is None, loo[k] if loo[k] is not None else 0.0))
+    fit = dict(kind=kinds[best], fingerprint=fits[best][0], model=fits[best][1], loaded=None,
+               choice={k: v for k, v in zip(kinds, loo)} if len(kinds) > 1 else None)
+    if g.save:
+        save_fit(fit_path(g.save, name), fit, ref.numbers)
+    return fit
 
 
 def auto_candidates(natoms: int, pbc) -> list[str]:
@@ -289,7 +322,7 @@ def _progress_printer(name: str, rank: int, every_s: float = 30.0):
         last[0] = elapsed
         eta = elapsed / max(done, 1) * max(total - done, 0)
         print(f"[rank {rank}] subset {name}: hyperparameter search {done}/{total} likelihood evaluations, "
-              f"{elapsed:.0f} s, ETA {eta:.0f} s (at most)", flush=True)
+              f"{elapsed:.0f} s, ETA ~{eta:.0f} s", flush=True)
     return cb
 
 
@@ -338,15 +371,12 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
         g = cfg.gpr
         if g.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"gpr.device is {g.device!r} but torch has no CUDA device here")
-        # auto: every candidate fingerprint is fitted and the one with the smallest closed-form
-        # leave-one-structure-out energy MAE on the subset's training structures is kept
-        kinds = auto_candidates(nat, ref.pbc) if g.fingerprint == "auto" else [g.fingerprint]
-        fits = [_fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank) for kind in kinds]
-        loo = [f[1].info.get("loo_energy_mae_eV") for f in fits]
-        best = min(range(len(fits)), key=lambda k: (loo[k] is None, loo[k] if loo[k] is not None else 0.0))
-        kind, (fp, model) = kinds[best], fits[best]
-        if len(kinds) > 1:
-            rep["fingerprint_choice"] = {k: v for k, v in zip(kinds, loo)}
+        fit = fit_subset(ds, structs, cfg, name, rank)
+        fp, model = fit["fingerprint"], fit["model"]
+        if fit.get("choice"):
+            rep["fingerprint_choice"] = fit["choice"]
+        if fit.get("loaded"):
+            rep["gpr_loaded_from"] = fit["loaded"]
         Xs, _ = fp.compute(list(pos.reshape(-1, nat, 3)), [s for s in structs for _ in range(M)],
                            with_jacobian=False)
         clusters = np.repeat(model.labels, M)
