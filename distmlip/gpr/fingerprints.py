@@ -196,6 +196,48 @@ class ChebyshevFingerprint:
         return {"kind": "chebyshev", "mode": self.mode, "species": self.species, **self.spec.to_dict()}
 
 
+# the per-atom descriptors and their Jacobian through the compiled operators
+def _have_ops() -> bool:
+    from ..descriptors import fused  # noqa: F401  (loads the extension where it exists)
+
+    ops = getattr(torch.ops, "distmlip", None)
+    try:
+        return ops is not None and hasattr(ops, "chebyshev_forward") and hasattr(ops, "chebyshev_double_backward")
+    except RuntimeError:
+        return False
+
+
+def descriptor_and_jacobian(desc, species, cutoff, numbers, positions, cell, pbc, with_jacobian=True):
+    """(x [n D], J [n D, 3n] or None) with x = G.reshape(-1); None when the compiled operators
+    are missing (the caller falls back to autograd on the reference descriptor)."""
+    if not _have_ops():
+        return None
+    from ..descriptors import fused
+    from ..descriptors.batch import collate
+
+    b = collate([_Tmpl(np.asarray(numbers), np.asarray(positions, dtype=np.float64),
+                       np.asarray(cell, dtype=np.float64), np.asarray(pbc, dtype=bool))],
+                list(species), float(cutoff), dtype=torch.float64)
+    n = b.positions.shape[0]
+    pos, *tens = fused.prepare_arguments(b.positions.detach(), b.species, b.pair_i, b.pair_j, b.pair_shift,
+                                         typespin=desc.typespin, pair_ptr=b.pair_ptr)
+    prm = (float(desc.rc_radial), int(desc.n_radial), float(desc.rc_angular), int(desc.n_angular))
+    ops = torch.ops.distmlip
+    with torch.no_grad():
+        G = ops.chebyshev_forward(pos, *tens, *prm)
+        if not with_jacobian:
+            return G.reshape(-1), None
+        zero = torch.zeros_like(G)
+        J = torch.empty(G.numel(), 3 * n, dtype=torch.float64)
+        v = torch.zeros(n, 3, dtype=torch.float64)
+        for k in range(3 * n):
+            v.view(-1)[k] = 1.0
+            jv, _ = ops.chebyshev_double_backward(zero, v, pos, *tens, *prm, True, False, None)
+            J[:, k] = jv.reshape(-1)
+            v.view(-1)[k] = 0.0
+    return G.reshape(-1), J
+
+
 class LocalFingerprint(ChebyshevFingerprint):
     """Per-atom Chebyshev descriptors for the local-environment kernel (``kernel.LocalKernel``):
     the layout of the concatenated chebyshev fingerprint (X [n D], J [n D, 3n]), but each
@@ -214,9 +256,7 @@ class LocalFingerprint(ChebyshevFingerprint):
         Jacobian-vector products (3n JVPs of the fused descriptor, about 0.3 ms each for 32 atoms;
         torch.func.jacfwd through the reference descriptor takes ~10x longer, reverse-mode
         autograd.functional.jacobian ~100x).  Without the extension: the reference path."""
-        from . import _fused_jacobian
-
-        out = _fused_jacobian.descriptor_and_jacobian(self.desc, self.species, self.cutoff, numbers, positions,
+        out = descriptor_and_jacobian(self.desc, self.species, self.cutoff, numbers, positions,
                                                       cell, pbc, with_jacobian)
         if out is None:
             return super()._one(numbers, positions, cell, pbc, with_jacobian)
