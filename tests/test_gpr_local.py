@@ -116,3 +116,15 @@ def test_variance_weights_formula():
     np.testing.assert_allclose(synthetic_weights(cfg, sig, kept), 2.0 * 4e-4 / (4e-4 + sig ** 2))
     cfg.weighting = "none"
     np.testing.assert_allclose(synthetic_weights(cfg, sig, kept), 2.0)
+
+
+def test_hyperparameters_on_their_bounds_are_reported():
+    from distmlip.gpr.model import GPR
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(12, 3))
+    E = np.sin(X).sum(1)                          # noise-free: the fit wants the smallest noise
+    F = -np.cos(X)
+    g = GPR(noise_min=0.05, noise_max=0.1, fit_iterations=20, fit_restarts=1).fit(torch.as_tensor(X), None, E, F)
+    assert "noise_energy lower" in g.info["fit_at_bounds"]
+    assert g.hyper.noise_energy == pytest.approx(0.05, rel=1e-5)

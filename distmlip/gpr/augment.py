@@ -389,7 +389,7 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
             "noise_force_eVA", "length_scale_by_group", "energy_mean_eV", "energy_scale_eV", "force_scale_eVA", "jitter",
             "jitter_rel", "lml", "fitted", "fit_structures", "fit_obs", "lml_fit_start", "lml_fit_end",
             "fit_select", "fit_subsample", "fit_nn_distance", "nn_distance", "loo_energy_mae_eV", "fit_candidates",
-            "n_obs", "max_kernel_obs", "memory_cap_obs", "n_local", "local_sizes", "time_hyper_s",
+            "fit_at_bounds", "n_obs", "max_kernel_obs", "memory_cap_obs", "n_local", "local_sizes", "time_hyper_s",
             "time_fit_s", "time_predict_s") if k in info}
     thr = sub["max_uncertainty"]
     kept = np.ones(len(energy), bool) if thr is None else unc <= thr
@@ -517,6 +517,9 @@ def augment(cfg: AugmentConfig, fresh: bool = False) -> dict | None:
             gi = r["gpr"]
             extra = (f", w {gi['weight_eV']:.3g} eV, l {_lengths(gi)}, jitter {gi['jitter']:.1e}"
                      f", local GPRs {gi.get('n_local', 1)}")
+            if gi.get("fit_at_bounds"):
+                warn(f"subset {names[sid]}: fitted hyperparameters on their bounds: "
+                     f"{', '.join(gi['fit_at_bounds'])} (the bound decided them, not the data)")
         unc = r.get("uncertainty_eV", {})
         print(f"{pre}subset {names[sid]} ({k + 1}/{len(mine)}): {r['n_reference']} reference, "
               f"{r['n_kept']}/{r['n_copies']} copies kept, sigma mean {unc.get('mean', 0):.4f} eV"

@@ -768,6 +768,11 @@ class GPR:
         vals.update(unpack(best["theta"]))
         vals["length_ratios"] = tuple(vals.pop(k) for k in self._ratio_names())
         self.info.update(refine)
+        # a fitted value on its bound means the bound, not the data, decided it
+        th = np.asarray(best["theta"])
+        self.info["fit_at_bounds"] = [f"{k} {'lower' if t <= lo + 1e-6 else 'upper'}"
+                                      for k, t, lo, hi in zip(names, th, lb, ub)
+                                      if t <= lo + 1e-6 or t >= hi - 1e-6]
         self.info.update(fit_subsample=self.fit_subsample, fit_nn_distance=self._nn_distance(Xs),
                          fit_structures=int(Xs.shape[0]), fit_obs=int(len(y)), fitted=names,
                          lml_fit_start=lml0, lml_fit_end=best["lml"], fit_evals=state["evals"],
