@@ -331,14 +331,15 @@ class LocalKernel:
         for a in range(A):
             c2a = c2[a].transpose(0, 1)                                     # [b, i, j]
             if cols_grad:
-                # JBr[b, i, j, q] = (J_bj^T (G_ai - G_bj))_q
-                JBr = torch.matmul(GA[a], JBd).reshape(B, n, n, Pb)
+                # JBr[b, i, j, q] = (J_bj^T (G_ai - G_bj))_q  (into a reused buffer: a fresh
+                # one per row structure was faulted in page by page, as system time)
+                JBr = torch.matmul(GA[a], JBd, out=self._buf("JBr", (B, n, n * Pb), XA)).view(B, n, n, Pb)
                 JBr -= hB[:, None]
                 out[a, B:] = torch.bmm(c2a.reshape(B, 1, n * n), JBr.reshape(B, n * n, Pb)).reshape(-1)
             if not rows_grad:
                 continue
             # JAr[b, p, i, j] = (J_ai^T (G_ai - G_bj))_p
-            JAr = torch.matmul(JAp[a], GBt).reshape(B, Pa, n, n)
+            JAr = torch.matmul(JAp[a], GBt, out=self._buf("JAr", (B, Pa * n, n), XA)).view(B, Pa, n, n)
             JAr.neg_().add_(hA[a][None, :, :, None])
             ge = torch.bmm(JAr.reshape(B, Pa, n * n), c2a.reshape(B, n * n, 1))         # [b, p, 1]
             out[A + a * Pa:A + (a + 1) * Pa, :B] = -ge[:, :, 0].T
@@ -352,8 +353,24 @@ class LocalKernel:
             JBr *= c4[a].transpose(0, 1)[..., None]
             gg -= torch.bmm(JAr.reshape(B, Pa, n * n), JBr.reshape(B, n * n, Pb))
             out[A + a * Pa:A + (a + 1) * Pa, B:].view(Pa, B, Pb).copy_(gg.transpose(0, 1))
-            del gg, JAr, JBr
+            del gg
         return out
+
+    def _buf(self, name, shape, like):
+        """A scratch tensor of ``shape`` kept between calls (grown, never shrunk)."""
+        if not hasattr(self, "_scratch"):
+            self._scratch = {}
+        n = int(np.prod(shape))
+        b = self._scratch.get(name)
+        if b is None or b.numel() < n or b.device != like.device or b.dtype != like.dtype:
+            b = torch.empty(n, dtype=like.dtype, device=like.device)
+            self._scratch[name] = b
+        return b[:n].view(shape)
+
+    def __getstate__(self):          # scratch buffers are not part of a saved fit
+        d = dict(self.__dict__)
+        d.pop("_scratch", None)
+        return d
 
     def prior_variance(self, X, w, l):
         """Prior variance of each structure's energy, sum_ij k(G_i, G_j) over its own atoms [M]."""
