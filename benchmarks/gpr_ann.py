@@ -147,6 +147,8 @@ def main():
         dm("augment", out / "augment.yaml", "--fresh", np_=a.np_, log=out / "augment.log")
     t_aug = time.perf_counter() - t0
     rep = json.loads((out / "train_aug.report.json").read_text())
+    if t_aug < 1.0:          # reused: the GPR time of the earlier run, from its report
+        t_aug = sum(r.get("time_total_s", 0.0) for r in rep["subsets"])
     batch = 300 if a.set != "ec" else 1200
     plan = {"energy": ("train.h5", "energy", batch), "force": ("train.h5", "force", batch),
             "gpr_ann": ("train_aug.h5", "energy", 4 * batch), "hybrid": ("train_aug.h5", "force", batch)}
