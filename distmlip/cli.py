@@ -24,6 +24,7 @@ COMMANDS = {
     "info": ("distmlip.data.info", "print a summary of an HDF5 data set"),
     "featurize": ("distmlip.descriptors.featurize", "precompute descriptors into a companion cache file"),
     "augment": ("distmlip.gpr.augment", "GPR-ANN data augmentation: label displaced copies with local GPRs"),
+    "gpr": ("distmlip.gpr.cli", "fit, save, predict with and test the per-subset GPRs (fit|predict|test)"),
     "train": ("distmlip.training.cli", "train a potential (energy or force mode, committees, MPI data parallel)"),
     "evaluate": ("distmlip.evaluation.evaluate", "metrics, per-structure CSV and parity plots of a model on a data set"),
     "export": ("distmlip.evaluation.export", "export a model to aenet .nn files, a torch.export program or TorchScript"),

@@ -147,8 +147,12 @@ def test_augment_gpr_output_labels_and_report(data, capsys):
     for r in rep["subsets"]:
         g = r["gpr"]
         assert g["weight"] > 0 and g["length_scale"] > 0 and g["jitter"] >= 0 and "time_fit_s" in g
-        # fingerprint auto: inverse distances for the free cluster, Cartesian for periodic cells
-        assert r["fingerprint"]["kind"] == ("inverse" if r["subset"] == "Cu3Ni_0" else "cartesian")
+        # fingerprint auto: the local kernel against inverse distances (free cluster) or Cartesian
+        # (periodic cells), the smaller leave-one-structure-out energy MAE kept
+        ch = r["fingerprint_choice"]
+        assert set(ch) == {"local", "inverse" if r["subset"] == "Cu3Ni_0" else "cartesian"}
+        assert r["fingerprint"]["kind"] == min(ch, key=ch.get)
+        assert g["loo_energy_mae_eV"] == pytest.approx(min(ch.values()))
         assert g["length_scale"] >= g["nn_distance"] * (1 - 1e-9) and g["fit_candidates"]
     # rejected copies are in the candidates file
     from ase.io import read

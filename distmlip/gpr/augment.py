@@ -71,11 +71,27 @@ class ChebyshevSettings:
     mode: Literal["concat", "sum"] = "concat"
 
 
+def _local_descriptor() -> DescriptorSpec:
+    # the local kernel compares atomic environments: the first two neighbour shells of a metal
+    return DescriptorSpec(rc_radial=5.0, n_radial=8, rc_angular=3.5, n_angular=4)
+
+
+@dataclass
+class LocalSettings:
+    """The local-environment kernel: the per-atom descriptor (keys inline) and the size of the
+    hyperparameter sub-sample (kernel rows)."""
+    spec: DescriptorSpec = field(default_factory=_local_descriptor, metadata={"inline": True})
+    fit_max_obs: int = 800
+
+
 @dataclass
 class GPRSettings:
-    # auto: inverse distances for non-periodic subsets (<= 64 atoms), else cartesian
-    fingerprint: Literal["auto", "cartesian", "inverse", "chebyshev"] = "auto"
+    # auto: fit 'local' and the global fingerprint that suits the subset (inverse distances for
+    # non-periodic subsets of <= 64 atoms, else cartesian) and keep the one with the smaller
+    # leave-one-structure-out energy MAE
+    fingerprint: Literal["auto", "cartesian", "inverse", "chebyshev", "local"] = "auto"
     chebyshev: ChebyshevSettings = field(default_factory=ChebyshevSettings)
+    local: LocalSettings = field(default_factory=LocalSettings)
     # hyperparameters (see distmlip.gpr.model for units); None -> fitted by maximum LML
     weight: Optional[float] = None
     length_scale: Optional[float] = None
@@ -90,6 +106,8 @@ class GPRSettings:
     select: Literal["lml", "loo"] = "lml"   # among the optima: max LML or min LOO energy MAE
     fit_subsample: Literal["random", "local"] = "local"   # which structures the LML fit sees
     max_kernel_obs: Optional[int] = None   # split into local GPRs above this (None: from memory)
+    save: Optional[str] = None       # directory: write each subset's fitted GPR (<subset>.gpr.pt)
+    load: Optional[str] = None       # directory of saved fits (distmlip gpr fit / gpr.save): reuse them
     memory_fraction: float = 0.5
     device: str = "cpu"
 
@@ -126,6 +144,13 @@ class AugmentConfig:
     min_distance: float = 0.5
     max_uncertainty: Optional[float] = None
     synthetic_weight: float = 1.0
+    # weight of a synthetic energy in the ANN loss (docs/gpr.md):
+    #   none:     w = synthetic_weight
+    #   variance: w = synthetic_weight * s0^2 / (s0^2 + sigma^2), sigma = the GPR's predicted std
+    #             of the copy's energy, s0 = weight_sigma (eV) or, when not given, the median sigma
+    #             of the subset's kept copies (a copy as certain as the median counts half)
+    weighting: Literal["none", "variance"] = "variance"
+    weight_sigma: Optional[float] = None
     candidates: Optional[str] = None      # default <output stem>.candidates.xyz
     report: Optional[str] = None          # default <output stem>.report.json (+ .txt)
     workdir: Optional[str] = None         # default <output>.shards
@@ -145,6 +170,8 @@ class AugmentConfig:
             raise ConfigError("augment: 'max_uncertainty' must be positive")
         if not self.synthetic_weight >= 0:
             raise ConfigError("augment: 'synthetic_weight' must be >= 0")
+        if self.weight_sigma is not None and not self.weight_sigma > 0:
+            raise ConfigError("augment: 'weight_sigma' must be positive (or omitted: per-subset median sigma)")
         for name, s in self.subsets.items():
             if s.copies is not None and s.copies < 0:
                 raise ConfigError(f"augment: subsets.{name}.copies must be >= 0")
@@ -187,6 +214,7 @@ def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray, conte
          "name": name, "n_in": n_in, "idx": hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest(),
          "input": content}
     d["gpr"] and d["gpr"].pop("device", None)
+    d["gpr"] and d["gpr"].pop("save", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -203,13 +231,108 @@ def _parents_of(ds, sid: int) -> tuple[np.ndarray, int]:
     return ids[~synth & hf & train], int((~synth & ~hf & train).sum())
 
 
+def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0) -> dict:
+    """The GPR of one subset: loaded from ``gpr.load`` (a directory of saved fits) when it holds
+    one for this subset, else fitted; with ``fingerprint: auto`` every candidate fingerprint is
+    fitted and the one with the smallest closed-form leave-one-structure-out energy MAE on the
+    subset's training structures is kept.  Saved to ``gpr.save`` when set.  Returns a dict with
+    fingerprint, model, kind, choice (LOO per candidate) and loaded (path or None)."""
+    from .store import fit_path, load_fit, save_fit
+
+    g = cfg.gpr
+    if g.load:
+        path = fit_path(g.load, name)
+        if path.is_file():
+            fit = load_fit(path, structs[0].numbers)
+            fit["loaded"] = str(path)
+            return fit
+        warn(f"augment: no saved GPR for subset '{name}' in {g.load}; fitting it")
+    E0 = np.array([s.energy for s in structs])
+    F0 = np.stack([s.forces for s in structs])
+    ref = structs[0]
+    kinds = auto_candidates(ref.natoms, ref.pbc) if g.fingerprint == "auto" else [g.fingerprint]
+    fits = [_fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank) for kind in kinds]
+    loo = [f[1].info.get("loo_energy_mae_eV") for f in fits]
+    best = min(range(len(fits)), key=lambda k: (loo[k] is None, loo[k] if loo[k] is not None else 0.0))
+    fit = dict(kind=kinds[best], fingerprint=fits[best][0], model=fits[best][1], loaded=None,
+               choice={k: v for k, v in zip(kinds, loo)} if len(kinds) > 1 else None)
+    if g.save:
+        save_fit(fit_path(g.save, name), fit, ref.numbers)
+    return fit
+
+
+def auto_candidates(natoms: int, pbc) -> list[str]:
+    """Fingerprints that ``auto`` compares on a subset: the local-environment kernel and the
+    global one that suits the subset (inverse distances for a small non-periodic one, else
+    Cartesian)."""
+    from .fingerprints import resolve_fingerprint
+
+    return ["local", resolve_fingerprint("auto", natoms, pbc)]
+
+
+def _fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank):
+    """(fingerprint, fitted LocalGPR) of one subset with fingerprint ``kind``."""
+    from .model import LocalGPR
+    from .fingerprints import make_fingerprint
+
+    g = cfg.gpr
+    ref = structs[0]
+    if kind == "local":      # the subset's own elements, in the data set's order
+        from ase.data import chemical_symbols
+        present = {chemical_symbols[int(z)] for z in ref.numbers}
+        fp = make_fingerprint(kind, species=[e for e in ds.species if e in present], spec=g.local.spec)
+    else:
+        fp = make_fingerprint(kind, species=ds.species,
+                              **({"spec": g.chebyshev.spec, "mode": g.chebyshev.mode} if kind == "chebyshev" else {}))
+    try:
+        # each structure with its own cell (strained bulk: the cells differ within a subset)
+        X, J = fp.compute([s.positions for s in structs], list(structs))
+    except InputError as exc:
+        raise InputError(f"{cfg.input}: subset '{name}': {exc}") from None
+    X, J = fp.fit_scale(X, J)
+    groups = None
+    if kind == "cartesian" and g.length_scales == "element" and g.length_scale is None:
+        from ase.data import chemical_symbols
+        groups = np.repeat([chemical_symbols[int(z)] for z in ref.numbers], 3)
+    extra = {}
+    if kind == "local":
+        # one atomic energy function seen through N n environments: a sub-sample of a few
+        # structures fixes its hyperparameters (each row of this kernel costs n^2 atom pairs)
+        extra = dict(kernel=fp.kernel(ref.numbers), fit_max_obs=min(g.fit_max_obs, g.local.fit_max_obs),
+                     refine_iterations=0)
+    kw = dict(fit_max_obs=g.fit_max_obs)
+    kw.update(extra)
+    model = LocalGPR(max_obs=g.max_kernel_obs, memory_fraction=g.memory_fraction,
+                     seed=cfg.seed, weight=g.weight, length_scale=g.length_scale,
+                     noise_energy=g.noise_energy, noise_force=g.noise_force, device=g.device,
+                     fit_iterations=g.fit_iterations,
+                     fit_restarts=g.fit_restarts, select=g.select,
+                     fit_subsample=g.fit_subsample, groups=groups, **kw)
+    model.progress = _progress_printer(f"{name} ({kind})", rank)
+    model.fit(X, J, E0, F0.reshape(len(structs), -1))
+    return fp, model
+
+
+def _progress_printer(name: str, rank: int, every_s: float = 30.0):
+    """A GPR progress callback that prints, at most every ``every_s`` seconds, how far the
+    hyperparameter search of a subset is, with an ETA from the mean time per evaluation."""
+    last = [0.0]
+
+    def cb(done, total, elapsed):
+        if elapsed - last[0] < every_s:
+            return
+        last[0] = elapsed
+        eta = elapsed / max(done, 1) * max(total - done, 0)
+        print(f"[rank {rank}] subset {name}: hyperparameter search {done}/{total} likelihood evaluations, "
+              f"{elapsed:.0f} s, ETA ~{eta:.0f} s", flush=True)
+    return cb
+
+
 def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
     """Augment one subset; returns arrays (parent, copy, positions, energy, uncertainty, kept)
     and the report entry."""
     import torch
 
-    from .fingerprints import make_fingerprint, resolve_fingerprint
-    from .model import LocalGPR
     from .sampling import displace, subset_rng, taylor_energy
 
     t0 = time.perf_counter()
@@ -250,26 +373,14 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
         g = cfg.gpr
         if g.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"gpr.device is {g.device!r} but torch has no CUDA device here")
-        kind = resolve_fingerprint(g.fingerprint, nat, ref.pbc)
-        fp = make_fingerprint(kind, species=ds.species,
-                              **({"spec": g.chebyshev.spec, "mode": g.chebyshev.mode} if kind == "chebyshev" else {}))
-        try:
-            X, J = fp.compute([s.positions for s in structs], ref)
-        except InputError as exc:
-            raise InputError(f"{cfg.input}: subset '{name}': {exc}") from None
-        X, J = fp.fit_scale(X, J)
-        groups = None
-        if kind == "cartesian" and g.length_scales == "element" and g.length_scale is None:
-            from ase.data import chemical_symbols
-            groups = np.repeat([chemical_symbols[int(z)] for z in ref.numbers], 3)
-        model = LocalGPR(max_obs=g.max_kernel_obs, memory_fraction=g.memory_fraction,
-                         seed=cfg.seed, weight=g.weight, length_scale=g.length_scale,
-                         noise_energy=g.noise_energy, noise_force=g.noise_force, device=g.device,
-                         fit_max_obs=g.fit_max_obs, fit_iterations=g.fit_iterations,
-                         fit_restarts=g.fit_restarts, select=g.select,
-                         fit_subsample=g.fit_subsample, groups=groups)
-        model.fit(X, J, E0, F0.reshape(len(structs), -1))
-        Xs, _ = fp.compute(list(pos.reshape(-1, nat, 3)), ref, with_jacobian=False)
+        fit = fit_subset(ds, structs, cfg, name, rank)
+        fp, model = fit["fingerprint"], fit["model"]
+        if fit.get("choice"):
+            rep["fingerprint_choice"] = fit["choice"]
+        if fit.get("loaded"):
+            rep["gpr_loaded_from"] = fit["loaded"]
+        Xs, _ = fp.compute(list(pos.reshape(-1, nat, 3)), [s for s in structs for _ in range(M)],
+                           with_jacobian=False)
         clusters = np.repeat(model.labels, M)
         e, _, s = model.predict(Xs, None, forces=False, variance=True, clusters=clusters)
         energy, unc = e.numpy().astype(np.float64), s.numpy().astype(np.float64)
@@ -280,7 +391,7 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
             "noise_force_eVA", "length_scale_by_group", "energy_mean_eV", "energy_scale_eV", "force_scale_eVA", "jitter",
             "jitter_rel", "lml", "fitted", "fit_structures", "fit_obs", "lml_fit_start", "lml_fit_end",
             "fit_select", "fit_subsample", "fit_nn_distance", "nn_distance", "loo_energy_mae_eV", "fit_candidates",
-            "n_obs", "max_kernel_obs", "memory_cap_obs", "n_local", "local_sizes", "time_hyper_s",
+            "fit_at_bounds", "n_obs", "max_kernel_obs", "memory_cap_obs", "n_local", "local_sizes", "time_hyper_s",
             "time_fit_s", "time_predict_s") if k in info}
     thr = sub["max_uncertainty"]
     kept = np.ones(len(energy), bool) if thr is None else unc <= thr
@@ -431,6 +542,9 @@ def _augment(cfg, ctx, ds, names, workdir, fresh):
             gi = r["gpr"]
             extra = (f", w {gi['weight_eV']:.3g} eV, l {_lengths(gi)}, jitter {gi['jitter']:.1e}"
                      f", local GPRs {gi.get('n_local', 1)}")
+            if gi.get("fit_at_bounds"):
+                warn(f"subset {names[sid]}: fitted hyperparameters on their bounds: "
+                     f"{', '.join(gi['fit_at_bounds'])} (the bound decided them, not the data)")
         unc = r.get("uncertainty_eV", {})
         print(f"{pre}subset {names[sid]} ({k + 1}/{len(mine)}): {r['n_reference']} reference, "
               f"{r['n_kept']}/{r['n_copies']} copies kept, sigma mean {unc.get('mean', 0):.4f} eV"
@@ -480,6 +594,7 @@ def merge(cfg: AugmentConfig, ds, keys: dict, workdir: Path) -> dict:
             if len(d["energy"]) == 0:
                 continue
             par = d["parent"]
+            wts = synthetic_weights(cfg, d["uncertainty"], d["kept"])
             uniq = np.unique(par)
             pmap = {int(p): s for p, s in zip(uniq, ds.read(uniq))}
             out, sp = [], []
@@ -488,7 +603,7 @@ def merge(cfg: AugmentConfig, ds, keys: dict, workdir: Path) -> dict:
                 st = Structure(numbers=p.numbers, positions=d["positions"][k], cell=p.cell, pbc=p.pbc,
                                energy=float(d["energy"][k]), forces=None, subset=int(sid), synthetic=True,
                                parent=int(par[k]), uncertainty=float(d["uncertainty"][k]),
-                               weight=float(cfg.synthetic_weight), source=p.source,
+                               weight=float(wts[k]), source=p.source,
                                source_index=p.source_index)
                 if d["kept"][k]:
                     out.append(st)
@@ -507,6 +622,23 @@ def merge(cfg: AugmentConfig, ds, keys: dict, workdir: Path) -> dict:
             "n_input": ds.n_structures, "n_synthetic": n_syn, "n_output": ds.n_structures + n_syn,
             "n_candidates": len(cand_atoms),
             "candidates": str(cfg.candidates_path()) if cand_atoms else None, "subsets": subs}
+
+
+def synthetic_weights(cfg: AugmentConfig, sigma, kept) -> np.ndarray:
+    """Loss weights of a subset's copies: ``synthetic_weight`` (weighting none) or
+    ``synthetic_weight * s0^2 / (s0^2 + sigma^2)`` (weighting variance; s0 = weight_sigma, or
+    the median sigma of the kept copies), so that labels the GPR is unsure of pull less."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    w = np.full(sigma.shape, float(cfg.synthetic_weight))
+    if cfg.weighting == "none" or sigma.size == 0:
+        return w
+    s0 = cfg.weight_sigma
+    if s0 is None:
+        ref = sigma[np.asarray(kept, bool)] if np.any(kept) else sigma
+        s0 = float(np.median(ref))
+    if not s0 > 0:          # every copy certain (sigma 0): nothing to weigh
+        return w
+    return w * s0 ** 2 / (s0 ** 2 + sigma ** 2)
 
 
 def write_candidates(path: Path, cands, ds) -> None:

@@ -43,7 +43,7 @@ import torch
 
 from ..errors import ConfigError, InputError
 
-__all__ = ["CartesianFingerprint", "ChebyshevFingerprint", "InverseDistanceFingerprint",
+__all__ = ["CartesianFingerprint", "ChebyshevFingerprint", "InverseDistanceFingerprint", "LocalFingerprint",
            "make_fingerprint", "resolve_fingerprint", "AUTO_INVERSE_MAX_ATOMS"]
 
 AUTO_INVERSE_MAX_ATOMS = 64
@@ -96,7 +96,10 @@ class InverseDistanceFingerprint:
             raise InputError("inverse-distance fingerprint needs at least 2 atoms per structure")
         i, j = np.triu_indices(n, 1)
         d = R[:, j] - R[:, i]                                            # [B, D, 3]
-        if template is not None and getattr(template, "pbc", None) is not None:
+        if isinstance(template, (list, tuple)):      # one cell per structure
+            if any(np.asarray(t.pbc, bool).any() for t in template):
+                d = np.stack([self._min_image(d[b], t.cell, t.pbc) for b, t in enumerate(template)])
+        elif template is not None and getattr(template, "pbc", None) is not None:
             d = self._min_image(d, template.cell, template.pbc)
         r = np.sqrt((d * d).sum(-1))
         if (r < self.min_distance).any():
@@ -164,11 +167,13 @@ class ChebyshevFingerprint:
         return x, J
 
     def compute(self, positions_list, template, with_jacobian=True):
-        """Fingerprints of structures with ``template``'s numbers, cell and pbc and the given
+        """Fingerprints of structures with ``template``'s numbers, cell and pbc (or one template
+        per structure: cells differ between the structures of a strained-bulk subset) and the given
         positions.  Returns X [B, D] and J [B, D, 3 natoms] (scaled if a scale is set)."""
         xs, js = [], []
-        for p in positions_list:
-            x, J = self._one(template.numbers, p, template.cell, template.pbc, with_jacobian)
+        tmpls = template if isinstance(template, (list, tuple)) else [template] * len(positions_list)
+        for p, t in zip(positions_list, tmpls):
+            x, J = self._one(t.numbers, p, t.cell, t.pbc, with_jacobian)
             xs.append(x)
             js.append(J)
         X = torch.stack(xs)
@@ -191,6 +196,92 @@ class ChebyshevFingerprint:
         return {"kind": "chebyshev", "mode": self.mode, "species": self.species, **self.spec.to_dict()}
 
 
+# the per-atom descriptors and their Jacobian through the compiled operators
+def _have_ops() -> bool:
+    from ..descriptors import fused  # noqa: F401  (loads the extension where it exists)
+
+    ops = getattr(torch.ops, "distmlip", None)
+    try:
+        return ops is not None and hasattr(ops, "chebyshev_forward") and hasattr(ops, "chebyshev_double_backward")
+    except RuntimeError:
+        return False
+
+
+def descriptor_and_jacobian(desc, species, cutoff, numbers, positions, cell, pbc, with_jacobian=True):
+    """(x [n D], J [n D, 3n] or None) with x = G.reshape(-1); None when the compiled operators
+    are missing (the caller falls back to autograd on the reference descriptor)."""
+    if not _have_ops():
+        return None
+    from ..descriptors import fused
+    from ..descriptors.batch import collate
+
+    b = collate([_Tmpl(np.asarray(numbers), np.asarray(positions, dtype=np.float64),
+                       np.asarray(cell, dtype=np.float64), np.asarray(pbc, dtype=bool))],
+                list(species), float(cutoff), dtype=torch.float64)
+    n = b.positions.shape[0]
+    pos, *tens = fused.prepare_arguments(b.positions.detach(), b.species, b.pair_i, b.pair_j, b.pair_shift,
+                                         typespin=desc.typespin, pair_ptr=b.pair_ptr)
+    prm = (float(desc.rc_radial), int(desc.n_radial), float(desc.rc_angular), int(desc.n_angular))
+    ops = torch.ops.distmlip
+    with torch.no_grad():
+        G = ops.chebyshev_forward(pos, *tens, *prm)
+        if not with_jacobian:
+            return G.reshape(-1), None
+        zero = torch.zeros_like(G)
+        J = torch.empty(G.numel(), 3 * n, dtype=torch.float64)
+        v = torch.zeros(n, 3, dtype=torch.float64)
+        for k in range(3 * n):
+            v.view(-1)[k] = 1.0
+            jv, _ = ops.chebyshev_double_backward(zero, v, pos, *tens, *prm, True, False, None)
+            J[:, k] = jv.reshape(-1)
+            v.view(-1)[k] = 0.0
+    return G.reshape(-1), J
+
+
+class LocalFingerprint(ChebyshevFingerprint):
+    """Per-atom Chebyshev descriptors for the local-environment kernel (``kernel.LocalKernel``):
+    the layout of the concatenated chebyshev fingerprint (X [n D], J [n D, 3n]), but each
+    descriptor component is scaled by its std over ALL atoms and structures of the subset (one
+    scale per component, the same for every atom, so that environments stay comparable), and the
+    descriptor is built for the subset's own elements (a one-element subset has no typespin-
+    weighted half, which would repeat the unweighted one)."""
+    name = "local"
+
+    def __init__(self, species, spec, min_scale_rel=1e-2):
+        super().__init__(species, spec, mode="concat", min_scale_rel=min_scale_rel)
+        self.dim = int(self.desc.dim)
+
+    def _one(self, numbers, positions, cell, pbc, with_jacobian):
+        """x = the atoms' descriptors [n D]; J [n D, 3n] column by column from the compiled
+        Jacobian-vector products (3n JVPs of the fused descriptor: much faster than autograd
+        through the reference descriptor, docs/results.md).  Without the extension: the
+        reference path."""
+        out = descriptor_and_jacobian(self.desc, self.species, self.cutoff, numbers, positions,
+                                      cell, pbc, with_jacobian)
+        if out is None:
+            return super()._one(numbers, positions, cell, pbc, with_jacobian)
+        return out
+
+    def fit_scale(self, X, J):
+        B = X.shape[0]
+        G = X.reshape(B, -1, self.dim).reshape(-1, self.dim)
+        sd = G.std(0, unbiased=False)
+        floor = max(float(sd.max()) * self.min_scale_rel, 1e-12)
+        per = sd.clamp_min(floor)
+        self.scale = per.repeat(X.shape[1] // self.dim)
+        return X / self.scale, (None if J is None else J / self.scale[None, :, None])
+
+    def kernel(self, numbers):
+        from .kernel import LocalKernel
+
+        sym = np.asarray(numbers).reshape(-1)
+        _, inv = np.unique(sym, return_inverse=True)
+        return LocalKernel(inv, self.dim)
+
+    def state(self) -> dict:
+        return {"kind": "local", "species": self.species, **self.spec.to_dict()}
+
+
 def resolve_fingerprint(kind: str, natoms: int, pbc) -> str:
     """The concrete fingerprint for ``kind`` ('auto': inverse for a non-periodic subset of at
     most AUTO_INVERSE_MAX_ATOMS atoms, else cartesian)."""
@@ -205,6 +296,10 @@ def make_fingerprint(kind: str, species=None, **params):
         return InverseDistanceFingerprint()
     if kind == "cartesian":
         return CartesianFingerprint()
+    if kind == "local":
+        if species is None:
+            raise ConfigError("local fingerprint needs the species list")
+        return LocalFingerprint(species, **params)
     if kind == "chebyshev":
         if species is None:
             raise ConfigError("chebyshev fingerprint needs the species list")

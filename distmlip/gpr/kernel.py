@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-__all__ = ["cov_block", "assemble", "n_obs"]
+__all__ = ["cov_block", "assemble", "n_obs", "LocalKernel"]
 
 
 def n_obs(n_structures: int, n_deriv: int, with_grad: bool = True) -> int:
@@ -143,8 +144,65 @@ def _chunk_rows(A, bytes_per_row, max_bytes):
     return max(1, min(A, int(max_bytes // max(1, bytes_per_row))))
 
 
+def _place(out, blk, rs, re_, cs, ce, A, B, Pa, Pb, skip_rows=0):
+    """Write the block between structures rs:re_ (rows) and cs:ce (columns), laid out as
+    [values; derivatives] x [values, derivatives], at its place in ``out``; with ``skip_rows``
+    the first structures of the row set are left out (the mirrored copy of a diagonal block)."""
+    m, k = re_ - rs, ce - cs
+    r0 = rs + skip_rows
+    vr = slice(skip_rows, m)
+    out[r0:re_, cs:ce] = blk[vr, :k]
+    if Pb:
+        out[r0:re_, B + cs * Pb:B + ce * Pb] = blk[vr, k:]
+    if Pa:
+        dr = slice(m + skip_rows * Pa, m + m * Pa)
+        out[A + r0 * Pa:A + re_ * Pa, cs:ce] = blk[dr, :k]
+        if Pb:
+            out[A + r0 * Pa:A + re_ * Pa, B + cs * Pb:B + ce * Pb] = blk[dr, k:]
+
+
+def _mirror(out, s, e, A, P):
+    """K symmetric: copy the rows of structures s:e, columns of structures e:A, onto the
+    transposed place (strided copies inside ``out``)."""
+    rows = [(s, e)] + ([(A + s * P, A + e * P)] if P else [])
+    cols = [(e, A)] + ([(A + e * P, A + A * P)] if P else [])
+    for r0, r1 in rows:
+        for c0, c1 in cols:
+            out[c0:c1, r0:r1].copy_(out[r0:r1, c0:c1].T)
+
+
+def _cartesian_into(out, XA, XB, w, l, rows_grad, cols_grad, deriv, s, t0, A, B):
+    """The Cartesian squared-exponential block of rows s:s+m and columns t0:B, written in place."""
+    m, Bc, P = XA.shape[0], XB.shape[0], XA.shape[1]
+    e = s + m
+    diff = XA[:, None, :] - XB[None, :, :]                  # [m, Bc, P]
+    d2 = (diff * diff).sum(-1)
+    il2 = 1.0 / (l * l)
+    k0 = (w * w) * torch.exp(-0.5 * d2 * il2)
+    if deriv is None:
+        k, kl2, kl4 = k0, k0 * il2, k0 * il2 * il2
+    else:
+        u = d2 * il2
+        k, kl2, kl4 = k0 * u, k0 * il2 * (u - 2.0), k0 * il2 * il2 * (u - 4.0)
+    out[s:e, t0:B] = k
+    if cols_grad:
+        torch.mul(kl2[:, :, None], diff, out=out[s:e, B + t0 * P:B + B * P].view(m, Bc, P))
+    if not rows_grad:
+        return
+    ge = out[A + s * P:A + e * P, t0:B].view(m, P, Bc)
+    torch.mul(diff.permute(0, 2, 1), kl2[:, None, :], out=ge)
+    ge.neg_()
+    if not cols_grad:
+        return
+    gg = out[A + s * P:A + e * P, B + t0 * P:B + B * P].view(m, P, Bc, P)
+    # (k / l^2) delta_pq - (k / l^4) r_p r_q
+    torch.mul(diff.permute(0, 2, 1)[:, :, :, None], diff[:, None, :, :], out=gg)
+    gg.mul_(kl4.neg()[:, None, :, None])
+    gg.diagonal(dim1=1, dim2=3).add_(kl2[:, :, None])
+
+
 def assemble(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, out=None,
-             max_block_bytes: int = 256 * 2 ** 20, deriv=None):
+             max_block_bytes: int = 256 * 2 ** 20, deriv=None, kernel=None):
     """Fill the full covariance matrix between sets A and B chunk by chunk (no autograd).
 
     Rows of A are processed in chunks whose largest temporary ([c, Pa, B, Pb] doubles, a few of
@@ -157,20 +215,194 @@ def assemble(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, out=None,
     if out is None:
         out = torch.empty(nA, nB, dtype=XA.dtype, device=XA.device)
     per_row = 8 * 4 * B * (1 + Pb) * (1 + Pa) + 8 * B * XA.shape[1] * 2
+    block = cov_block
+    if kernel is not None:
+        per_row = kernel.bytes_per_row(B, Pa, Pb)
+        block = kernel.cov_block
     c = _chunk_rows(A, per_row, max_block_bytes)
     w = float(w)
     l = float(l)
+    # K(X, X): only the blocks on and above the diagonal are computed, the rest mirrored
+    sym = XA is XB and JA is JB and rows_grad == cols_grad
+    # the Cartesian squared-exponential blocks are written straight into ``out`` (no temporaries
+    # of the block's size: those were mapped and faulted in afresh for every chunk)
+    direct = kernel is None and JA is None and JB is None and deriv in (None, "log_length")
+    if direct:
+        c = _chunk_rows(A, 8 * 4 * B * XA.shape[1] + 8 * 8 * B, max_block_bytes)
     with torch.no_grad():
         for s in range(0, A, c):
             e = min(A, s + c)
-            blk = cov_block(XA[s:e], None if JA is None else JA[s:e], XB, JB, w, l, rows_grad,
-                            cols_grad, deriv=deriv)
-            m = e - s
-            out[s:e] = blk[:m]
-            if rows_grad:
-                out[A + s * Pa:A + e * Pa] = blk[m:]
-            del blk
+            t0 = s if sym else 0
+            if direct:
+                _cartesian_into(out, XA[s:e], XB[t0:], w, l, rows_grad, cols_grad, deriv, s, t0, A, B)
+            else:
+                blk = block(XA[s:e], None if JA is None else JA[s:e], XB[t0:],
+                            None if JB is None else JB[t0:], w, l, rows_grad, cols_grad, deriv=deriv)
+                _place(out, blk, s, e, t0, B, A, B, Pa, Pb)
+                del blk
+            if sym and e < B:
+                _mirror(out, s, e, A, Pa)
     return out
 
 
 LOG2PI = math.log(2.0 * math.pi)
+
+
+# ------------------------------------------------------------------------------------------
+# local-environment kernel (a sum of per-atom kernels, as in SOAP-GPR and GAP)
+# ------------------------------------------------------------------------------------------
+
+class LocalKernel:
+    """Covariance of total energies modelled as sums of atomic energies, ``E = sum_i e(G_i)``,
+    with a squared-exponential prior on ``e`` between atoms of the same element:
+
+        cov(E_a, E_b) = sum_{i in a} sum_{j in b} [Z_i = Z_j] w^2 exp(-|G_ai - G_bj|^2 / 2 l^2)
+
+    ``G_ai`` [D] is the descriptor of atom i of structure a (a local environment, here aenet's
+    Chebyshev descriptor), ``J_ai = dG_ai / dR_a`` [D, P] its Jacobian.  Every block of the
+    global kernel (module docstring) holds per atom pair, with r = G_ai - G_bj, and is summed
+    over the pairs:
+
+        cov(E_a, g_b) = sum_ij (k_ij / l^2) J_bj^T r_ij
+        cov(g_a, E_b) = -sum_ij (k_ij / l^2) J_ai^T r_ij
+        cov(g_a, g_b) = sum_ij (k_ij / l^2) J_ai^T J_bj - (k_ij / l^4) (J_ai^T r_ij)(J_bj^T r_ij)^T
+
+    so the hyperparameter derivatives are those of the global kernel pair by pair
+    (``deriv="log_length"``).  A structure's fingerprint is its atoms' descriptors concatenated
+    (``X`` [n D], ``J`` [n D, P], the layout of the chebyshev fingerprint); ``species`` [n] gives
+    the element of each atom (one atom order per subset).
+
+    Why: a global kernel (Cartesian, inverse distances, concatenated descriptors) compares whole
+    structures, so it learns the energy surface only along the few directions in which its
+    N training structures differ; a random displacement of all 3n coordinates mostly moves along
+    directions it never saw, where its posterior reverts to the prior and misses the curvature
+    (the energy rise ``0.5 d^T H d`` of a displacement).  The local kernel learns one atomic
+    energy function from N n environments, which covers those directions."""
+
+    def __init__(self, species, dim: int):
+        self.species = torch.as_tensor(np.asarray(species, dtype=np.int64).reshape(-1))
+        self.n = int(self.species.numel())
+        self.dim = int(dim)
+
+    def state(self) -> dict:
+        return {"kind": "local", "species": self.species.tolist(), "dim": self.dim}
+
+    def _split(self, X, J):
+        A = X.shape[0]
+        G = X.reshape(A, self.n, self.dim)
+        J4 = None if J is None else J.reshape(A, self.n, self.dim, J.shape[-1])
+        return G, J4
+
+    def pair_factors(self, GA, GB, w, l, deriv):
+        """k, k / l^2, k / l^4 (or their log-l derivatives) per atom pair [A, n, B, m]."""
+        a2 = (GA * GA).sum(-1)
+        b2 = (GB * GB).sum(-1)
+        d2 = (a2[:, :, None, None] + b2[None, None] - 2.0 * torch.einsum("aid,bjd->aibj", GA, GB)).clamp_min_(0.0)
+        same = (self.species[:, None] == self.species[None, :]).to(GA.dtype).to(GA.device)
+        il2 = 1.0 / (l * l)
+        k0 = (w * w) * torch.exp(-0.5 * il2 * d2) * same[None, :, None, :]
+        if deriv is None:
+            return k0, k0 * il2, k0 * (il2 * il2)
+        u = d2 * il2
+        return k0 * u, k0 * il2 * (u - 2.0), k0 * (il2 * il2) * (u - 4.0)
+
+    def cov_block(self, XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, deriv=None):
+        """The block between structure sets A and B in the layout of :func:`cov_block`.  One
+        row structure at a time, every contraction one batched matrix product over the column
+        structures, with the pair arrays built in the order the products read them (the
+        reordering copies of a straight einsum cost more than the products)."""
+        if deriv not in (None, "log_length"):
+            raise ValueError("LocalKernel: only deriv='log_length' is supported")
+        A, B, n, D = XA.shape[0], XB.shape[0], self.n, self.dim
+        GA, GB = XA.reshape(A, n, D), XB.reshape(B, n, D)
+        k, c2, c4 = self.pair_factors(GA, GB, w, l, deriv)                  # [A, n, B, n]
+        Pa = JA.shape[-1] if rows_grad else 0
+        Pb = JB.shape[-1] if cols_grad else 0
+        out = torch.empty(A * (1 + Pa), B * (1 + Pb), dtype=XA.dtype, device=XA.device)
+        out[:A, :B] = k.sum((1, 3))
+        if cols_grad:
+            JBd = JB.reshape(B, n, D, Pb).permute(0, 2, 1, 3).reshape(B, D, n * Pb)     # [b, d, (j q)]
+            hB = torch.einsum("bjdq,bjd->bjq", JB.reshape(B, n, D, Pb), GB)           # J_bj^T G_bj
+            JB3 = JB.reshape(B, n, D * Pb)
+        if rows_grad:
+            JAp = JA.reshape(A, n, D, Pa).permute(0, 3, 1, 2).reshape(A, Pa * n, D)    # [a, (p i), d]
+            hA = torch.einsum("aidp,aid->api", JA.reshape(A, n, D, Pa), GA)           # J_ai^T G_ai
+            GBt = GB.transpose(1, 2)                                                   # [b, d, j]
+        for a in range(A):
+            c2a = c2[a].transpose(0, 1)                                     # [b, i, j]
+            if cols_grad:
+                # JBr[b, i, j, q] = (J_bj^T (G_ai - G_bj))_q  (into a reused buffer: a fresh
+                # one per row structure was faulted in page by page, as system time)
+                JBr = torch.matmul(GA[a], JBd, out=self._buf("JBr", (B, n, n * Pb), XA)).view(B, n, n, Pb)
+                JBr -= hB[:, None]
+                out[a, B:] = torch.bmm(c2a.reshape(B, 1, n * n), JBr.reshape(B, n * n, Pb)).reshape(-1)
+            if not rows_grad:
+                continue
+            # JAr[b, p, i, j] = (J_ai^T (G_ai - G_bj))_p
+            JAr = torch.matmul(JAp[a], GBt, out=self._buf("JAr", (B, Pa * n, n), XA)).view(B, Pa, n, n)
+            JAr.neg_().add_(hA[a][None, :, :, None])
+            ge = torch.bmm(JAr.reshape(B, Pa, n * n), c2a.reshape(B, n * n, 1))         # [b, p, 1]
+            out[A + a * Pa:A + (a + 1) * Pa, :B] = -ge[:, :, 0].T
+            if not cols_grad:
+                continue
+            # sum_ij c2_ij J_ai^T J_bj = sum_i J_ai^T (sum_j c2_ij J_bj)
+            T = torch.bmm(c2a, JB3).reshape(B, n * D, Pb)                              # [b, (i d), q]
+            gg = torch.matmul(JA[a].T, T)                                               # [b, p, q]
+            del T
+            # - sum_ij c4_ij (J_ai^T r_ij)(J_bj^T r_ij)^T
+            JBr *= c4[a].transpose(0, 1)[..., None]
+            gg -= torch.bmm(JAr.reshape(B, Pa, n * n), JBr.reshape(B, n * n, Pb))
+            out[A + a * Pa:A + (a + 1) * Pa, B:].view(Pa, B, Pb).copy_(gg.transpose(0, 1))
+            del gg
+        return out
+
+    def _buf(self, name, shape, like):
+        """A scratch tensor of ``shape`` kept between calls (grown, never shrunk)."""
+        if not hasattr(self, "_scratch"):
+            self._scratch = {}
+        n = int(np.prod(shape))
+        b = self._scratch.get(name)
+        if b is None or b.numel() < n or b.device != like.device or b.dtype != like.dtype:
+            b = torch.empty(n, dtype=like.dtype, device=like.device)
+            self._scratch[name] = b
+        return b[:n].view(shape)
+
+    def __getstate__(self):          # scratch buffers are not part of a saved fit
+        d = dict(self.__dict__)
+        d.pop("_scratch", None)
+        return d
+
+    def prior_variance(self, X, w, l):
+        """Prior variance of each structure's energy, sum_ij k(G_i, G_j) over its own atoms [M]."""
+        G = X.reshape(X.shape[0], self.n, self.dim)
+        d2 = torch.cdist(G, G).pow_(2)
+        same = (self.species[:, None] == self.species[None, :]).to(G.dtype).to(G.device)
+        return ((w * w) * torch.exp(-0.5 * d2 / (l * l)) * same).sum((1, 2))
+
+    def bytes_per_row(self, B, Pa, Pb):
+        """Bytes per structure of the row set: its output rows and the pair factors (the
+        per-structure temporaries, JAr and JBr [B, P, n, n], are freed after each)."""
+        return 8 * ((1 + Pa) * B * (1 + Pb) + 4 * self.n * B * self.n)
+
+    def nn_distance(self, X, max_envs: int = 4000, seed: int = 0):
+        """Median distance from each atomic environment to its nearest environment of the same
+        element in another structure (the data's spacing in descriptor space)."""
+        N = X.shape[0]
+        G = X.reshape(N, self.n, self.dim)
+        out = []
+        for z in torch.unique(self.species):
+            idx = torch.nonzero(self.species == z).reshape(-1)
+            Gz = G[:, idx].reshape(-1, self.dim)
+            owner = torch.arange(N, device=X.device).repeat_interleave(len(idx))
+            if Gz.shape[0] > max_envs:
+                g = torch.Generator().manual_seed(seed)
+                pick = torch.randperm(Gz.shape[0], generator=g)[:max_envs].to(X.device)
+            else:
+                pick = torch.arange(Gz.shape[0], device=X.device)
+            d = torch.cdist(Gz[pick], Gz)
+            d[owner[pick][:, None] == owner[None, :]] = float("inf")
+            m = d.min(1).values
+            out.append(m[torch.isfinite(m)])
+        v = torch.cat(out) if out else torch.zeros(0)
+        v = v[v > 0]
+        return float(v.median()) if v.numel() else 1.0

@@ -132,6 +132,84 @@ def _cholesky_inverse(L):
 
 
 # ------------------------------------------------------------------------------------------
+# in-place dense linear algebra on the CPU (no n x n temporaries)
+# ------------------------------------------------------------------------------------------
+# Every n x n array that a likelihood evaluation allocated afresh (K, its factor, the inverse,
+# dK, and the copies that torch/scipy made of them) was first touched page by page: on the EC
+# dimers more than half of the fit's CPU time was system time (page faults).  The evaluations
+# now reuse buffers and factorise in place through LAPACK on the transposed (Fortran-ordered)
+# view of the row-major tensors: for a symmetric matrix the upper factor of that view is the
+# lower factor of the tensor.
+
+class Workspace:
+    """Flat float64 buffers, grown to the largest n seen and viewed as [n, n]."""
+
+    def __init__(self):
+        self._flat: dict = {}
+
+    def get(self, name: str, n: int, device) -> torch.Tensor:
+        b = self._flat.get(name)
+        if b is None or b.numel() < n * n or b.device != torch.device(device):
+            b = torch.empty(n * n, dtype=torch.float64, device=device)
+            self._flat[name] = b
+        return b[:n * n].view(n, n)
+
+
+def _lapack():
+    from scipy.linalg import lapack
+    return lapack
+
+
+def potrf_inplace(A: torch.Tensor) -> int:
+    """Lower Cholesky factor of the symmetric C-contiguous CPU tensor A, written over A's lower
+    triangle (the strict upper triangle keeps its old values).  Returns LAPACK's info."""
+    a = A.numpy().T                       # Fortran-ordered view: LAPACK works on it in place
+    c, info = _lapack().dpotrf(a, lower=0, clean=0, overwrite_a=1)
+    if not np.shares_memory(c, a):        # scipy copied (should not happen for this layout)
+        A.copy_(torch.from_numpy(np.ascontiguousarray(c.T)))
+    return int(info)
+
+
+def potri_inplace(L: torch.Tensor) -> int:
+    """K^-1 from the lower factor in L, written over L as a full symmetric matrix."""
+    a = L.numpy().T
+    c, info = _lapack().dpotri(a, lower=0, overwrite_c=1)
+    if not np.shares_memory(c, a):
+        L.copy_(torch.from_numpy(np.ascontiguousarray(c.T)))
+    if info == 0:
+        symmetrize_lower_(L)
+    return int(info)
+
+
+def symmetrize_lower_(A: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Copy the lower triangle of A onto its upper triangle, block by block (no n x n copy)."""
+    n = A.shape[0]
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        d = A[s:e, s:e]
+        d.copy_(torch.tril(d) + torch.tril(d, -1).T)
+        if e < n:
+            A[s:e, e:].copy_(A[e:, s:e].T)
+    return A
+
+
+def zero_upper_(A: torch.Tensor, block: int = 512) -> torch.Tensor:
+    n = A.shape[0]
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        A[s:e, s:e].copy_(torch.tril(A[s:e, s:e]))
+        if e < n:
+            A[s:e, e:].zero_()
+    return A
+
+
+def potrs(L: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """K^-1 y from the lower factor in L (only its lower triangle is read)."""
+    x, info = _lapack().dpotrs(L.numpy().T, y.numpy(), lower=0)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+# ------------------------------------------------------------------------------------------
 # clustering for local GPRs
 # ------------------------------------------------------------------------------------------
 
@@ -214,7 +292,7 @@ class GPR:
                  scales=None, noise_max=0.1, noise_min=1e-5, l_min_nn=1.0, fit_restarts=3,
                  select="lml", fit_subsample="local", short_iterations=8, groups=None,
                  refine_iterations=10,
-                 length_ratios=None, ratio_min=0.1):
+                 length_ratios=None, ratio_min=0.1, kernel=None):
         self.given = dict(weight=weight, length_scale=length_scale, noise_energy=noise_energy,
                           noise_force=noise_force)
         # groups: one label per Cartesian component (e.g. the element of its atom): each group
@@ -255,6 +333,12 @@ class GPR:
             raise ConfigError(f"GPR fit_subsample must be 'random' or 'local', got {fit_subsample!r}")
         self.fit_subsample = fit_subsample
         self.scales = scales      # (mu, s, f) to impose a standardisation (local GPRs)
+        # None: the squared-exponential kernel on the whole fingerprint; a kernel.LocalKernel:
+        # a sum of per-atom kernels on the atoms' descriptors (X = the concatenated descriptors)
+        self.kernel = kernel
+        # progress(done, total, elapsed_s): called after each likelihood evaluation of the
+        # hyperparameter search (total = the evaluations at most planned; augment prints an ETA)
+        self.progress = None
         self.info: dict = {}
 
     # ---------------------------------------------------------------- helpers
@@ -363,10 +447,29 @@ class GPR:
         X, y = self._scaled(X, y, self.r)
         self.X = X
         K = assemble(X, J, X, J, h.weight, h.length_scale, self.use_forces, self.use_forces,
-                     max_block_bytes=self.max_block_bytes)
+                     max_block_bytes=self.max_block_bytes, kernel=self.kernel)
         nf = (h.noise_force + self.noise_floor) * self.f / self.s
         K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf, self.r))
-        L, jit, jrel = cholesky_with_jitter(K, self.jitter_start, self.jitter_max, inplace=True)
+        if K.device.type == "cpu":
+            # factorised in place (the factor replaces K: half the memory, no second n x n
+            # array to fault in); a failure re-assembles K with jitter
+            jit = jrel = 0.0
+            rel = self.jitter_start
+            scale = float(K.diagonal().mean())
+            while potrf_inplace(K) != 0:
+                if rel > self.jitter_max * (1 + 1e-9):
+                    raise InputError(
+                        f"GPR: kernel matrix is not positive definite even with jitter {self.jitter_max:g} "
+                        f"x mean diagonal (duplicate structures with different labels?)")
+                assemble(X, J, X, J, h.weight, h.length_scale, self.use_forces, self.use_forces,
+                         max_block_bytes=self.max_block_bytes, kernel=self.kernel, out=K)
+                K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf, self.r))
+                jit, jrel = rel * scale, rel
+                K.diagonal().add_(jit)
+                rel *= 10.0
+            L = zero_upper_(K)
+        else:
+            L, jit, jrel = cholesky_with_jitter(K, self.jitter_start, self.jitter_max, inplace=True)
         del K
         self.L = L
         self.alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
@@ -395,6 +498,30 @@ class GPR:
         nf = (p["noise_force"] + self.noise_floor) * self.f / self.s
         return ne, nf
 
+    def _factor_into(self, L, K) -> float:
+        """Copy K into the buffer L and factorise it there (lower Cholesky, in place), adding
+        jitter * mean(diag K) to the diagonal in decades on failure.  Returns the jitter."""
+        L.copy_(K)
+        if potrf_inplace(L) == 0:
+            return 0.0
+        scale = float(K.diagonal().mean())
+        rel = self.jitter_start
+        while rel <= self.jitter_max * (1 + 1e-9):
+            L.copy_(K)
+            L.diagonal().add_(rel * scale)
+            if potrf_inplace(L) == 0:
+                return rel * scale
+            rel *= 10.0
+        raise InputError(
+            f"GPR: kernel matrix is not positive definite even with jitter {self.jitter_max:g} x mean "
+            f"diagonal (duplicate structures with different labels, or a length scale far too large?)")
+
+    @property
+    def _ws(self) -> Workspace:
+        if getattr(self, "_workspace", None) is None:
+            self._workspace = Workspace()
+        return self._workspace
+
     def lml_and_grad(self, X, J, y, p: dict, names=(), loo=False):
         """Log marginal likelihood at hyperparameters ``p`` (dict of floats), its gradient with
         respect to the logarithms of ``names`` (closed form:
@@ -407,20 +534,33 @@ class GPR:
         uf = self.use_forces
         r = self._rvec(p)
         X, y = self._scaled(X, y, r)
+        n = y.shape[0]
+        cpu = X.device.type == "cpu"
+        ws = self._ws
         K = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
-                     max_block_bytes=self.max_block_bytes)
+                     max_block_bytes=self.max_block_bytes, kernel=self.kernel,
+                     out=ws.get("K", n, X.device) if cpu else None)
         ne, nf = self._eff_noise(p)
         nd = self._noise_diag(N, self.P, ne, nf, r)
         K.diagonal().add_(nd)
-        L, jit, _ = cholesky_with_jitter(K, self.jitter_start, self.jitter_max)
-        alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
-        n = y.shape[0]
+        if cpu:     # factor and inverse in one reused buffer, in place (no n x n temporaries)
+            L = ws.get("L", n, X.device)
+            jit = self._factor_into(L, K)
+            alpha = potrs(L, y[:, None])[:, 0]
+        else:
+            L, jit, _ = cholesky_with_jitter(K, self.jitter_start, self.jitter_max)
+            alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
         lml = float(-0.5 * (y @ alpha) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI) \
             + self._log_jacobian(N, r)
         if not names and not loo:
             return lml, None, None
-        W = _cholesky_inverse(L)
-        del L
+        if cpu:
+            if potri_inplace(L) != 0:
+                raise InputError("GPR: LAPACK dpotri failed on a factorised kernel")
+            W = L
+        else:
+            W = _cholesky_inverse(L)
+            del L
         W.neg_().addr_(alpha, alpha)                          # W = alpha alpha^T - K^-1
         Wd = W.diagonal()
         grad = []
@@ -429,7 +569,8 @@ class GPR:
                 g = torch.dot(W.reshape(-1), K.reshape(-1)) - (Wd * (nd + jit)).sum()
             elif nm == "length_scale":
                 dK = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
-                              max_block_bytes=self.max_block_bytes, deriv="log_length")
+                              max_block_bytes=self.max_block_bytes, deriv="log_length", kernel=self.kernel,
+                              out=ws.get("dK", n, X.device) if cpu else None)
                 g = 0.5 * torch.dot(W.reshape(-1), dK.reshape(-1))
                 del dK
             elif nm == "noise_energy":
@@ -443,12 +584,16 @@ class GPR:
                 # D_g selecting the derivative rows of group g
                 mask = self.gidx == int(nm.split("_")[1])
                 dK = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
-                              max_block_bytes=self.max_block_bytes, deriv=mask)
+                              max_block_bytes=self.max_block_bytes, deriv=mask,
+                              out=ws.get("dK", n, X.device) if cpu else None)
                 g = 0.5 * torch.dot(W.reshape(-1), dK.reshape(-1))
                 del dK
                 if uf:
                     rows = N + torch.nonzero(mask.repeat(N)).reshape(-1)
-                    g = g - ((W[rows] * K[rows]).sum() - (Wd[rows] * (nd[rows] + jit)).sum())
+                    # tr(W D_g K) row block by row block (a gather of all rows would be n x n)
+                    wk = sum(float((W[rows[b:b + 256]] * K[rows[b:b + 256]]).sum())
+                             for b in range(0, len(rows), 256))
+                    g = g - (wk - (Wd[rows] * (nd[rows] + jit)).sum())
             else:
                 raise ValueError(nm)
             grad.append(float(g))
@@ -465,7 +610,10 @@ class GPR:
 
     # ---------------------------------------------------------------- hyperparameter fit
     def _nn_distance(self, X):
-        """Median nearest-neighbour fingerprint distance between training structures."""
+        """Median nearest-neighbour fingerprint distance between training structures (local
+        kernel: between the atomic environments of different structures)."""
+        if self.kernel is not None:
+            return self.kernel.nn_distance(X, seed=self.seed)
         N = X.shape[0]
         if N < 2:
             return 1.0
@@ -518,7 +666,7 @@ class GPR:
                 names += self._ratio_names()
             else:
                 fixed.update({f"ratio_{k + 1}": v for k, v in enumerate(self.given_ratios)})
-        bounds = {"weight": (1e-2, 1e4),
+        bounds = {"weight": (1e-3 if self.kernel is not None else 1e-2, 1e4),
                   "length_scale": (self.l_min_nn * dnn, max(1e3 * dnn, 10.0 * self.l_min_nn * dnn)),
                   "noise_energy": (self.noise_min, self.noise_max),
                   "noise_force": (self.noise_min, self.noise_max)}
@@ -532,7 +680,9 @@ class GPR:
         starts = []
         for l0 in lgrid:
             wst = [1.0]
-            if "weight" in names and self.use_forces:
+            if self.kernel is not None:     # E sums n atomic terms: prior std ~ sqrt(n) w .. n w
+                wst.append(1.0 / math.sqrt(self.kernel.n))
+            if "weight" in names and self.use_forces and self.kernel is None:
                 wst.append(max(1e-2, self.f * l0 / self.s))
             for w0 in (wst if "weight" in names else [fixed["weight"]]):
                 p = dict(init, **fixed)
@@ -546,8 +696,19 @@ class GPR:
             p.update({k: float(math.exp(v)) for k, v in zip(names, th)})
             return p
 
-        def f(th):
+        t_start = time.perf_counter()
+        n_short = min(self.fit_iterations, self.short_iterations)
+        # planned evaluations: screening, the short runs, the long run(s), the block refinement
+        planned = len(starts) + max(1, self.fit_restarts) * (n_short + 2) + \
+            (1 if self.select == "lml" else max(1, self.fit_restarts)) * (self.fit_iterations + 2)
+
+        def tick():
             state["evals"] += 1
+            if self.progress is not None:
+                self.progress(state["evals"], max(planned, state["evals"]), time.perf_counter() - t_start)
+
+        def f(th):
+            tick()
             try:
                 lml, g, _ = self.lml_and_grad(Xs, Js, y, unpack(th), names)
             except InputError:
@@ -556,6 +717,7 @@ class GPR:
 
         screened = []
         for th in starts:
+            tick()
             try:
                 v = self.lml_and_grad(Xs, Js, y, unpack(th), ())[0]
             except InputError:
@@ -606,6 +768,11 @@ class GPR:
         vals.update(unpack(best["theta"]))
         vals["length_ratios"] = tuple(vals.pop(k) for k in self._ratio_names())
         self.info.update(refine)
+        # a fitted value on its bound means the bound, not the data, decided it
+        th = np.asarray(best["theta"])
+        self.info["fit_at_bounds"] = [f"{k} {'lower' if t <= lo + 1e-6 else 'upper'}"
+                                      for k, t, lo, hi in zip(names, th, lb, ub)
+                                      if t <= lo + 1e-6 or t >= hi - 1e-6]
         self.info.update(fit_subsample=self.fit_subsample, fit_nn_distance=self._nn_distance(Xs),
                          fit_structures=int(Xs.shape[0]), fit_obs=int(len(y)), fitted=names,
                          lml_fit_start=lml0, lml_fit_end=best["lml"], fit_evals=state["evals"],
@@ -703,8 +870,9 @@ class GPR:
                 for s in range(g0, g1, chunk):
                     e = min(g1, s + chunk)
                     m = e - s
-                    Ks = cov_block(self.X, self.J, X[s:e], None if J is None else J[s:e],
-                                   h.weight, h.length_scale, self.use_forces, forces)  # [n, m(1+P)]
+                    blk = cov_block if self.kernel is None else self.kernel.cov_block
+                    Ks = blk(self.X, self.J, X[s:e], None if J is None else J[s:e],
+                             h.weight, h.length_scale, self.use_forces, forces)  # [n, m(1+P)]
                     mean = Ks.T @ self.alpha
                     E[s:e] = self.mu + self.s * mean[:m]
                     if forces:
@@ -716,7 +884,9 @@ class GPR:
                     del Ks
                 if variance:
                     v = torch.linalg.solve_triangular(self.L, Ke, upper=False)
-                    var = (h.weight ** 2 - (v * v).sum(0)).clamp_min(0.0)
+                    prior = h.weight ** 2 if self.kernel is None else \
+                        self.kernel.prior_variance(X[g0:g1], h.weight, h.length_scale)
+                    var = (prior - (v * v).sum(0)).clamp_min(0.0)
                     S[g0:g1] = self.s * torch.sqrt(var)
                     del v, Ke
         self.info["time_predict_s"] = self.info.get("time_predict_s", 0.0) + time.perf_counter() - t0
@@ -771,7 +941,9 @@ class LocalGPR:
             # hyperparameters fitted once on the whole set (sub-sample of fit_max_obs rows, then
             # refined on blocks covering the set), shared by the local GPRs
             kw = dict(self.gpr_kwargs)
-            g0 = GPR(seed=self.seed, scales=scales, **kw).fit(X, J, E, F, hyper_only=True)
+            g0 = GPR(seed=self.seed, scales=scales, **kw)
+            g0.progress = getattr(self, "progress", None)
+            g0.fit(X, J, E, F, hyper_only=True)
             hyper_given = asdict(g0.hyper)
             fit_info = {k_: v for k_, v in g0.info.items()
                         if k_.startswith("fit") or k_.startswith("lml_fit") or k_ == "time_hyper_s"}
@@ -781,6 +953,7 @@ class LocalGPR:
             if hyper_given is not None:
                 kw.update(hyper_given)
             g = GPR(seed=self.seed, scales=scales, **kw)
+            g.progress = getattr(self, "progress", None)
             g.fit(_take(X, idx), None if J is None else _take(J, idx), _take(E, idx),
                   None if F is None else _take(F, idx))
             if hyper_given is None:

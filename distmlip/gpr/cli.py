@@ -1,0 +1,197 @@
+"""``distmlip gpr fit|predict|test``: fit the per-subset GPRs of augment once, save them, use
+them on any data set, and measure them against held-out labels.
+
+    distmlip gpr fit  augment.yaml --out fits/           # one <subset>.gpr.pt per subset
+    distmlip gpr test augment.yaml test.h5 [--load fits/] [--save fits/]
+    distmlip gpr predict fits/ data.h5 -o pred.npz       # energy, forces, sigma per structure
+
+The configuration is augment's (input data set, ``gpr:`` settings); the GPR data are the
+training-split reference structures of each subset, as in augment.  ``augment`` reuses saved
+fits with ``gpr.load: fits/`` (another delta or M without refitting).  ``test`` prints per subset
+the energy MAE (eV per structure), its mean (bias), the force MAE (eV/A per component) and the
+calibration: the share of energy errors within 1 and 2 predicted sigma (a Gaussian: 68 / 95 %).
+Runs in one process (subsets one after the other)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import load_config, parse_override
+from ..errors import InputError
+from ..utils.io import atomic_path
+
+
+def _structs_of(ds, sid, cfg, name):
+    from .augment import _parents_of
+
+    idx, _ = _parents_of(ds, sid)
+    if len(idx) == 0:
+        return None
+    structs = ds.read(idx)
+    ref = structs[0]
+    for s in structs:
+        if s.natoms != ref.natoms or not np.array_equal(s.numbers, ref.numbers):
+            raise InputError(f"{cfg.input}: subset '{name}' is not homogeneous (atom sequence)")
+    return structs
+
+
+def predict_structures(fit: dict, structs, forces=True):
+    """(E [M], F [M, n, 3] or None, sigma [M]) of structures of a fitted subset."""
+    fp, model = fit["fingerprint"], fit["model"]
+    X, J = fp.compute([s.positions for s in structs], list(structs), with_jacobian=forces)
+    e, f, sg = model.predict(X, J, forces=forces, variance=True)
+    n = structs[0].natoms
+    return e.numpy(), (None if f is None else f.numpy().reshape(len(structs), n, 3)), sg.numpy()
+
+
+def fit_all(cfg, save=None, load=None):
+    from ..data.h5store import H5Dataset
+    from .augment import fit_subset
+
+    ds = H5Dataset(cfg.input)
+    cfg.gpr.save = save or cfg.gpr.save
+    cfg.gpr.load = load or cfg.gpr.load
+    fits = {}
+    for sid, sub in enumerate(ds.subsets):
+        name = sub["name"]
+        if cfg.for_subset(name)["skip"]:
+            continue
+        structs = _structs_of(ds, sid, cfg, name)
+        if structs is None:
+            print(f"subset {name}: no training structures with forces, skipped", flush=True)
+            continue
+        t0 = time.perf_counter()
+        print(f"subset {name} ({sid + 1}/{len(ds.subsets)}): {len(structs)} structures of {structs[0].natoms} atoms ...",
+              flush=True)
+        fit = fit_subset(ds, structs, cfg, name)
+        fit["time_s"] = time.perf_counter() - t0
+        info = fit["model"].info
+        print(f"subset {name}: fingerprint {fit['kind']}{' (loaded)' if fit.get('loaded') else ''}, "
+              f"LOO energy MAE {info.get('loo_energy_mae_eV', float('nan')):.4f} eV, {fit['time_s']:.1f} s", flush=True)
+        fits[name] = fit
+    return fits
+
+
+def test_table(fits, test_path) -> dict:
+    from ..data.h5store import H5Dataset
+
+    ds = H5Dataset(test_path)
+    rows, allE, allF, all1, all2 = [], [], [], [], []
+    for sid, sub in enumerate(ds.subsets):
+        name = sub["name"]
+        if name not in fits:
+            continue
+        structs = ds.read(np.flatnonzero(ds.subset_ids == sid))
+        structs = [s for s in structs if not s.synthetic]
+        if not structs:
+            continue
+        e, f, sg = predict_structures(fits[name], structs, forces=all(s.has_forces for s in structs))
+        err = e - np.array([s.energy for s in structs])
+        r = dict(subset=name, n=len(structs), fingerprint=fits[name]["kind"], E_mae_eV=float(np.abs(err).mean()),
+                 E_bias_eV=float(err.mean()), sigma_mean_eV=float(sg.mean()),
+                 within_1sigma=float((np.abs(err) <= sg).mean()), within_2sigma=float((np.abs(err) <= 2 * sg).mean()))
+        if f is not None:
+            ferr = np.abs(f - np.stack([s.forces for s in structs]))
+            r["F_mae_eVA"] = float(ferr.mean())
+            allF.append(ferr.ravel())
+        rows.append(r)
+        allE.append(np.abs(err))
+        all1.append(np.abs(err) <= sg)
+        all2.append(np.abs(err) <= 2 * sg)
+    tot = {}
+    if rows:
+        tot = dict(E_mae_eV=float(np.concatenate(allE).mean()),
+                   F_mae_eVA=float(np.concatenate(allF).mean()) if allF else None,
+                   within_1sigma=float(np.concatenate(all1).mean()), within_2sigma=float(np.concatenate(all2).mean()))
+    return {"subsets": rows, "total": tot}
+
+
+def format_test(res) -> str:
+    hdr = f"{'subset':<20} {'fp':<10} {'n':>5} {'E MAE eV':>9} {'E bias eV':>10} {'F MAE eV/A':>11} {'sigma eV':>9} {'1 sig':>6} {'2 sig':>6}"
+    out = [hdr, "-" * len(hdr)]
+    for r in res["subsets"]:
+        F = r.get("F_mae_eVA")
+        out.append(f"{r['subset'][:20]:<20} {r['fingerprint']:<10} {r['n']:>5} {r['E_mae_eV']:>9.4f} {r['E_bias_eV']:>+10.4f} "
+                   f"{(format(F, '11.4f') if F is not None else '-'):>11} {r['sigma_mean_eV']:>9.4f} "
+                   f"{100 * r['within_1sigma']:>5.1f}% {100 * r['within_2sigma']:>5.1f}%")
+    t = res["total"]
+    if t:
+        F = t.get("F_mae_eVA")
+        out.append(f"{'all':<20} {'':<10} {'':>5} {t['E_mae_eV']:>9.4f} {'':>10} "
+                   f"{(format(F, '11.4f') if F is not None else '-'):>11} {'':>9} {100 * t['within_1sigma']:>5.1f}% "
+                   f"{100 * t['within_2sigma']:>5.1f}%")
+    return "\n".join(out)
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="gpr_command", metavar="fit|predict|test", required=True)
+    p = sub.add_parser("fit", help="fit and save the GPR of every subset")
+    p.add_argument("config", help="augment YAML (input data set and gpr settings)")
+    p.add_argument("--out", required=True, help="directory for the fits (<subset>.gpr.pt)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p = sub.add_parser("test", help="fit (or load) the GPRs and measure them on a labelled data set")
+    p.add_argument("config")
+    p.add_argument("test", help="HDF5 data set with energies (and forces) of the same subsets")
+    p.add_argument("--load", default=None, help="directory of saved fits")
+    p.add_argument("--save", default=None, help="save the fits here")
+    p.add_argument("--json", default=None, help="write the table as JSON")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p = sub.add_parser("predict", help="energies, forces and sigmas of a data set from saved fits")
+    p.add_argument("fits", help="directory of saved fits")
+    p.add_argument("data", help="HDF5 data set")
+    p.add_argument("-o", "--output", required=True, help=".npz with index, energy, forces (flat), sigma")
+    p.add_argument("--no-forces", action="store_true")
+
+
+def run(args) -> int:
+    from .augment import AugmentConfig
+
+    if args.gpr_command in ("fit", "test"):
+        overrides = dict(parse_override(s) for s in args.set)
+        if args.gpr_command == "fit":
+            overrides.setdefault("output", "-")
+        else:
+            overrides.setdefault("output", "-")
+        cfg = load_config(args.config, AugmentConfig, overrides)
+        if args.gpr_command == "fit":
+            fit_all(cfg, save=args.out)
+            print(f"gpr fit: fits in {args.out}")
+            return 0
+        fits = fit_all(cfg, save=args.save, load=args.load)
+        res = test_table(fits, args.test)
+        print(format_test(res))
+        if args.json:
+            with atomic_path(args.json) as tmp:
+                Path(tmp).write_text(json.dumps(res, indent=1))
+        return 0
+    from ..data.h5store import H5Dataset
+    from .store import fit_path, load_fit
+
+    ds = H5Dataset(args.data)
+    n = ds.n_structures
+    E = np.full(n, np.nan)
+    S = np.full(n, np.nan)
+    F = np.full(int(ds.natoms.sum()) * 3, np.nan)
+    off = np.concatenate([[0], np.cumsum(ds.natoms * 3)])
+    for sid, sub in enumerate(ds.subsets):
+        path = fit_path(args.fits, sub["name"])
+        idx = np.flatnonzero(ds.subset_ids == sid)
+        if not path.is_file() or len(idx) == 0:
+            print(f"subset {sub['name']}: no saved fit, left NaN")
+            continue
+        structs = ds.read(idx)
+        fit = load_fit(path, structs[0].numbers)
+        e, f, sg = predict_structures(fit, structs, forces=not args.no_forces)
+        E[idx], S[idx] = e, sg
+        if f is not None:
+            for k, i in enumerate(idx):
+                F[off[i]:off[i + 1]] = f[k].ravel()
+        print(f"subset {sub['name']}: {len(idx)} structures predicted")
+    with atomic_path(args.output, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, index=np.arange(n), energy=E, sigma=S, forces=F, forces_offset=off)
+    print(f"gpr predict: wrote {args.output}")
+    return 0

@@ -1,0 +1,120 @@
+"""distmlip gpr fit|test|predict, saved fits reused by augment, and the in-place LAPACK helpers of
+the likelihood loop."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distmlip.cli import main as cli_main
+from distmlip.data.h5store import H5Dataset, write_dataset
+from distmlip.data.structure import Structure
+
+
+def _emt(seed0, n_cl=5, n_al=4):
+    from ase import Atoms
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    out = []
+
+    def lab(a, src, k):
+        a.calc = EMT()
+        return Structure(numbers=a.numbers.copy(), positions=a.positions.copy(), cell=a.cell.array.copy(),
+                         pbc=a.pbc.copy(), energy=a.get_potential_energy(), forces=a.get_forces(),
+                         source=src, source_index=k)
+    for k in range(n_cl):
+        a = Atoms("Cu3Ni", positions=[[0, 0, 0], [2.5, 0, 0], [1.25, 2.1, 0], [1.25, 0.7, 2.0]])
+        a.rattle(0.08, seed=seed0 + k)
+        out.append(lab(a, "cluster", k))
+    for k in range(n_al):
+        a = bulk("Al", "fcc", a=4.05).repeat((2, 1, 1))
+        a.rattle(0.05, seed=seed0 + 50 + k)
+        out.append(lab(a, "al", k))
+    return out
+
+
+@pytest.fixture
+def data(tmp_path):
+    import yaml
+
+    write_dataset(tmp_path / "train.h5", _emt(0))
+    write_dataset(tmp_path / "test.h5", _emt(100, 4, 3))
+    cfg = {"input": str(tmp_path / "train.h5"), "output": str(tmp_path / "aug.h5"), "copies": 3,
+           "delta": 0.02, "seed": 1, "gpr": {"fingerprint": "local", "fit_iterations": 8, "fit_restarts": 1}}
+    (tmp_path / "aug.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path
+
+
+def test_gpr_test_save_predict_and_augment_reuses_the_fit(data, capsys):
+    from distmlip.gpr.cli import predict_structures
+    from distmlip.gpr.store import fit_path, load_fit
+
+    assert cli_main(["gpr", "test", str(data / "aug.yaml"), str(data / "test.h5"), "--save", str(data / "fits"),
+                     "--json", str(data / "t.json")]) == 0
+    out = capsys.readouterr().out
+    assert "E MAE eV" in out and "2 sig" in out
+    res = json.loads((data / "t.json").read_text())
+    ds = H5Dataset(data / "test.h5")
+    assert {r["subset"] for r in res["subsets"]} == {t["name"] for t in ds.subsets}
+    for r in res["subsets"]:
+        sid = [t["name"] for t in ds.subsets].index(r["subset"])
+        S = ds.read(np.flatnonzero(ds.subset_ids == sid))
+        fit = load_fit(fit_path(data / "fits", r["subset"]), S[0].numbers)
+        e, f, s = predict_structures(fit, S)
+        err = e - np.array([x.energy for x in S])
+        # the table is the saved fit's errors against the held-out labels
+        assert r["E_mae_eV"] == pytest.approx(np.abs(err).mean(), rel=1e-10)
+        assert r["F_mae_eVA"] == pytest.approx(np.abs(f - np.stack([x.forces for x in S])).mean(), rel=1e-10)
+        assert r["within_2sigma"] == pytest.approx(np.mean(np.abs(err) <= 2 * s))
+        # and it has learnt something: errors far below the spread of the test energies
+        assert r["E_mae_eV"] < 0.5 * np.std([x.energy for x in S])
+    # predict writes the same numbers for every structure
+    assert cli_main(["gpr", "predict", str(data / "fits"), str(data / "test.h5"), "-o", str(data / "p.npz")]) == 0
+    z = np.load(data / "p.npz")
+    assert np.isfinite(z["energy"]).all() and np.isfinite(z["sigma"]).all()
+    allS = ds.read(np.arange(ds.n_structures))
+    assert np.abs(z["energy"] - np.array([x.energy for x in allS])).mean() == pytest.approx(
+        np.mean([r["E_mae_eV"] * r["n"] for r in res["subsets"]]) * len(res["subsets"]) / ds.n_structures, rel=1e-8)
+    # augment with the saved fits gives the labels of augment with its own fit (same objects)
+    assert cli_main(["augment", str(data / "aug.yaml"), "--set", f"gpr.load={data / 'fits'}",
+                     "--set", f"output={data / 'aug_load.h5'}"]) == 0
+    assert cli_main(["augment", str(data / "aug.yaml")]) == 0
+    capsys.readouterr()
+    a, b = H5Dataset(data / "aug_load.h5"), H5Dataset(data / "aug.h5")
+    Sa, Sb = a.read(np.arange(a.n_structures)), b.read(np.arange(b.n_structures))
+    assert len(Sa) == len(Sb) > ds.n_structures
+    np.testing.assert_allclose([x.energy for x in Sa], [x.energy for x in Sb], rtol=0, atol=1e-9)
+    rep = json.loads((data / "aug_load.report.json").read_text())
+    assert all(r.get("gpr_loaded_from") for r in rep["subsets"])
+
+
+def test_inplace_lapack_helpers_match_torch():
+    from distmlip.gpr.model import Workspace, potrf_inplace, potri_inplace, potrs, symmetrize_lower_, zero_upper_
+
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(37, 37))
+    K = torch.as_tensor(A @ A.T + 37 * np.eye(37))
+    ws = Workspace()
+    L = ws.get("L", 37, "cpu")
+    L.copy_(K)
+    ptr = L.data_ptr()
+    assert potrf_inplace(L) == 0 and L.data_ptr() == ptr
+    Lt = torch.linalg.cholesky(K)
+    torch.testing.assert_close(torch.tril(L), Lt)
+    y = torch.as_tensor(rng.normal(size=(37, 2)))
+    torch.testing.assert_close(potrs(L, y), torch.linalg.solve(K, y))
+    assert potri_inplace(L) == 0
+    torch.testing.assert_close(L, torch.linalg.inv(K))
+    # a smaller request reuses the same storage
+    assert ws.get("L", 20, "cpu").data_ptr() == ptr
+    B = torch.as_tensor(rng.normal(size=(9, 9)))
+    S = symmetrize_lower_(B.clone(), block=4)
+    torch.testing.assert_close(S, torch.tril(B) + torch.tril(B, -1).T)
+    torch.testing.assert_close(zero_upper_(B.clone(), block=4), torch.tril(B))
+    # not positive definite: info > 0, no exception
+    M = ws.get("M", 3, "cpu")
+    M.copy_(torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    assert potrf_inplace(M) > 0

@@ -1,0 +1,130 @@
+"""Local-environment GPR kernel (sum of per-atom kernels): covariance blocks and their length-scale
+derivative against finite differences, the compiled Jacobian against autograd, per-structure
+cells, the prior variance, and the variance weights of synthetic energies."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distmlip.descriptors.spec import DescriptorSpec
+from distmlip.gpr.fingerprints import ChebyshevFingerprint, LocalFingerprint
+from distmlip.gpr.kernel import assemble
+
+SPEC = DescriptorSpec(rc_radial=4.0, n_radial=4, rc_angular=3.5, n_angular=2)
+NUMBERS = np.array([29, 28, 29, 28])
+BASE = np.array([[0, 0, 0], [2.4, 0.1, 0], [0.2, 2.3, 0.3], [1.3, 1.2, 1.9]], float)
+
+
+def _fp():
+    fpo = LocalFingerprint(["Cu", "Ni"], SPEC)
+    fp = lambda R: fpo._one(NUMBERS, np.asarray(R).reshape(-1, 3), np.zeros((3, 3)), np.zeros(3, bool), True)
+    return fpo, fp
+
+
+def test_local_kernel_blocks_match_finite_differences():
+    fpo, fp = _fp()
+    ker = fpo.kernel(NUMBERS)
+    rng = np.random.default_rng(8)
+    Ra = BASE.ravel()
+    Rb = Ra + 0.15 * rng.normal(size=Ra.size)
+
+    def obs(R):
+        x, J = fp(R)
+        return x[None], J[None]
+
+    w, l, h, P = 1.1, 0.9, 1e-5, Ra.size
+    K = ker.cov_block(*obs(Ra), *obs(Rb), w, l)
+    kee = lambda A, B: float(ker.cov_block(*obs(A), *obs(B), w, l, False, False)[0, 0])
+    keg = lambda A, B: ker.cov_block(*obs(A), *obs(B), w, l, False, True)[0, 1:]
+    # the energy-energy value is the double sum over same-element atom pairs
+    Ga, Gb = obs(Ra)[0].reshape(4, -1), obs(Rb)[0].reshape(4, -1)
+    ref = sum(w * w * math.exp(-float(((Ga[i] - Gb[j]) ** 2).sum()) / (2 * l * l))
+              for i in range(4) for j in range(4) if NUMBERS[i] == NUMBERS[j])
+    assert float(K[0, 0]) == pytest.approx(ref, rel=1e-12)
+    fd_eg = np.array([(kee(Ra, Rb + h * e) - kee(Ra, Rb - h * e)) / (2 * h) for e in np.eye(P)])
+    np.testing.assert_allclose(K[0, 1:].numpy(), fd_eg, rtol=1e-6, atol=1e-8)
+    fd_ge = np.array([(kee(Ra + h * e, Rb) - kee(Ra - h * e, Rb)) / (2 * h) for e in np.eye(P)])
+    np.testing.assert_allclose(K[1:, 0].numpy(), fd_ge, rtol=1e-6, atol=1e-8)
+    fd_gg = np.stack([(keg(Ra + h * e, Rb) - keg(Ra - h * e, Rb)).numpy() / (2 * h) for e in np.eye(P)])
+    np.testing.assert_allclose(K[1:, 1:].numpy(), fd_gg, rtol=1e-5, atol=1e-7)
+    assert np.abs(fd_gg).max() > 0.1
+
+
+def test_local_kernel_length_derivative_symmetry_and_prior_variance():
+    fpo, fp = _fp()
+    ker = fpo.kernel(NUMBERS)
+    rng = np.random.default_rng(3)
+    Rs = [BASE.ravel() + 0.1 * rng.normal(size=12) for _ in range(3)]
+    X = torch.stack([fp(R)[0] for R in Rs])
+    J = torch.stack([fp(R)[1] for R in Rs])
+    w, l, h = 0.8, 1.3, 1e-5
+    K = assemble(X, J, X, J, w, l, kernel=ker, max_block_bytes=1)      # one structure per chunk
+    torch.testing.assert_close(K, ker.cov_block(X, J, X, J, w, l), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(K, K.T, rtol=0, atol=1e-12)
+    assert torch.linalg.eigvalsh(K).min() > -1e-10
+    dK = assemble(X, J, X, J, w, l, deriv="log_length", kernel=ker)
+    fd = (assemble(X, J, X, J, w, l * math.exp(h), kernel=ker) - assemble(X, J, X, J, w, l * math.exp(-h), kernel=ker)) / (2 * h)
+    torch.testing.assert_close(dK, fd, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ker.prior_variance(X, w, l), K[:3, :3].diagonal(), rtol=1e-12, atol=0)
+
+
+def test_compiled_jacobian_matches_autograd_on_a_periodic_cell():
+    from ase.build import bulk
+
+    a = bulk("Cu", "fcc", a=3.61, cubic=True)
+    a.rattle(0.05, seed=1)
+    fpo = LocalFingerprint(["Cu"], SPEC)
+    x1, J1 = fpo._one(a.numbers, a.positions, a.cell[:], a.pbc, True)
+    x2, J2 = ChebyshevFingerprint._one(fpo, a.numbers, a.positions, a.cell[:], a.pbc, True)   # autograd
+    torch.testing.assert_close(x1, x2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(J1, J2, rtol=0, atol=1e-11)
+    assert J1.abs().max() > 0.1
+
+
+def test_fingerprints_use_each_structures_own_cell():
+    from ase.build import bulk
+
+    from distmlip.gpr.fingerprints import InverseDistanceFingerprint
+
+    a = bulk("Cu", "fcc", a=3.61, cubic=True)
+    b = a.copy()
+    b.set_cell(a.cell[:] * 1.03, scale_atoms=True)
+    fpo = LocalFingerprint(["Cu"], SPEC)
+    X, _ = fpo.compute([a.positions, b.positions], [a, b], with_jacobian=False)
+    xb, _ = fpo._one(b.numbers, b.positions, b.cell[:], b.pbc, False)
+    torch.testing.assert_close(X[1], xb)
+    Xwrong, _ = fpo.compute([a.positions, b.positions], a, with_jacobian=False)   # old behaviour
+    assert (Xwrong[1] - xb).abs().max() > 1e-3
+    inv = InverseDistanceFingerprint()
+    Xi, _ = inv.compute([a.positions, b.positions], [a, b], with_jacobian=False)
+    Xb, _ = inv.compute([b.positions], b, with_jacobian=False)
+    torch.testing.assert_close(Xi[1], Xb[0])
+
+
+def test_variance_weights_formula():
+    from distmlip.gpr.augment import AugmentConfig, synthetic_weights
+
+    sig = np.array([0.0, 0.01, 0.02, 0.04])
+    kept = np.array([True, True, True, False])
+    cfg = AugmentConfig(input="x", output="y", synthetic_weight=2.0, weighting="variance")
+    s0 = 0.01                                          # median sigma of the kept copies
+    np.testing.assert_allclose(synthetic_weights(cfg, sig, kept), 2.0 * s0 ** 2 / (s0 ** 2 + sig ** 2))
+    cfg.weight_sigma = 0.02
+    np.testing.assert_allclose(synthetic_weights(cfg, sig, kept), 2.0 * 4e-4 / (4e-4 + sig ** 2))
+    cfg.weighting = "none"
+    np.testing.assert_allclose(synthetic_weights(cfg, sig, kept), 2.0)
+
+
+def test_hyperparameters_on_their_bounds_are_reported():
+    from distmlip.gpr.model import GPR
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(12, 3))
+    E = np.sin(X).sum(1)                          # noise-free: the fit wants the smallest noise
+    F = -np.cos(X)
+    g = GPR(noise_min=0.05, noise_max=0.1, fit_iterations=20, fit_restarts=1).fit(torch.as_tensor(X), None, E, F)
+    assert "noise_energy lower" in g.info["fit_at_bounds"]
+    assert g.hyper.noise_energy == pytest.approx(0.05, rel=1e-5)
