@@ -142,3 +142,34 @@ zbl: {{enabled: true, radii: {{Cu-Cu: [1.5, 2.6], Au-Cu: [1.5, 2.6], Au-Au: [1.5
     a, b = trainers["off"].model.state_dict(), trainers["on"].model.state_dict()
     d = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert d < 1e-10, d
+
+
+def test_short_pairs_of_prepared_structures_give_the_same_zbl():
+    """Training batches carry the pairs inside ZBL's largest outer radius, found once per
+    structure (prepare(short_range=...)): the ZBL energies and forces from those equal a scan of
+    every pair, on a periodic triclinic cell with close pairs across the boundary and a molecule
+    without any; the short pairs are exactly the pairs closer than the radius."""
+    from ase.build import bulk
+
+    from distmlip.descriptors.batch import collate_graphs, prepare, species_table
+
+    m = _pair({})
+    zbl = m.zbl
+    rng = np.random.default_rng(5)
+    a = bulk("Cu", "fcc", a=3.0).repeat((2, 2, 2))             # compressed: pairs near 2.1 A
+    a.set_cell(a.cell[:] @ np.array([[1, 0.1, 0], [0, 1, 0.05], [0, 0, 1]]), scale_atoms=True)
+    a.symbols[[1, 5]] = "Au"
+    a.positions += rng.normal(0, 0.25, a.positions.shape)
+    far = Atoms("CuAu", positions=[[0, 0, 0], [0, 0, 2.6]])
+    table = species_table(m.species)
+    graphs = [prepare(s, table, m.cutoff, short_range=zbl.short_range) for s in (a, far)]
+    b = collate_graphs(graphs)
+    d = (b.positions[b.pair_j] - b.positions[b.pair_i] + b.pair_shift).norm(dim=1)
+    assert sorted(b.short_pairs.tolist()) == torch.nonzero(d < zbl.short_range).squeeze(1).tolist()
+    assert b.short_pairs.numel() > 0 and graphs[1].short_pairs.size == 0
+    b.positions.requires_grad_(True)
+    E1, F1 = zbl.energy_and_forces(b)
+    b.short_pairs = None
+    E0, F0 = zbl.energy_and_forces(b)
+    assert float(E0.abs().max()) > 0.0
+    assert torch.equal(E0, E1) and torch.equal(F0, F1)

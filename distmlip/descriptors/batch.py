@@ -57,6 +57,9 @@ class Batch:
     has_forces: torch.Tensor     # [B] bool
     weight: torch.Tensor         # [B] float64
     index: torch.Tensor          # [B] long
+    # pairs (indices into pair_i) closer than the short_range the structures were prepared with
+    # (GraphStore(short_range=...)), found once per structure; None: not computed
+    short_pairs: torch.Tensor | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -103,11 +106,13 @@ class Graph(NamedTuple):
     energy: float
     weight: float
     index: int
+    short_pairs: np.ndarray | None = None   # [S] int32 pairs closer than prepare()'s short_range
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.species, self.positions, self.forces, self.cell, self.pbc,
-                                       self.pair_i, self.pair_j, self.shift) if a is not None) + 200
+                                       self.pair_i, self.pair_j, self.shift, self.short_pairs)
+                   if a is not None) + 200
 
 
 def species_table(species):
@@ -121,9 +126,12 @@ def species_table(species):
     return symbols, z_to_idx
 
 
-def prepare(s, table, cutoff: float, where: str = "structure", neighbor_backend: str | None = None) -> Graph:
+def prepare(s, table, cutoff: float, where: str = "structure", neighbor_backend: str | None = None,
+            short_range: float = 0.0) -> Graph:
     """A :class:`Graph` of one structure (``Structure`` or any object with ``numbers, positions,
-    cell, pbc`` and optionally ``energy, forces, weight, index``).  ``table``: :func:`species_table`."""
+    cell, pbc`` and optionally ``energy, forces, weight, index``).  ``table``: :func:`species_table`.
+    ``short_range`` > 0: also the pairs closer than that (``short_pairs``; a short-range term such
+    as ZBL then looks at those only instead of every pair in every step)."""
     symbols, z_to_idx = table
     numbers = np.asarray(s.numbers, dtype=np.int64).reshape(-1)
     n = len(numbers)
@@ -148,13 +156,17 @@ def prepare(s, table, cutoff: float, where: str = "structure", neighbor_backend:
     if len(S) and S.any():
         m = int(np.abs(S).max())
         shift = S.astype(np.int8 if m < 128 else np.int16 if m < 32768 else np.int32)
+    short = None
+    if short_range > 0:
+        d = pos[j] - pos[i] + (S @ cell if shift is not None else 0.0)
+        short = np.flatnonzero(np.einsum("ij,ij->i", d, d) < short_range * short_range).astype(np.int32)
     f = getattr(s, "forces", None)
     sidx = getattr(s, "index", -1)
     return Graph(species=idx.astype(np.int8 if len(symbols) < 128 else np.int16),
                  positions=pos, forces=None if f is None else np.asarray(f, dtype=np.float64).reshape(n, 3),
                  cell=cell, pbc=pbc, pair_i=i.astype(np.int32), pair_j=j.astype(np.int32), shift=shift,
                  energy=float(getattr(s, "energy", np.nan)), weight=float(getattr(s, "weight", 1.0)),
-                 index=int(sidx if sidx is not None else -1))
+                 index=int(sidx if sidx is not None else -1), short_pairs=short)
 
 
 def _where(s, b: int) -> str:
@@ -188,6 +200,11 @@ def collate_graphs(graphs: Sequence[Graph], dtype: torch.dtype = torch.float64, 
         for b, g in enumerate(graphs):
             if g.shift is not None:
                 shifts[poff[b]:poff[b + 1]] = g.shift.astype(np.float64) @ g.cell
+    short = None
+    if B and all(g.short_pairs is not None for g in graphs):
+        poff = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(npairs, out=poff[1:])
+        short = np.concatenate([g.short_pairs.astype(np.int64) + poff[b] for b, g in enumerate(graphs)])
     counts = np.bincount(pair_i, minlength=N)
     ptr = np.zeros(N + 1, dtype=np.int64)
     np.cumsum(counts, out=ptr[1:])
@@ -220,6 +237,7 @@ def collate_graphs(graphs: Sequence[Graph], dtype: torch.dtype = torch.float64, 
         has_forces=t(has_forces, torch.bool),
         weight=t(np.fromiter((g.weight for g in graphs), dtype=np.float64, count=B), torch.float64),
         index=t(np.fromiter((g.index for g in graphs), dtype=np.int64, count=B), torch.long),
+        short_pairs=None if short is None else t(short, torch.long),
     )
 
 
@@ -243,8 +261,9 @@ class GraphStore:
     bounded by the budget, not by the data set).  One writer thread (the stream's prefetch) and
     readers of the returned lists."""
 
-    def __init__(self, ds, species, cutoff: float, max_bytes: int = 2 << 30):
+    def __init__(self, ds, species, cutoff: float, max_bytes: int = 2 << 30, short_range: float = 0.0):
         self.ds = ds
+        self.short_range = float(short_range)
         self.table = species_table(species)
         self.cutoff = float(cutoff)
         self.max_bytes = int(max_bytes)
@@ -271,7 +290,7 @@ class GraphStore:
         fresh: dict[int, Graph] = {}
         if missing:
             for b, s in enumerate(self.ds.read(missing)):
-                g = prepare(s, self.table, self.cutoff, _where(s, b))
+                g = prepare(s, self.table, self.cutoff, _where(s, b), short_range=self.short_range)
                 fresh[g.index] = g
                 if not self.full:
                     if self.nbytes + g.nbytes <= self.max_bytes:

@@ -104,6 +104,11 @@ class ZBL(nn.Module):
     def from_dict(cls, d: dict) -> "ZBL":
         return cls(d["species"], {k: tuple(v) for k, v in d["radii"].items()})
 
+    @property
+    def short_range(self) -> float:
+        """The largest outer radius: no pair beyond it has a ZBL energy."""
+        return float(self.r_out.max()) if self.r_out.numel() else 0.0
+
     def pair_energies(self, r: torch.Tensor, ti: torch.Tensor, tj: torch.Tensor) -> torch.Tensor:
         return switched_pair_energy(r, self.z[ti], self.z[tj], self.r_in[ti, tj].to(r.dtype),
                                     self.r_out[ti, tj].to(r.dtype))
@@ -126,13 +131,21 @@ class ZBL(nn.Module):
         pos = batch.positions.to(torch.float64)
         shift = batch.pair_shift.to(torch.float64)
         pi, pj = batch.pair_i, batch.pair_j
+        out = torch.zeros(pos.shape[0], dtype=torch.float64, device=pos.device)
         # only pairs inside the outer radius have energy (the switch is C2 there); the batch's
         # pair list reaches the descriptor cutoff, so selecting them first (without autograd)
-        # keeps ZBL from costing a pass over every pair in each step
+        # keeps ZBL from costing a pass over every pair in each step.  Training batches bring the
+        # pairs inside short_range (>= every outer radius) found once per structure: usually none
+        cand = getattr(batch, "short_pairs", None)
+        if cand is not None and cand.numel() == 0:
+            return out
         with torch.no_grad():
-            r0 = torch.linalg.norm(pos[pj] - pos[pi] + shift, dim=1)
-            sel = torch.nonzero(r0 < self.r_out.to(r0.dtype)[batch.species[pi], batch.species[pj]]).squeeze(1)
-        out = torch.zeros(pos.shape[0], dtype=torch.float64, device=pos.device)
+            if cand is None:
+                r0 = torch.linalg.norm(pos[pj] - pos[pi] + shift, dim=1)
+                sel = torch.nonzero(r0 < self.r_out.to(r0.dtype)[batch.species[pi], batch.species[pj]]).squeeze(1)
+            else:
+                r0 = torch.linalg.norm(pos[pj[cand]] - pos[pi[cand]] + shift[cand], dim=1)
+                sel = cand[r0 < self.r_out.to(r0.dtype)[batch.species[pi[cand]], batch.species[pj[cand]]]]
         if sel.numel() == 0:
             return out
         pi, pj = pi[sel], pj[sel]

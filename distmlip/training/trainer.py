@@ -397,8 +397,9 @@ class Trainer:
         store = None
         zbl = getattr(self.model, "zbl", None)
         frozen = None if zbl is None else (lambda structures: zbl.frozen_atomic_energies(structures, "cpu", memo=False))
+        short_range = 0.0 if zbl is None else zbl.short_range
         if self.cache is None:
-            store = GraphStore(self.ds, self.model.species, self.model.cutoff, budget)
+            store = GraphStore(self.ds, self.model.species, self.model.cutoff, budget, short_range)
             self.stream.loader = store
         else:       # cached descriptors: batches from in-memory columns, no read per batch
             self.stream.loader = FeatureBatchLoader(self.cache, self.ds, self.model.species, frozen)
@@ -409,7 +410,7 @@ class Trainer:
                                                                   frozen))
             else:
                 self.val_stream.loader = store if (self.val_ds is self.ds and store is not None) else \
-                    GraphStore(self.val_ds, self.model.species, self.model.cutoff, budget)
+                    GraphStore(self.val_ds, self.model.species, self.model.cutoff, budget, short_range)
             self.val_stream.prefetch = False       # a few batches once per epoch: no thread
         self.graphs = store
 
