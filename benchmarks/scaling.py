@@ -119,8 +119,13 @@ def run_case(mode, ranks, args, data, work) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.time_limit)
+    LAUNCHES.append((f"{mode}/{ranks} rank(s)", res.returncode))
     if res.returncode != 0:
-        raise SystemExit(f"scaling case {mode}/{ranks} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+        # every launch must exit 0 (a run that trained and then aborted at exit is a failure too):
+        # reported and counted, the other cases still run
+        print(f"  FAILED: {mode}/{ranks} exited {res.returncode}:\n{res.stdout[-1000:]}\n{res.stderr[-2000:]}",
+              flush=True)
+        return None
     line = next(l for l in res.stdout.splitlines() if l.startswith("SCALING "))
     return json.loads(line[8:])
 
@@ -145,11 +150,16 @@ def run_independent(mode, copies, args, data, work) -> float:
     total = 0.0
     for p in procs:
         out, err = p.communicate(timeout=args.time_limit)
+        LAUNCHES.append((f"{mode}/independent copy", p.returncode))
         if p.returncode != 0:
-            raise SystemExit(f"independent run failed:\n{err[-3000:]}")
+            print(f"  FAILED: independent {mode} run exited {p.returncode}:\n{err[-2000:]}", flush=True)
+            return None
         res = json.loads(next(l for l in out.splitlines() if l.startswith("SCALING "))[8:])
         total += res["atoms"] / res["seconds"]
     return total
+
+
+LAUNCHES: list = []     # (case, exit status) of every process started
 
 
 def main(argv=None) -> int:
@@ -186,18 +196,30 @@ def main(argv=None) -> int:
         print(f"data set: {args.structures} structures x 32 atoms written in {time.time() - t0:.1f} s", flush=True)
     rows = []
     for mode in args.modes:
+        # the cases interleaved (1 rank, R ranks, R independent copies, then again): a change of
+        # the machine's load during the run touches every case alike; best of --repeat per case,
+        # since other users' load only ever slows a run
+        runs = {r: [] for r in args.ranks}
+        indep = {r: [] for r in args.ranks}
+        for _ in range(args.repeat):
+            for r in args.ranks:
+                res = run_case(mode, r, args, data, work)
+                if res is not None:
+                    runs[r].append(res)
+                if r > 1 and not args.no_independent:
+                    v = run_independent(mode, r, args, data, work)
+                    if v is not None:
+                        indep[r].append(v)
         base = None
         for r in args.ranks:
-            # best of --repeat runs: on a shared machine other users' load only ever slows a run
-            res = max((run_case(mode, r, args, data, work) for _ in range(args.repeat)),
-                      key=lambda x: x["atoms"] / x["seconds"])
+            if not runs[r]:
+                continue
+            res = max(runs[r], key=lambda x: x["atoms"] / x["seconds"])
             thr = res["atoms"] / res["seconds"]
-            if r == min(args.ranks):
+            if base is None:
                 base = thr / r
             res.update(atoms_per_s=thr, efficiency=thr / (r * base), step_ms=1e3 * res["seconds"] / res["steps"])
-            res["independent_atoms_per_s"] = (max(run_independent(mode, r, args, data, work)
-                                                  for _ in range(args.repeat))
-                                              if r > 1 and not args.no_independent else None)
+            res["independent_atoms_per_s"] = max(indep[r]) if indep[r] else None
             rows.append(res)
             print(f"  {mode:6s} {r} rank(s): {thr:10.1f} atoms/s", flush=True)
     try:
@@ -221,13 +243,17 @@ def main(argv=None) -> int:
               f"{100 * r['efficiency']:9.1f}% | {ind_s} | {rel} |")
     print("efficiency = atoms/s(R) / (R x atoms/s(1)); 'R independent runs' = R single-process copies at "
           "once\n(no communication): if they are slow too, the cores, not the all-reduce, are the limit.")
+    bad = [(c, rc) for c, rc in LAUNCHES if rc != 0]
+    print(f"launches: {len(LAUNCHES)}, exit 0: {len(LAUNCHES) - len(bad)}"
+          + (f"; FAILED: {', '.join(f'{c} ({rc})' for c, rc in bad)}" if bad else " (all)"))
+    print("target: R ranks >= 85 % of the R independent runs' atoms/s, every launch exits 0")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "launches": LAUNCHES}, indent=2))
     if not args.keep:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
