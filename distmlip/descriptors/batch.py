@@ -16,7 +16,8 @@ import torch
 from ..errors import InputError
 from .neighbors import neighbor_list
 
-__all__ = ["Batch", "Graph", "GraphStore", "collate", "collate_graphs", "prepare", "species_symbols", "species_table"]
+__all__ = ["Batch", "Graph", "GraphStore", "cell_volumes", "collate", "collate_graphs", "prepare", "species_symbols",
+           "species_table", "strained"]
 
 
 def species_symbols(species) -> list[str]:
@@ -57,6 +58,8 @@ class Batch:
     has_forces: torch.Tensor     # [B] bool
     weight: torch.Tensor         # [B] float64
     index: torch.Tensor          # [B] long
+    stress: torch.Tensor | None = None      # [B, 3, 3] float64 eV/A^3, ASE sign (zeros where missing)
+    has_stress: torch.Tensor | None = None  # [B] bool
 
     @property
     def n_atoms(self) -> int:
@@ -86,6 +89,28 @@ class Batch:
         return Batch(**kw)
 
 
+def strained(batch: Batch, strain: torch.Tensor) -> Batch:
+    """The batch under a homogeneous strain ``strain`` [B, 3, 3] per structure (row vectors:
+    x -> x (1 + eps)): positions and pair shifts as differentiable functions of the batch's
+    positions and of ``strain``.  At strain 0 the values are the batch's; the gradient of an
+    energy with respect to ``strain`` is dE/d(eps) = sum_pairs r_ij (x) dE/dr_ij, the virial
+    that the stress is made of (:func:`cell_volumes`; ``BPNN.energy_forces_stress``)."""
+    import dataclasses
+
+    eps = strain.to(batch.positions.dtype)
+    pos = batch.positions + torch.bmm(batch.positions.unsqueeze(1), eps[batch.structure]).squeeze(1)
+    sh = batch.pair_shift.to(batch.positions.dtype)
+    shift = sh + torch.bmm(sh.unsqueeze(1), eps[batch.structure[batch.pair_i]]).squeeze(1)
+    return dataclasses.replace(batch, positions=pos, pair_shift=shift)
+
+
+def cell_volumes(batch: Batch) -> torch.Tensor:
+    """|det(cell)| [B] float64 of the structures of a batch; 0 for structures without a periodic
+    direction (no stress is defined for them)."""
+    vol = torch.linalg.det(batch.cell.to(torch.float64)).abs()
+    return torch.where(batch.pbc.any(1), vol, torch.zeros_like(vol))
+
+
 class Graph(NamedTuple):
     """One structure prepared for batching: species indices, positions and its neighbour pairs
     (local atom indices, sorted as :func:`neighbor_list` sorts them, and integer image shifts in
@@ -103,11 +128,12 @@ class Graph(NamedTuple):
     energy: float
     weight: float
     index: int
+    stress: np.ndarray | None = None   # [3, 3] float64 eV/A^3 (ASE sign)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.species, self.positions, self.forces, self.cell, self.pbc,
-                                       self.pair_i, self.pair_j, self.shift) if a is not None) + 200
+                                       self.pair_i, self.pair_j, self.shift, self.stress) if a is not None) + 200
 
 
 def species_table(species):
@@ -149,12 +175,14 @@ def prepare(s, table, cutoff: float, where: str = "structure", neighbor_backend:
         m = int(np.abs(S).max())
         shift = S.astype(np.int8 if m < 128 else np.int16 if m < 32768 else np.int32)
     f = getattr(s, "forces", None)
+    st = getattr(s, "stress", None)
     sidx = getattr(s, "index", -1)
     return Graph(species=idx.astype(np.int8 if len(symbols) < 128 else np.int16),
                  positions=pos, forces=None if f is None else np.asarray(f, dtype=np.float64).reshape(n, 3),
                  cell=cell, pbc=pbc, pair_i=i.astype(np.int32), pair_j=j.astype(np.int32), shift=shift,
                  energy=float(getattr(s, "energy", np.nan)), weight=float(getattr(s, "weight", 1.0)),
-                 index=int(sidx if sidx is not None else -1))
+                 index=int(sidx if sidx is not None else -1),
+                 stress=None if st is None else np.asarray(st, dtype=np.float64).reshape(3, 3))
 
 
 def _where(s, b: int) -> str:
@@ -194,6 +222,11 @@ def collate_graphs(graphs: Sequence[Graph], dtype: torch.dtype = torch.float64, 
     has_forces = np.fromiter((g.forces is not None for g in graphs), dtype=bool, count=B)
     forces = np.concatenate([g.forces if g.forces is not None else np.zeros((len(g.species), 3))
                              for g in graphs]) if B else np.zeros((0, 3))
+    has_stress = np.fromiter((g.stress is not None for g in graphs), dtype=bool, count=B)
+    stress = np.zeros((B, 3, 3))
+    if has_stress.any():
+        for b in np.flatnonzero(has_stress):
+            stress[b] = graphs[b].stress
     dev = torch.device(device)
     if dev.type == "cpu":
         def t(a, dt):
@@ -220,6 +253,8 @@ def collate_graphs(graphs: Sequence[Graph], dtype: torch.dtype = torch.float64, 
         has_forces=t(has_forces, torch.bool),
         weight=t(np.fromiter((g.weight for g in graphs), dtype=np.float64, count=B), torch.float64),
         index=t(np.fromiter((g.index for g in graphs), dtype=np.int64, count=B), torch.long),
+        stress=t(stress, torch.float64),
+        has_stress=t(has_stress, torch.bool),
     )
 
 
