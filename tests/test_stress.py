@@ -220,3 +220,112 @@ def test_version_1_files_read_without_stress(tmp_path):
     assert not ds.column("has_stress").any()
     assert np.allclose(got[1].energy, structs[1].energy)
     assert len(ds.content_id) == 64
+
+
+# ------------------------------------------------------------------------------------ training
+def _labelled_batch(m, seed=0):
+    """Three periodic triclinic structures (2, 4 and 8 atoms) with random labels, one without
+    stress, and a molecule."""
+    from ase.build import molecule
+
+    rng = np.random.default_rng(seed)
+    ats = [_triclinic((1, 1, 2), seed=1), _triclinic((1, 1, 1), seed=2, cubic=True),
+           _triclinic((2, 1, 1), seed=3, cubic=True)]
+    ats[0].numbers[0] = 79
+    ats[2].numbers[[1, 5]] = 79
+    mol = molecule("H2O")
+    mol.numbers[:] = [29, 79, 29]
+    mol.positions *= 2.0
+    structs = []
+    for k, a in enumerate(ats + [mol]):
+        s = _struct(a)
+        s.energy = float(rng.normal(0, 1))
+        s.forces = rng.normal(0, 1, (len(a), 3))
+        if k in (0, 2):
+            x = rng.normal(0, 0.01, (3, 3))
+            s.stress = x + x.T
+        s.index = k
+        structs.append(s)
+    b = collate(structs, m.species, m.cutoff)
+    b.weight = torch.tensor([1.0, 0.5, 2.0, 1.0], dtype=torch.float64)
+    return b
+
+
+@pytest.mark.parametrize("per_atom", [True, False])
+def test_stress_loss_matches_the_written_out_loss(per_atom):
+    from distmlip.training import losses
+
+    m = _model("reference", zbl=False)
+    b = _labelled_batch(m)
+    sel = torch.tensor([True, True, False, True])
+    ssel = torch.tensor([True, True, True, False])
+    mask = losses.force_atom_mask(b, sel)
+    smask = losses.stress_structure_mask(b, ssel)
+    assert smask.tolist() == [True, False, True, False]
+    counts = losses.local_counts(b, sel, True, ssel, True) * 1.5
+    g = torch.Generator().manual_seed(0)
+    E0 = b.energy + torch.randn(4, dtype=torch.float64, generator=g)
+    F0 = b.forces + torch.randn(b.n_atoms, 3, dtype=torch.float64, generator=g)
+    S0 = b.stress + 0.01 * torch.randn(4, 3, 3, dtype=torch.float64, generator=g)
+    alpha, beta = 0.3, 0.2
+    E, F, S = (x.clone().requires_grad_() for x in (E0, F0, S0))
+    loss = losses.energy_force_loss(E, b, counts, per_atom=per_atom, alpha=alpha, F=F, mask=mask, compiled=True,
+                                    beta=beta, S=S, smask=smask)
+    loss.backward()
+    E2, F2, S2 = (x.clone().requires_grad_() for x in (E0, F0, S0))
+    n = b.natoms.double() if per_atom else torch.ones(4, dtype=torch.float64)
+    L_E = (b.weight * ((E2 - b.energy) / n) ** 2).sum() / counts[0]
+    wa = b.weight[b.structure] * mask.double()
+    L_F = (wa[:, None] * (F2 - b.forces) ** 2).sum() / counts[1]
+    V = torch.linalg.det(b.cell).abs()
+    v = (S2 - b.stress) * (V / n)[:, None, None]
+    L_S = ((b.weight * smask.double())[:, None, None] * v * v).sum() / counts[2]
+    ref = (1 - alpha - beta) * L_E + alpha * L_F + beta * L_S
+    ref.backward()
+    assert torch.allclose(loss.detach(), ref.detach(), rtol=1e-13, atol=0)
+    for a, r in ((E.grad, E2.grad), (F.grad, F2.grad), (S.grad, S2.grad)):
+        assert torch.allclose(a, r, rtol=1e-12, atol=1e-16)
+    assert float(S.grad.abs().max()) > 0
+    own = losses.local_counts(b, sel, True, ssel, True)
+    sums = losses.loss_sums(E0, b, per_atom=per_atom, F=F0, mask=mask, S=S0, smask=smask)
+    torch.testing.assert_close(sums[[1, 3, 5]], own, rtol=1e-15, atol=0)
+    whole = losses.energy_force_loss(E0, b, own, per_atom=per_atom, alpha=alpha, F=F0, mask=mask, beta=beta,
+                                     S=S0, smask=smask)
+    assert abs(losses.loss_from_sums(sums, alpha=alpha, force_mode=True, beta=beta) - float(whole)) \
+        < 1e-13 * float(whole)
+
+
+def test_stress_loss_weight_gradients_equal_the_reference():
+    """The trainer's stress step (fused kernels: JVP on image atoms) gives the weight gradients of
+    autograd through the pure-PyTorch descriptor, to 1e-10."""
+    from distmlip._ext import has_kernel
+    from distmlip.training.flat import FlatParameters
+    from distmlip.training.force_step import force_stress_loss_and_gradients
+    from distmlip.training.losses import force_atom_mask, local_counts, stress_structure_mask
+
+    out = []
+    for backend in ("fused" if has_kernel("chebyshev_forward", "cpu") else "auto", "reference"):
+        m = _model(backend, zbl=True, seed=4)
+        b = _labelled_batch(m, seed=1)
+        mask, smask = force_atom_mask(b, None), stress_structure_mask(b, None)
+        counts = local_counts(b, None, True, None, True) * 1.2
+        if backend == "reference":      # autograd through the reference descriptor, written out
+            E, F, S = m.energy_forces_stress(b, create_graph=True)
+            from distmlip.training.losses import energy_force_loss
+
+            loss = energy_force_loss(E, b, counts, per_atom=True, alpha=0.3, F=F, mask=mask, beta=0.4, S=S,
+                                     smask=smask)
+            grads = torch.autograd.grad(loss, list(m.parameters()))
+            out.append((loss.detach(), torch.cat([x.reshape(-1) for x in grads])))
+            continue
+        flat = FlatParameters(m)
+        flat.zero_grad()
+        loss, E, F, S = force_stress_loss_and_gradients(m, flat, b, counts, per_atom=True, alpha=0.3, mask=mask,
+                                                        beta=0.4, smask=smask)
+        flat.sync()
+        assert S is not None and not loss.requires_grad
+        out.append((loss, flat.tensors[0].grad.clone()))
+    (l1, g1), (l2, g2) = out
+    assert torch.allclose(l1, l2, rtol=1e-12, atol=0)
+    assert float(g2.abs().max()) > 0
+    assert float((g1 - g2).abs().max()) < 1e-10 * max(1.0, float(g2.abs().max())), (g1 - g2).abs().max()
