@@ -98,9 +98,13 @@ def strained(batch: Batch, strain: torch.Tensor) -> Batch:
     import dataclasses
 
     eps = strain.to(batch.positions.dtype)
-    pos = batch.positions + torch.bmm(batch.positions.unsqueeze(1), eps[batch.structure]).squeeze(1)
     sh = batch.pair_shift.to(batch.positions.dtype)
-    shift = sh + torch.bmm(sh.unsqueeze(1), eps[batch.structure[batch.pair_i]]).squeeze(1)
+    if batch.n_structures == 1:        # (most calculator and benchmark calls): no per-row gather
+        pos = batch.positions + batch.positions @ eps[0]
+        shift = sh + sh @ eps[0]
+    else:
+        pos = batch.positions + (batch.positions.unsqueeze(2) * eps[batch.structure]).sum(1)
+        shift = sh + (sh.unsqueeze(2) * eps[batch.structure[batch.pair_i]]).sum(1)
     return dataclasses.replace(batch, positions=pos, pair_shift=shift)
 
 

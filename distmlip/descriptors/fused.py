@@ -155,16 +155,22 @@ class _ChebyshevG(torch.autograd.Function):
 def periodic_images(pair_j, pair_shift):
     """(image_pair [K], pair_image [P]) of a pair list: ``pair_image[p]`` is the image atom of
     pair p (-1 for a zero shift) numbered 0..K-1 over the distinct (j, shift) with a non-zero
-    shift, ``image_pair[k]`` the first pair of image k.  Exact comparison of the shifts: the
-    shifts of one integer image are the same numbers (``collate`` computes n @ cell)."""
+    shift, ``image_pair[k]`` the first pair of image k.  The shifts of one image are the same
+    numbers (``collate`` computes n @ cell) and shifts of different images of an atom differ by a
+    lattice vector, so rounded to 1e-5 A they are told apart exactly.  The keys are packed into
+    int64 and made unique in 1-D (``torch.unique(dim=0)`` compares rows one at a time: 30 ms for
+    20k pairs, ten times the descriptor)."""
     shift = pair_shift.detach()
     P = shift.shape[0]
     sel = torch.nonzero((shift != 0).any(1), as_tuple=False).reshape(-1)
     pair_image = torch.full((P,), -1, dtype=torch.long, device=shift.device)
     if sel.numel() == 0:
         return sel, pair_image
-    key = torch.cat([pair_j[sel].to(shift.dtype).unsqueeze(1), shift[sel]], 1)
-    _, inv = torch.unique(key, dim=0, return_inverse=True)
+    q = torch.round(shift[sel].to(torch.float64) * 1e5).to(torch.long) + (1 << 31)   # [M, 3] in [0, 2^32)
+    j = pair_j[sel].to(torch.long)
+    _, a = torch.unique(j * (1 << 32) + q[:, 0], return_inverse=True)
+    _, b = torch.unique(q[:, 1] * (1 << 32) + q[:, 2], return_inverse=True)
+    _, inv = torch.unique(a * sel.numel() + b, return_inverse=True)
     K = int(inv.max()) + 1
     first = torch.full((K,), P, dtype=torch.long, device=shift.device).scatter_reduce(0, inv, sel, "amin")
     pair_image[sel] = inv
