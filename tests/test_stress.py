@@ -15,7 +15,7 @@ from distmlip.descriptors.batch import collate
 from distmlip.errors import InputError
 from distmlip.models.bpnn import BPNN
 
-SPEC = dict(type="chebyshev", rc_radial=4.6, n_radial=5, rc_angular=3.8, n_angular=3)
+SPEC = {"type": "chebyshev", "rc_radial": 4.6, "n_radial": 5, "rc_angular": 3.8, "n_angular": 3}
 
 
 def _struct(a) -> Structure:
@@ -301,7 +301,11 @@ def test_stress_loss_weight_gradients_equal_the_reference():
     from distmlip._ext import has_kernel
     from distmlip.training.flat import FlatParameters
     from distmlip.training.force_step import force_stress_loss_and_gradients
-    from distmlip.training.losses import force_atom_mask, local_counts, stress_structure_mask
+    from distmlip.training.losses import (
+        force_atom_mask,
+        local_counts,
+        stress_structure_mask,
+    )
 
     out = []
     for backend in ("fused" if has_kernel("chebyshev_forward", "cpu") else "auto", "reference"):

@@ -109,8 +109,8 @@ def check_structure(s: Structure, min_distance: float = DEFAULT_MIN_DISTANCE) ->
         elif not np.all(np.isfinite(st)):
             probs.append(("stress", f"non-finite stress {st.reshape(-1).tolist()}"))
         elif not pbc.any():
-            probs.append(("stress", "stress on a non-periodic structure (pbc all False): a stress needs a "
-                                    "periodic cell"))
+            probs.append(("stress", ("stress on a non-periodic structure (pbc all False): a stress needs "
+                                     "a periodic cell")))
     if cell.shape != (3, 3) or not np.all(np.isfinite(cell)):
         probs.append(("cell", "cell is not a finite 3x3 matrix"))
         return probs
