@@ -7,7 +7,10 @@ the distmlip model: one 10-10 tanh network per element, float64):
     step (forces with create_graph, loss (1-a) L_E + a L_F, backward to the weights, Adam step,
     fused Adam where torch has it, as the trainer uses);
   * the same for an energy-only training step (descriptor computed inside the step, no cache);
-  * peak memory of the energy-only and force-training steps.
+  * peak memory of the energy-only and force-training steps;
+  * for the periodic structures (fused kernels), forces + stress (``BPNN.energy_forces_stress``)
+    and the force+stress training step (loss (1-a-b) L_E + a L_F + b L_S, b = 0.1, the trainer's
+    ``force_stress_loss_and_gradients``), its time and peak memory beside the force step's.
 
 Each measurement runs on one training batch of copies of a structure (about 250 atoms: EC dimer
 x12, Li slab + EC x6, bulk x1; --copies N overrides), with small independent displacements.
@@ -60,6 +63,7 @@ SPECIES = ["Li", "C", "H", "O"]
 CUTOFFS = [(6.5, 4.0), (8.5, 6.0), (10.5, 8.0)]
 N_RADIAL, N_ANGULAR = 12, 4
 ALPHA = 0.5
+BETA = 0.1
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,7 +168,9 @@ class Setup:
         self.batch = dataclasses.replace(
             self.batch, energy=torch.full((copies,), 0.1, dtype=torch.float64),
             forces=torch.randn(self.batch.n_atoms, 3, dtype=torch.float64, generator=g),
-            weight=torch.ones(copies, dtype=torch.float64), has_forces=torch.ones(copies, dtype=torch.bool))
+            weight=torch.ones(copies, dtype=torch.float64), has_forces=torch.ones(copies, dtype=torch.bool),
+            stress=0.01 * torch.randn(copies, 3, 3, dtype=torch.float64, generator=g),
+            has_stress=self.batch.pbc.any(1))
         self.batch = self.batch.to(device)
         # separate batch objects for the energy step (positions without gradient) and the
         # force steps (positions a leaf requiring gradient, as the trainer sets them)
@@ -184,6 +190,9 @@ class Setup:
         self.params = self.flat.grad_inputs
         self.n_atoms = self.batch.n_atoms
         self.counts = torch.tensor([float(copies), 3.0 * self.n_atoms], dtype=torch.float64, device=device)
+        self.periodic = bool(self.batch.has_stress.all())
+        self.scounts = torch.tensor([float(copies), 3.0 * self.n_atoms, 9.0 * copies], dtype=torch.float64,
+                                    device=device)
         self.mask = torch.ones(self.n_atoms, dtype=torch.bool, device=device)
 
     def forward(self):
@@ -192,6 +201,19 @@ class Setup:
 
     def forces(self):
         return self.model.energy_and_forces(self.fbatch)[1]
+
+    def forces_stress(self):
+        return self.model.energy_forces_stress(self.fbatch)[2]
+
+    def stress_step(self):
+        from distmlip.training.flat import optimizer_step
+        from distmlip.training.force_step import force_stress_loss_and_gradients
+
+        self.flat.zero_grad()
+        force_stress_loss_and_gradients(self.model, self.flat, self.fbatch, self.scounts, per_atom=True,
+                                        alpha=ALPHA, mask=self.mask, beta=BETA, smask=self.fbatch.has_stress)
+        self.flat.sync()
+        optimizer_step(self.opt)
 
     def energy_step(self):
         from distmlip.training.flat import optimizer_step
@@ -290,6 +312,10 @@ def memory_child(name, rc_r, rc_a, backends, copies):
         f_peak, f_inc = _step_peak(s.force_step)
         out[backend] = {"energy_peak_mb": e_peak, "energy_inc_mb": e_inc,
                         "force_peak_mb": f_peak, "force_inc_mb": f_inc}
+        if backend == "fused" and s.periodic:
+            s.stress_step()
+            s_peak, s_inc = _step_peak(s.stress_step)
+            out[backend].update(stress_peak_mb=s_peak, stress_inc_mb=s_inc)
         del s
     return out
 
@@ -383,6 +409,11 @@ def main(argv=None):
                 t_e, t_f = time_alternating([s.energy_step, s.force_step], budget)
                 row[f"{backend}_estep"] = n / t_e
                 row[f"{backend}_fstep"] = n / t_f
+                if backend == "fused" and s.periodic:
+                    row["fused_fstress"] = n / time_it(s.forces_stress, budget)
+                    t_f2, t_s = time_alternating([s.force_step, s.stress_step], budget)
+                    row["fused_sstep_over_fstep"] = t_s / t_f2
+                    row["fused_fstress_over_forces"] = row["fused_forces"] / row["fused_fstress"]
                 del s
             if not args.no_memory:
                 mem = run_memory_child(name, rc_r, rc_a, backends, args.threads, copies)
@@ -393,6 +424,7 @@ def main(argv=None):
             _print_row(row, backends, header=(len(rows) == 1))
     print(f"# total benchmark time {time.perf_counter() - t_start:.0f} s")
     _print_summary(rows, backends, not args.no_memory)
+    _print_stress(rows, not args.no_memory)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
@@ -453,6 +485,24 @@ def _print_summary(rows, backends, with_memory):
                  f"{row['fused_force_inc_mb'] / max(row['fused_energy_inc_mb'], 0.1):.1f}"]
         if "reference" in backends:
             vals += [f"{row['reference_force_inc_mb'] / max(row['fused_force_inc_mb'], 0.1):.0f}x"]
+        print(" | ".join(f"{v:>16}" for v in vals), flush=True)
+
+
+def _print_stress(rows, with_memory):
+    rows = [r for r in rows if "fused_sstep_over_fstep" in r]
+    if not rows:
+        return
+    print()
+    print("stress (fused, periodic structures): time of forces+stress / forces, of the force+stress training step "
+          "/ the force step" + (", peak RSS of the force+stress step / the force step (increments, MB)"
+                                if with_memory else ""))
+    cols = ["structure", "Rc", "FS/F t", "FS-step/F-step t"] + (["FS/F peak", "inc FS | F"] if with_memory else [])
+    print(" | ".join(f"{c:>16}" for c in cols))
+    for r in rows:
+        vals = [r["structure"], r["rc"], f"{r['fused_fstress_over_forces']:.2f}", f"{r['fused_sstep_over_fstep']:.2f}"]
+        if with_memory and "fused_stress_peak_mb" in r:
+            vals += [f"{r['fused_stress_peak_mb'] / r['fused_force_peak_mb']:.3f}",
+                     f"{r['fused_stress_inc_mb']:.1f} | {r['fused_force_inc_mb']:.1f}"]
         print(" | ".join(f"{v:>16}" for v in vals), flush=True)
 
 

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +68,7 @@ from ..config import bounds
 from ..errors import ConfigError, InputError
 from ..gpr.augment import GPRSettings
 from ..utils.io import atomic_path, atomic_write_text
-from ..utils.log import log, warn
+from ..utils.log import log
 
 
 # ------------------------------------------------------------------------------ configuration

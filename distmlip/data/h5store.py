@@ -10,7 +10,9 @@ Layout (see docs/data_format.md)::
     /structures/atom_offset [S] int64, natoms [S] int32, energy [S] float64, cell [S,3,3] float64,
                pbc [S,3] bool, subset [S] int32, has_forces [S] bool, synthetic [S] bool,
                parent [S] int64, uncertainty [S] float64, weight [S] float64,
-               source_file [S] int32, source_index [S] int64, (optional) split [S] int8
+               source_file [S] int32, source_index [S] int64, (optional) split [S] int8,
+               (version >= 2) stress [S,3,3] float64 eV/Angstrom^3 (ASE sign; zeros where
+               has_stress is False), has_stress [S] bool
     /sources/files     [F]       str       file names referenced by structures/source_file
     /subsets/name, composition [K] str; natoms, count [K]; order_offset [K] int64,
              order_length [K] int32, order_numbers [*] uint8 (atom order of homogeneous subsets)
@@ -30,8 +32,11 @@ from ..errors import DataFormatError
 from .structure import Structure
 
 FORMAT_NAME = "distmlip-dataset"
-FORMAT_VERSION = 1
-UNITS = {"energy": "eV", "length": "Angstrom", "force": "eV/Angstrom"}
+# 2: per-structure stress (``structures/stress``, ``structures/has_stress``); version 1 files are
+#    read as structures without stress
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+UNITS = {"energy": "eV", "length": "Angstrom", "force": "eV/Angstrom", "stress": "eV/Angstrom^3"}
 ATOM_CHUNK = 4096        # atoms per chunk of the per-atom arrays (96 KiB of positions)
 STRUCT_CHUNK = 1024      # structures per chunk of the per-structure arrays
 FLUSH_ATOMS = 1 << 18    # writer buffer
@@ -50,7 +55,11 @@ STRUCT_FIELDS = {  # name: (dtype, trailing shape, fill for new rows)
     "weight": (np.float64, ()),
     "source_file": (np.int32, ()),
     "source_index": (np.int64, ()),
+    "stress": (np.float64, (3, 3)),
+    "has_stress": (np.bool_, ()),
 }
+# fields added after version 1: absent from older files, read as their fill (no stress)
+OPTIONAL_STRUCT_FIELDS = ("stress", "has_stress")
 ATOM_FIELDS = {"numbers": (np.uint8, ()), "positions": (np.float64, (3,)), "forces": (np.float64, (3,))}
 
 
@@ -114,6 +123,9 @@ def structures_to_arrays(structures: list[Structure]) -> tuple[dict, dict, list[
             sources.append(s.source)
         st["source_file"][k] = src_id[s.source]
         st["source_index"][k] = s.source_index
+        if s.stress is not None:
+            st["stress"][k] = s.stress
+            st["has_stress"][k] = True
         off += m
     return atoms, st, sources
 
@@ -162,7 +174,7 @@ def file_content_hash(path) -> str:
         stored = f.attrs.get("content_sha256")
         if stored:
             return str(stored)
-        fields = dict(STRUCT_FIELDS)
+        fields = {k: v for k, v in STRUCT_FIELDS.items() if k in f["structures"]}
         if "split" in f["structures"]:
             fields["split"] = (np.int8, ())
         h = _ContentHash(fields)
@@ -469,10 +481,11 @@ class _Shard:
                     raise DataFormatError(f"{path}: not a distmlip data set (format attribute "
                                           f"{a.get('format')!r}, expected {FORMAT_NAME!r})")
                 ver = int(a.get("version", -1))
-                if ver != FORMAT_VERSION:
+                if ver not in READABLE_VERSIONS:
                     raise DataFormatError(f"{path}: data set format version {ver} is not supported "
-                                          f"(this distmlip reads version {FORMAT_VERSION}); re-run "
-                                          "distmlip convert")
+                                          f"(this distmlip reads versions "
+                                          f"{', '.join(map(str, READABLE_VERSIONS))}); re-run distmlip convert")
+                self.version = ver
                 if not a.get("complete", False):
                     raise DataFormatError(f"{path}: incomplete data set (writer did not finish)")
                 self.species = json.loads(a["species"])
@@ -496,7 +509,10 @@ class _Shard:
                     if f["atoms"][k].shape[0] != N:
                         raise DataFormatError(f"{path}: field 'atoms/{k}' has {f['atoms'][k].shape[0]} rows, "
                                               f"expected {N} (truncated?)")
+                self.missing = {k for k in OPTIONAL_STRUCT_FIELDS if k not in s}
                 for k in STRUCT_FIELDS:
+                    if k in self.missing:
+                        continue
                     if s[k].shape[0] != S:
                         raise DataFormatError(f"{path}: field 'structures/{k}' has {s[k].shape[0]} rows, "
                                               f"expected {S} (truncated?)")
@@ -538,6 +554,12 @@ def _check_finite(sh, a: int, cols: dict, at: dict) -> None:
         r = int(np.flatnonzero(w < 0)[0])
         raise DataFormatError(f"{sh.path}: structure {a + r} ({_where(sh, cols, r)}): field 'structures/weight' "
                               f"is negative ({w[r]})")
+    st = np.asarray(cols["stress"]).reshape(len(w), -1)
+    ok = np.isfinite(st).all(1) | ~np.asarray(cols["has_stress"], bool)
+    if not ok.all():
+        r = int(np.flatnonzero(~ok)[0])
+        raise DataFormatError(f"{sh.path}: structure {a + r} ({_where(sh, cols, r)}): field 'structures/stress' "
+                              f"is not finite ({st[r].tolist()})")
     hf = np.repeat(np.asarray(cols["has_forces"], bool), sh.natoms[a:a + len(w)])
     for name, mask in (("positions", None), ("forces", hf)):
         v = np.asarray(at[name])
@@ -719,6 +741,9 @@ class H5Dataset:
         return d
 
     def _read_col(self, k, name, a, b):
+        if name in self._shards[k].missing:      # a field newer than the file: its fill
+            dt, shp = STRUCT_FIELDS[name]
+            return np.zeros((b - a,) + shp, dtype=dt)
         try:
             return self._dset(k, "structures", name)[a:b]
         except KeyError:
@@ -766,6 +791,7 @@ class H5Dataset:
                     o = int(sh.atom_offset[li]) - A
                     m = int(sh.natoms[li])
                     hf = bool(cols["has_forces"][r])
+                    hs = bool(cols["has_stress"][r])
                     sf = int(cols["source_file"][r])
                     gi = int(self.starts[k] + li)
                     out[gi] = Structure(
@@ -782,7 +808,8 @@ class H5Dataset:
                         weight=float(cols["weight"][r]),
                         source=sh.sources[sf] if 0 <= sf < len(sh.sources) else "",
                         source_index=int(cols["source_index"][r]),
-                        index=gi)
+                        index=gi,
+                        stress=np.array(cols["stress"][r], dtype=np.float64) if hs else None)
         return [out[int(i)] for i in idx]
 
     def __iter__(self):
@@ -817,7 +844,8 @@ def copy_dataset_arrays(src_path: str, writer: H5Writer, block_structures: int =
             first = int(ends[a - 1]) if a else 0
             b = int(np.searchsorted(ends, first + block_atoms, side="right"))
             b = min(max(b, a + 1), a + block_structures, S)
-            st = {k: st_g[k][a:b] for k in STRUCT_FIELDS}
+            st = {k: (st_g[k][a:b] if k in st_g else np.zeros((b - a,) + STRUCT_FIELDS[k][1], STRUCT_FIELDS[k][0]))
+                  for k in STRUCT_FIELDS}
             A = int(st["atom_offset"][0])
             B = int(st["atom_offset"][-1] + st["natoms"][-1])
             atoms = {k: at_g[k][A:B] for k in ATOM_FIELDS}

@@ -1,4 +1,5 @@
-"""``distmlip info DATA.h5``: summary of a data set (sizes, subsets, species, energies, forces)."""
+"""``distmlip info DATA.h5``: summary of a data set (sizes, subsets, species, energies, forces,
+stresses)."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ import json
 import numpy as np
 
 from .h5store import H5Dataset
+
+EV_A3_GPA = 160.21766208     # 1 eV/Angstrom^3 in GPa
 
 
 def add_arguments(p) -> None:
@@ -51,6 +54,19 @@ def summarize(ds: H5Dataset) -> dict:
             fsum += float(mag.sum())
             fmax = max(fmax, float(mag.max()))
             nf += int(mask.sum())
+    has_s = np.asarray(ds.column("has_stress"), dtype=bool)
+    stress = np.asarray(ds.column("stress"), dtype=np.float64).reshape(S, 9)
+    note("stress", np.isfinite(stress).all(1) | ~has_s, np.arange(S))
+    stress_stats = None
+    use = has_s & np.isfinite(stress).all(1)
+    if use.any():
+        st = stress[use]
+        p = -(st[:, 0] + st[:, 4] + st[:, 8]) / 3.0            # pressure, eV/A^3
+        stress_stats = {"structures_with_stress": int(use.sum()),
+                        "mean_abs_component_GPa": float(np.abs(st).mean() * EV_A3_GPA),
+                        "max_abs_component_GPa": float(np.abs(st).max() * EV_A3_GPA),
+                        "pressure_GPa": {"min": float(p.min() * EV_A3_GPA), "max": float(p.max() * EV_A3_GPA),
+                                         "mean": float(p.mean() * EV_A3_GPA)}}
     for k, a, blk in ds.iter_atom_blocks("positions"):
         base = int(sum(sh.n_atoms for sh in ds._shards[:k]))
         note("positions", np.isfinite(blk).all(1), atom_struct[base + a: base + a + len(blk)])
@@ -67,6 +83,8 @@ def summarize(ds: H5Dataset) -> dict:
         "forces": {"atoms_with_forces": nf, "mean_abs_eV_per_A": fsum / nf if nf else None,
                    "max_abs_eV_per_A": fmax if nf else None},
         "has_forces_fraction": float(has_f.mean()) if S else 0.0,
+        "stress": stress_stats,
+        "has_stress_fraction": float(has_s.mean()) if S else 0.0,
         "synthetic_fraction": float(synth.mean()) if S else 0.0,
         "reference_energies": ds.reference_energies,
         "stored_split": None,
@@ -132,6 +150,15 @@ def format_summary(d: dict, max_subsets: int = 50) -> str:
     else:
         L.append("forces        : none")
     L.append(f"with forces   : {100 * d['has_forces_fraction']:.1f} % of structures")
+    st = d.get("stress")
+    if st:
+        p = st["pressure_GPa"]
+        L.append(f"stress        : mean |s_ij| {st['mean_abs_component_GPa']:.4f} GPa, max |s_ij| "
+                 f"{st['max_abs_component_GPa']:.4f} GPa, pressure {p['min']:.4f} .. {p['max']:.4f} GPa "
+                 f"(mean {p['mean']:.4f}; {st['structures_with_stress']} structures, "
+                 f"{100 * d['has_stress_fraction']:.1f} %)")
+    else:
+        L.append("stress        : none")
     L.append(f"synthetic     : {100 * d['synthetic_fraction']:.1f} % of structures")
     if d["reference_energies"]:
         L.append("ref. energies : " + ", ".join(f"{k}={v}" for k, v in d["reference_energies"].items()))

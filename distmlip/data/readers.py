@@ -224,6 +224,41 @@ def write_xsf(path, structure: Structure, precision: int | None = None) -> None:
     Path(path).write_text("\n".join(out) + "\n")
 
 
+def stress_tensor(value, where: str, field: str = "stress") -> np.ndarray:
+    """A stress given as 3x3, 9 values (row-major) or 6 Voigt values (ASE order xx yy zz yz xz xy)
+    -> [3, 3] float64 (symmetrised for Voigt input).  InputError naming ``where`` otherwise."""
+    from ase.stress import voigt_6_to_full_3x3_stress
+
+    try:
+        v = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: field '{field}': cannot read {value!r} as numbers") from None
+    if v.size == 6:
+        return voigt_6_to_full_3x3_stress(v)
+    if v.size == 9:
+        return v.reshape(3, 3).copy()
+    raise InputError(f"{where}: field '{field}': expected 6 (Voigt) or 9 (3x3) values, got {v.size}")
+
+
+def _ase_stress(atoms, results, where: str):
+    """The stress of an ASE frame in distmlip's convention (eV/A^3, ASE sign) or None: the
+    calculator's ``stress`` (extxyz ``stress=``, OUTCAR, vasprun.xml, any single-point result),
+    else ``info['stress']``, else ``info['virial']`` (extxyz of GAP/NEP/MACE: the virial
+    W = -V * stress, eV)."""
+    if results.get("stress") is not None:
+        return stress_tensor(results["stress"], where)
+    info = atoms.info
+    if info.get("stress") is not None:
+        return stress_tensor(info["stress"], where)
+    if info.get("virial") is not None:
+        w = stress_tensor(info["virial"], where, "virial")
+        vol = abs(float(np.linalg.det(np.asarray(atoms.cell.array, dtype=np.float64))))
+        if not vol > 0:
+            raise InputError(f"{where}: field 'virial': structure has no cell volume to turn the virial into a stress")
+        return -w / vol
+    return None
+
+
 def _from_ase(atoms, path, k) -> Structure:
     energy = float("nan")
     forces = None
@@ -239,11 +274,12 @@ def _from_ase(atoms, path, k) -> Structure:
         forces = np.array(results["forces"], dtype=np.float64)
     elif "forces" in atoms.arrays:
         forces = np.array(atoms.arrays["forces"], dtype=np.float64)
+    stress = _ase_stress(atoms, results, f"{path}: structure {k}")
     return Structure(numbers=np.array(atoms.numbers, dtype=np.int64),
                      positions=np.array(atoms.positions, dtype=np.float64),
                      cell=np.array(atoms.cell.array, dtype=np.float64),
                      pbc=np.array(atoms.pbc, dtype=bool), energy=energy, forces=forces,
-                     source=str(path), source_index=k)
+                     source=str(path), source_index=k, stress=stress)
 
 
 def read_ase(path, format: str | None = None) -> list[Structure]:

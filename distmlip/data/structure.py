@@ -11,6 +11,9 @@ class Structure:
     """One atomic structure with its labels.  Units: eV, Angstrom, eV/Angstrom.
 
     ``forces`` is None (or ``has_forces`` False) when the source had no forces.
+    ``stress`` is None when the source had none, else the 3x3 stress tensor in eV/Angstrom^3 in
+    ASE's sign convention (``stress = (1/V) dE/d(strain)``: negative under compression), see
+    docs/data_format.md; only periodic structures carry one.
     ``index`` is the structure's position in its data set (-1 when not from one)."""
 
     numbers: np.ndarray                 # [n] int, atomic numbers
@@ -27,6 +30,7 @@ class Structure:
     source: str = ""                    # file name the structure came from
     source_index: int = 0               # frame index inside that file
     index: int = -1
+    stress: np.ndarray | None = None    # [3, 3] float64, eV/Angstrom^3, ASE sign
 
     @property
     def natoms(self) -> int:
@@ -35,6 +39,10 @@ class Structure:
     @property
     def has_forces(self) -> bool:
         return self.forces is not None
+
+    @property
+    def has_stress(self) -> bool:
+        return self.stress is not None
 
     def to_ase(self):
         from ase import Atoms
@@ -46,6 +54,10 @@ class Structure:
             kw["energy"] = float(self.energy)
         if self.forces is not None:
             kw["forces"] = np.asarray(self.forces)
+        if self.stress is not None:
+            from ase.stress import full_3x3_to_voigt_6_stress
+
+            kw["stress"] = full_3x3_to_voigt_6_stress(np.asarray(self.stress, dtype=np.float64))
         if kw:
             atoms.calc = SinglePointCalculator(atoms, **kw)
         return atoms

@@ -144,6 +144,15 @@ def check_structure(s: Structure, min_distance: float = DEFAULT_MIN_DISTANCE) ->
             probs.append(("forces", f"non-finite force on atom {a}"))
     cell = np.asarray(s.cell, dtype=np.float64)
     pbc = np.asarray(s.pbc, dtype=bool)
+    if s.stress is not None:
+        st = np.asarray(s.stress)
+        if st.shape != (3, 3):
+            probs.append(("stress", f"shape {st.shape}, expected (3, 3)"))
+        elif not np.all(np.isfinite(st)):
+            probs.append(("stress", f"non-finite stress {st.reshape(-1).tolist()}"))
+        elif not pbc.any():
+            probs.append(("stress", ("stress on a non-periodic structure (pbc all False): a stress needs "
+                                     "a periodic cell")))
     if cell.shape != (3, 3) or not np.all(np.isfinite(cell)):
         probs.append(("cell", "cell is not a finite 3x3 matrix"))
         return probs

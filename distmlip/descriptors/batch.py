@@ -16,7 +16,8 @@ import torch
 from ..errors import InputError
 from .neighbors import neighbor_list
 
-__all__ = ["Batch", "Graph", "GraphStore", "collate", "collate_graphs", "prepare", "species_symbols", "species_table"]
+__all__ = ["Batch", "Graph", "GraphStore", "cell_volumes", "collate", "collate_graphs", "prepare", "species_symbols",
+           "species_table", "strained"]
 
 
 def species_symbols(species) -> list[str]:
@@ -60,6 +61,8 @@ class Batch:
     # pairs (indices into pair_i) closer than the short_range the structures were prepared with
     # (GraphStore(short_range=...)), found once per structure; None: not computed
     short_pairs: torch.Tensor | None = None
+    stress: torch.Tensor | None = None      # [B, 3, 3] float64 eV/A^3, ASE sign (zeros where missing)
+    has_stress: torch.Tensor | None = None  # [B] bool
 
     @property
     def n_atoms(self) -> int:
@@ -89,6 +92,32 @@ class Batch:
         return Batch(**kw)
 
 
+def strained(batch: Batch, strain: torch.Tensor) -> Batch:
+    """The batch under a homogeneous strain ``strain`` [B, 3, 3] per structure (row vectors:
+    x -> x (1 + eps)): positions and pair shifts as differentiable functions of the batch's
+    positions and of ``strain``.  At strain 0 the values are the batch's; the gradient of an
+    energy with respect to ``strain`` is dE/d(eps) = sum_pairs r_ij (x) dE/dr_ij, the virial
+    that the stress is made of (:func:`cell_volumes`; ``BPNN.energy_forces_stress``)."""
+    import dataclasses
+
+    eps = strain.to(batch.positions.dtype)
+    sh = batch.pair_shift.to(batch.positions.dtype)
+    if batch.n_structures == 1:        # (most calculator and benchmark calls): no per-row gather
+        pos = batch.positions + batch.positions @ eps[0]
+        shift = sh + sh @ eps[0]
+    else:
+        pos = batch.positions + (batch.positions.unsqueeze(2) * eps[batch.structure]).sum(1)
+        shift = sh + (sh.unsqueeze(2) * eps[batch.structure[batch.pair_i]]).sum(1)
+    return dataclasses.replace(batch, positions=pos, pair_shift=shift)
+
+
+def cell_volumes(batch: Batch) -> torch.Tensor:
+    """|det(cell)| [B] float64 of the structures of a batch; 0 for structures without a periodic
+    direction (no stress is defined for them)."""
+    vol = torch.linalg.det(batch.cell.to(torch.float64)).abs()
+    return torch.where(batch.pbc.any(1), vol, torch.zeros_like(vol))
+
+
 class Graph(NamedTuple):
     """One structure prepared for batching: species indices, positions and its neighbour pairs
     (local atom indices, sorted as :func:`neighbor_list` sorts them, and integer image shifts in
@@ -107,11 +136,12 @@ class Graph(NamedTuple):
     weight: float
     index: int
     short_pairs: np.ndarray | None = None   # [S] int32 pairs closer than prepare()'s short_range
+    stress: np.ndarray | None = None   # [3, 3] float64 eV/A^3 (ASE sign)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.species, self.positions, self.forces, self.cell, self.pbc,
-                                       self.pair_i, self.pair_j, self.shift, self.short_pairs)
+                                       self.pair_i, self.pair_j, self.shift, self.short_pairs, self.stress)
                    if a is not None) + 200
 
 
@@ -161,12 +191,14 @@ def prepare(s, table, cutoff: float, where: str = "structure", neighbor_backend:
         d = pos[j] - pos[i] + (S @ cell if shift is not None else 0.0)
         short = np.flatnonzero(np.einsum("ij,ij->i", d, d) < short_range * short_range).astype(np.int32)
     f = getattr(s, "forces", None)
+    st = getattr(s, "stress", None)
     sidx = getattr(s, "index", -1)
     return Graph(species=idx.astype(np.int8 if len(symbols) < 128 else np.int16),
                  positions=pos, forces=None if f is None else np.asarray(f, dtype=np.float64).reshape(n, 3),
                  cell=cell, pbc=pbc, pair_i=i.astype(np.int32), pair_j=j.astype(np.int32), shift=shift,
                  energy=float(getattr(s, "energy", np.nan)), weight=float(getattr(s, "weight", 1.0)),
-                 index=int(sidx if sidx is not None else -1), short_pairs=short)
+                 index=int(sidx if sidx is not None else -1), short_pairs=short,
+                 stress=None if st is None else np.asarray(st, dtype=np.float64).reshape(3, 3))
 
 
 def _where(s, b: int) -> str:
@@ -211,6 +243,11 @@ def collate_graphs(graphs: Sequence[Graph], dtype: torch.dtype = torch.float64, 
     has_forces = np.fromiter((g.forces is not None for g in graphs), dtype=bool, count=B)
     forces = np.concatenate([g.forces if g.forces is not None else np.zeros((len(g.species), 3))
                              for g in graphs]) if B else np.zeros((0, 3))
+    has_stress = np.fromiter((g.stress is not None for g in graphs), dtype=bool, count=B)
+    stress = np.zeros((B, 3, 3))
+    if has_stress.any():
+        for b in np.flatnonzero(has_stress):
+            stress[b] = graphs[b].stress
     dev = torch.device(device)
     if dev.type == "cpu":
         def t(a, dt):
@@ -238,6 +275,8 @@ def collate_graphs(graphs: Sequence[Graph], dtype: torch.dtype = torch.float64, 
         weight=t(np.fromiter((g.weight for g in graphs), dtype=np.float64, count=B), torch.float64),
         index=t(np.fromiter((g.index for g in graphs), dtype=np.int64, count=B), torch.long),
         short_pairs=None if short is None else t(short, torch.long),
+        stress=t(stress, torch.float64),
+        has_stress=t(has_stress, torch.bool),
     )
 
 

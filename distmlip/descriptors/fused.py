@@ -24,8 +24,19 @@ Autograd
     descriptor backward towards the positions), which is what a force-training step should use.
   * Third derivatives are not supported: differentiating the double backward raises a clear
     RuntimeError.
-  * Gradients with respect to ``pair_shift`` (cell / stress) are not supported: an error is
-    raised when ``pair_shift.requires_grad``.
+  * Gradients with respect to ``pair_shift`` (cell, strain, stress): when ``pair_shift``
+    requires grad, every periodic image that some pair reaches (a distinct (j, shift) with a
+    non-zero shift) becomes an image atom at ``R[j] + shift`` appended to the positions, the pairs
+    point at their image atoms with a zero shift, and the kernels run on the augmented atoms
+    (image atoms are neighbours only: no pairs of their own, their descriptor rows are dropped).
+    The kernels' VJP then gives dE/dX of every image atom, i.e. the per-pair gradients summed over
+    the pairs of each image, and autograd carries them to ``positions`` and ``pair_shift``;
+    J and H products work as for positions (force training with a stress loss).  The image
+    position reads the shift of one pair of the image (the first): the gradient of the pairs of an
+    image is delivered to that pair's row of ``pair_shift``.  That is the exact derivative of any
+    ``pair_shift`` whose rows of one image are equal functions and whose zero rows stay zero (the
+    strained shifts S (1 + eps) of :func:`distmlip.descriptors.batch.strained`, which is what the
+    stress uses); no per-pair Jacobian is formed.
 
 Precision: float32 and float64 inputs; every sum and derivative is accumulated in float64
 inside the kernels and rounded once to the input dtype.
@@ -141,6 +152,56 @@ class _ChebyshevG(torch.autograd.Function):
         return (gR,) + (None,) * 9
 
 
+def periodic_images(pair_j, pair_shift):
+    """(image_pair [K], pair_image [P]) of a pair list: ``pair_image[p]`` is the image atom of
+    pair p (-1 for a zero shift) numbered 0..K-1 over the distinct (j, shift) with a non-zero
+    shift, ``image_pair[k]`` the first pair of image k.  The shifts of one image are the same
+    numbers (``collate`` computes n @ cell) and shifts of different images of an atom differ by a
+    lattice vector, so rounded to 1e-5 A they are told apart exactly.  The keys are packed into
+    int64 and made unique in 1-D (``torch.unique(dim=0)`` compares rows one at a time: 30 ms for
+    20k pairs, ten times the descriptor)."""
+    shift = pair_shift.detach()
+    P = shift.shape[0]
+    sel = torch.nonzero((shift != 0).any(1), as_tuple=False).reshape(-1)
+    pair_image = torch.full((P,), -1, dtype=torch.long, device=shift.device)
+    if sel.numel() == 0:
+        return sel, pair_image
+    q = torch.round(shift[sel].to(torch.float64) * 1e5).to(torch.long) + (1 << 31)   # [M, 3] in [0, 2^32)
+    j = pair_j[sel].to(torch.long)
+    _, a = torch.unique(j * (1 << 32) + q[:, 0], return_inverse=True)
+    _, b = torch.unique(q[:, 1] * (1 << 32) + q[:, 2], return_inverse=True)
+    _, inv = torch.unique(a * sel.numel() + b, return_inverse=True)
+    K = int(inv.max()) + 1
+    first = torch.full((K,), P, dtype=torch.long, device=shift.device).scatter_reduce(0, inv, sel, "amin")
+    pair_image[sel] = inv
+    return first, pair_image
+
+
+def _with_images(positions, species_idx, pair_i, pair_j, pair_shift, pair_ptr):
+    """The augmented problem of a differentiable ``pair_shift`` (module docstring): (positions
+    [N + K, 3], species [N + K], pair_j, zero shifts, pair_ptr [N + K + 1])."""
+    device = positions.device
+    N = positions.shape[0]
+    pair_j = pair_j.to(device=device, dtype=torch.long)
+    if pair_ptr is None:
+        pair_i = pair_i.to(device=device, dtype=torch.long)
+        if pair_i.numel() > 1 and bool((pair_i[1:] < pair_i[:-1]).any()):
+            order = torch.sort(pair_i, stable=True).indices
+            pair_i, pair_j, pair_shift = pair_i[order], pair_j[order], pair_shift[order]
+        pair_ptr = pair_pointers(pair_i, N)
+    pair_ptr = pair_ptr.to(device=device, dtype=torch.long)
+    pair_shift = pair_shift.to(device=device, dtype=positions.dtype)
+    first, pair_image = periodic_images(pair_j, pair_shift)
+    K = first.numel()
+    src = pair_j[first]
+    X = torch.cat([positions, positions[src] + pair_shift[first]], 0)
+    species_idx = species_idx.to(device=device, dtype=torch.long)
+    sp = torch.cat([species_idx, species_idx[src]])
+    pj = torch.where(pair_image >= 0, pair_image + N, pair_j)
+    ptr = torch.cat([pair_ptr, pair_ptr[-1:].expand(K)])
+    return X, sp, pj, torch.zeros_like(pair_shift.detach()), ptr
+
+
 def prepare_arguments(positions, species_idx, pair_i, pair_j, pair_shift, *, typespin, pair_ptr=None):
     """The operators' tensor arguments (positions, species, pair_ptr, pair_j, pair_shift,
     typespin) from a batch's tensors: contiguous, on the positions' device, pairs sorted by centre
@@ -150,7 +211,7 @@ def prepare_arguments(positions, species_idx, pair_i, pair_j, pair_shift, *, typ
         raise ValueError("fused.chebyshev: positions must be a [N, 3] tensor")
     if positions.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"fused.chebyshev: positions must be float32 or float64, got {positions.dtype}")
-    if isinstance(pair_shift, torch.Tensor) and pair_shift.requires_grad:
+    if isinstance(pair_shift, torch.Tensor) and pair_shift.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("fused.chebyshev: gradients with respect to pair_shift (cell, stress) "
                                   "are not supported; detach pair_shift or use backend='reference'")
     device = positions.device
@@ -188,12 +249,18 @@ def chebyshev(positions, species_idx, pair_i, pair_j, pair_shift, *, typespin, r
     rc_radial, rc_angular = float(rc_radial), float(rc_angular)
     if not (0 <= n_radial <= MAX_ORDER and 0 <= n_angular <= MAX_ORDER):
         raise ValueError(f"fused.chebyshev: orders must be in [0, {MAX_ORDER}], got {n_radial}, {n_angular}")
+    N = positions.shape[0] if isinstance(positions, torch.Tensor) else 0
+    if isinstance(pair_shift, torch.Tensor) and pair_shift.requires_grad and torch.is_grad_enabled():
+        positions, species_idx, pair_j, pair_shift, pair_ptr = _with_images(
+            positions, species_idx, pair_i, pair_j, pair_shift, pair_ptr)
     pos, *tensors = prepare_arguments(positions, species_idx, pair_i, pair_j, pair_shift,
                                       typespin=typespin, pair_ptr=pair_ptr)
     args = (*tensors, rc_radial, n_radial, rc_angular, n_angular)
     if torch.is_grad_enabled() and pos.requires_grad:
-        return _ChebyshevG.apply(pos, *args)
-    return _ops.chebyshev_forward(pos, *args)
+        G = _ChebyshevG.apply(pos, *args)
+    else:
+        G = _ops.chebyshev_forward(pos, *args)
+    return G if G.shape[0] == N else G[:N]
 
 
 def _register_fake():

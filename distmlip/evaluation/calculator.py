@@ -1,5 +1,8 @@
 """ASE calculator on a saved distmlip model or committee: energy and forces (autograd),
-molecules and periodic systems of any cell shape.
+molecules and periodic systems of any cell shape; the stress of periodic systems (eV/A^3, ASE's
+Voigt order and sign; ``BPNN.energy_forces_stress``), so that cell relaxations
+(``FrechetCellFilter``) and NPT dynamics run.  A structure without a periodic direction has no
+stress (ASE raises PropertyNotImplementedError).
 
     from distmlip.calculator import DistmlipCalculator
     atoms.calc = DistmlipCalculator("run/model.pt")          # one model
@@ -8,7 +11,8 @@ molecules and periodic systems of any cell shape.
 With a committee, ``energy``/``forces``/``energies`` are the committee means and ``results`` also
 holds ``energy_std`` (eV, ddof=1), ``forces_std`` [N, 3] (per atom and component, eV/A),
 ``forces_std_norm`` [N] (sqrt of the summed component variances per atom), ``energies_all``
-[K] and ``forces_all`` [K, N, 3].  One model: the std entries are zeros.
+[K] and ``forces_all`` [K, N, 3] (and ``stress_all`` [K, 6] when the stress was asked for).  One
+model: the std entries are zeros.
 
 Pairs shorter than the shortest distance of their element pair in the model's training data
 (the record ``distmlip train`` stores in the model file; models/data_record.py) are where the
@@ -24,7 +28,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 
 class DistmlipCalculator(Calculator):
-    implemented_properties = ["energy", "free_energy", "forces", "energies", "energy_std", "forces_std"]
+    implemented_properties = ["energy", "free_energy", "forces", "energies", "energy_std", "forces_std", "stress"]
 
     def __init__(self, model, device="cpu", backend=None, **kwargs):
         """``model``: a model or committee file path, a BPNN, or a list of BPNN (committee);
@@ -60,18 +64,26 @@ class DistmlipCalculator(Calculator):
         cell = np.array(a.cell[:], dtype=np.float64)
         s = Structure(numbers=np.asarray(a.numbers), positions=np.asarray(a.positions, dtype=np.float64),
                       cell=cell, pbc=np.asarray(a.pbc, dtype=bool))
-        Es, Fs, eas = [], [], []
-        batch = None
+        want_stress = "stress" in properties and bool(np.any(a.pbc)) and abs(np.linalg.det(cell)) > 0
+        Es, Fs, eas, Ss = [], [], [], []
+        batch = species = cutoff = None
         for m in self.models:
             if batch is None or m.cutoff != cutoff or m.species != species:
                 species, cutoff = m.species, m.cutoff
                 batch = collate([s], species=m.species, cutoff=m.cutoff, dtype=torch.float64, device=self.device)
             pos = batch.positions.detach().requires_grad_(True)
             batch.positions = pos
-            with torch.enable_grad():
-                e_at = m.atomic_energies(batch)
-                E = e_at.sum()
-                (g,) = torch.autograd.grad(E, pos)
+            if want_stress:
+                with torch.no_grad():
+                    e_at = m.atomic_energies(batch)
+                E, F, S = m.energy_forces_stress(batch)
+                Ss.append(S[0].cpu().numpy())
+                E, g = E[0], -F
+            else:
+                with torch.enable_grad():
+                    e_at = m.atomic_energies(batch)
+                    E = e_at.sum()
+                    (g,) = torch.autograd.grad(E, pos)
             Es.append(float(E.detach().cpu()))
             Fs.append(-g.detach().cpu().numpy())
             eas.append(e_at.detach().cpu().numpy())
@@ -89,6 +101,12 @@ class DistmlipCalculator(Calculator):
         self.results["forces_std_norm"] = np.sqrt((fstd * fstd).sum(1))
         self.results["energies_all"] = Es
         self.results["forces_all"] = Fs
+        if want_stress:
+            from ase.stress import full_3x3_to_voigt_6_stress
+
+            Sv = np.stack([full_3x3_to_voigt_6_stress(x) for x in Ss])
+            self.results["stress"] = Sv.mean(0)
+            self.results["stress_all"] = Sv
 
     def _check_record(self, numbers, batch) -> dict:
         """{pair: distance} of the pairs below the training data's shortest distances; warns."""

@@ -1,8 +1,10 @@
 """``distmlip evaluate MODEL DATA.h5 [...] [--split test|val|train|all] [-o DIR]``.
 
 Energy MAE/RMSE (meV/atom and meV/structure), force component MAE/RMSE, force magnitude MAE and
-mean force direction error (degrees), per subset and overall: a table on stdout, ``metrics.json``,
-a per-structure ``structures.csv`` and parity plots ``parity_energy.png`` / ``parity_forces.png``.
+mean force direction error (degrees), stress component MAE/RMSE (GPa; structures with a reference
+stress), per subset and overall: a table on stdout, ``metrics.json``, a per-structure
+``structures.csv`` and parity plots ``parity_energy.png`` / ``parity_forces.png`` /
+``parity_stress.png``.
 Several models (``--model`` repeated or comma-separated) are evaluated as a committee (mean)."""
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ def format_table(results: dict) -> str:
             ("E_rmse_meV_struct", "E RMSE meV/str", "{:.2f}"), ("F_mae", "F MAE eV/A", "{:.4f}"),
             ("F_rmse", "F RMSE eV/A", "{:.4f}"), ("F_magnitude_mae", "|F| MAE eV/A", "{:.4f}"),
             ("F_direction_deg", "F angle deg", "{:.2f}"),
+            ("S_mae_GPa", "S MAE GPa", "{:.4f}"), ("S_rmse_GPa", "S RMSE GPa", "{:.4f}"),
             # committee spread (K > 1): mean standard deviation over the test points
             ("E_msd_meV_atom", "E MSD meV/at", "{:.3f}"), ("E_msd_meV_struct", "E MSD meV/str", "{:.2f}"),
             ("F_magnitude_msd", "|F| MSD eV/A", "{:.4f}"), ("F_direction_msd_deg", "angle MSD deg", "{:.2f}")]
@@ -136,6 +139,14 @@ def evaluate(models, ds, indices=None, output=None, forces=True, plots=True, bat
                 parity_plot(pred.forces_ref[am], pred.force[am], out / "parity_forces.png",
                             "reference force component (eV/A)", "predicted force component (eV/A)",
                             title=label, text=f"MAE {ov['F_mae']:.3f} eV/A\nRMSE {ov['F_rmse']:.3f} eV/A")
+            if pred.stresses is not None and "S_mae_GPa" in ov:
+                from .metrics import EV_A3_GPA
+
+                sm = pred.has_stress
+                parity_plot(EV_A3_GPA * pred.stress_ref[sm].reshape(-1), EV_A3_GPA * pred.stress[sm].reshape(-1),
+                            out / "parity_stress.png", "reference stress component (GPa)",
+                            "predicted stress component (GPa)", title=label,
+                            text=f"MAE {ov['S_mae_GPa']:.3f} GPa\nRMSE {ov['S_rmse_GPa']:.3f} GPa")
     return {"metrics": results, "predictions": pred}
 
 

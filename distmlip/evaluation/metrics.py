@@ -3,7 +3,8 @@
 ``predict(models, ds, indices)`` -> :class:`Predictions` with energies [K, S] and forces
 [K, N, 3] (all float64); ``metrics(pred)`` uses the committee mean (K = 1: the model itself) and,
 for K > 1, reports the committee spread too.  Units: energy errors in meV/atom and meV/structure,
-force errors in eV/Angstrom, direction errors in degrees.
+force errors in eV/Angstrom, direction errors in degrees, stress errors (structures with a
+reference stress) in eV/Angstrom^3 and GPa.
 """
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ class Predictions:
     has_forces: np.ndarray     # [S] bool (reference forces present)
     forces_ref: np.ndarray | None   # [N, 3]
     forces: np.ndarray | None       # [K, N, 3]
+    has_stress: np.ndarray | None = None   # [S] bool (reference stress present)
+    stress_ref: np.ndarray | None = None   # [S, 3, 3] eV/A^3 (zeros where missing)
+    stresses: np.ndarray | None = None     # [K, S, 3, 3] predicted (None: not computed)
+
+    @property
+    def stress(self) -> np.ndarray | None:
+        return None if self.stresses is None else self.stresses.mean(0)
 
     @property
     def K(self) -> int:
@@ -43,8 +51,9 @@ class Predictions:
 
 def predict(models, ds, indices=None, batch_atoms: int = 4096, forces: bool = True, device="cpu",
             progress: bool = False) -> Predictions:
-    """Energies (and forces, by autograd) of ``models`` (a BPNN or a list) on data set ``ds``
-    (H5Dataset or a list of Structure) at ``indices`` (default: all)."""
+    """Energies (and forces, by autograd; and the stress where the reference has one) of
+    ``models`` (a BPNN or a list) on data set ``ds`` (H5Dataset or a list of Structure) at
+    ``indices`` (default: all)."""
     from ..descriptors.batch import collate
 
     if not isinstance(models, (list, tuple)):
@@ -63,6 +72,9 @@ def predict(models, ds, indices=None, batch_atoms: int = 4096, forces: bool = Tr
     Fref = np.zeros((N, 3)) if forces else None
     hasf = np.zeros(S, dtype=bool)
     subset = np.zeros(S, dtype=np.int64)
+    hass = np.zeros(S, dtype=bool)
+    Sref = np.zeros((S, 3, 3))
+    Sp = np.zeros((K, S, 3, 3)) if forces else None
     # batches of consecutive indices up to batch_atoms atoms
     bounds = [0]
     acc = 0
@@ -91,9 +103,17 @@ def predict(models, ds, indices=None, batch_atoms: int = 4096, forces: bool = Tr
                 hasf[s_] = True
                 if forces:
                     Fref[off[s_]:off[s_ + 1]] = st.forces
+            if getattr(st, "stress", None) is not None:
+                hass[s_] = True
+                Sref[s_] = st.stress
+        with_stress = forces and bool(hass[a:b].any())
         for k, m in enumerate(models):
             batch = collate(structs, species=m.species, cutoff=m.cutoff, dtype=torch.float64, device=device)
-            if forces:
+            if with_stress:
+                e, f, sp = m.energy_forces_stress(batch)
+                F[k, off[a]:off[b]] = f.cpu().numpy()
+                Sp[k, a:b] = sp.cpu().numpy()
+            elif forces:
                 with torch.enable_grad():
                     e, f = m.energy_and_forces(batch)
                 F[k, off[a]:off[b]] = f.detach().cpu().numpy()
@@ -106,7 +126,8 @@ def predict(models, ds, indices=None, batch_atoms: int = 4096, forces: bool = Tr
     if bar is not None:
         bar.close()
     return Predictions(index=idx, natoms=natoms, subset=subset, energy_ref=Eref, energies=E,
-                       atom_offset=off, has_forces=hasf, forces_ref=Fref, forces=F)
+                       atom_offset=off, has_forces=hasf, forces_ref=Fref, forces=F,
+                       has_stress=hass, stress_ref=Sref, stresses=Sp if hass.any() else None)
 
 
 def energy_metrics(e_pred, e_ref, natoms) -> dict:
@@ -141,6 +162,19 @@ def force_metrics(f_pred, f_ref) -> dict:
             "F_rmse": float(np.sqrt(np.mean(d * d))),
             "F_magnitude_mae": float(np.mean(np.abs(mp - mr))),
             "F_direction_deg": float(np.mean(ang)) if len(ang) else float("nan")}
+
+
+EV_A3_GPA = 160.21766208     # 1 eV/A^3 in GPa
+
+
+def stress_metrics(s_pred, s_ref) -> dict:
+    """Component MAE/RMSE of stresses [M, 3, 3] (all nine components) in eV/A^3 and GPa."""
+    d = (np.asarray(s_pred, float) - np.asarray(s_ref, float)).reshape(-1)
+    if d.size == 0:
+        return {"n_stress": 0}
+    mae, rmse = float(np.mean(np.abs(d))), float(np.sqrt(np.mean(d * d)))
+    return {"n_stress": int(d.size // 9), "S_mae": mae, "S_rmse": rmse,
+            "S_mae_GPa": mae * EV_A3_GPA, "S_rmse_GPa": rmse * EV_A3_GPA}
 
 
 def _angles_deg(a, b):
@@ -189,6 +223,9 @@ def metrics(pred: Predictions, mask_structures=None) -> dict:
     if pred.forces is not None:
         amask = (sel & pred.has_forces)[pred.atom_structure()]
         out.update(force_metrics(pred.force[amask], pred.forces_ref[amask]))
+    if pred.stresses is not None and (sel & pred.has_stress).any():
+        sm = sel & pred.has_stress
+        out.update(stress_metrics(pred.stress[sm], pred.stress_ref[sm]))
     if pred.K > 1:
         std = pred.energies[:, sel].std(0, ddof=1) / pred.natoms[sel]
         out["E_committee_std_meV_atom"] = float(1e3 * np.mean(std)) if sel.any() else float("nan")

@@ -208,6 +208,45 @@ class BPNN(nn.Module):
             E, F = E + Et, F + Ft
         return E, F
 
+    def energy_forces_stress(self, batch, create_graph: bool = False):
+        """(E [B], F [N, 3], stress [B, 3, 3]): energies, forces and the stress of every structure,
+        stress = (1/V) dE/d(eps) = (1/V) sum_pairs r_ij (x) dE/dr_ij (eV/A^3, ASE's sign: negative
+        under compression), the derivative with respect to a homogeneous strain eps of each
+        structure's cell and atoms (:func:`~distmlip.descriptors.batch.strained`), symmetrised;
+        zeros for structures without a periodic direction.  Exact in both descriptor backends:
+        the reference differentiates through the pair shifts, the fused kernels through image
+        atoms (:mod:`distmlip.descriptors.fused`), no per-pair Jacobian.  With ``create_graph``
+        (training with a stress loss) all three are differentiable in the weights."""
+        from ..descriptors.batch import cell_volumes, strained
+
+        pos = batch.positions
+        if getattr(batch, "features", None) is not None or pos is None:
+            raise ConfigError("stress needs positions: a batch of cached descriptors supports energies only")
+        if not pos.requires_grad:
+            pos.requires_grad_(True)
+        B = batch.n_structures
+        eps = torch.zeros(B, 3, 3, dtype=pos.dtype, device=pos.device, requires_grad=True)
+        plan = self.plan()
+        if pos.shape[0] == 0:
+            z = torch.zeros(B, dtype=torch.float64, device=pos.device)
+            return z, torch.zeros_like(pos), torch.zeros(B, 3, 3, dtype=torch.float64, device=pos.device)
+        with torch.enable_grad():
+            sb = strained(batch, eps)
+            # differentiated twice for training: the compiled networks' backward is not, so the
+            # torch networks run then
+            e = self.ann.atomic_energies(sb, plan, compiled=False if create_graph else None)
+            for term in self.terms[1:]:
+                e = e + term.atomic_energies(sb, plan)
+            E = torch.zeros(B, dtype=torch.float64, device=pos.device).index_add(0, batch.structure, e)
+            gR, gE = torch.autograd.grad(E.sum(), (pos, eps), create_graph=create_graph)
+        vol = cell_volumes(batch)
+        inv = torch.where(vol > 0, 1.0 / vol.clamp(min=1e-300), torch.zeros_like(vol))
+        W = gE.to(torch.float64)
+        stress = 0.5 * (W + W.transpose(1, 2)) * inv[:, None, None]
+        if not create_graph:
+            E, gR, stress = E.detach(), gR.detach(), stress.detach()
+        return E, -gR, stress
+
     def other_terms_energy(self, batch) -> torch.Tensor:
         """Energies [B] of the terms other than the networks (what the networks are fitted to
         the residual of)."""

@@ -64,11 +64,14 @@ class ModelConfig:
 @dataclass
 class TrainingConfig:
     mode: Literal["energy", "force"] = "energy"
-    alpha: float = field(default=0.1, metadata=bounds(ge=0.0, le=1.0))   # force weight in (1 - alpha) L_E + alpha L_F
+    alpha: float = field(default=0.1, metadata=bounds(ge=0.0, le=1.0))   # force weight in (1 - alpha - beta) L_E + alpha L_F + beta L_S
+    # stress weight (force mode; 0: no stress term): L_S over the structures that carry a stress
+    beta: float = field(default=0.0, metadata=bounds(ge=0.0, le=1.0))
     # the form of L_E and L_F (distmlip/training/losses.py): mse (mean squares), rmse (root mean
     # squares, aenet-PyTorch's form) or normalized (mean squares over the data's reference spreads)
     loss: Literal["mse", "rmse", "normalized"] = "mse"
     force_fraction: float = field(default=1.0, metadata=bounds(ge=0.0, le=1.0))  # share of structures with force loss
+    stress_fraction: float = field(default=1.0, metadata=bounds(ge=0.0, le=1.0))  # share of structures with stress (of those that carry one) in L_S
     energy_loss: Literal["per_atom", "per_structure"] = "per_atom"
     epochs: int = field(default=100, metadata=bounds(ge=1))
     max_steps: int = field(default=0, metadata=bounds(ge=0))   # stop after this many optimizer steps (0: no limit)
@@ -99,6 +102,11 @@ class TrainingConfig:
     def validate(self):
         if self.min_lr > self.lr:
             raise ConfigError(f"training.min_lr: {self.min_lr} is above training.lr {self.lr}")
+        if self.beta > 0 and self.mode != "force":
+            raise ConfigError(f"training.beta: a stress term ({self.beta}) needs training.mode: force")
+        if self.alpha + self.beta > 1.0:
+            raise ConfigError(f"training.alpha + training.beta: {self.alpha} + {self.beta} is above 1 "
+                              "(the energy weight is 1 - alpha - beta)")
 
 
 @dataclass

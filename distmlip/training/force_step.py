@@ -7,6 +7,12 @@ backward (``bpnn_energy_forces_backward``), whose flat parameter gradient is add
 the optimiser's flat gradient.  Terms without parameters (ZBL) only add their energies and forces
 before the loss.  Otherwise the forces are built with ``create_graph`` and ``loss.backward``
 gives the weight gradients (same numbers, tested).
+
+With a stress term (``beta`` > 0 and structures of the batch selected for it) the energies,
+forces and stresses come from ``BPNN.energy_forces_stress(create_graph=True)`` (autograd through
+the strained batch; with the fused kernels the double backward runs their JVP on image atoms), and
+``loss.backward`` gives the exact weight gradients of all three terms; a batch without selected
+stresses takes the path above with the energy weight 1 - alpha - beta.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ def _engine_free(model, plan, batch, counts, *, per_atom, alpha, mask, grad_out)
             E, F = E + Et, F + Ft
     with torch.no_grad():
         loss, gE, gF = ops.energy_force_loss(E, batch.energy, batch.weight, batch.natoms, bool(per_atom), F,
-                                             batch.forces, batch.structure, mask, counts, float(alpha))
+                                             batch.forces, batch.structure, mask, counts[:2], float(alpha))
         out = ops.bpnn_energy_forces_backward(gE, gF, pos, species, ptr, pj, shift, ts, *dparams, x, g, moments,
                                               nets_saved, inv_std, scale, batch.structure, params, codes,
                                               True, False, True)
@@ -63,3 +69,27 @@ def force_loss_and_gradients(model, flat, batch, counts, *, per_atom: bool, alph
         # the positions
         loss.backward(inputs=flat.grad_inputs)
     return loss.detach(), E.detach(), F.detach()
+
+
+def force_stress_loss_and_gradients(model, flat, batch, counts, *, per_atom: bool, alpha: float, mask,
+                                    beta: float, smask):
+    """:func:`force_loss_and_gradients` with the stress term ``beta`` L_S over the structures
+    ``smask`` [B] (:func:`~distmlip.training.losses.stress_structure_mask`); ``counts``: the global
+    (C_E, C_F, C_S).  Returns (loss, E, F, stress), detached (stress None when no structure of the
+    batch is selected: then nothing but the energy weight differs from the force step)."""
+    if beta <= 0 or smask is None or not bool(smask.any()):
+        # (1-a-b) S_E/C_E + a S_F/C_F  ==  (1-a') S_E/C_E' + a' S_F/C_F'  with s = 1 - b
+        s = 1.0 - beta
+        if s <= 0:                 # beta = 1: L = L_S, which this batch has no part in
+            E, F = model.energy_and_forces(batch)
+            return torch.zeros((), dtype=torch.float64), E.detach(), F.detach(), None
+        loss, E, F = force_loss_and_gradients(model, flat, batch, counts / s, per_atom=per_atom,
+                                              alpha=alpha / s, mask=mask)
+        return loss, E, F, None
+    plan = model.plan()
+    with flat.routing():
+        E, F, S = model.energy_forces_stress(batch, create_graph=True)
+        loss = energy_force_loss(E, batch, counts, per_atom=per_atom, alpha=alpha, F=F, mask=mask,
+                                 compiled=plan.loss == "compiled", beta=beta, S=S, smask=smask)
+        loss.backward(inputs=flat.grad_inputs)
+    return loss.detach(), E.detach(), F.detach(), S.detach()

@@ -1,13 +1,19 @@
 """The training loss: its one definition, used by the training steps and by validation.
 
-    L = (1 - alpha) L_E + alpha L_F          (force mode; L = L_E in energy mode)
+    L = (1 - alpha - beta) L_E + alpha L_F + beta L_S    (force mode; L = L_E in energy mode)
     L_E = S_E / C_E,  S_E = sum_s w_s e_s^2,  C_E = sum_s w_s
           e_s = (E_s - E_s^ref) / n_s  (per_atom)  or  E_s - E_s^ref  (per_structure)
     L_F = S_F / C_F,  S_F = sum_{s in F} w_s sum_{i in s, c} (F_ic - F_ic^ref)^2,
           C_F = sum_{s in F} 3 n_s w_s
+    L_S = S_S / C_S,  S_S = sum_{s in S} w_s sum_{k,l} v_{s,kl}^2,  C_S = sum_{s in S} 9 w_s
+          v_s = V_s (sigma_s - sigma_s^ref) / n_s  (per_atom)  or  V_s (sigma_s - sigma_s^ref)
+          (per_structure): the error of the virial dE/d(strain), in the units of e_s
 
 F is the set of structures that carry forces and were selected for the force loss
-(:func:`force_selection`, deterministic per structure and seed).
+(:func:`force_selection`, deterministic per structure and seed); S the set of periodic
+structures that carry a stress and were selected for the stress loss (the same selection with
+``stress_fraction`` and its own seed, :func:`stress_selection`).  The stress term enters only
+with beta > 0; stress in eV/A^3 with ASE's sign (docs/data_format.md).
 
 The sums S and the counts C are additive over structures, so the loss of a union of batches
 (the ranks' shares of a global batch, the batches of a validation set) follows from the sums of
@@ -52,6 +58,21 @@ def force_selection(index, seed: int, fraction: float) -> np.ndarray:
     return u < fraction
 
 
+def stress_selection(index, seed: int, fraction: float) -> np.ndarray:
+    """bool per data-set structure index: does it carry stress loss (if it has a stress)?  The
+    force selection's rule with a seed of its own, so the two shares are independent."""
+    return force_selection(index, (int(seed) ^ 0x5354524553) & _M64, fraction)
+
+
+def stress_structure_mask(batch, selected: torch.Tensor | None) -> torch.Tensor | None:
+    """[B] bool: structures whose stress enters the stress loss (None: the batch has no stress
+    field, e.g. cached descriptors)."""
+    hs = getattr(batch, "has_stress", None)
+    if hs is None:
+        return None
+    return hs if selected is None else (hs & selected)
+
+
 def force_atom_mask(batch, selected: torch.Tensor | None) -> torch.Tensor:
     """[N] bool: atoms whose force components enter the force loss."""
     s = batch.has_forces if selected is None else (batch.has_forces & selected)
@@ -59,33 +80,39 @@ def force_atom_mask(batch, selected: torch.Tensor | None) -> torch.Tensor:
 
 
 class _WeightedSquares(torch.autograd.Function):
-    """a_E sum_s wE_s (E_s - E_s^ref)^2 + a_F sum_i wF_i |F_i - F_i^ref|^2 as one autograd node
-    (the dozen small operations of the loss written out cost more than the loss's arithmetic on
-    the batches of small molecules).  Once differentiable."""
+    """a_E sum_s wE_s (E_s - E_s^ref)^2 + a_F sum_i wF_i |F_i - F_i^ref|^2
+    (+ a_S sum_s wS_s |sigma_s - sigma_s^ref|^2) as one autograd node (the dozen small operations
+    of the loss written out cost more than the loss's arithmetic on the batches of small
+    molecules).  Once differentiable."""
 
     @staticmethod
-    def forward(ctx, E, E_ref, wE, aE, F, F_ref, wF, aF):
+    def forward(ctx, E, E_ref, wE, aE, F, F_ref, wF, aF, S=None, S_ref=None, wS=None, aS=0.0):
         dE = E.detach().to(torch.float64) - E_ref
         loss = aE * (wE * dE * dE).sum()
-        dF = None
+        dF = dS = None
         if F is not None:
             dF = F.detach().to(torch.float64) - F_ref
             loss = loss + aF * (wF.unsqueeze(1) * dF * dF).sum()
-        ctx.save_for_backward(dE, wE, dF, wF)
-        ctx.coef = (aE, aF)
-        ctx.dtypes = (E.dtype, None if F is None else F.dtype)
+        if S is not None:
+            dS = S.detach().to(torch.float64) - S_ref
+            loss = loss + aS * (wS[:, None, None] * dS * dS).sum()
+        ctx.save_for_backward(dE, wE, dF, wF, dS, wS)
+        ctx.coef = (aE, aF, aS)
+        ctx.dtypes = (E.dtype, None if F is None else F.dtype, None if S is None else S.dtype)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gL):
-        dE, wE, dF, wF = ctx.saved_tensors
-        aE, aF = ctx.coef
+        dE, wE, dF, wF, dS, wS = ctx.saved_tensors
+        aE, aF, aS = ctx.coef
         gE = (dE * wE).mul_(gL * (2.0 * aE)).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        gF = None
+        gF = gS = None
         if dF is not None and ctx.needs_input_grad[4]:
             gF = (dF * wF.unsqueeze(1)).mul_(gL * (2.0 * aF)).to(ctx.dtypes[1])
-        return gE, None, None, None, gF, None, None, None
+        if dS is not None and ctx.needs_input_grad[8]:
+            gS = (dS * wS[:, None, None]).mul_(gL * (2.0 * aS)).to(ctx.dtypes[2])
+        return gE, None, None, None, gF, None, None, None, gS, None, None, None
 
 
 class _CompiledLoss(torch.autograd.Function):
@@ -107,31 +134,48 @@ class _CompiledLoss(torch.autograd.Function):
         return (gE * gL, (gF * gL if ctx.needs_input_grad[1] else None)) + (None,) * 9
 
 
-def _weights(batch, per_atom: bool, mask):
-    """(w [B], wE [B], wF [N] or None): the structure weights, the weight of each structure's
-    squared energy error in S_E (w / n^2 per atom) and of each atom's squared force error in S_F
-    (the structure's weight where the mask selects the atom, else 0)."""
+def _weights(batch, per_atom: bool, mask, smask=None):
+    """(w [B], wE [B], wF [N] or None, wS [B] or None): the structure weights, the weight of each
+    structure's squared energy error in S_E (w / n^2 per atom), of each atom's squared force
+    error in S_F (the structure's weight where the mask selects the atom, else 0) and of each
+    structure's squared stress error in S_S (w V^2 / n^2 per atom, w V^2 per structure, where
+    ``smask`` selects the structure, else 0)."""
     w = batch.weight.to(torch.float64)
     wE = w
     if per_atom:
         n = batch.natoms.to(torch.float64)
         wE = w / (n * n)
     wF = None if mask is None else w[batch.structure] * mask.to(torch.float64)
-    return w, wE, wF
+    wS = None
+    if smask is not None:
+        from ..descriptors.batch import cell_volumes
+
+        V = cell_volumes(batch)
+        wS = wE * V * V * smask.to(torch.float64)
+    return w, wE, wF, wS
 
 
-def loss_sums(E, batch, *, per_atom: bool, F=None, mask=None) -> torch.Tensor:
-    """[4] float64: (S_E, C_E, S_F, C_F) of a batch (module docstring); ``F`` None: energy
-    mode (S_F = C_F = 0)."""
-    w, wE, wF = _weights(batch, per_atom, mask if F is not None else None)
+N_SUMS = 6   # (S_E, C_E, S_F, C_F, S_S, C_S)
+
+
+def loss_sums(E, batch, *, per_atom: bool, F=None, mask=None, S=None, smask=None) -> torch.Tensor:
+    """[6] float64: (S_E, C_E, S_F, C_F, S_S, C_S) of a batch (module docstring); ``F`` None:
+    energy mode (S_F = C_F = 0); ``S`` (stress [B, 3, 3]) None: no stress term (S_S = C_S = 0),
+    else ``smask`` [B] (:func:`stress_structure_mask`) selects the structures."""
+    use_s = S is not None and smask is not None
+    w, wE, wF, wS = _weights(batch, per_atom, mask if F is not None else None, smask if use_s else None)
     dE = E.to(torch.float64) - batch.energy.to(torch.float64)
-    out = torch.zeros(4, dtype=torch.float64, device=w.device)
+    out = torch.zeros(N_SUMS, dtype=torch.float64, device=w.device)
     out[0] = (wE * dE * dE).sum()
     out[1] = w.sum()
     if F is not None:
         dF = F.to(torch.float64) - batch.forces.to(torch.float64)
         out[2] = (wF[:, None] * dF * dF).sum()
         out[3] = 3.0 * wF.sum()
+    if use_s:
+        dS = S.to(torch.float64) - batch.stress.to(torch.float64)
+        out[4] = (wS[:, None, None] * dS * dS).sum()
+        out[5] = 9.0 * (w * smask.to(torch.float64)).sum()
     return out
 
 
@@ -139,66 +183,85 @@ LOSS_FORMS = ("mse", "rmse", "normalized")
 
 
 def loss_from_sums(sums: torch.Tensor, *, alpha: float, force_mode: bool, form: str = "mse",
-                   spread=(1.0, 1.0)) -> float:
+                   spread=(1.0, 1.0, 1.0), beta: float = 0.0) -> float:
     """The loss of the structures whose :func:`loss_sums` add up to ``sums``, in ``form``:
-    'mse' (1-a) MSE_E + a MSE_F; 'rmse' (1-a) RMSE_E + a RMSE_F (aenet-PyTorch's form);
-    'normalized' (1-a) MSE_E / s_E^2 + a MSE_F / s_F^2 with the reference spreads ``spread``."""
-    s = sums.tolist()
+    'mse' (1-a-b) MSE_E + a MSE_F + b MSE_S; 'rmse' the same with root mean squares
+    (aenet-PyTorch's form); 'normalized' the mean squares over the reference spreads ``spread``
+    (s_E, s_F[, s_S])."""
+    s = sums.tolist() + [0.0] * (N_SUMS - len(sums))
+    spread = tuple(spread) + (1.0,) * (3 - len(spread))
     mse_e = s[0] / s[1] if s[1] > 0 else float("nan")
     mse_f = s[2] / s[3] if s[3] > 0 else 0.0
+    mse_s = s[4] / s[5] if s[5] > 0 else 0.0
     if form == "rmse":
-        e, f = math.sqrt(mse_e) if mse_e == mse_e else mse_e, math.sqrt(mse_f)
+        e, f, st = math.sqrt(mse_e) if mse_e == mse_e else mse_e, math.sqrt(mse_f), math.sqrt(mse_s)
     elif form == "normalized":
-        e, f = mse_e / spread[0] ** 2, mse_f / spread[1] ** 2
+        e, f, st = mse_e / spread[0] ** 2, mse_f / spread[1] ** 2, mse_s / spread[2] ** 2
     else:
-        e, f = mse_e, mse_f
-    return e if not force_mode else (1.0 - alpha) * e + alpha * f
+        e, f, st = mse_e, mse_f, mse_s
+    return e if not force_mode else (1.0 - alpha - beta) * e + alpha * f + beta * st
 
 
-def term_weights(form: str, alpha: float, force_mode: bool, spread, previous=None) -> tuple[float, float]:
-    """(c_E, c_F): the weights of the step's mean squares MSE_E = S_E/C_E and MSE_F = S_F/C_F whose
-    gradient is that of the loss ``form`` (see :func:`loss_from_sums`).
+def term_weights(form: str, alpha: float, force_mode: bool, spread, previous=None,
+                 beta: float = 0.0) -> tuple[float, float, float]:
+    """(c_E, c_F, c_S): the weights of the step's mean squares MSE_E = S_E/C_E, MSE_F = S_F/C_F
+    and MSE_S = S_S/C_S whose gradient is that of the loss ``form`` (see :func:`loss_from_sums`).
 
-    mse: (1-a, a).  normalized: ((1-a)/s_E^2, a/s_F^2).  rmse: the chain rule of
+    mse: (1-a-b, a, b).  normalized: ((1-a-b)/s_E^2, a/s_F^2, b/s_S^2).  rmse: the chain rule of
     d sqrt(MSE) = d MSE / (2 RMSE), with the RMSEs of the PREVIOUS step's global batch
     (``previous``; the reference spreads before the first step): the current step's global RMSEs
     would need a collective before the backward pass, and one step of lag changes the weights
     by the change of the error over one step."""
-    aE, aF = (1.0 - alpha, alpha) if force_mode else (1.0, 0.0)
+    aE, aF, aS = (1.0 - alpha - beta, alpha, beta) if force_mode else (1.0, 0.0, 0.0)
+    spread = tuple(spread) + (1.0,) * (3 - len(spread))
     if form == "mse":
-        return aE, aF
+        return aE, aF, aS
     if form == "normalized":
-        return aE / spread[0] ** 2, aF / spread[1] ** 2
-    rE, rF = previous if previous is not None else spread
-    return aE / (2.0 * max(rE, 1e-12)), aF / (2.0 * max(rF, 1e-12))
+        return aE / spread[0] ** 2, aF / spread[1] ** 2, aS / spread[2] ** 2
+    prev = tuple(previous) + (spread[2],) * (3 - len(previous)) if previous is not None else spread
+    rE, rF, rS = prev[:3]
+    return aE / (2.0 * max(rE, 1e-12)), aF / (2.0 * max(rF, 1e-12)), aS / (2.0 * max(rS, 1e-12))
 
 
-def local_counts(batch, selected: torch.Tensor | None, with_forces: bool) -> torch.Tensor:
-    """[2] float64: this batch's (C_E, C_F) (sum of structure weights, weighted number of force
-    components), to be all-reduced into the global counts of a step."""
-    w, _, wF = _weights(batch, False, force_atom_mask(batch, selected) if with_forces else None)
-    out = torch.zeros(2, dtype=torch.float64, device=w.device)
+def local_counts(batch, selected: torch.Tensor | None, with_forces: bool,
+                 stress_selected: torch.Tensor | None = None, with_stress: bool = False) -> torch.Tensor:
+    """[3] float64: this batch's (C_E, C_F, C_S) (sum of structure weights, weighted number of
+    force components, weighted number of stress components), to be all-reduced into the global
+    counts of a step."""
+    w, _, wF, _ = _weights(batch, False, force_atom_mask(batch, selected) if with_forces else None)
+    out = torch.zeros(3, dtype=torch.float64, device=w.device)
     out[0] = w.sum()
     if with_forces:
         out[1] = 3.0 * wF.sum()
+    sm = stress_structure_mask(batch, stress_selected) if with_stress else None
+    if sm is not None:
+        out[2] = 9.0 * (w * sm.to(torch.float64)).sum()
     return out
 
 
 def energy_force_loss(E, batch, counts, *, per_atom: bool, alpha: float = 0.0, F=None, mask=None,
-                      compiled: bool = False):
-    """The training loss of a batch (module docstring) given the GLOBAL ``counts`` (C_E, C_F)
-    (:func:`local_counts`, all-reduced), as one autograd node, once differentiable in E and F.
-    ``F`` None: energy mode (L = L_E); else force mode with ``mask`` [N] (:func:`force_atom_mask`).
-    ``compiled``: the compiled CPU operator (the plan's ``loss``), else torch operators."""
-    if compiled:
+                      compiled: bool = False, beta: float = 0.0, S=None, smask=None):
+    """The training loss of a batch (module docstring) given the GLOBAL ``counts`` (C_E, C_F[, C_S])
+    (:func:`local_counts`, all-reduced), as one autograd node, once differentiable in E, F and S.
+    ``F`` None: energy mode (L = L_E); else force mode with ``mask`` [N] (:func:`force_atom_mask`);
+    ``S`` (stress [B, 3, 3]) with ``smask`` [B] (:func:`stress_structure_mask`) and ``beta``: the
+    stress term.  ``compiled``: the compiled CPU operator (the plan's ``loss``; no stress term),
+    else torch operators."""
+    use_s = S is not None and smask is not None and F is not None
+    if compiled and not use_s:
         fields = ((batch.forces, batch.structure, mask) if F is not None else (None, None, None))
         return _CompiledLoss.apply(E, F, batch.energy, batch.weight, batch.natoms, bool(per_atom), *fields,
-                                   counts, float(alpha))
-    _, wE, wF = _weights(batch, per_atom, mask if F is not None else None)
+                                   counts[:2], float(alpha))
+    _, wE, wF, wS = _weights(batch, per_atom, mask if F is not None else None, smask if use_s else None)
     E_ref = batch.energy.to(torch.float64)
     if F is None:
         return _WeightedSquares.apply(E, E_ref, wE / counts[0], 1.0, None, None, None, 0.0)
     c1 = float(counts[1])
     wF = wF / c1 if c1 > 0 else torch.zeros_like(wF)
-    return _WeightedSquares.apply(E, E_ref, wE / counts[0], 1.0 - alpha, F, batch.forces.to(torch.float64), wF,
-                                  alpha)
+    if not use_s:
+        return _WeightedSquares.apply(E, E_ref, wE / counts[0], 1.0 - alpha - beta, F,
+                                      batch.forces.to(torch.float64), wF, alpha)
+    c2 = float(counts[2]) if counts.numel() > 2 else 0.0
+    wS = wS / c2 if c2 > 0 else torch.zeros_like(wS)
+    return _WeightedSquares.apply(E, E_ref, wE / counts[0], 1.0 - alpha - beta, F, batch.forces.to(torch.float64),
+                                  wF, alpha, S, batch.stress.to(torch.float64), wS, beta)

@@ -32,11 +32,14 @@ from ..utils.log import log, warn
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .flat import FlatParameters, avoid_dynamo_import, optimizer_step
-from .force_step import force_loss_and_gradients
-from .losses import energy_force_loss, force_atom_mask, force_selection, loss_from_sums, loss_sums, term_weights
+from .force_step import force_stress_loss_and_gradients
+from .losses import (N_SUMS, energy_force_loss, force_atom_mask, force_selection, loss_from_sums, loss_sums,
+                     stress_selection, stress_structure_mask, term_weights)
 
 # layout of the float64 metric accumulator
-_M = ["loss", "e_sse", "e_sae", "n_struct", "es_sse", "es_sae", "f_sse", "f_sae", "n_comp", "n_steps"]
+_M = ["loss", "e_sse", "e_sae", "n_struct", "es_sse", "es_sae", "f_sse", "f_sae", "n_comp", "n_steps",
+      "s_sse", "s_sae", "n_scomp"]
+EV_A3_GPA = 160.21766208     # 1 eV/A^3 in GPa
 _IDX = {k: i for i, k in enumerate(_M)}
 
 CSV_FIELDS = ["epoch", "steps", "lr", "train_loss", "train_E_rmse_meV_atom", "train_E_mae_meV_atom",
@@ -59,17 +62,25 @@ def metrics_from_sums(acc: torch.Tensor) -> dict:
            "F_rmse": math.sqrt(g["f_sse"] / c) if c else float("nan"),
            "F_mae": g["f_sae"] / c if c else float("nan"),
            "n_structures": int(n), "n_force_components": int(c)}
+    if g["n_scomp"]:
+        out["S_rmse_GPa"] = EV_A3_GPA * math.sqrt(g["s_sse"] / g["n_scomp"])
+        out["S_mae_GPa"] = EV_A3_GPA * g["s_sae"] / g["n_scomp"]
     return out
 
 
-def _accumulate_errors(acc, batch, E, F):
-    """Add a batch's energy (per atom and per structure) and force error sums to ``acc`` (one
-    update of the accumulator; on the CPU the sums are taken in numpy, whose per-call cost on
+def _accumulate_errors(acc, batch, E, F, S=None):
+    """Add a batch's energy (per atom and per structure), force and stress error sums to ``acc``
+    (one update of the accumulator; on the CPU the sums are taken in numpy, whose per-call cost on
     arrays of a batch's size is a fraction of torch's)."""
+    if S is not None and getattr(batch, "has_stress", None) is not None and bool(batch.has_stress.any()):
+        d = (S.detach().to(torch.float64) - batch.stress)[batch.has_stress].reshape(-1)
+        acc[_IDX["s_sse"]] += (d * d).sum()
+        acc[_IDX["s_sae"]] += d.abs().sum()
+        acc[_IDX["n_scomp"]] += float(d.numel())
     if E.device.type == "cpu":
         es = E.detach().numpy() - batch.energy.numpy()
         ea = es / batch.natoms.numpy()
-        v = np.zeros(len(_M))
+        v = np.zeros(_IDX["n_steps"] + 1)
         v[_IDX["e_sse"]], v[_IDX["e_sae"]] = float(ea @ ea), float(np.abs(ea).sum())
         v[_IDX["es_sse"]], v[_IDX["es_sae"]] = float(es @ es), float(np.abs(es).sum())
         v[_IDX["n_struct"]] = float(batch.n_structures)
@@ -77,11 +88,11 @@ def _accumulate_errors(acc, batch, E, F):
             m = batch.has_forces.numpy()[batch.structure.numpy()]
             d = (F.detach().numpy() - batch.forces.numpy())[m].ravel()
             v[_IDX["f_sse"]], v[_IDX["f_sae"]], v[_IDX["n_comp"]] = float(d @ d), float(np.abs(d).sum()), float(d.size)
-        acc[:len(_M)] += torch.from_numpy(v)
+        acc[:len(v)] += torch.from_numpy(v)
         return
     ea = (E - batch.energy) / batch.natoms.to(torch.float64)
     es = E - batch.energy
-    parts = [torch.zeros((), dtype=torch.float64, device=E.device)] * len(_M)
+    parts = [torch.zeros((), dtype=torch.float64, device=E.device)] * (_IDX["n_steps"] + 1)
     parts[_IDX["e_sse"]], parts[_IDX["e_sae"]] = (ea * ea).sum(), ea.abs().sum()
     parts[_IDX["es_sse"]], parts[_IDX["es_sae"]] = (es * es).sum(), es.abs().sum()
     parts[_IDX["n_struct"]] = torch.tensor(float(batch.n_structures), dtype=torch.float64, device=E.device)
@@ -90,7 +101,7 @@ def _accumulate_errors(acc, batch, E, F):
         d = (F - batch.forces)[m]
         parts[_IDX["f_sse"]], parts[_IDX["f_sae"]] = (d * d).sum(), d.abs().sum()
         parts[_IDX["n_comp"]] = torch.tensor(float(d.numel()), dtype=torch.float64, device=E.device)
-    acc[:len(_M)] += torch.stack(parts)
+    acc[:len(parts)] += torch.stack(parts)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -506,42 +517,77 @@ class Trainer:
         sel = force_selection(batch.index.cpu().numpy(), tc.seed, tc.force_fraction)
         return torch.as_tensor(sel, device=batch.index.device)
 
+    @property
+    def stress_mode(self) -> bool:
+        """Force training with a stress term (training.beta > 0)."""
+        return self.force_mode and self.cfg.training.beta > 0
+
+    def _stress_mask(self, batch):
+        """[B] bool: the batch's structures in the stress loss (None without a stress term)."""
+        if not self.stress_mode:
+            return None
+        tc = self.cfg.training
+        sel = stress_selection(batch.index.cpu().numpy(), tc.seed, tc.stress_fraction)
+        return stress_structure_mask(batch, torch.as_tensor(sel, device=batch.index.device))
+
     def batch_loss(self, batch, counts: torch.Tensor, acc: torch.Tensor | None = None,
                    selected=None, create_graph=True):
         """Local contribution to the global loss of one step, given the GLOBAL counts
         (sum of weights, weighted force components)."""
-        tc = self.cfg.training
-        if self.force_mode:
+        S = None
+        smask = self._stress_mask(batch)
+        if self.stress_mode:
+            E, F, S = self.model.energy_forces_stress(batch, create_graph=create_graph)
+        elif self.force_mode:
             E, F = self.model.energy_and_forces(batch, create_graph=create_graph)
         else:
             E, F = self.model(batch), None
         mask = force_atom_mask(batch, selected) if self.force_mode else None
-        alpha, counts = self._weighted(counts)
+        alpha, beta, counts = self._weighted(counts)
         loss = energy_force_loss(E, batch, counts, per_atom=self.per_atom, alpha=alpha, F=F, mask=mask,
-                                 compiled=self.model.plan().loss == "compiled")
+                                 compiled=self.model.plan().loss == "compiled", beta=beta, S=S, smask=smask)
         if acc is not None:
             with torch.no_grad():
-                _accumulate_errors(acc, batch, E.detach(), None if F is None else F.detach())
+                _accumulate_errors(acc, batch, E.detach(), None if F is None else F.detach(),
+                                   None if S is None else S.detach())
                 if self.cfg.training.loss == "rmse":
                     self._step_sums = loss_sums(E.detach(), batch, per_atom=self.per_atom,
-                                                F=None if F is None else F.detach(), mask=mask)
+                                                F=None if F is None else F.detach(), mask=mask,
+                                                S=None if S is None else S.detach(), smask=smask)
         return loss
 
     # ---- the loss form (training.loss): weights of the step's mean squares ---------------------
-    _prev_rmse = None          # global (RMSE_E, RMSE_F) of the previous step (loss 'rmse')
+    _prev_rmse = None          # global (RMSE_E, RMSE_F, RMSE_S) of the previous step (loss 'rmse')
     _step_sums = None          # this rank's loss_sums of the current step (loss 'rmse')
 
-    def _spread(self) -> tuple[float, float]:
-        """Reference spreads of the energy error measure and of the force components of the
-        training data: the scale of the per-atom energies (the model's fitted energy scale, times
-        the mean atom count for per-structure energies) and the RMS force component."""
+    def _spread(self) -> tuple[float, float, float]:
+        """Reference spreads of the energy error measure, of the force components and of the
+        virial components of the training data: the scale of the per-atom energies (the model's
+        fitted energy scale, times the mean atom count for per-structure energies), the RMS force
+        component and the RMS virial component (per atom or per structure, as the energies)."""
         if getattr(self, "_spread_cache", None) is None:
             sE = getattr(self, "_energy_rms", None) or float(self.model.ann.energy_scale)
             if not self.per_atom:
                 sE *= float(np.mean(self.ds.natoms[self.train_idx])) if len(self.train_idx) else 1.0
             sF = self._force_rms() if self.force_mode else 1.0
-            self._spread_cache = (max(sE, 1e-6), max(sF, 1e-6))
+            sS = self._virial_rms() if self.stress_mode else 1.0
+            self._spread_cache = (max(sE, 1e-6), max(sF, 1e-6), max(sS, 1e-6))
         return self._spread_cache
+
+    def _virial_rms(self) -> float:
+        """RMS virial component V sigma (/ n per atom) of the training structures with stress."""
+        use = np.zeros(self.ds.n_structures, dtype=bool)
+        use[self.train_idx] = True
+        use &= np.asarray(self.ds.column("has_stress"), dtype=bool)
+        if not use.any():
+            return 1.0
+        cell = np.asarray(self.ds.column("cell"), dtype=np.float64)[use]
+        st = np.asarray(self.ds.column("stress"), dtype=np.float64)[use]
+        v = st * np.abs(np.linalg.det(cell))[:, None, None]
+        if self.per_atom:
+            v = v / np.asarray(self.ds.natoms, dtype=np.float64)[use][:, None, None]
+        r = math.sqrt(float((v * v).mean()))
+        return r if r > 0 else 1.0
 
     def _force_rms(self) -> float:
         """RMS force component (eV/A) of the training structures with forces (the same on every
@@ -561,14 +607,16 @@ class Trainer:
         return self._force_rms_cache
 
     def _weighted(self, counts: torch.Tensor):
-        """(alpha', counts') such that the loss operator's (1-a') S_E/C_E' + a' S_F/C_F' is
-        c_E MSE_E + c_F MSE_F with the weights of the configured loss form (losses.term_weights)."""
+        """(alpha', beta', counts') such that the loss operator's
+        (1-a'-b') S_E/C_E' + a' S_F/C_F' + b' S_S/C_S' is c_E MSE_E + c_F MSE_F + c_S MSE_S with the
+        weights of the configured loss form (losses.term_weights)."""
         tc = self.cfg.training
+        beta = tc.beta if self.stress_mode else 0.0
         if tc.loss == "mse":
-            return tc.alpha, counts
-        cE, cF = term_weights(tc.loss, tc.alpha, self.force_mode, self._spread(), self._prev_rmse)
-        s = cE + cF
-        return cF / s, counts / s
+            return tc.alpha, beta, counts
+        cE, cF, cS = term_weights(tc.loss, tc.alpha, self.force_mode, self._spread(), self._prev_rmse, beta)
+        s = cE + cF + cS
+        return cF / s, cS / s, counts / s
 
     def _global_counts(self, epoch: int, step: int) -> torch.Tensor:
         """(C_E, C_F) of the GLOBAL batch of ``step``: derived from the epoch plan, which every
@@ -579,8 +627,8 @@ class Trainer:
         return self.counts_of(np.concatenate(members) if members else np.zeros(0, np.int64))
 
     def counts_of(self, indices) -> torch.Tensor:
-        """(C_E, C_F) of the training structures at data-set ``indices`` (losses.local_counts of
-        their batch, from per-structure tables)."""
+        """(C_E, C_F, C_S) of the training structures at data-set ``indices`` (losses.local_counts
+        of their batch, from per-structure tables)."""
         if self._count_tables is None:
             idx = np.arange(self.ds.n_structures)
             w = np.asarray(self.ds.column("weight"), dtype=np.float64)
@@ -592,10 +640,17 @@ class Trainer:
                 sel = force_selection(idx, tc.seed, tc.force_fraction)
                 hf = np.asarray(self.ds.column("has_forces"), dtype=bool)
                 fc = 3.0 * np.asarray(self.ds.natoms, dtype=np.float64) * w * (hf & sel)
-            self._count_tables = (w, fc)
-        w, fc = self._count_tables
+            sc = np.zeros_like(w)
+            if self.stress_mode:
+                tc = self.cfg.training
+                ssel = stress_selection(idx, tc.seed, tc.stress_fraction)
+                hs = np.asarray(self.ds.column("has_stress"), dtype=bool)
+                sc = 9.0 * w * (hs & ssel)
+            self._count_tables = (w, fc, sc)
+        w, fc, sc = self._count_tables
         idx = np.asarray(indices, dtype=np.int64)
-        return torch.tensor([float(w[idx].sum()), float(fc[idx].sum())], dtype=torch.float64, device=self.device)
+        return torch.tensor([float(w[idx].sum()), float(fc[idx].sum()), float(sc[idx].sum())], dtype=torch.float64,
+                            device=self.device)
 
     _count_tables = None
     _stop_after_step = False
@@ -635,12 +690,15 @@ class Trainer:
         if batch is not None and counts[0] > 0:
             if self.force_mode:
                 mask = force_atom_mask(batch, selected)
-                alpha, wcounts = self._weighted(counts)
-                loss, E, F = force_loss_and_gradients(self.model, self.flat, batch, wcounts,
-                                                      per_atom=self.per_atom, alpha=alpha, mask=mask)
-                _accumulate_errors(acc, batch, E, F)
+                smask = self._stress_mask(batch)
+                alpha, beta, wcounts = self._weighted(counts)
+                loss, E, F, S = force_stress_loss_and_gradients(self.model, self.flat, batch, wcounts,
+                                                                per_atom=self.per_atom, alpha=alpha, mask=mask,
+                                                                beta=beta, smask=smask)
+                _accumulate_errors(acc, batch, E, F, S)
                 if tc.loss == "rmse":
-                    self._step_sums = loss_sums(E, batch, per_atom=self.per_atom, F=F, mask=mask)
+                    self._step_sums = loss_sums(E, batch, per_atom=self.per_atom, F=F, mask=mask, S=S,
+                                                smask=smask if S is not None else None)
             else:
                 with self.flat.routing():
                     loss = self.batch_loss(batch, counts, acc, selected)
@@ -649,7 +707,7 @@ class Trainer:
         self.flat.sync()
         stop = signals.local_stop_code(self.ctx.job_rank)
         bad_loss = 0.0 if bool(torch.isfinite(acc[_IDX["loss"]])) else 1.0
-        sums = self._step_sums if self._step_sums is not None else torch.zeros(4, dtype=torch.float64)
+        sums = self._step_sums if self._step_sums is not None else torch.zeros(N_SUMS, dtype=torch.float64)
         self._step_sums = None
         extra = torch.cat([torch.tensor([float(stop), 1.0 if stop else 0.0, bad_loss], dtype=torch.float64),
                            sums.to("cpu", torch.float64)])
@@ -659,9 +717,10 @@ class Trainer:
         tm["compute"] += t2 - t1
         tm["reduce"] += t3 - t2
         if tc.loss == "rmse":       # this step's global RMSEs weigh the next step's terms
-            g = extra[3:7].tolist()
+            g = extra[3:3 + N_SUMS].tolist()
             if g[1] > 0:
-                self._prev_rmse = (math.sqrt(g[0] / g[1]), math.sqrt(g[2] / g[3]) if g[3] > 0 else 1.0)
+                self._prev_rmse = (math.sqrt(g[0] / g[1]), math.sqrt(g[2] / g[3]) if g[3] > 0 else 1.0,
+                                   math.sqrt(g[4] / g[5]) if g[5] > 0 else 1.0)
         if extra[1] > 0:           # some rank asked to stop: every rank stops after this step
             self._stop_after_step = True
             n = int(extra[1])
@@ -706,12 +765,15 @@ class Trainer:
         sums of errors and counts, all-reduced once.  The loss is the training loss
         (:mod:`.losses`) of the whole set, force selection included."""
         acc = torch.zeros(len(_M), dtype=torch.float64, device=self.device)
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(N_SUMS, dtype=torch.float64, device=self.device)
         for structures in stream.epoch(0):
             if not structures:
                 continue
             batch = self.collate(structures, stream.ds)
-            if self.force_mode:
+            S = None
+            if self.stress_mode:
+                E, F, S = self.model.energy_forces_stress(batch)
+            elif self.force_mode:
                 with torch.enable_grad():
                     E, F = self.model.energy_and_forces(batch)
             else:
@@ -719,14 +781,15 @@ class Trainer:
                     E, F = self.model(batch), None
             E = E.detach()
             F = None if F is None else F.detach()
-            _accumulate_errors(acc, batch, E, F)
+            _accumulate_errors(acc, batch, E, F, S)
             mask = force_atom_mask(batch, self._selected(batch)) if F is not None else None
-            sums += loss_sums(E, batch, per_atom=self.per_atom, F=F, mask=mask)
+            sums += loss_sums(E, batch, per_atom=self.per_atom, F=F, mask=mask, S=S, smask=self._stress_mask(batch))
         both = torch.cat([acc, sums])
         self.ctx.all_reduce_sum(both)
         acc, sums = both[:len(_M)], both[len(_M):]
         m = metrics_from_sums(acc)
         m["loss"] = loss_from_sums(sums, alpha=self.cfg.training.alpha, force_mode=self.force_mode,
+                                   beta=self.cfg.training.beta if self.stress_mode else 0.0,
                                    form=self.cfg.training.loss, spread=self._spread())
         return m
 
@@ -944,10 +1007,14 @@ class Trainer:
         line = f"epoch {epoch + 1:4d}/{tc.epochs}  train E_rmse {tr['E_rmse_meV_atom']:9.3f} meV/atom"
         if self.force_mode:
             line += f"  F_rmse {tr['F_rmse']:.4f} F_mae {tr['F_mae']:.4f} eV/A"
+        if "S_mae_GPa" in tr:
+            line += f"  S_mae {tr['S_mae_GPa']:.3f} GPa"
         if val is not None:
             line += f"  | val E_rmse {val['E_rmse_meV_atom']:9.3f} meV/atom"
             if self.force_mode:
                 line += f"  F_rmse {val['F_rmse']:.4f} F_mae {val['F_mae']:.4f} eV/A"
+            if "S_mae_GPa" in val:
+                line += f"  S_mae {val['S_mae_GPa']:.3f} GPa"
         line += f"  lr {lr:.3g}  {dt_total:.1f} s" + ("  *" if improved else "")
         if (epoch + 1) % max(tc.log_every, 1) == 0 or epoch + 1 == tc.epochs or epoch == 0:
             self._log(line)

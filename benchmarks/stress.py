@@ -1,0 +1,132 @@
+"""Training with stresses on EMT data of strained Cu cells, and a cell relaxation with the model.
+
+1. Data: fcc Cu cells (cubic 4-atom cell x 2x2x2 = 32 atoms), isotropic strain +-4 %, random
+   shear and normal strains (sigma 2 %), atoms rattled (0.05 A), labelled with ASE's EMT
+   (energy, forces, stress); written as extended XYZ and converted with ``distmlip convert``.
+2. Two models, the same settings and seed, trained in force mode: without stress
+   (alpha 0.5, beta 0) and with stress (alpha 0.5, beta --beta); test-set energy, force and
+   stress errors from ``distmlip evaluate`` (the hash split of the training config).
+3. ``FrechetCellFilter`` + BFGS relaxation of a 4-atom Cu cell started at a = 3.75 A with the
+   stress-trained model and with EMT: the relaxed lattice constants.
+
+Usage: python benchmarks/stress.py [--structures 160] [--epochs 60] [--beta 0.1] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_data(path, n, seed=0):
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.io import write
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        a = bulk("Cu", "fcc", a=3.59 * (1 + rng.uniform(-0.04, 0.04)), cubic=True).repeat((2, 2, 2))
+        e = rng.normal(0, 0.02, (3, 3))
+        a.set_cell(a.cell[:] @ (np.eye(3) + 0.5 * (e + e.T)), scale_atoms=True)
+        a.rattle(0.05, seed=int(rng.integers(1 << 30)))
+        a.calc = EMT()
+        a.get_potential_energy()
+        a.get_forces()
+        a.get_stress()
+        out.append(a)
+    write(path, out)
+
+
+def cli(*args, cwd):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "distmlip", *map(str, args)], cwd=cwd, env=env,
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"distmlip {' '.join(map(str, args))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def train(out, name, beta, epochs, seed):
+    cfg = out / f"{name}.yaml"
+    cfg.write_text(f"""data: {{train: [cu.h5], fractions: [0.7, 0.15, 0.15], split_seed: {seed}}}
+descriptor: {{rc_radial: 5.0, n_radial: 8, rc_angular: 3.5, n_angular: 4}}
+model: {{hidden: [10, 10], activation: tanh}}
+training: {{mode: force, alpha: 0.5, beta: {beta}, epochs: {epochs}, lr: 5.0e-3, batch_atoms: 256,
+           output: {name}, progress_bar: "off", seed: {seed}, scheduler: cosine, min_lr: 1.0e-4}}
+""")
+    t0 = time.perf_counter()
+    cli("train", cfg.name, cwd=out)
+    dt = time.perf_counter() - t0
+    cli("evaluate", f"{name}/model.pt", "cu.h5", "--split", "test", "--split-seed", seed, "--fractions",
+        0.7, 0.15, 0.15, "-o", f"eval_{name}", cwd=out)
+    m = json.loads((out / f"eval_{name}" / "metrics.json").read_text())["metrics"]["overall"]
+    m["train_s"] = dt
+    return m
+
+
+def relax(calc, a0=3.75):
+    from ase.build import bulk
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import BFGS
+
+    a = bulk("Cu", "fcc", a=a0, cubic=True)
+    a.calc = calc
+    opt = BFGS(FrechetCellFilter(a), logfile=None)
+    opt.run(fmax=1e-4, steps=500)
+    return float(np.cbrt(a.get_volume() / 1.0)), int(opt.nsteps)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--structures", type=int, default=160)
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    import tempfile
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="distmlip-stress-"))
+    out.mkdir(parents=True, exist_ok=True)
+    make_data(out / "cu.extxyz", args.structures, args.seed)
+    cli("convert", "cu.extxyz", "-o", "cu.h5", cwd=out)
+    print(f"# {args.structures} EMT Cu structures (32 atoms, strained +-4 % and sheared), split 70/15/15; "
+          f"{args.epochs} epochs, alpha 0.5; folder {out}")
+    res = {"without stress": train(out, "nostress", 0.0, args.epochs, args.seed),
+           f"with stress (beta {args.beta})": train(out, "stress", args.beta, args.epochs, args.seed)}
+    keys = [("E_mae_meV_atom", "E MAE meV/atom", 3), ("F_mae", "F MAE eV/A", 4), ("S_mae_GPa", "S MAE GPa", 4),
+            ("S_rmse_GPa", "S RMSE GPa", 4), ("train_s", "train s", 0)]
+    print(f"{'model':<26}" + "".join(f"{k[1]:>16}" for k in keys))
+    for name, m in res.items():
+        print(f"{name:<26}" + "".join(f"{m.get(k, float('nan')):>16.{nd}f}" for k, _, nd in keys))
+    a, b = res.values()
+    print(f"stress MAE ratio (without / with): {a['S_mae_GPa'] / b['S_mae_GPa']:.2f}; energy MAE with/without "
+          f"{b['E_mae_meV_atom'] / a['E_mae_meV_atom']:.2f}; force MAE with/without {b['F_mae'] / a['F_mae']:.2f}")
+    from ase.calculators.emt import EMT
+
+    from distmlip.calculator import DistmlipCalculator
+
+    a_emt, n_emt = relax(EMT())
+    a_mod, n_mod = relax(DistmlipCalculator(str(out / "stress" / "model.pt")))
+    a_nos, _ = relax(DistmlipCalculator(str(out / "nostress" / "model.pt")))
+    print(f"FrechetCellFilter + BFGS from a = 3.75 A: EMT a = {a_emt:.4f} A ({n_emt} steps); model with stress "
+          f"a = {a_mod:.4f} A ({n_mod} steps, {100 * (a_mod / a_emt - 1):+.3f} %); model without stress "
+          f"a = {a_nos:.4f} A ({100 * (a_nos / a_emt - 1):+.3f} %)")
+    (out / "summary.json").write_text(json.dumps({"metrics": res, "a_emt": a_emt, "a_model_stress": a_mod,
+                                                  "a_model_nostress": a_nos}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
