@@ -151,3 +151,37 @@ def test_mpi_two_ranks_partitions(dataset, tmp_path):
     assert not a & b and a | b == set(range(60))
     assert r[0]["steps"] == r[1]["steps"]
     assert abs(r[0]["atoms"] - r[1]["atoms"]) / (0.5 * (r[0]["atoms"] + r[1]["atoms"])) < 0.05
+
+
+def test_fixed_batches_reordered_each_epoch_and_assembled_once(dataset):
+    """data.batches: fixed -- every epoch visits the same batches (as index sets) in its own
+    order, deterministically; reshuffled forms new batches.  The BatchStore returns the same
+    assembled batch for the same indices (collated once) and equal to a fresh collation."""
+    import dataclasses
+
+    import torch
+
+    from distmlip.descriptors.batch import BatchStore, GraphStore, collate_graphs
+
+    ds = H5Dataset(dataset)
+    kw = dict(batch_atoms=80, batch_structures=6, seed=3, shuffle=True, prefetch=False)
+    fixed = PartitionedStream(ds, None, 0, 1, fixed_batches=True, **kw)
+    again = PartitionedStream(ds, None, 0, 1, fixed_batches=True, **kw)
+    resh = PartitionedStream(ds, None, 0, 1, fixed_batches=False, **kw)
+    sets = [sorted(tuple(b.tolist()) for b in fixed.batches(e)) for e in range(4)]
+    assert all(s == sets[0] for s in sets) and len(sets[0]) > 3
+    orders = [[tuple(b.tolist()) for b in fixed.batches(e)] for e in range(4)]
+    assert len({tuple(o) for o in orders}) > 1                     # the order changes
+    assert orders == [[tuple(b.tolist()) for b in again.batches(e)] for e in range(4)]   # deterministic
+    assert sorted(tuple(b.tolist()) for b in resh.batches(1)) != sorted(tuple(b.tolist()) for b in resh.batches(2))
+    graphs = GraphStore(ds, ds.species, 4.0)
+    store = BatchStore(graphs, 1 << 30)
+    idx = fixed.batches(1)[0]
+    b1, b2 = store(idx), store(idx.copy())
+    assert b1 is b2 and store.cheap(idx)
+    ref = collate_graphs(graphs(idx))
+    for f in dataclasses.fields(ref):
+        x, y = getattr(b1, f.name), getattr(ref, f.name)
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f.name
+    small = BatchStore(graphs, 1)                                  # over budget: assembled anew
+    assert small(idx) is not small(idx)

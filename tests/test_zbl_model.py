@@ -145,8 +145,8 @@ zbl: {{enabled: true, radii: {{Cu-Cu: [1.5, 2.6], Au-Cu: [1.5, 2.6], Au-Au: [1.5
 
 
 def test_short_pairs_of_prepared_structures_give_the_same_zbl():
-    """Training batches carry the pairs inside ZBL's largest outer radius, found once per
-    structure (prepare(short_range=...)): the ZBL energies and forces from those equal a scan of
+    """Training batches carry the pairs inside ZBL's outer radius of their element pair, found
+    once per structure (prepare(short_range=...)): the ZBL energies and forces from those equal a scan of
     every pair, on a periodic triclinic cell with close pairs across the boundary and a molecule
     without any; the short pairs are exactly the pairs closer than the radius."""
     from ase.build import bulk
@@ -165,7 +165,8 @@ def test_short_pairs_of_prepared_structures_give_the_same_zbl():
     graphs = [prepare(s, table, m.cutoff, short_range=zbl.short_range) for s in (a, far)]
     b = collate_graphs(graphs)
     d = (b.positions[b.pair_j] - b.positions[b.pair_i] + b.pair_shift).norm(dim=1)
-    assert sorted(b.short_pairs.tolist()) == torch.nonzero(d < zbl.short_range).squeeze(1).tolist()
+    r_out = torch.as_tensor(zbl.short_range)[b.species[b.pair_i], b.species[b.pair_j]]
+    assert sorted(b.short_pairs.tolist()) == torch.nonzero(d < r_out).squeeze(1).tolist()
     assert b.short_pairs.numel() > 0 and graphs[1].short_pairs.size == 0
     b.positions.requires_grad_(True)
     E1, F1 = zbl.energy_and_forces(b)

@@ -74,10 +74,12 @@ _END = object()
 class PartitionedStream:
     def __init__(self, ds, indices=None, rank: int = 0, world_size: int = 1, batch_atoms: int = 4096,
                  batch_structures: int = 64, seed: int = 0, shuffle: bool = True, prefetch: bool = True,
-                 shuffle_block: int = 64, shuffle_window: int = 16, loader=None):
+                 shuffle_block: int = 64, shuffle_window: int = 16, loader=None, fixed_batches: bool = False):
         """``loader(indices) -> item``: what a batch of data-set indices becomes, computed in the
         prefetch thread (e.g. the trainer's prepared structures); default: the Structures read
-        from the data set."""
+        from the data set.  ``fixed_batches`` (with ``shuffle``): the batches are formed once,
+        from the shuffled order of epoch 0, and every epoch visits them in its own random order
+        (so an assembled batch can be kept and reused); otherwise each epoch forms new batches."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
         if batch_atoms < 1 or batch_structures < 1:
@@ -89,6 +91,7 @@ class PartitionedStream:
         self.batch_structures = int(batch_structures)
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.fixed_batches = bool(fixed_batches)
         self.prefetch = prefetch
         self.shuffle_block = max(1, int(shuffle_block))
         self.shuffle_window = max(1, int(shuffle_window))
@@ -127,9 +130,17 @@ class PartitionedStream:
         key = (int(epoch), r)
         if key not in self._cache:
             if len(self._cache) > 4 * self.world_size + 8:
-                self._cache.clear()
-            self._cache[key] = make_batches(self.order(epoch, r), self.natoms, self.batch_atoms,
-                                            self.batch_structures)
+                self._cache = {k: v for k, v in self._cache.items() if k[0] == "fixed"}
+            if self.fixed_batches and self.shuffle:
+                if ("fixed", r) not in self._cache:
+                    self._cache[("fixed", r)] = make_batches(self.order(0, r), self.natoms, self.batch_atoms,
+                                                             self.batch_structures)
+                base = self._cache[("fixed", r)]
+                rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch), r, 1])))
+                self._cache[key] = [base[k] for k in rng.permutation(len(base))] if int(epoch) > 0 else list(base)
+            else:
+                self._cache[key] = make_batches(self.order(epoch, r), self.natoms, self.batch_atoms,
+                                                self.batch_structures)
         return self._cache[key]
 
     def steps(self, epoch: int) -> int:

@@ -157,11 +157,12 @@ def species_table(species):
 
 
 def prepare(s, table, cutoff: float, where: str = "structure", neighbor_backend: str | None = None,
-            short_range: float = 0.0) -> Graph:
+            short_range=0.0) -> Graph:
     """A :class:`Graph` of one structure (``Structure`` or any object with ``numbers, positions,
     cell, pbc`` and optionally ``energy, forces, weight, index``).  ``table``: :func:`species_table`.
-    ``short_range`` > 0: also the pairs closer than that (``short_pairs``; a short-range term such
-    as ZBL then looks at those only instead of every pair in every step)."""
+    ``short_range`` > 0 (a distance, or a [T, T] array of distances per pair of species indices):
+    also the pairs closer than that (``short_pairs``; a short-range term such as ZBL then looks
+    at those only instead of every pair in every step)."""
     symbols, z_to_idx = table
     numbers = np.asarray(s.numbers, dtype=np.int64).reshape(-1)
     n = len(numbers)
@@ -187,9 +188,12 @@ def prepare(s, table, cutoff: float, where: str = "structure", neighbor_backend:
         m = int(np.abs(S).max())
         shift = S.astype(np.int8 if m < 128 else np.int16 if m < 32768 else np.int32)
     short = None
-    if short_range > 0:
+    if short_range is not None and np.any(np.asarray(short_range) > 0):
         d = pos[j] - pos[i] + (S @ cell if shift is not None else 0.0)
-        short = np.flatnonzero(np.einsum("ij,ij->i", d, d) < short_range * short_range).astype(np.int32)
+        r = np.asarray(short_range, dtype=np.float64)
+        if r.ndim == 2:        # a radius per pair of species indices
+            r = r[idx[i], idx[j]]
+        short = np.flatnonzero(np.einsum("ij,ij->i", d, d) < r * r).astype(np.int32)
     f = getattr(s, "forces", None)
     st = getattr(s, "stress", None)
     sidx = getattr(s, "index", -1)
@@ -300,9 +304,9 @@ class GraphStore:
     bounded by the budget, not by the data set).  One writer thread (the stream's prefetch) and
     readers of the returned lists."""
 
-    def __init__(self, ds, species, cutoff: float, max_bytes: int = 2 << 30, short_range: float = 0.0):
+    def __init__(self, ds, species, cutoff: float, max_bytes: int = 2 << 30, short_range=0.0):
         self.ds = ds
-        self.short_range = float(short_range)
+        self.short_range = short_range      # see prepare()
         self.table = species_table(species)
         self.cutoff = float(cutoff)
         self.max_bytes = int(max_bytes)
@@ -338,3 +342,46 @@ class GraphStore:
                     else:
                         self.full = True
         return [self._g.get(i) or fresh[i] for i in idx]
+
+
+def batch_nbytes(batch: Batch) -> int:
+    return sum(v.numel() * v.element_size() for v in (getattr(batch, f.name) for f in fields(batch))
+               if isinstance(v, torch.Tensor))
+
+
+class BatchStore:
+    """Assembled batches kept for reuse, on top of a :class:`GraphStore`.  With fixed batches
+    (the stream forms its batches once and only reorders them per epoch) every epoch asks for the
+    same index sets, so each batch is collated once and then returned as is; memory is bounded by
+    ``max_bytes`` like the GraphStore's (beyond it, batches are assembled whenever used).  A loader
+    of the training stream: ``store(indices) -> Batch``.  The batches returned are shared: users
+    must not change their fields in place (the trainer replaces, it does not mutate)."""
+
+    def __init__(self, graphs: GraphStore, max_bytes: int, dtype: torch.dtype = torch.float64, device="cpu"):
+        self.graphs = graphs
+        self.max_bytes = int(max_bytes)
+        self.dtype, self.device = dtype, device
+        self._b: dict[bytes, Batch] = {}
+        self.nbytes = 0
+        self.full = False
+
+    @staticmethod
+    def _key(indices) -> bytes:
+        return np.asarray(indices, dtype=np.int64).tobytes()
+
+    def cheap(self, indices) -> bool:
+        return self._key(indices) in self._b or self.graphs.cheap(indices)
+
+    def __call__(self, indices) -> Batch:
+        k = self._key(indices)
+        b = self._b.get(k)
+        if b is None:
+            b = collate_graphs(self.graphs(indices), self.dtype, self.device)
+            if not self.full:
+                size = batch_nbytes(b)
+                if self.nbytes + size <= self.max_bytes:
+                    self._b[k] = b
+                    self.nbytes += size
+                else:
+                    self.full = True
+        return b

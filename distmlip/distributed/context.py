@@ -35,7 +35,7 @@ import torch
 
 from . import rendezvous, signals
 from ..errors import DistributedError
-from ..utils.launch import detect_launcher, use_mpi4py
+from ..utils.launch import detect_launcher, single_rank_mpi, use_mpi4py
 
 _CTX: Optional["DistContext"] = None
 _LOCK = threading.Lock()
@@ -268,6 +268,8 @@ def init_distributed(device: str = "auto", torch_group: bool = True) -> DistCont
                 rendezvous.connect_mpi(_CTX)
             return _CTX
         launcher = detect_launcher()
+        if launcher == "mpi" and single_rank_mpi():
+            launcher = "none"       # one rank: the world of one, without MPI_Init's start-up cost
         ctx = DistContext(timeout_s=rendezvous.timeout_seconds())
         if launcher == "mpi" and use_mpi4py() and rendezvous.import_mpi4py():
             rendezvous.init_mpi(ctx, device)

@@ -105,9 +105,10 @@ class ZBL(nn.Module):
         return cls(d["species"], {k: tuple(v) for k, v in d["radii"].items()})
 
     @property
-    def short_range(self) -> float:
-        """The largest outer radius: no pair beyond it has a ZBL energy."""
-        return float(self.r_out.max()) if self.r_out.numel() else 0.0
+    def short_range(self):
+        """The outer radius per pair of species indices [T, T] (numpy): no pair beyond its
+        element pair's radius has a ZBL energy (``descriptors.batch.prepare(short_range=...)``)."""
+        return self.r_out.detach().cpu().numpy().astype("float64")
 
     def pair_energies(self, r: torch.Tensor, ti: torch.Tensor, tj: torch.Tensor) -> torch.Tensor:
         return switched_pair_energy(r, self.z[ti], self.z[tj], self.r_in[ti, tj].to(r.dtype),
@@ -128,17 +129,17 @@ class ZBL(nn.Module):
 
             raise ConfigError("the model has a ZBL term, which needs positions and the pair list: this "
                               "batch holds cached descriptors without its structures")
-        pos = batch.positions.to(torch.float64)
-        shift = batch.pair_shift.to(torch.float64)
-        pi, pj = batch.pair_i, batch.pair_j
-        out = torch.zeros(pos.shape[0], dtype=torch.float64, device=pos.device)
         # only pairs inside the outer radius have energy (the switch is C2 there); the batch's
         # pair list reaches the descriptor cutoff, so selecting them first (without autograd)
         # keeps ZBL from costing a pass over every pair in each step.  Training batches bring the
         # pairs inside short_range (>= every outer radius) found once per structure: usually none
         cand = getattr(batch, "short_pairs", None)
         if cand is not None and cand.numel() == 0:
-            return out
+            return torch.zeros(batch.positions.shape[0], dtype=torch.float64, device=batch.positions.device)
+        pos = batch.positions.to(torch.float64)
+        shift = batch.pair_shift.to(torch.float64)
+        pi, pj = batch.pair_i, batch.pair_j
+        out = torch.zeros(pos.shape[0], dtype=torch.float64, device=pos.device)
         with torch.no_grad():
             if cand is None:
                 r0 = torch.linalg.norm(pos[pj] - pos[pi] + shift, dim=1)

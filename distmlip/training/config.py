@@ -32,8 +32,13 @@ class DataConfig:
     split_patterns: Optional[str] = None  # e.g. "train=train/,val=val/,test=test/" on source paths
     subsets: Optional[list[str]] = None  # train only on these subsets (names); null = all
     prefetch: bool = True
-    # prepared structures (neighbour lists) kept per rank, MB; 0: prepare every batch anew
+    # prepared structures (neighbour lists) kept per rank, MB; 0: prepare every batch anew.  With
+    # fixed batches the assembled batches are kept too, within a second budget of this size
     neighbor_cache_mb: int = field(default=2048, metadata=bounds(ge=0))
+    # fixed: the training batches are formed once (from a shuffled order) and every epoch visits
+    # them in a new random order, so each batch is assembled once per run (aenet-PyTorch keeps
+    # its batches too); reshuffled: new batches every epoch (each one assembled anew)
+    batches: Literal["fixed", "reshuffled"] = "fixed"
 
     def validate(self):
         if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or sum(self.fractions) <= 0:

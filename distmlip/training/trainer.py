@@ -14,6 +14,7 @@ epoch and step position is written and :meth:`Trainer.fit` returns ``"stopped"``
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import io
 import math
@@ -289,7 +290,7 @@ class Trainer:
         r, w = self.ctx.rank, self.ctx.world_size
         bs = tc.batch_structures if tc.batch_structures > 0 else 1 << 30
         self.stream = PartitionedStream(self.ds, train_idx, r, w, tc.batch_atoms, bs, tc.seed,
-                                        shuffle=True, prefetch=dc.prefetch)
+                                        shuffle=True, prefetch=dc.prefetch, fixed_batches=dc.batches == "fixed")
         self.val_stream = (PartitionedStream(self.val_ds, val_idx, r, w, tc.batch_atoms, bs, tc.seed,
                                              shuffle=False, prefetch=dc.prefetch) if len(val_idx) else None)
         self._log(f"data: {len(train_idx)} training, {len(val_idx)} validation structures; "
@@ -302,7 +303,7 @@ class Trainer:
 
         st = PartitionedStream(self.ds, self.train_idx, self.ctx.rank, self.ctx.world_size,
                                tc.batch_atoms, bs, tc.seed, shuffle=False, prefetch=False,
-                               loader=self.stream.loader)
+                               loader=self.stream.loader if getattr(self, "graphs", None) is None else self.graphs)
         for structures in st.epoch(0):
             if structures:
                 yield self.collate(structures, self.ds)
@@ -400,7 +401,7 @@ class Trainer:
         structures need not be rebuilt every epoch.  Filled by the first pass (the normalisation
         fit, else the first epoch) in the prefetch thread; bounded by data.neighbor_cache_mb per
         rank (beyond it, structures are prepared again when used)."""
-        from ..descriptors.batch import GraphStore
+        from ..descriptors.batch import BatchStore, GraphStore
 
         from ..descriptors.featurize import FeatureBatchLoader
 
@@ -411,7 +412,9 @@ class Trainer:
         short_range = 0.0 if zbl is None else zbl.short_range
         if self.cache is None:
             store = GraphStore(self.ds, self.model.species, self.model.cutoff, budget, short_range)
-            self.stream.loader = store
+            # fixed batches: each assembled once and kept (within the same budget again)
+            self.stream.loader = BatchStore(store, budget, device=self.device) \
+                if self.stream.fixed_batches and budget > 0 else store
         else:       # cached descriptors: batches from in-memory columns, no read per batch
             self.stream.loader = FeatureBatchLoader(self.cache, self.ds, self.model.species, frozen)
         if self.val_stream is not None:
@@ -420,8 +423,10 @@ class Trainer:
                                           else FeatureBatchLoader(self.val_cache, self.val_ds, self.model.species,
                                                                   frozen))
             else:
-                self.val_stream.loader = store if (self.val_ds is self.ds and store is not None) else \
+                vstore = store if (self.val_ds is self.ds and store is not None) else \
                     GraphStore(self.val_ds, self.model.species, self.model.cutoff, budget, short_range)
+                # the validation batches are the same every epoch
+                self.val_stream.loader = BatchStore(vstore, budget, device=self.device) if budget > 0 else vstore
             self.val_stream.prefetch = False       # a few batches once per epoch: no thread
         self.graphs = store
 
@@ -491,12 +496,14 @@ class Trainer:
         """Batch of ``structures`` of data set ``ds`` (default: the training set): cached
         descriptors when a cache of that data set is active, else a full ``collate``; bootstrap
         multiplicities are applied to the weights of training structures."""
-        from ..descriptors.batch import Graph, collate, collate_graphs
+        from ..descriptors.batch import Batch, Graph, collate, collate_graphs
         from ..descriptors.featurize import FeatureBatch
 
         ds = self.ds if ds is None else ds
         cache = self.cache if ds is self.ds else (self.val_cache if ds is self.val_ds else None)
-        if isinstance(structures, FeatureBatch):
+        if isinstance(structures, Batch):     # assembled by the loader (BatchStore): shared, not mutated
+            batch = structures if structures.positions.device == self.device else structures.to(self.device)
+        elif isinstance(structures, FeatureBatch):
             batch = structures.to(self.device) if self.device.type != "cpu" else structures
         elif structures and isinstance(structures[0], Graph):
             batch = collate_graphs(structures, dtype=torch.float64, device=self.device)
@@ -509,7 +516,12 @@ class Trainer:
                             dtype=torch.float64, device=self.device)
         if self.sample_multiplier is not None and ds is self.ds:
             m = self.sample_multiplier[batch.index.cpu().numpy()]
-            batch.weight = batch.weight * torch.as_tensor(m, dtype=torch.float64, device=batch.weight.device)
+            # a new Batch object: a loader's batch may be shared between epochs
+            w = batch.weight * torch.as_tensor(m, dtype=torch.float64, device=batch.weight.device)
+            if isinstance(batch, Batch):
+                batch = dataclasses.replace(batch, weight=w)
+            else:
+                batch.weight = w
         return batch
 
     def _selected(self, batch):

@@ -94,6 +94,17 @@ def placement(environ: Optional[Mapping[str, str]] = None, *, strict: bool = Fal
     return Placement(launcher, 0, 1, 0, 1)
 
 
+def single_rank_mpi(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """True when an MPI launcher says, in its own job-size variable, that the job has exactly one
+    rank (``mpirun -n 1``, ``srun -n 1``): such a process needs no MPI at all, and initialising
+    it costs about a second of start-up.  Only the launchers' job-size variables count (not
+    SLURM_NTASKS, which describes the allocation, nor a local rank count)."""
+    env = os.environ if environ is None else environ
+    size = _env_int(("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE",
+                     "SLURM_STEP_NUM_TASKS"), environ=env)
+    return size == 1
+
+
 def use_mpi4py(environ: Optional[Mapping[str, str]] = None) -> bool:
     """False when DISTMLIP_USE_MPI4PY=0/false/no asks to read the rank from the environment only."""
     env = os.environ if environ is None else environ
