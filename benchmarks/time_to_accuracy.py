@@ -117,8 +117,8 @@ def aenet_pytorch(peer: Path, d: Path, epochs: int):
             log.write(line)
             if row.match(line):
                 v = line.split()
-                # columns: epoch : loss_trn loss_tst E_trn E_tst F_trn F_tst (E in eV/atom, F as |F| RMSE)
-                curve.append((time.perf_counter() - t0, float(v[4]) * 1e3, float(v[7]) / math.sqrt(3)))
+                # columns: epoch : loss_trn loss_tst | E_trn E_tst | F_trn F_tst (eV/atom; |F| RMSE)
+                curve.append((time.perf_counter() - t0, float(v[5]) * 1e3, float(v[8]) / math.sqrt(3)))
         rc = proc.wait()
     wall = time.perf_counter() - t0
     if rc != 0:
