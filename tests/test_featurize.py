@@ -159,3 +159,22 @@ def test_featurize_one_vs_two_ranks(tmp_path, emt_h5):
         assert np.array_equal(G1, G2)
         assert f1.attrs["key"] == f2.attrs["key"] and bool(f2.attrs["complete"])
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_feature_batches_kept_for_fixed_batches(tmp_path, emt_h5):
+    """FeatureBatchLoader(keep_bytes > 0) returns the kept batch for the same indices, equal to
+    one assembled anew; over its budget it assembles every time."""
+    import torch
+
+    from distmlip.descriptors.featurize import FeatureBatchLoader
+
+    ds = H5Dataset(emt_h5)
+    cache = FeatureCache(featurize(ds, ds.species, SPEC, "reference", tmp_path / "c.h5"), ds, ds.species, SPEC)
+    idx = np.array([5, 1, 7, 2])
+    keep, fresh = FeatureBatchLoader(cache, ds, ds.species, keep_bytes=1 << 30), FeatureBatchLoader(cache, ds, ds.species)
+    a, b, c = keep(idx), keep(idx.copy()), fresh(idx)
+    assert a is b and keep.cheap(idx) and fresh(idx) is not c
+    for k, v in c.__dict__.items():
+        assert torch.equal(v, a.__dict__[k]) if isinstance(v, torch.Tensor) else v == a.__dict__[k], k
+    small = FeatureBatchLoader(cache, ds, ds.species, keep_bytes=1)
+    assert small(idx) is not small(idx)

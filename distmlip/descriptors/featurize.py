@@ -518,11 +518,13 @@ class FeatureBatchLoader:
     training stream (``PartitionedStream(loader=...)``); memory: one byte per atom plus a few
     numbers per structure beyond the cache itself."""
 
-    def __init__(self, cache: FeatureCache, ds, species, frozen_energy=None):
+    def __init__(self, cache: FeatureCache, ds, species, frozen_energy=None, keep_bytes: int = 0):
         """``frozen_energy``: optional callable (list of Structure) -> per-atom energies [N] of
         the model's terms without trainable parameters (ZBL): constants of fixed structures,
         computed the first time a structure is batched and kept (8 bytes per atom of this
-        rank's structures); batches then carry them as ``frozen_energy``."""
+        rank's structures); batches then carry them as ``frozen_energy``.  ``keep_bytes`` > 0:
+        assembled batches are kept for reuse up to that many bytes (fixed batches: every epoch
+        asks for the same index sets; the batches returned are then shared, not to be changed)."""
         from ..errors import InputError
         from .batch import species_table
 
@@ -541,9 +543,12 @@ class FeatureBatchLoader:
         self.weight = np.asarray(ds.column("weight"), dtype=np.float64)
         self.has_forces = np.asarray(ds.column("has_forces"), dtype=bool)
         self.ds, self.frozen_fn, self._frozen = ds, frozen_energy, {}
+        self.keep_bytes, self.kept_bytes, self._kept = int(keep_bytes), 0, {}
 
     def cheap(self, indices) -> bool:
         # a structure whose frozen energies are not known yet needs a read of the data set
+        if self._kept and np.asarray(indices, dtype=np.int64).tobytes() in self._kept:
+            return True
         return self.frozen_fn is None or all(int(i) in self._frozen for i in indices)
 
     def _frozen_energy(self, idx) -> np.ndarray:
@@ -561,6 +566,18 @@ class FeatureBatchLoader:
 
     def __call__(self, indices) -> FeatureBatch:
         idx = np.asarray(indices, dtype=np.int64)
+        key = idx.tobytes() if self.keep_bytes > 0 else None
+        b = self._kept.get(key) if key is not None else None
+        if b is None:
+            b = self._assemble(idx)
+            if key is not None:
+                size = sum(v.numel() * v.element_size() for v in b.__dict__.values() if isinstance(v, torch.Tensor))
+                if self.kept_bytes + size <= self.keep_bytes:
+                    self._kept[key] = b
+                    self.kept_bytes += size
+        return b
+
+    def _assemble(self, idx) -> FeatureBatch:
         n = self.natoms[idx]
         spec = np.concatenate([self.species[self.offset[i]:self.offset[i + 1]] for i in idx]) if len(idx) \
             else np.zeros(0, np.int64)

@@ -416,12 +416,13 @@ class Trainer:
             self.stream.loader = BatchStore(store, budget, device=self.device) \
                 if self.stream.fixed_batches and budget > 0 else store
         else:       # cached descriptors: batches from in-memory columns, no read per batch
-            self.stream.loader = FeatureBatchLoader(self.cache, self.ds, self.model.species, frozen)
+            self.stream.loader = FeatureBatchLoader(self.cache, self.ds, self.model.species, frozen,
+                                                    budget if self.stream.fixed_batches else 0)
         if self.val_stream is not None:
             if self.val_cache is not None:
                 self.val_stream.loader = (self.stream.loader if self.val_cache is self.cache
                                           else FeatureBatchLoader(self.val_cache, self.val_ds, self.model.species,
-                                                                  frozen))
+                                                                  frozen, budget))
             else:
                 vstore = store if (self.val_ds is self.ds and store is not None) else \
                     GraphStore(self.val_ds, self.model.species, self.model.cutoff, budget, short_range)
@@ -901,8 +902,8 @@ class Trainer:
         # Every step allocates a few hundred short-lived Python objects (autograd contexts,
         # tuples), which trigger the cyclic garbage collector; its full collections walked every
         # object made during set-up (torch, ase, the data).  Freezing those objects keeps them
-        # out of the collections (a tenth to a fifth of a small force step; docs/results.md).
-        gc.collect()
+        # out of the collections (a tenth to a fifth of a small force step; docs/results.md).  No
+        # collection first: it cost 0.15 s of every run, for the little garbage of the set-up.
         gc.freeze()
         status = "done"
         while self.epoch < tc.epochs:
