@@ -88,7 +88,9 @@ training: {{mode: {args.mode}, epochs: 1000, batch_atoms: {args.batch_atoms}, lr
                     t0 = time.perf_counter()
                 tr.train_step(structures, acc)
                 if done >= args.warmup:
-                    atoms += sum(len(s.numbers) for s in structures)
+                    # the stream yields assembled batches (fixed batches) or prepared structures
+                    atoms += structures.n_atoms if hasattr(structures, "n_atoms") else \
+                        sum(len(getattr(s, "numbers", getattr(s, "species", ()))) for s in structures)
                     timed += 1
                 done += 1
                 if done >= total:

@@ -116,7 +116,7 @@ def test_mpi_only_context_four_ranks():
             ("mpi", rank, 4, r["local_world"])
         assert r["bcast"] == {"from": 3, "list": [3, 3, 3]}
         assert r["gathered"] == [0, 1, 4, 9]
-        assert "torch_group=False" in r["tensor_error"]
+        assert r["tensor_error"] is None and r["tensor_sum"] == [10.0] * 3 and r["tensor_max"] == [True, False]
         if rank != 3:   # waited ~1.5 s for rank 3, sleeping: almost no CPU time (a blocking barrier spins)
             assert r["wait_wall"] > 1.0, r
             assert r["wait_cpu"] < 0.15 * r["wait_wall"], r

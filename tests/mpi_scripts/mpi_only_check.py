@@ -8,7 +8,8 @@ Prints one ``RESULT {json}`` line per rank with:
   rank, world, local_rank, backend, pg_initialised, mpi_loaded   of the context
   bcast            broadcast_object from the LAST rank
   gathered         all_gather_object(rank * rank)
-  tensor_error     message of the error a tensor collective raises without a torch group
+  tensor_sum/max   all_reduce_sum of rank + 1 and all_reduce_max of a bool tensor (over MPI)
+  tensor_error     the error of a tensor collective, if any (none expected)
   wait_wall/cpu    seconds (wall, CPU of this process) spent in barrier(sleep=True) while the
                    last rank sleeps 1.5 s before reaching it
   group_*          ctx.split(G) (G = 2 for an even world, else 1): group index, rank and size in
@@ -47,9 +48,12 @@ def main():
 
     res["bcast"] = ctx.broadcast_object({"from": r, "list": [r] * 3}, src=W - 1)
     res["gathered"] = ctx.all_gather_object(r * r)
-    try:
-        ctx.all_reduce_sum(torch.ones(2, dtype=torch.float64))
-        res["tensor_error"] = None
+    try:   # CPU tensors are summed over MPI, no torch group needed
+        t = torch.full((3,), float(r + 1), dtype=torch.float64)
+        ctx.all_reduce_sum(t)
+        m = torch.tensor([r % 3 == 1, False])
+        ctx.all_reduce_max(m)
+        res["tensor_sum"], res["tensor_max"], res["tensor_error"] = t.tolist(), m.tolist(), None
     except DistributedError as exc:
         res["tensor_error"] = str(exc)
 
