@@ -40,6 +40,7 @@ from ..utils.launch import detect_launcher, single_rank_mpi, use_mpi4py
 _CTX: Optional["DistContext"] = None
 _LOCK = threading.Lock()
 _SLEEPING_BARRIER_POLL_S = 0.05
+_SPIN_S = 0.005          # a tensor collective polls without sleeping for this long, then sleeps
 
 
 @dataclass
@@ -123,8 +124,9 @@ class DistContext:
         collectives take microseconds where gloo's sockets took 1-2 ms per all-reduce on the test
         machine (two ranks then trained at 33-50 % of two independent processes).  Non-blocking,
         polled against the same deadline as the torch group's collectives (a frozen partner must
-        end the job, not hang it): a short spin first (the partner is usually there), then
-        sleeps of growing length so that a rank waiting for a slower one does not hold a core.
+        end the job, not hang it): a spin of up to _SPIN_S first (a partner behind by a step's
+        jitter is not slept past), then sleeps of growing length (up to 0.5 ms) so that a rank
+        waiting long for a slower one does not hold a core.
         With more than two ranks the result is rank 0's, broadcast: every rank then holds
         bitwise the same sum whatever order MPI's algorithm added in."""
         import numpy as np
@@ -152,14 +154,13 @@ class DistContext:
         if req.Test():
             return
         t0 = time.monotonic()
-        spins = 0
-        pause = 2e-5
+        pause = 5e-5
         while not req.Test():
-            spins += 1
-            if spins > 200:
+            waited = time.monotonic() - t0
+            if waited > _SPIN_S:    # spin first: a partner a step's jitter behind is not slept past
                 time.sleep(pause)
-                pause = min(pause * 2, 1e-3)
-                if time.monotonic() - t0 > self.timeout_s:
+                pause = min(pause * 2, 5e-4)
+                if waited > self.timeout_s:
                     raise self._timed_out(TimeoutError(f"MPI collective not completed in {self.timeout_s:.0f} s"))
 
     def _timed_out(self, exc: BaseException) -> DistributedError:
