@@ -129,7 +129,6 @@ class DistContext:
         waiting long for a slower one does not hold a core.
         With more than two ranks the result is rank 0's, broadcast: every rank then holds
         bitwise the same sum whatever order MPI's algorithm added in."""
-        import numpy as np
         from mpi4py import MPI
 
         import torch.distributed as dist
