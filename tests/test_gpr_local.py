@@ -112,6 +112,11 @@ def test_variance_weights_formula():
     cfg = AugmentConfig(input="x", output="y", synthetic_weight=2.0, weighting="variance")
     s0 = 0.01                                          # median sigma of the kept copies
     np.testing.assert_allclose(synthetic_weights(cfg, sig, kept), 2.0 * s0 ** 2 / (s0 ** 2 + sig ** 2))
+    # the floor: 1 meV per atom x 32 atoms = 0.032 eV > the median, so it sets s0
+    np.testing.assert_allclose(synthetic_weights(cfg, sig, kept, natoms=32),
+                               2.0 * 0.032 ** 2 / (0.032 ** 2 + sig ** 2))
+    # sigmas far below the floor (the H2 copies): all weights close to full
+    assert synthetic_weights(cfg, np.array([0.0, 1e-4, 5e-4]), np.ones(3, bool), natoms=2).min() > 0.9 * 2.0
     cfg.weight_sigma = 0.02
     np.testing.assert_allclose(synthetic_weights(cfg, sig, kept), 2.0 * 4e-4 / (4e-4 + sig ** 2))
     cfg.weighting = "none"

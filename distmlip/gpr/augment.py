@@ -45,7 +45,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from ..config import load_config, parse_override
+from ..config import bounds, load_config, parse_override
 from ..descriptors.spec import DescriptorSpec
 from ..errors import ConfigError, DistmlipError, InputError
 from ..utils.io import OutputLock, atomic_path, atomic_write_text, check_writable, clean_stale_temps
@@ -148,9 +148,13 @@ class AugmentConfig:
     #   none:     w = synthetic_weight
     #   variance: w = synthetic_weight * s0^2 / (s0^2 + sigma^2), sigma = the GPR's predicted std
     #             of the copy's energy, s0 = weight_sigma (eV) or, when not given, the median sigma
-    #             of the subset's kept copies (a copy as certain as the median counts half)
+    #             of the subset's kept copies (a copy as certain as the median counts half), but
+    #             at least weight_sigma_floor per atom: a spread of sigmas far below what an ANN
+    #             resolves says nothing about the labels (H2 copies with sigma <= 0.5 meV got
+    #             weights 0-0.65 from the median alone, and GPR-ANN's error rose 10 -> 55 meV)
     weighting: Literal["none", "variance"] = "variance"
     weight_sigma: Optional[float] = None
+    weight_sigma_floor: float = field(default=0.001, metadata=bounds(ge=0.0))   # eV per atom
     candidates: Optional[str] = None      # default <output stem>.candidates.xyz
     report: Optional[str] = None          # default <output stem>.report.json (+ .txt)
     workdir: Optional[str] = None         # default <output>.shards
@@ -594,9 +598,10 @@ def merge(cfg: AugmentConfig, ds, keys: dict, workdir: Path) -> dict:
             if len(d["energy"]) == 0:
                 continue
             par = d["parent"]
-            wts = synthetic_weights(cfg, d["uncertainty"], d["kept"])
             uniq = np.unique(par)
             pmap = {int(p): s for p, s in zip(uniq, ds.read(uniq))}
+            # a subset is homogeneous: one atom count for all its copies
+            wts = synthetic_weights(cfg, d["uncertainty"], d["kept"], natoms=len(pmap[int(uniq[0])].numbers))
             out, sp = [], []
             for k in range(len(par)):
                 p = pmap[int(par[k])]
@@ -624,10 +629,11 @@ def merge(cfg: AugmentConfig, ds, keys: dict, workdir: Path) -> dict:
             "candidates": str(cfg.candidates_path()) if cand_atoms else None, "subsets": subs}
 
 
-def synthetic_weights(cfg: AugmentConfig, sigma, kept) -> np.ndarray:
+def synthetic_weights(cfg: AugmentConfig, sigma, kept, natoms: int = 1) -> np.ndarray:
     """Loss weights of a subset's copies: ``synthetic_weight`` (weighting none) or
     ``synthetic_weight * s0^2 / (s0^2 + sigma^2)`` (weighting variance; s0 = weight_sigma, or
-    the median sigma of the kept copies), so that labels the GPR is unsure of pull less."""
+    the median sigma of the kept copies but at least ``weight_sigma_floor`` x ``natoms``), so
+    that labels the GPR is unsure of pull less."""
     sigma = np.asarray(sigma, dtype=np.float64)
     w = np.full(sigma.shape, float(cfg.synthetic_weight))
     if cfg.weighting == "none" or sigma.size == 0:
@@ -635,7 +641,7 @@ def synthetic_weights(cfg: AugmentConfig, sigma, kept) -> np.ndarray:
     s0 = cfg.weight_sigma
     if s0 is None:
         ref = sigma[np.asarray(kept, bool)] if np.any(kept) else sigma
-        s0 = float(np.median(ref))
+        s0 = max(float(np.median(ref)), float(cfg.weight_sigma_floor) * max(int(natoms), 1))
     if not s0 > 0:          # every copy certain (sigma 0): nothing to weigh
         return w
     return w * s0 ** 2 / (s0 ** 2 + sigma ** 2)
