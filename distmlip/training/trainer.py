@@ -217,12 +217,19 @@ class Trainer:
                         "descriptor.rc_radial", "descriptor.n_radial", "descriptor.rc_angular",
                         "descriptor.n_angular", "model.", "zbl.", "committee.", "training.mode", "training.seed",
                         "training.batch_atoms", "training.batch_structures", "training.energy_loss",
-                        "training.force_fraction", "training.optimizer")
+                        "training.force_fraction", "training.optimizer", "data.batches")
+    # what a checkpoint written before a setting existed did, and older spellings of a value
+    _BEFORE_SETTING = {"data.batches": "reshuffled"}
+    _LEGACY_VALUES = {("model.energy_scale", True): "auto"}
 
     def _check_resume(self, st) -> None:
         """The checkpoint fits this run: same rank count (the data order and a rank's position in
         its partition depend on it) and the same model, data and step-order settings."""
         old = _flatten(st.get("config") or {})
+        if old:
+            old = {**self._BEFORE_SETTING, **old}
+            old = {k: self._LEGACY_VALUES.get((k, v), v) if isinstance(v, (bool, str, int, float)) else v
+                   for k, v in old.items()}
         new = _flatten(config_to_dict(self.cfg))
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         fixed = [k for k in changed if any(k == f or (f.endswith(".") and k.startswith(f))

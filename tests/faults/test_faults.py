@@ -431,6 +431,20 @@ def test_10_resume_refuses_changed_model_and_rank_count_applies_schedule(tmp_pat
         rc = main(["train", str(cfg), "--resume", ck] + [x for o in over for x in ("--set", o)])
         err = capsys.readouterr().err
         assert rc == 2 and all(e in err for e in expect) and "Traceback" not in err, err
+    # a checkpoint of an older version: energy_scale spelled True, no data.batches (its runs
+    # formed new batches every epoch): the old spelling is the same setting, the batches are not
+    import torch
+
+    st = torch.load(ck, map_location="cpu", weights_only=False)
+    st["config"]["model"]["energy_scale"] = True
+    st["config"]["data"].pop("batches", None)
+    old_ck = str(out / "old_checkpoint.pt")
+    torch.save(st, old_ck)
+    for over, expect in ((["training.epochs=3"], "data.batches: 'reshuffled' -> 'fixed'"),
+                         (["training.epochs=3", "data.batches=reshuffled"], "written by a run on 2 rank(s)")):
+        rc = main(["train", str(cfg), "--resume", old_ck] + [x for o in over for x in ("--set", o)])
+        err = capsys.readouterr().err
+        assert rc == 2 and expect in err and "energy_scale" not in err, err
     res = mpirun(2, [CLI, "train", str(cfg), "--resume", ck, "--set", "training.epochs=3", "--set",
                      "training.lr=0.002"], timeout=240)
     assert "training.epochs changed from 2 to 3 (applied)" in res.stdout
