@@ -32,8 +32,9 @@ class DataConfig:
     split_patterns: Optional[str] = None  # e.g. "train=train/,val=val/,test=test/" on source paths
     subsets: Optional[list[str]] = None  # train only on these subsets (names); null = all
     prefetch: bool = True
-    # prepared structures (neighbour lists) kept per rank, MB; 0: prepare every batch anew.  With
-    # fixed batches the assembled batches are kept too, within a second budget of this size
+    # memory per rank for prepared training data, MB: neighbour lists of the structures and, with
+    # fixed batches, the assembled batches (half each); a separate validation set gets a quarter
+    # more; 0: prepare every batch anew
     neighbor_cache_mb: int = field(default=2048, metadata=bounds(ge=0))
     # fixed: the training batches are formed once (from a shuffled order) and every epoch visits
     # them in a new random order, so each batch is assembled once per run (aenet-PyTorch keeps

@@ -405,36 +405,38 @@ class Trainer:
     def _setup_graphs(self):
         """Prepared structures (species, positions, neighbour pairs) computed once per run for
         the streams that do not read cached descriptors: the neighbour lists of fixed training
-        structures need not be rebuilt every epoch.  Filled by the first pass (the normalisation
-        fit, else the first epoch) in the prefetch thread; bounded by data.neighbor_cache_mb per
-        rank (beyond it, structures are prepared again when used)."""
+        structures need not be rebuilt every epoch; with fixed batches the assembled batches are
+        kept too.  Filled by the first pass (the normalisation fit, else the first epoch).
+        Memory per rank: the training data's within data.neighbor_cache_mb (half for the
+        prepared structures, half for the kept batches), a separate validation set's within a
+        quarter of it more (beyond a budget, structures and batches are prepared when used)."""
         from ..descriptors.batch import BatchStore, GraphStore
 
         from ..descriptors.featurize import FeatureBatchLoader
 
         budget = int(self.cfg.data.neighbor_cache_mb) << 20
+        fixed = self.stream.fixed_batches and budget > 0
+        graph_budget, batch_budget = (budget // 2, budget // 2) if fixed else (budget, 0)
         store = None
         zbl = getattr(self.model, "zbl", None)
         frozen = None if zbl is None else (lambda structures: zbl.frozen_atomic_energies(structures, "cpu", memo=False))
         short_range = 0.0 if zbl is None else zbl.short_range
         if self.cache is None:
-            store = GraphStore(self.ds, self.model.species, self.model.cutoff, budget, short_range)
-            # fixed batches: each assembled once and kept (within the same budget again)
-            self.stream.loader = BatchStore(store, budget, device=self.device) \
-                if self.stream.fixed_batches and budget > 0 else store
+            store = GraphStore(self.ds, self.model.species, self.model.cutoff, graph_budget, short_range)
+            self.stream.loader = BatchStore(store, batch_budget, device=self.device) if fixed else store
         else:       # cached descriptors: batches from in-memory columns, no read per batch
-            self.stream.loader = FeatureBatchLoader(self.cache, self.ds, self.model.species, frozen,
-                                                    budget if self.stream.fixed_batches else 0)
+            self.stream.loader = FeatureBatchLoader(self.cache, self.ds, self.model.species, frozen, batch_budget)
         if self.val_stream is not None:
+            # the validation batches are the same every epoch
+            vb = budget // 8
             if self.val_cache is not None:
                 self.val_stream.loader = (self.stream.loader if self.val_cache is self.cache
                                           else FeatureBatchLoader(self.val_cache, self.val_ds, self.model.species,
-                                                                  frozen, budget))
+                                                                  frozen, 2 * vb))
             else:
                 vstore = store if (self.val_ds is self.ds and store is not None) else \
-                    GraphStore(self.val_ds, self.model.species, self.model.cutoff, budget, short_range)
-                # the validation batches are the same every epoch
-                self.val_stream.loader = BatchStore(vstore, budget, device=self.device) if budget > 0 else vstore
+                    GraphStore(self.val_ds, self.model.species, self.model.cutoff, vb, short_range)
+                self.val_stream.loader = BatchStore(vstore, vb, device=self.device) if budget > 0 else vstore
             self.val_stream.prefetch = False       # a few batches once per epoch: no thread
         self.graphs = store
 
