@@ -103,7 +103,8 @@ training: {{mode: {args.mode}, epochs: 1000, batch_atoms: {args.batch_atoms}, lr
         if ctx.rank == 0:
             print("SCALING " + json.dumps({"mode": args.mode, "ranks": ctx.world_size, "steps": timed,
                                            "atoms": float(atoms), "seconds": float(dt),
-                                           "backend": tr.model.plan().descriptor}), flush=True)
+                                           "backend": tr.model.plan().descriptor,
+                                           "timers": {k: round(v, 4) for k, v in tr.timers.items()}}), flush=True)
         shutdown()
 
     run_guarded(main)
