@@ -344,39 +344,37 @@ class GraphStore:
         return [self._g.get(i) or fresh[i] for i in idx]
 
 
-def batch_nbytes(batch: Batch) -> int:
-    return sum(v.numel() * v.element_size() for v in (getattr(batch, f.name) for f in fields(batch))
-               if isinstance(v, torch.Tensor))
+def batch_nbytes(batch) -> int:
+    """Bytes of the tensors of a batch (a :class:`Batch` or any object holding tensors)."""
+    return sum(v.numel() * v.element_size() for v in vars(batch).values() if isinstance(v, torch.Tensor))
 
 
-class BatchStore:
-    """Assembled batches kept for reuse, on top of a :class:`GraphStore`.  With fixed batches
-    (the stream forms its batches once and only reorders them per epoch) every epoch asks for the
-    same index sets, so each batch is collated once and then returned as is; memory is bounded by
-    ``max_bytes`` like the GraphStore's (beyond it, batches are assembled whenever used).  A loader
-    of the training stream: ``store(indices) -> Batch``.  The batches returned are shared: users
-    must not change their fields in place (the trainer replaces, it does not mutate)."""
+class KeptBatches:
+    """Assembled batches by their index set, kept while they fit in ``max_bytes`` (then no more
+    are added): with fixed batches every epoch asks for the same index sets, so a batch is
+    assembled once.  The one home of keeping batches, for :class:`BatchStore` and the
+    cached-descriptor loader.  The batches returned are shared: users must not change their
+    fields in place (the trainer replaces, it does not mutate)."""
 
-    def __init__(self, graphs: GraphStore, max_bytes: int, dtype: torch.dtype = torch.float64, device="cpu"):
-        self.graphs = graphs
+    def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
-        self.dtype, self.device = dtype, device
-        self._b: dict[bytes, Batch] = {}
+        self._b: dict[bytes, object] = {}
         self.nbytes = 0
-        self.full = False
+        self.full = self.max_bytes <= 0
 
     @staticmethod
     def _key(indices) -> bytes:
         return np.asarray(indices, dtype=np.int64).tobytes()
 
-    def cheap(self, indices) -> bool:
-        return self._key(indices) in self._b or self.graphs.cheap(indices)
+    def __contains__(self, indices) -> bool:
+        return bool(self._b) and self._key(indices) in self._b
 
-    def __call__(self, indices) -> Batch:
-        k = self._key(indices)
-        b = self._b.get(k)
+    def get(self, indices, make):
+        """The kept batch of ``indices``, else ``make()`` (kept if it fits)."""
+        k = self._key(indices) if self._b or not self.full else None
+        b = self._b.get(k) if k is not None else None
         if b is None:
-            b = collate_graphs(self.graphs(indices), self.dtype, self.device)
+            b = make()
             if not self.full:
                 size = batch_nbytes(b)
                 if self.nbytes + size <= self.max_bytes:
@@ -385,3 +383,20 @@ class BatchStore:
                 else:
                     self.full = True
         return b
+
+
+class BatchStore:
+    """Assembled batches kept for reuse (:class:`KeptBatches`, ``max_bytes``) on top of a
+    :class:`GraphStore`: beyond the budget batches are assembled whenever used.  A loader of the
+    training stream: ``store(indices) -> Batch``."""
+
+    def __init__(self, graphs: GraphStore, max_bytes: int, dtype: torch.dtype = torch.float64, device="cpu"):
+        self.graphs = graphs
+        self.kept = KeptBatches(max_bytes)
+        self.dtype, self.device = dtype, device
+
+    def cheap(self, indices) -> bool:
+        return indices in self.kept or self.graphs.cheap(indices)
+
+    def __call__(self, indices) -> Batch:
+        return self.kept.get(indices, lambda: collate_graphs(self.graphs(indices), self.dtype, self.device))

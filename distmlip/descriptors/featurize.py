@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataFormatError
+from .batch import KeptBatches
 from .spec import DescriptorSpec
 
 FORMAT = "distmlip-descriptor-cache"
@@ -543,11 +544,11 @@ class FeatureBatchLoader:
         self.weight = np.asarray(ds.column("weight"), dtype=np.float64)
         self.has_forces = np.asarray(ds.column("has_forces"), dtype=bool)
         self.ds, self.frozen_fn, self._frozen = ds, frozen_energy, {}
-        self.keep_bytes, self.kept_bytes, self._kept = int(keep_bytes), 0, {}
+        self.kept = KeptBatches(keep_bytes)
 
     def cheap(self, indices) -> bool:
         # a structure whose frozen energies are not known yet needs a read of the data set
-        if self._kept and np.asarray(indices, dtype=np.int64).tobytes() in self._kept:
+        if indices in self.kept:
             return True
         return self.frozen_fn is None or all(int(i) in self._frozen for i in indices)
 
@@ -566,16 +567,7 @@ class FeatureBatchLoader:
 
     def __call__(self, indices) -> FeatureBatch:
         idx = np.asarray(indices, dtype=np.int64)
-        key = idx.tobytes() if self.keep_bytes > 0 else None
-        b = self._kept.get(key) if key is not None else None
-        if b is None:
-            b = self._assemble(idx)
-            if key is not None:
-                size = sum(v.numel() * v.element_size() for v in b.__dict__.values() if isinstance(v, torch.Tensor))
-                if self.kept_bytes + size <= self.keep_bytes:
-                    self._kept[key] = b
-                    self.kept_bytes += size
-        return b
+        return self.kept.get(idx, lambda: self._assemble(idx))
 
     def _assemble(self, idx) -> FeatureBatch:
         n = self.natoms[idx]

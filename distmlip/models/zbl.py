@@ -142,11 +142,10 @@ class ZBL(nn.Module):
         out = torch.zeros(pos.shape[0], dtype=torch.float64, device=pos.device)
         with torch.no_grad():
             if cand is None:
-                r0 = torch.linalg.norm(pos[pj] - pos[pi] + shift, dim=1)
-                sel = torch.nonzero(r0 < self.r_out.to(r0.dtype)[batch.species[pi], batch.species[pj]]).squeeze(1)
-            else:
-                r0 = torch.linalg.norm(pos[pj[cand]] - pos[pi[cand]] + shift[cand], dim=1)
-                sel = cand[r0 < self.r_out.to(r0.dtype)[batch.species[pi[cand]], batch.species[pj[cand]]]]
+                cand = torch.arange(pi.shape[0], device=pi.device)
+            ci, cj = pi[cand], pj[cand]
+            r0 = torch.linalg.norm(pos[cj] - pos[ci] + shift[cand], dim=1)
+            sel = cand[r0 < self.r_out.to(r0.dtype)[batch.species[ci], batch.species[cj]]]
         if sel.numel() == 0:
             return out
         pi, pj = pi[sel], pj[sel]
