@@ -18,13 +18,22 @@
 //     descriptor row and, once its network has given g, its VJP, instead of being redone by a
 //     separate VJP pass over all pairs.  Same values, bitwise.
 //
+//   distmlip::bpnn_energy_forces_virial(<the same inputs>)
+//     -> (E, F, W [B, 3, 3] float64, x, g, moments, nets_saved)   (float64 positions and networks)
+//
+//       W = sum over the pairs of each structure of r_p (x) dE/d r_p = dE/d(strain), the virial
+//       (stress = sym(W) / V), summed per centre from the pair gradients the VJP forms anyway.
+//
 //   distmlip::bpnn_energy_forces_backward(Ebar?, Fbar?, positions, ..., x, g, moments, nets_saved, inv_std,
-//       scale, structure, params, activations, need_params, need_positions, flat_params)
+//       scale, structure, params, activations, need_params, need_positions, flat_params, Wbar?)
 //     -> [grad of every parameter (each [0] unless need_params)..., grad of positions or [0]],
 //        or with flat_params [the parameter gradients concatenated (flattened), positions]
 //
 //       ybar = scale * Ebar[structure]
 //       J (-Fbar), H = chebyshev_double_backward(g, -Fbar)   (the JVP; the HVP for positions)
+//         with Wbar (cotangent of W) the JVP's pair tangents get r_p Wbar[structure] added:
+//         <Wbar, W> = sum_p dE/d r_p . (r_p Wbar), so the stress term's weight gradient is the
+//         same product in the strain direction (no positions gradient then)
 //       ubar = scale * inv_std[t] * J (-Fbar)               (cotangent of dy/dx)
 //       parameter grads, xbar = bpnn_nets_backward(x, ybar, ubar)   (from nets_saved, no recompute)
 //       positions: J^T (inv_std[t] * xbar) + H
@@ -146,7 +155,7 @@ energy_forces_pipelined(
     double rc_r, int64_t n_r, double rc_a, int64_t n_a, const torch::Tensor& mean,
     const torch::Tensor& inv_std, const torch::Tensor& base, const torch::Tensor& scale,
     const torch::Tensor& structure, int64_t n_structures, const std::vector<torch::Tensor>& params,
-    const std::vector<int64_t>& activations, int64_t T) {
+    const std::vector<int64_t>& activations, int64_t T, torch::Tensor* virial = nullptr) {
   // the descriptor's input checks first: D below needs valid orders
   chebyshev_check_inputs(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
   const int64_t N = positions.size(0);
@@ -176,9 +185,19 @@ energy_forces_pipelined(
     nets.run(px, sp, c0, c1 - c0, py, g, psave);
     scale_rows_range(g, sp, pi, s, D, c0, c1, g);
   };
+  torch::Tensor vir;
   auto [G, moments, g, dR] = chebyshev_forward_vjp_cpu(positions, species, pair_ptr, pair_j, pair_shift, typespin,
-                                                       rc_r, n_r, rc_a, n_a, rows);
+                                                       rc_r, n_r, rc_a, n_a, rows,
+                                                       virial != nullptr ? &vir : nullptr);
   auto E = structure_energies(py, species, base, s, structure, n_structures);
+  if (virial != nullptr) {   // per structure, the centres' rows summed in atom order
+    *virial = torch::zeros({n_structures, 3, 3}, dopt);
+    double* pW = virial->data_ptr<double>();
+    const double* pv = vir.data_ptr<double>();
+    const int64_t* ps = structure.data_ptr<int64_t>();
+    for (int64_t a = 0; a < N; ++a)
+      for (int k = 0; k < 9; ++k) pW[9 * ps[a] + k] += pv[9 * a + k];
+  }
   return {E, dR.neg_(), x, g, moments, nets_saved};
 }
 
@@ -217,6 +236,24 @@ energy_forces_cpu(
   return {E, F, x, g, moments, nets_saved};
 }
 
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>
+energy_forces_virial_cpu(
+    const torch::Tensor& positions, const torch::Tensor& species, const torch::Tensor& pair_ptr,
+    const torch::Tensor& pair_j, const torch::Tensor& pair_shift, const torch::Tensor& typespin,
+    double rc_r, int64_t n_r, double rc_a, int64_t n_a, const torch::Tensor& mean,
+    const torch::Tensor& inv_std, const torch::Tensor& base, const torch::Tensor& scale,
+    const torch::Tensor& structure, int64_t n_structures, std::vector<torch::Tensor> params,
+    std::vector<int64_t> activations) {
+  const int64_t T = n_species(params, activations);
+  TORCH_CHECK(positions.scalar_type() == torch::kDouble && params[0].scalar_type() == torch::kDouble,
+              "bpnn_energy_forces_virial: float64 positions and networks only");
+  torch::Tensor W;
+  auto [E, F, x, g, moments, nets_saved] =
+      energy_forces_pipelined(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a,
+                              mean, inv_std, base, scale, structure, n_structures, params, activations, T, &W);
+  return {E, F, W, x, g, moments, nets_saved};
+}
+
 std::vector<torch::Tensor> energy_forces_backward_cpu(
     const std::optional<torch::Tensor>& Ebar, const std::optional<torch::Tensor>& Fbar,
     const torch::Tensor& positions, const torch::Tensor& species, const torch::Tensor& pair_ptr,
@@ -225,7 +262,7 @@ std::vector<torch::Tensor> energy_forces_backward_cpu(
     const torch::Tensor& moments, const torch::Tensor& nets_saved, const torch::Tensor& inv_std,
     const torch::Tensor& scale,
     const torch::Tensor& structure, std::vector<torch::Tensor> params, std::vector<int64_t> activations,
-    bool need_params, bool need_positions, bool flat_params) {
+    bool need_params, bool need_positions, bool flat_params, const std::optional<torch::Tensor>& Wbar) {
   const int64_t N = positions.size(0);
   const int64_t T = n_species(params, activations);
   TORCH_CHECK(x.dim() == 2 && x.size(0) == N && g.sizes() == x.sizes() && species.size(0) == N,
@@ -237,6 +274,9 @@ std::vector<torch::Tensor> energy_forces_backward_cpu(
   const double s = scale.item<double>();
   const bool has_E = Ebar.has_value() && Ebar->defined();
   const bool has_F = Fbar.has_value() && Fbar->defined();
+  const bool has_W = Wbar.has_value() && Wbar->defined();
+  TORCH_CHECK(!(has_W && need_positions),
+              "bpnn_energy_forces_backward: a virial cotangent gives parameter gradients only");
   const auto net_dtype = x.scalar_type();
   std::optional<torch::Tensor> mom;
   if (moments.dim() == 2 && moments.size(0) == N && moments.size(1) > 0) mom = moments;
@@ -259,18 +299,26 @@ std::vector<torch::Tensor> energy_forces_backward_cpu(
     ybar = yb.to(net_dtype);
   }
   torch::Tensor hv;
-  if (has_F) {
-    TORCH_CHECK(Fbar->dim() == 2 && Fbar->size(0) == N && Fbar->size(1) == 3,
-                "bpnn_energy_forces_backward: the force cotangent must be [N, 3]");
-    auto v = Fbar->to(positions.scalar_type()).neg().contiguous();
-    auto [jv, h] = chebyshev_double_backward_cpu(g, v, positions, species, pair_ptr, pair_j, pair_shift,
-                                                 typespin, rc_r, n_r, rc_a, n_a, true, need_positions, mom);
+  if (has_F || has_W) {
+    torch::Tensor v;
+    if (has_F) {
+      TORCH_CHECK(Fbar->dim() == 2 && Fbar->size(0) == N && Fbar->size(1) == 3,
+                  "bpnn_energy_forces_backward: the force cotangent must be [N, 3]");
+      v = Fbar->to(positions.scalar_type()).neg().contiguous();
+    } else {
+      v = torch::zeros({N, 3}, positions.options());
+    }
+    std::optional<torch::Tensor> strain;
+    if (has_W) strain = Wbar->to(torch::kDouble).contiguous();
+    auto [jv, h] = chebyshev_double_backward_strain_cpu(g, v, positions, species, pair_ptr, pair_j, pair_shift,
+                                                        typespin, rc_r, n_r, rc_a, n_a, true, need_positions, mom,
+                                                        strain, structure);
     hv = h;
     ubar = scale_rows(jv, species, inv_std, s, net_dtype);      // cotangent of dy/dx
   }
   torch::Tensor gpos;
   std::vector<torch::Tensor> out;
-  const bool any = (need_params || need_positions) && (has_E || has_F);
+  const bool any = (need_params || need_positions) && (has_E || has_F || has_W);
   if (any) {
     out = bpnn_nets_backward_cpu(x, species, params, activations, ybar, ubar, need_positions, flat_params,
                                  &nets_saved);
@@ -367,11 +415,17 @@ TORCH_LIBRARY_FRAGMENT(distmlip, m) {
       "int n_angular, Tensor mean, Tensor inv_std, Tensor base, Tensor scale, Tensor structure, "
       "int n_structures, Tensor[] params, int[] activations) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
+      "bpnn_energy_forces_virial(Tensor positions, Tensor species, Tensor pair_ptr, Tensor pair_j, "
+      "Tensor pair_shift, Tensor typespin, float rc_radial, int n_radial, float rc_angular, "
+      "int n_angular, Tensor mean, Tensor inv_std, Tensor base, Tensor scale, Tensor structure, "
+      "int n_structures, Tensor[] params, int[] activations) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "bpnn_energy_forces_backward(Tensor? Ebar, Tensor? Fbar, Tensor positions, Tensor species, "
       "Tensor pair_ptr, Tensor pair_j, Tensor pair_shift, Tensor typespin, float rc_radial, "
       "int n_radial, float rc_angular, int n_angular, Tensor x, Tensor g, Tensor moments, Tensor nets_saved, "
       "Tensor inv_std, Tensor scale, Tensor structure, Tensor[] params, int[] activations, "
-      "bool need_params, bool need_positions, bool flat_params) -> Tensor[]");
+      "bool need_params, bool need_positions, bool flat_params, Tensor? Wbar=None) -> Tensor[]");
   m.def(
       "energy_force_loss(Tensor E, Tensor E_ref, Tensor weight, Tensor natoms, bool per_atom, Tensor? F, "
       "Tensor? F_ref, Tensor? structure, Tensor? mask, Tensor counts, float alpha) -> (Tensor, Tensor, Tensor)");
@@ -379,6 +433,7 @@ TORCH_LIBRARY_FRAGMENT(distmlip, m) {
 
 TORCH_LIBRARY_IMPL(distmlip, CPU, m) {
   m.impl("bpnn_energy_forces", &distmlip::energy_forces_cpu);
+  m.impl("bpnn_energy_forces_virial", &distmlip::energy_forces_virial_cpu);
   m.impl("bpnn_energy_forces_backward", &distmlip::energy_forces_backward_cpu);
   m.impl("energy_force_loss", &distmlip::energy_force_loss_cpu);
 }

@@ -108,6 +108,11 @@ struct Problem {
   // angular sums in moment form for centres with at least this many neighbours within rc_a
   // (host code only; see angular_forward_moments)
   int64_t moments_min = int64_t(1) << 40;
+  // host JVP only: a homogeneous strain tangent per structure ([B, 3, 3], row vectors) whose
+  // pair tangents r_p strain[structure[i]] are added to those of the positions (the weight
+  // gradient of a stress loss runs the same JVP in the strain direction); nullptr: positions only
+  const double* strain = nullptr;
+  const int64_t* structure = nullptr;
 
   DM_HD int off_a() const { return n_r + 1; }
   DM_HD int off_wr() const { return n_r + n_a + 2; }
@@ -782,6 +787,22 @@ DM_HD int64_t host_pair_pass(const Problem<scalar_t>& P, int64_t i, const scalar
       VP[q] = ux * ex + uy * ey + uz * ez;
     }
   }
+  if (MODE == 2 && P.strain != nullptr) {  // + r_q eps (row vector times the strain tangent)
+    const double* e = P.strain + 9 * P.structure[i];
+    const double e00 = e[0], e01 = e[1], e02 = e[2], e10 = e[3], e11 = e[4], e12 = e[5], e20 = e[6],
+                 e21 = e[7], e22 = e[8];
+    DM_SIMD()
+    for (int64_t q = 0; q < np; ++q) {
+      const double dx = R[q] * UX[q], dy = R[q] * UY[q], dz = R[q] * UZ[q];
+      const double ex = VX[q] + dx * e00 + dy * e10 + dz * e20;
+      const double ey = VY[q] + dx * e01 + dy * e11 + dz * e21;
+      const double ez = VZ[q] + dx * e02 + dy * e12 + dz * e22;
+      VX[q] = ex;
+      VY[q] = ey;
+      VZ[q] = ez;
+      VP[q] = UX[q] * ex + UY[q] * ey + UZ[q] * ez;
+    }
+  }
   // cutoffs, evaluated at min(r, rc) and masked (arithmetic masks, no branch: vectorises)
   DM_SIMD()
   for (int64_t q = 0; q < np; ++q) {
@@ -1099,6 +1120,33 @@ DM_HD int64_t host_jvp_pairs(const Problem<scalar_t>& P, int64_t i, const scalar
     radial_jvp_lanes<false>(np, P.n_r, kr, slot + hX * cap, slot + hFC * cap, slot + hDFC * cap,
                             slot + hS * cap, slot + hDP * cap, jv, nullptr);
   return m;
+}
+
+// w[9] = sum over the np pairs q of a centre of r_q (x) gp[q] (row-major 3x3), r_q = R u from the
+// per-pair fields of the VJP's pair pass (host_pair_pass<1>, still in the centre's slot) and gp
+// the centre's pair gradients d(g.G_i)/d r_q: its share of the virial dE/d(strain), formed from
+// the pair gradients without storing them.
+DM_HD void host_centre_virial(int64_t np, const double* slot, int64_t cap, const double* gp, double* w) {
+  const double* DM_RESTRICT UX = slot + hUX * cap;
+  const double* DM_RESTRICT UY = slot + hUY * cap;
+  const double* DM_RESTRICT UZ = slot + hUZ * cap;
+  const double* DM_RESTRICT R = slot + hR * cap;
+  double w0 = 0, w1 = 0, w2 = 0, w3 = 0, w4 = 0, w5 = 0, w6 = 0, w7 = 0, w8 = 0;
+  DM_SIMD(reduction(+ : w0, w1, w2, w3, w4, w5, w6, w7, w8))
+  for (int64_t q = 0; q < np; ++q) {
+    const double dx = R[q] * UX[q], dy = R[q] * UY[q], dz = R[q] * UZ[q];
+    const double gx = gp[3 * q + 0], gy = gp[3 * q + 1], gz = gp[3 * q + 2];
+    w0 += dx * gx;
+    w1 += dx * gy;
+    w2 += dx * gz;
+    w3 += dy * gx;
+    w4 += dy * gy;
+    w5 += dy * gz;
+    w6 += dz * gx;
+    w7 += dz * gy;
+    w8 += dz * gz;
+  }
+  w[0] = w0; w[1] = w1; w[2] = w2; w[3] = w3; w[4] = w4; w[5] = w5; w[6] = w6; w[7] = w7; w[8] = w8;
 }
 
 #endif  // !__CUDACC__

@@ -462,8 +462,11 @@ int64_t pipeline_centres(int64_t slot_size) {
   return std::clamp<int64_t>((int64_t(1) << 16) / std::max<int64_t>(slot_size, 1), 8, 64);
 }
 
+// vir (optional): [N, 9] per centre, sum over its pairs of r_p (x) d(g.G_i)/d r_p (row-major
+// 3x3): summed over the centres of a structure, the virial dE/d(strain) (the stress times the
+// volume), from the pair gradients that the VJP forms anyway, with no per-pair storage.
 void forward_vjp_impl(const Problem<double>& P, double* G, double* mom, double* g, double* pdR,
-                      const std::function<void(int64_t, int64_t)>& rows) {
+                      const std::function<void(int64_t, int64_t)>& rows, double* vir = nullptr) {
   const int K = cheb::moments_row_size(P.n_a);
   const int64_t N = P.n_atoms;
   const int D = P.dim();
@@ -505,6 +508,9 @@ void forward_vjp_impl(const Problem<double>& P, double* G, double* mom, double* 
         for (int64_t i = c0; i < c1; ++i) {
           vjp_row(P, i, g + i * D, slots.data() + (i - c0) * slot_size, cap, gp.data(), p0,
                  own.data() + 3 * i, mom != nullptr ? mom + i * K : nullptr, ms[i - c0]);
+          if (vir != nullptr)
+            cheb::host_centre_virial(P.ptr[i + 1] - P.ptr[i], slots.data() + (i - c0) * slot_size, cap,
+                                     gp.data() + 3 * (P.ptr[i] - p0), vir + 9 * i);
         }
       }
     }
@@ -525,7 +531,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> chebyshev
     const torch::Tensor& positions, const torch::Tensor& species, const torch::Tensor& pair_ptr,
     const torch::Tensor& pair_j, const torch::Tensor& pair_shift, const torch::Tensor& typespin,
     double rc_r, int64_t n_r, double rc_a, int64_t n_a,
-    const std::function<void(int64_t, int64_t, const double*, double*)>& rows) {
+    const std::function<void(int64_t, int64_t, const double*, double*)>& rows, torch::Tensor* virial) {
   chebyshev_check_inputs(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
   TORCH_CHECK(positions.scalar_type() == torch::kDouble,
               "chebyshev_forward_vjp: float64 positions only");
@@ -542,8 +548,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> chebyshev
                                       rc_r, n_r, rc_a, n_a, Kernel::forward);
   double* pG = G.data_ptr<double>();
   double* pg = g.data_ptr<double>();
+  if (virial != nullptr) *virial = torch::empty({N, 9}, opt);
   forward_vjp_impl(P, pG, K > 0 ? mom.data_ptr<double>() : nullptr, pg, dR.data_ptr<double>(),
-                   [&](int64_t c0, int64_t c1) { rows(c0, c1, pG, pg); });
+                   [&](int64_t c0, int64_t c1) { rows(c0, c1, pG, pg); },
+                   virial != nullptr ? virial->data_ptr<double>() : nullptr);
   return {G, mom, g, dR};
 }
 
@@ -631,6 +639,18 @@ std::tuple<torch::Tensor, torch::Tensor> chebyshev_double_backward_cpu(
     const torch::Tensor& pair_shift, const torch::Tensor& typespin, double rc_r, int64_t n_r,
     double rc_a, int64_t n_a, bool need_jvp, bool need_hvp,
     const std::optional<torch::Tensor>& moments) {
+  return chebyshev_double_backward_strain_cpu(grad_G, v, positions, species, pair_ptr, pair_j, pair_shift,
+                                              typespin, rc_r, n_r, rc_a, n_a, need_jvp, need_hvp, moments,
+                                              std::nullopt, std::nullopt);
+}
+
+std::tuple<torch::Tensor, torch::Tensor> chebyshev_double_backward_strain_cpu(
+    const torch::Tensor& grad_G, const torch::Tensor& v, const torch::Tensor& positions,
+    const torch::Tensor& species, const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
+    const torch::Tensor& pair_shift, const torch::Tensor& typespin, double rc_r, int64_t n_r,
+    double rc_a, int64_t n_a, bool need_jvp, bool need_hvp,
+    const std::optional<torch::Tensor>& moments, const std::optional<torch::Tensor>& strain,
+    const std::optional<torch::Tensor>& structure) {
   chebyshev_check_inputs(positions, species, pair_ptr, pair_j, pair_shift, typespin, rc_r, n_r, rc_a, n_a);
   check_values_cpu(species, pair_ptr, pair_j, typespin);
   const int64_t N = positions.size(0);
@@ -647,9 +667,28 @@ std::tuple<torch::Tensor, torch::Tensor> chebyshev_double_backward_cpu(
   torch::Tensor hv = need_hvp ? torch::empty({N, 3}, dopt) : torch::empty({0}, dopt);
   if (!need_jvp && !need_hvp) return {jv, hv.to(positions.scalar_type())};
   const double* mom = moments_rows(moments, N, n_a);
+  const bool with_strain = strain.has_value() && strain->defined();
+  if (with_strain) {
+    // the per-pair path of the Hessian (centre_jvp_hvp without the host pair pass) has no strain
+    TORCH_CHECK(!need_hvp, "chebyshev_double_backward: a strain tangent is supported for the JVP only");
+    TORCH_CHECK(structure.has_value() && structure->dim() == 1 && structure->size(0) == N &&
+                    structure->scalar_type() == torch::kLong && structure->is_contiguous(),
+                "chebyshev_double_backward: a strain tangent needs contiguous int64 structure [N]");
+    TORCH_CHECK(strain->dim() == 3 && strain->size(1) == 3 && strain->size(2) == 3 &&
+                    strain->scalar_type() == torch::kDouble && strain->is_contiguous(),
+                "chebyshev_double_backward: strain must be contiguous float64 [B, 3, 3]");
+    const int64_t* ps = structure->data_ptr<int64_t>();
+    for (int64_t a = 0; a < N; ++a)
+      TORCH_CHECK(ps[a] >= 0 && ps[a] < strain->size(0), "chebyshev_double_backward: atom ", a,
+                  " has structure index ", ps[a], ", the strain has ", strain->size(0), " structures");
+  }
   AT_DISPATCH_FLOATING_TYPES(positions.scalar_type(), "chebyshev_double_backward_cpu", [&] {
-    const auto P = make_problem<scalar_t>(positions, species, pair_ptr, pair_j, pair_shift,
-                                          typespin, rc_r, n_r, rc_a, n_a, Kernel::jvp);
+    auto P = make_problem<scalar_t>(positions, species, pair_ptr, pair_j, pair_shift,
+                                    typespin, rc_r, n_r, rc_a, n_a, Kernel::jvp);
+    if (with_strain) {
+      P.strain = strain->data_ptr<double>();
+      P.structure = structure->data_ptr<int64_t>();
+    }
     jvp_hvp_impl<scalar_t>(P, g.data_ptr<scalar_t>(), vv.data_ptr<scalar_t>(),
                            need_jvp ? jv.data_ptr<scalar_t>() : nullptr,
                            need_hvp ? hv.data_ptr<double>() : nullptr, mom);

@@ -39,18 +39,30 @@ std::tuple<torch::Tensor, torch::Tensor> chebyshev_double_backward_cpu(
     double rc_a, int64_t n_a, bool need_jvp, bool need_hvp,
     const std::optional<torch::Tensor>& moments);
 
+// The same with a strain tangent [B, 3, 3] per structure (structure [N]) added to the position
+// tangent v: J (v + strain), the JVP of the weight gradient of a stress loss (JVP only).
+std::tuple<torch::Tensor, torch::Tensor> chebyshev_double_backward_strain_cpu(
+    const torch::Tensor& grad_G, const torch::Tensor& v, const torch::Tensor& positions,
+    const torch::Tensor& species, const torch::Tensor& pair_ptr, const torch::Tensor& pair_j,
+    const torch::Tensor& pair_shift, const torch::Tensor& typespin, double rc_r, int64_t n_r,
+    double rc_a, int64_t n_a, bool need_jvp, bool need_hvp,
+    const std::optional<torch::Tensor>& moments, const std::optional<torch::Tensor>& strain,
+    const std::optional<torch::Tensor>& structure);
+
 // The forward and the VJP of the descriptor in one pass over the centres (float64 positions; the
 // force operator): returns (G [N, D], moments (as chebyshev_forward_moments), g [N, D],
 // J^T g [N, 3]), where the rows g_i = dE/dG_i are written by rows(c0, c1, G, g) for the centres
 // c0 .. c1 - 1 from their rows of G as soon as those are complete (small blocks; called
 // concurrently for disjoint blocks when several threads run).  Each centre's pair pass is done
 // once for both.  Results are bitwise those of chebyshev_forward_moments_cpu followed by
-// chebyshev_backward_cpu with the moments.
+// chebyshev_backward_cpu with the moments.  virial (optional): set to [N, 9] float64, per centre
+// sum over its pairs of r_p (x) dE/d r_p (the per-structure sums are the virial dE/d(strain)).
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> chebyshev_forward_vjp_cpu(
     const torch::Tensor& positions, const torch::Tensor& species, const torch::Tensor& pair_ptr,
     const torch::Tensor& pair_j, const torch::Tensor& pair_shift, const torch::Tensor& typespin,
     double rc_r, int64_t n_r, double rc_a, int64_t n_a,
-    const std::function<void(int64_t, int64_t, const double*, double*)>& rows);
+    const std::function<void(int64_t, int64_t, const double*, double*)>& rows,
+    torch::Tensor* virial = nullptr);
 
 // The per-species networks of bpnn_nets_forward_cpu evaluated block of atoms by block, with the
 // parameters packed once (float64 parameters; for the pipelined force operator).

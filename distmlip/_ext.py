@@ -43,6 +43,8 @@ CPU_ONLY_OPS = {
     "bpnn_nets_forward": "compiled networks (csrc/nets_cpu.cpp); on a GPU: networks torch",
     "bpnn_nets_backward": "compiled networks (csrc/nets_cpu.cpp); on a GPU: networks torch",
     "bpnn_energy_forces": "one-node force operator (csrc/bpnn_forces_cpu.cpp); on a GPU: forces closed-form",
+    "bpnn_energy_forces_virial": "one-node force operator with the virial (stress); on a GPU: stress by "
+                                 "autograd through strained image shifts",
     "bpnn_energy_forces_backward": "one-node force operator (csrc/bpnn_forces_cpu.cpp); on a GPU: forces "
                                    "closed-form",
     "energy_force_loss": "compiled loss (csrc/bpnn_forces_cpu.cpp); on a GPU: loss torch (training/losses.py)",

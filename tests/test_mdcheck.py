@@ -227,3 +227,52 @@ def test_calculator_names(spec, ok):
     else:
         with pytest.raises(ConfigError):
             make_calculator(spec)
+
+
+def test_md_check_npt(tmp_path, capsys):
+    """--ensemble npt: EMT (which gives a stress) and a committee of models (their stress from the
+    calculator) run MTK NPT; the volume moves and is recorded; a cell that collapses under a
+    large pressure is unstable on the cell-volume criterion; a molecule is refused."""
+    s = _start(tmp_path, repeat=2)
+    out = tmp_path / "npt"
+    assert main(["md-check", "ase:EMT", str(s), "-T", "300", "--steps", "200", "--interval", "10",
+                 "--nve-steps", "0", "--ensemble", "npt", "--barostat-time", "100", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    summ = json.loads((out / "summary.json").read_text())
+    r = summ["runs"][0]
+    assert summ["ensemble"]["kind"] == "npt" and r["ensemble"] == "npt" and r["verdict"] == "stable"
+    lo, hi = r["volume_ratio_range"]
+    assert lo < 1.0 - 1e-4 and hi < 1.05          # EMT's cell (a 3.59 A) is smaller than the start's (3.61)
+    assert "npt at 0 GPa" in text and "V/V0" in text
+    # 30 GPa on EMT copper squeezes the cell beyond 5 %: the cell-volume criterion fires
+    out = tmp_path / "npt_squeeze"
+    rc = main(["md-check", "ase:EMT", str(s), "-T", "300", "--steps", "200", "--interval", "10",
+               "--nve-steps", "0", "--ensemble", "npt-cell", "--pressure", "30", "--barostat-time", "50",
+               "--max-volume-change", "0.05", "-o", str(out)])
+    r = json.loads((out / "summary.json").read_text())["runs"][0]
+    assert rc == EXIT_UNSTABLE and r["verdict"].startswith("unstable: cell volume"), r["verdict"]
+    # the models' stress drives the barostat (a committee of two)
+    models = _models(tmp_path)
+    out = tmp_path / "npt_models"
+    assert main(["md-check", *models, str(s), "-T", "300", "--steps", "10", "--interval", "5", "--nve-steps", "0",
+                 "--ensemble", "npt", "--barostat-time", "50", "--report-only", "-o", str(out)]) == 0
+    r = json.loads((out / "summary.json").read_text())["runs"][0]
+    assert r["volume_ratio_range"][0] != r["volume_ratio_range"][1]
+    # no periodic cell: refused with exit 2
+    from ase.build import molecule
+
+    mol = tmp_path / "mol.xyz"
+    write(str(mol), molecule("H2O"))
+    assert main(["md-check", "ase:EMT", str(mol), "--ensemble", "npt", "--steps", "1", "-o", str(tmp_path / "x")]) == 2
+    assert "periodic in all three directions" in capsys.readouterr().err
+
+
+def test_judge_cell_volume():
+    c = Criteria(max_volume_change=0.2)
+    tr = _traj()
+    tr["volume"] = [100.0] * 10 + [70.0] * 20
+    assert judge(tr, 300.0, 32, 0.02, c) == []          # NVT trajectories are not judged on volume
+    tr["ensemble"] = "npt"
+    ev = judge(tr, 300.0, 32, 0.02, c)
+    assert [e["criterion"] for e in ev] == ["cell volume"] and ev[0]["t_fs"] == 100.0
+    assert "V/V0 = 0.700" in ev[0]["detail"]

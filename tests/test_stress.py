@@ -286,6 +286,16 @@ def test_stress_loss_matches_the_written_out_loss(per_atom):
     for a, r in ((E.grad, E2.grad), (F.grad, F2.grad), (S.grad, S2.grad)):
         assert torch.allclose(a, r, rtol=1e-12, atol=1e-16)
     assert float(S.grad.abs().max()) > 0
+    # the closed-form stress term (one-node step) against autograd through stress = sym(W) / V
+    from distmlip.descriptors.batch import stress_from_virial
+
+    W = (S0 * torch.linalg.det(b.cell).abs()[:, None, None]).clone().requires_grad_()
+    ls, gW, S_w = losses.stress_term_and_gradient(W.detach(), b, counts, per_atom=per_atom, beta=beta, smask=smask)
+    ref_s = beta * ((b.weight * smask.double())[:, None, None]
+                    * ((stress_from_virial(W, b) - b.stress) * (V / n)[:, None, None]) ** 2).sum() / counts[2]
+    ref_s.backward()
+    assert torch.allclose(ls, ref_s.detach(), rtol=1e-13, atol=0) and float(ls) > 0
+    assert torch.allclose(gW, W.grad, rtol=1e-12, atol=1e-18) and float(gW.abs().max()) > 0
     own = losses.local_counts(b, sel, True, ssel, True)
     sums = losses.loss_sums(E0, b, per_atom=per_atom, F=F0, mask=mask, S=S0, smask=smask)
     torch.testing.assert_close(sums[[1, 3, 5]], own, rtol=1e-15, atol=0)
@@ -295,9 +305,56 @@ def test_stress_loss_matches_the_written_out_loss(per_atom):
         < 1e-13 * float(whole)
 
 
-def test_stress_loss_weight_gradients_equal_the_reference():
-    """The trainer's stress step (fused kernels: JVP on image atoms) gives the weight gradients of
-    autograd through the pure-PyTorch descriptor, to 1e-10."""
+def _with_close_pair(seed=6):
+    """A periodic Cu/Au cell with one pair inside ZBL's outer radius (Cu-Cu 1.98 A)."""
+    a = _triclinic((2, 1, 1), seed=seed, cubic=True)
+    a.numbers[3] = 79
+    d = a.positions[1] - a.positions[0]
+    a.positions[1] = a.positions[0] + 1.6 * d / np.linalg.norm(d)
+    return a
+
+
+def test_virial_operator_equals_autograd():
+    """The one-node operator's virial (summed per centre from the VJP's pair gradients, ZBL's from
+    its pair gradients) equals autograd through the strained batch to 1e-12, with a molecule (zero
+    stress) and a ZBL pair in the batch; both bitwise unchanged for 1 and 2 threads."""
+    from distmlip._ext import has_kernel
+    from distmlip.models import forces_op
+
+    if not has_kernel("bpnn_energy_forces_virial", "cpu"):
+        pytest.skip("no compiled kernels")
+    from ase.build import molecule
+
+    m = _model("fused", zbl=True, seed=2)
+    mol = molecule("H2O")
+    mol.numbers[:] = [29, 79, 29]
+    mol.positions *= 2.0
+    structs = [_struct(_triclinic((1, 1, 2), seed=1)), _struct(mol), _struct(_with_close_pair())]
+    b = collate(structs, m.species, m.cutoff)
+    assert m.plan().forces == "one-node" and forces_op.virial_supported(m.ann, b)
+    E, F, S = m.energy_forces_stress(b)
+    E2, F2, S2 = (x.detach() for x in m.energy_forces_stress(collate(structs, m.species, m.cutoff),
+                                                               create_graph=True))
+    assert float(m.zbl.energy_forces_virial(b)[2][2].abs().max()) > 1e-3     # ZBL carries a virial there
+    assert torch.all(S[1] == 0) and float(S.abs().max()) > 1e-3
+    for a, r in ((E, E2), (F, F2), (S, S2)):
+        assert torch.allclose(a, r, rtol=0, atol=1e-12), (a - r).abs().max()
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = m.energy_forces_stress(collate(structs, m.species, m.cutoff))[2]
+        torch.set_num_threads(2)
+        two = m.energy_forces_stress(collate(structs, m.species, m.cutoff))[2]
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.3, 0.4), (0.0, 0.6)])
+def test_stress_loss_weight_gradients_equal_the_reference(alpha, beta):
+    """The trainer's stress step (the one-node operator: virial from the VJP, the strain direction
+    in the JVP) gives the weight gradients of autograd through the pure-PyTorch descriptor, to
+    1e-10, also without a force term."""
     from distmlip._ext import has_kernel
     from distmlip.training.flat import FlatParameters
     from distmlip.training.force_step import force_stress_loss_and_gradients
@@ -307,25 +364,29 @@ def test_stress_loss_weight_gradients_equal_the_reference():
         stress_structure_mask,
     )
 
+    from distmlip.models import forces_op
+
     out = []
     for backend in ("fused" if has_kernel("chebyshev_forward", "cpu") else "auto", "reference"):
         m = _model(backend, zbl=True, seed=4)
         b = _labelled_batch(m, seed=1)
+        if backend == "fused":     # the engine-free path, not the autograd fallback
+            assert m.plan().forces == "one-node" and forces_op.virial_supported(m.ann, b)
         mask, smask = force_atom_mask(b, None), stress_structure_mask(b, None)
         counts = local_counts(b, None, True, None, True) * 1.2
         if backend == "reference":      # autograd through the reference descriptor, written out
             E, F, S = m.energy_forces_stress(b, create_graph=True)
             from distmlip.training.losses import energy_force_loss
 
-            loss = energy_force_loss(E, b, counts, per_atom=True, alpha=0.3, F=F, mask=mask, beta=0.4, S=S,
+            loss = energy_force_loss(E, b, counts, per_atom=True, alpha=alpha, F=F, mask=mask, beta=beta, S=S,
                                      smask=smask)
             grads = torch.autograd.grad(loss, list(m.parameters()))
             out.append((loss.detach(), torch.cat([x.reshape(-1) for x in grads])))
             continue
         flat = FlatParameters(m)
         flat.zero_grad()
-        loss, E, F, S = force_stress_loss_and_gradients(m, flat, b, counts, per_atom=True, alpha=0.3, mask=mask,
-                                                        beta=0.4, smask=smask)
+        loss, E, F, S = force_stress_loss_and_gradients(m, flat, b, counts, per_atom=True, alpha=alpha,
+                                                        mask=mask, beta=beta, smask=smask)
         flat.sync()
         assert S is not None and not loss.requires_grad
         out.append((loss, flat.tensors[0].grad.clone()))

@@ -17,7 +17,7 @@ from ..errors import InputError
 from .neighbors import neighbor_list
 
 __all__ = ["Batch", "Graph", "GraphStore", "cell_volumes", "collate", "collate_graphs", "prepare", "species_symbols",
-           "species_table", "strained"]
+           "species_table", "strained", "stress_from_virial"]
 
 
 def species_symbols(species) -> list[str]:
@@ -111,9 +111,25 @@ def strained(batch: Batch, strain: torch.Tensor) -> Batch:
     return dataclasses.replace(batch, positions=pos, pair_shift=shift)
 
 
+def stress_from_virial(W: torch.Tensor, batch: Batch, volumes: torch.Tensor | None = None) -> torch.Tensor:
+    """Stress [B, 3, 3] float64 (eV/A^3, ASE's sign) from the virial W = dE/d(strain) [B, 3, 3]:
+    sym(W) / V, zero for structures without a periodic direction (``volumes``: those of
+    :func:`cell_volumes`, when the caller has them)."""
+    vol = cell_volumes(batch) if volumes is None else volumes
+    inv = torch.where(vol > 0, 1.0 / vol.clamp(min=1e-300), torch.zeros_like(vol))
+    W = W.to(torch.float64)
+    return 0.5 * (W + W.transpose(1, 2)) * inv[:, None, None]
+
+
 def cell_volumes(batch: Batch) -> torch.Tensor:
     """|det(cell)| [B] float64 of the structures of a batch; 0 for structures without a periodic
     direction (no stress is defined for them)."""
+    if batch.cell.device.type == "cpu":
+        # numpy on the few structures of a batch: torch's per-call cost was most of the stress
+        # term of a training step
+        c = batch.cell.detach().numpy().astype(np.float64, copy=False)
+        vol = np.abs(np.linalg.det(c)) * batch.pbc.numpy().any(1)
+        return torch.from_numpy(vol)
     vol = torch.linalg.det(batch.cell.to(torch.float64)).abs()
     return torch.where(batch.pbc.any(1), vol, torch.zeros_like(vol))
 

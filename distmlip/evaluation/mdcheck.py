@@ -1,6 +1,8 @@
 """``distmlip md-check MODEL [MODEL ...] STRUCTURE``: does MD with the potential survive?
 
-For every temperature an NVT run (ASE Langevin) is driven by the model, by the mean forces of a
+For every temperature an NVT run (ASE Langevin; with ``--ensemble npt`` an NPT run, ASE's
+Martyna-Tobias-Klein Nose-Hoover chains with an isotropic barostat, ``npt-cell`` with the whole
+cell free, at ``--pressure`` GPa; periodic structures only) is driven by the model, by the mean forces of a
 committee (several model files or a committee file), or by an ASE calculator named
 ``ase:NAME`` / ``module:Class`` (a reference run, e.g. ``ase:EMT``).  Every ``--interval`` steps
 a frame is analysed, and after the NVT run an NVE (velocity Verlet) continuation of
@@ -26,6 +28,8 @@ committee deviation    (committees) max over atoms of sqrt(mean_k |F_k,i - <F_i>
                        ``--max-force-deviation``
 GPR sigma              (``--gpr-data``) the GPR energy standard deviation exceeds
                        ``--max-gpr-sigma``
+cell volume            (NPT) the volume leaves V0 (1 +- ``--max-volume-change``) (a collapsing
+                       or exploding cell: the stress of the model is wrong far from the data)
 =====================  ====================================================================
 
 A run whose energies or positions become non-finite stops: verdict ``aborted`` (its remaining
@@ -70,7 +74,17 @@ def add_arguments(p) -> None:
                    help="temperatures in K (one run each; default 300 1500)")
     p.add_argument("--steps", type=int, default=2000, help="MD steps per temperature (default 2000)")
     p.add_argument("--timestep", type=float, default=1.0, help="time step in fs (default 1)")
-    p.add_argument("--friction", type=float, default=0.02, help="Langevin friction in 1/fs (default 0.02)")
+    p.add_argument("--friction", type=float, default=0.02,
+                   help="Langevin friction in 1/fs (default 0.02); NPT: the thermostat's time constant is 1 / friction")
+    p.add_argument("--ensemble", choices=ENSEMBLES, default="nvt",
+                   help="nvt (Langevin, default); npt (MTK Nose-Hoover chains, isotropic barostat); npt-cell "
+                        "(MTK, the whole cell free); NPT needs a structure periodic in all three directions and a "
+                        "model with stress")
+    p.add_argument("--pressure", type=float, default=0.0, help="NPT: external pressure in GPa (default 0)")
+    p.add_argument("--barostat-time", type=float, default=1000.0,
+                   help="NPT: the barostat's time constant in fs (default 1000)")
+    p.add_argument("--max-volume-change", type=float, default=0.3,
+                   help="NPT: largest relative change of the cell volume (default 0.3)")
     p.add_argument("--threshold-factor", type=float, default=0.6,
                    help="close-pair threshold as a fraction of the covalent-radius sum per element pair (0.6)")
     p.add_argument("--interval", type=int, default=10, help="analyse every N-th step (default 10)")
@@ -120,15 +134,18 @@ def load_committee(paths, device="cpu") -> list:
 
 
 class CommitteeCalculator(Calculator):
-    """ASE calculator: energy and forces = committee mean; ``results['force_deviation']`` = max over
-    atoms of the RMS deviation of the members' forces from the mean (0 for a single model)."""
+    """ASE calculator: energy, forces and (periodic cells) stress = committee mean;
+    ``results['force_deviation']`` = max over atoms of the RMS deviation of the members' forces
+    from the mean (0 for a single model).  ``with_stress``: the stress comes with every call (NPT
+    asks for forces and stress of the same step: one model evaluation gives both)."""
 
-    implemented_properties = ["energy", "free_energy", "forces"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, models, device="cpu", **kwargs):
+    def __init__(self, models, device="cpu", with_stress: bool = False, **kwargs):
         super().__init__(**kwargs)
         import torch
 
+        self.with_stress = with_stress
         self.models = list(models)
         self.device = torch.device(device)
         self.cutoff = max(float(m.cutoff) for m in self.models)
@@ -143,7 +160,9 @@ class CommitteeCalculator(Calculator):
         a = self.atoms
         s = Structure(numbers=np.asarray(a.numbers), positions=np.asarray(a.positions, dtype=np.float64),
                       cell=np.array(a.cell[:], dtype=np.float64), pbc=np.asarray(a.pbc, dtype=bool))
-        Es, Fs = [], []
+        want_stress = ((self.with_stress or "stress" in properties) and bool(np.all(a.pbc))
+                       and abs(float(np.linalg.det(a.cell[:]))) > 0)
+        Es, Fs, Ss = [], [], []
         batch, species = None, None
         for m in self.models:
             if batch is None or m.species != species:   # members of a committee share one pair list
@@ -152,7 +171,11 @@ class CommitteeCalculator(Calculator):
                                 device=self.device)
             batch.positions = batch.positions.detach().requires_grad_(True)
             with torch.enable_grad():
-                E, F = m.energy_and_forces(batch)
+                if want_stress:
+                    E, F, S = m.energy_forces_stress(batch)
+                    Ss.append(S.detach().cpu().numpy().astype(np.float64)[0])
+                else:
+                    E, F = m.energy_and_forces(batch)
             Es.append(float(E.detach().sum().cpu()))
             Fs.append(F.detach().cpu().numpy().astype(np.float64))
         F = np.stack(Fs)
@@ -162,6 +185,10 @@ class CommitteeCalculator(Calculator):
         self.results["free_energy"] = self.results["energy"]
         self.results["forces"] = Fm
         self.results["force_deviation"] = dev
+        if want_stress:
+            from ase.stress import full_3x3_to_voigt_6_stress
+
+            self.results["stress"] = full_3x3_to_voigt_6_stress(np.mean(Ss, axis=0))
 
 
 # ------------------------------------------------------------------------------ criteria
@@ -175,6 +202,30 @@ class Criteria:
     max_nve_drift: float = 0.01
     max_force_deviation: float = 0.5
     max_gpr_sigma: float = 0.1
+    max_volume_change: float = 0.3
+
+
+ENSEMBLES = ("nvt", "npt", "npt-cell")
+
+
+@dataclass
+class Ensemble:
+    """The MD ensemble of md-check and explore: ``kind`` nvt (Langevin) or npt / npt-cell (ASE's
+    MTK Nose-Hoover chains with an isotropic / full-cell barostat at ``pressure_gpa``, time
+    constant ``barostat_fs``)."""
+    kind: str = "nvt"
+    pressure_gpa: float = 0.0
+    barostat_fs: float = 1000.0
+
+    def check(self, atoms, where: str) -> None:
+        if self.kind not in ENSEMBLES:
+            raise InputError(f"{where}: ensemble {self.kind!r} is not one of {', '.join(ENSEMBLES)}")
+        if self.kind != "nvt":
+            if not (bool(np.all(atoms.pbc)) and abs(float(atoms.get_volume())) > 0):
+                raise InputError(f"{where}: --ensemble {self.kind} needs a structure periodic in all three "
+                                 f"directions (pbc {list(map(bool, atoms.pbc))})")
+            if not (self.barostat_fs > 0 and math.isfinite(self.pressure_gpa)):
+                raise InputError(f"{where}: --barostat-time must be > 0 and --pressure finite")
 
 
 def threshold_matrix(numbers, factor: float):
@@ -275,8 +326,9 @@ class PDFAccumulator:
 # ------------------------------------------------------------------------------ one trajectory
 def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: float, interval: int, seed: int,
              thresholds: dict, *, record: dict | None = None, uncertainty=None, pdf: PDFAccumulator | None = None,
-             keep_frames: bool = False, stop_on_failure: bool = False, label: str = "", report: bool = True):
-    """Langevin NVT from Maxwell-Boltzmann velocities (seeded); a frame is analysed every
+             keep_frames: bool = False, stop_on_failure: bool = False, label: str = "", report: bool = True,
+             ensemble: Ensemble | None = None):
+    """Langevin NVT (or NPT, ``ensemble``) from Maxwell-Boltzmann velocities (seeded); a frame is analysed every
     ``interval`` steps.  Returns ``(trajectory, atoms)``: per-frame lists (step, t_fs, min_dist,
     failed, worst pair, epot/etot per atom, temperature, committee deviation, GPR sigma, pairs
     below the training record) and the final Atoms (with velocities, for an NVE continuation).
@@ -308,8 +360,17 @@ def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: floa
     # under explore each rank runs its own trajectory, so every call here is process-local
     thermalize_momenta(atoms, T, comm=DummyMPI(), rng=rng)
     Stationary(atoms)
-    dyn = Langevin(atoms, timestep * units.fs, temperature_K=T, friction=friction / units.fs,
-                   fixcm=False, rng=np.random.default_rng(seed + 1), comm=DummyMPI())
+    ensemble = ensemble or Ensemble()
+    if ensemble.kind == "nvt":
+        dyn = Langevin(atoms, timestep * units.fs, temperature_K=T, friction=friction / units.fs,
+                       fixcm=False, rng=np.random.default_rng(seed + 1), comm=DummyMPI())
+    else:
+        from ase.md.nose_hoover_chain import MTKNPT, IsotropicMTKNPT
+
+        cls = IsotropicMTKNPT if ensemble.kind == "npt" else MTKNPT
+        dyn = cls(atoms, timestep * units.fs, temperature_K=T, pressure_au=ensemble.pressure_gpa * units.GPa,
+                  tdamp=(1.0 / friction if friction > 0 else 100.0 * timestep) * units.fs,
+                  pdamp=ensemble.barostat_fs * units.fs, comm=DummyMPI())
     tab = _table(thresholds)
     # 2.5 x the threshold (1.5 x the covalent-radius sum at the default factor): the minimum
     # distance of a frame is then known even when no pair is close
@@ -322,7 +383,7 @@ def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: floa
     rmax = max(need)
     nums = atoms.numbers
     tr = {k: [] for k in ("step", "t_fs", "min_dist", "failed", "worst", "epot", "etot", "temp", "fdev",
-                          "gpr_sigma", "below")}
+                          "gpr_sigma", "below", "volume")}
     frames = []
     t0 = time.time()
     n_frames_total = steps // interval + 1
@@ -359,6 +420,7 @@ def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: floa
         tr["epot"].append(epot / n)
         tr["etot"].append((epot + ekin) / n)
         tr["temp"].append(float(atoms.get_temperature()))
+        tr["volume"].append(float(atoms.get_volume()) if np.all(atoms.pbc) else None)
         tr["fdev"].append(float(calc.results.get("force_deviation", 0.0)))
         tr["gpr_sigma"].append(float(uncertainty(atoms)) if uncertainty is not None else None)
         tr["below"].append(pairs_below(record, nums, i, j, d) if record else {})
@@ -368,8 +430,9 @@ def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: floa
             frames.append(a)
         k = len(tr["step"]) - 1
         if report and k % report_every == 0:
+            vol = (f"  V/V0 {tr['volume'][-1] / tr['volume'][0]:6.3f}" if ensemble.kind != "nvt" else "")
             log(f"  {label}T={T:.0f} K step {step:6d}/{steps}  T_inst {tr['temp'][-1]:7.1f} K  "
-                f"E_pot {tr['epot'][-1]:10.4f} eV/atom  d_min {dmin:6.3f} A  "
+                f"E_pot {tr['epot'][-1]:10.4f} eV/atom  d_min {dmin:6.3f} A{vol}  "
                 f"close-pair frames {sum(tr['failed'])}/{k + 1}  ({time.time() - t0:.0f} s)")
         return True
 
@@ -391,7 +454,7 @@ def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: floa
         ok = analyse(step)
     n_done = len(tr["step"])
     stopped_early = ok and step < steps
-    tr.update(steps=steps, steps_done=step, timestep_fs=timestep, n_frames_total=n_frames_total,
+    tr.update(steps=steps, steps_done=step, timestep_fs=timestep, n_frames_total=n_frames_total, ensemble=ensemble.kind,
               aborted=not ok, abort_reason=state["reason"], abort_t_fs=step * timestep if not ok else None,
               stopped_on_failure=stopped_early, n_missing=n_frames_total - n_done, wall_s=time.time() - t0)
     if keep_frames:
@@ -475,6 +538,15 @@ def judge(tr: dict, T: float, n_atoms: int, friction: float, crit: Criteria, emi
             k = int(np.argmax(hi))
             ev.append({"criterion": "GPR sigma", "t_fs": float(t[k]),
                        "detail": f"GPR energy sigma {g[k]:.4f} eV > {crit.max_gpr_sigma:g} (largest {g.max():.4f})"})
+    vols = [v for v in tr.get("volume", []) if v is not None]
+    if tr.get("ensemble", "nvt") != "nvt" and len(vols) > 1:
+        rel = np.asarray(vols) / vols[0] - 1.0
+        hi = np.abs(rel) > crit.max_volume_change
+        if hi.any():
+            k = int(np.argmax(hi))
+            ev.append({"criterion": "cell volume", "t_fs": float(t[k]),
+                       "detail": f"V/V0 = {1.0 + rel[k]:.3f}, beyond 1 +- {crit.max_volume_change:g} "
+                                 f"(range {1.0 + rel.min():.3f}..{1.0 + rel.max():.3f})"})
     if nve is not None and len(nve) > 1:
         dev = np.abs(nve - nve[0])
         hi = dev > crit.max_nve_drift
@@ -503,14 +575,14 @@ def verdict_of(events: list, tr: dict) -> str:
 def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float, thresholds: dict,
             interval: int, nve_steps: int, rdf_rmax: float, seed: int, out: Path, max_failed: int,
             label: str = "", crit: Criteria | None = None, record: dict | None = None, uncertainty=None,
-            committee: bool = False) -> dict:
-    """One temperature: NVT, NVE continuation, verdict, output files; returns the run's summary."""
+            committee: bool = False, ensemble: Ensemble | None = None) -> dict:
+    """One temperature: NVT (or NPT), NVE continuation, verdict, output files; returns the run's summary."""
     from ..models.data_record import lowest_energy_per_atom
 
     crit = crit or Criteria()
     pdf = PDFAccumulator(atoms0.numbers, rdf_rmax)
     tr, atoms = simulate(atoms0, calc, T, steps, timestep, friction, interval, seed, thresholds, record=record,
-                         uncertainty=uncertainty, pdf=pdf, keep_frames=True, label=label)
+                         uncertainty=uncertainty, pdf=pdf, keep_frames=True, label=label, ensemble=ensemble)
     n = len(atoms0)
     nve = None
     if not tr["aborted"] and nve_steps > 0:
@@ -581,6 +653,9 @@ def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float
         "below_training_pairs": below,
         "failed_frames_file": str(fail_path) if fail_path else None,
         "pdf_png": str(pdf_path) if pdf.nframes else None,
+        "ensemble": tr["ensemble"],
+        "volume_ratio_range": ([min(vols) / vols[0], max(vols) / vols[0]] if (vols := [v for v in tr["volume"]
+                                                                                      if v is not None]) else None),
         "wall_s": tr["wall_s"],
     }
 
@@ -649,7 +724,7 @@ def record_from_data(paths, species, cutoff: float) -> dict:
 def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, timestep=1.0, friction=0.02,
              threshold_factor=0.6, interval=10, nve_steps=200, rdf_rmax=6.0, seed=0, output="md_check",
              device="cpu", max_failed_frames=200, label="", criteria: Criteria | None = None,
-             training_data=None, gpr_data=None) -> dict:
+             training_data=None, gpr_data=None, ensemble: Ensemble | None = None) -> dict:
     """Python entry point of ``distmlip md-check`` (returns the summary dict)."""
     from .labelling import is_calculator_name, make_calculator
 
@@ -657,7 +732,11 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
     crit.threshold_factor = threshold_factor
     if steps < 0 or timestep <= 0 or interval <= 0 or threshold_factor <= 0:
         raise InputError("md-check: --steps must be >= 0, --timestep, --interval and --threshold-factor > 0")
+    if not crit.max_volume_change > 0:
+        raise InputError(f"md-check: --max-volume-change must be > 0, got {crit.max_volume_change}")
     atoms = _read_structure(structure)
+    ensemble = ensemble or Ensemble()
+    ensemble.check(atoms, f"md-check: structure {structure}")
     model_paths = [str(p) for p in model_paths]
     record = None
     if len(model_paths) == 1 and is_calculator_name(model_paths[0]):
@@ -670,7 +749,7 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
         if missing:
             raise InputError(f"md-check: structure {structure}: field 'numbers': elements {missing} are not "
                              f"in the model species {models[0].species}")
-        calc = CommitteeCalculator(models, device=device)
+        calc = CommitteeCalculator(models, device=device, with_stress=ensemble.kind != "nvt")
         kind = f"{len(models)} model(s)"
         record = getattr(models[0], "training_record", None)
         cutoff = max(float(m.cutoff) for m in models)
@@ -688,22 +767,28 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
     thresholds = threshold_matrix(atoms.numbers, threshold_factor)
     out = Path(output)
     log(f"md-check: {kind}, {len(atoms)} atoms, temperatures {list(temperatures)} K, "
-        f"{steps} steps x {timestep} fs, Langevin friction {friction} 1/fs; unstable on: close pairs "
+        f"{steps} steps x {timestep} fs, "
+        + (f"Langevin friction {friction} 1/fs" if ensemble.kind == "nvt" else
+           f"{ensemble.kind} at {ensemble.pressure_gpa:g} GPa (thermostat {1.0 / friction if friction > 0 else 100 * timestep:g}"
+           f" fs, barostat {ensemble.barostat_fs:g} fs)")
+        + "; unstable on: close pairs "
         f"(< {threshold_factor} x covalent-radius sum), temperature outside +-{crit.temperature_band:g} T, "
         f"E_pot {crit.energy_margin:g} eV/atom below training"
         + ("" if record else " (no record: off)")
         + f", NVE drift > {crit.max_nve_drift:g} eV/atom"
         + (f", committee deviation > {crit.max_force_deviation:g} eV/A" if committee else "")
-        + (f", GPR sigma > {crit.max_gpr_sigma:g} eV" if uncertainty else ""))
+        + (f", GPR sigma > {crit.max_gpr_sigma:g} eV" if uncertainty else "")
+        + (f", cell volume outside V0 (1 +- {crit.max_volume_change:g})" if ensemble.kind != "nvt" else ""))
     runs = []
     for k, T in enumerate(temperatures):
         runs.append(run_one(atoms, calc, float(T), steps, timestep, friction, thresholds, interval, nve_steps,
                             rdf_rmax, seed + 1000 * k, out, max_failed_frames, label=label, crit=crit,
-                            record=record, uncertainty=uncertainty, committee=committee))
+                            record=record, uncertainty=uncertainty, committee=committee, ensemble=ensemble))
     from ase.data import chemical_symbols
 
     summary = {"models": model_paths, "structure": str(structure), "n_atoms": len(atoms),
                "committee_size": len(models), "threshold_factor": threshold_factor,
+               "ensemble": asdict(ensemble),
                "criteria": asdict(crit),
                "thresholds_A": {f"{chemical_symbols[a]}-{chemical_symbols[b]}": v
                                 for (a, b), v in thresholds.items() if a <= b},
@@ -727,11 +812,12 @@ def run(args) -> int:
     crit = Criteria(threshold_factor=args.threshold_factor, temperature_band=args.temperature_band,
                     temperature_window_fs=args.temperature_window, energy_margin=args.energy_margin,
                     max_nve_drift=args.max_nve_drift, max_force_deviation=args.max_force_deviation,
-                    max_gpr_sigma=args.max_gpr_sigma)
+                    max_gpr_sigma=args.max_gpr_sigma, max_volume_change=args.max_volume_change)
     summary = md_check(args.paths[:-1], args.paths[-1], args.temperatures, args.steps, args.timestep,
                        args.friction, args.threshold_factor, args.interval, args.nve_steps, args.rdf_rmax,
                        args.seed, args.output, args.device, args.max_failed_frames, criteria=crit,
-                       training_data=args.training_data, gpr_data=args.gpr_data)
+                       training_data=args.training_data, gpr_data=args.gpr_data,
+                       ensemble=Ensemble(args.ensemble, args.pressure, args.barostat_time))
     log(format_table(summary["runs"], committee=summary["_committee"], gpr=summary["_gpr"]))
     log(f"summary written to {Path(args.output) / 'summary.json'}")
     log(summary["result"])

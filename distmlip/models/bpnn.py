@@ -215,21 +215,32 @@ class BPNN(nn.Module):
         structure's cell and atoms (:func:`~distmlip.descriptors.batch.strained`), symmetrised;
         zeros for structures without a periodic direction.  Exact in both descriptor backends:
         the reference differentiates through the pair shifts, the fused kernels through image
-        atoms (:mod:`distmlip.descriptors.fused`), no per-pair Jacobian.  With ``create_graph``
-        (training with a stress loss) all three are differentiable in the weights."""
-        from ..descriptors.batch import cell_volumes, strained
+        atoms (:mod:`distmlip.descriptors.fused`), no per-pair Jacobian; on the CPU's one-node
+        plan (float64) the force operator sums r_p (x) dE/dr_p per centre from the pair gradients
+        it forms anyway (:func:`~distmlip.models.forces_op.energy_forces_virial`).  With
+        ``create_graph`` all three are differentiable in the weights (the trainer's stress step
+        takes the operator's backward instead: ``training.force_step``)."""
+        from ..descriptors.batch import strained, stress_from_virial
+        from . import forces_op
 
         pos = batch.positions
         if getattr(batch, "features", None) is not None or pos is None:
             raise ConfigError("stress needs positions: a batch of cached descriptors supports energies only")
-        if not pos.requires_grad:
-            pos.requires_grad_(True)
         B = batch.n_structures
-        eps = torch.zeros(B, 3, 3, dtype=pos.dtype, device=pos.device, requires_grad=True)
         plan = self.plan()
         if pos.shape[0] == 0:
             z = torch.zeros(B, dtype=torch.float64, device=pos.device)
             return z, torch.zeros_like(pos), torch.zeros(B, 3, 3, dtype=torch.float64, device=pos.device)
+        if not create_graph and plan.forces == "one-node" and forces_op.virial_supported(self.ann, batch):
+            # the virial from the force operator's own pair gradients (no autograd, no strained copy)
+            E, F, W = forces_op.energy_forces_virial(self.ann, batch)
+            for term in self.terms[1:]:
+                Et, Ft, Wt = term.energy_forces_virial(batch)
+                E, F, W = E + Et, F + Ft.to(F.dtype), W + Wt
+            return E, F, stress_from_virial(W, batch)
+        if not pos.requires_grad:
+            pos.requires_grad_(True)
+        eps = torch.zeros(B, 3, 3, dtype=pos.dtype, device=pos.device, requires_grad=True)
         with torch.enable_grad():
             sb = strained(batch, eps)
             # differentiated twice for training: the compiled networks' backward is not, so the
@@ -239,10 +250,7 @@ class BPNN(nn.Module):
                 e = e + term.atomic_energies(sb, plan)
             E = torch.zeros(B, dtype=torch.float64, device=pos.device).index_add(0, batch.structure, e)
             gR, gE = torch.autograd.grad(E.sum(), (pos, eps), create_graph=create_graph)
-        vol = cell_volumes(batch)
-        inv = torch.where(vol > 0, 1.0 / vol.clamp(min=1e-300), torch.zeros_like(vol))
-        W = gE.to(torch.float64)
-        stress = 0.5 * (W + W.transpose(1, 2)) * inv[:, None, None]
+        stress = stress_from_virial(gE, batch)
         if not create_graph:
             E, gR, stress = E.detach(), gR.detach(), stress.detach()
         return E, -gR, stress

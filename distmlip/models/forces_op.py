@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from .._ext import has_kernel
 from ..descriptors import fused
 from ..utils.autograd import will_reach
 from . import activations as act_table
@@ -149,3 +150,32 @@ def energy_and_forces(model, batch):
     pos, species, ptr, pj, shift, ts = args
     return BPNNEnergyForces.apply(pos, (species, ptr, pj, shift, ts, batch.structure, int(batch.n_structures)),
                                   (dparams, codes, mean, inv_std, base, scale), *inputs)
+
+
+def virial_supported(model, batch) -> bool:
+    """Whether :func:`energy_forces_virial` serves the network term ``model`` on ``batch``: the
+    compiled operator exists and positions and networks are float64 (its pipelined path)."""
+    pos = batch.positions
+    return (pos is not None and pos.dtype == torch.float64 and pos.device.type == "cpu"
+            and model.net_dtype == torch.float64 and has_kernel("bpnn_energy_forces_virial", "cpu"))
+
+
+def virial_forward(model, batch):
+    """The operator ``bpnn_energy_forces_virial`` on a batch, no gradient: ((E [B], F [N, 3],
+    W [B, 3, 3] the virial dE/d(strain) = sum_p r_p (x) dE/dr_p, x, g, moments, nets_saved),
+    (parameters, constants, arguments)) (:func:`operator_inputs`); the last three outputs feed
+    ``bpnn_energy_forces_backward``."""
+    params, consts, args = operator_inputs(model, batch, batch.positions.detach())
+    dparams, codes, mean, inv_std, base, scale, _ = consts
+    with torch.no_grad():
+        out = torch.ops.distmlip.bpnn_energy_forces_virial(
+            *args, *dparams, mean, inv_std, base, scale, batch.structure, int(batch.n_structures), list(params),
+            list(codes))
+    return out, (params, consts, args)
+
+
+def energy_forces_virial(model, batch):
+    """(E [B], F [N, 3], W [B, 3, 3]) of the network term, detached (prediction: the calculator,
+    evaluation, validation)."""
+    (E, F, W, *_), _ = virial_forward(model, batch)
+    return E, F, W

@@ -129,29 +129,57 @@ class ZBL(nn.Module):
 
             raise ConfigError("the model has a ZBL term, which needs positions and the pair list: this "
                               "batch holds cached descriptors without its structures")
-        # only pairs inside the outer radius have energy (the switch is C2 there); the batch's
-        # pair list reaches the descriptor cutoff, so selecting them first (without autograd)
-        # keeps ZBL from costing a pass over every pair in each step.  Training batches bring the
-        # pairs inside short_range (>= every outer radius) found once per structure: usually none
+        pos = batch.positions.to(torch.float64)
+        out = torch.zeros(pos.shape[0], dtype=torch.float64, device=pos.device)
+        sel = self._pairs_inside(batch, pos)
+        if sel is None:
+            return out
+        pi, pj = batch.pair_i[sel], batch.pair_j[sel]
+        rij = pos[pj] - pos[pi] + batch.pair_shift.to(torch.float64)[sel]
+        e = self.pair_energies(torch.linalg.norm(rij, dim=1), batch.species[pi], batch.species[pj])
+        return 0.5 * out.index_add(0, pi, e)
+
+    def _pairs_inside(self, batch, pos):
+        """Indices of the batch's pairs inside their outer radius (None when there are none): only
+        they have energy (the switch is C2 there).  The batch's pair list reaches the descriptor
+        cutoff, so selecting them first (without autograd) keeps ZBL from costing a pass over
+        every pair in each step; training batches bring the pairs inside short_range (>= every
+        outer radius) found once per structure, usually none."""
         cand = getattr(batch, "short_pairs", None)
         if cand is not None and cand.numel() == 0:
-            return torch.zeros(batch.positions.shape[0], dtype=torch.float64, device=batch.positions.device)
-        pos = batch.positions.to(torch.float64)
-        shift = batch.pair_shift.to(torch.float64)
+            return None
         pi, pj = batch.pair_i, batch.pair_j
-        out = torch.zeros(pos.shape[0], dtype=torch.float64, device=pos.device)
         with torch.no_grad():
             if cand is None:
                 cand = torch.arange(pi.shape[0], device=pi.device)
             ci, cj = pi[cand], pj[cand]
-            r0 = torch.linalg.norm(pos[cj] - pos[ci] + shift[cand], dim=1)
+            r0 = torch.linalg.norm(pos[cj] - pos[ci] + batch.pair_shift.to(torch.float64)[cand], dim=1)
             sel = cand[r0 < self.r_out.to(r0.dtype)[batch.species[ci], batch.species[cj]]]
-        if sel.numel() == 0:
-            return out
-        pi, pj = pi[sel], pj[sel]
-        rij = pos[pj] - pos[pi] + shift[sel]
-        e = self.pair_energies(torch.linalg.norm(rij, dim=1), batch.species[pi], batch.species[pj])
-        return 0.5 * out.index_add(0, pi, e)
+        return sel if sel.numel() > 0 else None
+
+    def energy_forces_virial(self, batch):
+        """(E [B], F [N, 3], W [B, 3, 3]) of the ZBL term, detached: W = sum_p r_p (x) dE/dr_p the
+        virial (stress = sym(W) / V), from the gradients of the pair energies in their pair
+        vectors (ZBL has no parameters, so nothing else needs them)."""
+        pos = batch.positions.detach().to(torch.float64)
+        B = batch.n_structures
+        E = torch.zeros(B, dtype=torch.float64, device=pos.device)
+        F = torch.zeros_like(pos)
+        W = torch.zeros(B, 3, 3, dtype=torch.float64, device=pos.device)
+        sel = self._pairs_inside(batch, pos)
+        if sel is not None:
+            pi, pj = batch.pair_i[sel], batch.pair_j[sel]
+            with torch.enable_grad():
+                rij = (pos[pj] - pos[pi] + batch.pair_shift.to(torch.float64)[sel]).requires_grad_(True)
+                e = self.pair_energies(torch.linalg.norm(rij, dim=1), batch.species[pi], batch.species[pj])
+                (gr,) = torch.autograd.grad(e.sum(), rij)
+            # each pair is listed in both directions and carries half its energy
+            gr, e, rij = 0.5 * gr, 0.5 * e.detach(), rij.detach()
+            s = batch.structure[pi]
+            E.index_add_(0, s, e)
+            F.index_add_(0, pi, gr).index_add_(0, pj, -gr)
+            W.index_add_(0, s, rij[:, :, None] * gr[:, None, :])
+        return E, F.to(batch.positions.dtype), W
 
     def frozen_atomic_energies(self, structures, device="cpu", memo: bool = True) -> torch.Tensor:
         """Per-atom ZBL energies [N] of fixed structures (no gradient), in the order of

@@ -8,11 +8,17 @@ the optimiser's flat gradient.  Terms without parameters (ZBL) only add their en
 before the loss.  Otherwise the forces are built with ``create_graph`` and ``loss.backward``
 gives the weight gradients (same numbers, tested).
 
-With a stress term (``beta`` > 0 and structures of the batch selected for it) the energies,
-forces and stresses come from ``BPNN.energy_forces_stress(create_graph=True)`` (autograd through
-the strained batch; with the fused kernels the double backward runs their JVP on image atoms), and
-``loss.backward`` gives the exact weight gradients of all three terms; a batch without selected
-stresses takes the path above with the energy weight 1 - alpha - beta.
+With a stress term (``beta`` > 0 and structures of the batch selected for it) the one-node
+plan (float64) runs the same three steps with the virial: ``bpnn_energy_forces_virial`` also sums
+W = sum_p r_p (x) dE/dr_p per structure from the pair gradients of its VJP, the loss's gradients
+in E and F come from the compiled loss and those in W from the stress term in closed form
+(``losses.stress_term_and_gradient``), and the backward's JVP adds the
+strain direction r_p Wbar to every pair's tangent, which gives the stress term's exact weight
+gradient without a per-pair Jacobian or a second pass.  Elsewhere the energies, forces and
+stresses come from ``BPNN.energy_forces_stress(create_graph=True)`` (autograd through the
+strained batch; with the fused kernels the double backward runs their JVP on image atoms), and
+``loss.backward`` gives the same gradients.  A batch without selected stresses takes the
+force path with the energy weight 1 - alpha - beta.
 """
 from __future__ import annotations
 
@@ -20,35 +26,53 @@ import torch
 
 from ..models import forces_op
 from ..models.networks import net_parameters
-from .losses import energy_force_loss
+from .losses import energy_force_loss, stress_term_and_gradient
 
 
-def _engine_free(model, plan, batch, counts, *, per_atom, alpha, mask, grad_out):
-    """(loss, E, F) detached, with the parameter gradient added to ``grad_out``."""
+def _engine_free(model, plan, batch, counts, *, per_atom, alpha, mask, grad_out, beta=0.0, smask=None):
+    """(loss, E, F, stress or None) detached, with the parameter gradient added to ``grad_out``;
+    ``smask`` given: with the stress term ``beta`` (module docstring)."""
     ann = model.ann
-    params, (dparams, codes, mean, inv_std, base, scale, _), (pos, species, ptr, pj, shift, ts) = \
-        forces_op.operator_inputs(ann, batch, batch.positions.detach())
     ops = torch.ops.distmlip
+    stress = smask is not None
+    if stress:
+        (E, F, W, x, g, moments, nets_saved), (params, consts, args) = forces_op.virial_forward(ann, batch)
+    else:
+        params, consts, args = forces_op.operator_inputs(ann, batch, batch.positions.detach())
+    dparams, codes, mean, inv_std, base, scale, _ = consts
     codes = list(codes)
-    with torch.no_grad():
-        E, F, x, g, moments, nets_saved = ops.bpnn_energy_forces(
-            pos, species, ptr, pj, shift, ts, *dparams, mean, inv_std, base, scale, batch.structure,
-            int(batch.n_structures), params, codes)
-    if len(model.terms) > 1:
+    if not stress:
+        with torch.no_grad():
+            E, F, x, g, moments, nets_saved = ops.bpnn_energy_forces(
+                *args, *dparams, mean, inv_std, base, scale, batch.structure, int(batch.n_structures), params, codes)
+    for term in model.terms[1:]:
+        if stress:
+            Et, Ft, Wt = term.energy_forces_virial(batch)
+            E, F, W = E + Et, F + Ft, W + Wt
+            continue
         positions = batch.positions
         if not positions.requires_grad:
             positions.requires_grad_(True)
-        for term in model.terms[1:]:
-            Et, Ft = term.energy_and_forces(batch, plan, create_graph=False)
-            E, F = E + Et, F + Ft
+        Et, Ft = term.energy_and_forces(batch, plan, create_graph=False)
+        E, F = E + Et, F + Ft
+    Wbar = S = None
     with torch.no_grad():
-        loss, gE, gF = ops.energy_force_loss(E, batch.energy, batch.weight, batch.natoms, bool(per_atom), F,
-                                             batch.forces, batch.structure, mask, counts[:2], float(alpha))
-        out = ops.bpnn_energy_forces_backward(gE, gF, pos, species, ptr, pj, shift, ts, *dparams, x, g, moments,
-                                              nets_saved, inv_std, scale, batch.structure, params, codes,
-                                              True, False, True)
+        # (1-a-b) S_E/C_E + a S_F/C_F = (1-a') S_E/C_E' + a' S_F/C_F' with a' = a/s, C' = C s,
+        # s = 1 - b: the compiled energy+force loss, plus the stress term in closed form
+        s = 1.0 - beta if stress else 1.0
+        if s > 0:
+            loss, gE, gF = ops.energy_force_loss(E, batch.energy, batch.weight, batch.natoms, bool(per_atom), F,
+                                                 batch.forces, batch.structure, mask, counts[:2] / s,
+                                                 float(alpha / s))
+        else:                      # beta = 1 (alpha = 0): the stress term alone
+            loss, gE, gF = torch.zeros((), dtype=torch.float64), torch.zeros_like(E), torch.zeros_like(F)
+        if stress:
+            loss_s, Wbar, S = stress_term_and_gradient(W, batch, counts, per_atom=per_atom, beta=beta, smask=smask)
+            loss = loss + loss_s
+        out = ops.bpnn_energy_forces_backward(gE, gF, *args, *dparams, x, g, moments, nets_saved, inv_std, scale,
+                                              batch.structure, params, codes, True, False, True, Wbar)
         grad_out.add_(out[0])
-    return loss, E, F
+    return loss, E, F, S
 
 
 def force_loss_and_gradients(model, flat, batch, counts, *, per_atom: bool, alpha: float, mask):
@@ -58,7 +82,8 @@ def force_loss_and_gradients(model, flat, batch, counts, *, per_atom: bool, alph
     plan = model.plan()
     grad = flat.flat_grad_for(net_parameters(model.ann.nets))
     if grad is not None and plan.forces == "one-node" and plan.loss == "compiled":
-        return _engine_free(model, plan, batch, counts, per_atom=per_atom, alpha=alpha, mask=mask, grad_out=grad)
+        return _engine_free(model, plan, batch, counts, per_atom=per_atom, alpha=alpha, mask=mask,
+                            grad_out=grad)[:3]
     with flat.routing():
         E, F = model.energy_and_forces(batch, create_graph=True)
         loss = energy_force_loss(E, batch, counts, per_atom=per_atom, alpha=alpha, F=F, mask=mask,
@@ -87,6 +112,11 @@ def force_stress_loss_and_gradients(model, flat, batch, counts, *, per_atom: boo
                                               alpha=alpha / s, mask=mask)
         return loss, E, F, None
     plan = model.plan()
+    grad = flat.flat_grad_for(net_parameters(model.ann.nets))
+    if (grad is not None and plan.forces == "one-node" and plan.loss == "compiled"
+            and forces_op.virial_supported(model.ann, batch)):
+        return _engine_free(model, plan, batch, counts, per_atom=per_atom, alpha=alpha, mask=mask, grad_out=grad,
+                            beta=beta, smask=smask)
     with flat.routing():
         E, F, S = model.energy_forces_stress(batch, create_graph=True)
         loss = energy_force_loss(E, batch, counts, per_atom=per_atom, alpha=alpha, F=F, mask=mask,

@@ -45,7 +45,8 @@ _IDX = {k: i for i, k in enumerate(_M)}
 
 CSV_FIELDS = ["epoch", "steps", "lr", "train_loss", "train_E_rmse_meV_atom", "train_E_mae_meV_atom",
               "train_F_rmse", "train_F_mae", "val_loss", "val_E_rmse_meV_atom", "val_E_mae_meV_atom",
-              "val_F_rmse", "val_F_mae", "time_s"]
+              "val_F_rmse", "val_F_mae", "train_S_rmse_GPa", "train_S_mae_GPa", "val_S_rmse_GPa", "val_S_mae_GPa",
+              "time_s"]
 
 
 def _fmt(x, nd=3):
@@ -1024,6 +1025,10 @@ class Trainer:
                "val_E_rmse_meV_atom": _fmt(val["E_rmse_meV_atom"]) if val else "",
                "val_E_mae_meV_atom": _fmt(val["E_mae_meV_atom"]) if val else "",
                "val_F_rmse": _fmt(val["F_rmse"], 5) if val else "", "val_F_mae": _fmt(val["F_mae"], 5) if val else "",
+               # empty unless the structures carry stress and the model predicted it (stress term)
+               "train_S_rmse_GPa": _fmt(tr.get("S_rmse_GPa"), 4), "train_S_mae_GPa": _fmt(tr.get("S_mae_GPa"), 4),
+               "val_S_rmse_GPa": _fmt((val or {}).get("S_rmse_GPa"), 4),
+               "val_S_mae_GPa": _fmt((val or {}).get("S_mae_GPa"), 4),
                "time_s": f"{dt_total:.2f}"}
         self._write_csv_row(row)
         line = f"epoch {epoch + 1:4d}/{tc.epochs}  train E_rmse {tr['E_rmse_meV_atom']:9.3f} meV/atom"
