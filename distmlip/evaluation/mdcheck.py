@@ -656,6 +656,9 @@ def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float
         "ensemble": tr["ensemble"],
         "volume_ratio_range": ([min(vols) / vols[0], max(vols) / vols[0]] if (vols := [v for v in tr["volume"]
                                                                                       if v is not None]) else None),
+        # NPT: the equilibrium volume per atom, the mean over the run's second half
+        "volume_per_atom_second_half_A3": (float(np.mean(vols[len(vols) // 2:])) / n
+                                           if vols and tr["ensemble"] != "nvt" else None),
         "wall_s": tr["wall_s"],
     }
 
