@@ -174,3 +174,51 @@ def test_short_pairs_of_prepared_structures_give_the_same_zbl():
     E0, F0 = zbl.energy_and_forces(b)
     assert float(E0.abs().max()) > 0.0
     assert torch.equal(E0, E1) and torch.equal(F0, F1)
+
+
+def test_default_radii_stay_off_the_training_data(tmp_path, capsys):
+    """Default outer radii above 0.9 x the shortest distance of an element pair in the training
+    data are lowered to it (inner radius scaled with it), the user's radii are kept, pairs the
+    data never bring close keep the defaults; the trainer logs each change, and ZBL then gives
+    no energy on any training structure."""
+    from ase import Atoms
+
+    from distmlip.data.h5store import write_dataset
+    from distmlip.data.structure import Structure
+    from distmlip.models.zbl import default_radii, radii_for_data
+    from distmlip.training.config import load_train_config
+    from distmlip.training.trainer import Trainer
+
+    lo, hi = default_radii(6, 8)                     # C-O: 0.71 / 1.07 A
+    radii, lowered = radii_for_data(["C", "O", "Cu"], {"Cu-Cu": [1.0, 1.5]},
+                                    {"C-O": 0.84, "C-Cu": 3.0, "Cu-Cu": 1.2, "O-O": None})
+    assert radii["C-O"] == pytest.approx([lo * 0.756 / hi, 0.756]) and radii["Cu-Cu"] == [1.0, 1.5]
+    assert "C-Cu" not in radii and [x[0] for x in lowered] == ["C-O"]
+    rng = np.random.default_rng(0)
+    structs = []
+    for k in range(12):                              # CO molecules stretched and squeezed (0.85-1.3 A)
+        d = 0.85 + 0.45 * k / 11
+        a = Atoms("COCu", positions=[[0, 0, 0], [0, 0, d], [0, 2.5 + rng.uniform(0, 0.3), 0]])
+        structs.append(Structure(numbers=a.numbers, positions=a.positions, cell=np.zeros((3, 3)),
+                                 pbc=np.zeros(3, bool), energy=float(5.0 * (d - 1.13) ** 2 - 3.0)))
+    h5 = tmp_path / "co.h5"
+    write_dataset(h5, structs)
+    y = tmp_path / "t.yaml"
+    y.write_text(f"""
+data: {{train: [{h5}], fractions: [1.0, 0.0, 0.0]}}
+descriptor: {{rc_radial: 4.0, n_radial: 3, rc_angular: 3.0, n_angular: 2}}
+model: {{hidden: [4]}}
+training: {{mode: energy, epochs: 1, batch_atoms: 16, output: {tmp_path / 'run'}, progress_bar: 'off'}}
+""")
+    t = Trainer(load_train_config(y))
+    out = capsys.readouterr()
+    assert "zbl: C-O outer radius 1.065 -> 0.765 A (0.9 x the shortest C-O distance of the training data, " \
+           "0.850 A)" in out.out + out.err
+    m = t.model
+    C, O = m.species.index("C"), m.species.index("O")
+    assert float(m.zbl.r_out[C, O]) == pytest.approx(0.9 * 0.85, rel=1e-9)
+    from distmlip.descriptors.batch import collate
+
+    b = collate(structs, m.species, m.cutoff)
+    assert float(m.zbl.atomic_energies(b).abs().max()) == 0.0
+    assert m.training_record["pair_min_distance_A"]["C-O"] == pytest.approx(0.85)

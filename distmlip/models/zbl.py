@@ -27,6 +27,39 @@ def default_radii(z_i: int, z_j: int) -> tuple[float, float]:
     return 0.5 * s, 0.75 * s
 
 
+# the outer radius stays below this share of the shortest distance of the element pair in the
+# training data (radii_for_data)
+DATA_MARGIN = 0.9
+
+
+def radii_for_data(species, radii: dict | None, pair_min: dict, margin: float = DATA_MARGIN):
+    """ZBL radii {"A-B": [inner, outer]} for a model trained on data whose shortest distance per
+    element pair is ``pair_min`` ({"A-B": d or None}, models/data_record.py), and the list of
+    (pair, default outer, new outer, d) lowered.  Pairs in ``radii`` (the user's) are kept; a
+    default outer radius above ``margin`` x d is lowered to it, the inner one scaled with it.
+    Why: ZBL is there for distances the data never reach; where the data do reach (a rattled
+    C-O bond at 0.84 A against C-O's default outer radius of 1.07 A), the network would have to
+    learn to cancel an energy of eV against meV-sized differences, which slowed training and
+    cost accuracy."""
+    from ase.data import atomic_numbers
+
+    out = {k: list(v) for k, v in (radii or {}).items()}
+    given = {"-".join(sorted(k.split("-"))) for k in out}
+    lowered = []
+    for a, sa in enumerate(species):
+        for sb in species[a:]:
+            key = "-".join(sorted((sa, sb)))
+            d = pair_min.get(key)
+            if key in given or d is None:
+                continue
+            lo, hi = default_radii(atomic_numbers[sa], atomic_numbers[sb])
+            if margin * d < hi:
+                new = margin * d
+                out[key] = [lo * new / hi, new]
+                lowered.append((key, hi, new, float(d)))
+    return out, lowered
+
+
 def smoothstep(t: torch.Tensor) -> torch.Tensor:
     t = t.clamp(0.0, 1.0)
     return 1.0 - t * t * t * (10.0 - 15.0 * t + 6.0 * t * t)

@@ -344,8 +344,22 @@ class Trainer:
             ref = mc.reference_energies
             if ref is None and getattr(self.ds, "reference_energies", None):
                 ref = dict(self.ds.reference_energies) or None
-            self.model = BPNN(species, dc.spec, mc.hidden, mc.activation, mc.dtype, ref,
-                              zbl=({"radii": self.cfg.zbl.radii} if self.cfg.zbl.enabled else None),
+            zbl = None
+            if self.cfg.zbl.enabled:
+                # ZBL's default radii kept off the training structures (models/zbl.py); the
+                # record is computed here once and reused below
+                from ..models.data_record import dataset_record
+                from ..models.zbl import DATA_MARGIN, radii_for_data
+
+                record = dataset_record(self.ds, self.stream.partition(), species, dc.spec.cutoff, self.ctx)
+                radii, lowered = radii_for_data(species, self.cfg.zbl.radii, record["pair_min_distance_A"])
+                for key, hi, new, d in lowered:
+                    self._log(f"zbl: {key} outer radius {hi:.3f} -> {new:.3f} A ({DATA_MARGIN:g} x the shortest "
+                              f"{key} distance of the training data, {d:.3f} A): ZBL stays off the training "
+                              f"structures (zbl.radii sets it explicitly)")
+                zbl = {"radii": radii}
+                self._early_record = record
+            self.model = BPNN(species, dc.spec, mc.hidden, mc.activation, mc.dtype, ref, zbl=zbl,
                               backend=dc.backend)
         self.model.to(self.device)
         self._setup_cache()
@@ -367,8 +381,12 @@ class Trainer:
         # shortest pair distances and lowest energies of the training data, saved with the model
         # (md-check and the calculator warn below them; models/data_record.py)
         from ..models.data_record import dataset_record
-        self.model.training_record = dataset_record(self.ds, self.stream.partition(), self.model.species,
-                                                    self.model.cutoff, self.ctx)
+        early = getattr(self, "_early_record", None)
+        if early is not None and float(early["cutoff_A"]) == float(self.model.cutoff):
+            self.model.training_record = early
+        else:
+            self.model.training_record = dataset_record(self.ds, self.stream.partition(), self.model.species,
+                                                        self.model.cutoff, self.ctx)
         self._log(f"model: {self.model.describe()}, {sum(p.numel() for p in self.model.parameters())} parameters")
         self._log(f"backend: {self.model.plan().describe()}")
 
