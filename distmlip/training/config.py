@@ -131,10 +131,11 @@ class CommitteeConfig:
 @dataclass
 class ZBLConfig:
     """ZBL short-range repulsion added to the ANN: E = E_ZBL + E_ANN (docs/robustness.md).  On by
-    default: at the default radii it is zero on the training structures of the demo, EMT slab and
-    EC-dimer sets (same test errors with and without, docs/results.md) and keeps atoms apart where
-    the data end.  ``radii``: per element pair "A-B": [inner, outer] in Angstrom (default 0.5 and
-    0.75 times the sum of the covalent radii)."""
+    default: it keeps atoms apart where the data end and is zero on the training structures (the
+    default outer radius, 0.75 times the sum of the covalent radii, is lowered to 0.9 x the
+    element pair's shortest distance in the training data where that is smaller:
+    models/zbl.py radii_for_data).  ``radii``: per element pair "A-B": [inner, outer] in
+    Angstrom, used as given (default inner radius 0.5 times the covalent-radius sum)."""
     enabled: bool = True
     radii: Optional[dict[str, list[float]]] = None
 
