@@ -30,6 +30,9 @@ def mpirun_exe() -> str:
     return exe
 
 
+_LAUNCHER_FAILED = "PMIx server's listener thread failed to start"
+
+
 def mpirun(n: int, args: list[str], *, timeout: float = 300, env: dict | None = None,
            check: bool = True, cwd=None) -> subprocess.CompletedProcess:
     """Run ``mpirun -n N python -m <args>`` (args[0] may be '-m' or a script) and return the result."""
@@ -42,7 +45,12 @@ def mpirun(n: int, args: list[str], *, timeout: float = 300, env: dict | None = 
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     if env:
         e.update(env)
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=cwd)
+    for _ in range(3):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=cwd)
+        # Open MPI's launcher itself failing to start (no rank ran): seen once on a loaded CI-like
+        # machine; a launch retry, not a retry of anything distmlip did
+        if not (res.returncode != 0 and not res.stdout and _LAUNCHER_FAILED in res.stderr):
+            break
     if check and res.returncode != 0:
         raise AssertionError(f"mpirun failed ({res.returncode}):\nSTDOUT:\n{res.stdout[-4000:]}\nSTDERR:\n{res.stderr[-4000:]}")
     return res
