@@ -111,11 +111,10 @@ def strained(batch: Batch, strain: torch.Tensor) -> Batch:
     return dataclasses.replace(batch, positions=pos, pair_shift=shift)
 
 
-def stress_from_virial(W: torch.Tensor, batch: Batch, volumes: torch.Tensor | None = None) -> torch.Tensor:
+def stress_from_virial(W: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Stress [B, 3, 3] float64 (eV/A^3, ASE's sign) from the virial W = dE/d(strain) [B, 3, 3]:
-    sym(W) / V, zero for structures without a periodic direction (``volumes``: those of
-    :func:`cell_volumes`, when the caller has them)."""
-    vol = cell_volumes(batch) if volumes is None else volumes
+    sym(W) / V, zero for structures without a periodic direction (:func:`cell_volumes`)."""
+    vol = cell_volumes(batch)
     inv = torch.where(vol > 0, 1.0 / vol.clamp(min=1e-300), torch.zeros_like(vol))
     W = W.to(torch.float64)
     return 0.5 * (W + W.transpose(1, 2)) * inv[:, None, None]

@@ -160,22 +160,26 @@ def virial_supported(model, batch) -> bool:
             and model.net_dtype == torch.float64 and has_kernel("bpnn_energy_forces_virial", "cpu"))
 
 
-def virial_forward(model, batch):
-    """The operator ``bpnn_energy_forces_virial`` on a batch, no gradient: ((E [B], F [N, 3],
-    W [B, 3, 3] the virial dE/d(strain) = sum_p r_p (x) dE/dr_p, x, g, moments, nets_saved),
-    (parameters, constants, arguments)) (:func:`operator_inputs`); the last three outputs feed
-    ``bpnn_energy_forces_backward``."""
+def one_node_forward(model, batch, virial: bool = False):
+    """The forward operator on a batch, no gradient: ((E [B], F [N, 3], W [B, 3, 3] or None, x, g,
+    moments, nets_saved), (parameters, constants, arguments)) (:func:`operator_inputs`).
+    ``virial``: ``bpnn_energy_forces_virial``, whose W = dE/d(strain) = sum_p r_p (x) dE/dr_p
+    (float64 only, :func:`virial_supported`), else ``bpnn_energy_forces``.  The last four
+    outputs feed ``bpnn_energy_forces_backward``."""
     params, consts, args = operator_inputs(model, batch, batch.positions.detach())
     dparams, codes, mean, inv_std, base, scale, _ = consts
+    ops = torch.ops.distmlip
     with torch.no_grad():
-        out = torch.ops.distmlip.bpnn_energy_forces_virial(
-            *args, *dparams, mean, inv_std, base, scale, batch.structure, int(batch.n_structures), list(params),
-            list(codes))
+        op = ops.bpnn_energy_forces_virial if virial else ops.bpnn_energy_forces
+        out = op(*args, *dparams, mean, inv_std, base, scale, batch.structure, int(batch.n_structures),
+                 list(params), list(codes))
+    if not virial:
+        out = (*out[:2], None, *out[2:])
     return out, (params, consts, args)
 
 
 def energy_forces_virial(model, batch):
     """(E [B], F [N, 3], W [B, 3, 3]) of the network term, detached (prediction: the calculator,
     evaluation, validation)."""
-    (E, F, W, *_), _ = virial_forward(model, batch)
+    (E, F, W, *_), _ = one_node_forward(model, batch, virial=True)
     return E, F, W

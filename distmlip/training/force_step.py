@@ -32,19 +32,12 @@ from .losses import energy_force_loss, stress_term_and_gradient
 def _engine_free(model, plan, batch, counts, *, per_atom, alpha, mask, grad_out, beta=0.0, smask=None):
     """(loss, E, F, stress or None) detached, with the parameter gradient added to ``grad_out``;
     ``smask`` given: with the stress term ``beta`` (module docstring)."""
-    ann = model.ann
     ops = torch.ops.distmlip
     stress = smask is not None
-    if stress:
-        (E, F, W, x, g, moments, nets_saved), (params, consts, args) = forces_op.virial_forward(ann, batch)
-    else:
-        params, consts, args = forces_op.operator_inputs(ann, batch, batch.positions.detach())
+    (E, F, W, x, g, moments, nets_saved), (params, consts, args) = forces_op.one_node_forward(model.ann, batch,
+                                                                                            virial=stress)
     dparams, codes, mean, inv_std, base, scale, _ = consts
     codes = list(codes)
-    if not stress:
-        with torch.no_grad():
-            E, F, x, g, moments, nets_saved = ops.bpnn_energy_forces(
-                *args, *dparams, mean, inv_std, base, scale, batch.structure, int(batch.n_structures), params, codes)
     for term in model.terms[1:]:
         if stress:
             Et, Ft, Wt = term.energy_forces_virial(batch)
@@ -62,8 +55,8 @@ def _engine_free(model, plan, batch, counts, *, per_atom, alpha, mask, grad_out,
         s = 1.0 - beta if stress else 1.0
         if s > 0:
             loss, gE, gF = ops.energy_force_loss(E, batch.energy, batch.weight, batch.natoms, bool(per_atom), F,
-                                                 batch.forces, batch.structure, mask, counts[:2] / s,
-                                                 float(alpha / s))
+                                                 batch.forces, batch.structure, mask,
+                                                 counts[:2] if s == 1.0 else counts[:2] / s, float(alpha / s))
         else:                      # beta = 1 (alpha = 0): the stress term alone
             loss, gE, gF = torch.zeros((), dtype=torch.float64), torch.zeros_like(E), torch.zeros_like(F)
         if stress:

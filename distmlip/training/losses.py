@@ -134,7 +134,7 @@ class _CompiledLoss(torch.autograd.Function):
         return (gE * gL, (gF * gL if ctx.needs_input_grad[1] else None)) + (None,) * 9
 
 
-def _weights(batch, per_atom: bool, mask, smask=None, volumes=None):
+def _weights(batch, per_atom: bool, mask, smask=None):
     """(w [B], wE [B], wF [N] or None, wS [B] or None): the structure weights, the weight of each
     structure's squared energy error in S_E (w / n^2 per atom), of each atom's squared force
     error in S_F (the structure's weight where the mask selects the atom, else 0) and of each
@@ -150,7 +150,7 @@ def _weights(batch, per_atom: bool, mask, smask=None, volumes=None):
     if smask is not None:
         from ..descriptors.batch import cell_volumes
 
-        V = cell_volumes(batch) if volumes is None else volumes
+        V = cell_volumes(batch)
         wS = wE * V * V * smask.to(torch.float64)
     return w, wE, wF, wS
 
@@ -241,34 +241,21 @@ def local_counts(batch, selected: torch.Tensor | None, with_forces: bool,
 
 def stress_term_and_gradient(W, batch, counts, *, per_atom: bool, beta: float, smask):
     """(beta S_S / C_S, its gradient in the virial W [B, 3, 3], the stress [B, 3, 3]): the stress
-    term of :func:`energy_force_loss` from the virial W = dE/d(strain) (stress = sym(W) / V) in
-    closed form, without autograd (the one-node training step; the written-out loss's autograd
-    costs more than a force step's kernels on a small batch).  ``counts``: the GLOBAL (C_E, C_F,
-    C_S)."""
-    from ..descriptors.batch import cell_volumes, stress_from_virial
+    term of :func:`energy_force_loss` from the virial W = dE/d(strain) in closed form, without
+    autograd, for the CPU's one-node training step (the written-out loss's autograd costs more
+    than a force step's kernels on a small batch).  ``counts``: the GLOBAL (C_E, C_F, C_S).
 
-    V = cell_volumes(batch)
-    c2 = float(counts[2]) if counts.numel() > 2 else 0.0
-    if W.device.type == "cpu":
-        # the same arithmetic in numpy: on [B]- and [B, 3, 3]-sized arrays torch's per-call cost
-        # was a third of the kernels' time of a dense 256-atom step
-        return _stress_term_numpy(W.numpy(), V.numpy(), batch, c2, per_atom, beta, smask)
-    S = stress_from_virial(W, batch, V)
-    if c2 <= 0 or beta == 0:
-        return torch.zeros((), dtype=torch.float64, device=W.device), torch.zeros_like(W, dtype=torch.float64), S
-    wS = _weights(batch, per_atom, None, smask, volumes=V)[3]
-    dS = S - batch.stress.to(torch.float64)
-    wdS = (wS / c2)[:, None, None] * dS
-    loss = beta * (wdS * dS).sum()
-    inv = torch.where(V > 0, 1.0 / V.clamp(min=1e-300), torch.zeros_like(V))
-    gS = (2.0 * beta) * wdS
-    return loss, 0.5 * (gS + gS.transpose(1, 2)) * inv[:, None, None], S
+    In numpy: on [B]- and [B, 3, 3]-sized arrays torch's per-call cost was a third of the
+    kernels' time of a dense 256-atom step, so the stress sym(W) / V
+    (``descriptors.batch.stress_from_virial``) and the weights w V^2 (/ n^2) of :func:`_weights`
+    are written here once more; tests/test_stress.py holds both to the written-out loss."""
+    from ..descriptors.batch import cell_volumes
 
-
-def _stress_term_numpy(W, V, batch, c2, per_atom, beta, smask):
-    """:func:`stress_term_and_gradient` on the CPU (numpy arrays W [B, 3, 3], V [B])."""
+    V = cell_volumes(batch).numpy()
+    W = W.numpy()
     inv = np.divide(1.0, V, out=np.zeros_like(V), where=V > 0)
     S = 0.5 * (W + W.transpose(0, 2, 1)) * inv[:, None, None]
+    c2 = float(counts[2]) if counts.numel() > 2 else 0.0
     if c2 <= 0 or beta == 0:
         return torch.zeros((), dtype=torch.float64), torch.zeros(W.shape, dtype=torch.float64), torch.from_numpy(S)
     w = batch.weight.numpy().astype(np.float64) * smask.numpy()
