@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def make_data(path, n, seed=0):
+def make_data(path, n, seed=0, rattle=0.05, unrattled=0.0):
     from ase.build import bulk
     from ase.calculators.emt import EMT
     from ase.io import write
@@ -40,7 +40,9 @@ def make_data(path, n, seed=0):
         a = bulk("Cu", "fcc", a=3.59 * (1 + rng.uniform(-0.04, 0.04)), cubic=True).repeat((2, 2, 2))
         e = rng.normal(0, 0.02, (3, 3))
         a.set_cell(a.cell[:] @ (np.eye(3) + 0.5 * (e + e.T)), scale_atoms=True)
-        a.rattle(0.05, seed=int(rng.integers(1 << 30)))
+        rseed = int(rng.integers(1 << 30))
+        if k >= unrattled * n:
+            a.rattle(rattle, seed=rseed)
         a.calc = EMT()
         a.get_potential_energy()
         a.get_forces()
@@ -99,6 +101,9 @@ def main(argv=None):
     ap.add_argument("--loss", default="mse", help="training.loss of both models (mse, rmse, normalized)")
     ap.add_argument("--seeds", default="0,1,2",
                     help="comma-separated seeds: one data set, split and training seed each (default 0,1,2)")
+    ap.add_argument("--rattle", type=float, default=0.05, help="rattle amplitude of the rattled cells (A)")
+    ap.add_argument("--unrattled", type=float, default=0.0,
+                    help="share of the cells left unrattled (homogeneously strained, zero forces: elastic data)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import tempfile
@@ -114,7 +119,7 @@ def main(argv=None):
     for seed in seeds:
         out = root / f"seed{seed}"
         out.mkdir(parents=True, exist_ok=True)
-        make_data(out / "cu.extxyz", args.structures, seed)
+        make_data(out / "cu.extxyz", args.structures, seed, args.rattle, args.unrattled)
         cli("convert", "cu.extxyz", "-o", "cu.h5", cwd=out)
         res = {"without stress": train(out, "nostress", 0.0, args.epochs, seed, args.loss, args.alpha),
                f"with stress (beta {args.beta})": train(out, "stress", args.beta, args.epochs, seed, args.loss,
