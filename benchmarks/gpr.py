@@ -64,7 +64,46 @@ def _gpr_kw(args):
     return dict(weight=args.weight, length_scale=args.length_scale, noise_energy=args.noise_energy,
                 noise_force=args.noise_force, fit_max_obs=args.fit_max_obs,
                 fit_iterations=args.fit_iterations, fit_restarts=args.fit_restarts,
+                refine_iterations=args.refine_iterations, fit_ftol=args.fit_ftol,
                 select=args.select, fit_subsample=args.fit_subsample, seed=args.seed)
+
+
+def aenet_gpr_ec(python, scale):
+    """aenet-gpr 3.7.9 (its own venv's ``python``) on the same split as its README runs it:
+    Cartesian descriptor, squared-exponential kernel, ``scale`` and weight 1.0, forces used.
+    Its printed force MAE is of |F|; the per-component MAE is computed from its saved
+    predictions so that both programs are measured alike."""
+    import re
+    import subprocess
+    import tempfile
+
+    d = SHARED / "ec_dimer"
+    work = Path(tempfile.mkdtemp(prefix="aenet-gpr-ec-"))
+    (work / "train.in").write_text(
+        f"Train_file {d / 'train'}/file_*.xsf\nTest_file {d / 'test'}/file_*.xsf\nFile_format xsf\n"
+        f"Get_variance False\nDescriptor cart\nscale {scale}\nweight 1.0\n"
+        "Train_write False\nTest_write False\nAdditional_write False\n")
+    t0 = time.perf_counter()
+    r = subprocess.run([python, "-m", "aenet_gpr", "train.in"], cwd=work, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"aenet-gpr failed ({python}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    m = re.search(r"Time needed for training:\s+([0-9.]+)", r.stdout)
+    e = np.load(work / "energy_test_gpr.npy")
+    f = np.load(work / "force_test_gpr.npy")
+    E = np.load(work / "energy_test_reference.npy")
+    F = np.load(work / "force_test_reference.npy")
+    res = dict(train_s=float(m.group(1)) if m else float("nan"), wall_s=wall,
+               energy_mae_eV=float(np.abs(e - E).mean()), force_mae_eVA=float(np.abs(f - F).mean()),
+               force_norm_mae_eVA=float(np.abs(np.linalg.norm(f, axis=-1) - np.linalg.norm(F, axis=-1)).mean()))
+    print(f"aenet-gpr (scale {scale}): training {res['train_s']:.1f} s (whole run {wall:.1f} s), energy MAE "
+          f"{res['energy_mae_eV']:.4f} eV, force MAE {res['force_mae_eVA']:.4f} eV/A per component "
+          f"({res['force_norm_mae_eVA']:.4f} of |F|, as it prints)", flush=True)
+    return res
+
+
+def cpu_sys_s():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 def ec(args):
@@ -81,10 +120,10 @@ def ec(args):
         kw["groups"] = np.repeat(Str[0].numbers, 3)      # one length scale per element
     elif kind == "cartesian" and args.length_scales == "atom":
         kw["groups"] = np.repeat(np.arange(len(Str[0].numbers)), 3)   # one per atom
-    t0, c0 = time.perf_counter(), cpu_s()
+    t0, c0, s0 = time.perf_counter(), cpu_s(), cpu_sys_s()
     Xtr, Jtr = fp.compute([s.positions for s in Str], Str[0])
     g = LocalGPR(max_obs=args.max_obs, **kw).fit(Xtr, Jtr, Etr, Ftr)
-    t_fit, c_fit = time.perf_counter() - t0, cpu_s() - c0
+    t_fit, c_fit, s_fit = time.perf_counter() - t0, cpu_s() - c0, cpu_sys_s() - s0
     t1, c1 = time.perf_counter(), cpu_s()
     Xte, Jte = fp.compute([s.positions for s in Ste], Ste[0])
     e, f, s = g.predict(Xte, Jte)
@@ -97,7 +136,8 @@ def ec(args):
     res = {
         "energy_mae_eV": float(err.mean()), "energy_rmse_eV": float(np.sqrt((err ** 2).mean())),
         "force_mae_eVA": float(ferr.mean()), "force_rmse_eVA": float(np.sqrt((ferr ** 2).mean())),
-        "fit_s": t_fit, "predict_s": t_pred, "fit_cpu_s": c_fit, "predict_cpu_s": c_pred, "peak_rss_GiB": peak_rss_gib(),
+        "fit_s": t_fit, "predict_s": t_pred, "fit_cpu_s": c_fit, "fit_sys_share": s_fit / max(c_fit, 1e-9),
+        "predict_cpu_s": c_pred, "peak_rss_GiB": peak_rss_gib(),
         "within_1sigma": float((err <= s).mean()), "within_2sigma": float((err <= 2 * s).mean()),
         "within_1sigma_with_noise": float((err <= s_obs).mean()),
         "within_2sigma_with_noise": float((err <= 2 * s_obs).mean()),
@@ -183,6 +223,9 @@ def main():
     ap.add_argument("--fit-max-obs", type=int, default=3000)
     ap.add_argument("--fit-iterations", type=int, default=60)
     ap.add_argument("--fit-restarts", type=int, default=3)
+    ap.add_argument("--fit-ftol", type=float, default=1e-9)
+    ap.add_argument("--refine-iterations", type=int, default=0,
+                    help="L-BFGS-B iterations of the block-likelihood refinement on all structures")
     ap.add_argument("--fit-subsample", choices=["random", "local"], default="local")
     ap.add_argument("--select", choices=["lml", "loo"], default="lml")
     ap.add_argument("--fingerprint", choices=["auto", "cartesian", "inverse"], default=None,
@@ -193,12 +236,22 @@ def main():
                     help="Cartesian fingerprint: one length scale per element (fitted) or one for all")
     ap.add_argument("--max-obs", type=int, default=None, help="split into local GPRs above this")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--peer", default=None, metavar="PYTHON",
+                    help="ec: also run aenet-gpr 3.7.9 with this interpreter (its own venv) and print the ratio")
+    ap.add_argument("--peer-scale", type=float, default=1.5, help="aenet-gpr's kernel scale (its README: 1.5)")
     args = ap.parse_args()
     torch.set_default_dtype(torch.float64)
     if args.which in ("h2", "all"):
         h2(args)
     if args.which in ("ec", "all"):
-        ec(args)
+        res = ec(args)
+        if args.peer:
+            peer = aenet_gpr_ec(args.peer, args.peer_scale)
+            print(f"side by side: distmlip fit {res['fit_s']:.1f} s, aenet-gpr training {peer['train_s']:.1f} s: "
+                  f"ratio {res['fit_s'] / peer['train_s']:.3f} (target <= 0.5); energy MAE {res['energy_mae_eV']:.4f} "
+                  f"vs {peer['energy_mae_eV']:.4f} eV, force MAE (components) {res['force_mae_eVA']:.4f} vs "
+                  f"{peer['force_mae_eVA']:.4f} eV/A; distmlip CPU time of the fit {res['fit_cpu_s']:.1f} s, of which "
+                  f"system {100 * res['fit_sys_share']:.1f} %", flush=True)
 
 
 if __name__ == "__main__":

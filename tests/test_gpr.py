@@ -453,7 +453,7 @@ def test_group_length_ratio_gradient_energy_only():
 def test_subsample_fit_is_refined_on_all_structures():
     rng = np.random.default_rng(24)
     X, E, F, grp = _two_scale_data(30, rng)
-    g = GPR(groups=grp, fit_max_obs=100, fit_restarts=1).fit(X, None, E, F)   # 10 per sub-sample
+    g = GPR(groups=grp, fit_max_obs=100, fit_restarts=1, refine_iterations=10).fit(X, None, E, F)
     assert g.info["fit_structures"] == 10
     assert g.info["fit_refine_blocks"] == 3
     assert g.info["lml_blocks_end"] >= g.info["lml_blocks_start"]
@@ -461,3 +461,42 @@ def test_subsample_fit_is_refined_on_all_structures():
     assert "fit_refine_blocks" not in no.info
     # the refined hyperparameters describe all the data at least as well as the sub-sample ones
     assert g.info["lml"] >= no.info["lml"] - 1e-6 * abs(no.info["lml"])
+
+
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_cartesian_grad_traces_equal_the_assembled_derivative_matrices(with_grad):
+    # the one-pass traces of the LML gradient against tr(W dK) with dK assembled in full
+    from distmlip.gpr.kernel import assemble, cartesian_grad_traces
+
+    g = torch.Generator().manual_seed(3)
+    N, D = 6, 12
+    X = 0.7 * torch.randn(N, D, generator=g, dtype=torch.float64)
+    n = N * (1 + D) if with_grad else N
+    W = torch.randn(n, n, generator=g, dtype=torch.float64)
+    W = W + W.T
+    masks = torch.zeros(3, D, dtype=torch.float64)
+    masks[0, 0::3], masks[1, 1::3], masks[2, 2::3] = 1.0, 1.0, 1.0
+    w, l = 1.4, 1.7
+    ref_l = float((W * assemble(X, None, X, None, w, l, with_grad, with_grad, deriv="log_length")).sum())
+    ref_g = [float((W * assemble(X, None, X, None, w, l, with_grad, with_grad, deriv=m.bool())).sum())
+             for m in masks]
+    tl, tg = cartesian_grad_traces(W, X, w, l, with_grad, masks)
+    assert tl == pytest.approx(ref_l, rel=1e-12, abs=1e-12)
+    np.testing.assert_allclose(tg, ref_g, rtol=1e-12, atol=1e-12)
+    assert abs(ref_l) > 1e-2 and min(abs(v) for v in ref_g) > 1e-3
+
+
+def test_screening_on_half_the_subsample_reaches_the_same_optimum():
+    # large sub-samples screen and run the short restarts on their nearer half; the optima
+    # reported are then compared by their LML on the whole sub-sample
+    rng = np.random.default_rng(25)
+    X, E, F, grp = _two_scale_data(24, rng)
+    full = GPR(groups=grp, fit_restarts=3).fit(X, None, E, F)
+    half = GPR(groups=grp, fit_restarts=3, screen_min_obs=10).fit(X, None, E, F)
+    assert half.info["lml_fit_end"] >= half.info["lml_fit_start"]
+    y = half._targets(torch.as_tensor(E), -torch.as_tensor(F))
+    for c in half.info["fit_candidates"]:
+        p = {k: c[k] for k in ("weight", "length_scale", "noise_energy", "noise_force", "ratio_1")}
+        assert c["lml"] == pytest.approx(half.lml_and_grad(torch.as_tensor(X), None, y, p)[0], rel=1e-9)
+    assert half.info["lml"] == pytest.approx(full.info["lml"], abs=0.05)
+    assert half.info["fit_evals"] != full.info["fit_evals"]     # the two paths did differ

@@ -76,7 +76,8 @@ class GPRSigma:
                               weight=g.weight, length_scale=g.length_scale, noise_energy=g.noise_energy,
                               noise_force=g.noise_force, device=g.device, fit_max_obs=g.fit_max_obs,
                               fit_iterations=g.fit_iterations, fit_restarts=g.fit_restarts, select=g.select,
-                              fit_subsample=g.fit_subsample, groups=groups)
+                              fit_subsample=g.fit_subsample, groups=groups,
+                              refine_iterations=g.refine_iterations)
         E = np.array([s.energy for s in structs])
         F = np.stack([s.forces for s in structs]).reshape(len(structs), -1)
         self.model.fit(X, J, E, F)

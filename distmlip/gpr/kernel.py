@@ -32,7 +32,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["cov_block", "assemble", "n_obs", "LocalKernel"]
+__all__ = ["cov_block", "assemble", "cartesian_grad_traces", "n_obs", "LocalKernel"]
 
 
 def n_obs(n_structures: int, n_deriv: int, with_grad: bool = True) -> int:
@@ -243,6 +243,55 @@ def assemble(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, out=None,
             if sym and e < B:
                 _mirror(out, s, e, A, Pa)
     return out
+
+
+def cartesian_grad_traces(W, X, w, l, with_grad=True, masks=None):
+    """``tr(W dK/dlog l)`` and, per row of ``masks`` ([G, D] 0/1), ``tr(W dK/dlog s_g)`` (the
+    coordinate-scale derivatives of :func:`cov_block`) for the Cartesian squared-exponential
+    K(X, X), from one pass over the symmetric W without forming any dK.
+
+    Why: the LML gradient needs these traces for every length-scale parameter; building each dK
+    as an n x n matrix (and its [A, P, B, P] temporaries) cost more than the Cholesky factor and
+    the inverse together.  Per structure pair (a, b), with r = x_a - x_b, the blocks of dK are
+    scalar functions of (a, b) times 1, r_q, delta_pq or r_p r_q, so the traces reduce to the
+    pair sums of W_ee, W_eg . r, tr W_gg and r^T W_gg r (the value-derivative and derivative-value
+    blocks give equal sums by the symmetry of W and the antisymmetry of r).  Returns
+    (float, [G floats])."""
+    N, D = X.shape
+    diff = X[:, None, :] - X[None, :, :]                    # [N, N, D]
+    r2 = diff * diff
+    d2 = r2.sum(-1)
+    il2 = 1.0 / (l * l)
+    k = (w * w) * torch.exp(-0.5 * d2 * il2)
+    u = d2 * il2
+    kl2, kl4 = k * il2, k * il2 * il2
+    Wee = W[:N, :N]
+    if masks is not None:
+        M = masks.to(X.dtype).T                             # [D, G]
+        q = (r2.reshape(N * N, D) @ M).reshape(N, N, -1) * il2   # [N, N, G]
+        kq = k[:, :, None] * q
+        tr_g = (Wee[:, :, None] * kq).sum((0, 1))
+    tr_l = float((Wee * k * u).sum())
+    if with_grad:
+        Weg = W[:N, N:].reshape(N, N, D)                    # W[E_a, g_b q]
+        wr = Weg * diff
+        A1 = wr.sum(-1)                                     # sum_q W_eg[a, b, q] r_q
+        Wgg = W[N:, N:].view(N, D, N, D)
+        T = Wgg.diagonal(dim1=1, dim2=3).sum(-1)            # [N, N]: tr of each D x D block
+        v = torch.empty_like(diff)                          # v[a, b] = W_gg[a, :, b, :] r_ab
+        for a in range(N):
+            torch.bmm(Wgg[a].permute(1, 0, 2), diff[a][:, :, None], out=v[a][:, :, None])
+        rv = diff * v
+        Q = rv.sum(-1)                                      # r^T W_gg r
+        kl2p, kl4p = kl2 * (u - 2.0), kl4 * (u - 4.0)
+        tr_l += float((2.0 * kl2p * A1 + kl2p * T - kl4p * Q).sum())
+        if masks is not None:
+            A1g = (wr.reshape(N * N, D) @ M).reshape(N, N, -1)
+            Qg = (rv.reshape(N * N, D) @ M).reshape(N, N, -1)
+            tr_g = tr_g + (2.0 * kl2[:, :, None] * (q * A1[:, :, None] - A1g)
+                           - (kl4 * Q)[:, :, None] * q + 2.0 * kl4[:, :, None] * Qg
+                           + (kl2 * T)[:, :, None] * q).sum((0, 1))
+    return tr_l, ([] if masks is None else [float(t) for t in tr_g])
 
 
 LOG2PI = math.log(2.0 * math.pi)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
-from .kernel import assemble, cov_block
+from .kernel import assemble, cartesian_grad_traces, cov_block
 
 __all__ = ["GPR", "LocalGPR", "Hyper", "cholesky_with_jitter", "available_memory",
            "max_kernel_obs", "bounded_kmeans"]
@@ -291,7 +291,7 @@ class GPR:
                  init_noise_energy=1e-3, init_noise_force=3e-2, max_block_bytes=256 * 2 ** 20,
                  scales=None, noise_max=0.1, noise_min=1e-5, l_min_nn=1.0, fit_restarts=3,
                  select="lml", fit_subsample="local", short_iterations=8, groups=None,
-                 refine_iterations=10,
+                 refine_iterations=0, screen_min_obs=1200, fit_ftol=1e-9,
                  length_ratios=None, ratio_min=0.1, kernel=None):
         self.given = dict(weight=weight, length_scale=length_scale, noise_energy=noise_energy,
                           noise_force=noise_force)
@@ -326,6 +326,11 @@ class GPR:
         self.fit_restarts = int(fit_restarts)
         self.short_iterations = int(short_iterations)
         self.refine_iterations = int(refine_iterations)
+        # sub-samples of at least this many rows screen the starts and run the short restarts on
+        # their nearer half (a quarter of the rows' factorisation cost at most); only the run to
+        # convergence sees every row of the sub-sample
+        self.screen_min_obs = int(screen_min_obs)
+        self.fit_ftol = float(fit_ftol)
         if select not in ("lml", "loo"):
             raise ConfigError(f"GPR select must be 'lml' or 'loo', got {select!r}")
         self.select = select
@@ -563,10 +568,21 @@ class GPR:
             del L
         W.neg_().addr_(alpha, alpha)                          # W = alpha alpha^T - K^-1
         Wd = W.diagonal()
+        traces = None
+        if self.kernel is None and J is None and any(nm == "length_scale" or nm.startswith("ratio_")
+                                                     for nm in names):
+            # the Cartesian kernel's length-scale traces in one pass over W (no dK matrices)
+            rnames = [nm for nm in names if nm.startswith("ratio_")]
+            masks = torch.stack([self.gidx == int(nm.split("_")[1]) for nm in rnames]) if rnames else None
+            tl, tg = cartesian_grad_traces(W, X, p["weight"], p["length_scale"], uf, masks)
+            traces = dict(length_scale=tl, **dict(zip(rnames, tg)))
         grad = []
+        wk_rows = None
         for nm in names:
             if nm == "weight":      # dK/dlog w = 2 (K - noise - jitter)
                 g = torch.dot(W.reshape(-1), K.reshape(-1)) - (Wd * (nd + jit)).sum()
+            elif nm == "length_scale" and traces is not None:
+                g = 0.5 * traces[nm]
             elif nm == "length_scale":
                 dK = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
                               max_block_bytes=self.max_block_bytes, deriv="log_length", kernel=self.kernel,
@@ -583,17 +599,23 @@ class GPR:
                 # dLML/dlog r_g = 0.5 tr(W dK_iso/dlog r_g) - tr(W D_g K_signal),
                 # D_g selecting the derivative rows of group g
                 mask = self.gidx == int(nm.split("_")[1])
-                dK = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
-                              max_block_bytes=self.max_block_bytes, deriv=mask,
-                              out=ws.get("dK", n, X.device) if cpu else None)
-                g = 0.5 * torch.dot(W.reshape(-1), dK.reshape(-1))
-                del dK
+                if traces is not None:
+                    g = 0.5 * traces[nm]
+                else:
+                    dK = assemble(X, J, X, J, p["weight"], p["length_scale"], uf, uf,
+                                  max_block_bytes=self.max_block_bytes, deriv=mask,
+                                  out=ws.get("dK", n, X.device) if cpu else None)
+                    g = 0.5 * torch.dot(W.reshape(-1), dK.reshape(-1))
+                    del dK
                 if uf:
                     rows = N + torch.nonzero(mask.repeat(N)).reshape(-1)
-                    # tr(W D_g K) row block by row block (a gather of all rows would be n x n)
-                    wk = sum(float((W[rows[b:b + 256]] * K[rows[b:b + 256]]).sum())
-                             for b in range(0, len(rows), 256))
-                    g = g - (wk - (Wd[rows] * (nd[rows] + jit)).sum())
+                    if wk_rows is None:
+                        # row sums of W * K over contiguous row blocks, once for every group
+                        # (a gather of a group's rows copied them: a quarter of an evaluation)
+                        wk_rows = torch.empty(n, dtype=W.dtype, device=W.device)
+                        for b in range(0, n, 256):
+                            torch.sum(W[b:b + 256] * K[b:b + 256], 1, out=wk_rows[b:b + 256])
+                    g = g - (wk_rows[rows].sum() - (Wd[rows] * (nd[rows] + jit)).sum())
             else:
                 raise ValueError(nm)
             grad.append(float(g))
@@ -635,22 +657,25 @@ class GPR:
         the force-matched w = f l / s) are screened by LML, the best ``fit_restarts`` optimised;
         each for ``short_iterations``; with ``select: lml`` the one with the largest LML is then
         continued to convergence, with ``select: loo`` all are, and the optimum with the smallest
-        closed-form leave-one-structure-out energy MAE is taken."""
+        closed-form leave-one-structure-out energy MAE is taken.  Sub-samples of at least
+        ``screen_min_obs`` rows screen and run the short restarts on the first half of the
+        sub-sample (the nearer half of a local one): those steps only rank the starts, and an
+        evaluation on half the rows costs an eighth of the factorisations."""
         from scipy.optimize import minimize
 
         N = X.shape[0]
         per = 1 + (self.P if self.use_forces else 0)
         nsub = max(2, min(N, self.fit_max_obs // per))
+        rng = np.random.default_rng(self.seed)
+        if self.fit_subsample == "local":
+            # the nsub structures nearest (fingerprint distance) to a seeded random centre:
+            # the sub-sample keeps the data's local spacing (a random sub-sample of 1/k of the
+            # structures is k^(1/d) times sparser, which biases l and the noise upwards)
+            c = int(rng.integers(N))
+            sel = torch.argsort(torch.cdist(X[c:c + 1], X)[0])[:nsub].cpu().numpy()
+        else:
+            sel = rng.choice(N, nsub, replace=False)
         if nsub < N:
-            rng = np.random.default_rng(self.seed)
-            if self.fit_subsample == "local":
-                # the nsub structures nearest (fingerprint distance) to a seeded random centre:
-                # the sub-sample keeps the data's local spacing (a random sub-sample of 1/k of the
-                # structures is k^(1/d) times sparser, which biases l and the noise upwards)
-                c = int(rng.integers(N))
-                sel = torch.argsort(torch.cdist(X[c:c + 1], X)[0])[:nsub].cpu().numpy()
-            else:
-                sel = rng.choice(N, nsub, replace=False)
             idx = torch.as_tensor(np.sort(sel), device=self.device)
             self.fit_index = np.sort(sel)
             Xs, Js, Es, Gs = X[idx], (None if J is None else J[idx]), E[idx], G[idx]
@@ -658,6 +683,16 @@ class GPR:
             Xs, Js, Es, Gs = X, J, E, G
             self.fit_index = np.arange(N)
         y = self._targets(Es, Gs)
+        # the screening data: the first half of the sub-sample in its selection order (the nearer
+        # half of a local sub-sample, a random half of a random one), for large sub-samples only
+        Xc, Jc, yc = Xs, Js, y
+        ncoarse = nsub // 2
+        coarse = len(y) >= self.screen_min_obs and ncoarse >= 2
+        if coarse:
+            pos = np.searchsorted(self.fit_index, np.sort(sel[:ncoarse]))
+            ci = torch.as_tensor(pos, device=self.device)
+            Xc, Jc = Xs[ci], (None if Js is None else Js[ci])
+            yc = self._targets(Es[ci], Gs[ci])
         dnn = self._nn_distance(X)
         names = [k for k, v in self.given.items() if v is None]
         fixed = {k: float(v) for k, v in self.given.items() if v is not None}
@@ -700,51 +735,61 @@ class GPR:
         n_short = min(self.fit_iterations, self.short_iterations)
         # planned evaluations: screening, the short runs, the long run(s), the block refinement
         planned = len(starts) + max(1, self.fit_restarts) * (n_short + 2) + \
-            (1 if self.select == "lml" else max(1, self.fit_restarts)) * (self.fit_iterations + 2)
+            (1 if self.select == "lml" else max(1, self.fit_restarts)) * (self.fit_iterations + 2) + \
+            (2 * max(1, self.fit_restarts) if coarse else 0)
 
         def tick():
             state["evals"] += 1
             if self.progress is not None:
                 self.progress(state["evals"], max(planned, state["evals"]), time.perf_counter() - t_start)
 
-        def f(th):
-            tick()
-            try:
-                lml, g, _ = self.lml_and_grad(Xs, Js, y, unpack(th), names)
-            except InputError:
-                return 1e10, np.zeros(len(names))
-            return -lml / len(y), -g / len(y)
+        def make_f(Xd, Jd, yd):
+            def f(th):
+                tick()
+                try:
+                    lml, g, _ = self.lml_and_grad(Xd, Jd, yd, unpack(th), names)
+                except InputError:
+                    return 1e10, np.zeros(len(names))
+                return -lml / len(yd), -g / len(yd)
+            return f
 
-        screened = []
-        for th in starts:
+        def lml_at(th, Xd, Jd, yd):
             tick()
             try:
-                v = self.lml_and_grad(Xs, Js, y, unpack(th), ())[0]
+                v = self.lml_and_grad(Xd, Jd, yd, unpack(th), ())[0]
             except InputError:
-                continue
-            if math.isfinite(v):
-                screened.append((v, th))
+                return -math.inf
+            return v if math.isfinite(v) else -math.inf
+
+        screened = [(v, th) for th in starts for v in [lml_at(th, Xc, Jc, yc)] if v > -math.inf]
         if not screened:
             raise InputError("GPR: no initial hyperparameters gave a positive-definite kernel")
         screened.sort(key=lambda t: -t[0])
-        lml0 = screened[0][0]
         bnds = list(zip(lb, ub))
 
-        def run(th0, iters):
+        def run(th0, iters, f, n_rows):
             r = minimize(f, th0, jac=True, method="L-BFGS-B", bounds=bnds,
-                         options=dict(maxiter=iters, ftol=1e-9, gtol=1e-5))
+                         options=dict(maxiter=iters, ftol=self.fit_ftol, gtol=1e-5))
             th = np.clip(r.x, lb, ub)
-            return th, (-float(r.fun) * len(y) if np.isfinite(r.fun) and r.fun < 1e9 else -math.inf)
+            return th, (-float(r.fun) * n_rows if np.isfinite(r.fun) and r.fun < 1e9 else -math.inf)
 
-        # phase 1: every restart for a few iterations; phase 2: continue to convergence the best
-        # by LML (select lml) or all of them (select loo: LOO is compared between optima)
+        # phase 1: every restart for a few iterations (on the screening data); phase 2: continue
+        # to convergence on the whole sub-sample the best by LML (select lml) or all of them
+        # (select loo: LOO is compared between optima)
         short = min(self.fit_iterations, self.short_iterations)
-        runs = [run(th0, short) + (v0, th0) for v0, th0 in screened[:max(1, self.fit_restarts)]]
+        f_c, f_s = make_f(Xc, Jc, yc), make_f(Xs, Js, y)
+        runs = [run(th0, short, f_c, len(yc)) + (v0, th0) for v0, th0 in screened[:max(1, self.fit_restarts)]]
         if self.select == "lml":
             runs.sort(key=lambda t: -t[1])
-            runs[0] = run(runs[0][0], self.fit_iterations) + runs[0][2:]
+            runs[0] = run(runs[0][0], self.fit_iterations, f_s, len(y)) + runs[0][2:]
         else:
-            runs = [run(t[0], self.fit_iterations) + t[2:] for t in runs]
+            runs = [run(t[0], self.fit_iterations, f_s, len(y)) + t[2:] for t in runs]
+        if coarse:
+            # every LML below on the whole sub-sample, so that the optima compare alike
+            n_cont = 1 if self.select == "lml" else len(runs)      # these have it already
+            runs = [(th, lml1 if k < n_cont else lml_at(th, Xs, Js, y), lml_at(th0, Xs, Js, y), th0)
+                    for k, (th, lml1, v0, th0) in enumerate(runs)]
+        lml0 = max(t[2] for t in runs) if coarse else screened[0][0]
         cands = []
         for th, lml1, v0, th0 in runs:
             if not math.isfinite(lml1) or lml1 < v0:
