@@ -10,7 +10,6 @@ import torch
 
 from distmlip.gpr.kernel import cov_block, assemble
 from distmlip.gpr.model import GPR, LocalGPR, cholesky_with_jitter, bounded_kmeans
-from distmlip.errors import InputError
 
 torch.set_default_dtype(torch.float64)
 
@@ -501,25 +500,3 @@ def test_screening_on_half_the_subsample_reaches_the_same_optimum():
         assert c["lml"] == pytest.approx(half.lml_and_grad(torch.as_tensor(X), None, y, p)[0], rel=1e-9)
     assert half.info["lml"] == pytest.approx(full.info["lml"], abs=0.05)
     assert half.info["fit_evals"] != full.info["fit_evals"]     # the two paths did differ
-
-
-def test_search_accepts_only_jitter_free_kernels_when_a_start_is():
-    rng = np.random.default_rng(26)
-    X, E, F, grp = _two_scale_data(12, rng)
-    g = GPR(fit_restarts=1).fit(X, None, E, F)
-    assert g.info["fit_jitter_free"] is True
-    # at hyperparameters whose kernel needs jitter the strict search refuses the point...
-    Xd = np.concatenate([X, X[:1]])                       # a duplicate structure, no noise
-    Ed, Fd = np.concatenate([E, E[:1] + 0.1]), np.concatenate([F, F[:1]])
-    y = g._targets(torch.as_tensor(Ed), -torch.as_tensor(Fd))
-    p = dict(weight=1.0, length_scale=0.5, noise_energy=0.0, noise_force=0.0)
-    g.noise_floor = 0.0
-    g._search_strict = True
-    with pytest.raises(InputError, match="jitter"):
-        g.lml_and_grad(torch.as_tensor(Xd), None, y, p, ["weight"])
-    g._search_strict = False
-    assert math.isfinite(g.lml_and_grad(torch.as_tensor(Xd), None, y, p, ["weight"])[0])
-    # ...and a data set on which every start needs it is still fitted, without the restriction
-    d = GPR(noise_energy=1e-12, noise_force=1e-12, fit_restarts=1, noise_floor=0.0).fit(Xd, None, Ed, Fd)
-    assert d.info["fit_jitter_free"] is False
-    assert getattr(d, "_search_strict", False) is False

@@ -437,12 +437,7 @@ class GPR:
         # --- hyperparameters
         need = any(v is None for v in self.given.values()) or \
             (self.gidx is not None and self.given_ratios is None)
-        h = None
-        if need:
-            try:
-                h = self._fit_hyper(X, J, E, G)
-            finally:
-                self._search_strict = False
+        h = self._fit_hyper(X, J, E, G) if need else None
         if h is None:
             h = Hyper(**self.given, length_ratios=self.given_ratios if self.gidx is not None else ())
         self.hyper = h
@@ -560,9 +555,6 @@ class GPR:
         else:
             L, jit, _ = cholesky_with_jitter(K, self.jitter_start, self.jitter_max)
             alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
-        if jit > 0 and getattr(self, "_search_strict", False):
-            # the jittered kernel is another model: its LML and gradient would steer the search
-            raise InputError("GPR: the kernel needed jitter at these hyperparameters")
         lml = float(-0.5 * (y @ alpha) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI) \
             + self._log_jacobian(N, r)
         if not names and not loo:
@@ -769,18 +761,9 @@ class GPR:
                 return -math.inf
             return v if math.isfinite(v) else -math.inf
 
-        # The search only accepts hyperparameters whose kernel factorises without jitter (when a
-        # start does): past that edge the LML is that of the jittered matrix, and L-BFGS-B had
-        # chased it to huge w and l (the local kernel on the demo's Cu32 bulk: 42 of 127
-        # factorisations jittered, test errors 3x those of the jitter-free optimum)
-        self._search_strict = True
         screened = [(v, th) for th in starts for v in [lml_at(th, Xc, Jc, yc)] if v > -math.inf]
         if not screened:
-            self._search_strict = False
-            screened = [(v, th) for th in starts for v in [lml_at(th, Xc, Jc, yc)] if v > -math.inf]
-        if not screened:
             raise InputError("GPR: no initial hyperparameters gave a positive-definite kernel")
-        self.info["fit_jitter_free"] = self._search_strict
         screened.sort(key=lambda t: -t[0])
         bnds = list(zip(lb, ub))
 
