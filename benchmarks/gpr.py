@@ -64,7 +64,7 @@ def _gpr_kw(args):
     return dict(weight=args.weight, length_scale=args.length_scale, noise_energy=args.noise_energy,
                 noise_force=args.noise_force, fit_max_obs=args.fit_max_obs,
                 fit_iterations=args.fit_iterations, fit_restarts=args.fit_restarts,
-                refine_iterations=args.refine_iterations, fit_ftol=args.fit_ftol,
+                refine_iterations=args.refine_iterations,
                 select=args.select, fit_subsample=args.fit_subsample, seed=args.seed)
 
 
@@ -225,7 +225,6 @@ def main():
     ap.add_argument("--fit-max-obs", type=int, default=3000)
     ap.add_argument("--fit-iterations", type=int, default=60)
     ap.add_argument("--fit-restarts", type=int, default=3)
-    ap.add_argument("--fit-ftol", type=float, default=1e-9)
     ap.add_argument("--refine-iterations", type=int, default=0,
                     help="L-BFGS-B iterations of the block-likelihood refinement on all structures")
     ap.add_argument("--fit-subsample", choices=["random", "local"], default="local")

@@ -291,7 +291,7 @@ class GPR:
                  init_noise_energy=1e-3, init_noise_force=3e-2, max_block_bytes=256 * 2 ** 20,
                  scales=None, noise_max=0.1, noise_min=1e-5, l_min_nn=1.0, fit_restarts=3,
                  select="lml", fit_subsample="local", short_iterations=8, groups=None,
-                 refine_iterations=0, screen_min_obs=1200, fit_ftol=1e-9,
+                 refine_iterations=0, screen_min_obs=1200,
                  length_ratios=None, ratio_min=0.1, kernel=None):
         self.given = dict(weight=weight, length_scale=length_scale, noise_energy=noise_energy,
                           noise_force=noise_force)
@@ -327,10 +327,9 @@ class GPR:
         self.short_iterations = int(short_iterations)
         self.refine_iterations = int(refine_iterations)
         # sub-samples of at least this many rows screen the starts and run the short restarts on
-        # their nearer half (a quarter of the rows' factorisation cost at most); only the run to
+        # their nearer half (an eighth of the factorisation cost); only the run to
         # convergence sees every row of the sub-sample
         self.screen_min_obs = int(screen_min_obs)
-        self.fit_ftol = float(fit_ftol)
         if select not in ("lml", "loo"):
             raise ConfigError(f"GPR select must be 'lml' or 'loo', got {select!r}")
         self.select = select
@@ -769,7 +768,7 @@ class GPR:
 
         def run(th0, iters, f, n_rows):
             r = minimize(f, th0, jac=True, method="L-BFGS-B", bounds=bnds,
-                         options=dict(maxiter=iters, ftol=self.fit_ftol, gtol=1e-5))
+                         options=dict(maxiter=iters, ftol=1e-9, gtol=1e-5))
             th = np.clip(r.x, lb, ub)
             return th, (-float(r.fun) * n_rows if np.isfinite(r.fun) and r.fun < 1e9 else -math.inf)
 
