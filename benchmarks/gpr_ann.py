@@ -10,7 +10,9 @@ Methods, each trained with the same wall-time budget per run (``--budget`` secon
 are set from the median epoch time of a 3-epoch calibration run, start-up excluded):
   energy   energy-only on the reference structures
   force    direct force training (alpha 0.3, all forces)
-  gpr_ann  energy-only on the GPR-augmented set (copies weighted by their variance)
+  gpr_ann  energy training on the GPR-augmented set (copies weighted by their variance) with the
+           copy-difference term (training.difference_weight, default 0.05; training/losses.py)
+  gpr_ann_paper  the same with the paper's plain energy loss (difference_weight 0)
   hybrid   force mode on the augmented set: GPR energies + reference forces
 Prints E MAE (meV/atom), F MAE (eV/A) and force angle on the test set per method and the
 augment (GPR fit) time.  No assertions: the numbers go to docs/results.md.
@@ -89,7 +91,8 @@ def prepare(kind: str, out: Path, np_: int):
             dm("convert", raw / part, "-o", out / f"{part}.h5", np_=np_)
 
 
-def train_yaml(out: Path, name: str, data: str, mode: str, epochs: int, batch_atoms: int) -> Path:
+def train_yaml(out: Path, name: str, data: str, mode: str, epochs: int, batch_atoms: int,
+               extra: dict | None = None) -> Path:
     import yaml
 
     cfg = {"data": {"train": [data], "fractions": [0.9, 0.1, 0.0]}, "descriptor": DESC, "model": MODEL,
@@ -97,22 +100,23 @@ def train_yaml(out: Path, name: str, data: str, mode: str, epochs: int, batch_at
                         "output": str(out / f"run_{name}"), "progress_bar": "off"}}
     if mode == "force":
         cfg["training"].update(alpha=0.3, force_fraction=1.0)
+    cfg["training"].update(extra or {})
     p = out / f"train_{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
 
 
-def run_method(out, name, data, mode, budget, batch_atoms, np_):
+def run_method(out, name, data, mode, budget, batch_atoms, np_, extra=None):
     import csv
 
-    cal = train_yaml(out, name + "_cal", data, mode, 3, batch_atoms)
+    cal = train_yaml(out, name + "_cal", data, mode, 3, batch_atoms, extra)
     dm("train", cal, np_=np_, log=out / f"{name}_cal.log")
     # the epochs' own times (the log's time_s), not the start-up: the budget is training time
     rows = list(csv.DictReader(open(out / f"run_{name}_cal" / "log.csv")))
     per_epoch = float(np.median([float(r["time_s"]) for r in rows]))
     epochs = max(2, int(budget / max(per_epoch, 1e-3)))
     t0 = time.perf_counter()
-    dm("train", train_yaml(out, name, data, mode, epochs, batch_atoms), np_=np_, log=out / f"{name}.log")
+    dm("train", train_yaml(out, name, data, mode, epochs, batch_atoms, extra), np_=np_, log=out / f"{name}.log")
     t_train = time.perf_counter() - t0
     dm("evaluate", out / f"run_{name}" / "model.pt", out / "test.h5", "-o", out / f"eval_{name}",
        log=out / f"eval_{name}.log")
@@ -130,7 +134,7 @@ def main():
     ap.add_argument("--delta", type=float, default=0.03)
     ap.add_argument("--fingerprint", default="auto")
     ap.add_argument("--np", type=int, default=1, dest="np_")
-    ap.add_argument("--methods", default="energy,force,gpr_ann,hybrid")
+    ap.add_argument("--methods", default="energy,force,gpr_ann,gpr_ann_paper,hybrid")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--reuse-augment", action="store_true", help="keep an existing train_aug.h5 (same settings)")
     a = ap.parse_args()
@@ -151,8 +155,10 @@ def main():
         t_aug = sum(r.get("time_total_s", 0.0) for r in rep["subsets"])
     batch = 300 if a.set != "ec" else 1200
     plan = {"energy": ("train.h5", "energy", batch), "force": ("train.h5", "force", batch),
-            "gpr_ann": ("train_aug.h5", "energy", 4 * batch), "hybrid": ("train_aug.h5", "force", batch)}
-    rows = [run_method(out, m, str(out / plan[m][0]), plan[m][1], a.budget, plan[m][2], a.np_)
+            "gpr_ann": ("train_aug.h5", "energy", 4 * batch),
+            "gpr_ann_paper": ("train_aug.h5", "energy", 4 * batch, {"difference_weight": 0.0}),
+            "hybrid": ("train_aug.h5", "force", batch)}
+    rows = [run_method(out, m, str(out / plan[m][0]), plan[m][1], a.budget, plan[m][2], a.np_, *plan[m][3:])
             for m in a.methods.split(",")]
     load = os.getloadavg()[0]
     print(f"\n{a.set}: M = {a.copies}, delta = {a.delta} A, fingerprint {a.fingerprint}, budget {a.budget:.0f} s "
@@ -161,9 +167,19 @@ def main():
         print(f"  {r['subset']}: fingerprint {r.get('fingerprint', {}).get('kind')}, choice "
               f"{r.get('fingerprint_choice')}, sigma mean {r.get('uncertainty_eV', {}).get('mean', 0):.4f} eV, "
               f"label - parent {r.get('label_minus_parent_eV', {}).get('mean', 0):+.4f} eV")
-    print(f"{'method':<9} {'epochs':>6} {'train s':>8} {'E MAE meV/at':>13} {'F MAE eV/A':>11} {'angle':>7}")
+    print(f"{'method':<14} {'epochs':>6} {'train s':>8} {'E MAE meV/at':>13} {'F MAE eV/A':>11} {'angle':>7}")
     for r in rows:
-        print(f"{r['method']:<9} {r['epochs']:>6} {r['train_s']:>8.0f} {r['E']:>13.3f} {r['F']:>11.4f} {r['angle']:>7.1f}")
+        print(f"{r['method']:<14} {r['epochs']:>6} {r['train_s']:>8.0f} {r['E']:>13.3f} {r['F']:>11.4f} "
+              f"{r['angle']:>7.1f}")
+    by = {r["method"]: r for r in rows}
+    if "force" in by:
+        for m in ("gpr_ann", "gpr_ann_paper", "hybrid"):
+            if m in by:
+                print(f"{m} / direct force: E MAE {by[m]['E'] / by['force']['E']:.2f}x, "
+                      f"F MAE {by[m]['F'] / by['force']['F']:.2f}x")
+    if "energy" in by and "gpr_ann" in by:
+        print(f"gpr_ann / energy-only: E MAE {by['gpr_ann']['E'] / by['energy']['E']:.2f}x, "
+              f"F MAE {by['gpr_ann']['F'] / by['energy']['F']:.2f}x")
     (out / "summary.json").write_text(json.dumps(dict(rows=rows, augment_s=t_aug, load=load), indent=1))
 
 

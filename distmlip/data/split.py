@@ -64,11 +64,19 @@ def assign_split_arrays(sources, source_index, subset_ids, seed: int, fractions=
         members = np.flatnonzero(subset_ids == sid)
         order = members[np.argsort(u[members], kind="stable")]
         n = len(order)
-        n_train = int(round(f[0] * n))
-        n_val = int(round((f[0] + f[1]) * n)) - n_train
-        out[order[:n_train]] = TRAIN
-        out[order[n_train:n_train + n_val]] = VAL
-        out[order[n_train + n_val:]] = TEST
+        uo = u[order]
+
+        def cut(k):
+            # structures of one identity (a reference and its GPR copies share it) are never
+            # cut apart: a cut inside a run of equal values moves to the run's end
+            while 0 < k < n and uo[k] == uo[k - 1]:
+                k += 1
+            return k
+        a = cut(int(round(f[0] * n)))
+        b = max(a, cut(int(round((f[0] + f[1]) * n))))
+        out[order[:a]] = TRAIN
+        out[order[a:b]] = VAL
+        out[order[b:]] = TEST
     return out
 
 

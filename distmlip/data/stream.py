@@ -13,7 +13,12 @@ structures inside windows of ``shuffle_window`` blocks: a batch then touches few
 (fast reads), while every structure can still meet any other across epochs.  ``shuffle_block
 =1`` is a full permutation.  ``steps(epoch)`` is computed from all partitions (no
 communication) and is the same on every rank; ranks with fewer batches yield empty lists at the
-end.  A background thread reads the next batch while the current one is used."""
+end.  A background thread reads the next batch while the current one is used.
+
+With ``groups`` (a group key per data-set structure), structures of one group are never
+separated: the partition, the shuffle and the batch cuts work on whole groups (a GPR-augmented
+copy travels with its parent, so the training loss can compare their energies; a group larger
+than ``batch_atoms`` is a batch alone)."""
 from __future__ import annotations
 
 import queue
@@ -48,6 +53,40 @@ def partition_by_atoms(natoms, indices, world_size: int) -> list[np.ndarray]:
     return [idx[cuts[k]:cuts[k + 1]] for k in range(world_size)]
 
 
+def _unit_layout(idx, natoms, groups):
+    """Structures ``idx`` grouped by ``groups[idx]``: (indices ordered by (group, index), start
+    of each group in that order, atoms per group).  Groups are ordered by their smallest index,
+    so the units keep file order as far as the groups allow."""
+    key = np.asarray(groups, dtype=np.int64)[idx]
+    _, inv = np.unique(key, return_inverse=True)
+    first = np.full(int(inv.max()) + 1 if len(inv) else 0, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, inv, idx)
+    rank_of = first[inv]
+    o = np.lexsort((idx, rank_of))
+    idx2 = idx[o]
+    r2 = rank_of[o]
+    starts = np.flatnonzero(np.r_[True, r2[1:] != r2[:-1]]) if len(idx2) else np.zeros(0, np.int64)
+    atoms = np.add.reduceat(np.asarray(natoms, dtype=np.int64)[idx2], starts) if len(idx2) else np.zeros(0, np.int64)
+    return idx2, starts, atoms
+
+
+def make_unit_batches(units: list[np.ndarray], natoms, batch_atoms: int, batch_structures: int) -> list[np.ndarray]:
+    """:func:`make_batches` over whole units (index arrays): a batch is cut only between units."""
+    n = np.asarray(natoms, dtype=np.int64)
+    out, cur, cur_a, cur_s = [], [], 0, 0
+    for u in units:
+        a, m = int(n[u].sum()), len(u)
+        if cur and (cur_a + a > batch_atoms or cur_s + m > batch_structures):
+            out.append(np.concatenate(cur))
+            cur, cur_a, cur_s = [], 0, 0
+        cur.append(u)
+        cur_a += a
+        cur_s += m
+    if cur:
+        out.append(np.concatenate(cur))
+    return out
+
+
 def make_batches(order, natoms, batch_atoms: int, batch_structures: int) -> list[np.ndarray]:
     """Greedy cut of ``order`` into batches of at most ``batch_atoms`` atoms and
     ``batch_structures`` structures (a structure larger than ``batch_atoms`` is a batch alone)."""
@@ -74,12 +113,15 @@ _END = object()
 class PartitionedStream:
     def __init__(self, ds, indices=None, rank: int = 0, world_size: int = 1, batch_atoms: int = 4096,
                  batch_structures: int = 64, seed: int = 0, shuffle: bool = True, prefetch: bool = True,
-                 shuffle_block: int = 64, shuffle_window: int = 16, loader=None, fixed_batches: bool = False):
+                 shuffle_block: int = 64, shuffle_window: int = 16, loader=None, fixed_batches: bool = False,
+                 groups=None):
         """``loader(indices) -> item``: what a batch of data-set indices becomes, computed in the
         prefetch thread (e.g. the trainer's prepared structures); default: the Structures read
         from the data set.  ``fixed_batches`` (with ``shuffle``): the batches are formed once,
         from the shuffled order of epoch 0, and every epoch visits them in its own random order
-        (so an assembled batch can be kept and reused); otherwise each epoch forms new batches."""
+        (so an assembled batch can be kept and reused); otherwise each epoch forms new batches.
+        ``groups``: a group key per data-set structure; the structures of a group stay together
+        (module docstring)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
         if batch_atoms < 1 or batch_structures < 1:
@@ -96,7 +138,17 @@ class PartitionedStream:
         self.shuffle_block = max(1, int(shuffle_block))
         self.shuffle_window = max(1, int(shuffle_window))
         self.natoms = np.asarray(ds.natoms, dtype=np.int64)
-        self.parts = partition_by_atoms(self.natoms, indices, world_size)
+        self.units = None       # per rank: list of index arrays (groups), when ``groups`` is given
+        if groups is None:
+            self.parts = partition_by_atoms(self.natoms, indices, world_size)
+        else:
+            idx = np.sort(np.unique(np.asarray(indices, dtype=np.int64))) if indices is not None \
+                else np.arange(len(self.natoms), dtype=np.int64)
+            idx2, starts, atoms = _unit_layout(idx, self.natoms, groups)
+            bounds = np.r_[starts, len(idx2)]
+            unit_parts = partition_by_atoms(atoms, None, world_size)
+            self.units = [[idx2[bounds[u]:bounds[u + 1]] for u in p] for p in unit_parts]
+            self.parts = [np.sort(np.concatenate(us)) if us else np.zeros(0, np.int64) for us in self.units]
         self._current_epoch = 0
         self._cache: dict = {}
         self.loader = loader
@@ -108,22 +160,40 @@ class PartitionedStream:
     def order(self, epoch: int, rank: int | None = None) -> np.ndarray:
         """Structure order of ``rank`` (default: own) in ``epoch``."""
         r = self.rank if rank is None else rank
+        if self.units is not None:
+            us = self.units[r]
+            return np.concatenate([us[k] for k in self._positions(len(us), epoch, r)]) if us \
+                else np.zeros(0, np.int64)
         part = self.parts[r]
-        if not self.shuffle or len(part) == 0:
-            return part.copy()
+        return part[self._positions(len(part), epoch, r)]
+
+    def _units_in_order(self, epoch: int, r: int) -> list[np.ndarray]:
+        us = self.units[r]
+        return [us[k] for k in self._positions(len(us), epoch, r)]
+
+    def _positions(self, n: int, epoch: int, r: int) -> np.ndarray:
+        """The shuffled order of ``n`` items (structures, or groups) of rank ``r`` in ``epoch``."""
+        if not self.shuffle or n == 0:
+            return np.arange(n, dtype=np.int64)
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch), r])))
         B = self.shuffle_block
         if B == 1:
-            return part[rng.permutation(len(part))]
-        nblk = (len(part) + B - 1) // B
+            return rng.permutation(n)
+        nblk = (n + B - 1) // B
         blocks = rng.permutation(nblk)
         pos = (blocks[:, None] * B + np.arange(B)[None, :]).reshape(-1)
-        pos = pos[pos < len(part)]
+        pos = pos[pos < n]
         W = B * self.shuffle_window
         for a in range(0, len(pos), W):
             seg = pos[a:a + W]
             pos[a:a + W] = seg[rng.permutation(len(seg))]
-        return part[pos]
+        return pos
+
+    def _cut(self, epoch: int, r: int) -> list[np.ndarray]:
+        if self.units is not None:
+            return make_unit_batches(self._units_in_order(epoch, r), self.natoms, self.batch_atoms,
+                                     self.batch_structures)
+        return make_batches(self.order(epoch, r), self.natoms, self.batch_atoms, self.batch_structures)
 
     def batches(self, epoch: int, rank: int | None = None) -> list[np.ndarray]:
         r = self.rank if rank is None else rank
@@ -133,14 +203,12 @@ class PartitionedStream:
                 self._cache = {k: v for k, v in self._cache.items() if k[0] == "fixed"}
             if self.fixed_batches and self.shuffle:
                 if ("fixed", r) not in self._cache:
-                    self._cache[("fixed", r)] = make_batches(self.order(0, r), self.natoms, self.batch_atoms,
-                                                             self.batch_structures)
+                    self._cache[("fixed", r)] = self._cut(0, r)
                 base = self._cache[("fixed", r)]
                 rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch), r, 1])))
                 self._cache[key] = [base[k] for k in rng.permutation(len(base))] if int(epoch) > 0 else list(base)
             else:
-                self._cache[key] = make_batches(self.order(epoch, r), self.natoms, self.batch_atoms,
-                                                self.batch_structures)
+                self._cache[key] = self._cut(epoch, r)
         return self._cache[key]
 
     def steps(self, epoch: int) -> int:
@@ -245,4 +313,4 @@ def partition_atoms(parts, natoms) -> list[int]:
     return [int(natoms[p].sum()) for p in parts]
 
 
-__all__ = ["partition_by_atoms", "make_batches", "PartitionedStream", "partition_atoms", "Structure"]
+__all__ = ["partition_by_atoms", "make_batches", "make_unit_batches", "PartitionedStream", "partition_atoms", "Structure"]

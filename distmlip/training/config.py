@@ -76,6 +76,10 @@ class TrainingConfig:
     # the form of L_E and L_F (distmlip/training/losses.py): mse (mean squares), rmse (root mean
     # squares, aenet-PyTorch's form) or normalized (mean squares over the data's reference spreads)
     loss: Literal["mse", "rmse", "normalized"] = "mse"
+    # energy mode on GPR-augmented data: weight gamma of the copy-difference term in
+    # (1 - gamma) L_E + gamma L_D (training/losses.py; 0: the paper's plain energy loss); no
+    # effect on data without synthetic copies
+    difference_weight: float = field(default=0.05, metadata=bounds(ge=0.0, lt=1.0))
     force_fraction: float = field(default=1.0, metadata=bounds(ge=0.0, le=1.0))  # share of structures with force loss
     stress_fraction: float = field(default=1.0, metadata=bounds(ge=0.0, le=1.0))  # share of structures with stress (of those that carry one) in L_S
     energy_loss: Literal["per_atom", "per_structure"] = "per_atom"

@@ -9,6 +9,20 @@
           v_s = V_s (sigma_s - sigma_s^ref) / n_s  (per_atom)  or  V_s (sigma_s - sigma_s^ref)
           (per_structure): the error of the virial dE/d(strain), in the units of e_s
 
+In energy mode on GPR-augmented data a copy-difference term joins (``difference_weight`` gamma):
+
+    L = (1 - gamma) L_E + gamma L_D
+    L_D = S_D / C_D,  S_D = sum_{c in D} w_c r_c^2,  C_D = sum_{c in D} w_c
+          r_c = [(E_c - E_p) - (E_c^ref - E_p^ref)] / |x_c - x_p|
+
+D is the set of synthetic copies c whose parent p is in the same split (they share a batch:
+data/stream.py groups); r_c is the error of the energy rise from parent to copy per Angstrom of
+displacement, i.e. of the directional derivative of the energy along the displacement, in the
+units of a force component (eV/A): for random displacements its mean square is the force mean
+square error.  The absolute energies of a parent's copies carry their displacement information
+only in differences of a few meV per atom, which the energy term weighs like any other energy
+error; L_D weighs it as a force (docs/gpr.md).
+
 F is the set of structures that carry forces and were selected for the force loss
 (:func:`force_selection`, deterministic per structure and seed); S the set of periodic
 structures that carry a stress and were selected for the stress loss (the same selection with
@@ -155,13 +169,36 @@ def _weights(batch, per_atom: bool, mask, smask=None):
     return w, wE, wF, wS
 
 
-N_SUMS = 6   # (S_E, C_E, S_F, C_F, S_S, C_S)
+N_SUMS = 8   # (S_E, C_E, S_F, C_F, S_S, C_S, S_D, C_D)
 
 
-def loss_sums(E, batch, *, per_atom: bool, F=None, mask=None, S=None, smask=None) -> torch.Tensor:
-    """[6] float64: (S_E, C_E, S_F, C_F, S_S, C_S) of a batch (module docstring); ``F`` None:
-    energy mode (S_F = C_F = 0); ``S`` (stress [B, 3, 3]) None: no stress term (S_S = C_S = 0),
-    else ``smask`` [B] (:func:`stress_structure_mask`) selects the structures."""
+def difference_residuals(E, batch, pairs):
+    """(r [P], w [P]) of the copy-difference term (module docstring) for ``pairs`` = (copy
+    positions, parent positions, displacement norms |x_c - x_p| in A) of the batch's structures,
+    or None when there are none."""
+    if pairs is None or len(pairs[0]) == 0:
+        return None
+    c, p, dx = pairs
+    E = E.to(torch.float64)
+    Er = batch.energy.to(torch.float64)
+    r = ((E[c] - E[p]) - (Er[c] - Er[p])) / dx
+    return r, batch.weight.to(torch.float64)[c]
+
+
+def difference_term(E, batch, pairs, C_D: float, gamma: float):
+    """gamma S_D / C_D of a batch given the GLOBAL count C_D (None without pairs)."""
+    rw = difference_residuals(E, batch, pairs)
+    if rw is None or C_D <= 0 or gamma <= 0:
+        return None
+    r, w = rw
+    return (w * r * r).sum() * (gamma / C_D)
+
+
+def loss_sums(E, batch, *, per_atom: bool, F=None, mask=None, S=None, smask=None, pairs=None) -> torch.Tensor:
+    """[8] float64: (S_E, C_E, S_F, C_F, S_S, C_S, S_D, C_D) of a batch (module docstring); ``F``
+    None: energy mode (S_F = C_F = 0); ``S`` (stress [B, 3, 3]) None: no stress term (S_S = C_S =
+    0), else ``smask`` [B] (:func:`stress_structure_mask`) selects the structures; ``pairs``: the
+    copy-parent pairs of the difference term (:func:`difference_residuals`)."""
     use_s = S is not None and smask is not None
     w, wE, wF, wS = _weights(batch, per_atom, mask if F is not None else None, smask if use_s else None)
     dE = E.to(torch.float64) - batch.energy.to(torch.float64)
@@ -176,6 +213,11 @@ def loss_sums(E, batch, *, per_atom: bool, F=None, mask=None, S=None, smask=None
         dS = S.to(torch.float64) - batch.stress.to(torch.float64)
         out[4] = (wS[:, None, None] * dS * dS).sum()
         out[5] = 9.0 * (w * smask.to(torch.float64)).sum()
+    rw = difference_residuals(E, batch, pairs)
+    if rw is not None:
+        r, wd = rw
+        out[6] = (wd * r * r).sum()
+        out[7] = wd.sum()
     return out
 
 
@@ -183,11 +225,12 @@ LOSS_FORMS = ("mse", "rmse", "normalized")
 
 
 def loss_from_sums(sums: torch.Tensor, *, alpha: float, force_mode: bool, form: str = "mse",
-                   spread=(1.0, 1.0, 1.0), beta: float = 0.0) -> float:
+                   spread=(1.0, 1.0, 1.0), beta: float = 0.0, gamma: float = 0.0) -> float:
     """The loss of the structures whose :func:`loss_sums` add up to ``sums``, in ``form``:
     'mse' (1-a-b) MSE_E + a MSE_F + b MSE_S; 'rmse' the same with root mean squares
     (aenet-PyTorch's form); 'normalized' the mean squares over the reference spreads ``spread``
-    (s_E, s_F[, s_S])."""
+    (s_E, s_F[, s_S]).  Energy mode with copy pairs (C_D > 0) and ``gamma`` > 0:
+    (1-g) MSE_E + g MSE_D ('normalized': MSE_D over s_F^2; not offered with 'rmse')."""
     s = sums.tolist() + [0.0] * (N_SUMS - len(sums))
     spread = tuple(spread) + (1.0,) * (3 - len(spread))
     mse_e = s[0] / s[1] if s[1] > 0 else float("nan")
@@ -199,7 +242,12 @@ def loss_from_sums(sums: torch.Tensor, *, alpha: float, force_mode: bool, form: 
         e, f, st = mse_e / spread[0] ** 2, mse_f / spread[1] ** 2, mse_s / spread[2] ** 2
     else:
         e, f, st = mse_e, mse_f, mse_s
-    return e if not force_mode else (1.0 - alpha - beta) * e + alpha * f + beta * st
+    if not force_mode:
+        if gamma > 0 and s[7] > 0 and form != "rmse":
+            d = s[6] / s[7] / (spread[1] ** 2 if form == "normalized" else 1.0)
+            return (1.0 - gamma) * e + gamma * d
+        return e
+    return (1.0 - alpha - beta) * e + alpha * f + beta * st
 
 
 def term_weights(form: str, alpha: float, force_mode: bool, spread, previous=None,

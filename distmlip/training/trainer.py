@@ -34,12 +34,12 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .flat import FlatParameters, avoid_dynamo_import, optimizer_step
 from .force_step import force_stress_loss_and_gradients
-from .losses import (N_SUMS, energy_force_loss, force_atom_mask, force_selection, loss_from_sums, loss_sums,
+from .losses import (N_SUMS, difference_residuals, difference_term, energy_force_loss, force_atom_mask, force_selection, loss_from_sums, loss_sums,
                      stress_selection, stress_structure_mask, term_weights)
 
 # layout of the float64 metric accumulator
 _M = ["loss", "e_sse", "e_sae", "n_struct", "es_sse", "es_sae", "f_sse", "f_sae", "n_comp", "n_steps",
-      "s_sse", "s_sae", "n_scomp"]
+      "s_sse", "s_sae", "n_scomp", "d_sse", "n_diff"]
 EV_A3_GPA = 160.21766208     # 1 eV/A^3 in GPa
 _IDX = {k: i for i, k in enumerate(_M)}
 
@@ -64,6 +64,9 @@ def metrics_from_sums(acc: torch.Tensor) -> dict:
            "F_rmse": math.sqrt(g["f_sse"] / c) if c else float("nan"),
            "F_mae": g["f_sae"] / c if c else float("nan"),
            "n_structures": int(n), "n_force_components": int(c)}
+    if g["n_diff"]:
+        # RMS error of the copies' energy rise per A of displacement (copy-difference term)
+        out["D_rmse"] = math.sqrt(g["d_sse"] / g["n_diff"])
     if g["n_scomp"]:
         out["S_rmse_GPa"] = EV_A3_GPA * math.sqrt(g["s_sse"] / g["n_scomp"])
         out["S_mae_GPa"] = EV_A3_GPA * g["s_sae"] / g["n_scomp"]
@@ -295,14 +298,114 @@ class Trainer:
             train_idx = train_idx[counts > 0]
             self._log(f"bootstrap: {len(train_idx)} distinct training structures drawn (seed {tc.seed})")
         self.train_idx, self.val_idx = train_idx, val_idx
+        self._setup_differences()
         r, w = self.ctx.rank, self.ctx.world_size
         bs = tc.batch_structures if tc.batch_structures > 0 else 1 << 30
         self.stream = PartitionedStream(self.ds, train_idx, r, w, tc.batch_atoms, bs, tc.seed,
-                                        shuffle=True, prefetch=dc.prefetch, fixed_batches=dc.batches == "fixed")
+                                        shuffle=True, prefetch=dc.prefetch, fixed_batches=dc.batches == "fixed",
+                                        groups=self._diff_groups(self.ds))
         self.val_stream = (PartitionedStream(self.val_ds, val_idx, r, w, tc.batch_atoms, bs, tc.seed,
-                                             shuffle=False, prefetch=dc.prefetch) if len(val_idx) else None)
+                                             shuffle=False, prefetch=dc.prefetch, groups=self._diff_groups(self.val_ds))
+                           if len(val_idx) else None)
         self._log(f"data: {len(train_idx)} training, {len(val_idx)} validation structures; "
                   f"{self.stream.steps(0)} steps per epoch on {w} rank(s)")
+
+    # ---- the copy-difference term (energy mode on GPR-augmented data; training/losses.py) -----
+    _gamma = 0.0       # weight of the copy-difference term in effect (0: none)
+    _diff = None       # {id(ds): (parent [S] int64, -1 where none; |x_c - x_p| [S] float64)}
+
+    def _setup_differences(self) -> None:
+        """Pair every synthetic copy of the training (validation) split with its parent in the
+        same split, and measure the displacement between them (minimum image in periodic
+        directions).  The stored parent index is local to the copy's file; a pair is kept only
+        when the parent is a reference structure of the same atom count and source index."""
+        tc = self.cfg.training
+        self._gamma = 0.0
+        if self.force_mode or tc.difference_weight <= 0:
+            return
+        tables = {}
+        for ds, idx in ((self.ds, self.train_idx), (self.val_ds, self.val_idx)):
+            parent, dx = tables.get(id(ds), (None, None))
+            if parent is None:
+                syn = np.asarray(ds.column("synthetic"), dtype=bool)
+                if not syn.any():
+                    continue
+                parent = np.full(ds.n_structures, -1, dtype=np.int64)
+                dx = np.zeros(ds.n_structures, dtype=np.float64)
+                tables[id(ds)] = (parent, dx)
+            syn = np.asarray(ds.column("synthetic"), dtype=bool)
+            offs = np.cumsum([0] + [sh.n for sh in ds._shards])
+            shard = np.searchsorted(offs, np.arange(ds.n_structures), side="right") - 1
+            inset = np.zeros(ds.n_structures, dtype=bool)
+            inset[idx] = True
+            c = idx[syn[idx]]
+            p = np.asarray(ds.column("parent"), dtype=np.int64)[c] + offs[shard[c]]
+            ok = (p >= 0) & (p < ds.n_structures)
+            c, p = c[ok], p[ok]
+            natoms = np.asarray(ds.natoms)
+            sidx = np.asarray(ds.column("source_index"))
+            ok = inset[p] & ~syn[p] & (natoms[p] == natoms[c]) & (sidx[p] == sidx[c])
+            c, p = c[ok], p[ok]
+            if len(c) == 0:
+                continue
+            want = np.unique(np.concatenate([c, p]))
+            pos = {st.index: st for st in ds.read(want)}
+            for ci, pi in zip(c.tolist(), p.tolist()):
+                a, b = pos[ci], pos[pi]
+                d = np.asarray(a.positions, dtype=np.float64) - np.asarray(b.positions, dtype=np.float64)
+                pbc = np.asarray(b.pbc, dtype=bool)
+                if pbc.any():
+                    cell = np.asarray(b.cell, dtype=np.float64)
+                    f = d @ np.linalg.inv(cell)
+                    f[:, pbc] -= np.round(f[:, pbc])
+                    d = f @ cell
+                n = float(np.sqrt((d * d).sum()))
+                if n > 1e-8:
+                    parent[ci], dx[ci] = pi, n
+        self._diff = tables or None
+        n_pairs = sum(int((t[0][self.train_idx] >= 0).sum()) for k, t in tables.items() if k == id(self.ds))
+        if n_pairs:
+            if tc.loss == "rmse":
+                raise ConfigError("training.difference_weight: the copy-difference term of GPR-augmented data is "
+                                  "defined for loss mse and normalized, not rmse; set training.loss: mse, or "
+                                  "training.difference_weight: 0 for the plain energy loss")
+            self._gamma = float(tc.difference_weight)
+            self._log(f"copy-difference term: {n_pairs} training copies paired with their parents, "
+                      f"weight {self._gamma:g} (training.difference_weight)")
+
+    def _diff_groups(self, ds):
+        """Group key per structure of ``ds`` for the stream: a paired copy joins its parent's
+        group (None: no pairs, structures stream alone)."""
+        t = (self._diff or {}).get(id(ds))
+        if t is None or self._gamma <= 0:
+            return None
+        g = np.arange(ds.n_structures, dtype=np.int64)
+        m = t[0] >= 0
+        g[m] = t[0][m]
+        return g
+
+    def _pairs(self, batch, ds=None):
+        """(copy positions, parent positions, |x_c - x_p|) of the batch's paired copies, or None."""
+        if self._gamma <= 0:
+            return None
+        t = self._diff.get(id(self.ds if ds is None else ds))
+        if t is None:
+            return None
+        idx = batch.index.cpu().numpy()
+        par = t[0][idx]
+        c = np.flatnonzero(par >= 0)
+        if len(c) == 0:
+            return None
+        order = np.argsort(idx, kind="stable")
+        k = np.searchsorted(idx, par[c], sorter=order)
+        k = np.minimum(k, len(idx) - 1)
+        p = order[k]
+        ok = idx[p] == par[c]
+        if not ok.all():      # a parent outside the batch cannot happen with grouped streams
+            c, p = c[ok], p[ok]
+        dev = batch.energy.device
+        return (torch.as_tensor(c, device=dev), torch.as_tensor(p, device=dev),
+                torch.as_tensor(t[1][idx[c]], dtype=torch.float64, device=dev))
 
     def _norm_batches(self):
         tc = self.cfg.training
@@ -584,9 +687,21 @@ class Trainer:
         else:
             E, F = self.model(batch), None
         mask = force_atom_mask(batch, selected) if self.force_mode else None
+        pairs = None if self.force_mode else self._pairs(batch)
+        c_d = float(counts[3]) if counts.numel() > 3 else 0.0    # unscaled: L_D over s_F^2 = 1 (losses)
+        gamma = self._gamma if c_d > 0 else 0.0
         alpha, beta, counts = self._weighted(counts)
-        loss = energy_force_loss(E, batch, counts, per_atom=self.per_atom, alpha=alpha, F=F, mask=mask,
+        lcounts = counts if gamma == 0 else torch.cat([counts[:1] / (1.0 - gamma), counts[1:]])
+        loss = energy_force_loss(E, batch, lcounts, per_atom=self.per_atom, alpha=alpha, F=F, mask=mask,
                                  compiled=self.model.plan().loss == "compiled", beta=beta, S=S, smask=smask)
+        dterm = difference_term(E, batch, pairs, c_d, gamma) if gamma > 0 else None
+        if dterm is not None:
+            loss = loss + dterm
+        if acc is not None and pairs is not None:
+            with torch.no_grad():
+                r, _ = difference_residuals(E.detach(), batch, pairs)
+                acc[_IDX["d_sse"]] += (r * r).sum()
+                acc[_IDX["n_diff"]] += float(len(r))
         if acc is not None:
             with torch.no_grad():
                 _accumulate_errors(acc, batch, E.detach(), None if F is None else F.detach(),
@@ -668,7 +783,7 @@ class Trainer:
         return self.counts_of(np.concatenate(members) if members else np.zeros(0, np.int64))
 
     def counts_of(self, indices) -> torch.Tensor:
-        """(C_E, C_F, C_S) of the training structures at data-set ``indices`` (losses.local_counts
+        """(C_E, C_F, C_S, C_D) of the training structures at data-set ``indices`` (losses.local_counts
         of their batch, from per-structure tables)."""
         if self._count_tables is None:
             idx = np.arange(self.ds.n_structures)
@@ -687,11 +802,15 @@ class Trainer:
                 ssel = stress_selection(idx, tc.seed, tc.stress_fraction)
                 hs = np.asarray(self.ds.column("has_stress"), dtype=bool)
                 sc = 9.0 * w * (hs & ssel)
-            self._count_tables = (w, fc, sc)
-        w, fc, sc = self._count_tables
+            dc = np.zeros_like(w)
+            t = (self._diff or {}).get(id(self.ds))
+            if self._gamma > 0 and t is not None:
+                dc = w * (t[0] >= 0)
+            self._count_tables = (w, fc, sc, dc)
+        w, fc, sc, dc = self._count_tables
         idx = np.asarray(indices, dtype=np.int64)
-        return torch.tensor([float(w[idx].sum()), float(fc[idx].sum()), float(sc[idx].sum())], dtype=torch.float64,
-                            device=self.device)
+        return torch.tensor([float(w[idx].sum()), float(fc[idx].sum()), float(sc[idx].sum()), float(dc[idx].sum())],
+                            dtype=torch.float64, device=self.device)
 
     _count_tables = None
     _stop_after_step = False
@@ -824,14 +943,20 @@ class Trainer:
             F = None if F is None else F.detach()
             _accumulate_errors(acc, batch, E, F, S)
             mask = force_atom_mask(batch, self._selected(batch)) if F is not None else None
-            sums += loss_sums(E, batch, per_atom=self.per_atom, F=F, mask=mask, S=S, smask=self._stress_mask(batch))
+            pairs = None if F is not None else self._pairs(batch, stream.ds)
+            if pairs is not None:
+                r, _ = difference_residuals(E, batch, pairs)
+                acc[_IDX["d_sse"]] += (r * r).sum()
+                acc[_IDX["n_diff"]] += float(len(r))
+            sums += loss_sums(E, batch, per_atom=self.per_atom, F=F, mask=mask, S=S, smask=self._stress_mask(batch),
+                              pairs=pairs)
         both = torch.cat([acc, sums])
         self.ctx.all_reduce_sum(both)
         acc, sums = both[:len(_M)], both[len(_M):]
         m = metrics_from_sums(acc)
         m["loss"] = loss_from_sums(sums, alpha=self.cfg.training.alpha, force_mode=self.force_mode,
                                    beta=self.cfg.training.beta if self.stress_mode else 0.0,
-                                   form=self.cfg.training.loss, spread=self._spread())
+                                   form=self.cfg.training.loss, spread=self._spread(), gamma=self._gamma)
         return m
 
     # ------------------------------------------------------------------ checkpoints and logs
@@ -1054,8 +1179,12 @@ class Trainer:
             line += f"  F_rmse {tr['F_rmse']:.4f} F_mae {tr['F_mae']:.4f} eV/A"
         if "S_mae_GPa" in tr:
             line += f"  S_mae {tr['S_mae_GPa']:.3f} GPa"
+        if "D_rmse" in tr:
+            line += f"  D_rmse {tr['D_rmse']:.4f} eV/A"
         if val is not None:
             line += f"  | val E_rmse {val['E_rmse_meV_atom']:9.3f} meV/atom"
+            if "D_rmse" in val:
+                line += f"  D_rmse {val['D_rmse']:.4f} eV/A"
             if self.force_mode:
                 line += f"  F_rmse {val['F_rmse']:.4f} F_mae {val['F_mae']:.4f} eV/A"
             if "S_mae_GPa" in val:

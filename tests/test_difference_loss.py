@@ -1,0 +1,236 @@
+"""The copy-difference term of energy training on GPR-augmented data (training/losses.py): the
+grouped stream keeps every copy with its parent (ranks, batches, splits), the trainer's loss equals
+the written-out formula with displacements known independently (a copy wrapped across the
+periodic boundary included), validation uses the same loss, the plain energy loss is unchanged
+when the term is off, and 1 rank == 2 ranks (tests/mpi_scripts/train_equiv.py, mode difference)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distmlip.data.h5store import H5Dataset, write_dataset
+from distmlip.data.stream import PartitionedStream
+from distmlip.data.structure import Structure
+
+
+def augmented_emt(path, n_ref=8, M=3, delta=0.03, seed=0):
+    """Two subsets (8-atom periodic Cu, 4-atom free Cu cluster), ``n_ref`` EMT references each,
+    then M copies per reference displaced by N(0, delta) on every coordinate and labelled by EMT;
+    periodic copies are wrapped into the cell (so atoms near a face jump by a lattice vector).
+    Returns (structures, true displacement norm per structure index, 0 for references)."""
+    from ase import Atoms
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    rng = np.random.default_rng(seed)
+    refs, atoms = [], []
+    for k in range(n_ref):
+        a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((1, 1, 2))
+        a.rattle(0.06, seed=seed + k)                 # atoms at 0 go negative: copies wrap
+        atoms.append(a)
+        c = Atoms("Cu4", positions=[[0, 0, 0], [2.5, 0, 0], [1.25, 2.15, 0], [1.25, 0.72, 2.05]])
+        c.rattle(0.06, seed=100 + seed + k)
+        atoms.append(c)
+
+    def lab(a, **kw):
+        a.calc = EMT()
+        return Structure(numbers=a.numbers.copy(), positions=a.positions.copy(), cell=a.cell.array.copy(),
+                         pbc=a.pbc.copy(), energy=float(a.get_potential_energy()), **kw)
+    for k, a in enumerate(atoms):
+        a.calc = EMT()
+        refs.append(lab(a.copy(), forces=a.get_forces(), source="bulk" if a.pbc.any() else "cluster",
+                        source_index=k))
+    out, dx = list(refs), [0.0] * len(refs)
+    for k, a in enumerate(atoms):
+        for _ in range(M):
+            b = a.copy()
+            d = rng.normal(0.0, delta, b.positions.shape)
+            b.positions = a.positions + d
+            if b.pbc.any():
+                b.wrap()
+            out.append(lab(b, forces=None, synthetic=True, parent=k, uncertainty=0.002, weight=0.8,
+                           source=refs[k].source, source_index=k))
+            dx.append(float(np.sqrt((d * d).sum())))
+    write_dataset(path, out)
+    return out, np.array(dx)
+
+
+@pytest.fixture(scope="module")
+def aug(tmp_path_factory):
+    p = tmp_path_factory.mktemp("diff") / "aug.h5"
+    _, dx = augmented_emt(p)
+    return p, dx
+
+
+def _cfg(tmp_path, h5, **training):
+    from distmlip.training.config import load_train_config
+
+    t = dict(mode="energy", epochs=2, batch_atoms=40, lr=0.01, output=str(tmp_path / "run"), progress_bar="off",
+             seed=2)
+    t.update(training)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    y = tmp_path / "c.yaml"
+    import yaml
+
+    y.write_text(yaml.safe_dump({"data": {"train": [str(h5)], "fractions": [0.7, 0.3, 0.0], "prefetch": False},
+                                 "descriptor": {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                                                "backend": "reference"},
+                                 "model": {"hidden": [6, 6]}, "training": t}))
+    return load_train_config(y)
+
+
+def test_grouped_stream_keeps_copies_with_their_parents():
+    class DS:
+        natoms = np.array([5, 3, 4, 6, 2, 5, 3, 4, 6, 2, 7, 1], dtype=np.int64)
+    groups = np.array([0, 1, 2, 3, 4, 0, 1, 0, 3, 4, 4, 11])
+    for world in (1, 2, 3):
+        for fixed in (True, False):
+            seen = []
+            for r in range(world):
+                s = PartitionedStream(DS(), None, r, world, batch_atoms=9, batch_structures=4, seed=5,
+                                      fixed_batches=fixed, groups=groups, prefetch=False)
+                for ep in range(3):
+                    for b in s.batches(ep):
+                        g = set(groups[b].tolist())
+                        # a batch holds whole groups (a group above batch_atoms is a batch alone)
+                        assert sorted(np.flatnonzero(np.isin(groups, list(g) )).tolist()) == sorted(b.tolist()) \
+                            or len(g) == 1
+                        assert DS.natoms[b].sum() <= 9 or len(g) == 1
+                    if ep == 0:
+                        seen += np.concatenate(s.batches(0)).tolist()
+                    # a group lives on one rank
+                assert all(set(np.flatnonzero(groups == gk)) <= set(s.partition().tolist())
+                           for gk in set(groups[s.partition()].tolist()))
+            assert sorted(seen) == list(range(12))
+    # the group of 0 (5 + 5 + 4 atoms) exceeds batch_atoms 9: alone, whole
+    s = PartitionedStream(DS(), None, 0, 1, batch_atoms=9, batch_structures=4, seed=5, groups=groups)
+    assert any(sorted(b.tolist()) == [0, 5, 7] for b in s.batches(0))
+
+
+def test_split_never_separates_a_copy_from_its_parent(aug):
+    from distmlip.data.split import assign_split
+
+    ds = H5Dataset(aug[0])
+    par, syn = ds.column("parent"), ds.column("synthetic")
+    for seed in range(6):
+        sp = assign_split(ds, seed, (0.7, 0.3, 0.0))
+        c = np.flatnonzero(syn)
+        assert (sp[c] == sp[par[c]]).all()
+        assert (sp == 1).any() and (sp == 0).any()
+
+
+def _written_out(tr, idx, dx_true, gamma):
+    """(1 - g) L_E + g L_D of the structures ``idx`` from the model's energies, in numpy, with the
+    displacements known from the generator (not from the trainer's minimum-image pairing)."""
+    ds = tr.ds
+    S = ds.read(idx)
+    batch = tr.collate(S, ds)
+    with torch.no_grad():
+        E = tr.model(batch).double().numpy()
+    pos = {int(i): k for k, i in enumerate(batch.index.tolist())}
+    Er = np.array([s.energy for s in S])[[idx.tolist().index(i) for i in batch.index.tolist()]]
+    n = batch.natoms.numpy().astype(float)
+    w = batch.weight.numpy()
+    e = (E - Er) / n
+    LE = (w * e * e).sum() / w.sum()
+    par, syn = ds.column("parent"), ds.column("synthetic")
+    sd = cd = 0.0
+    for i in idx:
+        if syn[i] and int(par[i]) in pos:
+            c, p = pos[int(i)], pos[int(par[i])]
+            r = ((E[c] - E[p]) - (Er[c] - Er[p])) / dx_true[i]
+            sd += w[c] * r * r
+            cd += w[c]
+    return (1 - gamma) * LE + gamma * sd / cd, cd
+
+
+def test_loss_equals_the_written_out_formula(tmp_path, aug):
+    from distmlip.training.trainer import Trainer
+
+    h5, dx_true = aug
+    tr = Trainer(_cfg(tmp_path, h5, difference_weight=0.3), quiet=True)
+    assert tr._gamma == 0.3
+    # pairing and displacements (minimum image across the periodic faces)
+    parent, dx = tr._diff[id(tr.ds)]
+    c = np.flatnonzero(parent >= 0)
+    ds = tr.ds
+    assert len(c) == int(ds.column("synthetic").sum())          # every copy paired (same split)
+    assert np.abs(dx[c] - dx_true[c]).max() < 1e-12
+    wrapped = [i for i in c if np.abs(ds.read([int(i)])[0].positions - ds.read([int(parent[i])])[0].positions).max() > 1]
+    assert wrapped, "no copy crossed the periodic boundary: the minimum image was not exercised"
+    for idx in (np.sort(tr.train_idx), np.sort(tr.val_idx)):
+        want, cd = _written_out(tr, idx, dx_true, 0.3)
+        assert cd > 0
+        counts = tr.counts_of(idx)
+        assert abs(float(counts[3]) - cd) < 1e-12
+        batch = tr.collate(ds.read(idx), ds)
+        got = float(tr.batch_loss(batch, counts).detach())
+        assert abs(got - want) < 1e-12 * want
+    # validation loss of the whole stream: the same formula over the validation split
+    got = tr.evaluate_stream(tr.val_stream)["loss"]
+    want, _ = _written_out(tr, np.sort(tr.val_idx), dx_true, 0.3)
+    assert abs(got - want) < 1e-10 * want
+
+
+def test_term_off_is_the_plain_energy_loss(tmp_path, aug):
+    from distmlip.training.trainer import Trainer
+
+    h5, dx_true = aug
+    tr = Trainer(_cfg(tmp_path, h5, difference_weight=0.0), quiet=True)
+    assert tr._gamma == 0.0 and tr.stream.units is None
+    idx = np.sort(tr.train_idx)
+    want, _ = _written_out(tr, idx, dx_true, 0.0)
+    got = float(tr.batch_loss(tr.collate(tr.ds.read(idx), tr.ds), tr.counts_of(idx)).detach())
+    assert abs(got - want) < 1e-12 * want
+
+
+def test_training_with_the_term_lowers_the_difference_error(tmp_path, aug):
+    """The gradient's sign and scale: 40 epochs with gamma 0.5 bring the copies' directional-
+    derivative error (D_rmse, validation copies) well below that of the plain energy loss."""
+    from distmlip.training.trainer import Trainer
+
+    h5, _ = aug
+    out = {}
+    for g in (0.0, 0.5):
+        tr = Trainer(_cfg(tmp_path / f"g{g}", h5, difference_weight=g, epochs=40, lr=0.02, scheduler="none"),
+                     quiet=True)
+        tr.fit()
+        tr.cfg.training.difference_weight = 0.5      # measure D on the same pairs for both runs
+        tr._setup_differences()
+        st = PartitionedStream(tr.ds, tr.val_idx, 0, 1, 10 ** 6, 10 ** 6, 0, shuffle=False, prefetch=False,
+                               groups=tr._diff_groups(tr.ds))
+        out[g] = tr.evaluate_stream(st)["D_rmse"]
+    assert out[0.5] < 0.7 * out[0.0], out
+
+
+def test_rmse_loss_form_with_copies_is_refused(tmp_path, aug):
+    from distmlip.errors import ConfigError
+    from distmlip.training.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="difference_weight"):
+        Trainer(_cfg(tmp_path, aug[0], loss="rmse"), quiet=True)
+
+
+def test_one_rank_equals_two_ranks_with_the_term(tmp_path, aug):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO, mpirun
+
+    equiv = str(REPO / "tests" / "mpi_scripts" / "train_equiv.py")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for k in [k for k in env if k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_"))]:
+        del env[k]
+    res = subprocess.run([sys.executable, equiv, str(aug[0]), str(tmp_path), "difference"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    mpirun(2, [equiv, str(aug[0]), str(tmp_path), "difference"], timeout=300)
+    w1 = torch.load(tmp_path / "difference_w1.pt", weights_only=True)
+    w2 = torch.load(tmp_path / "difference_w2.pt", weights_only=True)
+    init = torch.load(tmp_path / "difference_w1_init.pt", weights_only=True)
+    moved = max(float((w1[k] - init[k]).abs().max()) for k in w1)
+    assert moved > 1e-4
+    d = max(float((w1[k].double() - w2[k].double()).abs().max()) for k in w1)
+    assert d < 1e-10, d
