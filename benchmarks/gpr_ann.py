@@ -1,6 +1,6 @@
 """GPR-ANN against energy-only and direct force training (and the hybrid) at one wall-time budget.
 
-    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies 10] [--delta 0.03]
+    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies 20] [--delta 0.03]
                                  [--fingerprint auto] [--np 1] [--out runs/gpr_ann] [--reuse-augment]
 
 Data sets: ``demo`` the EMT set of ``make demo`` (24 training / 12 test structures per subset);
@@ -130,7 +130,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("set", choices=["demo", "slab", "ec"])
     ap.add_argument("--budget", type=float, default=120.0, help="training wall time per method (s)")
-    ap.add_argument("--copies", type=int, default=10)
+    ap.add_argument("--copies", type=int, default=20)
     ap.add_argument("--delta", type=float, default=0.03)
     ap.add_argument("--fingerprint", default="auto")
     ap.add_argument("--np", type=int, default=1, dest="np_")
