@@ -313,4 +313,5 @@ def partition_atoms(parts, natoms) -> list[int]:
     return [int(natoms[p].sum()) for p in parts]
 
 
-__all__ = ["partition_by_atoms", "make_batches", "make_unit_batches", "PartitionedStream", "partition_atoms", "Structure"]
+__all__ = ["partition_by_atoms", "make_batches", "make_unit_batches", "PartitionedStream", "partition_atoms",
+           "Structure"]

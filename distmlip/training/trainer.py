@@ -34,8 +34,9 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .flat import FlatParameters, avoid_dynamo_import, optimizer_step
 from .force_step import force_stress_loss_and_gradients
-from .losses import (N_SUMS, difference_residuals, difference_term, energy_force_loss, force_atom_mask, force_selection, loss_from_sums, loss_sums,
-                     stress_selection, stress_structure_mask, term_weights)
+from .losses import (N_SUMS, difference_residuals, difference_term, energy_force_loss, force_atom_mask,
+                     force_selection, loss_from_sums, loss_sums, stress_selection, stress_structure_mask,
+                     term_weights)
 
 # layout of the float64 metric accumulator
 _M = ["loss", "e_sse", "e_sae", "n_struct", "es_sse", "es_sae", "f_sse", "f_sae", "n_comp", "n_steps",
