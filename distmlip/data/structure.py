@@ -61,3 +61,23 @@ class Structure:
         if kw:
             atoms.calc = SinglePointCalculator(atoms, **kw)
         return atoms
+
+
+def minimum_image(d, cell, pbc) -> np.ndarray:
+    """Shortest periodic image of the difference vectors ``d`` [..., 3] in the periodic directions
+    ``pbc`` of ``cell`` (rows = lattice vectors, non-singular where periodic).  Rounding the
+    fractional coordinates gives the shortest image in orthogonal cells; for skewed ones the
+    neighbouring images are tried too."""
+    pbc = np.asarray(pbc, bool)
+    d = np.asarray(d, dtype=np.float64)
+    if not pbc.any():
+        return d
+    cell = np.asarray(cell, dtype=np.float64)
+    frac = d @ np.linalg.inv(cell)
+    frac[..., pbc] -= np.round(frac[..., pbc])
+    d = frac @ cell
+    rng = [(-1, 0, 1) if p else (0,) for p in pbc]
+    shifts = np.array([[a, b, c] for a in rng[0] for b in rng[1] for c in rng[2]], float) @ cell
+    cand = d[..., None, :] + shifts                                  # [..., S, 3]
+    best = np.argmin((cand * cand).sum(-1), axis=-1)
+    return np.take_along_axis(cand, best[..., None, None], axis=-2)[..., 0, :]

@@ -73,21 +73,11 @@ class InverseDistanceFingerprint:
     @staticmethod
     def _min_image(d, cell, pbc):
         """Shortest periodic image of the difference vectors d [..., 3]."""
-        pbc = np.asarray(pbc, bool)
-        if not pbc.any():
-            return d
-        cell = np.asarray(cell, dtype=np.float64)
-        if abs(np.linalg.det(cell)) < 1e-12:
+        from ..data.structure import minimum_image
+
+        if np.asarray(pbc, bool).any() and abs(np.linalg.det(np.asarray(cell, dtype=np.float64))) < 1e-12:
             raise InputError("inverse-distance fingerprint: periodic structure with a singular cell")
-        frac = d @ np.linalg.inv(cell)
-        frac[..., pbc] -= np.round(frac[..., pbc])
-        d = frac @ cell
-        # skewed cells: the rounded image need not be the shortest; try the neighbouring images
-        rng = [(-1, 0, 1) if p else (0,) for p in pbc]
-        shifts = np.array([[a, b, c] for a in rng[0] for b in rng[1] for c in rng[2]], float) @ cell
-        cand = d[..., None, :] + shifts                                  # [..., S, 3]
-        best = np.argmin((cand * cand).sum(-1), axis=-1)
-        return np.take_along_axis(cand, best[..., None, None], axis=-2)[..., 0, :]
+        return minimum_image(d, cell, pbc)
 
     def compute(self, positions_list, template=None, with_jacobian=True):
         R = np.stack([np.asarray(p, dtype=np.float64).reshape(-1, 3) for p in positions_list])

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.structure import minimum_image
 from ..config import config_to_dict
 from ..errors import ConfigError, InputError, NonFiniteError
 from ..models.bpnn import BPNN
@@ -327,15 +328,14 @@ class Trainer:
         tables = {}
         for ds, idx in ((self.ds, self.train_idx), (self.val_ds, self.val_idx)):
             parent, dx = tables.get(id(ds), (None, None))
+            syn = np.asarray(ds.column("synthetic"), dtype=bool)
             if parent is None:
-                syn = np.asarray(ds.column("synthetic"), dtype=bool)
                 if not syn.any():
                     continue
                 parent = np.full(ds.n_structures, -1, dtype=np.int64)
                 dx = np.zeros(ds.n_structures, dtype=np.float64)
                 tables[id(ds)] = (parent, dx)
-            syn = np.asarray(ds.column("synthetic"), dtype=bool)
-            offs = np.cumsum([0] + [sh.n for sh in ds._shards])
+            offs = ds.starts      # the stored parent index counts within the copy's own file
             shard = np.searchsorted(offs, np.arange(ds.n_structures), side="right") - 1
             inset = np.zeros(ds.n_structures, dtype=bool)
             inset[idx] = True
@@ -353,13 +353,7 @@ class Trainer:
             pos = {st.index: st for st in ds.read(want)}
             for ci, pi in zip(c.tolist(), p.tolist()):
                 a, b = pos[ci], pos[pi]
-                d = np.asarray(a.positions, dtype=np.float64) - np.asarray(b.positions, dtype=np.float64)
-                pbc = np.asarray(b.pbc, dtype=bool)
-                if pbc.any():
-                    cell = np.asarray(b.cell, dtype=np.float64)
-                    f = d @ np.linalg.inv(cell)
-                    f[:, pbc] -= np.round(f[:, pbc])
-                    d = f @ cell
+                d = minimum_image(np.asarray(a.positions, dtype=np.float64) - b.positions, b.cell, b.pbc)
                 n = float(np.sqrt((d * d).sum()))
                 if n > 1e-8:
                     parent[ci], dx[ci] = pi, n
