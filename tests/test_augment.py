@@ -245,3 +245,81 @@ def test_report_table_lists_per_element_length_scales():
            "n_input": 4, "n_synthetic": 4, "n_output": 8, "n_candidates": 0}
     rows = format_table(rep).splitlines()
     assert rows[2].endswith("Au 0.5 Cu 0.75") and rows[3].endswith("0.5")
+
+
+# ------------------------------------------------------------------------------ shared hyperparameters
+def _two_cu_subsets(path):
+    """Two Cu subsets (4- and 8-atom periodic cells) and one Al subset: one chemistry group."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    out = []
+
+    def lab(a, src, k):
+        a.calc = EMT()
+        return Structure(numbers=a.numbers.copy(), positions=a.positions.copy(), cell=a.cell.array.copy(),
+                         pbc=a.pbc.copy(), energy=a.get_potential_energy(), forces=a.get_forces(),
+                         source=src, source_index=k)
+    for k in range(5):
+        a = bulk("Cu", "fcc", a=3.6, cubic=True)
+        a.rattle(0.05, seed=k)
+        out.append(lab(a, "cu4", k))
+    for k in range(5):
+        a = bulk("Cu", "fcc", a=3.62, cubic=True).repeat((2, 1, 1))
+        a.rattle(0.05, seed=30 + k)
+        out.append(lab(a, "cu8", k))
+    for k in range(4):
+        a = bulk("Al", "fcc", a=4.05).repeat((2, 1, 1))
+        a.rattle(0.05, seed=20 + k)
+        out.append(lab(a, "al", k))
+    write_dataset(path, out)
+
+
+def test_shared_hyperparameters_carry_over_in_physical_units(tmp_path, capsys):
+    """gpr.share: chemistry: the 4-atom Cu subset takes the 8-atom one's search (the larger);
+    in physical units its prior weight, length scale and force noise are the head's, its energy
+    noise sqrt(4/8) times the head's, its descriptor scale the head's; Al fits its own.  The
+    same through `distmlip gpr fit` and augment (1 vs 2 ranks identical); a rerun after the
+    head's hyperparameter file is lost recomputes the head only."""
+    from distmlip.gpr.store import fit_path, load_fit
+
+    _two_cu_subsets(tmp_path / "in.h5")
+    gpr = {"fingerprint": "local", "share": "chemistry", "fit_iterations": 8, "fit_restarts": 1}
+    cfg = _cfg(tmp_path, "sh", gpr=gpr)
+    res = run_cli(capsys, ["gpr", "fit", str(cfg), "--out", str(tmp_path / "fits")])
+    assert "Cu4_0: fingerprint local (hyperparameters of Cu8_0)" in res.stdout
+    fits = {n: load_fit(fit_path(tmp_path / "fits", n)) for n in ("Cu4_0", "Cu8_0", "Al2_0")}
+    h, f = fits["Cu8_0"]["model"].info, fits["Cu4_0"]["model"].info
+    assert f["energy_scale_eV"] != pytest.approx(h["energy_scale_eV"], rel=1e-3)   # units differ
+    for k in ("weight_eV", "length_scale", "noise_force_eVA"):
+        assert f[k] == pytest.approx(h[k], rel=1e-10), k
+    assert f["noise_energy_eV"] == pytest.approx(h["noise_energy_eV"] * np.sqrt(0.5), rel=1e-10)
+    assert fits["Cu4_0"]["fingerprint"].component_scale() == fits["Cu8_0"]["fingerprint"].component_scale()
+    assert "fitted" not in f and "fitted" in h and "fitted" in fits["Al2_0"]["model"].info
+
+    run_cli(capsys, ["augment", str(cfg)])
+    res = mpirun(2, ["-m", "distmlip", "augment", str(_cfg(tmp_path, "sh2", gpr=gpr))])
+    assert "take the GPR hyperparameters of Cu8_0" in res.stdout
+    _, A = _arrays(tmp_path / "sh.h5")
+    _, B = _arrays(tmp_path / "sh2.h5")
+    assert [(a.energy, a.uncertainty) for a in A] == [(b.energy, b.uncertainty) for b in B]
+    rep = {r["subset"]: r for r in json.loads((tmp_path / "sh.report.json").read_text())["subsets"]}
+    assert rep["Cu4_0"]["hyperparameters_from"] == "Cu8_0" and "hyperparameters_from" not in rep["Al2_0"]
+    assert rep["Cu4_0"]["gpr"]["weight_eV"] == pytest.approx(h["weight_eV"], rel=1e-10)
+    # the augment labels of the follower equal those of the saved fit (one code path)
+    ds, S = _arrays(tmp_path / "sh.h5")
+    cu4 = [s for s in S if s.synthetic and ds.subsets[s.subset]["name"] == "Cu4_0"]
+    from distmlip.gpr.cli import predict_structures
+    e, _, _ = predict_structures(fits["Cu4_0"], cu4, forces=False)
+    np.testing.assert_allclose(e, [s.energy for s in cu4], rtol=0, atol=1e-9)
+
+    (tmp_path / "sh.h5.shards" / "subset_00001.hyper.json").unlink()     # Cu8_0 is subset 1
+    (tmp_path / "sh.h5").unlink()
+    res = run_cli(capsys, ["augment", str(cfg)])
+    assert res.stdout.count("finished earlier, skipped") == 2 and "subset Cu8_0 (" in res.stdout
+    _, C = _arrays(tmp_path / "sh.h5")
+    assert [c.energy for c in C] == [a.energy for a in A]
+    # without sharing the follower searches its own (another output, another shard key)
+    run_cli(capsys, ["augment", str(cfg), "--set", "gpr.share=none", "--set", "output=" + str(tmp_path / "own.h5")])
+    _, D = _arrays(tmp_path / "own.h5")
+    assert [d.energy for d in D] != [a.energy for a in A]

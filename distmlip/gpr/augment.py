@@ -110,6 +110,12 @@ class GPRSettings:
     fit_subsample: Literal["random", "local"] = "local"   # which structures the LML fit sees
     max_kernel_obs: Optional[int] = None   # split into local GPRs above this (None: from memory)
     save: Optional[str] = None       # directory: write each subset's fitted GPR (<subset>.gpr.pt)
+    # none: every subset searches its own hyperparameters.  chemistry: subsets with the same
+    # elements whose GPR uses the local kernel take the hyperparameters (and descriptor scale)
+    # of the largest of them, whose search runs once (one atomic energy function per
+    # chemistry); each keeps its own data and factorisation.  It halves the demo's fit time but
+    # cost label accuracy there (docs/gpr.md), hence not the default.  Off with `load`.
+    share: Literal["none", "chemistry"] = "none"
     load: Optional[str] = None       # directory of saved fits (distmlip gpr fit / gpr.save): reuse them
     memory_fraction: float = 0.5
     device: str = "cpu"
@@ -240,15 +246,26 @@ def _parents_of(ds, sid: int) -> tuple[np.ndarray, int]:
     return ids[~synth & hf & train], int((~synth & ~hf & train).sum())
 
 
-def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0) -> dict:
+def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared: dict | None = None) -> dict:
     """The GPR of one subset: loaded from ``gpr.load`` (a directory of saved fits) when it holds
     one for this subset, else fitted; with ``fingerprint: auto`` every candidate fingerprint is
     fitted and the one with the smallest closed-form leave-one-structure-out energy MAE on the
-    subset's training structures is kept.  Saved to ``gpr.save`` when set.  Returns a dict with
-    fingerprint, model, kind, choice (LOO per candidate) and loaded (path or None)."""
+    subset's training structures is kept.  ``shared`` (:func:`shared_hyper` of another subset of
+    the same elements, local kernel): the local kernel with those hyperparameters and descriptor
+    scale, no search.  Saved to ``gpr.save`` when set.  Returns a dict with fingerprint, model,
+    kind, choice (LOO per candidate), loaded (path or None) and shared_from (subset or None)."""
     from .store import fit_path, load_fit, save_fit
 
     g = cfg.gpr
+    if shared is not None and shared.get("kind") == "local":
+        E0 = np.array([s.energy for s in structs])
+        F0 = np.stack([s.forces for s in structs])
+        fp, model = _fit_fingerprint("local", ds, structs, E0, F0, cfg, name, rank, shared=shared)
+        fit = dict(kind="local", fingerprint=fp, model=model, loaded=None, choice=None,
+                   shared_from=shared["from"])
+        if g.save:
+            save_fit(fit_path(g.save, name), fit, structs[0].numbers)
+        return fit
     if g.load:
         path = fit_path(g.load, name)
         if path.is_file():
@@ -264,7 +281,7 @@ def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0) -> dic
     loo = [f[1].info.get("loo_energy_mae_eV") for f in fits]
     best = min(range(len(fits)), key=lambda k: (loo[k] is None, loo[k] if loo[k] is not None else 0.0))
     fit = dict(kind=kinds[best], fingerprint=fits[best][0], model=fits[best][1], loaded=None,
-               choice={k: v for k, v in zip(kinds, loo)} if len(kinds) > 1 else None)
+               choice={k: v for k, v in zip(kinds, loo)} if len(kinds) > 1 else None, shared_from=None)
     if g.save:
         save_fit(fit_path(g.save, name), fit, ref.numbers)
     return fit
@@ -279,9 +296,51 @@ def auto_candidates(natoms: int, pbc) -> list[str]:
     return ["local", resolve_fingerprint("auto", natoms, pbc)]
 
 
-def _fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank):
-    """(fingerprint, fitted LocalGPR) of one subset with fingerprint ``kind``."""
-    from .model import LocalGPR
+def shared_hyper(fit: dict, name: str, natoms: int) -> dict:
+    """What a subset of the same elements takes from this subset's fit (JSON-able): the chosen
+    fingerprint kind and, for the local kernel, the hyperparameters in physical units and the
+    descriptor scale (:func:`~distmlip.gpr.model.transfer_hyper`)."""
+    out = {"from": name, "kind": fit["kind"]}
+    if fit["kind"] == "local":
+        info = fit["model"].info
+        out.update(natoms=int(natoms), weight_eV=float(info["weight_eV"]),
+                   length_scale=float(info["length_scale"]), noise_energy_eV=float(info["noise_energy_eV"]),
+                   noise_force_eVA=float(info["noise_force_eVA"]),
+                   scale=fit["fingerprint"].component_scale())
+    return out
+
+
+def share_plan(cfg: AugmentConfig, ds, parents: dict, costs: dict) -> dict[int, int]:
+    """{subset: the subset whose hyperparameters it takes} under ``gpr.share: chemistry``: among
+    the subsets to fit (GPR, not skipped, with reference structures and copies) those with the
+    same set of elements form a group, and every member takes the search of the member with the
+    largest estimated cost (the most reference data; ties: lowest id).  Empty when sharing does
+    not apply (share none, a fixed non-local fingerprint, saved fits loaded, or all four
+    hyperparameters given)."""
+    g = cfg.gpr
+    if (cfg.method != "gpr" or g.share != "chemistry" or g.fingerprint not in ("local", "auto") or g.load
+            or all(getattr(g, k) is not None for k in ("weight", "length_scale", "noise_energy", "noise_force"))):
+        return {}
+    groups: dict[tuple, list[int]] = {}
+    for sid in sorted(parents):
+        sub = cfg.for_subset(ds.subsets[sid]["name"])
+        if sub["skip"] or len(parents[sid]) == 0 or int(sub["copies"]) == 0:
+            continue
+        z = tuple(sorted(set(int(v) for v in ds.read(parents[sid][:1])[0].numbers)))
+        groups.setdefault(z, []).append(sid)
+    plan = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        head = min(members, key=lambda s: (-costs[s], s))
+        plan.update({s: head for s in members if s != head})
+    return plan
+
+
+def _fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank, shared=None):
+    """(fingerprint, fitted LocalGPR) of one subset with fingerprint ``kind``; ``shared``
+    (local kernel only): hyperparameters and descriptor scale of another subset, no search."""
+    from .model import LocalGPR, transfer_hyper
     from .fingerprints import make_fingerprint
 
     g = cfg.gpr
@@ -298,7 +357,7 @@ def _fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank):
         X, J = fp.compute([s.positions for s in structs], list(structs))
     except InputError as exc:
         raise InputError(f"{cfg.input}: subset '{name}': {exc}") from None
-    X, J = fp.fit_scale(X, J)
+    X, J = fp.fit_scale(X, J, per=shared["scale"]) if shared is not None else fp.fit_scale(X, J)
     groups = None
     if kind == "cartesian" and g.length_scales == "element" and g.length_scale is None:
         from ase.data import chemical_symbols
@@ -311,9 +370,12 @@ def _fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank):
                      refine_iterations=0)
     kw = dict(fit_max_obs=g.fit_max_obs, refine_iterations=g.refine_iterations)
     kw.update(extra)
+    hyper = dict(weight=g.weight, length_scale=g.length_scale, noise_energy=g.noise_energy,
+                 noise_force=g.noise_force)
+    if shared is not None:
+        hyper = transfer_hyper(shared, ref.natoms, E0, F0)
     model = LocalGPR(max_obs=g.max_kernel_obs, memory_fraction=g.memory_fraction,
-                     seed=cfg.seed, weight=g.weight, length_scale=g.length_scale,
-                     noise_energy=g.noise_energy, noise_force=g.noise_force, device=g.device,
+                     seed=cfg.seed, **hyper, device=g.device,
                      fit_iterations=g.fit_iterations,
                      fit_restarts=g.fit_restarts, select=g.select,
                      fit_subsample=g.fit_subsample, groups=groups, **kw)
@@ -337,9 +399,10 @@ def _progress_printer(name: str, rank: int, every_s: float = 30.0):
     return cb
 
 
-def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
-    """Augment one subset; returns arrays (parent, copy, positions, energy, uncertainty, kept)
-    and the report entry."""
+def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0, shared: dict | None = None) -> dict:
+    """Augment one subset; returns arrays (parent, copy, positions, energy, uncertainty, kept),
+    the report entry and, for the GPR, ``hyper`` (:func:`shared_hyper`, what subsets of the same
+    elements may take); ``shared``: hyperparameters taken from another subset (fit_subset)."""
     import torch
 
     from .sampling import displace, subset_rng, taylor_energy
@@ -378,14 +441,18 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
     if cfg.method == "taylor":
         energy = np.concatenate([taylor_energy(E0[k], F0[k], disp[k]) for k in range(len(structs))])
         unc = np.zeros(len(energy))
+        hyper = None
     else:
         g = cfg.gpr
         if g.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"gpr.device is {g.device!r} but torch has no CUDA device here")
-        fit = fit_subset(ds, structs, cfg, name, rank)
+        fit = fit_subset(ds, structs, cfg, name, rank, shared=shared)
         fp, model = fit["fingerprint"], fit["model"]
+        hyper = shared_hyper(fit, name, nat)
         if fit.get("choice"):
             rep["fingerprint_choice"] = fit["choice"]
+        if fit.get("shared_from"):
+            rep["hyperparameters_from"] = fit["shared_from"]
         if fit.get("loaded"):
             rep["gpr_loaded_from"] = fit["loaded"]
         Xs, _ = fp.compute(list(pos.reshape(-1, nat, 3)), [s for s in structs for _ in range(M)],
@@ -413,7 +480,8 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0) -> dict:
                                "std": float((energy - np.repeat(E0, M)).std())},
         time_sample_s=t_sample, time_total_s=time.perf_counter() - t0)
     return dict(parent=np.repeat(idx, M).astype(np.int64), copy=np.tile(np.arange(M), N).astype(np.int64),
-                positions=pos.reshape(-1, nat, 3), energy=energy, uncertainty=unc, kept=kept, report=rep)
+                positions=pos.reshape(-1, nat, 3), energy=energy, uncertainty=unc, kept=kept, report=rep,
+                hyper=hyper)
 
 
 # ------------------------------------------------------------------------------------------
@@ -489,7 +557,7 @@ def augment(cfg: AugmentConfig, fresh: bool = False, force: bool = False) -> dic
 
     # MPI only: shards travel through files; ranks that finished wait in a sleeping barrier
     ctx = init_distributed(device="cpu", torch_group=False)
-    rank, world = ctx.rank, ctx.world_size
+    rank = ctx.rank
     if not Path(cfg.input).is_file():
         raise InputError(f"augment: input data set {cfg.input} does not exist")
     if os.path.abspath(cfg.input) == os.path.abspath(cfg.output):
@@ -525,39 +593,94 @@ def augment(cfg: AugmentConfig, fresh: bool = False, force: bool = False) -> dic
             lock.release()
 
 
+def _hyper_path(workdir: Path, sid: int) -> Path:
+    return workdir / f"subset_{sid:05d}.hyper.json"
+
+
+def _read_hyper(path: Path, key: str) -> dict | None:
+    """The shared hyperparameters a subset's run wrote, if they belong to its current key."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or d.get("key") != key:
+        return None
+    return {k: v for k, v in d.items() if k != "key"}
+
+
 def _augment(cfg, ctx, ds, names, workdir, fresh):
     rank, world = ctx.rank, ctx.world_size
     parents = {sid: _parents_of(ds, sid)[0] for sid in range(len(names))}
     keys = {sid: _subset_key(cfg, names[sid], ds.n_structures, parents[sid], ds.content_id) for sid in parents}
     costs = {sid: _estimated_cost(cfg, ds, sid, len(parents[sid])) for sid in parents}
-    owner = assign_subsets(costs, world)
-    mine = [sid for sid in sorted(costs, key=lambda s: (-costs[s], s)) if owner[sid] == rank]
+    # subsets that take another's hyperparameters run in a second phase, after every rank has
+    # finished the first (the heads' hyperparameters travel as files, like the shards)
+    plan = share_plan(cfg, ds, parents, costs)
+    heads = set(plan.values())
     log(f"augment: {cfg.method}, {len(names)} subsets, {sum(len(p) for p in parents.values())} reference "
         f"structures, {world} rank(s); shards in {workdir}")
+    for h in sorted(heads):
+        log(f"augment: subsets {', '.join(names[f] for f in sorted(plan) if plan[f] == h)} take the GPR "
+            f"hyperparameters of {names[h]} (same elements; gpr.share: chemistry)")
+    pre = f"[rank {rank}] " if world > 1 else ""
+    n_done = [0]
+
+    def run(phase: dict, shared_of: dict):
+        owner = assign_subsets(phase, world)
+        mine = [sid for sid in sorted(phase, key=lambda s: (-phase[s], s)) if owner[sid] == rank]
+        for sid in mine:
+            n_done[0] += 1
+            k = n_done[0]
+            path, hpath = _shard_path(workdir, sid), _hyper_path(workdir, sid)
+            done = not fresh and shard_is_done(path, keys[sid])
+            if done and sid in heads and _read_hyper(hpath, keys[sid]) is None:
+                done = False      # its hyperparameters, which others take, are gone: recompute
+            if done:
+                print(f"{pre}subset {names[sid]}: finished earlier, skipped ({path.name})", flush=True)
+                continue
+            print(f"{pre}subset {names[sid]} ({k}/{n_mine}): {cfg.method} on {len(parents[sid])} reference "
+                  f"structures of {int(ds.natoms[parents[sid][0]]) if len(parents[sid]) else 0} atoms"
+                  f"{f' with the hyperparameters of {names[plan[sid]]}' if sid in shared_of else ''} ...",
+                  flush=True)
+            res = process_subset(ds, sid, cfg, rank, shared=shared_of.get(sid))
+            if sid in heads:      # before the shard: a finished shard implies its file
+                atomic_write_text(hpath, json.dumps({"key": keys[sid], **(res["hyper"] or {})}) + "\n")
+            write_shard(path, res, keys[sid])
+            r = res["report"]
+            extra = ""
+            if "gpr" in r:
+                gi = r["gpr"]
+                extra = (f", w {gi['weight_eV']:.3g} eV, l {_lengths(gi)}, jitter {gi['jitter']:.1e}"
+                         f", local GPRs {gi.get('n_local', 1)}")
+                if gi.get("fit_at_bounds"):
+                    warn(f"subset {names[sid]}: fitted hyperparameters on their bounds: "
+                         f"{', '.join(gi['fit_at_bounds'])} (the bound decided them, not the data)")
+            unc = r.get("uncertainty_eV", {})
+            print(f"{pre}subset {names[sid]} ({k}/{n_mine}): {r['n_reference']} reference, "
+                  f"{r['n_kept']}/{r['n_copies']} copies kept, sigma mean {unc.get('mean', 0):.4f} eV"
+                  f"{extra}, {r['time_total_s']:.1f} s", flush=True)
+
+    first = {sid: c for sid, c in costs.items() if sid not in plan}
+    second = {sid: costs[sid] for sid in plan}
+    own1, own2 = assign_subsets(first, world), assign_subsets(second, world)
+    n_mine = sum(1 for v in own1.values() if v == rank) + sum(1 for v in own2.values() if v == rank)
     t0 = time.perf_counter()
-    for k, sid in enumerate(mine):
-        path = _shard_path(workdir, sid)
-        pre = f"[rank {rank}] " if world > 1 else ""
-        if not fresh and shard_is_done(path, keys[sid]):
-            print(f"{pre}subset {names[sid]}: finished earlier, skipped ({path.name})", flush=True)
-            continue
-        print(f"{pre}subset {names[sid]} ({k + 1}/{len(mine)}): {cfg.method} on {len(parents[sid])} reference "
-              f"structures of {int(ds.natoms[parents[sid][0]]) if len(parents[sid]) else 0} atoms ...", flush=True)
-        res = process_subset(ds, sid, cfg, rank)
-        write_shard(path, res, keys[sid])
-        r = res["report"]
-        extra = ""
-        if "gpr" in r:
-            gi = r["gpr"]
-            extra = (f", w {gi['weight_eV']:.3g} eV, l {_lengths(gi)}, jitter {gi['jitter']:.1e}"
-                     f", local GPRs {gi.get('n_local', 1)}")
-            if gi.get("fit_at_bounds"):
-                warn(f"subset {names[sid]}: fitted hyperparameters on their bounds: "
-                     f"{', '.join(gi['fit_at_bounds'])} (the bound decided them, not the data)")
-        unc = r.get("uncertainty_eV", {})
-        print(f"{pre}subset {names[sid]} ({k + 1}/{len(mine)}): {r['n_reference']} reference, "
-              f"{r['n_kept']}/{r['n_copies']} copies kept, sigma mean {unc.get('mean', 0):.4f} eV"
-              f"{extra}, {r['time_total_s']:.1f} s", flush=True)
+    run(first, {})
+    if plan:
+        ctx.barrier(sleep=True)
+        shared_of = {}
+        for f, h in sorted(plan.items()):
+            d = _read_hyper(_hyper_path(workdir, h), keys[h])
+            if d is None:
+                raise InputError(f"augment: {_hyper_path(workdir, h)}: the hyperparameters of subset "
+                                 f"'{names[h]}' are missing or stale after its run (shard folder changed "
+                                 f"by another job?); rerun")
+            if d.get("kind") != "local":
+                continue          # the head kept a global fingerprint: nothing to share
+            shared_of[f] = d
+            # the subset's output depends on the head's hyperparameters: part of its key
+            keys[f] = hashlib.sha256((keys[f] + json.dumps(d, sort_keys=True)).encode()).hexdigest()[:32]
+        run(second, shared_of)
     ctx.barrier(sleep=True)
     report = None
     if rank == 0:

@@ -48,14 +48,19 @@ def predict_structures(fit: dict, structs, forces=True):
 
 
 def fit_all(cfg, save=None, load=None):
+    """Fit (or load) every subset's GPR, as augment does: subsets that share another's
+    hyperparameters (``gpr.share``) come after the subset they take them from."""
     from ..data.h5store import H5Dataset
-    from .augment import fit_subset
+    from .augment import _estimated_cost, _parents_of, fit_subset, share_plan, shared_hyper
 
     ds = H5Dataset(cfg.input)
     cfg.gpr.save = save or cfg.gpr.save
     cfg.gpr.load = load or cfg.gpr.load
+    parents = {sid: _parents_of(ds, sid)[0] for sid in range(len(ds.subsets))}
+    plan = share_plan(cfg, ds, parents, {sid: _estimated_cost(cfg, ds, sid, len(p)) for sid, p in parents.items()})
     fits = {}
-    for sid, sub in enumerate(ds.subsets):
+    for sid in sorted(range(len(ds.subsets)), key=lambda s: (s in plan, s)):
+        sub = ds.subsets[sid]
         name = sub["name"]
         if cfg.for_subset(name)["skip"]:
             continue
@@ -66,10 +71,17 @@ def fit_all(cfg, save=None, load=None):
         t0 = time.perf_counter()
         print(f"subset {name} ({sid + 1}/{len(ds.subsets)}): {len(structs)} structures of {structs[0].natoms} atoms ...",
               flush=True)
-        fit = fit_subset(ds, structs, cfg, name)
+        shared = None
+        if sid in plan and ds.subsets[plan[sid]]["name"] in fits:
+            head = ds.subsets[plan[sid]]["name"]
+            shared = shared_hyper(fits[head], head, fits[head]["natoms"])
+        fit = fit_subset(ds, structs, cfg, name, shared=shared)
         fit["time_s"] = time.perf_counter() - t0
+        fit["natoms"] = structs[0].natoms
         info = fit["model"].info
-        print(f"subset {name}: fingerprint {fit['kind']}{' (loaded)' if fit.get('loaded') else ''}, "
+        how = " (loaded)" if fit.get("loaded") else (f" (hyperparameters of {fit['shared_from']})"
+                                                     if fit.get("shared_from") else "")
+        print(f"subset {name}: fingerprint {fit['kind']}{how}, "
               f"LOO energy MAE {info.get('loo_energy_mae_eV', float('nan')):.4f} eV, {fit['time_s']:.1f} s", flush=True)
         fits[name] = fit
     return fits

@@ -252,14 +252,25 @@ class LocalFingerprint(ChebyshevFingerprint):
             return super()._one(numbers, positions, cell, pbc, with_jacobian)
         return out
 
-    def fit_scale(self, X, J):
-        B = X.shape[0]
-        G = X.reshape(B, -1, self.dim).reshape(-1, self.dim)
-        sd = G.std(0, unbiased=False)
-        floor = max(float(sd.max()) * self.min_scale_rel, 1e-12)
-        per = sd.clamp_min(floor)
+    def fit_scale(self, X, J, per=None):
+        """As the base class, one scale per descriptor component; ``per`` [D]: impose these
+        scales instead of fitting them (a subset that shares another subset's hyperparameters
+        must see the environments in the same units, or the length scale means another thing)."""
+        if per is None:
+            B = X.shape[0]
+            G = X.reshape(B, -1, self.dim).reshape(-1, self.dim)
+            sd = G.std(0, unbiased=False)
+            floor = max(float(sd.max()) * self.min_scale_rel, 1e-12)
+            per = sd.clamp_min(floor)
+        per = torch.as_tensor(per, dtype=torch.float64).reshape(-1)
+        if per.numel() != self.dim:
+            raise ValueError(f"LocalFingerprint: {per.numel()} scales given for a {self.dim}-component descriptor")
         self.scale = per.repeat(X.shape[1] // self.dim)
         return X / self.scale, (None if J is None else J / self.scale[None, :, None])
+
+    def component_scale(self) -> list[float]:
+        """The per-component scale [D] (after fit_scale)."""
+        return [float(v) for v in self.scale[:self.dim]]
 
     def kernel(self, numbers):
         from .kernel import LocalKernel

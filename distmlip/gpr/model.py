@@ -40,7 +40,7 @@ from ..errors import ConfigError, InputError
 from .kernel import assemble, cartesian_grad_traces, cov_block
 
 __all__ = ["GPR", "LocalGPR", "Hyper", "cholesky_with_jitter", "available_memory",
-           "max_kernel_obs", "bounded_kmeans"]
+           "max_kernel_obs", "bounded_kmeans", "transfer_hyper"]
 
 LOG2PI = math.log(2.0 * math.pi)
 
@@ -270,6 +270,25 @@ def standardisation(E, G=None):
     s = sE if sE > 1e-12 else (fr if fr > 1e-12 else 1.0)
     f = fr if fr > 1e-12 else s
     return mu, s, f
+
+
+def transfer_hyper(shared: dict, natoms: int, E, F, noise_floor: float = 1e-6) -> dict:
+    """GPR keyword arguments (weight, length_scale, noise_energy, noise_force) for a subset with
+    energies E [N] (eV) and forces F (eV/A) of ``natoms``-atom structures, from the local-kernel
+    hyperparameters of another subset of the same elements, given in physical units (``shared``:
+    weight_eV, length_scale, noise_energy_eV, noise_force_eVA and that subset's natoms; the
+    ``info`` keys of a fitted GPR).  The local kernel models one atomic energy function, so its
+    prior (w s eV per atom), its length scale (in the shared descriptor scale) and the force noise
+    carry over unchanged; the energy noise of a structure is taken as independent atomic errors,
+    sqrt(natoms) times the per-atom value.  Only the standardisation (s, f) is this subset's."""
+    E = torch.as_tensor(np.asarray(E, dtype=np.float64)).reshape(-1)
+    G = -torch.as_tensor(np.asarray(F, dtype=np.float64)).reshape(E.numel(), -1)
+    _mu, s, f = standardisation(E, G)
+    ne_eV = float(shared["noise_energy_eV"]) * math.sqrt(natoms / float(shared["natoms"]))
+    tiny = 1e-12     # the given values must be positive; the noise floor is added back in fit
+    return dict(weight=float(shared["weight_eV"]) / s, length_scale=float(shared["length_scale"]),
+                noise_energy=max(ne_eV / s - noise_floor, tiny),
+                noise_force=max(float(shared["noise_force_eVA"]) / f - noise_floor, tiny))
 
 
 def _as_t(a, device):
