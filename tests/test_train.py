@@ -239,3 +239,22 @@ def test_energy_force_loss_matches_the_written_out_loss(per_atom, force_counts):
     ref.backward()
     assert torch.allclose(loss.detach(), ref.detach(), rtol=1e-13, atol=0)
     assert torch.allclose(E.grad, E2.grad, rtol=1e-12, atol=1e-16)
+
+
+def test_plateau_patience_covers_min_steps(tmp_path, emt_h5):
+    """The plateau scheduler waits plateau_patience epochs, but at least plateau_min_steps
+    optimizer steps; the learning rate then halves after that many epochs without improvement
+    (a constant validation loss here) and not before."""
+    cfg = make_cfg(tmp_path, emt_h5, **{"training.plateau_min_steps": 40, "training.plateau_patience": 2})
+    tr = Trainer(cfg, quiet=True)
+    per = tr.stream.steps(0)
+    want = max(2, -(-40 // per))
+    assert want > 2 and tr.sched.patience == want
+    lr0 = tr.opt.param_groups[0]["lr"]
+    for _ in range(want + 1):          # the first call sets the best, then `want` bad epochs
+        tr.sched.step(1.0)
+        assert tr.opt.param_groups[0]["lr"] == lr0
+    tr.sched.step(1.0)                 # one more bad epoch than the patience: halved
+    assert tr.opt.param_groups[0]["lr"] == pytest.approx(0.5 * lr0)
+    cfg = make_cfg(tmp_path / "b", emt_h5, **{"training.plateau_min_steps": 0, "training.plateau_patience": 2})
+    assert Trainer(cfg, quiet=True).sched.patience == 2

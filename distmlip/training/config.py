@@ -93,6 +93,8 @@ class TrainingConfig:
     scheduler: Literal["plateau", "cosine", "none"] = "plateau"
     plateau_factor: float = field(default=0.5, metadata=bounds(gt=0.0, lt=1.0))
     plateau_patience: int = field(default=10, metadata=bounds(ge=0))
+    # ... and at least this many optimizer steps (small data sets: few steps per epoch)
+    plateau_min_steps: int = field(default=500, metadata=bounds(ge=0))
     min_lr: float = field(default=1.0e-6, metadata=bounds(ge=0.0))
     early_stopping: int = field(default=0, metadata=bounds(ge=0))   # epochs without improvement before stopping (0: off)
     grad_clip: float = field(default=0.0, metadata=bounds(ge=0.0))   # max gradient norm (0: off)

@@ -574,12 +574,26 @@ class Trainer:
             self.opt = torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
         if tc.scheduler == "plateau":
             self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.opt, factor=tc.plateau_factor, patience=tc.plateau_patience, min_lr=tc.min_lr)
+                self.opt, factor=tc.plateau_factor, patience=self._plateau_patience(), min_lr=tc.min_lr)
+            if self._plateau_patience() > tc.plateau_patience:
+                self._log(f"scheduler: plateau patience {self._plateau_patience()} epochs (at least "
+                          f"training.plateau_min_steps = {tc.plateau_min_steps} steps of "
+                          f"{self.stream.steps(0)} per epoch)")
         elif tc.scheduler == "cosine":
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(tc.epochs, 1),
                                                                     eta_min=tc.min_lr)
         else:
             self.sched = None
+
+    def _plateau_patience(self) -> int:
+        """Epochs without improvement before the plateau scheduler lowers the learning rate:
+        plateau_patience, but at least plateau_min_steps optimizer steps.  Small data sets have
+        a few steps per epoch, and 10 epochs of them are too few for the validation loss to
+        move: with 3 steps per epoch the learning rate fell to its minimum before the networks
+        had learnt anything (docs/results.md, "Learning-rate schedule")."""
+        tc = self.cfg.training
+        per = max(1, int(self.stream.steps(0)))
+        return max(tc.plateau_patience, -(-tc.plateau_min_steps // per))
 
     def _restore(self, st):
         tc = self.cfg.training
@@ -597,7 +611,7 @@ class Trainer:
             if "training.weight_decay" in changes:
                 g["weight_decay"] = tc.weight_decay
         if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.sched.factor, self.sched.patience = tc.plateau_factor, tc.plateau_patience
+            self.sched.factor, self.sched.patience = tc.plateau_factor, self._plateau_patience()
             self.sched.min_lrs = [tc.min_lr] * len(self.opt.param_groups)
         elif isinstance(self.sched, torch.optim.lr_scheduler.CosineAnnealingLR):
             self.sched.T_max, self.sched.eta_min = max(tc.epochs, 1), tc.min_lr
