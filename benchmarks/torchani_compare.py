@@ -110,7 +110,6 @@ def aev_dim(aevc) -> int:
 
 # ------------------------------------------------------------------------------ distmlip side
 def distmlip_worker(h5: str, epochs: int, work: str) -> dict:
-
     import numpy as np
     import torch
 

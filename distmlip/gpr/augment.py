@@ -372,8 +372,9 @@ def _fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank, shared=None):
     kw.update(extra)
     hyper = dict(weight=g.weight, length_scale=g.length_scale, noise_energy=g.noise_energy,
                  noise_force=g.noise_force)
-    if shared is not None:
-        hyper = transfer_hyper(shared, ref.natoms, E0, F0)
+    if shared is not None:       # values given in the config still win
+        t = transfer_hyper(shared, ref.natoms, E0, F0)
+        hyper = {k: (t[k] if v is None else v) for k, v in hyper.items()}
     model = LocalGPR(max_obs=g.max_kernel_obs, memory_fraction=g.memory_fraction,
                      seed=cfg.seed, **hyper, device=g.device,
                      fit_iterations=g.fit_iterations,
