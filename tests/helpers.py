@@ -65,3 +65,15 @@ def distmlip_cli(args: list[str], *, check: bool = True, timeout: float = 300, c
     if check and res.returncode != 0:
         raise AssertionError(f"distmlip {args} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
+
+
+def emt_structure(atoms, source: str, index: int):
+    """A distmlip Structure of ``atoms`` labelled by ASE's EMT (energy and forces)."""
+    from ase.calculators.emt import EMT
+
+    from distmlip.data.structure import Structure
+
+    atoms.calc = EMT()
+    return Structure(numbers=atoms.numbers.copy(), positions=atoms.positions.copy(), cell=atoms.cell.array.copy(),
+                     pbc=atoms.pbc.copy(), energy=atoms.get_potential_energy(), forces=atoms.get_forces(),
+                     source=source, source_index=index)

@@ -7,39 +7,31 @@ import json
 import numpy as np
 import pytest
 
-from helpers import mpirun
+from helpers import emt_structure, mpirun
 
 from distmlip.cli import main as cli_main
 
 from distmlip.data.h5store import H5Dataset, write_dataset
-from distmlip.data.structure import Structure
 from distmlip.gpr.sampling import displace, min_distance, subset_rng, taylor_energy
 
 
 def _emt_dataset(path):
     from ase import Atoms
     from ase.build import bulk
-    from ase.calculators.emt import EMT
 
     out = []
-
-    def lab(a, src, k):
-        a.calc = EMT()
-        return Structure(numbers=a.numbers.copy(), positions=a.positions.copy(), cell=a.cell.array.copy(),
-                         pbc=a.pbc.copy(), energy=a.get_potential_energy(), forces=a.get_forces(),
-                         source=src, source_index=k)
     for k in range(6):
         a = bulk("Cu", "fcc", a=3.6, cubic=True)
         a.rattle(0.05, seed=k)
-        out.append(lab(a, "cu_bulk", k))
+        out.append(emt_structure(a, "cu_bulk", k))
     for k in range(5):
         a = Atoms("Cu3Ni", positions=[[0, 0, 0], [2.5, 0, 0], [1.25, 2.1, 0], [1.25, 0.7, 2.0]])
         a.rattle(0.08, seed=10 + k)
-        out.append(lab(a, "cluster", k))
+        out.append(emt_structure(a, "cluster", k))
     for k in range(4):
         a = bulk("Al", "fcc", a=4.05).repeat((2, 1, 1))
         a.rattle(0.05, seed=20 + k)
-        out.append(lab(a, "al", k))
+        out.append(emt_structure(a, "al", k))
     write_dataset(path, out)
     return out
 
@@ -251,27 +243,20 @@ def test_report_table_lists_per_element_length_scales():
 def _two_cu_subsets(path):
     """Two Cu subsets (4- and 8-atom periodic cells) and one Al subset: one chemistry group."""
     from ase.build import bulk
-    from ase.calculators.emt import EMT
 
     out = []
-
-    def lab(a, src, k):
-        a.calc = EMT()
-        return Structure(numbers=a.numbers.copy(), positions=a.positions.copy(), cell=a.cell.array.copy(),
-                         pbc=a.pbc.copy(), energy=a.get_potential_energy(), forces=a.get_forces(),
-                         source=src, source_index=k)
     for k in range(5):
         a = bulk("Cu", "fcc", a=3.6, cubic=True)
         a.rattle(0.05, seed=k)
-        out.append(lab(a, "cu4", k))
+        out.append(emt_structure(a, "cu4", k))
     for k in range(5):
         a = bulk("Cu", "fcc", a=3.62, cubic=True).repeat((2, 1, 1))
         a.rattle(0.05, seed=30 + k)
-        out.append(lab(a, "cu8", k))
+        out.append(emt_structure(a, "cu8", k))
     for k in range(4):
         a = bulk("Al", "fcc", a=4.05).repeat((2, 1, 1))
         a.rattle(0.05, seed=20 + k)
-        out.append(lab(a, "al", k))
+        out.append(emt_structure(a, "al", k))
     write_dataset(path, out)
 
 

@@ -9,30 +9,23 @@ import pytest
 import torch
 
 from distmlip.cli import main as cli_main
+from helpers import emt_structure
 from distmlip.data.h5store import H5Dataset, write_dataset
-from distmlip.data.structure import Structure
 
 
 def _emt(seed0, n_cl=5, n_al=4):
     from ase import Atoms
     from ase.build import bulk
-    from ase.calculators.emt import EMT
 
     out = []
-
-    def lab(a, src, k):
-        a.calc = EMT()
-        return Structure(numbers=a.numbers.copy(), positions=a.positions.copy(), cell=a.cell.array.copy(),
-                         pbc=a.pbc.copy(), energy=a.get_potential_energy(), forces=a.get_forces(),
-                         source=src, source_index=k)
     for k in range(n_cl):
         a = Atoms("Cu3Ni", positions=[[0, 0, 0], [2.5, 0, 0], [1.25, 2.1, 0], [1.25, 0.7, 2.0]])
         a.rattle(0.08, seed=seed0 + k)
-        out.append(lab(a, "cluster", k))
+        out.append(emt_structure(a, "cluster", k))
     for k in range(n_al):
         a = bulk("Al", "fcc", a=4.05).repeat((2, 1, 1))
         a.rattle(0.05, seed=seed0 + 50 + k)
-        out.append(lab(a, "al", k))
+        out.append(emt_structure(a, "al", k))
     return out
 
 
