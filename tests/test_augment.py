@@ -15,23 +15,30 @@ from distmlip.data.h5store import H5Dataset, write_dataset
 from distmlip.gpr.sampling import displace, min_distance, subset_rng, taylor_energy
 
 
+def _rattled(make, n, amp, seed0, source):
+    """n EMT-labelled copies of make(), rattled by amp with seeds seed0, seed0 + 1, ..."""
+    out = []
+    for k in range(n):
+        a = make()
+        a.rattle(amp, seed=seed0 + k)
+        out.append(emt_structure(a, source, k))
+    return out
+
+
+def _al_cells():
+    from ase.build import bulk
+
+    return _rattled(lambda: bulk("Al", "fcc", a=4.05).repeat((2, 1, 1)), 4, 0.05, 20, "al")
+
+
 def _emt_dataset(path):
     from ase import Atoms
     from ase.build import bulk
 
-    out = []
-    for k in range(6):
-        a = bulk("Cu", "fcc", a=3.6, cubic=True)
-        a.rattle(0.05, seed=k)
-        out.append(emt_structure(a, "cu_bulk", k))
-    for k in range(5):
-        a = Atoms("Cu3Ni", positions=[[0, 0, 0], [2.5, 0, 0], [1.25, 2.1, 0], [1.25, 0.7, 2.0]])
-        a.rattle(0.08, seed=10 + k)
-        out.append(emt_structure(a, "cluster", k))
-    for k in range(4):
-        a = bulk("Al", "fcc", a=4.05).repeat((2, 1, 1))
-        a.rattle(0.05, seed=20 + k)
-        out.append(emt_structure(a, "al", k))
+    out = _rattled(lambda: bulk("Cu", "fcc", a=3.6, cubic=True), 6, 0.05, 0, "cu_bulk")
+    out += _rattled(lambda: Atoms("Cu3Ni", positions=[[0, 0, 0], [2.5, 0, 0], [1.25, 2.1, 0], [1.25, 0.7, 2.0]]),
+                    5, 0.08, 10, "cluster")
+    out += _al_cells()
     write_dataset(path, out)
     return out
 
@@ -244,19 +251,9 @@ def _two_cu_subsets(path):
     """Two Cu subsets (4- and 8-atom periodic cells) and one Al subset: one chemistry group."""
     from ase.build import bulk
 
-    out = []
-    for k in range(5):
-        a = bulk("Cu", "fcc", a=3.6, cubic=True)
-        a.rattle(0.05, seed=k)
-        out.append(emt_structure(a, "cu4", k))
-    for k in range(5):
-        a = bulk("Cu", "fcc", a=3.62, cubic=True).repeat((2, 1, 1))
-        a.rattle(0.05, seed=30 + k)
-        out.append(emt_structure(a, "cu8", k))
-    for k in range(4):
-        a = bulk("Al", "fcc", a=4.05).repeat((2, 1, 1))
-        a.rattle(0.05, seed=20 + k)
-        out.append(emt_structure(a, "al", k))
+    out = _rattled(lambda: bulk("Cu", "fcc", a=3.6, cubic=True), 5, 0.05, 0, "cu4")
+    out += _rattled(lambda: bulk("Cu", "fcc", a=3.62, cubic=True).repeat((2, 1, 1)), 5, 0.05, 30, "cu8")
+    out += _al_cells()
     write_dataset(path, out)
 
 

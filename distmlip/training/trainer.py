@@ -573,10 +573,11 @@ class Trainer:
         else:
             self.opt = torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
         if tc.scheduler == "plateau":
+            patience = self._plateau_patience()
             self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.opt, factor=tc.plateau_factor, patience=self._plateau_patience(), min_lr=tc.min_lr)
-            if self._plateau_patience() > tc.plateau_patience:
-                self._log(f"scheduler: plateau patience {self._plateau_patience()} epochs (at least "
+                self.opt, factor=tc.plateau_factor, patience=patience, min_lr=tc.min_lr)
+            if patience > tc.plateau_patience:
+                self._log(f"scheduler: plateau patience {patience} epochs (at least "
                           f"training.plateau_min_steps = {tc.plateau_min_steps} steps of "
                           f"{self.stream.steps(0)} per epoch)")
         elif tc.scheduler == "cosine":
