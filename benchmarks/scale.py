@@ -46,7 +46,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 GEN_VERSION = 1
-NATOMS = 32
+NATOMS = 32        # atoms per cell: 32 (2x2x2 fcc) or 4 (1x1x1), set by --natoms
 
 # ------------------------------------------------------------------------------------ EMT
 # parameters of ase.calculators.emt (E0 eV, s0 bohr, V0 eV, eta2 1/bohr, kappa 1/bohr,
@@ -142,17 +142,20 @@ def emt_batch(numbers: np.ndarray, positions: np.ndarray, cells: np.ndarray):
 
 # ------------------------------------------------------------------------------------ data
 def prototypes() -> list[np.ndarray]:
-    """16 fixed decorations of the 32 sites: the pure metals, ordered A3B / AB layers and
-    fixed random alloys (one seed), so the atom orders and hence the subsets repeat."""
+    """16 fixed, distinct decorations of the NATOMS sites: the pure metals, ordered A3B / AB
+    layers and fixed random alloys (one seed), so the atom orders and hence the subsets repeat."""
     cu, au, ni = 29, 79, 28
     out = [np.full(NATOMS, z) for z in (cu, au, ni)]
     idx = np.arange(NATOMS)
+    layer = (idx // 4) % 2 if NATOMS > 4 else idx % 2
     for a, b in ((cu, au), (cu, ni), (ni, au)):
         out.append(np.where(idx % 4 == 0, b, a))            # A3B
-        out.append(np.where((idx // 4) % 2 == 0, a, b))      # AB layers
+        out.append(np.where(layer == 0, a, b))               # AB layers
     rng = np.random.default_rng(1234)
     while len(out) < 16:
-        out.append(rng.choice([cu, au, ni], size=NATOMS))
+        cand = rng.choice([cu, au, ni], size=NATOMS)
+        if not any(np.array_equal(cand, o) for o in out):
+            out.append(cand)
     return [np.asarray(p, dtype=np.int64) for p in out]
 
 
@@ -160,16 +163,18 @@ _LATTICE = {29: 3.61, 79: 4.08, 28: 3.52}
 
 
 def make_cells(rng, count: int):
-    """count strained, rattled 2x2x2 fcc cells: numbers [B,32], positions [B,32,3], cells [B,3,3]."""
+    """count strained, rattled fcc cells (2x2x2 conventional cells for 32 atoms, one for 4):
+    numbers [B,n], positions [B,n,3], cells [B,3,3]."""
     protos = prototypes()
+    rep = {32: 2, 4: 1}[NATOMS]
     base = np.array([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0]])
-    frac = np.concatenate([base + np.array(s) for s in np.ndindex(2, 2, 2)]) / 2.0   # [32, 3]
+    frac = np.concatenate([base + np.array(s) for s in np.ndindex(rep, rep, rep)]) / rep   # [n, 3]
     k = rng.integers(0, len(protos), size=count)
     numbers = np.stack([protos[i] for i in k])
     a0 = np.array([np.mean([_LATTICE[int(z)] for z in protos[i]]) for i in range(len(protos))])[k]
     eps = rng.normal(0, 0.02, size=(count, 3, 3))
     eps = 0.5 * (eps + eps.transpose(0, 2, 1))
-    cells = (2 * a0)[:, None, None] * (np.eye(3)[None] + eps)
+    cells = (rep * a0)[:, None, None] * (np.eye(3)[None] + eps)
     pos = np.einsum("ia,bak->bik", frac, cells) + rng.normal(0, 0.08, size=(count, NATOMS, 3))
     return numbers, pos, cells
 
@@ -201,7 +206,7 @@ GEN_CHUNK = 2000
 
 
 def dataset_path(data_dir: Path, n: int) -> Path:
-    return Path(data_dir) / f"emt32_{n}.extxyz"
+    return Path(data_dir) / f"emt{NATOMS}_{n}.extxyz"
 
 
 def ensure_dataset(data_dir: Path, n: int, procs: int, seed: int = 0, log=print) -> Path:
@@ -310,7 +315,7 @@ STAGES = ("startup", "convert", "featurize", "energy", "force")
 
 def run_size(n: int, args, log=print) -> dict:
     data = ensure_dataset(Path(args.data_dir), n, args.procs, log=log)
-    work = Path(args.data_dir) / f"run_{n}_r{args.ranks}"
+    work = Path(args.data_dir) / (f"run_{n}_r{args.ranks}" + ("" if NATOMS == 32 else f"_n{NATOMS}"))
     work.mkdir(parents=True, exist_ok=True)
     h5 = work / "data.h5"
     atoms = n * NATOMS
@@ -322,7 +327,8 @@ def run_size(n: int, args, log=print) -> dict:
         if stage == "startup":
             # the fixed cost of a job (interpreter, torch and distmlip imports, MPI start)
             a = ["-c", "import distmlip.training.trainer, distmlip.data.convert; "
-                       "from distmlip.distributed import init_distributed; init_distributed('cpu')"]
+                       "from distmlip.distributed import init_distributed, shutdown, exit_process; "
+                       "init_distributed('cpu'); shutdown(); exit_process(0)"]
         elif stage == "convert":
             a = ["-m", "distmlip", "convert", str(data), "-o", str(h5)]
         elif stage == "featurize":
@@ -377,15 +383,19 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default="/tmp/distmlip-scale")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--batch-atoms", type=int, default=2048)
+    p.add_argument("--natoms", type=int, choices=(4, 32), default=32,
+                   help="atoms per cell; 4 puts 1e6 structures at 4 million atoms")
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument("--quick", action="store_true", help="smoke run: 200 structures, EMT labels checked against ASE")
     args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
+    global NATOMS
+    NATOMS = args.natoms
     sizes = parse_sizes(args.sizes)
     if args.quick:
         sizes = [200]
         check_emt()
-    print(f"# distmlip scale benchmark: sizes {sizes}, {args.ranks} ranks, stages {args.stages}, "
+    print(f"# distmlip scale benchmark: sizes {sizes} of {NATOMS}-atom cells, {args.ranks} ranks, stages {args.stages}, "
           f"load {loadavg()}, {os.cpu_count()} cores", flush=True)
     results = []
     for n in sizes:

@@ -222,3 +222,56 @@ training: {{mode: energy, epochs: 1, batch_atoms: 16, output: {tmp_path / 'run'}
     b = collate(structs, m.species, m.cutoff)
     assert float(m.zbl.atomic_energies(b).abs().max()) == 0.0
     assert m.training_record["pair_min_distance_A"]["C-O"] == pytest.approx(0.85)
+
+
+def test_cached_energy_training_skips_zbl_only_where_no_pair_is_inside(tmp_path):
+    """The cached-descriptor path takes zero ZBL energies without a pair list for the structures
+    whose record-pass minima lie beyond every outer radius; radii set between the structures'
+    shortest distances leave some structures inside: the loader's frozen energies must still
+    equal ZBL's own for every structure, and training equal training on positions."""
+    import numpy as np
+
+    from distmlip.data.examples import rattled_cu_au
+    from distmlip.data.h5store import H5Dataset, write_dataset
+    from distmlip.models.data_record import structure_pair_minima
+    from distmlip.training.config import load_train_config
+    from distmlip.training.trainer import Trainer
+
+    h5 = tmp_path / "d" / "emt.h5"
+    h5.parent.mkdir()
+    write_dataset(h5, rattled_cu_au(16))
+    ds = H5Dataset(h5)
+    shortest = [min(structure_pair_minima(s.numbers, s.positions, s.cell, s.pbc, 3.5).values())
+                for s in ds.read(list(range(ds.n_structures)))]
+    r = float(np.median(shortest)) + 1e-3
+    # unequal radii per pair, so that a pair looked up in the wrong order would show
+    radii = f"{{Cu-Cu: [1.0, {r}], Au-Cu: [1.0, {r - 0.04}], Au-Au: [1.0, {r + 0.04}]}}"
+    trainers = {}
+    for cache in ("off", "on"):
+        y = tmp_path / f"{cache}.yaml"
+        y.write_text(f"""
+data: {{train: [{h5}], fractions: [0.75, 0.25, 0.0]}}
+descriptor: {{rc_radial: 3.5, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference, cache: {cache}}}
+model: {{hidden: [6]}}
+training: {{mode: energy, epochs: 3, batch_atoms: 16, lr: 0.01, output: {tmp_path / cache}, progress_bar: 'off'}}
+zbl: {{enabled: true, radii: {radii}}}
+""")
+        t = Trainer(load_train_config(y), quiet=True)
+        trainers[cache] = t
+    t = trainers["on"]
+    mine = np.asarray(t.stream.partition())
+    clear = t._zbl_clear[mine]
+    assert clear.any() and not clear.all(), clear
+    loader, zbl = t.stream.loader, t.model.zbl
+    for i in mine:
+        want = zbl.frozen_atomic_energies(ds.read([int(i)]), memo=False).numpy()
+        np.testing.assert_allclose(loader._frozen_energy(np.array([i])), want, rtol=0, atol=1e-14)
+        if t._zbl_clear[i]:
+            assert not want.any()
+    inside = [i for i in mine if not t._zbl_clear[i]]
+    assert any(zbl.frozen_atomic_energies(ds.read([int(i)]), memo=False).abs().sum() > 0 for i in inside)
+    for t in trainers.values():
+        t.fit()
+    a, b = trainers["off"].model.state_dict(), trainers["on"].model.state_dict()
+    d = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert d < 1e-10, d

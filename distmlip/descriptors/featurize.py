@@ -519,13 +519,16 @@ class FeatureBatchLoader:
     training stream (``PartitionedStream(loader=...)``); memory: one byte per atom plus a few
     numbers per structure beyond the cache itself."""
 
-    def __init__(self, cache: FeatureCache, ds, species, frozen_energy=None, keep_bytes: int = 0):
+    def __init__(self, cache: FeatureCache, ds, species, frozen_energy=None, keep_bytes: int = 0,
+                 frozen_zero=None):
         """``frozen_energy``: optional callable (list of Structure) -> per-atom energies [N] of
         the model's terms without trainable parameters (ZBL): constants of fixed structures,
         computed the first time a structure is batched and kept (8 bytes per atom of this
         rank's structures); batches then carry them as ``frozen_energy``.  ``keep_bytes`` > 0:
         assembled batches are kept for reuse up to that many bytes (fixed batches: every epoch
-        asks for the same index sets; the batches returned are then shared, not to be changed)."""
+        asks for the same index sets; the batches returned are then shared, not to be changed).
+        ``frozen_zero``: optional bool array over ``ds``: structures known to have zero frozen
+        energies (no pair inside a ZBL radius), which need no read and no pair list."""
         from ..errors import InputError
         from .batch import species_table
 
@@ -544,21 +547,28 @@ class FeatureBatchLoader:
         self.weight = np.asarray(ds.column("weight"), dtype=np.float64)
         self.has_forces = np.asarray(ds.column("has_forces"), dtype=bool)
         self.ds, self.frozen_fn, self._frozen = ds, frozen_energy, {}
+        self.frozen_zero = None if frozen_zero is None else np.asarray(frozen_zero, dtype=bool)
         self.kept = KeptBatches(keep_bytes)
 
     def cheap(self, indices) -> bool:
         # a structure whose frozen energies are not known yet needs a read of the data set
         if indices in self.kept:
             return True
-        return self.frozen_fn is None or all(int(i) in self._frozen for i in indices)
+        return self.frozen_fn is None or all(int(i) in self._frozen or (self.frozen_zero is not None
+                                                                        and self.frozen_zero[int(i)])
+                                             for i in indices)
 
     def _frozen_energy(self, idx) -> np.ndarray:
-        missing = [int(i) for i in idx if int(i) not in self._frozen]
+        zero = self.frozen_zero
+        missing = [int(i) for i in idx if int(i) not in self._frozen and (zero is None or not zero[int(i)])]
         if missing:
             structures = self.ds.read(missing)
             for i, s, e in zip(missing, structures, self._split(self.frozen_fn(structures), structures)):
                 self._frozen[i] = e
-        return np.concatenate([self._frozen[int(i)] for i in idx]) if len(idx) else np.zeros(0)
+        if zero is not None and zero[idx].all():
+            return np.zeros(int(self.natoms[idx].sum()))
+        return np.concatenate([self._frozen[int(i)] if int(i) in self._frozen else np.zeros(int(self.natoms[i]))
+                               for i in idx]) if len(idx) else np.zeros(0)
 
     @staticmethod
     def _split(e, structures):

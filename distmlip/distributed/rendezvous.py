@@ -327,6 +327,11 @@ def connect_mpi(ctx) -> None:
             ctx._rendezvous_dir = os.path.dirname(path)
             atexit.register(remove_rendezvous_dir, ctx)
         _init_process_group(ctx, dist.FileStore(path, size))
+        # no rank leaves before every rank has its group: a rank 0 that ended right after its
+        # own init (a script that never calls shutdown) removed the folder while rank 1 was still
+        # reading the store, and rank 1 failed after the whole store timeout (seen once in 4
+        # launches of benchmarks/scale.py's start-up stage)
+        comm.Barrier()
         return
     secret = comm.bcast(secrets.token_hex(16) if rank == 0 else None, root=0)
     store = port = None

@@ -63,14 +63,27 @@ def structure_pair_minima(numbers, positions, cell, pbc, cutoff: float) -> dict:
     return out
 
 
-def record_from_structures(structures, species, cutoff: float) -> dict:
-    """Partial record of an iterable of :class:`~distmlip.data.structure.Structure`."""
+def record_from_structures(structures, species, cutoff: float, minima: list | None = None) -> dict:
+    """Partial record of an iterable of :class:`~distmlip.data.structure.Structure`.
+    ``minima``: a list that receives each structure's shortest distance per pair key (the
+    keys' order of the record's ``pair_min_distance_A``; inf where the pair is absent or
+    beyond the cutoff) as one float32 row, for callers that need them per structure (the
+    trainer: which structures ZBL cannot reach)."""
     pairs = {pair_key(a, b): None for k, a in enumerate(species) for b in species[k:]}
+    col = {k: c for c, k in enumerate(pairs)}
     emin: dict = {}
     n = 0
     for s in structures:
         n += 1
-        for k, d in structure_pair_minima(s.numbers, s.positions, s.cell, s.pbc, cutoff).items():
+        mins = structure_pair_minima(s.numbers, s.positions, s.cell, s.pbc, cutoff)
+        if minima is not None:
+            row = np.full(len(col), np.inf, dtype=np.float32)
+            for k, d in mins.items():
+                if k in col:
+                    # rounded down: the row may only understate a distance
+                    row[col[k]] = np.nextafter(np.float32(d), np.float32(0)) if np.float32(d) > d else d
+            minima.append(row)
+        for k, d in mins.items():
             if k in pairs and (pairs[k] is None or d < pairs[k]):
                 pairs[k] = d
         if math.isfinite(float(s.energy)) and len(s.numbers):
@@ -100,15 +113,17 @@ def merge_records(records: list) -> dict:
     return out
 
 
-def dataset_record(ds, indices, species, cutoff: float, ctx=None, chunk: int = 512) -> dict:
-    """Record of ``ds`` structures ``indices`` (this rank's share), merged over ``ctx``'s ranks."""
+def dataset_record(ds, indices, species, cutoff: float, ctx=None, chunk: int = 512,
+                   minima: list | None = None) -> dict:
+    """Record of ``ds`` structures ``indices`` (this rank's share), merged over ``ctx``'s ranks;
+    ``minima`` as in :func:`record_from_structures` (this rank's structures, in ``indices`` order)."""
     indices = np.asarray(indices, dtype=np.int64)
 
     def structures():
         for a in range(0, len(indices), chunk):
             yield from ds.read(indices[a:a + chunk])
 
-    part = record_from_structures(structures(), list(species), cutoff)
+    part = record_from_structures(structures(), list(species), cutoff, minima)
     parts = ctx.all_gather_object(part) if ctx is not None and ctx.world_size > 1 else [part]
     return merge_records(parts)
 

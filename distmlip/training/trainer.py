@@ -449,7 +449,9 @@ class Trainer:
                 from ..models.data_record import dataset_record
                 from ..models.zbl import DATA_MARGIN, radii_for_data
 
-                record = dataset_record(self.ds, self.stream.partition(), species, dc.spec.cutoff, self.ctx)
+                minima: list = []
+                record = dataset_record(self.ds, self.stream.partition(), species, dc.spec.cutoff, self.ctx,
+                                        minima=minima)
                 radii, lowered = radii_for_data(species, self.cfg.zbl.radii, record["pair_min_distance_A"])
                 for key, hi, new, d in lowered:
                     self._log(f"zbl: {key} outer radius {hi:.3f} -> {new:.3f} A ({DATA_MARGIN:g} x the shortest "
@@ -459,6 +461,8 @@ class Trainer:
                 self._early_record = record
             self.model = BPNN(species, dc.spec, mc.hidden, mc.activation, mc.dtype, ref, zbl=zbl,
                               backend=dc.backend)
+            if zbl is not None and getattr(self.model, "zbl", None) is not None:
+                self._zbl_clear = self._structures_beyond_zbl(species, minima)
         self.model.to(self.device)
         self._setup_cache()
         self._setup_graphs()
@@ -487,6 +491,23 @@ class Trainer:
                                                         self.model.cutoff, self.ctx)
         self._log(f"model: {self.model.describe()}, {sum(p.numel() for p in self.model.parameters())} parameters")
         self._log(f"backend: {self.model.plan().describe()}")
+
+    def _structures_beyond_zbl(self, species, minima) -> np.ndarray:
+        """[n_structures] bool over the training set: True for this rank's training structures
+        whose every pair lies at or beyond its ZBL outer radius (per-structure minima from the
+        record pass), whose ZBL energies are therefore exactly zero.  With the default radii kept
+        off the training data (models/zbl.py) that is every structure, and the cached-descriptor
+        path skips their pair lists (a neighbour list per structure: most of the set-up time of an
+        energy run on many small structures)."""
+        clear = np.zeros(self.ds.n_structures, dtype=bool)
+        if not minima:
+            return clear
+        r_out = self.model.zbl.short_range
+        radius = np.array([r_out[a, a + k] for a in range(len(species)) for k in range(len(species) - a)],
+                          dtype=np.float64)
+        ok = (np.stack(minima).astype(np.float64) >= radius[None, :]).all(axis=1)
+        clear[np.asarray(self.stream.partition(), dtype=np.int64)[ok]] = True
+        return clear
 
     def _setup_cache(self):
         """Descriptor cache (energy mode; ZBL energies are constants of each structure there,
@@ -542,7 +563,8 @@ class Trainer:
             store = GraphStore(self.ds, self.model.species, self.model.cutoff, graph_budget, short_range)
             self.stream.loader = BatchStore(store, batch_budget, device=self.device) if fixed else store
         else:       # cached descriptors: batches from in-memory columns, no read per batch
-            self.stream.loader = FeatureBatchLoader(self.cache, self.ds, self.model.species, frozen, batch_budget)
+            self.stream.loader = FeatureBatchLoader(self.cache, self.ds, self.model.species, frozen, batch_budget,
+                                                    frozen_zero=getattr(self, "_zbl_clear", None))
         if self.val_stream is not None:
             # the validation batches are the same every epoch
             vb = budget // 8
