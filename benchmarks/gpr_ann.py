@@ -1,6 +1,6 @@
 """GPR-ANN against energy-only and direct force training (and the hybrid) at one wall-time budget.
 
-    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies 20] [--delta 0.03]
+    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies 20] [--pool 80] [--delta 0.03]
                                  [--fingerprint auto] [--np 1] [--out runs/gpr_ann] [--reuse-augment]
 
 Data sets: ``demo`` the EMT set of ``make demo`` (24 training / 12 test structures per subset);
@@ -14,6 +14,9 @@ are set from the median epoch time of a 3-epoch calibration run, start-up exclud
            copy-difference term (training.difference_weight, default 0.05; training/losses.py)
   gpr_ann_paper  the same with the paper's plain energy loss (difference_weight 0)
   hybrid   force mode on the augmented set: GPR energies + reference forces
+  gpr_ann_pool  (with ``--pool P``) gpr_ann on a pool of P copies per structure labelled by the
+           same GPR fit, of which M (``--copies``) are drawn anew every epoch
+           (training.copies_per_epoch): M copies' cost per epoch, P directions over the run
 Prints E MAE (meV/atom), F MAE (eV/A) and force angle on the test set per method and the
 augment (GPR fit) time.  No assertions: the numbers go to docs/results.md.
 """
@@ -131,6 +134,7 @@ def main():
     ap.add_argument("set", choices=["demo", "slab", "ec"])
     ap.add_argument("--budget", type=float, default=120.0, help="training wall time per method (s)")
     ap.add_argument("--copies", type=int, default=20)
+    ap.add_argument("--pool", type=int, default=0, help="copies per structure of the gpr_ann_pool method's pool")
     ap.add_argument("--delta", type=float, default=0.03)
     ap.add_argument("--fingerprint", default="auto")
     ap.add_argument("--np", type=int, default=1, dest="np_")
@@ -144,7 +148,8 @@ def main():
     import yaml
 
     aug = {"input": str(out / "train.h5"), "output": str(out / "train_aug.h5"), "method": "gpr",
-           "copies": a.copies, "delta": a.delta, "seed": 0, "gpr": {"fingerprint": a.fingerprint}}
+           "copies": a.copies, "delta": a.delta, "seed": 0,
+           "gpr": {"fingerprint": a.fingerprint, "save": str(out / "gpr_fits")}}
     (out / "augment.yaml").write_text(yaml.safe_dump(aug))
     t0 = time.perf_counter()
     if not (a.reuse_augment and (out / "train_aug.report.json").is_file()):
@@ -153,13 +158,24 @@ def main():
     rep = json.loads((out / "train_aug.report.json").read_text())
     if t_aug < 1.0:          # reused: the GPR time of the earlier run, from its report
         t_aug = sum(r.get("time_total_s", 0.0) for r in rep["subsets"])
+    if a.pool:
+        # the pool: the same saved GPR fits label P copies per structure (no second fit)
+        pool = dict(aug, copies=a.pool, output=str(out / "train_pool.h5"),
+                    gpr={"fingerprint": a.fingerprint, "load": str(out / "gpr_fits")})
+        (out / "augment_pool.yaml").write_text(yaml.safe_dump(pool))
+        t1 = time.perf_counter()
+        if not (a.reuse_augment and (out / "train_pool.report.json").is_file()):
+            dm("augment", out / "augment_pool.yaml", "--fresh", np_=a.np_, log=out / "augment_pool.log")
+        print(f"pool of {a.pool} copies per structure labelled in {time.perf_counter() - t1:.0f} s")
     batch = 300 if a.set != "ec" else 1200
     plan = {"energy": ("train.h5", "energy", batch), "force": ("train.h5", "force", batch),
             "gpr_ann": ("train_aug.h5", "energy", 4 * batch),
             "gpr_ann_paper": ("train_aug.h5", "energy", 4 * batch, {"difference_weight": 0.0}),
-            "hybrid": ("train_aug.h5", "force", batch)}
+            "hybrid": ("train_aug.h5", "force", batch),
+            "gpr_ann_pool": ("train_pool.h5", "energy", 4 * batch, {"copies_per_epoch": a.copies})}
+    methods = a.methods.split(",") + (["gpr_ann_pool"] if a.pool and "gpr_ann_pool" not in a.methods else [])
     rows = [run_method(out, m, str(out / plan[m][0]), plan[m][1], a.budget, plan[m][2], a.np_, *plan[m][3:])
-            for m in a.methods.split(",")]
+            for m in methods]
     load = os.getloadavg()[0]
     print(f"\n{a.set}: M = {a.copies}, delta = {a.delta} A, fingerprint {a.fingerprint}, budget {a.budget:.0f} s "
           f"per method, augment (GPR fit + labels) {t_aug:.0f} s, load {load:.1f}")
@@ -173,7 +189,7 @@ def main():
               f"{r['angle']:>7.1f}")
     by = {r["method"]: r for r in rows}
     if "force" in by:
-        for m in ("gpr_ann", "gpr_ann_paper", "hybrid"):
+        for m in ("gpr_ann", "gpr_ann_paper", "hybrid", "gpr_ann_pool"):
             if m in by:
                 print(f"{m} / direct force: E MAE {by[m]['E'] / by['force']['E']:.2f}x, "
                       f"F MAE {by[m]['F'] / by['force']['F']:.2f}x")

@@ -1,8 +1,9 @@
 """Cost of the pipeline as the data grow: convert, featurize, one energy epoch (descriptor
 cache) and one force epoch on generated EMT data sets of about 1e4, 1e5 and 1e6 structures.
 
-Data: 32-atom cubic fcc cells (2x2x2) of Cu, Au, Ni and their alloys (a fixed set of 16
-decorations, so the data set has 16 subsets as a DFT collection of a few systems would),
+Data: 32-atom cubic fcc cells (2x2x2; ``--natoms 4``: single 4-atom cubic cells, so that 1e6
+structures are 4 million atoms rather than 32 million) of Cu, Au, Ni and their alloys (a fixed
+set of 16 decorations, so the data set has 16 subsets as a DFT collection of a few systems would),
 strained (symmetric strain, 2 % standard deviation) and rattled (0.08 A), labelled with
 ASE's EMT potential.  ASE's EMT calculator loops over atoms in Python (about 10-50 ms per
 cell: days for 1e6 cells), so the labels come from ``emt_batch`` below, the same formulas
@@ -23,7 +24,7 @@ mode) so that each rank's peak resident memory (ru_maxrss of the rank's process)
 Printed per size and stage: wall time, time per atom (wall time / atoms of the data set),
 peak RSS of every rank, and the ratio of time per atom to that of the smallest size.
 
-    python benchmarks/scale.py [--sizes 1e4,1e5,1e6] [--ranks 2] [--data-dir /tmp/distmlip-scale]
+    python benchmarks/scale.py [--sizes 1e4,1e5,1e6] [--natoms 32|4] [--ranks 2] [--data-dir /tmp/distmlip-scale]
                                [--procs 2] [--json out.json] [--stages convert,featurize,energy,force]
     python benchmarks/scale.py --quick        # tiny end-to-end smoke run (200 structures)
 

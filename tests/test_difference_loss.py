@@ -234,3 +234,56 @@ def test_one_rank_equals_two_ranks_with_the_term(tmp_path, aug):
     assert moved > 1e-4
     d = max(float((w1[k].double() - w2[k].double()).abs().max()) for k in w1)
     assert d < 1e-10, d
+
+
+def test_copies_per_epoch_draws_other_copies_each_epoch():
+    """``sample_k``: each epoch a group keeps its reference and k of its copies, drawn anew per
+    epoch (the union over epochs covers more than k), the same plan from any rank's stream, and
+    groups with at most k copies keep them all."""
+    class DS:
+        natoms = np.full(14, 2, dtype=np.int64)
+    # references 0, 1, 2; copies: 3-7 of 0, 8-12 of 1, 13 of 2
+    groups = np.array([0, 1, 2] + [0] * 5 + [1] * 5 + [2])
+    copy = np.arange(14) >= 3
+    for world in (1, 2):
+        streams = [PartitionedStream(DS(), None, r, world, batch_atoms=8, batch_structures=100, seed=4,
+                                     fixed_batches=True, groups=groups, prefetch=False, sample_mask=copy, sample_k=2)
+                   for r in range(world)]
+        union = {g: set() for g in range(3)}
+        for ep in range(6):
+            seen = []
+            for r, s in enumerate(streams):
+                assert [b.tolist() for b in s.batches(ep)] == [b.tolist() for b in streams[0].batches(ep, r)]
+                seen += np.concatenate(s.batches(ep)).tolist() if s.batches(ep) else []
+            seen = np.array(sorted(seen))
+            for g in range(3):
+                mine = seen[groups[seen] == g]
+                assert g in mine.tolist()                                   # the reference, every epoch
+                n_copies = int(copy[mine].sum())
+                assert n_copies == (1 if g == 2 else 2), (ep, g, mine)
+                union[g] |= set(mine[copy[mine]].tolist())
+        assert len(union[0]) > 2 and len(union[1]) > 2, union
+    one, again = (PartitionedStream(DS(), None, 0, 1, batch_atoms=8, batch_structures=100, seed=4, groups=groups,
+                                    prefetch=False, sample_mask=copy, sample_k=2) for _ in range(2))
+    assert [b.tolist() for b in again.batches(3)] == [b.tolist() for b in one.batches(3)]
+    assert not again.fixed_batches
+
+
+def test_trainer_copies_per_epoch(tmp_path, aug, capsys):
+    """training.copies_per_epoch 1 on M = 3 copies: every epoch's training batches hold each
+    training reference with exactly one of its training copies; without copies it warns."""
+    from distmlip.training.trainer import Trainer
+
+    h5, _ = aug
+    tr = Trainer(_cfg(tmp_path / "k1", h5, copies_per_epoch=1, epochs=2), quiet=True)
+    parent = tr._diff[id(tr.ds)][0]
+    refs = [i for i in tr.train_idx if parent[i] < 0 and (parent[tr.train_idx] == i).any()]
+    assert refs
+    for ep in range(2):
+        b = np.concatenate(tr.stream.batches(ep))
+        for r in refs:
+            assert r in b and int((parent[b] == r).sum()) == 1
+    tr.fit()
+    capsys.readouterr()
+    Trainer(_cfg(tmp_path / "k0", h5, copies_per_epoch=1, difference_weight=0.0), quiet=True)
+    assert "copies_per_epoch has no effect" in capsys.readouterr().err

@@ -114,14 +114,17 @@ class PartitionedStream:
     def __init__(self, ds, indices=None, rank: int = 0, world_size: int = 1, batch_atoms: int = 4096,
                  batch_structures: int = 64, seed: int = 0, shuffle: bool = True, prefetch: bool = True,
                  shuffle_block: int = 64, shuffle_window: int = 16, loader=None, fixed_batches: bool = False,
-                 groups=None):
+                 groups=None, sample_mask=None, sample_k: int = 0):
         """``loader(indices) -> item``: what a batch of data-set indices becomes, computed in the
         prefetch thread (e.g. the trainer's prepared structures); default: the Structures read
         from the data set.  ``fixed_batches`` (with ``shuffle``): the batches are formed once,
         from the shuffled order of epoch 0, and every epoch visits them in its own random order
         (so an assembled batch can be kept and reused); otherwise each epoch forms new batches.
         ``groups``: a group key per data-set structure; the structures of a group stay together
-        (module docstring)."""
+        (module docstring).  ``sample_mask`` (bool per data-set structure) with ``sample_k`` > 0
+        and ``groups``: each epoch a group keeps its unmasked members and ``sample_k`` of its
+        masked ones (GPR copies of one parent), drawn without replacement from (seed, epoch, rank),
+        so that each epoch sees other copies (batches are then formed anew every epoch)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
         if batch_atoms < 1 or batch_structures < 1:
@@ -149,6 +152,10 @@ class PartitionedStream:
             unit_parts = partition_by_atoms(atoms, None, world_size)
             self.units = [[idx2[bounds[u]:bounds[u + 1]] for u in p] for p in unit_parts]
             self.parts = [np.sort(np.concatenate(us)) if us else np.zeros(0, np.int64) for us in self.units]
+        self.sample_k = int(sample_k) if (groups is not None and sample_mask is not None) else 0
+        self.sample_mask = None if self.sample_k <= 0 else np.asarray(sample_mask, dtype=bool)
+        if self.sample_k > 0:
+            self.fixed_batches = False
         self._current_epoch = 0
         self._cache: dict = {}
         self.loader = loader
@@ -189,10 +196,26 @@ class PartitionedStream:
             pos[a:a + W] = seg[rng.permutation(len(seg))]
         return pos
 
+    def _sampled(self, units: list[np.ndarray], epoch: int, r: int) -> list[np.ndarray]:
+        """``units`` with each one's masked members cut to ``sample_k`` drawn at random."""
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch), r, 2])))
+        k, out = self.sample_k, []
+        for u in units:
+            m = self.sample_mask[u]
+            n = int(m.sum())
+            if n > k:
+                keep = np.flatnonzero(~m)
+                pick = np.flatnonzero(m)[rng.choice(n, size=k, replace=False)]
+                u = u[np.sort(np.concatenate([keep, pick]))]
+            out.append(u)
+        return out
+
     def _cut(self, epoch: int, r: int) -> list[np.ndarray]:
         if self.units is not None:
-            return make_unit_batches(self._units_in_order(epoch, r), self.natoms, self.batch_atoms,
-                                     self.batch_structures)
+            units = self._units_in_order(epoch, r)
+            if self.sample_k > 0:
+                units = self._sampled(units, epoch, r)
+            return make_unit_batches(units, self.natoms, self.batch_atoms, self.batch_structures)
         return make_batches(self.order(epoch, r), self.natoms, self.batch_atoms, self.batch_structures)
 
     def batches(self, epoch: int, rank: int | None = None) -> list[np.ndarray]:

@@ -223,9 +223,10 @@ class Trainer:
                         "descriptor.rc_radial", "descriptor.n_radial", "descriptor.rc_angular",
                         "descriptor.n_angular", "model.", "zbl.", "committee.", "training.mode", "training.seed",
                         "training.batch_atoms", "training.batch_structures", "training.energy_loss",
-                        "training.force_fraction", "training.optimizer", "data.batches")
+                        "training.force_fraction", "training.optimizer", "data.batches",
+                        "training.copies_per_epoch")
     # what a checkpoint written before a setting existed did, and older spellings of a value
-    _BEFORE_SETTING = {"data.batches": "reshuffled"}
+    _BEFORE_SETTING = {"data.batches": "reshuffled", "training.copies_per_epoch": 0}
     _LEGACY_VALUES = {("model.energy_scale", True): "auto"}
 
     def _check_resume(self, st) -> None:
@@ -303,9 +304,20 @@ class Trainer:
         self._setup_differences()
         r, w = self.ctx.rank, self.ctx.world_size
         bs = tc.batch_structures if tc.batch_structures > 0 else 1 << 30
+        groups = self._diff_groups(self.ds)
+        sample = None
+        if tc.copies_per_epoch > 0:
+            if groups is None:
+                warn("training.copies_per_epoch has no effect: no synthetic copies paired with their parents "
+                     "(energy mode on GPR-augmented data with training.difference_weight > 0)")
+            else:
+                sample = self._diff[id(self.ds)][0] >= 0
         self.stream = PartitionedStream(self.ds, train_idx, r, w, tc.batch_atoms, bs, tc.seed,
                                         shuffle=True, prefetch=dc.prefetch, fixed_batches=dc.batches == "fixed",
-                                        groups=self._diff_groups(self.ds))
+                                        groups=groups, sample_mask=sample, sample_k=tc.copies_per_epoch)
+        if sample is not None:
+            self._log(f"copies: {tc.copies_per_epoch} per reference structure and epoch, drawn anew each epoch "
+                      f"from {int(sample[train_idx].sum())} training copies (training.copies_per_epoch)")
         self.val_stream = (PartitionedStream(self.val_ds, val_idx, r, w, tc.batch_atoms, bs, tc.seed,
                                              shuffle=False, prefetch=dc.prefetch, groups=self._diff_groups(self.val_ds))
                            if len(val_idx) else None)
