@@ -118,3 +118,25 @@ def test_record_identical_on_two_ranks(emt_h5, tmp_path):
     r1 = BPNN.load(cfgs[1][1] / "model.pt").training_record
     r2 = BPNN.load(cfgs[2][1] / "model.pt").training_record
     assert r1 == r2 and r1["n_structures"] > 0
+
+
+def test_per_structure_minima_in_blocks():
+    """``minima``: one float32 row per structure (blocks of 4096 concatenated in order), each
+    at most the structure's true shortest distance per pair and within float32 rounding of it,
+    inf where a pair is absent."""
+    from distmlip.data.structure import Structure
+
+    rng = np.random.default_rng(3)
+    d = rng.uniform(0.7, 3.0, size=4100)
+    structures = [Structure(numbers=np.array([1, 8] if k % 3 else [1, 1]), positions=np.array([[0.0, 0, 0], [0, 0, x]]),
+                            cell=np.zeros((3, 3)), pbc=np.zeros(3, bool), energy=0.0) for k, x in enumerate(d)]
+    minima: list = []
+    rec = record_from_structures(structures, ["H", "O"], 4.0, minima)
+    rows = np.concatenate(minima)
+    assert len(minima) == 2 and rows.shape == (4100, 3)       # pairs H-H, H-O, O-O
+    col = {k: c for c, k in enumerate(rec["pair_min_distance_A"])}
+    for k, x in enumerate(d):
+        key = "H-O" if k % 3 else "H-H"
+        got = rows[k, col[key]]
+        assert got <= x and x - got < 1e-6 * x
+        assert np.isinf(np.delete(rows[k], col[key])).all()

@@ -67,22 +67,31 @@ def record_from_structures(structures, species, cutoff: float, minima: list | No
     """Partial record of an iterable of :class:`~distmlip.data.structure.Structure`.
     ``minima``: a list that receives each structure's shortest distance per pair key (the
     keys' order of the record's ``pair_min_distance_A``; inf where the pair is absent or
-    beyond the cutoff) as one float32 row, for callers that need them per structure (the
-    trainer: which structures ZBL cannot reach)."""
+    beyond the cutoff) as float32 rows, in blocks of up to 4096 structures (``np.concatenate``
+    gives one row per structure; a block, not a row object per structure: millions of
+    structures), for callers that need them per structure (the trainer: which structures ZBL
+    cannot reach)."""
     pairs = {pair_key(a, b): None for k, a in enumerate(species) for b in species[k:]}
     col = {k: c for c, k in enumerate(pairs)}
     emin: dict = {}
     n = 0
+    block = None
     for s in structures:
         n += 1
         mins = structure_pair_minima(s.numbers, s.positions, s.cell, s.pbc, cutoff)
         if minima is not None:
-            row = np.full(len(col), np.inf, dtype=np.float32)
+            if block is None or block[1] == len(block[0]):
+                if block is not None:
+                    minima.append(block[0])
+                block = [np.full((4096, len(col)), np.inf, dtype=np.float32), 0]
+            row = block[0][block[1]]
             for k, d in mins.items():
                 if k in col:
-                    # rounded down: the row may only understate a distance
-                    row[col[k]] = np.nextafter(np.float32(d), np.float32(0)) if np.float32(d) > d else d
-            minima.append(row)
+                    # rounded down: the row may only understate a distance (compared as
+                    # Python floats: numpy would compare a float32 with a float in float32)
+                    f = np.float32(d)
+                    row[col[k]] = np.nextafter(f, np.float32(0)) if float(f) > d else f
+            block[1] += 1
         for k, d in mins.items():
             if k in pairs and (pairs[k] is None or d < pairs[k]):
                 pairs[k] = d
@@ -91,6 +100,8 @@ def record_from_structures(structures, species, cutoff: float, minima: list | No
             e = float(s.energy) / len(s.numbers)
             if f not in emin or e < emin[f]:
                 emin[f] = e
+    if minima is not None and block is not None and block[1]:
+        minima.append(block[0][:block[1]].copy())
     return {"n_structures": n, "cutoff_A": float(cutoff), "pair_min_distance_A": pairs,
             "energy_per_atom_min": emin}
 

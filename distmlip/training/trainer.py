@@ -517,7 +517,8 @@ class Trainer:
         r_out = self.model.zbl.short_range
         radius = np.array([r_out[a, a + k] for a in range(len(species)) for k in range(len(species) - a)],
                           dtype=np.float64)
-        ok = (np.stack(minima).astype(np.float64) >= radius[None, :]).all(axis=1)
+        # compared in float64: a row understates its distances, so "clear" is never wrong
+        ok = np.concatenate([(b.astype(np.float64) >= radius[None, :]).all(axis=1) for b in minima])
         clear[np.asarray(self.stream.partition(), dtype=np.int64)[ok]] = True
         return clear
 
