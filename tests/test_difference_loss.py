@@ -283,6 +283,12 @@ def test_trainer_copies_per_epoch(tmp_path, aug, capsys):
         b = np.concatenate(tr.stream.batches(ep))
         for r in refs:
             assert r in b and int((parent[b] == r).sum()) == 1
+    # validation: one fixed draw of the same number of copies per reference
+    vrefs = [i for i in tr.val_idx if parent[i] < 0 and (parent[tr.val_idx] == i).any()]
+    assert vrefs
+    v0, v1 = (np.concatenate(tr.val_stream.batches(ep)) for ep in (0, 1))
+    assert sorted(v0.tolist()) == sorted(v1.tolist())
+    assert all(r in v0 and int((parent[v0] == r).sum()) == 1 for r in vrefs)
     tr.fit()
     capsys.readouterr()
     Trainer(_cfg(tmp_path / "k0", h5, copies_per_epoch=1, difference_weight=0.0), quiet=True)

@@ -114,7 +114,7 @@ class PartitionedStream:
     def __init__(self, ds, indices=None, rank: int = 0, world_size: int = 1, batch_atoms: int = 4096,
                  batch_structures: int = 64, seed: int = 0, shuffle: bool = True, prefetch: bool = True,
                  shuffle_block: int = 64, shuffle_window: int = 16, loader=None, fixed_batches: bool = False,
-                 groups=None, sample_mask=None, sample_k: int = 0):
+                 groups=None, sample_mask=None, sample_k: int = 0, sample_fixed: bool = False):
         """``loader(indices) -> item``: what a batch of data-set indices becomes, computed in the
         prefetch thread (e.g. the trainer's prepared structures); default: the Structures read
         from the data set.  ``fixed_batches`` (with ``shuffle``): the batches are formed once,
@@ -124,7 +124,9 @@ class PartitionedStream:
         (module docstring).  ``sample_mask`` (bool per data-set structure) with ``sample_k`` > 0
         and ``groups``: each epoch a group keeps its unmasked members and ``sample_k`` of its
         masked ones (GPR copies of one parent), drawn without replacement from (seed, epoch, rank),
-        so that each epoch sees other copies (batches are then formed anew every epoch)."""
+        so that each epoch sees other copies (batches are then formed anew every epoch);
+        ``sample_fixed``: the same draw (epoch 0's) every epoch (a validation set that stays
+        comparable across epochs)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
         if batch_atoms < 1 or batch_structures < 1:
@@ -154,7 +156,8 @@ class PartitionedStream:
             self.parts = [np.sort(np.concatenate(us)) if us else np.zeros(0, np.int64) for us in self.units]
         self.sample_k = int(sample_k) if (groups is not None and sample_mask is not None) else 0
         self.sample_mask = None if self.sample_k <= 0 else np.asarray(sample_mask, dtype=bool)
-        if self.sample_k > 0:
+        self.sample_fixed = bool(sample_fixed)
+        if self.sample_k > 0 and not self.sample_fixed:
             self.fixed_batches = False
         self._current_epoch = 0
         self._cache: dict = {}
@@ -214,7 +217,7 @@ class PartitionedStream:
         if self.units is not None:
             units = self._units_in_order(epoch, r)
             if self.sample_k > 0:
-                units = self._sampled(units, epoch, r)
+                units = self._sampled(units, 0 if self.sample_fixed else epoch, r)
             return make_unit_batches(units, self.natoms, self.batch_atoms, self.batch_structures)
         return make_batches(self.order(epoch, r), self.natoms, self.batch_atoms, self.batch_structures)
 

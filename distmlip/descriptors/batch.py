@@ -155,9 +155,12 @@ class Graph(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.species, self.positions, self.forces, self.cell, self.pbc,
-                                       self.pair_i, self.pair_j, self.shift, self.short_pairs, self.stress)
-                   if a is not None) + 200
+        # the arrays' data plus what Python holds per structure (about 128 bytes per array
+        # object, 300 for the tuple and its numbers): measured 3.47 kB per 4-atom cell against
+        # 2.35 kB counted before, so a budget of small structures overran by half
+        arrays = [a for a in (self.species, self.positions, self.forces, self.cell, self.pbc,
+                              self.pair_i, self.pair_j, self.shift, self.short_pairs, self.stress) if a is not None]
+        return sum(a.nbytes for a in arrays) + 128 * len(arrays) + 300
 
 
 def species_table(species):

@@ -318,8 +318,13 @@ class Trainer:
         if sample is not None:
             self._log(f"copies: {tc.copies_per_epoch} per reference structure and epoch, drawn anew each epoch "
                       f"from {int(sample[train_idx].sum())} training copies (training.copies_per_epoch)")
+        # validation: the same number of copies per reference, one fixed draw (a pool's copies
+        # all validated would cost pool / copies_per_epoch times the training copies per epoch)
+        vgroups = self._diff_groups(self.val_ds)
+        vsample = None if (sample is None or vgroups is None) else self._diff[id(self.val_ds)][0] >= 0
         self.val_stream = (PartitionedStream(self.val_ds, val_idx, r, w, tc.batch_atoms, bs, tc.seed,
-                                             shuffle=False, prefetch=dc.prefetch, groups=self._diff_groups(self.val_ds))
+                                             shuffle=False, prefetch=dc.prefetch, groups=vgroups,
+                                             sample_mask=vsample, sample_k=tc.copies_per_epoch, sample_fixed=True)
                            if len(val_idx) else None)
         self._log(f"data: {len(train_idx)} training, {len(val_idx)} validation structures; "
                   f"{self.stream.steps(0)} steps per epoch on {w} rank(s)")
