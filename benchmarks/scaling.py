@@ -14,7 +14,8 @@ summed throughput is what the cores deliver to R workers, so MPI / independent s
 of communication from core contention (on a shared or hyper-threaded machine).
 
     python benchmarks/scaling.py [--ranks 1 2] [--modes energy force] [--steps 50] [--warmup 3] [--repeat 3]
-                                 [--batch-atoms 256] [--threads 1] [--backend auto] [--json out.json]
+                                 [--batch-atoms 256] [--threads 1] [--backend auto] [--bind none|core]
+                                 [--json out.json]
 
 Ranks x threads should not exceed the cores; on a shared machine the figures include the
 load of other users (the load average is printed with the table).
@@ -113,7 +114,8 @@ training: {{mode: {args.mode}, epochs: 1000, batch_atoms: {args.batch_atoms}, lr
 
 def run_case(mode, ranks, args, data, work) -> dict:
     mpirun = Path(sys.executable).parent / "mpirun"
-    cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
+    cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(ranks), "--oversubscribe", "--bind-to",
+           "core" if args.bind == "core" else "none"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     cmd += ["-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable, __file__, "--worker",
@@ -145,8 +147,10 @@ def run_independent(mode, copies, args, data, work) -> float:
     for c in range(copies):
         w = Path(work) / f"indep_{mode}_{c}"
         w.mkdir(exist_ok=True)
+        # --bind core: copy c on core c, as mpirun --bind-to core places rank c
+        pin = ["taskset", "-c", str(c % (os.cpu_count() or 1))] if args.bind == "core" else []
         procs.append(subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--mode", mode, "--data", str(data), "--work", str(w),
+            pin + [sys.executable, __file__, "--worker", "--mode", mode, "--data", str(data), "--work", str(w),
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-atoms",
              str(args.batch_atoms), "--backend", args.backend],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
@@ -176,6 +180,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
     ap.add_argument("--structures", type=int, default=192, help="structures of 32 atoms in the data set")
     ap.add_argument("--backend", default="auto", choices=["auto", "reference", "fused"])
+    ap.add_argument("--bind", default="none", choices=["none", "core"],
+                    help="core: ranks bound to cores (mpirun --bind-to core), independent copies pinned "
+                         "the same way (taskset)")
     ap.add_argument("--time-limit", type=float, default=900, help="seconds per case")
     ap.add_argument("--no-independent", action="store_true",
                     help="skip the baseline of R concurrent single-process runs (core contention check)")
