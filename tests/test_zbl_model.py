@@ -102,6 +102,26 @@ def test_zbl_config_errors_and_residual_fit():
     np.testing.assert_allclose(float(m.ann.energy_shift[0]), -2.0, atol=1e-10)
 
 
+def _cache_off_and_on(tmp_path, h5, radii: str) -> dict:
+    """Two energy-mode Trainers (not fitted) on ``h5`` with ZBL ``radii`` (YAML text), descriptor
+    cache off and on, otherwise identical."""
+    from distmlip.training.config import load_train_config
+    from distmlip.training.trainer import Trainer
+
+    trainers = {}
+    for cache in ("off", "on"):
+        y = tmp_path / f"{cache}.yaml"
+        y.write_text(f"""
+data: {{train: [{h5}], fractions: [0.75, 0.25, 0.0]}}
+descriptor: {{rc_radial: 3.5, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference, cache: {cache}}}
+model: {{hidden: [6]}}
+training: {{mode: energy, epochs: 3, batch_atoms: 16, lr: 0.01, output: {tmp_path / cache}, progress_bar: 'off'}}
+zbl: {{enabled: true, radii: {radii}}}
+""")
+        trainers[cache] = Trainer(load_train_config(y), quiet=True)
+    return trainers
+
+
 def test_energy_training_with_zbl_uses_the_cache_and_equals_without(tmp_path):
     """ZBL energies are constants of each structure in energy training: with the descriptor cache
     they come from the structures of the cached batch (once per structure), and training equals
@@ -109,8 +129,6 @@ def test_energy_training_with_zbl_uses_the_cache_and_equals_without(tmp_path):
     from distmlip.data.examples import rattled_cu_au
     from distmlip.data.h5store import H5Dataset, write_dataset
     from distmlip.descriptors.batch import collate
-    from distmlip.training.config import load_train_config
-    from distmlip.training.trainer import Trainer
 
     h5 = tmp_path / "d" / "emt.h5"
     h5.parent.mkdir()
@@ -125,19 +143,9 @@ def test_energy_training_with_zbl_uses_the_cache_and_equals_without(tmp_path):
     assert len(m.zbl._frozen) == 3
     m.zbl.frozen_atomic_energies(ds.read([0]))          # seen before: no new entry
     assert len(m.zbl._frozen) == 3
-    trainers = {}
-    for cache in ("off", "on"):
-        y = tmp_path / f"{cache}.yaml"
-        y.write_text(f"""
-data: {{train: [{h5}], fractions: [0.75, 0.25, 0.0]}}
-descriptor: {{rc_radial: 3.5, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference, cache: {cache}}}
-model: {{hidden: [6]}}
-training: {{mode: energy, epochs: 3, batch_atoms: 16, lr: 0.01, output: {tmp_path / cache}, progress_bar: 'off'}}
-zbl: {{enabled: true, radii: {{Cu-Cu: [1.5, 2.6], Au-Cu: [1.5, 2.6], Au-Au: [1.5, 2.6]}}}}
-""")
-        t = Trainer(load_train_config(y), quiet=True)
+    trainers = _cache_off_and_on(tmp_path, h5, "{Cu-Cu: [1.5, 2.6], Au-Cu: [1.5, 2.6], Au-Au: [1.5, 2.6]}")
+    for t in trainers.values():
         t.fit()
-        trainers[cache] = t
     assert trainers["off"].cache is None and trainers["on"].cache is not None
     a, b = trainers["off"].model.state_dict(), trainers["on"].model.state_dict()
     d = max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -234,8 +242,6 @@ def test_cached_energy_training_skips_zbl_only_where_no_pair_is_inside(tmp_path)
     from distmlip.data.examples import rattled_cu_au
     from distmlip.data.h5store import H5Dataset, write_dataset
     from distmlip.models.data_record import structure_pair_minima
-    from distmlip.training.config import load_train_config
-    from distmlip.training.trainer import Trainer
 
     h5 = tmp_path / "d" / "emt.h5"
     h5.parent.mkdir()
@@ -246,18 +252,7 @@ def test_cached_energy_training_skips_zbl_only_where_no_pair_is_inside(tmp_path)
     r = float(np.median(shortest)) + 1e-3
     # unequal radii per pair, so that a pair looked up in the wrong order would show
     radii = f"{{Cu-Cu: [1.0, {r}], Au-Cu: [1.0, {r - 0.04}], Au-Au: [1.0, {r + 0.04}]}}"
-    trainers = {}
-    for cache in ("off", "on"):
-        y = tmp_path / f"{cache}.yaml"
-        y.write_text(f"""
-data: {{train: [{h5}], fractions: [0.75, 0.25, 0.0]}}
-descriptor: {{rc_radial: 3.5, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference, cache: {cache}}}
-model: {{hidden: [6]}}
-training: {{mode: energy, epochs: 3, batch_atoms: 16, lr: 0.01, output: {tmp_path / cache}, progress_bar: 'off'}}
-zbl: {{enabled: true, radii: {radii}}}
-""")
-        t = Trainer(load_train_config(y), quiet=True)
-        trainers[cache] = t
+    trainers = _cache_off_and_on(tmp_path, h5, radii)
     t = trainers["on"]
     mine = np.asarray(t.stream.partition())
     clear = t._zbl_clear[mine]
