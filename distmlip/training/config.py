@@ -82,7 +82,7 @@ class TrainingConfig:
     difference_weight: float = field(default=0.05, metadata=bounds(ge=0.0, lt=1.0))
     # with the copy-difference term: copies of each reference structure trained on per epoch,
     # drawn anew every epoch from all its copies (0: all copies every epoch); augment many copies
-    # (gpr.n_copies) and train on a few per epoch: more displacement directions at the cost of few
+    # (augment: copies) and train on a few per epoch: more displacement directions at the cost of few
     copies_per_epoch: int = field(default=0, metadata=bounds(ge=0))
     force_fraction: float = field(default=1.0, metadata=bounds(ge=0.0, le=1.0))  # share of structures with force loss
     stress_fraction: float = field(default=1.0, metadata=bounds(ge=0.0, le=1.0))  # share of structures with stress (of those that carry one) in L_S
