@@ -2,6 +2,7 @@
 
     python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies 20] [--pool 80] [--delta 0.03]
                                  [--fingerprint auto] [--np 1] [--out runs/gpr_ann] [--reuse-augment]
+                                 [--scheduler plateau|cosine] [--methods energy,force,...]
 
 Data sets: ``demo`` the EMT set of ``make demo`` (24 training / 12 test structures per subset);
 ``slab`` a periodic Cu(100) 3x3x3 slab with a CO molecule on top (EMT; 40 training / 40 test
@@ -141,6 +142,8 @@ def main():
     ap.add_argument("--methods", default="energy,force,gpr_ann,gpr_ann_paper,hybrid")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--reuse-augment", action="store_true", help="keep an existing train_aug.h5 (same settings)")
+    ap.add_argument("--scheduler", default=None, choices=["plateau", "cosine"],
+                    help="training.scheduler for every method (default: the config default)")
     a = ap.parse_args()
     out = (a.out or REPO / "runs" / f"gpr_ann_{a.set}").resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -174,11 +177,13 @@ def main():
             "hybrid": ("train_aug.h5", "force", batch),
             "gpr_ann_pool": ("train_pool.h5", "energy", 4 * batch, {"copies_per_epoch": a.copies})}
     methods = a.methods.split(",") + (["gpr_ann_pool"] if a.pool and "gpr_ann_pool" not in a.methods else [])
-    rows = [run_method(out, m, str(out / plan[m][0]), plan[m][1], a.budget, plan[m][2], a.np_, *plan[m][3:])
+    common = {"scheduler": a.scheduler} if a.scheduler else {}
+    rows = [run_method(out, m, str(out / plan[m][0]), plan[m][1], a.budget, plan[m][2], a.np_,
+                       dict(common, **(plan[m][3] if len(plan[m]) > 3 else {})))
             for m in methods]
     load = os.getloadavg()[0]
     print(f"\n{a.set}: M = {a.copies}, delta = {a.delta} A, fingerprint {a.fingerprint}, budget {a.budget:.0f} s "
-          f"per method, augment (GPR fit + labels) {t_aug:.0f} s, load {load:.1f}")
+          f"per method, scheduler {a.scheduler or 'default'}, augment (GPR fit + labels) {t_aug:.0f} s, load {load:.1f}")
     for r in rep["subsets"]:
         print(f"  {r['subset']}: fingerprint {r.get('fingerprint', {}).get('kind')}, choice "
               f"{r.get('fingerprint_choice')}, sigma mean {r.get('uncertainty_eV', {}).get('mean', 0):.4f} eV, "

@@ -293,3 +293,19 @@ def test_trainer_copies_per_epoch(tmp_path, aug, capsys):
     capsys.readouterr()
     Trainer(_cfg(tmp_path / "k0", h5, copies_per_epoch=1, difference_weight=0.0), quiet=True)
     assert "copies_per_epoch has no effect" in capsys.readouterr().err
+
+
+def test_pool_with_plateau_scheduler_points_to_cosine(tmp_path, aug, capsys):
+    """The plateau scheduler spends a pool's run badly (docs/gpr.md): the trainer says so, and only
+    for that combination."""
+    from distmlip.training.trainer import Trainer
+
+    h5, _ = aug
+    hint = "'training.scheduler: cosine' uses the epochs better"
+    capsys.readouterr()
+    Trainer(_cfg(tmp_path / "p", h5, copies_per_epoch=1, scheduler="plateau"))
+    out = capsys.readouterr()
+    assert hint in out.out + out.err
+    Trainer(_cfg(tmp_path / "c", h5, copies_per_epoch=1, scheduler="cosine"))
+    out = capsys.readouterr()
+    assert hint not in out.out + out.err and "copies: 1 per reference" in out.out + out.err

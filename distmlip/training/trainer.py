@@ -318,6 +318,12 @@ class Trainer:
         if sample is not None:
             self._log(f"copies: {tc.copies_per_epoch} per reference structure and epoch, drawn anew each epoch "
                       f"from {int(sample[train_idx].sum())} training copies (training.copies_per_epoch)")
+            if tc.scheduler == "plateau":
+                # the draws make the validation loss noisy: on the slab set (docs/results.md) the
+                # plateau scheduler reached its floor rate in the first third of the run, which then
+                # learned nothing more; the cosine schedule spends the whole budget
+                self._log("copies: with a pool, 'training.scheduler: cosine' uses the epochs better than the "
+                          "plateau scheduler (docs/gpr.md \"A pool of copies\")")
         # validation: the same number of copies per reference, one fixed draw (a pool's copies
         # all validated would cost pool / copies_per_epoch times the training copies per epoch)
         vgroups = self._diff_groups(self.val_ds)
