@@ -293,7 +293,9 @@ def test_shared_hyperparameters_carry_over_in_physical_units(tmp_path, capsys):
     cu4 = [s for s in S if s.synthetic and ds.subsets[s.subset]["name"] == "Cu4_0"]
     from distmlip.gpr.cli import predict_structures
     e, _, _ = predict_structures(fits["Cu4_0"], cu4, forces=False)
-    np.testing.assert_allclose(e, [s.energy for s in cu4], rtol=0, atol=1e-9)
+    # augment predicts in chunks of parents: the sum k_*^T alpha cancels terms many orders larger
+    # than the energy, so another BLAS blocking moves it by up to ~1e-7 eV (labels carry meV sigma)
+    np.testing.assert_allclose(e, [s.energy for s in cu4], rtol=0, atol=1e-6)
 
     (tmp_path / "sh.h5.shards" / "subset_00001.hyper.json").unlink()     # Cu8_0 is subset 1
     (tmp_path / "sh.h5").unlink()

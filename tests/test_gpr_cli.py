@@ -84,6 +84,33 @@ def test_gpr_test_save_predict_and_augment_reuses_the_fit(data, capsys):
     assert all(r.get("gpr_loaded_from") for r in rep["subsets"])
 
 
+def test_copies_labelled_in_chunks_equal_one_prediction_and_show_progress(data, capsys):
+    """augment labels a subset's copies in chunks of parents (bounded memory, progress with an
+    ETA); the labels must equal one prediction of all copies at once."""
+    from distmlip.gpr.augment import _label_copies
+    from distmlip.gpr.store import fit_path, load_fit
+
+    assert cli_main(["gpr", "fit", str(data / "aug.yaml"), "--out", str(data / "fits")]) == 0
+    ds = H5Dataset(data / "train.h5")
+    sid = [t["name"] for t in ds.subsets].index("Cu3Ni_0")
+    S = ds.read(np.flatnonzero(ds.subset_ids == sid))
+    fit = load_fit(fit_path(data / "fits", "Cu3Ni_0"), S[0].numbers)
+    fp, model = fit["fingerprint"], fit["model"]
+    M, nat = 3, S[0].natoms
+    rng = np.random.default_rng(0)
+    pos = np.stack([s.positions for s in S])[:, None] + rng.normal(0, 0.02, (len(S), M, nat, 3))
+    capsys.readouterr()
+    e, sd = _label_copies(fp, model, S, pos, M, "cluster (local)", 0, every_s=0.0)
+    out = capsys.readouterr().out
+    assert "labels of" in out and "ETA" in out            # one line per chunk but the last
+    Xs, _ = fp.compute(list(pos.reshape(-1, nat, 3)), [s for s in S for _ in range(M)], with_jacobian=False)
+    e1, _, s1 = model.predict(Xs, None, forces=False, variance=True, clusters=np.repeat(model.labels, M))
+    # equal up to the BLAS blocking of k_*^T alpha, whose terms cancel (test_augment.py)
+    np.testing.assert_allclose(e, e1.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sd, s1.numpy(), rtol=0, atol=1e-6)
+    assert np.ptp(e) > 0
+
+
 def test_inplace_lapack_helpers_match_torch():
     from distmlip.gpr.model import Workspace, potrf_inplace, potri_inplace, potrs, symmetrize_lower_, zero_upper_
 

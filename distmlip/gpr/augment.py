@@ -400,6 +400,31 @@ def _progress_printer(name: str, rank: int, every_s: float = 30.0):
     return cb
 
 
+def _label_copies(fp, model, structs, pos, M: int, name: str, rank: int, every_s: float = 30.0):
+    """(energy [N*M], sigma [N*M]) of the copies ``pos`` [N, M, nat, 3], predicted in chunks of
+    parents: a pool of tens of thousands of copies took tens of minutes in one silent call and
+    held every copy's fingerprint at once; each copy's prediction depends on its own row only,
+    so chunking changes nothing but the memory and the progress output (with an ETA)."""
+    N, nat = pos.shape[0], pos.shape[2]
+    step = max(1, -(-N // 20))
+    energy, unc = np.empty(N * M), np.empty(N * M)
+    t0 = last = time.perf_counter()
+    for a in range(0, N, step):
+        b = min(N, a + step)
+        Xs, _ = fp.compute(list(pos[a:b].reshape(-1, nat, 3)), [s for s in structs[a:b] for _ in range(M)],
+                           with_jacobian=False)
+        e, _, sd = model.predict(Xs, None, forces=False, variance=True,
+                                 clusters=np.repeat(model.labels[a:b], M))
+        energy[a * M:b * M] = e.numpy()
+        unc[a * M:b * M] = sd.numpy()
+        now = time.perf_counter()
+        if now - last >= every_s and b < N:
+            last = now
+            print(f"[rank {rank}] subset {name}: labels of {b * M}/{N * M} copies, {now - t0:.0f} s, "
+                  f"ETA ~{(now - t0) / b * (N - b):.0f} s", flush=True)
+    return energy, unc
+
+
 def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0, shared: dict | None = None) -> dict:
     """Augment one subset; returns arrays (parent, copy, positions, energy, uncertainty, kept),
     the report entry and, for the GPR, ``hyper`` (:func:`shared_hyper`, what subsets of the same
@@ -456,11 +481,7 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0, shared: dict
             rep["hyperparameters_from"] = fit["shared_from"]
         if fit.get("loaded"):
             rep["gpr_loaded_from"] = fit["loaded"]
-        Xs, _ = fp.compute(list(pos.reshape(-1, nat, 3)), [s for s in structs for _ in range(M)],
-                           with_jacobian=False)
-        clusters = np.repeat(model.labels, M)
-        e, _, s = model.predict(Xs, None, forces=False, variance=True, clusters=clusters)
-        energy, unc = e.numpy().astype(np.float64), s.numpy().astype(np.float64)
+        energy, unc = _label_copies(fp, model, structs, pos, M, f"{name} ({fit['kind']})", rank)
         info = model.info
         rep["fingerprint"] = fp.state()
         rep["gpr"] = {k: info.get(k) for k in (
