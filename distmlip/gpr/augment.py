@@ -403,8 +403,9 @@ def _progress_printer(name: str, rank: int, every_s: float = 30.0):
 def _label_copies(fp, model, structs, pos, M: int, name: str, rank: int, every_s: float = 30.0):
     """(energy [N*M], sigma [N*M]) of the copies ``pos`` [N, M, nat, 3], predicted in chunks of
     parents: a pool of tens of thousands of copies took tens of minutes in one silent call and
-    held every copy's fingerprint at once; each copy's prediction depends on its own row only,
-    so chunking changes nothing but the memory and the progress output (with an ETA)."""
+    held every copy's fingerprint at once.  Each copy's prediction depends on its own row only:
+    chunks change the labels by rounding alone (the BLAS blocking of k^T alpha, whose terms
+    cancel), and the same on every rank count."""
     N, nat = pos.shape[0], pos.shape[2]
     step = max(1, -(-N // 20))
     energy, unc = np.empty(N * M), np.empty(N * M)
