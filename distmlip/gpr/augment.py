@@ -385,9 +385,11 @@ def _fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank, shared=None):
     return fp, model
 
 
-def _progress_printer(name: str, rank: int, every_s: float = 30.0):
-    """A GPR progress callback that prints, at most every ``every_s`` seconds, how far the
-    hyperparameter search of a subset is, with an ETA from the mean time per evaluation."""
+def _progress_printer(name: str, rank: int, every_s: float = 30.0,
+                      what: str = "hyperparameter search {done}/{total} likelihood evaluations"):
+    """A progress callback ``cb(done, total, elapsed_s)`` that prints, at most every ``every_s``
+    seconds, how far a subset's stage is (``what``, formatted with done and total), with an ETA
+    from the mean time per unit done."""
     last = [0.0]
 
     def cb(done, total, elapsed):
@@ -395,7 +397,7 @@ def _progress_printer(name: str, rank: int, every_s: float = 30.0):
             return
         last[0] = elapsed
         eta = elapsed / max(done, 1) * max(total - done, 0)
-        print(f"[rank {rank}] subset {name}: hyperparameter search {done}/{total} likelihood evaluations, "
+        print(f"[rank {rank}] subset {name}: {what.format(done=done, total=total)}, "
               f"{elapsed:.0f} s, ETA ~{eta:.0f} s", flush=True)
     return cb
 
@@ -409,7 +411,8 @@ def _label_copies(fp, model, structs, pos, M: int, name: str, rank: int, every_s
     N, nat = pos.shape[0], pos.shape[2]
     step = max(1, -(-N // 20))
     energy, unc = np.empty(N * M), np.empty(N * M)
-    t0 = last = time.perf_counter()
+    progress = _progress_printer(name, rank, every_s, what="labels of {done}/{total} copies")
+    t0 = time.perf_counter()
     for a in range(0, N, step):
         b = min(N, a + step)
         Xs, _ = fp.compute(list(pos[a:b].reshape(-1, nat, 3)), [s for s in structs[a:b] for _ in range(M)],
@@ -418,11 +421,7 @@ def _label_copies(fp, model, structs, pos, M: int, name: str, rank: int, every_s
                                  clusters=np.repeat(model.labels[a:b], M))
         energy[a * M:b * M] = e.numpy()
         unc[a * M:b * M] = sd.numpy()
-        now = time.perf_counter()
-        if now - last >= every_s and b < N:
-            last = now
-            print(f"[rank {rank}] subset {name}: labels of {b * M}/{N * M} copies, {now - t0:.0f} s, "
-                  f"ETA ~{(now - t0) / b * (N - b):.0f} s", flush=True)
+        progress(b * M, N * M, time.perf_counter() - t0)
     return energy, unc
 
 
