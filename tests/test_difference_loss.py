@@ -296,12 +296,23 @@ def test_trainer_copies_per_epoch(tmp_path, aug, capsys):
 
 
 def test_pool_with_plateau_scheduler_points_to_cosine(tmp_path, aug, capsys):
-    """The plateau scheduler spends a pool's run badly (docs/gpr.md): the trainer says so, and only
-    for that combination."""
+    """The plateau scheduler spends a pool's run badly (docs/gpr.md): the default (auto) takes the
+    cosine schedule for a pool and the plateau one otherwise; an explicit plateau with a pool gets
+    a hint, and only that combination."""
+    import torch
+
     from distmlip.training.trainer import Trainer
 
     h5, _ = aug
-    hint = "'training.scheduler: cosine' uses the epochs better"
+    hint = "'training.scheduler: cosine' (or auto) uses the epochs better"
+    capsys.readouterr()
+    tr = Trainer(_cfg(tmp_path / "a", h5, copies_per_epoch=1))
+    out = capsys.readouterr()
+    assert tr.cfg.training.scheduler == "auto" and tr.sched_kind == "cosine"
+    assert isinstance(tr.sched, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert hint not in out.out + out.err and "scheduler: cosine (auto" in out.out + out.err
+    tr = Trainer(_cfg(tmp_path / "a0", h5, copies_per_epoch=0))
+    assert tr.sched_kind == "plateau" and isinstance(tr.sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
     capsys.readouterr()
     Trainer(_cfg(tmp_path / "p", h5, copies_per_epoch=1, scheduler="plateau"))
     out = capsys.readouterr()

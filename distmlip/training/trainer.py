@@ -315,15 +315,18 @@ class Trainer:
         self.stream = PartitionedStream(self.ds, train_idx, r, w, tc.batch_atoms, bs, tc.seed,
                                         shuffle=True, prefetch=dc.prefetch, fixed_batches=dc.batches == "fixed",
                                         groups=groups, sample_mask=sample, sample_k=tc.copies_per_epoch)
+        # the draws of a pool make the validation loss noisy: on the slab set (docs/results.md)
+        # the plateau scheduler reached its floor rate in the first third of the run, which then
+        # learned nothing more, while the cosine schedule spent the whole budget; hence auto
+        self.sched_kind = tc.scheduler if tc.scheduler != "auto" else ("cosine" if sample is not None else "plateau")
         if sample is not None:
             self._log(f"copies: {tc.copies_per_epoch} per reference structure and epoch, drawn anew each epoch "
                       f"from {int(sample[train_idx].sum())} training copies (training.copies_per_epoch)")
-            if tc.scheduler == "plateau":
-                # the draws make the validation loss noisy: on the slab set (docs/results.md) the
-                # plateau scheduler reached its floor rate in the first third of the run, which then
-                # learned nothing more; the cosine schedule spends the whole budget
-                self._log("copies: with a pool, 'training.scheduler: cosine' uses the epochs better than the "
-                          "plateau scheduler (docs/gpr.md \"A pool of copies\")")
+            if self.sched_kind == "plateau":
+                self._log("copies: with a pool, 'training.scheduler: cosine' (or auto) uses the epochs better "
+                          "than the plateau scheduler (docs/gpr.md \"A pool of copies\")")
+            elif tc.scheduler == "auto":
+                self._log("scheduler: cosine (auto: a pool of copies)")
         # validation: the same number of copies per reference, one fixed draw (a pool's copies
         # all validated would cost pool / copies_per_epoch times the training copies per epoch)
         vgroups = self._diff_groups(self.val_ds)
@@ -618,7 +621,7 @@ class Trainer:
                                         **fused_adam_kwargs(params))
         else:
             self.opt = torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
-        if tc.scheduler == "plateau":
+        if self.sched_kind == "plateau":
             patience = self._plateau_patience()
             self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.opt, factor=tc.plateau_factor, patience=patience, min_lr=tc.min_lr)
@@ -626,7 +629,7 @@ class Trainer:
                 self._log(f"scheduler: plateau patience {patience} epochs (at least "
                           f"training.plateau_min_steps = {tc.plateau_min_steps} steps of "
                           f"{self.stream.steps(0)} per epoch)")
-        elif tc.scheduler == "cosine":
+        elif self.sched_kind == "cosine":
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(tc.epochs, 1),
                                                                     eta_min=tc.min_lr)
         else:
@@ -646,7 +649,7 @@ class Trainer:
         tc = self.cfg.training
         self.opt.load_state_dict(self.flat.optimizer_state(st["optimizer"], self.opt))
         if self.sched is not None and st.get("scheduler") is not None:
-            if st.get("scheduler_kind") == tc.scheduler:
+            if st.get("scheduler_kind") == self.sched_kind:
                 self.sched.load_state_dict(st["scheduler"])
             else:
                 warn("scheduler changed since the checkpoint: starting it afresh")
@@ -1019,7 +1022,7 @@ class Trainer:
     def _payload(self, epoch, step, partial):
         return dict(model=self.model.payload(), optimizer=self.opt.state_dict(),
                     scheduler=self.sched.state_dict() if self.sched is not None else None,
-                    scheduler_kind=self.cfg.training.scheduler,
+                    scheduler_kind=self.sched_kind,
                     epoch=epoch, step=step, global_step=self.global_step, best=self.best,
                     bad_epochs=self.bad_epochs, partial=partial, config=config_to_dict(self.cfg),
                     loss_state=list(self._prev_rmse) if self._prev_rmse is not None else None,
