@@ -321,18 +321,53 @@ def test_loo_residuals_match_explicit_refits():
     hp = dict(weight=1.1, length_scale=0.5, noise_energy=1e-2, noise_force=2e-2)
     g = GPR(**hp).fit(X, J, E, F)
     y = g._targets(torch.as_tensor(E), -torch.as_tensor(F).reshape(len(E), -1))
-    _, _, loo = g.lml_and_grad(g.X, g.J, y, hp, (), loo=True)
+    _, _, (loo, var) = g.lml_and_grad(g.X, g.J, y, hp, (), loo=True)
+    ne = (hp["noise_energy"] + g.noise_floor) * g.s
     for b in range(len(E)):
         keep = np.array([i for i in range(len(E)) if i != b])
-        gb = GPR(**hp, scales=(g.mu, g.s, g.f)).fit(X[keep], J[keep], E[keep], F[keep])
-        e, _, _ = gb.predict(X[b:b + 1], J[b:b + 1], forces=False, variance=False)
+        gb = GPR(**hp, scales=(g.mu, g.s, g.f)).fit(X[keep], J[keep], E[keep], F[keep]).calibrate()
+        e, _, sg = gb.predict(X[b:b + 1], J[b:b + 1], forces=False, variance=True)
         assert float(loo[b]) * g.s == pytest.approx(E[b] - float(e[0]), rel=1e-6, abs=1e-10)
+        # the LOO variance is the refit's predictive one: latent variance plus the energy noise
+        assert float(var[b]) * g.s ** 2 == pytest.approx(float(sg[0]) ** 2 + ne ** 2, rel=1e-6)
+        # predictive=True: the same with the calibration factor
+        _, _, sp = gb.predict(X[b:b + 1], J[b:b + 1], forces=False, variance=True, predictive=True)
+        assert gb.info["sigma_calibration_from"] == "all"
+        assert float(sp[0]) ** 2 == pytest.approx(gb.sigma_calibration ** 2 * float(var[b]) * g.s ** 2, rel=1e-6)
+
+
+def test_fitted_sigma_calibration_is_the_median_loo_z_and_scales_predictive_sigma():
+    """The calibration factor makes the training set's LOO energy errors standard normal in
+    their median (the fit's sub-sample's above loo_max_obs rows); predictive sigmas are
+    c sqrt(latent var + noise^2)."""
+    X, J, E, F = _small_problem(True)
+    gs = GPR(fit_restarts=1, loo_max_obs=0).fit(X, J, E, F).calibrate()
+    assert gs.info["sigma_calibration_from"] == "sub-sample"
+    g = GPR(fit_restarts=1).fit(X, J, E, F)
+    assert g.info["sigma_calibration_from"] == "sub-sample"
+    g.calibrate()
+    c = g.sigma_calibration
+    assert c == g.info["sigma_calibration"] and 0.05 < c < 20 and c != 1.0
+    assert g.info["sigma_calibration_from"] == "all" and g.info["fit_structures"] == len(E)
+    assert gs.sigma_calibration == pytest.approx(c, rel=1e-6)     # the sub-sample is the whole set here
+    y = g._targets(torch.as_tensor(E), -torch.as_tensor(F).reshape(len(E), -1))
+    p = {k: getattr(g.hyper, k) for k in ("weight", "length_scale", "noise_energy", "noise_force")}
+    _, _, (res, var) = g.lml_and_grad(torch.as_tensor(X), torch.as_tensor(J), y, p, (), loo=True)
+    assert c == pytest.approx(float((res.abs() / var.sqrt()).median()) / 0.6745, rel=1e-9)
+    _, _, s0 = g.predict(X[:3] + 0.01, J[:3], forces=False)
+    _, _, s1 = g.predict(X[:3] + 0.01, J[:3], forces=False, predictive=True)
+    ne = (g.hyper.noise_energy + g.noise_floor) * g.s
+    assert np.allclose(s1.numpy() ** 2, c ** 2 * (s0.numpy() ** 2 + ne ** 2), rtol=1e-9)
 
 
 def test_fit_respects_length_scale_bound_and_reports_candidates():
     X, J, E, F = _small_problem(False)
     g = GPR(fit_restarts=2).fit(X, J, E, F)
     assert g.info["length_scale"] >= g.info["nn_distance"] * (1 - 1e-9)
+    gb = GPR(fit_restarts=1, l_max_nn=2.0).fit(X, J, E, F)
+    assert gb.info["length_scale"] <= 10.0 * gb.info["nn_distance"] * (1 + 1e-9)   # 10 x l_min_nn at least
+    gb = GPR(fit_restarts=1, l_min_nn=0.1, l_max_nn=1.5).fit(X, J, E, F)
+    assert gb.info["length_scale"] <= 1.5 * gb.info["nn_distance"] * (1 + 1e-9)
     assert len(g.info["fit_candidates"]) == 2
     assert g.info["lml_fit_end"] == max(c["lml"] for c in g.info["fit_candidates"])
     gl = GPR(fit_restarts=2, select="loo").fit(X, J, E, F)

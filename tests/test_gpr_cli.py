@@ -62,6 +62,14 @@ def test_gpr_test_save_predict_and_augment_reuses_the_fit(data, capsys):
         assert r["E_mae_eV"] == pytest.approx(np.abs(err).mean(), rel=1e-10)
         assert r["F_mae_eVA"] == pytest.approx(np.abs(f - np.stack([x.forces for x in S])).mean(), rel=1e-10)
         assert r["within_2sigma"] == pytest.approx(np.mean(np.abs(err) <= 2 * s))
+        # the table's sigma is the predictive one, calibrated on every training structure's
+        # LOO error: c sqrt(latent var + energy noise^2)
+        m = fit["model"].models[0]
+        assert m.info["sigma_calibration_from"] == "all"
+        Xf, Jf = fit["fingerprint"].compute([x.positions for x in S], list(S), with_jacobian=False)
+        _, _, s_lat = fit["model"].predict(Xf, None if Jf is None else Jf, forces=False)
+        ne = m.info["noise_energy_eV"]
+        np.testing.assert_allclose(s ** 2, m.sigma_calibration ** 2 * (s_lat.numpy() ** 2 + ne ** 2), rtol=1e-8)
         # and it has learnt something: errors far below the spread of the test energies
         assert r["E_mae_eV"] < 0.5 * np.std([x.energy for x in S])
     # predict writes the same numbers for every structure

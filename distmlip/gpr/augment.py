@@ -261,6 +261,7 @@ def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared
         E0 = np.array([s.energy for s in structs])
         F0 = np.stack([s.forces for s in structs])
         fp, model = _fit_fingerprint("local", ds, structs, E0, F0, cfg, name, rank, shared=shared)
+        model.calibrate()
         fit = dict(kind="local", fingerprint=fp, model=model, loaded=None, choice=None,
                    shared_from=shared["from"])
         if g.save:
@@ -280,6 +281,7 @@ def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared
     fits = [_fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank) for kind in kinds]
     loo = [f[1].info.get("loo_energy_mae_eV") for f in fits]
     best = min(range(len(fits)), key=lambda k: (loo[k] is None, loo[k] if loo[k] is not None else 0.0))
+    fits[best][1].calibrate()        # K^-1 once, for the kept fingerprint only
     fit = dict(kind=kinds[best], fingerprint=fits[best][0], model=fits[best][1], loaded=None,
                choice={k: v for k, v in zip(kinds, loo)} if len(kinds) > 1 else None, shared_from=None)
     if g.save:
@@ -489,7 +491,7 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0, shared: dict
             "noise_force_eVA", "length_scale_by_group", "energy_mean_eV", "energy_scale_eV", "force_scale_eVA", "jitter",
             "jitter_rel", "lml", "fitted", "fit_structures", "fit_obs", "lml_fit_start", "lml_fit_end",
             "fit_select", "fit_subsample", "fit_nn_distance", "nn_distance", "loo_energy_mae_eV", "fit_candidates",
-            "fit_at_bounds", "n_obs", "max_kernel_obs", "memory_cap_obs", "n_local", "local_sizes", "time_hyper_s",
+            "sigma_calibration", "sigma_calibration_from", "time_calibrate_s", "fit_at_bounds", "n_obs", "max_kernel_obs", "memory_cap_obs", "n_local", "local_sizes", "time_hyper_s",
             "time_fit_s", "time_predict_s") if k in info}
     thr = sub["max_uncertainty"]
     kept = np.ones(len(energy), bool) if thr is None else unc <= thr
@@ -674,9 +676,14 @@ def _augment(cfg, ctx, ds, names, workdir, fresh):
                 gi = r["gpr"]
                 extra = (f", w {gi['weight_eV']:.3g} eV, l {_lengths(gi)}, jitter {gi['jitter']:.1e}"
                          f", local GPRs {gi.get('n_local', 1)}")
-                if gi.get("fit_at_bounds"):
+                # the length scale's upper bound is the float64 limit of the kernel (GPR.l_max_nn),
+                # where condensed subsets usually end: expected, so not a warning
+                bounded = [b for b in gi.get("fit_at_bounds", []) if b != "length_scale upper"]
+                if "length_scale upper" in gi.get("fit_at_bounds", []):
+                    extra += " (l at its float64 bound)"
+                if bounded:
                     warn(f"subset {names[sid]}: fitted hyperparameters on their bounds: "
-                         f"{', '.join(gi['fit_at_bounds'])} (the bound decided them, not the data)")
+                         f"{', '.join(bounded)} (the bound decided them, not the data)")
             unc = r.get("uncertainty_eV", {})
             print(f"{pre}subset {names[sid]} ({k}/{n_mine}): {r['n_reference']} reference, "
                   f"{r['n_kept']}/{r['n_copies']} copies kept, sigma mean {unc.get('mean', 0):.4f} eV"

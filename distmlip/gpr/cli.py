@@ -10,6 +10,9 @@ training-split reference structures of each subset, as in augment.  ``augment`` 
 fits with ``gpr.load: fits/`` (another delta or M without refitting).  ``test`` prints per subset
 the energy MAE (eV per structure), its mean (bias), the force MAE (eV/A per component) and the
 calibration: the share of energy errors within 1 and 2 predicted sigma (a Gaussian: 68 / 95 %).
+The sigma here is the predictive one: the latent sigma and the fitted energy noise, scaled by the
+factor that makes the fit's leave-one-out errors standard normal (``GPR._calibration``); augment's
+copies carry the latent sigma (it ranks the copies by their distance from the data).
 Runs in one process (subsets one after the other)."""
 from __future__ import annotations
 
@@ -39,10 +42,11 @@ def _structs_of(ds, sid, cfg, name):
 
 
 def predict_structures(fit: dict, structs, forces=True):
-    """(E [M], F [M, n, 3] or None, sigma [M]) of structures of a fitted subset."""
+    """(E [M], F [M, n, 3] or None, sigma [M]) of structures of a fitted subset; sigma: the
+    predictive (calibrated, label noise included) standard deviation of the energy error."""
     fp, model = fit["fingerprint"], fit["model"]
     X, J = fp.compute([s.positions for s in structs], list(structs), with_jacobian=forces)
-    e, f, sg = model.predict(X, J, forces=forces, variance=True)
+    e, f, sg = model.predict(X, J, forces=forces, variance=True, predictive=True)
     n = structs[0].natoms
     return e.numpy(), (None if f is None else f.numpy().reshape(len(structs), n, 3)), sg.numpy()
 
