@@ -510,7 +510,6 @@ class GPR:
         self.L = L
         self.alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
         n = y.shape[0]
-        self._N = N
         lml = float(-0.5 * (y @ self.alpha) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI) \
             + self._log_jacobian(N, self.r)
         t_fact = time.perf_counter() - t1
@@ -676,7 +675,7 @@ class GPR:
         if n <= self.loo_max_obs and 16 * n * n < available_memory(L.device) * 0.5:
             t0 = time.perf_counter()
             with torch.no_grad():
-                res, var = self._loo(L, self.alpha, self._N)
+                res, var = self._loo(L, self.alpha, self.X.shape[0])
             self.sigma_calibration = self._calibration(res, var)
             self.info.update(sigma_calibration=self.sigma_calibration, sigma_calibration_from="all",
                              loo_all_energy_mae_eV=float(res.abs().mean()) * self.s,
@@ -704,7 +703,7 @@ class GPR:
     @staticmethod
     def _calibration(res, var) -> float:
         """Factor on the predictive standard deviation that makes the leave-one-structure-out
-        energy errors of the fit's sub-sample standard normal in their median:
+        energy errors ``res`` (predictive variances ``var``) standard normal in their median:
         median |r_b| / sqrt(v_b) over 0.6745 (the median of |z| for a Gaussian; the median, not
         the RMS, so that one outlier does not set it).  On held-out structures these LOO
         statistics matched the test errors' (docs/results.md), while the fitted noise and
