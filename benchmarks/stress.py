@@ -61,10 +61,11 @@ def cli(*args, cwd):
     return r.stdout
 
 
-def train(out, name, beta, epochs, seed, loss="mse", alpha=0.5, hidden="10, 10"):
+def train(out, name, beta, epochs, seed, loss="mse", alpha=0.5, hidden="10, 10", desc="5.0,8,3.5,4"):
+    rr, nr, ra, na = desc.split(",")
     cfg = out / f"{name}.yaml"
     cfg.write_text(f"""data: {{train: [cu.h5], fractions: [0.7, 0.15, 0.15], split_seed: {seed}}}
-descriptor: {{rc_radial: 5.0, n_radial: 8, rc_angular: 3.5, n_angular: 4}}
+descriptor: {{rc_radial: {rr}, n_radial: {nr}, rc_angular: {ra}, n_angular: {na}}}
 model: {{hidden: [{hidden}], activation: tanh}}
 training: {{mode: force, alpha: {alpha}, beta: {beta}, loss: {loss}, epochs: {epochs}, lr: 5.0e-3, batch_atoms: 256,
            output: {name}, progress_bar: "off", seed: {seed}, scheduler: cosine, min_lr: 1.0e-4}}
@@ -105,6 +106,8 @@ def main(argv=None):
     ap.add_argument("--unrattled", type=float, default=0.0,
                     help="share of the cells left unrattled (homogeneously strained, zero forces: elastic data)")
     ap.add_argument("--hidden", default="10, 10", help="hidden layer sizes of both models (default '10, 10')")
+    ap.add_argument("--descriptor", default="5.0,8,3.5,4",
+                    help="rc_radial,n_radial,rc_angular,n_angular of both models (default 5.0,8,3.5,4)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import tempfile
@@ -122,9 +125,10 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         make_data(out / "cu.extxyz", args.structures, seed, args.rattle, args.unrattled)
         cli("convert", "cu.extxyz", "-o", "cu.h5", cwd=out)
-        res = {"without stress": train(out, "nostress", 0.0, args.epochs, seed, args.loss, args.alpha, args.hidden),
+        res = {"without stress": train(out, "nostress", 0.0, args.epochs, seed, args.loss, args.alpha, args.hidden,
+                                       args.descriptor),
                f"with stress (beta {args.beta})": train(out, "stress", args.beta, args.epochs, seed, args.loss,
-                                                        args.alpha, args.hidden)}
+                                                        args.alpha, args.hidden, args.descriptor)}
         for name, m in res.items():
             print(f"{seed:<5}{name:<26}" + "".join(f"{m.get(k, float('nan')):>16.{nd}f}" for k, _, nd in keys))
         runs.append((out, res))
