@@ -48,7 +48,7 @@ def test_gpr_test_save_predict_and_augment_reuses_the_fit(data, capsys):
     assert cli_main(["gpr", "test", str(data / "aug.yaml"), str(data / "test.h5"), "--save", str(data / "fits"),
                      "--json", str(data / "t.json")]) == 0
     out = capsys.readouterr().out
-    assert "E MAE eV" in out and "2 sig" in out
+    assert "E MAE eV" in out and "2 sig" in out and "calib" in out
     res = json.loads((data / "t.json").read_text())
     ds = H5Dataset(data / "test.h5")
     assert {r["subset"] for r in res["subsets"]} == {t["name"] for t in ds.subsets}
@@ -70,6 +70,7 @@ def test_gpr_test_save_predict_and_augment_reuses_the_fit(data, capsys):
         _, _, s_lat = fit["model"].predict(Xf, None if Jf is None else Jf, forces=False)
         ne = m.info["noise_energy_eV"]
         np.testing.assert_allclose(s ** 2, m.sigma_calibration ** 2 * (s_lat.numpy() ** 2 + ne ** 2), rtol=1e-8)
+        assert r["sigma_calibration"] == pytest.approx(m.sigma_calibration, rel=1e-12)
         # and it has learnt something: errors far below the spread of the test energies
         assert r["E_mae_eV"] < 0.5 * np.std([x.energy for x in S])
     # predict writes the same numbers for every structure

@@ -108,7 +108,8 @@ def test_table(fits, test_path) -> dict:
         err = e - np.array([s.energy for s in structs])
         r = dict(subset=name, n=len(structs), fingerprint=fits[name]["kind"], E_mae_eV=float(np.abs(err).mean()),
                  E_bias_eV=float(err.mean()), sigma_mean_eV=float(sg.mean()),
-                 within_1sigma=float((np.abs(err) <= sg).mean()), within_2sigma=float((np.abs(err) <= 2 * sg).mean()))
+                 within_1sigma=float((np.abs(err) <= sg).mean()), within_2sigma=float((np.abs(err) <= 2 * sg).mean()),
+                 sigma_calibration=float(fits[name]["model"].info.get("sigma_calibration", 1.0)))
         if f is not None:
             ferr = np.abs(f - np.stack([s.forces for s in structs]))
             r["F_mae_eVA"] = float(ferr.mean())
@@ -126,13 +127,15 @@ def test_table(fits, test_path) -> dict:
 
 
 def format_test(res) -> str:
-    hdr = f"{'subset':<20} {'fp':<10} {'n':>5} {'E MAE eV':>9} {'E bias eV':>10} {'F MAE eV/A':>11} {'sigma eV':>9} {'1 sig':>6} {'2 sig':>6}"
-    out = [hdr, "-" * len(hdr)]
+    hdr = (f"{'subset':<20} {'fp':<10} {'n':>5} {'E MAE eV':>9} {'E bias eV':>10} {'F MAE eV/A':>11} {'sigma eV':>9} "
+           f"{'1 sig':>6} {'2 sig':>6} {'calib':>6}")
+    out = ["sigma: predictive, calibrated by the factor 'calib' on the training structures' "
+           "leave-one-out errors (1 / 2 sigma: 68 / 95 % when calibrated)", hdr, "-" * len(hdr)]
     for r in res["subsets"]:
         F = r.get("F_mae_eVA")
         out.append(f"{r['subset'][:20]:<20} {r['fingerprint']:<10} {r['n']:>5} {r['E_mae_eV']:>9.4f} {r['E_bias_eV']:>+10.4f} "
                    f"{(format(F, '11.4f') if F is not None else '-'):>11} {r['sigma_mean_eV']:>9.4f} "
-                   f"{100 * r['within_1sigma']:>5.1f}% {100 * r['within_2sigma']:>5.1f}%")
+                   f"{100 * r['within_1sigma']:>5.1f}% {100 * r['within_2sigma']:>5.1f}% {r['sigma_calibration']:>6.2f}")
     t = res["total"]
     if t:
         F = t.get("F_mae_eVA")
