@@ -654,15 +654,26 @@ class GPR:
             grad.append(float(g))
         res = None
         if loo:
-            P = self.P if uf else 0
-            idx = torch.arange(N, device=X.device)[:, None]
-            if P:
-                idx = torch.cat([idx, N + idx * P + torch.arange(P, device=X.device)[None]], 1)
+            idx = self._structure_rows(N, X.device)
             a_b = alpha[idx]                                       # [N, 1+P]
-            Kinv_bb = a_b[:, :, None] * a_b[:, None, :] - W[idx[:, :, None], idx[:, None, :]]
-            inv = torch.linalg.inv(Kinv_bb)
-            res = ((inv @ a_b[:, :, None])[:, 0, 0], inv[:, 0, 0])
+            # W = alpha alpha^T - K^-1, so the diagonal blocks of K^-1 are a_b a_b^T - W_bb
+            res = self._loo_from_blocks(a_b[:, :, None] * a_b[:, None, :] - W[idx[:, :, None], idx[:, None, :]], a_b)
         return lml, np.asarray(grad), res
+
+    def _structure_rows(self, N, device) -> torch.Tensor:
+        """[N, 1+P] kernel rows of each structure: its energy row, then its derivative rows."""
+        P = self.P if self.use_forces else 0
+        idx = torch.arange(N, device=device)[:, None]
+        if P:
+            idx = torch.cat([idx, N + idx * P + torch.arange(P, device=device)[None]], 1)
+        return idx
+
+    @staticmethod
+    def _loo_from_blocks(Kinv_bb, a_b):
+        """LOO energy residuals ``[(K^-1)_bb]^-1 (K^-1 y)_b`` (first component) and predictive
+        variances ``[((K^-1)_bb)^-1]_00`` from the diagonal blocks of K^-1 and alpha's blocks."""
+        inv = torch.linalg.inv(Kinv_bb)
+        return (inv @ a_b[:, :, None])[:, 0, 0], inv[:, 0, 0]
 
     def calibrate(self) -> "GPR":
         """The sigma calibration from the LOO errors of every training structure (up to
@@ -691,13 +702,10 @@ class GPR:
                 raise InputError("GPR: LAPACK dpotri failed on a factorised kernel")
         else:
             W = _cholesky_inverse(L)
-        P = self.P if self.use_forces else 0
-        idx = torch.arange(N, device=L.device)[:, None]
-        if P:
-            idx = torch.cat([idx, N + idx * P + torch.arange(P, device=L.device)[None]], 1)
-        inv = torch.linalg.inv(W[idx[:, :, None], idx[:, None, :]])
+        idx = self._structure_rows(N, L.device)
+        Kinv_bb = W[idx[:, :, None], idx[:, None, :]]
         del W
-        return (inv @ alpha[idx][:, :, None])[:, 0, 0], inv[:, 0, 0]
+        return self._loo_from_blocks(Kinv_bb, alpha[idx])
 
     # ---------------------------------------------------------------- hyperparameter fit
     @staticmethod
