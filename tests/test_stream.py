@@ -50,6 +50,31 @@ def test_make_batches_bounds():
         assert len(x) <= 2 and (natoms[x].sum() <= 12 or len(x) == 1)
 
 
+def test_batches_balanced_and_fewest():
+    """The cut keeps the greedy cut's (minimal) batch count and budgets, but of near-equal size:
+    no small remainder batch that a rank would step on while another steps on a full one."""
+    from distmlip.data.stream import _greedy_bounds
+
+    natoms = np.full(96, 32)
+    b = make_batches(np.arange(96), natoms, batch_atoms=2000, batch_structures=1 << 30)
+    assert [int(natoms[x].sum()) for x in b] == [1536, 1536]      # greedy: 1984 + 1088
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        k = int(rng.integers(1, 40))
+        nat = rng.integers(1, 60, k)
+        ba, bs = int(rng.integers(1, 150)), int(rng.integers(1, 8))
+        b = make_batches(np.arange(k), nat, batch_atoms=ba, batch_structures=bs)
+        assert np.array_equal(np.concatenate(b), np.arange(k))
+        assert len(b) == len(_greedy_bounds(nat, np.ones(k), ba, bs)) - 1
+        for x in b:
+            assert len(x) == 1 or (nat[x].sum() <= ba and len(x) <= bs)
+    # uniform structures: batch sizes differ by at most one structure
+    for n in (7, 50, 333):
+        b = make_batches(np.arange(n), np.full(n, 20), batch_atoms=300, batch_structures=1 << 30)
+        sizes = [len(x) for x in b]
+        assert max(sizes) - min(sizes) <= 1, sizes
+
+
 def test_stream_epochs_ranks_and_imbalance(dataset):
     ds = H5Dataset(dataset)
     R = 2

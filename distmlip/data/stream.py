@@ -7,7 +7,8 @@ structure) and keep file order, so each rank reads long contiguous slabs.
 
 ``PartitionedStream`` gives one rank its batches: every epoch the rank's partition is
 shuffled with numpy ``Generator(PCG64)`` seeded by (seed, epoch, rank) -- identical on every
-machine -- and cut greedily into batches bounded by ``batch_atoms`` and ``batch_structures``.
+machine -- and cut into the fewest batches bounded by ``batch_atoms`` and ``batch_structures``,
+of near-equal size (no small remainder batch: ranks step in lockstep).
 The shuffle permutes blocks of ``shuffle_block`` consecutive structures and then the
 structures inside windows of ``shuffle_window`` blocks: a batch then touches few file regions
 (fast reads), while every structure can still meet any other across epochs.  ``shuffle_block
@@ -70,41 +71,83 @@ def _unit_layout(idx, natoms, groups):
     return idx2, starts, atoms
 
 
-def make_unit_batches(units: list[np.ndarray], natoms, batch_atoms: int, batch_structures: int) -> list[np.ndarray]:
-    """:func:`make_batches` over whole units (index arrays): a batch is cut only between units."""
-    n = np.asarray(natoms, dtype=np.int64)
-    out, cur, cur_a, cur_s = [], [], 0, 0
-    for u in units:
-        a, m = int(n[u].sum()), len(u)
-        if cur and (cur_a + a > batch_atoms or cur_s + m > batch_structures):
-            out.append(np.concatenate(cur))
-            cur, cur_a, cur_s = [], 0, 0
-        cur.append(u)
+def _greedy_bounds(atoms, counts, cap_atoms: int, cap_structures: int) -> list[int]:
+    """Greedy cut of items (``atoms[k]`` atoms and ``counts[k]`` structures each, in order) under
+    both caps: the fewest contiguous batches (an item over a cap is a batch alone)."""
+    bounds, cur_a, cur_s = [0], 0, 0
+    for k in range(len(atoms)):
+        a, m = int(atoms[k]), int(counts[k])
+        if cur_s and (cur_a + a > cap_atoms or cur_s + m > cap_structures):
+            bounds.append(k)
+            cur_a, cur_s = 0, 0
         cur_a += a
         cur_s += m
-    if cur:
-        out.append(np.concatenate(cur))
-    return out
+    if len(atoms):
+        bounds.append(len(atoms))
+    return bounds
+
+
+def _fits(bounds, atoms, counts, batch_atoms: int, batch_structures: int) -> bool:
+    b = np.asarray(bounds, dtype=np.int64)
+    if np.any(np.diff(b) <= 0):
+        return False
+    ca = np.r_[0, np.cumsum(atoms)]
+    cs = np.r_[0, np.cumsum(counts)]
+    single = np.diff(b) == 1
+    return bool(np.all(single | ((ca[b[1:]] - ca[b[:-1]] <= batch_atoms) & (cs[b[1:]] - cs[b[:-1]] <= batch_structures))))
+
+
+def _balanced_bounds(atoms, counts, batch_atoms: int, batch_structures: int) -> list[int]:
+    """Bounds that cut the items in order into as few batches as the greedy cut, within both
+    budgets, but of near-equal atoms: the greedy cut leaves a small remainder batch at the end of
+    every partition, and since each rank visits its batches in its own order, one rank's full
+    batch then meets another's remainder at the same step and the synchronous step waits for the
+    larger (a quarter of two ranks' step time in benchmarks/scaling.py); a remainder batch also
+    takes a full learning-rate step on a noisy gradient.  First the cut at the prefix sums
+    nearest k * total / n (vectorised); where item sizes keep that from fitting, the greedy cut
+    under the smallest atom cap that still needs no more batches (bisection)."""
+    atoms = np.asarray(atoms, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    greedy = _greedy_bounds(atoms, counts, batch_atoms, batch_structures)
+    nb = len(greedy) - 1
+    if nb <= 1:
+        return greedy
+    csum = np.cumsum(atoms)
+    target = csum[-1] * np.arange(1, nb) / nb
+    c = np.searchsorted(csum, target)                       # first prefix with csum >= target
+    lo = np.where(c >= 1, csum[np.maximum(c - 1, 0)], 0)
+    hi = csum[np.minimum(c, len(csum) - 1)]
+    pos = np.where(np.abs(lo - target) <= np.abs(hi - target), c, c + 1)
+    bounds = [0] + pos.tolist() + [len(atoms)]
+    if _fits(bounds, atoms, counts, batch_atoms, batch_structures):
+        return bounds
+    lo_cap, hi_cap = max(1, int(-(-int(csum[-1]) // nb))), int(batch_atoms)
+    while lo_cap < hi_cap:
+        mid = (lo_cap + hi_cap) // 2
+        if len(_greedy_bounds(atoms, counts, mid, batch_structures)) - 1 <= nb:
+            hi_cap = mid
+        else:
+            lo_cap = mid + 1
+    return _greedy_bounds(atoms, counts, hi_cap, batch_structures)
+
+
+def make_unit_batches(units: list[np.ndarray], natoms, batch_atoms: int, batch_structures: int) -> list[np.ndarray]:
+    """:func:`make_batches` over whole units (index arrays): a batch is cut only between units."""
+    if not units:
+        return []
+    n = np.asarray(natoms, dtype=np.int64)
+    b = _balanced_bounds([int(n[u].sum()) for u in units], [len(u) for u in units], batch_atoms, batch_structures)
+    return [np.concatenate(units[b[i]:b[i + 1]]) for i in range(len(b) - 1)]
 
 
 def make_batches(order, natoms, batch_atoms: int, batch_structures: int) -> list[np.ndarray]:
-    """Greedy cut of ``order`` into batches of at most ``batch_atoms`` atoms and
-    ``batch_structures`` structures (a structure larger than ``batch_atoms`` is a batch alone)."""
+    """Cut ``order`` into the fewest batches of at most ``batch_atoms`` atoms and
+    ``batch_structures`` structures (a structure larger than ``batch_atoms`` is a batch alone),
+    of near-equal atom counts (:func:`_balanced_bounds`)."""
     order = np.asarray(order, dtype=np.int64)
     n = np.asarray(natoms, dtype=np.int64)[order]
-    bounds = [0]
-    cur_a = 0
-    cur_s = 0
-    for k in range(len(order)):
-        m = int(n[k])
-        if cur_s and (cur_a + m > batch_atoms or cur_s >= batch_structures):
-            bounds.append(k)
-            cur_a, cur_s = 0, 0
-        cur_a += m
-        cur_s += 1
-    if len(order):
-        bounds.append(len(order))
-    return [order[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+    b = _balanced_bounds(n, np.ones(len(order), dtype=np.int64), batch_atoms, batch_structures)
+    return [order[b[i]:b[i + 1]] for i in range(len(b) - 1)]
 
 
 _END = object()
