@@ -9,11 +9,12 @@ and the atoms of all ranks are summed:
 
     throughput(R) = global atoms trained / wall time        efficiency(R) = throughput(R) / (R * throughput(1))
 
-For R > 1 it also runs R single-process copies at the same time (no communication): their
+For R > 1 it also runs R single-process copies at the same time (no communication; a file
+barrier starts their timed windows together, and the windows' overlap is printed): their
 summed throughput is what the cores deliver to R workers, so MPI / independent separates the cost
 of communication from core contention (on a shared or hyper-threaded machine).
 
-    python benchmarks/scaling.py [--ranks 1 2] [--modes energy force] [--steps 50] [--warmup 3] [--repeat 3]
+    python benchmarks/scaling.py [--ranks 1 2] [--modes energy force] [--seconds 3] [--steps 0] [--warmup 10] [--repeat 3]
                                  [--batch-atoms 256] [--threads 1] [--backend auto] [--bind none|core]
                                  [--json out.json]
 
@@ -59,6 +60,20 @@ def make_data(path: Path, n: int, seed: int = 0) -> None:
     write_dataset(path, out)
 
 
+def start_together(folder: Path, copies: int, timeout: float = 120.0) -> None:
+    """Start barrier of the independent copies (they share no communicator): each announces
+    itself with a file and waits for all.  Without it their timed windows did not overlap (each
+    copy starts up at its own pace and a window of 50 energy steps lasts 40 ms), so the control
+    measured copies running alone, not side by side."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"ready_{os.getpid()}").touch()
+    t0 = time.monotonic()
+    while len(list(folder.glob("ready_*"))) < copies:
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"independent copies: only {len(list(folder.glob('ready_*')))} of {copies} ready")
+        time.sleep(2e-4)
+
+
 def worker(args) -> int:
     import torch
 
@@ -79,14 +94,25 @@ training: {{mode: {args.mode}, epochs: 1000, batch_atoms: {args.batch_atoms}, lr
         tr = Trainer(load_train_config(cfg_path), ctx, quiet=True)
         acc = torch.zeros(16, dtype=torch.float64)
         atoms = torch.zeros(1, dtype=torch.float64)
-        epoch, timed, t0 = 0, 0, None
-        total = args.warmup + args.steps
+        epoch, timed, t0, tw, total = 0, 0, None, None, None
         done = 0
-        while done < total:
+        while total is None or done < total:
             for structures in tr.stream.epoch(epoch):
+                if done == 1:
+                    tw = time.perf_counter()     # the first step's set-up is not a step
                 if done == args.warmup:
+                    # the timed steps: --steps, or as many as fill --seconds at the warm-up's pace
+                    # (the largest count over the ranks, so that every rank runs the same steps)
+                    n = args.steps or max(20, int(args.seconds * (args.warmup - 1) / (time.perf_counter() - tw)))
+                    n_t = torch.tensor([float(n)], dtype=torch.float64)
+                    ctx.all_reduce_max(n_t)
+                    # independent copies run on the clock alone (below)
+                    total = args.warmup + int(n_t.item()) if not args.sync else 1 << 62
                     ctx.barrier()
+                    if args.sync:
+                        start_together(Path(args.sync), args.copies)
                     t0 = time.perf_counter()
+                    wall0 = time.time()
                 tr.train_step(structures, acc)
                 if done >= args.warmup:
                     # the stream yields assembled batches (fixed batches) or prepared structures
@@ -94,7 +120,11 @@ training: {{mode: {args.mode}, epochs: 1000, batch_atoms: {args.batch_atoms}, lr
                         sum(len(getattr(s, "numbers", getattr(s, "species", ()))) for s in structures)
                     timed += 1
                 done += 1
-                if done >= total:
+                if total is not None and done >= total:
+                    break
+                if args.sync and t0 is not None and time.perf_counter() - t0 >= args.seconds:
+                    # independent copies stop on the clock, so that their windows end together too
+                    total = done
                     break
             epoch += 1
         ctx.barrier()
@@ -104,6 +134,7 @@ training: {{mode: {args.mode}, epochs: 1000, batch_atoms: {args.batch_atoms}, lr
         if ctx.rank == 0:
             print("SCALING " + json.dumps({"mode": args.mode, "ranks": ctx.world_size, "steps": timed,
                                            "atoms": float(atoms), "seconds": float(dt),
+                                           "window": [wall0, time.time()],
                                            "backend": tr.model.plan().descriptor,
                                            "timers": {k: round(v, 4) for k, v in tr.timers.items()}}), flush=True)
         shutdown()
@@ -120,7 +151,7 @@ def run_case(mode, ranks, args, data, work) -> dict:
         cmd.append("--allow-run-as-root")
     cmd += ["-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable, __file__, "--worker",
             "--mode", mode, "--data", str(data), "--work", str(work), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--batch-atoms", str(args.batch_atoms), "--backend", args.backend]
+            "--seconds", str(args.seconds), "--warmup", str(args.warmup), "--batch-atoms", str(args.batch_atoms), "--backend", args.backend]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.time_limit)
@@ -144,6 +175,7 @@ def run_independent(mode, copies, args, data, work) -> float:
     for k in [k for k in env if k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_"))]:
         del env[k]
     procs = []
+    sync = Path(tempfile.mkdtemp(prefix="sync_", dir=work))
     for c in range(copies):
         w = Path(work) / f"indep_{mode}_{c}"
         w.mkdir(exist_ok=True)
@@ -151,10 +183,12 @@ def run_independent(mode, copies, args, data, work) -> float:
         pin = ["taskset", "-c", str(c % (os.cpu_count() or 1))] if args.bind == "core" else []
         procs.append(subprocess.Popen(
             pin + [sys.executable, __file__, "--worker", "--mode", mode, "--data", str(data), "--work", str(w),
-             "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-atoms",
-             str(args.batch_atoms), "--backend", args.backend],
+             "--steps", str(args.steps), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
+             "--batch-atoms", str(args.batch_atoms), "--backend", args.backend, "--sync", str(sync),
+             "--copies", str(copies)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     total = 0.0
+    windows = []
     for p in procs:
         out, err = p.communicate(timeout=args.time_limit)
         LAUNCHES.append((f"{mode}/independent copy", p.returncode))
@@ -163,18 +197,25 @@ def run_independent(mode, copies, args, data, work) -> float:
             return None
         res = json.loads(next(l for l in out.splitlines() if l.startswith("SCALING "))[8:])
         total += res["atoms"] / res["seconds"]
+        windows.append(res["window"])
+    # the share of the copies' windows that they ran side by side (1: fully overlapping)
+    span = max(w[1] for w in windows) - min(w[0] for w in windows)
+    OVERLAPS.append((min(w[1] for w in windows) - max(w[0] for w in windows)) / span if span > 0 else 1.0)
     return total
 
 
 LAUNCHES: list = []     # (case, exit status) of every process started
+OVERLAPS: list = []     # overlap of the independent copies' timed windows, per launch
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--modes", nargs="+", default=["energy", "force"], choices=["energy", "force"])
-    ap.add_argument("--steps", type=int, default=50, help="timed steps per case")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=0,
+                    help="timed steps per case (default 0: as many as fill --seconds at the warm-up's pace)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="length of the timed window when --steps is 0")
+    ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the fastest is reported")
     ap.add_argument("--batch-atoms", type=int, default=256, help="atoms per rank and step")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
@@ -193,6 +234,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--sync", help=argparse.SUPPRESS)
+    ap.add_argument("--copies", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -230,6 +273,10 @@ def main(argv=None) -> int:
                 base = thr / r
             res.update(atoms_per_s=thr, efficiency=thr / (r * base), step_ms=1e3 * res["seconds"] / res["steps"])
             res["independent_atoms_per_s"] = max(indep[r]) if indep[r] else None
+            # the repeats' own ratios, each of an R-rank run and the independent copies launched
+            # right after it: the machine's drift between repeats cancels in each pair
+            pairs = [x["atoms"] / x["seconds"] / v for x, v in zip(runs[r], indep[r]) if v]
+            res["paired_ratios"] = pairs
             rows.append(res)
             print(f"  {mode:6s} {r} rank(s): {thr:10.1f} atoms/s", flush=True)
     try:
@@ -244,15 +291,26 @@ def main(argv=None) -> int:
           "| R independent runs, atoms/s | MPI / independent |")
     print("|--------|-------|-----------|-------|------------|---------|------------|------------"
           "|-----------------------------|-------------------|")
+    paired = []
     for r in rows:
         ind = r.get("independent_atoms_per_s")
         ind_s = f"{ind:27.1f}" if ind else f"{'-':>27s}"
         rel = f"{100 * r['atoms_per_s'] / ind:16.1f}%" if ind else f"{'-':>17s}"
+        if r.get("paired_ratios"):
+            import statistics
+
+            paired.append(f"{r['mode']} {r['ranks']} ranks: median {100 * statistics.median(r['paired_ratios']):.1f} % "
+                          f"({', '.join(f'{100 * x:.0f}' for x in r['paired_ratios'])})")
         print(f"| {r['mode']:6s} | {r['ranks']:5d} | {r['backend']:9s} | {r['steps']:5d} | "
               f"{r['atoms'] / r['steps']:10.1f} | {r['step_ms']:7.1f} | {r['atoms_per_s']:10.1f} | "
               f"{100 * r['efficiency']:9.1f}% | {ind_s} | {rel} |")
     print("efficiency = atoms/s(R) / (R x atoms/s(1)); 'R independent runs' = R single-process copies at "
           "once\n(no communication): if they are slow too, the cores, not the all-reduce, are the limit.")
+    if paired:
+        print("MPI / independent per repeat (each R-rank run against the copies launched right after it): "
+              + "; ".join(paired))
+    if OVERLAPS:
+        print(f"independent copies' timed windows overlapped by {100 * min(OVERLAPS):.1f}-{100 * max(OVERLAPS):.1f} %")
     bad = [(c, rc) for c, rc in LAUNCHES if rc != 0]
     print(f"launches: {len(LAUNCHES)}, exit 0: {len(LAUNCHES) - len(bad)}"
           + (f"; FAILED: {', '.join(f'{c} ({rc})' for c, rc in bad)}" if bad else " (all)"))
