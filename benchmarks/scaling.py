@@ -15,7 +15,7 @@ summed throughput is what the cores deliver to R workers, so MPI / independent s
 of communication from core contention (on a shared or hyper-threaded machine).
 
     python benchmarks/scaling.py [--ranks 1 2] [--modes energy force] [--seconds 3] [--steps 0] [--warmup 10] [--repeat 3]
-                                 [--batch-atoms 256] [--threads 1] [--backend auto] [--bind none|core]
+                                 [--batch-atoms 2000] [--threads 1] [--backend auto] [--bind none|core]
                                  [--json out.json]
 
 Ranks x threads should not exceed the cores; on a shared machine the figures include the
@@ -217,7 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="length of the timed window when --steps is 0")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the fastest is reported")
-    ap.add_argument("--batch-atoms", type=int, default=256, help="atoms per rank and step")
+    ap.add_argument("--batch-atoms", type=int, default=2000,
+                    help="atoms per rank and step (default: the trainer's default training.batch_atoms)")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
     ap.add_argument("--structures", type=int, default=192, help="structures of 32 atoms in the data set")
     ap.add_argument("--backend", default="auto", choices=["auto", "reference", "fused"])
