@@ -3,10 +3,14 @@
     python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies 20] [--pool 80] [--delta 0.03]
                                  [--fingerprint auto] [--np 1] [--out runs/gpr_ann] [--reuse-augment]
                                  [--scheduler plateau|cosine] [--methods energy,force,...]
+    python benchmarks/gpr_ann.py files --train TRAIN --test TEST [--descriptor 5.0,8,3.5,4]
+                                 [--hidden 16,16] [--batch-atoms 1200] [...]
 
 Data sets: ``demo`` the EMT set of ``make demo`` (24 training / 12 test structures per subset);
 ``slab`` a periodic Cu(100) 3x3x3 slab with a CO molecule on top (EMT; 40 training / 40 test
-rattled structures, one subset); ``ec`` the EC dimers (250 / 750, HSE06, shared data).
+rattled structures, one subset); ``ec`` the EC dimers (250 / 750, HSE06, shared data); ``files``
+your own training and test data (``--train``/``--test``: a distmlip HDF5 data set, or anything
+``distmlip convert`` reads), with ``--descriptor`` and ``--hidden`` for its descriptor and networks.
 Methods, each trained with the same wall-time budget per run (``--budget`` seconds: the epochs
 are set from the median epoch time of a 3-epoch calibration run, start-up excluded):
   energy   energy-only on the reference structures
@@ -73,8 +77,18 @@ def make_slab(out: Path, n: int, seed: int):
     write(out / "cu_slab_co.extxyz", frames, format="extxyz")
 
 
-def prepare(kind: str, out: Path, np_: int):
+def prepare(kind: str, out: Path, np_: int, files=None):
     raw = out / "raw"
+    if kind == "files":
+        for part, src in zip(("train", "test"), files):
+            src = Path(src).resolve()
+            dst = out / f"{part}.h5"
+            if src.suffix in (".h5", ".hdf5"):
+                if not dst.exists():
+                    dst.symlink_to(src)
+            elif not dst.exists():
+                dm("convert", src, "-o", dst, np_=np_)
+        return
     if kind == "demo":
         for part, n, seed in (("train", 24, 1), ("test", 12, 2)):
             subprocess.run([sys.executable, str(REPO / "examples/demo/make_emt_data.py"), str(raw / part),
@@ -132,7 +146,15 @@ def run_method(out, name, data, mode, budget, batch_atoms, np_, extra=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("set", choices=["demo", "slab", "ec"])
+    ap.add_argument("set", choices=["demo", "slab", "ec", "files"])
+    ap.add_argument("--train", help="files: the training data (HDF5, or any input of distmlip convert)")
+    ap.add_argument("--test", help="files: the test data")
+    ap.add_argument("--descriptor", default=None,
+                    help="rc_radial,n_radial,rc_angular,n_angular (default 5.0,8,3.5,4)")
+    ap.add_argument("--hidden", default=None, help="hidden layer sizes, e.g. 16,16 (default)")
+    ap.add_argument("--batch-atoms", type=int, default=None,
+                    help="atoms per batch of the reference-structure methods (default 300; ec and files 1200); "
+                         "augmented sets take 4x")
     ap.add_argument("--budget", type=float, default=120.0, help="training wall time per method (s)")
     ap.add_argument("--copies", type=int, default=20)
     ap.add_argument("--pool", type=int, default=0, help="copies per structure of the gpr_ann_pool method's pool")
@@ -145,9 +167,16 @@ def main():
     ap.add_argument("--scheduler", default=None, choices=["plateau", "cosine"],
                     help="training.scheduler for every method (default: the config default)")
     a = ap.parse_args()
+    if a.set == "files" and not (a.train and a.test):
+        ap.error("files needs --train and --test")
+    if a.descriptor:
+        rr, nr, ra, na = a.descriptor.split(",")
+        DESC.update(rc_radial=float(rr), n_radial=int(nr), rc_angular=float(ra), n_angular=int(na))
+    if a.hidden:
+        MODEL["hidden"] = [int(x) for x in a.hidden.split(",")]
     out = (a.out or REPO / "runs" / f"gpr_ann_{a.set}").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    prepare(a.set, out, a.np_)
+    prepare(a.set, out, a.np_, (a.train, a.test))
     import yaml
 
     aug = {"input": str(out / "train.h5"), "output": str(out / "train_aug.h5"), "method": "gpr",
@@ -170,7 +199,7 @@ def main():
         if not (a.reuse_augment and (out / "train_pool.report.json").is_file()):
             dm("augment", out / "augment_pool.yaml", "--fresh", np_=a.np_, log=out / "augment_pool.log")
         print(f"pool of {a.pool} copies per structure labelled in {time.perf_counter() - t1:.0f} s")
-    batch = 300 if a.set != "ec" else 1200
+    batch = a.batch_atoms or (1200 if a.set in ("ec", "files") else 300)
     plan = {"energy": ("train.h5", "energy", batch), "force": ("train.h5", "force", batch),
             "gpr_ann": ("train_aug.h5", "energy", 4 * batch),
             "gpr_ann_paper": ("train_aug.h5", "energy", 4 * batch, {"difference_weight": 0.0}),
