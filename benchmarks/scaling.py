@@ -63,8 +63,8 @@ def make_data(path: Path, n: int, seed: int = 0) -> None:
 def start_together(folder: Path, copies: int, timeout: float = 120.0) -> None:
     """Start barrier of the independent copies (they share no communicator): each announces
     itself with a file and waits for all.  Without it their timed windows did not overlap (each
-    copy starts up at its own pace and a window of 50 energy steps lasts 40 ms), so the control
-    measured copies running alone, not side by side."""
+    copy starts up at its own pace and a window of a few dozen energy steps is shorter than that
+    difference), so the control measured copies running alone, not side by side."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"ready_{os.getpid()}").touch()
     t0 = time.monotonic()

@@ -102,8 +102,8 @@ def _balanced_bounds(atoms, counts, batch_atoms: int, batch_structures: int) -> 
     budgets, but of near-equal atoms: the greedy cut leaves a small remainder batch at the end of
     every partition, and since each rank visits its batches in its own order, one rank's full
     batch then meets another's remainder at the same step and the synchronous step waits for the
-    larger (a quarter of two ranks' step time in benchmarks/scaling.py); a remainder batch also
-    takes a full learning-rate step on a noisy gradient.  First the cut at the prefix sums
+    larger (docs/results.md, "Ranks"); a remainder batch also takes a full learning-rate step on
+    a noisy gradient.  First the cut at the prefix sums
     nearest k * total / n (vectorised); where item sizes keep that from fitting, the greedy cut
     under the smallest atom cap that still needs no more batches (bisection)."""
     atoms = np.asarray(atoms, dtype=np.int64)
