@@ -213,9 +213,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--modes", nargs="+", default=["energy", "force"], choices=["energy", "force"])
     ap.add_argument("--steps", type=int, default=0,
-                    help="timed steps per case (default 0: as many as fill --seconds at the warm-up's pace)")
+                    help="timed steps of the R-rank runs (default 0: as many as fill --seconds at the "
+                         "warm-up's pace); the independent copies always run for --seconds")
     ap.add_argument("--seconds", type=float, default=3.0, help="length of the timed window when --steps is 0")
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=10, help="warm-up steps (at least 2: their pace sets the steps)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the fastest is reported")
     ap.add_argument("--batch-atoms", type=int, default=2000,
                     help="atoms per rank and step (default: the trainer's default training.batch_atoms)")
@@ -238,6 +239,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sync", help=argparse.SUPPRESS)
     ap.add_argument("--copies", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.warmup = max(2, args.warmup)
     if args.worker:
         return worker(args)
 
