@@ -1039,6 +1039,7 @@ class Trainer:
             # the best model first: a checkpoint on disk promises that everything before it is
             # (a kill between the two writes must not resume without the best model)
             self._flush_best()
+            self._flush_csv()
             ckpt.save_checkpoint(path or (self.out / "checkpoint.pt"), **self._payload(epoch, step, partial))
             self._last_checkpoint = time.monotonic()
 
@@ -1050,8 +1051,22 @@ class Trainer:
             atomic_torch_save({**payload, "metadata": {**meta, **self._data_metadata()}}, self.out / "best_model.pt")
             self._best = None
 
+    _csv_rows = None           # log.csv rows not yet appended (rank 0)
+    _csv_written = 0.0         # time.monotonic() of the last append
+
     def _write_csv_row(self, row: dict):
+        """Rows are appended every few seconds, at checkpoints and when the run ends: opening the
+        file for every epoch was a twentieth of a small data set's epoch."""
         if not self.rank0:
+            return
+        if self._csv_rows is None:
+            self._csv_rows = []
+        self._csv_rows.append(row)
+        if time.monotonic() - self._csv_written >= 2.0:
+            self._flush_csv()
+
+    def _flush_csv(self) -> None:
+        if not self.rank0 or not self._csv_rows:
             return
         path = self.out / "log.csv"
         new = not path.exists()
@@ -1059,7 +1074,9 @@ class Trainer:
             wr = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
             if new:
                 wr.writeheader()
-            wr.writerow(row)
+            wr.writerows(self._csv_rows)
+        self._csv_rows = []
+        self._csv_written = time.monotonic()
 
     def _prepare_output(self):
         if not self.rank0:
@@ -1104,8 +1121,11 @@ class Trainer:
         try:
             return self._fit(step_callback)
         finally:
-            if self.lock is not None:
-                self.lock.release()
+            try:
+                self._flush_csv()
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
 
     def _fit(self, step_callback=None) -> str:
         tc = self.cfg.training
