@@ -38,20 +38,26 @@ def partition_by_atoms(natoms, indices, world_size: int) -> list[np.ndarray]:
         else np.arange(len(natoms), dtype=np.int64)
     if world_size < 1:
         raise ValueError("world_size must be >= 1")
-    w = natoms[idx]
-    csum = np.cumsum(w)
-    total = int(csum[-1]) if len(csum) else 0
     cuts = [0]
-    for k in range(1, world_size):
-        target = total * k / world_size
-        c = int(np.searchsorted(csum, target))          # first position with csum >= target
-        # choose between c and c+1 elements in the prefix, whichever is closer to target
-        lo = csum[c - 1] if c >= 1 else 0
-        hi = csum[c] if c < len(csum) else total
-        pos = c if abs(lo - target) <= abs(hi - target) else c + 1
-        cuts.append(min(max(pos, cuts[-1]), len(idx)))
+    for pos in _nearest_prefix_cuts(natoms[idx], world_size):
+        cuts.append(min(max(int(pos), cuts[-1]), len(idx)))
     cuts.append(len(idx))
     return [idx[cuts[k]:cuts[k + 1]] for k in range(world_size)]
+
+
+def _nearest_prefix_cuts(weights, parts: int) -> np.ndarray:
+    """[parts - 1] cut positions into items in order (weights[k] each): for k = 1 .. parts-1 the
+    prefix length whose weight sum is closest to k * total / parts (a tie takes the shorter
+    prefix).  Not clamped: equal or out-of-order positions are the caller's to handle."""
+    csum = np.cumsum(np.asarray(weights, dtype=np.int64))
+    if len(csum) == 0:
+        return np.zeros(max(parts - 1, 0), dtype=np.int64)
+    total = int(csum[-1])
+    target = total * np.arange(1, parts) / parts
+    c = np.searchsorted(csum, target)                       # first prefix with csum >= target
+    lo = np.where(c >= 1, csum[np.maximum(c - 1, 0)], 0)
+    hi = np.where(c < len(csum), csum[np.minimum(c, len(csum) - 1)], total)
+    return np.where(np.abs(lo - target) <= np.abs(hi - target), c, c + 1)
 
 
 def _unit_layout(idx, natoms, groups):
@@ -112,16 +118,10 @@ def _balanced_bounds(atoms, counts, batch_atoms: int, batch_structures: int) -> 
     nb = len(greedy) - 1
     if nb <= 1:
         return greedy
-    csum = np.cumsum(atoms)
-    target = csum[-1] * np.arange(1, nb) / nb
-    c = np.searchsorted(csum, target)                       # first prefix with csum >= target
-    lo = np.where(c >= 1, csum[np.maximum(c - 1, 0)], 0)
-    hi = csum[np.minimum(c, len(csum) - 1)]
-    pos = np.where(np.abs(lo - target) <= np.abs(hi - target), c, c + 1)
-    bounds = [0] + pos.tolist() + [len(atoms)]
+    bounds = [0] + _nearest_prefix_cuts(atoms, nb).tolist() + [len(atoms)]
     if _fits(bounds, atoms, counts, batch_atoms, batch_structures):
         return bounds
-    lo_cap, hi_cap = max(1, int(-(-int(csum[-1]) // nb))), int(batch_atoms)
+    lo_cap, hi_cap = max(1, int(-(-int(atoms.sum()) // nb))), int(batch_atoms)
     while lo_cap < hi_cap:
         mid = (lo_cap + hi_cap) // 2
         if len(_greedy_bounds(atoms, counts, mid, batch_structures)) - 1 <= nb:
