@@ -307,3 +307,76 @@ def test_shared_hyperparameters_carry_over_in_physical_units(tmp_path, capsys):
     run_cli(capsys, ["augment", str(cfg), "--set", "gpr.share=none", "--set", "output=" + str(tmp_path / "own.h5")])
     _, D = _arrays(tmp_path / "own.h5")
     assert [d.energy for d in D] != [a.energy for a in A]
+
+
+def _emt_energy(s):
+    from ase.calculators.emt import EMT
+
+    a = s.to_ase()
+    a.calc = EMT()
+    return a.get_potential_energy()
+
+
+def test_one_composition_in_many_atom_orders_is_one_gpr(tmp_path, capsys):
+    """Cu3Au cells with the Au atom on each of the four sites: four atom orders, four subsets of
+    one structure.  Fitted alone, a one-structure GPR missed 85-95 % of a copy's energy rise
+    (and is now refused); as one composition group they share one local-kernel GPR."""
+    from ase.build import bulk
+
+    out = []
+    for k in range(4):
+        a = bulk("Cu", "fcc", a=3.7, cubic=True)
+        a.symbols[k] = "Au"
+        a.rattle(0.05, seed=40 + k)
+        out.append(emt_structure(a, f"cu3au_{k}", k))
+    write_dataset(tmp_path / "in.h5", out)
+    assert len(H5Dataset(tmp_path / "in.h5").subsets) == 4
+    cfg = _cfg(tmp_path, "grp", copies=6, gpr={"fingerprint": "auto"})
+    res = run_cli(capsys, ["augment", str(cfg)])
+    assert "4 atom orders" in res.stdout
+    rep = json.loads((tmp_path / "grp.report.json").read_text())
+    assert [r["n_kept"] for r in rep["subsets"]] == [6, 6, 6, 6]
+    assert all(r["fingerprint"]["kind"] == "local" and len(r["gpr_group"]) == 4 for r in rep["subsets"])
+    ds, S = _arrays(tmp_path / "grp.h5")
+    err, rise = [], []
+    for s in S[4:]:
+        p = S[s.parent]
+        assert np.array_equal(s.numbers, p.numbers)          # each copy keeps its parent's order
+        e = _emt_energy(s)
+        err.append(s.energy - e)
+        rise.append(e - p.energy)
+    # labels close to EMT's energies of the copies, without the one-structure fit's low bias
+    assert np.mean(rise) > 0.02
+    assert np.mean(np.abs(err)) < 0.15 * np.mean(rise), (np.mean(np.abs(err)), np.mean(rise))
+    # a rerun reuses the group's shards
+    res = run_cli(capsys, ["augment", str(cfg)])
+    assert "finished earlier" in res.stdout
+
+
+def test_subsets_without_usable_references_get_no_copies(tmp_path, capsys):
+    """A one-atom subset (a displacement only translates it), a subset without forces and a
+    subset of one structure (its hyperparameters cannot be fitted) get no copies, each with its
+    reason in the report; the run goes on (a subset without forces used to stop it with an
+    internal error)."""
+    from ase import Atoms
+    from ase.build import bulk
+
+    out = _rattled(lambda: bulk("Cu", "fcc", a=3.6), 3, 0.0, 0, "one_atom")
+    noforce = _rattled(lambda: bulk("Ni", "fcc", a=3.52).repeat((2, 1, 1)), 3, 0.04, 5, "noforce")
+    for s in noforce:
+        s.forces = None
+    out += noforce
+    out += _rattled(lambda: Atoms("Cu3Ni", positions=[[0, 0, 0], [2.5, 0, 0], [1.25, 2.1, 0], [1.25, 0.7, 2.0]]),
+                    1, 0.08, 10, "single")
+    out += _al_cells()
+    write_dataset(tmp_path / "in.h5", out)
+    cfg = _cfg(tmp_path, "skips")
+    res = run_cli(capsys, ["augment", str(cfg)])
+    rep = {r["subset"]: r for r in json.loads((tmp_path / "skips.report.json").read_text())["subsets"]}
+    assert rep["Cu_0"]["skipped"] and "one atom" in rep["Cu_0"]["reason"]
+    assert rep["Ni2_0"]["skipped"] and "no structures with forces" in rep["Ni2_0"]["reason"]
+    assert rep["Cu3Ni_0"]["skipped"] and "one reference structure" in rep["Cu3Ni_0"]["reason"]
+    assert rep["Al2_0"]["n_kept"] == 4 * 4 and not rep["Al2_0"].get("skipped")
+    assert res.stdout.count("no copies:") == 3
+    ds = H5Dataset(tmp_path / "skips.h5")
+    assert ds.n_structures == len(out) + 16

@@ -39,7 +39,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -220,11 +220,17 @@ class AugmentConfig:
 # one subset
 # ------------------------------------------------------------------------------------------
 
+# raised whenever a code change alters what a shard holds for the same settings and input, so that
+# a rerun after an upgrade recomputes instead of reusing (2: one-atom subsets get no copies; 3:
+# one-structure fits get none, one GPR per composition group)
+SHARD_VERSION = 3
+
+
 def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray, content: str) -> str:
     """Digest of everything a subset's shard depends on (rerun validity): the settings and the
     input's CONTENT (``H5Dataset.content_id``; a reconverted file under the same name is another
-    input)."""
-    d = {"method": cfg.method, "seed": cfg.seed, "min_distance": cfg.min_distance,
+    input) and ``SHARD_VERSION``."""
+    d = {"version": SHARD_VERSION, "method": cfg.method, "seed": cfg.seed, "min_distance": cfg.min_distance,
          "sub": cfg.for_subset(name), "gpr": asdict(cfg.gpr) if cfg.method == "gpr" else None,
          "name": name, "n_in": n_in, "idx": hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest(),
          "input": content}
@@ -246,7 +252,8 @@ def _parents_of(ds, sid: int) -> tuple[np.ndarray, int]:
     return ids[~synth & hf & train], int((~synth & ~hf & train).sum())
 
 
-def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared: dict | None = None) -> dict:
+def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared: dict | None = None,
+               mixed_orders: bool = False) -> dict:
     """The GPR of one subset: loaded from ``gpr.load`` (a directory of saved fits) when it holds
     one for this subset, else fitted; with ``fingerprint: auto`` every candidate fingerprint is
     fitted and the one with the smallest closed-form leave-one-structure-out energy MAE on the
@@ -277,7 +284,9 @@ def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared
     E0 = np.array([s.energy for s in structs])
     F0 = np.stack([s.forces for s in structs])
     ref = structs[0]
-    kinds = auto_candidates(ref.natoms, ref.pbc) if g.fingerprint == "auto" else [g.fingerprint]
+    # several atom orders (a composition group): only the local kernel compares them atom by atom
+    kinds = (["local"] if mixed_orders else auto_candidates(ref.natoms, ref.pbc)) if g.fingerprint == "auto" \
+        else [g.fingerprint]
     fits = [_fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank) for kind in kinds]
     loo = [f[1].info.get("loo_energy_mae_eV") for f in fits]
     best = min(range(len(fits)), key=lambda k: (loo[k] is None, loo[k] if loo[k] is not None else 0.0))
@@ -326,17 +335,41 @@ def share_plan(cfg: AugmentConfig, ds, parents: dict, costs: dict) -> dict[int, 
     groups: dict[tuple, list[int]] = {}
     for sid in sorted(parents):
         sub = cfg.for_subset(ds.subsets[sid]["name"])
-        if sub["skip"] or len(parents[sid]) == 0 or int(sub["copies"]) == 0:
+        if skip_reason(sub, len(parents[sid]), 0, int(sub["copies"]), int(ds.natoms[parents[sid][0]])
+                       if len(parents[sid]) else 0):
             continue
         z = tuple(sorted(set(int(v) for v in ds.read(parents[sid][:1])[0].numbers)))
         groups.setdefault(z, []).append(sid)
     plan = {}
     for members in groups.values():
-        if len(members) < 2:
+        # a head fits its hyperparameters: one reference structure cannot (process_subsets)
+        able = [s for s in members if len(parents[s]) >= 2]
+        if len(members) < 2 or not able:
             continue
-        head = min(members, key=lambda s: (-costs[s], s))
+        head = min(able, key=lambda s: (-costs[s], s))
         plan.update({s: head for s in members if s != head})
     return plan
+
+
+def composition_groups(cfg: AugmentConfig, ds, parents: dict) -> dict[int, list[int]]:
+    """{first subset: [its subsets]} for subsets of one composition and atom count in different
+    atom orders (random substitutions written by ASE make one subset per order, often of one
+    structure each): the local kernel compares atoms, not positions in a list, so one GPR is
+    fitted on all of them (process_subsets).  Only for the GPR with the local or auto fingerprint
+    (the global ones need one atom order); skipped, copy-less and one-atom subsets stay alone."""
+    g = cfg.gpr
+    if cfg.method != "gpr" or g.fingerprint not in ("local", "auto"):
+        return {}
+    by: dict[tuple, list[int]] = {}
+    for sid in sorted(parents):
+        sub = cfg.for_subset(ds.subsets[sid]["name"])
+        if len(parents[sid]) == 0:
+            continue
+        numbers = ds.read(parents[sid][:1])[0].numbers
+        if skip_reason(sub, len(parents[sid]), 0, int(sub["copies"]), len(numbers)):
+            continue
+        by.setdefault(tuple(sorted(int(z) for z in numbers)), []).append(sid)
+    return {m[0]: m for m in by.values() if len(m) > 1}
 
 
 def _fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank, shared=None):
@@ -404,13 +437,15 @@ def _progress_printer(name: str, rank: int, every_s: float = 30.0,
     return cb
 
 
-def _label_copies(fp, model, structs, pos, M: int, name: str, rank: int, every_s: float = 30.0):
+def _label_copies(fp, model, structs, pos, M: int, name: str, rank: int, every_s: float = 30.0,
+                  cluster_labels=None):
     """(energy [N*M], sigma [N*M]) of the copies ``pos`` [N, M, nat, 3], predicted in chunks of
     parents: a pool of tens of thousands of copies took tens of minutes in one silent call and
     held every copy's fingerprint at once.  Each copy's prediction depends on its own row only:
     chunks change the labels by rounding alone (the BLAS blocking of k^T alpha, whose terms
     cancel), and the same on every rank count."""
     N, nat = pos.shape[0], pos.shape[2]
+    labels = model.labels if cluster_labels is None else cluster_labels   # the parents' local GPRs
     step = max(1, -(-N // 20))
     energy, unc = np.empty(N * M), np.empty(N * M)
     progress = _progress_printer(name, rank, every_s, what="labels of {done}/{total} copies")
@@ -420,92 +455,174 @@ def _label_copies(fp, model, structs, pos, M: int, name: str, rank: int, every_s
         Xs, _ = fp.compute(list(pos[a:b].reshape(-1, nat, 3)), [s for s in structs[a:b] for _ in range(M)],
                            with_jacobian=False)
         e, _, sd = model.predict(Xs, None, forces=False, variance=True,
-                                 clusters=np.repeat(model.labels[a:b], M))
+                                 clusters=np.repeat(labels[a:b], M))
         energy[a * M:b * M] = e.numpy()
         unc[a * M:b * M] = sd.numpy()
         progress(b * M, N * M, time.perf_counter() - t0)
     return energy, unc
 
 
+def skip_reason(sub: dict, n_ref: int, n_noforce: int, M: int, natoms: int) -> str | None:
+    """Why a subset gets no copies (None: it gets them).  A one-atom structure (an isolated atom,
+    a one-atom periodic cell) is only translated by a displacement: its copies would repeat the
+    parent's energy and count it M + 1 times in the loss."""
+    if sub["skip"]:
+        return "skip"
+    if M == 0:
+        return "copies = 0"
+    if n_ref == 0:
+        return ("no structures with forces (the GPR fits energies and forces; its "
+                f"{n_noforce} structure(s) stay in the output as they are)" if n_noforce else
+                "no reference structures in the training split")
+    if natoms == 1:
+        return "one atom per structure: a displaced copy is a translation of its parent"
+    return None
+
+
 def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0, shared: dict | None = None) -> dict:
-    """Augment one subset; returns arrays (parent, copy, positions, energy, uncertainty, kept),
-    the report entry and, for the GPR, ``hyper`` (:func:`shared_hyper`, what subsets of the same
-    elements may take); ``shared``: hyperparameters taken from another subset (fit_subset)."""
+    """Augment one subset (:func:`process_subsets` of a group of one)."""
+    return process_subsets(ds, [sid], cfg, rank, shared)[sid]
+
+
+def _hyper_given(cfg: AugmentConfig) -> bool:
+    g = cfg.gpr
+    return all(getattr(g, k) is not None for k in ("weight", "length_scale", "noise_energy", "noise_force"))
+
+
+def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | None = None) -> dict:
+    """Augment the subsets ``sids`` (one subset, or a :func:`composition_groups` group: one
+    composition in several atom orders, whose GPR is fitted once on all their reference
+    structures); returns {sid: result}, each with arrays (parent, copy, positions, energy,
+    uncertainty, kept), the report entry and, for the GPR, ``hyper`` (:func:`shared_hyper`, what
+    subsets of the same elements may take); ``shared``: hyperparameters taken from another
+    subset (fit_subset).
+
+    A group's local kernel sees each structure with its atoms sorted by element (stable), so
+    that every structure of the group has the same element sequence; an energy does not depend
+    on the atom order, so the copies' labels need no reordering back.  Each subset keeps its own
+    random stream (``subset_rng``) and atom order for the displacements."""
     import torch
 
     from .sampling import displace, subset_rng, taylor_energy
 
     t0 = time.perf_counter()
-    name = ds.subsets[sid]["name"]
-    sub = cfg.for_subset(name)
-    idx, n_noforce = _parents_of(ds, sid)
-    M, delta = int(sub["copies"]), float(sub["delta"])
-    rep = {"subset": name, "subset_id": int(sid), "method": cfg.method, "rank": rank,
-           "n_reference": int(len(idx)), "n_without_forces": n_noforce, "copies_per_structure": M,
-           "delta_A": delta, "fixed_atoms": sub["fixed_atoms"], "max_uncertainty_eV": sub["max_uncertainty"]}
+    out, prep = {}, {}
     empty = dict(parent=np.zeros(0, np.int64), copy=np.zeros(0, np.int64), positions=np.zeros((0, 0, 3)),
                  energy=np.zeros(0), uncertainty=np.zeros(0), kept=np.zeros(0, bool))
-    if sub["skip"] or len(idx) == 0 or M == 0:
-        rep.update(n_copies=0, n_kept=0, n_candidates=0, skipped=True,
-                   reason="skip" if sub["skip"] else ("no structures with forces" if len(idx) == 0 else "copies = 0"))
-        return {**empty, "report": rep}
-    structs = ds.read(idx)
-    ref = structs[0]
-    for s in structs:
-        if s.natoms != ref.natoms or not np.array_equal(s.numbers, ref.numbers):
-            raise InputError(f"{cfg.input}: structure {s.index}, field 'numbers': subset '{name}' is not "
-                             f"homogeneous (atom sequence differs from structure {ref.index}); the GPR "
-                             f"fingerprints need one atom order per subset")
-    rng = subset_rng(cfg.seed, name)
-    nat = ref.natoms
-    disp = np.stack([displace(s.positions, M, delta, rng, fixed=sub["fixed_atoms"], cell=s.cell,
-                              pbc=s.pbc, min_dist=cfg.min_distance,
-                              where=f"{cfg.input}: structure {s.index} (subset '{name}')")
-                     for s in structs])                                  # [N, M, nat, 3]
-    pos = np.stack([s.positions for s in structs])[:, None] + disp       # [N, M, nat, 3]
-    E0 = np.array([s.energy for s in structs])
-    F0 = np.stack([s.forces for s in structs])
-    t_sample = time.perf_counter() - t0
+    names = [ds.subsets[sid]["name"] for sid in sids]
+    for sid, name in zip(sids, names):
+        sub = cfg.for_subset(name)
+        idx, n_noforce = _parents_of(ds, sid)
+        M, delta = int(sub["copies"]), float(sub["delta"])
+        rep = {"subset": name, "subset_id": int(sid), "method": cfg.method, "rank": rank,
+               "n_reference": int(len(idx)), "n_without_forces": n_noforce, "copies_per_structure": M,
+               "delta_A": delta, "fixed_atoms": sub["fixed_atoms"], "max_uncertainty_eV": sub["max_uncertainty"]}
+        if len(sids) > 1:
+            rep["gpr_group"] = names
+        reason = skip_reason(sub, len(idx), n_noforce, M, int(ds.natoms[idx[0]]) if len(idx) else 0)
+        if reason:
+            rep.update(n_copies=0, n_kept=0, n_candidates=0, skipped=True, reason=reason,
+                       time_total_s=time.perf_counter() - t0)
+            out[sid] = {**empty, "report": rep}
+            continue
+        structs = ds.read(idx)
+        ref = structs[0]
+        for s in structs:
+            if s.natoms != ref.natoms or not np.array_equal(s.numbers, ref.numbers):
+                raise InputError(f"{cfg.input}: structure {s.index}, field 'numbers': subset '{name}' is not "
+                                 f"homogeneous (atom sequence differs from structure {ref.index}); the GPR "
+                                 f"fingerprints need one atom order per subset")
+        rng = subset_rng(cfg.seed, name)
+        disp = np.stack([displace(s.positions, M, delta, rng, fixed=sub["fixed_atoms"], cell=s.cell,
+                                  pbc=s.pbc, min_dist=cfg.min_distance,
+                                  where=f"{cfg.input}: structure {s.index} (subset '{name}')")
+                         for s in structs])                                  # [N, M, nat, 3]
+        pos = np.stack([s.positions for s in structs])[:, None] + disp       # [N, M, nat, 3]
+        prep[sid] = dict(name=name, idx=idx, M=M, rep=rep, structs=structs, disp=disp, pos=pos,
+                         E0=np.array([s.energy for s in structs]), F0=np.stack([s.forces for s in structs]),
+                         t_sample=time.perf_counter() - t0)
+    n_total = sum(len(d["idx"]) for d in prep.values())
+    if prep and cfg.method == "gpr" and n_total == 1 and shared is None and not _hyper_given(cfg) \
+            and not cfg.gpr.load:
+        # measured: a GPR fitted on one structure puts its length scale on the lower bound and
+        # misses 85-95 % of a copy's energy rise, far outside its sigma (docs/gpr.md)
+        for sid, d in prep.items():
+            d["rep"].update(n_copies=0, n_kept=0, n_candidates=0, skipped=True,
+                            reason="one reference structure: its GPR hyperparameters cannot be fitted "
+                                   "(add structures, gpr.share: chemistry, or give gpr.weight, "
+                                   "length_scale, noise_energy and noise_force)",
+                            time_total_s=time.perf_counter() - t0)
+            out[sid] = {**empty, "report": d["rep"]}
+        return out
+    if not prep:
+        return out
+    hyper, labels, fit_info = None, {}, {}
     if cfg.method == "taylor":
-        energy = np.concatenate([taylor_energy(E0[k], F0[k], disp[k]) for k in range(len(structs))])
-        unc = np.zeros(len(energy))
-        hyper = None
+        for sid, d in prep.items():
+            labels[sid] = (np.concatenate([taylor_energy(d["E0"][k], d["F0"][k], d["disp"][k])
+                                           for k in range(len(d["structs"]))]), None)
     else:
         g = cfg.gpr
         if g.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"gpr.device is {g.device!r} but torch has no CUDA device here")
-        fit = fit_subset(ds, structs, cfg, name, rank, shared=shared)
+        mixed = len(sids) > 1
+        perms = {sid: (np.argsort(d["structs"][0].numbers, kind="stable") if mixed else None)
+                 for sid, d in prep.items()}
+
+        def permuted(s, perm):
+            if perm is None:
+                return s
+            return replace(s, numbers=np.asarray(s.numbers)[perm], positions=s.positions[perm],
+                                       forces=None if s.forces is None else s.forces[perm])
+
+        pstructs = {sid: [permuted(s, perms[sid]) for s in d["structs"]] for sid, d in prep.items()}
+        allp = [s for sid in prep for s in pstructs[sid]]
+        head = names[0]
+        fit = fit_subset(ds, allp, cfg, head, rank, shared=shared, mixed_orders=mixed)
         fp, model = fit["fingerprint"], fit["model"]
-        hyper = shared_hyper(fit, name, nat)
-        if fit.get("choice"):
-            rep["fingerprint_choice"] = fit["choice"]
-        if fit.get("shared_from"):
-            rep["hyperparameters_from"] = fit["shared_from"]
-        if fit.get("loaded"):
-            rep["gpr_loaded_from"] = fit["loaded"]
-        energy, unc = _label_copies(fp, model, structs, pos, M, f"{name} ({fit['kind']})", rank)
+        hyper = shared_hyper(fit, head, allp[0].natoms)
         info = model.info
-        rep["fingerprint"] = fp.state()
-        rep["gpr"] = {k: info.get(k) for k in (
+        fit_info = {"fingerprint": fp.state(), "gpr": {k: info.get(k) for k in (
             "weight", "length_scale", "noise_energy", "noise_force", "weight_eV", "noise_energy_eV",
             "noise_force_eVA", "length_scale_by_group", "energy_mean_eV", "energy_scale_eV", "force_scale_eVA", "jitter",
             "jitter_rel", "lml", "fitted", "fit_structures", "fit_obs", "lml_fit_start", "lml_fit_end",
             "fit_select", "fit_subsample", "fit_nn_distance", "nn_distance", "loo_energy_mae_eV", "fit_candidates",
             "sigma_calibration", "sigma_calibration_from", "time_calibrate_s", "fit_at_bounds", "n_obs", "max_kernel_obs", "memory_cap_obs", "n_local", "local_sizes", "time_hyper_s",
-            "time_fit_s", "time_predict_s") if k in info}
-    thr = sub["max_uncertainty"]
-    kept = np.ones(len(energy), bool) if thr is None else unc <= thr
-    N = len(structs)
-    rep.update(
-        n_copies=int(len(energy)), n_kept=int(kept.sum()), n_candidates=int((~kept).sum()),
-        uncertainty_eV={"mean": float(unc.mean()), "median": float(np.median(unc)),
-                        "p95": float(np.percentile(unc, 95)), "max": float(unc.max())},
-        label_minus_parent_eV={"mean": float((energy - np.repeat(E0, M)).mean()),
-                               "std": float((energy - np.repeat(E0, M)).std())},
-        time_sample_s=t_sample, time_total_s=time.perf_counter() - t0)
-    return dict(parent=np.repeat(idx, M).astype(np.int64), copy=np.tile(np.arange(M), N).astype(np.int64),
-                positions=pos.reshape(-1, nat, 3), energy=energy, uncertainty=unc, kept=kept, report=rep,
-                hyper=hyper)
+            "time_fit_s", "time_predict_s") if k in info}}
+        if fit.get("choice"):
+            fit_info["fingerprint_choice"] = fit["choice"]
+        if fit.get("shared_from"):
+            fit_info["hyperparameters_from"] = fit["shared_from"]
+        if fit.get("loaded"):
+            fit_info["gpr_loaded_from"] = fit["loaded"]
+        off = 0
+        for sid, d in prep.items():
+            n = len(d["structs"])
+            pos = d["pos"] if perms[sid] is None else d["pos"][:, :, perms[sid]]
+            labels[sid] = _label_copies(fp, model, pstructs[sid], pos, d["M"], f"{d['name']} ({fit['kind']})",
+                                        rank, cluster_labels=model.labels[off:off + n])
+            off += n
+    for sid, d in prep.items():
+        energy, unc = labels[sid]
+        if unc is None:
+            unc = np.zeros(len(energy))
+        M, N, E0, rep = d["M"], len(d["structs"]), d["E0"], d["rep"]
+        rep.update(fit_info)
+        thr = cfg.for_subset(d["name"])["max_uncertainty"]
+        kept = np.ones(len(energy), bool) if thr is None else unc <= thr
+        rep.update(
+            n_copies=int(len(energy)), n_kept=int(kept.sum()), n_candidates=int((~kept).sum()),
+            uncertainty_eV={"mean": float(unc.mean()), "median": float(np.median(unc)),
+                            "p95": float(np.percentile(unc, 95)), "max": float(unc.max())},
+            label_minus_parent_eV={"mean": float((energy - np.repeat(E0, M)).mean()),
+                                   "std": float((energy - np.repeat(E0, M)).std())},
+            time_sample_s=d["t_sample"], time_total_s=time.perf_counter() - t0)
+        nat = d["structs"][0].natoms
+        out[sid] = dict(parent=np.repeat(d["idx"], M).astype(np.int64),
+                        copy=np.tile(np.arange(M), N).astype(np.int64),
+                        positions=d["pos"].reshape(-1, nat, 3), energy=energy, uncertainty=unc, kept=kept,
+                        report=rep, hyper=hyper)
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -636,13 +753,25 @@ def _augment(cfg, ctx, ds, names, workdir, fresh):
     rank, world = ctx.rank, ctx.world_size
     parents = {sid: _parents_of(ds, sid)[0] for sid in range(len(names))}
     keys = {sid: _subset_key(cfg, names[sid], ds.n_structures, parents[sid], ds.content_id) for sid in parents}
-    costs = {sid: _estimated_cost(cfg, ds, sid, len(parents[sid])) for sid in parents}
-    # subsets that take another's hyperparameters run in a second phase, after every rank has
+    # the unit of work: a subset, or a composition group (one GPR for several atom orders) under
+    # its first subset; a group's shards depend on every member's data, hence one key for all
+    groups = composition_groups(cfg, ds, parents)
+    member_of = {m: h for h, ms in groups.items() for m in ms}
+    units = {sid: groups.get(sid, [sid]) for sid in parents if member_of.get(sid, sid) == sid}
+    for h, ms in groups.items():
+        gk = hashlib.sha256("".join(keys[m] for m in ms).encode()).hexdigest()[:32]
+        keys.update({m: gk for m in ms})
+    uparents = {h: np.concatenate([parents[m] for m in ms]) for h, ms in units.items()}
+    costs = {h: _estimated_cost(cfg, ds, h, len(uparents[h])) for h in units}
+    # units that take another's hyperparameters run in a second phase, after every rank has
     # finished the first (the heads' hyperparameters travel as files, like the shards)
-    plan = share_plan(cfg, ds, parents, costs)
+    plan = share_plan(cfg, ds, uparents, costs)
     heads = set(plan.values())
     log(f"augment: {cfg.method}, {len(names)} subsets, {sum(len(p) for p in parents.values())} reference "
         f"structures, {world} rank(s); shards in {workdir}")
+    for h, ms in groups.items():
+        log(f"augment: subsets {', '.join(names[m] for m in ms)} have one composition in {len(ms)} atom orders: "
+            f"one GPR (local kernel) for them all")
     for h in sorted(heads):
         log(f"augment: subsets {', '.join(names[f] for f in sorted(plan) if plan[f] == h)} take the GPR "
             f"hyperparameters of {names[h]} (same elements; gpr.share: chemistry)")
@@ -655,39 +784,48 @@ def _augment(cfg, ctx, ds, names, workdir, fresh):
         for sid in mine:
             n_done[0] += 1
             k = n_done[0]
-            path, hpath = _shard_path(workdir, sid), _hyper_path(workdir, sid)
-            done = not fresh and shard_is_done(path, keys[sid])
+            ms = units[sid]
+            hpath = _hyper_path(workdir, sid)
+            done = not fresh and all(shard_is_done(_shard_path(workdir, m), keys[m]) for m in ms)
             if done and sid in heads and _read_hyper(hpath, keys[sid]) is None:
                 done = False      # its hyperparameters, which others take, are gone: recompute
             if done:
-                print(f"{pre}subset {names[sid]}: finished earlier, skipped ({path.name})", flush=True)
+                print(f"{pre}subset {', '.join(names[m] for m in ms)}: finished earlier, skipped "
+                      f"({', '.join(_shard_path(workdir, m).name for m in ms)})", flush=True)
                 continue
-            print(f"{pre}subset {names[sid]} ({k}/{n_mine}): {cfg.method} on {len(parents[sid])} reference "
-                  f"structures of {int(ds.natoms[parents[sid][0]]) if len(parents[sid]) else 0} atoms"
+            n_ref = len(uparents[sid])
+            print(f"{pre}subset {names[sid]} ({k}/{n_mine}): {cfg.method} on {n_ref} reference "
+                  f"structures of {int(ds.natoms[uparents[sid][0]]) if n_ref else 0} atoms"
+                  f"{f' (with {len(ms) - 1} more atom orders)' if len(ms) > 1 else ''}"
                   f"{f' with the hyperparameters of {names[plan[sid]]}' if sid in shared_of else ''} ...",
                   flush=True)
-            res = process_subset(ds, sid, cfg, rank, shared=shared_of.get(sid))
+            results = process_subsets(ds, ms, cfg, rank, shared=shared_of.get(sid))
             if sid in heads:      # before the shard: a finished shard implies its file
-                atomic_write_text(hpath, json.dumps({"key": keys[sid], **(res["hyper"] or {})}) + "\n")
-            write_shard(path, res, keys[sid])
-            r = res["report"]
-            extra = ""
-            if "gpr" in r:
-                gi = r["gpr"]
-                extra = (f", w {gi['weight_eV']:.3g} eV, l {_lengths(gi)}, jitter {gi['jitter']:.1e}"
-                         f", local GPRs {gi.get('n_local', 1)}")
-                # the length scale's upper bound is the float64 limit of the kernel (GPR.l_max_nn),
-                # where condensed subsets usually end: expected, so not a warning
-                bounded = [b for b in gi.get("fit_at_bounds", []) if b != "length_scale upper"]
-                if "length_scale upper" in gi.get("fit_at_bounds", []):
-                    extra += " (l at its float64 bound)"
-                if bounded:
-                    warn(f"subset {names[sid]}: fitted hyperparameters on their bounds: "
-                         f"{', '.join(bounded)} (the bound decided them, not the data)")
-            unc = r.get("uncertainty_eV", {})
-            print(f"{pre}subset {names[sid]} ({k}/{n_mine}): {r['n_reference']} reference, "
-                  f"{r['n_kept']}/{r['n_copies']} copies kept, sigma mean {unc.get('mean', 0):.4f} eV"
-                  f"{extra}, {r['time_total_s']:.1f} s", flush=True)
+                atomic_write_text(hpath, json.dumps({"key": keys[sid], **(results[sid].get("hyper") or {})}) + "\n")
+            for m in ms:
+                write_shard(_shard_path(workdir, m), results[m], keys[m])
+            for m in ms:
+                r = results[m]["report"]
+                if r.get("skipped"):
+                    print(f"{pre}subset {names[m]} ({k}/{n_mine}): no copies: {r['reason']}", flush=True)
+                    continue
+                extra = ""
+                if "gpr" in r and m == ms[0]:
+                    gi = r["gpr"]
+                    extra = (f", w {gi['weight_eV']:.3g} eV, l {_lengths(gi)}, jitter {gi['jitter']:.1e}"
+                             f", local GPRs {gi.get('n_local', 1)}")
+                    # the length scale's upper bound is the float64 limit of the kernel (GPR.l_max_nn),
+                    # where condensed subsets usually end: expected, so not a warning
+                    bounded = [b for b in gi.get("fit_at_bounds", []) if b != "length_scale upper"]
+                    if "length_scale upper" in gi.get("fit_at_bounds", []):
+                        extra += " (l at its float64 bound)"
+                    if bounded:
+                        warn(f"subset {names[m]}: fitted hyperparameters on their bounds: "
+                             f"{', '.join(bounded)} (the bound decided them, not the data)")
+                unc = r.get("uncertainty_eV", {})
+                print(f"{pre}subset {names[m]} ({k}/{n_mine}): {r['n_reference']} reference, "
+                      f"{r['n_kept']}/{r['n_copies']} copies kept, sigma mean {unc.get('mean', 0):.4f} eV"
+                      f"{extra}, {r['time_total_s']:.1f} s", flush=True)
 
     first = {sid: c for sid, c in costs.items() if sid not in plan}
     second = {sid: costs[sid] for sid in plan}
@@ -707,8 +845,9 @@ def _augment(cfg, ctx, ds, names, workdir, fresh):
             if d.get("kind") != "local":
                 continue          # the head kept a global fingerprint: nothing to share
             shared_of[f] = d
-            # the subset's output depends on the head's hyperparameters: part of its key
-            keys[f] = hashlib.sha256((keys[f] + json.dumps(d, sort_keys=True)).encode()).hexdigest()[:32]
+            # the unit's output depends on the head's hyperparameters: part of its members' keys
+            for m in units[f]:
+                keys[m] = hashlib.sha256((keys[m] + json.dumps(d, sort_keys=True)).encode()).hexdigest()[:32]
         run(second, shared_of)
     ctx.barrier(sleep=True)
     report = None
