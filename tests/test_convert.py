@@ -354,3 +354,60 @@ def test_bad_frame_in_large_file_named(tmp_path):
         convert(_cfg([src], tmp_path / "d.h5", skip_invalid=True))
     assert "all.extxyz: frame 9: cannot read" in str(ei.value)
     assert not (tmp_path / "d.h5").exists()
+
+
+def test_label_keys_of_published_extxyz(tmp_path, emt):
+    """Data sets written for other codes keep their labels under keys such as REF_energy,
+    REF_forces and REF_stress, with per-configuration weights beside them.  Without
+    --energy-key / --forces-key such frames used to be rejected as 'missing energy' (and their
+    forces would have been dropped silently): convert names the key to pass; with the keys the
+    values arrive exactly; weight keys never count as labels."""
+    from ase.io import write
+
+    frames = []
+    assert any(s.pbc.any() for s in emt[:5]) and not all(s.pbc.any() for s in emt[:5])
+    for k, s in enumerate(emt[:5]):
+        a = s.to_ase()
+        a.calc = None
+        a.info["REF_energy"] = s.energy + 0.125
+        a.arrays["REF_forces"] = s.forces * 2.0
+        if a.pbc.any():
+            a.info["REF_stress"] = np.array([0.01, 0.02, 0.03, 0.004, 0.005, 0.006]) * (k + 1)
+        a.info["config_energy_weight"] = 1.0
+        a.info["config_stress_weight"] = 0.5
+        frames.append(a)
+    write(tmp_path / "ref.extxyz", frames)
+    with pytest.raises(InputError, match="field 'energy'.*pass --energy-key REF_energy"):
+        convert(_cfg([tmp_path / "ref.extxyz"], tmp_path / "a.h5"))
+    with pytest.raises(InputError, match="field 'forces'.*pass --forces-key REF_forces"):
+        convert(_cfg([tmp_path / "ref.extxyz"], tmp_path / "a.h5", energy_key="REF_energy"))
+    with pytest.raises(InputError, match="field 'stress'.*pass --stress-key REF_stress"):
+        convert(_cfg([tmp_path / "ref.extxyz"], tmp_path / "a.h5", energy_key="REF_energy", forces_key="REF_forces"))
+    assert not (tmp_path / "a.h5").exists()
+    with pytest.raises(InputError, match="structure 0: field 'energy': no key 'dft_energy'"):
+        convert(_cfg([tmp_path / "ref.extxyz"], tmp_path / "a.h5", energy_key="dft_energy"))
+    r = distmlip_cli(["convert", str(tmp_path / "ref.extxyz"), "-o", str(tmp_path / "a.h5"), "--energy-key",
+                      "REF_energy", "--forces-key", "REF_forces", "--stress-key", "REF_stress"])
+    assert r.returncode == 0, r.stderr
+    S = H5Dataset(tmp_path / "a.h5").read(np.arange(5))
+    for k, (s, ref) in enumerate(zip(S, emt[:5])):
+        assert s.energy == ref.energy + 0.125
+        # extxyz writes per-atom columns with 8 decimals
+        np.testing.assert_allclose(s.forces, ref.forces * 2.0, rtol=0, atol=1e-8)
+        if not ref.pbc.any():       # no stress key in this frame: stored without stress
+            assert not s.has_stress
+            continue
+        v = np.array([0.01, 0.02, 0.03, 0.004, 0.005, 0.006]) * (k + 1)
+        np.testing.assert_allclose(s.stress, [[v[0], v[5], v[4]], [v[5], v[1], v[3]], [v[4], v[3], v[2]]], rtol=0,
+                                   atol=1e-15)
+    # plain labels beside weight keys: no false alarm
+    plain = []
+    for s in emt[:3]:
+        a = s.to_ase()
+        a.info["config_energy_weight"] = 1.0
+        a.info["config_stress_weight"] = 0.0
+        a.arrays["forces_weight"] = np.ones(len(a))
+        plain.append(a)
+    write(tmp_path / "plain.extxyz", plain)
+    convert(_cfg([tmp_path / "plain.extxyz"], tmp_path / "p.h5"))
+    assert H5Dataset(tmp_path / "p.h5").n_structures == 3

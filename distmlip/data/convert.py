@@ -47,6 +47,16 @@ class ConvertConfig:
     subset_pattern: Optional[str] = None
     split_by_pattern: dict[str, str] = field(default_factory=dict)
     compression: Optional[str] = "lzf"
+    # where ASE frames keep their labels when not as calculator results or under the plain keys
+    # (readers.LabelKeys; extxyz of published data sets: REF_energy, REF_forces, REF_stress)
+    energy_key: Optional[str] = None
+    forces_key: Optional[str] = None
+    stress_key: Optional[str] = None
+
+    def label_keys(self):
+        from .readers import LabelKeys
+
+        return LabelKeys(energy=self.energy_key, forces=self.forces_key, stress=self.stress_key)
 
     def validate(self):
         if self.subset_by not in SUBSET_MODES:
@@ -62,7 +72,7 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--output", help="output HDF5 file (written atomically)")
     p.add_argument("--config", help="YAML file with the same settings (keys: inputs, output, format, "
                    "reference_energies, min_distance, skip_invalid, subset_by, subset_pattern, split_by_pattern, "
-                   "compression); command-line options win")
+                   "compression, energy_key, forces_key, stress_key); command-line options win")
     p.add_argument("--format", help="ASE format name for non-XSF inputs (default: from the file name); "
                    "'xsf' forces the aenet XSF reader")
     p.add_argument("--reference-energies", metavar="SPEC",
@@ -77,6 +87,12 @@ def add_arguments(p) -> None:
     p.add_argument("--split-by-pattern", metavar="SPEC", help="store a train/val/test split from source paths, "
                    "e.g. 'train=train/,test=test/' (regexes)")
     p.add_argument("--compression", choices=["lzf", "gzip", "none"], help="HDF5 compression (default lzf)")
+    p.add_argument("--energy-key", metavar="KEY", help="read the energy from this info key of each frame "
+                   "(extxyz, e.g. REF_energy) instead of the calculator results / 'energy'")
+    p.add_argument("--forces-key", metavar="KEY", help="read the forces from this per-atom array "
+                   "(extxyz, e.g. REF_forces)")
+    p.add_argument("--stress-key", metavar="KEY", help="read the stress (eV/A^3, ASE sign; 6 Voigt or 9 "
+                   "values) from this info key (extxyz, e.g. REF_stress)")
 
 
 def parse_reference_energies(spec) -> dict[str, float]:
@@ -118,7 +134,8 @@ def config_from_args(args) -> ConvertConfig:
     overrides = {}
     if args.inputs:
         overrides["inputs"] = list(args.inputs)
-    for name in ("output", "format", "min_distance", "skip_invalid", "subset_by", "subset_pattern"):
+    for name in ("output", "format", "min_distance", "skip_invalid", "subset_by", "subset_pattern",
+                 "energy_key", "forces_key", "stress_key"):
         v = getattr(args, name, None)
         if v is not None:
             overrides[name] = v
@@ -253,7 +270,7 @@ def _process_frames(segments, indexes: list[FileFrames], cfg: ConvertConfig, wri
     total = sum(float(indexes[f].weights()[lo:hi].sum()) for f, lo, hi in segments)
     prog = _Progress(progress, n_frames, total)
     for f, lo, hi in segments:
-        for structs, nbytes in iter_frames(indexes[f], lo, hi):
+        for structs, nbytes in iter_frames(indexes[f], lo, hi, keys=cfg.label_keys()):
             good = _accept(structs, cfg, builder, res)
             if good:
                 split = None

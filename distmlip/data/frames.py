@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..errors import InputError
-from .readers import XSF_FORMATS, _from_ase, read_xsf
+from .readers import XSF_FORMATS, LabelKeys, _from_ase, read_xsf
 from .structure import Structure
 
 SCAN_BLOCK = 1 << 24          # bytes read per step of the extxyz scan (16 MiB)
@@ -220,7 +220,7 @@ def index_file(path: str, format: Optional[str] = None) -> FileFrames:
 
 
 # --------------------------------------------------------------------------------- reading
-def _ase_chunk(path, text: str, first: int, count: int) -> list[Structure]:
+def _ase_chunk(path, text: str, first: int, count: int, keys: Optional[LabelKeys] = None) -> list[Structure]:
     """Parse ``count`` extxyz frames (global indices first..) from their text; on failure parse
     them one by one so the error names the frame.  parallel=False everywhere: under MPI, ASE's
     default reads on rank 0 and broadcasts, which hands every rank rank 0's frames."""
@@ -229,7 +229,9 @@ def _ase_chunk(path, text: str, first: int, count: int) -> list[Structure]:
     try:
         atoms = ase.io.read(io.StringIO(text), index=":", format="extxyz", parallel=False)
         if len(atoms) == count:
-            return [_from_ase(a, path, first + k) for k, a in enumerate(atoms)]
+            return [_from_ase(a, path, first + k, keys) for k, a in enumerate(atoms)]
+    except InputError:
+        raise
     except Exception:
         pass
     # locate the bad frame (rare path: the cost does not matter)
@@ -242,7 +244,7 @@ def _ase_chunk(path, text: str, first: int, count: int) -> list[Structure]:
                 raise ValueError(f"{len(a)} frames parsed")
         except Exception as exc:
             raise InputError(f"{path}: frame {first + k}: cannot read ({type(exc).__name__}: {exc})") from None
-        out.append(_from_ase(a[0], path, first + k))
+        out.append(_from_ase(a[0], path, first + k, keys))
     return out
 
 
@@ -270,9 +272,10 @@ def scan_extxyz_text(text: str) -> list[int]:
 
 
 def iter_frames(ff: FileFrames, lo: int, hi: int, chunk_bytes: int = CHUNK_BYTES,
-                chunk_frames: int = CHUNK_FRAMES) -> Iterator[tuple[list[Structure], int]]:
+                chunk_frames: int = CHUNK_FRAMES, keys: Optional[LabelKeys] = None
+                ) -> Iterator[tuple[list[Structure], int]]:
     """Yield (structures, bytes consumed) for frames [lo, hi) of a file, in bounded chunks, in
-    file order; source_index is the frame's index in the file."""
+    file order; source_index is the frame's index in the file; ``keys``: where the labels are."""
     path = ff.path
     if ff.kind == "xsf":
         yield read_xsf(path), ff.size
@@ -292,7 +295,7 @@ def iter_frames(ff: FileFrames, lo: int, hi: int, chunk_bytes: int = CHUNK_BYTES
                 except UnicodeDecodeError as exc:
                     k = int(np.searchsorted(offs, offs[a] + exc.start, side="right")) - 1
                     raise InputError(f"{path}: frame {k}: not UTF-8 text (byte {int(offs[a]) + exc.start})") from None
-                yield _ase_chunk(path, text, a, b - a), len(raw)
+                yield _ase_chunk(path, text, a, b - a, keys), len(raw)
                 a = b
         return
     import ase.io
@@ -304,14 +307,14 @@ def iter_frames(ff: FileFrames, lo: int, hi: int, chunk_bytes: int = CHUNK_BYTES
                 atoms = ase.io.read(path, index=slice(a, b), format=ff.format, parallel=False)
             except Exception as exc:
                 raise InputError(f"{path}: frames {a}..{b - 1}: cannot read ({type(exc).__name__}: {exc})") from None
-            yield [_from_ase(x, path, a + k) for k, x in enumerate(atoms)], int(ff.size * (b - a) / ff.n)
+            yield [_from_ase(x, path, a + k, keys) for k, x in enumerate(atoms)], int(ff.size * (b - a) / ff.n)
         return
     # stream: the whole file, frame by frame through ASE's iterator
     buf, k = [], 0
     try:
         it = ase.io.iread(path, index=":", format=ff.format, parallel=False)
         for x in it:
-            buf.append(_from_ase(x, path, k))
+            buf.append(_from_ase(x, path, k, keys))
             k += 1
             if len(buf) >= chunk_frames:
                 yield buf, 0

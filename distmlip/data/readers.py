@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import glob
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -259,22 +260,77 @@ def _ase_stress(atoms, results, where: str):
     return None
 
 
-def _from_ase(atoms, path, k) -> Structure:
+@dataclass(frozen=True)
+class LabelKeys:
+    """Where ASE frames keep their labels when not as calculator results or the plain ``energy``
+    / ``forces`` / ``stress`` keys: extxyz files of many published data sets carry them as
+    ``REF_energy``, ``REF_forces``, ``REF_stress`` or ``dft_energy`` (convert's --energy-key,
+    --forces-key, --stress-key).  A given key is read from ``info`` (energy, stress) or
+    ``arrays`` (forces) and wins over the calculator."""
+    energy: Optional[str] = None
+    forces: Optional[str] = None
+    stress: Optional[str] = None
+
+
+def _unread_labels(atoms, keys: LabelKeys, energy, forces, stress, where: str) -> None:
+    """A frame whose label sits under a key that was not asked for would lose it silently (no
+    energy: rejected; no forces or stress: stored without): stop and name the key instead."""
+    looks = [("energy", "--energy-key", keys.energy, np.isnan(energy), atoms.info, ("energy",)),
+             ("forces", "--forces-key", keys.forces, forces is None, atoms.arrays, ("force",)),
+             ("stress", "--stress-key", keys.stress, stress is None, atoms.info, ("stress", "virial"))]
+    n = len(atoms)
+
+    def fits(field_, v) -> bool:      # a value of the label's shape (not a weight, a flag, a name)
+        try:
+            a = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError):
+            return False
+        return {"energy": a.size == 1, "forces": a.shape == (n, 3), "stress": a.size in (6, 9)}[field_]
+
+    for field_, opt, given, missing, store, words in looks:
+        if given is not None or not missing:
+            continue
+        cand = sorted(k for k in store if any(w in k.lower() for w in words) and "weight" not in k.lower()
+                      and fits(field_, store[k]))
+        if cand:
+            raise InputError(f"{where}: field '{field_}': no {field_} where convert reads it (the calculator "
+                             f"results or the key '{field_}'), but the frame has {', '.join(map(repr, cand))}: "
+                             f"pass {opt} {cand[0]} (or {opt} with another key)")
+
+
+def _from_ase(atoms, path, k, keys: Optional[LabelKeys] = None) -> Structure:
+    keys = keys or LabelKeys()
+    where = f"{path}: structure {k}"
     energy = float("nan")
     forces = None
     calc = atoms.calc
     results = getattr(calc, "results", {}) if calc is not None else {}
-    if "energy" in results:
+    if keys.energy is not None:
+        v = atoms.info.get(keys.energy, results.get(keys.energy))
+        if v is None:
+            raise InputError(f"{where}: field 'energy': no key '{keys.energy}' (--energy-key) in this frame")
+        energy = float(v)
+    elif "energy" in results:
         energy = float(results["energy"])
     elif "free_energy" in results:
         energy = float(results["free_energy"])
     elif "energy" in atoms.info:
         energy = float(atoms.info["energy"])
-    if results.get("forces") is not None:
+    # a forces or stress key may be absent from some frames (molecules beside bulk cells): those
+    # frames are stored without (flagged, counted by `distmlip info`); an energy key is required
+    if keys.forces is not None:
+        v = atoms.arrays.get(keys.forces, results.get(keys.forces))
+        forces = None if v is None else np.array(v, dtype=np.float64)
+    elif results.get("forces") is not None:
         forces = np.array(results["forces"], dtype=np.float64)
     elif "forces" in atoms.arrays:
         forces = np.array(atoms.arrays["forces"], dtype=np.float64)
-    stress = _ase_stress(atoms, results, f"{path}: structure {k}")
+    if keys.stress is not None:
+        v = atoms.info.get(keys.stress, results.get(keys.stress))
+        stress = None if v is None else stress_tensor(v, where)
+    else:
+        stress = _ase_stress(atoms, results, where)
+    _unread_labels(atoms, keys, energy, forces, stress, where)
     return Structure(numbers=np.array(atoms.numbers, dtype=np.int64),
                      positions=np.array(atoms.positions, dtype=np.float64),
                      cell=np.array(atoms.cell.array, dtype=np.float64),
@@ -282,7 +338,7 @@ def _from_ase(atoms, path, k) -> Structure:
                      source=str(path), source_index=k, stress=stress)
 
 
-def read_ase(path, format: str | None = None) -> list[Structure]:
+def read_ase(path, format: str | None = None, keys: Optional[LabelKeys] = None) -> list[Structure]:
     """Read all frames of any ASE-readable file (extxyz, ASE db, traj, OUTCAR, ...)."""
     import ase.io
 
@@ -301,15 +357,15 @@ def read_ase(path, format: str | None = None) -> list[Structure]:
         frames = [frames]
     if not frames:
         raise InputError(f"{path}: no structures in file")
-    return [_from_ase(a, path, k) for k, a in enumerate(frames)]
+    return [_from_ase(a, path, k, keys) for k, a in enumerate(frames)]
 
 
-def read_file(path, format: str | None = None) -> list[Structure]:
+def read_file(path, format: str | None = None, keys: Optional[LabelKeys] = None) -> list[Structure]:
     """Read every structure of one file; aenet XSF by our parser, everything else by ASE."""
     p = str(path)
     if (format or "").lower() in XSF_FORMATS or (format is None and p.lower().endswith(".xsf")):
         return read_xsf(p)
-    return read_ase(p, format=format)
+    return read_ase(p, format=format, keys=keys)
 
 
 def _wanted(path: Path, format: str | None) -> bool:
