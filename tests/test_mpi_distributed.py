@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from helpers import REPO, mpirun
 
 SCRIPT = str(REPO / "tests" / "mpi_scripts" / "dist_check.py")
@@ -23,9 +25,9 @@ def results(text, n=2, kind=None):
     return rows
 
 
-def check_info(rows, launcher):
+def check_info(rows, launcher, backend="gloo"):
     for r in rows:
-        assert r["world"] == 2 and r["is_distributed"] and r["backend"] == "gloo"
+        assert r["world"] == 2 and r["is_distributed"] and r["backend"] == backend
         assert r["launcher"] == launcher
         assert r["local_world"] == 2 and r["n_nodes"] == 1
         assert r["local_rank"] == r["rank"]          # one node: local rank = rank
@@ -50,10 +52,14 @@ def check_groups(rows):
         assert one["stop"] is False and own["stop"] is False
 
 
-def test_start_collectives_gradients_and_groups_mpi4py():
-    out = mpirun(2, [SCRIPT, "info", "grads", "groups"], timeout=120).stdout
+@pytest.mark.parametrize("gloo", [False, True])
+def test_start_collectives_gradients_and_groups_mpi4py(gloo):
+    """A CPU job under MPI runs every collective over MPI and starts no torch process group;
+    DISTMLIP_GLOO=1 starts one anyway: the same results either way."""
+    out = mpirun(2, [SCRIPT, "info", "grads", "groups"], timeout=120,
+                 env={"DISTMLIP_GLOO": "1" if gloo else "0"}).stdout
     rows = results(out, kind="mode_info")
-    check_info(rows, "mpi")
+    check_info(rows, "mpi", backend="gloo" if gloo else None)
     for r in rows:
         assert r["mpi_loaded"]
         assert int(r["env_local_rank"]) == r["local_rank"]  # node communicator agrees with mpirun
@@ -104,7 +110,8 @@ def test_start_from_torchrun_style_environment():
 def test_mpi_only_context_four_ranks():
     """The context of convert/augment: no torch process group, object collectives and barriers over
     MPI, a barrier that sleeps, rank groups with their own stop check, the environment's rank equal
-    to MPI's, logging on rank 0 only; a later init_distributed() adds the torch group."""
+    to MPI's, logging on rank 0 only; a later init_distributed() on the CPU adds no torch group
+    (its tensors go over MPI) and its collectives work."""
     res = mpirun(4, [MPI_ONLY], timeout=240)
     rows = results(res.stdout, n=4)
     for r in rows:
@@ -127,7 +134,7 @@ def test_mpi_only_context_four_ranks():
         # rank 3 raised SIGUSR1: its group stops, the other group does not; the world check sees it
         assert (r["group_stop"], r["group_reason"]) == ((True, "SIGUSR1 on rank 3") if g == 1 else (False, None))
         assert (r["world_stop"], r["world_reason"]) == (True, "SIGUSR1 on rank 3")
-        assert (r["same_object"], r["upgraded_sum"], r["upgraded_backend"]) == (True, 10.0, "gloo")
+        assert (r["same_object"], r["upgraded_sum"], r["upgraded_backend"]) == (True, 10.0, None)
     assert sorted(r["local_rank"] for r in rows) == [0, 1, 2, 3]   # one node
     assert [l for l in res.stdout.splitlines() if l.startswith("LOG")] == ["LOG 0"]
 

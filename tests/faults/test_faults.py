@@ -347,7 +347,9 @@ print("RESULT", json.dumps({"rank": ctx.rank, "sum": float(t), "rendezvous": ctx
                             "listening": listening, "mode": mode}), flush=True)
 shutdown()
 ''')
-    res = mpirun(2, [str(script)], timeout=120)
+    # the rendezvous and gloo's sockets exist where a torch group is started (GPU jobs; a CPU job
+    # under MPI starts none): DISTMLIP_GLOO=1 starts one here
+    res = mpirun(2, [str(script)], timeout=120, env={"DISTMLIP_GLOO": "1"})
     import json
 
     rows = [json.loads(x.split("RESULT ", 1)[1]) for x in res.stdout.splitlines() if x.startswith("RESULT ")]
