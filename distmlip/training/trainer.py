@@ -135,6 +135,12 @@ def fused_adam_kwargs(params) -> dict:
     ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return {"fused": True} if ok and params else {}
 
+# fewer optimizer steps than this in a whole run draw a warning: with the default epochs and batch
+# a small data set gets a few hundred steps (EC dimers: 3 per epoch), and every set in
+# docs/results.md was still improving after this many
+FEW_STEPS = 2000
+
+
 class Trainer:
     """Single- or multi-rank trainer of one BPNN (committees: K = 1 for now)."""
 
@@ -337,6 +343,12 @@ class Trainer:
                            if len(val_idx) else None)
         self._log(f"data: {len(train_idx)} training, {len(val_idx)} validation structures; "
                   f"{self.stream.steps(0)} steps per epoch on {w} rank(s)")
+        total = self.stream.steps(0) * tc.epochs
+        if total < FEW_STEPS and self.rank0 and not self.quiet:
+            warn(f"training: {tc.epochs} epochs x {self.stream.steps(0)} steps per epoch = {total} optimizer "
+                 f"steps in all; on the data sets measured (docs/results.md, 'Learning-rate schedule') the "
+                 f"errors were still falling after {FEW_STEPS} steps: raise training.epochs (or lower "
+                 f"training.batch_atoms) unless this run is a test")
 
     # ---- the copy-difference term (energy mode on GPR-augmented data; training/losses.py) -----
     _gamma = 0.0       # weight of the copy-difference term in effect (0: none)
