@@ -55,7 +55,8 @@ def fit_all(cfg, save=None, load=None):
     """Fit (or load) every subset's GPR, as augment does: subsets that share another's
     hyperparameters (``gpr.share``) come after the subset they take them from."""
     from ..data.h5store import H5Dataset
-    from .augment import _estimated_cost, _parents_of, fit_subset, share_plan, shared_hyper
+    from ..utils.log import warn
+    from .augment import _estimated_cost, _hyper_given, _parents_of, fit_subset, share_plan, shared_hyper
 
     ds = H5Dataset(cfg.input)
     cfg.gpr.save = save or cfg.gpr.save
@@ -79,6 +80,10 @@ def fit_all(cfg, save=None, load=None):
         if sid in plan and ds.subsets[plan[sid]]["name"] in fits:
             head = ds.subsets[plan[sid]]["name"]
             shared = shared_hyper(fits[head], head, fits[head]["natoms"])
+        if len(structs) == 1 and shared is None and not cfg.gpr.load and not _hyper_given(cfg):
+            warn(f"subset {name}: one structure: its GPR hyperparameters cannot be fitted and its labels "
+                 f"would miss most of a copy's energy rise (augment gives it no copies; docs/gpr.md); "
+                 f"fitted anyway for inspection")
         fit = fit_subset(ds, structs, cfg, name, shared=shared)
         fit["time_s"] = time.perf_counter() - t0
         fit["natoms"] = structs[0].natoms
