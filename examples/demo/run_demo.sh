@@ -47,8 +47,8 @@ for m in energy gpr_ann force hybrid gpr_ann_paper; do
 done
 
 stage "7/7 comparison"
-python "$HERE/compare.py" energy=eval_energy gpr_ann=eval_gpr_ann force=eval_force hybrid=eval_hybrid \
-  gpr_ann_paper=eval_gpr_ann_paper | tee comparison.txt
+python "$HERE/compare.py" energy=eval_energy,run_energy gpr_ann=eval_gpr_ann,run_gpr_ann force=eval_force,run_force \
+  hybrid=eval_hybrid,run_hybrid gpr_ann_paper=eval_gpr_ann_paper,run_gpr_ann_paper | tee comparison.txt
 echo
 echo "demo finished in $(( $(date +%s) - t0 )) s; outputs in $(pwd):"
 echo "  train.h5 test.h5 train_aug.h5 (data sets), train_aug.report.txt (GPR report),"
