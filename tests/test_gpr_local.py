@@ -133,3 +133,22 @@ def test_hyperparameters_on_their_bounds_are_reported():
     g = GPR(noise_min=0.05, noise_max=0.1, fit_iterations=20, fit_restarts=1).fit(torch.as_tensor(X), None, E, F)
     assert "noise_energy lower" in g.info["fit_at_bounds"]
     assert g.hyper.noise_energy == pytest.approx(0.05, rel=1e-5)
+
+
+def test_local_kernel_column_chunks_give_the_same_block():
+    """cov_block in column chunks (the scratch memory bound) equals the block in one pass, for
+    the covariance and its length-scale derivative, with and without gradient rows/columns."""
+    fpo, fp = _fp()
+    ker = fpo.kernel(NUMBERS)
+    rng = np.random.default_rng(3)
+    XJ = [fp(BASE + 0.1 * rng.normal(size=BASE.shape)) for _ in range(5)]
+    X = torch.stack([x for x, _ in XJ])
+    J = torch.stack([j for _, j in XJ])
+    for deriv in (None, "log_length"):
+        for rows_grad, cols_grad in ((True, True), (True, False), (False, True)):
+            whole = ker.cov_block(X[:2], J[:2], X, J, 1.3, 0.7, rows_grad, cols_grad, deriv)
+            ker.SCRATCH_BYTES = 8 * ker.n * ker.n * J.shape[-1] * 2     # two columns per pass
+            assert ker.column_chunk(5, J.shape[-1], J.shape[-1]) == 2
+            chunked = ker.cov_block(X[:2], J[:2], X, J, 1.3, 0.7, rows_grad, cols_grad, deriv)
+            del ker.SCRATCH_BYTES
+            torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)

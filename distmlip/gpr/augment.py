@@ -117,6 +117,7 @@ class GPRSettings:
     # cost label accuracy there (docs/gpr.md), hence not the default.  Off with `load`.
     share: Literal["none", "chemistry"] = "none"
     load: Optional[str] = None       # directory of saved fits (distmlip gpr fit / gpr.save): reuse them
+    # share of MemAvailable for a kernel, split between the ranks of a node (augment)
     memory_fraction: float = 0.5
     device: str = "cpu"
 
@@ -416,6 +417,8 @@ def _fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank, shared=None):
                      fit_restarts=g.fit_restarts, select=g.select,
                      fit_subsample=g.fit_subsample, groups=groups, **kw)
     model.progress = _progress_printer(f"{name} ({kind})", rank)
+    model.assembly_progress = _progress_printer(f"{name} ({kind})", rank,
+                                                what="final kernel, rows of {done}/{total} structures")
     model.fit(X, J, E0, F0.reshape(len(structs), -1))
     return fp, model
 
@@ -777,6 +780,11 @@ def _augment(cfg, ctx, ds, names, workdir, fresh):
             f"hyperparameters of {names[h]} (same elements; gpr.share: chemistry)")
     pre = f"[rank {rank}] " if world > 1 else ""
     n_done = [0]
+    if ctx.local_world_size > 1:
+        # the ranks of a node fit at the same time and each reads the same MemAvailable: each
+        # takes its share of gpr.memory_fraction (after the shard keys, which stay independent
+        # of the rank count)
+        cfg = replace(cfg, gpr=replace(cfg.gpr, memory_fraction=cfg.gpr.memory_fraction / ctx.local_world_size))
 
     def run(phase: dict, shared_of: dict):
         owner = assign_subsets(phase, world)

@@ -28,6 +28,7 @@ expected.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -202,8 +203,9 @@ def _cartesian_into(out, XA, XB, w, l, rows_grad, cols_grad, deriv, s, t0, A, B)
 
 
 def assemble(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, out=None,
-             max_block_bytes: int = 256 * 2 ** 20, deriv=None, kernel=None):
-    """Fill the full covariance matrix between sets A and B chunk by chunk (no autograd).
+             max_block_bytes: int = 256 * 2 ** 20, deriv=None, kernel=None, progress=None):
+    """Fill the full covariance matrix between sets A and B chunk by chunk (no autograd);
+    ``progress(done, total, elapsed_s)`` after each chunk of row structures.
 
     Rows of A are processed in chunks whose largest temporary ([c, Pa, B, Pb] doubles, a few of
     them) stays under ``max_block_bytes``; each chunk is scattered into ``out`` (allocated when
@@ -229,6 +231,7 @@ def assemble(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, out=None,
     direct = kernel is None and JA is None and JB is None and deriv in (None, "log_length")
     if direct:
         c = _chunk_rows(A, 8 * 4 * B * XA.shape[1] + 8 * 8 * B, max_block_bytes)
+    t_start = time.perf_counter()
     with torch.no_grad():
         for s in range(0, A, c):
             e = min(A, s + c)
@@ -242,6 +245,8 @@ def assemble(XA, JA, XB, JB, w, l, rows_grad=True, cols_grad=True, out=None,
                 del blk
             if sym and e < B:
                 _mirror(out, s, e, A, Pa)
+            if progress is not None:
+                progress(e, A, time.perf_counter() - t_start)
     return out
 
 
@@ -363,10 +368,25 @@ class LocalKernel:
         if deriv not in (None, "log_length"):
             raise ValueError("LocalKernel: only deriv='log_length' is supported")
         A, B, n, D = XA.shape[0], XB.shape[0], self.n, self.dim
-        GA, GB = XA.reshape(A, n, D), XB.reshape(B, n, D)
-        k, c2, c4 = self.pair_factors(GA, GB, w, l, deriv)                  # [A, n, B, n]
         Pa = JA.shape[-1] if rows_grad else 0
         Pb = JB.shape[-1] if cols_grad else 0
+        Bc = self.column_chunk(B, Pa, Pb)
+        if Bc < B:
+            # the per-row scratch (JAr, JBr: B n^2 P each) grows with the column structures and
+            # is kept between calls: 30 structures of 192 atoms needed 5 GB each and a fit's RSS
+            # passed 13 GB.  Column chunks bound it; each column's block is independent of the
+            # others, so the result is the same
+            out = torch.empty(A * (1 + Pa), B * (1 + Pb), dtype=XA.dtype, device=XA.device)
+            for b0 in range(0, B, Bc):
+                b1 = min(B, b0 + Bc)
+                sub = self.cov_block(XA, JA, XB[b0:b1], None if JB is None else JB[b0:b1], w, l,
+                                     rows_grad, cols_grad, deriv)
+                out[:, b0:b1] = sub[:, :b1 - b0]
+                if cols_grad:
+                    out[:, B + b0 * Pb:B + b1 * Pb] = sub[:, b1 - b0:]
+            return out
+        GA, GB = XA.reshape(A, n, D), XB.reshape(B, n, D)
+        k, c2, c4 = self.pair_factors(GA, GB, w, l, deriv)                  # [A, n, B, n]
         out = torch.empty(A * (1 + Pa), B * (1 + Pb), dtype=XA.dtype, device=XA.device)
         out[:A, :B] = k.sum((1, 3))
         if cols_grad:
@@ -427,6 +447,14 @@ class LocalKernel:
         d2 = torch.cdist(G, G).pow_(2)
         same = (self.species[:, None] == self.species[None, :]).to(G.dtype).to(G.device)
         return ((w * w) * torch.exp(-0.5 * d2 / (l * l)) * same).sum((1, 2))
+
+    SCRATCH_BYTES = 256 * 2 ** 20    # per scratch buffer of cov_block (column chunks above it)
+
+    def column_chunk(self, B, Pa, Pb) -> int:
+        """Column structures per pass of :meth:`cov_block`: the scratch buffers JAr and JBr
+        (Bc n^2 P values each) within SCRATCH_BYTES."""
+        per = 8 * self.n * self.n * max(Pa, Pb, 1)
+        return max(1, min(B, int(self.SCRATCH_BYTES // per)))
 
     def bytes_per_row(self, B, Pa, Pb):
         """Bytes per structure of the row set: its output rows and the pair factors (the

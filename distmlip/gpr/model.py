@@ -373,6 +373,9 @@ class GPR:
         # progress(done, total, elapsed_s): called after each likelihood evaluation of the
         # hyperparameter search (total = the evaluations at most planned; augment prints an ETA)
         self.progress = None
+        # assembly_progress(done, total, elapsed_s): called after each row chunk of the final
+        # kernel (minutes for large subsets, which printed nothing after the search)
+        self.assembly_progress = None
         # factor on predictive sigmas from the fit's leave-one-out errors (1: not fitted)
         self.sigma_calibration = 1.0
         self.info: dict = {}
@@ -483,7 +486,8 @@ class GPR:
         X, y = self._scaled(X, y, self.r)
         self.X = X
         K = assemble(X, J, X, J, h.weight, h.length_scale, self.use_forces, self.use_forces,
-                     max_block_bytes=self.max_block_bytes, kernel=self.kernel)
+                     max_block_bytes=self.max_block_bytes, kernel=self.kernel,
+                     progress=getattr(self, "assembly_progress", None))
         nf = (h.noise_force + self.noise_floor) * self.f / self.s
         K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf, self.r))
         if K.device.type == "cpu":
@@ -1104,6 +1108,7 @@ class LocalGPR:
                 kw.update(hyper_given)
             g = GPR(seed=self.seed, scales=scales, **kw)
             g.progress = getattr(self, "progress", None)
+            g.assembly_progress = getattr(self, "assembly_progress", None)
             g.fit(_take(X, idx), None if J is None else _take(J, idx), _take(E, idx),
                   None if F is None else _take(F, idx))
             if hyper_given is None:

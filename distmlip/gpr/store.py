@@ -26,8 +26,9 @@ def _strip(model):
     """Drop what must not be pickled or saved: progress callbacks and scratch buffers."""
     objs = [model] + list(getattr(model, "models", []))
     for o in objs:
-        if hasattr(o, "progress"):
-            o.progress = None
+        for cb in ("progress", "assembly_progress"):
+            if hasattr(o, cb):
+                setattr(o, cb, None)
         if hasattr(o, "_workspace"):
             o._workspace = None
 
