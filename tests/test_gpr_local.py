@@ -152,3 +152,8 @@ def test_local_kernel_column_chunks_give_the_same_block():
             chunked = ker.cov_block(X[:2], J[:2], X, J, 1.3, 0.7, rows_grad, cols_grad, deriv)
             del ker.SCRATCH_BYTES
             torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+        # the energy rows against values and gradients (predictions without forces) take their
+        # own contraction: the same numbers as those rows of the general block
+        full = ker.cov_block(X[:2], J[:2], X, J, 1.3, 0.7, True, True, deriv)
+        rows = ker.cov_block(X[:2], J[:2], X, J, 1.3, 0.7, False, True, deriv)
+        torch.testing.assert_close(rows, full[:2], rtol=1e-12, atol=1e-12)
