@@ -157,3 +157,5 @@ def test_local_kernel_column_chunks_give_the_same_block():
         full = ker.cov_block(X[:2], J[:2], X, J, 1.3, 0.7, True, True, deriv)
         rows = ker.cov_block(X[:2], J[:2], X, J, 1.3, 0.7, False, True, deriv)
         torch.testing.assert_close(rows, full[:2], rtol=1e-12, atol=1e-12)
+        cols = ker.cov_block(X[:2], J[:2], X, J, 1.3, 0.7, True, False, deriv)
+        torch.testing.assert_close(cols, full[:, :5], rtol=1e-12, atol=1e-12)

@@ -370,7 +370,7 @@ class LocalKernel:
         A, B, n, D = XA.shape[0], XB.shape[0], self.n, self.dim
         Pa = JA.shape[-1] if rows_grad else 0
         Pb = JB.shape[-1] if cols_grad else 0
-        Bc = self.column_chunk(B, Pa, Pb)
+        Bc = self.column_chunk(B, Pa, Pb) if (rows_grad and cols_grad) else B
         if Bc < B:
             # the per-row scratch (JAr, JBr: B n^2 P each) grows with the column structures and
             # is kept between calls: 30 structures of 192 atoms needed 5 GB each and a fit's RSS
@@ -389,16 +389,26 @@ class LocalKernel:
         k, c2, c4 = self.pair_factors(GA, GB, w, l, deriv)                  # [A, n, B, n]
         out = torch.empty(A * (1 + Pa), B * (1 + Pb), dtype=XA.dtype, device=XA.device)
         out[:A, :B] = k.sum((1, 3))
+        # one side without gradients (a prediction without forces, e.g. the copies' labels:
+        # training rows with gradients against copies without).  The general path below forms
+        # J^T (G_ai - G_bj) for every atom pair, n^2 P D products per structure pair (P = 3n: a
+        # copy of a 192-atom cell took 1.3-1.5 s to label); summing the pair weights into the
+        # descriptors first leaves n^2 D + n D P:
+        #   sum_ij c2_ij J_bj^T (G_ai - G_bj) = sum_j J_bj^T V_bj,
+        #       V_bj = sum_i c2_ij G_ai - (sum_i c2_ij) G_bj
+        #   sum_ij c2_ij J_ai^T (G_ai - G_bj) = sum_i J_ai^T U_ai,
+        #       U_ai = (sum_j c2_ij) G_ai - sum_j c2_ij G_bj
         if cols_grad and not rows_grad:
-            # energies against values and gradients (a prediction without forces: the labels of
-            # the copies).  sum_ij c2_ij J_bj^T (G_ai - G_bj) = sum_j J_bj^T V_bj with
-            # V_bj = sum_i c2_ij G_ai - (sum_i c2_ij) G_bj: n^2 D + n D P products per structure
-            # pair instead of the n^2 P of the general path below (P = 3n: a 192-atom cell
-            # labelled one copy in 1.5 s)
             V = torch.einsum("aibj,aid->abjd", c2, GA)
             V -= c2.sum(1)[..., None] * GB[None]
             grad = torch.einsum("abk,bkq->abq", V.reshape(A, B, n * D), JB.reshape(B, n * D, Pb))
             out[:, B:] = grad.reshape(A, B * Pb)
+            return out
+        if rows_grad and not cols_grad:
+            U = c2.sum(3)[..., None] * GA[:, :, None, :]                   # [a, i, b, d]
+            U -= torch.einsum("aibj,bjd->aibd", c2, GB)
+            grad = torch.einsum("aidp,aibd->apb", JA.reshape(A, n, D, Pa), U)
+            out[A:, :] = -grad.reshape(A * Pa, B)
             return out
         if cols_grad:
             JBd = JB.reshape(B, n, D, Pb).permute(0, 2, 1, 3).reshape(B, D, n * Pb)     # [b, d, (j q)]
@@ -466,6 +476,11 @@ class LocalKernel:
         (Bc n^2 P values each) within SCRATCH_BYTES."""
         per = 8 * self.n * self.n * max(Pa, Pb, 1)
         return max(1, min(B, int(self.SCRATCH_BYTES // per)))
+
+    def max_columns(self, A: int, max_bytes: int) -> int:
+        """Column structures per :meth:`cov_block` call against A row structures with the pair
+        arrays (k, c2, c4: [A, n, B, n] each) within ``max_bytes``."""
+        return max(1, int(max_bytes // (8 * 3 * A * self.n * self.n)))
 
     def bytes_per_row(self, B, Pa, Pb):
         """Bytes per structure of the row set: its output rows and the pair factors (the

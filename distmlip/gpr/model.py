@@ -1006,6 +1006,8 @@ class GPR:
         n = self.alpha.shape[0]
         if chunk is None:
             chunk = max(1, int(self.max_block_bytes // (8 * 4 * n * (1 + (P if forces else 0)))))
+            if self.kernel is not None:     # the local kernel's per-atom-pair arrays too
+                chunk = min(chunk, self.kernel.max_columns(self.X.shape[0], self.max_block_bytes))
         # the variance needs one triangular solve with the energy columns of the cross-covariance;
         # they are collected over a group of test structures and solved together (one pass over
         # L per group instead of one per chunk)
