@@ -366,7 +366,11 @@ def composition_groups(cfg: AugmentConfig, ds, parents: dict) -> dict[int, list[
         sub = cfg.for_subset(ds.subsets[sid]["name"])
         if len(parents[sid]) == 0:
             continue
-        numbers = ds.read(parents[sid][:1])[0].numbers
+        # the subset's atom sequence from its record (no read per subset: data sets may hold
+        # thousands); a subset of mixed sequences (directory or pattern subsets) has none
+        numbers = ds.subsets[sid].get("order")
+        if numbers is None or len(numbers) != int(ds.natoms[parents[sid][0]]):
+            numbers = ds.read(parents[sid][:1])[0].numbers
         if skip_reason(sub, len(parents[sid]), 0, int(sub["copies"]), len(numbers)):
             continue
         by.setdefault(tuple(sorted(int(z) for z in numbers)), []).append(sid)
