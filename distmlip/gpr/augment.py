@@ -322,6 +322,12 @@ def shared_hyper(fit: dict, name: str, natoms: int) -> dict:
     return out
 
 
+def _hyper_given(cfg: AugmentConfig) -> bool:
+    """All four GPR hyperparameters given in the config (no search)."""
+    g = cfg.gpr
+    return all(getattr(g, k) is not None for k in ("weight", "length_scale", "noise_energy", "noise_force"))
+
+
 def share_plan(cfg: AugmentConfig, ds, parents: dict, costs: dict) -> dict[int, int]:
     """{subset: the subset whose hyperparameters it takes} under ``gpr.share: chemistry``: among
     the subsets to fit (GPR, not skipped, with reference structures and copies) those with the
@@ -331,7 +337,7 @@ def share_plan(cfg: AugmentConfig, ds, parents: dict, costs: dict) -> dict[int, 
     hyperparameters given)."""
     g = cfg.gpr
     if (cfg.method != "gpr" or g.share != "chemistry" or g.fingerprint not in ("local", "auto") or g.load
-            or all(getattr(g, k) is not None for k in ("weight", "length_scale", "noise_energy", "noise_force"))):
+            or _hyper_given(cfg)):
         return {}
     groups: dict[tuple, list[int]] = {}
     for sid in sorted(parents):
@@ -491,11 +497,6 @@ def process_subset(ds, sid: int, cfg: AugmentConfig, rank: int = 0, shared: dict
     return process_subsets(ds, [sid], cfg, rank, shared)[sid]
 
 
-def _hyper_given(cfg: AugmentConfig) -> bool:
-    g = cfg.gpr
-    return all(getattr(g, k) is not None for k in ("weight", "length_scale", "noise_energy", "noise_force"))
-
-
 def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | None = None) -> dict:
     """Augment the subsets ``sids`` (one subset, or a :func:`composition_groups` group: one
     composition in several atom orders, whose GPR is fitted once on all their reference
@@ -580,7 +581,7 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
             if perm is None:
                 return s
             return replace(s, numbers=np.asarray(s.numbers)[perm], positions=s.positions[perm],
-                                       forces=None if s.forces is None else s.forces[perm])
+                           forces=None if s.forces is None else s.forces[perm])
 
         pstructs = {sid: [permuted(s, perms[sid]) for s in d["structs"]] for sid, d in prep.items()}
         allp = [s for sid in prep for s in pstructs[sid]]
