@@ -383,6 +383,14 @@ def test_label_keys_of_published_extxyz(tmp_path, emt):
         convert(_cfg([tmp_path / "ref.extxyz"], tmp_path / "a.h5", energy_key="REF_energy"))
     with pytest.raises(InputError, match="field 'stress'.*pass --stress-key REF_stress"):
         convert(_cfg([tmp_path / "ref.extxyz"], tmp_path / "a.h5", energy_key="REF_energy", forces_key="REF_forces"))
+    # a typo in a given key: the labels sit under another key of the frame (they were dropped
+    # from every frame with exit 0)
+    with pytest.raises(InputError, match="field 'forces': no key 'REF_force' .*a typo in --forces-key"):
+        convert(_cfg([tmp_path / "ref.extxyz"], tmp_path / "a.h5", energy_key="REF_energy", forces_key="REF_force",
+                     stress_key="REF_stress"))
+    with pytest.raises(InputError, match="field 'stress': no key 'REF_stres' .*pass --stress-key REF_stress"):
+        convert(_cfg([tmp_path / "ref.extxyz"], tmp_path / "a.h5", energy_key="REF_energy", forces_key="REF_forces",
+                     stress_key="REF_stres"))
     assert not (tmp_path / "a.h5").exists()
     with pytest.raises(InputError, match="structure 0: field 'energy': no key 'dft_energy'"):
         convert(_cfg([tmp_path / "ref.extxyz"], tmp_path / "a.h5", energy_key="dft_energy"))

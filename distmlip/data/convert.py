@@ -25,7 +25,7 @@ from ..config import load_config
 from ..errors import ConfigError, DistmlipError, InputError
 from ..utils.io import atomic_write_text, check_writable, clean_stale_temps, temp_path
 from ..utils.launch import placement
-from ..utils.log import log
+from ..utils.log import log, warn
 from . import h5store
 from .frames import FileFrames, index_file, iter_frames, split_frames
 from .readers import expand_inputs
@@ -428,7 +428,38 @@ def convert(cfg: ConvertConfig) -> dict:
         f"{len(res.rejected)} rejected, {dt:.2f} s on {size} rank(s)")
     if res.rejected:
         log(f"rejected structures listed in {out}.rejected.txt and {out}.rejected.json")
+    if placement().rank == 0 and res.n_structures:
+        _check_stress_units(out)
     return summary
+
+
+# 160 GPa: above the stresses of DFT training data outside high-pressure studies, and below
+# what a stress in kbar (VASP's OUTCAR unit) read as eV/A^3 gives for any cell more than
+# 1 kbar away from equilibrium (x 1602)
+STRESS_PLAUSIBLE = 1.0     # eV/A^3
+
+
+def _check_stress_units(out) -> None:
+    """Warn (once) when stored stresses are so large that a unit is the likely cause."""
+    from .h5store import H5Dataset
+
+    try:
+        ds = H5Dataset(str(out))
+        hs = np.asarray(ds.column("has_stress"), dtype=bool)
+        if not hs.any():
+            return
+        st = np.abs(np.asarray(ds.column("stress"), dtype=np.float64).reshape(len(hs), -1))
+        st[~hs] = 0.0
+        k = int(np.argmax(st.max(1)))
+        top = float(st[k].max())
+        if top > STRESS_PLAUSIBLE:
+            src, idx = ds.column("source")[k], int(ds.column("source_index")[k])
+            warn(f"{src}: structure {idx}: field 'stress': |stress| up to {top:.3g} eV/A^3 = {160.2177 * top:.4g} "
+                 f"GPa ({int((st.max(1) > STRESS_PLAUSIBLE).sum())} structures above {160.2 * STRESS_PLAUSIBLE:.0f} "
+                 f"GPa).  distmlip stores eV/A^3 with ASE's sign; a stress in kbar (VASP) or GPa read as "
+                 f"eV/A^3 looks like this: convert the input (ASE's readers do) or check --stress-key")
+    except (KeyError, OSError, ValueError):
+        return
 
 
 def run(args) -> int:

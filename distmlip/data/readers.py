@@ -272,9 +272,11 @@ class LabelKeys:
     stress: Optional[str] = None
 
 
-def _unread_labels(atoms, keys: LabelKeys, energy, forces, stress, where: str) -> None:
+def _unread_labels(atoms, keys: LabelKeys, energy, forces, stress, where: str, results=None) -> None:
     """A frame whose label sits under a key that was not asked for would lose it silently (no
-    energy: rejected; no forces or stress: stored without): stop and name the key instead."""
+    energy: rejected; no forces or stress: stored without): stop and name the key instead.  The
+    same when a key was given (``--forces-key``) but the frame has the label only under another
+    key: a typo in the option would otherwise drop the label from every frame with exit 0."""
     looks = [("energy", "--energy-key", keys.energy, np.isnan(energy), atoms.info, ("energy",)),
              ("forces", "--forces-key", keys.forces, forces is None, atoms.arrays, ("force",)),
              ("stress", "--stress-key", keys.stress, stress is None, atoms.info, ("stress", "virial"))]
@@ -288,10 +290,14 @@ def _unread_labels(atoms, keys: LabelKeys, energy, forces, stress, where: str) -
         return {"energy": a.size == 1, "forces": a.shape == (n, 3), "stress": a.size in (6, 9)}[field_]
 
     for field_, opt, given, missing, store, words in looks:
-        if given is not None or not missing:
+        if not missing:
             continue
-        cand = sorted(k for k in store if any(w in k.lower() for w in words) and "weight" not in k.lower()
-                      and fits(field_, store[k]))
+        pool = dict(store) if given is None else {**(results or {}), **store}
+        cand = sorted(k for k in pool if k != given and any(w in k.lower() for w in words)
+                      and "weight" not in k.lower() and fits(field_, pool[k]))
+        if cand and given is not None:
+            raise InputError(f"{where}: field '{field_}': no key '{given}' ({opt}) in this frame, but it has "
+                             f"{', '.join(map(repr, cand))}: a typo in {opt}? (pass {opt} {cand[0]})")
         if cand:
             raise InputError(f"{where}: field '{field_}': no {field_} where convert reads it (the calculator "
                              f"results or the key '{field_}'), but the frame has {', '.join(map(repr, cand))}: "
@@ -330,7 +336,7 @@ def _from_ase(atoms, path, k, keys: Optional[LabelKeys] = None) -> Structure:
         stress = None if v is None else stress_tensor(v, where)
     else:
         stress = _ase_stress(atoms, results, where)
-    _unread_labels(atoms, keys, energy, forces, stress, where)
+    _unread_labels(atoms, keys, energy, forces, stress, where, results)
     return Structure(numbers=np.array(atoms.numbers, dtype=np.int64),
                      positions=np.array(atoms.positions, dtype=np.float64),
                      cell=np.array(atoms.cell.array, dtype=np.float64),

@@ -46,7 +46,8 @@ def _check_fractions(fractions) -> tuple[float, float, float]:
     if len(f) == 2:
         f = (f[0], 0.0, f[1])
     if len(f) != 3 or any(x < 0 for x in f) or abs(sum(f) - 1.0) > 1e-6:
-        raise ConfigError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+        raise ConfigError(f"split fractions (data.fractions, --fractions) must be 3 non-negative numbers "
+                          f"summing to 1 (train, validation, test), got {list(fractions)}")
     return f
 
 

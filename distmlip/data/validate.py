@@ -132,7 +132,7 @@ def check_structure(s: Structure, min_distance: float = DEFAULT_MIN_DISTANCE) ->
         probs.append(("positions", f"non-finite position of atom {a}"))
     e = s.energy
     if e is None or np.isnan(e):
-        probs.append(("energy", "missing energy"))
+        probs.append(("energy", "missing energy (no energy in the frame, or NaN)"))
     elif not np.isfinite(e):
         probs.append(("energy", f"non-finite energy {e}"))
     if s.forces is not None:
