@@ -26,6 +26,9 @@ from ..descriptors.spec import DescriptorSpec
 from ..errors import ConfigError
 from . import activations as act_table
 from . import forces_op
+
+# the smallest feature scale, as a share of the feature's RMS over the training atoms (fit_normalization)
+FEATURE_STD_FLOOR = 1e-2
 from .networks import batch_layout, make_mlp, network_energies, nets_with_gradient
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -190,8 +193,17 @@ class AtomicNetworks(nn.Module):
             mean = s1 / n
             var = (s2 / n - mean * mean).clamp(min=0.0)
             std = var.sqrt()
+            # A feature that barely varies in the training data (a bulk cell at one lattice
+            # constant: std 1e-4 of its size) would be scaled up ~1e4x, so that a 1 % strain puts
+            # the network's input hundreds of standard deviations out and the predicted energy
+            # surface (and stress) is rough there.  Floor the scale at FEATURE_STD_FLOOR of the
+            # feature's RMS; the data sets measured vary by >= 1.5e-2 of it, untouched.
+            floor = FEATURE_STD_FLOOR * (mean * mean + var).sqrt()
+            live = std > 1e-8 * (1.0 + mean.abs())
+            floored = live & (std < floor)
             # guard constant features (zero std) and species absent from the training set
-            std = torch.where(std > 1e-8 * (1.0 + mean.abs()), std, torch.ones_like(std))
+            std = torch.where(live, torch.maximum(std, floor), torch.ones_like(std))
+            summary["floored_features"] = {s: int(c) for s, c in zip(self.species, floored.sum(1).tolist()) if c}
             self.feature_mean.copy_(mean)
             self.feature_std.copy_(std)
             summary["species_atoms"] = {s: int(c) for s, c in zip(self.species, cnt.tolist())}

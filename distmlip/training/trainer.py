@@ -343,6 +343,7 @@ class Trainer:
                            if len(val_idx) else None)
         self._log(f"data: {len(train_idx)} training, {len(val_idx)} validation structures; "
                   f"{self.stream.steps(0)} steps per epoch on {w} rank(s)")
+        self._check_labels(dc, tc, train_idx, val_idx)
         total = self.stream.steps(0) * tc.epochs
         if total < FEW_STEPS and self.rank0 and not self.quiet:
             warn(f"training: {tc.epochs} epochs x {self.stream.steps(0)} steps per epoch = {total} optimizer "
@@ -353,6 +354,33 @@ class Trainer:
     # ---- the copy-difference term (energy mode on GPR-augmented data; training/losses.py) -----
     _gamma = 0.0       # weight of the copy-difference term in effect (0: none)
     _diff = None       # {id(ds): (parent [S] int64, -1 where none; |x_c - x_p| [S] float64)}
+
+    def _check_labels(self, dc, tc, train_idx, val_idx) -> None:
+        """Settings that the training data cannot honour: an error where the run would learn
+        nothing it was asked for, a warning where it would run without what was asked."""
+        if self.force_mode and tc.alpha > 0:
+            hf = np.asarray(self.ds.column("has_forces"), dtype=bool)[train_idx]
+            if not hf.any():
+                raise ConfigError(f"training.mode: force (alpha {tc.alpha}) but none of the {len(train_idx)} "
+                                  f"training structures of {dc.train} carries forces (distmlip info shows "
+                                  f"'with forces'); train with 'training.mode: energy'")
+        if self.stress_mode:
+            try:
+                hs = np.asarray(self.ds.column("has_stress"), dtype=bool)[train_idx]
+            except (KeyError, OSError, ValueError):
+                hs = np.zeros(len(train_idx), dtype=bool)
+            if not hs.any():
+                raise ConfigError(f"training.beta: {tc.beta} (a stress term) but none of the {len(train_idx)} "
+                                  f"training structures of {dc.train} carries a stress (convert keeps the "
+                                  f"stress of periodic frames, --stress-key; distmlip info shows it); set "
+                                  f"training.beta: 0")
+        if not dc.validation and len(val_idx) == 0 and dc.fractions[1] > 0 and self.rank0 and not self.quiet:
+            ns = len(np.unique(self.ds.subset_ids[train_idx]))
+            warn(f"data.fractions {list(dc.fractions)} asks for a validation share, but the split gave no "
+                 f"validation structures ({len(train_idx)} training structures in {ns} subsets"
+                 f"{': the per-subset split rounds each small subset whole into training' if dc.by_subset else ''}"
+                 f"); the learning-rate schedule and the best model then follow the training loss.  Set "
+                 f"'data.by_subset: false', raise the validation share, or give data.validation")
 
     def _setup_differences(self) -> None:
         """Pair every synthetic copy of the training (validation) split with its parent in the
@@ -518,6 +546,13 @@ class Trainer:
                       + (f" (energy residual RMS {summary['energy_residual_rms']:.4g}; RMS force "
                          f"{self._force_rms():.4g} eV/A x 1 A sets the floor in force mode)"
                          if self.force_mode and "energy_residual_rms" in summary else ""))
+            fl = summary.get("floored_features")
+            if fl and self.rank0 and not self.quiet:
+                from ..models.ann import FEATURE_STD_FLOOR
+                warn(f"descriptor features that barely vary in the training data ({', '.join(f'{k}: {v}' for k, v in fl.items())} "
+                     f"of {self.model.ann.dim}, spread below {100 * FEATURE_STD_FLOOR:g} % of their size; e.g. a bulk "
+                     f"cell at one lattice constant): their scale is floored, but the model has not seen those "
+                     f"environments change (strain, other densities) and will extrapolate there")
         # shortest pair distances and lowest energies of the training data, saved with the model
         # (md-check and the calculator warn below them; models/data_record.py)
         from ..models.data_record import dataset_record

@@ -1,0 +1,122 @@
+"""Settings the data cannot honour, and data that look wrong: each used to pass with exit 0.
+
+* force training on data without forces printed NaN force errors every epoch;
+* a stress weight on data without stresses trained without the stress term, silently;
+* a per-subset split of many one- or two-structure subsets left no validation structures;
+* a descriptor feature that barely varies (a bulk cell at one lattice constant) was scaled up
+  ~1e4x, and the model's stress came out hundreds of GPa;
+* stresses in kbar read as eV/A^3 were stored as they came."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from distmlip.data.convert import ConvertConfig, convert
+from distmlip.data.examples import rattled_cu_au
+from distmlip.data.h5store import write_dataset
+from distmlip.descriptors.spec import DescriptorSpec
+from distmlip.errors import ConfigError
+from distmlip.models.ann import FEATURE_STD_FLOOR
+from distmlip.training.config import DataConfig, DescriptorConfig, ModelConfig, TrainConfig, TrainingConfig
+from distmlip.training.trainer import Trainer
+
+SPEC = DescriptorSpec(rc_radial=4.0, n_radial=4, rc_angular=3.0, n_angular=2)
+
+
+def _cfg(h5, out, mode="energy", beta=0.0, fractions=(0.8, 0.2, 0.0)):
+    return TrainConfig(data=DataConfig(train=[str(h5)], fractions=list(fractions)),
+                       descriptor=DescriptorConfig(SPEC, backend="reference"), model=ModelConfig(hidden=[4]),
+                       training=TrainingConfig(mode=mode, epochs=1, batch_atoms=40, lr=0.01, beta=beta,
+                                               output=str(out), progress_bar="off"))
+
+
+def test_force_mode_without_forces_is_an_error(tmp_path):
+    h5 = tmp_path / "noforces.h5"
+    write_dataset(h5, [dataclasses.replace(s, forces=None) for s in rattled_cu_au(12)])
+    with pytest.raises(ConfigError, match=r"training.mode: force .*none of the \d+ training structures .*forces"):
+        Trainer(_cfg(h5, tmp_path / "run", mode="force"), quiet=True)
+
+
+def test_stress_weight_without_stresses_is_an_error(tmp_path, emt_h5):
+    # rattled_cu_au carries energies and forces, no stress
+    with pytest.raises(ConfigError, match=r"training.beta: 0.1 .*none of the \d+ training structures .*stress"):
+        Trainer(_cfg(emt_h5, tmp_path / "run", mode="force", beta=0.1), quiet=True)
+
+
+def test_empty_validation_split_warns(tmp_path, capsys):
+    # 12 subsets of one structure each (one composition per structure): the per-subset split rounds
+    # every one of them into training
+    from ase.build import bulk
+
+    from distmlip.data.examples import _label
+
+    structs = []
+    for k in range(12):
+        a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((1, 1, 2))
+        for j in range(k % 6 + 1):
+            a.symbols[j] = "Au"
+        a.positions += np.random.default_rng(k).normal(0, 0.05, a.positions.shape)
+        structs.append(_label(a, source="alloys.extxyz", index=k))
+    h5 = tmp_path / "alloys.h5"
+    write_dataset(h5, structs)
+    tr = Trainer(_cfg(h5, tmp_path / "run"))
+    assert len(tr.val_idx) == 0
+    assert "the split gave no validation structures" in capsys.readouterr().err
+    Trainer(TrainConfig(data=DataConfig(train=[str(h5)], fractions=[0.5, 0.5, 0.0], by_subset=False),
+                        descriptor=DescriptorConfig(SPEC, backend="reference"), model=ModelConfig(hidden=[4]),
+                        training=TrainingConfig(mode="energy", epochs=1, batch_atoms=40, output=str(tmp_path / "r2"),
+                                                progress_bar="off")))
+    assert "no validation structures" not in capsys.readouterr().err
+
+
+def test_barely_varying_features_are_not_blown_up(tmp_path, capsys):
+    """Cu cells at one lattice constant, rattled by 0.03 A: most features vary by far less than
+    1 % of their size; their scale is floored at FEATURE_STD_FLOOR of their RMS, with a warning."""
+    from ase.build import bulk
+
+    from distmlip.data.examples import _label
+
+    structs = []
+    for k in range(8):
+        a = bulk("Cu", "fcc", a=3.61, cubic=True)
+        a.positions += np.random.default_rng(k).normal(0, 0.03, a.positions.shape)
+        structs.append(_label(a, source="cu.extxyz", index=k))
+    h5 = tmp_path / "cu.h5"
+    write_dataset(h5, structs)
+    tr = Trainer(_cfg(h5, tmp_path / "run", fractions=(1.0, 0.0, 0.0)))
+    assert "descriptor features that barely vary" in capsys.readouterr().err
+    from distmlip.descriptors.batch import collate
+
+    b = collate(structs, species=tr.model.species, cutoff=tr.model.cutoff)
+    G = tr.model.ann.descriptors(b, tr.model.plan()).detach().numpy()
+    raw, rms = G.std(0), np.sqrt((G * G).mean(0))
+    floored = raw < FEATURE_STD_FLOOR * rms
+    assert floored.sum() >= 2 and (~floored).sum() >= 1
+    std = tr.model.ann.feature_std[0].numpy()
+    np.testing.assert_allclose(std, np.maximum(raw, FEATURE_STD_FLOOR * rms), rtol=1e-6)
+
+
+def test_stress_in_kbar_warns(tmp_path, capsys):
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.io import write
+
+    frames = []
+    for k in range(3):
+        a = bulk("Cu", "fcc", a=3.50 + 0.02 * k, cubic=True)
+        a.calc = EMT()
+        e, f, st = a.get_potential_energy(), a.get_forces(), a.get_stress()
+        a.calc = None
+        a.info["energy"] = e
+        a.arrays["forces"] = f
+        a.info["stress"] = st * (-1602.1766)      # kbar with VASP's sign, as if eV/A^3
+        frames.append(a)
+    write(tmp_path / "kbar.extxyz", frames)
+    convert(ConvertConfig(inputs=[str(tmp_path / "kbar.extxyz")], output=str(tmp_path / "k.h5")))
+    err = capsys.readouterr().err
+    assert "field 'stress': |stress| up to" in err and "kbar" in err
+    for a in frames:
+        a.info["stress"] = a.info["stress"] / (-1602.1766)
+    write(tmp_path / "ok.extxyz", frames)
+    convert(ConvertConfig(inputs=[str(tmp_path / "ok.extxyz")], output=str(tmp_path / "ok.h5")))
+    assert "|stress| up to" not in capsys.readouterr().err
