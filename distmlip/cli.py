@@ -9,7 +9,9 @@ rank waits forever for a peer that is gone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 import traceback
 
@@ -82,6 +84,13 @@ def main(argv=None) -> int:
             traceback.print_exc()
         abort_mpi(2)
         return 2
+    except BrokenPipeError:
+        # the reader of stdout went away (`distmlip info data.h5 | head`): end quietly, as a
+        # command killed by SIGPIPE does, without a traceback from the final flush
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        abort_mpi(141)
+        return 141
     except KeyboardInterrupt:
         print(f"distmlip {args.command}: interrupted", file=sys.stderr)
         abort_mpi(130)

@@ -199,7 +199,15 @@ def load_config(path, cls, overrides: dict | None = None):
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
-    return from_dict(cls, data, source=str(path) if path is not None else None)
+    try:
+        return from_dict(cls, data, source=str(path) if path is not None else None)
+    except ConfigError as exc:
+        # the message names the file; a key or value that came from --set did not come from it
+        msg = str(exc)
+        hit = [d for d in (overrides or {}) if f"'{d}'" in msg or f"'{d.split('.')[-1]}'" in msg]
+        if hit:
+            raise ConfigError(f"{msg} (from --set {', '.join(f'{d}={overrides[d]!r}' for d in hit)})") from None
+        raise
 
 
 def config_to_dict(obj) -> dict:

@@ -49,6 +49,20 @@ def test_config_type_errors(tmp_path):
         load_config(p, _Cfg)
 
 
+def test_config_errors_from_overrides_say_so(tmp_path):
+    """A typo in --set used to be reported as if it stood in the YAML file."""
+    p = tmp_path / "c.yaml"
+    p.write_text("epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'lerning_rate'.* \(from --set optim.lerning_rate=0.1\)"):
+        load_config(p, _Cfg, {"optim.lerning_rate": 0.1})
+    with pytest.raises(ConfigError, match=r"'epochs'.*integer.*\(from --set epochs='ten'\)"):
+        load_config(p, _Cfg, {"epochs": "ten"})
+    with pytest.raises(ConfigError) as exc:      # the file's own error: no --set named
+        p.write_text("epochz: 3\n")
+        load_config(p, _Cfg, {"optim.lr": 0.1})
+    assert "--set" not in str(exc.value)
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     f = tmp_path / "out.txt"
     atomic_write_text(f, "old")
