@@ -807,11 +807,12 @@ def _augment(cfg, ctx, ds, names, workdir, fresh):
                       f"({', '.join(_shard_path(workdir, m).name for m in ms)})", flush=True)
                 continue
             n_ref = len(uparents[sid])
-            print(f"{pre}subset {names[sid]} ({k}/{n_mine}): {cfg.method} on {n_ref} reference "
-                  f"structures of {int(ds.natoms[uparents[sid][0]]) if n_ref else 0} atoms"
-                  f"{f' (with {len(ms) - 1} more atom orders)' if len(ms) > 1 else ''}"
-                  f"{f' with the hyperparameters of {names[plan[sid]]}' if sid in shared_of else ''} ...",
-                  flush=True)
+            if n_ref:      # a subset without references gets its "no copies: reason" line alone
+                print(f"{pre}subset {names[sid]} ({k}/{n_mine}): {cfg.method} on {n_ref} reference "
+                      f"structures of {int(ds.natoms[uparents[sid][0]])} atoms"
+                      f"{f' (with {len(ms) - 1} more atom orders)' if len(ms) > 1 else ''}"
+                      f"{f' with the hyperparameters of {names[plan[sid]]}' if sid in shared_of else ''} ...",
+                      flush=True)
             results = process_subsets(ds, ms, cfg, rank, shared=shared_of.get(sid))
             if sid in heads:      # before the shard: a finished shard implies its file
                 atomic_write_text(hpath, json.dumps({"key": keys[sid], **(results[sid].get("hyper") or {})}) + "\n")
