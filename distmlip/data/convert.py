@@ -442,6 +442,7 @@ STRESS_PLAUSIBLE = 1.0     # eV/A^3
 def _check_stress_units(out) -> None:
     """Warn (once) when stored stresses are so large that a unit is the likely cause."""
     from .h5store import H5Dataset
+    from .info import EV_A3_GPA
 
     try:
         ds = H5Dataset(str(out))
@@ -454,8 +455,8 @@ def _check_stress_units(out) -> None:
         top = float(st[k].max())
         if top > STRESS_PLAUSIBLE:
             src, idx = ds.column("source")[k], int(ds.column("source_index")[k])
-            warn(f"{src}: structure {idx}: field 'stress': |stress| up to {top:.3g} eV/A^3 = {160.2177 * top:.4g} "
-                 f"GPa ({int((st.max(1) > STRESS_PLAUSIBLE).sum())} structures above {160.2 * STRESS_PLAUSIBLE:.0f} "
+            warn(f"{src}: structure {idx}: field 'stress': |stress| up to {top:.3g} eV/A^3 = {EV_A3_GPA * top:.4g} "
+                 f"GPa ({int((st.max(1) > STRESS_PLAUSIBLE).sum())} structures above {EV_A3_GPA * STRESS_PLAUSIBLE:.0f} "
                  f"GPa).  distmlip stores eV/A^3 with ASE's sign; a stress in kbar (VASP) or GPa read as "
                  f"eV/A^3 looks like this: convert the input (ASE's readers do) or check --stress-key")
     except (KeyError, OSError, ValueError):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..data.info import EV_A3_GPA
+
 
 @dataclass
 class Predictions:
@@ -162,9 +164,6 @@ def force_metrics(f_pred, f_ref) -> dict:
             "F_rmse": float(np.sqrt(np.mean(d * d))),
             "F_magnitude_mae": float(np.mean(np.abs(mp - mr))),
             "F_direction_deg": float(np.mean(ang)) if len(ang) else float("nan")}
-
-
-EV_A3_GPA = 160.21766208     # 1 eV/A^3 in GPa
 
 
 def stress_metrics(s_pred, s_ref) -> dict:

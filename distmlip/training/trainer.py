@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.info import EV_A3_GPA
 from ..data.structure import minimum_image
 from ..config import config_to_dict
 from ..errors import ConfigError, InputError, NonFiniteError
+from ..models.ann import FEATURE_STD_FLOOR
 from ..models.bpnn import BPNN
 from ..utils.io import OutputLock, atomic_write_text, check_writable, clean_stale_temps
 from ..utils.log import log, warn
@@ -42,7 +44,6 @@ from .losses import (N_SUMS, difference_residuals, difference_term, energy_force
 # layout of the float64 metric accumulator
 _M = ["loss", "e_sse", "e_sae", "n_struct", "es_sse", "es_sae", "f_sse", "f_sae", "n_comp", "n_steps",
       "s_sse", "s_sae", "n_scomp", "d_sse", "n_diff"]
-EV_A3_GPA = 160.21766208     # 1 eV/A^3 in GPa
 _IDX = {k: i for i, k in enumerate(_M)}
 
 CSV_FIELDS = ["epoch", "steps", "lr", "train_loss", "train_E_rmse_meV_atom", "train_E_mae_meV_atom",
@@ -548,7 +549,6 @@ class Trainer:
                          if self.force_mode and "energy_residual_rms" in summary else ""))
             fl = summary.get("floored_features")
             if fl and self.rank0 and not self.quiet:
-                from ..models.ann import FEATURE_STD_FLOOR
                 warn(f"descriptor features that barely vary in the training data ({', '.join(f'{k}: {v}' for k, v in fl.items())} "
                      f"of {self.model.ann.dim}, spread below {100 * FEATURE_STD_FLOOR:g} % of their size; e.g. a bulk "
                      f"cell at one lattice constant): their scale is floored, but the model has not seen those "
