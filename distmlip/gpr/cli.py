@@ -84,7 +84,7 @@ def fit_all(cfg, save=None, load=None):
             warn(f"subset {name}: one structure: its GPR hyperparameters cannot be fitted and its labels "
                  f"would miss most of a copy's energy rise (augment gives it no copies; docs/gpr.md); "
                  f"fitted anyway for inspection")
-        fit = fit_subset(ds, structs, cfg, name, shared=shared)
+        fit = fit_subset(ds, structs, cfg, name, shared=shared, delta=float(cfg.for_subset(name)["delta"]))
         fit["time_s"] = time.perf_counter() - t0
         fit["natoms"] = structs[0].natoms
         info = fit["model"].info

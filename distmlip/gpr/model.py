@@ -673,11 +673,13 @@ class GPR:
         return idx
 
     @staticmethod
-    def _loo_from_blocks(Kinv_bb, a_b):
-        """LOO energy residuals ``[(K^-1)_bb]^-1 (K^-1 y)_b`` (first component) and predictive
-        variances ``[((K^-1)_bb)^-1]_00`` from the diagonal blocks of K^-1 and alpha's blocks."""
+    def _loo_from_blocks(Kinv_bb, a_b, full: bool = False):
+        """LOO energy residuals ``[(K^-1)_bb]^-1 (K^-1 y)_b`` (first component; ``full``: the
+        whole block, energy then force components) and predictive variances
+        ``[((K^-1)_bb)^-1]_00`` from the diagonal blocks of K^-1 and alpha's blocks."""
         inv = torch.linalg.inv(Kinv_bb)
-        return (inv @ a_b[:, :, None])[:, 0, 0], inv[:, 0, 0]
+        r = (inv @ a_b[:, :, None])[:, :, 0]
+        return (r if full else r[:, 0]), inv[:, 0, 0]
 
     def calibrate(self) -> "GPR":
         """The sigma calibration from the LOO errors of every training structure (up to
@@ -690,16 +692,21 @@ class GPR:
         if n <= self.loo_max_obs and 16 * n * n < available_memory(L.device) * 0.5:
             t0 = time.perf_counter()
             with torch.no_grad():
-                res, var = self._loo(L, self.alpha, self.X.shape[0])
+                full, var = self._loo(L, self.alpha, self.X.shape[0])
+            res = full[:, 0]
             self.sigma_calibration = self._calibration(res, var)
             self.info.update(sigma_calibration=self.sigma_calibration, sigma_calibration_from="all",
                              loo_all_energy_mae_eV=float(res.abs().mean()) * self.s,
+                             loo_all_n=int(full.shape[0]),
                              time_calibrate_s=time.perf_counter() - t0)
+            if full.shape[1] > 1:      # per force component
+                self.info["loo_all_force_mae_eVA"] = float(full[:, 1:].abs().mean()) * self.f
         return self
 
     def _loo(self, L, alpha, N):
-        """Leave-one-structure-out energy residuals and predictive variances (standardised
-        units) of the factorised kernel L: the closed form of :meth:`lml_and_grad`."""
+        """Leave-one-structure-out residuals [N, 1+P] (energy, then force components) and energy
+        predictive variances (standardised units) of the factorised kernel L: the closed form of
+        :meth:`lml_and_grad`."""
         if L.device.type == "cpu":
             W = L.clone()
             if potri_inplace(W) != 0:
@@ -709,7 +716,7 @@ class GPR:
         idx = self._structure_rows(N, L.device)
         Kinv_bb = W[idx[:, :, None], idx[:, None, :]]
         del W
-        return self._loo_from_blocks(Kinv_bb, alpha[idx])
+        return self._loo_from_blocks(Kinv_bb, alpha[idx], full=True)
 
     # ---------------------------------------------------------------- hyperparameter fit
     @staticmethod
@@ -1142,6 +1149,12 @@ class LocalGPR:
         self.info.update(sigma_calibration=c0,
                          sigma_calibration_from=self.models[0].info.get("sigma_calibration_from"),
                          time_calibrate_s=sum(m.info.get("time_calibrate_s", 0.0) for m in self.models))
+        # LOO over every structure only when every local GPR had its own (else: not comparable)
+        if all("loo_all_energy_mae_eV" in m.info for m in self.models):
+            n = np.array([m.info["loo_all_n"] for m in self.models], dtype=np.float64)
+            for key in ("loo_all_energy_mae_eV", "loo_all_force_mae_eVA"):
+                if all(key in m.info for m in self.models):
+                    self.info[key] = float(np.dot(n, [m.info[key] for m in self.models]) / n.sum())
         return self
 
     def assign(self, X):
