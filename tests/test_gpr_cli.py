@@ -96,6 +96,33 @@ def test_gpr_test_save_predict_and_augment_reuses_the_fit(data, capsys):
     assert all(r.get("gpr_loaded_from") for r in rep["subsets"])
 
 
+def test_augment_refuses_a_saved_fit_of_other_structures_and_keys_shards_by_its_content(data, capsys):
+    """gpr.load on a subset whose training structures are not those the fit saw is an error naming
+    the file and subset (its labels would not reproduce the references); a fit saved again into
+    the same directory is another input for the augment shards."""
+    from distmlip.config import load_config
+    from distmlip.gpr.augment import AugmentConfig, _subset_key
+
+    assert cli_main(["gpr", "fit", str(data / "aug.yaml"), "--out", str(data / "fits")]) == 0
+    cfg = load_config(data / "aug.yaml", AugmentConfig)
+    cfg.gpr.load = str(data / "fits")
+    k1 = _subset_key(cfg, "Cu3Ni_0", 9, np.arange(5), "c")
+    # another data set with the same subsets (other rattles): refused
+    write_dataset(data / "other.h5", _emt(7))
+    capsys.readouterr()
+    assert cli_main(["augment", str(data / "aug.yaml"), "--set", f"gpr.load={data / 'fits'}",
+                     "--set", f"input={data / 'other.h5'}", "--set", f"output={data / 'o.h5'}"]) != 0
+    import re
+    assert re.search(r"Cu3Ni_0.gpr.pt: the saved GPR of subset 'Cu3Ni_0' was fitted on 5 structures .*other.h5",
+                     capsys.readouterr().err)
+    assert not (data / "o.h5").exists()
+    # refit (other seed, so other hyperparameters) into the same directory: another shard key
+    assert cli_main(["gpr", "fit", str(data / "aug.yaml"), "--out", str(data / "fits"), "--set",
+                     "gpr.fit_iterations=3"]) == 0
+    assert _subset_key(cfg, "Cu3Ni_0", 9, np.arange(5), "c") != k1
+    capsys.readouterr()
+
+
 def test_copies_labelled_in_chunks_equal_one_prediction_and_show_progress(data, capsys):
     """augment labels a subset's copies in chunks of parents (bounded memory, progress with an
     ETA); the labels must equal one prediction of all copies at once."""

@@ -238,6 +238,11 @@ def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray, conte
          "input": content}
     d["gpr"] and d["gpr"].pop("device", None)
     d["gpr"] and d["gpr"].pop("save", None)
+    if d["gpr"] and cfg.gpr.load:
+        # a saved fit's content, not its path: a refit into the same directory is another input
+        from .store import file_digest, fit_path
+        p = fit_path(cfg.gpr.load, name)
+        d["gpr"]["load"] = file_digest(p) if p.is_file() else None
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -263,7 +268,7 @@ def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared
     the same elements, local kernel): the local kernel with those hyperparameters and descriptor
     scale, no search.  Saved to ``gpr.save`` when set.  Returns a dict with fingerprint, model,
     kind, choice (LOO per candidate), loaded (path or None) and shared_from (subset or None)."""
-    from .store import fit_path, load_fit, save_fit
+    from .store import fit_path, load_fit, save_fit, structures_digest
 
     g = cfg.gpr
     if shared is not None and shared.get("kind") == "local":
@@ -274,12 +279,18 @@ def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared
         fit = dict(kind="local", fingerprint=fp, model=model, loaded=None, choice=None,
                    shared_from=shared["from"])
         if g.save:
-            save_fit(fit_path(g.save, name), fit, structs[0].numbers)
+            save_fit(fit_path(g.save, name), fit, structs[0].numbers, structs)
         return fit
     if g.load:
         path = fit_path(g.load, name)
         if path.is_file():
             fit = load_fit(path, structs[0].numbers)
+            if fit["data"] != structures_digest(structs):
+                raise InputError(
+                    f"{path}: the saved GPR of subset '{name}' was fitted on {fit['n_structures']} "
+                    f"structures that differ from this subset's {len(structs)} training structures in "
+                    f"{cfg.input} (another data set, split or subset); its labels would not reproduce "
+                    f"them.  Fit it again (drop gpr.load, or distmlip gpr fit on this input)")
             fit["loaded"] = str(path)
             return fit
         warn(f"augment: no saved GPR for subset '{name}' in {g.load}; fitting it")
@@ -298,7 +309,7 @@ def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared
     fit = dict(kind=kinds[best], fingerprint=fits[best][0], model=fits[best][1], loaded=None,
                choice=choice, shared_from=None)
     if g.save:
-        save_fit(fit_path(g.save, name), fit, ref.numbers)
+        save_fit(fit_path(g.save, name), fit, ref.numbers, structs)
     return fit
 
 

@@ -1,10 +1,12 @@
 """Saved GPR fits: one file per subset, ``<dir>/<subset>.gpr.pt``.
 
 A file holds the fitted objects themselves (fingerprint with its scale, the LocalGPR with its
-factorised kernels and hyperparameters), pickled by torch.save, with a format version and the
-atom sequence it was fitted on; loading checks both.  It is meant for reuse on the same machine
-and distmlip version (another delta or M, another data set of the same subset, ``gpr test``),
-not as an archival format."""
+factorised kernels and hyperparameters), pickled by torch.save, with a format version, the atom
+sequence it was fitted on and a digest of its training structures' content; loading checks the
+first two, augment also the digest (labels from a GPR that has not seen the subset's reference
+structures would not reproduce them).  It is meant for reuse on the same machine and distmlip
+version (another delta or M; ``gpr test`` and ``gpr predict`` on other data), not as an archival
+format."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +16,31 @@ import numpy as np
 from ..errors import InputError
 from ..utils.io import atomic_path
 
-FORMAT = 1
+FORMAT = 2
+
+
+def structures_digest(structs) -> str:
+    """Digest of what a GPR learns from its training structures: atoms, positions, cell, pbc,
+    energy and forces of each, in order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in structs:
+        for a in (s.numbers, s.positions, s.cell, s.pbc, s.energy, s.forces):
+            h.update(b"-" if a is None else np.ascontiguousarray(np.asarray(a, dtype=np.float64)).tobytes())
+    return h.hexdigest()[:32]
+
+
+def file_digest(path, chunk: int = 1 << 24) -> str:
+    """Digest of a file's bytes (an augment shard made with a loaded fit depends on its content,
+    not its name)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()[:32]
 
 
 def fit_path(directory, subset: str) -> Path:
@@ -33,14 +59,16 @@ def _strip(model):
             o._workspace = None
 
 
-def save_fit(path, fit: dict, numbers) -> Path:
+def save_fit(path, fit: dict, numbers, structs=None) -> Path:
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _strip(fit["model"])
     payload = {"format": FORMAT, "kind": fit["kind"], "fingerprint": fit["fingerprint"], "model": fit["model"],
-               "choice": fit.get("choice"), "numbers": np.asarray(numbers, dtype=np.int64)}
+               "choice": fit.get("choice"), "numbers": np.asarray(numbers, dtype=np.int64),
+               "data": None if structs is None else structures_digest(structs),
+               "n_structures": None if structs is None else len(structs)}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
@@ -51,7 +79,9 @@ def load_fit(path, numbers=None) -> dict:
 
     d = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise InputError(f"{path}: not a distmlip GPR fit of format {FORMAT}")
+        raise InputError(f"{path}: not a distmlip GPR fit of format {FORMAT} (one saved by another "
+                         f"distmlip version: fit it again)")
     if numbers is not None and not np.array_equal(np.asarray(numbers), d["numbers"]):
         raise InputError(f"{path}: the saved GPR was fitted on another atom sequence than this subset's")
-    return {"kind": d["kind"], "fingerprint": d["fingerprint"], "model": d["model"], "choice": d.get("choice")}
+    return {"kind": d["kind"], "fingerprint": d["fingerprint"], "model": d["model"], "choice": d.get("choice"),
+            "data": d.get("data"), "n_structures": d.get("n_structures")}
