@@ -188,6 +188,17 @@ def test_judge_each_criterion():
     ev = judge(_traj(epot=ep), 300.0, 32, 0.02, c, emin=-3.05)
     assert [e["criterion"] for e in ev] == ["energy below training"] and ev[0]["t_fs"] == 100.0
     assert judge(_traj(epot=ep), 300.0, 32, 0.02, c, emin=-3.15) == []
+    # pairs far below the training data's shortest distance of their element pair (a flat,
+    # under-trained model lets atoms collapse: Cu-Cu 1.958 A against 2.385 A, 0.82 x, measured)
+    below = [{}] * 3 + [{"Cu-Cu": 2.20}] * 3 + [{"Cu-Cu": 1.958, "C-O": 1.0}] + [{}] * 23
+    tr = _traj(); tr["below"] = below
+    pm = {"Cu-Cu": 2.385, "C-O": 1.079}
+    ev = judge(tr, 300.0, 32, 0.02, c, pair_min=pm)
+    assert [e["criterion"] for e in ev] == ["beyond training"] and ev[0]["t_fs"] == 60.0
+    assert "Cu-Cu 1.958 A = 0.821 x" in ev[0]["detail"]
+    assert judge(tr, 300.0, 32, 0.02, c) == []                                     # no record: off
+    assert judge(tr, 300.0, 32, 0.02, Criteria(extrapolation_factor=0.8), pair_min=pm) == []
+    assert judge(tr, 300.0, 32, 0.02, Criteria(extrapolation_factor=0.0), pair_min=pm) == []
     # committee deviation only counts for committees
     fd = [0.1] * 5 + [0.8] * 25
     assert judge(_traj(fdev=fd), 300.0, 32, 0.02, c) == []

@@ -18,6 +18,11 @@ temperature            the mean temperature over ``--temperature-window`` fs lea
                        after a thermostat warm-up of 3 / friction (the second term is three
                        standard deviations of the instantaneous temperature of N atoms, so
                        small systems are not flagged for their natural fluctuations)
+beyond training        a pair is closer than ``--extrapolation-factor`` x the shortest distance
+                       of its element pair in the training data (0.85; the model file's
+                       training-data record or ``--training-data``): the model is far outside
+                       its data there, where an under-trained one is flat and lets atoms
+                       collapse without any other sign
 energy below training  the potential energy per atom falls more than ``--energy-margin``
                        below the lowest energy per atom of the training structures of the
                        same composition (the model file's training-data record, or
@@ -37,7 +42,8 @@ frames count as failed).  Verdicts: ``stable``, ``unstable: <criterion>, first a
 <detail>`` (the earliest criterion; the others are listed), ``aborted: ...``.
 
 Pairs closer than the shortest distance of their element pair in the training data (stored in
-the model file by ``distmlip train``) are reported as a warning: the model extrapolates there.
+the model file by ``distmlip train``) but not beyond ``--extrapolation-factor`` of it are reported
+as a warning: the model extrapolates there.
 
 Outputs: ``DIR/summary.json``, failed frames ``DIR/failed_T<T>.extxyz`` (candidates for new
 reference calculations), pair distribution functions ``DIR/pdf_T<T>.png``, a table, and one
@@ -94,6 +100,9 @@ def add_arguments(p) -> None:
                    help="allowed relative deviation of the windowed mean temperature from the target (0.5)")
     p.add_argument("--temperature-window", type=float, default=100.0,
                    help="window of the mean temperature in fs (default 100)")
+    p.add_argument("--extrapolation-factor", type=float, default=0.85,
+                   help="a pair closer than this fraction of the shortest distance of its element pair in the "
+                        "training data counts as unstable (default 0.85; 0: off)")
     p.add_argument("--energy-margin", type=float, default=0.1,
                    help="eV/atom below the training data's lowest energy per atom that counts as unstable (0.1)")
     p.add_argument("--max-nve-drift", type=float, default=0.01,
@@ -203,6 +212,9 @@ class Criteria:
     max_force_deviation: float = 0.5
     max_gpr_sigma: float = 0.1
     max_volume_change: float = 0.3
+    # between what EMT itself reaches at 1000 K (0.97 x the demo set's Cu-Cu minimum) and what
+    # collapsing models reached without any other criterion firing (0.78-0.82; docs/robustness.md)
+    extrapolation_factor: float = 0.85
 
 
 ENSEMBLES = ("nvt", "npt", "npt-cell")
@@ -487,9 +499,19 @@ def nve_continuation(atoms, timestep: float, nve_steps: int):
 
 
 def judge(tr: dict, T: float, n_atoms: int, friction: float, crit: Criteria, emin=None, nve=None,
-          committee: bool = False) -> list[dict]:
-    """Failure events of a trajectory: ``[{criterion, t_fs, detail}]`` sorted by time."""
+          committee: bool = False, pair_min: dict | None = None) -> list[dict]:
+    """Failure events of a trajectory: ``[{criterion, t_fs, detail}]`` sorted by time;
+    ``pair_min``: the training data's shortest distance per element pair ("Cu-O": A)."""
     ev = []
+    if pair_min and crit.extrapolation_factor > 0:
+        for tk, b in zip(tr["t_fs"], tr.get("below", [])):
+            worst = min(((d / pair_min[k], k, d) for k, d in b.items() if pair_min.get(k)), default=None)
+            if worst is not None and worst[0] < crit.extrapolation_factor:
+                r, k, d = worst
+                ev.append({"criterion": "beyond training", "t_fs": float(tk),
+                           "detail": f"{k} {d:.3f} A = {r:.3f} x the shortest {k} distance in the training data "
+                                     f"({pair_min[k]:.3f} A) < {crit.extrapolation_factor:g} x"})
+                break
     t = np.asarray(tr["t_fs"], dtype=np.float64)
     failed = np.asarray(tr["failed"], dtype=bool)
     n_frames = len(t) + tr["n_missing"]
@@ -591,7 +613,8 @@ def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float
             tr["aborted"], tr["abort_reason"] = True, "NVE continuation blew up"
             tr["abort_t_fs"] = (tr["steps_done"] + nve_steps) * timestep
     emin = lowest_energy_per_atom(record, atoms0.numbers)
-    events = judge(tr, T, n, friction, crit, emin=emin, nve=nve, committee=committee)
+    events = judge(tr, T, n, friction, crit, emin=emin, nve=nve, committee=committee,
+                   pair_min=(record or {}).get("pair_min_distance_A"))
     verdict = verdict_of(events, tr)
     n_frames = len(tr["step"]) + tr["n_missing"]
     nfail = int(sum(tr["failed"])) + tr["n_missing"]
@@ -760,7 +783,8 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
         record = record_from_data(training_data, models[0].species if models else None, cutoff)
     if record is None and models:
         warn("md-check: the model file has no training-data record (trained before it was stored): the "
-             "energy-below-training criterion and the shortest-distance warning are off; give --training-data H5")
+             "energy-below-training and beyond-training criteria and the shortest-distance warning are off; "
+             "give --training-data H5")
     uncertainty = None
     if gpr_data:
         from .gpr_uncertainty import GPRSigma
@@ -776,8 +800,8 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
            f" fs, barostat {ensemble.barostat_fs:g} fs)")
         + "; unstable on: close pairs "
         f"(< {threshold_factor} x covalent-radius sum), temperature outside +-{crit.temperature_band:g} T, "
-        f"E_pot {crit.energy_margin:g} eV/atom below training"
-        + ("" if record else " (no record: off)")
+        f"E_pot {crit.energy_margin:g} eV/atom below training, pairs < {crit.extrapolation_factor:g} x the "
+        f"training minimum" + ("" if record else " (no record: both off)")
         + f", NVE drift > {crit.max_nve_drift:g} eV/atom"
         + (f", committee deviation > {crit.max_force_deviation:g} eV/A" if committee else "")
         + (f", GPR sigma > {crit.max_gpr_sigma:g} eV" if uncertainty else "")
@@ -815,7 +839,8 @@ def run(args) -> int:
     crit = Criteria(threshold_factor=args.threshold_factor, temperature_band=args.temperature_band,
                     temperature_window_fs=args.temperature_window, energy_margin=args.energy_margin,
                     max_nve_drift=args.max_nve_drift, max_force_deviation=args.max_force_deviation,
-                    max_gpr_sigma=args.max_gpr_sigma, max_volume_change=args.max_volume_change)
+                    max_gpr_sigma=args.max_gpr_sigma, max_volume_change=args.max_volume_change,
+                    extrapolation_factor=args.extrapolation_factor)
     summary = md_check(args.paths[:-1], args.paths[-1], args.temperatures, args.steps, args.timestep,
                        args.friction, args.threshold_factor, args.interval, args.nve_steps, args.rdf_rmax,
                        args.seed, args.output, args.device, args.max_failed_frames, criteria=crit,
