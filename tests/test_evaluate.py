@@ -104,3 +104,25 @@ def test_force_metrics_direction_simple():
     m = force_metrics(pred, ref)
     assert np.isclose(m["F_direction_deg"], 45.0)
     assert np.isclose(m["F_magnitude_mae"], 0.0)
+
+
+def test_unwritable_output_is_an_error_before_the_work(tmp_path, capsys):
+    """An output folder that cannot be written (here: below a regular file; a read-only mount
+    behaves alike) is a clear error naming it, raised before any prediction, MD or GPR fit."""
+    from distmlip.cli import main as cli_main
+
+    _data(tmp_path / "d.h5")
+    m = BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                            "backend": "reference"}, hidden=[5])
+    m.save(tmp_path / "m.pt")
+    (tmp_path / "file").write_text("x")
+    bad = tmp_path / "file" / "out"
+    from ase.io import write
+    write(str(tmp_path / "start.extxyz"), bulk("Cu", "fcc", a=3.6, cubic=True))
+    for argv in (["evaluate", str(tmp_path / "m.pt"), str(tmp_path / "d.h5"), "-o", str(bad)],
+                 ["md-check", str(tmp_path / "m.pt"), str(tmp_path / "start.extxyz"), "-o", str(bad)],
+                 ["gpr", "predict", str(tmp_path), str(tmp_path / "d.h5"), "-o", str(bad / "p.npz")]):
+        capsys.readouterr()
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"cannot write to the output folder {bad}" in err and "Traceback" not in err, err

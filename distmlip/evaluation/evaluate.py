@@ -160,6 +160,8 @@ def run(args) -> int:
     if len(idx) == 0:
         raise InputError(f"{args.data}: split '{args.split}' is empty")
     out = Path(args.output) if args.output else Path(f"eval_{Path(args.model.split(',')[0]).stem}")
+    from ..utils.io import check_writable
+    check_writable(out)             # before the predictions, not after them
     try:
         src = ds.column("source")[idx]
     except Exception:

@@ -760,6 +760,10 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
         raise InputError("md-check: --steps must be >= 0, --timestep, --interval and --threshold-factor > 0")
     if not crit.max_volume_change > 0:
         raise InputError(f"md-check: --max-volume-change must be > 0, got {crit.max_volume_change}")
+    if not 0 <= crit.extrapolation_factor < 1:
+        raise InputError(f"md-check: --extrapolation-factor must be in [0, 1), got {crit.extrapolation_factor}")
+    from ..utils.io import check_writable
+    check_writable(output)          # before the MD, not after it
     atoms = _read_structure(structure)
     ensemble = ensemble or Ensemble()
     ensemble.check(atoms, f"md-check: structure {structure}")

@@ -173,6 +173,16 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from .augment import AugmentConfig
 
+    from ..utils.io import check_writable
+
+    # every output proven writable before the (long) fits or predictions
+    if args.gpr_command == "fit":
+        check_writable(args.out, "fit folder")
+    elif args.gpr_command == "test":
+        args.save and check_writable(args.save, "fit folder")
+        args.json and check_writable(Path(args.json).parent)
+    else:
+        check_writable(Path(args.output).parent)
     if args.gpr_command in ("fit", "test"):
         overrides = dict(parse_override(s) for s in args.set)
         if args.gpr_command == "fit":
