@@ -42,7 +42,7 @@ def _data(path):
 
 
 def test_evaluate_outputs_match_numpy(tmp_path):
-    atoms = _data(tmp_path / "d.h5")
+    _data(tmp_path / "d.h5")
     torch.manual_seed(0)
     m = BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
                             "backend": "reference"}, hidden=[5])

@@ -120,7 +120,17 @@ def test_augment_refuses_a_saved_fit_of_other_structures_and_keys_shards_by_its_
     assert cli_main(["gpr", "fit", str(data / "aug.yaml"), "--out", str(data / "fits"), "--set",
                      "gpr.fit_iterations=3"]) == 0
     assert _subset_key(cfg, "Cu3Ni_0", 9, np.arange(5), "c") != k1
+    # gpr test: a test subset without a fit is named, not dropped silently; none matching: error
+    from ase.build import bulk
+    ag = [emt_structure(bulk("Ag", "fcc", a=4.1).repeat((2, 1, 1)), "ag", k) for k in range(2)]
+    write_dataset(data / "mixed.h5", _emt(200, 2, 0) + ag)
+    write_dataset(data / "ag.h5", ag)
     capsys.readouterr()
+    assert cli_main(["gpr", "test", str(data / "aug.yaml"), str(data / "mixed.h5"), "--load", str(data / "fits")]) == 0
+    res = capsys.readouterr()
+    assert "Cu3Ni_0" in res.out and "1 subset(s) of" in res.err and "Ag2_0" in res.err
+    assert cli_main(["gpr", "test", str(data / "aug.yaml"), str(data / "ag.h5"), "--load", str(data / "fits")]) == 2
+    assert "none of its subsets (Ag2_0) has a GPR fit" in capsys.readouterr().err
 
 
 def test_copies_labelled_in_chunks_equal_one_prediction_and_show_progress(data, capsys):

@@ -80,6 +80,12 @@ class GPRSigma:
                               refine_iterations=g.refine_iterations)
         E = np.array([s.energy for s in structs])
         F = np.stack([s.forces for s in structs]).reshape(len(structs), -1)
+        # the search takes minutes on a few hundred structures: say so, with an ETA
+        from ..gpr.augment import _progress_printer
+        log(f"GPR uncertainty: fitting a {kind} GPR on {len(structs)} structures ({len(numbers)} atoms) ...")
+        self.model.progress = _progress_printer(f"GPR uncertainty ({kind})", 0)
+        self.model.assembly_progress = _progress_printer(
+            f"GPR uncertainty ({kind})", 0, what="final kernel, rows of {done}/{total} structures")
         self.model.fit(X, J, E, F)
         self.n_structures = len(structs)
         log(f"GPR uncertainty: {kind} fingerprint, fitted on {len(structs)} structures with the start's atom "

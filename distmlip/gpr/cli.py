@@ -100,10 +100,11 @@ def test_table(fits, test_path) -> dict:
     from ..data.h5store import H5Dataset
 
     ds = H5Dataset(test_path)
-    rows, allE, allF, all1, all2 = [], [], [], [], []
+    rows, allE, allF, all1, all2, unmatched = [], [], [], [], [], []
     for sid, sub in enumerate(ds.subsets):
         name = sub["name"]
         if name not in fits:
+            unmatched.append(name)
             continue
         structs = ds.read(np.flatnonzero(ds.subset_ids == sid))
         structs = [s for s in structs if not s.synthetic]
@@ -123,6 +124,16 @@ def test_table(fits, test_path) -> dict:
         allE.append(np.abs(err))
         all1.append(np.abs(err) <= sg)
         all2.append(np.abs(err) <= 2 * sg)
+    if not rows:
+        from ..errors import InputError
+        raise InputError(f"{test_path}: none of its subsets ({', '.join(unmatched[:8])}"
+                         f"{', ...' if len(unmatched) > 8 else ''}) has a GPR fit (fitted: "
+                         f"{', '.join(sorted(fits)[:8]) or 'none'}); subsets are matched by name, as convert "
+                         f"names them from composition and atom order")
+    if unmatched:
+        from ..utils.log import warn
+        warn(f"gpr test: {len(unmatched)} subset(s) of {test_path} have no GPR fit and are not in the table: "
+             f"{', '.join(unmatched[:8])}{', ...' if len(unmatched) > 8 else ''}")
     tot = {}
     if rows:
         tot = dict(E_mae_eV=float(np.concatenate(allE).mean()),
