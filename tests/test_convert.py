@@ -419,3 +419,24 @@ def test_label_keys_of_published_extxyz(tmp_path, emt):
     write(tmp_path / "plain.extxyz", plain)
     convert(_cfg([tmp_path / "plain.extxyz"], tmp_path / "p.h5"))
     assert H5Dataset(tmp_path / "p.h5").n_structures == 3
+
+
+def test_free_energy_only_frames_are_said(tmp_path, capsys):
+    """Frames whose results hold only 'free_energy' (no 'energy') are stored with it, and convert
+    says so once per file instead of choosing silently."""
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    frames = []
+    for k in range(3):
+        a = bulk("Cu", "fcc", a=3.6).repeat(2)
+        a.rattle(0.01, seed=k)
+        a.calc = SinglePointCalculator(a, free_energy=-1.0 - k, forces=np.zeros((8, 3)))
+        frames.append(a)
+    write(str(tmp_path / "fe.extxyz"), frames)
+    convert(ConvertConfig(inputs=[str(tmp_path / "fe.extxyz")], output=str(tmp_path / "fe.h5")))
+    err = capsys.readouterr().err
+    assert err.count("only 'free_energy'") == 1 and "fe.extxyz" in err
+    S = H5Dataset(tmp_path / "fe.h5").read(range(3))
+    assert sorted(s.energy for s in S) == [-3.0, -2.0, -1.0]

@@ -304,6 +304,9 @@ def _unread_labels(atoms, keys: LabelKeys, energy, forces, stress, where: str, r
                              f"pass {opt} {cand[0]} (or {opt} with another key)")
 
 
+_FREE_ENERGY_NOTED: set = set()
+
+
 def _from_ase(atoms, path, k, keys: Optional[LabelKeys] = None) -> Structure:
     keys = keys or LabelKeys()
     where = f"{path}: structure {k}"
@@ -320,6 +323,11 @@ def _from_ase(atoms, path, k, keys: Optional[LabelKeys] = None) -> Structure:
         energy = float(results["energy"])
     elif "free_energy" in results:
         energy = float(results["free_energy"])
+        if str(path) not in _FREE_ENERGY_NOTED:      # once per file: which energy a user gets matters
+            _FREE_ENERGY_NOTED.add(str(path))
+            from ..utils.log import warn
+            warn(f"{where}: no 'energy' in the calculator results, only 'free_energy': stored as the energy "
+                 f"(for this file's frames that lack 'energy'; --energy-key chooses another key)")
     elif "energy" in atoms.info:
         energy = float(atoms.info["energy"])
     # a forces or stress key may be absent from some frames (molecules beside bulk cells): those
