@@ -126,3 +126,17 @@ def test_unwritable_output_is_an_error_before_the_work(tmp_path, capsys):
         assert cli_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert f"cannot write to the output folder {bad}" in err and "Traceback" not in err, err
+
+
+def test_evaluate_names_compositions_absent_from_training(tmp_path, capsys):
+    _data(tmp_path / "d.h5")
+    m = BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                            "backend": "reference"}, hidden=[5])
+    m.training_record = {"energy_per_atom_min": {"AuCu3": 0.0}}      # trained on the bulk cells only
+    m.save(tmp_path / "m.pt")
+    from distmlip.cli import main as cli_main
+
+    assert cli_main(["evaluate", str(tmp_path / "m.pt"), str(tmp_path / "d.h5"), "-o", str(tmp_path / "ev"),
+                     "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "4 structure(s) have compositions absent from the model's training data (Au2Cu3: 4)" in err

@@ -150,6 +150,29 @@ def evaluate(models, ds, indices=None, output=None, forces=True, plots=True, bat
     return {"metrics": results, "predictions": pred}
 
 
+def _note_unseen_compositions(model, ds, idx) -> None:
+    """Warn when evaluated structures have a composition the model's training data lacked (the
+    errors then measure transfer in composition, not interpolation); needs the model file's
+    training-data record."""
+    from ..models.data_record import reduced_formula
+    from ..utils.log import warn
+
+    seen = (getattr(model, "training_record", None) or {}).get("energy_per_atom_min")
+    if not seen:
+        return
+    sids = np.unique(np.asarray(ds.subset_ids)[idx])
+    unseen = {}
+    for sid in sids:
+        rows = idx[np.asarray(ds.subset_ids)[idx] == sid]
+        f = reduced_formula(ds.read(rows[:1])[0].numbers)
+        if f not in seen:
+            unseen[f] = unseen.get(f, 0) + len(rows)
+    if unseen:
+        warn(f"evaluate: {sum(unseen.values())} structure(s) have compositions absent from the model's training "
+             f"data ({', '.join(f'{k}: {v}' for k, v in sorted(unseen.items())[:8])}"
+             f"{', ...' if len(unseen) > 8 else ''}): their errors measure transfer to new compositions")
+
+
 def run(args) -> int:
     from ..data.h5store import H5Dataset
     from ..errors import InputError
@@ -172,5 +195,6 @@ def run(args) -> int:
     print(f"model {args.model} ({len(models)} member(s)) on {', '.join(args.data)} (split {args.split}, "
           f"{len(idx)} structures)")
     print(format_table(res["metrics"]))
+    _note_unseen_compositions(models[0], ds, idx)
     print(f"wrote {out / 'metrics.json'}, {out / 'structures.csv'}" + ("" if args.no_plots else ", parity plots"))
     return 0
