@@ -419,3 +419,19 @@ def test_auto_fingerprint_scores_full_loo_with_forces(capsys):
     best, ch = _choose_fingerprint(["local", "cartesian"], [Big(0.02, 0, 0), Big(0.01, 0, 0)], 10, 0.03, "s")
     assert best == 1 and ch == {"local": 0.02, "cartesian": 0.01}
     assert "too large for leave-one-out" in capsys.readouterr().err
+
+
+def test_fixed_atoms_checked_before_any_fit_and_all_fixed_gives_no_copies(data, capsys):
+    """fixed_atoms out of a subset's range is a ConfigError at the start (naming subset and
+    range), not when the subset's turn comes; a subset with every atom fixed gets no copies (they
+    would repeat the parent) and says why."""
+    cfg = _cfg(data, "fx1", method="taylor", subsets={"Al2_0": {"fixed_atoms": [0, 5]}})
+    res = run_cli(capsys, ["augment", str(cfg)], check=False)
+    assert res.returncode == 2 and "subset 'Al2_0': fixed_atoms [5] out of range" in res.stderr
+    assert "0..1" in res.stderr and "subset Cu4_0" not in res.stdout
+    cfg = _cfg(data, "fx2", method="taylor", subsets={"Al2_0": {"fixed_atoms": [0, 1]}})
+    res = run_cli(capsys, ["augment", str(cfg)])
+    assert res.returncode == 0
+    rep = json.loads((data / "fx2.report.json").read_text())
+    r = next(r for r in rep["subsets"] if r["subset"] == "Al2_0")
+    assert r["n_copies"] == 0 and "every atom is in fixed_atoms" in r["reason"]

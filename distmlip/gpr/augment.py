@@ -531,6 +531,8 @@ def skip_reason(sub: dict, n_ref: int, n_noforce: int, M: int, natoms: int) -> s
                 "no reference structures in the training split")
     if natoms == 1:
         return "one atom per structure: a displaced copy is a translation of its parent"
+    if sub.get("fixed_atoms") and len({int(i) for i in sub["fixed_atoms"]}) >= natoms:
+        return "every atom is in fixed_atoms: a copy would be its parent"
     return None
 
 
@@ -801,9 +803,24 @@ def _read_hyper(path: Path, key: str) -> dict | None:
     return {k: v for k, v in d.items() if k != "key"}
 
 
+def _check_fixed_atoms(cfg, ds, names, parents) -> None:
+    """Every subset's ``fixed_atoms`` within its atom count, before any fit (an index out of
+    range surfaced only when the subset's turn came, after the others' fits)."""
+    for sid, idx in parents.items():
+        fx = cfg.for_subset(names[sid])["fixed_atoms"]
+        if not fx or len(idx) == 0:
+            continue
+        n = int(ds.natoms[idx[0]])
+        bad = [int(i) for i in fx if not 0 <= int(i) < n]
+        if bad:
+            raise ConfigError(f"{cfg.input}: subset '{names[sid]}': fixed_atoms {bad} out of range: its structures "
+                              f"have {n} atoms (indices 0..{n - 1})")
+
+
 def _augment(cfg, ctx, ds, names, workdir, fresh):
     rank, world = ctx.rank, ctx.world_size
     parents = {sid: _parents_of(ds, sid)[0] for sid in range(len(names))}
+    _check_fixed_atoms(cfg, ds, names, parents)
     keys = {sid: _subset_key(cfg, names[sid], ds.n_structures, parents[sid], ds.content_id) for sid in parents}
     # the unit of work: a subset, or a composition group (one GPR for several atom orders) under
     # its first subset; a group's shards depend on every member's data, hence one key for all
