@@ -82,6 +82,27 @@ def test_stop_mid_epoch_and_resume(tmp_path, emt_h5):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_refuses_replaced_training_data(tmp_path, emt_h5):
+    """A checkpoint resumed after its training file was replaced at the same path (re-augmented,
+    reconverted) is an error naming the file, not a silent continuation on other data."""
+    import shutil
+
+    from distmlip.data.h5store import write_dataset
+
+    h5 = tmp_path / "d.h5"
+    shutil.copy(emt_h5, h5)
+    cfg = make_cfg(tmp_path / "b", h5, **{"training.epochs": 2})
+    Trainer(cfg, quiet=True).fit()
+    ck = str(tmp_path / "b" / "run" / "checkpoint.pt")
+    assert set(weights(ck)["data"]) == {"train"}
+    Trainer(make_cfg(tmp_path / "b", h5, **{"training.epochs": 3}), resume=ck, quiet=True).fit()  # same data: fine
+    from distmlip.data.h5store import H5Dataset
+    S = H5Dataset(h5).read(range(H5Dataset(h5).n_structures))
+    write_dataset(h5, S[:-1])                                    # one structure fewer, same path
+    with pytest.raises(ConfigError, match=r"the train data changed since this checkpoint was written: .*d\.h5"):
+        Trainer(make_cfg(tmp_path / "b", h5, **{"training.epochs": 4}), resume=ck, quiet=True)
+
+
 def _force_trainer(tmp_path, emt_h5):
     cfg = make_cfg(tmp_path, emt_h5, **{"training.mode": "force", "training.alpha": 0.4,
                                          "training.force_fraction": 0.5, "training.seed": 3})

@@ -175,6 +175,8 @@ class Trainer:
                 self._resume_path = resume
                 self._check_resume(self._resume_state)
             self._setup_data()
+            if self._resume_state is not None:
+                self._check_resume_data()
             self._setup_model()
             self._setup_optim()
             self.epoch = 0
@@ -1074,7 +1076,31 @@ class Trainer:
                     bad_epochs=self.bad_epochs, partial=partial, config=config_to_dict(self.cfg),
                     loss_state=list(self._prev_rmse) if self._prev_rmse is not None else None,
                     loss_spread=list(self._spread()),
-                    world_size=self.ctx.world_size)
+                    world_size=self.ctx.world_size, data=self._data_ids())
+
+    def _data_ids(self) -> dict:
+        """Content digests of the training (and separate validation) data: a resumed run must
+        see the data its checkpoint was trained on, not whatever now sits at the same path."""
+        ids = {"train": self.ds.content_id}
+        if self.val_ds is not self.ds:
+            ids["validation"] = self.val_ds.content_id
+        return ids
+
+    def _check_resume_data(self) -> None:
+        old = (self._resume_state or {}).get("data")
+        if not old:          # checkpoints written before the digests were stored
+            return
+        new = self._data_ids()
+        dc = self.cfg.data
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k):
+                paths = ", ".join(map(str, dc.train if k == "train" else [dc.validation]))
+                raise ConfigError(
+                    f"{self._resume_path}: the {k} data changed since this checkpoint was written: {paths} "
+                    f"now has content {str(new.get(k))[:12]}, the checkpoint's run trained on "
+                    f"{str(old.get(k))[:12]} (the file was replaced, reconverted or re-augmented).  A "
+                    f"resumed run must see the same data: restore it, or start a new run (another "
+                    f"training.output, or without --resume)")
 
     _best = None               # (payload, metadata) of the best model not yet written (rank 0)
     _last_checkpoint = 0.0     # time.monotonic() of the last checkpoint written (rank 0)
