@@ -143,6 +143,17 @@ def test_split_stable_and_per_subset(dataset):
     assert structure_identity("/a/b/train/f.xsf", 2) == "train/f.xsf#2"
     assert list(assign_split_arrays(["/q/train/f.xsf"] * 4, [0, 1, 2, 3], [0] * 4, 0, per_subset=False)) == \
         list(assign_split_arrays(["/other/root/train/f.xsf"] * 4, [0, 1, 2, 3], [0] * 4, 0, per_subset=False))
+    # augmentation (copies share their parent's identity, M per parent, appended) leaves every
+    # reference in its split, per subset too: the fractions count identities, not structures
+    rng = np.random.default_rng(1)
+    for n_ref, M, f in ((42, 8, (0.8, 0.1, 0.1)), (7, 20, (0.7, 0.15, 0.15)), (40, 3, (0.9, 0.1, 0.0))):
+        srcs = [f"/d/f{k}.xyz" for k in range(n_ref)]
+        base = assign_split_arrays(srcs, [0] * n_ref, [0] * n_ref, 5, f)
+        cp = rng.permutation(np.repeat(np.arange(n_ref), M))
+        aug = assign_split_arrays(srcs + [srcs[k] for k in cp], [0] * (n_ref + len(cp)), [0] * (n_ref + len(cp)), 5, f)
+        assert np.array_equal(aug[:n_ref], base), (n_ref, M, f)
+        assert np.array_equal(aug[n_ref:], base[cp])            # copies in their parent's split
+        assert (base == 1).sum() == round((f[0] + f[1]) * n_ref) - round(f[0] * n_ref)
     sp = split_from_patterns(src, {"train": "/train/", "test": "/test/"})
     assert (sp == 2).sum() == 12 and get_split(ds, 0).shape == (60,)
 

@@ -6,8 +6,10 @@ the same on every machine, for every MPI layout and when the data set is rebuilt
 files in another folder.  Synthetic structures that keep their parent's source and frame index
 therefore land in their parent's split.
 
-``per_subset=True`` stratifies: inside each subset the structures are ordered by their hash
-and the fractions are applied exactly (rounded), so every subset is represented in each split.
+``per_subset=True`` stratifies: inside each subset the identities are ordered by their hash
+and the fractions are applied exactly (rounded) to the number of identities, so every subset is
+represented in each split, and a data set augmented with GPR copies (which share their parent's
+identity) puts every reference in the split it had before augmentation.
 
 A split can also be stored in the data set (optional ``structures/split``, written by
 ``distmlip convert --split-by-pattern train=train/,test=test/``); ``get_split`` prefers it."""
@@ -63,21 +65,15 @@ def assign_split_arrays(sources, source_index, subset_ids, seed: int, fractions=
     subset_ids = np.asarray(subset_ids)
     for sid in np.unique(subset_ids):
         members = np.flatnonzero(subset_ids == sid)
-        order = members[np.argsort(u[members], kind="stable")]
-        n = len(order)
-        uo = u[order]
-
-        def cut(k):
-            # structures of one identity (a reference and its GPR copies share it) are never
-            # cut apart: a cut inside a run of equal values moves to the run's end
-            while 0 < k < n and uo[k] == uo[k - 1]:
-                k += 1
-            return k
-        a = cut(int(round(f[0] * n)))
-        b = max(a, cut(int(round((f[0] + f[1]) * n))))
-        out[order[:a]] = TRAIN
-        out[order[a:b]] = VAL
-        out[order[b:]] = TEST
+        # the fractions count identities, not structures: a reference and its GPR copies share
+        # one identity, so they are never cut apart, and the references fall into the same
+        # splits before and after augmentation (counting structures moved the cuts with the
+        # number of copies: 2-4 of 42 references changed split, test ones into validation)
+        _, group = np.unique(u[members], return_inverse=True)     # rank of each identity's hash
+        g = int(group.max()) + 1 if len(group) else 0
+        a = int(round(f[0] * g))
+        b = max(a, int(round((f[0] + f[1]) * g)))
+        out[members] = np.where(group < a, TRAIN, np.where(group < b, VAL, TEST))
     return out
 
 

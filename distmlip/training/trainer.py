@@ -381,7 +381,7 @@ class Trainer:
             ns = len(np.unique(self.ds.subset_ids[train_idx]))
             warn(f"data.fractions {list(dc.fractions)} asks for a validation share, but the split gave no "
                  f"validation structures ({len(train_idx)} training structures in {ns} subsets"
-                 f"{': the per-subset split rounds each small subset whole into training' if dc.by_subset else ''}"
+                 f"{': the per-subset split rounds the few reference structures of each small subset whole into training' if dc.by_subset else ''}"
                  f"); the learning-rate schedule and the best model then follow the training loss.  Set "
                  f"'data.by_subset: false', raise the validation share, or give data.validation")
 
