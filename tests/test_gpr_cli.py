@@ -187,3 +187,33 @@ def test_inplace_lapack_helpers_match_torch():
     M = ws.get("M", 3, "cpu")
     M.copy_(torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
     assert potrf_inplace(M) > 0
+
+
+def test_gpr_test_and_predict_match_fits_by_atom_sequence(tmp_path, capsys):
+    """convert names subsets per file in the order it meets them, so a test file's 'Cu3Ni_0' can
+    be the training file's 'Cu3Ni_1' (another atom order): gpr test and predict take the fit of
+    the same atom sequence, not the same name."""
+    import yaml
+    from ase import Atoms
+
+    def cl(order, k):
+        a = Atoms(order, positions=[[0, 0, 0], [2.5, 0, 0], [1.25, 2.1, 0], [1.25, 0.7, 2.0]])
+        a.rattle(0.08, seed=k)
+        return emt_structure(a, order, k)
+
+    write_dataset(tmp_path / "train.h5", [cl("Cu3Ni", k) for k in range(5)] + [cl("NiCu3", 10 + k) for k in range(5)])
+    write_dataset(tmp_path / "test.h5", [cl("NiCu3", 30 + k) for k in range(3)])      # named Cu3Ni_0 there
+    cfg = {"input": str(tmp_path / "train.h5"), "output": "-", "gpr": {"fingerprint": "cartesian",
+                                                                      "fit_iterations": 8, "fit_restarts": 1}}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(cfg))
+    assert H5Dataset(tmp_path / "test.h5").subsets[0]["name"] == "Cu3Ni_0"
+    assert cli_main(["gpr", "test", str(tmp_path / "a.yaml"), str(tmp_path / "test.h5"), "--save",
+                     str(tmp_path / "fits"), "--json", str(tmp_path / "t.json")]) == 0
+    r = json.loads((tmp_path / "t.json").read_text())["subsets"]
+    assert [(x["subset"], x["fit"]) for x in r] == [("Cu3Ni_0", "Cu3Ni_1")]
+    assert "the fit of training subset Cu3Ni_1" in capsys.readouterr().out
+    assert cli_main(["gpr", "predict", str(tmp_path / "fits"), str(tmp_path / "test.h5"), "-o",
+                     str(tmp_path / "p.npz")]) == 0
+    assert "(fit Cu3Ni_1.gpr.pt)" in capsys.readouterr().out
+    E = np.array([s.energy for s in H5Dataset(tmp_path / "test.h5").read(range(3))])
+    assert np.abs(np.load(tmp_path / "p.npz")["energy"] - E).mean() == pytest.approx(r[0]["E_mae_eV"], rel=1e-10)

@@ -87,6 +87,7 @@ def fit_all(cfg, save=None, load=None):
         fit = fit_subset(ds, structs, cfg, name, shared=shared, delta=float(cfg.for_subset(name)["delta"]))
         fit["time_s"] = time.perf_counter() - t0
         fit["natoms"] = structs[0].natoms
+        fit["numbers"] = np.asarray(structs[0].numbers)
         info = fit["model"].info
         how = " (loaded)" if fit.get("loaded") else (f" (hyperparameters of {fit['shared_from']})"
                                                      if fit.get("shared_from") else "")
@@ -96,6 +97,16 @@ def fit_all(cfg, save=None, load=None):
     return fits
 
 
+def _fit_for(fits: dict, name: str, numbers):
+    """The fit (its subset name) for test structures with atom sequence ``numbers``: the
+    same-named fit when its sequence matches, else any fit of that sequence, else None."""
+    numbers = np.asarray(numbers)
+    ok = [k for k, f in fits.items() if f.get("numbers") is not None and np.array_equal(f["numbers"], numbers)]
+    if name in ok:
+        return name
+    return ok[0] if ok else None
+
+
 def test_table(fits, test_path) -> dict:
     from ..data.h5store import H5Dataset
 
@@ -103,19 +114,24 @@ def test_table(fits, test_path) -> dict:
     rows, allE, allF, all1, all2, unmatched = [], [], [], [], [], []
     for sid, sub in enumerate(ds.subsets):
         name = sub["name"]
-        if name not in fits:
-            unmatched.append(name)
-            continue
         structs = ds.read(np.flatnonzero(ds.subset_ids == sid))
         structs = [s for s in structs if not s.synthetic]
         if not structs:
             continue
-        e, f, sg = predict_structures(fits[name], structs, forces=all(s.has_forces for s in structs))
+        # by atom sequence, not by name: convert numbers the subsets of each file in the order
+        # it meets them, so 'CH4_0' of a test file may be another atom order than the
+        # training file's 'CH4_0' (a fit of another order scored 1.1 eV off, silently)
+        fit_name = _fit_for(fits, name, structs[0].numbers)
+        if fit_name is None:
+            unmatched.append(name)
+            continue
+        fit = fits[fit_name]
+        e, f, sg = predict_structures(fit, structs, forces=all(s.has_forces for s in structs))
         err = e - np.array([s.energy for s in structs])
-        r = dict(subset=name, n=len(structs), fingerprint=fits[name]["kind"], E_mae_eV=float(np.abs(err).mean()),
+        r = dict(subset=name, fit=fit_name, n=len(structs), fingerprint=fit["kind"], E_mae_eV=float(np.abs(err).mean()),
                  E_bias_eV=float(err.mean()), sigma_mean_eV=float(sg.mean()),
                  within_1sigma=float((np.abs(err) <= sg).mean()), within_2sigma=float((np.abs(err) <= 2 * sg).mean()),
-                 sigma_calibration=float(fits[name]["model"].info.get("sigma_calibration", 1.0)))
+                 sigma_calibration=float(fit["model"].info.get("sigma_calibration", 1.0)))
         if f is not None:
             ferr = np.abs(f - np.stack([s.forces for s in structs]))
             r["F_mae_eVA"] = float(ferr.mean())
@@ -152,6 +168,9 @@ def format_test(res) -> str:
         out.append(f"{r['subset'][:20]:<20} {r['fingerprint']:<10} {r['n']:>5} {r['E_mae_eV']:>9.4f} {r['E_bias_eV']:>+10.4f} "
                    f"{(format(F, '11.4f') if F is not None else '-'):>11} {r['sigma_mean_eV']:>9.4f} "
                    f"{100 * r['within_1sigma']:>5.1f}% {100 * r['within_2sigma']:>5.1f}% {r['sigma_calibration']:>6.2f}")
+    for r in res["subsets"]:
+        if r.get("fit") not in (None, r["subset"]):
+            out.append(f"  ({r['subset']}: the fit of training subset {r['fit']}, the same atom sequence)")
     t = res["total"]
     if t:
         F = t.get("F_mae_eVA")
@@ -221,20 +240,27 @@ def run(args) -> int:
     S = np.full(n, np.nan)
     F = np.full(int(ds.natoms.sum()) * 3, np.nan)
     off = np.concatenate([[0], np.cumsum(ds.natoms * 3)])
+    saved = {}              # the directory's fits by atom sequence (names differ between files)
+    for path in sorted(Path(args.fits).glob("*.gpr.pt")):
+        f = load_fit(path)
+        saved.setdefault(tuple(int(z) for z in f["numbers"]), []).append((path, f))
     for sid, sub in enumerate(ds.subsets):
-        path = fit_path(args.fits, sub["name"])
         idx = np.flatnonzero(ds.subset_ids == sid)
-        if not path.is_file() or len(idx) == 0:
-            print(f"subset {sub['name']}: no saved fit, left NaN")
+        if len(idx) == 0:
             continue
         structs = ds.read(idx)
-        fit = load_fit(path, structs[0].numbers)
+        cands = saved.get(tuple(int(z) for z in structs[0].numbers), [])
+        named = [c for c in cands if c[0] == fit_path(args.fits, sub["name"])]
+        if not cands:
+            print(f"subset {sub['name']}: no saved fit of its atom sequence in {args.fits}, left NaN")
+            continue
+        path, fit = (named or cands)[0]
         e, f, sg = predict_structures(fit, structs, forces=not args.no_forces)
         E[idx], S[idx] = e, sg
         if f is not None:
             for k, i in enumerate(idx):
                 F[off[i]:off[i + 1]] = f[k].ravel()
-        print(f"subset {sub['name']}: {len(idx)} structures predicted")
+        print(f"subset {sub['name']}: {len(idx)} structures predicted (fit {path.name})")
     with atomic_path(args.output, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, index=np.arange(n), energy=E, sigma=S, forces=F, forces_offset=off)

@@ -84,4 +84,4 @@ def load_fit(path, numbers=None) -> dict:
     if numbers is not None and not np.array_equal(np.asarray(numbers), d["numbers"]):
         raise InputError(f"{path}: the saved GPR was fitted on another atom sequence than this subset's")
     return {"kind": d["kind"], "fingerprint": d["fingerprint"], "model": d["model"], "choice": d.get("choice"),
-            "data": d.get("data"), "n_structures": d.get("n_structures")}
+            "data": d.get("data"), "n_structures": d.get("n_structures"), "numbers": d["numbers"]}
