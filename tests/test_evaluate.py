@@ -140,3 +140,34 @@ def test_evaluate_names_compositions_absent_from_training(tmp_path, capsys):
                      "--no-plots"]) == 0
     err = capsys.readouterr().err
     assert "4 structure(s) have compositions absent from the model's training data (Au2Cu3: 4)" in err
+
+
+def test_evaluate_leaves_gpr_copies_out_unless_asked(tmp_path, capsys):
+    """An augmented data set's synthetic copies carry GPR labels, not reference data: evaluate
+    scores the references by default and says how many copies it left out."""
+    import dataclasses
+
+    from distmlip.cli import main as cli_main
+
+    _data(tmp_path / "d.h5")
+    ds = H5Dataset(tmp_path / "d.h5")
+    S = ds.read(range(ds.n_structures))
+    copies = [dataclasses.replace(s, synthetic=True, parent=k, energy=s.energy + 5.0, forces=None)
+              for k, s in enumerate(S[:6])]
+    write_dataset(tmp_path / "aug.h5", S + copies)
+    m = BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                            "backend": "reference"}, hidden=[5])
+    m.save(tmp_path / "m.pt")
+    res = {}
+    for mode in ("exclude", "include", "only"):
+        capsys.readouterr()
+        assert cli_main(["evaluate", str(tmp_path / "m.pt"), str(tmp_path / "aug.h5"), "-o", str(tmp_path / mode),
+                         "--no-plots", "--synthetic", mode]) == 0
+        res[mode] = json.loads((tmp_path / mode / "metrics.json").read_text())["metrics"]["overall"]
+        if mode == "exclude":
+            assert "6 GPR-labelled copies left out" in capsys.readouterr().out
+    assert (res["exclude"]["n_structures"], res["include"]["n_structures"], res["only"]["n_structures"]) == (10, 16, 6)
+    assert cli_main(["evaluate", str(tmp_path / "m.pt"), str(tmp_path / "d.h5"), "-o", str(tmp_path / "ref"),
+                     "--no-plots"]) == 0
+    ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())["metrics"]["overall"]
+    assert res["exclude"]["E_mae_meV_atom"] == ref["E_mae_meV_atom"]

@@ -27,6 +27,9 @@ def add_arguments(p) -> None:
                         "with --split-seed/--fractions (same rule as training); default all")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--fractions", type=float, nargs=3, default=[0.9, 0.1, 0.0], metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--synthetic", choices=["exclude", "include", "only"], default="exclude",
+                   help="GPR-labelled copies of an augmented data set: left out (default: their labels are a "
+                        "GPR's, not reference data), scored with the references, or scored alone")
     p.add_argument("-o", "--output", default=None, help="output folder (default: eval_<model name>)")
     p.add_argument("--batch-atoms", type=int, default=4096)
     p.add_argument("--no-forces", action="store_true", help="skip forces (energies only)")
@@ -180,8 +183,13 @@ def run(args) -> int:
     models = load_models(args.model, args.device, args.backend)
     ds = H5Dataset(args.data)
     idx = select_indices(ds, args.split, args.split_seed, args.fractions)
+    syn = np.asarray(ds.column("synthetic"), dtype=bool)[idx]
+    n_syn = int(syn.sum())
+    if args.synthetic != "include" and n_syn:
+        idx = idx[syn] if args.synthetic == "only" else idx[~syn]
     if len(idx) == 0:
-        raise InputError(f"{args.data}: split '{args.split}' is empty")
+        raise InputError(f"{args.data}: split '{args.split}' is empty"
+                         + (f" (--synthetic {args.synthetic}, {n_syn} synthetic)" if n_syn else ""))
     out = Path(args.output) if args.output else Path(f"eval_{Path(args.model.split(',')[0]).stem}")
     from ..utils.io import check_writable
     check_writable(out)             # before the predictions, not after them
@@ -191,9 +199,12 @@ def run(args) -> int:
         src = None
     res = evaluate(models, ds, idx, output=out, forces=not args.no_forces, plots=not args.no_plots,
                    batch_atoms=args.batch_atoms, device=args.device, sources=src,
-                   label=f"{Path(args.model.split(',')[0]).name} on {args.split}")
+                   label=f"{Path(args.model.split(',')[0]).name} on {args.split}"
+                   + (f" (synthetic: {args.synthetic})" if n_syn else ""))
+    what = {"exclude": f"; {n_syn} GPR-labelled copies left out (--synthetic include scores them)",
+            "include": f", {n_syn} of them GPR-labelled copies", "only": ": GPR-labelled copies only"}
     print(f"model {args.model} ({len(models)} member(s)) on {', '.join(args.data)} (split {args.split}, "
-          f"{len(idx)} structures)")
+          f"{len(idx)} structures{what[args.synthetic] if n_syn else ''})")
     print(format_table(res["metrics"]))
     _note_unseen_compositions(models[0], ds, idx)
     print(f"wrote {out / 'metrics.json'}, {out / 'structures.csv'}" + ("" if args.no_plots else ", parity plots"))
