@@ -435,3 +435,12 @@ def test_fixed_atoms_checked_before_any_fit_and_all_fixed_gives_no_copies(data, 
     rep = json.loads((data / "fx2.report.json").read_text())
     r = next(r for r in rep["subsets"] if r["subset"] == "Al2_0")
     assert r["n_copies"] == 0 and "every atom is in fixed_atoms" in r["reason"]
+
+
+def test_uncalibrated_sigma_is_warned(tmp_path, capsys):
+    """A GPR on fewer than 5 reference structures cannot calibrate its sigmas on leave-one-out
+    errors: augment says so (the copies' sigmas gate max_uncertainty and the weights)."""
+    write_dataset(tmp_path / "in.h5", _rattled(lambda: __import__("ase.build", fromlist=["bulk"]).bulk(
+        "Al", "fcc", a=4.05).repeat((2, 1, 1)), 3, 0.05, 20, "al"))
+    res = run_cli(capsys, ["augment", str(_cfg(tmp_path, "few"))])
+    assert "the GPR's sigmas are not calibrated: 3 reference structure(s)" in res.stderr

@@ -1152,6 +1152,7 @@ class LocalGPR:
         # LOO over every structure only when every local GPR had its own (else: not comparable)
         if all("loo_all_energy_mae_eV" in m.info for m in self.models):
             n = np.array([m.info["loo_all_n"] for m in self.models], dtype=np.float64)
+            self.info["loo_all_n"] = int(n.sum())
             for key in ("loo_all_energy_mae_eV", "loo_all_force_mae_eVA"):
                 if all(key in m.info for m in self.models):
                     self.info[key] = float(np.dot(n, [m.info[key] for m in self.models]) / n.sum())
