@@ -55,6 +55,11 @@ def test_scan_rules_vec_blank_no_newline(tmp_path):
     p.write_text("1\nx\nH 0 0 0\nabc\nx\n")
     with pytest.raises(InputError, match=r"v.extxyz:4: frame 1: expected the atom count"):
         scan_extxyz(p)
+    # a count one too high makes frame 0 swallow frame 1's count line: both are named
+    p.write_text("2\nx\nH 0 0 0\n1\nx\nH 0 0 0\n")
+    with pytest.raises(InputError, match=r"v.extxyz:5: frame 1: .*'x' \(or frame 0, whose count line 1 "
+                                         r"announces 2 atoms, has another number of atom lines\)"):
+        scan_extxyz(p)
     p.write_text("")
     with pytest.raises(InputError, match="empty file"):
         index_file(str(p))

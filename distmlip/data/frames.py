@@ -134,6 +134,7 @@ def scan_extxyz(path, block: int = SCAN_BLOCK) -> np.ndarray:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from None
     with fh:
         cur = _Lines(fh, block)
+        prev = None          # (line, atom count) of the previous frame's count line
         while True:
             head = cur.line()
             if head is None or not head.strip():
@@ -143,11 +144,15 @@ def scan_extxyz(path, block: int = SCAN_BLOCK) -> np.ndarray:
                 natoms = int(head)
             except ValueError:
                 text = head[:60].decode("utf-8", "replace")
+                # a wrong count makes the PREVIOUS frame swallow or leave lines: name it too
+                hint = (f" (or frame {frame - 1}, whose count line {prev[0]} announces {prev[1]} atoms, has "
+                        f"another number of atom lines)" if prev is not None else "")
                 raise InputError(f"{path}:{cur.lineno()}: frame {frame}: expected the atom count of an "
-                                 f"extended-XYZ frame, got {text!r}") from None
+                                 f"extended-XYZ frame, got {text!r}{hint}") from None
             if natoms < 0:
                 raise InputError(f"{path}:{cur.lineno()}: frame {frame}: negative atom count {natoms}")
             offs.append(cur.offset())
+            prev = (cur.lineno(), natoms)
             if not cur.available(2 + natoms):
                 raise InputError(f"{path}: frame {frame}: file ends inside the frame (it announces "
                                  f"{natoms} atoms at line {cur.lineno()})")
