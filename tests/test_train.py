@@ -202,6 +202,16 @@ training: {{epochs: 1, batch_atoms: 40, output: {tmp_path / 'r1'}}}
     b = weights(tmp_path / "r2" / "model.pt")["state_dict"]
     assert torch.equal(a["ann.feature_mean"], b["ann.feature_mean"])  # normalisation kept
     assert not torch.equal(a["ann.nets.0.0.weight"], b["ann.nets.0.0.weight"])  # and trained on
+    # a config whose architecture differs from the warm-start model's: the model's is kept, the
+    # differences are named, and config.yaml records what the model is
+    import yaml
+    res = distmlip_cli(["train", str(tmp_path / "c.yaml"), "--set", f"training.warm_start={tmp_path / 'r1' / 'model.pt'}",
+                        "--set", f"training.output={tmp_path / 'r3'}", "--set", "model.hidden=[7, 7]",
+                        "--set", "descriptor.n_radial=5", "--set", "zbl.enabled=false"])
+    assert ("these settings of the config differ and are ignored: descriptor.n_radial: 5 (model: 4); "
+            "model.hidden: [7, 7] (model: [4]); zbl.enabled: False (model: True)") in res.stderr
+    written = yaml.safe_load((tmp_path / "r3" / "config.yaml").read_text())
+    assert written["model"]["hidden"] == [4] and written["descriptor"]["n_radial"] == 4 and written["zbl"]["enabled"]
 
 
 @pytest.mark.parametrize("per_atom", [True, False])

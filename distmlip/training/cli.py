@@ -95,7 +95,10 @@ def log_short_range(cfg) -> None:
     """Say whether the ZBL short-range repulsion is on (it is by default: docs/robustness.md)."""
     from ..utils.log import log
 
-    if cfg.zbl.enabled:
+    if cfg.training.warm_start:
+        log(f"zbl: as the warm-start model {cfg.training.warm_start} has it (a warm start keeps the model's "
+            f"architecture; the model line below says zbl=True or False)")
+    elif cfg.zbl.enabled:
         log("zbl: short-range ZBL repulsion on (the default; radii "
             + ("from zbl.radii and " if cfg.zbl.radii else "")
             + "0.5 / 0.75 x the covalent-radius sum per element pair; 'zbl: {enabled: false}' turns it off)")

@@ -503,6 +503,7 @@ class Trainer:
                                   f"{missing} present in {self.cfg.data.train}")
             fit = tc.refit_normalization
             self._log(f"warm start from {tc.warm_start}" + (" (refitting normalisation)" if fit else ""))
+            self._adopt_warm_start_architecture()
         else:
             species = mc.species or list(self.ds.species)
             missing = [s for s in self.ds.species if s not in species]
@@ -566,6 +567,42 @@ class Trainer:
                                                         self.model.cutoff, self.ctx)
         self._log(f"model: {self.model.describe()}, {sum(p.numel() for p in self.model.parameters())} parameters")
         self._log(f"backend: {self.model.plan().describe()}")
+
+    def _adopt_warm_start_architecture(self) -> None:
+        """A warm start fine-tunes the loaded model's weights, so its descriptor, layers,
+        activations and ZBL term are the run's, whatever the config says: say which of the
+        config's settings differ (they are ignored; a silent mismatch had config.yaml record an
+        architecture the model did not have), and write the model's into config.yaml."""
+        import copy
+
+        m, mc, dc, tc = self.model, self.cfg.model, self.cfg.descriptor, self.cfg.training
+        spec = m.spec
+        cfg_act = [mc.activation] * len(mc.hidden) if isinstance(mc.activation, str) else list(mc.activation)
+        diffs = [(f"descriptor.{k}", getattr(dc.spec, k), getattr(spec, k))
+                 for k in ("type", "rc_radial", "n_radial", "rc_angular", "n_angular")
+                 if getattr(dc.spec, k) != getattr(spec, k)]
+        if list(mc.hidden) != list(m.ann.hidden):
+            diffs.append(("model.hidden", list(mc.hidden), list(m.ann.hidden)))
+        if (cfg_act != list(m.activations) if len(cfg_act) == len(m.activations)
+                else set(cfg_act) != set(m.activations)):
+            diffs.append(("model.activation", mc.activation, list(m.activations)))
+        if bool(self.cfg.zbl.enabled) != (m.zbl is not None):
+            diffs.append(("zbl.enabled", bool(self.cfg.zbl.enabled), m.zbl is not None))
+        if not diffs:
+            return
+        if self.rank0 and not self.quiet:
+            warn(f"training.warm_start: the model {tc.warm_start} keeps its own architecture; these settings of "
+                 f"the config differ and are ignored: "
+                 + "; ".join(f"{k}: {a!r} (model: {b!r})" for k, a, b in diffs)
+                 + (".  The model has no ZBL repulsion: nothing keeps atoms apart below the training data's "
+                    "shortest distances" if m.zbl is None and self.cfg.zbl.enabled else "")
+                 + ".  To change the architecture, train a new model (no warm_start)")
+        eff = copy.deepcopy(self.cfg)      # what config.yaml records; the checkpoint keeps the given
+        eff.descriptor.spec = spec
+        eff.model.hidden = list(m.ann.hidden)
+        eff.model.activation = list(m.activations)
+        eff.zbl.enabled = m.zbl is not None
+        self._cfg_effective = eff
 
     def _structures_beyond_zbl(self, species, minima) -> np.ndarray:
         """[n_structures] bool over the training set: True for this rank's training structures
@@ -1157,7 +1194,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         import yaml
 
-        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(
+            config_to_dict(getattr(self, "_cfg_effective", None) or self.cfg), sort_keys=False))
         path = self.out / "log.csv"
         if self._resume_state is None:
             if path.exists():
