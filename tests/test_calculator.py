@@ -72,6 +72,23 @@ def test_calculator_molecule_and_translation_invariance(emt_model):
     assert np.isclose(m.get_potential_energy(), e0, atol=1e-10)
 
 
+def test_calculator_refuses_empty_and_non_finite(emt_model):
+    """Coincident atoms (ZBL's 1/r) give an error naming the pair, not E = inf and NaN forces
+    that an optimiser or MD would carry on; an empty structure says so."""
+    from ase import Atoms
+
+    from distmlip.errors import InputError, NonFiniteError
+
+    a = Atoms("Cu2Au", positions=[[0, 0, 0], [0, 0, 0], [2.5, 0, 0]])
+    a.calc = DistmlipCalculator(emt_model)
+    with pytest.raises(NonFiniteError, match=r"non-finite .* for AuCu2 \(3 atoms\); its shortest pair is atoms [01] and [01] at 0 A"):
+        a.get_potential_energy()
+    e = Atoms()
+    e.calc = DistmlipCalculator(emt_model)
+    with pytest.raises(InputError, match="no atoms"):
+        e.get_potential_energy()
+
+
 def test_md_energy_conservation_and_optimiser(emt_model, capsys):
     a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
     a.symbols[0] = "Au"

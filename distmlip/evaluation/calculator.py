@@ -61,6 +61,9 @@ class DistmlipCalculator(Calculator):
         from ..descriptors.batch import collate
 
         a = self.atoms
+        if len(a) == 0:
+            from ..errors import InputError
+            raise InputError("calculator: the structure has no atoms")
         cell = np.array(a.cell[:], dtype=np.float64)
         s = Structure(numbers=np.asarray(a.numbers), positions=np.asarray(a.positions, dtype=np.float64),
                       cell=cell, pbc=np.asarray(a.pbc, dtype=bool))
@@ -89,6 +92,19 @@ class DistmlipCalculator(Calculator):
             eas.append(e_at.detach().cpu().numpy())
         self.results["below_training_pairs"] = self._check_record(a.numbers, batch)
         Es, Fs, eas = np.array(Es), np.stack(Fs), np.stack(eas)
+        if not (np.isfinite(Es).all() and np.isfinite(Fs).all() and all(np.isfinite(x).all() for x in Ss)):
+            # an optimiser or MD would carry the NaN on: stop here, naming the likely cause
+            from ..errors import NonFiniteError
+            where = ""
+            if batch is not None and batch.pair_i.numel():
+                with torch.no_grad():
+                    p = batch.positions.detach()
+                    d = torch.linalg.norm(p[batch.pair_j] - p[batch.pair_i] + batch.pair_shift, dim=1)
+                k = int(torch.argmin(d))
+                where = (f"; its shortest pair is atoms {int(batch.pair_i[k])} and {int(batch.pair_j[k])} at "
+                         f"{float(d[k]):.3g} A")
+            raise NonFiniteError(f"calculator: non-finite energy, forces or stress for {a.get_chemical_formula()} "
+                                 f"({len(a)} atoms){where}")
         energy = float(Es.mean())
         self.results["energy"] = energy
         self.results["free_energy"] = energy
