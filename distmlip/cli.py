@@ -21,6 +21,9 @@ from .distributed.signals import abort_mpi
 from .errors import DistmlipError
 
 # name -> (module, one-line help)
+# commands without MPI work sharing: under mpirun only rank 0 runs them
+ONE_PROCESS = {"info", "gpr", "evaluate", "export", "import-aenet", "md-check"}
+
 COMMANDS = {
     "convert": ("distmlip.data.convert", "convert DFT data (XSF, extxyz, ASE formats) into a distmlip HDF5 data set"),
     "info": ("distmlip.data.info", "print a summary of an HDF5 data set"),
@@ -74,6 +77,16 @@ def main(argv=None) -> int:
     if getattr(args, "_missing", None):
         print(f"distmlip {args.command}: not available in this build", file=sys.stderr)
         return 2
+    if args.command in ONE_PROCESS:
+        where = placement()
+        if where.world_size > 1:
+            # under mpirun every rank would repeat the whole job and write the same files
+            if where.rank != 0:
+                return 0
+            idle = "rank 1" if where.world_size == 2 else f"ranks 1..{where.world_size - 1}"
+            print(f"distmlip {args.command}: runs in one process; {idle} of this mpirun "
+                  f"{'has' if where.world_size == 2 else 'have'} nothing to do (launch it without mpirun)",
+                  file=sys.stderr, flush=True)
     try:
         rc = int(args._run(args) or 0)
     except DistmlipError as exc:

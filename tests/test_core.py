@@ -102,3 +102,16 @@ def test_config_reference_is_current():
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     assert gen.OUT.read_text() == gen.render(), "run: python tools/gen_config_reference.py"
+
+
+def test_one_process_commands_run_once_under_mpirun(tmp_path):
+    """A command without MPI work sharing (info, evaluate, gpr, md-check, ...) launched with
+    mpirun runs on rank 0 only and says so, instead of every rank repeating it."""
+    from distmlip.data.examples import emt_structures
+    from distmlip.data.h5store import write_dataset
+    from helpers import mpirun
+
+    write_dataset(tmp_path / "d.h5", emt_structures(4, seed=1, max_size=2))
+    res = mpirun(2, ["-m", "distmlip", "info", str(tmp_path / "d.h5")])
+    assert res.stdout.count("structures    :") == 1, res.stdout
+    assert "runs in one process; rank 1 of this mpirun has nothing to do" in res.stderr
