@@ -211,6 +211,11 @@ training: {{epochs: 1, batch_atoms: 40, output: {tmp_path / 'r1'}}}
     assert ("these settings of the config differ and are ignored: descriptor.n_radial: 5 (model: 4); "
             "model.hidden: [7, 7] (model: [4]); zbl.enabled: False (model: True)") in res.stderr
     written = yaml.safe_load((tmp_path / "r3" / "config.yaml").read_text())
+    # the fine-tuned model's training-data record covers the first run's data too
+    from distmlip.models.bpnn import BPNN
+    r1, r3 = BPNN.load(tmp_path / "r1" / "model.pt").training_record, BPNN.load(tmp_path / "r3" / "model.pt").training_record
+    assert r3["n_structures"] == r1["n_structures"] + r1["n_structures"] and \
+        r3["pair_min_distance_A"] == r1["pair_min_distance_A"]
     assert written["model"]["hidden"] == [4] and written["descriptor"]["n_radial"] == 4 and written["zbl"]["enabled"]
 
 

@@ -558,15 +558,32 @@ class Trainer:
                      f"environments change (strain, other densities) and will extrapolate there")
         # shortest pair distances and lowest energies of the training data, saved with the model
         # (md-check and the calculator warn below them; models/data_record.py)
-        from ..models.data_record import dataset_record
+        from ..models.data_record import dataset_record, merge_records
+        prior = self._warm_start_record() if tc.warm_start else None
         early = getattr(self, "_early_record", None)
         if early is not None and float(early["cutoff_A"]) == float(self.model.cutoff):
             self.model.training_record = early
         else:
             self.model.training_record = dataset_record(self.ds, self.stream.partition(), self.model.species,
                                                         self.model.cutoff, self.ctx)
+        if prior:
+            # a fine-tuned model has seen its first data too: md-check and the calculator judge
+            # against both (the fine-tuning data alone called the first data's pairs unseen)
+            self.model.training_record = merge_records([prior, self.model.training_record])
         self._log(f"model: {self.model.describe()}, {sum(p.numel() for p in self.model.parameters())} parameters")
         self._log(f"backend: {self.model.plan().describe()}")
+
+    def _warm_start_record(self) -> dict | None:
+        """The training-data record of the warm-start model file (None if it has none or is gone,
+        e.g. when a warm-started run resumes after the file was removed)."""
+        path = self.cfg.training.warm_start
+        try:
+            rec = BPNN.load(path).training_record
+        except Exception:
+            return None
+        if rec and float(rec.get("cutoff_A", -1)) != float(self.model.cutoff):
+            return None
+        return rec
 
     def _adopt_warm_start_architecture(self) -> None:
         """A warm start fine-tunes the loaded model's weights, so its descriptor, layers,
