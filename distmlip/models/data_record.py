@@ -187,7 +187,9 @@ def pairs_below(record: dict, numbers, i, j, d) -> dict:
             continue
         lim = cut if pm[k] is None else float(pm[k])
         dm = float(d[code == c].min())
-        if dm < lim:
+        # the record's minima pass through float32 blocks: a training structure itself must not
+        # count as below its own data ("2.446 A is shorter than 2.446 A")
+        if dm < lim * (1.0 - 1e-6):
             out[k] = dm
     return out
 
