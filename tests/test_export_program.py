@@ -130,6 +130,11 @@ def test_exported_program_runs_without_distmlip(tmp_path):
     e_zbl = a.get_potential_energy()
     a.calc = DistmlipCalculator(plain)
     assert e_zbl - a.get_potential_energy() > 1.0 and abs(energies[0][0] - e_zbl) < 1e-9  # ZBL is in
+    # an element the model lacks (Ni): NaN energy and forces, not a finite number of another species
+    ni = structs[0].copy()
+    ni.numbers[3] = 28
+    res = _run_fresh(tmp_path, files[:1], [ni])[str(files[0])][0]
+    assert np.isnan(res["energy"]) and np.isnan(np.array(res["forces"])).all()
 
 
 @pytest.mark.skipif(os.environ.get("DISTMLIP_TEST_AOTI") != "1",

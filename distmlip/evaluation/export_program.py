@@ -14,8 +14,8 @@ inputs   positions [N, 3] float64 (Angstrom); numbers [N] int64 (atomic numbers,
 outputs  energy [] float64 (eV), forces [N, 3] float64 (eV/Angstrom).
 
 N and P are dynamic.  ``<path>.json``, written next to the program, gives the cutoff, the
-species and the input names.  The atomic numbers must be the model's elements (not checked
-inside the program).  With ``aoti=True`` the program is also compiled with
+species and the input names.  The atomic numbers must be the model's elements: an atom of another
+element makes the energy and every force NaN (a program cannot raise an error).  With ``aoti=True`` the program is also compiled with
 AOTInductor into ``<name>.aoti.pt2`` (``torch._inductor.aoti_load_package(path)(...)``: the same
 call, native code, loadable from C++ through ``torch::inductor::AOTIModelPackageLoader``).
 
@@ -121,7 +121,12 @@ def make_energy_forces(layout: dict):
             p = pos.detach().requires_grad_(True)
             E = energy(p, numbers, cell, pi, pj, cell_shifts, consts)
             (g,) = torch.autograd.grad([E], [p])
-        return E.detach(), -g
+        # an element the model lacks maps to -1, which indexing wraps to the last species: a
+        # finite wrong energy.  NaN instead (no data-dependent branch, so it exports): a
+        # deployed model cannot raise, but a NaN stops the MD code where a wrong number would not
+        unknown = (consts[0][numbers] < 0).any()
+        poison = torch.where(unknown, torch.full((), float("nan"), dtype=E.dtype), torch.zeros((), dtype=E.dtype))
+        return E.detach() + poison, -g + poison
 
     return energy_forces
 
