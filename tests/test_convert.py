@@ -440,3 +440,27 @@ def test_free_energy_only_frames_are_said(tmp_path, capsys):
     assert err.count("only 'free_energy'") == 1 and "fe.extxyz" in err
     S = H5Dataset(tmp_path / "fe.h5").read(range(3))
     assert sorted(s.energy for s in S) == [-3.0, -2.0, -1.0]
+
+
+def test_fixed_atoms_in_the_input_are_said(tmp_path, capsys):
+    """Frames with FixAtoms (extxyz move_mask) are converted with their raw forces, and convert
+    says once per file which atoms are fixed and how augment can keep them in place."""
+    from ase.build import fcc111
+    from ase.calculators.emt import EMT
+    from ase.constraints import FixAtoms
+    from ase.io import write
+
+    frames = []
+    for k in range(2):
+        a = fcc111("Cu", (2, 2, 3), vacuum=5.0)
+        a.rattle(0.02, seed=k)
+        a.set_constraint(FixAtoms(indices=[0, 1, 2, 3]))
+        a.calc = EMT()
+        a.get_forces()
+        frames.append(a)
+    write(str(tmp_path / "fx.extxyz"), frames)
+    convert(ConvertConfig(inputs=[str(tmp_path / "fx.extxyz")], output=str(tmp_path / "fx.h5")))
+    err = capsys.readouterr().err
+    assert err.count("4 atoms are fixed (FixAtoms / move_mask: [0, 1, 2, 3])") == 1 and "fixed_atoms" in err
+    s = H5Dataset(tmp_path / "fx.h5").read([0])[0]
+    assert np.abs(s.forces[:4]).max() > 0.01          # the raw forces, not the constrained zeros

@@ -305,6 +305,27 @@ def _unread_labels(atoms, keys: LabelKeys, energy, forces, stress, where: str, r
 
 
 _FREE_ENERGY_NOTED: set = set()
+_FIXED_NOTED: set = set()
+
+
+def _note_fixed_atoms(atoms, path, where: str) -> None:
+    """Say once per file that its frames fix atoms (ASE FixAtoms: selective dynamics, extxyz
+    move_mask): the data set does not keep constraints, and augment displaces every atom of a
+    copy unless the subset's ``fixed_atoms`` names them."""
+    if str(path) in _FIXED_NOTED:
+        return
+    idx = set()
+    for c in getattr(atoms, "constraints", None) or []:
+        if type(c).__name__ == "FixAtoms":
+            idx.update(int(i) for i in c.get_indices())
+    if not idx:
+        return
+    _FIXED_NOTED.add(str(path))
+    from ..utils.log import warn
+    shown = sorted(idx)
+    warn(f"{where}: {len(shown)} atoms are fixed (FixAtoms / move_mask: {shown[:12]}{' ...' if len(shown) > 12 else ''}); "
+         f"the data set does not keep constraints: for augment to leave them in place, list them per subset "
+         f"(subsets: {{NAME: {{fixed_atoms: [...]}}}}, docs/gpr.md)")
 
 
 def _from_ase(atoms, path, k, keys: Optional[LabelKeys] = None) -> Structure:
@@ -345,6 +366,7 @@ def _from_ase(atoms, path, k, keys: Optional[LabelKeys] = None) -> Structure:
     else:
         stress = _ase_stress(atoms, results, where)
     _unread_labels(atoms, keys, energy, forces, stress, where, results)
+    _note_fixed_atoms(atoms, path, where)
     return Structure(numbers=np.array(atoms.numbers, dtype=np.int64),
                      positions=np.array(atoms.positions, dtype=np.float64),
                      cell=np.array(atoms.cell.array, dtype=np.float64),
