@@ -144,8 +144,8 @@ def test_table(fits, test_path) -> dict:
         from ..errors import InputError
         raise InputError(f"{test_path}: none of its subsets ({', '.join(unmatched[:8])}"
                          f"{', ...' if len(unmatched) > 8 else ''}) has a GPR fit (fitted: "
-                         f"{', '.join(sorted(fits)[:8]) or 'none'}); subsets are matched by name, as convert "
-                         f"names them from composition and atom order")
+                         f"{', '.join(sorted(fits)[:8]) or 'none'}); test subsets are matched to fits by atom "
+                         f"sequence (the same elements in the same order)")
     if unmatched:
         from ..utils.log import warn
         warn(f"gpr test: {len(unmatched)} subset(s) of {test_path} have no GPR fit and are not in the table: "

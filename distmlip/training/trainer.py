@@ -495,6 +495,8 @@ class Trainer:
             self.model = BPNN.from_payload(self._resume_state["model"], source=str(self._resume_path),
                                            backend=dc.backend)
             fit = False
+            if tc.warm_start:         # a resumed fine-tuning run: config.yaml as its first part wrote it
+                self._adopt_warm_start_architecture()
         elif tc.warm_start:
             self.model = BPNN.load(tc.warm_start, backend=dc.backend)
             missing = [s for s in self.ds.species if s not in self.model.species]
@@ -1148,7 +1150,7 @@ class Trainer:
         dc = self.cfg.data
         for k in sorted(set(old) | set(new)):
             if old.get(k) != new.get(k):
-                paths = ", ".join(map(str, dc.train if k == "train" else [dc.validation]))
+                paths = ", ".join(map(str, dc.train if k == "train" else dc.validation))
                 raise ConfigError(
                     f"{self._resume_path}: the {k} data changed since this checkpoint was written: {paths} "
                     f"now has content {str(new.get(k))[:12]}, the checkpoint's run trained on "
