@@ -235,4 +235,8 @@ def parse_override(text: str):
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.subkey=value")
     key, val = text.split("=", 1)
-    return key.strip(), yaml.safe_load(val)
+    try:
+        return key.strip(), yaml.safe_load(val)
+    except yaml.YAMLError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({msg}); e.g. --set model.hidden=[8,8]") from None

@@ -444,3 +444,12 @@ def test_uncalibrated_sigma_is_warned(tmp_path, capsys):
         "Al", "fcc", a=4.05).repeat((2, 1, 1)), 3, 0.05, 20, "al"))
     res = run_cli(capsys, ["augment", str(_cfg(tmp_path, "few"))])
     assert "the GPR's sigmas are not calibrated: 3 reference structure(s)" in res.stderr
+
+
+@pytest.mark.parametrize("over,msg", [("seed=-1", "'seed' must be an integer >= 0"),
+                                      ("delta=50", "'delta' must be a displacement in A between 0 and 0.5"),
+                                      ("delta=0", "every copy would equal its parent"),
+                                      ("model.hidden=[8,", "the value is not valid YAML")])
+def test_augment_nonsense_values_are_config_errors(data, capsys, over, msg):
+    res = run_cli(capsys, ["augment", str(_cfg(data, "bad", method="taylor")), "--set", over], check=False)
+    assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -171,3 +171,17 @@ def test_evaluate_leaves_gpr_copies_out_unless_asked(tmp_path, capsys):
                      "--no-plots"]) == 0
     ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())["metrics"]["overall"]
     assert res["exclude"]["E_mae_meV_atom"] == ref["E_mae_meV_atom"]
+
+
+def test_evaluate_with_a_non_finite_model_fails_and_writes_nothing(tmp_path, capsys):
+    from distmlip.cli import main as cli_main
+
+    _data(tmp_path / "d.h5")
+    m = BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                            "backend": "reference"}, hidden=[5])
+    with torch.no_grad():
+        next(m.parameters()).view(-1)[0] = float("nan")
+    m.save(tmp_path / "m.pt")
+    assert cli_main(["evaluate", str(tmp_path / "m.pt"), str(tmp_path / "d.h5"), "-o", str(tmp_path / "ev")]) == 2
+    assert "predicts non-finite energies or forces for 10 of 10 structures" in capsys.readouterr().err
+    assert not (tmp_path / "ev" / "metrics.json").exists()

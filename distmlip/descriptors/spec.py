@@ -36,6 +36,11 @@ def descriptor_class(type_name: str):
     return getattr(importlib.import_module(modname), clsname)
 
 
+# the largest cutoff accepted (Angstrom): Behler-Parrinello descriptors are local (4-10 A);
+# beyond this the neighbour lists outgrow memory long before a model could use them
+RC_MAX = 20.0
+
+
 @dataclass(frozen=True)
 class DescriptorSpec:
     """The descriptor's identity.  Chebyshev (aenet's AUC descriptor): radial and angular
@@ -54,6 +59,9 @@ class DescriptorSpec:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"descriptor.{name}: expected a positive cutoff in Angstrom, got {v!r}")
+            if v > RC_MAX:
+                raise ConfigError(f"descriptor.{name}: {v} A is beyond {RC_MAX:g} A (typical cutoffs are 4-10 A; the "
+                                  f"neighbour lists of larger ones outgrow memory); a unit mistake (bohr, nm)?")
             object.__setattr__(self, name, float(v))
         for name, low in (("n_radial", 1), ("n_angular", 0)):
             v = getattr(self, name)

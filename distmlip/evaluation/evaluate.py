@@ -119,6 +119,7 @@ def evaluate(models, ds, indices=None, output=None, forces=True, plots=True, bat
     from .metrics import metrics_by_subset, predict
 
     pred = predict(models, ds, indices, batch_atoms=batch_atoms, forces=forces, device=device)
+    _check_finite(pred, ds, indices)
     names = None
     if hasattr(ds, "subsets"):
         names = [t["name"] for t in ds.subsets]
@@ -151,6 +152,23 @@ def evaluate(models, ds, indices=None, output=None, forces=True, plots=True, bat
                             "predicted stress component (GPa)", title=label,
                             text=f"MAE {ov['S_mae_GPa']:.3f} GPa\nRMSE {ov['S_rmse_GPa']:.3f} GPa")
     return {"metrics": results, "predictions": pred}
+
+
+def _check_finite(pred, ds, indices) -> None:
+    """A model that predicts NaN or inf (a corrupt or diverged model file) is an error, not a
+    table of dashes, a CSV of nan and exit 0; nothing is written."""
+    from ..errors import NonFiniteError
+
+    bad = ~np.isfinite(pred.energies).all(0)
+    if pred.forces is not None:
+        fb = ~np.isfinite(pred.forces).all(axis=(0, 2))              # [N] atoms
+        bad[np.repeat(np.arange(len(pred.natoms)), pred.natoms)[fb]] = True
+    if bad.any():
+        idx = np.arange(len(bad)) if indices is None else np.asarray(indices)
+        k = int(np.flatnonzero(bad)[0])
+        raise NonFiniteError(f"evaluate: the model predicts non-finite energies or forces for {int(bad.sum())} of "
+                             f"{len(bad)} structures (first: structure {int(idx[k])}); a corrupt or diverged model "
+                             f"file?  Nothing was written")
 
 
 def _note_unseen_compositions(model, ds, idx) -> None:

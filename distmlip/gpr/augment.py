@@ -85,6 +85,21 @@ class LocalSettings:
     fit_max_obs: int = 800
 
 
+# a displacement's standard deviation beyond which copies are no longer small displacements of
+# their parent (the paper's optimum is 0.034 A; at 0.1 A the local GPR's labels already miss by
+# 0.2-0.3 eV on a 30-atom alloy): a larger value is a unit or typing mistake
+DELTA_MAX = 0.5
+
+
+def _check_delta(key: str, delta, copies) -> None:
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta <= DELTA_MAX:
+        raise ConfigError(f"augment: '{key}' must be a displacement in A between 0 and {DELTA_MAX} "
+                          f"(typically 0.01-0.05), got {delta!r}")
+    if delta == 0 and copies:
+        raise ConfigError(f"augment: '{key}' is 0 with copies = {copies}: every copy would equal its parent "
+                          f"(set copies: 0 for no copies)")
+
+
 @dataclass
 class GPRSettings:
     # auto: fit 'local' and the global fingerprint that suits the subset (inverse distances for
@@ -181,8 +196,9 @@ class AugmentConfig:
             raise ConfigError("augment: 'output' (new HDF5 data set) is required")
         if self.copies < 0:
             raise ConfigError(f"augment: 'copies' must be >= 0, got {self.copies}")
-        if not self.delta >= 0:
-            raise ConfigError(f"augment: 'delta' must be >= 0, got {self.delta}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"augment: 'seed' must be an integer >= 0, got {self.seed!r}")
+        _check_delta("delta", self.delta, self.copies)
         if self.max_uncertainty is not None and not self.max_uncertainty > 0:
             raise ConfigError("augment: 'max_uncertainty' must be positive")
         if not self.synthetic_weight >= 0:
@@ -192,8 +208,8 @@ class AugmentConfig:
         for name, s in self.subsets.items():
             if s.copies is not None and s.copies < 0:
                 raise ConfigError(f"augment: subsets.{name}.copies must be >= 0")
-            if s.delta is not None and not s.delta >= 0:
-                raise ConfigError(f"augment: subsets.{name}.delta must be >= 0")
+            if s.delta is not None:
+                _check_delta(f"subsets.{name}.delta", s.delta, self.copies if s.copies is None else s.copies)
 
     # derived paths
     def out_stem(self) -> Path:
