@@ -453,3 +453,22 @@ def test_uncalibrated_sigma_is_warned(tmp_path, capsys):
 def test_augment_nonsense_values_are_config_errors(data, capsys, over, msg):
     res = run_cli(capsys, ["augment", str(_cfg(data, "bad", method="taylor")), "--set", over], check=False)
     assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_damaged_shard_is_recomputed_not_used(data, capsys):
+    """A truncated or bit-flipped restart shard (a crash, a full disk, a bad block) is named and
+    recomputed; the output equals the undamaged run's."""
+    import shutil
+
+    cfg = _cfg(data, "sh", method="taylor")
+    run_cli(capsys, ["augment", str(cfg)])
+    ref = H5Dataset(data / "sh.h5").content_id
+    shard = sorted((data / "sh.h5.shards").glob("subset_*.npz"))[0]
+    good = shard.read_bytes()
+    for damage in (good[:len(good) // 2], good[:len(good) // 2] + bytes([good[len(good) // 2] ^ 0xFF])
+                   + good[len(good) // 2 + 1:]):
+        (data / "sh.h5").unlink()
+        shard.write_bytes(damage)
+        res = run_cli(capsys, ["augment", str(cfg)])
+        assert "unreadable shard" in res.stderr and H5Dataset(data / "sh.h5").content_id == ref
+    shutil.rmtree(data / "sh.h5.shards")

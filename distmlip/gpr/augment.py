@@ -711,14 +711,17 @@ def write_shard(path: Path, res: dict, key: str) -> None:
 
 
 def read_shard(path: Path) -> dict | None:
+    import zipfile
+
     try:
         with np.load(path, allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as exc:
-        warn(f"{path}: unreadable shard ({exc}); recomputing")
+            d = {k: z[k] for k in z.files}      # reads every member: zip CRCs checked
+        d["key"] = str(d["key"])
+        d["report"] = json.loads(str(d["report"]))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        # a truncated or damaged shard (a crash, a full disk, a bad block) is recomputed, never used
+        warn(f"{path}: unreadable shard ({type(exc).__name__}: {exc}); recomputing")
         return None
-    d["key"] = str(d["key"])
-    d["report"] = json.loads(str(d["report"]))
     return d
 
 

@@ -77,7 +77,12 @@ def save_fit(path, fit: dict, numbers, structs=None) -> Path:
 def load_fit(path, numbers=None) -> dict:
     import torch
 
-    d = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:          # truncated or damaged file: name it, no reader traceback
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise InputError(f"{path}: cannot read the saved GPR fit ({type(exc).__name__}: {msg}); a truncated or "
+                         f"damaged file: fit it again (distmlip gpr fit, or augment with gpr.save)") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise InputError(f"{path}: not a distmlip GPR fit of format {FORMAT} (one saved by another "
                          f"distmlip version: fit it again)")
