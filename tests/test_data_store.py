@@ -170,3 +170,23 @@ def test_atomic_write_on_failure(tmp_path, structs):
             w.append(structs)  # elements outside the declared species
     assert p.read_bytes() == before
     assert len(H5Dataset(p)) == 3
+
+
+def test_content_id_follows_an_in_place_edit(tmp_path, capsys):
+    """The content digest is computed from the arrays, not taken from the attribute stored at
+    writing: an in-place h5py edit gives another digest (caches and shards keyed on it are not
+    reused) and a warning; an untouched file gives the stored digest."""
+    import h5py
+
+    from distmlip.data.examples import emt_structures
+    from distmlip.data.h5store import H5Dataset, write_dataset
+
+    write_dataset(tmp_path / "d.h5", emt_structures(5, seed=2, max_size=2))
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        stored = str(f.attrs["content_sha256"])
+    assert H5Dataset(tmp_path / "d.h5").content_id == stored
+    with h5py.File(tmp_path / "d.h5", "r+") as f:
+        f["atoms/positions"][0, 0] += 0.1
+    capsys.readouterr()
+    assert H5Dataset(tmp_path / "d.h5").content_id != stored
+    assert "differs from the digest stored when it was written" in capsys.readouterr().err

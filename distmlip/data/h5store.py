@@ -166,14 +166,15 @@ class _ContentHash:
 
 
 def file_content_hash(path) -> str:
-    """The content digest of a data set file, from its attribute or, for files written without
-    one, computed from its arrays (streamed)."""
+    """The content digest of a data set file, computed from its arrays (streamed; about a
+    second per million atoms).  The digest stored at writing is only compared: a file edited in
+    place (h5py) keeps its old attribute, and caches or shards keyed on that attribute were reused
+    for the new content (a descriptor cache of the old positions, augment copies of the old
+    energies)."""
     import h5py
 
     with h5py.File(path, "r") as f:
         stored = f.attrs.get("content_sha256")
-        if stored:
-            return str(stored)
         fields = {k: v for k, v in STRUCT_FIELDS.items() if k in f["structures"]}
         if "split" in f["structures"]:
             fields["split"] = (np.int8, ())
@@ -185,7 +186,12 @@ def file_content_hash(path) -> str:
                 for lo in range(0, d.shape[0], step):
                     h.update(group, name, d[lo:lo + step])
         dec = lambda xs: [x.decode() if isinstance(x, bytes) else str(x) for x in xs]  # noqa: E731
-        return h.digest(dec(f["sources/files"][...]), dec(f["subsets/name"][...]))
+        digest = h.digest(dec(f["sources/files"][...]), dec(f["subsets/name"][...]))
+    if stored and str(stored) != digest:
+        from ..utils.log import warn
+        warn(f"{path}: its content differs from the digest stored when it was written (edited in place?); "
+             f"descriptor caches, augment shards and checkpoints made from the old content are not reused")
+    return digest
 
 
 class H5Writer:
