@@ -464,3 +464,34 @@ def test_fixed_atoms_in_the_input_are_said(tmp_path, capsys):
     assert err.count("4 atoms are fixed (FixAtoms / move_mask: [0, 1, 2, 3])") == 1 and "fixed_atoms" in err
     s = H5Dataset(tmp_path / "fx.h5").read([0])[0]
     assert np.abs(s.forces[:4]).max() > 0.01          # the raw forces, not the constrained zeros
+
+
+def test_two_converts_on_one_output_file(tmp_path, capsys):
+    """A second convert to an output file that a live job is writing is refused, naming the file
+    and the job; another file in the same folder is free; a dead job's lock is taken over."""
+    import json as _json
+    import socket
+    import subprocess
+
+    from distmlip.cli import main as cli_main
+    from distmlip.data.readers import write_xsf
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for k, s in enumerate(emt_structures(3, seed=1, max_size=2)):
+        write_xsf(src / f"s{k}.xsf", s)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        host = socket.gethostname().split(".")[0].replace(".", "_") or "host"
+        (tmp_path / ".same.h5.distmlip.lock").write_text(_json.dumps({"host": host, "pid": other.pid}))
+        capsys.readouterr()
+        assert cli_main(["convert", str(src), "-o", str(tmp_path / "same.h5")]) == 2
+        err = capsys.readouterr().err
+        assert f"output file {tmp_path / 'same.h5'} is in use by another job" in err and str(other.pid) in err
+        assert not (tmp_path / "same.h5").exists()
+        assert cli_main(["convert", str(src), "-o", str(tmp_path / "other.h5")]) == 0
+    finally:
+        other.kill()
+        other.wait()
+    assert cli_main(["convert", str(src), "-o", str(tmp_path / "same.h5")]) == 0      # dead holder: taken over
+    assert not (tmp_path / ".same.h5.distmlip.lock").exists()

@@ -465,5 +465,17 @@ def _check_stress_units(out) -> None:
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    convert(cfg)
+    lock = None
+    if placement().rank == 0 and cfg.output:
+        # one job per output file: two converts to the same path both reported success while
+        # the file held one job's structures (the other's rename came first)
+        from ..utils.io import OutputLock
+
+        out = Path(cfg.output)
+        lock = OutputLock(out.parent, what="output file", file=out.name).acquire()
+    try:
+        convert(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
     return 0

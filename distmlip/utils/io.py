@@ -196,8 +196,10 @@ class OutputLock:
 
     NAME = ".distmlip.lock"
 
-    def __init__(self, folder, force: bool = False, what: str = "output folder", log=None):
-        self.path = Path(folder) / self.NAME
+    def __init__(self, folder, force: bool = False, what: str = "output folder", log=None, file: str | None = None):
+        # file: lock one output file of the folder (FOLDER/.FILE.distmlip.lock), not the folder
+        self.path = Path(folder) / (f".{file}{self.NAME}" if file else self.NAME)
+        self.target = Path(folder) / file if file else Path(folder)
         self.force = force
         self.what = what
         self.log = log
@@ -231,9 +233,10 @@ class OutputLock:
                         self.path.unlink()
                     continue
                 raise LockedError(
-                    f"{self.what} {self.path.parent} is in use by another job: host {h.get('host')}, pid "
+                    f"{self.what} {self.target} is in use by another job: host {h.get('host')}, pid "
                     f"{h.get('pid')}{', ' + h['job'] if h.get('job') else ''}, started {h.get('started')} "
-                    f"(lock file {self.path}); choose another output folder, or pass --force if that job is gone")
+                    f"(lock file {self.path}); choose another output, or pass --force (or remove the lock "
+                    f"file) if that job is gone")
             except OSError as exc:
                 raise (storage_error(exc, self.path) or exc) from None
             with os.fdopen(fd, "w") as fh:
