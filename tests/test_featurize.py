@@ -178,3 +178,21 @@ def test_feature_batches_kept_for_fixed_batches(tmp_path, emt_h5):
         assert torch.equal(v, a.__dict__[k]) if isinstance(v, torch.Tensor) else v == a.__dict__[k], k
     small = FeatureBatchLoader(cache, ds, ds.species, keep_bytes=1)
     assert small(idx) is not small(idx)
+
+
+def test_damaged_cache_block_is_an_error_not_data(tmp_path, emt_h5):
+    """One flipped bit in the cached features fails the block's checksum: an error naming the
+    cache, never features silently trained on."""
+    from distmlip.errors import DataFormatError
+
+    ds = H5Dataset(emt_h5)
+    out = featurize(ds, ds.species, SPEC, "reference", tmp_path / "c.h5")
+    with h5py.File(out, "r") as f:
+        pos = f["features"].id.get_chunk_info(0).byte_offset + 8 * 50 + 6
+    with open(out, "r+b") as g:
+        g.seek(pos)
+        b = g.read(1)
+        g.seek(pos)
+        g.write(bytes([b[0] ^ 64]))
+    with pytest.raises(DataFormatError, match=r"c\.h5: descriptor cache rows .* unreadable"):
+        FeatureCache(out, ds, ds.species, SPEC).features([0, 1])

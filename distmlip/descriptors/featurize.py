@@ -47,7 +47,7 @@ from .batch import KeptBatches
 from .spec import DescriptorSpec
 
 FORMAT = "distmlip-descriptor-cache"
-VERSION = 2
+VERSION = 3   # 3: checksummed features
 
 
 class StaleCacheError(DataFormatError):
@@ -164,7 +164,11 @@ class FeatureCache:
         brk = np.flatnonzero(np.diff(ids) != 1) + 1
         for run in np.split(ids, brk):
             a, b = int(run[0]) * R, min((int(run[-1]) + 1) * R, self.n_rows)
-            rows = np.asarray(d[a:b], dtype=np.float64)
+            try:
+                rows = np.asarray(d[a:b], dtype=np.float64)
+            except OSError as exc:
+                raise DataFormatError(f"{self.path}: descriptor cache rows {a}..{b - 1} unreadable ({exc}); a damaged "
+                                      f"file: delete it, the next run rebuilds it") from None
             self.reads += 1
             for c in run:
                 out[int(c)] = rows[int(c) * R - a:(int(c) + 1) * R - a]
@@ -362,8 +366,10 @@ def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=Non
         out_path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(out_path.parent)
         with h5py.File(tmp, "w") as f:
+            # fletcher32: a damaged block is an error on read, not features silently trained on
             f.create_dataset("features", shape=(int(off[-1]), dim), dtype=np.float64,
-                             chunks=(max(1, min(FeatureCache.CHUNK_ROWS, int(off[-1]))), dim) if off[-1] else None)
+                             chunks=(max(1, min(FeatureCache.CHUNK_ROWS, int(off[-1]))), dim) if off[-1] else None,
+                             fletcher32=bool(off[-1]))
             f.create_dataset("atom_offset", data=off)
             f.attrs["format"] = FORMAT
             f.attrs["version"] = VERSION
