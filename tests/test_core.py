@@ -115,3 +115,23 @@ def test_one_process_commands_run_once_under_mpirun(tmp_path):
     res = mpirun(2, ["-m", "distmlip", "info", str(tmp_path / "d.h5")])
     assert res.stdout.count("structures    :") == 1, res.stdout
     assert "runs in one process; rank 1 of this mpirun has nothing to do" in res.stderr
+
+
+def test_damaged_model_and_checkpoint_files_are_refused(tmp_path):
+    """torch.load does not check the zip records' CRC-32: a flipped bit in a weight loaded
+    silently.  load_torch_file checks them and names the file and the record."""
+    import torch
+
+    from distmlip.errors import DataFormatError
+    from distmlip.utils.io import load_torch_file
+
+    torch.save({"w": torch.arange(2000, dtype=torch.float64)}, tmp_path / "m.pt")
+    assert load_torch_file(tmp_path / "m.pt", "model file")["w"].sum() == sum(range(2000))
+    b = bytearray((tmp_path / "m.pt").read_bytes())
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "m.pt") as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+    b[info.header_offset + 30 + len(info.filename) + len(info.extra) + 800] ^= 4     # inside the tensor bytes
+    (tmp_path / "m.pt").write_bytes(bytes(b))
+    with pytest.raises(DataFormatError, match=r"m\.pt: model file is damaged: record .*data/0 fails its checksum"):
+        load_torch_file(tmp_path / "m.pt", "model file")

@@ -77,6 +77,12 @@ def save_fit(path, fit: dict, numbers, structs=None) -> Path:
 def load_fit(path, numbers=None) -> dict:
     import torch
 
+    from ..utils.io import check_zip_crcs
+
+    try:
+        check_zip_crcs(path, "saved GPR fit")
+    except Exception as exc:
+        raise InputError(str(exc)) from None
     try:
         d = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:          # truncated or damaged file: name it, no reader traceback

@@ -29,9 +29,8 @@ import copy
 import json
 from pathlib import Path
 
-import torch
 
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write_text, load_torch_file
 from ..utils.log import log
 
 
@@ -135,7 +134,7 @@ def train_committee(cfg, ctx, resume: bool = False, quiet: bool = False, step_ca
         if not stopped:
             payloads = []
             for k in range(K):
-                obj = torch.load(member_dir(out, k) / "model.pt", map_location="cpu", weights_only=True)
+                obj = load_torch_file(member_dir(out, k) / "model.pt", "model file")
                 payloads.append(obj)
             save_committee(out / "committee.pt", payloads, metadata=meta)
             if not quiet:

@@ -176,10 +176,29 @@ def load_torch_file(path, what: str = "file"):
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{what} {path} does not exist")
+    check_zip_crcs(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise DataFormatError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
+
+
+def check_zip_crcs(path, what: str = "file") -> None:
+    """torch.save writes a zip archive with a CRC-32 per record, which torch.load does not check:
+    a flipped bit in a weight loaded silently.  Check them (one read of the file)."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return                      # a legacy (non-zip) torch file: torch.load decides
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise DataFormatError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc}); a truncated or damaged "
+                              f"file?") from None
+    if bad is not None:
+        raise DataFormatError(f"{path}: {what} is damaged: record {bad} fails its checksum (CRC-32); restore it "
+                              f"or write it again")
 
 
 def _job_id() -> str:
