@@ -190,3 +190,17 @@ def test_content_id_follows_an_in_place_edit(tmp_path, capsys):
     capsys.readouterr()
     assert H5Dataset(tmp_path / "d.h5").content_id != stored
     assert "differs from the digest stored when it was written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value", [("uncertainty", float("nan")), ("parent", -7)])
+def test_bad_synthetic_fields_are_named(tmp_path, structs, field, value):
+    """A NaN GPR uncertainty or a negative parent of a synthetic structure (a file edited or
+    written by another tool) is an error naming file, structure and field."""
+    syn = [s for s in structs[:3]]
+    for s in syn:
+        s.synthetic, s.parent, s.uncertainty = True, 0, 0.01
+    write_dataset(tmp_path / "a.h5", syn)
+    with h5py.File(tmp_path / "a.h5", "r+") as f:
+        f[f"structures/{field}"][1] = value
+    with pytest.raises(DataFormatError, match=rf"a\.h5: structure 1 .*field 'structures/{field}'"):
+        H5Dataset(tmp_path / "a.h5").read([0, 1, 2])

@@ -541,7 +541,7 @@ class _Shard:
         self.n_atoms = N
 
 
-_FINITE_STRUCT_FIELDS = ("energy", "cell", "weight")
+_FINITE_STRUCT_FIELDS = ("energy", "cell", "weight", "uncertainty")
 
 
 def _check_finite(sh, a: int, cols: dict, at: dict) -> None:
@@ -555,6 +555,14 @@ def _check_finite(sh, a: int, cols: dict, at: dict) -> None:
             r = int(np.flatnonzero(~ok)[0])
             raise DataFormatError(f"{sh.path}: structure {a + r} ({_where(sh, cols, r)}): field 'structures/{name}' "
                                   f"is not finite ({np.asarray(v[r]).tolist()})")
+    # a synthetic copy names its parent (the copy-difference term pairs them): an index >= 0
+    syn = np.asarray(cols["synthetic"], bool)
+    par = np.asarray(cols["parent"])
+    bad = syn & (par < 0)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise DataFormatError(f"{sh.path}: structure {a + r} ({_where(sh, cols, r)}): field 'structures/parent' "
+                              f"is {int(par[r])}: a synthetic structure needs its parent's index")
     w = np.asarray(cols["weight"])
     if (w < 0).any():
         r = int(np.flatnonzero(w < 0)[0])
