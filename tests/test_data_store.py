@@ -196,7 +196,8 @@ def test_content_id_follows_an_in_place_edit(tmp_path, capsys):
 def test_bad_synthetic_fields_are_named(tmp_path, structs, field, value):
     """A NaN GPR uncertainty or a negative parent of a synthetic structure (a file edited or
     written by another tool) is an error naming file, structure and field."""
-    syn = [s for s in structs[:3]]
+    import dataclasses
+    syn = [dataclasses.replace(s) for s in structs[:3]]       # copies: the fixture is shared
     for s in syn:
         s.synthetic, s.parent, s.uncertainty = True, 0, 0.01
     write_dataset(tmp_path / "a.h5", syn)
