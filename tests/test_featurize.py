@@ -196,3 +196,14 @@ def test_damaged_cache_block_is_an_error_not_data(tmp_path, emt_h5):
         g.write(bytes([b[0] ^ 64]))
     with pytest.raises(DataFormatError, match=r"c\.h5: descriptor cache rows .* unreadable"):
         FeatureCache(out, ds, ds.species, SPEC).features([0, 1])
+
+
+def test_cache_of_an_older_version_is_stale_not_an_error(tmp_path, emt_h5):
+    """A cache written by an older distmlip (another format version) is rebuilt by training,
+    not a stop (make demo failed on the version 2 cache left by the previous release)."""
+    ds = H5Dataset(emt_h5)
+    out = featurize(ds, ds.species, SPEC, "reference", tmp_path / "c.h5")
+    with h5py.File(out, "r+") as f:
+        f.attrs["version"] = 2
+    with pytest.raises(StaleCacheError, match="format version 2"):
+        FeatureCache(out, ds, ds.species, SPEC)

@@ -99,9 +99,13 @@ class FeatureCache:
         try:
             with h5py.File(self.path, "r") as f:
                 a = f.attrs
-                if a.get("format") != FORMAT or int(a.get("version", -1)) != VERSION:
+                if a.get("format") != FORMAT:
                     raise DataFormatError(f"{self.path}: not a distmlip descriptor cache (format "
-                                          f"{a.get('format')!r} version {a.get('version')!r})")
+                                          f"{a.get('format')!r})")
+                if int(a.get("version", -1)) != VERSION:
+                    # a cache of an older distmlip (version 2: no checksums) is rebuilt, not an error
+                    raise StaleCacheError(f"{self.path}: descriptor cache of format version {int(a.get('version', -1))}, "
+                                          f"this distmlip writes version {VERSION}")
                 if not a.get("complete", False):
                     raise StaleCacheError(f"{self.path}: incomplete descriptor cache (writer did not finish)")
                 key = json.loads(a["key"])
