@@ -207,3 +207,28 @@ def test_cache_of_an_older_version_is_stale_not_an_error(tmp_path, emt_h5):
         f.attrs["version"] = 2
     with pytest.raises(StaleCacheError, match="format version 2"):
         FeatureCache(out, ds, ds.species, SPEC)
+
+
+def test_cache_that_does_not_fit_is_refused_before_writing(tmp_path, emt_h5, monkeypatch):
+    """A cache larger than the free space is a StorageError before anything is written (on a
+    full tmpfs h5py crashed at close, exit 139, leaving its temporary file); training in cache
+    mode auto then runs without a cache, saying why.  The free space is what statvfs reports,
+    made small here (a real full disk needs a mount)."""
+    import distmlip.descriptors.featurize as fz
+    from distmlip.descriptors.featurize import open_or_build
+    from distmlip.errors import StorageError
+
+    real = os.statvfs
+
+    class Tiny:
+        def __init__(self, st):
+            self.f_frsize, self.f_bavail = st.f_frsize, 10
+
+    monkeypatch.setattr(fz.os, "statvfs", lambda p: Tiny(real(p)))
+    ds = H5Dataset(emt_h5)
+    with pytest.raises(StorageError, match=r"cannot write the descriptor cache .*c\.h5: .* MB needed"):
+        featurize(ds, ds.species, SPEC, "reference", tmp_path / "c.h5")
+    assert not list(tmp_path.glob(".c.h5*")) and not (tmp_path / "c.h5").exists()
+    said = []
+    assert open_or_build(ds, ds.species, SPEC, "reference", tmp_path / "c.h5", warn_fn=said.append) is None
+    assert "training without a descriptor cache" in said[0]

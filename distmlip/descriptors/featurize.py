@@ -362,6 +362,7 @@ def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=Non
     n_rounds = max(len(make_batches(p, natoms, block_atoms, 1 << 30)) for p in parts)
     blocks = make_batches(parts[rank], natoms, block_atoms, 1 << 30)
 
+    _check_space(out_path, int(off[-1]) * dim * 8)     # every rank, the same answer: none waits
     tmp = temp_path(out_path) if rank == 0 else None
     if ctx is not None:
         tmp = ctx.broadcast_object(tmp)
@@ -415,6 +416,25 @@ def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=Non
     return out_path
 
 
+def _check_space(out_path: Path, nbytes: int) -> None:
+    """Refuse a cache the disk cannot take, before writing: HDF5 meets a full disk at a flush
+    and h5py then crashed in its deallocation (exit 139, the temporary file left behind)."""
+    from ..errors import StorageError
+
+    folder = out_path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return
+    free, need = st.f_bavail * st.f_frsize, int(nbytes * 1.02) + (1 << 20)
+    if free < need:
+        raise StorageError(f"cannot write the descriptor cache {out_path}: {need / 1e6:.1f} MB needed, "
+                           f"{free / 1e6:.1f} MB free in {folder} (disk full); free space, point "
+                           f"descriptor.cache_file elsewhere, or set descriptor.cache: off")
+
+
 def open_or_build(ds, species, spec: DescriptorSpec, kernels: str, path=None, mode: str = "auto", ctx=None,
                   log_fn=None, warn_fn=None):
     """The training-side entry (collective): a valid :class:`FeatureCache` or None.
@@ -446,7 +466,16 @@ def open_or_build(ds, species, spec: DescriptorSpec, kernels: str, path=None, mo
             return None
         if status.startswith("stale") and warn_fn is not None and rank0:
             warn_fn(status[len("stale: "):] + " -- rebuilding it")
-        featurize(ds, species, spec, kernels, path, ctx, log_fn=log_fn)
+        from ..errors import StorageError
+        try:
+            featurize(ds, species, spec, kernels, path, ctx, log_fn=log_fn)
+        except StorageError as exc:
+            # the space check runs on every rank before anything is written: all land here
+            if mode == "on":
+                raise
+            if warn_fn is not None and rank0:
+                warn_fn(f"{exc}; training without a descriptor cache (descriptors computed every step)")
+            return None
     return FeatureCache(path, ds, species, spec, check=False)
 
 
