@@ -185,3 +185,20 @@ def test_evaluate_with_a_non_finite_model_fails_and_writes_nothing(tmp_path, cap
     assert cli_main(["evaluate", str(tmp_path / "m.pt"), str(tmp_path / "d.h5"), "-o", str(tmp_path / "ev")]) == 2
     assert "predicts non-finite energies or forces for 10 of 10 structures" in capsys.readouterr().err
     assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_evaluate_folder_holds_one_run(tmp_path):
+    """Outputs are staged and moved in together: a second evaluation into the same folder
+    leaves no file of the first (here the force plot, which --no-forces does not write)."""
+    from distmlip.cli import main as cli_main
+
+    _data(tmp_path / "d.h5")
+    m = BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                            "backend": "reference"}, hidden=[5])
+    m.save(tmp_path / "m.pt")
+    ev = tmp_path / "ev"
+    assert cli_main(["evaluate", str(tmp_path / "m.pt"), str(tmp_path / "d.h5"), "-o", str(ev)]) == 0
+    assert (ev / "parity_forces.png").is_file()
+    assert cli_main(["evaluate", str(tmp_path / "m.pt"), str(tmp_path / "d.h5"), "-o", str(ev), "--no-forces"]) == 0
+    assert not (ev / "parity_forces.png").exists() and (ev / "parity_energy.png").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ev.")]       # no staging left

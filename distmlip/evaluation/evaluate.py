@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -125,33 +126,57 @@ def evaluate(models, ds, indices=None, output=None, forces=True, plots=True, bat
         names = [t["name"] for t in ds.subsets]
     results = metrics_by_subset(pred, names)
     if output is not None:
+        import shutil
+        import tempfile
+
+        from ..utils.io import storage_error
+
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "metrics.json", json.dumps({"label": label, "K": pred.K, "metrics": results},
-                                                           indent=2))
-        write_structures_csv(out / "structures.csv", pred, sources, names)
-        if plots:
-            from .plots import parity_plot
+        # every file is written into a staging folder first and moved in at the end: a full disk
+        # half-way replaced metrics.json and structures.csv and left the old plots (a folder
+        # mixing two runs); outputs of an earlier run this one does not write are removed
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            try:
+                atomic_write_text(stage / "metrics.json", json.dumps({"label": label, "K": pred.K, "metrics": results},
+                                                                   indent=2))
+                write_structures_csv(stage / "structures.csv", pred, sources, names)
+                if plots:
+                    from .plots import parity_plot
 
-            ov = results["overall"]
-            parity_plot(pred.energy_ref / pred.natoms, pred.energy / pred.natoms, out / "parity_energy.png",
-                        "reference energy (eV/atom)", "predicted energy (eV/atom)", title=label,
-                        text=f"MAE {ov['E_mae_meV_atom']:.2f} meV/atom\nRMSE {ov['E_rmse_meV_atom']:.2f} meV/atom",
-                        groups=pred.subset if names and len(names) > 1 else None, group_names=names)
-            if pred.forces is not None and pred.has_forces.any():
-                am = pred.has_forces[pred.atom_structure()]
-                parity_plot(pred.forces_ref[am], pred.force[am], out / "parity_forces.png",
-                            "reference force component (eV/A)", "predicted force component (eV/A)",
-                            title=label, text=f"MAE {ov['F_mae']:.3f} eV/A\nRMSE {ov['F_rmse']:.3f} eV/A")
-            if pred.stresses is not None and "S_mae_GPa" in ov:
-                from .metrics import EV_A3_GPA
+                    ov = results["overall"]
+                    parity_plot(pred.energy_ref / pred.natoms, pred.energy / pred.natoms, stage / "parity_energy.png",
+                                "reference energy (eV/atom)", "predicted energy (eV/atom)", title=label,
+                                text=f"MAE {ov['E_mae_meV_atom']:.2f} meV/atom\nRMSE {ov['E_rmse_meV_atom']:.2f} meV/atom",
+                                groups=pred.subset if names and len(names) > 1 else None, group_names=names)
+                    if pred.forces is not None and pred.has_forces.any():
+                        am = pred.has_forces[pred.atom_structure()]
+                        parity_plot(pred.forces_ref[am], pred.force[am], stage / "parity_forces.png",
+                                    "reference force component (eV/A)", "predicted force component (eV/A)",
+                                    title=label, text=f"MAE {ov['F_mae']:.3f} eV/A\nRMSE {ov['F_rmse']:.3f} eV/A")
+                    if pred.stresses is not None and "S_mae_GPa" in ov:
+                        from .metrics import EV_A3_GPA
 
-                sm = pred.has_stress
-                parity_plot(EV_A3_GPA * pred.stress_ref[sm].reshape(-1), EV_A3_GPA * pred.stress[sm].reshape(-1),
-                            out / "parity_stress.png", "reference stress component (GPa)",
-                            "predicted stress component (GPa)", title=label,
-                            text=f"MAE {ov['S_mae_GPa']:.3f} GPa\nRMSE {ov['S_rmse_GPa']:.3f} GPa")
+                        sm = pred.has_stress
+                        parity_plot(EV_A3_GPA * pred.stress_ref[sm].reshape(-1), EV_A3_GPA * pred.stress[sm].reshape(-1),
+                                    stage / "parity_stress.png", "reference stress component (GPa)",
+                                    "predicted stress component (GPa)", title=label,
+                                    text=f"MAE {ov['S_mae_GPa']:.3f} GPa\nRMSE {ov['S_rmse_GPa']:.3f} GPa")
+            except OSError as exc:
+                raise (storage_error(exc, out, "write the evaluation into") or exc) from None
+            for old in OUTPUT_FILES:
+                if (out / old).exists() and not (stage / old).exists():
+                    (out / old).unlink()
+            for f in stage.iterdir():
+                os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     return {"metrics": results, "predictions": pred}
+
+
+# what evaluate writes into its folder
+OUTPUT_FILES = ("metrics.json", "structures.csv", "parity_energy.png", "parity_forces.png", "parity_stress.png")
 
 
 def _check_finite(pred, ds, indices) -> None:
