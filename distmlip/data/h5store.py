@@ -398,14 +398,11 @@ class H5Writer:
         """Refuse to start a write the disk cannot take (HDF5 reports a full disk only when it
         flushes, often at close): the uncompressed size plus room for the metadata."""
         from ..errors import StorageError
+        from ..utils.io import free_bytes
 
-        try:
-            st = os.statvfs(self._tmp.parent)
-        except OSError:
-            return
-        free = st.f_bavail * st.f_frsize
+        free = free_bytes(self._tmp.parent)
         need = int(nbytes) + (1 << 20)
-        if free < need:
+        if free is not None and free < need:
             raise StorageError(f"cannot write {self.path}: no space left on the device (disk full): the next "
                                f"{need / 1e6:.1f} MB do not fit in the {free / 1e6:.1f} MB free in {self._tmp.parent}")
 

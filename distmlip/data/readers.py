@@ -304,15 +304,22 @@ def _unread_labels(atoms, keys: LabelKeys, energy, forces, stress, where: str, r
                              f"pass {opt} {cand[0]} (or {opt} with another key)")
 
 
-_FREE_ENERGY_NOTED: set = set()
-_FIXED_NOTED: set = set()
+_NOTED: set = set()      # (what, file) already said
+
+
+def _note_once(what: str, path, msg: str) -> None:
+    """Warn ``msg`` once per input file and kind of note (not once per frame)."""
+    if (what, str(path)) not in _NOTED:
+        _NOTED.add((what, str(path)))
+        from ..utils.log import warn
+        warn(msg)
 
 
 def _note_fixed_atoms(atoms, path, where: str) -> None:
     """Say once per file that its frames fix atoms (ASE FixAtoms: selective dynamics, extxyz
     move_mask): the data set does not keep constraints, and augment displaces every atom of a
     copy unless the subset's ``fixed_atoms`` names them."""
-    if str(path) in _FIXED_NOTED:
+    if ("fixed", str(path)) in _NOTED:
         return
     idx = set()
     for c in getattr(atoms, "constraints", None) or []:
@@ -320,12 +327,10 @@ def _note_fixed_atoms(atoms, path, where: str) -> None:
             idx.update(int(i) for i in c.get_indices())
     if not idx:
         return
-    _FIXED_NOTED.add(str(path))
-    from ..utils.log import warn
     shown = sorted(idx)
-    warn(f"{where}: {len(shown)} atoms are fixed (FixAtoms / move_mask: {shown[:12]}{' ...' if len(shown) > 12 else ''}); "
-         f"the data set does not keep constraints: for augment to leave them in place, list them per subset "
-         f"(subsets: {{NAME: {{fixed_atoms: [...]}}}}, docs/gpr.md)")
+    _note_once("fixed", path, f"{where}: {len(shown)} atoms are fixed (FixAtoms / move_mask: {shown[:12]}"
+               f"{' ...' if len(shown) > 12 else ''}); the data set does not keep constraints: for augment to "
+               f"leave them in place, list them per subset (subsets: {{NAME: {{fixed_atoms: [...]}}}}, docs/gpr.md)")
 
 
 def _from_ase(atoms, path, k, keys: Optional[LabelKeys] = None) -> Structure:
@@ -344,11 +349,10 @@ def _from_ase(atoms, path, k, keys: Optional[LabelKeys] = None) -> Structure:
         energy = float(results["energy"])
     elif "free_energy" in results:
         energy = float(results["free_energy"])
-        if str(path) not in _FREE_ENERGY_NOTED:      # once per file: which energy a user gets matters
-            _FREE_ENERGY_NOTED.add(str(path))
-            from ..utils.log import warn
-            warn(f"{where}: no 'energy' in the calculator results, only 'free_energy': stored as the energy "
-                 f"(for this file's frames that lack 'energy'; --energy-key chooses another key)")
+        # which energy a user gets matters: said once per file
+        _note_once("free_energy", path, f"{where}: no 'energy' in the calculator results, only 'free_energy': "
+                   f"stored as the energy (for this file's frames that lack 'energy'; --energy-key chooses "
+                   f"another key)")
     elif "energy" in atoms.info:
         energy = float(atoms.info["energy"])
     # a forces or stress key may be absent from some frames (molecules beside bulk cells): those

@@ -420,18 +420,12 @@ def _check_space(out_path: Path, nbytes: int) -> None:
     """Refuse a cache the disk cannot take, before writing: HDF5 meets a full disk at a flush
     and h5py then crashed in its deallocation (exit 139, the temporary file left behind)."""
     from ..errors import StorageError
+    from ..utils.io import free_bytes
 
-    folder = out_path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return
-    free, need = st.f_bavail * st.f_frsize, int(nbytes * 1.02) + (1 << 20)
-    if free < need:
+    free, need = free_bytes(out_path.parent), int(nbytes * 1.02) + (1 << 20)
+    if free is not None and free < need:
         raise StorageError(f"cannot write the descriptor cache {out_path}: {need / 1e6:.1f} MB needed, "
-                           f"{free / 1e6:.1f} MB free in {folder} (disk full); free space, point "
+                           f"{free / 1e6:.1f} MB free in {out_path.parent} (disk full); free space, point "
                            f"descriptor.cache_file elsewhere, or set descriptor.cache: off")
 
 

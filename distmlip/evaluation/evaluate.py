@@ -206,13 +206,12 @@ def _note_unseen_compositions(model, ds, idx) -> None:
     seen = (getattr(model, "training_record", None) or {}).get("energy_per_atom_min")
     if not seen:
         return
-    sids = np.unique(np.asarray(ds.subset_ids)[idx])
+    sids, first, counts = np.unique(np.asarray(ds.subset_ids)[idx], return_index=True, return_counts=True)
     unseen = {}
-    for sid in sids:
-        rows = idx[np.asarray(ds.subset_ids)[idx] == sid]
-        f = reduced_formula(ds.read(rows[:1])[0].numbers)
+    for row, n in zip(first, counts):       # one structure per subset: a subset has one atom sequence
+        f = reduced_formula(ds.read(idx[row:row + 1])[0].numbers)
         if f not in seen:
-            unseen[f] = unseen.get(f, 0) + len(rows)
+            unseen[f] = unseen.get(f, 0) + int(n)
     if unseen:
         warn(f"evaluate: {sum(unseen.values())} structure(s) have compositions absent from the model's training "
              f"data ({', '.join(f'{k}: {v}' for k, v in sorted(unseen.items())[:8])}"

@@ -209,8 +209,10 @@ def run(args) -> int:
     if args.gpr_command == "fit":
         check_writable(args.out, "fit folder")
     elif args.gpr_command == "test":
-        args.save and check_writable(args.save, "fit folder")
-        args.json and check_writable(Path(args.json).parent)
+        if args.save:
+            check_writable(args.save, "fit folder")
+        if args.json:
+            check_writable(Path(args.json).parent)
     else:
         check_writable(Path(args.output).parent)
     if args.gpr_command in ("fit", "test"):

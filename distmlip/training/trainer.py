@@ -499,6 +499,7 @@ class Trainer:
                 self._adopt_warm_start_architecture()
         elif tc.warm_start:
             self.model = BPNN.load(tc.warm_start, backend=dc.backend)
+            self._prior_record = self.model.training_record      # overwritten below: kept to merge
             missing = [s for s in self.ds.species if s not in self.model.species]
             if missing:
                 raise ConfigError(f"training.warm_start: model {tc.warm_start} has no network for "
@@ -561,7 +562,11 @@ class Trainer:
         # shortest pair distances and lowest energies of the training data, saved with the model
         # (md-check and the calculator warn below them; models/data_record.py)
         from ..models.data_record import dataset_record, merge_records
-        prior = self._warm_start_record() if tc.warm_start else None
+        prior = None
+        if tc.warm_start:   # the loaded model's record; a resumed fine-tuning run reads it from the file
+            prior = getattr(self, "_prior_record", None) if self._resume_state is None else self._warm_start_record()
+            if prior and float(prior.get("cutoff_A", -1)) != float(self.model.cutoff):
+                prior = None
         early = getattr(self, "_early_record", None)
         if early is not None and float(early["cutoff_A"]) == float(self.model.cutoff):
             self.model.training_record = early
@@ -578,14 +583,10 @@ class Trainer:
     def _warm_start_record(self) -> dict | None:
         """The training-data record of the warm-start model file (None if it has none or is gone,
         e.g. when a warm-started run resumes after the file was removed)."""
-        path = self.cfg.training.warm_start
         try:
-            rec = BPNN.load(path).training_record
+            return BPNN.load(self.cfg.training.warm_start).training_record
         except Exception:
             return None
-        if rec and float(rec.get("cutoff_A", -1)) != float(self.model.cutoff):
-            return None
-        return rec
 
     def _adopt_warm_start_architecture(self) -> None:
         """A warm start fine-tunes the loaded model's weights, so its descriptor, layers,

@@ -39,12 +39,22 @@ def storage_error(exc: BaseException, path, action: str = "write") -> StorageErr
     return None
 
 
-def _disk_full(path) -> bool:
+def free_bytes(path) -> int | None:
+    """Bytes free to this user on the file system of ``path`` (its nearest existing folder);
+    None when the system cannot tell."""
+    folder = Path(path)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
     try:
-        st = os.statvfs(Path(path).parent if not Path(path).is_dir() else path)
-        return st.f_bavail * st.f_frsize < (1 << 16)
+        st = os.statvfs(folder)
     except OSError:
-        return False
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _disk_full(path) -> bool:
+    free = free_bytes(path)
+    return free is not None and free < (1 << 16)
 
 
 def temp_path(final, suffix: str = ".tmp") -> Path:
