@@ -10,6 +10,8 @@ Modules (each imports only the ones above it, and nothing of distmlip but ``erro
     signals     stop flags and handlers, stop codes, abort, run_guarded, the excepthook
     rendezvous  MPI world, device choice, TCPStore rendezvous, torch process group
     context     DistContext and its collectives, rank groups, init/shutdown, gradient all-reduce
+    liveness    Heartbeat: ranks that wait long for each other (augment) end the job when a
+                partner stops beating, instead of hanging the allocation
 
 API:
 
@@ -20,6 +22,8 @@ API:
     ctx.all_reduce_sum(tensor) / ctx.all_reduce_max(tensor)   # in place (float64 recommended)
     ctx.broadcast_object(obj, src=0) ; ctx.all_gather_object(obj) -> list
     ctx.barrier() ; ctx.barrier(sleep=True)  # the latter waits without spinning a core
+    with Heartbeat(shared_folder, rank, world, timeout_s) as hb:   # a frozen partner ends the wait
+        ctx.barrier(sleep=True, watch=hb.check)
     g, gctx = ctx.split(G)                   # rank groups g, g+G, ...: same interface, group only
     allreduce_gradients(parameters, ctx, scale=None)   # ONE flat all-reduce of all .grad: SUM
     install_stop_handlers()                  # SIGTERM / SIGUSR1 -> stop flag; 2nd SIGTERM exits
@@ -37,6 +41,7 @@ import importlib
 
 _EXPORTS = {
     "DistContext": "context",
+    "Heartbeat": "liveness",
     "allreduce_gradients": "context",
     "get_context": "context",
     "init_distributed": "context",

@@ -208,17 +208,23 @@ class DistContext:
         dist.all_gather_object(out, obj, group=self._cpu_group)
         return out
 
-    def barrier(self, sleep: bool = False) -> None:
+    def barrier(self, sleep: bool = False, watch=None) -> None:
         """Wait until every rank of the context got here.  ``sleep=True``: wait without spinning a
         core (a blocking MPI barrier busy-polls), for ranks that may wait long while another still
-        works, e.g. augment's ranks that finished their subsets."""
+        works, e.g. augment's ranks that finished their subsets.  ``watch``: a callable run about
+        once a second while waiting, which raises to end the wait (e.g. ``Heartbeat.check``: such
+        a wait has no deadline of its own, a partner may legitimately work for hours)."""
         if self.world_size == 1:
             return
         if self._comm is not None:
             if sleep:
                 req = self._comm.Ibarrier()
+                next_watch = time.monotonic() + 1.0
                 while not req.Test():
                     time.sleep(_SLEEPING_BARRIER_POLL_S)
+                    if watch is not None and time.monotonic() >= next_watch:
+                        watch()
+                        next_watch = time.monotonic() + 1.0
             else:
                 self._comm.Barrier()
             return

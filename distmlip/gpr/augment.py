@@ -767,7 +767,7 @@ def _estimated_cost(cfg, ds, sid, n_ref) -> float:
 def augment(cfg: AugmentConfig, fresh: bool = False, force: bool = False) -> dict | None:
     """Run the augmentation (all ranks); rank 0 returns the report, other ranks None."""
     from ..data.h5store import H5Dataset
-    from ..distributed import init_distributed
+    from ..distributed import Heartbeat, init_distributed
 
     # MPI only: shards travel through files; ranks that finished wait in a sleeping barrier
     ctx = init_distributed(device="cpu", torch_group=False)
@@ -801,7 +801,12 @@ def augment(cfg: AugmentConfig, fresh: bool = False, force: bool = False) -> dic
 
         raise getattr(E, err[0], DistmlipError)(err[1])
     try:
-        return _augment(cfg, ctx, ds, names, workdir, fresh)
+        # ranks that finished wait for the others without a deadline (fits take hours); a partner
+        # that stops beating ends the wait instead (distributed/liveness.py)
+        with Heartbeat(workdir, rank, ctx.world_size, ctx.timeout_s,
+                       hint="Finished subsets are kept in the shard folder: rerun the same command to "
+                            "resume") as hb:
+            return _augment(cfg, ctx, ds, names, workdir, fresh, hb.check)
     finally:
         if lock is not None:
             lock.release()
@@ -836,7 +841,7 @@ def _check_fixed_atoms(cfg, ds, names, parents) -> None:
                               f"have {n} atoms (indices 0..{n - 1})")
 
 
-def _augment(cfg, ctx, ds, names, workdir, fresh):
+def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
     rank, world = ctx.rank, ctx.world_size
     parents = {sid: _parents_of(ds, sid)[0] for sid in range(len(names))}
     _check_fixed_atoms(cfg, ds, names, parents)
@@ -936,7 +941,7 @@ def _augment(cfg, ctx, ds, names, workdir, fresh):
     t0 = time.perf_counter()
     run(first, {})
     if plan:
-        ctx.barrier(sleep=True)
+        ctx.barrier(sleep=True, watch=watch)
         shared_of = {}
         for f, h in sorted(plan.items()):
             d = _read_hyper(_hyper_path(workdir, h), keys[h])
@@ -951,7 +956,7 @@ def _augment(cfg, ctx, ds, names, workdir, fresh):
             for m in units[f]:
                 keys[m] = hashlib.sha256((keys[m] + json.dumps(d, sort_keys=True)).encode()).hexdigest()[:32]
         run(second, shared_of)
-    ctx.barrier(sleep=True)
+    ctx.barrier(sleep=True, watch=watch)
     report = None
     if rank == 0:
         report = merge(cfg, ds, keys, workdir)
@@ -961,7 +966,7 @@ def _augment(cfg, ctx, ds, names, workdir, fresh):
         log(format_table(report))
         log(f"augment: wrote {cfg.output} ({report['n_output']} structures, {report['n_synthetic']} "
             f"synthetic), report {cfg.report_path()}")
-    ctx.barrier(sleep=True)
+    ctx.barrier(sleep=True, watch=watch)
     return report
 
 

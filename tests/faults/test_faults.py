@@ -306,6 +306,41 @@ def test_06_frozen_rank_ends_the_job_within_the_timeout(tmp_path, data):
     assert "no partner within 10 s" in err, err[-2000:]
 
 
+def test_06b_frozen_rank_ends_augment_whose_waits_have_no_deadline(tmp_path):
+    """augment's ranks wait for each other without a deadline (GPR fits take hours); a partner
+    whose heartbeat stops ends the job with its rank named, and the finished shard is kept."""
+    inp = tmp_path / "train.h5"
+    write_dataset(inp, rattled_cu_au(8, seed=1))            # two subsets: one per rank
+    cfg = tmp_path / "aug.yaml"
+    cfg.write_text(f"input: {inp}\noutput: {tmp_path / 'aug.h5'}\nmethod: taylor\ncopies: 2\ndelta: 0.02\n")
+    piddir = tmp_path / "pids"
+    piddir.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DISTMLIP_DIST_TIMEOUT="6",
+               DISTMLIP_TEST_PIDDIR=str(piddir), DISTMLIP_TEST_FREEZE="1")
+    cmd = [mpirun_exe(), "-n", "2", "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    for k in ("PYTHONPATH", "OMP_NUM_THREADS", "DISTMLIP_DIST_TIMEOUT", "DISTMLIP_TEST_PIDDIR", "DISTMLIP_TEST_FREEZE"):
+        cmd += ["-x", k]
+    p = subprocess.Popen(cmd + [sys.executable, CLI, "augment", str(cfg)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    try:
+        out, err = p.communicate(timeout=150)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        if (piddir / "pid.1").exists():          # never leave a stopped process behind
+            try:
+                os.kill(int((piddir / "pid.1").read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+    assert (piddir / "pid.1").exists(), (out, err)
+    assert p.returncode != 0, (out, err)
+    assert time.time() - t0 < 100
+    assert "rank 1" in err and "no sign of life" in err and "DISTMLIP_DIST_TIMEOUT=6" in err, err[-2000:]
+    assert not (tmp_path / "aug.h5").exists()
+    assert list((tmp_path / "aug.h5.shards").glob("subset_*.npz")), "rank 0's finished shard was lost"
+
+
 # ------------------------------------------------------------------------------------------
 # 7. the rendezvous listens on no network interface (one node)
 # ------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ Trainer.train_step, read from the environment:
   DISTMLIP_TEST_RAISE=RANK:STEP          that rank raises RuntimeError in global step STEP
   DISTMLIP_TEST_PIDDIR=DIR               each rank writes DIR/pid.<rank> at its first step
   DISTMLIP_TEST_SLEEP=SECONDS            sleep after every step (to give an outside signal time)
+  DISTMLIP_TEST_FREEZE=RANK              augment: that rank writes DISTMLIP_TEST_PIDDIR/pid.<rank>
+                                         and stops itself (SIGSTOP) before its first subset
 """
 import os
 import signal
@@ -13,6 +15,7 @@ import sys
 import time
 
 from distmlip import cli
+from distmlip.gpr import augment as augment_mod
 from distmlip.training import trainer as trainer_mod
 
 
@@ -49,6 +52,19 @@ def train_step(self, structures, acc):
 
 
 trainer_mod.Trainer.train_step = train_step
+_orig_subsets = augment_mod.process_subsets
+
+
+def process_subsets(ds, sids, cfg, rank=0, shared=None):
+    if os.environ.get("DISTMLIP_TEST_FREEZE") == str(rank):
+        piddir = os.environ["DISTMLIP_TEST_PIDDIR"]
+        with open(os.path.join(piddir, f"pid.{rank}"), "w") as f:
+            f.write(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return _orig_subsets(ds, sids, cfg, rank, shared)
+
+
+augment_mod.process_subsets = process_subsets
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))
