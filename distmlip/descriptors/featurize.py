@@ -394,14 +394,16 @@ def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=Non
             del parts_k
         for r in range(world):
             if ctx is not None:
-                ctx.barrier()
+                # a round is one block per rank: a partner missing for DISTMLIP_DIST_TIMEOUT is
+                # frozen, and the job ends instead of hanging
+                ctx.barrier(deadline=True)
             if r == rank and G is not None:
                 a, b = int(off[blocks[k][0]]), int(off[blocks[k][-1] + 1])
                 with h5py.File(tmp, "r+") as f:
                     f["features"][a:b] = G
         del G
     if ctx is not None:
-        ctx.barrier()
+        ctx.barrier(deadline=True)
     if rank == 0:
         with h5py.File(tmp, "r+") as f:
             f.attrs["complete"] = True
@@ -412,7 +414,7 @@ def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=Non
             log_fn(f"descriptor cache {out_path}: {len(natoms)} structures, {int(off[-1])} atoms x {dim} "
                    f"features ({kernels} kernels, {world} rank(s))")
     if ctx is not None:
-        ctx.barrier()
+        ctx.barrier(deadline=True)
     return out_path
 
 

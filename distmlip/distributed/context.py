@@ -208,16 +208,21 @@ class DistContext:
         dist.all_gather_object(out, obj, group=self._cpu_group)
         return out
 
-    def barrier(self, sleep: bool = False, watch=None) -> None:
+    def barrier(self, sleep: bool = False, watch=None, deadline: bool = False) -> None:
         """Wait until every rank of the context got here.  ``sleep=True``: wait without spinning a
         core (a blocking MPI barrier busy-polls), for ranks that may wait long while another still
         works, e.g. augment's ranks that finished their subsets.  ``watch``: a callable run about
         once a second while waiting, which raises to end the wait (e.g. ``Heartbeat.check``: such
-        a wait has no deadline of its own, a partner may legitimately work for hours)."""
+        a wait has no deadline of its own, a partner may legitimately work for hours).
+        ``deadline=True``: for waits bounded by a short piece of work (a block of the descriptor
+        cache): a partner that does not arrive within ``DISTMLIP_DIST_TIMEOUT`` is frozen or dead,
+        and the wait ends with an error naming this rank instead of hanging the job."""
         if self.world_size == 1:
             return
         if self._comm is not None:
-            if sleep:
+            if deadline:
+                self._wait(self._comm.Ibarrier())
+            elif sleep:
                 req = self._comm.Ibarrier()
                 next_watch = time.monotonic() + 1.0
                 while not req.Test():

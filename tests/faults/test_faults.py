@@ -306,21 +306,17 @@ def test_06_frozen_rank_ends_the_job_within_the_timeout(tmp_path, data):
     assert "no partner within 10 s" in err, err[-2000:]
 
 
-def test_06b_frozen_rank_ends_augment_whose_waits_have_no_deadline(tmp_path):
-    """augment's ranks wait for each other without a deadline (GPR fits take hours); a partner
-    whose heartbeat stops ends the job with its rank named, and the finished shard is kept."""
-    inp = tmp_path / "train.h5"
-    write_dataset(inp, rattled_cu_au(8, seed=1))            # two subsets: one per rank
-    cfg = tmp_path / "aug.yaml"
-    cfg.write_text(f"input: {inp}\noutput: {tmp_path / 'aug.h5'}\nmethod: taylor\ncopies: 2\ndelta: 0.02\n")
+def _run_frozen(tmp_path, args, freeze: str, timeout_s: int = 6):
+    """``distmlip ARGS`` under mpirun -n 2 whose rank 1 stops itself (SIGSTOP) at ``freeze``
+    (tests/mpi_scripts/train_cli.py); returns (rc, stdout, stderr, seconds)."""
     piddir = tmp_path / "pids"
     piddir.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DISTMLIP_DIST_TIMEOUT="6",
-               DISTMLIP_TEST_PIDDIR=str(piddir), DISTMLIP_TEST_FREEZE="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DISTMLIP_DIST_TIMEOUT=str(timeout_s),
+               DISTMLIP_TEST_PIDDIR=str(piddir), DISTMLIP_TEST_FREEZE=freeze)
     cmd = [mpirun_exe(), "-n", "2", "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
     for k in ("PYTHONPATH", "OMP_NUM_THREADS", "DISTMLIP_DIST_TIMEOUT", "DISTMLIP_TEST_PIDDIR", "DISTMLIP_TEST_FREEZE"):
         cmd += ["-x", k]
-    p = subprocess.Popen(cmd + [sys.executable, CLI, "augment", str(cfg)], env=env, stdout=subprocess.PIPE,
+    p = subprocess.Popen(cmd + [sys.executable, CLI] + args, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     try:
@@ -333,12 +329,31 @@ def test_06b_frozen_rank_ends_augment_whose_waits_have_no_deadline(tmp_path):
                 os.kill(int((piddir / "pid.1").read_text()), signal.SIGKILL)
             except (OSError, ValueError):
                 pass
-    assert (piddir / "pid.1").exists(), (out, err)
-    assert p.returncode != 0, (out, err)
-    assert time.time() - t0 < 100
+    assert (piddir / "pid.1").exists(), ("rank 1 never reached the freeze point", out, err)
+    return p.returncode, out, err, time.time() - t0
+
+
+def test_06b_frozen_rank_ends_augment_whose_waits_have_no_deadline(tmp_path):
+    """augment's ranks wait for each other without a deadline (GPR fits take hours); a partner
+    whose heartbeat stops ends the job with its rank named, and the finished shard is kept."""
+    inp = tmp_path / "train.h5"
+    write_dataset(inp, rattled_cu_au(8, seed=1))            # two subsets: one per rank
+    cfg = tmp_path / "aug.yaml"
+    cfg.write_text(f"input: {inp}\noutput: {tmp_path / 'aug.h5'}\nmethod: taylor\ncopies: 2\ndelta: 0.02\n")
+    rc, out, err, seconds = _run_frozen(tmp_path, ["augment", str(cfg)], "1:augment")
+    assert rc != 0 and seconds < 100, (rc, seconds)
     assert "rank 1" in err and "no sign of life" in err and "DISTMLIP_DIST_TIMEOUT=6" in err, err[-2000:]
     assert not (tmp_path / "aug.h5").exists()
     assert list((tmp_path / "aug.h5.shards").glob("subset_*.npz")), "rank 0's finished shard was lost"
+
+
+def test_06c_frozen_rank_while_the_descriptor_cache_is_built_ends_the_job(tmp_path, data):
+    desc = DESC.replace("cache: off", "cache: on")
+    cfg = _cfg(tmp_path / "c.yaml", data / "emt.h5", tmp_path / "run", "epochs: 1", desc=desc)
+    rc, out, err, seconds = _run_frozen(tmp_path, ["train", str(cfg)], "1:featurize")
+    assert rc != 0 and seconds < 100, (rc, seconds)
+    assert "no partner within 6 s" in err, err[-2000:]
+    assert not (tmp_path / "run" / "model.pt").exists()
 
 
 # ------------------------------------------------------------------------------------------

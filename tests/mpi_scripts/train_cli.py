@@ -6,8 +6,9 @@ Trainer.train_step, read from the environment:
   DISTMLIP_TEST_RAISE=RANK:STEP          that rank raises RuntimeError in global step STEP
   DISTMLIP_TEST_PIDDIR=DIR               each rank writes DIR/pid.<rank> at its first step
   DISTMLIP_TEST_SLEEP=SECONDS            sleep after every step (to give an outside signal time)
-  DISTMLIP_TEST_FREEZE=RANK              augment: that rank writes DISTMLIP_TEST_PIDDIR/pid.<rank>
-                                         and stops itself (SIGSTOP) before its first subset
+  DISTMLIP_TEST_FREEZE=RANK[:STAGE]      that rank writes DISTMLIP_TEST_PIDDIR/pid.<rank> and stops
+                                         itself (SIGSTOP) before its first augment subset (STAGE
+                                         augment, the default) or descriptor block (featurize)
 """
 import os
 import signal
@@ -15,6 +16,7 @@ import sys
 import time
 
 from distmlip import cli
+from distmlip.descriptors import featurize as featurize_mod
 from distmlip.gpr import augment as augment_mod
 from distmlip.training import trainer as trainer_mod
 
@@ -55,16 +57,32 @@ trainer_mod.Trainer.train_step = train_step
 _orig_subsets = augment_mod.process_subsets
 
 
-def process_subsets(ds, sids, cfg, rank=0, shared=None):
-    if os.environ.get("DISTMLIP_TEST_FREEZE") == str(rank):
+def _freeze(rank, stage):
+    v = os.environ.get("DISTMLIP_TEST_FREEZE", "")
+    if v and v.split(":")[0] == str(rank) and (v.split(":") + ["augment"])[1] == stage:
         piddir = os.environ["DISTMLIP_TEST_PIDDIR"]
         with open(os.path.join(piddir, f"pid.{rank}"), "w") as f:
             f.write(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def process_subsets(ds, sids, cfg, rank=0, shared=None):
+    _freeze(rank, "augment")
     return _orig_subsets(ds, sids, cfg, rank, shared)
 
 
 augment_mod.process_subsets = process_subsets
+_orig_features = featurize_mod.compute_features
+
+
+def compute_features(*args, **kwargs):
+    from distmlip.distributed import get_context
+
+    _freeze(get_context().rank, "featurize")
+    return _orig_features(*args, **kwargs)
+
+
+featurize_mod.compute_features = compute_features
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))
