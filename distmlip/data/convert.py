@@ -313,7 +313,7 @@ def _write_report(out: Path, rejected: list[dict], n_ok: int) -> None:
 
 def convert(cfg: ConvertConfig) -> dict:
     """Run a conversion (MPI aware).  Returns a summary dict (on every rank)."""
-    from ..distributed import init_distributed
+    from ..distributed import Heartbeat, init_distributed
 
     ctx = init_distributed(device="cpu", torch_group=False)  # objects over MPI; no-op alone
     rank, size = ctx.rank, ctx.world_size
@@ -369,57 +369,66 @@ def convert(cfg: ConvertConfig) -> dict:
         shard_dir = ctx.broadcast_object(shard_dir)
         shard = os.path.join(shard_dir, f"shard{rank:05d}.h5")
         err = None
+        # ranks wait for each other after their share of the frames and during rank 0's merge,
+        # both as long as the data are large: no deadline, but a partner whose heartbeat stops
+        # (frozen, its node lost) ends the wait
+        hb = Heartbeat(shard_dir, rank, size, ctx.timeout_s, hint="nothing was written to " + str(out))
         try:
-            try:
-                with h5store.H5Writer(shard, subsets=[], atomic=False, **common) as w:
-                    _process_frames(mine, indexes, cfg, w, builder, res, rank == 0)
-                    w.set_subsets(builder.finalize()[0])
-            except DistmlipError as exc:
-                err = (str(exc), True)
-            except Exception as exc:  # a bug: show it here, stop everyone
-                traceback.print_exc()
-                err = (f"rank {rank}: internal error {type(exc).__name__}: {exc}", False)
-            errors = ctx.all_gather_object(err)
-            _raise_first(errors)
-            gathered = ctx.all_gather_object((builder.state(), res.n_structures, res.n_atoms, res.rejected, res.z))
-            total = sum(g[1] for g in gathered)
-            if total == 0:
-                raise InputError(f"no valid structures in the {len(files)} input file(s)")
-            zs = set().union(*[g[4] for g in gathered])
-            _check_reference(cfg, zs)
-            glob_builder = SubsetBuilder(cfg.subset_by, cfg.subset_pattern)
-            for g in gathered:
-                glob_builder.merge(g[0])
-            table, gids = glob_builder.finalize()
-            n_sub = len(table)
-            merge_err = None
-            if rank == 0:
+            with hb:
                 try:
-                    log(f"  merging {size} shards")
-                    with h5store.H5Writer(out, subsets=table, **common) as w:
-                        for r in range(size):
-                            info = gathered[r][0]
-                            m = np.array([gids[k] for k in info], dtype=np.int64)
-                            if gathered[r][1]:
-                                h5store.copy_dataset_arrays(os.path.join(shard_dir, f"shard{r:05d}.h5"), w,
-                                                            subset_map=m)
-                    rejected = [x for g in gathered for x in g[3]]
-                    _write_report(out, rejected, total)
-                except DistmlipError as exc:
-                    merge_err = (str(exc), True)
-                except Exception as exc:
-                    traceback.print_exc()
-                    merge_err = (f"rank 0: merge failed: {type(exc).__name__}: {exc}", False)
-            merge_err = ctx.broadcast_object(merge_err)
-            _raise_first([merge_err])
-            res.n_structures, res.n_atoms = total, sum(g[2] for g in gathered)
-            res.rejected = [x for g in gathered for x in g[3]]
+                    try:
+                        with h5store.H5Writer(shard, subsets=[], atomic=False, **common) as w:
+                            _process_frames(mine, indexes, cfg, w, builder, res, rank == 0)
+                            w.set_subsets(builder.finalize()[0])
+                    except DistmlipError as exc:
+                        err = (str(exc), True)
+                    except Exception as exc:  # a bug: show it here, stop everyone
+                        traceback.print_exc()
+                        err = (f"rank {rank}: internal error {type(exc).__name__}: {exc}", False)
+                    ctx.barrier(sleep=True, watch=hb.check)
+                    errors = ctx.all_gather_object(err)
+                    _raise_first(errors)
+                    gathered = ctx.all_gather_object((builder.state(), res.n_structures, res.n_atoms, res.rejected, res.z))
+                    total = sum(g[1] for g in gathered)
+                    if total == 0:
+                        raise InputError(f"no valid structures in the {len(files)} input file(s)")
+                    zs = set().union(*[g[4] for g in gathered])
+                    _check_reference(cfg, zs)
+                    glob_builder = SubsetBuilder(cfg.subset_by, cfg.subset_pattern)
+                    for g in gathered:
+                        glob_builder.merge(g[0])
+                    table, gids = glob_builder.finalize()
+                    n_sub = len(table)
+                    merge_err = None
+                    if rank == 0:
+                        try:
+                            log(f"  merging {size} shards")
+                            with h5store.H5Writer(out, subsets=table, **common) as w:
+                                for r in range(size):
+                                    info = gathered[r][0]
+                                    m = np.array([gids[k] for k in info], dtype=np.int64)
+                                    if gathered[r][1]:
+                                        h5store.copy_dataset_arrays(os.path.join(shard_dir, f"shard{r:05d}.h5"), w,
+                                                                    subset_map=m)
+                            rejected = [x for g in gathered for x in g[3]]
+                            _write_report(out, rejected, total)
+                        except DistmlipError as exc:
+                            merge_err = (str(exc), True)
+                        except Exception as exc:
+                            traceback.print_exc()
+                            merge_err = (f"rank 0: merge failed: {type(exc).__name__}: {exc}", False)
+                    ctx.barrier(sleep=True, watch=hb.check)
+                    merge_err = ctx.broadcast_object(merge_err)
+                    _raise_first([merge_err])
+                    res.n_structures, res.n_atoms = total, sum(g[2] for g in gathered)
+                    res.rejected = [x for g in gathered for x in g[3]]
+                finally:
+                    # rank 0 may already be removing the whole shard folder
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(shard)
+            ctx.barrier(deadline=True)     # every rank has stopped beating into the shard folder
         finally:
-            # rank 0 may already be removing the whole shard folder
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(shard)
             if rank == 0:
-                # every rank has passed the allgather above (or failed before writing)
                 shutil.rmtree(shard_dir, ignore_errors=True)
     dt = time.time() - t0
     summary = {"files": len(files), "structures": res.n_structures, "atoms": res.n_atoms,

@@ -356,6 +356,30 @@ def test_06c_frozen_rank_while_the_descriptor_cache_is_built_ends_the_job(tmp_pa
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
+def test_06d_frozen_rank_during_convert_ends_the_job_and_leaves_nothing(tmp_path):
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    frames = []
+    for k in range(16):
+        a = bulk("Cu", "fcc", a=3.61, cubic=True)
+        a.rattle(0.05, seed=k)
+        a.calc = EMT()
+        e, f = a.get_potential_energy(), a.get_forces()
+        a.calc = SinglePointCalculator(a, energy=e, forces=f)
+        frames.append(a)
+    write(tmp_path / "in.extxyz", frames)
+    out = tmp_path / "out" / "d.h5"
+    rc, _, err, seconds = _run_frozen(tmp_path, ["convert", str(tmp_path / "in.extxyz"), "-o", str(out)],
+                                      "1:convert")
+    assert rc != 0 and seconds < 100, (rc, seconds)
+    assert "rank 1" in err and "no sign of life" in err and str(out) in err, err[-2000:]
+    assert not out.exists() and not [p for p in out.parent.iterdir() if "shards" in p.name], \
+        list(out.parent.iterdir())
+
+
 # ------------------------------------------------------------------------------------------
 # 7. the rendezvous listens on no network interface (one node)
 # ------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ Trainer.train_step, read from the environment:
   DISTMLIP_TEST_SLEEP=SECONDS            sleep after every step (to give an outside signal time)
   DISTMLIP_TEST_FREEZE=RANK[:STAGE]      that rank writes DISTMLIP_TEST_PIDDIR/pid.<rank> and stops
                                          itself (SIGSTOP) before its first augment subset (STAGE
-                                         augment, the default) or descriptor block (featurize)
+                                         augment, the default), descriptor block (featurize) or
+                                         share of the frames (convert)
 """
 import os
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 
 from distmlip import cli
+from distmlip.data import convert as convert_mod
 from distmlip.descriptors import featurize as featurize_mod
 from distmlip.gpr import augment as augment_mod
 from distmlip.training import trainer as trainer_mod
@@ -83,6 +85,17 @@ def compute_features(*args, **kwargs):
 
 
 featurize_mod.compute_features = compute_features
+_orig_frames = convert_mod._process_frames
+
+
+def _process_frames(*args, **kwargs):
+    from distmlip.distributed import get_context
+
+    _freeze(get_context().rank, "convert")
+    return _orig_frames(*args, **kwargs)
+
+
+convert_mod._process_frames = _process_frames
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))
