@@ -29,7 +29,7 @@ import copy
 import json
 from pathlib import Path
 
-
+from ..distributed.liveness import Heartbeat
 from ..utils.io import atomic_write_text, load_torch_file
 from ..utils.log import log
 
@@ -97,31 +97,37 @@ def train_committee(cfg, ctx, resume: bool = False, quiet: bool = False, step_ca
             + (", bootstrap" if cfg.committee.bootstrap else ""))
     _shared_cache(cfg, ctx, quiet)
     ctx.barrier()
-    status = "done"
-    my_members = list(range(g, K, G))
-    statuses = {}
-    for k in my_members:
-        kd = member_dir(out, k)
-        mcfg = _member_cfg(cfg, k, out)
-        info = _done_info(kd) if resume else None
-        if info is not None and (info.get("status") == "early_stopped" or info.get("epochs", 0) >= cfg.training.epochs
-                                 or info.get("status") == "max_steps"):
-            statuses[k] = info.get("status", "done")
-            continue
-        ck = kd / "checkpoint.pt"
-        res = str(ck) if resume and ck.is_file() else None
-        prefix = f"[member {k:02d}] " if K > 1 else ""
-        tr = Trainer(mcfg, gctx, resume=res, quiet=quiet, log_prefix=prefix, force=force)
-        cb = None if step_callback is None else (lambda t, k=k: step_callback(t, k))
-        st = tr.fit(step_callback=cb)
-        statuses[k] = st
-        if st == "stopped":
-            status = "stopped"
-            break
-        if gctx.rank == 0:
-            atomic_write_text(kd / "done.json", json.dumps({"status": st, "epochs": tr.epoch,
-                                                            "seed": mcfg.training.seed}))
-    # all groups meet here (MPI barrier: no collective timeout while groups finish at different times)
+    # groups finish at different times (hours apart), so the wait below has no deadline; a rank
+    # whose heartbeat stops (frozen, its node lost) ends it instead, and a waiting rank sleeps
+    # rather than spinning a core that another group's ranks may share
+    with Heartbeat(out, ctx.rank, ctx.world_size, ctx.timeout_s,
+                   hint="finished members are kept: rerun with --resume auto") as hb:
+        status = "done"
+        my_members = list(range(g, K, G))
+        statuses = {}
+        for k in my_members:
+            kd = member_dir(out, k)
+            mcfg = _member_cfg(cfg, k, out)
+            info = _done_info(kd) if resume else None
+            if info is not None and (info.get("status") == "early_stopped" or info.get("epochs", 0) >= cfg.training.epochs
+                                     or info.get("status") == "max_steps"):
+                statuses[k] = info.get("status", "done")
+                continue
+            ck = kd / "checkpoint.pt"
+            res = str(ck) if resume and ck.is_file() else None
+            prefix = f"[member {k:02d}] " if K > 1 else ""
+            tr = Trainer(mcfg, gctx, resume=res, quiet=quiet, log_prefix=prefix, force=force)
+            cb = None if step_callback is None else (lambda t, k=k: step_callback(t, k))
+            st = tr.fit(step_callback=cb)
+            statuses[k] = st
+            if st == "stopped":
+                status = "stopped"
+                break
+            if gctx.rank == 0:
+                atomic_write_text(kd / "done.json", json.dumps({"status": st, "epochs": tr.epoch,
+                                                                "seed": mcfg.training.seed}))
+        ctx.barrier(sleep=True, watch=hb.check)
+    # all groups are here
     everything = ctx.all_gather_object({"rank": ctx.rank, "status": status, "members": statuses})
     stopped = any(e["status"] == "stopped" for e in everything)
     if ctx.rank == 0:

@@ -380,6 +380,18 @@ def test_06d_frozen_rank_during_convert_ends_the_job_and_leaves_nothing(tmp_path
         list(out.parent.iterdir())
 
 
+def test_06e_frozen_group_of_a_committee_ends_the_job(tmp_path, data):
+    """Committee groups finish hours apart, so their final wait has no deadline: a group whose
+    rank stops beating ends it; the finished member is kept."""
+    cfg = _cfg(tmp_path / "c.yaml", data / "emt.h5", tmp_path / "run", "epochs: 2")
+    cfg.write_text(cfg.read_text() + "committee: {K: 2}\n")          # two groups of one rank
+    rc, _, err, seconds = _run_frozen(tmp_path, ["train", str(cfg)], "1:train")
+    assert rc != 0 and seconds < 100, (rc, seconds)
+    assert "rank 1" in err and "no sign of life" in err and "--resume auto" in err, err[-2000:]
+    assert (tmp_path / "run" / "member_00" / "done.json").exists()
+    assert not (tmp_path / "run" / "committee.pt").exists()
+
+
 # ------------------------------------------------------------------------------------------
 # 7. the rendezvous listens on no network interface (one node)
 # ------------------------------------------------------------------------------------------

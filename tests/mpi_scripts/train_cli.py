@@ -9,7 +9,7 @@ Trainer.train_step, read from the environment:
   DISTMLIP_TEST_FREEZE=RANK[:STAGE]      that rank writes DISTMLIP_TEST_PIDDIR/pid.<rank> and stops
                                          itself (SIGSTOP) before its first augment subset (STAGE
                                          augment, the default), descriptor block (featurize) or
-                                         share of the frames (convert)
+                                         share of the frames (convert) or training step (train)
 """
 import os
 import signal
@@ -37,6 +37,10 @@ _count = {"n": 0}
 
 def train_step(self, structures, acc):
     rank, n = self.ctx.rank, _count["n"]
+    if n == 0:
+        from distmlip.distributed import get_context
+
+        _freeze(get_context().rank, "train")      # the job's rank (a committee group's rank is not)
     piddir = os.environ.get("DISTMLIP_TEST_PIDDIR")
     if piddir and n == 0:
         with open(os.path.join(piddir, f"pid.{rank}.tmp"), "w") as f:
