@@ -65,6 +65,7 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 
 from ..config import bounds
+from ..distributed.liveness import Heartbeat
 from ..errors import ConfigError, InputError
 from ..gpr.augment import GPRSettings
 from ..utils.io import atomic_path, atomic_write_text
@@ -313,7 +314,7 @@ class Explorer:
     def save_state(self, st: dict) -> None:
         if self.rank0:
             atomic_write_text(self.state_path(), json.dumps(st, indent=1))
-        self.ctx.barrier()
+        self.sync()
 
     # ---------------------------------------------------------------- stages
     def tasks(self, rung: list[float]) -> list[dict]:
@@ -344,7 +345,7 @@ class Explorer:
         mddir = itdir / "md"
         if self.rank0:
             mddir.mkdir(parents=True, exist_ok=True)
-        self.ctx.barrier()
+        self.sync()
         tasks = self.tasks(rung)
         mine = [t for t in tasks if t["task"] % self.ctx.world_size == self.ctx.rank]
         todo = [t for t in mine if not (mddir / f"task_{t['task']:03d}.json").is_file()]
@@ -386,7 +387,7 @@ class Explorer:
                 f"{summary['analysed']} frames, failed {summary['failed']}/{n_frames}, flagged "
                 f"{summary['flagged']}, max {self.kind} uncertainty {summary['max_uncertainty']:.3f}",
                 all_ranks=True)
-        self.ctx.barrier()
+        self.sync()
         return [json.loads((mddir / f"task_{t['task']:03d}.json").read_text()) for t in tasks]
 
     def select(self, itdir: Path, summaries: list[dict]) -> dict:
@@ -497,7 +498,7 @@ class Explorer:
                 outf.append(b)
             with atomic_path(out, suffix=".extxyz") as tmp:
                 write(str(tmp), outf, format="extxyz", parallel=False)
-        self.ctx.barrier()
+        self.sync()
         return out
 
     def convert(self, itdir: Path, inputs) -> Path:
@@ -506,7 +507,7 @@ class Explorer:
         out = itdir / "new.h5"
         if not out.is_file():
             convert(ConvertConfig(inputs=[str(p) for p in inputs], output=str(out)))
-        self.ctx.barrier()
+        self.sync()
         return out
 
     def retrain(self, itdir: Path, st: dict, new_data: list[str]) -> tuple[str, str]:
@@ -536,7 +537,7 @@ class Explorer:
                          log_prefix="  [retrain] ").fit()
         if status != "stopped" and self.rank0:
             atomic_write_text(done, json.dumps({"status": status}))
-        self.ctx.barrier()
+        self.sync()
         return status, str(tdir / "model.pt")
 
     def refit_warm_starts(self, itdir: Path, cfg, warm: str) -> str:
@@ -578,7 +579,7 @@ class Explorer:
                 if k == 0:
                     log(f"  normalisation refit on {summ['n_structures']} structures (energies kept): energy "
                         f"scale {summ['energy_scale']:.4g} eV/atom")
-        self.ctx.barrier()
+        self.sync()
         return target
 
     def members_of(self, model_file: str, where: Path) -> str | None:
@@ -599,7 +600,7 @@ class Explorer:
                 d.mkdir(parents=True, exist_ok=True)
                 if not (d / "model.pt").is_file():
                     atomic_torch_save(m, d / "model.pt")
-        self.ctx.barrier()
+        self.sync()
         return str(where / "member_{k:02d}" / "model.pt")
 
     def test(self, model_file: str) -> dict:
@@ -613,97 +614,108 @@ class Explorer:
         ov = metrics(pred)
         return {"test_E_mae_meV_atom": ov["E_mae_meV_atom"], "test_F_mae": ov.get("F_mae")}
 
+    def sync(self) -> None:
+        """Wait for every rank: sleeping (ranks that finished their MD tasks early do not spin a
+        core), and watched by the run's heartbeat once it beats."""
+        hb = getattr(self, "_hb", None)
+        watch = None if hb is None or hb.stopped else hb.check
+        self.ctx.barrier(sleep=True, watch=watch)
+
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
         cfg = self.cfg
         if self.rank0:
             self.out.mkdir(parents=True, exist_ok=True)
         self.ctx.barrier()
-        st = self.load_state()
-        if st["members"] is None and self.K > 1:
-            st["members"] = self.members_of(st["model"], self.out / "initial")
-        rungs = cfg.rungs()
-        log(f"explore: {self.K} model(s) from {cfg.model}, uncertainty {self.kind} (threshold "
-            f"{cfg.uncertainty.threshold:g} {'eV/A' if self.kind == 'committee' else 'eV'}), "
-            f"{len(self.starts)} starting structure(s), temperature rungs {rungs}, {cfg.md.steps} x "
-            f"{cfg.md.timestep:g} fs, on {self.ctx.world_size} rank(s); labels: "
-            f"{cfg.label_with or ('files given' if self.labelled else 'external (DFT)')}")
-        while st["finished"] is None and st["iteration"] < cfg.iterations:
-            it = st["iteration"] + 1
-            itdir = self.out / f"iter_{it:03d}"
-            rung = rungs[st["rung"]]
-            t0 = time.time()
-            models = _load(st["model"], cfg.device)
-            summaries = self.run_md(it, itdir, st, models, rung)
-            frames = sum(s["frames"] for s in summaries)
-            analysed = sum(s["analysed"] for s in summaries)
-            fr = sum(s["failed"] for s in summaries) / max(frames, 1)
-            flagged = sum(s["flagged"] for s in summaries) / max(analysed, 1)
-            umax = max(s["max_uncertainty"] for s in summaries)
-            row = {"iteration": it, "temperatures_K": rung, "ps": cfg.md.steps * cfg.md.timestep / 1000.0,
-                   "trajectories": len(summaries), "frames": frames, "failure_ratio": fr,
-                   "flagged_fraction": flagged, "max_uncertainty": umax,
-                   "min_dist_A": min(s["min_dist_A"] for s in summaries), "model": st["model"]}
-            row.update(self.test(st["model"]) if self.rank0 else {})
-            converged = fr <= cfg.targets.failure_ratio and flagged <= cfg.targets.flagged_fraction
-            if converged:
-                row.update(pool=0, sampled=0, updated=False,
-                           note=("rung converged: next temperatures" if st["rung"] + 1 < len(rungs)
-                                 else "converged at the last rung"))
-                if st["rung"] + 1 < len(rungs):
-                    st["rung"] += 1
-                else:
-                    st["finished"] = "converged"
-            else:
-                sel = self.select(itdir, summaries) if self.rank0 else None
-                sel = self.ctx.broadcast_object(sel)
-                row.update(pool=sel["pool"], sampled=sel["selected"])
-                if sel["selected"] < max(cfg.select.min_new, 1):
-                    row.update(updated=False, note=f"{sel['selected']} selected < select.min_new: model kept")
-                else:
-                    lab = self.label(itdir, sel)
-                    if lab is None and self.labelled:
-                        lab_inputs = self.labelled
-                        self.labelled = []
-                    elif lab is None:
-                        log(f"explore: iteration {it}: {sel['selected']} candidates for reference calculations in "
-                            f"{sel['candidates']}; label them (energies and forces), then continue with\n"
-                            f"  distmlip explore CONFIG --labelled LABELLED_FILES")
-                        st["waiting"] = sel["candidates"]
-                        self.save_state(st)
-                        return st
+        # ranks run MD tasks and label frames of different lengths and wait for each other without a
+        # deadline; a rank whose heartbeat stops (frozen, node lost) ends the wait
+        with Heartbeat(self.out, self.ctx.rank, self.ctx.world_size, self.ctx.timeout_s,
+                       hint="finished iterations are kept: rerun the same command to continue") as self._hb:
+            st = self.load_state()
+            if st["members"] is None and self.K > 1:
+                st["members"] = self.members_of(st["model"], self.out / "initial")
+            rungs = cfg.rungs()
+            log(f"explore: {self.K} model(s) from {cfg.model}, uncertainty {self.kind} (threshold "
+                f"{cfg.uncertainty.threshold:g} {'eV/A' if self.kind == 'committee' else 'eV'}), "
+                f"{len(self.starts)} starting structure(s), temperature rungs {rungs}, {cfg.md.steps} x "
+                f"{cfg.md.timestep:g} fs, on {self.ctx.world_size} rank(s); labels: "
+                f"{cfg.label_with or ('files given' if self.labelled else 'external (DFT)')}")
+            while st["finished"] is None and st["iteration"] < cfg.iterations:
+                it = st["iteration"] + 1
+                itdir = self.out / f"iter_{it:03d}"
+                rung = rungs[st["rung"]]
+                t0 = time.time()
+                models = _load(st["model"], cfg.device)
+                summaries = self.run_md(it, itdir, st, models, rung)
+                frames = sum(s["frames"] for s in summaries)
+                analysed = sum(s["analysed"] for s in summaries)
+                fr = sum(s["failed"] for s in summaries) / max(frames, 1)
+                flagged = sum(s["flagged"] for s in summaries) / max(analysed, 1)
+                umax = max(s["max_uncertainty"] for s in summaries)
+                row = {"iteration": it, "temperatures_K": rung, "ps": cfg.md.steps * cfg.md.timestep / 1000.0,
+                       "trajectories": len(summaries), "frames": frames, "failure_ratio": fr,
+                       "flagged_fraction": flagged, "max_uncertainty": umax,
+                       "min_dist_A": min(s["min_dist_A"] for s in summaries), "model": st["model"]}
+                row.update(self.test(st["model"]) if self.rank0 else {})
+                converged = fr <= cfg.targets.failure_ratio and flagged <= cfg.targets.flagged_fraction
+                if converged:
+                    row.update(pool=0, sampled=0, updated=False,
+                               note=("rung converged: next temperatures" if st["rung"] + 1 < len(rungs)
+                                     else "converged at the last rung"))
+                    if st["rung"] + 1 < len(rungs):
+                        st["rung"] += 1
                     else:
-                        lab_inputs = [lab]
-                    new = self.convert(itdir, lab_inputs)
-                    new_data = list(st["new_data"]) + [str(new)]
-                    status, model_file = self.retrain(itdir, st, new_data)
-                    if status == "stopped":
-                        log(f"explore: stop requested during retraining of iteration {it}; continue with "
-                            f"'distmlip explore CONFIG' (training resumes from its checkpoint)")
-                        return st
-                    st["new_data"] = new_data
-                    st["model"] = model_file
-                    if self.K > 1:
-                        st["members"] = str(Path(model_file).parent / "member_{k:02d}" / "model.pt")
-                    row.update(updated=True, note=f"retrained ({status}) on {len(new_data)} new data file(s)")
-            row["wall_s"] = time.time() - t0
-            st["rows"].append(row)
-            st["iteration"] = it
-            st.pop("waiting", None)
-            if self.rank0:
-                atomic_write_text(itdir / "done.json", json.dumps(row, indent=1))
-            self.save_state(st)
+                        st["finished"] = "converged"
+                else:
+                    sel = self.select(itdir, summaries) if self.rank0 else None
+                    sel = self.ctx.broadcast_object(sel)
+                    row.update(pool=sel["pool"], sampled=sel["selected"])
+                    if sel["selected"] < max(cfg.select.min_new, 1):
+                        row.update(updated=False, note=f"{sel['selected']} selected < select.min_new: model kept")
+                    else:
+                        lab = self.label(itdir, sel)
+                        if lab is None and self.labelled:
+                            lab_inputs = self.labelled
+                            self.labelled = []
+                        elif lab is None:
+                            log(f"explore: iteration {it}: {sel['selected']} candidates for reference calculations in "
+                                f"{sel['candidates']}; label them (energies and forces), then continue with\n"
+                                f"  distmlip explore CONFIG --labelled LABELLED_FILES")
+                            st["waiting"] = sel["candidates"]
+                            self.save_state(st)
+                            return st
+                        else:
+                            lab_inputs = [lab]
+                        new = self.convert(itdir, lab_inputs)
+                        new_data = list(st["new_data"]) + [str(new)]
+                        status, model_file = self.retrain(itdir, st, new_data)
+                        if status == "stopped":
+                            log(f"explore: stop requested during retraining of iteration {it}; continue with "
+                                f"'distmlip explore CONFIG' (training resumes from its checkpoint)")
+                            return st
+                        st["new_data"] = new_data
+                        st["model"] = model_file
+                        if self.K > 1:
+                            st["members"] = str(Path(model_file).parent / "member_{k:02d}" / "model.pt")
+                        row.update(updated=True, note=f"retrained ({status}) on {len(new_data)} new data file(s)")
+                row["wall_s"] = time.time() - t0
+                st["rows"].append(row)
+                st["iteration"] = it
+                st.pop("waiting", None)
+                if self.rank0:
+                    atomic_write_text(itdir / "done.json", json.dumps(row, indent=1))
+                self.save_state(st)
+                self.write_table(st)
+                log(format_row(row))
+            if st["finished"] is None:
+                st["finished"] = "iterations exhausted"
+                if st["rows"] and st["rows"][-1].get("updated"):
+                    st["final_test"] = self.test(st["model"])
+                self.save_state(st)
             self.write_table(st)
-            log(format_row(row))
-        if st["finished"] is None:
-            st["finished"] = "iterations exhausted"
-            if st["rows"] and st["rows"][-1].get("updated"):
-                st["final_test"] = self.test(st["model"])
-            self.save_state(st)
-        self.write_table(st)
-        log(format_table(st))
-        log(f"explore: {st['finished']} after {st['iteration']} iteration(s); model {st['model']}")
-        return st
+            log(format_table(st))
+            log(f"explore: {st['finished']} after {st['iteration']} iteration(s); model {st['model']}")
+            return st
 
     def write_table(self, st: dict) -> None:
         if self.rank0:

@@ -42,6 +42,11 @@ class Heartbeat:
         self._seen: dict[int, tuple[str, float]] = {}     # rank -> (content, monotonic time it changed)
         self._t0 = time.monotonic()
 
+    @property
+    def stopped(self) -> bool:
+        """True once the context was left (its beats ended)."""
+        return self._stop.is_set()
+
     def path(self, rank: int) -> Path:
         return self.folder / f".alive.{rank}"
 
