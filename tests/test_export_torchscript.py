@@ -1,6 +1,6 @@
 """TorchScript export: loaded in a fresh interpreter whose PYTHONPATH has no distmlip (torch only),
-energies and forces equal the model's (periodic, small periodic cell with self-images, molecule),
-ZBL included."""
+energies and forces equal the model's (periodic, small periodic cell with self-images, molecule,
+unwrapped coordinates, a slab whose third cell vector is zero), ZBL included."""
 import json
 import os
 import subprocess
@@ -62,7 +62,14 @@ def _structures():
     tri = bulk("Cu", "hcp", a=2.6, c=4.1)                     # non-orthogonal cell
     tri.numbers[1] = 79
     tri.rattle(0.05, seed=3)
-    return [a, b, c, tri]
+    un = (a * (2, 1, 1)).copy()                               # unwrapped: atoms moved by lattice vectors
+    un.positions[2] += 2 * un.cell[0]
+    un.positions[5] -= un.cell[1] + 3 * un.cell[2]
+    slab = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 1)   # slab with a zero third cell vector
+    slab.rattle(0.05, seed=4)
+    slab.set_cell([slab.cell[0], slab.cell[1], [0.0, 0.0, 0.0]])
+    slab.pbc = (True, True, False)
+    return [a, b, c, tri, un, slab]
 
 
 def test_torchscript_export_runs_without_distmlip(tmp_path):

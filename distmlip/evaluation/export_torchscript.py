@@ -80,25 +80,62 @@ class ExportedPotential(nn.Module):
         self.net_dtype = nets[0][0].weight.dtype if len(nets) else torch.float64
 
     # ---------------------------------------------------------------- neighbour list
+    def _orth(self, v: torch.Tensor, qs: List[torch.Tensor]) -> torch.Tensor:
+        for q in qs:
+            v = v - (v @ q) * q
+        return v
+
+    def _complete_cell(self, cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
+        """The cell with every non-periodic vector replaced by a unit vector orthogonal to the
+        periodic ones (a slab's zero or short third vector, a wire's two): invertible, and the
+        periodic vectors' plane spacings unchanged."""
+        qs: List[torch.Tensor] = []        # orthonormal basis of the vectors kept so far
+        for k in range(3):
+            if bool(pbc[k]):
+                v = self._orth(cell[k], qs)
+                qs.append(v / torch.linalg.norm(v))
+        full = cell.clone()
+        eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
+        for k in range(3):
+            if not bool(pbc[k]):
+                best = self._orth(eye[0], qs)
+                for e in range(1, 3):
+                    v = self._orth(eye[e], qs)
+                    if float(torch.linalg.norm(v)) > float(torch.linalg.norm(best)):
+                        best = v
+                best = best / torch.linalg.norm(best)
+                qs.append(best)
+                full[k] = best
+        return full
+
     def neighbor_pairs(self, pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(i, j, cartesian shift) of all pairs with |r_j + shift - r_i| < cutoff, i != j or a
-        non-zero image; brute force over periodic images."""
+        non-zero image; brute force over periodic images.  Positions are wrapped into the cell
+        for the search (an unwrapped MD frame or an atom moved by lattice vectors describes the
+        same crystal, and ceil(rc / h) images only cover atoms inside the cell); the shifts
+        returned refer to the positions as given."""
         rc = self.cutoff
         N = pos.shape[0]
         dev = pos.device
         nimg: List[int] = [0, 0, 0]
         any_pbc = bool(pbc.any())
+        p = pos.detach()
+        offset = torch.zeros(N, 3, dtype=pos.dtype, device=dev)
         if any_pbc:
-            vol = torch.abs(torch.linalg.det(cell))
+            full = self._complete_cell(cell, pbc)
+            vol = torch.abs(torch.linalg.det(full))
             if float(vol) < 1e-12:
                 raise RuntimeError("periodic structure with a singular cell")
             for k in range(3):
                 if bool(pbc[k]):
-                    a = cell[(k + 1) % 3]
-                    b = cell[(k + 2) % 3]
+                    a = full[(k + 1) % 3]
+                    b = full[(k + 2) % 3]
                     h = float(vol / torch.linalg.norm(torch.linalg.cross(a, b)))
                     nimg[k] = int(math.ceil(rc / h))
+            frac = p @ torch.linalg.inv(full)
+            offset = torch.floor(frac) * pbc.to(pos.dtype)[None, :]
+            p = p - offset @ full
         r0 = torch.arange(-nimg[0], nimg[0] + 1, device=dev)
         r1 = torch.arange(-nimg[1], nimg[1] + 1, device=dev)
         r2 = torch.arange(-nimg[2], nimg[2] + 1, device=dev)
@@ -106,7 +143,6 @@ class ExportedPotential(nn.Module):
         S = torch.stack([g[0].reshape(-1), g[1].reshape(-1), g[2].reshape(-1)], dim=1).to(pos.dtype)
         shifts = S @ cell.to(pos.dtype) if any_pbc else torch.zeros_like(S)
         with torch.no_grad():
-            p = pos.detach()
             d = p[None, :, None, :] + shifts[None, None, :, :] - p[:, None, None, :]   # [N, N, S, 3]
             r2m = (d * d).sum(-1)
             zero = (S.abs().sum(1) == 0)
@@ -114,7 +150,10 @@ class ExportedPotential(nn.Module):
             self_mask = eye[:, :, None] & zero[None, None, :]
             ok = (r2m < rc * rc) & (~self_mask)
             idx = torch.nonzero(ok)
-        return idx[:, 0], idx[:, 1], shifts[idx[:, 2]]
+        i, j = idx[:, 0], idx[:, 1]
+        # wrapped r_j - r_i + S.cell = given r_j - r_i + (S + o_i - o_j).cell
+        lat = S[idx[:, 2]] + offset[i] - offset[j]
+        return i, j, lat @ cell.to(pos.dtype)
 
     # ---------------------------------------------------------------- descriptor
     def _cheb(self, x: torch.Tensor, order: int) -> torch.Tensor:
