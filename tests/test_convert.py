@@ -421,6 +421,42 @@ def test_label_keys_of_published_extxyz(tmp_path, emt):
     assert H5Dataset(tmp_path / "p.h5").n_structures == 3
 
 
+def test_model_predictions_beside_labels_are_not_guessed_and_a_virial_key_is_a_virial(tmp_path):
+    """A file evaluated by a model carries its predictions beside the DFT labels (MACE_energy and
+    REF_energy): the hint named the alphabetically first key (the model's) and following it trained
+    on predictions.  A virial key passed as --stress-key was stored as a stress (V times too
+    large, sign flipped)."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.io import write
+
+    frames, true = [], []
+    for k in range(3):
+        a = bulk("Cu", "fcc", a=3.59, cubic=True) * (2, 1, 1)
+        a.rattle(0.02, seed=k)
+        a.calc = EMT()
+        e, f, st = a.get_potential_energy(), a.get_forces(), a.get_stress(voigt=False)
+        b = a.copy()
+        b.calc = None
+        b.info.update(REF_energy=e, MACE_energy=e + 0.1)
+        b.arrays["REF_forces"], b.arrays["MACE_forces"] = f, f * 0.9
+        b.info["REF_virial"] = (-st * a.get_volume()).reshape(-1)
+        frames.append(b)
+        true.append(st)
+    write(tmp_path / "m.extxyz", frames)
+    with pytest.raises(InputError, match="several keys fit, so convert does not guess") as e:
+        convert(_cfg([tmp_path / "m.extxyz"], tmp_path / "a.h5"))
+    assert "pass --energy-key MACE_energy" not in str(e.value)
+    with pytest.raises(InputError, match="pass --forces-key REF_forces"):     # the given key's prefix
+        convert(_cfg([tmp_path / "m.extxyz"], tmp_path / "a.h5", energy_key="REF_energy"))
+    with pytest.raises(InputError, match="pass --stress-key REF_virial .*read as a virial"):
+        convert(_cfg([tmp_path / "m.extxyz"], tmp_path / "a.h5", energy_key="REF_energy", forces_key="REF_forces"))
+    convert(_cfg([tmp_path / "m.extxyz"], tmp_path / "a.h5", energy_key="REF_energy", forces_key="REF_forces",
+                 stress_key="REF_virial"))
+    for s, st in zip(H5Dataset(tmp_path / "a.h5").read(np.arange(3)), true):
+        np.testing.assert_allclose(s.stress, st, rtol=1e-6, atol=1e-9)
+
+
 def test_free_energy_only_frames_are_said(tmp_path, capsys):
     """Frames whose results hold only 'free_energy' (no 'energy') are stored with it, and convert
     says so once per file instead of choosing silently."""

@@ -295,13 +295,28 @@ def _unread_labels(atoms, keys: LabelKeys, energy, forces, stress, where: str, r
         pool = dict(store) if given is None else {**(results or {}), **store}
         cand = sorted(k for k in pool if k != given and any(w in k.lower() for w in words)
                       and "weight" not in k.lower() and fits(field_, pool[k]))
-        if cand and given is not None:
+        if not cand:
+            continue
+        # files evaluated by a model carry its predictions beside the reference labels (REF_energy
+        # and MACE_energy): with several candidates none is guessed; the one with the prefix of
+        # a key already given comes first (REF_forces after --energy-key REF_energy)
+        prefixes = {g.lower().split("_")[0] for g in (keys.energy, keys.forces, keys.stress)
+                    if g and "_" in g}
+        cand.sort(key=lambda k: (k.lower().split("_")[0] not in prefixes, k))
+        same = [k for k in cand if "_" in k and k.lower().split("_")[0] in prefixes]
+        if len(cand) == 1 or len(same) == 1:
+            how = f"pass {opt} {cand[0]}"
+        else:
+            how = (f"pass {opt} with the key that holds the reference (DFT) labels; several keys fit, so "
+                   f"convert does not guess (a file evaluated by a model also carries its predictions)")
+        if "virial" in cand[0].lower() and field_ == "stress":
+            how += " (a key named '...virial...' is read as a virial W and stored as the stress -W / V)"
+        if given is not None:
             raise InputError(f"{where}: field '{field_}': no key '{given}' ({opt}) in this frame, but it has "
-                             f"{', '.join(map(repr, cand))}: a typo in {opt}? (pass {opt} {cand[0]})")
-        if cand:
-            raise InputError(f"{where}: field '{field_}': no {field_} where convert reads it (the calculator "
-                             f"results or the key '{field_}'), but the frame has {', '.join(map(repr, cand))}: "
-                             f"pass {opt} {cand[0]} (or {opt} with another key)")
+                             f"{', '.join(map(repr, cand))}: a typo in {opt}? ({how})")
+        raise InputError(f"{where}: field '{field_}': no {field_} where convert reads it (the calculator "
+                         f"results or the key '{field_}'), but the frame has {', '.join(map(repr, cand))}: "
+                         f"{how}")
 
 
 _NOTED: set = set()      # (what, file) already said
@@ -367,6 +382,16 @@ def _from_ase(atoms, path, k, keys: Optional[LabelKeys] = None) -> Structure:
     if keys.stress is not None:
         v = atoms.info.get(keys.stress, results.get(keys.stress))
         stress = None if v is None else stress_tensor(v, where)
+        if stress is not None and "virial" in keys.stress.lower():
+            # a virial (W = -V stress, eV: extxyz of GAP/NEP/MACE data sets) under the stress key
+            # would be stored as a stress V times too large with the wrong sign
+            vol = abs(float(np.linalg.det(np.asarray(atoms.cell.array, dtype=np.float64))))
+            if not vol > 0:
+                raise InputError(f"{where}: field '{keys.stress}': structure has no cell volume to turn the "
+                                 f"virial into a stress")
+            stress = -stress / vol
+            _note_once("virial", path, f"{path}: '{keys.stress}' (--stress-key) is read as a virial W (eV) and "
+                       f"stored as the stress -W / V (eV/A^3)")
     else:
         stress = _ase_stress(atoms, results, where)
     _unread_labels(atoms, keys, energy, forces, stress, where, results)
