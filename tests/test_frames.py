@@ -46,9 +46,18 @@ def test_scan_rules_vec_blank_no_newline(tmp_path):
     offs = scan_extxyz(p)
     assert list(offs) == [0, len(first), p.stat().st_size]
     assert len(ase.io.read(p, index=":")) == 2
-    # a blank line ends the frames (as in ASE)
-    p.write_text("1\nx\nH 0 0 0\n\n1\nx\nH 0 0 0\n")
-    assert len(scan_extxyz(p)) == 2 and len(ase.io.read(p, index=":", format="extxyz")) == 1
+    # ASE stops at a blank line between frames (files joined with `cat`): every later frame was
+    # lost with exit 0; the scan reads on, and the frames (an empty comment line included) arrive
+    p.write_text("1\nenergy=-1.0\nH 0 0 0\n\n\n1\n\nH 0 0 1\n\n1\nenergy=-3.0\nH 0 0 2\n\n")
+    assert len(ase.io.read(p, index=":", format="extxyz")) == 1
+    offs = scan_extxyz(p)
+    assert len(offs) == 4
+    got = [s for chunk, _ in iter_frames(index_file(str(p)), 0, 3, chunk_bytes=1 << 20) for s in chunk]
+    assert [s.positions[0, 2] for s in got] == [0.0, 1.0, 2.0]
+    assert got[0].energy == -1.0 and got[2].energy == -3.0
+    # a blank line at the end only: nothing more
+    p.write_text("1\nx\nH 0 0 0\n\n\n")
+    assert len(scan_extxyz(p)) == 2
     p.write_text("1\nx\nH 0 0 0\n3\nx\nH 0 0 0\n")
     with pytest.raises(InputError, match=r"frame 1: file ends inside the frame"):
         scan_extxyz(p)

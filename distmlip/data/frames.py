@@ -135,9 +135,20 @@ def scan_extxyz(path, block: int = SCAN_BLOCK) -> np.ndarray:
     with fh:
         cur = _Lines(fh, block)
         prev = None          # (line, atom count) of the previous frame's count line
+        blank = None         # (line, frames before it) of the first blank line between frames
         while True:
             head = cur.line()
-            if head is None or not head.strip():
+            if head is not None and not head.strip():
+                # ASE's reader stops at a blank line; files joined with `cat` from files that end
+                # in an empty line have one between frames, and every frame after it was lost
+                # without a word: read on, and say so
+                at = (cur.lineno(), len(offs))
+                while head is not None and not head.strip():
+                    cur.k += 1
+                    head = cur.line()
+                if head is not None and blank is None:
+                    blank = at
+            if head is None:
                 break
             frame = len(offs)
             try:
@@ -164,6 +175,11 @@ def scan_extxyz(path, block: int = SCAN_BLOCK) -> np.ndarray:
                 else:
                     break
         end = cur.offset() if offs else 0
+    if blank is not None and offs:
+        from ..utils.log import warn
+
+        warn(f"{path}:{blank[0]}: a blank line after frame {blank[1] - 1} (ASE's reader stops there); the "
+             f"frames after it are read too ({len(offs)} frames in all)")
     if not offs:
         raise InputError(f"{path}: no structures in file" if os.path.getsize(path) else f"{path}: empty file")
     return np.array(offs + [end], dtype=np.int64)
@@ -225,10 +241,13 @@ def index_file(path: str, format: Optional[str] = None) -> FileFrames:
 
 
 # --------------------------------------------------------------------------------- reading
-def _ase_chunk(path, text: str, first: int, count: int, keys: Optional[LabelKeys] = None) -> list[Structure]:
+def _ase_chunk(path, text: str, first: int, count: int, keys: Optional[LabelKeys] = None,
+               raw: Optional[bytes] = None, rel=None) -> list[Structure]:
     """Parse ``count`` extxyz frames (global indices first..) from their text; on failure parse
-    them one by one so the error names the frame.  parallel=False everywhere: under MPI, ASE's
-    default reads on rank 0 and broadcasts, which hands every rank rank 0's frames."""
+    them one by one so the error names the frame (cut at ``rel``, the frames' byte offsets in
+    ``raw``, when given: the scan's own frame boundaries, which also pass blank lines between
+    frames).  parallel=False everywhere: under MPI, ASE's default reads on rank 0 and broadcasts,
+    which hands every rank rank 0's frames."""
     import ase.io
 
     try:
@@ -240,7 +259,10 @@ def _ase_chunk(path, text: str, first: int, count: int, keys: Optional[LabelKeys
     except Exception:
         pass
     # locate the bad frame (rare path: the cost does not matter)
-    frames = _split_frames(text, count)
+    if raw is not None and rel is not None:
+        frames = [raw[int(rel[k]):int(rel[k + 1])].decode("utf-8") for k in range(count)]
+    else:
+        frames = _split_frames(text, count)
     out = []
     for k, t in enumerate(frames):
         try:
@@ -300,7 +322,7 @@ def iter_frames(ff: FileFrames, lo: int, hi: int, chunk_bytes: int = CHUNK_BYTES
                 except UnicodeDecodeError as exc:
                     k = int(np.searchsorted(offs, offs[a] + exc.start, side="right")) - 1
                     raise InputError(f"{path}: frame {k}: not UTF-8 text (byte {int(offs[a]) + exc.start})") from None
-                yield _ase_chunk(path, text, a, b - a, keys), len(raw)
+                yield _ase_chunk(path, text, a, b - a, keys, raw, offs[a:b + 1] - offs[a]), len(raw)
                 a = b
         return
     import ase.io
