@@ -531,3 +531,28 @@ def test_two_converts_on_one_output_file(tmp_path, capsys):
         other.wait()
     assert cli_main(["convert", str(src), "-o", str(tmp_path / "same.h5")]) == 0      # dead holder: taken over
     assert not (tmp_path / ".same.h5.distmlip.lock").exists()
+
+
+def test_a_folder_reads_labelled_files_only_and_says_what_it_skips(tmp_path, emt, capsys):
+    """A VASP run folder failed on CONTCAR ('missing energy'); its OUTCAR and vasprun.xml were
+    both read (every step twice, copies in training and validation); a stray metadata.json
+    stopped the conversion; a SLURM log named *.out must not be taken for a QE output."""
+    from ase.io import write
+
+    from distmlip.data.readers import _vasp_pairs
+
+    d = tmp_path / "runs"
+    (d / "r1").mkdir(parents=True)
+    write(d / "r1" / "data.extxyz", [s.to_ase() for s in emt[:4]])
+    write(d / "r1" / "POSCAR", emt[0].to_ase(), format="vasp")
+    write(d / "r1" / "CONTCAR", emt[0].to_ase(), format="vasp")
+    (d / "r1" / "metadata.json").write_text('{"code": "vasp"}')
+    (d / "r1" / "slurm-17.out").write_text("job started\n")
+    convert(_cfg([d], tmp_path / "a.h5"))
+    err = capsys.readouterr().err
+    assert H5Dataset(tmp_path / "a.h5").n_structures == 4
+    assert "structure only (no energies) (CONTCAR, POSCAR)" in err and "slurm-17.out" in err
+    assert "metadata.json" in err
+    kept, dropped = _vasp_pairs(["a/OUTCAR", "a/vasprun.xml", "b/OUTCAR", "c/relax.OUTCAR", "c/relax_vasprun.xml"])
+    assert kept == ["a/vasprun.xml", "b/OUTCAR", "c/relax_vasprun.xml"]
+    assert dropped == ["a/OUTCAR", "c/relax.OUTCAR"]

@@ -29,9 +29,18 @@ import numpy as np
 from ..errors import InputError
 from .structure import Structure
 
-# File name suffixes collected when a directory is given (without --format).
-KNOWN_SUFFIXES = {".xsf", ".xyz", ".extxyz", ".db", ".traj", ".cif", ".vasp", ".poscar", ".json"}
-KNOWN_NAMES = ("OUTCAR", "vasprun", "POSCAR", "CONTCAR")
+# What a directory given to convert (without --format) contributes: files named like labelled
+# data (suffixes, or VASP's OUTCAR / vasprun.xml anywhere in the name); other files only when
+# ASE recognises their content as a format that carries energies (a Quantum ESPRESSO output named
+# scf.out); structure-only files (POSCAR, CONTCAR, .cif) are skipped, as they hold no labels.
+KNOWN_SUFFIXES = {".xsf", ".xyz", ".extxyz", ".db", ".traj", ".json"}
+KNOWN_IN_NAME = ("OUTCAR", "vasprun")
+STRUCTURE_ONLY = {".cif", ".vasp", ".poscar"}
+STRUCTURE_ONLY_NAMES = ("POSCAR", "CONTCAR")
+# ASE formats taken from a file's content, each with the bytes its head must hold (ASE's guess
+# goes by the name for some: a SLURM log 'slurm-1.out' is 'espresso-out' to it)
+LABELLED_FORMATS = {"espresso-out": b"Program PWSCF", "vasp-out": b"vasp.", "vasp-xml": b"<modeling",
+                    "traj": b"", "db": b""}
 XSF_FORMATS = {"xsf", "aenet-xsf", "aenet"}
 
 _PBC_KEYWORDS = {"CRYSTAL": (True, True, True), "SLAB": (True, True, False),
@@ -434,11 +443,85 @@ def read_file(path, format: str | None = None, keys: Optional[LabelKeys] = None)
 
 
 def _wanted(path: Path, format: str | None) -> bool:
-    if path.name.startswith("."):
-        return False
+    """Whether a file found in a directory is read (see KNOWN_SUFFIXES)."""
+    return _discover(path, format)[0]
+
+
+def _discover(path: Path, format: str | None) -> tuple[bool, str]:
+    """(read it, why not) for a file found in a directory."""
+    name = path.name
+    if name.startswith("."):
+        return False, "hidden"
     if format is not None:
-        return True
-    return path.suffix.lower() in KNOWN_SUFFIXES or path.name.startswith(KNOWN_NAMES)
+        return True, ""
+    suffix = path.suffix.lower()
+    if suffix in STRUCTURE_ONLY or name.startswith(STRUCTURE_ONLY_NAMES):
+        return False, "structure only (no energies)"
+    if suffix == ".json":
+        # an ASE database, or a stray metadata.json that stopped the whole conversion
+        try:
+            import ase.db
+
+            with ase.db.connect(str(path), type="json") as db:
+                db.count()
+            return True, ""
+        except Exception:
+            return False, "not an ASE database"
+    if suffix in KNOWN_SUFFIXES or any(k in name for k in KNOWN_IN_NAME):
+        return True, ""
+    try:
+        from ase.io.formats import filetype
+
+        kind = filetype(str(path), guess=False)
+    except Exception:
+        kind = None
+    if kind in LABELLED_FORMATS:
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(1 << 16)
+        except OSError:
+            head = b""
+        if LABELLED_FORMATS[kind] in head:
+            return True, ""
+    return False, "not a known data format"
+
+
+def _vasp_pairs(files: list[str]) -> tuple[list[str], list[str]]:
+    """A VASP run folder holds its steps twice (OUTCAR and vasprun.xml): every structure was
+    converted twice, and the copies landed in training and validation alike.  Keep vasprun.xml
+    (more digits) where a folder has both; returns (kept, dropped)."""
+    by_dir: dict[str, list[str]] = {}
+    for f in files:
+        by_dir.setdefault(os.path.dirname(f), []).append(f)
+    drop = set()
+    for d, fs in by_dir.items():
+        if any("vasprun" in os.path.basename(f) for f in fs):
+            drop.update(f for f in fs if "OUTCAR" in os.path.basename(f))
+    return [f for f in files if f not in drop], sorted(drop)
+
+
+def _scan_dir(root, format: str | None) -> list[str]:
+    found, skipped = [], {}
+    for p in sorted(Path(root).rglob("*")):
+        if not p.is_file():
+            continue
+        ok, why = _discover(p, format)
+        if ok:
+            found.append(str(p))
+        elif why != "hidden":
+            skipped.setdefault(why, []).append(p.name)
+    if format is None:
+        found, dropped = _vasp_pairs(found)
+        if dropped:
+            skipped.setdefault("OUTCAR beside vasprun.xml (the same steps; vasprun.xml is read)", []).extend(
+                os.path.basename(f) for f in dropped)
+    if skipped:
+        from ..utils.log import warn
+
+        parts = [f"{len(v)} {why} ({', '.join(sorted(set(v))[:4])}{' ...' if len(set(v)) > 4 else ''})"
+                 for why, v in skipped.items()]
+        warn(f"{root}: files not read: {'; '.join(parts)}; name a file to read it anyway, or pass --format")
+    return found
 
 
 def expand_inputs(inputs: Iterable[str], format: str | None = None) -> list[str]:
@@ -458,7 +541,7 @@ def expand_inputs(inputs: Iterable[str], format: str | None = None) -> list[str]
     for item in inputs:
         item = str(item)
         if os.path.isdir(item):
-            found = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and _wanted(p, format))
+            found = _scan_dir(item, format)
             if not found:
                 raise InputError(f"{item}: directory contains no readable data files")
             for f in found:
@@ -470,7 +553,7 @@ def expand_inputs(inputs: Iterable[str], format: str | None = None) -> list[str]
             files = []
             for f in found:
                 if os.path.isdir(f):
-                    files += sorted(str(p) for p in Path(f).rglob("*") if p.is_file() and _wanted(p, format))
+                    files += _scan_dir(f, format)
                 else:
                     files.append(f)
             if not files:
