@@ -84,7 +84,7 @@ def test_extxyz_and_db_inputs(tmp_path, emt):
         for a in atoms:
             db.write(a)
     out = tmp_path / "d.h5"
-    convert(_cfg([tmp_path / "a.extxyz", tmp_path / "b.db"], out))
+    convert(_cfg([tmp_path / "a.extxyz", tmp_path / "b.db"], out, keep_duplicates=True))   # the same frames twice
     ds = H5Dataset(out)
     assert len(ds) == 12
     got = ds.read(range(12))
@@ -556,3 +556,40 @@ def test_a_folder_reads_labelled_files_only_and_says_what_it_skips(tmp_path, emt
     kept, dropped = _vasp_pairs(["a/OUTCAR", "a/vasprun.xml", "b/OUTCAR", "c/relax.OUTCAR", "c/relax_vasprun.xml"])
     assert kept == ["a/vasprun.xml", "b/OUTCAR", "c/relax_vasprun.xml"]
     assert dropped == ["a/OUTCAR", "c/relax.OUTCAR"]
+
+
+def test_repeated_structures_are_dropped_listed_and_the_same_on_two_ranks(tmp_path, emt, capsys):
+    """The same frame twice (two files of one run, a file read twice, frames printed with fewer
+    digits) sat in training and validation alike; it is dropped and listed; the same geometry
+    with another energy is kept and warned about; --keep-duplicates keeps all; 1 and 2 ranks
+    write the same data set."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    frames = [s.to_ase() for s in emt[:6]]
+    again = [a.copy() for a in frames[1:4]]
+    for a, s in zip(again, emt[1:4]):          # reprinted with fewer digits (an OUTCAR beside vasprun.xml)
+        a.positions = np.round(a.positions, 5)
+        a.calc = SinglePointCalculator(a, energy=round(s.energy, 6), forces=np.round(s.forces, 5))
+    other = frames[5].copy()
+    other.calc = SinglePointCalculator(other, energy=emt[5].energy + 0.5, forces=emt[5].forces)
+    write(tmp_path / "a.extxyz", frames)
+    write(tmp_path / "b.extxyz", again + [other])
+    ins = [tmp_path / "a.extxyz", tmp_path / "b.extxyz"]
+    r = convert(_cfg(ins, tmp_path / "one.h5"))
+    err = capsys.readouterr().err
+    assert r["duplicates"] == 3 and r["structures"] == 7, r
+    assert "3 structure(s) repeat an earlier one and were dropped" in err
+    assert "1 structure(s) repeat an earlier geometry with another energy (kept)" in err
+    ds = H5Dataset(tmp_path / "one.h5")
+    assert ds.n_structures == 7 and sum(t["count"] for t in ds.subsets) == 7
+    got = ds.read(np.arange(7))
+    assert [s.source_index for s in got] == [0, 1, 2, 3, 4, 5, 3]      # b.extxyz keeps its frame 3 only
+    report = (tmp_path / "one.h5.rejected.txt").read_text()
+    assert report.count("duplicate of") == 3 and "b.extxyz: structure 0" in report
+    kept = convert(_cfg(ins, tmp_path / "all.h5", keep_duplicates=True))
+    assert kept["structures"] == 10 and kept["duplicates"] == 0
+    two = mpirun(2, ["-m", "distmlip", "convert", str(ins[0]), str(ins[1]), "-o", str(tmp_path / "two.h5")])
+    assert two.returncode == 0
+    with h5py.File(tmp_path / "one.h5") as f1, h5py.File(tmp_path / "two.h5") as f2:
+        assert f1.attrs["content_sha256"] == f2.attrs["content_sha256"]

@@ -52,6 +52,9 @@ class ConvertConfig:
     energy_key: Optional[str] = None
     forces_key: Optional[str] = None
     stress_key: Optional[str] = None
+    # a structure that repeats an earlier one (the same frame in two files, a file read twice) is
+    # dropped and listed in the rejected report unless this is true
+    keep_duplicates: bool = False
 
     def label_keys(self):
         from .readers import LabelKeys
@@ -72,7 +75,7 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--output", help="output HDF5 file (written atomically)")
     p.add_argument("--config", help="YAML file with the same settings (keys: inputs, output, format, "
                    "reference_energies, min_distance, skip_invalid, subset_by, subset_pattern, split_by_pattern, "
-                   "compression, energy_key, forces_key, stress_key); command-line options win")
+                   "compression, energy_key, forces_key, stress_key, keep_duplicates); command-line options win")
     p.add_argument("--format", help="ASE format name for non-XSF inputs (default: from the file name); "
                    "'xsf' forces the aenet XSF reader")
     p.add_argument("--reference-energies", metavar="SPEC",
@@ -91,6 +94,9 @@ def add_arguments(p) -> None:
                    "(extxyz, e.g. REF_energy) instead of the calculator results / 'energy'")
     p.add_argument("--forces-key", metavar="KEY", help="read the forces from this per-atom array "
                    "(extxyz, e.g. REF_forces)")
+    p.add_argument("--keep-duplicates", action="store_true", default=None,
+                   help="keep structures that repeat an earlier one (same atoms, positions, cell and energy; "
+                        "dropped and listed in OUTPUT.rejected.txt by default)")
     p.add_argument("--stress-key", metavar="KEY", help="read the stress (eV/A^3, ASE sign; 6 Voigt or 9 "
                    "values) from this info key (extxyz, e.g. REF_stress)")
 
@@ -135,7 +141,7 @@ def config_from_args(args) -> ConvertConfig:
     if args.inputs:
         overrides["inputs"] = list(args.inputs)
     for name in ("output", "format", "min_distance", "skip_invalid", "subset_by", "subset_pattern",
-                 "energy_key", "forces_key", "stress_key"):
+                 "energy_key", "forces_key", "stress_key", "keep_duplicates"):
         v = getattr(args, name, None)
         if v is not None:
             overrides[name] = v
@@ -295,6 +301,43 @@ def _check_reference(cfg, zs):
             raise ConfigError(f"reference energies given but missing for element(s) {', '.join(missing)}")
 
 
+def _drop_duplicates(out: Path, cfg: ConvertConfig, res: "_RankResult") -> tuple[int, int]:
+    """Remove structures that repeat an earlier one (h5store.duplicate_structures) from the
+    written file and list them in the rejected report: a repeated structure would sit in
+    training and validation alike (optimistic validation errors) and weigh twice.  The same
+    geometry with another energy is kept and warned about.  Returns (dropped, their atoms)."""
+    dups, conflicts = h5store.duplicate_structures(out)
+    if conflicts:
+        ds = h5store.H5Dataset(out)
+        shown = []
+        for i, j in conflicts[:3]:
+            a, b = ds.read([i, j])
+            shown.append(f"{a.source}: structure {a.source_index} ({a.energy:.6f} eV) and {b.source}: structure "
+                         f"{b.source_index} ({b.energy:.6f} eV)")
+        warn(f"{out}: {len(conflicts)} structure(s) repeat an earlier geometry with another energy (kept): "
+             f"{'; '.join(shown)}{' ...' if len(conflicts) > 3 else ''}; the same atoms labelled twice (another "
+             f"charge or spin state, another DFT setting?) give the network contradictory targets")
+    if not dups:
+        return 0, 0
+    ds = h5store.H5Dataset(out)
+    rows, n_atoms = [], 0
+    for i, j in dups:
+        a, b = ds.read([i, j])
+        n_atoms += len(a.numbers)
+        rows.append({"source": a.source, "structure": a.source_index,
+                     "problems": [{"field": "structure", "reason": f"duplicate of {b.source}: structure "
+                                   f"{b.source_index} (same atoms, positions and cell to "
+                                   f"{h5store.DUPLICATE_POSITION_TOL:g} A, same energy); dropped "
+                                   f"(--keep-duplicates keeps it)"}]})
+    h5store.rewrite_without(out, [i for i, _ in dups], compression=cfg.compression)
+    res.rejected.extend(rows)
+    _write_report(out, res.rejected, res.n_structures - len(dups))
+    warn(f"{out}: {len(dups)} structure(s) repeat an earlier one and were dropped (first: {rows[0]['source']}: "
+         f"structure {rows[0]['structure']}, {rows[0]['problems'][0]['reason'].split(';')[0]}); listed in "
+         f"{out}.rejected.txt")
+    return len(dups), n_atoms
+
+
 def _write_report(out: Path, rejected: list[dict], n_ok: int) -> None:
     base = str(out) + ".rejected"
     if not rejected:
@@ -430,9 +473,27 @@ def convert(cfg: ConvertConfig) -> dict:
         finally:
             if rank == 0:
                 shutil.rmtree(shard_dir, ignore_errors=True)
+    n_dup = 0
+    if not cfg.keep_duplicates:
+        # rank 0 on the written file: the same for any number of ranks (duplicates may sit in
+        # different ranks' frame ranges); the others wait for its answer
+        dd = None
+        if rank == 0:
+            try:
+                dd = ("ok", _drop_duplicates(out, cfg, res))
+            except DistmlipError as exc:
+                dd = ("err", (type(exc).__name__, str(exc)))
+        dd = ctx.broadcast_object(dd) if size > 1 else dd
+        if dd[0] == "err":
+            from .. import errors as E
+
+            raise getattr(E, dd[1][0], DistmlipError)(dd[1][1])
+        n_dup, n_atoms_dropped = dd[1]
+        res.n_structures -= n_dup
+        res.n_atoms -= n_atoms_dropped
     dt = time.time() - t0
     summary = {"files": len(files), "structures": res.n_structures, "atoms": res.n_atoms,
-               "subsets": n_sub, "rejected": len(res.rejected), "seconds": dt, "ranks": size}
+               "subsets": n_sub, "rejected": len(res.rejected), "duplicates": n_dup, "seconds": dt, "ranks": size}
     log(f"wrote {out}: {res.n_structures} structures, {res.n_atoms} atoms, {n_sub} subsets, "
         f"{len(res.rejected)} rejected, {dt:.2f} s on {size} rank(s)")
     if res.rejected:

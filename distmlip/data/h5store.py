@@ -835,8 +835,105 @@ class H5Dataset:
                 yield k, a, self._read_atoms(k, name, a, min(a + block, sh.n_atoms))
 
 
+# two structures are the same when their atoms (in order), positions and cell agree to this (A):
+# an OUTCAR prints 5 decimals where vasprun.xml keeps 8, and a reprinted file may round
+DUPLICATE_POSITION_TOL = 1e-4
+DUPLICATE_ENERGY_TOL = 1e-4    # eV per structure: a same geometry with another energy is a conflict
+
+
+def duplicate_structures(path, block_atoms: int = FLUSH_ATOMS) -> tuple[list, list]:
+    """Structures of a data set file that repeat an earlier one.  Returns (duplicates, conflicts),
+    lists of (index, index of the earlier one):
+
+    * duplicates: the same element sequence and pbc, energy within DUPLICATE_ENERGY_TOL, every
+      position and cell component within DUPLICATE_POSITION_TOL (candidates found by energy
+      bucket, then compared exactly: no rounding boundary can split a pair);
+    * conflicts: the same geometry (rounded to the tolerance) with another energy: the same atoms
+      labelled twice (another charge state, another DFT setting); not dropped, but said.
+
+    Streamed in blocks; memory grows by about 50 bytes per structure, not with its atoms."""
+    import hashlib
+
+    import h5py
+
+    groups: dict[bytes, int] = {}                  # element sequence + pbc -> group id
+    buckets: dict[tuple[int, int], list[int]] = {}  # (group, energy bucket) -> structure indices
+    shapes: dict[bytes, tuple[int, float]] = {}     # rounded geometry -> (first index, energy)
+    dups, conflicts = [], []
+    tol, etol = DUPLICATE_POSITION_TOL, DUPLICATE_ENERGY_TOL
+    q = 1.0 / tol
+    with h5py.File(path, "r") as f:
+        st, at = f["structures"], f["atoms"]
+        S = int(f.attrs["n_structures"])
+        offs = st["atom_offset"][...].astype(np.int64)
+        nat_all = st["natoms"][...].astype(np.int64)
+        ends = offs + nat_all
+        energy_all = st["energy"][...]
+
+        def geometry(i):
+            o, m = int(offs[i]), int(nat_all[i])
+            return at["positions"][o:o + m], st["cell"][i]
+
+        a = 0
+        while a < S:
+            first = int(offs[a])
+            b = min(max(int(np.searchsorted(ends, first + block_atoms, side="right")), a + 1), S)
+            num = at["numbers"][first:int(ends[b - 1])]
+            pos = at["positions"][first:int(ends[b - 1])]
+            cell = st["cell"][a:b]
+            pbc = st["pbc"][a:b]
+            for k in range(b - a):
+                i = a + k
+                o, m = int(offs[i]) - first, int(nat_all[i])
+                e = float(energy_all[i])
+                gkey = num[o:o + m].tobytes() + np.asarray(pbc[k], dtype=bool).tobytes()
+                g = groups.setdefault(gkey, len(groups))
+                found = None
+                if np.isfinite(e):
+                    eb = int(np.floor(e / etol))
+                    for bb in (eb - 1, eb, eb + 1):
+                        for j in buckets.get((g, bb), ()):
+                            if abs(float(energy_all[j]) - e) > etol:
+                                continue
+                            pj, cj = geometry(j)
+                            if (np.abs(pj - pos[o:o + m]).max(initial=0.0) <= tol
+                                    and np.abs(cj - cell[k]).max() <= tol):
+                                found = j
+                                break
+                        if found is not None:
+                            break
+                if found is not None:
+                    dups.append((i, found))
+                    continue
+                if np.isfinite(e):
+                    buckets.setdefault((g, int(np.floor(e / etol))), []).append(i)
+                h = hashlib.blake2b(gkey, digest_size=16)
+                h.update((np.round(pos[o:o + m] * q) + 0.0).tobytes())
+                h.update((np.round(cell[k] * q) + 0.0).tobytes())
+                skey = h.digest()
+                if skey in shapes:
+                    conflicts.append((i, shapes[skey][0]))
+                else:
+                    shapes[skey] = (i, e)
+            a = b
+    return dups, conflicts
+
+
+def rewrite_without(path, drop, compression: str | None = "lzf") -> None:
+    """Rewrite a data set file without the structures ``drop`` (indices), atomically; the subset
+    table, sources, split and attributes are kept (subset counts recounted)."""
+    src = H5Dataset(path)
+    keep = np.ones(src.n_structures, dtype=bool)
+    keep[np.asarray(list(drop), dtype=np.int64)] = False
+    table = [{k: v for k, v in t.items() if k != "count"} for t in src.subsets]
+    with H5Writer(path, species=src.species, subsets=table, reference_energies=src.reference_energies or None,
+                  provenance_info=src.provenance, compression=compression,
+                  store_split=src.has_stored_split) as w:
+        copy_dataset_arrays(str(path), w, keep=keep)
+
+
 def copy_dataset_arrays(src_path: str, writer: H5Writer, block_structures: int = 65536,
-                        subset_map=None, block_atoms: int = FLUSH_ATOMS) -> None:
+                        subset_map=None, block_atoms: int = FLUSH_ATOMS, keep=None) -> None:
     """Append every structure of an existing (shard) file to ``writer`` without building
     Structure objects (used to merge MPI shards).  Subset ids are mapped through
     ``subset_map`` (array: shard id -> writer id) or copied as stored.  Blocks hold at most
@@ -863,5 +960,13 @@ def copy_dataset_arrays(src_path: str, writer: H5Writer, block_structures: int =
             split = st_g["split"][a:b] if has_split else None
             if subset_map is not None:
                 st["subset"] = np.asarray(subset_map, dtype=np.int32)[st["subset"]]
-            writer.append_arrays(atoms, st, sources, split=split)
+            if keep is not None and not keep[a:b].all():
+                kk = np.asarray(keep[a:b], dtype=bool)
+                amask = np.repeat(kk, st["natoms"].astype(np.int64))
+                atoms = {k: v[amask] for k, v in atoms.items()}
+                st = {k: v[kk] for k, v in st.items()}
+                st["atom_offset"] = (np.cumsum(st["natoms"].astype(np.int64)) - st["natoms"]).astype(np.int64)
+                split = None if split is None else split[kk]
+            if len(st["natoms"]):
+                writer.append_arrays(atoms, st, sources, split=split)
             a = b
