@@ -593,3 +593,21 @@ def test_repeated_structures_are_dropped_listed_and_the_same_on_two_ranks(tmp_pa
     assert two.returncode == 0
     with h5py.File(tmp_path / "one.h5") as f1, h5py.File(tmp_path / "two.h5") as f2:
         assert f1.attrs["content_sha256"] == f2.attrs["content_sha256"]
+
+
+def test_ase_db_labels_in_key_value_pairs_and_data(tmp_path, emt):
+    """DFT databases keep labels as a row's key-value pairs and data (`ase db` shows them), which
+    ase.io.read drops: --energy-key dft_energy said the key was not in the frame."""
+    import ase.db
+
+    with ase.db.connect(tmp_path / "l.db") as db:
+        for s in emt[:3]:
+            a = s.to_ase()
+            a.calc = None
+            db.write(a, dft_energy=s.energy - 1.0, data={"dft_forces": s.forces * 0.5})
+    with pytest.raises(InputError, match="pass --energy-key dft_energy"):
+        convert(_cfg([tmp_path / "l.db"], tmp_path / "l.h5"))
+    convert(_cfg([tmp_path / "l.db"], tmp_path / "l.h5", energy_key="dft_energy", forces_key="dft_forces"))
+    for got, s in zip(H5Dataset(tmp_path / "l.h5").read(np.arange(3)), emt[:3]):
+        assert got.energy == pytest.approx(s.energy - 1.0, abs=1e-12)
+        np.testing.assert_allclose(got.forces, s.forces * 0.5, atol=1e-12)

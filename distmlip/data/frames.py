@@ -205,6 +205,29 @@ def file_kind(path: str, format: Optional[str]) -> tuple[str, Optional[str]]:
     return "stream", format
 
 
+def _db_rows(path: str, fmt: str, a: int, b: int) -> list:
+    """Rows a..b-1 of an ASE database as Atoms whose ``info`` also holds the row's key-value
+    pairs and data (ase.io.read drops them, so labels stored as ``dft_energy=...`` could not be
+    named with --energy-key)."""
+    import ase.db
+
+    out = []
+    with ase.db.connect(path, type=fmt, serial=True) as db:
+        for row in db.select(offset=a, limit=b - a):
+            x = row.toatoms()
+            for k, v in dict(row.get("key_value_pairs", {}) or {}).items():
+                x.info.setdefault(k, v)
+            data = row.get("data") or {}
+            for k, v in dict(data).items():
+                arr = np.asarray(v) if not isinstance(v, (str, bytes)) else None
+                if arr is not None and arr.ndim == 2 and arr.shape == (len(x), 3):
+                    x.arrays.setdefault(k, arr)       # per-atom (forces stored as data)
+                else:
+                    x.info.setdefault(k, v)
+            out.append(x)
+    return out
+
+
 def index_file(path: str, format: Optional[str] = None) -> FileFrames:
     """The frame index of one input file (cheap: see the module doc)."""
     path = str(path)
@@ -331,7 +354,10 @@ def iter_frames(ff: FileFrames, lo: int, hi: int, chunk_bytes: int = CHUNK_BYTES
         for a in range(lo, hi, chunk_frames):
             b = min(a + chunk_frames, hi)
             try:
-                atoms = ase.io.read(path, index=slice(a, b), format=ff.format, parallel=False)
+                if ff.format == "traj":
+                    atoms = ase.io.read(path, index=slice(a, b), format=ff.format, parallel=False)
+                else:
+                    atoms = _db_rows(path, ff.format, a, b)
             except Exception as exc:
                 raise InputError(f"{path}: frames {a}..{b - 1}: cannot read ({type(exc).__name__}: {exc})") from None
             yield [_from_ase(x, path, a + k, keys) for k, x in enumerate(atoms)], int(ff.size * (b - a) / ff.n)
