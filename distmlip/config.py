@@ -58,6 +58,9 @@ def _coerce(value, tp, key, source, path):
                 errors.append(str(exc))
         raise ConfigError(f"'{full}'{_where(source, '')}: {value!r} does not fit {tp}")
     if origin is typing.Literal:
+        if isinstance(value, bool) and value not in args and {"on", "off"} <= set(args):
+            # YAML 1.1 reads an unquoted on/off as a boolean ('progress_bar: off' was refused)
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(
                 f"'{full}'{_where(source, '')}: {value!r} is not one of {', '.join(map(repr, args))}")

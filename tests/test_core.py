@@ -30,6 +30,16 @@ def test_config_loads_and_coerces(tmp_path):
     assert cfg.epochs == 3 and cfg.hidden == [5, 5] and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
 
 
+def test_unquoted_on_off_is_the_choice_not_a_boolean(tmp_path):
+    from distmlip.training.config import load_train_config
+
+    p = tmp_path / "t.yaml"
+    p.write_text("data: {train: [x.h5]}\ntraining: {progress_bar: off}\n")
+    assert load_train_config(p).training.progress_bar == "off"
+    p.write_text("data: {train: [x.h5]}\ntraining: {progress_bar: on}\n")
+    assert load_train_config(p).training.progress_bar == "on"
+
+
 def test_config_unknown_key_lists_valid_keys(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("optim:\n  lerning_rate: 0.1\n")
