@@ -611,3 +611,19 @@ def test_ase_db_labels_in_key_value_pairs_and_data(tmp_path, emt):
     for got, s in zip(H5Dataset(tmp_path / "l.h5").read(np.arange(3)), emt[:3]):
         assert got.energy == pytest.approx(s.energy - 1.0, abs=1e-12)
         np.testing.assert_allclose(got.forces, s.forces * 0.5, atol=1e-12)
+
+
+def test_a_molecule_with_a_stress_keeps_its_energy_and_forces(tmp_path, emt, capsys):
+    """Plane-wave codes report a stress for a molecule in its box; such a frame (pbc all False)
+    was rejected whole, and --skip-invalid discarded its valid energy and forces."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    mol = [s for s in emt if not s.pbc.any()][0]
+    a = mol.to_ase()
+    a.calc = SinglePointCalculator(a, energy=mol.energy, forces=mol.forces, stress=np.full(6, 0.01))
+    write(tmp_path / "m.extxyz", [a])
+    convert(_cfg([tmp_path / "m.extxyz"], tmp_path / "m.h5"))
+    assert "is not stored (its energy and forces are" in capsys.readouterr().err
+    got = H5Dataset(tmp_path / "m.h5")[0]
+    assert not got.has_stress and got.energy == pytest.approx(mol.energy) and got.forces is not None

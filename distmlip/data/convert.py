@@ -254,6 +254,15 @@ class _Progress:
 def _accept(structs, cfg: ConvertConfig, builder: SubsetBuilder, res: _RankResult) -> list:
     good = []
     for s in structs:
+        if s.stress is not None and not np.asarray(s.pbc, dtype=bool).any():
+            # a plane-wave code reports a stress for a molecule in its box; without a periodic
+            # direction it means nothing here, but the frame's energy and forces do: keep those
+            from .readers import _note_once
+
+            _note_once("molecule-stress", s.source, f"{s.source}: structure {s.source_index}: a stress on a "
+                       f"structure without periodic directions (pbc all False) is not stored (its energy and "
+                       f"forces are; said once per file)")
+            s.stress = None
         probs = check_structure(s, cfg.min_distance)
         if probs:
             if not cfg.skip_invalid:
