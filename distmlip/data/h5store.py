@@ -922,12 +922,16 @@ def duplicate_structures(path, block_atoms: int = FLUSH_ATOMS) -> tuple[list, li
 def rewrite_without(path, drop, compression: str | None = "lzf") -> None:
     """Rewrite a data set file without the structures ``drop`` (indices), atomically; the subset
     table, sources, split and attributes are kept (subset counts recounted)."""
+    import h5py
+
     src = H5Dataset(path)
+    with h5py.File(path, "r") as f:
+        prov = json.loads(f.attrs.get("provenance", "{}"))      # this file's own (not a list of shards')
     keep = np.ones(src.n_structures, dtype=bool)
     keep[np.asarray(list(drop), dtype=np.int64)] = False
     table = [{k: v for k, v in t.items() if k != "count"} for t in src.subsets]
     with H5Writer(path, species=src.species, subsets=table, reference_energies=src.reference_energies or None,
-                  provenance_info=src.provenance, compression=compression,
+                  provenance_info=prov, compression=compression,
                   store_split=src.has_stored_split) as w:
         copy_dataset_arrays(str(path), w, keep=keep)
 
