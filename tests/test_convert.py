@@ -627,3 +627,17 @@ def test_a_molecule_with_a_stress_keeps_its_energy_and_forces(tmp_path, emt, cap
     assert "is not stored (its energy and forces are" in capsys.readouterr().err
     got = H5Dataset(tmp_path / "m.h5")[0]
     assert not got.has_stress and got.energy == pytest.approx(mol.energy) and got.forces is not None
+
+
+def test_charge_and_spin_states_are_said(tmp_path, emt, capsys):
+    from ase.io import write
+
+    frames = []
+    for q, s in zip((0, 1), emt[:2]):
+        a = s.to_ase()
+        a.info["charge"] = q
+        frames.append(a)
+    write(tmp_path / "q.extxyz", frames)
+    convert(_cfg([tmp_path / "q.extxyz"], tmp_path / "q.h5"))
+    err = capsys.readouterr().err
+    assert err.count("does not keep charge or spin") == 1 and "charge=" in err

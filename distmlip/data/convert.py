@@ -224,8 +224,9 @@ def _index_inputs(files: list[str], cfg: ConvertConfig, ctx) -> list[FileFrames]
 class _Progress:
     """Progress of rank 0's share (ranks get equal shares of bytes, so its ETA is the job's)."""
 
-    def __init__(self, enabled: bool, n_frames: int, total_bytes: float):
+    def __init__(self, enabled: bool, n_frames: int, total_bytes: float, counted: bool = True):
         self.enabled, self.n_frames, self.total = enabled, n_frames, max(total_bytes, 1.0)
+        self.counted = counted     # False: files whose frames are only known once read (OUTCAR)
         self.t0 = self.last = time.time()
         self.frames = 0
         self.bytes = 0.0
@@ -247,7 +248,8 @@ class _Progress:
         frac = min(self.bytes / self.total, 1.0)
         eta = f", ETA {el * (1 - frac) / frac:.0f} s" if 0 < frac < 1 else ""
         who = "rank 0: " if placement().world_size > 1 else ""
-        log(f"  {who}read {self.frames}/{self.n_frames} frames{' of its share' if who else ''} "
+        of = f"/{self.n_frames}" if self.counted else ""
+        log(f"  {who}read {self.frames}{of} frames{' of its share' if who else ''} "
             f"({100 * frac:.0f} %), {res.n_structures} structures, {el:.1f} s{eta}")
 
 
@@ -283,7 +285,7 @@ def _process_frames(segments, indexes: list[FileFrames], cfg: ConvertConfig, wri
     """Stream this rank's frame ranges [(file, lo, hi)] chunk by chunk into ``writer``."""
     n_frames = sum(hi - lo for _, lo, hi in segments)
     total = sum(float(indexes[f].weights()[lo:hi].sum()) for f, lo, hi in segments)
-    prog = _Progress(progress, n_frames, total)
+    prog = _Progress(progress, n_frames, total, counted=all(indexes[f].kind != "stream" for f, _, _ in segments))
     for f, lo, hi in segments:
         for structs, nbytes in iter_frames(indexes[f], lo, hi, keys=cfg.label_keys()):
             good = _accept(structs, cfg, builder, res)
@@ -391,7 +393,10 @@ def convert(cfg: ConvertConfig) -> dict:
     indexes = _index_inputs(files, cfg, ctx)
     n_frames = sum(ff.n for ff in indexes)
     mine = split_frames(indexes, size)[rank]
-    log(f"distmlip convert: {len(files)} input file(s), {n_frames} frame(s) (indexed in "
+    n_stream = sum(1 for ff in indexes if ff.kind == "stream")
+    frames_txt = (f"{n_frames} frame(s)" if not n_stream else
+                  f"{n_frames - n_stream} frame(s) + {n_stream} file(s) counted as read (OUTCAR, vasprun.xml, ...)")
+    log(f"distmlip convert: {len(files)} input file(s), {frames_txt} (indexed in "
         f"{time.time() - t_index:.1f} s) on {size} rank(s) -> {out}")
 
     prov = h5store.provenance({"inputs": list(cfg.inputs), "n_input_files": len(files),

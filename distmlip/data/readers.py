@@ -357,6 +357,25 @@ def _note_fixed_atoms(atoms, path, where: str) -> None:
                f"leave them in place, list them per subset (subsets: {{NAME: {{fixed_atoms: [...]}}}}, docs/gpr.md)")
 
 
+_CHARGE_SPIN_KEYS = ("charge", "total_charge", "spin", "total_spin", "multiplicity", "spin_multiplicity")
+
+
+def _note_charge_spin(atoms, path, where: str) -> None:
+    """Say once per file that its frames carry a charge or spin state: the model has no input for
+    it, so the same atoms in two states are contradictory targets (convert warns when the same
+    geometry appears with two energies)."""
+    if ("charge", str(path)) in _NOTED:
+        return
+    got = {k: atoms.info[k] for k in _CHARGE_SPIN_KEYS if k in atoms.info
+           and isinstance(atoms.info[k], (int, float, np.number)) and not isinstance(atoms.info[k], bool)}
+    neutral = {k: (1.0 if "multiplicity" in k else 0.0) for k in got}
+    if any(float(v) != neutral[k] for k, v in got.items()):
+        shown = ", ".join(f"{k}={v}" for k, v in got.items())
+        _note_once("charge", path, f"{where}: the frame gives {shown}; the data set does not keep charge or spin "
+                   f"and the model has no input for them: structures of one composition in different states are "
+                   f"fitted as one potential energy surface")
+
+
 def _from_ase(atoms, path, k, keys: Optional[LabelKeys] = None) -> Structure:
     keys = keys or LabelKeys()
     where = f"{path}: structure {k}"
@@ -405,6 +424,7 @@ def _from_ase(atoms, path, k, keys: Optional[LabelKeys] = None) -> Structure:
         stress = _ase_stress(atoms, results, where)
     _unread_labels(atoms, keys, energy, forces, stress, where, results)
     _note_fixed_atoms(atoms, path, where)
+    _note_charge_spin(atoms, path, where)
     return Structure(numbers=np.array(atoms.numbers, dtype=np.int64),
                      positions=np.array(atoms.positions, dtype=np.float64),
                      cell=np.array(atoms.cell.array, dtype=np.float64),
