@@ -236,7 +236,8 @@ def run(args) -> int:
     from ..utils.io import check_writable
     check_writable(out)             # before the predictions, not after them
     try:
-        src = ds.column("source")[idx]
+        # file and frame: a multi-frame source (extxyz, OUTCAR) is otherwise one name for all rows
+        src = [f"{f}#{int(k)}" for f, k in zip(ds.column("source")[idx], ds.column("source_index")[idx])]
     except Exception:
         src = None
     res = evaluate(models, ds, idx, output=out, forces=not args.no_forces, plots=not args.no_plots,
