@@ -331,13 +331,13 @@ def _drop_duplicates(out: Path, cfg: ConvertConfig, res: "_RankResult") -> tuple
     if not dups:
         return 0, 0
     ds = h5store.H5Dataset(out)
+    src, sidx, nat = ds.column("source"), ds.column("source_index"), ds.natoms
     rows, n_atoms = [], 0
     for i, j in dups:
-        a, b = ds.read([i, j])
-        n_atoms += len(a.numbers)
-        rows.append({"source": a.source, "structure": a.source_index,
-                     "problems": [{"field": "structure", "reason": f"duplicate of {b.source}: structure "
-                                   f"{b.source_index} (same atoms, positions and cell to "
+        n_atoms += int(nat[i])
+        rows.append({"source": str(src[i]), "structure": int(sidx[i]),
+                     "problems": [{"field": "structure", "reason": f"duplicate of {src[j]}: structure "
+                                   f"{int(sidx[j])} (same atoms, positions and cell to "
                                    f"{h5store.DUPLICATE_POSITION_TOL:g} A, same energy); dropped "
                                    f"(--keep-duplicates keeps it)"}]})
     h5store.rewrite_without(out, [i for i, _ in dups], compression=cfg.compression)

@@ -841,82 +841,133 @@ DUPLICATE_POSITION_TOL = 1e-4
 DUPLICATE_ENERGY_TOL = 1e-4    # eV per structure: a same geometry with another energy is a conflict
 
 
+class _BlockCache:
+    """Rows lo..hi of an HDF5 dataset through a few cached aligned blocks."""
+
+    def __init__(self, dset, block: int = 1 << 16, keep: int = 8):
+        self.d, self.block, self.keep, self.cache = dset, int(block), int(keep), {}
+
+    def _get_block(self, b: int) -> np.ndarray:
+        arr = self.cache.pop(b, None)
+        if arr is None:
+            arr = self.d[b * self.block:(b + 1) * self.block]
+            if len(self.cache) >= self.keep:
+                self.cache.pop(next(iter(self.cache)))
+        self.cache[b] = arr          # most recent last
+        return arr
+
+    def get(self, lo: int, hi: int) -> np.ndarray:
+        b0, b1 = lo // self.block, (hi - 1) // self.block
+        if b0 == b1:
+            base = b0 * self.block
+            return self._get_block(b0)[lo - base:hi - base]
+        return np.concatenate([self._get_block(b) for b in range(b0, b1 + 1)])[lo - b0 * self.block:hi - b0 * self.block]
+
+
 def duplicate_structures(path, block_atoms: int = FLUSH_ATOMS) -> tuple[list, list]:
     """Structures of a data set file that repeat an earlier one.  Returns (duplicates, conflicts),
     lists of (index, index of the earlier one):
 
     * duplicates: the same element sequence and pbc, energy within DUPLICATE_ENERGY_TOL, every
-      position and cell component within DUPLICATE_POSITION_TOL (candidates found by energy
-      bucket, then compared exactly: no rounding boundary can split a pair);
+      position and cell component within DUPLICATE_POSITION_TOL (candidates: neighbours in
+      energy order within one element sequence, then compared exactly, so no rounding boundary
+      can split a pair);
     * conflicts: the same geometry (rounded to the tolerance) with another energy: the same atoms
       labelled twice (another charge state, another DFT setting); not dropped, but said.
 
-    Streamed in blocks; memory grows by about 50 bytes per structure, not with its atoms."""
+    One streamed pass keeps 32 bytes per structure (two digests and the energy), then sorts."""
     import hashlib
 
     import h5py
 
-    groups: dict[bytes, int] = {}                  # element sequence + pbc -> group id
-    buckets: dict[tuple[int, int], list[int]] = {}  # (group, energy bucket) -> structure indices
-    shapes: dict[bytes, tuple[int, float]] = {}     # rounded geometry -> (first index, energy)
-    dups, conflicts = [], []
     tol, etol = DUPLICATE_POSITION_TOL, DUPLICATE_ENERGY_TOL
     q = 1.0 / tol
     with h5py.File(path, "r") as f:
         st, at = f["structures"], f["atoms"]
         S = int(f.attrs["n_structures"])
+        if S < 2:
+            return [], []
         offs = st["atom_offset"][...].astype(np.int64)
         nat_all = st["natoms"][...].astype(np.int64)
         ends = offs + nat_all
-        energy_all = st["energy"][...]
-
-        def geometry(i):
-            o, m = int(offs[i]), int(nat_all[i])
-            return at["positions"][o:o + m], st["cell"][i]
-
+        energy = st["energy"][...].astype(np.float64)
+        grp = np.empty(S, dtype=np.uint64)           # digest of the element sequence and pbc
+        shape = np.empty((S, 2), dtype=np.uint64)    # digest of the rounded geometry too
+        # 4 fixed projections of the positions and cell: a repeat's differ by at most the
+        # tolerance times the summed weights, a distinct structure's almost never do, so the
+        # exact comparison (reads from the file) runs for real candidates only
+        fp = np.empty((S, 4), dtype=np.float64)
+        fp_bound = np.empty(S, dtype=np.float64)
+        wcell = np.cos(np.arange(9)[None, :] * 1.3 + np.arange(4)[:, None] * 2.1).reshape(4, 3, 3)
+        wmax = 0
+        W = np.zeros((4, 0, 3))
         a = 0
         while a < S:
             first = int(offs[a])
             b = min(max(int(np.searchsorted(ends, first + block_atoms, side="right")), a + 1), S)
             num = at["numbers"][first:int(ends[b - 1])]
-            pos = at["positions"][first:int(ends[b - 1])]
-            cell = st["cell"][a:b]
+            pos = np.round(at["positions"][first:int(ends[b - 1])] * q) + 0.0   # + 0.0: no -0.0
+            cell = np.round(st["cell"][a:b] * q) + 0.0
             pbc = st["pbc"][a:b]
+            raw_pos = at["positions"][first:int(ends[b - 1])]
+            raw_cell = st["cell"][a:b]
+            mmax = int(nat_all[a:b].max())
+            if mmax > wmax:
+                wmax = mmax
+                kk = np.arange(wmax)[:, None] * 0.7 + np.arange(3)[None, :] * 1.9
+                W = np.cos(kk[None, :, :] + np.arange(4)[:, None, None] * 2.1)
             for k in range(b - a):
-                i = a + k
-                o, m = int(offs[i]) - first, int(nat_all[i])
-                e = float(energy_all[i])
-                gkey = num[o:o + m].tobytes() + np.asarray(pbc[k], dtype=bool).tobytes()
-                g = groups.setdefault(gkey, len(groups))
-                found = None
-                if np.isfinite(e):
-                    eb = int(np.floor(e / etol))
-                    for bb in (eb - 1, eb, eb + 1):
-                        for j in buckets.get((g, bb), ()):
-                            if abs(float(energy_all[j]) - e) > etol:
-                                continue
-                            pj, cj = geometry(j)
-                            if (np.abs(pj - pos[o:o + m]).max(initial=0.0) <= tol
-                                    and np.abs(cj - cell[k]).max() <= tol):
-                                found = j
-                                break
-                        if found is not None:
-                            break
-                if found is not None:
-                    dups.append((i, found))
-                    continue
-                if np.isfinite(e):
-                    buckets.setdefault((g, int(np.floor(e / etol))), []).append(i)
-                h = hashlib.blake2b(gkey, digest_size=16)
-                h.update((np.round(pos[o:o + m] * q) + 0.0).tobytes())
-                h.update((np.round(cell[k] * q) + 0.0).tobytes())
-                skey = h.digest()
-                if skey in shapes:
-                    conflicts.append((i, shapes[skey][0]))
-                else:
-                    shapes[skey] = (i, e)
+                o, m = int(offs[a + k]) - first, int(nat_all[a + k])
+                fp[a + k] = np.einsum("jkc,kc->j", W[:, :m], raw_pos[o:o + m]) + np.einsum(
+                    "jxy,xy->j", wcell, raw_cell[k])
+                fp_bound[a + k] = (3 * m + 9) * tol
+                h = hashlib.blake2b(num[o:o + m].tobytes(), digest_size=8)
+                h.update(np.asarray(pbc[k], dtype=bool).tobytes())
+                grp[a + k] = np.frombuffer(h.digest(), dtype=np.uint64)[0]
+                h2 = hashlib.blake2b(h.digest(), digest_size=16)
+                h2.update(pos[o:o + m].tobytes())
+                h2.update(cell[k].tobytes())
+                shape[a + k] = np.frombuffer(h2.digest(), dtype=np.uint64)
             a = b
-    return dups, conflicts
+
+        # the exact comparisons read through a small cache of aligned blocks: one h5py read per
+        # pair cost 2 ms (a chunk decompressed each time), repeats come in runs
+        numbers_c, pos_c = _BlockCache(at["numbers"]), _BlockCache(at["positions"])
+        cell_c, pbc_c = _BlockCache(st["cell"], 1 << 12), _BlockCache(st["pbc"], 1 << 12)
+
+        def same(i, j) -> bool:
+            oi, oj, m = int(offs[i]), int(offs[j]), int(nat_all[i])
+            if m != int(nat_all[j]) or not np.array_equal(numbers_c.get(oi, oi + m), numbers_c.get(oj, oj + m)):
+                return False
+            if (not np.array_equal(pbc_c.get(i, i + 1), pbc_c.get(j, j + 1))
+                    or np.abs(cell_c.get(i, i + 1) - cell_c.get(j, j + 1)).max() > tol):
+                return False
+            return bool(np.abs(pos_c.get(oi, oi + m) - pos_c.get(oj, oj + m)).max(initial=0.0) <= tol)
+
+        first_of = np.full(S, -1, dtype=np.int64)
+        order = np.lexsort((energy, grp))
+        g_sorted, e_sorted = grp[order], energy[order]
+        for p in range(S - 1):
+            i = int(order[p])
+            r = p + 1
+            while r < S and g_sorted[r] == g_sorted[p] and e_sorted[r] - e_sorted[p] <= etol:
+                j = int(order[r])
+                lo, hi = min(i, j), max(i, j)
+                near = np.abs(fp[lo] - fp[hi]).max() <= fp_bound[lo] * (1 + 1e-9) + 1e-12
+                if near and (first_of[hi] < 0 or first_of[hi] > lo):
+                    if same(lo, hi):
+                        first_of[hi] = lo if first_of[lo] < 0 else first_of[lo]
+                r += 1
+    dup_mask = first_of >= 0
+    dups = [(int(i), int(first_of[i])) for i in np.flatnonzero(dup_mask)]
+    conflicts = []
+    rest = np.flatnonzero(~dup_mask)
+    o2 = rest[np.lexsort((rest, shape[rest, 1], shape[rest, 0]))]
+    for p in range(1, len(o2)):
+        i, j = int(o2[p]), int(o2[p - 1])
+        if (shape[i] == shape[j]).all() and abs(energy[i] - energy[j]) > etol:
+            conflicts.append((i, j))
+    return dups, sorted(conflicts)
 
 
 def rewrite_without(path, drop, compression: str | None = "lzf") -> None:
