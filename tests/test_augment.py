@@ -472,3 +472,34 @@ def test_damaged_shard_is_recomputed_not_used(data, capsys):
         res = run_cli(capsys, ["augment", str(cfg)])
         assert "unreadable shard" in res.stderr and H5Dataset(data / "sh.h5").content_id == ref
     shutil.rmtree(data / "sh.h5.shards")
+
+
+def test_local_subsample_that_explains_the_set_poorly_is_searched_again(tmp_path, capsys, monkeypatch):
+    """Hyperparameters from a few neighbouring structures (fit_subsample local) once smoothed a
+    vacancy cell's volume dependence away (labels 44 meV off, silently): when the LOO error over
+    all structures exceeds the sub-sample's by SUBSAMPLE_LOO_RATIO, the search is repeated on a
+    random sub-sample and the fit with the smaller all-structure LOO is kept.  The ratio is set to
+    0 here so that the second search always runs on this small set."""
+    from distmlip.gpr import augment as aug
+
+    from ase.build import bulk
+
+    def strained(k):
+        a = bulk("Cu", "fcc", a=3.6 * (1 + 0.01 * (k % 4 - 1.5)), cubic=True)
+        return a
+
+    structs = []
+    for k in range(8):
+        a = strained(k)
+        a.rattle(0.05, seed=40 + k)
+        structs.append(emt_structure(a, "cu_vol", k))
+    write_dataset(tmp_path / "in.h5", structs)
+    monkeypatch.setattr(aug, "SUBSAMPLE_LOO_RATIO", 0.0)
+    cfg = _cfg(tmp_path, "g", gpr={"fingerprint": "local", "fit_iterations": 8, "fit_restarts": 1,
+                                   "local": {"fit_max_obs": 40}})
+    res = run_cli(capsys, ["augment", str(cfg)])
+    assert "explain the set poorly" in res.stdout and "searching again on a random sub-sample" in res.stdout
+    assert "keeping the" in res.stdout
+    rep = json.load(open(tmp_path / "g.report.json"))
+    g = rep["subsets"][0]["gpr"]
+    assert set(g["fit_subsample_retried"]) == {"local_loo_all_eV", "random_loo_all_eV"}

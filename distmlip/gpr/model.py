@@ -490,6 +490,9 @@ class GPR:
                      progress=getattr(self, "assembly_progress", None))
         nf = (h.noise_force + self.noise_floor) * self.f / self.s
         K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf, self.r))
+        stage = getattr(self, "stage", None)
+        if stage is not None and K.shape[0] > 4000:     # minutes of silence otherwise (sweep 5)
+            stage(f"factorising the kernel ({K.shape[0]} rows, {K.shape[0] ** 2 * 8 / 2**30:.1f} GiB)")
         if K.device.type == "cpu":
             # factorised in place (the factor replaces K: half the memory, no second n x n
             # array to fault in); a failure re-assembles K with jitter
@@ -690,6 +693,10 @@ class GPR:
         L = self.L
         n = L.shape[0]
         if n <= self.loo_max_obs and 16 * n * n < available_memory(L.device) * 0.5:
+            stage = getattr(self, "stage", None)
+            if stage is not None and n > 4000:
+                stage(f"leave-one-out errors of every structure (inverse of the {n}-row kernel, "
+                      f"{2 * n * n * 8 / 2**30:.1f} GiB while it runs)")
             t0 = time.perf_counter()
             with torch.no_grad():
                 full, var = self._loo(L, self.alpha, self.X.shape[0])
@@ -1118,6 +1125,7 @@ class LocalGPR:
             g = GPR(seed=self.seed, scales=scales, **kw)
             g.progress = getattr(self, "progress", None)
             g.assembly_progress = getattr(self, "assembly_progress", None)
+            g.stage = getattr(self, "stage", None)
             g.fit(_take(X, idx), None if J is None else _take(J, idx), _take(E, idx),
                   None if F is None else _take(F, idx))
             if hyper_given is None:

@@ -52,7 +52,7 @@ def _strip(model):
     """Drop what must not be pickled or saved: progress callbacks and scratch buffers."""
     objs = [model] + list(getattr(model, "models", []))
     for o in objs:
-        for cb in ("progress", "assembly_progress"):
+        for cb in ("progress", "assembly_progress", "stage"):
             if hasattr(o, cb):
                 setattr(o, cb, None)
         if hasattr(o, "_workspace"):
