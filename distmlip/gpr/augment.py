@@ -240,8 +240,9 @@ class AugmentConfig:
 
 # raised whenever a code change alters what a shard holds for the same settings and input, so that
 # a rerun after an upgrade recomputes instead of reusing (2: one-atom subsets get no copies; 3:
-# one-structure fits get none, one GPR per composition group)
-SHARD_VERSION = 3
+# one-structure fits get none, one GPR per composition group; 4: a local sub-sample that explains
+# the set poorly is searched again)
+SHARD_VERSION = 4
 
 
 def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray, content: str) -> str:
