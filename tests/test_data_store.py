@@ -205,3 +205,20 @@ def test_bad_synthetic_fields_are_named(tmp_path, structs, field, value):
         f[f"structures/{field}"][1] = value
     with pytest.raises(DataFormatError, match=rf"a\.h5: structure 1 .*field 'structures/{field}'"):
         H5Dataset(tmp_path / "a.h5").read([0, 1, 2])
+
+
+def test_a_damaged_subset_table_is_named(tmp_path):
+    """The subset table was trusted: a flipped or hand-edited count or atom count gave augment and
+    the per-subset metrics wrong groups with no error."""
+    from distmlip.data.examples import rattled_cu_au
+
+    write_dataset(tmp_path / "a.h5", rattled_cu_au(8))
+    H5Dataset(tmp_path / "a.h5")
+    for field, value, msg in (("count", [5, 3], "subsets/count' of subset 'Cu4_0' says 5"),
+                              ("natoms", [5, 4], "subsets/natoms' of subset 'Cu4_0' says 5, its structure 0")):
+        p = tmp_path / f"{field}.h5"
+        p.write_bytes((tmp_path / "a.h5").read_bytes())
+        with h5py.File(p, "r+") as f:
+            f[f"subsets/{field}"][...] = value
+        with pytest.raises(DataFormatError, match=msg):
+            H5Dataset(p)

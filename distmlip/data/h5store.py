@@ -536,6 +536,36 @@ class _Shard:
             raise DataFormatError(f"{path}: corrupt or truncated data set ({type(exc).__name__}: {exc})") from None
         self.n = S
         self.n_atoms = N
+        self._check_subset_table()
+
+    def _check_subset_table(self) -> None:
+        """The subset table against the structures (both already in memory): a damaged or
+        hand-edited table (another natoms, count or atom-order length) would give augment and the
+        per-subset metrics wrong groups without any other error."""
+        K = len(self.subsets)
+        if len(self.subset) and (self.subset.min() < 0 or self.subset.max() >= K):
+            raise DataFormatError(f"{self.path}: field 'structures/subset' refers to subset "
+                                  f"{int(self.subset.max())} of a table of {K} (damaged file?)")
+        counts = np.bincount(self.subset, minlength=K) if len(self.subset) else np.zeros(K, np.int64)
+        stored = np.array([int(t["count"]) for t in self.subsets], dtype=np.int64)
+        if (stored != counts).any():
+            k = int(np.flatnonzero(stored != counts)[0])
+            raise DataFormatError(f"{self.path}: field 'subsets/count' of subset '{self.subsets[k]['name']}' says "
+                                  f"{stored[k]}, the structures hold {int(counts[k])} (damaged or edited file)")
+        nat = np.array([int(t["natoms"]) for t in self.subsets], dtype=np.int64)
+        if len(self.subset):
+            want = nat[self.subset]
+            bad = (want >= 0) & (want != self.natoms)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                t = self.subsets[int(self.subset[i])]
+                raise DataFormatError(f"{self.path}: field 'subsets/natoms' of subset '{t['name']}' says "
+                                      f"{t['natoms']}, its structure {i} has {int(self.natoms[i])} atoms "
+                                      f"(damaged or edited file)")
+        for t in self.subsets:
+            if t["order"] is not None and t["natoms"] >= 0 and len(t["order"]) != t["natoms"]:
+                raise DataFormatError(f"{self.path}: field 'subsets/order_length' of subset '{t['name']}' is "
+                                      f"{len(t['order'])} for {t['natoms']} atoms (damaged or edited file)")
 
 
 _FINITE_STRUCT_FIELDS = ("energy", "cell", "weight", "uncertainty")
