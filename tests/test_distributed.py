@@ -222,3 +222,26 @@ def test_import_layering_of_the_distributed_layer():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(),
                          timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "[]", (res.stdout, res.stderr)
+
+
+def test_heartbeat_watches_a_ring_of_two_and_names_the_silent_rank(tmp_path):
+    """A waiting rank reads only the next two ranks' beats (two reads per check at any rank
+    count) and names the one that stopped; a beating partner keeps it quiet."""
+    import time as _t
+
+    from distmlip.distributed.liveness import Heartbeat
+    from distmlip.errors import DistributedError
+
+    hb = Heartbeat(tmp_path, rank=3, world=6, timeout_s=0.6, interval_s=0.1)
+    with hb:
+        for r in (0, 2, 5):                       # 4 (watched) gets a file that never changes
+            (tmp_path / f".alive.{r}").write_text(f"{100 + r} host 1\n")
+        (tmp_path / ".alive.4").write_text("104 nodeX 1\n")
+        t0 = _t.monotonic()
+        with pytest.raises(DistributedError, match=r"rank 4 \(pid 104 on nodeX\) has given no sign of life"):
+            while _t.monotonic() - t0 < 5:
+                (tmp_path / ".alive.5").write_text(f"105 host {int(_t.monotonic() * 100)}\n")   # alive
+                hb.check()
+                _t.sleep(0.05)
+        assert _t.monotonic() - t0 >= 0.6
+    assert not (tmp_path / ".alive.3").exists()     # its own beat removed on exit

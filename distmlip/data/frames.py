@@ -264,13 +264,13 @@ def index_file(path: str, format: Optional[str] = None) -> FileFrames:
 
 
 # --------------------------------------------------------------------------------- reading
-def _ase_chunk(path, text: str, first: int, count: int, keys: Optional[LabelKeys] = None,
-               raw: Optional[bytes] = None, rel=None) -> list[Structure]:
+def _ase_chunk(path, text: str, first: int, count: int, keys: Optional[LabelKeys], raw: bytes,
+               rel) -> list[Structure]:
     """Parse ``count`` extxyz frames (global indices first..) from their text; on failure parse
     them one by one so the error names the frame (cut at ``rel``, the frames' byte offsets in
-    ``raw``, when given: the scan's own frame boundaries, which also pass blank lines between
-    frames).  parallel=False everywhere: under MPI, ASE's default reads on rank 0 and broadcasts,
-    which hands every rank rank 0's frames."""
+    ``raw``: the scan's own frame boundaries, which also pass blank lines between frames).
+    parallel=False everywhere: under MPI, ASE's default reads on rank 0 and broadcasts, which
+    hands every rank rank 0's frames."""
     import ase.io
 
     try:
@@ -282,10 +282,7 @@ def _ase_chunk(path, text: str, first: int, count: int, keys: Optional[LabelKeys
     except Exception:
         pass
     # locate the bad frame (rare path: the cost does not matter)
-    if raw is not None and rel is not None:
-        frames = [raw[int(rel[k]):int(rel[k + 1])].decode("utf-8") for k in range(count)]
-    else:
-        frames = _split_frames(text, count)
+    frames = [raw[int(rel[k]):int(rel[k + 1])].decode("utf-8") for k in range(count)]
     out = []
     for k, t in enumerate(frames):
         try:
@@ -296,29 +293,6 @@ def _ase_chunk(path, text: str, first: int, count: int, keys: Optional[LabelKeys
             raise InputError(f"{path}: frame {first + k}: cannot read ({type(exc).__name__}: {exc})") from None
         out.append(_from_ase(a[0], path, first + k, keys))
     return out
-
-
-def _split_frames(text: str, count: int) -> list[str]:
-    offs = scan_extxyz_text(text)
-    return [text[offs[k]:offs[k + 1]] for k in range(min(count, len(offs) - 1))]
-
-
-def scan_extxyz_text(text: str) -> list[int]:
-    """Character offsets of the frames of an extxyz text (for error reports)."""
-    lines = text.splitlines(keepends=True)
-    k, offs = 0, []
-    starts = np.concatenate([[0], np.cumsum([len(x) for x in lines])]).astype(int)
-    while k < len(lines) and lines[k].strip():
-        offs.append(int(starts[k]))
-        try:
-            n = int(lines[k])
-        except ValueError:
-            break
-        k += 2 + n
-        while k < len(lines) and lines[k].lstrip().startswith("VEC"):
-            k += 1
-    offs.append(int(starts[min(k, len(lines))]))
-    return offs
 
 
 def iter_frames(ff: FileFrames, lo: int, hi: int, chunk_bytes: int = CHUNK_BYTES,

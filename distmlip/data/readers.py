@@ -462,11 +462,6 @@ def read_file(path, format: str | None = None, keys: Optional[LabelKeys] = None)
     return read_ase(p, format=format, keys=keys)
 
 
-def _wanted(path: Path, format: str | None) -> bool:
-    """Whether a file found in a directory is read (see KNOWN_SUFFIXES)."""
-    return _discover(path, format)[0]
-
-
 def _discover(path: Path, format: str | None) -> tuple[bool, str]:
     """(read it, why not) for a file found in a directory."""
     name = path.name
