@@ -16,7 +16,7 @@ import sys
 import traceback
 
 from . import __version__
-from .utils.launch import placement
+from .utils.launch import leave_process, placement
 from .distributed.signals import abort_mpi
 from .errors import DistmlipError
 
@@ -67,6 +67,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command; ``argv`` None means the command line of the ``distmlip`` program, whose
+    process then ends here on success or a clean error (``utils.launch.leave_process``)."""
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=cmd if cmd in COMMANDS else None)
@@ -96,18 +99,18 @@ def main(argv=None) -> int:
         if args.traceback:
             traceback.print_exc()
         abort_mpi(2)
-        return 2
+        rc = 2
     except BrokenPipeError:
         # the reader of stdout went away (`distmlip info data.h5 | head`): end quietly, as a
         # command killed by SIGPIPE does, without a traceback from the final flush
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         abort_mpi(141)
-        return 141
+        rc = 141
     except KeyboardInterrupt:
         print(f"distmlip {args.command}: interrupted", file=sys.stderr)
         abort_mpi(130)
-        return 130
+        rc = 130
     except BaseException:
         if "mpi4py.MPI" in sys.modules:  # label the traceback with the rank before aborting the job
             where = placement()
@@ -119,6 +122,8 @@ def main(argv=None) -> int:
         raise
     if "distmlip.distributed.context" in sys.modules:  # a stage set up a distributed context
         sys.modules["distmlip.distributed.context"].exit_process(rc)
+    if as_program:      # the ``distmlip`` program, not a call from Python: leave without finalisation
+        leave_process(rc)
     return rc
 
 

@@ -66,6 +66,41 @@ def test_single_process_mpi_only_context_without_mpirun():
     assert [l for l in res.stdout.splitlines() if l.startswith("LOG")] == ["LOG 0"]
 
 
+def test_leave_process_keeps_what_finalisation_would_have_saved(tmp_path):
+    """launch.leave_process ends the program without CPython's finalisation (0.7-0.8 s with torch
+    imported), so it must itself flush what a normal exit would: a Python file left open with
+    buffered text, an HDF5 file left open for writing, atexit handlers, a non-daemon thread's
+    last write; and the exit code must survive."""
+    script = tmp_path / "leave.py"
+    script.write_text(f"""
+import atexit, threading, time, h5py, numpy as np
+from distmlip.utils.launch import leave_process
+out = open({str(tmp_path / 'buffered.txt')!r}, "w")
+out.write("kept" * 1000)                                   # in the buffer, never flushed
+h = h5py.File({str(tmp_path / 'open.h5')!r}, "w")
+h["x"] = np.arange(5.0)                                    # never closed
+atexit.register(lambda: open({str(tmp_path / 'atexit.txt')!r}, "w").write("ran"))
+def late():
+    time.sleep(0.3)
+    open({str(tmp_path / 'thread.txt')!r}, "w").write("joined")
+threading.Thread(target=late).start()
+leave_process(7)
+raise SystemExit("not reached")
+""")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 7, r.stderr
+    assert (tmp_path / "buffered.txt").read_text() == "kept" * 1000
+    import h5py
+    with h5py.File(tmp_path / "open.h5", "r") as h:
+        assert h["x"][:].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert (tmp_path / "thread.txt").read_text() == "joined"
+    # the program itself: a clean error keeps its exit status and message
+    r = subprocess.run([sys.executable, "-m", "distmlip.cli", "info", str(tmp_path / "missing.h5")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "missing.h5" in r.stderr, (r.returncode, r.stderr)
+
+
 def test_placement_from_environment():
     """launch.placement: the one reader of the launchers' variables (logging, error messages)."""
     assert L.placement({}) == ("none", 0, 1, 0, 1)

@@ -390,16 +390,8 @@ def exit_process(code: int) -> None:
         return
     if _CTX is not None:
         rendezvous.remove_rendezvous_dir(_CTX)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if "mpi4py.MPI" in sys.modules:
-        MPI = sys.modules["mpi4py.MPI"]
-        try:
-            if MPI.Is_initialized() and not MPI.Is_finalized():
-                MPI.Finalize()
-        except Exception:  # pragma: no cover - best effort at exit
-            pass
-    os._exit(code)
+    from ..utils.launch import leave_process
+    leave_process(code, always=True)
 
 
 # --------------------------------------------------------------------------------- gradients
