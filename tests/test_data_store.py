@@ -222,3 +222,30 @@ def test_a_damaged_subset_table_is_named(tmp_path):
             f[f"subsets/{field}"][...] = value
         with pytest.raises(DataFormatError, match=msg):
             H5Dataset(p)
+
+
+def test_a_structure_out_of_its_subsets_atom_order_is_named(tmp_path):
+    """augment's GPR compares atom i of one structure with atom i of another in the same subset:
+    a structure whose species sequence differs from its subset's atom order (an edited file) gave
+    wrong labels without any error."""
+    from distmlip.data.examples import rattled_cu_au
+
+    structs = rattled_cu_au(8)
+    write_dataset(tmp_path / "a.h5", structs)
+    ds = H5Dataset(tmp_path / "a.h5")
+    mixed = [i for i in range(ds.n_structures) if len(set(ds.read([i])[0].numbers.tolist())) > 1]
+    assert mixed, "the fixture needs a structure with two species"
+    k = mixed[0]
+    a = int(ds._shards[0].atom_offset[k])
+    nums = ds.read([k])[0].numbers
+    j = int(np.flatnonzero(nums != nums[0])[0])
+    ds.close()
+    with h5py.File(tmp_path / "a.h5", "r+") as f:      # swap two atoms of different species
+        col = f["atoms/numbers"]
+        x, y = col[a], col[a + j]
+        col[a], col[a + j] = y, x
+    ds = H5Dataset(tmp_path / "a.h5")
+    with pytest.raises(DataFormatError, match=rf"a\.h5: structure {k} .*atom 0: field 'atoms/numbers' is "
+                                              rf"{int(nums[j])}, its subset '.*' orders atom 0 as {int(nums[0])}"):
+        ds.read([k])
+    ds.read([i for i in range(ds.n_structures) if i != k])       # the others read as before

@@ -615,6 +615,30 @@ def _check_finite(sh, a: int, cols: dict, at: dict) -> None:
                                   f"field 'atoms/{name}' is not finite ({v[i].tolist()})")
 
 
+def _check_order(sh, a: int, cols: dict, at: dict) -> None:
+    """Each structure's atoms in its subset's atom order: augment's GPR compares atom i of one
+    structure with atom i of another, so a structure whose species sequence differs from its
+    subset's (a hand-edited or damaged file) would give wrong labels without any other error.
+    One vectorised comparison per slab read."""
+    sub = np.asarray(cols["subset"], dtype=np.int64)
+    nat = sh.natoms[a:a + len(sub)]
+    orders = [sh.subsets[int(t)]["order"] if 0 <= int(t) < len(sh.subsets) else None for t in sub]
+    if all(o is None for o in orders):
+        return
+    numbers = np.asarray(at["numbers"], dtype=np.int64)
+    off = np.concatenate([[0], np.cumsum(nat)])
+    for r, o in enumerate(orders):
+        if o is None or len(o) != nat[r]:
+            continue
+        got = numbers[off[r]:off[r + 1]]
+        if not np.array_equal(got, o):
+            i = int(np.flatnonzero(got != o)[0])
+            t = sh.subsets[int(sub[r])]
+            raise DataFormatError(f"{sh.path}: structure {a + r} ({_where(sh, cols, r)}), atom {i}: field "
+                                  f"'atoms/numbers' is {int(got[i])}, its subset '{t['name']}' orders atom {i} as "
+                                  f"{int(o[i])} (damaged or edited file)")
+
+
 def _where(sh, cols, r: int) -> str:
     sf = int(cols["source_file"][r])
     src = sh.sources[sf] if 0 <= sf < len(sh.sources) else "?"
@@ -827,6 +851,7 @@ class H5Dataset:
                 B = int(sh.atom_offset[b - 1] + sh.natoms[b - 1])
                 at = {name: self._read_atoms(k, name, A, B) for name in ATOM_FIELDS}
                 _check_finite(sh, a, cols, at)
+                _check_order(sh, a, cols, at)
                 for r in range(b - a):
                     li = a + r
                     o = int(sh.atom_offset[li]) - A
