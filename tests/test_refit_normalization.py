@@ -37,9 +37,65 @@ def test_refit_keeps_energies_and_forces(hidden, dtype, zbl):
     tol = 1e-9 if dtype == "float64" else 2e-3
     torch.testing.assert_close(E1, E0, rtol=0, atol=tol * 20)
     torch.testing.assert_close(F1, F0, rtol=0, atol=tol * 20)
-    # and a plain refit (what a warm start with refit_normalization does) would not keep them
+    # and a plain fit (what a new model gets) would not keep them
     m2 = BPNN(["Cu", "Au"], DESC, hidden, "tanh", dtype, zbl=zbl)
     m2.load_state_dict(before)
     m2.fit_normalization([collate(new, m.species, cutoff=m.cutoff)])
     E2, _ = m2.energy_and_forces(collate(new + old[:2], m.species, cutoff=m.cutoff))
     assert float((E2 - E0).abs().max()) > 0.1
+
+
+def test_warm_start_refit_keeps_the_function_and_absent_elements(tmp_path):
+    """A warm start with ``refit_normalization: true`` (sweep 7): on data without Au, the plain fit
+    set Au's feature statistics to mean 0 / std 1 and its energy shift to the Cu mean (energy
+    MAE on the old data 20 -> 109 meV/atom, exit 0); on data with every element the networks were
+    reused under the new statistics (20 -> 37 meV/atom before any step).  Now the refit keeps the
+    model's energies and Au's statistics."""
+    from distmlip.data.h5store import write_dataset
+    from distmlip.training.config import load_train_config
+    from distmlip.training.trainer import Trainer
+
+    old = rattled_cu_au(12, seed=1)
+    cu = [s for s in rattled_cu_au(40, seed=5) if set(s.numbers.tolist()) == {29}]
+    assert len(cu) >= 2
+    for s in cu:
+        s.energy += 0.3 * len(s.numbers)                     # the new data sit higher
+    write_dataset(tmp_path / "old.h5", old)
+    write_dataset(tmp_path / "cu.h5", cu)
+    cfg = f"""
+data: {{train: [{tmp_path / 'old.h5'}], fractions: [1.0, 0.0, 0.0]}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
+model: {{hidden: [5]}}
+training: {{mode: energy, epochs: 3, batch_atoms: 40, lr: 1.0e-2, output: {tmp_path / 'r1'}, progress_bar: 'off'}}
+"""
+    (tmp_path / "c.yaml").write_text(cfg)
+    Trainer(load_train_config(tmp_path / "c.yaml"), quiet=True).fit()
+    m0 = BPNN.load(tmp_path / "r1" / "model.pt")
+    probe = collate(old, m0.species, cutoff=m0.cutoff)
+    with torch.no_grad():
+        E0 = m0(probe)
+    for data, tag in (([tmp_path / "cu.h5"], "cu"), ([tmp_path / "cu.h5", tmp_path / "old.h5"], "all")):
+        ov = {"data.train": [str(p) for p in data], "training.warm_start": str(tmp_path / "r1" / "model.pt"),
+              "training.refit_normalization": True,
+              "training.output": str(tmp_path / tag)}
+        tr = Trainer(load_train_config(tmp_path / "c.yaml", ov), quiet=True)
+        with torch.no_grad():
+            E1 = tr.model.to("cpu")(collate(old, m0.species, cutoff=m0.cutoff))
+        torch.testing.assert_close(E1, E0, rtol=0, atol=1e-9)
+        sd0, sd1 = m0.state_dict(), tr.model.state_dict()
+        if tag == "cu":      # Au has no atoms there: its statistics and shift stay the model's
+            au = m0.species.index("Au")
+            assert torch.equal(sd1["ann.feature_mean"][au], sd0["ann.feature_mean"][au])
+            assert torch.equal(sd1["ann.feature_std"][au], sd0["ann.feature_std"][au])
+            assert sd1["ann.energy_shift"][au] == sd0["ann.energy_shift"][au]
+        else:
+            assert not torch.equal(sd1["ann.feature_mean"], sd0["ann.feature_mean"])
+
+
+def test_a_new_models_absent_species_still_get_the_neutral_statistics():
+    m = BPNN(["Cu", "Au"], DESC, [4], "tanh", "float64")
+    cu = [s for s in rattled_cu_au(40, seed=5) if set(s.numbers.tolist()) == {29}]
+    summ = m.fit_normalization([collate(cu, m.species, cutoff=m.cutoff)])
+    assert summ["absent_species"] == ["Au"]
+    assert torch.equal(m.ann.feature_std[1], torch.ones_like(m.ann.feature_std[1]))
+    assert abs(float(m.ann.energy_shift[1]) - float(m.ann.energy_shift[0])) < 1e-12

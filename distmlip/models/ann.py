@@ -141,7 +141,8 @@ class AtomicNetworks(nn.Module):
     @torch.no_grad()
     def fit_normalization(self, batches: Iterable, plan, ctx=None, descriptor: bool = True,
                           energy: str = "lstsq", scale: bool = True,
-                          fixed_energy: Callable | None = None, min_scale: float | None = None) -> dict:
+                          fixed_energy: Callable | None = None, min_scale: float | None = None,
+                          keep_absent: bool = False) -> dict:
         """Fit descriptor mean/std per species and feature, and the per-atom energy shift/scale.
 
         ``batches`` yields collated batches of the training set (a rank's share under MPI: the
@@ -149,7 +150,12 @@ class AtomicNetworks(nn.Module):
         'lstsq' (least-squares per-species shift), 'mean' (mean energy per atom, the same for all
         species) or 'none'.  ``fixed_energy(batch) -> [B]``: the energy of the model's other
         terms, which this term is fitted to the residual of.  ``min_scale``: a lower bound of the
-        output scale (force training: the scale the forces imply).  Returns a summary dict."""
+        output scale (force training: the scale the forces imply).  ``keep_absent``: a species
+        without atoms in ``batches`` keeps its feature statistics and energy shift (a refit of a
+        trained model on data without that element must not erase what the model knows of it;
+        a new model's absent species get mean 0, std 1 and the mean energy per atom).  Returns a
+        summary dict."""
+        old = (self.feature_mean.clone(), self.feature_std.clone(), self.energy_shift.clone())
         T, D = len(self.species), self.dim
         dev = self.feature_mean.device
         f64 = torch.float64
@@ -202,6 +208,10 @@ class AtomicNetworks(nn.Module):
             floored = live & (std < floor)
             # guard constant features (zero std) and species absent from the training set
             std = torch.where(live, torch.maximum(std, floor), torch.ones_like(std))
+            if keep_absent:
+                gone = (cnt == 0)[:, None]
+                mean = torch.where(gone, old[0], mean)
+                std = torch.where(gone, old[1], std)
             summary["floored_features"] = {s: int(c) for s, c in zip(self.species, floored.sum(1).tolist()) if c}
             self.feature_mean.copy_(mean)
             self.feature_std.copy_(std)
@@ -218,6 +228,11 @@ class AtomicNetworks(nn.Module):
             self.energy_shift.fill_(float(stats[2] / stats[1]))
         elif energy != "none":
             raise ConfigError(f"model.energy_shift: {energy!r} is not one of 'lstsq', 'mean', 'none'")
+        absent = [s for s, c in zip(self.species, torch.diagonal(AtA).tolist()) if c == 0]
+        summary["absent_species"] = absent
+        if keep_absent and absent and energy in ("lstsq", "mean"):
+            gone = torch.diagonal(AtA) == 0
+            self.energy_shift.copy_(torch.where(gone, old[2], self.energy_shift))
         if scale:
             # RMS per-atom residual energy after the shift, over all structures (global)
             ss = torch.zeros(2, dtype=f64, device=dev)
@@ -239,7 +254,8 @@ class AtomicNetworks(nn.Module):
     @torch.no_grad()
     def refit_normalization_keeping_function(self, batches: Iterable, plan, ctx=None, descriptor: bool = True,
                                              energy: str = "lstsq", scale: bool = True,
-                                             fixed_energy: Callable | None = None) -> dict:
+                                             fixed_energy: Callable | None = None,
+                                             min_scale: float | None = None) -> dict:
         """Refit the normalisation on new data and change the first and last layer of every
         network so that the term computes the same energies as before (to round-off).
 
@@ -253,7 +269,8 @@ class AtomicNetworks(nn.Module):
         old_mean, old_std = self.feature_mean.clone(), self.feature_std.clone()
         old_base = (self.reference_energy + self.energy_shift).clone()
         old_scale = float(self.energy_scale)
-        summary = self.fit_normalization(batches, plan, ctx, descriptor, energy, scale, fixed_energy)
+        summary = self.fit_normalization(batches, plan, ctx, descriptor, energy, scale, fixed_energy,
+                                         min_scale=min_scale, keep_absent=True)
         new_base = self.reference_energy + self.energy_shift
         k = old_scale / float(self.energy_scale)
         for t, net in enumerate(self.nets):

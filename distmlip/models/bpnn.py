@@ -274,13 +274,14 @@ class BPNN(nn.Module):
 
     @torch.no_grad()
     def refit_normalization_keeping_function(self, batches: Iterable, ctx=None, descriptor: bool = True,
-                                             energy: str = "lstsq", scale: bool = True) -> dict:
+                                             energy: str = "lstsq", scale: bool = True,
+                                             min_scale: float | None = None) -> dict:
         """:meth:`fit_normalization` on new data with the networks changed so that the model's
         energies stay the same (a warm start whose data outgrew the old normalisation; see
         :meth:`AtomicNetworks.refit_normalization_keeping_function`)."""
         return self.ann.refit_normalization_keeping_function(
             batches, self.plan(), ctx, descriptor, energy, scale,
-            fixed_energy=self.other_terms_energy if self.zbl is not None else None)
+            fixed_energy=self.other_terms_energy if self.zbl is not None else None, min_scale=min_scale)
 
     def extra_repr(self) -> str:
         return f"zbl={self.zbl is not None}, backend={self.backend}"

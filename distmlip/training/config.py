@@ -111,7 +111,7 @@ class TrainingConfig:
     output: str = "run"
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     warm_start: Optional[str] = None    # model file to fine-tune from
-    refit_normalization: bool = False   # with warm_start: refit descriptor/energy normalisation
+    refit_normalization: bool = False   # with warm_start: refit the normalisation, keeping the model's energies
     validate_every: int = field(default=1, metadata=bounds(ge=1))
     log_every: int = field(default=1, metadata=bounds(ge=1))   # epochs between progress lines (the CSV has every epoch)
     progress_bar: Literal["auto", "on", "off"] = "auto"

@@ -541,11 +541,14 @@ class Trainer:
         self._setup_graphs()
         if fit:
             t0 = time.time()
-            summary = self.model.fit_normalization(self._norm_batches(), ctx=self.ctx,
-                                                   descriptor=mc.normalize_descriptor,
-                                                   energy=mc.energy_shift, scale=mc.energy_scale is not False,
-                                                   min_scale=(self._force_rms() * 1.0 if self.force_mode
-                                                              and mc.energy_scale == "auto" else None))
+            # a warm start's refit keeps the model's energies (the networks' first and last
+            # layers absorb the new statistics) and what it knows of elements the new data lack
+            refit = (self.model.refit_normalization_keeping_function if tc.warm_start and self._resume_state is None
+                     else self.model.fit_normalization)
+            summary = refit(self._norm_batches(), ctx=self.ctx, descriptor=mc.normalize_descriptor,
+                            energy=mc.energy_shift, scale=mc.energy_scale is not False,
+                            min_scale=(self._force_rms() * 1.0 if self.force_mode
+                                       and mc.energy_scale == "auto" else None))
             self._energy_rms = summary.get("energy_residual_rms")
             self._log(f"normalisation fitted on {summary['n_structures']} structures in {time.time() - t0:.1f} s: "
                       f"shift {', '.join(f'{k} {v:.4f}' for k, v in summary['energy_shift'].items())} eV/atom, "
@@ -553,6 +556,16 @@ class Trainer:
                       + (f" (energy residual RMS {summary['energy_residual_rms']:.4g}; RMS force "
                          f"{self._force_rms():.4g} eV/A x 1 A sets the floor in force mode)"
                          if self.force_mode and "energy_residual_rms" in summary else ""))
+            absent = summary.get("absent_species") or []
+            if absent and tc.warm_start and self._resume_state is None:
+                self._log(f"normalisation: {absent} have no atoms in the training split; the model's statistics "
+                          f"and energy shift for them are kept")
+            elif absent and self.rank0 and not self.quiet:
+                held = [s for s in absent if s in set(self.ds.species) | set(getattr(self.val_ds, "species", ()))]
+                warn(f"{absent} have no atoms in the training split"
+                     + (f" ({held} only in the structures held out for validation or test)" if held else "")
+                     + ": their networks stay untrained and predict the mean energy per atom of the other "
+                     f"elements; train on structures that contain them, or drop them from model.species")
             fl = summary.get("floored_features")
             if fl and self.rank0 and not self.quiet:
                 warn(f"descriptor features that barely vary in the training data ({', '.join(f'{k}: {v}' for k, v in fl.items())} "
