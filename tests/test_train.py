@@ -217,6 +217,10 @@ training: {{epochs: 1, batch_atoms: 40, output: {tmp_path / 'r1'}}}
     assert r3["n_structures"] == r1["n_structures"] + r1["n_structures"] and \
         r3["pair_min_distance_A"] == r1["pair_min_distance_A"]
     assert written["model"]["hidden"] == [4] and written["descriptor"]["n_radial"] == 4 and written["zbl"]["enabled"]
+    # that run resumes from its own config.yaml (which records the model's architecture, not the
+    # config's as given: sweep 7 found it refused) and from the config as first given
+    res = distmlip_cli(["train", str(tmp_path / "r3" / "config.yaml"), "--resume", "auto", "--set", "training.epochs=2"])
+    assert "resumed from" in res.stdout + res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("per_atom", [True, False])

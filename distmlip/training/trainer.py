@@ -236,6 +236,9 @@ class Trainer:
                         "training.copies_per_epoch")
     # what a checkpoint written before a setting existed did, and older spellings of a value
     _BEFORE_SETTING = {"data.batches": "reshuffled", "training.copies_per_epoch": 0}
+    _ADOPTED_FROM_WARM_START = ("descriptor.type", "descriptor.rc_radial", "descriptor.n_radial",
+                                "descriptor.rc_angular", "descriptor.n_angular", "model.hidden", "model.activation",
+                                "zbl.enabled")
     _LEGACY_VALUES = {("model.energy_scale", True): "auto"}
 
     def _check_resume(self, st) -> None:
@@ -250,6 +253,11 @@ class Trainer:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         fixed = [k for k in changed if any(k == f or (f.endswith(".") and k.startswith(f))
                                            for f in self._FIXED_ON_RESUME)]
+        if old.get("training.warm_start"):
+            # a fine-tuning run's architecture is its loaded model's whatever either config says
+            # (_adopt_warm_start_architecture): its own config.yaml, which records the model's,
+            # or the config as first given must both resume it
+            fixed = [k for k in fixed if k not in self._ADOPTED_FROM_WARM_START]
         if fixed:
             raise ConfigError(f"{self._resume_path}: the configuration differs from the checkpoint's in settings a "
                               "resumed run must keep: " + "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
