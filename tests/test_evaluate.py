@@ -202,3 +202,36 @@ def test_evaluate_folder_holds_one_run(tmp_path):
     assert cli_main(["evaluate", str(tmp_path / "m.pt"), str(tmp_path / "d.h5"), "-o", str(ev), "--no-forces"]) == 0
     assert not (ev / "parity_forces.png").exists() and (ev / "parity_energy.png").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ev.")]       # no staging left
+
+
+def test_evaluate_split_is_the_runs_split(tmp_path, capsys, emt_h5):
+    """`evaluate --split val` scored the hash split with evaluate's own defaults: a run trained
+    with `data.by_subset: false` (or other fractions) had its 'validation' score taken on another
+    set of structures, training structures included (sweep 7).  The run's config.yaml beside the
+    model now sets the split; the command line overrides it."""
+    from distmlip.cli import main as cli_main
+    from distmlip.training.config import load_train_config
+    from distmlip.training.trainer import Trainer
+
+    (tmp_path / "c.yaml").write_text(f"""
+data: {{train: [{emt_h5}], fractions: [0.7, 0.3, 0.0], by_subset: false, split_seed: 3}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
+model: {{hidden: [4]}}
+training: {{epochs: 1, batch_atoms: 40, output: {tmp_path / 'run'}, progress_bar: 'off'}}
+""")
+    tr = Trainer(load_train_config(tmp_path / "c.yaml"), quiet=True)
+    tr.fit()
+    want = sorted(int(i) for i in tr.val_idx)
+    assert 0 < len(want) < 24
+
+    def scored(*extra):
+        out = tmp_path / f"ev{len(extra)}"
+        assert cli_main(["evaluate", str(tmp_path / "run" / "model.pt"), str(emt_h5), "--split", "val",
+                         "-o", str(out), "--no-plots", *extra]) == 0
+        with open(out / "structures.csv") as f:
+            return sorted(int(r["index"]) for r in csv.DictReader(f))
+
+    assert scored() == want
+    assert f"by the settings of {tmp_path / 'run' / 'config.yaml'}" in capsys.readouterr().out
+    other = scored("--by-subset", "on", "--split-seed", "0", "--fractions", "0.9", "0.1", "0.0")
+    assert other != want and "the command line" in capsys.readouterr().out

@@ -95,6 +95,16 @@ def get_split(ds, seed: int, fractions=(0.8, 0.1, 0.1), per_subset: bool = True,
     return assign_split(ds, seed, fractions, per_subset)
 
 
+def split_of(ds, seed: int, fractions, by_subset: bool = True, use_stored: bool = True,
+             patterns=None) -> np.ndarray:
+    """Split code (0 train, 1 val, 2 test) per structure, by the training configuration's rules
+    (``data.split_patterns``, else the stored split, else the hash split): the one rule that
+    training and ``evaluate --split`` both apply, so that a held-out split is scored as held out."""
+    if patterns:
+        return np.asarray(split_from_patterns(ds.column("source"), parse_split_patterns(patterns)))
+    return np.asarray(get_split(ds, seed, tuple(fractions), per_subset=by_subset, use_stored=use_stored))
+
+
 def parse_split_patterns(text) -> dict[str, str]:
     """'train=train/,test=test/' (or a dict) -> {'train': 'train/', 'test': 'test/'}."""
     if isinstance(text, dict):

@@ -24,10 +24,17 @@ def add_arguments(p) -> None:
                                  "(committee.pt); a comma-separated list is evaluated as one committee")
     p.add_argument("data", nargs="+", help="HDF5 data set(s) (shards are read as one data set)")
     p.add_argument("--split", default="all", choices=["all", "train", "val", "validation", "test"],
-                   help="evaluate only this split: the split stored in the data set, else the hash split "
-                        "with --split-seed/--fractions (same rule as training); default all")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--fractions", type=float, nargs=3, default=[0.9, 0.1, 0.0], metavar=("TRAIN", "VAL", "TEST"))
+                   help="evaluate only this split, made by training's rule; its settings come from the run's "
+                        "config.yaml beside the model when that run trained on these files (else --run-config, "
+                        "else --split-seed/--fractions/--by-subset); default all")
+    p.add_argument("--run-config", default=None, metavar="CONFIG",
+                   help="the training configuration whose data split --split selects (default: config.yaml "
+                        "beside the model, when its data.train are these files)")
+    p.add_argument("--split-seed", type=int, default=None, help="hash split seed (default 0)")
+    p.add_argument("--fractions", type=float, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
+                   help="hash split fractions (default 0.9 0.1 0)")
+    p.add_argument("--by-subset", choices=["on", "off"], default=None,
+                   help="split each subset apart (training's data.by_subset; default on)")
     p.add_argument("--synthetic", choices=["exclude", "include", "only"], default="exclude",
                    help="GPR-labelled copies of an augmented data set: left out (default: their labels are a "
                         "GPR's, not reference data), scored with the references, or scored alone")
@@ -48,13 +55,55 @@ def load_models(spec, device="cpu", backend=None):
     return [m.eval() for p in paths for m in load_file(p, device=device, backend=backend)]
 
 
-def select_indices(ds, split: str, seed: int, fractions) -> np.ndarray:
+def select_indices(ds, split: str, seed: int = 0, fractions=(0.9, 0.1, 0.0), by_subset: bool = True,
+                   use_stored: bool = True, patterns=None) -> np.ndarray:
     if split == "all":
         return np.arange(ds.n_structures, dtype=np.int64)
-    from ..data.split import get_split
+    from ..data.split import split_of
 
-    sp = np.asarray(get_split(ds, seed, tuple(fractions)))
+    sp = split_of(ds, seed, fractions, by_subset=by_subset, use_stored=use_stored, patterns=patterns)
     return np.nonzero(sp == SPLITS[split])[0].astype(np.int64)
+
+
+def split_settings(args) -> tuple[dict, str]:
+    """The split rule of ``evaluate --split``: a training configuration's data settings (--run-config,
+    or config.yaml beside the model when its data.train are the evaluated files), overridden by
+    any of --split-seed / --fractions / --by-subset given; and a line saying where they came from.
+    Without them a split trained with other settings would be scored as another set of
+    structures (sweep 7: a 'validation' score that included training structures)."""
+    from ..errors import ConfigError
+
+    out = {"seed": 0, "fractions": (0.9, 0.1, 0.0), "by_subset": True, "use_stored": True, "patterns": None}
+    where = "defaults"
+    cfg_path = Path(args.run_config) if args.run_config else Path(args.model.split(",")[0]).parent / "config.yaml"
+    if args.split != "all" and cfg_path.is_file():
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{cfg_path}: cannot read the run's configuration ({exc})") from None
+        data = cfg.get("data") or {}
+        trained_on = [str(Path(p).resolve()) for p in data.get("train") or []]
+        given = [str(Path(p).resolve()) for p in args.data]
+        if args.run_config or trained_on == given:
+            if data.get("validation"):
+                raise ConfigError(f"{cfg_path}: that run validated on {data['validation']}, not on a split of "
+                                  f"{data.get('train')}: evaluate those files with --split all")
+            out.update(seed=int(data.get("split_seed", 0)), fractions=tuple(data.get("fractions", out["fractions"])),
+                       by_subset=bool(data.get("by_subset", True)), use_stored=bool(data.get("use_stored_split", True)),
+                       patterns=data.get("split_patterns") or None)
+            where = str(cfg_path)
+    if args.split_seed is not None:
+        out["seed"] = args.split_seed
+    if args.fractions is not None:
+        out["fractions"] = tuple(args.fractions)
+    if args.by_subset is not None:
+        out["by_subset"] = args.by_subset == "on"
+    parts = [] if where == "defaults" else [where]
+    if any(v is not None for v in (args.split_seed, args.fractions, args.by_subset)):
+        parts.append("the command line")
+    return out, " and ".join(parts) or "the defaults"
 
 
 def format_table(results: dict) -> str:
@@ -224,7 +273,14 @@ def run(args) -> int:
 
     models = load_models(args.model, args.device, args.backend)
     ds = H5Dataset(args.data)
-    idx = select_indices(ds, args.split, args.split_seed, args.fractions)
+    how, where = split_settings(args)
+    idx = select_indices(ds, args.split, **how)
+    if args.split != "all":
+        print(f"split '{args.split}' by the settings of {where}: "
+              + (f"patterns {how['patterns']}" if how["patterns"] else
+                 f"seed {how['seed']}, fractions {list(how['fractions'])}, by_subset {how['by_subset']}"
+                 + (" (a split stored in the data set comes first)" if how["use_stored"] and ds.has_stored_split
+                    else "")))
     syn = np.asarray(ds.column("synthetic"), dtype=bool)[idx]
     n_syn = int(syn.sum())
     if args.synthetic != "include" and n_syn:

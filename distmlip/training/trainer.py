@@ -285,13 +285,8 @@ class Trainer:
         else:
             from ..data import split as splitmod
 
-            if dc.split_patterns:
-                split = splitmod.split_from_patterns(self.ds.column("source"),
-                                                     splitmod.parse_split_patterns(dc.split_patterns))
-            else:
-                split = splitmod.get_split(self.ds, dc.split_seed, tuple(dc.fractions), per_subset=dc.by_subset,
-                                           use_stored=dc.use_stored_split)
-            split = np.asarray(split)
+            split = splitmod.split_of(self.ds, dc.split_seed, dc.fractions, by_subset=dc.by_subset,
+                                      use_stored=dc.use_stored_split, patterns=dc.split_patterns)
             train_idx = np.nonzero(split == 0)[0].astype(np.int64)
             val_idx = np.nonzero(split == 1)[0].astype(np.int64)
             self.val_ds = self.ds
