@@ -568,7 +568,7 @@ class Trainer:
                 warn(f"{absent} have no atoms in the training split"
                      + (f" ({held} only in the structures held out for validation or test)" if held else "")
                      + ": their networks stay untrained and predict the mean energy per atom of the other "
-                     f"elements; train on structures that contain them, or drop them from model.species")
+                     "elements; train on structures that contain them, or drop them from model.species")
             fl = summary.get("floored_features")
             if fl and self.rank0 and not self.quiet:
                 warn(f"descriptor features that barely vary in the training data ({', '.join(f'{k}: {v}' for k, v in fl.items())} "
