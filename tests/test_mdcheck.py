@@ -287,3 +287,20 @@ def test_judge_cell_volume():
     ev = judge(tr, 300.0, 32, 0.02, c)
     assert [e["criterion"] for e in ev] == ["cell volume"] and ev[0]["t_fs"] == 100.0
     assert "V/V0 = 0.700" in ev[0]["detail"]
+
+
+def test_one_atom_is_refused_and_result_files_are_strict_json(tmp_path, capsys):
+    """A 1-atom cell 'aborted: non-finite energy' (its temperature is 0 / 0 once the centre of
+    mass is fixed) and summary.json held bare NaN, which strict JSON readers reject (sweep 7)."""
+    models = _models(tmp_path)
+    one = tmp_path / "one.extxyz"
+    write(str(one), bulk("Cu", "fcc", a=3.61))
+    assert main(["md-check", models[0], str(one), "--steps", "2", "-o", str(tmp_path / "o1")]) == 2
+    assert "has 1 atom(s); MD with the centre of mass fixed needs at least 2" in capsys.readouterr().err
+    from distmlip.utils.io import json_text
+
+    text = json_text({"a": float("nan"), "b": [1.0, float("inf")], "c": np.float64("nan"), "d": np.arange(2)})
+
+    def strict(name):
+        raise ValueError(name)
+    assert json.loads(text, parse_constant=strict) == {"a": None, "b": [1.0, None], "c": None, "d": [0, 1]}

@@ -68,7 +68,7 @@ from ..config import bounds
 from ..distributed.liveness import Heartbeat
 from ..errors import ConfigError, InputError
 from ..gpr.augment import GPRSettings
-from ..utils.io import atomic_path, atomic_write_text
+from ..utils.io import atomic_path, atomic_write_text, json_text
 from ..utils.log import log
 
 
@@ -382,7 +382,7 @@ class Explorer:
             with atomic_path(mddir / f"task_{t['task']:03d}.npz", suffix=".npz") as tmp:
                 np.savez(tmp, features=X, uncertainty=u)
             # the .json is written last: it marks the task done
-            atomic_write_text(mddir / f"task_{t['task']:03d}.json", json.dumps(summary))
+            atomic_write_text(mddir / f"task_{t['task']:03d}.json", json_text(summary))
             log(f"  iteration {it} task {t['task']}: T={t['T']:g} K, structure {t['structure']}, "
                 f"{summary['analysed']} frames, failed {summary['failed']}/{n_frames}, flagged "
                 f"{summary['flagged']}, max {self.kind} uncertainty {summary['max_uncertainty']:.3f}",
@@ -703,7 +703,7 @@ class Explorer:
                 st["iteration"] = it
                 st.pop("waiting", None)
                 if self.rank0:
-                    atomic_write_text(itdir / "done.json", json.dumps(row, indent=1))
+                    atomic_write_text(itdir / "done.json", json_text(row, indent=1))
                 self.save_state(st)
                 self.write_table(st)
                 log(format_row(row))
@@ -720,7 +720,7 @@ class Explorer:
     def write_table(self, st: dict) -> None:
         if self.rank0:
             atomic_write_text(self.out / "table.txt", format_table(st) + "\n")
-            atomic_write_text(self.out / "table.json", json.dumps(st["rows"], indent=1))
+            atomic_write_text(self.out / "table.json", json_text(st["rows"], indent=1))
 
 
 def format_row(r: dict) -> str:

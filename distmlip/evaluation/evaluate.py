@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from pathlib import Path
 
@@ -165,7 +164,7 @@ def write_structures_csv(path, pred, sources=None, subset_names=None) -> None:
 def evaluate(models, ds, indices=None, output=None, forces=True, plots=True, batch_atoms=4096,
              device="cpu", sources=None, label="") -> dict:
     """Evaluate; write metrics.json, structures.csv and PNGs into ``output`` (if given)."""
-    from ..utils.io import atomic_write_text
+    from ..utils.io import atomic_write_text, json_text
     from .metrics import metrics_by_subset, predict
 
     pred = predict(models, ds, indices, batch_atoms=batch_atoms, forces=forces, device=device)
@@ -188,7 +187,7 @@ def evaluate(models, ds, indices=None, output=None, forces=True, plots=True, bat
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
             try:
-                atomic_write_text(stage / "metrics.json", json.dumps({"label": label, "K": pred.K, "metrics": results},
+                atomic_write_text(stage / "metrics.json", json_text({"label": label, "K": pred.K, "metrics": results},
                                                                    indent=2))
                 write_structures_csv(stage / "structures.csv", pred, sources, names)
                 if plots:

@@ -56,7 +56,6 @@ Exit status: 0 when every run is stable, 3 when any run is unstable or aborted (
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -765,6 +764,12 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
     from ..utils.io import check_writable
     check_writable(output)          # before the MD, not after it
     atoms = _read_structure(structure)
+    if len(atoms) < 2:
+        # the thermostat's velocities have the centre of mass removed: one atom has no degree of
+        # freedom left and its temperature is 0 / 0 (the run 'aborted' on a NaN energy)
+        raise InputError(f"md-check: structure {structure} has {len(atoms)} atom(s); MD with the centre of mass "
+                         f"fixed needs at least 2 (for a crystal give a supercell, e.g. ase.build.bulk(...)"
+                         f".repeat(3))")
     ensemble = ensemble or Ensemble()
     ensemble.check(atoms, f"md-check: structure {structure}")
     model_paths = [str(p) for p in model_paths]
@@ -828,10 +833,10 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
                                "of nve_steps from the final NVT state",
                "runs": runs, "result": summary_line(runs),
                "all_stable": all(r["stable"] for r in runs)}
-    from ..utils.io import atomic_write_text
+    from ..utils.io import atomic_write_text, json_text
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "summary.json", json_text(summary, indent=1))
     summary["_committee"] = committee
     summary["_gpr"] = uncertainty is not None
     return summary

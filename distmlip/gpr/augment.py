@@ -49,7 +49,7 @@ import numpy as np
 from ..config import bounds, load_config, parse_override
 from ..descriptors.spec import DescriptorSpec
 from ..errors import ConfigError, DistmlipError, InputError
-from ..utils.io import OutputLock, atomic_path, atomic_write_text, check_writable, clean_stale_temps
+from ..utils.io import OutputLock, atomic_path, atomic_write_text, check_writable, clean_stale_temps, json_text
 from ..utils.log import log, warn
 
 __all__ = ["AugmentConfig", "GPRSettings", "SubsetSettings", "augment", "add_arguments", "run"]
@@ -1126,7 +1126,7 @@ def write_candidates(path: Path, cands, ds) -> None:
 
 def write_report(cfg: AugmentConfig, report: dict) -> None:
     p = cfg.report_path()
-    atomic_write_text(p, json.dumps(report, indent=1, default=float) + "\n")
+    atomic_write_text(p, json_text(report, indent=1, default=float) + "\n")
     atomic_write_text(p.with_suffix(".txt"), format_table(report) + "\n")
 
 

@@ -143,6 +143,27 @@ def atomic_path(final, suffix: str = ".tmp"):
             pass
 
 
+def json_text(obj, **kw) -> str:
+    """``json.dumps`` for result files that other programs read: a non-finite float (a metric of an
+    empty set, an aborted MD's last energy) becomes null, since Python's bare NaN / Infinity are
+    not JSON and make strict readers (jq, JavaScript, most languages' parsers) reject the file."""
+    import json
+    import math
+
+    def clean(o):
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        if hasattr(o, "tolist") and not isinstance(o, (str, bytes)):     # numpy scalars and arrays
+            return clean(o.tolist())
+        return o
+
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
 def atomic_write_text(final, text: str) -> None:
     with atomic_path(final) as tmp:
         tmp.write_text(text)
