@@ -298,3 +298,21 @@ def test_plateau_patience_covers_min_steps(tmp_path, emt_h5):
     assert tr.opt.param_groups[0]["lr"] == pytest.approx(0.5 * lr0)
     cfg = make_cfg(tmp_path / "b", emt_h5, **{"training.plateau_min_steps": 0, "training.plateau_patience": 2})
     assert Trainer(cfg, quiet=True).sched.patience == 2
+
+
+def test_a_new_run_in_a_used_folder_keeps_the_earlier_run(tmp_path, emt_h5):
+    """Training again into a folder that holds a finished run (a config reused without --resume)
+    replaced its model, checkpoint and log without a word (sweep 7); they now move aside."""
+    (tmp_path / "c.yaml").write_text(f"""
+data: {{train: [{emt_h5}], fractions: [0.75, 0.25, 0.0]}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
+model: {{hidden: [4]}}
+training: {{epochs: 2, batch_atoms: 40, output: {tmp_path / 'r'}, progress_bar: 'off'}}
+""")
+    distmlip_cli(["train", str(tmp_path / "c.yaml")])
+    first = (tmp_path / "r" / "model.pt").read_bytes()
+    res = distmlip_cli(["train", str(tmp_path / "c.yaml"), "--set", "training.epochs=1", "--set", "training.seed=4"])
+    prev = sorted((tmp_path / "r").glob("previous-*"))
+    assert len(prev) == 1 and "held an earlier run" in res.stderr and "--resume auto" in res.stderr
+    assert (prev[0] / "model.pt").read_bytes() == first and (prev[0] / "checkpoint.pt").is_file()
+    assert (tmp_path / "r" / "model.pt").read_bytes() != first

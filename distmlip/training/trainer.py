@@ -19,6 +19,7 @@ import gc
 import io
 import math
 import sys
+import os
 import time
 from pathlib import Path
 
@@ -1224,10 +1225,15 @@ class Trainer:
         self._csv_rows = []
         self._csv_written = time.monotonic()
 
+    # what a run writes into its output folder (a new run there moves an earlier run's aside)
+    RUN_FILES = ("model.pt", "best_model.pt", "last_model.pt", "checkpoint.pt", "log.csv", "config.yaml")
+
     def _prepare_output(self):
         if not self.rank0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        if self._resume_state is None:
+            self._keep_earlier_run()
         import yaml
 
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(
@@ -1246,6 +1252,26 @@ class Trainer:
             for r in keep:
                 wr.writerow({k: r.get(k, "") for k in CSV_FIELDS})
             atomic_write_text(path, buf.getvalue())
+
+    def _keep_earlier_run(self) -> None:
+        """A new run in a folder that holds an earlier run's model or checkpoint (a config reused
+        without ``--resume``) replaced that model without a word; its files now move to
+        ``previous-<UTC time>/`` in the folder, and the warning says how to continue a run instead."""
+        old = [self.out / f for f in self.RUN_FILES if (self.out / f).is_file()]
+        if not any(p.name in ("model.pt", "checkpoint.pt") for p in old):
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        dest = self.out / f"previous-{stamp}"
+        k = 1
+        while dest.exists():
+            k += 1
+            dest = self.out / f"previous-{stamp}-{k}"
+        dest.mkdir()
+        for p in old:
+            os.replace(p, dest / p.name)
+        if not self.quiet:
+            warn(f"{self.out} held an earlier run ({', '.join(p.name for p in old)}): moved to {dest} "
+                 f"(to continue a run instead: distmlip train CONFIG --resume auto)")
 
     def _progress(self, total, initial):
         tc = self.cfg.training
