@@ -316,3 +316,14 @@ training: {{epochs: 2, batch_atoms: 40, output: {tmp_path / 'r'}, progress_bar: 
     assert len(prev) == 1 and "held an earlier run" in res.stderr and "--resume auto" in res.stderr
     assert (prev[0] / "model.pt").read_bytes() == first and (prev[0] / "checkpoint.pt").is_file()
     assert (tmp_path / "r" / "model.pt").read_bytes() != first
+
+
+def test_batch_atoms_below_the_largest_structure_is_said(tmp_path, emt_h5, capsys):
+    (tmp_path / "c.yaml").write_text(f"""
+data: {{train: [{emt_h5}], fractions: [0.75, 0.25, 0.0]}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
+model: {{hidden: [4]}}
+training: {{epochs: 1, batch_atoms: 3, output: {tmp_path / 'r'}, progress_bar: 'off'}}
+""")
+    Trainer(load_train_config(tmp_path / "c.yaml"))
+    assert "training.batch_atoms 3 is below the largest training structure" in capsys.readouterr().err

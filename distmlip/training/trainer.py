@@ -351,6 +351,12 @@ class Trainer:
         self._log(f"data: {len(train_idx)} training, {len(val_idx)} validation structures; "
                   f"{self.stream.steps(0)} steps per epoch on {w} rank(s)")
         self._check_labels(dc, tc, train_idx, val_idx)
+        biggest = int(np.max(self.ds.natoms[train_idx])) if len(train_idx) else 0
+        if biggest > tc.batch_atoms and self.rank0 and not self.quiet:
+            over = int(np.sum(self.ds.natoms[train_idx] > tc.batch_atoms))
+            warn(f"training.batch_atoms {tc.batch_atoms} is below the largest training structure ({biggest} "
+                 f"atoms): {over} structure(s) form batches of their own, above the setting (a rank's memory "
+                 f"follows the largest batch)")
         total = self.stream.steps(0) * tc.epochs
         if total < FEW_STEPS and self.rank0 and not self.quiet:
             warn(f"training: {tc.epochs} epochs x {self.stream.steps(0)} steps per epoch = {total} optimizer "
