@@ -327,3 +327,24 @@ training: {{epochs: 1, batch_atoms: 3, output: {tmp_path / 'r'}, progress_bar: '
 """)
     Trainer(load_train_config(tmp_path / "c.yaml"))
     assert "training.batch_atoms 3 is below the largest training structure" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("zbl", [True, False])
+def test_atoms_on_top_of_each_other_are_named(tmp_path, zbl):
+    """Coincident atoms (convert --min-distance 0) gave 'ZBL radii ... must satisfy 0 < inner <
+    outer' without a structure, or a 'non-finite loss' naming every structure of the batch."""
+    from distmlip.data.h5store import write_dataset
+
+    structs = rattled_cu_au(6, seed=2)
+    structs[4].positions[1] = structs[4].positions[0] + 1e-9
+    write_dataset(tmp_path / "d.h5", structs)
+    (tmp_path / "c.yaml").write_text(f"""
+data: {{train: [{tmp_path / 'd.h5'}], fractions: [1.0, 0.0, 0.0]}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
+model: {{hidden: [4]}}
+zbl: {{enabled: {str(zbl).lower()}}}
+training: {{epochs: 1, output: {tmp_path / 'r'}, progress_bar: 'off'}}
+""")
+    from distmlip.errors import DataFormatError
+    with pytest.raises(DataFormatError, match=r"structure 4 .*a Cu-Cu pair at .* A \(atoms on top of each other"):
+        Trainer(load_train_config(tmp_path / "c.yaml"), quiet=True)

@@ -29,7 +29,7 @@ import torch
 from ..data.info import EV_A3_GPA
 from ..data.structure import minimum_image
 from ..config import config_to_dict
-from ..errors import ConfigError, InputError, NonFiniteError
+from ..errors import ConfigError, DataFormatError, InputError, NonFiniteError
 from ..models.ann import FEATURE_STD_FLOOR
 from ..models.bpnn import BPNN
 from ..utils.io import OutputLock, atomic_write_text, check_writable, clean_stale_temps
@@ -535,6 +535,7 @@ class Trainer:
                 minima: list = []
                 record = dataset_record(self.ds, self.stream.partition(), species, dc.spec.cutoff, self.ctx,
                                         minima=minima)
+                self._check_coincident(record, minima)
                 radii, lowered = radii_for_data(species, self.cfg.zbl.radii, record["pair_min_distance_A"])
                 for key, hi, new, d in lowered:
                     self._log(f"zbl: {key} outer radius {hi:.3f} -> {new:.3f} A ({DATA_MARGIN:g} x the shortest "
@@ -546,6 +547,15 @@ class Trainer:
                               backend=dc.backend)
             if zbl is not None and getattr(self.model, "zbl", None) is not None:
                 self._zbl_clear = self._structures_beyond_zbl(species, minima)
+        if self._resume_state is None and getattr(self, "_early_record", None) is None:
+            # the record pass (shortest pairs, lowest energies) before any descriptor is computed:
+            # atoms on top of each other give NaN descriptors, which must be named, not trained on
+            from ..models.data_record import dataset_record
+
+            minima = []
+            self._early_record = dataset_record(self.ds, self.stream.partition(), self.model.species,
+                                                self.model.cutoff, self.ctx, minima=minima)
+            self._check_coincident(self._early_record, minima)
         self.model.to(self.device)
         self._setup_cache()
         self._setup_graphs()
@@ -610,6 +620,32 @@ class Trainer:
             return BPNN.load(self.cfg.training.warm_start).training_record
         except Exception:
             return None
+
+    COINCIDENT_A = 0.01     # pairs closer than this are atoms on top of each other
+
+    def _check_coincident(self, record: dict, minima: list) -> None:
+        """Stop on atoms on top of each other in the training data (convert --min-distance 0 lets
+        them through): they made ZBL's radii zero ('must satisfy 0 < inner < outer', no
+        structure named) or the descriptors NaN ('non-finite loss', every structure of the batch
+        named).  Names the pair, its distance and, on the rank that holds it, the structure."""
+        bad = {k: d for k, d in (record.get("pair_min_distance_A") or {}).items()
+               if d is not None and d < self.COINCIDENT_A}
+        if not bad:
+            return
+        key, d = min(bad.items(), key=lambda kv: kv[1])
+        where = "a structure on another rank"
+        if minima:
+            rows = np.concatenate(minima)
+            col = list(record["pair_min_distance_A"]).index(key)
+            hit = np.flatnonzero(rows[:, col] < self.COINCIDENT_A)
+            if len(hit):
+                i = int(np.asarray(self.stream.partition())[hit[0]])
+                src = self.ds.column("source")[i] if hasattr(self.ds, "column") else ""
+                where = f"structure {i}" + (f" (source {src}, index {int(self.ds.column('source_index')[i])})"
+                                            if src else "")
+        raise DataFormatError(f"{self.cfg.data.train}: {where}: a {key} pair at {d:.3g} A (atoms on top of each "
+                              f"other, below {self.COINCIDENT_A} A): remove it (convert's default --min-distance "
+                              f"rejects such structures)")
 
     def _adopt_warm_start_architecture(self) -> None:
         """A warm start fine-tunes the loaded model's weights, so its descriptor, layers,
