@@ -503,3 +503,61 @@ def test_local_subsample_that_explains_the_set_poorly_is_searched_again(tmp_path
     rep = json.load(open(tmp_path / "g.report.json"))
     g = rep["subsets"][0]["gpr"]
     assert set(g["fit_subsample_retried"]) == {"local_loo_all_eV", "random_loo_all_eV"}
+
+
+def test_a_reference_with_a_wrong_energy_is_named_and_left_out(tmp_path, capsys):
+    """One reference 100 eV off (sweep 7) spoiled the GPR fitted to it: every copy of its subset
+    was 4.5 eV off on average, exit 0.  Its energy contradicts its forces and its neighbours'
+    energies; it is now named, left out of the fit and given no copies, and the other copies'
+    labels are right (against EMT itself)."""
+    from ase import Atoms
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    structs = _rattled(lambda: bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1)), 12, 0.08, 40, "cu8")
+    structs[3].energy += 100.0
+    write_dataset(tmp_path / "in.h5", structs)
+    res = run_cli(capsys, ["augment", str(_cfg(tmp_path, "out"))])
+    assert "structure 3 (cu8, index 3)" in res.stderr and "Left out of the GPR fit" in res.stderr, res.stderr
+    ds, S = _arrays(tmp_path / "out.h5")
+    syn = [s for s in S if s.synthetic]
+    assert syn and all(s.parent != 3 for s in syn)
+    errs = []
+    for s in syn:
+        p = S[s.parent]
+        a = Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
+        b = Atoms(numbers=p.numbers, positions=p.positions, cell=p.cell, pbc=p.pbc)
+        a.calc, b.calc = EMT(), EMT()
+        errs.append((s.energy - p.energy) - (a.get_potential_energy() - b.get_potential_energy()))
+    assert np.abs(errs).mean() < 0.01, np.abs(errs).mean()
+    rep = json.loads((tmp_path / "out.report.json").read_text())
+    assert rep["subsets"][0]["label_outliers"][0]["structure"] == 3
+
+
+def test_flat_cell_copies_get_a_positive_sigma(tmp_path, capsys):
+    """A 2-atom cell with c = 1.8 A: the local kernel's length scale ends on its bound, and the
+    latent variance cancelled to exactly 0 for every copy (sweep 7)."""
+    from ase import Atoms
+
+    write_dataset(tmp_path / "in.h5", _rattled(lambda: Atoms(
+        "Cu2", positions=[[0, 0, 0], [1.8, 1.8, 0]], cell=[[3.6, 0, 0], [0, 3.6, 0], [0, 0, 1.8]], pbc=True),
+        8, 0.04, 60, "flat"))
+    run_cli(capsys, ["augment", str(_cfg(tmp_path, "out"))])
+    _, S = _arrays(tmp_path / "out.h5")
+    u = np.array([s.uncertainty for s in S if s.synthetic])
+    assert len(u) == 32 and (u > 0).all(), u
+
+
+def test_loo_outlier_rule():
+    """The backstop after the fit: leave-one-out residuals far outside their robust spread."""
+    from distmlip.gpr.augment import _loo_outliers
+
+    rng = np.random.default_rng(0)
+    r = rng.normal(0, 0.01, 40)
+    assert _loo_outliers(r, 25.0) == []
+    r[7] = 3.0
+    assert _loo_outliers(r, 25.0) == [7] and _loo_outliers(r, 0.0) == []
+    r2 = r.copy()
+    r2[7] = 0.05           # 5 sigma but below the 0.1 eV floor
+    assert _loo_outliers(r2, 25.0) == []
+    assert _loo_outliers(np.r_[np.nan, r[:3]], 25.0) == []        # too few to judge

@@ -47,6 +47,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from ..config import bounds, load_config, parse_override
+from ..data.validate import energy_force_outliers
 from ..descriptors.spec import DescriptorSpec
 from ..errors import ConfigError, DistmlipError, InputError
 from ..utils.io import OutputLock, atomic_path, atomic_write_text, check_writable, clean_stale_temps, json_text
@@ -171,6 +172,12 @@ class AugmentConfig:
     seed: int = 0
     min_distance: float = 0.5
     max_uncertainty: Optional[float] = None
+    # suspect labels (0: off): a reference whose energy-force consistency residual
+    # (data.validate.energy_force_outliers) lies this many robust standard deviations above the
+    # subset's typical one, and 0.1 eV above it, is left out of the GPR fit and gets no copies; a
+    # fit whose leave-one-out energy errors still have such an outlier sends every copy of its
+    # subset to the candidates file.  Either is named.
+    outlier_z: float = field(default=25.0, metadata=bounds(ge=0.0))
     synthetic_weight: float = 1.0
     # weight of a synthetic energy in the ANN loss (docs/gpr.md):
     #   none:     w = synthetic_weight
@@ -241,8 +248,8 @@ class AugmentConfig:
 # raised whenever a code change alters what a shard holds for the same settings and input, so that
 # a rerun after an upgrade recomputes instead of reusing (2: one-atom subsets get no copies; 3:
 # one-structure fits get none, one GPR per composition group; 4: a local sub-sample that explains
-# the set poorly is searched again)
-SHARD_VERSION = 4
+# the set poorly is searched again; 5: references whose energy contradicts their forces are left out)
+SHARD_VERSION = 5
 
 
 def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray, content: str) -> str:
@@ -252,7 +259,7 @@ def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray, conte
     d = {"version": SHARD_VERSION, "method": cfg.method, "seed": cfg.seed, "min_distance": cfg.min_distance,
          "sub": cfg.for_subset(name), "gpr": asdict(cfg.gpr) if cfg.method == "gpr" else None,
          "name": name, "n_in": n_in, "idx": hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest(),
-         "input": content}
+         "input": content, "outlier_z": cfg.outlier_z}
     d["gpr"] and d["gpr"].pop("device", None)
     d["gpr"] and d["gpr"].pop("save", None)
     if d["gpr"] and cfg.gpr.load:
@@ -655,6 +662,27 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
                 raise InputError(f"{cfg.input}: structure {s.index}, field 'numbers': subset '{name}' is not "
                                  f"homogeneous (atom sequence differs from structure {ref.index}); the GPR "
                                  f"fingerprints need one atom order per subset")
+        if cfg.outlier_z > 0 and cfg.method == "gpr":
+            # a reference whose energy contradicts its forces and its neighbours' energies would
+            # be fitted by the GPR and spread into every copy of the subset: left out of the fit
+            # and given no copies (it stays in the data set), and named
+            bad, typical = energy_force_outliers(structs, z_max=cfg.outlier_z)
+            if bad and len(bad) < len(structs):
+                drop = {i for i, _ in bad}
+                rep["label_outliers"] = [{"structure": int(idx[i]), "source": structs[i].source,
+                                          "source_index": int(structs[i].source_index), "residual_eV": float(r)}
+                                         for i, r in bad]
+                warn(f"subset {name}: reference label(s) that contradict their own forces and their neighbours' "
+                     f"energies (energy-force consistency residual against a typical {typical:.3g} eV): "
+                     + "; ".join(f"structure {o['structure']} ({o['source']}, index {o['source_index']}) "
+                                 f"{o['residual_eV']:.3g} eV" for o in rep["label_outliers"][:5])
+                     + (" ..." if len(bad) > 5 else "")
+                     + ".  Left out of the GPR fit and given no copies (they stay in the data set, and train "
+                       "on them as they are): check their energy and forces (outlier_z: 0 keeps them)")
+                keep = [i for i in range(len(structs)) if i not in drop]
+                idx = idx[keep]
+                structs = [structs[i] for i in keep]
+                rep["n_reference"] = int(len(idx))
         rng = subset_rng(cfg.seed, name)
         disp = np.stack([displace(s.positions, M, delta, rng, fixed=sub["fixed_atoms"], cell=s.cell,
                                   pbc=s.pbc, min_dist=cfg.min_distance,
@@ -720,6 +748,27 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
             fit_info["hyperparameters_from"] = fit["shared_from"]
         if fit.get("loaded"):
             fit_info["gpr_loaded_from"] = fit["loaded"]
+        suspects = _loo_outliers(getattr(model, "loo_residual_eV", None), cfg.outlier_z)
+        if suspects:
+            fit_info["loo_outliers"] = []
+            at = 0
+            for sid, d in prep.items():
+                for i in suspects:
+                    if at <= i < at + len(d["structs"]):
+                        st = d["structs"][i - at]
+                        fit_info["loo_outliers"].append(
+                            {"subset": d["name"], "structure": int(d["idx"][i - at]), "source": st.source,
+                             "source_index": int(st.source_index), "loo_error_eV": float(model.loo_residual_eV[i])})
+                at += len(d["structs"])
+            typical = float(np.nanmedian(np.abs(model.loo_residual_eV)))
+            shown = "; ".join(f"structure {o['structure']} ({o['source']}, index {o['source_index']}) "
+                              f"{o['loo_error_eV']:+.3g} eV" for o in fit_info["loo_outliers"][:5])
+            warn(f"subset {head}: reference label(s) that the other structures contradict (leave-one-out energy "
+                 f"error against a typical {typical:.3g} eV): {shown}"
+                 f"{' ...' if len(fit_info['loo_outliers']) > 5 else ''}.  A wrong energy spoils the GPR fitted to "
+                 f"it: every copy of {'these subsets' if len(prep) > 1 else 'this subset'} goes to the candidates "
+                 f"file, none into training.  Check or remove the structure(s) and rerun augment (outlier_z: 0 "
+                 f"keeps the copies)")
         off = 0
         for sid, d in prep.items():
             n = len(d["structs"])
@@ -735,6 +784,8 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
         rep.update(fit_info)
         thr = cfg.for_subset(d["name"])["max_uncertainty"]
         kept = np.ones(len(energy), bool) if thr is None else unc <= thr
+        if fit_info.get("loo_outliers"):
+            kept[:] = False
         rep.update(
             n_copies=int(len(energy)), n_kept=int(kept.sum()), n_candidates=int((~kept).sum()),
             uncertainty_eV={"mean": float(unc.mean()), "median": float(np.median(unc)),
@@ -1085,6 +1136,22 @@ def merge(cfg: AugmentConfig, ds, keys: dict, workdir: Path) -> dict:
             "n_input": ds.n_structures, "n_synthetic": n_syn, "n_output": ds.n_structures + n_syn,
             "n_candidates": len(cand_atoms),
             "candidates": str(cfg.candidates_path()) if cand_atoms else None, "subsets": subs}
+
+
+def _loo_outliers(res, z_max: float, floor_eV: float = 0.1) -> list[int]:
+    """Rows of the leave-one-out energy residuals ``res`` (eV per structure, NaN where none) more
+    than ``z_max`` robust standard deviations from their median and ``floor_eV`` from it."""
+    if res is None or not z_max > 0:
+        return []
+    r = np.asarray(res, dtype=np.float64)
+    ok = np.isfinite(r)
+    if ok.sum() < 5:
+        return []
+    med = float(np.median(r[ok]))
+    mad = 1.4826 * float(np.median(np.abs(r[ok] - med)))
+    dev = np.abs(r - med)
+    bad = ok & (dev > floor_eV) & (dev > z_max * max(mad, 1e-12))
+    return [int(i) for i in np.flatnonzero(bad)]
 
 
 def synthetic_weights(cfg: AugmentConfig, sigma, kept, natoms: int = 1) -> np.ndarray:

@@ -701,6 +701,8 @@ class GPR:
             with torch.no_grad():
                 full, var = self._loo(L, self.alpha, self.X.shape[0])
             res = full[:, 0]
+            # per structure, in eV: augment names a reference whose own label the others contradict
+            self.loo_residual_eV = res.detach().to("cpu", torch.float64).numpy() * float(self.s)
             self.sigma_calibration = self._calibration(res, var)
             self.info.update(sigma_calibration=self.sigma_calibration, sigma_calibration_from="all",
                              loo_all_energy_mae_eV=float(res.abs().mean()) * self.s,
@@ -1052,7 +1054,14 @@ class GPR:
                     v = torch.linalg.solve_triangular(self.L, Ke, upper=False)
                     prior = h.weight ** 2 if self.kernel is None else \
                         self.kernel.prior_variance(X[g0:g1], h.weight, h.length_scale)
-                    var = (prior - (v * v).sum(0)).clamp_min(0.0)
+                    # the difference of two numbers of size `prior` carries a rounding error of
+                    # about n eps prior: below that it is noise, often exactly 0 on condensed
+                    # cells at large length scales (sweep 7: every copy of a subset with sigma 0,
+                    # out of reach of max_uncertainty and the variance weights); that floor is
+                    # what the variance is known to
+                    floor = prior * (n * torch.finfo(torch.float64).eps)
+                    var = torch.maximum(prior - (v * v).sum(0), torch.as_tensor(floor, dtype=torch.float64,
+                                                                                device=v.device))
                     if predictive:
                         ne = h.noise_energy + self.noise_floor
                         var = getattr(self, "sigma_calibration", 1.0) ** 2 * (var + ne * ne)
@@ -1150,6 +1159,12 @@ class LocalGPR:
         first's factor (from its LOO or the search's sub-sample)."""
         for m in self.models:
             m.calibrate()
+        res = np.full(len(self.labels), np.nan)
+        for c, m in enumerate(self.models):
+            r = getattr(m, "loo_residual_eV", None)
+            if r is not None:
+                res[np.nonzero(self.labels == c)[0]] = r
+        self.loo_residual_eV = res
         c0 = self.models[0].sigma_calibration
         for m in self.models[1:]:
             if m.info.get("sigma_calibration_from") != "all":
