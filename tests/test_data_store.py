@@ -249,3 +249,29 @@ def test_a_structure_out_of_its_subsets_atom_order_is_named(tmp_path):
                                               rf"{int(nums[j])}, its subset '.*' orders atom 0 as {int(nums[0])}"):
         ds.read([k])
     ds.read([i for i in range(ds.n_structures) if i != k])       # the others read as before
+
+
+def test_info_names_a_label_that_contradicts_its_forces(tmp_path, capsys):
+    """`distmlip info` checked ranges only: an energy 100 eV off or forces of 1e3 eV/A among
+    normal labels passed with exit 0 and nothing said (sweep 7)."""
+    from ase.build import bulk
+
+    from distmlip.cli import main
+    from helpers import emt_structure
+
+    structs = []
+    for k in range(12):
+        a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+        a.rattle(0.08, seed=100 + k)
+        structs.append(emt_structure(a, "cu8.xyz", k))
+    good = tmp_path / "good.h5"
+    write_dataset(good, structs)
+    structs[5].energy += 100.0
+    structs[9].forces = structs[9].forces * 1000.0
+    write_dataset(tmp_path / "bad.h5", structs)
+    assert main(["info", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "label check   : 12 reference structures" in out and "SUSPECT" not in out
+    assert main(["info", str(tmp_path / "bad.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "SUSPECT LABEL : structure 5 (cu8.xyz#5" in out and "SUSPECT LABEL : structure 9 (cu8.xyz#9" in out, out

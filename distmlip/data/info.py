@@ -15,6 +15,9 @@ def add_arguments(p) -> None:
     p.add_argument("data", nargs="+", help="data set file(s); several files are read as shards of one set")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--max-subsets", type=int, default=50, help="rows of the subset table to print (default 50)")
+    p.add_argument("--label-check", type=int, default=10000, metavar="N",
+                   help="check the energies against the forces on up to N reference structures (a random "
+                        "sample of each subset beyond that, at most 4000 per subset; 0: off; default 10000)")
 
 
 def summarize(ds: H5Dataset) -> dict:
@@ -97,6 +100,44 @@ def summarize(ds: H5Dataset) -> dict:
     return out
 
 
+def label_check(ds: H5Dataset, budget: int = 10000, seed: int = 0, per_subset: int = 4000) -> dict | None:
+    """Energy-force consistency of the reference structures (``validate.energy_force_outliers``,
+    subset by subset; at most ``budget`` structures, each subset sampled in proportion): labels
+    that contradict their own forces and their neighbours' energies are listed by structure."""
+    from .validate import energy_force_outliers
+
+    if budget <= 0 or ds.n_structures == 0:
+        return None
+    ref = ~np.asarray(ds.column("synthetic"), dtype=bool) & np.asarray(ds.column("has_forces"), dtype=bool)
+    eligible = np.flatnonzero(ref)
+    if len(eligible) == 0:
+        return None
+    share = min(1.0, budget / len(eligible))
+    rng = np.random.default_rng(seed)
+    checked, scored, suspects, typical, any_sampled = 0, 0, [], [], False
+    src, sidx = ds.column("source"), ds.column("source_index")
+    for sid in np.unique(ds.subset_ids[eligible]):
+        idx = eligible[ds.subset_ids[eligible] == sid]
+        if len(idx) < 5:
+            continue
+        want = min(per_subset, max(5, int(round(share * len(idx)))))
+        sampled = want < len(idx)
+        if sampled:
+            idx = np.sort(rng.choice(idx, size=want, replace=False))
+        any_sampled |= sampled
+        bad, med = energy_force_outliers(ds.read(idx))
+        checked += len(idx)
+        if np.isfinite(med):
+            scored += len(idx)
+            typical.append(med)
+        for i, r in bad:
+            g = int(idx[i])
+            suspects.append({"structure": g, "subset": ds.subsets[int(sid)]["name"], "source": str(src[g]),
+                             "source_index": int(sidx[g]), "residual_eV": r, "typical_eV": med})
+    return {"checked": checked, "scored": scored, "sampled": any_sampled, "suspects": suspects,
+            "typical_eV": float(np.median(typical)) if typical else None}
+
+
 def energy_statistics(ds: H5Dataset, indices=None, reference_energies: dict | None = None) -> dict:
     """What aenet keeps about a training set, for the structures ``indices`` (default: all):
     counts of structures, atoms and atoms per species, and the minimum, maximum and mean over
@@ -175,6 +216,17 @@ def format_summary(d: dict, max_subsets: int = 50) -> str:
         L.append(f"  {t['name']:<{w}}  {t['composition']:<{wc}}  {nat:>6}  {t['count']:>8}")
     if len(subs) > max_subsets:
         L.append(f"  ... {len(subs) - max_subsets} more (use --max-subsets)")
+    lc = d.get("labels")
+    if lc:
+        L.append(f"label check   : {lc['checked']} reference structures{' (sampled)' if lc['sampled'] else ''}, "
+                 f"{lc['scored']} with a partner in their cell to compare; energy-force residual typically "
+                 + (f"{lc['typical_eV']:.3g} eV" if lc["typical_eV"] is not None else "-"))
+        for o in lc["suspects"][:10]:
+            L.append(f"SUSPECT LABEL : structure {o['structure']} ({o['source']}#{o['source_index']}, subset "
+                     f"{o['subset']}): its energy contradicts its forces and its neighbours' energies by "
+                     f"{o['residual_eV']:.3g} eV (typical {o['typical_eV']:.3g} eV)")
+        if len(lc["suspects"]) > 10:
+            L.append(f"SUSPECT LABEL : ... {len(lc['suspects']) - 10} more (--json lists them)")
     if d["non_finite"]:
         L.append("NON-FINITE    : " + "; ".join(f"{k}: {v['entries']} entr{'y' if v['entries'] == 1 else 'ies'} "
                                                   f"(first in structure {v['first_structure']})"
@@ -190,6 +242,8 @@ def format_summary(d: dict, max_subsets: int = 50) -> str:
 def run(args) -> int:
     ds = H5Dataset(args.data)
     d = summarize(ds)
+    if not d["non_finite"]:
+        d["labels"] = label_check(ds, args.label_check)
     if args.json:
         print(json.dumps(d, indent=1, default=str))
     else:

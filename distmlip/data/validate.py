@@ -213,37 +213,44 @@ def energy_force_outliers(structures, z_max: float = 25.0, min_eV: float = 0.1, 
     if n < 5:
         return [], float("nan")
     rng = np.random.default_rng(seed)
-    cells = [np.asarray(s.cell, dtype=np.float64) for s in S]
-    flat = np.stack([c.reshape(-1) for c in cells])
+    cells = np.stack([np.asarray(s.cell, dtype=np.float64) for s in S])
+    flat = cells.reshape(n, 9)
     # one key per (atom order, periodicity): only structures with the same key are compared
     keys = np.array([hash((np.asarray(s.numbers).tobytes(), np.asarray(s.pbc, bool).tobytes())) for s in S])
     has_f = np.array([s.forces is not None for s in S])
-    for i, si in enumerate(S):
-        if si.forces is None:
+    groups: dict = {}
+    for i in range(n):
+        if has_f[i]:
+            groups.setdefault(keys[i], []).append(i)
+    for members in groups.values():
+        m = np.asarray(members)
+        if len(m) < 2:
             continue
-        size = max(float(np.linalg.norm(cells[i])), 1e-12)
-        near_cell = np.linalg.norm(flat - flat[i], axis=1) <= cell_tol * size
-        cand = np.flatnonzero(near_cell & has_f & (keys == keys[i]))
-        cand = [int(j) for j in cand if j != i]
-        if not cand:
-            continue
-        if len(cand) > partners:
-            cand = list(rng.choice(cand, size=partners, replace=False))
-        pbc = np.asarray(si.pbc, dtype=bool)
-        res, dist = [], []
-        for j in cand:
-            d = np.asarray(S[j].positions, np.float64) - np.asarray(si.positions, np.float64)
-            if pbc.any():
-                c = 0.5 * (cells[i] + cells[j])
-                fr = (np.asarray(S[j].positions, np.float64) @ np.linalg.pinv(cells[j])
-                      - np.asarray(si.positions, np.float64) @ np.linalg.pinv(cells[i]))
-                fr[:, pbc] -= np.round(fr[:, pbc])
-                d = np.where(pbc[None, :], fr, 0.0) @ c + np.where(pbc[None, :], 0.0, d)
-            f = 0.5 * (np.asarray(si.forces, np.float64) + np.asarray(S[j].forces, np.float64))
-            res.append(abs((float(S[j].energy) - float(si.energy)) + float((f * d).sum())))
-            dist.append(float(np.sqrt((d * d).sum(1).mean())))
-        near = np.argsort(dist)[:k]
-        score[i] = float(np.median(np.asarray(res)[near]))
+        X = np.stack([np.asarray(S[j].positions, np.float64) for j in m])           # [g, n_at, 3]
+        Fo = np.stack([np.asarray(S[j].forces, np.float64) for j in m])
+        E = np.array([float(S[j].energy) for j in m])
+        pbc = np.asarray(S[m[0]].pbc, dtype=bool)
+        frac = np.einsum("gak,gkl->gal", X, np.linalg.pinv(cells[m])) if pbc.any() else None
+        for a, i in enumerate(m):
+            size = max(float(np.linalg.norm(flat[i])), 1e-12)
+            cand = np.flatnonzero(np.linalg.norm(flat[m] - flat[i], axis=1) <= cell_tol * size)
+            cand = cand[cand != a]
+            if len(cand) == 0:
+                continue
+            if len(cand) > partners:
+                cand = rng.choice(cand, size=partners, replace=False)
+            d = X[cand] - X[a]                                                     # [p, n_at, 3]
+            if frac is not None:
+                df = frac[cand] - frac[a]
+                df[:, :, pbc] -= np.round(df[:, :, pbc])
+                c = 0.5 * (cells[i] + cells[m[cand]])
+                dp = np.einsum("pak,pkl->pal", np.where(pbc, df, 0.0), c)
+                d = dp + np.where(pbc, 0.0, d)
+            f = 0.5 * (Fo[a] + Fo[cand])
+            res = np.abs((E[cand] - E[a]) + (f * d).sum(axis=(1, 2)))
+            dist = np.sqrt((d * d).sum(2).mean(1))
+            near = np.argsort(dist)[:k]
+            score[i] = float(np.median(res[near]))
     ok = np.isfinite(score)
     if ok.sum() < 5:
         return [], float("nan")
