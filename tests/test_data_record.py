@@ -140,3 +140,16 @@ def test_per_structure_minima_in_blocks():
         got = rows[k, col[key]]
         assert got <= x and x - got < 1e-6 * x
         assert np.isinf(np.delete(rows[k], col[key])).all()
+
+
+def test_merge_counts_each_data_set_once():
+    from distmlip.models.data_record import merge_records
+
+    a = {"n_structures": 25, "cutoff_A": 5.0, "pair_min_distance_A": {"Cu-Cu": 2.2}, "energy_per_atom_min": {},
+         "data": ["A"]}
+    b = {"n_structures": 10, "cutoff_A": 5.0, "pair_min_distance_A": {"Cu-Cu": 2.1}, "energy_per_atom_min": {},
+         "data": ["B"]}
+    assert merge_records([a, dict(a)])["n_structures"] == 25            # fine-tuned on its own data
+    m = merge_records([a, b])
+    assert m["n_structures"] == 35 and m["data"] == ["A", "B"] and m["pair_min_distance_A"]["Cu-Cu"] == 2.1
+    assert merge_records([{**a, "data": None}, {**a, "data": None}])["n_structures"] == 50   # per-rank parts

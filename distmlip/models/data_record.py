@@ -107,13 +107,25 @@ def record_from_structures(structures, species, cutoff: float, minima: list | No
 
 
 def merge_records(records: list) -> dict:
-    """Element-wise minimum of partial records (one per rank)."""
+    """Element-wise minimum of partial records (one per rank, or a fine-tuned model's first and
+    new data).  A record that names its data (``data``: content ids of the data sets) adds its
+    structure count only for data not already counted: a fine-tuning run on its model's own
+    training data does not double the count (the aenet export writes it into the headers)."""
     records = [r for r in records if r]
     if not records:
         return {}
-    out = {"n_structures": sum(int(r.get("n_structures", 0)) for r in records),
+    seen: list = []
+    count = 0
+    for r in records:
+        ids = list(r.get("data") or [])
+        if not ids or not all(i in seen for i in ids):
+            count += int(r.get("n_structures", 0))
+        seen += [i for i in ids if i not in seen]
+    out = {"n_structures": count,
            "cutoff_A": min(float(r["cutoff_A"]) for r in records),
            "pair_min_distance_A": {}, "energy_per_atom_min": {}}
+    if seen:
+        out["data"] = seen
     for r in records:
         for k, v in r["pair_min_distance_A"].items():
             cur = out["pair_min_distance_A"].get(k)

@@ -606,6 +606,8 @@ class Trainer:
         else:
             self.model.training_record = dataset_record(self.ds, self.stream.partition(), self.model.species,
                                                         self.model.cutoff, self.ctx)
+        if self.model.training_record:
+            self.model.training_record = {**self.model.training_record, "data": [self.ds.content_id]}
         if prior:
             # a fine-tuned model has seen its first data too: md-check and the calculator judge
             # against both (the fine-tuning data alone called the first data's pairs unseen)
