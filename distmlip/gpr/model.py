@@ -1054,12 +1054,13 @@ class GPR:
                     v = torch.linalg.solve_triangular(self.L, Ke, upper=False)
                     prior = h.weight ** 2 if self.kernel is None else \
                         self.kernel.prior_variance(X[g0:g1], h.weight, h.length_scale)
-                    # the difference of two numbers of size `prior` carries a rounding error of
-                    # about n eps prior: below that it is noise, often exactly 0 on condensed
-                    # cells at large length scales (sweep 7: every copy of a subset with sigma 0,
-                    # out of reach of max_uncertainty and the variance weights); that floor is
-                    # what the variance is known to
-                    floor = prior * (n * torch.finfo(torch.float64).eps)
+                    # the difference of two numbers of size `prior` cannot resolve less than one
+                    # rounding unit eps prior; below it the result was often exactly 0 on
+                    # condensed cells at large length scales (sweep 7: every copy of a subset with
+                    # sigma 0, out of reach of max_uncertainty and the variance weights).  (The
+                    # rounding error itself can be larger, about sqrt(n) eps prior: at those
+                    # length scales the latent variance is at the precision limit; docs/gpr.md)
+                    floor = prior * torch.finfo(torch.float64).eps
                     var = torch.maximum(prior - (v * v).sum(0), torch.as_tensor(floor, dtype=torch.float64,
                                                                                 device=v.device))
                     if predictive:
