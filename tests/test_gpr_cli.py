@@ -116,6 +116,12 @@ def test_augment_refuses_a_saved_fit_of_other_structures_and_keys_shards_by_its_
     assert re.search(r"Cu3Ni_0.gpr.pt: the saved GPR of subset 'Cu3Ni_0' was fitted on 5 structures .*other.h5",
                      capsys.readouterr().err)
     assert not (data / "o.h5").exists()
+    # a saved fit of another fingerprint than the configuration names: refused (sweep 8: a
+    # Cartesian fit labelled a 'fingerprint: local' run 64 meV off, exit 0)
+    assert cli_main(["augment", str(data / "aug.yaml"), "--set", f"gpr.load={data / 'fits'}",
+                     "--set", "gpr.fingerprint=cartesian", "--set", f"output={data / 'o2.h5'}"]) == 2
+    assert "uses the 'local' fingerprint, the configuration asks for gpr.fingerprint: 'cartesian'" in \
+        capsys.readouterr().err
     # refit (other seed, so other hyperparameters) into the same directory: another shard key
     assert cli_main(["gpr", "fit", str(data / "aug.yaml"), "--out", str(data / "fits"), "--set",
                      "gpr.fit_iterations=3"]) == 0

@@ -315,7 +315,16 @@ def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared
                     f"structures that differ from this subset's {len(structs)} training structures in "
                     f"{cfg.input} (another data set, split or subset); its labels would not reproduce "
                     f"them.  Fit it again (drop gpr.load, or distmlip gpr fit on this input)")
+            if g.fingerprint != "auto" and fit["kind"] != g.fingerprint:
+                # sweep 8: a saved Cartesian fit labelled a 'fingerprint: local' run's copies 64 meV
+                # off, with nothing said
+                raise ConfigError(f"{path}: the saved GPR of subset '{name}' uses the {fit['kind']!r} "
+                                  f"fingerprint, the configuration asks for gpr.fingerprint: {g.fingerprint!r}; "
+                                  f"fit it again with that fingerprint, or set gpr.fingerprint: auto (or "
+                                  f"{fit['kind']}) to use the saved one")
             fit["loaded"] = str(path)
+            log(f"subset {name}: GPR loaded from {path} ({fit['kind']} fingerprint, fitted on "
+                f"{fit['n_structures']} structures)", all_ranks=True)
             return fit
         warn(f"augment: no saved GPR for subset '{name}' in {g.load}; fitting it")
     E0 = np.array([s.energy for s in structs])
