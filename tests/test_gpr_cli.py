@@ -223,3 +223,24 @@ def test_gpr_test_and_predict_match_fits_by_atom_sequence(tmp_path, capsys):
     assert "(fit Cu3Ni_1.gpr.pt)" in capsys.readouterr().out
     E = np.array([s.energy for s in H5Dataset(tmp_path / "test.h5").read(range(3))])
     assert np.abs(np.load(tmp_path / "p.npz")["energy"] - E).mean() == pytest.approx(r[0]["E_mae_eV"], rel=1e-10)
+
+
+def test_gpr_test_scores_forces_of_the_structures_that_have_them_and_predict_refuses_no_match(data, capsys):
+    """One test structure without forces dropped its subset's force error from `gpr test`; `gpr
+    predict` with no matching fit wrote a file of NaN and exited 0 (sweep 8)."""
+    from ase.build import bulk
+
+    test = _emt(100, 4, 3)
+    test[1].forces = None
+    write_dataset(data / "mixed.h5", test)
+    assert cli_main(["gpr", "fit", str(data / "aug.yaml"), "--out", str(data / "fits")]) == 0
+    assert cli_main(["gpr", "test", str(data / "aug.yaml"), str(data / "mixed.h5"), "--load", str(data / "fits"),
+                     "--json", str(data / "t.json")]) == 0
+    res = json.loads((data / "t.json").read_text())
+    cl = [r for r in res["subsets"] if r["n"] == 4][0]
+    assert cl["F_mae_eVA"] is not None and cl["n_with_forces"] == 3 and res["total"]["F_mae_eVA"] is not None
+    ag = [emt_structure(bulk("Ag", "fcc", a=4.1).repeat((2, 1, 1)), "ag", k) for k in range(2)]
+    write_dataset(data / "ag.h5", ag)
+    capsys.readouterr()
+    assert cli_main(["gpr", "predict", str(data / "fits"), str(data / "ag.h5"), "-o", str(data / "p.npz")]) == 2
+    assert "none of its subsets has a saved fit" in capsys.readouterr().err and not (data / "p.npz").exists()
