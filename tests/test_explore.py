@@ -159,6 +159,14 @@ def test_killed_iteration_resumes(committee):
     pa, pb = _params(a["model"]), _params(b["model"])
     for x, y in zip(pa, pb):
         assert all(np.array_equal(x[k].numpy(), y[k].numpy()) for k in x)
+    # the labeller's stress of the periodic frames is kept (sweep 8: dropped)
+    from distmlip.data.h5store import H5Dataset
+    new = H5Dataset(d / "ref" / "iter_001" / "new.h5")
+    assert np.asarray(new.column("has_stress"), bool).all()
+    # a run that ended on its iteration count continues when the count is raised
+    res = distmlip_cli(["explore", str(ref), "--label-with", "ase:EMT", "--set", "iterations=3"])
+    assert "continuing after iteration 2" in res.stdout
+    assert json.loads((d / "ref" / "state.json").read_text())["iteration"] == 3
 
 
 def test_gpr_uncertainty_route(committee):

@@ -470,14 +470,15 @@ class Explorer:
         if not self.cfg.label_with:
             return None
         frames = read(sel["candidates"], index=":", parallel=False)
-        from ..evaluation.labelling import label as label_frames
+        from ..evaluation.labelling import label as label_frames, stress_if_computed
 
         mine = list(range(self.ctx.rank, len(frames), self.ctx.world_size))
         err = None
         res = []
         try:
             lab = label_frames([frames[k] for k in mine], self.cfg.label_with, self.cfg.label_kwargs)
-            res = [(k, float(a.get_potential_energy()), np.asarray(a.get_forces())) for k, a in zip(mine, lab)]
+            res = [(k, float(a.get_potential_energy()), np.asarray(a.get_forces()), stress_if_computed(a))
+                   for k, a in zip(mine, lab)]
         except Exception as exc:   # a labeller error on one rank must not leave the others waiting
             err = f"rank {self.ctx.rank}: labelling with {self.cfg.label_with} failed: {type(exc).__name__}: {exc}"
         gathered = self.ctx.all_gather_object((err, res))
@@ -487,14 +488,16 @@ class Explorer:
         if self.rank0:
             from ase.calculators.singlepoint import SinglePointCalculator
 
-            byk = {k: (e, f) for _, r in gathered for k, e, f in r}
+            byk = {k: (e, f, st) for _, r in gathered for k, e, f, st in r}
             outf = []
             for k, a in enumerate(frames):
-                e, f = byk[k]
+                e, f, st = byk[k]
                 b = a.copy()
                 b.info.update(a.info)
                 b.info["labelled_with"] = str(self.cfg.label_with)
-                b.calc = SinglePointCalculator(b, energy=e, forces=f)
+                # the stress too, where the labeller computed one for a periodic cell: the
+                # retraining's stress term (training.beta) needs it at the explored volumes
+                b.calc = SinglePointCalculator(b, energy=e, forces=f, **({} if st is None else {"stress": st}))
                 outf.append(b)
             with atomic_path(out, suffix=".extxyz") as tmp:
                 write(str(tmp), outf, format="extxyz", parallel=False)
@@ -640,6 +643,11 @@ class Explorer:
                 f"{len(self.starts)} starting structure(s), temperature rungs {rungs}, {cfg.md.steps} x "
                 f"{cfg.md.timestep:g} fs, on {self.ctx.world_size} rank(s); labels: "
                 f"{cfg.label_with or ('files given' if self.labelled else 'external (DFT)')}")
+            if st["finished"] == "iterations exhausted" and st["iteration"] < cfg.iterations:
+                # a run that stopped on its iteration count continues when the count is raised
+                # (sweep 8: it printed 'iterations exhausted' again and ran nothing)
+                log(f"explore: continuing after iteration {st['iteration']} (iterations now {cfg.iterations})")
+                st["finished"] = None
             while st["finished"] is None and st["iteration"] < cfg.iterations:
                 it = st["iteration"] + 1
                 itdir = self.out / f"iter_{it:03d}"

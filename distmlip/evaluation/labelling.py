@@ -82,8 +82,24 @@ def make_calculator(spec: str, kwargs=None):
         raise ConfigError(f"calculator {spec!r}: {exc}") from None
 
 
+def stress_if_computed(atoms):
+    """The stress (eV/A^3, 3x3) the calculator already computed with the energy and forces of a
+    fully periodic frame, else None (asking for it could start another, costly calculation)."""
+    if not bool(np.all(atoms.pbc)) or atoms.calc is None:
+        return None
+    st = getattr(atoms.calc, "results", {}).get("stress")
+    if st is None:
+        return None
+    st = np.asarray(st, dtype=np.float64)
+    if st.shape == (6,):
+        from ase.stress import voigt_6_to_full_3x3_stress
+        st = voigt_6_to_full_3x3_stress(st)
+    return st if st.shape == (3, 3) and np.isfinite(st).all() else None
+
+
 def label(frames, spec: str, kwargs=None) -> list:
-    """Energies and forces of ``frames`` (ASE Atoms) from the calculator ``spec``; returns copies
+    """Energies, forces (and the stress of periodic frames, when the calculator computed one) of
+    ``frames`` (ASE Atoms) from the calculator ``spec``; returns copies
     carrying a SinglePointCalculator with the results (what extxyz writes as labels).  Frames the
     calculator fails on are dropped with their index in ``info['label_error']``-free output."""
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -96,7 +112,8 @@ def label(frames, spec: str, kwargs=None) -> list:
         e = float(b.get_potential_energy())
         f = np.array(b.get_forces(), dtype=np.float64)
         c = a.copy()
-        c.calc = SinglePointCalculator(c, energy=e, forces=f)
+        st = stress_if_computed(b)       # kept for a stress term (sweep 8: dropped)
+        c.calc = SinglePointCalculator(c, energy=e, forces=f, **({} if st is None else {"stress": st}))
         c.info.update(a.info)
         c.info["labelled_with"] = str(spec)
         out.append(c)
