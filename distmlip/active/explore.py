@@ -265,6 +265,10 @@ def _model_file(train_dir: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ explorer
+# a retraining stopped inside explore continues with explore, not with `distmlip train`
+_RESUME_EXPLORE = "the same 'distmlip explore' command"
+
+
 class Explorer:
     def __init__(self, cfg: ExploreConfig, ctx, labelled=None):
         from ..training.config import load_train_config
@@ -529,7 +533,7 @@ class Explorer:
             warm = self.refit_warm_starts(itdir, cfg, warm)
         if self.K > 1:
             cfg.training.warm_start = warm
-            status = train_committee(cfg, self.ctx, resume=True)
+            status = train_committee(cfg, self.ctx, resume=True, resume_hint=_RESUME_EXPLORE)
             return status, str(tdir / "committee.pt")
         done = tdir / "done.json"
         if done.is_file():
@@ -537,7 +541,7 @@ class Explorer:
         cfg.training.warm_start = warm
         ck = tdir / "checkpoint.pt"
         status = Trainer(cfg, self.ctx, resume=str(ck) if ck.is_file() else None,
-                         log_prefix="  [retrain] ").fit()
+                         log_prefix="  [retrain] ", resume_hint=_RESUME_EXPLORE).fit()
         if status != "stopped" and self.rank0:
             atomic_write_text(done, json.dumps({"status": status}))
         self.sync()

@@ -74,7 +74,7 @@ def _done_info(k_dir: Path):
 
 
 def train_committee(cfg, ctx, resume: bool = False, quiet: bool = False, step_callback=None,
-                    force: bool = False) -> str:
+                    force: bool = False, resume_hint: str | None = None) -> str:
     """Train the K members of ``cfg.committee`` over the ranks of ``ctx``; returns 'done' or
     'stopped'.  ``step_callback(trainer, k)`` (tests): True requests a stop like a signal."""
     from ..models.bpnn import save_committee
@@ -116,7 +116,7 @@ def train_committee(cfg, ctx, resume: bool = False, quiet: bool = False, step_ca
             ck = kd / "checkpoint.pt"
             res = str(ck) if resume and ck.is_file() else None
             prefix = f"[member {k:02d}] " if K > 1 else ""
-            tr = Trainer(mcfg, gctx, resume=res, quiet=quiet, log_prefix=prefix, force=force)
+            tr = Trainer(mcfg, gctx, resume=res, quiet=quiet, log_prefix=prefix, force=force, resume_hint=resume_hint)
             cb = None if step_callback is None else (lambda t, k=k: step_callback(t, k))
             st = tr.fit(step_callback=cb)
             statuses[k] = st
@@ -148,7 +148,7 @@ def train_committee(cfg, ctx, resume: bool = False, quiet: bool = False, step_ca
         else:
             if not quiet:
                 log(f"stop requested: committee incomplete ({meta['status']}); resume with "
-                    f"'distmlip train CONFIG --resume auto'")
+                    f"{resume_hint or repr('distmlip train CONFIG --resume auto')}")
         atomic_write_text(out / "committee.json", json.dumps(meta, indent=2))
     ctx.barrier()
     return "stopped" if stopped else status

@@ -147,11 +147,13 @@ class Trainer:
     """Single- or multi-rank trainer of one BPNN (committees: K = 1 for now)."""
 
     def __init__(self, cfg: TrainConfig, ctx=None, resume: str | None = None, quiet: bool = False,
-                 log_prefix: str | None = None, force: bool = False):
+                 log_prefix: str | None = None, force: bool = False, resume_hint: str | None = None):
         """``ctx``: a DistContext, or a group context of a committee (training/committee.py);
         ``log_prefix``: print progress with this prefix on the context's rank 0 (committee
         groups), instead of on the global rank 0; ``force``: take over the output folder's lock
-        from another job."""
+        from another job; ``resume_hint``: the command that continues a stopped run, where the
+        training is part of another command (explore)."""
+        self.resume_hint = resume_hint
         from ..distributed import init_distributed
 
         self.cfg = cfg
@@ -1297,6 +1299,9 @@ class Trainer:
                 wr.writerow({k: r.get(k, "") for k in CSV_FIELDS})
             atomic_write_text(path, buf.getvalue())
 
+    def _resume_command(self) -> str:
+        return self.resume_hint or f"'distmlip train CONFIG --resume {self.out / 'checkpoint.pt'}'"
+
     def _keep_earlier_run(self) -> None:
         """A new run in a folder that holds an earlier run's model or checkpoint (a config reused
         without ``--resume``) replaced that model without a word; its files now move to
@@ -1399,7 +1404,7 @@ class Trainer:
                         self._log(f"stop requested ({getattr(self, '_stop_reason', None) or 'callback'}): "
                                   f"checkpoint written to {self.out / 'checkpoint.pt'} at epoch "
                                   f"{epoch + 1}, step {self.step_in_epoch}/{steps}; resume with "
-                                  f"'distmlip train CONFIG --resume {self.out / 'checkpoint.pt'}'")
+                                  f"{self._resume_command()}")
                         return "stopped"
                     self._write_models()
                     return status
@@ -1408,7 +1413,7 @@ class Trainer:
             if stop:
                 self._log(f"stop requested ({getattr(self, '_stop_reason', None) or 'callback'}): "
                           f"checkpoint written to {self.out / 'checkpoint.pt'} after epoch "
-                          f"{epoch + 1}; resume with 'distmlip train CONFIG --resume {self.out / 'checkpoint.pt'}'")
+                          f"{epoch + 1}; resume with {self._resume_command()}")
                 self.save_checkpoint(self.epoch, 0)
                 return "stopped"
             if status == "max_steps" or self._early_stop:
