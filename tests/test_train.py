@@ -222,6 +222,10 @@ training: {{epochs: 1, batch_atoms: 40, output: {tmp_path / 'r1'}}}
     # config's as given: sweep 7 found it refused) and from the config as first given
     res = distmlip_cli(["train", str(tmp_path / "r3" / "config.yaml"), "--resume", "auto", "--set", "training.epochs=2"])
     assert "resumed from" in res.stdout + res.stderr, res.stderr
+    # a warm start added on --resume of a run that was not one: refused (it only merged the record)
+    res = distmlip_cli(["train", str(tmp_path / "c.yaml"), "--resume", "auto", "--set", "training.epochs=2",
+                        "--set", f"training.warm_start={tmp_path / 'r1' / 'model.pt'}"], check=False)
+    assert res.returncode == 2 and "not a fine-tuning (no training.warm_start)" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("per_atom", [True, False])
@@ -349,3 +353,28 @@ training: {{epochs: 1, output: {tmp_path / 'r'}, progress_bar: 'off'}}
     from distmlip.errors import DataFormatError
     with pytest.raises(DataFormatError, match=r"structure 4 .*a Cu-Cu pair at .* A \(atoms on top of each other"):
         Trainer(load_train_config(tmp_path / "c.yaml"), quiet=True)
+
+
+def test_a_stored_split_without_validation_gives_one_from_its_training_part(tmp_path):
+    """README's pipeline (convert --split-by-pattern train=...,test=...) stores training and test
+    structures only: training ran with 0 validation structures whatever data.fractions said
+    (sweep 9).  The validation share is drawn from the stored training part; test stays test, and
+    evaluate's split is the same."""
+    from distmlip.data.h5store import H5Dataset, write_dataset
+    from distmlip.data.split import split_of
+
+    structs = rattled_cu_au(30, seed=3)
+    stored = np.array([2 if k % 5 == 0 else 0 for k in range(30)], dtype=np.int8)
+    write_dataset(tmp_path / "d.h5", structs, split=stored)
+    (tmp_path / "c.yaml").write_text(f"""
+data: {{train: [{tmp_path / 'd.h5'}], fractions: [0.8, 0.2, 0.0]}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
+model: {{hidden: [4]}}
+training: {{epochs: 1, output: {tmp_path / 'r'}, progress_bar: 'off'}}
+""")
+    tr = Trainer(load_train_config(tmp_path / "c.yaml"), quiet=True)
+    val, train = set(int(i) for i in tr.val_idx), set(int(i) for i in tr.train_idx)
+    test = set(np.flatnonzero(stored == 2).tolist())
+    assert len(val) >= 3 and not val & test and not train & test and len(val | train) == 24
+    again = split_of(H5Dataset(tmp_path / "d.h5"), 0, (0.8, 0.2, 0.0))
+    assert set(np.flatnonzero(again == 1).tolist()) == val

@@ -102,7 +102,21 @@ def split_of(ds, seed: int, fractions, by_subset: bool = True, use_stored: bool 
     training and ``evaluate --split`` both apply, so that a held-out split is scored as held out."""
     if patterns:
         return np.asarray(split_from_patterns(ds.column("source"), parse_split_patterns(patterns)))
-    return np.asarray(get_split(ds, seed, tuple(fractions), per_subset=by_subset, use_stored=use_stored))
+    sp = np.asarray(get_split(ds, seed, tuple(fractions), per_subset=by_subset, use_stored=use_stored))
+    f_train, f_val = float(fractions[0]), float(fractions[1])
+    if use_stored and ds.has_stored_split and f_val > 0 and not (sp == VAL).any() and f_train + f_val > 0:
+        # a stored split of training and test structures only (convert --split-by-pattern
+        # train=...,test=...: README's pipeline) gave no validation set at all, whatever
+        # data.fractions said; the validation share is now drawn from its training part by the
+        # hash rule, with the fractions' train : validation ratio
+        tr = np.flatnonzero(sp == TRAIN)
+        if len(tr):
+            sub = assign_split_arrays(np.asarray(ds.column("source"))[tr], np.asarray(ds.column("source_index"))[tr],
+                                      np.asarray(ds.subset_ids)[tr], seed,
+                                      (f_train / (f_train + f_val), f_val / (f_train + f_val), 0.0), by_subset)
+            sp = sp.copy()
+            sp[tr[sub == VAL]] = VAL
+    return sp
 
 
 def parse_split_patterns(text) -> dict[str, str]:

@@ -256,6 +256,14 @@ class Trainer:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         fixed = [k for k in changed if any(k == f or (f.endswith(".") and k.startswith(f))
                                            for f in self._FIXED_ON_RESUME)]
+        if old and bool(old.get("training.warm_start")) != bool(new.get("training.warm_start")):
+            # (sweep 7: a warm start added on --resume was accepted and only merged the record)
+            raise ConfigError(f"{self._resume_path}: the checkpoint's run was "
+                              + (f"a fine-tuning of {old.get('training.warm_start')}" if old.get("training.warm_start")
+                                 else "not a fine-tuning (no training.warm_start)")
+                              + f", this configuration says training.warm_start: {new.get('training.warm_start')!r}; "
+                              "a resumed run keeps how it started (start a new run in another output folder to "
+                              "fine-tune)")
         if old.get("training.warm_start"):
             # a fine-tuning run's architecture is its loaded model's whatever either config says
             # (_adopt_warm_start_architecture): its own config.yaml, which records the model's,
@@ -290,6 +298,11 @@ class Trainer:
 
             split = splitmod.split_of(self.ds, dc.split_seed, dc.fractions, by_subset=dc.by_subset,
                                       use_stored=dc.use_stored_split, patterns=dc.split_patterns)
+            if dc.use_stored_split and not dc.split_patterns and self.ds.has_stored_split:
+                drawn = int(((np.asarray(self.ds.column("split")) == 0) & (split == 1)).sum())
+                if drawn:
+                    self._log(f"data: the stored split has no validation structures; {drawn} of its training "
+                              f"structures validate (data.fractions {list(dc.fractions)}, seed {dc.split_seed})")
             train_idx = np.nonzero(split == 0)[0].astype(np.int64)
             val_idx = np.nonzero(split == 1)[0].astype(np.int64)
             self.val_ds = self.ds
