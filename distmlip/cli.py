@@ -32,7 +32,7 @@ COMMANDS = {
     "gpr": ("distmlip.gpr.cli", "fit, save, predict with and test the per-subset GPRs (fit|predict|test)"),
     "train": ("distmlip.training.cli", "train a potential (energy or force mode, committees, MPI data parallel)"),
     "evaluate": ("distmlip.evaluation.evaluate", "metrics, per-structure CSV and parity plots of a model on a data set"),
-    "export": ("distmlip.evaluation.export", "export a model to aenet .nn files, a torch.export program or TorchScript"),
+    "export": ("distmlip.evaluation.export", "export a model to aenet .nn files, a torch.export program, TorchScript or metatomic (LAMMPS, i-PI, ASE)"),
     "import-aenet": ("distmlip.evaluation.import_aenet", "read aenet .nn potential files into a distmlip model (for evaluation or retraining)"),
     "md-check": ("distmlip.evaluation.mdcheck", "MD stability check of a potential: a verdict per run (close pairs, "
                  "temperature, energy, drift, uncertainty); exit 3 when unstable"),

@@ -106,8 +106,8 @@ def run(args) -> int:
         paths = write_exported_program(model, args.output, aoti=args.aoti)
         for p in paths:
             log(f"wrote {p}")
-        log("exported program: torch.export.load(path).module()(positions, species, cell, pair_i, pair_j, "
-            "cell_shifts) -> (energy, forces); see docs/aenet.md (Deployment)")
+        log("exported program: torch.export.load(path).module()(positions, numbers, cell, pair_i, pair_j, "
+            "cell_shifts) -> (energy, forces), numbers: atomic numbers; see docs/aenet.md (Deployment)")
     elif args.format == "metatomic":
         from .export_metatomic import write_metatomic
 

@@ -127,6 +127,7 @@ def leave_process(code: int, *, always: bool = False) -> None:
     import io
     import sys
     import threading
+    import warnings
 
     if not always and os.environ.get("DISTMLIP_FAST_EXIT", "1").strip().lower() in ("0", "off", "false", "no"):
         return
@@ -134,13 +135,17 @@ def leave_process(code: int, *, always: bool = False) -> None:
     if shutdown is not None:
         shutdown()
     atexit._run_exitfuncs()
-    for obj in gc.get_objects():
-        if isinstance(obj, io.IOBase):
-            try:
-                if not obj.closed and obj.writable():
-                    obj.flush()
-            except Exception:    # a broken pipe or closed descriptor: nothing left to save there
-                pass
+    with warnings.catch_warnings():
+        # isinstance on some objects warns (torch's deprecated reduce_op wrapper printed a
+        # FutureWarning at the end of every command)
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, io.IOBase):
+                try:
+                    if not obj.closed and obj.writable():
+                        obj.flush()
+                except Exception:    # a broken pipe or closed descriptor: nothing left to save there
+                    pass
     h5py = sys.modules.get("h5py")
     if h5py is not None:
         try:
