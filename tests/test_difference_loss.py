@@ -201,6 +201,10 @@ def test_training_with_the_term_lowers_the_difference_error(tmp_path, aug):
         st = PartitionedStream(tr.ds, tr.val_idx, 0, 1, 10 ** 6, 10 ** 6, 0, shuffle=False, prefetch=False,
                                groups=tr._diff_groups(tr.ds))
         out[g] = tr.evaluate_stream(st)["D_rmse"]
+        if g > 0:       # log.csv keeps the epochs' D_rmse too (it was on the terminal only)
+            import csv
+            rows = list(csv.DictReader(open(tmp_path / f"g{g}" / "run" / "log.csv")))
+            assert len(rows) == 40 and float(rows[-1]["train_D_rmse"]) > 0 and float(rows[-1]["val_D_rmse"]) > 0
     assert out[0.5] < 0.7 * out[0.0], out
 
 

@@ -50,7 +50,7 @@ _IDX = {k: i for i, k in enumerate(_M)}
 CSV_FIELDS = ["epoch", "steps", "lr", "train_loss", "train_E_rmse_meV_atom", "train_E_mae_meV_atom",
               "train_F_rmse", "train_F_mae", "val_loss", "val_E_rmse_meV_atom", "val_E_mae_meV_atom",
               "val_F_rmse", "val_F_mae", "train_S_rmse_GPa", "train_S_mae_GPa", "val_S_rmse_GPa", "val_S_mae_GPa",
-              "time_s"]
+              "train_D_rmse", "val_D_rmse", "time_s"]
 
 
 def _fmt(x, nd=3):
@@ -1486,6 +1486,8 @@ class Trainer:
                "train_S_rmse_GPa": _fmt(tr.get("S_rmse_GPa"), 4), "train_S_mae_GPa": _fmt(tr.get("S_mae_GPa"), 4),
                "val_S_rmse_GPa": _fmt((val or {}).get("S_rmse_GPa"), 4),
                "val_S_mae_GPa": _fmt((val or {}).get("S_mae_GPa"), 4),
+               # GPR-ANN: the copies' energy rise per A against their labels (eV/A; empty otherwise)
+               "train_D_rmse": _fmt(tr.get("D_rmse"), 5), "val_D_rmse": _fmt((val or {}).get("D_rmse"), 5),
                "time_s": f"{dt_total:.2f}"}
         self._write_csv_row(row)
         line = f"epoch {epoch + 1:4d}/{tc.epochs}  train E_rmse {tr['E_rmse_meV_atom']:9.3f} meV/atom"
