@@ -267,6 +267,17 @@ def test_copies_per_epoch_draws_other_copies_each_epoch():
                 assert n_copies == (1 if g == 2 else 2), (ep, g, mine)
                 union[g] |= set(mine[copy[mine]].tolist())
         assert len(union[0]) > 2 and len(union[1]) > 2, union
+    # the draw is a function of the structure, not of the rank that holds it: the copies drawn
+    # on 1 and on 2 ranks are the same set every epoch (sweep 10: the fixed validation draw
+    # differed between 1 and 3 ranks)
+    for ep in range(4):
+        drawn = []
+        for world in (1, 2):
+            ss = [PartitionedStream(DS(), None, r, world, batch_atoms=8, batch_structures=100, seed=4,
+                                    fixed_batches=False, groups=groups, prefetch=False, sample_mask=copy, sample_k=2)
+                  for r in range(world)]
+            drawn.append(sorted(i for s in ss for b in s.batches(ep) for i in b.tolist()))
+        assert drawn[0] == drawn[1], (ep, drawn)
     one, again = (PartitionedStream(DS(), None, 0, 1, batch_atoms=8, batch_structures=100, seed=4, groups=groups,
                                     prefetch=False, sample_mask=copy, sample_k=2) for _ in range(2))
     assert [b.tolist() for b in again.batches(3)] == [b.tolist() for b in one.batches(3)]
