@@ -203,6 +203,13 @@ def test_local_gpr_split_is_bounded_and_accurate():
     lg = LocalGPR(max_obs=10 * 10, weight=1.0, length_scale=0.5, noise_energy=1e-3,
                   noise_force=1e-2).fit(R, None, E, F)
     assert lg.info["n_local"] == 2 and max(lg.info["local_sizes"]) <= 10
+    assert not lg.info["split_by_memory"]                 # max_kernel_obs decided it, reproducibly
+    # a split the memory cap decides depends on the machine and the ranks per node: flagged
+    from distmlip.gpr.model import available_memory
+    tiny = (8.0 * 2.5 * 100 ** 2) / available_memory("cpu")          # about 100 kernel rows
+    lm = LocalGPR(memory_fraction=tiny, weight=1.0, length_scale=0.5, noise_energy=1e-3,
+                  noise_force=1e-2).fit(R, None, E, F)
+    assert lm.info["n_local"] >= 2 and lm.info["split_by_memory"]
     Rt, Et, Ft = _lj_trimer_data(10, rng, b1)
     e, f, s = lg.predict(Rt)
     assert np.abs(e.numpy() - Et).mean() < 0.05 * np.std(E)

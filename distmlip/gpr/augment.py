@@ -749,7 +749,7 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
             "jitter_rel", "lml", "fitted", "fit_structures", "fit_obs", "lml_fit_start", "lml_fit_end",
             "fit_select", "fit_subsample", "fit_nn_distance", "nn_distance", "loo_energy_mae_eV", "fit_candidates",
             "sigma_calibration", "sigma_calibration_from", "loo_all_energy_mae_eV", "loo_all_force_mae_eVA", "loo_all_n",
-            "time_calibrate_s", "fit_at_bounds", "n_obs", "max_kernel_obs", "memory_cap_obs", "n_local", "local_sizes", "time_hyper_s",
+            "time_calibrate_s", "fit_at_bounds", "n_obs", "max_kernel_obs", "memory_cap_obs", "split_by_memory", "n_local", "local_sizes", "time_hyper_s",
             "time_fit_s", "time_predict_s", "fit_subsample_retried") if k in info}}
         if fit.get("choice"):
             fit_info["fingerprint_choice"] = fit["choice"]
@@ -1036,6 +1036,12 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
                     if bounded:
                         warn(f"subset {names[m]}: fitted hyperparameters on their bounds: "
                              f"{', '.join(bounded)} (the bound decided them, not the data)")
+                    if gi.get("split_by_memory"):
+                        warn(f"subset {names[m]}: split into {gi.get('n_local')} local GPRs because its "
+                             f"{gi.get('n_obs')}-row kernel exceeds this rank's memory share "
+                             f"({gi.get('memory_cap_obs')} rows: gpr.memory_fraction of the free memory, divided "
+                             f"among the ranks of a node); the labels then depend on the free memory and the rank "
+                             f"count.  Set gpr.max_kernel_obs (a value that fits) to make them reproducible")
                     n_loo = gi.get("loo_all_n")
                     if n_loo is not None and n_loo < 5 and not r.get("gpr_loaded_from"):
                         # GPR._calibration needs 5 leave-one-out errors; measured: 2 references of a

@@ -1145,7 +1145,10 @@ class LocalGPR:
             self.models.append(g)
         self.info = dict(self.models[0].info)
         self.info.update(fit_info)
-        self.info.update(n_structures=N, n_obs=N * per, max_kernel_obs=max_obs,
+        # the memory cap, not the user's max_kernel_obs, decided a split: it depends on the
+        # machine's free memory and the ranks per node (augment warns; sweep 10)
+        split_by_memory = k > 1 and (self.max_obs_user is None or cap < int(self.max_obs_user))
+        self.info.update(n_structures=N, n_obs=N * per, max_kernel_obs=max_obs, split_by_memory=split_by_memory,
                          memory_cap_obs=cap, n_local=k, sigma_calibration=self.models[0].sigma_calibration,
                          local_sizes=[int((labels == c).sum()) for c in range(k)],
                          jitter=max(m.info["jitter"] for m in self.models),
