@@ -378,3 +378,34 @@ training: {{epochs: 1, output: {tmp_path / 'r'}, progress_bar: 'off'}}
     assert len(val) >= 3 and not val & test and not train & test and len(val | train) == 24
     again = split_of(H5Dataset(tmp_path / "d.h5"), 0, (0.8, 0.2, 0.0))
     assert set(np.flatnonzero(again == 1).tolist()) == val
+
+
+def test_the_epochs_training_loss_is_the_loss_of_the_whole_epoch(tmp_path):
+    """log.csv's train_loss was the unweighted mean of the step losses: a batch of one large
+    structure counted as much as a full batch, and the figure changed with the rank count at a
+    frozen model (sweep 10).  It is now the energy loss of the whole epoch."""
+    import csv
+
+    from ase.build import bulk
+
+    from distmlip.data.h5store import write_dataset
+    from helpers import emt_structure
+
+    structs = []
+    for k in range(14):
+        a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((1 + 2 * (k % 3 == 0), 1, 1))    # 4 and 12 atoms
+        a.rattle(0.08, seed=k)
+        structs.append(emt_structure(a, "cu", k))
+    write_dataset(tmp_path / "d.h5", structs)
+    (tmp_path / "c.yaml").write_text(f"""
+data: {{train: [{tmp_path / 'd.h5'}], fractions: [1.0, 0.0, 0.0], batches: reshuffled}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
+model: {{hidden: [4]}}
+training: {{mode: energy, epochs: 1, batch_atoms: 13, lr: 1.0e-14, min_lr: 0.0, scheduler: none,
+           output: {tmp_path / 'r'}, progress_bar: 'off'}}
+""")
+    tr = Trainer(load_train_config(tmp_path / "c.yaml"), quiet=True)
+    tr.fit()
+    logged = float(list(csv.DictReader(open(tmp_path / "r" / "log.csv")))[-1]["train_loss"])
+    whole = tr.evaluate_stream(tr.stream)["loss"]
+    assert logged == pytest.approx(whole, rel=1e-6), (logged, whole)

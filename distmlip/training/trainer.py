@@ -1104,7 +1104,11 @@ class Trainer:
                 with self.flat.routing():
                     loss = self.batch_loss(batch, counts, acc, selected)
                     loss.backward(inputs=self.flat.grad_inputs)
-            acc[_IDX["loss"]] += loss.detach()
+            # weighted by the step's global energy count: the epoch's training loss is then the
+            # loss of the whole epoch (exactly, for energy terms), not the mean over steps, in which a
+            # batch of one large structure counted as much as a full one and the figure moved with
+            # the rank count (sweep 10); without validation data it picks the best model
+            acc[_IDX["loss"]] += loss.detach() * float(counts[0])
         self.flat.sync()
         stop = signals.local_stop_code(self.ctx.job_rank)
         bad_loss = 0.0 if bool(torch.isfinite(acc[_IDX["loss"]])) else 1.0
@@ -1131,7 +1135,7 @@ class Trainer:
         optimizer_step(self.opt)
         tm["compute"] += time.perf_counter() - t3
         tm["steps"] += 1
-        acc[_IDX["n_steps"]] += 1.0 / self.ctx.world_size  # reduced: one per global step
+        acc[_IDX["n_steps"]] += float(counts[0]) / self.ctx.world_size  # reduced: the epoch's energy count
         # one check per step of everything that can go non-finite: every rank's loss (the flag
         # above), the reduced gradients and the updated parameters (identical on every rank, so
         # every rank stops together)
