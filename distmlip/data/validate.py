@@ -198,8 +198,8 @@ def energy_force_outliers(structures, z_max: float = 25.0, min_eV: float = 0.1, 
     straight path gives E_j - E_i = -(F_i + F_j) / 2 . (x_j - x_i) up to third order in the
     displacement (minimum image in periodic directions).  Cells that differ by up to
     ``cell_tol`` (relative) are compared in fractional coordinates on their mean cell: the
-    strain term left out is V sigma eps, a few meV for a 1 % strain of a 100 A^3 cell at 1 GPa.  A structure's score is the median
-    |residual| over its ``k`` nearest partners (RMS displacement; ``partners`` drawn at random
+    strain term left out is V sigma eps, a few meV for a 1 % strain of a 100 A^3 cell at 1 GPa.
+    A structure's score is the median |residual| over its ``k`` nearest partners (RMS displacement; ``partners`` drawn at random
     when there are more); one whose score is more than ``z_max`` robust standard deviations
     (1.4826 x the median absolute deviation of the scores) and ``min_eV`` above the median
     score carries a wrong energy or wrong forces (a label off by 100 eV, an energy per atom
@@ -207,7 +207,7 @@ def energy_force_outliers(structures, z_max: float = 25.0, min_eV: float = 0.1, 
     GPR fitted to the wrong label spreads it over its neighbours, and the largest LOO error was
     not the bad structure's.  Structures without forces, or with no partner in the same cell,
     get no score.  Returns ([(position in ``structures``, score eV)], median score eV)."""
-    S = [s for s in structures]
+    S = list(structures)
     n = len(S)
     score = np.full(n, np.nan)
     if n < 5:
@@ -251,11 +251,20 @@ def energy_force_outliers(structures, z_max: float = 25.0, min_eV: float = 0.1, 
             dist = np.sqrt((d * d).sum(2).mean(1))
             near = np.argsort(dist)[:k]
             score[i] = float(np.median(res[near]))
-    ok = np.isfinite(score)
-    if ok.sum() < 5:
+    bad, med = robust_outliers(score, z_max, min_eV)
+    return [(i, float(score[i])) for i in bad], med
+
+
+def robust_outliers(values, z_max: float, floor: float, two_sided: bool = False) -> tuple[list[int], float]:
+    """Positions of ``values`` (NaN: not judged) more than ``z_max`` robust standard deviations
+    (1.4826 x the median absolute deviation) and ``floor`` above their median (or away from it,
+    ``two_sided``), and the median; none with fewer than 5 finite values or ``z_max`` <= 0."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    if ok.sum() < 5 or not z_max > 0:
         return [], float("nan")
-    med = float(np.median(score[ok]))
-    mad = 1.4826 * float(np.median(np.abs(score[ok] - med)))
-    dev = score - med
-    bad = ok & (dev > min_eV) & (dev > z_max * max(mad, 1e-12))
-    return [(int(i), float(score[i])) for i in np.flatnonzero(bad)], med
+    med = float(np.median(v[ok]))
+    mad = 1.4826 * float(np.median(np.abs(v[ok] - med)))
+    dev = np.abs(v - med) if two_sided else v - med
+    bad = ok & (dev > floor) & (dev > z_max * max(mad, 1e-12))
+    return [int(i) for i in np.flatnonzero(bad)], med

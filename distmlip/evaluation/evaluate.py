@@ -29,9 +29,9 @@ def add_arguments(p) -> None:
     p.add_argument("--run-config", default=None, metavar="CONFIG",
                    help="the training configuration whose data split --split selects (default: config.yaml "
                         "beside the model, when its data.train are these files)")
-    p.add_argument("--split-seed", type=int, default=None, help="hash split seed (default 0)")
+    p.add_argument("--split-seed", type=int, default=None, help="hash split seed (default: training's, 0)")
     p.add_argument("--fractions", type=float, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
-                   help="hash split fractions (default 0.9 0.1 0)")
+                   help="hash split fractions (default: training's, 0.9 0.1 0)")
     p.add_argument("--by-subset", choices=["on", "off"], default=None,
                    help="split each subset apart (training's data.by_subset; default on)")
     p.add_argument("--synthetic", choices=["exclude", "include", "only"], default="exclude",
@@ -71,9 +71,12 @@ def split_settings(args) -> tuple[dict, str]:
     Without them a split trained with other settings would be scored as another set of
     structures (sweep 7: a 'validation' score that included training structures)."""
     from ..errors import ConfigError
+    from ..training.config import DataConfig
 
-    out = {"seed": 0, "fractions": (0.9, 0.1, 0.0), "by_subset": True, "use_stored": True, "patterns": None}
-    where = "defaults"
+    dflt = DataConfig()          # training's defaults: the split a run without data settings made
+    out = {"seed": dflt.split_seed, "fractions": tuple(dflt.fractions), "by_subset": dflt.by_subset,
+           "use_stored": dflt.use_stored_split, "patterns": None}
+    parts = []
     cfg_path = Path(args.run_config) if args.run_config else Path(args.model.split(",")[0]).parent / "config.yaml"
     if args.split != "all" and cfg_path.is_file():
         import yaml
@@ -89,17 +92,17 @@ def split_settings(args) -> tuple[dict, str]:
             if data.get("validation"):
                 raise ConfigError(f"{cfg_path}: that run validated on {data['validation']}, not on a split of "
                                   f"{data.get('train')}: evaluate those files with --split all")
-            out.update(seed=int(data.get("split_seed", 0)), fractions=tuple(data.get("fractions", out["fractions"])),
-                       by_subset=bool(data.get("by_subset", True)), use_stored=bool(data.get("use_stored_split", True)),
+            out.update(seed=int(data.get("split_seed", out["seed"])), fractions=tuple(data.get("fractions", out["fractions"])),
+                       by_subset=bool(data.get("by_subset", out["by_subset"])),
+                       use_stored=bool(data.get("use_stored_split", out["use_stored"])),
                        patterns=data.get("split_patterns") or None)
-            where = str(cfg_path)
+            parts.append(str(cfg_path))
     if args.split_seed is not None:
         out["seed"] = args.split_seed
     if args.fractions is not None:
         out["fractions"] = tuple(args.fractions)
     if args.by_subset is not None:
         out["by_subset"] = args.by_subset == "on"
-    parts = [] if where == "defaults" else [where]
     if any(v is not None for v in (args.split_seed, args.fractions, args.by_subset)):
         parts.append("the command line")
     return out, " and ".join(parts) or "the defaults"

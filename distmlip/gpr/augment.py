@@ -47,7 +47,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from ..config import bounds, load_config, parse_override
-from ..data.validate import energy_force_outliers
+from ..data.validate import energy_force_outliers, robust_outliers
 from ..descriptors.spec import DescriptorSpec
 from ..errors import ConfigError, DistmlipError, InputError
 from ..utils.io import OutputLock, atomic_path, atomic_write_text, check_writable, clean_stale_temps, json_text
@@ -1156,17 +1156,9 @@ def merge(cfg: AugmentConfig, ds, keys: dict, workdir: Path) -> dict:
 def _loo_outliers(res, z_max: float, floor_eV: float = 0.1) -> list[int]:
     """Rows of the leave-one-out energy residuals ``res`` (eV per structure, NaN where none) more
     than ``z_max`` robust standard deviations from their median and ``floor_eV`` from it."""
-    if res is None or not z_max > 0:
+    if res is None:
         return []
-    r = np.asarray(res, dtype=np.float64)
-    ok = np.isfinite(r)
-    if ok.sum() < 5:
-        return []
-    med = float(np.median(r[ok]))
-    mad = 1.4826 * float(np.median(np.abs(r[ok] - med)))
-    dev = np.abs(r - med)
-    bad = ok & (dev > floor_eV) & (dev > z_max * max(mad, 1e-12))
-    return [int(i) for i in np.flatnonzero(bad)]
+    return robust_outliers(res, z_max, floor_eV, two_sided=True)[0]
 
 
 def synthetic_weights(cfg: AugmentConfig, sigma, kept, natoms: int = 1) -> np.ndarray:

@@ -657,7 +657,7 @@ class Trainer:
             hit = np.flatnonzero(rows[:, col] < self.COINCIDENT_A)
             if len(hit):
                 i = int(np.asarray(self.stream.partition())[hit[0]])
-                src = self.ds.column("source")[i] if hasattr(self.ds, "column") else ""
+                src = self.ds.column("source")[i]
                 where = f"structure {i}" + (f" (source {src}, index {int(self.ds.column('source_index')[i])})"
                                             if src else "")
         raise DataFormatError(f"{self.cfg.data.train}: {where}: a {key} pair at {d:.3g} A (atoms on top of each "
