@@ -35,6 +35,7 @@ from ..models.bpnn import BPNN
 from ..utils.io import OutputLock, atomic_write_text, check_writable, clean_stale_temps
 from ..utils.log import log, warn
 from . import checkpoint as ckpt
+from . import energy_step
 from .config import TrainConfig
 from .flat import FlatParameters, avoid_dynamo_import, optimizer_step
 from .force_step import force_stress_loss_and_gradients
@@ -889,12 +890,15 @@ class Trainer:
                             dtype=torch.float64, device=self.device)
         if self.sample_multiplier is not None and ds is self.ds:
             m = self.sample_multiplier[batch.index.cpu().numpy()]
-            # a new Batch object: a loader's batch may be shared between epochs
-            w = batch.weight * torch.as_tensor(m, dtype=torch.float64, device=batch.weight.device)
             if isinstance(batch, Batch):
+                # a new Batch object: a loader's batch may be shared between epochs
+                w = batch.weight * torch.as_tensor(m, dtype=torch.float64, device=batch.weight.device)
                 batch = dataclasses.replace(batch, weight=w)
             else:
-                batch.weight = w
+                # a kept feature batch comes back every epoch: weigh its stored weights, once
+                # (multiplying batch.weight in place compounded the multiplicities, 2**epoch)
+                base = batch.__dict__.setdefault("_unweighted", batch.weight)
+                batch.weight = base * torch.as_tensor(m, dtype=torch.float64, device=base.device)
         return batch
 
     def _selected(self, batch):
@@ -929,28 +933,52 @@ class Trainer:
             E, F = self.model(batch), None
         mask = force_atom_mask(batch, selected) if self.force_mode else None
         pairs = None if self.force_mode else self._pairs(batch)
-        c_d = float(counts[3]) if counts.numel() > 3 else 0.0    # unscaled: L_D over s_F^2 = 1 (losses)
-        gamma = self._gamma if c_d > 0 else 0.0
-        alpha, beta, counts = self._weighted(counts)
-        lcounts = counts if gamma == 0 else torch.cat([counts[:1] / (1.0 - gamma), counts[1:]])
+        alpha, beta, _ = self._weighted(counts)
+        lcounts, c_d, gamma = self._energy_counts(counts)
         loss = energy_force_loss(E, batch, lcounts, per_atom=self.per_atom, alpha=alpha, F=F, mask=mask,
                                  compiled=self.model.plan().loss == "compiled", beta=beta, S=S, smask=smask)
         dterm = difference_term(E, batch, pairs, c_d, gamma) if gamma > 0 else None
         if dterm is not None:
             loss = loss + dterm
-        if acc is not None and pairs is not None:
-            with torch.no_grad():
-                r, _ = difference_residuals(E.detach(), batch, pairs)
-                acc[_IDX["d_sse"]] += (r * r).sum()
-                acc[_IDX["n_diff"]] += float(len(r))
         if acc is not None:
             with torch.no_grad():
-                _accumulate_errors(acc, batch, E.detach(), None if F is None else F.detach(),
-                                   None if S is None else S.detach())
-                if self.cfg.training.loss == "rmse":
-                    self._step_sums = loss_sums(E.detach(), batch, per_atom=self.per_atom,
-                                                F=None if F is None else F.detach(), mask=mask,
-                                                S=None if S is None else S.detach(), smask=smask)
+                rw = None if pairs is None else difference_residuals(E.detach(), batch, pairs)
+                self._account(acc, batch, E.detach(), None if F is None else F.detach(),
+                              None if S is None else S.detach(), mask, smask, None if rw is None else rw[0])
+        return loss
+
+    def _energy_counts(self, counts: torch.Tensor):
+        """(counts of the energy term, C_D, gamma) of an energy step: the loss form's weighted
+        counts, the energy count divided by 1 - gamma when the copy-difference term is on."""
+        c_d = float(counts[3]) if counts.numel() > 3 else 0.0    # unscaled: L_D over s_F^2 = 1 (losses)
+        gamma = self._gamma if c_d > 0 else 0.0
+        _, _, counts = self._weighted(counts)
+        lcounts = counts if gamma == 0 else torch.cat([counts[:1] / (1.0 - gamma), counts[1:]])
+        return lcounts, c_d, gamma
+
+    def _account(self, acc, batch, E, F, S, mask, smask, r) -> None:
+        """Add a step's errors (detached E, F, S; difference residuals ``r`` or None) to the
+        epoch's sums ``acc``, and keep its loss sums for the loss form 'rmse'."""
+        if r is not None:
+            acc[_IDX["d_sse"]] += (r * r).sum()
+            acc[_IDX["n_diff"]] += float(len(r))
+        _accumulate_errors(acc, batch, E, F, S)
+        if self.cfg.training.loss == "rmse":
+            self._step_sums = loss_sums(E, batch, per_atom=self.per_atom, F=F, mask=mask, S=S, smask=smask)
+
+    def _energy_step(self, batch, counts: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+        """The loss of an energy step, its weight gradients in the flat gradient: engine-free on
+        cached descriptors where it applies (training.energy_step), else through autograd."""
+        if energy_step.applies(self.model, self.flat, batch):
+            lcounts, c_d, gamma = self._energy_counts(counts)
+            loss, E, r = energy_step.energy_loss_and_gradients(self.model, self.flat, batch, lcounts,
+                                                              per_atom=self.per_atom, pairs=self._pairs(batch),
+                                                              c_d=c_d, gamma=gamma)
+            self._account(acc, batch, E, None, None, None, None, r)
+            return loss
+        with self.flat.routing():
+            loss = self.batch_loss(batch, counts, acc)
+            loss.backward(inputs=self.flat.grad_inputs)
         return loss
 
     # ---- the loss form (training.loss): weights of the step's mean squares ---------------------
@@ -1019,9 +1047,27 @@ class Trainer:
         """(C_E, C_F) of the GLOBAL batch of ``step``: derived from the epoch plan, which every
         rank knows (the batches of every rank are a function of the seed), so that no
         collective is needed before the step's compute."""
-        members = [b[step] for b in (self.stream.batches(epoch, r) for r in range(self.ctx.world_size))
-                   if step < len(b)]
-        return self.counts_of(np.concatenate(members) if members else np.zeros(0, np.int64))
+        kept = self.__dict__.get("_epoch_counts")
+        if kept is None or kept[0] != (epoch, id(self.stream)):
+            kept = (epoch, id(self.stream)), self._plan_counts(epoch)
+            self.__dict__["_epoch_counts"] = kept
+        table = kept[1]
+        if step < len(table):
+            return table[step]
+        return self.counts_of(np.zeros(0, np.int64))
+
+    def _plan_counts(self, epoch: int) -> torch.Tensor:
+        """[steps, 4] (C_E, C_F, C_S, C_D) of every global batch of ``epoch``, from the plan at
+        once (one table per epoch instead of a gather and four sums per step)."""
+        plans = [self.stream.batches(epoch, r) for r in range(self.ctx.world_size)]
+        steps = max((len(b) for b in plans), default=0)
+        self.counts_of(np.zeros(0, np.int64))          # the per-structure tables
+        out = np.zeros((steps, 4), dtype=np.float64)
+        for k in range(steps):
+            members = [b[k] for b in plans if k < len(b)]
+            idx = np.concatenate(members).astype(np.int64, copy=False)
+            out[k] = [float(t[idx].sum()) for t in self._count_tables]    # counts_of's sums, exactly
+        return torch.as_tensor(out, device=self.device)
 
     def counts_of(self, indices) -> torch.Tensor:
         """(C_E, C_F, C_S, C_D) of the training structures at data-set ``indices`` (losses.local_counts
@@ -1101,9 +1147,7 @@ class Trainer:
                     self._step_sums = loss_sums(E, batch, per_atom=self.per_atom, F=F, mask=mask, S=S,
                                                 smask=smask if S is not None else None)
             else:
-                with self.flat.routing():
-                    loss = self.batch_loss(batch, counts, acc, selected)
-                    loss.backward(inputs=self.flat.grad_inputs)
+                loss = self._energy_step(batch, counts, acc)
             # weighted by the step's global energy count: the epoch's training loss is then the
             # loss of the whole epoch (exactly, for energy terms), not the mean over steps, in which a
             # batch of one large structure counted as much as a full one and the figure moved with
@@ -1133,14 +1177,15 @@ class Trainer:
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         optimizer_step(self.opt)
-        tm["compute"] += time.perf_counter() - t3
         tm["steps"] += 1
         acc[_IDX["n_steps"]] += float(counts[0]) / self.ctx.world_size  # reduced: the epoch's energy count
         # one check per step of everything that can go non-finite: every rank's loss (the flag
         # above), the reduced gradients and the updated parameters (identical on every rank, so
         # every rank stops together)
         checks = [t.reshape(-1) for t in params] + [t.grad.reshape(-1) for t in params if t.grad is not None]
-        if extra[2] > 0 or not bool(torch.isfinite(torch.cat(checks)).all()):
+        finite = extra[2] == 0 and bool(torch.isfinite(torch.cat(checks)).all())
+        tm["compute"] += time.perf_counter() - t3
+        if not finite:
             self._non_finite(batch, acc)
 
     def _non_finite(self, batch, acc) -> None:
@@ -1181,6 +1226,8 @@ class Trainer:
             elif self.force_mode:
                 with torch.enable_grad():
                     E, F = self.model.energy_and_forces(batch)
+            elif energy_step.forward_applies(self.model, batch):
+                E, F = energy_step.energies(self.model, batch), None
             else:
                 with torch.no_grad():
                     E, F = self.model(batch), None
