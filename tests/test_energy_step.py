@@ -116,6 +116,9 @@ def test_validation_energies_equal_the_model_and_follow_a_refit(tmp_path, aug):
         after = energy_step.energies(tr.model, batch)
         assert float((after - before).abs().max()) > 1e-6
         assert torch.allclose(after, tr.model(batch), rtol=1e-14, atol=0)
+        # replaced (a new tensor, version 0 like the first): seen as well
+        tr.model.ann.feature_std = tr.model.ann.feature_std * 1.5
+        assert torch.allclose(energy_step.energies(tr.model, batch), tr.model(batch), rtol=1e-14, atol=0)
 
 
 def test_trainer_takes_the_engine_free_path(tmp_path, aug, monkeypatch):

@@ -48,17 +48,18 @@ def applies(model, flat, batch) -> bool:
 
 def _normalised(ann, batch) -> torch.Tensor:
     """x [N, D] of the batch in the networks' dtype, kept on the batch: a loader's batches are
-    reused every epoch and the normalisation does not change during training (the cache key
-    holds the statistics' tensor versions, so a refit is seen)."""
-    key = (id(ann.feature_mean), ann.feature_mean._version, id(ann.feature_std), ann.feature_std._version,
-           ann.net_dtype)
+    reused every epoch and the normalisation does not change during training.  The kept entry
+    holds the statistics' tensors themselves (not their ids, which a replaced tensor can reuse)
+    and their versions, so a refit, in place or by replacement, is seen."""
+    mean, std = ann.feature_mean, ann.feature_std
     kept = batch.__dict__.get("_normalised")
-    if kept is not None and kept[0] == key:
-        return kept[1]
+    if (kept is not None and kept[0] is mean and kept[1] == mean._version and kept[2] is std
+            and kept[3] == std._version and kept[4] == ann.net_dtype):
+        return kept[5]
     sp = batch.species
     G = batch.features.to(torch.float64)
-    x = ((G - ann.feature_mean.index_select(0, sp)) / ann.feature_std.index_select(0, sp)).to(ann.net_dtype)
-    batch.__dict__["_normalised"] = (key, x)
+    x = ((G - mean.index_select(0, sp)) / std.index_select(0, sp)).to(ann.net_dtype)
+    batch.__dict__["_normalised"] = (mean, mean._version, std, std._version, ann.net_dtype, x)
     return x
 
 
