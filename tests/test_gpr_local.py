@@ -159,3 +159,38 @@ def test_local_kernel_column_chunks_give_the_same_block():
         torch.testing.assert_close(rows, full[:2], rtol=1e-12, atol=1e-12)
         cols = ker.cov_block(X[:2], J[:2], X, J, 1.3, 0.7, True, False, deriv)
         torch.testing.assert_close(cols, full[:, :5], rtol=1e-12, atol=1e-12)
+
+
+def test_local_kernel_blocks_equal_the_pairwise_sums_over_several_structures():
+    """Every block of cov_block between 2 and 3 structures (two elements) against its atom-pair
+    sums written out: k_ij, c2_ij J_bj^T r_ij, c2_ij J_ai^T r_ij and
+    c2_ij J_ai^T J_bj - c4_ij (J_ai^T r_ij)(J_bj^T r_ij)^T over same-element pairs, r_ij = G_ai - G_bj."""
+    fpo, fp = _fp()
+    ker = fpo.kernel(NUMBERS)
+    rng = np.random.default_rng(11)
+    XJ = [fp(BASE + 0.12 * rng.normal(size=BASE.shape)) for _ in range(5)]
+    X = torch.stack([x for x, _ in XJ])
+    J = torch.stack([j for _, j in XJ])
+    XA, JA, XB, JB = X[:2], J[:2], X[2:], J[2:]
+    w, l = 1.2, 0.8
+    K = ker.cov_block(XA, JA, XB, JB, w, l).numpy()
+    n, D, P = 4, ker.dim, J.shape[-1]
+    A, B = 2, 3
+    want = np.zeros_like(K)
+    for a in range(A):
+        Ga, Ja = XA[a].numpy().reshape(n, D), JA[a].numpy().reshape(n, D, P)
+        for b in range(B):
+            Gb, Jb = XB[b].numpy().reshape(n, D), JB[b].numpy().reshape(n, D, P)
+            for i in range(n):
+                for j in range(n):
+                    if NUMBERS[i] != NUMBERS[j]:
+                        continue
+                    r = Ga[i] - Gb[j]
+                    k = w * w * math.exp(-float(r @ r) / (2 * l * l))
+                    c2, c4 = k / l ** 2, k / l ** 4
+                    want[a, b] += k
+                    want[a, B + b * P:B + (b + 1) * P] += c2 * (Jb[j].T @ r)
+                    want[A + a * P:A + (a + 1) * P, b] -= c2 * (Ja[i].T @ r)
+                    want[A + a * P:A + (a + 1) * P, B + b * P:B + (b + 1) * P] += (
+                        c2 * Ja[i].T @ Jb[j] - c4 * np.outer(Ja[i].T @ r, Jb[j].T @ r))
+    np.testing.assert_allclose(K, want, rtol=1e-11, atol=1e-12 * np.abs(want).max())

@@ -372,7 +372,7 @@ class LocalKernel:
         Pb = JB.shape[-1] if cols_grad else 0
         Bc = self.column_chunk(B, Pa, Pb) if (rows_grad and cols_grad) else B
         if Bc < B:
-            # the per-row scratch (JAr, JBr: B n^2 P each) grows with the column structures and
+            # the per-row scratch (JBr: B n^2 P) grows with the column structures and
             # is kept between calls: 30 structures of 192 atoms needed 5 GB each and a fit's RSS
             # passed 13 GB.  Column chunks bound it; each column's block is independent of the
             # others, so the result is the same
@@ -389,59 +389,43 @@ class LocalKernel:
         k, c2, c4 = self.pair_factors(GA, GB, w, l, deriv)                  # [A, n, B, n]
         out = torch.empty(A * (1 + Pa), B * (1 + Pb), dtype=XA.dtype, device=XA.device)
         out[:A, :B] = k.sum((1, 3))
-        # one side without gradients (a prediction without forces, e.g. the copies' labels:
-        # training rows with gradients against copies without).  The general path below forms
-        # J^T (G_ai - G_bj) for every atom pair, n^2 P D products per structure pair (P = 3n: a
-        # copy of a 192-atom cell took 1.3-1.5 s to label); summing the pair weights into the
-        # descriptors first leaves n^2 D + n D P:
-        #   sum_ij c2_ij J_bj^T (G_ai - G_bj) = sum_j J_bj^T V_bj,
-        #       V_bj = sum_i c2_ij G_ai - (sum_i c2_ij) G_bj
-        #   sum_ij c2_ij J_ai^T (G_ai - G_bj) = sum_i J_ai^T U_ai,
-        #       U_ai = (sum_j c2_ij) G_ai - sum_j c2_ij G_bj
-        if cols_grad and not rows_grad:
+        # The gradient blocks with r_ij = G_ai - G_bj.  Written out per atom pair they form
+        # J^T r_ij for every pair, n^2 P D products per structure pair, and the force-force term
+        # sum_ij c4_ij (J_ai^T r_ij)(J_bj^T r_ij)^T n^2 P^2 (P = 3n): 29 GFLOP per pair of
+        # 200-atom cells, 8 s per likelihood evaluation of two such structures.  Summing the pair
+        # weights into descriptor-sized vectors first leaves n^2 D per pair and n D P per atom:
+        #   energy-force  sum_ij c2_ij J_bj^T r_ij = sum_j J_bj^T V_bj,  V_bj = sum_i c2_ij r_ij
+        #   force-energy  sum_ij c2_ij J_ai^T r_ij = sum_i J_ai^T U_ai,  U_ai = sum_j c2_ij r_ij
+        #   force-force   sum_i J_ai^T [sum_j c2_ij J_bj - sum_j c4_ij r_ij (J_bj^T r_ij)^T]
+        # (the bracket is D x P per atom i: n^2 D P to form, n D P^2 to contract with J_ai).
+        if cols_grad:
             V = torch.einsum("aibj,aid->abjd", c2, GA)
             V -= c2.sum(1)[..., None] * GB[None]
             grad = torch.einsum("abk,bkq->abq", V.reshape(A, B, n * D), JB.reshape(B, n * D, Pb))
-            out[:, B:] = grad.reshape(A, B * Pb)
-            return out
-        if rows_grad and not cols_grad:
+            out[:A, B:] = grad.reshape(A, B * Pb)
+        if rows_grad:
             U = c2.sum(3)[..., None] * GA[:, :, None, :]                   # [a, i, b, d]
             U -= torch.einsum("aibj,bjd->aibd", c2, GB)
             grad = torch.einsum("aidp,aibd->apb", JA.reshape(A, n, D, Pa), U)
-            out[A:, :] = -grad.reshape(A * Pa, B)
+            out[A:, :B] = -grad.reshape(A * Pa, B)
+        if not (rows_grad and cols_grad):
             return out
-        if cols_grad:
-            JBd = JB.reshape(B, n, D, Pb).permute(0, 2, 1, 3).reshape(B, D, n * Pb)     # [b, d, (j q)]
-            hB = torch.einsum("bjdq,bjd->bjq", JB.reshape(B, n, D, Pb), GB)           # J_bj^T G_bj
-            JB3 = JB.reshape(B, n, D * Pb)
-        if rows_grad:
-            JAp = JA.reshape(A, n, D, Pa).permute(0, 3, 1, 2).reshape(A, Pa * n, D)    # [a, (p i), d]
-            hA = torch.einsum("aidp,aid->api", JA.reshape(A, n, D, Pa), GA)           # J_ai^T G_ai
-            GBt = GB.transpose(1, 2)                                                   # [b, d, j]
+        JBd = JB.reshape(B, n, D, Pb).permute(0, 2, 1, 3).reshape(B, D, n * Pb)     # [b, d, (j q)]
+        hB = torch.einsum("bjdq,bjd->bjq", JB.reshape(B, n, D, Pb), GB)           # J_bj^T G_bj
+        JB3 = JB.reshape(B, n, D * Pb)
         for a in range(A):
-            c2a = c2[a].transpose(0, 1)                                     # [b, i, j]
-            if cols_grad:
-                # JBr[b, i, j, q] = (J_bj^T (G_ai - G_bj))_q  (into a reused buffer: a fresh
-                # one per row structure was faulted in page by page, as system time)
-                JBr = torch.matmul(GA[a], JBd, out=self._buf("JBr", (B, n, n * Pb), XA)).view(B, n, n, Pb)
-                JBr -= hB[:, None]
-                out[a, B:] = torch.bmm(c2a.reshape(B, 1, n * n), JBr.reshape(B, n * n, Pb)).reshape(-1)
-            if not rows_grad:
-                continue
-            # JAr[b, p, i, j] = (J_ai^T (G_ai - G_bj))_p
-            JAr = torch.matmul(JAp[a], GBt, out=self._buf("JAr", (B, Pa * n, n), XA)).view(B, Pa, n, n)
-            JAr.neg_().add_(hA[a][None, :, :, None])
-            ge = torch.bmm(JAr.reshape(B, Pa, n * n), c2a.reshape(B, n * n, 1))         # [b, p, 1]
-            out[A + a * Pa:A + (a + 1) * Pa, :B] = -ge[:, :, 0].T
-            if not cols_grad:
-                continue
-            # sum_ij c2_ij J_ai^T J_bj = sum_i J_ai^T (sum_j c2_ij J_bj)
-            T = torch.bmm(c2a, JB3).reshape(B, n * D, Pb)                              # [b, (i d), q]
-            gg = torch.matmul(JA[a].T, T)                                               # [b, p, q]
-            del T
-            # - sum_ij c4_ij (J_ai^T r_ij)(J_bj^T r_ij)^T
-            JBr *= c4[a].transpose(0, 1)[..., None]
-            gg -= torch.bmm(JAr.reshape(B, Pa, n * n), JBr.reshape(B, n * n, Pb))
+            # JBr[b, i, j, q] = (J_bj^T r_ij)_q  (into a reused buffer: a fresh one per row
+            # structure was faulted in page by page, as system time)
+            JBr = torch.matmul(GA[a], JBd, out=self._buf("JBr", (B, n, n * Pb), XA)).view(B, n, n, Pb)
+            JBr -= hB[:, None]
+            # c4_ij r_ij [b, i, j, d]
+            rw = torch.sub(GA[a][None, :, None, :], GB[:, None, :, :], out=self._buf("rw", (B, n, n, D), XA))
+            rw *= c4[a].transpose(0, 1)[..., None]
+            # bracket [b, i, d, q]: sum_j c2_ij J_bj - sum_j c4_ij r_ij (J_bj^T r_ij)^T
+            Tb = torch.bmm(c2[a].transpose(0, 1), JB3).view(B * n, D, Pb)
+            Tb -= torch.bmm(rw.view(B * n, n, D).transpose(1, 2), JBr.view(B * n, n, Pb))
+            gg = torch.matmul(JA[a].T, Tb.view(B, n * D, Pb))                        # [b, p, q]
+            del Tb
             out[A + a * Pa:A + (a + 1) * Pa, B:].view(Pa, B, Pb).copy_(gg.transpose(0, 1))
             del gg
         return out
@@ -472,8 +456,8 @@ class LocalKernel:
     SCRATCH_BYTES = 256 * 2 ** 20    # per scratch buffer of cov_block (column chunks above it)
 
     def column_chunk(self, B, Pa, Pb) -> int:
-        """Column structures per pass of :meth:`cov_block`: the scratch buffers JAr and JBr
-        (Bc n^2 P values each) within SCRATCH_BYTES."""
+        """Column structures per pass of :meth:`cov_block`: the scratch buffer JBr (Bc n^2 P
+        values) within SCRATCH_BYTES."""
         per = 8 * self.n * self.n * max(Pa, Pb, 1)
         return max(1, min(B, int(self.SCRATCH_BYTES // per)))
 
@@ -484,7 +468,8 @@ class LocalKernel:
 
     def bytes_per_row(self, B, Pa, Pb):
         """Bytes per structure of the row set: its output rows and the pair factors (the
-        per-structure temporaries, JAr and JBr [B, P, n, n], are freed after each)."""
+        per-structure temporaries, the scratch JBr [B, n, n, P] and the bracket [B, n, D, P], are
+        reused or freed after each)."""
         return 8 * ((1 + Pa) * B * (1 + Pb) + 4 * self.n * B * self.n)
 
     def nn_distance(self, X, max_envs: int = 4000, seed: int = 0):
