@@ -481,6 +481,17 @@ class Trainer:
         t = self._diff.get(id(self.ds if ds is None else ds))
         if t is None:
             return None
+        # a loader's kept batch comes back every epoch with the same structures: its pairs too
+        kept = getattr(batch, "__dict__", {}).get("_pairs")
+        if kept is not None and kept[0] is t:
+            return kept[1]
+        pairs = self._find_pairs(batch, t)
+        if hasattr(batch, "__dict__"):
+            batch.__dict__["_pairs"] = (t, pairs)
+        return pairs
+
+    @staticmethod
+    def _find_pairs(batch, t):
         idx = batch.index.cpu().numpy()
         par = t[0][idx]
         c = np.flatnonzero(par >= 0)
