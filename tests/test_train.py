@@ -65,6 +65,27 @@ def test_resume_two_plus_two_equals_four(tmp_path, emt_h5, mode):
     assert strip(la) == strip(lb)
 
 
+def test_extending_a_finished_cosine_run_trains_on(tmp_path, emt_h5):
+    """A cosine run resumed with more epochs after its schedule ended continues on the cosine over
+    the new epoch count (it stayed at min_lr, and the added epochs learnt nothing), and ends where
+    a run planned that long ends (the same rates, to rounding)."""
+    import csv
+    import math
+
+    over = {"training.scheduler": "cosine", "training.min_lr": 1e-6, "training.lr": 0.01}
+    Trainer(make_cfg(tmp_path / "a", emt_h5, **over, **{"training.epochs": 6}), quiet=True).fit()
+    Trainer(make_cfg(tmp_path / "b", emt_h5, **over, **{"training.epochs": 3}), quiet=True).fit()
+    Trainer(make_cfg(tmp_path / "b", emt_h5, **over, **{"training.epochs": 6}),
+            resume=str(tmp_path / "b" / "run" / "checkpoint.pt"), quiet=True).fit()
+    lr = lambda d: [float(r["lr"]) for r in csv.DictReader(open(tmp_path / d / "run" / "log.csv"))]  # noqa: E731
+    la, lb = lr("a"), lr("b")
+    assert len(la) == len(lb) == 6
+    want = [1e-6 + (0.01 - 1e-6) * 0.5 * (1 + math.cos(math.pi * e / 6)) for e in range(6)]
+    assert lb[3] > 0.4 * 0.01                     # not min_lr: the added epochs learn
+    for a, b, w in zip(la[3:], lb[3:], want[3:]):
+        assert a == pytest.approx(w, rel=1e-5) and b == pytest.approx(w, rel=1e-5)
+
+
 def test_stop_mid_epoch_and_resume(tmp_path, emt_h5):
     full = make_cfg(tmp_path / "a", emt_h5, **{"training.epochs": 3})
     Trainer(full, quiet=True).fit()

@@ -861,6 +861,18 @@ class Trainer:
             self.sched.T_max, self.sched.eta_min = max(tc.epochs, 1), tc.min_lr
         if "training.lr" in changes and isinstance(self.sched, torch.optim.lr_scheduler.CosineAnnealingLR):
             self.sched.base_lrs = [tc.lr] * len(self.opt.param_groups)
+        if (isinstance(self.sched, torch.optim.lr_scheduler.CosineAnnealingLR)
+                and {"training.epochs", "training.lr", "training.min_lr"} & set(changes)):
+            # torch's cosine schedule updates the rate from its last value: a run extended after
+            # its schedule ended stayed at min_lr for every added epoch, and trained on without
+            # learning (sweep 11).  The rate is set to the cosine over the new epoch count at
+            # this epoch, from where the schedule continues
+            T, t = max(tc.epochs, 1), min(int(self.sched.last_epoch), max(tc.epochs, 1))
+            for g, base in zip(self.opt.param_groups, self.sched.base_lrs):
+                g["lr"] = tc.min_lr + (base - tc.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t / T))
+            self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+            self._log(f"resume: cosine schedule over {T} epochs, learning rate {self.opt.param_groups[0]['lr']:.3g} "
+                      f"at epoch {t}")
         self.epoch, self.step_in_epoch = int(st["epoch"]), int(st["step"])
         self.global_step = int(st["global_step"])
         self.best, self.bad_epochs = float(st["best"]), int(st["bad_epochs"])
