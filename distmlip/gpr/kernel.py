@@ -418,12 +418,13 @@ class LocalKernel:
             # structure was faulted in page by page, as system time)
             JBr = torch.matmul(GA[a], JBd, out=self._buf("JBr", (B, n, n * Pb), XA)).view(B, n, n, Pb)
             JBr -= hB[:, None]
-            # c4_ij r_ij [b, i, j, d]
-            rw = torch.sub(GA[a][None, :, None, :], GB[:, None, :, :], out=self._buf("rw", (B, n, n, D), XA))
-            rw *= c4[a].transpose(0, 1)[..., None]
+            # c4_ij r_ij as [b, i, d, j] (the layout the product reads)
+            rw = torch.sub(GA[a][None, :, :, None], GB.transpose(1, 2)[:, None, :, :],
+                           out=self._buf("rw", (B, n, D, n), XA))
+            rw *= c4[a].transpose(0, 1)[:, :, None, :]
             # bracket [b, i, d, q]: sum_j c2_ij J_bj - sum_j c4_ij r_ij (J_bj^T r_ij)^T
             Tb = torch.bmm(c2[a].transpose(0, 1), JB3).view(B * n, D, Pb)
-            Tb -= torch.bmm(rw.view(B * n, n, D).transpose(1, 2), JBr.view(B * n, n, Pb))
+            Tb -= torch.bmm(rw.view(B * n, D, n), JBr.view(B * n, n, Pb))
             gg = torch.matmul(JA[a].T, Tb.view(B, n * D, Pb))                        # [b, p, q]
             del Tb
             out[A + a * Pa:A + (a + 1) * Pa, B:].view(Pa, B, Pb).copy_(gg.transpose(0, 1))
