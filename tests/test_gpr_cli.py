@@ -244,3 +244,17 @@ def test_gpr_test_scores_forces_of_the_structures_that_have_them_and_predict_ref
     capsys.readouterr()
     assert cli_main(["gpr", "predict", str(data / "fits"), str(data / "ag.h5"), "-o", str(data / "p.npz")]) == 2
     assert "none of its subsets has a saved fit" in capsys.readouterr().err and not (data / "p.npz").exists()
+
+
+def test_format_test_marks_an_uncalibrated_sigma():
+    """A fit of fewer than 5 structures has no calibration factor: the table shows '-' and says
+    why, not a factor 1.00 under a header that calls the sigmas calibrated (sweep 12)."""
+    from distmlip.gpr.cli import format_test
+
+    row = dict(subset="Cu102", fit="Cu102", n=4, fingerprint="local", E_mae_eV=0.005, E_bias_eV=-0.005,
+               F_mae_eVA=0.004, sigma_mean_eV=0.004, within_1sigma=0.5, within_2sigma=1.0, sigma_calibration=1.0)
+    ok = format_test({"subsets": [dict(row, sigma_calibrated=True)], "total": None})
+    assert "1.00" in ok.splitlines()[-1] and "calib -" not in ok
+    bad = format_test({"subsets": [dict(row, sigma_calibrated=False)], "total": None})
+    assert "calib -: fewer than 5 training structures" in bad
+    assert not bad.splitlines()[3].rstrip().endswith("1.00")

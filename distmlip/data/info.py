@@ -220,7 +220,9 @@ def format_summary(d: dict, max_subsets: int = 50) -> str:
     if lc:
         L.append(f"label check   : {lc['checked']} reference structures{' (sampled)' if lc['sampled'] else ''}, "
                  f"{lc['scored']} with a partner in their cell to compare; energy-force residual typically "
-                 + (f"{lc['typical_eV']:.3g} eV" if lc["typical_eV"] is not None else "-"))
+                 + (f"{lc['typical_eV']:.3g} eV" if lc["typical_eV"] is not None else "-")
+                 + (" (subsets of fewer than 5 reference structures with forces are not checked)"
+                    if lc["checked"] == 0 else ""))
         for o in lc["suspects"][:10]:
             L.append(f"SUSPECT LABEL : structure {o['structure']} ({o['source']}#{o['source_index']}, subset "
                      f"{o['subset']}): its energy contradicts its forces and its neighbours' energies by "

@@ -352,9 +352,15 @@ def _note_fixed_atoms(atoms, path, where: str) -> None:
     if not idx:
         return
     shown = sorted(idx)
-    _note_once("fixed", path, f"{where}: {len(shown)} atoms are fixed (FixAtoms / move_mask: {shown[:12]}"
-               f"{' ...' if len(shown) > 12 else ''}); the data set does not keep constraints: for augment to "
-               f"leave them in place, list them per subset (subsets: {{NAME: {{fixed_atoms: [...]}}}}, docs/gpr.md)")
+    # the whole list, ready to paste (the first 12 of 50 were shown, with an instruction to list
+    # them all: sweep 12); the subset's name is the formula `distmlip info` prints
+    listed = "[" + ", ".join(map(str, shown)) + "]" if len(shown) <= 400 else \
+        f"{len(shown)} indices, {shown[0]}..{shown[-1]} (too many to print)"
+    formula = atoms.get_chemical_formula(mode="hill") if hasattr(atoms, "get_chemical_formula") else "?"
+    _note_once("fixed", path, f"{where}: {len(shown)} of the {len(atoms)} atoms ({formula}) are fixed (FixAtoms / "
+               f"move_mask); the data set does not keep constraints: for augment to leave them in place, give "
+               f"them to that subset (`distmlip info` names it): subsets: {{NAME: {{fixed_atoms: {listed}}}}} "
+               f"(docs/gpr.md)")
 
 
 _CHARGE_SPIN_KEYS = ("charge", "total_charge", "spin", "total_spin", "multiplicity", "spin_multiplicity")

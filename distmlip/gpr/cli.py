@@ -137,7 +137,8 @@ def test_table(fits, test_path) -> dict:
         r = dict(subset=name, fit=fit_name, n=len(structs), fingerprint=fit["kind"], E_mae_eV=float(np.abs(err).mean()),
                  E_bias_eV=float(err.mean()), sigma_mean_eV=float(sg.mean()),
                  within_1sigma=float((np.abs(err) <= sg).mean()), within_2sigma=float((np.abs(err) <= 2 * sg).mean()),
-                 sigma_calibration=float(fit["model"].info.get("sigma_calibration", 1.0)))
+                 sigma_calibration=float(fit["model"].info.get("sigma_calibration", 1.0)),
+                 sigma_calibrated=bool(fit["model"].info.get("sigma_calibrated", True)))
         if f is not None:
             # over the structures that carry forces (one without them dropped the whole
             # subset's force error: sweep 8)
@@ -176,7 +177,11 @@ def format_test(res) -> str:
         F = r.get("F_mae_eVA")
         out.append(f"{r['subset'][:20]:<20} {r['fingerprint']:<10} {r['n']:>5} {r['E_mae_eV']:>9.4f} {r['E_bias_eV']:>+10.4f} "
                    f"{(format(F, '11.4f') if F is not None else '-'):>11} {r['sigma_mean_eV']:>9.4f} "
-                   f"{100 * r['within_1sigma']:>5.1f}% {100 * r['within_2sigma']:>5.1f}% {r['sigma_calibration']:>6.2f}")
+                   f"{100 * r['within_1sigma']:>5.1f}% {100 * r['within_2sigma']:>5.1f}% "
+                   + (f"{r['sigma_calibration']:>6.2f}" if r.get("sigma_calibrated", True) else f"{'-':>6}"))
+    if any(not r.get("sigma_calibrated", True) for r in res["subsets"]):
+        out.append("  (calib -: fewer than 5 training structures, too few leave-one-out errors to calibrate sigma; "
+                   "it is the GPR's own, often too small)")
     for r in res["subsets"]:
         if r.get("fit") not in (None, r["subset"]):
             out.append(f"  ({r['subset']}: the fit of training subset {r['fit']}, the same atom sequence)")
