@@ -135,15 +135,18 @@ def test_hyperparameters_on_their_bounds_are_reported():
     assert g.hyper.noise_energy == pytest.approx(0.05, rel=1e-5)
 
 
+def _kernel_and_structures(seed, scale, count=5):
+    """The local kernel of NUMBERS and ``count`` rattled copies of BASE: (kernel, X, J)."""
+    fpo, fp = _fp()
+    rng = np.random.default_rng(seed)
+    XJ = [fp(BASE + scale * rng.normal(size=BASE.shape)) for _ in range(count)]
+    return fpo.kernel(NUMBERS), torch.stack([x for x, _ in XJ]), torch.stack([j for _, j in XJ])
+
+
 def test_local_kernel_column_chunks_give_the_same_block():
     """cov_block in column chunks (the scratch memory bound) equals the block in one pass, for
     the covariance and its length-scale derivative, with and without gradient rows/columns."""
-    fpo, fp = _fp()
-    ker = fpo.kernel(NUMBERS)
-    rng = np.random.default_rng(3)
-    XJ = [fp(BASE + 0.1 * rng.normal(size=BASE.shape)) for _ in range(5)]
-    X = torch.stack([x for x, _ in XJ])
-    J = torch.stack([j for _, j in XJ])
+    ker, X, J = _kernel_and_structures(seed=3, scale=0.1)
     for deriv in (None, "log_length"):
         for rows_grad, cols_grad in ((True, True), (True, False), (False, True)):
             whole = ker.cov_block(X[:2], J[:2], X, J, 1.3, 0.7, rows_grad, cols_grad, deriv)
@@ -165,12 +168,7 @@ def test_local_kernel_blocks_equal_the_pairwise_sums_over_several_structures():
     """Every block of cov_block between 2 and 3 structures (two elements) against its atom-pair
     sums written out: k_ij, c2_ij J_bj^T r_ij, c2_ij J_ai^T r_ij and
     c2_ij J_ai^T J_bj - c4_ij (J_ai^T r_ij)(J_bj^T r_ij)^T over same-element pairs, r_ij = G_ai - G_bj."""
-    fpo, fp = _fp()
-    ker = fpo.kernel(NUMBERS)
-    rng = np.random.default_rng(11)
-    XJ = [fp(BASE + 0.12 * rng.normal(size=BASE.shape)) for _ in range(5)]
-    X = torch.stack([x for x, _ in XJ])
-    J = torch.stack([j for _, j in XJ])
+    ker, X, J = _kernel_and_structures(seed=11, scale=0.12)
     XA, JA, XB, JB = X[:2], J[:2], X[2:], J[2:]
     w, l = 1.2, 0.8
     K = ker.cov_block(XA, JA, XB, JB, w, l).numpy()
