@@ -102,8 +102,8 @@ def test_engine_free_step_with_zbl_float32_and_rmse_form(tmp_path, aug):
 
 
 def test_validation_energies_equal_the_model_and_follow_a_refit(tmp_path, aug):
-    """energy_step.energies (validation) equals model(batch); the normalised descriptors kept on a
-    batch follow an in-place change of the normalisation (a refit)."""
+    """energy_step.energies (validation) equals model(batch), also after an in-place change and a
+    replacement of the normalisation (a refit)."""
     from distmlip.training import energy_step
 
     tr = _trainer(tmp_path, aug)

@@ -47,20 +47,12 @@ def applies(model, flat, batch) -> bool:
 
 
 def _normalised(ann, batch) -> torch.Tensor:
-    """x [N, D] of the batch in the networks' dtype, kept on the batch: a loader's batches are
-    reused every epoch and the normalisation does not change during training.  The kept entry
-    holds the statistics' tensors themselves (not their ids, which a replaced tensor can reuse)
-    and their versions, so a refit, in place or by replacement, is seen."""
-    mean, std = ann.feature_mean, ann.feature_std
-    kept = batch.__dict__.get("_normalised")
-    if (kept is not None and kept[0] is mean and kept[1] == mean._version and kept[2] is std
-            and kept[3] == std._version and kept[4] == ann.net_dtype):
-        return kept[5]
+    """x [N, D] of the batch in the networks' dtype.  Computed every step, not kept on the
+    loader's kept batches: it would double their memory outside the budget that bounds them
+    (data.neighbor_cache_mb), for a small part of a step."""
     sp = batch.species
     G = batch.features.to(torch.float64)
-    x = ((G - mean.index_select(0, sp)) / std.index_select(0, sp)).to(ann.net_dtype)
-    batch.__dict__["_normalised"] = (mean, mean._version, std, std._version, ann.net_dtype, x)
-    return x
+    return ((G - ann.feature_mean.index_select(0, sp)) / ann.feature_std.index_select(0, sp)).to(ann.net_dtype)
 
 
 def energy_loss_and_gradients(model, flat, batch, counts: torch.Tensor, *, per_atom: bool, pairs=None,
