@@ -96,10 +96,19 @@ class AtomicNetworks(nn.Module):
         G = G.to(torch.float64)
         if G.shape[0] == 0:
             return G.new_zeros(0)
-        x = (G - self.feature_mean.index_select(0, species)) / self.feature_std.index_select(0, species)
+        x = self.normalised(G, species)
         if compiled is None:
             compiled = plan.networks == "compiled"
         y = network_energies(x.to(self.net_dtype), species, self.nets, self.activations, compiled, layout)
+        return self.scaled_outputs(y, species)
+
+    def normalised(self, G: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """The networks' inputs x = (G - mean_t) / std_t [N, D] float64 of raw descriptors G."""
+        G = G.to(torch.float64)
+        return (G - self.feature_mean.index_select(0, species)) / self.feature_std.index_select(0, species)
+
+    def scaled_outputs(self, y: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """Per-atom energies [N] float64 from the networks' outputs y: base_t + scale y."""
         base = (self.reference_energy + self.energy_shift).index_select(0, species)
         return base + self.energy_scale * y.to(torch.float64)
 
@@ -128,10 +137,10 @@ class AtomicNetworks(nn.Module):
         sp = batch.species
         G = self.descriptors(batch, plan).to(torch.float64)
         std = self.feature_std.index_select(0, sp)
-        x = (G - self.feature_mean.index_select(0, sp)) / std
+        x = self.normalised(G, sp)
         y, dydx = nets_with_gradient(x.to(self.net_dtype), sp, lambda: batch_layout(batch, len(self.species)),
                                      self.nets, self.activations, plan.networks == "compiled")
-        e = (self.reference_energy + self.energy_shift).index_select(0, sp) + self.energy_scale * y.to(torch.float64)
+        e = self.scaled_outputs(y, sp)
         E = torch.zeros(batch.n_structures, dtype=torch.float64, device=e.device).index_add(0, batch.structure, e)
         dEdG = self.energy_scale * dydx.to(torch.float64) / std
         (g,) = torch.autograd.grad(G, batch.positions, dEdG, create_graph=True)

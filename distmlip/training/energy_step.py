@@ -46,15 +46,6 @@ def applies(model, flat, batch) -> bool:
     return flat.flat_grad_for(net_parameters(model.ann.nets)) is not None
 
 
-def _normalised(ann, batch) -> torch.Tensor:
-    """x [N, D] of the batch in the networks' dtype.  Computed every step, not kept on the
-    loader's kept batches: it would double their memory outside the budget that bounds them
-    (data.neighbor_cache_mb), for a small part of a step."""
-    sp = batch.species
-    G = batch.features.to(torch.float64)
-    return ((G - ann.feature_mean.index_select(0, sp)) / ann.feature_std.index_select(0, sp)).to(ann.net_dtype)
-
-
 def energy_loss_and_gradients(model, flat, batch, counts: torch.Tensor, *, per_atom: bool, pairs=None,
                               c_d: float = 0.0, gamma: float = 0.0):
     """(loss, E, r), detached, with the parameter gradient of the batch's loss
@@ -65,11 +56,12 @@ def energy_loss_and_gradients(model, flat, batch, counts: torch.Tensor, *, per_a
     without pairs), which the trainer's error sums take even when gamma is 0."""
     ann = model.ann
     params = net_parameters(ann.nets)
+    codes = list(act_table.kernel_codes(ann.activations))
     grad = flat.flat_grad_for(params)
     with torch.no_grad():
         if batch.species.numel() == 0:
             return torch.zeros((), dtype=torch.float64), torch.zeros(batch.n_structures, dtype=torch.float64), None
-        x, y, E = _forward(model, batch, params)
+        x, y, E = _forward(model, batch, params, codes)
         loss, gE, _ = torch.ops.distmlip.energy_force_loss(E, batch.energy, batch.weight, batch.natoms,
                                                            bool(per_atom), None, None, None, None, counts[:2], 0.0)
         rw = difference_residuals(E, batch, pairs)
@@ -82,20 +74,21 @@ def energy_loss_and_gradients(model, flat, batch, counts: torch.Tensor, *, per_a
                 g = (2.0 * gamma / c_d) * w * r / dx
                 gE = gE.index_add(0, c, g).index_add_(0, p, -g)
         ybar = (ann.energy_scale * gE).index_select(0, batch.structure).to(y.dtype)
-        out = torch.ops.distmlip.bpnn_nets_backward(x, batch.species, params, list(act_table.kernel_codes(ann.activations)),
-                                                    ybar, None, False)
+        out = torch.ops.distmlip.bpnn_nets_backward(x, batch.species, params, codes, ybar, None, False)
         grad.add_(torch.cat([t.reshape(-1) for t in out[:len(params)]]).to(grad.dtype))
     return loss, E, r
 
 
-def _forward(model, batch, params):
-    """(x, y, E): the normalised descriptors, the networks' outputs and the total energies [B]
-    (all terms) of a batch of cached descriptors."""
+def _forward(model, batch, params, codes):
+    """(x, y, E): the networks' inputs, their outputs and the total energies [B] (all terms) of a
+    batch of cached descriptors.  x is computed every step, not kept on the loader's kept
+    batches: it would double their memory outside the budget that bounds them
+    (data.neighbor_cache_mb), for a small part of a step."""
     ann = model.ann
     sp = batch.species
-    x = _normalised(ann, batch)
-    y, _ = torch.ops.distmlip.bpnn_nets_forward(x, sp, params, list(act_table.kernel_codes(ann.activations)), False)
-    e = (ann.reference_energy + ann.energy_shift).index_select(0, sp) + ann.energy_scale * y.to(torch.float64)
+    x = ann.normalised(batch.features, sp).to(ann.net_dtype)
+    y, _ = torch.ops.distmlip.bpnn_nets_forward(x, sp, params, codes, False)
+    e = ann.scaled_outputs(y, sp)
     plan = model.plan()
     for term in model.terms[1:]:
         e = e + term.atomic_energies(batch, plan)
@@ -109,4 +102,5 @@ def energies(model, batch) -> torch.Tensor:
     with torch.no_grad():
         if batch.species.numel() == 0:
             return torch.zeros(batch.n_structures, dtype=torch.float64)
-        return _forward(model, batch, net_parameters(model.ann.nets))[2]
+        return _forward(model, batch, net_parameters(model.ann.nets),
+                        list(act_table.kernel_codes(model.ann.activations)))[2]

@@ -956,8 +956,8 @@ class Trainer:
             E, F = self.model(batch), None
         mask = force_atom_mask(batch, selected) if self.force_mode else None
         pairs = None if self.force_mode else self._pairs(batch)
-        alpha, beta, _ = self._weighted(counts)
-        lcounts, c_d, gamma = self._energy_counts(counts)
+        alpha, beta, wcounts = self._weighted(counts)
+        lcounts, c_d, gamma = self._energy_counts(counts, wcounts)
         loss = energy_force_loss(E, batch, lcounts, per_atom=self.per_atom, alpha=alpha, F=F, mask=mask,
                                  compiled=self.model.plan().loss == "compiled", beta=beta, S=S, smask=smask)
         dterm = difference_term(E, batch, pairs, c_d, gamma) if gamma > 0 else None
@@ -970,12 +970,13 @@ class Trainer:
                               None if S is None else S.detach(), mask, smask, None if rw is None else rw[0])
         return loss
 
-    def _energy_counts(self, counts: torch.Tensor):
+    def _energy_counts(self, counts: torch.Tensor, weighted: torch.Tensor | None = None):
         """(counts of the energy term, C_D, gamma) of an energy step: the loss form's weighted
-        counts, the energy count divided by 1 - gamma when the copy-difference term is on."""
+        counts (``weighted``, when the caller has them), the energy count divided by 1 - gamma
+        when the copy-difference term is on."""
         c_d = float(counts[3]) if counts.numel() > 3 else 0.0    # unscaled: L_D over s_F^2 = 1 (losses)
         gamma = self._gamma if c_d > 0 else 0.0
-        _, _, counts = self._weighted(counts)
+        counts = self._weighted(counts)[2] if weighted is None else weighted
         lcounts = counts if gamma == 0 else torch.cat([counts[:1] / (1.0 - gamma), counts[1:]])
         return lcounts, c_d, gamma
 
@@ -1084,17 +1085,25 @@ class Trainer:
         once (one table per epoch instead of a gather and four sums per step)."""
         plans = [self.stream.batches(epoch, r) for r in range(self.ctx.world_size)]
         steps = max((len(b) for b in plans), default=0)
-        self.counts_of(np.zeros(0, np.int64))          # the per-structure tables
+        tables = self._count_tables_of_data()
         out = np.zeros((steps, 4), dtype=np.float64)
         for k in range(steps):
             members = [b[k] for b in plans if k < len(b)]
             idx = np.concatenate(members).astype(np.int64, copy=False)
-            out[k] = [float(t[idx].sum()) for t in self._count_tables]    # counts_of's sums, exactly
+            out[k] = [float(t[idx].sum()) for t in tables]    # counts_of's sums, exactly
         return torch.as_tensor(out, device=self.device)
 
     def counts_of(self, indices) -> torch.Tensor:
         """(C_E, C_F, C_S, C_D) of the training structures at data-set ``indices`` (losses.local_counts
         of their batch, from per-structure tables)."""
+        w, fc, sc, dc = self._count_tables_of_data()
+        idx = np.asarray(indices, dtype=np.int64)
+        return torch.tensor([float(w[idx].sum()), float(fc[idx].sum()), float(sc[idx].sum()), float(dc[idx].sum())],
+                            dtype=torch.float64, device=self.device)
+
+    def _count_tables_of_data(self) -> tuple:
+        """Per data-set structure (w, force components, stress components, difference pairs),
+        each weighted: what :meth:`counts_of` sums (computed once)."""
         if self._count_tables is None:
             idx = np.arange(self.ds.n_structures)
             w = np.asarray(self.ds.column("weight"), dtype=np.float64)
@@ -1117,10 +1126,7 @@ class Trainer:
             if self._gamma > 0 and t is not None:
                 dc = w * (t[0] >= 0)
             self._count_tables = (w, fc, sc, dc)
-        w, fc, sc, dc = self._count_tables
-        idx = np.asarray(indices, dtype=np.int64)
-        return torch.tensor([float(w[idx].sum()), float(fc[idx].sum()), float(sc[idx].sum()), float(dc[idx].sum())],
-                            dtype=torch.float64, device=self.device)
+        return self._count_tables
 
     _count_tables = None
     _stop_after_step = False
