@@ -153,3 +153,58 @@ def test_merge_counts_each_data_set_once():
     m = merge_records([a, b])
     assert m["n_structures"] == 35 and m["data"] == ["A", "B"] and m["pair_min_distance_A"]["Cu-Cu"] == 2.1
     assert merge_records([{**a, "data": None}, {**a, "data": None}])["n_structures"] == 50   # per-rank parts
+
+
+def test_dense_minima_equal_neighbour_lists():
+    """Structures of one subset are measured together (``_dense_pair_minima``): free molecules,
+    periodic cells of a few atoms (skewed, unwrapped positions, a cutoff beyond half the cell),
+    a slab and a wire with a zero cell vector give the per-structure neighbour list's shortest
+    distances (rows within float32 rounding and never above; the record in float64)."""
+    from ase.build import bulk, fcc111, molecule
+
+    from distmlip.data.structure import Structure
+    from distmlip.models import data_record as R
+
+    rng = np.random.default_rng(0)
+
+    def rattled(a, count, skew=0.0, unwrap=False):
+        out = []
+        for _ in range(count):
+            b = a.copy()
+            b.positions += rng.normal(0, 0.15, b.positions.shape)
+            if skew:
+                b.set_cell(np.array(b.cell) @ (np.eye(3) + rng.normal(0, skew, (3, 3))), scale_atoms=False)
+            if unwrap:
+                b.positions += (rng.integers(-3, 4, (len(b), 3)) * b.pbc) @ np.array(b.cell)
+            out.append(Structure(numbers=b.numbers.copy(), positions=b.positions.copy(), cell=np.array(b.cell),
+                                 pbc=b.pbc.copy(), energy=float(rng.normal())))
+        return out
+
+    wire = [Structure(numbers=np.array([29] * 3 + [79] * 3), positions=rng.normal(0, 1.5, (6, 3)),
+                      cell=np.diag([2.5 + rng.random(), 0, 0]), pbc=np.array([True, False, False]), energy=1.0)
+            for _ in range(20)]
+    cases = [(rattled(molecule("CH3CH2OH"), 60), ["C", "H", "O"]),
+             (rattled(bulk("Cu", "fcc", a=3.6), 30, skew=0.15, unwrap=True), ["Cu"]),
+             (rattled(bulk("Mg", "hcp", a=3.2), 30, skew=0.15, unwrap=True), ["Mg"]),
+             (rattled(fcc111("Cu", (2, 2, 3), vacuum=5.0), 20, unwrap=True), ["Cu"]),
+             (wire, ["Au", "Cu"])]
+    dense = 0
+    for structures, species in cases:
+        for cutoff in (3.0, 6.5):
+            dense += R._dense_pair_minima(structures, cutoff) is not None
+            minima: list = []
+            rec = R.record_from_structures(structures, species, cutoff, minima)
+            rows = np.concatenate(minima).astype(np.float64)
+            cols = {k: c for c, k in enumerate(rec["pair_min_distance_A"])}
+            ref = np.full(rows.shape, np.inf)
+            for r, s in enumerate(structures):
+                for k, d in R.structure_pair_minima(s.numbers, s.positions, s.cell, s.pbc, cutoff).items():
+                    ref[r, cols[k]] = d
+            fin = np.isfinite(ref)
+            assert (np.isfinite(rows) == fin).all()
+            assert (rows[fin] <= ref[fin]).all() and np.allclose(rows[fin], ref[fin], rtol=2e-7, atol=0)
+            for k, c in cols.items():
+                want = ref[:, c].min()
+                got = rec["pair_min_distance_A"][k]
+                assert (got is None) if not np.isfinite(want) else got == pytest.approx(want, rel=1e-12)
+    assert dense >= 8          # the dense path ran (not only the fallback)

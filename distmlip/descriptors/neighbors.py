@@ -308,10 +308,11 @@ def default_backend() -> str:
     return env
 
 
-def neighbor_list(positions, cell, pbc, cutoff, backend: str | None = None):
+def neighbor_list(positions, cell, pbc, cutoff, backend: str | None = None, sort: bool = True):
     """All neighbour pairs within ``cutoff`` (strictly less).  See the module docstring.
 
-    Returns numpy int64 arrays ``i [P]``, ``j [P]``, ``shifts [P, 3]`` sorted by (i, j, shift)."""
+    Returns numpy int64 arrays ``i [P]``, ``j [P]``, ``shifts [P, 3]`` sorted by (i, j, shift);
+    ``sort=False``: in the backend's order (for callers that only reduce over the pairs)."""
     pos, cell, pbc, cutoff = _prepare(positions, cell, pbc, cutoff)
     backend = (backend or default_backend()).lower()
     if backend not in _BACKENDS:
@@ -328,4 +329,4 @@ def neighbor_list(positions, cell, pbc, cutoff, backend: str | None = None):
         i, j, S = _ase(pos, cell, pbc, cutoff)
     else:
         i, j, S = _brute(pos, cell, pbc, cutoff)
-    return _canonical(i, j, S, len(pos))
+    return _canonical(i, j, S, len(pos)) if sort else (i, j, S)
