@@ -728,6 +728,17 @@ class Trainer:
         # compared in float64: a row understates its distances, so "clear" is never wrong
         ok = np.concatenate([(b.astype(np.float64) >= radius[None, :]).all(axis=1) for b in minima])
         clear[np.asarray(self.stream.partition(), dtype=np.int64)[ok]] = True
+        if self.val_stream is not None and self.val_ds is self.ds and len(self.val_stream.partition()):
+            # this rank's validation structures of the same file too (they share the loader):
+            # their ZBL energies were otherwise computed from pair lists at the first validation
+            from ..models.data_record import dataset_record
+
+            vidx = np.asarray(self.val_stream.partition(), dtype=np.int64)
+            rows: list = []
+            dataset_record(self.ds, vidx, species, self.model.cutoff, None, minima=rows)
+            if rows:
+                clear[vidx[np.concatenate([(b.astype(np.float64) >= radius[None, :]).all(axis=1)
+                                           for b in rows])]] = True
         return clear
 
     def _setup_cache(self):
