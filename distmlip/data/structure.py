@@ -63,21 +63,53 @@ class Structure:
         return atoms
 
 
+def _pairwise_reduced(B: np.ndarray) -> np.ndarray:
+    """The same lattice with each basis vector shortened by integer multiples of the others
+    until no such step shortens it (|b_i . b_j| <= |b_j|^2 / 2): keeps the image search of
+    :func:`minimum_image` small for cells written in a needlessly skewed form."""
+    B = np.array(B, dtype=np.float64)
+    for _ in range(100):
+        changed = False
+        for i in range(len(B)):
+            for j in range(len(B)):
+                if i != j:
+                    m = np.round(B[i] @ B[j] / (B[j] @ B[j]))
+                    if m != 0:
+                        B[i] -= m * B[j]
+                        changed = True
+        if not changed:
+            break
+    return B
+
+
 def minimum_image(d, cell, pbc) -> np.ndarray:
     """Shortest periodic image of the difference vectors ``d`` [..., 3] in the periodic directions
-    ``pbc`` of ``cell`` (rows = lattice vectors, non-singular where periodic).  Rounding the
-    fractional coordinates gives the shortest image in orthogonal cells; for skewed ones the
-    neighbouring images are tried too."""
-    pbc = np.asarray(pbc, bool)
+    ``pbc`` of ``cell`` (rows = lattice vectors; the periodic ones independent), exact for any
+    cell: any cell, however skewed or non-reduced, as written.  The periodic vectors are
+    reduced first (:func:`_pairwise_reduced`), the fractional coordinates rounded, and every
+    image that could still be shorter is tried: along the periodic direction k an image at
+    distance r from the origin has |f_k + S_k| h_k <= r (h_k the spacing of the lattice planes),
+    so |S_k| <= r / h_k + 1/2 (sweep 13: rounding plus the +-1 images missed the shortest image
+    of 45-96 % of the vectors in non-reduced cells)."""
+    pbc = np.broadcast_to(np.asarray(pbc, bool), (3,))
     d = np.asarray(d, dtype=np.float64)
     if not pbc.any():
         return d
-    cell = np.asarray(cell, dtype=np.float64)
-    frac = d @ np.linalg.inv(cell)
-    frac[..., pbc] -= np.round(frac[..., pbc])
-    d = frac @ cell
-    rng = [(-1, 0, 1) if p else (0,) for p in pbc]
-    shifts = np.array([[a, b, c] for a in rng[0] for b in rng[1] for c in rng[2]], float) @ cell
-    cand = d[..., None, :] + shifts                                  # [..., S, 3]
-    best = np.argmin((cand * cand).sum(-1), axis=-1)
-    return np.take_along_axis(cand, best[..., None, None], axis=-2)[..., 0, :]
+    B = _pairwise_reduced(np.asarray(cell, dtype=np.float64).reshape(3, 3)[pbc])     # [k, 3]
+    G = np.linalg.pinv(B)                                                       # [3, k]
+    flat = d.reshape(-1, 3)
+    d0 = flat - np.round(flat @ G) @ B
+    if len(d0) == 0:
+        return d.copy()
+    spacing = 1.0 / np.linalg.norm(G, axis=0)
+    r = float(np.sqrt((d0 * d0).sum(-1)).max())
+    n = np.floor(r / spacing + 0.5).astype(np.int64)
+    grids = np.meshgrid(*[np.arange(-k, k + 1) for k in n], indexing="ij")
+    shifts = np.stack([g.ravel() for g in grids], axis=-1).astype(np.float64) @ B   # [S, 3]
+    out = np.empty_like(d0)
+    step = max(1, (1 << 22) // len(shifts))
+    for a in range(0, len(d0), step):
+        cand = d0[a:a + step, None, :] + shifts                                # [c, S, 3]
+        best = np.argmin((cand * cand).sum(-1), axis=-1)
+        out[a:a + step] = cand[np.arange(len(cand)), best]
+    return out.reshape(d.shape)
