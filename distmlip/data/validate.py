@@ -230,7 +230,16 @@ def energy_force_outliers(structures, z_max: float = 25.0, min_eV: float = 0.1, 
         Fo = np.stack([np.asarray(S[j].forces, np.float64) for j in m])
         E = np.array([float(S[j].energy) for j in m])
         pbc = np.asarray(S[m[0]].pbc, dtype=bool)
-        frac = np.einsum("gak,gkl->gal", X, np.linalg.pinv(cells[m])) if pbc.any() else None
+        if pbc.any():
+            # fractional coordinates along the periodic vectors only, and what is left of each
+            # position (the part outside their span: a slab's height, in any orientation; the
+            # Cartesian component of the non-periodic axis index was taken before, wrong for a
+            # rotated slab, sweep 13)
+            per = cells[m][:, pbc, :]                                               # [g, k, 3]
+            frac = np.einsum("gak,gkl->gal", X, np.linalg.pinv(per))
+            rest = X - np.einsum("gak,gkl->gal", frac, per)
+        else:
+            frac = None
         for a, i in enumerate(m):
             size = max(float(np.linalg.norm(flat[i])), 1e-12)
             cand = np.flatnonzero(np.linalg.norm(flat[m] - flat[i], axis=1) <= cell_tol * size)
@@ -242,10 +251,9 @@ def energy_force_outliers(structures, z_max: float = 25.0, min_eV: float = 0.1, 
             d = X[cand] - X[a]                                                     # [p, n_at, 3]
             if frac is not None:
                 df = frac[cand] - frac[a]
-                df[:, :, pbc] -= np.round(df[:, :, pbc])
-                c = 0.5 * (cells[i] + cells[m[cand]])
-                dp = np.einsum("pak,pkl->pal", np.where(pbc, df, 0.0), c)
-                d = dp + np.where(pbc, 0.0, d)
+                df -= np.round(df)
+                c = 0.5 * (cells[i] + cells[m[cand]])[:, pbc, :]
+                d = np.einsum("pak,pkl->pal", df, c) + (rest[cand] - rest[a])
             f = 0.5 * (Fo[a] + Fo[cand])
             res = np.abs((E[cand] - E[a]) + (f * d).sum(axis=(1, 2)))
             dist = np.sqrt((d * d).sum(2).mean(1))
