@@ -304,3 +304,25 @@ def test_one_atom_is_refused_and_result_files_are_strict_json(tmp_path, capsys):
     def strict(name):
         raise ValueError(name)
     assert json.loads(text, parse_constant=strict) == {"a": None, "b": [1.0, None], "c": None, "d": [0, 1]}
+
+
+def test_pdf_independent_of_cell_size():
+    """md-check's g(r) of one perfect fcc crystal in 4-, 32- and 256-atom cells: the same curve,
+    and coordination numbers 12, 6, 24 of the first three shells (a 4-atom cell gave 16, 16, 32:
+    an atom's images of itself counted twice and like pairs normalised by na (na - 1) / 2)."""
+    from ase.build import bulk
+
+    from distmlip.evaluation.mdcheck import PDFAccumulator, frame_distances
+
+    curves = []
+    for rep in ((1, 1, 1), (2, 2, 2), (4, 4, 4)):
+        a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(rep)
+        acc = PDFAccumulator(a.numbers, 4.6, nbins=23)
+        acc.add(a, *frame_distances(a, 4.6))
+        r, g, periodic = acc.curves()
+        assert periodic
+        cn = g[(29, 29)] * 4 * np.pi * r ** 2 * np.diff(acc.edges) * len(a) / a.get_volume()
+        assert np.round(cn[cn > 0], 6).tolist() == [12.0, 6.0, 24.0]
+        curves.append(g[(29, 29)])
+    np.testing.assert_allclose(curves[0], curves[2], rtol=1e-12)
+    np.testing.assert_allclose(curves[1], curves[2], rtol=1e-12)

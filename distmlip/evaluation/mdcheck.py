@@ -255,15 +255,15 @@ def _table(thresholds: dict) -> np.ndarray:
 
 
 def frame_distances(atoms, rmax: float):
-    """(i, j, d) of all pairs i<j (periodic images included) closer than rmax."""
+    """(i, j, d) of every pair closer than rmax once: i < j with each of j's periodic images, and
+    an atom with one of each two opposite images of itself (small cells)."""
     from ase.neighborlist import neighbor_list
 
-    i, j, d = neighbor_list("ijd", atoms, rmax, self_interaction=False)
-    keep = i < j
-    # an atom with its own periodic image (small cells) appears with i == j: keep those once
-    same = (i == j)
-    if same.any():
-        keep |= same
+    i, j, d, S = neighbor_list("ijdS", atoms, rmax, self_interaction=False)
+    # the full list holds (i, i, S) and (i, i, -S): the first nonzero shift component positive
+    # picks one (both were kept before, and g(r) of a 4-atom fcc cell gave 16 first neighbours)
+    lead = np.where(S[:, 0] != 0, S[:, 0], np.where(S[:, 1] != 0, S[:, 1], S[:, 2]))
+    keep = (i < j) | ((i == j) & (lead > 0))
     return i[keep], j[keep], d[keep]
 
 
@@ -303,7 +303,9 @@ class PDFAccumulator:
         V = self.volume / max(self.nframes, 1)
         for (a, b), h in self.hist.items():
             na, nb = int((self.numbers == a).sum()), int((self.numbers == b).sum())
-            pairs = na * (na - 1) / 2 if a == b else na * nb
+            # like pairs: na^2 / 2, an atom's own periodic images being neighbours too (with
+            # na (na - 1) / 2 a small cell's g(r) came out na / (na - 1) too high)
+            pairs = na * na / 2 if a == b else na * nb
             if periodic and pairs > 0:
                 g = h / max(self.nframes, 1) * V / (pairs * 4.0 * math.pi * r * r * dr)
             else:
