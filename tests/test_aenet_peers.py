@@ -61,6 +61,20 @@ def emt_files(tmp_path_factory):
         structs.append(Structure(numbers=a.numbers.copy(), positions=a.positions.copy(), cell=np.array(a.cell[:]),
                                  pbc=np.ones(3, bool), energy=float(a.get_potential_energy()),
                                  forces=a.get_forces().copy()))
+    # a wire and a slab whose non-periodic cell vectors are zero: write_xsf gives aenet (which
+    # reads every PRIMVEC cell as periodic) vacuum vectors; predict.x crashed on the zeros
+    for pbc, n in (((True, False, False), 4), ((True, True, False), 6)):
+        a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((1, 1, 2))[:n]
+        a.symbols[0] = "Au"
+        a.rattle(0.08, seed=n)
+        cell = np.array(a.cell[:])
+        cell[~np.array(pbc)] = 0.0
+        a.set_cell(cell)
+        a.pbc = pbc
+        a.calc = EMT()
+        structs.append(Structure(numbers=a.numbers.copy(), positions=a.positions.copy(), cell=cell,
+                                 pbc=np.array(pbc), energy=float(a.get_potential_energy()),
+                                 forces=a.get_forces().copy()))
     files = []
     for k, s in enumerate(structs):
         files.append(str(d / f"emt_{k:02d}.xsf"))

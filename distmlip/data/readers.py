@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from ..errors import InputError
-from .structure import Structure
+from .structure import Structure, complete_cell
 
 # What a directory given to convert (without --format) contributes: files named like labelled
 # data (suffixes, or VASP's OUTCAR / vasprun.xml anywhere in the name); other files only when
@@ -224,7 +224,16 @@ def write_xsf(path, structure: Structure, precision: int | None = None) -> None:
             raise ValueError(f"XSF cannot express pbc={pbc}")
         out.append(key)
         out.append("PRIMVEC")
-        for v in np.asarray(s.cell):
+        cell = np.asarray(s.cell, dtype=np.float64).reshape(3, 3)
+        full = complete_cell(cell, np.asarray(pbc))
+        for d in range(3):
+            if not pbc[d] and not np.array_equal(full[d], cell[d]):
+                # a zero (or dependent) vector of a non-periodic axis: aenet reads every PRIMVEC
+                # cell as periodic in all three directions (predict.x crashed on zero vectors),
+                # so the axis gets a vacuum vector: the atoms' extent along it plus 20 A
+                x = np.asarray(s.positions, dtype=np.float64) @ full[d]
+                full[d] = full[d] * (float(x.max() - x.min()) + 20.0 if len(x) else 20.0)
+        for v in full:
             out.append("    ".join(fmt.format(x) for x in v))
         out.append("PRIMCOORD")
         out.append(f"{len(s.numbers)} 1")

@@ -63,6 +63,39 @@ class Structure:
         return atoms
 
 
+def complete_cell(cell, pbc):
+    """A non-singular 3x3 matrix whose periodic rows are the cell's and whose other rows are
+    the given cell vectors when they keep the matrix regular, else unit vectors orthogonal to
+    the periodic ones.  Only the periodic rows carry meaning (image translations); the others
+    just define a frame for binning."""
+    full = cell.copy()
+    if abs(np.linalg.det(full)) > 1e-9 * max(1.0, np.abs(full).max() ** 3):
+        return full
+    # Gram-Schmidt: keep periodic rows (they must be independent), fill in the rest.
+    basis = []
+    for d in range(3):
+        if pbc[d]:
+            basis.append(cell[d] / np.linalg.norm(cell[d]))
+    ortho = []
+    for v in basis:
+        w = v - sum(np.dot(v, u) * u for u in ortho)
+        n = np.linalg.norm(w)
+        if n > 1e-12:
+            ortho.append(w / n)
+    fill = []
+    for e in np.eye(3):
+        w = e - sum(np.dot(e, u) * u for u in ortho + fill)
+        n = np.linalg.norm(w)
+        if n > 1e-6:
+            fill.append(w / n)
+    k = 0
+    for d in range(3):
+        if not pbc[d]:
+            full[d] = fill[k]
+            k += 1
+    return full
+
+
 def _pairwise_reduced(B: np.ndarray) -> np.ndarray:
     """The same lattice with each basis vector shortened by integer multiples of the others
     until no such step shortens it (|b_i . b_j| <= |b_j|^2 / 2): keeps the image search of

@@ -28,6 +28,8 @@ import os
 
 import numpy as np
 
+from ..data.structure import complete_cell as _complete_cell
+
 __all__ = ["neighbor_list", "pair_offsets", "available_backends", "default_backend"]
 
 MAX_PAIRS = 1e8          # refuse inputs that would need more pairs than this (memory guard)
@@ -65,39 +67,6 @@ def _prepare(positions, cell, pbc, cutoff):
                              f"the cell (face distances {np.round(face, 3).tolist()} A) is far too small "
                              f"for the cutoff {cutoff} A with {n} atoms")
     return pos, cell, pbc, cutoff
-
-
-def _complete_cell(cell, pbc):
-    """A non-singular 3x3 matrix whose periodic rows are the cell's and whose other rows are
-    the given cell vectors when they keep the matrix regular, else unit vectors orthogonal to
-    the periodic ones.  Only the periodic rows carry meaning (image translations); the others
-    just define a frame for binning."""
-    full = cell.copy()
-    if abs(np.linalg.det(full)) > 1e-9 * max(1.0, np.abs(full).max() ** 3):
-        return full
-    # Gram-Schmidt: keep periodic rows (they must be independent), fill in the rest.
-    basis = []
-    for d in range(3):
-        if pbc[d]:
-            basis.append(cell[d] / np.linalg.norm(cell[d]))
-    ortho = []
-    for v in basis:
-        w = v - sum(np.dot(v, u) * u for u in ortho)
-        n = np.linalg.norm(w)
-        if n > 1e-12:
-            ortho.append(w / n)
-    fill = []
-    for e in np.eye(3):
-        w = e - sum(np.dot(e, u) * u for u in ortho + fill)
-        n = np.linalg.norm(w)
-        if n > 1e-6:
-            fill.append(w / n)
-    k = 0
-    for d in range(3):
-        if not pbc[d]:
-            full[d] = fill[k]
-            k += 1
-    return full
 
 
 def _face_distances(full):

@@ -88,7 +88,7 @@ def _dense_pair_minima(group, cutoff: float):
     axis k, |f_j - f_i + S_k| < cutoff / h_k (f fractional coordinates, h_k the distance between
     the cell's faces), so only the floor(2 cutoff / h_k) + 1 integers S_k from
     ceil(f_i - f_j - cutoff / h_k) can count, per pair; positions need not be wrapped."""
-    from ..descriptors.neighbors import _complete_cell
+    from ..data.structure import complete_cell
 
     n = len(group[0].numbers)
     pbc = np.array(_group_key(group[0])[2])
@@ -103,7 +103,7 @@ def _dense_pair_minima(group, cutoff: float):
         full = C.copy()
         det = np.linalg.det(full)
         for b in np.flatnonzero(np.abs(det) <= 1e-9 * np.maximum(1.0, np.abs(full).max(axis=(1, 2)) ** 3)):
-            full[b] = _complete_cell(full[b], pbc)
+            full[b] = complete_cell(full[b], pbc)
             if abs(np.linalg.det(full[b])) < 1e-12:
                 return None
         inv = np.linalg.inv(full)
