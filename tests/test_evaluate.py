@@ -235,3 +235,21 @@ training: {{epochs: 1, batch_atoms: 40, output: {tmp_path / 'run'}, progress_bar
     assert f"by the settings of {tmp_path / 'run' / 'config.yaml'}" in capsys.readouterr().out
     other = scored("--by-subset", "on", "--split-seed", "0", "--fractions", "0.9", "0.1", "0.0")
     assert other != want and "the command line" in capsys.readouterr().out
+
+
+def test_evaluate_names_atoms_on_top_of_each_other(tmp_path, capsys):
+    """A structure with two atoms at one position (convert --min-distance 0 lets it through)
+    makes the descriptors NaN: evaluate names the pair and its distance, not the model."""
+    from distmlip.cli import main as cli_main
+    from distmlip.data.h5store import write_dataset
+    from distmlip.data.structure import Structure
+
+    pos = np.array([[0.0, 0, 0], [0.0, 0, 0], [1.8, 1.8, 0.0]])
+    write_dataset(tmp_path / "d.h5", [Structure(numbers=np.array([29, 29, 79]), positions=pos, energy=-1.0)])
+    m = BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                            "backend": "reference"}, hidden=[5])
+    m.save(tmp_path / "m.pt")
+    assert cli_main(["evaluate", str(tmp_path / "m.pt"), str(tmp_path / "d.h5"), "-o", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "structure 0 of" in err and "a Cu-Cu pair at 0 A (atoms on top of each other" in err
+    assert not (tmp_path / "ev" / "metrics.json").exists()

@@ -240,11 +240,21 @@ def _check_finite(pred, ds, indices) -> None:
         fb = ~np.isfinite(pred.forces).all(axis=(0, 2))              # [N] atoms
         bad[np.repeat(np.arange(len(pred.natoms)), pred.natoms)[fb]] = True
     if bad.any():
+        from ..models.data_record import COINCIDENT_A, structure_pair_minima
+
         idx = np.arange(len(bad)) if indices is None else np.asarray(indices)
         k = int(np.flatnonzero(bad)[0])
+        # atoms on top of each other (convert --min-distance 0 lets them through) make the
+        # descriptors NaN: name them rather than suspect the model (sweep 13)
+        s = ds.read([int(idx[k])])[0]
+        close = {p: d for p, d in structure_pair_minima(s.numbers, s.positions, s.cell, s.pbc, 0.5).items()
+                 if d < COINCIDENT_A}
+        why = (f"it has a {min(close, key=close.get)} pair at {min(close.values()):.3g} A (atoms on top of each "
+               f"other: remove the structure, or convert without --min-distance 0)." if close
+               else "a corrupt or diverged model file?")
         raise NonFiniteError(f"evaluate: the model predicts non-finite energies or forces for {int(bad.sum())} of "
-                             f"{len(bad)} structures (first: structure {int(idx[k])}); a corrupt or diverged model "
-                             f"file?  Nothing was written")
+                             f"{len(bad)} structures (first: structure {int(idx[k])} of {ds.paths[0]}); {why}  "
+                             f"Nothing was written")
 
 
 def _note_unseen_compositions(model, ds, idx) -> None:

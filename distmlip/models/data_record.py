@@ -25,6 +25,8 @@ from functools import reduce
 import numpy as np
 
 RECORD_KEY = "training_data"
+# pairs closer than this (A) are atoms on top of each other: NaN descriptors, zero ZBL radii
+COINCIDENT_A = 0.01
 
 
 def pair_key(a: str, b: str) -> str:

@@ -650,7 +650,7 @@ class Trainer:
         except Exception:
             return None
 
-    COINCIDENT_A = 0.01     # pairs closer than this are atoms on top of each other
+    from ..models.data_record import COINCIDENT_A     # atoms on top of each other below this
 
     def _check_coincident(self, record: dict, minima: list) -> None:
         """Stop on atoms on top of each other in the training data (convert --min-distance 0 lets
