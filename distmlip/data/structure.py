@@ -1,6 +1,7 @@
 """The in-memory record of one structure, shared by every pipeline stage."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,6 +116,22 @@ def _pairwise_reduced(B: np.ndarray) -> np.ndarray:
     return B
 
 
+@functools.lru_cache(maxsize=256)
+def _lattice(cell_bytes: bytes, pbc_bytes: bytes):
+    """(reduced periodic vectors [k, 3], their pseudo-inverse [3, k], lattice-plane spacings [k])
+    of a cell, cached: a data set's copies share their parent's cell."""
+    pbc = np.frombuffer(pbc_bytes, dtype=bool)
+    B = _pairwise_reduced(np.frombuffer(cell_bytes, dtype=np.float64).reshape(3, 3)[pbc])
+    G = np.linalg.pinv(B)
+    return B, G, 1.0 / np.linalg.norm(G, axis=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_grid(n: tuple) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(-k, k + 1) for k in n], indexing="ij")
+    return np.stack([g.ravel() for g in grids], axis=-1).astype(np.float64)
+
+
 def minimum_image(d, cell, pbc) -> np.ndarray:
     """Shortest periodic image of the difference vectors ``d`` [..., 3] in the periodic directions
     ``pbc`` of ``cell`` (rows = lattice vectors; the periodic ones independent), exact for any
@@ -128,17 +145,13 @@ def minimum_image(d, cell, pbc) -> np.ndarray:
     d = np.asarray(d, dtype=np.float64)
     if not pbc.any():
         return d
-    B = _pairwise_reduced(np.asarray(cell, dtype=np.float64).reshape(3, 3)[pbc])     # [k, 3]
-    G = np.linalg.pinv(B)                                                       # [3, k]
+    B, G, spacing = _lattice(np.asarray(cell, dtype=np.float64).reshape(3, 3).tobytes(), pbc.tobytes())
     flat = d.reshape(-1, 3)
     d0 = flat - np.round(flat @ G) @ B
     if len(d0) == 0:
         return d.copy()
-    spacing = 1.0 / np.linalg.norm(G, axis=0)
     r = float(np.sqrt((d0 * d0).sum(-1)).max())
-    n = np.floor(r / spacing + 0.5).astype(np.int64)
-    grids = np.meshgrid(*[np.arange(-k, k + 1) for k in n], indexing="ij")
-    shifts = np.stack([g.ravel() for g in grids], axis=-1).astype(np.float64) @ B   # [S, 3]
+    shifts = _shift_grid(tuple(int(k) for k in np.floor(r / spacing + 0.5))) @ B   # [S, 3]
     out = np.empty_like(d0)
     step = max(1, (1 << 22) // len(shifts))
     for a in range(0, len(d0), step):
