@@ -307,6 +307,26 @@ def test_minimum_image_any_cell():
         np.testing.assert_allclose(k, np.round(k), atol=1e-6)
 
 
+def test_minimum_images_equal_one_by_one():
+    """minimum_images (the copy-to-parent displacements of the difference term) equals
+    minimum_image set by set: small displacements taken as given, large ones (an atom wrapped
+    across the cell) searched, for periodic, slab, wire and free sets."""
+    from distmlip.data.structure import minimum_image, minimum_images
+
+    rng = np.random.default_rng(8)
+    P, n = 40, 6
+    cells = np.stack([np.diag([4.0, 5.0, 6.0]) + rng.normal(0, 0.8, (3, 3)) for _ in range(P)])
+    pbcs = np.array([[True, True, True], [True, True, False], [True, False, False], [False, False, False]] * 10)
+    d = rng.normal(0, 0.05, (P, n, 3))
+    d[::3, 0] += cells[::3, 0]                       # an atom one lattice vector away
+    d[1::7, 2] += 7.3 * rng.normal(size=3)
+    got = minimum_images(d, cells, pbcs)
+    for p in range(P):
+        np.testing.assert_array_equal(got[p], minimum_image(d[p], cells[p], pbcs[p]))
+    wrapped = [p for p in range(0, P, 3) if pbcs[p, 0]]      # shifted along a periodic vector
+    assert np.abs(got[wrapped, 0]).max() < 1.0 and np.abs(d[wrapped, 0]).max() > 2.0
+
+
 def test_fingerprint_auto_choice():
     from distmlip.gpr.fingerprints import resolve_fingerprint
 

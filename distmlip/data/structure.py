@@ -116,6 +116,29 @@ def _pairwise_reduced(B: np.ndarray) -> np.ndarray:
     return B
 
 
+def minimum_images(d, cells, pbcs) -> np.ndarray:
+    """:func:`minimum_image` of many sets at once: ``d`` [P, n, 3] with set p in cell ``cells[p]``
+    and periodicity ``pbcs[p]``.  A set whose every vector is shorter than half of its cell's
+    smallest lattice-plane spacing h is its own minimum image (a nonzero lattice vector is at
+    least h long, so any other image is longer): such sets (a copy's small displacement from
+    its parent) are returned as given without a per-set search; the others take
+    :func:`minimum_image`."""
+    d = np.asarray(d, dtype=np.float64)
+    cells = np.asarray(cells, dtype=np.float64).reshape(-1, 3, 3)
+    pbcs = np.asarray(pbcs, dtype=bool).reshape(-1, 3)
+    out = d.copy()
+    longest = np.sqrt((d * d).sum(-1)).max(axis=-1) if d.shape[1] else np.zeros(len(d))
+    for pattern in np.unique(pbcs, axis=0):
+        if not pattern.any():
+            continue
+        rows = np.flatnonzero((pbcs == pattern).all(axis=1))
+        G = np.linalg.pinv(cells[rows][:, pattern, :])                         # [r, 3, k]
+        h = 1.0 / np.linalg.norm(G, axis=1).max(axis=1)                         # smallest spacing
+        for p in rows[~(longest[rows] < 0.5 * h)]:
+            out[p] = minimum_image(d[p], cells[p], pattern)
+    return out
+
+
 @functools.lru_cache(maxsize=256)
 def _lattice(cell_bytes: bytes, pbc_bytes: bytes):
     """(reduced periodic vectors [k, 3], their pseudo-inverse [3, k], lattice-plane spacings [k])
