@@ -156,13 +156,14 @@ def test_merge_counts_each_data_set_once():
 
 
 def test_dense_minima_equal_neighbour_lists():
-    """Structures of one subset are measured together (``_dense_pair_minima``): free molecules,
+    """Structures of one subset are measured together (``dense_pair_minima``): free molecules,
     periodic cells of a few atoms (skewed, unwrapped positions, a cutoff beyond half the cell),
     a slab and a wire with a zero cell vector give the per-structure neighbour list's shortest
     distances (rows within float32 rounding and never above; the record in float64)."""
     from ase.build import bulk, fcc111, molecule
 
     from distmlip.data.structure import Structure
+    from distmlip.descriptors.neighbors import dense_pair_minima
     from distmlip.models import data_record as R
 
     rng = np.random.default_rng(0)
@@ -191,7 +192,7 @@ def test_dense_minima_equal_neighbour_lists():
     dense = 0
     for structures, species in cases:
         for cutoff in (3.0, 6.5):
-            dense += R._dense_pair_minima(structures, cutoff) is not None
+            dense += dense_pair_minima(structures, cutoff) is not None
             minima: list = []
             rec = R.record_from_structures(structures, species, cutoff, minima)
             rows = np.concatenate(minima).astype(np.float64)

@@ -155,3 +155,53 @@ def test_auto_falls_back_to_numpy_without_vesin(monkeypatch):
     monkeypatch.setenv("DISTMLIP_NEIGHBORS", "bogus")
     with pytest.raises(ValueError, match="DISTMLIP_NEIGHBORS"):
         neighbor_list(pos, cell, pbc, rc)
+
+
+def test_dense_neighbor_lists_equal_neighbor_list():
+    """Neighbour lists of many small structures at once (``dense_neighbor_lists``: molecules,
+    small and skewed periodic cells with unwrapped positions, a slab, cutoffs beyond half the
+    cell) are the per-structure lists, pair for pair and in the same order; ``collate`` of such
+    a group gives the same batch as one structure at a time."""
+    import torch
+    from ase.build import bulk, fcc111, molecule
+
+    from distmlip.data.structure import Structure
+    from distmlip.descriptors.batch import collate, collate_graphs, prepare, species_table
+    from distmlip.descriptors.neighbors import dense_neighbor_lists, neighbor_list
+
+    rng = np.random.default_rng(4)
+
+    def rattled(a, count, skew=0.0, unwrap=False):
+        out = []
+        for _ in range(count):
+            b = a.copy()
+            b.positions += rng.normal(0, 0.15, b.positions.shape)
+            if skew:
+                b.set_cell(np.array(b.cell) @ (np.eye(3) + rng.normal(0, skew, (3, 3))), scale_atoms=False)
+            if unwrap:
+                b.positions += (rng.integers(-3, 4, (len(b), 3)) * b.pbc) @ np.array(b.cell)
+            out.append(Structure(numbers=b.numbers.copy(), positions=b.positions.copy(), cell=np.array(b.cell),
+                                 pbc=b.pbc.copy(), energy=0.0))
+        return out
+
+    groups = [rattled(molecule("CH3CH2OH"), 40), rattled(bulk("Cu", "fcc", a=3.6), 20, 0.15, True),
+              rattled(bulk("Cu", "fcc", a=3.6, cubic=True), 20), rattled(bulk("Mg", "hcp", a=3.2), 20, 0.15, True),
+              rattled(fcc111("Cu", (2, 2, 3), vacuum=5.0), 10, 0.0, True)]
+    dense = 0
+    for group in groups:
+        for cutoff in (3.0, 5.0):
+            got = dense_neighbor_lists(group, cutoff)
+            if got is None:
+                continue
+            dense += 1
+            for g, s in zip(got, group):
+                ref = neighbor_list(s.positions, s.cell, s.pbc, cutoff)
+                for a, b in zip(g, ref):
+                    np.testing.assert_array_equal(a, b)
+        species = sorted({int(z) for s in group for z in s.numbers})
+        table = species_table(species)
+        one = collate_graphs([prepare(s, table, 5.0) for s in group])
+        many = collate(group, species, 5.0)
+        for f in ("positions", "pair_i", "pair_j", "pair_shift", "pair_ptr", "species"):
+            assert torch.equal(getattr(one, f), getattr(many, f)), f
+    assert dense >= 8

@@ -277,6 +277,132 @@ def default_backend() -> str:
     return env
 
 
+# --------------------------------------------------------------------------------------------
+# many small structures at once
+# --------------------------------------------------------------------------------------------
+
+# distances evaluated at once by the dense path (float64 temporaries of a few times this size)
+_DENSE_ELEMENTS = 1 << 18
+# the dense path takes structures with at most this many (image, atom, atom) candidates, where it
+# was faster than one neighbour list per structure (docs/results.md): free molecules up to 128
+# atoms, periodic cells of a few atoms; the rest take the neighbour list
+_DENSE_FREE = 1 << 14
+_DENSE_PERIODIC = 1 << 12
+
+
+def _dense_distances(group, cutoff: float):
+    """Squared distances of every candidate (atom i, atom j, image S) of structures with the same
+    atom count and periodicity (``group``: objects with ``positions, cell, pbc``), chunk by chunk
+    and image by image: yields (first structure, image number q of Q, d2 [b, n, n], S [b, n, n, 3]
+    float or None for free structures), an atom's zero image of itself at inf; the images of
+    each (i, j) come in lexicographic order of S.  Yields nothing and returns False when the
+    group does not suit the dense path (too many candidates, a singular or non-finite cell,
+    non-finite positions: the neighbour list then names the problem).  Why: one neighbour list
+    per structure costs 0.3-1.6 ms in Python, minutes for 10^5-10^6 small structures.
+
+    Periodic images: an image of atom j closer than the cutoff has, along each periodic axis k,
+    |f_j - f_i + S_k| < cutoff / h_k (f fractional coordinates, h_k the spacing of the cell's
+    lattice planes), so only the floor(2 cutoff / h_k) + 1 integers S_k from
+    ceil(f_i - f_j - cutoff / h_k) can count, per pair; positions need not be wrapped."""
+    n = len(group[0].positions)
+    pbc = np.broadcast_to(np.asarray(group[0].pbc, dtype=bool), (3,)).copy()
+    P = np.stack([np.asarray(s.positions, dtype=np.float64).reshape(n, 3) for s in group])
+    if not np.isfinite(P).all():
+        return False
+    if pbc.any():
+        C = np.stack([np.asarray(s.cell, dtype=np.float64).reshape(3, 3) for s in group])
+        if not np.isfinite(C).all() or (np.linalg.norm(C, axis=2)[:, pbc] < 1e-12).any():
+            return False
+        full = C.copy()
+        det = np.linalg.det(full)
+        for b in np.flatnonzero(np.abs(det) <= 1e-9 * np.maximum(1.0, np.abs(full).max(axis=(1, 2)) ** 3)):
+            full[b] = _complete_cell(full[b], pbc)
+            if abs(np.linalg.det(full[b])) < 1e-12:
+                return False
+        inv = np.linalg.inv(full)
+        reach = cutoff * np.linalg.norm(inv, axis=1)            # cutoff / h_k, [B, 3]
+        counts = np.where(pbc, np.floor(2.0 * reach.max(axis=0)) + 1, 1).astype(np.int64)
+        frac = np.einsum("bnd,bdk->bnk", P, inv)
+    else:
+        counts = np.ones(3, dtype=np.int64)
+    Q = np.stack(np.meshgrid(*[np.arange(k) for k in counts], indexing="ij"), axis=-1).reshape(-1, 3)
+    per = len(Q) * n * n
+    if per > (_DENSE_PERIODIC if pbc.any() else _DENSE_FREE):
+        return False
+    ar = np.arange(n)
+    step = max(1, _DENSE_ELEMENTS // (n * n))
+    for a in range(0, len(P), step):
+        p = P[a:a + step]
+        diff = p[:, None, :, :] - p[:, :, None, :]             # [b, i, j, 3]: r_j - r_i
+        if not pbc.any():
+            d2 = diff[..., 0] * diff[..., 0] + diff[..., 1] * diff[..., 1] + diff[..., 2] * diff[..., 2]
+            d2[:, ar, ar] = np.inf
+            yield a, 0, d2, None
+            continue
+        lo = np.where(pbc, np.ceil(frac[a:a + step, :, None, :] - frac[a:a + step, None, :, :]
+                                   - reach[a:a + step, None, None, :]), 0.0)
+        c = C[a:a + step, None, None]                                   # [b, 1, 1, 3, 3]
+        for q, off in enumerate(Q):
+            S = lo + off.astype(np.float64)
+            # written out, not einsum: the same sums whatever the chunk (1 and 2 ranks agree)
+            v = diff + S[..., 0:1] * c[..., 0, :] + S[..., 1:2] * c[..., 1, :] + S[..., 2:3] * c[..., 2, :]
+            d2 = v[..., 0] * v[..., 0] + v[..., 1] * v[..., 1] + v[..., 2] * v[..., 2]
+            own = (S[:, ar, ar] == 0).all(axis=-1)                      # [b, n]: i's zero image
+            d2[:, ar, ar] = np.where(own, np.inf, d2[:, ar, ar])
+            yield a, q, d2, S
+    return True
+
+
+def _drain(gen, each) -> bool:
+    """Feed every item of a :func:`_dense_distances` generator to ``each``; its return value."""
+    while True:
+        try:
+            each(*next(gen))
+        except StopIteration as stop:
+            return stop.value is not False
+
+
+def dense_pair_minima(group, cutoff: float):
+    """[B, n, n] squared shortest distance per atom pair (any image; inf at or beyond
+    ``cutoff``) of a group as in :func:`_dense_distances`, or None where it does not apply."""
+    n = len(group[0].positions)
+    out = np.full((len(group), n, n), np.inf)
+
+    def each(a, q, d2, S):
+        np.minimum(out[a:a + len(d2)], d2, out=out[a:a + len(d2)])
+
+    if not _drain(_dense_distances(group, cutoff), each):
+        return None
+    out[out >= cutoff * cutoff] = np.inf
+    return out
+
+
+def dense_neighbor_lists(group, cutoff: float):
+    """The :func:`neighbor_list` of every structure of a group as in :func:`_dense_distances`
+    (the same pairs in the same order), or None where it does not apply."""
+    n = len(group[0].positions)
+    hits: dict = {}                 # first structure of a chunk -> [(b, i, j, q, S)]
+
+    def each(a, q, d2, S):
+        b, i, j = np.nonzero(d2 < cutoff * cutoff)
+        hits.setdefault(a, []).append((b, i, j, np.full(len(b), q),
+                                       np.zeros((len(b), 3)) if S is None else S[b, i, j]))
+
+    if not _drain(_dense_distances(group, cutoff), each):
+        return None
+    out = []
+    for a in sorted(hits):
+        b, i, j, q, S = (np.concatenate(x) for x in zip(*hits[a]))
+        # (structure, i, j, image number): each structure's pairs in the order of _canonical
+        order = np.lexsort((q, j, i, b))
+        b, i, j, S = b[order], i[order], j[order], S[order].astype(np.int64)
+        size = int(b.max()) + 1 if len(b) else 0
+        size = max(size, min(len(group) - a, max(1, _DENSE_ELEMENTS // (n * n))))
+        ends = np.searchsorted(b, np.arange(size + 1))
+        out += [(i[x:y].astype(np.int64), j[x:y].astype(np.int64), S[x:y]) for x, y in zip(ends[:-1], ends[1:])]
+    return out
+
+
 def neighbor_list(positions, cell, pbc, cutoff, backend: str | None = None, sort: bool = True):
     """All neighbour pairs within ``cutoff`` (strictly less).  See the module docstring.
 

@@ -65,84 +65,9 @@ def structure_pair_minima(numbers, positions, cell, pbc, cutoff: float) -> dict:
     return out
 
 
-# distances evaluated at once by the dense path (float64 temporaries of a few times this size)
-_DENSE_ELEMENTS = 1 << 18
-# the dense path takes structures with at most this many (image, atom, atom) candidates, where it
-# was faster than the neighbour list (docs/results.md): free molecules up to 256 atoms, periodic
-# cells of a few atoms; the rest take the neighbour list
-_DENSE_FREE = 1 << 16
-_DENSE_PERIODIC = 1 << 12
-
-
 def _group_key(s) -> tuple:
     pbc = np.broadcast_to(np.asarray(s.pbc, dtype=bool), (3,))
     return len(s.numbers), np.asarray(s.numbers, dtype=np.int64).tobytes(), tuple(bool(x) for x in pbc)
-
-
-def _dense_pair_minima(group, cutoff: float):
-    """Shortest distance per atom pair (i, j) of structures with the same atoms and periodicity,
-    [B, n, n] squared, inf beyond ``cutoff``; None when the group does not suit the dense path
-    (too many candidates, a singular or non-finite cell, non-finite positions: the neighbour
-    list then names the problem).  Why: the record used to build one neighbour list per
-    structure in Python, 1.6 ms each, 8 s of start-up for 5,000 augmented EC dimers.
-
-    Periodic images: an image of atom j at a distance below the cutoff has, along each periodic
-    axis k, |f_j - f_i + S_k| < cutoff / h_k (f fractional coordinates, h_k the distance between
-    the cell's faces), so only the floor(2 cutoff / h_k) + 1 integers S_k from
-    ceil(f_i - f_j - cutoff / h_k) can count, per pair; positions need not be wrapped."""
-    from ..data.structure import complete_cell
-
-    n = len(group[0].numbers)
-    pbc = np.array(_group_key(group[0])[2])
-    P = np.stack([np.asarray(s.positions, dtype=np.float64).reshape(n, 3) for s in group])
-    if not np.isfinite(P).all():
-        return None
-    B = len(P)
-    if pbc.any():
-        C = np.stack([np.asarray(s.cell, dtype=np.float64).reshape(3, 3) for s in group])
-        if not np.isfinite(C).all() or (np.linalg.norm(C, axis=2)[:, pbc] < 1e-12).any():
-            return None
-        full = C.copy()
-        det = np.linalg.det(full)
-        for b in np.flatnonzero(np.abs(det) <= 1e-9 * np.maximum(1.0, np.abs(full).max(axis=(1, 2)) ** 3)):
-            full[b] = complete_cell(full[b], pbc)
-            if abs(np.linalg.det(full[b])) < 1e-12:
-                return None
-        inv = np.linalg.inv(full)
-        reach = cutoff * np.linalg.norm(inv, axis=1)            # cutoff / h_k, [B, 3]
-        counts = np.where(pbc, np.floor(2.0 * reach.max(axis=0)) + 1, 1).astype(np.int64)
-        frac = np.einsum("bnd,bdk->bnk", P, inv)
-    else:
-        counts = np.ones(3, dtype=np.int64)
-    combos = [(a, b, c) for a in range(counts[0]) for b in range(counts[1]) for c in range(counts[2])]
-    per = len(combos) * n * n
-    if per > (_DENSE_PERIODIC if pbc.any() else _DENSE_FREE):
-        return None
-    out = np.empty((B, n, n))
-    eye = np.eye(n, dtype=bool)
-    step = max(1, _DENSE_ELEMENTS // per)
-    for a in range(0, B, step):
-        p = P[a:a + step]
-        diff = p[:, None, :, :] - p[:, :, None, :]             # [b, i, j, 3]: r_j - r_i
-        if not pbc.any():
-            d2 = diff[..., 0] * diff[..., 0] + diff[..., 1] * diff[..., 1] + diff[..., 2] * diff[..., 2]
-            d2[:, eye] = np.inf
-            out[a:a + step] = d2
-            continue
-        c = C[a:a + step]
-        f = frac[a:a + step]
-        lo = np.where(pbc, np.ceil(f[:, :, None, :] - f[:, None, :, :] - reach[a:a + step, None, None, :]), 0.0)
-        best = np.full(diff.shape[:3], np.inf)
-        for q in combos:
-            S = lo + np.asarray(q, dtype=np.float64)            # [b, i, j, 3] image of j
-            v = (diff + S[..., 0:1] * c[:, None, None, 0, :] + S[..., 1:2] * c[:, None, None, 1, :]
-                 + S[..., 2:3] * c[:, None, None, 2, :])
-            d2 = v[..., 0] * v[..., 0] + v[..., 1] * v[..., 1] + v[..., 2] * v[..., 2]
-            d2[(S == 0).all(axis=-1) & eye] = np.inf            # an atom is not its own neighbour
-            np.minimum(best, d2, out=best)
-        out[a:a + step] = best
-    out[out >= cutoff * cutoff] = np.inf
-    return out
 
 
 def _group_rows(group, cols: dict, cutoff: float) -> np.ndarray:
@@ -150,8 +75,10 @@ def _group_rows(group, cols: dict, cutoff: float) -> np.ndarray:
     and periodicity; inf where a pair is absent or beyond the cutoff), float64."""
     from ase.data import chemical_symbols
 
+    from ..descriptors.neighbors import dense_pair_minima
+
     rows = np.full((len(group), len(cols)), np.inf)
-    d2 = _dense_pair_minima(group, cutoff)
+    d2 = dense_pair_minima(group, cutoff)
     if d2 is None:
         for r, s in enumerate(group):
             for k, d in structure_pair_minima(s.numbers, s.positions, s.cell, s.pbc, cutoff).items():
@@ -176,7 +103,7 @@ def record_from_structures(structures, species, cutoff: float, minima: list | No
     gives one row per structure; a block, not a row object per structure: millions of
     structures), for callers that need them per structure (the trainer: which structures ZBL
     cannot reach).  Consecutive structures with the same atoms and periodicity (a data set's
-    subsets) are measured together (:func:`_dense_pair_minima`)."""
+    subsets) are measured together (:func:`~distmlip.descriptors.neighbors.dense_pair_minima`)."""
     pairs = {pair_key(a, b): None for k, a in enumerate(species) for b in species[k:]}
     col = {k: c for c, k in enumerate(pairs)}
     best = np.full(len(col), np.inf)
