@@ -179,6 +179,29 @@ def test_augment_taylor_labels_exact(data, capsys):
         assert s.weight == 0.5 and s.uncertainty == 0.0
 
 
+def test_augment_refuses_an_output_file_another_job_writes(data, capsys):
+    """Two augment jobs with their own shard folders and one output file: the second is refused
+    (both reported "wrote" the file before, which held the second's structures)."""
+    import json
+    import subprocess
+
+    from distmlip.utils.io import _HOST
+
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (data / ".busy.h5.distmlip.lock").write_text(json.dumps({"host": _HOST, "pid": holder.pid, "job": "",
+                                                                  "started": "now"}))
+        cfg = _cfg(data, "busy", method="taylor", copies=2, workdir=str(data / "own_shards"))
+        res = run_cli(capsys, ["augment", str(cfg)], check=False)
+        assert res.returncode == 2 and "output file" in res.stderr and "in use by another job" in res.stderr, res.stderr
+        assert not (data / "busy.h5").exists() and not (data / "own_shards" / ".distmlip.lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    res = run_cli(capsys, ["augment", str(cfg)])          # the holder is gone: taken over
+    assert (data / "busy.h5").exists()
+
+
 # ------------------------------------------------------------------------------ MPI, rerun
 def test_two_ranks_identical_to_one_and_rerun_skips(data, capsys):
     cfg1 = _cfg(data, "r1")

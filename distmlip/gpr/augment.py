@@ -898,7 +898,7 @@ def augment(cfg: AugmentConfig, fresh: bool = False, force: bool = False) -> dic
         raise ConfigError(f"augment: subsets {unknown} in the config are not in {cfg.input}; "
                           f"its subsets are: {', '.join(names)}")
     workdir = cfg.workdir_path()
-    lock, err = None, None
+    lock, out_lock, err = None, None, None
     if rank == 0:
         # before any fitting: the output's folder and the shard folder are writable, leftovers of
         # dead writers are removed, and no other augment job writes the same shards
@@ -908,6 +908,15 @@ def augment(cfg: AugmentConfig, fresh: bool = False, force: bool = False) -> dic
             for folder in (workdir, Path(cfg.output).parent):
                 clean_stale_temps(folder)
             lock = OutputLock(workdir, force=force, what="shard folder", log=log).acquire()
+            # and no other job writes the same output file (two jobs with their own shard folders
+            # both reported "wrote" one file, which held the second's structures: sweep 13)
+            out = Path(cfg.output)
+            try:
+                out_lock = OutputLock(out.parent, force=force, what="output file", log=log, file=out.name).acquire()
+            except DistmlipError:
+                lock.release()
+                lock = None
+                raise
         except DistmlipError as exc:
             err = (type(exc).__name__, str(exc))
     err = ctx.broadcast_object(err)
@@ -923,8 +932,9 @@ def augment(cfg: AugmentConfig, fresh: bool = False, force: bool = False) -> dic
                             "resume") as hb:
             return _augment(cfg, ctx, ds, names, workdir, fresh, hb.check)
     finally:
-        if lock is not None:
-            lock.release()
+        for held in (out_lock, lock):
+            if held is not None:
+                held.release()
 
 
 def _hyper_path(workdir: Path, sid: int) -> Path:

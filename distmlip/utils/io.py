@@ -272,7 +272,11 @@ class OutputLock:
                 h = self._holder()
                 here = h.get("host") == _HOST and isinstance(h.get("pid"), int)
                 dead = here and not _pid_alive(h["pid"])
-                same = (here and h["pid"] == os.getpid()) or (bool(info["job"]) and h.get("job") == info["job"])
+                # the same batch job (requeued) may take over, but not from a live process on this
+                # host: two srun steps of one allocation, or two runs a script started in the
+                # background, share the job id (sweep 13: both wrote one log.csv)
+                same = (here and h["pid"] == os.getpid()) or (bool(info["job"]) and h.get("job") == info["job"]
+                                                              and not (here and _pid_alive(h["pid"])))
                 if dead or same or self.force:
                     if self.log is not None and not (here and h["pid"] == os.getpid()):
                         why = ("its process is gone" if dead else "the same batch job (requeued)" if same

@@ -494,6 +494,12 @@ def test_09_second_job_on_a_busy_output_folder_is_refused(tmp_path, data):
         assert f"pid {first.pid}" in text and "SLURM_JOB_ID=4242" in text and "in use by another job" in text, text
         assert first.poll() is None                                  # the first job runs on untouched
         assert (out / "log.csv").read_text().startswith(rows_before)
+        # the same batch job id (two srun steps of one allocation) does not take over from a
+        # live process on this host (both wrote one log.csv before)
+        same = subprocess.run([sys.executable, CLI, "train", str(cfg)], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert same.returncode == 2 and "in use by another job" in same.stderr, same.stdout + same.stderr
+        assert first.poll() is None and (out / "log.csv").read_text().startswith(rows_before)
     finally:
         first.kill()
         first.wait()
