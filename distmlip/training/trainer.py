@@ -13,6 +13,7 @@ epoch and step position is written and :meth:`Trainer.fit` returns ``"stopped"``
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gc
@@ -32,7 +33,7 @@ from ..config import config_to_dict
 from ..errors import ConfigError, DataFormatError, InputError, NonFiniteError
 from ..models.ann import FEATURE_STD_FLOOR
 from ..models.bpnn import BPNN
-from ..utils.io import OutputLock, atomic_write_text, check_writable, clean_stale_temps
+from ..utils.io import OutputLock, atomic_write_text, check_writable, clean_stale_temps, storage_error
 from ..utils.log import log, warn
 from . import checkpoint as ckpt
 from . import energy_step
@@ -1376,12 +1377,20 @@ class Trainer:
             return
         path = self.out / "log.csv"
         new = not path.exists()
-        with open(path, "a", newline="") as fh:
-            wr = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-            if new:
-                wr.writeheader()
-            wr.writerows(self._csv_rows)
-        self._csv_rows = []
+        size = 0 if new else path.stat().st_size
+        rows, self._csv_rows = self._csv_rows, []       # not again from fit()'s clean-up
+        try:
+            with open(path, "a", newline="") as fh:
+                wr = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+                if new:
+                    wr.writeheader()
+                wr.writerows(rows)
+        except OSError as exc:
+            # a full disk: the file back to its last whole row (a cut row was left before, and
+            # the error came as chained tracebacks, sweep 13); a resume rewrites the rows
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            raise (storage_error(exc, path) or exc) from None
         self._csv_written = time.monotonic()
 
     # what a run writes into its output folder (a new run there moves an earlier run's aside)

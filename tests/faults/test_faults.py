@@ -258,6 +258,38 @@ def test_05_full_disk_in_convert_and_train_is_one_clear_error(tmp_path, data, sm
     assert not [p for p in (small_disk / "run").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_05_full_disk_while_logging_is_one_error_and_no_cut_row(tmp_path, data):
+    """The disk fills just before log.csv is appended: one StorageError naming the file, and
+    the file keeps its whole rows (chained OSError tracebacks and a cut last row before)."""
+    from distmlip.errors import StorageError
+    from distmlip.training.config import load_train_config
+    from distmlip.training.trainer import Trainer
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.decode().strip()})")
+    try:
+        tr = Trainer(load_train_config(_cfg(tmp_path / "t.yaml", data / "emt.h5", mnt / "run", "epochs: 1")),
+                     quiet=True)
+        tr.fit()
+        log = mnt / "run" / "log.csv"
+        before = log.read_bytes()
+        st = os.statvfs(mnt)
+        (mnt / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize))
+        import csv as _csv
+
+        row = next(_csv.DictReader(before.decode().splitlines()))
+        tr._csv_rows = [dict(row, epoch="2")] * 400
+        with pytest.raises(StorageError, match="no space left") as err:
+            tr._flush_csv()
+        assert str(log) in str(err.value) and log.read_bytes() == before
+        tr._flush_csv()                                  # nothing left to write twice
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 def test_05_read_only_output_is_refused_before_any_work(tmp_path, data):
     ro = tmp_path / "ro"
     ro.mkdir()
