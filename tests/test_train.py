@@ -86,6 +86,50 @@ def test_extending_a_finished_cosine_run_trains_on(tmp_path, emt_h5):
         assert a == pytest.approx(w, rel=1e-5) and b == pytest.approx(w, rel=1e-5)
 
 
+def test_resume_with_another_loss_schedule_or_a_damaged_best_model(tmp_path, emt_h5, capsys):
+    """Sweep 13's resumes: a changed loss weight starts the best loss and the plateau count afresh
+    (the old best on the old scale froze model.pt and halved the rate every patience); plateau
+    switched to cosine continues on the cosine at the resumed epoch (it restarted there and
+    ended far above min_lr); a damaged best_model.pt is an error naming it (it became an
+    unreadable model.pt with exit 0); a missing one is tracked afresh."""
+    import csv
+    import math
+    import shutil
+
+    from distmlip.errors import DataFormatError
+
+    over = {"training.mode": "force", "training.alpha": 0.3, "training.min_lr": 1e-6}
+    Trainer(make_cfg(tmp_path / "a", emt_h5, **over, **{"training.epochs": 3}), quiet=True).fit()
+    ck = tmp_path / "a" / "run" / "checkpoint.pt"
+    shutil.copytree(tmp_path / "a", tmp_path / "keep")
+    best_before = float(torch.load(ck, weights_only=False)["best"])
+    tr = Trainer(make_cfg(tmp_path / "a", emt_h5, **{**over, "training.epochs": 4, "training.alpha": 0.9}),
+                 resume=str(ck), quiet=True)
+    assert tr.best == float("inf") and tr.bad_epochs == 0 and math.isfinite(best_before)
+    assert tr.sched.best == tr.sched.mode_worse
+    # plateau -> cosine at epoch 3 of 6: the cosine's rates from there on, ending at min_lr
+    shutil.rmtree(tmp_path / "a")
+    shutil.copytree(tmp_path / "keep", tmp_path / "b")
+    Trainer(make_cfg(tmp_path / "b", emt_h5, **over, **{"training.epochs": 6, "training.scheduler": "cosine"}),
+            resume=str(tmp_path / "b" / "run" / "checkpoint.pt"), quiet=True).fit()
+    lr = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "b" / "run" / "log.csv"))]
+    want = [1e-6 + (0.01 - 1e-6) * 0.5 * (1 + math.cos(math.pi * e / 6)) for e in range(6)]
+    for got, w in zip(lr[3:], want[3:]):
+        assert got == pytest.approx(w, rel=1e-5)
+    # a damaged best model: refused by name; removed: tracked afresh, and model.pt is readable
+    shutil.copytree(tmp_path / "keep", tmp_path / "c")
+    best = tmp_path / "c" / "run" / "best_model.pt"
+    best.write_bytes(best.read_bytes()[:200])
+    cfg = make_cfg(tmp_path / "c", emt_h5, **over, **{"training.epochs": 4})
+    with pytest.raises(DataFormatError, match="best_model.pt: cannot read the best model"):
+        Trainer(cfg, resume=str(tmp_path / "c" / "run" / "checkpoint.pt"), quiet=True)
+    best.unlink()
+    tr = Trainer(cfg, resume=str(tmp_path / "c" / "run" / "checkpoint.pt"), quiet=True)
+    assert tr.best == float("inf")
+    tr.fit()
+    torch.load(tmp_path / "c" / "run" / "model.pt", weights_only=False)
+
+
 def test_stop_mid_epoch_and_resume(tmp_path, emt_h5):
     full = make_cfg(tmp_path / "a", emt_h5, **{"training.epochs": 3})
     Trainer(full, quiet=True).fit()

@@ -266,6 +266,12 @@ class Trainer:
                               + f", this configuration says training.warm_start: {new.get('training.warm_start')!r}; "
                               "a resumed run keeps how it started (start a new run in another output folder to "
                               "fine-tune)")
+        if old and "training.difference_weight" in changed and \
+                (float(old.get("training.difference_weight") or 0) > 0) != (float(new.get("training.difference_weight") or 0) > 0):
+            # on or off, the term groups copies with their parents (another step plan) and turns
+            # a pool on or off (sweep 13: resumed at "step 1" of a different plan); other values
+            # only weigh the loss
+            fixed.append("training.difference_weight")
         if old.get("training.warm_start"):
             # a fine-tuning run's architecture is its loaded model's whatever either config says
             # (_adopt_warm_start_architecture): its own config.yaml, which records the model's,
@@ -867,7 +873,13 @@ class Trainer:
             if st.get("scheduler_kind") == self.sched_kind:
                 self.sched.load_state_dict(st["scheduler"])
             else:
-                warn("scheduler changed since the checkpoint: starting it afresh")
+                warn(f"scheduler changed since the checkpoint ({st.get('scheduler_kind')} -> {self.sched_kind}): "
+                     f"the new one starts at the resumed epoch")
+                if isinstance(self.sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+                    # on the cosine at this epoch, not a cosine restarted there (sweep 13: a run
+                    # switched to cosine at epoch 42 of 150 ended at 9e-4 instead of min_lr)
+                    self.sched.last_epoch = int(st["epoch"])
+                    self._cosine_placed = True
         changes = getattr(self, "_resume_changes", {})
         # settings of the new configuration override what the checkpoint's state dicts restored
         for g in self.opt.param_groups:
@@ -883,7 +895,8 @@ class Trainer:
         if "training.lr" in changes and isinstance(self.sched, torch.optim.lr_scheduler.CosineAnnealingLR):
             self.sched.base_lrs = [tc.lr] * len(self.opt.param_groups)
         if (isinstance(self.sched, torch.optim.lr_scheduler.CosineAnnealingLR)
-                and {"training.epochs", "training.lr", "training.min_lr"} & set(changes)):
+                and ({"training.epochs", "training.lr", "training.min_lr"} & set(changes)
+                     or getattr(self, "_cosine_placed", False))):
             # torch's cosine schedule updates the rate from its last value: a run extended after
             # its schedule ended stayed at min_lr for every added epoch, and trained on without
             # learning (sweep 11).  The rate is set to the cosine over the new epoch count at
@@ -897,6 +910,18 @@ class Trainer:
         self.epoch, self.step_in_epoch = int(st["epoch"]), int(st["step"])
         self.global_step = int(st["global_step"])
         self.best, self.bad_epochs = float(st["best"]), int(st["bad_epochs"])
+        loss_keys = sorted(set(changes) & {"training.alpha", "training.beta", "training.difference_weight",
+                                           "training.loss"})
+        if loss_keys:
+            # the checkpoint's best loss is on the old loss's scale: compared with the new one,
+            # a larger weight never found a new best model and the plateau scheduler halved the
+            # rate every patience (sweep 13); both start afresh on the new loss
+            self.best, self.bad_epochs = float("inf"), 0
+            if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.sched.best, self.sched.num_bad_epochs = self.sched.mode_worse, 0
+            self._log(f"resume: the loss changed ({', '.join(loss_keys)}): the best validation loss and the plateau "
+                      f"count start afresh (best_model.pt is replaced by the first model on the new loss)")
+        self._check_best_file()
         if st.get("loss_state") is not None:
             self._prev_rmse = tuple(float(x) for x in st["loss_state"])
         if st.get("loss_spread") is not None:
@@ -908,6 +933,33 @@ class Trainer:
         self._log(f"resumed from {self._resume_path}: epoch {self.epoch + 1}, step {self.step_in_epoch}")
         for k, (a, b) in sorted(changes.items()):
             self._log(f"resume: {k} changed from {a!r} to {b!r} (applied)")
+
+    def _check_best_file(self) -> None:
+        """A resumed run copies best_model.pt to model.pt at its end: a damaged one (a truncated
+        copy, a full disk in another tool) became an unreadable model.pt with exit 0 (sweep 13).
+        Checked here (on rank 0, the answer shared: every rank keeps the same best); a missing
+        one means the best is tracked afresh."""
+        if self.val_stream is None or not math.isfinite(self.best):
+            return
+        best = self.out / "best_model.pt"
+        state = None
+        if self.rank0:
+            if not best.exists():
+                state = "missing"
+            else:
+                try:
+                    torch.load(best, map_location="cpu", weights_only=False)
+                    state = "ok"
+                except Exception as exc:
+                    state = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'damaged or truncated'}"
+        if self.ctx.world_size > 1:
+            state = self.ctx.broadcast_object(state)
+        if state == "missing":
+            self._log(f"resume: {best} is missing: the best validation loss is tracked afresh")
+            self.best = float("inf")
+        elif state != "ok":
+            raise DataFormatError(f"{best}: cannot read the best model of the run being resumed ({state}); remove "
+                                  f"it to resume (the best model is then tracked from the resumed epoch on)")
 
     # ------------------------------------------------------------------ batches and steps
     def collate(self, structures, ds=None):
