@@ -947,19 +947,21 @@ class Trainer:
             if not best.exists():
                 state = "missing"
             else:
+                from ..utils.io import load_torch_file
+
                 try:
-                    torch.load(best, map_location="cpu", weights_only=False)
+                    load_torch_file(best, "best model")          # checksums too
                     state = "ok"
-                except Exception as exc:
-                    state = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'damaged or truncated'}"
+                except DataFormatError as exc:
+                    state = str(exc)
         if self.ctx.world_size > 1:
             state = self.ctx.broadcast_object(state)
         if state == "missing":
             self._log(f"resume: {best} is missing: the best validation loss is tracked afresh")
             self.best = float("inf")
         elif state != "ok":
-            raise DataFormatError(f"{best}: cannot read the best model of the run being resumed ({state}); remove "
-                                  f"it to resume (the best model is then tracked from the resumed epoch on)")
+            raise DataFormatError(f"{state}  It is the best model of the run being resumed: remove it to resume "
+                                  f"(the best model is then tracked from the resumed epoch on)")
 
     # ------------------------------------------------------------------ batches and steps
     def collate(self, structures, ds=None):
@@ -1534,6 +1536,10 @@ class Trainer:
         # collection first: it cost 0.15 s of every run, for the little garbage of the set-up.
         gc.freeze()
         status = "done"
+        if self.epoch >= tc.epochs and self._resume_state is not None:
+            # (sweep 13: "training finished: done" alone read as if it had trained)
+            self._log(f"nothing to train: the checkpoint is at epoch {self.epoch} and training.epochs is {tc.epochs} "
+                      f"(raise it to continue: --set training.epochs=N)")
         while self.epoch < tc.epochs:
             epoch = self.epoch
             t0 = time.time()

@@ -211,7 +211,8 @@ def load_torch_file(path, what: str = "file"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DataFormatError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
+        raise DataFormatError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc}); a truncated or damaged "
+                              f"file?") from None
 
 
 def check_zip_crcs(path, what: str = "file") -> None:
