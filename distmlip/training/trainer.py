@@ -1277,7 +1277,7 @@ class Trainer:
         if extra[1] > 0:           # some rank asked to stop: every rank stops after this step
             self._stop_after_step = True
             n = int(extra[1])
-            self._stop_reason = signals.describe_stop(int(extra[0])) if n == 1 else f"stop requested on {n} ranks"
+            self._stop_reason = signals.describe_stop(int(extra[0])) if n == 1 else f"a signal or the stop file on {n} ranks"
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         optimizer_step(self.opt)
