@@ -77,3 +77,24 @@ def emt_structure(atoms, source: str, index: int):
     return Structure(numbers=atoms.numbers.copy(), positions=atoms.positions.copy(), cell=atoms.cell.array.copy(),
                      pbc=atoms.pbc.copy(), energy=atoms.get_potential_energy(), forces=atoms.get_forces(),
                      source=source, source_index=index)
+
+
+def rattled_copies(atoms, count: int, rng, skew: float = 0.0, unwrap: bool = False) -> list:
+    """``count`` distmlip Structures of ASE ``atoms`` with positions rattled (0.15 A), cells
+    skewed (``skew``: relative, positions kept) and atoms moved by whole lattice vectors in
+    periodic directions (``unwrap``); random energies.  Awkward geometry for neighbour tests."""
+    import numpy as np
+
+    from distmlip.data.structure import Structure
+
+    out = []
+    for _ in range(count):
+        b = atoms.copy()
+        b.positions += rng.normal(0, 0.15, b.positions.shape)
+        if skew:
+            b.set_cell(np.array(b.cell) @ (np.eye(3) + rng.normal(0, skew, (3, 3))), scale_atoms=False)
+        if unwrap:
+            b.positions += (rng.integers(-3, 4, (len(b), 3)) * b.pbc) @ np.array(b.cell)
+        out.append(Structure(numbers=b.numbers.copy(), positions=b.positions.copy(), cell=np.array(b.cell),
+                             pbc=b.pbc.copy(), energy=float(rng.normal())))
+    return out

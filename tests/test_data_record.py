@@ -16,7 +16,7 @@ from distmlip.models.bpnn import BPNN
 from distmlip.models.data_record import merge_records, pairs_below, record_from_structures, reduced_formula
 from distmlip.training.config import DataConfig, DescriptorConfig, ModelConfig, TrainConfig, TrainingConfig
 from distmlip.training.trainer import Trainer
-from helpers import mpirun
+from helpers import mpirun, rattled_copies
 
 SPEC = DescriptorSpec(rc_radial=4.0, n_radial=4, rc_angular=3.0, n_angular=2)
 
@@ -169,17 +169,7 @@ def test_dense_minima_equal_neighbour_lists():
     rng = np.random.default_rng(0)
 
     def rattled(a, count, skew=0.0, unwrap=False):
-        out = []
-        for _ in range(count):
-            b = a.copy()
-            b.positions += rng.normal(0, 0.15, b.positions.shape)
-            if skew:
-                b.set_cell(np.array(b.cell) @ (np.eye(3) + rng.normal(0, skew, (3, 3))), scale_atoms=False)
-            if unwrap:
-                b.positions += (rng.integers(-3, 4, (len(b), 3)) * b.pbc) @ np.array(b.cell)
-            out.append(Structure(numbers=b.numbers.copy(), positions=b.positions.copy(), cell=np.array(b.cell),
-                                 pbc=b.pbc.copy(), energy=float(rng.normal())))
-        return out
+        return rattled_copies(a, count, rng, skew, unwrap)
 
     wire = [Structure(numbers=np.array([29] * 3 + [79] * 3), positions=rng.normal(0, 1.5, (6, 3)),
                       cell=np.diag([2.5 + rng.random(), 0, 0]), pbc=np.array([True, False, False]), energy=1.0)

@@ -10,6 +10,7 @@ import pytest
 
 from distmlip.descriptors import neighbors as nl
 from distmlip.descriptors.neighbors import neighbor_list, pair_offsets
+from helpers import rattled_copies
 
 def _have(backend):
     if backend == "matscipy":
@@ -165,24 +166,13 @@ def test_dense_neighbor_lists_equal_neighbor_list():
     import torch
     from ase.build import bulk, fcc111, molecule
 
-    from distmlip.data.structure import Structure
     from distmlip.descriptors.batch import collate, collate_graphs, prepare, species_table
     from distmlip.descriptors.neighbors import dense_neighbor_lists, neighbor_list
 
     rng = np.random.default_rng(4)
 
     def rattled(a, count, skew=0.0, unwrap=False):
-        out = []
-        for _ in range(count):
-            b = a.copy()
-            b.positions += rng.normal(0, 0.15, b.positions.shape)
-            if skew:
-                b.set_cell(np.array(b.cell) @ (np.eye(3) + rng.normal(0, skew, (3, 3))), scale_atoms=False)
-            if unwrap:
-                b.positions += (rng.integers(-3, 4, (len(b), 3)) * b.pbc) @ np.array(b.cell)
-            out.append(Structure(numbers=b.numbers.copy(), positions=b.positions.copy(), cell=np.array(b.cell),
-                                 pbc=b.pbc.copy(), energy=0.0))
-        return out
+        return rattled_copies(a, count, rng, skew, unwrap)
 
     groups = [rattled(molecule("CH3CH2OH"), 40), rattled(bulk("Cu", "fcc", a=3.6), 20, 0.15, True),
               rattled(bulk("Cu", "fcc", a=3.6, cubic=True), 20), rattled(bulk("Mg", "hcp", a=3.2), 20, 0.15, True),

@@ -8,6 +8,7 @@ The numbered cases follow the issue: 1 non-finite values, 2 augment reruns on ch
 with another configuration or rank count, 11 nonsense configuration values."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -215,17 +216,23 @@ def test_04_two_rank_sigterm_resume_is_bit_identical(tmp_path, data, fractions):
 # 5. full disks
 # ------------------------------------------------------------------------------------------
 
-@pytest.fixture()
-def small_disk(tmp_path):
-    mnt = tmp_path / "small"
+@contextlib.contextmanager
+def _tmpfs(mnt: Path, size: str):
+    """A tmpfs of ``size`` at ``mnt`` (a skip where mounting is not allowed)."""
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
     if res.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.decode().strip()})")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    with _tmpfs(tmp_path / "small", "96k") as mnt:
+        yield mnt
 
 
 def test_05_full_disk_in_convert_and_train_is_one_clear_error(tmp_path, data, small_disk):
@@ -265,12 +272,7 @@ def test_05_full_disk_while_logging_is_one_error_and_no_cut_row(tmp_path, data):
     from distmlip.training.config import load_train_config
     from distmlip.training.trainer import Trainer
 
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.decode().strip()})")
-    try:
+    with _tmpfs(tmp_path / "disk", "2m") as mnt:
         tr = Trainer(load_train_config(_cfg(tmp_path / "t.yaml", data / "emt.h5", mnt / "run", "epochs: 1")),
                      quiet=True)
         tr.fit()
@@ -286,8 +288,6 @@ def test_05_full_disk_while_logging_is_one_error_and_no_cut_row(tmp_path, data):
             tr._flush_csv()
         assert str(log) in str(err.value) and log.read_bytes() == before
         tr._flush_csv()                                  # nothing left to write twice
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_05_read_only_output_is_refused_before_any_work(tmp_path, data):
