@@ -179,10 +179,14 @@ def test_dense_minima_equal_neighbour_lists():
              (rattled(bulk("Mg", "hcp", a=3.2), 30, skew=0.15, unwrap=True), ["Mg"]),
              (rattled(fcc111("Cu", (2, 2, 3), vacuum=5.0), 20, unwrap=True), ["Cu"]),
              (wire, ["Au", "Cu"])]
+    mixed = cases[1][0] + rattled(bulk("Cu", "fcc", a=3.6, cubic=True), 15)
+    mixed = [mixed[k] for k in rng.permutation(len(mixed))]    # a rank's shuffled share: short runs
+    cases.append((mixed, ["Cu"]))
     dense = 0
     for structures, species in cases:
         for cutoff in (3.0, 6.5):
-            dense += dense_pair_minima(structures, cutoff) is not None
+            if structures is not mixed:             # one group: the dense path itself
+                dense += dense_pair_minima(structures, cutoff) is not None
             minima: list = []
             rec = R.record_from_structures(structures, species, cutoff, minima)
             rows = np.concatenate(minima).astype(np.float64)

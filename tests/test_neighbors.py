@@ -195,3 +195,11 @@ def test_dense_neighbor_lists_equal_neighbor_list():
         for f in ("positions", "pair_i", "pair_j", "pair_shift", "pair_ptr", "species"):
             assert torch.equal(getattr(one, f), getattr(many, f)), f
     assert dense >= 8
+    # a shuffled batch of several subsets: grouped wherever they stand, graphs in batch order
+    mixed = [s for g in groups for s in g[:6]]
+    mixed = [mixed[k] for k in rng.permutation(len(mixed))]
+    species = sorted({int(z) for s in mixed for z in s.numbers})
+    one = collate_graphs([prepare(s, species_table(species), 5.0) for s in mixed])
+    many = collate(mixed, species, 5.0)
+    for f in ("positions", "pair_i", "pair_j", "pair_shift", "pair_ptr", "species", "structure"):
+        assert torch.equal(getattr(one, f), getattr(many, f)), f

@@ -225,30 +225,26 @@ def prepare(s, table, cutoff: float, where: str = "structure", neighbor_backend:
 
 
 def prepare_many(structures, table, cutoff: float, short_range=0.0, where=None) -> list[Graph]:
-    """:func:`prepare` of each structure, the neighbour lists of consecutive structures with the
-    same atom count and periodicity (a data set's subsets) computed together where that is
+    """:func:`prepare` of each structure, the neighbour lists of structures with the same atom
+    count and periodicity (a data set's subsets) computed together where that is
     faster (:func:`~distmlip.descriptors.neighbors.dense_neighbor_lists`: molecules and small
     cells); the same graphs.  ``where``: callable (structure, position) -> its name in errors."""
     from .neighbors import dense_neighbor_lists
 
     where = where or _where
     structures = list(structures)
-    out: list[Graph] = []
-    a = 0
-    while a < len(structures):
-        s0 = structures[a]
-        key = (len(s0.numbers), tuple(np.broadcast_to(np.asarray(s0.pbc, dtype=bool), (3,)).tolist()))
-        b = a + 1
-        while b < len(structures) and (len(structures[b].numbers),
-                                       tuple(np.broadcast_to(np.asarray(structures[b].pbc, dtype=bool),
-                                                             (3,)).tolist())) == key:
-            b += 1
-        group = structures[a:b]
+    # grouped wherever they stand (a shuffled batch holds short runs of each subset)
+    groups: dict = {}
+    for k, s in enumerate(structures):
+        key = (len(s.numbers), tuple(np.broadcast_to(np.asarray(s.pbc, dtype=bool), (3,)).tolist()))
+        groups.setdefault(key, []).append(k)
+    out: list = [None] * len(structures)
+    for idx in groups.values():
+        group = [structures[k] for k in idx]
         lists = dense_neighbor_lists(group, cutoff) if len(group) > 1 else None
-        for k, s in enumerate(group):
-            out.append(prepare(s, table, cutoff, where(s, a + k), short_range=short_range,
-                               pairs=None if lists is None else lists[k]))
-        a = b
+        for n, k in enumerate(idx):
+            out[k] = prepare(structures[k], table, cutoff, where(structures[k], k), short_range=short_range,
+                             pairs=None if lists is None else lists[n])
     return out
 
 

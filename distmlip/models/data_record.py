@@ -102,8 +102,8 @@ def record_from_structures(structures, species, cutoff: float, minima: list | No
     beyond the cutoff) as float32 rows, in blocks of up to 4096 structures (``np.concatenate``
     gives one row per structure; a block, not a row object per structure: millions of
     structures), for callers that need them per structure (the trainer: which structures ZBL
-    cannot reach).  Consecutive structures with the same atoms and periodicity (a data set's
-    subsets) are measured together (:func:`~distmlip.descriptors.neighbors.dense_pair_minima`)."""
+    cannot reach).  Structures with the same atoms and periodicity (a data set's subsets) are
+    measured together (:func:`~distmlip.descriptors.neighbors.dense_pair_minima`)."""
     pairs = {pair_key(a, b): None for k, a in enumerate(species) for b in species[k:]}
     col = {k: c for c, k in enumerate(pairs)}
     best = np.full(len(col), np.inf)
@@ -111,15 +111,9 @@ def record_from_structures(structures, species, cutoff: float, minima: list | No
     n = 0
     blocks: list = []
 
-    def flush(group):
+    def measure(group):
         rows = _group_rows(group, col, cutoff)
         np.minimum(best, rows.min(axis=0) if len(rows) else best, out=best)
-        if minima is not None:
-            # rounded down: a row may only understate a distance (compared in float64: numpy
-            # would compare a float32 with a float in float32)
-            f = rows.astype(np.float32)
-            f = np.where(f.astype(np.float64) > rows, np.nextafter(f, np.float32(0)), f)
-            blocks.append(f)
         e = np.array([float(s.energy) for s in group])
         ok = np.isfinite(e)
         natoms = len(group[0].numbers)
@@ -128,19 +122,33 @@ def record_from_structures(structures, species, cutoff: float, minima: list | No
             low = float(e[ok].min()) / natoms
             if form not in emin or low < emin[form]:
                 emin[form] = low
+        return rows
 
-    group: list = []
-    key = None
+    def flush(chunk):
+        # the chunk's structures grouped by atoms and periodicity wherever they stand (a rank's
+        # share comes in shuffled order: runs of one subset were a structure or two long, and
+        # each group a call, for 4-atom cells of three elements), rows back in input order
+        groups: dict = {}
+        for i, s in enumerate(chunk):
+            groups.setdefault(_group_key(s), []).append(i)
+        rows = np.empty((len(chunk), len(col)))
+        for idx in groups.values():
+            rows[idx] = measure([chunk[i] for i in idx])
+        if minima is not None:
+            # rounded down: a row may only understate a distance (compared in float64: numpy
+            # would compare a float32 with a float in float32)
+            f = rows.astype(np.float32)
+            blocks.append(np.where(f.astype(np.float64) > rows, np.nextafter(f, np.float32(0)), f))
+
+    chunk: list = []
     for s in structures:
         n += 1
-        k = _group_key(s)
-        if group and (k != key or len(group) >= 4096):
-            flush(group)
-            group = []
-        key = k
-        group.append(s)
-    if group:
-        flush(group)
+        chunk.append(s)
+        if len(chunk) >= 4096:
+            flush(chunk)
+            chunk = []
+    if chunk:
+        flush(chunk)
     if minima is not None and blocks:
         rows = np.concatenate(blocks)
         minima.extend(rows[a:a + 4096] for a in range(0, len(rows), 4096))
