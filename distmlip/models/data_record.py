@@ -194,12 +194,38 @@ def dataset_record(ds, indices, species, cutoff: float, ctx=None, chunk: int = 5
     """Record of ``ds`` structures ``indices`` (this rank's share), merged over ``ctx``'s ranks;
     ``minima`` as in :func:`record_from_structures` (this rank's structures, in ``indices`` order)."""
     indices = np.asarray(indices, dtype=np.int64)
+    # read in file order (a rank's share is shuffled: reads of scattered structures were most of
+    # the pass on 10^5 small cells), the rows put back in ``indices`` order
+    order = np.argsort(indices, kind="stable")
+    ordered = indices[order]
 
     def structures():
-        for a in range(0, len(indices), chunk):
-            yield from ds.read(indices[a:a + chunk])
+        # by spans of the file: a span's wanted structures read as one slab of the span where
+        # they are dense enough (ds.read reads each run of consecutive indices as its own slab,
+        # about 0.3 ms per run: a scattered 10 % validation share cost as much as the other 90 %)
+        span = 8 * chunk
+        a = 0
+        while a < len(ordered):
+            lo = int(ordered[a])
+            b = int(np.searchsorted(ordered, lo + span))
+            want = ordered[a:b]
+            if len(want) * 16 >= span:
+                block = ds.read(np.arange(lo, int(want[-1]) + 1))
+                keep = np.zeros(len(block), dtype=bool)
+                keep[want - lo] = True
+                yield from (st for st, k in zip(block, keep) if k)
+            else:
+                for c in range(0, len(want), chunk):
+                    yield from ds.read(want[c:c + chunk])
+            a = b
 
-    part = record_from_structures(structures(), list(species), cutoff, minima)
+    rows: list | None = [] if minima is not None else None
+    part = record_from_structures(structures(), list(species), cutoff, rows)
+    if rows:
+        got = np.concatenate(rows)
+        back = np.empty_like(got)
+        back[order] = got
+        minima.extend(back[a:a + 4096] for a in range(0, len(back), 4096))
     parts = ctx.all_gather_object(part) if ctx is not None and ctx.world_size > 1 else [part]
     return merge_records(parts)
 
