@@ -156,7 +156,7 @@ def run_mode(data, rc, B, backend, mode, out, budget):
     tr.train_step(plan0[0], acc)                  # warm-up: optimizer state, lazy initialisation
     peak = inc = 0.0
     for structures in plan0[:MEM_STEPS]:          # memory: the same first batches in every mode
-        p, i = bd._step_peak(lambda: tr.train_step(structures, acc))
+        p, i = bd._step_peak(lambda t=tr, s=structures: t.train_step(s, acc))
         peak, inc = max(peak, p), max(inc, i)
     # time per epoch (epoch 1 order), extrapolated by atoms past the budget.  The memory phase
     # needs the 64 KiB mmap threshold (freed tensors go back to the system); timed with it, every
