@@ -380,11 +380,12 @@ def dense_pair_minima(group, cutoff: float):
 def dense_neighbor_lists(group, cutoff: float):
     """The :func:`neighbor_list` of every structure of a group as in :func:`_dense_distances`
     (the same pairs in the same order), or None where it does not apply."""
-    n = len(group[0].positions)
     hits: dict = {}                 # first structure of a chunk -> [(b, i, j, q, S)]
+    sizes: dict = {}                # first structure of a chunk -> its structure count
 
     def each(a, q, d2, S):
         b, i, j = np.nonzero(d2 < cutoff * cutoff)
+        sizes[a] = len(d2)
         hits.setdefault(a, []).append((b, i, j, np.full(len(b), q),
                                        np.zeros((len(b), 3)) if S is None else S[b, i, j]))
 
@@ -396,9 +397,7 @@ def dense_neighbor_lists(group, cutoff: float):
         # (structure, i, j, image number): each structure's pairs in the order of _canonical
         order = np.lexsort((q, j, i, b))
         b, i, j, S = b[order], i[order], j[order], S[order].astype(np.int64)
-        size = int(b.max()) + 1 if len(b) else 0
-        size = max(size, min(len(group) - a, max(1, _DENSE_ELEMENTS // (n * n))))
-        ends = np.searchsorted(b, np.arange(size + 1))
+        ends = np.searchsorted(b, np.arange(sizes[a] + 1))
         out += [(i[x:y].astype(np.int64), j[x:y].astype(np.int64), S[x:y]) for x, y in zip(ends[:-1], ends[1:])]
     return out
 

@@ -33,6 +33,7 @@ from ..config import config_to_dict
 from ..errors import ConfigError, DataFormatError, InputError, NonFiniteError
 from ..models.ann import FEATURE_STD_FLOOR
 from ..models.bpnn import BPNN
+from ..models.data_record import COINCIDENT_A
 from ..utils.io import OutputLock, atomic_write_text, check_writable, clean_stale_temps, storage_error
 from ..utils.log import log, warn
 from . import checkpoint as ckpt
@@ -666,15 +667,13 @@ class Trainer:
         except Exception:
             return None
 
-    from ..models.data_record import COINCIDENT_A     # atoms on top of each other below this
-
     def _check_coincident(self, record: dict, minima: list) -> None:
         """Stop on atoms on top of each other in the training data (convert --min-distance 0 lets
         them through): they made ZBL's radii zero ('must satisfy 0 < inner < outer', no
         structure named) or the descriptors NaN ('non-finite loss', every structure of the batch
         named).  Names the pair, its distance and, on the rank that holds it, the structure."""
         bad = {k: d for k, d in (record.get("pair_min_distance_A") or {}).items()
-               if d is not None and d < self.COINCIDENT_A}
+               if d is not None and d < COINCIDENT_A}
         if not bad:
             return
         key, d = min(bad.items(), key=lambda kv: kv[1])
@@ -682,14 +681,14 @@ class Trainer:
         if minima:
             rows = np.concatenate(minima)
             col = list(record["pair_min_distance_A"]).index(key)
-            hit = np.flatnonzero(rows[:, col] < self.COINCIDENT_A)
+            hit = np.flatnonzero(rows[:, col] < COINCIDENT_A)
             if len(hit):
                 i = int(np.asarray(self.stream.partition())[hit[0]])
                 src = self.ds.column("source")[i]
                 where = f"structure {i}" + (f" (source {src}, index {int(self.ds.column('source_index')[i])})"
                                             if src else "")
         raise DataFormatError(f"{self.cfg.data.train}: {where}: a {key} pair at {d:.3g} A (atoms on top of each "
-                              f"other, below {self.COINCIDENT_A} A): remove it (convert's default --min-distance "
+                              f"other, below {COINCIDENT_A} A): remove it (convert's default --min-distance "
                               f"rejects such structures)")
 
     def _adopt_warm_start_architecture(self) -> None:
@@ -741,20 +740,21 @@ class Trainer:
         r_out = self.model.zbl.short_range
         radius = np.array([r_out[a, a + k] for a in range(len(species)) for k in range(len(species) - a)],
                           dtype=np.float64)
-        # compared in float64: a row understates its distances, so "clear" is never wrong
-        ok = np.concatenate([(b.astype(np.float64) >= radius[None, :]).all(axis=1) for b in minima])
-        clear[np.asarray(self.stream.partition(), dtype=np.int64)[ok]] = True
+        def mark(indices, blocks):
+            # compared in float64: a row understates its distances, so "clear" is never wrong
+            if blocks:
+                ok = np.concatenate([(b.astype(np.float64) >= radius[None, :]).all(axis=1) for b in blocks])
+                clear[np.asarray(indices, dtype=np.int64)[ok]] = True
+
+        mark(self.stream.partition(), minima)
         if self.val_stream is not None and self.val_ds is self.ds and len(self.val_stream.partition()):
             # this rank's validation structures of the same file too (they share the loader):
             # their ZBL energies were otherwise computed from pair lists at the first validation
             from ..models.data_record import dataset_record
 
-            vidx = np.asarray(self.val_stream.partition(), dtype=np.int64)
             rows: list = []
-            dataset_record(self.ds, vidx, species, self.model.cutoff, None, minima=rows)
-            if rows:
-                clear[vidx[np.concatenate([(b.astype(np.float64) >= radius[None, :]).all(axis=1)
-                                           for b in rows])]] = True
+            dataset_record(self.ds, self.val_stream.partition(), species, self.model.cutoff, None, minima=rows)
+            mark(self.val_stream.partition(), rows)
         return clear
 
     def _setup_cache(self):
