@@ -48,6 +48,8 @@ CPU_ONLY_OPS = {
     "bpnn_energy_forces_backward": "one-node force operator (csrc/bpnn_forces_cpu.cpp); on a GPU: forces "
                                    "closed-form",
     "energy_force_loss": "compiled loss (csrc/bpnn_forces_cpu.cpp); on a GPU: loss torch (training/losses.py)",
+    "neighbor_pairs": "neighbour pairs of one structure (csrc/neighbors_cpu.cpp) from numpy positions; "
+                      "lists are built on the host for every device",
 }
 
 

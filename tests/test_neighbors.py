@@ -72,7 +72,7 @@ def random_case(rng, kind):
     return pos, cell, pbc, rc
 
 
-@pytest.mark.parametrize("backend", ["numpy", "vesin", "matscipy", "ase"])
+@pytest.mark.parametrize("backend", ["compiled", "numpy", "vesin", "matscipy", "ase"])
 @pytest.mark.parametrize("kind", ["triclinic", "small", "mixed", "molecule"])
 def test_against_brute_force(backend, kind):
     if not _have(backend):
@@ -111,7 +111,7 @@ def test_backends_identical_output():
     rng = np.random.default_rng(5)
     pos, cell, pbc, rc = random_case(rng, "triclinic")
     ref = np.column_stack(neighbor_list(pos, cell, pbc, rc, backend="numpy"))
-    for b in ("vesin", "matscipy", "ase", "brute"):
+    for b in ("compiled", "vesin", "matscipy", "ase", "brute"):
         if _have(b) or b == "brute":
             got = np.column_stack(neighbor_list(pos, cell, pbc, rc, backend=b))
             np.testing.assert_array_equal(got, ref)
@@ -150,12 +150,57 @@ def test_auto_falls_back_to_numpy_without_vesin(monkeypatch):
     rng = np.random.default_rng(21)
     pos, cell, pbc, rc = random_case(rng, "small")
     monkeypatch.setattr(nl, "_have_vesin", lambda: False)
+    monkeypatch.setattr(nl, "_COMPILED_CANDIDATES", 0)       # nor the compiled search
     assert "vesin" not in nl.available_backends()
     i, j, S = neighbor_list(pos, cell, pbc, rc)
     assert set(zip(i.tolist(), j.tolist(), *S.T.tolist())) == brute_pairs(pos, cell, pbc, rc)
     monkeypatch.setenv("DISTMLIP_NEIGHBORS", "bogus")
     with pytest.raises(ValueError, match="DISTMLIP_NEIGHBORS"):
         neighbor_list(pos, cell, pbc, rc)
+
+
+def test_compiled_search_equals_cell_list_on_dft_sized_cells(monkeypatch):
+    """The compiled pair search (the default for DFT-sized structures) gives the cell list's
+    pairs in the same order, array for array, on rattled bulk, skewed non-reduced cells with
+    unwrapped positions, slabs and wires with vacuum, a cell thinner than the cutoff and a
+    molecule; "auto" hands a structure beyond the candidate limit to the cell list, with the
+    same result."""
+    from ase.build import bulk, fcc111, molecule
+
+    if not _have("compiled"):
+        pytest.skip("compiled extension not built")
+    rng = np.random.default_rng(11)
+    cases = []
+    a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    a.rattle(0.1, seed=1)
+    cases.append((a.positions, a.cell[:], a.pbc, 6.5))
+    a = bulk("Au", "fcc", a=4.08).repeat((3, 2, 4))          # primitive: 60-degree cell
+    a.rattle(0.1, seed=2)
+    cell = a.cell[:].copy()
+    cell[1] += 2 * cell[0]
+    cell[2] += cell[0] - 3 * cell[1]                          # the same lattice, non-reduced
+    pos = a.positions + rng.integers(-2, 3, size=(len(a), 1)) * cell[0]   # unwrapped
+    cases.append((pos, cell, a.pbc, 6.0))
+    s = fcc111("Pt", size=(3, 3, 4), vacuum=8.0)
+    s.rattle(0.05, seed=3)
+    cases.append((s.positions, s.cell[:], np.array([True, True, False]), 6.0))
+    wire = s.cell[:].copy()
+    cases.append((s.positions, wire, np.array([True, False, False]), 5.0))
+    thin = np.diag([2.1, 9.0, 9.0]) + np.array([[0, 0.4, 0], [0, 0, 0], [0.3, 0, 0]])
+    cases.append((rng.random((7, 3)) @ thin, thin, np.array([True, True, True]), 5.5))
+    m = molecule("C6H6")
+    cases.append((m.positions, np.zeros((3, 3)), np.zeros(3, bool), 4.0))
+    for k, (pos, cell, pbc, rc) in enumerate(cases):
+        ref = np.column_stack(neighbor_list(pos, cell, pbc, rc, backend="numpy"))
+        got = np.column_stack(neighbor_list(pos, cell, pbc, rc, backend="compiled"))
+        auto = np.column_stack(neighbor_list(pos, cell, pbc, rc))
+        assert len(ref) > 0, k
+        np.testing.assert_array_equal(got, ref, err_msg=f"case {k}")
+        np.testing.assert_array_equal(auto, ref, err_msg=f"case {k}")
+    monkeypatch.setattr(nl, "_COMPILED_CANDIDATES", 10)
+    pos, cell, pbc, rc = cases[1]
+    np.testing.assert_array_equal(np.column_stack(neighbor_list(pos, cell, pbc, rc)),
+                                  np.column_stack(neighbor_list(pos, cell, pbc, rc, backend="numpy")))
 
 
 def test_dense_neighbor_lists_equal_neighbor_list():

@@ -11,12 +11,15 @@ Any cell shape is handled, including cells thinner than the cutoff (several imag
 and free molecules (``pbc`` False in every direction; the cell may then be zero).  Mixed
 boundaries (slabs, wires) work too.
 
-The default was chosen by measurement (benchmarks/neighbors.py): vesin (C++ cell list) is the
-fastest on dense bulk, 2x matscipy and 5-15x the numpy cell list; the numpy cell list is the
-fallback when vesin is not installed.
+The default was chosen by measurement (benchmarks/neighbors.py): the compiled pair search of
+the extension (csrc/neighbors_cpu.cpp: every candidate image of every atom pair, written in the
+canonical order, so no sort) for structures of up to about a thousand (atom, atom, image)
+candidates squared (DFT-sized cells, molecules), and beyond it vesin (C++ cell list), the fastest
+on large dense bulk, 2x matscipy and 5-15x the numpy cell list; the numpy cell list is the
+fallback when neither is there.
 
 Backends (``backend=`` argument or the ``DISTMLIP_NEIGHBORS`` environment variable):
-``"auto"`` (default: vesin when installed, else the numpy cell list), ``"vesin"``,
+``"auto"`` (default, as above), ``"compiled"`` (the pair search at any size), ``"vesin"``,
 ``"matscipy"``, ``"numpy"`` (cell list written here, linear scaling, no dependency), ``"ase"``
 (``ase.neighborlist.primitive_neighbor_list``) and ``"brute"`` (O(N^2 x images) reference, for
 tests).  Whatever the backend, the output is post-processed into the same canonical order.
@@ -33,7 +36,10 @@ from ..data.structure import complete_cell as _complete_cell
 __all__ = ["neighbor_list", "pair_offsets", "available_backends", "default_backend"]
 
 MAX_PAIRS = 1e8          # refuse inputs that would need more pairs than this (memory guard)
-_BACKENDS = ("auto", "vesin", "matscipy", "numpy", "ase", "brute")
+_BACKENDS = ("auto", "compiled", "vesin", "matscipy", "numpy", "ase", "brute")
+# "auto" takes the compiled pair search (csrc/neighbors_cpu.cpp, O(n^2 x images), canonical order
+# without a sort) up to this many (atom, atom, image) candidates, beyond it the cell list
+_COMPILED_CANDIDATES = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,6 +58,7 @@ def _prepare(positions, cell, pbc, cutoff):
     for d in range(3):
         if pbc[d] and np.linalg.norm(cell[d]) < 1e-12:
             raise ValueError(f"neighbor_list: periodic direction {d} has a zero cell vector")
+    full = face = None
     if pbc.any():
         full = _complete_cell(cell, pbc)
         if abs(np.linalg.det(full)) < 1e-12:
@@ -66,7 +73,7 @@ def _prepare(positions, cell, pbc, cutoff):
             raise ValueError(f"neighbor_list: about {est:.3g} pairs expected (limit {MAX_PAIRS:.0e}): "
                              f"the cell (face distances {np.round(face, 3).tolist()} A) is far too small "
                              f"for the cutoff {cutoff} A with {n} atoms")
-    return pos, cell, pbc, cutoff
+    return pos, cell, pbc, cutoff, full, face
 
 
 def _face_distances(full):
@@ -246,6 +253,27 @@ def _vesin(pos, cell, pbc, cutoff):
     return i, j, S
 
 
+def _compiled(pos, cell, pbc, cutoff, full, face, limit):
+    """The pairs from the compiled search (csrc/neighbors_cpu.cpp) in the canonical order, or None
+    when the extension is missing or the structure has more than ``limit`` candidates (``full``,
+    ``face``: :func:`_prepare`'s completed cell and its lattice-plane spacings)."""
+    from .._ext import load_extension
+
+    if not load_extension(warn_if_missing=False):
+        return None
+    images = 1.0 if full is None else float(np.prod(np.where(pbc, np.floor(2.0 * cutoff / face) + 1.0, 1.0)))
+    if limit is not None and float(len(pos)) ** 2 * images > limit:
+        return None
+    if full is None:            # a free structure: the frame is never used, only pbc
+        full = np.eye(3)
+    import torch
+
+    i, j, S = torch.ops.distmlip.neighbor_pairs(torch.from_numpy(pos), torch.from_numpy(np.ascontiguousarray(full)),
+                                                torch.from_numpy(np.ascontiguousarray(cell)),
+                                                [int(x) for x in pbc], cutoff)
+    return i.numpy(), j.numpy(), S.numpy()
+
+
 def _matscipy(pos, cell, pbc, cutoff):
     from matscipy.neighbours import neighbour_list
 
@@ -264,9 +292,13 @@ def _ase(pos, cell, pbc, cutoff):
 
 
 def available_backends() -> list[str]:
+    from .._ext import load_extension
+
     out = ["numpy", "ase", "brute"]
     if _have_vesin():
         out.insert(0, "vesin")
+    if load_extension(warn_if_missing=False):
+        out.insert(0, "compiled")
     return out
 
 
@@ -288,6 +320,9 @@ _DENSE_ELEMENTS = 1 << 18
 # atoms, periodic cells of a few atoms; the rest take the neighbour list
 _DENSE_FREE = 1 << 14
 _DENSE_PERIODIC = 1 << 12
+# with the compiled pair search there, periodic cells beyond this many candidates are faster one
+# at a time (the demo's 16- and 29-atom cells: 200-220 against 250-500 us per structure)
+_DENSE_PERIODIC_COMPILED = 1 << 10
 
 
 def _dense_distances(group, cutoff: float):
@@ -327,7 +362,14 @@ def _dense_distances(group, cutoff: float):
         counts = np.ones(3, dtype=np.int64)
     Q = np.stack(np.meshgrid(*[np.arange(k) for k in counts], indexing="ij"), axis=-1).reshape(-1, 3)
     per = len(Q) * n * n
-    if per > (_DENSE_PERIODIC if pbc.any() else _DENSE_FREE):
+    if pbc.any():
+        from .._ext import load_extension
+
+        limit = min(_DENSE_PERIODIC, _DENSE_PERIODIC_COMPILED) if load_extension(warn_if_missing=False) \
+            else _DENSE_PERIODIC
+    else:
+        limit = _DENSE_FREE
+    if per > limit:
         return False
     ar = np.arange(n)
     step = max(1, _DENSE_ELEMENTS // (n * n))
@@ -407,11 +449,16 @@ def neighbor_list(positions, cell, pbc, cutoff, backend: str | None = None, sort
 
     Returns numpy int64 arrays ``i [P]``, ``j [P]``, ``shifts [P, 3]`` sorted by (i, j, shift);
     ``sort=False``: in the backend's order (for callers that only reduce over the pairs)."""
-    pos, cell, pbc, cutoff = _prepare(positions, cell, pbc, cutoff)
+    pos, cell, pbc, cutoff, full, face = _prepare(positions, cell, pbc, cutoff)
     backend = (backend or default_backend()).lower()
     if backend not in _BACKENDS:
         raise ValueError(f"neighbor_list: unknown backend {backend!r}; valid: {', '.join(_BACKENDS)}")
-    if backend == "auto":
+    if backend in ("auto", "compiled"):
+        found = _compiled(pos, cell, pbc, cutoff, full, face, None if backend == "compiled" else _COMPILED_CANDIDATES)
+        if found is not None:
+            return found            # already in the canonical order
+        if backend == "compiled":
+            raise ValueError("neighbor_list: backend 'compiled' needs the compiled extension distmlip._C")
         backend = "vesin" if _have_vesin() else "numpy"
     if backend == "vesin":
         i, j, S = _vesin(pos, cell, pbc, cutoff)
