@@ -99,3 +99,56 @@ def test_a_new_models_absent_species_still_get_the_neutral_statistics():
     assert summ["absent_species"] == ["Au"]
     assert torch.equal(m.ann.feature_std[1], torch.ones_like(m.ann.feature_std[1]))
     assert abs(float(m.ann.energy_shift[1]) - float(m.ann.energy_shift[0])) < 1e-12
+
+
+def test_warm_start_adopts_declared_reference_energies_and_warns_on_a_moved_zero(tmp_path, capsys):
+    """New DFT data with another energy zero (sweep 14: every energy -3.5 eV/atom, declared with
+    convert --reference-energies): the warm start kept the model's references silently and its
+    networks had to learn the offset (2.5 eV/atom error after 40 epochs, exit 0).  Now the declared
+    references are adopted (the model's energies move by them, the networks are kept), the first
+    data's record moves with them, and an undeclared move of eV per atom is warned about."""
+    from distmlip.data.h5store import write_dataset
+    from distmlip.errors import ConfigError
+    from distmlip.training.config import load_train_config
+    from distmlip.training.trainer import Trainer
+
+    old = rattled_cu_au(12, seed=1)
+    write_dataset(tmp_path / "old.h5", old)
+    new = rattled_cu_au(12, seed=1)
+    for s in new:
+        s.energy += (-3.5 + 0.2) * len(s.numbers)           # another zero, and sampled 0.2 eV/atom higher
+    write_dataset(tmp_path / "new_ref.h5", new, reference_energies={"Cu": -3.5, "Au": -3.5})
+    write_dataset(tmp_path / "new_bare.h5", new)
+    cfg = f"""
+data: {{train: [{tmp_path / 'old.h5'}], fractions: [1.0, 0.0, 0.0]}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
+model: {{hidden: [5]}}
+training: {{mode: energy, epochs: 2, batch_atoms: 40, lr: 1.0e-2, output: {tmp_path / 'r1'}, progress_bar: 'off'}}
+"""
+    (tmp_path / "c.yaml").write_text(cfg)
+    Trainer(load_train_config(tmp_path / "c.yaml"), quiet=True).fit()
+    m0 = BPNN.load(tmp_path / "r1" / "model.pt")
+    probe = collate(old, m0.species, cutoff=m0.cutoff)
+    n_atoms = torch.tensor([len(s.numbers) for s in old], dtype=torch.float64)
+    with torch.no_grad():
+        E0 = m0(probe)
+    ws = {"training.warm_start": str(tmp_path / "r1" / "model.pt"), "training.output": str(tmp_path / "w")}
+    tr = Trainer(load_train_config(tmp_path / "c.yaml", {**ws, "data.train": [str(tmp_path / "new_ref.h5")]}),
+                 quiet=True)
+    with torch.no_grad():
+        E1 = tr.model.to("cpu")(collate(old, m0.species, cutoff=m0.cutoff))
+    torch.testing.assert_close(E1, E0 - 3.5 * n_atoms, rtol=0, atol=1e-9)
+    assert tr.model.ann.reference_energies() == {"Cu": -3.5, "Au": -3.5}
+    lowest_old = m0.training_record["energy_per_atom_min"]
+    lowest = tr.model.training_record["energy_per_atom_min"]
+    for k, v in lowest_old.items():      # the first data, in the new zero, are the lowest
+        assert abs(lowest[k] - (v - 3.5)) < 1e-9, (k, lowest[k], v)
+    capsys.readouterr()
+    Trainer(load_train_config(tmp_path / "c.yaml", {**ws, "data.train": [str(tmp_path / "new_bare.h5")],
+                                                    "training.output": str(tmp_path / "w2")}), quiet=False)
+    err = capsys.readouterr().err
+    assert "another DFT code" in err and "-3.3 eV/atom" in err, err[-2000:]
+    with pytest.raises(ConfigError, match="not species of the warm-start model"):
+        Trainer(load_train_config(tmp_path / "c.yaml", {**ws, "data.train": [str(tmp_path / "new_ref.h5")],
+                                                        "model.reference_energies": {"Ni": -1.0},
+                                                        "training.output": str(tmp_path / "w3")}), quiet=True)

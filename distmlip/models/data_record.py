@@ -27,6 +27,10 @@ import numpy as np
 RECORD_KEY = "training_data"
 # pairs closer than this (A) are atoms on top of each other: NaN descriptors, zero ZBL radii
 COINCIDENT_A = 0.01
+# a warm start's new data whose lowest energies per atom lie further than this (eV/atom, median
+# over the compositions both hold) from the model's training data have another energy zero:
+# samplings of one composition differ by tenths at most, DFT codes and settings by eV
+ENERGY_ZERO_WARN_EV = 0.5
 
 
 def pair_key(a: str, b: str) -> str:
@@ -187,6 +191,42 @@ def merge_records(records: list) -> dict:
             cur = out["energy_per_atom_min"].get(k)
             out["energy_per_atom_min"][k] = v if cur is None else min(cur, v)
     return out
+
+
+def formula_energy(formula: str, per_element: dict) -> float:
+    """Sum over a reduced formula's atoms of ``per_element`` [eV], per atom ('AuCu3' with
+    {Au: a, Cu: c}: (a + 3 c) / 4); elements not in ``per_element`` count 0."""
+    from ase.formula import Formula
+
+    count = Formula(formula).count()
+    n = sum(count.values())
+    return sum(c * float(per_element.get(el, 0.0)) for el, c in count.items()) / max(n, 1)
+
+
+def shift_energies(record: dict, per_element: dict) -> dict:
+    """``record`` with its lowest energies per atom moved by ``per_element`` [eV per atom of each
+    element]: the record of the same structures with an element's energy zero moved (a warm start
+    that adopts new reference energies; merged with the new data's record, the old energies in
+    the old zero would have counted as the lowest)."""
+    if not record or not any(per_element.values()):
+        return record
+    out = dict(record)
+    out["energy_per_atom_min"] = {k: v + formula_energy(k, per_element)
+                                  for k, v in (record.get("energy_per_atom_min") or {}).items()}
+    return out
+
+
+def energy_zero_offset(old: dict | None, new: dict | None) -> tuple[float, int] | None:
+    """(median over the compositions both records hold of new - old lowest energy per atom, how
+    many) or None when they share none: eV per atom by which a new data set's energies lie from
+    the ones a model was trained on.  Lowest energies of one composition from two samplings
+    agree to tenths of an eV per atom; another DFT code or setting moves all of them by eV."""
+    a = (old or {}).get("energy_per_atom_min") or {}
+    b = (new or {}).get("energy_per_atom_min") or {}
+    common = [k for k in a if k in b and a[k] is not None and b[k] is not None]
+    if not common:
+        return None
+    return float(np.median([b[k] - a[k] for k in common])), len(common)
 
 
 def dataset_record(ds, indices, species, cutoff: float, ctx=None, chunk: int = 512,
