@@ -9,7 +9,14 @@ therefore land in their parent's split.
 ``per_subset=True`` stratifies: inside each subset the identities are ordered by their hash
 and the fractions are applied exactly (rounded) to the number of identities, so every subset is
 represented in each split, and a data set augmented with GPR copies (which share their parent's
-identity) puts every reference in the split it had before augmentation.
+identity) puts every reference in the split it had before augmentation.  The price of exact
+counts: when a subset GROWS (new frames appended to a DFT file), the cuts move with its size, and
+an identity whose hash lies near a cut can change split (sweep 14: 1 of 30 old frames went from
+training to validation when the subset grew to 45).  A warm start on grown data may then
+validate on a few structures the model was trained on; where that matters, fix the split in the
+data (``convert --split-by-pattern``, or keep new frames in new files and name them in
+``data.validation``) or use ``data.by_subset: false`` (the hash alone decides: an identity never
+changes split, but a small subset may miss a split).
 
 A split can also be stored in the data set (optional ``structures/split``, written by
 ``distmlip convert --split-by-pattern train=train/,test=test/``); ``get_split`` prefers it."""
