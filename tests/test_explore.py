@@ -198,3 +198,78 @@ targets: {{flagged_fraction: 1.0, failure_ratio: 1.0}}
     # targets met (generous): converged at the last rung, nothing selected, model kept
     st = json.loads((d / "gpr" / "state.json").read_text())
     assert st["finished"] == "converged" and st["rows"][0]["updated"] is False
+
+
+def _explore_until_stopped(cfg, labelled):
+    """``distmlip explore CFG [--labelled FILE]`` stopped by SIGTERM once the retraining prints its
+    first line; returns its output."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "distmlip", "explore", str(cfg)] + (["--labelled", str(labelled)] if labelled else [])
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, sent = [], False
+    for line in proc.stdout:
+        lines.append(line)
+        if "[member 00]" in line and not sent:
+            proc.send_signal(signal.SIGTERM)
+            sent = True
+    proc.wait(timeout=240)
+    return "".join(lines)
+
+
+def test_stopped_retraining_resumes_and_takes_corrected_labels(committee):
+    """Sweep 14: after a stop during the retraining of labels given with --labelled, (a) the command
+    the stop message advises ('distmlip explore CONFIG') asked for labels again instead of resuming,
+    and (b) --labelled with corrected labels was ignored: new.h5 of the first labels was kept and the
+    committee retrained on them.  Corrected labels are converted again and the iteration's retraining
+    starts from scratch on them; labels given when no iteration waits for them are refused."""
+    import torch
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from distmlip.data.h5store import H5Dataset
+
+    d = committee
+    long = _explore_cfg(d, "relabel", iterations=1, epochs=3000)
+    assert "candidates for reference calculations" in distmlip_cli(["explore", str(long)]).stdout
+    frames, _ = _candidates(d / "relabel")
+    right, wrong = [], []
+    for a in frames:
+        b = a.copy()
+        b.calc = EMT()
+        e, f = b.get_potential_energy(), b.get_forces()
+        for lst, shift in ((right, 0.0), (wrong, 8.0)):
+            c = a.copy()
+            c.calc = SinglePointCalculator(c, energy=e + shift, forces=f)
+            lst.append(c)
+    write(str(d / "right.extxyz"), right)
+    write(str(d / "wrong.extxyz"), wrong)
+    it = d / "relabel" / "iter_001"
+    out = _explore_until_stopped(long, d / "wrong.extxyz")
+    assert "stop requested during retraining of iteration 1" in out
+    e_wrong = H5Dataset(it / "new.h5").column("energy")
+    assert np.allclose(sorted(e_wrong), sorted(a.get_potential_energy() for a in wrong))
+    # (a) the advised command resumes the retraining on the labels given (stopped again here)
+    out = _explore_until_stopped(long, None)
+    assert "candidates for reference calculations" not in out, out
+    assert "stop requested during retraining of iteration 1" in out, out
+    # the same labels again: resumed too, nothing converted again
+    out = _explore_until_stopped(long, d / "wrong.extxyz")
+    assert "from scratch" not in out and "stop requested during retraining of iteration 1" in out, out
+    # (b) corrected labels: new.h5 is converted again, the retraining starts from scratch on it
+    short = _explore_cfg(d, "relabel", iterations=1, epochs=4)
+    res = distmlip_cli(["explore", str(short), "--labelled", str(d / "right.extxyz")])
+    assert "right.extxyz" in res.stdout and "from scratch" in res.stdout, res.stdout
+    new = H5Dataset(it / "new.h5")
+    assert np.allclose(sorted(new.column("energy")), sorted(a.get_potential_energy() for a in right))
+    assert new.provenance[0]["inputs"] == [str(d / "right.extxyz")]
+    st = json.loads((d / "relabel" / "state.json").read_text())
+    assert st["iteration"] == 1 and st["rows"][0]["updated"]
+    trained_on = H5Dataset([d / "train.h5", it / "new.h5"]).content_id
+    for k in range(2):
+        ck = torch.load(it / "train" / f"member_{k:02d}" / "checkpoint.pt", map_location="cpu", weights_only=False)
+        assert ck["data"]["train"] == trained_on and ck["epoch"] == 4
+    # labels when no iteration waits for them: refused (they were ignored without a word)
+    res = distmlip_cli(["explore", str(short), "--labelled", str(d / "wrong.extxyz")], check=False)
+    assert res.returncode == 2 and "no iteration of" in res.stderr and "is waiting for labels" in res.stderr, res.stderr
+    assert "iteration 1 was trained on " + str(d / "right.extxyz") in res.stderr

@@ -31,6 +31,8 @@ One iteration (folder ``OUTPUT/iter_XXX``):
 5. **Retrain**: ``distmlip convert`` of the labels into ``new.h5``, appended to the training data
    of ``train_config``; every member warm-starts from the current one (``training.warm_start``;
    member k of a committee from member k), with the ``retrain`` overrides, into ``train/``.
+   ``--labelled`` files of other content than new.h5 was converted from (``labels.json``)
+   replace it, and this retraining starts from scratch.
 6. **Test** (``test_data``): energy and force MAE of the model that ran this iteration's MD.
 
 Every stage writes its result atomically and is skipped when it exists, so a killed run
@@ -509,11 +511,54 @@ class Explorer:
         return out
 
     def convert(self, itdir: Path, inputs) -> Path:
+        """``new.h5`` of the labels ``inputs``; None: the new.h5 already there (an iteration
+        stopped during its retraining continues on the labels it was given).  new.h5 is kept only
+        when the inputs have the content it was converted from (``labels.json``: a digest of the
+        files' bytes); other labels (corrected ones, or a new.h5 without that record) are converted
+        again and the iteration's retraining starts from scratch, since its checkpoints and
+        refitted warm starts were made from the old labels (sweep 14: they were kept silently)."""
+        import shutil
+
         from ..data.convert import ConvertConfig, convert
+        from ..data.readers import expand_inputs
+        from ..gpr.store import file_digest
 
         out = itdir / "new.h5"
-        if not out.is_file():
+        rec = itdir / "labels.json"
+        if inputs is None:
+            self.sync()
+            return out
+        redo, err = None, None
+        if self.rank0:
+            try:
+                files = expand_inputs([str(p) for p in inputs])
+                digest = [file_digest(f) for f in files]
+            except (InputError, OSError) as exc:     # every rank must hear of it, not wait
+                err = f"explore: labelled files {[str(p) for p in inputs]}: {exc}"
+            else:
+                old = json.loads(rec.read_text()) if rec.is_file() and out.is_file() else None
+                if old is None or old.get("digest") != digest:
+                    redo = {"files": files, "digest": digest, "old": (old or {}).get("files"),
+                            "stale": any(p.exists() for p in (out, itdir / "train", itdir / "warm"))}
+        redo, err = self.ctx.broadcast_object((redo, err))
+        if err:
+            raise InputError(err)
+        if redo is not None:
+            if redo["stale"]:
+                was = (f"{out.name} was converted from {', '.join(redo['old'])}" if redo["old"] else
+                       f"no record of what {out.name} was converted from")
+                log(f"explore: {itdir.name}: new labels {', '.join(redo['files'])} ({was}): converting them; "
+                    f"the retraining of this iteration starts from scratch (its checkpoints learnt the old labels)")
+            if self.rank0:
+                # new.h5 first: a run killed in between asks for labels rather than reusing old ones
+                rec.unlink(missing_ok=True)
+                out.unlink(missing_ok=True)
+                for d in ("train", "warm"):
+                    shutil.rmtree(itdir / d, ignore_errors=True)
+            self.sync()
             convert(ConvertConfig(inputs=[str(p) for p in inputs], output=str(out)))
+            if self.rank0:
+                atomic_write_text(rec, json_text({"files": redo["files"], "digest": redo["digest"]}, indent=1))
         self.sync()
         return out
 
@@ -639,6 +684,17 @@ class Explorer:
         with Heartbeat(self.out, self.ctx.rank, self.ctx.world_size, self.ctx.timeout_s,
                        hint="finished iterations are kept: rerun the same command to continue") as self._hb:
             st = self.load_state()
+            if self.labelled and not st.get("waiting"):
+                # labels are for the candidates of the iteration that asked for them; otherwise they
+                # were kept for whichever iteration next needed labels, or ignored without a word
+                # after the last one (sweep 14)
+                last = self.out / f"iter_{st['iteration']:03d}" / "labels.json"
+                was = (f"; iteration {st['iteration']} was trained on "
+                       f"{', '.join(json.loads(last.read_text())['files'])}" if last.is_file() else "")
+                raise InputError(f"explore: --labelled {' '.join(map(str, self.labelled))}: no iteration of "
+                                 f"{self.out} is waiting for labels ({self.state_path()}: {st['iteration']} "
+                                 f"iteration(s) finished{was}); labels of a finished iteration are not replaced, "
+                                 f"nothing was done")
             if st["members"] is None and self.K > 1:
                 st["members"] = self.members_of(st["model"], self.out / "initial")
             rungs = cfg.rungs()
@@ -689,6 +745,10 @@ class Explorer:
                         if lab is None and self.labelled:
                             lab_inputs = self.labelled
                             self.labelled = []
+                        elif lab is None and (itdir / "new.h5").is_file():
+                            # labels given before, stopped during the retraining: continue on them
+                            log(f"explore: iteration {it}: continuing with the labels of {itdir / 'new.h5'}")
+                            lab_inputs = None
                         elif lab is None:
                             log(f"explore: iteration {it}: {sel['selected']} candidates for reference calculations in "
                                 f"{sel['candidates']}; label them (energies and forces), then continue with\n"
@@ -703,7 +763,8 @@ class Explorer:
                         status, model_file = self.retrain(itdir, st, new_data)
                         if status == "stopped":
                             log(f"explore: stop requested during retraining of iteration {it}; continue with "
-                                f"'distmlip explore CONFIG' (training resumes from its checkpoint)")
+                                f"'distmlip explore CONFIG' (training resumes from its checkpoint; with "
+                                f"--labelled and other labels, it starts again on them)")
                             return st
                         st["new_data"] = new_data
                         st["model"] = model_file
