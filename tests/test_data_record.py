@@ -203,3 +203,41 @@ def test_dense_minima_equal_neighbour_lists():
                 got = rec["pair_min_distance_A"][k]
                 assert (got is None) if not np.isfinite(want) else got == pytest.approx(want, rel=1e-12)
     assert dense >= 8          # the dense path ran (not only the fallback)
+
+
+def test_resumed_in_place_warm_start_keeps_the_first_datas_record(emt_h5, tmp_path):
+    """A warm start into the folder of its own model (output: run, warm_start: run/model.pt),
+    stopped and resumed: the resume read the record from the warm-start file, which the first part
+    had moved to run/previous-*, and the model lost the first data's record (sweep 14).  The
+    checkpoint keeps the record the run started with; the resumed run stays bit-identical to an
+    uninterrupted one."""
+    import shutil
+
+    import torch
+
+    from distmlip.data.examples import rattled_cu_au
+    from distmlip.data.h5store import write_dataset
+
+    Trainer(_cfg(emt_h5, tmp_path / "run"), quiet=True).fit()
+    first = BPNN.load(tmp_path / "run" / "model.pt").training_record
+    new = tmp_path / "new.h5"
+    write_dataset(new, rattled_cu_au(10, seed=7))
+    shutil.copytree(tmp_path / "run", tmp_path / "u0")
+
+    def fine(out, warm):
+        cfg = _cfg(new, out, epochs=3)
+        cfg.training.warm_start = str(warm)
+        return cfg
+
+    Trainer(fine(tmp_path / "u", tmp_path / "u0" / "model.pt"), quiet=True).fit()      # uninterrupted
+    cfg = fine(tmp_path / "run", tmp_path / "run" / "model.pt")
+    assert Trainer(cfg, quiet=True).fit(step_callback=lambda t: t.global_step >= 2) == "stopped"
+    assert not (tmp_path / "run" / "model.pt").is_file()          # moved to previous-*
+    assert Trainer(cfg, quiet=True, resume=str(tmp_path / "run" / "checkpoint.pt")).fit() == "done"
+    ref = BPNN.load(tmp_path / "u" / "last_model.pt").training_record
+    got = BPNN.load(tmp_path / "run" / "last_model.pt").training_record
+    assert ref["n_structures"] > first["n_structures"] and first["data"][0] in ref["data"]
+    assert got == ref
+    a = torch.load(tmp_path / "u" / "last_model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "run" / "last_model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -643,8 +643,10 @@ class Trainer:
         # (md-check and the calculator warn below them; models/data_record.py)
         from ..models.data_record import dataset_record, merge_records
         prior = None
-        if tc.warm_start:   # the loaded model's record; a resumed fine-tuning run reads it from the file
-            prior = getattr(self, "_prior_record", None) if self._resume_state is None else self._warm_start_record()
+        if tc.warm_start:   # the loaded model's record; a resumed fine-tuning run's from its checkpoint
+            if self._resume_state is not None:
+                self._prior_record = self._warm_start_record()
+            prior = self._prior_record
             if prior and float(prior.get("cutoff_A", -1)) != float(self.model.cutoff):
                 prior = None
         early = getattr(self, "_early_record", None)
@@ -713,8 +715,12 @@ class Trainer:
                  f"otherwise the networks must learn the offset")
 
     def _warm_start_record(self) -> dict | None:
-        """The training-data record of the warm-start model file (None if it has none or is gone,
-        e.g. when a warm-started run resumes after the file was removed)."""
+        """The training-data record of the warm-start model as the run loaded it, kept in the
+        checkpoint: the file may have changed or gone since (an in-place warm start moves it to
+        previous-*, sweep 14).  Checkpoints written before they kept it: read from the file (None
+        if it has none or is gone)."""
+        if "warm_start_record" in self._resume_state:
+            return self._resume_state["warm_start_record"]
         try:
             return BPNN.load(self.cfg.training.warm_start).training_record
         except Exception:
@@ -1417,7 +1423,8 @@ class Trainer:
                     bad_epochs=self.bad_epochs, partial=partial, config=config_to_dict(self.cfg),
                     loss_state=list(self._prev_rmse) if self._prev_rmse is not None else None,
                     loss_spread=list(self._spread()),
-                    world_size=self.ctx.world_size, data=self._data_ids())
+                    world_size=self.ctx.world_size, data=self._data_ids(),
+                    warm_start_record=getattr(self, "_prior_record", None))
 
     def _data_ids(self) -> dict:
         """Content digests of the training (and separate validation) data: a resumed run must
