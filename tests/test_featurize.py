@@ -232,3 +232,41 @@ def test_cache_that_does_not_fit_is_refused_before_writing(tmp_path, emt_h5, mon
     said = []
     assert open_or_build(ds, ds.species, SPEC, "reference", tmp_path / "c.h5", warn_fn=said.append) is None
     assert "training without a descriptor cache" in said[0]
+
+
+def test_training_and_validation_lists_never_share_a_cache(tmp_path, emt_h5):
+    """data.train [A, T] and data.validation [A, T2] (T2: other structures of T's sizes) had one
+    default cache path (the first file and the descriptor settings only): the validation cache
+    replaced the training one under its open reader, and training ran on T2's descriptors for T's
+    structures (exit 0), or crashed with an IndexError with validation [A] (sweep 14).  The path
+    depends on the whole list, and a reader whose file was replaced after its check says so."""
+    d = emt_h5.parent
+    write_dataset(d / "t.h5", rattled_cu_au(6, seed=1))
+    write_dataset(d / "t2.h5", rattled_cu_au(6, seed=2))
+    A, T, T2 = str(emt_h5), str(d / "t.h5"), str(d / "t2.h5")
+    sp = H5Dataset(emt_h5).species
+    lists = ([A], [A, T], [A, T2], [T, A])
+    assert len({default_cache_path(x, SPEC, sp) for x in lists}) == len(lists)
+    for val in ([A, T2], [A]):
+        states = {}
+        for cache in ("auto", "off"):
+            name = f"{len(val)}-{cache}"
+            y = tmp_path / f"{name}.yaml"
+            y.write_text(f"""
+data: {{train: [{A}, {T}], validation: [{', '.join(val)}]}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference, cache: {cache}}}
+model: {{hidden: [6, 6]}}
+training: {{mode: energy, epochs: 3, batch_atoms: 16, lr: 0.01, output: {tmp_path / name}, progress_bar: 'off'}}
+""")
+            tr = Trainer(load_train_config(y), quiet=True)
+            tr.fit()
+            states[cache] = tr.model.state_dict()
+        a, b = states["auto"], states["off"]
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-12
+    # a reader made before another cache was renamed to its path refuses to read the new rows
+    ds = H5Dataset([A, T])
+    path = featurize(ds, sp, SPEC, "reference", tmp_path / "shared.h5")
+    c = FeatureCache(path, ds, sp, SPEC)
+    featurize(H5Dataset([A, T2]), sp, SPEC, "reference", path)
+    with pytest.raises(StaleCacheError, match="shared.h5: the descriptor cache was replaced after it was checked"):
+        c.features([0])

@@ -3,8 +3,9 @@
 Energy-mode training (and training on GPR-augmented data, M = 10-40 times the original set) needs
 the descriptors of fixed structures only, so they can be computed once.  ``featurize`` computes
 them with the fused kernels (fallback: the PyTorch reference), spread over the MPI ranks, into a
-companion HDF5 file (default ``<first data file>.desc-<digest of spec and species>.h5``, so
-that runs with other descriptor settings never share a file)::
+companion HDF5 file (default ``<first data file>.desc-<digest of spec, species and the file
+list>.h5``, so that runs with other descriptor settings or other data lists never share a
+file)::
 
     attrs   format = "distmlip-descriptor-cache", version = 2, complete = True,
             key (JSON: the descriptor spec's fields, species, dim: DescriptorSpec.key),
@@ -56,8 +57,14 @@ class StaleCacheError(DataFormatError):
 
 # ------------------------------------------------------------------------------------ keys
 def default_cache_path(data_paths, spec: DescriptorSpec, species) -> Path:
+    """``<first file>.desc-<tag>.h5``, the tag a digest of the descriptor key and of the whole
+    file list in order (relative to the first file's folder, so a moved data folder keeps its
+    caches): lists that share a first file (a training set and its validation set, sweep 14)
+    never share a cache, which one would rebuild under the other's open reader."""
     paths = [data_paths] if isinstance(data_paths, (str, os.PathLike)) else list(data_paths)
-    tag = hashlib.sha256(json.dumps(spec.key(species), sort_keys=True).encode()).hexdigest()[:10]
+    home = os.path.dirname(os.path.abspath(paths[0]))
+    files = [os.path.relpath(os.path.abspath(p), home) for p in paths]
+    tag = hashlib.sha256(json.dumps([spec.key(species), files], sort_keys=True).encode()).hexdigest()[:10]
     return Path(f"{paths[0]}.desc-{tag}.h5")
 
 
@@ -110,6 +117,7 @@ class FeatureCache:
                     raise StaleCacheError(f"{self.path}: incomplete descriptor cache (writer did not finish)")
                 key = json.loads(a["key"])
                 data = json.loads(a["data"])
+                self._identity = (key, data)
                 self.atom_offset = f["atom_offset"][...].astype(np.int64)
                 self.dim = int(a["dim"])
                 shape = f["features"].shape
@@ -151,7 +159,21 @@ class FeatureCache:
         import h5py
 
         if self._pid != os.getpid() or self._h5 is None:
-            self._h5 = h5py.File(self.path, "r")
+            h5 = h5py.File(self.path, "r")
+            # the rows are read lazily: the file now under the name must be the one checked when
+            # this reader was made, not a cache of other data renamed there since (sweep 14: the
+            # validation set's cache replaced the training set's, whose rows were then trained on)
+            try:
+                now = (json.loads(h5.attrs["key"]), json.loads(h5.attrs["data"]))
+            except (KeyError, ValueError):
+                now = None
+            if now != self._identity:
+                h5.close()
+                files = (now[1].get("files") if now else None) or "unknown files"
+                raise StaleCacheError(f"{self.path}: the descriptor cache was replaced after it was checked (now built "
+                                      f"from {files}, checked for {self._identity[1].get('files')}): another run "
+                                      f"writes the same file; give each run its own descriptor.cache_file")
+            self._h5 = h5
             self._pid = os.getpid()
             self._chunks.clear()
         return self._h5["features"]

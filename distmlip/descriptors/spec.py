@@ -142,7 +142,7 @@ class DescriptorConfig:
     spec: DescriptorSpec = field(default_factory=_default_spec, metadata={"inline": True})
     backend: Literal["auto", "reference", "fused"] = "auto"
     cache: Union[Literal["auto", "on", "off"], bool] = "auto"
-    cache_file: Optional[str] = None   # default: <first training file>.desc.h5
+    cache_file: Optional[str] = None   # default: featurize.default_cache_path; validation data: CACHE_FILE.val.h5
 
     def validate(self):
         if isinstance(self.cache, bool):
