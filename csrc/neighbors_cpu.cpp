@@ -12,7 +12,9 @@
 // structures whose candidate count is small enough (large cells keep the cell list).
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -20,13 +22,15 @@
 namespace distmlip {
 namespace {
 
+// The candidate search shared by the operators below: calls visit(i, j, S0, S1, S2, d2) for every
+// pair (i, j, image S) closer than the cutoff, in the canonical order.
 // positions [n, 3] float64; full [3, 3] float64, rows the cell vectors with every non-periodic
 // row completed (invertible: the caller completes it); cell [3, 3] float64, the rows that image
 // shifts multiply (the structure's own cell; its non-periodic rows are never used);
 // pbc: three 0/1 flags.
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> neighbor_pairs_cpu(
-    const torch::Tensor& positions, const torch::Tensor& full, const torch::Tensor& cell,
-    std::vector<int64_t> pbc, double cutoff) {
+template <typename Visit>
+void for_each_pair(const torch::Tensor& positions, const torch::Tensor& full, const torch::Tensor& cell,
+                   const std::vector<int64_t>& pbc, double cutoff, Visit&& visit) {
   TORCH_CHECK(positions.dim() == 2 && positions.size(1) == 3, "neighbor_pairs: positions must be [n, 3]");
   TORCH_CHECK(full.dim() == 2 && full.size(0) == 3 && full.size(1) == 3, "neighbor_pairs: full must be [3, 3]");
   TORCH_CHECK(cell.dim() == 2 && cell.size(0) == 3 && cell.size(1) == 3, "neighbor_pairs: cell must be [3, 3]");
@@ -73,10 +77,6 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> neighbor_pairs_cpu(
       frac[3 * a + k] = r[3 * a] * inv[k] + r[3 * a + 1] * inv[3 + k] + r[3 * a + 2] * inv[6 + k];
 
   const double rc2 = cutoff * cutoff;
-  std::vector<int64_t> out_i, out_j, out_s;
-  out_i.reserve(16 * n);
-  out_j.reserve(16 * n);
-  out_s.reserve(48 * n);
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       const double dx = r[3 * j] - r[3 * i], dy = r[3 * j + 1] - r[3 * i + 1], dz = r[3 * j + 2] - r[3 * i + 2];
@@ -94,18 +94,31 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> neighbor_pairs_cpu(
             const double vx = dx + s0 * C[0] + s1 * C[3] + s2 * C[6];
             const double vy = dy + s0 * C[1] + s1 * C[4] + s2 * C[7];
             const double vz = dz + s0 * C[2] + s1 * C[5] + s2 * C[8];
-            if (vx * vx + vy * vy + vz * vz < rc2) {
-              out_i.push_back(i);
-              out_j.push_back(j);
-              out_s.push_back(lo[0] + a);
-              out_s.push_back(lo[1] + b);
-              out_s.push_back(lo[2] + c);
-            }
+            const double d2 = vx * vx + vy * vy + vz * vz;
+            if (d2 < rc2) visit(i, j, lo[0] + a, lo[1] + b, lo[2] + c, d2);
           }
         }
       }
     }
   }
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> neighbor_pairs_cpu(
+    const torch::Tensor& positions, const torch::Tensor& full, const torch::Tensor& cell,
+    std::vector<int64_t> pbc, double cutoff) {
+  const int64_t n = positions.size(0);
+  std::vector<int64_t> out_i, out_j, out_s;
+  out_i.reserve(16 * n);
+  out_j.reserve(16 * n);
+  out_s.reserve(48 * n);
+  for_each_pair(positions, full, cell, pbc, cutoff,
+                [&](int64_t i, int64_t j, int64_t s0, int64_t s1, int64_t s2, double) {
+                  out_i.push_back(i);
+                  out_j.push_back(j);
+                  out_s.push_back(s0);
+                  out_s.push_back(s1);
+                  out_s.push_back(s2);
+                });
   const int64_t P = static_cast<int64_t>(out_i.size());
   auto opts = torch::TensorOptions().dtype(torch::kInt64);
   auto ti = torch::empty({P}, opts), tj = torch::empty({P}, opts), ts = torch::empty({P, 3}, opts);
@@ -115,13 +128,45 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> neighbor_pairs_cpu(
   return {ti, tj, ts};
 }
 
+// Shortest squared distance per pair of atom types of one structure, [T, T] float64 (symmetric;
+// inf where no pair is closer than the cutoff): what a training-data record needs of a
+// structure, without writing its pair list (types [n] int64 in [0, T)).
+torch::Tensor neighbor_type_minima_cpu(const torch::Tensor& positions, const torch::Tensor& full,
+                                       const torch::Tensor& cell, std::vector<int64_t> pbc, double cutoff,
+                                       const torch::Tensor& types, int64_t n_types) {
+  TORCH_CHECK(types.dim() == 1 && types.size(0) == positions.size(0) && types.scalar_type() == torch::kInt64,
+              "neighbor_type_minima: types must be int64 [n]");
+  TORCH_CHECK(n_types > 0, "neighbor_type_minima: n_types must be positive");
+  const auto t_c = types.contiguous();
+  const int64_t* t = t_c.data_ptr<int64_t>();
+  for (int64_t a = 0; a < t_c.size(0); ++a)
+    TORCH_CHECK(t[a] >= 0 && t[a] < n_types, "neighbor_type_minima: type out of range");
+  auto out = torch::full({n_types, n_types}, std::numeric_limits<double>::infinity(),
+                         torch::TensorOptions().dtype(torch::kFloat64));
+  double* m = out.data_ptr<double>();
+  for_each_pair(positions, full, cell, pbc, cutoff,
+                [&](int64_t i, int64_t j, int64_t, int64_t, int64_t, double d2) {
+                  double& x = m[t[i] * n_types + t[j]];
+                  if (d2 < x) x = d2;
+                });
+  for (int64_t a = 0; a < n_types; ++a)
+    for (int64_t b = a + 1; b < n_types; ++b) {
+      const double v = std::min(m[a * n_types + b], m[b * n_types + a]);
+      m[a * n_types + b] = m[b * n_types + a] = v;
+    }
+  return out;
+}
+
 }  // namespace
 }  // namespace distmlip
 
 TORCH_LIBRARY_FRAGMENT(distmlip, m) {
   m.def("neighbor_pairs(Tensor positions, Tensor full, Tensor cell, int[] pbc, float cutoff) -> (Tensor, Tensor, Tensor)");
+  m.def("neighbor_type_minima(Tensor positions, Tensor full, Tensor cell, int[] pbc, float cutoff, Tensor types, "
+        "int n_types) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(distmlip, CPU, m) {
   m.impl("neighbor_pairs", &distmlip::neighbor_pairs_cpu);
+  m.impl("neighbor_type_minima", &distmlip::neighbor_type_minima_cpu);
 }

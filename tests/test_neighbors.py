@@ -197,10 +197,19 @@ def test_compiled_search_equals_cell_list_on_dft_sized_cells(monkeypatch):
         assert len(ref) > 0, k
         np.testing.assert_array_equal(got, ref, err_msg=f"case {k}")
         np.testing.assert_array_equal(auto, ref, err_msg=f"case {k}")
+        # the record's per-type shortest distances without a pair list: the list's minima
+        types = np.arange(len(pos)) % 3
+        m = nl.type_minima(pos, cell, pbc, rc, types, 3)
+        i, j, S = ref[:, 0], ref[:, 1], ref[:, 2:]
+        d = np.linalg.norm(pos[j] - pos[i] + S @ np.asarray(cell, float).reshape(3, 3), axis=1)
+        want = np.full((3, 3), np.inf)
+        np.minimum.at(want, (types[i], types[j]), d)
+        np.testing.assert_allclose(m, np.minimum(want, want.T), rtol=1e-14, atol=0, err_msg=f"case {k}")
     monkeypatch.setattr(nl, "_COMPILED_CANDIDATES", 10)
     pos, cell, pbc, rc = cases[1]
     np.testing.assert_array_equal(np.column_stack(neighbor_list(pos, cell, pbc, rc)),
                                   np.column_stack(neighbor_list(pos, cell, pbc, rc, backend="numpy")))
+    assert nl.type_minima(pos, cell, pbc, rc, np.zeros(len(pos), int), 1) is None     # beyond the limit
 
 
 def test_dense_neighbor_lists_equal_neighbor_list():

@@ -253,10 +253,10 @@ def _vesin(pos, cell, pbc, cutoff):
     return i, j, S
 
 
-def _compiled(pos, cell, pbc, cutoff, full, face, limit):
-    """The pairs from the compiled search (csrc/neighbors_cpu.cpp) in the canonical order, or None
-    when the extension is missing or the structure has more than ``limit`` candidates (``full``,
-    ``face``: :func:`_prepare`'s completed cell and its lattice-plane spacings)."""
+def _compiled_frame(pos, pbc, cutoff, full, face, limit):
+    """The completed cell the compiled search takes, or None when the extension is missing or the
+    structure has more than ``limit`` (atom, atom, image) candidates (``full``, ``face``:
+    :func:`_prepare`'s completed cell and its lattice-plane spacings)."""
     from .._ext import load_extension
 
     if not load_extension(warn_if_missing=False):
@@ -264,14 +264,40 @@ def _compiled(pos, cell, pbc, cutoff, full, face, limit):
     images = 1.0 if full is None else float(np.prod(np.where(pbc, np.floor(2.0 * cutoff / face) + 1.0, 1.0)))
     if limit is not None and float(len(pos)) ** 2 * images > limit:
         return None
-    if full is None:            # a free structure: the frame is never used, only pbc
-        full = np.eye(3)
+    return np.eye(3) if full is None else np.ascontiguousarray(full)   # a free structure: any frame
+
+
+def _compiled(pos, cell, pbc, cutoff, full, face, limit):
+    """The pairs from the compiled search (csrc/neighbors_cpu.cpp) in the canonical order, or None
+    where it does not apply (:func:`_compiled_frame`)."""
+    full = _compiled_frame(pos, pbc, cutoff, full, face, limit)
+    if full is None:
+        return None
     import torch
 
-    i, j, S = torch.ops.distmlip.neighbor_pairs(torch.from_numpy(pos), torch.from_numpy(np.ascontiguousarray(full)),
+    i, j, S = torch.ops.distmlip.neighbor_pairs(torch.from_numpy(pos), torch.from_numpy(full),
                                                 torch.from_numpy(np.ascontiguousarray(cell)),
                                                 [int(x) for x in pbc], cutoff)
     return i.numpy(), j.numpy(), S.numpy()
+
+
+def type_minima(positions, cell, pbc, cutoff, types, n_types: int):
+    """[n_types, n_types] shortest distance per pair of atom types of one structure (periodic
+    images included; inf where no pair is closer than ``cutoff``), from the compiled search
+    without writing the pair list, or None where that search does not apply (then take
+    :func:`neighbor_list`).  ``types``: [n] integers in [0, n_types)."""
+    pos, cell, pbc, cutoff, full, face = _prepare(positions, cell, pbc, cutoff)
+    full = _compiled_frame(pos, pbc, cutoff, full, face, _COMPILED_CANDIDATES)
+    if full is None:
+        return None
+    import torch
+
+    d2 = torch.ops.distmlip.neighbor_type_minima(torch.from_numpy(pos), torch.from_numpy(full),
+                                                 torch.from_numpy(np.ascontiguousarray(cell)),
+                                                 [int(x) for x in pbc], cutoff,
+                                                 torch.from_numpy(np.ascontiguousarray(types, dtype=np.int64)),
+                                                 int(n_types))
+    return np.sqrt(d2.numpy())
 
 
 def _matscipy(pos, cell, pbc, cutoff):
