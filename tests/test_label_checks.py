@@ -120,3 +120,45 @@ def test_stress_in_kbar_warns(tmp_path, capsys):
     write(tmp_path / "ok.extxyz", frames)
     convert(ConvertConfig(inputs=[str(tmp_path / "ok.extxyz")], output=str(tmp_path / "ok.h5")))
     assert "|stress| up to" not in capsys.readouterr().err
+
+
+def _write_extxyz(path, structs, efac=1.0, ffac=1.0):
+    from ase import Atoms
+    from ase.io import write
+
+    frames = []
+    for s in structs:
+        a = Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
+        a.info["energy"] = s.energy * efac
+        a.arrays["forces"] = s.forces * ffac
+        frames.append(a)
+    write(path, frames)
+
+
+@pytest.mark.parametrize("efac, ffac, likely", [(1 / 27.211386, 1.0, "Hartree with forces in eV/A"),
+                                                 (1 / 27.211386, 0.529177 / 27.211386, "forces per Bohr")])
+def test_energy_force_unit_mismatch_is_named(tmp_path, capsys, efac, ffac, likely):
+    """Energies in Hartree with forces in eV/A (or Ha/Bohr) passed convert and info: each structure
+    is judged against the others only.  The pairs' energy differences against their forces' work
+    give the unit factor (0.035 and 1.8 here; 0.96 for the same labels in eV)."""
+    import json
+
+    from distmlip.data.h5store import H5Dataset
+    from distmlip.data.info import label_check, unit_warnings
+
+    structs = rattled_cu_au(40)
+    _write_extxyz(tmp_path / "ok.extxyz", structs)
+    _write_extxyz(tmp_path / "bad.extxyz", structs, efac, ffac)
+    convert(ConvertConfig(inputs=[str(tmp_path / "ok.extxyz")], output=str(tmp_path / "ok.h5")))
+    assert "units" not in capsys.readouterr().err
+    convert(ConvertConfig(inputs=[str(tmp_path / "bad.extxyz")], output=str(tmp_path / "bad.h5")))
+    err = capsys.readouterr().err
+    assert "fields 'energy' and 'forces' disagree in units" in err and likely in err
+    assert "bad.h5" in err and "bad.extxyz#" in err
+    ds = H5Dataset(str(tmp_path / "bad.h5"))
+    lc = label_check(ds)
+    assert lc["units"]["suspect"] and likely in unit_warnings(ds, lc)[0]
+    json.dumps(lc["units"]["likely"])
+    ok = H5Dataset(str(tmp_path / "ok.h5"))
+    lc = label_check(ok)
+    assert not lc["units"]["suspect"] and 0.7 < lc["units"]["slope"] < 1.35 and not unit_warnings(ok, lc)

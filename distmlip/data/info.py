@@ -104,7 +104,7 @@ def label_check(ds: H5Dataset, budget: int = 10000, seed: int = 0, per_subset: i
     """Energy-force consistency of the reference structures (``validate.energy_force_outliers``,
     subset by subset; at most ``budget`` structures, each subset sampled in proportion): labels
     that contradict their own forces and their neighbours' energies are listed by structure."""
-    from .validate import energy_force_outliers
+    from .validate import energy_force_check, unit_slope
 
     if budget <= 0 or ds.n_structures == 0:
         return None
@@ -115,6 +115,7 @@ def label_check(ds: H5Dataset, budget: int = 10000, seed: int = 0, per_subset: i
     share = min(1.0, budget / len(eligible))
     rng = np.random.default_rng(seed)
     checked, scored, suspects, typical, any_sampled = 0, 0, [], [], False
+    pdE, pwork, pij, units = [], [], [], []
     src, sidx = ds.column("source"), ds.column("source_index")
     for sid in np.unique(ds.subset_ids[eligible]):
         idx = eligible[ds.subset_ids[eligible] == sid]
@@ -125,7 +126,15 @@ def label_check(ds: H5Dataset, budget: int = 10000, seed: int = 0, per_subset: i
         if sampled:
             idx = np.sort(rng.choice(idx, size=want, replace=False))
         any_sampled |= sampled
-        bad, med = energy_force_outliers(ds.read(idx))
+        c = energy_force_check(ds.read(idx))
+        bad, med = c.bad, c.typical
+        pdE.append(c.dE)
+        pwork.append(c.work)
+        pij.append(idx[c.pairs])
+        u = unit_slope(c.dE, c.work, idx[c.pairs])
+        if u is not None and u.suspect:
+            nat = int(ds.natoms[idx[0]]) if (ds.natoms[idx] == ds.natoms[idx[0]]).all() else None
+            units.append({"subset": ds.subsets[int(sid)]["name"], "natoms": nat, "slope": u})
         checked += len(idx)
         if np.isfinite(med):
             scored += len(idx)
@@ -134,8 +143,42 @@ def label_check(ds: H5Dataset, budget: int = 10000, seed: int = 0, per_subset: i
             g = int(idx[i])
             suspects.append({"structure": g, "subset": ds.subsets[int(sid)]["name"], "source": str(src[g]),
                              "source_index": int(sidx[g]), "residual_eV": r, "typical_eV": med})
+    # units: one slope over every subset's pairs, and the subsets that disagree on their own
+    # (two sources in different units); a subset is named only when the pooled slope passes
+    u = unit_slope(np.concatenate(pdE), np.concatenate(pwork), np.concatenate(pij)) if pdE else None
+    unit = None
+    if u is not None:
+        nat = ds.natoms[eligible]
+        unit = {"slope": u.slope, "range": [u.low, u.high], "pairs": u.pairs, "suspect": u.suspect,
+                "likely": u.likely(int(nat[0]) if (nat == nat[0]).all() else None), "example": list(u.example),
+                "_u": u, "_natoms": int(nat[0]) if (nat == nat[0]).all() else None}
+        if not u.suspect:
+            unit["subsets"] = [{"subset": x["subset"], "slope": x["slope"].slope,
+                                "range": [x["slope"].low, x["slope"].high], "pairs": x["slope"].pairs,
+                                "likely": x["slope"].likely(x["natoms"]), "example": list(x["slope"].example),
+                                "_u": x["slope"], "_natoms": x["natoms"]} for x in units]
     return {"checked": checked, "scored": scored, "sampled": any_sampled, "suspects": suspects,
-            "typical_eV": float(np.median(typical)) if typical else None}
+            "typical_eV": float(np.median(typical)) if typical else None, "units": unit}
+
+
+def unit_warnings(ds: H5Dataset, lc: dict | None) -> list[str]:
+    """The unit warnings of a ``label_check`` result (the data set as a whole, else the subsets
+    whose own slope is off), structures named by index and source."""
+    from .validate import unit_slope_warning
+
+    unit = (lc or {}).get("units")
+    if not unit:
+        return []
+    src, sidx = ds.column("source"), ds.column("source_index")
+    files = ", ".join(ds.paths)
+
+    def name(g):
+        return f"structure {g} ({src[g]}#{int(sidx[g])})" if g >= 0 else "a structure"
+
+    if unit["suspect"]:
+        return [unit_slope_warning(unit["_u"], files, name, unit["_natoms"])]
+    return [unit_slope_warning(x["_u"], f"{files}: subset {x['subset']}", name, x["_natoms"])
+            for x in unit.get("subsets", [])]
 
 
 def energy_statistics(ds: H5Dataset, indices=None, reference_energies: dict | None = None) -> dict:
@@ -229,6 +272,15 @@ def format_summary(d: dict, max_subsets: int = 50) -> str:
                      f"{o['residual_eV']:.3g} eV (typical {o['typical_eV']:.3g} eV)")
         if len(lc["suspects"]) > 10:
             L.append(f"SUSPECT LABEL : ... {len(lc['suspects']) - 10} more (--json lists them)")
+        un = lc.get("units")
+        if un:
+            lo, hi = un["range"]
+            L.append(f"label units   : energy differences / forces' work = {un['slope']:.3g} (95 % range "
+                     f"{lo:.3g}..{hi:.3g}, {un['pairs']} pairs; 1 for eV with eV/A"
+                     + ("; not determined: the pairs' work barely predicts their energy differences, e.g. cells "
+                        "that differ" if lo < 0 < hi else "") + ")")
+        for w in d.get("unit_warnings") or []:
+            L.append(f"LABEL UNITS?  : {w}")
     if d["non_finite"]:
         L.append("NON-FINITE    : " + "; ".join(f"{k}: {v['entries']} entr{'y' if v['entries'] == 1 else 'ies'} "
                                                   f"(first in structure {v['first_structure']})"
@@ -241,13 +293,23 @@ def format_summary(d: dict, max_subsets: int = 50) -> str:
     return "\n".join(L)
 
 
+def _public(x):
+    """``x`` without the private entries (keys starting with '_': objects kept for the messages)."""
+    if isinstance(x, dict):
+        return {k: _public(v) for k, v in x.items() if not str(k).startswith("_")}
+    if isinstance(x, list):
+        return [_public(v) for v in x]
+    return x
+
+
 def run(args) -> int:
     ds = H5Dataset(args.data)
     d = summarize(ds)
     if not d["non_finite"]:
         d["labels"] = label_check(ds, args.label_check)
+        d["unit_warnings"] = unit_warnings(ds, d["labels"])
     if args.json:
-        print(json.dumps(d, indent=1, default=str))
+        print(json.dumps(_public(d), indent=1, default=str))
     else:
         print(format_summary(d, args.max_subsets))
     return 1 if d["non_finite"] else 0

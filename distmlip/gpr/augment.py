@@ -47,7 +47,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from ..config import bounds, load_config, parse_override
-from ..data.validate import energy_force_outliers, robust_outliers
+from ..data.validate import energy_force_check, robust_outliers, unit_slope, unit_slope_warning
 from ..descriptors.spec import DescriptorSpec
 from ..errors import ConfigError, DistmlipError, InputError
 from ..utils.io import OutputLock, atomic_path, atomic_write_text, check_writable, clean_stale_temps, json_text
@@ -675,7 +675,18 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
             # a reference whose energy contradicts its forces and its neighbours' energies would
             # be fitted by the GPR and spread into every copy of the subset: left out of the fit
             # and given no copies (it stays in the data set), and named
-            bad, typical = energy_force_outliers(structs, z_max=cfg.outlier_z)
+            check = energy_force_check(structs, z_max=cfg.outlier_z)
+            bad, typical = check.bad, check.typical
+            u = unit_slope(check.dE, check.work, check.pairs)
+            if u is not None and u.suspect:
+                # energies and forces in different units: the GPR fits both, and its copies'
+                # labels follow whichever it weighs more
+                rep["unit_slope"] = {"slope": u.slope, "range": [u.low, u.high], "pairs": u.pairs,
+                                     "likely": u.likely(ref.natoms)}
+                warn(unit_slope_warning(u, f"{cfg.input}: subset {name}",
+                                        lambda i: f"structure {int(idx[i])} ({structs[i].source}, index "
+                                                  f"{structs[i].source_index})" if i >= 0 else "a structure",
+                                        ref.natoms))
             if bad and len(bad) < len(structs):
                 drop = {i for i, _ in bad}
                 rep["label_outliers"] = [{"structure": int(idx[i]), "source": structs[i].source,
