@@ -162,3 +162,42 @@ def test_energy_force_unit_mismatch_is_named(tmp_path, capsys, efac, ffac, likel
     ok = H5Dataset(str(tmp_path / "ok.h5"))
     lc = label_check(ok)
     assert not lc["units"]["suspect"] and 0.7 < lc["units"]["slope"] < 1.35 and not unit_warnings(ok, lc)
+
+
+def test_a_few_huge_forces_are_named_and_do_not_set_the_force_scale(tmp_path, capsys):
+    """Two atoms of 160 with forces of 100-120 eV/A (the others ~1 eV/A) passed convert, info and
+    train: the force RMS that scales the force loss and floors the energy scale rose ~6x, and force
+    training came out 6.5x worse on forces, 48x on energies."""
+    from distmlip.data.h5store import H5Dataset
+    from distmlip.data.info import format_summary, label_check, summarize
+
+    structs = rattled_cu_au(40)
+    bad = [dataclasses.replace(s) for s in structs]
+    f = bad[3].forces.copy()
+    f[2] = [100.0, -80.0, 60.0]
+    bad[3] = dataclasses.replace(bad[3], forces=f)
+    f = bad[7].forces.copy()
+    f[0] = [-120.0, 0.0, 0.0]
+    bad[7] = dataclasses.replace(bad[7], forces=f)
+    _write_extxyz(tmp_path / "ok.extxyz", structs)
+    _write_extxyz(tmp_path / "bad.extxyz", bad)
+    convert(ConvertConfig(inputs=[str(tmp_path / "ok.extxyz")], output=str(tmp_path / "ok.h5")))
+    assert "force far beyond" not in capsys.readouterr().err
+    convert(ConvertConfig(inputs=[str(tmp_path / "bad.extxyz")], output=str(tmp_path / "bad.h5")))
+    err = capsys.readouterr().err
+    assert "2 atom(s) with a force far beyond" in err
+    assert "structure 3 (" in err and "bad.extxyz#3), atom 2 (Cu)" in err and "bad.extxyz#7), atom 0 (Au)" in err
+    ds = H5Dataset(str(tmp_path / "bad.h5"))
+    d = summarize(ds)
+    d["labels"] = label_check(ds)
+    text = format_summary(d)
+    assert text.count("SUSPECT FORCE : structure") == 2
+    assert not label_check(H5Dataset(str(tmp_path / "ok.h5")))["force_outliers"]
+    # training: the force scale leaves the two atoms out, with a warning that names them
+    tr_ok = Trainer(_cfg(tmp_path / "ok.h5", tmp_path / "r_ok", mode="force"))
+    capsys.readouterr()
+    tr = Trainer(_cfg(tmp_path / "bad.h5", tmp_path / "r_bad", mode="force"))
+    err = capsys.readouterr().err
+    assert "a few atoms dominate the training forces' RMS" in err and "bad.extxyz#3) atom 2: 141.4 eV/A" in err
+    assert tr._force_rms() < 1.3 * tr_ok._force_rms()
+    assert "dominate" not in capsys.readouterr().err

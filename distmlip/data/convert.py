@@ -524,14 +524,21 @@ CONVERT_LABEL_CHECK = 2000
 
 
 def _check_labels(out) -> None:
-    """Warn about labels whose energies and forces disagree in units (``info.label_check``)."""
+    """Warn about labels whose energies and forces disagree in units, and about atoms with a
+    force far beyond their element's typical one (``info.label_check``)."""
     from .h5store import H5Dataset
-    from .info import label_check, unit_warnings
+    from .info import FORCE_OUTLIER_ADVICE, force_outlier_text, label_check, unit_warnings
 
     try:
         ds = H5Dataset(str(out))
-        for w in unit_warnings(ds, label_check(ds, CONVERT_LABEL_CHECK)):
+        lc = label_check(ds, CONVERT_LABEL_CHECK)
+        for w in unit_warnings(ds, lc):
             warn(w)
+        fo = (lc or {}).get("force_outliers") or []
+        if fo:
+            warn(f"{out}: {len(fo)} atom(s) with a force far beyond their element's typical one: "
+                 + "; ".join(force_outlier_text(o) for o in fo[:5]) + (" ..." if len(fo) > 5 else "")
+                 + f".  {FORCE_OUTLIER_ADVICE[0].upper()}{FORCE_OUTLIER_ADVICE[1:]}")
     except (KeyError, OSError, ValueError):
         return
 

@@ -104,7 +104,7 @@ def label_check(ds: H5Dataset, budget: int = 10000, seed: int = 0, per_subset: i
     """Energy-force consistency of the reference structures (``validate.energy_force_outliers``,
     subset by subset; at most ``budget`` structures, each subset sampled in proportion): labels
     that contradict their own forces and their neighbours' energies are listed by structure."""
-    from .validate import energy_force_check, unit_slope
+    from .validate import energy_force_check, force_outliers, unit_slope
 
     if budget <= 0 or ds.n_structures == 0:
         return None
@@ -116,17 +116,21 @@ def label_check(ds: H5Dataset, budget: int = 10000, seed: int = 0, per_subset: i
     rng = np.random.default_rng(seed)
     checked, scored, suspects, typical, any_sampled = 0, 0, [], [], False
     pdE, pwork, pij, units = [], [], [], []
+    read, read_idx = [], []            # every structure read, for the per-atom force check
     src, sidx = ds.column("source"), ds.column("source_index")
     for sid in np.unique(ds.subset_ids[eligible]):
         idx = eligible[ds.subset_ids[eligible] == sid]
-        if len(idx) < 5:
-            continue
         want = min(per_subset, max(5, int(round(share * len(idx)))))
         sampled = want < len(idx)
         if sampled:
             idx = np.sort(rng.choice(idx, size=want, replace=False))
         any_sampled |= sampled
-        c = energy_force_check(ds.read(idx))
+        structs = ds.read(idx)
+        read.extend(structs)
+        read_idx.append(idx)
+        if len(idx) < 5:
+            continue
+        c = energy_force_check(structs)
         bad, med = c.bad, c.typical
         pdE.append(c.dE)
         pwork.append(c.work)
@@ -157,8 +161,31 @@ def label_check(ds: H5Dataset, budget: int = 10000, seed: int = 0, per_subset: i
                                 "range": [x["slope"].low, x["slope"].high], "pairs": x["slope"].pairs,
                                 "likely": x["slope"].likely(x["natoms"]), "example": list(x["slope"].example),
                                 "_u": x["slope"], "_natoms": x["natoms"]} for x in units]
+    from ase.data import chemical_symbols
+
+    fo, _ = force_outliers(read)
+    gidx = np.concatenate(read_idx) if read_idx else np.zeros(0, np.int64)
+    forces = [{"structure": int(gidx[o["position"]]), "source": str(src[gidx[o["position"]]]),
+               "source_index": int(sidx[gidx[o["position"]]]), "atom": o["atom"], "element": chemical_symbols[o["Z"]],
+               "force_eVA": o["force"], "typical_eVA": o["scale"], "net_force_eVA": o["net"]} for o in fo]
     return {"checked": checked, "scored": scored, "sampled": any_sampled, "suspects": suspects,
-            "typical_eV": float(np.median(typical)) if typical else None, "units": unit}
+            "typical_eV": float(np.median(typical)) if typical else None, "units": unit,
+            "force_outliers": forces, "force_checked": len(read)}
+
+
+def force_outlier_text(o: dict) -> str:
+    """One atom of ``label_check``'s force outliers, named."""
+    return (f"structure {o['structure']} ({o['source']}#{o['source_index']}), atom {o['atom']} ({o['element']}): "
+            f"|F| {o['force_eVA']:.4g} eV/A, {o['force_eVA'] / o['typical_eVA']:.0f} x the median {o['element']} force "
+            f"{o['typical_eVA']:.3g} eV/A" + (f"; the structure's forces sum to {o['net_force_eVA']:.3g} "
+                                             f"eV/A (about 0 for forces of one calculation)"
+                                             if o["net_force_eVA"] >= 0.5 * o["force_eVA"] else ""))
+
+
+FORCE_OUTLIER_ADVICE = ("check the field 'forces' of these atoms (a parsing or unit slip, a broken calculation); "
+                        "a few such atoms set the force RMS that scales the loss and the energy-scale floor "
+                        "of force training: fix or drop the structures (convert --skip-invalid does not catch "
+                        "them)")
 
 
 def unit_warnings(ds: H5Dataset, lc: dict | None) -> list[str]:
@@ -272,6 +299,12 @@ def format_summary(d: dict, max_subsets: int = 50) -> str:
                      f"{o['residual_eV']:.3g} eV (typical {o['typical_eV']:.3g} eV)")
         if len(lc["suspects"]) > 10:
             L.append(f"SUSPECT LABEL : ... {len(lc['suspects']) - 10} more (--json lists them)")
+        for o in lc.get("force_outliers", [])[:10]:
+            L.append(f"SUSPECT FORCE : {force_outlier_text(o)}")
+        if len(lc.get("force_outliers", [])) > 10:
+            L.append(f"SUSPECT FORCE : ... {len(lc['force_outliers']) - 10} more (--json lists them)")
+        if lc.get("force_outliers"):
+            L.append(f"SUSPECT FORCE : {FORCE_OUTLIER_ADVICE}")
         un = lc.get("units")
         if un:
             lo, hi = un["range"]
