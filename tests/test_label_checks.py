@@ -7,6 +7,7 @@
   ~1e4x, and the model's stress came out hundreds of GPa;
 * stresses in kbar read as eV/A^3 were stored as they came."""
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -201,3 +202,30 @@ def test_a_few_huge_forces_are_named_and_do_not_set_the_force_scale(tmp_path, ca
     assert "a few atoms dominate the training forces' RMS" in err and "bad.extxyz#3) atom 2: 141.4 eV/A" in err
     assert tr._force_rms() < 1.3 * tr_ok._force_rms()
     assert "dominate" not in capsys.readouterr().err
+
+
+def test_cutoff_below_every_bond_is_named(tmp_path, capsys, emt_h5):
+    """rc 1.5 A on Cu/Au (shortest bond ~2.2 A) trained a model whose descriptors are all zero
+    (the per-element shift only: 74 meV/atom against 7 at rc 5 A), exit 0, no warning."""
+    def cfg(rc_r, rc_a, out):
+        c = _cfg(emt_h5, tmp_path / out)
+        return dataclasses.replace(c, descriptor=DescriptorConfig(
+            DescriptorSpec(rc_radial=rc_r, n_radial=4, rc_angular=rc_a, n_angular=2), backend="reference"))
+
+    with pytest.raises(ConfigError, match=r"descriptor.rc_radial: 1.5 A is below every interatomic distance .*"
+                                          r"the shortest is 2\.\d+ A"):
+        Trainer(cfg(1.5, 1.5, "r1"))
+    Trainer(cfg(4.0, 1.5, "r2"))
+    assert re.search(r"descriptor.rc_angular: 1.5 A is below every interatomic distance .*shortest is 2\.\d+ A",
+                     capsys.readouterr().err)
+    Trainer(cfg(4.0, 3.0, "r3"))
+    assert "below every interatomic distance" not in capsys.readouterr().err
+
+
+def test_featurize_refuses_a_cutoff_below_every_bond(tmp_path, emt_h5, capsys):
+    from distmlip.cli import main
+
+    rc = main(["featurize", str(emt_h5), "--rc-radial", "1.5", "--rc-angular", "1.5", "-o", str(tmp_path / "f.h5")])
+    assert rc != 0 and not (tmp_path / "f.h5").exists()
+    assert re.search(r"descriptor cutoff 1.5 A is below every interatomic distance .*shortest .* is 2\.\d+ A",
+                     capsys.readouterr().err)

@@ -557,6 +557,7 @@ def run(args) -> int:
             return 1
         print(f"{path}: valid descriptor cache for {', '.join(map(str, args.data))}")
         return 0
+    _check_cutoff(ds, spec)
     ctx = init_distributed(args.device)
     try:
         import time
@@ -568,6 +569,20 @@ def run(args) -> int:
         return 0
     finally:
         shutdown()
+
+
+def _check_cutoff(ds, spec: DescriptorSpec, sample: int = 200) -> None:
+    """Refuse a cutoff below every interatomic distance of (a sample of) the data: every
+    descriptor would be zero (the training's check reads all structures, Trainer._check_cutoff)."""
+    from ..data.validate import min_interatomic_distance
+
+    idx = np.unique(np.linspace(0, ds.n_structures - 1, min(sample, ds.n_structures)).astype(np.int64))
+    d = [min_interatomic_distance(s, 20.0)[0] for s in ds.read(idx)] if ds.n_structures else []
+    if d and min(d) >= spec.cutoff:
+        raise ConfigError(f"descriptor cutoff {spec.cutoff:g} A is below every interatomic distance of "
+                          f"{', '.join(map(str, ds.paths))} (the shortest in {len(idx)} structures is "
+                          + (f"{min(d):.3f} A" if np.isfinite(min(d)) else "beyond 20 A")
+                          + "): every descriptor would be zero; raise rc_radial (typically 4-7 A)")
 
 
 class FeatureBatchLoader:
