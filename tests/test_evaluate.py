@@ -142,6 +142,24 @@ def test_evaluate_names_compositions_absent_from_training(tmp_path, capsys):
     assert "4 structure(s) have compositions absent from the model's training data (Au2Cu3: 4)" in err
 
 
+def test_evaluate_names_elements_without_training_atoms(tmp_path, capsys):
+    """Structures with an element the training data lacked were reported as 'compositions absent
+    ... errors measure transfer to new compositions': the element, whose network is untrained,
+    was not named."""
+    _data(tmp_path / "d.h5")
+    m = BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                            "backend": "reference"}, hidden=[5])
+    m.training_record = {"energy_per_atom_min": {"Cu": 0.0}}         # trained on pure Cu only
+    m.save(tmp_path / "m.pt")
+    from distmlip.cli import main as cli_main
+
+    assert cli_main(["evaluate", str(tmp_path / "m.pt"), str(tmp_path / "d.h5"), "-o", str(tmp_path / "ev"),
+                     "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "contain elements with no atoms in the model's training data: Au (in " in err
+    assert "networks are untrained" in err and "transfer to new compositions" not in err
+
+
 def test_evaluate_leaves_gpr_copies_out_unless_asked(tmp_path, capsys):
     """An augmented data set's synthetic copies carry GPR labels, not reference data: evaluate
     scores the references by default and says how many copies it left out."""

@@ -267,12 +267,28 @@ def _note_unseen_compositions(model, ds, idx) -> None:
     seen = (getattr(model, "training_record", None) or {}).get("energy_per_atom_min")
     if not seen:
         return
+    from ase.data import chemical_symbols
+    from ase.formula import Formula
+
+    # elements with training atoms: those of the training compositions
+    trained = {el for f in seen for el in Formula(f).count()}
     sids, first, counts = np.unique(np.asarray(ds.subset_ids)[idx], return_index=True, return_counts=True)
-    unseen = {}
+    unseen, untrained, n_untrained = {}, {}, 0
     for row, n in zip(first, counts):       # one structure per subset: a subset has one atom sequence
-        f = reduced_formula(ds.read(idx[row:row + 1])[0].numbers)
-        if f not in seen:
+        z = ds.read(idx[row:row + 1])[0].numbers
+        new = {chemical_symbols[int(a)] for a in z} - trained
+        for el in new:
+            untrained[el] = untrained.get(el, 0) + int(n)
+        n_untrained += int(n) if new else 0
+        f = reduced_formula(z)
+        if f not in seen and not new:
             unseen[f] = unseen.get(f, 0) + int(n)
+    if untrained:
+        # an element without training atoms has an untrained network: its errors are no transfer
+        warn(f"evaluate: {n_untrained} structure(s) contain elements with no atoms in the model's training "
+             f"data: {', '.join(f'{el} (in {n} structure(s))' for el, n in sorted(untrained.items()))}; their "
+             f"networks are untrained, so these structures' errors say nothing about the model: train on data "
+             f"that contain {', '.join(sorted(untrained))}, or leave these structures out of the evaluation")
     if unseen:
         warn(f"evaluate: {sum(unseen.values())} structure(s) have compositions absent from the model's training "
              f"data ({', '.join(f'{k}: {v}' for k, v in sorted(unseen.items())[:8])}"
