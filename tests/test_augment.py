@@ -584,3 +584,22 @@ def test_loo_outlier_rule():
     r2[7] = 0.05           # 5 sigma but below the 0.1 eV floor
     assert _loo_outliers(r2, 25.0) == []
     assert _loo_outliers(np.r_[np.nan, r[:3]], 25.0) == []        # too few to judge
+
+
+def test_a_gpr_that_learned_no_forces_is_warned_and_its_copies_are_candidates(tmp_path, capsys):
+    """Cu8 cells rattled by 0.0007 A (energies spanning ~1e-4 eV): the GPR's leave-one-out force
+    error equalled the forces' RMS and its jitter was of the kernel's scale, and every copy's
+    label was off by the whole energy rise (0 % within 2 sigma) -- exit 0, no warning, no
+    candidates.  Now both are named with what to do, and the copies go to the candidates file."""
+    from ase.build import bulk
+
+    structs = _rattled(lambda: bulk("Cu", "fcc", a=3.59, cubic=True).repeat((2, 1, 1)), 12, 0.0007, 70, "tiny")
+    write_dataset(tmp_path / "in.h5", structs)
+    res = run_cli(capsys, ["augment", str(_cfg(tmp_path, "out", copies=3, gpr={"fingerprint": "local",
+                                                                              "fit_iterations": 15}))])
+    assert "subset Cu8_0: field 'forces': the GPR learned little about the forces" in res.stderr, res.stderr
+    assert "a smaller delta" in res.stderr
+    rep = json.loads((tmp_path / "out.report.json").read_text())
+    sub = rep["subsets"][0]
+    assert sub["n_kept"] == 0 and sub["n_candidates"] == 36
+    assert sub["fit_warnings"][0]["what"] == "loo_force"

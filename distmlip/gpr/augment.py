@@ -789,6 +789,10 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
                  f"it: every copy of {'these subsets' if len(prep) > 1 else 'this subset'} goes to the candidates "
                  f"file, none into training.  Check or remove the structure(s) and rerun augment (outlier_z: 0 "
                  f"keeps the copies)")
+        fit_info["fit_warnings"] = _fit_quality(info, cfg.input, head, len(prep) > 1,
+                                                float(next(iter(prep.values()))["rep"]["delta_A"]), allp[0].natoms)
+        for w in fit_info["fit_warnings"]:
+            warn(w["message"])
         off = 0
         for sid, d in prep.items():
             n = len(d["structs"])
@@ -804,7 +808,7 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
         rep.update(fit_info)
         thr = cfg.for_subset(d["name"])["max_uncertainty"]
         kept = np.ones(len(energy), bool) if thr is None else unc <= thr
-        if fit_info.get("loo_outliers"):
+        if fit_info.get("loo_outliers") or any(w["copies_to_candidates"] for w in fit_info.get("fit_warnings", [])):
             kept[:] = False
         rep.update(
             n_copies=int(len(energy)), n_kept=int(kept.sum()), n_candidates=int((~kept).sum()),
@@ -818,6 +822,47 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
                         copy=np.tile(np.arange(M), N).astype(np.int64),
                         positions=d["pos"].reshape(-1, nat, 3), energy=energy, uncertainty=unc, kept=kept,
                         report=rep, hyper=hyper)
+    return out
+
+
+# A fitted GPR that learned little about forces (leave-one-out force error against the forces'
+# RMS; zero forces give ~0.8) on references that differ far less than a copy moves (the RMS of
+# their energies against the first-order rise delta F_rms sqrt(3 n) of a copy): its copies'
+# rise is curvature it never saw.  30 Cu8 cells rattled by 0.0007 A: 1.24 and 0.015 (12 cells:
+# 0.32), every copy's label off by the whole rise (0 % within 2 sigma).  Clean: Cu8, Au2Cu6, Cu4,
+# Al2 fits 0.003-0.03; a free Cu3Ni cluster of 5 references 0.84 with spread ~1, and its copies'
+# labels good (1.7 meV against a 62 meV rise: first-order rises, from the parents' own forces).
+# The jitter against the kernel's scale weight^2 (standardised units): 0.76 (30 cells), 0 on the
+# clean fits.
+GPR_LOO_FORCE_LEARNED = 0.3
+GPR_SPREAD_OF_RISE = 0.1
+GPR_JITTER_OF_WEIGHT = 0.01
+
+
+def _fit_quality(info: dict, path: str, head: str, group: bool, delta: float, natoms: int) -> list[dict]:
+    """Warnings about a fitted GPR from the numbers its fit reported (no extra computation):
+    [{what, value, copies_to_candidates, message}]."""
+    out = []
+    where = f"{path}: subset {head}{' (and the subsets fitted with it)' if group else ''}"
+    loo_f, f_rms, e_rms = info.get("loo_all_force_mae_eVA"), info.get("force_scale_eVA"), info.get("energy_scale_eV")
+    todo = ("a smaller delta, more (or more varied) reference structures, or another fingerprint "
+            "(gpr.fingerprint)")
+    if loo_f is not None and f_rms and e_rms is not None and delta > 0 and natoms > 0:
+        rise = delta * f_rms * np.sqrt(3 * natoms)
+        if loo_f >= GPR_LOO_FORCE_LEARNED * f_rms and e_rms < GPR_SPREAD_OF_RISE * rise:
+            out.append({"what": "loo_force", "value": loo_f / f_rms, "spread_of_rise": e_rms / rise,
+                        "copies_to_candidates": True, "message": (
+                f"{where}: field 'forces': the GPR learned little about the forces (leave-one-out force error "
+                f"{loo_f:.3g} eV/A against the forces' own RMS {f_rms:.3g} eV/A; a fit that learned them gives a few "
+                f"% of it), and the references' energies differ by {e_rms:.3g} eV RMS where a copy {delta:g} A away "
+                f"rises by about {rise:.3g} eV to first order: the copies' energies rest on curvature the GPR never "
+                f"saw and are not reliable; they go to the candidates file, none into training.  Use {todo}")})
+    jit, w = info.get("jitter"), info.get("weight")
+    if jit and w and jit > GPR_JITTER_OF_WEIGHT * w * w:
+        out.append({"what": "jitter", "value": jit / (w * w), "copies_to_candidates": False, "message": (
+            f"{where}: the GPR's kernel matrix needed a jitter of {jit:.3g} ({jit / (w * w):.2g} x the kernel's "
+            f"scale weight^2 = {w * w:.3g}) to factorise: the fit is smoothed by it, not by its fitted noise, and "
+            f"its uncertainties are too small.  Check the copies' labels; {todo} help")})
     return out
 
 
