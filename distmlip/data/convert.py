@@ -519,7 +519,7 @@ def convert(cfg: ConvertConfig) -> dict:
 
 
 # structures the label check of convert reads (a sample beyond; `distmlip info` checks 10,000):
-# 2,000 EC dimers took 0.4 s, and a unit slip shows in any dozen pairs
+# the 1,000 EC dimers (20 atoms) took 0.3 s, and a unit slip shows in a few dozen pairs
 CONVERT_LABEL_CHECK = 2000
 
 
