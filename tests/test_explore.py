@@ -273,3 +273,63 @@ def test_stopped_retraining_resumes_and_takes_corrected_labels(committee):
     res = distmlip_cli(["explore", str(short), "--labelled", str(d / "wrong.extxyz")], check=False)
     assert res.returncode == 2 and "no iteration of" in res.stderr and "is waiting for labels" in res.stderr, res.stderr
     assert "iteration 1 was trained on " + str(d / "right.extxyz") in res.stderr
+
+
+def _emt_labels(frames):
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    out = []
+    for a in frames:
+        b = a.copy()
+        b.calc = EMT()
+        e, f = b.get_potential_energy(), b.get_forces()
+        b.calc = SinglePointCalculator(b, energy=e, forces=f)
+        out.append(b)
+    return out
+
+
+def test_labels_must_be_this_iterations_candidates(committee):
+    """Sweep 16: --labelled accepted frames that were not the waiting iteration's candidates
+    (another iteration's, a foreign frame, another atom count, a frame twice) and the table
+    counted the candidates, not the frames trained on.  Each is refused naming file and frame,
+    before anything is converted; a subset (order free, wrapped positions) trains on what is
+    labelled, warns how many candidates lack labels, and N_samp counts the labelled ones."""
+    from ase.build import bulk
+
+    from distmlip.data.h5store import H5Dataset
+
+    d = committee
+    cfg = _explore_cfg(d, "stale", iterations=2, epochs=4)
+    assert "candidates for reference calculations" in distmlip_cli(["explore", str(cfg)]).stdout
+    cand, _ = _candidates(d / "stale")
+    lab = _emt_labels(cand)
+    assert len(lab) >= 3
+    foreign = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    foreign.rattle(0.3, seed=5)
+    small = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+    for name, frames, bad in (("extra", lab + _emt_labels([foreign]), len(lab)),
+                              ("natoms", lab[:-1] + _emt_labels([small]), len(lab) - 1)):
+        write(str(d / f"{name}.extxyz"), frames)
+        res = distmlip_cli(["explore", str(cfg), "--labelled", str(d / f"{name}.extxyz")], check=False)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert f"{d / f'{name}.extxyz'} frame {bad}" in res.stderr and "is not a candidate of iter_001" in res.stderr
+    write(str(d / "twice.extxyz"), lab + lab[:1])
+    res = distmlip_cli(["explore", str(cfg), "--labelled", str(d / "twice.extxyz")], check=False)
+    assert res.returncode == 2 and f"frame {len(lab)} labels candidate 0" in res.stderr, res.stderr
+    assert not (d / "stale" / "iter_001" / "new.h5").exists()
+    # all but two, reversed, wrapped into the cell: trained on, two unlabelled named in a warning
+    part = lab[2:][::-1]
+    for a in part:
+        a.positions += a.cell[0]
+        a.wrap()
+    write(str(d / "part.extxyz"), part)
+    res = distmlip_cli(["explore", str(cfg), "--labelled", str(d / "part.extxyz")])
+    assert f"2 of the {len(lab)} candidates" in res.stderr, res.stderr
+    st = json.loads((d / "stale" / "state.json").read_text())
+    assert st["rows"][0]["sampled"] == len(lab) - 2 == H5Dataset(d / "stale" / "iter_001" / "new.h5").n_structures
+    assert st["waiting"].endswith("iter_002/candidates.extxyz")
+    # iteration 1's labels for iteration 2: refused, iteration 2 not trained
+    res = distmlip_cli(["explore", str(cfg), "--labelled", str(d / "part.extxyz")], check=False)
+    assert res.returncode == 2 and "frame 0" in res.stderr and "is not a candidate of iter_002" in res.stderr
+    assert not (d / "stale" / "iter_002" / "new.h5").exists()

@@ -71,7 +71,7 @@ from ..distributed.liveness import Heartbeat
 from ..errors import ConfigError, InputError
 from ..gpr.augment import GPRSettings
 from ..utils.io import atomic_path, atomic_write_text, json_text
-from ..utils.log import log
+from ..utils.log import log, warn
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -253,6 +253,27 @@ def farthest_point_sampling(X: np.ndarray, first: int, n: int, min_distance: flo
         chosen.append(k)
         dist = np.minimum(dist, np.linalg.norm(X - X[k], axis=1))
     return chosen
+
+
+# a labelled frame is a candidate when its positions are this close (A): extxyz keeps 8 decimals,
+# but VASP's OUTCAR prints positions with 5, so 1e-6 would refuse the labels of a real DFT run;
+# MD frames analysed >= 1 step apart differ by far more
+_LABEL_MATCH_A = 1e-4
+
+
+def _same_frame(s, a) -> bool:
+    """Structure ``s`` (a labelled frame) is the candidate Atoms ``a``: same numbers in the same
+    order and positions within _LABEL_MATCH_A, folded into the cell along periodic directions."""
+    if len(s.numbers) != len(a) or not np.array_equal(np.asarray(s.numbers), a.numbers):
+        return False
+    d = np.asarray(s.positions, dtype=np.float64) - a.positions
+    pbc = np.asarray(a.pbc, dtype=bool)
+    cell = np.array(a.cell[:], dtype=np.float64)
+    if pbc.any() and abs(np.linalg.det(cell)) > 1e-12:
+        f = d @ np.linalg.inv(cell)
+        f[:, pbc] -= np.round(f[:, pbc])
+        d = f @ cell
+    return bool(np.abs(d).max(initial=0.0) <= _LABEL_MATCH_A)
 
 
 def _load(path, device="cpu") -> list:
@@ -510,6 +531,52 @@ class Explorer:
         self.sync()
         return out
 
+    def check_labels(self, itdir: Path, sel: dict, inputs) -> int:
+        """Every frame of the user's labelled files ``inputs`` must be a candidate of this
+        iteration (``candidates.extxyz``): same atomic numbers in the same order, positions equal
+        within ``_LABEL_MATCH_A`` after the periodic images are folded (a DFT code may wrap atoms into
+        the cell), in any order, each candidate at most once.  Labels of another iteration, of another
+        structure or a second copy were trained on silently (sweep 16: iteration 1's labels given to
+        iteration 2 trained the committee twice on them and the real candidates were never
+        labelled).  Candidates left unlabelled are only warned about: training on the labelled ones
+        is sound.  Returns how many candidates were labelled."""
+        from ..data.readers import iter_structures
+
+        cand_path = sel["candidates"]
+        err, n_lab, n_cand = None, 0, 0
+        if self.rank0:
+            from ase.io import read
+
+            cands = read(cand_path, index=":", parallel=False)
+            n_cand = len(cands)
+            owner: dict[int, tuple[str, int]] = {}
+            try:
+                for s in iter_structures([str(p) for p in inputs]):
+                    where = f"{s.source} frame {s.source_index}"
+                    k = next((c for c, a in enumerate(cands) if _same_frame(s, a)), None)
+                    if k is None:
+                        err = (f"explore: --labelled {where} ({len(s.numbers)} atoms) is not a candidate of "
+                               f"{itdir.name}: no frame of {cand_path} has its atomic numbers and positions "
+                               f"(within {_LABEL_MATCH_A:g} A); label the frames of that file (labels of an "
+                               f"earlier iteration are not its candidates); nothing was done")
+                        break
+                    if k in owner:
+                        err = (f"explore: --labelled {where} labels candidate {k} of {cand_path} again (already "
+                               f"labelled by {owner[k][0]} frame {owner[k][1]}); give each candidate once, "
+                               f"nothing was done")
+                        break
+                    owner[k] = (s.source, s.source_index)
+            except (InputError, OSError) as exc:     # every rank must hear of it, not wait
+                err = f"explore: labelled files {[str(p) for p in inputs]}: {exc}"
+            n_lab = len(owner)
+        err, n_lab, n_cand = self.ctx.broadcast_object((err, n_lab, n_cand))
+        if err:
+            raise InputError(err)
+        if n_lab < n_cand:
+            warn(f"explore: {itdir.name}: {n_cand - n_lab} of the {n_cand} candidates of {cand_path} have no "
+                 f"label in {', '.join(map(str, inputs))}; retraining on the {n_lab} labelled one(s)")
+        return n_lab
+
     def convert(self, itdir: Path, inputs) -> Path:
         """``new.h5`` of the labels ``inputs``; None: the new.h5 already there (an iteration
         stopped during its retraining continues on the labels it was given).  new.h5 is kept only
@@ -744,6 +811,7 @@ class Explorer:
                         lab = self.label(itdir, sel)
                         if lab is None and self.labelled:
                             lab_inputs = self.labelled
+                            self.check_labels(itdir, sel, lab_inputs)
                             self.labelled = []
                         elif lab is None and (itdir / "new.h5").is_file():
                             # labels given before, stopped during the retraining: continue on them
@@ -759,6 +827,10 @@ class Explorer:
                         else:
                             lab_inputs = [lab]
                         new = self.convert(itdir, lab_inputs)
+                        # N_samp is what is trained on: fewer than selected when candidates lack labels
+                        from ..data.h5store import H5Dataset
+
+                        row["sampled"] = int(H5Dataset(new).n_structures)
                         new_data = list(st["new_data"]) + [str(new)]
                         status, model_file = self.retrain(itdir, st, new_data)
                         if status == "stopped":
