@@ -333,3 +333,32 @@ def test_labels_must_be_this_iterations_candidates(committee):
     res = distmlip_cli(["explore", str(cfg), "--labelled", str(d / "part.extxyz")], check=False)
     assert res.returncode == 2 and "frame 0" in res.stderr and "is not a candidate of iter_002" in res.stderr
     assert not (d / "stale" / "iter_002" / "new.h5").exists()
+
+
+def test_md_tasks_rerun_or_refused_when_settings_changed(committee):
+    """Sweep 16: after a stop, task_XXX.json of the waiting iteration were reused when md.steps or
+    md.temperatures had changed, and the table showed the new settings over the old trajectories.
+    The settings are stored with each task: once the candidates were selected from them, other
+    settings are refused (the user's labels of those candidates stay valid); before the selection
+    the changed tasks run again and the row reports what ran."""
+    d = committee
+    cfg = _explore_cfg(d, "chg", iterations=1, epochs=4)
+    assert "candidates for reference calculations" in distmlip_cli(["explore", str(cfg)]).stdout
+    md = d / "chg" / "iter_001" / "md"
+    assert json.loads((md / "task_000.json").read_text())["settings"]["md.steps"] == 200
+    res = distmlip_cli(["explore", str(cfg), "--set", "md.steps=100"], check=False)
+    assert res.returncode == 2 and f"{md / 'task_000.json'} ran with md.steps 200 (now 100)" in res.stderr, res.stderr
+    # a rung with a temperature less: task 0 is the same, but the selection saw task 1 too
+    res = distmlip_cli(["explore", str(cfg), "--set", "md.temperatures=[[600]]"], check=False)
+    assert res.returncode == 2 and "were selected from the 2 MD task(s)" in res.stderr, res.stderr
+    # killed after the MD, before the selection: the tasks run again with the new settings
+    (d / "chg" / "iter_001" / "selection.json").unlink()
+    (d / "chg" / "iter_001" / "candidates.extxyz").unlink()
+    res = distmlip_cli(["explore", str(cfg), "--set", "md.steps=100", "--set", "md.temperatures=[[300]]",
+                        "--label-with", "ase:EMT"])
+    assert "task 0 ran with md.temperatures 600.0 (now 300.0), md.steps 200 (now 100): running it again" \
+        in res.stdout, res.stdout
+    t0 = json.loads((md / "task_000.json").read_text())
+    assert t0["T"] == 300.0 and t0["settings"]["md.steps"] == 100
+    row = json.loads((d / "chg" / "state.json").read_text())["rows"][0]
+    assert row["temperatures_K"] == [300.0] and row["ps"] == 0.1 and row["frames"] == t0["frames"]

@@ -374,6 +374,7 @@ class Explorer:
             mddir.mkdir(parents=True, exist_ok=True)
         self.sync()
         tasks = self.tasks(rung)
+        self._drop_changed_tasks(it, itdir, tasks)
         mine = [t for t in tasks if t["task"] % self.ctx.world_size == self.ctx.rank]
         todo = [t for t in mine if not (mddir / f"task_{t['task']:03d}.json").is_file()]
         gprs = self._uncertainty_fn(it, st) if todo else {}
@@ -394,7 +395,7 @@ class Explorer:
                                "uncertainty_kind": self.kind, "iteration": it})
             X = frame_features(models[0], frames)
             n_frames = len(frames) + tr["n_missing"]
-            summary = {**t, "seed": seed, "frames": n_frames, "analysed": len(frames),
+            summary = {**t, "seed": seed, "settings": self.task_settings(t), "frames": n_frames, "analysed": len(frames),
                        "failed": int(sum(tr["failed"])) + tr["n_missing"], "n_missing": tr["n_missing"],
                        "aborted": tr["aborted"], "stopped_on_failure": tr["stopped_on_failure"],
                        "flagged": int((u > self.cfg.uncertainty.threshold).sum()),
@@ -416,6 +417,71 @@ class Explorer:
                 all_ranks=True)
         self.sync()
         return [json.loads((mddir / f"task_{t['task']:03d}.json").read_text()) for t in tasks]
+
+    def task_settings(self, t: dict) -> dict:
+        """What an MD task's results depend on, by configuration key: stored in its json, so
+        that a task is reused only while the configuration asks for the same run."""
+        md, u = self.cfg.md, self.cfg.uncertainty
+        return {"structure": t["structure"], "md.temperatures": t["T"], "replica": t["replica"],
+                "md.steps": md.steps, "md.timestep": md.timestep, "md.friction": md.friction,
+                "md.interval": md.interval, "md.threshold_factor": md.threshold_factor,
+                "md.stop_on_failure": md.stop_on_failure, "md.seed": md.seed,
+                "uncertainty.kind": self.kind, "uncertainty.threshold": u.threshold}
+
+    def _drop_changed_tasks(self, it: int, itdir: Path, tasks: list[dict]) -> None:
+        """Task results of this iteration that ran with other settings than the configuration's
+        now (changed after a stop) were reused, and the table showed the new settings over the old
+        trajectories (sweep 16).  Before the selection they are run again; after it, the candidates
+        (and any labels the user is computing) come from the old MD, so the run is refused: the
+        user restores the settings or removes the iteration."""
+        mddir = itdir / "md"
+        changed = []
+        if self.rank0:
+            for t in tasks:
+                p = mddir / f"task_{t['task']:03d}.json"
+                if not p.is_file():
+                    continue
+                old = json.loads(p.read_text())
+                now = self.task_settings(t)
+                was = old.get("settings")
+                if was is None:    # written before settings were stored: what it does record
+                    seed = int(np.random.SeedSequence([self.cfg.md.seed, it, t["task"]]).generate_state(1)[0])
+                    was = {**now, "structure": old.get("structure"), "md.temperatures": old.get("T"),
+                           "replica": old.get("replica")}
+                    if old.get("seed") != seed:
+                        was["md.seed"] = "another"
+                diff = [(k, was.get(k), v) for k, v in now.items() if was.get(k) != v]
+                if diff:
+                    changed.append((t["task"], str(p), diff))
+        sel = itdir / "selection.json"
+        # the tasks the selection was made from must be the tasks now: a rung with a temperature
+        # more or less keeps the matching tasks but the selection would not see the added ones, or
+        # would keep frames of the removed ones
+        ran = sorted(int(p.stem[5:]) for p in mddir.glob("task_*.json")) if self.rank0 else []
+        changed, ran = self.ctx.broadcast_object((changed, ran))
+        if sel.is_file() and not changed and ran != [t["task"] for t in tasks]:
+            raise ConfigError(
+                f"explore: {itdir.name}'s candidates ({sel}) were selected from the {len(ran)} MD task(s) in "
+                f"{mddir}, the configuration now asks for {len(tasks)} (md.temperatures rung "
+                f"{[t['T'] for t in tasks]}, md.replicas {self.cfg.md.replicas}, structures): restore those "
+                f"settings to continue (labels of the candidates stay valid), or remove {itdir} to run "
+                f"iteration {it} with the new ones")
+        if not changed:
+            return
+        task, path, diff = changed[0]
+        what = ", ".join(f"{k} {a} (now {b})" for k, a, b in diff)
+        if sel.is_file():
+            raise ConfigError(
+                f"explore: {path} ran with {what}, and {len(changed) - 1} more task(s) of {itdir.name} with "
+                f"other settings; {itdir.name}'s candidates ({sel}) were selected from that MD, so it is not "
+                f"run again over them: restore those settings to continue (labels of the candidates stay "
+                f"valid), or remove {itdir} to run iteration {it} with the new ones")
+        for task, path, diff in changed:
+            log(f"explore: {itdir.name} task {task} ran with "
+                f"{', '.join(f'{k} {a} (now {b})' for k, a, b in diff)}: running it again")
+            if self.rank0:
+                Path(path).unlink()
+        self.sync()
 
     def select(self, itdir: Path, summaries: list[dict]) -> dict:
         """Rank 0: the pool, farthest-point sampling, candidates.extxyz; returns selection.json."""
@@ -787,7 +853,12 @@ class Explorer:
                 fr = sum(s["failed"] for s in summaries) / max(frames, 1)
                 flagged = sum(s["flagged"] for s in summaries) / max(analysed, 1)
                 umax = max(s["max_uncertainty"] for s in summaries)
-                row = {"iteration": it, "temperatures_K": rung, "ps": cfg.md.steps * cfg.md.timestep / 1000.0,
+                # what ran (run_md reruns tasks whose settings changed; a task json from before the
+                # settings were stored has the configuration's)
+                ran = [s.get("settings", {}) for s in summaries]
+                ps = max(r.get("md.steps", cfg.md.steps) * r.get("md.timestep", cfg.md.timestep) / 1000.0
+                         for r in ran)
+                row = {"iteration": it, "temperatures_K": list(dict.fromkeys(s["T"] for s in summaries)), "ps": ps,
                        "trajectories": len(summaries), "frames": frames, "failure_ratio": fr,
                        "flagged_fraction": flagged, "max_uncertainty": umax,
                        "min_dist_A": min(s["min_dist_A"] for s in summaries), "model": st["model"]}
