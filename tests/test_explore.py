@@ -362,3 +362,25 @@ def test_md_tasks_rerun_or_refused_when_settings_changed(committee):
     assert t0["T"] == 300.0 and t0["settings"]["md.steps"] == 100
     row = json.loads((d / "chg" / "state.json").read_text())["rows"][0]
     assert row["temperatures_K"] == [300.0] and row["ps"] == 0.1 and row["frames"] == t0["frames"]
+
+
+def test_temperature_ladder_changed_after_a_run(committee):
+    """Sweep 16: a rung added after 'converged' was ignored, and a ladder shortened below the rung
+    reached ended in an IndexError.  The added rung reopens the run (found by the converged rung's
+    temperatures); the shortened ladder is refused naming state.json's rung."""
+    d = committee
+    cfg = _explore_cfg(d, "rung", iterations=3, epochs=4)
+    easy = ["--set", "targets.failure_ratio=1.0", "--set", "targets.flagged_fraction=1.0", "--set", "md.steps=20"]
+    distmlip_cli(["explore", str(cfg), "--set", "md.temperatures=[300]"] + easy)
+    assert json.loads((d / "rung" / "state.json").read_text())["finished"] == "converged"
+    res = distmlip_cli(["explore", str(cfg), "--set", "md.temperatures=[300, 500]"] + easy)
+    assert "continuing at rung 2 [500.0] K" in res.stdout, res.stdout
+    st = json.loads((d / "rung" / "state.json").read_text())
+    assert st["finished"] == "converged" and [r["temperatures_K"] for r in st["rows"]] == [[300.0], [500.0]]
+    # shortened below the rung reached (iterations exhausted at rung 2, continued with more iterations)
+    distmlip_cli(["explore", str(_explore_cfg(d, "rung3", iterations=1, epochs=4)),
+                  "--set", "md.temperatures=[300, 500, 700]"] + easy)
+    res = distmlip_cli(["explore", str(d / "rung3.yaml"), "--set", "md.temperatures=[300]", "--iterations", "3"]
+                       + easy, check=False)
+    assert res.returncode == 2 and "state.json: 'rung' is 1 (counted from 0: the run climbed to rung 2)" in res.stderr and "has only 1 rung(s)" in res.stderr, \
+        res.stderr

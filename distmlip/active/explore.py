@@ -841,6 +841,27 @@ class Explorer:
                 # (sweep 8: it printed 'iterations exhausted' again and ran nothing)
                 log(f"explore: continuing after iteration {st['iteration']} (iterations now {cfg.iterations})")
                 st["finished"] = None
+            if st["finished"] == "converged" and st["rows"]:
+                # a rung added above the converged one reopens the run, as a raised iteration count
+                # does (sweep 16: 'converged' again, the new rung never run); found by its
+                # temperatures, since a rung inserted below shifts the indices
+                done = st["rows"][-1]["temperatures_K"]
+                k = next((i for i, r in enumerate(rungs) if list(dict.fromkeys(r)) == done), None)
+                if k is not None and k + 1 < len(rungs):
+                    if st["iteration"] < cfg.iterations:
+                        log(f"explore: converged at {done} K; md.temperatures now goes on: continuing at rung "
+                            f"{k + 2} {rungs[k + 1]} K")
+                        st["rung"], st["finished"] = k + 1, None
+                    else:
+                        log(f"explore: md.temperatures has rung(s) above the converged {done} K; raise iterations "
+                            f"(now {cfg.iterations}, all run) to explore them")
+            if st["finished"] is None and st["iteration"] < cfg.iterations and st["rung"] >= len(rungs):
+                # a ladder shortened below the rung reached: an IndexError before; which rung to run is
+                # the user's choice (the lower ones converged already), so nothing is guessed
+                raise ConfigError(f"explore: {self.state_path()}: 'rung' is {st['rung']} (counted from 0: the run "
+                                  f"climbed to rung {st['rung'] + 1}), but the configuration's md.temperatures has only "
+                                  f"{len(rungs)} rung(s) {rungs}: restore the rungs, or use another output to "
+                                  f"start again on this ladder")
             while st["finished"] is None and st["iteration"] < cfg.iterations:
                 it = st["iteration"] + 1
                 itdir = self.out / f"iter_{it:03d}"
