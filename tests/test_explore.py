@@ -106,17 +106,7 @@ def test_selection_same_for_a_seed_and_on_one_and_two_ranks(committee):
     for key in ("uncertainty", "temperature_K", "time_fs", "min_dist", "selected_because"):
         assert key in f1[0].info
     # labels from a file continue the waiting iteration: convert, retrain, next row
-    from ase.calculators.emt import EMT
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    lab = []
-    for a in f1:
-        b = a.copy()
-        b.calc = EMT()
-        e, f = b.get_potential_energy(), b.get_forces()
-        b.calc = SinglePointCalculator(b, energy=e, forces=f)
-        lab.append(b)
-    write(str(d / "dft.extxyz"), lab)
+    write(str(d / "dft.extxyz"), _emt_labels(f1))
     distmlip_cli(["explore", str(_explore_cfg(d, "one")), "--labelled", str(d / "dft.extxyz")])
     st = json.loads((d / "one" / "state.json").read_text())
     assert st["iteration"] == 1 and st["rows"][0]["updated"] and st["rows"][0]["sampled"] == len(f1)

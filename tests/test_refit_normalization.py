@@ -45,6 +45,21 @@ def test_refit_keeps_energies_and_forces(hidden, dtype, zbl):
     assert float((E2 - E0).abs().max()) > 0.1
 
 
+def _train_old(tmp_path, epochs: int):
+    """A small energy model trained on tmp_path/old.h5 (config tmp_path/c.yaml, output r1)."""
+    from distmlip.training.config import load_train_config
+    from distmlip.training.trainer import Trainer
+
+    (tmp_path / "c.yaml").write_text(f"""
+data: {{train: [{tmp_path / 'old.h5'}], fractions: [1.0, 0.0, 0.0]}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
+model: {{hidden: [5]}}
+training: {{mode: energy, epochs: {epochs}, batch_atoms: 40, lr: 1.0e-2, output: {tmp_path / 'r1'}, progress_bar: 'off'}}
+""")
+    Trainer(load_train_config(tmp_path / "c.yaml"), quiet=True).fit()
+    return BPNN.load(tmp_path / "r1" / "model.pt")
+
+
 def test_warm_start_refit_keeps_the_function_and_absent_elements(tmp_path):
     """A warm start with ``refit_normalization: true`` (sweep 7): on data without Au, the plain fit
     set Au's feature statistics to mean 0 / std 1 and its energy shift to the Cu mean (energy
@@ -62,15 +77,7 @@ def test_warm_start_refit_keeps_the_function_and_absent_elements(tmp_path):
         s.energy += 0.3 * len(s.numbers)                     # the new data sit higher
     write_dataset(tmp_path / "old.h5", old)
     write_dataset(tmp_path / "cu.h5", cu)
-    cfg = f"""
-data: {{train: [{tmp_path / 'old.h5'}], fractions: [1.0, 0.0, 0.0]}}
-descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
-model: {{hidden: [5]}}
-training: {{mode: energy, epochs: 3, batch_atoms: 40, lr: 1.0e-2, output: {tmp_path / 'r1'}, progress_bar: 'off'}}
-"""
-    (tmp_path / "c.yaml").write_text(cfg)
-    Trainer(load_train_config(tmp_path / "c.yaml"), quiet=True).fit()
-    m0 = BPNN.load(tmp_path / "r1" / "model.pt")
+    m0 = _train_old(tmp_path, epochs=3)
     probe = collate(old, m0.species, cutoff=m0.cutoff)
     with torch.no_grad():
         E0 = m0(probe)
@@ -119,15 +126,7 @@ def test_warm_start_adopts_declared_reference_energies_and_warns_on_a_moved_zero
         s.energy += (-3.5 + 0.2) * len(s.numbers)           # another zero, and sampled 0.2 eV/atom higher
     write_dataset(tmp_path / "new_ref.h5", new, reference_energies={"Cu": -3.5, "Au": -3.5})
     write_dataset(tmp_path / "new_bare.h5", new)
-    cfg = f"""
-data: {{train: [{tmp_path / 'old.h5'}], fractions: [1.0, 0.0, 0.0]}}
-descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
-model: {{hidden: [5]}}
-training: {{mode: energy, epochs: 2, batch_atoms: 40, lr: 1.0e-2, output: {tmp_path / 'r1'}, progress_bar: 'off'}}
-"""
-    (tmp_path / "c.yaml").write_text(cfg)
-    Trainer(load_train_config(tmp_path / "c.yaml"), quiet=True).fit()
-    m0 = BPNN.load(tmp_path / "r1" / "model.pt")
+    m0 = _train_old(tmp_path, epochs=2)
     probe = collate(old, m0.species, cutoff=m0.cutoff)
     n_atoms = torch.tensor([len(s.numbers) for s in old], dtype=torch.float64)
     with torch.no_grad():
