@@ -374,3 +374,55 @@ def test_temperature_ladder_changed_after_a_run(committee):
                        + easy, check=False)
     assert res.returncode == 2 and "state.json: 'rung' is 1 (counted from 0: the run climbed to rung 2)" in res.stderr and "has only 1 rung(s)" in res.stderr, \
         res.stderr
+
+
+FLAKY = '''
+import os
+from ase.calculators.emt import EMT
+
+
+class Flaky(EMT):
+    """EMT that fails on every second frame while FLAKY_FAIL names an existing file, and counts
+    its calculations in FLAKY_LOG."""
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=None):
+        with open(os.environ["FLAKY_LOG"], "a") as f:
+            f.write("call\\n")
+        if os.path.exists(os.environ["FLAKY_FAIL"]) and int(abs(atoms.positions[0, 0]) * 1e4) % 2 == 0:
+            raise RuntimeError("SCF did not converge")
+        super().calculate(atoms, properties, system_changes or ["positions"])
+'''
+
+
+def test_labeller_failing_on_some_frames_keeps_the_others(committee, tmp_path, monkeypatch):
+    """A labeller that fails on some candidates (a DFT code whose SCF does not converge): every
+    label of the iteration was thrown away and each rerun recomputed them all (sweep 16).  Now the
+    error names the failed frames, the others are kept, and the rerun labels only the missing
+    ones; the labels equal EMT's."""
+    from ase.calculators.emt import EMT
+
+    d = committee
+    (tmp_path / "flakycalc.py").write_text(FLAKY)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("FLAKY_LOG", str(tmp_path / "calls.log"))
+    monkeypatch.setenv("FLAKY_FAIL", str(tmp_path / "fail"))
+    (tmp_path / "fail").write_text("")
+    cfg = _explore_cfg(d, "flaky")
+    res = distmlip_cli(["explore", str(cfg), "--label-with", "flakycalc:Flaky"], check=False)
+    assert res.returncode != 0 and "SCF did not converge" in res.stdout + res.stderr
+    msg = res.stdout + res.stderr
+    assert "the labels of the other frames are kept" in msg, msg[-2000:]
+    frames = read(str(d / "flaky" / "iter_001" / "candidates.extxyz"), index=":")
+    first = len((tmp_path / "calls.log").read_text().split())
+    kept = len(list((d / "flaky" / "iter_001" / "labels_partial").glob("frame_*.npz")))
+    assert 0 < kept < len(frames) and first == len(frames)
+    (tmp_path / "fail").unlink()
+    distmlip_cli(["explore", str(cfg), "--label-with", "flakycalc:Flaky"])
+    again = len((tmp_path / "calls.log").read_text().split()) - first
+    assert again == len(frames) - kept                  # only the missing frames were labelled
+    lab = read(str(d / "flaky" / "iter_001" / "labelled.extxyz"), index=":")
+    for a, b in zip(frames, lab):
+        c = a.copy()
+        c.calc = EMT()
+        assert abs(c.get_potential_energy() - b.get_potential_energy()) < 1e-9
+        assert np.allclose(c.get_forces(), b.get_forces(), atol=1e-9)

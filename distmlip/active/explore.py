@@ -26,7 +26,9 @@ One iteration (folder ``OUTPUT/iter_XXX``):
    input of the user's DFT.
 4. **Labels**: ``label_with`` (``ase:EMT`` or any importable ASE calculator, over the ranks)
    labels the candidates into ``labelled.extxyz``; without it, explore stops and asks for the
-   labelled file (``distmlip explore CONFIG --labelled dft.extxyz`` continues).  When fewer than
+   labelled file (``distmlip explore CONFIG --labelled dft.extxyz`` continues).  The labeller's
+   frames are kept one by one (``labels_partial/``): a rerun after a failure or a stop labels only
+   the missing frames.  When fewer than
    ``select.min_new`` frames were selected the model is not updated.
 5. **Retrain**: ``distmlip convert`` of the labels into ``new.h5``, appended to the training data
    of ``train_config``; every member warm-starts from the current one (``training.warm_start``;
@@ -550,9 +552,16 @@ class Explorer:
         atomic_write_text(sel_path, json.dumps(sel, indent=1))
         return sel
 
-    def label(self, itdir: Path, sel: dict) -> Path | None:
+    def label(self, itdir: Path, sel: dict) -> Path | str | None:
         """``labelled.extxyz`` from the labeller over the ranks, or the user's files; None when
-        labels are missing (explore stops and says how to continue)."""
+        labels are missing (explore stops and says how to continue); "stopped" when a stop was
+        requested between frames.  Each labelled frame is kept at once in ``labels_partial/``
+        (keyed by the candidate's atoms and positions), so a killed or stopped run, or one whose
+        labeller failed on some frames, labels only the frames still missing when rerun: with
+        DFT, a frame is hours (sweep 16: one failing frame threw away every label of the
+        iteration, and every rerun recomputed them all)."""
+        import hashlib
+
         from ase.io import read, write
 
         out = itdir / "labelled.extxyz"
@@ -565,26 +574,52 @@ class Explorer:
         frames = read(sel["candidates"], index=":", parallel=False)
         from ..evaluation.labelling import label as label_frames, stress_if_computed
 
-        mine = list(range(self.ctx.rank, len(frames), self.ctx.world_size))
-        err = None
-        res = []
-        try:
-            lab = label_frames([frames[k] for k in mine], self.cfg.label_with, self.cfg.label_kwargs)
-            res = [(k, float(a.get_potential_energy()), np.asarray(a.get_forces()), stress_if_computed(a))
-                   for k, a in zip(mine, lab)]
-        except Exception as exc:   # a labeller error on one rank must not leave the others waiting
-            err = f"rank {self.ctx.rank}: labelling with {self.cfg.label_with} failed: {type(exc).__name__}: {exc}"
-        gathered = self.ctx.all_gather_object((err, res))
-        errs = [e for e, _ in gathered if e]
-        if errs:
-            raise InputError(errs[0])
+        part = itdir / "labels_partial"
+        part.mkdir(exist_ok=True)
+
+        def key(a) -> str:
+            return hashlib.blake2b(np.asarray(a.numbers, dtype=np.int64).tobytes()
+                                   + np.asarray(a.positions, dtype=np.float64).tobytes(), digest_size=16).hexdigest()
+
+        def kept(k: int):
+            f = part / f"frame_{k:05d}.npz"
+            try:
+                with np.load(f) as z:
+                    if str(z["key"]) == key(frames[k]):
+                        return float(z["energy"]), np.array(z["forces"]), (np.array(z["stress"]) if "stress" in z else None)
+            except (OSError, KeyError, ValueError):
+                pass                     # absent, cut short or another candidate's: labelled again
+            return None
+
+        W, failed, stopped = self.ctx.world_size, [], False
+        for r in range(-(-len(frames) // W)):        # rounds: every rank calls the stop check alike
+            k = r * W + self.ctx.rank
+            if k < len(frames) and kept(k) is None:
+                try:
+                    a = label_frames([frames[k]], self.cfg.label_with, self.cfg.label_kwargs)[0]
+                    e, f, st = float(a.get_potential_energy()), np.asarray(a.get_forces()), stress_if_computed(a)
+                    with atomic_path(part / f"frame_{k:05d}.npz", suffix=".npz") as tmp:
+                        np.savez(tmp, key=key(frames[k]), energy=e, forces=f,
+                                 **({} if st is None else {"stress": np.asarray(st)}))
+                except Exception as exc:   # the labeller's error on one frame: the others go on
+                    failed.append((k, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+            if self.ctx.stop_requested():
+                stopped = True
+                break
+        failed = sorted(x for r in self.ctx.all_gather_object(failed) for x in r)
+        if stopped:
+            return "stopped"
+        if failed:
+            raise InputError(f"explore: {itdir.name}: labelling with {self.cfg.label_with} failed on {len(failed)} of "
+                             f"{len(frames)} candidates (frames {[k for k, _ in failed]} of {sel['candidates']}; "
+                             f"frame {failed[0][0]}: {failed[0][1]}); the labels of the other frames are kept in "
+                             f"{part}: rerun the same command to label only the missing frames")
         if self.rank0:
             from ase.calculators.singlepoint import SinglePointCalculator
 
-            byk = {k: (e, f, st) for _, r in gathered for k, e, f, st in r}
             outf = []
             for k, a in enumerate(frames):
-                e, f, st = byk[k]
+                e, f, st = kept(k)
                 b = a.copy()
                 b.info.update(a.info)
                 b.info["labelled_with"] = str(self.cfg.label_with)
@@ -901,6 +936,10 @@ class Explorer:
                         row.update(updated=False, note=f"{sel['selected']} selected < select.min_new: model kept")
                     else:
                         lab = self.label(itdir, sel)
+                        if lab == "stopped":
+                            log(f"explore: stop requested during labelling of iteration {it}; the frames labelled "
+                                f"so far are kept: continue with 'distmlip explore CONFIG'")
+                            return st
                         if lab is None and self.labelled:
                             lab_inputs = self.labelled
                             self.check_labels(itdir, sel, lab_inputs)

@@ -100,8 +100,9 @@ def stress_if_computed(atoms):
 def label(frames, spec: str, kwargs=None) -> list:
     """Energies, forces (and the stress of periodic frames, when the calculator computed one) of
     ``frames`` (ASE Atoms) from the calculator ``spec``; returns copies
-    carrying a SinglePointCalculator with the results (what extxyz writes as labels).  Frames the
-    calculator fails on are dropped with their index in ``info['label_error']``-free output."""
+    carrying a SinglePointCalculator with the results (what extxyz writes as labels).  The
+    calculator's errors propagate: callers that label many expensive frames label them one at a
+    time and keep each result (explore's ``labels_partial/``)."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     calc = make_calculator(spec, kwargs)
