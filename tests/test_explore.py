@@ -426,3 +426,26 @@ def test_labeller_failing_on_some_frames_keeps_the_others(committee, tmp_path, m
         c.calc = EMT()
         assert abs(c.get_potential_energy() - b.get_potential_energy()) < 1e-9
         assert np.allclose(c.get_forces(), b.get_forces(), atol=1e-9)
+
+
+def test_second_explore_on_a_live_folder_is_refused(committee):
+    """Two explore jobs on one folder (sweep 16: the second removed the first's live retraining
+    folders): the second is refused while the first runs, naming the lock."""
+    d = committee
+    cfg = _explore_cfg(d, "locked")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "distmlip", "explore", str(cfg), "--label-with", "ase:EMT"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = d / "locked" / ".distmlip.lock"
+        t0 = time.time()
+        while not lock.is_file() and proc.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.02)
+        assert lock.is_file()
+        res = distmlip_cli(["explore", str(cfg), "--label-with", "ase:EMT"], check=False)
+        assert res.returncode != 0 and "explore folder" in res.stdout + res.stderr, (res.stdout + res.stderr)[-2000:]
+        assert "in use by another job" in res.stdout + res.stderr
+    finally:
+        proc.wait(timeout=600)
+    assert proc.returncode == 0 and not lock.exists()       # the first job finished and let go

@@ -843,9 +843,31 @@ class Explorer:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
-        cfg = self.cfg
+        """The loop, with the explore folder locked for this job: a second explore on the same
+        folder removed the first's live retraining folders (sweep 16: its corrected --labelled
+        restarted an iteration under the running job, which then finished on what was left)."""
+        from ..utils.io import OutputLock
+
+        lock, err = None, None
         if self.rank0:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                lock = OutputLock(self.out, what="explore folder", log=log).acquire()
+            except Exception as exc:  # noqa: BLE001  (every rank must hear of it, not wait)
+                err = (type(exc).__name__, str(exc))
+        err = self.ctx.broadcast_object(err)
+        if err is not None:
+            from .. import errors as E
+
+            raise getattr(E, err[0], E.DistmlipError)(err[1])
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> dict:
+        cfg = self.cfg
         self.ctx.barrier()
         # ranks run MD tasks and label frames of different lengths and wait for each other without a
         # deadline; a rank whose heartbeat stops (frozen, node lost) ends the wait
