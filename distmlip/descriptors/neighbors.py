@@ -13,10 +13,10 @@ boundaries (slabs, wires) work too.
 
 The default was chosen by measurement (benchmarks/neighbors.py): the compiled pair search of
 the extension (csrc/neighbors_cpu.cpp: every candidate image of every atom pair, written in the
-canonical order, so no sort) for structures of up to about a thousand (atom, atom, image)
-candidates squared (DFT-sized cells, molecules), and beyond it vesin (C++ cell list), the fastest
-on large dense bulk, 2x matscipy and 5-15x the numpy cell list; the numpy cell list is the
-fallback when neither is there.
+canonical order, so no sort) for structures of up to 2^20 (atom, atom, image) candidates
+(DFT-sized cells, molecules), and beyond it vesin (C++ cell list), the fastest on large dense
+bulk, 2x matscipy and 5-15x the numpy cell list; the numpy cell list is the fallback when
+neither is there.
 
 Backends (``backend=`` argument or the ``DISTMLIP_NEIGHBORS`` environment variable):
 ``"auto"`` (default, as above), ``"compiled"`` (the pair search at any size), ``"vesin"``,
@@ -267,17 +267,23 @@ def _compiled_frame(pos, pbc, cutoff, full, face, limit):
     return np.eye(3) if full is None else np.ascontiguousarray(full)   # a free structure: any frame
 
 
+def _geometry(pos, cell, pbc, full) -> tuple:
+    """The leading arguments of the compiled search's operators."""
+    import torch
+
+    return (torch.from_numpy(pos), torch.from_numpy(full), torch.from_numpy(np.ascontiguousarray(cell)),
+            [int(x) for x in pbc])
+
+
 def _compiled(pos, cell, pbc, cutoff, full, face, limit):
     """The pairs from the compiled search (csrc/neighbors_cpu.cpp) in the canonical order, or None
     where it does not apply (:func:`_compiled_frame`)."""
+    import torch
+
     full = _compiled_frame(pos, pbc, cutoff, full, face, limit)
     if full is None:
         return None
-    import torch
-
-    i, j, S = torch.ops.distmlip.neighbor_pairs(torch.from_numpy(pos), torch.from_numpy(full),
-                                                torch.from_numpy(np.ascontiguousarray(cell)),
-                                                [int(x) for x in pbc], cutoff)
+    i, j, S = torch.ops.distmlip.neighbor_pairs(*_geometry(pos, cell, pbc, full), cutoff)
     return i.numpy(), j.numpy(), S.numpy()
 
 
@@ -287,14 +293,12 @@ def type_minima(positions, cell, pbc, cutoff, types, n_types: int):
     without writing the pair list, or None where that search does not apply (then take
     :func:`neighbor_list`).  ``types``: [n] integers in [0, n_types)."""
     pos, cell, pbc, cutoff, full, face = _prepare(positions, cell, pbc, cutoff)
+    import torch
+
     full = _compiled_frame(pos, pbc, cutoff, full, face, _COMPILED_CANDIDATES)
     if full is None:
         return None
-    import torch
-
-    d2 = torch.ops.distmlip.neighbor_type_minima(torch.from_numpy(pos), torch.from_numpy(full),
-                                                 torch.from_numpy(np.ascontiguousarray(cell)),
-                                                 [int(x) for x in pbc], cutoff,
+    d2 = torch.ops.distmlip.neighbor_type_minima(*_geometry(pos, cell, pbc, full), cutoff,
                                                  torch.from_numpy(np.ascontiguousarray(types, dtype=np.int64)),
                                                  int(n_types))
     return np.sqrt(d2.numpy())
@@ -391,8 +395,7 @@ def _dense_distances(group, cutoff: float):
     if pbc.any():
         from .._ext import load_extension
 
-        limit = min(_DENSE_PERIODIC, _DENSE_PERIODIC_COMPILED) if load_extension(warn_if_missing=False) \
-            else _DENSE_PERIODIC
+        limit = _DENSE_PERIODIC_COMPILED if load_extension(warn_if_missing=False) else _DENSE_PERIODIC
     else:
         limit = _DENSE_FREE
     if per > limit:

@@ -1235,8 +1235,9 @@ class Trainer:
             ss = n = 0.0
             for k, a, blk in self.ds.iter_atom_blocks("forces"):
                 m = atom_ok[shard_base[k] + a: shard_base[k] + a + len(blk)]
-                f2 = (blk[m] ** 2).sum(1)
-                ss += float(f2.sum())
+                sq = blk[m] ** 2
+                ss += float(sq.sum())          # summed as before the trim: the same RMS to the bit
+                f2 = sq.sum(1)
                 n += 3.0 * float(m.sum())
                 b = np.searchsorted(edges, np.log10(np.maximum(f2, 1e-300)))
                 cnt += np.bincount(b, minlength=len(cnt))
