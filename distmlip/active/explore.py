@@ -268,13 +268,11 @@ def _same_frame(s, a) -> bool:
     order and positions within _LABEL_MATCH_A, folded into the cell along periodic directions."""
     if len(s.numbers) != len(a) or not np.array_equal(np.asarray(s.numbers), a.numbers):
         return False
-    d = np.asarray(s.positions, dtype=np.float64) - a.positions
-    pbc = np.asarray(a.pbc, dtype=bool)
-    cell = np.array(a.cell[:], dtype=np.float64)
-    if pbc.any() and abs(np.linalg.det(cell)) > 1e-12:
-        f = d @ np.linalg.inv(cell)
-        f[:, pbc] -= np.round(f[:, pbc])
-        d = f @ cell
+    from ..data.structure import minimum_image
+
+    # the project's exact minimum image: also slabs and wires whose non-periodic cell rows are zero
+    d = minimum_image(np.asarray(s.positions, dtype=np.float64) - a.positions, np.array(a.cell[:], dtype=np.float64),
+                      np.asarray(a.pbc, dtype=bool))
     return bool(np.abs(d).max(initial=0.0) <= _LABEL_MATCH_A)
 
 
