@@ -430,22 +430,25 @@ def test_labeller_failing_on_some_frames_keeps_the_others(committee, tmp_path, m
 
 def test_second_explore_on_a_live_folder_is_refused(committee):
     """Two explore jobs on one folder (sweep 16: the second removed the first's live retraining
-    folders): the second is refused while the first runs, naming the lock."""
+    folders): while a live process holds the folder's lock (as a running explore does), explore
+    is refused naming it; once that process is gone its lock is taken over and the run goes on."""
     d = committee
     cfg = _explore_cfg(d, "locked")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "distmlip", "explore", str(cfg), "--label-with", "ase:EMT"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (d / "locked").mkdir(exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from distmlip.utils.io import OutputLock; "
+                               "OutputLock(sys.argv[1], what='explore folder').acquire(); print('held', flush=True); "
+                               "time.sleep(600)", str(d / "locked")], env=env, stdout=subprocess.PIPE, text=True)
     try:
-        lock = d / "locked" / ".distmlip.lock"
-        t0 = time.time()
-        while not lock.is_file() and proc.poll() is None and time.time() - t0 < 120:
-            time.sleep(0.02)
-        assert lock.is_file()
+        assert holder.stdout.readline().strip() == "held"
         res = distmlip_cli(["explore", str(cfg), "--label-with", "ase:EMT"], check=False)
-        assert res.returncode != 0 and "explore folder" in res.stdout + res.stderr, (res.stdout + res.stderr)[-2000:]
-        assert "in use by another job" in res.stdout + res.stderr
+        out = res.stdout + res.stderr
+        assert res.returncode != 0 and "explore folder" in out and "in use by another job" in out, out[-2000:]
+        assert not (d / "locked" / "iter_001").exists()          # nothing was run
     finally:
-        proc.wait(timeout=600)
-    assert proc.returncode == 0 and not lock.exists()       # the first job finished and let go
+        holder.kill()
+        holder.wait()
+    res = distmlip_cli(["explore", str(cfg), "--label-with", "ase:EMT"])
+    assert "taking over the lock" in res.stdout + res.stderr
+    assert not (d / "locked" / ".distmlip.lock").exists()       # released at the end
