@@ -50,6 +50,8 @@ CPU_ONLY_OPS = {
     "energy_force_loss": "compiled loss (csrc/bpnn_forces_cpu.cpp); on a GPU: loss torch (training/losses.py)",
     "neighbor_pairs": "neighbour pairs of one structure (csrc/neighbors_cpu.cpp) from numpy positions; "
                       "lists are built on the host for every device",
+    "neighbor_type_minima": "per element-pair shortest distances of one structure (csrc/neighbors_cpu.cpp), "
+                            "for the training-data record; computed on the host for every device",
 }
 
 

@@ -66,6 +66,30 @@ def test_declared_cpu_only_operators_exist_in_the_build():
     assert "chebyshev_forward" not in _ext.CPU_ONLY_OPS   # the descriptor kernels have CUDA kernels
 
 
+@pytest.mark.skipif(not _ext.load_extension(warn_if_missing=False), reason="compiled extension missing")
+def test_every_cpu_operator_has_a_cuda_kernel_in_the_sources_or_is_declared_cpu_only():
+    """What `make cuda-build-check` holds a CUDA build to, checked here on a CPU build from the
+    sources: each operator with a CPU kernel is registered for CUDA in csrc/ or named in
+    CPU_ONLY_OPS, and none is both.  Without it a new CPU operator passes `make test` and fails
+    only the (slow, CI-only) CUDA build check."""
+    import pathlib
+    import re
+
+    csrc = pathlib.Path(_ext.__file__).resolve().parent.parent / "csrc"
+    if not csrc.is_dir():
+        pytest.skip("csrc/ not beside the package (installed copy)")
+    cuda_ops = set()
+    for src in csrc.glob("*.cpp"):
+        for block in re.findall(r"TORCH_LIBRARY_IMPL\(distmlip,\s*CUDA,\s*m\)\s*\{(.*?)\}", src.read_text(), re.S):
+            cuda_ops |= set(re.findall(r'm\.impl\("(\w+)"', block))
+    assert cuda_ops, "no CUDA registrations found in csrc/ (the pattern no longer matches the sources)"
+    cpu_ops = set(_ext.registered_ops("CPU"))
+    undeclared = cpu_ops - cuda_ops - set(_ext.CPU_ONLY_OPS)
+    assert not undeclared, f"CPU operators with neither a CUDA kernel nor a CPU_ONLY_OPS entry: {sorted(undeclared)}"
+    both = cuda_ops & set(_ext.CPU_ONLY_OPS)
+    assert not both, f"declared CPU-only but registered for CUDA: {sorted(both)}"
+
+
 @pytest.mark.skipif(not _ext.has_kernel("bpnn_nets_forward", "cpu"), reason="compiled extension missing")
 def test_activation_without_kernel_runs_torch_networks(monkeypatch):
     from distmlip.models import activations as act_table
