@@ -452,3 +452,75 @@ def test_second_explore_on_a_live_folder_is_refused(committee):
     res = distmlip_cli(["explore", str(cfg), "--label-with", "ase:EMT"])
     assert "taking over the lock" in res.stdout + res.stderr
     assert not (d / "locked" / ".distmlip.lock").exists()       # released at the end
+
+
+def test_labels_in_other_units_than_the_model_are_refused(committee):
+    """An iteration's few labels are too few for the data sets' unit check (30 partner pairs), so
+    labels in Hartree/Bohr, kcal/mol or with the forces' sign flipped were trained into the next
+    model with exit 0.  They are now compared with the predictions of the model that found the
+    frames: each slip is refused naming the field and the likely unit, before anything is
+    converted; the same labels in eV and eV/A pass (the ratios are logged)."""
+    from distmlip.data.validate import BOHR, HARTREE, KCAL_MOL
+
+    d = committee
+    cfg = _explore_cfg(d, "units", iterations=1, epochs=2)
+    assert "candidates for reference calculations" in distmlip_cli(["explore", str(cfg)]).stdout
+    cand, _ = _candidates(d / "units")
+    lab = _emt_labels(cand)
+    assert len(lab) >= 5
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    def relabel(name, e_factor, f_factor):
+        out = []
+        for a in lab:
+            b = a.copy()
+            b.calc = SinglePointCalculator(b, energy=a.get_potential_energy() * e_factor,
+                                           forces=a.get_forces() * f_factor)
+            out.append(b)
+        write(str(d / f"{name}.extxyz"), out)
+        return d / f"{name}.extxyz"
+
+    # (EMT energies lie near zero: the energy check does not judge them, see the test below)
+    for name, ef, ff, field, likely in (("ha_bohr", 1 / HARTREE, BOHR / HARTREE, "forces", "Hartree/Bohr"),
+                                        ("sign", 1.0, -1.0, "forces", "wrong sign"),
+                                        ("kcal", 1 / KCAL_MOL, 1 / KCAL_MOL, "forces", "kcal/mol")):
+        res = distmlip_cli(["explore", str(cfg), "--labelled", str(relabel(name, ef, ff))], check=False)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert f"field '{field}'" in res.stderr and likely in res.stderr, res.stderr
+        assert not (d / "units" / "iter_001" / "new.h5").exists()
+    res = distmlip_cli(["explore", str(cfg), "--labelled", str(relabel("right", 1.0, 1.0))])
+    assert "labels / the model's predictions of the same frames: forces" in res.stdout + res.stderr
+    assert (d / "units" / "iter_001" / "new.h5").exists()
+
+
+def test_labels_against_model_finds_each_slip_and_passes_a_rough_model():
+    from distmlip.data.validate import (BOHR, ENERGY_LABEL_FACTORS, FORCE_LABEL_FACTORS, HARTREE,
+                                        labels_against_model)
+
+    rng = np.random.default_rng(3)
+    pred_f = [rng.normal(size=(20, 3)) for _ in range(10)]
+    pred_e = [-4.5 * 20 + rng.normal() for _ in range(10)]                 # DFT-like totals, eV
+    # a poor model: forces 30 % off and noisy, ten atoms badly wrong, energies 0.4 eV/atom off
+    lab_f = [f * 1.3 + rng.normal(scale=0.8, size=f.shape) for f in pred_f]
+    lab_f[0][:10] *= 20.0
+    lab_e = [e + 0.4 * 20 for e in pred_e]
+    preds = [(e, f, 20) for e, f in zip(pred_e, pred_f)]
+
+    def check(ef=1.0, ff=1.0):
+        return {u.field: u for u in labels_against_model([(e * ef, f * ff, 20) for e, f in zip(lab_e, lab_f)], preds)}
+
+    u = check()
+    assert not any(x.suspect for x in u.values()) and 0.8 < u["forces"].ratio < 1.8, u
+    for f, text in FORCE_LABEL_FACTORS:
+        x = check(ff=f)["forces"]
+        assert x.suspect and x.likely().startswith(text), (f, x)
+        assert text in x.describe() and "field 'forces'" in x.describe()
+    for f, text in ENERGY_LABEL_FACTORS:
+        x = check(ef=f)["energy"]
+        assert x.suspect and x.likely().startswith(text), (f, x)
+    assert "Hartree/Bohr" in check(ff=BOHR / HARTREE)["forces"].likely()
+    # energies near zero (cohesive, EMT) are not judged; five atoms are too few for the forces
+    near_zero = [(e / 100.0, f, 20) for e, f in zip(pred_e, pred_f)]
+    assert [u.field for u in labels_against_model([(e / HARTREE, f, 20) for e, f, _ in near_zero], near_zero)] == ["forces"]
+    few = labels_against_model([(np.nan, pred_f[0][:5] * 0.01, 5)], [(np.nan, pred_f[0][:5], 5)])
+    assert len(few) == 1 and not few[0].suspect

@@ -138,6 +138,9 @@ class ExploreConfig:
     iterations: int = field(default=5, metadata=bounds(ge=1))
     label_with: Optional[str] = None    # ase:EMT, package.module:Class; None: stop for external labels
     label_kwargs: dict[str, Any] = field(default_factory=dict)
+    # refuse labels whose forces (or energy differences) are a unit factor or a sign away from the
+    # model's predictions of the same frames (Explorer.check_label_units); off: trust them as given
+    check_label_units: bool = True
     retrain: dict[str, Any] = field(default_factory=dict)    # overrides of train_config, e.g. training.epochs: 50
     # before each warm start, refit the normalisation on all data keeping the model's energies
     # (the old energy scale can cap what the networks reach; models/ann.py)
@@ -676,6 +679,45 @@ class Explorer:
                  f"label in {', '.join(map(str, inputs))}; retraining on the {n_lab} labelled one(s)")
         return n_lab
 
+    def check_label_units(self, inputs, model_file: str) -> None:
+        """Refuse labels whose units or force sign differ from the model's: the model whose MD
+        found the frames predicts them, and the labels' forces (per atom) and energy differences
+        (between frames of one composition) must be about those predictions, not a unit factor
+        away (``data.validate.ratio_to_model``).  Explore's few labels per iteration are too few for
+        the data sets' own check (``unit_slope`` needs 30 partner pairs), and labels in Hartree/Bohr
+        or kcal/mol trained into the next model silently.  Off with ``check_label_units: false``."""
+        from ..data.readers import iter_structures
+        from ..data.validate import labels_against_model
+        from ..evaluation.calculator import DistmlipCalculator
+
+        err = None
+        if self.rank0:
+            try:
+                from ase import Atoms
+
+                calc = DistmlipCalculator(_load(model_file, self.cfg.device), device=self.cfg.device)
+                labels, preds = [], []
+                for s in iter_structures([str(p) for p in inputs]):
+                    a = Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
+                    a.calc = calc
+                    preds.append((float(a.get_potential_energy()), np.asarray(a.get_forces()), len(a)))
+                    labels.append((float(s.energy), s.forces, len(a)))
+                found = labels_against_model(labels, preds)
+                bad = [u for u in found if u.suspect]
+                if bad:
+                    err = (f"explore: labelled files {', '.join(map(str, inputs))}, against {model_file}: "
+                           f"{bad[0].describe()}  distmlip reads energies in eV and forces in eV/A: convert the labels "
+                           f"(or, if they are right and the model is that wrong, set check_label_units: false); "
+                           f"nothing was done")
+                elif found:        # the model's error on what it explored: worth seeing each iteration
+                    log("explore: labels / the model's predictions of the same frames: "
+                        + ", ".join(f"{u.field} {u.ratio:.3g} x ({u.low:.3g}..{u.high:.3g}, {u.n})" for u in found))
+            except (InputError, OSError) as exc:     # every rank must hear of it, not wait
+                err = f"explore: labelled files {[str(p) for p in inputs]}: {exc}"
+        err = self.ctx.broadcast_object(err)
+        if err:
+            raise InputError(err)
+
     def convert(self, itdir: Path, inputs) -> Path:
         """``new.h5`` of the labels ``inputs``; None: the new.h5 already there (an iteration
         stopped during its retraining continues on the labels it was given).  new.h5 is kept only
@@ -977,6 +1019,8 @@ class Explorer:
                             return st
                         else:
                             lab_inputs = [lab]
+                        if lab_inputs is not None and cfg.check_label_units:
+                            self.check_label_units(lab_inputs, st["model"])
                         new = self.convert(itdir, lab_inputs)
                         # N_samp is what is trained on: fewer than selected when candidates lack labels
                         from ..data.h5store import H5Dataset

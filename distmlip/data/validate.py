@@ -385,6 +385,108 @@ def unit_slope(dE, work, pairs=None) -> UnitSlope | None:
     return UnitSlope(float(np.median(r)), float(lo), float(hi), int(n), ex + (float(dE[k]), float(work[k])))
 
 
+# New labels against the predictions of the model whose MD found the structures (`explore`: an
+# iteration brings a few labelled frames, too few partner pairs for ``unit_slope``).  Forces: per
+# atom, the label projected on the prediction over the prediction's square: near 1 where the model
+# is right, spread by its errors, and one fixed factor on every atom for a unit slip or a flipped
+# sign; the median ignores the atoms the model gets badly wrong (what explore selects frames for).
+# Energies: per frame, label / prediction per atom, judged only where the model's energies lie on
+# an absolute scale (|E| / n >= ENERGY_LEVEL_MIN, e.g. DFT totals of -3 to -8 eV/atom, where a model
+# error of a few 0.1 eV/atom moves the ratio by a few %); differences between frames failed: every
+# explored frame carries the atoms the model gets wrong (a briefly trained committee gave 6 x on
+# right labels of its collapsing MD frames, 1.7 x on the forces), and cohesive energies near zero
+# say nothing either.  The bands lie well inside the slips they are for (Ry/Bohr 1/25.7, kcal/mol
+# 23.1, the sign -1, Hartree and Rydberg energies 1/27.2 and 1/13.6); eV/Bohr (0.529) is too close
+# to a model's scatter to be judged this way.
+MODEL_RATIO_BAND = {"forces": (0.2, 5.0), "energy": (0.5, 2.0)}
+MODEL_RATIO_MIN = {"forces": 20, "energy": 2}      # atoms, frames judged
+ENERGY_LEVEL_MIN = 1.0                             # eV/atom
+FORCE_LABEL_FACTORS = (
+    (BOHR / HARTREE, "forces in Hartree/Bohr (factor 1/51.42)"),
+    (BOHR / RYDBERG, "forces in Rydberg/Bohr (factor 1/25.71)"),
+    (1.0 / KCAL_MOL, "forces in kcal/mol/A (factor 23.06)"),
+    (1.0 / KJ_MOL, "forces in kJ/mol/A (factor 96.49)"),
+    (1000.0, "forces in meV/A (factor 1000)"),
+    (-1.0, "forces of the wrong sign (energy gradients stored as forces)"),
+)
+ENERGY_LABEL_FACTORS = (
+    (1.0 / HARTREE, "energies in Hartree (factor 1/27.21)"),
+    (1.0 / RYDBERG, "energies in Rydberg (factor 1/13.61)"),
+    (1.0 / KCAL_MOL, "energies in kcal/mol (factor 23.06)"),
+    (1.0 / KJ_MOL, "energies in kJ/mol (factor 96.49)"),
+    (1000.0, "energies in meV (factor 1000)"),
+)
+_LABEL_UNITS = {"forces": ("eV/A", FORCE_LABEL_FACTORS, "atoms"),
+                "energy": ("eV", ENERGY_LABEL_FACTORS, f"frames with |E| >= {ENERGY_LEVEL_MIN:g} eV/atom")}
+
+
+@dataclass
+class ModelRatio:
+    ratio: float            # median of label / prediction over the items judged
+    low: float              # its 95 % range (order statistics of the median)
+    high: float
+    n: int                  # items judged
+    field: str              # 'forces' or 'energy'
+
+    @property
+    def suspect(self) -> bool:
+        lo, hi = MODEL_RATIO_BAND[self.field]
+        return self.n >= MODEL_RATIO_MIN[self.field] and (self.high < lo or self.low > hi)
+
+    def likely(self) -> str | None:
+        """The slips within a factor 2 of the ratio, closest first ("a or b"), or None: the
+        model's own scale error moves the ratio (a briefly trained model measured 1.7 x on right
+        labels), so Hartree/Bohr and Rydberg/Bohr, a factor 2 apart, may both fit."""
+        near = sorted((abs(np.log(self.ratio / f)), text) for f, text in _LABEL_UNITS[self.field][1]
+                      if f * self.ratio > 0 and abs(np.log(self.ratio / f)) < np.log(2.0))
+        return " or ".join(text for _, text in near) or None
+
+    def describe(self) -> str:
+        unit, _, what = _LABEL_UNITS[self.field]
+        lo, hi = MODEL_RATIO_BAND[self.field]
+        likely = self.likely()
+        return (f"field '{self.field}': the labels are {self.ratio:.3g} x the model's predictions of the same "
+                f"structures (median over {self.n} {what}, 95 % range {self.low:.3g}..{self.high:.3g}; labels in "
+                f"{unit} give about 1, {lo:g}..{hi:g} passes)." + (f"  Likely {likely}." if likely else ""))
+
+
+def ratio_to_model(label, pred, field: str = "forces") -> ModelRatio | None:
+    """How many times the predictions ``pred`` the labels ``label`` are: rows [n, k] (``field``
+    'forces': a force per atom, k = 3; 'energy': an energy per atom, k = 1), each row's
+    projection l.p / p.p, median over the half of the rows with the larger |p| (a small prediction
+    makes the ratio noise), with its 95 % range; None without such rows."""
+    lab = np.asarray(label, np.float64).reshape(len(label), -1)
+    p = np.asarray(pred, np.float64).reshape(len(pred), -1)
+    pp = (p * p).sum(1)
+    ok = np.isfinite(pp) & np.isfinite(lab).all(1) & (pp > 0)
+    if ok.sum() < 1:
+        return None
+    use = np.flatnonzero(ok & (pp >= np.median(pp[ok])))
+    r = np.sort((lab[use] * p[use]).sum(1) / pp[use])
+    n = len(r)
+    h = 1.96 * np.sqrt(n) / 2
+    return ModelRatio(float(np.median(r)), float(r[max(0, int(np.floor(n / 2 - h)))]),
+                      float(r[min(n - 1, int(np.ceil(n / 2 + h)))]), int(n), field)
+
+
+def labels_against_model(labels, predictions) -> list[ModelRatio]:
+    """``ratio_to_model`` of the forces and (where the model's energies lie on an absolute scale)
+    the energies per atom: ``labels`` and ``predictions`` are lists of (energy, forces or None,
+    n_atoms) per structure, in the same order.  Returns the ratios that could be formed."""
+    fl = [np.asarray(f, np.float64).reshape(-1, 3) for (_, f, _), (_, g, _) in zip(labels, predictions)
+          if f is not None and g is not None]
+    fp = [np.asarray(g, np.float64).reshape(-1, 3) for (_, f, _), (_, g, _) in zip(labels, predictions)
+          if f is not None and g is not None]
+    el, ep = [], []
+    for (e, _, n), (q, _, _) in zip(labels, predictions):
+        if np.isfinite(e) and np.isfinite(q) and n > 0 and abs(q) / n >= ENERGY_LEVEL_MIN:
+            el.append(e / n)
+            ep.append(q / n)
+    out = [ratio_to_model(np.concatenate(fl), np.concatenate(fp), "forces") if fl else None,
+           ratio_to_model(np.asarray(el), np.asarray(ep), "energy") if el else None]
+    return [u for u in out if u is not None]
+
+
 # Per-atom force outliers (``force_outliers``).  The scale is the median |F| of an element's
 # atoms (exact zeros left out: fixed atoms), so a few wrong atoms do not move it.  Clean sets
 # measured max |F| / median up to 6.3 (EMT sets, slab MD, the EC dimers) and 36.7 (Cu cells
