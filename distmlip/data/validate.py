@@ -435,8 +435,8 @@ class ModelRatio:
 
     def likely(self) -> str | None:
         """The slips within a factor 2 of the ratio, closest first ("a or b"), or None: the
-        model's own scale error moves the ratio (a briefly trained model measured 1.7 x on right
-        labels), so Hartree/Bohr and Rydberg/Bohr, a factor 2 apart, may both fit."""
+        model's own scale error moves the ratio, so Hartree/Bohr and Rydberg/Bohr, a factor 2
+        apart, may both fit."""
         near = sorted((abs(np.log(self.ratio / f)), text) for f, text in _LABEL_UNITS[self.field][1]
                       if f * self.ratio > 0 and abs(np.log(self.ratio / f)) < np.log(2.0))
         return " or ".join(text for _, text in near) or None
@@ -499,22 +499,25 @@ FORCE_OUTLIER_RATIO_UNBALANCED = 20.0
 FORCE_OUTLIER_MIN_ATOMS = 20          # atoms of an element needed for its median
 
 
-def force_outliers(structures) -> tuple[list[dict], dict[int, float]]:
+def force_outliers(structures, scale: dict | None = None) -> tuple[list[dict], dict[int, float]]:
     """Atoms whose force is far beyond their element's typical force (see FORCE_OUTLIER_RATIO).
-    Returns ([{position, atom, Z, force, scale, net}] by decreasing ratio, {Z: median |F| eV/A})."""
+    ``scale``: {Z: median |F|} measured elsewhere (a whole data set, when ``structures`` are the
+    few suspects); default: from ``structures``.  Returns ([{position, atom, Z, force, scale, net}]
+    by decreasing ratio, {Z: median |F| eV/A})."""
     mags, zs = [], []
     S = [s for s in structures if s.forces is not None]
     for s in S:
         mags.append(np.linalg.norm(np.asarray(s.forces, np.float64), axis=1))
         zs.append(np.asarray(s.numbers))
     if not mags:
-        return [], {}
-    f, z = np.concatenate(mags), np.concatenate(zs)
-    scale = {}
-    for e in np.unique(z):
-        fe = f[(z == e) & (f > 0) & np.isfinite(f)]
-        if len(fe) >= FORCE_OUTLIER_MIN_ATOMS:
-            scale[int(e)] = float(np.median(fe))
+        return [], dict(scale or {})
+    if scale is None:
+        f, z = np.concatenate(mags), np.concatenate(zs)
+        scale = {}
+        for e in np.unique(z):
+            fe = f[(z == e) & (f > 0) & np.isfinite(f)]
+            if len(fe) >= FORCE_OUTLIER_MIN_ATOMS:
+                scale[int(e)] = float(np.median(fe))
     out = []
     pos = [k for k, s in enumerate(structures) if s.forces is not None]
     for k, s, m, zz in zip(pos, S, mags, zs):

@@ -85,6 +85,10 @@ class TrainingConfig:
     # (augment: copies) and train on a few per epoch: more displacement directions at the cost of few
     copies_per_epoch: int = field(default=0, metadata=bounds(ge=0))
     force_fraction: float = field(default=1.0, metadata=bounds(ge=0.0, le=1.0))  # share of structures with force loss
+    # structures with an atom whose force is far beyond its element's typical one (a broken SCF,
+    # a wrong field; data.validate.force_outliers): their forces left out of the force loss, with
+    # a warning naming them ('exclude'), or trained on ('keep')
+    force_outliers: Literal["exclude", "keep"] = "exclude"
     stress_fraction: float = field(default=1.0, metadata=bounds(ge=0.0, le=1.0))  # share of structures with stress (of those that carry one) in L_S
     energy_loss: Literal["per_atom", "per_structure"] = "per_atom"
     epochs: int = field(default=100, metadata=bounds(ge=1))

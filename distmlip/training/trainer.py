@@ -1099,10 +1099,100 @@ class Trainer:
                 batch.weight = base * torch.as_tensor(m, dtype=torch.float64, device=base.device)
         return batch
 
-    def _selected(self, batch):
+    def _selected(self, batch, ds=None):
+        """[B] bool: the batch's structures in the force loss (``ds``: the batch's data set, the
+        training set's by default)."""
+        return torch.as_tensor(self._force_loss_selection(batch.index.cpu().numpy(), ds),
+                               device=batch.index.device)
+
+    def _force_loss_selection(self, idx, ds=None) -> np.ndarray:
+        """bool per structure index of ``ds`` (default the training set): force_fraction's
+        selection less the training set's structures with force outliers (:meth:`_force_excluded`)."""
         tc = self.cfg.training
-        sel = force_selection(batch.index.cpu().numpy(), tc.seed, tc.force_fraction)
-        return torch.as_tensor(sel, device=batch.index.device)
+        sel = force_selection(idx, tc.seed, tc.force_fraction)
+        ex = self._force_excluded() if ds is None or ds is self.ds else None
+        return sel if ex is None else sel & ~ex[np.asarray(idx, dtype=np.int64)]
+
+    def _force_excluded(self) -> np.ndarray | None:
+        """bool per structure of the training set: an atom's force far beyond its element's typical
+        one (data.validate.force_outliers; per-element medians over the training structures from
+        a histogram of |F|, the few suspects read and judged exactly), so its forces stay out of the
+        force loss (training.force_outliers: exclude; None: none, or 'keep').  A few such atoms
+        dominate the force loss, and the trimmed force scale alone did not stop them ruining the
+        model (docs/results.md, sweep 15 and the eighth session)."""
+        if getattr(self, "_force_excluded_cache", None) is None:
+            self._force_excluded_cache = (self._find_force_outliers(),)
+        return self._force_excluded_cache[0]
+
+    def _find_force_outliers(self) -> np.ndarray | None:
+        from ..data.validate import (FORCE_OUTLIER_MIN_ATOMS, FORCE_OUTLIER_RATIO_UNBALANCED, force_outliers)
+
+        if not self.force_mode or self.cfg.training.force_outliers == "keep":
+            return None
+        use = np.zeros(self.ds.n_structures, dtype=bool)
+        use[self.train_idx] = True
+        use &= np.asarray(self.ds.column("has_forces"), dtype=bool)
+        atom_ok = np.repeat(use, self.ds.natoms)
+        shard_base = np.cumsum([0] + [sh.n_atoms for sh in self.ds._shards])
+        edges = np.arange(-30.0, 30.0 + 1e-9, 0.005)        # log10 |F| bins: medians to about 1 %
+        hist: dict[int, np.ndarray] = {}
+        top: dict[int, float] = {}
+        blocks = zip(self.ds.iter_atom_blocks("forces"), self.ds.iter_atom_blocks("numbers"))
+        for (k, a, F), (_, _, Z) in blocks:
+            m = atom_ok[shard_base[k] + a: shard_base[k] + a + len(F)]
+            f = np.sqrt((F[m] ** 2).sum(1))
+            z = np.asarray(Z)[m]
+            ok = (f > 0) & np.isfinite(f)
+            for e in np.unique(z[ok]):
+                fe = f[ok & (z == e)]
+                h = hist.setdefault(int(e), np.zeros(len(edges) + 1))
+                h += np.bincount(np.searchsorted(edges, np.log10(fe)), minlength=len(h))
+                top[int(e)] = max(top.get(int(e), 0.0), float(fe.max()))
+        scale = {}
+        for e, h in hist.items():
+            n = h.sum()
+            if n >= FORCE_OUTLIER_MIN_ATOMS:
+                b = int(np.searchsorted(np.cumsum(h), 0.5 * n))
+                scale[e] = float(10.0 ** (edges[max(b - 1, 0)] + 0.0025))
+        limit = {e: FORCE_OUTLIER_RATIO_UNBALANCED * v for e, v in scale.items()}
+        if not any(top[e] > limit[e] for e in limit):
+            return None
+        # the suspects: structures with an atom beyond the lower (unbalanced) limit, judged exactly
+        starts = np.concatenate([[0], np.cumsum(self.ds.natoms)])
+        sus = set()
+        blocks = zip(self.ds.iter_atom_blocks("forces"), self.ds.iter_atom_blocks("numbers"))
+        for (k, a, F), (_, _, Z) in blocks:
+            g0 = shard_base[k] + a
+            m = atom_ok[g0: g0 + len(F)]
+            f = np.sqrt((F ** 2).sum(1))
+            lim = np.array([limit.get(int(e), np.inf) for e in np.asarray(Z)])
+            for g in g0 + np.flatnonzero(m & (f > lim)):
+                sus.add(int(np.searchsorted(starts, g, side="right") - 1))
+        sus = sorted(sus)
+        found, _ = force_outliers(self.ds.read(sus), scale)
+        if not found:
+            return None
+        ex = np.zeros(self.ds.n_structures, dtype=bool)
+        ex[[sus[o["position"]] for o in found]] = True
+        if self.rank0 and not self.quiet:
+            from ase.data import chemical_symbols
+
+            from ..data.info import force_outlier_text
+
+            src, sidx = self.ds.column("source"), self.ds.column("source_index")
+            named = []
+            for o in found[:5]:
+                s_ = sus[o["position"]]
+                named.append(force_outlier_text({
+                    "structure": s_, "source": str(src[s_]), "source_index": int(sidx[s_]), "atom": o["atom"],
+                    "element": chemical_symbols[o["Z"]], "force_eVA": o["force"], "typical_eVA": o["scale"],
+                    "net_force_eVA": o["net"]}))
+            warn(f"{', '.join(map(str, self.cfg.data.train))}: field 'forces': {len(found)} atom(s) in {int(ex.sum())} "
+                 f"training structure(s) with a force far beyond their element's typical one: {'; '.join(named)}"
+                 + (" ..." if len(found) > 5 else "") + ".  The forces of these structures are left out of the "
+                 "force loss (their energies are still trained on; drop the structures if those are wrong too); "
+                 "training.force_outliers: keep trains on them")
+        return ex
 
     @property
     def stress_mode(self) -> bool:
@@ -1223,6 +1313,9 @@ class Trainer:
             use = np.zeros(self.ds.n_structures, dtype=bool)
             use[self.train_idx] = True
             use &= np.asarray(self.ds.column("has_forces"), dtype=bool)
+            ex = self._force_excluded()
+            if ex is not None:
+                use &= ~ex
             atom_ok = np.repeat(use, self.ds.natoms)
             shard_base = np.cumsum([0] + [sh.n_atoms for sh in self.ds._shards])
             # |F|^2 per atom in a histogram of 0.01-decade bins (count and sum per bin), so the
@@ -1336,7 +1429,7 @@ class Trainer:
             fc = np.zeros_like(w)
             if self.force_mode:
                 tc = self.cfg.training
-                sel = force_selection(idx, tc.seed, tc.force_fraction)
+                sel = self._force_loss_selection(idx)
                 hf = np.asarray(self.ds.column("has_forces"), dtype=bool)
                 fc = 3.0 * np.asarray(self.ds.natoms, dtype=np.float64) * w * (hf & sel)
             sc = np.zeros_like(w)
@@ -1487,7 +1580,7 @@ class Trainer:
             E = E.detach()
             F = None if F is None else F.detach()
             _accumulate_errors(acc, batch, E, F, S)
-            mask = force_atom_mask(batch, self._selected(batch)) if F is not None else None
+            mask = force_atom_mask(batch, self._selected(batch, stream.ds)) if F is not None else None
             pairs = None if F is not None else self._pairs(batch, stream.ds)
             if pairs is not None:
                 r, _ = difference_residuals(E, batch, pairs)
