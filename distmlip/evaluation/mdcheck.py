@@ -340,7 +340,7 @@ class PDFAccumulator:
 def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: float, interval: int, seed: int,
              thresholds: dict, *, record: dict | None = None, uncertainty=None, pdf: PDFAccumulator | None = None,
              keep_frames: bool = False, stop_on_failure: bool = False, label: str = "", report: bool = True,
-             ensemble: Ensemble | None = None):
+             ensemble: Ensemble | None = None, stop_check=None, stop_every: int | None = None):
     """Langevin NVT (or NPT, ``ensemble``) from Maxwell-Boltzmann velocities (seeded); a frame is analysed every
     ``interval`` steps.  Returns ``(trajectory, atoms)``: per-frame lists (step, t_fs, min_dist,
     failed, worst pair, epot/etot per atom, temperature, committee deviation, GPR sigma, pairs
@@ -349,7 +349,12 @@ def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: floa
     ``uncertainty``: callable Atoms -> GPR sigma (eV); ``keep_frames``: also return copies of
     the analysed frames; ``stop_on_failure``: stop after the first frame with a close pair
     (the frames not run count as failed).  The trajectory depends only on the inputs and
-    ``seed`` (not on the process that runs it)."""
+    ``seed`` (not on the process that runs it).
+
+    ``stop_check``: called before every ``stop_every`` steps (default ``interval``) of MD; when it
+    returns True the run ends there with ``tr['interrupted']`` set (a stop request: the caller
+    discards such a trajectory, it is not a result).  Running the steps in such pieces does not
+    change the trajectory."""
     from ase import units
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import Stationary
@@ -451,25 +456,41 @@ def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: floa
 
     ok = analyse(0)
     step = 0
+    piece = max(1, int(stop_every or interval))
+    interrupted = False
     while ok and step < steps:
         if stop_on_failure and tr["failed"] and tr["failed"][-1]:
             break
         nrun = min(interval, steps - step)
-        try:
-            with np.errstate(all="ignore"):
-                dyn.run(nrun)
-        except Exception as exc:  # blown-up configuration (e.g. non-finite positions in the neighbour list)
-            state["reason"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-            step += nrun
-            ok = False
+        done = 0
+        while done < nrun:
+            # outside the try below: an error of the check (a collective's deadline) is not a
+            # blown-up configuration
+            if stop_check is not None and stop_check():
+                interrupted = True
+                break
+            part = min(piece, nrun - done)
+            try:
+                with np.errstate(all="ignore"):
+                    dyn.run(part)
+            except Exception as exc:  # blown-up configuration (e.g. non-finite positions in the neighbour list)
+                state["reason"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                ok = False
+                break
+            done += part
+        if interrupted:
+            step += done
             break
         step += nrun
+        if not ok:
+            break
         ok = analyse(step)
     n_done = len(tr["step"])
-    stopped_early = ok and step < steps
+    stopped_early = ok and step < steps and not interrupted
     tr.update(steps=steps, steps_done=step, timestep_fs=timestep, n_frames_total=n_frames_total, ensemble=ensemble.kind,
               aborted=not ok, abort_reason=state["reason"], abort_t_fs=step * timestep if not ok else None,
-              stopped_on_failure=stopped_early, n_missing=n_frames_total - n_done, wall_s=time.time() - t0)
+              stopped_on_failure=stopped_early, interrupted=interrupted, n_missing=n_frames_total - n_done,
+              wall_s=time.time() - t0)
     if keep_frames:
         tr["frames"] = frames
     return tr, atoms
