@@ -293,6 +293,10 @@ def _model_file(train_dir: Path) -> Path:
 # ------------------------------------------------------------------------------ explorer
 # a retraining stopped inside explore continues with explore, not with `distmlip train`
 _RESUME_EXPLORE = "the same 'distmlip explore' command"
+# MD steps between the stop checks of the MD phase (at most; md.interval when smaller): a batch
+# system's grace period after SIGTERM is often a minute or two, less than a trajectory takes,
+# while each check is a collective that holds the ranks in step, so not every step
+_MD_STOP_EVERY = 10
 
 
 class Explorer:
@@ -368,7 +372,10 @@ class Explorer:
                               max_structures=self.cfg.uncertainty.gpr_max_structures)
         return fns
 
-    def run_md(self, it: int, itdir: Path, st: dict, models: list, rung: list[float]) -> list[dict]:
+    def run_md(self, it: int, itdir: Path, st: dict, models: list, rung: list[float]) -> list[dict] | None:
+        """The iteration's MD tasks not done yet, over the ranks; returns every task's summary, or
+        None when a stop was requested: the tasks that finished are kept (their json marks them
+        done), a trajectory the stop cut short is discarded."""
         from ..evaluation.mdcheck import CommitteeCalculator, simulate, threshold_matrix
 
         md = self.cfg.md
@@ -382,13 +389,23 @@ class Explorer:
         todo = [t for t in mine if not (mddir / f"task_{t['task']:03d}.json").is_file()]
         gprs = self._uncertainty_fn(it, st) if todo else {}
         calc = CommitteeCalculator(models, device=self.cfg.device)
+        # the ranks without tasks wait for the GPR fits here (sleeping, under the heartbeat), not in
+        # the stop checks below, whose collectives have a deadline
+        self.sync()
+        stopped = False
         for t in todo:
             a0 = self.starts[t["structure"]]
             seed = int(np.random.SeedSequence([md.seed, it, t["task"]]).generate_state(1)[0])
             unc = gprs[t["structure"]].sigma if t["structure"] in gprs else None
             tr, _ = simulate(a0, calc, t["T"], md.steps, md.timestep, md.friction, md.interval, seed,
                              threshold_matrix(a0.numbers, md.threshold_factor), uncertainty=unc,
-                             keep_frames=True, stop_on_failure=md.stop_on_failure, report=False)
+                             keep_frames=True, stop_on_failure=md.stop_on_failure, report=False,
+                             stop_check=lambda: self._md_tick(busy=True)[0],
+                             stop_every=min(md.interval, _MD_STOP_EVERY))
+            if tr["interrupted"]:
+                # the trajectory is cut short: nothing of it is written, the rerun runs it whole
+                stopped = True
+                break
             u = np.asarray(tr["gpr_sigma"] if self.kind == "gpr" else tr["fdev"], dtype=np.float64)
             frames = tr["frames"]
             for k, a in enumerate(frames):
@@ -418,8 +435,27 @@ class Explorer:
                 f"{summary['analysed']} frames, failed {summary['failed']}/{n_frames}, flagged "
                 f"{summary['flagged']}, max {self.kind} uncertainty {summary['max_uncertainty']:.3f}",
                 all_ranks=True)
+        # a rank whose tasks are done keeps taking part in the checks until every rank's are
+        while not stopped:
+            stopped, busy = self._md_tick(busy=False)
+            if not busy:
+                break
         self.sync()
+        if stopped:
+            return None
         return [json.loads((mddir / f"task_{t['task']:03d}.json").read_text()) for t in tasks]
+
+    def _md_tick(self, busy: bool) -> tuple[bool, bool]:
+        """One stop check of the MD phase: (a stop was requested on any rank, any rank still runs
+        MD).  Collective: the ranks run different tasks of different lengths, so each calls it
+        between its pieces of MD steps (``busy``) and, once its tasks are done, in a loop until no
+        rank is busy; the k-th call then gives every rank the same answer, and all of them stop at
+        the same point (as the labelling's rounds do)."""
+        import torch
+
+        stop = self.ctx.stop_requested()
+        b = self.ctx.all_reduce_max(torch.tensor([int(busy)], dtype=torch.int64))
+        return stop, bool(b.item())
 
     def task_settings(self, t: dict) -> dict:
         """What an MD task's results depend on, by configuration key: stored in its json, so
@@ -966,6 +1002,10 @@ class Explorer:
                 t0 = time.time()
                 models = _load(st["model"], cfg.device)
                 summaries = self.run_md(it, itdir, st, models, rung)
+                if summaries is None:
+                    log(f"explore: stop requested during the MD of iteration {it}; the finished MD tasks are kept, "
+                        f"the interrupted ones run again: continue with 'distmlip explore CONFIG'")
+                    return st
                 frames = sum(s["frames"] for s in summaries)
                 analysed = sum(s["analysed"] for s in summaries)
                 fr = sum(s["failed"] for s in summaries) / max(frames, 1)
