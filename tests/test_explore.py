@@ -1,6 +1,7 @@
 """distmlip explore: farthest-point sampling, the selection is the same for a seed and on 1 and 2
-ranks (real mpirun), labels from a file continue a waiting iteration, and a run killed during
-retraining resumes to the same result as an uninterrupted one."""
+ranks (real mpirun), labels from a file continue a waiting iteration, a run killed during
+retraining resumes to the same result as an uninterrupted one, and so does a run stopped during
+its MD (SIGTERM, on one and two ranks)."""
 import json
 import os
 import signal
@@ -524,3 +525,116 @@ def test_labels_against_model_finds_each_slip_and_passes_a_rough_model():
     assert [u.field for u in labels_against_model([(e / HARTREE, f, 20) for e, f, _ in near_zero], near_zero)] == ["forces"]
     few = labels_against_model([(np.nan, pred_f[0][:5] * 0.01, 5)], [(np.nan, pred_f[0][:5], 5)])
     assert len(few) == 1 and not few[0].suspect
+
+
+SIGTERM_IN_MD = '''
+"""distmlip explore with a SIGTERM to this process from inside the MD, as a batch system sends it:
+on rank R, in the N-th trajectory the rank runs, at its K-th force call (STOP_AT="R,N,K"); every
+force call after it is counted in STOP_LOG."""
+import os
+import signal
+import sys
+
+from distmlip.cli import main
+from distmlip.evaluation import mdcheck
+from distmlip.utils.launch import placement
+
+RANK, NTH, AFTER = (int(x) for x in os.environ["STOP_AT"].split(","))
+_simulate, _seen = mdcheck.simulate, [0]
+
+
+def simulate(atoms0, calc, *args, **kwargs):
+    _seen[0] += 1
+    if placement().rank != RANK or _seen[0] != NTH:
+        return _simulate(atoms0, calc, *args, **kwargs)
+    inner, calls = calc.calculate, [0]
+
+    def calculate(*a, **k):
+        calls[0] += 1
+        if calls[0] == AFTER:
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif calls[0] > AFTER:
+            with open(os.environ["STOP_LOG"], "a") as f:
+                f.write("call\\n")
+        return inner(*a, **k)
+
+    calc.calculate = calculate
+    try:
+        return _simulate(atoms0, calc, *args, **kwargs)
+    finally:
+        del calc.calculate
+
+
+mdcheck.simulate = simulate
+sys.argv = ["distmlip"] + sys.argv[1:]
+sys.exit(main())
+'''
+
+# three tasks: rank 0 of two runs 0 (600 K) and 2 (700 K), rank 1 runs 1 (1200 K), which collapses
+# early: when task 2 is stopped, rank 1 has been idle for a while
+_MD3 = ["--set", "md.temperatures=[[600, 1200, 700]]"]
+
+
+@pytest.fixture(scope="module")
+def md3_reference(committee):
+    """The uninterrupted run of the three tasks (iteration 1 then waits for labels)."""
+    d = committee
+    cfg = _explore_cfg(d, "md3ref")
+    distmlip_cli(["explore", str(cfg)] + _MD3)
+    return d / "md3ref"
+
+
+def _same_md_result(ref, out):
+    """The MD, the selection and the candidates of iteration 1 of ``out`` are those of ``ref``."""
+    a, b = ref / "iter_001", out / "iter_001"
+    for k in range(3):
+        assert json.loads((a / "md" / f"task_{k:03d}.json").read_text()) == \
+            json.loads((b / "md" / f"task_{k:03d}.json").read_text())
+        za, zb = np.load(a / "md" / f"task_{k:03d}.npz"), np.load(b / "md" / f"task_{k:03d}.npz")
+        assert all(np.array_equal(za[x], zb[x]) for x in ("features", "uncertainty"))
+    assert json.loads((a / "selection.json").read_text())["chosen"] == \
+        json.loads((b / "selection.json").read_text())["chosen"]
+    fa, fb = read(str(a / "candidates.extxyz"), index=":"), read(str(b / "candidates.extxyz"), index=":")
+    assert len(fa) == len(fb) > 0
+    assert all(np.array_equal(x.positions, y.positions) and x.info == y.info for x, y in zip(fa, fb))
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_stop_during_md_ends_it_and_the_rerun_completes_it(committee, md3_reference, tmp_path, ranks):
+    """A stop during the MD waited until every trajectory of the iteration had ended (a job
+    killed after the batch system's grace period).  SIGTERM on rank 0 in the middle of task 2 now
+    ends the MD within a stop check's steps on every rank (on two ranks, rank 1, idle, hears of it
+    from rank 0): tasks 0 and 1 are kept, task 2 leaves no file, explore says how to continue and
+    exits 0; the rerun runs only task 2 and gives the uninterrupted run's MD, selection and
+    candidates."""
+    d = committee
+    cfg = _explore_cfg(d, f"md3stop{ranks}")
+    (tmp_path / "sigterm_in_md.py").write_text(SIGTERM_IN_MD)
+    # task 2 is rank 0's second trajectory on two ranks, its third on one; SIGTERM at its 20th force call
+    env = {"STOP_AT": f"0,{2 if ranks == 2 else 3},20", "STOP_LOG": str(tmp_path / "after.log"),
+           "OMP_NUM_THREADS": "1"}
+    args = [str(tmp_path / "sigterm_in_md.py"), "explore", str(cfg)] + _MD3
+    if ranks == 1:
+        e = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+        res = subprocess.run([sys.executable] + args, capture_output=True, text=True, timeout=300, env=e)
+    else:
+        res = mpirun(2, args, env=env, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert "stop requested during the MD of iteration 1" in res.stdout, out[-3000:]
+    from distmlip.active.explore import _MD_STOP_EVERY
+
+    after = len((tmp_path / "after.log").read_text().split())
+    assert after <= _MD_STOP_EVERY, f"{after} force calls of task 2 after the SIGTERM"
+    md = d / f"md3stop{ranks}" / "iter_001" / "md"
+    assert sorted(p.name for p in md.iterdir()) == [f"task_{k:03d}.{x}" for k in (0, 1) for x in ("extxyz", "json", "npz")]
+    assert not (md.parent / "selection.json").exists()
+    # the command the message advises runs only the task that was stopped
+    if ranks == 1:
+        res = distmlip_cli(["explore", str(cfg)] + _MD3)
+    else:
+        res = mpirun(2, ["-m", "distmlip", "explore", str(cfg)] + _MD3)
+    assert "iteration 1 task 2:" in res.stdout and "task 0:" not in res.stdout and "task 1:" not in res.stdout, \
+        res.stdout
+    assert "candidates for reference calculations" in res.stdout
+    _same_md_result(md3_reference, d / f"md3stop{ranks}")
