@@ -39,8 +39,12 @@ One iteration (folder ``OUTPUT/iter_XXX``):
 
 Every stage writes its result atomically and is skipped when it exists, so a killed run
 continues where it stopped (``distmlip explore CONFIG`` again; training continues from its
-checkpoint).  The table (``OUTPUT/table.txt``, ``table.json``) has one row per iteration, like
-the exploration tables of Yan, Fan and Zhu (NEP-ZBL, Table S2).
+checkpoint).  A stop request (SIGTERM, SIGUSR1) during the MD ends it within a few steps on every
+rank, not after the iteration's last trajectory (a batch system's grace period is shorter): the
+finished tasks are kept, a trajectory cut short is not written and runs again whole on the rerun,
+which therefore gives the uninterrupted run's frames.  The table (``OUTPUT/table.txt``,
+``table.json``) has one row per iteration, like the exploration tables of Yan, Fan and Zhu
+(NEP-ZBL, Table S2).
 
 Example (see docs/robustness.md)::
 
