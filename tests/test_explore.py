@@ -266,6 +266,16 @@ def test_stopped_retraining_resumes_and_takes_corrected_labels(committee):
     assert "iteration 1 was trained on " + str(d / "right.extxyz") in res.stderr
 
 
+def _waiting_for_labels(d, name, iterations, epochs, min_frames):
+    """An explore run stopped for external labels: (its config, EMT labels of its candidates)."""
+    cfg = _explore_cfg(d, name, iterations=iterations, epochs=epochs)
+    assert "candidates for reference calculations" in distmlip_cli(["explore", str(cfg)]).stdout
+    cand, _ = _candidates(d / name)
+    lab = _emt_labels(cand)
+    assert len(lab) >= min_frames
+    return cfg, lab
+
+
 def _emt_labels(frames):
     from ase.calculators.emt import EMT
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -291,11 +301,7 @@ def test_labels_must_be_this_iterations_candidates(committee):
     from distmlip.data.h5store import H5Dataset
 
     d = committee
-    cfg = _explore_cfg(d, "stale", iterations=2, epochs=4)
-    assert "candidates for reference calculations" in distmlip_cli(["explore", str(cfg)]).stdout
-    cand, _ = _candidates(d / "stale")
-    lab = _emt_labels(cand)
-    assert len(lab) >= 3
+    cfg, lab = _waiting_for_labels(d, "stale", 2, 4, min_frames=3)
     foreign = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
     foreign.rattle(0.3, seed=5)
     small = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
@@ -464,11 +470,7 @@ def test_labels_in_other_units_than_the_model_are_refused(committee):
     from distmlip.data.validate import BOHR, HARTREE, KCAL_MOL
 
     d = committee
-    cfg = _explore_cfg(d, "units", iterations=1, epochs=2)
-    assert "candidates for reference calculations" in distmlip_cli(["explore", str(cfg)]).stdout
-    cand, _ = _candidates(d / "units")
-    lab = _emt_labels(cand)
-    assert len(lab) >= 5
+    cfg, lab = _waiting_for_labels(d, "units", 1, 2, min_frames=5)
     from ase.calculators.singlepoint import SinglePointCalculator
 
     def relabel(name, e_factor, f_factor):

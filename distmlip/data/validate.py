@@ -364,6 +364,13 @@ def unit_slope_warning(u: UnitSlope, where: str, name, natoms: int | None = None
               "`distmlip convert` (ASE's readers convert DFT codes' output files)")
 
 
+def _median_range(r_sorted) -> tuple[float, float]:
+    """95 % range of the median of sorted values (order statistics, binomial normal approximation)."""
+    n = len(r_sorted)
+    h = 1.96 * np.sqrt(n) / 2
+    return float(r_sorted[max(0, int(np.floor(n / 2 - h)))]), float(r_sorted[min(n - 1, int(np.ceil(n / 2 + h)))])
+
+
 def unit_slope(dE, work, pairs=None) -> UnitSlope | None:
     """How many times the forces' work -F.dx the energy differences of the partner pairs are
     (``energy_force_check``): 1 for labels in one unit system.  The median ratio over the half of
@@ -378,8 +385,7 @@ def unit_slope(dE, work, pairs=None) -> UnitSlope | None:
     r = dE[use] / work[use]
     o = np.argsort(r)
     n = len(r)
-    h = 1.96 * np.sqrt(n) / 2
-    lo, hi = r[o[max(0, int(np.floor(n / 2 - h)))]], r[o[min(n - 1, int(np.ceil(n / 2 + h)))]]
+    lo, hi = _median_range(r[o])
     k = int(use[o[n // 2]])
     ex = (int(pairs[k, 0]), int(pairs[k, 1])) if pairs is not None and len(pairs) > k else (-1, -1)
     return UnitSlope(float(np.median(r)), float(lo), float(hi), int(n), ex + (float(dE[k]), float(work[k])))
@@ -463,10 +469,7 @@ def ratio_to_model(label, pred, field: str = "forces") -> ModelRatio | None:
         return None
     use = np.flatnonzero(ok & (pp >= np.median(pp[ok])))
     r = np.sort((lab[use] * p[use]).sum(1) / pp[use])
-    n = len(r)
-    h = 1.96 * np.sqrt(n) / 2
-    return ModelRatio(float(np.median(r)), float(r[max(0, int(np.floor(n / 2 - h)))]),
-                      float(r[min(n - 1, int(np.ceil(n / 2 + h)))]), int(n), field)
+    return ModelRatio(float(np.median(r)), *_median_range(r), len(r), field)
 
 
 def labels_against_model(labels, predictions) -> list[ModelRatio]:
