@@ -4,6 +4,8 @@ inside `distmlip train` ending the job.  SIGTERM mid-epoch + resume == uninterru
 refusal of a 2-rank checkpoint on 1 rank, are in tests/faults/."""
 import time
 
+import numpy as np
+
 import torch
 
 from helpers import REPO, mpirun
@@ -62,3 +64,39 @@ def test_rank_raising_in_train_step_ends_the_job(tmp_path, emt_h5):
     assert res.returncode != 0, out
     assert elapsed < 60, elapsed
     assert "injected failure in step 3 on rank 1" in out, out
+
+
+def test_one_rank_equals_two_ranks_with_force_outliers_left_out(tmp_path, emt_h5):
+    """Structures with a force outlier leave the force loss (training.force_outliers: exclude):
+    every rank must leave out the same ones, so 1 rank == 2 ranks still holds."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    from distmlip.data.h5store import H5Dataset, write_dataset
+    from distmlip.training.config import load_train_config
+    from distmlip.training.trainer import Trainer
+
+    ds = H5Dataset(emt_h5)
+    S = ds.read(range(ds.n_structures))
+    z = np.bincount(np.concatenate([s.numbers for s in S])).argmax()     # an element with a median
+    for k in (0, 1, 2):
+        f = S[k].forces.copy()
+        f[int(np.flatnonzero(S[k].numbers == z)[0])] = [500.0, 0.0, 0.0]
+        S[k] = dataclasses.replace(S[k], forces=f)
+    bad = tmp_path / "bad.h5"
+    write_dataset(bad, S)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for k in [k for k in env if k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_"))]:
+        del env[k]
+    res = subprocess.run([sys.executable, EQUIV, str(bad), str(tmp_path), "force"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    mpirun(2, [EQUIV, str(bad), str(tmp_path), "force"], timeout=300)
+    tr = Trainer(load_train_config(tmp_path / "cfg_force_w1_r0.yaml"), quiet=True)
+    ex = tr._force_excluded()
+    assert set(np.flatnonzero(ex)) == {0, 1, 2} & set(tr.train_idx.tolist()) != set()
+    d = max_diff(torch.load(tmp_path / "force_w1.pt", weights_only=True),
+                 torch.load(tmp_path / "force_w2.pt", weights_only=True))
+    assert d < 1e-10, f"1 rank vs 2 ranks differ by {d}"
