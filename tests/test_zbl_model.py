@@ -265,6 +265,16 @@ def test_cached_energy_training_skips_zbl_only_where_no_pair_is_inside(tmp_path)
             assert not want.any()
     inside = [i for i in mine if not t._zbl_clear[i]]
     assert any(zbl.frozen_atomic_energies(ds.read([int(i)]), memo=False).abs().sum() > 0 for i in inside)
+    # the positions path's prepared structures take their short pairs as none where the record
+    # shows them clear: the same short pairs as measuring every pair
+    from distmlip.descriptors.batch import prepare, species_table
+
+    off = trainers["off"]
+    assert off.graphs is not None and off.graphs.short_clear is not None
+    table = species_table(off.model.species)
+    for i, g in zip(mine, off.graphs.graphs(mine)):
+        ref = prepare(ds.read([int(i)])[0], table, off.model.cutoff, short_range=off.model.zbl.short_range)
+        np.testing.assert_array_equal(g.short_pairs, ref.short_pairs)
     for t in trainers.values():
         t.fit()
     a, b = trainers["off"].model.state_dict(), trainers["on"].model.state_dict()

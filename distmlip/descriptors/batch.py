@@ -175,13 +175,15 @@ def species_table(species):
 
 
 def prepare(s, table, cutoff: float, where: str = "structure", neighbor_backend: str | None = None,
-            short_range=0.0, pairs=None) -> Graph:
+            short_range=0.0, pairs=None, short_clear: bool = False) -> Graph:
     """A :class:`Graph` of one structure (``Structure`` or any object with ``numbers, positions,
     cell, pbc`` and optionally ``energy, forces, weight, index``).  ``table``: :func:`species_table`.
     ``short_range`` > 0 (a distance, or a [T, T] array of distances per pair of species indices):
     also the pairs closer than that (``short_pairs``; a short-range term such as ZBL then looks
     at those only instead of every pair in every step).  ``pairs``: the structure's
-    :func:`neighbor_list` when the caller has it already (:func:`prepare_many`)."""
+    :func:`neighbor_list` when the caller has it already (:func:`prepare_many`).  ``short_clear``:
+    the caller knows that no pair is closer than ``short_range`` (the training record's
+    per-structure minima): the short pairs are none, without measuring every pair."""
     symbols, z_to_idx = table
     numbers = np.asarray(s.numbers, dtype=np.int64).reshape(-1)
     n = len(numbers)
@@ -207,7 +209,9 @@ def prepare(s, table, cutoff: float, where: str = "structure", neighbor_backend:
         m = int(np.abs(S).max())
         shift = S.astype(np.int8 if m < 128 else np.int16 if m < 32768 else np.int32)
     short = None
-    if short_range is not None and np.any(np.asarray(short_range) > 0):
+    if short_clear and short_range is not None and np.any(np.asarray(short_range) > 0):
+        short = np.zeros(0, dtype=np.int32)
+    elif short_range is not None and np.any(np.asarray(short_range) > 0):
         d = pos[j] - pos[i] + (S @ cell if shift is not None else 0.0)
         r = np.asarray(short_range, dtype=np.float64)
         if r.ndim == 2:        # a radius per pair of species indices
@@ -224,11 +228,12 @@ def prepare(s, table, cutoff: float, where: str = "structure", neighbor_backend:
                  stress=None if st is None else np.asarray(st, dtype=np.float64).reshape(3, 3))
 
 
-def prepare_many(structures, table, cutoff: float, short_range=0.0, where=None) -> list[Graph]:
+def prepare_many(structures, table, cutoff: float, short_range=0.0, where=None, short_clear=None) -> list[Graph]:
     """:func:`prepare` of each structure, the neighbour lists of structures with the same atom
     count and periodicity (a data set's subsets) computed together where that is
     faster (:func:`~distmlip.descriptors.neighbors.dense_neighbor_lists`: molecules and small
-    cells); the same graphs.  ``where``: callable (structure, position) -> its name in errors."""
+    cells); the same graphs.  ``where``: callable (structure, position) -> its name in errors;
+    ``short_clear``: per structure, :func:`prepare`'s flag (None: measure every structure)."""
     from .neighbors import dense_neighbor_lists
 
     where = where or _where
@@ -244,7 +249,8 @@ def prepare_many(structures, table, cutoff: float, short_range=0.0, where=None) 
         lists = dense_neighbor_lists(group, cutoff) if len(group) > 1 else None
         for n, k in enumerate(idx):
             out[k] = prepare(structures[k], table, cutoff, where(structures[k], k), short_range=short_range,
-                             pairs=None if lists is None else lists[n])
+                             pairs=None if lists is None else lists[n],
+                             short_clear=bool(short_clear[k]) if short_clear is not None else False)
     return out
 
 
@@ -348,9 +354,11 @@ class GraphStore:
     bounded by the budget, not by the data set).  One writer thread (the stream's prefetch) and
     readers of the returned lists."""
 
-    def __init__(self, ds, species, cutoff: float, max_bytes: int = 2 << 30, short_range=0.0):
+    def __init__(self, ds, species, cutoff: float, max_bytes: int = 2 << 30, short_range=0.0, short_clear=None):
         self.ds = ds
         self.short_range = short_range      # see prepare()
+        # [n_structures] bool or None: structures with no pair inside short_range (prepare())
+        self.short_clear = short_clear
         self.table = species_table(species)
         self.cutoff = float(cutoff)
         self.max_bytes = int(max_bytes)
@@ -376,7 +384,8 @@ class GraphStore:
         missing = sorted({i for i in idx if i not in self._g})
         fresh: dict[int, Graph] = {}
         if missing:
-            for g in prepare_many(self.ds.read(missing), self.table, self.cutoff, self.short_range):
+            clear = None if self.short_clear is None else self.short_clear[np.asarray(missing, dtype=np.int64)]
+            for g in prepare_many(self.ds.read(missing), self.table, self.cutoff, self.short_range, short_clear=clear):
                 fresh[g.index] = g
                 if not self.full:
                     if self.nbytes + g.nbytes <= self.max_bytes:

@@ -908,7 +908,10 @@ class Trainer:
         frozen = None if zbl is None else (lambda structures: zbl.frozen_atomic_energies(structures, "cpu", memo=False))
         short_range = 0.0 if zbl is None else zbl.short_range
         if self.cache is None:
-            store = GraphStore(self.ds, self.model.species, self.model.cutoff, graph_budget, short_range)
+            # the record's minima show which structures no ZBL radius reaches: their short pairs
+            # are none without measuring each pair (a fifth of preparing a 32-atom cell)
+            store = GraphStore(self.ds, self.model.species, self.model.cutoff, graph_budget, short_range,
+                               short_clear=getattr(self, "_zbl_clear", None))
             self.stream.loader = BatchStore(store, batch_budget, device=self.device) if fixed else store
         else:       # cached descriptors: batches from in-memory columns, no read per batch
             self.stream.loader = FeatureBatchLoader(self.cache, self.ds, self.model.species, frozen, batch_budget,
