@@ -80,10 +80,12 @@ def metrics_from_sums(acc: torch.Tensor) -> dict:
     return out
 
 
-def _accumulate_errors(acc, batch, E, F, S=None):
+def _accumulate_errors(acc, batch, E, F, S=None, fmask=None):
     """Add a batch's energy (per atom and per structure), force and stress error sums to ``acc``
     (one update of the accumulator; on the CPU the sums are taken in numpy, whose per-call cost on
-    arrays of a batch's size is a fraction of torch's)."""
+    arrays of a batch's size is a fraction of torch's).  ``fmask``: [B] bool, the structures whose
+    forces count (default: those with forces)."""
+    hf = batch.has_forces if fmask is None else fmask
     if S is not None and getattr(batch, "has_stress", None) is not None and bool(batch.has_stress.any()):
         d = (S.detach().to(torch.float64) - batch.stress)[batch.has_stress].reshape(-1)
         acc[_IDX["s_sse"]] += (d * d).sum()
@@ -97,7 +99,7 @@ def _accumulate_errors(acc, batch, E, F, S=None):
         v[_IDX["es_sse"]], v[_IDX["es_sae"]] = float(es @ es), float(np.abs(es).sum())
         v[_IDX["n_struct"]] = float(batch.n_structures)
         if F is not None:
-            m = batch.has_forces.numpy()[batch.structure.numpy()]
+            m = hf.numpy()[batch.structure.numpy()]
             d = (F.detach().numpy() - batch.forces.numpy())[m].ravel()
             v[_IDX["f_sse"]], v[_IDX["f_sae"]], v[_IDX["n_comp"]] = float(d @ d), float(np.abs(d).sum()), float(d.size)
         acc[:len(v)] += torch.from_numpy(v)
@@ -109,7 +111,7 @@ def _accumulate_errors(acc, batch, E, F, S=None):
     parts[_IDX["es_sse"]], parts[_IDX["es_sae"]] = (es * es).sum(), es.abs().sum()
     parts[_IDX["n_struct"]] = torch.tensor(float(batch.n_structures), dtype=torch.float64, device=E.device)
     if F is not None:
-        m = force_atom_mask(batch, None)
+        m = hf[batch.structure]
         d = (F - batch.forces)[m]
         parts[_IDX["f_sse"]], parts[_IDX["f_sae"]] = (d * d).sum(), d.abs().sum()
         parts[_IDX["n_comp"]] = torch.tensor(float(d.numel()), dtype=torch.float64, device=E.device)
@@ -1116,6 +1118,16 @@ class Trainer:
         ex = self._force_excluded() if ds is None or ds is self.ds else None
         return sel if ex is None else sel & ~ex[np.asarray(idx, dtype=np.int64)]
 
+    def _reported_forces(self, batch, ds=None):
+        """[B] bool: the batch's structures whose force errors the logs report, or None (all with
+        forces): not the force outliers left out of the loss, whose errors against broken labels
+        would swamp the figure (a single such atom dominates an RMSE over thousands)."""
+        ex = self._force_excluded() if ds is None or ds is self.ds else None
+        if ex is None:
+            return None
+        keep = ~torch.as_tensor(ex[batch.index.cpu().numpy()], device=batch.has_forces.device)
+        return batch.has_forces & keep
+
     def _force_excluded(self) -> np.ndarray | None:
         """bool per structure of the training set: an atom's force far beyond its element's typical
         one (data.validate.force_outliers; per-element medians over the training structures from
@@ -1161,6 +1173,9 @@ class Trainer:
         if not any(top[e] > limit[e] for e in limit):
             return None
         # the suspects: structures with an atom beyond the lower (unbalanced) limit, judged exactly
+        table = np.full(max(max(hist), 118) + 1, np.inf)
+        for e, v in limit.items():
+            table[e] = v
         starts = np.concatenate([[0], np.cumsum(self.ds.natoms)])
         sus = set()
         blocks = zip(self.ds.iter_atom_blocks("forces"), self.ds.iter_atom_blocks("numbers"))
@@ -1168,7 +1183,7 @@ class Trainer:
             g0 = shard_base[k] + a
             m = atom_ok[g0: g0 + len(F)]
             f = np.sqrt((F ** 2).sum(1))
-            lim = np.array([limit.get(int(e), np.inf) for e in np.asarray(Z)])
+            lim = table[np.asarray(Z, dtype=np.int64)]
             for g in g0 + np.flatnonzero(m & (f > lim)):
                 sus.add(int(np.searchsorted(starts, g, side="right") - 1))
         sus = sorted(sus)
@@ -1254,7 +1269,7 @@ class Trainer:
         if r is not None:
             acc[_IDX["d_sse"]] += (r * r).sum()
             acc[_IDX["n_diff"]] += float(len(r))
-        _accumulate_errors(acc, batch, E, F, S)
+        _accumulate_errors(acc, batch, E, F, S, self._reported_forces(batch))
         if self.cfg.training.loss == "rmse":
             self._step_sums = loss_sums(E, batch, per_atom=self.per_atom, F=F, mask=mask, S=S, smask=smask)
 
@@ -1491,7 +1506,7 @@ class Trainer:
                 loss, E, F, S = force_stress_loss_and_gradients(self.model, self.flat, batch, wcounts,
                                                                 per_atom=self.per_atom, alpha=alpha, mask=mask,
                                                                 beta=beta, smask=smask)
-                _accumulate_errors(acc, batch, E, F, S)
+                _accumulate_errors(acc, batch, E, F, S, self._reported_forces(batch))
                 if tc.loss == "rmse":
                     self._step_sums = loss_sums(E, batch, per_atom=self.per_atom, F=F, mask=mask, S=S,
                                                 smask=smask if S is not None else None)
@@ -1582,7 +1597,7 @@ class Trainer:
                     E, F = self.model(batch), None
             E = E.detach()
             F = None if F is None else F.detach()
-            _accumulate_errors(acc, batch, E, F, S)
+            _accumulate_errors(acc, batch, E, F, S, self._reported_forces(batch, stream.ds))
             mask = force_atom_mask(batch, self._selected(batch, stream.ds)) if F is not None else None
             pairs = None if F is not None else self._pairs(batch, stream.ds)
             if pairs is not None:
