@@ -84,6 +84,35 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert [x.name for x in tmp_path.iterdir()] == ["out.txt"]
 
 
+def test_atomic_write_refuses_a_target_that_is_not_a_plain_file(tmp_path):
+    """`convert ... -o /dev/null` (a dry run) run as root renamed the data set onto /dev/null: the
+    device became a plain file for every program on the machine.  A FIFO stands in for the device
+    here; the write must stop naming the path and leave it as it was."""
+    import os
+    import stat
+
+    from distmlip.errors import StorageError
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(StorageError, match="not a regular file"):
+        atomic_write_text(fifo, "data")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_atomic_write_through_a_symlink_writes_its_target(tmp_path):
+    """A link (output kept on another file system, linked into the run folder) stays a link: the
+    rename used to replace the link by a plain file and leave its target stale."""
+    real = tmp_path / "store" / "data.txt"
+    real.parent.mkdir()
+    real.write_text("old")
+    link = tmp_path / "data.txt"
+    link.symlink_to(real)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+
+
 def test_extension_loads_with_every_cpu_operator():
     """The build under test has the compiled kernels the CPU plan runs (a build that silently
     lacked them would leave the suite testing the reference paths only)."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..config import load_config
 from ..errors import ConfigError, DistmlipError, InputError
-from ..utils.io import atomic_write_text, check_writable, clean_stale_temps, temp_path
+from ..utils.io import atomic_write_text, check_writable, clean_stale_temps, rename_target, temp_path
 from ..utils.launch import placement
 from ..utils.log import log, warn
 from . import h5store
@@ -379,6 +379,7 @@ def convert(cfg: ConvertConfig) -> dict:
     files, err = None, None
     if rank == 0:
         try:
+            rename_target(out)
             check_writable(out.parent, "output folder")
             clean_stale_temps(out.parent)
             files = expand_inputs(cfg.inputs, cfg.format)
@@ -581,7 +582,7 @@ def run(args) -> int:
         # the file held one job's structures (the other's rename came first)
         from ..utils.io import OutputLock
 
-        out = Path(cfg.output)
+        out = rename_target(cfg.output)       # refused before its folder gets a lock file
         lock = OutputLock(out.parent, what="output file", file=out.name).acquire()
     try:
         convert(cfg)

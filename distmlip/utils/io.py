@@ -105,13 +105,29 @@ def clean_stale_temps(folder, older_than_s: float = 0.0) -> list[Path]:
     return removed
 
 
+def rename_target(final) -> Path:
+    """The file that writing ``final`` by rename replaces: a symbolic link's target (the link is
+    kept); a StorageError when ``final`` exists but is not a regular file (``-o /dev/null`` as a
+    dry run, run as root, turned the device into a plain file for every program on the machine)."""
+    final = Path(final)
+    if final.is_symlink():
+        final = Path(os.path.realpath(final))
+    if final.exists() and not final.is_file():
+        raise StorageError(f"cannot write {final}: it exists and is not a regular file (a device, pipe or "
+                           f"folder), which writing by rename would replace; give a file name")
+    return final
+
+
 @contextlib.contextmanager
 def atomic_path(final, suffix: str = ".tmp"):
     """Yield a temporary path next to ``final``; rename it onto ``final`` on success.
 
     On an exception the temporary file is removed and ``final`` is untouched; a storage fault is
-    raised as :class:`StorageError` naming ``final``."""
-    final = Path(final)
+    raised as :class:`StorageError` naming ``final``.  A symbolic link is written through (its
+    target is replaced, the link kept); a ``final`` that exists but is not a regular file (a
+    device such as /dev/null, a pipe, a folder) is refused, since the rename would replace it
+    by a plain file (for /dev/null, as root: for every program on the machine)."""
+    final = rename_target(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
