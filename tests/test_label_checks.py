@@ -165,6 +165,53 @@ def test_energy_force_unit_mismatch_is_named(tmp_path, capsys, efac, ffac, likel
     assert not lc["units"]["suspect"] and 0.7 < lc["units"]["slope"] < 1.35 and not unit_warnings(ok, lc)
 
 
+def _strained_cells(n=40, seed=1):
+    """4-atom Cu and Ni cells at 3.75 A (EMT: tens of GPa), each strained up to 2 % and rattled by
+    0.03 A, labelled by EMT with energy, forces and stress."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from distmlip.data.structure import Structure
+
+    out = []
+    for el, sd in (("Cu", seed), ("Ni", seed + 10)):
+        rng = np.random.default_rng(sd)
+        for k in range(n):
+            a = bulk(el, "fcc", a=3.75, cubic=True)
+            eps = rng.uniform(-0.02, 0.02, (3, 3))
+            a.set_cell(a.cell @ (np.eye(3) + 0.5 * (eps + eps.T)), scale_atoms=True)
+            a.positions += rng.normal(0, 0.03, a.positions.shape)
+            a.calc = EMT()
+            out.append(Structure(numbers=a.numbers, positions=a.positions, cell=np.array(a.cell), pbc=a.pbc,
+                                 energy=a.get_potential_energy(), forces=a.get_forces(),
+                                 stress=a.get_stress(voigt=False), source=f"{el}.extxyz", source_index=k))
+    return out
+
+
+def test_strained_cells_with_stress_pass_the_unit_check():
+    """Cells up to 2 % apart are compared in fractional coordinates; the energy of their strain was
+    left out, and at EMT's tens of GPa it outweighed the forces' work: consistent EMT labels were
+    reported as 'energy and forces disagree in units' (slope -0.77, 95 % range -1.8..0.66).  The
+    stress gives the strain work V sigma : eps, so pairs with stresses are judged with it where it
+    explains the energies better; energies in Hartree still show as a slip, and a stress in kbar
+    is not used (it would be blamed on the energies and forces)."""
+    import dataclasses
+
+    from distmlip.data.validate import energy_force_check, unit_slope
+
+    structs = _strained_cells()
+    c = energy_force_check(structs)
+    u = unit_slope(c.dE, c.work, c.pairs)
+    assert u.pairs >= 30 and not u.suspect and 0.8 < u.slope < 1.2, (u.slope, u.low, u.high)
+    hartree = [dataclasses.replace(s, energy=s.energy / 27.211386) for s in structs]
+    c = energy_force_check(hartree)
+    assert unit_slope(c.dE, c.work, c.pairs).suspect
+    kbar = [dataclasses.replace(s, stress=s.stress * 1602.1766) for s in structs]
+    c = energy_force_check(kbar)
+    np.testing.assert_allclose(c.work, energy_force_check([dataclasses.replace(s, stress=None)
+                                                          for s in structs]).work)
+
+
 def test_a_few_huge_forces_are_named_and_do_not_set_the_force_scale(tmp_path, capsys):
     """Two atoms of 160 with forces of 100-120 eV/A (the others ~1 eV/A) passed convert, info and
     train: the force RMS that scales the force loss and floors the energy scale rose ~6x, and force
