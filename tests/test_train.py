@@ -474,3 +474,29 @@ training: {{mode: energy, epochs: 1, batch_atoms: 13, lr: 1.0e-14, min_lr: 0.0, 
     logged = float(list(csv.DictReader(open(tmp_path / "r" / "log.csv")))[-1]["train_loss"])
     whole = tr.evaluate_stream(tr.stream)["loss"]
     assert logged == pytest.approx(whole, rel=1e-6), (logged, whole)
+
+
+def test_warm_start_cannot_add_an_element_but_a_declared_one_can_get_its_data(tmp_path):
+    """An element new to the warm-started model is refused with the reason (the descriptor's type
+    weights of every element depend on the species list); a first model that declared the element
+    in model.species, without data for it, takes its data in the warm start."""
+    from distmlip.data.h5store import write_dataset
+
+    both = rattled_cu_au(24)
+    cu = [s for s in both if set(s.numbers.tolist()) == {29}]
+    assert len(cu) >= 4 and len(cu) < len(both)
+    write_dataset(tmp_path / "cu.h5", cu)
+    write_dataset(tmp_path / "both.h5", both)
+    first = make_cfg(tmp_path / "a", tmp_path / "cu.h5", **{"model.species": ["Cu"]})
+    Trainer(first, quiet=True).fit()
+    warm = make_cfg(tmp_path / "b", tmp_path / "both.h5",
+                    **{"training.warm_start": str(tmp_path / "a" / "run" / "model.pt")})
+    with pytest.raises(ConfigError, match=r"has no network for \['Au'\].*an element cannot be added"):
+        Trainer(warm, quiet=True)
+    declared = make_cfg(tmp_path / "c", tmp_path / "cu.h5", **{"model.species": ["Cu", "Au"]})
+    Trainer(declared, quiet=True).fit()
+    warm = make_cfg(tmp_path / "d", tmp_path / "both.h5",
+                    **{"training.warm_start": str(tmp_path / "c" / "run" / "model.pt")})
+    tr = Trainer(warm, quiet=True)
+    assert tr.model.species == ["Cu", "Au"]
+    tr.fit()

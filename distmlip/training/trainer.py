@@ -566,8 +566,14 @@ class Trainer:
             self._prior_record = self.model.training_record      # overwritten below: kept to merge
             missing = [s for s in self.ds.species if s not in self.model.species]
             if missing:
+                # a new element changes the descriptor's type weights of every element (aenet's
+                # typespin runs over the species list), so no network could be kept
                 raise ConfigError(f"training.warm_start: model {tc.warm_start} has no network for "
-                                  f"{missing} present in {self.cfg.data.train}")
+                                  f"{missing} present in {self.cfg.data.train}; an element cannot be added to a "
+                                  f"trained model (the descriptor's type weights of every element depend on the "
+                                  f"species list): train a new model on all the data (model.species may list "
+                                  f"elements a first model has no data for yet, so that later warm starts can "
+                                  f"add their data)")
             fit = tc.refit_normalization
             self._log(f"warm start from {tc.warm_start}" + (" (refitting normalisation)" if fit else ""))
             self._adopt_warm_start_architecture()
