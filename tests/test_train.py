@@ -500,3 +500,21 @@ def test_warm_start_cannot_add_an_element_but_a_declared_one_can_get_its_data(tm
     tr = Trainer(warm, quiet=True)
     assert tr.model.species == ["Cu", "Au"]
     tr.fit()
+
+
+def test_a_training_file_without_the_references_another_declares_is_named(tmp_path, capsys):
+    """Two training files, one declaring reference energies and one not: the model took the first
+    file's references for both without a word (sweep 17); the file is now named."""
+    from distmlip.data.h5store import write_dataset
+
+    S = rattled_cu_au(24)
+    write_dataset(tmp_path / "a.h5", S[:12], reference_energies={"Cu": -0.5, "Au": -0.3})
+    write_dataset(tmp_path / "b.h5", S[12:])
+    cfg = make_cfg(tmp_path / "r", tmp_path / "a.h5", **{"data.train": [str(tmp_path / "a.h5"), str(tmp_path / "b.h5")]})
+    capsys.readouterr()
+    Trainer(cfg)
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'b.h5'} declares no reference energy for ['Au', 'Cu']" in err, err
+    cfg = make_cfg(tmp_path / "s", tmp_path / "a.h5")
+    Trainer(cfg)
+    assert "declares no reference energy" not in capsys.readouterr().err

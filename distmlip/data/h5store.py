@@ -686,6 +686,13 @@ class H5Dataset:
                     raise DataFormatError(f"{sh.path}: reference energy of {k} ({v}) differs from "
                                           f"another shard ({self.reference_energies[k]})")
                 self.reference_energies[k] = v
+        # files that declare no reference energy for an element another file declares one for:
+        # their energies are taken on that file's zero (same code and settings, or not: it cannot
+        # tell), for the trainer to warn about
+        self.undeclared_references = [(str(sh.path), sorted(set(_symbols(_numbers(sh.species)))
+                                                            & set(self.reference_energies) - set(sh.reference_energies)))
+                                      for sh in self._shards]
+        self.undeclared_references = [(p, e) for p, e in self.undeclared_references if e]
         self.provenance = [sh.provenance for sh in self._shards]
         self.starts = np.cumsum([0] + [sh.n for sh in self._shards]).astype(np.int64)
         self.natoms = np.concatenate([sh.natoms for sh in self._shards]) if self._shards else np.zeros(0, np.int64)

@@ -586,6 +586,14 @@ class Trainer:
             ref = mc.reference_energies
             if ref is None and getattr(self.ds, "reference_energies", None):
                 ref = dict(self.ds.reference_energies) or None
+                for path, elements in (getattr(self.ds, "undeclared_references", []) if self.rank0 and not self.quiet
+                                       else []):
+                    # (sweep 17: merged silently; files from another code or setting sit on another zero)
+                    warn(f"data.train: {path} declares no reference energy for {elements}, which another "
+                               f"training file declares ({', '.join(f'{e} {ref[e]:g} eV' for e in elements)}): its "
+                               f"energies are taken on that zero; if it comes from another code or setting, "
+                               f"declare its references (convert --reference-energies) or set "
+                               f"model.reference_energies")
             zbl = None
             if self.cfg.zbl.enabled:
                 # ZBL's default radii kept off the training structures (models/zbl.py); the
