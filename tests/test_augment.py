@@ -603,3 +603,24 @@ def test_a_gpr_that_learned_no_forces_is_warned_and_its_copies_are_candidates(tm
     sub = rep["subsets"][0]
     assert sub["n_kept"] == 0 and sub["n_candidates"] == 36
     assert sub["fit_warnings"][0]["what"] == "loo_force"
+
+
+def test_copies_whose_rise_is_mostly_curvature_are_warned_about_with_a_delta_to_try(capsys):
+    """The EC dimers' copies at delta 0.03 A lay 2.4 x their first-order rise above their parents
+    (labels mostly curvature), and delta 0.01 A gave a better GPR-ANN; augment said nothing."""
+    from types import SimpleNamespace
+
+    from distmlip.gpr.augment import _check_curvature
+
+    rng = np.random.default_rng(0)
+    structs = [SimpleNamespace(forces=rng.normal(size=(20, 3)), natoms=20) for _ in range(4)]
+    f_rms = float(np.sqrt(np.mean(np.concatenate([s.forces for s in structs]) ** 2)))
+    first = 0.03 * f_rms * np.sqrt(60)
+    for rise, warned in ((2.4 * first, True), (1.5 * first, False)):
+        rep = {"delta_A": 0.03, "label_minus_parent_eV": {"mean": rise}}
+        _check_curvature(rep, {"structs": structs, "name": "X_0"}, "in.h5")
+        err = capsys.readouterr().err
+        assert rep["rise_over_first_order"] == pytest.approx(rise / first)
+        assert ("labels are mostly curvature" in err) == warned, err
+        if warned:
+            assert "subset X_0" in err and f"about {0.03 * 0.75 / 2.4:.2g} A" in err
