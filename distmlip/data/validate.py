@@ -476,11 +476,18 @@ _LABEL_UNITS = {"forces": ("eV/A", FORCE_LABEL_FACTORS, "atoms"),
 
 @dataclass
 class ModelRatio:
-    ratio: float            # median of label / prediction over the items judged
-    low: float              # its 95 % range (order statistics of the median)
-    high: float
-    n: int                  # items judged
     field: str              # 'forces' or 'energy'
+    n: int                  # items judged
+    ratio: float            # median of label / prediction over them
+    span: tuple             # its 95 % range (order statistics of the median)
+
+    @property
+    def low(self) -> float:
+        return self.span[0]
+
+    @property
+    def high(self) -> float:
+        return self.span[1]
 
     @property
     def suspect(self) -> bool:
@@ -517,7 +524,7 @@ def ratio_to_model(label, pred, field: str = "forces") -> ModelRatio | None:
         return None
     use = np.flatnonzero(ok & (pp >= np.median(pp[ok])))
     r = np.sort((lab[use] * p[use]).sum(1) / pp[use])
-    return ModelRatio(float(np.median(r)), *_median_range(r), len(r), field)
+    return ModelRatio(field, len(r), float(np.median(r)), _median_range(r))
 
 
 def labels_against_model(labels, predictions) -> list[ModelRatio]:
