@@ -142,8 +142,8 @@ class ExploreConfig:
     iterations: int = field(default=5, metadata=bounds(ge=1))
     label_with: Optional[str] = None    # ase:EMT, package.module:Class; None: stop for external labels
     label_kwargs: dict[str, Any] = field(default_factory=dict)
-    # refuse labels whose forces (or energy differences) are a unit factor or a sign away from the
-    # model's predictions of the same frames (Explorer.check_label_units); off: trust them as given
+    # refuse labels whose forces (or absolute energies per atom) are a unit factor or a sign away
+    # from the model's predictions of the same frames (Explorer.check_label_units); off: trust them
     check_label_units: bool = True
     retrain: dict[str, Any] = field(default_factory=dict)    # overrides of train_config, e.g. training.epochs: 50
     # before each warm start, refit the normalisation on all data keeping the model's energies
@@ -721,9 +721,9 @@ class Explorer:
 
     def check_label_units(self, inputs, model_file: str) -> None:
         """Refuse labels whose units or force sign differ from the model's: the model whose MD
-        found the frames predicts them, and the labels' forces (per atom) and energy differences
-        (between frames of one composition) must be about those predictions, not a unit factor
-        away (``data.validate.ratio_to_model``).  Explore's few labels per iteration are too few for
+        found the frames predicts them, and the labels' forces (per atom) and, where the model's
+        energies lie on an absolute scale, energies per atom must be about those predictions, not a
+        unit factor away (``data.validate.labels_against_model``).  Explore's few labels per iteration are too few for
         the data sets' own check (``unit_slope`` needs 30 partner pairs), and labels in Hartree/Bohr
         or kcal/mol trained into the next model silently.  Off with ``check_label_units: false``."""
         from ..data.readers import iter_structures

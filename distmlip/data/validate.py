@@ -531,12 +531,11 @@ def labels_against_model(labels, predictions) -> list[ModelRatio]:
     """``ratio_to_model`` of the forces and (where the model's energies lie on an absolute scale)
     the energies per atom: ``labels`` and ``predictions`` are lists of (energy, forces or None,
     n_atoms) per structure, in the same order.  Returns the ratios that could be formed."""
-    fl = [np.asarray(f, np.float64).reshape(-1, 3) for (_, f, _), (_, g, _) in zip(labels, predictions)
-          if f is not None and g is not None]
-    fp = [np.asarray(g, np.float64).reshape(-1, 3) for (_, f, _), (_, g, _) in zip(labels, predictions)
-          if f is not None and g is not None]
-    el, ep = [], []
-    for (e, _, n), (q, _, _) in zip(labels, predictions):
+    fl, fp, el, ep = [], [], [], []
+    for (e, f, n), (q, g, _) in zip(labels, predictions):
+        if f is not None and g is not None:
+            fl.append(np.asarray(f, np.float64).reshape(-1, 3))
+            fp.append(np.asarray(g, np.float64).reshape(-1, 3))
         if np.isfinite(e) and np.isfinite(q) and n > 0 and abs(q) / n >= ENERGY_LEVEL_MIN:
             el.append(e / n)
             ep.append(q / n)
