@@ -35,7 +35,7 @@ COMMANDS = {
     "export": ("distmlip.evaluation.export", "export a model to aenet .nn files, a torch.export program, TorchScript or metatomic (LAMMPS, i-PI, ASE)"),
     "import-aenet": ("distmlip.evaluation.import_aenet", "read aenet .nn potential files into a distmlip model (for evaluation or retraining)"),
     "md-check": ("distmlip.evaluation.mdcheck", "MD stability check of a potential: a verdict per run (close pairs, "
-                 "temperature, energy, drift, uncertainty); exit 3 when unstable"),
+                 "temperature, energy, drift, uncertainty); exit 3 when unstable, 128 + signal when stopped"),
     "explore": ("distmlip.active.explore", "active learning: MD at rising temperatures, uncertain frames by "
                 "farthest-point sampling, label, retrain, until MD survives"),
 }

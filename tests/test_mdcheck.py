@@ -2,8 +2,13 @@
 
 A committee of two small models on a Cu cell (stable over a few steps; minimum distances against
 ASE's brute-force distances); a model built to collapse (its energy falls as atoms approach);
-EMT itself as the reference (stable); every criterion of ``judge`` on constructed trajectories."""
+EMT itself as the reference (stable); every criterion of ``judge`` on constructed trajectories;
+a stop request (SIGTERM, Ctrl-C) in the middle of the MD (1 and 2 ranks)."""
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -326,3 +331,148 @@ def test_pdf_independent_of_cell_size():
         curves.append(g[(29, 29)])
     np.testing.assert_allclose(curves[0], curves[2], rtol=1e-12)
     np.testing.assert_allclose(curves[1], curves[2], rtol=1e-12)
+
+
+SIGNAL_IN_MD = '''
+"""distmlip md-check with a signal to this process from inside the MD, as a batch system (or a
+terminal) sends it: in the N-th run (temperature), at its K-th force call (SIGNAL_AT="SIG,N,K");
+every force call after it is counted in SIGNAL_LOG."""
+import os
+import signal
+import sys
+
+from distmlip.cli import main
+from distmlip.evaluation import mdcheck
+
+NAME, NTH, AFTER = os.environ["SIGNAL_AT"].split(",")
+NTH, AFTER = int(NTH), int(AFTER)
+# Ctrl-C as in a terminal, also in a process started in the background (SIGINT ignored there)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+_simulate, _seen = mdcheck.simulate, [0]
+
+
+def simulate(atoms0, calc, *args, **kwargs):
+    _seen[0] += 1
+    if _seen[0] == NTH:      # the calculator stays wrapped: later runs' force calls count too
+        inner, calls = calc.calculate, [0]
+
+        def calculate(*a, **k):
+            calls[0] += 1
+            if calls[0] == AFTER:
+                os.kill(os.getpid(), getattr(signal, NAME))
+            elif calls[0] > AFTER:
+                with open(os.environ["SIGNAL_LOG"], "a") as f:
+                    f.write("call\\n")
+            return inner(*a, **k)
+
+        calc.calculate = calculate
+    return _simulate(atoms0, calc, *args, **kwargs)
+
+
+mdcheck.simulate = simulate
+sys.argv = ["distmlip"] + sys.argv[1:]
+sys.exit(main())
+'''
+
+
+@pytest.mark.parametrize("ranks,sig", [(1, "SIGTERM"), (2, "SIGTERM"), (1, "SIGINT")])
+def test_stop_during_md_reports_the_finished_runs_and_exits_nonzero(tmp_path, ranks, sig):
+    """md-check ignored stop requests: SIGTERM (what a batch system sends before its time limit)
+    killed it at once (exit -15) and the verdicts of the runs already finished were lost.  A
+    signal in the middle of the second of three runs now ends the MD within a step: summary.json
+    and the table hold the first run's verdict, the second marked interrupted (never stable), the
+    third not run; the summary line says 'interrupted', a message says what happened and how to
+    continue, and the exit status is 128 + the signal (143; 130 for Ctrl-C), with --report-only
+    too (2 ranks: md-check runs on rank 0 only, mpirun passes the status on)."""
+    from helpers import REPO, mpirun
+
+    models = _models(tmp_path)
+    s = _start(tmp_path)
+    out = tmp_path / "out"
+    (tmp_path / "signal_in_md.py").write_text(SIGNAL_IN_MD)
+    env = {"SIGNAL_AT": f"{sig},2,20", "SIGNAL_LOG": str(tmp_path / "after.log"), "OMP_NUM_THREADS": "1"}
+    args = [str(tmp_path / "signal_in_md.py"), "md-check", models[0], str(s), "-T", "300", "900", "1500",
+            "--steps", "60", "--interval", "10", "--nve-steps", "10", "-o", str(out)]
+    if ranks == 1:
+        e = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+        res = subprocess.run([sys.executable] + args, capture_output=True, text=True, timeout=300, env=e)
+    else:
+        res = mpirun(2, args + ["--report-only"], env=env, check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode == (143 if sig == "SIGTERM" else 130), text[-3000:]
+    after = (tmp_path / "after.log").read_text().split() if (tmp_path / "after.log").exists() else []
+    assert len(after) <= 1, f"{len(after)} force calls after the {sig}"      # the step it arrived in
+    summ = json.loads((out / "summary.json").read_text())
+    first, cut, left = summ["runs"]
+    assert first["status"] == "done" and first["verdict"] == "stable" and first["nve_drift_eV_atom"] is not None
+    assert cut["status"] == "interrupted" and not cut["stable"] and left["status"] == "not run" and not left["stable"]
+    assert not summ["all_stable"] and "md-check result: stable" not in text
+    if sig == "SIGTERM":
+        why = "SIGTERM on rank 0"
+        assert "distmlip: SIGTERM received on rank 0: stopping at the next step boundary" in res.stderr
+        assert 0 < cut["steps_done"] < 60 and cut["frames"] == cut["steps_done"] // 10 + 1, cut
+        assert cut["verdict"].startswith(f"interrupted: {why} at {cut['steps_done']:g} fs of 60 fs of NVT (not judged")
+        assert cut["failed_frames"] == 0 and cut["nve_drift_eV_atom"] is None     # the frames not run are not failures
+        assert f"md-check: stopped by {why}: the check is incomplete (900 K interrupted, 1500 K not run); the " \
+               f"verdicts of the runs that finished (300 K) are in {out / 'summary.json'}; run the same command " \
+               "again for a complete check (exit status 143)" in res.stdout, text[-3000:]
+        assert summ["stop"] == {"reason": why, "finished_K": [300.0], "interrupted_K": [900.0], "not_run_K": [1500.0]}
+        if ranks == 2:
+            assert "rank 1 of this mpirun has nothing to do" in res.stderr
+    else:
+        why = "SIGINT (Ctrl-C)"
+        assert cut["verdict"] == f"interrupted: {why} (its trajectory is not kept)"
+        assert "distmlip md-check: interrupted" in res.stderr
+        assert summ["stop"]["reason"] == why and summ["stop"]["not_run_K"] == [1500.0]
+    assert left["verdict"] == f"not run: {why} before it started"
+    assert ("md-check result: interrupted (3 runs: 1 stable, 0 unstable, 0 aborted, 1 interrupted, 1 not run; "
+            f"T=900 K interrupted: {why}") in res.stdout, text[-3000:]
+    assert summ["result"] in res.stdout
+
+
+def test_stop_exit_status():
+    """The exit status of a command that a stop left incomplete: 128 + the signal (the stop file
+    requests a stop like SIGUSR1); describe_stop names the same stop code."""
+    from distmlip.distributed.signals import describe_stop, stop_exit_status
+
+    assert stop_exit_status(0) == 0
+    assert stop_exit_status(1000 + signal.SIGTERM) == 143 and describe_stop(1000 + signal.SIGTERM) == "SIGTERM on rank 0"
+    assert stop_exit_status(2000 + signal.SIGUSR1) == 128 + signal.SIGUSR1
+    assert stop_exit_status(1999) == 128 + signal.SIGUSR1
+
+
+class _StopAfter:
+    """A context whose stop check says yes from its n-th call on (DistContext's interface)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def stop_requested(self):
+        self.calls += 1
+        return self.calls >= self.n
+
+    def stop_reason(self):
+        return "SIGTERM on rank 0" if self.calls >= self.n else None
+
+
+def test_stop_in_the_nve_continuation_and_before_the_first_run(tmp_path):
+    """A stop in the NVE continuation interrupts the run there (the NVT part ran whole, the drift
+    is not judged); a stop before the first run leaves every temperature 'not run'.  Neither is
+    ever stable, and the summary line says 'interrupted'."""
+    from distmlip.evaluation.mdcheck import md_check
+
+    s = _start(tmp_path)
+    # one check before the first run, 20 in its NVT, then the 6th of the NVE continuation
+    summ = md_check(["ase:EMT"], s, temperatures=[300.0, 600.0], steps=20, interval=10, nve_steps=20,
+                    output=str(tmp_path / "nve"), ctx=_StopAfter(1 + 20 + 6))
+    r, left = summ["runs"]
+    assert r["status"] == "interrupted" and r["steps_done"] == 20 and r["frames"] == 3 and not r["stable"]
+    assert r["verdict"] == "interrupted: SIGTERM on rank 0 at 25 fs, in the NVE continuation (not judged)", r["verdict"]
+    assert r["nve_drift_eV_atom"] is None and left["status"] == "not run"
+    assert summ["result"].startswith("md-check result: interrupted (2 runs: 0 stable, 0 unstable, 0 aborted, "
+                                     "1 interrupted, 1 not run; T=300 K interrupted: SIGTERM on rank 0 at 25 fs")
+    summ = md_check(["ase:EMT"], s, temperatures=[300.0, 600.0], steps=20, interval=10, nve_steps=20,
+                    output=str(tmp_path / "before"), ctx=_StopAfter(1))
+    assert [r["verdict"] for r in summ["runs"]] == ["not run: SIGTERM on rank 0 before it started"] * 2
+    assert summ["stop"]["not_run_K"] == [300.0, 600.0] and not summ["all_stable"]
+    assert not (tmp_path / "before" / "pdf_T300.png").exists()

@@ -29,6 +29,7 @@ API:
     install_stop_handlers()                  # SIGTERM / SIGUSR1 -> stop flag; 2nd SIGTERM exits
     ctx.stop_requested() -> bool             # collective: True on every rank if any rank got a signal
     ctx.stop_reason() -> str | None          # e.g. "SIGTERM on rank 1"
+    ctx.stop_exit_status() -> int            # 128 + signal (143): a command left incomplete (md-check)
     run_guarded(fn, *args)                   # an exception on any rank ends the job (MPI_Abort)
     split_range(n, rank, world) ; balanced_partition(costs, world)
     shutdown()

@@ -72,6 +72,7 @@ class DistContext:
     _rendezvous_dir: Optional[str] = field(default=None, repr=False)
     _stop_reason: Optional[str] = field(default=None, repr=False)
     _stop_generation: int = field(default=0, repr=False)
+    _stop_code: int = field(default=0, repr=False)
 
     @property
     def job_ranks(self) -> list[int]:
@@ -257,14 +258,20 @@ class DistContext:
             code = int(t.item())
         if code and self.stop_reason() is None:
             self._stop_reason = signals.describe_stop(code)
+            self._stop_code = code
             self._stop_generation = signals.stop_generation()
         return bool(code)
 
     def stop_reason(self) -> Optional[str]:
         """e.g. 'SIGTERM on rank 1' once stop_requested() returned True (until reset_stop_flag())."""
         if self._stop_reason is not None and self._stop_generation != signals.stop_generation():
-            self._stop_reason = None
+            self._stop_reason, self._stop_code = None, 0
         return self._stop_reason
+
+    def stop_exit_status(self) -> int:
+        """The exit status of a command that the stop of stop_reason() left without a complete
+        result (``signals.stop_exit_status``: 143 for SIGTERM); 0 when no stop was requested."""
+        return signals.stop_exit_status(self._stop_code) if self.stop_reason() is not None else 0
 
     # -- rank groups ------------------------------------------------------------------------
     def split(self, n_groups: int) -> tuple[int, "DistContext"]:
@@ -283,7 +290,7 @@ class DistContext:
         job = self.job_ranks
         sub = replace(self, rank=mine.index(self.rank), world_size=len(mine), is_distributed=len(mine) > 1,
                       _comm=None, _group=None, _cpu_group=None, _job_ranks=tuple(job[r] for r in mine),
-                      _stop_reason=None, _stop_generation=0)
+                      _stop_reason=None, _stop_generation=0, _stop_code=0)
         if W == 1:
             return 0, sub
         if self._comm is not None:

@@ -9,7 +9,9 @@ communicator: a context turns the *local* stop code of this module into a collec
 - SIGTERM / SIGUSR1 (``install_stop_handlers``) or the file named by ``DISTMLIP_STOP_FILE`` set a
   local flag; a second SIGTERM ends the process at once (the batch system means it).
 - The stop code encodes who asked and why: ``1000 * (rank + 1) + signal number`` (999 for the stop
-  file), so the maximum over ranks names one of them ("SIGTERM on rank 1").
+  file), so the maximum over ranks names one of them ("SIGTERM on rank 1"); ``stop_exit_status``
+  turns it into the exit status of a command that a stop leaves without a complete result (128 +
+  the signal number).
 - ``run_guarded`` and the excepthook print an error with the rank and host and end the whole job
   (MPI_Abort), so that no rank waits forever in a collective for a peer that is gone;
   ``abort_mpi`` does that for the CLI.
@@ -77,6 +79,18 @@ def describe_stop(code: int) -> str:
     else:
         what = "stop request"
     return f"{what} on rank {rank}"
+
+
+def stop_exit_status(code: int) -> int:
+    """Exit status of a command whose result a stop request (``code``, as for describe_stop) left
+    incomplete, with no rerun that continues it (md-check): 128 + the signal number, as a shell
+    reports a process ended by that signal and as the CLI exits 130 on Ctrl-C (SIGTERM 143,
+    SIGUSR1 138; the stop file, which requests a stop like SIGUSR1, 138).  0 for no stop.  train
+    and explore exit 0 after a stop instead: their rerun continues where they stopped."""
+    if not code:
+        return 0
+    sig = code % 1000
+    return 128 + int(signal.SIGUSR1 if sig in (0, 999) else sig)
 
 
 def stop_generation() -> int:

@@ -51,8 +51,17 @@ summary line that batch scripts can grep::
 
     md-check result: unstable (2 runs: 1 stable, 1 unstable, 0 aborted; first: T=1500 K close pairs at 230 fs)
 
+A stop request (SIGTERM, SIGUSR1, the file named by ``DISTMLIP_STOP_FILE``: what a batch system
+sends before its time limit; ``distributed/signals.py``) ends the MD within a step: the runs that
+finished keep their verdicts, the run it cut short is ``interrupted: <signal> at <t> fs ...`` (its
+frames so far are reported, not judged), later temperatures are ``not run``; summary.json and the
+table are written, the summary line says ``md-check result: interrupted (...)`` and the command
+exits 128 + the signal number (143 for SIGTERM).  Ctrl-C (SIGINT) writes the same report of the
+finished runs and exits 130.  A second SIGTERM ends the process at once.
+
 Exit status: 0 when every run is stable, 3 when any run is unstable or aborted (``--report-only``:
-0), 2 on bad input.
+0), 2 on bad input, 128 + the signal number after a stop request (143 SIGTERM, 138 SIGUSR1 or the
+stop file, 130 Ctrl-C): the check is incomplete, whatever the finished runs said.
 """
 from __future__ import annotations
 
@@ -68,6 +77,9 @@ from ..errors import InputError
 from ..utils.log import log, warn
 
 EXIT_UNSTABLE = 3
+# MD steps between md-check's stop checks: every step (its check, in a world of one, reads a
+# flag; explore's is a collective and comes every few steps)
+_STOP_EVERY = 1
 
 
 def add_arguments(p) -> None:
@@ -353,8 +365,8 @@ def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: floa
 
     ``stop_check``: called before every ``stop_every`` steps (default ``interval``) of MD; when it
     returns True the run ends there with ``tr['interrupted']`` set (a stop request: the caller
-    discards such a trajectory, it is not a result).  Running the steps in such pieces does not
-    change the trajectory."""
+    discards such a trajectory or reports it as interrupted, never judges it as a result).  Running
+    the steps in such pieces does not change the trajectory."""
     from ase import units
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import Stationary
@@ -496,28 +508,38 @@ def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: floa
     return tr, atoms
 
 
-def nve_continuation(atoms, timestep: float, nve_steps: int):
-    """Total energy per atom along an NVE (velocity Verlet) run from ``atoms`` (its velocities);
-    None when it blows up."""
+def nve_continuation(atoms, timestep: float, nve_steps: int, stop_check=None, stop_every: int = 1):
+    """Total energy per atom along an NVE (velocity Verlet) run from ``atoms`` (its velocities).
+    Returns ``(energies, interrupted)``: energies None when the run blows up; ``stop_check`` is
+    called before every ``stop_every`` steps, and when it returns True the run ends there
+    (``interrupted``, with the energies so far).  The pieces do not change the run."""
     from ase import units
     from ase.md.verlet import VelocityVerlet
     from ase.parallel import DummyMPI
 
     n = len(atoms)
-    e = []
+    e = {}      # by step: a piece of the run must not record its start twice
     nve = VelocityVerlet(atoms, timestep * units.fs, comm=DummyMPI())
 
     def _rec():
-        e.append((atoms.get_potential_energy() + atoms.get_kinetic_energy()) / n)
+        e[nve.nsteps] = (atoms.get_potential_energy() + atoms.get_kinetic_energy()) / n
 
     nve.attach(_rec, interval=1)
-    try:
-        with np.errstate(all="ignore"):
-            nve.run(nve_steps)
-    except Exception:
-        return None
-    e = np.asarray(e)
-    return e if np.all(np.isfinite(e)) else None
+    done, piece, interrupted = 0, max(1, int(stop_every)), False
+    while done < nve_steps:
+        # outside the try below: an error of the check is not a blown-up configuration
+        if stop_check is not None and stop_check():
+            interrupted = True
+            break
+        part = min(piece, nve_steps - done)
+        try:
+            with np.errstate(all="ignore"):
+                nve.run(part)
+        except Exception:
+            return None, False
+        done += part
+    e = np.asarray([e[k] for k in sorted(e)])
+    return (e if np.all(np.isfinite(e)) else None), interrupted
 
 
 def judge(tr: dict, T: float, n_atoms: int, friction: float, crit: Criteria, emin=None, nve=None,
@@ -604,6 +626,10 @@ def judge(tr: dict, T: float, n_atoms: int, friction: float, crit: Criteria, emi
 
 
 def verdict_of(events: list, tr: dict) -> str:
+    if tr.get("interrupted"):
+        cut = tr["interrupt"]
+        before = f"; before: {events[0]['criterion']} at {events[0]['t_fs']:g} fs" if events else ""
+        return f"interrupted: {cut['reason']} at {cut['t_fs']:g} fs{cut['where']} (not judged{before})"
     if tr["aborted"]:
         before = f" (before: {events[0]['criterion']} at {events[0]['t_fs']:g} fs)" if events else ""
         return f"aborted: {tr['abort_reason']} at {tr['abort_t_fs']:g} fs{before}"
@@ -619,21 +645,39 @@ def verdict_of(events: list, tr: dict) -> str:
 def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float, thresholds: dict,
             interval: int, nve_steps: int, rdf_rmax: float, seed: int, out: Path, max_failed: int,
             label: str = "", crit: Criteria | None = None, record: dict | None = None, uncertainty=None,
-            committee: bool = False, ensemble: Ensemble | None = None) -> dict:
-    """One temperature: NVT (or NPT), NVE continuation, verdict, output files; returns the run's summary."""
+            committee: bool = False, ensemble: Ensemble | None = None, stop=None) -> dict:
+    """One temperature: NVT (or NPT), NVE continuation, verdict, output files; returns the run's summary.
+
+    ``stop``: a context (``distributed.DistContext``) whose ``stop_requested()`` is asked every
+    step of the MD; a stop ends the run there: ``status`` 'interrupted', its verdict says so and
+    what it saw until then, and nothing of it is judged (never 'stable')."""
     from ..models.data_record import lowest_energy_per_atom
 
     crit = crit or Criteria()
+    stop_check = stop.stop_requested if stop is not None else None
     pdf = PDFAccumulator(atoms0.numbers, rdf_rmax)
     tr, atoms = simulate(atoms0, calc, T, steps, timestep, friction, interval, seed, thresholds, record=record,
-                         uncertainty=uncertainty, pdf=pdf, keep_frames=True, label=label, ensemble=ensemble)
+                         uncertainty=uncertainty, pdf=pdf, keep_frames=True, label=label, ensemble=ensemble,
+                         stop_check=stop_check, stop_every=_STOP_EVERY)
     n = len(atoms0)
     nve = None
-    if not tr["aborted"] and nve_steps > 0:
-        nve = nve_continuation(atoms, timestep, nve_steps)
-        if nve is None:
+    if tr["interrupted"]:
+        tr["interrupt"] = {"t_fs": tr["steps_done"] * timestep,
+                           "where": f" of {steps * timestep:g} fs of {tr['ensemble'].upper()}"}
+    elif not tr["aborted"] and nve_steps > 0:
+        nve, cut = nve_continuation(atoms, timestep, nve_steps, stop_check=stop_check, stop_every=_STOP_EVERY)
+        if cut:
+            nve_done = max(len(nve) - 1, 0) if nve is not None else 0
+            tr["interrupted"] = True
+            tr["interrupt"] = {"t_fs": (tr["steps_done"] + nve_done) * timestep, "where": ", in the NVE continuation"}
+            nve = None
+        elif nve is None:
             tr["aborted"], tr["abort_reason"] = True, "NVE continuation blew up"
             tr["abort_t_fs"] = (tr["steps_done"] + nve_steps) * timestep
+    if tr["interrupted"]:
+        tr["interrupt"]["reason"] = stop.stop_reason() or "stop request"
+        # the frames the stop left out are not failures: the run is reported as far as it went
+        tr["n_missing"] = 0
     emin = lowest_energy_per_atom(record, atoms0.numbers)
     events = judge(tr, T, n, friction, crit, emin=emin, nve=nve, committee=committee,
                    pair_min=(record or {}).get("pair_min_distance_A"))
@@ -676,13 +720,14 @@ def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float
             write(str(tmp), failed_frames, format="extxyz", parallel=False)
     pdf_path = out / f"pdf_{tag}.png"
     if pdf.nframes:
-        pdf.plot(pdf_path, f"{label}T = {T:g} K, {pdf.nframes} frames")
+        pdf.plot(pdf_path, f"{label}T = {T:g} K, {pdf.nframes} frames" + (" (interrupted)" if tr["interrupted"] else ""))
     md = np.asarray(tr["min_dist"]) if tr["min_dist"] else np.asarray([np.nan])
     temps = tr["temp"]
     gs = [x for x in tr["gpr_sigma"] if x is not None]
     return {
         "temperature_K": T, "steps": steps, "steps_done": tr["steps_done"], "timestep_fs": timestep,
         "verdict": verdict, "stable": verdict == "stable", "aborted": bool(tr["aborted"]), "events": events,
+        "status": "interrupted" if tr["interrupted"] else "done",
         "frames": n_frames, "failed_frames": nfail, "failure_ratio": nfail / max(n_frames, 1),
         "min_dist_A": float(np.nanmin(md)), "min_dist_first_A": float(md[0]),
         "min_dist_series": [[s, d] for s, d in zip(tr["step"], tr["min_dist"])],
@@ -722,7 +767,8 @@ def format_table(runs: list[dict], committee: bool = False, gpr: bool = False) -
         line = (f"{r['temperature_K']:8.0f} {r['frames']:7d} {r['failed_frames']:7d} "
                 f"{r['failure_ratio']:10.3f} {r['min_dist_A']:10.3f} {r['final_T_K']:11.0f} {drift:>20}")
         if committee:
-            line += f" {r['max_force_deviation']:14.4f}"
+            fd = r["max_force_deviation"]
+            line += f" {('n/a' if fd is None else f'{fd:.4f}'):>14}"
         if gpr:
             g = r.get("max_gpr_sigma_eV")
             line += f" {('n/a' if g is None else f'{g:.4f}'):>19}"
@@ -731,11 +777,16 @@ def format_table(runs: list[dict], committee: bool = False, gpr: bool = False) -
 
 
 def summary_line(runs: list[dict]) -> str:
-    """One line for batch scripts: 'md-check result: stable|unstable|aborted (...)'."""
+    """One line for batch scripts: 'md-check result: stable|unstable|aborted|interrupted (...)';
+    'interrupted' whenever a stop request left a run unfinished or not run, whatever the others said."""
     n = len(runs)
-    ab = [r for r in runs if r["aborted"]]
-    un = [r for r in runs if not r["aborted"] and not r["stable"]]
-    word = "stable" if not ab and not un else ("aborted" if ab and not un else "unstable")
+    cut = [r for r in runs if r.get("status", "done") == "interrupted"]
+    not_run = [r for r in runs if r.get("status", "done") == "not run"]
+    done = [r for r in runs if r.get("status", "done") == "done"]
+    ab = [r for r in done if r["aborted"]]
+    un = [r for r in done if not r["aborted"] and not r["stable"]]
+    word = ("interrupted" if cut or not_run else
+            "stable" if not ab and not un else ("aborted" if ab and not un else "unstable"))
     bad = sorted(ab + un, key=lambda r: r["temperature_K"])
     first = ""
     if bad:
@@ -743,7 +794,26 @@ def summary_line(runs: list[dict]) -> str:
         what = (f"{r['events'][0]['criterion']} at {r['events'][0]['t_fs']:g} fs" if r["events"] and not r["aborted"]
                 else r["verdict"].split(" (before")[0])
         first = f"; first: T={r['temperature_K']:g} K {what}"
-    return f"md-check result: {word} ({n} runs: {n - len(ab) - len(un)} stable, {len(un)} unstable, {len(ab)} aborted{first})"
+    counts = f"{n} runs: {len(done) - len(ab) - len(un)} stable, {len(un)} unstable, {len(ab)} aborted"
+    if cut or not_run:
+        counts += f", {len(cut)} interrupted, {len(not_run)} not run"
+        r = (cut or not_run)[0]
+        first += f"; T={r['temperature_K']:g} K {r['verdict'].split(' (not judged')[0]}"
+    return f"md-check result: {word} ({counts}{first})"
+
+
+def unfinished_run(T: float, steps: int, timestep: float, ensemble: str, status: str, verdict: str) -> dict:
+    """The summary of a run that a stop left without frames (``status`` 'not run', or
+    'interrupted' by Ctrl-C, whose trajectory is lost): run_one's fields, nothing measured, and a
+    ``verdict`` that says why there is none."""
+    nan = float("nan")
+    return {"temperature_K": T, "steps": steps, "steps_done": 0, "timestep_fs": timestep, "verdict": verdict,
+            "stable": False, "aborted": False, "events": [], "status": status, "frames": 0, "failed_frames": 0,
+            "failure_ratio": 0.0, "min_dist_A": nan, "min_dist_first_A": nan, "min_dist_series": [],
+            "mean_T_K": nan, "final_T_K": nan, "epot_min_eV_atom": nan, "training_epot_min_eV_atom": None,
+            "nve_steps": 0, "nve_drift_eV_atom": None, "nve_max_dev_eV_atom": None, "max_force_deviation": None,
+            "max_gpr_sigma_eV": None, "below_training_pairs": {}, "failed_frames_file": None, "pdf_png": None,
+            "ensemble": ensemble, "volume_ratio_range": None, "volume_per_atom_second_half_A3": None, "wall_s": 0.0}
 
 
 def _read_structure(structure):
@@ -772,8 +842,14 @@ def record_from_data(paths, species, cutoff: float) -> dict:
 def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, timestep=1.0, friction=0.02,
              threshold_factor=0.6, interval=10, nve_steps=200, rdf_rmax=6.0, seed=0, output="md_check",
              device="cpu", max_failed_frames=200, label="", criteria: Criteria | None = None,
-             training_data=None, gpr_data=None, ensemble: Ensemble | None = None) -> dict:
-    """Python entry point of ``distmlip md-check`` (returns the summary dict)."""
+             training_data=None, gpr_data=None, ensemble: Ensemble | None = None, ctx=None) -> dict:
+    """Python entry point of ``distmlip md-check`` (returns the summary dict).
+
+    ``ctx``: a context (``distributed.DistContext``; the command's: a world of one) whose
+    ``stop_requested()`` is asked every MD step; a stop ends the MD there, the summary is written
+    with the runs that finished, the one cut short ('interrupted') and the temperatures not run,
+    and ``summary['stop']`` says so (None without a stop).  Ctrl-C writes the same report (the run
+    it cut short: 'interrupted', nothing of it kept) and raises KeyboardInterrupt again."""
     from .labelling import is_calculator_name, make_calculator
 
     crit = criteria or Criteria(threshold_factor=threshold_factor)
@@ -839,10 +915,43 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
         + (f", GPR sigma > {crit.max_gpr_sigma:g} eV" if uncertainty else "")
         + (f", cell volume outside V0 (1 +- {crit.max_volume_change:g})" if ensemble.kind != "nvt" else ""))
     runs = []
-    for k, T in enumerate(temperatures):
-        runs.append(run_one(atoms, calc, float(T), steps, timestep, friction, thresholds, interval, nve_steps,
-                            rdf_rmax, seed + 1000 * k, out, max_failed_frames, label=label, crit=crit,
-                            record=record, uncertainty=uncertainty, committee=committee, ensemble=ensemble))
+
+    def _unfinished(k, status, reason):
+        T = float(temperatures[k])
+        verdict = (f"interrupted: {reason} (its trajectory is not kept)" if status == "interrupted" else
+                   f"not run: {reason} before it started")
+        return unfinished_run(T, steps, timestep, ensemble.kind, status, verdict)
+
+    try:
+        for k, T in enumerate(temperatures):
+            if ctx is not None and ctx.stop_requested():
+                runs.extend(_unfinished(j, "not run", ctx.stop_reason()) for j in range(k, len(temperatures)))
+                break
+            runs.append(run_one(atoms, calc, float(T), steps, timestep, friction, thresholds, interval, nve_steps,
+                                rdf_rmax, seed + 1000 * k, out, max_failed_frames, label=label, crit=crit,
+                                record=record, uncertainty=uncertainty, committee=committee, ensemble=ensemble,
+                                stop=ctx))
+    except KeyboardInterrupt:
+        k = len(runs)
+        if k < len(temperatures):
+            runs.append(_unfinished(k, "interrupted", "SIGINT (Ctrl-C)"))
+            runs.extend(_unfinished(j, "not run", "SIGINT (Ctrl-C)") for j in range(k + 1, len(temperatures)))
+        _write_summary(out, model_paths, structure, atoms, models, threshold_factor, ensemble, crit, thresholds,
+                       record, runs, "SIGINT (Ctrl-C)")
+        log(summary_line(runs))
+        log(f"md-check: interrupted; {out / 'summary.json'} holds the runs that finished")
+        raise
+    stop = ctx.stop_reason() if ctx is not None and any(r["status"] != "done" for r in runs) else None
+    summary = _write_summary(out, model_paths, structure, atoms, models, threshold_factor, ensemble, crit,
+                             thresholds, record, runs, stop)
+    summary["_committee"] = committee
+    summary["_gpr"] = uncertainty is not None
+    return summary
+
+
+def _write_summary(out: Path, model_paths, structure, atoms, models, threshold_factor, ensemble, crit, thresholds,
+                   record, runs, stop) -> dict:
+    """summary.json of md_check: ``stop`` the reason of a stop request that left runs unfinished."""
     from ase.data import chemical_symbols
 
     summary = {"models": model_paths, "structure": str(structure), "n_atoms": len(atoms),
@@ -855,19 +964,30 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
                "energy_drift": "total energy per atom change over an NVE (velocity Verlet) continuation "
                                "of nve_steps from the final NVT state",
                "runs": runs, "result": summary_line(runs),
-               "all_stable": all(r["stable"] for r in runs)}
+               "all_stable": all(r["stable"] for r in runs),
+               # a stop request: the check is incomplete (the runs' "status": done, interrupted, not run)
+               "stop": None if stop is None else {
+                   "reason": stop,
+                   "finished_K": [r["temperature_K"] for r in runs if r["status"] == "done"],
+                   "interrupted_K": [r["temperature_K"] for r in runs if r["status"] == "interrupted"],
+                   "not_run_K": [r["temperature_K"] for r in runs if r["status"] == "not run"]}}
     from ..utils.io import atomic_write_text, json_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.json", json_text(summary, indent=1))
-    summary["_committee"] = committee
-    summary["_gpr"] = uncertainty is not None
     return summary
 
 
 def run(args) -> int:
+    from ..distributed import install_stop_handlers
+    from ..distributed.context import DistContext
+
     if len(args.paths) < 2:
         raise InputError("md-check: give at least one MODEL file (or ase:NAME) and a STRUCTURE file")
+    install_stop_handlers()
+    # a world of one (md-check runs in one process; under mpirun on rank 0 only): its stop check
+    # reads this process's stop flag and stop file
+    ctx = DistContext()
     crit = Criteria(threshold_factor=args.threshold_factor, temperature_band=args.temperature_band,
                     temperature_window_fs=args.temperature_window, energy_margin=args.energy_margin,
                     max_nve_drift=args.max_nve_drift, max_force_deviation=args.max_force_deviation,
@@ -877,10 +997,21 @@ def run(args) -> int:
                        args.friction, args.threshold_factor, args.interval, args.nve_steps, args.rdf_rmax,
                        args.seed, args.output, args.device, args.max_failed_frames, criteria=crit,
                        training_data=args.training_data, gpr_data=args.gpr_data,
-                       ensemble=Ensemble(args.ensemble, args.pressure, args.barostat_time))
+                       ensemble=Ensemble(args.ensemble, args.pressure, args.barostat_time), ctx=ctx)
     log(format_table(summary["runs"], committee=summary["_committee"], gpr=summary["_gpr"]))
     log(f"summary written to {Path(args.output) / 'summary.json'}")
     log(summary["result"])
+    stop = summary["stop"]
+    if stop is not None:
+        # never exit as a check that passed, --report-only or not: the verdicts are incomplete
+        code = ctx.stop_exit_status()
+        fin = ", ".join(f"{t:g}" for t in stop["finished_K"])
+        left = [f"{t:g} K interrupted" for t in stop["interrupted_K"]] + [f"{t:g} K not run" for t in stop["not_run_K"]]
+        log(f"md-check: stopped by {stop['reason']}: the check is incomplete ({', '.join(left)}); "
+            + (f"the verdicts of the runs that finished ({fin} K) are in {Path(args.output) / 'summary.json'}; "
+               if fin else "no run finished; ")
+            + f"run the same command again for a complete check (exit status {code})")
+        return code
     if summary["all_stable"] or args.report_only:
         return 0
     return EXIT_UNSTABLE
