@@ -1,7 +1,8 @@
 """GPR-ANN against energy-only and direct force training (and the hybrid) at one wall-time budget.
 
-    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies 20] [--pool 80] [--delta 0.03]
+    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies 20] [--pool 80] [--delta 0.03|auto]
                                  [--fingerprint auto] [--np 1] [--out runs/gpr_ann] [--reuse-augment]
+                                 [--gpr-load DIR]
                                  [--scheduler plateau|cosine] [--methods energy,force,...]
     python benchmarks/gpr_ann.py files --train TRAIN --test TEST [--descriptor 5.0,8,3.5,4]
                                  [--hidden 16,16] [--batch-atoms 1200] [...]
@@ -158,7 +159,10 @@ def main():
     ap.add_argument("--budget", type=float, default=120.0, help="training wall time per method (s)")
     ap.add_argument("--copies", type=int, default=20)
     ap.add_argument("--pool", type=int, default=0, help="copies per structure of the gpr_ann_pool method's pool")
-    ap.add_argument("--delta", type=float, default=0.03)
+    ap.add_argument("--delta", type=lambda v: v if v == "auto" else float(v), default=0.03,
+                    help="copies' displacement (A), or auto (augment's delta: auto)")
+    ap.add_argument("--gpr-load", type=Path, default=None,
+                    help="label with the GPR fits saved by an earlier run (its gpr_fits folder) instead of fitting")
     ap.add_argument("--fingerprint", default="auto")
     ap.add_argument("--np", type=int, default=1, dest="np_")
     ap.add_argument("--methods", default="energy,force,gpr_ann,gpr_ann_paper,hybrid")
@@ -181,7 +185,8 @@ def main():
 
     aug = {"input": str(out / "train.h5"), "output": str(out / "train_aug.h5"), "method": "gpr",
            "copies": a.copies, "delta": a.delta, "seed": 0,
-           "gpr": {"fingerprint": a.fingerprint, "save": str(out / "gpr_fits")}}
+           "gpr": {"fingerprint": a.fingerprint, "save": str(out / "gpr_fits")} if a.gpr_load is None else
+           {"fingerprint": a.fingerprint, "load": str(a.gpr_load.resolve())}}
     (out / "augment.yaml").write_text(yaml.safe_dump(aug))
     t0 = time.perf_counter()
     if not (a.reuse_augment and (out / "train_aug.report.json").is_file()):
@@ -193,7 +198,7 @@ def main():
     if a.pool:
         # the pool: the same saved GPR fits label P copies per structure (no second fit)
         pool = dict(aug, copies=a.pool, output=str(out / "train_pool.h5"),
-                    gpr={"fingerprint": a.fingerprint, "load": str(out / "gpr_fits")})
+                    gpr={"fingerprint": a.fingerprint, "load": str(a.gpr_load.resolve() if a.gpr_load else out / "gpr_fits")})
         (out / "augment_pool.yaml").write_text(yaml.safe_dump(pool))
         t1 = time.perf_counter()
         if not (a.reuse_augment and (out / "train_pool.report.json").is_file()):
