@@ -1,6 +1,6 @@
 """GPR-ANN against energy-only and direct force training (and the hybrid) at one wall-time budget.
 
-    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies 20] [--pool 80] [--delta 0.03|auto]
+    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies 20] [--pool 80] [--delta 0.03]
                                  [--fingerprint auto] [--np 1] [--out runs/gpr_ann] [--reuse-augment]
                                  [--gpr-load DIR]
                                  [--scheduler plateau|cosine] [--methods energy,force,...]
@@ -159,8 +159,7 @@ def main():
     ap.add_argument("--budget", type=float, default=120.0, help="training wall time per method (s)")
     ap.add_argument("--copies", type=int, default=20)
     ap.add_argument("--pool", type=int, default=0, help="copies per structure of the gpr_ann_pool method's pool")
-    ap.add_argument("--delta", type=lambda v: v if v == "auto" else float(v), default=0.03,
-                    help="copies' displacement (A), or auto (augment's delta: auto)")
+    ap.add_argument("--delta", type=float, default=0.03, help="copies' displacement (A)")
     ap.add_argument("--gpr-load", type=Path, default=None,
                     help="label with the GPR fits saved by an earlier run (its gpr_fits folder) instead of fitting")
     ap.add_argument("--fingerprint", default="auto")
