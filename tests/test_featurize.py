@@ -86,6 +86,36 @@ def test_cache_memory_bounded_by_budget(tmp_path, emt_h5, monkeypatch):
     assert small.reads == r
 
 
+def test_cache_rows_of_random_draws_pinned_or_not(tmp_path, emt_h5, monkeypatch):
+    """A pool of GPR copies draws structures at random each epoch, so a batch touches many
+    chunks: its rows come from the preloaded (pinned) chunks in one gather, from the chunks read
+    on demand grouped by chunk, or from both, in the order asked and with repeats."""
+    ds = H5Dataset(emt_h5)
+    out = featurize(ds, ds.species, SPEC, "reference", tmp_path / "c.h5")
+    with h5py.File(out) as f:
+        ref = f["features"][...]
+    off = np.r_[0, np.cumsum(ds.natoms)]
+
+    def want(idx):
+        return np.concatenate([ref[off[i]:off[i + 1]] for i in idx])
+
+    monkeypatch.setattr(FeatureCache, "CHUNK_ROWS", 8)          # 2 structures per chunk
+    c = FeatureCache(out, ds, ds.species, SPEC)
+    rng = np.random.default_rng(1)
+    n = ds.n_structures
+    for k in range(30):
+        if k == 10:
+            assert c.preload(range(0, n // 2))                     # half pinned
+        if k == 20:
+            assert c.preload(range(n // 2, n))                     # a second preload adds the rest
+            assert c.cached_bytes >= ref.nbytes
+        idx = rng.choice(n, size=int(rng.integers(1, 3 * n // 4)))
+        np.testing.assert_array_equal(c.features(idx), want(idx))
+    r = c.reads
+    c.features(rng.permutation(n))
+    assert c.reads == r                                             # everything pinned: no read
+
+
 def test_training_with_cache_equals_without(tmp_path, emt_h5):
     t_off = Trainer(make_cfg(tmp_path, emt_h5, "off", name="off"), quiet=True)
     t_off.fit()

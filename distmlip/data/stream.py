@@ -247,18 +247,24 @@ class PartitionedStream:
         smallest hash of (seed, epoch, data-set index).  A function of the structure alone, not
         of the rank that holds it or its place in the rank's order (sweep 10: a per-rank random
         stream gave another fixed validation draw on 3 ranks than on 1)."""
-        k, out = self.sample_k, []
-        for u in units:
-            m = self.sample_mask[u]
-            n = int(m.sum())
-            if n > k:
-                keep = np.flatnonzero(~m)
-                cand = np.flatnonzero(m)
-                keys = _draw_keys(self.seed, epoch, u[cand])
-                pick = cand[np.argsort(keys, kind="stable")[:k]]
-                u = u[np.sort(np.concatenate([keep, pick]))]
-            out.append(u)
-        return out
+        if not units:
+            return []
+        k = self.sample_k
+        # all units at once (a loop over a rank's parents cost 5 % of a pool epoch): rank each
+        # masked member among its unit's masked members by key, keep the k lowest
+        sizes = np.fromiter((len(u) for u in units), dtype=np.int64, count=len(units))
+        flat = np.concatenate(units)
+        unit = np.repeat(np.arange(len(units)), sizes)
+        m = self.sample_mask[flat]
+        keys = np.zeros(len(flat), dtype=np.uint64)
+        keys[m] = _draw_keys(self.seed, epoch, flat[m])
+        order = np.lexsort((keys, ~m, unit))          # by unit, masked members first, by key
+        first = np.r_[0, np.cumsum(sizes)[:-1]]
+        rank_in_unit = np.empty(len(flat), dtype=np.int64)
+        rank_in_unit[order] = np.arange(len(flat)) - np.repeat(first, sizes)
+        keep = ~m | (rank_in_unit < k)
+        cut = np.cumsum(np.bincount(unit[keep], minlength=len(units)))[:-1]
+        return np.split(flat[keep], cut)
 
     def _cut(self, epoch: int, r: int) -> list[np.ndarray]:
         if self.units is not None:

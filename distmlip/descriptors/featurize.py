@@ -145,13 +145,14 @@ class FeatureCache:
         self.n_rows = int(self.atom_offset[-1])
         self.max_bytes = _default_budget() if max_bytes is None else int(max_bytes)
         chunk_bytes = self.CHUNK_ROWS * max(self.dim, 1) * 8
-        self.max_chunks = max(1, self.max_bytes // chunk_bytes)
+        self.max_chunks = self._budget_chunks = max(1, self.max_bytes // chunk_bytes)
         from collections import OrderedDict
         import threading
 
         self._chunks: OrderedDict = OrderedDict()     # chunk id -> rows [CHUNK_ROWS, dim] (last shorter)
         self._lock = threading.Lock()
         self.reads = 0                                # HDF5 read calls (for tests and benchmarks)
+        self._pinned = None                           # (slot per chunk id or -1, rows) of preload()
         self._h5 = None
         self._pid = None
 
@@ -180,7 +181,7 @@ class FeatureCache:
 
     @property
     def cached_bytes(self) -> int:
-        return sum(c.nbytes for c in self._chunks.values())
+        return sum(c.nbytes for c in self._chunks.values()) + (self._pinned[1].nbytes if self._pinned else 0)
 
     def _load(self, ids: np.ndarray, out: dict) -> None:
         """Read the chunks ``ids`` (sorted, unique, none cached) into ``out``: runs of
@@ -242,7 +243,33 @@ class FeatureCache:
             # in slices of 64 chunks: one read each, no whole-share temporary
             for a in range(0, len(ids), 64):
                 self._get(ids[a:a + 64])
+            self._pin(ids)
         return True
+
+    def _pin(self, ids: np.ndarray) -> None:
+        """Keep the preloaded chunks ``ids`` in one array (they leave the LRU list, so memory is
+        not doubled): a batch's rows are then one gather, whichever chunks a random draw of
+        structures touches (pool epochs re-assemble every batch)."""
+        R, n_chunks = self.CHUNK_ROWS, -(-self.n_rows // self.CHUNK_ROWS)
+        old = self._pinned
+        if old is not None:          # a second preload adds to the first
+            ids = np.union1d(ids, np.flatnonzero(old[0] >= 0))
+        slot = np.full(n_chunks, -1, dtype=np.int64)
+        flat = np.zeros((len(ids) * R, self.dim), dtype=np.float64)
+        for k, c in enumerate(ids):
+            c = int(c)
+            if old is not None and old[0][c] >= 0:
+                arr = old[1][old[0][c] * R:(old[0][c] + 1) * R]
+            else:
+                arr = self._chunks.pop(c, None)
+                if arr is None:
+                    arr = self._get(np.asarray([c]))[c]
+                    self._chunks.pop(c, None)
+            flat[k * R:k * R + len(arr)] = arr
+            slot[c] = k
+        self._pinned = (slot, flat)
+        # the pinned rows count against the budget of the chunks read on demand
+        self.max_chunks = max(1, self._budget_chunks - len(ids))
 
     def _chunk_ids(self, idx: np.ndarray) -> np.ndarray:
         lo, hi = self.atom_offset[idx], self.atom_offset[idx + 1]
@@ -267,6 +294,11 @@ class FeatureCache:
         rows = np.arange(total, dtype=np.int64) + np.repeat(lo - (np.cumsum(n) - n), n)
         R = self.CHUNK_ROWS
         cid = rows // R
+        if self._pinned is not None:
+            slot, flat = self._pinned
+            s = slot[cid]
+            if s.min() >= 0:
+                return flat[s * R + (rows - cid * R)]
         with self._lock:
             self._dset()
             chunks = self._get(np.unique(cid))
@@ -275,9 +307,13 @@ class FeatureCache:
             c, arr = next(iter(chunks.items()))
             out[:] = arr[rows - c * R]
             return out
-        for c, arr in chunks.items():
-            m = cid == c
-            out[m] = arr[rows[m] - c * R]
+        # one pass per chunk over its own rows (a mask over all rows per chunk cost a third of a
+        # pool epoch on the EC dimers: a random draw of copies touches every chunk)
+        order = np.argsort(cid, kind="stable")
+        sc = cid[order]
+        for grp in np.split(order, np.flatnonzero(sc[1:] != sc[:-1]) + 1):
+            c = int(cid[grp[0]])
+            out[grp] = chunks[c][rows[grp] - c * R]
         return out
 
     def close(self):
@@ -653,8 +689,9 @@ class FeatureBatchLoader:
 
     def _assemble(self, idx) -> FeatureBatch:
         n = self.natoms[idx]
-        spec = np.concatenate([self.species[self.offset[i]:self.offset[i + 1]] for i in idx]) if len(idx) \
-            else np.zeros(0, np.int64)
+        # every atom of the batch: structure k's atoms offset_k .. offset_k + n_k - 1, in order
+        start = self.offset[idx]
+        spec = self.species[np.arange(int(n.sum()), dtype=np.int64) + np.repeat(start - (np.cumsum(n) - n), n)]
         t = torch.as_tensor
         return FeatureBatch(
             features=t(self.cache.features(idx), dtype=torch.float64), species=t(spec.astype(np.int64)),

@@ -936,9 +936,13 @@ class Trainer:
             # the validation batches are the same every epoch
             vb = budget // 8
             if self.val_cache is not None:
-                self.val_stream.loader = (self.stream.loader if self.val_cache is self.cache
+                # the training loader keeps no batch where each epoch forms new ones (a pool of
+                # copies): the validation batches, the same every epoch, get a loader that keeps them
+                self.val_stream.loader = (self.stream.loader if self.val_cache is self.cache and fixed
                                           else FeatureBatchLoader(self.val_cache, self.val_ds, self.model.species,
-                                                                  frozen, 2 * vb))
+                                                                  frozen, 2 * vb,
+                                                                  frozen_zero=getattr(self, "_zbl_clear", None)
+                                                                  if self.val_ds is self.ds else None))
             else:
                 vstore = store if (self.val_ds is self.ds and store is not None) else \
                     GraphStore(self.val_ds, self.model.species, self.model.cutoff, vb, short_range)
