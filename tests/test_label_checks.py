@@ -255,17 +255,21 @@ def test_a_few_huge_forces_are_named_and_do_not_set_the_force_scale(tmp_path, ca
     assert tr._force_excluded() is None and tr_ok._force_excluded() is None
     # by default the two structures' forces leave the force loss (named), their energies stay in
     # (the training split's medians from a histogram; the reference: validate.force_outliers on the
-    # training structures with exact medians.  Au has too few training atoms for a median here, so
-    # only the Cu atom of structure 3 is judged, as `distmlip info` would on these structures.)
+    # training structures with exact medians.  Au has too few training atoms for a median of its
+    # own here: it is judged against the median of all atoms, as `distmlip info` does; before, the
+    # Au atom of structure 7 was not judged at all and trained on)
     from distmlip.data.validate import force_outliers
 
     tr = Trainer(_cfg(tmp_path / "bad.h5", tmp_path / "r_bad", mode="force"))
     err = capsys.readouterr().err
     train = sorted(tr.train_idx.tolist())
-    ref, _ = force_outliers(ds.read(train))
-    assert {train[o["position"]] for o in ref} == set(np.flatnonzero(tr._force_excluded())) == {3}
-    assert "1 atom(s) in 1 training structure(s) with a force far beyond" in err, err
-    assert "bad.extxyz#3), atom 2 (Cu)" in err and "left out of the force loss" in err
+    assert 3 in train and 7 in train
+    ref, scale = force_outliers(ds.read(train))
+    assert {train[o["position"]] for o in ref} == set(np.flatnonzero(tr._force_excluded())) == {3, 7}
+    assert 79 in scale
+    assert "2 atom(s) in 2 training structure(s) with a force far beyond" in err, err
+    assert "bad.extxyz#3), atom 2 (Cu)" in err and "bad.extxyz#7), atom 0 (Au)" in err
+    assert "left out of the force loss" in err
     assert not tr._force_loss_selection(np.array([3])).any() and tr._force_loss_selection(np.array([4])).all()
 
 

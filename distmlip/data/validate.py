@@ -556,6 +556,19 @@ FORCE_OUTLIER_RATIO_UNBALANCED = 20.0
 FORCE_OUTLIER_MIN_ATOMS = 20          # atoms of an element needed for its median
 
 
+def rare_element_scales(scale: dict, present, overall: float | None) -> dict:
+    """``scale`` ({Z: median |F|} of the elements with FORCE_OUTLIER_MIN_ATOMS atoms or more)
+    completed for the other elements ``present`` with ``overall``, the median |F| of all atoms:
+    a few adsorbate or dopant atoms had no median and their forces were never judged (a
+    100 eV/A label on one of them was trained on).  The thresholds are 20-100 x the scale, far
+    beyond the factor of a few between elements' typical forces."""
+    out = dict(scale)
+    if overall is not None and overall > 0:
+        for e in present:
+            out.setdefault(int(e), float(overall))
+    return out
+
+
 def force_outliers(structures, scale: dict | None = None) -> tuple[list[dict], dict[int, float]]:
     """Atoms whose force is far beyond their element's typical force (see FORCE_OUTLIER_RATIO).
     ``scale``: {Z: median |F|} measured elsewhere (a whole data set, when ``structures`` are the
@@ -570,11 +583,14 @@ def force_outliers(structures, scale: dict | None = None) -> tuple[list[dict], d
         return [], dict(scale or {})
     if scale is None:
         f, z = np.concatenate(mags), np.concatenate(zs)
+        good = (f > 0) & np.isfinite(f)
         scale = {}
         for e in np.unique(z):
-            fe = f[(z == e) & (f > 0) & np.isfinite(f)]
+            fe = f[(z == e) & good]
             if len(fe) >= FORCE_OUTLIER_MIN_ATOMS:
                 scale[int(e)] = float(np.median(fe))
+        scale = rare_element_scales(scale, np.unique(z[good]), float(np.median(f[good]))
+                                    if good.sum() >= FORCE_OUTLIER_MIN_ATOMS else None)
     out = []
     pos = [k for k, s in enumerate(structures) if s.forces is not None]
     for k, s, m, zz in zip(pos, S, mags, zs):

@@ -1158,7 +1158,8 @@ class Trainer:
         return self._force_excluded_cache[0]
 
     def _find_force_outliers(self) -> np.ndarray | None:
-        from ..data.validate import (FORCE_OUTLIER_MIN_ATOMS, FORCE_OUTLIER_RATIO_UNBALANCED, force_outliers)
+        from ..data.validate import (FORCE_OUTLIER_MIN_ATOMS, FORCE_OUTLIER_RATIO_UNBALANCED, force_outliers,
+                                     rare_element_scales)
 
         if not self.force_mode or self.cfg.training.force_outliers == "keep":
             return None
@@ -1181,12 +1182,14 @@ class Trainer:
                 h = hist.setdefault(int(e), np.zeros(len(edges) + 1))
                 h += np.bincount(np.searchsorted(edges, np.log10(fe)), minlength=len(h))
                 top[int(e)] = max(top.get(int(e), 0.0), float(fe.max()))
-        scale = {}
-        for e, h in hist.items():
-            n = h.sum()
-            if n >= FORCE_OUTLIER_MIN_ATOMS:
-                b = int(np.searchsorted(np.cumsum(h), 0.5 * n))
-                scale[e] = float(10.0 ** (edges[max(b - 1, 0)] + 0.0025))
+        def median(h):
+            b = int(np.searchsorted(np.cumsum(h), 0.5 * h.sum()))
+            return float(10.0 ** (edges[max(b - 1, 0)] + 0.0025))
+
+        scale = {e: median(h) for e, h in hist.items() if h.sum() >= FORCE_OUTLIER_MIN_ATOMS}
+        every = sum(hist.values()) if hist else None
+        scale = rare_element_scales(scale, list(hist), median(every) if every is not None
+                                    and every.sum() >= FORCE_OUTLIER_MIN_ATOMS else None)
         limit = {e: FORCE_OUTLIER_RATIO_UNBALANCED * v for e, v in scale.items()}
         if not any(top[e] > limit[e] for e in limit):
             return None
