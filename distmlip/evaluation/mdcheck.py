@@ -474,22 +474,9 @@ def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: floa
         if stop_on_failure and tr["failed"] and tr["failed"][-1]:
             break
         nrun = min(interval, steps - step)
-        done = 0
-        while done < nrun:
-            # outside the try below: an error of the check (a collective's deadline) is not a
-            # blown-up configuration
-            if stop_check is not None and stop_check():
-                interrupted = True
-                break
-            part = min(piece, nrun - done)
-            try:
-                with np.errstate(all="ignore"):
-                    dyn.run(part)
-            except Exception as exc:  # blown-up configuration (e.g. non-finite positions in the neighbour list)
-                state["reason"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-                ok = False
-                break
-            done += part
+        done, interrupted, error = _run_in_pieces(dyn, nrun, piece, stop_check)
+        if error is not None:
+            state["reason"], ok = error, False
         if interrupted:
             step += done
             break
@@ -506,6 +493,26 @@ def simulate(atoms0, calc, T: float, steps: int, timestep: float, friction: floa
     if keep_frames:
         tr["frames"] = frames
     return tr, atoms
+
+
+def _run_in_pieces(dyn, n: int, piece: int, stop_check) -> tuple[int, bool, str | None]:
+    """Run ``n`` steps of the ASE dynamics ``dyn`` in pieces of ``piece`` steps, asking
+    ``stop_check`` before each (the pieces do not change the trajectory).  Returns (steps done,
+    interrupted by the check, error text of a blown-up configuration or None)."""
+    done = 0
+    while done < n:
+        # outside the try below: an error of the check (a collective's deadline) is not a
+        # blown-up configuration
+        if stop_check is not None and stop_check():
+            return done, True, None
+        part = min(piece, n - done)
+        try:
+            with np.errstate(all="ignore"):
+                dyn.run(part)
+        except Exception as exc:  # blown-up configuration (e.g. non-finite positions in the neighbour list)
+            return done, False, f"{type(exc).__name__}: {str(exc)[:120]}"
+        done += part
+    return done, False, None
 
 
 def nve_continuation(atoms, timestep: float, nve_steps: int, stop_check=None, stop_every: int = 1):
@@ -525,19 +532,9 @@ def nve_continuation(atoms, timestep: float, nve_steps: int, stop_check=None, st
         e[nve.nsteps] = (atoms.get_potential_energy() + atoms.get_kinetic_energy()) / n
 
     nve.attach(_rec, interval=1)
-    done, piece, interrupted = 0, max(1, int(stop_every)), False
-    while done < nve_steps:
-        # outside the try below: an error of the check is not a blown-up configuration
-        if stop_check is not None and stop_check():
-            interrupted = True
-            break
-        part = min(piece, nve_steps - done)
-        try:
-            with np.errstate(all="ignore"):
-                nve.run(part)
-        except Exception:
-            return None, False
-        done += part
+    _, interrupted, error = _run_in_pieces(nve, nve_steps, max(1, int(stop_every)), stop_check)
+    if error is not None:
+        return None, False
     e = np.asarray([e[k] for k in sorted(e)])
     return (e if np.all(np.isfinite(e)) else None), interrupted
 
