@@ -53,6 +53,20 @@ def test_xsf_writer_reader_exact(tmp_path, emt):
     assert r.energy == -1.25 and r.forces is None and not r.pbc.any() and r.natoms == 2
 
 
+def test_xsf_primvec_without_keyword_is_periodic(tmp_path):
+    """A PRIMVEC block without CRYSTAL/SLAB/POLYMER is a crystal to aenet (xsflib.f90: PRIMVEC
+    sets pbc); it was read as a free molecule, so a 1-atom fcc cell lost all its images (sweep 18)."""
+    body = "PRIMVEC\n0 1.8 1.8\n1.8 0 1.8\n1.8 1.8 0\nPRIMCOORD\n1 1\nCu 0 0 0 0 0 0\n"
+    (tmp_path / "bare.xsf").write_text("# total energy = -1 eV\n" + body)
+    (tmp_path / "crystal.xsf").write_text("# total energy = -1 eV\nCRYSTAL\n" + body)
+    (tmp_path / "slab.xsf").write_text("# total energy = -1 eV\nSLAB\n" + body)
+    bare, crystal, slab = (read_xsf(tmp_path / f"{n}.xsf")[0] for n in ("bare", "crystal", "slab"))
+    assert bare.pbc.all() and np.array_equal(bare.cell, crystal.cell) and np.array_equal(bare.pbc, crystal.pbc)
+    assert slab.pbc.tolist() == [True, True, False]        # a keyword still says what it says
+    convert(_cfg([tmp_path / "bare.xsf"], tmp_path / "d.h5"))
+    assert H5Dataset(tmp_path / "d.h5")[0].pbc.all()
+
+
 def test_convert_round_trip_values_equal_files(tmp_path, xsf_dir, emt):
     out = tmp_path / "d.h5"
     convert(_cfg([xsf_dir], out, reference_energies={"Cu": -0.1, "Al": -0.2, "Ni": -0.3, "Pd": -0.4,

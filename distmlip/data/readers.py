@@ -8,8 +8,8 @@ aenet XSF::
     ATOMS                          (free molecule)
     O  x y z  fx fy fz             (forces optional: 4 or 7 columns)
 
-    CRYSTAL / SLAB / POLYMER       (periodic in 3 / 2 / 1 directions)
-    PRIMVEC
+    CRYSTAL / SLAB / POLYMER       (periodic in 3 / 2 / 1 directions; a PRIMVEC block without
+    PRIMVEC                         any of them: periodic in 3, as aenet reads it)
       a1x a1y a1z
       ...
     PRIMCOORD
@@ -87,6 +87,7 @@ def read_xsf(path, text: str | None = None) -> list[Structure]:
     energy = float("nan")
     mode = None
     pbc = (False, False, False)
+    pbc_keyword = False          # CRYSTAL / SLAB / POLYMER / MOLECULE seen
     cell = np.zeros((3, 3))
     atom_lines: list[tuple[int, list[str]]] = []
     i = 0
@@ -114,6 +115,7 @@ def read_xsf(path, text: str | None = None) -> list[Structure]:
                              "convert it to extended XYZ")
         if key in _PBC_KEYWORDS:
             pbc = _PBC_KEYWORDS[key]
+            pbc_keyword = True
             mode = "periodic" if any(pbc) else None
             continue
         if key == "ATOMS":
@@ -144,6 +146,13 @@ def read_xsf(path, text: str | None = None) -> list[Structure]:
                 vecs.append(_floats(parts, path, i, "cell"))
             if key == "PRIMVEC":
                 cell = np.array(vecs, dtype=np.float64)
+                if not pbc_keyword:
+                    # aenet's reader (xsflib.f90) makes any structure with a PRIMVEC block periodic
+                    # in all three directions, keyword or not, and files without CRYSTAL exist
+                    # (hand-written, other tools); read as a molecule, such a cell lost its
+                    # periodic images silently (a 1-atom fcc cell became one free atom)
+                    pbc = (True, True, True)
+                    mode = "periodic"
             continue
         if key == "PRIMCOORD":
             mode = "periodic" if mode is None and not any(pbc) else mode
