@@ -203,6 +203,15 @@ def test_stress_validation_names_field(tmp_path):
     s.cell = np.zeros((3, 3))
     with pytest.raises(InputError, match=r"field 'stress': stress on a non-periodic structure"):
         validate([s])
+    # a slab whose vacuum vector is zero: no volume to divide the virial by, so the model's
+    # stress is 0 and the label was trained and evaluated against it (sweep 18)
+    s.cell = a.cell[:].copy()
+    s.cell[2] = 0.0
+    s.pbc = np.array([True, True, False])
+    with pytest.raises(InputError, match=r"field 'stress': stress on a structure whose cell has no volume"):
+        validate([s])
+    s.cell[2] = [0.0, 0.0, 20.0]                              # the same slab with its vacuum vector
+    assert validate([s])[0] == [s]
 
 
 def test_version_1_files_read_without_stress(tmp_path):

@@ -162,6 +162,13 @@ def check_structure(s: Structure, min_distance: float = DEFAULT_MIN_DISTANCE) ->
         if not vol > 1e-8 * scale or vol < 1e-6:
             probs.append(("cell", f"zero volume of the periodic cell under pbc={pbc.tolist()}"))
             return probs
+        if s.stress is not None and not pbc.all() and not abs(np.linalg.det(cell)) > 1e-8 * float(np.abs(cell).max()) ** 3:
+            # a stress is the virial over the cell volume: a slab or wire whose non-periodic cell
+            # vectors are zero has none, so the model predicts no stress for it (zero) and the
+            # label was compared with that zero in training and evaluate, silently
+            probs.append(("stress", f"stress on a structure whose cell has no volume (pbc={pbc.tolist()}, a "
+                                    "non-periodic cell vector is zero or dependent): give the cell the "
+                                    "stress was computed with"))
     if min_distance and min_distance > 0 and np.all(np.isfinite(pos)):
         d, i, j = min_interatomic_distance(s, min_distance)
         if d < min_distance:
