@@ -72,6 +72,34 @@ def test_calculator_molecule_and_translation_invariance(emt_model):
     assert np.isclose(m.get_potential_energy(), e0, atol=1e-10)
 
 
+def test_calculator_mixed_periodicity_and_its_stress(emt_model):
+    """A wire periodic along z, with its atoms across the cell boundary, equals the same wire in a
+    box wider than the cutoff; the stress of a wire with zero non-periodic cell vectors (no volume)
+    is refused saying why (sweep 18: ASE's bare "stress not present in this calculation")."""
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    w = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
+    w.symbols[0] = "Au"
+    w.positions += np.random.default_rng(4).normal(0, 0.05, w.positions.shape)
+    w.positions[:, 2] += 2.5
+    w.set_cell([[20, 0, 0], [0, 20, 0], [0, 0, 3.61]])
+    w.pbc = [False, False, True]
+    w.calc = DistmlipCalculator(emt_model)
+    box = w.copy()
+    box.pbc = True
+    box.set_cell([[30, 0, 0], [0, 30, 0], [0, 0, 3.61]])
+    box.calc = w.calc
+    assert abs(w.get_potential_energy() - box.get_potential_energy()) < 1e-10
+    assert np.abs(w.get_forces() - box.get_forces()).max() < 1e-10
+    assert np.abs(w.get_stress() * w.get_volume() - box.get_stress() * box.get_volume()).max() < 1e-10
+    z = w.copy()
+    z.set_cell([[0, 0, 0], [0, 0, 0], [0, 0, 3.61]])
+    z.calc = w.calc
+    assert abs(z.get_potential_energy() - w.get_potential_energy()) < 1e-10
+    with pytest.raises(PropertyNotImplementedError, match="no stress for .*cell has no volume"):
+        z.get_stress()
+
+
 def test_calculator_refuses_empty_and_non_finite(emt_model):
     """Coincident atoms (ZBL's 1/r) give an error naming the pair, not E = inf and NaN forces
     that an optimiser or MD would carry on; an empty structure says so."""

@@ -1,8 +1,9 @@
 """ASE calculator on a saved distmlip model or committee: energy and forces (autograd),
 molecules and periodic systems of any cell shape; the stress of periodic systems (eV/A^3, ASE's
 Voigt order and sign; ``BPNN.energy_forces_stress``), so that cell relaxations
-(``FrechetCellFilter``) and NPT dynamics run.  A structure without a periodic direction has no
-stress (ASE raises PropertyNotImplementedError).
+(``FrechetCellFilter``) and NPT dynamics run.  A structure without a periodic direction, or a slab
+or wire whose non-periodic cell vectors are zero (no volume), has no stress (ASE's
+PropertyNotImplementedError).
 
     from distmlip.calculator import DistmlipCalculator
     atoms.calc = DistmlipCalculator("run/model.pt")          # one model
@@ -68,6 +69,13 @@ class DistmlipCalculator(Calculator):
         s = Structure(numbers=np.asarray(a.numbers), positions=np.asarray(a.positions, dtype=np.float64),
                       cell=cell, pbc=np.asarray(a.pbc, dtype=bool))
         want_stress = "stress" in properties and bool(np.any(a.pbc)) and abs(np.linalg.det(cell)) > 0
+        if "stress" in properties and np.any(a.pbc) and not want_stress:
+            # a slab or wire whose non-periodic cell vectors are zero has no volume for the virial;
+            # ASE's own message ("stress not present in this calculation") did not say why
+            from ase.calculators.calculator import PropertyNotImplementedError
+            raise PropertyNotImplementedError(
+                f"calculator: no stress for {a.get_chemical_formula()} (pbc {a.pbc.tolist()}): its cell has no "
+                "volume (a non-periodic cell vector is zero); give that direction a vacuum vector")
         Es, Fs, eas, Ss = [], [], [], []
         batch = species = cutoff = None
         for m in self.models:
