@@ -106,7 +106,15 @@ raise SystemExit("not reached")
 def test_placement_from_environment():
     """launch.placement: the one reader of the launchers' variables (logging, error messages)."""
     assert L.placement({}) == ("none", 0, 1, 0, 1)
-    assert L.placement({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}) == ("none", 0, 1, 0, 1)  # batch script
+    assert L.placement({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) == ("none", 0, 1, 0, 1)  # batch script
+    # a batch script is task 0: task 2 is a task of an srun step whose step variables did not
+    # come through (a wrapper or container passing on some variables); it ran alone (sweep 19)
+    assert L.placement({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}) == ("mpi", 2, 4, 0, 4)
+    assert L.placement({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "cn1"}) == ("mpi", 0, 2, 0, 2)
+    with pytest.raises(L.DistributedError, match="disagree: rank 2 in a job of 2"):   # a task too many
+        L.placement({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "2"}, strict=True)
+    with pytest.raises(L.DistributedError, match="disagree: RANK=2"):
+        L.placement({"RANK": "2", "WORLD_SIZE": "2"}, strict=True)
     assert L.placement({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3",
                         "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == ("mpi", 3, 4, 1, 2)
     assert L.placement({"SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
@@ -133,6 +141,16 @@ def test_detect_launcher():
     assert L.detect_launcher({"OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"
     assert L.detect_launcher({"PMI_SIZE": "2", "PMI_RANK": "1"}) == "mpi"
     assert L.detect_launcher({"PMIX_RANK": "0"}) == "mpi"
+    # srun's step variables without SLURM_STEP_NUM_TASKS, or a task number only a step has
+    for step in ({"SLURM_STEP_ID": "0"}, {"SLURM_STEPID": "3"}, {"SLURM_STEP_NODELIST": "cn[1-2]"}):
+        assert L.detect_launcher({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", **step}) == "mpi", step
+    assert L.detect_launcher({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}) == "mpi"
+    assert L.detect_launcher({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_NODELIST": "cn1",
+                              "SLURM_JOB_ID": "7", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}) == "none"  # batch
+    # PMIx without a server to talk to: MPI_Init cannot work (Open MPI segfaulted), mpirun's has one
+    assert L.pmix_without_server({"PMIX_RANK": "1", "PMIX_SIZE": "2"})
+    assert not L.pmix_without_server({"PMIX_RANK": "1", "PMIX_SERVER_URI41": "prterun-vm-1@0.0;tcp4://127.0.0.1:1"})
+    assert not L.pmix_without_server({"OMPI_COMM_WORLD_RANK": "0"})
     assert L.detect_launcher({"RANK": "0", "WORLD_SIZE": "2"}) == "torchrun"
 
 

@@ -107,6 +107,57 @@ def test_start_from_torchrun_style_environment():
     check_groups(results(text, kind="mode_groups"))   # no MPI: objects travel over torch groups
 
 
+def _step_env(rank, size, kind, **extra):
+    """The environment a Slurm step gives task ``rank`` (no mpirun, no OMPI_* variables):
+    'slurm' = srun's variables, 'pmix' = those of srun --mpi=pmix (without the PMIx server srun
+    would run), 'partial' = SLURM_PROCID/SLURM_NTASKS and the step's node list only."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_", "PRTE", "MASTER_", "RANK", "WORLD_SIZE"))}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DISTMLIP_DIST_TIMEOUT="60")
+    base = dict(SLURM_PROCID=str(rank), SLURM_NTASKS=str(size), SLURM_LOCALID=str(rank), SLURM_NODEID="0",
+                SLURM_JOB_ID=str(os.getpid()), SLURM_STEP_NODELIST="localhost", SLURM_NODELIST="localhost")
+    if kind == "slurm":
+        env.update(base, SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS=str(size), SLURM_STEP_TASKS_PER_NODE=str(size))
+    elif kind == "partial":
+        env.update(base)
+    elif kind == "pmix":     # srun --mpi=pmix sets both kinds of variables
+        env.update(base, SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS=str(size), PMIX_RANK=str(rank),
+                   PMIX_SIZE=str(size), PMIX_NAMESPACE=f"slurm.pmix.{os.getpid()}.0")
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("kind", ["slurm", "partial", "pmix"])
+def test_start_from_a_slurm_step_without_mpirun(kind):
+    """Two tasks started as srun starts them, mpi4py importable but no PMI for it: Open MPI then
+    made each task a world of one, and each trained alone as "rank 0 of 1" (SLURM_PROCID > 0
+    without SLURM_STEP_NUM_TASKS was not even taken for a task of a step); with PMIX_RANK and no
+    PMIx server MPI_Init segfaulted.  Now the tasks meet through the launcher's variables."""
+    procs = [subprocess.Popen([sys.executable, SCRIPT, "info", "groups"], env=_step_env(r, 2, kind),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    text = outs[0][0] + "\n" + outs[1][0]
+    check_info(results(text, kind="mode_info"), "mpi-env")
+    check_groups(results(text, kind="mode_groups"))
+
+
+@pytest.mark.parametrize("missing", [0, 1])
+def test_slurm_step_task_that_never_comes_is_a_clear_error_within_the_timeout(missing):
+    """SLURM_STEP_NUM_TASKS=2 but one task started: the other ends after DISTMLIP_DIST_TIMEOUT
+    with an error naming the rendezvous and the variable that promised a partner (it was a torch
+    traceback, 'wait timeout after 10000ms, keys: /0//cpu//0/1')."""
+    rank = 1 - missing
+    t0 = time.time()
+    res = subprocess.run([sys.executable, SCRIPT, "info"], capture_output=True, text=True, timeout=120,
+                         env=_step_env(rank, 2, "slurm", DISTMLIP_DIST_TIMEOUT="4"))
+    elapsed = time.time() - t0
+    assert res.returncode != 0 and "RESULT" not in res.stdout, res.stdout
+    want = "not every rank joined the rendezvous" if rank == 0 else "no rendezvous with rank 0"
+    assert want in res.stderr and "SLURM_STEP_NUM_TASKS=2" in res.stderr, res.stderr[-3000:]
+    assert elapsed < 60, elapsed
+
+
 def test_mpi_only_context_four_ranks():
     """The context of convert/augment: no torch process group, object collectives and barriers over
     MPI, a barrier that sleeps, rank groups with their own stop check, the environment's rank equal

@@ -326,11 +326,12 @@ def init_distributed(device: str = "auto", torch_group: bool = True) -> DistCont
         if launcher == "mpi" and single_rank_mpi():
             launcher = "none"       # one rank: the world of one, without MPI_Init's start-up cost
         ctx = DistContext(timeout_s=rendezvous.timeout_seconds())
-        if launcher == "mpi" and use_mpi4py() and rendezvous.import_mpi4py():
-            rendezvous.init_mpi(ctx, device)
+        if launcher == "mpi" and use_mpi4py() and rendezvous.import_mpi4py() and rendezvous.init_mpi(ctx, device):
             if torch_group and _torch_group_needed(ctx):
                 rendezvous.connect_mpi(ctx)
         elif launcher in ("mpi", "torchrun"):
+            # no mpi4py, torchrun, or an MPI that does not see the launcher's other tasks (init_mpi
+            # returned False): the launcher's variables and a TCPStore rendezvous
             rendezvous.init_env(ctx, device)
         else:
             ctx.device = rendezvous.choose_device(device, 0, 1, None)

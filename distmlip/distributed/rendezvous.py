@@ -40,7 +40,7 @@ import torch
 
 from ..errors import DistmlipError
 from ..errors import DistributedError
-from ..utils.launch import placement
+from ..utils.launch import placement, pmix_without_server, size_source
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -210,6 +210,12 @@ def _make_store(ctx, is_master_picks_port: bool):
 # ---------------------------------------------------------------------------------------- MPI
 def import_mpi4py() -> bool:
     """Import mpi4py (this is where MPI_Init happens); False, with a note on stderr, if unusable."""
+    if pmix_without_server():
+        # Open MPI's MPI_Init looks for the PMIx server of PMIX_RANK and, finding none, one task
+        # died of a segfault and the other exited 14 with "help file not found" text (sweep 19)
+        sys.stderr.write("distmlip: PMIX_RANK is set but no PMIx server address (PMIX_SERVER_URI*) is: "
+                         "MPI cannot start here; using the launcher's environment variables\n")
+        return False
     try:
         import mpi4py
 
@@ -222,14 +228,29 @@ def import_mpi4py() -> bool:
         return False
 
 
-def init_mpi(ctx, device: str) -> None:
+def init_mpi(ctx, device: str) -> bool:
     """Fill ``ctx`` from ``MPI.COMM_WORLD``: rank, size, node-local rank, number of nodes, the
     communicator and the device (agreed on by every rank).  Collective over COMM_WORLD; starts no
-    torch process group (see :func:`connect_mpi`)."""
+    torch process group (see :func:`connect_mpi`).
+
+    Returns False, leaving ``ctx`` untouched, when MPI sees a world of one while the launcher says
+    it started several tasks: an MPI that cannot talk to this launcher (``srun`` without a PMI
+    plugin this MPI understands, e.g. Open MPI from PyPI under ``srun --mpi=none``) initialises
+    each task as a singleton.  Each would then train alone on the whole data set as "rank 0 of
+    1", writing the same output, and the log (printed by the launcher's rank 0 only) would not
+    say so (sweep 19).  The caller meets through the launcher's variables instead (``init_env``),
+    as it does without mpi4py."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    launched = placement()
+    if size == 1 and launched.world_size > 1:
+        sys.stderr.write(f"distmlip: rank {launched.rank}: MPI sees one process but the launcher started "
+                         f"{launched.world_size} ({size_source()}): this MPI is not wired to the launcher "
+                         f"(srun needs --mpi=pmix or pmi2 for this MPI); meeting through the launcher's "
+                         f"environment variables instead\n")
+        return False
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = local.Get_rank(), local.Get_size()
     # number of nodes: one leader (local rank 0) per node
@@ -252,6 +273,7 @@ def init_mpi(ctx, device: str) -> None:
         raise DistributedError(f"ranks disagree on the device type ({', '.join(kinds)}): some nodes "
                                f"have no usable GPU; choose --device cpu or cuda explicitly")
     ctx.is_distributed = size > 1
+    return True
 
 
 def _private_dir() -> str:
@@ -395,9 +417,54 @@ def init_env(ctx, device: str) -> None:
     ctx.master_addr, ctx.master_port = addr, int(port)
     import torch.distributed as dist
 
+    # torch's own errors here ("wait timeout after 10000ms, keys: /0//cpu//0/1", "The client
+    # socket has timed out ...") came as tracebacks that named neither the missing rank nor why
+    # it was expected (sweep 19): a task that never came, a launcher variable that says more
+    # tasks than were started, or a port taken by another job on the node.
     timeout = datetime.timedelta(seconds=ctx.timeout_s)
-    if rank == 0:
-        store = dist.TCPStore(addr, ctx.master_port, size, True, timeout=timeout, wait_for_workers=False)
-    else:
-        store = dist.TCPStore(addr, ctx.master_port, size, False, timeout=timeout)
-    _init_process_group(ctx, store)
+    at, expected = f"{addr}:{ctx.master_port}", f"{size} ranks expected from {size_source()}"
+    # under torchrun the agent already serves the store at MASTER_PORT: rank 0 is a client too
+    # (a server of its own failed to bind, and torch printed that as an error before going on)
+    agent_store = where.launcher == "torchrun" and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        if rank == 0 and not agent_store:
+            store = dist.TCPStore(addr, ctx.master_port, size, True, timeout=timeout, wait_for_workers=False)
+        else:
+            store = dist.TCPStore(addr, ctx.master_port, size, False, timeout=timeout)
+    except (RuntimeError, OSError) as exc:
+        if rank == 0:
+            raise DistributedError(
+                f"rank 0 ({ctx.hostname}) could not open the rendezvous at {at} ({_first_line(exc)}): "
+                f"the port is taken, e.g. by another job on this node; give this job its own "
+                f"MASTER_PORT (or DISTMLIP_MASTER_PORT)") from None
+        raise DistributedError(
+            f"rank {rank} ({ctx.hostname}): no rendezvous with rank 0 at {at} within {ctx.timeout_s:.0f} s "
+            f"(DISTMLIP_DIST_TIMEOUT; {expected}): rank 0 was not started, failed before opening "
+            f"it, or listens elsewhere ({_first_line(exc)})") from None
+    try:
+        # the keys live under the job's identity: a rank of another job that reaches this port
+        # (two jobs given the same MASTER_PORT) waits for its own partners instead of joining
+        _init_process_group(ctx, dist.PrefixStore(f"distmlip/{_job_identity(size)}/", store))
+    except RuntimeError as exc:
+        text = str(exc).lower()
+        if "timeout" not in text and "timed out" not in text:
+            raise
+        raise DistributedError(
+            f"rank {rank} ({ctx.hostname}): not every rank joined the rendezvous at {at} within "
+            f"{ctx.timeout_s:.0f} s (DISTMLIP_DIST_TIMEOUT; {expected}): the launcher started fewer "
+            f"processes than its variables say, or one failed at start-up ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _job_identity(size: int) -> str:
+    """What the launcher says about this job (job and step ids, the PMIx namespace, the size): a
+    job started without MPI has no channel for a random secret, but two jobs whose identities
+    differ never read each other's keys even where they reach one store."""
+    env = os.environ
+    keys = ("SLURM_JOB_ID", "SLURM_STEP_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "PBS_JOBID",
+            "TORCHELASTIC_RUN_ID")
+    return f"{zlib.crc32('|'.join(env.get(k, '') for k in keys).encode()):08x}-{size}"

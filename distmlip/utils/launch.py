@@ -25,6 +25,12 @@ from ..errors import DistributedError
 _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE",
                   "MPI_LOCALNRANKS", "SLURM_STEP_NUM_TASKS")
 _MPI_MARKER_VARS = _MPI_SIZE_VARS + ("PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+# Set by srun for the tasks of a job step and never in the batch script itself (Slurm exports no
+# step id for the batch step, whose id is negative as an int).  With SLURM_PROCID they mark a task
+# of an srun step even where SLURM_STEP_NUM_TASKS did not come through (a container or wrapper
+# that passes on only some of the variables): such tasks counted as plain processes and each
+# trained alone as "rank 0 of 1" on the whole data set (sweep 19).
+_SLURM_STEP_VARS = ("SLURM_STEP_NUM_TASKS", "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NODELIST")
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
 _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE",
               "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
@@ -63,11 +69,28 @@ def _env_int(names: Iterable[str], default: Optional[int] = None,
 def detect_launcher(environ: Optional[Mapping[str, str]] = None) -> str:
     """'mpi' when started by an MPI launcher, 'torchrun' for RANK/WORLD_SIZE env, else 'none'."""
     env = os.environ if environ is None else environ
-    if any(env.get(v) for v in _MPI_MARKER_VARS):
+    if any(env.get(v) for v in _MPI_MARKER_VARS) or _slurm_step_task(env):
         return "mpi"
     if env.get("RANK") is not None and env.get("WORLD_SIZE") is not None:
         return "torchrun"
     return "none"
+
+
+def _slurm_step_task(env: Mapping[str, str]) -> bool:
+    """True for a task of an srun step: SLURM_PROCID with a step variable, or SLURM_PROCID > 0
+    (a batch script is always task 0 of its job)."""
+    procid = (env.get("SLURM_PROCID") or "").strip()
+    if not procid:
+        return False
+    return any(env.get(v) for v in _SLURM_STEP_VARS) or (procid.isdigit() and int(procid) > 0)
+
+
+def size_source(environ: Optional[Mapping[str, str]] = None) -> str:
+    """The variable the job size was read from and its value, e.g. 'SLURM_STEP_NUM_TASKS=4'
+    (for messages that say why this process expects partners)."""
+    env = os.environ if environ is None else environ
+    names = ("WORLD_SIZE",) + _SIZE_VARS if detect_launcher(env) == "torchrun" else _SIZE_VARS
+    return next((f"{n}={env[n]}" for n in names if env.get(n)), "no job-size variable")
 
 
 def placement(environ: Optional[Mapping[str, str]] = None, *, strict: bool = False) -> Placement:
@@ -80,11 +103,17 @@ def placement(environ: Optional[Mapping[str, str]] = None, *, strict: bool = Fal
     launcher = detect_launcher(env)
     if launcher == "torchrun":
         rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        if strict and not 0 <= rank < size:
+            raise DistributedError(f"the launcher's variables disagree: RANK={rank} in a job of "
+                                   f"WORLD_SIZE={size}")
         return Placement(launcher, rank, size, int(env.get("LOCAL_RANK", "0")),
                          int(env.get("LOCAL_WORLD_SIZE", str(size))))
     if launcher == "mpi":
         rank, size = _env_int(_RANK_VARS, environ=env), _env_int(_SIZE_VARS, environ=env)
         if rank is not None and size is not None:
+            if strict and not 0 <= rank < size:
+                raise DistributedError(f"the launcher's variables disagree: rank {rank} in a job of {size} "
+                                       f"({size_source(env)})")
             return Placement(launcher, rank, size, _env_int(_LOCAL_RANK_VARS, 0, environ=env),
                              _env_int(_LOCAL_SIZE_VARS, size, environ=env))
         if strict:
@@ -103,6 +132,15 @@ def single_rank_mpi(environ: Optional[Mapping[str, str]] = None) -> bool:
     size = _env_int(("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE",
                      "SLURM_STEP_NUM_TASKS"), environ=env)
     return size == 1
+
+
+def pmix_without_server(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """True when PMIX_RANK says a PMIx launcher started this process but no PMIx server address
+    (PMIX_SERVER_URI2, ...3, ...4, ...) came with it, so that MPI_Init has nothing to connect to.
+    Every PMIx server (mpirun's, srun --mpi=pmix's) gives its tasks those addresses; a rank
+    variable without them was passed on by something else (a wrapper, a container's env list)."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("PMIX_RANK")) and not any(k.startswith("PMIX_SERVER_URI") and env[k] for k in env)
 
 
 def use_mpi4py(environ: Optional[Mapping[str, str]] = None) -> bool:
