@@ -158,6 +158,39 @@ def test_slurm_step_task_that_never_comes_is_a_clear_error_within_the_timeout(mi
     assert elapsed < 60, elapsed
 
 
+def test_two_slurm_steps_of_one_identity_on_a_node(tmp_path):
+    """Two steps of one job whose step ids were not passed on meet at one port: the second job's
+    rank 0 cannot open it and its rank 1 reaches the first job's store.  Both end at once with
+    errors that say so (rank 1 joined the running job and died after the timeout with gloo's
+    'Connection reset by peer'), and the first job goes on undisturbed."""
+    env = lambda r: _step_env(r, 2, "partial", SLURM_JOB_ID="777", DISTMLIP_DIST_TIMEOUT="30")  # noqa: E731
+    first = [subprocess.Popen([sys.executable, SCRIPT, "stop", str(tmp_path), "-1"], env=env(r),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        deadline = time.time() + 90
+        while not all((tmp_path / f"pid.{r}").exists() for r in range(2)) and time.time() < deadline:
+            assert all(p.poll() is None for p in first), [p.communicate() for p in first]
+            time.sleep(0.05)
+        t0 = time.time()
+        second = [subprocess.Popen([sys.executable, SCRIPT, "info"], env=env(r), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for r in range(2)]
+        outs = [p.communicate(timeout=120) for p in second]
+        assert time.time() - t0 < 25, outs
+        assert all(p.returncode != 0 for p in second) and not any("RESULT" in o for o, _ in outs), outs
+        assert "could not open the rendezvous" in outs[0][1] and "MASTER_PORT" in outs[0][1], outs[0][1][-2000:]
+        assert "already has its 2 ranks" in outs[1][1], outs[1][1][-2000:]
+        assert all(p.poll() is None for p in first)      # the first job still runs
+        os.kill(int((tmp_path / "pid.0").read_text()), signal.SIGUSR1)
+        res = [p.communicate(timeout=120) for p in first]
+        assert all(p.returncode == 0 for p in first), res
+        rows = results(res[0][0] + "\n" + res[1][0])
+        assert rows[0]["stopped_at"] is not None and rows[0]["stopped_at"] == rows[1]["stopped_at"]
+    finally:
+        for p in first:
+            if p.poll() is None:
+                p.kill()
+
+
 def test_mpi_only_context_four_ranks():
     """The context of convert/augment: no torch process group, object collectives and barriers over
     MPI, a barrier that sleeps, rank groups with their own stop check, the environment's rank equal

@@ -441,10 +441,19 @@ def init_env(ctx, device: str) -> None:
             f"rank {rank} ({ctx.hostname}): no rendezvous with rank 0 at {at} within {ctx.timeout_s:.0f} s "
             f"(DISTMLIP_DIST_TIMEOUT; {expected}): rank 0 was not started, failed before opening "
             f"it, or listens elsewhere ({_first_line(exc)})") from None
+    # the keys live under the job's identity: a rank of another job that reaches this port (two
+    # jobs given the same MASTER_PORT) waits for its own partners instead of joining this group
+    store = dist.PrefixStore(f"distmlip/{_job_identity(size)}/", store)
+    # A job whose identity is the same (two steps of one Slurm job whose step ids were not passed
+    # on) would join the running one: one rank more than the job's size counts itself in here.
+    # Its rank 1 ended after the timeout with gloo's "Connection reset by peer ... GLHF!" (sweep 19).
+    if store.add("joined", 1) > size:
+        raise DistributedError(
+            f"rank {rank} ({ctx.hostname}): the rendezvous at {at} already has its {size} ranks: it belongs to "
+            f"another job of the same identity (the same job and step ids, or the same MASTER_PORT) on this "
+            f"node; give each job its own MASTER_PORT (or DISTMLIP_MASTER_PORT)")
     try:
-        # the keys live under the job's identity: a rank of another job that reaches this port
-        # (two jobs given the same MASTER_PORT) waits for its own partners instead of joining
-        _init_process_group(ctx, dist.PrefixStore(f"distmlip/{_job_identity(size)}/", store))
+        _init_process_group(ctx, store)
     except RuntimeError as exc:
         text = str(exc).lower()
         if "timeout" not in text and "timed out" not in text:
@@ -466,5 +475,5 @@ def _job_identity(size: int) -> str:
     differ never read each other's keys even where they reach one store."""
     env = os.environ
     keys = ("SLURM_JOB_ID", "SLURM_STEP_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "PBS_JOBID",
-            "TORCHELASTIC_RUN_ID")
+            "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")   # torchrun keeps its store over restarts
     return f"{zlib.crc32('|'.join(env.get(k, '') for k in keys).encode()):08x}-{size}"
