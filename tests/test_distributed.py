@@ -147,6 +147,11 @@ def test_detect_launcher():
     assert L.detect_launcher({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}) == "mpi"
     assert L.detect_launcher({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_NODELIST": "cn1",
                               "SLURM_JOB_ID": "7", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}) == "none"  # batch
+    # a job of one: no MPI needed, unless a rank above 0 says the variables contradict each other
+    assert L.single_rank_mpi({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"})
+    assert not L.single_rank_mpi({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "1"})
+    with pytest.raises(L.DistributedError, match="disagree: rank 1 in a job of 1"):
+        L.placement({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "1"}, strict=True)
     # PMIx without a server to talk to: MPI_Init cannot work (Open MPI segfaulted), mpirun's has one
     assert L.pmix_without_server({"PMIX_RANK": "1", "PMIX_SIZE": "2"})
     assert not L.pmix_without_server({"PMIX_RANK": "1", "PMIX_SERVER_URI41": "prterun-vm-1@0.0;tcp4://127.0.0.1:1"})

@@ -245,7 +245,7 @@ def init_mpi(ctx, device: str) -> bool:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     launched = placement()
-    if size == 1 and launched.world_size > 1:
+    if size == 1 and (launched.world_size > 1 or launched.rank != 0):
         sys.stderr.write(f"distmlip: rank {launched.rank}: MPI sees one process but the launcher started "
                          f"{launched.world_size} ({size_source()}): this MPI is not wired to the launcher "
                          f"(srun needs --mpi=pmix or pmi2 for this MPI); meeting through the launcher's "

@@ -131,7 +131,9 @@ def single_rank_mpi(environ: Optional[Mapping[str, str]] = None) -> bool:
     env = os.environ if environ is None else environ
     size = _env_int(("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE",
                      "SLURM_STEP_NUM_TASKS"), environ=env)
-    return size == 1
+    # a rank above 0 in a job of one is a contradiction the start-up must report, not a world of
+    # one: a second task started beside it would train alone too (sweep 19)
+    return size == 1 and not _env_int(_RANK_VARS, 0, environ=env)
 
 
 def pmix_without_server(environ: Optional[Mapping[str, str]] = None) -> bool:
