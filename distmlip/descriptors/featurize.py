@@ -236,6 +236,10 @@ class FeatureCache:
         budget = self.max_chunks if max_bytes is None else \
             min(self.max_chunks, int(max_bytes) // (self.CHUNK_ROWS * max(self.dim, 1) * 8))
         ids = self._chunk_ids(idx)
+        if self._pinned is not None:        # pinned by an earlier call: in memory, and off the budget
+            ids = ids[self._pinned[0][ids] < 0]
+            if not len(ids):
+                return True
         if len(ids) > budget:
             return False
         with self._lock:
