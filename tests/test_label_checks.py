@@ -16,7 +16,7 @@ from distmlip.data.convert import ConvertConfig, convert
 from distmlip.data.examples import rattled_cu_au
 from distmlip.data.h5store import write_dataset
 from distmlip.descriptors.spec import DescriptorSpec
-from distmlip.errors import ConfigError
+from distmlip.errors import ConfigError, InputError
 from distmlip.models.ann import FEATURE_STD_FLOOR
 from distmlip.training.config import DataConfig, DescriptorConfig, ModelConfig, TrainConfig, TrainingConfig
 from distmlip.training.trainer import Trainer
@@ -42,6 +42,24 @@ def test_stress_weight_without_stresses_is_an_error(tmp_path, emt_h5):
     # rattled_cu_au carries energies and forces, no stress
     with pytest.raises(ConfigError, match=r"training.beta: 0.1 .*none of the \d+ training structures .*stress"):
         Trainer(_cfg(emt_h5, tmp_path / "run", mode="force", beta=0.1), quiet=True)
+
+
+def test_stress_on_a_cell_without_volume_in_an_older_data_set_is_an_error(tmp_path):
+    """Data sets converted before convert refused them can hold stress labels on slabs stored with
+    a zero vacuum vector: the model predicts no stress there and training compared the label with
+    that zero, silently (sweep 18: S MAE 0.49 GPa, exit 0)."""
+    structs = [dataclasses.replace(s, stress=np.diag([0.01, 0.02, 0.03])) for s in rattled_cu_au(12)]
+    for k in (2, 5):
+        cell = np.array(structs[k].cell, dtype=np.float64)
+        cell[2] = 0.0
+        structs[k] = dataclasses.replace(structs[k], cell=cell, pbc=np.array([True, True, False]))
+    write_dataset(tmp_path / "old.h5", structs)                 # written directly, as an older convert did
+    c = _cfg(tmp_path / "old.h5", tmp_path / "run", mode="force", beta=0.1, fractions=(1.0, 0.0, 0.0))
+    with pytest.raises(InputError, match=r"structure\(s\) 2 \(.*\), 5 \(.*field 'stress': a stress on a cell "
+                                         r"without volume"):
+        Trainer(c, quiet=True)
+    Trainer(_cfg(tmp_path / "old.h5", tmp_path / "run0", mode="force", beta=0.0, fractions=(1.0, 0.0, 0.0)),
+            quiet=True)                                         # without a stress term nothing reads them
 
 
 def test_empty_validation_split_warns(tmp_path, capsys):

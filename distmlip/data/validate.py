@@ -162,7 +162,7 @@ def check_structure(s: Structure, min_distance: float = DEFAULT_MIN_DISTANCE) ->
         if not vol > 1e-8 * scale or vol < 1e-6:
             probs.append(("cell", f"zero volume of the periodic cell under pbc={pbc.tolist()}"))
             return probs
-        if s.stress is not None and not pbc.all() and not abs(np.linalg.det(cell)) > 1e-8 * float(np.abs(cell).max()) ** 3:
+        if s.stress is not None and not pbc.all() and not cells_with_volume(cell[None])[0]:
             # a stress is the virial over the cell volume: a slab or wire whose non-periodic cell
             # vectors are zero has none, so the model predicts no stress for it (zero) and the
             # label was compared with that zero in training and evaluate, silently
@@ -561,6 +561,14 @@ def labels_against_model(labels, predictions) -> list[ModelRatio]:
 FORCE_OUTLIER_RATIO = 100.0
 FORCE_OUTLIER_RATIO_UNBALANCED = 20.0
 FORCE_OUTLIER_MIN_ATOMS = 20          # atoms of an element needed for its median
+
+
+def cells_with_volume(cells) -> np.ndarray:
+    """[S] bool: cells [S, 3, 3] whose volume is not zero against their size (a stress needs one:
+    the virial is divided by it; a slab or wire stored with zero non-periodic vectors has none)."""
+    c = np.asarray(cells, dtype=np.float64).reshape(-1, 3, 3)
+    size = np.abs(c).max(axis=(1, 2))
+    return np.abs(np.linalg.det(c)) > 1e-8 * size ** 3
 
 
 def rare_element_scales(scale: dict, present, overall: float | None) -> dict:

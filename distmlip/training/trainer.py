@@ -421,6 +421,7 @@ class Trainer:
                                   f"training structures of {dc.train} carries a stress (convert keeps the "
                                   f"stress of periodic frames, --stress-key; distmlip info shows it); set "
                                   f"training.beta: 0")
+            self._check_stress_cells(train_idx, val_idx)
         if not dc.validation and len(val_idx) == 0 and dc.fractions[1] > 0 and self.rank0 and not self.quiet:
             ns = len(np.unique(self.ds.subset_ids[train_idx]))
             warn(f"data.fractions {list(dc.fractions)} asks for a validation share, but the split gave no "
@@ -428,6 +429,29 @@ class Trainer:
                  f"{': the per-subset split rounds the few reference structures of each small subset whole into training' if dc.by_subset else ''}"
                  f"); the learning-rate schedule and the best model then follow the training loss.  Set "
                  f"'data.by_subset: false', raise the validation share, or give data.validation")
+
+    def _check_stress_cells(self, train_idx, val_idx) -> None:
+        """Stress labels on cells without volume (a slab or wire stored with zero non-periodic
+        vectors, in data sets converted before convert refused them): the model predicts no
+        stress there and the label would be compared with that zero, silently (sweep 18)."""
+        from ..data.validate import cells_with_volume
+
+        for ds, idx in ((self.ds, train_idx), (self.val_ds, val_idx)):
+            if ds is None or not len(idx):
+                continue
+            idx = np.asarray(idx, dtype=np.int64)
+            hs = np.asarray(ds.column("has_stress"), dtype=bool)[idx]
+            if not hs.any():
+                continue
+            idx = idx[hs]
+            bad = idx[~cells_with_volume(np.asarray(ds.column("cell"))[idx])]
+            if len(bad):
+                src, sidx = ds.column("source"), ds.column("source_index")
+                named = ", ".join(f"{int(i)} ({src[i]}, index {int(sidx[i])})" for i in bad[:5])
+                raise InputError(f"{', '.join(ds.paths)}: structure(s) {named}{' ...' if len(bad) > 5 else ''}, "
+                                 f"field 'stress': a stress on a cell without volume (a non-periodic cell vector "
+                                 f"is zero): the model predicts no stress there.  Reconvert the data with the "
+                                 f"cell the stress was computed with, or set training.beta: 0")
 
     def _setup_differences(self) -> None:
         """Pair every synthetic copy of the training (validation) split with its parent in the
