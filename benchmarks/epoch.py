@@ -15,7 +15,12 @@ epochs 2..N (the first epoch fills the caches):
 and the same for ``data.neighbor_cache_mb: 0`` (every batch prepared anew, as before).
 Targets (issue "Time to accuracy"): step share >= 80 % in force mode, >= 70 % in energy mode.
 
-Usage: python benchmarks/epoch.py [--epochs 21] [--sets ec,demo,dense] [--json out.json]
+On a GPU machine, ``--devices cpu,cuda --once`` puts the same epochs on the CPU (one thread)
+and the GPU side by side (benchmarks/gpu_check.sh runs that): what a user of ``training.device:
+cuda`` gains per epoch, not per kernel.
+
+Usage: python benchmarks/epoch.py [--epochs 21] [--sets ec,demo,dense] [--devices cpu] [--once]
+                                  [--json out.json]
 """
 from __future__ import annotations
 
@@ -83,11 +88,11 @@ def prepare(sets, work: Path) -> dict:
     return data
 
 
-def run(h5, desc, mode, epochs, work, neighbor_cache_mb) -> dict:
+def run(h5, desc, mode, epochs, work, neighbor_cache_mb, device="cpu") -> dict:
     from distmlip.training.config import load_train_config
     from distmlip.training.trainer import Trainer
 
-    out = work / f"run_{h5.stem}_{mode}_{neighbor_cache_mb}"
+    out = work / f"run_{h5.stem}_{mode}_{neighbor_cache_mb}_{device}"
     y = work / "c.yaml"
     d = ", ".join(f"{k}: {v}" for k, v in desc.items())
     cache = "on" if mode == "energy" else "off"
@@ -96,7 +101,7 @@ data: {{train: [{h5}], fractions: [0.9, 0.1, 0.0], neighbor_cache_mb: {neighbor_
 descriptor: {{{d}, cache: {cache}, cache_file: {work / (h5.stem + '.desc.h5')}}}
 model: {{hidden: [10, 10]}}
 training: {{mode: {mode}, epochs: {epochs}, batch_structures: 32, batch_atoms: 1000000, output: {out},
-           progress_bar: 'off'}}
+           progress_bar: 'off', device: {device}}}
 """)
     snap = {}
 
@@ -124,33 +129,48 @@ def main() -> int:
     # spreads them over hundreds)
     ap.add_argument("--epochs", type=int, default=21)
     ap.add_argument("--sets", default="ec,demo,dense")
+    ap.add_argument("--devices", default="cpu", help="training.device values to alternate, e.g. cpu,cuda")
+    ap.add_argument("--once", action="store_true",
+                    help="only the prepared-once data path, once per device (the GPU check's short form)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    devices = args.devices.split(",")
     work = Path(tempfile.mkdtemp(prefix="distmlip-epoch-"))
     data = prepare(args.sets.split(","), work)
     rows = []
     print(f"# one rank, one thread, batches of 32 structures, epochs 2..{args.epochs}; load {os.getloadavg()[0]:.1f}")
-    print("| set | mode | data path | step % | collate % | reduce % | val % | other % | epoch ms | step ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| set | mode | data path | device | step % | collate % | reduce % | val % | other % | epoch ms | step ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (h5, desc) in data.items():
         for mode in ("force", "energy"):
             # alternate: prepared once (now) and prepared every batch (before), twice each
-            for label, mb in (("prepared once", 2048), ("every batch", 0), ("prepared once", 2048), ("every batch", 0)):
+            plan = (("prepared once", 2048),) if args.once else \
+                (("prepared once", 2048), ("every batch", 0), ("prepared once", 2048), ("every batch", 0))
+            for (label, mb), device in ((p, d) for p in plan for d in devices):
                 if mode == "energy" and mb == 0:
                     continue          # energy mode reads cached descriptors either way
-                r = run(h5, desc, mode, args.epochs, work, mb)
-                rows.append({"set": name, "mode": mode, "path": label, **r})
-                print(f"| {name} | {mode} | {label} | {r['compute']:.1f} | {r['collate']:.1f} | {r['reduce']:.1f} | "
+                r = run(h5, desc, mode, args.epochs, work, mb, device)
+                rows.append({"set": name, "mode": mode, "path": label, "device": device, **r})
+                print(f"| {name} | {mode} | {label} | {device} | {r['compute']:.1f} | {r['collate']:.1f} | {r['reduce']:.1f} | "
                       f"{r['validation']:.1f} | {r['other']:.1f} | {r['epoch_ms']:.1f} | {r['step_ms']:.2f} |",
                       flush=True)
     print("targets: step share >= 80 % (force), >= 70 % (energy, cached descriptors)")
     for name in data:
         for mode, target in (("force", 80.0), ("energy", 70.0)):
-            got = [r["compute"] for r in rows if r["set"] == name and r["mode"] == mode and r["path"] == "prepared once"]
+            got = [r["compute"] for r in rows if r["set"] == name and r["mode"] == mode
+                   and r["path"] == "prepared once" and r["device"] == "cpu"]
             if got:
                 best = max(got)
                 print(f"  {name:6s} {mode:6s}: step share {best:.1f} % (best of {len(got)}) -> "
                       f"{'holds' if best >= target else 'MISSED'}")
+    for name in data:
+        for mode in ("force", "energy"):
+            ms = {d: [r["epoch_ms"] for r in rows if r["set"] == name and r["mode"] == mode
+                      and r["path"] == "prepared once" and r["device"] == d] for d in devices}
+            if len(devices) > 1 and all(ms.values()):
+                base = min(ms[devices[0]])
+                print(f"  {name:6s} {mode:6s}: epoch ms " + ", ".join(f"{d} {min(v):.1f}" for d, v in ms.items())
+                      + "; " + ", ".join(f"{devices[0]}/{d} {base / min(v):.2f}x" for d, v in ms.items() if d != devices[0]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

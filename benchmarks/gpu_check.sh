@@ -19,8 +19,11 @@
 #                  gradient all-reduce of 2 ranks when 2 GPUs exist; a skipped CUDA test is a
 #                  failure here (except NCCL on one GPU); the plain `nvcc -c` test of CI is
 #                  left out (the build compiled that file)
-#   bench  (90 s)  benchmarks/gpu_throughput.py: energy and force training steps of
+#   bench  (70 s)  benchmarks/gpu_throughput.py: energy and force training steps of
 #                  benchmarks/descriptor.py's structures, atoms/s on the GPU beside the CPU
+#   epoch  (90 s)  benchmarks/epoch.py --devices cpu,cuda --once: whole training epochs (the
+#                  trainer, its data path, validation, checkpoints) of the demo's EMT set and a
+#                  dense Cu/Au set on the CPU (one thread) and the GPU, alternating; ms per epoch
 # The whole run is held to GPU_CHECK_BUDGET seconds (default 470): a part gets what is left
 # when that is less than its box.
 #
@@ -105,7 +108,7 @@ if timeout "$b" bash tools/build_cuda_ext.sh "$PYTHON" "$BUILD" >"$OUTDIR/build.
     so=$(ls "$BUILD"/lib/distmlip/_C*.so)
     # the staged tree: this checkout's package, tests and benchmarks with the CUDA build
     rm -rf "$BUILD/tree" && mkdir -p "$BUILD/tree"
-    tar -c --exclude='*.so' --exclude=__pycache__ distmlip tests benchmarks csrc setup.py | tar -x -C "$BUILD/tree"
+    tar -c --exclude="*.so" --exclude=__pycache__ distmlip tests benchmarks examples csrc setup.py | tar -x -C "$BUILD/tree"
     cp "$so" "$BUILD/tree/distmlip/"
     if (cd "$BUILD/tree" && timeout 60 "$PYTHON" -c "
 import distmlip._C as C, sys
@@ -125,7 +128,8 @@ fi
 
 # ------------------------------------------------------------------------------------ tests
 TESTS=(tests/test_cuda_compile.py tests/test_descriptor_chebyshev.py::test_cuda_matches_cpu
-       tests/test_cuda_training.py tests/test_backend.py tests/test_descriptor_batch.py)
+       tests/test_cuda_training.py tests/test_backend.py tests/test_descriptor_batch.py
+       tests/test_gpr.py::test_gpr_cuda_matches_cpu)
 t=$(now)
 if [ "$FAILED" = 0 ]; then
     b=$(box 150)
@@ -172,7 +176,7 @@ fi
 # ------------------------------------------------------------------------------------ bench
 t=$(now)
 if [ -f "$BUILD/tree/distmlip/$(basename "${so:-none}")" ]; then
-    b=$(box 90)
+    b=$(box 70)
     (cd "$BUILD/tree" && timeout "$b" "$PYTHON" benchmarks/gpu_throughput.py --time-limit $(( b > 40 ? b - 30 : 10 )) \
         --json "$OUTDIR/gpu_throughput.json" --md "$OUTDIR/gpu_throughput.md") 2>&1 | tee "$OUTDIR/bench.log"
     rc=${PIPESTATUS[0]}
@@ -183,6 +187,22 @@ if [ -f "$BUILD/tree/distmlip/$(basename "${so:-none}")" ]; then
     fi
 else
     record bench skipped "$t" "no CUDA build"
+fi
+
+# ------------------------------------------------------------------------------------ epoch
+t=$(now)
+if [ -f "$BUILD/tree/distmlip/$(basename "${so:-none}")" ]; then
+    b=$(box 90)
+    (cd "$BUILD/tree" && timeout "$b" "$PYTHON" benchmarks/epoch.py --devices cpu,cuda --once --sets demo,dense \
+        --epochs 6 --json "$OUTDIR/epoch.json") 2>&1 | tee "$OUTDIR/epoch.log"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ]; then
+        record epoch ok "$t" "$(grep 'x$' "$OUTDIR/epoch.log" | sed 's/  */ /g' | tr '\n' ';' | cut -c1-200)"
+    else
+        record epoch "$([ "$rc" -eq 124 ] && echo TIMEOUT || echo FAILED)" "$t" "box ${b} s; see $OUTDIR/epoch.log"
+    fi
+else
+    record epoch skipped "$t" "no CUDA build"
 fi
 
 # ------------------------------------------------------------------------------------ report
@@ -197,6 +217,7 @@ TOTAL=$(( $(now) - T0 ))
     for p in "${PARTS[@]}"; do IFS='|' read -r n s d note <<<"$p"; echo "| $n | $s | $d | $note |"; done
     echo "| total | $([ "$FAILED" = 0 ] && echo ok || echo FAILED) | $TOTAL | budget $BUDGET s |"
     if [ -f "$OUTDIR/gpu_throughput.md" ]; then echo; cat "$OUTDIR/gpu_throughput.md"; fi
+    if [ -f "$OUTDIR/epoch.log" ]; then echo; grep '^|\|x$' "$OUTDIR/epoch.log"; fi
 } >"$OUTDIR/gpu_check.md"
 "$PYTHON" - "$OUTDIR" "$TOTAL" "$FAILED" "${PARTS[@]}" <<'EOF'
 import json, sys

@@ -591,3 +591,38 @@ def test_screening_on_half_the_subsample_reaches_the_same_optimum():
         assert c["lml"] == pytest.approx(half.lml_and_grad(torch.as_tensor(X), None, y, p)[0], rel=1e-9)
     assert half.info["lml"] == pytest.approx(full.info["lml"], abs=0.05)
     assert half.info["fit_evals"] != full.info["fit_evals"]     # the two paths did differ
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("use_J", [False, True])
+def test_gpr_cuda_matches_cpu(use_J):
+    """``gpr.device: cuda`` gives the CPU's GPR: the log marginal likelihood and its gradient, the
+    fitted hyperparameters and the predictions (energies, forces, sigmas), float64 on both.
+    benchmarks/gpu_check.sh runs it on a GPU machine."""
+    rng = np.random.default_rng(21)
+    Rtr, Etr, Ftr = _lj_trimer_data(24, rng, amp=0.05)
+    Rte = _lj_trimer_data(10, rng, amp=0.05)[0]
+    if use_J:
+        from distmlip.gpr.fingerprints import InverseDistanceFingerprint
+        X, J = InverseDistanceFingerprint().compute([r.reshape(3, 3) for r in Rtr])
+        Xt, Jt = InverseDistanceFingerprint().compute([r.reshape(3, 3) for r in Rte])
+    else:
+        X, J, Xt, Jt = torch.as_tensor(Rtr), None, torch.as_tensor(Rte), None
+    out = {}
+    for dev in ("cpu", "cuda"):
+        g = GPR(fit_restarts=2, fit_iterations=20, device=dev).fit(X, J, Etr, Ftr)
+        y = g._targets(torch.as_tensor(Etr, device=dev), -torch.as_tensor(Ftr, device=dev).reshape(len(Etr), -1))
+        p = dict(weight=1.3, length_scale=0.4 if use_J else 0.15, noise_energy=3e-2, noise_force=5e-2)
+        lml, grad, _ = g.lml_and_grad(g.X, g.J, y, p, ["weight", "length_scale", "noise_energy", "noise_force"])
+        e, f, s = g.predict(Xt, Jt)
+        out[dev] = (lml, np.asarray(grad), g.hyper, e.cpu().numpy(), f.cpu().numpy(), s.cpu().numpy())
+    c, d = out["cpu"], out["cuda"]
+    assert d[0] == pytest.approx(c[0], rel=1e-9)
+    np.testing.assert_allclose(d[1], c[1], rtol=1e-7, atol=1e-9)
+    # the fit is a deterministic L-BFGS from the same starts: the same optimum to the optimiser's
+    # tolerance, and predictions that agree far inside the GPR's own error
+    for k in ("weight", "length_scale", "noise_energy", "noise_force"):
+        assert getattr(d[2], k) == pytest.approx(getattr(c[2], k), rel=1e-4), k
+    np.testing.assert_allclose(d[3], c[3], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(d[4], c[4], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(d[5], c[5], rtol=1e-4, atol=1e-8)
