@@ -7,21 +7,21 @@
 # Parts, each in its own time box (`timeout`), each with its wall time printed:
 #   probe  (60 s)  PYTHON's torch sees a GPU?  None: "no GPU: skipped", exit 0.  A GPU that
 #                  nvidia-smi lists but PYTHON's torch cannot use is an error (exit 1).
-#   build  (240 s) distmlip._C with its CUDA kernels, by tools/build_cuda_ext.sh into
+#   build  (270 s) distmlip._C with its CUDA kernels, by tools/build_cuda_ext.sh into
 #                  $GPU_CHECK_BUILD/lib for the GPU's architecture; a second run reuses it
 #                  (ninja rebuilds what changed); then a staged copy of the package, tests and
 #                  benchmarks holding that build ($GPU_CHECK_BUILD/tree; the checkout's own
 #                  distmlip/_C*.so is not touched)
-#   tests  (150 s) the CUDA tests, GPU against CPU: operators and autograd to 1e-12 (float64) /
+#   tests  (110 s) the CUDA tests, GPU against CPU: operators and autograd to 1e-12 (float64) /
 #                  2e-6 (float32) (test_cuda_compile.py), descriptor and its derivatives to 1e-10
 #                  (test_descriptor_chebyshev.py::test_cuda_matches_cpu), a force-training step
 #                  and a 3-epoch `distmlip train` run to 1e-9 (test_cuda_training.py), the NCCL
 #                  gradient all-reduce of 2 ranks when 2 GPUs exist; a skipped CUDA test is a
 #                  failure here (except NCCL on one GPU); the plain `nvcc -c` test of CI is
 #                  left out (the build compiled that file)
-#   bench  (70 s)  benchmarks/gpu_throughput.py: energy and force training steps of
+#   bench  (45 s)  benchmarks/gpu_throughput.py: energy and force training steps of
 #                  benchmarks/descriptor.py's structures, atoms/s on the GPU beside the CPU
-#   epoch  (90 s)  benchmarks/epoch.py --devices cpu,cuda --once: whole training epochs (the
+#   epoch  (40 s)  benchmarks/epoch.py --devices cpu,cuda --once: whole training epochs (the
 #                  trainer, its data path, validation, checkpoints) of the demo's EMT set and a
 #                  dense Cu/Au set on the CPU (one thread) and the GPU, alternating; ms per epoch
 # The whole run is held to GPU_CHECK_BUDGET seconds (default 470): a part gets what is left
@@ -31,6 +31,8 @@
 # CUDA torch, numpy, scipy, h5py, ase, pyyaml, pytest; it installs nothing), GPU_CHECK_OUT
 # (results folder, default gpu_check_out), GPU_CHECK_BUILD (default .build-cuda), CUDA_HOME,
 # TORCH_CUDA_ARCH_LIST (default: the GPUs' compute capabilities).
+# GPU_CHECK_PREBUILT (the _C*.so an earlier run on the same kind of machine left in its results:
+# skips the build, about 4 minutes on 16 cores).
 # Results: $GPU_CHECK_OUT/gpu_check.md (for docs/results.md) and gpu_check.json, with the logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -103,14 +105,27 @@ if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime_api.h ];
     export CUDA_HOME=/usr/local/cuda
 fi
 if [ -n "${CUDA_HOME:-}" ]; then export PATH="$CUDA_HOME/bin:$PATH"; fi
-b=$(box 240)
-if timeout "$b" bash tools/build_cuda_ext.sh "$PYTHON" "$BUILD" >"$OUTDIR/build.log" 2>&1; then
+b=$(box 270)
+if [ -n "${GPU_CHECK_PREBUILT:-}" ]; then      # the build of an earlier run on this kind of machine
+    mkdir -p "$BUILD/lib/distmlip" && cp "$GPU_CHECK_PREBUILT" "$BUILD/lib/distmlip/" \
+        && echo "prebuilt: $GPU_CHECK_PREBUILT" >"$OUTDIR/build.log" 2>&1
+    built=$?
+else
+    timeout "$b" bash tools/build_cuda_ext.sh "$PYTHON" "$BUILD" >"$OUTDIR/build.log" 2>&1
+    built=$?
+fi
+if [ $built -eq 0 ]; then
     so=$(ls "$BUILD"/lib/distmlip/_C*.so)
+    # kept with the results: a rerun on the same kind of machine can skip the build
+    # (GPU_CHECK_PREBUILT=$OUTDIR/<name>.so); it is about 4 minutes of compiling
+    cp "$so" "$OUTDIR/" 2>/dev/null || true
     # the staged tree: this checkout's package, tests and benchmarks with the CUDA build
     rm -rf "$BUILD/tree" && mkdir -p "$BUILD/tree"
     tar -c --exclude="*.so" --exclude=__pycache__ distmlip tests benchmarks examples csrc setup.py | tar -x -C "$BUILD/tree"
     cp "$so" "$BUILD/tree/distmlip/"
+    # torch first: it loads libc10 and the other libraries the extension links against
     if (cd "$BUILD/tree" && timeout 60 "$PYTHON" -c "
+import torch
 import distmlip._C as C, sys
 from distmlip._ext import has_kernel
 assert C.__file__.startswith('$BUILD/tree/'), C.__file__
@@ -121,7 +136,7 @@ assert C.with_cuda() and has_kernel('chebyshev_forward', 'cuda'), 'no CUDA kerne
         record build FAILED "$t" "the CUDA build does not load from the staged tree (build.log)"
     fi
 else
-    rc=$?
+    rc=$built
     record build "$([ $rc -eq 124 ] && echo TIMEOUT || echo FAILED)" "$t" "box ${b} s; see $OUTDIR/build.log"
     tail -30 "$OUTDIR/build.log"
 fi
@@ -132,7 +147,7 @@ TESTS=(tests/test_cuda_compile.py tests/test_descriptor_chebyshev.py::test_cuda_
        tests/test_gpr.py::test_gpr_cuda_matches_cpu)
 t=$(now)
 if [ "$FAILED" = 0 ]; then
-    b=$(box 150)
+    b=$(box 110)
     (cd "$BUILD/tree" && timeout "$b" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
         --junitxml="$OUTDIR/cuda_tests.xml" "${TESTS[@]}" \
         --deselect tests/test_cuda_compile.py::test_cuda_source_compiles_with_plain_nvcc) >"$OUTDIR/tests.log" 2>&1
@@ -176,7 +191,7 @@ fi
 # ------------------------------------------------------------------------------------ bench
 t=$(now)
 if [ -f "$BUILD/tree/distmlip/$(basename "${so:-none}")" ]; then
-    b=$(box 70)
+    b=$(box 45)
     (cd "$BUILD/tree" && timeout "$b" "$PYTHON" benchmarks/gpu_throughput.py --time-limit $(( b > 40 ? b - 30 : 10 )) \
         --json "$OUTDIR/gpu_throughput.json" --md "$OUTDIR/gpu_throughput.md") 2>&1 | tee "$OUTDIR/bench.log"
     rc=${PIPESTATUS[0]}
@@ -192,7 +207,7 @@ fi
 # ------------------------------------------------------------------------------------ epoch
 t=$(now)
 if [ -f "$BUILD/tree/distmlip/$(basename "${so:-none}")" ]; then
-    b=$(box 90)
+    b=$(box 40)
     (cd "$BUILD/tree" && timeout "$b" "$PYTHON" benchmarks/epoch.py --devices cpu,cuda --once --sets demo,dense \
         --epochs 6 --json "$OUTDIR/epoch.json") 2>&1 | tee "$OUTDIR/epoch.log"
     rc=${PIPESTATUS[0]}

@@ -66,6 +66,34 @@ def test_single_process_mpi_only_context_without_mpirun():
     assert [l for l in res.stdout.splitlines() if l.startswith("LOG")] == ["LOG 0"]
 
 
+def test_a_later_device_request_is_honoured_or_refused_never_ignored():
+    """A process that made its context on the CPU and then asks for another device (a script or
+    notebook training twice; benchmarks/epoch.py --devices cpu,cuda) used to get the CPU context
+    back silently: its `training.device: cuda` run trained on the CPU.  Alone in its job the
+    process moves (here, without CUDA, that is the clear CUDA error); 'auto' and the same device
+    keep the context."""
+    code = """
+import torch
+from distmlip.distributed import context as C
+from distmlip.errors import DistributedError
+c = C.init_distributed("cpu")
+assert C.init_distributed("auto") is c and C.init_distributed("cpu").device.type == "cpu"
+try:
+    C.init_distributed("cuda")
+    moved = True
+except DistributedError as e:
+    moved = False
+    assert not torch.cuda.is_available() and "CUDA is not available" in str(e), e
+assert moved == torch.cuda.is_available()
+if moved:
+    assert C.init_distributed("cuda").device.type == "cuda"
+    assert C.init_distributed("cpu").device.type == "cpu"
+print("OK")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "OK", res.stderr
+
+
 def test_leave_process_keeps_what_finalisation_would_have_saved(tmp_path):
     """launch.leave_process ends the program without CPython's finalisation (0.7-0.8 s with torch
     imported), so it must itself flush what a normal exit would: a Python file left open with

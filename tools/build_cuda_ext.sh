@@ -40,7 +40,8 @@ if ! has_headers "${CUDA_HOME:-}"; then
 fi
 export CUDA_HOME
 export PATH="$CUDA_HOME/bin:$PATH"     # the nvcc of that toolkit
-export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}
+# nproc alone honours OMP_NUM_THREADS (gpu_check.sh sets it to 1): count the cores themselves
+export MAX_JOBS=${MAX_JOBS:-$(nproc --all 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}
 export DISTMLIP_REQUIRE_CUDA=1         # setup.py: a C++-only build is an error here
 unset DISTMLIP_NO_CUDA
 

@@ -312,13 +312,19 @@ class DistContext:
 
 # ------------------------------------------------------------------------------ process state
 def init_distributed(device: str = "auto", torch_group: bool = True) -> DistContext:
-    """Set up (once) and return this process's DistContext.  Idempotent: later calls return the
-    same context whatever ``device`` they pass.  ``device``: 'auto' (CUDA if available), 'cpu',
-    'cuda' or 'cuda:N'.  ``torch_group=False``: MPI only (objects, barriers, stop check), no torch
-    process group; a later call with ``torch_group=True`` starts it on the same context."""
+    """Set up (once) and return this process's DistContext.  Later calls return the same
+    context; ``device``: 'auto' (CUDA if available; on a later call: the context's device), 'cpu',
+    'cuda' or 'cuda:N'.  A later call that names another device moves a process that runs alone
+    (no process group, nothing bound to the device) to it, and is an error in a job of several
+    ranks, whose communicators are bound to the first device: silently keeping the first device
+    would run a `training.device: cuda` job on the CPU.  ``torch_group=False``: MPI only
+    (objects, barriers, stop check), no torch process group; a later call with
+    ``torch_group=True`` starts it on the same context."""
     global _CTX
     with _LOCK:
         if _CTX is not None:
+            if device not in (None, "auto"):
+                _switch_device(_CTX, device)
             if torch_group and _CTX.world_size > 1 and _CTX.backend is None and _torch_group_needed(_CTX):
                 rendezvous.connect_mpi(_CTX)
             return _CTX
@@ -340,6 +346,21 @@ def init_distributed(device: str = "auto", torch_group: bool = True) -> DistCont
         if ctx.world_size > 1:
             signals.install_excepthook()
         return ctx
+
+
+def _switch_device(ctx: DistContext, device: str) -> None:
+    """``device`` asked for after the context was made: see init_distributed."""
+    want = rendezvous._wanted_device(device)
+    same = (want == ctx.device.type) if ":" not in want else (torch.device(want) == ctx.device)
+    if same:
+        return
+    if ctx.world_size == 1 and ctx.backend is None:
+        ctx.device = rendezvous.choose_device(device, 0, 1, None)
+        return
+    raise DistributedError(
+        f"device {device!r} asked for, but this process is rank {ctx.rank} of a {ctx.world_size}-rank "
+        f"job already set up on {ctx.device}: a job keeps the device it started on; start a new job "
+        f"with --device {device}")
 
 
 def _torch_group_needed(ctx: DistContext) -> bool:
