@@ -3,6 +3,9 @@
 # (exit 0) on a machine without one.
 #
 #   benchmarks/gpu_check.sh            (or: make gpu-check)
+#   benchmarks/gpu_check.sh --quick    correctness only, in about 2 minutes: the C++ files at -O0
+#                                      (43 s to build on an H200 machine's 16 cores, against 236 s),
+#                                      bench and epoch skipped (their CPU side would be the -O0 one)
 #
 # Parts, each in its own time box (`timeout`), each with its wall time printed:
 #   probe  (60 s)  PYTHON's torch sees a GPU?  None: "no GPU: skipped", exit 0.  A GPU that
@@ -16,7 +19,8 @@
 #                  2e-6 (float32) (test_cuda_compile.py), descriptor and its derivatives to 1e-10
 #                  (test_descriptor_chebyshev.py::test_cuda_matches_cpu), a force-training step
 #                  and a 3-epoch `distmlip train` run to 1e-9 (test_cuda_training.py), the NCCL
-#                  gradient all-reduce of 2 ranks when 2 GPUs exist; a skipped CUDA test is a
+#                  gradient all-reduce of 2 ranks when 2 GPUs exist, the GPR (test_gpr.py::
+#                  test_gpr_cuda_matches_cpu); a skipped CUDA test is a
 #                  failure here (except NCCL on one GPU); the plain `nvcc -c` test of CI is
 #                  left out (the build compiled that file)
 #   bench  (45 s)  benchmarks/gpu_throughput.py: energy and force training steps of
@@ -35,6 +39,12 @@
 # skips the build, about 4 minutes on 16 cores).
 # Results: $GPU_CHECK_OUT/gpu_check.md (for docs/results.md) and gpu_check.json, with the logs.
 set -uo pipefail
+QUICK=0
+case "${1:-}" in
+    --quick) QUICK=1; export DISTMLIP_CXX_OPT=-O0 ;;
+    "") ;;
+    *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 T0=$(date +%s)
@@ -190,7 +200,9 @@ fi
 
 # ------------------------------------------------------------------------------------ bench
 t=$(now)
-if [ -f "$BUILD/tree/distmlip/$(basename "${so:-none}")" ]; then
+if [ "$QUICK" = 1 ]; then
+    record bench skipped "$t" "--quick (-O0 CPU build)"
+elif [ -f "$BUILD/tree/distmlip/$(basename "${so:-none}")" ]; then
     b=$(box 45)
     (cd "$BUILD/tree" && timeout "$b" "$PYTHON" benchmarks/gpu_throughput.py --time-limit $(( b > 40 ? b - 30 : 10 )) \
         --json "$OUTDIR/gpu_throughput.json" --md "$OUTDIR/gpu_throughput.md") 2>&1 | tee "$OUTDIR/bench.log"
@@ -206,7 +218,9 @@ fi
 
 # ------------------------------------------------------------------------------------ epoch
 t=$(now)
-if [ -f "$BUILD/tree/distmlip/$(basename "${so:-none}")" ]; then
+if [ "$QUICK" = 1 ]; then
+    record epoch skipped "$t" "--quick (-O0 CPU build)"
+elif [ -f "$BUILD/tree/distmlip/$(basename "${so:-none}")" ]; then
     b=$(box 40)
     (cd "$BUILD/tree" && timeout "$b" "$PYTHON" benchmarks/epoch.py --devices cpu,cuda --once --sets demo,dense \
         --epochs 6 --json "$OUTDIR/epoch.json") 2>&1 | tee "$OUTDIR/epoch.log"

@@ -596,9 +596,12 @@ def test_screening_on_half_the_subsample_reaches_the_same_optimum():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize("use_J", [False, True])
 def test_gpr_cuda_matches_cpu(use_J):
-    """``gpr.device: cuda`` gives the CPU's GPR: the log marginal likelihood and its gradient, the
-    fitted hyperparameters and the predictions (energies, forces, sigmas), float64 on both.
-    benchmarks/gpu_check.sh runs it on a GPU machine."""
+    """``gpr.device: cuda`` gives the CPU's GPR, float64 on both: at given hyperparameters the log
+    marginal likelihood, its gradient and the predictions (energies, forces, sigmas) to rounding;
+    a fit reaches an optimum that scores as well on the CPU.  The fitted values themselves are not
+    compared: on this small problem the likelihood is flat along the weight, and a 1e-12 change of
+    the energies moves the CPU's own fitted weight from 215 to 134 (0.1 % of the LML); the first
+    GPU run (H200) saw 146 against 135.  benchmarks/gpu_check.sh runs it on a GPU machine."""
     rng = np.random.default_rng(21)
     Rtr, Etr, Ftr = _lj_trimer_data(24, rng, amp=0.05)
     Rte = _lj_trimer_data(10, rng, amp=0.05)[0]
@@ -608,21 +611,21 @@ def test_gpr_cuda_matches_cpu(use_J):
         Xt, Jt = InverseDistanceFingerprint().compute([r.reshape(3, 3) for r in Rte])
     else:
         X, J, Xt, Jt = torch.as_tensor(Rtr), None, torch.as_tensor(Rte), None
-    out = {}
+    hp = dict(weight=1.3, length_scale=0.4 if use_J else 0.15, noise_energy=3e-2, noise_force=5e-2)
+    out, fits = {}, {}
     for dev in ("cpu", "cuda"):
-        g = GPR(fit_restarts=2, fit_iterations=20, device=dev).fit(X, J, Etr, Ftr)
+        g = GPR(**hp, device=dev).fit(X, J, Etr, Ftr)
         y = g._targets(torch.as_tensor(Etr, device=dev), -torch.as_tensor(Ftr, device=dev).reshape(len(Etr), -1))
-        p = dict(weight=1.3, length_scale=0.4 if use_J else 0.15, noise_energy=3e-2, noise_force=5e-2)
-        lml, grad, _ = g.lml_and_grad(g.X, g.J, y, p, ["weight", "length_scale", "noise_energy", "noise_force"])
+        lml, grad, _ = g.lml_and_grad(g.X, g.J, y, hp, list(hp))
         e, f, s = g.predict(Xt, Jt)
-        out[dev] = (lml, np.asarray(grad), g.hyper, e.cpu().numpy(), f.cpu().numpy(), s.cpu().numpy())
+        out[dev] = (lml, np.asarray(grad), e.cpu().numpy(), f.cpu().numpy(), s.cpu().numpy())
+        fits[dev] = GPR(fit_restarts=2, fit_iterations=20, device=dev).fit(X, J, Etr, Ftr)
     c, d = out["cpu"], out["cuda"]
-    assert d[0] == pytest.approx(c[0], rel=1e-9)
-    np.testing.assert_allclose(d[1], c[1], rtol=1e-7, atol=1e-9)
-    # the fit is a deterministic L-BFGS from the same starts: the same optimum to the optimiser's
-    # tolerance, and predictions that agree far inside the GPR's own error
-    for k in ("weight", "length_scale", "noise_energy", "noise_force"):
-        assert getattr(d[2], k) == pytest.approx(getattr(c[2], k), rel=1e-4), k
-    np.testing.assert_allclose(d[3], c[3], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(d[4], c[4], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(d[5], c[5], rtol=1e-4, atol=1e-8)
+    assert d[0] == pytest.approx(c[0], rel=1e-10)
+    np.testing.assert_allclose(d[1], c[1], rtol=1e-8, atol=1e-10)
+    for k, name in ((2, "energies"), (3, "forces"), (4, "sigmas")):
+        scale = max(1.0, float(np.abs(c[k]).max()))
+        assert float(np.abs(d[k] - c[k]).max()) <= 1e-9 * scale, name
+    score = lambda h: fits["cpu"].log_marginal_likelihood(X, J, Etr, Ftr, h)
+    ref = score(fits["cpu"].hyper)
+    assert abs(score(fits["cuda"].hyper) - ref) <= 5e-3 * abs(ref) + 0.1
