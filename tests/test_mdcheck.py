@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -415,7 +416,7 @@ def test_stop_during_md_reports_the_finished_runs_and_exits_nonzero(tmp_path, ra
         assert cut["failed_frames"] == 0 and cut["nve_drift_eV_atom"] is None     # the frames not run are not failures
         assert f"md-check: stopped by {why}: the check is incomplete (900 K interrupted, 1500 K not run); the " \
                f"verdicts of the runs that finished (300 K) are in {out / 'summary.json'}; run the same command " \
-               "again for a complete check (exit status 143)" in res.stdout, text[-3000:]
+               "again to finish the check (the finished runs are reused; exit status 143)" in res.stdout, text[-3000:]
         assert summ["stop"] == {"reason": why, "finished_K": [300.0], "interrupted_K": [900.0], "not_run_K": [1500.0]}
         if ranks == 2:
             assert "rank 1 of this mpirun has nothing to do" in res.stderr
@@ -476,3 +477,41 @@ def test_stop_in_the_nve_continuation_and_before_the_first_run(tmp_path):
     assert [r["verdict"] for r in summ["runs"]] == ["not run: SIGTERM on rank 0 before it started"] * 2
     assert summ["stop"]["not_run_K"] == [300.0, 600.0] and not summ["all_stable"]
     assert not (tmp_path / "before" / "pdf_T300.png").exists()
+
+
+def test_a_rerun_reuses_the_finished_runs_of_the_same_check_only(tmp_path, capsys):
+    """A batch job's md-check stopped at its time limit reran every temperature when started
+    again.  The same command now reuses the runs that finished (the same run dict as before), runs
+    the others, and reuses nothing when the models' content, a setting or the temperature at a
+    position differ, or with --fresh."""
+    models = _models(tmp_path)
+    s = _start(tmp_path)
+    out = tmp_path / "out"
+    args = [models[0], str(s), "--steps", "10", "--interval", "5", "--nve-steps", "5", "-o", str(out)]
+
+    def check(extra, temps=("300", "900")):
+        assert main(["md-check", *args, "-T", *temps, *extra]) == 0
+        text = capsys.readouterr().out
+        return text, json.loads((out / "summary.json").read_text())
+
+    text, first = check([])
+    assert "reused" not in text and first["identity"]
+    text, again = check([])
+    assert text.count("reused, finished by an earlier md-check") == 2 and again["runs"] == first["runs"]
+    # what a stop leaves: the second run interrupted; only the first is reused
+    first["runs"][1]["status"] = "interrupted"
+    (out / "summary.json").write_text(json.dumps(first))
+    text, after = check([])
+    assert "T=300 K: reused" in text and "T=900 K: reused" not in text
+    assert after["runs"][0] == first["runs"][0] and after["runs"][1]["status"] == "done"
+    # another temperature at a position: that position runs
+    text, _ = check([], temps=("300", "1200"))
+    assert "T=300 K: reused" in text and "T=1200 K: reused" not in text
+    # another setting, --fresh, another model in the same file: nothing reused
+    for extra in (["--nve-steps", "6"], ["--fresh"]):
+        text, _ = check(extra)
+        assert "reused" not in text, extra
+    check([])
+    Path(models[0]).write_bytes(Path(models[1]).read_bytes())
+    text, _ = check([])
+    assert "reused" not in text and "is from other models, structure, settings or version" in text

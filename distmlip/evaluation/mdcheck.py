@@ -57,7 +57,9 @@ finished keep their verdicts, the run it cut short is ``interrupted: <signal> at
 frames so far are reported, not judged), later temperatures are ``not run``; summary.json and the
 table are written, the summary line says ``md-check result: interrupted (...)`` and the command
 exits 128 + the signal number (143 for SIGTERM).  Ctrl-C (SIGINT) writes the same report of the
-finished runs and exits 130.  A second SIGTERM ends the process at once.
+finished runs and exits 130.  A second SIGTERM ends the process at once.  The same command run
+again reuses the runs that finished (summary.json records the check's identity: the models' and
+the structure's content and every setting) and runs the rest; ``--fresh`` reruns everything.
 
 Exit status: 0 when every run is stable, 3 when any run is unstable or aborted (``--report-only``:
 0), 2 on bad input, 128 + the signal number after a stop request (143 SIGTERM, 138 SIGUSR1 or the
@@ -136,6 +138,10 @@ def add_arguments(p) -> None:
     p.add_argument("--report-only", action="store_true",
                    help="exit 0 even when a run is unstable (the verdicts are printed all the same)")
     p.add_argument("--output", "-o", default="md_check", help="output folder (default md_check)")
+    p.add_argument("--fresh", action="store_true",
+                   help="run every temperature again; by default the runs that finished in an earlier "
+                        "md-check into the same --output with the same models, structure and settings are "
+                        "reused (a check stopped at a batch job's time limit continues)")
 
 
 # ------------------------------------------------------------------------------ models
@@ -839,8 +845,14 @@ def record_from_data(paths, species, cutoff: float) -> dict:
 def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, timestep=1.0, friction=0.02,
              threshold_factor=0.6, interval=10, nve_steps=200, rdf_rmax=6.0, seed=0, output="md_check",
              device="cpu", max_failed_frames=200, label="", criteria: Criteria | None = None,
-             training_data=None, gpr_data=None, ensemble: Ensemble | None = None, ctx=None) -> dict:
+             training_data=None, gpr_data=None, ensemble: Ensemble | None = None, ctx=None,
+             fresh: bool = False) -> dict:
     """Python entry point of ``distmlip md-check`` (returns the summary dict).
+
+    A run that finished ('done') in ``output``/summary.json of an earlier check whose identity
+    (:func:`run_identity`: the models' and the structure's content, every setting that shapes a
+    run, the training record, the GPR data's content, the version) equals this one's, at the same
+    position in the temperature list (its seed), is reused, not rerun; ``fresh`` reruns all.
 
     ``ctx``: a context (``distributed.DistContext``; the command's: a world of one) whose
     ``stop_requested()`` is asked every MD step; a stop ends the MD there, the summary is written
@@ -911,6 +923,12 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
         + (f", committee deviation > {crit.max_force_deviation:g} eV/A" if committee else "")
         + (f", GPR sigma > {crit.max_gpr_sigma:g} eV" if uncertainty else "")
         + (f", cell volume outside V0 (1 +- {crit.max_volume_change:g})" if ensemble.kind != "nvt" else ""))
+    settings = dict(steps=steps, timestep=timestep, friction=friction, threshold_factor=threshold_factor,
+                    interval=interval, nve_steps=nve_steps, rdf_rmax=rdf_rmax, seed=seed, device=str(device),
+                    max_failed_frames=max_failed_frames, label=label, criteria=asdict(crit),
+                    ensemble=asdict(ensemble))
+    identity = run_identity(model_paths, atoms, settings, record, gpr_data)
+    reuse = {} if fresh else finished_runs(out, identity, temperatures)
     runs = []
 
     def _unfinished(k, status, reason):
@@ -924,6 +942,12 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
             if ctx is not None and ctx.stop_requested():
                 runs.extend(_unfinished(j, "not run", ctx.stop_reason()) for j in range(k, len(temperatures)))
                 break
+            if k in reuse:
+                r = reuse[k]
+                log(f"{label}T={float(T):g} K: reused, finished by an earlier md-check with the same models, "
+                    f"structure and settings ({out / 'summary.json'}; --fresh reruns it): {r['verdict']}")
+                runs.append(r)
+                continue
             runs.append(run_one(atoms, calc, float(T), steps, timestep, friction, thresholds, interval, nve_steps,
                                 rdf_rmax, seed + 1000 * k, out, max_failed_frames, label=label, crit=crit,
                                 record=record, uncertainty=uncertainty, committee=committee, ensemble=ensemble,
@@ -934,24 +958,78 @@ def md_check(model_paths, structure, temperatures=(300.0, 1500.0), steps=2000, t
             runs.append(_unfinished(k, "interrupted", "SIGINT (Ctrl-C)"))
             runs.extend(_unfinished(j, "not run", "SIGINT (Ctrl-C)") for j in range(k + 1, len(temperatures)))
         _write_summary(out, model_paths, structure, atoms, models, threshold_factor, ensemble, crit, thresholds,
-                       record, runs, "SIGINT (Ctrl-C)")
+                       record, runs, "SIGINT (Ctrl-C)", identity)
         log(summary_line(runs))
         log(f"md-check: interrupted; {out / 'summary.json'} holds the runs that finished")
         raise
     stop = ctx.stop_reason() if ctx is not None and any(r["status"] != "done" for r in runs) else None
     summary = _write_summary(out, model_paths, structure, atoms, models, threshold_factor, ensemble, crit,
-                             thresholds, record, runs, stop)
+                             thresholds, record, runs, stop, identity)
     summary["_committee"] = committee
     summary["_gpr"] = uncertainty is not None
     return summary
 
 
+def run_identity(model_paths, atoms, settings: dict, record, gpr_data) -> str:
+    """What a run's result depends on, as a digest: the models' files (or calculator names), the
+    starting structure (numbers, positions, cell, periodicity, momenta), ``settings`` (every
+    option that shapes a run), the training-data record, the GPR data's content and the version.
+    By content, not by file name or time: a model retrained into the same path is another model."""
+    import hashlib
+
+    from .. import __version__
+    from ..data.h5store import file_content_hash
+    from ..utils.io import json_text
+    from .labelling import is_calculator_name
+
+    h = hashlib.sha256()
+    for path in model_paths:
+        h.update(path.encode() if is_calculator_name(path) else hashlib.sha256(Path(path).read_bytes()).digest())
+    for a in (atoms.numbers, atoms.positions, np.asarray(atoms.cell), atoms.pbc,
+              atoms.get_momenta() if atoms.has("momenta") else np.zeros(0)):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(json_text({"settings": settings, "record": record, "version": __version__,
+                        "gpr_data": [file_content_hash(q) for q in (gpr_data or [])]}, sort_keys=True,
+                       default=str).encode())
+    return h.hexdigest()
+
+
+def finished_runs(out: Path, identity: str, temperatures) -> dict:
+    """{position in ``temperatures``: run} of the runs that finished in ``out``/summary.json of an
+    earlier check with this ``identity`` at the same temperature and position (the position sets
+    the run's seed).  Another identity, or no readable summary: nothing (said when there was one)."""
+    import json
+
+    path = Path(out) / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        prev = json.loads(path.read_text())
+        same = prev.get("identity") == identity
+        runs = prev["runs"] if same else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        warn(f"md-check: {path} cannot be read ({type(exc).__name__}: {exc}); every temperature runs anew")
+        return {}
+    if not same:
+        log(f"md-check: {path} is from other models, structure, settings or version: every temperature runs anew")
+        return {}
+    keep = {k: r for k, (T, r) in enumerate(zip(temperatures, runs))
+            if isinstance(r, dict) and r.get("status") == "done" and r.get("temperature_K") == float(T)}
+    for r in keep.values():      # summary.json writes a non-finite figure as null
+        for key in ("min_dist_A", "min_dist_first_A", "mean_T_K", "final_T_K", "epot_min_eV_atom"):
+            if r.get(key) is None:
+                r[key] = float("nan")
+    return keep
+
+
 def _write_summary(out: Path, model_paths, structure, atoms, models, threshold_factor, ensemble, crit, thresholds,
-                   record, runs, stop) -> dict:
-    """summary.json of md_check: ``stop`` the reason of a stop request that left runs unfinished."""
+                   record, runs, stop, identity=None) -> dict:
+    """summary.json of md_check: ``stop`` the reason of a stop request that left runs unfinished;
+    ``identity``: :func:`run_identity`, which lets a later check reuse the finished runs."""
     from ase.data import chemical_symbols
 
     summary = {"models": model_paths, "structure": str(structure), "n_atoms": len(atoms),
+               "identity": identity,
                "committee_size": len(models), "threshold_factor": threshold_factor,
                "ensemble": asdict(ensemble),
                "criteria": asdict(crit),
@@ -994,7 +1072,8 @@ def run(args) -> int:
                        args.friction, args.threshold_factor, args.interval, args.nve_steps, args.rdf_rmax,
                        args.seed, args.output, args.device, args.max_failed_frames, criteria=crit,
                        training_data=args.training_data, gpr_data=args.gpr_data,
-                       ensemble=Ensemble(args.ensemble, args.pressure, args.barostat_time), ctx=ctx)
+                       ensemble=Ensemble(args.ensemble, args.pressure, args.barostat_time), ctx=ctx,
+                       fresh=args.fresh)
     log(format_table(summary["runs"], committee=summary["_committee"], gpr=summary["_gpr"]))
     log(f"summary written to {Path(args.output) / 'summary.json'}")
     log(summary["result"])
@@ -1007,7 +1086,7 @@ def run(args) -> int:
         log(f"md-check: stopped by {stop['reason']}: the check is incomplete ({', '.join(left)}); "
             + (f"the verdicts of the runs that finished ({fin} K) are in {Path(args.output) / 'summary.json'}; "
                if fin else "no run finished; ")
-            + f"run the same command again for a complete check (exit status {code})")
+            + f"run the same command again to finish the check (the finished runs are reused; exit status {code})")
         return code
     if summary["all_stable"] or args.report_only:
         return 0
