@@ -113,6 +113,22 @@ def test_atomic_write_through_a_symlink_writes_its_target(tmp_path):
     assert link.is_symlink() and real.read_text() == "new"
 
 
+def test_atomic_write_of_a_long_legal_name_and_a_too_long_one(tmp_path):
+    """A final name near the file system's limit (240 of 255 bytes) is legal, but its temporary
+    name (.NAME.HOST.PID.RANDOM.tmp) was not: the write ended in an OSError 'File name too long'
+    naming the temporary file (sweep 20: convert -o, a traceback).  A name beyond the limit is one
+    StorageError naming it."""
+    from distmlip.errors import StorageError
+
+    long = tmp_path / ("a" * 240 + ".txt")
+    atomic_write_text(long, "data")
+    assert long.read_text() == "data" and [x.name for x in tmp_path.iterdir()] == [long.name]
+    too_long = tmp_path / ("b" * 260 + ".txt")
+    with pytest.raises(StorageError, match="shorter name"):
+        atomic_write_text(too_long, "data")
+    assert [x.name for x in tmp_path.iterdir()] == [long.name]
+
+
 def test_extension_loads_with_every_cpu_operator():
     """The build under test has the compiled kernels the CPU plan runs (a build that silently
     lacked them would leave the suite testing the reference paths only)."""

@@ -300,3 +300,26 @@ training: {{mode: energy, epochs: 3, batch_atoms: 16, lr: 0.01, output: {tmp_pat
     featurize(H5Dataset([A, T2]), sp, SPEC, "reference", path)
     with pytest.raises(StaleCacheError, match="shared.h5: the descriptor cache was replaced after it was checked"):
         c.features([0])
+
+
+def test_default_cache_name_of_a_long_data_file_name_fits(tmp_path, emt_h5):
+    """A data file whose name is legal but near the limit (240 bytes) got a default cache name
+    beyond it (NAME.desc-TAG.h5): training with descriptor.cache auto ended in a traceback, 'File
+    name too long' (sweep 20).  The cache name is shortened (a digest of the whole name kept)."""
+    import shutil
+
+    from distmlip.data.h5store import H5Dataset
+    from distmlip.descriptors.featurize import default_cache_path, open_or_build
+    from distmlip.descriptors.spec import DescriptorSpec
+
+    data = tmp_path / ("d" * 240 + ".h5")
+    shutil.copy(emt_h5, data)
+    spec = DescriptorSpec(rc_radial=4.0, n_radial=4, rc_angular=3.0, n_angular=2)
+    path = default_cache_path([data], spec, ["Cu", "Au"])
+    assert len(path.name.encode()) <= 255 and path.parent == tmp_path and path.name.endswith(".h5")
+    other = default_cache_path([tmp_path / ("d" * 239 + "e.h5")], spec, ["Cu", "Au"])
+    assert other.name != path.name
+    ds = H5Dataset([data])
+    cache = open_or_build(ds, ["Cu", "Au"], spec, "reference", mode="on")
+    assert cache is not None and cache.path == path
+    cache.close()

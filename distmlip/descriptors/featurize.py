@@ -65,7 +65,13 @@ def default_cache_path(data_paths, spec: DescriptorSpec, species) -> Path:
     home = os.path.dirname(os.path.abspath(paths[0]))
     files = [os.path.relpath(os.path.abspath(p), home) for p in paths]
     tag = hashlib.sha256(json.dumps([spec.key(species), files], sort_keys=True).encode()).hexdigest()[:10]
-    return Path(f"{paths[0]}.desc-{tag}.h5")
+    first = Path(paths[0])
+    # a data file name near the file system's limit (legal) made an illegal cache name, and
+    # training ended in a traceback (sweep 20): the data file's part is shortened to fit
+    from ..utils.io import fit_name, name_max
+
+    end = f".desc-{tag}.h5"
+    return first.with_name(fit_name(first.name, name_max(first.parent) - len(end)) + end)
 
 
 # ------------------------------------------------------------------------------------ reader

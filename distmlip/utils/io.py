@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ..errors import DataFormatError, LockedError, StorageError
 
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                   errno.ENAMETOOLONG}
 _HOST = socket.gethostname().split(".")[0].replace(".", "_") or "host"
 
 
@@ -32,7 +33,8 @@ def storage_error(exc: BaseException, path, action: str = "write") -> StorageErr
     while e is not None:
         if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
             reason = {errno.ENOSPC: "no space left on the device (disk full)", errno.EDQUOT: "disk quota exceeded",
-                      errno.EROFS: "read-only file system", errno.EFBIG: "file too large for the file system"}.get(
+                      errno.EROFS: "read-only file system", errno.EFBIG: "file too large for the file system",
+                      errno.ENAMETOOLONG: "file name too long for the file system (choose a shorter name)"}.get(
                 e.errno, os.strerror(e.errno))
             return StorageError(f"cannot {action} {path}: {reason} [{errno.errorcode.get(e.errno, e.errno)}]")
         e = e.__cause__ or e.__context__
@@ -57,10 +59,39 @@ def _disk_full(path) -> bool:
     return free is not None and free < (1 << 16)
 
 
+def name_max(folder) -> int:
+    """The longest file name (bytes) the file system of ``folder`` (its nearest existing folder)
+    takes."""
+    folder = Path(folder)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def fit_name(name: str, room: int) -> str:
+    """``name`` itself when it has at most ``room`` bytes, else cut with a digest of the whole
+    name appended (``CUT~DIGEST``), so that names made from a long file name (its temporary file,
+    its descriptor cache) stay within the file system's limit and distinct."""
+    if len(name.encode()) <= room:
+        return name
+    import hashlib
+
+    tag = "~" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return name.encode()[:max(1, room - len(tag))].decode(errors="ignore") + tag
+
+
 def temp_path(final, suffix: str = ".tmp") -> Path:
-    """A fresh temporary name next to ``final``: ``.NAME.HOST.PID.RANDOM.tmp``."""
+    """A fresh temporary name next to ``final``: ``.NAME.HOST.PID.RANDOM.tmp``.  NAME is shortened
+    (:func:`fit_name`) where the temporary name would exceed the file system's name limit: a final
+    name of 240 characters is legal, its temporary name was not (sweep 20: convert -o ended in a
+    traceback, 'File name too long', naming the temporary file)."""
     final = Path(final)
-    return final.with_name(f".{final.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+    tail = f".{_HOST}.{os.getpid()}.{secrets.token_hex(4)}{suffix}"
+    name = fit_name(final.name, name_max(final.parent) - len(f".{tail}".encode()))
+    return final.with_name(f".{name}{tail}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -110,6 +141,9 @@ def rename_target(final) -> Path:
     kept); a StorageError when ``final`` exists but is not a regular file (``-o /dev/null`` as a
     dry run, run as root, turned the device into a plain file for every program on the machine)."""
     final = Path(final)
+    if len(final.name.encode()) > name_max(final.parent):
+        raise StorageError(f"cannot write {final}: its name has {len(final.name.encode())} bytes, more than the "
+                           f"{name_max(final.parent)} the file system takes; choose a shorter name")
     if final.is_symlink():
         final = Path(os.path.realpath(final))
     if final.exists() and not final.is_file():
