@@ -129,6 +129,40 @@ def test_atomic_write_of_a_long_legal_name_and_a_too_long_one(tmp_path):
     assert [x.name for x in tmp_path.iterdir()] == [long.name]
 
 
+def test_write_probe_of_a_full_disk_is_removed(tmp_path, monkeypatch):
+    """check_writable's probe on a full disk (the file is created, its byte does not fit) stayed
+    in the output folder as .write-probe.HOST.PID.RANDOM.tmp (sweep 20, on a 200 KiB tmpfs)."""
+    import builtins
+    import errno
+
+    from distmlip.errors import StorageError
+    from distmlip.utils.io import check_writable
+
+    real_open = builtins.open
+
+    class _Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fake_open(path, mode="r", *a, **k):
+        fh = real_open(path, mode, *a, **k)
+        return _Full(fh) if "write-probe" in str(path) else fh
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    with pytest.raises(StorageError, match="no space left"):
+        check_writable(tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_extension_loads_with_every_cpu_operator():
     """The build under test has the compiled kernels the CPU plan runs (a build that silently
     lacked them would leave the suite testing the reference paths only)."""

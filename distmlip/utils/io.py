@@ -240,9 +240,14 @@ def check_writable(folder, what: str = "output folder") -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = temp_path(folder / "write-probe")
-        with open(probe, "wb") as fh:
-            fh.write(b"x")
-        probe.unlink()
+        try:
+            with open(probe, "wb") as fh:
+                fh.write(b"x")
+        finally:
+            # also when the write fails (a full disk: the file exists, the byte does not fit);
+            # the probe was left behind in the folder (sweep 20)
+            with contextlib.suppress(OSError):
+                probe.unlink()
     except OSError as exc:
         raise (storage_error(exc, folder, f"write to the {what}")
                or StorageError(f"cannot write to the {what} {folder}: {exc.strerror or exc}")) from None
