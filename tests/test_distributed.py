@@ -137,7 +137,7 @@ def test_placement_from_environment():
     assert L.placement({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) == ("none", 0, 1, 0, 1)  # batch script
     # a batch script is task 0: task 2 is a task of an srun step whose step variables did not
     # come through (a wrapper or container passing on some variables); it ran alone (sweep 19)
-    assert L.placement({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}) == ("mpi", 2, 4, 0, 4)
+    assert L.placement({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}) == ("mpi", 2, 4, 2, 4)
     assert L.placement({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "cn1"}) == ("mpi", 0, 2, 0, 2)
     with pytest.raises(L.DistributedError, match="disagree: rank 2 in a job of 2"):   # a task too many
         L.placement({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "2"}, strict=True)
@@ -147,7 +147,11 @@ def test_placement_from_environment():
                         "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == ("mpi", 3, 4, 1, 2)
     assert L.placement({"SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
                         "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}) == ("mpi", 5, 8, 1, 4)
-    assert L.placement({"PMI_SIZE": "3", "PMI_RANK": "2"}) == ("mpi", 2, 3, 0, 3)
+    # no local-rank variable, every rank on this node: the local rank is the rank (all were local
+    # rank 0, so every rank of a GPU node took GPU 0); with a local size below the job's, unknown
+    assert L.placement({"PMI_SIZE": "3", "PMI_RANK": "2"}) == ("mpi", 2, 3, 2, 3)
+    assert L.placement({"PMIX_RANK": "1", "PMIX_SIZE": "2"})[3] == 1
+    assert L.placement({"PMI_SIZE": "4", "PMI_RANK": "3", "PMI_LOCAL_SIZE": "2"}) == ("mpi", 3, 4, 0, 2)
     assert L.placement({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == ("torchrun", 1, 2, 1, 2)
     assert L.placement({"MPI_LOCALNRANKS": "2"}) == ("mpi", 0, 1, 0, 1)   # marker without a rank
     with pytest.raises(L.DistributedError, match="rank/size"):

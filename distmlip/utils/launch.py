@@ -114,8 +114,12 @@ def placement(environ: Optional[Mapping[str, str]] = None, *, strict: bool = Fal
             if strict and not 0 <= rank < size:
                 raise DistributedError(f"the launcher's variables disagree: rank {rank} in a job of {size} "
                                        f"({size_source(env)})")
-            return Placement(launcher, rank, size, _env_int(_LOCAL_RANK_VARS, 0, environ=env),
-                             _env_int(_LOCAL_SIZE_VARS, size, environ=env))
+            local_size = _env_int(_LOCAL_SIZE_VARS, size, environ=env)
+            # no local-rank variable (PMIx alone, a wrapper that passed on some variables): where
+            # every rank counts as on this node (no local size, or one of the whole job) the local
+            # rank is the rank; it was 0 for all, and on a GPU node every rank took GPU 0
+            local_rank = _env_int(_LOCAL_RANK_VARS, rank if local_size >= size else 0, environ=env)
+            return Placement(launcher, rank, size, local_rank, local_size)
         if strict:
             raise DistributedError("started by an MPI launcher but neither mpi4py nor the rank/size "
                                    "environment variables (OMPI_COMM_WORLD_RANK, PMI_RANK, "
