@@ -45,7 +45,11 @@ def test_xsf_writer_reader_exact(tmp_path, emt):
         assert np.array_equal(r.positions, s.positions)
         assert np.array_equal(r.pbc, s.pbc) and np.array_equal(r.numbers, s.numbers)
         if s.pbc.any():
-            np.testing.assert_allclose(r.cell, s.cell, atol=1e-14)
+            # a non-periodic axis keeps its direction, with at least 20 A of vacuum for aenet
+            per = np.asarray(s.pbc)
+            np.testing.assert_allclose(r.cell[per], s.cell[per], atol=1e-14)
+            for d in np.flatnonzero(~per):
+                np.testing.assert_allclose(np.cross(r.cell[d], s.cell[d]), 0.0, atol=1e-9)
     # forces absent, free molecule
     p = tmp_path / "m.xsf"
     p.write_text("# total energy = -1.25 eV\n\nATOMS\nH 0 0 0\nH 0 0 0.74\n")
@@ -65,6 +69,34 @@ def test_xsf_primvec_without_keyword_is_periodic(tmp_path):
     assert slab.pbc.tolist() == [True, True, False]        # a keyword still says what it says
     convert(_cfg([tmp_path / "bare.xsf"], tmp_path / "d.h5"))
     assert H5Dataset(tmp_path / "d.h5")[0].pbc.all()
+
+
+def test_xsf_of_a_slab_gives_aenet_20_A_of_vacuum_whatever_its_cell(tmp_path):
+    """aenet reads every PRIMVEC cell as periodic in all three directions.  A slab whose
+    non-periodic vector left 2 A between the atoms and their image was written as it was, and
+    predict.x let the slab interact with its image; a skewed vacuum vector counts by its height.
+    Now every non-periodic axis gets at least 20 A of vacuum along the normal of the periodic
+    plane, in its own direction; atoms, periodic vectors and a long enough vector are kept."""
+    from ase.build import fcc100
+
+    from distmlip.data.structure import Structure
+
+    a = fcc100("Cu", (2, 2, 3), vacuum=1.0)           # 2 A between the top layer and the image
+    for third in (a.cell[2], a.cell[2] + [1.0, 0.5, 0.0], a.cell[2] * 30):
+        cell = np.array(a.cell)
+        cell[2] = third
+        s = Structure(a.numbers.copy(), a.positions.copy(), cell, np.array([True, True, False]), energy=-1.0)
+        write_xsf(tmp_path / "s.xsf", s)
+        back = read_xsf(tmp_path / "s.xsf")[0]
+        np.testing.assert_array_equal(back.positions, s.positions)
+        np.testing.assert_array_equal(back.cell[:2], s.cell[:2])
+        n = np.cross(cell[0], cell[1])
+        n /= np.linalg.norm(n)
+        extent = np.ptp(s.positions @ n)
+        assert back.cell[2] @ n >= extent + 20.0 - 1e-9
+        np.testing.assert_allclose(np.cross(back.cell[2], third), 0.0, atol=1e-9)       # same direction
+        if third @ n >= extent + 20.0:
+            np.testing.assert_array_equal(back.cell[2], third)
 
 
 def test_convert_round_trip_values_equal_files(tmp_path, xsf_dir, emt):

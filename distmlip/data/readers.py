@@ -235,13 +235,22 @@ def write_xsf(path, structure: Structure, precision: int | None = None) -> None:
         out.append("PRIMVEC")
         cell = np.asarray(s.cell, dtype=np.float64).reshape(3, 3)
         full = complete_cell(cell, np.asarray(pbc))
+        pos = np.asarray(s.positions, dtype=np.float64)
         for d in range(3):
-            if not pbc[d] and not np.array_equal(full[d], cell[d]):
-                # a zero (or dependent) vector of a non-periodic axis: aenet reads every PRIMVEC
-                # cell as periodic in all three directions (predict.x crashed on zero vectors),
-                # so the axis gets a vacuum vector: the atoms' extent along it plus 20 A
-                x = np.asarray(s.positions, dtype=np.float64) @ full[d]
-                full[d] = full[d] * (float(x.max() - x.min()) + 20.0 if len(x) else 20.0)
+            if pbc[d]:
+                continue
+            # aenet reads every PRIMVEC cell as periodic in all three directions (predict.x crashed
+            # on zero vectors, and a slab's short vacuum vector made its periodic images interact):
+            # a non-periodic axis gets at least 20 A of vacuum between the atoms and their image,
+            # measured along the normal of the other two vectors, its direction kept
+            if not np.array_equal(full[d], cell[d]):
+                full[d] = full[d] / np.linalg.norm(full[d])       # a zero or dependent vector replaced
+            n = np.cross(full[(d + 1) % 3], full[(d + 2) % 3])
+            n /= np.linalg.norm(n)
+            height = abs(float(full[d] @ n))
+            extent = float(np.ptp(pos @ n)) if len(pos) else 0.0
+            if height < extent + 20.0:
+                full[d] = full[d] * ((extent + 20.0) / height)
         for v in full:
             out.append("    ".join(fmt.format(x) for x in v))
         out.append("PRIMCOORD")
