@@ -98,3 +98,36 @@ def rattled_copies(atoms, count: int, rng, skew: float = 0.0, unwrap: bool = Fal
         out.append(Structure(numbers=b.numbers.copy(), positions=b.positions.copy(), cell=np.array(b.cell),
                              pbc=b.pbc.copy(), energy=float(rng.normal())))
     return out
+
+
+def read_only_folder(folder):
+    """Context manager: ``folder`` (with its files) read-only for this process and its children.
+    chmod where permissions count; as root (who ignores them) a read-only bind mount of the folder
+    onto itself; a skip where neither is possible."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def _ro():
+        folder_ = Path(folder)
+        if os.geteuid() != 0:
+            modes = {p: p.stat().st_mode for p in [folder_, *folder_.iterdir()]}
+            for p, m in modes.items():
+                p.chmod(m & ~0o222)
+            try:
+                yield folder_
+            finally:
+                for p, m in modes.items():
+                    p.chmod(m)
+            return
+        res = subprocess.run(["mount", "--bind", str(folder_), str(folder_)], capture_output=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot make a read-only folder here ({res.stderr.decode().strip()})")
+        try:
+            res = subprocess.run(["mount", "-o", "remount,bind,ro", str(folder_)], capture_output=True)
+            if res.returncode != 0:
+                pytest.skip(f"cannot make a read-only folder here ({res.stderr.decode().strip()})")
+            yield folder_
+        finally:
+            subprocess.run(["umount", "-l", str(folder_)], capture_output=True)
+
+    return _ro()

@@ -16,7 +16,7 @@ from distmlip.descriptors.featurize import FeatureCache, StaleCacheError, defaul
 from distmlip.descriptors.spec import DescriptorSpec
 from distmlip.training.config import load_train_config
 from distmlip.training.trainer import Trainer
-from helpers import distmlip_cli, mpirun
+from helpers import distmlip_cli, mpirun, read_only_folder
 
 SPEC = DescriptorSpec(rc_radial=4.0, n_radial=4, rc_angular=3.0, n_angular=2)
 
@@ -323,3 +323,29 @@ def test_default_cache_name_of_a_long_data_file_name_fits(tmp_path, emt_h5):
     cache = open_or_build(ds, ["Cu", "Au"], spec, "reference", mode="on")
     assert cache is not None and cache.path == path
     cache.close()
+
+
+def test_cache_beside_read_only_data_is_a_clear_error_or_a_warning(tmp_path, emt_h5):
+    """Data on a read-only folder (a group's shared data set): 'distmlip featurize' ended in a
+    PermissionError traceback from h5py naming the temporary file, and training with
+    descriptor.cache auto silently ran without its cache (sweep 20).  Now featurize is one error
+    naming the cache and the setting, training says why it has no cache, and nothing is written
+    beside the data."""
+    data = emt_h5.parent            # holds emt.h5 alone
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"""
+data: {{train: [{data / 'emt.h5'}], fractions: [0.75, 0.25, 0.0]}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference, cache: auto}}
+model: {{hidden: [4]}}
+training: {{epochs: 1, batch_atoms: 40, output: {tmp_path / 'run'}, progress_bar: 'off'}}
+""")
+    with read_only_folder(data):
+        res = distmlip_cli(["featurize", str(data / "emt.h5"), "--config", str(cfg)], check=False)
+        text = res.stdout + res.stderr
+        assert res.returncode == 2 and "Traceback" not in text, text
+        assert "descriptor cache" in text and str(data / "emt.h5.desc-") in text and "descriptor.cache_file" in text, text
+        res = distmlip_cli(["train", str(cfg)], check=False)
+        text = res.stdout + res.stderr
+        assert res.returncode == 0, text
+        assert "without a descriptor cache" in text and "descriptor.cache_file" in text, text
+    assert sorted(p.name for p in data.iterdir()) == ["emt.h5"]

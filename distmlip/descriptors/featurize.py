@@ -413,8 +413,11 @@ def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=Non
     their blocks one after the other (HDF5 files are written by one process at a time)."""
     import h5py
 
+    import contextlib
+
     from ..data.stream import make_batches, partition_by_atoms
-    from ..utils.io import clean_stale_temps, temp_path
+    from ..errors import StorageError
+    from ..utils.io import clean_stale_temps, storage_error, temp_path
 
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     out_path = Path(out_path)
@@ -431,28 +434,39 @@ def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=Non
     blocks = make_batches(parts[rank], natoms, block_atoms, 1 << 30)
 
     _check_space(out_path, int(off[-1]) * dim * 8)     # every rank, the same answer: none waits
-    tmp = temp_path(out_path) if rank == 0 else None
-    if ctx is not None:
-        tmp = ctx.broadcast_object(tmp)
+    tmp, err = (temp_path(out_path), None) if rank == 0 else (None, None)
     if rank == 0:
         fp = {"content": ds.content_id, "files": [os.path.basename(str(p)) for p in ds.paths]}
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(out_path.parent)
-        with h5py.File(tmp, "w") as f:
-            # fletcher32: a damaged block is an error on read, not features silently trained on
-            f.create_dataset("features", shape=(int(off[-1]), dim), dtype=np.float64,
-                             chunks=(max(1, min(FeatureCache.CHUNK_ROWS, int(off[-1]))), dim) if off[-1] else None,
-                             fletcher32=bool(off[-1]))
-            f.create_dataset("atom_offset", data=off)
-            f.attrs["format"] = FORMAT
-            f.attrs["version"] = VERSION
-            f.attrs["complete"] = False
-            f.attrs["key"] = json.dumps(key)
-            f.attrs["data"] = json.dumps(fp)
-            f.attrs["n_structures"] = len(natoms)
-            f.attrs["n_atoms"] = int(off[-1])
-            f.attrs["dim"] = dim
-            f.attrs["backend"] = kernels
+        try:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(out_path.parent)
+            with h5py.File(tmp, "w") as f:
+                # fletcher32: a damaged block is an error on read, not features silently trained on
+                f.create_dataset("features", shape=(int(off[-1]), dim), dtype=np.float64,
+                                 chunks=(max(1, min(FeatureCache.CHUNK_ROWS, int(off[-1]))), dim) if off[-1] else None,
+                                 fletcher32=bool(off[-1]))
+                f.create_dataset("atom_offset", data=off)
+                f.attrs["format"] = FORMAT
+                f.attrs["version"] = VERSION
+                f.attrs["complete"] = False
+                f.attrs["key"] = json.dumps(key)
+                f.attrs["data"] = json.dumps(fp)
+                f.attrs["n_structures"] = len(natoms)
+                f.attrs["n_atoms"] = int(off[-1])
+                f.attrs["dim"] = dim
+                f.attrs["backend"] = kernels
+        except OSError as exc:
+            # a read-only data folder (the default cache sits beside the data): a traceback
+            # before (sweep 20), and under MPI the other ranks waited at the next barrier
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            e = storage_error(exc, out_path, "write the descriptor cache")
+            err = str(e) if e is not None else f"cannot write the descriptor cache {out_path}: {exc}"
+    if ctx is not None:
+        tmp, err = ctx.broadcast_object((tmp, err))
+    if err is not None:             # every rank: none waits for the others
+        raise StorageError(f"{err}; point descriptor.cache_file (featurize -o) to a writable folder, or set "
+                           f"descriptor.cache: off")
     for k in range(n_rounds):
         G = None
         if k < len(blocks):
@@ -527,6 +541,11 @@ def open_or_build(ds, species, spec: DescriptorSpec, kernels: str, path=None, mo
             if mode == "on":
                 raise ConfigError(f"descriptor.cache: on, but the cache {path} is {status.split(':')[0]} and its "
                                   f"folder is not writable (set descriptor.cache_file)")
+            if warn_fn is not None and rank0:
+                # (a read-only data folder cost every step its descriptors without a word, sweep 20)
+                warn_fn(f"descriptor cache {path} is {status.split(':')[0]} and its folder is not writable: "
+                        f"training without a descriptor cache (descriptors computed every step); set "
+                        f"descriptor.cache_file to a writable place to build one, or descriptor.cache: off")
             return None
         if status.startswith("stale") and warn_fn is not None and rank0:
             warn_fn(status[len("stale: "):] + " -- rebuilding it")
