@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from distmlip.models.bpnn import BPNN
@@ -108,3 +109,25 @@ def test_torchscript_export_runs_without_distmlip(tmp_path):
         energies.append(es)
     assert energies[1][0] - energies[0][0] > 1.0          # the close pair: ZBL really is in both
     assert abs(energies[1][1] - energies[0][1]) < 1e-12   # no pair inside the ZBL radii
+
+
+def test_torchscript_export_to_a_full_disk_is_one_clear_error(tmp_path):
+    """torch's TorchScript writer met a full disk with a C++ exception: the process aborted
+    (exit 134, a page of C++ frames) and left its temporary file (sweep 20, a 200 KiB tmpfs)."""
+    from helpers import distmlip_cli
+
+    model = tmp_path / "model.pt"
+    _model({}).save(model)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.decode().strip()})")
+    try:
+        (mnt / "filler").write_bytes(b"\0" * 60_000)
+        res = distmlip_cli(["export", "--format", "torchscript", str(model), "-o", str(mnt / "ts.pt")], check=False)
+        text = res.stdout + res.stderr
+        assert res.returncode == 2 and "no space left" in text and str(mnt / "ts.pt") in text, text
+        assert sorted(p.name for p in mnt.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

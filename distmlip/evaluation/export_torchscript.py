@@ -327,6 +327,10 @@ def write_torchscript(model, path) -> str:
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
         scripted = torch.jit.script(mod)
+    # written through a Python file: torch's own writer met a full disk with a C++ exception
+    # that ended the process (abort, exit 134, the temporary file left behind, sweep 20)
+    data = scripted.save_to_buffer()
     with atomic_path(path, suffix=".pt") as tmp:
-        scripted.save(str(tmp))
+        with open(tmp, "wb") as fh:
+            fh.write(data)
     return str(path)
