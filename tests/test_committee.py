@@ -102,6 +102,34 @@ def angles(a, b):
     return np.array(out)
 
 
+def test_committee_and_single_run_in_one_folder_keep_each_others_files_apart(tmp_path, emt_h5):
+    """A committee trained into a folder that held a single run left that run's model.pt,
+    checkpoint.pt and log.csv beside committee.pt, under the committee's config.yaml (a model
+    file and a config that do not belong together); a single run into a committee's folder left
+    committee.pt and member_XX/ beside its model.pt; a committee of K = 2 into one of K = 3 left
+    member_02/ (sweep 20).  The earlier run's files now move to previous-<time>/."""
+    from distmlip.training.trainer import Trainer
+
+    out = tmp_path / "run"
+    ctx = init_distributed("cpu")
+    single = cfg_for(tmp_path, emt_h5, out, epochs=1, extra="")
+    Trainer(single, quiet=True).fit()
+    assert train_committee(cfg_for(tmp_path, emt_h5, out, epochs=1, extra="committee: {K: 3}"), ctx, quiet=True) == "done"
+    top = sorted(p.name for p in out.iterdir() if not p.name.startswith("previous-"))
+    assert top == ["committee.json", "committee.pt", "config.yaml", "member_00", "member_01", "member_02"], top
+    prev = sorted(out.glob("previous-*"))
+    assert len(prev) == 1 and (prev[0] / "model.pt").is_file() and (prev[0] / "checkpoint.pt").is_file()
+    assert train_committee(cfg_for(tmp_path, emt_h5, out, epochs=1), ctx, quiet=True) == "done"
+    top = sorted(p.name for p in out.iterdir() if not p.name.startswith("previous-"))
+    assert top == ["committee.json", "committee.pt", "config.yaml", "member_00", "member_01"], top
+    assert len(members(out / "committee.pt")) == 2
+    Trainer(single, quiet=True).fit()
+    top = sorted(p.name for p in out.iterdir() if not p.name.startswith("previous-"))
+    assert top == ["best_model.pt", "checkpoint.pt", "config.yaml", "last_model.pt", "log.csv", "model.pt"], top
+    last = sorted(out.glob("previous-*"), key=lambda p: p.stat().st_mtime)[-1]
+    assert (last / "committee.pt").is_file() and (last / "member_00" / "model.pt").is_file()
+
+
 def test_committee_metrics_vs_numpy(committee_file, emt_h5, tmp_path):
     from distmlip.evaluation.evaluate import evaluate, load_models as eval_load
 

@@ -86,6 +86,10 @@ def train_committee(cfg, ctx, resume: bool = False, quiet: bool = False, step_ca
     g, gctx = ctx.split(G)
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            from .trainer import keep_earlier_run
+
+            keep_earlier_run(out, quiet=quiet, members_from=K)
         import yaml
 
         from ..config import config_to_dict

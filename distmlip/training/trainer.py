@@ -156,6 +156,42 @@ FORCE_RMS_TRIM = 0.01
 FORCE_RMS_DOMINATED = 1.5
 
 
+# what a committee writes into its output folder besides its member_XX/ folders
+COMMITTEE_FILES = ("committee.pt", "committee.json")
+
+
+def keep_earlier_run(out, quiet: bool = False, members_from: int = 0) -> Path | None:
+    """A new run in a folder that holds an earlier run's model or checkpoint (a config reused
+    without ``--resume``) replaced that model without a word; its files now move to
+    ``previous-<UTC time>/`` in the folder, and the warning says how to continue a run instead.
+    An earlier run is a single model's (model.pt, checkpoint.pt, ...) or a committee's
+    (committee.pt, committee.json, member_XX/ from ``members_from`` on: a new committee's own
+    members move their own folders' files): a committee written into a single run's folder left
+    that run's model.pt beside committee.pt under the committee's config.yaml, and a single run
+    into a committee's folder the committee's files beside its model (sweep 20).  Returns the
+    folder the files went to, if any."""
+    out = Path(out)
+    old = [out / f for f in Trainer.RUN_FILES + COMMITTEE_FILES if (out / f).is_file()]
+    members = sorted(d for d in out.glob("member_[0-9]*")
+                     if d.is_dir() and d.name[7:].isdigit() and int(d.name[7:]) >= members_from)
+    if not any(p.name in ("model.pt", "checkpoint.pt", "committee.pt") for p in old) and not members:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = out / f"previous-{stamp}"
+    k = 1
+    while dest.exists():
+        k += 1
+        dest = out / f"previous-{stamp}-{k}"
+    dest.mkdir()
+    for p in old + members:
+        os.replace(p, dest / p.name)
+    if not quiet:
+        names = [p.name for p in old] + [p.name + "/" for p in members]
+        warn(f"{out} held an earlier run ({', '.join(names)}): moved to {dest} (to continue a run instead: "
+             f"distmlip train CONFIG --resume auto)")
+    return dest
+
+
 class Trainer:
     """Single- or multi-rank trainer of one BPNN (committees: K = 1 for now)."""
 
@@ -1785,24 +1821,7 @@ class Trainer:
         return self.resume_hint or f"'distmlip train CONFIG --resume {self.out / 'checkpoint.pt'}'"
 
     def _keep_earlier_run(self) -> None:
-        """A new run in a folder that holds an earlier run's model or checkpoint (a config reused
-        without ``--resume``) replaced that model without a word; its files now move to
-        ``previous-<UTC time>/`` in the folder, and the warning says how to continue a run instead."""
-        old = [self.out / f for f in self.RUN_FILES if (self.out / f).is_file()]
-        if not any(p.name in ("model.pt", "checkpoint.pt") for p in old):
-            return
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        dest = self.out / f"previous-{stamp}"
-        k = 1
-        while dest.exists():
-            k += 1
-            dest = self.out / f"previous-{stamp}-{k}"
-        dest.mkdir()
-        for p in old:
-            os.replace(p, dest / p.name)
-        if not self.quiet:
-            warn(f"{self.out} held an earlier run ({', '.join(p.name for p in old)}): moved to {dest} "
-                 f"(to continue a run instead: distmlip train CONFIG --resume auto)")
+        keep_earlier_run(self.out, quiet=self.quiet)
 
     def _progress(self, total, initial):
         tc = self.cfg.training
