@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Union
@@ -137,6 +139,9 @@ def from_dict(cls, data, *, source=None, path: str = ""):
             f"valid keys are: {', '.join(sorted(valid))}")
     kwargs = {k: _coerce(v, hints[k], k, source, path) for k, v in data.items()}
     for k, v in kwargs.items():
+        if fields[k].metadata.get("path"):
+            kwargs[k] = expand_path(v, f"{path}.{k}" if path else k, source)
+    for k, v in kwargs.items():
         _check_bounds(fields[k], v, f"{path}.{k}" if path else k, source)
     kwargs.update(inline)
     try:
@@ -157,6 +162,89 @@ def bounds(ge=None, gt=None, le=None, lt=None, **extra) -> dict:
 
 
 _BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+# settings that name files or folders, declared where the setting is:
+# field(default=..., metadata=paths("in")) for what is read, paths("out") for what is written
+def paths(kind: str = "in", **extra) -> dict:
+    """Field metadata of a path setting (a string or a list of strings): ``~`` and environment
+    variables ($SCRATCH, ${USER}) are expanded as a shell would, an unset variable is an error,
+    and a relative input path is taken from the working directory (as on the command line),
+    which :func:`load_config` checks against the configuration file's folder."""
+    assert kind in ("in", "out")
+    return {"path": kind, **extra}
+
+
+_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def expand_path(value, full: str, source=None):
+    """``~`` and ``$VARIABLES`` of a path setting expanded; an unset variable is a ConfigError.
+    (They were taken literally: 'output: ~/runs/a' trained into a folder named '~' in the working
+    directory, and '$SCRATCH/train.h5' was 'does not exist', sweep 20.)"""
+    if isinstance(value, (list, tuple)):
+        return type(value)(expand_path(v, full, source) for v in value)
+    if not isinstance(value, str):
+        return value
+    for m in _VARIABLE.finditer(value):
+        name = m.group(1).strip("{}")
+        if name not in os.environ:
+            raise ConfigError(f"'{full}'{_where(source, '')}: {value!r} uses the environment variable ${name}, "
+                              f"which is not set in this job (paths expand ~ and $VARIABLES as a shell does)")
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+def _path_settings(obj, prefix: str = ""):
+    """(key, kind, value) of every path setting of a configuration dataclass, recursively."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        key = prefix if f.metadata.get("inline") else f"{prefix}{f.name}."
+        if dataclasses.is_dataclass(v):
+            yield from _path_settings(v, key)
+        elif f.metadata.get("path") and v:
+            yield f"{prefix}{f.name}", f.metadata["path"], v
+
+
+def check_relative_paths(obj, source) -> None:
+    """Relative input paths are taken from the working directory, not from the folder of the
+    configuration file ``source``.  A batch script that changes directory before the run made a
+    relative path miss (an error naming the path alone) or, worse, hit another file of the same
+    name (sweep 20).  Now: a path missing from the working directory that exists beside the
+    configuration is an error naming both; one that exists in both places as different files is
+    a warning naming the one used."""
+    if source is None:
+        return
+    home = Path(os.path.abspath(source)).parent
+    cwd = Path.cwd()
+    try:
+        if home.resolve() == cwd.resolve():
+            return
+    except OSError:
+        return
+    for key, kind, value in _path_settings(obj):
+        if kind != "in":
+            continue
+        for p in (value if isinstance(value, (list, tuple)) else [value]):
+            if not isinstance(p, str) or os.path.isabs(p) or any(c in p for c in "*?[{"):
+                continue
+            here, there = cwd / p, home / p
+            if not there.exists():
+                continue
+            if not here.exists():
+                raise ConfigError(f"'{key}' of {source}: {p} does not exist in the working directory {cwd}; "
+                                  f"{there} does: relative paths in a configuration are taken from the working "
+                                  f"directory, not from the configuration's folder: write {there}, or run from {home}")
+            try:
+                same = os.path.samefile(here, there)
+            except OSError:
+                same = False
+            if not same:
+                from .utils.launch import placement
+                from .utils.log import warn
+
+                if placement().rank == 0:
+                    warn(f"'{key}' of {source}: {p} is {here} (relative paths in a configuration are taken from "
+                         f"the working directory); the configuration's folder holds another {there}")
 
 
 def _check_bounds(f, value, full, source) -> None:
@@ -203,7 +291,9 @@ def load_config(path, cls, overrides: dict | None = None):
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     try:
-        return from_dict(cls, data, source=str(path) if path is not None else None)
+        cfg = from_dict(cls, data, source=str(path) if path is not None else None)
+        check_relative_paths(cfg, path)
+        return cfg
     except ConfigError as exc:
         # the message names the file; a key or value that came from --set did not come from it
         msg = str(exc)

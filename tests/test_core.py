@@ -73,6 +73,58 @@ def test_config_errors_from_overrides_say_so(tmp_path):
     assert "--set" not in str(exc.value)
 
 
+def test_config_paths_expand_home_and_variables(tmp_path, monkeypatch):
+    """'~' and $VARIABLES in path settings were taken literally: 'output: ~/runs/a' trained into a
+    folder named '~' under the working directory (exit 0), '$SCRATCH/train.h5' did not exist
+    (sweep 20).  They expand as in a shell; an unset variable is an error naming it."""
+    from distmlip.training.config import load_train_config
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SW20_DATA", str(tmp_path / "scratch"))
+    monkeypatch.chdir(tmp_path)
+    y = tmp_path / "t.yaml"
+    y.write_text("data: {train: [$SW20_DATA/a.h5, '${SW20_DATA}/b.h5']}\n"
+                 "training: {output: ~/runs/a, warm_start: ~/m.pt}\ndescriptor: {cache_file: $SW20_DATA/c.h5}\n")
+    cfg = load_train_config(y)
+    assert cfg.data.train == [str(tmp_path / "scratch" / "a.h5"), str(tmp_path / "scratch" / "b.h5")]
+    assert cfg.training.output == str(tmp_path / "home" / "runs" / "a")
+    assert cfg.training.warm_start == str(tmp_path / "home" / "m.pt")
+    assert cfg.descriptor.cache_file == str(tmp_path / "scratch" / "c.h5")
+    cfg = load_train_config(y, {"training.output": "~/other"})          # --set / -o too
+    assert cfg.training.output == str(tmp_path / "home" / "other")
+    monkeypatch.delenv("SW20_DATA")
+    with pytest.raises(ConfigError, match=r"data\.train.*SW20_DATA.*not set"):
+        load_train_config(y)
+
+
+def test_relative_config_paths_against_the_working_directory(tmp_path, monkeypatch, capsys):
+    """Relative paths in a configuration are taken from the working directory.  A batch script
+    that changed directory before the run got 'does not exist' naming the path alone, or silently
+    trained on another file of the same name there (sweep 20): the first is now an error naming
+    the file beside the configuration, the second a warning naming both."""
+    from distmlip.training.config import load_train_config
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "job").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "cfg" / "train.h5").write_bytes(b"first")
+    (tmp_path / "other" / "train.h5").write_bytes(b"second")
+    y = tmp_path / "cfg" / "t.yaml"
+    y.write_text("data: {train: [train.h5]}\ntraining: {output: run}\n")
+    monkeypatch.chdir(tmp_path / "job")
+    with pytest.raises(ConfigError, match=r"data\.train.*train\.h5 does not exist in the working directory") as err:
+        load_train_config(y)
+    assert str(tmp_path / "cfg" / "train.h5") in str(err.value)
+    monkeypatch.chdir(tmp_path / "other")
+    cfg = load_train_config(y)
+    assert cfg.data.train == ["train.h5"]                  # the working directory's, as documented
+    text = capsys.readouterr().err
+    assert str(tmp_path / "other" / "train.h5") in text and str(tmp_path / "cfg" / "train.h5") in text, text
+    monkeypatch.chdir(tmp_path / "cfg")                    # the usual case: nothing said
+    load_train_config(y)
+    assert capsys.readouterr().err == ""
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     f = tmp_path / "out.txt"
     atomic_write_text(f, "old")

@@ -72,7 +72,7 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 
-from ..config import bounds
+from ..config import bounds, paths
 from ..distributed.liveness import Heartbeat
 from ..errors import ConfigError, InputError
 from ..gpr.augment import GPRSettings
@@ -110,7 +110,7 @@ class ExploreUncertainty:
     kind: Literal["auto", "committee", "gpr"] = "auto"   # auto: committee for K > 1, else gpr
     # committee: eV/A (max atomic force deviation); gpr: eV (energy sigma)
     threshold: float = field(default=0.2, metadata=bounds(gt=0.0))
-    gpr_data: Optional[list[str]] = None   # GPR training data (default: train_config's data.train)
+    gpr_data: Optional[list[str]] = field(default=None, metadata=paths("in"))   # GPR training data (default: train_config's data.train)
     gpr_max_structures: int = field(default=400, metadata=bounds(ge=2))   # per GPR at most (seeded subsample)
     gpr: GPRSettings = field(default_factory=GPRSettings)
 
@@ -135,10 +135,10 @@ class ExploreTargets:
 
 @dataclass
 class ExploreConfig:
-    model: str = ""                     # model or committee file to start from
-    train_config: str = ""              # the training configuration of that model (data.train: initial data)
-    structures: list[str] = field(default_factory=list)   # starting structures (every frame of each file)
-    output: str = "explore"
+    model: str = field(default="", metadata=paths("in"))                     # model or committee file to start from
+    train_config: str = field(default="", metadata=paths("in"))              # the training configuration of that model (data.train: initial data)
+    structures: list[str] = field(default_factory=list, metadata=paths("in"))   # starting structures (every frame of each file)
+    output: str = field(default="explore", metadata=paths("out"))
     iterations: int = field(default=5, metadata=bounds(ge=1))
     label_with: Optional[str] = None    # ase:EMT, package.module:Class; None: stop for external labels
     label_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -149,7 +149,7 @@ class ExploreConfig:
     # before each warm start, refit the normalisation on all data keeping the model's energies
     # (the old energy scale can cap what the networks reach; models/ann.py)
     refit_normalization: bool = True
-    test_data: Optional[list[str]] = None
+    test_data: Optional[list[str]] = field(default=None, metadata=paths("in"))
     device: str = "cpu"
     md: ExploreMD = field(default_factory=ExploreMD)
     uncertainty: ExploreUncertainty = field(default_factory=ExploreUncertainty)

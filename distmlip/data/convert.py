@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import load_config
+from ..config import load_config, paths
 from ..errors import ConfigError, DistmlipError, InputError
 from ..utils.io import atomic_write_text, check_writable, clean_stale_temps, rename_target, temp_path
 from ..utils.launch import placement
@@ -37,8 +37,8 @@ from .validate import DEFAULT_MIN_DISTANCE, check_structure
 @dataclass
 class ConvertConfig:
     """Settings of ``distmlip convert`` (also accepted as a YAML file via --config)."""
-    inputs: list[str] = field(default_factory=list)
-    output: str = ""
+    inputs: list[str] = field(default_factory=list, metadata=paths("in"))
+    output: str = field(default="", metadata=paths("out"))
     format: Optional[str] = None
     reference_energies: dict[str, float] = field(default_factory=dict)
     min_distance: float = DEFAULT_MIN_DISTANCE

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from .._ext import has_kernel
+from ..config import paths
 from ..errors import ConfigError
 
 # type name -> "module:class" of its implementation (imported on first use)
@@ -142,7 +143,7 @@ class DescriptorConfig:
     spec: DescriptorSpec = field(default_factory=_default_spec, metadata={"inline": True})
     backend: Literal["auto", "reference", "fused"] = "auto"
     cache: Union[Literal["auto", "on", "off"], bool] = "auto"
-    cache_file: Optional[str] = None   # default: featurize.default_cache_path; validation data: CACHE_FILE.val.h5
+    cache_file: Optional[str] = field(default=None, metadata=paths("out"))   # default: featurize.default_cache_path; validation data: CACHE_FILE.val.h5
 
     def validate(self):
         if isinstance(self.cache, bool):

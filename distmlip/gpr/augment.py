@@ -46,7 +46,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from ..config import bounds, load_config, parse_override
+from ..config import bounds, load_config, parse_override, paths
 from ..data.validate import energy_force_check, robust_outliers, unit_slope, unit_slope_warning
 from ..descriptors.spec import DescriptorSpec
 from ..errors import ConfigError, DistmlipError, InputError
@@ -126,14 +126,14 @@ class GPRSettings:
     select: Literal["lml", "loo"] = "lml"   # among the optima: max LML or min LOO energy MAE
     fit_subsample: Literal["random", "local"] = "local"   # which structures the LML fit sees
     max_kernel_obs: Optional[int] = None   # split into local GPRs above this (None: from memory)
-    save: Optional[str] = None       # directory: write each subset's fitted GPR (<subset>.gpr.pt)
+    save: Optional[str] = field(default=None, metadata=paths("out"))       # directory: write each subset's fitted GPR (<subset>.gpr.pt)
     # none: every subset searches its own hyperparameters.  chemistry: subsets with the same
     # elements whose GPR uses the local kernel take the hyperparameters (and descriptor scale)
     # of the largest of them, whose search runs once (one atomic energy function per
     # chemistry); each keeps its own data and factorisation.  It halves the demo's fit time but
     # cost label accuracy there (docs/gpr.md), hence not the default.  Off with `load`.
     share: Literal["none", "chemistry"] = "none"
-    load: Optional[str] = None       # directory of saved fits (distmlip gpr fit / gpr.save): reuse them
+    load: Optional[str] = field(default=None, metadata=paths("in"))       # directory of saved fits (distmlip gpr fit / gpr.save): reuse them
     # share of MemAvailable for a kernel, split between the ranks of a node (augment)
     memory_fraction: float = 0.5
     device: str = "cpu"
@@ -164,8 +164,8 @@ class SubsetSettings:
 
 @dataclass
 class AugmentConfig:
-    input: str = ""
-    output: str = ""
+    input: str = field(default="", metadata=paths("in"))
+    output: str = field(default="", metadata=paths("out"))
     method: Literal["gpr", "taylor"] = "gpr"
     copies: int = 20
     delta: float = 0.03
@@ -190,9 +190,9 @@ class AugmentConfig:
     weighting: Literal["none", "variance"] = "variance"
     weight_sigma: Optional[float] = None
     weight_sigma_floor: float = field(default=0.001, metadata=bounds(ge=0.0))   # eV per atom
-    candidates: Optional[str] = None      # default <output stem>.candidates.xyz
-    report: Optional[str] = None          # default <output stem>.report.json (+ .txt)
-    workdir: Optional[str] = None         # default <output>.shards
+    candidates: Optional[str] = field(default=None, metadata=paths("out"))      # default <output stem>.candidates.xyz
+    report: Optional[str] = field(default=None, metadata=paths("out"))          # default <output stem>.report.json (+ .txt)
+    workdir: Optional[str] = field(default=None, metadata=paths("out"))         # default <output>.shards
     subsets: dict[str, SubsetSettings] = field(default_factory=dict)
     gpr: GPRSettings = field(default_factory=GPRSettings)
 

@@ -16,15 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from ..config import bounds
+from ..config import bounds, paths
 from ..descriptors.spec import DescriptorConfig
 from ..errors import ConfigError
 
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)
-    validation: Optional[list[str]] = None
+    train: list[str] = field(default_factory=list, metadata=paths("in"))
+    validation: Optional[list[str]] = field(default=None, metadata=paths("in"))
     split_seed: int = field(default=0, metadata=bounds(ge=0))
     fractions: list[float] = field(default_factory=lambda: [0.9, 0.1, 0.0], metadata=bounds(ge=0.0, le=1.0))
     by_subset: bool = True             # stratify the split per subset (exact shares in every subset)
@@ -112,9 +112,9 @@ class TrainingConfig:
     # every checkpoint_every epochs (0: off) and always at the end, a stop and early stopping
     checkpoint_every: int = field(default=0, metadata=bounds(ge=0))
     checkpoint_minutes: float = field(default=10.0, metadata=bounds(ge=0.0))
-    output: str = "run"
+    output: str = field(default="run", metadata=paths("out"))
     device: str = "auto"                # auto | cpu | cuda | cuda:N
-    warm_start: Optional[str] = None    # model file to fine-tune from
+    warm_start: Optional[str] = field(default=None, metadata=paths("in"))    # model file to fine-tune from
     refit_normalization: bool = False   # with warm_start: refit the normalisation, keeping the model's energies
     validate_every: int = field(default=1, metadata=bounds(ge=1))
     log_every: int = field(default=1, metadata=bounds(ge=1))   # epochs between progress lines (the CSV has every epoch)
