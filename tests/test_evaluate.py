@@ -255,6 +255,39 @@ training: {{epochs: 1, batch_atoms: 40, output: {tmp_path / 'run'}, progress_bar
     assert other != want and "the command line" in capsys.readouterr().out
 
 
+def test_evaluate_split_is_the_runs_split_from_another_directory(tmp_path, capsys, emt_h5, monkeypatch):
+    """The run's config.yaml holds data.train as given, relative to the training's working
+    directory: evaluate started from another directory (a batch script's cd) did not recognise the
+    evaluated file as the training data and scored the split of its own defaults, training
+    structures included (sweep 20).  The model's record names its data by content."""
+    import shutil
+
+    from distmlip.cli import main as cli_main
+    from distmlip.training.config import load_train_config
+    from distmlip.training.trainer import Trainer
+
+    (tmp_path / "job").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(emt_h5, tmp_path / "job" / "d.h5")
+    (tmp_path / "job" / "c.yaml").write_text("""
+data: {train: [d.h5], fractions: [0.6, 0.4, 0.0], by_subset: false, split_seed: 3}
+descriptor: {rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}
+model: {hidden: [4]}
+training: {epochs: 1, batch_atoms: 40, output: run, progress_bar: 'off'}
+""")
+    monkeypatch.chdir(tmp_path / "job")
+    tr = Trainer(load_train_config("c.yaml"), quiet=True)
+    tr.fit()
+    want = sorted(int(i) for i in tr.val_idx)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli_main(["evaluate", "../job/run/model.pt", "../job/d.h5", "--split", "val", "-o", "ev",
+                     "--no-plots"]) == 0
+    with open(tmp_path / "elsewhere" / "ev" / "structures.csv") as f:
+        got = sorted(int(r["index"]) for r in csv.DictReader(f))
+    assert got == want
+    assert "by the settings of ../job/run/config.yaml" in capsys.readouterr().out
+
+
 def test_evaluate_names_atoms_on_top_of_each_other(tmp_path, capsys):
     """A structure with two atoms at one position (convert --min-distance 0 lets it through)
     makes the descriptors NaN: evaluate names the pair and its distance, not the model."""

@@ -64,12 +64,17 @@ def select_indices(ds, split: str, seed: int = 0, fractions=(0.9, 0.1, 0.0), by_
     return np.nonzero(sp == SPLITS[split])[0].astype(np.int64)
 
 
-def split_settings(args) -> tuple[dict, str]:
+def split_settings(args, ds=None, record=None) -> tuple[dict, str]:
     """The split rule of ``evaluate --split``: a training configuration's data settings (--run-config,
     or config.yaml beside the model when its data.train are the evaluated files), overridden by
     any of --split-seed / --fractions / --by-subset given; and a line saying where they came from.
     Without them a split trained with other settings would be scored as another set of
-    structures (sweep 7: a 'validation' score that included training structures)."""
+    structures (sweep 7: a 'validation' score that included training structures).
+
+    The evaluated files are the run's when its data.train name them or, since those paths are
+    relative to the training's working directory, when the evaluated data set ``ds`` has the
+    content the model's training ``record`` names as its only data: evaluate run from another
+    directory than training scored the split of evaluate's defaults instead (sweep 20)."""
     from ..errors import ConfigError
     from ..training.config import DataConfig
 
@@ -88,7 +93,13 @@ def split_settings(args) -> tuple[dict, str]:
         data = cfg.get("data") or {}
         trained_on = [str(Path(p).resolve()) for p in data.get("train") or []]
         given = [str(Path(p).resolve()) for p in args.data]
-        if args.run_config or trained_on == given:
+        same = bool(args.run_config) or trained_on == given
+        label = str(cfg_path)
+        if not same and ds is not None and (record or {}).get("data") and list(record["data"]) == [ds.content_id]:
+            same = True
+            label += (" (the model's training data, recognised by content: the data.train paths there are "
+                      "relative to the training's working directory)")
+        if same:
             if data.get("validation"):
                 raise ConfigError(f"{cfg_path}: that run validated on {data['validation']}, not on a split of "
                                   f"{data.get('train')}: evaluate those files with --split all")
@@ -96,7 +107,7 @@ def split_settings(args) -> tuple[dict, str]:
                        by_subset=bool(data.get("by_subset", out["by_subset"])),
                        use_stored=bool(data.get("use_stored_split", out["use_stored"])),
                        patterns=data.get("split_patterns") or None)
-            parts.append(str(cfg_path))
+            parts.append(label)
     if args.split_seed is not None:
         out["seed"] = args.split_seed
     if args.fractions is not None:
@@ -301,7 +312,7 @@ def run(args) -> int:
 
     models = load_models(args.model, args.device, args.backend)
     ds = H5Dataset(args.data)
-    how, where = split_settings(args)
+    how, where = split_settings(args, ds, models[0].training_record)
     idx = select_indices(ds, args.split, **how)
     if args.split != "all":
         print(f"split '{args.split}' by the settings of {where}: "
