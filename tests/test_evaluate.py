@@ -288,6 +288,19 @@ training: {epochs: 1, batch_atoms: 40, output: run, progress_bar: 'off'}
     assert "by the settings of ../job/run/config.yaml" in capsys.readouterr().out
 
 
+def test_evaluate_model_in_a_folder_whose_name_holds_a_comma(tmp_path, emt_h5):
+    """A run folder named like its settings ('lr=1e-3,bs=64'): the model argument was split at the
+    comma (the committee syntax) and 'model file .../lr=1e-3 does not exist' (sweep 20)."""
+    from distmlip.cli import main as cli_main
+
+    run = tmp_path / "lr=1e-3,bs=64"
+    run.mkdir()
+    BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                        "backend": "reference"}, hidden=[5]).save(run / "model.pt")
+    assert cli_main(["evaluate", str(run / "model.pt"), str(emt_h5), "-o", str(tmp_path / "ev"), "--no-plots"]) == 0
+    assert (tmp_path / "ev" / "metrics.json").is_file()
+
+
 def test_evaluate_names_atoms_on_top_of_each_other(tmp_path, capsys):
     """A structure with two atoms at one position (convert --min-distance 0 lets it through)
     makes the descriptors NaN: evaluate names the pair and its distance, not the model."""

@@ -46,12 +46,21 @@ def add_arguments(p) -> None:
                    help="descriptor kernels (default auto: the fastest this device has)")
 
 
+def model_paths(spec) -> list[str]:
+    """The files of a MODEL argument: a comma-separated list of model and/or committee files, or
+    one file whose name holds a comma (a run folder 'lr=1e-3,bs=64': it was split at the comma
+    and reported missing, sweep 20)."""
+    spec = str(spec)
+    if "," in spec and Path(spec).is_file():
+        return [spec]
+    return [s for s in spec.split(",") if s]
+
+
 def load_models(spec, device="cpu", backend=None):
     """Models of a comma-separated list of model files and/or committee files (flattened)."""
     from ..models.bpnn import load_models as load_file
 
-    paths = [s for s in str(spec).split(",") if s]
-    return [m.eval() for p in paths for m in load_file(p, device=device, backend=backend)]
+    return [m.eval() for p in model_paths(spec) for m in load_file(p, device=device, backend=backend)]
 
 
 def select_indices(ds, split: str, seed: int = 0, fractions=(0.9, 0.1, 0.0), by_subset: bool = True,
@@ -82,7 +91,7 @@ def split_settings(args, ds=None, record=None) -> tuple[dict, str]:
     out = {"seed": dflt.split_seed, "fractions": tuple(dflt.fractions), "by_subset": dflt.by_subset,
            "use_stored": dflt.use_stored_split, "patterns": None}
     parts = []
-    cfg_path = Path(args.run_config) if args.run_config else Path(args.model.split(",")[0]).parent / "config.yaml"
+    cfg_path = Path(args.run_config) if args.run_config else Path(model_paths(args.model)[0]).parent / "config.yaml"
     if args.split != "all" and cfg_path.is_file():
         import yaml
 
@@ -327,7 +336,7 @@ def run(args) -> int:
     if len(idx) == 0:
         raise InputError(f"{args.data}: split '{args.split}' is empty"
                          + (f" (--synthetic {args.synthetic}, {n_syn} synthetic)" if n_syn else ""))
-    out = Path(args.output) if args.output else Path(f"eval_{Path(args.model.split(',')[0]).stem}")
+    out = Path(args.output) if args.output else Path(f"eval_{Path(model_paths(args.model)[0]).stem}")
     from ..utils.io import check_writable
     check_writable(out)             # before the predictions, not after them
     try:
@@ -337,7 +346,7 @@ def run(args) -> int:
         src = None
     res = evaluate(models, ds, idx, output=out, forces=not args.no_forces, plots=not args.no_plots,
                    batch_atoms=args.batch_atoms, device=args.device, sources=src,
-                   label=f"{Path(args.model.split(',')[0]).name} on {args.split}"
+                   label=f"{Path(model_paths(args.model)[0]).name} on {args.split}"
                    + (f" (synthetic: {args.synthetic})" if n_syn else ""))
     what = {"exclude": f"; {n_syn} GPR-labelled copies left out (--synthetic include scores them)",
             "include": f", {n_syn} of them GPR-labelled copies", "only": ": GPR-labelled copies only"}
