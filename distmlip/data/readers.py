@@ -548,10 +548,27 @@ def _vasp_pairs(files: list[str]) -> tuple[list[str], list[str]]:
     return [f for f in files if f not in drop], sorted(drop)
 
 
+def _tree_files(root) -> list[Path]:
+    """Every file below ``root``, sorted by path, following symbolic links to folders (each real
+    folder once: a link to an ancestor is no loop).  Path.rglob skips linked folders: a data
+    tree that links in another group's calculations lost them without a word (sweep 20)."""
+    seen, out = set(), []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        out += [Path(dirpath) / f for f in filenames]
+    return sorted(out)
+
+
 def _scan_dir(root, format: str | None) -> list[str]:
     found, skipped = [], {}
-    for p in sorted(Path(root).rglob("*")):
+    for p in _tree_files(root):
         if not p.is_file():
+            if p.is_symlink():
+                skipped.setdefault("broken symbolic link", []).append(p.name)
             continue
         ok, why = _discover(p, format)
         if ok:
