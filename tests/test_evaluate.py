@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import torch
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
@@ -299,6 +300,27 @@ def test_evaluate_model_in_a_folder_whose_name_holds_a_comma(tmp_path, emt_h5):
                         "backend": "reference"}, hidden=[5]).save(run / "model.pt")
     assert cli_main(["evaluate", str(run / "model.pt"), str(emt_h5), "-o", str(tmp_path / "ev"), "--no-plots"]) == 0
     assert (tmp_path / "ev" / "metrics.json").is_file()
+
+
+def test_evaluate_storage_error_names_the_output_folder(tmp_path, emt_h5, monkeypatch):
+    """A full disk while the evaluation was staged named the staging folder's file
+    (.ev.RANDOM.tmp/parity_energy.png), which the user never sees (sweep 20, a 200 KiB tmpfs);
+    the error names the output folder's file."""
+    from distmlip.data.h5store import H5Dataset
+    from distmlip.errors import StorageError
+    from distmlip.evaluation import plots
+    from distmlip.evaluation.evaluate import evaluate
+
+    def full(x, y, path, *a, **k):
+        raise StorageError(f"cannot write {path}: no space left on the device (disk full) [ENOSPC]")
+
+    monkeypatch.setattr(plots, "parity_plot", full)
+    m = BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                            "backend": "reference"}, hidden=[5])
+    with pytest.raises(StorageError) as err:
+        evaluate([m], H5Dataset([emt_h5]), output=tmp_path / "ev")
+    assert str(tmp_path / "ev" / "parity_energy.png") in str(err.value) and ".tmp" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"] and not list((tmp_path / "ev").iterdir())
 
 
 def test_evaluate_names_atoms_on_top_of_each_other(tmp_path, capsys):

@@ -200,6 +200,7 @@ def evaluate(models, ds, indices=None, output=None, forces=True, plots=True, bat
         import shutil
         import tempfile
 
+        from ..errors import StorageError
         from ..utils.io import storage_error
 
         out = Path(output)
@@ -236,6 +237,10 @@ def evaluate(models, ds, indices=None, output=None, forces=True, plots=True, bat
                                     text=f"MAE {ov['S_mae_GPa']:.3f} GPa\nRMSE {ov['S_rmse_GPa']:.3f} GPa")
             except OSError as exc:
                 raise (storage_error(exc, out, "write the evaluation into") or exc) from None
+            except StorageError as exc:
+                # named the staging folder's file (.OUT.RANDOM.tmp/parity_energy.png), which the
+                # user never sees; the file it stands for is the one in the output folder (sweep 20)
+                raise StorageError(str(exc).replace(str(stage), str(out))) from None
             for old in OUTPUT_FILES:
                 if (out / old).exists() and not (stage / old).exists():
                     (out / old).unlink()
