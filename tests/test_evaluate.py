@@ -323,6 +323,32 @@ def test_evaluate_storage_error_names_the_output_folder(tmp_path, emt_h5, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"] and not list((tmp_path / "ev").iterdir())
 
 
+def test_evaluate_into_a_folder_linked_to_another_file_system(tmp_path, emt_h5):
+    """An output folder that is a link to another file system (ln -s $SCRATCH/eval eval): the
+    files were staged beside the link and moved across devices, OSError EXDEV, a traceback and
+    nothing written (sweep 20)."""
+    import subprocess
+
+    from distmlip.cli import main as cli_main
+
+    other = tmp_path / "other"
+    other.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(other)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()})")
+    try:
+        (other / "ev").mkdir()
+        (tmp_path / "ev").symlink_to(other / "ev", target_is_directory=True)
+        m = BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                                "backend": "reference"}, hidden=[5])
+        m.save(tmp_path / "m.pt")
+        assert cli_main(["evaluate", str(tmp_path / "m.pt"), str(emt_h5), "-o", str(tmp_path / "ev"), "--no-plots"]) == 0
+        assert sorted(p.name for p in (other / "ev").iterdir()) == ["metrics.json", "structures.csv"]
+        assert (tmp_path / "ev").is_symlink() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", "-l", str(other)], capture_output=True)
+
+
 def test_evaluate_names_atoms_on_top_of_each_other(tmp_path, capsys):
     """A structure with two atoms at one position (convert --min-distance 0 lets it through)
     makes the descriptors NaN: evaluate names the pair and its distance, not the model."""

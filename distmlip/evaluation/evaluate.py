@@ -208,7 +208,10 @@ def evaluate(models, ds, indices=None, output=None, forces=True, plots=True, bat
         # every file is written into a staging folder first and moved in at the end: a full disk
         # half-way replaced metrics.json and structures.csv and left the old plots (a folder
         # mixing two runs); outputs of an earlier run this one does not write are removed
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        # beside the real folder: an output folder linked to another file system (ln -s
+        # $SCRATCH/eval eval) made the moves below fail across devices, EXDEV (sweep 20)
+        real = Path(os.path.realpath(out))
+        stage = Path(tempfile.mkdtemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent))
         try:
             try:
                 atomic_write_text(stage / "metrics.json", json_text({"label": label, "K": pred.K, "metrics": results},
