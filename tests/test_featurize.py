@@ -349,3 +349,18 @@ training: {{epochs: 1, batch_atoms: 40, output: {tmp_path / 'run'}, progress_bar
         assert res.returncode == 0, text
         assert "without a descriptor cache" in text and "descriptor.cache_file" in text, text
     assert sorted(p.name for p in data.iterdir()) == ["emt.h5"]
+
+
+def test_cache_file_that_is_a_link_is_written_through(tmp_path, emt_h5):
+    """descriptor.cache_file (featurize -o) a link to a file elsewhere (a scratch file system):
+    the rename replaced the link by a plain file beside it and left the target as it was
+    (sweep 20); it is written through, as every atomic write is."""
+    spec = DescriptorSpec(rc_radial=4.0, n_radial=4, rc_angular=3.0, n_angular=2)
+    (tmp_path / "scratch").mkdir()
+    target = tmp_path / "scratch" / "cache.h5"
+    target.write_bytes(b"old")
+    link = tmp_path / "cache.h5"
+    link.symlink_to(target)
+    featurize(H5Dataset([emt_h5]), ["Cu", "Au"], spec, "reference", link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    FeatureCache(link, H5Dataset([emt_h5]), ["Cu", "Au"], spec).close()

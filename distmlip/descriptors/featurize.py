@@ -417,10 +417,12 @@ def featurize(ds, species, spec: DescriptorSpec, kernels: str, out_path, ctx=Non
 
     from ..data.stream import make_batches, partition_by_atoms
     from ..errors import StorageError
-    from ..utils.io import clean_stale_temps, storage_error, temp_path
+    from ..utils.io import clean_stale_temps, rename_target, storage_error, temp_path
 
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
-    out_path = Path(out_path)
+    # a link is written through (its target replaced, the link kept), as every atomic write does:
+    # the rename replaced the link itself by a plain file beside it (sweep 20)
+    out_path = rename_target(out_path)
     key = spec.key(species)
     dim = int(key["dim"])
     desc = spec.build(species).to(device)
