@@ -155,6 +155,34 @@ def test_truncated_and_corrupt(tmp_path, structs):
         H5Dataset(v)
 
 
+def test_a_file_locked_by_a_writer_is_not_called_corrupt(tmp_path, structs):
+    """A data set held open for writing by another process (h5py 'r+' in a notebook; on Lustre or
+    NFS without locks every open fails alike) was 'corrupt or truncated data set' (sweep 20),
+    which invites deleting a good file: the error now says the file is intact, why, and the
+    HDF5_USE_FILE_LOCKING setting."""
+    import subprocess
+    import sys
+
+    from distmlip.errors import StorageError
+
+    if os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() in ("FALSE", "0"):
+        pytest.skip("HDF5 file locks are off in this environment")
+    p = tmp_path / "d.h5"
+    write_dataset(p, structs[:4])
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time\n"
+                               f"f = h5py.File({str(p)!r}, 'r+'); print('open', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "HDF5_USE_FILE_LOCKING": "TRUE"})
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(StorageError, match="not damaged.*HDF5_USE_FILE_LOCKING=FALSE") as err:
+            H5Dataset(p)
+        assert str(p) in str(err.value) and "corrupt" not in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert H5Dataset(p).n_structures == 4
+
+
 def test_atomic_write_on_failure(tmp_path, structs):
     p = tmp_path / "d.h5"
     with pytest.raises(RuntimeError):

@@ -533,7 +533,10 @@ class _Shard:
         except DataFormatError:
             raise
         except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise DataFormatError(f"{path}: corrupt or truncated data set ({type(exc).__name__}: {exc})") from None
+            from ..utils.io import hdf5_lock_error
+
+            raise (hdf5_lock_error(exc, path)
+                   or DataFormatError(f"{path}: corrupt or truncated data set ({type(exc).__name__}: {exc})")) from None
         self.n = S
         self.n_atoms = N
         self._check_subset_table()

@@ -130,7 +130,10 @@ class FeatureCache:
         except DataFormatError:
             raise
         except (OSError, KeyError, ValueError) as exc:
-            raise DataFormatError(f"{self.path}: corrupt descriptor cache ({type(exc).__name__}: {exc})") from None
+            from ..utils.io import hdf5_lock_error
+
+            raise (hdf5_lock_error(exc, self.path, "descriptor cache")
+                   or DataFormatError(f"{self.path}: corrupt descriptor cache ({type(exc).__name__}: {exc})")) from None
         want = spec.key(species)
         if check:
             diff = [k for k in want if key.get(k) != want[k]]

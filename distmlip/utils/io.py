@@ -41,6 +41,19 @@ def storage_error(exc: BaseException, path, action: str = "write") -> StorageErr
     return None
 
 
+def hdf5_lock_error(exc: BaseException, path, what: str = "data set") -> StorageError | None:
+    """A StorageError for an HDF5 open that failed on HDF5's file lock, else None.  Such a file is
+    intact: another process holds it open for writing (h5py mode 'a' or 'r+', a notebook), or the
+    file system has no file locks (some Lustre, NFS and GPFS mounts).  It was reported as a
+    'corrupt or truncated data set' (sweep 20), which invites deleting a good file."""
+    if not isinstance(exc, OSError) or "unable to lock file" not in str(exc):
+        return None
+    return StorageError(f"{path}: cannot open the {what}: HDF5 could not lock the file ({str(exc).split('(', 1)[-1].rstrip(')')}); "
+                        f"the file is not damaged: another process holds it open for writing (h5py mode 'a' or "
+                        f"'r+', a notebook?): close it; or the file system does not support file locks (Lustre, "
+                        f"NFS, GPFS): export HDF5_USE_FILE_LOCKING=FALSE before the run")
+
+
 def free_bytes(path) -> int | None:
     """Bytes free to this user on the file system of ``path`` (its nearest existing folder);
     None when the system cannot tell."""
