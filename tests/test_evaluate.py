@@ -349,6 +349,26 @@ def test_evaluate_into_a_folder_linked_to_another_file_system(tmp_path, emt_h5):
         subprocess.run(["umount", "-l", str(other)], capture_output=True)
 
 
+def test_evaluate_two_runs_without_output_keep_both(tmp_path, emt_h5, monkeypatch):
+    """'distmlip evaluate run_a/model.pt ...' then 'run_b/model.pt ...' from one directory without
+    -o both wrote eval_model/: the second replaced the first's results without a word (sweep 20).
+    A run's own file names are told apart by the run folder."""
+    from distmlip.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    for run, h in (("run_a", 4), ("run_b", 6)):
+        (tmp_path / run).mkdir()
+        BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                            "backend": "reference"}, hidden=[h]).save(tmp_path / run / "model.pt")
+        assert cli_main(["evaluate", f"{run}/model.pt", str(emt_h5), "--no-plots"]) == 0
+    a = json.loads((tmp_path / "eval_run_a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "eval_run_b" / "metrics.json").read_text())
+    assert a["metrics"] != b["metrics"]
+    (tmp_path / "pot.pt").write_bytes((tmp_path / "run_a" / "model.pt").read_bytes())
+    assert cli_main(["evaluate", "pot.pt", str(emt_h5), "--no-plots"]) == 0
+    assert (tmp_path / "eval_pot" / "metrics.json").is_file()
+
+
 def test_evaluate_names_atoms_on_top_of_each_other(tmp_path, capsys):
     """A structure with two atoms at one position (convert --min-distance 0 lets it through)
     makes the descriptors NaN: evaluate names the pair and its distance, not the model."""

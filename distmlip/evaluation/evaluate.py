@@ -37,7 +37,9 @@ def add_arguments(p) -> None:
     p.add_argument("--synthetic", choices=["exclude", "include", "only"], default="exclude",
                    help="GPR-labelled copies of an augmented data set: left out (default: their labels are a "
                         "GPR's, not reference data), scored with the references, or scored alone")
-    p.add_argument("-o", "--output", default=None, help="output folder (default: eval_<model name>)")
+    p.add_argument("-o", "--output", default=None,
+                   help="output folder (default: eval_<model name>; for a run's model.pt, best_model.pt, "
+                        "last_model.pt or committee.pt eval_<run folder>[_<name>])")
     p.add_argument("--batch-atoms", type=int, default=4096)
     p.add_argument("--no-forces", action="store_true", help="skip forces (energies only)")
     p.add_argument("--no-plots", action="store_true")
@@ -54,6 +56,23 @@ def model_paths(spec) -> list[str]:
     if "," in spec and Path(spec).is_file():
         return [spec]
     return [s for s in spec.split(",") if s]
+
+
+# the file names every training run writes: a default output named after them alone was one
+# folder for every run evaluated from one directory
+_RUN_MODEL_NAMES = ("model", "best_model", "last_model", "committee")
+
+
+def default_output(model) -> Path:
+    """``eval_<model name>``, or for a run's own file names (run_a/model.pt) ``eval_<run folder>``
+    (``eval_run_a_best_model`` for best_model.pt): evaluate run_a/model.pt and run_b/model.pt
+    from one directory without -o both wrote eval_model/, the second replacing the first's
+    results without a word (sweep 20)."""
+    p = Path(model)
+    if p.stem not in _RUN_MODEL_NAMES:
+        return Path(f"eval_{p.stem}")
+    run = Path(os.path.abspath(p)).parent.name or "model"
+    return Path(f"eval_{run}" if p.stem == "model" else f"eval_{run}_{p.stem}")
 
 
 def load_models(spec, device="cpu", backend=None):
@@ -344,7 +363,7 @@ def run(args) -> int:
     if len(idx) == 0:
         raise InputError(f"{args.data}: split '{args.split}' is empty"
                          + (f" (--synthetic {args.synthetic}, {n_syn} synthetic)" if n_syn else ""))
-    out = Path(args.output) if args.output else Path(f"eval_{Path(model_paths(args.model)[0]).stem}")
+    out = Path(args.output) if args.output else default_output(model_paths(args.model)[0])
     from ..utils.io import check_writable
     check_writable(out)             # before the predictions, not after them
     try:
