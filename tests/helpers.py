@@ -100,6 +100,25 @@ def rattled_copies(atoms, count: int, rng, skew: float = 0.0, unwrap: bool = Fal
     return out
 
 
+def tmpfs(folder, size: str, read_only: bool = False):
+    """Context manager: a tmpfs of ``size`` (e.g. "64k": a full disk in a few writes) mounted on
+    the existing ``folder``, read-only if asked; a skip where mounting is not allowed."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def _mount():
+        opts = ("ro," if read_only else "") + f"size={size}"
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)], capture_output=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs ({opts}) here ({res.stderr.decode().strip()})")
+        try:
+            yield Path(folder)
+        finally:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+    return _mount()
+
+
 def read_only_folder(folder):
     """Context manager: ``folder`` (with its files) read-only for this process and its children.
     chmod where permissions count; as root (who ignores them) a read-only bind mount of the folder

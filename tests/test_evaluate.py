@@ -15,6 +15,7 @@ from distmlip.data.structure import Structure
 from distmlip.evaluation.evaluate import add_arguments, run
 from distmlip.evaluation.metrics import force_metrics
 from distmlip.models.bpnn import BPNN
+from helpers import tmpfs
 
 
 def _data(path):
@@ -327,16 +328,11 @@ def test_evaluate_into_a_folder_linked_to_another_file_system(tmp_path, emt_h5):
     """An output folder that is a link to another file system (ln -s $SCRATCH/eval eval): the
     files were staged beside the link and moved across devices, OSError EXDEV, a traceback and
     nothing written (sweep 20)."""
-    import subprocess
-
     from distmlip.cli import main as cli_main
 
     other = tmp_path / "other"
     other.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(other)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()})")
-    try:
+    with tmpfs(other, "4m"):
         (other / "ev").mkdir()
         (tmp_path / "ev").symlink_to(other / "ev", target_is_directory=True)
         m = BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
@@ -345,8 +341,6 @@ def test_evaluate_into_a_folder_linked_to_another_file_system(tmp_path, emt_h5):
         assert cli_main(["evaluate", str(tmp_path / "m.pt"), str(emt_h5), "-o", str(tmp_path / "ev"), "--no-plots"]) == 0
         assert sorted(p.name for p in (other / "ev").iterdir()) == ["metrics.json", "structures.csv"]
         assert (tmp_path / "ev").is_symlink() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    finally:
-        subprocess.run(["umount", "-l", str(other)], capture_output=True)
 
 
 def test_evaluate_two_runs_without_output_keep_both(tmp_path, emt_h5, monkeypatch):
@@ -356,11 +350,11 @@ def test_evaluate_two_runs_without_output_keep_both(tmp_path, emt_h5, monkeypatc
     from distmlip.cli import main as cli_main
 
     monkeypatch.chdir(tmp_path)
-    for run, h in (("run_a", 4), ("run_b", 6)):
-        (tmp_path / run).mkdir()
+    for folder, h in (("run_a", 4), ("run_b", 6)):
+        (tmp_path / folder).mkdir()
         BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
-                            "backend": "reference"}, hidden=[h]).save(tmp_path / run / "model.pt")
-        assert cli_main(["evaluate", f"{run}/model.pt", str(emt_h5), "--no-plots"]) == 0
+                            "backend": "reference"}, hidden=[h]).save(tmp_path / folder / "model.pt")
+        assert cli_main(["evaluate", f"{folder}/model.pt", str(emt_h5), "--no-plots"]) == 0
     a = json.loads((tmp_path / "eval_run_a" / "metrics.json").read_text())
     b = json.loads((tmp_path / "eval_run_b" / "metrics.json").read_text())
     assert a["metrics"] != b["metrics"]

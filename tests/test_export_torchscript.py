@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 from distmlip.models.bpnn import BPNN
+from helpers import tmpfs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESC = {"rc_radial": 4.0, "n_radial": 5, "rc_angular": 3.2, "n_angular": 3, "backend": "reference"}
@@ -120,14 +120,9 @@ def test_torchscript_export_to_a_full_disk_is_one_clear_error(tmp_path):
     _model({}).save(model)
     mnt = tmp_path / "small"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.decode().strip()})")
-    try:
+    with tmpfs(mnt, "64k"):
         (mnt / "filler").write_bytes(b"\0" * 60_000)
         res = distmlip_cli(["export", "--format", "torchscript", str(model), "-o", str(mnt / "ts.pt")], check=False)
         text = res.stdout + res.stderr
         assert res.returncode == 2 and "no space left" in text and str(mnt / "ts.pt") in text, text
         assert sorted(p.name for p in mnt.iterdir()) == ["filler"]
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -25,7 +25,7 @@ import torch
 
 from distmlip.data.examples import rattled_cu_au
 from distmlip.data.h5store import H5Dataset, write_dataset
-from helpers import REPO, distmlip_cli, mpirun, mpirun_exe
+from helpers import REPO, distmlip_cli, mpirun, mpirun_exe, tmpfs
 
 CLI = str(REPO / "tests" / "mpi_scripts" / "train_cli.py")
 DESC = "{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, cache: off}"
@@ -293,17 +293,12 @@ def test_05_full_disk_while_logging_is_one_error_and_no_cut_row(tmp_path, data):
 def test_05_read_only_output_is_refused_before_any_work(tmp_path, data):
     ro = tmp_path / "ro"
     ro.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({res.stderr.decode().strip()})")
-    try:
+    with tmpfs(ro, "64k", read_only=True):
         res = distmlip_cli(["train", str(_cfg(tmp_path / "c.yaml", data / "emt.h5", ro / "run", "epochs: 1"))],
                            check=False)
         text = _no_traceback(res)
         assert res.returncode == 2 and str(ro / "run") in text and "read-only" in text, text
         assert "normalisation" not in text               # refused before the data were touched
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
 
 
 # ------------------------------------------------------------------------------------------
