@@ -67,6 +67,13 @@ box() {         # box SECONDS: the part's time box, or what is left of the budge
     local l; l=$(left)
     if [ "$l" -lt "$1" ]; then echo $(( l > 5 ? l : 5 )); else echo "$1"; fi
 }
+finish_part() { # finish_part NAME EXIT_STATUS BOX NOTE: a timed part ($t its start) from its exit status
+    if [ "$2" -eq 0 ]; then
+        record "$1" ok "$t" "$4"
+    else
+        record "$1" "$([ "$2" -eq 124 ] && echo TIMEOUT || echo FAILED)" "$t" "box $3 s; see $OUTDIR/$1.log"
+    fi
+}
 record() {      # record NAME STATUS T_START NOTE
     local dt=$(( $(now) - $3 ))
     PARTS+=("$1|$2|$dt|$4")
@@ -206,12 +213,7 @@ elif [ -f "$BUILD/tree/distmlip/$(basename "${so:-none}")" ]; then
     b=$(box 45)
     (cd "$BUILD/tree" && timeout "$b" "$PYTHON" benchmarks/gpu_throughput.py --time-limit $(( b > 40 ? b - 30 : 10 )) \
         --json "$OUTDIR/gpu_throughput.json" --md "$OUTDIR/gpu_throughput.md") 2>&1 | tee "$OUTDIR/bench.log"
-    rc=${PIPESTATUS[0]}
-    if [ "$rc" -eq 0 ]; then
-        record bench ok "$t" "$(tail -1 "$OUTDIR/bench.log" | cut -c3-)"
-    else
-        record bench "$([ "$rc" -eq 124 ] && echo TIMEOUT || echo FAILED)" "$t" "box ${b} s; see $OUTDIR/bench.log"
-    fi
+    rc=${PIPESTATUS[0]}; finish_part bench "$rc" "$b" "$(tail -1 "$OUTDIR/bench.log" | cut -c3-)"
 else
     record bench skipped "$t" "no CUDA build"
 fi
@@ -224,12 +226,7 @@ elif [ -f "$BUILD/tree/distmlip/$(basename "${so:-none}")" ]; then
     b=$(box 40)
     (cd "$BUILD/tree" && timeout "$b" "$PYTHON" benchmarks/epoch.py --devices cpu,cuda --once --sets demo,dense \
         --epochs 6 --json "$OUTDIR/epoch.json") 2>&1 | tee "$OUTDIR/epoch.log"
-    rc=${PIPESTATUS[0]}
-    if [ "$rc" -eq 0 ]; then
-        record epoch ok "$t" "$(grep 'x$' "$OUTDIR/epoch.log" | sed 's/  */ /g' | tr '\n' ';' | cut -c1-200)"
-    else
-        record epoch "$([ "$rc" -eq 124 ] && echo TIMEOUT || echo FAILED)" "$t" "box ${b} s; see $OUTDIR/epoch.log"
-    fi
+    rc=${PIPESTATUS[0]}; finish_part epoch "$rc" "$b" "$(grep 'x$' "$OUTDIR/epoch.log" | sed 's/  */ /g' | tr '\n' ';' | cut -c1-200)"
 else
     record epoch skipped "$t" "no CUDA build"
 fi
