@@ -2,6 +2,7 @@
 independent prediction (ASE calculator per structure)."""
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -322,6 +323,32 @@ def test_evaluate_storage_error_names_the_output_folder(tmp_path, emt_h5, monkey
         evaluate([m], H5Dataset([emt_h5]), output=tmp_path / "ev")
     assert str(tmp_path / "ev" / "parity_energy.png") in str(err.value) and ".tmp" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"] and not list((tmp_path / "ev").iterdir())
+
+
+def test_a_killed_evaluates_staging_folder_is_removed_by_the_next(tmp_path, emt_h5):
+    """A killed evaluate left its hidden staging folder (.ev.RANDOM.tmp) beside the output for
+    good: its random name was not one the stale-file cleaner knows (sweep 20).  Staging folders
+    are now named like every temporary file (host, pid), and the next evaluate there removes the
+    one of a dead process, not that of a live one."""
+    import subprocess
+
+    from distmlip.data.h5store import H5Dataset
+    from distmlip.evaluation.evaluate import evaluate
+    from distmlip.utils.io import temp_path
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = temp_path(tmp_path / "ev")
+    stale = stale.with_name(stale.name.replace(f".{os.getpid()}.", f".{dead.pid}."))
+    stale.mkdir()
+    (stale / "metrics.json").write_text("{}")
+    live = temp_path(tmp_path / "other")          # this process's: a writer still running
+    live.mkdir()
+    m = BPNN(["Cu", "Au"], {"rc_radial": 4.0, "n_radial": 4, "rc_angular": 3.0, "n_angular": 2,
+                            "backend": "reference"}, hidden=[5])
+    evaluate([m], H5Dataset([emt_h5]), output=tmp_path / "ev", plots=False)
+    assert not stale.exists() and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ev", live.name])
 
 
 def test_evaluate_into_a_folder_linked_to_another_file_system(tmp_path, emt_h5):

@@ -217,10 +217,8 @@ def evaluate(models, ds, indices=None, output=None, forces=True, plots=True, bat
     results = metrics_by_subset(pred, names)
     if output is not None:
         import shutil
-        import tempfile
-
         from ..errors import StorageError
-        from ..utils.io import storage_error
+        from ..utils.io import clean_stale_temps, storage_error, temp_path
 
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
@@ -230,7 +228,14 @@ def evaluate(models, ds, indices=None, output=None, forces=True, plots=True, bat
         # beside the real folder: an output folder linked to another file system (ln -s
         # $SCRATCH/eval eval) made the moves below fail across devices, EXDEV (sweep 20)
         real = Path(os.path.realpath(out))
-        stage = Path(tempfile.mkdtemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent))
+        # named like every temporary file (host, pid): a killed evaluate's staging folder is
+        # removed by the next run here; a random name was never recognised as a leftover (sweep 20)
+        clean_stale_temps(real.parent)
+        stage = temp_path(real)
+        try:
+            stage.mkdir()
+        except OSError as exc:
+            raise (storage_error(exc, out, "write the evaluation into") or exc) from None
         try:
             try:
                 atomic_write_text(stage / "metrics.json", json_text({"label": label, "K": pred.K, "metrics": results},
