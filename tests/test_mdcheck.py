@@ -515,3 +515,23 @@ def test_a_rerun_reuses_the_finished_runs_of_the_same_check_only(tmp_path, capsy
     Path(models[0]).write_bytes(Path(models[1]).read_bytes())
     text, _ = check([])
     assert "reused" not in text and "is from other models, structure, settings or version" in text
+
+
+def test_checks_without_output_keep_one_folder_per_model(tmp_path, capsys, monkeypatch):
+    """Every md-check without -o wrote md_check/, each replacing the report before it (left by
+    sweep 20); a run's model now defaults to md_check_<run folder>, a calculator to
+    md_check_<its name>, as evaluate does."""
+    models = _models(tmp_path)
+    s = _start(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for folder, m in (("run_a", models[0]), ("run_b", models[1])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "model.pt").write_bytes(Path(m).read_bytes())
+        assert main(["md-check", f"{folder}/model.pt", str(s), "-T", "300", "--steps", "5", "--interval", "5",
+                     "--nve-steps", "0"]) == 0
+    assert main(["md-check", "ase:EMT", str(s), "-T", "300", "--steps", "5", "--interval", "5", "--nve-steps", "0"]) == 0
+    capsys.readouterr()
+    for name, model in (("md_check_run_a", "run_a/model.pt"), ("md_check_run_b", "run_b/model.pt"),
+                        ("md_check_EMT", "ase:EMT")):
+        assert json.loads((tmp_path / name / "summary.json").read_text())["models"] == [model]
+    assert not (tmp_path / "md_check").exists()

@@ -63,16 +63,20 @@ def model_paths(spec) -> list[str]:
 _RUN_MODEL_NAMES = ("model", "best_model", "last_model", "committee")
 
 
-def default_output(model) -> Path:
-    """``eval_<model name>``, or for a run's own file names (run_a/model.pt) ``eval_<run folder>``
-    (``eval_run_a_best_model`` for best_model.pt): evaluate run_a/model.pt and run_b/model.pt
-    from one directory without -o both wrote eval_model/, the second replacing the first's
-    results without a word (sweep 20)."""
+def default_output(model, prefix: str = "eval") -> Path:
+    """``<prefix>_<model name>``, or for a run's own file names (run_a/model.pt)
+    ``<prefix>_<run folder>`` (``eval_run_a_best_model`` for best_model.pt): evaluate
+    run_a/model.pt and run_b/model.pt from one directory without -o both wrote eval_model/, the
+    second replacing the first's results without a word (sweep 20); md-check (prefix md_check)
+    wrote every model's check into md_check/.  A calculator name (ase:EMT) gives
+    ``<prefix>_EMT``."""
+    if ":" in str(model) and not Path(model).exists():
+        return Path(f"{prefix}_{str(model).split(':')[-1].split('.')[-1] or 'calculator'}")
     p = Path(model)
     if p.stem not in _RUN_MODEL_NAMES:
-        return Path(f"eval_{p.stem}")
+        return Path(f"{prefix}_{p.stem}")
     run = Path(os.path.abspath(p)).parent.name or "model"
-    return Path(f"eval_{run}" if p.stem == "model" else f"eval_{run}_{p.stem}")
+    return Path(f"{prefix}_{run}" if p.stem == "model" else f"{prefix}_{run}_{p.stem}")
 
 
 def load_models(spec, device="cpu", backend=None):

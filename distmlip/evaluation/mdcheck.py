@@ -137,7 +137,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
     p.add_argument("--report-only", action="store_true",
                    help="exit 0 even when a run is unstable (the verdicts are printed all the same)")
-    p.add_argument("--output", "-o", default="md_check", help="output folder (default md_check)")
+    p.add_argument("--output", "-o", default=None,
+                   help="output folder (default md_check_<model name>; for a run's model.pt, best_model.pt, "
+                        "last_model.pt or committee.pt md_check_<run folder>[_<name>])")
     p.add_argument("--fresh", action="store_true",
                    help="run every temperature again; by default the runs that finished in an earlier "
                         "md-check into the same --output with the same models, structure and settings are "
@@ -1068,6 +1070,12 @@ def run(args) -> int:
                     max_nve_drift=args.max_nve_drift, max_force_deviation=args.max_force_deviation,
                     max_gpr_sigma=args.max_gpr_sigma, max_volume_change=args.max_volume_change,
                     extrapolation_factor=args.extrapolation_factor)
+    if args.output is None:
+        # one folder per model: every check without -o shared md_check/, each replacing the
+        # report of the one before (sweep 20)
+        from .evaluate import default_output
+
+        args.output = str(default_output(args.paths[0], "md_check"))
     summary = md_check(args.paths[:-1], args.paths[-1], args.temperatures, args.steps, args.timestep,
                        args.friction, args.threshold_factor, args.interval, args.nve_steps, args.rdf_rmax,
                        args.seed, args.output, args.device, args.max_failed_frames, criteria=crit,
