@@ -276,3 +276,19 @@ def test_damaged_model_and_checkpoint_files_are_refused(tmp_path):
     (tmp_path / "m.pt").write_bytes(bytes(b))
     with pytest.raises(DataFormatError, match=r"m\.pt: model file is damaged: record .*data/0 fails its checksum"):
         load_torch_file(tmp_path / "m.pt", "model file")
+
+
+def test_a_file_lock_in_a_read_only_folder_names_the_folder_as_a_folder(tmp_path):
+    """convert -o ro/x.h5 into a read-only folder said 'cannot write to the output file ro',
+    naming a folder as the file (sweep 20)."""
+    from distmlip.errors import StorageError
+    from distmlip.utils.io import OutputLock
+    from helpers import read_only_folder
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with read_only_folder(ro):
+        with pytest.raises(StorageError, match=f"cannot write to the folder of the output file {ro}"):
+            OutputLock(ro, what="output file", file="x.h5").acquire()
+        with pytest.raises(StorageError, match=f"cannot write to the output folder {ro}"):
+            OutputLock(ro).acquire()

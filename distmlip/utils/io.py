@@ -333,7 +333,9 @@ class OutputLock:
     def acquire(self) -> "OutputLock":
         info = {"host": _HOST, "pid": os.getpid(), "job": _job_id(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        check_writable(self.path.parent, self.what)
+        # a file's lock sits in the file's folder: the message names that folder as a folder
+        # ("cannot write to the output file ro" named a read-only folder, sweep 20)
+        check_writable(self.path.parent, self.what if self.target == self.path.parent else f"folder of the {self.what}")
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
