@@ -242,9 +242,8 @@ def write_xsf(path, structure: Structure, precision: int | None = None) -> None:
             # aenet reads every PRIMVEC cell as periodic in all three directions (predict.x crashed
             # on zero vectors, and a slab's short vacuum vector made its periodic images interact):
             # a non-periodic axis gets at least 20 A of vacuum between the atoms and their image,
-            # measured along the normal of the other two vectors, its direction kept
-            if not np.array_equal(full[d], cell[d]):
-                full[d] = full[d] / np.linalg.norm(full[d])       # a zero or dependent vector replaced
+            # measured along the normal of the other two vectors, its direction kept (a zero or
+            # dependent vector: complete_cell's unit vector)
             n = np.cross(full[(d + 1) % 3], full[(d + 2) % 3])
             n /= np.linalg.norm(n)
             height = abs(float(full[d] @ n))

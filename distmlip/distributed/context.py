@@ -350,7 +350,7 @@ def init_distributed(device: str = "auto", torch_group: bool = True) -> DistCont
 
 def _switch_device(ctx: DistContext, device: str) -> None:
     """``device`` asked for after the context was made: see init_distributed."""
-    want = rendezvous._wanted_device(device)
+    want = rendezvous.wanted_device(device)
     same = (want == ctx.device.type) if ":" not in want else (torch.device(want) == ctx.device)
     if same:
         return

@@ -112,7 +112,7 @@ def _job_port(*keys: str) -> int:
 
 
 # --------------------------------------------------------------------------------------- device
-def _wanted_device(device: str) -> str:
+def wanted_device(device: str) -> str:
     """'cpu', 'cuda' or 'cuda:N' from the user's choice; raises if CUDA is asked for but absent."""
     want = (device or "auto").lower()
     if want == "auto":
@@ -143,7 +143,7 @@ def choose_device(device: str, local_rank: int, local_size: int, comm_local) -> 
     others waiting."""
     err, want, key, n_gpu = None, "cpu", None, 0
     try:
-        want = _wanted_device(device)
+        want = wanted_device(device)
         if want == "cuda":
             n_gpu = torch.cuda.device_count()
             key = _visible_gpus_key(n_gpu)

@@ -1797,7 +1797,7 @@ class Trainer:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         if self._resume_state is None:
-            self._keep_earlier_run()
+            keep_earlier_run(self.out, quiet=self.quiet)
         import yaml
 
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(
@@ -1820,8 +1820,6 @@ class Trainer:
     def _resume_command(self) -> str:
         return self.resume_hint or f"'distmlip train CONFIG --resume {self.out / 'checkpoint.pt'}'"
 
-    def _keep_earlier_run(self) -> None:
-        keep_earlier_run(self.out, quiet=self.quiet)
 
     def _progress(self, total, initial):
         tc = self.cfg.training
