@@ -72,6 +72,10 @@ def test_start_collectives_gradients_and_groups_mpi4py(gloo):
         assert r["extra_has_grad"]      # grad None on rank 0, present on rank 1 -> summed everywhere
         assert r["unused_grad_none"]    # no grad on any rank -> stays None
     assert rows[0]["checksum"] == rows[1]["checksum"]  # bit-identical on both ranks
+    for r in rows:    # the trainer's in-place path: the same sums, the extra numbers in float64
+        assert max(r["diffs_flat"]) <= 1e-12, r["diffs_flat"]
+        assert r["extra_sum"] == r["extra_want"]
+    assert rows[0]["checksum_flat"] == rows[1]["checksum_flat"]
 
 
 def test_local_wrapper_and_start_from_environment_without_mpi4py():

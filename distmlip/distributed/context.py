@@ -150,12 +150,40 @@ class DistContext:
             t.copy_(work if t.dtype != torch.bool else work.bool())
         return t
 
+    def all_reduce_sum_together(self, tensors) -> None:
+        """Sum each of ``tensors`` over the ranks, in place, with their reductions in flight
+        together.  Over MPI, contiguous CPU tensors are reduced where they lie (no packing copy)
+        and waited for once; elsewhere one reduction after the other."""
+        if self.world_size == 1:
+            return
+        if self._comm is None or any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype == torch.bool
+                                     for t in tensors):
+            for t in tensors:
+                self.all_reduce_sum(t)
+            return
+        from mpi4py import MPI
+
+        arrs = [t.detach().numpy() for t in tensors]
+        self._wait([self._comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM) for a in arrs])
+        if self.world_size > 2:    # rank 0's sums everywhere, bit for bit (see _mpi_reduce)
+            self._wait([self._comm.Ibcast(a, root=0) for a in arrs])
+
     def _wait(self, req) -> None:
-        if req.Test():
+        """Wait for one request or a list of them, polled (see _mpi_reduce)."""
+        if isinstance(req, list):
+            from mpi4py import MPI
+
+            reqs = req
+
+            def done():
+                return MPI.Request.Testall(reqs)
+        else:
+            done = req.Test
+        if done():
             return
         t0 = time.monotonic()
         pause = 5e-5
-        while not req.Test():
+        while not done():
             waited = time.monotonic() - t0
             if waited > _SPIN_S:    # spin first: a partner a step's jitter behind is not slept past
                 time.sleep(pause)
@@ -425,7 +453,8 @@ def exit_process(code: int) -> None:
 
 # --------------------------------------------------------------------------------- gradients
 def allreduce_gradients(parameters, ctx: Optional[DistContext] = None, *, scale: Optional[float] = None,
-                        extra: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                        extra: Optional[torch.Tensor] = None, every_rank_has_grads: bool = False
+                        ) -> Optional[torch.Tensor]:
     """Sum the ``.grad`` of ``parameters`` over all ranks with ONE flat all-reduce (SUM).
 
     Gradients are packed into one buffer (their common dtype, float64 when they differ), together
@@ -436,6 +465,13 @@ def allreduce_gradients(parameters, ctx: Optional[DistContext] = None, *, scale:
     small numbers: flags, codes, counts) travels in the same buffer and is returned summed over the
     ranks, so that a training step needs this one collective only.  No-op for world_size 1 apart
     from ``scale``.
+
+    ``every_rank_has_grads``: the caller guarantees that every parameter has a ``.grad`` on every
+    rank (a :class:`~distmlip.training.flat.FlatParameters` model: its gradient buffers always
+    exist), so no presence flags are needed.  On CPU over MPI the gradients and ``extra`` (kept
+    in float64) are then reduced where they lie, together (:meth:`DistContext.all_reduce_sum_together`):
+    packing them into a fresh buffer and back cost 0.15 ms per step, 7 % of a 2-rank energy
+    step that every rank spent outside its compute.  The flag must be the same on every rank.
     """
     ctx = ctx or get_context()
     params = [p for p in parameters if p.requires_grad]
@@ -447,6 +483,14 @@ def allreduce_gradients(parameters, ctx: Optional[DistContext] = None, *, scale:
         if ctx.world_size > 1 and extra is not None:
             return ctx.all_reduce_sum(extra.to(torch.float64).clone())
         return None if extra is None else extra.to(torch.float64).clone()
+    if every_rank_has_grads and ctx._comm is not None and all(
+            p.grad is not None and p.grad.device.type == "cpu" and p.grad.is_contiguous() for p in params):
+        ex = None if extra is None else extra.detach().to("cpu", torch.float64).reshape(-1).clone()
+        ctx.all_reduce_sum_together([p.grad for p in params] + ([] if ex is None else [ex]))
+        if scale is not None:
+            for p in params:
+                p.grad.mul_(scale)
+        return ex
     dtypes = {p.dtype for p in params}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
     if not dtype.is_floating_point:

@@ -1606,7 +1606,7 @@ class Trainer:
         extra = torch.cat([torch.tensor([float(stop), 1.0 if stop else 0.0, bad_loss], dtype=torch.float64),
                            sums.to("cpu", torch.float64)])
         t2 = time.perf_counter()
-        extra = allreduce_gradients(params, self.ctx, extra=extra)
+        extra = allreduce_gradients(params, self.ctx, extra=extra, every_rank_has_grads=True)
         t3 = time.perf_counter()
         tm["compute"] += t2 - t1
         tm["reduce"] += t3 - t2

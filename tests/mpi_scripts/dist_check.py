@@ -111,8 +111,18 @@ def mode_grads(ctx):
         ref = gs if ref is None else [a + b for a, b in zip(ref, gs)]
     got = [p.grad for p in model.parameters()] + [extra.grad]
     diffs = [float((a - b).abs().max()) if a is not None else None for a, b in zip(got, ref)]
+    # the trainer's path (every rank has every grad): reduced where they lie, the extra numbers
+    # summed in float64 beside them
+    m2, _, _ = local_grads(ctx.rank)
+    ps2 = list(m2.parameters())
+    ex = torch.tensor([float(ctx.rank), 0.1 * (ctx.rank + 1)], dtype=torch.float64)
+    ex_sum = allreduce_gradients(ps2, ctx, extra=ex, every_rank_has_grads=True)
+    diffs_flat = [float((p.grad - r).abs().max()) for p, r in zip(ps2, ref)]
     out(ctx, diffs=diffs, extra_has_grad=extra.grad is not None, unused_grad_none=unused.grad is None,
-        checksum=float(sum(g.double().sum() for g in got if g is not None)))
+        checksum=float(sum(g.double().sum() for g in got if g is not None)), diffs_flat=diffs_flat,
+        extra_sum=ex_sum.tolist(), extra_want=[float(sum(range(ctx.world_size))),
+                                               sum(0.1 * (r + 1) for r in range(ctx.world_size))],
+        checksum_flat=float(sum(p.grad.sum() for p in ps2)))
 
 
 def mode_groups(ctx):
