@@ -205,6 +205,47 @@ def _path_settings(obj, prefix: str = ""):
             yield f"{prefix}{f.name}", f.metadata["path"], v
 
 
+def absolute_paths(obj):
+    """A copy of configuration ``obj`` whose relative path settings are absolute, taken from the
+    working directory as the run took them.  What a run records (its config.yaml) must mean the
+    same files from wherever it is read: with the paths as given, ``train run/config.yaml
+    --resume auto`` or ``evaluate --split`` from another directory looked for the data there
+    (left by sweep 20)."""
+    import copy
+
+    out = copy.deepcopy(obj)
+
+    def fix(o):
+        for f in dataclasses.fields(o):
+            v = getattr(o, f.name)
+            if dataclasses.is_dataclass(v):
+                fix(v)
+            elif f.metadata.get("path") and v:
+                setattr(o, f.name, absolute_path_value(v))
+
+    fix(out)
+    return out
+
+
+def absolute_path_value(v):
+    """A path setting's value (a string or a list of them) with relative paths made absolute."""
+    if isinstance(v, (list, tuple)):
+        return type(v)(os.path.abspath(p) if isinstance(p, str) and p else p for p in v)
+    return os.path.abspath(v) if isinstance(v, str) and v else v
+
+
+def path_keys(obj, prefix: str = "") -> set:
+    """The dotted keys ("data.train", ...) of every path setting of a configuration dataclass."""
+    out = set()
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out |= path_keys(v, prefix if f.metadata.get("inline") else f"{prefix}{f.name}.")
+        elif f.metadata.get("path"):
+            out.add(f"{prefix}{f.name}")
+    return out
+
+
 def check_relative_paths(obj, source) -> None:
     """Relative input paths are taken from the working directory, not from the folder of the
     configuration file ``source``.  A batch script that changes directory before the run made a

@@ -518,3 +518,34 @@ def test_a_training_file_without_the_references_another_declares_is_named(tmp_pa
     cfg = make_cfg(tmp_path / "s", tmp_path / "a.h5")
     Trainer(cfg)
     assert "declares no reference energy" not in capsys.readouterr().err
+
+
+def test_a_runs_config_yaml_names_its_files_from_anywhere(tmp_path, emt_h5):
+    """config.yaml records the data and output as absolute paths: with the relative paths as given,
+    resuming the run from its own config.yaml in another directory looked for the data there
+    (left by sweep 20).  The run also resumes from the configuration as first given (relative)."""
+    import shutil
+
+    import yaml
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copy(emt_h5, work / "data" / "set.h5")
+    (work / "c.yaml").write_text("""
+data: {train: [data/set.h5], fractions: [0.75, 0.25, 0.0]}
+descriptor: {rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}
+model: {hidden: [4]}
+training: {epochs: 1, batch_atoms: 40, output: run, progress_bar: 'off'}
+""")
+    distmlip_cli(["train", "c.yaml"], cwd=work)
+    written = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    assert written["data"]["train"] == [str(work / "data" / "set.h5")]
+    assert written["training"]["output"] == str(work / "run")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = distmlip_cli(["train", str(work / "run" / "config.yaml"), "--resume", "auto", "--set", "training.epochs=2"],
+                       cwd=elsewhere)
+    assert "resumed from" in res.stdout + res.stderr
+    assert not (elsewhere / "run").exists()
+    res = distmlip_cli(["train", "c.yaml", "--resume", "auto", "--set", "training.epochs=3"], cwd=work)
+    assert "resumed from" in res.stdout + res.stderr and "differs" not in res.stderr, res.stderr

@@ -92,9 +92,9 @@ def train_committee(cfg, ctx, resume: bool = False, quiet: bool = False, step_ca
             keep_earlier_run(out, quiet=quiet, members_from=K)
         import yaml
 
-        from ..config import config_to_dict
+        from ..config import absolute_paths, config_to_dict
 
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(absolute_paths(cfg)), sort_keys=False))
     if not quiet:
         log(f"committee: K = {K} members on {ctx.world_size} rank(s) in {G} group(s) of "
             f"{ctx.world_size // G} rank(s); seeds {member_seed(cfg, 0)}..{member_seed(cfg, K - 1)}"

@@ -29,7 +29,7 @@ import torch
 
 from ..data.info import EV_A3_GPA
 from ..data.structure import minimum_images
-from ..config import config_to_dict
+from ..config import absolute_path_value, absolute_paths, config_to_dict, path_keys
 from ..errors import ConfigError, DataFormatError, InputError, NonFiniteError
 from ..models.ann import FEATURE_STD_FLOOR
 from ..models.bpnn import BPNN
@@ -301,7 +301,11 @@ class Trainer:
             old = {**self._BEFORE_SETTING, **old}
             old = {k: self._LEGACY_VALUES.get((k, v), v) if isinstance(v, (bool, str, int, float)) else v
                    for k, v in old.items()}
-        new = _flatten(config_to_dict(self.cfg))
+        new = _flatten(config_to_dict(absolute_paths(self.cfg)))
+        # paths compared as absolute paths: a run's config.yaml records them so, the configuration
+        # as first given (and checkpoints before that) may not
+        for k in path_keys(self.cfg) & set(old):
+            old[k] = absolute_path_value(old[k])
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         fixed = [k for k in changed if any(k == f or (f.endswith(".") and k.startswith(f))
                                            for f in self._FIXED_ON_RESUME)]
@@ -1702,7 +1706,7 @@ class Trainer:
                     scheduler=self.sched.state_dict() if self.sched is not None else None,
                     scheduler_kind=self.sched_kind,
                     epoch=epoch, step=step, global_step=self.global_step, best=self.best,
-                    bad_epochs=self.bad_epochs, partial=partial, config=config_to_dict(self.cfg),
+                    bad_epochs=self.bad_epochs, partial=partial, config=config_to_dict(absolute_paths(self.cfg)),
                     loss_state=list(self._prev_rmse) if self._prev_rmse is not None else None,
                     loss_spread=list(self._spread()),
                     world_size=self.ctx.world_size, data=self._data_ids(),
@@ -1801,7 +1805,7 @@ class Trainer:
         import yaml
 
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(
-            config_to_dict(getattr(self, "_cfg_effective", None) or self.cfg), sort_keys=False))
+            config_to_dict(absolute_paths(getattr(self, "_cfg_effective", None) or self.cfg)), sort_keys=False))
         path = self.out / "log.csv"
         if self._resume_state is None:
             if path.exists():
