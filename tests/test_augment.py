@@ -626,3 +626,91 @@ def test_copies_rise_over_first_order_is_reported_not_warned_about(capsys):
     _report_curvature(rep, {"structs": structs, "name": "X_0"})
     f_moving = float(np.sqrt(np.mean(np.concatenate([s.forces[10:] for s in structs]) ** 2)))
     assert rep["rise_over_first_order"] == pytest.approx(1.0 / (0.03 * f_moving * np.sqrt(30)))
+
+
+def test_copies_and_delta_auto_rule():
+    """copies/delta 'auto' (choose_copies_delta): M grows with the free atoms' degrees of freedom
+    and falls with the estimated label error against a copy's first-order rise; delta stays at
+    0.03 A unless the LOO energy error is large against that rise; a number given stays."""
+    from distmlip.gpr.augment import COPIES_AUTO_MAX, COPIES_AUTO_MIN, choose_copies_delta
+
+    rng = np.random.default_rng(0)
+    F = rng.normal(0.0, 0.5, size=(6, 32, 3))
+    f_rms = float(np.sqrt(np.mean(F ** 2)))
+    good = {"loo_all_energy_mae_eV": 0.001, "loo_all_force_mae_eVA": 0.01 * f_rms}
+    M, d, why = choose_copies_delta("auto", "auto", good, F, 32)
+    assert d == 0.03 and M == 48 and why["dof"] == 96 and "96 degrees of freedom" in why["reason"]
+    assert why["label_error_ratio"] == pytest.approx(0.001 / (0.03 * f_rms * np.sqrt(96)) + 0.01)
+    # fixed atoms move nothing: 3 x 16 free degrees of freedom
+    assert choose_copies_delta("auto", 0.03, good, F, 32, fixed_atoms=range(16))[0] == 24
+    # few degrees of freedom: the lower bound; many: the upper one
+    assert choose_copies_delta("auto", 0.03, good, F[:, :2], 2)[0] == COPIES_AUTO_MIN
+    big = rng.normal(0.0, 0.5, size=(2, 200, 3))
+    assert choose_copies_delta("auto", 0.03, good, big, 200)[0] == COPIES_AUTO_MAX
+    # a large LOO energy error: delta grows until it is a quarter of the first-order rise
+    bad_e = {"loo_all_energy_mae_eV": 0.05, "loo_all_force_mae_eVA": 0.01 * f_rms}
+    M2, d2, why2 = choose_copies_delta("auto", "auto", bad_e, F, 32)
+    assert d2 == pytest.approx(0.05 / (f_rms * np.sqrt(96) * (0.25 - 0.01))) and 0.03 < d2 <= 0.06
+    assert why2["label_error_ratio"] == pytest.approx(0.25) and M2 == int(np.ceil(48 / (1 + 0.25 ** 2)))
+    # a force error that no delta lowers: delta stays, fewer copies
+    bad_f = {"loo_all_energy_mae_eV": 0.001, "loo_all_force_mae_eVA": 0.8 * f_rms}
+    M3, d3, why3 = choose_copies_delta("auto", "auto", bad_f, F, 32)
+    assert d3 == 0.03 and M3 < 48 and "no delta lowers it" in why3["reason"]
+    # a number given stays as given
+    assert choose_copies_delta(7, "auto", bad_e, F, 32)[0] == 7
+    assert choose_copies_delta("auto", 0.02, bad_e, F, 32)[1] == 0.02
+
+
+def test_augment_copies_delta_auto_end_to_end(data, capsys, monkeypatch):
+    """copies: auto and delta: auto per subset: the choice is logged and reported, every reference
+    gets the chosen M copies at the chosen delta, two ranks give the output of one, and a rerun
+    with another choice (a number, or another rule) recomputes instead of reusing the shards."""
+    import distmlip.gpr.augment as aug
+
+    extra = dict(copies="auto", subsets={"Al2_0": {"delta": "auto"}, "Cu4_0": {"copies": 3}},
+                 gpr={"fit_max_obs": 120, "fit_iterations": 15, "fingerprint": "local"})
+    cfg1 = _cfg(data, "auto1", **extra)
+    res = run_cli(capsys, ["augment", str(cfg1)])
+    assert "subset Al2_0: copies and delta auto: M = 10, delta = " in res.stderr + res.stdout
+    assert "subset Cu3Ni_0: copies auto: M = 10, delta = 0.03 A" in res.stderr + res.stdout
+    rep = {r["subset"]: r for r in json.loads((data / "auto1.report.json").read_text())["subsets"]}
+    assert rep["Cu4_0"]["copies_per_structure"] == 3 and "auto_choice" not in rep["Cu4_0"]
+    assert rep["Cu4_0"]["n_copies"] == 6 * 3
+    for name, n_ref in (("Cu3Ni_0", 5), ("Al2_0", 4)):
+        r = rep[name]
+        ch = r["auto_choice"]
+        assert r["copies_per_structure"] == ch["copies"] == 10 and r["n_copies"] == n_ref * 10
+        assert r["delta_A"] == ch["delta_A"] and ch["loo_energy_eV"] == r["gpr"]["loo_all_energy_mae_eV"]
+        assert ch["asked"]["copies"] == "auto"
+    # the copies lie delta from their parents (per component, free atoms, net translation removed)
+    ds, S = _arrays(data / "auto1.h5")
+    d = np.concatenate([(s.positions - S[s.parent].positions).ravel() for s in S
+                        if s.synthetic and ds.subsets[s.subset]["name"] == "Cu3Ni_0"])
+    assert np.std(d) == pytest.approx(0.03 * np.sqrt(3 / 4), rel=0.3)
+    # two ranks: the same choice and copies
+    cfg2 = _cfg(data, "auto2", **extra)
+    mpirun(2, ["-m", "distmlip", "augment", str(cfg2)])
+    _, B = _arrays(data / "auto2.h5")
+    assert len(S) == len(B)
+    for a, b in zip(S, B):
+        np.testing.assert_array_equal(a.positions, b.positions)
+        assert (a.energy, a.parent, a.uncertainty) == (b.energy, b.parent, b.uncertainty)
+    # restart identity: the auto subsets' shards are not those of a numeric choice, nor of another rule
+    res = run_cli(capsys, ["augment", str(cfg1), "--set", "copies=10"])
+    assert res.stdout.count("finished earlier, skipped") == 1          # Cu4_0 (copies 3) only
+    monkeypatch.setitem(aug.AUTO_RULE, "per_dof", 0.75)
+    res = run_cli(capsys, ["augment", str(cfg1)])
+    assert res.stdout.count("finished earlier, skipped") == 1
+    res = run_cli(capsys, ["augment", str(cfg1)])
+    assert res.stdout.count("finished earlier, skipped") == 3
+
+
+@pytest.mark.parametrize("over,msg", [("copies=-1", "'copies' must be an integer >= 0 or 'auto'"),
+                                      ("copies=often", "does not fit"),
+                                      ("delta=big", "does not fit"),
+                                      ("subsets={Al2_0: {copies: -2}}", "subsets.Al2_0.copies' must be"),
+                                      ("copies=auto", "method 'taylor' fits no GPR"),
+                                      ("subsets={Al2_0: {delta: auto}}", "subsets.Al2_0.delta: 'auto'")])
+def test_copies_delta_auto_nonsense_values(data, capsys, over, msg):
+    res = run_cli(capsys, ["augment", str(_cfg(data, "bad", method="taylor")), "--set", over], check=False)
+    assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr

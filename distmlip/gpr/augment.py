@@ -42,7 +42,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 
@@ -93,12 +93,22 @@ DELTA_MAX = 0.5
 
 
 def _check_delta(key: str, delta, copies) -> None:
+    if delta == "auto":
+        return
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta <= DELTA_MAX:
         raise ConfigError(f"augment: '{key}' must be a displacement in A between 0 and {DELTA_MAX} "
                           f"(typically 0.01-0.05), got {delta!r}")
     if delta == 0 and copies:
         raise ConfigError(f"augment: '{key}' is 0 with copies = {copies}: every copy would equal its parent "
                           f"(set copies: 0 for no copies)")
+
+
+def _check_copies(key: str, copies) -> None:
+    if copies == "auto":
+        return
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
+        raise ConfigError(f"augment: '{key}' must be an integer >= 0 or 'auto' (chosen per subset from the "
+                          f"GPR's leave-one-out errors and the structures' degrees of freedom), got {copies!r}")
 
 
 @dataclass
@@ -155,8 +165,9 @@ class GPRSettings:
 
 @dataclass
 class SubsetSettings:
-    copies: Optional[int] = None
-    delta: Optional[float] = None
+    # None: the global value; 'auto': chosen from the fit (choose_copies_delta)
+    copies: Optional[Union[int, Literal["auto"]]] = None
+    delta: Optional[Union[float, Literal["auto"]]] = None
     fixed_atoms: list[int] = field(default_factory=list)
     max_uncertainty: Optional[float] = None
     skip: bool = False
@@ -167,8 +178,10 @@ class AugmentConfig:
     input: str = field(default="", metadata=paths("in"))
     output: str = field(default="", metadata=paths("out"))
     method: Literal["gpr", "taylor"] = "gpr"
-    copies: int = 20
-    delta: float = 0.03
+    # 'auto' (either or both): chosen per subset after its GPR fit from its leave-one-out errors,
+    # the references' forces and the free atoms' degrees of freedom (choose_copies_delta; docs/gpr.md)
+    copies: Union[int, Literal["auto"]] = 20
+    delta: Union[float, Literal["auto"]] = 0.03
     seed: int = 0
     min_distance: float = 0.5
     max_uncertainty: Optional[float] = None
@@ -201,8 +214,7 @@ class AugmentConfig:
             raise ConfigError("augment: 'input' (HDF5 data set) is required")
         if not self.output:
             raise ConfigError("augment: 'output' (new HDF5 data set) is required")
-        if self.copies < 0:
-            raise ConfigError(f"augment: 'copies' must be >= 0, got {self.copies}")
+        _check_copies("copies", self.copies)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"augment: 'seed' must be an integer >= 0, got {self.seed!r}")
         _check_delta("delta", self.delta, self.copies)
@@ -213,10 +225,17 @@ class AugmentConfig:
         if self.weight_sigma is not None and not self.weight_sigma > 0:
             raise ConfigError("augment: 'weight_sigma' must be positive (or omitted: per-subset median sigma)")
         for name, s in self.subsets.items():
-            if s.copies is not None and s.copies < 0:
-                raise ConfigError(f"augment: subsets.{name}.copies must be >= 0")
+            if s.copies is not None:
+                _check_copies(f"subsets.{name}.copies", s.copies)
             if s.delta is not None:
                 _check_delta(f"subsets.{name}.delta", s.delta, self.copies if s.copies is None else s.copies)
+        if self.method == "taylor":
+            auto = [k for k, v in [("copies", self.copies), ("delta", self.delta)] +
+                    [(f"subsets.{n}.{k}", getattr(t, k)) for n, t in self.subsets.items() for k in ("copies", "delta")]
+                    if v == "auto"]
+            if auto:
+                raise ConfigError(f"augment: {', '.join(auto)}: 'auto' is chosen from the GPR's leave-one-out "
+                                  f"errors, and method 'taylor' fits no GPR; give numbers (or method: gpr)")
 
     # derived paths
     def out_stem(self) -> Path:
@@ -260,6 +279,8 @@ def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray, conte
          "sub": cfg.for_subset(name), "gpr": asdict(cfg.gpr) if cfg.method == "gpr" else None,
          "name": name, "n_in": n_in, "idx": hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest(),
          "input": content, "outlier_z": cfg.outlier_z}
+    if "auto" in (d["sub"]["copies"], d["sub"]["delta"]):
+        d["auto_rule"] = AUTO_RULE      # the values it picks: a changed rule must not reuse old copies
     d["gpr"] and d["gpr"].pop("device", None)
     d["gpr"] and d["gpr"].pop("save", None)
     if d["gpr"] and cfg.gpr.load:
@@ -418,7 +439,7 @@ def share_plan(cfg: AugmentConfig, ds, parents: dict, costs: dict) -> dict[int, 
     groups: dict[tuple, list[int]] = {}
     for sid in sorted(parents):
         sub = cfg.for_subset(ds.subsets[sid]["name"])
-        if skip_reason(sub, len(parents[sid]), 0, int(sub["copies"]), int(ds.natoms[parents[sid][0]])
+        if skip_reason(sub, len(parents[sid]), 0, sub["copies"], int(ds.natoms[parents[sid][0]])
                        if len(parents[sid]) else 0):
             continue
         z = tuple(sorted(set(int(v) for v in ds.read(parents[sid][:1])[0].numbers)))
@@ -453,7 +474,7 @@ def composition_groups(cfg: AugmentConfig, ds, parents: dict) -> dict[int, list[
         numbers = ds.subsets[sid].get("order")
         if numbers is None or len(numbers) != int(ds.natoms[parents[sid][0]]):
             numbers = ds.read(parents[sid][:1])[0].numbers
-        if skip_reason(sub, len(parents[sid]), 0, int(sub["copies"]), len(numbers)):
+        if skip_reason(sub, len(parents[sid]), 0, sub["copies"], len(numbers)):
             continue
         by.setdefault(tuple(sorted(int(z) for z in numbers)), []).append(sid)
     return {m[0]: m for m in by.values() if len(m) > 1}
@@ -604,6 +625,85 @@ def _label_copies(fp, model, structs, pos, M: int, name: str, rank: int, every_s
     return energy, unc
 
 
+# ``copies: auto`` / ``delta: auto`` (choose_copies_delta).  A copy's label error is estimated as
+# in the fingerprint choice, from the fit's closed-form leave-one-structure-out errors over all its
+# training structures: e_L + delta sqrt(3n) f_L (LOO energy MAE per structure, LOO force MAE per
+# component; pessimistic: a copy lies next to its parent, a LOO prediction a whole structure away).
+# Its first-order signal is delta F_rms sqrt(3n) (the references' forces on the free atoms): the
+# ratio rho = e_L / (delta F_rms sqrt(3n)) + f_L / F_rms.
+DELTA_AUTO = 0.03        # the paper's optimum (0.03-0.034 A): kept while the labels allow it
+DELTA_AUTO_MAX = 0.06    # larger delta only to lift the signal above e_L, at most this far
+RHO_AUTO = 0.25          # a copy's estimated label error at most this share of its first-order signal
+COPIES_PER_DOF = 0.5     # M = 3n/2 informative copies (M = 40 closed the gap on 60-87 dof: docs/gpr.md)
+COPIES_AUTO_MIN = 10
+COPIES_AUTO_MAX = 64
+# part of every 'auto' subset's shard key: a changed rule must not reuse copies chosen by the old one
+AUTO_RULE = {"rule": 1, "delta": DELTA_AUTO, "delta_max": DELTA_AUTO_MAX, "rho": RHO_AUTO,
+             "per_dof": COPIES_PER_DOF, "min": COPIES_AUTO_MIN, "max": COPIES_AUTO_MAX}
+
+
+def nominal_delta(delta) -> float:
+    """The displacement used before a fit exists (fingerprint choice): ``DELTA_AUTO`` for 'auto'."""
+    return DELTA_AUTO if delta == "auto" else float(delta)
+
+
+def choose_copies_delta(copies, delta, info: dict, forces, natoms: int, fixed_atoms=()) -> tuple[int, float, dict]:
+    """(M, delta, why) for a subset whose ``copies`` and/or ``delta`` is 'auto' (a number given
+    stays as given).  ``info``: the fitted GPR's ``info`` (``loo_all_energy_mae_eV``,
+    ``loo_all_force_mae_eVA``; the search's sub-sample LOO energy error when the kernel was too
+    large for the full one); ``forces``: the reference forces [N, natoms, 3].
+
+    delta: DELTA_AUTO unless the estimated label error ratio rho there exceeds RHO_AUTO because
+    of the LOO energy error (the term that a larger displacement outgrows); then the delta where
+    rho = RHO_AUTO, at most DELTA_AUTO_MAX.  A ratio set by the LOO force error alone does not
+    fall with delta, and the delta stays.
+    copies: each copy gives one projection of the 3n-dimensional force of its parent; M =
+    COPIES_PER_DOF x 3n x q, q = 1 / (1 + rho^2) the share of a copy that is signal, within
+    [COPIES_AUTO_MIN, COPIES_AUTO_MAX] (labelling and each training epoch cost grow with M)."""
+    moving = np.setdiff1d(np.arange(natoms), np.asarray(list(fixed_atoms), dtype=np.int64))
+    dof = 3 * len(moving)
+    F = np.asarray(forces, np.float64)[:, moving] if len(moving) else np.zeros((0, 3))
+    f_rms = float(np.sqrt(np.mean(F ** 2))) if F.size else 0.0
+    e_L = info.get("loo_all_energy_mae_eV", info.get("loo_energy_mae_eV"))
+    f_L = info.get("loo_all_force_mae_eVA")
+    why = {"rule": AUTO_RULE["rule"], "dof": dof, "force_rms_eVA": f_rms, "loo_energy_eV": e_L, "loo_force_eVA": f_L}
+    d = DELTA_AUTO if delta == "auto" else float(delta)
+    if e_L is None or f_rms <= 0 or dof == 0:
+        # nothing to measure against: the defaults' values
+        why["reason"] = ("no leave-one-out errors" if e_L is None else "no forces on the free atoms") + \
+            ": default values"
+        M = 20 if copies == "auto" else int(copies)
+        why.update(copies=M, delta_A=d)
+        return M, d, why
+    g = f_rms * math.sqrt(dof)                      # first-order rise per A of displacement
+    rel_f = (f_L or 0.0) / f_rms
+    rho = e_L / (d * g) + rel_f
+    reasons = []
+    if delta == "auto":
+        if rho > RHO_AUTO and rel_f < RHO_AUTO:
+            d_need = e_L / (g * (RHO_AUTO - rel_f))
+            d = min(DELTA_AUTO_MAX, d_need)
+            reasons.append(f"delta {d:.3g} A: at {DELTA_AUTO} A the LOO energy error {e_L:.3g} eV was "
+                           f"{rho:.2f} of the first-order rise {DELTA_AUTO * g:.3g} eV"
+                           + (" (capped)" if d < d_need else ""))
+            rho = e_L / (d * g) + rel_f
+        else:
+            reasons.append(f"delta {d:.3g} A: estimated label error {rho:.2f} of the first-order rise "
+                           f"{d * g:.3g} eV" + (f" (LOO force error {rel_f:.2f} of F_rms: no delta lowers it)"
+                                                 if rel_f >= RHO_AUTO else ""))
+    q = 1.0 / (1.0 + rho * rho)
+    if copies == "auto":
+        raw = COPIES_PER_DOF * dof * q
+        M = int(min(COPIES_AUTO_MAX, max(COPIES_AUTO_MIN, math.ceil(raw))))
+        reasons.append(f"M {M}: {COPIES_PER_DOF:g} x {dof} degrees of freedom x signal share {q:.2f}"
+                       + (f" = {raw:.1f}, bounded to [{COPIES_AUTO_MIN}, {COPIES_AUTO_MAX}]"
+                          if M != math.ceil(raw) else ""))
+    else:
+        M = int(copies)
+    why.update(copies=M, delta_A=d, label_error_ratio=rho, first_order_eV=d * g, reason="; ".join(reasons))
+    return M, d, why
+
+
 def skip_reason(sub: dict, n_ref: int, n_noforce: int, M: int, natoms: int) -> str | None:
     """Why a subset gets no copies (None: it gets them).  A one-atom structure (an isolated atom,
     a one-atom periodic cell) is only translated by a displacement: its copies would repeat the
@@ -652,7 +752,7 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
     for sid, name in zip(sids, names):
         sub = cfg.for_subset(name)
         idx, n_noforce = _parents_of(ds, sid)
-        M, delta = int(sub["copies"]), float(sub["delta"])
+        M, delta = sub["copies"], sub["delta"]        # 'auto': chosen after the fit (choose_copies_delta)
         rep = {"subset": name, "subset_id": int(sid), "method": cfg.method, "rank": rank,
                "n_reference": int(len(idx)), "n_without_forces": n_noforce, "copies_per_structure": M,
                "delta_A": delta, "fixed_atoms": sub["fixed_atoms"], "max_uncertainty_eV": sub["max_uncertainty"]}
@@ -703,15 +803,20 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
                 idx = idx[keep]
                 structs = [structs[i] for i in keep]
                 rep["n_reference"] = int(len(idx))
-        rng = subset_rng(cfg.seed, name)
-        disp = np.stack([displace(s.positions, M, delta, rng, fixed=sub["fixed_atoms"], cell=s.cell,
-                                  pbc=s.pbc, min_dist=cfg.min_distance,
-                                  where=f"{cfg.input}: structure {s.index} (subset '{name}')")
-                         for s in structs])                                  # [N, M, nat, 3]
-        pos = np.stack([s.positions for s in structs])[:, None] + disp       # [N, M, nat, 3]
-        prep[sid] = dict(name=name, idx=idx, M=M, rep=rep, structs=structs, disp=disp, pos=pos,
-                         E0=np.array([s.energy for s in structs]), F0=np.stack([s.forces for s in structs]),
-                         t_sample=time.perf_counter() - t0)
+        prep[sid] = dict(name=name, idx=idx, M=M, delta=delta, sub=sub, rep=rep, structs=structs,
+                         E0=np.array([s.energy for s in structs]), F0=np.stack([s.forces for s in structs]))
+
+    def draw(d):
+        """The copies of one prepared subset, once its M and delta are numbers.  Its generator is
+        used for nothing else, so drawing after the fit gives the copies drawn before it."""
+        t1 = time.perf_counter()
+        rng = subset_rng(cfg.seed, d["name"])
+        d["disp"] = np.stack([displace(s.positions, d["M"], d["delta"], rng, fixed=d["sub"]["fixed_atoms"],
+                                       cell=s.cell, pbc=s.pbc, min_dist=cfg.min_distance,
+                                       where=f"{cfg.input}: structure {s.index} (subset '{d['name']}')")
+                              for s in d["structs"]])                                  # [N, M, nat, 3]
+        d["pos"] = np.stack([s.positions for s in d["structs"]])[:, None] + d["disp"]  # [N, M, nat, 3]
+        d["t_sample"] = time.perf_counter() - t1
     n_total = sum(len(d["idx"]) for d in prep.values())
     if prep and cfg.method == "gpr" and n_total == 1 and shared is None and not _hyper_given(cfg) \
             and not cfg.gpr.load:
@@ -730,6 +835,7 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
     hyper, labels, fit_info = None, {}, {}
     if cfg.method == "taylor":
         for sid, d in prep.items():
+            draw(d)
             labels[sid] = (np.concatenate([taylor_energy(d["E0"][k], d["F0"][k], d["disp"][k])
                                            for k in range(len(d["structs"]))]), None)
     else:
@@ -750,7 +856,7 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
         allp = [s for sid in prep for s in pstructs[sid]]
         head = names[0]
         fit = fit_subset(ds, allp, cfg, head, rank, shared=shared, mixed_orders=mixed,
-                         delta=float(next(iter(prep.values()))["rep"]["delta_A"]))
+                         delta=nominal_delta(next(iter(prep.values()))["delta"]))
         fp, model = fit["fingerprint"], fit["model"]
         hyper = shared_hyper(fit, head, allp[0].natoms)
         info = model.info
@@ -789,8 +895,18 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
                  f"it: every copy of {'these subsets' if len(prep) > 1 else 'this subset'} goes to the candidates "
                  f"file, none into training.  Check or remove the structure(s) and rerun augment (outlier_z: 0 "
                  f"keeps the copies)")
+        for sid, d in prep.items():
+            if d["M"] == "auto" or d["delta"] == "auto":
+                asked = {"copies": d["M"], "delta": d["delta"]}
+                d["M"], d["delta"], why = choose_copies_delta(d["M"], d["delta"], info, d["F0"],
+                                                              d["structs"][0].natoms, d["sub"]["fixed_atoms"])
+                d["rep"].update(copies_per_structure=d["M"], delta_A=d["delta"],
+                                auto_choice=dict(why, asked=asked))
+                log(f"subset {d['name']}: {' and '.join(k for k, v in asked.items() if v == 'auto')} auto: "
+                    f"M = {d['M']}, delta = {d['delta']:.3g} A ({why['reason']})", all_ranks=True)
+            draw(d)
         fit_info["fit_warnings"] = _fit_quality(info, cfg.input, head, len(prep) > 1,
-                                                float(next(iter(prep.values()))["rep"]["delta_A"]), allp[0].natoms)
+                                                float(next(iter(prep.values()))["delta"]), allp[0].natoms)
         for w in fit_info["fit_warnings"]:
             warn(w["message"])
         off = 0

@@ -56,7 +56,8 @@ def fit_all(cfg, save=None, load=None):
     hyperparameters (``gpr.share``) come after the subset they take them from."""
     from ..data.h5store import H5Dataset
     from ..utils.log import warn
-    from .augment import _estimated_cost, _hyper_given, _parents_of, fit_subset, share_plan, shared_hyper
+    from .augment import (_estimated_cost, _hyper_given, _parents_of, fit_subset, nominal_delta, share_plan,
+                          shared_hyper)
 
     ds = H5Dataset(cfg.input)
     cfg.gpr.save = save or cfg.gpr.save
@@ -84,7 +85,7 @@ def fit_all(cfg, save=None, load=None):
             warn(f"subset {name}: one structure: its GPR hyperparameters cannot be fitted and its labels "
                  f"would miss most of a copy's energy rise (augment gives it no copies; docs/gpr.md); "
                  f"fitted anyway for inspection")
-        fit = fit_subset(ds, structs, cfg, name, shared=shared, delta=float(cfg.for_subset(name)["delta"]))
+        fit = fit_subset(ds, structs, cfg, name, shared=shared, delta=nominal_delta(cfg.for_subset(name)["delta"]))
         fit["time_s"] = time.perf_counter() - t0
         fit["natoms"] = structs[0].natoms
         fit["numbers"] = np.asarray(structs[0].numbers)
