@@ -684,11 +684,11 @@ def choose_copies_delta(copies, delta, info: dict, forces, natoms: int, fixed_at
             d_need = e_L / (g * (RHO_AUTO - rel_f))
             d = min(DELTA_AUTO_MAX, d_need)
             reasons.append(f"delta {d:.3g} A: at {DELTA_AUTO} A the LOO energy error {e_L:.3g} eV was "
-                           f"{rho:.2f} of the first-order rise {DELTA_AUTO * g:.3g} eV"
+                           f"{rho:.2g} of the first-order rise {DELTA_AUTO * g:.3g} eV"
                            + (" (capped)" if d < d_need else ""))
             rho = e_L / (d * g) + rel_f
         else:
-            reasons.append(f"delta {d:.3g} A: estimated label error {rho:.2f} of the first-order rise "
+            reasons.append(f"delta {d:.3g} A: estimated label error {rho:.2g} of the first-order rise "
                            f"{d * g:.3g} eV" + (f" (LOO force error {rel_f:.2f} of F_rms: no delta lowers it)"
                                                  if rel_f >= RHO_AUTO else ""))
     q = 1.0 / (1.0 + rho * rho)
