@@ -145,6 +145,13 @@ def run_method(out, name, data, mode, budget, batch_atoms, np_, extra=None):
                 angle=o["F_direction_deg"])
 
 
+def _auto(tp):
+    def conv(v):
+        return v if v == "auto" else tp(v)
+    conv.__name__ = tp.__name__ + " or auto"
+    return conv
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("set", choices=["demo", "slab", "ec", "files"])
@@ -157,21 +164,26 @@ def main():
                     help="atoms per batch of the reference-structure methods (default 300; ec and files 1200); "
                          "augmented sets take 4x")
     ap.add_argument("--budget", type=float, default=120.0, help="training wall time per method (s)")
-    ap.add_argument("--copies", type=int, default=20)
+    ap.add_argument("--copies", type=_auto(int), default=20,
+                    help="copies per structure, or auto (per subset from the GPR's leave-one-out errors, docs/gpr.md)")
     ap.add_argument("--pool", type=int, default=0, help="copies per structure of the gpr_ann_pool method's pool")
-    ap.add_argument("--delta", type=float, default=0.03, help="copies' displacement (A)")
+    ap.add_argument("--delta", type=_auto(float), default=0.03, help="copies' displacement (A), or auto")
     ap.add_argument("--gpr-load", type=Path, default=None,
                     help="label with the GPR fits saved by an earlier run (its gpr_fits folder) instead of fitting")
     ap.add_argument("--fingerprint", default="auto")
     ap.add_argument("--np", type=int, default=1, dest="np_")
     ap.add_argument("--methods", default="energy,force,gpr_ann,gpr_ann_paper,hybrid")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--reuse-augment", action="store_true", help="keep an existing train_aug.h5 (same settings)")
+    ap.add_argument("--reuse-augment", action="store_true",
+                    help="rerun augment without --fresh: its restart shards are reused where their settings and "
+                         "input match (other copies, delta or fits are recomputed)")
     ap.add_argument("--scheduler", default=None, choices=["plateau", "cosine"],
                     help="training.scheduler for every method (default: the config default)")
     a = ap.parse_args()
     if a.set == "files" and not (a.train and a.test):
         ap.error("files needs --train and --test")
+    if a.pool and a.copies == "auto":
+        ap.error("--pool draws --copies copies per epoch: give a number with --pool")
     if a.descriptor:
         rr, nr, ra, na = a.descriptor.split(",")
         DESC.update(rc_radial=float(rr), n_radial=int(nr), rc_angular=float(ra), n_angular=int(na))
@@ -188,11 +200,13 @@ def main():
            {"fingerprint": a.fingerprint, "load": str(a.gpr_load.resolve())}}
     (out / "augment.yaml").write_text(yaml.safe_dump(aug))
     t0 = time.perf_counter()
-    if not (a.reuse_augment and (out / "train_aug.report.json").is_file()):
-        dm("augment", out / "augment.yaml", "--fresh", np_=a.np_, log=out / "augment.log")
+    # --reuse-augment: augment's own restart (shards keyed by settings and input) decides what is
+    # reused; the output was reused blindly before, whatever copies or delta it had been made with
+    dm("augment", out / "augment.yaml", *([] if a.reuse_augment else ["--fresh"]), np_=a.np_,
+       log=out / "augment.log")
     t_aug = time.perf_counter() - t0
     rep = json.loads((out / "train_aug.report.json").read_text())
-    if t_aug < 1.0:          # reused: the GPR time of the earlier run, from its report
+    if a.reuse_augment:      # the shards' own times (GPR fit + labels when they were made)
         t_aug = sum(r.get("time_total_s", 0.0) for r in rep["subsets"])
     if a.pool:
         # the pool: the same saved GPR fits label P copies per structure (no second fit)
@@ -200,8 +214,8 @@ def main():
                     gpr={"fingerprint": a.fingerprint, "load": str(a.gpr_load.resolve() if a.gpr_load else out / "gpr_fits")})
         (out / "augment_pool.yaml").write_text(yaml.safe_dump(pool))
         t1 = time.perf_counter()
-        if not (a.reuse_augment and (out / "train_pool.report.json").is_file()):
-            dm("augment", out / "augment_pool.yaml", "--fresh", np_=a.np_, log=out / "augment_pool.log")
+        dm("augment", out / "augment_pool.yaml", *([] if a.reuse_augment else ["--fresh"]), np_=a.np_,
+           log=out / "augment_pool.log")
         print(f"pool of {a.pool} copies per structure labelled in {time.perf_counter() - t1:.0f} s")
     batch = a.batch_atoms or (1200 if a.set in ("ec", "files") else 300)
     plan = {"energy": ("train.h5", "energy", batch), "force": ("train.h5", "force", batch),
@@ -219,7 +233,8 @@ def main():
           f"per method, scheduler {a.scheduler or 'default'}, augment (GPR fit + labels) {t_aug:.0f} s, load {load:.1f}")
     for r in rep["subsets"]:
         print(f"  {r['subset']}: fingerprint {r.get('fingerprint', {}).get('kind')}, choice "
-              f"{r.get('fingerprint_choice')}, sigma mean {r.get('uncertainty_eV', {}).get('mean', 0):.4f} eV, "
+              f"{r.get('fingerprint_choice')}, M {r.get('copies_per_structure')}, delta {r.get('delta_A')}"
+              f"{' (' + r['auto_choice']['reason'] + ')' if r.get('auto_choice') else ''}, sigma mean {r.get('uncertainty_eV', {}).get('mean', 0):.4f} eV, "
               f"label - parent {r.get('label_minus_parent_eV', {}).get('mean', 0):+.4f} eV")
     print(f"{'method':<14} {'epochs':>6} {'train s':>8} {'E MAE meV/at':>13} {'F MAE eV/A':>11} {'angle':>7}")
     for r in rows:
