@@ -1,6 +1,6 @@
 """GPR-ANN against energy-only and direct force training (and the hybrid) at one wall-time budget.
 
-    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies 20] [--pool 80] [--delta 0.03]
+    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies auto] [--pool 80] [--delta 0.03]
                                  [--fingerprint auto] [--np 1] [--out runs/gpr_ann] [--reuse-augment]
                                  [--gpr-load DIR]
                                  [--scheduler plateau|cosine] [--methods energy,force,...]
@@ -164,8 +164,9 @@ def main():
                     help="atoms per batch of the reference-structure methods (default 300; ec and files 1200); "
                          "augmented sets take 4x")
     ap.add_argument("--budget", type=float, default=120.0, help="training wall time per method (s)")
-    ap.add_argument("--copies", type=_auto(int), default=20,
-                    help="copies per structure, or auto (per subset from the GPR's leave-one-out errors, docs/gpr.md)")
+    ap.add_argument("--copies", type=_auto(int), default=None,
+                    help="copies per structure, or auto (per subset from the GPR's leave-one-out errors, docs/gpr.md); "
+                         "default: auto, as augment's default (20 with --pool)")
     ap.add_argument("--pool", type=int, default=0, help="copies per structure of the gpr_ann_pool method's pool")
     ap.add_argument("--delta", type=_auto(float), default=0.03, help="copies' displacement (A), or auto")
     ap.add_argument("--gpr-load", type=Path, default=None,
@@ -182,6 +183,8 @@ def main():
     a = ap.parse_args()
     if a.set == "files" and not (a.train and a.test):
         ap.error("files needs --train and --test")
+    if a.copies is None:
+        a.copies = 20 if a.pool else "auto"
     if a.pool and a.copies == "auto":
         ap.error("--pool draws --copies copies per epoch: give a number with --pool")
     if a.descriptor:

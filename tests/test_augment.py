@@ -714,3 +714,16 @@ def test_augment_copies_delta_auto_end_to_end(data, capsys, monkeypatch):
 def test_copies_delta_auto_nonsense_values(data, capsys, over, msg):
     res = run_cli(capsys, ["augment", str(_cfg(data, "bad", method="taylor")), "--set", over], check=False)
     assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_copies_default_is_auto_for_gpr_and_20_for_taylor():
+    """copies not given: 'auto' for method gpr (measured better at equal training time past the
+    shortest budgets, docs/gpr.md), 20 for taylor, which fits nothing to choose from."""
+    from distmlip.config import from_dict
+    from distmlip.gpr import augment as aug
+
+    gpr = from_dict(aug.AugmentConfig, {"input": "a.h5", "output": "b.h5"})
+    taylor = from_dict(aug.AugmentConfig, {"input": "a.h5", "output": "b.h5", "method": "taylor"})
+    given = from_dict(aug.AugmentConfig, {"input": "a.h5", "output": "b.h5", "copies": 7})
+    assert (gpr.copies, taylor.copies, given.copies) == ("auto", 20, 7)
+    assert gpr.for_subset("any")["copies"] == "auto" and gpr.delta == 0.03

@@ -23,7 +23,7 @@ Example config::
     input: data/train.h5
     output: data/train_gpr.h5
     method: gpr            # or taylor
-    copies: 20
+    copies: auto           # default for gpr: M per subset from the fit (taylor: 20)
     delta: 0.03            # A, std of the Gaussian displacement of every component
     seed: 0
     max_uncertainty: 0.05  # eV; copies above go to <output>.candidates.xyz
@@ -180,7 +180,9 @@ class AugmentConfig:
     method: Literal["gpr", "taylor"] = "gpr"
     # 'auto' (either or both): chosen per subset after its GPR fit from its leave-one-out errors,
     # the references' forces and the free atoms' degrees of freedom (choose_copies_delta; docs/gpr.md)
-    copies: Union[int, Literal["auto"]] = 20
+    # default: 'auto' for method gpr (M = 3n/2 measured better at equal training time past the
+    # shortest budgets, docs/gpr.md), 20 for taylor (no fit to choose from)
+    copies: Union[int, Literal["auto"], None] = None
     delta: Union[float, Literal["auto"]] = 0.03
     seed: int = 0
     min_distance: float = 0.5
@@ -214,6 +216,8 @@ class AugmentConfig:
             raise ConfigError("augment: 'input' (HDF5 data set) is required")
         if not self.output:
             raise ConfigError("augment: 'output' (new HDF5 data set) is required")
+        if self.copies is None:
+            self.copies = "auto" if self.method == "gpr" else 20
         _check_copies("copies", self.copies)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"augment: 'seed' must be an integer >= 0, got {self.seed!r}")
