@@ -29,7 +29,8 @@ def rows(obj, prefix=""):
         if dataclasses.is_dataclass(v):
             out += rows(v, prefix if f.metadata.get("inline") else f"{prefix}{f.name}.")
         else:
-            out.append((f"{prefix}{f.name}", _type_name(hints[f.name]), repr(v)))
+            # a default resolved at validation (None until then) says what it becomes
+            out.append((f"{prefix}{f.name}", _type_name(hints[f.name]), f.metadata.get("default_text", repr(v))))
     return out
 
 

@@ -182,7 +182,8 @@ class AugmentConfig:
     # the references' forces and the free atoms' degrees of freedom (choose_copies_delta; docs/gpr.md)
     # default: 'auto' for method gpr (M = 3n/2 measured better at equal training time past the
     # shortest budgets, docs/gpr.md), 20 for taylor (no fit to choose from)
-    copies: Union[int, Literal["auto"], None] = None
+    copies: Union[int, Literal["auto"], None] = field(
+        default=None, metadata={"default_text": "'auto' (method gpr), 20 (method taylor)"})
     delta: Union[float, Literal["auto"]] = 0.03
     seed: int = 0
     min_distance: float = 0.5
