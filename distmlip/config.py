@@ -194,15 +194,23 @@ def expand_path(value, full: str, source=None):
     return os.path.expanduser(os.path.expandvars(value))
 
 
-def _path_settings(obj, prefix: str = ""):
-    """(key, kind, value) of every path setting of a configuration dataclass, recursively."""
+def _path_fields(obj, prefix: str = ""):
+    """(dotted key, owning dataclass, field) of every path setting of a configuration dataclass,
+    recursively (inline sections list their keys in the enclosing one)."""
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
-        key = prefix if f.metadata.get("inline") else f"{prefix}{f.name}."
         if dataclasses.is_dataclass(v):
-            yield from _path_settings(v, key)
-        elif f.metadata.get("path") and v:
-            yield f"{prefix}{f.name}", f.metadata["path"], v
+            yield from _path_fields(v, prefix if f.metadata.get("inline") else f"{prefix}{f.name}.")
+        elif f.metadata.get("path"):
+            yield f"{prefix}{f.name}", obj, f
+
+
+def _path_settings(obj):
+    """(key, kind, value) of every path setting of a configuration dataclass that is set."""
+    for key, owner, f in _path_fields(obj):
+        v = getattr(owner, f.name)
+        if v:
+            yield key, f.metadata["path"], v
 
 
 def absolute_paths(obj):
@@ -214,16 +222,8 @@ def absolute_paths(obj):
     import copy
 
     out = copy.deepcopy(obj)
-
-    def fix(o):
-        for f in dataclasses.fields(o):
-            v = getattr(o, f.name)
-            if dataclasses.is_dataclass(v):
-                fix(v)
-            elif f.metadata.get("path") and v:
-                setattr(o, f.name, absolute_path_value(v))
-
-    fix(out)
+    for _, owner, f in _path_fields(out):
+        setattr(owner, f.name, absolute_path_value(getattr(owner, f.name)))
     return out
 
 
@@ -234,16 +234,9 @@ def absolute_path_value(v):
     return os.path.abspath(v) if isinstance(v, str) and v else v
 
 
-def path_keys(obj, prefix: str = "") -> set:
+def path_keys(obj) -> set:
     """The dotted keys ("data.train", ...) of every path setting of a configuration dataclass."""
-    out = set()
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        if dataclasses.is_dataclass(v):
-            out |= path_keys(v, prefix if f.metadata.get("inline") else f"{prefix}{f.name}.")
-        elif f.metadata.get("path"):
-            out.add(f"{prefix}{f.name}")
-    return out
+    return {key for key, _, _ in _path_fields(obj)}
 
 
 def check_relative_paths(obj, source) -> None:
