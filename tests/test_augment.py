@@ -662,6 +662,11 @@ def test_copies_and_delta_auto_rule():
     bad_f = {"loo_all_energy_mae_eV": 0.001, "loo_all_force_mae_eVA": 0.8 * f_rms}
     M3, d3, why3 = choose_copies_delta("auto", "auto", bad_f, F, 32)
     assert d3 == 0.03 and M3 < 48 and "no delta lowers it" in why3["reason"]
+    # a non-finite LOO error (an ill-conditioned kernel) says nothing: the default values, no crash
+    for info in ({"loo_all_energy_mae_eV": float("nan")},
+                 {"loo_all_energy_mae_eV": 0.001, "loo_all_force_mae_eVA": float("inf")}):
+        M4, d4, why4 = choose_copies_delta("auto", "auto", info, F, 32)
+        assert (M4, d4) == (20, 0.03) and "no finite leave-one-out errors" in why4["reason"]
     # a number given stays as given
     assert choose_copies_delta(7, "auto", bad_e, F, 32)[0] == 7
     assert choose_copies_delta("auto", 0.02, bad_e, F, 32)[1] == 0.02

@@ -673,9 +673,11 @@ def choose_copies_delta(copies, delta, info: dict, forces, natoms: int, fixed_at
     f_L = info.get("loo_all_force_mae_eVA")
     why = {"rule": AUTO_RULE["rule"], "dof": dof, "force_rms_eVA": f_rms, "loo_energy_eV": e_L, "loo_force_eVA": f_L}
     d = DELTA_AUTO if delta == "auto" else float(delta)
-    if e_L is None or f_rms <= 0 or dof == 0:
-        # nothing to measure against: the defaults' values
-        why["reason"] = ("no leave-one-out errors" if e_L is None else "no forces on the free atoms") + \
+    bad_loo = e_L is None or not math.isfinite(e_L) or (f_L is not None and not math.isfinite(f_L))
+    if bad_loo or not f_rms > 0 or dof == 0:
+        # nothing to measure against: the defaults' values (a non-finite LOO error, from a kernel
+        # too ill-conditioned for its inverse, says nothing either)
+        why["reason"] = ("no finite leave-one-out errors" if bad_loo else "no forces on the free atoms") + \
             ": default values"
         M = 20 if copies == "auto" else int(copies)
         why.update(copies=M, delta_A=d)
