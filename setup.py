@@ -46,8 +46,8 @@ try:
     # -Wno-psabi: the CPU kernels use 4-double vector types in always-inlined helpers; gcc's note
     # that passing them by value would change the ABI without AVX does not apply
     # DISTMLIP_CXX_OPT: the C++ files' optimisation level.  -O0 compiles the CPU kernels in a
-    # sixth of the time (chebyshev_cpu.cpp 33 s against about 200 s): for a quick GPU correctness
-    # run (gpu_check.sh --quick), where the CPU kernels are only the reference, never for timing
+    # sixth of the time: for a quick GPU correctness run (gpu_check.sh --quick), where the CPU
+    # kernels are only the reference, never for timing
     opt = os.environ.get("DISTMLIP_CXX_OPT", "-O3")
     if opt not in ("-O0", "-O1", "-O2", "-O3"):
         raise SystemExit(f"setup.py: DISTMLIP_CXX_OPT={opt!r}: expected -O0, -O1, -O2 or -O3")

@@ -16,9 +16,10 @@
 #                  (ninja rebuilds what changed); then a staged copy of the package, tests and
 #                  benchmarks holding that build ($GPU_CHECK_BUILD/tree; the checkout's own
 #                  distmlip/_C*.so is not touched).  When the -O3 build does not finish in its
-#                  box (one CPU file, chebyshev_cpu.cpp, took 236 s on 16 cores in one lease and
-#                  more than 270 s in the next), the C++ files are rebuilt at -O0 (about 60 s)
-#                  and the check goes on as with --quick: the CUDA tests are what must run
+#                  box (one CPU file, the former chebyshev_cpu.cpp, took 236 s on 16 cores in one
+#                  lease and more than 270 s in the next; it is four files now), the C++ files
+#                  are rebuilt at -O0 (about 60 s) and the check goes on as with --quick: the
+#                  CUDA tests are what must run
 #   tests  (110 s) the CUDA tests, GPU against CPU: operators and autograd to 1e-12 (float64) /
 #                  2e-6 (float32) (test_cuda_compile.py), descriptor and its derivatives to 1e-10
 #                  (test_descriptor_chebyshev.py::test_cuda_matches_cpu), a force-training step

@@ -1,0 +1,12 @@
+// The generic row functions of the CPU descriptor kernels for double (chebyshev_rows.h says why
+// they are split into four files).
+#include "chebyshev_rows.h"
+
+namespace distmlip {
+namespace rows {
+
+DISTMLIP_DEFINE_ROWS(generic, )
+DISTMLIP_INSTANTIATE_ROWS(generic, double)
+
+}  // namespace rows
+}  // namespace distmlip
