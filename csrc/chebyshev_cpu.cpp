@@ -167,17 +167,6 @@ int num_threads() {
 }
 
 
-// ---- per-centre row functions: chebyshev_rows.h, compiled in chebyshev_rows_*.cpp ----
-using rows::forward_row_generic;
-using rows::vjp_row_generic;
-using rows::jvp_hvp_row_generic;
-#ifdef DISTMLIP_HAVE_AVX2
-using rows::forward_row_avx2;
-using rows::vjp_row_avx2;
-using rows::jvp_hvp_row_avx2;
-#endif
-
-
 // Instruction set used by the CPU kernels: 2 = AVX2 + FMA, 0 = generic.  The environment variable
 // DISTMLIP_CPU_ISA=generic forces the generic code (read at every call; used by the tests).
 int64_t cpu_isa() {
@@ -191,38 +180,29 @@ int64_t cpu_isa() {
 #endif
 }
 
+// The row functions of the instruction set in use (chebyshev_rows.h)
 template <typename scalar_t>
-using ForwardRow = int64_t (*)(const Problem<scalar_t>&, int64_t, double*, int64_t, double*, double*,
-                               bool);
-template <typename scalar_t>
-using VjpRow = void (*)(const Problem<scalar_t>&, int64_t, const scalar_t*, double*, int64_t,
-                        double*, int64_t, double*, const double*, int64_t);
-template <typename scalar_t>
-using JvpRow = void (*)(const Problem<scalar_t>&, int64_t, const scalar_t*, const scalar_t*,
-                        double*, int64_t, double*, double*, int64_t, double*, bool, bool,
-                        const double*);
-
-template <typename scalar_t>
-ForwardRow<scalar_t> pick_forward() {
+rows::RowTable<scalar_t> row_table();
+template <>
+rows::RowTable<double> row_table<double>() {
 #ifdef DISTMLIP_HAVE_AVX2
-  if (cpu_isa() == 2) return &forward_row_avx2<scalar_t>;
+  if (cpu_isa() == 2) return rows::rows_avx2_f64();
 #endif
-  return &forward_row_generic<scalar_t>;
+  return rows::rows_generic_f64();
+}
+template <>
+rows::RowTable<float> row_table<float>() {
+#ifdef DISTMLIP_HAVE_AVX2
+  if (cpu_isa() == 2) return rows::rows_avx2_f32();
+#endif
+  return rows::rows_generic_f32();
 }
 template <typename scalar_t>
-VjpRow<scalar_t> pick_vjp() {
-#ifdef DISTMLIP_HAVE_AVX2
-  if (cpu_isa() == 2) return &vjp_row_avx2<scalar_t>;
-#endif
-  return &vjp_row_generic<scalar_t>;
-}
+rows::ForwardRow<scalar_t> pick_forward() { return row_table<scalar_t>().forward; }
 template <typename scalar_t>
-JvpRow<scalar_t> pick_jvp() {
-#ifdef DISTMLIP_HAVE_AVX2
-  if (cpu_isa() == 2) return &jvp_hvp_row_avx2<scalar_t>;
-#endif
-  return &jvp_hvp_row_generic<scalar_t>;
-}
+rows::VjpRow<scalar_t> pick_vjp() { return row_table<scalar_t>().vjp; }
+template <typename scalar_t>
+rows::JvpRow<scalar_t> pick_jvp() { return row_table<scalar_t>().jvp_hvp; }
 
 // ---- kernels (outside the dispatch macros: OpenMP pragmas cannot sit in macro arguments) ----
 

@@ -2,11 +2,12 @@
 // instruction set (generic x86-64 / any CPU, and AVX2 + FMA: the routines of chebyshev.h are
 // always_inline, so each copy is generated for its instruction set) and per scalar type.
 //
-// Declared here, defined by DISTMLIP_DEFINE_ROWS and instantiated in four translation units
+// Defined by DISTMLIP_DEFINE_ROWS and instantiated in four translation units
 // (chebyshev_rows_{generic,avx2}_{f64,f32}.cpp): the 200 inlined routine bodies (10 angular orders
 // x 5 routines x 2 types x 2 instruction sets) made chebyshev_cpu.cpp the one file that a
 // parallel build waited for (236 s and more at -O3 on 16 cores while the other files took
-// seconds); split, they compile side by side.  chebyshev_cpu.cpp picks one per call (cpu_isa).
+// seconds); split, they compile side by side.  chebyshev_cpu.cpp picks a table per call
+// (cpu_isa).
 #pragma once
 
 #include <cstdint>
@@ -22,23 +23,30 @@ namespace rows {
 
 using cheb::Problem;
 
-#define DISTMLIP_DECLARE_ROWS(SUFFIX)                                                            \
-  template <typename scalar_t>                                                                  \
-  int64_t forward_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, double* slot, int64_t cap, \
-                               double* acc, double* mom, bool vjp_pass);                        \
-  template <typename scalar_t>                                                                  \
-  void vjp_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, const scalar_t* g, double* slot, \
-                        int64_t cap, double* gp, int64_t p_base, double* dRi,                   \
-                        const double* mom, int64_t m_ready);                                    \
-  template <typename scalar_t>                                                                  \
-  void jvp_hvp_row_##SUFFIX(const Problem<scalar_t>& P, int64_t i, const scalar_t* g,          \
-                            const scalar_t* v, double* slot, int64_t cap, double* jv,           \
-                            double* hp, int64_t p_base, double* dHi, bool need_jvp,             \
-                            bool need_hvp, const double* mom);
+template <typename scalar_t>
+using ForwardRow = int64_t (*)(const Problem<scalar_t>&, int64_t, double*, int64_t, double*, double*,
+                               bool);
+template <typename scalar_t>
+using VjpRow = void (*)(const Problem<scalar_t>&, int64_t, const scalar_t*, double*, int64_t,
+                        double*, int64_t, double*, const double*, int64_t);
+template <typename scalar_t>
+using JvpRow = void (*)(const Problem<scalar_t>&, int64_t, const scalar_t*, const scalar_t*,
+                        double*, int64_t, double*, double*, int64_t, double*, bool, bool,
+                        const double*);
 
-DISTMLIP_DECLARE_ROWS(generic)
+template <typename scalar_t>
+struct RowTable {
+  ForwardRow<scalar_t> forward;
+  VjpRow<scalar_t> vjp;
+  JvpRow<scalar_t> jvp_hvp;
+};
+
+// One table per translation unit (DISTMLIP_ROW_TABLE)
+RowTable<double> rows_generic_f64();
+RowTable<float> rows_generic_f32();
 #ifdef DISTMLIP_HAVE_AVX2
-DISTMLIP_DECLARE_ROWS(avx2)
+RowTable<double> rows_avx2_f64();
+RowTable<float> rows_avx2_f32();
 #endif
 
 // The definitions (used by the chebyshev_rows_*.cpp files only).  One non-inlined function per
@@ -136,15 +144,10 @@ DISTMLIP_DECLARE_ROWS(avx2)
     }                                                                                           \
   }
 
-// Explicit instantiation of one instruction set's row functions for one scalar type.
-#define DISTMLIP_INSTANTIATE_ROWS(SUFFIX, T)                                                     \
-  template int64_t forward_row_##SUFFIX<T>(const Problem<T>&, int64_t, double*, int64_t,        \
-                                            double*, double*, bool);                            \
-  template void vjp_row_##SUFFIX<T>(const Problem<T>&, int64_t, const T*, double*, int64_t,     \
-                                     double*, int64_t, double*, const double*, int64_t);        \
-  template void jvp_hvp_row_##SUFFIX<T>(const Problem<T>&, int64_t, const T*, const T*,         \
-                                         double*, int64_t, double*, double*, int64_t, double*,  \
-                                         bool, bool, const double*);
+// The table of one instruction set's row functions for one scalar type (taking their addresses
+// instantiates them in the translation unit that defines the table).
+#define DISTMLIP_ROW_TABLE(SUFFIX, T, NAME)                                                      \
+  RowTable<T> NAME() { return {&forward_row_##SUFFIX<T>, &vjp_row_##SUFFIX<T>, &jvp_hvp_row_##SUFFIX<T>}; }
 
 }  // namespace rows
 }  // namespace distmlip

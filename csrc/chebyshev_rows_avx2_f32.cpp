@@ -7,7 +7,7 @@ namespace distmlip {
 namespace rows {
 
 DISTMLIP_DEFINE_ROWS(avx2, __attribute__((target("avx2,fma"))))
-DISTMLIP_INSTANTIATE_ROWS(avx2, float)
+DISTMLIP_ROW_TABLE(avx2, float, rows_avx2_f32)
 
 }  // namespace rows
 }  // namespace distmlip

@@ -6,7 +6,7 @@ namespace distmlip {
 namespace rows {
 
 DISTMLIP_DEFINE_ROWS(generic, )
-DISTMLIP_INSTANTIATE_ROWS(generic, float)
+DISTMLIP_ROW_TABLE(generic, float, rows_generic_f32)
 
 }  // namespace rows
 }  // namespace distmlip

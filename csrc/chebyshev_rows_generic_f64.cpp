@@ -6,7 +6,7 @@ namespace distmlip {
 namespace rows {
 
 DISTMLIP_DEFINE_ROWS(generic, )
-DISTMLIP_INSTANTIATE_ROWS(generic, double)
+DISTMLIP_ROW_TABLE(generic, double, rows_generic_f64)
 
 }  // namespace rows
 }  // namespace distmlip
