@@ -28,9 +28,9 @@
 #                  test_gpr_cuda_matches_cpu); a skipped CUDA test is a
 #                  failure here (except NCCL on one GPU); the plain `nvcc -c` test of CI is
 #                  left out (the build compiled that file)
-#   bench  (45 s)  benchmarks/gpu_throughput.py: energy and force training steps of
+#   bench  (110 s) benchmarks/gpu_throughput.py: energy and force training steps of
 #                  benchmarks/descriptor.py's structures, atoms/s on the GPU beside the CPU
-#   epoch  (40 s)  benchmarks/epoch.py --devices cpu,cuda --once: whole training epochs (the
+#   epoch  (70 s)  benchmarks/epoch.py --devices cpu,cuda --once: whole training epochs (the
 #                  trainer, its data path, validation, checkpoints) of the demo's EMT set and a
 #                  dense Cu/Au set on the CPU (one thread) and the GPU, alternating; ms per epoch
 #                  (--devices cuda alone after an -O0 build)
@@ -230,7 +230,7 @@ t=$(now)
 if [ "$QUICK" = 1 ]; then
     record bench skipped "$t" "--quick (-O0 CPU build)"
 elif [ -f "$BUILD/tree/distmlip/$(basename "${so:-none}")" ]; then
-    b=$(box 45)
+    b=$(box 110)
     (cd "$BUILD/tree" && timeout "$b" "$PYTHON" benchmarks/gpu_throughput.py --time-limit $(( b > 40 ? b - 30 : 10 )) \
         --json "$OUTDIR/gpu_throughput.json" --md "$OUTDIR/gpu_throughput.md") 2>&1 | tee "$OUTDIR/bench.log"
     rc=${PIPESTATUS[0]}; finish_part bench "$rc" "$b" "$(tail -1 "$OUTDIR/bench.log" | cut -c3-)"
@@ -241,11 +241,11 @@ fi
 # ------------------------------------------------------------------------------------ epoch
 t=$(now)
 if [ -f "$BUILD/tree/distmlip/$(basename "${so:-none}")" ]; then
-    b=$(box 40)
+    b=$(box 70)
     # after an -O0 build the CPU rows would time unoptimised kernels: the GPU's alone
     devices=$([ "$QUICK" = 1 ] && echo cuda || echo cpu,cuda)
     (cd "$BUILD/tree" && timeout "$b" "$PYTHON" benchmarks/epoch.py --devices "$devices" --once --sets demo,dense \
-        --epochs 6 --json "$OUTDIR/epoch.json") 2>&1 | tee "$OUTDIR/epoch.log"
+        --epochs 11 --json "$OUTDIR/epoch.json") 2>&1 | tee "$OUTDIR/epoch.log"
     rc=${PIPESTATUS[0]}; finish_part epoch "$rc" "$b" "$(grep 'x$' "$OUTDIR/epoch.log" | sed 's/  */ /g' | tr '\n' ';' | cut -c1-200)"
 else
     record epoch skipped "$t" "no CUDA build"
