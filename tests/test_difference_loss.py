@@ -335,3 +335,84 @@ def test_pool_with_plateau_scheduler_points_to_cosine(tmp_path, aug, capsys):
     Trainer(_cfg(tmp_path / "c", h5, copies_per_epoch=1, scheduler="cosine"))
     out = capsys.readouterr()
     assert hint not in out.out + out.err and "copies: 1 per reference" in out.out + out.err
+
+
+def test_copies_per_epoch_auto_reads_the_data_sets_pools(tmp_path, aug):
+    """training.copies_per_epoch: auto (the default) draws, per subset, the number of copies that
+    augment's copies: auto recorded in the data set (subsets/copies_per_epoch: the periodic subset
+    1 of its 3 copies, the cluster subset none recorded: all 3), with the cosine schedule; on a
+    data set without the field it trains on every copy with the plateau schedule (as before the
+    field existed); an explicit number overrides the recorded ones.  The field survives writing,
+    reading and two shards read as one data set."""
+    import torch
+
+    from distmlip.data.h5store import write_dataset
+    from distmlip.training.trainer import Trainer
+
+    h5, _ = aug
+    src = H5Dataset(h5)
+    table = [{k: v for k, v in t.items() if k != "count"} for t in src.subsets]
+    periodic = {k for k, t in enumerate(table) if t["natoms"] == 8}
+    for k, t in enumerate(table):
+        t["copies_per_epoch"] = 1 if k in periodic else 0
+    structs = src.read(np.arange(src.n_structures))
+    pooled = write_dataset(tmp_path / "pooled.h5", structs, species=src.species, subsets=table)
+    back = H5Dataset(pooled)
+    assert [t["copies_per_epoch"] for t in back.subsets] == [t["copies_per_epoch"] for t in table]
+    assert all(t["copies_per_epoch"] == 0 for t in src.subsets)        # absent: 0
+    both = H5Dataset([h5, pooled])                                      # a shard without it: max
+    assert [t["copies_per_epoch"] for t in both.subsets] == [t["copies_per_epoch"] for t in table]
+
+    tr = Trainer(_cfg(tmp_path / "auto", pooled), quiet=True)
+    assert tr.cfg.training.copies_per_epoch == "auto" and tr.sched_kind == "cosine"
+    assert isinstance(tr.sched, torch.optim.lr_scheduler.CosineAnnealingLR)
+    parent = tr._diff[id(tr.ds)][0]
+    sub = np.asarray(tr.ds.subset_ids)
+    for ep in range(3):
+        b = np.concatenate(tr.stream.batches(ep))
+        for r in tr.train_idx:
+            if parent[r] < 0 and (parent[tr.train_idx] == r).any():
+                n_train = int((parent[tr.train_idx] == r).sum())
+                assert r in b and int((parent[b] == r).sum()) == (1 if sub[r] in periodic else n_train)
+    v = np.concatenate(tr.val_stream.batches(0))
+    for r in tr.val_idx:
+        if parent[r] < 0 and sub[r] in periodic and (parent[tr.val_idx] == r).any():
+            assert int((parent[v] == r).sum()) == 1
+    tr.fit()
+
+    plain = Trainer(_cfg(tmp_path / "plain", h5), quiet=True)          # no recorded pools
+    assert plain.sched_kind == "plateau" and plain.stream.sample_k == 0
+    b = np.concatenate(plain.stream.batches(1))
+    assert sorted(b.tolist()) == sorted(plain.train_idx.tolist())
+    two = Trainer(_cfg(tmp_path / "two", pooled, copies_per_epoch=2), quiet=True)
+    b = np.concatenate(two.stream.batches(1))
+    p2 = two._diff[id(two.ds)][0]
+    assert all(int((p2[b] == r).sum()) == min(2, int((p2[two.train_idx] == r).sum()))
+               for r in two.train_idx if p2[r] < 0 and (p2[two.train_idx] == r).any())
+    zero = Trainer(_cfg(tmp_path / "zero", pooled, copies_per_epoch=0), quiet=True)
+    assert zero.sched_kind == "plateau" and zero.stream.sample_k == 0
+
+
+def test_resume_across_copies_per_epoch_0_and_auto(tmp_path, aug):
+    """A checkpoint with copies_per_epoch 0 (every one written before 'auto' existed, or given)
+    resumes under the default auto where the data set records no pools (the same run), and is
+    refused where it does (one run draws copies, the other trains on all of them)."""
+    from distmlip.data.h5store import write_dataset
+    from distmlip.errors import ConfigError
+    from distmlip.training.trainer import Trainer
+
+    h5, _ = aug
+    src = H5Dataset(h5)
+    table = [dict({k: v for k, v in t.items() if k != "count"}, copies_per_epoch=1) for t in src.subsets]
+    pooled = write_dataset(tmp_path / "pooled.h5", src.read(np.arange(src.n_structures)), species=src.species,
+                           subsets=table)
+    for data, ok in ((h5, True), (pooled, False)):
+        d = tmp_path / ("plain" if ok else "pooled")
+        Trainer(_cfg(d, data, copies_per_epoch=0, epochs=1), quiet=True).fit()
+        ck = str(d / "run" / "checkpoint.pt")
+        if ok:
+            Trainer(_cfg(d, data, epochs=2), resume=ck, quiet=True).fit()
+        else:
+            with pytest.raises(ConfigError, match="copies_per_epoch: 0.*records copies per epoch"):
+                Trainer(_cfg(d, data, epochs=2), resume=ck, quiet=True)
+            Trainer(_cfg(d, data, copies_per_epoch=0, epochs=2), resume=ck, quiet=True).fit()

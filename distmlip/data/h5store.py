@@ -15,7 +15,9 @@ Layout (see docs/data_format.md)::
                has_stress is False), has_stress [S] bool
     /sources/files     [F]       str       file names referenced by structures/source_file
     /subsets/name, composition [K] str; natoms, count [K]; order_offset [K] int64,
-             order_length [K] int32, order_numbers [*] uint8 (atom order of homogeneous subsets)
+             order_length [K] int32, order_numbers [*] uint8 (atom order of homogeneous subsets),
+             (optional) copies_per_epoch [K] int32 (augment's copies: auto, pool: copies of each
+             reference that training draws per epoch from its pool; absent: 0, all)
 """
 from __future__ import annotations
 
@@ -433,6 +435,9 @@ class H5Writer:
         g.create_dataset("order_offset", data=(np.cumsum(lens) - lens).astype(np.int64))
         g.create_dataset("order_numbers", data=np.concatenate(orders) if orders else np.zeros(0, np.uint8),
                          dtype=np.uint8)
+        draws = [int(t.get("copies_per_epoch") or 0) for t in self.subsets]
+        if any(draws):      # optional (augment's pool): absent means 0 everywhere
+            g.create_dataset("copies_per_epoch", data=np.asarray(draws, dtype=np.int32))
         a = f.attrs
         a["format"] = FORMAT_NAME
         a["version"] = FORMAT_VERSION
@@ -526,9 +531,11 @@ class _Shard:
                 nat = g["natoms"][...]
                 cnt = g["count"][...]
                 olen, ooff, onum = g["order_length"][...], g["order_offset"][...], g["order_numbers"][...]
+                draws = g["copies_per_epoch"][...] if "copies_per_epoch" in g else np.zeros(len(names), np.int32)
                 self.subsets = [{"name": names[k], "composition": comps[k], "natoms": int(nat[k]),
                                  "count": int(cnt[k]),
-                                 "order": (onum[ooff[k]:ooff[k] + olen[k]].astype(np.int64) if olen[k] else None)}
+                                 "order": (onum[ooff[k]:ooff[k] + olen[k]].astype(np.int64) if olen[k] else None),
+                                 "copies_per_epoch": int(draws[k])}
                                 for k in range(len(names))]
         except DataFormatError:
             raise
@@ -675,9 +682,11 @@ class H5Dataset:
                 if key not in keymap:
                     keymap[key] = len(table)
                     table.append({"name": t["name"], "composition": t["composition"], "natoms": t["natoms"],
-                                  "order": t["order"], "count": 0})
+                                  "order": t["order"], "count": 0, "copies_per_epoch": 0})
                 m[k] = keymap[key]
                 table[m[k]]["count"] += t["count"]
+                # copies per epoch of augment's pool (0: none recorded): the shard that has one
+                table[m[k]]["copies_per_epoch"] = max(table[m[k]]["copies_per_epoch"], t.get("copies_per_epoch", 0))
             self._subset_maps.append(m)
         self.subsets = table
         zs = sorted(set(z for sh in self._shards for z in _numbers(sh.species)))

@@ -168,7 +168,8 @@ class PartitionedStream:
         and ``groups``: each epoch a group keeps its unmasked members and ``sample_k`` of its
         masked ones (GPR copies of one parent), drawn without replacement from (seed, epoch, rank),
         so that each epoch sees other copies (batches are then formed anew every epoch);
-        ``sample_fixed``: the same draw (epoch 0's) every epoch (a validation set that stays
+        ``sample_k`` may also be an array, one number per data-set structure (a group draws its
+        first member's number; 0: all its copies); ``sample_fixed``: the same draw (epoch 0's) every epoch (a validation set that stays
         comparable across epochs)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
@@ -197,7 +198,16 @@ class PartitionedStream:
             unit_parts = partition_by_atoms(atoms, None, world_size)
             self.units = [[idx2[bounds[u]:bounds[u + 1]] for u in p] for p in unit_parts]
             self.parts = [np.sort(np.concatenate(us)) if us else np.zeros(0, np.int64) for us in self.units]
-        self.sample_k = int(sample_k) if (groups is not None and sample_mask is not None) else 0
+        # sample_k: one number for every group, or one per data-set structure (a group takes its
+        # first member's; 0 there: all its copies), e.g. per subset from the data set
+        k = sample_k if (groups is not None and sample_mask is not None) else 0
+        if np.ndim(k):
+            k = np.asarray(k, dtype=np.int64)
+            self._k_of = np.where(k > 0, k, np.iinfo(np.int64).max)
+            k = int(k.max()) if k.size else 0
+        else:
+            self._k_of = None
+        self.sample_k = int(k)
         self.sample_mask = None if self.sample_k <= 0 else np.asarray(sample_mask, dtype=bool)
         self.sample_fixed = bool(sample_fixed)
         if self.sample_k > 0 and not self.sample_fixed:
@@ -262,6 +272,8 @@ class PartitionedStream:
         first = np.r_[0, np.cumsum(sizes)[:-1]]
         rank_in_unit = np.empty(len(flat), dtype=np.int64)
         rank_in_unit[order] = np.arange(len(flat)) - np.repeat(first, sizes)
+        if self._k_of is not None:         # per group: its first member's (the parent's) number
+            k = np.repeat(self._k_of[flat[np.r_[0, np.cumsum(sizes)[:-1]]]], sizes)
         keep = ~m | (rank_in_unit < k)
         cut = np.cumsum(np.bincount(unit[keep], minlength=len(units)))[:-1]
         return np.split(flat[keep], cut)

@@ -82,8 +82,10 @@ class TrainingConfig:
     difference_weight: float = field(default=0.05, metadata=bounds(ge=0.0, lt=1.0))
     # with the copy-difference term: copies of each reference structure trained on per epoch,
     # drawn anew every epoch from all its copies (0: all copies every epoch); augment many copies
-    # (augment: copies) and train on a few per epoch: more displacement directions at the cost of few
-    copies_per_epoch: int = field(default=0, metadata=bounds(ge=0))
+    # (augment: copies) and train on a few per epoch: more displacement directions at the cost of few.
+    # auto: the number augment's 'copies: auto' with 'pool' > 1 recorded per subset in the data set
+    # (its M of a pool of pool x M copies), 0 (all copies) for subsets and data sets without one
+    copies_per_epoch: Union[int, Literal["auto"]] = "auto"
     force_fraction: float = field(default=1.0, metadata=bounds(ge=0.0, le=1.0))  # share of structures with force loss
     # structures with an atom whose force is far beyond its element's typical one (a broken SCF,
     # a wrong field; data.validate.force_outliers): their forces left out of the force loss, with
@@ -121,6 +123,9 @@ class TrainingConfig:
     progress_bar: Literal["auto", "on", "off"] = "auto"
 
     def validate(self):
+        c = self.copies_per_epoch
+        if c != "auto" and (isinstance(c, bool) or not isinstance(c, int) or c < 0):
+            raise ConfigError(f"training.copies_per_epoch: expected a number >= 0 or auto, got {c!r}")
         if self.min_lr > self.lr:
             raise ConfigError(f"training.min_lr: {self.min_lr} is above training.lr {self.lr}")
         if self.beta > 0 and self.mode != "force":

@@ -309,6 +309,11 @@ class Trainer:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         fixed = [k for k in changed if any(k == f or (f.endswith(".") and k.startswith(f))
                                            for f in self._FIXED_ON_RESUME)]
+        if {old.get("training.copies_per_epoch"), new.get("training.copies_per_epoch")} == {0, "auto"}:
+            # the same run where the data set records no draws (every copy every epoch either
+            # way; checkpoints before 'auto' say 0): checked against the data in _setup_data
+            fixed.remove("training.copies_per_epoch")
+            self._resume_draws_check = old.get("training.copies_per_epoch")
         if old and bool(old.get("training.warm_start")) != bool(new.get("training.warm_start")):
             # (sweep 7: a warm start added on --resume was accepted and only merged the record)
             raise ConfigError(f"{self._resume_path}: the checkpoint's run was "
@@ -393,22 +398,44 @@ class Trainer:
         bs = tc.batch_structures if tc.batch_structures > 0 else 1 << 30
         groups = self._diff_groups(self.ds)
         sample = None
-        if tc.copies_per_epoch > 0:
+        draws = self._draws(self.ds)
+        was = getattr(self, "_resume_draws_check", None)
+        if was is not None and groups is not None and \
+                any(int(t.get("copies_per_epoch") or 0) for t in self.ds.subsets):
+            # 0 against auto on a data set that records draws: one run draws, the other does not
+            raise ConfigError(f"{self._resume_path}: the checkpoint's run had training.copies_per_epoch: {was!r}, "
+                              f"this configuration {'auto' if was == 0 else 0!r}, and the data set records copies per "
+                              "epoch (augment pool): one draws copies, the other trains on all; a resumed "
+                              f"run must keep it (set training.copies_per_epoch: {was})")
+        if draws is not None:
             if groups is None:
-                warn("training.copies_per_epoch has no effect: no synthetic copies paired with their parents "
-                     "(energy mode on GPR-augmented data with training.difference_weight > 0)")
+                if tc.copies_per_epoch == "auto":
+                    self._log("copies: the data set's copies are pools (augment pool) but are drawn only "
+                              "in energy mode with training.difference_weight > 0: every epoch trains on all of "
+                              "them (training.copies_per_epoch)")
+                else:
+                    warn("training.copies_per_epoch has no effect: no synthetic copies paired with their parents "
+                         "(energy mode on GPR-augmented data with training.difference_weight > 0)")
             else:
                 sample = self._diff[id(self.ds)][0] >= 0
         self.stream = PartitionedStream(self.ds, train_idx, r, w, tc.batch_atoms, bs, tc.seed,
                                         shuffle=True, prefetch=dc.prefetch, fixed_batches=dc.batches == "fixed",
-                                        groups=groups, sample_mask=sample, sample_k=tc.copies_per_epoch)
+                                        groups=groups, sample_mask=sample, sample_k=0 if draws is None else draws)
         # the draws of a pool make the validation loss noisy: on the slab set (docs/results.md)
         # the plateau scheduler reached its floor rate in the first third of the run, which then
         # learned nothing more, while the cosine schedule spent the whole budget; hence auto
         self.sched_kind = tc.scheduler if tc.scheduler != "auto" else ("cosine" if sample is not None else "plateau")
         if sample is not None:
-            self._log(f"copies: {tc.copies_per_epoch} per reference structure and epoch, drawn anew each epoch "
-                      f"from {int(sample[train_idx].sum())} training copies (training.copies_per_epoch)")
+            if tc.copies_per_epoch == "auto":
+                ids = np.unique(np.asarray(self.ds.subset_ids)[train_idx])
+                per = ", ".join(f"{self.ds.subsets[k]['name']} {self.ds.subsets[k].get('copies_per_epoch') or 'all'}"
+                                for k in ids[:8]) + (" ..." if len(ids) > 8 else "")
+                self._log(f"copies: per reference structure and epoch as augment's copies: auto chose them ({per}; pool), "
+                          f"drawn anew each epoch from {int(sample[train_idx].sum())} training copies "
+                          "(training.copies_per_epoch: auto)")
+            else:
+                self._log(f"copies: {tc.copies_per_epoch} per reference structure and epoch, drawn anew each epoch "
+                          f"from {int(sample[train_idx].sum())} training copies (training.copies_per_epoch)")
             if self.sched_kind == "plateau":
                 self._log("copies: with a pool, 'training.scheduler: cosine' (or auto) uses the epochs better "
                           "than the plateau scheduler (docs/gpr.md \"A pool of copies\")")
@@ -417,10 +444,13 @@ class Trainer:
         # validation: the same number of copies per reference, one fixed draw (a pool's copies
         # all validated would cost pool / copies_per_epoch times the training copies per epoch)
         vgroups = self._diff_groups(self.val_ds)
-        vsample = None if (sample is None or vgroups is None) else self._diff[id(self.val_ds)][0] >= 0
+        vdraws = self._draws(self.val_ds)
+        vsample = None if (sample is None or vgroups is None or vdraws is None) \
+            else self._diff[id(self.val_ds)][0] >= 0
         self.val_stream = (PartitionedStream(self.val_ds, val_idx, r, w, tc.batch_atoms, bs, tc.seed,
                                              shuffle=False, prefetch=dc.prefetch, groups=vgroups,
-                                             sample_mask=vsample, sample_k=tc.copies_per_epoch, sample_fixed=True)
+                                             sample_mask=vsample, sample_k=0 if vdraws is None else vdraws,
+                                             sample_fixed=True)
                            if len(val_idx) else None)
         self._log(f"data: {len(train_idx)} training, {len(val_idx)} validation structures; "
                   f"{self.stream.steps(0)} steps per epoch on {w} rank(s)")
@@ -553,6 +583,19 @@ class Trainer:
             self._gamma = float(tc.difference_weight)
             self._log(f"copy-difference term: {n_pairs} training copies paired with their parents, "
                       f"weight {self._gamma:g} (training.difference_weight)")
+
+    def _draws(self, ds):
+        """training.copies_per_epoch for ``ds``: the number (None for 0: every copy every epoch)
+        or, with auto, one number per structure of ``ds`` from its subset's ``copies_per_epoch``
+        in the data set (written by augment's copies: auto with pool > 1; 0 there: all of the subset's copies),
+        None when no subset records one."""
+        c = self.cfg.training.copies_per_epoch
+        if c != "auto":
+            return int(c) if c > 0 else None
+        per = np.array([int(t.get("copies_per_epoch") or 0) for t in ds.subsets], dtype=np.int64)
+        if not per.any():
+            return None
+        return per[np.asarray(ds.subset_ids, dtype=np.int64)]
 
     def _diff_groups(self, ds):
         """Group key per structure of ``ds`` for the stream: a paired copy joins its parent's
