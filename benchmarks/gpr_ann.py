@@ -1,6 +1,6 @@
 """GPR-ANN against energy-only and direct force training (and the hybrid) at one wall-time budget.
 
-    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies auto] [--pool 80] [--delta 0.03]
+    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies auto] [--auto-pool 3] [--pool 80] [--delta 0.03]
                                  [--fingerprint auto] [--np 1] [--out runs/gpr_ann] [--reuse-augment]
                                  [--gpr-load DIR]
                                  [--scheduler plateau|cosine] [--methods energy,force,...]
@@ -17,7 +17,9 @@ are set from the median epoch time of a 3-epoch calibration run, start-up exclud
   energy   energy-only on the reference structures
   force    direct force training (alpha 0.3, all forces)
   gpr_ann  energy training on the GPR-augmented set (copies weighted by their variance) with the
-           copy-difference term (training.difference_weight, default 0.05; training/losses.py)
+           copy-difference term (training.difference_weight, default 0.05; training/losses.py); with
+           --copies auto --auto-pool 3 augment labels a pool of 3M copies per structure and training
+           draws M of them anew every epoch (augment pool, training.copies_per_epoch: auto; docs/gpr.md)
   gpr_ann_paper  the same with the paper's plain energy loss (difference_weight 0)
   hybrid   force mode on the augmented set: GPR energies + reference forces
   gpr_ann_pool  (with ``--pool P``) gpr_ann on a pool of P copies per structure labelled by the
@@ -168,6 +170,9 @@ def main():
                     help="copies per structure, or auto (per subset from the GPR's leave-one-out errors, docs/gpr.md); "
                          "default: auto, as augment's default (20 with --pool)")
     ap.add_argument("--pool", type=int, default=0, help="copies per structure of the gpr_ann_pool method's pool")
+    ap.add_argument("--auto-pool", type=int, default=1,
+                    help="augment's pool with --copies auto: a pool of this many times M copies per structure, of "
+                         "which gpr_ann draws M per epoch (default 1: M fixed copies)")
     ap.add_argument("--delta", type=_auto(float), default=0.03, help="copies' displacement (A), or auto")
     ap.add_argument("--gpr-load", type=Path, default=None,
                     help="label with the GPR fits saved by an earlier run (its gpr_fits folder) instead of fitting")
@@ -187,6 +192,8 @@ def main():
         a.copies = 20 if a.pool else "auto"
     if a.pool and a.copies == "auto":
         ap.error("--pool draws --copies copies per epoch: give a number with --pool")
+    if a.auto_pool > 1 and a.copies != "auto":
+        ap.error("--auto-pool multiplies the M of --copies auto")
     if a.descriptor:
         rr, nr, ra, na = a.descriptor.split(",")
         DESC.update(rc_radial=float(rr), n_radial=int(nr), rc_angular=float(ra), n_angular=int(na))
@@ -198,7 +205,7 @@ def main():
     import yaml
 
     aug = {"input": str(out / "train.h5"), "output": str(out / "train_aug.h5"), "method": "gpr",
-           "copies": a.copies, "delta": a.delta, "seed": 0,
+           "copies": a.copies, "delta": a.delta, "seed": 0, **({"pool": a.auto_pool} if a.auto_pool > 1 else {}),
            "gpr": {"fingerprint": a.fingerprint, "save": str(out / "gpr_fits")} if a.gpr_load is None else
            {"fingerprint": a.fingerprint, "load": str(a.gpr_load.resolve())}}
     (out / "augment.yaml").write_text(yaml.safe_dump(aug))
@@ -236,7 +243,9 @@ def main():
           f"per method, scheduler {a.scheduler or 'default'}, augment (GPR fit + labels) {t_aug:.0f} s, load {load:.1f}")
     for r in rep["subsets"]:
         print(f"  {r['subset']}: fingerprint {r.get('fingerprint', {}).get('kind')}, choice "
-              f"{r.get('fingerprint_choice')}, M {r.get('copies_per_structure')}, delta {r.get('delta_A')}"
+              f"{r.get('fingerprint_choice')}, M {r.get('copies_per_structure')}"
+              f"{' (pool; ' + str(r['copies_per_epoch']) + ' per epoch)' if r.get('copies_per_epoch') else ''}, "
+              f"delta {r.get('delta_A')}"
               f"{' (' + r['auto_choice']['reason'] + ')' if r.get('auto_choice') else ''}, sigma mean {r.get('uncertainty_eV', {}).get('mean', 0):.4f} eV, "
               f"label - parent {r.get('label_minus_parent_eV', {}).get('mean', 0):+.4f} eV")
     print(f"{'method':<14} {'epochs':>6} {'train s':>8} {'E MAE meV/at':>13} {'F MAE eV/A':>11} {'angle':>7}")

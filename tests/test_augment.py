@@ -714,6 +714,34 @@ def test_augment_copies_delta_auto_end_to_end(data, capsys, monkeypatch):
     assert res.stdout.count("finished earlier, skipped") == 1
     res = run_cli(capsys, ["augment", str(cfg1)])
     assert res.stdout.count("finished earlier, skipped") == 3
+    assert all(t["copies_per_epoch"] == 0 for t in ds.subsets)         # pool 1: M fixed copies, no record
+
+
+def test_augment_copies_auto_pool(data, capsys):
+    """pool: 3 with copies: auto labels 3 M copies per reference and records M per subset in the
+    data set (subsets/copies_per_epoch, what training draws per epoch; 0 for a numeric subset); its
+    shards are not those of M fixed copies; pool without any copies: auto is refused."""
+    import distmlip.gpr.augment as aug
+    from distmlip.config import from_dict
+    from distmlip.errors import ConfigError
+
+    extra = dict(copies="auto", subsets={"Cu4_0": {"copies": 3}},
+                 gpr={"fit_max_obs": 120, "fit_iterations": 15, "fingerprint": "local"})
+    run_cli(capsys, ["augment", str(_cfg(data, "pool1", **extra))])
+    res = run_cli(capsys, ["augment", str(_cfg(data, "pool1", **extra, pool=3))])
+    assert res.stdout.count("finished earlier, skipped") == 1          # Cu4_0 (copies 3) only
+    assert "subset Cu3Ni_0: copies auto: M = 10 per training epoch, from a pool of 30 " \
+           "(training.copies_per_epoch: auto), delta = 0.03 A" in res.stderr + res.stdout
+    rep = {r["subset"]: r for r in json.loads((data / "pool1.report.json").read_text())["subsets"]}
+    for name, n_ref in (("Cu3Ni_0", 5), ("Al2_0", 4)):
+        r = rep[name]
+        assert r["auto_choice"]["copies"] == r["copies_per_epoch"] == 10 and r["n_copies"] == n_ref * 30
+        assert r["copies_per_structure"] == r["auto_choice"]["pool"] == 30
+    assert rep["Cu4_0"]["n_copies"] == 6 * 3 and "copies_per_epoch" not in rep["Cu4_0"]
+    ds, _ = _arrays(data / "pool1.h5")
+    assert {t["name"]: t["copies_per_epoch"] for t in ds.subsets} == {"Cu3Ni_0": 10, "Al2_0": 10, "Cu4_0": 0}
+    with pytest.raises(ConfigError, match="'pool' .3. multiplies the M of copies: auto"):
+        from_dict(aug.AugmentConfig, {"input": "a.h5", "output": "b.h5", "copies": 20, "pool": 3})
 
 
 def test_copies_default_is_auto_for_gpr_and_20_for_taylor():

@@ -25,6 +25,7 @@ Example config::
     method: gpr            # or taylor
     copies: auto           # default for gpr: M per subset from the fit (taylor: 20)
     delta: 0.03            # A, std of the Gaussian displacement of every component
+    pool: 1                # with copies auto: 3 labels 3M copies, training draws M per epoch
     seed: 0
     max_uncertainty: 0.05  # eV; copies above go to <output>.candidates.xyz
     gpr:
@@ -185,6 +186,13 @@ class AugmentConfig:
     copies: Union[int, Literal["auto"], None] = field(
         default=None, metadata={"default_text": "'auto' (method gpr), 20 (method taylor)"})
     delta: Union[float, Literal["auto"]] = 0.03
+    # with copies: auto, P > 1 labels a pool of P x M copies per reference and records M per subset
+    # in the output (subsets/copies_per_epoch), which energy training draws anew every epoch
+    # (training.copies_per_epoch: auto, the cosine schedule): M copies' cost per epoch, P x M
+    # directions over the run.  3 gave the slab with CO 0.65-0.70x the force error of M fixed
+    # copies at equal training time, the EC dimers 0.83-0.86x, the demo the same (sweep 22,
+    # docs/gpr.md); 1: M fixed copies
+    pool: int = field(default=1, metadata=bounds(ge=1))
     seed: int = 0
     min_distance: float = 0.5
     max_uncertainty: Optional[float] = None
@@ -220,6 +228,10 @@ class AugmentConfig:
         if self.copies is None:
             self.copies = "auto" if self.method == "gpr" else 20
         _check_copies("copies", self.copies)
+        if self.pool > 1 and "auto" not in [self.copies] + [t.copies for t in self.subsets.values()]:
+            raise ConfigError(f"augment: 'pool' ({self.pool}) multiplies the M of copies: auto, and no subset has "
+                              "copies: auto; with a number, augment the pool itself (copies: P) and set "
+                              "training.copies_per_epoch")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"augment: 'seed' must be an integer >= 0, got {self.seed!r}")
         _check_delta("delta", self.delta, self.copies)
@@ -286,6 +298,8 @@ def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray, conte
          "input": content, "outlier_z": cfg.outlier_z}
     if "auto" in (d["sub"]["copies"], d["sub"]["delta"]):
         d["auto_rule"] = AUTO_RULE      # the values it picks: a changed rule must not reuse old copies
+    if d["sub"]["copies"] == "auto" and cfg.pool > 1:
+        d["pool"] = cfg.pool            # (absent at 1: the shards written before the key stay valid)
     d["gpr"] and d["gpr"].pop("device", None)
     d["gpr"] and d["gpr"].pop("save", None)
     if d["gpr"] and cfg.gpr.load:
@@ -907,10 +921,17 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
                 asked = {"copies": d["M"], "delta": d["delta"]}
                 d["M"], d["delta"], why = choose_copies_delta(d["M"], d["delta"], info, d["F0"],
                                                               d["structs"][0].natoms, d["sub"]["fixed_atoms"])
+                pool = ""
+                if asked["copies"] == "auto" and cfg.pool > 1:
+                    # a pool of cfg.pool x M copies, M of them drawn per training epoch
+                    d["rep"]["copies_per_epoch"] = d["M"]
+                    d["M"] = cfg.pool * d["M"]
+                    why["pool"] = d["M"]
+                    pool = f" per training epoch, from a pool of {d['M']} (training.copies_per_epoch: auto)"
                 d["rep"].update(copies_per_structure=d["M"], delta_A=d["delta"],
                                 auto_choice=dict(why, asked=asked))
                 log(f"subset {d['name']}: {' and '.join(k for k, v in asked.items() if v == 'auto')} auto: "
-                    f"M = {d['M']}, delta = {d['delta']:.3g} A ({why['reason']})", all_ranks=True)
+                    f"M = {why['copies']}{pool}, delta = {d['delta']:.3g} A ({why['reason']})", all_ranks=True)
             draw(d)
         fit_info["fit_warnings"] = _fit_quality(info, cfg.input, head, len(prep) > 1,
                                                 float(next(iter(prep.values()))["delta"]), allp[0].natoms)
@@ -1318,6 +1339,9 @@ def merge(cfg: AugmentConfig, ds, keys: dict, workdir: Path) -> dict:
         shards[sid] = d
     split = ds.column("split") if ds.has_stored_split else None
     subsets = [{k: v for k, v in t.items() if k != "count"} for t in ds.subsets]
+    for sid, d in shards.items():
+        # copies: auto: the copies training draws per epoch from the subset's pool (0: all)
+        subsets[sid]["copies_per_epoch"] = int(d["report"].get("copies_per_epoch") or 0)
     cand_atoms = []
     n_syn = 0
     with H5Writer(cfg.output, species=ds.species, subsets=subsets,
