@@ -312,8 +312,8 @@ def test_trainer_copies_per_epoch(tmp_path, aug, capsys):
 
 def test_pool_with_plateau_scheduler_points_to_cosine(tmp_path, aug, capsys):
     """The plateau scheduler spends a pool's run badly (docs/gpr.md): the default (auto) takes the
-    cosine schedule for a pool and the plateau one otherwise; an explicit plateau with a pool gets
-    a hint, and only that combination."""
+    cosine schedule for a pool (and for fixed copies); an explicit plateau with a pool gets a hint,
+    and only that combination."""
     import torch
 
     from distmlip.training.trainer import Trainer
@@ -326,8 +326,8 @@ def test_pool_with_plateau_scheduler_points_to_cosine(tmp_path, aug, capsys):
     assert tr.cfg.training.scheduler == "auto" and tr.sched_kind == "cosine"
     assert isinstance(tr.sched, torch.optim.lr_scheduler.CosineAnnealingLR)
     assert hint not in out.out + out.err and "scheduler: cosine (auto" in out.out + out.err
-    tr = Trainer(_cfg(tmp_path / "a0", h5, copies_per_epoch=0))
-    assert tr.sched_kind == "plateau" and isinstance(tr.sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    tr = Trainer(_cfg(tmp_path / "a0", h5, copies_per_epoch=0))        # fixed copies: cosine too
+    assert tr.sched_kind == "cosine" and isinstance(tr.sched, torch.optim.lr_scheduler.CosineAnnealingLR)
     capsys.readouterr()
     Trainer(_cfg(tmp_path / "p", h5, copies_per_epoch=1, scheduler="plateau"))
     out = capsys.readouterr()
@@ -381,7 +381,7 @@ def test_copies_per_epoch_auto_reads_the_data_sets_pools(tmp_path, aug):
     tr.fit()
 
     plain = Trainer(_cfg(tmp_path / "plain", h5), quiet=True)          # no recorded pools
-    assert plain.sched_kind == "plateau" and plain.stream.sample_k == 0
+    assert plain.sched_kind == "cosine" and plain.stream.sample_k == 0    # paired copies: cosine
     b = np.concatenate(plain.stream.batches(1))
     assert sorted(b.tolist()) == sorted(plain.train_idx.tolist())
     two = Trainer(_cfg(tmp_path / "two", pooled, copies_per_epoch=2), quiet=True)
@@ -390,7 +390,7 @@ def test_copies_per_epoch_auto_reads_the_data_sets_pools(tmp_path, aug):
     assert all(int((p2[b] == r).sum()) == min(2, int((p2[two.train_idx] == r).sum()))
                for r in two.train_idx if p2[r] < 0 and (p2[two.train_idx] == r).any())
     zero = Trainer(_cfg(tmp_path / "zero", pooled, copies_per_epoch=0), quiet=True)
-    assert zero.sched_kind == "plateau" and zero.stream.sample_k == 0
+    assert zero.sched_kind == "cosine" and zero.stream.sample_k == 0
 
 
 def test_resume_across_copies_per_epoch_0_and_auto(tmp_path, aug):
@@ -416,3 +416,29 @@ def test_resume_across_copies_per_epoch_0_and_auto(tmp_path, aug):
             with pytest.raises(ConfigError, match="copies_per_epoch: 0.*records copies per epoch"):
                 Trainer(_cfg(d, data, epochs=2), resume=ck, quiet=True)
             Trainer(_cfg(d, data, copies_per_epoch=0, epochs=2), resume=ck, quiet=True).fit()
+
+
+def test_auto_schedule_is_cosine_on_paired_copies_and_kept_on_resume(tmp_path, aug):
+    """scheduler: auto takes the cosine schedule for energy training on GPR copies paired with
+    their parents, fixed copies too (the plateau scheduler reached its floor rate at a quarter of
+    a 400 s EC run, which then learnt nothing: docs/results.md), and the plateau one without the
+    pairs (difference_weight 0, force mode); a run resumed under auto keeps the schedule its
+    checkpoint started with (a plateau run from before this rule stays plateau)."""
+    import torch
+
+    from distmlip.training import checkpoint as ckpt
+    from distmlip.training.trainer import Trainer
+
+    h5, _ = aug
+    assert Trainer(_cfg(tmp_path / "c", h5), quiet=True).sched_kind == "cosine"
+    assert Trainer(_cfg(tmp_path / "p", h5, difference_weight=0.0), quiet=True).sched_kind == "plateau"
+    assert Trainer(_cfg(tmp_path / "f", h5, mode="force"), quiet=True).sched_kind == "plateau"
+
+    run = Trainer(_cfg(tmp_path / "old", h5, scheduler="plateau", epochs=2), quiet=True)
+    run.fit()
+    last = run.out / "checkpoint.pt"
+    st = ckpt.load_checkpoint(last)
+    assert st["scheduler_kind"] == "plateau"
+    # the same run with the schedule left to auto (its config as written before the rule)
+    resumed = Trainer(_cfg(tmp_path / "old", h5, epochs=3), resume=last, quiet=True)
+    assert resumed.sched_kind == "plateau" and isinstance(resumed.sched, torch.optim.lr_scheduler.ReduceLROnPlateau)

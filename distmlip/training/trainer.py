@@ -421,10 +421,16 @@ class Trainer:
         self.stream = PartitionedStream(self.ds, train_idx, r, w, tc.batch_atoms, bs, tc.seed,
                                         shuffle=True, prefetch=dc.prefetch, fixed_batches=dc.batches == "fixed",
                                         groups=groups, sample_mask=sample, sample_k=0 if draws is None else draws)
-        # the draws of a pool make the validation loss noisy: on the slab set (docs/results.md)
-        # the plateau scheduler reached its floor rate in the first third of the run, which then
-        # learned nothing more, while the cosine schedule spent the whole budget; hence auto
-        self.sched_kind = tc.scheduler if tc.scheduler != "auto" else ("cosine" if sample is not None else "plateau")
+        # auto: cosine for energy training on GPR copies paired with their parents, plateau
+        # otherwise.  The draws of a pool make the validation loss noisy: on the slab set the
+        # plateau scheduler reached its floor rate in the first third of the run, which then
+        # learned nothing more.  Fixed copies too: on the EC dimers at 400 s it reached the floor
+        # at epoch 683 of 2,666 (the errors of the 120 s run, while the pool's kept falling), and
+        # cosine beat it in 11 of 12 seed/metric comparisons at 60-120 s (docs/results.md, sweep
+        # 22).  A resumed run keeps the schedule its checkpoint started with.
+        started = (self._resume_state or {}).get("scheduler_kind") if tc.scheduler == "auto" else None
+        self.sched_kind = tc.scheduler if tc.scheduler != "auto" else (
+            started or ("cosine" if groups is not None else "plateau"))
         if sample is not None:
             if tc.copies_per_epoch == "auto":
                 ids = np.unique(np.asarray(self.ds.subset_ids)[train_idx])
@@ -441,6 +447,8 @@ class Trainer:
                           "than the plateau scheduler (docs/gpr.md \"A pool of copies\")")
             elif tc.scheduler == "auto":
                 self._log("scheduler: cosine (auto: a pool of copies)")
+        elif groups is not None and tc.scheduler == "auto" and self.sched_kind == "cosine":
+            self._log("scheduler: cosine (auto: GPR copies paired with their parents)")
         # validation: the same number of copies per reference, one fixed draw (a pool's copies
         # all validated would cost pool / copies_per_epoch times the training copies per epoch)
         vgroups = self._diff_groups(self.val_ds)
