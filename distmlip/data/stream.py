@@ -273,7 +273,7 @@ class PartitionedStream:
         rank_in_unit = np.empty(len(flat), dtype=np.int64)
         rank_in_unit[order] = np.arange(len(flat)) - np.repeat(first, sizes)
         if self._k_of is not None:         # per group: its first member's (the parent's) number
-            k = np.repeat(self._k_of[flat[np.r_[0, np.cumsum(sizes)[:-1]]]], sizes)
+            k = self._k_of[flat[first]][unit]
         keep = ~m | (rank_in_unit < k)
         cut = np.cumsum(np.bincount(unit[keep], minlength=len(units)))[:-1]
         return np.split(flat[keep], cut)

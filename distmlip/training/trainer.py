@@ -400,8 +400,7 @@ class Trainer:
         sample = None
         draws = self._draws(self.ds)
         was = getattr(self, "_resume_draws_check", None)
-        if was is not None and groups is not None and \
-                any(int(t.get("copies_per_epoch") or 0) for t in self.ds.subsets):
+        if was is not None and groups is not None and self._recorded_draws(self.ds).any():
             # 0 against auto on a data set that records draws: one run draws, the other does not
             raise ConfigError(f"{self._resume_path}: the checkpoint's run had training.copies_per_epoch: {was!r}, "
                               f"this configuration {'auto' if was == 0 else 0!r}, and the data set records copies per "
@@ -600,10 +599,15 @@ class Trainer:
         c = self.cfg.training.copies_per_epoch
         if c != "auto":
             return int(c) if c > 0 else None
-        per = np.array([int(t.get("copies_per_epoch") or 0) for t in ds.subsets], dtype=np.int64)
+        per = self._recorded_draws(ds)
         if not per.any():
             return None
         return per[np.asarray(ds.subset_ids, dtype=np.int64)]
+
+    @staticmethod
+    def _recorded_draws(ds) -> np.ndarray:
+        """Copies per epoch that ``ds`` records per subset (augment's pool; 0: none)."""
+        return np.array([int(t.get("copies_per_epoch") or 0) for t in ds.subsets], dtype=np.int64)
 
     def _diff_groups(self, ds):
         """Group key per structure of ``ds`` for the stream: a paired copy joins its parent's
