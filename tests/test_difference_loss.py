@@ -286,7 +286,8 @@ def test_copies_per_epoch_draws_other_copies_each_epoch():
 
 def test_trainer_copies_per_epoch(tmp_path, aug, capsys):
     """training.copies_per_epoch 1 on M = 3 copies: every epoch's training batches hold each
-    training reference with exactly one of its training copies; without copies it warns."""
+    training reference with exactly one of its training copies, with or without the difference
+    term; without copies it warns."""
     from distmlip.training.trainer import Trainer
 
     h5, _ = aug
@@ -305,8 +306,18 @@ def test_trainer_copies_per_epoch(tmp_path, aug, capsys):
     assert sorted(v0.tolist()) == sorted(v1.tolist())
     assert all(r in v0 and int((parent[v0] == r).sum()) == 1 for r in vrefs)
     tr.fit()
+    # the paper's plain energy loss draws the copies too (no difference term, the same draw)
+    plain = Trainer(_cfg(tmp_path / "k0", h5, copies_per_epoch=1, difference_weight=0.0), quiet=True)
+    b = np.concatenate(plain.stream.batches(1))
+    assert plain._gamma == 0.0 and all(r in b and int((parent[b] == r).sum()) == 1 for r in refs)
+    # nothing to draw from: a warning
+    from distmlip.data.h5store import write_dataset
+
+    src = H5Dataset(h5)
+    syn = np.asarray(src.column("synthetic"), dtype=bool)
+    refs_only = write_dataset(tmp_path / "refs.h5", src.read(np.flatnonzero(~syn)), species=src.species)
     capsys.readouterr()
-    Trainer(_cfg(tmp_path / "k0", h5, copies_per_epoch=1, difference_weight=0.0), quiet=True)
+    Trainer(_cfg(tmp_path / "k2", refs_only, copies_per_epoch=1), quiet=True)
     assert "copies_per_epoch has no effect" in capsys.readouterr().err
 
 
@@ -391,6 +402,40 @@ def test_copies_per_epoch_auto_reads_the_data_sets_pools(tmp_path, aug):
                for r in two.train_idx if p2[r] < 0 and (p2[two.train_idx] == r).any())
     zero = Trainer(_cfg(tmp_path / "zero", pooled, copies_per_epoch=0), quiet=True)
     assert zero.sched_kind == "cosine" and zero.stream.sample_k == 0
+
+
+def test_the_hybrid_and_the_papers_loss_draw_a_pool_too(tmp_path, aug):
+    """A pool's copies are drawn per epoch in every mode that trains on them: force mode on the
+    augmented set (the hybrid) and energy mode with difference_weight 0 (the paper's loss) draw
+    the recorded number per reference structure as the paired-difference loss does (before, they
+    trained on the whole pool each epoch, P times the copies' cost), with the cosine schedule;
+    without recorded pools they keep every copy and the plateau schedule."""
+    from distmlip.data.h5store import write_dataset
+    from distmlip.training.trainer import Trainer
+
+    h5, _ = aug
+    src = H5Dataset(h5)
+    table = [dict({k: v for k, v in t.items() if k != "count"}, copies_per_epoch=1) for t in src.subsets]
+    pooled = write_dataset(tmp_path / "pooled.h5", src.read(np.arange(src.n_structures)), species=src.species,
+                           subsets=table)
+    syn = np.asarray(H5Dataset(pooled).column("synthetic"), dtype=bool)
+    for name, extra in (("hybrid", dict(mode="force", alpha=0.1)), ("paper", dict(difference_weight=0.0))):
+        tr = Trainer(_cfg(tmp_path / name, pooled, **extra), quiet=True)
+        assert tr._gamma == 0.0 and tr.sched_kind == "cosine"
+        parent = tr._diff[id(tr.ds)][0]
+        refs = [r for r in tr.train_idx if not syn[r] and (parent[tr.train_idx] == r).any()]
+        assert refs
+        drawn = set()
+        for ep in range(4):
+            b = np.concatenate(tr.stream.batches(ep))
+            assert all(r in b and int((parent[b] == r).sum()) == 1 for r in refs)
+            drawn |= set(b[syn[b]].tolist())
+        assert len(drawn) > len(refs)          # different copies in different epochs
+        tr.fit()
+        plain = Trainer(_cfg(tmp_path / (name + "_plain"), h5, **extra), quiet=True)
+        assert plain.sched_kind == "plateau" and plain.stream.sample_k == 0
+        b = np.concatenate(plain.stream.batches(1))
+        assert sorted(b.tolist()) == sorted(plain.train_idx.tolist())
 
 
 def test_resume_across_copies_per_epoch_0_and_auto(tmp_path, aug):

@@ -408,13 +408,8 @@ class Trainer:
                               f"run must keep it (set training.copies_per_epoch: {was})")
         if draws is not None:
             if groups is None:
-                if tc.copies_per_epoch == "auto":
-                    self._log("copies: the data set's copies are pools (augment pool) but are drawn only "
-                              "in energy mode with training.difference_weight > 0: every epoch trains on all of "
-                              "them (training.copies_per_epoch)")
-                else:
-                    warn("training.copies_per_epoch has no effect: no synthetic copies paired with their parents "
-                         "(energy mode on GPR-augmented data with training.difference_weight > 0)")
+                warn("training.copies_per_epoch has no effect: no synthetic copy of the training split has its "
+                     "parent (a reference structure) in the split, so there is nothing to draw from")
             else:
                 sample = self._diff[id(self.ds)][0] >= 0
         self.stream = PartitionedStream(self.ds, train_idx, r, w, tc.batch_atoms, bs, tc.seed,
@@ -537,7 +532,13 @@ class Trainer:
         when the parent is a reference structure of the same atom count and source index."""
         tc = self.cfg.training
         self._gamma = 0.0
-        if self.force_mode or tc.difference_weight <= 0:
+        # the pairs serve two things: the copy-difference term (energy mode, weight > 0) and the
+        # per-epoch draw of a pool's copies (any mode: the hybrid and the paper's loss draw too,
+        # else they would train on the whole pool, P times the copies' cost per epoch)
+        need_pairs = not self.force_mode and tc.difference_weight > 0
+        need_draws = self._draws(self.ds) is not None or (
+            self.val_ds is not None and self.val_ds is not self.ds and self._draws(self.val_ds) is not None)
+        if not (need_pairs or need_draws):
             return
         tables = {}
         for ds, idx in ((self.ds, self.train_idx), (self.val_ds, self.val_idx)):
@@ -563,6 +564,10 @@ class Trainer:
             c, p = c[ok], p[ok]
             if len(c) == 0:
                 continue
+            if not need_pairs:
+                # the draw needs only the parent of each copy, not its displacement
+                parent[c] = p
+                continue
             # in blocks of copies, each block's displacements at once per atom count (one
             # Python minimum image per copy took 55-130 us: seconds at 10^5 copies, and the
             # whole set was read at once)
@@ -582,7 +587,7 @@ class Trainer:
                     parent[ci[keep]], dx[ci[keep]] = pi[keep], length[keep]
         self._diff = tables or None
         n_pairs = sum(int((t[0][self.train_idx] >= 0).sum()) for k, t in tables.items() if k == id(self.ds))
-        if n_pairs:
+        if n_pairs and need_pairs:
             if tc.loss == "rmse":
                 raise ConfigError("training.difference_weight: the copy-difference term of GPR-augmented data is "
                                   "defined for loss mse and normalized, not rmse; set training.loss: mse, or "
@@ -611,9 +616,10 @@ class Trainer:
 
     def _diff_groups(self, ds):
         """Group key per structure of ``ds`` for the stream: a paired copy joins its parent's
-        group (None: no pairs, structures stream alone)."""
+        group (None: no pairs, or neither a difference term nor a draw uses them: structures
+        stream alone)."""
         t = (self._diff or {}).get(id(ds))
-        if t is None or self._gamma <= 0:
+        if t is None or (self._gamma <= 0 and self._draws(ds) is None):
             return None
         g = np.arange(ds.n_structures, dtype=np.int64)
         m = t[0] >= 0
