@@ -368,6 +368,8 @@ class LocalKernel:
         if deriv not in (None, "log_length"):
             raise ValueError("LocalKernel: only deriv='log_length' is supported")
         A, B, n, D = XA.shape[0], XB.shape[0], self.n, self.dim
+        if deriv is None and rows_grad != cols_grad:
+            return self._one_sided(XA, JA, XB, JB, w, l, rows_grad)
         Pa = JA.shape[-1] if rows_grad else 0
         Pb = JB.shape[-1] if cols_grad else 0
         Bc = self.column_chunk(B, Pa, Pb) if (rows_grad and cols_grad) else B
@@ -431,6 +433,56 @@ class LocalKernel:
             del gg
         return out
 
+    def _one_sided(self, XA, JA, XB, JB, w, l, rows_grad):
+        """:meth:`cov_block` with gradients on one side only and no length derivative: the
+        energy predictions of a fitted GPR (training rows with gradients, test columns values;
+        labelling the copies of a pool spent most of its time here).  Element by element: only
+        same-element pairs contribute, so each element's pair arrays hold its share of the pairs
+        (EC dimers: 136 of 400) and the products skip the zeros the general path multiplies;
+        the second-derivative factor is not formed.  The gradient rows
+        -sum_ij c2_ij J_ai^T r_ij split into sum_i (J_ai^T G_ai) s_ib - sum_i J_ai^T W_aib with
+        s_ib = sum_j c2_ij and W_aib = sum_j c2_ij G_bj: two batched matrix products."""
+        if not rows_grad:        # values rows, gradient columns: the transpose of the other case
+            t = self._one_sided(XB, JB, XA, None, w, l, True)
+            return t.T.contiguous()
+        A, B, n, D = XA.shape[0], XB.shape[0], self.n, self.dim
+        P = JA.shape[-1]
+        GA, GB = XA.reshape(A, n, D), XB.reshape(B, n, D)
+        il2 = 1.0 / (l * l)
+        out = torch.zeros(A * (1 + P), B, dtype=XA.dtype, device=XA.device)
+        ee, grad = out[:A], out[A:].view(A, P, B)
+        for S, JS in self._element_rows(JA, A, P):
+            Ga, Gb = GA[:, S], GB[:, S]                                   # [A, na, D], [B, nb, D]
+            d2 = torch.einsum("aid,bjd->aibj", Ga, Gb).mul_(-2.0)
+            d2 += (Ga * Ga).sum(-1)[:, :, None, None]
+            d2 += (Gb * Gb).sum(-1)[None, None]
+            k = d2.clamp_min_(0.0).mul_(-0.5 * il2).exp_().mul_(w * w)   # [A, na, B, nb], in place
+            ee += k.sum((1, 3))
+            s = k.sum(3)                                                  # [A, na, B]
+            h = torch.einsum("aidp,aid->api", JS, Ga)                     # J_ai^T G_ai  [A, P, na]
+            grad -= torch.bmm(h, s).mul_(il2)
+            W = torch.einsum("aibj,bjd->aidb", k, Gb)                     # [A, na, D, B]
+            grad += torch.bmm(JS.reshape(A, -1, P).transpose(1, 2), W.reshape(A, -1, B)).mul_(il2)
+        return out
+
+    def _element_rows(self, JA, A, P):
+        """(atom indices of one element, JA's rows of those atoms [A, na, D, P]) per element,
+        kept for the last JA seen: a fitted model predicts against the same training Jacobian in
+        every call, and gathering it costs a copy of the whole array."""
+        import weakref
+
+        kept = getattr(self, "_elements", None)
+        # the same tensor object, unchanged (a freed tensor's memory may hold a new one)
+        if kept is not None and kept[0]() is JA and kept[1] == JA._version:
+            return kept[2]
+        J4 = JA.reshape(A, self.n, self.dim, P)
+        parts = []
+        for z in torch.unique(self.species).tolist():
+            S = torch.nonzero(self.species == z).flatten().to(JA.device)
+            parts.append((S, J4[:, S].contiguous()))
+        self._elements = (weakref.ref(JA), JA._version, parts)
+        return parts
+
     def _buf(self, name, shape, like):
         """A scratch tensor of ``shape`` kept between calls (grown, never shrunk)."""
         if not hasattr(self, "_scratch"):
@@ -445,6 +497,7 @@ class LocalKernel:
     def __getstate__(self):          # scratch buffers are not part of a saved fit
         d = dict(self.__dict__)
         d.pop("_scratch", None)
+        d.pop("_elements", None)
         return d
 
     def prior_variance(self, X, w, l):
