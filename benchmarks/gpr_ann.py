@@ -1,6 +1,6 @@
 """GPR-ANN against energy-only and direct force training (and the hybrid) at one wall-time budget.
 
-    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies auto] [--auto-pool 3] [--pool 80] [--delta 0.03]
+    python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies auto] [--auto-pool 1] [--pool 80] [--delta 0.03]
                                  [--fingerprint auto] [--np 1] [--out runs/gpr_ann] [--reuse-augment]
                                  [--gpr-load DIR]
                                  [--scheduler plateau|cosine] [--methods energy,force,...]
@@ -18,8 +18,9 @@ are set from the median epoch time of a 3-epoch calibration run, start-up exclud
   force    direct force training (alpha 0.3, all forces)
   gpr_ann  energy training on the GPR-augmented set (copies weighted by their variance) with the
            copy-difference term (training.difference_weight, default 0.05; training/losses.py); with
-           --copies auto --auto-pool 3 augment labels a pool of 3M copies per structure and training
-           draws M of them anew every epoch (augment pool, training.copies_per_epoch: auto; docs/gpr.md)
+           --copies auto (the default) augment labels a pool of 3M copies per structure and training
+           draws M of them anew every epoch (augment pool: auto, training.copies_per_epoch: auto;
+           docs/gpr.md); --auto-pool 1 makes M fixed copies
   gpr_ann_paper  the same with the paper's plain energy loss (difference_weight 0)
   hybrid   force mode on the augmented set: GPR energies + reference forces
   gpr_ann_pool  (with ``--pool P``) gpr_ann on a pool of P copies per structure labelled by the
@@ -170,9 +171,9 @@ def main():
                     help="copies per structure, or auto (per subset from the GPR's leave-one-out errors, docs/gpr.md); "
                          "default: auto, as augment's default (20 with --pool)")
     ap.add_argument("--pool", type=int, default=0, help="copies per structure of the gpr_ann_pool method's pool")
-    ap.add_argument("--auto-pool", type=int, default=1,
+    ap.add_argument("--auto-pool", type=int, default=None,
                     help="augment's pool with --copies auto: a pool of this many times M copies per structure, of "
-                         "which gpr_ann draws M per epoch (default 1: M fixed copies)")
+                         "which gpr_ann draws M per epoch (default: augment's, 3 with copies auto; 1: M fixed copies)")
     ap.add_argument("--delta", type=_auto(float), default=0.03, help="copies' displacement (A), or auto")
     ap.add_argument("--gpr-load", type=Path, default=None,
                     help="label with the GPR fits saved by an earlier run (its gpr_fits folder) instead of fitting")
@@ -192,7 +193,7 @@ def main():
         a.copies = 20 if a.pool else "auto"
     if a.pool and a.copies == "auto":
         ap.error("--pool draws --copies copies per epoch: give a number with --pool")
-    if a.auto_pool > 1 and a.copies != "auto":
+    if a.auto_pool is not None and a.auto_pool > 1 and a.copies != "auto":
         ap.error("--auto-pool multiplies the M of --copies auto")
     if a.descriptor:
         rr, nr, ra, na = a.descriptor.split(",")
@@ -205,7 +206,7 @@ def main():
     import yaml
 
     aug = {"input": str(out / "train.h5"), "output": str(out / "train_aug.h5"), "method": "gpr",
-           "copies": a.copies, "delta": a.delta, "seed": 0, **({"pool": a.auto_pool} if a.auto_pool > 1 else {}),
+           "copies": a.copies, "delta": a.delta, "seed": 0, **({"pool": a.auto_pool} if a.auto_pool is not None else {}),
            "gpr": {"fingerprint": a.fingerprint, "save": str(out / "gpr_fits")} if a.gpr_load is None else
            {"fingerprint": a.fingerprint, "load": str(a.gpr_load.resolve())}}
     (out / "augment.yaml").write_text(yaml.safe_dump(aug))

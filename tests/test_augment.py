@@ -678,7 +678,7 @@ def test_augment_copies_delta_auto_end_to_end(data, capsys, monkeypatch):
     with another choice (a number, or another rule) recomputes instead of reusing the shards."""
     import distmlip.gpr.augment as aug
 
-    extra = dict(copies="auto", subsets={"Al2_0": {"delta": "auto"}, "Cu4_0": {"copies": 3}},
+    extra = dict(copies="auto", subsets={"Al2_0": {"delta": "auto"}, "Cu4_0": {"copies": 3}}, pool=1,
                  gpr={"fit_max_obs": 120, "fit_iterations": 15, "fingerprint": "local"})
     cfg1 = _cfg(data, "auto1", **extra)
     res = run_cli(capsys, ["augment", str(cfg1)])
@@ -718,16 +718,17 @@ def test_augment_copies_delta_auto_end_to_end(data, capsys, monkeypatch):
 
 
 def test_augment_copies_auto_pool(data, capsys):
-    """pool: 3 with copies: auto labels 3 M copies per reference and records M per subset in the
-    data set (subsets/copies_per_epoch, what training draws per epoch; 0 for a numeric subset); its
-    shards are not those of M fixed copies; pool without any copies: auto is refused."""
+    """pool: 3 (the default, auto, with copies: auto) labels 3 M copies per reference and records M
+    per subset in the data set (subsets/copies_per_epoch, what training draws per epoch; 0 for a
+    numeric subset); its shards are not those of M fixed copies (pool: 1); pool > 1 without any
+    copies: auto is refused."""
     import distmlip.gpr.augment as aug
     from distmlip.config import from_dict
     from distmlip.errors import ConfigError
 
     extra = dict(copies="auto", subsets={"Cu4_0": {"copies": 3}},
                  gpr={"fit_max_obs": 120, "fit_iterations": 15, "fingerprint": "local"})
-    run_cli(capsys, ["augment", str(_cfg(data, "pool1", **extra))])
+    run_cli(capsys, ["augment", str(_cfg(data, "pool1", **extra, pool=1))])
     res = run_cli(capsys, ["augment", str(_cfg(data, "pool1", **extra, pool=3))])
     assert res.stdout.count("finished earlier, skipped") == 1          # Cu4_0 (copies 3) only
     assert "subset Cu3Ni_0: copies auto: M = 10 per training epoch, from a pool of 30 " \
@@ -740,8 +741,16 @@ def test_augment_copies_auto_pool(data, capsys):
     assert rep["Cu4_0"]["n_copies"] == 6 * 3 and "copies_per_epoch" not in rep["Cu4_0"]
     ds, _ = _arrays(data / "pool1.h5")
     assert {t["name"]: t["copies_per_epoch"] for t in ds.subsets} == {"Cu3Ni_0": 10, "Al2_0": 10, "Cu4_0": 0}
+    res = run_cli(capsys, ["augment", str(_cfg(data, "pool1", **extra))])     # the default: auto, 3 here
+    assert res.stdout.count("finished earlier, skipped") == 3
     with pytest.raises(ConfigError, match="'pool' .3. multiplies the M of copies: auto"):
         from_dict(aug.AugmentConfig, {"input": "a.h5", "output": "b.h5", "copies": 20, "pool": 3})
+    # auto: 3 where a subset has copies: auto, else 1 (numbers label what they say)
+    assert from_dict(aug.AugmentConfig, {"input": "a.h5", "output": "b.h5"}).pool == aug.POOL_AUTO == 3
+    assert from_dict(aug.AugmentConfig, {"input": "a.h5", "output": "b.h5", "copies": 20}).pool == 1
+    assert from_dict(aug.AugmentConfig, {"input": "a.h5", "output": "b.h5", "method": "taylor"}).pool == 1
+    with pytest.raises(ConfigError, match="'pool' must be an integer >= 1 or auto, got 0"):
+        from_dict(aug.AugmentConfig, {"input": "a.h5", "output": "b.h5", "pool": 0})
 
 
 def test_copies_default_is_auto_for_gpr_and_20_for_taylor():

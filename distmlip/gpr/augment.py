@@ -187,12 +187,12 @@ class AugmentConfig:
         default=None, metadata={"default_text": "'auto' (method gpr), 20 (method taylor)"})
     delta: Union[float, Literal["auto"]] = 0.03
     # with copies: auto, P > 1 labels a pool of P x M copies per reference and records M per subset
-    # in the output (subsets/copies_per_epoch), which energy training draws anew every epoch
+    # in the output (subsets/copies_per_epoch), which training draws anew every epoch
     # (training.copies_per_epoch: auto, the cosine schedule): M copies' cost per epoch, P x M
-    # directions over the run.  3 gave the slab with CO 0.65-0.70x the force error of M fixed
-    # copies at equal training time, the EC dimers 0.83-0.86x, the demo the same (sweep 22,
-    # docs/gpr.md); 1: M fixed copies
-    pool: int = field(default=1, metadata=bounds(ge=1))
+    # directions over the run.  auto: 3 where copies is auto (POOL_AUTO), else 1 (M fixed copies).
+    # At equal training time the pool of 3M gave the slab with CO 0.81x the force error of M fixed
+    # copies, the EC dimers 0.96x (0.77x in energy) at 400 s, the demo the same (docs/gpr.md)
+    pool: Union[int, Literal["auto"]] = field(default="auto", metadata={"default_text": "auto (3 with copies: auto)"})
     seed: int = 0
     min_distance: float = 0.5
     max_uncertainty: Optional[float] = None
@@ -228,7 +228,12 @@ class AugmentConfig:
         if self.copies is None:
             self.copies = "auto" if self.method == "gpr" else 20
         _check_copies("copies", self.copies)
-        if self.pool > 1 and "auto" not in [self.copies] + [t.copies for t in self.subsets.values()]:
+        any_auto = "auto" in [self.copies] + [t.copies for t in self.subsets.values()]
+        if self.pool == "auto":
+            self.pool = POOL_AUTO if any_auto else 1
+        if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1:
+            raise ConfigError(f"augment: 'pool' must be an integer >= 1 or auto, got {self.pool!r}")
+        if self.pool > 1 and not any_auto:
             raise ConfigError(f"augment: 'pool' ({self.pool}) multiplies the M of copies: auto, and no subset has "
                               "copies: auto; with a number, augment the pool itself (copies: P) and set "
                               "training.copies_per_epoch")
@@ -655,6 +660,7 @@ DELTA_AUTO_MAX = 0.06    # larger delta only to lift the signal above e_L, at mo
 RHO_AUTO = 0.25          # a copy's estimated label error at most this share of its first-order signal
 COPIES_PER_DOF = 0.5     # M = 3n/2 informative copies (M = 40 closed the gap on 60-87 dof: docs/gpr.md)
 COPIES_AUTO_MIN = 10
+POOL_AUTO = 3            # pool: auto with copies: auto: 3M copies labelled, M drawn per epoch
 COPIES_AUTO_MAX = 64
 # part of every 'auto' subset's shard key: a changed rule must not reuse copies chosen by the old one
 AUTO_RULE = {"rule": 1, "delta": DELTA_AUTO, "delta_max": DELTA_AUTO_MAX, "rho": RHO_AUTO,
