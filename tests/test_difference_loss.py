@@ -286,8 +286,8 @@ def test_copies_per_epoch_draws_other_copies_each_epoch():
 
 def test_trainer_copies_per_epoch(tmp_path, aug, capsys):
     """training.copies_per_epoch 1 on M = 3 copies: every epoch's training batches hold each
-    training reference with exactly one of its training copies, with or without the difference
-    term; without copies it warns."""
+    training reference with exactly one of its training copies; the plain energy loss takes
+    them all, and it and a data set without copies warn."""
     from distmlip.training.trainer import Trainer
 
     h5, _ = aug
@@ -306,10 +306,12 @@ def test_trainer_copies_per_epoch(tmp_path, aug, capsys):
     assert sorted(v0.tolist()) == sorted(v1.tolist())
     assert all(r in v0 and int((parent[v0] == r).sum()) == 1 for r in vrefs)
     tr.fit()
-    # the paper's plain energy loss draws the copies too (no difference term, the same draw)
-    plain = Trainer(_cfg(tmp_path / "k0", h5, copies_per_epoch=1, difference_weight=0.0), quiet=True)
+    # the paper's plain energy loss trains on every copy (draws measured worse for it): a warning
+    capsys.readouterr()
+    plain = Trainer(_cfg(tmp_path / "k0", h5, copies_per_epoch=1, difference_weight=0.0))
+    assert "copies_per_epoch 1 has no effect with the plain energy loss" in capsys.readouterr().err
     b = np.concatenate(plain.stream.batches(1))
-    assert plain._gamma == 0.0 and all(r in b and int((parent[b] == r).sum()) == 1 for r in refs)
+    assert plain.stream.sample_k == 0 and sorted(b.tolist()) == sorted(plain.train_idx.tolist())
     # nothing to draw from: a warning
     from distmlip.data.h5store import write_dataset
 
@@ -404,12 +406,12 @@ def test_copies_per_epoch_auto_reads_the_data_sets_pools(tmp_path, aug):
     assert zero.sched_kind == "cosine" and zero.stream.sample_k == 0
 
 
-def test_the_hybrid_and_the_papers_loss_draw_a_pool_too(tmp_path, aug):
-    """A pool's copies are drawn per epoch in every mode that trains on them: force mode on the
-    augmented set (the hybrid) and energy mode with difference_weight 0 (the paper's loss) draw
-    the recorded number per reference structure as the paired-difference loss does (before, they
-    trained on the whole pool each epoch, P times the copies' cost), with the cosine schedule;
-    without recorded pools they keep every copy and the plateau schedule."""
+def test_the_hybrid_draws_a_pool_and_the_papers_loss_takes_it_whole(tmp_path, aug):
+    """Force mode on the augmented set (the hybrid) draws the recorded number of a pool's copies
+    per reference structure and epoch as the copy-difference loss does (before, it trained on the
+    whole pool each epoch, P times the copies' cost), with the cosine schedule; the paper's plain
+    energy loss (difference_weight 0) trains on every copy, where the draws gave 2x the errors at
+    equal cost.  Without recorded pools both keep every copy and the plateau schedule."""
     from distmlip.data.h5store import write_dataset
     from distmlip.training.trainer import Trainer
 
@@ -419,7 +421,11 @@ def test_the_hybrid_and_the_papers_loss_draw_a_pool_too(tmp_path, aug):
     pooled = write_dataset(tmp_path / "pooled.h5", src.read(np.arange(src.n_structures)), species=src.species,
                            subsets=table)
     syn = np.asarray(H5Dataset(pooled).column("synthetic"), dtype=bool)
-    for name, extra in (("hybrid", dict(mode="force", alpha=0.1)), ("paper", dict(difference_weight=0.0))):
+    paper = Trainer(_cfg(tmp_path / "paper", pooled, difference_weight=0.0), quiet=True)
+    b = np.concatenate(paper.stream.batches(1))
+    assert paper.stream.sample_k == 0 and sorted(b.tolist()) == sorted(paper.train_idx.tolist())
+    assert paper.sched_kind == "plateau"
+    for name, extra in (("hybrid", dict(mode="force", alpha=0.1)),):
         tr = Trainer(_cfg(tmp_path / name, pooled, **extra), quiet=True)
         assert tr._gamma == 0.0 and tr.sched_kind == "cosine"
         parent = tr._diff[id(tr.ds)][0]

@@ -80,8 +80,9 @@ class TrainingConfig:
     # (1 - gamma) L_E + gamma L_D (training/losses.py; 0: the paper's plain energy loss); no
     # effect on data without synthetic copies
     difference_weight: float = field(default=0.05, metadata=bounds(ge=0.0, lt=1.0))
-    # with the copy-difference term: copies of each reference structure trained on per epoch,
-    # drawn anew every epoch from all its copies (0: all copies every epoch); augment many copies
+    # with the copy-difference term and in force mode (the hybrid): copies of each reference
+    # structure trained on per epoch, drawn anew every epoch from all its copies (0: all copies
+    # every epoch; the plain energy loss always takes all: drawn, it fitted worse); augment many copies
     # (augment: copies) and train on a few per epoch: more displacement directions at the cost of few.
     # auto: the number augment's 'copies: auto' with 'pool' > 1 recorded per subset in the data set
     # (its M of a pool of pool x M copies), 0 (all copies) for subsets and data sets without one

@@ -406,6 +406,14 @@ class Trainer:
                               f"this configuration {'auto' if was == 0 else 0!r}, and the data set records copies per "
                               "epoch (augment pool): one draws copies, the other trains on all; a resumed "
                               f"run must keep it (set training.copies_per_epoch: {was})")
+        if self._plain_energy_loss() and tc.copies_per_epoch != 0 and self.rank0 and not self.quiet:
+            if tc.copies_per_epoch != "auto":
+                warn(f"training.copies_per_epoch {tc.copies_per_epoch} has no effect with the plain energy loss "
+                     "(training.difference_weight 0): it trains on every copy each epoch (drawn copies gave it "
+                     "2x the errors at equal cost, docs/gpr.md)")
+            elif self._recorded_draws(self.ds).any():
+                self._log("copies: the plain energy loss (training.difference_weight 0) trains on every copy of "
+                          "the data set's pools each epoch (drawn copies gave it 2x the errors at equal cost)")
         if draws is not None:
             if groups is None:
                 warn("training.copies_per_epoch has no effect: no synthetic copy of the training split has its "
@@ -533,8 +541,8 @@ class Trainer:
         tc = self.cfg.training
         self._gamma = 0.0
         # the pairs serve two things: the copy-difference term (energy mode, weight > 0) and the
-        # per-epoch draw of a pool's copies (any mode: the hybrid and the paper's loss draw too,
-        # else they would train on the whole pool, P times the copies' cost per epoch)
+        # per-epoch draw of a pool's copies (that term's training and force mode, the hybrid,
+        # which would otherwise train on the whole pool, P times the copies' cost per epoch)
         need_pairs = not self.force_mode and tc.difference_weight > 0
         need_draws = self._draws(self.ds) is not None or (
             self.val_ds is not None and self.val_ds is not self.ds and self._draws(self.val_ds) is not None)
@@ -602,12 +610,22 @@ class Trainer:
         in the data set (written by augment's copies: auto with pool > 1; 0 there: all of the subset's copies),
         None when no subset records one."""
         c = self.cfg.training.copies_per_epoch
+        if self._plain_energy_loss():
+            return None
         if c != "auto":
             return int(c) if c > 0 else None
         per = self._recorded_draws(ds)
         if not per.any():
             return None
         return per[np.asarray(ds.subset_ids, dtype=np.int64)]
+
+    def _plain_energy_loss(self) -> bool:
+        """Energy mode without the copy-difference term (the paper's loss): it trains on every
+        copy each epoch.  Drawing M of a pool of 3M per epoch gave it 2x the errors at equal cost
+        in make demo (each copy's energy is fitted on its own, and a copy seen a third as often is
+        fitted worse; docs/results.md, thirteenth session), while the difference loss and the
+        hybrid gained from the draws."""
+        return not self.force_mode and self.cfg.training.difference_weight <= 0
 
     @staticmethod
     def _recorded_draws(ds) -> np.ndarray:
