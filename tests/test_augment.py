@@ -764,3 +764,15 @@ def test_copies_default_is_auto_for_gpr_and_20_for_taylor():
     given = from_dict(aug.AugmentConfig, {"input": "a.h5", "output": "b.h5", "copies": 7})
     assert (gpr.copies, taylor.copies, given.copies) == ("auto", 20, 7)
     assert gpr.for_subset("any")["copies"] == "auto" and gpr.delta == 0.03
+
+
+def test_idle_ranks_hint():
+    """Fewer units of work than ranks: augment says how many ranks wait and how to give the
+    working rank the cores (the binding and threads named when the rank is bound to one core)."""
+    from distmlip.gpr.augment import idle_ranks_hint
+
+    assert idle_ranks_hint(3, 2, 1, 2) is None and idle_ranks_hint(2, 2, 1, 4) is None
+    msg = idle_ranks_hint(1, 4, 1, 2)
+    assert "1 unit(s) of work (subsets) for 4 ranks: 3 rank(s) will wait" in msg
+    assert "--bind-to none" in msg and "bound to one core and runs 2 threads" in msg
+    assert "bound to one core" not in idle_ranks_hint(1, 2, 8, 2)

@@ -1090,6 +1090,21 @@ def assign_subsets(costs: dict[int, float], world: int) -> dict[int, int]:
     return out
 
 
+def idle_ranks_hint(n_units: int, world: int, cores_of_rank: int, threads: int) -> str | None:
+    """The line augment prints when ranks will wait: one unit of work (a subset, or a composition
+    group) is one rank's; with fewer units than ranks the others only wait, and under Open MPI's
+    default binding (one core per rank) the working rank's BLAS threads share that one core
+    (docs/gpr.md "Progress and MPI placement")."""
+    if world <= n_units:
+        return None
+    msg = (f"augment: {n_units} unit(s) of work (subsets) for {world} ranks: {world - n_units} rank(s) will "
+           f"wait.  One subset is one rank's work; give its rank the cores instead: fewer ranks, "
+           f"'mpirun --bind-to none' and OMP_NUM_THREADS set to the cores per rank")
+    if cores_of_rank == 1 and threads > 1:
+        msg += f" (this rank is bound to one core and runs {threads} threads on it)"
+    return msg
+
+
 def _estimated_cost(cfg, ds, sid, n_ref) -> float:
     nat = int(ds.subsets[sid].get("natoms", -1))
     if nat <= 0:
@@ -1221,6 +1236,15 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
         log(f"augment: subsets {', '.join(names[f] for f in sorted(plan) if plan[f] == h)} take the GPR "
             f"hyperparameters of {names[h]} (same elements; gpr.share: chemistry)")
     pre = f"[rank {rank}] " if world > 1 else ""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):      # not on Linux
+        cores = os.cpu_count() or 1
+    import torch
+
+    hint = idle_ranks_hint(len(units), world, cores, torch.get_num_threads())
+    if hint and rank == 0:
+        warn(hint)
     n_done = [0]
     if ctx.local_world_size > 1:
         # the ranks of a node fit at the same time and each reads the same MemAvailable: each
