@@ -660,8 +660,8 @@ DELTA_AUTO_MAX = 0.06    # larger delta only to lift the signal above e_L, at mo
 RHO_AUTO = 0.25          # a copy's estimated label error at most this share of its first-order signal
 COPIES_PER_DOF = 0.5     # M = 3n/2 informative copies (M = 40 closed the gap on 60-87 dof: docs/gpr.md)
 COPIES_AUTO_MIN = 10
-POOL_AUTO = 3            # pool: auto with copies: auto: 3M copies labelled, M drawn per epoch
 COPIES_AUTO_MAX = 64
+POOL_AUTO = 3            # pool: auto with copies: auto: 3M copies labelled, M drawn per epoch
 # part of every 'auto' subset's shard key: a changed rule must not reuse copies chosen by the old one
 AUTO_RULE = {"rule": 1, "delta": DELTA_AUTO, "delta_max": DELTA_AUTO_MAX, "rho": RHO_AUTO,
              "per_dof": COPIES_PER_DOF, "min": COPIES_AUTO_MIN, "max": COPIES_AUTO_MAX}
@@ -1236,15 +1236,14 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
         log(f"augment: subsets {', '.join(names[f] for f in sorted(plan) if plan[f] == h)} take the GPR "
             f"hyperparameters of {names[h]} (same elements; gpr.share: chemistry)")
     pre = f"[rank {rank}] " if world > 1 else ""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):      # not on Linux
-        cores = os.cpu_count() or 1
-    import torch
+    if rank == 0 and world > len(units):
+        import torch
 
-    hint = idle_ranks_hint(len(units), world, cores, torch.get_num_threads())
-    if hint and rank == 0:
-        warn(hint)
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):      # not on Linux
+            cores = os.cpu_count() or 1
+        warn(idle_ranks_hint(len(units), world, cores, torch.get_num_threads()))
     n_done = [0]
     if ctx.local_world_size > 1:
         # the ranks of a node fit at the same time and each reads the same MemAvailable: each

@@ -460,9 +460,10 @@ class LocalKernel:
             ee += k.sum((1, 3))
             s = k.sum(3)                                                  # [A, na, B]
             h = torch.einsum("aidp,aid->api", JS, Ga)                     # J_ai^T G_ai  [A, P, na]
-            grad -= torch.bmm(h, s).mul_(il2)
+            grad -= torch.bmm(h, s)
             W = torch.einsum("aibj,bjd->aidb", k, Gb)                     # [A, na, D, B]
-            grad += torch.bmm(JS.reshape(A, -1, P).transpose(1, 2), W.reshape(A, -1, B)).mul_(il2)
+            grad += torch.bmm(JS.reshape(A, -1, P).transpose(1, 2), W.reshape(A, -1, B))
+        grad.mul_(il2)                     # c2 = k / l^2, once for every element's sum
         return out
 
     def _element_rows(self, JA, A, P):

@@ -101,8 +101,9 @@ class TrainingConfig:
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = field(default=1.0e-3, metadata=bounds(gt=0.0, le=10.0))
     weight_decay: float = field(default=0.0, metadata=bounds(ge=0.0))
-    # auto: cosine for energy training on GPR copies paired with their parents (difference_weight > 0),
-    # plateau otherwise; a resumed run keeps its checkpoint's schedule
+    # auto: cosine for energy training on GPR copies paired with their parents (difference_weight > 0)
+    # and for training that draws a pool's copies per epoch (the hybrid too), plateau otherwise; a
+    # resumed run keeps its checkpoint's schedule
     scheduler: Literal["auto", "plateau", "cosine", "none"] = "auto"
     plateau_factor: float = field(default=0.5, metadata=bounds(gt=0.0, lt=1.0))
     plateau_patience: int = field(default=10, metadata=bounds(ge=0))
