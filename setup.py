@@ -82,7 +82,7 @@ setup(
     "with GPR data augmentation",
     packages=find_packages(include=["distmlip", "distmlip.*"]),
     python_requires=">=3.10",
-    install_requires=["numpy", "h5py", "ase", "pyyaml", "scipy"],
+    install_requires=["numpy", "h5py", "ase", "pyyaml", "scipy", "threadpoolctl"],
     # `distmlip export --format metatomic` (optional; measured to install with torch 2.13)
     extras_require={"metatomic": ["metatomic-torch>=0.1.19", "metatomic-ase>=0.1.4"]},
     ext_modules=ext_modules,

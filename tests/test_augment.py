@@ -3,6 +3,9 @@ rerun after a crash, config errors.  Real HDF5 files and real mpirun."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -767,12 +770,80 @@ def test_copies_default_is_auto_for_gpr_and_20_for_taylor():
 
 
 def test_idle_ranks_hint():
-    """Fewer units of work than ranks: augment says how many ranks wait and how to give the
-    working rank the cores (the binding and threads named when the rank is bound to one core)."""
+    """Fewer units of work than nodes: augment warns that whole nodes wait (idle ranks lend their
+    cores only within a node); fewer units than ranks on enough nodes is no warning."""
     from distmlip.gpr.augment import idle_ranks_hint
 
-    assert idle_ranks_hint(3, 2, 1, 2) is None and idle_ranks_hint(2, 2, 1, 4) is None
-    msg = idle_ranks_hint(1, 4, 1, 2)
-    assert "1 unit(s) of work (subsets) for 4 ranks: 3 rank(s) will wait" in msg
-    assert "--bind-to none" in msg and "bound to one core and runs 2 threads" in msg
-    assert "bound to one core" not in idle_ranks_hint(1, 2, 8, 2)
+    assert idle_ranks_hint(3, 2, 1) is None and idle_ranks_hint(1, 4, 1) is None
+    assert idle_ranks_hint(2, 64, 2) is None
+    msg = idle_ranks_hint(1, 64, 2)
+    assert "1 unit(s) of work (subsets) for 64 ranks on 2 nodes: the ranks of 1 node(s) will wait" in msg
+
+
+def test_lend_plan():
+    """Idle ranks lend to the busy ranks of their own node, spread evenly, never across nodes."""
+    from distmlip.distributed.partition import lend_plan
+
+    assert lend_plan(["a", "a"], [True, False]) == {0: [1]}
+    assert lend_plan(["a"] * 5, [False, True, False, True, False]) == {1: [0, 4], 3: [2]}
+    # node b has no busy rank: its ranks lend to nobody; a's idle rank goes to a's busy rank
+    assert lend_plan(["a", "a", "b", "b"], [True, False, False, False]) == {0: [1]}
+    assert lend_plan(["a", "b"], [True, True]) == {}
+
+
+def test_one_subset_two_ranks_lend_their_cores(tmp_path, capsys):
+    """One subset under mpirun -n 2 (each rank bound to its core, one thread): the idle rank lends
+    its core, the working rank runs two threads on both cores, and the copies equal those of one
+    process."""
+    from ase.build import bulk
+    from helpers import REPO, mpirun_exe
+
+    out = _rattled(lambda: bulk("Cu", "fcc", a=3.6, cubic=True), 6, 0.05, 0, "cu_bulk")
+    write_dataset(tmp_path / "in.h5", out)
+    cfg1, cfg2 = _cfg(tmp_path, "one"), _cfg(tmp_path, "two")
+    run_cli(capsys, ["augment", str(cfg1)])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [mpirun_exe(), "-n", "2", "--bind-to", "core"] + (["--allow-run-as-root"] if os.geteuid() == 0 else []) \
+        + ["-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", sys.executable, "-m", "distmlip", "augment", str(cfg2)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    if res.returncode != 0 and "slots" in res.stderr.lower():
+        pytest.skip(f"mpirun cannot place two bound ranks here: {res.stderr[-300:]}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[rank 0] augment: 1 idle rank(s) of this node lend their cores: 2 threads" in res.stdout, res.stdout
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert "2 threads on cores " in res.stdout, res.stdout
+    assert "will wait" not in res.stderr
+    # lend_cores: false: the working rank keeps its one thread, the labels are those of one process
+    cfg3 = _cfg(tmp_path, "kept", lend_cores=False)
+    res3 = subprocess.run(cmd[:-1] + [str(cfg3)], capture_output=True, text=True, timeout=300, env=env)
+    assert res3.returncode == 0 and "lend their cores" not in res3.stdout, res3.stderr[-3000:]
+    _, A = _arrays(tmp_path / "one.h5")
+    _, B = _arrays(tmp_path / "two.h5")
+    _, C = _arrays(tmp_path / "kept.h5")
+    assert len(A) == len(B) == len(C) > len(out)
+    for a, b, c in zip(A, B, C):
+        np.testing.assert_array_equal(a.positions, b.positions)
+        assert (a.energy, a.uncertainty) == (c.energy, c.uncertainty)
+        # two threads instead of one: the same labels up to rounding (1e-7 eV measured)
+        assert abs(a.energy - b.energy) < 1e-5 * max(1.0, abs(a.energy))
+        assert a.uncertainty is None or abs(a.uncertainty - b.uncertainty) < 1e-5
+
+
+def test_borrowed_cores_in_a_world_of_one_and_the_affinity_of_all_threads():
+    """In a world of one nothing is lent; the affinity helper moves every thread of the process
+    (a BLAS pool started under a one-core binding keeps that core otherwise) and back."""
+    from distmlip.distributed.context import DistContext
+    from distmlip.distributed.cores import _set_affinity_of_all_threads, borrowed_cores, cpu_list, process_affinity
+
+    assert cpu_list([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11"
+    with borrowed_cores(DistContext(), busy=True) as lent:
+        assert lent is None
+    before = process_affinity()
+    if before is None:
+        pytest.skip("no CPU affinity on this OS")
+    assert _set_affinity_of_all_threads(before[:1])
+    try:
+        assert all(os.sched_getaffinity(int(t)) == {before[0]} for t in os.listdir("/proc/self/task"))
+    finally:
+        assert _set_affinity_of_all_threads(before)
+    assert process_affinity() == before

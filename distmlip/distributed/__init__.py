@@ -12,6 +12,8 @@ Modules (each imports only the ones above it, and nothing of distmlip but ``erro
     context     DistContext and its collectives, rank groups, init/shutdown, gradient all-reduce
     liveness    Heartbeat: ranks that wait long for each other (augment) end the job when a
                 partner stops beating, instead of hanging the allocation
+    cores       borrowed_cores: ranks without work in a phase lend their cores and threads
+                to the working ranks of their node (augment)
 
 API:
 

@@ -33,3 +33,22 @@ def balanced_partition(costs, world_size: int) -> list[list[int]]:
         parts[r].append(i)
         heapq.heappush(heap, (load + costs[i], r))
     return [sorted(p) for p in parts]
+
+
+def lend_plan(hosts, busy) -> dict[int, list[int]]:
+    """Which idle ranks lend their cores to which busy rank: {busy rank: [idle ranks]}.
+
+    ``hosts[r]`` is rank r's node, ``busy[r]`` whether it has work.  Only ranks of one node can
+    lend to each other (a thread cannot run on another node's core).  Each idle rank, in rank
+    order, goes to the busy rank of its node that has the fewest lenders so far (ties: lowest
+    rank), so that the idle cores of a node are spread evenly over its working ranks.  Idle ranks
+    on a node without a busy rank lend to nobody.
+    """
+    out: dict[int, list[int]] = {r: [] for r, b in enumerate(busy) if b}
+    for r, b in enumerate(busy):
+        if b:
+            continue
+        takers = [k for k in out if hosts[k] == hosts[r]]
+        if takers:
+            out[min(takers, key=lambda k: (len(out[k]), k))].append(r)
+    return {k: v for k, v in out.items() if v}

@@ -50,6 +50,7 @@ import numpy as np
 from ..config import bounds, load_config, parse_override, paths
 from ..data.validate import energy_force_check, robust_outliers, unit_slope, unit_slope_warning
 from ..descriptors.spec import DescriptorSpec
+from ..distributed.cores import borrowed_cores, cpu_list
 from ..errors import ConfigError, DistmlipError, InputError
 from ..utils.io import OutputLock, atomic_path, atomic_write_text, check_writable, clean_stale_temps, json_text
 from ..utils.log import log, warn
@@ -217,6 +218,10 @@ class AugmentConfig:
     candidates: Optional[str] = field(default=None, metadata=paths("out"))      # default <output stem>.candidates.xyz
     report: Optional[str] = field(default=None, metadata=paths("out"))          # default <output stem>.report.json (+ .txt)
     workdir: Optional[str] = field(default=None, metadata=paths("out"))         # default <output>.shards
+    # ranks without a unit of work (a subset) in a phase lend their cores and threads to the
+    # working ranks of their node (distributed/cores.py): more threads change the labels by
+    # rounding (1e-7 eV measured); false keeps them bitwise equal across rank counts
+    lend_cores: bool = True
     subsets: dict[str, SubsetSettings] = field(default_factory=dict)
     gpr: GPRSettings = field(default_factory=GPRSettings)
 
@@ -1090,19 +1095,15 @@ def assign_subsets(costs: dict[int, float], world: int) -> dict[int, int]:
     return out
 
 
-def idle_ranks_hint(n_units: int, world: int, cores_of_rank: int, threads: int) -> str | None:
-    """The line augment prints when ranks will wait: one unit of work (a subset, or a composition
-    group) is one rank's; with fewer units than ranks the others only wait, and under Open MPI's
-    default binding (one core per rank) the working rank's BLAS threads share that one core
-    (docs/gpr.md "Progress and MPI placement")."""
-    if world <= n_units:
+def idle_ranks_hint(n_units: int, world: int, n_nodes: int) -> str | None:
+    """The warning augment prints when whole nodes will wait: one unit of work (a subset, or a
+    composition group) is one rank's; idle ranks lend their cores to the working ranks of their
+    node (distributed/cores.py), but a node without a unit has nobody to lend to."""
+    if world <= n_units or n_units >= n_nodes:
         return None
-    msg = (f"augment: {n_units} unit(s) of work (subsets) for {world} ranks: {world - n_units} rank(s) will "
-           f"wait.  One subset is one rank's work; give its rank the cores instead: fewer ranks, "
-           f"'mpirun --bind-to none' and OMP_NUM_THREADS set to the cores per rank")
-    if cores_of_rank == 1 and threads > 1:
-        msg += f" (this rank is bound to one core and runs {threads} threads on it)"
-    return msg
+    return (f"augment: {n_units} unit(s) of work (subsets) for {world} ranks on {n_nodes} nodes: the ranks of "
+            f"{n_nodes - n_units} node(s) will wait (idle ranks lend their cores only within a node).  Run "
+            f"this stage on {max(n_units, 1)} node(s)")
 
 
 def _estimated_cost(cfg, ds, sid, n_ref) -> float:
@@ -1236,14 +1237,9 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
         log(f"augment: subsets {', '.join(names[f] for f in sorted(plan) if plan[f] == h)} take the GPR "
             f"hyperparameters of {names[h]} (same elements; gpr.share: chemistry)")
     pre = f"[rank {rank}] " if world > 1 else ""
-    if rank == 0 and world > len(units):
-        import torch
-
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):      # not on Linux
-            cores = os.cpu_count() or 1
-        warn(idle_ranks_hint(len(units), world, cores, torch.get_num_threads()))
+    hint = idle_ranks_hint(len(units), world, ctx.n_nodes)
+    if rank == 0 and hint:
+        warn(hint)
     n_done = [0]
     if ctx.local_world_size > 1:
         # the ranks of a node fit at the same time and each reads the same MemAvailable: each
@@ -1254,6 +1250,21 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
     def run(phase: dict, shared_of: dict):
         owner = assign_subsets(phase, world)
         mine = [sid for sid in sorted(phase, key=lambda s: (-phase[s], s)) if owner[sid] == rank]
+        # ranks without work in this phase sleep in the barrier after it: their cores and threads
+        # go to the working ranks of their node meanwhile (distributed/cores.py)
+        with borrowed_cores(ctx, any(phase[s] > 0 for s in mine), enabled=cfg.lend_cores) as lent:
+            if lent:
+                print(f"{pre}augment: {len(lent['lenders'])} idle rank(s) of this node lend their cores: "
+                      f"{lent['threads']} threads"
+                      + (f" on cores {cpu_list(lent['cpus'])}" if lent["pinned"] else
+                         " (the cores they were bound to could not be taken: the threads share this rank's "
+                         "binding; launch with 'mpirun --bind-to none')" if lent["cpus"] else ""),
+                      flush=True)
+            # and their share of the node's memory (gpr.memory_fraction was split among its ranks)
+            work(mine, shared_of, cfg if not lent else replace(cfg, gpr=replace(
+                cfg.gpr, memory_fraction=cfg.gpr.memory_fraction * (1 + len(lent["lenders"])))))
+
+    def work(mine: list, shared_of: dict, cfg: AugmentConfig):
         for sid in mine:
             n_done[0] += 1
             k = n_done[0]
