@@ -27,18 +27,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpr_ann import SHARED, make_slab  # noqa: E402
+from gpr_ann import SHARED, dm, make_slab  # noqa: E402
 
 
 def _env():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env["OMP_NUM_THREADS"] = "1"
     return env
-
-
-def _convert(raw: Path, out: Path):
-    subprocess.run([sys.executable, "-m", "distmlip", "convert", str(raw), "-o", str(out)], check=True,
-                   env=_env(), stdout=subprocess.DEVNULL)
 
 
 def prepare(kind: str, out: Path, n: int) -> Path:
@@ -57,7 +52,7 @@ def prepare(kind: str, out: Path, n: int) -> Path:
             (raw / f.name).symlink_to(f)
     else:
         make_slab(raw, n, 1)
-    _convert(raw, h5)
+    dm("convert", raw, "-o", h5)
     return h5
 
 

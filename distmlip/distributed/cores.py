@@ -83,19 +83,14 @@ def borrowed_cores(ctx, busy: bool, enabled: bool = True):
         pinned = _set_affinity_of_all_threads(cpus)
         if not pinned:                   # back to where it was, then only the thread count grows
             _set_affinity_of_all_threads(mine["cpus"])
-    limits = None
-    try:
-        from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits
 
-        limits = threadpool_limits(limits=threads)      # OpenBLAS of numpy and scipy, OpenMP, MKL
-    except ImportError:
-        pass
-    torch.set_num_threads(threads)
+    limits = threadpool_limits(limits=threads)      # OpenBLAS of numpy and scipy, OpenMP
+    torch.set_num_threads(threads)                  # torch's own pool and MKL
     try:
         yield {"lenders": lenders, "threads": threads, "cpus": cpus, "pinned": pinned}
     finally:
         torch.set_num_threads(mine["threads"])
-        if limits is not None:
-            limits.restore_original_limits()
+        limits.restore_original_limits()
         if pinned:
             _set_affinity_of_all_threads(mine["cpus"])

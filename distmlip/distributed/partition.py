@@ -44,11 +44,19 @@ def lend_plan(hosts, busy) -> dict[int, list[int]]:
     rank), so that the idle cores of a node are spread evenly over its working ranks.  Idle ranks
     on a node without a busy rank lend to nobody.
     """
-    out: dict[int, list[int]] = {r: [] for r, b in enumerate(busy) if b}
+    # fewest lenders first, ties to the lowest rank, is a round robin over the node's busy ranks;
+    # grouped by node so that a job of thousands of ranks does not compare every pair
+    takers: dict = {}
     for r, b in enumerate(busy):
         if b:
+            takers.setdefault(hosts[r], []).append(r)
+    out: dict[int, list[int]] = {}
+    given: dict = {}
+    for r, b in enumerate(busy):
+        if b or hosts[r] not in takers:
             continue
-        takers = [k for k in out if hosts[k] == hosts[r]]
-        if takers:
-            out[min(takers, key=lambda k: (len(out[k]), k))].append(r)
-    return {k: v for k, v in out.items() if v}
+        ks = takers[hosts[r]]
+        k = ks[given.get(hosts[r], 0) % len(ks)]
+        given[hosts[r]] = given.get(hosts[r], 0) + 1
+        out.setdefault(k, []).append(r)
+    return out
