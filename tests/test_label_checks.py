@@ -183,6 +183,48 @@ def test_energy_force_unit_mismatch_is_named(tmp_path, capsys, efac, ffac, likel
     assert not lc["units"]["suspect"] and 0.7 < lc["units"]["slope"] < 1.35 and not unit_warnings(ok, lc)
 
 
+def test_unit_check_leaves_out_pairs_too_far_apart_for_the_trapezoid_rule(tmp_path, capsys):
+    """Snapshots whose nearest partners differ by Angstroms (liquid water: exact TIP3P labels gave
+    a slope of 0.008, range across 0) were reported as a unit slip ("forces in kJ/mol/A"): the
+    trapezoid rule says nothing there.  Pairs beyond UNIT_PAIR_MAX_STEP are left out of the unit
+    check; the same structures with a real slip close together are still named."""
+    import dataclasses
+
+    from distmlip.data.validate import UNIT_PAIR_MAX_STEP, UNIT_SLOPE_MIN_PAIRS, energy_force_check, unit_slope
+
+    structs = rattled_cu_au(40)
+    far = []
+    rng = np.random.default_rng(3)
+    for s in structs:        # independent snapshots 0.9 A apart (RMS), consistent EMT labels
+        from ase import Atoms
+        from ase.calculators.emt import EMT
+
+        a = Atoms(numbers=s.numbers, positions=s.positions + rng.normal(0.0, 0.35, s.positions.shape),
+                  cell=s.cell, pbc=s.pbc)
+        a.calc = EMT()
+        far.append(dataclasses.replace(s, positions=a.positions, energy=a.get_potential_energy(),
+                                       forces=a.get_forces()))
+    c = energy_force_check(far)
+    u = unit_slope(c.dE, c.work, c.pairs)
+    assert len(c.dE) < UNIT_SLOPE_MIN_PAIRS and (u is None or not u.suspect)
+    c = energy_force_check(far, max_step=10.0)       # the old behaviour: a confident wrong verdict
+    assert unit_slope(c.dE, c.work, c.pairs).suspect
+    _write_extxyz(tmp_path / "far.extxyz", far)
+    convert(ConvertConfig(inputs=[str(tmp_path / "far.extxyz")], output=str(tmp_path / "far.h5")))
+    assert "disagree in units" not in capsys.readouterr().err
+    from distmlip.data.h5store import H5Dataset
+    from distmlip.data.info import format_summary, label_check, summarize
+
+    ds = H5Dataset(str(tmp_path / "far.h5"))
+    d = summarize(ds)
+    d["labels"] = label_check(ds)
+    text = format_summary(d)
+    assert "label units   : " in text and "LABEL UNITS?" not in text
+    near = energy_force_check([dataclasses.replace(s, energy=s.energy / 23.0605) for s in structs])
+    assert len(near.dE) > 0 and unit_slope(near.dE, near.work, near.pairs).suspect
+    assert UNIT_PAIR_MAX_STEP == 0.5
+
+
 def _strained_cells(n=40, seed=1):
     """4-atom Cu and Ni cells at 3.75 A (EMT: tens of GPa), each strained up to 2 % and rattled by
     0.03 A, labelled by EMT with energy, forces and stress."""

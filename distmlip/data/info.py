@@ -310,8 +310,15 @@ def format_summary(d: dict, max_subsets: int = 50) -> str:
             lo, hi = un["range"]
             L.append(f"label units   : energy differences / forces' work = {un['slope']:.3g} (95 % range "
                      f"{lo:.3g}..{hi:.3g}, {un['pairs']} pairs; 1 for eV with eV/A"
-                     + ("; not determined: the pairs' work barely predicts their energy differences, e.g. cells "
-                        "that differ" if lo < 0 < hi else "") + ")")
+                     + ("; not determined: the pairs' work barely predicts their energy differences (cells that "
+                        "differ, or structures too far apart for the trapezoid rule, e.g. liquid snapshots)"
+                        if lo < 0 < hi else "") + ")")
+        elif lc["scored"]:
+            from .validate import UNIT_PAIR_MAX_STEP
+
+            L.append(f"label units   : not checked: no two structures of one cell lie within {UNIT_PAIR_MAX_STEP:g} A "
+                     f"(RMS per atom) of each other, too far apart for their forces' work to predict their energy "
+                     f"difference (e.g. independent liquid snapshots)")
         for w in d.get("unit_warnings") or []:
             L.append(f"LABEL UNITS?  : {w}")
     if d["non_finite"]:
