@@ -493,3 +493,23 @@ def test_auto_schedule_is_cosine_on_paired_copies_and_kept_on_resume(tmp_path, a
     # the same run with the schedule left to auto (its config as written before the rule)
     resumed = Trainer(_cfg(tmp_path / "old", h5, epochs=3), resume=last, quiet=True)
     assert resumed.sched_kind == "plateau" and isinstance(resumed.sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def test_energies_no_better_than_the_composition_are_named(tmp_path, aug, capsys):
+    """A loss whose copy-difference term outweighs the energy term can keep a model whose energies
+    are worse than the per-element mean energies (GPR copies of liquid water under the default
+    weight: 2x the mean's error, exit 0, nothing said; sweep 23).  The end of training compares the
+    kept model's energy RMSE with the normalisation's residual and names the weight to lower."""
+    from distmlip.training.trainer import Trainer
+
+    h5, _ = aug
+    for g, named in ((0.05, False), (0.999, True)):
+        tr = Trainer(_cfg(tmp_path / f"g{g}", h5, difference_weight=g, epochs=40, lr=0.02, scheduler="none"),
+                     quiet=True)
+        tr.fit()
+        err = capsys.readouterr().err
+        e, which, _ = tr._best_energy
+        assert which == "validation" and (e > 1000.0 * tr._energy_rms) == named
+        assert ("no better than that baseline" in err) == named
+        if named:
+            assert "training.difference_weight 0.999" in err and "e.g. 0.0999" in err

@@ -2007,7 +2007,37 @@ class Trainer:
                 self.save_checkpoint(self.epoch, 0)
                 break
         self._write_models()
+        self._check_energy_baseline()
         return status
+
+    _best_energy = None        # (E RMSE meV/atom, which set, epoch) of the model kept as the best
+
+    def _check_energy_baseline(self) -> None:
+        """Warn when the kept model's energies are no better than the composition alone: the
+        per-element mean energies of the normalisation fit (its RMS per-atom residual).  A loss
+        whose other terms outweigh the energy term can leave the energies there or worse, with
+        falling loss: GPR copies of liquid water (forces ~3 eV/A) under the default copy-difference
+        weight ended at 2x the mean's energy error, the validation loss chosen on the force-like
+        term (sweep 23)."""
+        base = getattr(self, "_energy_rms", None)
+        if not self._best_energy or not base or self._best_energy[0] is None:
+            return
+        e, which, epoch = self._best_energy
+        b = 1000.0 * float(base)
+        if not (math.isfinite(e) and e > b):
+            return
+        tc = self.cfg.training
+        if self._gamma > 0:
+            hint = (f"The copy-difference term (training.difference_weight {self._gamma:g}) outweighs the energy term on "
+                    f"this data: lower training.difference_weight (e.g. {self._gamma / 10:g})")
+        elif self.force_mode:
+            hint = f"The force term (training.alpha {tc.alpha:g}) may outweigh the energy term: lower training.alpha"
+        else:
+            hint = "Train longer, check the energies' labels, or add data"
+        if self.rank0:
+            warn(f"training: the kept model (epoch {epoch}) has a {which} energy RMSE of {e:.4g} meV/atom, above the "
+                 f"{b:.4g} meV/atom of the composition alone (per-element mean energies, the normalisation fit): its "
+                 f"energies are no better than that baseline.  {hint}")
 
     _early_stop = False
 
@@ -2040,6 +2070,8 @@ class Trainer:
             self.bad_epochs = 0
             if self.rank0:     # kept in memory; written with the next checkpoint and at the end
                 self._best = (self.model.payload(), {"epoch": epoch + 1, "val_loss": metric})
+            self._best_energy = ((val or tr).get("E_rmse_meV_atom"), "validation" if val is not None else "training",
+                                 epoch + 1)
         else:
             self.bad_epochs += 1
         if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
