@@ -410,6 +410,17 @@ def test_subsets_without_usable_references_get_no_copies(tmp_path, capsys):
     assert res.stdout.count("no copies:") == 3
     ds = H5Dataset(tmp_path / "skips.h5")
     assert ds.n_structures == len(out) + 16
+    # one summary at the end (each subset's line scrolls past on data of many subsets)
+    assert "augment: 3 of 4 subset(s) got no copies" in res.stderr
+    assert "1 for 'one reference structure: its GPR hyperparameters cannot be fitted' (Cu3Ni_0)" in res.stderr
+    assert "gpr.share: chemistry (hyperparameters from" in rep["Cu3Ni_0"]["reason"]
+    # no copies at all: said as such (the output is the input, training on it energy-only); with
+    # gpr.share already on, the reason does not recommend it
+    write_dataset(tmp_path / "in.h5", out[:3] + out[6:7])
+    res = run_cli(capsys, ["augment", str(_cfg(tmp_path, "none", gpr={"share": "chemistry"}))])
+    assert "augment made NO copies" in res.stderr and "energy-only training, not GPR-ANN" in res.stderr
+    rep = {r["subset"]: r for r in json.loads((tmp_path / "none.report.json").read_text())["subsets"]}
+    assert "found no subset of the same elements" in rep["Cu3Ni_0"]["reason"]
 
 
 def test_auto_fingerprint_scores_full_loo_with_forces(capsys):
@@ -477,7 +488,8 @@ def test_uncalibrated_sigma_is_warned(tmp_path, capsys):
                                       ("delta=0", "every copy would equal its parent"),
                                       ("model.hidden=[8,", "the value is not valid YAML"),
                                       ("copies=-1", "'copies' must be an integer >= 0 or 'auto'"),
-                                      ("copies=often", "does not fit"),
+                                      ("copies=often", "does not fit: expected an integer or 'auto'"),
+                                      ("copies='20'", "a quoted number is a string: write it without quotes"),
                                       ("delta=big", "does not fit"),
                                       ("subsets={Al2_0: {copies: -2}}", "subsets.Al2_0.copies' must be"),
                                       ("copies=auto", "method 'taylor' fits no GPR"),

@@ -857,8 +857,12 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
         for sid, d in prep.items():
             d["rep"].update(n_copies=0, n_kept=0, n_candidates=0, skipped=True,
                             reason="one reference structure: its GPR hyperparameters cannot be fitted "
-                                   "(add structures, gpr.share: chemistry, or give gpr.weight, "
-                                   "length_scale, noise_energy and noise_force)",
+                                   "(add structures of this composition"
+                                   + (", gpr.share: chemistry (hyperparameters from a subset of the same "
+                                      "elements with 2 or more structures)" if cfg.gpr.share != "chemistry"
+                                      else "; gpr.share: chemistry found no subset of the same elements with "
+                                           "2 or more structures to take them from")
+                                   + ", or give gpr.weight, length_scale, noise_energy and noise_force)",
                             time_total_s=time.perf_counter() - t0)
             out[sid] = {**empty, "report": d["rep"]}
         return out
@@ -1358,6 +1362,9 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
         log(format_table(report))
         log(f"augment: wrote {cfg.output} ({report['n_output']} structures, {report['n_synthetic']} "
             f"synthetic), report {cfg.report_path()}")
+        note = skipped_summary(report, cfg.output)
+        if note:
+            warn(note)
     ctx.barrier(sleep=True, watch=watch)
     return report
 
@@ -1485,6 +1492,26 @@ def _lengths(g: dict) -> str:
         return " ".join(f"{k} {v:.3g}" for k, v in by.items())
     v = g.get("length_scale")
     return "-" if v is None else format(v, ".3g")
+
+
+def skipped_summary(report: dict, output) -> str | None:
+    """One warning for the subsets that got no copies, by reason (each was logged as it was met;
+    on data of many one-structure subsets those lines scroll past, and a run that made no copies
+    at all exited 0 with the input written out again: training on it is energy-only training,
+    sweep 24).  None when every subset got its copies or was skipped as asked (``skip: true``)."""
+    subs = report.get("subsets") or []
+    why: dict[str, list[str]] = {}
+    for r in subs:
+        if r.get("skipped") and r.get("reason") not in (None, "skip", "copies = 0"):
+            why.setdefault(str(r["reason"]).split(" (")[0], []).append(r["subset"])
+    if not why:
+        return None
+    parts = [f"{len(v)} for '{k}' ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for k, v in why.items()]
+    n = sum(len(v) for v in why.values())
+    head = (f"augment made NO copies: {output} holds the input's {report['n_input']} structures and nothing else, "
+            f"and energy training on it is energy-only training, not GPR-ANN" if report.get("n_synthetic", 0) == 0
+            else f"augment: {n} of {len(subs)} subset(s) got no copies")
+    return head + ".  Subsets without copies: " + "; ".join(parts) + " (the report lists every subset)"
 
 
 def format_table(report: dict) -> str:
