@@ -147,8 +147,9 @@ def test_md_check_collapsing_model_and_emt_reference(tmp_path, capsys):
     assert "md-check result: stable (1 runs" in text
 
 
-def test_energy_below_training_flags_a_run(tmp_path):
-    """EMT on a record whose lowest energy is 1 eV/atom above EMT's: unstable, 'energy below training'."""
+def test_energy_below_training_flags_a_run(tmp_path, capsys):
+    """EMT on a record whose lowest energy is 1 eV/atom above EMT's: unstable, 'energy below training'.
+    A start of a composition the record lacks cannot be judged so: said, not skipped silently."""
     from distmlip.data.examples import rattled_cu_au
     from distmlip.data.h5store import write_dataset
 
@@ -163,6 +164,16 @@ def test_energy_below_training_flags_a_run(tmp_path):
                  "--nve-steps", "0", "--training-data", str(h5), "-o", str(out)]) == EXIT_UNSTABLE
     r = json.loads((out / "summary.json").read_text())["runs"][0]
     assert r["verdict"].startswith("unstable: energy below training, first at 0 fs"), r["verdict"]
+    assert "criterion is not applied" not in capsys.readouterr().err
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    atoms.numbers[0] = 79
+    write(str(tmp_path / "aucu3.extxyz"), atoms)
+    main(["md-check", "ase:EMT", str(tmp_path / "aucu3.extxyz"), "-T", "300", "--steps", "20", "--interval", "10",
+          "--nve-steps", "0", "--training-data", str(h5), "-o", str(tmp_path / "e2")])
+    err = capsys.readouterr().err
+    assert "no structure of the start's composition AuCu3" in err and "criterion is not applied" in err
+    r = json.loads((tmp_path / "e2" / "summary.json").read_text())["runs"][0]
+    assert r["training_epot_min_eV_atom"] is None and "energy below training" not in r["verdict"]
 
 
 def _traj(T=300.0, temps=None, epot=None, fdev=None, n=30, dt=10.0, gpr=None):

@@ -684,6 +684,14 @@ def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float
         # the frames the stop left out are not failures: the run is reported as far as it went
         tr["n_missing"] = 0
     emin = lowest_energy_per_atom(record, atoms0.numbers)
+    if emin is None and (record or {}).get("energy_per_atom_min"):
+        # the bound is per composition: a start of a composition the data never held (a random
+        # alloy's own) was judged without it and nothing said so (sweep 24)
+        from ..models.data_record import reduced_formula
+
+        warn(f"{label}T={T:g} K: the training data hold no structure of the start's composition "
+             f"{reduced_formula(atoms0.numbers)}: the 'energy below training' criterion is not applied (it compares "
+             f"with the lowest energy per atom of the same composition)")
     events = judge(tr, T, n, friction, crit, emin=emin, nve=nve, committee=committee,
                    pair_min=(record or {}).get("pair_min_distance_A"))
     verdict = verdict_of(events, tr)
