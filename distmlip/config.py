@@ -41,6 +41,21 @@ def _where(source, path):
     return loc + src
 
 
+def _describe(tp) -> str:
+    """A type annotation in words, for messages ('an integer or 'auto'', not typing's repr)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union or (origin is not None and str(origin) == "types.UnionType"):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return " or ".join(map(repr, args))
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            _NONE: "null (omitted)"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
 def _coerce(value, tp, key, source, path):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -58,7 +73,14 @@ def _coerce(value, tp, key, source, path):
                 return _coerce(value, a, key, source, path)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"'{full}'{_where(source, '')}: {value!r} does not fit {tp}")
+        quoted = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                quoted = " (a quoted number is a string: write it without quotes)"
+            except ValueError:
+                pass
+        raise ConfigError(f"'{full}'{_where(source, '')}: {value!r} does not fit: expected {_describe(tp)}{quoted}")
     if origin is typing.Literal:
         if isinstance(value, bool) and value not in args and {"on", "off"} <= set(args):
             # YAML 1.1 reads an unquoted on/off as a boolean ('progress_bar: off' was refused)
