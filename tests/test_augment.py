@@ -182,6 +182,20 @@ def test_augment_taylor_labels_exact(data, capsys):
         assert s.weight == 0.5 and s.uncertainty == 0.0
 
 
+def test_augment_prints_a_whole_phase_eta(data, capsys, monkeypatch):
+    """Each subset's stages print their own ETAs; a rank's whole share of subsets had none (a
+    multi-subset run on 256-atom cells gave no idea of the total, sweep 24).  After each unit, the
+    elapsed time scaled by the remaining units' estimated cost."""
+    import distmlip.gpr.augment as aug
+
+    monkeypatch.setattr(aug, "ETA_AFTER_S", 0.0)
+    res = run_cli(capsys, ["augment", str(_cfg(data, "eta", method="taylor", copies=2))])
+    n = len(json.loads((data / "eta.report.json").read_text())["subsets"])
+    lines = [x for x in res.stdout.splitlines() if "of this rank's units in this phase done" in x]
+    assert n >= 3 and len(lines) == n - 1 and all("ETA ~" in x for x in lines), res.stdout
+    assert lines[0].startswith(f"augment: 1/{n} ") and lines[-1].startswith(f"augment: {n - 1}/{n} ")
+
+
 def test_augment_refuses_an_output_file_another_job_writes(data, capsys):
     """Two augment jobs with their own shard folders and one output file: the second is refused
     (both reported "wrote" the file before, which held the second's structures)."""

@@ -1110,6 +1110,9 @@ def idle_ranks_hint(n_units: int, world: int, n_nodes: int) -> str | None:
             f"this stage on {max(n_units, 1)} node(s)")
 
 
+ETA_AFTER_S = 10.0     # the whole-phase ETA line only once a rank has worked this long
+
+
 def _estimated_cost(cfg, ds, sid, n_ref) -> float:
     nat = int(ds.subsets[sid].get("natoms", -1))
     if nat <= 0:
@@ -1269,7 +1272,17 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
                 cfg.gpr, memory_fraction=cfg.gpr.memory_fraction * (1 + len(lent["lenders"])))))
 
     def work(mine: list, shared_of: dict, cfg: AugmentConfig):
-        for sid in mine:
+        # this rank's whole-phase ETA: its units' elapsed time scaled by their estimated costs
+        # (_estimated_cost; a subset's own stages print their ETAs as they run)
+        t_phase, cost_done = time.perf_counter(), 0.0
+        cost_left = sum(costs[s] for s in mine)
+        for i, sid in enumerate(mine):
+            if i and cost_done > 0 and cost_left > 0:
+                el = time.perf_counter() - t_phase
+                if el >= ETA_AFTER_S:
+                    print(f"{pre}augment: {i}/{len(mine)} of this rank's units in this phase done, {el:.0f} s, "
+                          f"ETA ~{el * cost_left / cost_done:.0f} s for the rest (by estimated cost)", flush=True)
+            cost_left -= costs[sid]
             n_done[0] += 1
             k = n_done[0]
             ms = units[sid]
@@ -1289,6 +1302,7 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
                       f"{f' with the hyperparameters of {names[plan[sid]]}' if sid in shared_of else ''} ...",
                       flush=True)
             results = process_subsets(ds, ms, cfg, rank, shared=shared_of.get(sid))
+            cost_done += costs[sid]
             if sid in heads:      # before the shard: a finished shard implies its file
                 atomic_write_text(hpath, json.dumps({"key": keys[sid], **(results[sid].get("hyper") or {})}) + "\n")
             for m in ms:
