@@ -114,8 +114,12 @@ def _handler(signum, frame):
         _STOP["signal"] = int(signum)
         try:
             name = signal.Signals(signum).name
+            # mpirun also sends SIGTERM when another rank of the job died: say so, since this
+            # line was the only output when one rank was killed (sweep 24)
+            why = (" (the batch system's time limit or scancel, or mpirun ending the job because another rank "
+                   "died: then the last checkpoint is what is kept)" if signum == signal.SIGTERM else "")
             sys.stderr.write(f"distmlip: {name} received on rank {_rank_guess()}: stopping at the "
-                             f"next step boundary\n")
+                             f"next step boundary{why}\n")
             sys.stderr.flush()
         except Exception:  # pragma: no cover
             pass
