@@ -435,9 +435,12 @@ class Trainer:
             started or ("cosine" if groups is not None else "plateau"))
         if sample is not None:
             if tc.copies_per_epoch == "auto":
-                ids = np.unique(np.asarray(self.ds.subset_ids)[train_idx])
+                sub_ids = np.asarray(self.ds.subset_ids)[train_idx]
+                ids = np.unique(sub_ids[np.asarray(sample)[train_idx]])     # subsets with copies only
+                n_without = len(np.unique(sub_ids)) - len(ids)
                 per = ", ".join(f"{self.ds.subsets[k]['name']} {self.ds.subsets[k].get('copies_per_epoch') or 'all'}"
-                                for k in ids[:8]) + (" ..." if len(ids) > 8 else "")
+                                for k in ids[:8]) + (" ..." if len(ids) > 8 else "") \
+                    + (f"; {n_without} subset(s) without copies" if n_without else "")
                 self._log(f"copies: per reference structure and epoch as augment's copies: auto chose them ({per}; pool), "
                           f"drawn anew each epoch from {int(sample[train_idx].sum())} training copies "
                           "(training.copies_per_epoch: auto)")
