@@ -242,8 +242,8 @@ def _stress_helps(X, F, E, cells, W, pbc) -> bool:
 
 # Pairs farther apart than this (RMS displacement per atom, A) give the unit check nothing: the
 # trapezoid rule assumes a path short against the curvature of the forces.  Snapshots of liquid
-# water, whose nearest partners differ by whole molecules moved by Angstroms, gave a slope of
-# 0.008 (95 % range across 0) on exact labels and were reported as "forces in kJ/mol/A" (sweep 23).
+# water, whose nearest partners differ by whole molecules moved by Angstroms, had exact labels
+# reported as a unit slip (docs/results.md, sweep 23).
 UNIT_PAIR_MAX_STEP = 0.5
 
 

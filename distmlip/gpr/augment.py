@@ -1511,8 +1511,8 @@ def _lengths(g: dict) -> str:
 def skipped_summary(report: dict, output) -> str | None:
     """One warning for the subsets that got no copies, by reason (each was logged as it was met;
     on data of many one-structure subsets those lines scroll past, and a run that made no copies
-    at all exited 0 with the input written out again: training on it is energy-only training,
-    sweep 24).  None when every subset got its copies or was skipped as asked (``skip: true``)."""
+    at all ended like any other with the input written out again: training on it is energy-only
+    training; docs/results.md, sweep 24).  None when every subset got its copies or was skipped as asked (``skip: true``)."""
     subs = report.get("subsets") or []
     why: dict[str, list[str]] = {}
     for r in subs:

@@ -2018,10 +2018,10 @@ class Trainer:
     def _check_energy_baseline(self) -> None:
         """Warn when the kept model's energies are no better than the composition alone: the
         per-element mean energies of the normalisation fit (its RMS per-atom residual).  A loss
-        whose other terms outweigh the energy term can leave the energies there or worse, with
-        falling loss: GPR copies of liquid water (forces ~3 eV/A) under the default copy-difference
-        weight ended at 2x the mean's energy error, the validation loss chosen on the force-like
-        term (sweep 23)."""
+        whose other terms outweigh the energy term can leave the energies there or worse while the
+        loss falls, and the best model is chosen on that loss: GPR copies of liquid water (large
+        forces) under the default copy-difference weight did so without a word (docs/results.md,
+        sweep 23)."""
         base = getattr(self, "_energy_rms", None)
         if not self._best_energy or not base or self._best_energy[0] is None:
             return
