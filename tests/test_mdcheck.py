@@ -117,8 +117,9 @@ def test_md_check_every_frame_fails_is_unstable_and_exits_nonzero(tmp_path, caps
 
 
 def test_md_check_collapsing_model_and_emt_reference(tmp_path, capsys):
-    """The model that collapses is unstable (close pairs first, then the temperature runs away) and
-    md-check exits non-zero; EMT on the same start is stable and exits 0."""
+    """The model that collapses is unstable (its temperature runs away within the thermostat's
+    warm-up, then pairs close) and md-check exits non-zero; EMT on the same start is
+    stable and exits 0."""
     s = _start(tmp_path, repeat=2)                     # 32 atoms
     bad = collapsing_model(tmp_path / "collapse.pt")
     out = tmp_path / "collapse"
@@ -128,7 +129,8 @@ def test_md_check_collapsing_model_and_emt_reference(tmp_path, capsys):
     assert rc == EXIT_UNSTABLE
     r = json.loads((out / "summary.json").read_text())["runs"][0]
     crits = [e["criterion"] for e in r["events"]]
-    assert r["verdict"].startswith("unstable: close pairs") and "temperature" in crits, r["verdict"]
+    assert r["verdict"].startswith("unstable: temperature") and "close pairs" in crits, r["verdict"]
+    assert "before the thermostat's warm-up" in r["verdict"]
     assert r["failure_ratio"] > 0.3 and r["min_dist_A"] < 0.8 and r["final_T_K"] > 1000
     assert "md-check result: unstable" in text
     # EMT, the potential the data would come from: stable, also against an EMT training record
@@ -196,8 +198,11 @@ def test_judge_each_criterion():
     assert [e["criterion"] for e in ev] == ["temperature"] and 200.0 <= ev[0]["t_fs"] <= 290.0
     # the same excursion in a 4-atom system is within its natural fluctuation (3 sqrt(2/12) = 1.22)
     assert judge(_traj(temps=[300.0] * 20 + [600.0] * 10), 300.0, 4, 0.02, c) == []
-    # before the warm-up nothing is judged
+    # before the warm-up nothing is judged, but a runaway (10 x T) is
     assert judge(_traj(temps=[900.0] * 20, n=20), 300.0, 32, 0.02, c) == []
+    ev = judge(_traj(temps=[300.0] * 5 + [185000.0] * 15, n=20), 300.0, 32, 0.02, c)
+    assert [e["criterion"] for e in ev] == ["temperature"] and ev[0]["t_fs"] == 50.0
+    assert "185000 K > 10 x 300 K before the thermostat's warm-up" in ev[0]["detail"]
     assert judge(_traj(temps=[900.0] * 30), 300.0, 32, 0.02, c) != []
     assert judge(_traj(temps=[900.0] * 24, n=24), 300.0, 32, 0.002, c) == []   # warm-up 1500 fs
     # energy below the training minimum by more than the margin

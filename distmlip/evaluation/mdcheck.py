@@ -547,6 +547,9 @@ def nve_continuation(atoms, timestep: float, nve_steps: int, stop_check=None, st
     return (e if np.all(np.isfinite(e)) else None), interrupted
 
 
+RUNAWAY_FACTOR = 10.0     # an instantaneous temperature this many times T fails at any time
+
+
 def judge(tr: dict, T: float, n_atoms: int, friction: float, crit: Criteria, emin=None, nve=None,
           committee: bool = False, pair_min: dict | None = None) -> list[dict]:
     """Failure events of a trajectory: ``[{criterion, t_fs, detail}]`` sorted by time;
@@ -577,6 +580,13 @@ def judge(tr: dict, T: float, n_atoms: int, friction: float, crit: Criteria, emi
         tol = T * max(crit.temperature_band, 3.0 * math.sqrt(2.0 / (3.0 * max(n_atoms, 1))))
         for k in range(len(t)):
             if t[k] < warm + crit.temperature_window_fs - 1e-9:
+                # the band waits for the thermostat, a runaway does not: a run shorter than the
+                # warm-up that heated to hundreds of times T was judged on other criteria only
+                if temps[k] > RUNAWAY_FACTOR * T:
+                    ev.append({"criterion": "temperature", "t_fs": float(t[k]),
+                               "detail": f"{temps[k]:.0f} K > {RUNAWAY_FACTOR:g} x {T:g} K before the thermostat's "
+                                         f"warm-up ({warm + crit.temperature_window_fs:g} fs) ended"})
+                    break
                 continue
             w = (t > t[k] - crit.temperature_window_fs) & (t <= t[k])
             m = float(temps[w].mean())
