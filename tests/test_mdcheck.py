@@ -202,7 +202,9 @@ def test_judge_each_criterion():
     assert judge(_traj(temps=[900.0] * 20, n=20), 300.0, 32, 0.02, c) == []
     ev = judge(_traj(temps=[300.0] * 5 + [185000.0] * 15, n=20), 300.0, 32, 0.02, c)
     assert [e["criterion"] for e in ev] == ["temperature"] and ev[0]["t_fs"] == 50.0
-    assert "185000 K > 10 x 300 K before the thermostat's warm-up" in ev[0]["detail"]
+    assert "185000 K, a runaway (above 10 x 300 K and 300 + 3000 K) before the thermostat's warm-up" in ev[0]["detail"]
+    # a cold run's warm-up from an unrelaxed start: 10 x T but not T + 3000 K
+    assert judge(_traj(T=10.0, temps=[10.0] * 5 + [400.0] * 15, n=20), 10.0, 32, 0.02, c) == []
     assert judge(_traj(temps=[900.0] * 30), 300.0, 32, 0.02, c) != []
     assert judge(_traj(temps=[900.0] * 24, n=24), 300.0, 32, 0.002, c) == []   # warm-up 1500 fs
     # energy below the training minimum by more than the margin

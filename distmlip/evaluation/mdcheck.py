@@ -547,7 +547,11 @@ def nve_continuation(atoms, timestep: float, nve_steps: int, stop_check=None, st
     return (e if np.all(np.isfinite(e)) else None), interrupted
 
 
-RUNAWAY_FACTOR = 10.0     # an instantaneous temperature this many times T fails at any time
+# an instantaneous temperature above max(RUNAWAY_FACTOR x T, T + RUNAWAY_MIN_K) fails at any time;
+# the absolute term keeps a cold run's warm-up from an unrelaxed start (potential energy released
+# as heat) from counting as one
+RUNAWAY_FACTOR = 10.0
+RUNAWAY_MIN_K = 3000.0
 
 
 def judge(tr: dict, T: float, n_atoms: int, friction: float, crit: Criteria, emin=None, nve=None,
@@ -582,10 +586,11 @@ def judge(tr: dict, T: float, n_atoms: int, friction: float, crit: Criteria, emi
             if t[k] < warm + crit.temperature_window_fs - 1e-9:
                 # the band waits for the thermostat, a runaway does not: a run shorter than the
                 # warm-up that heated to hundreds of times T was judged on other criteria only
-                if temps[k] > RUNAWAY_FACTOR * T:
+                if temps[k] > max(RUNAWAY_FACTOR * T, T + RUNAWAY_MIN_K):
                     ev.append({"criterion": "temperature", "t_fs": float(t[k]),
-                               "detail": f"{temps[k]:.0f} K > {RUNAWAY_FACTOR:g} x {T:g} K before the thermostat's "
-                                         f"warm-up ({warm + crit.temperature_window_fs:g} fs) ended"})
+                               "detail": f"{temps[k]:.0f} K, a runaway (above {RUNAWAY_FACTOR:g} x {T:g} K and "
+                                         f"{T:g} + {RUNAWAY_MIN_K:g} K) before the thermostat's warm-up "
+                                         f"({warm + crit.temperature_window_fs:g} fs) ended"})
                     break
                 continue
             w = (t > t[k] - crit.temperature_window_fs) & (t <= t[k])
