@@ -65,14 +65,13 @@ def _coerce(value, tp, key, source, path):
     if origin is Union or (origin is not None and str(origin) == "types.UnionType"):
         if value is None and _NONE in args:
             return None
-        errors = []
         for a in args:
             if a is _NONE:
                 continue
             try:
                 return _coerce(value, a, key, source, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass          # the union's message below names every alternative
         quoted = ""
         if isinstance(value, str):
             try:

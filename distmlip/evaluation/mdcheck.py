@@ -671,7 +671,7 @@ def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float
     ``stop``: a context (``distributed.DistContext``) whose ``stop_requested()`` is asked every
     step of the MD; a stop ends the run there: ``status`` 'interrupted', its verdict says so and
     what it saw until then, and nothing of it is judged (never 'stable')."""
-    from ..models.data_record import lowest_energy_per_atom
+    from ..models.data_record import lowest_energy_per_atom, reduced_formula
 
     crit = crit or Criteria()
     stop_check = stop.stop_requested if stop is not None else None
@@ -702,8 +702,6 @@ def run_one(atoms0, calc, T: float, steps: int, timestep: float, friction: float
     if emin is None and (record or {}).get("energy_per_atom_min"):
         # the bound is per composition: a start of a composition the data never held (a random
         # alloy's own) was judged without it and nothing said so (sweep 24)
-        from ..models.data_record import reduced_formula
-
         warn(f"{label}T={T:g} K: the training data hold no structure of the start's composition "
              f"{reduced_formula(atoms0.numbers)}: the 'energy below training' criterion is not applied (it compares "
              f"with the lowest energy per atom of the same composition)")
