@@ -31,8 +31,10 @@
   boundaries the minimum image switches where a pair crosses half a cell (kink in x): use it for
   molecules; ``auto`` takes it only for non-periodic subsets.
 
-* ``auto`` (:func:`resolve_fingerprint`): ``inverse`` for non-periodic subsets of at most
-  ``AUTO_INVERSE_MAX_ATOMS`` atoms (D grows as natoms^2), ``cartesian`` otherwise.
+* ``auto``: augment compares ``local`` with ``inverse`` on non-periodic subsets of at most
+  ``AUTO_INVERSE_MAX_ATOMS`` atoms (D grows as natoms^2) and fits ``local`` alone otherwise
+  (augment.auto_candidates); :func:`resolve_fingerprint` gives the global fingerprint that suits
+  a subset (``inverse`` there, ``cartesian`` otherwise) where one global kind is needed.
 """
 from __future__ import annotations
 
