@@ -400,6 +400,55 @@ def test_one_composition_in_many_atom_orders_is_one_gpr(tmp_path, capsys):
     assert "finished earlier" in res.stdout
 
 
+def test_random_alloys_of_one_element_set_are_one_gpr(tmp_path, capsys):
+    """Cu-Au cells of 8 atoms, each of its own composition (a random alloy: one subset of one
+    structure per composition, which alone gets no copies): one local-kernel GPR for all of them,
+    the atoms' elements carried per structure and the energies modelled about per-element
+    energies; the copies' labels close to EMT's.  Shifting the energies by per-element constants
+    (another choice of atomic reference energies) shifts every label by the same sum."""
+    from ase.build import bulk
+
+    rng = np.random.default_rng(3)
+    out = []
+    for k, n_au in enumerate([1, 2, 3, 4, 5, 6, 2]):
+        a = bulk("Cu", "fcc", a=3.75, cubic=True).repeat((2, 1, 1))
+        a.symbols[rng.choice(8, n_au, replace=False)] = "Au"
+        a.rattle(0.05, seed=60 + k)
+        out.append(emt_structure(a, f"cuau_{k}", k))
+    write_dataset(tmp_path / "in.h5", out)
+    assert len(H5Dataset(tmp_path / "in.h5").subsets) == 7
+    cfg = _cfg(tmp_path, "alloy", copies=6, gpr={"fingerprint": "auto"})
+    res = run_cli(capsys, ["augment", str(cfg)])
+    assert "6 compositions of AuCu with 8 atoms: one GPR" in res.stdout, res.stdout
+    rep = json.loads((tmp_path / "alloy.report.json").read_text())
+    assert [r["n_kept"] for r in rep["subsets"]] == [6] * 7
+    assert all(r["fingerprint"]["kind"] == "local" and r["fingerprint"].get("mixed") for r in rep["subsets"])
+    ds, S = _arrays(tmp_path / "alloy.h5")
+    err, rise = [], []
+    for s in S[7:]:
+        p = S[s.parent]
+        assert np.array_equal(s.numbers, p.numbers)
+        e = _emt_energy(s)
+        err.append(s.energy - e)
+        rise.append(e - p.energy)
+    assert np.mean(rise) > 0.02
+    assert np.mean(np.abs(err)) < 0.15 * np.mean(rise), (np.mean(np.abs(err)), np.mean(rise))
+    # other atomic reference energies: the same GPR about other per-element means (hyperparameters
+    # given: a search's optimum moves with the rounding of its inputs)
+    hyper = {k: rep["subsets"][0]["gpr"][k] for k in ("weight", "length_scale", "noise_energy", "noise_force")}
+    run_cli(capsys, ["augment", str(_cfg(tmp_path, "alloy1", copies=6, gpr=dict(hyper, fingerprint="local")))])
+    ref = {29: -2.5, 79: 1.25}
+    for s in out:
+        s.energy = s.energy + sum(ref[int(z)] for z in s.numbers)
+    write_dataset(tmp_path / "in2.h5", out)
+    cfg2 = _cfg(tmp_path, "alloy2", copies=6, input=str(tmp_path / "in2.h5"), gpr=dict(hyper, fingerprint="local"))
+    run_cli(capsys, ["augment", str(cfg2)])
+    _, S1 = _arrays(tmp_path / "alloy1.h5")
+    _, S2 = _arrays(tmp_path / "alloy2.h5")
+    d = [b.energy - a.energy - sum(ref[int(z)] for z in a.numbers) for a, b in zip(S1[7:], S2[7:])]
+    assert np.abs(d).max() < 1e-6 * np.mean(rise), np.abs(d).max()
+
+
 def test_subsets_without_usable_references_get_no_copies(tmp_path, capsys):
     """A one-atom subset (a displacement only translates it), a subset without forces and a
     subset of one structure (its hyperparameters cannot be fitted) get no copies, each with its

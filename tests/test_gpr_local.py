@@ -192,3 +192,114 @@ def test_local_kernel_blocks_equal_the_pairwise_sums_over_several_structures():
                     want[A + a * P:A + (a + 1) * P, B + b * P:B + (b + 1) * P] += (
                         c2 * Ja[i].T @ Jb[j] - c4 * np.outer(Ja[i].T @ r, Jb[j].T @ r))
     np.testing.assert_allclose(K, want, rtol=1e-11, atol=1e-12 * np.abs(want).max())
+
+
+MIXED = [np.array(z) for z in ([29, 28, 29, 28], [29, 29, 29, 28], [28, 28, 29, 28], [29, 29, 29, 29], [28, 29, 28, 29])]
+
+
+def _mixed_structures(seed, scale):
+    """Five 4-atom structures of Cu and Ni in five compositions and orders, through the mixed
+    local fingerprint (each with its element codes): (fingerprint, kernel, X, J)."""
+    from ase import Atoms
+
+    rng = np.random.default_rng(seed)
+    fpo = LocalFingerprint(["Cu", "Ni"], SPEC, mixed=True)
+    tm = [Atoms(numbers=z, positions=BASE + scale * rng.normal(size=BASE.shape)) for z in MIXED]
+    X, J = fpo.compute([a.positions for a in tm], [_T(a) for a in tm])
+    return fpo, fpo.kernel(MIXED[0]), X, J
+
+
+class _T:
+    def __init__(self, a):
+        self.numbers, self.positions = a.numbers, a.positions
+        self.cell, self.pbc = np.zeros((3, 3)), np.zeros(3, bool)
+
+
+def test_mixed_local_kernel_blocks_equal_the_pairwise_sums_per_structure():
+    """Structures of different compositions in one fit: every block against its atom-pair sums
+    over the pairs whose two atoms are of one element in THEIR OWN structures; the element codes'
+    columns carry no gradient, and the blocks of structures that share one sequence equal the
+    fixed-sequence kernel's."""
+    fpo, ker, X, J = _mixed_structures(seed=5, scale=0.12)
+    n, D, P = 4, ker.dim, J.shape[-1]
+    assert ker.is_mixed and X.shape[1] == n * D + n and J.shape[1] == n * D + n
+    assert torch.equal(X[:, n * D:].long(), torch.as_tensor(np.stack(MIXED) == 28).long())
+    assert torch.all(J[:, n * D:] == 0)
+    XA, JA, XB, JB = X[:2], J[:2], X[2:], J[2:]
+    w, l = 1.2, 0.8
+    K = ker.cov_block(XA, JA, XB, JB, w, l).numpy()
+    A, B = 2, 3
+    want = np.zeros_like(K)
+    for a in range(A):
+        Ga, Ja = XA[a, :n * D].numpy().reshape(n, D), JA[a, :n * D].numpy().reshape(n, D, P)
+        for b in range(B):
+            Gb, Jb = XB[b, :n * D].numpy().reshape(n, D), JB[b, :n * D].numpy().reshape(n, D, P)
+            for i in range(n):
+                for j in range(n):
+                    if MIXED[a][i] != MIXED[A + b][j]:
+                        continue
+                    r = Ga[i] - Gb[j]
+                    k = w * w * math.exp(-float(r @ r) / (2 * l * l))
+                    c2, c4 = k / l ** 2, k / l ** 4
+                    want[a, b] += k
+                    want[a, B + b * P:B + (b + 1) * P] += c2 * (Jb[j].T @ r)
+                    want[A + a * P:A + (a + 1) * P, b] -= c2 * (Ja[i].T @ r)
+                    want[A + a * P:A + (a + 1) * P, B + b * P:B + (b + 1) * P] += (
+                        c2 * Ja[i].T @ Jb[j] - c4 * np.outer(Ja[i].T @ r, Jb[j].T @ r))
+    np.testing.assert_allclose(K, want, rtol=1e-11, atol=1e-12 * np.abs(want).max())
+    # the one-sided blocks (predictions) and column chunks are those rows of the general block
+    for deriv in (None, "log_length"):
+        full = ker.cov_block(X[:2], J[:2], X, J, w, l, True, True, deriv)
+        torch.testing.assert_close(ker.cov_block(X[:2], J[:2], X, J, w, l, False, True, deriv), full[:2],
+                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ker.cov_block(X[:2], J[:2], X, J, w, l, True, False, deriv), full[:, :5],
+                                   rtol=1e-12, atol=1e-12)
+        ker.SCRATCH_BYTES = 8 * n * n * P * 2
+        torch.testing.assert_close(ker.cov_block(X[:2], J[:2], X, J, w, l, True, True, deriv), full,
+                                   rtol=1e-12, atol=1e-12)
+        del ker.SCRATCH_BYTES
+    # the length derivative against finite differences, and the prior variance
+    h = 1e-5
+    dK = assemble(X, J, X, J, w, l, deriv="log_length", kernel=ker)
+    fd = (assemble(X, J, X, J, w, l * math.exp(h), kernel=ker) - assemble(X, J, X, J, w, l * math.exp(-h), kernel=ker)) / (2 * h)
+    torch.testing.assert_close(dK, fd, rtol=1e-6, atol=1e-7)
+    Kall = assemble(X, J, X, J, w, l, kernel=ker)
+    torch.testing.assert_close(ker.prior_variance(X, w, l), Kall[:5, :5].diagonal(), rtol=1e-12, atol=0)
+    assert torch.linalg.eigvalsh(Kall).min() > -1e-10
+    # one sequence: the mixed kernel equals the fixed one
+    fx = LocalFingerprint(["Cu", "Ni"], SPEC)
+    rng = np.random.default_rng(1)
+    pos = [BASE + 0.1 * rng.normal(size=BASE.shape) for _ in range(3)]
+    tm = [_T(type("A", (), {"numbers": MIXED[0], "positions": p})) for p in pos]
+    Xf, Jf = fx.compute(pos, tm)
+    Xm, Jm = fpo.compute(pos, tm)
+    torch.testing.assert_close(ker.cov_block(Xm, Jm, Xm, Jm, w, l), fx.kernel(MIXED[0]).cov_block(Xf, Jf, Xf, Jf, w, l),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_mixed_fit_energies_have_a_prior_mean_per_element():
+    """A GPR on structures of different compositions models the energies about a sum of
+    per-element energies: shifting every atom's reference energy (as DFT codes and the choice of
+    atomic references do, by eV per atom) shifts its predictions by exactly that sum, and its
+    forces not at all.  Without that mean, compositions far from the set's mean energy were
+    pulled towards it."""
+    from distmlip.gpr.model import LocalGPR
+
+    fpo, ker, X, J = _mixed_structures(seed=2, scale=0.1)
+    rng = np.random.default_rng(4)
+    n = 4
+    Z = np.stack(MIXED)
+    F = rng.normal(scale=0.3, size=(5, 3 * n))
+    E = rng.normal(scale=0.05, size=5)
+    shift = {29: -3.7, 28: 1.9}
+    E2 = E + np.array([sum(shift[int(z)] for z in row) for row in Z])
+    kw = dict(weight=0.5, length_scale=1.0, noise_energy=1e-3, noise_force=1e-3, kernel=ker, fit_iterations=0)
+    m1, m2 = LocalGPR(**kw).fit(X, J, E, F), LocalGPR(**kw).fit(X, J, E2, F)
+    # predicted away from the data (other positions), where the prior mean shows
+    _, _, Xt, Jt = _mixed_structures(seed=9, scale=0.3)
+    e1, f1, s1 = m1.predict(Xt, Jt)
+    e2, f2, s2 = m2.predict(Xt, Jt)
+    off = torch.as_tensor([sum(shift[int(z)] for z in row) for row in Z], dtype=torch.float64)
+    torch.testing.assert_close(e2 - e1, off, rtol=0, atol=1e-9)
+    torch.testing.assert_close(f2, f1, rtol=0, atol=1e-9)
+    torch.testing.assert_close(s2, s1, rtol=1e-9, atol=1e-12)

@@ -488,11 +488,13 @@ def share_plan(cfg: AugmentConfig, ds, parents: dict, costs: dict) -> dict[int, 
 
 
 def composition_groups(cfg: AugmentConfig, ds, parents: dict) -> dict[int, list[int]]:
-    """{first subset: [its subsets]} for subsets of one composition and atom count in different
-    atom orders (random substitutions written by ASE make one subset per order, often of one
-    structure each): the local kernel compares atoms, not positions in a list, so one GPR is
-    fitted on all of them (process_subsets).  Only for the GPR with the local or auto fingerprint
-    (the global ones need one atom order); skipped, copy-less and one-atom subsets stay alone."""
+    """{first subset: [its subsets]} for subsets of one set of elements and one atom count, in any
+    composition and atom order (random substitutions written by ASE make one subset per order,
+    random alloys one per composition, often of one structure each): the local kernel compares
+    atoms of one element, not positions in a list, so one GPR is fitted on all of them
+    (process_subsets; the energies' prior mean per element where compositions differ, LocalGPR).
+    Only for the GPR with the local or auto fingerprint (the global ones need one atom order);
+    skipped, copy-less and one-atom subsets stay alone."""
     g = cfg.gpr
     if cfg.method != "gpr" or g.fingerprint not in ("local", "auto"):
         return {}
@@ -501,15 +503,35 @@ def composition_groups(cfg: AugmentConfig, ds, parents: dict) -> dict[int, list[
         sub = cfg.for_subset(ds.subsets[sid]["name"])
         if len(parents[sid]) == 0:
             continue
-        # the subset's atom sequence from its record (no read per subset: data sets may hold
-        # thousands); a subset of mixed sequences (directory or pattern subsets) has none
-        numbers = ds.subsets[sid].get("order")
-        if numbers is None or len(numbers) != int(ds.natoms[parents[sid][0]]):
-            numbers = ds.read(parents[sid][:1])[0].numbers
+        numbers = _subset_numbers(ds, sid, parents)
         if skip_reason(sub, len(parents[sid]), 0, sub["copies"], len(numbers)):
             continue
-        by.setdefault(tuple(sorted(int(z) for z in numbers)), []).append(sid)
+        by.setdefault((tuple(sorted({int(z) for z in numbers})), len(numbers)), []).append(sid)
     return {m[0]: m for m in by.values() if len(m) > 1}
+
+
+def _subset_numbers(ds, sid, parents) -> np.ndarray:
+    """The atom sequence of a subset's structures, from its record (no read per subset: data sets
+    may hold thousands); a subset of mixed sequences (directory or pattern subsets) has none, and
+    its first structure's is read."""
+    numbers = ds.subsets[sid].get("order")
+    if numbers is None or len(numbers) != int(ds.natoms[parents[sid][0]]):
+        numbers = ds.read(parents[sid][:1])[0].numbers
+    return np.asarray(numbers)
+
+
+def describe_group(ds, ms, parents, names) -> str:
+    """One line on a composition group (composition_groups): its subsets (the first few), how many
+    compositions and atom orders it joins, and its elements and atom count."""
+    from ase.data import chemical_symbols
+
+    seqs = [_subset_numbers(ds, m, parents) for m in ms]
+    comps = {tuple(sorted(int(z) for z in q)) for q in seqs}
+    elements = "".join(sorted({chemical_symbols[int(z)] for q in seqs for z in q}))
+    shown = ", ".join(names[m] for m in ms[:6]) + (f", ... ({len(ms)} in all)" if len(ms) > 6 else "")
+    what = (f"one composition in {len(ms)} atom orders" if len(comps) == 1 else
+            f"{len(comps)} compositions of {elements} with {len(seqs[0])} atoms")
+    return f"subsets {shown} have {what}: one GPR (local kernel) for them all"
 
 
 def _calibrated(model):
@@ -567,10 +589,14 @@ def _fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank, shared=None):
 
     g = cfg.gpr
     ref = structs[0]
+    # a group of several compositions (composition_groups): each structure carries its atoms'
+    # elements (LocalFingerprint mixed)
+    mixed = kind == "local" and any(not np.array_equal(s.numbers, ref.numbers) for s in structs)
     if kind == "local":      # the subset's own elements, in the data set's order
         from ase.data import chemical_symbols
-        present = {chemical_symbols[int(z)] for z in ref.numbers}
-        fp = make_fingerprint(kind, species=[e for e in ds.species if e in present], spec=g.local.spec)
+        present = {chemical_symbols[int(z)] for s in structs for z in s.numbers}
+        fp = make_fingerprint(kind, species=[e for e in ds.species if e in present], spec=g.local.spec,
+                              mixed=mixed)
     else:
         fp = make_fingerprint(kind, species=ds.species,
                               **({"spec": g.chebyshev.spec, "mode": g.chebyshev.mode} if kind == "chebyshev" else {}))
@@ -595,7 +621,14 @@ def _fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank, shared=None):
     hyper = dict(weight=g.weight, length_scale=g.length_scale, noise_energy=g.noise_energy,
                  noise_force=g.noise_force)
     if shared is not None:       # values given in the config still win
-        t = transfer_hyper(shared, ref.natoms, E0, F0)
+        Es = E0
+        if mixed:                # the energies' spread about their per-element means (LocalGPR)
+            import torch
+
+            from .model import composition_energies
+            C = extra["kernel"].composition(X)
+            Es = (torch.as_tensor(E0, dtype=torch.float64) - C @ composition_energies(C, E0)).numpy()
+        t = transfer_hyper(shared, ref.natoms, Es, F0)
         hyper = {k: (t[k] if v is None else v) for k, v in hyper.items()}
     model = LocalGPR(max_obs=g.max_kernel_obs, memory_fraction=g.memory_fraction,
                      seed=cfg.seed, **hyper, device=g.device,
@@ -1241,8 +1274,7 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
     log(f"augment: {cfg.method}, {len(names)} subsets, {sum(len(p) for p in parents.values())} reference "
         f"structures, {world} rank(s); shards in {workdir}")
     for h, ms in groups.items():
-        log(f"augment: subsets {', '.join(names[m] for m in ms)} have one composition in {len(ms)} atom orders: "
-            f"one GPR (local kernel) for them all")
+        log(f"augment: {describe_group(ds, ms, parents, names)}")
     for h in sorted(heads):
         log(f"augment: subsets {', '.join(names[f] for f in sorted(plan) if plan[f] == h)} take the GPR "
             f"hyperparameters of {names[h]} (same elements; gpr.share: chemistry)")
@@ -1301,7 +1333,7 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
             if n_ref:      # a subset without references gets its "no copies: reason" line alone
                 print(f"{pre}subset {names[sid]} ({k}/{n_mine}): {cfg.method} on {n_ref} reference "
                       f"structures of {int(ds.natoms[uparents[sid][0]])} atoms"
-                      f"{f' (with {len(ms) - 1} more atom orders)' if len(ms) > 1 else ''}"
+                      f"{f' (with {len(ms) - 1} more subsets of its group)' if len(ms) > 1 else ''}"
                       f"{f' with the hyperparameters of {names[plan[sid]]}' if sid in shared_of else ''} ...",
                       flush=True)
             results = process_subsets(ds, ms, cfg, rank, shared=shared_of.get(sid))

@@ -236,12 +236,39 @@ class LocalFingerprint(ChebyshevFingerprint):
     descriptor component is scaled by its std over ALL atoms and structures of the subset (one
     scale per component, the same for every atom, so that environments stay comparable), and the
     descriptor is built for the subset's own elements (a one-element subset has no typespin-
-    weighted half, which would repeat the unweighted one)."""
+    weighted half, which would repeat the unweighted one).
+
+    ``mixed``: the structures differ in composition or atom order; each fingerprint then ends
+    with its atoms' element codes (the index of each atom's element in ``species``), n columns
+    that the scale leaves alone and whose Jacobian rows are zero (kernel.LocalKernel)."""
     name = "local"
 
-    def __init__(self, species, spec, min_scale_rel=1e-2):
+    def __init__(self, species, spec, min_scale_rel=1e-2, mixed=False):
         super().__init__(species, spec, mode="concat", min_scale_rel=min_scale_rel)
         self.dim = int(self.desc.dim)
+        self.mixed = bool(mixed)
+
+    @property
+    def is_mixed(self) -> bool:
+        return bool(getattr(self, "mixed", False))      # fits saved before mixed groups lack it
+
+    def compute(self, positions_list, template, with_jacobian=True):
+        X, J = super().compute(positions_list, template, with_jacobian)
+        if not self.is_mixed:
+            return X, J
+        from ase.data import atomic_numbers
+
+        code = {atomic_numbers[e]: k for k, e in enumerate(self.species)}
+        tmpls = template if isinstance(template, (list, tuple)) else [template] * len(positions_list)
+        try:
+            C = torch.tensor([[code[int(z)] for z in t.numbers] for t in tmpls], dtype=X.dtype)
+        except KeyError as exc:
+            raise InputError(f"an element (Z = {exc.args[0]}) that the local fingerprint of "
+                             f"{', '.join(self.species)} does not describe") from None
+        X = torch.cat([X, C], 1)
+        if J is not None:
+            J = torch.cat([J, J.new_zeros(J.shape[0], C.shape[1], J.shape[2])], 1)
+        return X, J
 
     def _one(self, numbers, positions, cell, pbc, with_jacobian):
         """x = the atoms' descriptors [n D]; J [n D, 3n] column by column from the compiled
@@ -258,16 +285,20 @@ class LocalFingerprint(ChebyshevFingerprint):
         """As the base class, one scale per descriptor component; ``per`` [D]: impose these
         scales instead of fitting them (a subset that shares another subset's hyperparameters
         must see the environments in the same units, or the length scale means another thing)."""
+        nD = X.shape[1] - (X.shape[1] // (self.dim + 1) if self.is_mixed else 0)
         if per is None:
             B = X.shape[0]
-            G = X.reshape(B, -1, self.dim).reshape(-1, self.dim)
+            G = X[:, :nD].reshape(B, -1, self.dim).reshape(-1, self.dim)
             sd = G.std(0, unbiased=False)
             floor = max(float(sd.max()) * self.min_scale_rel, 1e-12)
             per = sd.clamp_min(floor)
         per = torch.as_tensor(per, dtype=torch.float64).reshape(-1)
         if per.numel() != self.dim:
             raise ValueError(f"LocalFingerprint: {per.numel()} scales given for a {self.dim}-component descriptor")
-        self.scale = per.repeat(X.shape[1] // self.dim)
+        self.scale = per.repeat(nD // self.dim)
+        if self.is_mixed:       # the element codes stay as they are
+            full = torch.cat([self.scale, torch.ones(X.shape[1] - nD, dtype=torch.float64)])
+            return X / full, (None if J is None else J / full[None, :, None])
         return X / self.scale, (None if J is None else J / self.scale[None, :, None])
 
     def component_scale(self) -> list[float]:
@@ -279,10 +310,11 @@ class LocalFingerprint(ChebyshevFingerprint):
 
         sym = np.asarray(numbers).reshape(-1)
         _, inv = np.unique(sym, return_inverse=True)
-        return LocalKernel(inv, self.dim)
+        return LocalKernel(inv, self.dim, mixed=self.is_mixed)
 
     def state(self) -> dict:
-        return {"kind": "local", "species": self.species, **self.spec.to_dict()}
+        return {"kind": "local", "species": self.species, **self.spec.to_dict(),
+                **({"mixed": True} if self.is_mixed else {})}
 
 
 def resolve_fingerprint(kind: str, natoms: int, pbc) -> str:

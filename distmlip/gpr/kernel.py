@@ -326,6 +326,13 @@ class LocalKernel:
     (``X`` [n D], ``J`` [n D, P], the layout of the chebyshev fingerprint); ``species`` [n] gives
     the element of each atom (one atom order per subset).
 
+    ``mixed``: the structures of one fit differ in composition or atom order (random alloys,
+    where every structure has its own composition).  Each structure then carries its atoms'
+    element codes in n extra columns at the end of its fingerprint (X [n D + n], J [n D + n, P],
+    the extra Jacobian rows zero; fingerprints.LocalFingerprint with ``mixed``), so that the
+    element of every atom travels with the structure through every subset of rows the GPR takes
+    (sub-samples, clusters, chunks), and an atom pair counts when the two codes agree.
+
     Why: a global kernel (Cartesian, inverse distances, concatenated descriptors) compares whole
     structures, so it learns the energy surface only along the few directions in which its
     N training structures differ; a random displacement of all 3n coordinates mostly moves along
@@ -333,28 +340,69 @@ class LocalKernel:
     (the energy rise ``0.5 d^T H d`` of a displacement).  The local kernel learns one atomic
     energy function from N n environments, which covers those directions."""
 
-    def __init__(self, species, dim: int):
+    def __init__(self, species, dim: int, mixed: bool = False):
         self.species = torch.as_tensor(np.asarray(species, dtype=np.int64).reshape(-1))
         self.n = int(self.species.numel())
         self.dim = int(dim)
+        self.mixed = bool(mixed)
 
     def state(self) -> dict:
-        return {"kind": "local", "species": self.species.tolist(), "dim": self.dim}
+        return {"kind": "local", "species": self.species.tolist(), "dim": self.dim, "mixed": self.is_mixed}
 
-    def _split(self, X, J):
-        A = X.shape[0]
-        G = X.reshape(A, self.n, self.dim)
-        J4 = None if J is None else J.reshape(A, self.n, self.dim, J.shape[-1])
-        return G, J4
+    @property
+    def is_mixed(self) -> bool:
+        return bool(getattr(self, "mixed", False))      # fits saved before mixed groups lack it
 
-    def pair_factors(self, GA, GB, w, l, deriv):
-        """k, k / l^2, k / l^4 (or their log-l derivatives) per atom pair [A, n, B, m]."""
+    def codes(self, X) -> torch.Tensor:
+        """[A, n] element code of every atom of each structure (mixed), or the one sequence [n]."""
+        if not self.is_mixed:
+            return self.species.to(X.device)
+        return X[:, self.n * self.dim:].round().long()
+
+    def composition(self, X) -> torch.Tensor:
+        """[A, K] float64 atom count of each element code per structure (K: codes present)."""
+        c = self.codes(X)
+        if c.dim() == 1:
+            c = c[None].expand(X.shape[0], -1)
+        K = int(c.max()) + 1 if c.numel() else 1
+        return torch.nn.functional.one_hot(c, K).sum(1).to(torch.float64)
+
+    def _strip(self, X, J):
+        """(descriptors [A, n D], Jacobian [A, n D, P] or None, codes [A, n] or None): a mixed
+        fit's fingerprints without their code columns (contiguous: the products below read them
+        as [A, n, D] blocks); others as they are."""
+        if not self.is_mixed:
+            return X, J, None
+        nD = self.n * self.dim
+        return X[:, :nD].contiguous(), (None if J is None else self._stripped(J, nD)), self.codes(X)
+
+    def _stripped(self, J, nD):
+        """J without its code rows; the last one kept (a fitted model predicts against the same
+        training Jacobian in every call, and the copy is a pass over the whole array)."""
+        import weakref
+
+        kept = getattr(self, "_jstrip", None)
+        if kept is not None and kept[0]() is J and kept[1] == J._version:
+            return kept[2]
+        out = J[:, :nD].contiguous()
+        self._jstrip = (weakref.ref(J), J._version, out)
+        return out
+
+    def _same(self, sA, sB, like):
+        """Mask of the atom pairs of one element, broadcastable to [A, n, B, m]."""
+        if sA is None:
+            same = (self.species[:, None] == self.species[None, :]).to(like.dtype).to(like.device)
+            return same[None, :, None, :]
+        return (sA[:, :, None, None] == sB[None, None]).to(like.dtype)
+
+    def pair_factors(self, GA, GB, w, l, deriv, sA=None, sB=None):
+        """k, k / l^2, k / l^4 (or their log-l derivatives) per atom pair [A, n, B, m]; ``sA``,
+        ``sB``: the element codes of a mixed fit's structures [A, n], [B, m]."""
         a2 = (GA * GA).sum(-1)
         b2 = (GB * GB).sum(-1)
         d2 = (a2[:, :, None, None] + b2[None, None] - 2.0 * torch.einsum("aid,bjd->aibj", GA, GB)).clamp_min_(0.0)
-        same = (self.species[:, None] == self.species[None, :]).to(GA.dtype).to(GA.device)
         il2 = 1.0 / (l * l)
-        k0 = (w * w) * torch.exp(-0.5 * il2 * d2) * same[None, :, None, :]
+        k0 = (w * w) * torch.exp(-0.5 * il2 * d2) * self._same(sA, sB, GA)
         if deriv is None:
             return k0, k0 * il2, k0 * (il2 * il2)
         u = d2 * il2
@@ -367,9 +415,14 @@ class LocalKernel:
         reordering copies of a straight einsum cost more than the products)."""
         if deriv not in (None, "log_length"):
             raise ValueError("LocalKernel: only deriv='log_length' is supported")
+        XA, JA, sA = self._strip(XA, JA)
+        XB, JB, sB = self._strip(XB, JB)
+        return self._cov(XA, JA, XB, JB, sA, sB, w, l, rows_grad, cols_grad, deriv)
+
+    def _cov(self, XA, JA, XB, JB, sA, sB, w, l, rows_grad, cols_grad, deriv):
         A, B, n, D = XA.shape[0], XB.shape[0], self.n, self.dim
         if deriv is None and rows_grad != cols_grad:
-            return self._one_sided(XA, JA, XB, JB, w, l, rows_grad)
+            return self._one_sided(XA, JA, XB, JB, w, l, rows_grad, sA, sB)
         Pa = JA.shape[-1] if rows_grad else 0
         Pb = JB.shape[-1] if cols_grad else 0
         Bc = self.column_chunk(B, Pa, Pb) if (rows_grad and cols_grad) else B
@@ -381,14 +434,14 @@ class LocalKernel:
             out = torch.empty(A * (1 + Pa), B * (1 + Pb), dtype=XA.dtype, device=XA.device)
             for b0 in range(0, B, Bc):
                 b1 = min(B, b0 + Bc)
-                sub = self.cov_block(XA, JA, XB[b0:b1], None if JB is None else JB[b0:b1], w, l,
-                                     rows_grad, cols_grad, deriv)
+                sub = self._cov(XA, JA, XB[b0:b1], None if JB is None else JB[b0:b1], sA,
+                                None if sB is None else sB[b0:b1], w, l, rows_grad, cols_grad, deriv)
                 out[:, b0:b1] = sub[:, :b1 - b0]
                 if cols_grad:
                     out[:, B + b0 * Pb:B + b1 * Pb] = sub[:, b1 - b0:]
             return out
         GA, GB = XA.reshape(A, n, D), XB.reshape(B, n, D)
-        k, c2, c4 = self.pair_factors(GA, GB, w, l, deriv)                  # [A, n, B, n]
+        k, c2, c4 = self.pair_factors(GA, GB, w, l, deriv, sA, sB)          # [A, n, B, n]
         out = torch.empty(A * (1 + Pa), B * (1 + Pb), dtype=XA.dtype, device=XA.device)
         out[:A, :B] = k.sum((1, 3))
         # The gradient blocks with r_ij = G_ai - G_bj.  Written out per atom pair they form
@@ -433,7 +486,7 @@ class LocalKernel:
             del gg
         return out
 
-    def _one_sided(self, XA, JA, XB, JB, w, l, rows_grad):
+    def _one_sided(self, XA, JA, XB, JB, w, l, rows_grad, sA=None, sB=None):
         """:meth:`cov_block` with gradients on one side only and no length derivative: the
         energy predictions of a fitted GPR (training rows with gradients, test columns values;
         labelling the copies of a pool spent most of its time here).  Element by element: only
@@ -441,9 +494,10 @@ class LocalKernel:
         (EC dimers: 136 of 400) and the products skip the zeros the general path multiplies;
         the second-derivative factor is not formed.  The gradient rows
         -sum_ij c2_ij J_ai^T r_ij split into sum_i (J_ai^T G_ai) s_ib - sum_i J_ai^T W_aib with
-        s_ib = sum_j c2_ij and W_aib = sum_j c2_ij G_bj: two batched matrix products."""
+        s_ib = sum_j c2_ij and W_aib = sum_j c2_ij G_bj: two batched matrix products.  A mixed
+        fit has no common element layout: one part of all atoms, with the pairs' element mask."""
         if not rows_grad:        # values rows, gradient columns: the transpose of the other case
-            t = self._one_sided(XB, JB, XA, None, w, l, True)
+            t = self._one_sided(XB, JB, XA, None, w, l, True, sB, sA)
             return t.T.contiguous()
         A, B, n, D = XA.shape[0], XB.shape[0], self.n, self.dim
         P = JA.shape[-1]
@@ -451,12 +505,15 @@ class LocalKernel:
         il2 = 1.0 / (l * l)
         out = torch.zeros(A * (1 + P), B, dtype=XA.dtype, device=XA.device)
         ee, grad = out[:A], out[A:].view(A, P, B)
-        for S, JS in self._element_rows(JA, A, P):
-            Ga, Gb = GA[:, S], GB[:, S]                                   # [A, na, D], [B, nb, D]
+        parts = self._element_rows(JA, A, P) if sA is None else [(None, JA.reshape(A, n, D, P))]
+        for S, JS in parts:
+            Ga, Gb = (GA, GB) if S is None else (GA[:, S], GB[:, S])     # [A, na, D], [B, nb, D]
             d2 = torch.einsum("aid,bjd->aibj", Ga, Gb).mul_(-2.0)
             d2 += (Ga * Ga).sum(-1)[:, :, None, None]
             d2 += (Gb * Gb).sum(-1)[None, None]
             k = d2.clamp_min_(0.0).mul_(-0.5 * il2).exp_().mul_(w * w)   # [A, na, B, nb], in place
+            if S is None:
+                k *= self._same(sA, sB, k)
             ee += k.sum((1, 3))
             s = k.sum(3)                                                  # [A, na, B]
             h = torch.einsum("aidp,aid->api", JS, Ga)                     # J_ai^T G_ai  [A, P, na]
@@ -499,13 +556,18 @@ class LocalKernel:
         d = dict(self.__dict__)
         d.pop("_scratch", None)
         d.pop("_elements", None)
+        d.pop("_jstrip", None)
         return d
 
     def prior_variance(self, X, w, l):
         """Prior variance of each structure's energy, sum_ij k(G_i, G_j) over its own atoms [M]."""
+        X, _, s = self._strip(X, None)
         G = X.reshape(X.shape[0], self.n, self.dim)
         d2 = torch.cdist(G, G).pow_(2)
-        same = (self.species[:, None] == self.species[None, :]).to(G.dtype).to(G.device)
+        if s is None:
+            same = (self.species[:, None] == self.species[None, :]).to(G.dtype).to(G.device)
+        else:
+            same = (s[:, :, None] == s[:, None, :]).to(G.dtype)
         return ((w * w) * torch.exp(-0.5 * d2 / (l * l)) * same).sum((1, 2))
 
     SCRATCH_BYTES = 256 * 2 ** 20    # per scratch buffer of cov_block (column chunks above it)
@@ -531,12 +593,14 @@ class LocalKernel:
         """Median distance from each atomic environment to its nearest environment of the same
         element in another structure (the data's spacing in descriptor space)."""
         N = X.shape[0]
+        X, _, s = self._strip(X, None)
         G = X.reshape(N, self.n, self.dim)
+        codes = (self.species.to(X.device)[None].expand(N, -1) if s is None else s).reshape(-1)
+        Gall = G.reshape(-1, self.dim)
+        owners = torch.arange(N, device=X.device).repeat_interleave(self.n)
         out = []
-        for z in torch.unique(self.species):
-            idx = torch.nonzero(self.species == z).reshape(-1)
-            Gz = G[:, idx].reshape(-1, self.dim)
-            owner = torch.arange(N, device=X.device).repeat_interleave(len(idx))
+        for z in torch.unique(codes):
+            Gz, owner = Gall[codes == z], owners[codes == z]
             if Gz.shape[0] > max_envs:
                 g = torch.Generator().manual_seed(seed)
                 pick = torch.randperm(Gz.shape[0], generator=g)[:max_envs].to(X.device)

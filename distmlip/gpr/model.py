@@ -39,7 +39,7 @@ import torch
 from ..errors import ConfigError, InputError
 from .kernel import assemble, cartesian_grad_traces, cov_block
 
-__all__ = ["GPR", "LocalGPR", "Hyper", "cholesky_with_jitter", "available_memory",
+__all__ = ["composition_energies", "GPR", "LocalGPR", "Hyper", "cholesky_with_jitter", "available_memory",
            "max_kernel_obs", "bounded_kmeans", "transfer_hyper"]
 
 LOG2PI = math.log(2.0 * math.pi)
@@ -273,6 +273,15 @@ def standardisation(E, G=None):
     s = sE if sE > 1e-12 else (fr if fr > 1e-12 else 1.0)
     f = fr if fr > 1e-12 else s
     return mu, s, f
+
+
+def composition_energies(C, E) -> torch.Tensor:
+    """[K] per-element energies mu minimising |E - C mu| (least squares, minimum norm where the
+    compositions do not fix them all: with one atom count per fit the counts of the elements
+    add up to it in every row)."""
+    C = torch.as_tensor(C, dtype=torch.float64)
+    E = torch.as_tensor(np.asarray(E, dtype=np.float64)).reshape(-1, 1)
+    return torch.linalg.lstsq(C, E, driver="gelsd").solution.reshape(-1)
 
 
 def transfer_hyper(shared: dict, natoms: int, E, F, noise_floor: float = 1e-6) -> dict:
@@ -1102,7 +1111,23 @@ class LocalGPR:
         self.memory_fraction = memory_fraction
         self.info: dict = {}
 
+    def _composition(self, X):
+        """[N, K] element counts of a mixed local kernel's structures, or None (one composition)."""
+        kern = self.gpr_kwargs.get("kernel")
+        if kern is None or not getattr(kern, "is_mixed", False):
+            return None
+        return kern.composition(torch.as_tensor(X, dtype=torch.float64).cpu())
+
     def fit(self, X, J, E, F=None):
+        # structures of different compositions (a mixed local kernel): the prior mean of an
+        # energy is a sum of per-element energies fitted by least squares, and the GP models
+        # what remains.  A zero-mean prior on the standardised energies would put every
+        # composition at the set's mean energy: a Cu-rich and an Au-rich cell differ by eV
+        C = self._composition(X)
+        self.baseline = None
+        if C is not None:
+            self.baseline = composition_energies(C, E)
+            E = _as_t(E, "cpu").reshape(-1) - C @ self.baseline
         Xn = np.asarray(X.cpu() if isinstance(X, torch.Tensor) else X, dtype=np.float64)
         N, D = Xn.shape
         P = D if J is None else (J.shape[2])
@@ -1226,4 +1251,10 @@ class LocalGPR:
                     S[sel] = s.cpu()
             out = (E, Fo, S)
         self.info["time_predict_s"] = self.info.get("time_predict_s", 0.0) + time.perf_counter() - t0
-        return tuple(None if o is None else o.cpu() for o in out)
+        out = tuple(None if o is None else o.cpu() for o in out)
+        mu = getattr(self, "baseline", None)
+        if mu is not None:
+            C = self._composition(X)
+            K = min(C.shape[1], mu.numel())
+            out = (out[0] + C[:, :K] @ mu[:K],) + out[1:]
+        return out
