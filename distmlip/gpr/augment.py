@@ -894,6 +894,8 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
             d["rep"].update(n_copies=0, n_kept=0, n_candidates=0, skipped=True,
                             reason="one reference structure: its GPR hyperparameters cannot be fitted "
                                    "(add structures of this composition"
+                                   + (" or of its elements and atom count (the local kernel fits one GPR on "
+                                      "them all)" if cfg.gpr.fingerprint in ("local", "auto") else "")
                                    + (", gpr.share: chemistry (hyperparameters from a subset of the same "
                                       "elements with 2 or more structures)" if cfg.gpr.share != "chemistry"
                                       else "; gpr.share: chemistry found no subset of the same elements with "
