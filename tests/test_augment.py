@@ -364,6 +364,30 @@ def _emt_energy(s):
     return a.get_potential_energy()
 
 
+def _group_augment(tmp_path, capsys, out, name):
+    """augment (M = 6, fingerprint auto) of the structures ``out``, each its own subset, and
+    the labels' errors against EMT's energies of the copies: (output of the CLI, report entries,
+    config path, err, rise), every copy checked to keep its parent's atom order."""
+    write_dataset(tmp_path / "in.h5", out)
+    assert len(H5Dataset(tmp_path / "in.h5").subsets) == len(out)
+    cfg = _cfg(tmp_path, name, copies=6, gpr={"fingerprint": "auto"})
+    res = run_cli(capsys, ["augment", str(cfg)])
+    rep = json.loads((tmp_path / f"{name}.report.json").read_text())
+    assert [r["n_kept"] for r in rep["subsets"]] == [6] * len(out)
+    _, S = _arrays(tmp_path / f"{name}.h5")
+    err, rise = [], []
+    for s in S[len(out):]:
+        p = S[s.parent]
+        assert np.array_equal(s.numbers, p.numbers)
+        e = _emt_energy(s)
+        err.append(s.energy - e)
+        rise.append(e - p.energy)
+    # labels close to EMT's energies of the copies, without the one-structure fit's low bias
+    assert np.mean(rise) > 0.02
+    assert np.mean(np.abs(err)) < 0.15 * np.mean(rise), (np.mean(np.abs(err)), np.mean(rise))
+    return res, rep["subsets"], cfg, np.array(err), np.array(rise)
+
+
 def test_one_composition_in_many_atom_orders_is_one_gpr(tmp_path, capsys):
     """Cu3Au cells with the Au atom on each of the four sites: four atom orders, four subsets of
     one structure.  Fitted alone, a one-structure GPR missed 85-95 % of a copy's energy rise
@@ -376,25 +400,9 @@ def test_one_composition_in_many_atom_orders_is_one_gpr(tmp_path, capsys):
         a.symbols[k] = "Au"
         a.rattle(0.05, seed=40 + k)
         out.append(emt_structure(a, f"cu3au_{k}", k))
-    write_dataset(tmp_path / "in.h5", out)
-    assert len(H5Dataset(tmp_path / "in.h5").subsets) == 4
-    cfg = _cfg(tmp_path, "grp", copies=6, gpr={"fingerprint": "auto"})
-    res = run_cli(capsys, ["augment", str(cfg)])
+    res, rep, cfg, _, _ = _group_augment(tmp_path, capsys, out, "grp")
     assert "4 atom orders" in res.stdout
-    rep = json.loads((tmp_path / "grp.report.json").read_text())
-    assert [r["n_kept"] for r in rep["subsets"]] == [6, 6, 6, 6]
-    assert all(r["fingerprint"]["kind"] == "local" and len(r["gpr_group"]) == 4 for r in rep["subsets"])
-    ds, S = _arrays(tmp_path / "grp.h5")
-    err, rise = [], []
-    for s in S[4:]:
-        p = S[s.parent]
-        assert np.array_equal(s.numbers, p.numbers)          # each copy keeps its parent's order
-        e = _emt_energy(s)
-        err.append(s.energy - e)
-        rise.append(e - p.energy)
-    # labels close to EMT's energies of the copies, without the one-structure fit's low bias
-    assert np.mean(rise) > 0.02
-    assert np.mean(np.abs(err)) < 0.15 * np.mean(rise), (np.mean(np.abs(err)), np.mean(rise))
+    assert all(r["fingerprint"]["kind"] == "local" and len(r["gpr_group"]) == 4 for r in rep)
     # a rerun reuses the group's shards
     res = run_cli(capsys, ["augment", str(cfg)])
     assert "finished earlier" in res.stdout
@@ -415,27 +423,12 @@ def test_random_alloys_of_one_element_set_are_one_gpr(tmp_path, capsys):
         a.symbols[rng.choice(8, n_au, replace=False)] = "Au"
         a.rattle(0.05, seed=60 + k)
         out.append(emt_structure(a, f"cuau_{k}", k))
-    write_dataset(tmp_path / "in.h5", out)
-    assert len(H5Dataset(tmp_path / "in.h5").subsets) == 7
-    cfg = _cfg(tmp_path, "alloy", copies=6, gpr={"fingerprint": "auto"})
-    res = run_cli(capsys, ["augment", str(cfg)])
+    res, rep, _, _, rise = _group_augment(tmp_path, capsys, out, "alloy")
     assert "6 compositions of AuCu with 8 atoms: one GPR" in res.stdout, res.stdout
-    rep = json.loads((tmp_path / "alloy.report.json").read_text())
-    assert [r["n_kept"] for r in rep["subsets"]] == [6] * 7
-    assert all(r["fingerprint"]["kind"] == "local" and r["fingerprint"].get("mixed") for r in rep["subsets"])
-    ds, S = _arrays(tmp_path / "alloy.h5")
-    err, rise = [], []
-    for s in S[7:]:
-        p = S[s.parent]
-        assert np.array_equal(s.numbers, p.numbers)
-        e = _emt_energy(s)
-        err.append(s.energy - e)
-        rise.append(e - p.energy)
-    assert np.mean(rise) > 0.02
-    assert np.mean(np.abs(err)) < 0.15 * np.mean(rise), (np.mean(np.abs(err)), np.mean(rise))
+    assert all(r["fingerprint"]["kind"] == "local" and r["fingerprint"].get("mixed") for r in rep)
     # other atomic reference energies: the same GPR about other per-element means (hyperparameters
     # given: a search's optimum moves with the rounding of its inputs)
-    hyper = {k: rep["subsets"][0]["gpr"][k] for k in ("weight", "length_scale", "noise_energy", "noise_force")}
+    hyper = {k: rep[0]["gpr"][k] for k in ("weight", "length_scale", "noise_energy", "noise_force")}
     run_cli(capsys, ["augment", str(_cfg(tmp_path, "alloy1", copies=6, gpr=dict(hyper, fingerprint="local")))])
     ref = {29: -2.5, 79: 1.25}
     for s in out:

@@ -172,16 +172,22 @@ def test_local_kernel_blocks_equal_the_pairwise_sums_over_several_structures():
     XA, JA, XB, JB = X[:2], J[:2], X[2:], J[2:]
     w, l = 1.2, 0.8
     K = ker.cov_block(XA, JA, XB, JB, w, l).numpy()
-    n, D, P = 4, ker.dim, J.shape[-1]
-    A, B = 2, 3
-    want = np.zeros_like(K)
+    want = _pair_sums(XA, JA, XB, JB, w, l, ker.dim, [NUMBERS] * 2, [NUMBERS] * 3)
+    np.testing.assert_allclose(K, want, rtol=1e-11, atol=1e-12 * np.abs(want).max())
+
+
+def _pair_sums(XA, JA, XB, JB, w, l, D, zA, zB):
+    """The local kernel's blocks between structure sets A and B written out atom pair by atom
+    pair, over the pairs of one element (``zA``, ``zB``: each structure's atomic numbers)."""
+    A, B, n, P = XA.shape[0], XB.shape[0], len(zA[0]), JA.shape[-1]
+    want = np.zeros((A * (1 + P), B * (1 + P)))
     for a in range(A):
-        Ga, Ja = XA[a].numpy().reshape(n, D), JA[a].numpy().reshape(n, D, P)
+        Ga, Ja = XA[a, :n * D].numpy().reshape(n, D), JA[a, :n * D].numpy().reshape(n, D, P)
         for b in range(B):
-            Gb, Jb = XB[b].numpy().reshape(n, D), JB[b].numpy().reshape(n, D, P)
+            Gb, Jb = XB[b, :n * D].numpy().reshape(n, D), JB[b, :n * D].numpy().reshape(n, D, P)
             for i in range(n):
                 for j in range(n):
-                    if NUMBERS[i] != NUMBERS[j]:
+                    if zA[a][i] != zB[b][j]:
                         continue
                     r = Ga[i] - Gb[j]
                     k = w * w * math.exp(-float(r @ r) / (2 * l * l))
@@ -191,7 +197,7 @@ def test_local_kernel_blocks_equal_the_pairwise_sums_over_several_structures():
                     want[A + a * P:A + (a + 1) * P, b] -= c2 * (Ja[i].T @ r)
                     want[A + a * P:A + (a + 1) * P, B + b * P:B + (b + 1) * P] += (
                         c2 * Ja[i].T @ Jb[j] - c4 * np.outer(Ja[i].T @ r, Jb[j].T @ r))
-    np.testing.assert_allclose(K, want, rtol=1e-11, atol=1e-12 * np.abs(want).max())
+    return want
 
 
 MIXED = [np.array(z) for z in ([29, 28, 29, 28], [29, 29, 29, 28], [28, 28, 29, 28], [29, 29, 29, 29], [28, 29, 28, 29])]
@@ -228,24 +234,7 @@ def test_mixed_local_kernel_blocks_equal_the_pairwise_sums_per_structure():
     XA, JA, XB, JB = X[:2], J[:2], X[2:], J[2:]
     w, l = 1.2, 0.8
     K = ker.cov_block(XA, JA, XB, JB, w, l).numpy()
-    A, B = 2, 3
-    want = np.zeros_like(K)
-    for a in range(A):
-        Ga, Ja = XA[a, :n * D].numpy().reshape(n, D), JA[a, :n * D].numpy().reshape(n, D, P)
-        for b in range(B):
-            Gb, Jb = XB[b, :n * D].numpy().reshape(n, D), JB[b, :n * D].numpy().reshape(n, D, P)
-            for i in range(n):
-                for j in range(n):
-                    if MIXED[a][i] != MIXED[A + b][j]:
-                        continue
-                    r = Ga[i] - Gb[j]
-                    k = w * w * math.exp(-float(r @ r) / (2 * l * l))
-                    c2, c4 = k / l ** 2, k / l ** 4
-                    want[a, b] += k
-                    want[a, B + b * P:B + (b + 1) * P] += c2 * (Jb[j].T @ r)
-                    want[A + a * P:A + (a + 1) * P, b] -= c2 * (Ja[i].T @ r)
-                    want[A + a * P:A + (a + 1) * P, B + b * P:B + (b + 1) * P] += (
-                        c2 * Ja[i].T @ Jb[j] - c4 * np.outer(Ja[i].T @ r, Jb[j].T @ r))
+    want = _pair_sums(XA, JA, XB, JB, w, l, D, MIXED[:2], MIXED[2:])
     np.testing.assert_allclose(K, want, rtol=1e-11, atol=1e-12 * np.abs(want).max())
     # the one-sided blocks (predictions) and column chunks are those rows of the general block
     for deriv in (None, "log_length"):
