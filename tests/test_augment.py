@@ -442,6 +442,26 @@ def test_random_alloys_of_one_element_set_are_one_gpr(tmp_path, capsys):
     assert np.abs(d).max() < 1e-6 * np.mean(rise), np.abs(d).max()
 
 
+def test_lone_structures_of_other_atom_counts_are_one_padded_gpr(tmp_path, capsys):
+    """Cu-Au cells with 0-3 vacancies, one structure per atom count (each alone in its element
+    set and atom count, which alone gets no copies): one GPR on all of them, each padded to the
+    largest cell; the copies' labels close to EMT's."""
+    from ase.build import bulk
+
+    rng = np.random.default_rng(5)
+    out = []
+    for k, vac in enumerate([0, 1, 2, 3]):
+        a = bulk("Cu", "fcc", a=3.75, cubic=True).repeat((2, 1, 1))
+        a.symbols[rng.choice(8, 2 + k % 2, replace=False)] = "Au"
+        del a[list(rng.choice(8, vac, replace=False))]
+        a.rattle(0.05, seed=80 + k)
+        out.append(emt_structure(a, f"vac_{k}", k))
+    res, rep, _, err, rise = _group_augment(tmp_path, capsys, out, "vac")
+    assert "of AuCu with 5-8 atoms: one GPR" in res.stdout, res.stdout
+    assert all(r["fingerprint"].get("padded_to") == 8 and len(r["gpr_group"]) == 4 for r in rep)
+    assert all(r["gpr"]["n_obs"] == 4 + 3 * (8 + 7 + 6 + 5) for r in rep)
+
+
 def test_subsets_without_usable_references_get_no_copies(tmp_path, capsys):
     """A one-atom subset (a displacement only translates it), a subset without forces and a
     subset of one structure (its hyperparameters cannot be fitted) get no copies, each with its

@@ -292,3 +292,48 @@ def test_mixed_fit_energies_have_a_prior_mean_per_element():
     torch.testing.assert_close(e2 - e1, off, rtol=0, atol=1e-9)
     torch.testing.assert_close(f2, f1, rtol=0, atol=1e-9)
     torch.testing.assert_close(s2, s1, rtol=1e-9, atol=1e-12)
+
+
+def test_padding_structures_to_more_atoms_changes_nothing():
+    """Structures padded with atoms that are not there (a group of several atom counts, each
+    padded to the largest) give the GPR of the unpadded ones: the same likelihood and gradient in
+    every hyperparameter, the same predictions, sigmas and forces of the real atoms, the same
+    leave-one-out statistics.  A force-noise diagonal on the padded rows pulled sigma_F down (a
+    log sigma_F per padded coordinate in the likelihood) and a zero-padded force MAE looked better
+    than it was."""
+    from ase import Atoms
+
+    from distmlip.gpr.model import LocalGPR
+
+    rng = np.random.default_rng(6)
+    tm = [Atoms(numbers=z, positions=BASE + 0.12 * rng.normal(size=BASE.shape)) for z in MIXED]
+    tt = [Atoms(numbers=z, positions=BASE + 0.2 * rng.normal(size=BASE.shape)) for z in MIXED[:3]]
+    E = rng.normal(scale=0.05, size=5)
+    F = rng.normal(scale=0.3, size=(5, 4, 3))
+    out = []
+    for n_pad in (None, 7):
+        fpo = LocalFingerprint(["Cu", "Ni"], SPEC, mixed=True, n_pad=n_pad)
+        X, J = fpo.compute([a.positions for a in tm], [_T(a) for a in tm])
+        X, J = fpo.fit_scale(X, J)
+        Fp = np.zeros((5, n_pad or 4, 3))
+        Fp[:, :4] = F
+        ker = fpo.kernel(MIXED[0])
+        kw = dict(weight=0.7, length_scale=1.1, noise_energy=2e-3, noise_force=3e-2, kernel=ker, fit_iterations=0)
+        m = LocalGPR(**kw).fit(X, J, E, Fp.reshape(5, -1)).calibrate()
+        Xt, Jt = fpo.compute([a.positions for a in tt], [_T(a) for a in tt])
+        e, f, sg = m.predict(Xt, Jt)
+        g = m.models[0]
+        y = g._targets(torch.as_tensor(E - (ker.composition(X) @ m.baseline).numpy()),
+                       -torch.as_tensor(Fp.reshape(5, -1)))
+        p = dict(weight=0.7, length_scale=1.1, noise_energy=2e-3, noise_force=3e-2)
+        lml, grad, _ = g.lml_and_grad(X, J, y, p, names=("weight", "length_scale", "noise_energy", "noise_force"))
+        out.append(dict(e=e, f=f.reshape(3, -1, 3)[:, :4], sg=sg, lml=lml, grad=grad, lml_fit=g.info["lml"],
+                        loo_e=g.info["loo_all_energy_mae_eV"], loo_f=g.info["loo_all_force_mae_eVA"]))
+    a, b = out
+    torch.testing.assert_close(b["e"], a["e"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(b["f"], a["f"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(b["sg"], a["sg"], rtol=1e-9, atol=1e-12)
+    assert b["lml"] == pytest.approx(a["lml"], rel=1e-10, abs=1e-9)
+    assert b["lml_fit"] == pytest.approx(a["lml_fit"], rel=1e-10, abs=1e-9)
+    np.testing.assert_allclose(b["grad"], a["grad"], rtol=1e-9, atol=1e-9)
+    assert b["loo_e"] == pytest.approx(a["loo_e"], rel=1e-9) and b["loo_f"] == pytest.approx(a["loo_f"], rel=1e-9)

@@ -346,7 +346,7 @@ def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared
     g = cfg.gpr
     if shared is not None and shared.get("kind") == "local":
         E0 = np.array([s.energy for s in structs])
-        F0 = np.stack([s.forces for s in structs])
+        F0 = _padded_forces(structs)
         fp, model = _fit_fingerprint("local", ds, structs, E0, F0, cfg, name, rank, shared=shared)
         model.calibrate()
         fit = dict(kind="local", fingerprint=fp, model=model, loaded=None, choice=None,
@@ -377,7 +377,7 @@ def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared
             return fit
         warn(f"augment: no saved GPR for subset '{name}' in {g.load}; fitting it")
     E0 = np.array([s.energy for s in structs])
-    F0 = np.stack([s.forces for s in structs])
+    F0 = _padded_forces(structs)
     ref = structs[0]
     # several atom orders (a composition group): only the local kernel compares them atom by atom
     kinds = (["local"] if mixed_orders else auto_candidates(ref.natoms, ref.pbc)) if g.fingerprint == "auto" \
@@ -394,6 +394,16 @@ def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared
     if g.save:
         save_fit(fit_path(g.save, name), fit, ref.numbers, structs)
     return fit
+
+
+def _padded_forces(structs) -> np.ndarray:
+    """[N, n, 3] forces of structures of up to n atoms, zero for the atoms a structure lacks
+    (the local kernel's padding, LocalFingerprint)."""
+    n = max(s.natoms for s in structs)
+    F = np.zeros((len(structs), n, 3))
+    for k, s in enumerate(structs):
+        F[k, :s.natoms] = np.asarray(s.forces, dtype=np.float64).reshape(-1, 3)
+    return F
 
 
 def _choose_fingerprint(kinds, models, natoms: int, delta: float | None, name: str):
@@ -493,8 +503,9 @@ def composition_groups(cfg: AugmentConfig, ds, parents: dict) -> dict[int, list[
     random alloys one per composition, often of one structure each): the local kernel compares
     atoms of one element, not positions in a list, so one GPR is fitted on all of them
     (process_subsets; the energies' prior mean per element where compositions differ, LocalGPR).
-    Only for the GPR with the local or auto fingerprint (the global ones need one atom order);
-    skipped, copy-less and one-atom subsets stay alone."""
+    Subsets of one structure that are alone in their element set and atom count join across
+    atom counts (padded).  Only for the GPR with the local or auto fingerprint (the global ones
+    need one atom order); skipped, copy-less and one-atom subsets stay alone."""
     g = cfg.gpr
     if cfg.method != "gpr" or g.fingerprint not in ("local", "auto"):
         return {}
@@ -507,7 +518,20 @@ def composition_groups(cfg: AugmentConfig, ds, parents: dict) -> dict[int, list[
         if skip_reason(sub, len(parents[sid]), 0, sub["copies"], len(numbers)):
             continue
         by.setdefault((tuple(sorted({int(z) for z in numbers})), len(numbers)), []).append(sid)
-    return {m[0]: m for m in by.values() if len(m) > 1}
+    groups = {m[0]: m for m in by.values() if len(m) > 1}
+    # a subset of one structure alone in its element set and atom count (vacancies, cells of
+    # other sizes) would get no copies: such lone structures of one element set form one group
+    # across their atom counts, each padded to the largest (LocalFingerprint n_pad).  Larger
+    # fits keep their own atom count: padding costs kernel rows, and they need no partner
+    lone: dict[tuple, list[int]] = {}
+    for (elements, _n), m in by.items():
+        if len(m) == 1 and len(parents[m[0]]) == 1:
+            lone.setdefault(elements, []).append(m[0])
+    for m in lone.values():
+        if len(m) > 1:
+            m = sorted(m)
+            groups[m[0]] = m
+    return groups
 
 
 def _subset_numbers(ds, sid, parents) -> np.ndarray:
@@ -529,8 +553,10 @@ def describe_group(ds, ms, parents, names) -> str:
     comps = {tuple(sorted(int(z) for z in q)) for q in seqs}
     elements = "".join(sorted({chemical_symbols[int(z)] for q in seqs for z in q}))
     shown = ", ".join(names[m] for m in ms[:6]) + (f", ... ({len(ms)} in all)" if len(ms) > 6 else "")
+    sizes = sorted({len(q) for q in seqs})
+    atoms = f"{sizes[0]} atoms" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]} atoms"
     what = (f"one composition in {len(ms)} atom orders" if len(comps) == 1 else
-            f"{len(comps)} compositions of {elements} with {len(seqs[0])} atoms")
+            f"{len(comps)} compositions of {elements} with {atoms}")
     return f"subsets {shown} have {what}: one GPR (local kernel) for them all"
 
 
@@ -592,11 +618,12 @@ def _fit_fingerprint(kind, ds, structs, E0, F0, cfg, name, rank, shared=None):
     # a group of several compositions (composition_groups): each structure carries its atoms'
     # elements (LocalFingerprint mixed)
     mixed = kind == "local" and any(not np.array_equal(s.numbers, ref.numbers) for s in structs)
+    n_pad = max(s.natoms for s in structs)
     if kind == "local":      # the subset's own elements, in the data set's order
         from ase.data import chemical_symbols
         present = {chemical_symbols[int(z)] for s in structs for z in s.numbers}
         fp = make_fingerprint(kind, species=[e for e in ds.species if e in present], spec=g.local.spec,
-                              mixed=mixed)
+                              mixed=mixed, n_pad=n_pad if any(s.natoms != n_pad for s in structs) else None)
     else:
         fp = make_fingerprint(kind, species=ds.species,
                               **({"spec": g.chebyshev.spec, "mode": g.chebyshev.mode} if kind == "chebyshev" else {}))

@@ -240,34 +240,50 @@ class LocalFingerprint(ChebyshevFingerprint):
 
     ``mixed``: the structures differ in composition or atom order; each fingerprint then ends
     with its atoms' element codes (the index of each atom's element in ``species``), n columns
-    that the scale leaves alone and whose Jacobian rows are zero (kernel.LocalKernel)."""
+    that the scale leaves alone and whose Jacobian rows are zero (kernel.LocalKernel).  With
+    ``n_pad`` (structures of different atom counts) every structure is padded to n_pad atoms:
+    code -1, zero descriptor, zero Jacobian (X [n_pad D + n_pad], J [.., 3 n_pad])."""
     name = "local"
 
-    def __init__(self, species, spec, min_scale_rel=1e-2, mixed=False):
+    def __init__(self, species, spec, min_scale_rel=1e-2, mixed=False, n_pad=None):
         super().__init__(species, spec, mode="concat", min_scale_rel=min_scale_rel)
         self.dim = int(self.desc.dim)
-        self.mixed = bool(mixed)
+        self.mixed = bool(mixed) or n_pad is not None
+        self.n_pad = None if n_pad is None else int(n_pad)
 
     @property
     def is_mixed(self) -> bool:
         return bool(getattr(self, "mixed", False))      # fits saved before mixed groups lack it
 
     def compute(self, positions_list, template, with_jacobian=True):
-        X, J = super().compute(positions_list, template, with_jacobian)
         if not self.is_mixed:
-            return X, J
+            return super().compute(positions_list, template, with_jacobian)
         from ase.data import atomic_numbers
 
         code = {atomic_numbers[e]: k for k, e in enumerate(self.species)}
         tmpls = template if isinstance(template, (list, tuple)) else [template] * len(positions_list)
-        try:
-            C = torch.tensor([[code[int(z)] for z in t.numbers] for t in tmpls], dtype=X.dtype)
-        except KeyError as exc:
-            raise InputError(f"an element (Z = {exc.args[0]}) that the local fingerprint of "
-                             f"{', '.join(self.species)} does not describe") from None
-        X = torch.cat([X, C], 1)
-        if J is not None:
-            J = torch.cat([J, J.new_zeros(J.shape[0], C.shape[1], J.shape[2])], 1)
+        n = getattr(self, "n_pad", None) or max(len(t.numbers) for t in tmpls)
+        D, B = self.dim, len(positions_list)
+        X = torch.zeros(B, n * D + n, dtype=torch.float64)
+        X[:, n * D:] = -1.0
+        J = torch.zeros(B, n * D + n, 3 * n, dtype=torch.float64) if with_jacobian else None
+        for b, (p, t) in enumerate(zip(positions_list, tmpls)):
+            m = len(t.numbers)
+            if m > n:
+                raise InputError(f"a structure of {m} atoms for a local fingerprint padded to {n}")
+            try:
+                X[b, n * D:n * D + m] = torch.tensor([code[int(z)] for z in t.numbers], dtype=torch.float64)
+            except KeyError as exc:
+                raise InputError(f"an element (Z = {exc.args[0]}) that the local fingerprint of "
+                                 f"{', '.join(self.species)} does not describe") from None
+            x, Jb = self._one(t.numbers, p, t.cell, t.pbc, with_jacobian)
+            X[b, :m * D] = x
+            if with_jacobian:
+                J[b, :m * D, :3 * m] = Jb
+        if self.scale is not None:
+            X[:, :n * D] /= self.scale
+            if J is not None:
+                J[:, :n * D] /= self.scale[:, None]
         return X, J
 
     def _one(self, numbers, positions, cell, pbc, with_jacobian):
@@ -289,6 +305,8 @@ class LocalFingerprint(ChebyshevFingerprint):
         if per is None:
             B = X.shape[0]
             G = X[:, :nD].reshape(B, -1, self.dim).reshape(-1, self.dim)
+            if self.is_mixed:        # padded atoms are no environments
+                G = G[(X[:, nD:] >= 0).reshape(-1)]
             sd = G.std(0, unbiased=False)
             floor = max(float(sd.max()) * self.min_scale_rel, 1e-12)
             per = sd.clamp_min(floor)
@@ -310,11 +328,15 @@ class LocalFingerprint(ChebyshevFingerprint):
 
         sym = np.asarray(numbers).reshape(-1)
         _, inv = np.unique(sym, return_inverse=True)
+        n = getattr(self, "n_pad", None)
+        if n is not None:        # the kernel's atom count is the padded one
+            inv = np.zeros(n, dtype=np.int64)
         return LocalKernel(inv, self.dim, mixed=self.is_mixed)
 
     def state(self) -> dict:
         return {"kind": "local", "species": self.species, **self.spec.to_dict(),
-                **({"mixed": True} if self.is_mixed else {})}
+                **({"mixed": True} if self.is_mixed else {}),
+                **({"padded_to": self.n_pad} if getattr(self, "n_pad", None) else {})}
 
 
 def resolve_fingerprint(kind: str, natoms: int, pbc) -> str:

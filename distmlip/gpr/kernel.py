@@ -331,7 +331,10 @@ class LocalKernel:
     element codes in n extra columns at the end of its fingerprint (X [n D + n], J [n D + n, P],
     the extra Jacobian rows zero; fingerprints.LocalFingerprint with ``mixed``), so that the
     element of every atom travels with the structure through every subset of rows the GPR takes
-    (sub-samples, clusters, chunks), and an atom pair counts when the two codes agree.
+    (sub-samples, clusters, chunks), and an atom pair counts when the two codes agree.  Structures
+    of fewer atoms than ``n`` are padded: code -1, zero descriptor and Jacobian, so that their
+    padded atoms pair with nothing and the derivative rows of their coordinates are zero
+    (:meth:`padded`; model.GPR keeps those rows out of the likelihood).
 
     Why: a global kernel (Cartesian, inverse distances, concatenated descriptors) compares whole
     structures, so it learns the energy surface only along the few directions in which its
@@ -365,7 +368,14 @@ class LocalKernel:
         if c.dim() == 1:
             c = c[None].expand(X.shape[0], -1)
         K = int(c.max()) + 1 if c.numel() else 1
-        return torch.nn.functional.one_hot(c, K).sum(1).to(torch.float64)
+        real = (c >= 0)[..., None].to(torch.float64)
+        return (torch.nn.functional.one_hot(c.clamp_min(0), K) * real).sum(1)
+
+    def padded(self, X):
+        """[A, 3 n] bool: the coordinates of padded atoms (code -1), or None (no padding)."""
+        if not self.is_mixed:
+            return None
+        return (self.codes(X) < 0).repeat_interleave(3, dim=1)
 
     def _strip(self, X, J):
         """(descriptors [A, n D], Jacobian [A, n D, P] or None, codes [A, n] or None): a mixed
@@ -393,7 +403,7 @@ class LocalKernel:
         if sA is None:
             same = (self.species[:, None] == self.species[None, :]).to(like.dtype).to(like.device)
             return same[None, :, None, :]
-        return (sA[:, :, None, None] == sB[None, None]).to(like.dtype)
+        return ((sA[:, :, None, None] == sB[None, None]) & (sA >= 0)[:, :, None, None]).to(like.dtype)
 
     def pair_factors(self, GA, GB, w, l, deriv, sA=None, sB=None):
         """k, k / l^2, k / l^4 (or their log-l derivatives) per atom pair [A, n, B, m]; ``sA``,
@@ -567,7 +577,7 @@ class LocalKernel:
         if s is None:
             same = (self.species[:, None] == self.species[None, :]).to(G.dtype).to(G.device)
         else:
-            same = (s[:, :, None] == s[:, None, :]).to(G.dtype)
+            same = ((s[:, :, None] == s[:, None, :]) & (s >= 0)[:, :, None]).to(G.dtype)
         return ((w * w) * torch.exp(-0.5 * d2 / (l * l)) * same).sum((1, 2))
 
     SCRATCH_BYTES = 256 * 2 ** 20    # per scratch buffer of cov_block (column chunks above it)
@@ -599,7 +609,7 @@ class LocalKernel:
         Gall = G.reshape(-1, self.dim)
         owners = torch.arange(N, device=X.device).repeat_interleave(self.n)
         out = []
-        for z in torch.unique(codes):
+        for z in torch.unique(codes[codes >= 0]):
             Gz, owner = Gall[codes == z], owners[codes == z]
             if Gz.shape[0] > max_envs:
                 g = torch.Generator().manual_seed(seed)

@@ -399,14 +399,27 @@ class GPR:
             parts.append((G / self.s).reshape(-1))
         return torch.cat(parts)
 
-    def _noise_diag(self, N, P, ne, nf_std, r=None):
+    def _noise_diag(self, N, P, ne, nf_std, r=None, pad=None):
         d = [torch.full((N,), 1.0, dtype=torch.float64, device=self.device) * ne ** 2]
         if self.use_forces:
             if r is None:
                 d.append(torch.full((N * P,), 1.0, dtype=torch.float64, device=self.device) * nf_std ** 2)
             else:       # derivative rows in scaled coordinates: noise times r
                 d.append(((nf_std * r) ** 2).repeat(N))
+            if pad is not None:
+                d[-1][pad] = 1.0
         return torch.cat(d)
+
+    def _pad(self, X):
+        """[N P] bool: the derivative rows of padded coordinates (a local kernel's group of
+        structures of different atom counts, each padded to the largest: kernel.LocalKernel), or
+        None.  Their kernel rows are zero and their targets 0; a unit diagonal, not the force
+        noise, keeps them out of the likelihood's dependence on the hyperparameters (a noise
+        diagonal there added log sigma_F per padded coordinate and pulled sigma_F down), and they
+        count neither in its constant nor in the force statistics."""
+        f = getattr(self.kernel, "padded", None) if self.use_forces else None
+        m = None if f is None else f(X)
+        return None if m is None or not bool(m.any()) else m.reshape(-1)
 
     # ---------------------------------------------------------------- per-group length scales
     # A length scale per group of Cartesian components is an isotropic kernel in the scaled
@@ -501,7 +514,8 @@ class GPR:
                      max_block_bytes=self.max_block_bytes, kernel=self.kernel,
                      progress=getattr(self, "assembly_progress", None))
         nf = (h.noise_force + self.noise_floor) * self.f / self.s
-        K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf, self.r))
+        pad = self._pad(X)
+        K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf, self.r, pad))
         stage = getattr(self, "stage", None)
         if stage is not None and K.shape[0] > 4000:     # minutes of silence otherwise (sweep 5)
             stage(f"factorising the kernel ({K.shape[0]} rows, {K.shape[0] ** 2 * 8 / 2**30:.1f} GiB)")
@@ -518,7 +532,7 @@ class GPR:
                         f"x mean diagonal (duplicate structures with different labels?)")
                 assemble(X, J, X, J, h.weight, h.length_scale, self.use_forces, self.use_forces,
                          max_block_bytes=self.max_block_bytes, kernel=self.kernel, out=K)
-                K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf, self.r))
+                K.diagonal().add_(self._noise_diag(N, self.P, h.noise_energy + self.noise_floor, nf, self.r, pad))
                 jit, jrel = rel * scale, rel
                 K.diagonal().add_(jit)
                 rel *= 10.0
@@ -528,7 +542,7 @@ class GPR:
         del K
         self.L = L
         self.alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
-        n = y.shape[0]
+        n = y.shape[0] - (0 if pad is None else int(pad.sum()))
         lml = float(-0.5 * (y @ self.alpha) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI) \
             + self._log_jacobian(N, self.r)
         t_fact = time.perf_counter() - t1
@@ -598,8 +612,10 @@ class GPR:
                      max_block_bytes=self.max_block_bytes, kernel=self.kernel,
                      out=ws.get("K", n, X.device) if cpu else None)
         ne, nf = self._eff_noise(p)
-        nd = self._noise_diag(N, self.P, ne, nf, r)
+        pad = self._pad(X)
+        nd = self._noise_diag(N, self.P, ne, nf, r, pad)
         K.diagonal().add_(nd)
+        n_lik = n - (0 if pad is None else int(pad.sum()))
         if cpu:     # factor and inverse in one reused buffer, in place (no n x n temporaries)
             L = ws.get("L", n, X.device)
             jit = self._factor_into(L, K)
@@ -607,7 +623,7 @@ class GPR:
         else:
             L, jit, _ = cholesky_with_jitter(K, self.jitter_start, self.jitter_max)
             alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
-        lml = float(-0.5 * (y @ alpha) - torch.log(L.diagonal()).sum() - 0.5 * n * LOG2PI) \
+        lml = float(-0.5 * (y @ alpha) - torch.log(L.diagonal()).sum() - 0.5 * n_lik * LOG2PI) \
             + self._log_jacobian(N, r)
         if not names and not loo:
             return lml, None, None
@@ -644,7 +660,10 @@ class GPR:
             elif nm == "noise_energy":
                 g = Wd[:N].sum() * ne * p["noise_energy"]
             elif nm == "noise_force":
-                g = (Wd[N:] * nd[N:]).sum() * p["noise_force"] / (p["noise_force"] + self.noise_floor)
+                wn = Wd[N:] * nd[N:]
+                if pad is not None:      # the padded rows' unit diagonal is no noise
+                    wn = wn.masked_fill(pad, 0.0)
+                g = wn.sum() * p["noise_force"] / (p["noise_force"] + self.noise_floor)
             elif nm.startswith("ratio_"):
                 # K = S^-1 K_iso(x / r) S^-1 + noise in the original units (S = 1 on energy
                 # rows, r on derivative rows); in the scaled quantities used here
@@ -721,8 +740,11 @@ class GPR:
                              loo_all_energy_mae_eV=float(res.abs().mean()) * self.s,
                              loo_all_n=int(full.shape[0]),
                              time_calibrate_s=time.perf_counter() - t0)
-            if full.shape[1] > 1:      # per force component
-                self.info["loo_all_force_mae_eVA"] = float(full[:, 1:].abs().mean()) * self.f
+            if full.shape[1] > 1:      # per force component (of real atoms)
+                fr = full[:, 1:].abs()
+                pad = self._pad(self.X)
+                fr = fr.reshape(-1) if pad is None else fr.reshape(-1)[~pad]
+                self.info["loo_all_force_mae_eVA"] = float(fr.mean()) * self.f
         return self
 
     def _loo(self, L, alpha, N):
@@ -1149,6 +1171,9 @@ class LocalGPR:
         t0 = time.perf_counter()
         Et = _as_t(E, "cpu").reshape(-1)
         Gt = -_as_t(F, "cpu").reshape(N, -1) if (use_forces and F is not None) else None
+        pad = getattr(self.gpr_kwargs.get("kernel"), "padded", lambda X: None)(torch.as_tensor(X).cpu())
+        if Gt is not None and pad is not None:      # the force scale over real atoms only
+            Gt = Gt.reshape(-1)[~pad.reshape(-1)]
         scales = standardisation(Et, Gt)
         hyper_given = None
         fit_info = {}
@@ -1184,7 +1209,8 @@ class LocalGPR:
         # the memory cap, not the user's max_kernel_obs, decided a split: it depends on the
         # machine's free memory and the ranks per node (augment warns; sweep 10)
         split_by_memory = k > 1 and (self.max_obs_user is None or cap < int(self.max_obs_user))
-        self.info.update(n_structures=N, n_obs=N * per, max_kernel_obs=max_obs, split_by_memory=split_by_memory,
+        n_obs = N * per - (0 if pad is None or not use_forces else int(pad.sum()))     # padded rows are no data
+        self.info.update(n_structures=N, n_obs=n_obs, max_kernel_obs=max_obs, split_by_memory=split_by_memory,
                          memory_cap_obs=cap, n_local=k, sigma_calibration=self.models[0].sigma_calibration,
                          local_sizes=[int((labels == c).sum()) for c in range(k)],
                          jitter=max(m.info["jitter"] for m in self.models),
