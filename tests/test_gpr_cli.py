@@ -258,3 +258,75 @@ def test_format_test_marks_an_uncalibrated_sigma():
     bad = format_test({"subsets": [dict(row, sigma_calibrated=False)], "total": None})
     assert "calib -: fewer than 5 training structures" in bad
     assert not bad.splitlines()[3].rstrip().endswith("1.00")
+
+
+def test_gpr_fit_test_predict_work_in_augments_groups(tmp_path, capsys):
+    """Random Cu-Au cells, each its own composition: `gpr fit` fits augment's one group (saved
+    under its first subset), and `gpr test` / `predict` give held-out cells of new compositions
+    and atom orders to that fit, forces in each structure's own atom order (checked against EMT:
+    a wrong permutation scores like a random force field)."""
+    import yaml
+    from ase.build import bulk
+
+    def cells(n, seed):
+        rng = np.random.default_rng(seed)
+        out = []
+        for k in range(n):
+            a = bulk("Cu", "fcc", a=3.75, cubic=True).repeat((2, 1, 1))
+            a.symbols[rng.choice(8, int(rng.integers(1, 7)), replace=False)] = "Au"
+            a.rattle(0.06, seed=seed * 100 + k)
+            out.append(emt_structure(a, f"c{seed}", k))
+        return out
+
+    write_dataset(tmp_path / "train.h5", cells(12, 1))
+    write_dataset(tmp_path / "test.h5", cells(5, 2))
+    cfg = {"input": str(tmp_path / "train.h5"), "output": "-",
+           "gpr": {"fingerprint": "local", "fit_iterations": 15, "fit_restarts": 1}}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli_main(["gpr", "fit", str(tmp_path / "a.yaml"), "--out", str(tmp_path / "fits")]) == 0
+    out = capsys.readouterr().out
+    assert "compositions of AuCu with 8 atoms: one GPR" in out
+    assert len(list((tmp_path / "fits").glob("*.gpr.pt"))) == 1
+    assert cli_main(["gpr", "test", str(tmp_path / "a.yaml"), str(tmp_path / "test.h5"), "--load",
+                     str(tmp_path / "fits"), "--json", str(tmp_path / "t.json")]) == 0
+    res = json.loads((tmp_path / "t.json").read_text())
+    test = H5Dataset(tmp_path / "test.h5")
+    assert sum(r["n"] for r in res["subsets"]) == test.n_structures     # every test cell has its fit
+    F = np.concatenate([np.abs(s.forces).ravel() for s in test.read(range(test.n_structures))])
+    assert res["total"]["F_mae_eVA"] < 0.35 * F.mean(), (res["total"]["F_mae_eVA"], F.mean())
+    assert cli_main(["gpr", "predict", str(tmp_path / "fits"), str(tmp_path / "test.h5"), "-o",
+                     str(tmp_path / "p.npz")]) == 0
+    p = np.load(tmp_path / "p.npz")
+    S = test.read(range(test.n_structures))
+    E = np.array([s.energy for s in S])
+    assert np.abs(p["energy"] - E).mean() == pytest.approx(res["total"]["E_mae_eV"], rel=1e-9)
+    Fp = np.concatenate([p["forces"][p["forces_offset"][i]:p["forces_offset"][i + 1]] for i in range(len(S))])
+    assert np.abs(Fp - np.concatenate([s.forces.ravel() for s in S])).mean() == pytest.approx(
+        res["total"]["F_mae_eVA"], rel=1e-9)
+
+
+def test_a_local_fit_takes_its_composition_in_another_atom_order(tmp_path, capsys):
+    """A local-kernel fit compares atoms of one element, so a test subset of the same composition
+    in another atom order takes it (before: no fit, the subset left out): its atoms re-ordered
+    element by element for the fit, its forces given back in its own order (against EMT)."""
+    import yaml
+    from ase import Atoms
+
+    def cl(order, k):
+        a = Atoms(order, positions=[[0, 0, 0], [2.5, 0, 0], [1.25, 2.1, 0], [1.25, 0.7, 2.0]])
+        a.rattle(0.1, seed=k)
+        return emt_structure(a, order, k)
+
+    write_dataset(tmp_path / "train.h5", [cl("Cu3Ni", k) for k in range(8)])
+    write_dataset(tmp_path / "test.h5", [cl("NiCu3", 40 + k) for k in range(4)])
+    cfg = {"input": str(tmp_path / "train.h5"), "output": "-",
+           "gpr": {"fingerprint": "local", "fit_iterations": 15, "fit_restarts": 1}}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli_main(["gpr", "test", str(tmp_path / "a.yaml"), str(tmp_path / "test.h5"), "--json",
+                     str(tmp_path / "t.json")]) == 0
+    r = json.loads((tmp_path / "t.json").read_text())["subsets"]
+    assert [(x["subset"], x["fit"], x["n"]) for x in r] == [("Cu3Ni_0", "Cu3Ni_0", 4)]
+    S = H5Dataset(tmp_path / "test.h5").read(range(4))
+    assert list(S[0].numbers) == [28, 29, 29, 29]
+    F = np.abs(np.concatenate([s.forces.ravel() for s in S])).mean()
+    assert r[0]["F_mae_eVA"] < 0.1 * F, (r[0]["F_mae_eVA"], F)

@@ -13,11 +13,16 @@ calibration: the share of energy errors within 1 and 2 predicted sigma (a Gaussi
 The sigma here is the predictive one: the latent sigma and the fitted energy noise, scaled by the
 factor that makes the fit's leave-one-out errors standard normal (``GPR._calibration``); augment's
 copies carry the latent sigma (it ranks the copies by their distance from the data).
-Runs in one process (subsets one after the other)."""
+Subsets are fitted in augment's units: a group of subsets of one element set and atom count
+(augment.composition_groups) is one fit, saved under its first subset's name, and a test or
+prediction structure is matched to the fit that can take it (:func:`order_for`: the same atom
+sequence, or for the local kernel the same composition in any order, or a group's elements and
+atom count).  Runs in one process (subsets one after the other)."""
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +46,59 @@ def _structs_of(ds, sid, cfg, name):
     return structs
 
 
+def order_for(fit: dict, numbers):
+    """The atom permutation that presents a structure of atomic numbers ``numbers`` to ``fit``
+    (``structure[perm]`` has the fit's atom sequence where the fit needs one), or None when the
+    fit cannot take the structure.  A global fingerprint compares atom i with atom i: the same
+    sequence only.  The local kernel compares atoms of one element, whatever their order: a fit on
+    one sequence takes the same composition in any order (atoms re-ordered element by element), a
+    mixed group (several compositions) any structure of its elements and atom count (up to its
+    padded count)."""
+    numbers = np.asarray(numbers)
+    fn = fit.get("numbers")
+    fn = None if fn is None else np.asarray(fn)
+    if fn is not None and np.array_equal(fn, numbers):
+        return np.arange(len(numbers))
+    if fit.get("kind") != "local":
+        return None
+    fp = fit["fingerprint"]
+    if getattr(fp, "is_mixed", False):
+        from ase.data import chemical_symbols
+
+        if {chemical_symbols[int(z)] for z in numbers} != set(fp.species):
+            return None
+        n_pad = getattr(fp, "n_pad", None)
+        if (n_pad is not None and len(numbers) > n_pad) or (n_pad is None and fn is not None and len(numbers) != len(fn)):
+            return None
+        return np.arange(len(numbers))
+    if fn is None or len(fn) != len(numbers) or not np.array_equal(np.sort(fn), np.sort(numbers)):
+        return None
+    perm = np.empty(len(numbers), dtype=np.int64)
+    perm[np.argsort(fn, kind="stable")] = np.argsort(numbers, kind="stable")
+    return perm
+
+
 def predict_structures(fit: dict, structs, forces=True):
-    """(E [M], F [M, n, 3] or None, sigma [M]) of structures of a fitted subset; sigma: the
-    predictive (calibrated, label noise included) standard deviation of the energy error."""
+    """(E [M], F [M, n, 3] or None, sigma [M]) of structures of one atom sequence that ``fit``
+    takes (:func:`order_for`); sigma: the predictive (calibrated, label noise included) standard
+    deviation of the energy error."""
+    from dataclasses import replace
+
     fp, model = fit["fingerprint"], fit["model"]
-    X, J = fp.compute([s.positions for s in structs], list(structs), with_jacobian=forces)
-    e, f, sg = model.predict(X, J, forces=forces, variance=True, predictive=True)
     n = structs[0].natoms
-    return e.numpy(), (None if f is None else f.numpy().reshape(len(structs), n, 3)), sg.numpy()
+    perm = order_for(fit, structs[0].numbers)
+    if perm is None:
+        raise InputError(f"the GPR fit cannot take structures of atomic numbers {list(structs[0].numbers)[:12]}")
+    shown = [replace(s, numbers=np.asarray(s.numbers)[perm], positions=np.asarray(s.positions)[perm], forces=None)
+             for s in structs]
+    X, J = fp.compute([s.positions for s in shown], shown, with_jacobian=forces)
+    e, f, sg = model.predict(X, J, forces=forces, variance=True, predictive=True)
+    F = None
+    if f is not None:      # the structure's own atoms (a padded fit predicts more), in its own order
+        fp_ = f.numpy().reshape(len(structs), -1, 3)[:, :n]
+        F = np.empty_like(fp_)
+        F[:, perm] = fp_
+    return e.numpy(), F, sg.numpy()
 
 
 def fit_all(cfg, save=None, load=None):
@@ -56,22 +106,38 @@ def fit_all(cfg, save=None, load=None):
     hyperparameters (``gpr.share``) come after the subset they take them from."""
     from ..data.h5store import H5Dataset
     from ..utils.log import warn
-    from .augment import (_estimated_cost, _hyper_given, _parents_of, fit_subset, nominal_delta, share_plan,
-                          shared_hyper)
+    from .augment import (_estimated_cost, _hyper_given, _parents_of, composition_groups, describe_group,
+                          fit_subset, nominal_delta, share_plan, shared_hyper)
 
     ds = H5Dataset(cfg.input)
     cfg.gpr.save = save or cfg.gpr.save
     cfg.gpr.load = load or cfg.gpr.load
     parents = {sid: _parents_of(ds, sid)[0] for sid in range(len(ds.subsets))}
-    plan = share_plan(cfg, ds, parents, {sid: _estimated_cost(cfg, ds, sid, len(p)) for sid, p in parents.items()})
+    names = [t["name"] for t in ds.subsets]
+    # augment's units: a composition group is one fit, under its first subset's name
+    groups = composition_groups(cfg, ds, parents)
+    member_of = {m: h for h, ms in groups.items() for m in ms}
+    units = {sid: groups.get(sid, [sid]) for sid in parents if member_of.get(sid, sid) == sid}
+    uparents = {h: np.concatenate([parents[m] for m in ms]) for h, ms in units.items()}
+    for h, ms in groups.items():
+        print(f"gpr fit: {describe_group(ds, ms, parents, names)}", flush=True)
+    plan = share_plan(cfg, ds, uparents, {h: _estimated_cost(cfg, ds, h, len(p)) for h, p in uparents.items()})
     fits = {}
-    for sid in sorted(range(len(ds.subsets)), key=lambda s: (s in plan, s)):
+    for sid in sorted(units, key=lambda s: (s in plan, s)):
         sub = ds.subsets[sid]
         name = sub["name"]
         if cfg.for_subset(name)["skip"]:
             continue
-        structs = _structs_of(ds, sid, cfg, name)
-        if structs is None:
+        structs = []
+        for m in units[sid]:
+            got = _structs_of(ds, m, cfg, names[m])
+            if got and len(units[sid]) > 1:
+                # as augment: a group's structures with their atoms sorted by element
+                perm = np.argsort(got[0].numbers, kind="stable")
+                got = [replace(s, numbers=np.asarray(s.numbers)[perm], positions=s.positions[perm],
+                               forces=None if s.forces is None else s.forces[perm]) for s in got]
+            structs += got or []
+        if not structs:
             print(f"subset {name}: no training structures with forces, skipped", flush=True)
             continue
         t0 = time.perf_counter()
@@ -85,7 +151,8 @@ def fit_all(cfg, save=None, load=None):
             warn(f"subset {name}: one structure: its GPR hyperparameters cannot be fitted and its labels "
                  f"would miss most of a copy's energy rise (augment gives it no copies; docs/gpr.md); "
                  f"fitted anyway for inspection")
-        fit = fit_subset(ds, structs, cfg, name, shared=shared, delta=nominal_delta(cfg.for_subset(name)["delta"]))
+        fit = fit_subset(ds, structs, cfg, name, shared=shared, delta=nominal_delta(cfg.for_subset(name)["delta"]),
+                         mixed_orders=len(units[sid]) > 1)
         fit["time_s"] = time.perf_counter() - t0
         fit["natoms"] = structs[0].natoms
         fit["numbers"] = np.asarray(structs[0].numbers)
@@ -105,12 +172,14 @@ def fit_all(cfg, save=None, load=None):
 
 def _fit_for(fits: dict, name: str, numbers):
     """The fit (its subset name) for test structures with atom sequence ``numbers``: the
-    same-named fit when its sequence matches, else any fit of that sequence, else None."""
+    same-named fit when it takes them (:func:`order_for`), else a fit of their exact sequence,
+    else any fit that takes them, else None."""
     numbers = np.asarray(numbers)
-    ok = [k for k, f in fits.items() if f.get("numbers") is not None and np.array_equal(f["numbers"], numbers)]
+    ok = [k for k, f in fits.items() if order_for(f, numbers) is not None]
     if name in ok:
         return name
-    return ok[0] if ok else None
+    exact = [k for k in ok if fits[k].get("numbers") is not None and np.array_equal(fits[k]["numbers"], numbers)]
+    return (exact or ok or [None])[0]
 
 
 def test_table(fits, test_path) -> dict:
@@ -155,8 +224,9 @@ def test_table(fits, test_path) -> dict:
         from ..errors import InputError
         raise InputError(f"{test_path}: none of its subsets ({', '.join(unmatched[:8])}"
                          f"{', ...' if len(unmatched) > 8 else ''}) has a GPR fit (fitted: "
-                         f"{', '.join(sorted(fits)[:8]) or 'none'}); test subsets are matched to fits by atom "
-                         f"sequence (the same elements in the same order)")
+                         f"{', '.join(sorted(fits)[:8]) or 'none'}); test subsets are matched to fits by their "
+                         f"atoms (the same sequence; for the local kernel the same composition in any order, or a "
+                         f"group's elements and atom count)")
     if unmatched:
         from ..utils.log import warn
         warn(f"gpr test: {len(unmatched)} subset(s) of {test_path} have no GPR fit and are not in the table: "
@@ -257,21 +327,19 @@ def run(args) -> int:
     S = np.full(n, np.nan)
     F = np.full(int(ds.natoms.sum()) * 3, np.nan)
     off = np.concatenate([[0], np.cumsum(ds.natoms * 3)])
-    saved = {}              # the directory's fits by atom sequence (names differ between files)
-    for path in sorted(Path(args.fits).glob("*.gpr.pt")):
-        f = load_fit(path)
-        saved.setdefault(tuple(int(z) for z in f["numbers"]), []).append((path, f))
+    # the directory's fits, matched by what they take (names differ between files)
+    saved = {path.name: (path, load_fit(path)) for path in sorted(Path(args.fits).glob("*.gpr.pt"))}
     for sid, sub in enumerate(ds.subsets):
         idx = np.flatnonzero(ds.subset_ids == sid)
         if len(idx) == 0:
             continue
         structs = ds.read(idx)
-        cands = saved.get(tuple(int(z) for z in structs[0].numbers), [])
-        named = [c for c in cands if c[0] == fit_path(args.fits, sub["name"])]
-        if not cands:
-            print(f"subset {sub['name']}: no saved fit of its atom sequence in {args.fits}, left NaN")
+        key = _fit_for({k: f for k, (_, f) in saved.items()}, fit_path(args.fits, sub["name"]).name,
+                       structs[0].numbers)
+        if key is None:
+            print(f"subset {sub['name']}: no saved fit in {args.fits} takes its atoms, left NaN")
             continue
-        path, fit = (named or cands)[0]
+        path, fit = saved[key]
         e, f, sg = predict_structures(fit, structs, forces=not args.no_forces)
         E[idx], S[idx] = e, sg
         if f is not None:
