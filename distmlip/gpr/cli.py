@@ -253,9 +253,11 @@ def format_test(res) -> str:
     if any(not r.get("sigma_calibrated", True) for r in res["subsets"]):
         out.append("  (calib -: fewer than 5 training structures, too few leave-one-out errors to calibrate sigma; "
                    "it is the GPR's own, often too small)")
-    for r in res["subsets"]:
-        if r.get("fit") not in (None, r["subset"]):
-            out.append(f"  ({r['subset']}: the fit of training subset {r['fit']}, the same atom sequence)")
+    others = [r for r in res["subsets"] if r.get("fit") not in (None, r["subset"])]
+    for r in others[:10]:
+        out.append(f"  ({r['subset']}: the fit of training subset {r['fit']}, which takes its atoms)")
+    if len(others) > 10:
+        out.append(f"  (and {len(others) - 10} more test subsets with the fit of another training subset)")
     t = res["total"]
     if t:
         F = t.get("F_mae_eVA")
