@@ -442,6 +442,41 @@ def test_random_alloys_of_one_element_set_are_one_gpr(tmp_path, capsys):
     assert np.abs(d).max() < 1e-6 * np.mean(rise), np.abs(d).max()
 
 
+def test_a_wrong_energy_in_a_group_is_left_out_and_the_fit_repeated(tmp_path, capsys):
+    """Random Cu-Au cells, one with its energy 3 eV off (forces right): no subset check can see it
+    (one structure each), and in the group fit it put the energy noise on its bound and spoiled
+    every label while its leave-one-out z stayed below outlier_z (sweep 25: labels 156 meV off,
+    exit 0).  The GPR is fitted again without it, explains the others much better, and the
+    structure is left out and named, its subset without copies; the others' labels are close to
+    EMT's."""
+    from ase.build import bulk
+
+    rng = np.random.default_rng(9)
+    out = []
+    for k in range(20):
+        a = bulk("Cu", "fcc", a=3.75, cubic=True).repeat((2, 1, 1))
+        a.symbols[rng.choice(8, 2 + k % 3, replace=False)] = "Au"
+        a.rattle(0.05, seed=120 + k)
+        out.append(emt_structure(a, f"bad_{k}", k))
+    out[4].energy += 3.0
+    write_dataset(tmp_path / "in.h5", out)
+    res = run_cli(capsys, ["augment", str(_cfg(tmp_path, "bad", copies=6, gpr={"fingerprint": "local"}))])
+    assert "structure 4's leave-one-out energy error +3" in res.stdout and "fitting again without it" in res.stdout
+    assert "structure 4 (bad_4, index 4): a reference label that the other structures contradict" in res.stderr
+    assert res.stderr.count("a reference label that the other structures contradict") == 1, res.stderr
+    rep = json.loads((tmp_path / "bad.report.json").read_text())["subsets"]
+    bad = [r for r in rep if r.get("label_outliers")]
+    assert len(bad) == 1 and [o["structure"] for o in bad[0]["label_outliers"]] == [4]
+    # every other structure has its copies; the wrong one none
+    assert sum(r["n_reference"] for r in rep) == 19 and all(r["n_copies"] == 6 * r["n_reference"] for r in rep)
+    if bad[0]["n_reference"] == 0:
+        assert bad[0]["skipped"] and "contradicts the other structures" in bad[0]["reason"]
+    _, S = _arrays(tmp_path / "bad.h5")
+    err = [s.energy - _emt_energy(s) for s in S[20:]]
+    rise = [_emt_energy(s) - S[s.parent].energy for s in S[20:]]
+    assert np.mean(np.abs(err)) < 0.15 * np.mean(rise), (np.mean(np.abs(err)), np.mean(rise))
+
+
 def test_lone_structures_of_other_atom_counts_are_one_padded_gpr(tmp_path, capsys):
     """Cu-Au cells with 0-3 vacancies, one structure per atom count (each alone in its element
     set and atom count, which alone gets no copies): one GPR on all of them, each padded to the

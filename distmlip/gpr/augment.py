@@ -913,8 +913,11 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
         d["pos"] = np.stack([s.positions for s in d["structs"]])[:, None] + d["disp"]  # [N, M, nat, 3]
         d["t_sample"] = time.perf_counter() - t1
     n_total = sum(len(d["idx"]) for d in prep.values())
+    # (gpr.load only spares it when a saved fit for it exists: sweep 25 found a load run that
+    # fitted and labelled the one-structure subsets the save run had refused)
+    from .store import fit_path
     if prep and cfg.method == "gpr" and n_total == 1 and shared is None and not _hyper_given(cfg) \
-            and not cfg.gpr.load:
+            and not (cfg.gpr.load and fit_path(cfg.gpr.load, names[0]).is_file()):
         # measured: a GPR fitted on one structure puts its length scale on the lower bound and
         # misses 85-95 % of a copy's energy rise, far outside its sigma (docs/gpr.md)
         for sid, d in prep.items():
@@ -958,6 +961,38 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
         head = names[0]
         fit = fit_subset(ds, allp, cfg, head, rank, shared=shared, mixed_orders=mixed,
                          delta=nominal_delta(next(iter(prep.values()))["delta"]))
+        fit, dropped = _refit_without_contradicted(ds, fit, allp, cfg, head, rank, shared, mixed, prep)
+        if dropped:
+            # the structures whose labels the others contradict and whose presence spoiled the
+            # fit: out of the GPR and without copies (they stay in the data set), as the
+            # energy-force check does before a fit
+            at, gone = 0, set(dropped)
+            for sid, d in prep.items():
+                n = len(d["structs"])
+                mine = [i - at for i in range(at, at + n) if i in gone]
+                at += n
+                if not mine:
+                    continue
+                keep = [k for k in range(n) if k not in mine]
+                d["rep"].setdefault("label_outliers", []).extend(
+                    {"structure": int(d["idx"][k]), "source": d["structs"][k].source,
+                     "source_index": int(d["structs"][k].source_index), "loo_error_eV": float(dropped[at - n + k])}
+                    for k in mine)
+                d["idx"], d["E0"], d["F0"] = d["idx"][keep], d["E0"][keep], d["F0"][keep]
+                d["structs"] = [d["structs"][k] for k in keep]
+                pstructs[sid] = [pstructs[sid][k] for k in keep]
+                d["rep"]["n_reference"] = len(keep)
+            allp = [s for sid in prep for s in pstructs[sid]]
+            for sid in [sid for sid, d in prep.items() if not d["structs"]]:
+                d = prep.pop(sid)
+                d["rep"].update(n_copies=0, n_kept=0, n_candidates=0, skipped=True,
+                                reason="its reference structure's energy contradicts the other structures of its "
+                                       "GPR group (left out of the fit; check its energy)",
+                                time_total_s=time.perf_counter() - t0)
+                out[sid] = {**empty, "report": d["rep"]}
+                del pstructs[sid]
+            if not prep:
+                return out
         fp, model = fit["fingerprint"], fit["model"]
         hyper = shared_hyper(fit, head, allp[0].natoms)
         info = model.info
@@ -968,14 +1003,16 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
             "fit_select", "fit_subsample", "fit_nn_distance", "nn_distance", "loo_energy_mae_eV", "fit_candidates",
             "sigma_calibration", "sigma_calibration_from", "loo_all_energy_mae_eV", "loo_all_force_mae_eVA", "loo_all_n",
             "time_calibrate_s", "fit_at_bounds", "n_obs", "max_kernel_obs", "memory_cap_obs", "split_by_memory", "n_local", "local_sizes", "time_hyper_s",
-            "time_fit_s", "time_predict_s", "fit_subsample_retried") if k in info}}
+            "time_fit_s", "time_predict_s", "fit_subsample_retried", "loo_unusual", "label_outliers_refit") if k in info}}
         if fit.get("choice"):
             fit_info["fingerprint_choice"] = fit["choice"]
         if fit.get("shared_from"):
             fit_info["hyperparameters_from"] = fit["shared_from"]
         if fit.get("loaded"):
             fit_info["gpr_loaded_from"] = fit["loaded"]
-        suspects = _loo_outliers(getattr(model, "loo_residual_eV", None), cfg.outlier_z)
+        # a loaded fit is not refitted (_refit_without_contradicted): its outliers are only named,
+        # and its copies go to the candidates file
+        suspects = _loo_outliers(getattr(model, "loo_residual_eV", None), cfg.outlier_z) if fit.get("loaded") else []
         if suspects:
             fit_info["loo_outliers"] = []
             at = 0
@@ -1360,9 +1397,10 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
                 continue
             n_ref = len(uparents[sid])
             if n_ref:      # a subset without references gets its "no copies: reason" line alone
+                more = "" if len(ms) == 1 else f" (with {len(ms) - 1} more subset{'s' if len(ms) > 2 else ''} of its group)"
+                sizes = sorted({int(ds.natoms[i]) for i in uparents[sid]})
                 print(f"{pre}subset {names[sid]} ({k}/{n_mine}): {cfg.method} on {n_ref} reference "
-                      f"structures of {int(ds.natoms[uparents[sid][0]])} atoms"
-                      f"{f' (with {len(ms) - 1} more subsets of its group)' if len(ms) > 1 else ''}"
+                      f"structures of {sizes[0] if len(sizes) == 1 else f'{sizes[0]}-{sizes[-1]}'} atoms{more}"
                       f"{f' with the hyperparameters of {names[plan[sid]]}' if sid in shared_of else ''} ...",
                       flush=True)
             results = process_subsets(ds, ms, cfg, rank, shared=shared_of.get(sid))
@@ -1510,6 +1548,80 @@ def merge(cfg: AugmentConfig, ds, keys: dict, workdir: Path) -> dict:
             "n_input": ds.n_structures, "n_synthetic": n_syn, "n_output": ds.n_structures + n_syn,
             "n_candidates": len(cand_atoms),
             "candidates": str(cfg.candidates_path()) if cand_atoms else None, "subsets": subs}
+
+
+# a structure's leave-one-out energy error this many robust standard deviations (and 0.1 eV) from
+# the others' makes it a suspect: the fit is repeated without it (_refit_without_contradicted)
+LOO_SUSPECT_Z = 6.0
+# ... and it is left out when the others' leave-one-out errors fall below this share of theirs
+LOO_POISON_RATIO = 0.5
+
+
+def _refit_without_contradicted(ds, fit, allp, cfg, head, rank, shared, mixed, prep, rounds: int = 3):
+    """(fit, {position in allp: LOO error eV}) after the label-outlier test of a fitted GPR.
+
+    A structure whose energy the others contradict (leave-one-out error beyond LOO_SUSPECT_Z
+    robust standard deviations and 0.1 eV) is either mislabelled or merely unlike the others (an
+    unusual configuration the GPR extrapolates to).  A wrong energy spoils every label of its fit:
+    3 eV on one of 40 random-alloy cells put the energy noise on its upper bound and the copies'
+    labels 156 meV off, while its own z (11) stayed below outlier_z; an unusual but correct one
+    does not (an Au-Au adatom pair 0.39 eV below the others' prediction; its copies' labels were
+    1 meV off, and sending the group's copies to the candidates file lost all of them).  So the
+    GPR is fitted again without the worst suspect: when the other structures' LOO errors fall
+    below LOO_POISON_RATIO of theirs, it was poisoning the fit and is left out and named (no
+    copies for it), and the next worst of the new fit is judged the same way (at most ``rounds``
+    times: a wrong label also throws its neighbours' LOO errors far out); else the last fit and
+    its copies stay, and the suspect is named as unusual.  Nothing for a loaded fit, or with
+    outlier_z 0."""
+    if fit.get("loaded") or not cfg.outlier_z > 0:
+        return fit, {}
+    cfg2 = replace(cfg, gpr=replace(cfg.gpr, save=None))
+    pre = f"[rank {rank}] " if rank else ""
+    z = min(cfg.outlier_z, LOO_SUSPECT_Z)
+    kept, dropped = list(range(len(allp))), {}
+    for _ in range(rounds):
+        res = getattr(fit["model"], "loo_residual_eV", None)
+        if res is None:
+            break
+        res = np.asarray(res, dtype=np.float64)
+        sus = _loo_outliers(res, z)
+        if not sus or len(kept) - 1 < 2:
+            break
+        med = float(np.nanmedian(res))
+        w = max(sus, key=lambda i: abs(res[i] - med))          # position in kept
+        rest = [i for i in range(len(kept)) if i != w]
+        print(f"{pre}subset {head}: structure {allp[kept[w]].index}'s leave-one-out energy error {res[w]:+.3g} eV is "
+              f"far beyond the others' (typical {float(np.nanmedian(np.abs(res))):.3g} eV): fitting again without it",
+              flush=True)
+        fit2 = fit_subset(ds, [allp[kept[i]] for i in rest], cfg2, head, rank, shared=shared, mixed_orders=mixed,
+                          delta=nominal_delta(next(iter(prep.values()))["delta"]))
+        r2 = getattr(_calibrated(fit2["model"]), "loo_residual_eV", None)
+        before = float(np.nanmean(np.abs(res[rest])))
+        after = float(np.nanmean(np.abs(r2))) if r2 is not None else float("inf")
+        if not after < LOO_POISON_RATIO * before:
+            print(f"{pre}subset {head}: without it the GPR explains the others no better (leave-one-out energy MAE "
+                  f"{before:.3g} -> {after:.3g} eV): an unusual structure, not a wrong label; kept with its copies",
+                  flush=True)
+            fit["model"].info.setdefault("loo_unusual", []).append(
+                {"structure": int(allp[kept[w]].index), "loo_error_eV": float(res[w])})
+            break
+        warn(f"subset {head}: structure {allp[kept[w]].index} ({allp[kept[w]].source}, index "
+             f"{allp[kept[w]].source_index}): a reference label that the other structures contradict (leave-one-out "
+             f"energy error {res[w]:+.3g} eV).  Without it the GPR explains the others {before / max(after, 1e-12):.1f}x "
+             f"better (leave-one-out energy MAE {before:.3g} -> {after:.3g} eV): left out of the GPR fit and given no "
+             f"copies (it stays in the data set, and trains as it is): check its energy and forces (outlier_z: 0 keeps "
+             f"it)")
+        refits = fit["model"].info.get("label_outliers_refit", []) + [
+            {"structure": int(allp[kept[w]].index), "loo_mae_before_eV": before, "loo_mae_after_eV": after}]
+        dropped[kept[w]] = float(res[w])
+        kept = [kept[i] for i in rest]
+        fit = fit2
+        fit["model"].info["label_outliers_refit"] = refits
+    if dropped and cfg.gpr.save:
+        from .store import fit_path, save_fit
+        ks = [allp[i] for i in kept]
+        save_fit(fit_path(cfg.gpr.save, head), fit, ks[0].numbers, ks)
+    return fit, dropped
 
 
 def _loo_outliers(res, z_max: float, floor_eV: float = 0.1) -> list[int]:
