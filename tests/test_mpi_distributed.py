@@ -288,3 +288,22 @@ def test_bad_device_is_a_clear_error_on_every_rank():
         pytest.skip("CUDA present")
     out = _assert_fails_fast([SCRIPT, "info"], "CUDA is not available", env={"DIST_CHECK_DEVICE": "cuda"})
     assert "RESULT" not in out
+
+
+def test_ranks_share_the_cores_without_omp_num_threads():
+    """Without OMP_NUM_THREADS each rank's OpenBLAS started one thread per core of the node beside
+    torch's pool (sweep 25: augment 7x slower on two ranks of two cores).  Every pool of a rank,
+    loaded before or after the start, now runs the rank's share of the cores it may use; with
+    OMP_NUM_THREADS given, that count."""
+    script = str(REPO / "tests" / "mpi_scripts" / "threads_check.py")
+    for env, want in (({"OMP_NUM_THREADS": ""}, None), ({"OMP_NUM_THREADS": "1"}, 1)):
+        res = mpirun(2, [script], env=env, timeout=120)
+        rows = [json.loads(l[8:]) for l in res.stdout.splitlines() if l.startswith("THREADS ")]
+        assert len(rows) == 2
+        for r in rows:
+            n = r["torch"]
+            assert r["pools"] == [n] and r["env"] == str(n), (env, r)
+            if want:
+                assert n == want
+            else:       # bound ranks: their own cores; unbound ones: half the node's each
+                assert 1 <= n <= (max(1, r["cpus"] // 2) if r["cpus"] == os.cpu_count() else r["cpus"]), r

@@ -373,6 +373,9 @@ def init_distributed(device: str = "auto", torch_group: bool = True) -> DistCont
         signals.set_world(ctx)
         if ctx.world_size > 1:
             signals.install_excepthook()
+            if ctx.device is not None and ctx.device.type == "cpu":
+                from .cores import threads_per_rank
+                threads_per_rank(ctx)
         return ctx
 
 
