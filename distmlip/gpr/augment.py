@@ -396,6 +396,16 @@ def fit_subset(ds, structs, cfg: AugmentConfig, name: str, rank: int = 0, shared
     return fit
 
 
+def permuted(s, perm):
+    """Structure ``s`` with its atoms in the order ``perm`` (None: as it is): numbers, positions
+    and forces together (a group's structures sorted by element, a test structure shown to a fit
+    in the fit's atom order)."""
+    if perm is None:
+        return s
+    return replace(s, numbers=np.asarray(s.numbers)[perm], positions=np.asarray(s.positions)[perm],
+                   forces=None if s.forces is None else np.asarray(s.forces)[perm])
+
+
 def _padded_forces(structs) -> np.ndarray:
     """[N, n, 3] forces of structures of up to n atoms, zero for the atoms a structure lacks
     (the local kernel's padding, LocalFingerprint)."""
@@ -949,12 +959,6 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
         mixed = len(sids) > 1
         perms = {sid: (np.argsort(d["structs"][0].numbers, kind="stable") if mixed else None)
                  for sid, d in prep.items()}
-
-        def permuted(s, perm):
-            if perm is None:
-                return s
-            return replace(s, numbers=np.asarray(s.numbers)[perm], positions=s.positions[perm],
-                           forces=None if s.forces is None else s.forces[perm])
 
         pstructs = {sid: [permuted(s, perms[sid]) for s in d["structs"]] for sid, d in prep.items()}
         allp = [s for sid in prep for s in pstructs[sid]]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -82,15 +81,14 @@ def predict_structures(fit: dict, structs, forces=True):
     """(E [M], F [M, n, 3] or None, sigma [M]) of structures of one atom sequence that ``fit``
     takes (:func:`order_for`); sigma: the predictive (calibrated, label noise included) standard
     deviation of the energy error."""
-    from dataclasses import replace
+    from .augment import permuted
 
     fp, model = fit["fingerprint"], fit["model"]
     n = structs[0].natoms
     perm = order_for(fit, structs[0].numbers)
     if perm is None:
         raise InputError(f"the GPR fit cannot take structures of atomic numbers {list(structs[0].numbers)[:12]}")
-    shown = [replace(s, numbers=np.asarray(s.numbers)[perm], positions=np.asarray(s.positions)[perm], forces=None)
-             for s in structs]
+    shown = [permuted(s, perm) for s in structs]
     X, J = fp.compute([s.positions for s in shown], shown, with_jacobian=forces)
     e, f, sg = model.predict(X, J, forces=forces, variance=True, predictive=True)
     F = None
@@ -107,7 +105,7 @@ def fit_all(cfg, save=None, load=None):
     from ..data.h5store import H5Dataset
     from ..utils.log import warn
     from .augment import (_estimated_cost, _hyper_given, _parents_of, composition_groups, describe_group,
-                          fit_subset, nominal_delta, share_plan, shared_hyper)
+                          fit_subset, nominal_delta, permuted, share_plan, shared_hyper)
 
     ds = H5Dataset(cfg.input)
     cfg.gpr.save = save or cfg.gpr.save
@@ -134,8 +132,7 @@ def fit_all(cfg, save=None, load=None):
             if got and len(units[sid]) > 1:
                 # as augment: a group's structures with their atoms sorted by element
                 perm = np.argsort(got[0].numbers, kind="stable")
-                got = [replace(s, numbers=np.asarray(s.numbers)[perm], positions=s.positions[perm],
-                               forces=None if s.forces is None else s.forces[perm]) for s in got]
+                got = [permuted(s, perm) for s in got]
             structs += got or []
         if not structs:
             print(f"subset {name}: no training structures with forces, skipped", flush=True)

@@ -387,15 +387,21 @@ class LocalKernel:
         return X[:, :nD].contiguous(), (None if J is None else self._stripped(J, nD)), self.codes(X)
 
     def _stripped(self, J, nD):
-        """J without its code rows; the last one kept (a fitted model predicts against the same
-        training Jacobian in every call, and the copy is a pass over the whole array)."""
+        """J without its code rows (kept for the last J: see :meth:`_kept_for`)."""
+        return self._kept_for("_jstrip", J, lambda: J[:, :nD].contiguous())
+
+    def _kept_for(self, attr, J, make):
+        """``make()``, kept in ``attr`` for the last tensor ``J`` it was made from: a fitted model
+        predicts against the same training Jacobian in every call, and what is derived from it
+        costs a pass over the whole array.  Reused only for the same tensor object, unchanged (a
+        freed tensor's memory may hold a new one)."""
         import weakref
 
-        kept = getattr(self, "_jstrip", None)
+        kept = getattr(self, attr, None)
         if kept is not None and kept[0]() is J and kept[1] == J._version:
             return kept[2]
-        out = J[:, :nD].contiguous()
-        self._jstrip = (weakref.ref(J), J._version, out)
+        out = make()
+        setattr(self, attr, (weakref.ref(J), J._version, out))
         return out
 
     def _same(self, sA, sB, like):
@@ -535,21 +541,15 @@ class LocalKernel:
 
     def _element_rows(self, JA, A, P):
         """(atom indices of one element, JA's rows of those atoms [A, na, D, P]) per element,
-        kept for the last JA seen: a fitted model predicts against the same training Jacobian in
-        every call, and gathering it costs a copy of the whole array."""
-        import weakref
-
-        kept = getattr(self, "_elements", None)
-        # the same tensor object, unchanged (a freed tensor's memory may hold a new one)
-        if kept is not None and kept[0]() is JA and kept[1] == JA._version:
-            return kept[2]
-        J4 = JA.reshape(A, self.n, self.dim, P)
-        parts = []
-        for z in torch.unique(self.species).tolist():
-            S = torch.nonzero(self.species == z).flatten().to(JA.device)
-            parts.append((S, J4[:, S].contiguous()))
-        self._elements = (weakref.ref(JA), JA._version, parts)
-        return parts
+        kept for the last JA seen (:meth:`_kept_for`: gathering it costs a copy of the whole array)."""
+        def make():
+            J4 = JA.reshape(A, self.n, self.dim, P)
+            parts = []
+            for z in torch.unique(self.species).tolist():
+                S = torch.nonzero(self.species == z).flatten().to(JA.device)
+                parts.append((S, J4[:, S].contiguous()))
+            return parts
+        return self._kept_for("_elements", JA, make)
 
     def _buf(self, name, shape, like):
         """A scratch tensor of ``shape`` kept between calls (grown, never shrunk)."""

@@ -1133,12 +1133,15 @@ class LocalGPR:
         self.memory_fraction = memory_fraction
         self.info: dict = {}
 
+    def _mixed_kernel(self):
+        """The local kernel when its structures differ in composition or atom count, else None."""
+        kern = self.gpr_kwargs.get("kernel")
+        return kern if getattr(kern, "is_mixed", False) else None
+
     def _composition(self, X):
         """[N, K] element counts of a mixed local kernel's structures, or None (one composition)."""
-        kern = self.gpr_kwargs.get("kernel")
-        if kern is None or not getattr(kern, "is_mixed", False):
-            return None
-        return kern.composition(torch.as_tensor(X, dtype=torch.float64).cpu())
+        kern = self._mixed_kernel()
+        return None if kern is None else kern.composition(torch.as_tensor(X, dtype=torch.float64).cpu())
 
     def fit(self, X, J, E, F=None):
         # structures of different compositions (a mixed local kernel): the prior mean of an
@@ -1171,7 +1174,8 @@ class LocalGPR:
         t0 = time.perf_counter()
         Et = _as_t(E, "cpu").reshape(-1)
         Gt = -_as_t(F, "cpu").reshape(N, -1) if (use_forces and F is not None) else None
-        pad = getattr(self.gpr_kwargs.get("kernel"), "padded", lambda X: None)(torch.as_tensor(X).cpu())
+        kern = self._mixed_kernel()
+        pad = None if kern is None else kern.padded(torch.as_tensor(X).cpu())
         if Gt is not None and pad is not None:      # the force scale over real atoms only
             Gt = Gt.reshape(-1)[~pad.reshape(-1)]
         scales = standardisation(Et, Gt)
