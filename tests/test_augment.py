@@ -110,6 +110,44 @@ def test_displacements_seeded_no_translation_min_distance():
         displace(pos, 20, 1e-3, subset_rng(1, "X"), min_dist=1.0, max_tries=3)
 
 
+def _displace_checking_every_pair(pos, n_copies, delta, rng, cell, pbc, min_dist):
+    """The guard as first written: every copy's minimum distance over all pairs and images."""
+    out = np.zeros((n_copies, len(pos), 3))
+    for m in range(n_copies):
+        while True:
+            d = rng.normal(0.0, delta, size=pos.shape)
+            d -= d.mean(0)
+            if min_distance(pos + d, cell, pbc, cutoff=min_dist * 1.01) >= min_dist:
+                out[m] = d
+                break
+    return out
+
+
+@pytest.mark.parametrize("delta", [0.05, 0.25])
+def test_displacement_guard_on_close_pairs_equals_the_all_pairs_guard(delta):
+    """The guard checks the parent's close pairs only (and every pair when a copy moved an atom by
+    half the margin or more, which delta 0.25 A reaches): the copies must be those of the check over
+    all pairs and periodic images, draw for draw, in a skewed periodic cell shorter than the
+    cutoff along one axis, in a slab and in a molecule, each with pairs near the bound."""
+    rng = np.random.default_rng(3)
+    cell = np.array([[2.6, 0.0, 0.0], [1.1, 4.0, 0.0], [0.3, 0.4, 5.0]])
+    grid = np.array([[i, j, k] for i in (0, 0.5) for j in (0, 0.5) for k in (0, 0.5)])
+    pos = (grid + rng.uniform(-0.01, 0.01, size=grid.shape)) @ cell
+    pos = np.vstack([pos, pos[0] + [0.0, 0.0, 0.95]])                  # a pair near the bound
+    cases = [(cell, [True, True, True]), (cell, [True, True, False]), (None, None)]
+    rejected = 0
+    for c, pbc in cases:
+        p0 = pos
+        assert 0.9 < min_distance(p0, c, pbc, cutoff=1.01) < 1.0
+        a = displace(p0, 40, delta, subset_rng(5, "Z"), cell=c, pbc=pbc, min_dist=0.9)
+        b = _displace_checking_every_pair(p0, 40, delta, subset_rng(5, "Z"), c, pbc, 0.9)
+        np.testing.assert_array_equal(a, b)
+        free = subset_rng(5, "Z").normal(0, delta, size=(40,) + p0.shape)
+        free -= free.mean(1, keepdims=True)
+        rejected += sum(min_distance(p0 + d, c, pbc, cutoff=1.01) < 0.9 for d in free)
+    assert rejected > 0          # the bound was really in play
+
+
 def test_taylor_energy_formula():
     rng = np.random.default_rng(0)
     F = rng.normal(size=(3, 3))
