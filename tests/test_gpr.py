@@ -392,6 +392,26 @@ def test_loo_residuals_match_explicit_refits():
         assert float(sp[0]) ** 2 == pytest.approx(gb.sigma_calibration ** 2 * float(var[b]) * g.s ** 2, rel=1e-6)
 
 
+def test_loo_blocks_of_large_cells_on_two_threads():
+    """The leave-one-out blocks of 64-atom cells (193 rows each), several at once, on two threads:
+    torch 2.13's MKL raised on the batched LU inverse there (augment of a 64-atom MD set under
+    mpirun with lent cores ended with a RuntimeError); the result must equal each block's own
+    inverse."""
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(4, 193, 193))
+    blocks = torch.as_tensor(A @ A.transpose(0, 2, 1) / 193 + 0.05 * np.eye(193))
+    a_b = torch.as_tensor(rng.normal(size=(4, 193)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        r, v = GPR._loo_from_blocks(blocks, a_b, full=True)
+    finally:
+        torch.set_num_threads(threads)
+    inv = np.stack([np.linalg.inv(b) for b in blocks.numpy()])
+    np.testing.assert_allclose(r.numpy(), np.einsum("bij,bj->bi", inv, a_b.numpy()), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(v.numpy(), inv[:, 0, 0], rtol=1e-9)
+
+
 def test_fitted_sigma_calibration_is_the_median_loo_z_and_scales_predictive_sigma():
     """The calibration factor makes the training set's LOO energy errors standard normal in
     their median (the fit's sub-sample's above loo_max_obs rows); predictive sigmas are

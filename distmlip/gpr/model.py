@@ -711,7 +711,13 @@ class GPR:
         """LOO energy residuals ``[(K^-1)_bb]^-1 (K^-1 y)_b`` (first component; ``full``: the
         whole block, energy then force components) and predictive variances
         ``[((K^-1)_bb)^-1]_00`` from the diagonal blocks of K^-1 and alpha's blocks."""
-        inv = torch.linalg.inv(Kinv_bb)
+        # Cholesky, not LU: the blocks are positive definite, and torch 2.13's MKL fails batched
+        # LU inverses of 128+ rows on 2+ threads ("Parameter 6 was incorrect on entry to DLASWP",
+        # then a RuntimeError): 64-atom cells under mpirun with lent cores hit it.
+        L, info = torch.linalg.cholesky_ex(Kinv_bb)
+        inv = torch.cholesky_inverse(L)
+        for b in torch.nonzero(info).reshape(-1).tolist():       # numerically indefinite: LU, alone
+            inv[b] = torch.linalg.inv(Kinv_bb[b])
         r = (inv @ a_b[:, :, None])[:, :, 0]
         return (r if full else r[:, 0]), inv[:, 0, 0]
 
