@@ -285,6 +285,28 @@ def test_two_ranks_identical_to_one_and_rerun_skips(data, capsys):
     assert [c.energy for c in C] == [a.energy for a in A]
 
 
+def test_rerun_after_an_edited_energy_recomputes_only_its_subset(data, capsys):
+    """Shards are keyed by their subset's own structures: after one energy of the Al subset is
+    corrected, a rerun recomputes that subset and reuses the two others (every subset was
+    recomputed before: the key hashed the whole file), and its output equals a fresh run's."""
+    structs = _emt_dataset(data / "ed_in.h5")
+    cfg = _cfg(data, "ed", method="taylor", input=str(data / "ed_in.h5"))
+    run_cli(capsys, ["augment", str(cfg)])
+    al = [s for s in structs if s.source == "al"][-1]
+    al.energy += 0.02
+    write_dataset(data / "ed_in.h5", structs)
+    res = run_cli(capsys, ["augment", str(cfg)])
+    assert res.stdout.count("finished earlier, skipped") == 2, res.stdout
+    fresh = _cfg(data, "ed_fresh", method="taylor", input=str(data / "ed_in.h5"))
+    run_cli(capsys, ["augment", str(fresh)])
+    _, A = _arrays(data / "ed.h5")
+    _, B = _arrays(data / "ed_fresh.h5")
+    assert len(A) == len(B) and any(a.energy == al.energy for a in A)
+    for a, b in zip(A, B):
+        np.testing.assert_array_equal(a.positions, b.positions)
+        assert (a.energy, a.parent, a.subset) == (b.energy, b.parent, b.subset)
+
+
 def test_bad_config_errors(data, capsys):
     cfg = _cfg(data, "bad", copiez=3)
     res = run_cli(capsys, ["augment", str(cfg)], check=False)

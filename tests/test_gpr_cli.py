@@ -106,7 +106,7 @@ def test_augment_refuses_a_saved_fit_of_other_structures_and_keys_shards_by_its_
     assert cli_main(["gpr", "fit", str(data / "aug.yaml"), "--out", str(data / "fits")]) == 0
     cfg = load_config(data / "aug.yaml", AugmentConfig)
     cfg.gpr.load = str(data / "fits")
-    k1 = _subset_key(cfg, "Cu3Ni_0", 9, np.arange(5), "c")
+    k1 = _subset_key(cfg, "Cu3Ni_0", np.arange(5), "c")
     # another data set with the same subsets (other rattles): refused
     write_dataset(data / "other.h5", _emt(7))
     capsys.readouterr()
@@ -125,7 +125,7 @@ def test_augment_refuses_a_saved_fit_of_other_structures_and_keys_shards_by_its_
     # refit (other seed, so other hyperparameters) into the same directory: another shard key
     assert cli_main(["gpr", "fit", str(data / "aug.yaml"), "--out", str(data / "fits"), "--set",
                      "gpr.fit_iterations=3"]) == 0
-    assert _subset_key(cfg, "Cu3Ni_0", 9, np.arange(5), "c") != k1
+    assert _subset_key(cfg, "Cu3Ni_0", np.arange(5), "c") != k1
     # gpr test: a test subset without a fit is named, not dropped silently; none matching: error
     from ase.build import bulk
     ag = [emt_structure(bulk("Ag", "fcc", a=4.1).repeat((2, 1, 1)), "ag", k) for k in range(2)]

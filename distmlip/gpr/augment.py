@@ -293,17 +293,31 @@ class AugmentConfig:
 # raised whenever a code change alters what a shard holds for the same settings and input, so that
 # a rerun after an upgrade recomputes instead of reusing (2: one-atom subsets get no copies; 3:
 # one-structure fits get none, one GPR per composition group; 4: a local sub-sample that explains
-# the set poorly is searched again; 5: references whose energy contradicts their forces are left out)
-SHARD_VERSION = 5
+# the set poorly is searched again; 5: references whose energy contradicts their forces are left out;
+# 6: keyed by the subset's own reference structures instead of the whole input file)
+SHARD_VERSION = 6
 
 
-def _subset_key(cfg: AugmentConfig, name: str, n_in: int, idx: np.ndarray, content: str) -> str:
-    """Digest of everything a subset's shard depends on (rerun validity): the settings and the
-    input's CONTENT (``H5Dataset.content_id``; a reconverted file under the same name is another
-    input) and ``SHARD_VERSION``."""
+def _subset_content(ds, idx: np.ndarray, chunk: int = 2048) -> str:
+    """Digest of what a subset's shard is made from: its reference structures (atoms, positions,
+    cell, pbc, energy, forces) and the data set's element list (the fingerprints' layout).  Not
+    the whole file's: one corrected energy, or new structures in other subsets, recomputed every
+    subset of a data set before (sweep 25); the merge reads the parents' other fields anew."""
+    from .store import structures_digest
+
+    h = hashlib.sha256(json.dumps(list(ds.species)).encode())
+    for a in range(0, len(idx), chunk):
+        h.update(structures_digest(ds.read(np.asarray(idx[a:a + chunk]))).encode())
+    return h.hexdigest()[:32]
+
+
+def _subset_key(cfg: AugmentConfig, name: str, idx: np.ndarray, content: str) -> str:
+    """Digest of everything a subset's shard depends on (rerun validity): the settings, the
+    reference structures' indices and CONTENT (:func:`_subset_content`; a reconverted file under
+    the same name is another input where their data differ) and ``SHARD_VERSION``."""
     d = {"version": SHARD_VERSION, "method": cfg.method, "seed": cfg.seed, "min_distance": cfg.min_distance,
          "sub": cfg.for_subset(name), "gpr": asdict(cfg.gpr) if cfg.method == "gpr" else None,
-         "name": name, "n_in": n_in, "idx": hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest(),
+         "name": name, "idx": hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest(),
          "input": content, "outlier_z": cfg.outlier_z}
     if "auto" in (d["sub"]["copies"], d["sub"]["delta"]):
         d["auto_rule"] = AUTO_RULE      # the values it picks: a changed rule must not reuse old copies
@@ -1326,7 +1340,7 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
     rank, world = ctx.rank, ctx.world_size
     parents = {sid: _parents_of(ds, sid)[0] for sid in range(len(names))}
     _check_fixed_atoms(cfg, ds, names, parents)
-    keys = {sid: _subset_key(cfg, names[sid], ds.n_structures, parents[sid], ds.content_id) for sid in parents}
+    keys = {sid: _subset_key(cfg, names[sid], parents[sid], _subset_content(ds, parents[sid])) for sid in parents}
     # the unit of work: a subset, or a composition group (one GPR for several atom orders) under
     # its first subset; a group's shards depend on every member's data, hence one key for all
     groups = composition_groups(cfg, ds, parents)
