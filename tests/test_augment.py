@@ -463,6 +463,9 @@ def test_one_composition_in_many_atom_orders_is_one_gpr(tmp_path, capsys):
     res, rep, cfg, _, _ = _group_augment(tmp_path, capsys, out, "grp")
     assert "4 atom orders" in res.stdout
     assert all(r["fingerprint"]["kind"] == "local" and len(r["gpr_group"]) == 4 for r in rep)
+    # the group's time once, on its first subset (each member printed the group's total before)
+    head = rep[0]["gpr_group"][0]
+    assert res.stdout.count(f"in the GPR of {head}") == 3 and "(^: in the time of its GPR group" in res.stdout
     # a rerun reuses the group's shards
     res = run_cli(capsys, ["augment", str(cfg)])
     assert "finished earlier" in res.stdout

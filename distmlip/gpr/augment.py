@@ -1460,9 +1460,11 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
                              f"structure(s), the calibration needs 5; the copies' sigmas may be several times "
                              f"too small (max_uncertainty and the variance weights rest on them)")
                 unc = r.get("uncertainty_eV", {})
+                # a group's one GPR: its time once, on its first subset (each member repeated it)
+                took = f"{r['time_total_s']:.1f} s" if m == ms[0] else f"in the GPR of {names[ms[0]]}"
                 print(f"{pre}subset {names[m]} ({k}/{n_mine}): {r['n_reference']} reference, "
                       f"{r['n_kept']}/{r['n_copies']} copies kept, sigma mean {unc.get('mean', 0):.4f} eV"
-                      f"{extra}, {r['time_total_s']:.1f} s", flush=True)
+                      f"{extra}, {took}", flush=True)
 
     first = {sid: c for sid, c in costs.items() if sid not in plan}
     second = {sid: costs[sid] for sid in plan}
@@ -1726,9 +1728,12 @@ def format_table(report: dict) -> str:
     hdr = (f"{'subset':<24} {'ref':>5} {'copies':>7} {'kept':>7} {'cand':>5} {'sig mean':>9} {'sig max':>9} "
            f"{'w (eV)':>8} {'n_E':>8} {'n_F':>8} {'jitter':>8} {'local':>5} {'time s':>7}  l")
     lines = [hdr, "-" * len(hdr)]
+    grouped = False
     for r in report["subsets"]:
         u = r.get("uncertainty_eV", {})
         g = r.get("gpr", {})
+        member = bool(r.get("gpr_group")) and r["subset"] != r["gpr_group"][0]
+        grouped |= member
         f = lambda v, fmt: (format(v, fmt) if isinstance(v, (int, float)) and v is not None else "-")
         lines.append(
             f"{r['subset'][:24]:<24} {r['n_reference']:>5} {r.get('n_copies', 0):>7} {r.get('n_kept', 0):>7} "
@@ -1736,7 +1741,9 @@ def format_table(report: dict) -> str:
             f"{f(g.get('weight_eV'), '8.3g'):>8} "
             f"{f(g.get('noise_energy_eV'), '8.2e'):>8} {f(g.get('noise_force_eVA'), '8.2e'):>8} "
             f"{f(g.get('jitter'), '8.1e'):>8} {g.get('n_local', '-') if g else '-':>5} "
-            f"{f(r.get('time_total_s'), '7.1f'):>7}  {_lengths(g) if g else '-'}")
+            f"{'^' if member else f(r.get('time_total_s'), '7.1f'):>7}  {_lengths(g) if g else '-'}")
+    if grouped:
+        lines.append("(^: in the time of its GPR group's first subset, which fits one GPR for all of them)")
     lines.append(f"input {report['n_input']} + synthetic {report['n_synthetic']} = {report['n_output']} "
                  f"structures; {report['n_candidates']} active-learning candidates")
     return "\n".join(lines)
