@@ -425,11 +425,15 @@ def test_fitted_sigma_calibration_is_the_median_loo_z_and_scales_predictive_sigm
     c = g.sigma_calibration
     assert c == g.info["sigma_calibration"] and 0.05 < c < 20 and c != 1.0
     assert g.info["sigma_calibration_from"] == "all" and g.info["fit_structures"] == len(E)
-    assert gs.sigma_calibration == pytest.approx(c, rel=1e-6)     # the sub-sample is the whole set here
+    # the sub-sample is the whole set here.  The two routes to the blocks of K^-1 (dpotri in the
+    # search, dtrtri and X_b^T X_b in calibrate) round differently, and K's condition number here
+    # (4e11) makes that 2e-6 of the factor (against 40-digit arithmetic on the same factor the
+    # residuals are 1.3e-6 and 3.5e-6 off, the variances 5e-7 and 2e-6)
+    assert gs.sigma_calibration == pytest.approx(c, rel=2e-5)
     y = g._targets(torch.as_tensor(E), -torch.as_tensor(F).reshape(len(E), -1))
     p = {k: getattr(g.hyper, k) for k in ("weight", "length_scale", "noise_energy", "noise_force")}
     _, _, (res, var) = g.lml_and_grad(torch.as_tensor(X), torch.as_tensor(J), y, p, (), loo=True)
-    assert c == pytest.approx(float((res.abs() / var.sqrt()).median()) / 0.6745, rel=1e-9)
+    assert c == pytest.approx(float((res.abs() / var.sqrt()).median()) / 0.6745, rel=2e-5)
     _, _, s0 = g.predict(X[:3] + 0.01, J[:3], forces=False)
     _, _, s1 = g.predict(X[:3] + 0.01, J[:3], forces=False, predictive=True)
     ne = (g.hyper.noise_energy + g.noise_floor) * g.s

@@ -181,6 +181,16 @@ def potri_inplace(L: torch.Tensor) -> int:
     return int(info)
 
 
+def trtri_inplace(L: torch.Tensor) -> int:
+    """L^-1 from the lower factor in L, written over L's lower triangle (the strict upper
+    triangle keeps its old values).  Returns LAPACK's info."""
+    a = L.numpy().T                       # Fortran view: the upper factor L^T, inverted in place
+    c, info = _lapack().dtrtri(a, lower=0, unitdiag=0, overwrite_c=1)
+    if not np.shares_memory(c, a):
+        L.copy_(torch.from_numpy(np.ascontiguousarray(c.T)))
+    return int(info)
+
+
 def symmetrize_lower_(A: torch.Tensor, block: int = 256) -> torch.Tensor:
     """Copy the lower triangle of A onto its upper triangle, tile by tile (no n x n copy).  Square
     tiles, whose transposed reads stay in cache: whole 512-row panels took 2.5-4.5x longer
@@ -757,14 +767,22 @@ class GPR:
         """Leave-one-structure-out residuals [N, 1+P] (energy, then force components) and energy
         predictive variances (standardised units) of the factorised kernel L: the closed form of
         :meth:`lml_and_grad`."""
+        idx = self._structure_rows(N, L.device)
         if L.device.type == "cpu":
+            # only the diagonal blocks of K^-1 = L^-T L^-1 are needed: from L^-1 (dtrtri, n^3 / 3)
+            # as X_b^T X_b with X_b the columns of structure b, instead of all of K^-1 (dpotri
+            # adds dlauum, another n^3 / 3: half the time of this step)
             W = L.clone()
-            if potri_inplace(W) != 0:
-                raise InputError("GPR: LAPACK dpotri failed on a factorised kernel")
+            if trtri_inplace(W) != 0:
+                raise InputError("GPR: LAPACK dtrtri failed on a factorised kernel")
+            zero_upper_(W)
+            Kinv_bb = torch.empty(N, idx.shape[1], idx.shape[1], dtype=W.dtype)
+            for b in range(N):
+                X = W[b:, idx[b]]                 # rows above b are zero in these columns
+                torch.mm(X.T, X, out=Kinv_bb[b])
         else:
             W = _cholesky_inverse(L)
-        idx = self._structure_rows(N, L.device)
-        Kinv_bb = W[idx[:, :, None], idx[:, None, :]]
+            Kinv_bb = W[idx[:, :, None], idx[:, None, :]]
         del W
         return self._loo_from_blocks(Kinv_bb, alpha[idx], full=True)
 
