@@ -19,6 +19,9 @@ $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
+	# an editable install leaves the sources uncompiled; where PYTHONDONTWRITEBYTECODE is set (many
+	# containers) every process would compile them again (0.07-0.1 s of a 2.4 s training run)
+	$(BIN)/python -m compileall -q distmlip
 	@touch $(STAMP)
 
 venv install: $(STAMP)
