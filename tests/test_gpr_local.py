@@ -337,3 +337,32 @@ def test_padding_structures_to_more_atoms_changes_nothing():
     assert b["lml_fit"] == pytest.approx(a["lml_fit"], rel=1e-10, abs=1e-9)
     np.testing.assert_allclose(b["grad"], a["grad"], rtol=1e-9, atol=1e-9)
     assert b["loo_e"] == pytest.approx(a["loo_e"], rel=1e-9) and b["loo_f"] == pytest.approx(a["loo_f"], rel=1e-9)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_kept_row_terms_of_a_prediction_follow_the_rows_they_came_from(mixed):
+    """The prediction blocks keep what they derive from the row structures alone between calls
+    (the same training set in every call of a labelling); a change of those rows in place, or
+    new row tensors, must not reuse it: each block equals the one of fresh copies of its inputs."""
+    if mixed:
+        _, ker, X, J = _mixed_structures(seed=5, scale=0.12)
+    else:
+        ker, X, J = _kernel_and_structures(seed=3, scale=0.1)
+    nD = ker.n * ker.dim
+    XA, JA, XB = X[:2].clone(), J[:2].clone(), X[2:].clone()
+    w, l = 1.2, 0.8
+
+    def fresh():
+        return ker.cov_block(XA.clone(), JA.clone(), XB, None, w, l, True, False)
+
+    want = fresh()
+    first = ker.cov_block(XA, JA, XB, None, w, l, True, False)
+    assert torch.equal(ker.cov_block(XA, JA, XB, None, w, l, True, False), first)
+    assert torch.equal(first, want)
+    XA[:, :nD] += 0.01                  # in place: the kept terms of the old values must go
+    changed = ker.cov_block(XA, JA, XB, None, w, l, True, False)   # right after a call on XA
+    assert not torch.equal(changed, first) and torch.equal(changed, fresh())
+    ker.cov_block(XA, JA, XB, None, w, l, True, False)
+    JA.mul_(1.1)
+    changed = ker.cov_block(XA, JA, XB, None, w, l, True, False)
+    assert torch.equal(changed, fresh())
