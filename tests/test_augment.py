@@ -307,6 +307,31 @@ def test_rerun_after_an_edited_energy_recomputes_only_its_subset(data, capsys):
         assert (a.energy, a.parent, a.subset) == (b.energy, b.parent, b.subset)
 
 
+def test_rerun_after_new_subsets_appended_recomputes_only_those(data, capsys):
+    """A data set that grew by structures of a new kind, appended at its end (same elements):
+    a rerun reuses every earlier subset's shard, computes the new subset, and its output equals a
+    fresh run's on the grown set."""
+    from ase.build import bulk
+
+    structs = _emt_dataset(data / "gr_in.h5")
+    cfg = _cfg(data, "gr", method="taylor", input=str(data / "gr_in.h5"))
+    first = run_cli(capsys, ["augment", str(cfg)])
+    n_sub = first.stdout.count(" reference, ")
+    assert n_sub >= 3, first.stdout
+    grown = structs + _rattled(lambda: bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1)), 4, 0.05, 40, "cu8")
+    write_dataset(data / "gr_in.h5", grown)
+    res = run_cli(capsys, ["augment", str(cfg)])
+    assert res.stdout.count("finished earlier, skipped") == n_sub, res.stdout
+    fresh = _cfg(data, "gr_fresh", method="taylor", input=str(data / "gr_in.h5"))
+    run_cli(capsys, ["augment", str(fresh)])
+    _, A = _arrays(data / "gr.h5")
+    _, B = _arrays(data / "gr_fresh.h5")
+    assert len(A) == len(B) > len(structs) and sum(len(a.numbers) == 8 for a in A) > 4
+    for a, b in zip(A, B):
+        np.testing.assert_array_equal(a.positions, b.positions)
+        assert (a.energy, a.parent, a.subset) == (b.energy, b.parent, b.subset)
+
+
 def test_bad_config_errors(data, capsys):
     cfg = _cfg(data, "bad", copiez=3)
     res = run_cli(capsys, ["augment", str(cfg)], check=False)
