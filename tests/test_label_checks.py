@@ -392,3 +392,22 @@ def test_featurize_refuses_a_cutoff_below_every_bond(tmp_path, emt_h5, capsys):
     assert rc != 0 and not (tmp_path / "f.h5").exists()
     assert re.search(r"descriptor cutoff 1.5 A is below every interatomic distance .*shortest .* is 2\.\d+ A",
                      capsys.readouterr().err)
+
+
+def test_featurize_cutoff_check_searches_pairs_within_the_cutoff_only(tmp_path, emt_h5, monkeypatch):
+    """The check that some pair lies within the cutoff searches no farther than the cutoff when
+    it passes: at 20 A it listed thousands of periodic images per small cell, a silent 13 s
+    for 200 4-atom cells before every `distmlip featurize` of such data."""
+    import distmlip.data.validate as validate
+    from distmlip.cli import main
+
+    asked = []
+    real = validate.min_interatomic_distance
+
+    def spy(s, cutoff):
+        asked.append(cutoff)
+        return real(s, cutoff)
+
+    monkeypatch.setattr(validate, "min_interatomic_distance", spy)
+    assert main(["featurize", str(emt_h5), "--rc-radial", "4.5", "--rc-angular", "3.5", "-o", str(tmp_path / "f.h5")]) == 0
+    assert asked and max(asked) <= 4.5
