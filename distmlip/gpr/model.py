@@ -160,35 +160,34 @@ def _lapack():
     return lapack
 
 
-def potrf_inplace(A: torch.Tensor) -> int:
-    """Lower Cholesky factor of the symmetric C-contiguous CPU tensor A, written over A's lower
-    triangle (the strict upper triangle keeps its old values).  Returns LAPACK's info."""
-    a = A.numpy().T                       # Fortran-ordered view: LAPACK works on it in place
-    c, info = _lapack().dpotrf(a, lower=0, clean=0, overwrite_a=1)
+def _lapack_inplace(A: torch.Tensor, routine: str, **kw) -> int:
+    """LAPACK ``routine`` on the C-contiguous CPU tensor A in place: its Fortran-ordered view is
+    A's transpose, so LAPACK's upper triangle (``lower=0``) is A's lower one.  Returns info."""
+    a = A.numpy().T
+    c, info = getattr(_lapack(), routine)(a, lower=0, **kw)
     if not np.shares_memory(c, a):        # scipy copied (should not happen for this layout)
         A.copy_(torch.from_numpy(np.ascontiguousarray(c.T)))
     return int(info)
 
 
+def potrf_inplace(A: torch.Tensor) -> int:
+    """Lower Cholesky factor of the symmetric tensor A, written over A's lower triangle (the
+    strict upper triangle keeps its old values).  Returns LAPACK's info."""
+    return _lapack_inplace(A, "dpotrf", clean=0, overwrite_a=1)
+
+
 def potri_inplace(L: torch.Tensor) -> int:
     """K^-1 from the lower factor in L, written over L as a full symmetric matrix."""
-    a = L.numpy().T
-    c, info = _lapack().dpotri(a, lower=0, overwrite_c=1)
-    if not np.shares_memory(c, a):
-        L.copy_(torch.from_numpy(np.ascontiguousarray(c.T)))
+    info = _lapack_inplace(L, "dpotri", overwrite_c=1)
     if info == 0:
         symmetrize_lower_(L)
-    return int(info)
+    return info
 
 
 def trtri_inplace(L: torch.Tensor) -> int:
     """L^-1 from the lower factor in L, written over L's lower triangle (the strict upper
     triangle keeps its old values).  Returns LAPACK's info."""
-    a = L.numpy().T                       # Fortran view: the upper factor L^T, inverted in place
-    c, info = _lapack().dtrtri(a, lower=0, unitdiag=0, overwrite_c=1)
-    if not np.shares_memory(c, a):
-        L.copy_(torch.from_numpy(np.ascontiguousarray(c.T)))
-    return int(info)
+    return _lapack_inplace(L, "dtrtri", unitdiag=0, overwrite_c=1)
 
 
 def symmetrize_lower_(A: torch.Tensor, block: int = 256) -> torch.Tensor:
