@@ -3,7 +3,7 @@
     python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies auto] [--auto-pool 1] [--pool 80] [--delta 0.03]
                                  [--fingerprint auto] [--np 1] [--out runs/gpr_ann] [--reuse-augment]
                                  [--gpr-load DIR]
-                                 [--scheduler plateau|cosine] [--methods energy,force,...]
+                                 [--scheduler plateau|cosine] [--methods energy,force,...] [--seeds 0,1]
     python benchmarks/gpr_ann.py files --train TRAIN --test TEST [--descriptor 5.0,8,3.5,4]
                                  [--hidden 16,16] [--batch-atoms 1200] [...]
 
@@ -128,7 +128,9 @@ def train_yaml(out: Path, name: str, data: str, mode: str, epochs: int, batch_at
     return p
 
 
-def run_method(out, name, data, mode, budget, batch_atoms, np_, extra=None):
+def run_method(out, name, data, mode, budget, batch_atoms, np_, extra=None, seeds=(0,)):
+    """One row per training seed: the epochs from one calibration (the first seed's), so every
+    seed trains the same epochs and the rows differ by the seed alone."""
     import csv
 
     cal = train_yaml(out, name + "_cal", data, mode, 3, batch_atoms, extra)
@@ -137,15 +139,20 @@ def run_method(out, name, data, mode, budget, batch_atoms, np_, extra=None):
     rows = list(csv.DictReader(open(out / f"run_{name}_cal" / "log.csv")))
     per_epoch = float(np.median([float(r["time_s"]) for r in rows]))
     epochs = max(2, int(budget / max(per_epoch, 1e-3)))
-    t0 = time.perf_counter()
-    dm("train", train_yaml(out, name, data, mode, epochs, batch_atoms, extra), np_=np_, log=out / f"{name}.log")
-    t_train = time.perf_counter() - t0
-    dm("evaluate", out / f"run_{name}" / "model.pt", out / "test.h5", "-o", out / f"eval_{name}",
-       log=out / f"eval_{name}.log")
-    m = json.loads((out / f"eval_{name}" / "metrics.json").read_text())
-    o = m.get("metrics", m).get("overall", m)
-    return dict(method=name, epochs=epochs, train_s=t_train, E=o["E_mae_meV_atom"], F=o["F_mae"],
-                angle=o["F_direction_deg"])
+    res = []
+    for seed in seeds:
+        tag = name if seed == seeds[0] else f"{name}_s{seed}"
+        t0 = time.perf_counter()
+        dm("train", train_yaml(out, tag, data, mode, epochs, batch_atoms, dict(extra or {}, seed=seed)), np_=np_,
+           log=out / f"{tag}.log")
+        t_train = time.perf_counter() - t0
+        dm("evaluate", out / f"run_{tag}" / "model.pt", out / "test.h5", "-o", out / f"eval_{tag}",
+           log=out / f"eval_{tag}.log")
+        m = json.loads((out / f"eval_{tag}" / "metrics.json").read_text())
+        o = m.get("metrics", m).get("overall", m)
+        res.append(dict(method=name, seed=seed, epochs=epochs, train_s=t_train, E=o["E_mae_meV_atom"],
+                        F=o["F_mae"], angle=o["F_direction_deg"]))
+    return res
 
 
 def _auto(tp):
@@ -180,6 +187,10 @@ def main():
     ap.add_argument("--fingerprint", default="auto")
     ap.add_argument("--np", type=int, default=1, dest="np_")
     ap.add_argument("--methods", default="energy,force,gpr_ann,gpr_ann_paper,hybrid")
+    ap.add_argument("--seeds", default="0",
+                    help="training seeds, e.g. 0,1,2: each method trains once per seed (same epochs); the "
+                         "ratios are printed per seed and for the means (seed-to-seed scatter of 5-10 %% "
+                         "measured on the EC dimers)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--reuse-augment", action="store_true",
                     help="rerun augment without --fresh: its restart shards are reused where their settings and "
@@ -236,9 +247,10 @@ def main():
             "gpr_ann_pool": ("train_pool.h5", "energy", 4 * batch, {"copies_per_epoch": a.copies})}
     methods = a.methods.split(",") + (["gpr_ann_pool"] if a.pool and "gpr_ann_pool" not in a.methods else [])
     common = {"scheduler": a.scheduler} if a.scheduler else {}
-    rows = [run_method(out, m, str(out / plan[m][0]), plan[m][1], a.budget, plan[m][2], a.np_,
-                       dict(common, **(plan[m][3] if len(plan[m]) > 3 else {})))
-            for m in methods]
+    seeds = tuple(int(x) for x in a.seeds.split(","))
+    rows = [r for m in methods
+            for r in run_method(out, m, str(out / plan[m][0]), plan[m][1], a.budget, plan[m][2], a.np_,
+                                dict(common, **(plan[m][3] if len(plan[m]) > 3 else {})), seeds)]
     load = os.getloadavg()[0]
     print(f"\n{a.set}: M = {a.copies}, delta = {a.delta} A, fingerprint {a.fingerprint}, budget {a.budget:.0f} s "
           f"per method, scheduler {a.scheduler or 'default'}, augment (GPR fit + labels) {t_aug:.0f} s, load {load:.1f}")
@@ -249,19 +261,33 @@ def main():
               f"delta {r.get('delta_A')}"
               f"{' (' + r['auto_choice']['reason'] + ')' if r.get('auto_choice') else ''}, sigma mean {r.get('uncertainty_eV', {}).get('mean', 0):.4f} eV, "
               f"label - parent {r.get('label_minus_parent_eV', {}).get('mean', 0):+.4f} eV")
-    print(f"{'method':<14} {'epochs':>6} {'train s':>8} {'E MAE meV/at':>13} {'F MAE eV/A':>11} {'angle':>7}")
+    print(f"{'method':<14} {'seed':>4} {'epochs':>6} {'train s':>8} {'E MAE meV/at':>13} {'F MAE eV/A':>11} "
+          f"{'angle':>7}")
     for r in rows:
-        print(f"{r['method']:<14} {r['epochs']:>6} {r['train_s']:>8.0f} {r['E']:>13.3f} {r['F']:>11.4f} "
-              f"{r['angle']:>7.1f}")
-    by = {r["method"]: r for r in rows}
+        print(f"{r['method']:<14} {r['seed']:>4} {r['epochs']:>6} {r['train_s']:>8.0f} {r['E']:>13.3f} "
+              f"{r['F']:>11.4f} {r['angle']:>7.1f}")
+    by = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r)
+    mean = {m: {k: float(np.mean([r[k] for r in rs])) for k in ("E", "F")} for m, rs in by.items()}
+    if len(seeds) > 1:
+        print(f"means over seeds {a.seeds}:")
+        for m, rs in by.items():
+            print(f"  {m:<14} E {mean[m]['E']:.3f} (range {min(r['E'] for r in rs):.3f}-{max(r['E'] for r in rs):.3f}) "
+                  f"F {mean[m]['F']:.4f} (range {min(r['F'] for r in rs):.4f}-{max(r['F'] for r in rs):.4f})")
+
+    def ratio(m, ref):
+        per = [(x["E"] / y["E"], x["F"] / y["F"]) for x, y in zip(by[m], by[ref])]
+        spread = "" if len(per) < 2 else (f" (per seed E {min(p[0] for p in per):.2f}-{max(p[0] for p in per):.2f}x, "
+                                          f"F {min(p[1] for p in per):.2f}-{max(p[1] for p in per):.2f}x)")
+        return (f"E MAE {mean[m]['E'] / mean[ref]['E']:.2f}x, F MAE {mean[m]['F'] / mean[ref]['F']:.2f}x"
+                + spread)
     if "force" in by:
         for m in ("gpr_ann", "gpr_ann_paper", "hybrid", "gpr_ann_pool"):
             if m in by:
-                print(f"{m} / direct force: E MAE {by[m]['E'] / by['force']['E']:.2f}x, "
-                      f"F MAE {by[m]['F'] / by['force']['F']:.2f}x")
+                print(f"{m} / direct force: {ratio(m, 'force')}")
     if "energy" in by and "gpr_ann" in by:
-        print(f"gpr_ann / energy-only: E MAE {by['gpr_ann']['E'] / by['energy']['E']:.2f}x, "
-              f"F MAE {by['gpr_ann']['F'] / by['energy']['F']:.2f}x")
+        print(f"gpr_ann / energy-only: {ratio('gpr_ann', 'energy')}")
     (out / "summary.json").write_text(json.dumps(dict(rows=rows, augment_s=t_aug, load=load), indent=1))
 
 
