@@ -1061,3 +1061,35 @@ def test_borrowed_cores_in_a_world_of_one_and_the_affinity_of_all_threads():
     finally:
         assert _set_affinity_of_all_threads(before)
     assert process_affinity() == before
+
+
+def test_copies_auto_is_the_same_whether_or_not_memory_splits_the_kernel(tmp_path, capsys, monkeypatch):
+    """copies: auto reads the leave-one-out error; where no local GPR gets LOO over all its
+    structures (large kernels), an unsplit fit falls back on the search's sub-sample LOO and a
+    split one must too: a sweep's 256-atom cells got M = 64 on one run and M = 20 ("default
+    values") on the next, when less free memory split the kernel.  The split and the unchecked
+    sub-sample are said when they happen."""
+    from ase.build import bulk
+
+    from distmlip.gpr import model as gm
+
+    write_dataset(tmp_path / "in.h5", _rattled(lambda: bulk("Cu", "fcc", a=3.61, cubic=True), 14, 0.06, 7, "cu4"))
+    init = gm.GPR.__init__
+
+    def no_full_loo(self, *a, **kw):           # as for kernels above the LOO row limit
+        init(self, *a, **dict(kw, loo_max_obs=10))
+    monkeypatch.setattr(gm.GPR, "__init__", no_full_loo)
+    runs = {}
+    for name, extra in (("whole", {}), ("split", {"max_kernel_obs": 100})):
+        res = run_cli(capsys, ["augment", str(_cfg(tmp_path, name, copies="auto",
+                                                   gpr={"fit_max_obs": 60, "fit_iterations": 15, **extra}))])
+        rep = json.loads((tmp_path / f"{name}.report.json").read_text())["subsets"][0]
+        runs[name] = (rep, res.stdout)
+    (rw, ow), (rs, os_) = runs["whole"], runs["split"]
+    assert rs["gpr"]["n_local"] > 1 and rw["gpr"].get("n_local", 1) == 1
+    assert "default values" not in rs["auto_choice"]["reason"], rs["auto_choice"]
+    assert rs["auto_choice"]["loo_energy_eV"] == rw["auto_choice"]["loo_energy_eV"] is not None
+    assert rs["copies_per_epoch"] == rw["copies_per_epoch"]
+    assert "local GPRs of" in os_ and os_.index("local GPRs of") < os_.index("copies auto:")   # before labels
+    for out, rep in ((ow, rw), (os_, rs)):
+        assert "not checked against the others" in out and rep["gpr"]["fit_subsample_unchecked"]

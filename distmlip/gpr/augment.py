@@ -612,9 +612,18 @@ def _fit_local_checked(ds, structs, E0, F0, cfg, name, rank):
     info = _calibrated(model).info
     full, sub = info.get("loo_all_energy_mae_eV"), info.get("loo_energy_mae_eV")
     n_fit = info.get("fit_structures", len(structs))
+    pre = f"[rank {rank}] " if rank else ""
+    if full is None and sub and n_fit < len(structs):
+        # the guard needs the LOO error over all structures, which large kernels do not get
+        # (GPR._loo: a row limit and the inverse's memory): say that the sub-sample went unchecked
+        info["fit_subsample_unchecked"] = True
+        lim = getattr(model.models[0], "loo_max_obs", None) if hasattr(model, "models") else None
+        print(f"{pre}subset {name}: hyperparameters from {n_fit} of {len(structs)} structures, not checked "
+              f"against the others (leave-one-out errors over all structures are computed for kernels of at most "
+              f"{lim} rows whose inverse fits in memory; this one has {info.get('n_obs')}; gpr.fit_max_obs sets "
+              f"the sub-sample's rows)", flush=True)
     if full is None or not sub or n_fit >= len(structs) or full <= SUBSAMPLE_LOO_RATIO * sub:
         return fp, model
-    pre = f"[rank {rank}] " if rank else ""
     print(f"{pre}subset {name}: the hyperparameters from {n_fit} neighbouring structures explain the "
           f"set poorly (LOO energy MAE over all {len(structs)}: {full:.4f} eV, over the sub-sample: "
           f"{sub:.4f} eV); searching again on a random sub-sample", flush=True)
@@ -1021,7 +1030,8 @@ def process_subsets(ds, sids, cfg: AugmentConfig, rank: int = 0, shared: dict | 
             "fit_select", "fit_subsample", "fit_nn_distance", "nn_distance", "loo_energy_mae_eV", "fit_candidates",
             "sigma_calibration", "sigma_calibration_from", "loo_all_energy_mae_eV", "loo_all_force_mae_eVA", "loo_all_n",
             "time_calibrate_s", "fit_at_bounds", "n_obs", "max_kernel_obs", "memory_cap_obs", "split_by_memory", "n_local", "local_sizes", "time_hyper_s",
-            "time_fit_s", "time_predict_s", "fit_subsample_retried", "loo_unusual", "label_outliers_refit") if k in info}}
+            "time_fit_s", "time_predict_s", "fit_subsample_retried", "fit_subsample_unchecked", "loo_unusual",
+            "label_outliers_refit") if k in info}}
         if fit.get("choice"):
             fit_info["fingerprint_choice"] = fit["choice"]
         if fit.get("shared_from"):

@@ -1192,6 +1192,14 @@ class LocalGPR:
         labels, centres = bounded_kmeans(Xn, max_struct, seed=self.seed)
         self.centres = centres
         k = int(labels.max()) + 1
+        stage = getattr(self, "stage", None)
+        if k > 1 and stage is not None:
+            # said when it happens: the split changes the labels, and a sweep saw it only in a
+            # warning printed after the labelling, 7 minutes later
+            stage(f"{N} structures x {per} kernel rows exceed the {max_obs}-row limit "
+                  + ("(gpr.max_kernel_obs)" if self.max_obs_user is not None and max_obs == int(self.max_obs_user)
+                     else f"(gpr.memory_fraction of {available_memory(self.device) / 2**30:.1f} GiB free memory)")
+                  + f": {k} local GPRs of {', '.join(str(int((labels == c).sum())) for c in range(k))} structures")
         self.labels = labels
         self.models = []
         t0 = time.perf_counter()
@@ -1213,8 +1221,12 @@ class LocalGPR:
             g0.fit(X, J, E, F, hyper_only=True)
             hyper_given = asdict(g0.hyper)
             calibration = g0.sigma_calibration
+            # the search's sub-sample LOO error too: copies: auto falls back on it where the
+            # local GPRs are too large for LOO over all structures, as an unsplit fit does (without
+            # it a split by free memory gave M = 20 instead of 64 on the same 256-atom cells)
             fit_info = {k_: v for k_, v in g0.info.items()
-                        if k_.startswith("fit") or k_.startswith("lml_fit") or k_ == "time_hyper_s"}
+                        if k_.startswith("fit") or k_.startswith("lml_fit")
+                        or k_ in ("time_hyper_s", "loo_energy_mae_eV", "nn_distance")}
         for c in range(k):
             idx = np.nonzero(labels == c)[0]
             kw = dict(self.gpr_kwargs)
