@@ -617,7 +617,7 @@ def _fit_local_checked(ds, structs, E0, F0, cfg, name, rank):
         # the guard needs the LOO error over all structures, which large kernels do not get
         # (GPR._loo: a row limit and the inverse's memory): say that the sub-sample went unchecked
         info["fit_subsample_unchecked"] = True
-        lim = getattr(model.models[0], "loo_max_obs", None) if hasattr(model, "models") else None
+        lim = model.models[0].loo_max_obs
         print(f"{pre}subset {name}: hyperparameters from {n_fit} of {len(structs)} structures, not checked "
               f"against the others (leave-one-out errors over all structures are computed for kernels of at most "
               f"{lim} rows whose inverse fits in memory; this one has {info.get('n_obs')}; gpr.fit_max_obs sets "

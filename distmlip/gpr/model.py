@@ -1192,14 +1192,16 @@ class LocalGPR:
         labels, centres = bounded_kmeans(Xn, max_struct, seed=self.seed)
         self.centres = centres
         k = int(labels.max()) + 1
+        # the memory cap, not the user's max_kernel_obs, decided a split: it depends on the
+        # machine's free memory and the ranks per node (augment warns; sweep 10)
+        split_by_memory = k > 1 and (self.max_obs_user is None or cap < int(self.max_obs_user))
         stage = getattr(self, "stage", None)
         if k > 1 and stage is not None:
             # said when it happens: the split changes the labels, and a sweep saw it only in a
             # warning printed after the labelling, 7 minutes later
-            stage(f"{N} structures x {per} kernel rows exceed the {max_obs}-row limit "
-                  + ("(gpr.max_kernel_obs)" if self.max_obs_user is not None and max_obs == int(self.max_obs_user)
-                     else f"(gpr.memory_fraction of {available_memory(self.device) / 2**30:.1f} GiB free memory)")
-                  + f": {k} local GPRs of {', '.join(str(int((labels == c).sum())) for c in range(k))} structures")
+            stage(f"{N} structures x {per} kernel rows exceed the {max_obs}-row limit ("
+                  + ("gpr.memory_fraction of the free memory" if split_by_memory else "gpr.max_kernel_obs")
+                  + f"): {k} local GPRs of {', '.join(str(int((labels == c).sum())) for c in range(k))} structures")
         self.labels = labels
         self.models = []
         t0 = time.perf_counter()
@@ -1245,9 +1247,6 @@ class LocalGPR:
             self.models.append(g)
         self.info = dict(self.models[0].info)
         self.info.update(fit_info)
-        # the memory cap, not the user's max_kernel_obs, decided a split: it depends on the
-        # machine's free memory and the ranks per node (augment warns; sweep 10)
-        split_by_memory = k > 1 and (self.max_obs_user is None or cap < int(self.max_obs_user))
         n_obs = N * per - (0 if pad is None or not use_forces else int(pad.sum()))     # padded rows are no data
         self.info.update(n_structures=N, n_obs=n_obs, max_kernel_obs=max_obs, split_by_memory=split_by_memory,
                          memory_cap_obs=cap, n_local=k, sigma_calibration=self.models[0].sigma_calibration,
