@@ -98,7 +98,12 @@ class TrainingConfig:
     max_steps: int = field(default=0, metadata=bounds(ge=0))   # stop after this many optimizer steps (0: no limit)
     batch_atoms: int = field(default=2000, metadata=bounds(ge=1))
     batch_structures: int = field(default=0, metadata=bounds(ge=0))   # 0: no limit on structures per batch
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    # lbfgs: full-batch L-BFGS (training/lbfgs.py): every epoch one quasi-Newton iteration on the
+    # loss of the whole training split, its step length from a line search (lr, the scheduler and
+    # copies_per_epoch draws do not apply); for data sets whose whole loss and gradient take up to
+    # a few seconds (docs/training.md "Choosing the optimizer")
+    optimizer: Literal["adamw", "adam", "sgd", "lbfgs"] = "adamw"
+    lbfgs_history: int = field(default=20, metadata=bounds(ge=1))   # (s, y) pairs L-BFGS keeps
     lr: float = field(default=1.0e-3, metadata=bounds(gt=0.0, le=10.0))
     weight_decay: float = field(default=0.0, metadata=bounds(ge=0.0))
     # auto: cosine for energy training on GPR copies paired with their parents (difference_weight > 0)
@@ -129,6 +134,14 @@ class TrainingConfig:
         c = self.copies_per_epoch
         if c != "auto" and (isinstance(c, bool) or not isinstance(c, int) or c < 0):
             raise ConfigError(f"training.copies_per_epoch: expected a number >= 0 or auto, got {c!r}")
+        if self.optimizer == "lbfgs":
+            # each would change the loss or the step between the line search's evaluations
+            for key, bad, why in (("loss", self.loss == "rmse", "its weights follow the previous step's errors"),
+                                  ("grad_clip", self.grad_clip > 0, "the line search sets the step length"),
+                                  ("weight_decay", self.weight_decay > 0, "not part of the L-BFGS loss")):
+                if bad:
+                    raise ConfigError(f"training.{key}: {getattr(self, key)!r} does not go with "
+                                      f"training.optimizer: lbfgs ({why}); use mse or normalized / 0")
         if self.min_lr > self.lr:
             raise ConfigError(f"training.min_lr: {self.min_lr} is above training.lr {self.lr}")
         if self.beta > 0 and self.mode != "force":

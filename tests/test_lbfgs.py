@@ -1,0 +1,157 @@
+"""training.optimizer: lbfgs (distmlip/training/lbfgs.py): the iteration reaches the minimum of
+functions with known minima, the trainer's full-batch loss never rises from one epoch to the next,
+a run stopped and resumed equals the uninterrupted one bit for bit, 1 rank equals 2 ranks (real
+mpirun) to rounding, and the settings that would change the loss between evaluations are refused."""
+import csv
+
+import pytest
+import torch
+
+from distmlip.errors import ConfigError
+from distmlip.training.lbfgs import LBFGS
+from distmlip.training.trainer import Trainer
+from helpers import REPO, mpirun
+from test_train import make_cfg, weights
+
+
+def _minimise(f, x0, iters=200, history=10):
+    x = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
+    x.grad = torch.zeros_like(x)
+
+    def evaluate():
+        with torch.enable_grad():
+            y = x.detach().requires_grad_(True)
+            v = f(y)
+            (g,) = torch.autograd.grad(v, y)
+        x.grad.copy_(g)
+        return float(v.detach())
+
+    opt = LBFGS(x, history=history)
+    losses = []
+    for _ in range(iters):
+        if not opt.iteration(evaluate):
+            break
+        losses.append(opt.loss)
+    return x.detach(), losses, opt
+
+
+def test_lbfgs_finds_the_minimum_of_a_quadratic_and_of_rosenbrocks_valley():
+    A = torch.tensor([[10.0, 2.0, 0.0], [2.0, 3.0, 0.5], [0.0, 0.5, 0.2]], dtype=torch.float64)
+    b = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    x, losses, _ = _minimise(lambda v: 0.5 * v @ A @ v - b @ v, [3.0, -1.0, 4.0])
+    assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-7), x
+    assert all(b_ <= a + 1e-15 for a, b_ in zip(losses, losses[1:]))      # Armijo: never up
+
+    def rosen(v):
+        return ((1 - v[:-1]) ** 2).sum() + 100.0 * ((v[1:] - v[:-1] ** 2) ** 2).sum()
+    x, losses, opt = _minimise(rosen, [-1.2, 1.0, -0.5, 0.8], iters=2000)
+    assert torch.allclose(x, torch.ones(4, dtype=torch.float64), atol=1e-6), (x, opt.n_iter)
+    assert all(b_ <= a + 1e-15 for a, b_ in zip(losses, losses[1:]))
+
+
+def test_lbfgs_state_round_trip_continues_identically():
+    def f(v):
+        return ((v - torch.arange(5, dtype=torch.float64)) ** 4).sum() + (v ** 2).sum()
+    xa, _, oa = _minimise(f, [1.0, -1.0, 2.0, 0.0, 3.0], iters=6)
+    xb = xa.clone().requires_grad_(True)
+    xb.grad = torch.zeros_like(xb)
+    ob = LBFGS(xb, history=10)
+    ob.load_state_dict(oa.state_dict())
+    with pytest.raises(ValueError, match="another optimizer"):
+        ob.load_state_dict({"state": {}, "param_groups": []})
+
+    def step(x, opt):
+        def evaluate():
+            with torch.enable_grad():
+                y = x.detach().requires_grad_(True)
+                v = f(y)
+                (g,) = torch.autograd.grad(v, y)
+            x.grad.copy_(g)
+            return float(v.detach())
+        opt.iteration(evaluate)
+    xa = xa.clone().requires_grad_(True)
+    xa.grad = torch.zeros_like(xa)
+    oa.x = xa
+    for _ in range(3):
+        step(xa, oa)
+        step(xb, ob)
+    assert torch.equal(xa.detach(), xb.detach())
+
+
+def _rows(run):
+    return list(csv.DictReader(open(run / "log.csv")))
+
+
+@pytest.mark.parametrize("mode", ["energy", "force"])
+def test_lbfgs_training_loss_never_rises_and_resume_is_bit_for_bit(tmp_path, emt_h5, mode):
+    over = {"training.mode": mode, "training.alpha": 0.3, "training.optimizer": "lbfgs", "training.epochs": 12}
+    full = make_cfg(tmp_path / "a", emt_h5, **over)
+    tr = Trainer(full, quiet=True)
+    before = tr.evaluate_stream(tr.stream)["loss"]
+    assert tr.fit() == "done"
+    loss = [float(r["train_loss"]) for r in _rows(tmp_path / "a" / "run")]
+    assert len(loss) == 12
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(loss, loss[1:])), loss
+    assert loss[-1] < 0.2 * before, (before, loss)
+    # stopped after 5 epochs, resumed to 12: the same parameters and log, bit for bit
+    Trainer(make_cfg(tmp_path / "b", emt_h5, **{**over, "training.epochs": 5}), quiet=True).fit()
+    Trainer(make_cfg(tmp_path / "b", emt_h5, **over), resume=str(tmp_path / "b" / "run" / "checkpoint.pt"),
+            quiet=True).fit()
+    wa = weights(tmp_path / "a" / "run" / "last_model.pt")["state_dict"]
+    wb = weights(tmp_path / "b" / "run" / "last_model.pt")["state_dict"]
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
+    assert strip(_rows(tmp_path / "a" / "run")) == strip(_rows(tmp_path / "b" / "run"))
+
+
+@pytest.mark.parametrize("key,value", [("training.loss", "rmse"), ("training.grad_clip", 1.0),
+                                       ("training.weight_decay", 0.01)])
+def test_lbfgs_refuses_settings_that_change_the_loss_between_evaluations(tmp_path, emt_h5, key, value):
+    with pytest.raises(ConfigError, match=key.split(".")[1] + ".*lbfgs"):
+        make_cfg(tmp_path, emt_h5, **{"training.optimizer": "lbfgs", key: value})
+
+
+def test_lbfgs_one_rank_equals_two_ranks(tmp_path, emt_h5):
+    out = {}
+    for n in (1, 2):
+        cfg = tmp_path / f"c{n}.yaml"
+        cfg.write_text(f"""
+data: {{train: [{emt_h5}], fractions: [0.75, 0.25, 0.0]}}
+descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
+model: {{hidden: [6, 6]}}
+training: {{mode: force, alpha: 0.3, epochs: 10, batch_atoms: 16, optimizer: lbfgs, output: {tmp_path / f'run{n}'},
+           progress_bar: 'off'}}
+""")
+        mpirun(n, [str(REPO / "tests" / "mpi_scripts" / "train_cli.py"), "train", str(cfg)], timeout=300)
+        out[n] = weights(tmp_path / f"run{n}" / "last_model.pt")["state_dict"]
+    init_moved = max(float((out[1][k].double() - out[2][k].double()).abs().max()) for k in out[1])
+    assert init_moved < 1e-8, init_moved
+    l1 = [float(r["train_loss"]) for r in _rows(tmp_path / "run1")]
+    l2 = [float(r["train_loss"]) for r in _rows(tmp_path / "run2")]
+    assert l1[-1] < 0.5 * l1[0]
+    assert max(abs(a - b) / a for a, b in zip(l1, l2)) < 1e-8, (l1, l2)
+
+
+def test_lbfgs_ends_a_fit_that_no_longer_falls_and_names_over_fitting(tmp_path, emt_h5, capsys):
+    """Energy-only training of a network with more parameters than the training energies: the loss
+    goes to zero and the steps to nothing; the run must end as converged, not spend its epochs on
+    line searches of 30 evaluations each."""
+    cfg = make_cfg(tmp_path, emt_h5, **{"training.optimizer": "lbfgs", "training.epochs": 20000,
+                                        "model.hidden": [24, 24]})
+    tr = Trainer(cfg)
+    assert tr.fit() == "converged"
+    rows = _rows(tmp_path / "run")
+    assert len(rows) < 20000
+    assert "lbfgs: converged at epoch" in capsys.readouterr().out
+    assert (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_force_training_with_adam_on_a_small_set_points_to_lbfgs(tmp_path, emt_h5, capsys):
+    Trainer(make_cfg(tmp_path / "a", emt_h5, **{"training.mode": "force", "training.epochs": 1}))
+    assert "training.optimizer: lbfgs reached" in capsys.readouterr().out
+    tr = Trainer(make_cfg(tmp_path / "b", emt_h5, **{"training.mode": "force", "training.epochs": 1,
+                                                     "training.optimizer": "lbfgs"}))
+    assert "reached" not in capsys.readouterr().out
+    assert type(tr.opt) is LBFGS
+    assert type(Trainer(make_cfg(tmp_path / "c", emt_h5), quiet=True).opt) is torch.optim.AdamW
