@@ -3,7 +3,8 @@
     python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies auto] [--auto-pool 1] [--pool 80] [--delta 0.03]
                                  [--fingerprint auto] [--np 1] [--out runs/gpr_ann] [--reuse-augment]
                                  [--gpr-load DIR]
-                                 [--scheduler plateau|cosine] [--methods energy,force,...] [--seeds 0,1]
+                                 [--scheduler plateau|cosine] [--optimizer adamw|lbfgs]
+                                 [--methods energy,force,...] [--seeds 0,1]
     python benchmarks/gpr_ann.py files --train TRAIN --test TEST [--descriptor 5.0,8,3.5,4]
                                  [--hidden 16,16] [--batch-atoms 1200] [...]
 
@@ -197,6 +198,8 @@ def main():
                          "input match (other copies, delta or fits are recomputed)")
     ap.add_argument("--scheduler", default=None, choices=["plateau", "cosine"],
                     help="training.scheduler for every method (default: the config default)")
+    ap.add_argument("--optimizer", default=None, choices=["adamw", "lbfgs"],
+                    help="training.optimizer for every method (default: the config default)")
     a = ap.parse_args()
     if a.set == "files" and not (a.train and a.test):
         ap.error("files needs --train and --test")
@@ -247,13 +250,15 @@ def main():
             "gpr_ann_pool": ("train_pool.h5", "energy", 4 * batch, {"copies_per_epoch": a.copies})}
     methods = a.methods.split(",") + (["gpr_ann_pool"] if a.pool and "gpr_ann_pool" not in a.methods else [])
     common = {"scheduler": a.scheduler} if a.scheduler else {}
+    if a.optimizer:
+        common["optimizer"] = a.optimizer
     seeds = tuple(int(x) for x in a.seeds.split(","))
     rows = [r for m in methods
             for r in run_method(out, m, str(out / plan[m][0]), plan[m][1], a.budget, plan[m][2], a.np_,
                                 dict(common, **(plan[m][3] if len(plan[m]) > 3 else {})), seeds)]
     load = os.getloadavg()[0]
     print(f"\n{a.set}: M = {a.copies}, delta = {a.delta} A, fingerprint {a.fingerprint}, budget {a.budget:.0f} s "
-          f"per method, scheduler {a.scheduler or 'default'}, augment (GPR fit + labels) {t_aug:.0f} s, load {load:.1f}")
+          f"per method, scheduler {a.scheduler or 'default'}, optimizer {a.optimizer or 'default'}, augment (GPR fit + labels) {t_aug:.0f} s, load {load:.1f}")
     for r in rep["subsets"]:
         print(f"  {r['subset']}: fingerprint {r.get('fingerprint', {}).get('kind')}, choice "
               f"{r.get('fingerprint_choice')}, M {r.get('copies_per_structure')}"
