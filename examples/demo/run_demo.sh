@@ -33,22 +33,23 @@ stage "4/7 augment: local GPR per subset on energies and forces, M copies per st
 cp "$HERE/augment.yaml" augment.yaml
 "${MPIRUN[@]}" "${DM[@]}" augment augment.yaml
 
-stage "5/7 train (mpirun -n $NP): GPR-ANN (energy on augmented data), direct force training, energy-only, hybrid, GPR-ANN with the paper's plain energy loss"
+stage "5/7 train (mpirun -n $NP): GPR-ANN (energy on augmented data), direct force training (AdamW and L-BFGS), energy-only, hybrid, GPR-ANN with the paper's plain energy loss"
 cp "$HERE"/train_*.yaml .
 "${MPIRUN[@]}" "${DM[@]}" train train_gpr_ann.yaml
 "${MPIRUN[@]}" "${DM[@]}" train train_force.yaml
+"${MPIRUN[@]}" "${DM[@]}" train train_force_lbfgs.yaml
 "${MPIRUN[@]}" "${DM[@]}" train train_energy.yaml
 "${MPIRUN[@]}" "${DM[@]}" train train_hybrid.yaml
 "${MPIRUN[@]}" "${DM[@]}" train train_gpr_ann_paper.yaml
 
 stage "6/7 evaluate on the held-out test set"
-for m in energy gpr_ann force hybrid gpr_ann_paper; do
+for m in energy gpr_ann force force_lbfgs hybrid gpr_ann_paper; do
   "${DM[@]}" evaluate "run_$m/model.pt" test.h5 -o "eval_$m" > "eval_$m.log"
 done
 
 stage "7/7 comparison"
 python "$HERE/compare.py" energy=eval_energy,run_energy gpr_ann=eval_gpr_ann,run_gpr_ann force=eval_force,run_force \
-  hybrid=eval_hybrid,run_hybrid gpr_ann_paper=eval_gpr_ann_paper,run_gpr_ann_paper | tee comparison.txt
+  force_lbfgs=eval_force_lbfgs,run_force_lbfgs hybrid=eval_hybrid,run_hybrid gpr_ann_paper=eval_gpr_ann_paper,run_gpr_ann_paper | tee comparison.txt
 echo
 echo "demo finished in $(( $(date +%s) - t0 )) s; outputs in $(pwd):"
 echo "  train.h5 test.h5 train_aug.h5 (data sets), train_aug.report.txt (GPR report),"
