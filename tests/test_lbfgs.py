@@ -14,10 +14,8 @@ from helpers import REPO, mpirun
 from test_train import make_cfg, weights
 
 
-def _minimise(f, x0, iters=200, history=10):
-    x = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
-    x.grad = torch.zeros_like(x)
-
+def _evaluator(f, x):
+    """f's value at x, its gradient written into x.grad (what the trainer's evaluation does)."""
     def evaluate():
         with torch.enable_grad():
             y = x.detach().requires_grad_(True)
@@ -25,7 +23,13 @@ def _minimise(f, x0, iters=200, history=10):
             (g,) = torch.autograd.grad(v, y)
         x.grad.copy_(g)
         return float(v.detach())
+    return evaluate
 
+
+def _minimise(f, x0, iters=200, history=10):
+    x = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
+    x.grad = torch.zeros_like(x)
+    evaluate = _evaluator(f, x)
     opt = LBFGS(x, history=history)
     losses = []
     for _ in range(iters):
@@ -61,14 +65,7 @@ def test_lbfgs_state_round_trip_continues_identically():
         ob.load_state_dict({"state": {}, "param_groups": []})
 
     def step(x, opt):
-        def evaluate():
-            with torch.enable_grad():
-                y = x.detach().requires_grad_(True)
-                v = f(y)
-                (g,) = torch.autograd.grad(v, y)
-            x.grad.copy_(g)
-            return float(v.detach())
-        opt.iteration(evaluate)
+        opt.iteration(_evaluator(f, x))
     xa = xa.clone().requires_grad_(True)
     xa.grad = torch.zeros_like(xa)
     oa.x = xa
