@@ -483,7 +483,9 @@ class Trainer:
                  f"atoms): {over} structure(s) form batches of their own, above the setting (a rank's memory "
                  f"follows the largest batch)")
         total = self.stream.steps(0) * tc.epochs
-        if total < FEW_STEPS and self.rank0 and not self.quiet:
+        # (lbfgs: an epoch is one iteration on the whole split, not steps of batches; it ends
+        # by itself when converged)
+        if total < FEW_STEPS and tc.optimizer != "lbfgs" and self.rank0 and not self.quiet:
             warn(f"training: {tc.epochs} epochs x {self.stream.steps(0)} steps per epoch = {total} optimizer "
                  f"steps in all; on the data sets measured (docs/results.md, 'Learning-rate schedule') the "
                  f"errors were still falling after {FEW_STEPS} steps: raise training.epochs (or lower "
