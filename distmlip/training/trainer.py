@@ -2231,6 +2231,13 @@ class Trainer:
             if "S_mae_GPa" in val:
                 line += f"  S_mae {val['S_mae_GPa']:.3f} GPa"
         line += f"  lr {lr:.3g}  {dt_total:.1f} s" + ("  *" if improved else "")
+        # the run's ETA from its own epochs so far (this process's: a resumed run counts anew);
+        # lbfgs runs have thousands of short epochs and no progress bar
+        start = self.__dict__.setdefault("_eta_start", (time.time() - dt_total, epoch))
+        done, left = epoch + 1 - start[1], tc.epochs - epoch - 1
+        if left > 0 and done > 0:
+            eta = (time.time() - start[0]) / done * left
+            line += f"  ETA {eta / 60:.0f} min" if eta >= 120 else f"  ETA {eta:.0f} s"
         if (epoch + 1) % max(tc.log_every, 1) == 0 or epoch + 1 == tc.epochs or epoch == 0:
             self._log(line)
         self.epoch = epoch + 1
