@@ -143,7 +143,7 @@ def fused_adam_kwargs(params) -> dict:
     return {"fused": True} if ok and params else {}
 
 # force training of at most this many atoms in the training split is pointed to training.optimizer:
-# lbfgs (measured 2-4x lower force errors at equal time on sets of 2,300-46,000 atoms; docs/results.md)
+# lbfgs (measured 1.5-4x lower force errors at equal time on sets of 1,100-46,000 atoms; docs/results.md)
 LBFGS_HINT_ATOMS = 100_000
 # fewer optimizer steps than this in a whole run draw a warning: with the default epochs and batch
 # a small data set gets a few hundred steps (EC dimers: 3 per epoch), and every set in
@@ -1116,7 +1116,7 @@ class Trainer:
         if tc.optimizer != "lbfgs" and self.force_mode and self.rank0 and not self.quiet and self._resume_state is None:
             atoms = int(np.asarray(self.ds.natoms, dtype=np.int64)[self.train_idx].sum())
             if atoms <= LBFGS_HINT_ATOMS:
-                self._log(f"hint: force training of {atoms} atoms: training.optimizer: lbfgs reached 2-4x lower force "
+                self._log(f"hint: force training of {atoms} atoms: training.optimizer: lbfgs reached 1.5-4x lower force "
                           "errors than adamw at equal wall time on force-labelled sets of up to 46,000 atoms "
                           "(docs/training.md \"Choosing the optimizer\")")
         if tc.optimizer == "adamw":
