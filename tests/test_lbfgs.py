@@ -152,3 +152,23 @@ def test_force_training_with_adam_on_a_small_set_points_to_lbfgs(tmp_path, emt_h
     assert "reached" not in capsys.readouterr().out
     assert type(tr.opt) is LBFGS
     assert type(Trainer(make_cfg(tmp_path / "c", emt_h5), quiet=True).opt) is torch.optim.AdamW
+
+
+def test_lbfgs_a_non_finite_loss_stops_the_run_without_a_model(tmp_path, emt_h5):
+    """The loss goes non-finite where L-BFGS stands (an overflow in the data's energies, say):
+    the run raises, names it, and writes no model file for that state."""
+    from distmlip.errors import NonFiniteError
+
+    tr = Trainer(make_cfg(tmp_path, emt_h5, **{"training.mode": "force", "training.optimizer": "lbfgs",
+                                               "training.epochs": 5}), quiet=True)
+    real = tr._lbfgs_evaluate
+    calls = {"n": 0}
+
+    def evaluate(acc):
+        calls["n"] += 1
+        real(acc)
+        return float("nan") if calls["n"] > 3 else real(acc)
+    tr._lbfgs_evaluate = evaluate
+    with pytest.raises(NonFiniteError, match="not finite where L-BFGS stands|non-finite"):
+        tr.fit()
+    assert not (tmp_path / "run" / "model.pt").exists()

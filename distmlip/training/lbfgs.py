@@ -74,11 +74,10 @@ class LBFGS:
     def iteration(self, evaluate: Callable[[], float]) -> bool:
         """One iteration; False when converged: no step along the direction (nor along the
         steepest descent, after dropping the history) lowers the loss, or STALL_ITERATIONS
-        iterations in a row lowered it by less than STALL_REL of it.  On return the flat gradient buffer holds the gradient at ``x`` (the last
-        evaluation is always at the accepted point)."""
-        x = self.x
+        iterations in a row lowered it by less than STALL_REL of it.  On return the flat gradient
+        buffer holds the gradient at ``x`` (the last evaluation is always at the accepted point)."""
         with torch.enable_grad():     # (evaluate may differentiate through autograd)
-            return self._iteration(x, evaluate)
+            return self._iteration(self.x, evaluate)
 
     def _set(self, x: torch.Tensor, value: torch.Tensor) -> None:
         with torch.no_grad():
@@ -91,12 +90,14 @@ class LBFGS:
             self.g = x.grad.detach().clone()
         if not math.isfinite(self.loss):
             return False                     # (the caller names the non-finite state)
-        for attempt in range(2):
+        while True:
+            steepest = not self.s
             d = self._direction(self.g)
             gd = float(torch.dot(self.g, d))
             if not gd < 0.0:                 # not a descent direction: start the history anew
                 self.s.clear()
                 self.y.clear()
+                steepest = True
                 d = self.g.neg()
                 gd = -float(torch.dot(self.g, self.g))
             if gd == 0.0:
@@ -124,9 +125,11 @@ class LBFGS:
             self._set(x, x0)
             self.s.clear()
             self.y.clear()
-            if attempt == 0 and gd != -float(torch.dot(self.g, self.g)):
+            if not steepest:
                 continue                     # try the steepest descent once
-            f = float(evaluate())            # the buffers back at x0 for the caller
+            # the buffers back at x0 for the caller; a loss no longer finite there (it was) is
+            # kept, so that the caller names it instead of ending the run as converged
+            self.loss = float(evaluate())
             self.n_evals += 1
             return False
         g_new = x.grad.detach().clone()

@@ -1683,6 +1683,23 @@ class Trainer:
                                         smask=smask if S is not None else None)
         return loss
 
+    def _note_stop(self, extra: torch.Tensor) -> None:
+        """A step's reduced ``extra`` (stop code, ranks asking to stop, ...): when some rank asked
+        to stop, every rank stops after this step, with the reason kept for the log."""
+        from ..distributed import signals
+
+        if extra[1] > 0:
+            self._stop_after_step = True
+            n = int(extra[1])
+            self._stop_reason = signals.describe_stop(int(extra[0])) if n == 1 else f"a signal or the stop file on {n} ranks"
+
+    def _stopped_after_epoch(self, epoch: int) -> str:
+        self._log(f"stop requested ({getattr(self, '_stop_reason', None) or 'callback'}): "
+                  f"checkpoint written to {self.out / 'checkpoint.pt'} after epoch "
+                  f"{epoch + 1}; resume with {self._resume_command()}")
+        self.save_checkpoint(self.epoch, 0)
+        return "stopped"
+
     # ---- training.optimizer: lbfgs (full batch; training/lbfgs.py) --------------------------------
     def _lbfgs_evaluate(self, acc: torch.Tensor) -> float:
         """The global training loss of the whole training split at the current parameters, its
@@ -1720,10 +1737,7 @@ class Trainer:
         self.global_step += 1
         acc[_IDX["loss"]] += total * float(counts[0])
         acc[_IDX["n_steps"]] += float(counts[0]) / self.ctx.world_size
-        if extra[1] > 0:
-            self._stop_after_step = True
-            n = int(extra[1])
-            self._stop_reason = signals.describe_stop(int(extra[0])) if n == 1 else f"a signal or the stop file on {n} ranks"
+        self._note_stop(extra)
         if extra[2] > 0 or not bool(torch.isfinite(self.flat.tensors[0].grad).all()):
             return float("nan")
         return float(extra[3])
@@ -1745,10 +1759,7 @@ class Trainer:
             self._end_epoch(epoch, acc, t0)
             self.timers["epoch"] += time.time() - t0
             if stop:
-                self._log(f"stop requested ({getattr(self, '_stop_reason', None) or 'signal'}): checkpoint written "
-                          f"to {self.out / 'checkpoint.pt'} after epoch {epoch + 1}; resume with {self._resume_command()}")
-                self.save_checkpoint(self.epoch, 0)
-                return "stopped"
+                return self._stopped_after_epoch(epoch)
             if not moved:
                 self._log(f"lbfgs: converged at epoch {epoch + 1}: the training loss {self.opt.loss:.6g} no longer "
                           "falls (no step lowers it, or the last iterations lowered it by less than 1e-10 of it)"
@@ -1810,10 +1821,7 @@ class Trainer:
             if g[1] > 0:
                 self._prev_rmse = (math.sqrt(g[0] / g[1]), math.sqrt(g[2] / g[3]) if g[3] > 0 else 1.0,
                                    math.sqrt(g[4] / g[5]) if g[5] > 0 else 1.0)
-        if extra[1] > 0:           # some rank asked to stop: every rank stops after this step
-            self._stop_after_step = True
-            n = int(extra[1])
-            self._stop_reason = signals.describe_stop(int(extra[0])) if n == 1 else f"a signal or the stop file on {n} ranks"
+        self._note_stop(extra)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         optimizer_step(self.opt)
@@ -2117,11 +2125,7 @@ class Trainer:
             self._end_epoch(epoch, acc, t0)
             self.timers["epoch"] += time.time() - t0
             if stop:
-                self._log(f"stop requested ({getattr(self, '_stop_reason', None) or 'callback'}): "
-                          f"checkpoint written to {self.out / 'checkpoint.pt'} after epoch "
-                          f"{epoch + 1}; resume with {self._resume_command()}")
-                self.save_checkpoint(self.epoch, 0)
-                return "stopped"
+                return self._stopped_after_epoch(epoch)
             if status == "max_steps" or self._early_stop:
                 status = "early_stopped" if self._early_stop else status
                 self.save_checkpoint(self.epoch, 0)
