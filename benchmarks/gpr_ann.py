@@ -3,7 +3,7 @@
     python benchmarks/gpr_ann.py demo|slab|ec [--budget 120] [--copies auto] [--auto-pool 1] [--pool 80] [--delta 0.03]
                                  [--fingerprint auto] [--np 1] [--out runs/gpr_ann] [--reuse-augment]
                                  [--gpr-load DIR]
-                                 [--scheduler plateau|cosine] [--optimizer adamw|lbfgs]
+                                 [--scheduler plateau|cosine] [--optimizer auto|adamw|lbfgs]
                                  [--methods energy,force,...] [--seeds 0,1]
     python benchmarks/gpr_ann.py files --train TRAIN --test TEST [--descriptor 5.0,8,3.5,4]
                                  [--hidden 16,16] [--batch-atoms 1200] [...]
@@ -198,7 +198,7 @@ def main():
                          "input match (other copies, delta or fits are recomputed)")
     ap.add_argument("--scheduler", default=None, choices=["plateau", "cosine"],
                     help="training.scheduler for every method (default: the config default)")
-    ap.add_argument("--optimizer", default=None, choices=["adamw", "lbfgs"],
+    ap.add_argument("--optimizer", default=None, choices=["auto", "adamw", "lbfgs"],
                     help="training.optimizer for every method (default: the config default)")
     a = ap.parse_args()
     if a.set == "files" and not (a.train and a.test):

@@ -3,6 +3,7 @@ functions with known minima, the trainer's full-batch loss never rises from one 
 a run stopped and resumed equals the uninterrupted one bit for bit, 1 rank equals 2 ranks (real
 mpirun) to rounding, and the settings that would change the loss between evaluations are refused."""
 import csv
+import re
 
 import pytest
 import torch
@@ -109,18 +110,26 @@ def test_lbfgs_refuses_settings_that_change_the_loss_between_evaluations(tmp_pat
         make_cfg(tmp_path, emt_h5, **{"training.optimizer": "lbfgs", key: value})
 
 
-def test_lbfgs_one_rank_equals_two_ranks(tmp_path, emt_h5):
-    out = {}
-    for n in (1, 2):
-        cfg = tmp_path / f"c{n}.yaml"
-        cfg.write_text(f"""
+# auto: the plateau scheduler's first cut comes within the first 16 epochs on the emt set
+_SWITCHING = {"training.mode": "force", "training.alpha": 0.3, "training.lr": 0.05, "training.plateau_patience": 2,
+              "training.plateau_min_steps": 0}
+
+
+def _mpi_force_run(tmp_path, emt_h5, n, extra=""):
+    cfg = tmp_path / f"c{n}.yaml"
+    cfg.write_text(f"""
 data: {{train: [{emt_h5}], fractions: [0.75, 0.25, 0.0]}}
 descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
 model: {{hidden: [6, 6]}}
-training: {{mode: force, alpha: 0.3, epochs: 10, batch_atoms: 16, optimizer: lbfgs, output: {tmp_path / f'run{n}'},
-           progress_bar: 'off'}}
+training: {{mode: force, alpha: 0.3, batch_atoms: 16, output: {tmp_path / f'run{n}'}, progress_bar: 'off'{extra}}}
 """)
-        mpirun(n, [str(REPO / "tests" / "mpi_scripts" / "train_cli.py"), "train", str(cfg)], timeout=300)
+    return mpirun(n, [str(REPO / "tests" / "mpi_scripts" / "train_cli.py"), "train", str(cfg)], timeout=300)
+
+
+def test_lbfgs_one_rank_equals_two_ranks(tmp_path, emt_h5):
+    out = {}
+    for n in (1, 2):
+        _mpi_force_run(tmp_path, emt_h5, n, ", epochs: 10, optimizer: lbfgs")
         out[n] = weights(tmp_path / f"run{n}" / "last_model.pt")["state_dict"]
     init_moved = max(float((out[1][k].double() - out[2][k].double()).abs().max()) for k in out[1])
     assert init_moved < 1e-8, init_moved
@@ -128,6 +137,18 @@ training: {{mode: force, alpha: 0.3, epochs: 10, batch_atoms: 16, optimizer: lbf
     l2 = [float(r["train_loss"]) for r in _rows(tmp_path / "run2")]
     assert l1[-1] < 0.5 * l1[0]
     assert max(abs(a - b) / a for a, b in zip(l1, l2)) < 1e-8, (l1, l2)
+
+
+def test_optimizer_auto_switches_on_every_rank_at_once(tmp_path, emt_h5):
+    """The cut follows the reduced validation loss, so every rank switches at the same epoch (a
+    rank left in Adam's all-reduce beside one in L-BFGS's would hang the job); the 2-rank run ends
+    in the L-BFGS phase with a falling loss."""
+    res = _mpi_force_run(tmp_path, emt_h5, 2, ", epochs: 20, lr: 0.05, plateau_patience: 2, plateau_min_steps: 0")
+    assert "adamw stalled at epoch" in res.stdout + res.stderr
+    st = torch.load(tmp_path / "run2" / "checkpoint.pt", weights_only=False)
+    assert st["optimizer_phase"] == "lbfgs" and st["optimizer"]["kind"] == "lbfgs"
+    loss = [float(r["train_loss"]) for r in _rows(tmp_path / "run2")]
+    assert loss[-1] < 0.5 * loss[0]
 
 
 def test_lbfgs_ends_a_fit_that_no_longer_falls_and_names_over_fitting(tmp_path, emt_h5, capsys):
@@ -144,14 +165,54 @@ def test_lbfgs_ends_a_fit_that_no_longer_falls_and_names_over_fitting(tmp_path, 
     assert (tmp_path / "run" / "model.pt").is_file()
 
 
-def test_force_training_with_adam_on_a_small_set_points_to_lbfgs(tmp_path, emt_h5, capsys):
-    Trainer(make_cfg(tmp_path / "a", emt_h5, **{"training.mode": "force", "training.epochs": 1}))
-    assert "training.optimizer: lbfgs reached" in capsys.readouterr().out
-    tr = Trainer(make_cfg(tmp_path / "b", emt_h5, **{"training.mode": "force", "training.epochs": 1,
-                                                     "training.optimizer": "lbfgs"}))
+def test_optimizer_auto_starts_with_adamw_and_says_what_follows(tmp_path, emt_h5, capsys):
+    force = {"training.mode": "force", "training.epochs": 1}
+    tr = Trainer(make_cfg(tmp_path / "a", emt_h5, **force))
+    out = capsys.readouterr().out
+    assert type(tr.opt) is torch.optim.AdamW and tr._auto_switch
+    assert "optimizer: auto: adamw, then lbfgs once adamw stalls" in out and "hint" not in out
+    # an explicit adamw force run on a small set is pointed to auto; lbfgs is lbfgs
+    Trainer(make_cfg(tmp_path / "b", emt_h5, **force, **{"training.optimizer": "adamw"}))
+    assert "training.optimizer: auto (adamw, then lbfgs" in capsys.readouterr().out
+    tr = Trainer(make_cfg(tmp_path / "c", emt_h5, **force, **{"training.optimizer": "lbfgs"}))
     assert "reached" not in capsys.readouterr().out
     assert type(tr.opt) is LBFGS
-    assert type(Trainer(make_cfg(tmp_path / "c", emt_h5), quiet=True).opt) is torch.optim.AdamW
+    # where auto stays with AdamW, the log names why
+    for over, why in (({}, "energy training"), ({**force, "training.grad_clip": 1.0}, "training.grad_clip"),
+                      ({**force, "training.scheduler": "cosine"}, "training.scheduler: cosine")):
+        tr = Trainer(make_cfg(tmp_path / f"d{len(why)}", emt_h5, **over))
+        assert type(tr.opt) is torch.optim.AdamW and not tr._auto_switch
+        assert f"optimizer: auto: adamw to the end: {why}" in capsys.readouterr().out
+
+
+def test_optimizer_auto_switches_to_lbfgs_when_adamw_stalls_and_resumes_bit_for_bit(tmp_path, emt_h5, capsys):
+    """The switch comes at the end of the epoch of the plateau scheduler's first cut; from there
+    the training loss never rises.  Runs stopped before and after the switch and resumed equal the
+    uninterrupted run bit for bit (the checkpoint records the phase; the one written at the switch
+    epoch already holds L-BFGS)."""
+    over = {**_SWITCHING, "training.epochs": 24}
+    tr = Trainer(make_cfg(tmp_path / "a", emt_h5, **over))
+    assert tr.fit() == "done"
+    assert type(tr.opt) is LBFGS
+    out = capsys.readouterr().out
+    k = int(re.search(r"optimizer: auto: adamw stalled at epoch (\d+)", out).group(1))
+    assert 4 <= k <= 16, k
+    rows = _rows(tmp_path / "a" / "run")
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[:k] == [0.05] * k and lrs[k] != 0.025       # Adam to the cut, then step lengths
+    loss = [float(r["train_loss"]) for r in rows[k:]]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(loss, loss[1:])), loss
+    assert loss[-1] < 0.5 * float(rows[k - 1]["train_loss"])
+    for stop in (k - 3, k, k + 4):
+        d = tmp_path / f"s{stop}"
+        Trainer(make_cfg(d, emt_h5, **{**over, "training.epochs": stop}), quiet=True).fit()
+        Trainer(make_cfg(d, emt_h5, **over), resume=str(d / "run" / "checkpoint.pt"), quiet=True).fit()
+        wa = weights(tmp_path / "a" / "run" / "last_model.pt")["state_dict"]
+        wb = weights(d / "run" / "last_model.pt")["state_dict"]
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (stop, k)
+        strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
+        assert strip(rows) == strip(_rows(d / "run")), stop
 
 
 def test_lbfgs_a_non_finite_loss_stops_the_run_without_a_model(tmp_path, emt_h5):
@@ -172,3 +233,21 @@ def test_lbfgs_a_non_finite_loss_stops_the_run_without_a_model(tmp_path, emt_h5)
     with pytest.raises(NonFiniteError, match="not finite where L-BFGS stands|non-finite"):
         tr.fit()
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_a_checkpoint_from_before_auto_resumes_with_adamw(tmp_path, emt_h5, capsys):
+    """Checkpoints written while adamw was the default record optimizer adamw and no phase: a config
+    that takes the new default (auto) resumes them as the AdamW runs they were; a checkpoint of this
+    version keeps refusing an optimizer change."""
+    force = {"training.mode": "force", "training.epochs": 2}
+    Trainer(make_cfg(tmp_path, emt_h5, **force, **{"training.optimizer": "adamw"}), quiet=True).fit()
+    ck = tmp_path / "run" / "checkpoint.pt"
+    with pytest.raises(ConfigError, match="training.optimizer: 'adamw' -> 'auto'"):
+        Trainer(make_cfg(tmp_path, emt_h5, **{**force, "training.epochs": 3}), resume=str(ck))
+    st = torch.load(ck, weights_only=False)
+    del st["optimizer_phase"]
+    torch.save(st, ck)
+    tr = Trainer(make_cfg(tmp_path, emt_h5, **{**force, "training.epochs": 3}), resume=str(ck))
+    assert "continues with it" in capsys.readouterr().out
+    assert type(tr.opt) is torch.optim.AdamW and not tr._auto_switch
+    assert tr.fit() == "done"

@@ -142,9 +142,11 @@ def fused_adam_kwargs(params) -> dict:
     ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return {"fused": True} if ok and params else {}
 
-# force training of at most this many atoms in the training split is pointed to training.optimizer:
-# lbfgs (measured 1.5-4x lower force errors at equal time on sets of 1,100-46,000 atoms; docs/results.md)
-LBFGS_HINT_ATOMS = 100_000
+# training.optimizer: auto switches force training of at most this many atoms in the training split
+# from AdamW to L-BFGS when AdamW stalls (measured on sets of 1,100-46,000 atoms; larger sets
+# unmeasured: an L-BFGS iteration costs a whole epoch of Adam steps; docs/results.md), and an
+# explicit adamw force run of at most this many atoms gets a hint that names it
+AUTO_LBFGS_ATOMS = 100_000
 # fewer optimizer steps than this in a whole run draw a warning: with the default epochs and batch
 # a small data set gets a few hundred steps (EC dimers: 3 per epoch), and every set in
 # docs/results.md was still improving after this many
@@ -317,6 +319,15 @@ class Trainer:
             # way; checkpoints before 'auto' say 0): checked against the data in _setup_data
             fixed.remove("training.copies_per_epoch")
             self._resume_draws_check = old.get("training.copies_per_epoch")
+        if (old.get("training.optimizer"), new.get("training.optimizer")) == ("adamw", "auto") \
+                and "optimizer_phase" not in st:
+            # a run started before auto was the default (its checkpoint has no phase): it was AdamW
+            # and continues as AdamW, whether its config said so or took the default
+            fixed.remove("training.optimizer")
+            changed.remove("training.optimizer")
+            self.cfg.training.optimizer = "adamw"
+            self._log("resume: the checkpoint's run trained with training.optimizer: adamw (the default before "
+                      "auto) and continues with it")
         if old and bool(old.get("training.warm_start")) != bool(new.get("training.warm_start")):
             # (sweep 7: a warm start added on --resume was accepted and only merged the record)
             raise ConfigError(f"{self._resume_path}: the checkpoint's run was "
@@ -436,7 +447,8 @@ class Trainer:
         started = (self._resume_state or {}).get("scheduler_kind") if tc.scheduler == "auto" else None
         self.sched_kind = tc.scheduler if tc.scheduler != "auto" else (
             started or ("cosine" if groups is not None else "plateau"))
-        if tc.optimizer == "lbfgs":
+        self._resolve_optimizer()
+        if self.phase == "lbfgs":
             self.sched_kind = "none"        # the line search chooses every step's length
             if tc.copies_per_epoch != 0 and self._recorded_draws(self.ds).any():
                 self._log("copies: lbfgs trains on every copy of the data set's pools at each evaluation "
@@ -1113,19 +1125,20 @@ class Trainer:
         self.flat = FlatParameters(self.model)
         params = self.flat.tensors
         avoid_dynamo_import()
-        if tc.optimizer != "lbfgs" and self.force_mode and self.rank0 and not self.quiet and self._resume_state is None:
-            atoms = int(np.asarray(self.ds.natoms, dtype=np.int64)[self.train_idx].sum())
-            if atoms <= LBFGS_HINT_ATOMS:
-                self._log(f"hint: force training of {atoms} atoms: training.optimizer: lbfgs reached 1.5-4x lower force "
-                          "errors than adamw at equal wall time on force-labelled sets of up to 46,000 atoms "
-                          "(docs/training.md \"Choosing the optimizer\")")
-        if tc.optimizer == "adamw":
+        if tc.optimizer in ("adamw", "adam") and self.force_mode and self.rank0 and not self.quiet \
+                and self._resume_state is None and self._auto_lbfgs_reason() is None:
+            self._log(f"hint: force training of {self._train_atoms()} atoms: training.optimizer: auto (adamw, then "
+                      "lbfgs once adamw stalls) reached lower force errors than adamw alone on force-labelled sets "
+                      "of up to 46,000 atoms (docs/training.md \"Choosing the optimizer\")")
+        if len(params) != 1 and self._auto_switch:
+            self._auto_switch = False       # (L-BFGS works on one flat tensor; mixed dtypes or devices)
+        if self.phase == "adamw":
             self.opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
                                          **fused_adam_kwargs(params))
         elif tc.optimizer == "adam":
             self.opt = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay,
                                         **fused_adam_kwargs(params))
-        elif tc.optimizer == "lbfgs":
+        elif self.phase == "lbfgs":
             from .lbfgs import LBFGS
 
             if len(params) != 1:
@@ -1700,6 +1713,63 @@ class Trainer:
         self.save_checkpoint(self.epoch, 0)
         return "stopped"
 
+    # ---- training.optimizer: auto (AdamW until it stalls, then L-BFGS) ----------------------------
+    _auto_switch = False       # this run switches from AdamW to L-BFGS at the plateau scheduler's first cut
+
+    def _train_atoms(self) -> int:
+        return int(np.asarray(self.ds.natoms, dtype=np.int64)[self.train_idx].sum())
+
+    def _auto_lbfgs_reason(self) -> str | None:
+        """Why training.optimizer: auto keeps AdamW to the end on this run (None: it switches to
+        L-BFGS when AdamW stalls).  Each reason is a measured loss or an unmeasured regime of
+        L-BFGS (docs/results.md, twentieth and twenty-first sessions)."""
+        tc = self.cfg.training
+        if not self.force_mode:
+            return "energy training (L-BFGS fitted small sets' energies exactly and generalised worse)"
+        if np.asarray(self.ds.column("synthetic"), dtype=bool)[self.train_idx].any():
+            return "GPR copies in the training split (each L-BFGS evaluation would take all of them)"
+        if self.sched_kind != "plateau":
+            return f"training.scheduler: {self.sched_kind} (the switch comes at the plateau scheduler's first cut)"
+        for key, bad in (("loss: rmse", tc.loss == "rmse"), ("grad_clip", tc.grad_clip > 0),
+                         ("weight_decay", tc.weight_decay > 0)):
+            if bad:
+                return f"training.{key} is set (AdamW's; L-BFGS refuses it)"
+        atoms = self._train_atoms()
+        if atoms > AUTO_LBFGS_ATOMS:
+            return f"{atoms} training atoms, above the {AUTO_LBFGS_ATOMS} measured"
+        return None
+
+    def _resolve_optimizer(self) -> None:
+        """The optimizer this run starts with (``self.phase``: adamw, adam, sgd or lbfgs) and
+        whether training.optimizer: auto switches from AdamW to L-BFGS: at the end of the epoch at
+        which the plateau scheduler first lowers the rate, i.e. when AdamW has stalled.  AdamW
+        makes the faster start (its many steps per epoch against one iteration), L-BFGS the
+        better end (docs/training.md "Choosing the optimizer"); a resumed run continues in the
+        phase its checkpoint was written in."""
+        tc = self.cfg.training
+        if tc.optimizer != "auto":
+            self.phase = tc.optimizer
+            return
+        self.phase = (self._resume_state or {}).get("optimizer_phase", "adamw")
+        if self.phase != "adamw":
+            return
+        why = self._auto_lbfgs_reason()
+        self._auto_switch = why is None
+        if self._resume_state is None:
+            self._log("optimizer: auto: adamw, then lbfgs once adamw stalls (the plateau scheduler's first cut)"
+                      if why is None else f"optimizer: auto: adamw to the end: {why}")
+
+    def _switch_to_lbfgs(self, epoch: int) -> None:
+        from .lbfgs import LBFGS
+
+        tc = self.cfg.training
+        self.phase, self._auto_switch = "lbfgs", False
+        self.opt = LBFGS(self.flat.tensors[0], history=tc.lbfgs_history)
+        self.sched, self.sched_kind = None, "none"
+        self._log(f"optimizer: auto: adamw stalled at epoch {epoch + 1} (the plateau scheduler lowered the rate): "
+                  "lbfgs from the next epoch on, one iteration on the whole training split each (the lr column: "
+                  "its step length)")
+
     # ---- training.optimizer: lbfgs (full batch; training/lbfgs.py) --------------------------------
     def _lbfgs_evaluate(self, acc: torch.Tensor) -> float:
         """The global training loss of the whole training split at the current parameters, its
@@ -1852,7 +1922,7 @@ class Trainer:
         hint = (f"resume from the last good checkpoint {ck} with a lower learning rate: distmlip train CONFIG "
                 f"--resume {ck} --set training.lr={lr / 10:.3g}" if ck.exists()
                 else f"no checkpoint was written yet; start again with a lower learning rate (now {lr:.3g})")
-        if self.cfg.training.optimizer == "lbfgs":      # (its line search sets the steps: no rate to lower)
+        if self.phase == "lbfgs":      # (its line search sets the steps: no rate to lower)
             hint = ("the loss itself is not finite where L-BFGS stands: check the data for extreme energies or "
                     "forces, or train with optimizer adamw" + (f" (last good checkpoint: {ck})" if ck.exists() else ""))
         raise NonFiniteError(
@@ -1904,7 +1974,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints and logs
     def _payload(self, epoch, step, partial):
-        return dict(model=self.model.payload(), optimizer=self.opt.state_dict(),
+        return dict(model=self.model.payload(), optimizer=self.opt.state_dict(), optimizer_phase=self.phase,
                     scheduler=self.sched.state_dict() if self.sched is not None else None,
                     scheduler_kind=self.sched_kind,
                     epoch=epoch, step=step, global_step=self.global_step, best=self.best,
@@ -2069,7 +2139,7 @@ class Trainer:
             # (sweep 13: "training finished: done" alone read as if it had trained)
             self._log(f"nothing to train: the checkpoint is at epoch {self.epoch} and training.epochs is {tc.epochs} "
                       f"(raise it to continue: --set training.epochs=N)")
-        if tc.optimizer == "lbfgs":
+        if self.phase == "lbfgs":
             status = self._fit_lbfgs()
             self._write_models()
             self._check_energy_baseline()
@@ -2129,6 +2199,9 @@ class Trainer:
             if status == "max_steps" or self._early_stop:
                 status = "early_stopped" if self._early_stop else status
                 self.save_checkpoint(self.epoch, 0)
+                break
+            if self.phase == "lbfgs":      # optimizer auto: AdamW stalled at this epoch (_end_epoch)
+                status = self._fit_lbfgs()
                 break
         self._write_models()
         self._check_energy_baseline()
@@ -2202,6 +2275,8 @@ class Trainer:
             self.sched.step(metric)
         elif self.sched is not None:
             self.sched.step()
+        if self._auto_switch and self.opt.param_groups[0]["lr"] < lr:
+            self._switch_to_lbfgs(epoch)       # before this epoch's checkpoint: a resume continues with L-BFGS
         dt_total = time.time() - t0  # training + validation of this epoch
         row = {"epoch": epoch + 1, "steps": self.global_step, "lr": f"{lr:.6g}",
                "train_loss": f"{tr['loss']:.8g}", "train_E_rmse_meV_atom": _fmt(tr["E_rmse_meV_atom"]),
