@@ -165,7 +165,7 @@ def test_lbfgs_ends_a_fit_that_no_longer_falls_and_names_over_fitting(tmp_path, 
     assert (tmp_path / "run" / "model.pt").is_file()
 
 
-def test_optimizer_auto_starts_with_adamw_and_says_what_follows(tmp_path, emt_h5, capsys):
+def test_optimizer_auto_starts_with_adamw_and_says_what_follows(tmp_path, emt_h5, capsys, monkeypatch):
     force = {"training.mode": "force", "training.epochs": 1}
     tr = Trainer(make_cfg(tmp_path / "a", emt_h5, **force))
     out = capsys.readouterr().out
@@ -183,6 +183,9 @@ def test_optimizer_auto_starts_with_adamw_and_says_what_follows(tmp_path, emt_h5
         tr = Trainer(make_cfg(tmp_path / f"d{len(why)}", emt_h5, **over))
         assert type(tr.opt) is torch.optim.AdamW and not tr._auto_switch
         assert f"optimizer: auto: adamw to the end: {why}" in capsys.readouterr().out
+    monkeypatch.setattr("distmlip.training.trainer.AUTO_LBFGS_ATOMS", 100)
+    tr = Trainer(make_cfg(tmp_path / "e", emt_h5, **force))
+    assert not tr._auto_switch and "training atoms, above 100" in capsys.readouterr().out
 
 
 def test_optimizer_auto_switches_to_lbfgs_when_adamw_stalls_and_resumes_bit_for_bit(tmp_path, emt_h5, capsys):

@@ -143,10 +143,10 @@ def fused_adam_kwargs(params) -> dict:
     return {"fused": True} if ok and params else {}
 
 # training.optimizer: auto switches force training of at most this many atoms in the training split
-# from AdamW to L-BFGS when AdamW stalls (measured on sets of 1,100-46,000 atoms; larger sets
-# unmeasured: an L-BFGS iteration costs a whole epoch of Adam steps; docs/results.md), and an
-# explicit adamw force run of at most this many atoms gets a hint that names it
-AUTO_LBFGS_ATOMS = 100_000
+# from AdamW to L-BFGS when AdamW stalls, and an explicit adamw force run of at most this many atoms
+# gets a hint that names it.  An L-BFGS iteration costs a whole epoch of AdamW steps: the switch
+# won at 46,000 atoms (38 steps per epoch) and lost at 166,000 (138) (docs/results.md)
+AUTO_LBFGS_ATOMS = 50_000
 # fewer optimizer steps than this in a whole run draw a warning: with the default epochs and batch
 # a small data set gets a few hundred steps (EC dimers: 3 per epoch), and every set in
 # docs/results.md was still improving after this many
@@ -1736,7 +1736,8 @@ class Trainer:
                 return f"training.{key} is set (AdamW's; L-BFGS refuses it)"
         atoms = self._train_atoms()
         if atoms > AUTO_LBFGS_ATOMS:
-            return f"{atoms} training atoms, above the {AUTO_LBFGS_ATOMS} measured"
+            return (f"{atoms} training atoms, above {AUTO_LBFGS_ATOMS} (on 166,000 atoms AdamW alone trained "
+                    "better than with the switch)")
         return None
 
     def _resolve_optimizer(self) -> None:
