@@ -183,9 +183,9 @@ def test_optimizer_auto_starts_with_adamw_and_says_what_follows(tmp_path, emt_h5
         tr = Trainer(make_cfg(tmp_path / f"d{len(why)}", emt_h5, **over))
         assert type(tr.opt) is torch.optim.AdamW and not tr._auto_switch
         assert f"optimizer: auto: adamw to the end: {why}" in capsys.readouterr().out
-    monkeypatch.setattr("distmlip.training.trainer.AUTO_LBFGS_ATOMS", 100)
+    monkeypatch.setattr("distmlip.training.trainer.AUTO_LBFGS_ATOMS", 10)
     tr = Trainer(make_cfg(tmp_path / "e", emt_h5, **force))
-    assert not tr._auto_switch and "training atoms, above 100" in capsys.readouterr().out
+    assert not tr._auto_switch and "training atoms, above 10 " in capsys.readouterr().out
 
 
 def test_optimizer_auto_switches_to_lbfgs_when_adamw_stalls_and_resumes_bit_for_bit(tmp_path, emt_h5, capsys):
