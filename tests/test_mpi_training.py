@@ -100,3 +100,15 @@ def test_one_rank_equals_two_ranks_with_force_outliers_left_out(tmp_path, emt_h5
     d = max_diff(torch.load(tmp_path / "force_w1.pt", weights_only=True),
                  torch.load(tmp_path / "force_w2.pt", weights_only=True))
     assert d < 1e-10, f"1 rank vs 2 ranks differ by {d}"
+
+
+def test_max_minutes_stops_every_rank_at_the_same_epoch(tmp_path, emt_h5):
+    """Rank 0's clock decides for both ranks: the job ends (exit 0, no hang) with one checkpoint
+    epoch and the models written."""
+    cfg = write_cfg(tmp_path / "c.yaml", emt_h5, tmp_path / "out", epochs=100000)
+    cfg.write_text(cfg.read_text().replace("scheduler: none", "scheduler: none, max_minutes: 0.05"))
+    res = mpirun(2, [CLI, "train", str(cfg)], timeout=180)
+    assert "training finished: time_limit" in res.stdout + res.stderr
+    st = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    assert 1 <= st["epoch"] < 100000
+    assert (tmp_path / "out" / "model.pt").is_file()

@@ -549,3 +549,18 @@ training: {epochs: 1, batch_atoms: 40, output: run, progress_bar: 'off'}
     assert not (elsewhere / "run").exists()
     res = distmlip_cli(["train", "c.yaml", "--resume", "auto", "--set", "training.epochs=3"], cwd=work)
     assert "resumed from" in res.stdout + res.stderr and "differs" not in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lbfgs"])
+def test_max_minutes_ends_the_run_with_its_models_and_a_resumable_checkpoint(tmp_path, emt_h5, optimizer):
+    """training.max_minutes: the run stops at the end of the epoch in which the time passed, writes
+    model.pt as at a normal end (status time_limit), and its checkpoint continues to the epochs."""
+    over = {"training.mode": "force", "training.epochs": 40, "training.optimizer": optimizer}
+    tr = Trainer(make_cfg(tmp_path, emt_h5, **over, **{"training.max_minutes": 1e-6}), quiet=True)
+    assert tr.fit() == "time_limit"
+    assert tr.epoch == 1
+    assert (tmp_path / "run" / "model.pt").is_file()
+    tr = Trainer(make_cfg(tmp_path, emt_h5, **over), resume=str(tmp_path / "run" / "checkpoint.pt"), quiet=True)
+    assert tr.fit() in ("done", "converged") and tr.epoch > 1
+    with pytest.raises(ConfigError, match="max_minutes"):
+        make_cfg(tmp_path, emt_h5, **{"training.max_minutes": -1})

@@ -113,8 +113,8 @@ def train_committee(cfg, ctx, resume: bool = False, quiet: bool = False, step_ca
             kd = member_dir(out, k)
             mcfg = _member_cfg(cfg, k, out)
             info = _done_info(kd) if resume else None
-            if info is not None and (info.get("status") == "early_stopped" or info.get("epochs", 0) >= cfg.training.epochs
-                                     or info.get("status") == "max_steps"):
+            if info is not None and (info.get("status") in ("early_stopped", "max_steps", "converged")
+                                     or info.get("epochs", 0) >= cfg.training.epochs):
                 statuses[k] = info.get("status", "done")
                 continue
             ck = kd / "checkpoint.pt"

@@ -96,6 +96,10 @@ class TrainingConfig:
     energy_loss: Literal["per_atom", "per_structure"] = "per_atom"
     epochs: int = field(default=100, metadata=bounds(ge=1))
     max_steps: int = field(default=0, metadata=bounds(ge=0))   # stop after this many optimizer steps (0: no limit)
+    # stop at the end of the epoch in which this many minutes of training have passed (0: no
+    # limit), writing the models as at the end of the run (status time_limit); counted from the
+    # start of this job's training (a resumed run starts its count anew; per member in a committee)
+    max_minutes: float = field(default=0.0, metadata=bounds(ge=0.0))
     batch_atoms: int = field(default=2000, metadata=bounds(ge=1))
     batch_structures: int = field(default=0, metadata=bounds(ge=0))   # 0: no limit on structures per batch
     # lbfgs: full-batch L-BFGS (training/lbfgs.py): every epoch one quasi-Newton iteration on the

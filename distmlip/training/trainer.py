@@ -1842,6 +1842,8 @@ class Trainer:
                 status = "max_steps"
             elif self._early_stop:
                 status = "early_stopped"
+            elif self._time_up:
+                status = "time_limit"
             if status != "done":
                 self.save_checkpoint(self.epoch, 0)
                 break
@@ -2111,7 +2113,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def fit(self, step_callback=None) -> str:
-        """Train; returns 'done', 'early_stopped', 'max_steps' or 'stopped' (signal / callback).
+        """Train; returns 'done', 'early_stopped', 'max_steps', 'time_limit', 'converged' (lbfgs)
+        or 'stopped' (signal / callback).
 
         ``step_callback(trainer)`` is called after every step; a True return requests a stop
         exactly like a signal (used by tests).  The output folder's lock is released at the end,
@@ -2127,7 +2130,7 @@ class Trainer:
 
     def _fit(self, step_callback=None) -> str:
         tc = self.cfg.training
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = self._fit_started = time.monotonic()
         self._prepare_output()
         # Every step allocates a few hundred short-lived Python objects (autograd contexts,
         # tuples), which trigger the cyclic garbage collector; its full collections walked every
@@ -2197,8 +2200,8 @@ class Trainer:
             self.timers["epoch"] += time.time() - t0
             if stop:
                 return self._stopped_after_epoch(epoch)
-            if status == "max_steps" or self._early_stop:
-                status = "early_stopped" if self._early_stop else status
+            if status == "max_steps" or self._early_stop or self._time_up:
+                status = "early_stopped" if self._early_stop else "time_limit" if self._time_up else status
                 self.save_checkpoint(self.epoch, 0)
                 break
             if self.phase == "lbfgs":      # optimizer auto: AdamW stalled at this epoch (_end_epoch)
@@ -2238,6 +2241,7 @@ class Trainer:
                  f"energies are no better than that baseline.  {hint}")
 
     _early_stop = False
+    _time_up = False           # training.max_minutes passed (decided by rank 0's clock, for all ranks)
 
     def _end_epoch(self, epoch, acc, t0):
         tc = self.cfg.training
@@ -2332,6 +2336,17 @@ class Trainer:
         if tc.early_stopping > 0 and self.bad_epochs >= tc.early_stopping:
             self._log(f"early stopping: no validation improvement for {self.bad_epochs} epochs")
             self._early_stop = True
+        if tc.max_minutes > 0 and not self._time_up:
+            # rank 0's clock decides for every rank (clocks and epoch ends differ between ranks; a
+            # rank leaving alone would hang the others in the next reduction)
+            up = torch.tensor([1.0 if self.rank0 and time.monotonic() - self._fit_started >= 60.0 * tc.max_minutes
+                               else 0.0], dtype=torch.float64, device=self.device)
+            self.ctx.all_reduce_sum(up)
+            if float(up[0]) > 0:
+                self._time_up = True
+                self._log(f"time limit: training.max_minutes {tc.max_minutes:g} reached at the end of epoch "
+                          f"{epoch + 1}; the models are written as at the end of the run (continue to training.epochs "
+                          f"with {self._resume_command()})")
 
     def _data_metadata(self) -> dict:
         """What the saved models record about their training data (rank 0; computed once):
