@@ -254,3 +254,19 @@ def test_a_checkpoint_from_before_auto_resumes_with_adamw(tmp_path, emt_h5, caps
     assert "continues with it" in capsys.readouterr().out
     assert type(tr.opt) is torch.optim.AdamW and not tr._auto_switch
     assert tr.fit() == "done"
+
+
+def test_optimizer_auto_switches_after_epoch_300_when_as_many_remain(tmp_path, emt_h5, capsys, monkeypatch):
+    """Without a plateau cut, auto switches at the end of AUTO_SWITCH_EPOCH (here 5) when at least as
+    many epochs remain, and not in a shorter run."""
+    monkeypatch.setattr("distmlip.training.trainer.AUTO_SWITCH_EPOCH", 5)
+    over = {"training.mode": "force", "training.plateau_patience": 1000, "training.plateau_min_steps": 0}
+    tr = Trainer(make_cfg(tmp_path / "a", emt_h5, **over, **{"training.epochs": 10}))
+    tr.fit()
+    assert "optimizer: auto: epoch 5 of adamw done: lbfgs from the next epoch on" in capsys.readouterr().out
+    assert type(tr.opt) is LBFGS
+    lrs = [float(r["lr"]) for r in _rows(tmp_path / "a" / "run")]
+    assert lrs[:5] == [0.01] * 5 and lrs[5] != 0.01
+    tr = Trainer(make_cfg(tmp_path / "b", emt_h5, **over, **{"training.epochs": 9}))
+    tr.fit()
+    assert type(tr.opt) is torch.optim.AdamW and "lbfgs from the next epoch" not in capsys.readouterr().out

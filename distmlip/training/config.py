@@ -106,8 +106,9 @@ class TrainingConfig:
     # loss of the whole training split, its step length from a line search (lr, the scheduler and
     # copies_per_epoch draws do not apply); for data sets whose whole loss and gradient take up to
     # a few seconds (docs/training.md "Choosing the optimizer")
-    # auto: AdamW, switched to L-BFGS once AdamW stalls in force training on reference data of up
-    # to 50,000 atoms (trainer._auto_lbfgs_reason lists where it stays AdamW)
+    # auto: AdamW, switched to L-BFGS once AdamW stalls (or after epoch 300 of 600 or more) in force
+    # training on reference data of up to 50,000 atoms (trainer._auto_lbfgs_reason lists where it
+    # stays AdamW)
     optimizer: Literal["auto", "adamw", "adam", "sgd", "lbfgs"] = "auto"
     lbfgs_history: int = field(default=20, metadata=bounds(ge=1))   # (s, y) pairs L-BFGS keeps
     lr: float = field(default=1.0e-3, metadata=bounds(gt=0.0, le=10.0))

@@ -147,6 +147,11 @@ def fused_adam_kwargs(params) -> dict:
 # gets a hint that names it.  An L-BFGS iteration costs a whole epoch of AdamW steps: the switch
 # won at 46,000 atoms (38 steps per epoch) and lost at 166,000 (138) (docs/results.md)
 AUTO_LBFGS_ATOMS = 50_000
+# ... and at the end of this epoch at the latest, when at least as many epochs remain: AdamW's head
+# start is worth most in its first few hundred epochs.  Measured (docs/results.md): switching at
+# epoch 100-1,000 of 2,000 beat both the plateau cut (1,839) and L-BFGS alone on the EC dimers
+# (3 steps per epoch), and 300 beat 100 on 46,000 atoms (38 steps per epoch, 1,000 epochs)
+AUTO_SWITCH_EPOCH = 300
 # fewer optimizer steps than this in a whole run draw a warning: with the default epochs and batch
 # a small data set gets a few hundred steps (EC dimers: 3 per epoch), and every set in
 # docs/results.md was still improving after this many
@@ -1757,7 +1762,8 @@ class Trainer:
         why = self._auto_lbfgs_reason()
         self._auto_switch = why is None
         if self._resume_state is None:
-            self._log("optimizer: auto: adamw, then lbfgs once adamw stalls (the plateau scheduler's first cut)"
+            self._log("optimizer: auto: adamw, then lbfgs once adamw stalls (the plateau scheduler's first cut) or "
+                      f"after epoch {AUTO_SWITCH_EPOCH} when as many remain"
                       if why is None else f"optimizer: auto: adamw to the end: {why}")
 
     def _switch_to_lbfgs(self, epoch: int) -> None:
@@ -1767,9 +1773,10 @@ class Trainer:
         self.phase, self._auto_switch = "lbfgs", False
         self.opt = LBFGS(self.flat.tensors[0], history=tc.lbfgs_history)
         self.sched, self.sched_kind = None, "none"
-        self._log(f"optimizer: auto: adamw stalled at epoch {epoch + 1} (the plateau scheduler lowered the rate): "
-                  "lbfgs from the next epoch on, one iteration on the whole training split each (the lr column: "
-                  "its step length)")
+        why = ("adamw stalled at epoch {} (the plateau scheduler lowered the rate)" if epoch + 1 != AUTO_SWITCH_EPOCH
+               else "epoch {} of adamw done").format(epoch + 1)
+        self._log(f"optimizer: auto: {why}: lbfgs from the next epoch on, one iteration on the whole training "
+                  "split each (the lr column: its step length)")
 
     # ---- training.optimizer: lbfgs (full batch; training/lbfgs.py) --------------------------------
     def _lbfgs_evaluate(self, acc: torch.Tensor) -> float:
@@ -2280,7 +2287,8 @@ class Trainer:
             self.sched.step(metric)
         elif self.sched is not None:
             self.sched.step()
-        if self._auto_switch and self.opt.param_groups[0]["lr"] < lr:
+        if self._auto_switch and (self.opt.param_groups[0]["lr"] < lr or (
+                epoch + 1 == AUTO_SWITCH_EPOCH and tc.epochs - epoch - 1 >= AUTO_SWITCH_EPOCH)):
             self._switch_to_lbfgs(epoch)       # before this epoch's checkpoint: a resume continues with L-BFGS
         dt_total = time.time() - t0  # training + validation of this epoch
         row = {"epoch": epoch + 1, "steps": self.global_step, "lr": f"{lr:.6g}",
