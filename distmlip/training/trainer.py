@@ -1766,15 +1766,12 @@ class Trainer:
                       f"after epoch {AUTO_SWITCH_EPOCH} when as many remain"
                       if why is None else f"optimizer: auto: adamw to the end: {why}")
 
-    def _switch_to_lbfgs(self, epoch: int) -> None:
+    def _switch_to_lbfgs(self, why: str) -> None:
         from .lbfgs import LBFGS
 
-        tc = self.cfg.training
         self.phase, self._auto_switch = "lbfgs", False
-        self.opt = LBFGS(self.flat.tensors[0], history=tc.lbfgs_history)
+        self.opt = LBFGS(self.flat.tensors[0], history=self.cfg.training.lbfgs_history)
         self.sched, self.sched_kind = None, "none"
-        why = ("adamw stalled at epoch {} (the plateau scheduler lowered the rate)" if epoch + 1 != AUTO_SWITCH_EPOCH
-               else "epoch {} of adamw done").format(epoch + 1)
         self._log(f"optimizer: auto: {why}: lbfgs from the next epoch on, one iteration on the whole training "
                   "split each (the lr column: its step length)")
 
@@ -2150,12 +2147,7 @@ class Trainer:
             # (sweep 13: "training finished: done" alone read as if it had trained)
             self._log(f"nothing to train: the checkpoint is at epoch {self.epoch} and training.epochs is {tc.epochs} "
                       f"(raise it to continue: --set training.epochs=N)")
-        if self.phase == "lbfgs":
-            status = self._fit_lbfgs()
-            self._write_models()
-            self._check_energy_baseline()
-            return status
-        while self.epoch < tc.epochs:
+        while self.phase != "lbfgs" and self.epoch < tc.epochs:     # (auto: until the switch, _end_epoch)
             epoch = self.epoch
             t0 = time.time()
             acc = torch.zeros(len(_M), dtype=torch.float64, device=self.device)
@@ -2211,9 +2203,8 @@ class Trainer:
                 status = "early_stopped" if self._early_stop else "time_limit" if self._time_up else status
                 self.save_checkpoint(self.epoch, 0)
                 break
-            if self.phase == "lbfgs":      # optimizer auto: AdamW stalled at this epoch (_end_epoch)
-                status = self._fit_lbfgs()
-                break
+        if self.phase == "lbfgs" and status == "done":
+            status = self._fit_lbfgs()
         self._write_models()
         self._check_energy_baseline()
         return status
@@ -2287,9 +2278,11 @@ class Trainer:
             self.sched.step(metric)
         elif self.sched is not None:
             self.sched.step()
-        if self._auto_switch and (self.opt.param_groups[0]["lr"] < lr or (
-                epoch + 1 == AUTO_SWITCH_EPOCH and tc.epochs - epoch - 1 >= AUTO_SWITCH_EPOCH)):
-            self._switch_to_lbfgs(epoch)       # before this epoch's checkpoint: a resume continues with L-BFGS
+        if self._auto_switch:       # before this epoch's checkpoint: a resume continues with L-BFGS
+            if self.opt.param_groups[0]["lr"] < lr:
+                self._switch_to_lbfgs(f"adamw stalled at epoch {epoch + 1} (the plateau scheduler lowered the rate)")
+            elif epoch + 1 == AUTO_SWITCH_EPOCH and tc.epochs - epoch - 1 >= AUTO_SWITCH_EPOCH:
+                self._switch_to_lbfgs(f"epoch {epoch + 1} of adamw done")
         dt_total = time.time() - t0  # training + validation of this epoch
         row = {"epoch": epoch + 1, "steps": self.global_step, "lr": f"{lr:.6g}",
                "train_loss": f"{tr['loss']:.8g}", "train_E_rmse_meV_atom": _fmt(tr["E_rmse_meV_atom"]),
