@@ -200,6 +200,8 @@ def main():
                     help="training.scheduler for every method (default: the config default)")
     ap.add_argument("--optimizer", default=None, choices=["auto", "adamw", "lbfgs"],
                     help="training.optimizer for every method (default: the config default)")
+    ap.add_argument("--ema", type=float, default=None,
+                    help="training.ema for every method (default: the config default)")
     a = ap.parse_args()
     if a.set == "files" and not (a.train and a.test):
         ap.error("files needs --train and --test")
@@ -252,13 +254,15 @@ def main():
     common = {"scheduler": a.scheduler} if a.scheduler else {}
     if a.optimizer:
         common["optimizer"] = a.optimizer
+    if a.ema is not None:
+        common["ema"] = a.ema
     seeds = tuple(int(x) for x in a.seeds.split(","))
     rows = [r for m in methods
             for r in run_method(out, m, str(out / plan[m][0]), plan[m][1], a.budget, plan[m][2], a.np_,
                                 dict(common, **(plan[m][3] if len(plan[m]) > 3 else {})), seeds)]
     load = os.getloadavg()[0]
     print(f"\n{a.set}: M = {a.copies}, delta = {a.delta} A, fingerprint {a.fingerprint}, budget {a.budget:.0f} s "
-          f"per method, scheduler {a.scheduler or 'default'}, optimizer {a.optimizer or 'default'}, augment (GPR fit + labels) {t_aug:.0f} s, load {load:.1f}")
+          f"per method, scheduler {a.scheduler or 'default'}, optimizer {a.optimizer or 'default'}, ema {'default' if a.ema is None else a.ema}, augment (GPR fit + labels) {t_aug:.0f} s, load {load:.1f}")
     for r in rep["subsets"]:
         print(f"  {r['subset']}: fingerprint {r.get('fingerprint', {}).get('kind')}, choice "
               f"{r.get('fingerprint_choice')}, M {r.get('copies_per_structure')}"

@@ -147,6 +147,55 @@ def test_stop_mid_epoch_and_resume(tmp_path, emt_h5):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.parametrize("ema", [0.5, 0.0])
+def test_kept_models_are_the_moving_average_of_the_steps_weights(tmp_path, emt_h5, ema):
+    """training.ema: the average follows the documented recursion over the raw weights after each
+    step (decay min(ema, (1 + t) / (10 + t))), validation and the written models use it, and the
+    optimizer continues from the raw weights; ema 0 keeps the raw weights."""
+    cfg = make_cfg(tmp_path, emt_h5, **{"training.epochs": 3, "training.ema": ema})
+    tr = Trainer(cfg, quiet=True)
+    avg = [p.detach().clone() for p in tr.flat.tensors]
+    raw = []
+
+    def record(t):
+        raw.append([p.detach().clone() for p in t.flat.tensors])
+        return False
+
+    assert tr.fit(step_callback=record) == "done"
+    assert len(raw) == 3 * tr.stream.steps(0)
+    for t, w in enumerate(raw):
+        d = min(ema, (1.0 + t) / (10.0 + t)) if ema > 0 else 0.0
+        avg = [d * a + (1.0 - d) * x for a, x in zip(avg, w)]
+    assert all(torch.equal(p, x) for p, x in zip(tr.flat.tensors, raw[-1]))   # the steps' own weights
+    with torch.no_grad():
+        for p, a in zip(tr.flat.tensors, avg):
+            p.copy_(a)
+    written = weights(tmp_path / "run" / "last_model.pt")["state_dict"]
+    for k, v in tr.model.state_dict().items():
+        torch.testing.assert_close(written[k], v.cpu(), rtol=0, atol=1e-12, msg=k)
+    val = tr.evaluate_stream(tr.val_stream)["loss"]
+    logged = (tmp_path / "run" / "log.csv").read_text().splitlines()[-1].split(",")[8]
+    assert float(logged) == pytest.approx(val, rel=1e-6)
+    if ema > 0:   # (the averaged weights differ from the last step's)
+        assert max(float((a - x).abs().max()) for a, x in zip(avg, raw[-1])) > 1e-6
+
+
+def test_a_checkpoint_from_before_the_average_resumes_and_starts_one(tmp_path, emt_h5, capsys):
+    """Checkpoints written before training.ema existed have no average: the resume starts one at
+    the resumed weights and says so (the setting's change is named too)."""
+    Trainer(make_cfg(tmp_path, emt_h5, **{"training.epochs": 2}), quiet=True).fit()
+    ck = tmp_path / "run" / "checkpoint.pt"
+    st = torch.load(ck, weights_only=False)
+    assert st["ema"] is not None
+    del st["ema"], st["config"]["training"]["ema"]
+    torch.save(st, ck)
+    tr = Trainer(make_cfg(tmp_path, emt_h5, **{"training.epochs": 3}), resume=str(ck))
+    out = capsys.readouterr().out
+    assert "no moving average of the weights" in out and "training.ema changed from 0.0 to 0.999" in out
+    assert all(torch.equal(a, p) for a, p in zip(tr._ema, tr.flat.tensors))
+    assert tr.fit() == "done"
+
+
 def test_resume_refuses_replaced_training_data(tmp_path, emt_h5):
     """A checkpoint resumed after its training file was replaced at the same path (re-augmented,
     reconverted) is an error naming the file, not a silent continuation on other data."""

@@ -297,7 +297,7 @@ class Trainer:
                         "training.force_fraction", "training.optimizer", "data.batches",
                         "training.copies_per_epoch")
     # what a checkpoint written before a setting existed did, and older spellings of a value
-    _BEFORE_SETTING = {"data.batches": "reshuffled", "training.copies_per_epoch": 0}
+    _BEFORE_SETTING = {"data.batches": "reshuffled", "training.copies_per_epoch": 0, "training.ema": 0.0}
     _ADOPTED_FROM_WARM_START = ("descriptor.type", "descriptor.rc_radial", "descriptor.n_radial",
                                 "descriptor.rc_angular", "descriptor.n_angular", "model.hidden", "model.activation",
                                 "zbl.enabled")
@@ -1151,6 +1151,10 @@ class Trainer:
             self.opt = LBFGS(params[0], history=tc.lbfgs_history)
         else:
             self.opt = torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        # the weights' moving average (training.ema): AdamW's steps only; L-BFGS descends
+        # without noise to average
+        self._ema = ([t.detach().clone() for t in params]
+                     if tc.ema > 0 and self.phase in ("adamw", "adam", "sgd") else None)
         if self.sched_kind == "plateau":
             patience = self._plateau_patience()
             self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -1218,6 +1222,13 @@ class Trainer:
                       f"at epoch {t}")
         self.epoch, self.step_in_epoch = int(st["epoch"]), int(st["step"])
         self.global_step = int(st["global_step"])
+        if self._ema is not None:
+            if st.get("ema") is not None:
+                for t, v in zip(self._ema, st["ema"]):
+                    t.copy_(v)
+            else:       # (a checkpoint without one: ema was 0, or written before the setting)
+                self._log("resume: the checkpoint has no moving average of the weights; training.ema "
+                          f"{tc.ema:g} starts one at the resumed weights")
         self.best, self.bad_epochs = float(st["best"]), int(st["bad_epochs"])
         loss_keys = sorted(set(changes) & {"training.alpha", "training.beta", "training.difference_weight",
                                            "training.loss"})
@@ -1770,6 +1781,11 @@ class Trainer:
         from .lbfgs import LBFGS
 
         self.phase, self._auto_switch = "lbfgs", False
+        if self._ema is not None:   # L-BFGS starts from the averaged weights, the ones validated
+            with torch.no_grad():
+                for p, a in zip(self.flat.tensors, self._ema):
+                    p.copy_(a)
+            self._ema = None
         self.opt = LBFGS(self.flat.tensors[0], history=self.cfg.training.lbfgs_history)
         self.sched, self.sched_kind = None, "none"
         self._log(f"optimizer: auto: {why}: lbfgs from the next epoch on, one iteration on the whole training "
@@ -1909,9 +1925,40 @@ class Trainer:
         # every rank stops together)
         checks = [t.reshape(-1) for t in params] + [t.grad.reshape(-1) for t in params if t.grad is not None]
         finite = extra[2] == 0 and bool(torch.isfinite(torch.cat(checks)).all())
-        tm["compute"] += time.perf_counter() - t3
         if not finite:
+            tm["compute"] += time.perf_counter() - t3
             self._non_finite(batch, acc)
+        if self._ema is not None:
+            self._update_average()
+        tm["compute"] += time.perf_counter() - t3
+
+    def _update_average(self) -> None:
+        """One step of the weights' exponential moving average (training.ema).  The decay ramps
+        up over the first steps t as (1 + t) / (10 + t): the weights move fast there, and an
+        average that remembered the initial weights for a thousand steps lagged the raw ones."""
+        t = self.global_step       # steps before this one (a resumed run continues the count)
+        decay = min(self.cfg.training.ema, (1.0 + t) / (10.0 + t))
+        with torch.no_grad():
+            torch._foreach_lerp_(self._ema, [p.detach() for p in self.flat.tensors], 1.0 - decay)
+
+    @contextlib.contextmanager
+    def _averaged(self):
+        """The averaged weights in the model for the duration (validation, the kept models); the
+        raw ones back afterwards (the optimizer's steps continue from them)."""
+        if self._ema is None:
+            yield
+            return
+        params = self.flat.tensors
+        raw = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, a in zip(params, self._ema):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(params, raw):
+                    p.copy_(r)
 
     def _non_finite(self, batch, acc) -> None:
         """Stop the run: name what went non-finite, where, and how to continue.  Nothing is
@@ -1982,6 +2029,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints and logs
     def _payload(self, epoch, step, partial):
         return dict(model=self.model.payload(), optimizer=self.opt.state_dict(), optimizer_phase=self.phase,
+                    ema=[t.detach().cpu().clone() for t in self._ema] if self._ema is not None else None,
                     scheduler=self.sched.state_dict() if self.sched is not None else None,
                     scheduler_kind=self.sched_kind,
                     epoch=epoch, step=step, global_step=self.global_step, best=self.best,
@@ -2249,7 +2297,8 @@ class Trainer:
         if self.val_stream is not None and ((epoch + 1) % max(tc.validate_every, 1) == 0
                                             or epoch + 1 == tc.epochs):
             tv = time.perf_counter()
-            val = self.evaluate_stream(self.val_stream)
+            with self._averaged():
+                val = self.evaluate_stream(self.val_stream)
             self.timers["validation"] += time.perf_counter() - tv
         if not math.isfinite(tr["loss"]) or (val is not None and not math.isfinite(val["loss"])):
             # finite parameters whose predictions overflow: as diverged as NaN weights
@@ -2269,7 +2318,8 @@ class Trainer:
             self.best = metric
             self.bad_epochs = 0
             if self.rank0:     # kept in memory; written with the next checkpoint and at the end
-                self._best = (self.model.payload(), {"epoch": epoch + 1, "val_loss": metric})
+                with self._averaged():
+                    self._best = (self.model.payload(), {"epoch": epoch + 1, "val_loss": metric})
             self._best_energy = ((val or tr).get("E_rmse_meV_atom"), "validation" if val is not None else "training",
                                  epoch + 1)
         else:
@@ -2373,7 +2423,8 @@ class Trainer:
             return
         self._flush_best()
         meta = {"epoch": self.epoch, "step": self.global_step, **self._data_metadata()}
-        self.model.save(self.out / "last_model.pt", metadata=meta)
+        with self._averaged():
+            self.model.save(self.out / "last_model.pt", metadata=meta)
         best = self.out / "best_model.pt"
         if best.exists() and self.val_stream is not None:
             import shutil
@@ -2383,6 +2434,7 @@ class Trainer:
             with atomic_path(self.out / "model.pt") as tmp:
                 shutil.copyfile(best, tmp)
         else:
-            self.model.save(self.out / "model.pt", metadata=meta)
+            with self._averaged():
+                self.model.save(self.out / "model.pt", metadata=meta)
         self._log(f"model written to {self.out / 'model.pt'}"
                   + (" (best on validation)" if best.exists() and self.val_stream is not None else ""))
