@@ -148,10 +148,11 @@ def test_stop_mid_epoch_and_resume(tmp_path, emt_h5):
 
 
 @pytest.mark.parametrize("ema", [0.5, 0.0])
-def test_kept_models_are_the_moving_average_of_the_steps_weights(tmp_path, emt_h5, ema):
+def test_kept_models_are_the_moving_average_where_it_validates_better(tmp_path, emt_h5, ema):
     """training.ema: the average follows the documented recursion over the raw weights after each
-    step (decay min(ema, (1 + t) / (10 + t))), validation and the written models use it, and the
-    optimizer continues from the raw weights; ema 0 keeps the raw weights."""
+    step (decay min(ema, (1 + t) / (10 + t))); each validation scores it against the raw weights
+    and the better is logged and written; the optimizer continues from the raw weights; ema 0
+    keeps the raw weights."""
     cfg = make_cfg(tmp_path, emt_h5, **{"training.epochs": 3, "training.ema": ema})
     tr = Trainer(cfg, quiet=True)
     avg = [p.detach().clone() for p in tr.flat.tensors]
@@ -167,17 +168,37 @@ def test_kept_models_are_the_moving_average_of_the_steps_weights(tmp_path, emt_h
         d = min(ema, (1.0 + t) / (10.0 + t)) if ema > 0 else 0.0
         avg = [d * a + (1.0 - d) * x for a, x in zip(avg, w)]
     assert all(torch.equal(p, x) for p, x in zip(tr.flat.tensors, raw[-1]))   # the steps' own weights
+    val_raw = tr.evaluate_stream(tr.val_stream)["loss"]
+    if ema > 0:
+        assert all(torch.allclose(a, e, rtol=0, atol=1e-12) for a, e in zip(avg, tr._ema))
+        assert max(float((a - x).abs().max()) for a, x in zip(avg, raw[-1])) > 1e-6
     with torch.no_grad():
         for p, a in zip(tr.flat.tensors, avg):
             p.copy_(a)
+    val_avg = tr.evaluate_stream(tr.val_stream)["loss"]
+    chosen_avg = ema > 0 and not val_raw < val_avg
+    assert tr._use_avg == chosen_avg
+    if not chosen_avg:
+        with torch.no_grad():
+            for p, x in zip(tr.flat.tensors, raw[-1]):
+                p.copy_(x)
     written = weights(tmp_path / "run" / "last_model.pt")["state_dict"]
     for k, v in tr.model.state_dict().items():
         torch.testing.assert_close(written[k], v.cpu(), rtol=0, atol=1e-12, msg=k)
-    val = tr.evaluate_stream(tr.val_stream)["loss"]
     logged = (tmp_path / "run" / "log.csv").read_text().splitlines()[-1].split(",")[8]
-    assert float(logged) == pytest.approx(val, rel=1e-6)
-    if ema > 0:   # (the averaged weights differ from the last step's)
-        assert max(float((a - x).abs().max()) for a, x in zip(avg, raw[-1])) > 1e-6
+    assert float(logged) == pytest.approx(min(val_raw, val_avg) if ema > 0 else val_raw, rel=1e-6)
+
+
+def test_the_average_is_kept_where_it_validates_better_and_not_where_it_lags(tmp_path, emt_h5):
+    """Late in a run the average is chosen; at the first epoch of a fast-moving start the raw
+    weights are (the average would lag them)."""
+    tr = Trainer(make_cfg(tmp_path / "a", emt_h5, **{"training.epochs": 1, "training.ema": 0.999,
+                                                     "training.lr": 0.05}), quiet=True)
+    tr.fit()
+    assert not tr._use_avg
+    tr = Trainer(make_cfg(tmp_path / "b", emt_h5, **{"training.epochs": 40, "training.ema": 0.9}), quiet=True)
+    tr.fit()
+    assert tr._use_avg
 
 
 def test_a_checkpoint_from_before_the_average_resumes_and_starts_one(tmp_path, emt_h5, capsys):

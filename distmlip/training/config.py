@@ -112,9 +112,10 @@ class TrainingConfig:
     optimizer: Literal["auto", "adamw", "adam", "sgd", "lbfgs"] = "auto"
     lbfgs_history: int = field(default=20, metadata=bounds(ge=1))   # (s, y) pairs L-BFGS keeps
     # exponential moving average of the weights over the AdamW (Adam, SGD) steps, decay per step
-    # (0: off): validation, the kept models and auto's switch to L-BFGS use the averaged weights,
-    # the steps the raw ones (the training columns of the log are the raw weights'); the decay
-    # ramps up as (1 + t) / (10 + t) over the first steps t so early averages do not lag
+    # (0: off): each validation scores the average and the raw weights, and the better one is the
+    # epoch's (the kept models, auto's switch to L-BFGS); the steps continue from the raw ones
+    # (the log's training columns are the raw weights'); without validation data the raw weights
+    # are kept; the decay ramps up as (1 + t) / (10 + t) over the first steps t
     ema: float = field(default=0.999, metadata=bounds(ge=0.0, lt=1.0))
     lr: float = field(default=1.0e-3, metadata=bounds(gt=0.0, le=10.0))
     weight_decay: float = field(default=0.0, metadata=bounds(ge=0.0))

@@ -1155,6 +1155,7 @@ class Trainer:
         # without noise to average
         self._ema = ([t.detach().clone() for t in params]
                      if tc.ema > 0 and self.phase in ("adamw", "adam", "sgd") else None)
+        self._use_avg = False     # the last validation preferred the average (_end_epoch)
         if self.sched_kind == "plateau":
             patience = self._plateau_patience()
             self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -1226,6 +1227,7 @@ class Trainer:
             if st.get("ema") is not None:
                 for t, v in zip(self._ema, st["ema"]):
                     t.copy_(v)
+                self._use_avg = bool(st.get("ema_chosen", False))
             else:       # (a checkpoint without one: ema was 0, or written before the setting)
                 self._log("resume: the checkpoint has no moving average of the weights; training.ema "
                           f"{tc.ema:g} starts one at the resumed weights")
@@ -1781,11 +1783,11 @@ class Trainer:
         from .lbfgs import LBFGS
 
         self.phase, self._auto_switch = "lbfgs", False
-        if self._ema is not None:   # L-BFGS starts from the averaged weights, the ones validated
+        if self._ema is not None and self._use_avg:   # L-BFGS starts from the weights validated best
             with torch.no_grad():
                 for p, a in zip(self.flat.tensors, self._ema):
                     p.copy_(a)
-            self._ema = None
+        self._ema, self._use_avg = None, False
         self.opt = LBFGS(self.flat.tensors[0], history=self.cfg.training.lbfgs_history)
         self.sched, self.sched_kind = None, "none"
         self._log(f"optimizer: auto: {why}: lbfgs from the next epoch on, one iteration on the whole training "
@@ -1942,10 +1944,11 @@ class Trainer:
             torch._foreach_lerp_(self._ema, [p.detach() for p in self.flat.tensors], 1.0 - decay)
 
     @contextlib.contextmanager
-    def _averaged(self):
-        """The averaged weights in the model for the duration (validation, the kept models); the
-        raw ones back afterwards (the optimizer's steps continue from them)."""
-        if self._ema is None:
+    def _averaged(self, force: bool = False):
+        """The averaged weights in the model for the duration, where the last validation preferred
+        them (or ``force``): the kept models; the raw ones back afterwards (the optimizer's steps
+        continue from them)."""
+        if self._ema is None or not (force or self._use_avg):
             yield
             return
         params = self.flat.tensors
@@ -2030,6 +2033,7 @@ class Trainer:
     def _payload(self, epoch, step, partial):
         return dict(model=self.model.payload(), optimizer=self.opt.state_dict(), optimizer_phase=self.phase,
                     ema=[t.detach().cpu().clone() for t in self._ema] if self._ema is not None else None,
+                    ema_chosen=self._use_avg,
                     scheduler=self.sched.state_dict() if self.sched is not None else None,
                     scheduler_kind=self.sched_kind,
                     epoch=epoch, step=step, global_step=self.global_step, best=self.best,
@@ -2297,8 +2301,19 @@ class Trainer:
         if self.val_stream is not None and ((epoch + 1) % max(tc.validate_every, 1) == 0
                                             or epoch + 1 == tc.epochs):
             tv = time.perf_counter()
-            with self._averaged():
+            with self._averaged(force=True):
                 val = self.evaluate_stream(self.val_stream)
+            if self._ema is not None:
+                # the plateau scheduler follows the average's validation loss: the raw weights'
+                # jitters made it cut the rate to its floor by epoch 500 of 1,500 on a slab set,
+                # after its best epoch 271 (docs/results.md, twenty-second session).  The kept
+                # model is the better of the two: early in a run, while the steps still make fast
+                # progress, the average lags them (a 10-epoch committee had half the forces)
+                sched_metric = val["loss"]
+                raw = self.evaluate_stream(self.val_stream)
+                self._use_avg = not raw["loss"] < val["loss"]
+                if not self._use_avg:
+                    val = raw
             self.timers["validation"] += time.perf_counter() - tv
         if not math.isfinite(tr["loss"]) or (val is not None and not math.isfinite(val["loss"])):
             # finite parameters whose predictions overflow: as diverged as NaN weights
@@ -2312,6 +2327,8 @@ class Trainer:
                 + (f"resume from {ck} with a lower learning rate (--resume {ck} --set training.lr=...)"
                    if ck.exists() else "start again with a lower learning rate"))
         metric = val["loss"] if val is not None else tr["loss"]
+        if val is None or self._ema is None:
+            sched_metric = metric
         lr = self.opt.param_groups[0]["lr"]
         improved = metric < self.best
         if improved:
@@ -2325,7 +2342,7 @@ class Trainer:
         else:
             self.bad_epochs += 1
         if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.sched.step(metric)
+            self.sched.step(sched_metric)
         elif self.sched is not None:
             self.sched.step()
         if self._auto_switch:       # before this epoch's checkpoint: a resume continues with L-BFGS
@@ -2366,6 +2383,8 @@ class Trainer:
             if "S_mae_GPa" in val:
                 line += f"  S_mae {val['S_mae_GPa']:.3f} GPa"
         line += f"  lr {lr:.3g}  {dt_total:.1f} s" + ("  *" if improved else "")
+        if val is not None and self._ema is not None:
+            line += "  (averaged weights)" if self._use_avg else "  (raw weights)"
         # the run's ETA from its own epochs so far (this process's: a resumed run counts anew);
         # lbfgs runs have thousands of short epochs and no progress bar
         start = self.__dict__.setdefault("_eta_start", (time.time() - dt_total, epoch))
