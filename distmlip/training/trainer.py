@@ -1784,9 +1784,7 @@ class Trainer:
 
         self.phase, self._auto_switch = "lbfgs", False
         if self._ema is not None and self._use_avg:   # L-BFGS starts from the weights validated best
-            with torch.no_grad():
-                for p, a in zip(self.flat.tensors, self._ema):
-                    p.copy_(a)
+            self._set_weights(self._ema)
         self._ema, self._use_avg = None, False
         self.opt = LBFGS(self.flat.tensors[0], history=self.cfg.training.lbfgs_history)
         self.sched, self.sched_kind = None, "none"
@@ -1928,7 +1926,6 @@ class Trainer:
         checks = [t.reshape(-1) for t in params] + [t.grad.reshape(-1) for t in params if t.grad is not None]
         finite = extra[2] == 0 and bool(torch.isfinite(torch.cat(checks)).all())
         if not finite:
-            tm["compute"] += time.perf_counter() - t3
             self._non_finite(batch, acc)
         if self._ema is not None:
             self._update_average()
@@ -1951,17 +1948,17 @@ class Trainer:
         if self._ema is None or not (force or self._use_avg):
             yield
             return
-        params = self.flat.tensors
-        raw = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, a in zip(params, self._ema):
-                p.copy_(a)
+        raw = [p.detach().clone() for p in self.flat.tensors]
+        self._set_weights(self._ema)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, r in zip(params, raw):
-                    p.copy_(r)
+            self._set_weights(raw)
+
+    def _set_weights(self, tensors) -> None:
+        """Copy ``tensors`` into the flat parameters (the model's weights are views of them)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.flat.tensors, tensors)
 
     def _non_finite(self, batch, acc) -> None:
         """Stop the run: name what went non-finite, where, and how to continue.  Nothing is
@@ -2297,7 +2294,7 @@ class Trainer:
         tc = self.cfg.training
         self.ctx.all_reduce_sum(acc)
         tr = metrics_from_sums(acc)
-        val = None
+        val = avg_loss = None     # (avg_loss: the moving average's validation loss, training.ema)
         if self.val_stream is not None and ((epoch + 1) % max(tc.validate_every, 1) == 0
                                             or epoch + 1 == tc.epochs):
             tv = time.perf_counter()
@@ -2309,7 +2306,7 @@ class Trainer:
                 # after its best epoch 271 (docs/results.md, twenty-second session).  The kept
                 # model is the better of the two: early in a run, while the steps still make fast
                 # progress, the average lags them (a 10-epoch committee had half the forces)
-                sched_metric = val["loss"]
+                avg_loss = val["loss"]
                 raw = self.evaluate_stream(self.val_stream)
                 self._use_avg = not raw["loss"] < val["loss"]
                 if not self._use_avg:
@@ -2327,8 +2324,7 @@ class Trainer:
                 + (f"resume from {ck} with a lower learning rate (--resume {ck} --set training.lr=...)"
                    if ck.exists() else "start again with a lower learning rate"))
         metric = val["loss"] if val is not None else tr["loss"]
-        if val is None or self._ema is None:
-            sched_metric = metric
+        sched_metric = avg_loss if avg_loss is not None else metric
         lr = self.opt.param_groups[0]["lr"]
         improved = metric < self.best
         if improved:
@@ -2442,9 +2438,11 @@ class Trainer:
             return
         self._flush_best()
         meta = {"epoch": self.epoch, "step": self.global_step, **self._data_metadata()}
+        best = self.out / "best_model.pt"
         with self._averaged():
             self.model.save(self.out / "last_model.pt", metadata=meta)
-        best = self.out / "best_model.pt"
+            if not (best.exists() and self.val_stream is not None):
+                self.model.save(self.out / "model.pt", metadata=meta)
         if best.exists() and self.val_stream is not None:
             import shutil
 
@@ -2452,8 +2450,5 @@ class Trainer:
 
             with atomic_path(self.out / "model.pt") as tmp:
                 shutil.copyfile(best, tmp)
-        else:
-            with self._averaged():
-                self.model.save(self.out / "model.pt", metadata=meta)
         self._log(f"model written to {self.out / 'model.pt'}"
                   + (" (best on validation)" if best.exists() and self.val_stream is not None else ""))
