@@ -177,8 +177,12 @@ def test_optimizer_auto_starts_with_adamw_and_says_what_follows(tmp_path, emt_h5
     tr = Trainer(make_cfg(tmp_path / "c", emt_h5, **force, **{"training.optimizer": "lbfgs"}))
     assert "reached" not in capsys.readouterr().out
     assert type(tr.opt) is LBFGS
+    # energy training switches too (benchmarks/aenet_train.py: 0.5-0.9x AdamW's test energy error)
+    tr = Trainer(make_cfg(tmp_path / "f", emt_h5, **{"training.epochs": 1}))
+    assert type(tr.opt) is torch.optim.AdamW and tr._auto_switch
+    assert "optimizer: auto: adamw, then lbfgs once adamw stalls" in capsys.readouterr().out
     # where auto stays with AdamW, the log names why
-    for over, why in (({}, "energy training"), ({**force, "training.grad_clip": 1.0}, "training.grad_clip"),
+    for over, why in (({**force, "training.grad_clip": 1.0}, "training.grad_clip"),
                       ({**force, "training.scheduler": "cosine"}, "training.scheduler: cosine")):
         tr = Trainer(make_cfg(tmp_path / f"d{len(why)}", emt_h5, **over))
         assert type(tr.opt) is torch.optim.AdamW and not tr._auto_switch
@@ -188,12 +192,13 @@ def test_optimizer_auto_starts_with_adamw_and_says_what_follows(tmp_path, emt_h5
     assert not tr._auto_switch and "training atoms, above 10 " in capsys.readouterr().out
 
 
-def test_optimizer_auto_switches_to_lbfgs_when_adamw_stalls_and_resumes_bit_for_bit(tmp_path, emt_h5, capsys):
+@pytest.mark.parametrize("mode", ["force", "energy"])
+def test_optimizer_auto_switches_to_lbfgs_when_adamw_stalls_and_resumes_bit_for_bit(tmp_path, emt_h5, capsys, mode):
     """The switch comes at the end of the epoch of the plateau scheduler's first cut; from there
     the training loss never rises.  Runs stopped before and after the switch and resumed equal the
     uninterrupted run bit for bit (the checkpoint records the phase; the one written at the switch
-    epoch already holds L-BFGS)."""
-    over = {**_SWITCHING, "training.epochs": 24}
+    epoch already holds L-BFGS).  Energy training (the descriptor cache's path) the same."""
+    over = {**_SWITCHING, "training.epochs": 24, "training.mode": mode}
     tr = Trainer(make_cfg(tmp_path / "a", emt_h5, **over))
     assert tr.fit() == "done"
     assert type(tr.opt) is LBFGS

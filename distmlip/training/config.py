@@ -107,8 +107,8 @@ class TrainingConfig:
     # copies_per_epoch draws do not apply); for data sets whose whole loss and gradient take up to
     # a few seconds (docs/training.md "Choosing the optimizer")
     # auto: AdamW, switched to L-BFGS once AdamW stalls (or after epoch 300 of 600 or more) in force
-    # training on reference data of up to 50,000 atoms (trainer._auto_lbfgs_reason lists where it
-    # stays AdamW)
+    # and energy training on reference data of up to 50,000 atoms (trainer._auto_lbfgs_reason lists
+    # where it stays AdamW)
     optimizer: Literal["auto", "adamw", "adam", "sgd", "lbfgs"] = "auto"
     lbfgs_history: int = field(default=20, metadata=bounds(ge=1))   # (s, y) pairs L-BFGS keeps
     # exponential moving average of the weights over the AdamW (Adam, SGD) steps, decay per step

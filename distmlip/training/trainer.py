@@ -1742,8 +1742,6 @@ class Trainer:
         L-BFGS when AdamW stalls).  Each reason is a measured loss or an unmeasured regime of
         L-BFGS (docs/results.md, twentieth and twenty-first sessions)."""
         tc = self.cfg.training
-        if not self.force_mode:
-            return "energy training (L-BFGS fitted small sets' energies exactly and generalised worse)"
         if np.asarray(self.ds.column("synthetic"), dtype=bool)[self.train_idx].any():
             return "GPR copies in the training split (each L-BFGS evaluation would take all of them)"
         if self.sched_kind != "plateau":
