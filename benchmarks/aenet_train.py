@@ -18,6 +18,10 @@ Methods:
                validation RMSE is kept (train.x writes every epoch's networks)
   aenet_lm     train.x, METHOD lm (Levenberg-Marquardt), the same otherwise
   aenet_adam   train.x, METHOD adam (its defaults: mu 0.001, batch 1), the same otherwise
+  aenet_pytorch  aenet-PyTorch (the GPR-ANN paper's force-training code, from its tarball beside
+               the aenet programs) as its README runs it: generate.x with the forces,
+               trainbin2ASCII.x, Adam lr 1e-3, batch 32, force weight alpha 0.1, 10 % validation;
+               the epochs that fit the budget from a 6-epoch calibration run; its last model
   energy       distmlip train, energy mode, every other setting at its default
   force        distmlip train, force mode (forces of every structure), defaults otherwise
   energy_lbfgs, force_adamw, ...  the same with training.optimizer set to the suffix
@@ -153,7 +157,9 @@ def _stop_after(folder: Path, seconds: float, done: threading.Event):
         (folder / "STOP").touch()
 
 
-def run_aenet(out: Path, method: str, budget: float, hidden, desc, tag: str) -> dict:
+def _aenet_inputs(out: Path, work: Path, desc, forces: bool = False) -> list:
+    """The XSF files of the training structures, one generate.x setup per element, generate.in
+    (with the forces for aenet-PyTorch) in ``work``; returns the species."""
     from ase.data import chemical_symbols
 
     from distmlip.data.h5store import H5Dataset
@@ -162,14 +168,12 @@ def run_aenet(out: Path, method: str, budget: float, hidden, desc, tag: str) -> 
     def _symbols(numbers):
         return [chemical_symbols[int(z)] for z in numbers]
 
-    work = out / f"aenet_{method}_{tag}"
     if work.exists():
         shutil.rmtree(work)
     (work / "xsf").mkdir(parents=True)
     ds = H5Dataset([out / "train.h5"])
     structs = [ds[i] for i in range(len(ds))]
     ds.close()
-
     species = sorted({el for s in structs for el in _symbols(s.numbers)})
     files = []
     for k, s in enumerate(structs):
@@ -188,11 +192,22 @@ def run_aenet(out: Path, method: str, budget: float, hidden, desc, tag: str) -> 
     (work / "generate.in").write_text(
         "OUTPUT set.train\n\nTYPES\n" + f"{len(species)}\n" + "".join(f"{el} {float(ref[el])!r}\n" for el in species)
         + "\nSETUPS\n" + "".join(f"{el} {el}.stp\n" for el in species)
+        + ("\nFORCES\nFORCESPERCENT 100\n" if forces else "")
         + f"\nFILES\n{len(files)}\n" + "".join(f"{f}\n" for f in files))
+    return species
+
+
+def _featurize(work: Path) -> float:
     t0 = time.perf_counter()
     with open(work / "generate.out", "w") as fh:
         subprocess.run([str(AENET / "generate.x"), "generate.in"], cwd=work, check=True, stdout=fh, stderr=subprocess.STDOUT)
-    t_gen = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def run_aenet(out: Path, method: str, budget: float, hidden, desc, tag: str) -> dict:
+    work = out / f"aenet_{method}_{tag}"
+    species = _aenet_inputs(out, work, desc)
+    t_gen = _featurize(work)
     line = {"bfgs": "bfgs", "lm": "lm", "adam": "adam"}[method]
     arch = " ".join(f"{h}:tanh" for h in hidden)
     (work / "train.in").write_text(
@@ -225,6 +240,62 @@ def run_aenet(out: Path, method: str, budget: float, hidden, desc, tag: str) -> 
     curve = [1000.0 * float(r[4]) for r in rows]          # validation RMSE per epoch, meV/atom
     return dict(m, method=f"aenet_{method}", epochs=len(rows), best_epoch=ep, featurize_s=t_gen, train_s=t_train,
                 val_curve=curve)
+
+
+def _aenet_pytorch_once(work: Path, species, hidden, epochs: int, seed: int) -> list:
+    """One aenet-PyTorch run of ``epochs`` epochs in ``work``; returns the seconds since its start
+    at every epoch row it printed."""
+    arch = " ".join(f"{h}:tanh" for h in hidden)
+    (work / "train.in").write_text(
+        f"TRAININGSET set.train.ascii\nTESTPERCENT 10\nITERATIONS {epochs}\nITERWRITE 1\nBATCHSIZE 32\n\n"
+        f"NPSEED {seed + 1}\nPHSEED {seed + 2}\n\nFORCES\nalpha=0.1\n\nMEMORY_MODE cpu\n\nREGULARIZATION 0.0\n\n"
+        "METHOD\nmethod=adam   lr=0.001\n\nNETWORKS\n"
+        + "".join(f"  {el}  {el}.pytorch.nn  {len(hidden)}  {arch}\n" for el in species))
+    stamps = []
+    t0 = time.perf_counter()
+    with open(work / "train.out", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(work.parent / "aenet_pytorch_src" / "src" / "aenet_pytorch.py"),
+                                 "train.in"], cwd=work, env=ENV1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            if re.match(r"\s*\d+\s*:", line):
+                stamps.append(time.perf_counter() - t0)
+        rc = proc.wait()
+    if rc != 0:
+        raise SystemExit(f"aenet-PyTorch failed (exit {rc}); see {work / 'train.out'}")
+    return stamps
+
+
+def run_aenet_pytorch(out: Path, budget: float, hidden, desc, tag: str, seed: int = 0) -> dict:
+    """aenet-PyTorch (the GPR-ANN paper's force-training code) as its README runs it: generate.x
+    with the forces, trainbin2ASCII.x, then Adam (lr 1e-3, batch 32, alpha 0.1) on energies and
+    forces.  It has no stop request and writes only its last model, so the epochs that fit the
+    budget come from a 5-epoch calibration run."""
+    src = out / "aenet_pytorch_src"
+    if not (src / "src" / "aenet_pytorch.py").is_file():
+        src.mkdir(exist_ok=True)
+        tarball = AENET.parents[1] / "aenet-pytorch-c1cf315.tar.gz"
+        if not tarball.is_file():
+            raise SystemExit(f"aenet-PyTorch's source {tarball} not found")
+        subprocess.run(["tar", "xzf", str(tarball)], cwd=src, check=True)
+    work = out / f"aenet_pytorch_{tag}"
+    species = _aenet_inputs(out, work, desc, forces=True)
+    t_gen = _featurize(work)
+    with open(work / "t2a.log", "w") as fh:
+        subprocess.run([str(AENET / "trainbin2ASCII.x"), "set.train", "set.train.ascii"], cwd=work, check=True,
+                       stdout=fh, stderr=subprocess.STDOUT)
+    os.symlink(work / "set.train.forces", work / "set.train.ascii.forces")
+    cal = _aenet_pytorch_once(work, species, hidden, 6, seed)
+    per_epoch = (cal[-1] - cal[0]) / max(len(cal) - 1, 1)
+    epochs = max(6, int((budget - cal[0]) / per_epoch))
+    t0 = time.perf_counter()
+    _aenet_pytorch_once(work, species, hidden, epochs, seed)
+    t_train = time.perf_counter() - t0
+    dm("import-aenet", *[work / f"{el}.pytorch.nn.ascii" for el in species], "-o", work / "model.pt")
+    m = evaluate(work / "model.pt", out / "test.h5", work / "eval")
+    return dict(m, method="aenet_pytorch", epochs=epochs, best_epoch=None, featurize_s=t_gen, train_s=t_train,
+                val_curve=[])
 
 
 # ------------------------------------------------------------------------------------ distmlip
@@ -300,8 +371,12 @@ def main():
     for r in range(a.repeats):
         for m in (methods if r % 2 == 0 else methods[::-1]):
             t = f"r{r}"
-            res = (run_aenet(out, m.split("_", 1)[1], a.budget, hidden, desc, t) if m.startswith("aenet_")
-                   else run_distmlip(out, m, a.budget, hidden, desc, t, seed=r))
+            if m == "aenet_pytorch":
+                res = run_aenet_pytorch(out, a.budget, hidden, desc, t, seed=r)
+            elif m.startswith("aenet_"):
+                res = run_aenet(out, m.split("_", 1)[1], a.budget, hidden, desc, t)
+            else:
+                res = run_distmlip(out, m, a.budget, hidden, desc, t, seed=r)
             res["repeat"] = r
             results.append(res)
             print(f"  {res['method']:<11} repeat {r}: {res['epochs']:>7} epochs {res['train_s']:7.1f} s  "
@@ -319,6 +394,11 @@ def main():
         d = med[m]
         print(f"{m:<12}{d['epochs']:>9.0f}{d['train_s']:>9.1f}{d['E_mae']:>14.3f}{d['F_mae']:>12.4f}{d['angle']:>11.1f}")
     peers = [m for m in med if m.startswith("aenet_")]
+    for p in peers:
+        if p == "aenet_pytorch" and "force" in med:
+            print(f"aenet_pytorch / distmlip force: test E {med[p]['E_mae'] / med['force']['E_mae']:.2f}x, "
+                  f"F {med[p]['F_mae'] / med['force']['F_mae']:.2f}x (above 1: distmlip more accurate)")
+    peers = [m for m in peers if m != "aenet_pytorch"]
     for p in peers:
         # time to accuracy: aenet's best validation energy RMSE (median over its runs), and when
         # each distmlip run's validation RMSE first reached it (each program's own 10 % split)
