@@ -115,21 +115,24 @@ _SWITCHING = {"training.mode": "force", "training.alpha": 0.3, "training.lr": 0.
               "training.plateau_min_steps": 0}
 
 
-def _mpi_force_run(tmp_path, emt_h5, n, extra=""):
+def _mpi_force_run(tmp_path, emt_h5, n, extra="", mode="force"):
     cfg = tmp_path / f"c{n}.yaml"
     cfg.write_text(f"""
 data: {{train: [{emt_h5}], fractions: [0.75, 0.25, 0.0]}}
 descriptor: {{rc_radial: 4.0, n_radial: 4, rc_angular: 3.0, n_angular: 2, backend: reference}}
 model: {{hidden: [6, 6]}}
-training: {{mode: force, alpha: 0.3, batch_atoms: 16, output: {tmp_path / f'run{n}'}, progress_bar: 'off'{extra}}}
+training: {{mode: {mode}, alpha: 0.3, batch_atoms: 16, output: {tmp_path / f'run{n}'}, progress_bar: 'off'{extra}}}
 """)
     return mpirun(n, [str(REPO / "tests" / "mpi_scripts" / "train_cli.py"), "train", str(cfg)], timeout=300)
 
 
-def test_lbfgs_one_rank_equals_two_ranks(tmp_path, emt_h5):
+@pytest.mark.parametrize("mode", ["force", "energy"])
+def test_lbfgs_one_rank_equals_two_ranks(tmp_path, emt_h5, mode):
+    """Energy mode too: its loss comes from each rank's share of the descriptor cache, and auto
+    now switches energy training to L-BFGS."""
     out = {}
     for n in (1, 2):
-        _mpi_force_run(tmp_path, emt_h5, n, ", epochs: 10, optimizer: lbfgs")
+        _mpi_force_run(tmp_path, emt_h5, n, ", epochs: 10, optimizer: lbfgs", mode=mode)
         out[n] = weights(tmp_path / f"run{n}" / "last_model.pt")["state_dict"]
     init_moved = max(float((out[1][k].double() - out[2][k].double()).abs().max()) for k in out[1])
     assert init_moved < 1e-8, init_moved
