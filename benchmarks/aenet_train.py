@@ -58,7 +58,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-AENET = Path(os.environ.get("DISTMLIP_AENET_BIN", REPO.parent / "shared" / "peers" / "aenet-2.0.4" / "bin"))
+sys.path.insert(0, str(REPO / "tests"))
+
+import aenet_peers as AP  # noqa: E402  (generate.x's inputs, as the aenet tests write them)
+AENET = AP.aenet_bin_dir()
 DESC = {"rc_radial": 5.0, "n_radial": 8, "rc_angular": 3.5, "n_angular": 4}
 ENV1 = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
             PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -157,16 +160,13 @@ def _stop_after(folder: Path, seconds: float, done: threading.Event):
         (folder / "STOP").touch()
 
 
-def _aenet_inputs(out: Path, work: Path, desc, forces: bool = False) -> list:
-    """The XSF files of the training structures, one generate.x setup per element, generate.in
-    (with the forces for aenet-PyTorch) in ``work``; returns the species."""
+def _featurize(out: Path, work: Path, desc, forces: bool = False) -> tuple[list, float]:
+    """generate.x's training set of the training structures in ``work`` (with the forces for
+    aenet-PyTorch): (species, seconds of generate.x with its inputs)."""
     from ase.data import chemical_symbols
 
     from distmlip.data.h5store import H5Dataset
     from distmlip.data.readers import write_xsf
-
-    def _symbols(numbers):
-        return [chemical_symbols[int(z)] for z in numbers]
 
     if work.exists():
         shutil.rmtree(work)
@@ -174,44 +174,28 @@ def _aenet_inputs(out: Path, work: Path, desc, forces: bool = False) -> list:
     ds = H5Dataset([out / "train.h5"])
     structs = [ds[i] for i in range(len(ds))]
     ds.close()
-    species = sorted({el for s in structs for el in _symbols(s.numbers)})
+    symbols = [[chemical_symbols[int(z)] for z in s.numbers] for s in structs]
+    species = sorted({el for sy in symbols for el in sy})
     files = []
     for k, s in enumerate(structs):
         files.append(work / "xsf" / f"s{k:05d}.xsf")
         write_xsf(str(files[-1]), s)
     # per-element reference energies by least squares: what an aenet user would set by hand from
     # isolated-atom energies; a constant composition leaves the fit its minimum-norm solution
-    X = np.array([[_symbols(s.numbers).count(el) for el in species] for s in structs], float)
+    X = np.array([[sy.count(el) for el in species] for sy in symbols], float)
     y = np.array([s.energy for s in structs])
-    ref = dict(zip(species, np.linalg.lstsq(X, y, rcond=None)[0]))
-    for el in species:
-        (work / f"{el}.stp").write_text(
-            f"DESCR\n benchmark\nEND DESCR\n\nATOM {el}\n\nENV {len(species)}\n" + "\n".join(species)
-            + f"\n\nRMIN 0.5d0\n\nBASIS type=Chebyshev\nradial_Rc = {desc['rc_radial']}  radial_N = {desc['n_radial']}"
-            f" angular_Rc = {desc['rc_angular']}  angular_N = {desc['n_angular']}\n")
-    (work / "generate.in").write_text(
-        "OUTPUT set.train\n\nTYPES\n" + f"{len(species)}\n" + "".join(f"{el} {float(ref[el])!r}\n" for el in species)
-        + "\nSETUPS\n" + "".join(f"{el} {el}.stp\n" for el in species)
-        + ("\nFORCES\nFORCESPERCENT 100\n" if forces else "")
-        + f"\nFILES\n{len(files)}\n" + "".join(f"{f}\n" for f in files))
-    return species
-
-
-def _featurize(work: Path) -> float:
+    ref = dict(zip(species, map(float, np.linalg.lstsq(X, y, rcond=None)[0])))
     t0 = time.perf_counter()
-    with open(work / "generate.out", "w") as fh:
-        subprocess.run([str(AENET / "generate.x"), "generate.in"], cwd=work, check=True, stdout=fh, stderr=subprocess.STDOUT)
-    return time.perf_counter() - t0
+    AP.generate(work, files, species, ref, desc, output="set.train", forces=forces)
+    return species, time.perf_counter() - t0
 
 
 def run_aenet(out: Path, method: str, budget: float, hidden, desc, tag: str) -> dict:
     work = out / f"aenet_{method}_{tag}"
-    species = _aenet_inputs(out, work, desc)
-    t_gen = _featurize(work)
-    line = {"bfgs": "bfgs", "lm": "lm", "adam": "adam"}[method]
+    species, t_gen = _featurize(out, work, desc)
     arch = " ".join(f"{h}:tanh" for h in hidden)
     (work / "train.in").write_text(
-        "TRAININGSET set.train\nTESTPERCENT 10\nITERATIONS 1000000\n\nMETHOD\n" + line + "\n\nNETWORKS\n"
+        "TRAININGSET set.train\nTESTPERCENT 10\nITERATIONS 1000000\n\nMETHOD\n" + method + "\n\nNETWORKS\n"
         + "".join(f"  {el} {el}.nn {len(hidden)} {arch}\n" for el in species))
     done = threading.Event()
     timer = threading.Thread(target=_stop_after, args=(work, budget, done), daemon=True)
@@ -280,8 +264,7 @@ def run_aenet_pytorch(out: Path, budget: float, hidden, desc, tag: str, seed: in
             raise SystemExit(f"aenet-PyTorch's source {tarball} not found")
         subprocess.run(["tar", "xzf", str(tarball)], cwd=src, check=True)
     work = out / f"aenet_pytorch_{tag}"
-    species = _aenet_inputs(out, work, desc, forces=True)
-    t_gen = _featurize(work)
+    species, t_gen = _featurize(out, work, desc, forces=True)
     with open(work / "t2a.log", "w") as fh:
         subprocess.run([str(AENET / "trainbin2ASCII.x"), "set.train", "set.train.ascii"], cwd=work, check=True,
                        stdout=fh, stderr=subprocess.STDOUT)
@@ -367,6 +350,10 @@ def main():
     out = (a.out or REPO / "runs" / f"aenet_train_{a.set}").resolve()
     prepare(a.set, out, (a.train, a.test), a.n_train)
     methods = a.methods.split(",")
+    known = {"aenet_bfgs", "aenet_lm", "aenet_adam", "aenet_pytorch"}
+    bad = [m for m in methods if not (m in known or m.partition("_")[0] in ("energy", "force"))]
+    if bad:
+        ap.error(f"unknown methods {bad}: aenet_bfgs, aenet_lm, aenet_adam, aenet_pytorch, energy[_OPT], force[_OPT]")
     results = []
     for r in range(a.repeats):
         for m in (methods if r % 2 == 0 else methods[::-1]):

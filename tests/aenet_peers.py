@@ -89,9 +89,11 @@ def write_setup(path, element: str, envtypes, rc_radial, n_radial, rc_angular, n
     return path
 
 
-def generate(workdir, xsf_files, species, atomic_energies: dict, descriptor: dict, output="train.set") -> Path:
+def generate(workdir, xsf_files, species, atomic_energies: dict, descriptor: dict, output="train.set",
+             forces: bool = False) -> Path:
     """Run generate.x on ``xsf_files`` (one setup per element of ``species``, environment in that
-    order); returns the path of the binary training-set file."""
+    order; ``forces``: the forces and descriptor derivatives too, as aenet-PyTorch reads them);
+    returns the path of the binary training-set file."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     d = descriptor
@@ -99,7 +101,8 @@ def generate(workdir, xsf_files, species, atomic_energies: dict, descriptor: dic
         write_setup(workdir / f"{el}.stp", el, species, d["rc_radial"], d["n_radial"], d["rc_angular"], d["n_angular"])
     L = [f"OUTPUT {output}", "", "TYPES", str(len(species))]
     L += [f"{el} {float(atomic_energies.get(el, 0.0))!r}" for el in species]
-    L += ["", "SETUPS"] + [f"{el} {el}.stp" for el in species] + ["", "FILES", str(len(xsf_files))]
+    L += ["", "SETUPS"] + [f"{el} {el}.stp" for el in species] + ["", "FORCES", "FORCESPERCENT 100"] * forces
+    L += ["", "FILES", str(len(xsf_files))]
     L += [str(Path(f).resolve()) for f in xsf_files]
     (workdir / "generate.in").write_text("\n".join(L) + "\n")
     out = run("generate.x", "generate.in", workdir)

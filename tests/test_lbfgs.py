@@ -115,7 +115,7 @@ _SWITCHING = {"training.mode": "force", "training.alpha": 0.3, "training.lr": 0.
               "training.plateau_min_steps": 0}
 
 
-def _mpi_force_run(tmp_path, emt_h5, n, extra="", mode="force"):
+def _mpi_train(tmp_path, emt_h5, n, extra="", mode="force"):
     cfg = tmp_path / f"c{n}.yaml"
     cfg.write_text(f"""
 data: {{train: [{emt_h5}], fractions: [0.75, 0.25, 0.0]}}
@@ -132,7 +132,7 @@ def test_lbfgs_one_rank_equals_two_ranks(tmp_path, emt_h5, mode):
     now switches energy training to L-BFGS."""
     out = {}
     for n in (1, 2):
-        _mpi_force_run(tmp_path, emt_h5, n, ", epochs: 10, optimizer: lbfgs", mode=mode)
+        _mpi_train(tmp_path, emt_h5, n, ", epochs: 10, optimizer: lbfgs", mode=mode)
         out[n] = weights(tmp_path / f"run{n}" / "last_model.pt")["state_dict"]
     init_moved = max(float((out[1][k].double() - out[2][k].double()).abs().max()) for k in out[1])
     assert init_moved < 1e-8, init_moved
@@ -146,7 +146,7 @@ def test_optimizer_auto_switches_on_every_rank_at_once(tmp_path, emt_h5):
     """The cut follows the reduced validation loss, so every rank switches at the same epoch (a
     rank left in Adam's all-reduce beside one in L-BFGS's would hang the job); the 2-rank run ends
     in the L-BFGS phase with a falling loss."""
-    res = _mpi_force_run(tmp_path, emt_h5, 2, ", epochs: 20, lr: 0.05, plateau_patience: 2, plateau_min_steps: 0")
+    res = _mpi_train(tmp_path, emt_h5, 2, ", epochs: 20, lr: 0.05, plateau_patience: 2, plateau_min_steps: 0")
     assert "adamw stalled at epoch" in res.stdout + res.stderr
     st = torch.load(tmp_path / "run2" / "checkpoint.pt", weights_only=False)
     assert st["optimizer_phase"] == "lbfgs" and st["optimizer"]["kind"] == "lbfgs"
@@ -180,7 +180,7 @@ def test_optimizer_auto_starts_with_adamw_and_says_what_follows(tmp_path, emt_h5
     tr = Trainer(make_cfg(tmp_path / "c", emt_h5, **force, **{"training.optimizer": "lbfgs"}))
     assert "reached" not in capsys.readouterr().out
     assert type(tr.opt) is LBFGS
-    # energy training switches too (benchmarks/aenet_train.py: 0.5-0.9x AdamW's test energy error)
+    # energy training switches too (it beat AdamW alone there: docs/results.md, twenty-third session)
     tr = Trainer(make_cfg(tmp_path / "f", emt_h5, **{"training.epochs": 1}))
     assert type(tr.opt) is torch.optim.AdamW and tr._auto_switch
     assert "optimizer: auto: adamw, then lbfgs once adamw stalls" in capsys.readouterr().out
