@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -267,6 +268,11 @@ def test_two_ranks_identical_to_one_and_rerun_skips(data, capsys):
     run_cli(capsys, ["augment", str(cfg1)])
     res = mpirun(2, ["-m", "distmlip", "augment", str(cfg2)])
     assert "[rank 1]" in res.stdout and "[rank 0]" in res.stdout
+    # three subsets, two ranks: each rank took the next untaken one (claims), every subset once,
+    # and the run's claims are gone
+    done = re.findall(r"\[rank (\d)\] subset (\S+) \((\d)/3\): \d+ reference, ", res.stdout)
+    assert sorted(d[1] for d in done) == sorted(set(d[1] for d in done)) and len(done) == 3, res.stdout
+    assert not list((data / "r2.h5.shards").glob("claims.*"))
     _, A = _arrays(data / "r1.h5")
     _, B = _arrays(data / "r2.h5")
     assert len(A) == len(B)

@@ -337,3 +337,37 @@ def test_heartbeat_watches_a_ring_of_two_and_names_the_silent_rank(tmp_path):
                 _t.sleep(0.05)
         assert _t.monotonic() - t0 >= 0.6
     assert not (tmp_path / ".alive.3").exists()     # its own beat removed on exit
+
+
+def _claim_all(folder, names, out):
+    from distmlip.distributed.claims import claim
+
+    with open(out, "w") as f:
+        f.write("\n".join(n for n in names if claim(folder, n)))
+
+
+def test_claims_give_each_unit_to_exactly_one_of_racing_processes(tmp_path):
+    """augment's dynamic sharing: three processes walk the same list of 300 units at the same
+    time; every unit is taken by exactly one of them, and a new run's folder replaces the old
+    one (a claim means taken in this run, never done)."""
+    import multiprocessing as mp
+
+    from distmlip.distributed import claims as Q
+    from distmlip.errors import StorageError
+
+    folder = Q.new_claims_folder(tmp_path)
+    names = [f"a_{i}" for i in range(300)]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_claim_all, args=(folder, names, tmp_path / f"got{k}.txt")) for k in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    got = [set(filter(None, (tmp_path / f"got{k}.txt").read_text().split("\n"))) for k in range(3)]
+    assert sum(len(g) for g in got) == 300 and set().union(*got) == set(names)
+    assert Q.claimed(folder, "a_") == set(names) and Q.claimed(folder, "b_") == set()
+    again = Q.new_claims_folder(tmp_path)
+    assert again != folder and not folder.exists() and Q.claim(again, "a_0")
+    with pytest.raises(StorageError, match="claim file"):
+        Q.claim(tmp_path / "missing", "a_0")

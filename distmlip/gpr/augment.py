@@ -11,8 +11,9 @@ HDF5 data set: the input structures unchanged, then the synthetic copies subset 
 ``weight`` = ``synthetic_weight``); copies inherit the parent's source, source index and stored
 split, so a split by source never separates a copy from its parent.
 
-Under ``mpirun -n K`` subsets are assigned to ranks by estimated cost n^3 (n = N (1 + 3 natoms)
-kernel rows), largest first onto the least-loaded rank; each rank writes one shard per subset
+Under ``mpirun -n K`` the ranks take the subsets largest first by estimated cost (n = N (1 + 3
+natoms) kernel rows), each the next one no rank has taken (``distributed/claims.py``; with no more
+subsets than ranks, one each, and the idle ranks lend their cores); each rank writes one shard per subset
 (``<workdir>/subset_XXXXX.npz``, atomic) and rank 0 merges the shards in subset order.  The random
 displacements of a subset are seeded by (seed, subset name), so the output does not depend on K.
 A rerun skips subsets whose shard exists with the same settings (crash recovery); ``--fresh``
@@ -50,6 +51,7 @@ import numpy as np
 from ..config import bounds, load_config, parse_override, paths
 from ..data.validate import energy_force_check, robust_outliers, unit_slope, unit_slope_warning
 from ..descriptors.spec import DescriptorSpec
+from ..distributed.claims import claim, claimed, new_claims_folder, remove_claims_folder
 from ..distributed.cores import borrowed_cores, cpu_list
 from ..errors import ConfigError, DistmlipError, InputError
 from ..utils.io import OutputLock, atomic_path, atomic_write_text, check_writable, clean_stale_temps, json_text
@@ -1243,7 +1245,15 @@ def idle_ranks_hint(n_units: int, world: int, n_nodes: int) -> str | None:
 ETA_AFTER_S = 10.0     # the whole-phase ETA line only once a rank has worked this long
 
 
+# observations (energies and force components) above which the Cholesky factorisations (n^3, one
+# core) outgrow the kernel blocks and the hyperparameter search (about n^1.25 on the 35 fits of a
+# heterogeneous set of 49-2,254 observations; docs/results.md "Twenty-fourth session")
+CUBIC_FROM_OBS = 55000.0
+
+
 def _estimated_cost(cfg, ds, sid, n_ref) -> float:
+    """A unit's relative cost: orders the work largest first (a long unit taken last leaves the
+    other ranks waiting) and scales the progress lines' ETAs."""
     nat = int(ds.subsets[sid].get("natoms", -1))
     if nat <= 0:
         nat = int(np.max(ds.natoms[ds.subset_ids == sid])) if n_ref else 1
@@ -1252,11 +1262,15 @@ def _estimated_cost(cfg, ds, sid, n_ref) -> float:
         return 0.0
     if cfg.method == "taylor":
         return float(n_ref * max(sub["copies"], 1) * nat)
-    n = n_ref * (1 + 3 * nat)
+    n = float(n_ref * (1 + 3 * nat))
     cap = cfg.gpr.max_kernel_obs
-    if cap and n > cap:      # local GPRs: (n / cap) blocks of cap^3
-        return float(n / cap * cap ** 3)
-    return float(n) ** 3
+
+    def one(m):
+        return m ** 1.25 * (1.0 + (m / CUBIC_FROM_OBS) ** 1.75)
+
+    if cap and n > cap:      # local GPRs: n / cap of them with cap observations each
+        return n / cap * one(float(cap))
+    return one(n)
 
 
 def augment(cfg: AugmentConfig, fresh: bool = False, force: bool = False) -> dict | None:
@@ -1376,19 +1390,28 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
     hint = idle_ranks_hint(len(units), world, ctx.n_nodes)
     if rank == 0 and hint:
         warn(hint)
-    n_done = [0]
-    if ctx.local_world_size > 1:
-        # the ranks of a node fit at the same time and each reads the same MemAvailable: each
-        # takes its share of gpr.memory_fraction (after the shard keys, which stay independent
-        # of the rank count)
-        cfg = replace(cfg, gpr=replace(cfg.gpr, memory_fraction=cfg.gpr.memory_fraction / ctx.local_world_size))
+    n_units = len(units)
+    # more units than ranks: each rank takes the next untaken unit of the largest-first list
+    # (distributed/claims.py); a static split by estimated cost left ranks idle when the estimate
+    # was off.  Fewer: one unit per rank, and the idle ranks lend their cores
+    claims = None
+    if world > 1 and sum(1 for c in costs.values() if c > 0) > world:
+        claims = ctx.broadcast_object(str(new_claims_folder(workdir)) if rank == 0 else None)
+    order_all = []        # the units' numbers in the progress lines: their place in this order
 
-    def run(phase: dict, shared_of: dict):
-        owner = assign_subsets(phase, world)
-        mine = [sid for sid in sorted(phase, key=lambda s: (-phase[s], s)) if owner[sid] == rank]
+    def run(phase: dict, shared_of: dict, tag: str):
+        order = sorted(phase, key=lambda s: (-phase[s], s))
+        pos = {s: len(order_all) + i + 1 for i, s in enumerate(order)}
+        order_all.extend(order)
+        if claims is not None:
+            mine, has_work = order, True
+        else:
+            owner = assign_subsets(phase, world)
+            mine = [sid for sid in order if owner[sid] == rank]
+            has_work = any(phase[s] > 0 for s in mine)
         # ranks without work in this phase sleep in the barrier after it: their cores and threads
         # go to the working ranks of their node meanwhile (distributed/cores.py)
-        with borrowed_cores(ctx, any(phase[s] > 0 for s in mine), enabled=cfg.lend_cores) as lent:
+        with borrowed_cores(ctx, has_work, enabled=cfg.lend_cores and claims is None) as lent:
             if lent:
                 print(f"{pre}augment: {len(lent['lenders'])} idle rank(s) of this node lend their cores: "
                       f"{lent['threads']} threads"
@@ -1398,22 +1421,33 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
                       flush=True)
             # and their share of the node's memory (gpr.memory_fraction was split among its ranks)
             work(mine, shared_of, cfg if not lent else replace(cfg, gpr=replace(
-                cfg.gpr, memory_fraction=cfg.gpr.memory_fraction * (1 + len(lent["lenders"])))))
+                cfg.gpr, memory_fraction=cfg.gpr.memory_fraction * (1 + len(lent["lenders"])))), phase, tag, pos)
 
-    def work(mine: list, shared_of: dict, cfg: AugmentConfig):
-        # this rank's whole-phase ETA: its units' elapsed time scaled by their estimated costs
-        # (_estimated_cost; a subset's own stages print their ETAs as they run)
-        t_phase, cost_done = time.perf_counter(), 0.0
-        cost_left = sum(costs[s] for s in mine)
-        for i, sid in enumerate(mine):
-            if i and cost_done > 0 and cost_left > 0:
-                el = time.perf_counter() - t_phase
-                if el >= ETA_AFTER_S:
-                    print(f"{pre}augment: {i}/{len(mine)} of this rank's units in this phase done, {el:.0f} s, "
+    def work(mine: list, shared_of: dict, cfg: AugmentConfig, phase: dict, tag: str, pos: dict):
+        # the whole phase's ETA: elapsed time scaled by estimated costs (_estimated_cost; a subset's
+        # own stages print their ETAs as they run): of this rank's units, or with claims, of the
+        # units no rank has taken yet
+        t_phase, cost_done, n_own = time.perf_counter(), 0.0, 0
+        cost_left = sum(phase[s] for s in mine)
+        for sid in mine:
+            if claims is not None and not claim(claims, f"{tag}_{sid}"):
+                continue
+            el = time.perf_counter() - t_phase
+            if n_own and cost_done > 0 and el >= ETA_AFTER_S:
+                if claims is None:
+                    print(f"{pre}augment: {n_own}/{len(mine)} of this rank's units in this phase done, {el:.0f} s, "
                           f"ETA ~{el * cost_left / cost_done:.0f} s for the rest (by estimated cost)", flush=True)
-            cost_left -= costs[sid]
-            n_done[0] += 1
-            k = n_done[0]
+                else:
+                    # the untaken units' cost at this rank's own pace, times the ranks sharing them
+                    # (the taken ones' cost would count the units still running as done)
+                    taken = {int(c.split("_")[-1]) for c in claimed(claims, tag + "_")}
+                    c_free = sum(c for s, c in phase.items() if s not in taken)
+                    print(f"{pre}augment: {len(taken)}/{len(phase)} units of this phase taken by the ranks, "
+                          f"{n_own} done here, {el:.0f} s, ETA ~{el * c_free / cost_done / world:.0f} s for "
+                          f"the untaken (by estimated cost)", flush=True)
+            cost_left -= phase[sid]
+            n_own += 1
+            k = pos[sid]
             ms = units[sid]
             hpath = _hyper_path(workdir, sid)
             done = not fresh and all(shard_is_done(_shard_path(workdir, m), keys[m]) for m in ms)
@@ -1427,12 +1461,12 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
             if n_ref:      # a subset without references gets its "no copies: reason" line alone
                 more = "" if len(ms) == 1 else f" (with {len(ms) - 1} more subset{'s' if len(ms) > 2 else ''} of its group)"
                 sizes = sorted({int(ds.natoms[i]) for i in uparents[sid]})
-                print(f"{pre}subset {names[sid]} ({k}/{n_mine}): {cfg.method} on {n_ref} reference "
+                print(f"{pre}subset {names[sid]} ({k}/{n_units}): {cfg.method} on {n_ref} reference "
                       f"structures of {sizes[0] if len(sizes) == 1 else f'{sizes[0]}-{sizes[-1]}'} atoms{more}"
                       f"{f' with the hyperparameters of {names[plan[sid]]}' if sid in shared_of else ''} ...",
                       flush=True)
             results = process_subsets(ds, ms, cfg, rank, shared=shared_of.get(sid))
-            cost_done += costs[sid]
+            cost_done += phase[sid]
             if sid in heads:      # before the shard: a finished shard implies its file
                 atomic_write_text(hpath, json.dumps({"key": keys[sid], **(results[sid].get("hyper") or {})}) + "\n")
             for m in ms:
@@ -1440,7 +1474,7 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
             for m in ms:
                 r = results[m]["report"]
                 if r.get("skipped"):
-                    print(f"{pre}subset {names[m]} ({k}/{n_mine}): no copies: {r['reason']}", flush=True)
+                    print(f"{pre}subset {names[m]} ({k}/{n_units}): no copies: {r['reason']}", flush=True)
                     continue
                 extra = ""
                 if "gpr" in r and m == ms[0]:
@@ -1472,16 +1506,14 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
                 unc = r.get("uncertainty_eV", {})
                 # a group's one GPR: its time once, on its first subset (each member repeated it)
                 took = f"{r['time_total_s']:.1f} s" if m == ms[0] else f"in the GPR of {names[ms[0]]}"
-                print(f"{pre}subset {names[m]} ({k}/{n_mine}): {r['n_reference']} reference, "
+                print(f"{pre}subset {names[m]} ({k}/{n_units}): {r['n_reference']} reference, "
                       f"{r['n_kept']}/{r['n_copies']} copies kept, sigma mean {unc.get('mean', 0):.4f} eV"
                       f"{extra}, {took}", flush=True)
 
     first = {sid: c for sid, c in costs.items() if sid not in plan}
     second = {sid: costs[sid] for sid in plan}
-    own1, own2 = assign_subsets(first, world), assign_subsets(second, world)
-    n_mine = sum(1 for v in own1.values() if v == rank) + sum(1 for v in own2.values() if v == rank)
     t0 = time.perf_counter()
-    run(first, {})
+    run(first, {}, "a")
     if plan:
         ctx.barrier(sleep=True, watch=watch)
         shared_of = {}
@@ -1497,7 +1529,7 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
             # the unit's output depends on the head's hyperparameters: part of its members' keys
             for m in units[f]:
                 keys[m] = hashlib.sha256((keys[m] + json.dumps(d, sort_keys=True)).encode()).hexdigest()[:32]
-        run(second, shared_of)
+        run(second, shared_of, "b")
     ctx.barrier(sleep=True, watch=watch)
     report = None
     if rank == 0:
@@ -1512,6 +1544,8 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
         if note:
             warn(note)
     ctx.barrier(sleep=True, watch=watch)
+    if rank == 0 and claims is not None:
+        remove_claims_folder(Path(claims))
     return report
 
 
