@@ -62,6 +62,18 @@ def test_stress_on_a_cell_without_volume_in_an_older_data_set_is_an_error(tmp_pa
             quiet=True)                                         # without a stress term nothing reads them
 
 
+def test_stresses_left_out_of_force_training_get_a_hint(tmp_path, capsys):
+    """Force training with training.beta 0 on data that carry stresses names them and the
+    setting that uses them; energy training, and force training that uses them, say nothing."""
+    structs = [dataclasses.replace(s, stress=np.diag([0.01, 0.02, 0.03])) for s in rattled_cu_au(12)]
+    write_dataset(tmp_path / "s.h5", structs)
+    for k, (mode, beta, said) in enumerate((("force", 0.0, True), ("energy", 0.0, False), ("force", 0.1, False))):
+        capsys.readouterr()
+        Trainer(_cfg(tmp_path / "s.h5", tmp_path / f"run{k}", mode=mode, beta=beta, fractions=(1.0, 0.0, 0.0)))
+        out = capsys.readouterr().out
+        assert ("hint: 12 of 12 training structures carry a stress, unused with training.beta: 0" in out) == said, out
+
+
 def test_empty_validation_split_warns(tmp_path, capsys):
     # 12 subsets of one structure each (one composition per structure): the per-subset split rounds
     # every one of them into training

@@ -532,6 +532,17 @@ class Trainer:
                                   f"stress of periodic frames, --stress-key; distmlip info shows it); set "
                                   f"training.beta: 0")
             self._check_stress_cells(train_idx, val_idx)
+        elif self.force_mode and self.rank0 and not self.quiet and self._resume_state is None:
+            # stresses that convert kept but the loss leaves out: the energies of strained cells
+            # (equations of state, elastic constants) then rest on the energies alone
+            try:
+                n_s = int(np.asarray(self.ds.column("has_stress"), dtype=bool)[train_idx].sum())
+            except (KeyError, OSError, ValueError):
+                n_s = 0
+            if n_s >= max(1, len(train_idx) // 5):
+                self._log(f"hint: {n_s} of {len(train_idx)} training structures carry a stress, unused with "
+                          f"training.beta: 0; 'training.beta: 0.03' adds the stress term (docs/training.md "
+                          f"\"Training with stresses\")")
         if not dc.validation and len(val_idx) == 0 and dc.fractions[1] > 0 and self.rank0 and not self.quiet:
             ns = len(np.unique(self.ds.subset_ids[train_idx]))
             warn(f"data.fractions {list(dc.fractions)} asks for a validation share, but the split gave no "
