@@ -279,8 +279,14 @@ def describe(record: dict) -> str:
     """One line for the log: shortest distances per pair, lowest energy per atom."""
     if not record:
         return "no training-data record"
-    pairs = ", ".join(f"{k} {'>= %.2f' % record['cutoff_A'] if v is None else '%.3f' % v} A"
-                      for k, v in sorted(record["pair_min_distance_A"].items()))
+    # the pairs never within the cutoff once, after the others: with many elements they are most
+    # pairs (11 elements: 44 of 66), and each with its own ">= cutoff" buried the distances that exist
+    items = sorted(record["pair_min_distance_A"].items())
+    far = [k for k, v in items if v is None]
+    pairs = ", ".join(f"{k} {v:.3f} A" for k, v in items if v is not None)
+    if far:
+        what = f"never within {record['cutoff_A']:.2f} A: {' '.join(far)}"
+        pairs = f"{pairs}; {what}" if pairs else what
     em = record.get("energy_per_atom_min") or {}
     energies = ", ".join(f"{k} {v:.4f}" for k, v in sorted(em.items())[:6]) + (" ..." if len(em) > 6 else "")
     return (f"training data ({record['n_structures']} structures): shortest distances {pairs}; "
