@@ -622,13 +622,15 @@ training: {epochs: 1, batch_atoms: 40, output: run, progress_bar: 'off'}
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lbfgs"])
-def test_max_minutes_ends_the_run_with_its_models_and_a_resumable_checkpoint(tmp_path, emt_h5, optimizer):
+def test_max_minutes_ends_the_run_with_its_models_and_a_resumable_checkpoint(tmp_path, emt_h5, optimizer, capsys):
     """training.max_minutes: the run stops at the end of the epoch in which the time passed, writes
-    model.pt as at a normal end (status time_limit), and its checkpoint continues to the epochs."""
+    model.pt as at a normal end (status time_limit), and its checkpoint continues to the epochs.
+    The progress line's ETA is the time limit's, not the epochs' (it said 46 min of a 90 s run)."""
     over = {"training.mode": "force", "training.epochs": 40, "training.optimizer": optimizer}
-    tr = Trainer(make_cfg(tmp_path, emt_h5, **over, **{"training.max_minutes": 1e-6}), quiet=True)
+    tr = Trainer(make_cfg(tmp_path, emt_h5, **over, **{"training.max_minutes": 1e-6}))
     assert tr.fit() == "time_limit"
     assert tr.epoch == 1
+    assert "ETA 0 s (max_minutes; about epoch 1)" in capsys.readouterr().out
     assert (tmp_path / "run" / "model.pt").is_file()
     tr = Trainer(make_cfg(tmp_path, emt_h5, **over), resume=str(tmp_path / "run" / "checkpoint.pt"), quiet=True)
     assert tr.fit() in ("done", "converged") and tr.epoch > 1

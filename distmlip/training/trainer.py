@@ -2396,7 +2396,13 @@ class Trainer:
         done, left = epoch + 1 - start[1], tc.epochs - epoch - 1
         if left > 0 and done > 0:
             eta = (time.time() - start[0]) / done * left
-            line += f"  ETA {eta / 60:.0f} min" if eta >= 120 else f"  ETA {eta:.0f} s"
+            # training.max_minutes ends the run first: that is when it ends, and how far it gets
+            limit_left = 60.0 * tc.max_minutes - (time.monotonic() - self._fit_started) if tc.max_minutes > 0 else eta
+            tag = ""
+            if limit_left < eta:
+                tag = f" (max_minutes; about epoch {epoch + 1 + int(max(limit_left, 0.0) / eta * left)})"
+                eta = max(limit_left, 0.0)
+            line += (f"  ETA {eta / 60:.0f} min" if eta >= 120 else f"  ETA {eta:.0f} s") + tag
         if (epoch + 1) % max(tc.log_every, 1) == 0 or epoch + 1 == tc.epochs or epoch == 0:
             self._log(line)
         self.epoch = epoch + 1
