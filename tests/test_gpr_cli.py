@@ -96,6 +96,19 @@ def test_gpr_test_save_predict_and_augment_reuses_the_fit(data, capsys):
     assert all(r.get("gpr_loaded_from") for r in rep["subsets"])
 
 
+def test_a_missing_or_empty_load_folder_is_an_error_not_a_refit_of_everything(data, capsys):
+    """gpr.load (augment) and --load (gpr test) on a folder that does not exist or holds no fits:
+    each subset warned and was fitted anew, minutes to hours, before an error named the folder."""
+    (data / "empty").mkdir()
+    for folder, what in (("nofits", "is not a folder"), ("empty", "holds no saved fits")):
+        assert cli_main(["augment", str(data / "aug.yaml"), "--set", f"gpr.load={data / folder}"]) == 2
+        assert cli_main(["gpr", "test", str(data / "aug.yaml"), str(data / "test.h5"), "--load",
+                         str(data / folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.count(f"gpr.load: {data / folder} {what}") == 2 and "fitting it" not in err, err
+    assert not (data / "aug.h5").exists()
+
+
 def test_augment_refuses_a_saved_fit_of_other_structures_and_keys_shards_by_its_content(data, capsys):
     """gpr.load on a subset whose training structures are not those the fit saw is an error naming
     the file and subset (its labels would not reproduce the references); a fit saved again into

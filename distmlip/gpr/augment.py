@@ -1285,6 +1285,9 @@ def augment(cfg: AugmentConfig, fresh: bool = False, force: bool = False) -> dic
         raise InputError(f"augment: input data set {cfg.input} does not exist")
     if os.path.abspath(cfg.input) == os.path.abspath(cfg.output):
         raise ConfigError("augment: 'output' must differ from 'input' (a NEW data set is written)")
+    from .store import check_load_folder
+
+    check_load_folder(cfg.gpr.load)
     ds = H5Dataset(cfg.input)
     names = [t["name"] for t in ds.subsets]
     unknown = sorted(set(cfg.subsets) - set(names))

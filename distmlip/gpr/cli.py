@@ -110,6 +110,9 @@ def fit_all(cfg, save=None, load=None):
     ds = H5Dataset(cfg.input)
     cfg.gpr.save = save or cfg.gpr.save
     cfg.gpr.load = load or cfg.gpr.load
+    from .store import check_load_folder
+
+    check_load_folder(cfg.gpr.load)
     parents = {sid: _parents_of(ds, sid)[0] for sid in range(len(ds.subsets))}
     names = [t["name"] for t in ds.subsets]
     # augment's units: a composition group is one fit, under its first subset's name

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..utils.io import atomic_path
 
 FORMAT = 2
@@ -41,6 +41,21 @@ def file_digest(path, chunk: int = 1 << 24) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()[:32]
+
+
+def check_load_folder(directory) -> None:
+    """``gpr.load`` (or ``--load``) names a folder that holds saved fits.  A missing or empty one
+    (a typo, the wrong job's folder) made every subset warn and refit, hours on large sets; a
+    folder that lacks some subsets' fits is normal (the data grew) and those are fitted."""
+    if directory is None:
+        return
+    d = Path(directory)
+    if not d.is_dir():
+        raise ConfigError(f"gpr.load: {d} is not a folder (saved fits come from 'distmlip gpr fit CONFIG --out "
+                          f"FOLDER' or gpr.save); drop gpr.load to fit every subset")
+    if not any(d.glob("*.gpr.pt")):
+        raise ConfigError(f"gpr.load: {d} holds no saved fits (*.gpr.pt; written by 'distmlip gpr fit CONFIG "
+                          f"--out FOLDER' or gpr.save); drop gpr.load to fit every subset")
 
 
 def fit_path(directory, subset: str) -> Path:
