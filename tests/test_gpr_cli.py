@@ -3,6 +3,7 @@ the likelihood loop."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -299,6 +300,9 @@ def test_gpr_fit_test_predict_work_in_augments_groups(tmp_path, capsys):
     assert cli_main(["gpr", "fit", str(tmp_path / "a.yaml"), "--out", str(tmp_path / "fits")]) == 0
     out = capsys.readouterr().out
     assert "compositions of AuCu with 8 atoms: one GPR" in out
+    # its leave-one-out errors cross compositions, and the line says so
+    assert re.search(r"LOO energy MAE [0-9.]+ eV over all 12 structures \(a group of \d compositions in 12 "
+                     r"structures: each left out is predicted across compositions", out), out
     assert len(list((tmp_path / "fits").glob("*.gpr.pt"))) == 1
     assert cli_main(["gpr", "test", str(tmp_path / "a.yaml"), str(tmp_path / "test.h5"), "--load",
                      str(tmp_path / "fits"), "--json", str(tmp_path / "t.json")]) == 0

@@ -163,6 +163,12 @@ def fit_all(cfg, save=None, load=None):
         # few structures can be 5x too optimistic: 0.009 against 0.047 eV, sweep 5)
         if "loo_all_energy_mae_eV" in info:
             loo = f"LOO energy MAE {info['loo_all_energy_mae_eV']:.4f} eV over all {info.get('loo_all_n', '?')} structures"
+            n_comp = len({tuple(np.unique(s.numbers, return_counts=True)[1]) + tuple(np.unique(s.numbers))
+                          for s in structs})
+            if n_comp > 1 and len(structs) < 3 * n_comp:
+                # (11-100 eV on groups of two or three random alloys: not a sign of bad labels)
+                loo += (f" (a group of {n_comp} compositions in {len(structs)} structures: each left out is "
+                        f"predicted across compositions; its copies' labels are conditioned on their parent)")
         else:
             loo = f"LOO energy MAE {info.get('loo_energy_mae_eV', float('nan')):.4f} eV (search sub-sample)"
         print(f"subset {name}: fingerprint {fit['kind']}{how}, {loo}, {fit['time_s']:.1f} s", flush=True)
