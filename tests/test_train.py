@@ -636,3 +636,29 @@ def test_max_minutes_ends_the_run_with_its_models_and_a_resumable_checkpoint(tmp
     assert tr.fit() in ("done", "converged") and tr.epoch > 1
     with pytest.raises(ConfigError, match="max_minutes"):
         make_cfg(tmp_path, emt_h5, **{"training.max_minutes": -1})
+
+
+def test_a_kept_model_that_traded_forces_for_energies_is_named(tmp_path, emt_h5, capsys):
+    """The kept model has the lowest validation loss; when the last validated epoch has a quarter
+    less force (or energy) error, the log says so and names last_model.pt (a heterogeneous set kept
+    epoch 599 of 2,000 with 2.2x the last epoch's force error, said nowhere).  Both directions,
+    the same epoch, unknown values and small differences say nothing."""
+    from distmlip.training.trainer import selection_note
+
+    kept = {"epoch": 599, "E_rmse_meV_atom": 18.4, "F_mae": 0.0302}
+    note = selection_note(kept, {"epoch": 2000, "E_rmse_meV_atom": 37.3, "F_mae": 0.0137})
+    assert note and "0.45x its force error" in note and "last_model.pt" in note and "epoch 599" in note
+    assert "energy error" in selection_note(kept, {"epoch": 9, "E_rmse_meV_atom": 9.0, "F_mae": 0.031})
+    for last in ({"epoch": 599, "E_rmse_meV_atom": 1.0, "F_mae": 0.001},            # the same epoch
+                 {"epoch": 700, "E_rmse_meV_atom": 17.0, "F_mae": 0.025},          # within a quarter
+                 {"epoch": 700, "E_rmse_meV_atom": float("nan"), "F_mae": 0.001}, None):
+        assert selection_note(kept, last) is None
+    assert selection_note(None, kept) is None
+    # wired: a force run whose last epoch is made to look better says it after "model written"
+    tr = Trainer(make_cfg(tmp_path, emt_h5, **{"training.mode": "force", "training.epochs": 3}))
+    tr.fit()
+    capsys.readouterr()
+    tr._kept_val = dict(tr._last_val, epoch=1, F_mae=tr._last_val["F_mae"] * 2)
+    tr._write_models()
+    out = capsys.readouterr().out
+    assert "model written" in out and "note: the kept model (epoch 1:" in out and "0.50x its force error" in out, out

@@ -202,6 +202,29 @@ def keep_earlier_run(out, quiet: bool = False, members_from: int = 0) -> Path | 
     return dest
 
 
+
+def selection_note(kept: dict | None, last: dict | None) -> str | None:
+    """The log's note when the kept model (lowest validation loss) and the last validated epoch
+    differ by a quarter or more in one of the validation errors (energy RMSE, force MAE): the
+    loss traded one for the other, and one validation structure far outside the training data
+    can decide that (a heterogeneous set kept epoch 599 of 2,000 for its energies, with 2.2x the
+    last epoch's force error: docs/results.md, twenty-fourth session).  ``kept`` and ``last``:
+    {epoch, E_rmse_meV_atom, F_mae}; None when they are the same epoch or either is unknown."""
+    if not kept or not last or kept.get("epoch") == last.get("epoch"):
+        return None
+    e0, f0, e1, f1 = (kept.get("E_rmse_meV_atom"), kept.get("F_mae"), last.get("E_rmse_meV_atom"), last.get("F_mae"))
+    if any(v is None or not math.isfinite(v) or v <= 0 for v in (e0, f0, e1, f1)):
+        return None
+    better = [w for w, r in (("force", f1 / f0), ("energy", e1 / e0)) if r <= 0.75]
+    if not better:
+        return None
+    return (f"note: the kept model (epoch {kept['epoch']}: validation E_rmse {e0:.3f} meV/atom, F_mae {f0:.4f} eV/A) "
+            f"has the lowest validation loss; the last epoch ({last['epoch']}: {e1:.3f}, {f1:.4f}) has "
+            f"{(f1 / f0 if better[0] == 'force' else e1 / e0):.2f}x its {better[0]} error.  The loss traded one "
+            f"for the other, which a few validation structures far from the training data can decide: "
+            f"last_model.pt holds the last weights; evaluate both on your test data (distmlip evaluate, "
+            f"structures.csv lists each structure's error)")
+
 class Trainer:
     """Single- or multi-rank trainer of one BPNN (committees: K = 1 for now)."""
 
@@ -2268,6 +2291,7 @@ class Trainer:
         return status
 
     _best_energy = None        # (E RMSE meV/atom, which set, epoch) of the model kept as the best
+    _kept_val = _last_val = None   # validation errors of the kept model's epoch and of the last one
 
     def _check_energy_baseline(self) -> None:
         """Warn when the kept model's energies are no better than the composition alone: the
@@ -2334,6 +2358,8 @@ class Trainer:
                    if ck.exists() else "start again with a lower learning rate"))
         metric = val["loss"] if val is not None else tr["loss"]
         sched_metric = avg_loss if avg_loss is not None else metric
+        if val is not None:
+            self._last_val = {"epoch": epoch + 1, "E_rmse_meV_atom": val.get("E_rmse_meV_atom"), "F_mae": val.get("F_mae")}
         lr = self.opt.param_groups[0]["lr"]
         improved = metric < self.best
         if improved:
@@ -2344,6 +2370,8 @@ class Trainer:
                     self._best = (self.model.payload(), {"epoch": epoch + 1, "val_loss": metric})
             self._best_energy = ((val or tr).get("E_rmse_meV_atom"), "validation" if val is not None else "training",
                                  epoch + 1)
+            self._kept_val = None if val is None else \
+                {"epoch": epoch + 1, "E_rmse_meV_atom": val.get("E_rmse_meV_atom"), "F_mae": val.get("F_mae")}
         else:
             self.bad_epochs += 1
         if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -2467,3 +2495,6 @@ class Trainer:
                 shutil.copyfile(best, tmp)
         self._log(f"model written to {self.out / 'model.pt'}"
                   + (" (best on validation)" if best.exists() and self.val_stream is not None else ""))
+        note = selection_note(self._kept_val, self._last_val) if self.force_mode and best.exists() else None
+        if note and not self.quiet:
+            self._log(note)
