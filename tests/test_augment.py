@@ -273,6 +273,11 @@ def test_two_ranks_identical_to_one_and_rerun_skips(data, capsys):
     done = re.findall(r"\[rank (\d)\] subset (\S+) \((\d)/3\): \d+ reference, ", res.stdout)
     assert sorted(d[1] for d in done) == sorted(set(d[1] for d in done)) and len(done) == 3, res.stdout
     assert not list((data / "r2.h5.shards").glob("claims.*"))
+    # the two ranks of this node split gpr.memory_fraction: a rank's kernel cap (rows ~ sqrt of
+    # its memory) is 1/sqrt(2) of one process's (a rewrite of the loop once dropped the split)
+    caps = [[s["gpr"]["memory_cap_obs"] for s in json.loads((data / f"{r}.report.json").read_text())["subsets"]
+             if "gpr" in s] for r in ("r1", "r2")]
+    assert caps[0] and np.median(caps[1]) < 0.8 * np.median(caps[0]), caps
     _, A = _arrays(data / "r1.h5")
     _, B = _arrays(data / "r2.h5")
     assert len(A) == len(B)

@@ -1393,6 +1393,11 @@ def _augment(cfg, ctx, ds, names, workdir, fresh, watch=None):
     hint = idle_ranks_hint(len(units), world, ctx.n_nodes)
     if rank == 0 and hint:
         warn(hint)
+    if ctx.local_world_size > 1:
+        # the ranks of a node fit at the same time and each reads the same MemAvailable: each
+        # takes its share of gpr.memory_fraction (after the shard keys, which stay independent
+        # of the rank count)
+        cfg = replace(cfg, gpr=replace(cfg.gpr, memory_fraction=cfg.gpr.memory_fraction / ctx.local_world_size))
     n_units = len(units)
     # more units than ranks: each rank takes the next untaken unit of the largest-first list
     # (distributed/claims.py); a static split by estimated cost left ranks idle when the estimate

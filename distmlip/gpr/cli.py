@@ -103,6 +103,7 @@ def fit_all(cfg, save=None, load=None):
     """Fit (or load) every subset's GPR, as augment does: subsets that share another's
     hyperparameters (``gpr.share``) come after the subset they take them from."""
     from ..data.h5store import H5Dataset
+    from ..data.subsets import composition_of
     from ..utils.log import warn
     from .augment import (_estimated_cost, _hyper_given, _parents_of, composition_groups, describe_group,
                           fit_subset, nominal_delta, permuted, share_plan, shared_hyper)
@@ -163,8 +164,7 @@ def fit_all(cfg, save=None, load=None):
         # few structures can be 5x too optimistic: 0.009 against 0.047 eV, sweep 5)
         if "loo_all_energy_mae_eV" in info:
             loo = f"LOO energy MAE {info['loo_all_energy_mae_eV']:.4f} eV over all {info.get('loo_all_n', '?')} structures"
-            n_comp = len({tuple(np.unique(s.numbers, return_counts=True)[1]) + tuple(np.unique(s.numbers))
-                          for s in structs})
+            n_comp = len({composition_of(s.numbers) for s in structs})
             if n_comp > 1 and len(structs) < 3 * n_comp:
                 # (11-100 eV on groups of two or three random alloys: not a sign of bad labels)
                 loo += (f" (a group of {n_comp} compositions in {len(structs)} structures: each left out is "

@@ -202,7 +202,6 @@ def keep_earlier_run(out, quiet: bool = False, members_from: int = 0) -> Path | 
     return dest
 
 
-
 def selection_note(kept: dict | None, last: dict | None) -> str | None:
     """The log's note when the kept model (lowest validation loss) and the last validated epoch
     differ by a quarter or more in one of the validation errors (energy RMSE, force MAE): the
@@ -2358,7 +2357,7 @@ class Trainer:
                    if ck.exists() else "start again with a lower learning rate"))
         metric = val["loss"] if val is not None else tr["loss"]
         sched_metric = avg_loss if avg_loss is not None else metric
-        if val is not None:
+        if val is not None:    # (selection_note's inputs)
             self._last_val = {"epoch": epoch + 1, "E_rmse_meV_atom": val.get("E_rmse_meV_atom"), "F_mae": val.get("F_mae")}
         lr = self.opt.param_groups[0]["lr"]
         improved = metric < self.best
@@ -2370,8 +2369,7 @@ class Trainer:
                     self._best = (self.model.payload(), {"epoch": epoch + 1, "val_loss": metric})
             self._best_energy = ((val or tr).get("E_rmse_meV_atom"), "validation" if val is not None else "training",
                                  epoch + 1)
-            self._kept_val = None if val is None else \
-                {"epoch": epoch + 1, "E_rmse_meV_atom": val.get("E_rmse_meV_atom"), "F_mae": val.get("F_mae")}
+            self._kept_val = None if val is None else self._last_val
         else:
             self.bad_epochs += 1
         if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -2496,5 +2494,5 @@ class Trainer:
         self._log(f"model written to {self.out / 'model.pt'}"
                   + (" (best on validation)" if best.exists() and self.val_stream is not None else ""))
         note = selection_note(self._kept_val, self._last_val) if self.force_mode and best.exists() else None
-        if note and not self.quiet:
+        if note:
             self._log(note)
